@@ -1,0 +1,3 @@
+//! One module per command: each turns parsed arguments into work and a summary.
+
+pub mod config;

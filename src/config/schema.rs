@@ -1,0 +1,457 @@
+//! The configuration schema with its defaults. Every key here is documented in docs/config.md;
+//! a test checks that the two agree.
+
+use super::numbers::{count, fraction, non_negative, optional_count, positive, whole};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A whole resolved configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Model shape, or the pretrained model to start from.
+    pub model: ModelSection,
+    /// Where the markdown comes from and how it is cleaned, split and tokenized.
+    pub data: DataSection,
+    /// Optimizer, schedule, batch and checkpoint settings.
+    pub training: TrainingSection,
+    /// LoRA adapter settings for `finetune --lora`.
+    pub lora: LoraSection,
+    /// Perplexity evaluation settings.
+    pub eval: EvalSection,
+    /// Sampling settings for `generate`.
+    pub generate: GenerateSection,
+    /// Where results are written.
+    pub output: OutputSection,
+}
+
+/// The `model` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// A Hugging Face model directory or hub id to start from; its `config.json` then decides
+    /// the shape and the shape keys below are ignored.
+    pub pretrained: Option<String>,
+    #[serde(deserialize_with = "count")]
+    pub hidden_size: usize,
+    #[serde(deserialize_with = "count")]
+    pub num_hidden_layers: usize,
+    #[serde(deserialize_with = "count")]
+    pub num_attention_heads: usize,
+    #[serde(deserialize_with = "count")]
+    pub num_key_value_heads: usize,
+    #[serde(deserialize_with = "count")]
+    pub intermediate_size: usize,
+    #[serde(deserialize_with = "count")]
+    pub vocab_size: usize,
+    #[serde(deserialize_with = "count")]
+    pub max_position_embeddings: usize,
+    #[serde(deserialize_with = "positive")]
+    pub rope_theta: f64,
+    #[serde(deserialize_with = "positive")]
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    #[serde(deserialize_with = "positive")]
+    pub initializer_range: f64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            pretrained: None,
+            hidden_size: 512,
+            num_hidden_layers: 12,
+            num_attention_heads: 8,
+            num_key_value_heads: 8,
+            intermediate_size: 1408,
+            vocab_size: 16384,
+            max_position_embeddings: 1024,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+            initializer_range: 0.02,
+        }
+    }
+}
+
+/// What the cleaned documents look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextFormat {
+    /// Cleaned markdown: the model learns to write markdown.
+    Markdown,
+    /// Plain text rendered from the markdown.
+    Text,
+}
+
+/// What happens to YAML/TOML front matter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrontMatter {
+    /// Removed.
+    Drop,
+    /// Removed, but its `title:` becomes the top heading.
+    Title,
+}
+
+/// What happens to raw HTML blocks (`<script>`/`<style>` are always dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HtmlBlocks {
+    /// Kept verbatim.
+    Keep,
+    /// Removed.
+    Drop,
+    /// Reduced to their text content.
+    Text,
+}
+
+/// Keep or drop a kind of content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepOrDrop {
+    /// Kept.
+    Keep,
+    /// Removed.
+    Drop,
+}
+
+/// How files become documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Chunking {
+    /// One document per file.
+    File,
+    /// One document per heading section, with the heading path prepended.
+    Section,
+}
+
+/// Which duplicates are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dedup {
+    /// Keep everything.
+    None,
+    /// Remove documents whose normalized text is identical.
+    Exact,
+    /// Exact, plus near-duplicates by MinHash over word shingles.
+    Near,
+}
+
+/// The `data` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Files or folders to read, relative to the working directory.
+    pub roots: Vec<PathBuf>,
+    /// Glob patterns a file must match (relative to its root).
+    pub include: Vec<String>,
+    /// Glob patterns that exclude a file.
+    pub exclude: Vec<String>,
+    pub format: TextFormat,
+    pub front_matter: FrontMatter,
+    pub html: HtmlBlocks,
+    pub code: KeepOrDrop,
+    pub templates: KeepOrDrop,
+    pub link_urls: bool,
+    pub chunking: Chunking,
+    #[serde(deserialize_with = "whole")]
+    pub min_chars: usize,
+    #[serde(deserialize_with = "optional_count")]
+    pub max_chars: Option<usize>,
+    pub dedup: Dedup,
+    #[serde(deserialize_with = "fraction")]
+    pub near_dup_threshold: f64,
+    #[serde(deserialize_with = "fraction")]
+    pub val_fraction: f64,
+    pub lossy_utf8: bool,
+    /// An existing `tokenizer.json`; when unset a byte-level BPE is trained on the corpus.
+    pub tokenizer: Option<PathBuf>,
+    pub special_tokens: Vec<String>,
+    /// Where the built dataset goes; defaults to `<output.dir>/dataset`.
+    pub dataset_dir: Option<PathBuf>,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            roots: vec![PathBuf::from("docs"), PathBuf::from("data")],
+            include: vec!["**/*.md".into(), "**/*.markdown".into()],
+            exclude: vec![],
+            format: TextFormat::Markdown,
+            front_matter: FrontMatter::Drop,
+            html: HtmlBlocks::Text,
+            code: KeepOrDrop::Keep,
+            templates: KeepOrDrop::Drop,
+            link_urls: false,
+            chunking: Chunking::File,
+            min_chars: 32,
+            max_chars: None,
+            dedup: Dedup::Near,
+            near_dup_threshold: 0.8,
+            val_fraction: 0.05,
+            lossy_utf8: false,
+            tokenizer: None,
+            special_tokens: vec!["<|endoftext|>".into()],
+            dataset_dir: None,
+        }
+    }
+}
+
+impl DataSection {
+    /// The dataset directory for a run writing to `output_dir`.
+    pub fn dataset_dir(&self, output: &OutputSection) -> PathBuf {
+        self.dataset_dir
+            .clone()
+            .unwrap_or_else(|| output.dir.join("dataset"))
+    }
+}
+
+/// Learning-rate schedule shape after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// Cosine decay to `min_lr`.
+    Cosine,
+    /// Linear decay to `min_lr`.
+    Linear,
+    /// Constant at `lr`.
+    Constant,
+    /// Warmup-stable-decay: constant, then linear decay over the last `decay_fraction`.
+    Wsd,
+}
+
+/// Floating-point type used for compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    /// The candle dtype for this precision.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+/// How training windows are drawn from the token stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// Random windows, reproducible from the seed and step.
+    Random,
+    /// Consecutive windows, epoch after epoch.
+    Sequential,
+}
+
+/// What a non-finite loss or gradient does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop with the step number; the last checkpoint stays intact.
+    Stop,
+    /// Skip the batch and continue.
+    Skip,
+}
+
+/// The `training` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingSection {
+    #[serde(deserialize_with = "count")]
+    pub seq_len: usize,
+    #[serde(deserialize_with = "count")]
+    pub batch_size: usize,
+    #[serde(deserialize_with = "count")]
+    pub grad_accum: usize,
+    /// Optimizer steps to run; exactly one of `max_steps`, `epochs`, `max_tokens` is set.
+    #[serde(deserialize_with = "optional_count")]
+    pub max_steps: Option<usize>,
+    pub epochs: Option<f64>,
+    pub max_tokens: Option<u64>,
+    #[serde(deserialize_with = "positive")]
+    pub lr: f64,
+    #[serde(deserialize_with = "non_negative")]
+    pub min_lr: f64,
+    #[serde(deserialize_with = "whole")]
+    pub warmup_steps: usize,
+    pub schedule: ScheduleKind,
+    #[serde(deserialize_with = "fraction")]
+    pub decay_fraction: f64,
+    #[serde(deserialize_with = "non_negative")]
+    pub weight_decay: f64,
+    #[serde(deserialize_with = "fraction")]
+    pub beta1: f64,
+    #[serde(deserialize_with = "fraction")]
+    pub beta2: f64,
+    #[serde(deserialize_with = "positive")]
+    pub eps: f64,
+    #[serde(deserialize_with = "non_negative")]
+    pub grad_clip: f64,
+    pub dtype: Precision,
+    pub grad_checkpoint: bool,
+    pub seed: u64,
+    pub sampling: Sampling,
+    #[serde(deserialize_with = "count")]
+    pub eval_every: usize,
+    #[serde(deserialize_with = "count")]
+    pub eval_batches: usize,
+    #[serde(deserialize_with = "count")]
+    pub save_every: usize,
+    #[serde(deserialize_with = "count")]
+    pub log_every: usize,
+    pub on_nan: OnNonFinite,
+    /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`; `--device` overrides it.
+    pub device: String,
+}
+
+impl Default for TrainingSection {
+    fn default() -> Self {
+        Self {
+            seq_len: 256,
+            batch_size: 8,
+            grad_accum: 1,
+            max_steps: Some(1000),
+            epochs: None,
+            max_tokens: None,
+            lr: 6e-4,
+            min_lr: 6e-5,
+            warmup_steps: 100,
+            schedule: ScheduleKind::Cosine,
+            decay_fraction: 0.2,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            dtype: Precision::F32,
+            grad_checkpoint: false,
+            seed: 1337,
+            sampling: Sampling::Random,
+            eval_every: 100,
+            eval_batches: 10,
+            save_every: 100,
+            log_every: 10,
+            on_nan: OnNonFinite::Stop,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// The `lora` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    #[serde(deserialize_with = "count")]
+    pub r: usize,
+    #[serde(deserialize_with = "positive")]
+    pub alpha: f64,
+    #[serde(deserialize_with = "fraction")]
+    pub dropout: f64,
+    /// Projections to adapt: `q_proj`..`down_proj` (or `q`, `k`, `v`, `o`, `gate`, `up`,
+    /// `down`), or `all-linear`.
+    pub target_modules: Vec<String>,
+    /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
+    pub rslora: bool,
+    /// Storage type of the frozen base weights.
+    pub base_dtype: Precision,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+            rslora: false,
+            base_dtype: Precision::F32,
+        }
+    }
+}
+
+/// The `eval` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Window length in tokens; `null` uses the model's `max_position_embeddings`.
+    #[serde(deserialize_with = "optional_count")]
+    pub context: Option<usize>,
+    /// Tokens the window advances; `null` uses half the context.
+    #[serde(deserialize_with = "optional_count")]
+    pub stride: Option<usize>,
+    #[serde(deserialize_with = "count")]
+    pub batch_size: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            context: None,
+            stride: None,
+            batch_size: 8,
+        }
+    }
+}
+
+/// The `generate` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateSection {
+    #[serde(deserialize_with = "count")]
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    #[serde(deserialize_with = "non_negative")]
+    pub temperature: f64,
+    #[serde(deserialize_with = "optional_count")]
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub min_p: Option<f64>,
+    #[serde(deserialize_with = "positive")]
+    pub repetition_penalty: f64,
+    pub seed: u64,
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateSection {
+    fn default() -> Self {
+        Self {
+            max_tokens: 200,
+            temperature: 0.8,
+            top_k: None,
+            top_p: Some(0.95),
+            min_p: None,
+            repetition_penalty: 1.0,
+            seed: 42,
+            stop: vec![],
+        }
+    }
+}
+
+/// The `output` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// Write `loss.svg` at each evaluation and at the end.
+    pub plot: bool,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("runs/small"),
+            plot: true,
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The `llmtool` binary: parse the command line, run the command, map errors to exit codes.
+
+use clap::Parser;
+use llmtool::cli::{Cli, Command};
+use llmtool::commands;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Config(c) => commands::config::run(c),
+    };
+    if let Err(e) = result {
+        for line in format!("{e:#}").lines() {
+            eprintln!("error: {line}");
+        }
+        std::process::exit(llmtool::exit_code(&e));
+    }
+}

@@ -1,0 +1,359 @@
+//! The Llama-family decoder: token embedding, RMSNorm, RoPE, grouped-query causal attention,
+//! SwiGLU MLP, tied or untied output head. It knows nothing about training: the trainer drives
+//! [`Llama::embed`], [`Llama::block`] and [`Llama::logits`] itself when it checkpoints.
+
+use super::config::LlamaConfig;
+use super::rope::RopeTables;
+use super::weights::{ModelError, Weights};
+use crate::ops;
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+/// A projection `x @ weight.t() + bias`. Weights that are not trainable go through
+/// [`ops::frozen_linear`], so no gradient is computed for them.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    trainable: bool,
+}
+
+impl Linear {
+    fn load(
+        w: &Weights,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> std::result::Result<Self, ModelError> {
+        let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(w.get(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            trainable: weight.is_variable(),
+            weight,
+            bias,
+        })
+    }
+
+    /// Applies the projection, computing in `dtype`.
+    pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let w = self.weight.to_dtype(dtype)?;
+        let y = if self.trainable {
+            x.broadcast_matmul(&w.t()?)?
+        } else {
+            ops::frozen_linear(x, &w)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(dtype)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_size: usize,
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    /// `None` when the head is tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    rope: RopeTables,
+    dtype: DType,
+}
+
+/// Per-layer key/value caches for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    /// An empty cache for up to `max_len` positions.
+    pub fn new(model: &Llama, max_len: usize) -> Self {
+        Self {
+            layers: (0..model.layers.len())
+                .map(|_| KvCache::new(2, max_len))
+                .collect(),
+        }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.current_seq_len())
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets everything cached.
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
+    }
+}
+
+/// The HF tensor names of every parameter of a model with this config, with their shapes.
+pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let q = cfg.num_attention_heads * cfg.head_size();
+    let kv = cfg.kv_heads() * cfg.head_size();
+    let ffn = cfg.intermediate_size;
+    let mut shapes = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut add = |name: &str, shape: Vec<usize>| shapes.push((format!("{p}.{name}"), shape));
+        add("input_layernorm.weight", vec![h]);
+        add("self_attn.q_proj.weight", vec![q, h]);
+        add("self_attn.k_proj.weight", vec![kv, h]);
+        add("self_attn.v_proj.weight", vec![kv, h]);
+        if cfg.qkv_bias() {
+            add("self_attn.q_proj.bias", vec![q]);
+            add("self_attn.k_proj.bias", vec![kv]);
+            add("self_attn.v_proj.bias", vec![kv]);
+        }
+        add("self_attn.o_proj.weight", vec![h, q]);
+        add("post_attention_layernorm.weight", vec![h]);
+        add("mlp.gate_proj.weight", vec![ffn, h]);
+        add("mlp.up_proj.weight", vec![ffn, h]);
+        add("mlp.down_proj.weight", vec![h, ffn]);
+    }
+    shapes.push(("model.norm.weight".into(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        shapes.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+    }
+    shapes
+}
+
+impl Llama {
+    /// Builds the model from `weights`, computing in `dtype`. Weights that are `Var`s train;
+    /// plain tensors are frozen.
+    pub fn new(
+        cfg: &LlamaConfig,
+        w: &Weights,
+        dtype: DType,
+    ) -> std::result::Result<Self, ModelError> {
+        let h = cfg.hidden_size;
+        let (heads, kv_heads, head_size) =
+            (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
+        let ffn = cfg.intermediate_size;
+        let bias = cfg.qkv_bias();
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let linear = |n: &str, out, inp, b| Linear::load(w, &format!("{p}.{n}"), out, inp, b);
+            layers.push(Block {
+                input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: linear("self_attn.q_proj", heads * head_size, h, bias)?,
+                    k_proj: linear("self_attn.k_proj", kv_heads * head_size, h, bias)?,
+                    v_proj: linear("self_attn.v_proj", kv_heads * head_size, h, bias)?,
+                    o_proj: linear("self_attn.o_proj", h, heads * head_size, false)?,
+                    heads,
+                    kv_heads,
+                    head_size,
+                },
+                post_attention_layernorm: w
+                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: linear("mlp.gate_proj", ffn, h, false)?,
+                    up_proj: linear("mlp.up_proj", ffn, h, false)?,
+                    down_proj: linear("mlp.down_proj", h, ffn, false)?,
+                },
+            });
+        }
+        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(w.get("lm_head.weight", &[cfg.vocab_size, h])?)
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            rope: RopeTables::new(cfg, dtype, embed_tokens.device())?,
+            embed_tokens,
+            layers,
+            norm: w.get("model.norm.weight", &[h])?,
+            lm_head,
+            dtype,
+        })
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Every parameter with its HF name.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                b.input_layernorm.clone(),
+            ));
+            let a = &b.self_attn;
+            for (n, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                out.push((format!("{p}.self_attn.{n}.weight"), l.weight.clone()));
+                if let Some(bias) = &l.bias {
+                    out.push((format!("{p}.self_attn.{n}.bias"), bias.clone()));
+                }
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                b.post_attention_layernorm.clone(),
+            ));
+            let m = &b.mlp;
+            for (n, l) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
+                out.push((format!("{p}.mlp.{n}.weight"), l.weight.clone()));
+            }
+        }
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".into(), head.clone()));
+        }
+        out
+    }
+
+    /// Token ids `[batch, seq]` (u32) to hidden states `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        ops::embedding(ids, &self.embed_tokens.to_dtype(self.dtype)?)
+    }
+
+    /// Runs block `i` on hidden states whose first position is `start`.
+    pub fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        start: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let b = &self.layers[i];
+        let eps = self.config.rms_norm_eps;
+        let normed = ops::rms_norm(x, &b.input_layernorm.to_dtype(self.dtype)?, eps)?;
+        let x = (x + self.attention(&b.self_attn, &normed, start, cache)?)?;
+        let normed = ops::rms_norm(&x, &b.post_attention_layernorm.to_dtype(self.dtype)?, eps)?;
+        let m = &b.mlp;
+        let gate = m.gate_proj.forward(&normed, self.dtype)?;
+        let up = m.up_proj.forward(&normed, self.dtype)?;
+        x + m.down_proj.forward(&ops::swiglu(&gate, &up)?, self.dtype)?
+    }
+
+    fn attention(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        start: usize,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
+            y.reshape((b, t, heads, a.head_size))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(a.q_proj.forward(x, self.dtype)?, a.heads)?;
+        let k = split(a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
+        let v = split(a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
+        let (cos, sin) = self.rope.window(start, t)?;
+        let q = ops::rope(&q, &cos, &sin)?;
+        let k = ops::rope(&k, &cos, &sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => (k, v),
+        };
+        let repeat = a.heads / a.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, repeat)?;
+        let v = candle_transformers::utils::repeat_kv(v, repeat)?;
+        let y = ops::causal_attention(&q, &k.contiguous()?, &v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, a.heads * a.head_size))?;
+        a.o_proj.forward(&y, self.dtype)
+    }
+
+    /// Final norm and output head: hidden states to logits `[.., vocab]` in the compute dtype.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = ops::rms_norm(
+            x,
+            &self.norm.to_dtype(self.dtype)?,
+            self.config.rms_norm_eps,
+        )?;
+        let head = self
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.embed_tokens)
+            .to_dtype(self.dtype)?;
+        if head.is_variable() || head.track_op() {
+            x.broadcast_matmul(&head.t()?)
+        } else {
+            ops::frozen_linear(&x, &head)
+        }
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` whose first position is
+    /// `cache.len()` (or 0 without a cache).
+    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let mut x = self.embed(ids)?;
+        for i in 0..self.layers.len() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = self.block(i, &x, start, layer_cache)?;
+        }
+        self.logits(&x)
+    }
+}

@@ -1,0 +1,10 @@
+//! Llama-family models in Hugging Face format: config, weights, forward pass, files.
+
+pub mod config;
+pub mod llama;
+pub mod rope;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use llama::{Cache, Llama};
+pub use weights::{ModelError, Weights};

@@ -1,0 +1,218 @@
+//! `llmtool config show|validate` run as a user would: presets validate, every error class
+//! is reported with its file, line and key, and `show` round-trips through `validate`.
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use std::path::Path;
+
+fn llmtool() -> Command {
+    let mut cmd = Command::cargo_bin("llmtool").expect("binary built by cargo");
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write temp config");
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn presets_validate() {
+    for preset in ["tiny", "small", "base", "lora"] {
+        llmtool()
+            .args(["config", "validate", &format!("configs/{preset}.yaml")])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("ok"));
+    }
+}
+
+#[test]
+fn unknown_key_names_line_and_suggests() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "c.yaml",
+        "model:\n  hidden_size: 64\ntrainig:\n  lr: 1\n",
+    );
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("c.yaml:3:1: trainig: unknown key"))
+        .stderr(predicate::str::contains("did you mean `training`?"));
+}
+
+#[test]
+fn nested_unknown_key_suggests_sibling() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "c.yaml",
+        "training:\n  learning_rate: 1\n  bach_size: 4\n",
+    );
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("c.yaml:3:3: training.bach_size"))
+        .stderr(predicate::str::contains("did you mean `batch_size`?"))
+        .stderr(predicate::str::contains(
+            "c.yaml:2:3: training.learning_rate",
+        ));
+}
+
+#[test]
+fn type_and_range_errors_name_key_and_line_all_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "training:\n  lr: fast\n  batch_size: -2\n  beta2: 1.5\nmodel:\n  tie_word_embeddings: maybe\n";
+    let path = write(dir.path(), "c.yaml", text);
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "c.yaml:2:3: training.lr: expected a positive number, got \"fast\"",
+        ))
+        .stderr(predicate::str::contains(
+            "c.yaml:3:3: training.batch_size: expected a whole number >= 1, got -2",
+        ))
+        .stderr(predicate::str::contains("c.yaml:4:3: training.beta2"))
+        .stderr(predicate::str::contains(
+            "c.yaml:6:3: model.tie_word_embeddings",
+        ));
+}
+
+#[test]
+fn cross_field_errors_all_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "model:\n  hidden_size: 100\n  num_attention_heads: 8\n  num_key_value_heads: 3\n  max_position_embeddings: 64\ntraining:\n  seq_len: 128\n  max_steps: 10\n  warmup_steps: 10\ndata:\n  roots: [does/not/exist]\n";
+    let path = write(dir.path(), "c.yaml", text);
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "c.yaml:2:3: model.hidden_size: 100 is not divisible by model.num_attention_heads (8)",
+        ))
+        .stderr(predicate::str::contains(
+            "c.yaml:4:3: model.num_key_value_heads",
+        ))
+        .stderr(predicate::str::contains(
+            "c.yaml:7:3: training.seq_len: 128 exceeds model.max_position_embeddings (64)",
+        ))
+        .stderr(predicate::str::contains(
+            "c.yaml:9:3: training.warmup_steps: 10 must be below training.max_steps (10)",
+        ))
+        .stderr(predicate::str::contains(
+            "c.yaml:11:11: data.roots.0: does/not/exist does not exist",
+        ));
+}
+
+#[test]
+fn yaml_syntax_error_names_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "c.yaml", "training:\n  lr: [1,\n");
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("c.yaml:"))
+        .stderr(predicate::str::contains("invalid YAML"));
+}
+
+#[test]
+fn missing_file_is_one_clear_line() {
+    llmtool()
+        .args(["config", "validate", "configs/nope.yaml"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "configs/nope.yaml: cannot read config",
+        ));
+}
+
+#[test]
+fn set_overrides_and_type_checks() {
+    llmtool()
+        .args([
+            "config",
+            "show",
+            "configs/small.yaml",
+            "--set",
+            "training.lr=3e-4",
+            "--set",
+            "lora.r=4",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("lr: 0.0003"))
+        .stdout(predicate::str::contains("r: 4"));
+    llmtool()
+        .args([
+            "config",
+            "validate",
+            "configs/small.yaml",
+            "--set",
+            "training.lr=fast",
+        ])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "--set training.lr: expected a positive number, got \"fast\"",
+        ));
+}
+
+#[test]
+fn set_unknown_key_fails_with_suggestion() {
+    llmtool()
+        .args([
+            "config",
+            "validate",
+            "configs/small.yaml",
+            "--set",
+            "training.lrr=1",
+        ])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--set training.lrr: unknown key"))
+        .stderr(predicate::str::contains("did you mean `lr`?"));
+    llmtool()
+        .args([
+            "config",
+            "validate",
+            "configs/small.yaml",
+            "--set",
+            "training",
+        ])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("expected KEY=VALUE"));
+}
+
+#[test]
+fn show_round_trips_through_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    for preset in ["tiny", "small", "base", "lora"] {
+        let shown = llmtool()
+            .args(["config", "show", &format!("configs/{preset}.yaml")])
+            .output()
+            .unwrap();
+        assert!(shown.status.success());
+        let path = write(
+            dir.path(),
+            "resolved.yaml",
+            &String::from_utf8_lossy(&shown.stdout),
+        );
+        llmtool()
+            .args(["config", "validate", &path])
+            .assert()
+            .success();
+        let again = llmtool().args(["config", "show", &path]).output().unwrap();
+        assert_eq!(
+            shown.stdout, again.stdout,
+            "{preset}: show is not a fixed point"
+        );
+    }
+}
