@@ -95,11 +95,7 @@ impl Walker {
 impl MarkedEventReceiver for Walker {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
-            Event::Scalar(value, ..) => {
-                if !self.begin_value(true, &value, mark) {
-                    self.end_value();
-                }
-            }
+            Event::Scalar(value, ..) if !self.begin_value(true, &value, mark) => self.end_value(),
             Event::Alias(_) => self.end_value(),
             Event::MappingStart(..) => {
                 self.begin_value(false, "", mark);

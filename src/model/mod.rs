@@ -1,10 +1,12 @@
 //! Llama-family models in Hugging Face format: config, weights, forward pass, files.
 
 pub mod config;
+pub mod io;
 pub mod llama;
 pub mod rope;
 pub mod weights;
 
 pub use config::LlamaConfig;
+pub use io::{load, LoadedModel};
 pub use llama::{Cache, Llama};
 pub use weights::{ModelError, Weights};

@@ -1,6 +1,6 @@
 //! Named tensors a model is built from, with errors that name the file and the tensor.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -111,6 +111,22 @@ impl Weights {
     /// The tensor `name` if present.
     pub fn maybe(&self, name: &str) -> Option<Tensor> {
         self.tensors.get(name).cloned()
+    }
+
+    /// Turns every tensor into a trainable `Var` (copying it); returns the weights that now
+    /// refer to the vars, and the vars sorted by name.
+    pub fn into_trainable(self) -> Result<(Self, Vec<(String, Var)>), ModelError> {
+        let mut vars: Vec<(String, Var)> = self
+            .tensors
+            .into_iter()
+            .map(|(name, t)| Ok((name, Var::from_tensor(&t)?)))
+            .collect::<candle_core::Result<_>>()?;
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let tensors = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        Ok((Self::new(tensors, self.source_name), vars))
     }
 
     /// Names of all tensors.

@@ -9,10 +9,18 @@ pub use frozen::frozen_linear;
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in f32 whatever the input dtype.
+/// The dtype reductions run in: f32 for 16-bit inputs, the input's own otherwise.
+fn widened(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
+    let x32 = x.to_dtype(widened(dtype))?;
     let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
     normed.to_dtype(dtype)?.broadcast_mul(weight)
@@ -39,7 +47,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         scores
     };
     let dtype = scores.dtype();
-    let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?;
+    let probs = candle_nn::ops::softmax(&scores.to_dtype(widened(dtype))?, D::Minus1)?;
     probs.to_dtype(dtype)?.matmul(v)
 }
 
@@ -73,9 +81,10 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
 }
 
 /// Negative log-likelihood of each target under `logits` (`[n, vocab]`, targets `[n]` u32),
-/// computed in f32. Returns `[n]`.
+/// computed in at least f32. Returns `[n]`.
 pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let logits = logits.to_dtype(widened(logits.dtype()))?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     log_probs
         .gather(&targets.unsqueeze(1)?, 1)?
         .squeeze(1)?
@@ -85,8 +94,13 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// Mean NLL over the positions where `weights` (`[n]` f32, 1 to score, 0 to skip) is set.
 pub fn masked_mean_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let nll = token_nll(logits, targets)?;
-    let count = weights.sum_all()?.to_scalar::<f32>()?.max(1.0);
-    (nll * weights)?.sum_all()? / count as f64
+    let count = weights
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
+    let weights = weights.to_dtype(nll.dtype())?;
+    (nll * weights)?.sum_all()? / count
 }
 
 #[cfg(test)]

@@ -1,0 +1,53 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `tests/fixtures/NAME`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Every tensor of a fixture safetensors file.
+pub fn tensors(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("fixture tensors")
+}
+
+/// A fixture JSON file.
+pub fn json(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name)).expect("fixture json");
+    serde_json::from_str(&text).expect("fixture json parses")
+}
+
+/// `max |a - b| / max |b|`: error relative to the reference's scale.
+pub fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let b = b
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let diff = (&a - &b).unwrap().abs().unwrap().max(0).unwrap();
+    let scale = b.abs().unwrap().max(0).unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+/// `tests/fixtures/...` ids as a u32 tensor.
+pub fn ids(t: &Tensor) -> Tensor {
+    t.to_dtype(candle_core::DType::U32).unwrap()
+}
+
+/// The llmtool binary, run from the repository root.
+pub fn llmtool() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("llmtool").expect("binary built by cargo");
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
