@@ -8,6 +8,7 @@ pub mod device;
 pub mod model;
 pub mod ops;
 pub mod progress;
+pub mod train;
 
 /// Exit status for interrupted runs (128 + SIGINT), as shells report Ctrl-C.
 pub const EXIT_INTERRUPTED: i32 = 130;
