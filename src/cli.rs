@@ -22,9 +22,39 @@ pub struct ConfigArgs {
     pub overrides: Vec<Override>,
 }
 
+/// `llmtool train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The YAML config file (optional with --resume: the run's saved config is used).
+    pub config: Option<PathBuf>,
+    /// Override a key (repeatable): --set training.max_steps=2000
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<Override>,
+    /// Continue the run in this directory exactly where its last checkpoint left it.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Start over even if the output directory already holds a run.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// auto, cpu, cuda, cuda:N or metal (overrides training.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Save a resumable checkpoint and stop after this many steps (for time-limited jobs).
+    #[arg(long, value_name = "N")]
+    pub stop_after_steps: Option<u64>,
+}
+
 /// The top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a model from scratch on the configured markdown.
+    ///
+    /// Example: llmtool train configs/small.yaml
+    Train(TrainArgs),
+    /// Parameter count and peak training memory of a config, before loading anything.
+    ///
+    /// Example: llmtool estimate configs/base.yaml --set training.grad_checkpoint=true
+    Estimate(ConfigArgs),
     /// Show or check a config file.
     #[command(subcommand)]
     Config(ConfigCommand),

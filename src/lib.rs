@@ -4,7 +4,9 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod data;
 pub mod device;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod progress;

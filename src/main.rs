@@ -11,6 +11,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),
+        Command::Train(args) => commands::train::run(args),
+        Command::Estimate(args) => commands::estimate::run(args),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

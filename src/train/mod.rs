@@ -2,6 +2,7 @@
 
 pub mod gradients;
 pub mod init;
+pub mod dataset_source;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
