@@ -11,6 +11,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),
+        Command::Data(c) => commands::data::run(c),
+        Command::Tokenizer(c) => commands::tokenizer::run(c),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

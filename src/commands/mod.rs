@@ -1,3 +1,5 @@
 //! One module per command: each turns parsed arguments into work and a summary.
 
 pub mod config;
+pub mod data;
+pub mod tokenizer;
