@@ -13,6 +13,8 @@ fn main() {
         Command::Config(c) => commands::config::run(c),
         Command::Train(args) => commands::train::run(args),
         Command::Estimate(args) => commands::estimate::run(args),
+        Command::Data(c) => commands::data::run(c),
+        Command::Tokenizer(c) => commands::tokenizer::run(c),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

@@ -26,7 +26,10 @@ pub fn run(args: ConfigArgs) -> Result<()> {
     println!("  gradients (f32)            {:>10}", human(p.gradients));
     println!("  AdamW moments (f32)        {:>10}", human(p.optimizer));
     println!("  activations                {:>10}", human(p.activations));
-    println!("  activations, checkpointed  {:>10}", human(p.activations_checkpointed));
+    println!(
+        "  activations, checkpointed  {:>10}",
+        human(p.activations_checkpointed)
+    );
     println!("  peak                       {:>10}", human(p.total(false)));
     println!("  peak, checkpointed         {:>10}", human(p.total(true)));
     let chosen = if t.grad_checkpoint { "on" } else { "off" };

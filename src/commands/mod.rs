@@ -1,5 +1,7 @@
 //! One module per command: each turns parsed arguments into work and a summary.
 
 pub mod config;
+pub mod data;
 pub mod estimate;
+pub mod tokenizer;
 pub mod train;

@@ -37,7 +37,11 @@ fn train(args: TrainArgs) -> Result<()> {
         m.counts.documents,
         dataset.train.len(),
         dataset.val.len(),
-        if report.up_to_date { " (up to date)" } else { "" }
+        if report.up_to_date {
+            " (up to date)"
+        } else {
+            ""
+        }
     );
     let model_config = LlamaConfig::from_section(&config.model, Some(dataset.eos_id()));
     if dataset.vocab_size() > model_config.vocab_size {
@@ -104,14 +108,25 @@ fn train(args: TrainArgs) -> Result<()> {
     match trainer.run(&batches, &opts) {
         Ok(summary) => {
             let done = summary.steps >= summary.total_steps;
-            println!("{}", if done { "training finished" } else { "training paused" });
+            println!(
+                "{}",
+                if done {
+                    "training finished"
+                } else {
+                    "training paused"
+                }
+            );
             println!("  steps        {} / {}", summary.steps, summary.total_steps);
             println!("  tokens       {}", summary.tokens);
             if let Some(l) = summary.last_loss {
                 println!("  last loss    {l:.4}");
             }
             if let Some(v) = summary.best_val_loss {
-                println!("  best val     {v:.4} (ppl {:.2}) in {}", v.exp(), run_dir.join("best").display());
+                println!(
+                    "  best val     {v:.4} (ppl {:.2}) in {}",
+                    v.exp(),
+                    run_dir.join("best").display()
+                );
             }
             println!("  time         {:.1} s", summary.elapsed);
             if let Some(peak) = memory::peak_resident_bytes() {
@@ -120,7 +135,10 @@ fn train(args: TrainArgs) -> Result<()> {
             println!("  model        {}", run_dir.join("model").display());
             println!("  metrics      {}", run_dir.join("metrics.jsonl").display());
             if !done {
-                println!("  resume with  llmtool train --resume {}", run_dir.display());
+                println!(
+                    "  resume with  llmtool train --resume {}",
+                    run_dir.display()
+                );
             }
             Ok(())
         }
@@ -158,7 +176,11 @@ fn resolve_config(args: &TrainArgs) -> Result<Config> {
     };
     let saved_path = run_dir.join(RUN_CONFIG);
     if !saved_path.is_file() {
-        bail!("{}: missing; {} does not hold a run to resume", saved_path.display(), run_dir.display());
+        bail!(
+            "{}: missing; {} does not hold a run to resume",
+            saved_path.display(),
+            run_dir.display()
+        );
     }
     let saved = config::load(&saved_path, &args.overrides)?;
     if let Some(path) = &args.config {
@@ -208,8 +230,8 @@ fn incompatible_keys(saved: &Config, given: &Config) -> Vec<String> {
 
 /// Refuses to overwrite an existing run unless resuming or forced.
 fn guard_run_dir(dir: &PathBuf, resume: bool, force: bool) -> Result<()> {
-    let holds_run = dir.join(RUN_CONFIG).exists()
-        || dir.join(crate::train::state::STATE_FILE).exists();
+    let holds_run =
+        dir.join(RUN_CONFIG).exists() || dir.join(crate::train::state::STATE_FILE).exists();
     if holds_run && !resume && !force {
         bail!(
             "{} already holds a run: continue it with `llmtool train --resume {}`, or start over with --force",

@@ -1,8 +1,8 @@
 //! Training: the loop, AdamW, schedules, gradient checkpointing, resumable state, metrics.
 
+pub mod dataset_source;
 pub mod gradients;
 pub mod init;
-pub mod dataset_source;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
