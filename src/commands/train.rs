@@ -182,25 +182,29 @@ fn resolve_config(args: &TrainArgs) -> Result<Config> {
             run_dir.display()
         );
     }
-    let saved = config::load(&saved_path, &args.overrides)?;
-    if let Some(path) = &args.config {
-        let given = config::load(path, &args.overrides)?;
-        let differences = incompatible_keys(&saved, &given);
-        if !differences.is_empty() {
-            bail!(
-                "{} cannot resume {}: {} differ from the saved run (use a new output.dir, or drop the config to resume as saved)",
-                path.display(),
-                run_dir.display(),
-                differences.join(", ")
-            );
+    let config = match &args.config {
+        None => config::load(&saved_path, &args.overrides)?,
+        Some(path) => {
+            let saved = config::load(&saved_path, &[])?;
+            let given = config::load(path, &args.overrides)?;
+            let differences = incompatible_keys(&saved, &given);
+            if !differences.is_empty() {
+                bail!(
+                    "{} cannot resume {}: {} differ from the saved run (use a new output.dir, or drop the config to resume as saved)",
+                    path.display(),
+                    run_dir.display(),
+                    differences.join(", ")
+                );
+            }
+            given
         }
-    }
+    };
     Ok(Config {
         output: crate::config::OutputSection {
             dir: run_dir.clone(),
-            ..saved.output.clone()
+            ..config.output.clone()
         },
-        ..saved
+        ..config
     })
 }
 
