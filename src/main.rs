@@ -11,6 +11,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),
+        Command::Merge(args) => commands::merge::run(&args),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

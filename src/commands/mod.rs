@@ -1,3 +1,4 @@
 //! One module per command: each turns parsed arguments into work and a summary.
 
 pub mod config;
+pub mod merge;

@@ -258,7 +258,13 @@ impl Llama {
                     b.dims()
                 )));
             }
-            linear.lora = Some(LoraLayer::new(a.clone(), b.clone(), scale, dropout, id as u64));
+            linear.lora = Some(LoraLayer::new(
+                a.clone(),
+                b.clone(),
+                scale,
+                dropout,
+                id as u64,
+            ));
         }
         Ok(())
     }

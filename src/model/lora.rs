@@ -197,7 +197,10 @@ impl AdapterConfig {
         let unsupported = [
             (self.peft_type != "LORA", "peft_type is not LORA"),
             (self.use_dora, "use_dora (DoRA) is not supported"),
-            (self.bias != "none", "bias other than \"none\" is not supported"),
+            (
+                self.bias != "none",
+                "bias other than \"none\" is not supported",
+            ),
             (self.fan_in_fan_out, "fan_in_fan_out is not supported"),
             (
                 self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()),
@@ -338,12 +341,11 @@ impl Adapter {
             });
         }
         let weights = Weights::read(std::slice::from_ref(&path), dtype, device)?;
-        let modules = collect_modules(&weights, cfg, config.r).map_err(|message| {
-            ModelError::Adapter {
+        let modules =
+            collect_modules(&weights, cfg, config.r).map_err(|message| ModelError::Adapter {
                 path: path.clone(),
                 message,
-            }
-        })?;
+            })?;
         Ok(Self { config, modules })
     }
 
@@ -437,7 +439,9 @@ fn collect_modules(
             format!("tensor {name} adapts {module}, which the base model does not have: the adapter was made for another model")
         })?;
         let expected = if is_a { [r, inp] } else { [out, r] };
-        let t = weights.maybe(name).ok_or_else(|| format!("tensor {name} is unreadable"))?;
+        let t = weights
+            .maybe(name)
+            .ok_or_else(|| format!("tensor {name} is unreadable"))?;
         if t.dims() != expected {
             return Err(format!(
                 "tensor {name} has shape {:?}, the base model (and r = {r}) needs {expected:?}: the adapter was made for another model",
@@ -479,7 +483,9 @@ fn parse_key(name: &str) -> std::result::Result<(&str, bool), String> {
             .or_else(|| rest.strip_suffix(".lora_B.weight").map(|m| (m, false)))
     });
     parsed.ok_or_else(|| {
-        format!("unexpected tensor {name}: only lora_A/lora_B weights of the projections are supported")
+        format!(
+            "unexpected tensor {name}: only lora_A/lora_B weights of the projections are supported"
+        )
     })
 }
 
@@ -517,15 +523,51 @@ fn check_base(
 /// The first architectural field where `named` (the adapter's base) and `given` differ.
 fn config_difference(named: &LlamaConfig, given: &LlamaConfig) -> Option<String> {
     let fields = [
-        ("architectures", format!("{:?}", named.architectures), format!("{:?}", given.architectures)),
-        ("hidden_size", named.hidden_size.to_string(), given.hidden_size.to_string()),
-        ("intermediate_size", named.intermediate_size.to_string(), given.intermediate_size.to_string()),
-        ("num_hidden_layers", named.num_hidden_layers.to_string(), given.num_hidden_layers.to_string()),
-        ("num_attention_heads", named.num_attention_heads.to_string(), given.num_attention_heads.to_string()),
-        ("num_key_value_heads", named.kv_heads().to_string(), given.kv_heads().to_string()),
-        ("vocab_size", named.vocab_size.to_string(), given.vocab_size.to_string()),
-        ("tie_word_embeddings", named.tie_word_embeddings.to_string(), given.tie_word_embeddings.to_string()),
-        ("rope_theta", named.theta().to_string(), given.theta().to_string()),
+        (
+            "architectures",
+            format!("{:?}", named.architectures),
+            format!("{:?}", given.architectures),
+        ),
+        (
+            "hidden_size",
+            named.hidden_size.to_string(),
+            given.hidden_size.to_string(),
+        ),
+        (
+            "intermediate_size",
+            named.intermediate_size.to_string(),
+            given.intermediate_size.to_string(),
+        ),
+        (
+            "num_hidden_layers",
+            named.num_hidden_layers.to_string(),
+            given.num_hidden_layers.to_string(),
+        ),
+        (
+            "num_attention_heads",
+            named.num_attention_heads.to_string(),
+            given.num_attention_heads.to_string(),
+        ),
+        (
+            "num_key_value_heads",
+            named.kv_heads().to_string(),
+            given.kv_heads().to_string(),
+        ),
+        (
+            "vocab_size",
+            named.vocab_size.to_string(),
+            given.vocab_size.to_string(),
+        ),
+        (
+            "tie_word_embeddings",
+            named.tie_word_embeddings.to_string(),
+            given.tie_word_embeddings.to_string(),
+        ),
+        (
+            "rope_theta",
+            named.theta().to_string(),
+            given.theta().to_string(),
+        ),
     ];
     fields
         .into_iter()
