@@ -454,3 +454,33 @@ fn offline_and_not_cached_says_what_to_download() {
         ))
         .stderr(predicates::str::contains("HF_HUB_OFFLINE"));
 }
+
+#[test]
+fn bf16_base_stays_frozen_and_adapter_still_trains() {
+    let dir = fixture("tiny-llama");
+    let mut model = io::load_stored(&dir, DType::BF16, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let lora = LoraSection {
+        target_modules: vec!["all-linear".into()],
+        ..LoraSection::default()
+    };
+    let adapter = Adapter::init(&lora, &model.config, 2, &Device::Cpu).unwrap();
+    model.attach_adapter(&adapter).unwrap();
+    model.set_lora_dropout_seed(Some(1));
+    let loss = loss(&model, &batch());
+    let want = json("tiny-llama/expected.json")["loss"].as_f64().unwrap();
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        ((got - want) / want).abs() < 1e-2,
+        "bf16 base loss {got} vs {want}"
+    );
+    let grads = loss.backward().unwrap();
+    for (name, weight) in model.named_parameters() {
+        assert_eq!(weight.dtype(), DType::BF16, "{name}");
+        assert!(grads.get(&weight).is_none(), "frozen {name} got a gradient");
+    }
+    for (name, var) in adapter.vars() {
+        assert!(grads.get(&var).is_some(), "{name} got no gradient");
+    }
+}

@@ -111,6 +111,10 @@ fn download(spec: &str, cache_dir: PathBuf) -> Result<PathBuf, ModelError> {
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         builder = builder.with_endpoint(endpoint);
     }
+    // Gated models (Llama) need a token: HF_TOKEN wins over the one `huggingface-cli login` saved.
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
     let api = builder
         .build()
         .map_err(|e| failed("connecting".into(), e))?;

@@ -606,3 +606,46 @@ pub fn merge(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_mask_drops_about_p_and_keeps_the_mean() {
+        let mask = dropout_mask(&[100, 100], 0.25, 9, &Device::Cpu).unwrap();
+        let values = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dropped = values.iter().filter(|v| **v == 0.0).count() as f64 / 1e4;
+        let mean = values.iter().map(|v| *v as f64).sum::<f64>() / 1e4;
+        assert!((dropped - 0.25).abs() < 0.02, "dropped {dropped}");
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        let again = dropout_mask(&[100, 100], 0.25, 9, &Device::Cpu).unwrap();
+        assert_eq!(
+            values,
+            again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn targets_expand_short_names_and_all_linear() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            expand_targets(&names(&["v", "q_proj", "q"])).unwrap(),
+            ["q_proj", "v_proj"]
+        );
+        assert_eq!(expand_targets(&names(&["all-linear"])).unwrap().len(), 7);
+        assert!(expand_targets(&names(&["c_attn"])).is_err());
+    }
+
+    #[test]
+    fn alpha_is_written_like_peft() {
+        let mut config = AdapterConfig::new(&LoraSection::default(), &["q_proj"]);
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["lora_alpha"], serde_json::json!(16));
+        config.lora_alpha = 2.5;
+        assert_eq!(serde_json::to_value(&config).unwrap()["lora_alpha"], 2.5);
+        config.use_rslora = true;
+        config.r = 4;
+        assert_eq!(config.scale(), 1.25);
+    }
+}
