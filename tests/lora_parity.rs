@@ -484,3 +484,35 @@ fn bf16_base_stays_frozen_and_adapter_still_trains() {
         assert!(grads.get(&var).is_some(), "{name} got no gradient");
     }
 }
+
+#[test]
+fn adapter_with_a_missing_or_foreign_tensor_is_refused() {
+    let cfg = base().config;
+    let all = tensors("tiny-llama-lora/adapter_model.safetensors");
+    let write = |keep: &dyn Fn(&str) -> bool, extra: Option<(&str, Tensor)>| {
+        let dir = edited_adapter(|_| {});
+        let mut picked: std::collections::HashMap<String, Tensor> = all
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some((name, t)) = extra {
+            picked.insert(name.into(), t);
+        }
+        candle_core::safetensors::save(&picked, dir.path().join("adapter_model.safetensors"))
+            .unwrap();
+        load_error(dir.path(), &cfg)
+    };
+    let message = write(
+        &|k| !k.ends_with("layers.1.mlp.up_proj.lora_B.weight"),
+        None,
+    );
+    assert!(
+        message.contains("layers.1.mlp.up_proj.lora_B.weight is missing"),
+        "{message}"
+    );
+    let embedding = Tensor::zeros((4, 320), DType::F32, &Device::Cpu).unwrap();
+    let foreign = "base_model.model.model.embed_tokens.lora_embedding_A";
+    let message = write(&|_| true, Some((foreign, embedding)));
+    assert!(message.contains(foreign), "{message}");
+}

@@ -67,14 +67,27 @@ impl LoraLayer {
     }
 }
 
-/// An inverted-dropout mask of `shape`: 0 with probability `p`, else `1 / (1 - p)`. Drawn on
-/// the host from a seeded generator so that it is reproducible on every backend.
+/// An inverted-dropout mask of `shape`: 0 with probability `p`, else `1 / (1 - p)`, the same
+/// for the same seed. On the CPU it is drawn from a seeded host generator; on a GPU from the
+/// device generator reseeded with `seed` (drawing activation-sized masks on the host and
+/// copying them over would cost more than the step itself). Masks differ between backends.
 fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    if !device.is_cpu() {
+        device.set_seed(seed)?;
+        let uniform = Tensor::rand(0f32, 1f32, shape, device)?;
+        return uniform.ge(p)?.to_dtype(DType::F32)? * keep;
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
     let n = shape.iter().product();
     let values: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .map(|_| {
+            if rng.random::<f64>() < p {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
         .collect();
     Tensor::from_vec(values, shape, device)
 }
@@ -455,23 +468,30 @@ fn collect_modules(
             slot.1 = Some(t);
         }
     }
-    if parts.is_empty() {
-        return Err("holds no lora_A/lora_B tensors".into());
-    }
-    let modules: BTreeMap<_, _> = parts
-        .into_iter()
-        .map(|(module, pair)| match pair {
-            (Some(a), Some(b)) => Ok((module, (a, b))),
-            (None, _) => Err(format!("{PEFT_PREFIX}{module}.lora_A.weight is missing")),
-            (_, None) => Err(format!("{PEFT_PREFIX}{module}.lora_B.weight is missing")),
-        })
-        .collect::<std::result::Result<_, String>>()?;
+    let modules = pair_up(parts)?;
     let with_shapes: Vec<_> = modules
         .keys()
         .map(|p| (p.clone(), shapes[p].0, shapes[p].1))
         .collect();
     check_rank(r, &with_shapes)?;
     Ok(modules)
+}
+
+/// The `(A, B)` of each module, failing when one of the two is missing.
+fn pair_up(
+    parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)>,
+) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, String> {
+    if parts.is_empty() {
+        return Err("holds no lora_A/lora_B tensors".into());
+    }
+    parts
+        .into_iter()
+        .map(|(module, pair)| match pair {
+            (Some(a), Some(b)) => Ok((module, (a, b))),
+            (None, _) => Err(format!("{PEFT_PREFIX}{module}.lora_A.weight is missing")),
+            (_, None) => Err(format!("{PEFT_PREFIX}{module}.lora_B.weight is missing")),
+        })
+        .collect()
 }
 
 /// Splits a PEFT key into its module path and whether it is A (true) or B.
