@@ -64,6 +64,13 @@ pub enum Command {
     /// Train a byte-level BPE tokenizer on the corpus.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
+    /// Fold a LoRA adapter into its base model and write a plain Hugging Face model directory.
+    ///
+    /// The sum `W + scale * B A` is computed in f32; the result loads in llmtool and in
+    /// transformers without PEFT.
+    ///
+    /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora --out runs/merged
+    Merge(MergeArgs),
 }
 
 /// `llmtool data ...`
@@ -118,6 +125,23 @@ pub struct TokenizerTrainArgs {
     /// Where to write tokenizer.json [default: <dataset_dir>/tokenizer.json]
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+}
+
+/// `llmtool merge` arguments.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model: a Hugging Face model directory or a hub id (owner/name).
+    #[arg(long, value_name = "DIR|ID")]
+    pub model: String,
+    /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Where to write the merged model directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace --out if it already exists and is not empty.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `llmtool config ...`

@@ -15,6 +15,7 @@ fn main() {
         Command::Estimate(args) => commands::estimate::run(args),
         Command::Data(c) => commands::data::run(c),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
+        Command::Merge(args) => commands::merge::run(&args),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

@@ -3,5 +3,6 @@
 pub mod config;
 pub mod data;
 pub mod estimate;
+pub mod merge;
 pub mod tokenizer;
 pub mod train;
