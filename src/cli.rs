@@ -44,6 +44,17 @@ pub struct TrainArgs {
     pub stop_after_steps: Option<u64>,
 }
 
+/// `llmtool finetune`.
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub run: TrainArgs,
+    /// Train LoRA adapters (lora.* keys) on the frozen base and write a PEFT adapter
+    /// directory; without it every weight is trained and an HF model directory is written.
+    #[arg(long)]
+    pub lora: bool,
+}
+
 /// The top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -51,6 +62,10 @@ pub enum Command {
     ///
     /// Example: llmtool train configs/small.yaml
     Train(TrainArgs),
+    /// Fine-tune a pretrained Hugging Face model (model.pretrained) on the configured data.
+    ///
+    /// Example: llmtool finetune configs/lora.yaml --lora
+    Finetune(FinetuneArgs),
     /// Parameter count and peak training memory of a config, before loading anything.
     ///
     /// Example: llmtool estimate configs/base.yaml --set training.grad_checkpoint=true

@@ -12,6 +12,7 @@ fn main() {
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),
         Command::Train(args) => commands::train::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
         Command::Estimate(args) => commands::estimate::run(args),
         Command::Data(c) => commands::data::run(c),
         Command::Tokenizer(c) => commands::tokenizer::run(c),

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod data;
 pub mod estimate;
+pub mod finetune;
 pub mod merge;
 pub mod tokenizer;
 pub mod train;

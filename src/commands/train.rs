@@ -7,8 +7,10 @@ use crate::data::loader::Dataset;
 use crate::memory;
 use crate::model::{self, Llama, LlamaConfig};
 use crate::train::dataset_source::DatasetBatches;
-use crate::train::{init, TrainError, TrainOptions, Trainer};
+use crate::train::trainer::SaveArtifact;
+use crate::train::{init, TrainError, TrainOptions, TrainSummary, Trainer};
 use anyhow::{bail, Context, Result};
+use candle_core::{Device, Var};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,60 +24,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let config = resolve_config(&args)?;
-    let run_dir = config.output.dir.clone();
-    guard_run_dir(&run_dir, args.resume.is_some(), args.force)?;
-    let device_name = args.device.as_deref().unwrap_or(&config.training.device);
-    let device = crate::device::open(device_name)?;
-
-    let report = build(&config, &BuildOptions::default()).context("building the dataset")?;
-    let dataset = Dataset::open(&report.dir)?;
-    let m = &report.manifest;
-    eprintln!(
-        "dataset {}: {} documents, {} train / {} val tokens{}",
-        report.dir.display(),
-        m.counts.documents,
-        dataset.train.len(),
-        dataset.val.len(),
-        if report.up_to_date {
-            " (up to date)"
-        } else {
-            ""
-        }
-    );
+    let session = open_session(resolve_config(&args)?, &args)?;
+    let (config, dataset) = (&session.config, &session.dataset);
     let model_config = LlamaConfig::from_section(&config.model, Some(dataset.eos_id()));
-    if dataset.vocab_size() > model_config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {} tokens but model.vocab_size is {}",
-            dataset.dir.join("tokenizer.json").display(),
-            dataset.vocab_size(),
-            model_config.vocab_size
-        );
-    }
+    check_vocab(dataset, model_config.vocab_size)?;
     let t = &config.training;
-    let batches = DatasetBatches::new(&dataset, t.seq_len, t.sampling, t.seed)?;
-    if !batches.has_validation() {
-        eprintln!("warning: the validation split is shorter than one window; no validation loss (raise data.val_fraction)");
-    }
-    let weights = init::random_weights(&model_config, t.seed, &device)?;
+    let weights = init::random_weights(&model_config, t.seed, &session.device)?;
     let (weights, vars) = weights.into_trainable()?;
     let llama = Llama::new(&model_config, &weights, t.dtype.dtype())?;
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    if args.resume.is_none() {
-        let yaml = serde_norway::to_string(&config)?;
-        model::weights::write_atomic(&run_dir.join(RUN_CONFIG), yaml.as_bytes())
-            .with_context(|| format!("writing {}", run_dir.join(RUN_CONFIG).display()))?;
-    }
-    eprintln!(
-        "training {:.1}M parameters on {} ({:?}), batch {} x {} x {} accumulation",
-        model_config.parameter_count() as f64 / 1e6,
-        crate::device::describe(&device),
-        t.dtype,
-        t.batch_size,
-        t.seq_len,
-        t.grad_accum
-    );
-
     let tokenizer_path = dataset.dir.join("tokenizer.json");
     let save = |dir: &Path| {
         let tensors = llama.named_parameters();
@@ -88,16 +44,101 @@ fn train(args: TrainArgs) -> Result<()> {
             },
         )
     };
+    execute(&session, &args, &llama, vars, &save, "model")
+}
+
+/// A run about to start: its config, device and built dataset.
+pub struct Session {
+    pub config: Config,
+    pub device: Device,
+    pub dataset: Dataset,
+}
+
+/// Guards the run directory, opens the device, builds (or reuses) the dataset and records the
+/// resolved config in the run directory.
+pub fn open_session(config: Config, args: &TrainArgs) -> Result<Session> {
+    let run_dir = &config.output.dir;
+    guard_run_dir(run_dir, args.resume.is_some(), args.force)?;
+    let device_name = args.device.as_deref().unwrap_or(&config.training.device);
+    let device = crate::device::open(device_name)?;
+    let report = build(&config, &BuildOptions::default()).context("building the dataset")?;
+    let dataset = Dataset::open(&report.dir)?;
+    eprintln!(
+        "dataset {}: {} documents, {} train / {} val tokens{}",
+        report.dir.display(),
+        report.manifest.counts.documents,
+        dataset.train.len(),
+        dataset.val.len(),
+        if report.up_to_date {
+            " (up to date)"
+        } else {
+            ""
+        }
+    );
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if args.resume.is_none() {
+        let yaml = serde_norway::to_string(&config)?;
+        model::weights::write_atomic(&run_dir.join(RUN_CONFIG), yaml.as_bytes())
+            .with_context(|| format!("writing {}", run_dir.join(RUN_CONFIG).display()))?;
+    }
+    Ok(Session {
+        config,
+        device,
+        dataset,
+    })
+}
+
+/// Fails when the dataset's tokenizer has more tokens than the model has embeddings.
+pub fn check_vocab(dataset: &Dataset, vocab_size: usize) -> Result<()> {
+    if dataset.vocab_size() > vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model has only {vocab_size} embeddings",
+            dataset.dir.join("tokenizer.json").display(),
+            dataset.vocab_size(),
+        );
+    }
+    Ok(())
+}
+
+/// Trains `vars` of `model` on the session's dataset with Ctrl-C handling, then prints the
+/// summary.
+pub fn execute(
+    session: &Session,
+    args: &TrainArgs,
+    model: &Llama,
+    vars: Vec<(String, Var)>,
+    save: &SaveArtifact,
+    artifact: &'static str,
+) -> Result<()> {
+    let config = &session.config;
+    let t = &config.training;
+    let run_dir = config.output.dir.clone();
+    let batches = DatasetBatches::new(&session.dataset, t.seq_len, t.sampling, t.seed)?;
+    if !batches.has_validation() {
+        eprintln!("warning: the validation split is shorter than one window; no validation loss (raise data.val_fraction)");
+    }
+    let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "training {:.2}M of {:.1}M parameters on {} ({:?}), batch {} x {} x {} accumulation",
+        trainable as f64 / 1e6,
+        model.config.parameter_count() as f64 / 1e6,
+        crate::device::describe(&session.device),
+        t.dtype,
+        t.batch_size,
+        t.seq_len,
+        t.grad_accum
+    );
     let interrupt = Arc::new(AtomicBool::new(false));
     let flag = interrupt.clone();
     // A second Ctrl-C while saving is ignored: the checkpoint must finish.
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     let trainer = Trainer {
-        config: &config,
-        model: &llama,
+        config,
+        model,
         vars,
         run_dir: run_dir.clone(),
-        save_artifact: &save,
+        save_artifact: save,
+        artifact,
     };
     let opts = TrainOptions {
         resume: args.resume.is_some(),
@@ -107,47 +148,49 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     match trainer.run(&batches, &opts) {
         Ok(summary) => {
-            let done = summary.steps >= summary.total_steps;
-            println!(
-                "{}",
-                if done {
-                    "training finished"
-                } else {
-                    "training paused"
-                }
-            );
-            println!("  steps        {} / {}", summary.steps, summary.total_steps);
-            println!("  tokens       {}", summary.tokens);
-            if let Some(l) = summary.last_loss {
-                println!("  last loss    {l:.4}");
-            }
-            if let Some(v) = summary.best_val_loss {
-                println!(
-                    "  best val     {v:.4} (ppl {:.2}) in {}",
-                    v.exp(),
-                    run_dir.join("best").display()
-                );
-            }
-            println!("  time         {:.1} s", summary.elapsed);
-            if let Some(peak) = memory::peak_resident_bytes() {
-                println!("  peak memory  {}", memory::human(peak));
-            }
-            println!("  model        {}", run_dir.join("model").display());
-            println!("  metrics      {}", run_dir.join("metrics.jsonl").display());
-            if !done {
-                println!(
-                    "  resume with  llmtool train --resume {}",
-                    run_dir.display()
-                );
-            }
+            print_summary(&summary);
             Ok(())
         }
         Err(TrainError::Interrupted { step, run_dir }) => Err(crate::Interrupted(format!(
-            "saved a checkpoint at step {step}; resume with `llmtool train --resume {}`",
+            "saved a checkpoint at step {step}; resume with `--resume {}`",
             run_dir.display()
         ))
         .into()),
         Err(e) => Err(e.into()),
+    }
+}
+
+fn print_summary(summary: &TrainSummary) {
+    let run_dir = &summary.run_dir;
+    let done = summary.steps >= summary.total_steps;
+    println!(
+        "{}",
+        if done {
+            "training finished"
+        } else {
+            "training paused"
+        }
+    );
+    println!("  steps        {} / {}", summary.steps, summary.total_steps);
+    println!("  tokens       {}", summary.tokens);
+    if let Some(l) = summary.last_loss {
+        println!("  last loss    {l:.4}");
+    }
+    if let Some(v) = summary.best_val_loss {
+        println!(
+            "  best val     {v:.4} (ppl {:.2}) in {}",
+            v.exp(),
+            run_dir.join("best").display()
+        );
+    }
+    println!("  time         {:.1} s", summary.elapsed);
+    if let Some(peak) = memory::peak_resident_bytes() {
+        println!("  peak memory  {}", memory::human(peak));
+    }
+    println!("  output       {}", summary.artifact.display());
+    println!("  metrics      {}", run_dir.join("metrics.jsonl").display());
+    if !done {
+        println!("  resume with  --resume {}", run_dir.display());
     }
 }
 
@@ -167,7 +210,7 @@ pub fn on_big_stack<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T> {
 
 /// The config to train with: the file (plus `--set`), or the saved config of the run being
 /// resumed (plus `--set`), checked against the file when both are given.
-fn resolve_config(args: &TrainArgs) -> Result<Config> {
+pub fn resolve_config(args: &TrainArgs) -> Result<Config> {
     let Some(run_dir) = &args.resume else {
         let Some(path) = &args.config else {
             bail!("give a config file (llmtool train configs/small.yaml) or --resume RUN_DIR");

@@ -12,6 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The prefix PEFT puts before a module path in adapter tensor names.
 const PEFT_PREFIX: &str = "base_model.model.";
@@ -29,9 +31,13 @@ pub struct LoraLayer {
     pub dropout: f64,
     /// Distinguishes this layer's dropout mask from the others' in the same step.
     id: u64,
-    /// `None`: no dropout (evaluation). `Some`: the seed of this layer's mask for this step.
-    mask_seed: Option<u64>,
+    /// The seed of this layer's mask for this step, or [`NO_DROPOUT`] (evaluation). Shared
+    /// and atomic so the trainer can switch it through a shared reference to the model.
+    mask_seed: Arc<AtomicU64>,
 }
+
+/// `mask_seed` value meaning dropout is off.
+const NO_DROPOUT: u64 = u64::MAX;
 
 impl LoraLayer {
     /// A layer with dropout off until [`LoraLayer::set_dropout_seed`] turns it on.
@@ -42,20 +48,23 @@ impl LoraLayer {
             scale,
             dropout,
             id,
-            mask_seed: None,
+            mask_seed: Arc::new(AtomicU64::new(NO_DROPOUT)),
         }
     }
 
     /// Turns dropout on with masks drawn from `seed` (mixed with this layer's id), or off.
     /// The same seed gives the same mask, so a recomputed forward (checkpointing) matches.
-    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
-        self.mask_seed = seed.map(|s| splitmix64(s ^ splitmix64(self.id)));
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        let mixed = seed.map_or(NO_DROPOUT, |s| {
+            splitmix64(s ^ splitmix64(self.id)).min(NO_DROPOUT - 1)
+        });
+        self.mask_seed.store(mixed, Ordering::Relaxed);
     }
 
     /// The update `scale * dropout(x) @ A^T @ B^T`, computed in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let x = match self.mask_seed {
-            Some(seed) if self.dropout > 0.0 => {
+        let x = match self.mask_seed.load(Ordering::Relaxed) {
+            seed if seed != NO_DROPOUT && self.dropout > 0.0 => {
                 let mask = dropout_mask(x.dims(), self.dropout, seed, x.device())?;
                 x.mul(&mask.to_dtype(x.dtype())?)?
             }

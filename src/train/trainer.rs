@@ -70,6 +70,8 @@ pub struct TrainSummary {
     pub best_val_loss: Option<f64>,
     pub elapsed: f64,
     pub run_dir: PathBuf,
+    /// Where the latest artifact is.
+    pub artifact: PathBuf,
 }
 
 /// Writes the trained artifact (an HF model dir, or an adapter dir) to a directory.
@@ -82,8 +84,10 @@ pub struct Trainer<'a> {
     /// The parameters to train, by name (full model or adapters).
     pub vars: Vec<(String, Var)>,
     pub run_dir: PathBuf,
-    /// Writes `run_dir/model` (latest) and `run_dir/best`.
+    /// Writes `run_dir/<artifact>` (latest) and `run_dir/best`.
     pub save_artifact: &'a SaveArtifact<'a>,
+    /// Directory name of the latest artifact: `model` or `adapter`.
+    pub artifact: &'static str,
 }
 
 /// Optimizer steps the config asks for, given the epoch size of the data.
@@ -163,6 +167,10 @@ impl Trainer<'_> {
                 let batch = data
                     .train_batch(progress.cursor, t.batch_size)
                     .map_err(TrainError::Data)?;
+                // Adapter dropout masks are a function of the seed and the data cursor, so a
+                // resumed run draws the same masks.
+                let mask_seed = t.seed.rotate_left(32) ^ progress.cursor;
+                self.model.set_lora_dropout_seed(Some(mask_seed));
                 progress.cursor += t.batch_size as u64;
                 let scale = 1.0 / t.grad_accum as f64;
                 loss += scale
@@ -281,12 +289,14 @@ impl Trainer<'_> {
             best_val_loss: progress.best_val_loss,
             elapsed: progress.elapsed,
             run_dir: self.run_dir.clone(),
+            artifact: self.run_dir.join(self.artifact),
         })
     }
 
     /// Mean validation loss over the configured number of batches.
     fn validate(&self, data: &dyn BatchSource) -> Result<Option<f64>, TrainError> {
         let t = &self.config.training;
+        self.model.set_lora_dropout_seed(None);
         let mut total = 0.0;
         let mut count = 0;
         for i in 0..t.eval_batches as u64 {
@@ -309,7 +319,7 @@ impl Trainer<'_> {
 
     /// Saves the artifact and the exact training state.
     fn checkpoint(&self, optimizer: &AdamW, progress: &Progress) -> Result<(), TrainError> {
-        (self.save_artifact)(&self.run_dir.join("model"))?;
+        (self.save_artifact)(&self.run_dir.join(self.artifact))?;
         let params: Vec<(String, Tensor)> = self
             .vars
             .iter()
