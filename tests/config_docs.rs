@@ -37,10 +37,17 @@ fn every_key_is_documented_with_its_default() {
         .unwrap()
         .replace("\\|", "|");
     let mut keys = Vec::new();
-    leaves(&serde_norway::to_value(Config::default()).unwrap(), "", &mut keys);
+    leaves(
+        &serde_norway::to_value(Config::default()).unwrap(),
+        "",
+        &mut keys,
+    );
     for (key, default) in &keys {
         let row = format!("| `{key}` | `{default}` |");
-        assert!(doc.contains(&row), "docs/config.md lacks the row starting {row}");
+        assert!(
+            doc.contains(&row),
+            "docs/config.md lacks the row starting {row}"
+        );
     }
     let documented = doc
         .lines()
