@@ -73,11 +73,15 @@ pub struct Corpus {
 }
 
 /// Cleans the markdown files under `paths` (files or folders, filtered by the include and
-/// exclude globs of `data`) into documents, without deduplicating or tokenizing them.
+/// exclude globs of `data`) into documents, without deduplicating or tokenizing them; shows a
+/// progress bar on a terminal.
 pub fn clean_documents(paths: &[PathBuf], data: &DataSection) -> Result<Corpus, DataError> {
     let (files, unwalkable) = list_files(paths, data)?;
+    let bar = crate::progress::bytes_bar(files.iter().map(|f| f.bytes).sum());
+    bar.set_message(format!("cleaning {} files", files.len()));
     let sources = read_sources(&files, data.lossy_utf8);
-    let mut corpus = clean_sources(sources, data, None);
+    let mut corpus = clean_sources(sources, data, Some(&bar));
+    bar.finish_and_clear();
     corpus.skipped.splice(0..0, unwalkable);
     Ok(corpus)
 }
