@@ -77,3 +77,15 @@ pub fn human(bytes: u64) -> String {
         format!("{mib:.0} MiB")
     }
 }
+
+/// A parameter count for people: `31.2K`, `46.9M`, `1.24B`.
+pub fn count(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1}M", n / 1e6)
+    } else {
+        format!("{:.1}K", n / 1e3)
+    }
+}

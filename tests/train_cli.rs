@@ -146,3 +146,81 @@ fn estimate_splits_memory() {
         .stdout(predicate::str::contains("AdamW moments"))
         .stdout(predicate::str::contains("peak, checkpointed"));
 }
+
+#[test]
+fn non_finite_loss_stops_with_the_step_or_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let blow_up = [
+        "--set",
+        "training.lr=1e30",
+        "--set",
+        "training.grad_clip=0",
+        "--set",
+        "training.warmup_steps=0",
+    ];
+    llmtool()
+        .args(["train", &config])
+        .args(blow_up)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("non-finite"))
+        .stderr(predicate::str::contains("at step"));
+    llmtool()
+        .args(["train", &config, "--force", "--set", "training.on_nan=skip"])
+        .args(blow_up)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("batch skipped"));
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_resumable_checkpoint_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let bin = assert_cmd::cargo::cargo_bin("llmtool");
+    let mut child = std::process::Command::new(bin)
+        .args([
+            "train",
+            &config,
+            "--set",
+            "training.max_steps=100000",
+            "--set",
+            "training.save_every=100000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = dir.path().join("run/metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("resume with"), "{stderr}");
+    let run = dir.path().join("run");
+    assert!(run.join("training_state.safetensors").is_file());
+    llmtool()
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--stop-after-steps",
+            "1",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("training paused"));
+}

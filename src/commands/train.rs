@@ -119,9 +119,9 @@ pub fn execute(
     }
     let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
-        "training {:.2}M of {:.1}M parameters on {} ({:?}), batch {} x {} x {} accumulation",
-        trainable as f64 / 1e6,
-        model.config.parameter_count() as f64 / 1e6,
+        "training {} of {} parameters on {} ({:?}), batch {} x {} x {} accumulation",
+        memory::count(trainable),
+        memory::count(model.config.parameter_count()),
         crate::device::describe(&session.device),
         t.dtype,
         t.batch_size,

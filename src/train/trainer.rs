@@ -203,10 +203,10 @@ impl Trainer<'_> {
                         })
                     }
                     OnNonFinite::Skip => {
-                        bar.println(format!(
-                            "step {}: non-finite {what}, batch skipped",
-                            step + 1
-                        ));
+                        say(
+                            &bar,
+                            format!("step {}: non-finite {what}, batch skipped", step + 1),
+                        );
                         bar.inc(1);
                         continue;
                     }
@@ -241,11 +241,14 @@ impl Trainer<'_> {
             if now % t.eval_every as u64 == 0 || now == total {
                 if let Some(val) = self.validate(data)? {
                     let improved = progress.best_val_loss.is_none_or(|b| val < b);
-                    bar.println(format!(
+                    say(
+                        &bar,
+                        format!(
                         "step {now:>6}: train loss {loss:.4}, val loss {val:.4}, val ppl {:.2}{}",
                         val.exp(),
                         if improved { " (best)" } else { "" }
-                    ));
+                    ),
+                    );
                     metrics
                         .push(Record {
                             step: now,
@@ -312,7 +315,7 @@ impl Trainer<'_> {
     fn plot(&self, metrics: &Metrics, bar: &indicatif::ProgressBar) {
         if self.config.output.plot {
             if let Err(e) = metrics.plot(&self.run_dir.join("loss.svg")) {
-                bar.println(format!("warning: could not draw loss.svg: {e}"));
+                say(bar, format!("warning: could not draw loss.svg: {e}"));
             }
         }
     }
@@ -357,4 +360,9 @@ impl Trainer<'_> {
             })?;
         Ok(saved.progress)
     }
+}
+
+/// Prints a line above the progress bar, also when the bar is hidden (stderr not a terminal).
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    bar.suspend(|| eprintln!("{line}"));
 }
