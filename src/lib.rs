@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod device;
+pub mod eval;
 pub mod model;
 pub mod ops;
 pub mod progress;
