@@ -11,3 +11,4 @@ mod validate;
 
 pub use load::{load, load_str, ConfigError, ConfigIssue, Override};
 pub use schema::*;
+pub use validate::LORA_TARGETS;

@@ -14,7 +14,7 @@ pub struct LoadedModel {
     pub dir: PathBuf,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T, ModelError> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             ModelError::Missing {
@@ -102,11 +102,22 @@ pub fn read_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Token
 
 /// Loads the model in `dir` (frozen weights) computing in `dtype`, with its tokenizer.
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel, ModelError> {
+    load_stored(dir, dtype, dtype, device)
+}
+
+/// Loads the model in `dir` with its frozen weights stored as `storage` (e.g. bf16 for a LoRA
+/// base) and computing in `compute`, with its tokenizer.
+pub fn load_stored(
+    dir: &Path,
+    storage: DType,
+    compute: DType,
+    device: &Device,
+) -> Result<LoadedModel, ModelError> {
     let config = read_config(dir)?;
     let tokenizer = read_tokenizer(dir, config.vocab_size)?;
-    let weights = Weights::read(&weight_files(dir)?, dtype, device)?;
+    let weights = Weights::read(&weight_files(dir)?, storage, device)?;
     Ok(LoadedModel {
-        model: Llama::new(&config, &weights, dtype)?,
+        model: Llama::new(&config, &weights, compute)?,
         tokenizer,
         dir: dir.to_path_buf(),
     })

@@ -3,18 +3,21 @@
 //! [`Llama::embed`], [`Llama::block`] and [`Llama::logits`] itself when it checkpoints.
 
 use super::config::LlamaConfig;
+use super::lora::{Adapter, LoraLayer};
 use super::rope::RopeTables;
 use super::weights::{ModelError, Weights};
 use crate::ops;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-/// A projection `x @ weight.t() + bias`. Weights that are not trainable go through
-/// [`ops::frozen_linear`], so no gradient is computed for them.
+/// A projection `x @ weight.t() + bias`, plus a LoRA update when an adapter is attached.
+/// Weights that are not trainable go through [`ops::frozen_linear`], so no gradient is
+/// computed for them.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraLayer>,
     trainable: bool,
 }
 
@@ -36,16 +39,21 @@ impl Linear {
             trainable: weight.is_variable(),
             weight,
             bias,
+            lora: None,
         })
     }
 
-    /// Applies the projection, computing in `dtype`.
+    /// Applies the projection (and the LoRA update, if any), computing in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let w = self.weight.to_dtype(dtype)?;
         let y = if self.trainable {
             x.broadcast_matmul(&w.t()?)?
         } else {
             ops::frozen_linear(x, &w)?
+        };
+        let y = match &self.lora {
+            Some(lora) => (y + lora.forward(x, dtype)?)?,
+            None => y,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(dtype)?),
@@ -94,6 +102,22 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     rope: RopeTables,
     dtype: DType,
+}
+
+impl Block {
+    /// The projections with their module names inside the block (`self_attn.q_proj`, ...).
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut m.gate_proj),
+            ("mlp.up_proj", &mut m.up_proj),
+            ("mlp.down_proj", &mut m.down_proj),
+        ]
+    }
 }
 
 /// Per-layer key/value caches for incremental decoding.
@@ -215,6 +239,53 @@ impl Llama {
             lm_head,
             dtype,
         })
+    }
+
+    /// Adds the LoRA update of `adapter` to the projections it adapts (replacing any adapter
+    /// attached before). The model then computes `W x + scale * B A dropout(x)` there; the
+    /// adapter's tensors are shared, so gradients land on [`Adapter::vars`].
+    pub fn attach_adapter(&mut self, adapter: &Adapter) -> std::result::Result<(), ModelError> {
+        let (scale, dropout) = (adapter.scale(), adapter.config.lora_dropout);
+        for (id, (path, (a, b))) in adapter.modules().enumerate() {
+            let linear = self.linear_mut(path).ok_or_else(|| {
+                ModelError::Lora(format!("the adapter adapts {path}, which this model lacks"))
+            })?;
+            let (out, inp) = linear.weight.dims2()?;
+            if a.dims()[1..] != [inp] || b.dims()[..1] != [out] || a.dim(0)? != b.dim(1)? {
+                return Err(ModelError::Lora(format!(
+                    "{path}: A {:?} and B {:?} do not fit the weight [{out}, {inp}]",
+                    a.dims(),
+                    b.dims()
+                )));
+            }
+            linear.lora = Some(LoraLayer::new(a.clone(), b.clone(), scale, dropout, id as u64));
+        }
+        Ok(())
+    }
+
+    /// Turns LoRA dropout on with masks drawn from `seed` (pass a new seed each step; the same
+    /// seed replays the same masks, as checkpointed recomputation needs), or off with `None`
+    /// (evaluation, generation).
+    pub fn set_lora_dropout_seed(&mut self, seed: Option<u64>) {
+        for block in &mut self.layers {
+            for (_, linear) in block.linears_mut() {
+                if let Some(lora) = &mut linear.lora {
+                    lora.set_dropout_seed(seed);
+                }
+            }
+        }
+    }
+
+    /// The projection at a module path such as `model.layers.3.mlp.up_proj`.
+    fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
+        let rest = path.strip_prefix("model.layers.")?;
+        let (index, name) = rest.split_once('.')?;
+        let block = self.layers.get_mut(index.parse::<usize>().ok()?)?;
+        block
+            .linears_mut()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, l)| l)
     }
 
     /// The compute dtype.

@@ -2,11 +2,14 @@
 
 pub mod config;
 pub mod io;
+pub mod hub;
 pub mod llama;
+pub mod lora;
 pub mod rope;
 pub mod weights;
 
 pub use config::LlamaConfig;
 pub use io::{load, LoadedModel};
 pub use llama::{Cache, Llama};
+pub use lora::{Adapter, AdapterConfig};
 pub use weights::{ModelError, Weights};

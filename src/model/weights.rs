@@ -36,6 +36,15 @@ pub enum ModelError {
     /// A tokenizer does not fit the model.
     #[error("{path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    /// A LoRA adapter is malformed, unsupported, or does not fit the base model.
+    #[error("{path}: {message}")]
+    Adapter { path: PathBuf, message: String },
+    /// LoRA settings that cannot apply to this model (unknown module, bad rank).
+    #[error("lora: {0}")]
+    Lora(String),
+    /// A base model could not be found locally or on the Hugging Face Hub.
+    #[error("{0}")]
+    Hub(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,0 +1,566 @@
+//! LoRA adapters in PEFT format: `adapter_config.json` + `adapter_model.safetensors` with keys
+//! like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, A `[r, in]`,
+//! B `[out, r]`, and the forward `W x + scale * B (A dropout(x))`.
+
+use super::config::LlamaConfig;
+use super::io::{read_config, read_json};
+use super::llama::parameter_shapes;
+use super::weights::{save_safetensors, write_atomic, ModelError, Weights};
+use crate::config::{LoraSection, LORA_TARGETS};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The prefix PEFT puts before a module path in adapter tensor names.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The low-rank update of one projection: `y += scale * dropout(x) @ A^T @ B^T`.
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[out, r]`.
+    pub b: Tensor,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+    /// Probability of zeroing an input feature during training.
+    pub dropout: f64,
+    /// Distinguishes this layer's dropout mask from the others' in the same step.
+    id: u64,
+    /// `None`: no dropout (evaluation). `Some`: the seed of this layer's mask for this step.
+    mask_seed: Option<u64>,
+}
+
+impl LoraLayer {
+    /// A layer with dropout off until [`LoraLayer::set_dropout_seed`] turns it on.
+    pub fn new(a: Tensor, b: Tensor, scale: f64, dropout: f64, id: u64) -> Self {
+        Self {
+            a,
+            b,
+            scale,
+            dropout,
+            id,
+            mask_seed: None,
+        }
+    }
+
+    /// Turns dropout on with masks drawn from `seed` (mixed with this layer's id), or off.
+    /// The same seed gives the same mask, so a recomputed forward (checkpointing) matches.
+    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        self.mask_seed = seed.map(|s| splitmix64(s ^ splitmix64(self.id)));
+    }
+
+    /// The update `scale * dropout(x) @ A^T @ B^T`, computed in `dtype`.
+    pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let x = match self.mask_seed {
+            Some(seed) if self.dropout > 0.0 => {
+                let mask = dropout_mask(x.dims(), self.dropout, seed, x.device())?;
+                x.mul(&mask.to_dtype(x.dtype())?)?
+            }
+            _ => x.clone(),
+        };
+        let a = self.a.to_dtype(dtype)?;
+        let b = self.b.to_dtype(dtype)?;
+        x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * self.scale
+    }
+}
+
+/// An inverted-dropout mask of `shape`: 0 with probability `p`, else `1 / (1 - p)`. Drawn on
+/// the host from a seeded generator so that it is reproducible on every backend.
+fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let n = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(values, shape, device)
+}
+
+/// A 64-bit mixing function (SplitMix64's finaliser).
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `target_modules` in `adapter_config.json`: a list of module names, or one string (PEFT
+/// treats a string as a regular expression, except `all-linear`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+/// `adapter_config.json` as PEFT 0.21 reads and writes it (the fields llmtool uses; PEFT fills
+/// in defaults for the rest, and older PEFT versions load it too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    pub r: usize,
+    #[serde(serialize_with = "plain_number")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default = "no_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub layers_to_transform: Option<serde_json::Value>,
+    #[serde(default)]
+    pub layers_pattern: Option<serde_json::Value>,
+    #[serde(default = "init_true")]
+    pub init_lora_weights: serde_json::Value,
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+fn no_bias() -> String {
+    "none".into()
+}
+
+fn init_true() -> serde_json::Value {
+    serde_json::Value::Bool(true)
+}
+
+/// Writes whole numbers without a fraction (`8`, as PEFT writes `lora_alpha`), others as floats.
+fn plain_number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
+impl AdapterConfig {
+    /// The config of a new adapter with these settings on the modules `targets` (long names).
+    pub fn new(lora: &LoraSection, targets: &[&str]) -> Self {
+        let mut names: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        names.sort();
+        Self {
+            base_model_name_or_path: None,
+            revision: None,
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            r: lora.r,
+            lora_alpha: lora.alpha,
+            lora_dropout: lora.dropout,
+            target_modules: TargetModules::List(names),
+            use_rslora: lora.rslora,
+            use_dora: false,
+            bias: no_bias(),
+            fan_in_fan_out: false,
+            modules_to_save: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            init_lora_weights: init_true(),
+            inference_mode: true,
+        }
+    }
+
+    /// The factor on `B A x`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        let r = self.r as f64;
+        if self.use_rslora {
+            self.lora_alpha / r.sqrt()
+        } else {
+            self.lora_alpha / r
+        }
+    }
+
+    /// Rejects PEFT features llmtool does not implement.
+    fn check_supported(&self) -> std::result::Result<(), String> {
+        let unsupported = [
+            (self.peft_type != "LORA", "peft_type is not LORA"),
+            (self.use_dora, "use_dora (DoRA) is not supported"),
+            (self.bias != "none", "bias other than \"none\" is not supported"),
+            (self.fan_in_fan_out, "fan_in_fan_out is not supported"),
+            (
+                self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()),
+                "modules_to_save is not supported",
+            ),
+            (
+                !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty(),
+                "rank_pattern/alpha_pattern (per-module ranks) are not supported",
+            ),
+        ];
+        if let Some((_, why)) = unsupported.iter().find(|(bad, _)| *bad) {
+            return Err(why.to_string());
+        }
+        if self.r == 0 {
+            return Err("r is 0: the rank must be at least 1".into());
+        }
+        if let TargetModules::List(names) = &self.target_modules {
+            expand_targets(names)?;
+        }
+        Ok(())
+    }
+}
+
+/// Long projection names for `names` (long, short, or `all-linear`), without duplicates.
+pub fn expand_targets(names: &[String]) -> std::result::Result<Vec<&'static str>, String> {
+    let mut out = Vec::new();
+    for name in names {
+        if name == "all-linear" {
+            out.extend(LORA_TARGETS.iter().map(|(long, _)| *long));
+            continue;
+        }
+        let (long, _) = LORA_TARGETS
+            .iter()
+            .find(|(long, short)| name == long || name == short)
+            .ok_or_else(|| {
+                let known: Vec<&str> = LORA_TARGETS.iter().map(|(l, _)| *l).collect();
+                format!(
+                    "target_modules names {name:?}, a module Llama-family models lack; they have {} (or all-linear)",
+                    known.join(", ")
+                )
+            })?;
+        out.push(*long);
+    }
+    out.sort_by_key(|t| LORA_TARGETS.iter().position(|(l, _)| l == t));
+    out.dedup();
+    Ok(out)
+}
+
+/// Module path (`model.layers.0.self_attn.q_proj`) with its weight's `(out, in)`, for every
+/// projection of `cfg` whose name is in `targets`.
+fn target_shapes(cfg: &LlamaConfig, targets: &[&str]) -> Vec<(String, usize, usize)> {
+    parameter_shapes(cfg)
+        .into_iter()
+        .filter_map(|(name, shape)| {
+            let module = name.strip_suffix(".weight")?;
+            let leaf = module.rsplit('.').next()?;
+            match shape[..] {
+                [out, inp] if targets.contains(&leaf) => Some((module.to_string(), out, inp)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Checks that rank `r` fits every module `(path, out, in)`.
+fn check_rank(r: usize, modules: &[(String, usize, usize)]) -> std::result::Result<(), String> {
+    if r == 0 {
+        return Err("r is 0: the rank must be at least 1".into());
+    }
+    match modules.iter().find(|(_, out, inp)| r > *out.min(inp)) {
+        Some((path, out, inp)) => Err(format!(
+            "r = {r} is larger than {path} ({out}x{inp}) allows; use r <= {}",
+            out.min(inp)
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A LoRA adapter: its PEFT config and the A/B matrices of each adapted module.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub config: AdapterConfig,
+    /// Module path (`model.layers.0.self_attn.q_proj`) to `(A [r, in], B [out, r])`.
+    modules: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+impl Adapter {
+    /// A new trainable adapter for `cfg` with the settings of `lora`: A drawn like PEFT's
+    /// `kaiming_uniform_(a=sqrt(5))` (uniform in `±1/sqrt(in)`) from `seed`, B zero, both f32
+    /// `Var`s on `device`.
+    pub fn init(
+        lora: &LoraSection,
+        cfg: &LlamaConfig,
+        seed: u64,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        let targets = expand_targets(&lora.target_modules).map_err(ModelError::Lora)?;
+        let shapes = target_shapes(cfg, &targets);
+        check_rank(lora.r, &shapes).map_err(ModelError::Lora)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut modules = BTreeMap::new();
+        for (path, out, inp) in shapes {
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..lora.r * inp)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (lora.r, inp), device)?)?;
+            let b = Var::zeros((out, lora.r), DType::F32, device)?;
+            modules.insert(path, (a.as_tensor().clone(), b.as_tensor().clone()));
+        }
+        Ok(Self {
+            config: AdapterConfig::new(lora, &targets),
+            modules,
+        })
+    }
+
+    /// Reads the PEFT adapter in `dir` for the base model `cfg`, as frozen `dtype` tensors.
+    /// Fails with the file and key when it does not fit the base.
+    pub fn load(
+        dir: &Path,
+        cfg: &LlamaConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
+        let config_path = dir.join("adapter_config.json");
+        let config: AdapterConfig = read_json(&config_path, "the adapter's adapter_config.json")?;
+        let bad_config = |message| ModelError::Adapter {
+            path: config_path.clone(),
+            message,
+        };
+        config.check_supported().map_err(bad_config)?;
+        check_base(&config, dir, cfg).map_err(bad_config)?;
+        let path = dir.join("adapter_model.safetensors");
+        if !path.is_file() {
+            return Err(ModelError::Missing {
+                path,
+                what: "the adapter weights (PEFT's adapter_model.safetensors; convert an adapter_model.bin with save_pretrained(safe_serialization=True))".into(),
+            });
+        }
+        let weights = Weights::read(std::slice::from_ref(&path), dtype, device)?;
+        let modules = collect_modules(&weights, cfg, config.r).map_err(|message| {
+            ModelError::Adapter {
+                path: path.clone(),
+                message,
+            }
+        })?;
+        Ok(Self { config, modules })
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32, PEFT key names) into
+    /// `dir`, creating it; each file is replaced atomically.
+    pub fn save(&self, dir: &Path) -> std::result::Result<(), ModelError> {
+        let tensors = self
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
+            .collect::<Result<Vec<_>>>()?;
+        save_safetensors(&tensors, &dir.join("adapter_model.safetensors"))?;
+        let path = dir.join("adapter_config.json");
+        let json = serde_json::to_string_pretty(&self.config).map_err(|e| ModelError::Config {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&path, json.as_bytes()).map_err(|source| ModelError::Io { path, source })
+    }
+
+    /// The factor on `B A x` (see [`AdapterConfig::scale`]).
+    pub fn scale(&self) -> f64 {
+        self.config.scale()
+    }
+
+    /// Every adapter tensor under its PEFT name, sorted by name.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.modules
+            .iter()
+            .flat_map(|(path, (a, b))| {
+                [
+                    (format!("{PEFT_PREFIX}{path}.lora_A.weight"), a.clone()),
+                    (format!("{PEFT_PREFIX}{path}.lora_B.weight"), b.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// The trainable tensors as `Var`s under their PEFT names, sorted by name: what the
+    /// optimizer updates. Empty for an adapter loaded frozen (see [`Adapter::into_trainable`]).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.tensors()
+            .into_iter()
+            .filter(|(_, t)| t.is_variable())
+            .filter_map(|(n, t)| Var::from_tensor(&t).ok().map(|v| (n, v)))
+            .collect()
+    }
+
+    /// The same adapter with every tensor copied into an f32 `Var`, to continue training one
+    /// that was loaded from disk.
+    pub fn into_trainable(self) -> std::result::Result<Self, ModelError> {
+        let trainable = |t: &Tensor| -> Result<Tensor> {
+            Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?
+                .as_tensor()
+                .clone())
+        };
+        let modules = self
+            .modules
+            .iter()
+            .map(|(p, (a, b))| Ok((p.clone(), (trainable(a)?, trainable(b)?))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            config: self.config,
+            modules,
+        })
+    }
+
+    /// Module paths with their `(A, B)`, sorted by path.
+    pub fn modules(&self) -> impl Iterator<Item = (&String, &(Tensor, Tensor))> {
+        self.modules.iter()
+    }
+}
+
+/// Groups the tensors of an adapter file by module and checks them against the base `cfg`.
+fn collect_modules(
+    weights: &Weights,
+    cfg: &LlamaConfig,
+    r: usize,
+) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, String> {
+    let all: Vec<&str> = LORA_TARGETS.iter().map(|(l, _)| *l).collect();
+    let shapes: BTreeMap<String, (usize, usize)> = target_shapes(cfg, &all)
+        .into_iter()
+        .map(|(p, out, inp)| (p, (out, inp)))
+        .collect();
+    let mut names: Vec<&String> = weights.names().collect();
+    names.sort();
+    let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for name in names {
+        let (module, is_a) = parse_key(name)?;
+        let &(out, inp) = shapes.get(module).ok_or_else(|| {
+            format!("tensor {name} adapts {module}, which the base model does not have: the adapter was made for another model")
+        })?;
+        let expected = if is_a { [r, inp] } else { [out, r] };
+        let t = weights.maybe(name).ok_or_else(|| format!("tensor {name} is unreadable"))?;
+        if t.dims() != expected {
+            return Err(format!(
+                "tensor {name} has shape {:?}, the base model (and r = {r}) needs {expected:?}: the adapter was made for another model",
+                t.dims()
+            ));
+        }
+        let slot = parts.entry(module.to_string()).or_default();
+        if is_a {
+            slot.0 = Some(t);
+        } else {
+            slot.1 = Some(t);
+        }
+    }
+    if parts.is_empty() {
+        return Err("holds no lora_A/lora_B tensors".into());
+    }
+    let modules: BTreeMap<_, _> = parts
+        .into_iter()
+        .map(|(module, pair)| match pair {
+            (Some(a), Some(b)) => Ok((module, (a, b))),
+            (None, _) => Err(format!("{PEFT_PREFIX}{module}.lora_A.weight is missing")),
+            (_, None) => Err(format!("{PEFT_PREFIX}{module}.lora_B.weight is missing")),
+        })
+        .collect::<std::result::Result<_, String>>()?;
+    let with_shapes: Vec<_> = modules
+        .keys()
+        .map(|p| (p.clone(), shapes[p].0, shapes[p].1))
+        .collect();
+    check_rank(r, &with_shapes)?;
+    Ok(modules)
+}
+
+/// Splits a PEFT key into its module path and whether it is A (true) or B.
+fn parse_key(name: &str) -> std::result::Result<(&str, bool), String> {
+    let module_and_part = name.strip_prefix(PEFT_PREFIX);
+    let parsed = module_and_part.and_then(|rest| {
+        rest.strip_suffix(".lora_A.weight")
+            .map(|m| (m, true))
+            .or_else(|| rest.strip_suffix(".lora_B.weight").map(|m| (m, false)))
+    });
+    parsed.ok_or_else(|| {
+        format!("unexpected tensor {name}: only lora_A/lora_B weights of the projections are supported")
+    })
+}
+
+/// Checks `base_model_name_or_path` when it names a model directory that exists (as given or
+/// beside the adapter directory); a bare hub name or a path from another machine is accepted.
+fn check_base(
+    config: &AdapterConfig,
+    adapter_dir: &Path,
+    cfg: &LlamaConfig,
+) -> std::result::Result<(), String> {
+    let Some(name) = config.base_model_name_or_path.as_deref() else {
+        return Ok(());
+    };
+    let beside = adapter_dir.parent().map(|p| p.join(name));
+    let candidates = [Some(PathBuf::from(name)), beside];
+    let Some(dir) = candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("config.json").is_file())
+    else {
+        return Ok(());
+    };
+    let Ok(named) = read_config(&dir) else {
+        return Ok(());
+    };
+    match config_difference(&named, cfg) {
+        Some(diff) => Err(format!(
+            "base_model_name_or_path {name:?} ({}) is a different model from the base given ({diff}); use the base the adapter was trained on",
+            dir.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The first architectural field where `named` (the adapter's base) and `given` differ.
+fn config_difference(named: &LlamaConfig, given: &LlamaConfig) -> Option<String> {
+    let fields = [
+        ("architectures", format!("{:?}", named.architectures), format!("{:?}", given.architectures)),
+        ("hidden_size", named.hidden_size.to_string(), given.hidden_size.to_string()),
+        ("intermediate_size", named.intermediate_size.to_string(), given.intermediate_size.to_string()),
+        ("num_hidden_layers", named.num_hidden_layers.to_string(), given.num_hidden_layers.to_string()),
+        ("num_attention_heads", named.num_attention_heads.to_string(), given.num_attention_heads.to_string()),
+        ("num_key_value_heads", named.kv_heads().to_string(), given.kv_heads().to_string()),
+        ("vocab_size", named.vocab_size.to_string(), given.vocab_size.to_string()),
+        ("tie_word_embeddings", named.tie_word_embeddings.to_string(), given.tie_word_embeddings.to_string()),
+        ("rope_theta", named.theta().to_string(), given.theta().to_string()),
+    ];
+    fields
+        .into_iter()
+        .find(|(_, a, b)| a != b)
+        .map(|(key, a, b)| format!("{key} {a} there, {b} here"))
+}
+
+/// The base parameters `base` with `adapter` folded in: `W + scale * B @ A`, computed in f32.
+/// Fails if the adapter adapts a module `base` lacks.
+pub fn merge(
+    base: &[(String, Tensor)],
+    adapter: &Adapter,
+) -> std::result::Result<Vec<(String, Tensor)>, ModelError> {
+    let scale = adapter.scale();
+    let mut merged = 0;
+    let mut out = Vec::with_capacity(base.len());
+    for (name, w) in base {
+        let pair = name
+            .strip_suffix(".weight")
+            .and_then(|m| adapter.modules.get(m));
+        let w = match pair {
+            Some((a, b)) => {
+                merged += 1;
+                let delta = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
+                (w.to_dtype(DType::F32)? + (delta * scale)?)?
+            }
+            None => w.clone(),
+        };
+        out.push((name.clone(), w));
+    }
+    if merged != adapter.modules.len() {
+        return Err(ModelError::Lora(format!(
+            "the adapter adapts {} modules but only {merged} exist in the base model",
+            adapter.modules.len()
+        )));
+    }
+    Ok(out)
+}
