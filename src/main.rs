@@ -11,6 +11,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

@@ -124,3 +124,32 @@ fn same_seed_same_text_and_cached_prompt_is_reused() {
         .unwrap();
     assert_eq!(second.prompt_tokens, 1);
 }
+
+fn tiny_llama_with_lora() -> LoadedModel {
+    let mut loaded = tiny_llama();
+    let adapter = llmtool::model::Adapter::load(
+        &fixture("tiny-llama-lora"),
+        &loaded.model.config,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    loaded.model.attach_adapter(&adapter).unwrap();
+    loaded
+}
+
+#[test]
+fn peft_adapter_nll_and_greedy_match_peft() {
+    let expected = json("tiny-llama-lora/expected.json");
+    let loaded = tiny_llama_with_lora();
+    let (mean, tokens) = nll(&loaded, 128, 64, 2);
+    let single = &expected["eval"]["single_window"];
+    assert_eq!(tokens, single["tokens_scored"].as_u64().unwrap());
+    assert_close(mean, single["nll_mean"].as_f64().unwrap());
+    let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64);
+    let prompt = ids(&json("tiny-llama/expected.json")["greedy"]["prompt_ids"]);
+    let out = session
+        .generate(&prompt, &settings(0.0, 24, 0), |_| Ok(()))
+        .unwrap();
+    assert_eq!(out.tokens, ids(&expected["greedy"]["new_ids"]));
+}

@@ -1,3 +1,6 @@
 //! One module per command: each turns parsed arguments into work and a summary.
 
 pub mod config;
+pub mod eval;
+pub mod generate;
+mod runtime;

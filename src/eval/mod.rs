@@ -2,7 +2,10 @@
 //! through a sliding window (the Hugging Face perplexity guide's scheme, without its
 //! off-by-one), windows batched across documents.
 
+mod inputs;
 mod metrics;
+
+pub use inputs::{read_documents, InputError};
 
 pub use metrics::{Metrics, Tally};
 
@@ -93,6 +96,17 @@ pub fn windows(n: usize, spec: WindowSpec) -> Vec<Window> {
     out
 }
 
+/// Work done by one batch, for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Windows in this batch.
+    pub windows: usize,
+    /// Tokens run in this batch.
+    pub tokens: usize,
+    /// Windows in the whole evaluation.
+    pub total_windows: usize,
+}
+
 /// The scores of one document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DocumentScore {
@@ -116,20 +130,12 @@ pub struct Evaluator<'a> {
 }
 
 impl Evaluator<'_> {
-    /// How many windows `documents` make (for a progress bar).
-    pub fn count_windows(&self, documents: &[Document]) -> Result<usize, EvalError> {
-        Ok(self
-            .prepare(documents)?
-            .iter()
-            .map(|(p, _)| p.windows.len())
-            .sum())
-    }
-
-    /// Scores every document; `progress` is called with the number of windows just done.
+    /// Scores every document. After each batch `progress` gets the windows and tokens just
+    /// done and the total number of windows.
     pub fn evaluate(
         &self,
         documents: &[Document],
-        mut progress: impl FnMut(usize),
+        mut progress: impl FnMut(Progress),
     ) -> Result<Vec<DocumentScore>, EvalError> {
         let prepared = self.prepare(documents)?;
         let mut scores: Vec<DocumentScore> = documents
@@ -161,7 +167,11 @@ impl Evaluator<'_> {
                     scores[*d].tally.add_token(row[pos - 1 - w.begin] as f64);
                 }
             }
-            progress(batch.len());
+            progress(Progress {
+                windows: batch.len(),
+                tokens: inputs.iter().map(|w| w.len()).sum(),
+                total_windows: jobs.len(),
+            });
         }
         Ok(scores)
     }

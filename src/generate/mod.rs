@@ -207,7 +207,12 @@ impl<'a> Session<'a> {
             logits = self.run(&[next])?;
         }
         if finish != Finish::StopString {
-            emit_text(&stops.finish(), &mut text)?;
+            let rest = stream.finish().map_err(tokenizer_error)?;
+            let rest = match stops.feed(&rest) {
+                Stop::Continue(piece) => piece + &stops.finish(),
+                Stop::Stopped(piece) => piece,
+            };
+            emit_text(&rest, &mut text)?;
         }
         Ok(Generation {
             tokens,

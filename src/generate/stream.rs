@@ -44,6 +44,16 @@ impl<'a> TextStream<'a> {
             _ => Ok(String::new()),
         }
     }
+
+    /// The text still held back at the end (bytes that never completed a character decode
+    /// to U+FFFD here, as decoding everything at once would give).
+    pub fn finish(&mut self) -> tokenizers::Result<String> {
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..], true)?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
 }
 
 /// Watches streamed text for stop strings.
@@ -133,6 +143,16 @@ mod tests {
             out.push_str(&piece);
         }
         assert_eq!(out, text);
+        // A stream cut inside a character holds the bytes back until the end.
+        let ids = tok.encode("ok 日", false).unwrap().get_ids().to_vec();
+        let mut stream = TextStream::new(&tok);
+        let mut out = String::new();
+        for id in &ids[..ids.len() - 1] {
+            out.push_str(&stream.push(*id).unwrap());
+        }
+        assert_eq!(out, "ok ");
+        let rest = stream.finish().unwrap();
+        assert_eq!(out + &rest, tok.decode(&ids[..ids.len() - 1], true).unwrap());
     }
 
     #[test]
