@@ -6,8 +6,17 @@ use common::{fixture, json, llmtool};
 use std::path::Path;
 
 fn eval_json(args: &[&str]) -> serde_json::Value {
-    let out = llmtool().arg("eval").args(args).arg("--json").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = llmtool()
+        .arg("eval")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -59,7 +68,10 @@ fn sliding_window_from_flags_and_table_output() {
     assert_eq!(rows[0]["metrics"]["tokens"], 121);
     let out = llmtool().arg("eval").args(args).output().unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.contains("bits/byte") && table.contains("5.8949"), "{table}");
+    assert!(
+        table.contains("bits/byte") && table.contains("5.8949"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -80,7 +92,10 @@ fn folders_give_per_file_rows() {
     ]);
     let files = rows[0]["files"].as_array().unwrap();
     assert_eq!(files.len(), 2);
-    let sum: u64 = files.iter().map(|f| f["metrics"]["tokens"].as_u64().unwrap()).sum();
+    let sum: u64 = files
+        .iter()
+        .map(|f| f["metrics"]["tokens"].as_u64().unwrap())
+        .sum();
     assert_eq!(rows[0]["metrics"]["tokens"].as_u64().unwrap(), sum);
 }
 

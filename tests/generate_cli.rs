@@ -47,10 +47,20 @@ fn greedy_case(expected: &str) -> (String, String) {
 #[test]
 fn greedy_text_matches_transformers_with_and_without_adapter() {
     let (prompt, want) = greedy_case("tiny-llama/expected.json");
-    let greedy = ["--temperature", "0", "--max-tokens", "24", "--prompt", &prompt];
+    let greedy = [
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--prompt",
+        &prompt,
+    ];
     let (out, err) = generate(&greedy, "");
     assert_eq!(out, want + "\n");
-    assert!(err.contains("generation: 24 tokens") && err.contains("tokens/s"), "{err}");
+    assert!(
+        err.contains("generation: 24 tokens") && err.contains("tokens/s"),
+        "{err}"
+    );
     let (_, want) = greedy_case("tiny-llama-lora/expected.json");
     let adapter = path(&fixture("tiny-llama-lora"));
     let (out, _) = generate(&[&greedy[..], &["--adapter", &adapter]].concat(), "");
@@ -60,13 +70,27 @@ fn greedy_text_matches_transformers_with_and_without_adapter() {
 #[test]
 fn same_seed_same_text_and_stdin_prompts() {
     let run = |seed: &str| {
-        generate(&["--prompt", "The model", "--seed", seed, "--max-tokens", "16"], "").0
+        generate(
+            &[
+                "--prompt",
+                "The model",
+                "--seed",
+                seed,
+                "--max-tokens",
+                "16",
+            ],
+            "",
+        )
+        .0
     };
     assert_eq!(run("1"), run("1"));
     assert_ne!(run("1"), run("2"));
     let from_stdin = generate(&["--seed", "1", "--max-tokens", "16"], "The model").0;
     assert_eq!(from_stdin, run("1"));
-    let (two, _) = generate(&["--prompt", "The", "--num-samples", "2", "--max-tokens", "4"], "");
+    let (two, _) = generate(
+        &["--prompt", "The", "--num-samples", "2", "--max-tokens", "4"],
+        "",
+    );
     assert!(two.contains("--- sample 2 of 2 ---"), "{two}");
 }
 
@@ -75,7 +99,14 @@ fn stop_strings_cut_the_output() {
     let (prompt, full) = greedy_case("tiny-llama/expected.json");
     let stop: String = full.chars().skip(6).take(3).collect();
     let cut = &full[..full.find(&stop).unwrap()];
-    let args = ["--temperature", "0", "--max-tokens", "24", "--prompt", &prompt];
+    let args = [
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--prompt",
+        &prompt,
+    ];
     let (out, err) = generate(&[&args[..], &["--stop", &stop]].concat(), "");
     assert_eq!(out, format!("{cut}\n"));
     assert!(err.contains("stopped: stop string"), "{err}");
@@ -83,7 +114,16 @@ fn stop_strings_cut_the_output() {
 
 #[test]
 fn chat_and_interactive_reuse_the_cache() {
-    let (out, _) = generate(&["--chat", "--prompt", "Where is the sun?", "--max-tokens", "8"], "");
+    let (out, _) = generate(
+        &[
+            "--chat",
+            "--prompt",
+            "Where is the sun?",
+            "--max-tokens",
+            "8",
+        ],
+        "",
+    );
     assert!(!out.is_empty());
     let args = ["--interactive", "--max-tokens", "6", "--temperature", "0"];
     let (_, err) = generate(&args, "Where is the sun?\nAnd the water?\n");
@@ -94,7 +134,10 @@ fn chat_and_interactive_reuse_the_cache() {
     assert_eq!(prompts.len(), 2, "{err}");
     // The second turn runs only what follows the cached conversation.
     let second_turn_alone = tokenizer()
-        .encode("<|endoftext|>\n<|im_start|>user\nAnd the water?<|endoftext|>\n<|im_start|>assistant\n", false)
+        .encode(
+            "<|endoftext|>\n<|im_start|>user\nAnd the water?<|endoftext|>\n<|im_start|>assistant\n",
+            false,
+        )
         .unwrap()
         .len();
     assert!(prompts[1] <= second_turn_alone + 6, "{err}");
@@ -116,7 +159,10 @@ fn bad_input_is_one_clear_line() {
 
     let long = "the river and the hill ".repeat(40);
     let err = one_error_line(&["--model", &model, "--prompt", &long]);
-    assert!(err.contains("--truncate") && err.contains("context is 128"), "{err}");
+    assert!(
+        err.contains("--truncate") && err.contains("context is 128"),
+        "{err}"
+    );
     let (_, err) = generate(&["--prompt", &long, "--truncate", "--max-tokens", "4"], "");
     assert!(err.contains("keeping its last"), "{err}");
 
@@ -130,10 +176,21 @@ fn bad_input_is_one_clear_line() {
     let adapter = dir.path().join("adapter");
     std::fs::create_dir(&adapter).unwrap();
     let lora = fixture("tiny-llama-lora");
-    std::fs::copy(lora.join("adapter_model.safetensors"), adapter.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        lora.join("adapter_model.safetensors"),
+        adapter.join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let mut config = json("tiny-llama-lora/adapter_config.json");
     config["base_model_name_or_path"] = path(&fixture("tiny-llama3")).into();
     std::fs::write(adapter.join("adapter_config.json"), config.to_string()).unwrap();
-    let err = one_error_line(&["--model", &model, "--adapter", &path(&adapter), "--prompt", "x"]);
+    let err = one_error_line(&[
+        "--model",
+        &model,
+        "--adapter",
+        &path(&adapter),
+        "--prompt",
+        "x",
+    ]);
     assert!(err.contains("different model"), "{err}");
 }

@@ -133,17 +133,36 @@ fn print_table(rows: &[Row]) {
             format!("{:.4}", m.bits_per_byte),
             speed,
         ],
-        None => [name, "0".into(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), speed],
+        None => [
+            name,
+            "0".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            speed,
+        ],
     };
     for row in rows {
         let name = label(&row.model, row.adapter.as_deref());
-        lines.push(cells(name, &row.metrics, format!("{:.0}", row.tokens_per_second)));
+        lines.push(cells(
+            name,
+            &row.metrics,
+            format!("{:.0}", row.tokens_per_second),
+        ));
         for f in &row.files {
             lines.push(cells(format!("  {}", f.file), &f.metrics, String::new()));
         }
     }
     let widths: Vec<usize> = (0..8)
-        .map(|c| lines.iter().map(|l| l[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for line in &lines {
         let mut out = format!("{:<w$}", line[0], w = widths[0]);

@@ -67,7 +67,11 @@ fn read_document(path: &Path) -> Result<Document, InputError> {
         .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "md" | "markdown"));
     Ok(Document {
         name: path.display().to_string(),
-        text: if is_markdown { clean_markdown(&text) } else { text },
+        text: if is_markdown {
+            clean_markdown(&text)
+        } else {
+            text
+        },
     })
 }
 

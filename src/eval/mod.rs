@@ -76,9 +76,11 @@ pub struct Window {
 /// context) is scored once. The last window is the first that reaches `n`.
 pub fn windows(n: usize, spec: WindowSpec) -> Vec<Window> {
     let mut out = Vec::new();
+    if n < 2 {
+        return out;
+    }
     let mut prev_end = 1;
-    let mut begin = 0;
-    while n >= 2 {
+    for begin in (0..n).step_by(spec.stride) {
         let end = (begin + spec.context).min(n);
         if end > prev_end {
             out.push(Window {
@@ -91,7 +93,6 @@ pub fn windows(n: usize, spec: WindowSpec) -> Vec<Window> {
         if end == n {
             break;
         }
-        begin += spec.stride;
     }
     out
 }
@@ -241,7 +242,14 @@ mod tests {
 
     #[test]
     fn every_token_but_the_first_is_scored_once() {
-        for (n, c, s) in [(1, 4, 2), (2, 4, 2), (5, 4, 3), (9, 4, 1), (100, 7, 3), (6, 6, 5)] {
+        for (n, c, s) in [
+            (1, 4, 2),
+            (2, 4, 2),
+            (5, 4, 3),
+            (9, 4, 1),
+            (100, 7, 3),
+            (6, 6, 5),
+        ] {
             let mut count = vec![0; n];
             for w in windows(n, spec(c, s)) {
                 assert!(w.end - w.begin <= c && w.score_from > w.begin);

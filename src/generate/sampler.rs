@@ -106,7 +106,10 @@ impl Sampler {
 fn apply_min_p(probs: &mut [f32], min_p: f32) {
     let top = probs.iter().copied().fold(0.0f32, f32::max);
     let floor = top * min_p;
-    probs.iter_mut().filter(|p| **p < floor).for_each(|p| *p = 0.0);
+    probs
+        .iter_mut()
+        .filter(|p| **p < floor)
+        .for_each(|p| *p = 0.0);
 }
 
 #[cfg(test)]

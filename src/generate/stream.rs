@@ -29,7 +29,9 @@ impl<'a> TextStream<'a> {
     /// Adds a token and returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> tokenizers::Result<String> {
         self.ids.push(id);
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], true)?;
         let now = self.tokenizer.decode(&self.ids[self.prefix..], true)?;
         if now.ends_with('\u{FFFD}') || now.len() <= before.len() {
             return Ok(String::new());
@@ -48,7 +50,9 @@ impl<'a> TextStream<'a> {
     /// The text still held back at the end (bytes that never completed a character decode
     /// to U+FFFD here, as decoding everything at once would give).
     pub fn finish(&mut self) -> tokenizers::Result<String> {
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read], true)?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], true)?;
         let now = self.tokenizer.decode(&self.ids[self.prefix..], true)?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
@@ -139,7 +143,10 @@ mod tests {
         let mut out = String::new();
         for id in ids {
             let piece = stream.push(id).unwrap();
-            assert!(!piece.contains('\u{FFFD}'), "partial character emitted: {piece:?}");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "partial character emitted: {piece:?}"
+            );
             out.push_str(&piece);
         }
         assert_eq!(out, text);
@@ -152,7 +159,10 @@ mod tests {
         }
         assert_eq!(out, "ok ");
         let rest = stream.finish().unwrap();
-        assert_eq!(out + &rest, tok.decode(&ids[..ids.len() - 1], true).unwrap());
+        assert_eq!(
+            out + &rest,
+            tok.decode(&ids[..ids.len() - 1], true).unwrap()
+        );
     }
 
     #[test]
