@@ -36,6 +36,12 @@ pub enum Command {
     ///
     /// Example: llmtool generate --model runs/small --prompt "# Getting started" --max-tokens 200
     Generate(GenerateArgs),
+    /// Build a token dataset from markdown, or inspect one.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Train a byte-level BPE tokenizer on the corpus.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
 }
 
 /// Compute precision for inference.
@@ -158,6 +164,60 @@ pub struct GenerateArgs {
     pub truncate: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+/// `llmtool data ...`
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Clean, deduplicate, split and tokenize the markdown under `data.roots` into token
+    /// shards plus manifest.json in `data.dataset_dir`; does nothing when already up to date.
+    ///
+    /// Example: llmtool data build configs/small.yaml --set data.chunking=section
+    Build(DataBuildArgs),
+    /// Summarize a built dataset: documents, tokens, length histogram, duplicates, skipped files.
+    ///
+    /// Example: llmtool data stats runs/small/dataset
+    Stats(DataStatsArgs),
+}
+
+/// Arguments of `data build`.
+#[derive(Debug, Args)]
+pub struct DataBuildArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Rebuild even if the manifest shows the same inputs, settings and tokenizer.
+    #[arg(long)]
+    pub force: bool,
+    /// Also write the cleaned, deduplicated documents to FILE as JSON lines (one string each).
+    #[arg(long, value_name = "FILE")]
+    pub dump_text: Option<PathBuf>,
+}
+
+/// Arguments of `data stats`.
+#[derive(Debug, Args)]
+pub struct DataStatsArgs {
+    /// A dataset directory (holding manifest.json).
+    pub dir: PathBuf,
+}
+
+/// `llmtool tokenizer ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenizerCommand {
+    /// Train a byte-level BPE (`model.vocab_size` tokens, `data.special_tokens`) on the cleaned
+    /// corpus and write a tokenizer.json that Hugging Face tokenizers/transformers load.
+    ///
+    /// Example: llmtool tokenizer train configs/small.yaml --out tokenizer.json
+    Train(TokenizerTrainArgs),
+}
+
+/// Arguments of `tokenizer train`.
+#[derive(Debug, Args)]
+pub struct TokenizerTrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Where to write tokenizer.json [default: <dataset_dir>/tokenizer.json]
+    #[arg(long, value_name = "PATH")]
+    pub out: Option<PathBuf>,
 }
 
 /// `llmtool config ...`

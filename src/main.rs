@@ -13,6 +13,8 @@ fn main() {
         Command::Config(c) => commands::config::run(c),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Data(c) => commands::data::run(c),
+        Command::Tokenizer(c) => commands::tokenizer::run(c),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

@@ -1,0 +1,329 @@
+//! Finding and reading the input files: roots walked in sorted order with include/exclude
+//! globs, each file read once, and every file that cannot be used recorded with its reason.
+
+use super::markdown;
+use super::{sha256_hex, DataError};
+use crate::config::DataSection;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// One file found under the roots.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    /// The path as the user sees it: the root joined with the path below it.
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// A file that was read (or failed to be): its hash and either its text or why it is unusable.
+#[derive(Debug)]
+pub struct Source {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// `None` when the file could not be read at all.
+    pub sha256: Option<String>,
+    pub text: Result<String, String>,
+}
+
+/// A file that contributed documents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Input {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub documents: usize,
+}
+
+/// A file left out, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// One cleaned document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub source: PathBuf,
+    /// Position among the documents of its file (sections are numbered from 0).
+    pub index: usize,
+    pub text: String,
+}
+
+impl Document {
+    /// `path#index`, how the manifest names a document.
+    pub fn name(&self) -> String {
+        format!("{}#{}", display(&self.source), self.index)
+    }
+}
+
+/// The cleaned documents of a set of files.
+#[derive(Debug, Default)]
+pub struct Corpus {
+    pub inputs: Vec<Input>,
+    pub documents: Vec<Document>,
+    pub skipped: Vec<Skipped>,
+    /// Documents dropped for being shorter than `data.min_chars`.
+    pub short_documents: usize,
+}
+
+/// Cleans the markdown files under `paths` (files or folders, filtered by the include and
+/// exclude globs of `data`) into documents, without deduplicating or tokenizing them.
+pub fn clean_documents(paths: &[PathBuf], data: &DataSection) -> Result<Corpus, DataError> {
+    let files = list_files(paths, data)?;
+    let sources = read_sources(&files, data.lossy_utf8);
+    Ok(clean_sources(sources, data, None))
+}
+
+/// A path with forward slashes, as stored in the manifest.
+pub fn display(path: &Path) -> String {
+    path.to_string_lossy().replace('\\', "/")
+}
+
+fn glob_set(patterns: &[String]) -> Result<GlobSet, DataError> {
+    let mut builder = GlobSetBuilder::new();
+    for pattern in patterns {
+        let glob = Glob::new(pattern).map_err(|e| DataError::Glob {
+            pattern: pattern.clone(),
+            message: e.kind().to_string(),
+        })?;
+        builder.add(glob);
+    }
+    builder.build().map_err(|e| DataError::Glob {
+        pattern: patterns.join(", "),
+        message: e.to_string(),
+    })
+}
+
+/// Every file under `roots` that the globs select, in sorted order, each file once even when
+/// reachable by several paths (symlinks, overlapping roots). A root that does not exist is an
+/// error; a symlink loop or an unreadable folder is skipped (it is reported when read).
+pub fn list_files(roots: &[PathBuf], data: &DataSection) -> Result<Vec<InputFile>, DataError> {
+    let include = glob_set(&data.include)?;
+    let exclude = glob_set(&data.exclude)?;
+    let mut seen = HashSet::new();
+    let mut files = Vec::new();
+    for root in roots {
+        if !root.exists() {
+            return Err(DataError::MissingRoot(root.clone()));
+        }
+        let walker = walkdir::WalkDir::new(root)
+            .follow_links(true)
+            .sort_by_file_name();
+        for entry in walker {
+            let entry = match entry {
+                Ok(entry) => entry,
+                // Loops and unreadable folders: leave them out, the walk goes on.
+                Err(_) => continue,
+            };
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let path = entry.path();
+            let relative = path.strip_prefix(root).unwrap_or(path);
+            let explicit = relative.as_os_str().is_empty();
+            let name = Path::new(entry.file_name());
+            let selected = explicit
+                || (include.is_match(relative)
+                    && !exclude.is_match(relative)
+                    && !exclude.is_match(name));
+            if !selected {
+                continue;
+            }
+            let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            if seen.insert(canonical) {
+                let bytes = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                files.push(InputFile {
+                    path: path.to_path_buf(),
+                    bytes,
+                });
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// Reads every file in parallel, hashing its bytes and deciding whether its text is usable.
+pub fn read_sources(files: &[InputFile], lossy_utf8: bool) -> Vec<Source> {
+    files
+        .par_iter()
+        .map(|file| read_source(&file.path, lossy_utf8))
+        .collect()
+}
+
+fn read_source(path: &Path, lossy_utf8: bool) -> Source {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return Source {
+                path: path.to_path_buf(),
+                bytes: 0,
+                sha256: None,
+                text: Err(format!("unreadable: {e}")),
+            }
+        }
+    };
+    Source {
+        path: path.to_path_buf(),
+        bytes: bytes.len() as u64,
+        sha256: Some(sha256_hex(&bytes)),
+        text: decode(&bytes, lossy_utf8),
+    }
+}
+
+fn decode(bytes: &[u8], lossy_utf8: bool) -> Result<String, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err("empty file".into());
+    }
+    if bytes.contains(&0) {
+        return Err("binary content (NUL bytes)".into());
+    }
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Ok(text.to_owned()),
+        Err(_) if lossy_utf8 => Ok(String::from_utf8_lossy(bytes).into_owned()),
+        Err(e) => Err(format!(
+            "not valid UTF-8 (at byte {}); set data.lossy_utf8: true to decode it with replacement characters",
+            e.valid_up_to()
+        )),
+    }
+}
+
+/// Cleans and chunks the usable sources, in parallel, keeping their order; `progress`
+/// advances by each file's bytes.
+pub fn clean_sources(
+    sources: Vec<Source>,
+    data: &DataSection,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Corpus {
+    let cleaned: Vec<_> = sources
+        .into_par_iter()
+        .map(|source| {
+            let documents = source.text.as_ref().map(|text| {
+                let cleaned = markdown::clean(text, data);
+                let documents = markdown::documents(&cleaned.markdown, data);
+                (documents, cleaned.had_front_matter)
+            });
+            let documents = documents.map_err(String::clone);
+            if let Some(bar) = progress {
+                bar.inc(source.bytes);
+            }
+            (source, documents)
+        })
+        .collect();
+    let mut corpus = Corpus::default();
+    for (source, outcome) in cleaned {
+        let path = display(&source.path);
+        let (chunks, had_front_matter) = match outcome {
+            Ok(outcome) => outcome,
+            Err(reason) => {
+                corpus.skipped.push(Skipped {
+                    path,
+                    reason,
+                    sha256: source.sha256,
+                });
+                continue;
+            }
+        };
+        let sha256 = source.sha256.unwrap_or_default();
+        if chunks.is_empty() {
+            let reason = if had_front_matter {
+                "front matter only"
+            } else {
+                "no text after cleaning"
+            };
+            corpus.skipped.push(Skipped {
+                path,
+                reason: reason.into(),
+                sha256: Some(sha256),
+            });
+            continue;
+        }
+        let (long, short): (Vec<_>, Vec<_>) = chunks
+            .into_iter()
+            .partition(|text| text.chars().count() >= data.min_chars);
+        corpus.short_documents += short.len();
+        if long.is_empty() {
+            corpus.skipped.push(Skipped {
+                path,
+                reason: format!("shorter than data.min_chars ({})", data.min_chars),
+                sha256: Some(sha256),
+            });
+            continue;
+        }
+        corpus.inputs.push(Input {
+            path,
+            bytes: source.bytes,
+            sha256,
+            documents: long.len(),
+        });
+        corpus
+            .documents
+            .extend(long.into_iter().enumerate().map(|(index, text)| Document {
+                source: source.path.clone(),
+                index,
+                text,
+            }));
+    }
+    corpus
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> DataSection {
+        DataSection {
+            exclude: vec!["LICENSE*".into()],
+            min_chars: 1,
+            ..DataSection::default()
+        }
+    }
+
+    #[test]
+    fn walks_sorted_with_globs_and_reads_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("b/c")).unwrap();
+        for name in [
+            "z.md",
+            "a.markdown",
+            "b/c/d.md",
+            "b/notes.txt",
+            "LICENSE.md",
+        ] {
+            std::fs::write(root.join(name), "# Title\n\nSome text.\n").unwrap();
+        }
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(root.join("z.md"), root.join("b/alias.md")).unwrap();
+            std::os::unix::fs::symlink(root, root.join("b/c/loop")).unwrap();
+        }
+        let roots = vec![root.to_path_buf(), root.join("z.md")];
+        let files = list_files(&roots, &data()).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| display(f.path.strip_prefix(root).unwrap()))
+            .collect();
+        // The symlink comes first in sorted order, so z.md (same file) is not read again.
+        assert_eq!(names, ["a.markdown", "b/alias.md", "b/c/d.md"]);
+    }
+
+    #[test]
+    fn missing_root_is_an_error_naming_it() {
+        let err = list_files(&[PathBuf::from("/no/such/dir")], &data()).unwrap_err();
+        assert!(err.to_string().contains("/no/such/dir"), "{err}");
+    }
+
+    #[test]
+    fn bad_bytes_get_reasons() {
+        assert!(decode(b"", false).unwrap_err().contains("empty"));
+        assert!(decode(b"a\0b", false).unwrap_err().contains("binary"));
+        assert!(decode(b"caf\xe9", false).unwrap_err().contains("UTF-8"));
+        assert_eq!(decode(b"caf\xe9", true).unwrap(), "caf\u{fffd}");
+    }
+}

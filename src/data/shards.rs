@@ -1,0 +1,299 @@
+//! The dataset on disk: packed token shards (`train-00000.bin`, `val-00000.bin`, u16 or u32
+//! little-endian) and `manifest.json`, written into a staging folder that replaces the old
+//! dataset only once complete.
+
+use super::corpus::{Input, Skipped};
+use super::dedup::Removal;
+use super::DataError;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Bumped whenever the layout or the meaning of a manifest field changes.
+pub const FORMAT_VERSION: u32 = 1;
+/// Tokens per shard file at most (256 MiB of u32, 128 MiB of u16).
+pub const SHARD_TOKENS: usize = 64 << 20;
+pub const MANIFEST: &str = "manifest.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+
+/// How token ids are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenDtype {
+    U16,
+    U32,
+}
+
+impl TokenDtype {
+    /// u16 when every id of a `vocab_size` vocabulary fits.
+    pub fn for_vocab(vocab_size: usize) -> Self {
+        if vocab_size <= 1 << 16 {
+            Self::U16
+        } else {
+            Self::U32
+        }
+    }
+
+    pub fn width(self) -> usize {
+        match self {
+            Self::U16 => 2,
+            Self::U32 => 4,
+        }
+    }
+
+    fn encode(self, tokens: &[u32]) -> Vec<u8> {
+        match self {
+            Self::U16 => tokens
+                .iter()
+                .flat_map(|&t| (t as u16).to_le_bytes())
+                .collect(),
+            Self::U32 => tokens.iter().flat_map(|&t| t.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// The tokenizer a dataset was built with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerInfo {
+    pub file: String,
+    pub sha256: String,
+    /// `trained` or the path of the `tokenizer.json` it was copied from.
+    pub source: String,
+    pub vocab_size: usize,
+    pub eos_token: String,
+    pub eos_id: u32,
+}
+
+/// One shard file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub tokens: u64,
+    pub sha256: String,
+}
+
+/// One split: its documents and the shards holding their tokens, EOS after each document.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SplitInfo {
+    pub documents: usize,
+    pub tokens: u64,
+    pub shards: Vec<ShardInfo>,
+}
+
+/// Totals over the whole build.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Counts {
+    /// Files that contributed documents.
+    pub files: usize,
+    pub skipped_files: usize,
+    pub bytes: u64,
+    /// Documents kept (after deduplication).
+    pub documents: usize,
+    pub short_documents: usize,
+    pub duplicates: usize,
+    pub chars: u64,
+    /// Tokens in both splits, EOS included.
+    pub tokens: u64,
+    pub chars_per_token: f64,
+}
+
+/// Documents whose token count (EOS excluded) lies in `[min_tokens, max_tokens]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LengthBucket {
+    pub min_tokens: u64,
+    pub max_tokens: u64,
+    pub documents: usize,
+}
+
+/// `manifest.json`: what went in, what came out, and everything needed to tell whether a
+/// rebuild would change anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// SHA-256 over the inputs' hashes, the settings and the tokenizer source: equal
+    /// fingerprints mean a rebuild would write the same bytes.
+    pub fingerprint: String,
+    pub settings: serde_json::Value,
+    pub tokenizer: TokenizerInfo,
+    pub token_dtype: TokenDtype,
+    pub counts: Counts,
+    pub train: SplitInfo,
+    pub val: SplitInfo,
+    pub length_histogram: Vec<LengthBucket>,
+    pub inputs: Vec<Input>,
+    pub skipped: Vec<Skipped>,
+    pub duplicates: Vec<Removal>,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self, DataError> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| DataError::Manifest {
+            path,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Power-of-two buckets of document lengths in tokens.
+pub fn length_histogram(lengths: impl IntoIterator<Item = u64>) -> Vec<LengthBucket> {
+    let mut counts: Vec<usize> = Vec::new();
+    for len in lengths {
+        let bucket = (u64::BITS - len.leading_zeros()) as usize;
+        if counts.len() <= bucket {
+            counts.resize(bucket + 1, 0);
+        }
+        counts[bucket] += 1;
+    }
+    counts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, n)| *n > 0)
+        .map(|(bucket, documents)| LengthBucket {
+            min_tokens: if bucket == 0 { 0 } else { 1 << (bucket - 1) },
+            max_tokens: if bucket == 0 { 0 } else { (1 << bucket) - 1 },
+            documents,
+        })
+        .collect()
+}
+
+/// A dataset being written in a staging folder next to its destination.
+pub struct Staging {
+    dir: tempfile::TempDir,
+    dest: PathBuf,
+}
+
+impl Staging {
+    /// Starts a dataset at `dest`. An existing folder there must be a dataset (or hold only
+    /// a `tokenizer.json`): anything else is not overwritten.
+    pub fn new(dest: &Path) -> Result<Self, DataError> {
+        check_replaceable(dest)?;
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
+        let dir = tempfile::Builder::new()
+            .prefix(".dataset-staging-")
+            .tempdir_in(&parent)
+            .map_err(|e| DataError::io(&parent, e))?;
+        Ok(Self {
+            dir,
+            dest: dest.to_path_buf(),
+        })
+    }
+
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), DataError> {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))
+    }
+
+    /// Writes `tokens` as shards named `{split}-NNNNN.bin`.
+    pub fn write_split(
+        &self,
+        split: &str,
+        tokens: &[u32],
+        dtype: TokenDtype,
+        documents: usize,
+    ) -> Result<SplitInfo, DataError> {
+        let mut shards = Vec::new();
+        for (i, chunk) in tokens.chunks(SHARD_TOKENS).enumerate() {
+            let file = format!("{split}-{i:05}.bin");
+            let bytes = dtype.encode(chunk);
+            self.write(&file, &bytes)?;
+            shards.push(ShardInfo {
+                file,
+                tokens: chunk.len() as u64,
+                sha256: super::sha256_hex(&bytes),
+            });
+        }
+        Ok(SplitInfo {
+            documents,
+            tokens: tokens.len() as u64,
+            shards,
+        })
+    }
+
+    /// Moves the finished dataset into place, replacing the old one.
+    pub fn commit(self) -> Result<(), DataError> {
+        let staged = self.dir.keep();
+        let dest = &self.dest;
+        let old = dest.with_file_name(format!(
+            ".{}.old-{}",
+            dest.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let replacing = dest.exists();
+        if replacing {
+            std::fs::rename(dest, &old).map_err(|e| DataError::io(dest, e))?;
+        }
+        if let Err(e) = std::fs::rename(&staged, dest) {
+            if replacing {
+                let _ = std::fs::rename(&old, dest);
+            }
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(DataError::io(dest, e));
+        }
+        if replacing {
+            std::fs::remove_dir_all(&old).map_err(|e| DataError::io(&old, e))?;
+        }
+        Ok(())
+    }
+}
+
+fn check_replaceable(dest: &Path) -> Result<(), DataError> {
+    let Ok(entries) = std::fs::read_dir(dest) else {
+        return Ok(());
+    };
+    let names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() || names.iter().any(|n| n == MANIFEST) || names == [TOKENIZER] {
+        Ok(())
+    } else {
+        Err(DataError::Output {
+            path: dest.to_path_buf(),
+            message:
+                "exists and is not a dataset (no manifest.json); remove it or set data.dataset_dir"
+                    .into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_follows_vocab_size() {
+        assert_eq!(TokenDtype::for_vocab(16384), TokenDtype::U16);
+        assert_eq!(TokenDtype::for_vocab(65536), TokenDtype::U16);
+        assert_eq!(TokenDtype::for_vocab(65537), TokenDtype::U32);
+        assert_eq!(TokenDtype::U16.encode(&[1, 65535]), [1, 0, 255, 255]);
+        assert_eq!(TokenDtype::U32.encode(&[70000]), 70000u32.to_le_bytes());
+    }
+
+    #[test]
+    fn histogram_buckets_are_powers_of_two() {
+        let h = length_histogram([0, 1, 3, 4, 100]);
+        let spans: Vec<_> = h
+            .iter()
+            .map(|b| (b.min_tokens, b.max_tokens, b.documents))
+            .collect();
+        assert_eq!(
+            spans,
+            [(0, 0, 1), (1, 1, 1), (2, 3, 1), (4, 7, 1), (64, 127, 1)]
+        );
+    }
+
+    #[test]
+    fn refuses_to_replace_a_folder_that_is_not_a_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.md"), "mine").unwrap();
+        assert!(Staging::new(dir.path()).is_err());
+    }
+}
