@@ -86,9 +86,16 @@ pub struct EvalArgs {
     /// A PEFT LoRA adapter (repeatable): each model is scored bare and with each adapter.
     #[arg(long = "adapter", value_name = "DIR")]
     pub adapters: Vec<PathBuf>,
-    /// Files or folders to score: .md/.markdown (cleaned like the data pipeline) and .txt (as is).
-    #[arg(long = "data", required = true, num_args = 1.., value_name = "PATH")]
+    /// Files or folders to score: .md/.markdown (cleaned like the data pipeline, with the
+    /// config's `data` settings) and .txt (as is).
+    #[arg(long = "data", num_args = 1.., value_name = "PATH", required_unless_present = "dataset", conflicts_with = "dataset")]
     pub data: Vec<PathBuf>,
+    /// A dataset built by `llmtool data build` (its tokenizer must be the model's).
+    #[arg(long, value_name = "DIR")]
+    pub dataset: Option<PathBuf>,
+    /// The dataset split to score.
+    #[arg(long, default_value = "val", value_parser = ["val", "train"], requires = "dataset")]
+    pub split: String,
     /// Window length in tokens [default: eval.context, else the model's context].
     #[arg(long)]
     pub context: Option<usize>,

@@ -122,3 +122,69 @@ fn bad_input_is_one_clear_line() {
     let err = one_error_line(&["--model", path(dir.path()), "--data", text]);
     assert!(err.contains("tokenizer.json"), "{err}");
 }
+
+#[test]
+fn markdown_is_cleaned_like_the_data_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = "The river and the hill are near the town, and the people walk home.";
+    let md = "The river and the [hill](https://example.org/hill) are near the town, and the people walk home.\n";
+    std::fs::write(dir.path().join("a.txt"), plain).unwrap();
+    std::fs::write(dir.path().join("b.md"), md).unwrap();
+    let model = fixture("tiny-llama");
+    let rows = eval_json(&[
+        "--model",
+        path(&model),
+        "--data",
+        path(dir.path()),
+        "--per-file",
+    ]);
+    let files = rows[0]["files"].as_array().unwrap();
+    assert_eq!(files[0]["metrics"], files[1]["metrics"]);
+}
+
+#[test]
+fn a_built_dataset_split_is_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let notes = dir.path().join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    let text = std::fs::read_to_string(fixture("tiny-llama/eval.txt")).unwrap();
+    for (i, cut) in [400, 300, 200, 250].iter().enumerate() {
+        std::fs::write(
+            notes.join(format!("n{i}.md")),
+            &text[..(*cut).min(text.len())],
+        )
+        .unwrap();
+    }
+    let config = format!(
+        "model:\n  vocab_size: 320\ndata:\n  roots: [{}]\n  tokenizer: {}\n  dataset_dir: {}\n  dedup: none\n  val_fraction: 0.5\n",
+        path(&notes),
+        path(&fixture("tokenizer.json")),
+        path(&dir.path().join("ds")),
+    );
+    let config_path = dir.path().join("config.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    llmtool()
+        .args(["data", "build", path(&config_path)])
+        .assert()
+        .success();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("ds/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let model = fixture("tiny-llama");
+    let ds = dir.path().join("ds");
+    let info = &manifest["train"];
+    let rows = eval_json(&[
+        "--model",
+        path(&model),
+        "--dataset",
+        path(&ds),
+        "--split",
+        "train",
+    ]);
+    // Every token but the first of each document is scored (each ends with its EOS).
+    let want = info["tokens"].as_u64().unwrap() - info["documents"].as_u64().unwrap();
+    assert!(want > 0);
+    assert_eq!(rows[0]["metrics"]["tokens"].as_u64().unwrap(), want);
+    assert!(rows[0]["metrics"]["bits_per_byte"].as_f64().unwrap() > 0.0);
+}

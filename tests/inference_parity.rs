@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::{fixture, json};
-use llmtool::eval::{Document, Evaluator, Tally, WindowSpec};
+use llmtool::eval::{tokenize, Document, Evaluator, Tally, WindowSpec};
 use llmtool::generate::{GenerationSettings, SamplingParams, Session};
 use llmtool::model::{self, LoadedModel};
 
@@ -22,12 +22,14 @@ fn eval_text() -> Vec<Document> {
 fn nll(loaded: &LoadedModel, context: usize, stride: usize, batch_size: usize) -> (f64, u64) {
     let evaluator = Evaluator {
         model: &loaded.model,
-        tokenizer: &loaded.tokenizer,
         spec: WindowSpec::new(context, stride, 128).unwrap(),
         batch_size,
     };
     let mut total = Tally::default();
-    for score in evaluator.evaluate(&eval_text(), |_| {}).unwrap() {
+    for score in evaluator
+        .evaluate(&tokenize(&loaded.tokenizer, &eval_text()).unwrap(), |_| {})
+        .unwrap()
+    {
         total.merge(&score.tally);
     }
     let m = total.metrics().unwrap();

@@ -2,7 +2,11 @@
 
 use super::runtime::{load_model, Runtime};
 use crate::cli::EvalArgs;
-use crate::eval::{read_documents, Document, Evaluator, Metrics, Tally, WindowSpec};
+use crate::eval::{
+    dataset_documents, read_documents, tokenize, Document, DocumentScore, Evaluator, Metrics,
+    Tally, TokenizedDocument, WindowSpec,
+};
+use crate::model::LoadedModel;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -31,7 +35,10 @@ struct FileRow {
 /// Runs `llmtool eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
     let runtime = Runtime::open(&args.runtime)?;
-    let documents = read_documents(&args.data)?;
+    let documents = match &args.dataset {
+        Some(_) => Vec::new(),
+        None => read_documents(&args.data, &runtime.config.data)?,
+    };
     let adapters: Vec<Option<&Path>> = std::iter::once(None)
         .chain(args.adapters.iter().map(|a| Some(a.as_path())))
         .collect();
@@ -63,9 +70,9 @@ fn score(
     let stride = args.stride.or(settings.stride).unwrap_or(context / 2);
     let spec = WindowSpec::new(context, stride, max_context)
         .with_context(|| format!("--context/--stride for {}", model.display()))?;
+    let tokenized = inputs(args, &loaded, documents, model)?;
     let evaluator = Evaluator {
         model: &loaded.model,
-        tokenizer: &loaded.tokenizer,
         spec,
         batch_size: args.batch_size.unwrap_or(settings.batch_size).max(1),
     };
@@ -73,7 +80,7 @@ fn score(
     bar.set_message(label(model, adapter));
     let start = Instant::now();
     let mut tokens_run = 0usize;
-    let scores = evaluator.evaluate(documents, |p| {
+    let scores = evaluator.evaluate(&tokenized, |p| {
         bar.set_length(p.total_windows as u64);
         bar.inc(p.windows as u64);
         tokens_run += p.tokens;
@@ -83,13 +90,7 @@ fn score(
     let mut total = Tally::default();
     scores.iter().for_each(|s| total.merge(&s.tally));
     let files = if args.per_file {
-        scores
-            .iter()
-            .map(|s| FileRow {
-                file: s.name.clone(),
-                metrics: s.tally.metrics(),
-            })
-            .collect()
+        per_file(&scores)
     } else {
         Vec::new()
     };
@@ -102,6 +103,42 @@ fn score(
         tokens_per_second: tokens_run as f64 / seconds.max(1e-9),
         files,
     })
+}
+
+/// The model's view of the input: the documents tokenized with its tokenizer, or the dataset.
+fn inputs(
+    args: &EvalArgs,
+    loaded: &LoadedModel,
+    documents: &[Document],
+    model: &Path,
+) -> Result<Vec<TokenizedDocument>> {
+    Ok(match &args.dataset {
+        Some(dir) => dataset_documents(
+            dir,
+            &args.split,
+            &loaded.tokenizer,
+            &model.display().to_string(),
+        )?,
+        None => tokenize(&loaded.tokenizer, documents)?,
+    })
+}
+
+/// Document scores summed per source file, in input order.
+fn per_file(scores: &[DocumentScore]) -> Vec<FileRow> {
+    let mut files: Vec<(String, Tally)> = Vec::new();
+    for score in scores {
+        match files.last_mut() {
+            Some((name, tally)) if *name == score.name => tally.merge(&score.tally),
+            _ => files.push((score.name.clone(), score.tally)),
+        }
+    }
+    files
+        .into_iter()
+        .map(|(file, tally)| FileRow {
+            file,
+            metrics: tally.metrics(),
+        })
+        .collect()
 }
 
 fn label(model: &Path, adapter: Option<&Path>) -> String {

@@ -5,7 +5,7 @@
 mod inputs;
 mod metrics;
 
-pub use inputs::{read_documents, InputError};
+pub use inputs::{dataset_documents, read_documents, InputError};
 
 pub use metrics::{Metrics, Tally};
 
@@ -115,16 +115,45 @@ pub struct DocumentScore {
     pub tally: Tally,
 }
 
-/// A tokenized document and its windows.
-struct Prepared {
-    ids: Vec<u32>,
-    windows: Vec<Window>,
+/// A document as token ids, with the UTF-8 bytes its scored tokens (all but the first) cover.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedDocument {
+    pub name: String,
+    pub ids: Vec<u32>,
+    pub bytes: u64,
+}
+
+/// Tokenizes documents the way they are scored: no special tokens added.
+pub fn tokenize(
+    tokenizer: &tokenizers::Tokenizer,
+    documents: &[Document],
+) -> Result<Vec<TokenizedDocument>, EvalError> {
+    documents
+        .iter()
+        .map(|d| {
+            let encoding =
+                tokenizer
+                    .encode(d.text.as_str(), false)
+                    .map_err(|e| EvalError::Tokenize {
+                        name: d.name.clone(),
+                        message: e.to_string(),
+                    })?;
+            let bytes = match encoding.get_offsets() {
+                [first, _, ..] => d.text.len().saturating_sub(first.1) as u64,
+                _ => 0,
+            };
+            Ok(TokenizedDocument {
+                name: d.name.clone(),
+                ids: encoding.get_ids().to_vec(),
+                bytes,
+            })
+        })
+        .collect()
 }
 
 /// Scores documents with one model.
 pub struct Evaluator<'a> {
     pub model: &'a Llama,
-    pub tokenizer: &'a tokenizers::Tokenizer,
     pub spec: WindowSpec,
     /// Windows per forward pass.
     pub batch_size: usize,
@@ -135,31 +164,33 @@ impl Evaluator<'_> {
     /// done and the total number of windows.
     pub fn evaluate(
         &self,
-        documents: &[Document],
+        documents: &[TokenizedDocument],
         mut progress: impl FnMut(Progress),
     ) -> Result<Vec<DocumentScore>, EvalError> {
-        let prepared = self.prepare(documents)?;
         let mut scores: Vec<DocumentScore> = documents
             .iter()
-            .zip(&prepared)
-            .map(|(d, (_, bytes))| {
+            .map(|d| {
                 let mut tally = Tally::default();
-                tally.add_bytes(*bytes);
+                tally.add_bytes(d.bytes);
                 DocumentScore {
                     name: d.name.clone(),
                     tally,
                 }
             })
             .collect();
-        let jobs: Vec<(usize, Window)> = prepared
+        let jobs: Vec<(usize, Window)> = documents
             .iter()
             .enumerate()
-            .flat_map(|(d, (p, _))| p.windows.iter().map(move |w| (d, *w)))
+            .flat_map(|(i, d)| {
+                windows(d.ids.len(), self.spec)
+                    .into_iter()
+                    .map(move |w| (i, w))
+            })
             .collect();
         for batch in jobs.chunks(self.batch_size.max(1)) {
             let inputs: Vec<&[u32]> = batch
                 .iter()
-                .map(|(d, w)| &prepared[*d].0.ids[w.begin..w.end])
+                .map(|(d, w)| &documents[*d].ids[w.begin..w.end])
                 .collect();
             let nll = self.token_nlls(&inputs)?;
             for ((d, w), row) in batch.iter().zip(&nll) {
@@ -175,29 +206,6 @@ impl Evaluator<'_> {
             });
         }
         Ok(scores)
-    }
-
-    /// Tokenizes each document (no special tokens) and counts the bytes its scored tokens cover:
-    /// everything after the first token.
-    fn prepare(&self, documents: &[Document]) -> Result<Vec<(Prepared, u64)>, EvalError> {
-        documents
-            .iter()
-            .map(|d| {
-                let encoding = self.tokenizer.encode(d.text.as_str(), false).map_err(|e| {
-                    EvalError::Tokenize {
-                        name: d.name.clone(),
-                        message: e.to_string(),
-                    }
-                })?;
-                let ids = encoding.get_ids().to_vec();
-                let bytes = match encoding.get_offsets() {
-                    [first, _, ..] => d.text.len().saturating_sub(first.1) as u64,
-                    _ => 0,
-                };
-                let windows = windows(ids.len(), self.spec);
-                Ok((Prepared { ids, windows }, bytes))
-            })
-            .collect()
     }
 
     /// Runs windows (right-padded to one length) and returns, per window, the NLL of each
