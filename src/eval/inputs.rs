@@ -16,9 +16,10 @@ pub enum InputError {
     /// Nothing to score.
     #[error("no .md, .markdown or .txt files under {0}")]
     Empty(String),
-    /// The dataset could not be opened.
-    #[error(transparent)]
-    Dataset(#[from] crate::data::DataError),
+    /// The dataset could not be opened. Kept as text: `DataError`'s messages already include
+    /// their source, which an error chain would print twice.
+    #[error("cannot open the dataset {path}: {message}")]
+    Dataset { path: PathBuf, message: String },
     /// The dataset's tokens mean nothing to this model.
     #[error("{dataset} was tokenized with a different tokenizer than {model} uses; evaluate it with --data on the source files instead")]
     TokenizerMismatch { dataset: String, model: String },
@@ -106,7 +107,10 @@ pub fn dataset_documents(
     tokenizer: &tokenizers::Tokenizer,
     model: &str,
 ) -> Result<Vec<TokenizedDocument>, InputError> {
-    let dataset = Dataset::open(dir)?;
+    let dataset = Dataset::open(dir).map_err(|e| InputError::Dataset {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
     if dataset.tokenizer.get_vocab(true) != tokenizer.get_vocab(true) {
         return Err(InputError::TokenizerMismatch {
             dataset: dir.display().to_string(),
