@@ -22,9 +22,54 @@ pub struct ConfigArgs {
     pub overrides: Vec<Override>,
 }
 
+/// `llmtool train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The YAML config file (optional with --resume: the run's saved config is used).
+    pub config: Option<PathBuf>,
+    /// Override a key (repeatable): --set training.max_steps=2000
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<Override>,
+    /// Continue the run in this directory exactly where its last checkpoint left it.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+    /// Start over even if the output directory already holds a run.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// auto, cpu, cuda, cuda:N or metal (overrides training.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Save a resumable checkpoint and stop after this many steps (for time-limited jobs).
+    #[arg(long, value_name = "N")]
+    pub stop_after_steps: Option<u64>,
+}
+
+/// `llmtool finetune`.
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    pub run: TrainArgs,
+    /// Train LoRA adapters (lora.* keys) on the frozen base and write a PEFT adapter
+    /// directory; without it every weight is trained and an HF model directory is written.
+    #[arg(long)]
+    pub lora: bool,
+}
+
 /// The top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Train a model from scratch on the configured markdown.
+    ///
+    /// Example: llmtool train configs/small.yaml
+    Train(TrainArgs),
+    /// Fine-tune a pretrained Hugging Face model (model.pretrained) on the configured data.
+    ///
+    /// Example: llmtool finetune configs/lora.yaml --lora
+    Finetune(FinetuneArgs),
+    /// Parameter count and peak training memory of a config, before loading anything.
+    ///
+    /// Example: llmtool estimate configs/base.yaml --set training.grad_checkpoint=true
+    Estimate(ConfigArgs),
     /// Show or check a config file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -42,6 +87,13 @@ pub enum Command {
     /// Train a byte-level BPE tokenizer on the corpus.
     #[command(subcommand)]
     Tokenizer(TokenizerCommand),
+    /// Fold a LoRA adapter into its base model and write a plain Hugging Face model directory.
+    ///
+    /// The sum `W + scale * B A` is computed in f32; the result loads in llmtool and in
+    /// transformers without PEFT.
+    ///
+    /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora --out runs/merged
+    Merge(MergeArgs),
 }
 
 /// Compute precision for inference.
@@ -225,6 +277,23 @@ pub struct TokenizerTrainArgs {
     /// Where to write tokenizer.json [default: <dataset_dir>/tokenizer.json]
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+}
+
+/// `llmtool merge` arguments.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The base model: a Hugging Face model directory or a hub id (owner/name).
+    #[arg(long, value_name = "DIR|ID")]
+    pub model: String,
+    /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Where to write the merged model directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Replace --out if it already exists and is not empty.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `llmtool config ...`

@@ -8,9 +8,11 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod generate;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod progress;
+pub mod train;
 
 /// Exit status for interrupted runs (128 + SIGINT), as shells report Ctrl-C.
 pub const EXIT_INTERRUPTED: i32 = 130;

@@ -13,8 +13,12 @@ fn main() {
         Command::Config(c) => commands::config::run(c),
         Command::Eval(a) => commands::eval::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Train(args) => commands::train::run(args),
+        Command::Finetune(args) => commands::finetune::run(args),
+        Command::Estimate(args) => commands::estimate::run(args),
         Command::Data(c) => commands::data::run(c),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
+        Command::Merge(args) => commands::merge::run(&args),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

@@ -5,4 +5,8 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 mod runtime;
+pub mod estimate;
+pub mod finetune;
+pub mod merge;
 pub mod tokenizer;
+pub mod train;

@@ -40,7 +40,7 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
     let start = Instant::now();
     let data = &config.data;
     let dir = data.dataset_dir(&config.output);
-    let files = corpus::list_files(&data.roots, data)?;
+    let (files, unwalkable) = corpus::list_files(&data.roots, data)?;
     let sources = corpus::read_sources(&files, data.lossy_utf8);
     let bytes_read = sources.iter().map(|s| s.bytes).sum();
     let tokenizer_file = match &data.tokenizer {
@@ -65,7 +65,8 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
 
     let bar = crate::progress::bytes_bar(bytes_read);
     bar.set_message(format!("cleaning {} files", sources.len()));
-    let corpus = corpus::clean_sources(sources, data, Some(&bar));
+    let mut corpus = corpus::clean_sources(sources, data, Some(&bar));
+    corpus.skipped.splice(0..0, unwalkable);
     if corpus.documents.is_empty() {
         bar.finish_and_clear();
         return Err(DataError::Empty {

@@ -73,11 +73,17 @@ pub struct Corpus {
 }
 
 /// Cleans the markdown files under `paths` (files or folders, filtered by the include and
-/// exclude globs of `data`) into documents, without deduplicating or tokenizing them.
+/// exclude globs of `data`) into documents, without deduplicating or tokenizing them; shows a
+/// progress bar on a terminal.
 pub fn clean_documents(paths: &[PathBuf], data: &DataSection) -> Result<Corpus, DataError> {
-    let files = list_files(paths, data)?;
+    let (files, unwalkable) = list_files(paths, data)?;
+    let bar = crate::progress::bytes_bar(files.iter().map(|f| f.bytes).sum());
+    bar.set_message(format!("cleaning {} files", files.len()));
     let sources = read_sources(&files, data.lossy_utf8);
-    Ok(clean_sources(sources, data, None))
+    let mut corpus = clean_sources(sources, data, Some(&bar));
+    bar.finish_and_clear();
+    corpus.skipped.splice(0..0, unwalkable);
+    Ok(corpus)
 }
 
 /// A path with forward slashes, as stored in the manifest.
@@ -101,13 +107,18 @@ fn glob_set(patterns: &[String]) -> Result<GlobSet, DataError> {
 }
 
 /// Every file under `roots` that the globs select, in sorted order, each file once even when
-/// reachable by several paths (symlinks, overlapping roots). A root that does not exist is an
-/// error; a symlink loop or an unreadable folder is skipped (it is reported when read).
-pub fn list_files(roots: &[PathBuf], data: &DataSection) -> Result<Vec<InputFile>, DataError> {
+/// reachable by several paths (symlinks, overlapping roots), and the paths the walk could not
+/// enter (symlink loops, unreadable folders) with the reason. A root that does not exist is
+/// an error.
+pub fn list_files(
+    roots: &[PathBuf],
+    data: &DataSection,
+) -> Result<(Vec<InputFile>, Vec<Skipped>), DataError> {
     let include = glob_set(&data.include)?;
     let exclude = glob_set(&data.exclude)?;
     let mut seen = HashSet::new();
     let mut files = Vec::new();
+    let mut unwalkable = Vec::new();
     for root in roots {
         if !root.exists() {
             return Err(DataError::MissingRoot(root.clone()));
@@ -118,8 +129,10 @@ pub fn list_files(roots: &[PathBuf], data: &DataSection) -> Result<Vec<InputFile
         for entry in walker {
             let entry = match entry {
                 Ok(entry) => entry,
-                // Loops and unreadable folders: leave them out, the walk goes on.
-                Err(_) => continue,
+                Err(e) => {
+                    unwalkable.push(walk_error(&e));
+                    continue;
+                }
             };
             if !entry.file_type().is_file() {
                 continue;
@@ -145,7 +158,22 @@ pub fn list_files(roots: &[PathBuf], data: &DataSection) -> Result<Vec<InputFile
             }
         }
     }
-    Ok(files)
+    Ok((files, unwalkable))
+}
+
+/// A path the walk could not enter, as a skipped entry.
+fn walk_error(e: &walkdir::Error) -> Skipped {
+    let path = e.path().map(display).unwrap_or_default();
+    let reason = match (e.loop_ancestor(), e.io_error()) {
+        (Some(ancestor), _) => format!("symlink loop (back to {})", display(ancestor)),
+        (None, Some(io)) => format!("unreadable: {io}"),
+        (None, None) => e.to_string(),
+    };
+    Skipped {
+        path,
+        reason,
+        sha256: None,
+    }
 }
 
 /// Reads every file in parallel, hashing its bytes and deciding whether its text is usable.
@@ -304,7 +332,12 @@ mod tests {
             std::os::unix::fs::symlink(root, root.join("b/c/loop")).unwrap();
         }
         let roots = vec![root.to_path_buf(), root.join("z.md")];
-        let files = list_files(&roots, &data()).unwrap();
+        let (files, unwalkable) = list_files(&roots, &data()).unwrap();
+        #[cfg(unix)]
+        assert!(
+            unwalkable[0].reason.starts_with("symlink loop"),
+            "{unwalkable:?}"
+        );
         let names: Vec<_> = files
             .iter()
             .map(|f| display(f.path.strip_prefix(root).unwrap()))

@@ -275,13 +275,16 @@ impl<'a> Editor<'a> {
         }
     }
 
+    /// Inline tags: comments always go; `<script>`/`<style>` go with everything up to their
+    /// closing tag (`run` ignores the events in between); other tags follow `data.html`.
     fn inline_html(&mut self, html: &str, range: Range<usize>) {
         let lower = html.to_ascii_lowercase();
-        if lower.starts_with("</script") || lower.starts_with("</style") {
-            if let Some(from) = self.script_from.take() {
+        let closes_hidden = lower.starts_with("</script") || lower.starts_with("</style");
+        if let Some(from) = self.script_from {
+            if closes_hidden {
+                self.script_from = None;
                 self.remove(from..range.end);
             }
-        } else if self.script_from.is_some() {
         } else if lower.starts_with("<script") || lower.starts_with("<style") {
             self.script_from = Some(range.start);
         } else if lower.starts_with("<!--") || self.data.html != HtmlBlocks::Keep {

@@ -32,8 +32,6 @@ pub enum DataError {
     },
     #[error("invalid glob pattern `{pattern}`: {message}")]
     Glob { pattern: String, message: String },
-    #[error("{}: symlink loop: {message}", path.display())]
-    Walk { path: PathBuf, message: String },
     #[error("{}: {message}", path.display())]
     Tokenizer { path: PathBuf, message: String },
     #[error("{}: invalid manifest: {message}", path.display())]

@@ -66,7 +66,9 @@ fn cache_dir() -> Result<PathBuf, ModelError> {
     var("HOME")
         .map(|home| PathBuf::from(home).join(".cache/huggingface/hub"))
         .ok_or_else(|| {
-            ModelError::Hub("cannot locate the Hugging Face cache: set HF_HOME or HF_HUB_CACHE".into())
+            ModelError::Hub(
+                "cannot locate the Hugging Face cache: set HF_HOME or HF_HUB_CACHE".into(),
+            )
         })
 }
 
@@ -76,8 +78,7 @@ fn cache_dir() -> Result<PathBuf, ModelError> {
 fn snapshot(
     mut get: impl FnMut(&str) -> Result<Option<PathBuf>, ModelError>,
 ) -> Result<PathBuf, ModelError> {
-    let need = |get: &mut dyn FnMut(&str) -> Result<Option<PathBuf>, ModelError>,
-                    file: &str| {
+    let need = |get: &mut dyn FnMut(&str) -> Result<Option<PathBuf>, ModelError>, file: &str| {
         get(file)?.ok_or_else(|| ModelError::Missing {
             path: file.into(),
             what: "a file the model needs".into(),
@@ -110,7 +111,13 @@ fn download(spec: &str, cache_dir: PathBuf) -> Result<PathBuf, ModelError> {
     if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
         builder = builder.with_endpoint(endpoint);
     }
-    let api = builder.build().map_err(|e| failed("connecting".into(), e))?;
+    // Gated models (Llama) need a token: HF_TOKEN wins over the one `huggingface-cli login` saved.
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder
+        .build()
+        .map_err(|e| failed("connecting".into(), e))?;
     let repo = api.model(spec.to_string());
     let info = repo
         .info()
@@ -153,8 +160,14 @@ mod tests {
         })
         .unwrap();
         assert_eq!(got, dir.path());
-        for shard in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
-            assert!(asked.iter().any(|a| a == shard), "{shard} not fetched: {asked:?}");
+        for shard in [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ] {
+            assert!(
+                asked.iter().any(|a| a == shard),
+                "{shard} not fetched: {asked:?}"
+            );
         }
     }
 }

@@ -106,6 +106,19 @@ pub struct Llama {
 
 impl Block {
     /// The projections with their module names inside the block (`self_attn.q_proj`, ...).
+    fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
@@ -258,7 +271,13 @@ impl Llama {
                     b.dims()
                 )));
             }
-            linear.lora = Some(LoraLayer::new(a.clone(), b.clone(), scale, dropout, id as u64));
+            linear.lora = Some(LoraLayer::new(
+                a.clone(),
+                b.clone(),
+                scale,
+                dropout,
+                id as u64,
+            ));
         }
         Ok(())
     }
@@ -266,10 +285,10 @@ impl Llama {
     /// Turns LoRA dropout on with masks drawn from `seed` (pass a new seed each step; the same
     /// seed replays the same masks, as checkpointed recomputation needs), or off with `None`
     /// (evaluation, generation).
-    pub fn set_lora_dropout_seed(&mut self, seed: Option<u64>) {
-        for block in &mut self.layers {
-            for (_, linear) in block.linears_mut() {
-                if let Some(lora) = &mut linear.lora {
+    pub fn set_lora_dropout_seed(&self, seed: Option<u64>) {
+        for block in &self.layers {
+            for linear in block.linears() {
+                if let Some(lora) = &linear.lora {
                     lora.set_dropout_seed(seed);
                 }
             }

@@ -12,6 +12,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The prefix PEFT puts before a module path in adapter tensor names.
 const PEFT_PREFIX: &str = "base_model.model.";
@@ -29,9 +31,13 @@ pub struct LoraLayer {
     pub dropout: f64,
     /// Distinguishes this layer's dropout mask from the others' in the same step.
     id: u64,
-    /// `None`: no dropout (evaluation). `Some`: the seed of this layer's mask for this step.
-    mask_seed: Option<u64>,
+    /// The seed of this layer's mask for this step, or [`NO_DROPOUT`] (evaluation). Shared
+    /// and atomic so the trainer can switch it through a shared reference to the model.
+    mask_seed: Arc<AtomicU64>,
 }
+
+/// `mask_seed` value meaning dropout is off.
+const NO_DROPOUT: u64 = u64::MAX;
 
 impl LoraLayer {
     /// A layer with dropout off until [`LoraLayer::set_dropout_seed`] turns it on.
@@ -42,20 +48,23 @@ impl LoraLayer {
             scale,
             dropout,
             id,
-            mask_seed: None,
+            mask_seed: Arc::new(AtomicU64::new(NO_DROPOUT)),
         }
     }
 
     /// Turns dropout on with masks drawn from `seed` (mixed with this layer's id), or off.
     /// The same seed gives the same mask, so a recomputed forward (checkpointing) matches.
-    pub fn set_dropout_seed(&mut self, seed: Option<u64>) {
-        self.mask_seed = seed.map(|s| splitmix64(s ^ splitmix64(self.id)));
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        let mixed = seed.map_or(NO_DROPOUT, |s| {
+            splitmix64(s ^ splitmix64(self.id)).min(NO_DROPOUT - 1)
+        });
+        self.mask_seed.store(mixed, Ordering::Relaxed);
     }
 
     /// The update `scale * dropout(x) @ A^T @ B^T`, computed in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let x = match self.mask_seed {
-            Some(seed) if self.dropout > 0.0 => {
+        let x = match self.mask_seed.load(Ordering::Relaxed) {
+            seed if seed != NO_DROPOUT && self.dropout > 0.0 => {
                 let mask = dropout_mask(x.dims(), self.dropout, seed, x.device())?;
                 x.mul(&mask.to_dtype(x.dtype())?)?
             }
@@ -67,14 +76,27 @@ impl LoraLayer {
     }
 }
 
-/// An inverted-dropout mask of `shape`: 0 with probability `p`, else `1 / (1 - p)`. Drawn on
-/// the host from a seeded generator so that it is reproducible on every backend.
+/// An inverted-dropout mask of `shape`: 0 with probability `p`, else `1 / (1 - p)`, the same
+/// for the same seed. On the CPU it is drawn from a seeded host generator; on a GPU from the
+/// device generator reseeded with `seed` (drawing activation-sized masks on the host and
+/// copying them over would cost more than the step itself). Masks differ between backends.
 fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> Result<Tensor> {
+    let keep = 1.0 / (1.0 - p);
+    if !device.is_cpu() {
+        device.set_seed(seed)?;
+        let uniform = Tensor::rand(0f32, 1f32, shape, device)?;
+        return uniform.ge(p)?.to_dtype(DType::F32)? * keep;
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let keep = (1.0 / (1.0 - p)) as f32;
     let n = shape.iter().product();
     let values: Vec<f32> = (0..n)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .map(|_| {
+            if rng.random::<f64>() < p {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
         .collect();
     Tensor::from_vec(values, shape, device)
 }
@@ -197,7 +219,10 @@ impl AdapterConfig {
         let unsupported = [
             (self.peft_type != "LORA", "peft_type is not LORA"),
             (self.use_dora, "use_dora (DoRA) is not supported"),
-            (self.bias != "none", "bias other than \"none\" is not supported"),
+            (
+                self.bias != "none",
+                "bias other than \"none\" is not supported",
+            ),
             (self.fan_in_fan_out, "fan_in_fan_out is not supported"),
             (
                 self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()),
@@ -338,12 +363,11 @@ impl Adapter {
             });
         }
         let weights = Weights::read(std::slice::from_ref(&path), dtype, device)?;
-        let modules = collect_modules(&weights, cfg, config.r).map_err(|message| {
-            ModelError::Adapter {
+        let modules =
+            collect_modules(&weights, cfg, config.r).map_err(|message| ModelError::Adapter {
                 path: path.clone(),
                 message,
-            }
-        })?;
+            })?;
         Ok(Self { config, modules })
     }
 
@@ -437,7 +461,9 @@ fn collect_modules(
             format!("tensor {name} adapts {module}, which the base model does not have: the adapter was made for another model")
         })?;
         let expected = if is_a { [r, inp] } else { [out, r] };
-        let t = weights.maybe(name).ok_or_else(|| format!("tensor {name} is unreadable"))?;
+        let t = weights
+            .maybe(name)
+            .ok_or_else(|| format!("tensor {name} is unreadable"))?;
         if t.dims() != expected {
             return Err(format!(
                 "tensor {name} has shape {:?}, the base model (and r = {r}) needs {expected:?}: the adapter was made for another model",
@@ -451,23 +477,30 @@ fn collect_modules(
             slot.1 = Some(t);
         }
     }
-    if parts.is_empty() {
-        return Err("holds no lora_A/lora_B tensors".into());
-    }
-    let modules: BTreeMap<_, _> = parts
-        .into_iter()
-        .map(|(module, pair)| match pair {
-            (Some(a), Some(b)) => Ok((module, (a, b))),
-            (None, _) => Err(format!("{PEFT_PREFIX}{module}.lora_A.weight is missing")),
-            (_, None) => Err(format!("{PEFT_PREFIX}{module}.lora_B.weight is missing")),
-        })
-        .collect::<std::result::Result<_, String>>()?;
+    let modules = pair_up(parts)?;
     let with_shapes: Vec<_> = modules
         .keys()
         .map(|p| (p.clone(), shapes[p].0, shapes[p].1))
         .collect();
     check_rank(r, &with_shapes)?;
     Ok(modules)
+}
+
+/// The `(A, B)` of each module, failing when one of the two is missing.
+fn pair_up(
+    parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)>,
+) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, String> {
+    if parts.is_empty() {
+        return Err("holds no lora_A/lora_B tensors".into());
+    }
+    parts
+        .into_iter()
+        .map(|(module, pair)| match pair {
+            (Some(a), Some(b)) => Ok((module, (a, b))),
+            (None, _) => Err(format!("{PEFT_PREFIX}{module}.lora_A.weight is missing")),
+            (_, None) => Err(format!("{PEFT_PREFIX}{module}.lora_B.weight is missing")),
+        })
+        .collect()
 }
 
 /// Splits a PEFT key into its module path and whether it is A (true) or B.
@@ -479,7 +512,9 @@ fn parse_key(name: &str) -> std::result::Result<(&str, bool), String> {
             .or_else(|| rest.strip_suffix(".lora_B.weight").map(|m| (m, false)))
     });
     parsed.ok_or_else(|| {
-        format!("unexpected tensor {name}: only lora_A/lora_B weights of the projections are supported")
+        format!(
+            "unexpected tensor {name}: only lora_A/lora_B weights of the projections are supported"
+        )
     })
 }
 
@@ -517,15 +552,51 @@ fn check_base(
 /// The first architectural field where `named` (the adapter's base) and `given` differ.
 fn config_difference(named: &LlamaConfig, given: &LlamaConfig) -> Option<String> {
     let fields = [
-        ("architectures", format!("{:?}", named.architectures), format!("{:?}", given.architectures)),
-        ("hidden_size", named.hidden_size.to_string(), given.hidden_size.to_string()),
-        ("intermediate_size", named.intermediate_size.to_string(), given.intermediate_size.to_string()),
-        ("num_hidden_layers", named.num_hidden_layers.to_string(), given.num_hidden_layers.to_string()),
-        ("num_attention_heads", named.num_attention_heads.to_string(), given.num_attention_heads.to_string()),
-        ("num_key_value_heads", named.kv_heads().to_string(), given.kv_heads().to_string()),
-        ("vocab_size", named.vocab_size.to_string(), given.vocab_size.to_string()),
-        ("tie_word_embeddings", named.tie_word_embeddings.to_string(), given.tie_word_embeddings.to_string()),
-        ("rope_theta", named.theta().to_string(), given.theta().to_string()),
+        (
+            "architectures",
+            format!("{:?}", named.architectures),
+            format!("{:?}", given.architectures),
+        ),
+        (
+            "hidden_size",
+            named.hidden_size.to_string(),
+            given.hidden_size.to_string(),
+        ),
+        (
+            "intermediate_size",
+            named.intermediate_size.to_string(),
+            given.intermediate_size.to_string(),
+        ),
+        (
+            "num_hidden_layers",
+            named.num_hidden_layers.to_string(),
+            given.num_hidden_layers.to_string(),
+        ),
+        (
+            "num_attention_heads",
+            named.num_attention_heads.to_string(),
+            given.num_attention_heads.to_string(),
+        ),
+        (
+            "num_key_value_heads",
+            named.kv_heads().to_string(),
+            given.kv_heads().to_string(),
+        ),
+        (
+            "vocab_size",
+            named.vocab_size.to_string(),
+            given.vocab_size.to_string(),
+        ),
+        (
+            "tie_word_embeddings",
+            named.tie_word_embeddings.to_string(),
+            given.tie_word_embeddings.to_string(),
+        ),
+        (
+            "rope_theta",
+            named.theta().to_string(),
+            given.theta().to_string(),
+        ),
     ];
     fields
         .into_iter()
@@ -563,4 +634,47 @@ pub fn merge(
         )));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_mask_drops_about_p_and_keeps_the_mean() {
+        let mask = dropout_mask(&[100, 100], 0.25, 9, &Device::Cpu).unwrap();
+        let values = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dropped = values.iter().filter(|v| **v == 0.0).count() as f64 / 1e4;
+        let mean = values.iter().map(|v| *v as f64).sum::<f64>() / 1e4;
+        assert!((dropped - 0.25).abs() < 0.02, "dropped {dropped}");
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        let again = dropout_mask(&[100, 100], 0.25, 9, &Device::Cpu).unwrap();
+        assert_eq!(
+            values,
+            again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn targets_expand_short_names_and_all_linear() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            expand_targets(&names(&["v", "q_proj", "q"])).unwrap(),
+            ["q_proj", "v_proj"]
+        );
+        assert_eq!(expand_targets(&names(&["all-linear"])).unwrap().len(), 7);
+        assert!(expand_targets(&names(&["c_attn"])).is_err());
+    }
+
+    #[test]
+    fn alpha_is_written_like_peft() {
+        let mut config = AdapterConfig::new(&LoraSection::default(), &["q_proj"]);
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["lora_alpha"], serde_json::json!(16));
+        config.lora_alpha = 2.5;
+        assert_eq!(serde_json::to_value(&config).unwrap()["lora_alpha"], 2.5);
+        config.use_rslora = true;
+        config.r = 4;
+        assert_eq!(config.scale(), 1.25);
+    }
 }

@@ -1,8 +1,8 @@
 //! Llama-family models in Hugging Face format: config, weights, forward pass, files.
 
 pub mod config;
-pub mod io;
 pub mod hub;
+pub mod io;
 pub mod llama;
 pub mod lora;
 pub mod rope;

@@ -152,6 +152,15 @@ impl Weights {
 /// Writes `tensors` as a safetensors file with `{"format": "pt"}` metadata (which transformers
 /// requires), through a temporary file renamed into place.
 pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(), ModelError> {
+    save_safetensors_with_metadata(tensors, path, HashMap::new())
+}
+
+/// [`save_safetensors`] with extra header metadata.
+pub fn save_safetensors_with_metadata(
+    tensors: &[(String, Tensor)],
+    path: &Path,
+    mut metadata: HashMap<String, String>,
+) -> Result<(), ModelError> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -160,7 +169,7 @@ pub fn save_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<(),
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
         .collect::<candle_core::Result<_>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    metadata.insert("format".to_string(), "pt".to_string());
     let bytes = safetensors::serialize(
         contiguous.iter().map(|(n, t)| (n.as_str(), t)),
         Some(metadata),

@@ -1,0 +1,38 @@
+//! `llmtool estimate`: parameters and peak training memory, before loading anything.
+
+use crate::cli::ConfigArgs;
+use crate::memory::{human, plan};
+use crate::model::LlamaConfig;
+use anyhow::Result;
+
+/// Runs `llmtool estimate`.
+pub fn run(args: ConfigArgs) -> Result<()> {
+    let config = super::config::load(&args)?;
+    let model = match &config.model.pretrained {
+        Some(spec) => crate::model::io::read_config(std::path::Path::new(spec))?,
+        None => LlamaConfig::from_section(&config.model, None),
+    };
+    let p = plan(&model, &config);
+    let t = &config.training;
+    println!(
+        "{}: {:.2}M parameters, batch {} x {} tokens, activations in {:?}",
+        args.config.display(),
+        p.parameters as f64 / 1e6,
+        t.batch_size,
+        t.seq_len,
+        t.dtype
+    );
+    println!("  weights (f32)              {:>10}", human(p.weights));
+    println!("  gradients (f32)            {:>10}", human(p.gradients));
+    println!("  AdamW moments (f32)        {:>10}", human(p.optimizer));
+    println!("  activations                {:>10}", human(p.activations));
+    println!(
+        "  activations, checkpointed  {:>10}",
+        human(p.activations_checkpointed)
+    );
+    println!("  peak                       {:>10}", human(p.total(false)));
+    println!("  peak, checkpointed         {:>10}", human(p.total(true)));
+    let chosen = if t.grad_checkpoint { "on" } else { "off" };
+    println!("  (training.grad_checkpoint is {chosen})");
+    Ok(())
+}

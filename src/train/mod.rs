@@ -1,0 +1,13 @@
+//! Training: the loop, AdamW, schedules, gradient checkpointing, resumable state, metrics.
+
+pub mod dataset_source;
+pub mod gradients;
+pub mod init;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod state;
+pub mod trainer;
+
+pub use gradients::Batch;
+pub use trainer::{BatchSource, TrainError, TrainOptions, TrainSummary, Trainer};

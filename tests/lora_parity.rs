@@ -1,0 +1,518 @@
+//! LoRA adapters against PEFT: adapters made by PEFT give PEFT's logits, adapters saved by
+//! llmtool have PEFT's names and shapes, one training step matches PEFT + torch AdamW, merging
+//! preserves the logits, and bad adapters fail with one clear error.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture, ids, json, llmtool, relative_error, tensors};
+use llmtool::config::LoraSection;
+use llmtool::model::{self, io, lora, Adapter, Llama, LlamaConfig, ModelError};
+use llmtool::ops;
+use std::path::Path;
+
+fn base() -> Llama {
+    model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model
+}
+
+fn with_adapter(dir: &Path) -> Llama {
+    let mut model = base();
+    let adapter = Adapter::load(dir, &model.config, DType::F32, &Device::Cpu).unwrap();
+    model.attach_adapter(&adapter).unwrap();
+    model
+}
+
+fn batch() -> Tensor {
+    ids(&tensors("tiny-llama/expected.safetensors")["input_ids"])
+}
+
+/// Mean next-token NLL over every position, as HF computes with `labels=input_ids`.
+fn loss(model: &Llama, input_ids: &Tensor) -> Tensor {
+    let (b, t) = input_ids.dims2().unwrap();
+    let logits = model
+        .forward(&input_ids.narrow(1, 0, t - 1).unwrap(), None)
+        .unwrap()
+        .reshape((b * (t - 1), ()))
+        .unwrap();
+    let targets = input_ids
+        .narrow(1, 1, t - 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let weights = Tensor::ones(b * (t - 1), DType::F32, &Device::Cpu).unwrap();
+    ops::masked_mean_nll(&logits, &targets, &weights).unwrap()
+}
+
+fn check_peft_logits(name: &str) {
+    let model = with_adapter(&fixture(name));
+    let expected = tensors(&format!("{name}/expected.safetensors"));
+    let logits = model.forward(&ids(&expected["input_ids"]), None).unwrap();
+    let err = relative_error(&logits, &expected["logits"]);
+    assert!(err < 1e-4, "{name}: logits relative error {err}");
+}
+
+#[test]
+fn peft_lora_adapter_gives_peft_logits() {
+    check_peft_logits("tiny-llama-lora");
+}
+
+#[test]
+fn peft_rslora_adapter_gives_peft_logits() {
+    check_peft_logits("tiny-llama-rslora");
+}
+
+#[test]
+fn saved_adapter_has_peft_names_shapes_and_config_and_same_logits() {
+    let cfg = base().config;
+    let original = fixture("tiny-llama-lora");
+    let adapter = Adapter::load(&original, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    adapter.save(out.path()).unwrap();
+
+    let theirs = tensors("tiny-llama-lora/adapter_model.safetensors");
+    let ours =
+        candle_core::safetensors::load(out.path().join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut names: Vec<_> = ours.keys().collect();
+    names.sort();
+    let mut want: Vec<_> = theirs.keys().collect();
+    want.sort();
+    assert_eq!(names, want);
+    for (name, t) in &ours {
+        assert_eq!(t.dims(), theirs[name].dims(), "{name}");
+        assert_eq!(t.dtype(), DType::F32);
+    }
+
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let peft = json("tiny-llama-lora/adapter_config.json");
+    for key in [
+        "peft_type",
+        "task_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "use_rslora",
+        "use_dora",
+        "bias",
+        "fan_in_fan_out",
+        "base_model_name_or_path",
+    ] {
+        assert_eq!(config[key], peft[key], "adapter_config.json {key}");
+    }
+
+    let a = with_adapter(&original).forward(&batch(), None).unwrap();
+    let b = with_adapter(out.path()).forward(&batch(), None).unwrap();
+    assert_eq!(relative_error(&a, &b), 0.0);
+}
+
+#[test]
+fn new_adapter_starts_as_the_base_model_with_peft_keys() {
+    let mut model = base();
+    let lora = LoraSection {
+        target_modules: vec!["q".into(), "v_proj".into()],
+        ..LoraSection::default()
+    };
+    let adapter = Adapter::init(&lora, &model.config, 1, &Device::Cpu).unwrap();
+    let vars = adapter.vars();
+    assert_eq!(vars.len(), 2 * 2 * 2);
+    assert_eq!(
+        vars[0].0,
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    );
+    let bound = 1.0 / 64f32.sqrt();
+    for (name, var) in &vars {
+        let max = var
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if name.contains("lora_B") {
+            assert_eq!(max, 0.0, "{name} starts at zero");
+        } else {
+            assert!(max > 0.0 && max <= bound, "{name}: |A| max {max}");
+        }
+    }
+    let before = model.forward(&batch(), None).unwrap();
+    model.attach_adapter(&adapter).unwrap();
+    let after = model.forward(&batch(), None).unwrap();
+    assert_eq!(relative_error(&after, &before), 0.0);
+    assert_eq!(
+        adapter.config.target_modules,
+        lora::TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
+    );
+}
+
+/// torch.optim.AdamW's first step on `p` with gradient `g`.
+fn adamw_step(p: &Tensor, g: &Tensor, step: &serde_json::Value) -> Tensor {
+    let f = |k: &str| step[k].as_f64().unwrap();
+    let (lr, eps, wd) = (f("lr"), f("eps"), f("weight_decay"));
+    let b1 = step["betas"][0].as_f64().unwrap();
+    let b2 = step["betas"][1].as_f64().unwrap();
+    let m = (g * (1.0 - b1)).unwrap();
+    let v = (g.sqr().unwrap() * (1.0 - b2)).unwrap();
+    let m_hat = (m / (1.0 - b1)).unwrap();
+    let v_hat = (v / (1.0 - b2)).unwrap();
+    let update = (m_hat / (v_hat.sqrt().unwrap() + eps).unwrap()).unwrap();
+    ((p * (1.0 - lr * wd)).unwrap() - (update * lr).unwrap()).unwrap()
+}
+
+#[test]
+fn one_lora_training_step_matches_peft_and_torch_adamw() {
+    let step = json("lora-step/step.json");
+    let mut model = base();
+    let adapter = Adapter::load(
+        &fixture("lora-step/init"),
+        &model.config,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_trainable()
+    .unwrap();
+    model.attach_adapter(&adapter).unwrap();
+    model.set_lora_dropout_seed(Some(0)); // lora_dropout is 0: masks must change nothing
+
+    let loss = loss(&model, &batch());
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    let want = step["loss_before"].as_f64().unwrap();
+    assert!(((got - want) / want).abs() < 1e-5, "loss {got} vs {want}");
+    let grads = loss.backward().unwrap();
+
+    for (name, weight) in model.named_parameters() {
+        assert!(grads.get(&weight).is_none(), "frozen {name} got a gradient");
+    }
+    let want_grads = tensors("lora-step/grads.safetensors");
+    let after = tensors("lora-step/after.safetensors");
+    let vars = adapter.vars();
+    assert_eq!(vars.len(), after.len());
+    for (name, var) in &vars {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let err = relative_error(g, &want_grads[&format!("grad.{name}")]);
+        assert!(err < 1e-4, "{name}: gradient relative error {err}");
+        var.set(&adamw_step(var.as_tensor(), g, &step)).unwrap();
+        let diff = (var.as_tensor() - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{name}: updated value off by {diff}");
+    }
+    model.set_lora_dropout_seed(None);
+    let got = loss_value(&model);
+    let want = step["loss_after"].as_f64().unwrap();
+    assert!(
+        ((got - want) / want).abs() < 1e-4,
+        "loss after {got} vs {want}"
+    );
+}
+
+fn loss_value(model: &Llama) -> f64 {
+    loss(model, &batch()).to_scalar::<f32>().unwrap() as f64
+}
+
+#[test]
+fn dropout_masks_are_seeded_and_off_in_eval() {
+    let mut model = base();
+    let lora = LoraSection {
+        dropout: 0.5,
+        ..LoraSection::default()
+    };
+    let adapter = Adapter::init(&lora, &model.config, 3, &Device::Cpu).unwrap();
+    for (_, var) in adapter.vars() {
+        var.set(&(var.ones_like().unwrap() * 0.1).unwrap()).unwrap();
+    }
+    model.attach_adapter(&adapter).unwrap();
+    let eval = loss_value(&model);
+    model.set_lora_dropout_seed(Some(11));
+    let first = loss_value(&model);
+    assert_eq!(first, loss_value(&model), "same seed, same masks");
+    model.set_lora_dropout_seed(Some(12));
+    assert_ne!(first, loss_value(&model), "new seed, new masks");
+    assert_ne!(first, eval);
+    model.set_lora_dropout_seed(None);
+    assert_eq!(eval, loss_value(&model));
+}
+
+#[test]
+fn merged_weights_give_the_adapter_logits() {
+    let with = with_adapter(&fixture("tiny-llama-lora"));
+    let base = base();
+    let adapter = Adapter::load(
+        &fixture("tiny-llama-lora"),
+        &base.config,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let merged = lora::merge(&base.named_parameters(), &adapter).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("merged");
+    io::save(
+        &dir,
+        &io::ModelFiles {
+            config: &base.config,
+            tensors: &merged,
+            tokenizer: &fixture("tiny-llama/tokenizer.json"),
+        },
+    )
+    .unwrap();
+    let reloaded = model::load(&dir, DType::F32, &Device::Cpu).unwrap().model;
+    let err = relative_error(
+        &reloaded.forward(&batch(), None).unwrap(),
+        &with.forward(&batch(), None).unwrap(),
+    );
+    assert!(err < 1e-5, "merged logits relative error {err}");
+}
+
+/// A copy of the `tiny-llama-lora` adapter with `edit` applied to its config.
+fn edited_adapter(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = json("tiny-llama-lora/adapter_config.json");
+    edit(&mut config);
+    std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        fixture("tiny-llama-lora/adapter_model.safetensors"),
+        dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    dir
+}
+
+fn load_error(dir: &Path, cfg: &LlamaConfig) -> String {
+    let err: ModelError = Adapter::load(dir, cfg, DType::F32, &Device::Cpu).unwrap_err();
+    let message = err.to_string();
+    assert_eq!(message.lines().count(), 1, "one line: {message}");
+    message
+}
+
+#[test]
+fn adapter_for_another_shape_is_refused_naming_file_and_key() {
+    let mut cfg = base().config;
+    cfg.intermediate_size = 96;
+    // Without a base name to compare, the tensor shapes are what catches it.
+    let dir = edited_adapter(|c| c["base_model_name_or_path"] = serde_json::Value::Null);
+    let message = load_error(dir.path(), &cfg);
+    assert!(message.contains("adapter_model.safetensors"), "{message}");
+    assert!(message.contains("mlp."), "{message}");
+    assert!(message.contains("another model"), "{message}");
+}
+
+#[test]
+fn adapter_naming_a_different_local_base_is_refused() {
+    let other = fixture("tiny-llama3").canonicalize().unwrap();
+    let dir = edited_adapter(|c| {
+        c["base_model_name_or_path"] = other.display().to_string().into();
+    });
+    let message = load_error(dir.path(), &base().config);
+    assert!(message.contains("adapter_config.json"), "{message}");
+    assert!(message.contains("base_model_name_or_path"), "{message}");
+    // A bare hub name that is not a local directory is accepted.
+    let dir = edited_adapter(|c| c["base_model_name_or_path"] = "someone/llama".into());
+    Adapter::load(dir.path(), &base().config, DType::F32, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn adapter_targeting_a_module_the_model_lacks_is_refused() {
+    let dir = edited_adapter(|c| c["target_modules"] = serde_json::json!(["c_attn"]));
+    let message = load_error(dir.path(), &base().config);
+    assert!(message.contains("\"c_attn\""), "{message}");
+    let lora = LoraSection {
+        target_modules: vec!["qkv_proj".into()],
+        ..LoraSection::default()
+    };
+    let err = Adapter::init(&lora, &base().config, 0, &Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("\"qkv_proj\""), "{err}");
+}
+
+#[test]
+fn rank_zero_or_larger_than_the_layer_is_refused() {
+    let dir = edited_adapter(|c| c["r"] = 0.into());
+    assert!(load_error(dir.path(), &base().config).contains("r is 0"));
+    let cfg = base().config;
+    for (r, needle) in [(0, "r is 0"), (33, "k_proj (32x64)")] {
+        let lora = LoraSection {
+            r,
+            ..LoraSection::default()
+        };
+        let err = Adapter::init(&lora, &cfg, 0, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains(needle), "{err}");
+    }
+    // An adapter file whose rank disagrees with its config is a shape error.
+    let dir = edited_adapter(|c| c["r"] = 8.into());
+    assert!(load_error(dir.path(), &cfg).contains("r = 8"));
+}
+
+/// A fake Hugging Face cache under `home/hub` holding `tiny-llama` as `test/tiny-llama`,
+/// optionally with its weights split into two shards and an index.
+fn fake_hub(home: &Path, sharded: bool) {
+    let repo = home.join("hub/models--test--tiny-llama");
+    let snapshot = repo.join("snapshots/abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc").unwrap();
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tiny-llama").join(file), snapshot.join(file)).unwrap();
+    }
+    if !sharded {
+        std::fs::copy(
+            fixture("tiny-llama/model.safetensors"),
+            snapshot.join("model.safetensors"),
+        )
+        .unwrap();
+        return;
+    }
+    let mut all: Vec<_> = tensors("tiny-llama/model.safetensors")
+        .into_iter()
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let half = all.len() / 2;
+    let mut map = serde_json::Map::new();
+    for (i, part) in [&all[..half], &all[half..]].into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let part: Vec<(String, Tensor)> = part.to_vec();
+        candle_core::safetensors::save(&part.iter().cloned().collect(), snapshot.join(&file))
+            .unwrap();
+        for (name, _) in part {
+            map.insert(name, file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        snapshot.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+}
+
+fn merge_from_hub(sharded: bool) {
+    let home = tempfile::tempdir().unwrap();
+    fake_hub(home.path(), sharded);
+    let out = home.path().join("merged");
+    let run = |extra: &[&str]| {
+        let mut cmd = llmtool();
+        cmd.env("HF_HOME", home.path())
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["merge", "--model", "test/tiny-llama", "--adapter"])
+            .arg(fixture("tiny-llama-lora"))
+            .arg("--out")
+            .arg(&out)
+            .args(extra);
+        cmd.assert()
+    };
+    run(&[]).success();
+    let merged = model::load(&out, DType::F32, &Device::Cpu).unwrap().model;
+    let expected = tensors("tiny-llama-lora/expected.safetensors");
+    let logits = merged.forward(&ids(&expected["input_ids"]), None).unwrap();
+    let err = relative_error(&logits, &expected["logits"]);
+    assert!(err < 1e-4, "merged logits vs PEFT: relative error {err}");
+    assert!(out.join("tokenizer_config.json").is_file());
+    run(&[])
+        .failure()
+        .stderr(predicates::str::contains("--force"));
+    run(&["--force"]).success();
+}
+
+#[test]
+fn merge_command_resolves_a_hub_id_from_the_cache() {
+    merge_from_hub(false);
+}
+
+#[test]
+fn merge_command_reads_a_sharded_hub_checkpoint() {
+    merge_from_hub(true);
+}
+
+#[test]
+fn offline_and_not_cached_says_what_to_download() {
+    let home = tempfile::tempdir().unwrap();
+    llmtool()
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["merge", "--model", "test/absent", "--adapter"])
+        .arg(fixture("tiny-llama-lora"))
+        .arg("--out")
+        .arg(home.path().join("out"))
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains(
+            "huggingface-cli download test/absent",
+        ))
+        .stderr(predicates::str::contains("HF_HUB_OFFLINE"));
+}
+
+#[test]
+fn bf16_base_stays_frozen_and_adapter_still_trains() {
+    let dir = fixture("tiny-llama");
+    let mut model = io::load_stored(&dir, DType::BF16, DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let lora = LoraSection {
+        target_modules: vec!["all-linear".into()],
+        ..LoraSection::default()
+    };
+    let adapter = Adapter::init(&lora, &model.config, 2, &Device::Cpu).unwrap();
+    model.attach_adapter(&adapter).unwrap();
+    model.set_lora_dropout_seed(Some(1));
+    let loss = loss(&model, &batch());
+    let want = json("tiny-llama/expected.json")["loss"].as_f64().unwrap();
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        ((got - want) / want).abs() < 1e-2,
+        "bf16 base loss {got} vs {want}"
+    );
+    let grads = loss.backward().unwrap();
+    for (name, weight) in model.named_parameters() {
+        assert_eq!(weight.dtype(), DType::BF16, "{name}");
+        assert!(grads.get(&weight).is_none(), "frozen {name} got a gradient");
+    }
+    for (name, var) in adapter.vars() {
+        assert!(grads.get(&var).is_some(), "{name} got no gradient");
+    }
+}
+
+#[test]
+fn adapter_with_a_missing_or_foreign_tensor_is_refused() {
+    let cfg = base().config;
+    let all = tensors("tiny-llama-lora/adapter_model.safetensors");
+    let write = |keep: &dyn Fn(&str) -> bool, extra: Option<(&str, Tensor)>| {
+        let dir = edited_adapter(|_| {});
+        let mut picked: std::collections::HashMap<String, Tensor> = all
+            .iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some((name, t)) = extra {
+            picked.insert(name.into(), t);
+        }
+        candle_core::safetensors::save(&picked, dir.path().join("adapter_model.safetensors"))
+            .unwrap();
+        load_error(dir.path(), &cfg)
+    };
+    let message = write(
+        &|k| !k.ends_with("layers.1.mlp.up_proj.lora_B.weight"),
+        None,
+    );
+    assert!(
+        message.contains("layers.1.mlp.up_proj.lora_B.weight is missing"),
+        "{message}"
+    );
+    let embedding = Tensor::zeros((4, 320), DType::F32, &Device::Cpu).unwrap();
+    let foreign = "base_model.model.model.embed_tokens.lora_embedding_A";
+    let message = write(&|_| true, Some((foreign, embedding)));
+    assert!(message.contains(foreign), "{message}");
+}

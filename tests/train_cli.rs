@@ -1,0 +1,148 @@
+//! `llmtool train` and `llmtool estimate` end to end on a tiny model and corpus.
+
+mod common;
+
+use common::llmtool;
+use predicates::prelude::*;
+use std::path::Path;
+
+const CORPUS: &str =
+    "# Notes\n\nThe quick brown fox jumps over the lazy dog. A small model learns \
+to write markdown by reading markdown.\n\n## Lists\n\n- one item\n- two items\n- three items\n";
+
+/// A temp dir with a small corpus and a tiny config training into `run`.
+fn setup(dir: &Path) -> String {
+    let corpus = dir.join("notes");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for i in 0..12 {
+        let text = format!(
+            "{CORPUS}\nNote number {i} says {}.\n",
+            "hello world ".repeat(i + 1)
+        );
+        std::fs::write(corpus.join(format!("note{i}.md")), text).unwrap();
+    }
+    let config = format!(
+        "model:\n  hidden_size: 32\n  num_hidden_layers: 2\n  num_attention_heads: 4\n  num_key_value_heads: 2\n  intermediate_size: 64\n  vocab_size: 300\n  max_position_embeddings: 64\n\
+data:\n  roots: [{}]\n  dedup: none\n  val_fraction: 0.3\n\
+training:\n  seq_len: 16\n  batch_size: 2\n  max_steps: 4\n  warmup_steps: 1\n  eval_every: 2\n  eval_batches: 2\n  save_every: 2\n  log_every: 1\n\
+output:\n  dir: {}\n",
+        corpus.display(),
+        dir.join("run").display()
+    );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, config).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn trains_writes_a_loadable_model_and_guards_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    llmtool()
+        .args(["train", &config])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("training finished"))
+        .stdout(predicate::str::contains("steps        4 / 4"));
+    let run = dir.path().join("run");
+    for f in [
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.svg",
+        "training_state.safetensors",
+        "model/model.safetensors",
+        "best/config.json",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let loaded = llmtool::model::load(
+        &run.join("model"),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(loaded.model.config.num_hidden_layers, 2);
+    llmtool()
+        .args(["train", &config])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("already holds a run"))
+        .stderr(predicate::str::contains("--resume"));
+    let before = std::fs::read(run.join("training_state.safetensors")).unwrap();
+    assert_eq!(
+        before,
+        std::fs::read(run.join("training_state.safetensors")).unwrap(),
+        "refused run wrote nothing"
+    );
+}
+
+#[test]
+fn paused_run_resumes_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    llmtool()
+        .args(["train", &config, "--stop-after-steps", "2"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("training paused"))
+        .stdout(predicate::str::contains("resume with"));
+    let run = dir.path().join("run");
+    llmtool()
+        .args(["train", "--resume", run.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("steps        4 / 4"));
+    // A config that changes the model cannot resume this run.
+    llmtool()
+        .args([
+            "train",
+            &config,
+            "--resume",
+            run.to_str().unwrap(),
+            "--set",
+            "model.hidden_size=64",
+        ])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("model.*"));
+    // Nothing to resume.
+    llmtool()
+        .args([
+            "train",
+            "--resume",
+            dir.path().join("nowhere").to_str().unwrap(),
+        ])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("does not hold a run to resume"));
+}
+
+#[test]
+fn corrupt_state_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    llmtool()
+        .args(["train", &config, "--stop-after-steps", "2"])
+        .assert()
+        .success();
+    let run = dir.path().join("run");
+    std::fs::write(run.join("training_state.safetensors"), b"garbage").unwrap();
+    llmtool()
+        .args(["train", "--resume", run.to_str().unwrap()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "training_state.safetensors: not a valid safetensors file",
+        ));
+}
+
+#[test]
+fn estimate_splits_memory() {
+    llmtool()
+        .args(["estimate", "configs/small.yaml"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("parameters"))
+        .stdout(predicate::str::contains("AdamW moments"))
+        .stdout(predicate::str::contains("peak, checkpointed"));
+}
