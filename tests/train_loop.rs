@@ -93,6 +93,7 @@ fn train(c: &Config, dir: &Path, opts: &TrainOptions) -> llmtool::train::TrainSu
         vars,
         run_dir: dir.to_path_buf(),
         save_artifact: &save,
+        artifact: "model",
     };
     trainer
         .run(&Repeated::new(c.training.seq_len), opts)

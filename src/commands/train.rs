@@ -11,7 +11,7 @@ use crate::train::trainer::SaveArtifact;
 use crate::train::{init, TrainError, TrainOptions, TrainSummary, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -276,7 +276,7 @@ fn incompatible_keys(saved: &Config, given: &Config) -> Vec<String> {
 }
 
 /// Refuses to overwrite an existing run unless resuming or forced.
-fn guard_run_dir(dir: &PathBuf, resume: bool, force: bool) -> Result<()> {
+fn guard_run_dir(dir: &Path, resume: bool, force: bool) -> Result<()> {
     let holds_run =
         dir.join(RUN_CONFIG).exists() || dir.join(crate::train::state::STATE_FILE).exists();
     if holds_run && !resume && !force {
