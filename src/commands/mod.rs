@@ -2,11 +2,11 @@
 
 pub mod config;
 pub mod data;
-pub mod eval;
-pub mod generate;
-mod runtime;
 pub mod estimate;
+pub mod eval;
 pub mod finetune;
+pub mod generate;
 pub mod merge;
+mod runtime;
 pub mod tokenizer;
 pub mod train;
