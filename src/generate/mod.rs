@@ -243,3 +243,24 @@ impl<'a> Session<'a> {
         Ok(logits.i((0, ids.len() - 1))?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eos_comes_from_generation_config_then_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama");
+        let mut config = crate::model::io::read_config(&fixture).unwrap();
+        config.eos_token_id = Some(crate::model::config::TokenIds::One(5));
+        assert_eq!(eos_ids(dir.path(), &config), [5]);
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [1, 2]}"#,
+        )
+        .unwrap();
+        assert_eq!(eos_ids(dir.path(), &config), [1, 2]);
+        assert_eq!(keep_tail(&[1, 2, 3], 2), [2, 3]);
+    }
+}
