@@ -73,6 +73,14 @@ pub enum Command {
     /// Show or check a config file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Measure perplexity and bits per byte of one or more models on text.
+    ///
+    /// Example: llmtool eval --model runs/small --adapter runs/lora --data notes/ --per-file
+    Eval(EvalArgs),
+    /// Generate text from a prompt, a file, stdin or a chat.
+    ///
+    /// Example: llmtool generate --model runs/small --prompt "# Getting started" --max-tokens 200
+    Generate(GenerateArgs),
     /// Build a token dataset from markdown, or inspect one.
     #[command(subcommand)]
     Data(DataCommand),
@@ -86,6 +94,135 @@ pub enum Command {
     ///
     /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora --out runs/merged
     Merge(MergeArgs),
+}
+
+/// Compute precision for inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    /// The candle dtype.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+/// Where and how a model runs.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute precision (weights are converted on load).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+    /// A config file whose `eval`/`generate` sections give the defaults for unset flags.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// `llmtool eval`
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A model directory (repeatable: one row each in the comparison table).
+    #[arg(long = "model", required = true, value_name = "DIR")]
+    pub models: Vec<PathBuf>,
+    /// A PEFT LoRA adapter (repeatable): each model is scored bare and with each adapter.
+    #[arg(long = "adapter", value_name = "DIR")]
+    pub adapters: Vec<PathBuf>,
+    /// Files or folders to score: .md/.markdown (cleaned like the data pipeline, with the
+    /// config's `data` settings) and .txt (as is).
+    #[arg(long = "data", num_args = 1.., value_name = "PATH", required_unless_present = "dataset", conflicts_with = "dataset")]
+    pub data: Vec<PathBuf>,
+    /// A dataset built by `llmtool data build` (its tokenizer must be the model's).
+    #[arg(long, value_name = "DIR")]
+    pub dataset: Option<PathBuf>,
+    /// The dataset split to score.
+    #[arg(long, default_value = "val", value_parser = ["val", "train"], requires = "dataset")]
+    pub split: String,
+    /// Window length in tokens [default: eval.context, else the model's context].
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Tokens each window advances; must be below the context [default: eval.stride, else half the context].
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Windows per forward pass [default: eval.batch_size].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Add a row per input file.
+    #[arg(long)]
+    pub per_file: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// `llmtool generate`
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The model directory.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter applied on top of the model.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// The prompt text (else --prompt-file, else stdin).
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// New tokens per sample [default: generate.max_tokens].
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Softmax temperature; 0 is greedy [default: generate.temperature].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Drop tokens below this fraction of the top token's probability, in [0, 1).
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    /// Penalise tokens already in the context (1 disables).
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    /// Sampling seed: the same seed gives the same text.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this string appears (repeatable); it is not printed.
+    #[arg(long = "stop", value_name = "STR")]
+    pub stop: Vec<String>,
+    /// Independent samples of the same prompt (seeds seed, seed+1, ...).
+    #[arg(long, default_value_t = 1)]
+    pub num_samples: usize,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message for --chat and --interactive.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Chat turn by turn: each stdin line is a user message (the KV cache is kept between turns).
+    #[arg(long, conflicts_with_all = ["prompt_file", "num_samples"])]
+    pub interactive: bool,
+    /// Keep the end of a prompt that does not fit the context instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// `llmtool data ...`

@@ -6,6 +6,8 @@ pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod eval;
+pub mod generate;
 pub mod memory;
 pub mod model;
 pub mod ops;

@@ -11,6 +11,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
         Command::Train(args) => commands::train::run(args),
         Command::Finetune(args) => commands::finetune::run(args),
         Command::Estimate(args) => commands::estimate::run(args),

@@ -3,7 +3,10 @@
 pub mod config;
 pub mod data;
 pub mod estimate;
+pub mod eval;
 pub mod finetune;
+pub mod generate;
 pub mod merge;
+mod runtime;
 pub mod tokenizer;
 pub mod train;

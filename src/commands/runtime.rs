@@ -1,0 +1,51 @@
+//! Loading what `eval` and `generate` run: device, config defaults, model and adapter.
+
+use crate::cli::RuntimeArgs;
+use crate::config::Config;
+use crate::model::{self, Adapter, LoadedModel};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::path::Path;
+
+/// The opened device and the config whose sections give defaults.
+pub struct Runtime {
+    pub device: Device,
+    pub config: Config,
+}
+
+impl Runtime {
+    /// Opens the device and reads `--config` (defaults when absent).
+    pub fn open(args: &RuntimeArgs) -> Result<Self> {
+        let device = crate::device::open(&args.device)?;
+        let config = match &args.config {
+            Some(path) => crate::config::load(path, &[])?,
+            None => Config::default(),
+        };
+        Ok(Self { device, config })
+    }
+}
+
+/// Loads the model at `spec` (a directory or hub id) and attaches `adapter` if given.
+pub fn load_model(
+    spec: &Path,
+    adapter: Option<&Path>,
+    args: &RuntimeArgs,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let dtype = args.dtype.dtype();
+    let dir = model::hub::resolve(&spec.to_string_lossy())?;
+    let mut loaded = model::load(&dir, dtype, device)
+        .with_context(|| format!("cannot load the model {}", spec.display()))?;
+    if let Some(adapter_dir) = adapter {
+        let adapter = Adapter::load(adapter_dir, &loaded.model.config, dtype, device)
+            .with_context(|| format!("cannot load the adapter {}", adapter_dir.display()))?;
+        loaded.model.attach_adapter(&adapter).with_context(|| {
+            format!(
+                "the adapter {} does not fit the model {}",
+                adapter_dir.display(),
+                spec.display()
+            )
+        })?;
+    }
+    Ok(loaded)
+}
