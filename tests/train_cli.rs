@@ -180,7 +180,7 @@ fn ctrl_c_saves_a_resumable_checkpoint_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path());
     let bin = assert_cmd::cargo::cargo_bin("llmtool");
-    let mut child = std::process::Command::new(bin)
+    let child = std::process::Command::new(bin)
         .args([
             "train",
             &config,
