@@ -14,6 +14,9 @@ pub struct MemoryPlan {
     pub activations: u64,
     /// Activations with per-block recompute.
     pub activations_checkpointed: u64,
+    /// Gradient temporaries alive at the peak of the backward pass: those of the output head
+    /// and of one block (the same either way).
+    pub backward_workspace: u64,
 }
 
 impl MemoryPlan {
@@ -24,7 +27,7 @@ impl MemoryPlan {
         } else {
             self.activations
         };
-        self.weights + self.gradients + self.optimizer + activations
+        self.weights + self.gradients + self.optimizer + activations + self.backward_workspace
     }
 }
 
@@ -51,6 +54,7 @@ pub fn plan(model: &LlamaConfig, config: &Config) -> MemoryPlan {
     let activations_checkpointed =
         tokens * act_bytes * (layers * h + per_token_layer + per_token_head);
     MemoryPlan {
+        backward_workspace: tokens * act_bytes * (per_token_layer + per_token_head),
         parameters: p,
         weights: 4 * p as u64,
         gradients: 4 * p as u64,
