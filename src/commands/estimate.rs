@@ -30,7 +30,10 @@ pub fn run(args: ConfigArgs) -> Result<()> {
         "  activations, checkpointed  {:>10}",
         human(p.activations_checkpointed)
     );
-    println!("  backward workspace         {:>10}", human(p.backward_workspace));
+    println!(
+        "  backward workspace         {:>10}",
+        human(p.backward_workspace)
+    );
     println!("  peak                       {:>10}", human(p.total(false)));
     println!("  peak, checkpointed         {:>10}", human(p.total(true)));
     let chosen = if t.grad_checkpoint { "on" } else { "off" };

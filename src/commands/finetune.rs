@@ -51,17 +51,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         let weights = Weights::read(&files, candle_core::DType::F32, &session.device)?;
         let (weights, vars) = weights.into_trainable()?;
         let llama = Llama::new(&base_config, &weights, t.dtype.dtype())?;
-        let save = |dir: &Path| {
-            let tensors = llama.named_parameters();
-            model::io::save(
-                dir,
-                &model::io::ModelFiles {
-                    config: &base_config,
-                    tensors: &tensors,
-                    tokenizer: &tokenizer,
-                },
-            )
-        };
+        let save = |dir: &Path| model::io::save_model(dir, &llama, &tokenizer);
         execute(&session, &args.run, &llama, vars, &save, "model")
     }
 }

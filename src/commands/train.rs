@@ -33,17 +33,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let (weights, vars) = weights.into_trainable()?;
     let llama = Llama::new(&model_config, &weights, t.dtype.dtype())?;
     let tokenizer_path = dataset.dir.join("tokenizer.json");
-    let save = |dir: &Path| {
-        let tensors = llama.named_parameters();
-        model::io::save(
-            dir,
-            &model::io::ModelFiles {
-                config: &model_config,
-                tensors: &tensors,
-                tokenizer: &tokenizer_path,
-            },
-        )
-    };
+    let save = |dir: &Path| model::io::save_model(dir, &llama, &tokenizer_path);
     execute(&session, &args, &llama, vars, &save, "model")
 }
 

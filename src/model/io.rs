@@ -177,6 +177,19 @@ pub fn save(dir: &Path, files: &ModelFiles) -> Result<(), ModelError> {
     replace_dir(staging.keep(), dir)
 }
 
+/// Writes `model` (its config and current weights) with `tokenizer` as a model directory.
+pub fn save_model(dir: &Path, model: &Llama, tokenizer: &Path) -> Result<(), ModelError> {
+    let tensors = model.named_parameters();
+    save(
+        dir,
+        &ModelFiles {
+            config: &model.config,
+            tensors: &tensors,
+            tokenizer,
+        },
+    )
+}
+
 /// Moves the finished directory `new` to `dir`, keeping the old one until the move is done.
 fn replace_dir(new: PathBuf, dir: &Path) -> Result<(), ModelError> {
     let io = |source| ModelError::Io {
