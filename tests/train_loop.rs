@@ -185,3 +185,39 @@ fn resumed_run_matches_uninterrupted_run_exactly() {
     };
     assert_eq!(curve(whole.path()), curve(split.path()), "same loss curve");
 }
+
+#[test]
+fn bf16_compute_keeps_f32_master_weights_and_learns() {
+    let mut c = tiny_config(20);
+    c.training.dtype = llmtool::config::Precision::Bf16;
+    c.training.lr = 1e-2;
+    let cfg = LlamaConfig::from_section(&c.model, Some(0));
+    let weights = init::random_weights(&cfg, c.training.seed, &Device::Cpu).unwrap();
+    let (weights, vars) = weights.into_trainable().unwrap();
+    let model = Llama::new(&cfg, &weights, DType::BF16).unwrap();
+    let batch = Repeated::new(16).window_batch(0, 4);
+    let mut grads = Gradients::new();
+    accumulate(&model, &vars, &batch, 1.0, false, &mut grads).unwrap();
+    for (name, var) in &vars {
+        assert_eq!(var.dtype(), DType::F32, "{name} master weight");
+        assert_eq!(grads[name].dtype(), DType::F32, "{name} gradient");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let save = |_: &Path| -> Result<(), ModelError> { Ok(()) };
+    let trainer = Trainer {
+        config: &c,
+        model: &model,
+        vars,
+        run_dir: dir.path().to_path_buf(),
+        save_artifact: &save,
+        artifact: "model",
+    };
+    let summary = trainer
+        .run(&Repeated::new(16), &TrainOptions::default())
+        .unwrap();
+    assert!(
+        summary.last_loss.unwrap() < 2.5,
+        "bf16 run learns: {:?}",
+        summary.last_loss
+    );
+}
