@@ -54,7 +54,7 @@ pub enum DataError {
         line: usize,
         message: String,
     },
-    #[error("no training examples in {files} JSONL files ({val} in the validation split, {unscored} with nothing to score within training.seq_len): add examples or lower data.val_fraction")]
+    #[error("no training examples in {files} JSONL files ({val} in the validation split, {unscored} with nothing to score within training.seq_len): add examples, raise training.seq_len or lower data.val_fraction")]
     NoExamples {
         files: usize,
         val: usize,
