@@ -144,7 +144,8 @@ fn chat_line(i: usize) -> String {
 
 #[test]
 fn lora_trains_on_each_jsonl_format() {
-    let formats: [(&str, fn(usize) -> String); 3] = [
+    type Line = fn(usize) -> String;
+    let formats: [(&str, Line); 3] = [
         ("text", text_line),
         ("prompt/completion", completion_line),
         ("messages", chat_line),

@@ -99,7 +99,7 @@ fn use_base_tokenizer(config: &mut Config, base_dir: &Path) -> Result<()> {
 /// What `finetune` trains on: JSONL examples when `data.roots` holds `.jsonl` files, else the
 /// markdown dataset.
 enum FinetuneData {
-    Markdown(Dataset),
+    Markdown(Box<Dataset>),
     Examples(Examples),
 }
 
@@ -111,7 +111,7 @@ impl FinetuneData {
         if files.is_empty() {
             let dataset = build_dataset(config)?;
             check_vocab(&dataset, vocab_size)?;
-            return Ok(Self::Markdown(dataset));
+            return Ok(Self::Markdown(Box::new(dataset)));
         }
         let tokenizer_path = config
             .data

@@ -62,6 +62,17 @@ struct Rendered {
     plain: bool,
 }
 
+impl Rendered {
+    /// A `text` or `prompt`/`completion` line, scored from byte `scored_from` to the end.
+    fn plain(text: String, scored_from: usize) -> Self {
+        Self {
+            scored: std::iter::once(scored_from..text.len()).collect(),
+            text,
+            plain: true,
+        }
+    }
+}
+
 /// The `.jsonl` files under `data.roots`: `.jsonl` roots, and `.jsonl` files in root folders
 /// (`data.include` is not applied, `data.exclude` is). Fine-tuning reads these instead of the
 /// markdown when there are any.
@@ -136,22 +147,12 @@ fn render(line: &str, template: Result<&ChatTemplate, &str>) -> Result<Rendered,
         return Err(FORMATS.into());
     };
     if let Some(text) = record.get("text") {
-        let text = string(Some(text), "text")?;
-        return Ok(Rendered {
-            scored: vec![0..text.len()],
-            text,
-            plain: true,
-        });
+        return Ok(Rendered::plain(string(Some(text), "text")?, 0));
     }
     if record.contains_key("prompt") || record.contains_key("completion") {
         let prompt = string(record.get("prompt"), "prompt")?;
         let completion = string(record.get("completion"), "completion")?;
-        let text = prompt.clone() + &completion;
-        return Ok(Rendered {
-            scored: vec![prompt.len()..text.len()],
-            text,
-            plain: true,
-        });
+        return Ok(Rendered::plain(prompt.clone() + &completion, prompt.len()));
     }
     match record.get("messages") {
         Some(messages) => render_chat(messages, template),
