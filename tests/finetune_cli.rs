@@ -264,3 +264,42 @@ fn prompt_completion_loss_is_the_mean_over_completion_tokens() {
         "trainer loss {loss} vs completion-only NLL {expected}"
     );
 }
+
+/// A JSONL run paused after one step and resumed ends with the same adapter as a run that was
+/// never paused: example batches depend only on the seed and step.
+#[test]
+fn a_paused_jsonl_run_resumes_exactly() {
+    let adapter = |pause: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = jsonl_setup(dir.path(), completion_line, "");
+        let run = dir.path().join("run");
+        let first: &[&str] = if pause {
+            &["--stop-after-steps", "1"]
+        } else {
+            &[]
+        };
+        llmtool()
+            .args([
+                "finetune",
+                &config,
+                "--lora",
+                "--set",
+                "training.seq_len=32",
+            ])
+            .args(first)
+            .assert()
+            .success();
+        if pause {
+            llmtool()
+                .args(["finetune", "--lora", "--resume", run.to_str().unwrap()])
+                .assert()
+                .success()
+                .stdout(predicate::str::contains("training finished"));
+        }
+        std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    assert!(
+        adapter(false) == adapter(true),
+        "the resumed adapter differs"
+    );
+}
