@@ -1,5 +1,6 @@
 //! `llmtool finetune` on the committed tiny HF model: LoRA writes a PEFT adapter whose weights
-//! moved (also with gradient checkpointing), full fine-tuning writes an HF model.
+//! moved (also with gradient checkpointing), full fine-tuning writes an HF model, JSONL
+//! examples of each format train, and their loss is the weighted mean over scored tokens.
 
 mod common;
 
@@ -17,13 +18,18 @@ fn setup(dir: &Path, extra: &str) -> String {
         );
         std::fs::write(notes.join(format!("n{i}.md")), text).unwrap();
     }
+    write_config(dir, &notes, extra)
+}
+
+/// `dir/ft.yaml`: fine-tune the tiny model on `root` for 3 steps.
+fn write_config(dir: &Path, root: &Path, extra: &str) -> String {
     let config = format!(
         "model:\n  pretrained: {}\ndata:\n  roots: [{}]\n  dedup: none\n  val_fraction: 0.3\n\
 training:\n  seq_len: 16\n  batch_size: 2\n  max_steps: 3\n  warmup_steps: 1\n  lr: 0.01\n  eval_every: 3\n  save_every: 3\n{extra}\
 lora:\n  r: 4\n  alpha: 8\n  dropout: 0.1\n  target_modules: [q, v]\n\
 output:\n  dir: {}\n",
         fixture("tiny-llama").display(),
-        notes.display(),
+        root.display(),
         dir.join("run").display()
     );
     let path = dir.join("ft.yaml");
@@ -108,4 +114,192 @@ fn finetune_needs_a_pretrained_model() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("model.pretrained"));
+}
+
+/// Ten JSONL examples of one format, in `dir/data/train.jsonl`.
+fn jsonl_setup(dir: &Path, line: impl Fn(usize) -> String, extra: &str) -> String {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let lines: Vec<String> = (0..10).map(line).collect();
+    std::fs::write(data.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+    write_config(dir, &data, extra)
+}
+
+fn text_line(i: usize) -> String {
+    serde_json::json!({ "text": format!("The fox jumps {i} times.") }).to_string()
+}
+
+fn completion_line(i: usize) -> String {
+    serde_json::json!({ "prompt": format!("Q{i}: what jumps?\nA:"), "completion": " the fox" })
+        .to_string()
+}
+
+fn chat_line(i: usize) -> String {
+    serde_json::json!({ "messages": [
+        { "role": "user", "content": format!("What jumps {i}?") },
+        { "role": "assistant", "content": "The fox." },
+    ] })
+    .to_string()
+}
+
+#[test]
+fn lora_trains_on_each_jsonl_format() {
+    type Line = fn(usize) -> String;
+    let formats: [(&str, Line); 3] = [
+        ("text", text_line),
+        ("prompt/completion", completion_line),
+        ("messages", chat_line),
+    ];
+    for (name, line) in formats {
+        let dir = tempfile::tempdir().unwrap();
+        let config = jsonl_setup(dir.path(), line, "");
+        llmtool()
+            .args([
+                "finetune",
+                &config,
+                "--lora",
+                "--set",
+                "training.seq_len=64",
+            ])
+            .assert()
+            .success()
+            .stderr(predicate::str::contains("examples: 1 JSONL files"))
+            .stdout(predicate::str::contains("training finished"));
+        assert!(
+            lora_b_is_nonzero(&dir.path().join("run/adapter")),
+            "{name}: adapter did not change"
+        );
+    }
+}
+
+#[test]
+fn a_bad_jsonl_line_fails_naming_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |i: usize| match i {
+        3 => r#"{"input": "x"}"#.to_string(),
+        _ => text_line(i),
+    };
+    let config = jsonl_setup(dir.path(), line, "");
+    llmtool()
+        .args(["finetune", &config, "--lora"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "train.jsonl:4: expected \"text\", \"prompt\"/\"completion\" or \"messages\"",
+        ));
+    assert!(!dir.path().join("run/config.yaml").exists());
+}
+
+/// The loss of a prompt/completion batch is the mean NLL of the completion tokens (and EOS)
+/// alone, computed here from the logits by hand.
+#[test]
+fn prompt_completion_loss_is_the_mean_over_completion_tokens() {
+    use candle_core::{DType, Device, IndexOp};
+    use llmtool::config::Sampling;
+    use llmtool::data::jsonl::{self, ExampleOptions};
+    use llmtool::train::example_source::ExampleBatches;
+    use llmtool::train::BatchSource;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.jsonl");
+    let lines = [completion_line(1), completion_line(22)];
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let model = llmtool::model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu)
+        .unwrap()
+        .model;
+    let tokenizer =
+        llmtool::data::Tokenizer::from_file(fixture("tiny-llama").join("tokenizer.json")).unwrap();
+    let examples = jsonl::load(
+        &[path],
+        &ExampleOptions {
+            tokenizer: &tokenizer,
+            eos_id: 0,
+            chat_template: Err("none".into()),
+            seq_len: 32,
+            val_fraction: 0.0,
+        },
+    )
+    .unwrap();
+    let batch = ExampleBatches::new(&examples, 32, Sampling::Sequential, 0)
+        .train_batch(0, 2)
+        .unwrap();
+    let loss = llmtool::train::gradients::accumulate(
+        &model,
+        &[],
+        &batch,
+        1.0,
+        false,
+        &mut Default::default(),
+    )
+    .unwrap();
+
+    let inputs = candle_core::Tensor::from_slice(&batch.inputs, (2, 32), &Device::Cpu).unwrap();
+    let logits = model.forward(&inputs, None).unwrap();
+    let weights = batch.weights.as_ref().unwrap();
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for row in 0..2 {
+        for pos in 0..32 {
+            let i = row * 32 + pos;
+            if weights[i] == 0.0 {
+                continue;
+            }
+            let row_logits: Vec<f32> = logits.i((row, pos)).unwrap().to_vec1().unwrap();
+            let max = row_logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let log_z = max
+                + row_logits
+                    .iter()
+                    .map(|&l| (l as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            sum += log_z - row_logits[batch.targets[i] as usize] as f64;
+            count += 1;
+        }
+    }
+    // " the fox" and EOS in each row; the prompt and padding are not scored.
+    let completion = tokenizer.encode(" the fox", false).unwrap().get_ids().len() + 1;
+    assert_eq!(count, 2 * completion);
+    let expected = sum / count as f64;
+    assert!(
+        (loss - expected).abs() < 1e-4 * expected.abs(),
+        "trainer loss {loss} vs completion-only NLL {expected}"
+    );
+}
+
+/// A JSONL run paused after one step and resumed ends with the same adapter as a run that was
+/// never paused: example batches depend only on the seed and step.
+#[test]
+fn a_paused_jsonl_run_resumes_exactly() {
+    let adapter = |pause: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = jsonl_setup(dir.path(), completion_line, "");
+        let run = dir.path().join("run");
+        let first: &[&str] = if pause {
+            &["--stop-after-steps", "1"]
+        } else {
+            &[]
+        };
+        llmtool()
+            .args([
+                "finetune",
+                &config,
+                "--lora",
+                "--set",
+                "training.seq_len=32",
+            ])
+            .args(first)
+            .assert()
+            .success();
+        if pause {
+            llmtool()
+                .args(["finetune", "--lora", "--resume", run.to_str().unwrap()])
+                .assert()
+                .success()
+                .stdout(predicate::str::contains("training finished"));
+        }
+        std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    assert!(
+        adapter(false) == adapter(true),
+        "the resumed adapter differs"
+    );
 }

@@ -1,10 +1,18 @@
-//! `llmtool finetune`: adapt a pretrained Hugging Face model to the configured markdown, with
-//! LoRA adapters (`--lora`, a PEFT adapter directory) or all weights (an HF model directory).
+//! `llmtool finetune`: adapt a pretrained Hugging Face model to the configured markdown or
+//! JSONL examples, with LoRA adapters (`--lora`, a PEFT adapter directory) or all weights (an
+//! HF model directory).
 
-use super::train::{check_vocab, execute, on_big_stack, open_session, resolve_config};
+use super::train::{
+    build_dataset, check_vocab, execute, on_big_stack, open_session, resolve_config, TrainData,
+};
 use crate::cli::FinetuneArgs;
-use crate::config::Config;
+use crate::config::{Config, TrainingSection};
+use crate::data::jsonl::{self, ExampleOptions, Examples};
+use crate::data::Dataset;
+use crate::generate::ChatTemplate;
 use crate::model::{self, hub, Adapter, Llama, Weights};
+use crate::train::example_source::ExampleBatches;
+use crate::train::BatchSource;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -20,11 +28,12 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
     })?;
     let base_dir = hub::resolve(&spec)?;
     use_base_tokenizer(&mut config, &base_dir)?;
-    let session = open_session(config, &args.run)?;
+    let base_config = model::io::read_config(&base_dir)?;
+    let session = open_session(config, &args.run, |config| {
+        FinetuneData::load(config, &base_dir, base_config.vocab_size)
+    })?;
     let config = &session.config;
     let t = &config.training;
-    let base_config = model::io::read_config(&base_dir)?;
-    check_vocab(&session.dataset, base_config.vocab_size)?;
     let tokenizer = base_dir.join("tokenizer.json");
     if args.lora {
         let loaded = model::io::load_stored(
@@ -75,4 +84,72 @@ fn use_base_tokenizer(config: &mut Config, base_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `finetune` trains on: JSONL examples when `data.roots` holds `.jsonl` files, else the
+/// markdown dataset.
+enum FinetuneData {
+    Markdown(Box<Dataset>),
+    Examples(Examples),
+}
+
+impl FinetuneData {
+    /// Loads the examples (with the configured tokenizer and the base model's chat template)
+    /// or builds the dataset, checking the tokenizer fits the model's `vocab_size`.
+    fn load(config: &Config, base_dir: &Path, vocab_size: usize) -> Result<Self> {
+        let files = jsonl::find_files(&config.data)?;
+        if files.is_empty() {
+            let dataset = build_dataset(config)?;
+            check_vocab(&dataset, vocab_size)?;
+            return Ok(Self::Markdown(Box::new(dataset)));
+        }
+        let tokenizer_path = config
+            .data
+            .tokenizer
+            .clone()
+            .unwrap_or_else(|| base_dir.join("tokenizer.json"));
+        let tokenizer = crate::data::tokenizer::load(&tokenizer_path, vocab_size)?;
+        let eos_id = crate::data::tokenizer::eos_id(
+            &tokenizer,
+            &config.data.special_tokens,
+            &tokenizer_path,
+        )?;
+        let template = ChatTemplate::load(base_dir);
+        let examples = jsonl::load(
+            &files,
+            &ExampleOptions {
+                tokenizer: &tokenizer,
+                eos_id,
+                chat_template: template.as_ref().map_err(|e| e.to_string()),
+                seq_len: config.training.seq_len,
+                val_fraction: config.data.val_fraction,
+            },
+        )?;
+        eprintln!(
+            "examples: {} JSONL files, {} train / {} val examples, {} truncated to training.seq_len + 1 = {} tokens, {} dropped with nothing to score",
+            files.len(),
+            examples.train.len(),
+            examples.val.len(),
+            examples.truncated,
+            config.training.seq_len + 1,
+            examples.unscored,
+        );
+        Ok(Self::Examples(examples))
+    }
+}
+
+impl TrainData for FinetuneData {
+    fn batches(&self, t: &TrainingSection) -> Result<Box<dyn BatchSource + '_>> {
+        match self {
+            Self::Markdown(dataset) => dataset.batches(t),
+            Self::Examples(examples) => {
+                if examples.val.is_empty() {
+                    eprintln!("warning: no validation examples; no validation loss (raise data.val_fraction)");
+                }
+                Ok(Box::new(ExampleBatches::new(
+                    examples, t.seq_len, t.sampling, t.seed,
+                )))
+            }
+        }
+    }
 }

@@ -1,14 +1,14 @@
 //! `llmtool train`: build the dataset if needed, initialise or resume a model, train, report.
 
 use crate::cli::TrainArgs;
-use crate::config::{self, Config};
+use crate::config::{self, Config, TrainingSection};
 use crate::data::build::{build, BuildOptions};
 use crate::data::loader::Dataset;
 use crate::memory;
 use crate::model::{self, Llama, LlamaConfig};
 use crate::train::dataset_source::DatasetBatches;
 use crate::train::trainer::SaveArtifact;
-use crate::train::{init, TrainError, TrainOptions, TrainSummary, Trainer};
+use crate::train::{init, BatchSource, TrainError, TrainOptions, TrainSummary, Trainer};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
 use std::path::Path;
@@ -24,8 +24,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let session = open_session(resolve_config(&args)?, &args)?;
-    let (config, dataset) = (&session.config, &session.dataset);
+    let session = open_session(resolve_config(&args)?, &args, build_dataset)?;
+    let (config, dataset) = (&session.config, &session.data);
     let model_config = LlamaConfig::from_section(&config.model, Some(dataset.eos_id()));
     check_vocab(dataset, model_config.vocab_size)?;
     let t = &config.training;
@@ -37,21 +37,57 @@ fn train(args: TrainArgs) -> Result<()> {
     execute(&session, &args, &llama, vars, &save, "model")
 }
 
-/// A run about to start: its config, device and built dataset.
-pub struct Session {
+/// A run about to start: its config, device and training data (by default the built dataset).
+pub struct Session<D = Dataset> {
     pub config: Config,
     pub device: Device,
-    pub dataset: Dataset,
+    pub data: D,
 }
 
-/// Guards the run directory, opens the device, builds (or reuses) the dataset and records the
-/// resolved config in the run directory.
-pub fn open_session(config: Config, args: &TrainArgs) -> Result<Session> {
+/// Training data a session holds: it hands the trainer its batches.
+pub trait TrainData {
+    /// The batches for `training`'s window length, sampling and seed.
+    fn batches(&self, training: &TrainingSection) -> Result<Box<dyn BatchSource + '_>>;
+}
+
+impl TrainData for Dataset {
+    fn batches(&self, t: &TrainingSection) -> Result<Box<dyn BatchSource + '_>> {
+        let batches = DatasetBatches::new(self, t.seq_len, t.sampling, t.seed)?;
+        if !batches.has_validation() {
+            eprintln!("warning: the validation split is shorter than one window; no validation loss (raise data.val_fraction)");
+        }
+        Ok(Box::new(batches))
+    }
+}
+
+/// Guards the run directory, opens the device, loads the training data with `load` and
+/// records the resolved config in the run directory.
+pub fn open_session<D>(
+    config: Config,
+    args: &TrainArgs,
+    load: impl FnOnce(&Config) -> Result<D>,
+) -> Result<Session<D>> {
     let run_dir = &config.output.dir;
     guard_run_dir(run_dir, args.resume.is_some(), args.force)?;
     let device_name = args.device.as_deref().unwrap_or(&config.training.device);
     let device = crate::device::open(device_name)?;
-    let report = build(&config, &BuildOptions::default()).context("building the dataset")?;
+    let data = load(&config)?;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if args.resume.is_none() {
+        let yaml = serde_norway::to_string(&config)?;
+        model::weights::write_atomic(&run_dir.join(RUN_CONFIG), yaml.as_bytes())
+            .with_context(|| format!("writing {}", run_dir.join(RUN_CONFIG).display()))?;
+    }
+    Ok(Session {
+        config,
+        device,
+        data,
+    })
+}
+
+/// Builds (or reuses) the configured markdown dataset and opens it.
+pub fn build_dataset(config: &Config) -> Result<Dataset> {
+    let report = build(config, &BuildOptions::default()).context("building the dataset")?;
     let dataset = Dataset::open(&report.dir)?;
     eprintln!(
         "dataset {}: {} documents, {} train / {} val tokens{}",
@@ -65,17 +101,7 @@ pub fn open_session(config: Config, args: &TrainArgs) -> Result<Session> {
             ""
         }
     );
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    if args.resume.is_none() {
-        let yaml = serde_norway::to_string(&config)?;
-        model::weights::write_atomic(&run_dir.join(RUN_CONFIG), yaml.as_bytes())
-            .with_context(|| format!("writing {}", run_dir.join(RUN_CONFIG).display()))?;
-    }
-    Ok(Session {
-        config,
-        device,
-        dataset,
-    })
+    Ok(dataset)
 }
 
 /// Fails when the dataset's tokenizer has more tokens than the model has embeddings.
@@ -90,10 +116,10 @@ pub fn check_vocab(dataset: &Dataset, vocab_size: usize) -> Result<()> {
     Ok(())
 }
 
-/// Trains `vars` of `model` on the session's dataset with Ctrl-C handling, then prints the
+/// Trains `vars` of `model` on the session's data with Ctrl-C handling, then prints the
 /// summary.
-pub fn execute(
-    session: &Session,
+pub fn execute<D: TrainData>(
+    session: &Session<D>,
     args: &TrainArgs,
     model: &Llama,
     vars: Vec<(String, Var)>,
@@ -103,10 +129,7 @@ pub fn execute(
     let config = &session.config;
     let t = &config.training;
     let run_dir = config.output.dir.clone();
-    let batches = DatasetBatches::new(&session.dataset, t.seq_len, t.sampling, t.seed)?;
-    if !batches.has_validation() {
-        eprintln!("warning: the validation split is shorter than one window; no validation loss (raise data.val_fraction)");
-    }
+    let batches = session.data.batches(t)?;
     let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     eprintln!(
         "training {} of {} parameters on {} ({:?}), batch {} x {} x {} accumulation",
@@ -136,7 +159,7 @@ pub fn execute(
         interrupt,
         show_progress: true,
     };
-    match trainer.run(&batches, &opts) {
+    match trainer.run(&*batches, &opts) {
         Ok(summary) => {
             print_summary(&summary);
             Ok(())

@@ -2,11 +2,13 @@
 //!
 //! `corpus` finds and reads files, `markdown` cleans them into documents, `dedup` removes
 //! duplicates and picks each document's split, `tokenizer` trains or loads the BPE, `shards`
-//! writes the dataset and `loader` reads it back for training.
+//! writes the dataset and `loader` reads it back for training. `jsonl` reads fine-tuning
+//! examples (text, prompt/completion, chat) instead.
 
 pub mod build;
 pub mod corpus;
 pub mod dedup;
+pub mod jsonl;
 pub mod loader;
 pub mod markdown;
 pub mod shards;
@@ -45,6 +47,18 @@ pub enum DataError {
         split: String,
         tokens: u64,
         needed: u64,
+    },
+    #[error("{}:{line}: {message}", path.display())]
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("no training examples in {files} JSONL files ({val} in the validation split, {unscored} with nothing to score within training.seq_len): add examples, raise training.seq_len or lower data.val_fraction")]
+    NoExamples {
+        files: usize,
+        val: usize,
+        unscored: usize,
     },
     #[error("{}: {message}", path.display())]
     Output { path: PathBuf, message: String },

@@ -1,6 +1,7 @@
 //! Training: the loop, AdamW, schedules, gradient checkpointing, resumable state, metrics.
 
 pub mod dataset_source;
+pub mod example_source;
 pub mod gradients;
 pub mod init;
 pub mod metrics;
