@@ -9,7 +9,7 @@ use crate::model::{self, Llama, LlamaConfig};
 use crate::train::dataset_source::DatasetBatches;
 use crate::train::{init, TrainError, TrainOptions, Trainer};
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -233,7 +233,7 @@ fn incompatible_keys(saved: &Config, given: &Config) -> Vec<String> {
 }
 
 /// Refuses to overwrite an existing run unless resuming or forced.
-fn guard_run_dir(dir: &PathBuf, resume: bool, force: bool) -> Result<()> {
+fn guard_run_dir(dir: &Path, resume: bool, force: bool) -> Result<()> {
     let holds_run =
         dir.join(RUN_CONFIG).exists() || dir.join(crate::train::state::STATE_FILE).exists();
     if holds_run && !resume && !force {
