@@ -69,10 +69,8 @@ impl CustomOp1 for CausalSoftmax {
 
     fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
-        Ok(Some(probs.apply_op2(
-            &grad,
-            CausalSoftmaxGrad { scale: self.scale },
-        )?))
+        let op = CausalSoftmaxGrad { scale: self.scale };
+        Ok(Some(probs.detach().apply_op2(&grad, op)?))
     }
 }
 

@@ -1,5 +1,10 @@
 //! Plumbing shared by the fused CPU kernels: borrowing contiguous f32/u32 slices out of candle's
 //! CPU storage, wrapping results, and deciding when the fused path applies.
+//!
+//! Backward kernels run on `detach()`ed operands. candle detaches the gradient of every
+//! intermediate node but never that of a `Var`; a gradient computed from a tracked operand would
+//! keep the whole forward graph alive through the gradient store, and through AdamW's moments
+//! from one step to the next.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
 

@@ -104,7 +104,8 @@ impl CustomOp3 for MaskedMeanNll {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let scale = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let dlogits = logits.apply_op3(targets, weights, MaskedMeanNllGrad { scale })?;
+        let op = MaskedMeanNllGrad { scale };
+        let dlogits = logits.detach().apply_op3(targets, weights, op)?;
         Ok((Some(dlogits), None, None))
     }
 }

@@ -67,13 +67,14 @@ impl CustomOp2 for RmsNorm {
         // candle stores whatever gradient is returned, so a frozen operand must get `None`
         // (which also skips its kernel).
         let grad = grad.contiguous()?;
+        let (x_data, w_data) = (x.detach(), w.detach());
         let dx = x
             .track_op()
-            .then(|| x.apply_op3(w, &grad, RmsNormInputGrad { eps: self.eps }))
+            .then(|| x_data.apply_op3(&w_data, &grad, RmsNormInputGrad { eps: self.eps }))
             .transpose()?;
         let dw = w
             .track_op()
-            .then(|| x.apply_op2(&grad, RmsNormWeightGrad { eps: self.eps }))
+            .then(|| x_data.apply_op2(&grad, RmsNormWeightGrad { eps: self.eps }))
             .transpose()?;
         Ok((dx, dw))
     }
@@ -164,6 +165,19 @@ impl CustomOp2 for RmsNormWeightGrad {
 mod tests {
     use crate::ops::parity::{assert_parity, uniform};
     use crate::ops::reference;
+    use candle_core::Var;
+
+    #[test]
+    fn gradients_of_vars_hold_no_graph() {
+        // The model passes norm weights (Vars) straight in; their gradients must not keep the
+        // forward graph alive (see cpu_kernel.rs).
+        let x = Var::from_tensor(&uniform(&[3, 8], 1)).unwrap();
+        let w = Var::from_tensor(&uniform(&[8], 2)).unwrap();
+        let y = super::rms_norm(&x, &w, 1e-6).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(!grads.get(&x).unwrap().track_op());
+        assert!(!grads.get(&w).unwrap().track_op());
+    }
 
     #[test]
     fn matches_the_reference_forward_and_backward() {

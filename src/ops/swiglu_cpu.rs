@@ -59,7 +59,9 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = gate.apply_op3(up, &grad.contiguous()?, SwiGluGrad)?;
+        let both = gate
+            .detach()
+            .apply_op3(&up.detach(), &grad.contiguous()?, SwiGluGrad)?;
         // candle stores whatever gradient is returned: a frozen operand must get `None`.
         let d_gate = gate.track_op().then(|| both.get(0)).transpose()?;
         let d_up = up.track_op().then(|| both.get(1)).transpose()?;
