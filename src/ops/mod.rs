@@ -5,19 +5,24 @@
 //!
 //! Each op has a composite reference in [`reference`] (any backend, any dtype). On the CPU in
 //! f32 the public functions dispatch to fused rayon kernels with their own backward
-//! (`*_cpu.rs`); everything else (CUDA, Metal, 16-bit, f64) takes the reference.
+//! (`*_cpu.rs`); everything else (CUDA, Metal, 16-bit, f64) takes the reference. The AdamW
+//! update has a fused CPU kernel too ([`adamw_step`]); its composite lives with the optimizer.
 
+mod adamw_cpu;
 mod attention_cpu;
 mod cpu_kernel;
 mod cross_entropy_cpu;
 mod frozen;
 #[cfg(test)]
-mod parity;
+pub(crate) mod parity;
 pub mod reference;
 mod rms_norm_cpu;
 mod rope_cpu;
 mod swiglu_cpu;
+#[cfg(test)]
+mod timing;
 
+pub use adamw_cpu::{adamw_step, AdamWUpdate};
 pub use frozen::frozen_linear;
 pub use reference::{embedding, token_nll};
 
