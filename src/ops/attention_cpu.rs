@@ -2,7 +2,7 @@
 //! pass per row, and its backward in one pass, with no mask tensor and no T×T temporaries
 //! besides the probabilities themselves. The QKᵀ and PV products stay candle matmuls.
 
-use super::cpu_kernel::{f32s, output, rows_and_width, MIN_ROWS_PER_TASK};
+use super::cpu_kernel::{f32s, for_each_row, output, rows_and_width, MIN_ROWS_PER_TASK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -48,22 +48,18 @@ impl CustomOp1 for CausalSoftmax {
         let scores = f32s(storage, layout)?;
         let (_, q_len, kv_len) = query_and_key_lens(layout)?;
         let mut probs = vec![0f32; scores.len()];
-        probs
-            .par_chunks_mut(kv_len)
-            .zip(scores.par_chunks(kv_len))
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(row, (p, s))| {
-                let n = visible(row, q_len, kv_len);
-                let max = s[..n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
-                    *p = ((s - max) * self.scale).exp();
-                    sum += *p;
-                }
-                let inv = 1.0 / sum;
-                p[..n].iter_mut().for_each(|p| *p *= inv);
-            });
+        for_each_row(&mut probs, kv_len, |row, p| {
+            let s = &scores[row * kv_len..][..kv_len];
+            let n = visible(row, q_len, kv_len);
+            let max = s[..n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
+                *p = ((s - max) * self.scale).exp();
+                sum += *p;
+            }
+            let inv = 1.0 / sum;
+            p[..n].iter_mut().for_each(|p| *p *= inv);
+        });
         Ok(output(probs, layout.shape().clone()))
     }
 
@@ -123,6 +119,8 @@ mod tests {
             (1, 2, 1, 5, 4),
             (2, 2, 3, 9, 16),
             (1, 1, 33, 33, 5),
+            // Large enough for the parallel path.
+            (1, 2, 100, 100, 8),
         ]
         .iter()
         .enumerate()

@@ -7,12 +7,35 @@
 //! from one step to the next.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Rows handed to one rayon task at least: below this the scheduling costs more than the work.
 pub(crate) const MIN_ROWS_PER_TASK: usize = 16;
 
 /// Elements per rayon task for purely elementwise kernels.
 pub(crate) const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// Outputs smaller than this are computed on the calling thread. Handing work to the rayon pool
+/// from a thread outside it costs a cross-thread wake-up, which on a busy machine is longer than
+/// a decode step's whole RMSNorm or softmax row.
+const SERIAL_BELOW: usize = 1 << 14;
+
+/// Calls `f(row, out_row)` for each `width`-sized row of `out` (the last may be shorter), in
+/// parallel unless `out` is small. The kernel reads its inputs at the same row index.
+pub(crate) fn for_each_row<F>(out: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    let width = width.max(1);
+    if out.len() < SERIAL_BELOW {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        out.par_chunks_mut(width)
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    }
+}
 
 /// Whether every tensor is an f32 tensor on the CPU, which is what the fused kernels handle.
 /// Everything else (CUDA, Metal, 16-bit and f64) takes the composite path.

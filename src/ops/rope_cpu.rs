@@ -1,9 +1,8 @@
 //! Fused rotary position embedding (Hugging Face rotate-half layout) on the CPU. The backward
 //! of a rotation by θ is the rotation by −θ, so one kernel does both directions.
 
-use super::cpu_kernel::{f32s, output, MIN_ROWS_PER_TASK};
+use super::cpu_kernel::{f32s, for_each_row, output};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Whether the fused kernel handles these shapes: `x` `[b, h, t, d]` with even `d`, tables
 /// `[t, d / 2]`. Others (e.g. batched tables) take the composite path.
@@ -51,21 +50,18 @@ impl CustomOp3 for Rope {
         let seq = cos.len() / half;
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let mut y = vec![0f32; x_values.len()];
-        y.par_chunks_mut(d)
-            .zip(x_values.par_chunks(d))
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(row, (y, x))| {
-                let pos = row % seq;
-                let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-                let (x1, x2) = x.split_at(half);
-                let (y1, y2) = y.split_at_mut(half);
-                for j in 0..half {
-                    let s = sign * s[j];
-                    y1[j] = x1[j] * c[j] - x2[j] * s;
-                    y2[j] = x2[j] * c[j] + x1[j] * s;
-                }
-            });
+        for_each_row(&mut y, d, |row, y| {
+            let x = &x_values[row * d..][..d];
+            let pos = row % seq;
+            let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for j in 0..half {
+                let s = sign * s[j];
+                y1[j] = x1[j] * c[j] - x2[j] * s;
+                y2[j] = x2[j] * c[j] + x1[j] * s;
+            }
+        });
         Ok(output(y, x_layout.shape().clone()))
     }
 
@@ -92,9 +88,15 @@ mod tests {
 
     #[test]
     fn matches_the_reference_forward_and_backward() {
-        for (i, &(b, h, t, d)) in [(1, 1, 1, 2), (2, 3, 5, 8), (1, 2, 7, 6), (3, 1, 4, 64)]
-            .iter()
-            .enumerate()
+        for (i, &(b, h, t, d)) in [
+            (1, 1, 1, 2),
+            (2, 3, 5, 8),
+            (1, 2, 7, 6),
+            (3, 1, 4, 64),
+            (2, 4, 40, 64),
+        ]
+        .iter()
+        .enumerate()
         {
             let s = 10 * i as u64;
             let angles = (uniform(&[t, d / 2], s) * 3.0).unwrap();

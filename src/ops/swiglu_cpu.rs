@@ -1,7 +1,7 @@
 //! Fused SwiGLU on the CPU: `silu(gate) · up` in one elementwise pass, and both gradients in one
 //! pass that writes them side by side (the op returns one tensor, so `[2, ..]`, split by views).
 
-use super::cpu_kernel::{f32s, output, ELEMENTWISE_CHUNK};
+use super::cpu_kernel::{f32s, for_each_row, output, ELEMENTWISE_CHUNK};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -39,16 +39,13 @@ impl CustomOp2 for SwiGlu {
         let (gate, up) = (f32s(gate, gate_layout)?, f32s(up, up_layout)?);
         same_len(gate, up)?;
         let mut y = vec![0f32; gate.len()];
-        y.par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(
-                gate.par_chunks(ELEMENTWISE_CHUNK)
-                    .zip(up.par_chunks(ELEMENTWISE_CHUNK)),
-            )
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(g) * u;
-                }
-            });
+        for_each_row(&mut y, ELEMENTWISE_CHUNK, |chunk, y| {
+            let start = chunk * ELEMENTWISE_CHUNK;
+            let (g, u) = (&gate[start..][..y.len()], &up[start..][..y.len()]);
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
         Ok(output(y, gate_layout.shape().clone()))
     }
 
