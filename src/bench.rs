@@ -23,9 +23,13 @@ pub const PRESETS: [(&str, usize, usize, usize, usize, usize, usize); 3] = [
 /// What to measure: one of `train`, `lora`, `eval`, `generate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
+    /// Full training step of every parameter.
     Train,
+    /// Training step of a LoRA adapter on q/k/v/o over a frozen base.
     Lora,
+    /// Forward pass and loss without gradients.
     Eval,
+    /// Greedy decoding with the KV cache.
     Generate,
 }
 
@@ -59,10 +63,15 @@ impl Task {
 /// Batch shape and repetitions shared by every measurement.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
+    /// Sequences per step.
     pub batch: usize,
+    /// Tokens per sequence.
     pub seq: usize,
+    /// Timed steps per row.
     pub steps: usize,
+    /// Untimed steps before timing.
     pub warmup: usize,
+    /// New tokens per generation run.
     pub gen_tokens: usize,
 }
 

@@ -8,9 +8,13 @@ use rayon::prelude::*;
 /// The scalars of one AdamW update, bias corrections included.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWUpdate {
+    /// Learning rate.
     pub lr: f64,
+    /// First-moment decay.
     pub beta1: f64,
+    /// Second-moment decay.
     pub beta2: f64,
+    /// Added to the root of the second moment.
     pub eps: f64,
     /// `lr * weight_decay`, or 0 for parameters without decay.
     pub decay: f64,
