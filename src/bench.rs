@@ -87,14 +87,18 @@ pub fn preset_config(name: &str, seq: usize) -> Option<LlamaConfig> {
     .ok()
 }
 
-/// Compute dtype and gradient checkpointing of a mode (`fp32`, `bf16`, `bf16+ckpt`, ...).
-fn parse_mode(mode: &str) -> (DType, bool) {
-    let dtype = if mode.contains("bf16") {
-        DType::BF16
-    } else {
-        DType::F32
-    };
-    (dtype, mode.contains("ckpt"))
+/// Compute dtype and gradient checkpointing of a mode: `fp32`, `bf16`, `fp32+ckpt` or
+/// `bf16+ckpt` (torch_ref.py's modes, less `torch.compile`).
+pub fn parse_mode(mode: &str) -> Result<(DType, bool), String> {
+    match mode {
+        "fp32" => Ok((DType::F32, false)),
+        "bf16" => Ok((DType::BF16, false)),
+        "fp32+ckpt" => Ok((DType::F32, true)),
+        "bf16+ckpt" => Ok((DType::BF16, true)),
+        _ => Err(format!(
+            "unknown mode {mode:?}: expected fp32, bf16, fp32+ckpt or bf16+ckpt"
+        )),
+    }
 }
 
 /// Measures one row. The JSON has torch_ref.py's fields for the task, plus `tool`.
@@ -108,7 +112,7 @@ pub fn measure(
     let cfg = preset_config(preset, s.seq).ok_or_else(|| {
         anyhow::anyhow!("unknown preset {preset:?}: expected tiny, small or base")
     })?;
-    let (dtype, recompute) = parse_mode(mode);
+    let (dtype, recompute) = parse_mode(mode).map_err(anyhow::Error::msg)?;
     let weights = random_weights(&cfg, 0, device)?;
     let measured = match task {
         Task::Train => {
@@ -295,6 +299,7 @@ mod tests {
         }
         assert_eq!(row_trainable_of_tiny_lora(), 6 * 4 * 8 * (384 + 384));
         assert!(measure(Task::Eval, "huge", "fp32", &s, &Device::Cpu).is_err());
+        assert!(parse_mode("fp16").is_err());
     }
 
     fn row_trainable_of_tiny_lora() -> usize {

@@ -1,8 +1,8 @@
 //! `llmtool bench`: the rows of `shared/bench/torch_ref.py`, as JSON lines and a table.
 
-use crate::bench::{measure, Settings, Task};
+use crate::bench::{measure, parse_mode, preset_config, Settings, Task};
 use crate::cli::BenchArgs;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::Write;
 
@@ -21,6 +21,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
         None if device.is_cpu() => "fp32".to_string(),
         None => "fp32,bf16,bf16+ckpt".to_string(),
     };
+    // Refuse bad names before spending minutes on the rows that precede them.
+    for mode in modes.split(',') {
+        parse_mode(mode).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bad) = args
+        .sizes
+        .split(',')
+        .find(|p| preset_config(p, args.seq).is_none())
+    {
+        bail!("unknown preset {bad:?}: expected tiny, small or base");
+    }
+    if args.batch == 0 || args.seq == 0 || args.steps == 0 {
+        bail!("--batch, --seq and --steps must be at least 1");
+    }
     let settings = Settings {
         batch: args.batch,
         seq: args.seq,
