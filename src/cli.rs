@@ -94,6 +94,46 @@ pub enum Command {
     ///
     /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora --out runs/merged
     Merge(MergeArgs),
+    /// Measure training, LoRA, evaluation and generation throughput on random tokens, with the
+    /// shapes, rows and JSON fields of shared/bench/torch_ref.py (PyTorch) so the two compare.
+    ///
+    /// Example: llmtool bench --device cpu --sizes tiny --batch 8 --seq 256 --steps 3
+    Bench(BenchArgs),
+}
+
+/// `llmtool bench` arguments (the same flags and defaults as torch_ref.py).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Comma-separated presets: tiny (14M), small (47M), base (110M).
+    #[arg(long, default_value = "tiny,small")]
+    pub sizes: String,
+    /// Comma-separated tasks: train, lora, eval, generate.
+    #[arg(long, default_value = "train,lora,eval,generate")]
+    pub tasks: String,
+    /// Comma-separated modes: fp32, bf16, bf16+ckpt, fp32+ckpt [default: fp32 on CPU, fp32,bf16,bf16+ckpt on GPUs]
+    #[arg(long)]
+    pub modes: Option<String>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Timed steps per row (generation runs steps / 4 times, at least once).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps before timing.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Tokens to generate per generation run.
+    #[arg(long, default_value_t = 256)]
+    pub gen_tokens: usize,
+    /// Also append each row as a JSON line to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// Compute precision for inference.

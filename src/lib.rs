@@ -1,6 +1,7 @@
 //! llmtool: build datasets from markdown, train and fine-tune Llama-style models, evaluate and
 //! sample them, on CPU, CUDA or Metal through candle.
 
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -19,6 +19,7 @@ fn main() {
         Command::Data(c) => commands::data::run(c),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Merge(args) => commands::merge::run(&args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(e) = result {
         for line in format!("{e:#}").lines() {

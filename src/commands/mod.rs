@@ -1,5 +1,6 @@
 //! One module per command: each turns parsed arguments into work and a summary.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod estimate;

@@ -2,109 +2,87 @@
 //! composite ops directly, so that faster fused versions can replace them per backend without
 //! touching the model. Every function here records a backward pass (candle's fused
 //! `rms_norm`/`rope`/`softmax_last_dim` do not: see CANDLE_NOTES).
+//!
+//! Each op has a composite reference in [`reference`] (any backend, any dtype). On the CPU in
+//! f32 the public functions dispatch to fused rayon kernels with their own backward
+//! (`*_cpu.rs`); everything else (CUDA, Metal, 16-bit, f64) takes the reference. The AdamW
+//! update has a fused CPU kernel too ([`adamw_step`]); its composite lives with the optimizer.
 
+mod adamw_cpu;
+mod attention_cpu;
+mod cpu_kernel;
+mod cross_entropy_cpu;
 mod frozen;
+#[cfg(test)]
+pub(crate) mod parity;
+pub mod reference;
+mod rms_norm_cpu;
+mod rope_cpu;
+mod swiglu_cpu;
+#[cfg(test)]
+mod timing;
 
+pub use adamw_cpu::{adamw_step, AdamWUpdate};
 pub use frozen::frozen_linear;
+pub use reference::{embedding, token_nll};
 
-use candle_core::{DType, Result, Tensor, D};
-
-/// The dtype reductions run in: f32 for 16-bit inputs, the input's own otherwise.
-fn widened(dtype: DType) -> DType {
-    match dtype {
-        DType::BF16 | DType::F16 => DType::F32,
-        other => other,
-    }
-}
+use candle_core::{Result, Tensor};
+use cpu_kernel::fused_cpu_f32;
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x32 = x.to_dtype(widened(dtype))?;
-    let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    if fused_cpu_f32(&[x, weight]) {
+        return rms_norm_cpu::rms_norm(&x.contiguous()?, &weight.contiguous()?, eps);
+    }
+    reference::rms_norm(x, weight, eps)
 }
 
 /// Rotary position embedding in the Hugging Face rotate-half layout. `x` is
 /// `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, head_dim / 2]` for these positions.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_slow(x, cos, sin)
+    if fused_cpu_f32(&[x, cos, sin]) && rope_cpu::supports(x, cos, sin) {
+        return rope_cpu::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
+    }
+    reference::rope(x, cos, sin)
 }
 
 /// Causal scaled dot-product attention. `q` is `[batch, heads, q_len, head_dim]`, `k`/`v` are
 /// `[batch, heads, kv_len, head_dim]` with the same number of heads (repeat kv heads first);
 /// query `i` sits at position `kv_len - q_len + i` and sees keys up to that position.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (_, _, q_len, head_dim) = q.dims4()?;
-    let kv_len = k.dim(2)?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = if q_len > 1 {
-        let mask = causal_mask(q_len, kv_len, q.device())?;
-        scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?
-    } else {
-        scores
-    };
-    let dtype = scores.dtype();
-    let probs = candle_nn::ops::softmax(&scores.to_dtype(widened(dtype))?, D::Minus1)?;
-    probs.to_dtype(dtype)?.matmul(v)
-}
-
-/// `[q_len, kv_len]` additive mask: 0 where a query may attend, -inf where it may not.
-fn causal_mask(q_len: usize, kv_len: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let offset = kv_len - q_len;
-    let values: Vec<f32> = (0..q_len)
-        .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(values, (q_len, kv_len), device)
+    if fused_cpu_f32(&[q, k, v]) {
+        return attention_cpu::causal_attention(q, k, v);
+    }
+    reference::causal_attention(q, k, v)
 }
 
 /// SwiGLU gate: `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
+    if fused_cpu_f32(&[gate, up]) && gate.shape() == up.shape() {
+        return swiglu_cpu::swiglu(&gate.contiguous()?, &up.contiguous()?);
+    }
+    reference::swiglu(gate, up)
 }
 
-/// Token embedding lookup: rows of `table` for `ids` (any shape of u32 ids).
-pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
-    let mut dims = ids.dims().to_vec();
-    dims.push(table.dim(1)?);
-    table.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
-}
-
-/// Negative log-likelihood of each target under `logits` (`[n, vocab]`, targets `[n]` u32),
-/// computed in at least f32. Returns `[n]`.
-pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logits = logits.to_dtype(widened(logits.dtype()))?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    log_probs
-        .gather(&targets.unsqueeze(1)?, 1)?
-        .squeeze(1)?
-        .neg()
-}
-
-/// Mean NLL over the positions where `weights` (`[n]` f32, 1 to score, 0 to skip) is set.
+/// Mean NLL over the positions where `weights` (`[n]` f32, 1 to score, 0 to skip) is set, for
+/// `logits` `[n, vocab]` and u32 `targets` `[n]`; computed in at least f32.
 pub fn masked_mean_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let nll = token_nll(logits, targets)?;
-    let count = weights
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .max(1.0);
-    let weights = weights.to_dtype(nll.dtype())?;
-    (nll * weights)?.sum_all()? / count
+    if fused_cpu_f32(&[logits, weights])
+        && targets.device().is_cpu()
+        && targets.dtype() == candle_core::DType::U32
+    {
+        return cross_entropy_cpu::masked_mean_nll(
+            &logits.contiguous()?,
+            &targets.contiguous()?,
+            &weights.contiguous()?,
+        );
+    }
+    reference::masked_mean_nll(logits, targets, weights)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::reference::{masked_mean_nll, token_nll};
     use super::*;
     use candle_core::{Device, Var};
 

@@ -1,6 +1,7 @@
 //! AdamW with decoupled weight decay, f32 moments, a decay mask, global-norm clipping and
 //! state that saves and loads by parameter name.
 
+use crate::ops::{adamw_step, AdamWUpdate};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::HashMap;
 
@@ -67,25 +68,28 @@ impl AdamW {
         self.steps += 1;
         let p = self.params;
         let t = self.steps as i32;
-        let bias1 = 1.0 - p.beta1.powi(t);
-        let bias2 = 1.0 - p.beta2.powi(t);
         for slot in &mut self.slots {
             let Some(g) = grads.get(&slot.name) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
-            slot.m = ((&slot.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
-            slot.v = ((&slot.v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let m_hat = (&slot.m / bias1)?;
-            let denom = ((&slot.v / bias2)?.sqrt()? + p.eps)?;
-            let w = slot.var.as_tensor().to_dtype(DType::F32)?;
-            let decayed = if slot.decay && p.weight_decay > 0.0 {
-                (&w * (1.0 - lr * p.weight_decay))?
-            } else {
-                w
+            // Detached so the moments never hold a gradient's graph across steps.
+            let g = g.to_dtype(DType::F32)?.detach();
+            let u = AdamWUpdate {
+                lr,
+                beta1: p.beta1,
+                beta2: p.beta2,
+                eps: p.eps,
+                decay: if slot.decay { lr * p.weight_decay } else { 0.0 },
+                bias1: 1.0 - p.beta1.powi(t),
+                bias2: 1.0 - p.beta2.powi(t),
             };
-            let updated = (decayed - (m_hat / denom)? * lr)?;
-            slot.var.set(&updated.to_dtype(slot.var.dtype())?)?;
+            // The fused kernel on CPU f32; the composite below everywhere else.
+            let (m, v) = match adamw_step(&slot.var, &slot.m, &slot.v, &g, &u)? {
+                Some(moments) => moments,
+                None => composite_step(&slot.var, &slot.m, &slot.v, &g, &u)?,
+            };
+            slot.m = m;
+            slot.v = v;
         }
         Ok(())
     }
@@ -124,6 +128,30 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
+
+/// The reference AdamW update from tensor ops (any device and dtype): sets `param` and returns
+/// the new `(m, v)`.
+fn composite_step(
+    param: &Var,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    u: &AdamWUpdate,
+) -> Result<(Tensor, Tensor)> {
+    let m = ((m * u.beta1)? + (g * (1.0 - u.beta1))?)?;
+    let v = ((v * u.beta2)? + (g.sqr()? * (1.0 - u.beta2))?)?;
+    let m_hat = (&m / u.bias1)?;
+    let denom = ((&v / u.bias2)?.sqrt()? + u.eps)?;
+    let w = param.as_tensor().to_dtype(DType::F32)?;
+    let decayed = if u.decay > 0.0 {
+        (&w * (1.0 - u.decay))?
+    } else {
+        w
+    };
+    let updated = (decayed - (m_hat / denom)? * u.lr)?;
+    param.set(&updated.to_dtype(param.dtype())?)?;
+    Ok((m, v))
 }
 
 /// The global L2 norm of all gradients.
@@ -182,6 +210,43 @@ mod tests {
         }
         assert!(!decays("model.norm.weight") && !decays("model.embed_tokens.weight"));
         assert!(decays("model.layers.0.mlp.up_proj.weight"));
+    }
+
+    #[test]
+    fn fused_cpu_step_matches_the_composite_step() {
+        use crate::ops::parity::{relative_error, uniform};
+        let init = uniform(&[37, 129], 1);
+        let (fused, reference) = (
+            Var::from_tensor(&init).unwrap(),
+            Var::from_tensor(&init).unwrap(),
+        );
+        let zeros = Tensor::zeros(init.shape(), DType::F32, &Device::Cpu).unwrap();
+        let (mut fm, mut fv) = (zeros.clone(), zeros.clone());
+        let (mut rm, mut rv) = (zeros.clone(), zeros);
+        for t in 1..=3 {
+            let g = uniform(&[37, 129], 10 + t as u64);
+            let u = AdamWUpdate {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                decay: 1e-3,
+                bias1: 1.0 - 0.9f64.powi(t),
+                bias2: 1.0 - 0.95f64.powi(t),
+            };
+            (fm, fv) = adamw_step(&fused, &fm, &fv, &g, &u).unwrap().unwrap();
+            (rm, rv) = composite_step(&reference, &rm, &rv, &g, &u).unwrap();
+        }
+        let errors = [
+            relative_error(fused.as_tensor(), reference.as_tensor()),
+            relative_error(&fm, &rm),
+            relative_error(&fv, &rv),
+        ];
+        let [w, m, v] = errors;
+        println!(
+            "adamw f32 [37, 129], 3 steps: max relative error w {w:.2e}, m {m:.2e}, v {v:.2e}"
+        );
+        assert!(errors.iter().all(|&e| e < 1e-6), "{errors:?}");
     }
 
     #[test]

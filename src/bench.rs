@@ -1,0 +1,311 @@
+//! Throughput benchmark with the shapes, tasks, modes and JSON fields of
+//! `shared/bench/torch_ref.py` (PyTorch + transformers + PEFT), so rows of the two tools join on
+//! `(task, preset, mode)`. Every task runs the same code as the real commands: training steps go
+//! through [`gradients::accumulate`], clipping and [`AdamW`], as `llmtool train` does.
+
+use crate::config::LoraSection;
+use crate::model::{Adapter, Cache, Llama, LlamaConfig};
+use crate::train::gradients::{self, Batch, Gradients};
+use crate::train::init::random_weights;
+use crate::train::optim::{clip_global_norm, AdamW, AdamWParams};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+/// A model size: `(name, hidden, layers, heads, kv_heads, ffn, vocab)`, as in torch_ref.py.
+pub const PRESETS: [(&str, usize, usize, usize, usize, usize, usize); 3] = [
+    ("tiny", 384, 6, 6, 6, 1024, 8192),
+    ("small", 512, 12, 8, 8, 1408, 16384),
+    ("base", 768, 12, 12, 12, 2048, 32000),
+];
+
+/// What to measure: one of `train`, `lora`, `eval`, `generate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Full training step of every parameter.
+    Train,
+    /// Training step of a LoRA adapter on q/k/v/o over a frozen base.
+    Lora,
+    /// Forward pass and loss without gradients.
+    Eval,
+    /// Greedy decoding with the KV cache.
+    Generate,
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "train" => Ok(Task::Train),
+            "lora" => Ok(Task::Lora),
+            "eval" => Ok(Task::Eval),
+            "generate" => Ok(Task::Generate),
+            _ => Err(format!(
+                "unknown task {s:?}: expected train, lora, eval or generate"
+            )),
+        }
+    }
+}
+
+impl Task {
+    /// The name torch_ref.py uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Train => "train",
+            Task::Lora => "lora",
+            Task::Eval => "eval",
+            Task::Generate => "generate",
+        }
+    }
+}
+
+/// Batch shape and repetitions shared by every measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Timed steps per row.
+    pub steps: usize,
+    /// Untimed steps before timing.
+    pub warmup: usize,
+    /// New tokens per generation run.
+    pub gen_tokens: usize,
+}
+
+/// The model config of preset `name` for sequences of `seq` tokens (tied embeddings, as the
+/// reference), or `None` for an unknown preset.
+pub fn preset_config(name: &str, seq: usize) -> Option<LlamaConfig> {
+    let &(_, h, layers, heads, kv, ffn, vocab) = PRESETS.iter().find(|p| p.0 == name)?;
+    serde_json::from_value(json!({
+        "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": vocab,
+        "max_position_embeddings": seq.max(2048), "tie_word_embeddings": true,
+    }))
+    .ok()
+}
+
+/// Compute dtype and gradient checkpointing of a mode: `fp32`, `bf16`, `fp32+ckpt` or
+/// `bf16+ckpt` (torch_ref.py's modes, less `torch.compile`).
+pub fn parse_mode(mode: &str) -> Result<(DType, bool), String> {
+    match mode {
+        "fp32" => Ok((DType::F32, false)),
+        "bf16" => Ok((DType::BF16, false)),
+        "fp32+ckpt" => Ok((DType::F32, true)),
+        "bf16+ckpt" => Ok((DType::BF16, true)),
+        _ => Err(format!(
+            "unknown mode {mode:?}: expected fp32, bf16, fp32+ckpt or bf16+ckpt"
+        )),
+    }
+}
+
+/// Measures one row. The JSON has torch_ref.py's fields for the task, plus `tool`.
+pub fn measure(
+    task: Task,
+    preset: &str,
+    mode: &str,
+    s: &Settings,
+    device: &Device,
+) -> anyhow::Result<Value> {
+    let cfg = preset_config(preset, s.seq).ok_or_else(|| {
+        anyhow::anyhow!("unknown preset {preset:?}: expected tiny, small or base")
+    })?;
+    let (dtype, recompute) = parse_mode(mode).map_err(anyhow::Error::msg)?;
+    let weights = random_weights(&cfg, 0, device)?;
+    let measured = match task {
+        Task::Train => {
+            let (weights, vars) = weights.into_trainable()?;
+            let model = Llama::new(&cfg, &weights, dtype)?;
+            let step_s = time_training(&model, &vars, s, recompute, device)?;
+            let params = cfg.parameter_count();
+            let tokens_per_s = (s.batch * s.seq) as f64 / step_s;
+            json!({"params": params, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
+                   "model_tflops": 6.0 * params as f64 * tokens_per_s / 1e12})
+        }
+        Task::Lora => {
+            let mut model = Llama::new(&cfg, &weights, dtype)?;
+            let lora = LoraSection {
+                dropout: 0.0,
+                ..LoraSection::default()
+            };
+            let adapter = Adapter::init(&lora, &cfg, 0, device)?;
+            model.attach_adapter(&adapter)?;
+            let vars = adapter.vars();
+            let step_s = time_training(&model, &vars, s, recompute, device)?;
+            let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            json!({"trainable": trainable, "step_ms": step_s * 1e3,
+                   "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
+        }
+        Task::Eval => {
+            let model = Llama::new(&cfg, &weights, dtype)?;
+            let batch = random_batch(&cfg, s, 1);
+            let step_s = timed(device, s.warmup, s.steps, || {
+                gradients::loss_only(&model, &batch).map(drop)
+            })?;
+            json!({"step_ms": step_s * 1e3, "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
+        }
+        Task::Generate => {
+            let model = Llama::new(&cfg, &weights, dtype)?;
+            let runs = (s.steps / 4).max(1);
+            let run_s = timed(device, 1, runs, || greedy(&model, s.gen_tokens).map(drop))?;
+            json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
+                   "tokens_per_s": s.gen_tokens as f64 / run_s})
+        }
+    };
+    let mut row = serde_json::Map::new();
+    row.insert("tool".into(), "llmtool".into());
+    row.insert("task".into(), task.name().into());
+    row.insert("preset".into(), preset.into());
+    row.insert("mode".into(), mode.into());
+    if let Value::Object(measured) = measured {
+        row.extend(measured);
+    }
+    if matches!(task, Task::Train | Task::Lora | Task::Eval) {
+        row.insert("batch".into(), s.batch.into());
+        row.insert("seq".into(), s.seq.into());
+    }
+    if matches!(task, Task::Train | Task::Lora) {
+        insert_peak_memory(&mut row, device);
+    }
+    Ok(Value::Object(row))
+}
+
+/// torch_ref.py's `peak_mb`: process peak RSS on the CPU (as its `ru_maxrss`). On a GPU candle
+/// keeps no allocator statistics, so the field is null and `peak_note` says why.
+fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Device) {
+    if device.is_cpu() {
+        let peak = crate::memory::peak_resident_bytes().map(|b| b as f64 / (1 << 20) as f64);
+        fields.insert("peak_mb".into(), json!(peak));
+    } else {
+        fields.insert("peak_mb".into(), Value::Null);
+        fields.insert(
+            "peak_note".into(),
+            "candle exposes no GPU allocator statistics".into(),
+        );
+    }
+}
+
+/// Seconds per call of `f` after `warmup` calls, with the device synchronized around the timing.
+fn timed(
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+    mut f: impl FnMut() -> candle_core::Result<()>,
+) -> candle_core::Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / steps.max(1) as f64)
+}
+
+/// Seconds per full training step of `vars`: forward, backward, clipping to norm 1, AdamW
+/// (lr 3e-4, weight decay 0.1 as the reference).
+fn time_training(
+    model: &Llama,
+    vars: &[(String, Var)],
+    s: &Settings,
+    recompute: bool,
+    device: &Device,
+) -> candle_core::Result<f64> {
+    let params = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut optimizer = AdamW::new(vars, params)?;
+    let batch = random_batch(&model.config, s, 0);
+    timed(device, s.warmup, s.steps, || {
+        let mut grads = Gradients::new();
+        gradients::accumulate(model, vars, &batch, 1.0, recompute, &mut grads)?;
+        clip_global_norm(&mut grads, 1.0)?;
+        optimizer.step(&grads, 3e-4)
+    })
+}
+
+/// `batch × seq` uniformly random inputs and targets, every position scored.
+fn random_batch(cfg: &LlamaConfig, s: &Settings, seed: u64) -> Batch {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = s.batch * s.seq;
+    let mut ids = || -> Vec<u32> {
+        (0..n)
+            .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+            .collect()
+    };
+    Batch {
+        inputs: ids(),
+        targets: ids(),
+        weights: None,
+        rows: s.batch,
+        seq_len: s.seq,
+    }
+}
+
+/// Greedy decoding of `new_tokens` tokens after a random 16-token prompt, with a KV cache.
+fn greedy(model: &Llama, new_tokens: usize) -> candle_core::Result<Vec<u32>> {
+    const PROMPT: usize = 16;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let vocab = model.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..PROMPT).map(|_| rng.random_range(0..vocab)).collect();
+    let mut cache = Cache::new(model, PROMPT + new_tokens);
+    let mut input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
+    let mut out = Vec::with_capacity(new_tokens);
+    for _ in 0..new_tokens {
+        let logits = model.forward(&input, Some(&mut cache))?;
+        let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
+        let next = last.argmax(0)?.to_scalar::<u32>()?;
+        out.push(next);
+        input = Tensor::new(&[[next]], model.device())?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_gives_a_row_with_the_reference_fields() {
+        let s = Settings {
+            batch: 1,
+            seq: 8,
+            steps: 1,
+            warmup: 0,
+            gen_tokens: 2,
+        };
+        for (task, fields) in [
+            (
+                Task::Train,
+                &["params", "step_ms", "model_tflops", "peak_mb"][..],
+            ),
+            (Task::Lora, &["trainable", "step_ms", "peak_mb"][..]),
+            (Task::Eval, &["step_ms", "batch", "seq"][..]),
+            (Task::Generate, &["new_tokens", "ms"][..]),
+        ] {
+            let row = measure(task, "tiny", "fp32", &s, &Device::Cpu).unwrap();
+            assert_eq!(row["task"], task.name());
+            assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+            for f in fields {
+                assert!(row.get(*f).is_some(), "{f} missing from {row}");
+            }
+        }
+        assert_eq!(row_trainable_of_tiny_lora(), 6 * 4 * 8 * (384 + 384));
+        assert!(measure(Task::Eval, "huge", "fp32", &s, &Device::Cpu).is_err());
+        assert!(parse_mode("fp16").is_err());
+    }
+
+    fn row_trainable_of_tiny_lora() -> usize {
+        let cfg = preset_config("tiny", 8).unwrap();
+        let lora = LoraSection::default();
+        let adapter = Adapter::init(&lora, &cfg, 0, &Device::Cpu).unwrap();
+        adapter.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}

@@ -1,0 +1,110 @@
+//! `llmtool bench`: the rows of `shared/bench/torch_ref.py`, as JSON lines and a table.
+
+use crate::bench::{measure, parse_mode, preset_config, Settings, Task};
+use crate::cli::BenchArgs;
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::Write;
+
+/// Runs `llmtool bench`.
+pub fn run(args: BenchArgs) -> Result<()> {
+    let device = crate::device::open(&args.device)?;
+    let tasks = args
+        .tasks
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<Task>, String>>()
+        .map_err(anyhow::Error::msg)?;
+    // The reference's defaults: mixed precision and checkpointing only on GPUs.
+    let modes = match &args.modes {
+        Some(m) => m.clone(),
+        None if device.is_cpu() => "fp32".to_string(),
+        None => "fp32,bf16,bf16+ckpt".to_string(),
+    };
+    // Refuse bad names before spending minutes on the rows that precede them.
+    for mode in modes.split(',') {
+        parse_mode(mode).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(bad) = args
+        .sizes
+        .split(',')
+        .find(|p| preset_config(p, args.seq).is_none())
+    {
+        bail!("unknown preset {bad:?}: expected tiny, small or base");
+    }
+    if args.batch == 0 || args.seq == 0 || args.steps == 0 {
+        bail!("--batch, --seq and --steps must be at least 1");
+    }
+    let settings = Settings {
+        batch: args.batch,
+        seq: args.seq,
+        steps: args.steps,
+        warmup: args.warmup,
+        gen_tokens: args.gen_tokens,
+    };
+    let mut out = match &args.out {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        ),
+        None => None,
+    };
+    println!(
+        "llmtool {} device {device:?} threads {}",
+        env!("CARGO_PKG_VERSION"),
+        rayon::current_num_threads()
+    );
+    let mut rows = Vec::new();
+    for preset in args.sizes.split(',') {
+        for &task in &tasks {
+            for mode in modes.split(',') {
+                // As the reference: checkpointing only applies to training.
+                if matches!(task, Task::Eval | Task::Generate) && mode.contains("ckpt") {
+                    continue;
+                }
+                let row =
+                    super::train::on_big_stack(|| measure(task, preset, mode, &settings, &device))?
+                        .unwrap_or_else(|e| {
+                            json!({"tool": "llmtool", "task": task.name(), "preset": preset,
+                           "mode": mode, "error": format!("{e:#}")})
+                        });
+                println!("{row}");
+                if let Some(file) = &mut out {
+                    writeln!(file, "{row}").context("writing --out")?;
+                }
+                rows.push(row);
+            }
+        }
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// The reference's closing table: task, preset, mode, tokens/s, step ms, peak MB.
+fn print_table(rows: &[Value]) {
+    println!(
+        "{:9} {:6} {:14} {:>12} {:>9} {:>9}",
+        "task", "preset", "mode", "tok/s", "step_ms", "peak_MB"
+    );
+    let text = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let number = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+    for r in rows {
+        let (task, preset, mode) = (text(r, "task"), text(r, "preset"), text(r, "mode"));
+        if let Some(e) = r["error"].as_str() {
+            let short: String = e.chars().take(60).collect();
+            println!("{task:9} {preset:6} {mode:14} ERROR {short}");
+            continue;
+        }
+        let ms = r
+            .get("step_ms")
+            .map_or(number(r, "ms"), |v| v.as_f64().unwrap_or(0.0));
+        println!(
+            "{task:9} {preset:6} {mode:14} {:12.0} {ms:9.2} {:9.0}",
+            number(r, "tokens_per_s"),
+            number(r, "peak_mb")
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! Fused causal softmax for attention on the CPU: `softmax(scores * scale + causal mask)` in one
+//! pass per row, and its backward in one pass, with no mask tensor and no T×T temporaries
+//! besides the probabilities themselves. The QKᵀ and PV products stay candle matmuls.
+
+use super::cpu_kernel::{f32s, for_each_row, output, rows_and_width, MIN_ROWS_PER_TASK};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Causal attention with the fused softmax. Same contract as
+/// [`super::reference::causal_attention`]; inputs must be contiguous f32 CPU tensors.
+pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let head_dim = q.dim(3)?;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let probs = q.matmul(&k.t()?)?.apply_op1(CausalSoftmax { scale })?;
+    probs.matmul(v)
+}
+
+/// Row `row` of a `[.., q_len, kv_len]` score tensor may see keys `0..visible(row)`: query `i`
+/// sits at position `kv_len - q_len + i`.
+fn visible(row: usize, q_len: usize, kv_len: usize) -> usize {
+    kv_len - q_len + row % q_len + 1
+}
+
+fn query_and_key_lens(layout: &Layout) -> Result<(usize, usize, usize)> {
+    let (rows, kv_len) = rows_and_width(layout)?;
+    let dims = layout.dims();
+    let q_len = if dims.len() >= 2 {
+        dims[dims.len() - 2]
+    } else {
+        1
+    };
+    if q_len > kv_len || q_len == 0 {
+        candle_core::bail!("causal softmax: {q_len} queries against {kv_len} keys");
+    }
+    Ok((rows, q_len, kv_len))
+}
+
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let scores = f32s(storage, layout)?;
+        let (_, q_len, kv_len) = query_and_key_lens(layout)?;
+        let mut probs = vec![0f32; scores.len()];
+        for_each_row(&mut probs, kv_len, |row, p| {
+            let s = &scores[row * kv_len..][..kv_len];
+            let n = visible(row, q_len, kv_len);
+            let max = s[..n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
+                *p = ((s - max) * self.scale).exp();
+                sum += *p;
+            }
+            let inv = 1.0 / sum;
+            p[..n].iter_mut().for_each(|p| *p *= inv);
+        });
+        Ok(output(probs, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let op = CausalSoftmaxGrad { scale: self.scale };
+        Ok(Some(probs.detach().apply_op2(&grad, op)?))
+    }
+}
+
+/// `dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale`, skipping the masked part of each row (P = 0 there).
+struct CausalSoftmaxGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        probs: &CpuStorage,
+        probs_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (probs, grad) = (f32s(probs, probs_layout)?, f32s(grad, grad_layout)?);
+        let (_, q_len, kv_len) = query_and_key_lens(probs_layout)?;
+        let mut out = vec![0f32; probs.len()];
+        out.par_chunks_mut(kv_len)
+            .zip(probs.par_chunks(kv_len).zip(grad.par_chunks(kv_len)))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(row, (ds, (p, dp)))| {
+                let n = visible(row, q_len, kv_len);
+                let dot: f32 = p[..n].iter().zip(&dp[..n]).map(|(p, d)| p * d).sum();
+                for ((ds, &p), &dp) in ds[..n].iter_mut().zip(&p[..n]).zip(&dp[..n]) {
+                    *ds = p * (dp - dot) * self.scale;
+                }
+            });
+        Ok(output(out, probs_layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::parity::{assert_parity, uniform};
+    use crate::ops::reference;
+
+    #[test]
+    fn matches_the_reference_forward_and_backward() {
+        // (batch, heads, queries, keys, head size): single token, decode step, odd sizes.
+        for (i, &(b, h, q, kv, d)) in [
+            (1, 1, 1, 1, 4),
+            (2, 3, 7, 7, 8),
+            (1, 2, 1, 5, 4),
+            (2, 2, 3, 9, 16),
+            (1, 1, 33, 33, 5),
+            // Large enough for the parallel path.
+            (1, 2, 100, 100, 8),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = 10 * i as u64;
+            let inputs = [
+                uniform(&[b, h, q, d], s),
+                uniform(&[b, h, kv, d], s + 1),
+                uniform(&[b, h, kv, d], s + 2),
+            ];
+            assert_parity(
+                "causal_attention",
+                &inputs,
+                &[true; 3],
+                |t| super::causal_attention(&t[0], &t[1], &t[2]),
+                |t| reference::causal_attention(&t[0], &t[1], &t[2]),
+                1e-5,
+            );
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Plumbing shared by the fused CPU kernels: borrowing contiguous f32/u32 slices out of candle's
+//! CPU storage, wrapping results, and deciding when the fused path applies.
+//!
+//! Backward kernels run on `detach()`ed operands. candle detaches the gradient of every
+//! intermediate node but never that of a `Var`; a gradient computed from a tracked operand would
+//! keep the whole forward graph alive through the gradient store, and through AdamW's moments
+//! from one step to the next.
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task at least: below this the scheduling costs more than the work.
+pub(crate) const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Elements per rayon task for purely elementwise kernels.
+pub(crate) const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+/// Outputs smaller than this are computed on the calling thread. Handing work to the rayon pool
+/// from a thread outside it costs a cross-thread wake-up, which on a busy machine is longer than
+/// a decode step's whole RMSNorm or softmax row.
+const SERIAL_BELOW: usize = 1 << 14;
+
+/// Calls `f(row, out_row)` for each `width`-sized row of `out` (the last may be shorter), in
+/// parallel unless `out` is small. The kernel reads its inputs at the same row index.
+pub(crate) fn for_each_row<F>(out: &mut [f32], width: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    let width = width.max(1);
+    if out.len() < SERIAL_BELOW {
+        out.chunks_mut(width).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        out.par_chunks_mut(width)
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Whether every tensor is an f32 tensor on the CPU, which is what the fused kernels handle.
+/// Everything else (CUDA, Metal, 16-bit and f64) takes the composite path.
+pub(crate) fn fused_cpu_f32(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The f32 elements of a contiguous CPU operand.
+pub(crate) fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    slice(storage.as_slice::<f32>()?, layout)
+}
+
+/// The u32 elements of a contiguous CPU operand.
+pub(crate) fn u32s<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
+    slice(storage.as_slice::<u32>()?, layout)
+}
+
+fn slice<'a, T>(all: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&all[start..end]),
+        None => candle_core::bail!("fused CPU kernel: operand is not contiguous"),
+    }
+}
+
+/// Wraps a kernel's output buffer as candle CPU storage of `shape`.
+pub(crate) fn output(values: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
+    (CpuStorage::F32(values), shape.into())
+}
+
+/// The size of the last dimension and the number of rows before it.
+pub(crate) fn rows_and_width(layout: &Layout) -> Result<(usize, usize)> {
+    let width = *layout
+        .dims()
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("fused CPU kernel: scalar operand".into()))?;
+    let rows = layout.shape().elem_count().checked_div(width).unwrap_or(0);
+    Ok((rows, width))
+}

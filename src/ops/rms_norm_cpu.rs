@@ -1,0 +1,200 @@
+//! Fused RMSNorm on the CPU: one pass per row forward, one pass per row for the input gradient
+//! and a row-parallel reduction for the weight gradient. The per-row inverse RMS is recomputed
+//! in backward rather than stored: it costs one dot product per row.
+
+use super::cpu_kernel::{f32s, for_each_row, output, rows_and_width, MIN_ROWS_PER_TASK};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `x / sqrt(mean(x²) + eps) * weight` over the last dimension. Same contract as
+/// [`super::reference::rms_norm`]; inputs must be contiguous f32 CPU tensors.
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.apply_op2(weight, RmsNorm { eps: eps as f32 })
+}
+
+fn inverse_rms(row: &[f32], eps: f32) -> f32 {
+    let mean_square = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
+    1.0 / (mean_square + eps).sqrt()
+}
+
+/// Checks that `weight` has one entry per column of `x`.
+fn check_width(x: &Layout, weight: &[f32]) -> Result<(usize, usize)> {
+    let (rows, width) = rows_and_width(x)?;
+    if weight.len() != width {
+        candle_core::bail!("rms_norm: weight of {} for rows of {width}", weight.len());
+    }
+    Ok((rows, width))
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
+        let (_, width) = check_width(x_layout, w)?;
+        let mut y = vec![0f32; x.len()];
+        for_each_row(&mut y, width, |row, y| {
+            let x = &x[row * width..][..width];
+            let r = inverse_rms(x, self.eps);
+            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                *y = x * r * w;
+            }
+        });
+        Ok(output(y, x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // candle stores whatever gradient is returned, so a frozen operand must get `None`
+        // (which also skips its kernel).
+        let grad = grad.contiguous()?;
+        let (x_data, w_data) = (x.detach(), w.detach());
+        let dx = x
+            .track_op()
+            .then(|| x_data.apply_op3(&w_data, &grad, RmsNormInputGrad { eps: self.eps }))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| x_data.apply_op2(&grad, RmsNormWeightGrad { eps: self.eps }))
+            .transpose()?;
+        Ok((dx, dw))
+    }
+}
+
+/// `dx = r · (g⊙w − x̂ · mean(g⊙w⊙x̂))` with `x̂ = x · r`.
+struct RmsNormInputGrad {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormInputGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        g: &CpuStorage,
+        g_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (f32s(x, x_layout)?, f32s(w, w_layout)?, f32s(g, g_layout)?);
+        let (_, width) = check_width(x_layout, w)?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(width.max(1))
+            .zip(x.par_chunks(width.max(1)).zip(g.par_chunks(width.max(1))))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(dx, (x, g))| {
+                let r = inverse_rms(x, self.eps);
+                let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| x * g * w).sum();
+                let k = dot * r * r / width as f32;
+                for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    *dx = r * (g * w - x * k);
+                }
+            });
+        Ok(output(dx, x_layout.shape().clone()))
+    }
+}
+
+/// `dw = Σ_rows g ⊙ x̂`, summed per rayon task and then across tasks.
+struct RmsNormWeightGrad {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormWeightGrad {
+    fn name(&self) -> &'static str {
+        "rms-norm-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        g: &CpuStorage,
+        g_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, g) = (f32s(x, x_layout)?, f32s(g, g_layout)?);
+        let (_, width) = rows_and_width(x_layout)?;
+        let dw = x
+            .par_chunks(width.max(1))
+            .zip(g.par_chunks(width.max(1)))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .fold(
+                || vec![0f32; width],
+                |mut acc, (x, g)| {
+                    let r = inverse_rms(x, self.eps);
+                    for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
+                        *a += g * x * r;
+                    }
+                    acc
+                },
+            )
+            .reduce(
+                || vec![0f32; width],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            );
+        Ok(output(dw, width))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::parity::{assert_parity, uniform};
+    use crate::ops::reference;
+    use candle_core::Var;
+
+    #[test]
+    fn gradients_of_vars_hold_no_graph() {
+        // The model passes norm weights (Vars) straight in; their gradients must not keep the
+        // forward graph alive (see cpu_kernel.rs).
+        let x = Var::from_tensor(&uniform(&[3, 8], 1)).unwrap();
+        let w = Var::from_tensor(&uniform(&[8], 2)).unwrap();
+        let y = super::rms_norm(&x, &w, 1e-6).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(!grads.get(&x).unwrap().track_op());
+        assert!(!grads.get(&w).unwrap().track_op());
+    }
+
+    #[test]
+    fn matches_the_reference_forward_and_backward() {
+        // Width 1 is left out: there dx ≈ 0 is pure cancellation noise in both versions.
+        for (i, shape) in [vec![1, 1, 3], vec![2, 3, 8], vec![5, 17], vec![1, 50, 384]]
+            .iter()
+            .enumerate()
+        {
+            let s = 10 * i as u64;
+            let width = *shape.last().unwrap();
+            let inputs = [uniform(shape, s), uniform(&[width], s + 1)];
+            assert_parity(
+                "rms_norm",
+                &inputs,
+                &[true, true],
+                |t| super::rms_norm(&t[0], &t[1], 1e-5),
+                |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+                1e-5,
+            );
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Fused rotary position embedding (Hugging Face rotate-half layout) on the CPU. The backward
+//! of a rotation by θ is the rotation by −θ, so one kernel does both directions.
+
+use super::cpu_kernel::{f32s, for_each_row, output};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+/// Whether the fused kernel handles these shapes: `x` `[b, h, t, d]` with even `d`, tables
+/// `[t, d / 2]`. Others (e.g. batched tables) take the composite path.
+pub(crate) fn supports(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    match (x.dims4(), cos.dims2()) {
+        (Ok((_, _, t, d)), Ok(table)) => {
+            d % 2 == 0 && table == (t, d / 2) && sin.dims() == cos.dims()
+        }
+        _ => false,
+    }
+}
+
+/// Rotates `x` by the angles whose cosines and sines are `cos`/`sin`. Same contract as
+/// [`super::reference::rope`]; inputs must be contiguous f32 CPU tensors that [`supports`].
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.apply_op3(cos, sin, Rope { inverse: false })
+}
+
+struct Rope {
+    /// Rotate by −θ (the backward pass) instead of θ.
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+        sin: &CpuStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x_values = f32s(x, x_layout)?;
+        let (cos, sin) = (f32s(cos, cos_layout)?, f32s(sin, sin_layout)?);
+        let d = *x_layout.dims().last().unwrap_or(&0);
+        let half = d / 2;
+        if half == 0 || cos.len() % half != 0 || sin.len() != cos.len() {
+            candle_core::bail!("rope: tables of {} for head size {d}", cos.len());
+        }
+        let seq = cos.len() / half;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x_values.len()];
+        for_each_row(&mut y, d, |row, y| {
+            let x = &x_values[row * d..][..d];
+            let pos = row % seq;
+            let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for j in 0..half {
+                let s = sign * s[j];
+                y1[j] = x1[j] * c[j] - x2[j] * s;
+                y2[j] = x2[j] * c[j] + x1[j] * s;
+            }
+        });
+        Ok(output(y, x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let inverse = Rope {
+            inverse: !self.inverse,
+        };
+        let dx = grad.contiguous()?.apply_op3(cos, sin, inverse)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::parity::{assert_parity, uniform};
+    use crate::ops::reference;
+
+    #[test]
+    fn matches_the_reference_forward_and_backward() {
+        for (i, &(b, h, t, d)) in [
+            (1, 1, 1, 2),
+            (2, 3, 5, 8),
+            (1, 2, 7, 6),
+            (3, 1, 4, 64),
+            (2, 4, 40, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = 10 * i as u64;
+            let angles = (uniform(&[t, d / 2], s) * 3.0).unwrap();
+            let inputs = [
+                uniform(&[b, h, t, d], s + 1),
+                angles.cos().unwrap(),
+                angles.sin().unwrap(),
+            ];
+            assert!(super::supports(&inputs[0], &inputs[1], &inputs[2]));
+            assert_parity(
+                "rope",
+                &inputs,
+                &[true, false, false],
+                |t| super::rope(&t[0], &t[1], &t[2]),
+                |t| reference::rope(&t[0], &t[1], &t[2]),
+                1e-5,
+            );
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Fused SwiGLU on the CPU: `silu(gate) · up` in one elementwise pass, and both gradients in one
+//! pass that writes them side by side (the op returns one tensor, so `[2, ..]`, split by views).
+
+use super::cpu_kernel::{f32s, for_each_row, output, ELEMENTWISE_CHUNK};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `silu(gate) * up`. Same contract as [`super::reference::swiglu`]; inputs must be contiguous
+/// f32 CPU tensors of one shape.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.apply_op2(up, SwiGlu)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn same_len(a: &[f32], b: &[f32]) -> Result<()> {
+    if a.len() != b.len() {
+        candle_core::bail!("swiglu: gate of {} and up of {} elements", a.len(), b.len());
+    }
+    Ok(())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (f32s(gate, gate_layout)?, f32s(up, up_layout)?);
+        same_len(gate, up)?;
+        let mut y = vec![0f32; gate.len()];
+        for_each_row(&mut y, ELEMENTWISE_CHUNK, |chunk, y| {
+            let start = chunk * ELEMENTWISE_CHUNK;
+            let (g, u) = (&gate[start..][..y.len()], &up[start..][..y.len()]);
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+        Ok(output(y, gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = gate
+            .detach()
+            .apply_op3(&up.detach(), &grad.contiguous()?, SwiGluGrad)?;
+        // candle stores whatever gradient is returned: a frozen operand must get `None`.
+        let d_gate = gate.track_op().then(|| both.get(0)).transpose()?;
+        let d_up = up.track_op().then(|| both.get(1)).transpose()?;
+        Ok((d_gate, d_up))
+    }
+}
+
+/// `[d gate, d up]` stacked on a new leading dimension:
+/// `d gate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))`, `d up = g · silu(gate)`.
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (f32s(gate, gate_layout)?, f32s(up, up_layout)?);
+        let grad = f32s(grad, grad_layout)?;
+        same_len(gate, up)?;
+        same_len(gate, grad)?;
+        let n = gate.len();
+        let mut out = vec![0f32; 2 * n];
+        let (d_gate, d_up) = out.split_at_mut(n);
+        d_gate
+            .par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
+            .zip(gate.par_chunks(ELEMENTWISE_CHUNK))
+            .zip(
+                up.par_chunks(ELEMENTWISE_CHUNK)
+                    .zip(grad.par_chunks(ELEMENTWISE_CHUNK)),
+            )
+            .for_each(|(((dg, du), g), (u, dy))| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    du[i] = dy[i] * g[i] * s;
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(gate_layout.dims());
+        Ok(output(out, dims))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::parity::{assert_parity, uniform};
+    use crate::ops::reference;
+
+    #[test]
+    fn matches_the_reference_forward_and_backward() {
+        for (i, shape) in [vec![1], vec![3, 5, 7], vec![2, 20000]].iter().enumerate() {
+            let s = 10 * i as u64;
+            let inputs = [(uniform(shape, s) * 4.0).unwrap(), uniform(shape, s + 1)];
+            assert_parity(
+                "swiglu",
+                &inputs,
+                &[true, true],
+                |t| super::swiglu(&t[0], &t[1]),
+                |t| reference::swiglu(&t[0], &t[1]),
+                1e-5,
+            );
+        }
+    }
+}
