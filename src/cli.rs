@@ -75,11 +75,11 @@ pub enum Command {
     Config(ConfigCommand),
     /// Measure perplexity and bits per byte of one or more models on text.
     ///
-    /// Example: llmtool eval --model runs/small --adapter runs/lora --data notes/ --per-file
+    /// Example: llmtool eval --model runs/small/model --adapter runs/lora/adapter --data notes/ --per-file
     Eval(EvalArgs),
     /// Generate text from a prompt, a file, stdin or a chat.
     ///
-    /// Example: llmtool generate --model runs/small --prompt "# Getting started" --max-tokens 200
+    /// Example: llmtool generate --model runs/small/model --prompt "# Getting started" --max-tokens 200
     Generate(GenerateArgs),
     /// Build a token dataset from markdown, or inspect one.
     #[command(subcommand)]
@@ -92,7 +92,7 @@ pub enum Command {
     /// The sum `W + scale * B A` is computed in f32; the result loads in llmtool and in
     /// transformers without PEFT.
     ///
-    /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora --out runs/merged
+    /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora/adapter --out runs/merged
     Merge(MergeArgs),
     /// Measure training, LoRA, evaluation and generation throughput on random tokens, with the
     /// shapes, rows and JSON fields of shared/bench/torch_ref.py (PyTorch) so the two compare.

@@ -73,9 +73,11 @@ impl Rendered {
     }
 }
 
-/// The `.jsonl` files under `data.roots`: `.jsonl` roots, and `.jsonl` files in root folders
-/// (`data.include` is not applied, `data.exclude` is). Fine-tuning reads these instead of the
-/// markdown when there are any.
+/// The `.jsonl` files of `data.roots`: `.jsonl` roots, and `.jsonl` files directly inside root
+/// folders, like mlx-lm's `data/train.jsonl` (`data.include` is not applied, `data.exclude` is).
+/// Deeper files are not picked up, so JSON lines kept among documentation (logs, benchmark
+/// results) do not turn a markdown corpus into a JSONL one. Fine-tuning reads these instead of
+/// the markdown when there are any.
 pub fn find_files(data: &DataSection) -> Result<Vec<PathBuf>, DataError> {
     let jsonl_only = DataSection {
         include: vec!["**/*.jsonl".into()],
@@ -86,6 +88,11 @@ pub fn find_files(data: &DataSection) -> Result<Vec<PathBuf>, DataError> {
         .into_iter()
         .map(|f| f.path)
         .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .filter(|p| {
+            data.roots
+                .iter()
+                .any(|root| p == root || p.parent() == Some(root.as_path()))
+        })
         .collect())
 }
 
@@ -445,7 +452,7 @@ mod tests {
     }
 
     #[test]
-    fn jsonl_files_are_found_in_root_folders_and_as_roots() {
+    fn jsonl_files_are_found_at_the_top_of_root_folders_and_as_roots() {
         let setup = Setup::new();
         let dir = setup.dir.path();
         std::fs::create_dir_all(dir.join("sub")).unwrap();
@@ -457,7 +464,7 @@ mod tests {
             ..DataSection::default()
         };
         let found = find_files(&data(vec![dir.to_path_buf()])).unwrap();
-        assert_eq!(found, [dir.join("a.jsonl"), dir.join("sub/chat.jsonl")]);
+        assert_eq!(found, [dir.join("a.jsonl")], "sub/chat.jsonl is too deep");
         let found = find_files(&data(vec![dir.join("a.jsonl"), dir.join("notes.md")])).unwrap();
         assert_eq!(found, [dir.join("a.jsonl")]);
         std::fs::remove_file(dir.join("a.jsonl")).unwrap();
