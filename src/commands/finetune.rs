@@ -2,15 +2,13 @@
 //! JSONL examples, with LoRA adapters (`--lora`, a PEFT adapter directory) or all weights (an
 //! HF model directory).
 
-use super::train::{
-    build_dataset, check_vocab, execute, on_big_stack, open_session, resolve_config, TrainData,
-};
+use super::train::{build_dataset, execute, on_big_stack, open_session, resolve_config, TrainData};
 use crate::cli::FinetuneArgs;
 use crate::config::{Config, TrainingSection};
 use crate::data::jsonl::{self, ExampleOptions, Examples};
 use crate::data::Dataset;
 use crate::generate::ChatTemplate;
-use crate::model::{self, hub, Adapter, Llama, Weights};
+use crate::model::{self, hub, Adapter, Llama, LlamaConfig, Weights};
 use crate::train::example_source::ExampleBatches;
 use crate::train::BatchSource;
 use anyhow::{Context, Result};
@@ -27,8 +25,8 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         "model.pretrained: set it to a Hugging Face model directory or hub id to fine-tune"
     })?;
     let base_dir = hub::resolve(&spec)?;
-    use_base_tokenizer(&mut config, &base_dir)?;
     let base_config = model::io::read_config(&base_dir)?;
+    use_base_tokenizer(&mut config, &base_dir, &base_config)?;
     let session = open_session(config, &args.run, |config| {
         FinetuneData::load(config, &base_dir, base_config.vocab_size)
     })?;
@@ -66,12 +64,15 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
 }
 
 /// Tokenizes the corpus with the base model's tokenizer, separating documents with its EOS.
-fn use_base_tokenizer(config: &mut Config, base_dir: &Path) -> Result<()> {
+fn use_base_tokenizer(
+    config: &mut Config,
+    base_dir: &Path,
+    base_config: &LlamaConfig,
+) -> Result<()> {
     let tokenizer_path: PathBuf = base_dir.join("tokenizer.json");
     if config.data.tokenizer.is_none() {
         config.data.tokenizer = Some(tokenizer_path.clone());
     }
-    let base_config = model::io::read_config(base_dir)?;
     let eos = base_config
         .eos_token_id
         .as_ref()
@@ -99,9 +100,7 @@ impl FinetuneData {
     fn load(config: &Config, base_dir: &Path, vocab_size: usize) -> Result<Self> {
         let files = jsonl::find_files(&config.data)?;
         if files.is_empty() {
-            let dataset = build_dataset(config)?;
-            check_vocab(&dataset, vocab_size)?;
-            return Ok(Self::Markdown(Box::new(dataset)));
+            return Ok(Self::Markdown(Box::new(build_dataset(config, vocab_size)?)));
         }
         let tokenizer_path = config
             .data

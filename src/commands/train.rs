@@ -24,10 +24,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let session = open_session(resolve_config(&args)?, &args, build_dataset)?;
+    let session = open_session(resolve_config(&args)?, &args, |config| {
+        build_dataset(config, config.model.vocab_size)
+    })?;
     let (config, dataset) = (&session.config, &session.data);
     let model_config = LlamaConfig::from_section(&config.model, Some(dataset.eos_id()));
-    check_vocab(dataset, model_config.vocab_size)?;
     let t = &config.training;
     let weights = init::random_weights(&model_config, t.seed, &session.device)?;
     let (weights, vars) = weights.into_trainable()?;
@@ -85,8 +86,9 @@ pub fn open_session<D>(
     })
 }
 
-/// Builds (or reuses) the configured markdown dataset and opens it.
-pub fn build_dataset(config: &Config) -> Result<Dataset> {
+/// Builds (or reuses) the configured markdown dataset and opens it, checking its tokenizer
+/// fits a model with `vocab_size` embeddings (before the run directory gets its config).
+pub fn build_dataset(config: &Config, vocab_size: usize) -> Result<Dataset> {
     let report = build(config, &BuildOptions::default()).context("building the dataset")?;
     let dataset = Dataset::open(&report.dir)?;
     eprintln!(
@@ -101,11 +103,12 @@ pub fn build_dataset(config: &Config) -> Result<Dataset> {
             ""
         }
     );
+    check_vocab(&dataset, vocab_size)?;
     Ok(dataset)
 }
 
 /// Fails when the dataset's tokenizer has more tokens than the model has embeddings.
-pub fn check_vocab(dataset: &Dataset, vocab_size: usize) -> Result<()> {
+fn check_vocab(dataset: &Dataset, vocab_size: usize) -> Result<()> {
     if dataset.vocab_size() > vocab_size {
         bail!(
             "{}: the tokenizer has {} tokens but the model has only {vocab_size} embeddings",
