@@ -7,7 +7,7 @@ use crate::config::LoraSection;
 use crate::model::{Adapter, Cache, Llama, LlamaConfig};
 use crate::train::gradients::{self, Batch, Gradients};
 use crate::train::init::random_weights;
-use crate::train::optim::{clip_global_norm, AdamW, AdamWParams};
+use crate::train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -113,6 +113,8 @@ pub fn measure(
         anyhow::anyhow!("unknown preset {preset:?}: expected tiny, small or base")
     })?;
     let (dtype, recompute) = parse_mode(mode).map_err(anyhow::Error::msg)?;
+    // As the reference: the peak covers the model, optimizer state and the steps.
+    crate::device::reset_peak_memory(device)?;
     let weights = random_weights(&cfg, 0, device)?;
     let measured = match task {
         Task::Train => {
@@ -172,17 +174,21 @@ pub fn measure(
     Ok(Value::Object(row))
 }
 
-/// torch_ref.py's `peak_mb`: process peak RSS on the CPU (as its `ru_maxrss`). On a GPU candle
-/// keeps no allocator statistics, so the field is null and `peak_note` says why.
+/// torch_ref.py's `peak_mb`: process peak RSS on the CPU (as its `ru_maxrss`), the memory
+/// pool's high-water mark since the row began on CUDA (as `torch.cuda.max_memory_allocated`).
+/// Elsewhere the field is null and `peak_note` says why.
 fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Device) {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if device.is_cpu() {
-        let peak = crate::memory::peak_resident_bytes().map(|b| b as f64 / (1 << 20) as f64);
+        let peak = crate::memory::peak_resident_bytes().map(mib);
         fields.insert("peak_mb".into(), json!(peak));
+    } else if let Some(peak) = crate::device::peak_memory(device) {
+        fields.insert("peak_mb".into(), json!(mib(peak)));
     } else {
         fields.insert("peak_mb".into(), Value::Null);
         fields.insert(
             "peak_note".into(),
-            "candle exposes no GPU allocator statistics".into(),
+            "no allocator statistics on this device".into(),
         );
     }
 }
@@ -226,8 +232,8 @@ fn time_training(
     timed(device, s.warmup, s.steps, || {
         let mut grads = Gradients::new();
         gradients::accumulate(model, vars, &batch, 1.0, recompute, &mut grads)?;
-        clip_global_norm(&mut grads, 1.0)?;
-        optimizer.step(&grads, 3e-4)
+        let norm = global_norm(&grads)?;
+        optimizer.step(&grads, 3e-4, clip_scale(norm, 1.0))
     })
 }
 
@@ -266,6 +272,60 @@ fn greedy(model: &Llama, new_tokens: usize) -> candle_core::Result<Vec<u32>> {
         input = Tensor::new(&[[next]], model.device())?;
     }
     Ok(out)
+}
+
+/// One row per fused op at the shapes of `preset` (and once per dtype the edge-case shapes,
+/// when `preset` is `None`): the op's relative error against its reference in the compute dtype
+/// of `mode`, the tolerance, and forward + backward milliseconds of both.
+pub fn op_rows(
+    preset: Option<&str>,
+    mode: &str,
+    s: &Settings,
+    device: &Device,
+) -> anyhow::Result<Vec<Value>> {
+    use crate::ops::check::{self, tolerance};
+    let (dtype, _) = parse_mode(mode).map_err(anyhow::Error::msg)?;
+    let cases = match preset {
+        Some(name) => {
+            let cfg = preset_config(name, s.seq)
+                .ok_or_else(|| anyhow::anyhow!("unknown preset {name:?}"))?;
+            check::model_cases(&cfg, s.batch, s.seq)
+        }
+        None => check::edge_cases(),
+    };
+    let mut rows = Vec::new();
+    for case in cases {
+        let mut row = json!({"tool": "llmtool", "task": "ops", "preset": preset.unwrap_or("edge"),
+                             "mode": mode, "op": case.name, "shapes": case.shapes(),
+                             "tolerance": tolerance(dtype)});
+        match check::run_case(&case, device, dtype, s.steps.clamp(1, 5)) {
+            Ok(r) => {
+                row["max_rel_error"] = json!(r.error);
+                row["ok"] = json!(r.error < tolerance(dtype));
+                row["fused_ms"] = json!(r.fused_ms);
+                row["reference_ms"] = json!(r.reference_ms);
+                row["speedup"] = json!(r.reference_ms / r.fused_ms);
+            }
+            Err(e) => {
+                row["ok"] = json!(false);
+                row["error"] = json!(format!("{e:#}"));
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// The optimizer row of the op check: fused AdamW and gradient norm against the composite.
+pub fn adamw_row(device: &Device) -> Value {
+    let tolerance = 1e-5;
+    match crate::ops::check::adamw_error(device) {
+        Ok(error) => json!({"tool": "llmtool", "task": "ops", "preset": "edge", "mode": "fp32",
+                            "op": "adamw", "max_rel_error": error, "tolerance": tolerance,
+                            "ok": error < tolerance}),
+        Err(e) => json!({"tool": "llmtool", "task": "ops", "op": "adamw", "ok": false,
+                         "error": format!("{e:#}")}),
+    }
 }
 
 #[cfg(test)]

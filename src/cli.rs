@@ -134,6 +134,11 @@ pub struct BenchArgs {
     /// Also append each row as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Instead of throughput, check every fused op against its reference on this device
+    /// (forward and gradients, per mode's dtype, at the presets' shapes and at edge-case
+    /// shapes) and time both; exits non-zero if any op is over its tolerance.
+    #[arg(long)]
+    pub ops: bool,
 }
 
 /// Compute precision for inference.

@@ -57,6 +57,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         rayon::current_num_threads()
     );
+    if args.ops {
+        return run_ops(&args, &modes, &settings, &device, out.as_mut());
+    }
     let mut rows = Vec::new();
     for preset in args.sizes.split(',') {
         for &task in &tasks {
@@ -107,4 +110,55 @@ fn print_table(rows: &[Value]) {
             number(r, "peak_mb")
         );
     }
+}
+
+/// `llmtool bench --ops`: the op check rows, then a summary; an error if any op failed.
+fn run_ops(
+    args: &BenchArgs,
+    modes: &str,
+    settings: &Settings,
+    device: &candle_core::Device,
+    mut out: Option<&mut std::fs::File>,
+) -> Result<()> {
+    let mut rows = vec![crate::bench::adamw_row(device)];
+    for mode in modes.split(',').filter(|m| !m.contains("ckpt")) {
+        let presets = std::iter::once(None).chain(args.sizes.split(',').map(Some));
+        for preset in presets {
+            rows.extend(crate::bench::op_rows(preset, mode, settings, device)?);
+        }
+    }
+    for row in &rows {
+        println!("{row}");
+        if let Some(file) = out.as_deref_mut() {
+            writeln!(file, "{row}").context("writing --out")?;
+        }
+    }
+    println!(
+        "{:6} {:6} {:18} {:>10} {:>10} {:>11} {:>8}",
+        "preset", "mode", "op", "rel_err", "fused_ms", "composite", "speedup"
+    );
+    let text = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let number = |r: &Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    for r in &rows {
+        println!(
+            "{:6} {:6} {:18} {:10.2e} {:10.3} {:11.3} {:7.1}x{}",
+            text(r, "preset"),
+            text(r, "mode"),
+            text(r, "op"),
+            number(r, "max_rel_error"),
+            number(r, "fused_ms"),
+            number(r, "reference_ms"),
+            number(r, "speedup"),
+            if r["ok"] == json!(true) {
+                ""
+            } else {
+                "  FAILED"
+            }
+        );
+    }
+    let failed = rows.iter().filter(|r| r["ok"] != json!(true)).count();
+    if failed > 0 {
+        bail!("{failed} of {} op checks failed", rows.len());
+    }
+    Ok(())
 }

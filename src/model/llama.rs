@@ -416,23 +416,37 @@ impl Llama {
         a.o_proj.forward(&y, self.dtype)
     }
 
-    /// Final norm and output head: hidden states to logits `[.., vocab]` in the compute dtype.
-    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = ops::rms_norm(
-            x,
-            &self.norm.to_dtype(self.dtype)?,
-            self.config.rms_norm_eps,
-        )?;
-        let head = self
-            .lm_head
+    /// The output head's weight in the compute dtype: `lm_head`, or the embedding when tied.
+    fn head(&self) -> Result<Tensor> {
+        self.lm_head
             .as_ref()
             .unwrap_or(&self.embed_tokens)
-            .to_dtype(self.dtype)?;
+            .to_dtype(self.dtype)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        let weight = self.norm.to_dtype(self.dtype)?;
+        ops::rms_norm(x, &weight, self.config.rms_norm_eps)
+    }
+
+    /// Final norm and output head: hidden states to logits `[.., vocab]` in the compute dtype.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.final_norm(x)?;
+        let head = self.head()?;
         if head.is_variable() || head.track_op() {
             x.broadcast_matmul(&head.t()?)
         } else {
             ops::frozen_linear(&x, &head)
         }
+    }
+
+    /// Final norm, output head and per-token NLL (f32 `[n]`) of u32 `targets` `[n]` for hidden
+    /// states `[.., hidden]` with `n` positions, without keeping the full logits when they are
+    /// large ([`ops::head_nll`]). The head gets a gradient only when it is trainable.
+    pub fn token_nll(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let x = self.final_norm(x)?;
+        let x = x.reshape(((), self.config.hidden_size))?;
+        ops::head_nll(&x, &self.head()?, targets)
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` whose first position is

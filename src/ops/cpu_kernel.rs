@@ -6,7 +6,7 @@
 //! keep the whole forward graph alive through the gradient store, and through AdamW's moments
 //! from one step to the next.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape};
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task at least: below this the scheduling costs more than the work.
@@ -37,14 +37,6 @@ where
     }
 }
 
-/// Whether every tensor is an f32 tensor on the CPU, which is what the fused kernels handle.
-/// Everything else (CUDA, Metal, 16-bit and f64) takes the composite path.
-pub(crate) fn fused_cpu_f32(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
-}
-
 /// The f32 elements of a contiguous CPU operand.
 pub(crate) fn f32s<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     slice(storage.as_slice::<f32>()?, layout)
@@ -65,14 +57,4 @@ fn slice<'a, T>(all: &'a [T], layout: &Layout) -> Result<&'a [T]> {
 /// Wraps a kernel's output buffer as candle CPU storage of `shape`.
 pub(crate) fn output(values: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
     (CpuStorage::F32(values), shape.into())
-}
-
-/// The size of the last dimension and the number of rows before it.
-pub(crate) fn rows_and_width(layout: &Layout) -> Result<(usize, usize)> {
-    let width = *layout
-        .dims()
-        .last()
-        .ok_or_else(|| candle_core::Error::Msg("fused CPU kernel: scalar operand".into()))?;
-    let rows = layout.shape().elem_count().checked_div(width).unwrap_or(0);
-    Ok((rows, width))
 }

@@ -5,8 +5,8 @@
 //! the product is computed on a detached input and re-attached to `x` through a custom op whose
 //! backward returns only `grad @ w`.
 
-use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use super::attach::attach;
+use candle_core::{Result, Tensor};
 
 /// `x @ weight.t()` (weight `[out, in]`) where only `x` receives a gradient.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
@@ -14,76 +14,11 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2_arc(
-        &y,
-        std::sync::Arc::new(Box::new(Attach {
-            weight: weight.detach(),
-        })),
-    )
-}
-
-struct Attach {
-    weight: Tensor,
-}
-
-impl CustomOp2 for Attach {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        y_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_out(y, y_layout)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        y: &candle_core::CudaStorage,
-        y_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        copy_out(y, y_layout)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        y: &candle_core::MetalStorage,
-        y_layout: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        copy_out(y, y_layout)
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = self.weight.to_dtype(grad.dtype())?;
-        Ok((Some(grad.broadcast_matmul(&w)?), None))
-    }
-}
-
-/// A contiguous copy of `y` on its own backend: the attach op's forward is the identity on `y`.
-fn copy_out<S>(y: &S, layout: &Layout) -> Result<(S, Shape)>
-where
-    S: BackendStorage,
-    S::Device: BackendDevice<Storage = S>,
-{
-    let mut out = y.device().zeros_impl(layout.shape(), y.dtype())?;
-    y.copy_strided_src(&mut out, 0, layout)?;
-    Ok((out, layout.shape().clone()))
+    let weight = weight.detach();
+    attach(x, &y, "frozen-linear", move |grad| {
+        let w = weight.to_dtype(grad.dtype())?;
+        Ok(Some(grad.broadcast_matmul(&w)?))
+    })
 }
 
 #[cfg(test)]

@@ -3,36 +3,76 @@
 //! touching the model. Every function here records a backward pass (candle's fused
 //! `rms_norm`/`rope`/`softmax_last_dim` do not: see CANDLE_NOTES).
 //!
-//! Each op has a composite reference in [`reference`] (any backend, any dtype). On the CPU in
-//! f32 the public functions dispatch to fused rayon kernels with their own backward
-//! (`*_cpu.rs`); everything else (CUDA, Metal, 16-bit, f64) takes the reference. The AdamW
-//! update has a fused CPU kernel too ([`adamw_step`]); its composite lives with the optimizer.
+//! Each op has a composite reference in [`reference`] (any backend, any dtype). The public
+//! functions dispatch to fused kernels with their own backward where [`fused`] says one exists:
+//! rayon kernels on the CPU in f32, and with the `cuda` feature CUDA kernels (`kernels/ops.cu`,
+//! launched from `cuda.rs`) in f32, bf16 and f16. Everything else (Metal, f64, 16-bit on the
+//! CPU) takes the reference. The AdamW update has fused CPU and multi-tensor CUDA kernels too
+//! ([`adamw`]); its composite lives with the optimizer.
 
-mod adamw_cpu;
-mod attention_cpu;
+pub mod adamw;
+mod attach;
+mod attention;
+pub mod check;
 mod cpu_kernel;
-mod cross_entropy_cpu;
+mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod embedding;
 mod frozen;
+mod head_loss;
 #[cfg(test)]
 pub(crate) mod parity;
 pub mod reference;
-mod rms_norm_cpu;
-mod rope_cpu;
-mod swiglu_cpu;
-#[cfg(test)]
-mod timing;
+mod rms_norm;
+mod rope;
+mod swiglu;
 
-pub use adamw_cpu::{adamw_step, AdamWUpdate};
+pub use adamw::{adamw_step, AdamWUpdate};
 pub use frozen::frozen_linear;
-pub use reference::{embedding, token_nll};
+pub use head_loss::head_nll;
 
-use candle_core::{Result, Tensor};
-use cpu_kernel::fused_cpu_f32;
+use candle_core::{DType, Device, Layout, Result, Tensor};
+
+/// Whether the fused kernels handle these tensors: all on one device and of one dtype, f32 on
+/// the CPU, or f32/bf16/f16 on CUDA (in builds with the `cuda` feature).
+pub fn fused(tensors: &[&Tensor]) -> bool {
+    let Some(first) = tensors.first() else {
+        return false;
+    };
+    let dtype = first.dtype();
+    let alike = tensors
+        .iter()
+        .all(|t| t.dtype() == dtype && t.device().same_device(first.device()));
+    alike
+        && match first.device() {
+            Device::Cpu => dtype == DType::F32,
+            Device::Cuda(_) => {
+                cfg!(feature = "cuda") && matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            }
+            _ => false,
+        }
+}
+
+/// The size of the last dimension and the number of rows before it.
+pub(crate) fn rows_and_width(layout: &Layout) -> Result<(usize, usize)> {
+    let width = *layout
+        .dims()
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg("fused kernel: scalar operand".into()))?;
+    let rows = layout.shape().elem_count().checked_div(width).unwrap_or(0);
+    Ok((rows, width))
+}
+
+/// Whether `ids` are u32 on the same device as `like`, as the fused kernels need.
+fn ids_beside(ids: &Tensor, like: &Tensor) -> bool {
+    ids.dtype() == DType::U32 && ids.device().same_device(like.device())
+}
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if fused_cpu_f32(&[x, weight]) {
-        return rms_norm_cpu::rms_norm(&x.contiguous()?, &weight.contiguous()?, eps);
+    if fused(&[x, weight]) {
+        return rms_norm::rms_norm(&x.contiguous()?, &weight.contiguous()?, eps);
     }
     reference::rms_norm(x, weight, eps)
 }
@@ -40,8 +80,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// Rotary position embedding in the Hugging Face rotate-half layout. `x` is
 /// `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, head_dim / 2]` for these positions.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fused_cpu_f32(&[x, cos, sin]) && rope_cpu::supports(x, cos, sin) {
-        return rope_cpu::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
+    if fused(&[x, cos, sin]) && rope::supports(x, cos, sin) {
+        return rope::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
     }
     reference::rope(x, cos, sin)
 }
@@ -50,39 +90,64 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `[batch, heads, kv_len, head_dim]` with the same number of heads (repeat kv heads first);
 /// query `i` sits at position `kv_len - q_len + i` and sees keys up to that position.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    if fused_cpu_f32(&[q, k, v]) {
-        return attention_cpu::causal_attention(q, k, v);
+    if fused(&[q, k, v]) {
+        return attention::causal_attention(q, k, v);
     }
     reference::causal_attention(q, k, v)
 }
 
 /// SwiGLU gate: `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if fused_cpu_f32(&[gate, up]) && gate.shape() == up.shape() {
-        return swiglu_cpu::swiglu(&gate.contiguous()?, &up.contiguous()?);
+    if fused(&[gate, up]) && gate.shape() == up.shape() {
+        return swiglu::swiglu(&gate.contiguous()?, &up.contiguous()?);
     }
     reference::swiglu(gate, up)
+}
+
+/// Token embedding lookup: rows of `table` for `ids` (any shape of u32 ids).
+pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    if fused(&[table]) && ids_beside(ids, table) {
+        return embedding::embedding(ids, table);
+    }
+    reference::embedding(ids, table)
+}
+
+/// Negative log-likelihood of each target under `logits` (`[n, vocab]`, targets `[n]` u32),
+/// computed in at least f32. Returns `[n]`.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if fused(&[logits]) && ids_beside(targets, logits) {
+        return cross_entropy::token_nll(&logits.contiguous()?, &targets.contiguous()?);
+    }
+    reference::token_nll(logits, targets)
+}
+
+/// `(softmax(logits) − onehot(targets)) · g[row]` in the logits' dtype (f32 row scales `g`):
+/// the gradient of `Σ g · token_nll` with respect to the logits.
+pub fn token_nll_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if fused(&[logits]) && ids_beside(targets, logits) && g.dtype() == DType::F32 {
+        let (logits, targets) = (logits.contiguous()?, targets.contiguous()?);
+        return cross_entropy::token_nll_grad(&logits, &targets, &g.contiguous()?);
+    }
+    reference::token_nll_grad(logits, targets, g)
+}
+
+/// `Σ values · weights / max(Σ weights, 1)` as a scalar, computed on the device (no host
+/// synchronization).
+pub fn weighted_mean(values: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let weights = weights.to_dtype(values.dtype())?;
+    let count = weights.sum_all()?.maximum(1.0)?;
+    (values * &weights)?.sum_all()?.div(&count)
 }
 
 /// Mean NLL over the positions where `weights` (`[n]` f32, 1 to score, 0 to skip) is set, for
 /// `logits` `[n, vocab]` and u32 `targets` `[n]`; computed in at least f32.
 pub fn masked_mean_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    if fused_cpu_f32(&[logits, weights])
-        && targets.device().is_cpu()
-        && targets.dtype() == candle_core::DType::U32
-    {
-        return cross_entropy_cpu::masked_mean_nll(
-            &logits.contiguous()?,
-            &targets.contiguous()?,
-            &weights.contiguous()?,
-        );
-    }
-    reference::masked_mean_nll(logits, targets, weights)
+    weighted_mean(&token_nll(logits, targets)?, weights)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::reference::{masked_mean_nll, token_nll};
+    use super::reference::token_nll;
     use super::*;
     use candle_core::{Device, Var};
 

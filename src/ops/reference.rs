@@ -86,6 +86,18 @@ pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .neg()
 }
 
+/// `(softmax(logits) − onehot(targets)) · g[row]` in the logits' dtype, for f32 row scales `g`
+/// `[n]`: the gradient of `Σ g · token_nll` with respect to the logits, computed in f32.
+pub fn token_nll_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let dtype = logits.dtype();
+    let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let vocab = logits.dim(1)?;
+    let onehot = candle_nn::encoding::one_hot(targets.clone(), vocab, 1f32, 0f32)?;
+    (probs - onehot)?
+        .broadcast_mul(&g.unsqueeze(1)?)?
+        .to_dtype(dtype)
+}
+
 /// Mean NLL over the positions where `weights` (`[n]` f32, 1 to score, 0 to skip) is set.
 pub fn masked_mean_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let nll = token_nll(logits, targets)?;

@@ -44,19 +44,14 @@ fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
 }
 
 fn loss_from_hidden(model: &Llama, hidden: &Tensor, t: &Tensors) -> Result<Tensor> {
-    let logits = model.logits(hidden)?;
-    let vocab = logits.dim(2)?;
-    let logits = logits.reshape(((), vocab))?;
-    ops::masked_mean_nll(&logits, &t.targets, &t.weights)
+    ops::weighted_mean(&model.token_nll(hidden, &t.targets)?, &t.weights)
 }
 
 /// Mean loss over `batch` without gradients (validation).
 pub fn loss_only(model: &Llama, batch: &Batch) -> Result<f64> {
     let t = to_tensors(batch, model.device())?;
-    let logits = model.forward(&t.inputs, None)?.detach();
-    let vocab = logits.dim(2)?;
-    let loss = ops::masked_mean_nll(&logits.reshape(((), vocab))?, &t.targets, &t.weights)?;
-    loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+    let hidden = forward_blocks(model, &t.inputs)?.detach();
+    scalar(&loss_from_hidden(model, &hidden, &t)?)
 }
 
 /// Adds the gradients of `vars` found in `store`, times `scale`, into `into`.
@@ -68,7 +63,11 @@ fn collect(
 ) -> Result<()> {
     for (name, var) in vars {
         if let Some(g) = store.get(var) {
-            let g = (g * scale)?;
+            let g = if scale == 1.0 {
+                g.clone()
+            } else {
+                (g * scale)?
+            };
             let sum = match into.remove(name) {
                 Some(prev) => (prev + g)?,
                 None => g,
@@ -93,9 +92,9 @@ pub fn accumulate(
     let t = to_tensors(batch, model.device())?;
     if !recompute {
         let loss = loss_from_hidden(model, &forward_blocks(model, &t.inputs)?, &t)?;
-        let value = scalar(&loss)?;
         collect(&loss.backward()?, vars, scale, grads)?;
-        return Ok(value);
+        // Read after backward is enqueued: reading first would idle the device meanwhile.
+        return scalar(&loss);
     }
     // Forward, keeping only detached block inputs: each block's graph is freed at once.
     let mut inputs = vec![model.embed(&t.inputs)?.detach()];
@@ -105,7 +104,6 @@ pub fn accumulate(
     }
     let last = Var::from_tensor(&inputs[model.layers.len()])?;
     let loss = loss_from_hidden(model, last.as_tensor(), &t)?;
-    let value = scalar(&loss)?;
     let store = loss.backward()?;
     collect(&store, vars, scale, grads)?;
     let mut grad_out = missing(store.get(&last))?.detach();
@@ -119,7 +117,7 @@ pub fn accumulate(
     let embedded = model.embed(&t.inputs)?;
     let store = (embedded * grad_out)?.sum_all()?.backward()?;
     collect(&store, vars, scale, grads)?;
-    Ok(value)
+    scalar(&loss)
 }
 
 fn forward_blocks(model: &Llama, inputs: &Tensor) -> Result<Tensor> {

@@ -1,6 +1,7 @@
 //! AdamW with decoupled weight decay, f32 moments, a decay mask, global-norm clipping and
 //! state that saves and loads by parameter name.
 
+use crate::ops::adamw::{adamw_in_place, in_place_supported, sum_of_squares, InPlaceParam};
 use crate::ops::{adamw_step, AdamWUpdate};
 use candle_core::{DType, Result, Tensor, Var};
 use std::collections::HashMap;
@@ -40,13 +41,14 @@ impl AdamW {
         let slots = vars
             .iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two buffers: the CUDA update writes the moments in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 Ok(Slot {
                     name: name.clone(),
                     var: var.clone(),
                     decay: decays(name),
-                    m: zeros.clone(),
-                    v: zeros,
+                    m: zeros()?,
+                    v: zeros()?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -62,27 +64,41 @@ impl AdamW {
         self.steps
     }
 
-    /// One update with learning rate `lr` from `grads` (by parameter name). Parameters with
-    /// no gradient are left unchanged.
-    pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` from `grads` (by parameter name), each multiplied by
+    /// `grad_scale` first (see [`clip_scale`]). Parameters with no gradient are left unchanged.
+    pub fn step(
+        &mut self,
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.steps += 1;
         let p = self.params;
         let t = self.steps as i32;
-        for slot in &mut self.slots {
+        let shared = AdamWUpdate {
+            lr,
+            beta1: p.beta1,
+            beta2: p.beta2,
+            eps: p.eps,
+            decay: 0.0,
+            bias1: 1.0 - p.beta1.powi(t),
+            bias2: 1.0 - p.beta2.powi(t),
+            grad_scale,
+        };
+        // Parameters the multi-tensor CUDA kernel updates in place, after the loop.
+        let mut in_place = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
             let Some(g) = grads.get(&slot.name) else {
                 continue;
             };
             // Detached so the moments never hold a gradient's graph across steps.
             let g = g.to_dtype(DType::F32)?.detach();
-            let u = AdamWUpdate {
-                lr,
-                beta1: p.beta1,
-                beta2: p.beta2,
-                eps: p.eps,
-                decay: if slot.decay { lr * p.weight_decay } else { 0.0 },
-                bias1: 1.0 - p.beta1.powi(t),
-                bias2: 1.0 - p.beta2.powi(t),
-            };
+            let decay = if slot.decay { lr * p.weight_decay } else { 0.0 };
+            if in_place_supported(&slot.var, &slot.m, &slot.v, &g) {
+                in_place.push((i, g, decay));
+                continue;
+            }
+            let u = AdamWUpdate { decay, ..shared };
             // The fused kernel on CPU f32; the composite below everywhere else.
             let (m, v) = match adamw_step(&slot.var, &slot.m, &slot.v, &g, &u)? {
                 Some(moments) => moments,
@@ -91,7 +107,17 @@ impl AdamW {
             slot.m = m;
             slot.v = v;
         }
-        Ok(())
+        let params: Vec<InPlaceParam> = in_place
+            .iter()
+            .map(|(i, g, decay)| InPlaceParam {
+                param: &self.slots[*i].var,
+                m: &self.slots[*i].m,
+                v: &self.slots[*i].v,
+                grad: g,
+                decay: *decay,
+            })
+            .collect();
+        adamw_in_place(&params, &shared)
     }
 
     /// The moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
@@ -132,13 +158,14 @@ impl AdamW {
 
 /// The reference AdamW update from tensor ops (any device and dtype): sets `param` and returns
 /// the new `(m, v)`.
-fn composite_step(
+pub fn composite_step(
     param: &Var,
     m: &Tensor,
     v: &Tensor,
     g: &Tensor,
     u: &AdamWUpdate,
 ) -> Result<(Tensor, Tensor)> {
+    let g = &(g * u.grad_scale)?;
     let m = ((m * u.beta1)? + (g * (1.0 - u.beta1))?)?;
     let v = ((v * u.beta2)? + (g.sqr()? * (1.0 - u.beta2))?)?;
     let m_hat = (&m / u.bias1)?;
@@ -154,30 +181,32 @@ fn composite_step(
     Ok((m, v))
 }
 
-/// The global L2 norm of all gradients.
+/// The global L2 norm of all gradients: one kernel and one device synchronization on CUDA,
+/// one synchronization elsewhere.
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.values() {
-        total += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+    let tensors: Vec<&Tensor> = grads.values().collect();
+    if let Some(total) = sum_of_squares(&tensors)? {
+        return Ok(total.sqrt());
     }
-    Ok(total.sqrt())
+    if tensors.is_empty() {
+        return Ok(0.0);
+    }
+    let sums = tensors
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<Result<Vec<_>>>()?;
+    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
+    Ok((total as f64).sqrt())
 }
 
-/// Scales all gradients so their global norm is at most `max_norm`; returns the norm
-/// before clipping.
-pub fn clip_global_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads)?;
+/// The factor that brings gradients of global norm `norm` down to at most `max_norm` (1 when
+/// they are within it, or when `max_norm` is 0: no clipping).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for g in grads.values_mut() {
-            *g = (&*g * scale)?;
-        }
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok(norm)
 }
 
 #[cfg(test)]
@@ -201,7 +230,7 @@ mod tests {
             "layer.weight".to_string(),
             Tensor::new(&[0.5f32, -0.25], &dev).unwrap(),
         )]);
-        opt.step(&grads, 0.01).unwrap();
+        opt.step(&grads, 0.01, 1.0).unwrap();
         // First step: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (up to eps).
         let got = w.to_vec1::<f32>().unwrap();
         let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01];
@@ -233,6 +262,7 @@ mod tests {
                 decay: 1e-3,
                 bias1: 1.0 - 0.9f64.powi(t),
                 bias2: 1.0 - 0.95f64.powi(t),
+                grad_scale: 0.5,
             };
             (fm, fv) = adamw_step(&fused, &fm, &fv, &g, &u).unwrap().unwrap();
             (rm, rv) = composite_step(&reference, &rm, &rv, &g, &u).unwrap();
@@ -252,12 +282,41 @@ mod tests {
     #[test]
     fn clipping_bounds_the_norm() {
         let dev = Device::Cpu;
-        let mut grads = HashMap::from([
+        let grads = HashMap::from([
             ("a".to_string(), Tensor::new(&[3.0f32], &dev).unwrap()),
-            ("b".to_string(), Tensor::new(&[4.0f32], &dev).unwrap()),
+            ("b".to_string(), Tensor::new(&[4.0f32, 0.0], &dev).unwrap()),
         ]);
-        let before = clip_global_norm(&mut grads, 1.0).unwrap();
-        assert!((before - 5.0).abs() < 1e-9);
-        assert!((global_norm(&grads).unwrap() - 1.0).abs() < 1e-5);
+        let norm = global_norm(&grads).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        assert!((clip_scale(norm, 1.0) * norm - 1.0).abs() < 1e-5);
+        assert_eq!(clip_scale(norm, 10.0), 1.0);
+        assert_eq!(clip_scale(norm, 0.0), 1.0);
+    }
+
+    #[test]
+    fn gradient_scale_equals_scaling_the_gradient() {
+        // Clipping is applied inside the update: scale 0.5 on g equals an unscaled step on g/2.
+        let dev = Device::Cpu;
+        let p = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let g = Tensor::new(&[0.4f32, -1.0, 3.0], &dev).unwrap();
+        let run = |g: &Tensor, scale: f64| {
+            let w = Var::from_slice(&[1.0f32, 2.0, 3.0], 3, &dev).unwrap();
+            let mut opt = AdamW::new(&[("w".to_string(), w.clone())], p).unwrap();
+            for _ in 0..3 {
+                let grads = HashMap::from([("w".to_string(), g.clone())]);
+                opt.step(&grads, 0.1, scale).unwrap();
+            }
+            w.to_vec1::<f32>().unwrap()
+        };
+        let scaled = run(&g, 0.5);
+        let halved = run(&(&g * 0.5).unwrap(), 1.0);
+        for (a, b) in scaled.iter().zip(&halved) {
+            assert!((a - b).abs() < 1e-6, "{scaled:?} vs {halved:?}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::gradients::{self, Batch, Gradients};
 use super::metrics::{Metrics, Record};
-use super::optim::{clip_global_norm, AdamW, AdamWParams};
+use super::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use super::schedule::Schedule;
 use super::state::{self, Progress, STATE_FILE};
 use crate::config::{Config, OnNonFinite};
@@ -183,7 +183,7 @@ impl Trainer<'_> {
                         &mut grads,
                     )?;
             }
-            let grad_norm = clip_global_norm(&mut grads, t.grad_clip)?;
+            let grad_norm = global_norm(&grads)?;
             progress.step += 1;
             progress.tokens += tokens_per_step;
             progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
@@ -212,7 +212,7 @@ impl Trainer<'_> {
                     }
                 }
             }
-            optimizer.step(&grads, lr)?;
+            optimizer.step(&grads, lr, clip_scale(grad_norm, t.grad_clip))?;
             drop(grads);
             last_loss = Some(loss);
 

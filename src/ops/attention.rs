@@ -1,13 +1,20 @@
-//! Fused causal softmax for attention on the CPU: `softmax(scores * scale + causal mask)` in one
-//! pass per row, and its backward in one pass, with no mask tensor and no T×T temporaries
-//! besides the probabilities themselves. The QKᵀ and PV products stay candle matmuls.
+//! Fused causal softmax for attention on the CPU and on CUDA: `softmax(scores * scale + causal
+//! mask)` in one pass per row, and its backward in one pass, with no mask tensor and no T×T
+//! temporaries besides the probabilities themselves. The QKᵀ and PV products stay candle
+//! matmuls (cuBLAS on CUDA).
 
-use super::cpu_kernel::{f32s, for_each_row, output, rows_and_width, MIN_ROWS_PER_TASK};
+use super::cpu_kernel::{f32s, for_each_row, output, MIN_ROWS_PER_TASK};
+#[cfg(feature = "cuda")]
+use super::cuda;
+use super::rows_and_width;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Causal attention with the fused softmax. Same contract as
-/// [`super::reference::causal_attention`]; inputs must be contiguous f32 CPU tensors.
+/// [`super::reference::causal_attention`]; inputs must be contiguous, on a backend
+/// [`super::fused`] accepts.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let head_dim = q.dim(3)?;
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -63,6 +70,13 @@ impl CustomOp1 for CausalSoftmax {
         Ok(output(probs, layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (_, q_len, _) = query_and_key_lens(layout)?;
+        let probs = cuda::causal_softmax((storage, layout), q_len, self.scale)?;
+        Ok((probs, layout.shape().clone()))
+    }
+
     fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let grad = grad.contiguous()?;
         let op = CausalSoftmaxGrad { scale: self.scale };
@@ -102,6 +116,24 @@ impl CustomOp2 for CausalSoftmaxGrad {
                 }
             });
         Ok(output(out, probs_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        probs: &CudaStorage,
+        probs_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, q_len, _) = query_and_key_lens(probs_layout)?;
+        let ds = cuda::causal_softmax_grad(
+            (probs, probs_layout),
+            (grad, grad_layout),
+            q_len,
+            self.scale,
+        )?;
+        Ok((ds, probs_layout.shape().clone()))
     }
 }
 

@@ -1,12 +1,17 @@
-//! Fused SwiGLU on the CPU: `silu(gate) · up` in one elementwise pass, and both gradients in one
-//! pass that writes them side by side (the op returns one tensor, so `[2, ..]`, split by views).
+//! Fused SwiGLU on the CPU and on CUDA: `silu(gate) · up` in one elementwise pass, and both
+//! gradients in one pass that writes them side by side (the op returns one tensor, so
+//! `[2, ..]`, split by views).
 
 use super::cpu_kernel::{f32s, for_each_row, output, ELEMENTWISE_CHUNK};
+#[cfg(feature = "cuda")]
+use super::cuda;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `silu(gate) * up`. Same contract as [`super::reference::swiglu`]; inputs must be contiguous
-/// f32 CPU tensors of one shape.
+/// tensors of one shape on a backend [`super::fused`] accepts.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.apply_op2(up, SwiGlu)
 }
@@ -47,6 +52,18 @@ impl CustomOp2 for SwiGlu {
             }
         });
         Ok(output(y, gate_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_layout: &Layout,
+        up: &CudaStorage,
+        up_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = cuda::swiglu((gate, gate_layout), (up, up_layout))?;
+        Ok((y, gate_layout.shape().clone()))
     }
 
     fn bwd(
@@ -106,10 +123,29 @@ impl CustomOp3 for SwiGluGrad {
                     dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                 }
             });
-        let mut dims = vec![2];
-        dims.extend_from_slice(gate_layout.dims());
-        Ok(output(out, dims))
+        Ok(output(out, stacked_shape(gate_layout)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_layout: &Layout,
+        up: &CudaStorage,
+        up_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = cuda::swiglu_grad((gate, gate_layout), (up, up_layout), (grad, grad_layout))?;
+        Ok((out, stacked_shape(gate_layout).into()))
+    }
+}
+
+/// `[2, ..gate's dims]`: the two gradients stacked.
+fn stacked_shape(gate_layout: &Layout) -> Vec<usize> {
+    let mut dims = vec![2];
+    dims.extend_from_slice(gate_layout.dims());
+    dims
 }
 
 #[cfg(test)]

@@ -1,13 +1,20 @@
-//! Fused RMSNorm on the CPU: one pass per row forward, one pass per row for the input gradient
-//! and a row-parallel reduction for the weight gradient. The per-row inverse RMS is recomputed
-//! in backward rather than stored: it costs one dot product per row.
+//! Fused RMSNorm: one pass per row forward, one pass per row for the input gradient and a
+//! row-parallel reduction for the weight gradient, on the CPU (rayon) and on CUDA
+//! (`kernels/ops.cu`). The per-row inverse RMS is recomputed in backward rather than stored: it
+//! costs one dot product per row.
 
-use super::cpu_kernel::{f32s, for_each_row, output, rows_and_width, MIN_ROWS_PER_TASK};
+use super::cpu_kernel::{f32s, for_each_row, output, MIN_ROWS_PER_TASK};
+#[cfg(feature = "cuda")]
+use super::cuda;
+use super::rows_and_width;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension. Same contract as
-/// [`super::reference::rms_norm`]; inputs must be contiguous f32 CPU tensors.
+/// [`super::reference::rms_norm`]; inputs must be contiguous, on a backend [`super::fused`]
+/// accepts.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.apply_op2(weight, RmsNorm { eps: eps as f32 })
 }
@@ -53,6 +60,18 @@ impl CustomOp2 for RmsNorm {
             }
         });
         Ok(output(y, x_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        w: &CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let y = cuda::rms_norm((x, x_layout), (w, w_layout), self.eps)?;
+        Ok((y, x_layout.shape().clone()))
     }
 
     fn bwd(
@@ -113,6 +132,20 @@ impl CustomOp3 for RmsNormInputGrad {
             });
         Ok(output(dx, x_layout.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        w: &CudaStorage,
+        w_layout: &Layout,
+        g: &CudaStorage,
+        g_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dx = cuda::rms_norm_input_grad((x, x_layout), (w, w_layout), (g, g_layout), self.eps)?;
+        Ok((dx, x_layout.shape().clone()))
+    }
 }
 
 /// `dw = Σ_rows g ⊙ x̂`, summed per rayon task and then across tasks.
@@ -156,6 +189,19 @@ impl CustomOp2 for RmsNormWeightGrad {
                 },
             );
         Ok(output(dw, width))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        g: &CudaStorage,
+        g_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (_, width) = rows_and_width(x_layout)?;
+        let dw = cuda::rms_norm_weight_grad((x, x_layout), (g, g_layout), self.eps)?;
+        Ok((dw, width.into()))
     }
 }
 

@@ -1,7 +1,11 @@
-//! Fused rotary position embedding (Hugging Face rotate-half layout) on the CPU. The backward
-//! of a rotation by θ is the rotation by −θ, so one kernel does both directions.
+//! Fused rotary position embedding (Hugging Face rotate-half layout) on the CPU and on CUDA.
+//! The backward of a rotation by θ is the rotation by −θ, so one kernel does both directions.
 
 use super::cpu_kernel::{f32s, for_each_row, output};
+#[cfg(feature = "cuda")]
+use super::cuda;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Whether the fused kernel handles these shapes: `x` `[b, h, t, d]` with even `d`, tables
@@ -16,7 +20,8 @@ pub(crate) fn supports(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 }
 
 /// Rotates `x` by the angles whose cosines and sines are `cos`/`sin`. Same contract as
-/// [`super::reference::rope`]; inputs must be contiguous f32 CPU tensors that [`supports`].
+/// [`super::reference::rope`]; inputs must be contiguous tensors that [`supports`], on a backend
+/// [`super::fused`] accepts.
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.apply_op3(cos, sin, Rope { inverse: false })
 }
@@ -63,6 +68,21 @@ impl CustomOp3 for Rope {
             }
         });
         Ok(output(y, x_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        cos: &CudaStorage,
+        cos_layout: &Layout,
+        sin: &CudaStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let y = cuda::rope((x, x_layout), (cos, cos_layout), (sin, sin_layout), sign)?;
+        Ok((y, x_layout.shape().clone()))
     }
 
     fn bwd(

@@ -1,0 +1,368 @@
+// Fused CUDA kernels for llmtool's hot ops, forward and backward. Compiled to PTX by build.rs
+// (cuda feature) and loaded through candle's CudaDevice; the Rust side is src/ops/cuda.rs.
+//
+// Every kernel reads and writes its tensor dtype (f32, bf16 or f16: the `_f32`/`_bf16`/`_f16`
+// suffix) and accumulates in f32, as the composite references in src/ops/reference.rs do.
+// Row kernels run one block per row; blockDim.x is a multiple of 32 and at most 1024.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+// Sum (or max) over the block; every thread gets the result.
+template <bool MAX> __device__ float block_reduce(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = MAX ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // the previous call's readers are done with `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < warps ? partial[lane] : (MAX ? -INFINITY : 0.f);
+    w = MAX ? warp_max(w) : warp_sum(w);
+    if (lane == 0) partial[0] = w;
+  }
+  __syncthreads();
+  return partial[0];
+}
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x * r * w with r = 1 / sqrt(mean(x^2) + eps), per row of `width`.
+
+template <typename T>
+__device__ float inverse_rms(const T* x, int width, float eps) {
+  float ss = 0.f;
+  for (int j = threadIdx.x; j < width; j += blockDim.x) {
+    const float v = to_f32(x[j]);
+    ss += v * v;
+  }
+  return rsqrtf(block_sum(ss) / width + eps);
+}
+
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int width, float eps) {
+  const size_t off = (size_t)blockIdx.x * width;
+  const float r = inverse_rms(x + off, width, eps);
+  for (int j = threadIdx.x; j < width; j += blockDim.x)
+    y[off + j] = from_f32<T>(to_f32(x[off + j]) * r * to_f32(w[j]));
+}
+
+// dx = r * (g*w - x * r^2 * mean(g*w*x)).
+template <typename T>
+__device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int width, float eps) {
+  const size_t off = (size_t)blockIdx.x * width;
+  const float r = inverse_rms(x + off, width, eps);
+  float dot = 0.f;
+  for (int j = threadIdx.x; j < width; j += blockDim.x)
+    dot += to_f32(x[off + j]) * to_f32(g[off + j]) * to_f32(w[j]);
+  const float k = block_sum(dot) * r * r / width;
+  for (int j = threadIdx.x; j < width; j += blockDim.x)
+    dx[off + j] =
+        from_f32<T>(r * (to_f32(g[off + j]) * to_f32(w[j]) - to_f32(x[off + j]) * k));
+}
+
+// The per-row inverse RMS, for the weight gradient.
+template <typename T>
+__device__ void rms_norm_inverse(const T* x, float* r, int width, float eps) {
+  const float v = inverse_rms(x + (size_t)blockIdx.x * width, width, eps);
+  if (threadIdx.x == 0) r[blockIdx.x] = v;
+}
+
+// dw partial sums: block (32, 8) covers 32 columns of `rows_per_chunk` rows; grid (cols/32,
+// chunks). partial[chunk][col] = sum over the chunk's rows of g * x * r.
+template <typename T>
+__device__ void rms_norm_dw_partial(const T* x, const T* g, const float* r, float* partial,
+                                    int rows, int width, int rows_per_chunk) {
+  __shared__ float acc[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  const int row0 = blockIdx.y * rows_per_chunk;
+  const int row1 = min(rows, row0 + rows_per_chunk);
+  float sum = 0.f;
+  if (col < width)
+    for (int row = row0 + threadIdx.y; row < row1; row += 8) {
+      const size_t i = (size_t)row * width + col;
+      sum += to_f32(g[i]) * to_f32(x[i]) * r[row];
+    }
+  acc[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < width) {
+    float total = 0.f;
+    for (int k = 0; k < 8; ++k) total += acc[k][threadIdx.x];
+    partial[(size_t)blockIdx.y * width + col] = total;
+  }
+}
+
+template <typename T>
+__device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int width) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= width) return;
+  float total = 0.f;
+  for (int c = 0; c < chunks; ++c) total += partial[(size_t)c * width + col];
+  dw[col] = from_f32<T>(total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE, rotate-half layout: x is [rows, d] with row = ((b * heads + h) * seq + pos); cos/sin
+// are [seq, d/2]. `sign` -1 rotates backwards (the gradient).
+
+template <typename T>
+__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int seq,
+                     float sign) {
+  const int half = d / 2;
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)rows * half) return;
+  const size_t row = i / half;
+  const int j = i % half;
+  const int pos = row % seq;
+  const float c = to_f32(cos[pos * half + j]), s = sign * to_f32(sin[pos * half + j]);
+  const float x1 = to_f32(x[row * d + j]), x2 = to_f32(x[row * d + half + j]);
+  y[row * d + j] = from_f32<T>(x1 * c - x2 * s);
+  y[row * d + half + j] = from_f32<T>(x2 * c + x1 * s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU: y = silu(gate) * up; the gradient writes [d_gate; d_up] into one 2n buffer.
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+template <typename T>
+__device__ void swiglu_fwd(const T* gate, const T* up, T* y, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float g = to_f32(gate[i]);
+  y[i] = from_f32<T>(g * sigmoid(g) * to_f32(up[i]));
+}
+
+template <typename T>
+__device__ void swiglu_bwd(const T* gate, const T* up, const T* grad, T* out, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float g = to_f32(gate[i]), u = to_f32(up[i]), dy = to_f32(grad[i]);
+  const float s = sigmoid(g);
+  out[i] = from_f32<T>(dy * u * s * (1.f + g * (1.f - s)));
+  out[n + i] = from_f32<T>(dy * g * s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal softmax over attention scores [.., q_len, kv_len]: row r is query r % q_len at
+// position kv_len - q_len + r % q_len and sees keys up to it. p = softmax(s * scale), 0 beyond.
+
+__device__ __forceinline__ int visible_keys(int row, int q_len, int kv_len) {
+  return kv_len - q_len + row % q_len + 1;
+}
+
+template <typename T>
+__device__ void causal_softmax_fwd(const T* s, T* p, int q_len, int kv_len, float scale) {
+  const size_t off = (size_t)blockIdx.x * kv_len;
+  const int n = visible_keys(blockIdx.x, q_len, kv_len);
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, to_f32(s[off + j]));
+  m = block_max(m);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) sum += __expf((to_f32(s[off + j]) - m) * scale);
+  const float inv = 1.f / block_sum(sum);
+  for (int j = threadIdx.x; j < kv_len; j += blockDim.x)
+    p[off + j] = from_f32<T>(j < n ? __expf((to_f32(s[off + j]) - m) * scale) * inv : 0.f);
+}
+
+// ds = p * (dp - sum(p * dp)) * scale.
+template <typename T>
+__device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int q_len, int kv_len,
+                                   float scale) {
+  const size_t off = (size_t)blockIdx.x * kv_len;
+  const int n = visible_keys(blockIdx.x, q_len, kv_len);
+  float dot = 0.f;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) dot += to_f32(p[off + j]) * to_f32(dp[off + j]);
+  dot = block_sum(dot);
+  for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+    const float pj = to_f32(p[off + j]);
+    ds[off + j] = from_f32<T>(j < n ? pj * (to_f32(dp[off + j]) - dot) * scale : 0.f);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy over the vocabulary, one row of logits per block. Targets are u32 and checked
+// on the host side by the caller's contract; an out-of-range target yields NaN, not a read.
+
+template <typename T>
+__device__ void row_log_sum_exp(const T* x, int vocab, float* max_out, float* lse_out) {
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, to_f32(x[j]));
+  m = block_max(m);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += __expf(to_f32(x[j]) - m);
+  *max_out = m;
+  *lse_out = logf(block_sum(sum));
+}
+
+// nll[row] = logsumexp(logits[row]) - logits[row][target[row]], in f32.
+template <typename T>
+__device__ void token_nll(const T* logits, const uint32_t* targets, float* nll, int vocab) {
+  const size_t off = (size_t)blockIdx.x * vocab;
+  float m, lse;
+  row_log_sum_exp(logits + off, vocab, &m, &lse);
+  if (threadIdx.x == 0) {
+    const uint32_t t = targets[blockIdx.x];
+    nll[blockIdx.x] = t < (uint32_t)vocab ? m + lse - to_f32(logits[off + t]) : NAN;
+  }
+}
+
+// d logits = (softmax - onehot(target)) * g[row]; rows with g = 0 get zeros without a pass.
+template <typename T>
+__device__ void token_nll_grad(const T* logits, const uint32_t* targets, const float* g, T* d,
+                               int vocab) {
+  const size_t off = (size_t)blockIdx.x * vocab;
+  const float scale = g[blockIdx.x];
+  if (scale == 0.f) {
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) d[off + j] = from_f32<T>(0.f);
+    return;
+  }
+  float m, lse;
+  row_log_sum_exp(logits + off, vocab, &m, &lse);
+  const uint32_t t = targets[blockIdx.x];
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+    const float p = __expf(to_f32(logits[off + j]) - m - lse);
+    d[off + j] = from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding backward: d_table[ids[i]] += grad[i] for every token, accumulated in f32.
+
+template <typename T>
+__device__ void embedding_grad(const uint32_t* ids, const T* grad, float* d_table, int tokens,
+                               int width, int vocab) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)tokens * width) return;
+  const uint32_t id = ids[i / width];
+  if (id < (uint32_t)vocab) atomicAdd(&d_table[(size_t)id * width + i % width], to_f32(grad[i]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// One AdamW step over many f32 parameters in one launch. `tensors` holds 6 words per parameter:
+// weight, gradient, first and second moment addresses, element count, and the weight-decay
+// keep factor (1 - lr * wd) as f32 bits. `chunks` holds one word per block: the parameter index
+// in the high 24 bits and the first element in the low 40. Updates are in place.
+
+extern "C" __global__ void adamw_multi(const uint64_t* tensors, const uint64_t* chunks,
+                                       int chunk_len, float lr, float beta1, float beta2,
+                                       float eps, float bias1, float bias2, float grad_scale) {
+  const uint64_t c = chunks[blockIdx.x];
+  const uint64_t t = c >> 40, start = c & ((1ull << 40) - 1);
+  const uint64_t* desc = tensors + 6 * t;
+  float* w = (float*)desc[0];
+  const float* g = (const float*)desc[1];
+  float* m = (float*)desc[2];
+  float* v = (float*)desc[3];
+  const uint64_t n = desc[4];
+  const float keep = __uint_as_float((uint32_t)desc[5]);
+  const uint64_t end = min(n, start + (uint64_t)chunk_len);
+  for (uint64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+    const float gi = g[i] * grad_scale;
+    const float mi = m[i] * beta1 + gi * (1.f - beta1);
+    const float vi = v[i] * beta2 + gi * gi * (1.f - beta2);
+    m[i] = mi;
+    v[i] = vi;
+    const float denom = sqrtf(vi / bias2) + eps;
+    w[i] = w[i] * keep - (mi / bias1) / denom * lr;
+  }
+}
+
+// Sum of squares of many f32 tensors into one f32 (global gradient norm). Same descriptor
+// layout as adamw_multi (only address and count are read); `out` starts at zero.
+extern "C" __global__ void sum_squares_multi(const uint64_t* tensors, const uint64_t* chunks,
+                                             int chunk_len, float* out) {
+  const uint64_t c = chunks[blockIdx.x];
+  const uint64_t t = c >> 40, start = c & ((1ull << 40) - 1);
+  const float* g = (const float*)tensors[6 * t + 1];
+  const uint64_t end = min(tensors[6 * t + 4], start + (uint64_t)chunk_len);
+  float sum = 0.f;
+  for (uint64_t i = start + threadIdx.x; i < end; i += blockDim.x) sum += g[i] * g[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) atomicAdd(out, sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// extern "C" entry points, one per dtype.
+
+#define FOR_EACH_FLOAT(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)
+
+#define ENTRY_POINTS(S, T)                                                                     \
+  extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int width,        \
+                                              float eps) {                                    \
+    rms_norm_fwd<T>(x, w, y, width, eps);                                                     \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dx_##S(const T* x, const T* w, const T* g, T* dx,       \
+                                             int width, float eps) {                          \
+    rms_norm_dx<T>(x, w, g, dx, width, eps);                                                  \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int width, float eps) { \
+    rms_norm_inverse<T>(x, r, width, eps);                                                    \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dw_partial_##S(const T* x, const T* g, const float* r,  \
+                                                     float* partial, int rows, int width,     \
+                                                     int rows_per_chunk) {                    \
+    rms_norm_dw_partial<T>(x, g, r, partial, rows, width, rows_per_chunk);                    \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dw_finish_##S(const float* partial, T* dw, int chunks,  \
+                                                    int width) {                              \
+    rms_norm_dw_finish<T>(partial, dw, chunks, width);                                        \
+  }                                                                                           \
+  extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
+                                      int d, int seq, float sign) {                           \
+    rope<T>(x, cos, sin, y, rows, d, seq, sign);                                              \
+  }                                                                                           \
+  extern "C" __global__ void swiglu_fwd_##S(const T* gate, const T* up, T* y, size_t n) {     \
+    swiglu_fwd<T>(gate, up, y, n);                                                            \
+  }                                                                                           \
+  extern "C" __global__ void swiglu_bwd_##S(const T* gate, const T* up, const T* grad,        \
+                                            T* out, size_t n) {                               \
+    swiglu_bwd<T>(gate, up, grad, out, n);                                                    \
+  }                                                                                           \
+  extern "C" __global__ void causal_softmax_fwd_##S(const T* s, T* p, int q_len, int kv_len,  \
+                                                    float scale) {                            \
+    causal_softmax_fwd<T>(s, p, q_len, kv_len, scale);                                        \
+  }                                                                                           \
+  extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, T* ds,           \
+                                                    int q_len, int kv_len, float scale) {     \
+    causal_softmax_bwd<T>(p, dp, ds, q_len, kv_len, scale);                                   \
+  }                                                                                           \
+  extern "C" __global__ void token_nll_##S(const T* logits, const uint32_t* targets,          \
+                                           float* nll, int vocab) {                           \
+    token_nll<T>(logits, targets, nll, vocab);                                                \
+  }                                                                                           \
+  extern "C" __global__ void token_nll_grad_##S(const T* logits, const uint32_t* targets,     \
+                                                const float* g, T* d, int vocab) {            \
+    token_nll_grad<T>(logits, targets, g, d, vocab);                                          \
+  }                                                                                           \
+  extern "C" __global__ void embedding_grad_##S(const uint32_t* ids, const T* grad,           \
+                                                float* d_table, int tokens, int width,        \
+                                                int vocab) {                                  \
+    embedding_grad<T>(ids, grad, d_table, tokens, width, vocab);                              \
+  }
+
+FOR_EACH_FLOAT(ENTRY_POINTS)

@@ -1,0 +1,248 @@
+//! Fused AdamW updates. On the CPU, one rayon pass per parameter reads the weight, gradient and
+//! both moments and writes their new values, instead of ~10 tensor ops with a fresh buffer each.
+//! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]), and one
+//! more sums the squares of every gradient ([`sum_of_squares`]).
+
+use super::cpu_kernel::{f32s, ELEMENTWISE_CHUNK};
+use candle_core::{DType, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
+
+/// The scalars of one AdamW update, bias corrections included.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWUpdate {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the root of the second moment.
+    pub eps: f64,
+    /// `lr * weight_decay`, or 0 for parameters without decay.
+    pub decay: f64,
+    /// `1 - beta1^t`.
+    pub bias1: f64,
+    /// `1 - beta2^t`.
+    pub bias2: f64,
+    /// Factor applied to the gradient first (global-norm clipping), 1 for none.
+    pub grad_scale: f64,
+}
+
+/// Updates `param` in place from `grad` and returns the new `(m, v)`, or `None` (nothing
+/// touched) when the operands are not all f32 CPU tensors of one size.
+pub fn adamw_step(
+    param: &Var,
+    m: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    u: &AdamWUpdate,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let operands = [param.as_tensor(), m, v, grad];
+    if operands
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous())
+    {
+        return Ok(None);
+    }
+    let n = param.elem_count();
+    let mut new_w = vec![0f32; n];
+    let mut new_m = vec![0f32; n];
+    let mut new_v = vec![0f32; n];
+    {
+        // Read guards on the four storages; released before `Var::set` takes the write lock.
+        let guards: Vec<_> = operands.iter().map(|t| t.storage_and_layout()).collect();
+        let slices = guards
+            .iter()
+            .map(|(storage, layout)| match &**storage {
+                Storage::Cpu(s) => f32s(s, layout),
+                _ => candle_core::bail!("adamw: operand left the CPU"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let [w, m, v, g] = slices[..] else {
+            candle_core::bail!("adamw: four operands expected");
+        };
+        if [m.len(), v.len(), g.len()].iter().any(|&len| len != n) {
+            return Ok(None);
+        }
+        let c = ELEMENTWISE_CHUNK;
+        new_w
+            .par_chunks_mut(c)
+            .zip(new_m.par_chunks_mut(c).zip(new_v.par_chunks_mut(c)))
+            .zip(w.par_chunks(c).zip(m.par_chunks(c)))
+            .zip(v.par_chunks(c).zip(g.par_chunks(c)))
+            .for_each(|(((nw, (nm, nv)), (w, m)), (v, g))| update(nw, nm, nv, (w, m, v, g), u));
+    }
+    param.set(&Tensor::from_vec(new_w, param.shape(), param.device())?)?;
+    let shape = param.shape();
+    Ok(Some((
+        Tensor::from_vec(new_m, shape, param.device())?,
+        Tensor::from_vec(new_v, shape, param.device())?,
+    )))
+}
+
+/// One chunk of the update, in the order of operations of the composite optimizer.
+fn update(
+    nw: &mut [f32],
+    nm: &mut [f32],
+    nv: &mut [f32],
+    (w, m, v, g): (&[f32], &[f32], &[f32], &[f32]),
+    u: &AdamWUpdate,
+) {
+    let (b1, b2) = (u.beta1 as f32, u.beta2 as f32);
+    let (c1, c2) = (1.0 - b1, 1.0 - b2);
+    let (bias1, bias2, eps) = (u.bias1 as f32, u.bias2 as f32, u.eps as f32);
+    let (lr, keep, scale) = (u.lr as f32, (1.0 - u.decay) as f32, u.grad_scale as f32);
+    for i in 0..w.len() {
+        let g = g[i] * scale;
+        nm[i] = m[i] * b1 + g * c1;
+        nv[i] = v[i] * b2 + g * g * c2;
+        let denom = (nv[i] / bias2).sqrt() + eps;
+        nw[i] = w[i] * keep - (nm[i] / bias1) / denom * lr;
+    }
+}
+
+/// One parameter of an in-place update: the weight, its moments, its f32 gradient, and
+/// `lr * weight_decay` (0 without decay).
+pub struct InPlaceParam<'a> {
+    pub param: &'a Var,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub decay: f64,
+}
+
+/// Whether [`adamw_in_place`] can update this parameter: every operand a contiguous f32 CUDA
+/// tensor of one size, and the moments in buffers of their own (they are written in place).
+pub fn in_place_supported(param: &Var, m: &Tensor, v: &Tensor, grad: &Tensor) -> bool {
+    let operands = [param.as_tensor(), m, v, grad];
+    cfg!(feature = "cuda")
+        && operands.iter().all(|t| {
+            t.device().is_cuda()
+                && t.dtype() == DType::F32
+                && t.is_contiguous()
+                && t.elem_count() == param.elem_count()
+        })
+        && !shares_storage(m, v)
+        && !shares_storage(m, param.as_tensor())
+        && !shares_storage(v, param.as_tensor())
+}
+
+/// Whether two tensors are views of one buffer.
+fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
+    let first: *const Storage = &*a.storage_and_layout().0;
+    std::ptr::eq(first, &*b.storage_and_layout().0)
+}
+
+/// Updates every parameter (and its moments) in place with one kernel launch. The scalars
+/// come from `u` (its `decay` is ignored: each parameter has its own). All parameters must
+/// pass [`in_place_supported`].
+pub fn adamw_in_place(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
+    if params.is_empty() {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda_multi::adamw(params, u)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = u;
+        candle_core::bail!("adamw: in-place updates need the cuda feature")
+    }
+}
+
+/// The sum of squares of all `tensors`, in one launch, when they are all contiguous f32 CUDA
+/// tensors; `None` otherwise (the caller takes the composite path).
+pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<Option<f64>> {
+    let eligible = !tensors.is_empty()
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous());
+    if !eligible || !cfg!(feature = "cuda") {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda_multi::sum_of_squares(tensors).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(None)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_multi {
+    use super::{AdamWUpdate, InPlaceParam};
+    use crate::ops::cuda::{self, AdamWScalars, ParamBuffers};
+    use candle_core::{CudaDevice, Layout, Result, Storage, Tensor};
+
+    /// The device and buffer address of a contiguous CUDA tensor's first element.
+    fn locate(t: &Tensor) -> Result<(CudaDevice, u64)> {
+        let (storage, layout): (_, &Layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => {
+                let offset = layout.start_offset() * t.dtype().size_in_bytes();
+                Ok((s.device.clone(), cuda::base_address(s)? + offset as u64))
+            }
+            _ => candle_core::bail!("adamw: operand is not on a CUDA device"),
+        }
+    }
+
+    pub(super) fn adamw(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
+        let mut device = None;
+        let buffers = params
+            .iter()
+            .map(|p| {
+                let (dev, weight) = locate(p.param.as_tensor())?;
+                device.get_or_insert(dev);
+                Ok(ParamBuffers {
+                    weight,
+                    grad: locate(p.grad)?.1,
+                    m: locate(p.m)?.1,
+                    v: locate(p.v)?.1,
+                    len: p.param.elem_count(),
+                    keep: (1.0 - p.decay) as f32,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(device) = device else {
+            return Ok(());
+        };
+        let scalars = AdamWScalars {
+            lr: u.lr as f32,
+            beta1: u.beta1 as f32,
+            beta2: u.beta2 as f32,
+            eps: u.eps as f32,
+            bias1: u.bias1 as f32,
+            bias2: u.bias2 as f32,
+            grad_scale: u.grad_scale as f32,
+        };
+        cuda::adamw_multi(&device, &buffers, &scalars)
+    }
+
+    pub(super) fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+        let mut device = None;
+        let buffers = tensors
+            .iter()
+            .map(|t| {
+                let (dev, grad) = locate(t)?;
+                device.get_or_insert(dev);
+                Ok(ParamBuffers {
+                    weight: 0,
+                    grad,
+                    m: 0,
+                    v: 0,
+                    len: t.elem_count(),
+                    keep: 1.0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(device) = device else {
+            return Ok(0.0);
+        };
+        let total = cuda::sum_squares_multi(&device, &buffers)?;
+        let host = device.clone_dtoh(total.as_cuda_slice::<f32>()?)?;
+        Ok(host.first().copied().unwrap_or(0.0) as f64)
+    }
+}

@@ -1,0 +1,452 @@
+//! Checks every fused op against its composite reference on a device, per dtype: forward output
+//! and input gradients (through a fixed random projection of the output) on random inputs, as
+//! the relative error `max |fused − reference| / max |reference|`, and times both directions.
+//! The reference runs in f32 on the 16-bit inputs widened, so a 16-bit row measures the fused
+//! kernel's error against the exact result, not against another rounded one.
+//!
+//! `llmtool bench --tasks ops` prints these rows; the unit tests of each op assert on them.
+
+use super::reference;
+use crate::model::LlamaConfig;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// An op under test: the fused dispatch or its reference, on the case's inputs.
+pub type OpFn = fn(&[Tensor]) -> Result<Tensor>;
+
+/// What one input of a case is.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Uniform values in `[-scale, scale)` of this shape; differentiable.
+    Float(Vec<usize>, f32),
+    /// Uniform values in `[-1, 1)` of this shape that the op takes as constants (RoPE tables).
+    Table(Vec<usize>),
+    /// Token ids below the bound, of this shape; not differentiable.
+    Ids(Vec<usize>, u32),
+}
+
+/// A fused op, its reference and the inputs to compare them on.
+pub struct Case {
+    pub name: &'static str,
+    pub fused: OpFn,
+    pub reference: OpFn,
+    pub inputs: Vec<Input>,
+}
+
+impl Case {
+    /// The shapes of the inputs, for reports.
+    pub fn shapes(&self) -> Vec<Vec<usize>> {
+        self.inputs
+            .iter()
+            .map(|i| match i {
+                Input::Float(s, _) | Input::Table(s) | Input::Ids(s, _) => s.clone(),
+            })
+            .collect()
+    }
+}
+
+/// The result of one case in one dtype.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Worst relative error over the output and every gradient.
+    pub error: f32,
+    /// Forward plus backward, best of the timed runs, in milliseconds.
+    pub fused_ms: f64,
+    pub reference_ms: f64,
+}
+
+/// The error allowed for `dtype`: a few units in the last place of a 16-bit result, summed
+/// over reductions of hundreds to thousands of terms.
+pub fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => 2e-2,
+        DType::F16 => 4e-3,
+        _ => 1e-4,
+    }
+}
+
+/// Uniform values in `[-1, 1)` of `shape`, reproducible from `seed`, on the CPU in f32.
+pub fn uniform(shape: &[usize], seed: u64) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// `max |a − b| / max |b|` in f32: the error relative to the reference's scale, which stays
+/// meaningful where individual reference values are near zero.
+pub fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
+    let got = got.to_dtype(DType::F32)?;
+    let want = want.to_dtype(DType::F32)?;
+    let diff = (got - &want)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok(diff / scale.max(f32::MIN_POSITIVE))
+}
+
+/// The case's inputs on `device`, floats in `dtype`.
+fn materialize(case: &Case, seed: u64, device: &Device, dtype: DType) -> Result<Vec<Tensor>> {
+    case.inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| match input {
+            Input::Float(shape, scale) => (uniform(shape, seed + i as u64)? * *scale as f64)?
+                .to_dtype(dtype)?
+                .to_device(device),
+            Input::Table(shape) => uniform(shape, seed + i as u64)?
+                .to_dtype(dtype)?
+                .to_device(device),
+            Input::Ids(shape, bound) => {
+                let n: usize = shape.iter().product();
+                let ids: Vec<u32> = (0..n as u64)
+                    .map(|j| ((j * 7919 + seed * 31) % *bound as u64) as u32)
+                    .collect();
+                Tensor::from_vec(ids, shape.as_slice(), device)
+            }
+        })
+        .collect()
+}
+
+impl Case {
+    fn differentiable(&self) -> Vec<bool> {
+        self.inputs
+            .iter()
+            .map(|i| matches!(i, Input::Float(..)))
+            .collect()
+    }
+}
+
+/// Output and gradients of `op` for the inputs marked `differentiable`: the gradients are those
+/// of `Σ y ⊙ P` for a fixed random `P`.
+pub fn forward_backward<F>(
+    op: F,
+    inputs: &[Tensor],
+    differentiable: &[bool],
+) -> Result<(Tensor, Vec<Tensor>)>
+where
+    F: Fn(&[Tensor]) -> Result<Tensor>,
+{
+    let vars: Vec<Option<Var>> = inputs
+        .iter()
+        .zip(differentiable)
+        .map(|(t, &d)| d.then(|| Var::from_tensor(t)).transpose())
+        .collect::<Result<_>>()?;
+    let args: Vec<Tensor> = inputs
+        .iter()
+        .zip(&vars)
+        .map(|(t, v)| v.as_ref().map_or(t.clone(), |v| v.as_tensor().clone()))
+        .collect();
+    let y = op(&args)?;
+    let projection = uniform(y.dims(), 99)?
+        .to_dtype(y.dtype())?
+        .to_device(y.device())?;
+    let grads = (&y * projection)?.sum_all()?.backward()?;
+    let grads = vars
+        .iter()
+        .flatten()
+        .map(|v| {
+            grads
+                .get(v)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("an input received no gradient".into()))
+        })
+        .collect::<Result<_>>()?;
+    Ok((y, grads))
+}
+
+/// The worst relative error of `case`'s fused op in `dtype` on `device` against its reference
+/// in f32 on the same (rounded) inputs.
+pub fn parity_error(case: &Case, seed: u64, device: &Device, dtype: DType) -> Result<f32> {
+    let inputs = materialize(case, seed, device, dtype)?;
+    let differentiable = case.differentiable();
+    let (y, grads) = forward_backward(case.fused, &inputs, &differentiable)?;
+    let wide = inputs
+        .iter()
+        .map(|t| match t.dtype() {
+            DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+            _ => Ok(t.clone()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (want_y, want_grads) = forward_backward(case.reference, &wide, &differentiable)?;
+    let mut worst = relative_error(&y, &want_y)?;
+    for (g, w) in grads.iter().zip(&want_grads) {
+        worst = worst.max(relative_error(g, w)?);
+    }
+    Ok(worst)
+}
+
+/// Best of `runs` timed forward + backward passes of `op`, after one untimed, in milliseconds.
+fn millis(op: OpFn, inputs: &[Tensor], differentiable: &[bool], runs: usize) -> Result<f64> {
+    let device = inputs[0].device().clone();
+    let mut best = f64::INFINITY;
+    for run in 0..=runs {
+        device.synchronize()?;
+        let start = Instant::now();
+        forward_backward(op, inputs, differentiable)?;
+        device.synchronize()?;
+        if run > 0 {
+            best = best.min(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(best)
+}
+
+/// Checks and times `case` in `dtype` on `device` (both versions timed in `dtype`).
+pub fn run_case(case: &Case, device: &Device, dtype: DType, runs: usize) -> Result<Report> {
+    let error = parity_error(case, 1, device, dtype)?;
+    let inputs = materialize(case, 2, device, dtype)?;
+    let differentiable = case.differentiable();
+    Ok(Report {
+        error,
+        fused_ms: millis(case.fused, &inputs, &differentiable, runs)?,
+        reference_ms: millis(case.reference, &inputs, &differentiable, runs)?,
+    })
+}
+
+/// Every fused op at the shapes of a model `cfg` trained on `batch` × `seq` tokens.
+pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
+    let (h, d) = (cfg.num_attention_heads, cfg.head_size());
+    let tokens = batch * seq;
+    let vocab = cfg.vocab_size as u32;
+    let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
+    vec![
+        attention_case(vec![batch, h, seq, d], seq),
+        Case {
+            name: "rms_norm",
+            fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
+            reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            inputs: vec![
+                float(&[batch, seq, cfg.hidden_size]),
+                float(&[cfg.hidden_size]),
+            ],
+        },
+        rope_case(vec![batch, h, seq, d]),
+        Case {
+            name: "swiglu",
+            fused: |t| super::swiglu(&t[0], &t[1]),
+            reference: |t| reference::swiglu(&t[0], &t[1]),
+            inputs: vec![
+                Input::Float(vec![batch, seq, cfg.intermediate_size], 4.0),
+                float(&[batch, seq, cfg.intermediate_size]),
+            ],
+        },
+        Case {
+            name: "token_nll",
+            fused: |t| super::token_nll(&t[0], &t[1]),
+            reference: |t| reference::token_nll(&t[0], &t[1]),
+            inputs: vec![
+                Input::Float(vec![tokens, cfg.vocab_size], 4.0),
+                Input::Ids(vec![tokens], vocab),
+            ],
+        },
+        Case {
+            name: "head_nll",
+            fused: |t| super::head_nll(&t[0], &t[1], &t[2]),
+            reference: |t| reference::token_nll(&t[0].matmul(&t[1].t()?)?, &t[2]),
+            inputs: vec![
+                float(&[tokens, cfg.hidden_size]),
+                Input::Float(vec![cfg.vocab_size, cfg.hidden_size], 0.1),
+                Input::Ids(vec![tokens], vocab),
+            ],
+        },
+        Case {
+            name: "embedding",
+            fused: |t| super::embedding(&t[0], &t[1]),
+            reference: |t| reference::embedding(&t[0], &t[1]),
+            inputs: vec![
+                Input::Ids(vec![batch, seq], vocab),
+                float(&[cfg.vocab_size, cfg.hidden_size]),
+            ],
+        },
+    ]
+}
+
+fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
+    let mut kv = q.clone();
+    kv[2] = kv_len;
+    Case {
+        name: "causal_attention",
+        fused: |t| super::causal_attention(&t[0], &t[1], &t[2]),
+        reference: |t| reference::causal_attention(&t[0], &t[1], &t[2]),
+        inputs: vec![
+            Input::Float(q, 1.0),
+            Input::Float(kv.clone(), 1.0),
+            Input::Float(kv, 1.0),
+        ],
+    }
+}
+
+fn rope_case(x: Vec<usize>) -> Case {
+    let table = vec![x[2], x[3] / 2];
+    Case {
+        name: "rope",
+        fused: |t| super::rope(&t[0], &t[1], &t[2]),
+        reference: |t| reference::rope(&t[0], &t[1], &t[2]),
+        inputs: vec![
+            Input::Float(x, 1.0),
+            Input::Table(table.clone()),
+            Input::Table(table),
+        ],
+    }
+}
+
+/// Small shapes that exercise edges: one row, decode steps (fewer queries than keys), widths
+/// that are not multiples of a warp, a single-class vocabulary.
+pub fn edge_cases() -> Vec<Case> {
+    let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
+    vec![
+        attention_case(vec![1, 1, 1, 4], 1),
+        attention_case(vec![2, 3, 7, 8], 7),
+        attention_case(vec![1, 2, 1, 16], 37),
+        attention_case(vec![2, 2, 3, 16], 9),
+        Case {
+            name: "rms_norm",
+            fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
+            reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            inputs: vec![float(&[5, 17]), float(&[17])],
+        },
+        rope_case(vec![2, 3, 5, 6]),
+        Case {
+            name: "swiglu",
+            fused: |t| super::swiglu(&t[0], &t[1]),
+            reference: |t| reference::swiglu(&t[0], &t[1]),
+            inputs: vec![Input::Float(vec![3, 5, 7], 4.0), float(&[3, 5, 7])],
+        },
+        Case {
+            name: "token_nll",
+            fused: |t| super::token_nll(&t[0], &t[1]),
+            reference: |t| reference::token_nll(&t[0], &t[1]),
+            inputs: vec![
+                Input::Float(vec![13, 1000], 4.0),
+                Input::Ids(vec![13], 1000),
+            ],
+        },
+        Case {
+            name: "token_nll",
+            fused: |t| super::token_nll(&t[0], &t[1]),
+            reference: |t| reference::token_nll(&t[0], &t[1]),
+            inputs: vec![float(&[4, 1]), Input::Ids(vec![4], 1)],
+        },
+    ]
+}
+
+/// The AdamW paths of the optimizer on `device` (fused CPU or multi-tensor CUDA kernel, plus
+/// the one-launch gradient norm) against the composite update, over three steps on
+/// parameters of awkward sizes (one spans several kernel chunks). Returns the worst relative
+/// error of weights, moments and norm.
+pub fn adamw_error(device: &Device) -> Result<f32> {
+    use crate::train::optim::{composite_step, global_norm, AdamW, AdamWParams};
+    use std::collections::HashMap;
+    let sizes = [vec![3], vec![37, 129], vec![70_001]];
+    let params = AdamWParams {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let named = |i: usize| format!("layers.{i}.weight");
+    let fused_vars = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok((
+                named(i),
+                Var::from_tensor(&uniform(s, i as u64)?.to_device(device)?)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let reference_vars = fused_vars
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut optimizer = AdamW::new(&fused_vars, params)?;
+    let mut moments: Vec<(Tensor, Tensor)> = reference_vars
+        .iter()
+        .map(|(_, v)| Ok((v.zeros_like()?, v.zeros_like()?)))
+        .collect::<Result<_>>()?;
+    let mut worst = 0f32;
+    for t in 1..=3 {
+        let grads: HashMap<String, Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Ok((named(i), uniform(s, 10 * t + i as u64)?.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        let norm = global_norm(&grads)?;
+        let want: f64 = grads
+            .values()
+            .map(|g| Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64))
+            .sum::<Result<f64>>()?
+            .sqrt();
+        worst = worst.max(((norm - want).abs() / want) as f32);
+        let scale = 0.5;
+        optimizer.step(&grads, 1e-2, scale)?;
+        for (i, (name, var)) in reference_vars.iter().enumerate() {
+            let u = super::AdamWUpdate {
+                lr: 1e-2,
+                beta1: params.beta1,
+                beta2: params.beta2,
+                eps: params.eps,
+                decay: 1e-2 * params.weight_decay,
+                bias1: 1.0 - params.beta1.powi(t as i32),
+                bias2: 1.0 - params.beta2.powi(t as i32),
+                grad_scale: scale,
+            };
+            let (m, v) = &moments[i];
+            moments[i] = composite_step(var, m, v, &grads[name], &u)?;
+        }
+    }
+    let state: HashMap<String, Tensor> = optimizer.state().into_iter().collect();
+    for (i, ((name, fused), (_, reference))) in fused_vars.iter().zip(&reference_vars).enumerate() {
+        worst = worst.max(relative_error(fused.as_tensor(), reference.as_tensor())?);
+        worst = worst.max(relative_error(&state[&format!("m.{name}")], &moments[i].0)?);
+        worst = worst.max(relative_error(&state[&format!("v.{name}")], &moments[i].1)?);
+    }
+    Ok(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_edge_case_matches_on_the_cpu() {
+        for case in edge_cases() {
+            let error = parity_error(&case, 1, &Device::Cpu, DType::F32).unwrap();
+            println!("{} {:?}: {error:.2e}", case.name, case.shapes());
+            assert!(error < tolerance(DType::F32), "{}: {error:.2e}", case.name);
+        }
+    }
+
+    #[test]
+    fn model_cases_run_and_match_at_small_shapes() {
+        let cfg = crate::bench::preset_config("tiny", 16).unwrap();
+        for case in model_cases(&cfg, 2, 16) {
+            let report = run_case(&case, &Device::Cpu, DType::F32, 1).unwrap();
+            assert!(report.error < 1e-4, "{}: {:.2e}", case.name, report.error);
+            assert!(report.fused_ms > 0.0 && report.reference_ms > 0.0);
+        }
+    }
+
+    #[test]
+    fn optimizer_paths_match_the_composite_update() {
+        let error = adamw_error(&Device::Cpu).unwrap();
+        assert!(error < 1e-5, "{error:.2e}");
+    }
+
+    #[test]
+    fn a_wrong_kernel_is_caught() {
+        // The check must be able to fail: an op that is off by 1% is reported as such.
+        let case = Case {
+            name: "swiglu, perturbed",
+            fused: |t| super::super::swiglu(&t[0], &t[1])? * 1.01,
+            reference: |t| reference::swiglu(&t[0], &t[1]),
+            inputs: vec![Input::Float(vec![4, 8], 1.0), Input::Float(vec![4, 8], 1.0)],
+        };
+        let error = parity_error(&case, 1, &Device::Cpu, DType::F32).unwrap();
+        assert!((error - 0.01).abs() < 1e-3, "{error}");
+    }
+}

@@ -1,0 +1,634 @@
+//! Launchers for the fused CUDA kernels in `kernels/ops.cu` (compiled to PTX by build.rs with
+//! the `cuda` feature). The custom ops of the sibling modules call these from `cuda_fwd`; each
+//! takes contiguous operands (offsets allowed), allocates its output and enqueues one kernel
+//! (two or three for the RMSNorm weight gradient) on the device's stream.
+
+use super::rows_and_width;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llmtool_ops.ptx"));
+const MODULE: &str = "llmtool_ops";
+
+/// Threads per block of the elementwise kernels.
+const ELEMENT_THREADS: u32 = 256;
+
+/// One kernel argument. Addresses are passed as plain 64-bit words, which is what a device
+/// pointer is to the kernel; this keeps the launchers independent of the element type.
+#[derive(Clone, Copy)]
+enum Arg {
+    Address(u64),
+    Int(i32),
+    Float(f32),
+    Count(u64),
+}
+
+/// An operand: a storage and the layout the op received it with.
+pub(crate) type Operand<'a> = (&'a CudaStorage, &'a Layout);
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => candle_core::bail!("fused CUDA kernel: unsupported dtype {other:?}"),
+    }
+}
+
+/// The device address of an operand's first element; it must be contiguous.
+fn address((storage, layout): Operand) -> Result<u64> {
+    let (start, _) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("fused CUDA kernel: operand is not contiguous".into())
+    })?;
+    Ok(base_address(storage)? + (start * storage.dtype().size_in_bytes()) as u64)
+}
+
+/// The device address where a storage's buffer begins.
+pub(crate) fn base_address(storage: &CudaStorage) -> Result<u64> {
+    let stream = storage.device.cuda_stream();
+    let base = match &storage.slice {
+        CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
+        _ => candle_core::bail!("fused CUDA kernel: unsupported dtype {:?}", storage.dtype()),
+    };
+    Ok(base)
+}
+
+/// An uninitialized buffer of `n` elements; the kernel that receives it writes all of them.
+fn alloc(device: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+    // SAFETY: every launcher below hands the buffer to a kernel that writes each element.
+    let slice = unsafe {
+        match dtype {
+            DType::F32 => CudaStorageSlice::F32(device.alloc::<f32>(n)?),
+            DType::BF16 => CudaStorageSlice::BF16(device.alloc::<half::bf16>(n)?),
+            DType::F16 => CudaStorageSlice::F16(device.alloc::<half::f16>(n)?),
+            other => candle_core::bail!("fused CUDA kernel: unsupported dtype {other:?}"),
+        }
+    };
+    Ok(CudaStorage {
+        slice,
+        device: device.clone(),
+    })
+}
+
+fn zeros_f32(device: &CudaDevice, n: usize) -> Result<CudaStorage> {
+    Ok(CudaStorage {
+        slice: CudaStorageSlice::F32(device.alloc_zeros::<f32>(n)?),
+        device: device.clone(),
+    })
+}
+
+/// Launches `name` (with the dtype suffix when `dtype` is given) on `grid` × `block`.
+fn launch(
+    device: &CudaDevice,
+    name: &str,
+    dtype: Option<DType>,
+    grid: (u32, u32),
+    block: (u32, u32),
+    args: &[Arg],
+) -> Result<()> {
+    let name = match dtype {
+        Some(d) => format!("{name}_{}", suffix(d)?),
+        None => name.to_string(),
+    };
+    let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let mut builder = func.builder();
+    for arg in args {
+        match arg {
+            Arg::Address(a) | Arg::Count(a) => builder.arg(a),
+            Arg::Int(i) => builder.arg(i),
+            Arg::Float(f) => builder.arg(f),
+        };
+    }
+    let config = LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (block.0, block.1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the argument lists match the kernels' signatures in kernels/ops.cu, and every
+    // address points at a live buffer of the size the kernel indexes.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(())
+}
+
+/// Threads for a row kernel over rows of `width`: a multiple of 32, at most `max`.
+fn row_threads(width: usize, max: u32) -> u32 {
+    (width.div_ceil(32) * 32).clamp(32, max as usize) as u32
+}
+
+fn int(n: usize) -> Result<Arg> {
+    i32::try_from(n)
+        .map(Arg::Int)
+        .map_err(|_| candle_core::Error::Msg(format!("fused CUDA kernel: size {n} too large")))
+}
+
+fn grid(blocks: usize) -> Result<(u32, u32)> {
+    u32::try_from(blocks)
+        .map(|b| (b, 1))
+        .map_err(|_| candle_core::Error::Msg(format!("fused CUDA kernel: {blocks} blocks")))
+}
+
+/// Checks that all operands share the first one's dtype and returns it.
+fn common_dtype(operands: &[Operand]) -> Result<DType> {
+    let dtype = operands[0].0.dtype();
+    if let Some((s, _)) = operands.iter().find(|(s, _)| s.dtype() != dtype) {
+        candle_core::bail!(
+            "fused CUDA kernel: mixed dtypes {dtype:?} and {:?}",
+            s.dtype()
+        );
+    }
+    Ok(dtype)
+}
+
+/// RMSNorm forward.
+pub(crate) fn rms_norm(x: Operand, w: Operand, eps: f32) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[x, w])?;
+    let (rows, width) = rows_and_width(x.1)?;
+    check_weight(w, width)?;
+    let dev = &x.0.device;
+    let y = alloc(dev, dtype, rows * width)?;
+    let args = [
+        Arg::Address(address(x)?),
+        Arg::Address(address(w)?),
+        Arg::Address(base_address(&y)?),
+        int(width)?,
+        Arg::Float(eps),
+    ];
+    let threads = row_threads(width, 256);
+    launch(
+        dev,
+        "rms_norm_fwd",
+        Some(dtype),
+        grid(rows)?,
+        (threads, 1),
+        &args,
+    )?;
+    Ok(y)
+}
+
+fn check_weight(w: Operand, width: usize) -> Result<()> {
+    if w.1.shape().elem_count() != width {
+        candle_core::bail!(
+            "rms_norm: weight of {} for rows of {width}",
+            w.1.shape().elem_count()
+        );
+    }
+    Ok(())
+}
+
+/// RMSNorm input gradient.
+pub(crate) fn rms_norm_input_grad(
+    x: Operand,
+    w: Operand,
+    g: Operand,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[x, w, g])?;
+    let (rows, width) = rows_and_width(x.1)?;
+    check_weight(w, width)?;
+    let dev = &x.0.device;
+    let dx = alloc(dev, dtype, rows * width)?;
+    let args = [
+        Arg::Address(address(x)?),
+        Arg::Address(address(w)?),
+        Arg::Address(address(g)?),
+        Arg::Address(base_address(&dx)?),
+        int(width)?,
+        Arg::Float(eps),
+    ];
+    let threads = row_threads(width, 256);
+    launch(
+        dev,
+        "rms_norm_dx",
+        Some(dtype),
+        grid(rows)?,
+        (threads, 1),
+        &args,
+    )?;
+    Ok(dx)
+}
+
+/// RMSNorm weight gradient: per-row inverse RMS, column sums per chunk of rows, then the sum
+/// of the chunks.
+pub(crate) fn rms_norm_weight_grad(x: Operand, g: Operand, eps: f32) -> Result<CudaStorage> {
+    const ROWS_PER_CHUNK: usize = 64;
+    let dtype = common_dtype(&[x, g])?;
+    let (rows, width) = rows_and_width(x.1)?;
+    let dev = &x.0.device;
+    let inverse = alloc(dev, DType::F32, rows.max(1))?;
+    let threads = row_threads(width, 256);
+    let args = [
+        Arg::Address(address(x)?),
+        Arg::Address(base_address(&inverse)?),
+        int(width)?,
+        Arg::Float(eps),
+    ];
+    launch(
+        dev,
+        "rms_norm_inverse",
+        Some(dtype),
+        grid(rows)?,
+        (threads, 1),
+        &args,
+    )?;
+    let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
+    let partial = zeros_f32(dev, chunks * width)?;
+    let args = [
+        Arg::Address(address(x)?),
+        Arg::Address(address(g)?),
+        Arg::Address(base_address(&inverse)?),
+        Arg::Address(base_address(&partial)?),
+        int(rows)?,
+        int(width)?,
+        int(ROWS_PER_CHUNK)?,
+    ];
+    let blocks = (grid(width.div_ceil(32))?.0, grid(chunks)?.0);
+    launch(
+        dev,
+        "rms_norm_dw_partial",
+        Some(dtype),
+        blocks,
+        (32, 8),
+        &args,
+    )?;
+    let dw = alloc(dev, dtype, width)?;
+    let args = [
+        Arg::Address(base_address(&partial)?),
+        Arg::Address(base_address(&dw)?),
+        int(chunks)?,
+        int(width)?,
+    ];
+    let blocks = grid(width.div_ceil(ELEMENT_THREADS as usize))?;
+    launch(
+        dev,
+        "rms_norm_dw_finish",
+        Some(dtype),
+        blocks,
+        (ELEMENT_THREADS, 1),
+        &args,
+    )?;
+    Ok(dw)
+}
+
+/// RoPE (`sign` 1) or its gradient (`sign` -1) for `x` `[.., seq, d]` and tables `[seq, d/2]`.
+pub(crate) fn rope(x: Operand, cos: Operand, sin: Operand, sign: f32) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[x, cos, sin])?;
+    let (rows, d) = rows_and_width(x.1)?;
+    let half = d / 2;
+    let table = cos.1.shape().elem_count();
+    if half == 0 || d % 2 != 0 || table % half != 0 || sin.1.shape().elem_count() != table {
+        candle_core::bail!("rope: tables of {table} for head size {d}");
+    }
+    let dev = &x.0.device;
+    let y = alloc(dev, dtype, rows * d)?;
+    let args = [
+        Arg::Address(address(x)?),
+        Arg::Address(address(cos)?),
+        Arg::Address(address(sin)?),
+        Arg::Address(base_address(&y)?),
+        int(rows)?,
+        int(d)?,
+        int(table / half)?,
+        Arg::Float(sign),
+    ];
+    let blocks = grid((rows * half).div_ceil(ELEMENT_THREADS as usize))?;
+    launch(
+        dev,
+        "rope",
+        Some(dtype),
+        blocks,
+        (ELEMENT_THREADS, 1),
+        &args,
+    )?;
+    Ok(y)
+}
+
+/// SwiGLU forward.
+pub(crate) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[gate, up])?;
+    let n = same_count(gate, up)?;
+    let dev = &gate.0.device;
+    let y = alloc(dev, dtype, n)?;
+    let args = [
+        Arg::Address(address(gate)?),
+        Arg::Address(address(up)?),
+        Arg::Address(base_address(&y)?),
+        Arg::Count(n as u64),
+    ];
+    let blocks = grid(n.div_ceil(ELEMENT_THREADS as usize))?;
+    launch(
+        dev,
+        "swiglu_fwd",
+        Some(dtype),
+        blocks,
+        (ELEMENT_THREADS, 1),
+        &args,
+    )?;
+    Ok(y)
+}
+
+/// SwiGLU gradients, `[d gate; d up]` in one buffer of `2n`.
+pub(crate) fn swiglu_grad(gate: Operand, up: Operand, grad: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[gate, up, grad])?;
+    let n = same_count(gate, up)?;
+    same_count(gate, grad)?;
+    let dev = &gate.0.device;
+    let out = alloc(dev, dtype, 2 * n)?;
+    let args = [
+        Arg::Address(address(gate)?),
+        Arg::Address(address(up)?),
+        Arg::Address(address(grad)?),
+        Arg::Address(base_address(&out)?),
+        Arg::Count(n as u64),
+    ];
+    let blocks = grid(n.div_ceil(ELEMENT_THREADS as usize))?;
+    launch(
+        dev,
+        "swiglu_bwd",
+        Some(dtype),
+        blocks,
+        (ELEMENT_THREADS, 1),
+        &args,
+    )?;
+    Ok(out)
+}
+
+fn same_count(a: Operand, b: Operand) -> Result<usize> {
+    let (n, m) = (a.1.shape().elem_count(), b.1.shape().elem_count());
+    if n != m {
+        candle_core::bail!("fused CUDA kernel: operands of {n} and {m} elements");
+    }
+    Ok(n)
+}
+
+/// Causal softmax of attention scores `[.., q_len, kv_len]`, scaled by `scale`.
+pub(crate) fn causal_softmax(scores: Operand, q_len: usize, scale: f32) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[scores])?;
+    let (rows, kv_len) = rows_and_width(scores.1)?;
+    let dev = &scores.0.device;
+    let probs = alloc(dev, dtype, rows * kv_len)?;
+    let args = [
+        Arg::Address(address(scores)?),
+        Arg::Address(base_address(&probs)?),
+        int(q_len)?,
+        int(kv_len)?,
+        Arg::Float(scale),
+    ];
+    let threads = row_threads(kv_len, 256);
+    launch(
+        dev,
+        "causal_softmax_fwd",
+        Some(dtype),
+        grid(rows)?,
+        (threads, 1),
+        &args,
+    )?;
+    Ok(probs)
+}
+
+/// Gradient of the causal softmax with respect to the raw scores.
+pub(crate) fn causal_softmax_grad(
+    probs: Operand,
+    grad: Operand,
+    q_len: usize,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[probs, grad])?;
+    let (rows, kv_len) = rows_and_width(probs.1)?;
+    let dev = &probs.0.device;
+    let ds = alloc(dev, dtype, rows * kv_len)?;
+    let args = [
+        Arg::Address(address(probs)?),
+        Arg::Address(address(grad)?),
+        Arg::Address(base_address(&ds)?),
+        int(q_len)?,
+        int(kv_len)?,
+        Arg::Float(scale),
+    ];
+    let threads = row_threads(kv_len, 256);
+    launch(
+        dev,
+        "causal_softmax_bwd",
+        Some(dtype),
+        grid(rows)?,
+        (threads, 1),
+        &args,
+    )?;
+    Ok(ds)
+}
+
+fn check_targets(targets: Operand, rows: usize) -> Result<()> {
+    if targets.0.dtype() != DType::U32 || targets.1.shape().elem_count() != rows {
+        candle_core::bail!(
+            "cross-entropy: {rows} rows of logits, {} {:?} targets",
+            targets.1.shape().elem_count(),
+            targets.0.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// Per-row NLL (f32) of u32 `targets` under `logits` `[n, vocab]`.
+pub(crate) fn token_nll(logits: Operand, targets: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[logits])?;
+    let (rows, vocab) = rows_and_width(logits.1)?;
+    check_targets(targets, rows)?;
+    let dev = &logits.0.device;
+    let nll = alloc(dev, DType::F32, rows)?;
+    let args = [
+        Arg::Address(address(logits)?),
+        Arg::Address(address(targets)?),
+        Arg::Address(base_address(&nll)?),
+        int(vocab)?,
+    ];
+    let threads = row_threads(vocab, 512);
+    launch(
+        dev,
+        "token_nll",
+        Some(dtype),
+        grid(rows)?,
+        (threads, 1),
+        &args,
+    )?;
+    Ok(nll)
+}
+
+/// `(softmax(logits) − onehot(targets)) · g` per row, in the logits' dtype; `g` is f32 `[n]`.
+pub(crate) fn token_nll_grad(logits: Operand, targets: Operand, g: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[logits])?;
+    let (rows, vocab) = rows_and_width(logits.1)?;
+    check_targets(targets, rows)?;
+    if g.0.dtype() != DType::F32 || g.1.shape().elem_count() != rows {
+        candle_core::bail!(
+            "cross-entropy gradient: {rows} rows, {:?} row scales",
+            g.1.shape()
+        );
+    }
+    let dev = &logits.0.device;
+    let d = alloc(dev, dtype, rows * vocab)?;
+    let args = [
+        Arg::Address(address(logits)?),
+        Arg::Address(address(targets)?),
+        Arg::Address(address(g)?),
+        Arg::Address(base_address(&d)?),
+        int(vocab)?,
+    ];
+    let threads = row_threads(vocab, 512);
+    launch(
+        dev,
+        "token_nll_grad",
+        Some(dtype),
+        grid(rows)?,
+        (threads, 1),
+        &args,
+    )?;
+    Ok(d)
+}
+
+/// Embedding gradient: `grad` rows `[tokens, width]` summed into an f32 `[vocab, width]` table
+/// at the rows named by u32 `ids`.
+pub(crate) fn embedding_grad(ids: Operand, grad: Operand, vocab: usize) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[grad])?;
+    let (tokens, width) = rows_and_width(grad.1)?;
+    if ids.0.dtype() != DType::U32 || ids.1.shape().elem_count() != tokens {
+        candle_core::bail!(
+            "embedding gradient: {tokens} rows for {:?} ids",
+            ids.1.shape()
+        );
+    }
+    let dev = &grad.0.device;
+    let table = zeros_f32(dev, vocab * width)?;
+    let args = [
+        Arg::Address(address(ids)?),
+        Arg::Address(address(grad)?),
+        Arg::Address(base_address(&table)?),
+        int(tokens)?,
+        int(width)?,
+        int(vocab)?,
+    ];
+    let blocks = grid((tokens * width).div_ceil(ELEMENT_THREADS as usize))?;
+    launch(
+        dev,
+        "embedding_grad",
+        Some(dtype),
+        blocks,
+        (ELEMENT_THREADS, 1),
+        &args,
+    )?;
+    Ok(table)
+}
+
+/// One parameter of a multi-tensor launch: f32 buffer addresses and size.
+pub(crate) struct ParamBuffers {
+    pub weight: u64,
+    pub grad: u64,
+    pub m: u64,
+    pub v: u64,
+    pub len: usize,
+    /// `1 − lr · weight_decay` (1 without decay).
+    pub keep: f32,
+}
+
+/// Elements per block of the multi-tensor kernels.
+const MULTI_CHUNK: usize = 1 << 16;
+
+/// Uploads the descriptor table of `params` (6 words each) followed by the chunk list (one word
+/// per block: parameter index << 40 | first element). Returns it and the number of chunks.
+fn descriptor_table(
+    device: &CudaDevice,
+    params: &[ParamBuffers],
+) -> Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaSlice<u64>,
+    usize,
+)> {
+    let mut words = Vec::with_capacity(6 * params.len());
+    let mut chunks = Vec::new();
+    for (i, p) in params.iter().enumerate() {
+        words.extend([
+            p.weight,
+            p.grad,
+            p.m,
+            p.v,
+            p.len as u64,
+            p.keep.to_bits() as u64,
+        ]);
+        chunks.extend(
+            (0..p.len)
+                .step_by(MULTI_CHUNK)
+                .map(|s| (i as u64) << 40 | s as u64),
+        );
+    }
+    let n_chunks = chunks.len();
+    words.extend(chunks);
+    Ok((device.clone_htod(&words)?, n_chunks))
+}
+
+/// The scalars of an AdamW step shared by all parameters.
+pub(crate) struct AdamWScalars {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub bias1: f32,
+    pub bias2: f32,
+    pub grad_scale: f32,
+}
+
+/// One in-place AdamW update of every parameter in `params`, in one launch.
+pub(crate) fn adamw_multi(
+    device: &CudaDevice,
+    params: &[ParamBuffers],
+    s: &AdamWScalars,
+) -> Result<()> {
+    if params.is_empty() {
+        return Ok(());
+    }
+    let (table, chunks) = descriptor_table(device, params)?;
+    let table_address = table.device_ptr(&device.cuda_stream()).0;
+    let args = [
+        Arg::Address(table_address),
+        Arg::Address(table_address + 8 * 6 * params.len() as u64),
+        int(MULTI_CHUNK)?,
+        Arg::Float(s.lr),
+        Arg::Float(s.beta1),
+        Arg::Float(s.beta2),
+        Arg::Float(s.eps),
+        Arg::Float(s.bias1),
+        Arg::Float(s.bias2),
+        Arg::Float(s.grad_scale),
+    ];
+    launch(device, "adamw_multi", None, grid(chunks)?, (256, 1), &args)
+}
+
+/// The sum of squares of the gradients in `params` (only `grad` and `len` are read), as an f32
+/// scalar on the device.
+pub(crate) fn sum_squares_multi(
+    device: &CudaDevice,
+    params: &[ParamBuffers],
+) -> Result<CudaStorage> {
+    let out = zeros_f32(device, 1)?;
+    if params.is_empty() {
+        return Ok(out);
+    }
+    let (table, chunks) = descriptor_table(device, params)?;
+    let table_address = table.device_ptr(&device.cuda_stream()).0;
+    let args = [
+        Arg::Address(table_address),
+        Arg::Address(table_address + 8 * 6 * params.len() as u64),
+        int(MULTI_CHUNK)?,
+        Arg::Address(base_address(&out)?),
+    ];
+    launch(
+        device,
+        "sum_squares_multi",
+        None,
+        grid(chunks)?,
+        (256, 1),
+        &args,
+    )?;
+    Ok(out)
+}
