@@ -292,10 +292,11 @@ extern "C" __global__ void adamw_multi(const uint64_t* tensors, const uint64_t* 
   }
 }
 
-// Sum of squares of many f32 tensors into one f32 (global gradient norm). Same descriptor
-// layout as adamw_multi (only address and count are read); `out` starts at zero.
+// Sum of squares of many f32 tensors (global gradient norm), in two deterministic passes: one
+// partial sum per chunk (same descriptor layout as adamw_multi; only the gradient address and
+// count are read), then one block sums the partials in a fixed order.
 extern "C" __global__ void sum_squares_multi(const uint64_t* tensors, const uint64_t* chunks,
-                                             int chunk_len, float* out) {
+                                             int chunk_len, float* partial) {
   const uint64_t c = chunks[blockIdx.x];
   const uint64_t t = c >> 40, start = c & ((1ull << 40) - 1);
   const float* g = (const float*)tensors[6 * t + 1];
@@ -303,7 +304,14 @@ extern "C" __global__ void sum_squares_multi(const uint64_t* tensors, const uint
   float sum = 0.f;
   for (uint64_t i = start + threadIdx.x; i < end; i += blockDim.x) sum += g[i] * g[i];
   sum = block_sum(sum);
-  if (threadIdx.x == 0) atomicAdd(out, sum);
+  if (threadIdx.x == 0) partial[blockIdx.x] = sum;
+}
+
+extern "C" __global__ void sum_partials(const float* partial, int n, float* out) {
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += partial[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) *out = sum;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -141,7 +141,8 @@ pub fn measure(
                    "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
         }
         Task::Eval => {
-            let model = Llama::new(&cfg, &weights, dtype)?;
+            // As `llmtool eval` loads a model: stored in the compute dtype.
+            let model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
             let batch = random_batch(&cfg, s, 1);
             let step_s = timed(device, s.warmup, s.steps, || {
                 gradients::loss_only(&model, &batch).map(drop)
@@ -149,7 +150,7 @@ pub fn measure(
             json!({"step_ms": step_s * 1e3, "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
         }
         Task::Generate => {
-            let model = Llama::new(&cfg, &weights, dtype)?;
+            let model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
             let runs = (s.steps / 4).max(1);
             let run_s = timed(device, 1, runs, || greedy(&model, s.gen_tokens).map(drop))?;
             json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,

@@ -47,7 +47,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let w = self.weight.to_dtype(dtype)?;
         let y = if self.trainable {
-            x.broadcast_matmul(&w.t()?)?
+            ops::linear(x, &w)?
         } else {
             ops::frozen_linear(x, &w)?
         };
@@ -434,7 +434,7 @@ impl Llama {
         let x = self.final_norm(x)?;
         let head = self.head()?;
         if head.is_variable() || head.track_op() {
-            x.broadcast_matmul(&head.t()?)
+            ops::linear(&x, &head)
         } else {
             ops::frozen_linear(&x, &head)
         }

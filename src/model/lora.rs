@@ -72,7 +72,7 @@ impl LoraLayer {
         };
         let a = self.a.to_dtype(dtype)?;
         let b = self.b.to_dtype(dtype)?;
-        x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * self.scale
+        crate::ops::linear(&crate::ops::linear(&x, &a)?, &b)? * self.scale
     }
 }
 

@@ -138,6 +138,17 @@ impl Weights {
         Ok((Self::new(tensors, self.source_name), vars))
     }
 
+    /// The same weights stored as `dtype` (inference computes in the stored dtype without a
+    /// conversion per forward).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self, ModelError> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self::new(tensors, self.source_name.clone()))
+    }
+
     /// Names of all tensors.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()

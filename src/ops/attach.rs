@@ -7,8 +7,8 @@
 //! instead of kept, and the embedding gradient is one scatter kernel.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use std::sync::Arc;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use std::sync::{Arc, Mutex};
 
 type Backward1 = Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
@@ -25,9 +25,10 @@ where
 {
     let op = Attach1 {
         name,
+        value: Pending::new(value),
         backward: Box::new(backward),
     };
-    source.apply_op2_arc(value, Arc::new(Box::new(op)))
+    source.apply_op1_arc(Arc::new(Box::new(op)))
 }
 
 /// `value`, whose gradient flows to `a` and `b` as `backward(grad of value)`.
@@ -43,29 +44,119 @@ where
 {
     let op = Attach2 {
         name,
+        value: Pending::new(value),
         backward: Box::new(backward),
     };
-    a.apply_op3_arc(b, value, Arc::new(Box::new(op)))
+    a.apply_op2_arc(b, Arc::new(Box::new(op)))
 }
 
-/// A contiguous copy of `value` on its own backend.
-fn copy_out<S>(value: &S, layout: &Layout) -> Result<(S, Shape)>
-where
-    S: BackendStorage,
-    S::Device: BackendDevice<Storage = S>,
-{
-    // SAFETY: copy_strided_src writes every element of the new buffer.
-    let mut out = unsafe { value.device().alloc_uninit(layout.shape(), value.dtype())? };
-    value.copy_strided_src(&mut out, 0, layout)?;
-    Ok((out, layout.shape().clone()))
+/// The value an attach op outputs, held only until its forward has copied it: the graph keeps
+/// the op (for its backward), and must not keep a second copy of the output through it.
+struct Pending(Mutex<Option<Tensor>>);
+
+impl Pending {
+    fn new(value: &Tensor) -> Self {
+        Self(Mutex::new(Some(value.clone())))
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        let taken = match self.0.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        taken.ok_or_else(|| candle_core::Error::Msg("attach: forward ran twice".into()))
+    }
+
+    /// A contiguous copy of the value, on the backend the op runs on.
+    fn copy_out<S>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S: BackendStorage,
+        S::Device: BackendDevice<Storage = S>,
+    {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        let Some(storage) = pick(&storage) else {
+            candle_core::bail!("attach: the value is on another device than its source");
+        };
+        // SAFETY: copy_strided_src writes every element of the new buffer.
+        let mut out = unsafe {
+            storage
+                .device()
+                .alloc_uninit(layout.shape(), storage.dtype())?
+        };
+        storage.copy_strided_src(&mut out, 0, layout)?;
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+fn cpu(s: &Storage) -> Option<&CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Some(s),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(s: &Storage) -> Option<&candle_core::CudaStorage> {
+    match s {
+        Storage::Cuda(s) => Some(s),
+        _ => None,
+    }
+}
+
+#[cfg(feature = "metal")]
+fn metal(s: &Storage) -> Option<&candle_core::MetalStorage> {
+    match s {
+        Storage::Metal(s) => Some(s),
+        _ => None,
+    }
 }
 
 struct Attach1 {
     name: &'static str,
+    value: Pending,
     backward: Backward1,
 }
 
-impl CustomOp2 for Attach1 {
+impl CustomOp1 for Attach1 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.value.copy_out(cpu)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.copy_out(cuda)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.value.copy_out(metal)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        (self.backward)(grad)
+    }
+}
+
+struct Attach2 {
+    name: &'static str,
+    value: Pending,
+    backward: Backward2,
+}
+
+impl CustomOp2 for Attach2 {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -74,10 +165,10 @@ impl CustomOp2 for Attach1 {
         &self,
         _: &CpuStorage,
         _: &Layout,
-        v: &CpuStorage,
-        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        copy_out(v, l)
+        self.value.copy_out(cpu)
     }
 
     #[cfg(feature = "cuda")]
@@ -85,10 +176,10 @@ impl CustomOp2 for Attach1 {
         &self,
         _: &candle_core::CudaStorage,
         _: &Layout,
-        v: &candle_core::CudaStorage,
-        l: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        copy_out(v, l)
+        self.value.copy_out(cuda)
     }
 
     #[cfg(feature = "metal")]
@@ -96,10 +187,10 @@ impl CustomOp2 for Attach1 {
         &self,
         _: &candle_core::MetalStorage,
         _: &Layout,
-        v: &candle_core::MetalStorage,
-        l: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        copy_out(v, l)
+        self.value.copy_out(metal)
     }
 
     fn bwd(
@@ -109,67 +200,6 @@ impl CustomOp2 for Attach1 {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok(((self.backward)(grad)?, None))
-    }
-}
-
-struct Attach2 {
-    name: &'static str,
-    backward: Backward2,
-}
-
-impl CustomOp3 for Attach2 {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        v: &CpuStorage,
-        l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_out(v, l)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        v: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        copy_out(v, l)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        v: &candle_core::MetalStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        copy_out(v, l)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b) = (self.backward)(grad)?;
-        Ok((a, b, None))
+        (self.backward)(grad)
     }
 }

@@ -1,8 +1,10 @@
-//! Fused causal softmax for attention on the CPU and on CUDA: `softmax(scores * scale + causal
-//! mask)` in one pass per row, and its backward in one pass, with no mask tensor and no T×T
-//! temporaries besides the probabilities themselves. The QKᵀ and PV products stay candle
-//! matmuls (cuBLAS on CUDA).
+//! Fused causal attention on the CPU and on CUDA: `softmax(scores * scale + causal mask)` in one
+//! pass per row, and its backward in one pass, with no mask tensor and no T×T temporaries
+//! besides the probabilities themselves. The QKᵀ and PV products stay candle matmuls (cuBLAS on
+//! CUDA). The whole attention is one node of the autograd graph with a hand-written backward,
+//! so candle keeps and accumulates no score-sized gradients of its own.
 
+use super::attach::attach2;
 use super::cpu_kernel::{f32s, for_each_row, output, MIN_ROWS_PER_TASK};
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -18,8 +20,25 @@ use rayon::prelude::*;
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let head_dim = q.dim(3)?;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let probs = q.matmul(&k.t()?)?.apply_op1(CausalSoftmax { scale })?;
-    probs.matmul(v)
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let probs = qd
+        .matmul(&kd.t()?)?
+        .apply_op1_no_bwd(&CausalSoftmax { scale })?;
+    let out = probs.matmul(&vd)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    // Keys and values enter the graph as one operand; the stack's backward splits them.
+    let kv = Tensor::stack(&[k, v], 0)?;
+    attach2(q, &kv, &out, "causal-attention", move |grad| {
+        let grad = grad.contiguous()?;
+        let dv = probs.t()?.matmul(&grad)?;
+        let dp = grad.matmul(&vd.t()?)?;
+        let ds = probs.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { scale })?;
+        let dq = ds.matmul(&kd)?;
+        let dk = ds.t()?.matmul(&qd)?;
+        Ok((Some(dq), Some(Tensor::stack(&[dk, dv], 0)?)))
+    })
 }
 
 /// Row `row` of a `[.., q_len, kv_len]` score tensor may see keys `0..visible(row)`: query `i`
@@ -75,12 +94,6 @@ impl CustomOp1 for CausalSoftmax {
         let (_, q_len, _) = query_and_key_lens(layout)?;
         let probs = cuda::causal_softmax((storage, layout), q_len, self.scale)?;
         Ok((probs, layout.shape().clone()))
-    }
-
-    fn bwd(&self, _scores: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let op = CausalSoftmaxGrad { scale: self.scale };
-        Ok(Some(probs.detach().apply_op2(&grad, op)?))
     }
 }
 

@@ -605,7 +605,7 @@ pub(crate) fn adamw_multi(
 }
 
 /// The sum of squares of the gradients in `params` (only `grad` and `len` are read), as an f32
-/// scalar on the device.
+/// scalar on the device. Deterministic: per-chunk partials are summed in a fixed order.
 pub(crate) fn sum_squares_multi(
     device: &CudaDevice,
     params: &[ParamBuffers],
@@ -616,11 +616,12 @@ pub(crate) fn sum_squares_multi(
     }
     let (table, chunks) = descriptor_table(device, params)?;
     let table_address = table.device_ptr(&device.cuda_stream()).0;
+    let partial = alloc(device, DType::F32, chunks)?;
     let args = [
         Arg::Address(table_address),
         Arg::Address(table_address + 8 * 6 * params.len() as u64),
         int(MULTI_CHUNK)?,
-        Arg::Address(base_address(&out)?),
+        Arg::Address(base_address(&partial)?),
     ];
     launch(
         device,
@@ -630,5 +631,11 @@ pub(crate) fn sum_squares_multi(
         (256, 1),
         &args,
     )?;
+    let args = [
+        Arg::Address(base_address(&partial)?),
+        int(chunks)?,
+        Arg::Address(base_address(&out)?),
+    ];
+    launch(device, "sum_partials", None, (1, 1), (1024, 1), &args)?;
     Ok(out)
 }

@@ -10,14 +10,15 @@ use candle_core::{Result, Tensor};
 
 /// `x @ weight.t()` (weight `[out, in]`) where only `x` receives a gradient.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let y = x.detach().broadcast_matmul(&weight.t()?)?;
+    let y = super::linear(&x.detach(), weight)?;
     if !x.track_op() {
         return Ok(y);
     }
     let weight = weight.detach();
     attach(x, &y, "frozen-linear", move |grad| {
         let w = weight.to_dtype(grad.dtype())?;
-        Ok(Some(grad.broadcast_matmul(&w)?))
+        // grad @ w is `linear` with the weight's transpose.
+        Ok(Some(super::linear(grad, &w.t()?)?))
     })
 }
 

@@ -69,6 +69,23 @@ fn ids_beside(ids: &Tensor, like: &Tensor) -> bool {
     ids.dtype() == DType::U32 && ids.device().same_device(like.device())
 }
 
+/// `x @ weight.t()` for `weight` `[out, in]` and `x` `[.., in]`, as one 2-D product over all
+/// leading dimensions: its backward then computes the weight gradient as one GEMM over every
+/// row, instead of a GEMM per batch element plus a reduction (what `broadcast_matmul` does).
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (out, inp) = weight.dims2()?;
+    let mut dims = x.dims().to_vec();
+    if dims.last() != Some(&inp) {
+        candle_core::bail!(
+            "linear: input {:?} for a weight of [{out}, {inp}]",
+            x.dims()
+        );
+    }
+    let rows = x.reshape(((), inp))?.matmul(&weight.t()?)?;
+    *dims.last_mut().unwrap_or(&mut 0) = out;
+    rows.reshape(dims)
+}
+
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if fused(&[x, weight]) {

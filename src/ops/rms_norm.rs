@@ -148,7 +148,7 @@ impl CustomOp3 for RmsNormInputGrad {
     }
 }
 
-/// `dw = Σ_rows g ⊙ x̂`, summed per rayon task and then across tasks.
+/// `dw = Σ_rows g ⊙ x̂`, summed per fixed chunk of rows and then across chunks in order.
 struct RmsNormWeightGrad {
     eps: f32,
 }
@@ -167,27 +167,27 @@ impl CustomOp2 for RmsNormWeightGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, g) = (f32s(x, x_layout)?, f32s(g, g_layout)?);
         let (_, width) = rows_and_width(x_layout)?;
-        let dw = x
-            .par_chunks(width.max(1))
-            .zip(g.par_chunks(width.max(1)))
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .fold(
-                || vec![0f32; width],
-                |mut acc, (x, g)| {
+        // Fixed chunks summed in order: the result does not depend on how rayon splits the
+        // work, so a resumed run reproduces an uninterrupted one bit for bit.
+        let chunk = MIN_ROWS_PER_TASK * width.max(1);
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(chunk)
+            .zip(g.par_chunks(chunk))
+            .map(|(x, g)| {
+                let mut acc = vec![0f32; width];
+                for (x, g) in x.chunks(width.max(1)).zip(g.chunks(width.max(1))) {
                     let r = inverse_rms(x, self.eps);
                     for ((a, &x), &g) in acc.iter_mut().zip(x).zip(g) {
                         *a += g * x * r;
                     }
-                    acc
-                },
-            )
-            .reduce(
-                || vec![0f32; width],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+                }
+                acc
+            })
+            .collect();
+        let mut dw = vec![0f32; width];
+        for partial in partials {
+            dw.iter_mut().zip(&partial).for_each(|(d, p)| *d += p);
+        }
         Ok(output(dw, width))
     }
 

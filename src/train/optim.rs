@@ -184,7 +184,11 @@ pub fn composite_step(
 /// The global L2 norm of all gradients: one kernel and one device synchronization on CUDA,
 /// one synchronization elsewhere.
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
-    let tensors: Vec<&Tensor> = grads.values().collect();
+    // By name, so the sum's rounding (and through clipping the run) does not depend on the
+    // map's iteration order.
+    let mut named: Vec<(&String, &Tensor)> = grads.iter().collect();
+    named.sort_by_key(|(name, _)| *name);
+    let tensors: Vec<&Tensor> = named.into_iter().map(|(_, g)| g).collect();
     if let Some(total) = sum_of_squares(&tensors)? {
         return Ok(total.sqrt());
     }
@@ -195,8 +199,11 @@ pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
         .iter()
         .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
         .collect::<Result<Vec<_>>>()?;
-    let total = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()?;
-    Ok((total as f64).sqrt())
+    let total = Tensor::stack(&sums, 0)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    Ok(total.sqrt())
 }
 
 /// The factor that brings gradients of global norm `norm` down to at most `max_norm` (1 when
