@@ -4,7 +4,7 @@
 //! through [`gradients::accumulate`], clipping and [`AdamW`], as `llmtool train` does.
 
 use crate::config::LoraSection;
-use crate::model::{Adapter, Cache, Llama, LlamaConfig};
+use crate::model::{Adapter, Cache, Llama, LlamaConfig, Weights};
 use crate::train::gradients::{self, Batch, Gradients};
 use crate::train::init::random_weights;
 use crate::train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
@@ -25,8 +25,9 @@ pub const PRESETS: [(&str, usize, usize, usize, usize, usize, usize); 3] = [
 pub enum Task {
     /// Full training step of every parameter.
     Train,
-    /// Training step of a LoRA adapter on q/k/v/o over a frozen base.
-    Lora,
+    /// Training step of a LoRA adapter on q/k/v/o over a base held as the [`LoraBase`] says
+    /// (the name `lora` parses with the frozen base).
+    Lora(LoraBase),
     /// Forward pass and loss without gradients.
     Eval,
     /// Greedy decoding with the KV cache.
@@ -38,7 +39,7 @@ impl std::str::FromStr for Task {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "train" => Ok(Task::Train),
-            "lora" => Ok(Task::Lora),
+            "lora" => Ok(Task::Lora(LoraBase::Frozen)),
             "eval" => Ok(Task::Eval),
             "generate" => Ok(Task::Generate),
             _ => Err(format!(
@@ -53,9 +54,44 @@ impl Task {
     pub fn name(self) -> &'static str {
         match self {
             Task::Train => "train",
-            Task::Lora => "lora",
+            Task::Lora(_) => "lora",
             Task::Eval => "eval",
             Task::Generate => "generate",
+        }
+    }
+}
+
+/// How the base weights under a `lora` row's adapter are held (`--lora-base`). The trained
+/// parameters (the adapter's) and the math are the same either way; what differs is the work
+/// and memory spent on gradients nobody uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraBase {
+    /// Plain tensors: every projection goes through [`crate::ops::frozen_linear`], so no weight
+    /// gradient is computed or stored (what `llmtool finetune --lora` does).
+    Frozen,
+    /// Candle `Var`s left out of the optimizer, as naive candle code does: the projections take
+    /// the plain-matmul path, and backward computes, and the grad store keeps, the gradient of
+    /// every base weight.
+    Plain,
+}
+
+impl std::str::FromStr for LoraBase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "frozen" => Ok(LoraBase::Frozen),
+            "plain" => Ok(LoraBase::Plain),
+            _ => Err(format!("unknown lora base {s:?}: expected frozen or plain")),
+        }
+    }
+}
+
+impl LoraBase {
+    /// The name in `--lora-base` and in a row's `lora_base` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraBase::Frozen => "frozen",
+            LoraBase::Plain => "plain",
         }
     }
 }
@@ -126,15 +162,8 @@ pub fn measure(
             json!({"params": params, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
                    "model_tflops": 6.0 * params as f64 * tokens_per_s / 1e12})
         }
-        Task::Lora => {
-            let mut model = Llama::new(&cfg, &weights, dtype)?;
-            let lora = LoraSection {
-                dropout: 0.0,
-                ..LoraSection::default()
-            };
-            let adapter = Adapter::init(&lora, &cfg, 0, device)?;
-            model.attach_adapter(&adapter)?;
-            let vars = adapter.vars();
+        Task::Lora(base) => {
+            let (model, vars) = lora_model(&cfg, weights, base, dtype, device)?;
             let step_s = time_training(&model, &vars, s, recompute, device)?;
             let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             json!({"trainable": trainable, "step_ms": step_s * 1e3,
@@ -162,17 +191,46 @@ pub fn measure(
     row.insert("task".into(), task.name().into());
     row.insert("preset".into(), preset.into());
     row.insert("mode".into(), mode.into());
+    if let Task::Lora(base) = task {
+        row.insert("lora_base".into(), base.name().into());
+    }
     if let Value::Object(measured) = measured {
         row.extend(measured);
     }
-    if matches!(task, Task::Train | Task::Lora | Task::Eval) {
+    if matches!(task, Task::Train | Task::Lora(_) | Task::Eval) {
         row.insert("batch".into(), s.batch.into());
         row.insert("seq".into(), s.seq.into());
     }
-    if matches!(task, Task::Train | Task::Lora) {
+    if matches!(task, Task::Train | Task::Lora(_)) {
         insert_peak_memory(&mut row, device);
     }
     Ok(Value::Object(row))
+}
+
+/// The model over `weights` held as `base` says, with a fresh adapter attached (torch_ref.py's:
+/// r 8, alpha 16, no dropout, on q/k/v/o), and the adapter's vars: the only ones the optimizer
+/// gets.
+fn lora_model(
+    cfg: &LlamaConfig,
+    weights: Weights,
+    base: LoraBase,
+    dtype: DType,
+    device: &Device,
+) -> anyhow::Result<(Llama, Vec<(String, Var)>)> {
+    let weights = match base {
+        LoraBase::Frozen => weights,
+        // The vars of the base are dropped here: the model holds their tensors, which is all
+        // candle needs to compute and keep their gradients.
+        LoraBase::Plain => weights.into_trainable()?.0,
+    };
+    let mut model = Llama::new(cfg, &weights, dtype)?;
+    let lora = LoraSection {
+        dropout: 0.0,
+        ..LoraSection::default()
+    };
+    let adapter = Adapter::init(&lora, cfg, 0, device)?;
+    model.attach_adapter(&adapter)?;
+    Ok((model, adapter.vars()))
 }
 
 /// torch_ref.py's `peak_mb`: process peak RSS on the CPU (as its `ru_maxrss`), the memory
@@ -347,7 +405,10 @@ mod tests {
                 Task::Train,
                 &["params", "step_ms", "model_tflops", "peak_mb"][..],
             ),
-            (Task::Lora, &["trainable", "step_ms", "peak_mb"][..]),
+            (
+                Task::Lora(LoraBase::Frozen),
+                &["trainable", "step_ms", "peak_mb", "lora_base"][..],
+            ),
             (Task::Eval, &["step_ms", "batch", "seq"][..]),
             (Task::Generate, &["new_tokens", "ms"][..]),
         ] {
@@ -361,6 +422,148 @@ mod tests {
         assert_eq!(row_trainable_of_tiny_lora(), 6 * 4 * 8 * (384 + 384));
         assert!(measure(Task::Eval, "huge", "fp32", &s, &Device::Cpu).is_err());
         assert!(parse_mode("fp16").is_err());
+    }
+
+    #[test]
+    fn lora_rows_name_their_base_and_other_rows_do_not() {
+        let s = Settings {
+            batch: 1,
+            seq: 4,
+            steps: 1,
+            warmup: 0,
+            gen_tokens: 1,
+        };
+        for base in [LoraBase::Frozen, LoraBase::Plain] {
+            let row = measure(Task::Lora(base), "tiny", "fp32", &s, &Device::Cpu).unwrap();
+            assert_eq!(row["lora_base"], base.name(), "{row}");
+            assert_eq!(row["trainable"], 6 * 4 * 8 * (384 + 384), "{row}");
+            assert_eq!(base.name().parse::<LoraBase>(), Ok(base));
+        }
+        let row = measure(Task::Eval, "tiny", "fp32", &s, &Device::Cpu).unwrap();
+        assert!(row.get("lora_base").is_none(), "{row}");
+        let err = "dense".parse::<LoraBase>().unwrap_err();
+        assert!(err.contains("frozen or plain"), "{err}");
+    }
+
+    /// A model small enough for exact checks, with every base matrix shape unique: q/k/v/o
+    /// 16x16, gate/up 40x16, down 16x40, embedding (tied head) 50x16.
+    fn small_config() -> LlamaConfig {
+        serde_json::from_value(json!({
+            "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "intermediate_size": 40, "vocab_size": 50,
+            "max_position_embeddings": 16, "tie_word_embeddings": true,
+        }))
+        .unwrap()
+    }
+
+    /// The LoRA model of `small_config` over the same seeded base, held as `base` says, with
+    /// every B set to the same nonzero values (a fresh B is zero, which makes A's gradient zero).
+    fn small_lora(base: LoraBase) -> (Llama, Vec<(String, Var)>) {
+        let cfg = small_config();
+        let weights = random_weights(&cfg, 3, &Device::Cpu).unwrap();
+        let (model, vars) = lora_model(&cfg, weights, base, DType::F32, &Device::Cpu).unwrap();
+        for (name, var) in &vars {
+            if name.ends_with("lora_B.weight") {
+                let n = var.elem_count() as f32;
+                let values = Tensor::arange(0f32, n, &Device::Cpu)
+                    .and_then(|t| t.affine(1.0 / n as f64, -0.5))
+                    .and_then(|t| t.reshape(var.shape()))
+                    .unwrap();
+                var.set(&values).unwrap();
+            }
+        }
+        (model, vars)
+    }
+
+    /// The gradient store of one plain backward pass of `model` over a 2 x 3 batch.
+    fn backward(model: &Llama) -> candle_core::backprop::GradStore {
+        let ids = Tensor::new(&[[1u32, 7, 30], [49, 0, 12]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[7u32, 30, 2, 0, 12, 5], &Device::Cpu).unwrap();
+        let weights = Tensor::ones(6, DType::F32, &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, None).unwrap().reshape((6, 50)).unwrap();
+        let loss = crate::ops::masked_mean_nll(&logits, &targets, &weights).unwrap();
+        loss.backward().unwrap()
+    }
+
+    /// Values held by gradients in `store` shaped like a base weight (or, as candle keys a
+    /// plain matmul's weight gradient, its broadcast transpose): `[.., out, in]` or `[.., in,
+    /// out]` for a base matrix `[out, in]`.
+    fn base_shaped_gradient_values(store: &candle_core::backprop::GradStore) -> usize {
+        let base = [(16, 16), (40, 16), (16, 40), (50, 16)];
+        store
+            .get_ids()
+            .filter_map(|&id| store.get_id(id))
+            .filter(|g| {
+                let d = g.dims();
+                d.len() >= 2 && {
+                    let last = (d[d.len() - 2], d[d.len() - 1]);
+                    base.iter().any(|&(o, i)| last == (o, i) || last == (i, o))
+                }
+            })
+            .map(Tensor::elem_count)
+            .sum()
+    }
+
+    #[test]
+    fn plain_base_stores_weight_gradients_and_frozen_base_computes_none() {
+        let (plain, _) = small_lora(LoraBase::Plain);
+        let store = backward(&plain);
+        for (name, w) in plain.named_parameters() {
+            if w.rank() == 2 {
+                let g = store.get(&w);
+                assert!(
+                    g.is_some_and(|g| g.dims() == w.dims()),
+                    "{name}: no gradient"
+                );
+            }
+        }
+        // q/k/v/o, gate/up/down of 2 layers and the embedding.
+        let per_layer = 4 * 16 * 16 + 3 * 40 * 16;
+        assert!(base_shaped_gradient_values(&store) >= 2 * per_layer + 50 * 16);
+
+        let (frozen, _) = small_lora(LoraBase::Frozen);
+        let store = backward(&frozen);
+        for (name, w) in frozen.named_parameters() {
+            assert!(store.get(&w).is_none(), "{name} got a gradient");
+        }
+        assert_eq!(base_shaped_gradient_values(&store), 0);
+    }
+
+    #[test]
+    fn adapter_gradients_are_the_same_over_a_plain_and_a_frozen_base() {
+        let cfg = small_config();
+        let s = Settings {
+            batch: 2,
+            seq: 5,
+            steps: 1,
+            warmup: 0,
+            gen_tokens: 1,
+        };
+        let batch = random_batch(&cfg, &s, 4);
+        let (plain, plain_vars) = small_lora(LoraBase::Plain);
+        let (frozen, frozen_vars) = small_lora(LoraBase::Frozen);
+        for recompute in [false, true] {
+            let (mut a, mut b) = (Gradients::new(), Gradients::new());
+            let loss_a =
+                gradients::accumulate(&plain, &plain_vars, &batch, 1.0, recompute, &mut a).unwrap();
+            let loss_b =
+                gradients::accumulate(&frozen, &frozen_vars, &batch, 1.0, recompute, &mut b)
+                    .unwrap();
+            assert!((loss_a - loss_b).abs() < 1e-6, "{loss_a} vs {loss_b}");
+            // Every adapter tensor, and nothing else: the base's gradients are not collected.
+            assert_eq!(a.len(), 2 * 4 * 2);
+            for (name, ga) in &a {
+                let gb = &b[name];
+                let diff = (ga - gb).unwrap().abs().unwrap().max_all().unwrap();
+                let diff = diff.to_scalar::<f32>().unwrap();
+                let size = ga.abs().unwrap().max_all().unwrap();
+                assert!(size.to_scalar::<f32>().unwrap() > 0.0, "{name} is zero");
+                assert!(
+                    diff <= 1e-6,
+                    "{name}: differs by {diff} (recompute {recompute})"
+                );
+            }
+        }
     }
 
     fn row_trainable_of_tiny_lora() -> usize {

@@ -116,6 +116,11 @@ pub struct BenchArgs {
     /// Comma-separated modes: fp32, bf16, bf16+ckpt, fp32+ckpt [default: fp32 on CPU, fp32,bf16,bf16+ckpt on GPUs]
     #[arg(long)]
     pub modes: Option<String>,
+    /// Comma-separated bases of the lora task, each its own row: frozen (the base's weight
+    /// gradients are never computed) or plain (candle vars the optimizer does not get, whose
+    /// weight gradients candle computes anyway, as naive candle code does).
+    #[arg(long, default_value = "frozen", value_name = "BASES")]
+    pub lora_base: String,
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,

@@ -1,6 +1,6 @@
 //! `llmtool bench`: the rows of `shared/bench/torch_ref.py`, as JSON lines and a table.
 
-use crate::bench::{measure, parse_mode, preset_config, Settings, Task};
+use crate::bench::{measure, parse_mode, preset_config, LoraBase, Settings, Task};
 use crate::cli::BenchArgs;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -25,6 +25,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for mode in modes.split(',') {
         parse_mode(mode).map_err(anyhow::Error::msg)?;
     }
+    let lora_bases = args
+        .lora_base
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<LoraBase>, String>>()
+        .map_err(anyhow::Error::msg)?;
+    // A `lora` task runs once per base, each its own row.
+    let tasks: Vec<Task> = tasks
+        .into_iter()
+        .flat_map(|task| match task {
+            Task::Lora(_) => lora_bases.iter().map(|&b| Task::Lora(b)).collect(),
+            other => vec![other],
+        })
+        .collect();
     if let Some(bad) = args
         .sizes
         .split(',')
@@ -70,10 +84,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 }
                 let row =
                     super::train::on_big_stack(|| measure(task, preset, mode, &settings, &device))?
-                        .unwrap_or_else(|e| {
-                            json!({"tool": "llmtool", "task": task.name(), "preset": preset,
-                           "mode": mode, "error": format!("{e:#}")})
-                        });
+                        .unwrap_or_else(|e| error_row(task, preset, mode, &e));
                 println!("{row}");
                 if let Some(file) = &mut out {
                     writeln!(file, "{row}").context("writing --out")?;
@@ -86,26 +97,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The reference's closing table: task, preset, mode, tokens/s, step ms, peak MB.
+/// The row of a measurement that failed: what it was, and the error.
+fn error_row(task: Task, preset: &str, mode: &str, e: &anyhow::Error) -> Value {
+    let mut row = json!({"tool": "llmtool", "task": task.name(), "preset": preset,
+                         "mode": mode, "error": format!("{e:#}")});
+    if let Task::Lora(base) = task {
+        row["lora_base"] = base.name().into();
+    }
+    row
+}
+
+/// The reference's closing table: task, preset, mode, tokens/s, step ms, peak MB. A `lora` row
+/// names its base after the task (`lora/plain`).
 fn print_table(rows: &[Value]) {
     println!(
-        "{:9} {:6} {:14} {:>12} {:>9} {:>9}",
+        "{:11} {:6} {:14} {:>12} {:>9} {:>9}",
         "task", "preset", "mode", "tok/s", "step_ms", "peak_MB"
     );
     let text = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
     let number = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
     for r in rows {
-        let (task, preset, mode) = (text(r, "task"), text(r, "preset"), text(r, "mode"));
+        let task = match r["lora_base"].as_str() {
+            Some(base) => format!("{}/{base}", text(r, "task")),
+            None => text(r, "task"),
+        };
+        let (preset, mode) = (text(r, "preset"), text(r, "mode"));
         if let Some(e) = r["error"].as_str() {
             let short: String = e.chars().take(60).collect();
-            println!("{task:9} {preset:6} {mode:14} ERROR {short}");
+            println!("{task:11} {preset:6} {mode:14} ERROR {short}");
             continue;
         }
         let ms = r
             .get("step_ms")
             .map_or(number(r, "ms"), |v| v.as_f64().unwrap_or(0.0));
         println!(
-            "{task:9} {preset:6} {mode:14} {:12.0} {ms:9.2} {:9.0}",
+            "{task:11} {preset:6} {mode:14} {:12.0} {ms:9.2} {:9.0}",
             number(r, "tokens_per_s"),
             number(r, "peak_mb")
         );
