@@ -3,7 +3,8 @@
 //
 // Every kernel reads and writes its tensor dtype (f32, bf16 or f16: the `_f32`/`_bf16`/`_f16`
 // suffix) and accumulates in f32, as the composite references in src/ops/reference.rs do.
-// Row kernels run one block per row; blockDim.x is a multiple of 32 and at most 1024.
+// Row kernels run one block per row (the causal softmax one warp per row); blockDim.x is a
+// multiple of 32 and at most 1024.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -175,30 +176,44 @@ __device__ __forceinline__ int visible_keys(int row, int q_len, int kv_len) {
   return kv_len - q_len + row % q_len + 1;
 }
 
+// One warp per row (rows are short: at most a few thousand keys), so the reductions are warp
+// shuffles with no shared memory or block barriers. blockDim.x / 32 rows per block.
+__device__ __forceinline__ int warp_row(int rows) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  return row < rows ? row : -1;
+}
+
 template <typename T>
-__device__ void causal_softmax_fwd(const T* s, T* p, int q_len, int kv_len, float scale) {
-  const size_t off = (size_t)blockIdx.x * kv_len;
-  const int n = visible_keys(blockIdx.x, q_len, kv_len);
+__device__ void causal_softmax_fwd(const T* s, T* p, int rows, int q_len, int kv_len,
+                                   float scale) {
+  const int row = warp_row(rows);
+  if (row < 0) return;  // the whole warp leaves together
+  const int lane = threadIdx.x & 31;
+  const size_t off = (size_t)row * kv_len;
+  const int n = visible_keys(row, q_len, kv_len);
   float m = -INFINITY;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, to_f32(s[off + j]));
-  m = block_max(m);
+  for (int j = lane; j < n; j += 32) m = fmaxf(m, to_f32(s[off + j]));
+  m = warp_max(m);
   float sum = 0.f;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) sum += __expf((to_f32(s[off + j]) - m) * scale);
-  const float inv = 1.f / block_sum(sum);
-  for (int j = threadIdx.x; j < kv_len; j += blockDim.x)
+  for (int j = lane; j < n; j += 32) sum += __expf((to_f32(s[off + j]) - m) * scale);
+  const float inv = 1.f / warp_sum(sum);
+  for (int j = lane; j < kv_len; j += 32)
     p[off + j] = from_f32<T>(j < n ? __expf((to_f32(s[off + j]) - m) * scale) * inv : 0.f);
 }
 
 // ds = p * (dp - sum(p * dp)) * scale.
 template <typename T>
-__device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int q_len, int kv_len,
-                                   float scale) {
-  const size_t off = (size_t)blockIdx.x * kv_len;
-  const int n = visible_keys(blockIdx.x, q_len, kv_len);
+__device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int rows, int q_len,
+                                   int kv_len, float scale) {
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x & 31;
+  const size_t off = (size_t)row * kv_len;
+  const int n = visible_keys(row, q_len, kv_len);
   float dot = 0.f;
-  for (int j = threadIdx.x; j < n; j += blockDim.x) dot += to_f32(p[off + j]) * to_f32(dp[off + j]);
-  dot = block_sum(dot);
-  for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+  for (int j = lane; j < n; j += 32) dot += to_f32(p[off + j]) * to_f32(dp[off + j]);
+  dot = warp_sum(dot);
+  for (int j = lane; j < kv_len; j += 32) {
     const float pj = to_f32(p[off + j]);
     ds[off + j] = from_f32<T>(j < n ? pj * (to_f32(dp[off + j]) - dot) * scale : 0.f);
   }
@@ -351,13 +366,13 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
                                             T* out, size_t n) {                               \
     swiglu_bwd<T>(gate, up, grad, out, n);                                                    \
   }                                                                                           \
-  extern "C" __global__ void causal_softmax_fwd_##S(const T* s, T* p, int q_len, int kv_len,  \
-                                                    float scale) {                            \
-    causal_softmax_fwd<T>(s, p, q_len, kv_len, scale);                                        \
+  extern "C" __global__ void causal_softmax_fwd_##S(const T* s, T* p, int rows, int q_len,    \
+                                                    int kv_len, float scale) {                \
+    causal_softmax_fwd<T>(s, p, rows, q_len, kv_len, scale);                                  \
   }                                                                                           \
-  extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, T* ds,           \
+  extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, T* ds, int rows, \
                                                     int q_len, int kv_len, float scale) {     \
-    causal_softmax_bwd<T>(p, dp, ds, q_len, kv_len, scale);                                   \
+    causal_softmax_bwd<T>(p, dp, ds, rows, q_len, kv_len, scale);                             \
   }                                                                                           \
   extern "C" __global__ void token_nll_##S(const T* logits, const uint32_t* targets,          \
                                            float* nll, int vocab) {                           \

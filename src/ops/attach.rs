@@ -7,11 +7,16 @@
 //! instead of kept, and the embedding gradient is one scatter kernel.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
 use std::sync::{Arc, Mutex};
 
 type Backward1 = Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+/// Gradients for three sources.
+pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+type Backward3 = Box<dyn Fn(&Tensor) -> Result<Grads3> + Send + Sync>;
 
 /// `value`, whose gradient flows to `source` as `backward(grad of value)`.
 pub(crate) fn attach<F>(
@@ -48,6 +53,25 @@ where
         backward: Box::new(backward),
     };
     a.apply_op2_arc(b, Arc::new(Box::new(op)))
+}
+
+/// `value`, whose gradient flows to `a`, `b` and `c` as `backward(grad of value)`.
+pub(crate) fn attach3<F>(
+    sources: [&Tensor; 3],
+    value: &Tensor,
+    name: &'static str,
+    backward: F,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Grads3> + Send + Sync + 'static,
+{
+    let op = Attach3 {
+        name,
+        value: Pending::new(value),
+        backward: Box::new(backward),
+    };
+    let [a, b, c] = sources;
+    a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
 }
 
 /// The value an attach op outputs, held only until its forward has copied it: the graph keeps
@@ -200,6 +224,60 @@ impl CustomOp2 for Attach2 {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.backward)(grad)
+    }
+}
+
+struct Attach3 {
+    name: &'static str,
+    value: Pending,
+    backward: Backward3,
+}
+
+impl CustomOp3 for Attach3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.copy_out(cpu)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.value.copy_out(cuda)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.value.copy_out(metal)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Grads3> {
         (self.backward)(grad)
     }
 }

@@ -4,7 +4,7 @@
 //! CUDA). The whole attention is one node of the autograd graph with a hand-written backward,
 //! so candle keeps and accumulates no score-sized gradients of its own.
 
-use super::attach::attach2;
+use super::attach::attach3;
 use super::cpu_kernel::{f32s, for_each_row, output, MIN_ROWS_PER_TASK};
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -28,16 +28,14 @@ pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Ten
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    // Keys and values enter the graph as one operand; the stack's backward splits them.
-    let kv = Tensor::stack(&[k, v], 0)?;
-    attach2(q, &kv, &out, "causal-attention", move |grad| {
+    attach3([q, k, v], &out, "causal-attention", move |grad| {
         let grad = grad.contiguous()?;
         let dv = probs.t()?.matmul(&grad)?;
         let dp = grad.matmul(&vd.t()?)?;
         let ds = probs.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { scale })?;
         let dq = ds.matmul(&kd)?;
         let dk = ds.t()?.matmul(&qd)?;
-        Ok((Some(dq), Some(Tensor::stack(&[dk, dv], 0)?)))
+        Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
 

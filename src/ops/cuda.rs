@@ -15,6 +15,9 @@ const MODULE: &str = "llmtool_ops";
 /// Threads per block of the elementwise kernels.
 const ELEMENT_THREADS: u32 = 256;
 
+/// Rows per block of the warp-per-row kernels (the causal softmax).
+const WARP_ROWS_PER_BLOCK: usize = 8;
+
 /// One kernel argument. Addresses are passed as plain 64-bit words, which is what a device
 /// pointer is to the kernel; this keeps the launchers independent of the element type.
 #[derive(Clone, Copy)]
@@ -374,16 +377,18 @@ pub(crate) fn causal_softmax(scores: Operand, q_len: usize, scale: f32) -> Resul
     let args = [
         Arg::Address(address(scores)?),
         Arg::Address(base_address(&probs)?),
+        int(rows)?,
         int(q_len)?,
         int(kv_len)?,
         Arg::Float(scale),
     ];
-    let threads = row_threads(kv_len, 256);
+    let threads = (32 * WARP_ROWS_PER_BLOCK) as u32;
+    let blocks = grid(rows.div_ceil(WARP_ROWS_PER_BLOCK))?;
     launch(
         dev,
         "causal_softmax_fwd",
         Some(dtype),
-        grid(rows)?,
+        blocks,
         (threads, 1),
         &args,
     )?;
@@ -405,16 +410,18 @@ pub(crate) fn causal_softmax_grad(
         Arg::Address(address(probs)?),
         Arg::Address(address(grad)?),
         Arg::Address(base_address(&ds)?),
+        int(rows)?,
         int(q_len)?,
         int(kv_len)?,
         Arg::Float(scale),
     ];
-    let threads = row_threads(kv_len, 256);
+    let threads = (32 * WARP_ROWS_PER_BLOCK) as u32;
+    let blocks = grid(rows.div_ceil(WARP_ROWS_PER_BLOCK))?;
     launch(
         dev,
         "causal_softmax_bwd",
         Some(dtype),
-        grid(rows)?,
+        blocks,
         (threads, 1),
         &args,
     )?;

@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor};
 /// Logits up to this size are computed whole and kept for backward.
 const KEEP_BYTES: usize = 256 << 20;
 /// Above it, the logits are computed in chunks of at most this size.
-const CHUNK_BYTES: usize = 64 << 20;
+const CHUNK_BYTES: usize = 256 << 20;
 
 /// NLL `[n]` (f32) of u32 `targets` `[n]` under `hidden @ head.t()` (`hidden` `[n, d]`, `head`
 /// `[vocab, d]`), with gradients for `hidden` and, when it is tracked, for `head`.
