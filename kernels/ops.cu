@@ -146,6 +146,23 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int
 }
 
 // ---------------------------------------------------------------------------------------------
+// [a, b, c, d] -> [a, c, b, d], both contiguous: the attention head split and merge. One thread
+// per output element; neighbouring threads read and write neighbouring elements of a row of d.
+
+template <typename T>
+__device__ void swap_middle(const T* x, T* y, int b, int c, int d, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int k = i % d;
+  size_t r = i / d;
+  const int bi = r % b;
+  r /= b;
+  const int ci = r % c;
+  const size_t ai = r / c;
+  y[i] = x[((ai * b + bi) * c + ci) * d + k];
+}
+
+// ---------------------------------------------------------------------------------------------
 // SwiGLU: y = silu(gate) * up; the gradient writes [d_gate; d_up] into one 2n buffer.
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -358,6 +375,9 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
                                       int d, int seq, float sign) {                           \
     rope<T>(x, cos, sin, y, rows, d, seq, sign);                                              \
+  }                                                                                           \
+  extern "C" __global__ void swap_middle_##S(const T* x, T* y, int b, int c, int d, size_t n) { \
+    swap_middle<T>(x, y, b, c, d, n);                                                         \
   }                                                                                           \
   extern "C" __global__ void swiglu_fwd_##S(const T* gate, const T* up, T* y, size_t n) {     \
     swiglu_fwd<T>(gate, up, y, n);                                                            \

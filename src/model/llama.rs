@@ -394,9 +394,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            y.reshape((b, t, heads, a.head_size))?
-                .transpose(1, 2)?
-                .contiguous()
+            ops::swap_middle(&y.reshape((b, t, heads, a.head_size))?)
         };
         let q = split(a.q_proj.forward(x, self.dtype)?, a.heads)?;
         let k = split(a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
@@ -412,7 +410,7 @@ impl Llama {
         let k = candle_transformers::utils::repeat_kv(k, repeat)?;
         let v = candle_transformers::utils::repeat_kv(v, repeat)?;
         let y = ops::causal_attention(&q, &k.contiguous()?, &v.contiguous()?)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, a.heads * a.head_size))?;
+        let y = ops::swap_middle(&y)?.reshape((b, t, a.heads * a.head_size))?;
         a.o_proj.forward(&y, self.dtype)
     }
 

@@ -238,6 +238,7 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
             ],
         },
         rope_case(vec![batch, h, seq, d]),
+        swap_case(vec![batch, seq, h, d]),
         Case {
             name: "swiglu",
             fused: |t| super::swiglu(&t[0], &t[1]),
@@ -293,6 +294,15 @@ fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
     }
 }
 
+fn swap_case(x: Vec<usize>) -> Case {
+    Case {
+        name: "swap_middle",
+        fused: |t| super::swap_middle(&t[0]),
+        reference: |t| t[0].transpose(1, 2)?.contiguous(),
+        inputs: vec![Input::Float(x, 1.0)],
+    }
+}
+
 fn rope_case(x: Vec<usize>) -> Case {
     let table = vec![x[2], x[3] / 2];
     Case {
@@ -323,6 +333,7 @@ pub fn edge_cases() -> Vec<Case> {
             inputs: vec![float(&[5, 17]), float(&[17])],
         },
         rope_case(vec![2, 3, 5, 6]),
+        swap_case(vec![3, 5, 2, 7]),
         Case {
             name: "swiglu",
             fused: |t| super::swiglu(&t[0], &t[1]),

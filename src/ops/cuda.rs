@@ -310,6 +310,35 @@ pub(crate) fn rope(x: Operand, cos: Operand, sin: Operand, sign: f32) -> Result<
     Ok(y)
 }
 
+/// `[a, b, c, d]` to `[a, c, b, d]`, contiguous.
+pub(crate) fn swap_middle(x: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[x])?;
+    let &[_, b, c, d] = x.1.dims() else {
+        candle_core::bail!("swap_middle: expected 4 dimensions, got {:?}", x.1.dims());
+    };
+    let n = x.1.shape().elem_count();
+    let dev = &x.0.device;
+    let y = alloc(dev, dtype, n)?;
+    let args = [
+        Arg::Address(address(x)?),
+        Arg::Address(base_address(&y)?),
+        int(b)?,
+        int(c)?,
+        int(d)?,
+        Arg::Count(n as u64),
+    ];
+    let blocks = grid(n.div_ceil(ELEMENT_THREADS as usize))?;
+    launch(
+        dev,
+        "swap_middle",
+        Some(dtype),
+        blocks,
+        (ELEMENT_THREADS, 1),
+        &args,
+    )?;
+    Ok(y)
+}
+
 /// SwiGLU forward.
 pub(crate) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
     let dtype = common_dtype(&[gate, up])?;

@@ -26,6 +26,7 @@ pub(crate) mod parity;
 pub mod reference;
 mod rms_norm;
 mod rope;
+mod swap;
 mod swiglu;
 
 pub use adamw::{adamw_step, AdamWUpdate};
@@ -111,6 +112,14 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         return attention::causal_attention(q, k, v);
     }
     reference::causal_attention(q, k, v)
+}
+
+/// `x` `[a, b, c, d]` as a contiguous `[a, c, b, d]` (the attention head split and merge).
+pub fn swap_middle(x: &Tensor) -> Result<Tensor> {
+    if fused(&[x]) && x.rank() == 4 {
+        return swap::swap_middle(&x.contiguous()?);
+    }
+    x.transpose(1, 2)?.contiguous()
 }
 
 /// SwiGLU gate: `silu(gate) * up`.
