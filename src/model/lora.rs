@@ -72,7 +72,8 @@ impl LoraLayer {
         };
         let a = self.a.to_dtype(dtype)?;
         let b = self.b.to_dtype(dtype)?;
-        crate::ops::linear(&crate::ops::linear(&x, &a)?, &b)? * self.scale
+        // Scaling the small B rather than the output keeps one activation-sized tensor less.
+        crate::ops::linear(&crate::ops::linear(&x, &a)?, &(b * self.scale)?)
     }
 }
 

@@ -116,6 +116,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// `x` `[a, b, c, d]` as a contiguous `[a, c, b, d]` (the attention head split and merge).
 pub fn swap_middle(x: &Tensor) -> Result<Tensor> {
+    if let [a, b, c, d] = *x.dims() {
+        if (b == 1 || c == 1) && x.is_contiguous() {
+            // The same elements in the same order (a decode step: one position).
+            return x.reshape((a, c, b, d));
+        }
+    }
     if fused(&[x]) && x.rank() == 4 {
         return swap::swap_middle(&x.contiguous()?);
     }
