@@ -46,14 +46,11 @@ impl Linear {
     /// Applies the projection (and the LoRA update, if any), computing in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let w = self.weight.to_dtype(dtype)?;
-        let y = if self.trainable {
-            ops::linear(x, &w)?
-        } else {
-            ops::frozen_linear(x, &w)?
-        };
-        let y = match &self.lora {
-            Some(lora) => (y + lora.forward(x, dtype)?)?,
-            None => y,
+        let y = match (&self.lora, self.trainable) {
+            (Some(lora), false) => lora.forward_with_frozen(x, &w, dtype)?,
+            (Some(lora), true) => (ops::linear(x, &w)? + lora.forward(x, dtype)?)?,
+            (None, true) => ops::linear(x, &w)?,
+            (None, false) => ops::frozen_linear(x, &w)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(dtype)?),

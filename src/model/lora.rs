@@ -61,19 +61,36 @@ impl LoraLayer {
         self.mask_seed.store(mixed, Ordering::Relaxed);
     }
 
-    /// The update `scale * dropout(x) @ A^T @ B^T`, computed in `dtype`.
-    pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let x = match self.mask_seed.load(Ordering::Relaxed) {
+    /// This step's dropout mask for `x` (in `x`'s dtype), or `None` when dropout is off.
+    fn mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self.mask_seed.load(Ordering::Relaxed) {
             seed if seed != NO_DROPOUT && self.dropout > 0.0 => {
                 let mask = dropout_mask(x.dims(), self.dropout, seed, x.device())?;
-                x.mul(&mask.to_dtype(x.dtype())?)?
+                Ok(Some(mask.to_dtype(x.dtype())?))
             }
-            _ => x.clone(),
+            _ => Ok(None),
+        }
+    }
+
+    /// The update `scale * dropout(x) @ A^T @ B^T`, computed in `dtype`.
+    pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let x = match self.mask(x)? {
+            Some(mask) => x.mul(&mask)?,
+            None => x.clone(),
         };
         let a = self.a.to_dtype(dtype)?;
         let b = self.b.to_dtype(dtype)?;
         // Scaling the small B rather than the output keeps one activation-sized tensor less.
         crate::ops::linear(&crate::ops::linear(&x, &a)?, &(b * self.scale)?)
+    }
+
+    /// `x @ weight.t()` for a frozen `weight` plus this update, as one graph node
+    /// ([`crate::ops::lora_linear`]), computed in `dtype`.
+    pub fn forward_with_frozen(&self, x: &Tensor, weight: &Tensor, dtype: DType) -> Result<Tensor> {
+        let mask = self.mask(x)?;
+        let a = self.a.to_dtype(dtype)?;
+        let b = self.b.to_dtype(dtype)?;
+        crate::ops::lora_linear(x, weight, &a, &b, self.scale, mask.as_ref())
     }
 }
 

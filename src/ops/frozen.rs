@@ -5,7 +5,7 @@
 //! the product is computed on a detached input and re-attached to `x` through a custom op whose
 //! backward returns only `grad @ w`.
 
-use super::attach::attach;
+use super::attach::{attach, attach3};
 use candle_core::{Result, Tensor};
 
 /// `x @ weight.t()` (weight `[out, in]`) where only `x` receives a gradient.
@@ -19,6 +19,55 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let w = weight.to_dtype(grad.dtype())?;
         // grad @ w is `linear` with the weight's transpose.
         Ok(Some(super::linear(grad, &w.t()?)?))
+    })
+}
+
+/// `x @ weight.t() + scale · (dropout(x) @ a.t()) @ b.t()` for a frozen `weight` `[out, in]`
+/// and LoRA factors `a` `[r, in]`, `b` `[out, r]`; `mask` is the dropout mask (already scaled
+/// by `1 / (1 − p)`), `None` without dropout. One graph node: its backward gives `x`, `a` and
+/// `b` their gradients and keeps only the mask and the rank-sized `dropout(x) @ a.t()`, where
+/// separate ops would keep the base projection, the update and their sum for every layer.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (xd, w, ad) = (x.detach(), weight.detach(), a.detach());
+    let b_scaled = (b.detach() * scale)?;
+    let dropped = match mask {
+        Some(m) => (&xd * m)?,
+        None => xd.clone(),
+    };
+    let xa = super::linear(&dropped, &ad)?;
+    let y = (super::linear(&xd, &w)? + super::linear(&xa, &b_scaled)?)?;
+    if !(x.track_op() || a.track_op() || b.track_op()) {
+        return Ok(y);
+    }
+    let mask = mask.cloned();
+    let x_grad = x.track_op();
+    attach3([x, a, b], &y, "lora-linear", move |grad| {
+        let inp = xd.dim(xd.rank() - 1)?;
+        let g = grad.reshape(((), grad.dim(grad.rank() - 1)?))?;
+        let xa2 = xa.reshape(((), xa.dim(xa.rank() - 1)?))?;
+        let dropped2 = dropped.reshape(((), inp))?;
+        // g @ (scale · B): the gradient at the rank-r bottleneck.
+        let g_r = g.matmul(&b_scaled)?;
+        let db = (g.t()?.matmul(&xa2)? * scale)?;
+        let da = g_r.t()?.matmul(&dropped2)?;
+        let dx = if x_grad {
+            let through_update = g_r.matmul(&ad)?;
+            let through_update = match &mask {
+                Some(m) => (through_update * m.reshape(((), inp))?)?,
+                None => through_update,
+            };
+            Some((g.matmul(&w)? + through_update)?.reshape(xd.dims())?)
+        } else {
+            None
+        };
+        Ok((dx, Some(da), Some(db)))
     })
 }
 
@@ -55,5 +104,47 @@ mod tests {
             g2.get(&x).unwrap().to_vec3::<f32>().unwrap()
         );
         assert!(g1.get(&w).is_none());
+    }
+}
+
+#[cfg(test)]
+mod lora_tests {
+    use crate::ops::parity::{assert_parity, uniform};
+
+    #[test]
+    fn lora_linear_matches_separate_ops_with_and_without_dropout() {
+        let (x, w, a, b) = (
+            uniform(&[2, 3, 8], 1),
+            uniform(&[6, 8], 2),
+            uniform(&[4, 8], 3),
+            uniform(&[6, 4], 4),
+        );
+        let mask = (uniform(&[2, 3, 8], 5)
+            .ge(-0.5)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32))
+        .unwrap()
+            * 1.25;
+        let mask = mask.unwrap();
+        for with_mask in [false, true] {
+            let m = with_mask.then(|| mask.clone());
+            let m2 = m.clone();
+            assert_parity(
+                "lora_linear",
+                &[x.clone(), w.clone(), a.clone(), b.clone()],
+                &[true, false, true, true],
+                move |t| super::lora_linear(&t[0], &t[1], &t[2], &t[3], 2.0, m.as_ref()),
+                move |t| {
+                    let dropped = match &m2 {
+                        Some(m) => (&t[0] * m)?,
+                        None => t[0].clone(),
+                    };
+                    let update = dropped.broadcast_matmul(&t[2].t()?)?;
+                    let update = (update.broadcast_matmul(&t[3].t()?)? * 2.0)?;
+                    t[0].broadcast_matmul(&t[1].t()?)? + update
+                },
+                1e-5,
+            );
+        }
     }
 }

@@ -30,7 +30,7 @@ mod swap;
 mod swiglu;
 
 pub use adamw::{adamw_step, AdamWUpdate};
-pub use frozen::frozen_linear;
+pub use frozen::{frozen_linear, lora_linear};
 pub use head_loss::head_nll;
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
