@@ -1,19 +1,18 @@
-//! `llmtool bench` run as a binary: `--lora-base` rows and its validation.
+//! `llmtool bench` run as a binary: `--lora-base` rows and its validation, `--ops` checks.
 
 mod common;
 
 use common::llmtool;
+use std::process::Output;
 
-#[test]
-fn each_lora_base_is_its_own_row() {
+/// Runs `llmtool bench ARGS --out FILE` and returns the process output and the JSON rows.
+fn bench_rows(args: &[&str]) -> (Output, Vec<serde_json::Value>) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rows.jsonl");
     let run = llmtool()
-        .args([
-            "bench", "--device", "cpu", "--sizes", "tiny", "--tasks", "lora",
-        ])
-        .args(["--lora-base", "frozen,plain", "--batch", "1", "--seq", "4"])
-        .args(["--steps", "1", "--warmup", "0", "--out"])
+        .arg("bench")
+        .args(args)
+        .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
@@ -22,11 +21,34 @@ fn each_lora_base_is_its_own_row() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+    let rows = std::fs::read_to_string(&out)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    (run, rows)
+}
+
+#[test]
+fn each_lora_base_is_its_own_row() {
+    let (run, rows) = bench_rows(&[
+        "--device",
+        "cpu",
+        "--sizes",
+        "tiny",
+        "--tasks",
+        "lora",
+        "--lora-base",
+        "frozen,plain",
+        "--batch",
+        "1",
+        "--seq",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]);
     let bases: Vec<&str> = rows
         .iter()
         .filter_map(|r| r["lora_base"].as_str())
@@ -53,4 +75,31 @@ fn an_unknown_lora_base_fails_before_any_row() {
     assert!(stderr.contains("unknown lora base \"dense\""), "{stderr}");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(!stdout.contains("\"task\""), "a row ran: {stdout}");
+}
+
+#[test]
+fn op_checks_cover_every_op_and_pass_on_the_cpu() {
+    let (_, rows) = bench_rows(&[
+        "--ops", "--device", "cpu", "--sizes", "tiny", "--batch", "1", "--seq", "8", "--steps", "1",
+    ]);
+    let mut ops: Vec<&str> = rows.iter().filter_map(|r| r["op"].as_str()).collect();
+    ops.sort_unstable();
+    ops.dedup();
+    let expected = [
+        "adamw",
+        "causal_attention",
+        "embedding",
+        "head_nll",
+        "rms_norm",
+        "rope",
+        "swap_middle",
+        "swiglu",
+        "token_nll",
+    ];
+    assert_eq!(ops, expected);
+    for row in &rows {
+        assert_eq!(row["ok"], true, "{row}");
+        let error = row["max_rel_error"].as_f64().unwrap();
+        assert!(error < row["tolerance"].as_f64().unwrap(), "{row}");
+    }
 }

@@ -28,10 +28,10 @@ pub(crate) fn attach<F>(
 where
     F: Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,
 {
-    let op = Attach1 {
+    let op = Attach {
         name,
         value: Pending::new(value),
-        backward: Box::new(backward),
+        backward: Box::new(backward) as Backward1,
     };
     source.apply_op1_arc(Arc::new(Box::new(op)))
 }
@@ -47,10 +47,10 @@ pub(crate) fn attach2<F>(
 where
     F: Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync + 'static,
 {
-    let op = Attach2 {
+    let op = Attach {
         name,
         value: Pending::new(value),
-        backward: Box::new(backward),
+        backward: Box::new(backward) as Backward2,
     };
     a.apply_op2_arc(b, Arc::new(Box::new(op)))
 }
@@ -65,10 +65,10 @@ pub(crate) fn attach3<F>(
 where
     F: Fn(&Tensor) -> Result<Grads3> + Send + Sync + 'static,
 {
-    let op = Attach3 {
+    let op = Attach {
         name,
         value: Pending::new(value),
-        backward: Box::new(backward),
+        backward: Box::new(backward) as Backward3,
     };
     let [a, b, c] = sources;
     a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
@@ -136,86 +136,60 @@ fn metal(s: &Storage) -> Option<&candle_core::MetalStorage> {
     }
 }
 
-struct Attach1 {
+/// An attach op over one, two or three sources (`B` is the backward closure's type).
+struct Attach<B> {
     name: &'static str,
     value: Pending,
-    backward: Backward1,
+    backward: B,
 }
 
-impl CustomOp1 for Attach1 {
+/// The forward of an attach op on every backend, whatever its sources: the pending value,
+/// copied. Takes one `storage layout` name pair per source.
+macro_rules! copy_forwards {
+    ($($s:ident $l:ident),+) => {
+        fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
+            $(let _ = ($s, $l);)+
+            self.value.copy_out(cpu)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            $($s: &candle_core::CudaStorage, $l: &Layout),+
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            $(let _ = ($s, $l);)+
+            self.value.copy_out(cuda)
+        }
+
+        #[cfg(feature = "metal")]
+        fn metal_fwd(
+            &self,
+            $($s: &candle_core::MetalStorage, $l: &Layout),+
+        ) -> Result<(candle_core::MetalStorage, Shape)> {
+            $(let _ = ($s, $l);)+
+            self.value.copy_out(metal)
+        }
+    };
+}
+
+impl CustomOp1 for Attach<Backward1> {
     fn name(&self) -> &'static str {
         self.name
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.value.copy_out(cpu)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.value.copy_out(cuda)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.value.copy_out(metal)
-    }
+    copy_forwards!(s1 l1);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         (self.backward)(grad)
     }
 }
 
-struct Attach2 {
-    name: &'static str,
-    value: Pending,
-    backward: Backward2,
-}
-
-impl CustomOp2 for Attach2 {
+impl CustomOp2 for Attach<Backward2> {
     fn name(&self) -> &'static str {
         self.name
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.value.copy_out(cpu)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.value.copy_out(cuda)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.value.copy_out(metal)
-    }
+    copy_forwards!(s1 l1, s2 l2);
 
     fn bwd(
         &self,
@@ -228,54 +202,12 @@ impl CustomOp2 for Attach2 {
     }
 }
 
-struct Attach3 {
-    name: &'static str,
-    value: Pending,
-    backward: Backward3,
-}
-
-impl CustomOp3 for Attach3 {
+impl CustomOp3 for Attach<Backward3> {
     fn name(&self) -> &'static str {
         self.name
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.value.copy_out(cpu)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.value.copy_out(cuda)
-    }
-
-    #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        self.value.copy_out(metal)
-    }
+    copy_forwards!(s1 l1, s2 l2, s3 l3);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Grads3> {
         (self.backward)(grad)
