@@ -76,15 +76,14 @@ fn ids_beside(ids: &Tensor, like: &Tensor) -> bool {
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (out, inp) = weight.dims2()?;
     let mut dims = x.dims().to_vec();
-    if dims.last() != Some(&inp) {
-        candle_core::bail!(
+    match dims.last_mut() {
+        Some(last) if *last == inp => *last = out,
+        _ => candle_core::bail!(
             "linear: input {:?} for a weight of [{out}, {inp}]",
             x.dims()
-        );
+        ),
     }
-    let rows = x.reshape(((), inp))?.matmul(&weight.t()?)?;
-    *dims.last_mut().unwrap_or(&mut 0) = out;
-    rows.reshape(dims)
+    x.reshape(((), inp))?.matmul(&weight.t()?)?.reshape(dims)
 }
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32.
