@@ -237,6 +237,48 @@ __device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int rows, int
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode attention: one query per (batch, head) against a KV cache read in place (a view into
+// the preallocated cache, so no copy of it per token). q is [b*h, d] contiguous; k and v have
+// element strides (batch, kv head, position) and unit stride along d; query head h reads kv
+// head h / group. `scores` is [b*h, kv_len] f32 scratch. One block per (batch, head);
+// dynamic shared memory holds the query (d floats).
+
+template <typename T>
+__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scores,
+                                 int heads, int group, int kv_len, int d, long long k_sb,
+                                 long long k_sh, long long k_sp, long long v_sb, long long v_sh,
+                                 long long v_sp, float scale) {
+  extern __shared__ float query[];
+  const int bh = blockIdx.x, b = bh / heads, kv_head = (bh % heads) / group;
+  const T* kb = k + b * k_sb + kv_head * k_sh;
+  const T* vb = v + b * v_sb + kv_head * v_sh;
+  float* s = scores + (size_t)bh * kv_len;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) query[i] = to_f32(q[(size_t)bh * d + i]);
+  __syncthreads();
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+    const T* kj = kb + j * k_sp;
+    float dot = 0.f;
+    for (int i = 0; i < d; ++i) dot += query[i] * to_f32(kj[i]);
+    s[j] = dot * scale;
+    m = fmaxf(m, dot * scale);
+  }
+  m = block_max(m);  // its barriers also publish the scores to the whole block
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+    const float p = __expf(s[j] - m);
+    s[j] = p;
+    sum += p;
+  }
+  const float inv = 1.f / block_sum(sum);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < kv_len; ++j) acc += s[j] * to_f32(vb[j * v_sp + i]);
+    out[(size_t)bh * d + i] = from_f32<T>(acc * inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Cross-entropy over the vocabulary, one row of logits per block. Targets are u32 and checked
 // on the host side by the caller's contract; an out-of-range target yields NaN, not a read.
 
@@ -393,6 +435,13 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, T* ds, int rows, \
                                                     int q_len, int kv_len, float scale) {     \
     causal_softmax_bwd<T>(p, dp, ds, rows, q_len, kv_len, scale);                             \
+  }                                                                                           \
+  extern "C" __global__ void decode_attention_##S(                                          \
+      const T* q, const T* k, const T* v, T* out, float* scores, int heads, int group,        \
+      int kv_len, int d, long long k_sb, long long k_sh, long long k_sp, long long v_sb,      \
+      long long v_sh, long long v_sp, float scale) {                                          \
+    decode_attention<T>(q, k, v, out, scores, heads, group, kv_len, d, k_sb, k_sh, k_sp, v_sb, \
+                        v_sh, v_sp, scale);                                                   \
   }                                                                                           \
   extern "C" __global__ void token_nll_##S(const T* logits, const uint32_t* targets,          \
                                            float* nll, int vocab) {                           \

@@ -88,6 +88,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
     let expected = [
         "adamw",
         "causal_attention",
+        "decode_attention",
         "embedding",
         "head_nll",
         "rms_norm",

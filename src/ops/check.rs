@@ -239,6 +239,7 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
         },
         rope_case(vec![batch, h, seq, d]),
         swap_case(vec![batch, seq, h, d]),
+        decode_case(1, h, cfg.kv_heads(), seq, d),
         Case {
             name: "swiglu",
             fused: |t| super::swiglu(&t[0], &t[1]),
@@ -294,6 +295,26 @@ fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
     }
 }
 
+/// A decode step: one query per head against `kv_len` cached positions (forward only: the op
+/// is for inference, so its inputs are constants).
+fn decode_case(batch: usize, heads: usize, kv_heads: usize, kv_len: usize, d: usize) -> Case {
+    Case {
+        name: "decode_attention",
+        fused: |t| super::decode_attention(&t[0], &t[1], &t[2]),
+        reference: |t| {
+            let repeat = t[0].dim(1)? / t[1].dim(1)?;
+            let k = candle_transformers::utils::repeat_kv(t[1].clone(), repeat)?;
+            let v = candle_transformers::utils::repeat_kv(t[2].clone(), repeat)?;
+            reference::causal_attention(&t[0], &k.contiguous()?, &v.contiguous()?)
+        },
+        inputs: vec![
+            Input::Table(vec![batch, heads, 1, d]),
+            Input::Table(vec![batch, kv_heads, kv_len, d]),
+            Input::Table(vec![batch, kv_heads, kv_len, d]),
+        ],
+    }
+}
+
 fn swap_case(x: Vec<usize>) -> Case {
     Case {
         name: "swap_middle",
@@ -334,6 +355,8 @@ pub fn edge_cases() -> Vec<Case> {
         },
         rope_case(vec![2, 3, 5, 6]),
         swap_case(vec![3, 5, 2, 7]),
+        decode_case(2, 4, 2, 37, 16),
+        decode_case(1, 3, 3, 1, 8),
         Case {
             name: "swiglu",
             fused: |t| super::swiglu(&t[0], &t[1]),

@@ -94,6 +94,17 @@ fn launch(
     block: (u32, u32),
     args: &[Arg],
 ) -> Result<()> {
+    launch_with_shared(device, name, dtype, (grid, block, 0), args)
+}
+
+/// [`launch`] with `shared` bytes of dynamic shared memory per block.
+fn launch_with_shared(
+    device: &CudaDevice,
+    name: &str,
+    dtype: Option<DType>,
+    (grid, block, shared): ((u32, u32), (u32, u32), u32),
+    args: &[Arg],
+) -> Result<()> {
     let name = match dtype {
         Some(d) => format!("{name}_{}", suffix(d)?),
         None => name.to_string(),
@@ -110,7 +121,7 @@ fn launch(
     let config = LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
         block_dim: (block.0, block.1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared,
     };
     // SAFETY: the argument lists match the kernels' signatures in kernels/ops.cu, and every
     // address points at a live buffer of the size the kernel indexes.
@@ -455,6 +466,61 @@ pub(crate) fn causal_softmax_grad(
         &args,
     )?;
     Ok(ds)
+}
+
+/// The element strides of a 4-D operand's first three dimensions, and the address of its first
+/// element; the last dimension must have unit stride.
+fn strided4((storage, layout): Operand) -> Result<(u64, [u64; 3])> {
+    let stride = layout.stride();
+    let [s0, s1, s2, 1] = *stride else {
+        candle_core::bail!("decode attention: unsupported strides {stride:?}");
+    };
+    let start = (layout.start_offset() * storage.dtype().size_in_bytes()) as u64;
+    Ok((
+        base_address(storage)? + start,
+        [s0 as u64, s1 as u64, s2 as u64],
+    ))
+}
+
+/// One query per (batch, head), `q` `[b, heads, 1, d]`, against `k`/`v`
+/// `[b, kv_heads, kv_len, d]` read in place (views into a cache allowed).
+pub(crate) fn decode_attention(
+    q: Operand,
+    k: Operand,
+    v: Operand,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[q, k, v])?;
+    let (&[b, heads, _, d], &[_, kv_heads, kv_len, _]) = (q.1.dims(), k.1.dims()) else {
+        candle_core::bail!("decode attention: expected 4-D operands");
+    };
+    let (k_address, ks) = strided4(k)?;
+    let (v_address, vs) = strided4(v)?;
+    let dev = &q.0.device;
+    let out = alloc(dev, dtype, b * heads * d)?;
+    let scores = alloc(dev, DType::F32, b * heads * kv_len)?;
+    let args = [
+        Arg::Address(address(q)?),
+        Arg::Address(k_address),
+        Arg::Address(v_address),
+        Arg::Address(base_address(&out)?),
+        Arg::Address(base_address(&scores)?),
+        int(heads)?,
+        int(heads / kv_heads.max(1))?,
+        int(kv_len)?,
+        int(d)?,
+        Arg::Count(ks[0]),
+        Arg::Count(ks[1]),
+        Arg::Count(ks[2]),
+        Arg::Count(vs[0]),
+        Arg::Count(vs[1]),
+        Arg::Count(vs[2]),
+        Arg::Float(scale),
+    ];
+    let shared = u32::try_from(d * 4).map_err(|_| candle_core::Error::Msg("head size".into()))?;
+    let config = (grid(b * heads)?, (128, 1), shared);
+    launch_with_shared(dev, "decode_attention", Some(dtype), config, &args)?;
+    Ok(out)
 }
 
 fn check_targets(targets: Operand, rows: usize) -> Result<()> {

@@ -18,6 +18,7 @@ mod cpu_kernel;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod decode;
 mod embedding;
 mod frozen;
 mod head_loss;
@@ -125,6 +126,21 @@ pub fn swap_middle(x: &Tensor) -> Result<Tensor> {
         return swap::swap_middle(&x.contiguous()?);
     }
     x.transpose(1, 2)?.contiguous()
+}
+
+/// Attention of one new query per sequence (`q` `[b, heads, 1, d]`, a decode step) against
+/// keys and values `[b, kv_heads, kv_len, d]` that may be views into a KV cache, with
+/// `heads / kv_heads` query heads per kv head. Without gradients and on a fused backend the
+/// cache is read in place by one kernel; otherwise kv heads are repeated and
+/// [`causal_attention`] runs.
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if fused(&[q, k, v]) && decode::supported(q, k, v) {
+        return decode::decode_attention(q, k, v);
+    }
+    let repeat = q.dim(1)? / k.dim(1)?.max(1);
+    let k = candle_transformers::utils::repeat_kv(k.clone(), repeat)?.contiguous()?;
+    let v = candle_transformers::utils::repeat_kv(v.clone(), repeat)?.contiguous()?;
+    causal_attention(q, &k, &v)
 }
 
 /// SwiGLU gate: `silu(gate) * up`.
