@@ -403,15 +403,7 @@ impl Llama {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
         };
-        let y = if t == 1 {
-            // A decode step: the cache is read in place.
-            ops::decode_attention(&q, &k, &v)?
-        } else {
-            let repeat = a.heads / a.kv_heads;
-            let k = candle_transformers::utils::repeat_kv(k, repeat)?;
-            let v = candle_transformers::utils::repeat_kv(v, repeat)?;
-            ops::causal_attention(&q, &k.contiguous()?, &v.contiguous()?)?
-        };
+        let y = ops::grouped_attention(&q, &k, &v)?;
         let y = ops::swap_middle(&y)?.reshape((b, t, a.heads * a.head_size))?;
         a.o_proj.forward(&y, self.dtype)
     }

@@ -300,7 +300,7 @@ fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
 fn decode_case(batch: usize, heads: usize, kv_heads: usize, kv_len: usize, d: usize) -> Case {
     Case {
         name: "decode_attention",
-        fused: |t| super::decode_attention(&t[0], &t[1], &t[2]),
+        fused: |t| super::grouped_attention(&t[0], &t[1], &t[2]),
         reference: |t| {
             let repeat = t[0].dim(1)? / t[1].dim(1)?;
             let k = candle_transformers::utils::repeat_kv(t[1].clone(), repeat)?;

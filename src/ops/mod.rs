@@ -128,12 +128,11 @@ pub fn swap_middle(x: &Tensor) -> Result<Tensor> {
     x.transpose(1, 2)?.contiguous()
 }
 
-/// Attention of one new query per sequence (`q` `[b, heads, 1, d]`, a decode step) against
-/// keys and values `[b, kv_heads, kv_len, d]` that may be views into a KV cache, with
-/// `heads / kv_heads` query heads per kv head. Without gradients and on a fused backend the
-/// cache is read in place by one kernel; otherwise kv heads are repeated and
-/// [`causal_attention`] runs.
-pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// Grouped-query causal attention: `q` `[b, heads, q_len, d]` against keys and values
+/// `[b, kv_heads, kv_len, d]` that may be views into a KV cache, `heads / kv_heads` query heads
+/// per kv head. A decode step (one query, no gradients, fused backend) reads the cache in place
+/// with one kernel; otherwise kv heads are repeated and [`causal_attention`] runs.
+pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if fused(&[q, k, v]) && decode::supported(q, k, v) {
         return decode::decode_attention(q, k, v);
     }

@@ -97,15 +97,3 @@ pub fn token_nll_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<T
         .broadcast_mul(&g.unsqueeze(1)?)?
         .to_dtype(dtype)
 }
-
-/// Mean NLL over the positions where `weights` (`[n]` f32, 1 to score, 0 to skip) is set.
-pub fn masked_mean_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
-    let nll = token_nll(logits, targets)?;
-    let count = weights
-        .sum_all()?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?
-        .max(1.0);
-    let weights = weights.to_dtype(nll.dtype())?;
-    (nll * weights)?.sum_all()? / count
-}
