@@ -158,30 +158,59 @@ fn common_dtype(operands: &[Operand]) -> Result<DType> {
     Ok(dtype)
 }
 
+/// The grid and block of a kernel launch.
+type Shape2 = ((u32, u32), (u32, u32));
+
+/// One block per row of `width`, with up to `max` threads.
+fn per_row(rows: usize, width: usize, max: u32) -> Result<Shape2> {
+    Ok((grid(rows)?, (row_threads(width, max), 1)))
+}
+
+/// One thread per element of `n`.
+fn per_element(n: usize) -> Result<Shape2> {
+    Ok((
+        grid(n.div_ceil(ELEMENT_THREADS as usize))?,
+        (ELEMENT_THREADS, 1),
+    ))
+}
+
+/// One warp per row (the causal softmax).
+fn per_warp_row(rows: usize) -> Result<Shape2> {
+    Ok((
+        grid(rows.div_ceil(WARP_ROWS_PER_BLOCK))?,
+        ((32 * WARP_ROWS_PER_BLOCK) as u32, 1),
+    ))
+}
+
+/// Launches kernel `name` (suffixed for `dtype`) on `shape` with the signature most kernels in
+/// ops.cu share: the addresses of the contiguous `inputs`, then of `out`, then `scalars`.
+/// Returns `out`.
+fn run(
+    (name, dtype): (&str, DType),
+    shape: Shape2,
+    inputs: &[Operand],
+    out: CudaStorage,
+    scalars: &[Arg],
+) -> Result<CudaStorage> {
+    let mut args = inputs
+        .iter()
+        .map(|&operand| address(operand).map(Arg::Address))
+        .collect::<Result<Vec<_>>>()?;
+    args.push(Arg::Address(base_address(&out)?));
+    args.extend_from_slice(scalars);
+    launch(&out.device, name, Some(dtype), shape.0, shape.1, &args)?;
+    Ok(out)
+}
+
 /// RMSNorm forward.
 pub(crate) fn rms_norm(x: Operand, w: Operand, eps: f32) -> Result<CudaStorage> {
     let dtype = common_dtype(&[x, w])?;
     let (rows, width) = rows_and_width(x.1)?;
     check_weight(w, width)?;
-    let dev = &x.0.device;
-    let y = alloc(dev, dtype, rows * width)?;
-    let args = [
-        Arg::Address(address(x)?),
-        Arg::Address(address(w)?),
-        Arg::Address(base_address(&y)?),
-        int(width)?,
-        Arg::Float(eps),
-    ];
-    let threads = row_threads(width, 256);
-    launch(
-        dev,
-        "rms_norm_fwd",
-        Some(dtype),
-        grid(rows)?,
-        (threads, 1),
-        &args,
-    )?;
-    Ok(y)
+    let y = alloc(&x.0.device, dtype, rows * width)?;
+    let shape = per_row(rows, width, 256)?;
+    let scalars = [int(width)?, Arg::Float(eps)];
+    run(("rms_norm_fwd", dtype), shape, &[x, w], y, &scalars)
 }
 
 fn check_weight(w: Operand, width: usize) -> Result<()> {
@@ -204,26 +233,10 @@ pub(crate) fn rms_norm_input_grad(
     let dtype = common_dtype(&[x, w, g])?;
     let (rows, width) = rows_and_width(x.1)?;
     check_weight(w, width)?;
-    let dev = &x.0.device;
-    let dx = alloc(dev, dtype, rows * width)?;
-    let args = [
-        Arg::Address(address(x)?),
-        Arg::Address(address(w)?),
-        Arg::Address(address(g)?),
-        Arg::Address(base_address(&dx)?),
-        int(width)?,
-        Arg::Float(eps),
-    ];
-    let threads = row_threads(width, 256);
-    launch(
-        dev,
-        "rms_norm_dx",
-        Some(dtype),
-        grid(rows)?,
-        (threads, 1),
-        &args,
-    )?;
-    Ok(dx)
+    let dx = alloc(&x.0.device, dtype, rows * width)?;
+    let shape = per_row(rows, width, 256)?;
+    let scalars = [int(width)?, Arg::Float(eps)];
+    run(("rms_norm_dx", dtype), shape, &[x, w, g], dx, &scalars)
 }
 
 /// RMSNorm weight gradient: per-row inverse RMS, column sums per chunk of rows, then the sum
@@ -233,59 +246,31 @@ pub(crate) fn rms_norm_weight_grad(x: Operand, g: Operand, eps: f32) -> Result<C
     let dtype = common_dtype(&[x, g])?;
     let (rows, width) = rows_and_width(x.1)?;
     let dev = &x.0.device;
-    let inverse = alloc(dev, DType::F32, rows.max(1))?;
-    let threads = row_threads(width, 256);
-    let args = [
-        Arg::Address(address(x)?),
-        Arg::Address(base_address(&inverse)?),
-        int(width)?,
-        Arg::Float(eps),
-    ];
-    launch(
-        dev,
-        "rms_norm_inverse",
-        Some(dtype),
-        grid(rows)?,
-        (threads, 1),
-        &args,
+    let inverse = run(
+        ("rms_norm_inverse", dtype),
+        per_row(rows, width, 256)?,
+        &[x],
+        alloc(dev, DType::F32, rows.max(1))?,
+        &[int(width)?, Arg::Float(eps)],
     )?;
+    let inverse_layout = Layout::contiguous(rows.max(1));
     let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
-    let partial = zeros_f32(dev, chunks * width)?;
-    let args = [
-        Arg::Address(address(x)?),
-        Arg::Address(address(g)?),
-        Arg::Address(base_address(&inverse)?),
-        Arg::Address(base_address(&partial)?),
-        int(rows)?,
-        int(width)?,
-        int(ROWS_PER_CHUNK)?,
-    ];
-    let blocks = (grid(width.div_ceil(32))?.0, grid(chunks)?.0);
-    launch(
-        dev,
-        "rms_norm_dw_partial",
-        Some(dtype),
-        blocks,
-        (32, 8),
-        &args,
+    // Every (chunk, column) partial sum is written by the kernel.
+    let partial = run(
+        ("rms_norm_dw_partial", dtype),
+        ((grid(width.div_ceil(32))?.0, grid(chunks)?.0), (32, 8)),
+        &[x, g, (&inverse, &inverse_layout)],
+        alloc(dev, DType::F32, chunks * width)?,
+        &[int(rows)?, int(width)?, int(ROWS_PER_CHUNK)?],
     )?;
-    let dw = alloc(dev, dtype, width)?;
-    let args = [
-        Arg::Address(base_address(&partial)?),
-        Arg::Address(base_address(&dw)?),
-        int(chunks)?,
-        int(width)?,
-    ];
-    let blocks = grid(width.div_ceil(ELEMENT_THREADS as usize))?;
-    launch(
-        dev,
-        "rms_norm_dw_finish",
-        Some(dtype),
-        blocks,
-        (ELEMENT_THREADS, 1),
-        &args,
-    )?;
-    Ok(dw)
+    let partial_layout = Layout::contiguous(chunks * width);
+    run(
+        ("rms_norm_dw_finish", dtype),
+        per_element(width)?,
+        &[(&partial, &partial_layout)],
+        alloc(dev, dtype, width)?,
+        &[int(chunks)?, int(width)?],
+    )
 }
 
 /// RoPE (`sign` 1) or its gradient (`sign` -1) for `x` `[.., seq, d]` and tables `[seq, d/2]`.
@@ -297,28 +282,15 @@ pub(crate) fn rope(x: Operand, cos: Operand, sin: Operand, sign: f32) -> Result<
     if half == 0 || d % 2 != 0 || table % half != 0 || sin.1.shape().elem_count() != table {
         candle_core::bail!("rope: tables of {table} for head size {d}");
     }
-    let dev = &x.0.device;
-    let y = alloc(dev, dtype, rows * d)?;
-    let args = [
-        Arg::Address(address(x)?),
-        Arg::Address(address(cos)?),
-        Arg::Address(address(sin)?),
-        Arg::Address(base_address(&y)?),
-        int(rows)?,
-        int(d)?,
-        int(table / half)?,
-        Arg::Float(sign),
-    ];
-    let blocks = grid((rows * half).div_ceil(ELEMENT_THREADS as usize))?;
-    launch(
-        dev,
-        "rope",
-        Some(dtype),
-        blocks,
-        (ELEMENT_THREADS, 1),
-        &args,
-    )?;
-    Ok(y)
+    let y = alloc(&x.0.device, dtype, rows * d)?;
+    let scalars = [int(rows)?, int(d)?, int(table / half)?, Arg::Float(sign)];
+    run(
+        ("rope", dtype),
+        per_element(rows * half)?,
+        &[x, cos, sin],
+        y,
+        &scalars,
+    )
 }
 
 /// `[a, b, c, d]` to `[a, c, b, d]`, contiguous.
@@ -328,50 +300,24 @@ pub(crate) fn swap_middle(x: Operand) -> Result<CudaStorage> {
         candle_core::bail!("swap_middle: expected 4 dimensions, got {:?}", x.1.dims());
     };
     let n = x.1.shape().elem_count();
-    let dev = &x.0.device;
-    let y = alloc(dev, dtype, n)?;
-    let args = [
-        Arg::Address(address(x)?),
-        Arg::Address(base_address(&y)?),
-        int(b)?,
-        int(c)?,
-        int(d)?,
-        Arg::Count(n as u64),
-    ];
-    let blocks = grid(n.div_ceil(ELEMENT_THREADS as usize))?;
-    launch(
-        dev,
-        "swap_middle",
-        Some(dtype),
-        blocks,
-        (ELEMENT_THREADS, 1),
-        &args,
-    )?;
-    Ok(y)
+    let y = alloc(&x.0.device, dtype, n)?;
+    let scalars = [int(b)?, int(c)?, int(d)?, Arg::Count(n as u64)];
+    run(("swap_middle", dtype), per_element(n)?, &[x], y, &scalars)
 }
 
 /// SwiGLU forward.
 pub(crate) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
     let dtype = common_dtype(&[gate, up])?;
     let n = same_count(gate, up)?;
-    let dev = &gate.0.device;
-    let y = alloc(dev, dtype, n)?;
-    let args = [
-        Arg::Address(address(gate)?),
-        Arg::Address(address(up)?),
-        Arg::Address(base_address(&y)?),
-        Arg::Count(n as u64),
-    ];
-    let blocks = grid(n.div_ceil(ELEMENT_THREADS as usize))?;
-    launch(
-        dev,
-        "swiglu_fwd",
-        Some(dtype),
-        blocks,
-        (ELEMENT_THREADS, 1),
-        &args,
-    )?;
-    Ok(y)
+    let y = alloc(&gate.0.device, dtype, n)?;
+    let scalars = [Arg::Count(n as u64)];
+    run(
+        ("swiglu_fwd", dtype),
+        per_element(n)?,
+        &[gate, up],
+        y,
+        &scalars,
+    )
 }
 
 /// SwiGLU gradients, `[d gate; d up]` in one buffer of `2n`.
@@ -379,25 +325,15 @@ pub(crate) fn swiglu_grad(gate: Operand, up: Operand, grad: Operand) -> Result<C
     let dtype = common_dtype(&[gate, up, grad])?;
     let n = same_count(gate, up)?;
     same_count(gate, grad)?;
-    let dev = &gate.0.device;
-    let out = alloc(dev, dtype, 2 * n)?;
-    let args = [
-        Arg::Address(address(gate)?),
-        Arg::Address(address(up)?),
-        Arg::Address(address(grad)?),
-        Arg::Address(base_address(&out)?),
-        Arg::Count(n as u64),
-    ];
-    let blocks = grid(n.div_ceil(ELEMENT_THREADS as usize))?;
-    launch(
-        dev,
-        "swiglu_bwd",
-        Some(dtype),
-        blocks,
-        (ELEMENT_THREADS, 1),
-        &args,
-    )?;
-    Ok(out)
+    let out = alloc(&gate.0.device, dtype, 2 * n)?;
+    let scalars = [Arg::Count(n as u64)];
+    run(
+        ("swiglu_bwd", dtype),
+        per_element(n)?,
+        &[gate, up, grad],
+        out,
+        &scalars,
+    )
 }
 
 fn same_count(a: Operand, b: Operand) -> Result<usize> {
@@ -412,27 +348,10 @@ fn same_count(a: Operand, b: Operand) -> Result<usize> {
 pub(crate) fn causal_softmax(scores: Operand, q_len: usize, scale: f32) -> Result<CudaStorage> {
     let dtype = common_dtype(&[scores])?;
     let (rows, kv_len) = rows_and_width(scores.1)?;
-    let dev = &scores.0.device;
-    let probs = alloc(dev, dtype, rows * kv_len)?;
-    let args = [
-        Arg::Address(address(scores)?),
-        Arg::Address(base_address(&probs)?),
-        int(rows)?,
-        int(q_len)?,
-        int(kv_len)?,
-        Arg::Float(scale),
-    ];
-    let threads = (32 * WARP_ROWS_PER_BLOCK) as u32;
-    let blocks = grid(rows.div_ceil(WARP_ROWS_PER_BLOCK))?;
-    launch(
-        dev,
-        "causal_softmax_fwd",
-        Some(dtype),
-        blocks,
-        (threads, 1),
-        &args,
-    )?;
-    Ok(probs)
+    let probs = alloc(&scores.0.device, dtype, rows * kv_len)?;
+    let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
+    let kernel = ("causal_softmax_fwd", dtype);
+    run(kernel, per_warp_row(rows)?, &[scores], probs, &scalars)
 }
 
 /// Gradient of the causal softmax with respect to the raw scores.
@@ -444,28 +363,10 @@ pub(crate) fn causal_softmax_grad(
 ) -> Result<CudaStorage> {
     let dtype = common_dtype(&[probs, grad])?;
     let (rows, kv_len) = rows_and_width(probs.1)?;
-    let dev = &probs.0.device;
-    let ds = alloc(dev, dtype, rows * kv_len)?;
-    let args = [
-        Arg::Address(address(probs)?),
-        Arg::Address(address(grad)?),
-        Arg::Address(base_address(&ds)?),
-        int(rows)?,
-        int(q_len)?,
-        int(kv_len)?,
-        Arg::Float(scale),
-    ];
-    let threads = (32 * WARP_ROWS_PER_BLOCK) as u32;
-    let blocks = grid(rows.div_ceil(WARP_ROWS_PER_BLOCK))?;
-    launch(
-        dev,
-        "causal_softmax_bwd",
-        Some(dtype),
-        blocks,
-        (threads, 1),
-        &args,
-    )?;
-    Ok(ds)
+    let ds = alloc(&probs.0.device, dtype, rows * kv_len)?;
+    let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
+    let kernel = ("causal_softmax_bwd", dtype);
+    run(kernel, per_warp_row(rows)?, &[probs, grad], ds, &scalars)
 }
 
 /// The element strides of a 4-D operand's first three dimensions, and the address of its first
@@ -539,24 +440,15 @@ pub(crate) fn token_nll(logits: Operand, targets: Operand) -> Result<CudaStorage
     let dtype = common_dtype(&[logits])?;
     let (rows, vocab) = rows_and_width(logits.1)?;
     check_targets(targets, rows)?;
-    let dev = &logits.0.device;
-    let nll = alloc(dev, DType::F32, rows)?;
-    let args = [
-        Arg::Address(address(logits)?),
-        Arg::Address(address(targets)?),
-        Arg::Address(base_address(&nll)?),
-        int(vocab)?,
-    ];
-    let threads = row_threads(vocab, 512);
-    launch(
-        dev,
-        "token_nll",
-        Some(dtype),
-        grid(rows)?,
-        (threads, 1),
-        &args,
-    )?;
-    Ok(nll)
+    let nll = alloc(&logits.0.device, DType::F32, rows)?;
+    let shape = per_row(rows, vocab, 512)?;
+    run(
+        ("token_nll", dtype),
+        shape,
+        &[logits, targets],
+        nll,
+        &[int(vocab)?],
+    )
 }
 
 /// `(softmax(logits) − onehot(targets)) · g` per row, in the logits' dtype; `g` is f32 `[n]`.
@@ -570,25 +462,15 @@ pub(crate) fn token_nll_grad(logits: Operand, targets: Operand, g: Operand) -> R
             g.1.shape()
         );
     }
-    let dev = &logits.0.device;
-    let d = alloc(dev, dtype, rows * vocab)?;
-    let args = [
-        Arg::Address(address(logits)?),
-        Arg::Address(address(targets)?),
-        Arg::Address(address(g)?),
-        Arg::Address(base_address(&d)?),
-        int(vocab)?,
-    ];
-    let threads = row_threads(vocab, 512);
-    launch(
-        dev,
-        "token_nll_grad",
-        Some(dtype),
-        grid(rows)?,
-        (threads, 1),
-        &args,
-    )?;
-    Ok(d)
+    let d = alloc(&logits.0.device, dtype, rows * vocab)?;
+    let shape = per_row(rows, vocab, 512)?;
+    run(
+        ("token_nll_grad", dtype),
+        shape,
+        &[logits, targets, g],
+        d,
+        &[int(vocab)?],
+    )
 }
 
 /// Embedding gradient: `grad` rows `[tokens, width]` summed into an f32 `[vocab, width]` table
@@ -602,26 +484,17 @@ pub(crate) fn embedding_grad(ids: Operand, grad: Operand, vocab: usize) -> Resul
             ids.1.shape()
         );
     }
-    let dev = &grad.0.device;
-    let table = zeros_f32(dev, vocab * width)?;
-    let args = [
-        Arg::Address(address(ids)?),
-        Arg::Address(address(grad)?),
-        Arg::Address(base_address(&table)?),
-        int(tokens)?,
-        int(width)?,
-        int(vocab)?,
-    ];
-    let blocks = grid((tokens * width).div_ceil(ELEMENT_THREADS as usize))?;
-    launch(
-        dev,
-        "embedding_grad",
-        Some(dtype),
-        blocks,
-        (ELEMENT_THREADS, 1),
-        &args,
-    )?;
-    Ok(table)
+    // Zeroed: the kernel adds into it.
+    let table = zeros_f32(&grad.0.device, vocab * width)?;
+    let scalars = [int(tokens)?, int(width)?, int(vocab)?];
+    let shape = per_element(tokens * width)?;
+    run(
+        ("embedding_grad", dtype),
+        shape,
+        &[ids, grad],
+        table,
+        &scalars,
+    )
 }
 
 /// One parameter of a multi-tensor launch: f32 buffer addresses and size.
