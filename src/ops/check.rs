@@ -44,6 +44,13 @@ impl Case {
             })
             .collect()
     }
+
+    fn differentiable(&self) -> Vec<bool> {
+        self.inputs
+            .iter()
+            .map(|i| matches!(i, Input::Float(..)))
+            .collect()
+    }
 }
 
 /// The result of one case in one dtype.
@@ -109,15 +116,6 @@ fn materialize(case: &Case, seed: u64, device: &Device, dtype: DType) -> Result<
             }
         })
         .collect()
-}
-
-impl Case {
-    fn differentiable(&self) -> Vec<bool> {
-        self.inputs
-            .iter()
-            .map(|i| matches!(i, Input::Float(..)))
-            .collect()
-    }
 }
 
 /// The inputs with those marked `differentiable` as fresh variables.
