@@ -15,6 +15,7 @@ fn main() {
         return;
     }
     println!("cargo:rerun-if-changed=kernels/ops.cu");
+    println!("cargo:rerun-if-changed=kernels/flash_attention.cuh");
     for var in [
         "NVCC",
         "CUDA_ROOT",

@@ -388,6 +388,8 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   if (threadIdx.x == 0) *out = sum;
 }
 
+#include "flash_attention.cuh"
+
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points, one per dtype.
 
@@ -458,3 +460,4 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   }
 
 FOR_EACH_FLOAT(ENTRY_POINTS)
+FOR_EACH_FLOAT(FLASH_ENTRY_POINTS)

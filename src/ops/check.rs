@@ -226,6 +226,7 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
     let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
     vec![
         attention_case(vec![batch, h, seq, d], seq),
+        flash_case(batch, h, cfg.kv_heads(), seq, seq, d),
         Case {
             name: "rms_norm",
             fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
@@ -293,18 +294,43 @@ fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
     }
 }
 
+/// Grouped-query causal attention through [`super::flash_attention`] (the flash kernels on
+/// CUDA), `q_len` queries against `kv_len` keys, with gradients.
+fn flash_case(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    d: usize,
+) -> Case {
+    Case {
+        name: "flash_attention",
+        fused: |t| super::flash_attention(&t[0], &t[1], &t[2]),
+        reference: repeated_reference,
+        inputs: vec![
+            Input::Float(vec![batch, heads, q_len, d], 1.0),
+            Input::Float(vec![batch, kv_heads, kv_len, d], 1.0),
+            Input::Float(vec![batch, kv_heads, kv_len, d], 1.0),
+        ],
+    }
+}
+
+/// The reference attention with kv heads repeated to the query heads.
+fn repeated_reference(t: &[Tensor]) -> Result<Tensor> {
+    let repeat = t[0].dim(1)? / t[1].dim(1)?;
+    let k = candle_transformers::utils::repeat_kv(t[1].clone(), repeat)?;
+    let v = candle_transformers::utils::repeat_kv(t[2].clone(), repeat)?;
+    reference::causal_attention(&t[0], &k.contiguous()?, &v.contiguous()?)
+}
+
 /// A decode step: one query per head against `kv_len` cached positions (forward only: the op
 /// is for inference, so its inputs are constants).
 fn decode_case(batch: usize, heads: usize, kv_heads: usize, kv_len: usize, d: usize) -> Case {
     Case {
         name: "decode_attention",
         fused: |t| super::grouped_attention(&t[0], &t[1], &t[2]),
-        reference: |t| {
-            let repeat = t[0].dim(1)? / t[1].dim(1)?;
-            let k = candle_transformers::utils::repeat_kv(t[1].clone(), repeat)?;
-            let v = candle_transformers::utils::repeat_kv(t[2].clone(), repeat)?;
-            reference::causal_attention(&t[0], &k.contiguous()?, &v.contiguous()?)
-        },
+        reference: repeated_reference,
         inputs: vec![
             Input::Table(vec![batch, heads, 1, d]),
             Input::Table(vec![batch, kv_heads, kv_len, d]),
@@ -345,6 +371,10 @@ pub fn edge_cases() -> Vec<Case> {
         attention_case(vec![2, 3, 7, 8], 7),
         attention_case(vec![1, 2, 1, 16], 37),
         attention_case(vec![2, 2, 3, 16], 9),
+        flash_case(2, 4, 2, 100, 100, 64),
+        flash_case(1, 2, 1, 130, 130, 128),
+        flash_case(1, 2, 2, 37, 200, 64),
+        flash_case(1, 1, 1, 1, 1, 64),
         Case {
             name: "rms_norm",
             fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),

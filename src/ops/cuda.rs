@@ -5,12 +5,16 @@
 
 use super::rows_and_width;
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llmtool_ops.ptx"));
 const MODULE: &str = "llmtool_ops";
+
+/// Dynamic shared memory a kernel may use without opting in to more.
+const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// Threads per block of the elementwise kernels.
 const ELEMENT_THREADS: u32 = 256;
@@ -21,7 +25,7 @@ const WARP_ROWS_PER_BLOCK: usize = 8;
 /// One kernel argument. Addresses are passed as plain 64-bit words, which is what a device
 /// pointer is to the kernel; this keeps the launchers independent of the element type.
 #[derive(Clone, Copy)]
-enum Arg {
+pub(crate) enum Arg {
     Address(u64),
     Int(i32),
     Float(f32),
@@ -41,7 +45,7 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 }
 
 /// The device address of an operand's first element; it must be contiguous.
-fn address((storage, layout): Operand) -> Result<u64> {
+pub(crate) fn address((storage, layout): Operand) -> Result<u64> {
     let (start, _) = layout.contiguous_offsets().ok_or_else(|| {
         candle_core::Error::Msg("fused CUDA kernel: operand is not contiguous".into())
     })?;
@@ -62,7 +66,7 @@ pub(crate) fn base_address(storage: &CudaStorage) -> Result<u64> {
 }
 
 /// An uninitialized buffer of `n` elements; the kernel that receives it writes all of them.
-fn alloc(device: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+pub(crate) fn alloc(device: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
     // SAFETY: every launcher below hands the buffer to a kernel that writes each element.
     let slice = unsafe {
         match dtype {
@@ -98,7 +102,7 @@ fn launch(
 }
 
 /// [`launch`] with `shared` bytes of dynamic shared memory per block.
-fn launch_with_shared(
+pub(crate) fn launch_with_shared(
     device: &CudaDevice,
     name: &str,
     dtype: Option<DType>,
@@ -110,6 +114,13 @@ fn launch_with_shared(
         None => name.to_string(),
     };
     let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
+    if shared > DEFAULT_SHARED_LIMIT {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .w()?;
+    }
     let mut builder = func.builder();
     for arg in args {
         match arg {
@@ -134,16 +145,36 @@ fn row_threads(width: usize, max: u32) -> u32 {
     (width.div_ceil(32) * 32).clamp(32, max as usize) as u32
 }
 
-fn int(n: usize) -> Result<Arg> {
+pub(crate) fn int(n: usize) -> Result<Arg> {
     i32::try_from(n)
         .map(Arg::Int)
         .map_err(|_| candle_core::Error::Msg(format!("fused CUDA kernel: size {n} too large")))
 }
 
 fn grid(blocks: usize) -> Result<(u32, u32)> {
-    u32::try_from(blocks)
-        .map(|b| (b, 1))
-        .map_err(|_| candle_core::Error::Msg(format!("fused CUDA kernel: {blocks} blocks")))
+    Ok((int_u32(blocks)?, 1))
+}
+
+/// `n` as a grid dimension.
+pub(crate) fn int_u32(n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("fused CUDA kernel: {n} blocks")))
+}
+
+/// The CUDA storages and layouts of `tensors`, read-locked while `f` runs: for kernels with
+/// more operands than a candle custom op takes.
+pub(crate) fn with_operands<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[Operand]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let operands = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cuda(s) => Ok((s, *layout)),
+            _ => candle_core::bail!("fused CUDA kernel: operand is not on a CUDA device"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&operands)
 }
 
 /// Checks that all operands share the first one's dtype and returns it.
@@ -159,7 +190,7 @@ fn common_dtype(operands: &[Operand]) -> Result<DType> {
 }
 
 /// The grid and block of a kernel launch.
-type Shape2 = ((u32, u32), (u32, u32));
+pub(crate) type Shape2 = ((u32, u32), (u32, u32));
 
 /// One block per row of `width`, with up to `max` threads.
 fn per_row(rows: usize, width: usize, max: u32) -> Result<Shape2> {
@@ -175,7 +206,7 @@ fn per_element(n: usize) -> Result<Shape2> {
 }
 
 /// One warp per row (the causal softmax).
-fn per_warp_row(rows: usize) -> Result<Shape2> {
+pub(crate) fn per_warp_row(rows: usize) -> Result<Shape2> {
     Ok((
         grid(rows.div_ceil(WARP_ROWS_PER_BLOCK))?,
         ((32 * WARP_ROWS_PER_BLOCK) as u32, 1),
@@ -371,10 +402,10 @@ pub(crate) fn causal_softmax_grad(
 
 /// The element strides of a 4-D operand's first three dimensions, and the address of its first
 /// element; the last dimension must have unit stride.
-fn strided4((storage, layout): Operand) -> Result<(u64, [u64; 3])> {
+pub(crate) fn strided4((storage, layout): Operand) -> Result<(u64, [u64; 3])> {
     let stride = layout.stride();
     let [s0, s1, s2, 1] = *stride else {
-        candle_core::bail!("decode attention: unsupported strides {stride:?}");
+        candle_core::bail!("attention: unsupported strides {stride:?}");
     };
     let start = (layout.start_offset() * storage.dtype().size_in_bytes()) as u64;
     Ok((

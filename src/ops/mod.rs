@@ -20,6 +20,8 @@ mod cross_entropy;
 mod cuda;
 mod decode;
 mod embedding;
+#[cfg(feature = "cuda")]
+mod flash;
 mod frozen;
 mod head_loss;
 #[cfg(test)]
@@ -131,11 +133,34 @@ pub fn swap_middle(x: &Tensor) -> Result<Tensor> {
 /// Grouped-query causal attention: `q` `[b, heads, q_len, d]` against keys and values
 /// `[b, kv_heads, kv_len, d]` that may be views into a KV cache, `heads / kv_heads` query heads
 /// per kv head. A decode step (one query, no gradients, fused backend) reads the cache in place
-/// with one kernel; otherwise kv heads are repeated and [`causal_attention`] runs.
+/// with one kernel; on CUDA in f32 the flash kernels run (see [`flash_attention`]); otherwise kv
+/// heads are repeated and [`causal_attention`] runs.
 pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if fused(&[q, k, v]) && decode::supported(q, k, v) {
         return decode::decode_attention(q, k, v);
     }
+    #[cfg(feature = "cuda")]
+    if q.dtype() == DType::F32 && flash::supported(q, k, v) {
+        return flash::flash_attention(q, k, v);
+    }
+    repeated_kv_attention(q, k, v)
+}
+
+/// Flash-style grouped-query causal attention (same contract as [`grouped_attention`]) where
+/// the CUDA kernels support the operands (head size 64 or 128), which never hold the T×T
+/// probabilities; elsewhere the same as [`grouped_attention`]'s general path. Chosen by default
+/// for f32, where it is faster than the matmul path and saves its memory; in 16 bits the matmul
+/// path runs on tensor cores and is faster, so [`grouped_attention`] keeps it there.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if flash::supported(q, k, v) {
+        return flash::flash_attention(q, k, v);
+    }
+    repeated_kv_attention(q, k, v)
+}
+
+/// Repeats kv heads to the query heads and runs [`causal_attention`].
+fn repeated_kv_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let repeat = q.dim(1)? / k.dim(1)?.max(1);
     let k = candle_transformers::utils::repeat_kv(k.clone(), repeat)?.contiguous()?;
     let v = candle_transformers::utils::repeat_kv(v.clone(), repeat)?.contiguous()?;

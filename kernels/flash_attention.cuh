@@ -1,0 +1,347 @@
+// Flash-style causal attention, forward and backward, included by ops.cu (it uses the dtype
+// helpers defined there). The T×T scores and probabilities never reach global memory: the
+// forward keeps a running max and sum per query row (online softmax) and saves only the output
+// and one log-sum-exp per row; the backward recomputes the probabilities tile by tile from it.
+//
+// Layout: q, out, dout [batch * heads, q_len, D] contiguous; k and v [batch, kv_heads, kv_len, D]
+// with element strides (batch, kv head, position) and unit stride along D, so views into a KV
+// cache work. Query head h reads kv head h / group (grouped-query attention without repeating
+// the keys). Query i sits at position kv_len - q_len + i and sees keys up to it.
+//
+// Tiles are 64 queries × 64 keys, 256 threads as 16 × 16: thread (ty, tx) owns rows 4ty..4ty+3
+// of a tile and columns tx + 16j. Math is f32 FMA (SIMT) on f32 copies of the tiles in shared
+// memory, for every input dtype. The log-sum-exp is kept in base 2 (scores times
+// scale * log2(e)), which is all the backward needs. The backward is two kernels, one per
+// gradient owner (keys/values, then queries), so nothing is accumulated with atomics and the
+// result is the same on every run.
+
+constexpr int FA_TILE = 64;
+constexpr int FA_THREADS = 256;
+constexpr int FA_PAD = FA_TILE + 1;  // row stride of the 64 × 64 score tiles in shared memory
+
+// Rows row0..row0+63 of an [n, D] matrix (row stride `stride`) as f32 into `dst` [64][D + 1];
+// rows at or beyond n are zeros.
+template <typename T, int D>
+__device__ __forceinline__ void fa_load_tile(float* dst, const T* src, long long stride, int row0,
+                                             int n) {
+  for (int e = threadIdx.x; e < FA_TILE * D; e += FA_THREADS) {
+    const int r = e / D, c = e % D, row = row0 + r;
+    dst[r * (D + 1) + c] = row < n ? to_f32(src[(long long)row * stride + c]) : 0.f;
+  }
+}
+
+// Per-row values (log-sum-exp or delta) of rows row0..row0+63 into `dst`; 0 beyond n.
+__device__ __forceinline__ void fa_load_rows(float* dst, const float* src, int row0, int n) {
+  for (int r = threadIdx.x; r < FA_TILE; r += FA_THREADS) dst[r] = row0 + r < n ? src[row0 + r] : 0.f;
+}
+
+// Sum or max over the 16 threads that share a row of a tile (lanes of one half-warp).
+__device__ __forceinline__ float fa_row_sum(float v) {
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+__device__ __forceinline__ float fa_row_max(float v) {
+  for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+// acc[i][j] += Σ_d a[4ty + i][d] · b[tx + 16j][d] over two [64][D + 1] tiles.
+template <int D>
+__device__ __forceinline__ void fa_dot_tiles(float (&acc)[4][4], const float* a, const float* b,
+                                             int ty, int tx) {
+#pragma unroll 8
+  for (int d = 0; d < D; ++d) {
+    float x[4], y[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = a[(4 * ty + i) * (D + 1) + d];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) y[j] = b[(tx + 16 * j) * (D + 1) + d];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += x[i] * y[j];
+  }
+}
+
+// acc[i][c] += Σ_j w[4ty + i][j] · m[j][tx + 16c] for a [64][65] weight tile and a [64][D + 1]
+// matrix tile.
+template <int D>
+__device__ __forceinline__ void fa_weighted_rows(float (&acc)[4][D / 16], const float* w,
+                                                 const float* m, int ty, int tx) {
+#pragma unroll 4
+  for (int j = 0; j < FA_TILE; ++j) {
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = w[(4 * ty + i) * FA_PAD + j];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      const float y = m[j * (D + 1) + tx + 16 * c];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[i][c] += x[i] * y;
+    }
+  }
+}
+
+// Stores rows row0 + 4ty + i (those below n) of acc · scale into `dst` [n, D].
+template <typename T, int D>
+__device__ __forceinline__ void fa_store_rows(T* dst, const float (&acc)[4][D / 16], int row0,
+                                              int n, int ty, int tx, float scale) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = row0 + 4 * ty + i;
+    if (row >= n) continue;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)
+      dst[(size_t)row * D + tx + 16 * c] = from_f32<T>(acc[i][c] * scale);
+  }
+}
+
+// Forward: one block per (query tile, batch × head), the heaviest tiles (last queries) first.
+// Shared memory: q tile, k-then-v tile, probabilities.
+template <typename T, int D>
+__device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, float* lse,
+                                    int heads, int group, int q_len, int kv_len, long long k_sb,
+                                    long long k_sh, long long k_sp, long long v_sb, long long v_sh,
+                                    long long v_sp, float scale_log2) {
+  extern __shared__ float smem[];
+  float* qs = smem;
+  float* kvs = qs + FA_TILE * (D + 1);
+  float* ps = kvs + FA_TILE * (D + 1);
+  const int bh = blockIdx.y, b = bh / heads, kv_head = (bh % heads) / group;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, shift = kv_len - q_len;
+  const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+  const T* kb = k + b * k_sb + kv_head * k_sh;
+  const T* vb = v + b * v_sb + kv_head * v_sh;
+  fa_load_tile<T, D>(qs, q + (size_t)bh * q_len * D, D, q0, q_len);
+  float o[4][D / 16] = {}, m[4], l[4] = {};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) m[i] = -INFINITY;
+  // Keys past the tile's last query position are masked for every row of the tile.
+  const int key_end = min(kv_len, q0 + FA_TILE + shift);
+  for (int k0 = 0; k0 < key_end; k0 += FA_TILE) {
+    __syncthreads();  // the previous tile's readers are done with kvs and ps
+    fa_load_tile<T, D>(kvs, kb, k_sp, k0, kv_len);
+    __syncthreads();
+    float s[4][4] = {};
+    fa_dot_tiles<D>(s, qs, kvs, ty, tx);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int pos = q0 + 4 * ty + i + shift;
+      float row_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int key = k0 + tx + 16 * j;
+        s[i][j] = key <= pos && key < kv_len ? s[i][j] * scale_log2 : -INFINITY;
+        row_max = fmaxf(row_max, s[i][j]);
+      }
+      // Key 0 is visible to every row, so the max is finite from the first tile on.
+      const float m_new = fmaxf(m[i], fa_row_max(row_max));
+      const float alpha = exp2f(m[i] - m_new);
+      float row_sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        s[i][j] = exp2f(s[i][j] - m_new);
+        row_sum += s[i][j];
+      }
+      l[i] = l[i] * alpha + fa_row_sum(row_sum);
+      m[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) o[i][c] *= alpha;
+    }
+    __syncthreads();  // everyone is done with the keys
+    fa_load_tile<T, D>(kvs, vb, v_sp, k0, kv_len);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ps[(4 * ty + i) * FA_PAD + tx + 16 * j] = s[i][j];
+    __syncthreads();
+    fa_weighted_rows<D>(o, ps, kvs, ty, tx);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float inv = 1.f / l[i];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) o[i][c] *= inv;
+    const int row = q0 + 4 * ty + i;
+    if (tx == 0 && row < q_len) lse[(size_t)bh * q_len + row] = m[i] + log2f(l[i]);
+  }
+  fa_store_rows<T, D>(out + (size_t)bh * q_len * D, o, q0, q_len, ty, tx, 1.f);
+}
+
+// delta[row] = Σ_d dout[row][d] · out[row][d], one warp per row of D.
+template <typename T>
+__device__ void flash_attention_delta(const T* out, const T* dout, float* delta, int rows, int d) {
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const int lane = threadIdx.x & 31;
+  float sum = 0.f;
+  for (int j = lane; j < d; j += 32)
+    sum += to_f32(out[(size_t)row * d + j]) * to_f32(dout[(size_t)row * d + j]);
+  sum = warp_sum(sum);
+  if (lane == 0) delta[row] = sum;
+}
+
+// The probabilities p and score gradients ds = p (dp − delta) of one 64 × 64 tile pair, for
+// the thread's rows 4ty + i and columns tx + 16j. `rows_are_keys` says which side the rows are
+// (the key/value kernel works on the transposed tile); `s` holds the raw dot products and `dp`
+// the dout · v products on entry.
+__device__ __forceinline__ void fa_probabilities(float (&s)[4][4], float (&dp)[4][4],
+                                                 const float* lse_s, const float* delta_s,
+                                                 bool rows_are_keys, int row0, int col0,
+                                                 int q_len, int kv_len, int shift, int ty, int tx,
+                                                 float scale_log2) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = 4 * ty + i, c = tx + 16 * j;
+      const int query = rows_are_keys ? col0 + c : row0 + r;
+      const int key = rows_are_keys ? row0 + r : col0 + c;
+      const int local = rows_are_keys ? c : r;
+      const bool seen = query < q_len && key < kv_len && key <= query + shift;
+      const float p = seen ? exp2f(s[i][j] * scale_log2 - lse_s[local]) : 0.f;
+      s[i][j] = p;
+      dp[i][j] = p * (dp[i][j] - delta_s[local]);
+    }
+}
+
+// Writes the thread's part of a 64 × 64 register tile into a [64][65] shared tile.
+__device__ __forceinline__ void fa_put_tile(float* dst, const float (&t)[4][4], int ty, int tx) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) dst[(4 * ty + i) * FA_PAD + tx + 16 * j] = t[i][j];
+}
+
+// Key and value gradients: one block per (key tile, batch × kv head); it walks every query
+// tile at or after the diagonal of each query head in its group. dk and dv are
+// [batch, kv_heads, kv_len, D] contiguous. Shared memory: k, v, q, dout tiles, then the p and
+// ds tiles (keys × queries), then the queries' log-sum-exp and delta.
+template <typename T, int D>
+__device__ void flash_attention_bwd_kv(const T* q, const T* k, const T* v, const T* dout,
+                                       const float* lse, const float* delta, T* dk, T* dv,
+                                       int heads, int group, int q_len, int kv_len,
+                                       long long k_sb, long long k_sh, long long k_sp,
+                                       long long v_sb, long long v_sh, long long v_sp,
+                                       float scale_log2, float scale) {
+  extern __shared__ float smem[];
+  float* ks = smem;
+  float* vs = ks + FA_TILE * (D + 1);
+  float* qs = vs + FA_TILE * (D + 1);
+  float* dos = qs + FA_TILE * (D + 1);
+  float* ps = dos + FA_TILE * (D + 1);
+  float* dss = ps + FA_TILE * FA_PAD;
+  float* lse_s = dss + FA_TILE * FA_PAD;
+  float* delta_s = lse_s + FA_TILE;
+  const int kv_heads = heads / group, bkv = blockIdx.y, b = bkv / kv_heads;
+  const int kv_head = bkv % kv_heads, k0 = blockIdx.x * FA_TILE, shift = kv_len - q_len;
+  const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+  fa_load_tile<T, D>(ks, k + b * k_sb + kv_head * k_sh, k_sp, k0, kv_len);
+  fa_load_tile<T, D>(vs, v + b * v_sb + kv_head * v_sh, v_sp, k0, kv_len);
+  float dk_acc[4][D / 16] = {}, dv_acc[4][D / 16] = {};
+  // The first query that sees key k0 is k0 - shift; start at its tile.
+  const int q_begin = max(0, k0 - shift) / FA_TILE * FA_TILE;
+  for (int g = 0; g < group; ++g) {
+    const size_t bh = (size_t)b * heads + kv_head * group + g;
+    for (int q0 = q_begin; q0 < q_len; q0 += FA_TILE) {
+      __syncthreads();  // the previous tile's readers are done
+      fa_load_tile<T, D>(qs, q + bh * q_len * D, D, q0, q_len);
+      fa_load_tile<T, D>(dos, dout + bh * q_len * D, D, q0, q_len);
+      fa_load_rows(lse_s, lse + bh * q_len, q0, q_len);
+      fa_load_rows(delta_s, delta + bh * q_len, q0, q_len);
+      __syncthreads();
+      float s[4][4] = {}, dp[4][4] = {};
+      fa_dot_tiles<D>(s, ks, qs, ty, tx);
+      fa_dot_tiles<D>(dp, vs, dos, ty, tx);
+      fa_probabilities(s, dp, lse_s, delta_s, true, k0, q0, q_len, kv_len, shift, ty, tx,
+                       scale_log2);
+      fa_put_tile(ps, s, ty, tx);
+      fa_put_tile(dss, dp, ty, tx);
+      __syncthreads();
+      fa_weighted_rows<D>(dv_acc, ps, dos, ty, tx);
+      fa_weighted_rows<D>(dk_acc, dss, qs, ty, tx);
+    }
+  }
+  fa_store_rows<T, D>(dk + (size_t)bkv * kv_len * D, dk_acc, k0, kv_len, ty, tx, scale);
+  fa_store_rows<T, D>(dv + (size_t)bkv * kv_len * D, dv_acc, k0, kv_len, ty, tx, 1.f);
+}
+
+// Query gradients: one block per (query tile, batch × head), heaviest first, walking the key
+// tiles up to the diagonal. dq is [batch * heads, q_len, D]. Shared memory: q, dout, k, v
+// tiles, the ds tile (queries × keys), the rows' log-sum-exp and delta.
+template <typename T, int D>
+__device__ void flash_attention_bwd_q(const T* q, const T* k, const T* v, const T* dout,
+                                      const float* lse, const float* delta, T* dq, int heads,
+                                      int group, int q_len, int kv_len, long long k_sb,
+                                      long long k_sh, long long k_sp, long long v_sb,
+                                      long long v_sh, long long v_sp, float scale_log2,
+                                      float scale) {
+  extern __shared__ float smem[];
+  float* qs = smem;
+  float* dos = qs + FA_TILE * (D + 1);
+  float* ks = dos + FA_TILE * (D + 1);
+  float* vs = ks + FA_TILE * (D + 1);
+  float* dss = vs + FA_TILE * (D + 1);
+  float* lse_s = dss + FA_TILE * FA_PAD;
+  float* delta_s = lse_s + FA_TILE;
+  const int bh = blockIdx.y, b = bh / heads, kv_head = (bh % heads) / group;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, shift = kv_len - q_len;
+  const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+  const T* kb = k + b * k_sb + kv_head * k_sh;
+  const T* vb = v + b * v_sb + kv_head * v_sh;
+  fa_load_tile<T, D>(qs, q + (size_t)bh * q_len * D, D, q0, q_len);
+  fa_load_tile<T, D>(dos, dout + (size_t)bh * q_len * D, D, q0, q_len);
+  fa_load_rows(lse_s, lse + (size_t)bh * q_len, q0, q_len);
+  fa_load_rows(delta_s, delta + (size_t)bh * q_len, q0, q_len);
+  float dq_acc[4][D / 16] = {};
+  const int key_end = min(kv_len, q0 + FA_TILE + shift);
+  for (int k0 = 0; k0 < key_end; k0 += FA_TILE) {
+    __syncthreads();
+    fa_load_tile<T, D>(ks, kb, k_sp, k0, kv_len);
+    fa_load_tile<T, D>(vs, vb, v_sp, k0, kv_len);
+    __syncthreads();
+    float s[4][4] = {}, dp[4][4] = {};
+    fa_dot_tiles<D>(s, qs, ks, ty, tx);
+    fa_dot_tiles<D>(dp, dos, vs, ty, tx);
+    fa_probabilities(s, dp, lse_s, delta_s, false, q0, k0, q_len, kv_len, shift, ty, tx,
+                     scale_log2);
+    fa_put_tile(dss, dp, ty, tx);
+    __syncthreads();
+    fa_weighted_rows<D>(dq_acc, dss, ks, ty, tx);
+  }
+  fa_store_rows<T, D>(dq + (size_t)bh * q_len * D, dq_acc, q0, q_len, ty, tx, scale);
+}
+
+#define FA_KV_STRIDES long long k_sb, long long k_sh, long long k_sp, long long v_sb, \
+                      long long v_sh, long long v_sp
+#define FA_KV_STRIDE_ARGS k_sb, k_sh, k_sp, v_sb, v_sh, v_sp
+
+#define FLASH_ENTRY_POINTS_D(S, T, D)                                                          \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_d##D##_##S(    \
+      const T* q, const T* k, const T* v, T* out, float* lse, int heads, int group, int q_len, \
+      int kv_len, FA_KV_STRIDES, float scale_log2) {                                          \
+    flash_attention_fwd<T, D>(q, k, v, out, lse, heads, group, q_len, kv_len,                \
+                              FA_KV_STRIDE_ARGS, scale_log2);                                 \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_bwd_kv_d##D##_##S( \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, \
+      T* dk, T* dv, int heads, int group, int q_len, int kv_len, FA_KV_STRIDES,               \
+      float scale_log2, float scale) {                                                        \
+    flash_attention_bwd_kv<T, D>(q, k, v, dout, lse, delta, dk, dv, heads, group, q_len,     \
+                                 kv_len, FA_KV_STRIDE_ARGS, scale_log2, scale);               \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_bwd_q_d##D##_##S(  \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, \
+      T* dq, int heads, int group, int q_len, int kv_len, FA_KV_STRIDES, float scale_log2,    \
+      float scale) {                                                                          \
+    flash_attention_bwd_q<T, D>(q, k, v, dout, lse, delta, dq, heads, group, q_len, kv_len,  \
+                                FA_KV_STRIDE_ARGS, scale_log2, scale);                        \
+  }
+
+#define FLASH_ENTRY_POINTS(S, T)                                                               \
+  FLASH_ENTRY_POINTS_D(S, T, 64)                                                               \
+  FLASH_ENTRY_POINTS_D(S, T, 128)                                                              \
+  extern "C" __global__ void flash_attention_delta_##S(const T* out, const T* dout,           \
+                                                       float* delta, int rows, int d) {       \
+    flash_attention_delta<T>(out, dout, delta, rows, d);                                      \
+  }
