@@ -9,24 +9,29 @@
 // the keys). Query i sits at position kv_len - q_len + i and sees keys up to it.
 //
 // Tiles are 64 queries × 64 keys, 256 threads as 16 × 16: thread (ty, tx) owns rows 4ty..4ty+3
-// of a tile and columns tx + 16j. Math is f32 FMA (SIMT) on f32 copies of the tiles in shared
-// memory, for every input dtype. The log-sum-exp is kept in base 2 (scores times
+// of a tile, score columns tx + 16j and head-dimension columns 64c + 4tx..64c + 4tx + 3. Math
+// is f32 FMA (SIMT) on f32 copies of the tiles in shared memory, read as float4, for every
+// input dtype. The log-sum-exp is kept in base 2 (scores times
 // scale * log2(e)), which is all the backward needs. The backward is two kernels, one per
 // gradient owner (keys/values, then queries), so nothing is accumulated with atomics and the
 // result is the same on every run.
 
 constexpr int FA_TILE = 64;
 constexpr int FA_THREADS = 256;
-constexpr int FA_PAD = FA_TILE + 1;  // row stride of the 64 × 64 score tiles in shared memory
 
-// Rows row0..row0+63 of an [n, D] matrix (row stride `stride`) as f32 into `dst` [64][D + 1];
+// Row stride (in floats) of a [64][D] tile in shared memory: padded by 4 so that rows stay
+// 16-byte aligned for float4 reads and rows tx + 16j of one quarter-warp fall in distinct banks.
+template <int D> __host__ __device__ constexpr int fa_stride() { return D + 4; }
+constexpr int FA_PAD = FA_TILE + 4;  // row stride of the 64 × 64 score tiles
+
+// Rows row0..row0+63 of an [n, D] matrix (row stride `stride`) as f32 into `dst` [64][D + 4];
 // rows at or beyond n are zeros.
 template <typename T, int D>
 __device__ __forceinline__ void fa_load_tile(float* dst, const T* src, long long stride, int row0,
                                              int n) {
   for (int e = threadIdx.x; e < FA_TILE * D; e += FA_THREADS) {
     const int r = e / D, c = e % D, row = row0 + r;
-    dst[r * (D + 1) + c] = row < n ? to_f32(src[(long long)row * stride + c]) : 0.f;
+    dst[r * fa_stride<D>() + c] = row < n ? to_f32(src[(long long)row * stride + c]) : 0.f;
   }
 }
 
@@ -45,54 +50,83 @@ __device__ __forceinline__ float fa_row_max(float v) {
   return v;
 }
 
-// acc[i][j] += Σ_d a[4ty + i][d] · b[tx + 16j][d] over two [64][D + 1] tiles.
+__device__ __forceinline__ const float4* fa_vec(const float* p) {
+  return reinterpret_cast<const float4*>(p);
+}
+
+// acc[i][j] += Σ_d a[4ty + i][d] · b[tx + 16j][d] over two [64][D + 4] tiles, four d at a time.
 template <int D>
 __device__ __forceinline__ void fa_dot_tiles(float (&acc)[4][4], const float* a, const float* b,
                                              int ty, int tx) {
-#pragma unroll 8
-  for (int d = 0; d < D; ++d) {
-    float x[4], y[4];
+  constexpr int S = fa_stride<D>();
+#pragma unroll 4
+  for (int d = 0; d < D; d += 4) {
+    float4 x[4], y[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = a[(4 * ty + i) * (D + 1) + d];
+    for (int i = 0; i < 4; ++i) x[i] = *fa_vec(a + (4 * ty + i) * S + d);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) y[j] = b[(tx + 16 * j) * (D + 1) + d];
+    for (int j = 0; j < 4; ++j) y[j] = *fa_vec(b + (tx + 16 * j) * S + d);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] += x[i] * y[j];
+      for (int j = 0; j < 4; ++j)
+        acc[i][j] += x[i].x * y[j].x + x[i].y * y[j].y + x[i].z * y[j].z + x[i].w * y[j].w;
   }
 }
 
-// acc[i][c] += Σ_j w[4ty + i][j] · m[j][tx + 16c] for a [64][65] weight tile and a [64][D + 1]
-// matrix tile.
+// The accumulator of D-wide rows: acc[i][4c + k] is column 64c + 4tx + k of row 4ty + i.
+template <int D> using FaRows = float[4][D / 16];
+
+// acc += w · m for a [64][68] weight tile (rows 4ty + i) and a [64][D + 4] matrix tile.
 template <int D>
-__device__ __forceinline__ void fa_weighted_rows(float (&acc)[4][D / 16], const float* w,
-                                                 const float* m, int ty, int tx) {
-#pragma unroll 4
-  for (int j = 0; j < FA_TILE; ++j) {
-    float x[4];
+__device__ __forceinline__ void fa_weighted_rows(FaRows<D>& acc, const float* w, const float* m,
+                                                 int ty, int tx) {
+  constexpr int S = fa_stride<D>();
+#pragma unroll 2
+  for (int j = 0; j < FA_TILE; j += 4) {
+    float4 x[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = w[(4 * ty + i) * FA_PAD + j];
+    for (int i = 0; i < 4; ++i) x[i] = *fa_vec(w + (4 * ty + i) * FA_PAD + j);
 #pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-      const float y = m[j * (D + 1) + tx + 16 * c];
+    for (int c = 0; c < D / 64; ++c) {
+      float4 y[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[i][c] += x[i] * y;
+      for (int k = 0; k < 4; ++k) y[k] = *fa_vec(m + (j + k) * S + 64 * c + 4 * tx);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float xs[4] = {x[i].x, x[i].y, x[i].z, x[i].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          acc[i][4 * c + 0] += xs[k] * y[k].x;
+          acc[i][4 * c + 1] += xs[k] * y[k].y;
+          acc[i][4 * c + 2] += xs[k] * y[k].z;
+          acc[i][4 * c + 3] += xs[k] * y[k].w;
+        }
+      }
     }
   }
 }
 
+// Multiplies row 4ty + i of the accumulator by f[i].
+template <int D>
+__device__ __forceinline__ void fa_scale_rows(FaRows<D>& acc, const float (&f)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) acc[i][c] *= f[i];
+}
+
 // Stores rows row0 + 4ty + i (those below n) of acc · scale into `dst` [n, D].
 template <typename T, int D>
-__device__ __forceinline__ void fa_store_rows(T* dst, const float (&acc)[4][D / 16], int row0,
-                                              int n, int ty, int tx, float scale) {
+__device__ __forceinline__ void fa_store_rows(T* dst, const FaRows<D>& acc, int row0, int n,
+                                              int ty, int tx, float scale) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int row = row0 + 4 * ty + i;
     if (row >= n) continue;
 #pragma unroll
     for (int c = 0; c < D / 16; ++c)
-      dst[(size_t)row * D + tx + 16 * c] = from_f32<T>(acc[i][c] * scale);
+      dst[(size_t)row * D + 64 * (c / 4) + 4 * tx + c % 4] = from_f32<T>(acc[i][c] * scale);
   }
 }
 
@@ -103,17 +137,19 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
                                     int heads, int group, int q_len, int kv_len, long long k_sb,
                                     long long k_sh, long long k_sp, long long v_sb, long long v_sh,
                                     long long v_sp, float scale_log2) {
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem_vec[];  // 16-byte aligned
+  float* smem = reinterpret_cast<float*>(smem_vec);
   float* qs = smem;
-  float* kvs = qs + FA_TILE * (D + 1);
-  float* ps = kvs + FA_TILE * (D + 1);
+  float* kvs = qs + FA_TILE * fa_stride<D>();
+  float* ps = kvs + FA_TILE * fa_stride<D>();
   const int bh = blockIdx.y, b = bh / heads, kv_head = (bh % heads) / group;
   const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, shift = kv_len - q_len;
   const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
   const T* kb = k + b * k_sb + kv_head * k_sh;
   const T* vb = v + b * v_sb + kv_head * v_sh;
   fa_load_tile<T, D>(qs, q + (size_t)bh * q_len * D, D, q0, q_len);
-  float o[4][D / 16] = {}, m[4], l[4] = {};
+  FaRows<D> o = {};
+  float m[4], l[4] = {}, alpha[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) m[i] = -INFINITY;
   // Keys past the tile's last query position are masked for every row of the tile.
@@ -136,18 +172,17 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
       }
       // Key 0 is visible to every row, so the max is finite from the first tile on.
       const float m_new = fmaxf(m[i], fa_row_max(row_max));
-      const float alpha = exp2f(m[i] - m_new);
+      alpha[i] = exp2f(m[i] - m_new);
       float row_sum = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         s[i][j] = exp2f(s[i][j] - m_new);
         row_sum += s[i][j];
       }
-      l[i] = l[i] * alpha + fa_row_sum(row_sum);
+      l[i] = l[i] * alpha[i] + fa_row_sum(row_sum);
       m[i] = m_new;
-#pragma unroll
-      for (int c = 0; c < D / 16; ++c) o[i][c] *= alpha;
     }
+    fa_scale_rows<D>(o, alpha);
     __syncthreads();  // everyone is done with the keys
     fa_load_tile<T, D>(kvs, vb, v_sp, k0, kv_len);
 #pragma unroll
@@ -157,14 +192,14 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
     __syncthreads();
     fa_weighted_rows<D>(o, ps, kvs, ty, tx);
   }
+  float inv[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float inv = 1.f / l[i];
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) o[i][c] *= inv;
+    inv[i] = 1.f / l[i];
     const int row = q0 + 4 * ty + i;
     if (tx == 0 && row < q_len) lse[(size_t)bh * q_len + row] = m[i] + log2f(l[i]);
   }
+  fa_scale_rows<D>(o, inv);
   fa_store_rows<T, D>(out + (size_t)bh * q_len * D, o, q0, q_len, ty, tx, 1.f);
 }
 
@@ -205,7 +240,7 @@ __device__ __forceinline__ void fa_probabilities(float (&s)[4][4], float (&dp)[4
     }
 }
 
-// Writes the thread's part of a 64 × 64 register tile into a [64][65] shared tile.
+// Writes the thread's part of a 64 × 64 register tile into a [64][68] shared tile.
 __device__ __forceinline__ void fa_put_tile(float* dst, const float (&t)[4][4], int ty, int tx) {
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -224,12 +259,13 @@ __device__ void flash_attention_bwd_kv(const T* q, const T* k, const T* v, const
                                        long long k_sb, long long k_sh, long long k_sp,
                                        long long v_sb, long long v_sh, long long v_sp,
                                        float scale_log2, float scale) {
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem_vec[];  // 16-byte aligned
+  float* smem = reinterpret_cast<float*>(smem_vec);
   float* ks = smem;
-  float* vs = ks + FA_TILE * (D + 1);
-  float* qs = vs + FA_TILE * (D + 1);
-  float* dos = qs + FA_TILE * (D + 1);
-  float* ps = dos + FA_TILE * (D + 1);
+  float* vs = ks + FA_TILE * fa_stride<D>();
+  float* qs = vs + FA_TILE * fa_stride<D>();
+  float* dos = qs + FA_TILE * fa_stride<D>();
+  float* ps = dos + FA_TILE * fa_stride<D>();
   float* dss = ps + FA_TILE * FA_PAD;
   float* lse_s = dss + FA_TILE * FA_PAD;
   float* delta_s = lse_s + FA_TILE;
@@ -238,7 +274,7 @@ __device__ void flash_attention_bwd_kv(const T* q, const T* k, const T* v, const
   const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
   fa_load_tile<T, D>(ks, k + b * k_sb + kv_head * k_sh, k_sp, k0, kv_len);
   fa_load_tile<T, D>(vs, v + b * v_sb + kv_head * v_sh, v_sp, k0, kv_len);
-  float dk_acc[4][D / 16] = {}, dv_acc[4][D / 16] = {};
+  FaRows<D> dk_acc = {}, dv_acc = {};
   // The first query that sees key k0 is k0 - shift; start at its tile.
   const int q_begin = max(0, k0 - shift) / FA_TILE * FA_TILE;
   for (int g = 0; g < group; ++g) {
@@ -276,12 +312,13 @@ __device__ void flash_attention_bwd_q(const T* q, const T* k, const T* v, const 
                                       long long k_sh, long long k_sp, long long v_sb,
                                       long long v_sh, long long v_sp, float scale_log2,
                                       float scale) {
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem_vec[];  // 16-byte aligned
+  float* smem = reinterpret_cast<float*>(smem_vec);
   float* qs = smem;
-  float* dos = qs + FA_TILE * (D + 1);
-  float* ks = dos + FA_TILE * (D + 1);
-  float* vs = ks + FA_TILE * (D + 1);
-  float* dss = vs + FA_TILE * (D + 1);
+  float* dos = qs + FA_TILE * fa_stride<D>();
+  float* ks = dos + FA_TILE * fa_stride<D>();
+  float* vs = ks + FA_TILE * fa_stride<D>();
+  float* dss = vs + FA_TILE * fa_stride<D>();
   float* lse_s = dss + FA_TILE * FA_PAD;
   float* delta_s = lse_s + FA_TILE;
   const int bh = blockIdx.y, b = bh / heads, kv_head = (bh % heads) / group;
@@ -293,7 +330,7 @@ __device__ void flash_attention_bwd_q(const T* q, const T* k, const T* v, const 
   fa_load_tile<T, D>(dos, dout + (size_t)bh * q_len * D, D, q0, q_len);
   fa_load_rows(lse_s, lse + (size_t)bh * q_len, q0, q_len);
   fa_load_rows(delta_s, delta + (size_t)bh * q_len, q0, q_len);
-  float dq_acc[4][D / 16] = {};
+  FaRows<D> dq_acc = {};
   const int key_end = min(kv_len, q0 + FA_TILE + shift);
   for (int k0 = 0; k0 < key_end; k0 += FA_TILE) {
     __syncthreads();

@@ -72,6 +72,22 @@ __device__ void rms_norm_fwd(const T* x, const T* w, T* y, int width, float eps)
     y[off + j] = from_f32<T>(to_f32(x[off + j]) * r * to_f32(w[j]));
 }
 
+// Residual add and RMSNorm for inference: out[0] = x + d (rounded to T, as the unfused add
+// stores it) and out[1] = RMSNorm of that sum, in one pass per row. `out` is [2, rows, width].
+template <typename T>
+__device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int rows, int width,
+                             float eps) {
+  const size_t off = (size_t)blockIdx.x * width;
+  T* sum = out + off;
+  T* y = out + (size_t)rows * width + off;
+  // Each thread reads back only the elements it wrote.
+  for (int j = threadIdx.x; j < width; j += blockDim.x)
+    sum[j] = from_f32<T>(to_f32(x[off + j]) + to_f32(d[off + j]));
+  const float r = inverse_rms(sum, width, eps);
+  for (int j = threadIdx.x; j < width; j += blockDim.x)
+    y[j] = from_f32<T>(to_f32(sum[j]) * r * to_f32(w[j]));
+}
+
 // dx = r * (g*w - x * r^2 * mean(g*w*x)).
 template <typename T>
 __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int width, float eps) {
@@ -143,6 +159,43 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int
   const float x1 = to_f32(x[row * d + j]), x2 = to_f32(x[row * d + half + j]);
   y[row * d + j] = from_f32<T>(x1 * c - x2 * s);
   y[row * d + half + j] = from_f32<T>(x2 * c + x1 * s);
+}
+
+// Splits packed projections for inference: rotates the queries (as `rope` does) into q_out
+// [b, heads, t, d] and writes the rotated keys and the values into a KV cache. qkv is
+// [b, t, (heads + 2 kv_heads) * d] (queries, then keys, then values, as the stacked projection
+// outputs them); cos and sin are [t, d / 2]; cache is [2, b, kv_heads, max_len, d] (keys, then
+// values), written at positions start..start + t. One thread per (batch, position, query or
+// kv head, rotation pair).
+template <typename T>
+__device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* cache, int b,
+                         int t, int heads, int kv_heads, int d, int max_len, int start) {
+  const int half = d / 2;
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)b * t * (heads + kv_heads) * half) return;
+  const int j = i % half;
+  size_t r = i / half;
+  const int head = r % (heads + kv_heads);
+  r /= heads + kv_heads;
+  const int pos = r % t, batch = r / t;
+  const T* row = qkv + ((size_t)batch * t + pos) * (heads + 2 * kv_heads) * d;
+  const float c = to_f32(cos[pos * half + j]), s = to_f32(sin[pos * half + j]);
+  const T* x = row + (size_t)head * d;  // a query head, or (past the queries) a key head
+  const float x1 = to_f32(x[j]), x2 = to_f32(x[half + j]);
+  T* dst;
+  if (head < heads) {
+    dst = q_out + (((size_t)batch * heads + head) * t + pos) * d;
+  } else {
+    const int kv = head - heads;
+    const size_t slot = (((size_t)batch * kv_heads + kv) * max_len + start + pos) * d;
+    dst = cache + slot;
+    T* vc = cache + (size_t)b * kv_heads * max_len * d + slot;
+    const T* v = row + (size_t)(heads + kv_heads + kv) * d;
+    vc[j] = v[j];
+    vc[half + j] = v[half + j];
+  }
+  dst[j] = from_f32<T>(x1 * c - x2 * s);
+  dst[half + j] = from_f32<T>(x2 * c + x1 * s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -240,28 +293,35 @@ __device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int rows, int
 // Decode attention: one query per (batch, head) against a KV cache read in place (a view into
 // the preallocated cache, so no copy of it per token). q is [b*h, d] contiguous; k and v have
 // element strides (batch, kv head, position) and unit stride along d; query head h reads kv
-// head h / group. `scores` is [b*h, kv_len] f32 scratch. One block per (batch, head);
-// dynamic shared memory holds the query (d floats).
+// head h / group. `scores` is [b*h, kv_len] f32 scratch. One block per (batch, head), of 1024
+// threads (a decode step has few blocks, so each is made wide): a warp per key for the scores (lanes along d, so rows are read coalesced),
+// then blockDim / d groups of d threads that each sum the values of every groups-th key, and a
+// final sum over the groups. Dynamic shared memory: the query (d floats), then blockDim
+// partial sums.
 
 template <typename T>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scores,
                                  int heads, int group, int kv_len, int d, long long k_sb,
                                  long long k_sh, long long k_sp, long long v_sb, long long v_sh,
                                  long long v_sp, float scale) {
-  extern __shared__ float query[];
+  extern __shared__ float shared[];
+  float* query = shared;
+  float* partial = shared + d;
   const int bh = blockIdx.x, b = bh / heads, kv_head = (bh % heads) / group;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const T* kb = k + b * k_sb + kv_head * k_sh;
   const T* vb = v + b * v_sb + kv_head * v_sh;
   float* s = scores + (size_t)bh * kv_len;
   for (int i = threadIdx.x; i < d; i += blockDim.x) query[i] = to_f32(q[(size_t)bh * d + i]);
   __syncthreads();
   float m = -INFINITY;
-  for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+  for (int j = warp; j < kv_len; j += warps) {
     const T* kj = kb + j * k_sp;
     float dot = 0.f;
-    for (int i = 0; i < d; ++i) dot += query[i] * to_f32(kj[i]);
-    s[j] = dot * scale;
-    m = fmaxf(m, dot * scale);
+    for (int i = lane; i < d; i += 32) dot += query[i] * to_f32(kj[i]);
+    dot = warp_sum(dot) * scale;
+    if (lane == 0) s[j] = dot;
+    m = fmaxf(m, dot);
   }
   m = block_max(m);  // its barriers also publish the scores to the whole block
   float sum = 0.f;
@@ -270,11 +330,72 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
     s[j] = p;
     sum += p;
   }
-  const float inv = 1.f / block_sum(sum);
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j < kv_len; ++j) acc += s[j] * to_f32(vb[j * v_sp + i]);
-    out[(size_t)bh * d + i] = from_f32<T>(acc * inv);
+  const float inv = 1.f / block_sum(sum);  // and the probabilities
+  const int groups = blockDim.x / d, g = threadIdx.x / d, i = threadIdx.x % d;
+  float acc = 0.f;
+  if (g < groups) {
+#pragma unroll 4
+    for (int j = g; j < kv_len; j += groups) acc += s[j] * to_f32(vb[j * v_sp + i]);
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.x < d) {
+    float total = 0.f;
+    for (int gg = 0; gg < groups; ++gg) total += partial[gg * d + threadIdx.x];
+    out[(size_t)bh * d + threadIdx.x] = from_f32<T>(total * inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix-vector products for decoding: y[r] = w · x[r] for a few rows r of x [rows, in] and a
+// weight w [out, in], one warp per output feature, 16-byte loads (in must be a multiple of
+// 16 / sizeof(T) and both operands 16-byte aligned: the launcher checks); one variant applies
+// the SwiGLU of a stacked gate/up weight on the way out. cuBLAS runs these
+// shapes as split-K GEMMs of two kernels each; a decode step is bound by launches.
+
+// The dot product of one weight row with one row of x, summed over the warp (every lane gets
+// it). Loads are issued four at a time ahead of the arithmetic.
+template <typename T>
+__device__ __forceinline__ float warp_dot(const T* w, const T* x, int in) {
+  constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
+  const int lane = threadIdx.x & 31;
+  const uint4* wv = reinterpret_cast<const uint4*>(w);
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
+  float acc = 0.f;
+#pragma unroll 4
+  for (int i = lane; i < in / V; i += 32) {
+    const uint4 a = wv[i], b = xv[i];
+    const T* ap = reinterpret_cast<const T*>(&a);
+    const T* bp = reinterpret_cast<const T*>(&b);
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc += to_f32(ap[k]) * to_f32(bp[k]);
+  }
+  return warp_sum(acc);
+}
+
+// y[r][o] = w[o] · x[r].
+template <typename T>
+__device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
+  const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (o >= out) return;  // the whole warp leaves together
+  for (int r = 0; r < rows; ++r) {
+    const float dot = warp_dot(w + (size_t)o * in, x + (size_t)r * in, in);
+    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(dot);
+  }
+}
+
+// The SwiGLU of a stacked gate/up projection: w is [2 out, in] (gate rows, then up rows) and
+// y[r][o] = silu(g) · u with g = w[o] · x[r] and u = w[out + o] · x[r], both rounded to T first
+// as the separate projections store them.
+template <typename T>
+__device__ void gemv_swiglu(const T* x, const T* w, T* y, int rows, int in, int out) {
+  const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (o >= out) return;
+  for (int r = 0; r < rows; ++r) {
+    const T* xr = x + (size_t)r * in;
+    const float g = to_f32(from_f32<T>(warp_dot(w + (size_t)o * in, xr, in)));
+    const float u = to_f32(from_f32<T>(warp_dot(w + (size_t)(out + o) * in, xr, in)));
+    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(g * sigmoid(g) * u);
   }
 }
 
@@ -415,6 +536,23 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   extern "C" __global__ void rms_norm_dw_finish_##S(const float* partial, T* dw, int chunks,  \
                                                     int width) {                              \
     rms_norm_dw_finish<T>(partial, dw, chunks, width);                                        \
+  }                                                                                           \
+  extern "C" __global__ void add_rms_norm_##S(const T* x, const T* d, const T* w, T* out,     \
+                                              int rows, int width, float eps) {               \
+    add_rms_norm<T>(x, d, w, out, rows, width, eps);                                          \
+  }                                                                                           \
+  extern "C" __global__ void write_kv_##S(const T* qkv, const T* cos, const T* sin, T* q_out, \
+                                          T* cache, int b, int t, int heads, int kv_heads,    \
+                                          int d, int max_len, int start) {                    \
+    write_kv<T>(qkv, cos, sin, q_out, cache, b, t, heads, kv_heads, d, max_len, start);       \
+  }                                                                                           \
+  extern "C" __global__ void gemv_swiglu_##S(const T* x, const T* w, T* y, int rows, int in,  \
+                                             int out) {                                       \
+    gemv_swiglu<T>(x, w, y, rows, in, out);                                                   \
+  }                                                                                           \
+  extern "C" __global__ void gemv_##S(const T* x, const T* w, T* y, int rows, int in,         \
+                                      int out) {                                              \
+    gemv<T>(x, w, y, rows, in, out);                                                          \
   }                                                                                           \
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
                                       int d, int seq, float sign) {                           \

@@ -179,7 +179,10 @@ pub fn measure(
             json!({"step_ms": step_s * 1e3, "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
         }
         Task::Generate => {
-            let model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
+            // As `llmtool generate` loads a model: stored in the compute dtype, projections
+            // stacked.
+            let mut model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
+            model.fuse_projections()?;
             let runs = (s.steps / 4).max(1);
             let run_s = timed(device, 1, runs, || greedy(&model, s.gen_tokens).map(drop))?;
             json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,

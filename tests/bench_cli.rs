@@ -87,15 +87,20 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
     ops.dedup();
     let expected = [
         "adamw",
+        "add_rms_norm",
         "causal_attention",
         "decode_attention",
         "embedding",
+        "flash_attention",
         "head_nll",
+        "linear_rows",
         "rms_norm",
         "rope",
         "swap_middle",
         "swiglu",
+        "swiglu_projection",
         "token_nll",
+        "write_kv",
     ];
     assert_eq!(ops, expected);
     for row in &rows {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use common::{fixture, ids, json, relative_error, tensors};
 use llmtool::model::{self, Llama, Weights};
 use llmtool::ops;
@@ -199,6 +199,60 @@ fn cached_decoding_matches_full_forward() {
     }
     let err = relative_error(&last, &full.narrow(1, 15, 1).unwrap());
     assert!(err < 1e-5, "cached vs full: {err}");
+}
+
+/// Greedy cached decoding of `m` from the fixture's first 6 tokens: the logits of each step.
+fn decode_steps(m: &model::Llama, input: &Tensor) -> Vec<Tensor> {
+    let mut cache = model::Cache::new(m, 32);
+    let mut logits = m
+        .forward(&input.narrow(1, 0, 6).unwrap(), Some(&mut cache))
+        .unwrap();
+    let mut steps = vec![logits.narrow(1, 5, 1).unwrap()];
+    for _ in 0..8 {
+        let next = logits
+            .i((0, logits.dim(1).unwrap() - 1))
+            .unwrap()
+            .argmax(0)
+            .unwrap();
+        logits = m
+            .forward(&next.reshape((1, 1)).unwrap(), Some(&mut cache))
+            .unwrap();
+        steps.push(logits.clone());
+    }
+    steps
+}
+
+#[test]
+fn stacked_projections_decode_like_separate_ones() {
+    // tiny-qwen2 has q/k/v biases (stacked too); both fixtures use grouped kv heads.
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let dir = fixture(name);
+        let stacked = model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        let separate = model::io::load_stored(&dir, DType::F32, DType::F32, &Device::Cpu).unwrap();
+        let input = ids(&tensors(&format!("{name}/expected.safetensors"))["input_ids"])
+            .narrow(0, 0, 1)
+            .unwrap();
+        let (a, b) = (
+            decode_steps(&stacked.model, &input),
+            decode_steps(&separate.model, &input),
+        );
+        for (step, (a, b)) in a.iter().zip(&b).enumerate() {
+            let err = relative_error(a, b);
+            assert!(err < 1e-5, "{name} step {step}: {err}");
+        }
+        // The stacked weights are views: the separate projections still read the same values.
+        let named = stacked.model.named_parameters();
+        let (_, q) = named
+            .iter()
+            .find(|(n, _)| n.ends_with("0.self_attn.k_proj.weight"))
+            .unwrap();
+        let want = separate.model.named_parameters();
+        let (_, w) = want
+            .iter()
+            .find(|(n, _)| n.ends_with("0.self_attn.k_proj.weight"))
+            .unwrap();
+        assert_eq!(relative_error(q, w), 0.0);
+    }
 }
 
 #[test]

@@ -103,9 +103,12 @@ pub fn read_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Token
     Ok(tokenizer)
 }
 
-/// Loads the model in `dir` (frozen weights) computing in `dtype`, with its tokenizer.
+/// Loads the model in `dir` for inference (frozen weights, q/k/v and gate/up projections
+/// stacked: [`Llama::fuse_projections`]) computing in `dtype`, with its tokenizer.
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel, ModelError> {
-    load_stored(dir, dtype, dtype, device)
+    let mut loaded = load_stored(dir, dtype, dtype, device)?;
+    loaded.model.fuse_projections()?;
+    Ok(loaded)
 }
 
 /// Loads the model in `dir` with its frozen weights stored as `storage` (e.g. bf16 for a LoRA

@@ -2,13 +2,14 @@
 //! SwiGLU MLP, tied or untied output head. It knows nothing about training: the trainer drives
 //! [`Llama::embed`], [`Llama::block`] and [`Llama::logits`] itself when it checkpoints.
 
+pub use super::cache::Cache;
+use super::cache::LayerCache;
 use super::config::LlamaConfig;
 use super::lora::{Adapter, LoraLayer};
 use super::rope::RopeTables;
 use super::weights::{ModelError, Weights};
 use crate::ops;
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::kv_cache::KvCache;
+use candle_core::{DType, Device, Result, Tensor, D};
 
 /// A projection `x @ weight.t() + bias`, plus a LoRA update when an adapter is attached.
 /// Weights that are not trainable go through [`ops::frozen_linear`], so no gradient is
@@ -43,6 +44,40 @@ impl Linear {
         })
     }
 
+    /// One projection computing `parts` side by side (their outputs concatenated along the last
+    /// dimension), each part's weight and bias becoming a view into it so that nothing is
+    /// stored twice. `None` (and nothing changed) when a part trains or has an adapter.
+    fn stack(parts: &mut [&mut Linear]) -> Result<Option<Linear>> {
+        let with_bias = parts.iter().filter(|p| p.bias.is_some()).count();
+        if parts.iter().any(|p| p.trainable || p.lora.is_some())
+            || (with_bias != 0 && with_bias != parts.len())
+        {
+            return Ok(None);
+        }
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = match biases.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&biases, 0)?),
+        };
+        let mut offset = 0;
+        for part in parts.iter_mut() {
+            let rows = part.weight.dim(0)?;
+            part.weight = weight.narrow(0, offset, rows)?;
+            if let (Some(b), Some(all)) = (&mut part.bias, &bias) {
+                *b = all.narrow(0, offset, rows)?;
+            }
+            offset += rows;
+        }
+        Ok(Some(Linear {
+            weight,
+            bias,
+            lora: None,
+            trainable: false,
+        }))
+    }
+
     /// Applies the projection (and the LoRA update, if any), computing in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let w = self.weight.to_dtype(dtype)?;
@@ -59,6 +94,24 @@ impl Linear {
     }
 }
 
+impl Attention {
+    /// The stacked q/k/v projection, where one exists and no part has an adapter since.
+    fn stacked(&self) -> Option<&Linear> {
+        let adapted = [&self.q_proj, &self.k_proj, &self.v_proj]
+            .iter()
+            .any(|l| l.lora.is_some());
+        self.qkv.as_ref().filter(|_| !adapted)
+    }
+}
+
+impl Mlp {
+    /// The stacked gate/up projection, where one exists and no part has an adapter since.
+    fn stacked(&self) -> Option<&Linear> {
+        let adapted = self.gate_proj.lora.is_some() || self.up_proj.lora.is_some();
+        self.gate_up.as_ref().filter(|_| !adapted)
+    }
+}
+
 /// Grouped-query self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -66,6 +119,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// q, k and v stacked into one projection for inference ([`Llama::fuse_projections`]);
+    /// the three above are then views into it.
+    qkv: Option<Linear>,
     heads: usize,
     kv_heads: usize,
     head_size: usize,
@@ -77,6 +133,8 @@ pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// gate and up stacked into one projection for inference ([`Llama::fuse_projections`]).
+    gate_up: Option<Linear>,
 }
 
 /// One transformer block.
@@ -127,38 +185,6 @@ impl Block {
             ("mlp.up_proj", &mut m.up_proj),
             ("mlp.down_proj", &mut m.down_proj),
         ]
-    }
-}
-
-/// Per-layer key/value caches for incremental decoding.
-#[derive(Debug, Clone)]
-pub struct Cache {
-    layers: Vec<KvCache>,
-}
-
-impl Cache {
-    /// An empty cache for up to `max_len` positions.
-    pub fn new(model: &Llama, max_len: usize) -> Self {
-        Self {
-            layers: (0..model.layers.len())
-                .map(|_| KvCache::new(2, max_len))
-                .collect(),
-        }
-    }
-
-    /// Positions already cached.
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.current_seq_len())
-    }
-
-    /// Whether nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Forgets everything cached.
-    pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(KvCache::reset);
     }
 }
 
@@ -221,6 +247,7 @@ impl Llama {
                     k_proj: linear("self_attn.k_proj", kv_heads * head_size, h, bias)?,
                     v_proj: linear("self_attn.v_proj", kv_heads * head_size, h, bias)?,
                     o_proj: linear("self_attn.o_proj", h, heads * head_size, false)?,
+                    qkv: None,
                     heads,
                     kv_heads,
                     head_size,
@@ -231,6 +258,7 @@ impl Llama {
                     gate_proj: linear("mlp.gate_proj", ffn, h, false)?,
                     up_proj: linear("mlp.up_proj", ffn, h, false)?,
                     down_proj: linear("mlp.down_proj", h, ffn, false)?,
+                    gate_up: None,
                 },
             });
         }
@@ -249,6 +277,19 @@ impl Llama {
             lm_head,
             dtype,
         })
+    }
+
+    /// Stacks each block's q/k/v projections, and its gate/up projections, into one matmul
+    /// each, for inference: a decode step is bound by kernel launches. Projections that train
+    /// are left alone; one that gets an adapter later is computed on its own again.
+    pub fn fuse_projections(&mut self) -> Result<()> {
+        for block in &mut self.layers {
+            let a = &mut block.self_attn;
+            a.qkv = Linear::stack(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            let m = &mut block.mlp;
+            m.gate_up = Linear::stack(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        }
+        Ok(())
     }
 
     /// Adds the LoRA update of `adapter` to the projections it adapts (replacing any adapter
@@ -369,17 +410,58 @@ impl Llama {
         i: usize,
         x: &Tensor,
         start: usize,
-        cache: Option<&mut KvCache>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let (x, mlp) = self.block_lazy(i, x, None, start, cache)?;
+        x + mlp
+    }
+
+    /// Block `i` on the residual stream `x` plus `pending`, the previous block's MLP output
+    /// not yet added to it. Returns the new stream and this block's MLP output, again not
+    /// added: each add then joins the norm after it ([`ops::add_rms_norm`]).
+    fn block_lazy(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        start: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<(Tensor, Tensor)> {
         let b = &self.layers[i];
-        let eps = self.config.rms_norm_eps;
-        let normed = ops::rms_norm(x, &b.input_layernorm.to_dtype(self.dtype)?, eps)?;
-        let x = (x + self.attention(&b.self_attn, &normed, start, cache)?)?;
-        let normed = ops::rms_norm(&x, &b.post_attention_layernorm.to_dtype(self.dtype)?, eps)?;
-        let m = &b.mlp;
-        let gate = m.gate_proj.forward(&normed, self.dtype)?;
-        let up = m.up_proj.forward(&normed, self.dtype)?;
-        x + m.down_proj.forward(&ops::swiglu(&gate, &up)?, self.dtype)?
+        let (x, normed) = self.add_norm(x, pending, &b.input_layernorm)?;
+        let attention = self.attention(&b.self_attn, &normed, start, cache)?;
+        let (x, normed) = self.add_norm(&x, Some(&attention), &b.post_attention_layernorm)?;
+        Ok((x, self.mlp(&b.mlp, &normed)?))
+    }
+
+    /// `x + pending` (or `x`) and its RMSNorm with `weight`.
+    fn add_norm(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        weight: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (weight, eps) = (weight.to_dtype(self.dtype)?, self.config.rms_norm_eps);
+        match pending {
+            Some(delta) => ops::add_rms_norm(x, delta, &weight, eps),
+            None => Ok((x.clone(), ops::rms_norm(x, &weight, eps)?)),
+        }
+    }
+
+    fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
+        // The stacked projection only pays off for a single row (a decode step): one kernel
+        // there, where many rows would copy the halves out of the stacked output.
+        let single_row = x.elem_count() == x.dim(D::Minus1)?;
+        let hidden = match m.stacked() {
+            Some(gate_up) if single_row && !x.track_op() && gate_up.bias.is_none() => {
+                ops::swiglu_projection(x, &gate_up.weight.to_dtype(self.dtype)?)?
+            }
+            _ => {
+                let gate = m.gate_proj.forward(x, self.dtype)?;
+                ops::swiglu(&gate, &m.up_proj.forward(x, self.dtype)?)?
+            }
+        };
+        m.down_proj.forward(&hidden, self.dtype)
     }
 
     fn attention(
@@ -387,21 +469,32 @@ impl Llama {
         a: &Attention,
         x: &Tensor,
         start: usize,
-        cache: Option<&mut KvCache>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let split = |y: Tensor, heads: usize| -> Result<Tensor> {
             ops::swap_middle(&y.reshape((b, t, heads, a.head_size))?)
         };
-        let q = split(a.q_proj.forward(x, self.dtype)?, a.heads)?;
-        let k = split(a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
-        let v = split(a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
         let (cos, sin) = self.rope.window(start, t)?;
-        let q = ops::rope(&q, &cos, &sin)?;
-        let k = ops::rope(&k, &cos, &sin)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v)?,
-            None => (k, v),
+        let (q, k, v) = match (a.stacked(), cache) {
+            (Some(qkv), Some(c)) if ops::write_kv_fused(x, &cos, &sin) => {
+                // The projection is split, rotated and cached in one kernel.
+                let qkv = qkv.forward(x, self.dtype)?;
+                let heads = (a.heads, a.kv_heads, a.head_size);
+                c.append_packed(&qkv, (&cos, &sin), heads)?
+            }
+            (_, cache) => {
+                let q = split(a.q_proj.forward(x, self.dtype)?, a.heads)?;
+                let k = split(a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
+                let v = split(a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
+                let q = ops::rope(&q, &cos, &sin)?;
+                let k = ops::rope(&k, &cos, &sin)?;
+                let (k, v) = match cache {
+                    Some(c) => c.append(&k, &v)?,
+                    None => (k, v),
+                };
+                (q, k, v)
+            }
         };
         let y = ops::grouped_attention(&q, &k, &v)?;
         let y = ops::swap_middle(&y)?.reshape((b, t, a.heads * a.head_size))?;
@@ -423,12 +516,16 @@ impl Llama {
 
     /// Final norm and output head: hidden states to logits `[.., vocab]` in the compute dtype.
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.final_norm(x)?;
+        self.head_logits(&self.final_norm(x)?)
+    }
+
+    /// The output head on normalized hidden states.
+    fn head_logits(&self, x: &Tensor) -> Result<Tensor> {
         let head = self.head()?;
         if head.is_variable() || head.track_op() {
-            ops::linear(&x, &head)
+            ops::linear(x, &head)
         } else {
-            ops::frozen_linear(&x, &head)
+            ops::frozen_linear(x, &head)
         }
     }
 
@@ -446,10 +543,13 @@ impl Llama {
     pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.embed(ids)?;
+        let mut pending = None;
         for i in 0..self.layers.len() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = self.block(i, &x, start, layer_cache)?;
+            let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), start, layer_cache)?;
+            (x, pending) = (next, Some(mlp));
         }
-        self.logits(&x)
+        let (_, normed) = self.add_norm(&x, pending.as_ref(), &self.norm)?;
+        self.head_logits(&normed)
     }
 }

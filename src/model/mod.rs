@@ -1,5 +1,6 @@
 //! Llama-family models in Hugging Face format: config, weights, forward pass, files.
 
+pub mod cache;
 pub mod config;
 pub mod hub;
 pub mod io;

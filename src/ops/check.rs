@@ -239,6 +239,10 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
         rope_case(vec![batch, h, seq, d]),
         swap_case(vec![batch, seq, h, d]),
         decode_case(1, h, cfg.kv_heads(), seq, d),
+        add_norm_case(1, cfg.hidden_size),
+        gemv_case(1, cfg.hidden_size, cfg.vocab_size),
+        swiglu_projection_case(cfg.hidden_size, cfg.intermediate_size),
+        write_kv_case(1, 1, h, cfg.kv_heads(), d),
         Case {
             name: "swiglu",
             fused: |t| super::swiglu(&t[0], &t[1]),
@@ -324,6 +328,105 @@ fn repeated_reference(t: &[Tensor]) -> Result<Tensor> {
     reference::causal_attention(&t[0], &k.contiguous()?, &v.contiguous()?)
 }
 
+/// A projection of a few untracked rows (a decode step's): the matrix-vector kernel on CUDA.
+fn gemv_case(rows: usize, inp: usize, out: usize) -> Case {
+    Case {
+        name: "linear_rows",
+        fused: |t| super::linear(&t[0], &t[1]),
+        reference: |t| t[0].matmul(&t[1].t()?),
+        inputs: vec![Input::Table(vec![rows, inp]), Input::Table(vec![out, inp])],
+    }
+}
+
+/// The SwiGLU of a stacked gate/up projection of one untracked row (a decode step's MLP).
+fn swiglu_projection_case(inp: usize, ffn: usize) -> Case {
+    Case {
+        name: "swiglu_projection",
+        fused: |t| super::swiglu_projection(&t[0], &t[1]),
+        reference: |t| {
+            let ffn = t[1].dim(0)? / 2;
+            let gate = t[0].matmul(&t[1].narrow(0, 0, ffn)?.t()?)?;
+            let up = t[0].matmul(&t[1].narrow(0, ffn, ffn)?.t()?)?;
+            reference::swiglu(&gate, &up)
+        },
+        inputs: vec![Input::Table(vec![1, inp]), Input::Table(vec![2 * ffn, inp])],
+    }
+}
+
+/// The residual add and norm of inference (constant inputs): both outputs, stacked.
+fn add_norm_case(rows: usize, width: usize) -> Case {
+    Case {
+        name: "add_rms_norm",
+        fused: |t| {
+            let (sum, normed) = super::add_rms_norm(&t[0], &t[1], &t[2], 1e-5)?;
+            Tensor::stack(&[sum, normed], 0)
+        },
+        reference: |t| {
+            let sum = (&t[0] + &t[1])?;
+            let normed = reference::rms_norm(&sum, &t[2], 1e-5)?;
+            Tensor::stack(&[sum, normed], 0)
+        },
+        inputs: vec![
+            Input::Table(vec![rows, width]),
+            Input::Table(vec![rows, width]),
+            Input::Table(vec![width]),
+        ],
+    }
+}
+
+/// Packed projections `[b, t, (heads + 2 kv) · d]` split into rotated queries and a fresh cache
+/// written at position 3 (inference, constant inputs). The fourth input only carries the
+/// number of kv heads, as its length. Returns the cache and the queries, flattened.
+fn write_kv_case(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) -> Case {
+    fn layout(t: &[Tensor]) -> Result<(super::KvLayout, Vec<usize>)> {
+        let (b, positions, width) = t[0].dims3()?;
+        let (kv_heads, head_size) = (t[3].dim(0)?, 2 * t[1].dim(1)?);
+        let layout = super::KvLayout {
+            heads: width / head_size - 2 * kv_heads,
+            kv_heads,
+            head_size,
+            start: 3,
+        };
+        Ok((layout, vec![2, b, kv_heads, positions + 5, head_size]))
+    }
+    Case {
+        name: "write_kv",
+        fused: |t| {
+            let (layout, shape) = layout(t)?;
+            let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
+            let q = super::write_kv(&cache, &t[0], &t[1], &t[2], layout)?;
+            Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
+        },
+        reference: |t| {
+            let (l, shape) = layout(t)?;
+            let (b, positions, _) = t[0].dims3()?;
+            let part = |first: usize| -> Result<Tensor> {
+                t[0].narrow(2, first * l.head_size, l.kv_heads * l.head_size)?
+                    .reshape((b, positions, l.kv_heads, l.head_size))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let k = reference::rope(&part(l.heads)?, &t[1], &t[2])?;
+            let v = part(l.heads + l.kv_heads)?;
+            let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
+            cache.slice_set(&Tensor::stack(&[k, v], 0)?, 3, l.start)?;
+            let q = t[0]
+                .narrow(2, 0, l.heads * l.head_size)?
+                .reshape((b, positions, l.heads, l.head_size))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = reference::rope(&q, &t[1], &t[2])?;
+            Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
+        },
+        inputs: vec![
+            Input::Table(vec![b, t, (heads + 2 * kv_heads) * d]),
+            Input::Table(vec![t, d / 2]),
+            Input::Table(vec![t, d / 2]),
+            Input::Ids(vec![kv_heads], 1),
+        ],
+    }
+}
+
 /// A decode step: one query per head against `kv_len` cached positions (forward only: the op
 /// is for inference, so its inputs are constants).
 fn decode_case(batch: usize, heads: usize, kv_heads: usize, kv_len: usize, d: usize) -> Case {
@@ -374,7 +477,7 @@ pub fn edge_cases() -> Vec<Case> {
         flash_case(2, 4, 2, 100, 100, 64),
         flash_case(1, 2, 1, 130, 130, 128),
         flash_case(1, 2, 2, 37, 200, 64),
-        flash_case(1, 1, 1, 1, 1, 64),
+        flash_case(1, 1, 1, 1, 3, 64),
         Case {
             name: "rms_norm",
             fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
@@ -384,6 +487,13 @@ pub fn edge_cases() -> Vec<Case> {
         rope_case(vec![2, 3, 5, 6]),
         swap_case(vec![3, 5, 2, 7]),
         decode_case(2, 4, 2, 37, 16),
+        add_norm_case(5, 17),
+        gemv_case(3, 24, 5),
+        gemv_case(1, 17, 5),
+        swiglu_projection_case(24, 7),
+        swiglu_projection_case(17, 3),
+        write_kv_case(2, 3, 4, 2, 8),
+        write_kv_case(1, 1, 3, 3, 6),
         decode_case(1, 3, 3, 1, 8),
         Case {
             name: "swiglu",

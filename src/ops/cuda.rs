@@ -6,9 +6,14 @@
 use super::rows_and_width;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llmtool_ops.ptx"));
 const MODULE: &str = "llmtool_ops";
@@ -89,6 +94,16 @@ fn zeros_f32(device: &CudaDevice, n: usize) -> Result<CudaStorage> {
     })
 }
 
+/// A new tensor (no gradient history) owning `storage`, for launchers with several outputs.
+pub(crate) fn tensor(storage: CudaStorage, shape: candle_core::Shape) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
 /// Launches `name` (with the dtype suffix when `dtype` is given) on `grid` × `block`.
 fn launch(
     device: &CudaDevice,
@@ -109,11 +124,7 @@ pub(crate) fn launch_with_shared(
     (grid, block, shared): ((u32, u32), (u32, u32), u32),
     args: &[Arg],
 ) -> Result<()> {
-    let name = match dtype {
-        Some(d) => format!("{name}_{}", suffix(d)?),
-        None => name.to_string(),
-    };
-    let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
+    let func = kernel(device, name, dtype)?;
     if shared > DEFAULT_SHARED_LIMIT {
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -121,7 +132,8 @@ pub(crate) fn launch_with_shared(
         )
         .w()?;
     }
-    let mut builder = func.builder();
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
     for arg in args {
         match arg {
             Arg::Address(a) | Arg::Count(a) => builder.arg(a),
@@ -138,6 +150,32 @@ pub(crate) fn launch_with_shared(
     // address points at a live buffer of the size the kernel indexes.
     unsafe { builder.launch(config) }.w()?;
     Ok(())
+}
+
+/// Loaded kernels by device and dtype, then name.
+type KernelTable = HashMap<(DeviceId, Option<DType>), HashMap<String, CudaFunction>>;
+
+/// The kernel `name` (suffixed for `dtype`) on `device`, loaded once: looking it up in the
+/// module formats a name and calls the driver, which a decode step's hundred launches feel.
+fn kernel(device: &CudaDevice, name: &str, dtype: Option<DType>) -> Result<CudaFunction> {
+    static KERNELS: OnceLock<Mutex<KernelTable>> = OnceLock::new();
+    let table = KERNELS.get_or_init(Default::default);
+    let mut table = table
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let loaded = table.entry((device.id(), dtype)).or_default();
+    if let Some(f) = loaded.get(name) {
+        return Ok(f.clone());
+    }
+    let full = match dtype {
+        Some(d) => format!("{name}_{}", suffix(d)?),
+        None => name.to_string(),
+    };
+    let func = device
+        .get_or_load_custom_func(&full, MODULE, PTX)?
+        .into_cuda_function();
+    loaded.insert(name.to_string(), func.clone());
+    Ok(func)
 }
 
 /// Threads for a row kernel over rows of `width`: a multiple of 32, at most `max`.
@@ -242,6 +280,113 @@ pub(crate) fn rms_norm(x: Operand, w: Operand, eps: f32) -> Result<CudaStorage> 
     let shape = per_row(rows, width, 256)?;
     let scalars = [int(width)?, Arg::Float(eps)];
     run(("rms_norm_fwd", dtype), shape, &[x, w], y, &scalars)
+}
+
+/// Residual add and RMSNorm: `[sum; normed]` in one buffer of twice `x`'s size.
+pub(crate) fn add_rms_norm(
+    x: Operand,
+    delta: Operand,
+    w: Operand,
+    eps: f32,
+) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[x, delta, w])?;
+    let (rows, width) = rows_and_width(x.1)?;
+    check_weight(w, width)?;
+    same_count(x, delta)?;
+    let out = alloc(&x.0.device, dtype, 2 * rows * width)?;
+    let shape = per_row(rows, width, 256)?;
+    let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+    run(
+        ("add_rms_norm", dtype),
+        shape,
+        &[x, delta, w],
+        out,
+        &scalars,
+    )
+}
+
+/// Rotates the queries of packed projections `qkv` `[b, t, ..]` into a new `[b, heads, t, d]`
+/// buffer and writes the rotated keys and the values into `cache`
+/// `[2, b, kv_heads, max_len, d]` at `n.start` (see `write_kv` in ops.cu). The cache is
+/// written through its address: the caller owns it and nothing reads it meanwhile.
+pub(crate) fn write_kv(
+    cache: Operand,
+    qkv: Operand,
+    cos: Operand,
+    sin: Operand,
+    n: &super::kv_write::KvLayout,
+) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[cache, qkv, cos, sin])?;
+    let (&[_, batch, _, max_len, _], &[_, positions, _]) = (cache.1.dims(), qkv.1.dims()) else {
+        candle_core::bail!("write_kv: cache {:?}, projections {:?}", cache.1, qkv.1);
+    };
+    let q = alloc(
+        &qkv.0.device,
+        dtype,
+        batch * n.heads * positions * n.head_size,
+    )?;
+    let args = [
+        Arg::Address(address(qkv)?),
+        Arg::Address(address(cos)?),
+        Arg::Address(address(sin)?),
+        Arg::Address(base_address(&q)?),
+        Arg::Address(address(cache)?),
+        int(batch)?,
+        int(positions)?,
+        int(n.heads)?,
+        int(n.kv_heads)?,
+        int(n.head_size)?,
+        int(max_len)?,
+        int(n.start)?,
+    ];
+    let threads = batch * positions * (n.heads + n.kv_heads) * n.head_size / 2;
+    let (grid, block) = per_element(threads)?;
+    launch(&qkv.0.device, "write_kv", Some(dtype), grid, block, &args)?;
+    Ok(q)
+}
+
+/// Rows of `x` at most for [`gemv`]: each warp reads its weight row once per row of `x`.
+pub(crate) const GEMV_MAX_ROWS: usize = 8;
+
+/// Whether [`gemv`] takes `x` `[rows, in]` and `w` `[out, in]`: few rows, 16-byte aligned
+/// rows and operands, one dtype.
+pub(crate) fn gemv_supported(x: Operand, w: Operand) -> bool {
+    let (Ok((rows, inp)), Ok((_, w_inp))) = (rows_and_width(x.1), rows_and_width(w.1)) else {
+        return false;
+    };
+    let size = x.0.dtype().size_in_bytes();
+    let aligned = |o: Operand| address(o).is_ok_and(|a| a % 16 == 0);
+    x.0.dtype() == w.0.dtype()
+        && rows <= GEMV_MAX_ROWS
+        && inp == w_inp
+        && inp > 0
+        && (inp * size) % 16 == 0
+        && aligned(x)
+        && aligned(w)
+}
+
+/// `x @ w.t()` for `x` `[rows, in]` and `w` `[out, in]` that [`gemv_supported`] accepts; with
+/// `swiglu`, `w` stacks gate and up rows and the result is `silu(gate) · up`, `[rows, out / 2]`.
+pub(crate) fn gemv(x: Operand, w: Operand, swiglu: bool) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[x, w])?;
+    let (rows, inp) = rows_and_width(x.1)?;
+    let (w_rows, _) = rows_and_width(w.1)?;
+    let (name, out) = match swiglu {
+        true => ("gemv_swiglu", w_rows / 2),
+        false => ("gemv", w_rows),
+    };
+    let y = alloc(&x.0.device, dtype, rows * out)?;
+    let shape = (
+        grid(out.div_ceil(WARP_ROWS_PER_BLOCK))?,
+        ((32 * WARP_ROWS_PER_BLOCK) as u32, 1),
+    );
+    run(
+        (name, dtype),
+        shape,
+        &[x, w],
+        y,
+        &[int(rows)?, int(inp)?, int(out)?],
+    )
 }
 
 fn check_weight(w: Operand, width: usize) -> Result<()> {
@@ -449,8 +594,15 @@ pub(crate) fn decode_attention(
         Arg::Count(vs[2]),
         Arg::Float(scale),
     ];
-    let shared = u32::try_from(d * 4).map_err(|_| candle_core::Error::Msg("head size".into()))?;
-    let config = (grid(b * heads)?, (128, 1), shared);
+    // A decode step has one block per head: each gets the most threads a block can have
+    // (at least one per element of a head).
+    let threads = 1024;
+    if d > threads {
+        candle_core::bail!("decode attention: head size {d} above {threads}");
+    }
+    let shared = u32::try_from((d + threads) * 4)
+        .map_err(|_| candle_core::Error::Msg("head size".into()))?;
+    let config = (grid(b * heads)?, (threads as u32, 1), shared);
     launch_with_shared(dev, "decode_attention", Some(dtype), config, &args)?;
     Ok(out)
 }

@@ -10,6 +10,9 @@ use super::cpu_kernel::{f32s, for_each_row, output};
 use super::cuda;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+/// The largest head size the kernel takes (one CUDA block holds a thread per element).
+const MAX_HEAD_SIZE: usize = 1024;
+
 /// Whether [`decode_attention`] handles these operands.
 pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     let (Ok((b, heads, q_len, d)), Ok(kd), Ok(vd)) = (q.dims4(), k.dims4(), v.dims4()) else {
@@ -17,6 +20,7 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     };
     let unit_last = |t: &Tensor| t.stride().last() == Some(&1);
     q_len == 1
+        && d <= MAX_HEAD_SIZE
         && kd == vd
         && kd.0 == b
         && kd.3 == d

@@ -11,8 +11,7 @@
 use super::attach::attach3;
 use super::cuda::{self, Arg, Operand};
 use candle_core::backend::BackendStorage;
-use candle_core::op::BackpropOp;
-use candle_core::{CudaStorage, DType, Device, Result, Shape, Storage, Tensor};
+use candle_core::{DType, Device, Result, Shape, Tensor};
 
 /// Head sizes the kernels are compiled for.
 const HEAD_SIZES: [usize; 2] = [64, 128];
@@ -130,10 +129,11 @@ impl Dims {
         format!("{name}_d{}", self.d)
     }
 
-    /// Dynamic shared memory of a kernel holding `tiles` f32 tiles of `[64][d + 1]`,
-    /// `score_tiles` of `[64][65]` and `rows` per-row vectors of 64.
+    /// Dynamic shared memory of a kernel holding `tiles` f32 tiles of `[64][d + 4]`,
+    /// `score_tiles` of `[64][68]` and `rows` per-row vectors of 64 (rows padded by 4 floats,
+    /// as in the kernels).
     fn shared_bytes(&self, tiles: usize, score_tiles: usize, rows: usize) -> Result<u32> {
-        let floats = tiles * TILE * (self.d + 1) + score_tiles * TILE * (TILE + 1) + rows * TILE;
+        let floats = tiles * TILE * (self.d + 4) + score_tiles * TILE * (TILE + 4) + rows * TILE;
         u32::try_from(floats * 4)
             .map_err(|_| candle_core::Error::Msg("flash attention: shared memory".into()))
     }
@@ -147,11 +147,6 @@ fn start(operand: Operand) -> Result<Arg> {
         false => cuda::strided4(operand)?.0,
     };
     Ok(Arg::Address(address))
-}
-
-/// A new tensor (no gradient history) owning `storage`.
-fn tensor(storage: CudaStorage, shape: Shape) -> Tensor {
-    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
 }
 
 /// The output `[b, heads, q_len, d]` and the base-2 log-sum-exp of each query row (f32).
@@ -177,7 +172,10 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, dims: &Dims) -> Result<(Tensor, T
         cuda::launch_with_shared(device, &name, Some(q.0.dtype()), config, &args)?;
         Ok((out, lse))
     })?;
-    Ok((tensor(out, dims.q_shape()), tensor(lse, rows.into())))
+    Ok((
+        cuda::tensor(out, dims.q_shape()),
+        cuda::tensor(lse, rows.into()),
+    ))
 }
 
 /// `dq`, `dk`, `dv` for the output gradient `dout` (contiguous, like `out`).
@@ -248,9 +246,9 @@ fn backward(
         Ok((dq, dk, dv))
     })?;
     Ok((
-        tensor(dq, dims.q_shape()),
-        tensor(dk, dims.kv_shape()),
-        tensor(dv, dims.kv_shape()),
+        cuda::tensor(dq, dims.q_shape()),
+        cuda::tensor(dk, dims.kv_shape()),
+        cuda::tensor(dv, dims.kv_shape()),
     ))
 }
 

@@ -11,6 +11,7 @@
 //! ([`adamw`]); its composite lives with the optimizer.
 
 pub mod adamw;
+mod add_norm;
 mod attach;
 mod attention;
 pub mod check;
@@ -23,7 +24,10 @@ mod embedding;
 #[cfg(feature = "cuda")]
 mod flash;
 mod frozen;
+#[cfg(feature = "cuda")]
+mod gemv;
 mod head_loss;
+mod kv_write;
 #[cfg(test)]
 pub(crate) mod parity;
 pub mod reference;
@@ -35,6 +39,7 @@ mod swiglu;
 pub use adamw::{adamw_step, AdamWUpdate};
 pub use frozen::{frozen_linear, lora_linear};
 pub use head_loss::head_nll;
+pub use kv_write::KvLayout;
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
 
@@ -76,6 +81,7 @@ fn ids_beside(ids: &Tensor, like: &Tensor) -> bool {
 /// `x @ weight.t()` for `weight` `[out, in]` and `x` `[.., in]`, as one 2-D product over all
 /// leading dimensions: its backward then computes the weight gradient as one GEMM over every
 /// row, instead of a GEMM per batch element plus a reduction (what `broadcast_matmul` does).
+/// For a few untracked rows on CUDA (a decode step) it is one matrix-vector kernel.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (out, inp) = weight.dims2()?;
     let mut dims = x.dims().to_vec();
@@ -86,7 +92,12 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
             x.dims()
         ),
     }
-    x.reshape(((), inp))?.matmul(&weight.t()?)?.reshape(dims)
+    let rows = x.reshape(((), inp))?;
+    #[cfg(feature = "cuda")]
+    if gemv::supported(&rows, weight) {
+        return gemv::gemv(&rows, weight)?.reshape(dims);
+    }
+    rows.matmul(&weight.t()?)?.reshape(dims)
 }
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32.
@@ -95,6 +106,68 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         return rms_norm::rms_norm(&x.contiguous()?, &weight.contiguous()?, eps);
     }
     reference::rms_norm(x, weight, eps)
+}
+
+/// `(x + delta, rms_norm(x + delta, weight))`: the residual add and the norm after it. Fused
+/// into one kernel for inference (nothing tracked, fused backend), else the two ops.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let tracked = x.track_op() || delta.track_op() || weight.track_op();
+    if !tracked && fused(&[x, delta, weight]) && x.shape() == delta.shape() {
+        let (x, delta) = (x.contiguous()?, delta.contiguous()?);
+        return add_norm::add_rms_norm(&x, &delta, &weight.contiguous()?, eps);
+    }
+    let sum = (x + delta)?;
+    let normed = rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
+}
+
+/// Whether [`write_kv`] runs fused here: inference (nothing tracked) on a backend [`fused`]
+/// accepts. Elsewhere the caller splits the projections and appends to the cache itself.
+/// `x` is the input of the projection (the projection's dtype and device are its).
+pub fn write_kv_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    !x.track_op() && fused(&[x, cos, sin])
+}
+
+/// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
+/// keys (rotated by `cos`/`sin`) and the values into `cache`
+/// `[2, b, kv_heads, max_len, head_size]` at positions `start..start + t`, in place, and returns
+/// the rotated queries `[b, heads, t, head_size]`; only where [`write_kv_fused`] holds.
+pub fn write_kv(
+    cache: &Tensor,
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    layout: KvLayout,
+) -> Result<Tensor> {
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    kv_write::write_kv(cache, &qkv, &cos, &sin, layout)
+}
+
+/// `swiglu(x @ gate.t(), x @ up.t())` for the stacked projection `gate_up` `[2 ffn, in]` (gate
+/// rows, then up rows) and `x` `[.., in]`. One matrix-vector kernel for a few untracked rows on
+/// CUDA (a decode step); elsewhere the projection, split, then [`swiglu`].
+pub fn swiglu_projection(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let inp = gate_up.dim(1)?;
+        let rows = x.reshape(((), inp))?;
+        if gemv::supported(&rows, gate_up) {
+            let mut dims = x.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = gate_up.dim(0)? / 2;
+            }
+            return gemv::gemv_swiglu(&rows, gate_up)?.reshape(dims);
+        }
+    }
+    let both = linear(x, gate_up)?;
+    let ffn = gate_up.dim(0)? / 2;
+    let last = both.rank() - 1;
+    swiglu(&both.narrow(last, 0, ffn)?, &both.narrow(last, ffn, ffn)?)
 }
 
 /// Rotary position embedding in the Hugging Face rotate-half layout. `x` is

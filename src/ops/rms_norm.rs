@@ -19,13 +19,13 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
     x.apply_op2(weight, RmsNorm { eps: eps as f32 })
 }
 
-fn inverse_rms(row: &[f32], eps: f32) -> f32 {
+pub(super) fn inverse_rms(row: &[f32], eps: f32) -> f32 {
     let mean_square = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
     1.0 / (mean_square + eps).sqrt()
 }
 
 /// Checks that `weight` has one entry per column of `x`.
-fn check_width(x: &Layout, weight: &[f32]) -> Result<(usize, usize)> {
+pub(super) fn check_width(x: &Layout, weight: &[f32]) -> Result<(usize, usize)> {
     let (rows, width) = rows_and_width(x)?;
     if weight.len() != width {
         candle_core::bail!("rms_norm: weight of {} for rows of {width}", weight.len());

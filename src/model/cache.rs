@@ -1,0 +1,133 @@
+//! The KV cache of incremental decoding: per layer one buffer `[2, batch, kv_heads, max_len,
+//! head_size]` (keys, then values), allocated at the first write and filled position by
+//! position. Attention reads views of the filled part in place.
+
+use super::Llama;
+use crate::ops::{self, KvLayout};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+
+/// Per-layer key/value caches for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub(crate) layers: Vec<LayerCache>,
+}
+
+impl Cache {
+    /// An empty cache for `model`, for up to `max_len` positions.
+    pub fn new(model: &Llama, max_len: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::new(max_len); model.layers.len()],
+        }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.len)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets everything cached (the buffers are kept for reuse).
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|c| c.len = 0);
+    }
+}
+
+/// The keys and values of one layer.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    buffer: Option<Tensor>,
+    len: usize,
+    max_len: usize,
+}
+
+impl LayerCache {
+    fn new(max_len: usize) -> Self {
+        Self {
+            buffer: None,
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// The buffer for `batch` × `kv_heads` × `head_size` entries, allocated on first use.
+    fn buffer(
+        &mut self,
+        (batch, kv_heads, head_size): (usize, usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape = [2, batch, kv_heads, self.max_len, head_size];
+        match &self.buffer {
+            Some(b) if b.dims() == shape && b.dtype() == dtype => Ok(b.clone()),
+            Some(b) if self.len > 0 => candle_core::bail!(
+                "the KV cache holds {:?} {:?} entries, not {shape:?} {dtype:?}",
+                b.dims(),
+                b.dtype()
+            ),
+            _ => {
+                let b = Tensor::zeros(&shape[..], dtype, device)?;
+                self.buffer = Some(b.clone());
+                Ok(b)
+            }
+        }
+    }
+
+    /// Checks that `new` more positions fit.
+    fn reserve(&self, new: usize) -> Result<()> {
+        if self.len + new > self.max_len {
+            candle_core::bail!(
+                "the KV cache holds {} positions: {} cached, {new} more asked for",
+                self.max_len,
+                self.len
+            );
+        }
+        Ok(())
+    }
+
+    /// Keys and values of every cached position, `[b, kv_heads, len, head_size]` views each.
+    fn views(&mut self, buffer: &Tensor, new: usize) -> Result<(Tensor, Tensor)> {
+        self.len += new;
+        Ok((
+            buffer.i(0)?.narrow(2, 0, self.len)?,
+            buffer.i(1)?.narrow(2, 0, self.len)?,
+        ))
+    }
+
+    /// Appends keys and values `[b, kv_heads, t, head_size]` (already rotated); returns all.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, kv_heads, t, d) = k.dims4()?;
+        self.reserve(t)?;
+        let buffer = self.buffer((b, kv_heads, d), k.dtype(), k.device())?;
+        let both = Tensor::stack(&[k, v], 0)?;
+        buffer.slice_set(&both, 3, self.len)?;
+        self.views(&buffer, t)
+    }
+
+    /// Appends the keys and values of the packed projections `qkv`
+    /// `[b, t, (heads + 2 kv_heads) · head_size]`, rotating the keys by `cos`/`sin`, in one
+    /// kernel ([`ops::write_kv`]); returns the rotated queries and all keys and values. Only
+    /// where [`ops::write_kv_fused`] holds.
+    pub fn append_packed(
+        &mut self,
+        qkv: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        (heads, kv_heads, head_size): (usize, usize, usize),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = qkv.dims3()?;
+        self.reserve(t)?;
+        let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device())?;
+        let layout = KvLayout {
+            heads,
+            kv_heads,
+            head_size,
+            start: self.len,
+        };
+        let q = ops::write_kv(&buffer, qkv, cos, sin, layout)?;
+        let (k, v) = self.views(&buffer, t)?;
+        Ok((q, k, v))
+    }
+}

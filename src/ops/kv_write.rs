@@ -1,0 +1,137 @@
+//! Splitting a step's packed q/k/v projection for inference: the queries come out rotated
+//! (RoPE, as [`super::rope`] does), the keys are rotated and stored with the values at their
+//! positions in the KV cache buffer. One kernel on CUDA; the unfused path splits the
+//! projection, rotates and copies into the cache with seven launches per layer.
+
+use super::cpu_kernel::f32s;
+#[cfg(feature = "cuda")]
+use super::cuda;
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Storage, Tensor};
+
+/// Head counts and positions of a [`write_kv`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayout {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_size: usize,
+    /// The first position written.
+    pub start: usize,
+}
+
+/// Writes the keys (rotated by `cos`/`sin`, `[t, head_size / 2]`) and values of `qkv`
+/// `[b, t, (heads + 2 kv_heads) · head_size]` into `cache` `[2, b, kv_heads, max_len, head_size]`
+/// at positions `start..start + t`, and returns the rotated queries `[b, heads, t, head_size]`.
+/// All contiguous, on a backend [`super::fused`] accepts.
+pub(crate) fn write_kv(
+    cache: &Tensor,
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    layout: KvLayout,
+) -> Result<Tensor> {
+    let (two, b, kv_heads, max_len, d) = cache.dims5()?;
+    let (qb, t, width) = qkv.dims3()?;
+    let want = (layout.heads + 2 * layout.kv_heads) * layout.head_size;
+    if two != 2
+        || qb != b
+        || kv_heads != layout.kv_heads
+        || d != layout.head_size
+        || width != want
+        || d % 2 != 0
+        || cos.dims() != [t, d / 2]
+        || sin.dims() != cos.dims()
+        || layout.start + t > max_len
+    {
+        candle_core::bail!(
+            "write_kv: cache {:?}, projections {:?}, tables {:?} at position {}",
+            cache.dims(),
+            qkv.dims(),
+            cos.dims(),
+            layout.start
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if matches!(cache.device(), candle_core::Device::Cuda(_)) {
+        let q = cuda::with_operands(&[cache, qkv, cos, sin], |o| {
+            cuda::write_kv(o[0], o[1], o[2], o[3], &layout)
+        })?;
+        return Ok(cuda::tensor(q, (b, layout.heads, t, d).into()));
+    }
+    let op = WriteKv {
+        sin: sin.clone(),
+        layout,
+        batch: b,
+        positions: t,
+        max_len,
+    };
+    cache.inplace_op3(qkv, cos, &op)?;
+    let q = qkv
+        .narrow(2, 0, layout.heads * d)?
+        .reshape((b, t, layout.heads, d))?;
+    super::rope::rope(&super::swap_middle(&q)?, cos, sin)
+}
+
+/// The CPU kernel: keys and values into the cache.
+struct WriteKv {
+    sin: Tensor,
+    layout: KvLayout,
+    batch: usize,
+    positions: usize,
+    max_len: usize,
+}
+
+impl InplaceOp3 for WriteKv {
+    fn name(&self) -> &'static str {
+        "write-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_layout: &Layout,
+        qkv: &CpuStorage,
+        qkv_layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+    ) -> Result<()> {
+        let (qkv, cos) = (f32s(qkv, qkv_layout)?, f32s(cos, cos_layout)?);
+        let (sin_storage, sin_layout) = self.sin.storage_and_layout();
+        let Storage::Cpu(sin) = &*sin_storage else {
+            candle_core::bail!("write_kv: tables on different devices");
+        };
+        let sin = f32s(sin, sin_layout)?;
+        let Some((offset, _)) = cache_layout.contiguous_offsets() else {
+            candle_core::bail!("write_kv: the cache is not contiguous");
+        };
+        let CpuStorage::F32(cache) = cache else {
+            candle_core::bail!("write_kv: the fused CPU kernel takes f32");
+        };
+        let cache = &mut cache[offset..];
+        let KvLayout {
+            heads,
+            kv_heads,
+            head_size: d,
+            start,
+        } = self.layout;
+        let half = d / 2;
+        let values_at = self.batch * kv_heads * self.max_len * d;
+        for b in 0..self.batch {
+            for t in 0..self.positions {
+                let row = &qkv[(b * self.positions + t) * (heads + 2 * kv_heads) * d..];
+                let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                for h in 0..kv_heads {
+                    let k = &row[(heads + h) * d..][..d];
+                    let v = &row[(heads + kv_heads + h) * d..][..d];
+                    let slot = ((b * kv_heads + h) * self.max_len + start + t) * d;
+                    let kc = &mut cache[slot..][..d];
+                    for j in 0..half {
+                        kc[j] = k[j] * c[j] - k[half + j] * s[j];
+                        kc[half + j] = k[half + j] * c[j] + k[j] * s[j];
+                    }
+                    cache[values_at + slot..][..d].copy_from_slice(v);
+                }
+            }
+        }
+        Ok(())
+    }
+}
