@@ -24,6 +24,29 @@ constexpr int FA_THREADS = 256;
 template <int D> __host__ __device__ constexpr int fa_stride() { return D + 4; }
 constexpr int FA_PAD = FA_TILE + 4;  // row stride of the 64 × 64 score tiles
 
+// The sizes and key/value strides every tiled kernel takes after its buffers, and the inputs
+// of both backward kernels, as parameter lists and as argument lists.
+#define FA_SHAPE                                                                              \
+  int heads, int group, int q_len, int kv_len, long long k_sb, long long k_sh, long long k_sp, \
+      long long v_sb, long long v_sh, long long v_sp
+#define FA_SHAPE_ARGS heads, group, q_len, kv_len, k_sb, k_sh, k_sp, v_sb, v_sh, v_sp
+#define FA_BWD_INPUTS(T) \
+  const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *delta
+#define FA_BWD_INPUT_ARGS q, k, v, dout, lse, delta
+
+// The block's dynamic shared memory (16-byte aligned for float4 reads), laid out as `tiles`
+// [64][D + 4] tiles, then `scores` [64][68] score tiles, then per-row vectors of 64 floats (the
+// launcher sizes it the same way): the start of the i-th of each.
+template <int D> struct FaShared {
+  int tiles, scores;
+  __device__ float* tile(int i) const {
+    extern __shared__ float4 fa_smem[];
+    return reinterpret_cast<float*>(fa_smem) + i * FA_TILE * fa_stride<D>();
+  }
+  __device__ float* score(int i) const { return tile(tiles) + i * FA_TILE * FA_PAD; }
+  __device__ float* rows(int i) const { return score(scores) + i * FA_TILE; }
+};
+
 // Rows row0..row0+63 of an [n, D] matrix (row stride `stride`) as f32 into `dst` [64][D + 4];
 // rows at or beyond n are zeros.
 template <typename T, int D>
@@ -38,16 +61,6 @@ __device__ __forceinline__ void fa_load_tile(float* dst, const T* src, long long
 // Per-row values (log-sum-exp or delta) of rows row0..row0+63 into `dst`; 0 beyond n.
 __device__ __forceinline__ void fa_load_rows(float* dst, const float* src, int row0, int n) {
   for (int r = threadIdx.x; r < FA_TILE; r += FA_THREADS) dst[r] = row0 + r < n ? src[row0 + r] : 0.f;
-}
-
-// Sum or max over the 16 threads that share a row of a tile (lanes of one half-warp).
-__device__ __forceinline__ float fa_row_sum(float v) {
-  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-  return v;
-}
-__device__ __forceinline__ float fa_row_max(float v) {
-  for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  return v;
 }
 
 __device__ __forceinline__ const float4* fa_vec(const float* p) {
@@ -130,23 +143,35 @@ __device__ __forceinline__ void fa_store_rows(T* dst, const FaRows<D>& acc, int 
   }
 }
 
+// What a block over one query tile works on (the forward and the query gradients): its
+// batch × head, first query (the heaviest tiles, the last queries, first), its thread's tile
+// coordinates, and the key and value rows of its kv head.
+template <typename T> struct FaQueryBlock {
+  int bh, q0, ty, tx;
+  const T* keys;
+  const T* values;
+  __device__ FaQueryBlock(const T* k, const T* v, int heads, int group, long long k_sb,
+                          long long k_sh, long long v_sb, long long v_sh)
+      : bh(blockIdx.y),
+        q0((gridDim.x - 1 - blockIdx.x) * FA_TILE),
+        ty(threadIdx.x >> 4),
+        tx(threadIdx.x & 15) {
+    const int b = bh / heads, kv_head = (bh % heads) / group;
+    keys = k + b * k_sb + kv_head * k_sh;
+    values = v + b * v_sb + kv_head * v_sh;
+  }
+};
+
 // Forward: one block per (query tile, batch × head), the heaviest tiles (last queries) first.
 // Shared memory: q tile, k-then-v tile, probabilities.
 template <typename T, int D>
 __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, float* lse,
-                                    int heads, int group, int q_len, int kv_len, long long k_sb,
-                                    long long k_sh, long long k_sp, long long v_sb, long long v_sh,
-                                    long long v_sp, float scale_log2) {
-  extern __shared__ float4 smem_vec[];  // 16-byte aligned
-  float* smem = reinterpret_cast<float*>(smem_vec);
-  float* qs = smem;
-  float* kvs = qs + FA_TILE * fa_stride<D>();
-  float* ps = kvs + FA_TILE * fa_stride<D>();
-  const int bh = blockIdx.y, b = bh / heads, kv_head = (bh % heads) / group;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, shift = kv_len - q_len;
-  const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
-  const T* kb = k + b * k_sb + kv_head * k_sh;
-  const T* vb = v + b * v_sb + kv_head * v_sh;
+                                    FA_SHAPE, float scale_log2) {
+  const FaShared<D> shared{2, 1};
+  float *qs = shared.tile(0), *kvs = shared.tile(1), *ps = shared.score(0);
+  const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh);
+  const int bh = at.bh, q0 = at.q0, shift = kv_len - q_len, ty = at.ty, tx = at.tx;
+  const T *kb = at.keys, *vb = at.values;
   fa_load_tile<T, D>(qs, q + (size_t)bh * q_len * D, D, q0, q_len);
   FaRows<D> o = {};
   float m[4], l[4] = {}, alpha[4];
@@ -171,7 +196,8 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
         row_max = fmaxf(row_max, s[i][j]);
       }
       // Key 0 is visible to every row, so the max is finite from the first tile on.
-      const float m_new = fmaxf(m[i], fa_row_max(row_max));
+      // The 16 threads of a row are a half-warp.
+      const float m_new = fmaxf(m[i], warp_max<16>(row_max));
       alpha[i] = exp2f(m[i] - m_new);
       float row_sum = 0.f;
 #pragma unroll
@@ -179,7 +205,7 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
         s[i][j] = exp2f(s[i][j] - m_new);
         row_sum += s[i][j];
       }
-      l[i] = l[i] * alpha[i] + fa_row_sum(row_sum);
+      l[i] = l[i] * alpha[i] + warp_sum<16>(row_sum);
       m[i] = m_new;
     }
     fa_scale_rows<D>(o, alpha);
@@ -217,14 +243,19 @@ __device__ void flash_attention_delta(const T* out, const T* dout, float* delta,
 }
 
 // The probabilities p and score gradients ds = p (dp − delta) of one 64 × 64 tile pair, for
-// the thread's rows 4ty + i and columns tx + 16j. `rows_are_keys` says which side the rows are
-// (the key/value kernel works on the transposed tile); `s` holds the raw dot products and `dp`
-// the dout · v products on entry.
+// the thread's rows 4ty + i and columns tx + 16j: the scores are the dot products of rows of
+// tiles[0] and tiles[1] (queries and keys), dp those of tiles[2] and tiles[3] (dout and values).
+// `rows_are_keys` says which side the rows are (the key/value kernel works on the transposed
+// tile and passes keys, queries, values, dout).
+template <int D>
 __device__ __forceinline__ void fa_probabilities(float (&s)[4][4], float (&dp)[4][4],
+                                                 const float* const (&tiles)[4],
                                                  const float* lse_s, const float* delta_s,
                                                  bool rows_are_keys, int row0, int col0,
                                                  int q_len, int kv_len, int shift, int ty, int tx,
                                                  float scale_log2) {
+  fa_dot_tiles<D>(s, tiles[0], tiles[1], ty, tx);
+  fa_dot_tiles<D>(dp, tiles[2], tiles[3], ty, tx);
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -253,22 +284,12 @@ __device__ __forceinline__ void fa_put_tile(float* dst, const float (&t)[4][4], 
 // [batch, kv_heads, kv_len, D] contiguous. Shared memory: k, v, q, dout tiles, then the p and
 // ds tiles (keys × queries), then the queries' log-sum-exp and delta.
 template <typename T, int D>
-__device__ void flash_attention_bwd_kv(const T* q, const T* k, const T* v, const T* dout,
-                                       const float* lse, const float* delta, T* dk, T* dv,
-                                       int heads, int group, int q_len, int kv_len,
-                                       long long k_sb, long long k_sh, long long k_sp,
-                                       long long v_sb, long long v_sh, long long v_sp,
-                                       float scale_log2, float scale) {
-  extern __shared__ float4 smem_vec[];  // 16-byte aligned
-  float* smem = reinterpret_cast<float*>(smem_vec);
-  float* ks = smem;
-  float* vs = ks + FA_TILE * fa_stride<D>();
-  float* qs = vs + FA_TILE * fa_stride<D>();
-  float* dos = qs + FA_TILE * fa_stride<D>();
-  float* ps = dos + FA_TILE * fa_stride<D>();
-  float* dss = ps + FA_TILE * FA_PAD;
-  float* lse_s = dss + FA_TILE * FA_PAD;
-  float* delta_s = lse_s + FA_TILE;
+__device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,
+                                       float scale) {
+  const FaShared<D> shared{4, 2};
+  float *ks = shared.tile(0), *vs = shared.tile(1), *qs = shared.tile(2), *dos = shared.tile(3);
+  float *ps = shared.score(0), *dss = shared.score(1);
+  float *lse_s = shared.rows(0), *delta_s = shared.rows(1);
   const int kv_heads = heads / group, bkv = blockIdx.y, b = bkv / kv_heads;
   const int kv_head = bkv % kv_heads, k0 = blockIdx.x * FA_TILE, shift = kv_len - q_len;
   const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
@@ -287,10 +308,8 @@ __device__ void flash_attention_bwd_kv(const T* q, const T* k, const T* v, const
       fa_load_rows(delta_s, delta + bh * q_len, q0, q_len);
       __syncthreads();
       float s[4][4] = {}, dp[4][4] = {};
-      fa_dot_tiles<D>(s, ks, qs, ty, tx);
-      fa_dot_tiles<D>(dp, vs, dos, ty, tx);
-      fa_probabilities(s, dp, lse_s, delta_s, true, k0, q0, q_len, kv_len, shift, ty, tx,
-                       scale_log2);
+      fa_probabilities<D>(s, dp, {ks, qs, vs, dos}, lse_s, delta_s, true, k0, q0, q_len, kv_len,
+                          shift, ty, tx, scale_log2);
       fa_put_tile(ps, s, ty, tx);
       fa_put_tile(dss, dp, ty, tx);
       __syncthreads();
@@ -306,26 +325,14 @@ __device__ void flash_attention_bwd_kv(const T* q, const T* k, const T* v, const
 // tiles up to the diagonal. dq is [batch * heads, q_len, D]. Shared memory: q, dout, k, v
 // tiles, the ds tile (queries × keys), the rows' log-sum-exp and delta.
 template <typename T, int D>
-__device__ void flash_attention_bwd_q(const T* q, const T* k, const T* v, const T* dout,
-                                      const float* lse, const float* delta, T* dq, int heads,
-                                      int group, int q_len, int kv_len, long long k_sb,
-                                      long long k_sh, long long k_sp, long long v_sb,
-                                      long long v_sh, long long v_sp, float scale_log2,
+__device__ void flash_attention_bwd_q(FA_BWD_INPUTS(T), T* dq, FA_SHAPE, float scale_log2,
                                       float scale) {
-  extern __shared__ float4 smem_vec[];  // 16-byte aligned
-  float* smem = reinterpret_cast<float*>(smem_vec);
-  float* qs = smem;
-  float* dos = qs + FA_TILE * fa_stride<D>();
-  float* ks = dos + FA_TILE * fa_stride<D>();
-  float* vs = ks + FA_TILE * fa_stride<D>();
-  float* dss = vs + FA_TILE * fa_stride<D>();
-  float* lse_s = dss + FA_TILE * FA_PAD;
-  float* delta_s = lse_s + FA_TILE;
-  const int bh = blockIdx.y, b = bh / heads, kv_head = (bh % heads) / group;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * FA_TILE, shift = kv_len - q_len;
-  const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
-  const T* kb = k + b * k_sb + kv_head * k_sh;
-  const T* vb = v + b * v_sb + kv_head * v_sh;
+  const FaShared<D> shared{4, 1};
+  float *qs = shared.tile(0), *dos = shared.tile(1), *ks = shared.tile(2), *vs = shared.tile(3);
+  float *dss = shared.score(0), *lse_s = shared.rows(0), *delta_s = shared.rows(1);
+  const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh);
+  const int bh = at.bh, q0 = at.q0, shift = kv_len - q_len, ty = at.ty, tx = at.tx;
+  const T *kb = at.keys, *vb = at.values;
   fa_load_tile<T, D>(qs, q + (size_t)bh * q_len * D, D, q0, q_len);
   fa_load_tile<T, D>(dos, dout + (size_t)bh * q_len * D, D, q0, q_len);
   fa_load_rows(lse_s, lse + (size_t)bh * q_len, q0, q_len);
@@ -338,10 +345,8 @@ __device__ void flash_attention_bwd_q(const T* q, const T* k, const T* v, const 
     fa_load_tile<T, D>(vs, vb, v_sp, k0, kv_len);
     __syncthreads();
     float s[4][4] = {}, dp[4][4] = {};
-    fa_dot_tiles<D>(s, qs, ks, ty, tx);
-    fa_dot_tiles<D>(dp, dos, vs, ty, tx);
-    fa_probabilities(s, dp, lse_s, delta_s, false, q0, k0, q_len, kv_len, shift, ty, tx,
-                     scale_log2);
+    fa_probabilities<D>(s, dp, {qs, ks, dos, vs}, lse_s, delta_s, false, q0, k0, q_len, kv_len,
+                        shift, ty, tx, scale_log2);
     fa_put_tile(dss, dp, ty, tx);
     __syncthreads();
     fa_weighted_rows<D>(dq_acc, dss, ks, ty, tx);
@@ -349,30 +354,19 @@ __device__ void flash_attention_bwd_q(const T* q, const T* k, const T* v, const 
   fa_store_rows<T, D>(dq + (size_t)bh * q_len * D, dq_acc, q0, q_len, ty, tx, scale);
 }
 
-#define FA_KV_STRIDES long long k_sb, long long k_sh, long long k_sp, long long v_sb, \
-                      long long v_sh, long long v_sp
-#define FA_KV_STRIDE_ARGS k_sb, k_sh, k_sp, v_sb, v_sh, v_sp
 
 #define FLASH_ENTRY_POINTS_D(S, T, D)                                                          \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_d##D##_##S(    \
-      const T* q, const T* k, const T* v, T* out, float* lse, int heads, int group, int q_len, \
-      int kv_len, FA_KV_STRIDES, float scale_log2) {                                          \
-    flash_attention_fwd<T, D>(q, k, v, out, lse, heads, group, q_len, kv_len,                \
-                              FA_KV_STRIDE_ARGS, scale_log2);                                 \
+      const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE, float scale_log2) {   \
+    flash_attention_fwd<T, D>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2);                  \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_bwd_kv_d##D##_##S( \
-      const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, \
-      T* dk, T* dv, int heads, int group, int q_len, int kv_len, FA_KV_STRIDES,               \
-      float scale_log2, float scale) {                                                        \
-    flash_attention_bwd_kv<T, D>(q, k, v, dout, lse, delta, dk, dv, heads, group, q_len,     \
-                                 kv_len, FA_KV_STRIDE_ARGS, scale_log2, scale);               \
+      FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2, float scale) {                 \
+    flash_attention_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, scale_log2, scale); \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_bwd_q_d##D##_##S(  \
-      const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, \
-      T* dq, int heads, int group, int q_len, int kv_len, FA_KV_STRIDES, float scale_log2,    \
-      float scale) {                                                                          \
-    flash_attention_bwd_q<T, D>(q, k, v, dout, lse, delta, dq, heads, group, q_len, kv_len,  \
-                                FA_KV_STRIDE_ARGS, scale_log2, scale);                        \
+      FA_BWD_INPUTS(T), T* dq, FA_SHAPE, float scale_log2, float scale) {                        \
+    flash_attention_bwd_q<T, D>(FA_BWD_INPUT_ARGS, dq, FA_SHAPE_ARGS, scale_log2, scale);     \
   }
 
 #define FLASH_ENTRY_POINTS(S, T)                                                               \

@@ -18,11 +18,12 @@ pub struct KvLayout {
     pub start: usize,
 }
 
-/// Writes the keys (rotated by `cos`/`sin`, `[t, head_size / 2]`) and values of `qkv`
-/// `[b, t, (heads + 2 kv_heads) · head_size]` into `cache` `[2, b, kv_heads, max_len, head_size]`
-/// at positions `start..start + t`, and returns the rotated queries `[b, heads, t, head_size]`.
-/// All contiguous, on a backend [`super::fused`] accepts.
-pub(crate) fn write_kv(
+/// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
+/// keys (rotated by `cos`/`sin`, `[t, head_size / 2]`) and the values into `cache`
+/// `[2, b, kv_heads, max_len, head_size]` (contiguous) at positions `start..start + t`, in
+/// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
+/// [`super::write_kv_fused`] holds.
+pub fn write_kv(
     cache: &Tensor,
     qkv: &Tensor,
     cos: &Tensor,
@@ -50,6 +51,7 @@ pub(crate) fn write_kv(
             layout.start
         );
     }
+    let (qkv, cos, sin) = (&qkv.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
     #[cfg(feature = "cuda")]
     if matches!(cache.device(), candle_core::Device::Cuda(_)) {
         let q = cuda::with_operands(&[cache, qkv, cos, sin], |o| {

@@ -39,7 +39,7 @@ mod swiglu;
 pub use adamw::{adamw_step, AdamWUpdate};
 pub use frozen::{frozen_linear, lora_linear};
 pub use head_loss::head_nll;
-pub use kv_write::KvLayout;
+pub use kv_write::{write_kv, KvLayout};
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
 
@@ -131,21 +131,6 @@ pub fn add_rms_norm(
 /// `x` is the input of the projection (the projection's dtype and device are its).
 pub fn write_kv_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
     !x.track_op() && fused(&[x, cos, sin])
-}
-
-/// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
-/// keys (rotated by `cos`/`sin`) and the values into `cache`
-/// `[2, b, kv_heads, max_len, head_size]` at positions `start..start + t`, in place, and returns
-/// the rotated queries `[b, heads, t, head_size]`; only where [`write_kv_fused`] holds.
-pub fn write_kv(
-    cache: &Tensor,
-    qkv: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    layout: KvLayout,
-) -> Result<Tensor> {
-    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
-    kv_write::write_kv(cache, &qkv, &cos, &sin, layout)
 }
 
 /// `swiglu(x @ gate.t(), x @ up.t())` for the stacked projection `gate_up` `[2 ffn, in]` (gate
