@@ -1478,7 +1478,17 @@ impl Map2 for MatMul {
         let dst_rs = dst_strides[0];
         let dst_cs = dst_strides[1];
 
-        let mut dst = vec![T::zero(); b * m * n];
+        // llmtool: gemm overwrites every element (read_dst is false) unless k is 0, so the
+        // destination is left uninitialized there instead of being zeroed first.
+        let mut dst = if k == 0 {
+            vec![T::zero(); b * m * n]
+        } else {
+            let mut dst = Vec::with_capacity(b * m * n);
+            // SAFETY: T is a plain number type, and the gemm calls below write every element
+            // before anything reads it.
+            unsafe { dst.set_len(b * m * n) };
+            dst
+        };
         let num_threads = crate::utils::get_num_threads();
         let parallelism = if num_threads > 1 {
             Parallelism::Rayon(num_threads)
