@@ -131,3 +131,57 @@ impl LayerCache {
         Ok((q, k, v))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn filled(shape: (usize, usize, usize, usize), value: f64) -> Tensor {
+        (Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap() * value).unwrap()
+    }
+
+    #[test]
+    fn appends_positions_and_refuses_more_than_it_holds() {
+        let mut c = LayerCache::new(4);
+        let (k, v) = c
+            .append(&filled((1, 2, 3, 8), 1.0), &filled((1, 2, 3, 8), 2.0))
+            .unwrap();
+        assert_eq!(k.dims(), [1, 2, 3, 8]);
+        let (k, v2) = c
+            .append(&filled((1, 2, 1, 8), 3.0), &filled((1, 2, 1, 8), 4.0))
+            .unwrap();
+        assert_eq!(k.dims(), [1, 2, 4, 8]);
+        let last = |t: &Tensor| t.narrow(2, 3, 1).unwrap().flatten_all().unwrap();
+        assert_eq!(last(&k).to_vec1::<f32>().unwrap(), vec![3.0; 16]);
+        assert_eq!(last(&v2).to_vec1::<f32>().unwrap(), vec![4.0; 16]);
+        assert_eq!(
+            v.narrow(2, 0, 3)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            96.0
+        );
+        let full = c.append(&filled((1, 2, 1, 8), 5.0), &filled((1, 2, 1, 8), 5.0));
+        let message = full.unwrap_err().to_string();
+        assert!(
+            message.contains("holds 4 positions: 4 cached, 1 more"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn reset_reuses_the_buffer_and_a_new_shape_needs_an_empty_cache() {
+        let mut c = LayerCache::new(4);
+        c.append(&filled((1, 2, 2, 8), 1.0), &filled((1, 2, 2, 8), 1.0))
+            .unwrap();
+        let other = filled((2, 2, 1, 8), 1.0);
+        let message = c.append(&other, &other).unwrap_err().to_string();
+        assert!(message.contains("not [2, 2, 2, 4, 8]"), "{message}");
+        c.len = 0;
+        let (k, _) = c.append(&other, &other).unwrap();
+        assert_eq!(k.dims(), [2, 2, 1, 8]);
+    }
+}
