@@ -217,6 +217,12 @@ __device__ void swap_middle(const T* x, T* y, int b, int c, int d, size_t n) {
   y[i] = x[((ai * b + bi) * c + ci) * d + k];
 }
 
+// The same for rows of whole 16-byte units, moved as such (d and n counted in units).
+extern "C" __global__ void swap_middle_v16(const uint4* x, uint4* y, int b, int c, int d,
+                                           size_t n) {
+  swap_middle<uint4>(x, y, b, c, d, n);
+}
+
 // ---------------------------------------------------------------------------------------------
 // SwiGLU: y = silu(gate) * up; the gradient writes [d_gate; d_up] into one 2n buffer.
 

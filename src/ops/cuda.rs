@@ -477,6 +477,22 @@ pub(crate) fn swap_middle(x: Operand) -> Result<CudaStorage> {
     };
     let n = x.1.shape().elem_count();
     let y = alloc(&x.0.device, dtype, n)?;
+    let row_bytes = d * dtype.size_in_bytes();
+    if row_bytes % 16 == 0 && address(x)? % 16 == 0 {
+        // Rows of whole 16-byte units: move those (the output buffer is aligned).
+        let (units, unit_rows) = (n * dtype.size_in_bytes() / 16, row_bytes / 16);
+        let args = [
+            Arg::Address(address(x)?),
+            Arg::Address(base_address(&y)?),
+            int(b)?,
+            int(c)?,
+            int(unit_rows)?,
+            Arg::Count(units as u64),
+        ];
+        let (grid, block) = per_element(units)?;
+        launch(&x.0.device, "swap_middle_v16", None, grid, block, &args)?;
+        return Ok(y);
+    }
     let scalars = [int(b)?, int(c)?, int(d)?, Arg::Count(n as u64)];
     run(("swap_middle", dtype), per_element(n)?, &[x], y, &scalars)
 }
