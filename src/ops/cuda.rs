@@ -345,19 +345,15 @@ pub(crate) fn write_kv(
     Ok(q)
 }
 
-/// Rows of `x` at most for [`gemv`]: each warp reads its weight row once per row of `x`.
-pub(crate) const GEMV_MAX_ROWS: usize = 8;
-
-/// Whether [`gemv`] takes `x` `[rows, in]` and `w` `[out, in]`: few rows, 16-byte aligned
-/// rows and operands, one dtype.
+/// Whether [`gemv`] takes `x` `[rows, in]` and `w` `[out, in]` (few rows, checked by the
+/// caller): 16-byte aligned rows and operands, one dtype.
 pub(crate) fn gemv_supported(x: Operand, w: Operand) -> bool {
-    let (Ok((rows, inp)), Ok((_, w_inp))) = (rows_and_width(x.1), rows_and_width(w.1)) else {
+    let (Ok((_, inp)), Ok((_, w_inp))) = (rows_and_width(x.1), rows_and_width(w.1)) else {
         return false;
     };
     let size = x.0.dtype().size_in_bytes();
     let aligned = |o: Operand| address(o).is_ok_and(|a| a % 16 == 0);
     x.0.dtype() == w.0.dtype()
-        && rows <= GEMV_MAX_ROWS
         && inp == w_inp
         && inp > 0
         && (inp * size) % 16 == 0

@@ -1,27 +1,47 @@
-//! Matrix-vector products on CUDA for decoding: `x @ w.t()` for a few rows of `x`, one kernel
-//! (cuBLAS runs these shapes as split-K GEMMs, two kernels and more host work each, and a
-//! decode step is bound by launches). Inference only: no backward, and [`super::linear`] picks
-//! it only for untracked operands.
+//! Matrix-vector products for decoding: `x @ w.t()` for a few rows of `x`, optionally with the
+//! SwiGLU of a stacked gate/up weight applied on the way out. On CUDA one kernel (cuBLAS runs
+//! these shapes as split-K GEMMs, two kernels and more host work each, and a decode step is
+//! bound by launches); on the CPU a rayon loop over the weight's rows that reads each row once
+//! (the GEMM crate packs the whole weight first, which halves the rate of a memory-bound
+//! product). Inference only: no backward, and [`super::linear`] picks it only for untracked
+//! operands.
 
+use super::cpu_kernel::{f32s, output};
+#[cfg(feature = "cuda")]
 use super::cuda;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
-/// Whether [`gemv`] takes `x` `[.., in]` and `weight` `[out, in]`: CUDA, nothing tracked,
-/// contiguous and aligned, at most a few rows.
+/// Rows of `x` at most: each weight row is read once per row of `x`.
+const MAX_ROWS: usize = 8;
+
+/// Weight rows per rayon task on the CPU.
+const CPU_ROWS_PER_TASK: usize = 64;
+
+/// Whether [`gemv`] takes `x` `[rows, in]` and `weight` `[out, in]`: nothing tracked, both
+/// contiguous, at most a few rows; f32 on the CPU, or CUDA operands the kernel takes.
 pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
     if x.track_op() || weight.track_op() || !x.is_contiguous() || !weight.is_contiguous() {
         return false;
     }
-    if x.elem_count() > cuda::GEMV_MAX_ROWS * x.dim(x.rank() - 1).unwrap_or(usize::MAX) {
+    let inp = x.dim(x.rank() - 1).unwrap_or(0);
+    if inp == 0 || x.elem_count() > MAX_ROWS * inp || weight.dims().last() != Some(&inp) {
         return false;
     }
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = weight.storage_and_layout();
     match (&*xs, &*ws) {
-        (candle_core::Storage::Cuda(xs), candle_core::Storage::Cuda(ws)) => {
-            cuda::gemv_supported((xs, xl), (ws, wl))
+        (Storage::Cpu(_), Storage::Cpu(_)) => {
+            x.dtype() == DType::F32 && weight.dtype() == DType::F32
         }
-        _ => false,
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda(xs), Storage::Cuda(ws)) => cuda::gemv_supported((xs, xl), (ws, wl)),
+        _ => {
+            let _ = (xl, wl);
+            false
+        }
     }
 }
 
@@ -40,6 +60,33 @@ struct Gemv {
     swiglu: bool,
 }
 
+impl Gemv {
+    /// `[rows, out]` of the result for `x` and `w` layouts.
+    fn shape(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+        let (rows, inp) = super::rows_and_width(x)?;
+        let (w_rows, _) = super::rows_and_width(w)?;
+        Ok((rows, inp, if self.swiglu { w_rows / 2 } else { w_rows }))
+    }
+}
+
+/// `Σ a·b` with eight running sums, which the compiler keeps in vector registers.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a8.zip(b8) {
+        for i in 0..8 {
+            sums[i] += a[i] * b[i];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
 impl CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
         match self.swiglu {
@@ -50,14 +97,36 @@ impl CustomOp2 for Gemv {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("gemv: CUDA only")
+        let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
+        let (rows, inp, out) = self.shape(x_layout, w_layout)?;
+        let weight_row = |o: usize| &w[o * inp..][..inp];
+        let mut y = vec![0f32; rows * out];
+        for (r, y) in y.chunks_mut(out.max(1)).enumerate() {
+            let x = &x[r * inp..][..inp];
+            y.par_chunks_mut(CPU_ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(task, y)| {
+                    for (i, y) in y.iter_mut().enumerate() {
+                        let o = task * CPU_ROWS_PER_TASK + i;
+                        *y = match self.swiglu {
+                            false => dot(weight_row(o), x),
+                            true => {
+                                let (g, u) = (dot(weight_row(o), x), dot(weight_row(out + o), x));
+                                g / (1.0 + (-g).exp()) * u
+                            }
+                        };
+                    }
+                });
+        }
+        Ok(output(y, (rows, out)))
     }
 
+    #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -66,8 +135,7 @@ impl CustomOp2 for Gemv {
         w_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let y = cuda::gemv((x, x_layout), (w, w_layout), self.swiglu)?;
-        let rows = x_layout.shape().elem_count() / x_layout.dims()[x_layout.dims().len() - 1];
-        let out = w_layout.dims()[0] / if self.swiglu { 2 } else { 1 };
+        let (rows, _, out) = self.shape(x_layout, w_layout)?;
         Ok((y, (rows, out).into()))
     }
 }

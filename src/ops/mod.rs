@@ -24,7 +24,6 @@ mod embedding;
 #[cfg(feature = "cuda")]
 mod flash;
 mod frozen;
-#[cfg(feature = "cuda")]
 mod gemv;
 mod head_loss;
 mod kv_write;
@@ -81,7 +80,7 @@ fn ids_beside(ids: &Tensor, like: &Tensor) -> bool {
 /// `x @ weight.t()` for `weight` `[out, in]` and `x` `[.., in]`, as one 2-D product over all
 /// leading dimensions: its backward then computes the weight gradient as one GEMM over every
 /// row, instead of a GEMM per batch element plus a reduction (what `broadcast_matmul` does).
-/// For a few untracked rows on CUDA (a decode step) it is one matrix-vector kernel.
+/// For a few untracked rows (a decode step) it is a matrix-vector kernel.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (out, inp) = weight.dims2()?;
     let mut dims = x.dims().to_vec();
@@ -93,7 +92,6 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         ),
     }
     let rows = x.reshape(((), inp))?;
-    #[cfg(feature = "cuda")]
     if gemv::supported(&rows, weight) {
         return gemv::gemv(&rows, weight)?.reshape(dims);
     }
@@ -134,20 +132,16 @@ pub fn write_kv_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 }
 
 /// `swiglu(x @ gate.t(), x @ up.t())` for the stacked projection `gate_up` `[2 ffn, in]` (gate
-/// rows, then up rows) and `x` `[.., in]`. One matrix-vector kernel for a few untracked rows on
-/// CUDA (a decode step); elsewhere the projection, split, then [`swiglu`].
+/// rows, then up rows) and `x` `[.., in]`. One matrix-vector kernel for a few untracked rows
+/// (a decode step); elsewhere the projection, split, then [`swiglu`].
 pub fn swiglu_projection(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    {
-        let inp = gate_up.dim(1)?;
-        let rows = x.reshape(((), inp))?;
-        if gemv::supported(&rows, gate_up) {
-            let mut dims = x.dims().to_vec();
-            if let Some(last) = dims.last_mut() {
-                *last = gate_up.dim(0)? / 2;
-            }
-            return gemv::gemv_swiglu(&rows, gate_up)?.reshape(dims);
+    let rows = x.reshape(((), gate_up.dim(1)?))?;
+    if gemv::supported(&rows, gate_up) {
+        let mut dims = x.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = gate_up.dim(0)? / 2;
         }
+        return gemv::gemv_swiglu(&rows, gate_up)?.reshape(dims);
     }
     let both = linear(x, gate_up)?;
     let ffn = gate_up.dim(0)? / 2;
