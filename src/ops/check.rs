@@ -322,10 +322,8 @@ fn flash_case(
 
 /// The reference attention with kv heads repeated to the query heads.
 fn repeated_reference(t: &[Tensor]) -> Result<Tensor> {
-    let repeat = t[0].dim(1)? / t[1].dim(1)?;
-    let k = candle_transformers::utils::repeat_kv(t[1].clone(), repeat)?;
-    let v = candle_transformers::utils::repeat_kv(t[2].clone(), repeat)?;
-    reference::causal_attention(&t[0], &k.contiguous()?, &v.contiguous()?)
+    let (k, v) = super::repeat_kv_heads(&t[0], &t[1], &t[2])?;
+    reference::causal_attention(&t[0], &k, &v)
 }
 
 /// A projection of a few untracked rows (a decode step's): the matrix-vector kernel on CUDA.

@@ -124,14 +124,7 @@ pub(crate) fn launch_with_shared(
     (grid, block, shared): ((u32, u32), (u32, u32), u32),
     args: &[Arg],
 ) -> Result<()> {
-    let func = kernel(device, name, dtype)?;
-    if shared > DEFAULT_SHARED_LIMIT {
-        func.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shared as i32,
-        )
-        .w()?;
-    }
+    let func = kernel(device, name, dtype, shared)?;
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
     for arg in args {
@@ -152,30 +145,50 @@ pub(crate) fn launch_with_shared(
     Ok(())
 }
 
-/// Loaded kernels by device and dtype, then name.
-type KernelTable = HashMap<(DeviceId, Option<DType>), HashMap<String, CudaFunction>>;
+/// A loaded kernel and the dynamic shared memory it has been allowed so far.
+type Loaded = (CudaFunction, u32);
 
-/// The kernel `name` (suffixed for `dtype`) on `device`, loaded once: looking it up in the
-/// module formats a name and calls the driver, which a decode step's hundred launches feel.
-fn kernel(device: &CudaDevice, name: &str, dtype: Option<DType>) -> Result<CudaFunction> {
+/// Loaded kernels by device and dtype, then name.
+type KernelTable = HashMap<(DeviceId, Option<DType>), HashMap<String, Loaded>>;
+
+/// The kernel `name` (suffixed for `dtype`) on `device`, loaded once (looking it up in the
+/// module formats a name and calls the driver, which a decode step's hundred launches feel),
+/// and allowed `shared` bytes of dynamic shared memory where that is above the default limit
+/// (once per kernel and size, not per launch).
+fn kernel(
+    device: &CudaDevice,
+    name: &str,
+    dtype: Option<DType>,
+    shared: u32,
+) -> Result<CudaFunction> {
     static KERNELS: OnceLock<Mutex<KernelTable>> = OnceLock::new();
     let table = KERNELS.get_or_init(Default::default);
     let mut table = table
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let loaded = table.entry((device.id(), dtype)).or_default();
-    if let Some(f) = loaded.get(name) {
-        return Ok(f.clone());
+    if !loaded.contains_key(name) {
+        let full = match dtype {
+            Some(d) => format!("{name}_{}", suffix(d)?),
+            None => name.to_string(),
+        };
+        let func = device
+            .get_or_load_custom_func(&full, MODULE, PTX)?
+            .into_cuda_function();
+        loaded.insert(name.to_string(), (func, DEFAULT_SHARED_LIMIT));
     }
-    let full = match dtype {
-        Some(d) => format!("{name}_{}", suffix(d)?),
-        None => name.to_string(),
+    let Some((func, allowed)) = loaded.get_mut(name) else {
+        candle_core::bail!("fused CUDA kernel {name}: not loaded");
     };
-    let func = device
-        .get_or_load_custom_func(&full, MODULE, PTX)?
-        .into_cuda_function();
-    loaded.insert(name.to_string(), func.clone());
-    Ok(func)
+    if shared > *allowed {
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .w()?;
+        *allowed = shared;
+    }
+    Ok(func.clone())
 }
 
 /// Threads for a row kernel over rows of `width`: a multiple of 32, at most `max`.

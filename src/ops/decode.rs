@@ -8,6 +8,7 @@
 use super::cpu_kernel::{f32s, for_each_row, output};
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::GroupedDims;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The largest head size the kernel takes (one CUDA block holds a thread per element).
@@ -15,17 +16,8 @@ const MAX_HEAD_SIZE: usize = 1024;
 
 /// Whether [`decode_attention`] handles these operands.
 pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let (Ok((b, heads, q_len, d)), Ok(kd), Ok(vd)) = (q.dims4(), k.dims4(), v.dims4()) else {
-        return false;
-    };
     let unit_last = |t: &Tensor| t.stride().last() == Some(&1);
-    q_len == 1
-        && d <= MAX_HEAD_SIZE
-        && kd == vd
-        && kd.0 == b
-        && kd.3 == d
-        && kd.1 > 0
-        && heads % kd.1 == 0
+    GroupedDims::of(q, k, v).is_some_and(|g| g.q_len == 1 && g.head_size <= MAX_HEAD_SIZE)
         && q.is_contiguous()
         && unit_last(k)
         && unit_last(v)
@@ -138,10 +130,8 @@ mod tests {
         let q = uniform(&[2, 4, 1, 8], 3);
         assert!(super::supported(&q, &k, &v));
         let got = super::decode_attention(&q, &k, &v).unwrap();
-        let repeat = |t: &candle_core::Tensor| {
-            candle_transformers::utils::repeat_kv(t.contiguous().unwrap(), 2).unwrap()
-        };
-        let want = reference::causal_attention(&q, &repeat(&k), &repeat(&v)).unwrap();
+        let (k_all, v_all) = super::super::repeat_kv_heads(&q, &k, &v).unwrap();
+        let want = reference::causal_attention(&q, &k_all, &v_all).unwrap();
         let error = relative_error(&got, &want);
         assert!(error < 1e-6, "{error:.2e}");
     }

@@ -10,6 +10,7 @@
 
 use super::attach::attach3;
 use super::cuda::{self, Arg, Operand};
+use super::GroupedDims;
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
@@ -25,19 +26,14 @@ const THREADS: u32 = 256;
 /// Whether [`flash_attention`] handles these operands: CUDA, one float dtype, a head size the
 /// kernels are compiled for, `heads` a multiple of `kv_heads`, no more queries than keys.
 pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let (Ok((b, heads, q_len, d)), Ok(kd), Ok(vd)) = (q.dims4(), k.dims4(), v.dims4()) else {
+    let Some(g) = GroupedDims::of(q, k, v) else {
         return false;
     };
     matches!(q.device(), Device::Cuda(_))
         && super::fused(&[q, k, v])
-        && HEAD_SIZES.contains(&d)
-        && kd == vd
-        && kd.0 == b
-        && kd.3 == d
-        && kd.1 > 0
-        && heads % kd.1 == 0
-        && q_len > 0
-        && q_len <= kd.2
+        && HEAD_SIZES.contains(&g.head_size)
+        && g.q_len > 0
+        && g.q_len <= g.kv_len
 }
 
 /// Causal attention of `q` `[b, heads, q_len, d]` against `k`/`v` `[b, kv_heads, kv_len, d]`
@@ -45,7 +41,9 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let q = q.contiguous()?;
     let (k, v) = (unit_last(k)?, unit_last(v)?);
-    let dims = Dims::of(&q, &k)?;
+    let dims = GroupedDims::of(&q, &k, &v).ok_or_else(|| {
+        candle_core::Error::Msg("flash attention: operands of mismatched shapes".into())
+    })?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let (out, lse) = forward(&qd, &kd, &vd, &dims)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
@@ -67,37 +65,13 @@ fn unit_last(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The problem's sizes.
-#[derive(Clone, Copy)]
-struct Dims {
-    batch: usize,
-    heads: usize,
-    kv_heads: usize,
-    q_len: usize,
-    kv_len: usize,
-    d: usize,
-}
-
-impl Dims {
-    fn of(q: &Tensor, k: &Tensor) -> Result<Self> {
-        let (batch, heads, q_len, d) = q.dims4()?;
-        let (_, kv_heads, kv_len, _) = k.dims4()?;
-        Ok(Self {
-            batch,
-            heads,
-            kv_heads,
-            q_len,
-            kv_len,
-            d,
-        })
-    }
-
+impl GroupedDims {
     fn q_shape(&self) -> Shape {
-        (self.batch, self.heads, self.q_len, self.d).into()
+        (self.batch, self.heads, self.q_len, self.head_size).into()
     }
 
     fn kv_shape(&self) -> Shape {
-        (self.batch, self.kv_heads, self.kv_len, self.d).into()
+        (self.batch, self.kv_heads, self.kv_len, self.head_size).into()
     }
 
     fn query_rows(&self) -> usize {
@@ -121,19 +95,20 @@ impl Dims {
     }
 
     fn scale(&self) -> f32 {
-        1.0 / (self.d as f32).sqrt()
+        1.0 / (self.head_size as f32).sqrt()
     }
 
     /// `name` for this head size (the dtype suffix is added at launch).
     fn kernel(&self, name: &str) -> String {
-        format!("{name}_d{}", self.d)
+        format!("{name}_d{}", self.head_size)
     }
 
     /// Dynamic shared memory of a kernel holding `tiles` f32 tiles of `[64][d + 4]`,
     /// `score_tiles` of `[64][68]` and `rows` per-row vectors of 64 (rows padded by 4 floats,
     /// as in the kernels).
     fn shared_bytes(&self, tiles: usize, score_tiles: usize, rows: usize) -> Result<u32> {
-        let floats = tiles * TILE * (self.d + 4) + score_tiles * TILE * (TILE + 4) + rows * TILE;
+        let floats =
+            tiles * TILE * (self.head_size + 4) + score_tiles * TILE * (TILE + 4) + rows * TILE;
         u32::try_from(floats * 4)
             .map_err(|_| candle_core::Error::Msg("flash attention: shared memory".into()))
     }
@@ -150,12 +125,12 @@ fn start(operand: Operand) -> Result<Arg> {
 }
 
 /// The output `[b, heads, q_len, d]` and the base-2 log-sum-exp of each query row (f32).
-fn forward(q: &Tensor, k: &Tensor, v: &Tensor, dims: &Dims) -> Result<(Tensor, Tensor)> {
+fn forward(q: &Tensor, k: &Tensor, v: &Tensor, dims: &GroupedDims) -> Result<(Tensor, Tensor)> {
     let rows = dims.query_rows();
     let (out, lse) = cuda::with_operands(&[q, k, v], |ops| {
         let [q, k, v] = [ops[0], ops[1], ops[2]];
         let device = &q.0.device;
-        let out = cuda::alloc(device, q.0.dtype(), rows * dims.d)?;
+        let out = cuda::alloc(device, q.0.dtype(), rows * dims.head_size)?;
         let lse = cuda::alloc(device, DType::F32, rows)?;
         let mut args = vec![
             start(q)?,
@@ -186,7 +161,7 @@ fn backward(
     out: &Tensor,
     dout: &Tensor,
     lse: &Tensor,
-    dims: &Dims,
+    dims: &GroupedDims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let rows = dims.query_rows();
     let kv_elems = dims.kv_shape().elem_count();
@@ -199,7 +174,7 @@ fn backward(
             start(dout)?,
             Arg::Address(cuda::base_address(&delta)?),
             cuda::int(rows)?,
-            cuda::int(dims.d)?,
+            cuda::int(dims.head_size)?,
         ];
         let (grid, block) = cuda::per_warp_row(rows)?;
         cuda::launch_with_shared(
@@ -209,7 +184,7 @@ fn backward(
             (grid, block, 0),
             &args,
         )?;
-        let dq = cuda::alloc(device, dtype, rows * dims.d)?;
+        let dq = cuda::alloc(device, dtype, rows * dims.head_size)?;
         let dk = cuda::alloc(device, dtype, kv_elems)?;
         let dv = cuda::alloc(device, dtype, kv_elems)?;
         let inputs = [

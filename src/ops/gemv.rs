@@ -30,18 +30,17 @@ pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
     if inp == 0 || x.elem_count() > MAX_ROWS * inp || weight.dims().last() != Some(&inp) {
         return false;
     }
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = weight.storage_and_layout();
+    let (xs, _) = x.storage_and_layout();
+    let (ws, _) = weight.storage_and_layout();
     match (&*xs, &*ws) {
         (Storage::Cpu(_), Storage::Cpu(_)) => {
             x.dtype() == DType::F32 && weight.dtype() == DType::F32
         }
         #[cfg(feature = "cuda")]
-        (Storage::Cuda(xs), Storage::Cuda(ws)) => cuda::gemv_supported((xs, xl), (ws, wl)),
-        _ => {
-            let _ = (xl, wl);
-            false
+        (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+            cuda::gemv_supported((xs, x.layout()), (ws, weight.layout()))
         }
+        _ => false,
     }
 }
 

@@ -72,6 +72,42 @@ pub(crate) fn rows_and_width(layout: &Layout) -> Result<(usize, usize)> {
     Ok((rows, width))
 }
 
+/// The sizes of grouped-query attention operands: `q` `[batch, heads, q_len, head_size]`
+/// against `k` and `v`, both `[batch, kv_heads, kv_len, head_size]`, with `heads` a multiple
+/// of `kv_heads`. (Without the `cuda` feature only the decode check reads it, which needs
+/// only the query length and head size.)
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct GroupedDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_size: usize,
+}
+
+impl GroupedDims {
+    /// The sizes of `q`, `k` and `v`, or `None` when they do not fit together.
+    pub(crate) fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Self> {
+        let (batch, heads, q_len, head_size) = q.dims4().ok()?;
+        let kd @ (kb, kv_heads, kv_len, kd_size) = k.dims4().ok()?;
+        let fits = v.dims4().ok()? == kd
+            && kb == batch
+            && kd_size == head_size
+            && kv_heads > 0
+            && heads % kv_heads == 0;
+        fits.then_some(Self {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_size,
+        })
+    }
+}
+
 /// Whether `ids` are u32 on the same device as `like`, as the fused kernels need.
 fn ids_beside(ids: &Tensor, like: &Tensor) -> bool {
     ids.dtype() == DType::U32 && ids.device().same_device(like.device())
@@ -83,19 +119,26 @@ fn ids_beside(ids: &Tensor, like: &Tensor) -> bool {
 /// For a few untracked rows (a decode step) it is a matrix-vector kernel.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let (out, inp) = weight.dims2()?;
-    let mut dims = x.dims().to_vec();
-    match dims.last_mut() {
-        Some(last) if *last == inp => *last = out,
-        _ => candle_core::bail!(
+    if x.dims().last() != Some(&inp) {
+        candle_core::bail!(
             "linear: input {:?} for a weight of [{out}, {inp}]",
             x.dims()
-        ),
+        );
     }
     let rows = x.reshape(((), inp))?;
     if gemv::supported(&rows, weight) {
-        return gemv::gemv(&rows, weight)?.reshape(dims);
+        return gemv::gemv(&rows, weight)?.reshape(with_last_dim(x, out));
     }
-    rows.matmul(&weight.t()?)?.reshape(dims)
+    rows.matmul(&weight.t()?)?.reshape(with_last_dim(x, out))
+}
+
+/// `x`'s dimensions with the last one replaced by `last`.
+fn with_last_dim(x: &Tensor, last: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    dims
 }
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32.
@@ -136,15 +179,11 @@ pub fn write_kv_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 /// (a decode step); elsewhere the projection, split, then [`swiglu`].
 pub fn swiglu_projection(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
     let rows = x.reshape(((), gate_up.dim(1)?))?;
+    let ffn = gate_up.dim(0)? / 2;
     if gemv::supported(&rows, gate_up) {
-        let mut dims = x.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = gate_up.dim(0)? / 2;
-        }
-        return gemv::gemv_swiglu(&rows, gate_up)?.reshape(dims);
+        return gemv::gemv_swiglu(&rows, gate_up)?.reshape(with_last_dim(x, ffn));
     }
     let both = linear(x, gate_up)?;
-    let ffn = gate_up.dim(0)? / 2;
     let last = both.rank() - 1;
     swiglu(&both.narrow(last, 0, ffn)?, &both.narrow(last, ffn, ffn)?)
 }
@@ -213,10 +252,16 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// Repeats kv heads to the query heads and runs [`causal_attention`].
 fn repeated_kv_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (k, v) = repeat_kv_heads(q, k, v)?;
+    causal_attention(q, &k, &v)
+}
+
+/// `k` and `v` with each kv head repeated for the query heads of `q` that read it, contiguous.
+pub(crate) fn repeat_kv_heads(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let repeat = q.dim(1)? / k.dim(1)?.max(1);
     let k = candle_transformers::utils::repeat_kv(k.clone(), repeat)?.contiguous()?;
     let v = candle_transformers::utils::repeat_kv(v.clone(), repeat)?.contiguous()?;
-    causal_attention(q, &k, &v)
+    Ok((k, v))
 }
 
 /// SwiGLU gate: `silu(gate) * up`.
