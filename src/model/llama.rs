@@ -80,12 +80,15 @@ impl Linear {
 
     /// Applies the projection (and the LoRA update, if any), computing in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let w = self.weight.to_dtype(dtype)?;
         let y = match (&self.lora, self.trainable) {
-            (Some(lora), false) => lora.forward_with_frozen(x, &w, dtype)?,
-            (Some(lora), true) => (ops::linear(x, &w)? + lora.forward(x, dtype)?)?,
-            (None, true) => ops::linear(x, &w)?,
-            (None, false) => ops::frozen_linear(x, &w)?,
+            (None, true) => ops::master_linear(x, &self.weight)?,
+            (Some(lora), true) => {
+                (ops::master_linear(x, &self.weight)? + lora.forward(x, dtype)?)?
+            }
+            (Some(lora), false) => {
+                lora.forward_with_frozen(x, &self.weight.to_dtype(dtype)?, dtype)?
+            }
+            (None, false) => ops::frozen_linear(x, &self.weight.to_dtype(dtype)?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(dtype)?),
@@ -503,10 +506,12 @@ impl Llama {
 
     /// The output head's weight in the compute dtype: `lm_head`, or the embedding when tied.
     fn head(&self) -> Result<Tensor> {
-        self.lm_head
-            .as_ref()
-            .unwrap_or(&self.embed_tokens)
-            .to_dtype(self.dtype)
+        self.head_master().to_dtype(self.dtype)
+    }
+
+    /// The output head's weight as stored (the tied embedding table when there is no head).
+    fn head_master(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
@@ -529,13 +534,23 @@ impl Llama {
         }
     }
 
-    /// Final norm, output head and per-token NLL (f32 `[n]`) of u32 `targets` `[n]` for hidden
-    /// states `[.., hidden]` with `n` positions, without keeping the full logits when they are
-    /// large ([`ops::head_nll`]). The head gets a gradient only when it is trainable.
+    /// Final norm, output head and per-token NLL (f32 `[n]`, no gradient) of u32 `targets`
+    /// `[n]` for hidden states `[.., hidden]` with `n` positions, without keeping the full
+    /// logits when they are large ([`ops::head_nll`]).
     pub fn token_nll(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let x = self.final_norm(x)?;
         let x = x.reshape(((), self.config.hidden_size))?;
         ops::head_nll(&x, &self.head()?, targets)
+    }
+
+    /// The training loss: the mean NLL of u32 `targets` `[n]` over the positions `weights`
+    /// (`[n]` f32, 1 to score, 0 to skip) selects, for hidden states `[.., hidden]`, with the
+    /// output head's gradients computed as it runs ([`ops::head_mean_nll`]). The head gets a
+    /// gradient only when it is trainable.
+    pub fn mean_nll(&self, x: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let x = self.final_norm(x)?;
+        let x = x.reshape(((), self.config.hidden_size))?;
+        ops::head_mean_nll(&x, self.head_master(), targets, weights)
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` whose first position is

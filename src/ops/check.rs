@@ -241,6 +241,7 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
         decode_case(1, h, cfg.kv_heads(), seq, d),
         add_norm_case(1, cfg.hidden_size),
         gemv_case(1, cfg.hidden_size, cfg.vocab_size),
+        master_linear_case(tokens, cfg.hidden_size, cfg.intermediate_size),
         swiglu_projection_case(cfg.hidden_size, cfg.intermediate_size),
         write_kv_case(1, 1, h, cfg.kv_heads(), d),
         Case {
@@ -262,13 +263,18 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
             ],
         },
         Case {
-            name: "head_nll",
-            fused: |t| super::head_nll(&t[0], &t[1], &t[2]),
-            reference: |t| reference::token_nll(&t[0].matmul(&t[1].t()?)?, &t[2]),
+            name: "head_mean_nll",
+            fused: |t| super::head_mean_nll(&t[0], &t[1], &t[2], &t[3]),
+            reference: |t| {
+                let nll = reference::token_nll(&t[0].matmul(&t[1].t()?)?, &t[2])?;
+                super::weighted_mean(&nll, &t[3])
+            },
             inputs: vec![
                 float(&[tokens, cfg.hidden_size]),
                 Input::Float(vec![cfg.vocab_size, cfg.hidden_size], 0.1),
                 Input::Ids(vec![tokens], vocab),
+                // Loss weights: 0 or 1 per position.
+                Input::Ids(vec![tokens], 2),
             ],
         },
         Case {
@@ -333,6 +339,20 @@ fn gemv_case(rows: usize, inp: usize, out: usize) -> Case {
         fused: |t| super::linear(&t[0], &t[1]),
         reference: |t| t[0].matmul(&t[1].t()?),
         inputs: vec![Input::Table(vec![rows, inp]), Input::Table(vec![out, inp])],
+    }
+}
+
+/// A trained projection whose weight is an f32 master (in 16-bit modes its gradient comes from
+/// the widening GEMM on CUDA).
+fn master_linear_case(rows: usize, inp: usize, out: usize) -> Case {
+    Case {
+        name: "master_linear",
+        fused: |t| super::master_linear(&t[0], &t[1].to_dtype(DType::F32)?),
+        reference: |t| t[0].matmul(&t[1].t()?),
+        inputs: vec![
+            Input::Float(vec![rows, inp], 1.0),
+            Input::Float(vec![out, inp], 1.0),
+        ],
     }
 }
 

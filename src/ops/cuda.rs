@@ -197,8 +197,12 @@ fn row_threads(width: usize, max: u32) -> u32 {
 }
 
 pub(crate) fn int(n: usize) -> Result<Arg> {
+    c_int(n).map(Arg::Int)
+}
+
+/// `n` as a C `int` (kernel and cuBLAS sizes).
+fn c_int(n: usize) -> Result<i32> {
     i32::try_from(n)
-        .map(Arg::Int)
         .map_err(|_| candle_core::Error::Msg(format!("fused CUDA kernel: size {n} too large")))
 }
 
@@ -821,4 +825,54 @@ pub(crate) fn sum_squares_multi(
     ];
     launch(device, "sum_partials", None, (1, 1), (1024, 1), &args)?;
     Ok(out)
+}
+
+/// The weight gradient `gᵀ · x` (f32 `[out, in]`) of 16-bit `g` `[n, out]` and `x` `[n, in]`,
+/// both contiguous and of one dtype: one cuBLAS GEMM that accumulates in f32 and writes f32.
+pub(crate) fn weight_grad_f32(g: Operand, x: Operand) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    let dtype = common_dtype(&[g, x])?;
+    let element = match dtype {
+        DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+        other => candle_core::bail!("weight gradient: {other:?} operands, 16-bit expected"),
+    };
+    let (n, out) = rows_and_width(g.1)?;
+    let (n_x, inp) = rows_and_width(x.1)?;
+    if n != n_x {
+        candle_core::bail!("weight gradient: {n} gradient rows for {n_x} input rows");
+    }
+    let device = &g.0.device;
+    let dw = alloc(device, DType::F32, out * inp)?;
+    let (alpha, beta) = (1f32, 0f32);
+    let blas = device.cublas_handle();
+    // Column-major, this is `dwᵀ [in, out] = xᵀ [in, n] · g [n, out]`: x as stored (`in` by
+    // `n`, leading dimension `in`), g transposed (stored `out` by `n`).
+    // SAFETY: the addresses are of live, contiguous buffers of the sizes given, on the
+    // stream the handle is bound to; `dw` has `out * inp` f32 elements.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            c_int(inp)?,
+            c_int(out)?,
+            c_int(n)?,
+            &alpha as *const f32 as *const _,
+            address(x)? as *const _,
+            element,
+            c_int(inp)?,
+            address(g)? as *const _,
+            element,
+            c_int(out)?,
+            &beta as *const f32 as *const _,
+            base_address(&dw)? as *mut _,
+            sys::cudaDataType_t::CUDA_R_32F,
+            c_int(inp)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("weight gradient GEMM: {e:?}")))?;
+    Ok(dw)
 }

@@ -27,6 +27,7 @@ mod frozen;
 mod gemv;
 mod head_loss;
 mod kv_write;
+mod master_linear;
 #[cfg(test)]
 pub(crate) mod parity;
 pub mod reference;
@@ -37,8 +38,9 @@ mod swiglu;
 
 pub use adamw::{adamw_step, AdamWUpdate};
 pub use frozen::{frozen_linear, lora_linear};
-pub use head_loss::head_nll;
+pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, KvLayout};
+pub use master_linear::master_linear;
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
 

@@ -44,14 +44,17 @@ fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
 }
 
 fn loss_from_hidden(model: &Llama, hidden: &Tensor, t: &Tensors) -> Result<Tensor> {
-    ops::weighted_mean(&model.token_nll(hidden, &t.targets)?, &t.weights)
+    model.mean_nll(hidden, &t.targets, &t.weights)
 }
 
 /// Mean loss over `batch` without gradients (validation).
 pub fn loss_only(model: &Llama, batch: &Batch) -> Result<f64> {
     let t = to_tensors(batch, model.device())?;
     let hidden = forward_blocks(model, &t.inputs)?.detach();
-    scalar(&loss_from_hidden(model, &hidden, &t)?)
+    scalar(&ops::weighted_mean(
+        &model.token_nll(&hidden, &t.targets)?,
+        &t.weights,
+    )?)
 }
 
 /// Adds the gradients of `vars` found in `store`, times `scale`, into `into`.
