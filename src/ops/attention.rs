@@ -8,6 +8,7 @@ use super::attach::attach3;
 use super::cpu_kernel::{f32s, for_each_row, output, MIN_ROWS_PER_TASK};
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::fast_exp;
 use super::rows_and_width;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
@@ -75,13 +76,11 @@ impl CustomOp1 for CausalSoftmax {
         for_each_row(&mut probs, kv_len, |row, p| {
             let s = &scores[row * kv_len..][..kv_len];
             let n = visible(row, q_len, kv_len);
-            let max = s[..n].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
+            let max = fast_exp::max(&s[..n]);
             for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
-                *p = ((s - max) * self.scale).exp();
-                sum += *p;
+                *p = fast_exp::exp((s - max) * self.scale);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / fast_exp::sum(&p[..n]);
             p[..n].iter_mut().for_each(|p| *p *= inv);
         });
         Ok(output(probs, layout.shape().clone()))

@@ -6,6 +6,7 @@
 use super::cpu_kernel::{f32s, output, u32s, MIN_ROWS_PER_TASK};
 #[cfg(feature = "cuda")]
 use super::cuda;
+use super::fast_exp;
 use super::rows_and_width;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
@@ -48,9 +49,8 @@ fn cpu_targets<'a>(
 
 /// `(max, log Σ exp(x − max))` of one row of logits.
 fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    (max, sum.ln())
+    let max = fast_exp::max(row);
+    (max, fast_exp::sum_exp(row, max).ln())
 }
 
 struct TokenNll;
@@ -138,7 +138,7 @@ impl CustomOp3 for TokenNllGrad {
                 let (max, lse) = log_sum_exp(row);
                 let shift = max + lse;
                 for (d, &x) in d.iter_mut().zip(row) {
-                    *d = (x - shift).exp() * g;
+                    *d = fast_exp::exp(x - shift) * g;
                 }
                 d[t as usize] -= g;
             });

@@ -116,7 +116,7 @@ impl CustomOp2 for Gemv {
                             false => dot(weight_row(o), x),
                             true => {
                                 let (g, u) = (dot(weight_row(o), x), dot(weight_row(out + o), x));
-                                g / (1.0 + (-g).exp()) * u
+                                g * super::swiglu::sigmoid(g) * u
                             }
                         };
                     }

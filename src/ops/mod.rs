@@ -21,6 +21,7 @@ mod cross_entropy;
 mod cuda;
 mod decode;
 mod embedding;
+mod fast_exp;
 #[cfg(feature = "cuda")]
 mod flash;
 mod frozen;

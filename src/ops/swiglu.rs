@@ -16,8 +16,9 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.apply_op2(up, SwiGlu)
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+/// The logistic function.
+pub(super) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + super::fast_exp::exp(-x))
 }
 
 fn same_len(a: &[f32], b: &[f32]) -> Result<()> {
