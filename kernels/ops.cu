@@ -224,6 +224,29 @@ extern "C" __global__ void swap_middle_v16(const uint4* x, uint4* y, int b, int 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Elementwise sum of two tensors of one size: 16 bytes per thread, the tail (n not a multiple
+// of the vector) by the thread past the last whole vector. The operands are 16-byte aligned.
+// 16-bit sums are rounded once from the exact f32 sum, as the native 16-bit add rounds.
+
+template <typename T> __device__ void add_vec(const T* a, const T* b, T* out, size_t n) {
+  constexpr int V = 16 / sizeof(T);
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (i + V <= n) {
+    const uint4 va = *reinterpret_cast<const uint4*>(a + i);
+    const uint4 vb = *reinterpret_cast<const uint4*>(b + i);
+    const T* ea = reinterpret_cast<const T*>(&va);
+    const T* eb = reinterpret_cast<const T*>(&vb);
+    uint4 vo;
+    T* eo = reinterpret_cast<T*>(&vo);
+#pragma unroll
+    for (int k = 0; k < V; ++k) eo[k] = from_f32<T>(to_f32(ea[k]) + to_f32(eb[k]));
+    *reinterpret_cast<uint4*>(out + i) = vo;
+  } else {
+    for (size_t j = i; j < n; ++j) out[j] = from_f32<T>(to_f32(a[j]) + to_f32(b[j]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // SwiGLU: y = silu(gate) * up; the gradient writes [d_gate; d_up] into one 2n buffer.
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -568,6 +591,9 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   }                                                                                           \
   extern "C" __global__ void swap_middle_##S(const T* x, T* y, int b, int c, int d, size_t n) { \
     swap_middle<T>(x, y, b, c, d, n);                                                         \
+  }                                                                                           \
+  extern "C" __global__ void add_vec_##S(const T* a, const T* b, T* out, size_t n) {          \
+    add_vec<T>(a, b, out, n);                                                                 \
   }                                                                                           \
   extern "C" __global__ void swiglu_fwd_##S(const T* gate, const T* up, T* y, size_t n) {     \
     swiglu_fwd<T>(gate, up, y, n);                                                            \

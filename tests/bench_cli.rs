@@ -87,6 +87,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
     ops.dedup();
     let expected = [
         "adamw",
+        "add",
         "add_rms_norm",
         "causal_attention",
         "decode_attention",

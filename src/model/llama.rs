@@ -416,7 +416,7 @@ impl Llama {
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (x, mlp) = self.block_lazy(i, x, None, start, cache)?;
-        x + mlp
+        ops::add(&x, &mlp)
     }
 
     /// Block `i` on the residual stream `x` plus `pending`, the previous block's MLP output

@@ -245,6 +245,15 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
         swiglu_projection_case(cfg.hidden_size, cfg.intermediate_size),
         write_kv_case(1, 1, h, cfg.kv_heads(), d),
         Case {
+            name: "add",
+            fused: |t| super::add(&t[0], &t[1]),
+            reference: |t| &t[0] + &t[1],
+            inputs: vec![
+                float(&[tokens, cfg.hidden_size]),
+                float(&[tokens, cfg.hidden_size]),
+            ],
+        },
+        Case {
             name: "swiglu",
             fused: |t| super::swiglu(&t[0], &t[1]),
             reference: |t| reference::swiglu(&t[0], &t[1]),

@@ -510,6 +510,25 @@ pub(crate) fn swap_middle(x: Operand) -> Result<CudaStorage> {
     run(("swap_middle", dtype), per_element(n)?, &[x], y, &scalars)
 }
 
+/// `a + b` for contiguous, 16-byte aligned operands of one dtype and size.
+pub(crate) fn add(a: Operand, b: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[a, b])?;
+    let n = same_count(a, b)?;
+    if address(a)? % 16 != 0 || address(b)? % 16 != 0 {
+        candle_core::bail!("add: operands must start on a 16-byte boundary");
+    }
+    let out = alloc(&a.0.device, dtype, n)?;
+    let vectors = n.div_ceil(16 / dtype.size_in_bytes());
+    let scalars = [Arg::Count(n as u64)];
+    run(
+        ("add_vec", dtype),
+        per_element(vectors)?,
+        &[a, b],
+        out,
+        &scalars,
+    )
+}
+
 /// SwiGLU forward.
 pub(crate) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
     let dtype = common_dtype(&[gate, up])?;

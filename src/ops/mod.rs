@@ -11,6 +11,7 @@
 //! ([`adamw`]); its composite lives with the optimizer.
 
 pub mod adamw;
+mod add;
 mod add_norm;
 mod attach;
 mod attention;
@@ -38,6 +39,7 @@ mod swap;
 mod swiglu;
 
 pub use adamw::{adamw_step, AdamWUpdate};
+pub use add::{add, install_gradient_add};
 pub use frozen::{frozen_linear, lora_linear};
 pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, KvLayout};
@@ -165,7 +167,7 @@ pub fn add_rms_norm(
         let (x, delta) = (x.contiguous()?, delta.contiguous()?);
         return add_norm::add_rms_norm(&x, &delta, &weight.contiguous()?, eps);
     }
-    let sum = (x + delta)?;
+    let sum = add(x, delta)?;
     let normed = rms_norm(&sum, weight, eps)?;
     Ok((sum, normed))
 }

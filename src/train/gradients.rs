@@ -92,6 +92,7 @@ pub fn accumulate(
     recompute: bool,
     grads: &mut Gradients,
 ) -> Result<f64> {
+    ops::install_gradient_add();
     let t = to_tensors(batch, model.device())?;
     if !recompute {
         let loss = loss_from_hidden(model, &forward_blocks(model, &t.inputs)?, &t)?;

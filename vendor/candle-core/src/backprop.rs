@@ -16,6 +16,18 @@ fn broadcast_back(arg: &Tensor, node: &Tensor, reduced_dims: &[usize]) -> Result
     }
 }
 
+/// How two gradients that meet at a node are summed (llmtool patch): `Tensor::add` unless an
+/// application sets a faster add of its own with [`set_gradient_add`].
+static GRADIENT_ADD: std::sync::OnceLock<fn(&Tensor, &Tensor) -> Result<Tensor>> =
+    std::sync::OnceLock::new();
+
+/// Sets the function that sums gradients meeting at a node, for the rest of the process (llmtool
+/// patch). It must return `a + b` for tensors of one shape and dtype. Returns false, changing
+/// nothing, when one was already set.
+pub fn set_gradient_add(add: fn(&Tensor, &Tensor) -> Result<Tensor>) -> bool {
+    GRADIENT_ADD.set(add).is_ok()
+}
+
 thread_local! {
     static CANDLE_GRAD_DO_NOT_DETACH: bool = {
         match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
@@ -730,7 +742,10 @@ impl GradStore {
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
-                let sum = entry.get().add(grad)?;
+                let sum = match GRADIENT_ADD.get() {
+                    Some(add) => add(entry.get(), grad)?,
+                    None => entry.get().add(grad)?,
+                };
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
