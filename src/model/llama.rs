@@ -474,10 +474,7 @@ impl Llama {
         start: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, heads: usize| -> Result<Tensor> {
-            ops::swap_middle(&y.reshape((b, t, heads, a.head_size))?)
-        };
+        let t = x.dim(1)?;
         let (cos, sin) = self.rope.window(start, t)?;
         let (q, k, v) = match (a.stacked(), cache) {
             (Some(qkv), Some(c)) if ops::write_kv_fused(x, &cos, &sin) => {
@@ -487,9 +484,9 @@ impl Llama {
                 c.append_packed(&qkv, (&cos, &sin), heads)?
             }
             (_, cache) => {
-                let q = split(a.q_proj.forward(x, self.dtype)?, a.heads)?;
-                let k = split(a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
-                let v = split(a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
+                let q = ops::split_heads(&a.q_proj.forward(x, self.dtype)?, a.heads)?;
+                let k = ops::split_heads(&a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
+                let v = ops::split_heads(&a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
                 let q = ops::rope(&q, &cos, &sin)?;
                 let k = ops::rope(&k, &cos, &sin)?;
                 let (k, v) = match cache {
@@ -500,8 +497,7 @@ impl Llama {
             }
         };
         let y = ops::grouped_attention(&q, &k, &v)?;
-        let y = ops::swap_middle(&y)?.reshape((b, t, a.heads * a.head_size))?;
-        a.o_proj.forward(&y, self.dtype)
+        a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype)
     }
 
     /// The output head's weight in the compute dtype: `lm_head`, or the embedding when tied.

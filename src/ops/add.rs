@@ -6,6 +6,7 @@
 //! ran at about 1.1 TB/s and was the largest non-GEMM kernel of a base training step (84 calls
 //! per step). This one moves 16 bytes per thread.
 
+use super::attach::attach2;
 use super::cpu_kernel::{f32s, output, ELEMENTWISE_CHUNK};
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -15,12 +16,20 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `a + b`, with a backward; the fused kernel where [`super::fused`] accepts both, they have
-/// one shape and are contiguous from a 16-byte boundary, candle's add elsewhere.
+/// one shape and are contiguous from a 16-byte boundary, candle's add elsewhere. The fused
+/// sum's graph node does not keep `a` and `b` (its backward needs neither), so a branch that
+/// ends here (an attention or MLP output) is freed after the forward pass.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !applies(a, b) {
         return a + b;
     }
-    a.apply_op2(b, Add)
+    let sum = a.detach().apply_op2_no_bwd(&b.detach(), &Add)?;
+    if !(a.track_op() || b.track_op()) {
+        return Ok(sum);
+    }
+    attach2(a, b, &sum, "add", |grad| {
+        Ok((Some(grad.clone()), Some(grad.clone())))
+    })
 }
 
 /// [`add`] without a backward: what candle's gradient store calls to sum gradients.
@@ -89,16 +98,6 @@ impl CustomOp2 for Add {
     ) -> Result<(CudaStorage, Shape)> {
         let sum = cuda::add((a, a_layout), (b, b_layout))?;
         Ok((sum, a_layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _a: &Tensor,
-        _b: &Tensor,
-        _sum: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.clone()), Some(grad.clone())))
     }
 }
 

@@ -1,16 +1,19 @@
 //! Gradient attachment: a value computed outside the autograd graph (on detached operands, in
 //! chunks, or by a kernel with no backward of its own) re-enters the graph as a node whose
-//! gradient to its sources is whatever a closure computes. The forward is a copy of the value.
+//! gradient to its sources is whatever a closure computes.
 //!
 //! This is how ops avoid candle's default backward: a frozen weight gets no gradient (candle's
-//! matmul backward computes both operands'), the output head's logits are recomputed in chunks
-//! instead of kept, and the embedding gradient is one scatter kernel.
+//! matmul backward computes both operands'), the output head's gradients are computed while its
+//! logits are at hand, and the embedding gradient is one scatter kernel.
+//!
+//! The node shares the value's memory (nothing is copied), and it keeps its sources only as
+//! data-less stand-ins ([`Tensor::graph_handle`]): the closure captures whatever its backward
+//! reads, so a source nothing else needs (a frozen projection's input, a residual branch) is
+//! freed after the forward pass instead of living until backward, as candle's own ops would
+//! keep it.
 
-use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
-};
-use std::sync::{Arc, Mutex};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use std::sync::Arc;
 
 type Backward1 = Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
@@ -30,10 +33,10 @@ where
 {
     let op = Attach {
         name,
-        value: Pending::new(value),
         backward: Box::new(backward) as Backward1,
     };
-    source.apply_op1_arc(Arc::new(Box::new(op)))
+    let source = source.graph_handle()?;
+    Ok(Tensor::attach_op1(value, &source, Arc::new(Box::new(op))))
 }
 
 /// `value`, whose gradient flows to `a` and `b` as `backward(grad of value)`.
@@ -49,10 +52,11 @@ where
 {
     let op = Attach {
         name,
-        value: Pending::new(value),
         backward: Box::new(backward) as Backward2,
     };
-    a.apply_op2_arc(b, Arc::new(Box::new(op)))
+    let sources = [a.graph_handle()?, b.graph_handle()?];
+    let [a, b] = &sources;
+    Ok(Tensor::attach_op2(value, [a, b], Arc::new(Box::new(op))))
 }
 
 /// `value`, whose gradient flows to `a`, `b` and `c` as `backward(grad of value)`.
@@ -67,107 +71,28 @@ where
 {
     let op = Attach {
         name,
-        value: Pending::new(value),
         backward: Box::new(backward) as Backward3,
     };
     let [a, b, c] = sources;
-    a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
+    let handles = [a.graph_handle()?, b.graph_handle()?, c.graph_handle()?];
+    let [a, b, c] = &handles;
+    Ok(Tensor::attach_op3(value, [a, b, c], Arc::new(Box::new(op))))
 }
 
-/// The value an attach op outputs, held only until its forward has copied it: the graph keeps
-/// the op (for its backward), and must not keep a second copy of the output through it.
-struct Pending(Mutex<Option<Tensor>>);
-
-impl Pending {
-    fn new(value: &Tensor) -> Self {
-        Self(Mutex::new(Some(value.clone())))
-    }
-
-    fn take(&self) -> Result<Tensor> {
-        let taken = match self.0.lock() {
-            Ok(mut guard) => guard.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
-        taken.ok_or_else(|| candle_core::Error::Msg("attach: forward ran twice".into()))
-    }
-
-    /// A contiguous copy of the value, on the backend the op runs on.
-    fn copy_out<S>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)>
-    where
-        S: BackendStorage,
-        S::Device: BackendDevice<Storage = S>,
-    {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        let Some(storage) = pick(&storage) else {
-            candle_core::bail!("attach: the value is on another device than its source");
-        };
-        // SAFETY: copy_strided_src writes every element of the new buffer.
-        let mut out = unsafe {
-            storage
-                .device()
-                .alloc_uninit(layout.shape(), storage.dtype())?
-        };
-        storage.copy_strided_src(&mut out, 0, layout)?;
-        Ok((out, layout.shape().clone()))
-    }
-}
-
-fn cpu(s: &Storage) -> Option<&CpuStorage> {
-    match s {
-        Storage::Cpu(s) => Some(s),
-        _ => None,
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda(s: &Storage) -> Option<&candle_core::CudaStorage> {
-    match s {
-        Storage::Cuda(s) => Some(s),
-        _ => None,
-    }
-}
-
-#[cfg(feature = "metal")]
-fn metal(s: &Storage) -> Option<&candle_core::MetalStorage> {
-    match s {
-        Storage::Metal(s) => Some(s),
-        _ => None,
-    }
-}
-
-/// An attach op over one, two or three sources (`B` is the backward closure's type).
+/// An attach node over one, two or three sources (`B` is the backward closure's type). It is
+/// only ever recorded in the graph with its value ([`Tensor::attach_op1`] and kin), never run.
 struct Attach<B> {
     name: &'static str,
-    value: Pending,
     backward: B,
 }
 
-/// The forward of an attach op on every backend, whatever its sources: the pending value,
-/// copied. Takes one `storage layout` name pair per source.
-macro_rules! copy_forwards {
+/// The forward every attach node has in name only: candle's trait asks for one, and nothing
+/// calls it, since the node is created with its value.
+macro_rules! no_forward {
     ($($s:ident $l:ident),+) => {
         fn cpu_fwd(&self, $($s: &CpuStorage, $l: &Layout),+) -> Result<(CpuStorage, Shape)> {
             $(let _ = ($s, $l);)+
-            self.value.copy_out(cpu)
-        }
-
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            $($s: &candle_core::CudaStorage, $l: &Layout),+
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            $(let _ = ($s, $l);)+
-            self.value.copy_out(cuda)
-        }
-
-        #[cfg(feature = "metal")]
-        fn metal_fwd(
-            &self,
-            $($s: &candle_core::MetalStorage, $l: &Layout),+
-        ) -> Result<(candle_core::MetalStorage, Shape)> {
-            $(let _ = ($s, $l);)+
-            self.value.copy_out(metal)
+            candle_core::bail!("{}: an attached value has no forward of its own", self.name)
         }
     };
 }
@@ -177,7 +102,7 @@ impl CustomOp1 for Attach<Backward1> {
         self.name
     }
 
-    copy_forwards!(s1 l1);
+    no_forward!(s1 l1);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         (self.backward)(grad)
@@ -189,7 +114,7 @@ impl CustomOp2 for Attach<Backward2> {
         self.name
     }
 
-    copy_forwards!(s1 l1, s2 l2);
+    no_forward!(s1 l1, s2 l2);
 
     fn bwd(
         &self,
@@ -207,9 +132,58 @@ impl CustomOp3 for Attach<Backward3> {
         self.name
     }
 
-    copy_forwards!(s1 l1, s2 l2, s3 l3);
+    no_forward!(s1 l1, s2 l2, s3 l3);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Grads3> {
         (self.backward)(grad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn the_closure_gives_the_gradient_and_the_value_is_shared_not_copied() {
+        let x = Var::from_slice(&[1f32, 2., 3.], 3, &Device::Cpu).unwrap();
+        let value = (x.as_tensor().detach() * 10.0).unwrap();
+        let y = attach(x.as_tensor(), &value, "test", |g| Ok(Some((g * 2.0)?))).unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), [10., 20., 30.]);
+        let grads = (y * 3.0).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            grads.get(&x).unwrap().to_vec1::<f32>().unwrap(),
+            [6., 6., 6.]
+        );
+    }
+
+    /// Elements in a tensor's storage.
+    fn stored(t: &Tensor) -> usize {
+        match &*t.storage_and_layout().0 {
+            candle_core::Storage::Cpu(s) => s.as_slice::<f32>().unwrap().len(),
+            _ => unreachable!("CPU test"),
+        }
+    }
+
+    #[test]
+    fn sources_are_kept_as_data_less_stand_ins_where_that_is_safe() {
+        let x = Var::from_slice(&[1f32, 2., 3.], 3, &Device::Cpu).unwrap();
+        let middle = (x.as_tensor() * 2.0).unwrap();
+        let handle = middle.graph_handle().unwrap();
+        assert_eq!((handle.id(), handle.dims()), (middle.id(), middle.dims()));
+        assert_eq!((stored(&middle), stored(&handle)), (3, 1));
+        // Gradients reach x through a node whose source was dropped.
+        let value = (middle.detach() + 1.0).unwrap();
+        let y = attach(&middle, &value, "test", |g| Ok(Some(g.clone()))).unwrap();
+        drop(middle);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            grads.get(&x).unwrap().to_vec1::<f32>().unwrap(),
+            [2., 2., 2.]
+        );
+        // exp's backward reads its own output, and a variable is its own node: both kept whole.
+        let e = x.as_tensor().exp().unwrap();
+        assert_eq!(stored(&e.graph_handle().unwrap()), 3);
+        assert_eq!(stored(&x.as_tensor().graph_handle().unwrap()), 3);
     }
 }

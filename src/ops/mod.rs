@@ -212,6 +212,37 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     reference::causal_attention(q, k, v)
 }
 
+/// `[batch, seq, heads * head_size]` projections as `[batch, heads, seq, head_size]`
+/// (contiguous). The graph node keeps nothing of `y`: its backward is the merge.
+pub fn split_heads(y: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = y.dims3()?;
+    let split = |y: &Tensor| swap_middle(&y.reshape((b, t, heads, width / heads))?);
+    let value = split(&y.detach())?;
+    if !y.track_op() {
+        return Ok(value);
+    }
+    attach::attach(y, &value, "split-heads", move |grad| Ok(Some(merge(grad)?)))
+}
+
+/// `[batch, heads, seq, head_size]` attention outputs as `[batch, seq, heads * head_size]`
+/// (contiguous). The graph node keeps nothing of `y`: its backward is the split.
+pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (_, heads, _, _) = y.dims4()?;
+    let value = merge(&y.detach())?;
+    if !y.track_op() {
+        return Ok(value);
+    }
+    attach::attach(y, &value, "merge-heads", move |grad| {
+        Ok(Some(split_heads(&grad.detach(), heads)?))
+    })
+}
+
+/// [`merge_heads`] outside the graph.
+fn merge(y: &Tensor) -> Result<Tensor> {
+    let (b, heads, t, d) = y.dims4()?;
+    swap_middle(y)?.reshape((b, t, heads * d))
+}
+
 /// `x` `[a, b, c, d]` as a contiguous `[a, c, b, d]` (the attention head split and merge).
 pub fn swap_middle(x: &Tensor) -> Result<Tensor> {
     if let [a, b, c, d] = *x.dims() {

@@ -1,6 +1,7 @@
 //! Fused rotary position embedding (Hugging Face rotate-half layout) on the CPU and on CUDA.
 //! The backward of a rotation by θ is the rotation by −θ, so one kernel does both directions.
 
+use super::attach::attach;
 use super::cpu_kernel::{f32s, for_each_row, output};
 #[cfg(feature = "cuda")]
 use super::cuda;
@@ -21,9 +22,22 @@ pub(crate) fn supports(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 
 /// Rotates `x` by the angles whose cosines and sines are `cos`/`sin`. Same contract as
 /// [`super::reference::rope`]; inputs must be contiguous tensors that [`supports`], on a backend
-/// [`super::fused`] accepts.
+/// [`super::fused`] accepts. The graph node keeps only the tables: its backward (the inverse
+/// rotation) does not read `x`.
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    x.apply_op3(cos, sin, Rope { inverse: false })
+    let y = rotate(&x.detach(), cos, sin, false)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let (cos, sin) = (cos.detach(), sin.detach());
+    attach(x, &y, "rope", move |grad| {
+        Ok(Some(rotate(&grad.contiguous()?, &cos, &sin, true)?))
+    })
+}
+
+/// `x` rotated by θ (or by −θ with `inverse`), outside the autograd graph.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {
+    x.apply_op3_no_bwd(cos, sin, &Rope { inverse })
 }
 
 struct Rope {
@@ -83,21 +97,6 @@ impl CustomOp3 for Rope {
         let sign = if self.inverse { -1.0 } else { 1.0 };
         let y = cuda::rope((x, x_layout), (cos, cos_layout), (sin, sin_layout), sign)?;
         Ok((y, x_layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let inverse = Rope {
-            inverse: !self.inverse,
-        };
-        let dx = grad.contiguous()?.apply_op3(cos, sin, inverse)?;
-        Ok((Some(dx), None, None))
     }
 }
 

@@ -2371,6 +2371,99 @@ impl Tensor {
         Ok(Tensor(Arc::new(tensor_)))
     }
 
+    /// llmtool patch: a stand-in for this tensor in the autograd graph that holds no data (the
+    /// same id, op, shape and dtype over a one-element buffer). An op that keeps an input only so
+    /// that backward can reach it, and whose backward never reads that input's values, can keep
+    /// the stand-in instead: the input's memory is then freed as soon as nothing else holds it.
+    /// Where this tensor's own op reads its value in backward (`exp`, `sqrt`, `maximum`, ...), or
+    /// it is a variable, the tensor itself is returned.
+    pub fn graph_handle(&self) -> Result<Tensor> {
+        let hollow_is_safe = !self.is_variable
+            && match self.op.as_ref() {
+                None => true,
+                Some(Op::Binary(_, _, b)) => {
+                    matches!(b, BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div)
+                }
+                Some(
+                    Op::Matmul(..)
+                    | Op::Broadcast(_)
+                    | Op::Reshape(_)
+                    | Op::ToDType(_)
+                    | Op::Copy(_)
+                    | Op::Narrow(..)
+                    | Op::Transpose(..)
+                    | Op::Permute(..)
+                    | Op::Affine { .. }
+                    | Op::Cat(..)
+                    | Op::CustomOp1(..)
+                    | Op::CustomOp2(..)
+                    | Op::CustomOp3(..),
+                ) => true,
+                Some(_) => false,
+            };
+        if !hollow_is_safe {
+            return Ok(self.clone());
+        }
+        // SAFETY: nothing reads the buffer: the stand-in's only use is as a graph node.
+        let storage = unsafe { self.device.alloc_uninit(&Shape::from(1), self.dtype)? };
+        Ok(Tensor(Arc::new(Tensor_ {
+            id: self.id,
+            storage: Arc::new(RwLock::new(storage)),
+            layout: self.layout.clone(),
+            op: self.op.clone(),
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })))
+    }
+
+    /// llmtool patch: `value`'s data (shared, not copied) recorded in the autograd graph as the
+    /// output of the custom op `c` on `arg`; `c`'s forward is never run. Its backward gives
+    /// `arg` its gradient.
+    pub fn attach_op1(
+        value: &Tensor,
+        arg: &Tensor,
+        c: Arc<Box<dyn crate::CustomOp1 + Send + Sync>>,
+    ) -> Tensor {
+        let op = BackpropOp::new1(arg, |a| Op::CustomOp1(a, c.clone()));
+        value.shared_with_op(op)
+    }
+
+    /// llmtool patch: [`Tensor::attach_op1`] for a custom op on two arguments.
+    pub fn attach_op2(
+        value: &Tensor,
+        args: [&Tensor; 2],
+        c: Arc<Box<dyn crate::CustomOp2 + Send + Sync>>,
+    ) -> Tensor {
+        let op = BackpropOp::new2(args[0], args[1], |a, b| Op::CustomOp2(a, b, c.clone()));
+        value.shared_with_op(op)
+    }
+
+    /// llmtool patch: [`Tensor::attach_op1`] for a custom op on three arguments.
+    pub fn attach_op3(
+        value: &Tensor,
+        args: [&Tensor; 3],
+        c: Arc<Box<dyn crate::CustomOp3 + Send + Sync>>,
+    ) -> Tensor {
+        let op = BackpropOp::new3(args[0], args[1], args[2], |a, b, d| {
+            Op::CustomOp3(a, b, d, c.clone())
+        });
+        value.shared_with_op(op)
+    }
+
+    /// A new graph node over this tensor's storage and layout, produced by `op`.
+    fn shared_with_op(&self, op: BackpropOp) -> Tensor {
+        Tensor(Arc::new(Tensor_ {
+            id: TensorId::new(),
+            storage: self.storage.clone(),
+            layout: self.layout.clone(),
+            op,
+            is_variable: false,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }))
+    }
+
     /// Returns a new tensor detached from the current graph, gradient are not propagated through
     /// this new node. The storage of this tensor is shared with the initial tensor.
     ///
