@@ -102,6 +102,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "swiglu",
         "swiglu_projection",
         "token_nll",
+        "token_nll_with_grad",
         "write_kv",
     ];
     assert_eq!(ops, expected);

@@ -272,6 +272,23 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
             ],
         },
         Case {
+            name: "token_nll_with_grad",
+            fused: |t| {
+                let g = t[2].to_dtype(DType::F32)?;
+                side_by_side(super::token_nll_with_grad(&t[0], &t[1], &g)?)
+            },
+            reference: |t| {
+                let g = t[2].to_dtype(DType::F32)?;
+                let nll = reference::token_nll(&t[0], &t[1])?;
+                side_by_side((nll, reference::token_nll_grad(&t[0], &t[1], &g)?))
+            },
+            inputs: vec![
+                Input::Table(vec![tokens, cfg.vocab_size]),
+                Input::Ids(vec![tokens], vocab),
+                Input::Table(vec![tokens]),
+            ],
+        },
+        Case {
             name: "head_mean_nll",
             fused: |t| super::head_mean_nll(&t[0], &t[1], &t[2], &t[3]),
             reference: |t| {
@@ -296,6 +313,12 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
             ],
         },
     ]
+}
+
+/// Per-row values `[n]` and rows `[n, width]` as one f32 `[n, width + 1]` tensor, for ops with
+/// two outputs.
+fn side_by_side((values, rows): (Tensor, Tensor)) -> Result<Tensor> {
+    Tensor::cat(&[values.unsqueeze(1)?, rows.to_dtype(DType::F32)?], 1)
 }
 
 fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {

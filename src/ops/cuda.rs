@@ -687,12 +687,7 @@ pub(crate) fn token_nll_grad(logits: Operand, targets: Operand, g: Operand) -> R
     let dtype = common_dtype(&[logits])?;
     let (rows, vocab) = rows_and_width(logits.1)?;
     check_targets(targets, rows)?;
-    if g.0.dtype() != DType::F32 || g.1.shape().elem_count() != rows {
-        candle_core::bail!(
-            "cross-entropy gradient: {rows} rows, {:?} row scales",
-            g.1.shape()
-        );
-    }
+    check_row_scales(g, rows)?;
     let d = alloc(&logits.0.device, dtype, rows * vocab)?;
     let shape = per_row(rows, vocab, 512)?;
     run(
@@ -702,6 +697,51 @@ pub(crate) fn token_nll_grad(logits: Operand, targets: Operand, g: Operand) -> R
         d,
         &[int(vocab)?],
     )
+}
+
+/// Per-row NLL (f32 `[n]`) and `(softmax − onehot) · g` per row (the logits' dtype) in one
+/// kernel; `g` is f32 `[n]`.
+pub(crate) fn token_nll_with_grad(
+    logits: Operand,
+    targets: Operand,
+    g: Operand,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dtype = common_dtype(&[logits])?;
+    let (rows, vocab) = rows_and_width(logits.1)?;
+    check_targets(targets, rows)?;
+    check_row_scales(g, rows)?;
+    let device = &logits.0.device;
+    let nll = alloc(device, DType::F32, rows)?;
+    let d = alloc(device, dtype, rows * vocab)?;
+    let args = [
+        Arg::Address(address(logits)?),
+        Arg::Address(address(targets)?),
+        Arg::Address(address(g)?),
+        Arg::Address(base_address(&nll)?),
+        Arg::Address(base_address(&d)?),
+        int(vocab)?,
+    ];
+    let (grid, block) = per_row(rows, vocab, 512)?;
+    launch(
+        device,
+        "token_nll_with_grad",
+        Some(dtype),
+        grid,
+        block,
+        &args,
+    )?;
+    Ok((nll, d))
+}
+
+/// Checks that `g` holds one f32 scale per row.
+fn check_row_scales(g: Operand, rows: usize) -> Result<()> {
+    if g.0.dtype() != DType::F32 || g.1.shape().elem_count() != rows {
+        candle_core::bail!(
+            "cross-entropy gradient: {rows} rows, {:?} row scales",
+            g.1.shape()
+        );
+    }
+    Ok(())
 }
 
 /// Embedding gradient: `grad` rows `[tokens, width]` summed into an f32 `[vocab, width]` table

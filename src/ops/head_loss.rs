@@ -80,8 +80,9 @@ fn head_mean_nll_in_chunks(
         let xc = x.narrow(0, start, len)?;
         let t = targets.narrow(0, start, len)?;
         let logits = xc.matmul(&w.t()?)?;
-        nll.push(super::token_nll(&logits, &t)?);
-        let dlogits = super::token_nll_grad(&logits, &t, &row_scale.narrow(0, start, len)?)?;
+        let scales = row_scale.narrow(0, start, len)?;
+        let (chunk_nll, dlogits) = super::token_nll_with_grad(&logits, &t, &scales)?;
+        nll.push(chunk_nll);
         drop(logits);
         if want_dx {
             dx.push(dlogits.matmul(&w)?);
