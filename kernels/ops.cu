@@ -21,6 +21,18 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
 
+// W consecutive elements of T, read and written as one memory access (16 bytes when W is
+// WIDE<T>). Elementwise kernels take W = WIDE<T> where the launcher found the operands aligned
+// and the sizes divisible, and W = 1 elsewhere.
+template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
+  T e[W];
+  __device__ __forceinline__ static Pack load(const T* p) {
+    return *reinterpret_cast<const Pack*>(p);
+  }
+  __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<Pack*>(p) = *this; }
+};
+template <typename T> constexpr int WIDE = 16 / sizeof(T);
+
 // Sum (or max) over aligned groups of W lanes of a warp (the whole warp by default); every
 // lane of a group gets its group's result.
 template <int W = 32> __device__ __forceinline__ float warp_sum(float v) {
@@ -148,19 +160,27 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
 // RoPE, rotate-half layout: x is [rows, d] with row = ((b * heads + h) * seq + pos); cos/sin
 // are [seq, d/2]. `sign` -1 rotates backwards (the gradient).
 
-template <typename T>
+template <typename T, int W>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int seq,
                      float sign) {
-  const int half = d / 2;
+  using P = Pack<T, W>;
+  const int half = d / 2, groups = half / W;
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (size_t)rows * half) return;
-  const size_t row = i / half;
-  const int j = i % half;
-  const int pos = row % seq;
-  const float c = to_f32(cos[pos * half + j]), s = sign * to_f32(sin[pos * half + j]);
-  const float x1 = to_f32(x[row * d + j]), x2 = to_f32(x[row * d + half + j]);
-  y[row * d + j] = from_f32<T>(x1 * c - x2 * s);
-  y[row * d + half + j] = from_f32<T>(x2 * c + x1 * s);
+  if (i >= (size_t)rows * groups) return;
+  const size_t row = i / groups;
+  const int j = (int)(i % groups) * W, pos = row % seq;
+  const P c = P::load(cos + pos * half + j), sn = P::load(sin + pos * half + j);
+  const P a = P::load(x + row * d + j), b = P::load(x + row * d + half + j);
+  P y1, y2;
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    const float ck = to_f32(c.e[k]), sk = sign * to_f32(sn.e[k]);
+    const float x1 = to_f32(a.e[k]), x2 = to_f32(b.e[k]);
+    y1.e[k] = from_f32<T>(x1 * ck - x2 * sk);
+    y2.e[k] = from_f32<T>(x2 * ck + x1 * sk);
+  }
+  y1.store(y + row * d + j);
+  y2.store(y + row * d + half + j);
 }
 
 // Splits packed projections for inference: rotates the queries (as `rope` does) into q_out
@@ -229,20 +249,33 @@ extern "C" __global__ void swap_middle_v16(const uint4* x, uint4* y, int b, int 
 // 16-bit sums are rounded once from the exact f32 sum, as the native 16-bit add rounds.
 
 template <typename T> __device__ void add_vec(const T* a, const T* b, T* out, size_t n) {
-  constexpr int V = 16 / sizeof(T);
-  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * V;
-  if (i + V <= n) {
-    const uint4 va = *reinterpret_cast<const uint4*>(a + i);
-    const uint4 vb = *reinterpret_cast<const uint4*>(b + i);
-    const T* ea = reinterpret_cast<const T*>(&va);
-    const T* eb = reinterpret_cast<const T*>(&vb);
-    uint4 vo;
-    T* eo = reinterpret_cast<T*>(&vo);
+  using P = Pack<T, WIDE<T>>;
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * WIDE<T>;
+  if (i + WIDE<T> <= n) {
+    const P x = P::load(a + i), y = P::load(b + i);
+    P sum;
 #pragma unroll
-    for (int k = 0; k < V; ++k) eo[k] = from_f32<T>(to_f32(ea[k]) + to_f32(eb[k]));
-    *reinterpret_cast<uint4*>(out + i) = vo;
+    for (int k = 0; k < WIDE<T>; ++k) sum.e[k] = from_f32<T>(to_f32(x.e[k]) + to_f32(y.e[k]));
+    sum.store(out + i);
   } else {
     for (size_t j = i; j < n; ++j) out[j] = from_f32<T>(to_f32(a[j]) + to_f32(b[j]));
+  }
+}
+
+// out = x · s[0] for a one-element f32 `s` in device memory (a gradient scaled by the incoming
+// gradient of a scalar loss, with no host round trip); the same access pattern as add_vec.
+template <typename T> __device__ void scale_vec(const T* x, const float* s, T* out, size_t n) {
+  using P = Pack<T, WIDE<T>>;
+  const float f = s[0];
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * WIDE<T>;
+  if (i + WIDE<T> <= n) {
+    const P v = P::load(x + i);
+    P y;
+#pragma unroll
+    for (int k = 0; k < WIDE<T>; ++k) y.e[k] = from_f32<T>(to_f32(v.e[k]) * f);
+    y.store(out + i);
+  } else {
+    for (size_t j = i; j < n; ++j) out[j] = from_f32<T>(to_f32(x[j]) * f);
   }
 }
 
@@ -251,22 +284,38 @@ template <typename T> __device__ void add_vec(const T* a, const T* b, T* out, si
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
-template <typename T>
+// Elements i·W .. i·W + W − 1 for thread i; n is a multiple of W.
+template <typename T, int W>
 __device__ void swiglu_fwd(const T* gate, const T* up, T* y, size_t n) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  using P = Pack<T, W>;
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
   if (i >= n) return;
-  const float g = to_f32(gate[i]);
-  y[i] = from_f32<T>(g * sigmoid(g) * to_f32(up[i]));
+  const P g = P::load(gate + i), u = P::load(up + i);
+  P out;
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    const float gk = to_f32(g.e[k]);
+    out.e[k] = from_f32<T>(gk * sigmoid(gk) * to_f32(u.e[k]));
+  }
+  out.store(y + i);
 }
 
-template <typename T>
+template <typename T, int W>
 __device__ void swiglu_bwd(const T* gate, const T* up, const T* grad, T* out, size_t n) {
-  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  using P = Pack<T, W>;
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * W;
   if (i >= n) return;
-  const float g = to_f32(gate[i]), u = to_f32(up[i]), dy = to_f32(grad[i]);
-  const float s = sigmoid(g);
-  out[i] = from_f32<T>(dy * u * s * (1.f + g * (1.f - s)));
-  out[n + i] = from_f32<T>(dy * g * s);
+  const P g = P::load(gate + i), u = P::load(up + i), dy = P::load(grad + i);
+  P d_gate, d_up;
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    const float gk = to_f32(g.e[k]), uk = to_f32(u.e[k]), dk = to_f32(dy.e[k]);
+    const float s = sigmoid(gk);
+    d_gate.e[k] = from_f32<T>(dk * uk * s * (1.f + gk * (1.f - s)));
+    d_up.e[k] = from_f32<T>(dk * gk * s);
+  }
+  d_gate.store(out + i);
+  d_up.store(out + n + i);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,7 +701,11 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   }                                                                                           \
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
                                       int d, int seq, float sign) {                           \
-    rope<T>(x, cos, sin, y, rows, d, seq, sign);                                              \
+    rope<T, 1>(x, cos, sin, y, rows, d, seq, sign);                                           \
+  }                                                                                           \
+  extern "C" __global__ void rope_wide_##S(const T* x, const T* cos, const T* sin, T* y,      \
+                                           int rows, int d, int seq, float sign) {            \
+    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, seq, sign);                                     \
   }                                                                                           \
   extern "C" __global__ void swap_middle_##S(const T* x, T* y, int b, int c, int d, size_t n) { \
     swap_middle<T>(x, y, b, c, d, n);                                                         \
@@ -660,12 +713,22 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   extern "C" __global__ void add_vec_##S(const T* a, const T* b, T* out, size_t n) {          \
     add_vec<T>(a, b, out, n);                                                                 \
   }                                                                                           \
+  extern "C" __global__ void scale_vec_##S(const T* x, const float* s, T* out, size_t n) {    \
+    scale_vec<T>(x, s, out, n);                                                               \
+  }                                                                                           \
   extern "C" __global__ void swiglu_fwd_##S(const T* gate, const T* up, T* y, size_t n) {     \
-    swiglu_fwd<T>(gate, up, y, n);                                                            \
+    swiglu_fwd<T, 1>(gate, up, y, n);                                                         \
+  }                                                                                           \
+  extern "C" __global__ void swiglu_fwd_wide_##S(const T* gate, const T* up, T* y, size_t n) { \
+    swiglu_fwd<T, WIDE<T>>(gate, up, y, n);                                                   \
   }                                                                                           \
   extern "C" __global__ void swiglu_bwd_##S(const T* gate, const T* up, const T* grad,        \
                                             T* out, size_t n) {                               \
-    swiglu_bwd<T>(gate, up, grad, out, n);                                                    \
+    swiglu_bwd<T, 1>(gate, up, grad, out, n);                                                 \
+  }                                                                                           \
+  extern "C" __global__ void swiglu_bwd_wide_##S(const T* gate, const T* up, const T* grad,   \
+                                                 T* out, size_t n) {                          \
+    swiglu_bwd<T, WIDE<T>>(gate, up, grad, out, n);                                           \
   }                                                                                           \
   extern "C" __global__ void causal_softmax_fwd_##S(const T* s, T* p, int rows, int q_len,    \
                                                     int kv_len, float scale) {                \

@@ -1,5 +1,6 @@
-//! Elementwise `a + b` for tensors of one shape: the residual adds of the forward pass and the
-//! sums where two gradients meet in backward (candle's gradient store adds through
+//! Elementwise `a + b` for tensors of one shape (the residual adds of the forward pass and the
+//! sums where two gradients meet in backward), and `x · s` for a scalar tensor `s` (gradients
+//! scaled by the incoming gradient of a scalar loss) (candle's gradient store adds through
 //! [`gradient_add`] once [`install_gradient_add`] has run).
 //!
 //! candle's CUDA add moves one element per thread through a strided-index kernel; in bf16 that
@@ -12,7 +13,7 @@ use super::cpu_kernel::{f32s, output, ELEMENTWISE_CHUNK};
 use super::cuda;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `a + b`, with a backward; the fused kernel where [`super::fused`] accepts both, they have
@@ -49,10 +50,23 @@ pub fn install_gradient_add() {
     });
 }
 
+/// `x · factor` for a one-element f32 `factor` on `x`'s device, without reading the factor back
+/// to the host; the fused kernel where [`super::fused`] accepts `x` and it is contiguous from a
+/// 16-byte boundary, candle's broadcast multiply elsewhere. No backward.
+pub fn scaled(x: &Tensor, factor: &Tensor) -> Result<Tensor> {
+    let scalar = factor.dtype() == DType::F32 && factor.elem_count() == 1;
+    let x = x.detach();
+    if !(scalar && aligned(&x) && super::fused(&[&x]) && x.device().same_device(factor.device())) {
+        return x.broadcast_mul(&factor.to_dtype(x.dtype())?);
+    }
+    x.apply_op2_no_bwd(&factor.contiguous()?, &Scale)
+}
+
+fn aligned(t: &Tensor) -> bool {
+    t.is_contiguous() && (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0
+}
+
 fn applies(a: &Tensor, b: &Tensor) -> bool {
-    let aligned = |t: &Tensor| {
-        t.is_contiguous() && (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0
-    };
     super::fused(&[a, b]) && a.shape() == b.shape() && aligned(a) && aligned(b)
 }
 
@@ -101,6 +115,44 @@ impl CustomOp2 for Add {
     }
 }
 
+struct Scale;
+
+impl CustomOp2 for Scale {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        factor: &CpuStorage,
+        factor_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32s(x, x_layout)?;
+        let &[f] = f32s(factor, factor_layout)? else {
+            candle_core::bail!("scale: the factor must have one element");
+        };
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(x.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = x * f));
+        Ok(output(out, x_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        factor: &CudaStorage,
+        factor_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = cuda::scale((x, x_layout), (factor, factor_layout))?;
+        Ok((out, x_layout.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::ops::parity::{assert_parity, uniform};
@@ -115,6 +167,15 @@ mod tests {
             |t| &t[0] + &t[1],
             1e-7,
         );
+    }
+
+    #[test]
+    fn scaling_by_a_scalar_tensor_matches_broadcast_multiply() {
+        let x = uniform(&[3, 1000], 4);
+        let factor = candle_core::Tensor::new(-2.5f32, x.device()).unwrap();
+        let want = x.broadcast_mul(&factor).unwrap();
+        let got = super::scaled(&x, &factor).unwrap();
+        assert_eq!(crate::ops::parity::relative_error(&got, &want), 0.0);
     }
 
     #[test]

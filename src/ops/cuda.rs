@@ -473,13 +473,34 @@ pub(crate) fn rope(x: Operand, cos: Operand, sin: Operand, sign: f32) -> Result<
     }
     let y = alloc(&x.0.device, dtype, rows * d)?;
     let scalars = [int(rows)?, int(d)?, int(table / half)?, Arg::Float(sign)];
+    let (name, width) = elementwise_kernel(("rope", "rope_wide"), &[x, cos, sin], half)?;
     run(
-        ("rope", dtype),
-        per_element(rows * half)?,
+        (name, dtype),
+        per_element(rows * half / width)?,
         &[x, cos, sin],
         y,
         &scalars,
     )
+}
+
+/// The 16-byte-per-access variant of an elementwise kernel and its elements per access when
+/// every operand starts on a 16-byte boundary and `run` (the length of each contiguous run of
+/// elements the kernel moves) is a multiple of them; else the one-element kernel and 1.
+fn elementwise_kernel(
+    (narrow, wide): (&'static str, &'static str),
+    operands: &[Operand],
+    run: usize,
+) -> Result<(&'static str, usize)> {
+    let width = 16 / common_dtype(operands)?.size_in_bytes();
+    for &operand in operands {
+        if address(operand)? % 16 != 0 {
+            return Ok((narrow, 1));
+        }
+    }
+    Ok(match run % width {
+        0 => (wide, width),
+        _ => (narrow, 1),
+    })
 }
 
 /// `[a, b, c, d]` to `[a, c, b, d]`, contiguous.
@@ -529,15 +550,38 @@ pub(crate) fn add(a: Operand, b: Operand) -> Result<CudaStorage> {
     )
 }
 
+/// `x · s` for a contiguous, 16-byte aligned `x` and a one-element f32 `s`.
+pub(crate) fn scale(x: Operand, s: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[x])?;
+    if s.0.dtype() != DType::F32 || s.1.shape().elem_count() != 1 {
+        candle_core::bail!("scale: factor of {:?} {:?}", s.0.dtype(), s.1.shape());
+    }
+    if address(x)? % 16 != 0 {
+        candle_core::bail!("scale: operand must start on a 16-byte boundary");
+    }
+    let n = x.1.shape().elem_count();
+    let out = alloc(&x.0.device, dtype, n)?;
+    let vectors = n.div_ceil(16 / dtype.size_in_bytes());
+    let scalars = [Arg::Count(n as u64)];
+    run(
+        ("scale_vec", dtype),
+        per_element(vectors)?,
+        &[x, s],
+        out,
+        &scalars,
+    )
+}
+
 /// SwiGLU forward.
 pub(crate) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
     let dtype = common_dtype(&[gate, up])?;
     let n = same_count(gate, up)?;
     let y = alloc(&gate.0.device, dtype, n)?;
     let scalars = [Arg::Count(n as u64)];
+    let (name, width) = elementwise_kernel(("swiglu_fwd", "swiglu_fwd_wide"), &[gate, up], n)?;
     run(
-        ("swiglu_fwd", dtype),
-        per_element(n)?,
+        (name, dtype),
+        per_element(n / width)?,
         &[gate, up],
         y,
         &scalars,
@@ -551,9 +595,11 @@ pub(crate) fn swiglu_grad(gate: Operand, up: Operand, grad: Operand) -> Result<C
     same_count(gate, grad)?;
     let out = alloc(&gate.0.device, dtype, 2 * n)?;
     let scalars = [Arg::Count(n as u64)];
+    let kernels = ("swiglu_bwd", "swiglu_bwd_wide");
+    let (name, width) = elementwise_kernel(kernels, &[gate, up, grad], n)?;
     run(
-        ("swiglu_bwd", dtype),
-        per_element(n)?,
+        (name, dtype),
+        per_element(n / width)?,
         &[gate, up, grad],
         out,
         &scalars,

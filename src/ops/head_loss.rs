@@ -7,6 +7,7 @@
 //! incoming gradient: the logits are never recomputed (a recompute is a third output-head GEMM,
 //! 8% of a base fp32 training step).
 
+use super::add::scaled;
 use super::attach::attach2;
 use super::master_linear::weight_grad;
 use candle_core::{DType, Result, Tensor};
@@ -99,11 +100,7 @@ fn head_mean_nll_in_chunks(
     };
     let dw = sum_in_f32(dw, head.dtype())?;
     attach2(hidden, head, &loss, "head-mean-nll", move |grad| {
-        let scaled = |g: &Option<Tensor>| {
-            g.as_ref()
-                .map(|g| g.broadcast_mul(&grad.to_dtype(g.dtype())?))
-                .transpose()
-        };
+        let scaled = |g: &Option<Tensor>| g.as_ref().map(|g| scaled(g, grad)).transpose();
         Ok((scaled(&dx)?, scaled(&dw)?))
     })
 }
