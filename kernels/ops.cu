@@ -62,6 +62,14 @@ template <bool MAX> __device__ float block_reduce(float v) {
   return partial[0];
 }
 
+// The row of this thread's warp in kernels with one warp per row (so reductions are warp
+// shuffles with no shared memory or block barriers), or -1 past the last row. blockDim.x / 32
+// rows per block.
+__device__ __forceinline__ int warp_row(int rows) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  return row < rows ? row : -1;
+}
+
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
@@ -78,12 +86,33 @@ __device__ float inverse_rms(const T* x, int width, float eps) {
   return rsqrtf(block_sum(ss) / width + eps);
 }
 
-template <typename T>
-__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int width, float eps) {
-  const size_t off = (size_t)blockIdx.x * width;
-  const float r = inverse_rms(x + off, width, eps);
-  for (int j = threadIdx.x; j < width; j += blockDim.x)
-    y[off + j] = from_f32<T>(to_f32(x[off + j]) * r * to_f32(w[j]));
+// The training kernels below run one warp per row and read W elements per access (W = 1, or
+// WIDE<T> where the rows and operands are 16-byte aligned).
+template <typename T, int W>
+__device__ float warp_inverse_rms(const T* x, int width, float eps) {
+  float ss = 0.f;
+  for (int j = (threadIdx.x & 31) * W; j < width; j += 32 * W) {
+    const Pack<T, W> v = Pack<T, W>::load(x + j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) ss += to_f32(v.e[k]) * to_f32(v.e[k]);
+  }
+  return rsqrtf(warp_sum(ss) / width + eps);
+}
+
+template <typename T, int W>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int width, float eps) {
+  using P = Pack<T, W>;
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const size_t off = (size_t)row * width;
+  const float r = warp_inverse_rms<T, W>(x + off, width, eps);
+  for (int j = (threadIdx.x & 31) * W; j < width; j += 32 * W) {
+    const P xv = P::load(x + off + j), wv = P::load(w + j);
+    P out;
+#pragma unroll
+    for (int k = 0; k < W; ++k) out.e[k] = from_f32<T>(to_f32(xv.e[k]) * r * to_f32(wv.e[k]));
+    out.store(y + off + j);
+  }
 }
 
 // Residual add and RMSNorm for inference: out[0] = x + d (rounded to T, as the unfused add
@@ -103,24 +132,39 @@ __device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int row
 }
 
 // dx = r * (g*w - x * r^2 * mean(g*w*x)).
-template <typename T>
-__device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int width, float eps) {
-  const size_t off = (size_t)blockIdx.x * width;
-  const float r = inverse_rms(x + off, width, eps);
+template <typename T, int W>
+__device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows, int width,
+                            float eps) {
+  using P = Pack<T, W>;
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const size_t off = (size_t)row * width;
+  const float r = warp_inverse_rms<T, W>(x + off, width, eps);
+  const int first = (threadIdx.x & 31) * W;
   float dot = 0.f;
-  for (int j = threadIdx.x; j < width; j += blockDim.x)
-    dot += to_f32(x[off + j]) * to_f32(g[off + j]) * to_f32(w[j]);
-  const float k = block_sum(dot) * r * r / width;
-  for (int j = threadIdx.x; j < width; j += blockDim.x)
-    dx[off + j] =
-        from_f32<T>(r * (to_f32(g[off + j]) * to_f32(w[j]) - to_f32(x[off + j]) * k));
+  for (int j = first; j < width; j += 32 * W) {
+    const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dot += to_f32(xv.e[k]) * to_f32(gv.e[k]) * to_f32(wv.e[k]);
+  }
+  const float c = warp_sum(dot) * r * r / width;
+  for (int j = first; j < width; j += 32 * W) {
+    const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
+    P out;
+#pragma unroll
+    for (int k = 0; k < W; ++k)
+      out.e[k] = from_f32<T>(r * (to_f32(gv.e[k]) * to_f32(wv.e[k]) - to_f32(xv.e[k]) * c));
+    out.store(dx + off + j);
+  }
 }
 
 // The per-row inverse RMS, for the weight gradient.
-template <typename T>
-__device__ void rms_norm_inverse(const T* x, float* r, int width, float eps) {
-  const float v = inverse_rms(x + (size_t)blockIdx.x * width, width, eps);
-  if (threadIdx.x == 0) r[blockIdx.x] = v;
+template <typename T, int W>
+__device__ void rms_norm_inverse(const T* x, float* r, int rows, int width, float eps) {
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const float v = warp_inverse_rms<T, W>(x + (size_t)row * width, width, eps);
+  if ((threadIdx.x & 31) == 0) r[row] = v;
 }
 
 // dw partial sums: block (32, 8) covers 32 columns of `rows_per_chunk` rows; grid (cols/32,
@@ -326,12 +370,6 @@ __device__ __forceinline__ int visible_keys(int row, int q_len, int kv_len) {
   return kv_len - q_len + row % q_len + 1;
 }
 
-// One warp per row (rows are short: at most a few thousand keys), so the reductions are warp
-// shuffles with no shared memory or block barriers. blockDim.x / 32 rows per block.
-__device__ __forceinline__ int warp_row(int rows) {
-  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  return row < rows ? row : -1;
-}
 
 template <typename T>
 __device__ void causal_softmax_fwd(const T* s, T* p, int rows, int q_len, int kv_len,
@@ -662,16 +700,29 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
 #define FOR_EACH_FLOAT(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)
 
 #define ENTRY_POINTS(S, T)                                                                     \
-  extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int width,        \
-                                              float eps) {                                    \
-    rms_norm_fwd<T>(x, w, y, width, eps);                                                     \
+  extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int rows,         \
+                                              int width, float eps) {                         \
+    rms_norm_fwd<T, 1>(x, w, y, rows, width, eps);                                            \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_fwd_wide_##S(const T* x, const T* w, T* y, int rows,    \
+                                                   int width, float eps) {                    \
+    rms_norm_fwd<T, WIDE<T>>(x, w, y, rows, width, eps);                                      \
   }                                                                                           \
   extern "C" __global__ void rms_norm_dx_##S(const T* x, const T* w, const T* g, T* dx,       \
-                                             int width, float eps) {                          \
-    rms_norm_dx<T>(x, w, g, dx, width, eps);                                                  \
+                                             int rows, int width, float eps) {                \
+    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps);                                         \
   }                                                                                           \
-  extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int width, float eps) { \
-    rms_norm_inverse<T>(x, r, width, eps);                                                    \
+  extern "C" __global__ void rms_norm_dx_wide_##S(const T* x, const T* w, const T* g, T* dx,  \
+                                                  int rows, int width, float eps) {           \
+    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps);                                   \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int rows, int width,  \
+                                                  float eps) {                                \
+    rms_norm_inverse<T, 1>(x, r, rows, width, eps);                                           \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_inverse_wide_##S(const T* x, float* r, int rows,        \
+                                                       int width, float eps) {                \
+    rms_norm_inverse<T, WIDE<T>>(x, r, rows, width, eps);                                     \
   }                                                                                           \
   extern "C" __global__ void rms_norm_dw_partial_##S(const T* x, const T* g, const float* r,  \
                                                      float* partial, int rows, int width,     \

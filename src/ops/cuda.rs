@@ -294,9 +294,9 @@ pub(crate) fn rms_norm(x: Operand, w: Operand, eps: f32) -> Result<CudaStorage> 
     let (rows, width) = rows_and_width(x.1)?;
     check_weight(w, width)?;
     let y = alloc(&x.0.device, dtype, rows * width)?;
-    let shape = per_row(rows, width, 256)?;
-    let scalars = [int(width)?, Arg::Float(eps)];
-    run(("rms_norm_fwd", dtype), shape, &[x, w], y, &scalars)
+    let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+    let (name, _) = elementwise_kernel(("rms_norm_fwd", "rms_norm_fwd_wide"), &[x, w], width)?;
+    run((name, dtype), per_warp_row(rows)?, &[x, w], y, &scalars)
 }
 
 /// Residual add and RMSNorm: `[sum; normed]` in one buffer of twice `x`'s size.
@@ -423,9 +423,10 @@ pub(crate) fn rms_norm_input_grad(
     let (rows, width) = rows_and_width(x.1)?;
     check_weight(w, width)?;
     let dx = alloc(&x.0.device, dtype, rows * width)?;
-    let shape = per_row(rows, width, 256)?;
-    let scalars = [int(width)?, Arg::Float(eps)];
-    run(("rms_norm_dx", dtype), shape, &[x, w, g], dx, &scalars)
+    let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+    let kernels = ("rms_norm_dx", "rms_norm_dx_wide");
+    let (name, _) = elementwise_kernel(kernels, &[x, w, g], width)?;
+    run((name, dtype), per_warp_row(rows)?, &[x, w, g], dx, &scalars)
 }
 
 /// RMSNorm weight gradient: per-row inverse RMS, column sums per chunk of rows, then the sum
@@ -435,12 +436,13 @@ pub(crate) fn rms_norm_weight_grad(x: Operand, g: Operand, eps: f32) -> Result<C
     let dtype = common_dtype(&[x, g])?;
     let (rows, width) = rows_and_width(x.1)?;
     let dev = &x.0.device;
+    let kernels = ("rms_norm_inverse", "rms_norm_inverse_wide");
     let inverse = run(
-        ("rms_norm_inverse", dtype),
-        per_row(rows, width, 256)?,
+        (elementwise_kernel(kernels, &[x], width)?.0, dtype),
+        per_warp_row(rows)?,
         &[x],
         alloc(dev, DType::F32, rows.max(1))?,
-        &[int(width)?, Arg::Float(eps)],
+        &[int(rows)?, int(width)?, Arg::Float(eps)],
     )?;
     let inverse_layout = Layout::contiguous(rows.max(1));
     let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
@@ -483,9 +485,9 @@ pub(crate) fn rope(x: Operand, cos: Operand, sin: Operand, sign: f32) -> Result<
     )
 }
 
-/// The 16-byte-per-access variant of an elementwise kernel and its elements per access when
-/// every operand starts on a 16-byte boundary and `run` (the length of each contiguous run of
-/// elements the kernel moves) is a multiple of them; else the one-element kernel and 1.
+/// The 16-byte-per-access variant of a kernel and its elements per access when every operand
+/// starts on a 16-byte boundary and `run` (the length of each contiguous run of elements the
+/// kernel moves: a row, a half head) is a multiple of them; else the one-element kernel and 1.
 fn elementwise_kernel(
     (narrow, wide): (&'static str, &'static str),
     operands: &[Operand],
