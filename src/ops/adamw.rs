@@ -45,9 +45,7 @@ pub fn adamw_step(
         return Ok(None);
     }
     let n = param.elem_count();
-    let mut new_w = vec![0f32; n];
-    let mut new_m = vec![0f32; n];
-    let mut new_v = vec![0f32; n];
+    let (new_w, (new_m, new_v)): (Vec<f32>, (Vec<f32>, Vec<f32>));
     {
         // Read guards on the four storages; released before `Var::set` takes the write lock.
         let guards: Vec<_> = operands.iter().map(|t| t.storage_and_layout()).collect();
@@ -64,13 +62,17 @@ pub fn adamw_step(
         if [m.len(), v.len(), g.len()].iter().any(|&len| len != n) {
             return Ok(None);
         }
-        let c = ELEMENTWISE_CHUNK;
-        new_w
-            .par_chunks_mut(c)
-            .zip(new_m.par_chunks_mut(c).zip(new_v.par_chunks_mut(c)))
-            .zip(w.par_chunks(c).zip(m.par_chunks(c)))
-            .zip(v.par_chunks(c).zip(g.par_chunks(c)))
-            .for_each(|(((nw, (nm, nv)), (w, m)), (v, g))| update(nw, nm, nv, (w, m, v, g), u));
+        // Collected straight into the new buffers (no zero-filling first: three parameter-sized
+        // memsets per step otherwise).
+        let step = Step::new(u);
+        (new_w, (new_m, new_v)) = w
+            .par_iter()
+            .zip(m)
+            .zip(v)
+            .zip(g)
+            .with_min_len(ELEMENTWISE_CHUNK)
+            .map(|(((&w, &m), &v), &g)| step.apply(w, m, v, g))
+            .unzip();
     }
     param.set(&Tensor::from_vec(new_w, param.shape(), param.device())?)?;
     let shape = param.shape();
@@ -80,24 +82,46 @@ pub fn adamw_step(
     )))
 }
 
-/// One chunk of the update, in the order of operations of the composite optimizer.
-fn update(
-    nw: &mut [f32],
-    nm: &mut [f32],
-    nv: &mut [f32],
-    (w, m, v, g): (&[f32], &[f32], &[f32], &[f32]),
-    u: &AdamWUpdate,
-) {
-    let (b1, b2) = (u.beta1 as f32, u.beta2 as f32);
-    let (c1, c2) = (1.0 - b1, 1.0 - b2);
-    let (bias1, bias2, eps) = (u.bias1 as f32, u.bias2 as f32, u.eps as f32);
-    let (lr, keep, scale) = (u.lr as f32, (1.0 - u.decay) as f32, u.grad_scale as f32);
-    for i in 0..w.len() {
-        let g = g[i] * scale;
-        nm[i] = m[i] * b1 + g * c1;
-        nv[i] = v[i] * b2 + g * g * c2;
-        let denom = (nv[i] / bias2).sqrt() + eps;
-        nw[i] = w[i] * keep - (nm[i] / bias1) / denom * lr;
+/// The update's constants in f32.
+struct Step {
+    b1: f32,
+    b2: f32,
+    c1: f32,
+    c2: f32,
+    bias1: f32,
+    bias2: f32,
+    eps: f32,
+    lr: f32,
+    keep: f32,
+    scale: f32,
+}
+
+impl Step {
+    fn new(u: &AdamWUpdate) -> Self {
+        let (b1, b2) = (u.beta1 as f32, u.beta2 as f32);
+        Self {
+            b1,
+            b2,
+            c1: 1.0 - b1,
+            c2: 1.0 - b2,
+            bias1: u.bias1 as f32,
+            bias2: u.bias2 as f32,
+            eps: u.eps as f32,
+            lr: u.lr as f32,
+            keep: (1.0 - u.decay) as f32,
+            scale: u.grad_scale as f32,
+        }
+    }
+
+    /// The new `(w, (m, v))` of one element, in the order of operations of the composite
+    /// optimizer.
+    #[inline]
+    fn apply(&self, w: f32, m: f32, v: f32, g: f32) -> (f32, (f32, f32)) {
+        let g = g * self.scale;
+        let m = m * self.b1 + g * self.c1;
+        let v = v * self.b2 + g * g * self.c2;
+        let denom = (v / self.bias2).sqrt() + self.eps;
+        (w * self.keep - (m / self.bias1) / denom * self.lr, (m, v))
     }
 }
 

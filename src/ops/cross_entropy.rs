@@ -12,6 +12,7 @@ use super::rows_and_width;
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// NLL `[n]` (f32) of u32 `targets` `[n]` under `logits` `[n, vocab]`, with a backward. Same
 /// contract as [`super::reference::token_nll`]; inputs must be contiguous, on a backend
@@ -128,20 +129,28 @@ impl CustomOp3 for TokenNllGrad {
         if g.len() != n {
             candle_core::bail!("cross-entropy gradient: {n} rows, {} row scales", g.len());
         }
-        let mut out = vec![0f32; logits.len()];
-        out.par_chunks_mut(vocab.max(1))
+        // Written row by row into uninitialized memory: a logits-sized memset otherwise.
+        let mut out: Vec<f32> = Vec::with_capacity(logits.len());
+        out.spare_capacity_mut()[..logits.len()]
+            .par_chunks_mut(vocab.max(1))
             .zip(logits.par_chunks(vocab.max(1)))
             .zip(targets.par_iter().zip(g.par_iter()))
             .with_min_len(MIN_ROWS_PER_TASK)
-            .filter(|(_, (_, &g))| g != 0.0)
             .for_each(|((d, row), (&t, &g))| {
+                if g == 0.0 {
+                    d.fill(MaybeUninit::new(0.0));
+                    return;
+                }
                 let (max, lse) = log_sum_exp(row);
                 let shift = max + lse;
-                for (d, &x) in d.iter_mut().zip(row) {
-                    *d = fast_exp::exp(x - shift) * g;
+                for (j, (d, &x)) in d.iter_mut().zip(row).enumerate() {
+                    let target = if j == t as usize { 1.0 } else { 0.0 };
+                    d.write((fast_exp::exp(x - shift) - target) * g);
                 }
-                d[t as usize] -= g;
             });
+        // SAFETY: the chunks cover the first `logits.len()` elements, and every row was written
+        // in full above.
+        unsafe { out.set_len(logits.len()) };
         Ok(output(out, logits_layout.shape().clone()))
     }
 
