@@ -535,43 +535,32 @@ pub(crate) fn swap_middle(x: Operand) -> Result<CudaStorage> {
 
 /// `a + b` for contiguous, 16-byte aligned operands of one dtype and size.
 pub(crate) fn add(a: Operand, b: Operand) -> Result<CudaStorage> {
-    let dtype = common_dtype(&[a, b])?;
     let n = same_count(a, b)?;
-    if address(a)? % 16 != 0 || address(b)? % 16 != 0 {
-        candle_core::bail!("add: operands must start on a 16-byte boundary");
-    }
-    let out = alloc(&a.0.device, dtype, n)?;
-    let vectors = n.div_ceil(16 / dtype.size_in_bytes());
-    let scalars = [Arg::Count(n as u64)];
-    run(
-        ("add_vec", dtype),
-        per_element(vectors)?,
-        &[a, b],
-        out,
-        &scalars,
-    )
+    run_wide("add_vec", &[a, b], &[a, b], n)
 }
 
 /// `x · s` for a contiguous, 16-byte aligned `x` and a one-element f32 `s`.
 pub(crate) fn scale(x: Operand, s: Operand) -> Result<CudaStorage> {
-    let dtype = common_dtype(&[x])?;
     if s.0.dtype() != DType::F32 || s.1.shape().elem_count() != 1 {
         candle_core::bail!("scale: factor of {:?} {:?}", s.0.dtype(), s.1.shape());
     }
-    if address(x)? % 16 != 0 {
-        candle_core::bail!("scale: operand must start on a 16-byte boundary");
+    run_wide("scale_vec", &[x, s], &[x], x.1.shape().elem_count())
+}
+
+/// Runs an elementwise kernel that moves 16 bytes per thread over `n` elements of the first
+/// input's dtype (the tail by the last thread), after checking that `aligned` start on a
+/// 16-byte boundary.
+fn run_wide(name: &str, inputs: &[Operand], aligned: &[Operand], n: usize) -> Result<CudaStorage> {
+    let dtype = common_dtype(&inputs[..1])?;
+    for &operand in aligned {
+        if address(operand)? % 16 != 0 {
+            candle_core::bail!("{name}: operands must start on a 16-byte boundary");
+        }
     }
-    let n = x.1.shape().elem_count();
-    let out = alloc(&x.0.device, dtype, n)?;
+    let out = alloc(&inputs[0].0.device, dtype, n)?;
     let vectors = n.div_ceil(16 / dtype.size_in_bytes());
     let scalars = [Arg::Count(n as u64)];
-    run(
-        ("scale_vec", dtype),
-        per_element(vectors)?,
-        &[x, s],
-        out,
-        &scalars,
-    )
+    run((name, dtype), per_element(vectors)?, inputs, out, &scalars)
 }
 
 /// SwiGLU forward.

@@ -163,29 +163,19 @@ mod tests {
     }
 
     #[test]
-    fn chunked_loss_and_gradients_match_too() {
-        // 10 rows in chunks of 4, 4 and 2; the head's gradient is summed over the chunks.
-        assert_parity(
-            "head_mean_nll (chunked)",
-            &inputs(10, 8, 13, 3),
-            &[true, true, false, false],
-            |t| super::head_mean_nll_in_chunks(&t[0], &t[1], &t[2], &t[3], 4),
-            reference_loss,
-            1e-5,
-        );
-    }
-
-    #[test]
-    fn a_frozen_head_gets_no_gradient() {
-        // Only the hidden states are tracked, as under LoRA.
-        assert_parity(
-            "head_mean_nll (frozen head)",
-            &inputs(10, 8, 13, 5),
-            &[true, false, false, false],
-            |t| super::head_mean_nll_in_chunks(&t[0], &t[1], &t[2], &t[3], 4),
-            reference_loss,
-            1e-5,
-        );
+    fn chunked_loss_and_gradients_match_with_a_trained_or_a_frozen_head() {
+        // 10 rows in chunks of 4, 4 and 2; the head's gradient is summed over the chunks. A
+        // frozen head (as under LoRA) gets none.
+        for (head_trained, seed) in [(true, 3), (false, 5)] {
+            assert_parity(
+                "head_mean_nll (chunked)",
+                &inputs(10, 8, 13, seed),
+                &[true, head_trained, false, false],
+                |t| super::head_mean_nll_in_chunks(&t[0], &t[1], &t[2], &t[3], 4),
+                reference_loss,
+                1e-5,
+            );
+        }
     }
 
     #[test]
