@@ -371,39 +371,73 @@ __device__ __forceinline__ int visible_keys(int row, int q_len, int kv_len) {
 }
 
 
-template <typename T>
+// W elements per access (W = WIDE<T> where rows are 16-byte aligned). The forward takes the
+// row's max and sum in one online pass and writes in a second.
+template <typename T, int W>
 __device__ void causal_softmax_fwd(const T* s, T* p, int rows, int q_len, int kv_len,
                                    float scale) {
+  using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;  // the whole warp leaves together
   const int lane = threadIdx.x & 31;
   const size_t off = (size_t)row * kv_len;
   const int n = visible_keys(row, q_len, kv_len);
-  float m = -INFINITY;
-  for (int j = lane; j < n; j += 32) m = fmaxf(m, to_f32(s[off + j]));
-  m = warp_max(m);
-  float sum = 0.f;
-  for (int j = lane; j < n; j += 32) sum += __expf((to_f32(s[off + j]) - m) * scale);
-  const float inv = 1.f / warp_sum(sum);
-  for (int j = lane; j < kv_len; j += 32)
-    p[off + j] = from_f32<T>(j < n ? __expf((to_f32(s[off + j]) - m) * scale) * inv : 0.f);
+  // Online max and sum of exp over the scaled scores of the visible keys.
+  float m = -INFINITY, sum = 0.f;
+  for (int j = lane * W; j < n; j += 32 * W) {
+    const P v = P::load(s + off + j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      if (j + k >= n) break;
+      const float x = to_f32(v.e[k]) * scale;
+      if (x > m) {
+        sum = sum * __expf(m - x) + 1.f;
+        m = x;
+      } else {
+        sum += __expf(x - m);
+      }
+    }
+  }
+  const float row_max = warp_max(m);
+  // Key 0 is visible to every row, so row_max is finite; lanes that saw no key add nothing.
+  const float inv = 1.f / warp_sum(m == -INFINITY ? 0.f : sum * __expf(m - row_max));
+  for (int j = lane * W; j < kv_len; j += 32 * W) {
+    const P v = P::load(s + off + j);
+    P out;
+#pragma unroll
+    for (int k = 0; k < W; ++k)
+      out.e[k] = from_f32<T>(j + k < n ? __expf(to_f32(v.e[k]) * scale - row_max) * inv : 0.f);
+    out.store(p + off + j);
+  }
 }
 
 // ds = p * (dp - sum(p * dp)) * scale.
-template <typename T>
+template <typename T, int W>
 __device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int rows, int q_len,
                                    int kv_len, float scale) {
+  using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;
   const int lane = threadIdx.x & 31;
   const size_t off = (size_t)row * kv_len;
   const int n = visible_keys(row, q_len, kv_len);
   float dot = 0.f;
-  for (int j = lane; j < n; j += 32) dot += to_f32(p[off + j]) * to_f32(dp[off + j]);
+  for (int j = lane * W; j < n; j += 32 * W) {
+    const P pv = P::load(p + off + j), dv = P::load(dp + off + j);
+#pragma unroll
+    for (int k = 0; k < W; ++k)
+      if (j + k < n) dot += to_f32(pv.e[k]) * to_f32(dv.e[k]);
+  }
   dot = warp_sum(dot);
-  for (int j = lane; j < kv_len; j += 32) {
-    const float pj = to_f32(p[off + j]);
-    ds[off + j] = from_f32<T>(j < n ? pj * (to_f32(dp[off + j]) - dot) * scale : 0.f);
+  for (int j = lane * W; j < kv_len; j += 32 * W) {
+    const P pv = P::load(p + off + j), dv = P::load(dp + off + j);
+    P out;
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float pk = to_f32(pv.e[k]);
+      out.e[k] = from_f32<T>(j + k < n ? pk * (to_f32(dv.e[k]) - dot) * scale : 0.f);
+    }
+    out.store(ds + off + j);
   }
 }
 
@@ -783,11 +817,20 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   }                                                                                           \
   extern "C" __global__ void causal_softmax_fwd_##S(const T* s, T* p, int rows, int q_len,    \
                                                     int kv_len, float scale) {                \
-    causal_softmax_fwd<T>(s, p, rows, q_len, kv_len, scale);                                  \
+    causal_softmax_fwd<T, 1>(s, p, rows, q_len, kv_len, scale);                               \
+  }                                                                                           \
+  extern "C" __global__ void causal_softmax_fwd_wide_##S(const T* s, T* p, int rows,          \
+                                                         int q_len, int kv_len, float scale) { \
+    causal_softmax_fwd<T, WIDE<T>>(s, p, rows, q_len, kv_len, scale);                         \
   }                                                                                           \
   extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, T* ds, int rows, \
                                                     int q_len, int kv_len, float scale) {     \
-    causal_softmax_bwd<T>(p, dp, ds, rows, q_len, kv_len, scale);                             \
+    causal_softmax_bwd<T, 1>(p, dp, ds, rows, q_len, kv_len, scale);                          \
+  }                                                                                           \
+  extern "C" __global__ void causal_softmax_bwd_wide_##S(const T* p, const T* dp, T* ds,      \
+                                                         int rows, int q_len, int kv_len,     \
+                                                         float scale) {                       \
+    causal_softmax_bwd<T, WIDE<T>>(p, dp, ds, rows, q_len, kv_len, scale);                    \
   }                                                                                           \
   extern "C" __global__ void decode_attention_##S(                                          \
       const T* q, const T* k, const T* v, T* out, float* scores, int heads, int group,        \

@@ -611,8 +611,15 @@ pub(crate) fn causal_softmax(scores: Operand, q_len: usize, scale: f32) -> Resul
     let (rows, kv_len) = rows_and_width(scores.1)?;
     let probs = alloc(&scores.0.device, dtype, rows * kv_len)?;
     let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
-    let kernel = ("causal_softmax_fwd", dtype);
-    run(kernel, per_warp_row(rows)?, &[scores], probs, &scalars)
+    let kernels = ("causal_softmax_fwd", "causal_softmax_fwd_wide");
+    let (name, _) = elementwise_kernel(kernels, &[scores], kv_len)?;
+    run(
+        (name, dtype),
+        per_warp_row(rows)?,
+        &[scores],
+        probs,
+        &scalars,
+    )
 }
 
 /// Gradient of the causal softmax with respect to the raw scores.
@@ -626,8 +633,15 @@ pub(crate) fn causal_softmax_grad(
     let (rows, kv_len) = rows_and_width(probs.1)?;
     let ds = alloc(&probs.0.device, dtype, rows * kv_len)?;
     let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
-    let kernel = ("causal_softmax_bwd", dtype);
-    run(kernel, per_warp_row(rows)?, &[probs, grad], ds, &scalars)
+    let kernels = ("causal_softmax_bwd", "causal_softmax_bwd_wide");
+    let (name, _) = elementwise_kernel(kernels, &[probs, grad], kv_len)?;
+    run(
+        (name, dtype),
+        per_warp_row(rows)?,
+        &[probs, grad],
+        ds,
+        &scalars,
+    )
 }
 
 /// The element strides of a 4-D operand's first three dimensions, and the address of its first
