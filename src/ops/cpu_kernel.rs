@@ -8,6 +8,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows handed to one rayon task at least: below this the scheduling costs more than the work.
 pub(crate) const MIN_ROWS_PER_TASK: usize = 16;
@@ -35,6 +36,34 @@ where
             .enumerate()
             .for_each(|(i, r)| f(i, r));
     }
+}
+
+/// A new buffer of `n` values whose row `r` (of `width`; the last may be shorter) is written by
+/// `fill(r, row)`, in parallel unless the buffer is small: [`for_each_row`] without zeroing the
+/// buffer first (a memset per kernel output was 5% of a CPU training step).
+///
+/// # Safety
+/// `fill` must write every element of each row it is given.
+pub(crate) unsafe fn written_rows<F>(n: usize, width: usize, fill: F) -> Vec<f32>
+where
+    F: Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+{
+    let width = width.max(1);
+    let mut out = Vec::with_capacity(n);
+    let rows = &mut out.spare_capacity_mut()[..n];
+    if n < SERIAL_BELOW {
+        rows.chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| fill(i, r));
+    } else {
+        rows.par_chunks_mut(width)
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(i, r)| fill(i, r));
+    }
+    // SAFETY: the rows cover the first `n` elements, and the caller's `fill` wrote all of them.
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// The f32 elements of a contiguous CPU operand.

@@ -3,7 +3,7 @@
 //! (`kernels/ops.cu`). The per-row inverse RMS is recomputed in backward rather than stored: it
 //! costs one dot product per row.
 
-use super::cpu_kernel::{f32s, for_each_row, output, MIN_ROWS_PER_TASK};
+use super::cpu_kernel::{f32s, output, written_rows, MIN_ROWS_PER_TASK};
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::rows_and_width;
@@ -51,14 +51,16 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
         let (_, width) = check_width(x_layout, w)?;
-        let mut y = vec![0f32; x.len()];
-        for_each_row(&mut y, width, |row, y| {
-            let x = &x[row * width..][..width];
-            let r = inverse_rms(x, self.eps);
-            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                *y = x * r * w;
-            }
-        });
+        // SAFETY: every element of each row is written.
+        let y = unsafe {
+            written_rows(x.len(), width, |row, y| {
+                let x = &x[row * width..][..width];
+                let r = inverse_rms(x, self.eps);
+                for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                    y.write(x * r * w);
+                }
+            })
+        };
         Ok(output(y, x_layout.shape().clone()))
     }
 

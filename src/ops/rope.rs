@@ -2,7 +2,7 @@
 //! The backward of a rotation by θ is the rotation by −θ, so one kernel does both directions.
 
 use super::attach::attach;
-use super::cpu_kernel::{f32s, for_each_row, output};
+use super::cpu_kernel::{f32s, output, written_rows};
 #[cfg(feature = "cuda")]
 use super::cuda;
 #[cfg(feature = "cuda")]
@@ -63,24 +63,26 @@ impl CustomOp3 for Rope {
         let (cos, sin) = (f32s(cos, cos_layout)?, f32s(sin, sin_layout)?);
         let d = *x_layout.dims().last().unwrap_or(&0);
         let half = d / 2;
-        if half == 0 || cos.len() % half != 0 || sin.len() != cos.len() {
+        if d % 2 != 0 || half == 0 || cos.len() % half != 0 || sin.len() != cos.len() {
             candle_core::bail!("rope: tables of {} for head size {d}", cos.len());
         }
         let seq = cos.len() / half;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let mut y = vec![0f32; x_values.len()];
-        for_each_row(&mut y, d, |row, y| {
-            let x = &x_values[row * d..][..d];
-            let pos = row % seq;
-            let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-            let (x1, x2) = x.split_at(half);
-            let (y1, y2) = y.split_at_mut(half);
-            for j in 0..half {
-                let s = sign * s[j];
-                y1[j] = x1[j] * c[j] - x2[j] * s;
-                y2[j] = x2[j] * c[j] + x1[j] * s;
-            }
-        });
+        // SAFETY: rows are d = 2 · half long, and both halves are written in full.
+        let y = unsafe {
+            written_rows(x_values.len(), d, |row, y| {
+                let x = &x_values[row * d..][..d];
+                let pos = row % seq;
+                let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                let (x1, x2) = x.split_at(half);
+                let (y1, y2) = y.split_at_mut(half);
+                for j in 0..half {
+                    let s = sign * s[j];
+                    y1[j].write(x1[j] * c[j] - x2[j] * s);
+                    y2[j].write(x2[j] * c[j] + x1[j] * s);
+                }
+            })
+        };
         Ok(output(y, x_layout.shape().clone()))
     }
 

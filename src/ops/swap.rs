@@ -3,7 +3,7 @@
 //! merge back. A dedicated kernel on CUDA instead of candle's generic strided copy, which
 //! reads the shape and strides from memory for every element; the backward is the same swap.
 
-use super::cpu_kernel::{f32s, for_each_row, output};
+use super::cpu_kernel::{f32s, output, written_rows};
 #[cfg(feature = "cuda")]
 use super::cuda;
 #[cfg(feature = "cuda")]
@@ -34,13 +34,18 @@ impl CustomOp1 for SwapMiddle {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32s(storage, layout)?;
         let (a, b, c, d) = swapped(layout)?;
-        let mut y = vec![0f32; x.len()];
         // Output row (ai, ci, bi) of d elements is input row (ai, bi, ci).
-        for_each_row(&mut y, d, |row, out| {
-            let (bi, rest) = (row % b, row / b);
-            let (ci, ai) = (rest % c, rest / c);
-            out.copy_from_slice(&x[((ai * b + bi) * c + ci) * d..][..d]);
-        });
+        // SAFETY: every element of each row is written.
+        let y = unsafe {
+            written_rows(x.len(), d, |row, out| {
+                let (bi, rest) = (row % b, row / b);
+                let (ci, ai) = (rest % c, rest / c);
+                let src = &x[((ai * b + bi) * c + ci) * d..][..d];
+                out.iter_mut().zip(src).for_each(|(o, &v)| {
+                    o.write(v);
+                });
+            })
+        };
         Ok(output(y, (a, c, b, d)))
     }
 
