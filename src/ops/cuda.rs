@@ -369,13 +369,22 @@ pub(crate) fn gemv_supported(x: Operand, w: Operand) -> bool {
         return false;
     };
     let size = x.0.dtype().size_in_bytes();
-    let aligned = |o: Operand| address(o).is_ok_and(|a| a % 16 == 0);
     x.0.dtype() == w.0.dtype()
         && inp == w_inp
         && inp > 0
         && (inp * size) % 16 == 0
-        && aligned(x)
-        && aligned(w)
+        && start_aligned(&[x, w]).unwrap_or(false)
+}
+
+/// Whether every operand's first element sits on a 16-byte boundary (operands must be
+/// contiguous), as kernels that move 16 bytes per access need.
+fn start_aligned(operands: &[Operand]) -> Result<bool> {
+    for &operand in operands {
+        if address(operand)? % 16 != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// `x @ w.t()` for `x` `[rows, in]` and `w` `[out, in]` that [`gemv_supported`] accepts; with
@@ -494,14 +503,9 @@ fn elementwise_kernel(
     run: usize,
 ) -> Result<(&'static str, usize)> {
     let width = 16 / common_dtype(operands)?.size_in_bytes();
-    for &operand in operands {
-        if address(operand)? % 16 != 0 {
-            return Ok((narrow, 1));
-        }
-    }
-    Ok(match run % width {
-        0 => (wide, width),
-        _ => (narrow, 1),
+    Ok(match start_aligned(operands)? && run % width == 0 {
+        true => (wide, width),
+        false => (narrow, 1),
     })
 }
 
@@ -514,7 +518,7 @@ pub(crate) fn swap_middle(x: Operand) -> Result<CudaStorage> {
     let n = x.1.shape().elem_count();
     let y = alloc(&x.0.device, dtype, n)?;
     let row_bytes = d * dtype.size_in_bytes();
-    if row_bytes % 16 == 0 && address(x)? % 16 == 0 {
+    if row_bytes % 16 == 0 && start_aligned(&[x])? {
         // Rows of whole 16-byte units: move those (the output buffer is aligned).
         let (units, unit_rows) = (n * dtype.size_in_bytes() / 16, row_bytes / 16);
         let args = [
@@ -552,10 +556,8 @@ pub(crate) fn scale(x: Operand, s: Operand) -> Result<CudaStorage> {
 /// 16-byte boundary.
 fn run_wide(name: &str, inputs: &[Operand], aligned: &[Operand], n: usize) -> Result<CudaStorage> {
     let dtype = common_dtype(&inputs[..1])?;
-    for &operand in aligned {
-        if address(operand)? % 16 != 0 {
-            candle_core::bail!("{name}: operands must start on a 16-byte boundary");
-        }
+    if !start_aligned(aligned)? {
+        candle_core::bail!("{name}: operands must start on a 16-byte boundary");
     }
     let out = alloc(&inputs[0].0.device, dtype, n)?;
     let vectors = n.div_ceil(16 / dtype.size_in_bytes());

@@ -64,13 +64,12 @@ fn head_mean_nll_in_chunks(
 ) -> Result<Tensor> {
     let (x, w) = (hidden.detach(), head.detach().to_dtype(hidden.dtype())?);
     let weights = weights.detach().to_dtype(DType::F32)?;
-    let count = weights.sum_all()?.maximum(1.0)?;
     let (want_dx, want_dw) = (hidden.track_op(), head.track_op());
     if !want_dx && !want_dw {
-        let nll = head_nll_in_chunks(&x, &w, targets, rows)?;
-        return (nll * &weights)?.sum_all()?.div(&count);
+        return super::weighted_mean(&head_nll_in_chunks(&x, &w, targets, rows)?, &weights);
     }
     // Each row's share of the loss: the gradient of the loss with respect to its NLL.
+    let count = weights.sum_all()?.maximum(1.0)?;
     let row_scale = weights.broadcast_div(&count)?;
     let targets = targets.contiguous()?;
     let n = x.dim(0)?;
