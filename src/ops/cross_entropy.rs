@@ -3,7 +3,7 @@
 //! row directly, with no log-softmax copy of the logits. The weighted mean over rows is left to
 //! tensor ops, so nothing here synchronizes with the device.
 
-use super::cpu_kernel::{f32s, output, u32s, MIN_ROWS_PER_TASK};
+use super::cpu_kernel::{f32s, output, u32s, written_rows, MIN_ROWS_PER_TASK};
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::fast_exp;
@@ -129,28 +129,23 @@ impl CustomOp3 for TokenNllGrad {
         if g.len() != n {
             candle_core::bail!("cross-entropy gradient: {n} rows, {} row scales", g.len());
         }
-        // Written row by row into uninitialized memory: a logits-sized memset otherwise.
-        let mut out: Vec<f32> = Vec::with_capacity(logits.len());
-        out.spare_capacity_mut()[..logits.len()]
-            .par_chunks_mut(vocab.max(1))
-            .zip(logits.par_chunks(vocab.max(1)))
-            .zip(targets.par_iter().zip(g.par_iter()))
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .for_each(|((d, row), (&t, &g))| {
+        // SAFETY: every element of each row is written (zeros where the row's scale is 0).
+        let out = unsafe {
+            written_rows(logits.len(), vocab, |r, d| {
+                let (t, g) = (targets[r] as usize, g[r]);
                 if g == 0.0 {
                     d.fill(MaybeUninit::new(0.0));
                     return;
                 }
+                let row = &logits[r * vocab..][..vocab];
                 let (max, lse) = log_sum_exp(row);
                 let shift = max + lse;
                 for (j, (d, &x)) in d.iter_mut().zip(row).enumerate() {
-                    let target = if j == t as usize { 1.0 } else { 0.0 };
+                    let target = if j == t { 1.0 } else { 0.0 };
                     d.write((fast_exp::exp(x - shift) - target) * g);
                 }
-            });
-        // SAFETY: the chunks cover the first `logits.len()` elements, and every row was written
-        // in full above.
-        unsafe { out.set_len(logits.len()) };
+            })
+        };
         Ok(output(out, logits_layout.shape().clone()))
     }
 
