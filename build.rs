@@ -16,6 +16,7 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=kernels/ops.cu");
     println!("cargo:rerun-if-changed=kernels/flash_attention.cuh");
+    println!("cargo:rerun-if-changed=kernels/flash_mma.cuh");
     for var in [
         "NVCC",
         "CUDA_ROOT",

@@ -143,17 +143,18 @@ __device__ __forceinline__ void fa_store_rows(T* dst, const FaRows<D>& acc, int 
   }
 }
 
-// What a block over one query tile works on (the forward and the query gradients): its
-// batch × head, first query (the heaviest tiles, the last queries, first), its thread's tile
-// coordinates, and the key and value rows of its kv head.
+// What a block over one tile of `rows` queries works on (the forward and the query
+// gradients): its batch × head, first query (the heaviest tiles, the last queries, first), its
+// thread's tile coordinates (in these kernels' 16 × 16 thread layout), and the key and value
+// rows of its kv head.
 template <typename T> struct FaQueryBlock {
   int bh, q0, ty, tx;
   const T* keys;
   const T* values;
   __device__ FaQueryBlock(const T* k, const T* v, int heads, int group, long long k_sb,
-                          long long k_sh, long long v_sb, long long v_sh)
+                          long long k_sh, long long v_sb, long long v_sh, int rows = FA_TILE)
       : bh(blockIdx.y),
-        q0((gridDim.x - 1 - blockIdx.x) * FA_TILE),
+        q0((gridDim.x - 1 - blockIdx.x) * rows),
         ty(threadIdx.x >> 4),
         tx(threadIdx.x & 15) {
     const int b = bh / heads, kv_head = (bh % heads) / group;

@@ -727,6 +727,7 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
 }
 
 #include "flash_attention.cuh"
+#include "flash_mma.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points, one per dtype.
@@ -860,3 +861,5 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
 
 FOR_EACH_FLOAT(ENTRY_POINTS)
 FOR_EACH_FLOAT(FLASH_ENTRY_POINTS)
+FLASH_MMA_ENTRY_POINTS(bf16, __nv_bfloat16)
+FLASH_MMA_ENTRY_POINTS(f16, __half)

@@ -124,15 +124,17 @@ pub fn preset_config(name: &str, seq: usize) -> Option<LlamaConfig> {
 }
 
 /// Compute dtype and gradient checkpointing of a mode: `fp32`, `bf16`, `fp32+ckpt` or
-/// `bf16+ckpt` (torch_ref.py's modes, less `torch.compile`).
+/// `bf16+ckpt` (torch_ref.py's modes, less `torch.compile`), or `fp16` (llmtool's own: it
+/// checks and times the f16 kernels; torch_ref.py has no such rows).
 pub fn parse_mode(mode: &str) -> Result<(DType, bool), String> {
     match mode {
         "fp32" => Ok((DType::F32, false)),
         "bf16" => Ok((DType::BF16, false)),
         "fp32+ckpt" => Ok((DType::F32, true)),
         "bf16+ckpt" => Ok((DType::BF16, true)),
+        "fp16" => Ok((DType::F16, false)),
         _ => Err(format!(
-            "unknown mode {mode:?}: expected fp32, bf16, fp32+ckpt or bf16+ckpt"
+            "unknown mode {mode:?}: expected fp32, bf16, fp32+ckpt, bf16+ckpt or fp16"
         )),
     }
 }
@@ -424,7 +426,8 @@ mod tests {
         }
         assert_eq!(row_trainable_of_tiny_lora(), 6 * 4 * 8 * (384 + 384));
         assert!(measure(Task::Eval, "huge", "fp32", &s, &Device::Cpu).is_err());
-        assert!(parse_mode("fp16").is_err());
+        assert_eq!(parse_mode("fp16"), Ok((DType::F16, false)));
+        assert!(parse_mode("int8").is_err());
     }
 
     #[test]

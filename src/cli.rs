@@ -113,7 +113,7 @@ pub struct BenchArgs {
     /// Comma-separated tasks: train, lora, eval, generate.
     #[arg(long, default_value = "train,lora,eval,generate")]
     pub tasks: String,
-    /// Comma-separated modes: fp32, bf16, bf16+ckpt, fp32+ckpt [default: fp32 on CPU, fp32,bf16,bf16+ckpt on GPUs]
+    /// Comma-separated modes: fp32, bf16, bf16+ckpt, fp32+ckpt, fp16 [default: fp32 on CPU, fp32,bf16,bf16+ckpt on GPUs]
     #[arg(long)]
     pub modes: Option<String>,
     /// Comma-separated bases of the lora task, each its own row: frozen (the base's weight

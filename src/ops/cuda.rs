@@ -233,7 +233,7 @@ pub(crate) fn with_operands<R>(
 }
 
 /// Checks that all operands share the first one's dtype and returns it.
-fn common_dtype(operands: &[Operand]) -> Result<DType> {
+pub(crate) fn common_dtype(operands: &[Operand]) -> Result<DType> {
     let dtype = operands[0].0.dtype();
     if let Some((s, _)) = operands.iter().find(|(s, _)| s.dtype() != dtype) {
         candle_core::bail!(

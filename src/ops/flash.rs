@@ -1,12 +1,18 @@
-//! Flash-style causal attention on CUDA (`kernels/flash_attention.cuh`): the forward keeps an
-//! online softmax per query row and saves only the output and one log-sum-exp per row; the
-//! backward recomputes the probabilities tile by tile. No T×T tensor exists at any point, so
-//! attention memory grows with the sequence length, not its square. Grouped-query attention is
-//! native (each query head reads its kv head; the key and value gradients sum over the group),
-//! and keys and values may be views into a KV cache.
+//! Flash-style causal attention on CUDA: the forward keeps an online softmax per query row and
+//! saves only the output and one log-sum-exp per row; the backward recomputes the probabilities
+//! tile by tile. No T×T tensor exists at any point, so attention memory grows with the sequence
+//! length, not its square. Grouped-query attention is native (each query head reads its kv head;
+//! the key and value gradients sum over the group), and keys and values may be views into a KV
+//! cache.
 //!
-//! The whole attention is one autograd node; its backward is three kernels (row deltas, key and
-//! value gradients, query gradients) with no atomics, so results repeat bit for bit.
+//! Two implementations share the grid, the arguments and the saved log-sum-exp
+//! ([`Kernels`]): tensor-core kernels for bf16 and f16 (`kernels/flash_mma.cuh`) and f32 SIMT
+//! kernels for everything else (`kernels/flash_attention.cuh`).
+//!
+//! The whole attention is one autograd node. Its backward has no atomics, so results repeat bit
+//! for bit: on tensor cores two kernels (query gradients, which also take each row's delta from
+//! their tiles, then key and value gradients), in f32 three (row deltas, key and value
+//! gradients, query gradients).
 
 use super::attach::attach3;
 use super::cuda::{self, Arg, Operand};
@@ -20,8 +26,135 @@ const HEAD_SIZES: [usize; 2] = [64, 128];
 /// Query rows (and keys) per tile, as in the kernels.
 const TILE: usize = 64;
 
-/// Threads per block, as in the kernels.
-const THREADS: u32 = 256;
+/// The kernels' stages, one launch each (besides the row deltas of the backward).
+#[derive(Clone, Copy)]
+enum Stage {
+    Forward,
+    KeyValueGrads,
+    QueryGrads,
+}
+
+/// Which implementation of the tiled kernels a launch uses.
+#[derive(Clone, Copy)]
+enum Kernels {
+    /// f32 math on f32 copies of the tiles, 256 threads: any dtype, any alignment.
+    Simt,
+    /// `mma` on 16-bit tiles copied 16 bytes at a time, 128 threads: bf16 and f16 operands
+    /// whose rows all start 16-byte aligned.
+    TensorCores,
+}
+
+impl Kernels {
+    /// Tensor cores where the operands allow them; `kv` are the keys and values among them.
+    fn for_operands(operands: &[Operand], kv: [Operand; 2]) -> Result<Self> {
+        let dtype = cuda::common_dtype(operands)?;
+        if !matches!(dtype, DType::BF16 | DType::F16) {
+            return Ok(Self::Simt);
+        }
+        // 16 bytes are 8 elements: each row of a key or value view must start on a multiple.
+        let mut aligned = true;
+        for operand in kv {
+            aligned &= cuda::strided4(operand)?.1.iter().all(|s| s % 8 == 0);
+        }
+        for &operand in operands {
+            aligned &= start_address(operand)? % 16 == 0;
+        }
+        Ok(if aligned {
+            Self::TensorCores
+        } else {
+            Self::Simt
+        })
+    }
+
+    /// The kernel of `stage` for these dims (the dtype suffix is added at launch).
+    fn name(self, dims: &GroupedDims, stage: Stage) -> String {
+        let family = match self {
+            Self::Simt => "flash_attention",
+            Self::TensorCores => "flash_mma",
+        };
+        let stage = match stage {
+            Stage::Forward => "fwd",
+            Stage::KeyValueGrads => "bwd_kv",
+            Stage::QueryGrads => "bwd_q",
+        };
+        format!("{family}_{stage}_d{}", dims.head_size)
+    }
+
+    fn threads(self) -> u32 {
+        match self {
+            Self::Simt => 256,
+            Self::TensorCores => 128,
+        }
+    }
+
+    /// Queries per block of the forward and the query gradients (keys per block of the
+    /// key/value gradients are always [`TILE`]).
+    fn query_rows(self, dims: &GroupedDims) -> usize {
+        match self {
+            Self::TensorCores if dims.head_size <= 64 => 2 * TILE,
+            _ => TILE,
+        }
+    }
+
+    /// Dynamic shared memory of `stage`, laid out as in the kernels.
+    fn shared_bytes(self, dims: &GroupedDims, stage: Stage) -> Result<u32> {
+        let d = dims.head_size;
+        let bytes = match self {
+            // f32 [64][d + 4] tiles, [64][68] score tiles and per-row vectors of 64.
+            Self::Simt => {
+                let (tiles, scores, rows) = match stage {
+                    Stage::Forward => (2, 1, 0),
+                    Stage::KeyValueGrads => (4, 2, 2),
+                    Stage::QueryGrads => (4, 1, 2),
+                };
+                4 * (tiles * TILE * (d + 4) + scores * TILE * (TILE + 4) + rows * TILE)
+            }
+            // 16-bit tiles in units of [64][d + 8] (a query tile is `query_units` of them),
+            // two key/value or query buffers, then f32 per-row vectors.
+            Self::TensorCores => {
+                let query_units = self.query_rows(dims) / TILE;
+                let (units, floats) = match stage {
+                    Stage::Forward => (query_units + 4, 0),
+                    Stage::QueryGrads => (2 * query_units + 4, self.query_rows(dims)),
+                    Stage::KeyValueGrads => (6, 4 * TILE),
+                };
+                2 * units * TILE * (d + 8) + 4 * floats
+            }
+        };
+        u32::try_from(bytes)
+            .map_err(|_| candle_core::Error::Msg("flash attention: shared memory".into()))
+    }
+
+    /// The grid of `stage`: blocks of queries (or keys) by batch × heads (or kv heads).
+    fn grid(self, dims: &GroupedDims, stage: Stage) -> Result<(u32, u32)> {
+        let (len, rows, heads) = match stage {
+            Stage::KeyValueGrads => (dims.kv_len, TILE, dims.kv_heads),
+            _ => (dims.q_len, self.query_rows(dims), dims.heads),
+        };
+        Ok((
+            cuda::int_u32(len.div_ceil(rows))?,
+            cuda::int_u32(dims.batch * heads)?,
+        ))
+    }
+
+    /// Launches `stage`.
+    fn launch(
+        self,
+        device: &candle_core::CudaDevice,
+        dtype: DType,
+        dims: &GroupedDims,
+        stage: Stage,
+        args: &[Arg],
+    ) -> Result<()> {
+        let config = (
+            self.grid(dims, stage)?,
+            (self.threads(), 1),
+            self.shared_bytes(dims, stage)?,
+        );
+        let name = self.name(dims, stage);
+        cuda::launch_with_shared(device, &name, Some(dtype), config, args)
+    }
+}
 
 /// Whether [`flash_attention`] handles these operands: CUDA, one float dtype, a head size the
 /// kernels are compiled for, `heads` a multiple of `kv_heads`, no more queries than keys.
@@ -97,31 +230,20 @@ impl GroupedDims {
     fn scale(&self) -> f32 {
         1.0 / (self.head_size as f32).sqrt()
     }
-
-    /// `name` for this head size (the dtype suffix is added at launch).
-    fn kernel(&self, name: &str) -> String {
-        format!("{name}_d{}", self.head_size)
-    }
-
-    /// Dynamic shared memory of a kernel holding `tiles` f32 tiles of `[64][d + 4]`,
-    /// `score_tiles` of `[64][68]` and `rows` per-row vectors of 64 (rows padded by 4 floats,
-    /// as in the kernels).
-    fn shared_bytes(&self, tiles: usize, score_tiles: usize, rows: usize) -> Result<u32> {
-        let floats =
-            tiles * TILE * (self.head_size + 4) + score_tiles * TILE * (TILE + 4) + rows * TILE;
-        u32::try_from(floats * 4)
-            .map_err(|_| candle_core::Error::Msg("flash attention: shared memory".into()))
-    }
 }
 
 /// The address of an operand's first element (contiguous, or keys and values with unit stride
 /// along the head dimension).
+fn start_address(operand: Operand) -> Result<u64> {
+    match operand.1.is_contiguous() {
+        true => cuda::address(operand),
+        false => Ok(cuda::strided4(operand)?.0),
+    }
+}
+
+/// [`start_address`] as a kernel argument.
 fn start(operand: Operand) -> Result<Arg> {
-    let address = match operand.1.is_contiguous() {
-        true => cuda::address(operand)?,
-        false => cuda::strided4(operand)?.0,
-    };
-    Ok(Arg::Address(address))
+    Ok(Arg::Address(start_address(operand)?))
 }
 
 /// The output `[b, heads, q_len, d]` and the base-2 log-sum-exp of each query row (f32).
@@ -140,11 +262,8 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, dims: &GroupedDims) -> Result<(Te
             Arg::Address(cuda::base_address(&lse)?),
         ];
         args.extend(dims.common_args(k, v)?);
-        let grid = (tiles(dims.q_len)?, cuda::int_u32(dims.batch * dims.heads)?);
-        let shared = dims.shared_bytes(2, 1, 0)?;
-        let name = dims.kernel("flash_attention_fwd");
-        let config = (grid, (THREADS, 1), shared);
-        cuda::launch_with_shared(device, &name, Some(q.0.dtype()), config, &args)?;
+        let kernels = Kernels::for_operands(&[q, k, v], [k, v])?;
+        kernels.launch(device, q.0.dtype(), dims, Stage::Forward, &args)?;
         Ok((out, lse))
     })?;
     Ok((
@@ -168,56 +287,57 @@ fn backward(
     let (dq, dk, dv) = cuda::with_operands(&[q, k, v, out, dout, lse], |ops| {
         let [q, k, v, out, dout, lse] = [ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]];
         let (device, dtype) = (&q.0.device, q.0.dtype());
+        let kernels = Kernels::for_operands(&[q, k, v, out, dout], [k, v])?;
         let delta = cuda::alloc(device, DType::F32, rows)?;
-        let args = [
-            start(out)?,
-            start(dout)?,
-            Arg::Address(cuda::base_address(&delta)?),
-            cuda::int(rows)?,
-            cuda::int(dims.head_size)?,
-        ];
-        let (grid, block) = cuda::per_warp_row(rows)?;
-        cuda::launch_with_shared(
-            device,
-            "flash_attention_delta",
-            Some(dtype),
-            (grid, block, 0),
-            &args,
-        )?;
+        let delta_arg = Arg::Address(cuda::base_address(&delta)?);
         let dq = cuda::alloc(device, dtype, rows * dims.head_size)?;
         let dk = cuda::alloc(device, dtype, kv_elems)?;
         let dv = cuda::alloc(device, dtype, kv_elems)?;
-        let inputs = [
-            start(q)?,
-            start(k)?,
-            start(v)?,
-            start(dout)?,
-            start(lse)?,
-            Arg::Address(cuda::base_address(&delta)?),
-        ];
-        let scale = Arg::Float(dims.scale());
-        let mut args = inputs.to_vec();
-        args.extend([
-            Arg::Address(cuda::base_address(&dk)?),
-            Arg::Address(cuda::base_address(&dv)?),
-        ]);
-        args.extend(dims.common_args(k, v)?);
-        args.push(scale);
-        let grid = (
-            tiles(dims.kv_len)?,
-            cuda::int_u32(dims.batch * dims.kv_heads)?,
-        );
-        let config = (grid, (THREADS, 1), dims.shared_bytes(4, 2, 2)?);
-        let name = dims.kernel("flash_attention_bwd_kv");
-        cuda::launch_with_shared(device, &name, Some(dtype), config, &args)?;
-        let mut args = inputs.to_vec();
-        args.push(Arg::Address(cuda::base_address(&dq)?));
-        args.extend(dims.common_args(k, v)?);
-        args.push(scale);
-        let grid = (tiles(dims.q_len)?, cuda::int_u32(dims.batch * dims.heads)?);
-        let config = (grid, (THREADS, 1), dims.shared_bytes(4, 1, 2)?);
-        let name = dims.kernel("flash_attention_bwd_q");
-        cuda::launch_with_shared(device, &name, Some(dtype), config, &args)?;
+        let inputs = [start(q)?, start(k)?, start(v)?, start(dout)?, start(lse)?];
+        let tail = |mut args: Vec<Arg>| -> Result<Vec<Arg>> {
+            args.extend(dims.common_args(k, v)?);
+            args.push(Arg::Float(dims.scale()));
+            Ok(args)
+        };
+        let dq_arg = Arg::Address(cuda::base_address(&dq)?);
+        let kv_args = tail(
+            [
+                &inputs[..],
+                &[
+                    delta_arg,
+                    Arg::Address(cuda::base_address(&dk)?),
+                    Arg::Address(cuda::base_address(&dv)?),
+                ],
+            ]
+            .concat(),
+        )?;
+        match kernels {
+            // The query gradients take the deltas from their own tiles, for the key/value
+            // gradients after them.
+            Kernels::TensorCores => {
+                let extra = [start(out)?, delta_arg, dq_arg];
+                let q_args = tail([&inputs[..], &extra].concat())?;
+                kernels.launch(device, dtype, dims, Stage::QueryGrads, &q_args)?;
+                kernels.launch(device, dtype, dims, Stage::KeyValueGrads, &kv_args)?;
+            }
+            Kernels::Simt => {
+                let args = [start(out)?, start(dout)?, delta_arg];
+                let sizes = [cuda::int(rows)?, cuda::int(dims.head_size)?];
+                let (grid, block) = cuda::per_warp_row(rows)?;
+                let config = (grid, block, 0);
+                let args = [&args[..], &sizes].concat();
+                cuda::launch_with_shared(
+                    device,
+                    "flash_attention_delta",
+                    Some(dtype),
+                    config,
+                    &args,
+                )?;
+                kernels.launch(device, dtype, dims, Stage::KeyValueGrads, &kv_args)?;
+                let q_args = tail([&inputs[..], &[delta_arg, dq_arg]].concat())?;
+                kernels.launch(device, dtype, dims, Stage::QueryGrads, &q_args)?;
+            }
+        }
         Ok((dq, dk, dv))
     })?;
     Ok((
@@ -225,9 +345,4 @@ fn backward(
         cuda::tensor(dk, dims.kv_shape()),
         cuda::tensor(dv, dims.kv_shape()),
     ))
-}
-
-/// Tiles of 64 covering `n`.
-fn tiles(n: usize) -> Result<u32> {
-    cuda::int_u32(n.div_ceil(TILE))
 }

@@ -68,9 +68,10 @@ fn head_mean_nll_in_chunks(
     if !want_dx && !want_dw {
         return super::weighted_mean(&head_nll_in_chunks(&x, &w, targets, rows)?, &weights);
     }
-    // Each row's share of the loss: the gradient of the loss with respect to its NLL.
+    // The gradients are those of the weighted sum of NLLs; the division by the count happens in
+    // backward, on the f32 scale factor. Divided in the kernel, a 16-bit logit gradient would
+    // underflow in f16: a probability of 1/32,000 over 8,192 counted tokens is 4e-9.
     let count = weights.sum_all()?.maximum(1.0)?;
-    let row_scale = weights.broadcast_div(&count)?;
     let targets = targets.contiguous()?;
     let n = x.dim(0)?;
     let mut nll = Vec::with_capacity(n.div_ceil(rows));
@@ -80,8 +81,8 @@ fn head_mean_nll_in_chunks(
         let xc = x.narrow(0, start, len)?;
         let t = targets.narrow(0, start, len)?;
         let logits = xc.matmul(&w.t()?)?;
-        let scales = row_scale.narrow(0, start, len)?;
-        let (chunk_nll, dlogits) = super::token_nll_with_grad(&logits, &t, &scales)?;
+        let row_weights = weights.narrow(0, start, len)?;
+        let (chunk_nll, dlogits) = super::token_nll_with_grad(&logits, &t, &row_weights)?;
         nll.push(chunk_nll);
         drop(logits);
         if want_dx {
@@ -91,7 +92,7 @@ fn head_mean_nll_in_chunks(
             dw.push(weight_grad(&dlogits, &xc, head.dtype())?);
         }
     }
-    let loss = (Tensor::cat(&nll, 0)? * &row_scale)?.sum_all()?;
+    let loss = (Tensor::cat(&nll, 0)? * &weights)?.sum_all()?.div(&count)?;
     let dx = if want_dx {
         Some(Tensor::cat(&dx, 0)?)
     } else {
@@ -99,7 +100,8 @@ fn head_mean_nll_in_chunks(
     };
     let dw = sum_in_f32(dw, head.dtype())?;
     attach2(hidden, head, &loss, "head-mean-nll", move |grad| {
-        let scaled = |g: &Option<Tensor>| g.as_ref().map(|g| scaled(g, grad)).transpose();
+        let factor = grad.to_dtype(DType::F32)?.div(&count)?;
+        let scaled = |g: &Option<Tensor>| g.as_ref().map(|g| scaled(g, &factor)).transpose();
         Ok((scaled(&dx)?, scaled(&dw)?))
     })
 }

@@ -260,24 +260,19 @@ pub fn swap_middle(x: &Tensor) -> Result<Tensor> {
 /// Grouped-query causal attention: `q` `[b, heads, q_len, d]` against keys and values
 /// `[b, kv_heads, kv_len, d]` that may be views into a KV cache, `heads / kv_heads` query heads
 /// per kv head. A decode step (one query, no gradients, fused backend) reads the cache in place
-/// with one kernel; on CUDA in f32 the flash kernels run (see [`flash_attention`]); otherwise kv
-/// heads are repeated and [`causal_attention`] runs.
+/// with one kernel; on CUDA the flash kernels run where they support the head size (see
+/// [`flash_attention`]); otherwise kv heads are repeated and [`causal_attention`] runs.
 pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if fused(&[q, k, v]) && decode::supported(q, k, v) {
         return decode::decode_attention(q, k, v);
     }
-    #[cfg(feature = "cuda")]
-    if q.dtype() == DType::F32 && flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v);
-    }
-    repeated_kv_attention(q, k, v)
+    flash_attention(q, k, v)
 }
 
 /// Flash-style grouped-query causal attention (same contract as [`grouped_attention`]) where
 /// the CUDA kernels support the operands (head size 64 or 128), which never hold the T×T
-/// probabilities; elsewhere the same as [`grouped_attention`]'s general path. Chosen by default
-/// for f32, where it is faster than the matmul path and saves its memory; in 16 bits the matmul
-/// path runs on tensor cores and is faster, so [`grouped_attention`] keeps it there.
+/// probabilities: tensor-core kernels in bf16 and f16, f32 kernels otherwise. Elsewhere kv
+/// heads are repeated and [`causal_attention`] runs.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::supported(q, k, v) {

@@ -1,0 +1,550 @@
+// Flash attention on tensor cores for the 16-bit dtypes (bf16, f16), included by ops.cu after
+// flash_attention.cuh, whose layout, tiling of the grid, parameter lists and base-2 log-sum-exp
+// it shares: the forward's lse and the backward's delta are interchangeable between the two, and
+// the launcher picks these kernels wherever the rows are 16-byte aligned.
+//
+// A block is 4 warps. In the forward and the query gradients a warp owns 16·MT consecutive
+// queries (MT = 2 for head size 64, so a block covers 128 queries, 1 for 128) and walks the key
+// tiles of 64; in the key/value gradients it owns 16 keys of the block's 64 and walks the query
+// tiles of 64. A warp's MT row tiles share every B operand it loads, which halves the
+// shared-memory traffic per product. Operands are staged as 16-bit [rows][D + 8] tiles in shared
+// memory with cp.async (rows padded by 16 bytes so the eight rows one ldmatrix reads fall in
+// distinct banks), the next tile's copy in flight while the current one is multiplied, and
+// multiplied with mma.sync.m16n8k16 (f32 accumulate). Probabilities and score gradients go from
+// the accumulators straight into the next product's A operand (rounded to the 16-bit dtype, as
+// every flash attention does), never through memory. Warps whose rows a tile's causal mask
+// hides entirely skip its products.
+//
+// The query gradients run first and compute each row's delta (Σ dout · out) from the tiles they
+// load anyway, for the key/value gradients after them: no separate delta kernel.
+//
+// Fragment layout of m16n8k16 (lane = 4g + t): A holds rows g and g + 8, columns 2t, 2t + 1
+// and 2t + 8, 2t + 9; B holds rows (k) 2t, 2t + 1 and 2t + 8, 2t + 9 of column (n) g; the f32
+// accumulator holds columns 2t, 2t + 1 of rows g (elements 0, 1) and g + 8 (elements 2, 3).
+
+constexpr int FM_THREADS = 128;
+
+// Row stride (elements) of a [64][D] tile in shared memory.
+template <int D> __host__ __device__ constexpr int fm_stride() { return D + 8; }
+
+template <typename T> struct Mma;
+
+template <> struct Mma<__nv_bfloat16> {
+  // c += a · b for one 16 × 8 × 16 step.
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // Two values as one 32-bit operand register, `lo` in the low half.
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+template <> struct Mma<__half> {
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ uint32_t fm_shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8 × 8 16-bit matrices from shared memory; lane 8i + r gives row r of matrix i.
+template <bool TRANS> __device__ __forceinline__ void fm_ldmatrix(uint32_t (&r)[4], const void* p) {
+  if (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fm_shared_address(p)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fm_shared_address(p)));
+}
+
+// 16 bytes from global to shared memory without passing through registers; zeros where
+// `valid` is false (nothing is read then).
+__device__ __forceinline__ void fm_copy16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fm_shared_address(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void fm_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N> __device__ __forceinline__ void fm_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// 2^x with the hardware approximation (2 ulp; subnormal results flush to zero, which only
+// drops probabilities below 1e-38), one instruction where exp2f adds range handling around it.
+__device__ __forceinline__ float fm_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Row tiles of 16 per warp in the query-side kernels, and the queries a block covers.
+template <int D> __host__ __device__ constexpr int fm_row_tiles() { return D <= 64 ? 2 : 1; }
+template <int D> __host__ __device__ constexpr int fm_query_rows() {
+  return 16 * fm_row_tiles<D>() * (FM_THREADS / 32);
+}
+
+// Starts copying rows row0..row0+ROWS-1 of an [n, D] matrix (row stride `stride`, 16-byte
+// aligned rows) into `dst` [ROWS][D + 8]; rows at or beyond n become zeros.
+template <typename T, int D, int ROWS = FA_TILE>
+__device__ __forceinline__ void fm_load_tile(T* dst, const T* src, long long stride, int row0,
+                                             int n) {
+  constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
+  for (int e = threadIdx.x; e < ROWS * CHUNKS; e += FM_THREADS) {
+    const int r = e / CHUNKS, c = e % CHUNKS * 8, row = row0 + r;
+    const bool valid = row < n;
+    fm_copy16(dst + r * fm_stride<D>() + c, src + (valid ? row * stride + c : 0), valid);
+  }
+}
+
+// The A operand (16 × 16) at rows r0.., columns k0.. of a row-major tile.
+template <int LD, typename T>
+__device__ __forceinline__ void fm_frag_a(uint32_t (&a)[4], const T* tile, int r0, int k0) {
+  const int lane = threadIdx.x & 31;
+  fm_ldmatrix<false>(a, tile + (r0 + (lane & 15)) * LD + k0 + (lane >> 4) * 8);
+}
+
+// B operands of the two n-tiles n0 and n0 + 8 over k0..k0+15 (registers 0, 1 and 2, 3), where
+// B[k][n] = tile[n][k] (the tile's rows are the product's columns).
+template <int LD, typename T>
+__device__ __forceinline__ void fm_frag_b_rows(uint32_t (&b)[4], const T* tile, int n0, int k0) {
+  const int lane = threadIdx.x & 31, m = lane >> 3;
+  fm_ldmatrix<false>(b, tile + (n0 + (m >> 1) * 8 + (lane & 7)) * LD + k0 + (m & 1) * 8);
+}
+
+// The same where B[k][n] = tile[k][n] (the tile's rows are the reduced dimension).
+template <int LD, typename T>
+__device__ __forceinline__ void fm_frag_b_cols(uint32_t (&b)[4], const T* tile, int k0, int n0) {
+  const int lane = threadIdx.x & 31, m = lane >> 3;
+  fm_ldmatrix<true>(b, tile + (k0 + (m & 1) * 8 + (lane & 7)) * LD + n0 + (m >> 1) * 8);
+}
+
+// acc[i] (16 × 64) += A_i · Bᵀ over K columns, for A_i rows r0 + 16i.. of tile `a` and B rows
+// 0..63 of tile `b` (both row-major [.][K]): the warp's scores against a whole tile. Each B
+// operand is loaded once for the MT row tiles.
+template <typename T, int LD, int K, int MT>
+__device__ __forceinline__ void fm_dot_tile(float (&acc)[MT][8][4], const T* a, int r0,
+                                           const T* b) {
+#pragma unroll
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) fm_frag_a<LD>(af[i], a, r0 + 16 * i, k0);
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      uint32_t bf[4];
+      fm_frag_b_rows<LD>(bf, b, 8 * j, k0);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        Mma<T>::run(acc[i][j], af[i], bf[0], bf[1]);
+        Mma<T>::run(acc[i][j + 1], af[i], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// acc[i] (16 × 8NT) += W_i · M for W_i (16 × 64) held as A operands and M rows 0..63 of tile
+// `m` (row-major [64][8NT]): weighted sums of a tile's rows.
+template <typename T, int LD, int NT, int MT>
+__device__ __forceinline__ void fm_weighted_rows(float (&acc)[MT][NT][4],
+                                                 const uint32_t (&w)[MT][4][4], const T* m) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+      uint32_t bf[4];
+      fm_frag_b_cols<LD>(bf, m, 16 * kk, 8 * j);
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        Mma<T>::run(acc[i][j], w[i][kk], bf[0], bf[1]);
+        Mma<T>::run(acc[i][j + 1], w[i][kk], bf[2], bf[3]);
+      }
+    }
+}
+
+// A 16 × 64 accumulator as the A operand of the next product (16-bit).
+template <typename T>
+__device__ __forceinline__ void fm_to_operand(uint32_t (&a)[4][4], const float (&c)[8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    a[kk][0] = Mma<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = Mma<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = Mma<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = Mma<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// Stores accumulator rows (row0 + 16i + g and row0 + 16i + g + 8, those below n) times
+// `scale` into `dst` [n, D].
+template <typename T, int D, int MT>
+__device__ __forceinline__ void fm_store_rows(T* dst, const float (&acc)[MT][D / 8][4], int row0,
+                                              int n, float scale) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 16 * i + g + 8 * h;
+      if (row >= n) continue;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const float lo = acc[i][j][2 * h] * scale, hi = acc[i][j][2 * h + 1] * scale;
+        *reinterpret_cast<uint32_t*>(dst + (size_t)row * D + 8 * j + 2 * t) = Mma<T>::pack(lo, hi);
+      }
+    }
+}
+
+// The tiles of a kernel's dynamic shared memory, in units of [64][D + 8], then f32 vectors.
+template <typename T, int D> struct FmShared {
+  __device__ static T* tile(int unit) {
+    extern __shared__ uint4 fm_smem[];
+    return reinterpret_cast<T*>(fm_smem) + unit * FA_TILE * fm_stride<D>();
+  }
+  __device__ static float* floats(int units) { return reinterpret_cast<float*>(tile(units)); }
+};
+
+// Where a thread sits in its warp's accumulators: rows r0 + 16i + g (+ 8), columns 2t (+ 1).
+struct FmLane {
+  int r0, g, t;
+  __device__ explicit FmLane(int rows_per_warp)
+      : r0(rows_per_warp * (threadIdx.x >> 5)), g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3) {}
+};
+
+// One step of the online softmax for a warp's 16 rows against a tile of 64 keys: `s` holds raw
+// scores (rows g and g + 8 at positions pos and pos + 8, columns key + 8j (+ 1)), and becomes
+// the probabilities under the updated row maxima `m` (base 2, scaled); `l` (this thread's part
+// of each row's sum) and the output rows `o` are rescaled to the new maxima. Rows past q_len sit
+// past the last key, so every row sees key 0 and its maximum is finite from the first tile on.
+template <bool MASK, int D>
+__device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2], float (&l)[2],
+                                                  float (&o)[D / 8][4], int pos, int key,
+                                                  int kv_len, float scale_log2) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[j][2 * h + e];
+        if (MASK) {
+          const int col = key + 8 * j + e;
+          x = col <= pos + 8 * h && col < kv_len ? x : -INFINITY;
+        }
+        row_max = fmaxf(row_max, x);
+      }
+    const float m_new = fmaxf(m[h], warp_max<4>(row_max) * scale_log2);
+    const float alpha = fm_exp2(m[h] - m_new);
+    float row_sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& x = s[j][2 * h + e];
+        x = fm_exp2(fmaf(x, scale_log2, -m_new));
+        row_sum += x;
+      }
+    l[h] = l[h] * alpha + row_sum;
+    m[h] = m_new;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][2 * h] *= alpha;
+      o[j][2 * h + 1] *= alpha;
+    }
+  }
+}
+
+// Forward: one block per (128 or 64 queries, batch × head), outputs as flash_attention_fwd.
+// Shared memory: the query tile, then two key/value buffers.
+template <typename T, int D>
+__device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE,
+                              float scale_log2) {
+  constexpr int LD = fm_stride<D>(), MT = fm_row_tiles<D>(), ROWS = fm_query_rows<D>();
+  using S = FmShared<T, D>;
+  T* qs = S::tile(0);
+  const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh, ROWS);
+  const int bh = at.bh, q0 = at.q0, shift = kv_len - q_len;
+  const FmLane lane(16 * MT);
+  fm_load_tile<T, D, ROWS>(qs, q + (size_t)bh * q_len * D, D, q0, q_len);
+  // Buffer b holds keys at unit MT + 2b and values at MT + 2b + 1.
+  fm_load_tile<T, D>(S::tile(MT), at.keys, k_sp, 0, kv_len);
+  fm_load_tile<T, D>(S::tile(MT + 1), at.values, v_sp, 0, kv_len);
+  fm_commit();
+  float o[MT][D / 8][4] = {};
+  float m[MT][2], l[MT][2] = {};
+#pragma unroll
+  for (int i = 0; i < MT; ++i) m[i][0] = m[i][1] = -INFINITY;
+  // Keys past the block's last query position are masked for all its rows; those past a
+  // warp's last query for all of the warp's.
+  const int key_end = min(kv_len, q0 + ROWS + shift);
+  const int warp_last = q0 + lane.r0 + 16 * MT - 1 + shift;
+  for (int k0 = 0, it = 0; k0 < key_end; k0 += FA_TILE, ++it) {
+    const T* ks = S::tile(MT + 2 * (it & 1));
+    const T* vs = ks + FA_TILE * LD;
+    fm_wait<0>();
+    __syncthreads();  // this tile has landed; every warp is done with the other buffer
+    if (k0 + FA_TILE < key_end) {
+      T* next = S::tile(MT + 2 * (~it & 1));
+      fm_load_tile<T, D>(next, at.keys, k_sp, k0 + FA_TILE, kv_len);
+      fm_load_tile<T, D>(next + FA_TILE * LD, at.values, v_sp, k0 + FA_TILE, kv_len);
+      fm_commit();
+    }
+    if (k0 > warp_last) continue;
+    float s[MT][8][4] = {};
+    fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
+    // Only tiles reaching past the warp's first query position, or past the last key, need
+    // the mask.
+    const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
+    uint32_t p[MT][4][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
+      if (masked)
+        fm_online_softmax<true, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
+      else
+        fm_online_softmax<false, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
+      fm_to_operand<T>(p[i], s[i]);
+    }
+    fm_weighted_rows<T, LD, D / 8, MT>(o, p, vs);
+  }
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float total = warp_sum<4>(l[i][h]), inv = 1.f / total;
+      const int row = q0 + lane.r0 + 16 * i + lane.g + 8 * h;
+      if (lane.t == 0 && row < q_len) lse[(size_t)bh * q_len + row] = m[i][h] + log2f(total);
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[i][j][2 * h] *= inv;
+        o[i][j][2 * h + 1] *= inv;
+      }
+    }
+  fm_store_rows<T, D, MT>(out + (size_t)bh * q_len * D, o, q0 + lane.r0, q_len, 1.f);
+}
+
+// The score gradients ds = p (dp − delta) of a warp's 16 query rows (positions pos, pos + 8,
+// with their log-sum-exp and delta) against 64 keys (columns key + 8j (+ 1)), from the raw
+// scores `s`; `ds` holds dp on entry. Rows past q_len are zeros on both sides and get 0.
+template <bool MASK>
+__device__ __forceinline__ void fm_query_score_grads(const float (&s)[8][4], float (&ds)[8][4],
+                                                     const float (&lse)[2],
+                                                     const float (&delta)[2], int pos, int key,
+                                                     int kv_len, float scale_log2) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1, col = key + 8 * j + (e & 1);
+      float p = fm_exp2(fmaf(s[j][e], scale_log2, -lse[h]));
+      if (MASK) p = col <= pos + 8 * h && col < kv_len ? p : 0.f;
+      ds[j][e] = p * (ds[j][e] - delta[h]);
+    }
+}
+
+// The same for a warp's 16 key rows (key, key + 8) against a tile of 64 queries from q0 (the
+// thread's columns col + 8j (+ 1), whose log-sum-exp and delta are in `lse_s` and `delta_s`):
+// `p` goes from raw scores to the probabilities, `ds` from dp to the score gradients.
+template <bool MASK>
+__device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)[8][4],
+                                                   const float* lse_s, const float* delta_s,
+                                                   int key, int q0, int col, int q_len,
+                                                   int kv_len, int shift, float scale_log2) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = col + 8 * j + (e & 1), query = q0 + c, row_key = key + 8 * (e >> 1);
+      float pr = fm_exp2(fmaf(p[j][e], scale_log2, -lse_s[c]));
+      if (MASK)
+        pr = query < q_len && row_key < kv_len && row_key <= query + shift ? pr : 0.f;
+      p[j][e] = pr;
+      ds[j][e] = pr * (ds[j][e] - delta_s[c]);
+    }
+}
+
+// Query gradients, and each row's delta = Σ dout · out for the key/value gradients: one block
+// per (128 or 64 queries, batch × head), heaviest first. Shared memory: q and dout tiles, two
+// key/value buffers (the first holding the output tile until the deltas are taken), then the
+// block's deltas.
+template <typename T, int D>
+__device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dout,
+                                const float* lse, const T* out, float* delta, T* dq, FA_SHAPE,
+                                float scale_log2, float scale) {
+  constexpr int LD = fm_stride<D>(), MT = fm_row_tiles<D>(), ROWS = fm_query_rows<D>();
+  using S = FmShared<T, D>;
+  T *qs = S::tile(0), *dos = S::tile(MT), *kv0 = S::tile(2 * MT), *kv1 = S::tile(2 * MT + 2);
+  float* delta_s = S::floats(2 * MT + 4);
+  const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh, ROWS);
+  const int bh = at.bh, q0 = at.q0, shift = kv_len - q_len;
+  const FmLane lane(16 * MT);
+  const size_t rows0 = (size_t)bh * q_len;
+  fm_load_tile<T, D, ROWS>(qs, q + rows0 * D, D, q0, q_len);
+  fm_load_tile<T, D, ROWS>(dos, dout + rows0 * D, D, q0, q_len);
+  fm_load_tile<T, D, ROWS>(kv1, out + rows0 * D, D, q0, q_len);
+  fm_commit();
+  fm_load_tile<T, D>(kv0, at.keys, k_sp, 0, kv_len);
+  fm_load_tile<T, D>(kv0 + FA_TILE * LD, at.values, v_sp, 0, kv_len);
+  fm_commit();
+  fm_wait<1>();
+  __syncthreads();
+  for (int r = threadIdx.x; r < ROWS; r += FM_THREADS) {
+    float sum = 0.f;
+#pragma unroll 8
+    for (int c = 0; c < D; ++c) sum += to_f32(dos[r * LD + c]) * to_f32(kv1[r * LD + c]);
+    delta_s[r] = sum;
+    if (q0 + r < q_len) delta[rows0 + q0 + r] = sum;
+  }
+  __syncthreads();  // the deltas are in place and the output tile's buffer is free
+  float row_lse[MT][2], row_delta[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = lane.r0 + 16 * i + lane.g + 8 * h;
+      row_lse[i][h] = q0 + r < q_len ? lse[rows0 + q0 + r] : 0.f;
+      row_delta[i][h] = delta_s[r];
+    }
+  float dq_acc[MT][D / 8][4] = {};
+  const int key_end = min(kv_len, q0 + ROWS + shift);
+  const int warp_last = q0 + lane.r0 + 16 * MT - 1 + shift;
+  for (int k0 = 0, it = 0; k0 < key_end; k0 += FA_TILE, ++it) {
+    const T* ks = it & 1 ? kv1 : kv0;
+    const T* vs = ks + FA_TILE * LD;
+    fm_wait<0>();
+    __syncthreads();  // this tile has landed; every warp is done with the other buffer
+    if (k0 + FA_TILE < key_end) {
+      T* next = it & 1 ? kv0 : kv1;
+      fm_load_tile<T, D>(next, at.keys, k_sp, k0 + FA_TILE, kv_len);
+      fm_load_tile<T, D>(next + FA_TILE * LD, at.values, v_sp, k0 + FA_TILE, kv_len);
+      fm_commit();
+    }
+    if (k0 > warp_last) continue;
+    float s[MT][8][4] = {}, ds[MT][8][4] = {};
+    fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
+    fm_dot_tile<T, LD, D, MT>(ds, dos, lane.r0, vs);
+    const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
+    uint32_t w[MT][4][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
+      if (masked)
+        fm_query_score_grads<true>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
+                                   scale_log2);
+      else
+        fm_query_score_grads<false>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
+                                    scale_log2);
+      fm_to_operand<T>(w[i], ds[i]);
+    }
+    fm_weighted_rows<T, LD, D / 8, MT>(dq_acc, w, ks);
+  }
+  fm_store_rows<T, D, MT>(dq + rows0 * D, dq_acc, q0 + lane.r0, q_len, scale);
+}
+
+// Key and value gradients: one block per (64 keys, batch × kv head), walking the query tiles
+// of 64 at or after the diagonal of each query head in its group; dk and dv as in
+// flash_attention_bwd_kv. A warp's rows are keys and its columns queries (the transposed
+// scores). Shared memory: k, v tiles, two query buffers (q, dout), then two buffers of the
+// query tile's log-sum-exp and delta.
+template <typename T, int D>
+__device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,
+                                 float scale) {
+  constexpr int LD = fm_stride<D>();
+  using S = FmShared<T, D>;
+  const T *ks = S::tile(0), *vs = S::tile(1);
+  const int kv_heads = heads / group, bkv = blockIdx.y, b = bkv / kv_heads;
+  const int kv_head = bkv % kv_heads, k0 = blockIdx.x * FA_TILE, shift = kv_len - q_len;
+  const FmLane lane(16);
+  fm_load_tile<T, D>(S::tile(0), k + b * k_sb + kv_head * k_sh, k_sp, k0, kv_len);
+  fm_load_tile<T, D>(S::tile(1), v + b * v_sb + kv_head * v_sh, v_sp, k0, kv_len);
+  // The first query that sees key k0 is k0 - shift; start at its tile. Tile `it` is query tile
+  // it % tiles of query head it / tiles of the group.
+  const int q_begin = max(0, k0 - shift) / FA_TILE * FA_TILE;
+  const int tiles = (q_len - q_begin + FA_TILE - 1) / FA_TILE, total = group * tiles;
+  // Buffer b: q at unit 2 + 2b, dout at 3 + 2b; log-sum-exp and delta at rows 2b and 2b + 1.
+  auto load = [&](int it, int buffer) {
+    const size_t bh = (size_t)b * heads + kv_head * group + it / tiles;
+    const int q0 = q_begin + it % tiles * FA_TILE;
+    fm_load_tile<T, D>(S::tile(2 + 2 * buffer), q + bh * q_len * D, D, q0, q_len);
+    fm_load_tile<T, D>(S::tile(3 + 2 * buffer), dout + bh * q_len * D, D, q0, q_len);
+    fa_load_rows(S::floats(6) + 2 * buffer * FA_TILE, lse + bh * q_len, q0, q_len);
+    fa_load_rows(S::floats(6) + (2 * buffer + 1) * FA_TILE, delta + bh * q_len, q0, q_len);
+  };
+  if (total > 0) load(0, 0);
+  fm_commit();
+  float dk_acc[1][D / 8][4] = {}, dv_acc[1][D / 8][4] = {};
+  const int key = k0 + lane.r0 + lane.g;  // and key + 8
+  for (int it = 0; it < total; ++it) {
+    const int buffer = it & 1, q0 = q_begin + it % tiles * FA_TILE;
+    const T *qs = S::tile(2 + 2 * buffer), *dos = S::tile(3 + 2 * buffer);
+    const float* lse_s = S::floats(6) + 2 * buffer * FA_TILE;
+    const float* delta_s = lse_s + FA_TILE;
+    fm_wait<0>();
+    __syncthreads();  // this tile has landed; every warp is done with the other buffer
+    if (it + 1 < total) {
+      load(it + 1, buffer ^ 1);
+      fm_commit();
+    }
+    if (key > q0 + FA_TILE - 1 + shift) continue;  // the warp's first key is past every query
+    float p[1][8][4] = {}, ds[1][8][4] = {};
+    fm_dot_tile<T, LD, D, 1>(p, ks, lane.r0, qs);
+    fm_dot_tile<T, LD, D, 1>(ds, vs, lane.r0, dos);
+    // Only tiles where a key of the warp's reaches past the first query's position, or that
+    // run past the last key or query, need the mask.
+    const bool masked =
+        key + 15 > q0 + shift || key + 16 > kv_len || q0 + FA_TILE > q_len;
+    const int col = 2 * lane.t;
+    if (masked)
+      fm_key_score_grads<true>(p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift,
+                               scale_log2);
+    else
+      fm_key_score_grads<false>(p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift,
+                                scale_log2);
+    uint32_t w[1][4][4];
+    fm_to_operand<T>(w[0], p[0]);
+    fm_weighted_rows<T, LD, D / 8, 1>(dv_acc, w, dos);
+    fm_to_operand<T>(w[0], ds[0]);
+    fm_weighted_rows<T, LD, D / 8, 1>(dk_acc, w, qs);
+  }
+  fm_store_rows<T, D, 1>(dk + (size_t)bkv * kv_len * D, dk_acc, k0 + lane.r0, kv_len, scale);
+  fm_store_rows<T, D, 1>(dv + (size_t)bkv * kv_len * D, dv_acc, k0 + lane.r0, kv_len, 1.f);
+}
+
+#define FLASH_MMA_ENTRY_POINTS_D(S, T, D)                                                       \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_mma_fwd_d##D##_##S(           \
+      const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE, float scale_log2) {    \
+    flash_mma_fwd<T, D>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2);                         \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_mma_bwd_q_d##D##_##S(         \
+      const T* q, const T* k, const T* v, const T* dout, const float* lse, const T* out,       \
+      float* delta, T* dq, FA_SHAPE, float scale_log2, float scale) {                          \
+    flash_mma_bwd_q<T, D>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS, scale_log2,       \
+                          scale);                                                              \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_mma_bwd_kv_d##D##_##S(        \
+      FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2, float scale) {               \
+    flash_mma_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, scale_log2, scale);       \
+  }
+
+#define FLASH_MMA_ENTRY_POINTS(S, T) \
+  FLASH_MMA_ENTRY_POINTS_D(S, T, 64) \
+  FLASH_MMA_ENTRY_POINTS_D(S, T, 128)
