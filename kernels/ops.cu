@@ -306,6 +306,24 @@ template <typename T> __device__ void add_vec(const T* a, const T* b, T* out, si
   }
 }
 
+// out = x converted from S to D, 8 elements per thread in two 4-element accesses per side; the
+// tail by the last thread.
+template <typename S, typename D> __device__ void cast_vec(const S* x, D* out, size_t n) {
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (i + 8 <= n) {
+#pragma unroll
+    for (int half = 0; half < 8; half += 4) {
+      const Pack<S, 4> v = Pack<S, 4>::load(x + i + half);
+      Pack<D, 4> y;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) y.e[k] = from_f32<D>(to_f32(v.e[k]));
+      y.store(out + i + half);
+    }
+  } else {
+    for (size_t j = i; j < n; ++j) out[j] = from_f32<D>(to_f32(x[j]));
+  }
+}
+
 // out = x · s[0] for a one-element f32 `s` in device memory (a gradient scaled by the incoming
 // gradient of a scalar loss, with no host round trip); the same access pattern as add_vec.
 template <typename T> __device__ void scale_vec(const T* x, const float* s, T* out, size_t n) {
@@ -798,6 +816,15 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   }                                                                                           \
   extern "C" __global__ void add_vec_##S(const T* a, const T* b, T* out, size_t n) {          \
     add_vec<T>(a, b, out, n);                                                                 \
+  }                                                                                           \
+  extern "C" __global__ void cast_to_f32_##S(const T* x, float* out, size_t n) {               \
+    cast_vec<T, float>(x, out, n);                                                            \
+  }                                                                                           \
+  extern "C" __global__ void cast_to_bf16_##S(const T* x, __nv_bfloat16* out, size_t n) {     \
+    cast_vec<T, __nv_bfloat16>(x, out, n);                                                    \
+  }                                                                                           \
+  extern "C" __global__ void cast_to_f16_##S(const T* x, __half* out, size_t n) {             \
+    cast_vec<T, __half>(x, out, n);                                                           \
   }                                                                                           \
   extern "C" __global__ void scale_vec_##S(const T* x, const float* s, T* out, size_t n) {    \
     scale_vec<T>(x, s, out, n);                                                               \

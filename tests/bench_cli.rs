@@ -89,6 +89,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "adamw",
         "add",
         "add_rms_norm",
+        "cast",
         "causal_attention",
         "decode_attention",
         "embedding",

@@ -86,12 +86,12 @@ impl Linear {
                 (ops::master_linear(x, &self.weight)? + lora.forward(x, dtype)?)?
             }
             (Some(lora), false) => {
-                lora.forward_with_frozen(x, &self.weight.to_dtype(dtype)?, dtype)?
+                lora.forward_with_frozen(x, &ops::cast(&self.weight, dtype)?, dtype)?
             }
-            (None, false) => ops::frozen_linear(x, &self.weight.to_dtype(dtype)?)?,
+            (None, false) => ops::frozen_linear(x, &ops::cast(&self.weight, dtype)?)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(dtype)?),
+            Some(b) => y.broadcast_add(&ops::cast(b, dtype)?),
             None => Ok(y),
         }
     }
@@ -403,8 +403,11 @@ impl Llama {
     }
 
     /// Token ids `[batch, seq]` (u32) to hidden states `[batch, seq, hidden]`.
+    /// Rows are looked up in the table's own dtype (the f32 master in mixed precision) and
+    /// only they are cast, so the table's gradient comes out in its dtype with no cast of the
+    /// whole table either way.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        ops::embedding(ids, &self.embed_tokens.to_dtype(self.dtype)?)
+        ops::cast(&ops::embedding(ids, &self.embed_tokens)?, self.dtype)
     }
 
     /// Runs block `i` on hidden states whose first position is `start`.
@@ -444,7 +447,7 @@ impl Llama {
         pending: Option<&Tensor>,
         weight: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (weight, eps) = (weight.to_dtype(self.dtype)?, self.config.rms_norm_eps);
+        let (weight, eps) = (ops::cast(weight, self.dtype)?, self.config.rms_norm_eps);
         match pending {
             Some(delta) => ops::add_rms_norm(x, delta, &weight, eps),
             None => Ok((x.clone(), ops::rms_norm(x, &weight, eps)?)),
@@ -457,7 +460,7 @@ impl Llama {
         let single_row = x.elem_count() == x.dim(D::Minus1)?;
         let hidden = match m.stacked() {
             Some(gate_up) if single_row && !x.track_op() && gate_up.bias.is_none() => {
-                ops::swiglu_projection(x, &gate_up.weight.to_dtype(self.dtype)?)?
+                ops::swiglu_projection(x, &ops::cast(&gate_up.weight, self.dtype)?)?
             }
             _ => {
                 let gate = m.gate_proj.forward(x, self.dtype)?;
@@ -502,7 +505,7 @@ impl Llama {
 
     /// The output head's weight in the compute dtype: `lm_head`, or the embedding when tied.
     fn head(&self) -> Result<Tensor> {
-        self.head_master().to_dtype(self.dtype)
+        ops::cast(self.head_master(), self.dtype)
     }
 
     /// The output head's weight as stored (the tied embedding table when there is no head).
@@ -511,7 +514,7 @@ impl Llama {
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = self.norm.to_dtype(self.dtype)?;
+        let weight = ops::cast(&self.norm, self.dtype)?;
         ops::rms_norm(x, &weight, self.config.rms_norm_eps)
     }
 

@@ -7,6 +7,7 @@ use super::io::{read_config, read_json};
 use super::llama::parameter_shapes;
 use super::weights::{save_safetensors, write_atomic, ModelError, Weights};
 use crate::config::{LoraSection, LORA_TARGETS};
+use crate::ops;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -78,8 +79,8 @@ impl LoraLayer {
             Some(mask) => x.mul(&mask)?,
             None => x.clone(),
         };
-        let a = self.a.to_dtype(dtype)?;
-        let b = self.b.to_dtype(dtype)?;
+        let a = ops::cast(&self.a, dtype)?;
+        let b = ops::cast(&self.b, dtype)?;
         // Scaling the small B rather than the output keeps one activation-sized tensor less.
         crate::ops::linear(&crate::ops::linear(&x, &a)?, &(b * self.scale)?)
     }
@@ -88,8 +89,8 @@ impl LoraLayer {
     /// ([`crate::ops::lora_linear`]), computed in `dtype`.
     pub fn forward_with_frozen(&self, x: &Tensor, weight: &Tensor, dtype: DType) -> Result<Tensor> {
         let mask = self.mask(x)?;
-        let a = self.a.to_dtype(dtype)?;
-        let b = self.b.to_dtype(dtype)?;
+        let a = ops::cast(&self.a, dtype)?;
+        let b = ops::cast(&self.b, dtype)?;
         crate::ops::lora_linear(x, weight, &a, &b, self.scale, mask.as_ref())
     }
 }

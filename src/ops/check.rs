@@ -242,6 +242,7 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
         add_norm_case(1, cfg.hidden_size),
         gemv_case(1, cfg.hidden_size, cfg.vocab_size),
         master_linear_case(tokens, cfg.hidden_size, cfg.intermediate_size),
+        cast_case(vec![cfg.intermediate_size, cfg.hidden_size]),
         swiglu_projection_case(cfg.hidden_size, cfg.intermediate_size),
         write_kv_case(1, 1, h, cfg.kv_heads(), d),
         Case {
@@ -371,6 +372,19 @@ fn gemv_case(rows: usize, inp: usize, out: usize) -> Case {
         fused: |t| super::linear(&t[0], &t[1]),
         reference: |t| t[0].matmul(&t[1].t()?),
         inputs: vec![Input::Table(vec![rows, inp]), Input::Table(vec![out, inp])],
+    }
+}
+
+/// The widening and narrowing casts of mixed precision (identities in f32), with gradients.
+fn cast_case(shape: Vec<usize>) -> Case {
+    Case {
+        name: "cast",
+        fused: |t| {
+            let wide = super::cast(&t[0], DType::F32)?;
+            super::cast(&(wide * 2.0)?, t[0].dtype())
+        },
+        reference: |t| &t[0] * 2.0,
+        inputs: vec![Input::Float(shape, 1.0)],
     }
 }
 
@@ -536,6 +550,7 @@ pub fn edge_cases() -> Vec<Case> {
         },
         rope_case(vec![2, 3, 5, 6]),
         swap_case(vec![3, 5, 2, 7]),
+        cast_case(vec![3, 13]),
         decode_case(2, 4, 2, 37, 16),
         add_norm_case(5, 17),
         gemv_case(3, 24, 5),

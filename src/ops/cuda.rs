@@ -378,7 +378,7 @@ pub(crate) fn gemv_supported(x: Operand, w: Operand) -> bool {
 
 /// Whether every operand's first element sits on a 16-byte boundary (operands must be
 /// contiguous), as kernels that move 16 bytes per access need.
-fn start_aligned(operands: &[Operand]) -> Result<bool> {
+pub(crate) fn start_aligned(operands: &[Operand]) -> Result<bool> {
     for &operand in operands {
         if address(operand)? % 16 != 0 {
             return Ok(false);
@@ -541,6 +541,24 @@ pub(crate) fn swap_middle(x: Operand) -> Result<CudaStorage> {
 pub(crate) fn add(a: Operand, b: Operand) -> Result<CudaStorage> {
     let n = same_count(a, b)?;
     run_wide("add_vec", &[a, b], &[a, b], n)
+}
+
+/// `x` (contiguous from a 16-byte boundary) converted to `dtype`, 8 elements per thread.
+pub(crate) fn cast(x: Operand, dtype: DType) -> Result<CudaStorage> {
+    if !start_aligned(&[x])? {
+        candle_core::bail!("cast: the operand must start on a 16-byte boundary");
+    }
+    let n = x.1.shape().elem_count();
+    let out = alloc(&x.0.device, dtype, n)?;
+    let name = format!("cast_to_{}", suffix(dtype)?);
+    let scalars = [Arg::Count(n as u64)];
+    run(
+        (&name, x.0.dtype()),
+        per_element(n.div_ceil(8))?,
+        &[x],
+        out,
+        &scalars,
+    )
 }
 
 /// `x · s` for a contiguous, 16-byte aligned `x` and a one-element f32 `s`.

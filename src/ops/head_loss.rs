@@ -62,7 +62,10 @@ fn head_mean_nll_in_chunks(
     weights: &Tensor,
     rows: usize,
 ) -> Result<Tensor> {
-    let (x, w) = (hidden.detach(), head.detach().to_dtype(hidden.dtype())?);
+    let (x, w) = (
+        hidden.detach(),
+        super::cast(&head.detach(), hidden.dtype())?,
+    );
     let weights = weights.detach().to_dtype(DType::F32)?;
     let (want_dx, want_dw) = (hidden.track_op(), head.track_op());
     if !want_dx && !want_dw {

@@ -15,6 +15,7 @@ mod add;
 mod add_norm;
 mod attach;
 mod attention;
+mod cast;
 pub mod check;
 mod cpu_kernel;
 mod cross_entropy;
@@ -40,6 +41,7 @@ mod swiglu;
 
 pub use adamw::{adamw_step, AdamWUpdate};
 pub use add::{add, install_gradient_add};
+pub use cast::cast;
 pub use frozen::{frozen_linear, lora_linear};
 pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, KvLayout};
