@@ -4,10 +4,9 @@
 // the launcher picks these kernels wherever the rows are 16-byte aligned.
 //
 // A block is 4 warps. In the forward and the query gradients a warp owns 16·MT consecutive
-// queries (MT = 2 for head size 64, so a block covers 128 queries, 1 for 128) and walks the key
-// tiles of 64; in the key/value gradients it owns 16 keys of the block's 64 and walks the query
-// tiles of 64. A warp's MT row tiles share every B operand it loads, which halves the
-// shared-memory traffic per product. Operands are staged as 16-bit [rows][D + 8] tiles in shared
+// queries and walks the key tiles of 64 (a warp's MT row tiles share every B operand it loads;
+// the entry points use MT = 1, see FM_FWD_BLOCKS); in the key/value gradients it owns 16 keys
+// of the block's 64 and walks the query tiles of 64. Operands are staged as 16-bit [rows][D + 8] tiles in shared
 // memory with cp.async (rows padded by 16 bytes so the eight rows one ldmatrix reads fall in
 // distinct banks), the next tile's copy in flight while the current one is multiplied, and
 // multiplied with mma.sync.m16n8k16 (f32 accumulate). Probabilities and score gradients go from
@@ -97,10 +96,9 @@ __device__ __forceinline__ float fm_exp2(float x) {
   return y;
 }
 
-// Row tiles of 16 per warp in the query-side kernels, and the queries a block covers.
-template <int D> __host__ __device__ constexpr int fm_row_tiles() { return D <= 64 ? 2 : 1; }
-template <int D> __host__ __device__ constexpr int fm_query_rows() {
-  return 16 * fm_row_tiles<D>() * (FM_THREADS / 32);
+// The queries a block of the query-side kernels covers with MT row tiles of 16 per warp.
+template <int MT> __host__ __device__ constexpr int fm_query_rows() {
+  return 16 * MT * (FM_THREADS / 32);
 }
 
 // Starts copying rows row0..row0+ROWS-1 of an [n, D] matrix (row stride `stride`, 16-byte
@@ -240,7 +238,8 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
                                                   int kv_len, float scale_log2) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float row_max = -INFINITY;
+    // Four independent partial maxima and sums, so the reductions are not one serial chain.
+    float part[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -250,19 +249,22 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
           const int col = key + 8 * j + e;
           x = col <= pos + 8 * h && col < kv_len ? x : -INFINITY;
         }
-        row_max = fmaxf(row_max, x);
+        part[(j & 1) * 2 + e] = fmaxf(part[(j & 1) * 2 + e], x);
       }
+    const float row_max = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
     const float m_new = fmaxf(m[h], warp_max<4>(row_max) * scale_log2);
     const float alpha = fm_exp2(m[h] - m_new);
-    float row_sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) part[k] = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[j][2 * h + e];
         x = fm_exp2(fmaf(x, scale_log2, -m_new));
-        row_sum += x;
+        part[(j & 1) * 2 + e] += x;
       }
+    const float row_sum = (part[0] + part[1]) + (part[2] + part[3]);
     l[h] = l[h] * alpha + row_sum;
     m[h] = m_new;
 #pragma unroll
@@ -273,12 +275,12 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
   }
 }
 
-// Forward: one block per (128 or 64 queries, batch × head), outputs as flash_attention_fwd.
+// Forward: one block per (64·MT queries, batch × head), outputs as flash_attention_fwd.
 // Shared memory: the query tile, then two key/value buffers.
-template <typename T, int D>
+template <typename T, int D, int MT>
 __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE,
                               float scale_log2) {
-  constexpr int LD = fm_stride<D>(), MT = fm_row_tiles<D>(), ROWS = fm_query_rows<D>();
+  constexpr int LD = fm_stride<D>(), ROWS = fm_query_rows<MT>();
   using S = FmShared<T, D>;
   T* qs = S::tile(0);
   const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh, ROWS);
@@ -383,14 +385,14 @@ __device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)
 }
 
 // Query gradients, and each row's delta = Σ dout · out for the key/value gradients: one block
-// per (128 or 64 queries, batch × head), heaviest first. Shared memory: q and dout tiles, two
+// per (64·MT queries, batch × head), heaviest first. Shared memory: q and dout tiles, two
 // key/value buffers (the first holding the output tile until the deltas are taken), then the
 // block's deltas.
-template <typename T, int D>
+template <typename T, int D, int MT>
 __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dout,
                                 const float* lse, const T* out, float* delta, T* dq, FA_SHAPE,
                                 float scale_log2, float scale) {
-  constexpr int LD = fm_stride<D>(), MT = fm_row_tiles<D>(), ROWS = fm_query_rows<D>();
+  constexpr int LD = fm_stride<D>(), ROWS = fm_query_rows<MT>();
   using S = FmShared<T, D>;
   T *qs = S::tile(0), *dos = S::tile(MT), *kv0 = S::tile(2 * MT), *kv1 = S::tile(2 * MT + 2);
   float* delta_s = S::floats(2 * MT + 4);
@@ -529,19 +531,29 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
   fm_store_rows<T, D, 1>(dv + (size_t)bkv * kv_len * D, dv_acc, k0 + lane.r0, kv_len, 1.f);
 }
 
+// Blocks per SM the register allocation must allow (ncu on an H200, base preset: at head size
+// 64, 4 and 3 were 6% and 10% faster than the 2 that 220+ unconstrained registers allow; two row
+// tiles per warp, which halve the shared-memory reads per product but need those registers,
+// were no faster than one). At head size 128 the accumulators need the registers.
+#define FM_FWD_BLOCKS(D) ((D) <= 64 ? 4 : 1)
+#define FM_BWD_BLOCKS(D) ((D) <= 64 ? 3 : 1)
+
 #define FLASH_MMA_ENTRY_POINTS_D(S, T, D)                                                       \
-  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_mma_fwd_d##D##_##S(           \
-      const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE, float scale_log2) {    \
-    flash_mma_fwd<T, D>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2);                         \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_FWD_BLOCKS(D))                   \
+      flash_mma_fwd_d##D##_##S(const T* q, const T* k, const T* v, T* out, float* lse,          \
+                               FA_SHAPE, float scale_log2) {                                   \
+    flash_mma_fwd<T, D, 1>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2);                      \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_mma_bwd_q_d##D##_##S(         \
-      const T* q, const T* k, const T* v, const T* dout, const float* lse, const T* out,       \
-      float* delta, T* dq, FA_SHAPE, float scale_log2, float scale) {                          \
-    flash_mma_bwd_q<T, D>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS, scale_log2,       \
-                          scale);                                                              \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_BWD_BLOCKS(D))                   \
+      flash_mma_bwd_q_d##D##_##S(const T* q, const T* k, const T* v, const T* dout,            \
+                                 const float* lse, const T* out, float* delta, T* dq,          \
+                                 FA_SHAPE, float scale_log2, float scale) {                    \
+    flash_mma_bwd_q<T, D, 1>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS, scale_log2,    \
+                             scale);                                                           \
   }                                                                                            \
-  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_mma_bwd_kv_d##D##_##S(        \
-      FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2, float scale) {               \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_BWD_BLOCKS(D))                   \
+      flash_mma_bwd_kv_d##D##_##S(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,  \
+                                  float scale) {                                               \
     flash_mma_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, scale_log2, scale);       \
   }
 

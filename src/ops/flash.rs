@@ -87,15 +87,6 @@ impl Kernels {
         }
     }
 
-    /// Queries per block of the forward and the query gradients (keys per block of the
-    /// key/value gradients are always [`TILE`]).
-    fn query_rows(self, dims: &GroupedDims) -> usize {
-        match self {
-            Self::TensorCores if dims.head_size <= 64 => 2 * TILE,
-            _ => TILE,
-        }
-    }
-
     /// Dynamic shared memory of `stage`, laid out as in the kernels.
     fn shared_bytes(self, dims: &GroupedDims, stage: Stage) -> Result<u32> {
         let d = dims.head_size;
@@ -109,13 +100,12 @@ impl Kernels {
                 };
                 4 * (tiles * TILE * (d + 4) + scores * TILE * (TILE + 4) + rows * TILE)
             }
-            // 16-bit tiles in units of [64][d + 8] (a query tile is `query_units` of them),
-            // two key/value or query buffers, then f32 per-row vectors.
+            // 16-bit [64][d + 8] tiles (two key/value or query buffers among them), then f32
+            // per-row vectors.
             Self::TensorCores => {
-                let query_units = self.query_rows(dims) / TILE;
                 let (units, floats) = match stage {
-                    Stage::Forward => (query_units + 4, 0),
-                    Stage::QueryGrads => (2 * query_units + 4, self.query_rows(dims)),
+                    Stage::Forward => (5, 0),
+                    Stage::QueryGrads => (6, TILE),
                     Stage::KeyValueGrads => (6, 4 * TILE),
                 };
                 2 * units * TILE * (d + 8) + 4 * floats
@@ -125,14 +115,14 @@ impl Kernels {
             .map_err(|_| candle_core::Error::Msg("flash attention: shared memory".into()))
     }
 
-    /// The grid of `stage`: blocks of queries (or keys) by batch × heads (or kv heads).
-    fn grid(self, dims: &GroupedDims, stage: Stage) -> Result<(u32, u32)> {
-        let (len, rows, heads) = match stage {
-            Stage::KeyValueGrads => (dims.kv_len, TILE, dims.kv_heads),
-            _ => (dims.q_len, self.query_rows(dims), dims.heads),
+    /// The grid of `stage`: tiles of 64 queries (or keys) by batch × heads (or kv heads).
+    fn grid(dims: &GroupedDims, stage: Stage) -> Result<(u32, u32)> {
+        let (len, heads) = match stage {
+            Stage::KeyValueGrads => (dims.kv_len, dims.kv_heads),
+            _ => (dims.q_len, dims.heads),
         };
         Ok((
-            cuda::int_u32(len.div_ceil(rows))?,
+            cuda::int_u32(len.div_ceil(TILE))?,
             cuda::int_u32(dims.batch * heads)?,
         ))
     }
@@ -147,7 +137,7 @@ impl Kernels {
         args: &[Arg],
     ) -> Result<()> {
         let config = (
-            self.grid(dims, stage)?,
+            Self::grid(dims, stage)?,
             (self.threads(), 1),
             self.shared_bytes(dims, stage)?,
         );
