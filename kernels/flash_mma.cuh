@@ -23,6 +23,18 @@
 
 constexpr int FM_THREADS = 128;
 
+// Element strides (batch, head, position; unit along D) of the query side: q, out, dout and dq
+// share them, so the kernels read and write [b, heads, t, D] tensors and the [b, t, heads, D]
+// rows of projections alike. The key/value gradients have their own (G_LAYOUT).
+#define Q_LAYOUT long long q_sb, long long q_sh, long long q_sp
+#define G_LAYOUT long long g_sb, long long g_sh, long long g_sp
+
+// The start of head `bh` (batch × heads + head) in the query-side layout.
+__device__ __forceinline__ long long fm_head_start(int bh, int heads, long long q_sb,
+                                                   long long q_sh) {
+  return (bh / heads) * q_sb + (bh % heads) * q_sh;
+}
+
 // Row stride (elements) of a [64][D] tile in shared memory.
 template <int D> __host__ __device__ constexpr int fm_stride() { return D + 8; }
 
@@ -192,10 +204,11 @@ __device__ __forceinline__ void fm_to_operand(uint32_t (&a)[4][4], const float (
 }
 
 // Stores accumulator rows (row0 + 16i + g and row0 + 16i + g + 8, those below n) times
-// `scale` into `dst` [n, D].
+// `scale` into `dst` [n, D] (row stride `stride`).
 template <typename T, int D, int MT>
-__device__ __forceinline__ void fm_store_rows(T* dst, const float (&acc)[MT][D / 8][4], int row0,
-                                              int n, float scale) {
+__device__ __forceinline__ void fm_store_rows(T* dst, long long stride,
+                                              const float (&acc)[MT][D / 8][4], int row0, int n,
+                                              float scale) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
@@ -206,7 +219,7 @@ __device__ __forceinline__ void fm_store_rows(T* dst, const float (&acc)[MT][D /
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
         const float lo = acc[i][j][2 * h] * scale, hi = acc[i][j][2 * h + 1] * scale;
-        *reinterpret_cast<uint32_t*>(dst + (size_t)row * D + 8 * j + 2 * t) = Mma<T>::pack(lo, hi);
+        *reinterpret_cast<uint32_t*>(dst + row * stride + 8 * j + 2 * t) = Mma<T>::pack(lo, hi);
       }
     }
 }
@@ -279,14 +292,15 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
 // Shared memory: the query tile, then two key/value buffers.
 template <typename T, int D, int MT>
 __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE,
-                              float scale_log2) {
+                              float scale_log2, Q_LAYOUT) {
   constexpr int LD = fm_stride<D>(), ROWS = fm_query_rows<MT>();
   using S = FmShared<T, D>;
   T* qs = S::tile(0);
   const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh, ROWS);
   const int bh = at.bh, q0 = at.q0, shift = kv_len - q_len;
   const FmLane lane(16 * MT);
-  fm_load_tile<T, D, ROWS>(qs, q + (size_t)bh * q_len * D, D, q0, q_len);
+  const long long head = fm_head_start(bh, heads, q_sb, q_sh);
+  fm_load_tile<T, D, ROWS>(qs, q + head, q_sp, q0, q_len);
   // Buffer b holds keys at unit MT + 2b and values at MT + 2b + 1.
   fm_load_tile<T, D>(S::tile(MT), at.keys, k_sp, 0, kv_len);
   fm_load_tile<T, D>(S::tile(MT + 1), at.values, v_sp, 0, kv_len);
@@ -341,7 +355,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
         o[i][j][2 * h + 1] *= inv;
       }
     }
-  fm_store_rows<T, D, MT>(out + (size_t)bh * q_len * D, o, q0 + lane.r0, q_len, 1.f);
+  fm_store_rows<T, D, MT>(out + head, q_sp, o, q0 + lane.r0, q_len, 1.f);
 }
 
 // The score gradients ds = p (dp − delta) of a warp's 16 query rows (positions pos, pos + 8,
@@ -391,7 +405,7 @@ __device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)
 template <typename T, int D, int MT>
 __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dout,
                                 const float* lse, const T* out, float* delta, T* dq, FA_SHAPE,
-                                float scale_log2, float scale) {
+                                float scale_log2, float scale, Q_LAYOUT) {
   constexpr int LD = fm_stride<D>(), ROWS = fm_query_rows<MT>();
   using S = FmShared<T, D>;
   T *qs = S::tile(0), *dos = S::tile(MT), *kv0 = S::tile(2 * MT), *kv1 = S::tile(2 * MT + 2);
@@ -400,9 +414,10 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
   const int bh = at.bh, q0 = at.q0, shift = kv_len - q_len;
   const FmLane lane(16 * MT);
   const size_t rows0 = (size_t)bh * q_len;
-  fm_load_tile<T, D, ROWS>(qs, q + rows0 * D, D, q0, q_len);
-  fm_load_tile<T, D, ROWS>(dos, dout + rows0 * D, D, q0, q_len);
-  fm_load_tile<T, D, ROWS>(kv1, out + rows0 * D, D, q0, q_len);
+  const long long head = fm_head_start(bh, heads, q_sb, q_sh);
+  fm_load_tile<T, D, ROWS>(qs, q + head, q_sp, q0, q_len);
+  fm_load_tile<T, D, ROWS>(dos, dout + head, q_sp, q0, q_len);
+  fm_load_tile<T, D, ROWS>(kv1, out + head, q_sp, q0, q_len);
   fm_commit();
   fm_load_tile<T, D>(kv0, at.keys, k_sp, 0, kv_len);
   fm_load_tile<T, D>(kv0 + FA_TILE * LD, at.values, v_sp, 0, kv_len);
@@ -459,7 +474,7 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
     }
     fm_weighted_rows<T, LD, D / 8, MT>(dq_acc, w, ks);
   }
-  fm_store_rows<T, D, MT>(dq + rows0 * D, dq_acc, q0 + lane.r0, q_len, scale);
+  fm_store_rows<T, D, MT>(dq + head, q_sp, dq_acc, q0 + lane.r0, q_len, scale);
 }
 
 // Key and value gradients: one block per (64 keys, batch × kv head), walking the query tiles
@@ -469,7 +484,7 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
 // query tile's log-sum-exp and delta.
 template <typename T, int D>
 __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,
-                                 float scale) {
+                                 float scale, Q_LAYOUT, G_LAYOUT) {
   constexpr int LD = fm_stride<D>();
   using S = FmShared<T, D>;
   const T *ks = S::tile(0), *vs = S::tile(1);
@@ -486,8 +501,9 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
   auto load = [&](int it, int buffer) {
     const size_t bh = (size_t)b * heads + kv_head * group + it / tiles;
     const int q0 = q_begin + it % tiles * FA_TILE;
-    fm_load_tile<T, D>(S::tile(2 + 2 * buffer), q + bh * q_len * D, D, q0, q_len);
-    fm_load_tile<T, D>(S::tile(3 + 2 * buffer), dout + bh * q_len * D, D, q0, q_len);
+    const long long head = fm_head_start(bh, heads, q_sb, q_sh);
+    fm_load_tile<T, D>(S::tile(2 + 2 * buffer), q + head, q_sp, q0, q_len);
+    fm_load_tile<T, D>(S::tile(3 + 2 * buffer), dout + head, q_sp, q0, q_len);
     fa_load_rows(S::floats(6) + 2 * buffer * FA_TILE, lse + bh * q_len, q0, q_len);
     fa_load_rows(S::floats(6) + (2 * buffer + 1) * FA_TILE, delta + bh * q_len, q0, q_len);
   };
@@ -527,8 +543,9 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
     fm_to_operand<T>(w[0], ds[0]);
     fm_weighted_rows<T, LD, D / 8, 1>(dk_acc, w, qs);
   }
-  fm_store_rows<T, D, 1>(dk + (size_t)bkv * kv_len * D, dk_acc, k0 + lane.r0, kv_len, scale);
-  fm_store_rows<T, D, 1>(dv + (size_t)bkv * kv_len * D, dv_acc, k0 + lane.r0, kv_len, 1.f);
+  const long long grads = b * g_sb + kv_head * g_sh;
+  fm_store_rows<T, D, 1>(dk + grads, g_sp, dk_acc, k0 + lane.r0, kv_len, scale);
+  fm_store_rows<T, D, 1>(dv + grads, g_sp, dv_acc, k0 + lane.r0, kv_len, 1.f);
 }
 
 // Blocks per SM the register allocation must allow (ncu on an H200, base preset: at head size
@@ -541,20 +558,21 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
 #define FLASH_MMA_ENTRY_POINTS_D(S, T, D)                                                       \
   extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_FWD_BLOCKS(D))                   \
       flash_mma_fwd_d##D##_##S(const T* q, const T* k, const T* v, T* out, float* lse,          \
-                               FA_SHAPE, float scale_log2) {                                   \
-    flash_mma_fwd<T, D, 1>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2);                      \
+                               FA_SHAPE, float scale_log2, Q_LAYOUT) {                         \
+    flash_mma_fwd<T, D, 1>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2, q_sb, q_sh, q_sp);    \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_BWD_BLOCKS(D))                   \
       flash_mma_bwd_q_d##D##_##S(const T* q, const T* k, const T* v, const T* dout,            \
                                  const float* lse, const T* out, float* delta, T* dq,          \
-                                 FA_SHAPE, float scale_log2, float scale) {                    \
+                                 FA_SHAPE, float scale_log2, float scale, Q_LAYOUT) {          \
     flash_mma_bwd_q<T, D, 1>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS, scale_log2,    \
-                             scale);                                                           \
+                             scale, q_sb, q_sh, q_sp);                                         \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_BWD_BLOCKS(D))                   \
       flash_mma_bwd_kv_d##D##_##S(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,  \
-                                  float scale) {                                               \
-    flash_mma_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, scale_log2, scale);       \
+                                  float scale, Q_LAYOUT, G_LAYOUT) {                           \
+    flash_mma_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, scale_log2, scale, q_sb,  \
+                           q_sh, q_sp, g_sb, g_sh, g_sp);                                      \
   }
 
 #define FLASH_MMA_ENTRY_POINTS(S, T) \

@@ -201,18 +201,19 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
 }
 
 // ---------------------------------------------------------------------------------------------
-// RoPE, rotate-half layout: x is [rows, d] with row = ((b * heads + h) * seq + pos); cos/sin
-// are [seq, d/2]. `sign` -1 rotates backwards (the gradient).
+// RoPE, rotate-half layout: x is [rows, d] with row = ((b * seq + pos) * heads + h) (heads
+// rows per position: [b, t, heads, d]; heads = 1 for [b, heads, t, d]); cos/sin are
+// [seq, d/2]. `sign` -1 rotates backwards (the gradient).
 
 template <typename T, int W>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int seq,
-                     float sign) {
+                     int heads, float sign) {
   using P = Pack<T, W>;
   const int half = d / 2, groups = half / W;
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)rows * groups) return;
   const size_t row = i / groups;
-  const int j = (int)(i % groups) * W, pos = row % seq;
+  const int j = (int)(i % groups) * W, pos = row / heads % seq;
   const P c = P::load(cos + pos * half + j), sn = P::load(sin + pos * half + j);
   const P a = P::load(x + row * d + j), b = P::load(x + row * d + half + j);
   P y1, y2;
@@ -804,12 +805,12 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
     gemv<T>(x, w, y, rows, in, out);                                                          \
   }                                                                                           \
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
-                                      int d, int seq, float sign) {                           \
-    rope<T, 1>(x, cos, sin, y, rows, d, seq, sign);                                           \
+                                      int d, int seq, int heads, float sign) {                \
+    rope<T, 1>(x, cos, sin, y, rows, d, seq, heads, sign);                                    \
   }                                                                                           \
   extern "C" __global__ void rope_wide_##S(const T* x, const T* cos, const T* sin, T* y,      \
-                                           int rows, int d, int seq, float sign) {            \
-    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, seq, sign);                                     \
+                                           int rows, int d, int seq, int heads, float sign) { \
+    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, seq, heads, sign);                              \
   }                                                                                           \
   extern "C" __global__ void swap_middle_##S(const T* x, T* y, int b, int c, int d, size_t n) { \
     swap_middle<T>(x, y, b, c, d, n);                                                         \

@@ -99,6 +99,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "master_linear",
         "rms_norm",
         "rope",
+        "self_attention",
         "swap_middle",
         "swiglu",
         "swiglu_projection",

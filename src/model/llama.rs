@@ -486,16 +486,20 @@ impl Llama {
                 let heads = (a.heads, a.kv_heads, a.head_size);
                 c.append_packed(&qkv, (&cos, &sin), heads)?
             }
-            (_, cache) => {
+            (_, None) => {
+                let q = a.q_proj.forward(x, self.dtype)?;
+                let k = a.k_proj.forward(x, self.dtype)?;
+                let v = a.v_proj.forward(x, self.dtype)?;
+                let y = ops::self_attention([&q, &k, &v], (&cos, &sin), a.heads, a.kv_heads)?;
+                return a.o_proj.forward(&y, self.dtype);
+            }
+            (_, Some(c)) => {
                 let q = ops::split_heads(&a.q_proj.forward(x, self.dtype)?, a.heads)?;
                 let k = ops::split_heads(&a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
                 let v = ops::split_heads(&a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
                 let q = ops::rope(&q, &cos, &sin)?;
                 let k = ops::rope(&k, &cos, &sin)?;
-                let (k, v) = match cache {
-                    Some(c) => c.append(&k, &v)?,
-                    None => (k, v),
-                };
+                let (k, v) = c.append(&k, &v)?;
                 (q, k, v)
             }
         };

@@ -227,6 +227,7 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
     vec![
         attention_case(vec![batch, h, seq, d], seq),
         flash_case(batch, h, cfg.kv_heads(), seq, seq, d),
+        self_attention_case(batch, h, cfg.kv_heads(), seq, d),
         Case {
             name: "rms_norm",
             fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
@@ -357,6 +358,50 @@ fn flash_case(
             Input::Float(vec![batch, kv_heads, kv_len, d], 1.0),
         ],
     }
+}
+
+/// A block's attention from its projections (`q` `[b, t, heads · d]`, `k`/`v`
+/// `[b, t, kv_heads · d]`, RoPE tables `[t, d / 2]`) through [`super::self_attention`].
+fn self_attention_case(batch: usize, heads: usize, kv_heads: usize, t: usize, d: usize) -> Case {
+    let table = vec![t, d / 2];
+    Case {
+        name: "self_attention",
+        fused: |t| {
+            let (heads, kv_heads) = projection_heads(t)?;
+            super::self_attention([&t[0], &t[1], &t[2]], (&t[3], &t[4]), heads, kv_heads)
+        },
+        reference: self_attention_reference,
+        inputs: vec![
+            Input::Float(vec![batch, t, heads * d], 1.0),
+            Input::Float(vec![batch, t, kv_heads * d], 1.0),
+            Input::Float(vec![batch, t, kv_heads * d], 1.0),
+            Input::Table(table.clone()),
+            Input::Table(table),
+        ],
+    }
+}
+
+/// The query and kv heads of [`self_attention_case`]'s inputs (head size twice the tables').
+fn projection_heads(t: &[Tensor]) -> Result<(usize, usize)> {
+    let d = 2 * t[3].dim(1)?;
+    Ok((t[0].dim(2)? / d, t[1].dim(2)? / d))
+}
+
+/// [`self_attention_case`] from the composite references.
+fn self_attention_reference(t: &[Tensor]) -> Result<Tensor> {
+    let (heads, kv_heads) = projection_heads(t)?;
+    let (cos, sin) = (&t[3], &t[4]);
+    let split = |x: &Tensor, heads: usize| -> Result<Tensor> {
+        let (b, len, width) = x.dims3()?;
+        x.reshape((b, len, heads, width / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let q = reference::rope(&split(&t[0], heads)?, cos, sin)?;
+    let k = reference::rope(&split(&t[1], kv_heads)?, cos, sin)?;
+    let y = repeated_reference(&[q, k, split(&t[2], kv_heads)?])?;
+    let (b, _, len, d) = y.dims4()?;
+    y.transpose(1, 2)?.reshape((b, len, heads * d))
 }
 
 /// The reference attention with kv heads repeated to the query heads.
@@ -542,6 +587,8 @@ pub fn edge_cases() -> Vec<Case> {
         flash_case(1, 2, 1, 130, 130, 128),
         flash_case(1, 2, 2, 37, 200, 64),
         flash_case(1, 1, 1, 1, 3, 64),
+        self_attention_case(2, 4, 2, 100, 64),
+        self_attention_case(1, 2, 1, 70, 128),
         Case {
             name: "rms_norm",
             fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),

@@ -473,8 +473,14 @@ pub(crate) fn rms_norm_weight_grad(x: Operand, g: Operand, eps: f32) -> Result<C
     )
 }
 
-/// RoPE (`sign` 1) or its gradient (`sign` -1) for `x` `[.., seq, d]` and tables `[seq, d/2]`.
-pub(crate) fn rope(x: Operand, cos: Operand, sin: Operand, sign: f32) -> Result<CudaStorage> {
+/// RoPE (`sign` 1) or its gradient (`sign` -1) for `x` `[.., seq, heads, d]` (`heads` 1 for
+/// `[.., seq, d]`) and tables `[seq, d/2]`.
+pub(crate) fn rope(
+    x: Operand,
+    (cos, sin): (Operand, Operand),
+    heads: usize,
+    sign: f32,
+) -> Result<CudaStorage> {
     let dtype = common_dtype(&[x, cos, sin])?;
     let (rows, d) = rows_and_width(x.1)?;
     let half = d / 2;
@@ -483,7 +489,13 @@ pub(crate) fn rope(x: Operand, cos: Operand, sin: Operand, sign: f32) -> Result<
         candle_core::bail!("rope: tables of {table} for head size {d}");
     }
     let y = alloc(&x.0.device, dtype, rows * d)?;
-    let scalars = [int(rows)?, int(d)?, int(table / half)?, Arg::Float(sign)];
+    let scalars = [
+        int(rows)?,
+        int(d)?,
+        int(table / half)?,
+        int(heads)?,
+        Arg::Float(sign),
+    ];
     let (name, width) = elementwise_kernel(("rope", "rope_wide"), &[x, cos, sin], half)?;
     run(
         (name, dtype),

@@ -44,6 +44,45 @@ enum Kernels {
     TensorCores,
 }
 
+/// How the query side (q, out, dout, dq) and the key/value gradients lay out their heads.
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    /// `[b, heads, t, d]`, contiguous.
+    HeadMajor,
+    /// `[b, t, heads · d]`: the rows of the projections themselves (tensor cores only).
+    TokenMajor,
+}
+
+impl Rows {
+    /// Element strides (batch, head, position) of `heads` heads of `len` positions of `d`.
+    fn strides(self, heads: usize, len: usize, d: usize) -> [Arg; 3] {
+        let (h, l, d) = (heads as u64, len as u64, d as u64);
+        let strides = match self {
+            Self::HeadMajor => [h * l * d, l * d, d],
+            Self::TokenMajor => [l * h * d, d, h * d],
+        };
+        strides.map(Arg::Count)
+    }
+
+    /// The shape of `heads` heads of `len` positions of `d` in this layout.
+    fn shape(self, batch: usize, heads: usize, len: usize, d: usize) -> Shape {
+        match self {
+            Self::HeadMajor => (batch, heads, len, d).into(),
+            Self::TokenMajor => (batch, len, heads * d).into(),
+        }
+    }
+
+    /// `kernels`, which must be the tensor-core ones for token-major rows.
+    fn check(self, kernels: Kernels) -> Result<Kernels> {
+        match (self, kernels) {
+            (Self::TokenMajor, Kernels::Simt) => {
+                candle_core::bail!("flash attention: token-major rows need bf16 or f16 operands on 16-byte boundaries")
+            }
+            _ => Ok(kernels),
+        }
+    }
+}
+
 impl Kernels {
     /// Tensor cores where the operands allow them; `kv` are the keys and values among them.
     fn for_operands(operands: &[Operand], kv: [Operand; 2]) -> Result<Self> {
@@ -168,15 +207,101 @@ pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tens
         candle_core::Error::Msg("flash attention: operands of mismatched shapes".into())
     })?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let (out, lse) = forward(&qd, &kd, &vd, &dims)?;
+    let rows = Rows::HeadMajor;
+    let (out, lse) = forward(&qd, &kd, &vd, &dims, rows)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
     let saved = out.clone();
     attach3([&q, &k, &v], &out, "flash-attention", move |grad| {
-        let (dq, dk, dv) = backward(&qd, &kd, &vd, &saved, &grad.contiguous()?, &lse, &dims)?;
+        let dout = grad.contiguous()?;
+        let (dq, dk, dv) = backward([&qd, &kd, &vd], &saved, &dout, &lse, &dims, rows)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
+}
+
+/// Whether [`self_attention`] handles these projections: CUDA, bf16 or f16, contiguous from
+/// 16-byte boundaries, `q` `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` with a head
+/// size the kernels are compiled for, RoPE tables `[t, d / 2]`.
+pub(crate) fn self_attention_supported(
+    [q, k, v]: [&Tensor; 3],
+    (cos, sin): (&Tensor, &Tensor),
+    heads: usize,
+    kv_heads: usize,
+) -> Result<bool> {
+    let (Ok((b, t, width)), Ok(kd), Ok(table)) = (q.dims3(), k.dims3(), cos.dims2()) else {
+        return Ok(false);
+    };
+    let d = width / heads.max(1);
+    let fits = heads > 0
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && width == heads * d
+        && HEAD_SIZES.contains(&d)
+        && kd == (b, t, kv_heads * d)
+        && v.dims() == k.dims()
+        && table == (t, d / 2)
+        && sin.dims() == cos.dims()
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && matches!(q.device(), Device::Cuda(_))
+        && super::fused(&[q, k, v, cos, sin])
+        && [q, k, v, cos, sin].iter().all(|x| x.is_contiguous());
+    if !fits {
+        return Ok(false);
+    }
+    cuda::with_operands(&[q, k, v], cuda::start_aligned)
+}
+
+/// `merge(attention(rope(split(q)), rope(split(k)), split(v)))` for projections `q`
+/// `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` that pass
+/// [`self_attention_supported`], as `[b, t, heads · d]`: the kernels read and write the
+/// projections' rows in place, so no head split or merge copies exist in either direction.
+pub(crate) fn self_attention(
+    [q, k, v]: [&Tensor; 3],
+    (cos, sin): (&Tensor, &Tensor),
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let (batch, t, width) = q.dims3()?;
+    let dims = GroupedDims {
+        batch,
+        heads,
+        kv_heads,
+        q_len: t,
+        kv_len: t,
+        head_size: width / heads,
+    };
+    let tables = (cos.detach(), sin.detach());
+    let qr = rotate(&q.detach(), &tables, heads, 1.0)?;
+    let kr = heads_view(&rotate(&k.detach(), &tables, kv_heads, 1.0)?, kv_heads)?;
+    let vd = heads_view(&v.detach(), kv_heads)?;
+    let rows = Rows::TokenMajor;
+    let (out, lse) = forward(&qr, &kr, &vd, &dims, rows)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    let saved = out.clone();
+    attach3([q, k, v], &out, "self-attention", move |grad| {
+        let dout = grad.contiguous()?;
+        let (dq, dk, dv) = backward([&qr, &kr, &vd], &saved, &dout, &lse, &dims, rows)?;
+        let dq = rotate(&dq, &tables, heads, -1.0)?;
+        let dk = rotate(&dk, &tables, kv_heads, -1.0)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    })
+}
+
+/// Rows `[b, t, heads · d]` rotated by RoPE (`sign` 1) or back (`sign` −1), same layout.
+fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor), heads: usize, sign: f32) -> Result<Tensor> {
+    let y = cuda::with_operands(&[x, cos, sin], |ops| {
+        cuda::rope(ops[0], (ops[1], ops[2]), heads, sign)
+    })?;
+    Ok(cuda::tensor(y, x.shape().clone()))
+}
+
+/// `[b, t, heads · d]` rows as a `[b, heads, t, d]` view (no copy).
+fn heads_view(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    x.reshape((b, t, heads, width / heads))?.transpose(1, 2)
 }
 
 /// `t` itself when its last dimension has unit stride, else a contiguous copy.
@@ -189,16 +314,17 @@ fn unit_last(t: &Tensor) -> Result<Tensor> {
 }
 
 impl GroupedDims {
-    fn q_shape(&self) -> Shape {
-        (self.batch, self.heads, self.q_len, self.head_size).into()
-    }
-
     fn kv_shape(&self) -> Shape {
         (self.batch, self.kv_heads, self.kv_len, self.head_size).into()
     }
 
     fn query_rows(&self) -> usize {
         self.batch * self.heads * self.q_len
+    }
+
+    /// The query side's strides in `rows`' layout, as the tensor-core kernels take them.
+    fn query_strides(&self, rows: Rows) -> [Arg; 3] {
+        rows.strides(self.heads, self.q_len, self.head_size)
     }
 
     /// Kernel arguments shared by the three tiled kernels after their buffers: heads, group,
@@ -236,14 +362,21 @@ fn start(operand: Operand) -> Result<Arg> {
     Ok(Arg::Address(start_address(operand)?))
 }
 
-/// The output `[b, heads, q_len, d]` and the base-2 log-sum-exp of each query row (f32).
-fn forward(q: &Tensor, k: &Tensor, v: &Tensor, dims: &GroupedDims) -> Result<(Tensor, Tensor)> {
-    let rows = dims.query_rows();
+/// The output (in `rows`' layout, like `q`) and the base-2 log-sum-exp of each query row (f32).
+/// `q` is contiguous; `k` and `v` are `[b, kv_heads, kv_len, d]` with unit stride along `d`.
+fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: &GroupedDims,
+    rows: Rows,
+) -> Result<(Tensor, Tensor)> {
+    let n = dims.query_rows();
     let (out, lse) = cuda::with_operands(&[q, k, v], |ops| {
         let [q, k, v] = [ops[0], ops[1], ops[2]];
         let device = &q.0.device;
-        let out = cuda::alloc(device, q.0.dtype(), rows * dims.head_size)?;
-        let lse = cuda::alloc(device, DType::F32, rows)?;
+        let out = cuda::alloc(device, q.0.dtype(), n * dims.head_size)?;
+        let lse = cuda::alloc(device, DType::F32, n)?;
         let mut args = vec![
             start(q)?,
             start(k)?,
@@ -252,35 +385,38 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, dims: &GroupedDims) -> Result<(Te
             Arg::Address(cuda::base_address(&lse)?),
         ];
         args.extend(dims.common_args(k, v)?);
-        let kernels = Kernels::for_operands(&[q, k, v], [k, v])?;
+        let kernels = rows.check(Kernels::for_operands(&[q, k, v], [k, v])?)?;
+        if let Kernels::TensorCores = kernels {
+            args.extend(dims.query_strides(rows));
+        }
         kernels.launch(device, q.0.dtype(), dims, Stage::Forward, &args)?;
         Ok((out, lse))
     })?;
     Ok((
-        cuda::tensor(out, dims.q_shape()),
-        cuda::tensor(lse, rows.into()),
+        cuda::tensor(out, q.shape().clone()),
+        cuda::tensor(lse, n.into()),
     ))
 }
 
-/// `dq`, `dk`, `dv` for the output gradient `dout` (contiguous, like `out`).
+/// `dq` (like `q`), `dk` and `dv` (in `rows`' layout) for the output gradient `dout` (laid out
+/// like `out` and `q`).
 fn backward(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    [q, k, v]: [&Tensor; 3],
     out: &Tensor,
     dout: &Tensor,
     lse: &Tensor,
     dims: &GroupedDims,
+    rows: Rows,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let rows = dims.query_rows();
+    let n = dims.query_rows();
     let kv_elems = dims.kv_shape().elem_count();
     let (dq, dk, dv) = cuda::with_operands(&[q, k, v, out, dout, lse], |ops| {
         let [q, k, v, out, dout, lse] = [ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]];
         let (device, dtype) = (&q.0.device, q.0.dtype());
-        let kernels = Kernels::for_operands(&[q, k, v, out, dout], [k, v])?;
-        let delta = cuda::alloc(device, DType::F32, rows)?;
+        let kernels = rows.check(Kernels::for_operands(&[q, k, v, out, dout], [k, v])?)?;
+        let delta = cuda::alloc(device, DType::F32, n)?;
         let delta_arg = Arg::Address(cuda::base_address(&delta)?);
-        let dq = cuda::alloc(device, dtype, rows * dims.head_size)?;
+        let dq = cuda::alloc(device, dtype, n * dims.head_size)?;
         let dk = cuda::alloc(device, dtype, kv_elems)?;
         let dv = cuda::alloc(device, dtype, kv_elems)?;
         let inputs = [start(q)?, start(k)?, start(v)?, start(dout)?, start(lse)?];
@@ -290,7 +426,7 @@ fn backward(
             Ok(args)
         };
         let dq_arg = Arg::Address(cuda::base_address(&dq)?);
-        let kv_args = tail(
+        let mut kv_args = tail(
             [
                 &inputs[..],
                 &[
@@ -306,14 +442,17 @@ fn backward(
             // gradients after them.
             Kernels::TensorCores => {
                 let extra = [start(out)?, delta_arg, dq_arg];
-                let q_args = tail([&inputs[..], &extra].concat())?;
+                let mut q_args = tail([&inputs[..], &extra].concat())?;
+                q_args.extend(dims.query_strides(rows));
                 kernels.launch(device, dtype, dims, Stage::QueryGrads, &q_args)?;
+                kv_args.extend(dims.query_strides(rows));
+                kv_args.extend(rows.strides(dims.kv_heads, dims.kv_len, dims.head_size));
                 kernels.launch(device, dtype, dims, Stage::KeyValueGrads, &kv_args)?;
             }
             Kernels::Simt => {
                 let args = [start(out)?, start(dout)?, delta_arg];
-                let sizes = [cuda::int(rows)?, cuda::int(dims.head_size)?];
-                let (grid, block) = cuda::per_warp_row(rows)?;
+                let sizes = [cuda::int(n)?, cuda::int(dims.head_size)?];
+                let (grid, block) = cuda::per_warp_row(n)?;
                 let config = (grid, block, 0);
                 let args = [&args[..], &sizes].concat();
                 cuda::launch_with_shared(
@@ -330,9 +469,10 @@ fn backward(
         }
         Ok((dq, dk, dv))
     })?;
+    let (b, kvh, len, d) = (dims.batch, dims.kv_heads, dims.kv_len, dims.head_size);
     Ok((
-        cuda::tensor(dq, dims.q_shape()),
-        cuda::tensor(dk, dims.kv_shape()),
-        cuda::tensor(dv, dims.kv_shape()),
+        cuda::tensor(dq, q.shape().clone()),
+        cuda::tensor(dk, rows.shape(b, kvh, len, d)),
+        cuda::tensor(dv, rows.shape(b, kvh, len, d)),
     ))
 }

@@ -271,6 +271,30 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     flash_attention(q, k, v)
 }
 
+/// The attention of a block without a KV cache, from its projections to the input of its output
+/// projection: `q` `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` split into heads,
+/// queries and keys rotated by RoPE (`tables`: cos and sin `[t, d / 2]`), causal grouped-query
+/// attention, heads merged back into `[b, t, heads · d]`. On CUDA in bf16/f16 the flash kernels
+/// read and write the projections' rows in place (no split or merge copies, forward or
+/// backward); elsewhere it is [`split_heads`], [`rope`], [`grouped_attention`] and
+/// [`merge_heads`].
+pub fn self_attention(
+    [q, k, v]: [&Tensor; 3],
+    tables: (&Tensor, &Tensor),
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if flash::self_attention_supported([q, k, v], tables, heads, kv_heads)? {
+        return flash::self_attention([q, k, v], tables, heads, kv_heads);
+    }
+    let (cos, sin) = tables;
+    let q = rope(&split_heads(q, heads)?, cos, sin)?;
+    let k = rope(&split_heads(k, kv_heads)?, cos, sin)?;
+    let v = split_heads(v, kv_heads)?;
+    merge_heads(&grouped_attention(&q, &k, &v)?)
+}
+
 /// Flash-style grouped-query causal attention (same contract as [`grouped_attention`]) where
 /// the CUDA kernels support the operands (head size 64 or 128), which never hold the T×T
 /// probabilities: tensor-core kernels in bf16 and f16, f32 kernels otherwise. Elsewhere kv

@@ -97,7 +97,8 @@ impl CustomOp3 for Rope {
         sin_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let y = cuda::rope((x, x_layout), (cos, cos_layout), (sin, sin_layout), sign)?;
+        let tables = ((cos, cos_layout), (sin, sin_layout));
+        let y = cuda::rope((x, x_layout), tables, 1, sign)?;
         Ok((y, x_layout.shape().clone()))
     }
 }
