@@ -3,7 +3,7 @@
 //! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]), and one
 //! more sums the squares of every gradient ([`sum_of_squares`]).
 
-use super::cpu_kernel::{f32s, ELEMENTWISE_CHUNK};
+use super::cpu_kernel::{f32s, with_operands, ELEMENTWISE_CHUNK};
 use candle_core::{DType, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 
@@ -45,16 +45,11 @@ pub fn adamw_step(
         return Ok(None);
     }
     let n = param.elem_count();
-    let (new_w, (new_m, new_v)): (Vec<f32>, (Vec<f32>, Vec<f32>));
-    {
-        // Read guards on the four storages; released before `Var::set` takes the write lock.
-        let guards: Vec<_> = operands.iter().map(|t| t.storage_and_layout()).collect();
-        let slices = guards
+    // Read locks on the four storages, released before `Var::set` takes the write lock.
+    let updated = with_operands(&operands, |ops| {
+        let slices = ops
             .iter()
-            .map(|(storage, layout)| match &**storage {
-                Storage::Cpu(s) => f32s(s, layout),
-                _ => candle_core::bail!("adamw: operand left the CPU"),
-            })
+            .map(|(storage, layout)| f32s(storage, layout))
             .collect::<Result<Vec<_>>>()?;
         let [w, m, v, g] = slices[..] else {
             candle_core::bail!("adamw: four operands expected");
@@ -65,7 +60,7 @@ pub fn adamw_step(
         // Collected straight into the new buffers (no zero-filling first: three parameter-sized
         // memsets per step otherwise).
         let step = Step::new(u);
-        (new_w, (new_m, new_v)) = w
+        let new: (Vec<f32>, (Vec<f32>, Vec<f32>)) = w
             .par_iter()
             .zip(m)
             .zip(v)
@@ -73,7 +68,11 @@ pub fn adamw_step(
             .with_min_len(ELEMENTWISE_CHUNK)
             .map(|(((&w, &m), &v), &g)| step.apply(w, m, v, g))
             .unzip();
-    }
+        Ok(Some(new))
+    })?;
+    let Some((new_w, (new_m, new_v))) = updated else {
+        return Ok(None);
+    };
     param.set(&Tensor::from_vec(new_w, param.shape(), param.device())?)?;
     let shape = param.shape();
     Ok(Some((

@@ -6,7 +6,7 @@
 //! keep the whole forward graph alive through the gradient store, and through AdamW's moments
 //! from one step to the next.
 
-use candle_core::{CpuStorage, Layout, Result, Shape};
+use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -48,22 +48,55 @@ pub(crate) unsafe fn written_rows<F>(n: usize, width: usize, fill: F) -> Vec<f32
 where
     F: Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
 {
+    // SAFETY: the caller's promise about `fill` is the one `written_rows_with` needs.
+    unsafe { written_rows_with(n, width, fill).0 }
+}
+
+/// [`written_rows`] for kernels that also reduce each row to a value: returns the buffer and
+/// `fill`'s result for each row, in row order.
+///
+/// # Safety
+/// `fill` must write every element of each row it is given.
+pub(crate) unsafe fn written_rows_with<T, F>(n: usize, width: usize, fill: F) -> (Vec<f32>, Vec<T>)
+where
+    T: Send,
+    F: Fn(usize, &mut [MaybeUninit<f32>]) -> T + Sync + Send,
+{
     let width = width.max(1);
     let mut out = Vec::with_capacity(n);
     let rows = &mut out.spare_capacity_mut()[..n];
-    if n < SERIAL_BELOW {
+    let per_row = if n < SERIAL_BELOW {
         rows.chunks_mut(width)
             .enumerate()
-            .for_each(|(i, r)| fill(i, r));
+            .map(|(i, r)| fill(i, r))
+            .collect()
     } else {
         rows.par_chunks_mut(width)
             .with_min_len(MIN_ROWS_PER_TASK)
             .enumerate()
-            .for_each(|(i, r)| fill(i, r));
-    }
+            .map(|(i, r)| fill(i, r))
+            .collect()
+    };
     // SAFETY: the rows cover the first `n` elements, and the caller's `fill` wrote all of them.
     unsafe { out.set_len(n) };
-    out
+    (out, per_row)
+}
+
+/// Calls `f` with the CPU storage and layout of each of `tensors`, holding their read locks
+/// meanwhile (ops that are not a candle custom op, such as those with several outputs).
+pub(crate) fn with_operands<R>(
+    tensors: &[&Tensor],
+    f: impl FnOnce(&[(&CpuStorage, &Layout)]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let operands = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            Storage::Cpu(s) => Ok((s, *layout)),
+            _ => candle_core::bail!("fused CPU kernel: operand is not on the CPU"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    f(&operands)
 }
 
 /// The f32 elements of a contiguous CPU operand.
