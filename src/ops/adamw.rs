@@ -1,10 +1,12 @@
 //! Fused AdamW updates. On the CPU, one rayon pass per parameter reads the weight, gradient and
 //! both moments and writes their new values, instead of ~10 tensor ops with a fresh buffer each.
-//! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]), and one
-//! more sums the squares of every gradient ([`sum_of_squares`]).
+//! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]). The sum of
+//! the squares of every gradient ([`sum_of_squares`]) is one more launch on CUDA, and one rayon
+//! pass per gradient on the CPU.
 
 use super::cpu_kernel::{f32s, with_operands, ELEMENTWISE_CHUNK};
-use candle_core::{DType, Result, Storage, Tensor, Var};
+use super::fast_exp;
+use candle_core::{DType, Device, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 
 /// The scalars of one AdamW update, bias corrections included.
@@ -174,14 +176,21 @@ pub fn adamw_in_place(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
     }
 }
 
-/// The sum of squares of all `tensors`, in one launch, when they are all contiguous f32 CUDA
-/// tensors; `None` otherwise (the caller takes the composite path).
+/// The sum of squares of all `tensors` when they are all contiguous f32 tensors on the CPU (a
+/// rayon pass per tensor, in fixed chunks added in order, so the result does not depend on the
+/// number of threads) or all on CUDA (one launch); `None` otherwise (the caller takes the
+/// composite path).
 pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<Option<f64>> {
-    let eligible = !tensors.is_empty()
-        && tensors
-            .iter()
-            .all(|t| t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous());
-    if !eligible {
+    let all = |on: fn(&Device) -> bool| {
+        !tensors.is_empty()
+            && tensors
+                .iter()
+                .all(|t| on(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
+    };
+    if all(Device::is_cpu) {
+        return cpu_sum_of_squares(tensors).map(Some);
+    }
+    if !all(Device::is_cuda) {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
@@ -192,6 +201,21 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<Option<f64>> {
     {
         Ok(None)
     }
+}
+
+/// [`sum_of_squares`] of CPU tensors: f32 sums per chunk, added in f64.
+fn cpu_sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+    with_operands(tensors, |ops| {
+        let mut total = 0f64;
+        for (storage, layout) in ops {
+            let chunks: Vec<f32> = f32s(storage, layout)?
+                .par_chunks(ELEMENTWISE_CHUNK)
+                .map(fast_exp::sum_squares)
+                .collect();
+            total += chunks.iter().map(|&c| c as f64).sum::<f64>();
+        }
+        Ok(total)
+    })
 }
 
 #[cfg(feature = "cuda")]

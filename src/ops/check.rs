@@ -577,7 +577,7 @@ pub fn edge_cases() -> Vec<Case> {
 }
 
 /// The AdamW paths of the optimizer on `device` (fused CPU or multi-tensor CUDA kernel, plus
-/// the one-launch gradient norm) against the composite update, over three steps on
+/// the fused gradient norm) against the composite update, over three steps on
 /// parameters of awkward sizes (one spans several kernel chunks). Returns the worst relative
 /// error of weights, moments and norm.
 pub fn adamw_error(device: &Device) -> Result<f32> {
