@@ -210,18 +210,17 @@ fn print_summary(summary: &TrainSummary) {
     }
 }
 
-/// Runs `f` on a thread with a 256 MiB stack: candle's backward pass and tensor drops recurse
-/// once per graph node.
+/// Runs `f` on a worker of a rayon pool whose threads have 256 MiB stacks: candle's backward
+/// pass and tensor drops recurse once per graph node. Inside the pool, every parallel kernel and
+/// GEMM starts on this thread and hands only its other half to another worker; from outside it
+/// would hand all of it over and sleep until woken, two thread switches per op.
 pub fn on_big_stack<T: Send>(f: impl FnOnce() -> T + Send) -> Result<T> {
-    std::thread::scope(|scope| {
-        let handle = std::thread::Builder::new()
-            .stack_size(256 << 20)
-            .spawn_scoped(scope, f)
-            .context("starting the training thread")?;
-        handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the training thread panicked"))
-    })
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(256 << 20)
+        .build()
+        .context("starting the training threads")?;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.install(f)))
+        .map_err(|_| anyhow::anyhow!("the training thread panicked"))
 }
 
 /// The config to train with: the file (plus `--set`), or the saved config of the run being

@@ -1,10 +1,12 @@
 //! Fused AdamW updates. On the CPU, one rayon pass per parameter reads the weight, gradient and
 //! both moments and writes their new values, instead of ~10 tensor ops with a fresh buffer each.
-//! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]), and one
-//! more sums the squares of every gradient ([`sum_of_squares`]).
+//! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]). The sum of
+//! the squares of every gradient ([`sum_of_squares`]) is one more launch on CUDA, and one rayon
+//! pass per gradient on the CPU.
 
-use super::cpu_kernel::{f32s, ELEMENTWISE_CHUNK};
-use candle_core::{DType, Result, Storage, Tensor, Var};
+use super::cpu_kernel::{f32s, with_operands, ELEMENTWISE_CHUNK};
+use super::fast_exp;
+use candle_core::{DType, Device, Result, Storage, Tensor, Var};
 use rayon::prelude::*;
 
 /// The scalars of one AdamW update, bias corrections included.
@@ -45,16 +47,11 @@ pub fn adamw_step(
         return Ok(None);
     }
     let n = param.elem_count();
-    let (new_w, (new_m, new_v)): (Vec<f32>, (Vec<f32>, Vec<f32>));
-    {
-        // Read guards on the four storages; released before `Var::set` takes the write lock.
-        let guards: Vec<_> = operands.iter().map(|t| t.storage_and_layout()).collect();
-        let slices = guards
+    // Read locks on the four storages, released before `Var::set` takes the write lock.
+    let updated = with_operands(&operands, |ops| {
+        let slices = ops
             .iter()
-            .map(|(storage, layout)| match &**storage {
-                Storage::Cpu(s) => f32s(s, layout),
-                _ => candle_core::bail!("adamw: operand left the CPU"),
-            })
+            .map(|(storage, layout)| f32s(storage, layout))
             .collect::<Result<Vec<_>>>()?;
         let [w, m, v, g] = slices[..] else {
             candle_core::bail!("adamw: four operands expected");
@@ -65,7 +62,7 @@ pub fn adamw_step(
         // Collected straight into the new buffers (no zero-filling first: three parameter-sized
         // memsets per step otherwise).
         let step = Step::new(u);
-        (new_w, (new_m, new_v)) = w
+        let new: (Vec<f32>, (Vec<f32>, Vec<f32>)) = w
             .par_iter()
             .zip(m)
             .zip(v)
@@ -73,7 +70,11 @@ pub fn adamw_step(
             .with_min_len(ELEMENTWISE_CHUNK)
             .map(|(((&w, &m), &v), &g)| step.apply(w, m, v, g))
             .unzip();
-    }
+        Ok(Some(new))
+    })?;
+    let Some((new_w, (new_m, new_v))) = updated else {
+        return Ok(None);
+    };
     param.set(&Tensor::from_vec(new_w, param.shape(), param.device())?)?;
     let shape = param.shape();
     Ok(Some((
@@ -175,14 +176,21 @@ pub fn adamw_in_place(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
     }
 }
 
-/// The sum of squares of all `tensors`, in one launch, when they are all contiguous f32 CUDA
-/// tensors; `None` otherwise (the caller takes the composite path).
+/// The sum of squares of all `tensors` when they are all contiguous f32 tensors on the CPU (a
+/// rayon pass per tensor, in fixed chunks added in order, so the result does not depend on the
+/// number of threads) or all on CUDA (one launch); `None` otherwise (the caller takes the
+/// composite path).
 pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<Option<f64>> {
-    let eligible = !tensors.is_empty()
-        && tensors
-            .iter()
-            .all(|t| t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous());
-    if !eligible {
+    let all = |on: fn(&Device) -> bool| {
+        !tensors.is_empty()
+            && tensors
+                .iter()
+                .all(|t| on(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
+    };
+    if all(Device::is_cpu) {
+        return cpu_sum_of_squares(tensors).map(Some);
+    }
+    if !all(Device::is_cuda) {
         return Ok(None);
     }
     #[cfg(feature = "cuda")]
@@ -193,6 +201,21 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<Option<f64>> {
     {
         Ok(None)
     }
+}
+
+/// [`sum_of_squares`] of CPU tensors: f32 sums per chunk, added in f64.
+fn cpu_sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+    with_operands(tensors, |ops| {
+        let mut total = 0f64;
+        for (storage, layout) in ops {
+            let chunks: Vec<f32> = f32s(storage, layout)?
+                .par_chunks(ELEMENTWISE_CHUNK)
+                .map(fast_exp::sum_squares)
+                .collect();
+            total += chunks.iter().map(|&c| c as f64).sum::<f64>();
+        }
+        Ok(total)
+    })
 }
 
 #[cfg(feature = "cuda")]

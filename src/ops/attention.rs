@@ -5,7 +5,7 @@
 //! so candle keeps and accumulates no score-sized gradients of its own.
 
 use super::attach::attach3;
-use super::cpu_kernel::{f32s, for_each_row, output, MIN_ROWS_PER_TASK};
+use super::cpu_kernel::{assume_written, f32s, output, written_rows};
 #[cfg(feature = "cuda")]
 use super::cuda;
 use super::fast_exp;
@@ -13,7 +13,7 @@ use super::rows_and_width;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Causal attention with the fused softmax. Same contract as
 /// [`super::reference::causal_attention`]; inputs must be contiguous, on a backend
@@ -46,6 +46,14 @@ fn visible(row: usize, q_len: usize, kv_len: usize) -> usize {
     kv_len - q_len + row % q_len + 1
 }
 
+/// The first `n` (visible) elements of an output row, after writing zeros over the rest (the
+/// masked keys, whose probabilities and gradients are 0).
+fn visible_part(row: &mut [MaybeUninit<f32>], n: usize) -> &mut [MaybeUninit<f32>] {
+    let (visible, masked) = row.split_at_mut(n);
+    masked.fill(MaybeUninit::new(0.0));
+    visible
+}
+
 fn query_and_key_lens(layout: &Layout) -> Result<(usize, usize, usize)> {
     let (rows, kv_len) = rows_and_width(layout)?;
     let dims = layout.dims();
@@ -64,6 +72,22 @@ struct CausalSoftmax {
     scale: f32,
 }
 
+impl CausalSoftmax {
+    /// Writes the probabilities of one row of `scores.len()` visible keys into the first
+    /// elements of `p`, and zeros over the rest.
+    fn write_row(&self, scores: &[f32], p: &mut [MaybeUninit<f32>]) {
+        let p = visible_part(p, scores.len());
+        let max = fast_exp::max(scores);
+        for (p, &s) in p.iter_mut().zip(scores) {
+            p.write(fast_exp::exp((s - max) * self.scale));
+        }
+        // SAFETY: the loop above wrote every element of `p`.
+        let p = unsafe { assume_written(p) };
+        let inv = 1.0 / fast_exp::sum(p);
+        p.iter_mut().for_each(|p| *p *= inv);
+    }
+}
+
 impl CustomOp1 for CausalSoftmax {
     fn name(&self) -> &'static str {
         "causal-softmax"
@@ -72,17 +96,13 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let scores = f32s(storage, layout)?;
         let (_, q_len, kv_len) = query_and_key_lens(layout)?;
-        let mut probs = vec![0f32; scores.len()];
-        for_each_row(&mut probs, kv_len, |row, p| {
-            let s = &scores[row * kv_len..][..kv_len];
-            let n = visible(row, q_len, kv_len);
-            let max = fast_exp::max(&s[..n]);
-            for (p, &s) in p[..n].iter_mut().zip(&s[..n]) {
-                *p = fast_exp::exp((s - max) * self.scale);
-            }
-            let inv = 1.0 / fast_exp::sum(&p[..n]);
-            p[..n].iter_mut().for_each(|p| *p *= inv);
-        });
+        // SAFETY: `write_row` writes every element of the row.
+        let probs = unsafe {
+            written_rows(scores.len(), kv_len, |row, p| {
+                let n = visible(row, q_len, kv_len);
+                self.write_row(&scores[row * kv_len..][..n], p);
+            })
+        };
         Ok(output(probs, layout.shape().clone()))
     }
 
@@ -113,18 +133,24 @@ impl CustomOp2 for CausalSoftmaxGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (probs, grad) = (f32s(probs, probs_layout)?, f32s(grad, grad_layout)?);
         let (_, q_len, kv_len) = query_and_key_lens(probs_layout)?;
-        let mut out = vec![0f32; probs.len()];
-        out.par_chunks_mut(kv_len)
-            .zip(probs.par_chunks(kv_len).zip(grad.par_chunks(kv_len)))
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(row, (ds, (p, dp)))| {
+        if grad.len() != probs.len() {
+            candle_core::bail!(
+                "causal softmax gradient: {} probabilities, {} gradients",
+                probs.len(),
+                grad.len()
+            );
+        }
+        // SAFETY: `visible_part` writes the masked tail of each row, the loop the rest.
+        let out = unsafe {
+            written_rows(probs.len(), kv_len, |row, ds| {
                 let n = visible(row, q_len, kv_len);
-                let dot: f32 = p[..n].iter().zip(&dp[..n]).map(|(p, d)| p * d).sum();
-                for ((ds, &p), &dp) in ds[..n].iter_mut().zip(&p[..n]).zip(&dp[..n]) {
-                    *ds = p * (dp - dot) * self.scale;
+                let (p, dp) = (&probs[row * kv_len..][..n], &grad[row * kv_len..][..n]);
+                let dot: f32 = p.iter().zip(dp).map(|(p, d)| p * d).sum();
+                for ((ds, &p), &dp) in visible_part(ds, n).iter_mut().zip(p).zip(dp) {
+                    ds.write(p * (dp - dot) * self.scale);
                 }
-            });
+            })
+        };
         Ok(output(out, probs_layout.shape().clone()))
     }
 

@@ -273,23 +273,7 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
                 Input::Ids(vec![tokens], vocab),
             ],
         },
-        Case {
-            name: "token_nll_with_grad",
-            fused: |t| {
-                let g = t[2].to_dtype(DType::F32)?;
-                side_by_side(super::token_nll_with_grad(&t[0], &t[1], &g)?)
-            },
-            reference: |t| {
-                let g = t[2].to_dtype(DType::F32)?;
-                let nll = reference::token_nll(&t[0], &t[1])?;
-                side_by_side((nll, reference::token_nll_grad(&t[0], &t[1], &g)?))
-            },
-            inputs: vec![
-                Input::Table(vec![tokens, cfg.vocab_size]),
-                Input::Ids(vec![tokens], vocab),
-                Input::Table(vec![tokens]),
-            ],
-        },
+        nll_with_grad_case(tokens, cfg.vocab_size, Input::Table(vec![tokens])),
         Case {
             name: "head_mean_nll",
             fused: |t| super::head_mean_nll(&t[0], &t[1], &t[2], &t[3]),
@@ -315,6 +299,27 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
             ],
         },
     ]
+}
+
+/// NLL and logits gradient together of `[rows, vocab]` logits, for row scales `scales`.
+fn nll_with_grad_case(rows: usize, vocab: usize, scales: Input) -> Case {
+    Case {
+        name: "token_nll_with_grad",
+        fused: |t| {
+            let g = t[2].to_dtype(DType::F32)?;
+            side_by_side(super::token_nll_with_grad(&t[0], &t[1], &g)?)
+        },
+        reference: |t| {
+            let g = t[2].to_dtype(DType::F32)?;
+            let nll = reference::token_nll(&t[0], &t[1])?;
+            side_by_side((nll, reference::token_nll_grad(&t[0], &t[1], &g)?))
+        },
+        inputs: vec![
+            Input::Table(vec![rows, vocab]),
+            Input::Ids(vec![rows], vocab as u32),
+            scales,
+        ],
+    }
 }
 
 /// Per-row values `[n]` and rows `[n, width]` as one f32 `[n, width + 1]` tensor, for ops with
@@ -628,11 +633,13 @@ pub fn edge_cases() -> Vec<Case> {
             reference: |t| reference::token_nll(&t[0], &t[1]),
             inputs: vec![float(&[4, 1]), Input::Ids(vec![4], 1)],
         },
+        // Row scales of 0 and 1, as the loss weights give: skipped rows get zero gradients.
+        nll_with_grad_case(7, 33, Input::Ids(vec![7], 2)),
     ]
 }
 
 /// The AdamW paths of the optimizer on `device` (fused CPU or multi-tensor CUDA kernel, plus
-/// the one-launch gradient norm) against the composite update, over three steps on
+/// the fused gradient norm) against the composite update, over three steps on
 /// parameters of awkward sizes (one spans several kernel chunks). Returns the worst relative
 /// error of weights, moments and norm.
 pub fn adamw_error(device: &Device) -> Result<f32> {

@@ -48,15 +48,27 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// same on every run).
 #[inline]
 pub(crate) fn sum(values: &[f32]) -> f32 {
+    sum_of(values, |v| v)
+}
+
+/// `Σ v²` over `values`, added as [`sum`] adds.
+#[inline]
+pub(crate) fn sum_squares(values: &[f32]) -> f32 {
+    sum_of(values, |v| v * v)
+}
+
+/// `Σ f(v)` over `values`, added in [`LANES`] interleaved partial sums.
+#[inline(always)]
+fn sum_of(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = values.chunks_exact(LANES);
     let rest = chunks.remainder();
     for chunk in chunks {
         for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a += v;
+            *a += f(v);
         }
     }
-    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// The largest of `values` (−∞ for none); NaNs are skipped.
@@ -78,15 +90,7 @@ pub(crate) fn max(values: &[f32]) -> f32 {
 /// `Σ e^(x − shift)` over `row`.
 #[inline]
 pub(crate) fn sum_exp(row: &[f32], shift: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let chunks = row.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a += exp(x - shift);
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().map(|&x| exp(x - shift)).sum::<f32>()
+    sum_of(row, |x| exp(x - shift))
 }
 
 #[cfg(test)]
@@ -135,6 +139,9 @@ mod tests {
             assert_eq!(max(r), plain_max);
             let plain_sum: f64 = r.iter().map(|&x| x as f64).sum();
             assert!((sum(r) as f64 - plain_sum).abs() <= 1e-4 * plain_sum.abs().max(1.0));
+            let plain_squares: f64 = r.iter().map(|&x| x as f64 * x as f64).sum();
+            let squares = sum_squares(r) as f64;
+            assert!((squares - plain_squares).abs() <= 1e-6 * plain_squares.max(1.0));
             let plain: f64 = r.iter().map(|&x| ((x - 3.0) as f64).exp()).sum();
             let got = sum_exp(r, 3.0) as f64;
             assert!(

@@ -356,28 +356,18 @@ pub fn token_nll_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<T
     reference::token_nll_grad(logits, targets, g)
 }
 
-/// [`token_nll`] and [`token_nll_grad`] of the same logits together: one kernel that reads the
-/// logits twice on CUDA (the two ops read them five times), the two ops elsewhere.
+/// [`token_nll`] and [`token_nll_grad`] of the same logits together, as `(nll, gradient)`.
+/// Fused, it is one pass per row that computes the row's log-sum-exp once (a rayon kernel on the
+/// CPU, one kernel that reads the logits twice on CUDA; the two ops read them five times), and
+/// neither result records a backward; elsewhere it is the two ops.
 pub fn token_nll_with_grad(
     logits: &Tensor,
     targets: &Tensor,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    #[cfg(feature = "cuda")]
-    if logits.device().is_cuda()
-        && fused(&[logits])
-        && ids_beside(targets, logits)
-        && g.dtype() == DType::F32
-    {
+    if fused(&[logits]) && ids_beside(targets, logits) && g.dtype() == DType::F32 {
         let (logits, targets, g) = (logits.contiguous()?, targets.contiguous()?, g.contiguous()?);
-        let n = logits.dim(0)?;
-        let (nll, d) = cuda::with_operands(&[&logits, &targets, &g], |ops| {
-            cuda::token_nll_with_grad(ops[0], ops[1], ops[2])
-        })?;
-        return Ok((
-            cuda::tensor(nll, n.into()),
-            cuda::tensor(d, logits.shape().clone()),
-        ));
+        return cross_entropy::token_nll_with_grad(&logits, &targets, &g);
     }
     Ok((
         token_nll(logits, targets)?,

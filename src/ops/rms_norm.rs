@@ -120,18 +120,18 @@ impl CustomOp3 for RmsNormInputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (f32s(x, x_layout)?, f32s(w, w_layout)?, f32s(g, g_layout)?);
         let (_, width) = check_width(x_layout, w)?;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(width.max(1))
-            .zip(x.par_chunks(width.max(1)).zip(g.par_chunks(width.max(1))))
-            .with_min_len(MIN_ROWS_PER_TASK)
-            .for_each(|(dx, (x, g))| {
+        // SAFETY: every element of each row is written.
+        let dx = unsafe {
+            written_rows(x.len(), width, |row, dx| {
+                let (x, g) = (&x[row * width..][..width], &g[row * width..][..width]);
                 let r = inverse_rms(x, self.eps);
                 let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| x * g * w).sum();
                 let k = dot * r * r / width as f32;
                 for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
-                    *dx = r * (g * w - x * k);
+                    dx.write(r * (g * w - x * k));
                 }
-            });
+            })
+        };
         Ok(output(dx, x_layout.shape().clone()))
     }
 

@@ -2,13 +2,12 @@
 //! gradients in one pass that writes them side by side (the op returns one tensor, so
 //! `[2, ..]`, split by views).
 
-use super::cpu_kernel::{f32s, output, written_rows, ELEMENTWISE_CHUNK};
+use super::cpu_kernel::{f32s, output, written_row_pairs, written_rows, ELEMENTWISE_CHUNK};
 #[cfg(feature = "cuda")]
 use super::cuda;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// `silu(gate) * up`. Same contract as [`super::reference::swiglu`]; inputs must be contiguous
 /// tensors of one shape on a backend [`super::fused`] accepts.
@@ -108,24 +107,23 @@ impl CustomOp3 for SwiGluGrad {
         let grad = f32s(grad, grad_layout)?;
         same_len(gate, up)?;
         same_len(gate, grad)?;
-        let n = gate.len();
-        let mut out = vec![0f32; 2 * n];
-        let (d_gate, d_up) = out.split_at_mut(n);
-        d_gate
-            .par_chunks_mut(ELEMENTWISE_CHUNK)
-            .zip(d_up.par_chunks_mut(ELEMENTWISE_CHUNK))
-            .zip(gate.par_chunks(ELEMENTWISE_CHUNK))
-            .zip(
-                up.par_chunks(ELEMENTWISE_CHUNK)
-                    .zip(grad.par_chunks(ELEMENTWISE_CHUNK)),
-            )
-            .for_each(|(((dg, du), g), (u, dy))| {
-                for i in 0..g.len() {
+        // SAFETY: every element of both chunks is written.
+        let out = unsafe {
+            written_row_pairs(gate.len(), ELEMENTWISE_CHUNK, |chunk, d_gate, d_up| {
+                let start = chunk * ELEMENTWISE_CHUNK;
+                let len = d_gate.len();
+                let (g, u, dy) = (
+                    &gate[start..][..len],
+                    &up[start..][..len],
+                    &grad[start..][..len],
+                );
+                for i in 0..len {
                     let s = sigmoid(g[i]);
-                    du[i] = dy[i] * g[i] * s;
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    d_up[i].write(dy[i] * g[i] * s);
+                    d_gate[i].write(dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
                 }
-            });
+            })
+        };
         Ok(output(out, stacked_shape(gate_layout)))
     }
 

@@ -181,8 +181,8 @@ pub fn composite_step(
     Ok((m, v))
 }
 
-/// The global L2 norm of all gradients: one kernel and one device synchronization on CUDA,
-/// one synchronization elsewhere.
+/// The global L2 norm of all gradients: one kernel and one device synchronization on CUDA, a
+/// rayon pass per gradient on the CPU (f32), one synchronization elsewhere.
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     // By name, so the sum's rounding (and through clipping the run) does not depend on the
     // map's iteration order.
