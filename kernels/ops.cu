@@ -134,12 +134,13 @@ __device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int row
 // dx = r * (g*w - x * r^2 * mean(g*w*x)).
 template <typename T, int W>
 __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows, int width,
-                            float eps) {
+                            float eps, float* r_out) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;
   const size_t off = (size_t)row * width;
   const float r = warp_inverse_rms<T, W>(x + off, width, eps);
+  if (r_out != nullptr && (threadIdx.x & 31) == 0) r_out[row] = r;  // for the weight gradient
   const int first = (threadIdx.x & 31) * W;
   float dot = 0.f;
   for (int j = first; j < width; j += 32 * W) {
@@ -636,6 +637,10 @@ __device__ __forceinline__ void for_row_elements(const T* x, int vocab, bool vec
   }
 }
 
+// 16-byte vectors of a row each thread of token_nll_with_grad keeps in registers between its
+// two passes (rows up to 32,768 bf16 logits at 512 threads), so the logits are read once.
+constexpr int NLL_CACHED = 8;
+
 template <typename T>
 __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, const float* g,
                                     float* nll, T* d, int vocab) {
@@ -645,39 +650,61 @@ __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, co
   T* dx = d + off;
   const bool vec = vocab % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dx) % 16 == 0;
+  const bool cached = vec && vocab <= (int)blockDim.x * V * NLL_CACHED;
   float m = -INFINITY, sum = 0.f;
-  for_row_elements(x, vocab, vec, [&](int, float v) {
+  const auto online = [&](int, float v) {
     if (v > m) {
       sum = sum * __expf(m - v) + 1.f;
       m = v;
     } else if (m != -INFINITY) {  // else v and m are both −∞: nothing to add
       sum += __expf(v - m);
     }
-  });
+  };
+  // The cached vectors are visited in for_row_elements' order: the sums are the same.
+  uint4 cache[NLL_CACHED];
+  if (cached) {
+#pragma unroll
+    for (int c = 0; c < NLL_CACHED; ++c) {
+      const int j = (c * blockDim.x + threadIdx.x) * V;
+      if (j >= vocab) continue;
+      cache[c] = *reinterpret_cast<const uint4*>(x + j);
+      const T* e = reinterpret_cast<const T*>(&cache[c]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) online(j + k, to_f32(e[k]));
+    }
+  } else {
+    for_row_elements(x, vocab, vec, online);
+  }
   const float row_max = block_max(m);
   sum = block_sum(m == -INFINITY ? 0.f : sum * __expf(m - row_max));
   const float lse = row_max + logf(sum);
   const uint32_t t = targets[blockIdx.x];
   if (threadIdx.x == 0) nll[blockIdx.x] = t < (uint32_t)vocab ? lse - to_f32(x[t]) : NAN;
   const float scale = g[blockIdx.x];
-  if (vec) {
-    for (int j = threadIdx.x * V; j < vocab; j += blockDim.x * V) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(x + j);
-      const T* e = reinterpret_cast<const T*>(&raw);
-      uint4 out;
-      T* o = reinterpret_cast<T*>(&out);
+  const auto grad = [&](int j, float v) {
+    const float p = scale == 0.f ? 0.f : __expf(v - lse);
+    return from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
+  };
+  // The gradient of the V logits at j, from their raw 16 bytes.
+  const auto write_vector = [&](int j, uint4 raw) {
+    const T* e = reinterpret_cast<const T*>(&raw);
+    uint4 out;
+    T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float p = scale == 0.f ? 0.f : __expf(to_f32(e[k]) - lse);
-        o[k] = from_f32<T>((p - (j + k == (int)t ? 1.f : 0.f)) * scale);
-      }
-      *reinterpret_cast<uint4*>(dx + j) = out;
+    for (int k = 0; k < V; ++k) o[k] = grad(j + k, to_f32(e[k]));
+    *reinterpret_cast<uint4*>(dx + j) = out;
+  };
+  if (cached) {
+#pragma unroll
+    for (int c = 0; c < NLL_CACHED; ++c) {
+      const int j = (c * blockDim.x + threadIdx.x) * V;
+      if (j < vocab) write_vector(j, cache[c]);
     }
+  } else if (vec) {
+    for (int j = threadIdx.x * V; j < vocab; j += blockDim.x * V)
+      write_vector(j, *reinterpret_cast<const uint4*>(x + j));
   } else {
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-      const float p = scale == 0.f ? 0.f : __expf(to_f32(x[j]) - lse);
-      dx[j] = from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
-    }
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) dx[j] = grad(j, to_f32(x[j]));
   }
 }
 
@@ -699,6 +726,20 @@ __device__ void embedding_grad(const uint32_t* ids, const T* grad, float* d_tabl
 // keep factor (1 - lr * wd) as f32 bits. `chunks` holds one word per block: the parameter index
 // in the high 24 bits and the first element in the low 40. Updates are in place.
 
+// One parameter element's update.
+__device__ __forceinline__ void adamw_update(float& w, float g, float& m, float& v, float keep,
+                                             float lr, float beta1, float beta2, float eps,
+                                             float bias1, float bias2, float grad_scale) {
+  g *= grad_scale;
+  m = m * beta1 + g * (1.f - beta1);
+  v = v * beta2 + g * g * (1.f - beta2);
+  w = w * keep - (m / bias1) / (sqrtf(v / bias2) + eps) * lr;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
 extern "C" __global__ void adamw_multi(const uint64_t* tensors, const uint64_t* chunks,
                                        int chunk_len, float lr, float beta1, float beta2,
                                        float eps, float bias1, float bias2, float grad_scale) {
@@ -712,15 +753,27 @@ extern "C" __global__ void adamw_multi(const uint64_t* tensors, const uint64_t* 
   const uint64_t n = desc[4];
   const float keep = __uint_as_float((uint32_t)desc[5]);
   const uint64_t end = min(n, start + (uint64_t)chunk_len);
-  for (uint64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
-    const float gi = g[i] * grad_scale;
-    const float mi = m[i] * beta1 + gi * (1.f - beta1);
-    const float vi = v[i] * beta2 + gi * gi * (1.f - beta2);
-    m[i] = mi;
-    v[i] = vi;
-    const float denom = sqrtf(vi / bias2) + eps;
-    w[i] = w[i] * keep - (mi / bias1) / denom * lr;
+  uint64_t scalar_from = start;
+  // Chunks start at multiples of chunk_len (a multiple of 4): four elements per access where
+  // all four buffers are 16-byte aligned.
+  if (aligned16(w) && aligned16(g) && aligned16(m) && aligned16(v)) {
+    const uint64_t vec_end = start + (end - start) / 4 * 4;
+    for (uint64_t i = start + 4 * threadIdx.x; i < vec_end; i += 4 * blockDim.x) {
+      float4 wi = *reinterpret_cast<float4*>(w + i), mi = *reinterpret_cast<float4*>(m + i);
+      float4 vi = *reinterpret_cast<float4*>(v + i);
+      const float4 gi = *reinterpret_cast<const float4*>(g + i);
+      adamw_update(wi.x, gi.x, mi.x, vi.x, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      adamw_update(wi.y, gi.y, mi.y, vi.y, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      adamw_update(wi.z, gi.z, mi.z, vi.z, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      adamw_update(wi.w, gi.w, mi.w, vi.w, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      *reinterpret_cast<float4*>(w + i) = wi;
+      *reinterpret_cast<float4*>(m + i) = mi;
+      *reinterpret_cast<float4*>(v + i) = vi;
+    }
+    scalar_from = vec_end;
   }
+  for (uint64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x)
+    adamw_update(w[i], g[i], m[i], v[i], keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
 }
 
 // Sum of squares of many f32 tensors (global gradient norm), in two deterministic passes: one
@@ -733,7 +786,16 @@ extern "C" __global__ void sum_squares_multi(const uint64_t* tensors, const uint
   const float* g = (const float*)tensors[6 * t + 1];
   const uint64_t end = min(tensors[6 * t + 4], start + (uint64_t)chunk_len);
   float sum = 0.f;
-  for (uint64_t i = start + threadIdx.x; i < end; i += blockDim.x) sum += g[i] * g[i];
+  uint64_t scalar_from = start;
+  if (aligned16(g)) {  // four elements per access, as in adamw_multi
+    const uint64_t vec_end = start + (end - start) / 4 * 4;
+    for (uint64_t i = start + 4 * threadIdx.x; i < vec_end; i += 4 * blockDim.x) {
+      const float4 x = *reinterpret_cast<const float4*>(g + i);
+      sum += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+    }
+    scalar_from = vec_end;
+  }
+  for (uint64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x) sum += g[i] * g[i];
   sum = block_sum(sum);
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
@@ -763,12 +825,12 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
     rms_norm_fwd<T, WIDE<T>>(x, w, y, rows, width, eps);                                      \
   }                                                                                           \
   extern "C" __global__ void rms_norm_dx_##S(const T* x, const T* w, const T* g, T* dx,       \
-                                             int rows, int width, float eps) {                \
-    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps);                                         \
+                                             int rows, int width, float eps, float* r) {      \
+    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps, r);                                      \
   }                                                                                           \
   extern "C" __global__ void rms_norm_dx_wide_##S(const T* x, const T* w, const T* g, T* dx,  \
-                                                  int rows, int width, float eps) {           \
-    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps);                                   \
+                                                  int rows, int width, float eps, float* r) { \
+    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps, r);                                \
   }                                                                                           \
   extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int rows, int width,  \
                                                   float eps) {                                \

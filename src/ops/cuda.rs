@@ -421,45 +421,68 @@ fn check_weight(w: Operand, width: usize) -> Result<()> {
     Ok(())
 }
 
-/// RMSNorm input gradient.
+/// RMSNorm input gradient; with `inverse`, the kernel also writes each row's inverse RMS there
+/// (f32, one per row) for [`rms_norm_weight_grad`].
 pub(crate) fn rms_norm_input_grad(
     x: Operand,
     w: Operand,
     g: Operand,
     eps: f32,
+    inverse: Option<&CudaStorage>,
 ) -> Result<CudaStorage> {
     let dtype = common_dtype(&[x, w, g])?;
     let (rows, width) = rows_and_width(x.1)?;
     check_weight(w, width)?;
     let dx = alloc(&x.0.device, dtype, rows * width)?;
-    let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+    let inverse = inverse.map(base_address).transpose()?.unwrap_or(0);
+    let scalars = [
+        int(rows)?,
+        int(width)?,
+        Arg::Float(eps),
+        Arg::Address(inverse),
+    ];
     let kernels = ("rms_norm_dx", "rms_norm_dx_wide");
     let (name, _) = elementwise_kernel(kernels, &[x, w, g], width)?;
     run((name, dtype), per_warp_row(rows)?, &[x, w, g], dx, &scalars)
 }
 
-/// RMSNorm weight gradient: per-row inverse RMS, column sums per chunk of rows, then the sum
-/// of the chunks.
-pub(crate) fn rms_norm_weight_grad(x: Operand, g: Operand, eps: f32) -> Result<CudaStorage> {
+/// The per-row inverse RMS of `x` (f32), for [`rms_norm_weight_grad`].
+pub(crate) fn rms_norm_inverse(x: Operand, eps: f32) -> Result<CudaStorage> {
+    let (rows, width) = rows_and_width(x.1)?;
+    let kernels = ("rms_norm_inverse", "rms_norm_inverse_wide");
+    run(
+        (elementwise_kernel(kernels, &[x], width)?.0, x.0.dtype()),
+        per_warp_row(rows)?,
+        &[x],
+        alloc(&x.0.device, DType::F32, rows.max(1))?,
+        &[int(rows)?, int(width)?, Arg::Float(eps)],
+    )
+}
+
+/// An f32 buffer for the per-row inverse RMS of `x`.
+pub(crate) fn rms_norm_inverse_buffer(x: Operand) -> Result<CudaStorage> {
+    let (rows, _) = rows_and_width(x.1)?;
+    alloc(&x.0.device, DType::F32, rows.max(1))
+}
+
+/// RMSNorm weight gradient from the per-row inverse RMS: column sums per chunk of rows, then
+/// the sum of the chunks.
+pub(crate) fn rms_norm_weight_grad(
+    x: Operand,
+    g: Operand,
+    inverse: &CudaStorage,
+) -> Result<CudaStorage> {
     const ROWS_PER_CHUNK: usize = 64;
     let dtype = common_dtype(&[x, g])?;
     let (rows, width) = rows_and_width(x.1)?;
     let dev = &x.0.device;
-    let kernels = ("rms_norm_inverse", "rms_norm_inverse_wide");
-    let inverse = run(
-        (elementwise_kernel(kernels, &[x], width)?.0, dtype),
-        per_warp_row(rows)?,
-        &[x],
-        alloc(dev, DType::F32, rows.max(1))?,
-        &[int(rows)?, int(width)?, Arg::Float(eps)],
-    )?;
     let inverse_layout = Layout::contiguous(rows.max(1));
     let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
     // Every (chunk, column) partial sum is written by the kernel.
     let partial = run(
         ("rms_norm_dw_partial", dtype),
         ((grid(width.div_ceil(32))?.0, grid(chunks)?.0), (32, 8)),
-        &[x, g, (&inverse, &inverse_layout)],
+        &[x, g, (inverse, &inverse_layout)],
         alloc(dev, DType::F32, chunks * width)?,
         &[int(rows)?, int(width)?, int(ROWS_PER_CHUNK)?],
     )?;

@@ -292,7 +292,9 @@ pub(crate) fn self_attention(
 
 /// Rows `[b, t, heads · d]` rotated by RoPE (`sign` 1) or back (`sign` −1), same layout.
 fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor), heads: usize, sign: f32) -> Result<Tensor> {
-    let y = cuda::with_operands(&[x, cos, sin], |ops| {
+    let (b, t, width) = x.dims3()?;
+    let rows = x.reshape((b, t, heads, width / heads))?;
+    let y = cuda::with_operands(&[&rows, cos, sin], |ops| {
         cuda::rope(ops[0], (ops[1], ops[2]), heads, sign)
     })?;
     Ok(cuda::tensor(y, x.shape().clone()))

@@ -1,7 +1,8 @@
 //! Fused RMSNorm: one pass per row forward, one pass per row for the input gradient and a
 //! row-parallel reduction for the weight gradient, on the CPU (rayon) and on CUDA
 //! (`kernels/ops.cu`). The per-row inverse RMS is recomputed in backward rather than stored: it
-//! costs one dot product per row.
+//! costs one dot product per row (on CUDA the input gradient's kernel hands it on to the weight
+//! gradient).
 
 use super::cpu_kernel::{f32s, output, written_rows, MIN_ROWS_PER_TASK};
 #[cfg(feature = "cuda")]
@@ -87,6 +88,11 @@ impl CustomOp2 for RmsNorm {
         // (which also skips its kernel).
         let grad = grad.contiguous()?;
         let (x_data, w_data) = (x.detach(), w.detach());
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.track_op() && w.track_op() {
+            let (dx, dw) = cuda_grads(&x_data, &w_data, &grad, self.eps)?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let dx = x
             .track_op()
             .then(|| x_data.apply_op3(&w_data, &grad, RmsNormInputGrad { eps: self.eps }))
@@ -97,6 +103,22 @@ impl CustomOp2 for RmsNorm {
             .transpose()?;
         Ok((dx, dw))
     }
+}
+
+/// Both gradients on CUDA, the input gradient's kernel writing the per-row inverse RMS that the
+/// weight gradient reads (instead of a third kernel recomputing it).
+#[cfg(feature = "cuda")]
+fn cuda_grads(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let (dx, dw) = cuda::with_operands(&[x, w, grad], |ops| {
+        let inverse = cuda::rms_norm_inverse_buffer(ops[0])?;
+        let dx = cuda::rms_norm_input_grad(ops[0], ops[1], ops[2], eps, Some(&inverse))?;
+        let dw = cuda::rms_norm_weight_grad(ops[0], ops[2], &inverse)?;
+        Ok((dx, dw))
+    })?;
+    Ok((
+        cuda::tensor(dx, x.shape().clone()),
+        cuda::tensor(dw, w.shape().clone()),
+    ))
 }
 
 /// `dx = r · (g⊙w − x̂ · mean(g⊙w⊙x̂))` with `x̂ = x · r`.
@@ -145,7 +167,8 @@ impl CustomOp3 for RmsNormInputGrad {
         g: &CudaStorage,
         g_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dx = cuda::rms_norm_input_grad((x, x_layout), (w, w_layout), (g, g_layout), self.eps)?;
+        let (x, w, g) = ((x, x_layout), (w, w_layout), (g, g_layout));
+        let dx = cuda::rms_norm_input_grad(x, w, g, self.eps, None)?;
         Ok((dx, x_layout.shape().clone()))
     }
 }
@@ -202,7 +225,8 @@ impl CustomOp2 for RmsNormWeightGrad {
         g_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (_, width) = rows_and_width(x_layout)?;
-        let dw = cuda::rms_norm_weight_grad((x, x_layout), (g, g_layout), self.eps)?;
+        let inverse = cuda::rms_norm_inverse((x, x_layout), self.eps)?;
+        let dw = cuda::rms_norm_weight_grad((x, x_layout), (g, g_layout), &inverse)?;
         Ok((dw, width.into()))
     }
 }
