@@ -122,7 +122,7 @@ fn sum_in_f32(parts: Vec<Tensor>, dtype: DType) -> Result<Option<Tensor>> {
     for part in parts {
         let part = part.to_dtype(DType::F32)?;
         total = Some(match total {
-            Some(t) => (t + part)?,
+            Some(t) => super::add::gradient_add(&t, &part)?,
             None => part,
         });
     }
