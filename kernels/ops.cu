@@ -637,10 +637,6 @@ __device__ __forceinline__ void for_row_elements(const T* x, int vocab, bool vec
   }
 }
 
-// 16-byte vectors of a row each thread of token_nll_with_grad keeps in registers between its
-// two passes (rows up to 32,768 bf16 logits at 512 threads), so the logits are read once.
-constexpr int NLL_CACHED = 8;
-
 template <typename T>
 __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, const float* g,
                                     float* nll, T* d, int vocab) {
@@ -650,61 +646,39 @@ __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, co
   T* dx = d + off;
   const bool vec = vocab % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dx) % 16 == 0;
-  const bool cached = vec && vocab <= (int)blockDim.x * V * NLL_CACHED;
   float m = -INFINITY, sum = 0.f;
-  const auto online = [&](int, float v) {
+  for_row_elements(x, vocab, vec, [&](int, float v) {
     if (v > m) {
       sum = sum * __expf(m - v) + 1.f;
       m = v;
     } else if (m != -INFINITY) {  // else v and m are both −∞: nothing to add
       sum += __expf(v - m);
     }
-  };
-  // The cached vectors are visited in for_row_elements' order: the sums are the same.
-  uint4 cache[NLL_CACHED];
-  if (cached) {
-#pragma unroll
-    for (int c = 0; c < NLL_CACHED; ++c) {
-      const int j = (c * blockDim.x + threadIdx.x) * V;
-      if (j >= vocab) continue;
-      cache[c] = *reinterpret_cast<const uint4*>(x + j);
-      const T* e = reinterpret_cast<const T*>(&cache[c]);
-#pragma unroll
-      for (int k = 0; k < V; ++k) online(j + k, to_f32(e[k]));
-    }
-  } else {
-    for_row_elements(x, vocab, vec, online);
-  }
+  });
   const float row_max = block_max(m);
   sum = block_sum(m == -INFINITY ? 0.f : sum * __expf(m - row_max));
   const float lse = row_max + logf(sum);
   const uint32_t t = targets[blockIdx.x];
   if (threadIdx.x == 0) nll[blockIdx.x] = t < (uint32_t)vocab ? lse - to_f32(x[t]) : NAN;
   const float scale = g[blockIdx.x];
-  const auto grad = [&](int j, float v) {
-    const float p = scale == 0.f ? 0.f : __expf(v - lse);
-    return from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
-  };
-  // The gradient of the V logits at j, from their raw 16 bytes.
-  const auto write_vector = [&](int j, uint4 raw) {
-    const T* e = reinterpret_cast<const T*>(&raw);
-    uint4 out;
-    T* o = reinterpret_cast<T*>(&out);
+  if (vec) {
+    for (int j = threadIdx.x * V; j < vocab; j += blockDim.x * V) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + j);
+      const T* e = reinterpret_cast<const T*>(&raw);
+      uint4 out;
+      T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
-    for (int k = 0; k < V; ++k) o[k] = grad(j + k, to_f32(e[k]));
-    *reinterpret_cast<uint4*>(dx + j) = out;
-  };
-  if (cached) {
-#pragma unroll
-    for (int c = 0; c < NLL_CACHED; ++c) {
-      const int j = (c * blockDim.x + threadIdx.x) * V;
-      if (j < vocab) write_vector(j, cache[c]);
+      for (int k = 0; k < V; ++k) {
+        const float p = scale == 0.f ? 0.f : __expf(to_f32(e[k]) - lse);
+        o[k] = from_f32<T>((p - (j + k == (int)t ? 1.f : 0.f)) * scale);
+      }
+      *reinterpret_cast<uint4*>(dx + j) = out;
     }
-  } else if (vec) {
-    for (int j = threadIdx.x * V; j < vocab; j += blockDim.x * V)
-      write_vector(j, *reinterpret_cast<const uint4*>(x + j));
   } else {
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) dx[j] = grad(j, to_f32(x[j]));
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+      const float p = scale == 0.f ? 0.f : __expf(to_f32(x[j]) - lse);
+      dx[j] = from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
+    }
   }
 }
 
