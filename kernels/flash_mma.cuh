@@ -38,37 +38,27 @@ __device__ __forceinline__ long long fm_head_start(int bh, int heads, long long 
 // Row stride (elements) of a [64][D] tile in shared memory.
 template <int D> __host__ __device__ constexpr int fm_stride() { return D + 8; }
 
-template <typename T> struct Mma;
+// One m16n8k16 step of T (bf16 or f16) operands with f32 accumulation.
+#define FM_MMA(TYPE)                                                                            \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." #TYPE "." #TYPE                        \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                   \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 
-template <> struct Mma<__nv_bfloat16> {
+template <typename T> struct Mma {
   // c += a · b for one 16 × 8 × 16 step.
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (std::is_same<T, __half>::value)
+      FM_MMA(f16);
+    else
+      FM_MMA(bf16);
   }
   // Two values as one 32-bit operand register, `lo` in the low half.
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-template <> struct Mma<__half> {
-  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
+    const T l = from_f32<T>(lo), h = from_f32<T>(hi);
+    return (uint32_t)reinterpret_cast<const uint16_t&>(l) |
+           (uint32_t)reinterpret_cast<const uint16_t&>(h) << 16;
   }
 };
 
