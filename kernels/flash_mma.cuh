@@ -278,6 +278,30 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
   }
 }
 
+// Runs `tile(ks, vs, k0)` on the key/value tiles k0 = 0, 64, .. below key_end of the block's
+// kv head, which two buffers (a key tile, then its value tile) hold in turns: the next tile's
+// copy is in flight while the current one is worked on. The caller has started and committed
+// the copy of the first tile into `first`. A warp whose last query position
+// (`warp_last`) precedes a tile skips it.
+template <typename T, int D, typename F>
+__device__ __forceinline__ void fm_key_tiles(T* first, T* second, const FaQueryBlock<T>& at,
+                                             long long k_sp, long long v_sp, int kv_len,
+                                             int key_end, int warp_last, F tile) {
+  constexpr int LD = fm_stride<D>();
+  for (int k0 = 0, it = 0; k0 < key_end; k0 += FA_TILE, ++it) {
+    const T* ks = it & 1 ? second : first;
+    fm_wait<0>();
+    __syncthreads();  // this tile has landed; every warp is done with the other buffer
+    if (k0 + FA_TILE < key_end) {
+      T* next = it & 1 ? first : second;
+      fm_load_tile<T, D>(next, at.keys, k_sp, k0 + FA_TILE, kv_len);
+      fm_load_tile<T, D>(next + FA_TILE * LD, at.values, v_sp, k0 + FA_TILE, kv_len);
+      fm_commit();
+    }
+    if (k0 <= warp_last) tile(ks, ks + FA_TILE * LD, k0);
+  }
+}
+
 // Forward: one block per (64·MT queries, batch × head), outputs as flash_attention_fwd.
 // Shared memory: the query tile, then two key/value buffers.
 template <typename T, int D, int MT>
@@ -303,35 +327,25 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
   // warp's last query for all of the warp's.
   const int key_end = min(kv_len, q0 + ROWS + shift);
   const int warp_last = q0 + lane.r0 + 16 * MT - 1 + shift;
-  for (int k0 = 0, it = 0; k0 < key_end; k0 += FA_TILE, ++it) {
-    const T* ks = S::tile(MT + 2 * (it & 1));
-    const T* vs = ks + FA_TILE * LD;
-    fm_wait<0>();
-    __syncthreads();  // this tile has landed; every warp is done with the other buffer
-    if (k0 + FA_TILE < key_end) {
-      T* next = S::tile(MT + 2 * (~it & 1));
-      fm_load_tile<T, D>(next, at.keys, k_sp, k0 + FA_TILE, kv_len);
-      fm_load_tile<T, D>(next + FA_TILE * LD, at.values, v_sp, k0 + FA_TILE, kv_len);
-      fm_commit();
-    }
-    if (k0 > warp_last) continue;
-    float s[MT][8][4] = {};
-    fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
-    // Only tiles reaching past the warp's first query position, or past the last key, need
-    // the mask.
-    const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
-    uint32_t p[MT][4][4];
+  fm_key_tiles<T, D>(S::tile(MT), S::tile(MT + 2), at, k_sp, v_sp, kv_len, key_end, warp_last,
+                     [&](const T* ks, const T* vs, int k0) {
+      float s[MT][8][4] = {};
+      fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
+      // Only tiles reaching past the warp's first query position, or past the last key, need
+      // the mask.
+      const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
+      uint32_t p[MT][4][4];
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
-      if (masked)
-        fm_online_softmax<true, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
-      else
-        fm_online_softmax<false, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
-      fm_to_operand<T>(p[i], s[i]);
-    }
-    fm_weighted_rows<T, LD, D / 8, MT>(o, p, vs);
-  }
+      for (int i = 0; i < MT; ++i) {
+        const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
+        if (masked)
+          fm_online_softmax<true, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
+        else
+          fm_online_softmax<false, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
+        fm_to_operand<T>(p[i], s[i]);
+      }
+      fm_weighted_rows<T, LD, D / 8, MT>(o, p, vs);
+  });
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -434,36 +448,26 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
   float dq_acc[MT][D / 8][4] = {};
   const int key_end = min(kv_len, q0 + ROWS + shift);
   const int warp_last = q0 + lane.r0 + 16 * MT - 1 + shift;
-  for (int k0 = 0, it = 0; k0 < key_end; k0 += FA_TILE, ++it) {
-    const T* ks = it & 1 ? kv1 : kv0;
-    const T* vs = ks + FA_TILE * LD;
-    fm_wait<0>();
-    __syncthreads();  // this tile has landed; every warp is done with the other buffer
-    if (k0 + FA_TILE < key_end) {
-      T* next = it & 1 ? kv0 : kv1;
-      fm_load_tile<T, D>(next, at.keys, k_sp, k0 + FA_TILE, kv_len);
-      fm_load_tile<T, D>(next + FA_TILE * LD, at.values, v_sp, k0 + FA_TILE, kv_len);
-      fm_commit();
-    }
-    if (k0 > warp_last) continue;
-    float s[MT][8][4] = {}, ds[MT][8][4] = {};
-    fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
-    fm_dot_tile<T, LD, D, MT>(ds, dos, lane.r0, vs);
-    const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
-    uint32_t w[MT][4][4];
+  fm_key_tiles<T, D>(kv0, kv1, at, k_sp, v_sp, kv_len, key_end, warp_last,
+                     [&](const T* ks, const T* vs, int k0) {
+      float s[MT][8][4] = {}, ds[MT][8][4] = {};
+      fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
+      fm_dot_tile<T, LD, D, MT>(ds, dos, lane.r0, vs);
+      const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
+      uint32_t w[MT][4][4];
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
-      if (masked)
-        fm_query_score_grads<true>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
-                                   scale_log2);
-      else
-        fm_query_score_grads<false>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
-                                    scale_log2);
-      fm_to_operand<T>(w[i], ds[i]);
-    }
-    fm_weighted_rows<T, LD, D / 8, MT>(dq_acc, w, ks);
-  }
+      for (int i = 0; i < MT; ++i) {
+        const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
+        if (masked)
+          fm_query_score_grads<true>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
+                                     scale_log2);
+        else
+          fm_query_score_grads<false>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
+                                      scale_log2);
+        fm_to_operand<T>(w[i], ds[i]);
+      }
+      fm_weighted_rows<T, LD, D / 8, MT>(dq_acc, w, ks);
+  });
   fm_store_rows<T, D, MT>(dq + head, q_sp, dq_acc, q0 + lane.r0, q_len, scale);
 }
 
