@@ -454,7 +454,7 @@ pub(crate) fn rms_norm_inverse(x: Operand, eps: f32) -> Result<CudaStorage> {
         (elementwise_kernel(kernels, &[x], width)?.0, x.0.dtype()),
         per_warp_row(rows)?,
         &[x],
-        alloc(&x.0.device, DType::F32, rows.max(1))?,
+        rms_norm_inverse_buffer(x)?,
         &[int(rows)?, int(width)?, Arg::Float(eps)],
     )
 }
