@@ -600,6 +600,13 @@ pub fn edge_cases() -> Vec<Case> {
             reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
             inputs: vec![float(&[5, 17]), float(&[17])],
         },
+        // Only the weight trained (the input a constant): its gradient's own kernel path.
+        Case {
+            name: "rms_norm",
+            fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
+            reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            inputs: vec![Input::Table(vec![70, 40]), float(&[40])],
+        },
         rope_case(vec![2, 3, 5, 6]),
         swap_case(vec![3, 5, 2, 7]),
         cast_case(vec![3, 13]),
