@@ -235,13 +235,22 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int
 // [b, t, (heads + 2 kv_heads) * d] (queries, then keys, then values, as the stacked projection
 // outputs them); cos and sin are [t, d / 2]; cache is [2, b, kv_heads, max_len, d] (keys, then
 // values), written at positions start..start + t. One thread per (batch, position, query or
-// kv head, rotation pair).
+// kv head, rotation pair). With `position` (a decode step replayed from a CUDA graph, t = 1)
+// the start is read from it instead, and cos and sin are the whole [max positions, d / 2]
+// tables; a position past the cache writes nothing.
 template <typename T>
 __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* cache, int b,
-                         int t, int heads, int kv_heads, int d, int max_len, int start) {
+                         int t, int heads, int kv_heads, int d, int max_len, int start,
+                         const uint32_t* position) {
   const int half = d / 2;
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)b * t * (heads + kv_heads) * half) return;
+  if (position != nullptr) {
+    if (*position + t > (uint32_t)max_len) return;
+    start = *position;
+    cos += (size_t)start * half;
+    sin += (size_t)start * half;
+  }
   const int j = i % half;
   size_t r = i / half;
   const int head = r % (heads + kv_heads);
@@ -476,7 +485,10 @@ template <typename T>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scores,
                                  int heads, int group, int kv_len, int d, long long k_sb,
                                  long long k_sh, long long k_sp, long long v_sb, long long v_sh,
-                                 long long v_sp, float scale) {
+                                 long long v_sp, float scale, const uint32_t* position) {
+  // A replayed decode step attends to the positions up to its own, read from `position`;
+  // kv_len is then the cache's capacity, which bounds it.
+  if (position != nullptr) kv_len = min(kv_len, (int)*position + 1);
   extern __shared__ float shared[];
   float* query = shared;
   float* partial = shared + d;
@@ -830,8 +842,10 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   }                                                                                           \
   extern "C" __global__ void write_kv_##S(const T* qkv, const T* cos, const T* sin, T* q_out, \
                                           T* cache, int b, int t, int heads, int kv_heads,    \
-                                          int d, int max_len, int start) {                    \
-    write_kv<T>(qkv, cos, sin, q_out, cache, b, t, heads, kv_heads, d, max_len, start);       \
+                                          int d, int max_len, int start,                      \
+                                          const uint32_t* position) {                         \
+    write_kv<T>(qkv, cos, sin, q_out, cache, b, t, heads, kv_heads, d, max_len, start,        \
+                position);                                                                    \
   }                                                                                           \
   extern "C" __global__ void gemv_swiglu_##S(const T* x, const T* w, T* y, int rows, int in,  \
                                              int out) {                                       \
@@ -901,9 +915,9 @@ extern "C" __global__ void sum_partials(const float* partial, int n, float* out)
   extern "C" __global__ void decode_attention_##S(                                          \
       const T* q, const T* k, const T* v, T* out, float* scores, int heads, int group,        \
       int kv_len, int d, long long k_sb, long long k_sh, long long k_sp, long long v_sb,      \
-      long long v_sh, long long v_sp, float scale) {                                          \
+      long long v_sh, long long v_sp, float scale, const uint32_t* position) {                \
     decode_attention<T>(q, k, v, out, scores, heads, group, kv_len, d, k_sb, k_sh, k_sp, v_sb, \
-                        v_sh, v_sp, scale);                                                   \
+                        v_sh, v_sp, scale, position);                                         \
   }                                                                                           \
   extern "C" __global__ void token_nll_##S(const T* logits, const uint32_t* targets,          \
                                            float* nll, int vocab) {                           \

@@ -4,11 +4,11 @@
 //! through [`gradients::accumulate`], clipping and [`AdamW`], as `llmtool train` does.
 
 use crate::config::LoraSection;
-use crate::model::{Adapter, Cache, Llama, LlamaConfig, Weights};
+use crate::model::{Adapter, Decoder, Llama, LlamaConfig, Weights};
 use crate::train::gradients::{self, Batch, Gradients};
 use crate::train::init::random_weights;
 use crate::train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Var};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -186,9 +186,16 @@ pub fn measure(
             let mut model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
             model.fuse_projections()?;
             let runs = (s.steps / 4).max(1);
-            let run_s = timed(device, 1, runs, || greedy(&model, s.gen_tokens).map(drop))?;
+            let run_s = timed(device, 1, runs, || {
+                greedy(&model, s.gen_tokens, true).map(drop)
+            })?;
+            // What the timed runs did, and whether replaying a captured step changes a token.
+            let (tokens, op_by_op_reason) = greedy(&model, s.gen_tokens, true)?;
+            let (reference, _) = greedy(&model, s.gen_tokens, false)?;
             json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
-                   "tokens_per_s": s.gen_tokens as f64 / run_s})
+                   "tokens_per_s": s.gen_tokens as f64 / run_s,
+                   "steps": op_by_op_reason.unwrap_or_else(|| "captured graph".into()),
+                   "same_tokens_as_op_by_op": tokens == reference})
         }
     };
     let mut row = serde_json::Map::new();
@@ -319,23 +326,32 @@ fn random_batch(cfg: &LlamaConfig, s: &Settings, seed: u64) -> Batch {
     }
 }
 
-/// Greedy decoding of `new_tokens` tokens after a random 16-token prompt, with a KV cache.
-fn greedy(model: &Llama, new_tokens: usize) -> candle_core::Result<Vec<u32>> {
+/// Greedy decoding of `new_tokens` tokens after a random 16-token prompt, with a KV cache,
+/// replaying captured steps where the device can (`replay`) or op by op. Returns the tokens
+/// and, where one-token steps ran op by op, why.
+fn greedy(
+    model: &Llama,
+    new_tokens: usize,
+    replay: bool,
+) -> candle_core::Result<(Vec<u32>, Option<String>)> {
     const PROMPT: usize = 16;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let vocab = model.config.vocab_size as u32;
     let prompt: Vec<u32> = (0..PROMPT).map(|_| rng.random_range(0..vocab)).collect();
-    let mut cache = Cache::new(model, PROMPT + new_tokens);
-    let mut input = Tensor::new(prompt.as_slice(), model.device())?.unsqueeze(0)?;
+    let mut decoder = match replay {
+        true => Decoder::new(model, PROMPT + new_tokens)?,
+        false => Decoder::op_by_op(model, PROMPT + new_tokens)?,
+    };
+    let mut logits = decoder.forward(&prompt)?;
     let mut out = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
-        let logits = model.forward(&input, Some(&mut cache))?;
-        let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?;
-        let next = last.argmax(0)?.to_scalar::<u32>()?;
+        let next = logits.argmax(0)?.to_scalar::<u32>()?;
         out.push(next);
-        input = Tensor::new(&[[next]], model.device())?;
+        if out.len() < new_tokens {
+            logits = decoder.forward(&[next])?;
+        }
     }
-    Ok(out)
+    Ok((out, decoder.op_by_op_reason().map(str::to_owned)))
 }
 
 /// One row per fused op at the shapes of `preset` (and once per dtype the edge-case shapes,
@@ -395,6 +411,7 @@ pub fn adamw_row(device: &Device) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Tensor;
 
     #[test]
     fn every_task_gives_a_row_with_the_reference_fields() {

@@ -90,7 +90,7 @@ fn settings(temperature: f64, max_tokens: usize, seed: u64) -> GenerationSetting
 fn greedy_generation_matches_transformers() {
     let expected = &json("tiny-llama/expected.json")["greedy"];
     let loaded = tiny_llama();
-    let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64);
+    let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64).unwrap();
     let prompt = ids(&expected["prompt_ids"]);
     let out = session
         .generate(&prompt, &settings(0.0, 24, 0), |_| Ok(()))
@@ -102,7 +102,7 @@ fn greedy_generation_matches_transformers() {
 #[test]
 fn same_seed_same_text_and_cached_prompt_is_reused() {
     let loaded = tiny_llama();
-    let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64);
+    let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64).unwrap();
     let prompt = session.continuation_ids("The model reads").unwrap();
     let run = |session: &mut Session, seed| {
         session
@@ -148,7 +148,7 @@ fn peft_adapter_nll_and_greedy_match_peft() {
     let single = &expected["eval"]["single_window"];
     assert_eq!(tokens, single["tokens_scored"].as_u64().unwrap());
     assert_close(mean, single["nll_mean"].as_f64().unwrap());
-    let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64);
+    let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64).unwrap();
     let prompt = ids(&json("tiny-llama/expected.json")["greedy"]["prompt_ids"]);
     let out = session
         .generate(&prompt, &settings(0.0, 24, 0), |_| Ok(()))

@@ -41,7 +41,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &loaded.model,
         &loaded.tokenizer,
         (ids.len() + settings.max_tokens).min(context),
-    );
+    )?;
     let seed = settings.sampling.seed;
     for i in 0..args.num_samples {
         if args.num_samples > 1 {
@@ -172,7 +172,7 @@ fn interactive(
 ) -> Result<()> {
     let template = ChatTemplate::load(&loaded.dir)?;
     let context = loaded.model.config.max_position_embeddings;
-    let mut session = Session::new(&loaded.model, &loaded.tokenizer, context);
+    let mut session = Session::new(&loaded.model, &loaded.tokenizer, context)?;
     let mut messages = system_messages(args);
     let mut turns = args.prompt.iter().cloned().map(Ok).chain(
         std::io::stdin()

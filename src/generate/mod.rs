@@ -10,8 +10,8 @@ pub use chat::{ChatError, ChatTemplate, Message};
 pub use sampler::{InvalidSampling, Sampler, SamplingParams};
 pub use stream::{Stop, StopStrings, TextStream};
 
-use crate::model::{Cache, Llama, LlamaConfig};
-use candle_core::{IndexOp, Tensor};
+use crate::model::{Decoder, Llama, LlamaConfig};
+use candle_core::Tensor;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
@@ -98,27 +98,29 @@ pub fn keep_tail(ids: &[u32], keep: usize) -> &[u32] {
 
 /// A model, its tokenizer and a KV cache holding the tokens run so far.
 pub struct Session<'a> {
-    model: &'a Llama,
+    decoder: Decoder<'a>,
     tokenizer: &'a Tokenizer,
-    cache: Cache,
     /// The tokens whose keys and values are in the cache, in order.
     cached: Vec<u32>,
 }
 
 impl<'a> Session<'a> {
-    /// A session whose cache is preallocated for `capacity` positions (it grows if needed).
-    pub fn new(model: &'a Llama, tokenizer: &'a Tokenizer, capacity: usize) -> Self {
-        Self {
-            cache: Cache::new(model, capacity.max(1)),
-            model,
+    /// A session whose cache is preallocated for `capacity` positions.
+    pub fn new(
+        model: &'a Llama,
+        tokenizer: &'a Tokenizer,
+        capacity: usize,
+    ) -> Result<Self, GenerateError> {
+        Ok(Self {
+            decoder: Decoder::new(model, capacity)?,
             tokenizer,
             cached: Vec::new(),
-        }
+        })
     }
 
     /// The model's context length.
     pub fn context(&self) -> usize {
-        self.model.config.max_position_embeddings
+        self.decoder.model().config.max_position_embeddings
     }
 
     /// Tokenizes `text` as a continuation of what is cached when it extends the cached text,
@@ -229,7 +231,7 @@ impl<'a> Session<'a> {
     fn reusable_prefix(&mut self, prompt: &[u32]) -> usize {
         let usable = self.cached.len() < prompt.len() && prompt.starts_with(&self.cached);
         if !usable {
-            self.cache.reset();
+            self.decoder.reset();
             self.cached.clear();
         }
         self.cached.len()
@@ -237,10 +239,9 @@ impl<'a> Session<'a> {
 
     /// Runs `ids` after the cached tokens; returns the logits `[vocab]` of the last one.
     fn run(&mut self, ids: &[u32]) -> Result<Tensor, GenerateError> {
-        let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.forward(&input, Some(&mut self.cache))?;
+        let logits = self.decoder.forward(ids)?;
         self.cached.extend_from_slice(ids);
-        Ok(logits.i((0, ids.len() - 1))?)
+        Ok(logits)
     }
 }
 

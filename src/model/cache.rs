@@ -1,9 +1,14 @@
 //! The KV cache of incremental decoding: per layer one buffer `[2, batch, kv_heads, max_len,
 //! head_size]` (keys, then values), allocated at the first write and filled position by
 //! position. Attention reads views of the filled part in place.
+//!
+//! A one-token step can instead take its position from a device tensor
+//! ([`Cache::set_position`]): its kernels then read the position where they run, so the step
+//! can be captured once and replayed at every later position ([`super::Decoder`]).
 
+use super::rope::RopeTables;
 use super::Llama;
-use crate::ops::{self, KvLayout};
+use crate::ops::{self, KvLayout, Position};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 /// Per-layer key/value caches for incremental decoding.
@@ -11,6 +16,9 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor};
 pub struct Cache {
     pub(crate) layers: Vec<LayerCache>,
 }
+
+/// The heads of a block's attention: query heads, kv heads, head size.
+pub(crate) type Heads = (usize, usize, usize);
 
 impl Cache {
     /// An empty cache for `model`, for up to `max_len` positions.
@@ -34,6 +42,35 @@ impl Cache {
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|c| c.len = 0);
     }
+
+    /// Positions the cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.max_len)
+    }
+
+    /// Whether every layer's buffer exists (after the first write), so that its address no
+    /// longer changes.
+    pub fn is_allocated(&self) -> bool {
+        self.layers.iter().all(|c| c.buffer.is_some())
+    }
+
+    /// Until set back to `None`, one-token steps write and attend at the position `position`
+    /// holds (u32 `[1]` on the model's device) instead of at [`Cache::len`], and leave the
+    /// length to the caller ([`Cache::advance`]).
+    pub fn set_position(&mut self, position: Option<&Tensor>) {
+        for c in &mut self.layers {
+            c.position = position.cloned();
+        }
+    }
+
+    /// Counts `n` more positions as cached: those device-positioned steps wrote.
+    pub fn advance(&mut self, n: usize) -> Result<()> {
+        for c in &mut self.layers {
+            c.reserve(n)?;
+            c.len += n;
+        }
+        Ok(())
+    }
 }
 
 /// The keys and values of one layer.
@@ -42,6 +79,8 @@ pub struct LayerCache {
     buffer: Option<Tensor>,
     len: usize,
     max_len: usize,
+    /// The device-held position of one-token steps, while [`Cache::set_position`] has one.
+    position: Option<Tensor>,
 }
 
 impl LayerCache {
@@ -50,6 +89,7 @@ impl LayerCache {
             buffer: None,
             len: 0,
             max_len,
+            position: None,
         }
     }
 
@@ -99,6 +139,9 @@ impl LayerCache {
 
     /// Appends keys and values `[b, kv_heads, t, head_size]` (already rotated); returns all.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.position.is_some() {
+            candle_core::bail!("the KV cache takes a device-held position only from attend_packed");
+        }
         let (b, kv_heads, t, d) = k.dims4()?;
         self.reserve(t)?;
         let buffer = self.buffer((b, kv_heads, d), k.dtype(), k.device())?;
@@ -107,28 +150,40 @@ impl LayerCache {
         self.views(&buffer, t)
     }
 
-    /// Appends the keys and values of the packed projections `qkv`
-    /// `[b, t, (heads + 2 kv_heads) · head_size]`, rotating the keys by `cos`/`sin`, in one
-    /// kernel ([`ops::write_kv`]); returns the rotated queries and all keys and values. Only
-    /// where [`ops::write_kv_fused`] holds.
-    pub fn append_packed(
+    /// Attention of a step over the cache from its packed projections `qkv`
+    /// `[b, t, (heads + 2 kv_heads) · head_size]`: the keys (rotated by `rope`) and the
+    /// values are written into the cache and the rotated queries come out of the same kernel
+    /// ([`ops::write_kv`]), then attend to every cached position up to theirs. Returns
+    /// `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds.
+    pub fn attend_packed(
         &mut self,
         qkv: &Tensor,
-        (cos, sin): (&Tensor, &Tensor),
-        (heads, kv_heads, head_size): (usize, usize, usize),
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        rope: &RopeTables,
+        (heads, kv_heads, head_size): Heads,
+    ) -> Result<Tensor> {
         let (b, t, _) = qkv.dims3()?;
         self.reserve(t)?;
         let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device())?;
-        let layout = KvLayout {
+        let layout = |at| KvLayout {
             heads,
             kv_heads,
             head_size,
-            start: self.len,
+            at,
         };
-        let q = ops::write_kv(&buffer, qkv, cos, sin, layout)?;
+        if let Some(position) = &self.position {
+            let at = layout(Position::Device(position));
+            let q = ops::write_kv(&buffer, qkv, &rope.cos, &rope.sin, at)?;
+            return ops::decode_attention_at(&q, &buffer.i(0)?, &buffer.i(1)?, position);
+        }
+        let (cos, sin) = rope.window(self.len, t)?;
+        let q = ops::write_kv(&buffer, qkv, &cos, &sin, layout(Position::Host(self.len)))?;
         let (k, v) = self.views(&buffer, t)?;
-        Ok((q, k, v))
+        ops::grouped_attention(&q, &k, &v)
+    }
+
+    /// Whether steps take their position from the device ([`Cache::set_position`]).
+    pub fn device_positioned(&self) -> bool {
+        self.position.is_some()
     }
 }
 

@@ -478,32 +478,42 @@ impl Llama {
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let t = x.dim(1)?;
-        let (cos, sin) = self.rope.window(start, t)?;
-        let (q, k, v) = match (a.stacked(), cache) {
-            (Some(qkv), Some(c)) if ops::write_kv_fused(x, &cos, &sin) => {
+        let heads = (a.heads, a.kv_heads, a.head_size);
+        let tables = (&self.rope.cos, &self.rope.sin);
+        let y = match cache {
+            Some(c) if ops::write_kv_fused(x, tables.0, tables.1) => {
                 // The projection is split, rotated and cached in one kernel.
-                let qkv = qkv.forward(x, self.dtype)?;
-                let heads = (a.heads, a.kv_heads, a.head_size);
-                c.append_packed(&qkv, (&cos, &sin), heads)?
+                let qkv = match a.stacked() {
+                    Some(qkv) => qkv.forward(x, self.dtype)?,
+                    None => Tensor::cat(
+                        &[&a.q_proj, &a.k_proj, &a.v_proj]
+                            .map(|p| p.forward(x, self.dtype))
+                            .into_iter()
+                            .collect::<Result<Vec<_>>>()?,
+                        D::Minus1,
+                    )?,
+                };
+                c.attend_packed(&qkv, &self.rope, heads)?
             }
-            (_, None) => {
+            None => {
+                let (cos, sin) = self.rope.window(start, t)?;
                 let q = a.q_proj.forward(x, self.dtype)?;
                 let k = a.k_proj.forward(x, self.dtype)?;
                 let v = a.v_proj.forward(x, self.dtype)?;
                 let y = ops::self_attention([&q, &k, &v], (&cos, &sin), a.heads, a.kv_heads)?;
                 return a.o_proj.forward(&y, self.dtype);
             }
-            (_, Some(c)) => {
+            Some(c) => {
+                let (cos, sin) = self.rope.window(start, t)?;
                 let q = ops::split_heads(&a.q_proj.forward(x, self.dtype)?, a.heads)?;
                 let k = ops::split_heads(&a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
                 let v = ops::split_heads(&a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
                 let q = ops::rope(&q, &cos, &sin)?;
                 let k = ops::rope(&k, &cos, &sin)?;
                 let (k, v) = c.append(&k, &v)?;
-                (q, k, v)
+                ops::grouped_attention(&q, &k, &v)?
             }
         };
-        let y = ops::grouped_attention(&q, &k, &v)?;
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype)
     }
 

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod decoder;
 pub mod hub;
 pub mod io;
 pub mod llama;
@@ -10,6 +11,7 @@ pub mod rope;
 pub mod weights;
 
 pub use config::LlamaConfig;
+pub use decoder::Decoder;
 pub use io::{load, LoadedModel};
 pub use llama::{Cache, Llama};
 pub use lora::{Adapter, AdapterConfig};

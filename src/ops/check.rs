@@ -246,6 +246,8 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
         cast_case(vec![cfg.intermediate_size, cfg.hidden_size]),
         swiglu_projection_case(cfg.hidden_size, cfg.intermediate_size),
         write_kv_case(1, 1, h, cfg.kv_heads(), d),
+        write_kv_at_case(1, h, cfg.kv_heads(), d),
+        decode_at_case(h, cfg.kv_heads(), seq, d),
         Case {
             name: "add",
             fused: |t| super::add(&t[0], &t[1]),
@@ -488,57 +490,95 @@ fn add_norm_case(rows: usize, width: usize) -> Case {
     }
 }
 
+/// The position the write_kv cases write at.
+const WRITE_KV_START: usize = 3;
+
+/// The heads and cache shape of a write_kv case: packed projections `t[0]`, tables `t[1]`, and
+/// the number of kv heads as the length of `t[3]`.
+fn write_kv_layout<'a>(
+    t: &[Tensor],
+    at: super::Position<'a>,
+) -> Result<(super::KvLayout<'a>, Vec<usize>)> {
+    let (b, positions, width) = t[0].dims3()?;
+    let (kv_heads, head_size) = (t[3].dim(0)?, 2 * t[1].dim(1)?);
+    let layout = super::KvLayout {
+        heads: width / head_size - 2 * kv_heads,
+        kv_heads,
+        head_size,
+        at,
+    };
+    Ok((layout, vec![2, b, kv_heads, positions + 5, head_size]))
+}
+
 /// Packed projections `[b, t, (heads + 2 kv) · d]` split into rotated queries and a fresh cache
 /// written at position 3 (inference, constant inputs). The fourth input only carries the
 /// number of kv heads, as its length. Returns the cache and the queries, flattened.
 fn write_kv_case(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) -> Case {
-    fn layout(t: &[Tensor]) -> Result<(super::KvLayout, Vec<usize>)> {
-        let (b, positions, width) = t[0].dims3()?;
-        let (kv_heads, head_size) = (t[3].dim(0)?, 2 * t[1].dim(1)?);
-        let layout = super::KvLayout {
-            heads: width / head_size - 2 * kv_heads,
-            kv_heads,
-            head_size,
-            start: 3,
-        };
-        Ok((layout, vec![2, b, kv_heads, positions + 5, head_size]))
-    }
     Case {
         name: "write_kv",
         fused: |t| {
-            let (layout, shape) = layout(t)?;
+            let (layout, shape) = write_kv_layout(t, super::Position::Host(WRITE_KV_START))?;
+            let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
+            let q = super::write_kv(&cache, &t[0], &t[1], &t[2], layout)?;
+            Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
+        },
+        reference: |t| write_kv_reference(t, &t[1], &t[2]),
+        inputs: write_kv_inputs(b, t, heads, kv_heads, d, t),
+    }
+}
+
+/// [`write_kv_case`] for one position held on the device, with whole tables.
+fn write_kv_at_case(b: usize, heads: usize, kv_heads: usize, d: usize) -> Case {
+    Case {
+        name: "write_kv_at",
+        fused: |t| {
+            let position = Tensor::new(&[WRITE_KV_START as u32], t[0].device())?;
+            let at = super::Position::Device(&position);
+            let (layout, shape) = write_kv_layout(t, at)?;
             let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
             let q = super::write_kv(&cache, &t[0], &t[1], &t[2], layout)?;
             Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
         },
         reference: |t| {
-            let (l, shape) = layout(t)?;
-            let (b, positions, _) = t[0].dims3()?;
-            let part = |first: usize| -> Result<Tensor> {
-                t[0].narrow(2, first * l.head_size, l.kv_heads * l.head_size)?
-                    .reshape((b, positions, l.kv_heads, l.head_size))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let k = reference::rope(&part(l.heads)?, &t[1], &t[2])?;
-            let v = part(l.heads + l.kv_heads)?;
-            let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
-            cache.slice_set(&Tensor::stack(&[k, v], 0)?, 3, l.start)?;
-            let q = t[0]
-                .narrow(2, 0, l.heads * l.head_size)?
-                .reshape((b, positions, l.heads, l.head_size))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = reference::rope(&q, &t[1], &t[2])?;
-            Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
+            let window = |table: &Tensor| table.narrow(0, WRITE_KV_START, 1);
+            write_kv_reference(t, &window(&t[1])?, &window(&t[2])?)
         },
-        inputs: vec![
-            Input::Table(vec![b, t, (heads + 2 * kv_heads) * d]),
-            Input::Table(vec![t, d / 2]),
-            Input::Table(vec![t, d / 2]),
-            Input::Ids(vec![kv_heads], 1),
-        ],
+        inputs: write_kv_inputs(b, 1, heads, kv_heads, d, 6),
     }
+}
+
+fn write_kv_inputs(
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    table_rows: usize,
+) -> Vec<Input> {
+    vec![
+        Input::Table(vec![b, t, (heads + 2 * kv_heads) * d]),
+        Input::Table(vec![table_rows, d / 2]),
+        Input::Table(vec![table_rows, d / 2]),
+        Input::Ids(vec![kv_heads], 1),
+    ]
+}
+
+/// The composite write_kv: split, rotate by `cos`/`sin` (the step's rows), copy into a cache.
+fn write_kv_reference(t: &[Tensor], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (l, shape) = write_kv_layout(t, super::Position::Host(WRITE_KV_START))?;
+    let (b, positions, _) = t[0].dims3()?;
+    let part = |first: usize, heads: usize| -> Result<Tensor> {
+        t[0].narrow(2, first * l.head_size, heads * l.head_size)?
+            .reshape((b, positions, heads, l.head_size))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let k = reference::rope(&part(l.heads, l.kv_heads)?, cos, sin)?;
+    let v = part(l.heads + l.kv_heads, l.kv_heads)?;
+    let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
+    cache.slice_set(&Tensor::stack(&[k, v], 0)?, 3, WRITE_KV_START)?;
+    let q = reference::rope(&part(0, l.heads)?, cos, sin)?;
+    Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
 }
 
 /// A decode step: one query per head against `kv_len` cached positions (forward only: the op
@@ -552,6 +592,34 @@ fn decode_case(batch: usize, heads: usize, kv_heads: usize, kv_len: usize, d: us
             Input::Table(vec![batch, heads, 1, d]),
             Input::Table(vec![batch, kv_heads, kv_len, d]),
             Input::Table(vec![batch, kv_heads, kv_len, d]),
+        ],
+    }
+}
+
+/// A decode step whose position is held on the device, against a whole cache buffer of
+/// `capacity` positions: it attends to the first `capacity - 2`.
+fn decode_at_case(heads: usize, kv_heads: usize, capacity: usize, d: usize) -> Case {
+    fn position(k: &Tensor) -> Result<usize> {
+        Ok(k.dim(2)? - 3)
+    }
+    Case {
+        name: "decode_attention_at",
+        fused: |t| {
+            let at = Tensor::new(&[position(&t[1])? as u32], t[0].device())?;
+            super::decode_attention_at(&t[0], &t[1], &t[2], &at)
+        },
+        reference: |t| {
+            let len = position(&t[1])? + 1;
+            repeated_reference(&[
+                t[0].clone(),
+                t[1].narrow(2, 0, len)?,
+                t[2].narrow(2, 0, len)?,
+            ])
+        },
+        inputs: vec![
+            Input::Table(vec![1, heads, 1, d]),
+            Input::Table(vec![1, kv_heads, capacity, d]),
+            Input::Table(vec![1, kv_heads, capacity, d]),
         ],
     }
 }
@@ -618,6 +686,8 @@ pub fn edge_cases() -> Vec<Case> {
         swiglu_projection_case(17, 3),
         write_kv_case(2, 3, 4, 2, 8),
         write_kv_case(1, 1, 3, 3, 6),
+        write_kv_at_case(2, 4, 2, 8),
+        decode_at_case(3, 1, 40, 16),
         decode_case(1, 3, 3, 1, 8),
         Case {
             name: "swiglu",

@@ -324,18 +324,23 @@ pub(crate) fn add_rms_norm(
 
 /// Rotates the queries of packed projections `qkv` `[b, t, ..]` into a new `[b, heads, t, d]`
 /// buffer and writes the rotated keys and the values into `cache`
-/// `[2, b, kv_heads, max_len, d]` at `n.start` (see `write_kv` in ops.cu). The cache is
-/// written through its address: the caller owns it and nothing reads it meanwhile.
+/// `[2, b, kv_heads, max_len, d]` at `n.at`: a host start, or `position`, the device-held one
+/// (see `write_kv` in ops.cu). The cache is written through its address: the caller owns it
+/// and nothing reads it meanwhile.
 pub(crate) fn write_kv(
     cache: Operand,
     qkv: Operand,
-    cos: Operand,
-    sin: Operand,
+    (cos, sin): (Operand, Operand),
+    position: Option<Operand>,
     n: &super::kv_write::KvLayout,
 ) -> Result<CudaStorage> {
     let dtype = common_dtype(&[cache, qkv, cos, sin])?;
     let (&[_, batch, _, max_len, _], &[_, positions, _]) = (cache.1.dims(), qkv.1.dims()) else {
         candle_core::bail!("write_kv: cache {:?}, projections {:?}", cache.1, qkv.1);
+    };
+    let start = match n.at {
+        super::Position::Host(start) => start,
+        super::Position::Device(_) => 0,
     };
     let q = alloc(
         &qkv.0.device,
@@ -354,12 +359,18 @@ pub(crate) fn write_kv(
         int(n.kv_heads)?,
         int(n.head_size)?,
         int(max_len)?,
-        int(n.start)?,
+        int(start)?,
+        Arg::Address(optional_address(position)?),
     ];
     let threads = batch * positions * (n.heads + n.kv_heads) * n.head_size / 2;
     let (grid, block) = per_element(threads)?;
     launch(&qkv.0.device, "write_kv", Some(dtype), grid, block, &args)?;
     Ok(q)
+}
+
+/// The address of an optional operand, or null (0) without one.
+fn optional_address(operand: Option<Operand>) -> Result<u64> {
+    operand.map_or(Ok(0), address)
 }
 
 /// Whether [`gemv`] takes `x` `[rows, in]` and `w` `[out, in]` (few rows, checked by the
@@ -715,10 +726,13 @@ pub(crate) fn strided4((storage, layout): Operand) -> Result<(u64, [u64; 3])> {
 
 /// One query per (batch, head), `q` `[b, heads, 1, d]`, against `k`/`v`
 /// `[b, kv_heads, kv_len, d]` read in place (views into a cache allowed).
+/// With `position` (the step's own, held on the device), `k`/`v` are the whole cache and the
+/// kernel attends to the positions up to it.
 pub(crate) fn decode_attention(
     q: Operand,
     k: Operand,
     v: Operand,
+    position: Option<Operand>,
     scale: f32,
 ) -> Result<CudaStorage> {
     let dtype = common_dtype(&[q, k, v])?;
@@ -747,6 +761,7 @@ pub(crate) fn decode_attention(
         Arg::Count(vs[1]),
         Arg::Count(vs[2]),
         Arg::Float(scale),
+        Arg::Address(optional_address(position)?),
     ];
     // A decode step has one block per head: each gets the most threads a block can have
     // (at least one per element of a head).

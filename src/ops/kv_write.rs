@@ -10,19 +10,57 @@ use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Storage, Tensor};
 
 /// Head counts and positions of a [`write_kv`] call.
 #[derive(Debug, Clone, Copy)]
-pub struct KvLayout {
+pub struct KvLayout<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_size: usize,
-    /// The first position written.
-    pub start: usize,
+    /// Where the step's keys and values go.
+    pub at: Position<'a>,
+}
+
+/// The first position a step writes in the KV cache.
+#[derive(Debug, Clone, Copy)]
+pub enum Position<'a> {
+    /// Known on the host; the RoPE tables hold the rows of the step's positions only.
+    Host(usize),
+    /// Held on the device (u32 `[1]`) for a one-position step, and read there by the kernels,
+    /// so that a step captured once (a CUDA graph) replays at whatever position the tensor
+    /// then holds; the RoPE tables are whole (`[max positions, head_size / 2]`).
+    Device(&'a Tensor),
+}
+
+impl Position<'_> {
+    /// The position as a number, read from the device where it is held there (a
+    /// synchronizing copy: the kernels that can read it in place do).
+    pub fn read(&self) -> Result<usize> {
+        match self {
+            Position::Host(start) => Ok(*start),
+            Position::Device(p) => Ok(p.flatten_all()?.to_vec1::<u32>()?[0] as usize),
+        }
+    }
+}
+
+/// A device-held position: one u32 on the device of `like`.
+fn check_position(position: &Tensor, like: &Tensor) -> Result<()> {
+    if position.dtype() != candle_core::DType::U32
+        || position.elem_count() != 1
+        || !position.device().same_device(like.device())
+    {
+        candle_core::bail!(
+            "write_kv: the position must be one u32 beside the cache, not {:?} {:?}",
+            position.dims(),
+            position.dtype()
+        );
+    }
+    Ok(())
 }
 
 /// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
-/// keys (rotated by `cos`/`sin`, `[t, head_size / 2]`) and the values into `cache`
-/// `[2, b, kv_heads, max_len, head_size]` (contiguous) at positions `start..start + t`, in
+/// keys (rotated by `cos`/`sin`) and the values into `cache`
+/// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
 /// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
-/// [`super::write_kv_fused`] holds.
+/// [`super::write_kv_fused`] holds. The tables are `[t, head_size / 2]` for a host position,
+/// whole for a device one ([`Position`]).
 pub fn write_kv(
     cache: &Tensor,
     qkv: &Tensor,
@@ -33,50 +71,72 @@ pub fn write_kv(
     let (two, b, kv_heads, max_len, d) = cache.dims5()?;
     let (qb, t, width) = qkv.dims3()?;
     let want = (layout.heads + 2 * layout.kv_heads) * layout.head_size;
+    let tables_fit = match layout.at {
+        Position::Host(start) => cos.dims() == [t, d / 2] && start + t <= max_len,
+        Position::Device(p) => {
+            check_position(p, cache)?;
+            t == 1 && cos.rank() == 2 && cos.dim(1)? == d / 2
+        }
+    };
     if two != 2
         || qb != b
         || kv_heads != layout.kv_heads
         || d != layout.head_size
         || width != want
         || d % 2 != 0
-        || cos.dims() != [t, d / 2]
+        || !tables_fit
         || sin.dims() != cos.dims()
-        || layout.start + t > max_len
     {
         candle_core::bail!(
-            "write_kv: cache {:?}, projections {:?}, tables {:?} at position {}",
+            "write_kv: cache {:?}, projections {:?}, tables {:?} at position {:?}",
             cache.dims(),
             qkv.dims(),
             cos.dims(),
-            layout.start
+            layout.at
         );
     }
     let (qkv, cos, sin) = (&qkv.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
     #[cfg(feature = "cuda")]
     if matches!(cache.device(), candle_core::Device::Cuda(_)) {
-        let q = cuda::with_operands(&[cache, qkv, cos, sin], |o| {
-            cuda::write_kv(o[0], o[1], o[2], o[3], &layout)
+        let mut operands = vec![cache, qkv, cos, sin];
+        if let Position::Device(p) = layout.at {
+            operands.push(p);
+        }
+        let q = cuda::with_operands(&operands, |o| {
+            cuda::write_kv(o[0], o[1], (o[2], o[3]), o.get(4).copied(), &layout)
         })?;
         return Ok(cuda::tensor(q, (b, layout.heads, t, d).into()));
     }
+    let start = layout.at.read()?;
+    let (cos, sin) = match layout.at {
+        Position::Host(_) => (cos.clone(), sin.clone()),
+        Position::Device(_) => (cos.narrow(0, start, t)?, sin.narrow(0, start, t)?),
+    };
+    if start + t > max_len {
+        candle_core::bail!("write_kv: position {start} past a cache of {max_len}");
+    }
     let op = WriteKv {
         sin: sin.clone(),
-        layout,
+        heads: layout.heads,
+        kv_heads,
+        start,
         batch: b,
         positions: t,
         max_len,
     };
-    cache.inplace_op3(qkv, cos, &op)?;
+    cache.inplace_op3(qkv, &cos, &op)?;
     let q = qkv
         .narrow(2, 0, layout.heads * d)?
         .reshape((b, t, layout.heads, d))?;
-    super::rope::rope(&super::swap_middle(&q)?, cos, sin)
+    super::rope::rope(&super::swap_middle(&q)?, &cos, &sin)
 }
 
 /// The CPU kernel: keys and values into the cache.
 struct WriteKv {
     sin: Tensor,
-    layout: KvLayout,
+    heads: usize,
+    kv_heads: usize,
+    start: usize,
     batch: usize,
     positions: usize,
     max_len: usize,
@@ -109,12 +169,8 @@ impl InplaceOp3 for WriteKv {
             candle_core::bail!("write_kv: the fused CPU kernel takes f32");
         };
         let cache = &mut cache[offset..];
-        let KvLayout {
-            heads,
-            kv_heads,
-            head_size: d,
-            start,
-        } = self.layout;
+        let (heads, kv_heads, start) = (self.heads, self.kv_heads, self.start);
+        let d = cache_layout.dims()[4];
         let half = d / 2;
         let values_at = self.batch * kv_heads * self.max_len * d;
         for b in 0..self.batch {

@@ -28,6 +28,7 @@ mod fast_exp;
 mod flash;
 mod frozen;
 mod gemv;
+mod graph;
 mod head_loss;
 mod kv_write;
 mod master_linear;
@@ -43,8 +44,9 @@ pub use adamw::{adamw_step, AdamWUpdate};
 pub use add::{add, install_gradient_add};
 pub use cast::cast;
 pub use frozen::{frozen_linear, lora_linear};
+pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};
-pub use kv_write::{write_kv, KvLayout};
+pub use kv_write::{write_kv, KvLayout, Position};
 pub use master_linear::master_linear;
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
@@ -269,6 +271,24 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         return decode::decode_attention(q, k, v);
     }
     flash_attention(q, k, v)
+}
+
+/// [`grouped_attention`] of a one-query decode step whose position `position` holds (u32
+/// `[1]`, on the queries' device): `k`/`v` are the KV cache's whole buffers
+/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own. Where
+/// the fused decode kernel runs it reads the position in place (so a captured step replays
+/// at the next position); elsewhere the position is read back.
+pub fn decode_attention_at(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    position: &Tensor,
+) -> Result<Tensor> {
+    if fused(&[q, k, v]) && decode::supported(q, k, v) {
+        return decode::decode_attention_at(q, k, v, position);
+    }
+    let len = Position::Device(position).read()? + 1;
+    grouped_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?)
 }
 
 /// The attention of a block without a KV cache, from its projections to the input of its output
