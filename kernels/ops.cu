@@ -538,24 +538,43 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
 // the SwiGLU of a stacked gate/up weight on the way out. cuBLAS runs these
 // shapes as split-K GEMMs of two kernels each; a decode step is bound by launches.
 
-// The dot product of one weight row with one row of x, summed over the warp (every lane gets
-// it). Loads are issued four at a time ahead of the arithmetic.
-template <typename T>
-__device__ __forceinline__ float warp_dot(const T* w, const T* x, int in) {
-  constexpr int V = 16 / sizeof(T);  // elements per 16-byte load
-  const int lane = threadIdx.x & 31;
-  const uint4* wv = reinterpret_cast<const uint4*>(w);
+// The dot products of N weight rows with one row of x, summed over the warp (every lane gets
+// them). Each lane loads its next U 16-byte units of every operand before any arithmetic: a
+// decode step's products are too small to hide memory latency behind other warps, so the
+// rounds of dependent loads are a warp's time. Each lane sums its units in ascending order.
+template <typename T, int N>
+__device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, int in,
+                                          float (&dots)[N]) {
+  constexpr int V = 16 / sizeof(T), U = 8;  // elements per 16-byte unit, units per round
+  const int lane = threadIdx.x & 31, units = in / V;
   const uint4* xv = reinterpret_cast<const uint4*>(x);
-  float acc = 0.f;
-#pragma unroll 4
-  for (int i = lane; i < in / V; i += 32) {
-    const uint4 a = wv[i], b = xv[i];
-    const T* ap = reinterpret_cast<const T*>(&a);
-    const T* bp = reinterpret_cast<const T*>(&b);
+  float acc[N];
 #pragma unroll
-    for (int k = 0; k < V; ++k) acc += to_f32(ap[k]) * to_f32(bp[k]);
+  for (int n = 0; n < N; ++n) acc[n] = 0.f;
+  for (int first = lane; first < units; first += 32 * U) {
+    uint4 b[U], a[N][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = first + 32 * u;
+      if (i >= units) break;
+      b[u] = xv[i];
+#pragma unroll
+      for (int n = 0; n < N; ++n) a[n][u] = reinterpret_cast<const uint4*>(w[n])[i];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (first + 32 * u >= units) break;
+      const T* bp = reinterpret_cast<const T*>(&b[u]);
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const T* ap = reinterpret_cast<const T*>(&a[n][u]);
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[n] += to_f32(ap[k]) * to_f32(bp[k]);
+      }
+    }
   }
-  return warp_sum(acc);
+#pragma unroll
+  for (int n = 0; n < N; ++n) dots[n] = warp_sum(acc[n]);
 }
 
 // y[r][o] = w[o] · x[r].
@@ -563,9 +582,11 @@ template <typename T>
 __device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;  // the whole warp leaves together
+  const T* row[1] = {w + (size_t)o * in};
   for (int r = 0; r < rows; ++r) {
-    const float dot = warp_dot(w + (size_t)o * in, x + (size_t)r * in, in);
-    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(dot);
+    float dot[1];
+    warp_dots<T, 1>(row, x + (size_t)r * in, in, dot);
+    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(dot[0]);
   }
 }
 
@@ -576,10 +597,11 @@ template <typename T>
 __device__ void gemv_swiglu(const T* x, const T* w, T* y, int rows, int in, int out) {
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;
+  const T* gate_up[2] = {w + (size_t)o * in, w + (size_t)(out + o) * in};
   for (int r = 0; r < rows; ++r) {
-    const T* xr = x + (size_t)r * in;
-    const float g = to_f32(from_f32<T>(warp_dot(w + (size_t)o * in, xr, in)));
-    const float u = to_f32(from_f32<T>(warp_dot(w + (size_t)(out + o) * in, xr, in)));
+    float dots[2];
+    warp_dots<T, 2>(gate_up, x + (size_t)r * in, in, dots);
+    const float g = to_f32(from_f32<T>(dots[0])), u = to_f32(from_f32<T>(dots[1]));
     if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(g * sigmoid(g) * u);
   }
 }

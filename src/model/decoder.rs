@@ -30,7 +30,8 @@ enum Replay {
 }
 
 impl<'m> Decoder<'m> {
-    /// An empty sequence of up to `capacity` positions for `model`.
+    /// An empty sequence of up to `capacity` positions for `model` (at most its context: RoPE
+    /// has no rows past it).
     pub fn new(model: &'m Llama, capacity: usize) -> Result<Self> {
         let replay = match ops::can_capture(model.device()) {
             true => Replay::Pending,
@@ -48,7 +49,10 @@ impl<'m> Decoder<'m> {
     fn with_replay(model: &'m Llama, capacity: usize, replay: Replay) -> Result<Self> {
         Ok(Self {
             model,
-            cache: Cache::new(model, capacity.max(1)),
+            cache: Cache::new(
+                model,
+                capacity.clamp(1, model.config.max_position_embeddings),
+            ),
             step: Tensor::zeros(2, DType::U32, model.device())?,
             replay,
         })

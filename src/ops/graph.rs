@@ -69,11 +69,16 @@ fn capture_cuda(dev: &candle_core::CudaDevice, work: impl FnOnce() -> Result<()>
     let worked = work();
     // The capture ends whatever happened, so that the stream runs work again.
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-    worked?;
-    match graph.w()? {
-        Some(inner) => Ok(Graph { inner }),
-        None => candle_core::bail!("CUDA graph capture recorded nothing"),
-    }
+    let error = match (worked, graph) {
+        (Ok(()), Ok(Some(inner))) => return Ok(Graph { inner }),
+        (Err(e), _) => e,
+        (Ok(()), Err(e)) => candle_core::Error::wrap(e),
+        (Ok(()), Ok(None)) => candle_core::Error::Msg("the capture recorded nothing".into()),
+    };
+    // Frees that failed inside the broken capture left their error on the context, where the
+    // next call would report it; the work runs uncaptured from here on.
+    let _ = stream.context().check_err();
+    Err(error.context("capturing a CUDA graph"))
 }
 
 /// Runs `work` with candle's capture cache of host uploads on, so that a later [`Graph::capture`]

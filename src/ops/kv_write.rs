@@ -75,7 +75,8 @@ pub fn write_kv(
         Position::Host(start) => cos.dims() == [t, d / 2] && start + t <= max_len,
         Position::Device(p) => {
             check_position(p, cache)?;
-            t == 1 && cos.rank() == 2 && cos.dim(1)? == d / 2
+            // Rows for every position the kernel may write at (it writes none past the cache).
+            t == 1 && cos.rank() == 2 && cos.dim(1)? == d / 2 && cos.dim(0)? >= max_len
         }
     };
     if two != 2
@@ -191,5 +192,51 @@ impl InplaceOp3 for WriteKv {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::parity::uniform;
+    use candle_core::{DType, Device, IndexOp};
+
+    fn layout(at: Position) -> KvLayout {
+        KvLayout {
+            heads: 2,
+            kv_heads: 1,
+            head_size: 4,
+            at,
+        }
+    }
+
+    #[test]
+    fn a_device_position_needs_one_step_and_a_table_row_per_cache_position() {
+        let cache = Tensor::zeros((2, 1, 1, 6, 4), DType::F32, &Device::Cpu).unwrap();
+        let position = Tensor::new(&[5u32], &Device::Cpu).unwrap();
+        assert_eq!(Position::Device(&position).read().unwrap(), 5);
+        let at = layout(Position::Device(&position));
+        let one = uniform(&[1, 1, 16], 1);
+        let table = |rows| uniform(&[rows, 2], 2);
+        let short = write_kv(&cache, &one, &table(5), &table(5), at);
+        assert!(short.is_err());
+        let two = uniform(&[1, 2, 16], 3);
+        assert!(write_kv(&cache, &two, &table(6), &table(6), at).is_err());
+        let q = write_kv(&cache, &one, &table(6), &table(6), at).unwrap();
+        assert_eq!(q.dims(), [1, 2, 1, 4]);
+        let written = cache.i((1, 0, 0, 5)).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            written,
+            one.i((0, 0))
+                .unwrap()
+                .narrow(0, 12, 4)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        let wide = Tensor::new(&[5u32, 1], &Device::Cpu).unwrap();
+        let at = layout(Position::Device(&wide));
+        let message = write_kv(&cache, &one, &table(6), &table(6), at).unwrap_err();
+        assert!(message.to_string().contains("one u32"), "{message}");
     }
 }
