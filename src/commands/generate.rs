@@ -8,7 +8,7 @@ use crate::generate::{
     eos_ids, keep_tail, ChatTemplate, Finish, Generation, GenerationSettings, Message,
     SamplingParams, Session,
 };
-use crate::model::LoadedModel;
+use crate::model::{Llama, LoadedModel};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, Read, Write};
 
@@ -52,7 +52,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         println!();
         report(&generation, context);
     }
+    report_op_by_op(&loaded.model, &session);
     Ok(())
+}
+
+/// On CUDA, one-token steps replay a captured graph; says so on stderr when they could not.
+fn report_op_by_op(model: &Llama, session: &Session) {
+    if let (true, Some(reason)) = (model.device().is_cuda(), session.op_by_op_reason()) {
+        eprintln!("decoding ran op by op: {reason}");
+    }
 }
 
 /// Flags over `--config`'s `generate` section over the defaults, checked.
@@ -202,5 +210,6 @@ fn interactive(
         messages.push(Message::new("assistant", &generation.text));
     }
     eprintln!();
+    report_op_by_op(&loaded.model, &session);
     Ok(())
 }

@@ -226,6 +226,12 @@ impl<'a> Session<'a> {
         })
     }
 
+    /// Why one-token steps run op by op rather than replaying a captured CUDA graph, if they
+    /// do ([`Decoder::op_by_op_reason`]).
+    pub fn op_by_op_reason(&self) -> Option<&str> {
+        self.decoder.op_by_op_reason()
+    }
+
     /// How many leading tokens of `prompt` the cache already holds; resets the cache when it
     /// holds anything else. At least one token is always left to run (for its logits).
     fn reusable_prefix(&mut self, prompt: &[u32]) -> usize {

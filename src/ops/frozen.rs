@@ -30,8 +30,10 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 ///
 /// Without dropout in f32, the update folds into the weight first (`weight + scale · b @ a`,
 /// rank-r work): the projection and the input gradient are then one GEMM each, where the
-/// separate products cost two skinny GEMMs and a full-size add each way. In 16 bits the update
-/// stays separate, since adding it to a 16-bit weight would round most of it away.
+/// separate products cost two skinny GEMMs and a full-size add each way. That pays when `x`
+/// has a gradient or as many rows as the weight's `in · out / (in + out)`; a few untracked rows
+/// (a decode step) take the separate products, which are smaller than the fold. In 16 bits the
+/// update stays separate, since adding it to a 16-bit weight would round most of it away.
 pub fn lora_linear(
     x: &Tensor,
     weight: &Tensor,
@@ -47,7 +49,10 @@ pub fn lora_linear(
         None => xd.clone(),
     };
     let xa = super::linear(&dropped, &ad)?;
-    let folded = match mask.is_none() && xd.dtype() == DType::F32 {
+    let (out, inp) = w.dims2()?;
+    let rows = xd.elem_count() / inp.max(1);
+    let fold_pays = x.track_op() || rows * (inp + out) >= inp * out;
+    let folded = match mask.is_none() && xd.dtype() == DType::F32 && fold_pays {
         true => Some((&w + b_scaled.matmul(&ad)?)?),
         false => None,
     };
@@ -159,6 +164,30 @@ mod lora_tests {
                 },
                 1e-5,
             );
+        }
+    }
+
+    #[test]
+    fn untracked_rows_are_the_same_folded_or_not() {
+        let (w, a, b) = (
+            uniform(&[6, 8], 2),
+            uniform(&[4, 8], 3),
+            uniform(&[6, 4], 4),
+        );
+        // One row takes the separate products, 40 rows (at least 6 · 8 / 14) the fold.
+        for rows in [1, 40] {
+            let x = uniform(&[rows, 8], 1);
+            let got = super::lora_linear(&x, &w, &a, &b, 2.0, None).unwrap();
+            let update = (x
+                .matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap()
+                * 2.0)
+                .unwrap();
+            let want = (x.matmul(&w.t().unwrap()).unwrap() + update).unwrap();
+            let error = crate::ops::parity::relative_error(&got, &want);
+            assert!(error < 1e-6, "{rows} rows: {error:.2e}");
         }
     }
 }
