@@ -92,6 +92,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "cast",
         "causal_attention",
         "decode_attention",
+        "decode_attention_at",
         "embedding",
         "flash_attention",
         "head_mean_nll",
@@ -106,6 +107,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "token_nll",
         "token_nll_with_grad",
         "write_kv",
+        "write_kv_at",
     ];
     assert_eq!(ops, expected);
     for row in &rows {
