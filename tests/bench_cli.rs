@@ -1,4 +1,5 @@
-//! `llmtool bench` run as a binary: `--lora-base` rows and its validation, `--ops` checks.
+//! `llmtool bench` run as a binary: `--lora-base` rows and its validation, `--ops` checks, the
+//! generate row.
 
 mod common;
 
@@ -115,4 +116,27 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         let error = row["max_rel_error"].as_f64().unwrap();
         assert!(error < row["tolerance"].as_f64().unwrap(), "{row}");
     }
+}
+
+#[test]
+fn a_generate_row_says_how_its_steps_ran() {
+    let (_, rows) = bench_rows(&[
+        "--device",
+        "cpu",
+        "--sizes",
+        "tiny",
+        "--tasks",
+        "generate",
+        "--gen-tokens",
+        "3",
+        "--steps",
+        "1",
+    ]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(row["new_tokens"], 3, "{row}");
+    assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    // No CUDA graph on the CPU: the row says so, and has no replay comparison.
+    assert_eq!(row["steps"], "the device has no CUDA graphs", "{row}");
+    assert!(row.get("same_tokens_as_op_by_op").is_none(), "{row}");
 }
