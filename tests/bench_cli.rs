@@ -104,6 +104,8 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "self_attention",
         "swap_middle",
         "swiglu",
+        "swiglu_master_projection",
+        "swiglu_packed",
         "swiglu_projection",
         "token_nll",
         "token_nll_with_grad",

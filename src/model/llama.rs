@@ -78,6 +78,12 @@ impl Linear {
         }))
     }
 
+    /// The weight of a trained projection with nothing else to it (no adapter, no bias): what
+    /// [`ops::master_linear`] alone computes.
+    fn bare_master(&self) -> Option<&Tensor> {
+        (self.trainable && self.lora.is_none() && self.bias.is_none()).then_some(&self.weight)
+    }
+
     /// Applies the projection (and the LoRA update, if any), computing in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let y = match (&self.lora, self.trainable) {
@@ -458,10 +464,15 @@ impl Llama {
         // The stacked projection only pays off for a single row (a decode step): one kernel
         // there, where many rows would copy the halves out of the stacked output.
         let single_row = x.elem_count() == x.dim(D::Minus1)?;
-        let hidden = match m.stacked() {
-            Some(gate_up) if single_row && !x.track_op() && gate_up.bias.is_none() => {
+        let hidden = match (
+            m.stacked(),
+            m.gate_proj.bare_master(),
+            m.up_proj.bare_master(),
+        ) {
+            (Some(gate_up), ..) if single_row && !x.track_op() && gate_up.bias.is_none() => {
                 ops::swiglu_projection(x, &ops::cast(&gate_up.weight, self.dtype)?)?
             }
+            (_, Some(gate), Some(up)) => ops::swiglu_master_projection(x, gate, up)?,
             _ => {
                 let gate = m.gate_proj.forward(x, self.dtype)?;
                 ops::swiglu(&gate, &m.up_proj.forward(x, self.dtype)?)?

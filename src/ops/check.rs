@@ -245,6 +245,8 @@ pub fn model_cases(cfg: &LlamaConfig, batch: usize, seq: usize) -> Vec<Case> {
         master_linear_case(tokens, cfg.hidden_size, cfg.intermediate_size),
         cast_case(vec![cfg.intermediate_size, cfg.hidden_size]),
         swiglu_projection_case(cfg.hidden_size, cfg.intermediate_size),
+        swiglu_master_case(tokens, cfg.hidden_size, cfg.intermediate_size),
+        swiglu_packed_case(tokens, cfg.intermediate_size),
         write_kv_case(1, 1, h, cfg.kv_heads(), d),
         write_kv_at_case(1, h, cfg.kv_heads(), d),
         decode_at_case(h, cfg.kv_heads(), seq, d),
@@ -469,6 +471,34 @@ fn swiglu_projection_case(inp: usize, ffn: usize) -> Case {
     }
 }
 
+/// A training block's gated projection from master weights: `x` `[rows, inp]`, gate and up
+/// `[ffn, inp]`, all differentiable (on CUDA one stacked projection into a packed SwiGLU).
+fn swiglu_master_case(rows: usize, inp: usize, ffn: usize) -> Case {
+    let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
+    Case {
+        name: "swiglu_master_projection",
+        fused: |t| super::swiglu_master_projection(&t[0], &t[1], &t[2]),
+        reference: |t| {
+            let project = |w: &Tensor| t[0].matmul(&w.t()?);
+            reference::swiglu(&project(&t[1])?, &project(&t[2])?)
+        },
+        inputs: vec![float(&[rows, inp]), float(&[ffn, inp]), float(&[ffn, inp])],
+    }
+}
+
+/// A packed projection `[rows, 2 · width]` into SwiGLU, differentiable.
+fn swiglu_packed_case(rows: usize, width: usize) -> Case {
+    Case {
+        name: "swiglu_packed",
+        fused: |t| super::swiglu_packed(&t[0]),
+        reference: |t| {
+            let half = t[0].dim(1)? / 2;
+            reference::swiglu(&t[0].narrow(1, 0, half)?, &t[0].narrow(1, half, half)?)
+        },
+        inputs: vec![Input::Float(vec![rows, 2 * width], 4.0)],
+    }
+}
+
 /// The residual add and norm of inference (constant inputs): both outputs, stacked.
 fn add_norm_case(rows: usize, width: usize) -> Case {
     Case {
@@ -684,6 +714,9 @@ pub fn edge_cases() -> Vec<Case> {
         gemv_case(1, 17, 5),
         swiglu_projection_case(24, 7),
         swiglu_projection_case(17, 3),
+        swiglu_master_case(5, 24, 7),
+        swiglu_packed_case(3, 9),
+        swiglu_packed_case(2, 16),
         write_kv_case(2, 3, 4, 2, 8),
         write_kv_case(1, 1, 3, 3, 6),
         write_kv_at_case(2, 4, 2, 8),

@@ -629,38 +629,141 @@ fn run_wide(name: &str, inputs: &[Operand], aligned: &[Operand], n: usize) -> Re
     run((name, dtype), per_element(vectors)?, inputs, out, &scalars)
 }
 
-/// SwiGLU forward.
+/// SwiGLU forward of separate `gate` and `up` of one shape.
 pub(crate) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
-    let dtype = common_dtype(&[gate, up])?;
     let n = same_count(gate, up)?;
-    let y = alloc(&gate.0.device, dtype, n)?;
-    let scalars = [Arg::Count(n as u64)];
-    let (name, width) = elementwise_kernel(("swiglu_fwd", "swiglu_fwd_wide"), &[gate, up], n)?;
-    run(
-        (name, dtype),
-        per_element(n / width)?,
-        &[gate, up],
-        y,
-        &scalars,
-    )
+    let dtype = common_dtype(&[gate, up])?;
+    let rows = GluRows::one(n);
+    swiglu_forward([address(gate)?, address(up)?], &gate.0.device, dtype, rows)
 }
 
-/// SwiGLU gradients, `[d gate; d up]` in one buffer of `2n`.
+/// SwiGLU forward of a packed projection `h` `[.., 2 · width]`: the gate half, then the up half
+/// of each row.
+pub(crate) fn swiglu_packed(h: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[h])?;
+    let (rows, base) = (GluRows::packed(h.1)?, address(h)?);
+    let up = base + (rows.width * dtype.size_in_bytes()) as u64;
+    swiglu_forward([base, up], &h.0.device, dtype, rows)
+}
+
+/// SwiGLU gradients of separate `gate` and `up`, `[d gate; d up]` in one buffer of `2n`.
 pub(crate) fn swiglu_grad(gate: Operand, up: Operand, grad: Operand) -> Result<CudaStorage> {
-    let dtype = common_dtype(&[gate, up, grad])?;
     let n = same_count(gate, up)?;
     same_count(gate, grad)?;
-    let out = alloc(&gate.0.device, dtype, 2 * n)?;
-    let scalars = [Arg::Count(n as u64)];
-    let kernels = ("swiglu_bwd", "swiglu_bwd_wide");
-    let (name, width) = elementwise_kernel(kernels, &[gate, up, grad], n)?;
-    run(
-        (name, dtype),
-        per_element(n / width)?,
-        &[gate, up, grad],
-        out,
-        &scalars,
-    )
+    let rows = GluRows::one(n);
+    swiglu_backward([address(gate)?, address(up)?], grad, rows, 2 * n, n)
+}
+
+/// SwiGLU gradient of a packed projection `h` `[.., 2 · width]` for the output gradient `grad`
+/// `[.., width]`: one packed gradient like `h`.
+pub(crate) fn swiglu_packed_grad(h: Operand, grad: Operand) -> Result<CudaStorage> {
+    let dtype = common_dtype(&[h, grad])?;
+    let (rows, base) = (GluRows::packed(h.1)?, address(h)?);
+    if grad.1.shape().elem_count() != rows.n {
+        candle_core::bail!(
+            "swiglu: a gradient of {:?} for {:?}",
+            grad.1.dims(),
+            h.1.dims()
+        );
+    }
+    let up = base + (rows.width * dtype.size_in_bytes()) as u64;
+    swiglu_backward([base, up], grad, rows, 2 * rows.n, rows.width)
+}
+
+/// Where the gate and up rows of a SwiGLU are: `n` elements in rows of `width`, row r of each
+/// starting `r · stride` elements from its first.
+#[derive(Clone, Copy)]
+struct GluRows {
+    n: usize,
+    width: usize,
+    stride: usize,
+}
+
+impl GluRows {
+    /// Separate tensors of `n` elements: one row.
+    fn one(n: usize) -> Self {
+        Self {
+            n,
+            width: n.max(1),
+            stride: n.max(1),
+        }
+    }
+
+    /// The halves of packed rows `[.., 2 · width]`.
+    fn packed(layout: &Layout) -> Result<Self> {
+        let (rows, two_width) = rows_and_width(layout)?;
+        if two_width % 2 != 0 {
+            candle_core::bail!("swiglu: packed rows of odd width {two_width}");
+        }
+        Ok(Self {
+            n: rows * two_width / 2,
+            width: two_width / 2,
+            stride: two_width,
+        })
+    }
+
+    /// The 16-byte kernel where every address and row boundary allows it: its name and the
+    /// elements each thread moves.
+    fn kernel(
+        &self,
+        names: (&'static str, &'static str),
+        dtype: DType,
+        addresses: &[u64],
+    ) -> (&'static str, usize) {
+        let vector = 16 / dtype.size_in_bytes();
+        let aligned = addresses.iter().all(|a| a % 16 == 0);
+        match aligned && self.width % vector == 0 && self.stride % vector == 0 {
+            true => (names.1, vector),
+            false => (names.0, 1),
+        }
+    }
+
+    fn args(&self) -> [Arg; 3] {
+        [self.n, self.width, self.stride].map(|v| Arg::Count(v as u64))
+    }
+}
+
+fn swiglu_forward(
+    [gate, up]: [u64; 2],
+    device: &CudaDevice,
+    dtype: DType,
+    rows: GluRows,
+) -> Result<CudaStorage> {
+    let y = alloc(device, dtype, rows.n)?;
+    let y_address = base_address(&y)?;
+    let names = ("swiglu_fwd", "swiglu_fwd_wide");
+    let (name, per_thread) = rows.kernel(names, dtype, &[gate, up, y_address]);
+    let args = [
+        [gate, up, y_address].map(Arg::Address).as_slice(),
+        &rows.args(),
+    ]
+    .concat();
+    let (grid, block) = per_element(rows.n / per_thread)?;
+    launch(device, name, Some(dtype), grid, block, &args)?;
+    Ok(y)
+}
+
+/// The gradients into a new buffer of `len` elements: d gate from its start, d up from
+/// `up_offset` elements on, each at the places of gate and up in their rows.
+fn swiglu_backward(
+    [gate, up]: [u64; 2],
+    grad: Operand,
+    rows: GluRows,
+    len: usize,
+    up_offset: usize,
+) -> Result<CudaStorage> {
+    let (device, dtype) = (&grad.0.device, grad.0.dtype());
+    let out = alloc(device, dtype, len)?;
+    let d_gate = base_address(&out)?;
+    let d_up = d_gate + (up_offset * dtype.size_in_bytes()) as u64;
+    let grad = address(grad)?;
+    let names = ("swiglu_bwd", "swiglu_bwd_wide");
+    let (name, per_thread) = rows.kernel(names, dtype, &[gate, up, grad, d_gate, d_up]);
+    let addresses = [gate, up, grad, d_gate, d_up].map(Arg::Address);
+    let args = [addresses.as_slice(), &rows.args()].concat();
+    let (grid, block) = per_element(rows.n / per_thread)?;
+    launch(device, name, Some(dtype), grid, block, &args)?;
+    Ok(out)
 }
 
 fn same_count(a: Operand, b: Operand) -> Result<usize> {

@@ -7,7 +7,7 @@
 //! directly in the weight's `[out, in]` layout; on CUDA one cuBLAS GEMM reads the 16-bit
 //! operands and writes it in f32, so no cast runs at all.
 
-use super::attach::attach2;
+use super::attach::{attach2, attach3};
 use candle_core::{DType, Result, Tensor};
 
 /// `x @ weight.t()` computed in `x`'s dtype for a `weight` `[out, in]` of any float dtype, with
@@ -21,18 +21,53 @@ pub fn master_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
     let master = weight.dtype();
     attach2(x, weight, &y, "master-linear", move |grad| {
-        let (out, inp) = w.dims2()?;
-        let g = grad.reshape(((), out))?;
-        let dx = match x_grad {
-            true => Some(g.matmul(&w)?.reshape(xd.shape())?),
-            false => None,
-        };
-        let dw = match w_grad {
-            true => Some(weight_grad(&g, &xd.reshape(((), inp))?, master)?),
-            false => None,
-        };
-        Ok((dx, dw))
+        gradients(grad, (&xd, x_grad), (&w, w_grad), master)
     })
+}
+
+/// [`master_linear`] over two weights `a` `[out_a, in]` and `b` `[out_b, in]` (one dtype)
+/// stacked along their rows: `[.., out_a + out_b]`, a's outputs first. One GEMM each way where
+/// two projections of the same input take two and sum their input gradients; each weight's
+/// gradient is its rows of one weight-gradient GEMM.
+pub(super) fn stacked_master_linear(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let cast = |w: &Tensor| super::cast(&w.detach(), x.dtype());
+    let (xd, w) = (x.detach(), Tensor::cat(&[cast(a)?, cast(b)?], 0)?);
+    let y = super::linear(&xd, &w)?;
+    let (x_grad, a_grad, b_grad) = (x.track_op(), a.track_op(), b.track_op());
+    if !(x_grad || a_grad || b_grad) {
+        return Ok(y);
+    }
+    let (master, rows_a) = (a.dtype(), a.dim(0)?);
+    attach3([x, a, b], &y, "stacked-master-linear", move |grad| {
+        let (dx, dw) = gradients(grad, (&xd, x_grad), (&w, a_grad || b_grad), master)?;
+        let rows = |wanted: bool, start: usize, len: usize| match (&dw, wanted) {
+            (Some(dw), true) => dw.narrow(0, start, len).map(Some),
+            _ => Ok(None),
+        };
+        let rows_b = w.dim(0)? - rows_a;
+        Ok((dx, rows(a_grad, 0, rows_a)?, rows(b_grad, rows_a, rows_b)?))
+    })
+}
+
+/// The gradients of `x @ w.t()` for the output gradient `grad`, each only where wanted: `x`'s
+/// in its dtype, `w`'s (`[out, in]`) in `master`.
+fn gradients(
+    grad: &Tensor,
+    (x, x_wanted): (&Tensor, bool),
+    (w, w_wanted): (&Tensor, bool),
+    master: DType,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (out, inp) = w.dims2()?;
+    let g = grad.reshape(((), out))?;
+    let dx = match x_wanted {
+        true => Some(g.matmul(w)?.reshape(x.shape())?),
+        false => None,
+    };
+    let dw = match w_wanted {
+        true => Some(weight_grad(&g, &x.reshape(((), inp))?, master)?),
+        false => None,
+    };
+    Ok((dx, dw))
 }
 
 /// `gᵀ · x` in `dtype` for `g` `[n, out]` and `x` `[n, in]`: the gradient of a weight

@@ -349,6 +349,30 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     reference::swiglu(gate, up)
 }
 
+/// `swiglu(master_linear(x, gate), master_linear(x, up))` for master weights `gate` and `up`
+/// `[ffn, in]`: a block's gated projection in training. On CUDA the two run as one stacked
+/// projection into a packed SwiGLU whose gradient comes back packed: one GEMM each way, and
+/// the input's gradient needs no sum of two (measured there; elsewhere the two projections).
+pub fn swiglu_master_projection(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let alike = gate.dims() == up.dims() && gate.dtype() == up.dtype();
+    if alike && x.device().is_cuda() && fused(&[x]) {
+        let packed = master_linear::stacked_master_linear(x, gate, up)?;
+        return swiglu_packed(&packed);
+    }
+    swiglu(&master_linear(x, gate)?, &master_linear(x, up)?)
+}
+
+/// `silu(gate) · up` for a packed projection `h` `[.., 2 · width]` whose rows hold the gate,
+/// then the up half; its gradient comes back in the same layout.
+pub fn swiglu_packed(h: &Tensor) -> Result<Tensor> {
+    if fused(&[h]) {
+        return swiglu::swiglu_packed(&h.contiguous()?);
+    }
+    let last = h.rank().max(1) - 1;
+    let half = h.dim(last)? / 2;
+    reference::swiglu(&h.narrow(last, 0, half)?, &h.narrow(last, half, half)?)
+}
+
 /// Token embedding lookup: rows of `table` for `ids` (any shape of u32 ids).
 pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     if fused(&[table]) && ids_beside(ids, table) {
