@@ -180,11 +180,6 @@ impl LayerCache {
         let (k, v) = self.views(&buffer, t)?;
         ops::grouped_attention(&q, &k, &v)
     }
-
-    /// Whether steps take their position from the device ([`Cache::set_position`]).
-    pub fn device_positioned(&self) -> bool {
-        self.position.is_some()
-    }
 }
 
 #[cfg(test)]

@@ -640,10 +640,8 @@ pub(crate) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
 /// SwiGLU forward of a packed projection `h` `[.., 2 · width]`: the gate half, then the up half
 /// of each row.
 pub(crate) fn swiglu_packed(h: Operand) -> Result<CudaStorage> {
-    let dtype = common_dtype(&[h])?;
-    let (rows, base) = (GluRows::packed(h.1)?, address(h)?);
-    let up = base + (rows.width * dtype.size_in_bytes()) as u64;
-    swiglu_forward([base, up], &h.0.device, dtype, rows)
+    let (rows, halves) = GluRows::packed(h)?;
+    swiglu_forward(halves, &h.0.device, h.0.dtype(), rows)
 }
 
 /// SwiGLU gradients of separate `gate` and `up`, `[d gate; d up]` in one buffer of `2n`.
@@ -657,8 +655,8 @@ pub(crate) fn swiglu_grad(gate: Operand, up: Operand, grad: Operand) -> Result<C
 /// SwiGLU gradient of a packed projection `h` `[.., 2 · width]` for the output gradient `grad`
 /// `[.., width]`: one packed gradient like `h`.
 pub(crate) fn swiglu_packed_grad(h: Operand, grad: Operand) -> Result<CudaStorage> {
-    let dtype = common_dtype(&[h, grad])?;
-    let (rows, base) = (GluRows::packed(h.1)?, address(h)?);
+    common_dtype(&[h, grad])?;
+    let (rows, halves) = GluRows::packed(h)?;
     if grad.1.shape().elem_count() != rows.n {
         candle_core::bail!(
             "swiglu: a gradient of {:?} for {:?}",
@@ -666,8 +664,7 @@ pub(crate) fn swiglu_packed_grad(h: Operand, grad: Operand) -> Result<CudaStorag
             h.1.dims()
         );
     }
-    let up = base + (rows.width * dtype.size_in_bytes()) as u64;
-    swiglu_backward([base, up], grad, rows, 2 * rows.n, rows.width)
+    swiglu_backward(halves, grad, rows, 2 * rows.n, rows.width)
 }
 
 /// Where the gate and up rows of a SwiGLU are: `n` elements in rows of `width`, row r of each
@@ -689,17 +686,22 @@ impl GluRows {
         }
     }
 
-    /// The halves of packed rows `[.., 2 · width]`.
-    fn packed(layout: &Layout) -> Result<Self> {
-        let (rows, two_width) = rows_and_width(layout)?;
+    /// The halves of the packed rows `[.., 2 · width]` of `h`, and the addresses of its first
+    /// gate and first up element.
+    fn packed(h: Operand) -> Result<(Self, [u64; 2])> {
+        let (rows, two_width) = rows_and_width(h.1)?;
         if two_width % 2 != 0 {
             candle_core::bail!("swiglu: packed rows of odd width {two_width}");
         }
-        Ok(Self {
-            n: rows * two_width / 2,
-            width: two_width / 2,
+        let width = two_width / 2;
+        let gate = address(h)?;
+        let up = gate + (width * h.0.dtype().size_in_bytes()) as u64;
+        let rows = Self {
+            n: rows * width,
+            width,
             stride: two_width,
-        })
+        };
+        Ok((rows, [gate, up]))
     }
 
     /// The 16-byte kernel where every address and row boundary allows it: its name and the

@@ -8,7 +8,7 @@
 use super::cpu_kernel::{f32s, for_each_row, output};
 #[cfg(feature = "cuda")]
 use super::cuda;
-use super::{GroupedDims, Position};
+use super::GroupedDims;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The largest head size the kernel takes (one CUDA block holds a thread per element).
@@ -31,26 +31,21 @@ pub(crate) fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Ten
     q.apply_op3_no_bwd(k, v, &DecodeAttention { scale })
 }
 
-/// [`decode_attention`] of a step at the position `position` holds (u32 `[1]`): `k`/`v` are
-/// the cache's whole buffers and the step attends to the positions up to its own. The CUDA
-/// kernel reads the position in place, so a step captured once replays at the next one;
-/// elsewhere it is read back and the views narrowed.
+/// [`decode_attention`] on CUDA of a step at the position `position` holds (u32 `[1]`):
+/// `k`/`v` are the cache's whole buffers and the kernel reads the position in place, so a
+/// step captured once replays at the next one.
+#[cfg(feature = "cuda")]
 pub(crate) fn decode_attention_at(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     position: &Tensor,
 ) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if q.device().is_cuda() {
-        let scale = 1.0 / (q.dim(3)? as f32).sqrt();
-        let out = cuda::with_operands(&[q, k, v, position], |o| {
-            cuda::decode_attention(o[0], o[1], o[2], Some(o[3]), scale)
-        })?;
-        return Ok(cuda::tensor(out, q.shape().clone()));
-    }
-    let len = Position::Device(position).read()? + 1;
-    decode_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?)
+    let scale = 1.0 / (q.dim(3)? as f32).sqrt();
+    let out = cuda::with_operands(&[q, k, v, position], |o| {
+        cuda::decode_attention(o[0], o[1], o[2], Some(o[3]), scale)
+    })?;
+    Ok(cuda::tensor(out, q.shape().clone()))
 }
 
 struct DecodeAttention {

@@ -275,16 +275,18 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// [`grouped_attention`] of a one-query decode step whose position `position` holds (u32
 /// `[1]`, on the queries' device): `k`/`v` are the KV cache's whole buffers
-/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own. Where
-/// the fused decode kernel runs it reads the position in place (so a captured step replays
-/// at the next position); elsewhere the position is read back.
+/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own. The CUDA
+/// decode kernel reads the position in place (so a captured step replays at the next
+/// position); elsewhere the position is read back and the views narrowed for
+/// [`grouped_attention`].
 pub fn decode_attention_at(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     position: &Tensor,
 ) -> Result<Tensor> {
-    if fused(&[q, k, v]) && decode::supported(q, k, v) {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && fused(&[q, k, v]) && decode::supported(q, k, v) {
         return decode::decode_attention_at(q, k, v, position);
     }
     let len = Position::Device(position).read()? + 1;
