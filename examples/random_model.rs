@@ -6,8 +6,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use llmtool::model::io::{save, ModelFiles};
-use llmtool::model::llama::parameter_shapes;
-use llmtool::model::LlamaConfig;
+use llmtool::model::names::parameter_shapes;
 use std::path::Path;
 
 fn main() -> Result<()> {
@@ -16,7 +15,7 @@ fn main() -> Result<()> {
         bail!("usage: random_model CONFIG OUT_DIR");
     };
     let config = llmtool::config::load(Path::new(config), &[])?;
-    let cfg = LlamaConfig::from_section(&config.model, Some(0));
+    let cfg = llmtool::train::init::scratch_config(&config.model, Some(0));
     let tensors = parameter_shapes(&cfg)
         .into_iter()
         .map(|(name, shape)| {

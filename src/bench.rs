@@ -1,24 +1,109 @@
 //! Throughput benchmark with the shapes, tasks, modes and JSON fields of
-//! `shared/bench/torch_ref.py` (PyTorch + transformers + PEFT), so rows of the two tools join on
+//! `bench/torch_ref.py` (PyTorch + transformers + PEFT), so rows of the two tools join on
 //! `(task, preset, mode)`. Every task runs the same code as the real commands: training steps go
 //! through [`gradients::accumulate`], clipping and [`AdamW`], as `llmtool train` does.
 
-use crate::config::LoraSection;
-use crate::model::{Adapter, Decoder, Llama, LlamaConfig, Weights};
-use crate::train::gradients::{self, Batch, Gradients};
-use crate::train::init::random_weights;
-use crate::train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use candle_core::{DType, Device, Var};
+use config::LoraSection;
+use model::{Decoder, Llama, LlamaConfig, Weights};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::time::Instant;
+use train::gradients::{self, Batch, Gradients};
+use train::init::random_weights;
+use train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
+use train::Adapter;
 
-/// A model size: `(name, hidden, layers, heads, kv_heads, ffn, vocab)`, as in torch_ref.py.
-pub const PRESETS: [(&str, usize, usize, usize, usize, usize, usize); 3] = [
-    ("tiny", 384, 6, 6, 6, 1024, 8192),
-    ("small", 512, 12, 8, 8, 1408, 16384),
-    ("base", 768, 12, 12, 12, 2048, 32000),
-];
+/// A model size of the benchmark, as in torch_ref.py (tied embeddings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// 14M parameters.
+    Tiny,
+    /// 47M parameters.
+    Small,
+    /// 110M parameters.
+    Base,
+}
+
+impl Preset {
+    /// The name in `--sizes` and in a row's `preset` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Base => "base",
+        }
+    }
+
+    /// The model config for sequences of `seq` tokens.
+    pub fn config(self, seq: usize) -> LlamaConfig {
+        // hidden, layers, heads, kv_heads, ffn, vocab
+        let (h, layers, heads, kv, ffn, vocab) = match self {
+            Preset::Tiny => (384, 6, 6, 6, 1024, 8192),
+            Preset::Small => (512, 12, 8, 8, 1408, 16384),
+            Preset::Base => (768, 12, 12, 12, 2048, 32000),
+        };
+        serde_json::from_value(json!({
+            "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": vocab,
+            "max_position_embeddings": seq.max(2048), "tie_word_embeddings": true,
+        }))
+        .expect("every key a preset lacks has a default in LlamaConfig")
+    }
+}
+
+/// The compute dtype and gradient checkpointing of a row: torch_ref.py's modes (less
+/// `torch.compile`), and `fp16`, llmtool's own (it checks and times the f16 kernels;
+/// torch_ref.py has no such rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    #[value(name = "fp32")]
+    Fp32,
+    #[value(name = "bf16")]
+    Bf16,
+    #[value(name = "fp32+ckpt")]
+    Fp32Ckpt,
+    #[value(name = "bf16+ckpt")]
+    Bf16Ckpt,
+    #[value(name = "fp16")]
+    Fp16,
+}
+
+impl Mode {
+    /// The name in `--modes` and in a row's `mode` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fp32 => "fp32",
+            Mode::Bf16 => "bf16",
+            Mode::Fp32Ckpt => "fp32+ckpt",
+            Mode::Bf16Ckpt => "bf16+ckpt",
+            Mode::Fp16 => "fp16",
+        }
+    }
+
+    /// The compute dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Mode::Fp32 | Mode::Fp32Ckpt => DType::F32,
+            Mode::Bf16 | Mode::Bf16Ckpt => DType::BF16,
+            Mode::Fp16 => DType::F16,
+        }
+    }
+
+    /// Whether training recomputes each block in backward (gradient checkpointing).
+    pub fn checkpointed(self) -> bool {
+        matches!(self, Mode::Fp32Ckpt | Mode::Bf16Ckpt)
+    }
+}
+
+/// The tasks `--tasks` names; `lora` runs once per `--lora-base`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TaskName {
+    Train,
+    Lora,
+    Eval,
+    Generate,
+}
 
 /// What to measure: one of `train`, `lora`, `eval`, `generate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,21 +117,6 @@ pub enum Task {
     Eval,
     /// Greedy decoding with the KV cache.
     Generate,
-}
-
-impl std::str::FromStr for Task {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "train" => Ok(Task::Train),
-            "lora" => Ok(Task::Lora(LoraBase::Frozen)),
-            "eval" => Ok(Task::Eval),
-            "generate" => Ok(Task::Generate),
-            _ => Err(format!(
-                "unknown task {s:?}: expected train, lora, eval or generate"
-            )),
-        }
-    }
 }
 
 impl Task {
@@ -64,26 +134,15 @@ impl Task {
 /// How the base weights under a `lora` row's adapter are held (`--lora-base`). The trained
 /// parameters (the adapter's) and the math are the same either way; what differs is the work
 /// and memory spent on gradients nobody uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LoraBase {
-    /// Plain tensors: every projection goes through [`crate::ops::frozen_linear`], so no weight
+    /// Plain tensors: every projection goes through [`ops::frozen_linear`], so no weight
     /// gradient is computed or stored (what `llmtool finetune --lora` does).
     Frozen,
     /// Candle `Var`s left out of the optimizer, as naive candle code does: the projections take
     /// the plain-matmul path, and backward computes, and the grad store keeps, the gradient of
     /// every base weight.
     Plain,
-}
-
-impl std::str::FromStr for LoraBase {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "frozen" => Ok(LoraBase::Frozen),
-            "plain" => Ok(LoraBase::Plain),
-            _ => Err(format!("unknown lora base {s:?}: expected frozen or plain")),
-        }
-    }
 }
 
 impl LoraBase {
@@ -111,48 +170,18 @@ pub struct Settings {
     pub gen_tokens: usize,
 }
 
-/// The model config of preset `name` for sequences of `seq` tokens (tied embeddings, as the
-/// reference), or `None` for an unknown preset.
-pub fn preset_config(name: &str, seq: usize) -> Option<LlamaConfig> {
-    let &(_, h, layers, heads, kv, ffn, vocab) = PRESETS.iter().find(|p| p.0 == name)?;
-    serde_json::from_value(json!({
-        "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": vocab,
-        "max_position_embeddings": seq.max(2048), "tie_word_embeddings": true,
-    }))
-    .ok()
-}
-
-/// Compute dtype and gradient checkpointing of a mode: `fp32`, `bf16`, `fp32+ckpt` or
-/// `bf16+ckpt` (torch_ref.py's modes, less `torch.compile`), or `fp16` (llmtool's own: it
-/// checks and times the f16 kernels; torch_ref.py has no such rows).
-pub fn parse_mode(mode: &str) -> Result<(DType, bool), String> {
-    match mode {
-        "fp32" => Ok((DType::F32, false)),
-        "bf16" => Ok((DType::BF16, false)),
-        "fp32+ckpt" => Ok((DType::F32, true)),
-        "bf16+ckpt" => Ok((DType::BF16, true)),
-        "fp16" => Ok((DType::F16, false)),
-        _ => Err(format!(
-            "unknown mode {mode:?}: expected fp32, bf16, fp32+ckpt, bf16+ckpt or fp16"
-        )),
-    }
-}
-
 /// Measures one row. The JSON has torch_ref.py's fields for the task, plus `tool`.
 pub fn measure(
     task: Task,
-    preset: &str,
-    mode: &str,
+    preset: Preset,
+    mode: Mode,
     s: &Settings,
     device: &Device,
 ) -> anyhow::Result<Value> {
-    let cfg = preset_config(preset, s.seq).ok_or_else(|| {
-        anyhow::anyhow!("unknown preset {preset:?}: expected tiny, small or base")
-    })?;
-    let (dtype, recompute) = parse_mode(mode).map_err(anyhow::Error::msg)?;
+    let cfg = preset.config(s.seq);
+    let (dtype, recompute) = (mode.dtype(), mode.checkpointed());
     // As the reference: the peak covers the model, optimizer state and the steps.
-    crate::device::reset_peak_memory(device)?;
+    ops::device::reset_peak_memory(device)?;
     let weights = random_weights(&cfg, 0, device)?;
     let measured = match task {
         Task::Train => {
@@ -209,8 +238,8 @@ pub fn measure(
     let mut row = serde_json::Map::new();
     row.insert("tool".into(), "llmtool".into());
     row.insert("task".into(), task.name().into());
-    row.insert("preset".into(), preset.into());
-    row.insert("mode".into(), mode.into());
+    row.insert("preset".into(), preset.name().into());
+    row.insert("mode".into(), mode.name().into());
     if let Task::Lora(base) = task {
         row.insert("lora_base".into(), base.name().into());
     }
@@ -249,7 +278,7 @@ fn lora_model(
         ..LoraSection::default()
     };
     let adapter = Adapter::init(&lora, cfg, 0, device)?;
-    model.attach_adapter(&adapter)?;
+    adapter.attach(&mut model)?;
     Ok((model, adapter.vars()))
 }
 
@@ -259,9 +288,9 @@ fn lora_model(
 fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Device) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if device.is_cpu() {
-        let peak = crate::memory::peak_resident_bytes().map(mib);
+        let peak = train::memory::peak_resident_bytes().map(mib);
         fields.insert("peak_mb".into(), json!(peak));
-    } else if let Some(peak) = crate::device::peak_memory(device) {
+    } else if let Some(peak) = ops::device::peak_memory(device) {
         fields.insert("peak_mb".into(), json!(mib(peak)));
     } else {
         fields.insert("peak_mb".into(), Value::Null);
@@ -365,26 +394,18 @@ fn greedy(
 /// One row per fused op at the shapes of `preset` (and once per dtype the edge-case shapes,
 /// when `preset` is `None`): the op's relative error against its reference in the compute dtype
 /// of `mode`, the tolerance, and forward + backward milliseconds of both.
-pub fn op_rows(
-    preset: Option<&str>,
-    mode: &str,
-    s: &Settings,
-    device: &Device,
-) -> anyhow::Result<Vec<Value>> {
-    use crate::ops::check::{self, tolerance};
-    let (dtype, _) = parse_mode(mode).map_err(anyhow::Error::msg)?;
+pub fn op_rows(preset: Option<Preset>, mode: Mode, s: &Settings, device: &Device) -> Vec<Value> {
+    use ops::check::{self, tolerance};
+    let dtype = mode.dtype();
     let cases = match preset {
-        Some(name) => {
-            let cfg = preset_config(name, s.seq)
-                .ok_or_else(|| anyhow::anyhow!("unknown preset {name:?}"))?;
-            check::model_cases(&cfg, s.batch, s.seq)
-        }
+        Some(preset) => check::model_cases(&preset.config(s.seq).op_shape(), s.batch, s.seq),
         None => check::edge_cases(),
     };
     let mut rows = Vec::new();
     for case in cases {
-        let mut row = json!({"tool": "llmtool", "task": "ops", "preset": preset.unwrap_or("edge"),
-                             "mode": mode, "op": case.name, "shapes": case.shapes(),
+        let preset = preset.map_or("edge", Preset::name);
+        let mut row = json!({"tool": "llmtool", "task": "ops", "preset": preset,
+                             "mode": mode.name(), "op": case.name, "shapes": case.shapes(),
                              "tolerance": tolerance(dtype)});
         match check::run_case(&case, device, dtype, s.steps.clamp(1, 5)) {
             Ok(r) => {
@@ -401,13 +422,13 @@ pub fn op_rows(
         }
         rows.push(row);
     }
-    Ok(rows)
+    rows
 }
 
 /// The optimizer row of the op check: fused AdamW and gradient norm against the composite.
 pub fn adamw_row(device: &Device) -> Value {
     let tolerance = 1e-5;
-    match crate::ops::check::adamw_error(device) {
+    match train::optim::adamw_error(device) {
         Ok(error) => json!({"tool": "llmtool", "task": "ops", "preset": "edge", "mode": "fp32",
                             "op": "adamw", "max_rel_error": error, "tolerance": tolerance,
                             "ok": error < tolerance}),
@@ -442,7 +463,7 @@ mod tests {
             (Task::Eval, &["step_ms", "batch", "seq"][..]),
             (Task::Generate, &["new_tokens", "ms"][..]),
         ] {
-            let row = measure(task, "tiny", "fp32", &s, &Device::Cpu).unwrap();
+            let row = measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
             assert_eq!(row["task"], task.name());
             assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
             for f in fields {
@@ -450,9 +471,16 @@ mod tests {
             }
         }
         assert_eq!(row_trainable_of_tiny_lora(), 6 * 4 * 8 * (384 + 384));
-        assert!(measure(Task::Eval, "huge", "fp32", &s, &Device::Cpu).is_err());
-        assert_eq!(parse_mode("fp16"), Ok((DType::F16, false)));
-        assert!(parse_mode("int8").is_err());
+        use clap::ValueEnum;
+        for mode in Mode::value_variants() {
+            assert_eq!(Mode::from_str(mode.name(), false), Ok(*mode));
+        }
+        assert_eq!(Mode::from_str("bf16+ckpt", false), Ok(Mode::Bf16Ckpt));
+        assert!(Mode::Bf16Ckpt.checkpointed() && !Mode::Fp16.checkpointed());
+        assert_eq!(Mode::Fp16.dtype(), DType::F16);
+        for preset in Preset::value_variants() {
+            assert_eq!(Preset::from_str(preset.name(), false), Ok(*preset));
+        }
     }
 
     #[test]
@@ -465,15 +493,17 @@ mod tests {
             gen_tokens: 1,
         };
         for base in [LoraBase::Frozen, LoraBase::Plain] {
-            let row = measure(Task::Lora(base), "tiny", "fp32", &s, &Device::Cpu).unwrap();
+            let row =
+                measure(Task::Lora(base), Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
             assert_eq!(row["lora_base"], base.name(), "{row}");
             assert_eq!(row["trainable"], 6 * 4 * 8 * (384 + 384), "{row}");
-            assert_eq!(base.name().parse::<LoraBase>(), Ok(base));
+            assert_eq!(
+                <LoraBase as clap::ValueEnum>::from_str(base.name(), false),
+                Ok(base)
+            );
         }
-        let row = measure(Task::Eval, "tiny", "fp32", &s, &Device::Cpu).unwrap();
+        let row = measure(Task::Eval, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
         assert!(row.get("lora_base").is_none(), "{row}");
-        let err = "dense".parse::<LoraBase>().unwrap_err();
-        assert!(err.contains("frozen or plain"), "{err}");
     }
 
     /// A model small enough for exact checks, with every base matrix shape unique: q/k/v/o
@@ -512,7 +542,7 @@ mod tests {
         let targets = Tensor::new(&[7u32, 30, 2, 0, 12, 5], &Device::Cpu).unwrap();
         let weights = Tensor::ones(6, DType::F32, &Device::Cpu).unwrap();
         let logits = model.forward(&ids, None).unwrap().reshape((6, 50)).unwrap();
-        let loss = crate::ops::masked_mean_nll(&logits, &targets, &weights).unwrap();
+        let loss = ops::masked_mean_nll(&logits, &targets, &weights).unwrap();
         loss.backward().unwrap()
     }
 
@@ -598,7 +628,7 @@ mod tests {
     }
 
     fn row_trainable_of_tiny_lora() -> usize {
-        let cfg = preset_config("tiny", 8).unwrap();
+        let cfg = Preset::Tiny.config(8);
         let lora = LoraSection::default();
         let adapter = Adapter::init(&lora, &cfg, 0, &Device::Cpu).unwrap();
         adapter.vars().iter().map(|(_, v)| v.elem_count()).sum()

@@ -1,7 +1,9 @@
 //! Command-line definitions. Each command's help carries a one-line example.
 
-use crate::config::Override;
+use crate::bench::{LoraBase, Mode, Preset, TaskName};
 use clap::{Args, Parser, Subcommand};
+use config::Override;
+use ops::device::DeviceSpec;
 use std::path::PathBuf;
 
 /// Train, fine-tune, evaluate and sample Llama-style language models on your own markdown.
@@ -38,7 +40,7 @@ pub struct TrainArgs {
     pub force: bool,
     /// auto, cpu, cuda, cuda:N or metal (overrides training.device).
     #[arg(long)]
-    pub device: Option<String>,
+    pub device: Option<DeviceSpec>,
     /// Save a resumable checkpoint and stop after this many steps (for time-limited jobs).
     #[arg(long, value_name = "N")]
     pub stop_after_steps: Option<u64>,
@@ -95,7 +97,7 @@ pub enum Command {
     /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora/adapter --out runs/merged
     Merge(MergeArgs),
     /// Measure training, LoRA, evaluation and generation throughput on random tokens, with the
-    /// shapes, rows and JSON fields of shared/bench/torch_ref.py (PyTorch) so the two compare.
+    /// shapes, rows and JSON fields of bench/torch_ref.py (PyTorch) so the two compare.
     ///
     /// Example: llmtool bench --device cpu --sizes tiny --batch 8 --seq 256 --steps 3
     Bench(BenchArgs),
@@ -106,21 +108,32 @@ pub enum Command {
 pub struct BenchArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Comma-separated presets: tiny (14M), small (47M), base (110M).
-    #[arg(long, default_value = "tiny,small")]
-    pub sizes: String,
-    /// Comma-separated tasks: train, lora, eval, generate.
-    #[arg(long, default_value = "train,lora,eval,generate")]
-    pub tasks: String,
-    /// Comma-separated modes: fp32, bf16, bf16+ckpt, fp32+ckpt, fp16 [default: fp32 on CPU, fp32,bf16,bf16+ckpt on GPUs]
-    #[arg(long)]
-    pub modes: Option<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tiny,small")]
+    pub sizes: Vec<Preset>,
+    /// Comma-separated tasks.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "train,lora,eval,generate"
+    )]
+    pub tasks: Vec<TaskName>,
+    /// Comma-separated modes [default: fp32 on the CPU, fp32,bf16,bf16+ckpt on GPUs]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub modes: Vec<Mode>,
     /// Comma-separated bases of the lora task, each its own row: frozen (the base's weight
     /// gradients are never computed) or plain (candle vars the optimizer does not get, whose
     /// weight gradients candle computes anyway, as naive candle code does).
-    #[arg(long, default_value = "frozen", value_name = "BASES")]
-    pub lora_base: String,
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "frozen",
+        value_name = "BASES"
+    )]
+    pub lora_base: Vec<LoraBase>,
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -170,7 +183,7 @@ impl DtypeArg {
 pub struct RuntimeArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: DeviceSpec,
     /// Compute precision (weights are converted on load).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,

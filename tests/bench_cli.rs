@@ -73,7 +73,10 @@ fn an_unknown_lora_base_fails_before_any_row() {
         .unwrap();
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("unknown lora base \"dense\""), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'dense' for '--lora-base"),
+        "{stderr}"
+    );
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(!stdout.contains("\"task\""), "a row ran: {stdout}");
 }

@@ -129,14 +129,14 @@ fn same_seed_same_text_and_cached_prompt_is_reused() {
 
 fn tiny_llama_with_lora() -> LoadedModel {
     let mut loaded = tiny_llama();
-    let adapter = llmtool::model::Adapter::load(
+    let adapter = llmtool::train::Adapter::load(
         &fixture("tiny-llama-lora"),
         &loaded.model.config,
         DType::F32,
         &Device::Cpu,
     )
     .unwrap();
-    loaded.model.attach_adapter(&adapter).unwrap();
+    adapter.attach(&mut loaded.model).unwrap();
     loaded
 }
 

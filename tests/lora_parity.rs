@@ -7,8 +7,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, ids, json, llmtool, relative_error, tensors};
 use llmtool::config::LoraSection;
-use llmtool::model::{self, io, lora, Adapter, Llama, LlamaConfig, ModelError};
+use llmtool::model::{self, io, Llama, LlamaConfig, ModelError};
 use llmtool::ops;
+use llmtool::train::{lora, Adapter};
 use std::path::Path;
 
 fn base() -> Llama {
@@ -20,7 +21,7 @@ fn base() -> Llama {
 fn with_adapter(dir: &Path) -> Llama {
     let mut model = base();
     let adapter = Adapter::load(dir, &model.config, DType::F32, &Device::Cpu).unwrap();
-    model.attach_adapter(&adapter).unwrap();
+    adapter.attach(&mut model).unwrap();
     model
 }
 
@@ -141,7 +142,7 @@ fn new_adapter_starts_as_the_base_model_with_peft_keys() {
         }
     }
     let before = model.forward(&batch(), None).unwrap();
-    model.attach_adapter(&adapter).unwrap();
+    adapter.attach(&mut model).unwrap();
     let after = model.forward(&batch(), None).unwrap();
     assert_eq!(relative_error(&after, &before), 0.0);
     assert_eq!(
@@ -177,8 +178,8 @@ fn one_lora_training_step_matches_peft_and_torch_adamw() {
     .unwrap()
     .into_trainable()
     .unwrap();
-    model.attach_adapter(&adapter).unwrap();
-    model.set_lora_dropout_seed(Some(0)); // lora_dropout is 0: masks must change nothing
+    adapter.attach(&mut model).unwrap();
+    model.set_adapter_dropout_seed(Some(0)); // lora_dropout is 0: masks must change nothing
 
     let loss = loss(&model, &batch());
     let got = loss.to_scalar::<f32>().unwrap() as f64;
@@ -210,7 +211,7 @@ fn one_lora_training_step_matches_peft_and_torch_adamw() {
             .unwrap();
         assert!(diff < 1e-5, "{name}: updated value off by {diff}");
     }
-    model.set_lora_dropout_seed(None);
+    model.set_adapter_dropout_seed(None);
     let got = loss_value(&model);
     let want = step["loss_after"].as_f64().unwrap();
     assert!(
@@ -234,15 +235,15 @@ fn dropout_masks_are_seeded_and_off_in_eval() {
     for (_, var) in adapter.vars() {
         var.set(&(var.ones_like().unwrap() * 0.1).unwrap()).unwrap();
     }
-    model.attach_adapter(&adapter).unwrap();
+    adapter.attach(&mut model).unwrap();
     let eval = loss_value(&model);
-    model.set_lora_dropout_seed(Some(11));
+    model.set_adapter_dropout_seed(Some(11));
     let first = loss_value(&model);
     assert_eq!(first, loss_value(&model), "same seed, same masks");
-    model.set_lora_dropout_seed(Some(12));
+    model.set_adapter_dropout_seed(Some(12));
     assert_ne!(first, loss_value(&model), "new seed, new masks");
     assert_ne!(first, eval);
-    model.set_lora_dropout_seed(None);
+    model.set_adapter_dropout_seed(None);
     assert_eq!(eval, loss_value(&model));
 }
 
@@ -466,8 +467,8 @@ fn bf16_base_stays_frozen_and_adapter_still_trains() {
         ..LoraSection::default()
     };
     let adapter = Adapter::init(&lora, &model.config, 2, &Device::Cpu).unwrap();
-    model.attach_adapter(&adapter).unwrap();
-    model.set_lora_dropout_seed(Some(1));
+    adapter.attach(&mut model).unwrap();
+    model.set_adapter_dropout_seed(Some(1));
     let loss = loss(&model, &batch());
     let want = json("tiny-llama/expected.json")["loss"].as_f64().unwrap();
     let got = loss.to_scalar::<f32>().unwrap() as f64;

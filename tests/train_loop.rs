@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device};
 use llmtool::config::Config;
-use llmtool::model::{Llama, LlamaConfig, ModelError};
+use llmtool::model::{Llama, ModelError};
 use llmtool::train::gradients::{accumulate, Gradients};
 use llmtool::train::{init, Batch, BatchSource, TrainOptions, Trainer};
 use std::path::Path;
@@ -78,7 +78,7 @@ fn tiny_config(steps: usize) -> Config {
 }
 
 fn fresh(c: &Config) -> (Llama, Vec<(String, candle_core::Var)>) {
-    let cfg = LlamaConfig::from_section(&c.model, Some(0));
+    let cfg = llmtool::train::init::scratch_config(&c.model, Some(0));
     let weights = init::random_weights(&cfg, c.training.seed, &Device::Cpu).unwrap();
     let (weights, vars) = weights.into_trainable().unwrap();
     (Llama::new(&cfg, &weights, DType::F32).unwrap(), vars)
@@ -96,7 +96,7 @@ fn train(c: &Config, dir: &Path, opts: &TrainOptions) -> llmtool::train::TrainSu
         artifact: "model",
     };
     trainer
-        .run(&Repeated::new(c.training.seq_len), opts)
+        .run(&Repeated::new(c.training.seq_len), opts, &mut |_| {})
         .unwrap()
 }
 
@@ -191,7 +191,7 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
     let mut c = tiny_config(20);
     c.training.dtype = llmtool::config::Precision::Bf16;
     c.training.lr = 1e-2;
-    let cfg = LlamaConfig::from_section(&c.model, Some(0));
+    let cfg = llmtool::train::init::scratch_config(&c.model, Some(0));
     let weights = init::random_weights(&cfg, c.training.seed, &Device::Cpu).unwrap();
     let (weights, vars) = weights.into_trainable().unwrap();
     let model = Llama::new(&cfg, &weights, DType::BF16).unwrap();
@@ -213,7 +213,7 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
         artifact: "model",
     };
     let summary = trainer
-        .run(&Repeated::new(16), &TrainOptions::default())
+        .run(&Repeated::new(16), &TrainOptions::default(), &mut |_| {})
         .unwrap();
     assert!(
         summary.last_loss.unwrap() < 2.5,

@@ -1,6 +1,6 @@
-//! `llmtool bench`: the rows of `shared/bench/torch_ref.py`, as JSON lines and a table.
+//! `llmtool bench`: the rows of `bench/torch_ref.py`, as JSON lines and a table.
 
-use crate::bench::{measure, parse_mode, preset_config, LoraBase, Settings, Task};
+use crate::bench::{measure, Mode, Preset, Settings, Task, TaskName};
 use crate::cli::BenchArgs;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -8,44 +8,24 @@ use std::io::Write;
 
 /// Runs `llmtool bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = crate::device::open(&args.device)?;
-    let tasks = args
-        .tasks
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<Vec<Task>, String>>()
-        .map_err(anyhow::Error::msg)?;
+    let device = ops::device::open(args.device)?;
     // The reference's defaults: mixed precision and checkpointing only on GPUs.
-    let modes = match &args.modes {
-        Some(m) => m.clone(),
-        None if device.is_cpu() => "fp32".to_string(),
-        None => "fp32,bf16,bf16+ckpt".to_string(),
+    let modes = match args.modes.as_slice() {
+        [] if device.is_cpu() => vec![Mode::Fp32],
+        [] => vec![Mode::Fp32, Mode::Bf16, Mode::Bf16Ckpt],
+        given => given.to_vec(),
     };
-    // Refuse bad names before spending minutes on the rows that precede them.
-    for mode in modes.split(',') {
-        parse_mode(mode).map_err(anyhow::Error::msg)?;
-    }
-    let lora_bases = args
-        .lora_base
-        .split(',')
-        .map(str::parse)
-        .collect::<Result<Vec<LoraBase>, String>>()
-        .map_err(anyhow::Error::msg)?;
     // A `lora` task runs once per base, each its own row.
-    let tasks: Vec<Task> = tasks
-        .into_iter()
+    let tasks: Vec<Task> = args
+        .tasks
+        .iter()
         .flat_map(|task| match task {
-            Task::Lora(_) => lora_bases.iter().map(|&b| Task::Lora(b)).collect(),
-            other => vec![other],
+            TaskName::Train => vec![Task::Train],
+            TaskName::Lora => args.lora_base.iter().map(|&b| Task::Lora(b)).collect(),
+            TaskName::Eval => vec![Task::Eval],
+            TaskName::Generate => vec![Task::Generate],
         })
         .collect();
-    if let Some(bad) = args
-        .sizes
-        .split(',')
-        .find(|p| preset_config(p, args.seq).is_none())
-    {
-        bail!("unknown preset {bad:?}: expected tiny, small or base");
-    }
     if args.batch == 0 || args.seq == 0 || args.steps == 0 {
         bail!("--batch, --seq and --steps must be at least 1");
     }
@@ -75,15 +55,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return run_ops(&args, &modes, &settings, &device, out.as_mut());
     }
     let mut rows = Vec::new();
-    for preset in args.sizes.split(',') {
+    for &preset in &args.sizes {
         for &task in &tasks {
-            for mode in modes.split(',') {
+            for &mode in &modes {
                 // As the reference: checkpointing only applies to training.
-                if matches!(task, Task::Eval | Task::Generate) && mode.contains("ckpt") {
+                if matches!(task, Task::Eval | Task::Generate) && mode.checkpointed() {
                     continue;
                 }
                 let row =
-                    super::train::on_big_stack(|| measure(task, preset, mode, &settings, &device))?
+                    train::run::on_big_stack(|| measure(task, preset, mode, &settings, &device))?
                         .unwrap_or_else(|e| error_row(task, preset, mode, &e));
                 println!("{row}");
                 if let Some(file) = &mut out {
@@ -98,9 +78,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// The row of a measurement that failed: what it was, and the error.
-fn error_row(task: Task, preset: &str, mode: &str, e: &anyhow::Error) -> Value {
-    let mut row = json!({"tool": "llmtool", "task": task.name(), "preset": preset,
-                         "mode": mode, "error": format!("{e:#}")});
+fn error_row(task: Task, preset: Preset, mode: Mode, e: &anyhow::Error) -> Value {
+    let mut row = json!({"tool": "llmtool", "task": task.name(), "preset": preset.name(),
+                         "mode": mode.name(), "error": format!("{e:#}")});
     if let Task::Lora(base) = task {
         row["lora_base"] = base.name().into();
     }
@@ -141,16 +121,16 @@ fn print_table(rows: &[Value]) {
 /// `llmtool bench --ops`: the op check rows, then a summary; an error if any op failed.
 fn run_ops(
     args: &BenchArgs,
-    modes: &str,
+    modes: &[Mode],
     settings: &Settings,
     device: &candle_core::Device,
     mut out: Option<&mut std::fs::File>,
 ) -> Result<()> {
     let mut rows = vec![crate::bench::adamw_row(device)];
-    for mode in modes.split(',').filter(|m| !m.contains("ckpt")) {
-        let presets = std::iter::once(None).chain(args.sizes.split(',').map(Some));
+    for &mode in modes.iter().filter(|m| !m.checkpointed()) {
+        let presets = std::iter::once(None).chain(args.sizes.iter().copied().map(Some));
         for preset in presets {
-            rows.extend(crate::bench::op_rows(preset, mode, settings, device)?);
+            rows.extend(crate::bench::op_rows(preset, mode, settings, device));
         }
     }
     for row in &rows {

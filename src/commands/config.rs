@@ -2,10 +2,21 @@
 
 use crate::cli::{ConfigArgs, ConfigCommand};
 use anyhow::Result;
+use std::path::Path;
 
 /// Loads the config named by `args`, with its overrides.
-pub fn load(args: &ConfigArgs) -> Result<crate::config::Config> {
-    Ok(crate::config::load(&args.config, &args.overrides)?)
+pub fn load(args: &ConfigArgs) -> Result<config::Config> {
+    load_file(&args.config, &args.overrides)
+}
+
+/// Loads a config file with overrides, checked by every layer: the config's own checks and
+/// those of the layers above it (LoRA target names).
+pub fn load_file(path: &Path, overrides: &[config::Override]) -> Result<config::Config> {
+    Ok(config::load_with(
+        path,
+        overrides,
+        &[train::lora::config_issues],
+    )?)
 }
 
 /// Runs `config show` or `config validate`.

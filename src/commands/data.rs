@@ -1,8 +1,8 @@
 //! `llmtool data build|stats`.
 
 use crate::cli::{DataBuildArgs, DataCommand, DataStatsArgs};
-use crate::data::{self, BuildOptions, BuildReport, Manifest};
 use anyhow::{Context, Result};
+use data::{self, BuildOptions, BuildReport, Manifest};
 use std::collections::BTreeMap;
 
 /// Runs `data build` or `data stats`.

@@ -1,16 +1,15 @@
 //! `llmtool estimate`: parameters and peak training memory, before loading anything.
 
 use crate::cli::ConfigArgs;
-use crate::memory::{human, plan};
-use crate::model::LlamaConfig;
 use anyhow::Result;
+use train::memory::{human, plan};
 
 /// Runs `llmtool estimate`.
 pub fn run(args: ConfigArgs) -> Result<()> {
     let config = super::config::load(&args)?;
     let model = match &config.model.pretrained {
-        Some(spec) => crate::model::io::read_config(std::path::Path::new(spec))?,
-        None => LlamaConfig::from_section(&config.model, None),
+        Some(spec) => model::io::read_config(std::path::Path::new(spec))?,
+        None => train::init::scratch_config(&config.model, None),
     };
     let p = plan(&model, &config);
     let t = &config.training;

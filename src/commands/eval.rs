@@ -2,12 +2,12 @@
 
 use super::runtime::{load_model, Runtime};
 use crate::cli::EvalArgs;
-use crate::eval::{
+use anyhow::{Context, Result};
+use eval::{
     dataset_documents, read_documents, tokenize, Document, DocumentScore, Evaluator, Metrics,
     Tally, TokenizedDocument, WindowSpec,
 };
-use crate::model::LoadedModel;
-use anyhow::{Context, Result};
+use model::LoadedModel;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,7 +76,7 @@ fn score(
         spec,
         batch_size: args.batch_size.unwrap_or(settings.batch_size).max(1),
     };
-    let bar = crate::progress::bar(0, "windows");
+    let bar = data::progress::bar(0, "windows");
     bar.set_message(label(model, adapter));
     let start = Instant::now();
     let mut tokens_run = 0usize;

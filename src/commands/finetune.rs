@@ -2,17 +2,19 @@
 //! JSONL examples, with LoRA adapters (`--lora`, a PEFT adapter directory) or all weights (an
 //! HF model directory).
 
-use super::train::{build_dataset, execute, on_big_stack, open_session, resolve_config, TrainData};
+use super::session::{build_dataset, execute, open_session, resolve_config, TrainData};
 use crate::cli::FinetuneArgs;
-use crate::config::{Config, TrainingSection};
-use crate::data::jsonl::{self, ExampleOptions, Examples};
-use crate::data::Dataset;
-use crate::generate::ChatTemplate;
-use crate::model::{self, hub, Adapter, Llama, LlamaConfig, Weights};
-use crate::train::example_source::ExampleBatches;
-use crate::train::BatchSource;
 use anyhow::{Context, Result};
+use config::{Config, TrainingSection};
+use data::jsonl::{self, ExampleOptions, Examples};
+use data::Dataset;
+use generate::ChatTemplate;
+use model::{hub, Llama, LlamaConfig, Weights};
 use std::path::{Path, PathBuf};
+use train::example_source::ExampleBatches;
+use train::run::on_big_stack;
+use train::Adapter;
+use train::BatchSource;
 
 /// Runs `llmtool finetune` on a thread with a big stack.
 pub fn run(args: FinetuneArgs) -> Result<()> {
@@ -43,7 +45,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         let mut llama = loaded.model;
         let mut adapter = Adapter::init(&config.lora, &llama.config, t.seed, &session.device)?;
         adapter.config.base_model_name_or_path = Some(spec.clone());
-        llama.attach_adapter(&adapter)?;
+        adapter.attach(&mut llama)?;
         let save = |dir: &Path| adapter.save(dir);
         execute(
             &session,
@@ -107,12 +109,9 @@ impl FinetuneData {
             .tokenizer
             .clone()
             .unwrap_or_else(|| base_dir.join("tokenizer.json"));
-        let tokenizer = crate::data::tokenizer::load(&tokenizer_path, vocab_size)?;
-        let eos_id = crate::data::tokenizer::eos_id(
-            &tokenizer,
-            &config.data.special_tokens,
-            &tokenizer_path,
-        )?;
+        let tokenizer = data::tokenizer::load(&tokenizer_path, vocab_size)?;
+        let eos_id =
+            data::tokenizer::eos_id(&tokenizer, &config.data.special_tokens, &tokenizer_path)?;
         let template = ChatTemplate::load(base_dir);
         let examples = jsonl::load(
             &files,

@@ -3,13 +3,13 @@
 
 use super::runtime::{load_model, Runtime};
 use crate::cli::GenerateArgs;
-use crate::config::GenerateSection;
-use crate::generate::{
+use anyhow::{bail, Context, Result};
+use config::GenerateSection;
+use generate::{
     eos_ids, keep_tail, ChatTemplate, Finish, Generation, GenerationSettings, Message,
     SamplingParams, Session,
 };
-use crate::model::{Llama, LoadedModel};
-use anyhow::{bail, Context, Result};
+use model::{Llama, LoadedModel};
 use std::io::{BufRead, Read, Write};
 
 /// Runs `llmtool generate`.

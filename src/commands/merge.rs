@@ -1,11 +1,12 @@
 //! `llmtool merge`: fold a LoRA adapter into its base model.
 
 use crate::cli::MergeArgs;
-use crate::model::io::{self, ModelFiles};
-use crate::model::{hub, lora, Adapter};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use model::hub;
+use model::io::{self, ModelFiles};
 use std::path::Path;
+use train::{lora, Adapter};
 
 /// Merges `args.adapter` into `args.model` and writes the result to `args.out`.
 pub fn run(args: &MergeArgs) -> Result<()> {

@@ -9,5 +9,6 @@ pub mod finetune;
 pub mod generate;
 pub mod merge;
 mod runtime;
+mod session;
 pub mod tokenizer;
 pub mod train;

@@ -1,11 +1,12 @@
 //! Loading what `eval` and `generate` run: device, config defaults, model and adapter.
 
 use crate::cli::RuntimeArgs;
-use crate::config::Config;
-use crate::model::{self, Adapter, LoadedModel};
 use anyhow::{Context, Result};
 use candle_core::Device;
+use config::Config;
+use model::LoadedModel;
 use std::path::Path;
+use train::Adapter;
 
 /// The opened device and the config whose sections give defaults.
 pub struct Runtime {
@@ -16,9 +17,9 @@ pub struct Runtime {
 impl Runtime {
     /// Opens the device and reads `--config` (defaults when absent).
     pub fn open(args: &RuntimeArgs) -> Result<Self> {
-        let device = crate::device::open(&args.device)?;
+        let device = ops::device::open(args.device)?;
         let config = match &args.config {
-            Some(path) => crate::config::load(path, &[])?,
+            Some(path) => super::config::load_file(path, &[])?,
             None => Config::default(),
         };
         Ok(Self { device, config })
@@ -39,7 +40,7 @@ pub fn load_model(
     if let Some(adapter_dir) = adapter {
         let adapter = Adapter::load(adapter_dir, &loaded.model.config, dtype, device)
             .with_context(|| format!("cannot load the adapter {}", adapter_dir.display()))?;
-        loaded.model.attach_adapter(&adapter).with_context(|| {
+        adapter.attach(&mut loaded.model).with_context(|| {
             format!(
                 "the adapter {} does not fit the model {}",
                 adapter_dir.display(),

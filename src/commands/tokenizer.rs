@@ -1,8 +1,8 @@
 //! `llmtool tokenizer train`.
 
 use crate::cli::{TokenizerCommand, TokenizerTrainArgs};
-use crate::data::{build::unique_documents, clean_documents, tokenizer};
 use anyhow::{Context, Result};
+use data::{build::unique_documents, clean_documents, tokenizer};
 
 /// Runs `tokenizer train`.
 pub fn run(command: TokenizerCommand) -> Result<()> {

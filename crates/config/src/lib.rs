@@ -1,0 +1,13 @@
+//! The YAML configuration: one schema with the sections `model`, `data`, `training`, `lora`,
+//! `eval`, `generate` and `output`, each key with a documented default (docs/config.md).
+//!
+//! Loading ([`load`]) reports every problem at once, each with the file, line and key.
+
+mod load;
+mod locate;
+mod numbers;
+mod schema;
+mod validate;
+
+pub use load::{load, load_str, load_with, Check, ConfigError, ConfigIssue, Override};
+pub use schema::*;

@@ -1,0 +1,476 @@
+//! Fine-tuning examples from JSONL files, one example a line, in the formats mlx-lm reads:
+//! `{"text": ...}` (every token scored), `{"prompt": ..., "completion": ...}` (the completion
+//! and the EOS after it scored) and `{"messages": [{"role", "content"}, ...]}` (rendered with the
+//! model's chat template; the assistant turns and their end-of-turn token scored).
+//!
+//! Each line becomes a text plus the byte spans of it that are scored; the tokenizer's offsets
+//! then mark which tokens are targets of the loss.
+
+use super::corpus::list_files;
+use super::dedup::is_validation;
+use super::{DataError, Tokenizer};
+use crate::chat::{ChatTemplate, Message};
+use config::DataSection;
+use serde_json::Value;
+use std::ops::Range;
+use std::path::PathBuf;
+
+/// What a line must hold.
+const FORMATS: &str = "expected \"text\", \"prompt\"/\"completion\" or \"messages\"";
+
+/// Roles a chat message may have.
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// One tokenized example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub tokens: Vec<u32>,
+    /// Loss weight of each token as a prediction target: 1 scored, 0 context only.
+    pub weights: Vec<f32>,
+}
+
+/// The examples of a set of JSONL files, split into train and val.
+#[derive(Debug, Default)]
+pub struct Examples {
+    pub train: Vec<Example>,
+    pub val: Vec<Example>,
+    /// Examples cut to `seq_len + 1` tokens.
+    pub truncated: usize,
+    /// Examples dropped because no scored token was left (after truncation).
+    pub unscored: usize,
+}
+
+/// How to turn lines into examples.
+pub struct ExampleOptions<'a> {
+    pub tokenizer: &'a Tokenizer,
+    /// Appended (and scored) after `text` and `completion`.
+    pub eos_id: u32,
+    /// The model's chat template for `messages` lines, or why it has none.
+    pub chat_template: Result<&'a ChatTemplate, String>,
+    /// Examples longer than `seq_len + 1` tokens are truncated.
+    pub seq_len: usize,
+    pub val_fraction: f64,
+}
+
+/// A line rendered to text, with the byte spans whose tokens are scored.
+#[derive(Debug, PartialEq)]
+struct Rendered {
+    text: String,
+    scored: Vec<Range<usize>>,
+    /// `text` and `prompt`/`completion` end with EOS and let the tokenizer add its special
+    /// tokens; a chat template writes its own.
+    plain: bool,
+}
+
+impl Rendered {
+    /// A `text` or `prompt`/`completion` line, scored from byte `scored_from` to the end.
+    fn plain(text: String, scored_from: usize) -> Self {
+        Self {
+            scored: std::iter::once(scored_from..text.len()).collect(),
+            text,
+            plain: true,
+        }
+    }
+}
+
+/// The `.jsonl` files of `data.roots`: `.jsonl` roots, and `.jsonl` files directly inside root
+/// folders, like mlx-lm's `data/train.jsonl` (`data.include` is not applied, `data.exclude` is).
+/// Deeper files are not picked up, so JSON lines kept among documentation (logs, benchmark
+/// results) do not turn a markdown corpus into a JSONL one. Fine-tuning reads these instead of
+/// the markdown when there are any.
+pub fn find_files(data: &DataSection) -> Result<Vec<PathBuf>, DataError> {
+    let jsonl_only = DataSection {
+        include: vec!["**/*.jsonl".into()],
+        ..data.clone()
+    };
+    let (files, _) = list_files(&data.roots, &jsonl_only)?;
+    Ok(files
+        .into_iter()
+        .map(|f| f.path)
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .filter(|p| {
+            data.roots
+                .iter()
+                .any(|root| p == root || p.parent() == Some(root.as_path()))
+        })
+        .collect())
+}
+
+/// Reads, renders and tokenizes every line of `files` (blank lines are skipped), and splits
+/// the examples by a hash of their text. The first bad line fails the whole load, naming the
+/// file and line.
+pub fn load(files: &[PathBuf], options: &ExampleOptions) -> Result<Examples, DataError> {
+    let mut examples = Examples::default();
+    for path in files {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let at_line = |message: String| DataError::Line {
+                path: path.clone(),
+                line: i + 1,
+                message,
+            };
+            let rendered = render(
+                line,
+                options
+                    .chat_template
+                    .as_ref()
+                    .copied()
+                    .map_err(String::as_str),
+            )
+            .map_err(at_line)?;
+            let mut example = tokenize(&rendered, options).map_err(at_line)?;
+            let limit = options.seq_len + 1;
+            if example.tokens.len() > limit {
+                example.tokens.truncate(limit);
+                example.weights.truncate(limit);
+                examples.truncated += 1;
+            }
+            if example.weights.iter().skip(1).all(|&w| w == 0.0) {
+                examples.unscored += 1;
+            } else if is_validation(&rendered.text, options.val_fraction) {
+                examples.val.push(example);
+            } else {
+                examples.train.push(example);
+            }
+        }
+    }
+    if examples.train.is_empty() {
+        return Err(DataError::NoExamples {
+            files: files.len(),
+            val: examples.val.len(),
+            unscored: examples.unscored,
+        });
+    }
+    Ok(examples)
+}
+
+/// A line's text and scored spans.
+fn render(line: &str, template: Result<&ChatTemplate, &str>) -> Result<Rendered, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Some(record) = value.as_object() else {
+        return Err(FORMATS.into());
+    };
+    if let Some(text) = record.get("text") {
+        return Ok(Rendered::plain(string(Some(text), "text")?, 0));
+    }
+    if record.contains_key("prompt") || record.contains_key("completion") {
+        let prompt = string(record.get("prompt"), "prompt")?;
+        let completion = string(record.get("completion"), "completion")?;
+        return Ok(Rendered::plain(prompt.clone() + &completion, prompt.len()));
+    }
+    match record.get("messages") {
+        Some(messages) => render_chat(messages, template),
+        None => Err(FORMATS.into()),
+    }
+}
+
+fn string(value: Option<&Value>, key: &str) -> Result<String, String> {
+    match value {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("\"{key}\" must be a string")),
+        None => Err(format!("missing \"{key}\"")),
+    }
+}
+
+/// Renders a conversation; each assistant turn's span runs from the end of the conversation
+/// before it (rendered with the generation prompt) to the end of the conversation through it
+/// (rendered without), less trailing whitespace: its content and end-of-turn token.
+fn render_chat(value: &Value, template: Result<&ChatTemplate, &str>) -> Result<Rendered, String> {
+    let Some(list) = value.as_array() else {
+        return Err("\"messages\" must be a list".into());
+    };
+    let messages = list
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field =
+                |key: &str| string(m.get(key), key).map_err(|e| format!("messages[{i}]: {e}"));
+            let role = field("role")?;
+            if !ROLES.contains(&role.as_str()) {
+                return Err(format!(
+                    "messages[{i}]: unknown role \"{role}\" (expected {})",
+                    ROLES.join(", ")
+                ));
+            }
+            Ok(Message::new(&role, &field("content")?))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !messages.iter().any(|m| m.role == "assistant") {
+        return Err("messages: no assistant turn to train on".into());
+    }
+    let template = template.map_err(|e| format!("messages need a chat template: {e}"))?;
+    let render = |messages: &[Message], prompt: bool| {
+        template.render(messages, prompt).map_err(|e| e.to_string())
+    };
+    let text = render(&messages, false)?;
+    let mut scored = Vec::new();
+    for (i, _) in messages
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.role == "assistant")
+    {
+        let before = render(&messages[..i], true)?;
+        let through = render(&messages[..=i], false)?;
+        if !through.starts_with(&before) || !text.starts_with(&through) {
+            return Err(format!(
+                "the chat template does not render messages[{i}] as a continuation of the turns before it; cannot tell which tokens the assistant wrote"
+            ));
+        }
+        let end = before.len() + through[before.len()..].trim_end().len();
+        scored.push(before.len()..end);
+    }
+    Ok(Rendered {
+        text,
+        scored,
+        plain: false,
+    })
+}
+
+/// Tokenizes a rendered line; a token is scored when its bytes overlap a scored span.
+fn tokenize(rendered: &Rendered, options: &ExampleOptions) -> Result<Example, String> {
+    let encoding = options
+        .tokenizer
+        .encode(rendered.text.as_str(), rendered.plain)
+        .map_err(|e| format!("cannot tokenize: {e}"))?;
+    let mut tokens = encoding.get_ids().to_vec();
+    let mut weights: Vec<f32> = encoding
+        .get_offsets()
+        .iter()
+        .map(|&(start, end)| {
+            let end = end.max(start + 1);
+            let scored = rendered
+                .scored
+                .iter()
+                .any(|span| start < span.end && end > span.start);
+            if scored {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    if rendered.plain {
+        tokens.push(options.eos_id);
+        weights.push(1.0);
+    }
+    Ok(Example { tokens, weights })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
+    }
+
+    struct Setup {
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        dir: tempfile::TempDir,
+    }
+
+    impl Setup {
+        fn new() -> Self {
+            Self {
+                tokenizer: Tokenizer::from_file(fixture().join("tokenizer.json")).unwrap(),
+                template: ChatTemplate::load(&fixture()).unwrap(),
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn options(&self, seq_len: usize, val_fraction: f64) -> ExampleOptions<'_> {
+            ExampleOptions {
+                tokenizer: &self.tokenizer,
+                eos_id: 0,
+                chat_template: Ok(&self.template),
+                seq_len,
+                val_fraction,
+            }
+        }
+
+        fn write(&self, name: &str, lines: &[&str]) -> PathBuf {
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, lines.join("\n")).unwrap();
+            path
+        }
+
+        fn load(&self, lines: &[&str]) -> Result<Examples, DataError> {
+            load(&[self.write("train.jsonl", lines)], &self.options(512, 0.0))
+        }
+
+        /// The example's (unscored, scored) targets, decoded.
+        fn split_text(&self, example: &Example) -> (String, String) {
+            let pick = |scored: bool| -> Vec<u32> {
+                example.tokens[1..]
+                    .iter()
+                    .zip(&example.weights[1..])
+                    .filter(|(_, &w)| (w == 1.0) == scored)
+                    .map(|(&t, _)| t)
+                    .collect()
+            };
+            let decode = |ids: Vec<u32>| self.tokenizer.decode(&ids, false).unwrap();
+            (decode(pick(false)), decode(pick(true)))
+        }
+    }
+
+    #[test]
+    fn text_scores_every_token_and_ends_with_eos() {
+        let setup = Setup::new();
+        let set = setup
+            .load(&[r#"{"text": "The quick brown fox."}"#])
+            .unwrap();
+        let example = &set.train[0];
+        assert_eq!(example.tokens.last(), Some(&0));
+        assert!(example.weights[1..].iter().all(|&w| w == 1.0));
+        let (context, scored) = setup.split_text(example);
+        assert!(context.is_empty(), "{context:?}");
+        assert!(
+            scored.ends_with(" quick brown fox.<|endoftext|>"),
+            "{scored:?}"
+        );
+    }
+
+    #[test]
+    fn prompt_tokens_are_unscored_and_the_completion_with_eos_scored() {
+        let setup = Setup::new();
+        let line =
+            r#"{"prompt": "Question: what jumps?\nAnswer:", "completion": " the quick brown fox"}"#;
+        let set = setup.load(&[line]).unwrap();
+        let example = &set.train[0];
+        let prompt = setup
+            .tokenizer
+            .encode("Question: what jumps?\nAnswer:", false)
+            .unwrap();
+        let n = prompt.get_ids().len();
+        assert_eq!(&example.tokens[..n], prompt.get_ids());
+        assert!(example.weights[..n].iter().all(|&w| w == 0.0));
+        assert!(example.weights[n..].iter().all(|&w| w == 1.0));
+        let (_, scored) = setup.split_text(example);
+        assert_eq!(scored, " the quick brown fox<|endoftext|>");
+    }
+
+    #[test]
+    fn only_assistant_turns_and_their_end_token_are_scored() {
+        let setup = Setup::new();
+        let line = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine."}]}"#;
+        let set = setup.load(&[line]).unwrap();
+        let (context, scored) = setup.split_text(&set.train[0]);
+        assert_eq!(scored, "Hello there<|endoftext|>Fine.<|endoftext|>");
+        assert!(context.contains("Be brief.") && context.contains("How are you?"));
+        // The assistant header is context; the newline after the end token is not scored.
+        assert!(
+            context.ends_with("Hi<|endoftext|>\n<|im_start|>assistant\n\n<|im_start|>user\nHow are you?<|endoftext|>\n<|im_start|>assistant\n\n"),
+            "{context:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_line_names_the_file_and_line() {
+        let setup = Setup::new();
+        let good = r#"{"text": "fine"}"#;
+        for (bad, expected) in [
+            (r#"{"input": "x"}"#, FORMATS),
+            ("[1, 2]", FORMATS),
+            ("{not json", "invalid JSON"),
+            (r#"{"text": 3}"#, "\"text\" must be a string"),
+            (r#"{"prompt": "q"}"#, "missing \"completion\""),
+            (r#"{"messages": "hi"}"#, "\"messages\" must be a list"),
+            (
+                r#"{"messages": [{"role": "robot", "content": "x"}]}"#,
+                "messages[0]: unknown role \"robot\"",
+            ),
+            (
+                r#"{"messages": [{"role": "user"}]}"#,
+                "messages[0]: missing \"content\"",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+                "no assistant turn",
+            ),
+        ] {
+            let err = setup.load(&[good, "", bad, good]).unwrap_err().to_string();
+            assert!(err.contains("train.jsonl:3: "), "{err}");
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn messages_without_a_template_are_an_error() {
+        let setup = Setup::new();
+        let path = setup.write(
+            "chat.jsonl",
+            &[r#"{"messages": [{"role": "assistant", "content": "x"}]}"#],
+        );
+        let options = ExampleOptions {
+            chat_template: Err("no chat_template".into()),
+            ..setup.options(64, 0.0)
+        };
+        let err = load(&[path], &options).unwrap_err().to_string();
+        assert!(
+            err.contains("chat.jsonl:1: messages need a chat template"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn long_examples_are_truncated_and_unscored_ones_dropped() {
+        let setup = Setup::new();
+        let long = format!(r#"{{"text": "{}"}}"#, "word ".repeat(50));
+        let prompt_only = format!(
+            r#"{{"prompt": "{}", "completion": "x"}}"#,
+            "word ".repeat(50)
+        );
+        let path = setup.write("t.jsonl", &[&long, &prompt_only]);
+        let set = load(&[path], &setup.options(8, 0.0)).unwrap();
+        assert_eq!((set.train.len(), set.truncated, set.unscored), (1, 2, 1));
+        assert_eq!(set.train[0].tokens.len(), 9);
+    }
+
+    #[test]
+    fn the_split_depends_only_on_each_example() {
+        let setup = Setup::new();
+        let lines: Vec<String> = (0..40)
+            .map(|i| format!(r#"{{"text": "example number {i}"}}"#))
+            .collect();
+        let mut lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let forward = load(&[setup.write("a.jsonl", &lines)], &setup.options(64, 0.3)).unwrap();
+        lines.reverse();
+        let backward = load(&[setup.write("b.jsonl", &lines)], &setup.options(64, 0.3)).unwrap();
+        assert!(!forward.val.is_empty() && !forward.train.is_empty());
+        let sorted = |v: &[Example]| {
+            let mut t: Vec<Vec<u32>> = v.iter().map(|e| e.tokens.clone()).collect();
+            t.sort();
+            t
+        };
+        assert_eq!(sorted(&forward.val), sorted(&backward.val));
+        assert_eq!(sorted(&forward.train), sorted(&backward.train));
+    }
+
+    #[test]
+    fn jsonl_files_are_found_at_the_top_of_root_folders_and_as_roots() {
+        let setup = Setup::new();
+        let dir = setup.dir.path();
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("notes.md"), "# x").unwrap();
+        std::fs::write(dir.join("sub/chat.jsonl"), "").unwrap();
+        std::fs::write(dir.join("a.jsonl"), "").unwrap();
+        let data = |roots: Vec<PathBuf>| DataSection {
+            roots,
+            ..DataSection::default()
+        };
+        let found = find_files(&data(vec![dir.to_path_buf()])).unwrap();
+        assert_eq!(found, [dir.join("a.jsonl")], "sub/chat.jsonl is too deep");
+        let found = find_files(&data(vec![dir.join("a.jsonl"), dir.join("notes.md")])).unwrap();
+        assert_eq!(found, [dir.join("a.jsonl")]);
+        std::fs::remove_file(dir.join("a.jsonl")).unwrap();
+        std::fs::remove_dir_all(dir.join("sub")).unwrap();
+        assert!(find_files(&data(vec![dir.to_path_buf()]))
+            .unwrap()
+            .is_empty());
+    }
+}

@@ -1,0 +1,224 @@
+//! The Hugging Face `config.json` of a Llama-family model (Llama, Mistral, Qwen2, SmolLM).
+
+use serde::{Deserialize, Serialize};
+
+/// Architectures whose weights and forward pass this crate implements.
+pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
+    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// RoPE settings: the legacy `rope_scaling` object, or transformers 5's `rope_parameters`
+/// (which also carries `rope_theta`). Only `default` and `llama3` types are implemented.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    #[serde(alias = "type", default = "default_rope_type")]
+    pub rope_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default = "one")]
+    pub factor: f64,
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    #[serde(default = "original_context")]
+    pub original_max_position_embeddings: usize,
+}
+
+fn default_rope_type() -> String {
+    "default".into()
+}
+fn one() -> f64 {
+    1.0
+}
+fn four() -> f64 {
+    4.0
+}
+fn original_context() -> usize {
+    8192
+}
+
+/// A token id field that may be a single id or a list (HF allows both for `eos_token_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// All ids as a list.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// The fields of `config.json` llmtool reads and writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default = "llama")]
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeScaling>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v (Llama `attention_bias`; always on for Qwen2).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_init")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+}
+
+fn llama() -> String {
+    "llama".into()
+}
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_init() -> f64 {
+    0.02
+}
+
+impl LlamaConfig {
+    /// Key/value heads (defaults to the attention heads).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Size of one attention head.
+    pub fn head_size(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The dimensions the model's fused ops run at, for the op checks.
+    pub fn op_shape(&self) -> ops::check::ModelShape {
+        ops::check::ModelShape {
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.kv_heads(),
+            head_size: self.head_size(),
+            ffn: self.intermediate_size,
+            vocab: self.vocab_size,
+        }
+    }
+
+    /// RoPE base frequency (`rope_parameters.rope_theta` wins over the legacy key).
+    pub fn theta(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.rope_theta)
+            .unwrap_or(self.rope_theta)
+    }
+
+    /// The llama3 frequency scaling, if the config has one.
+    pub fn llama3_scaling(&self) -> Option<&RopeScaling> {
+        [&self.rope_scaling, &self.rope_parameters]
+            .into_iter()
+            .flatten()
+            .find(|s| s.rope_type == "llama3")
+    }
+
+    /// Whether q/k/v projections carry biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+
+    /// Checks the architecture and shapes; returns a message naming the offending field.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(arch) = self.architectures.first() {
+            if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+                return Err(format!(
+                    "architectures: {arch} is not supported (supported: {})",
+                    SUPPORTED_ARCHITECTURES.join(", ")
+                ));
+            }
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!(
+                "hidden_act: {} is not supported (only silu)",
+                self.hidden_act
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) is not divisible by num_key_value_heads ({})",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        if self.head_size() % 2 != 0 {
+            return Err(format!(
+                "head size {} must be even for RoPE",
+                self.head_size()
+            ));
+        }
+        for s in [&self.rope_scaling, &self.rope_parameters]
+            .into_iter()
+            .flatten()
+        {
+            if s.rope_type != "llama3" && s.rope_type != "default" {
+                return Err(format!(
+                    "rope_scaling.rope_type: {} is not supported (only llama3)",
+                    s.rope_type
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of parameters.
+    pub fn parameter_count(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_size();
+        let kv = self.kv_heads() * self.head_size();
+        let bias = if self.qkv_bias() { q + 2 * kv } else { 0 };
+        let attn = h * q + 2 * h * kv + q * h + bias;
+        let mlp = 3 * h * self.intermediate_size;
+        let layer = attn + mlp + 2 * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        self.vocab_size * h + self.num_hidden_layers * layer + h + head
+    }
+}

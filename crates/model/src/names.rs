@@ -1,0 +1,161 @@
+//! The one table of a model's parameter names: each block projection's module name, its short
+//! name, where it sits in a block, its shape and bias, and the Hugging Face tensor paths around
+//! the blocks. Loading, saving, LoRA targets, PEFT keys and config validation all read it.
+
+use crate::config::LlamaConfig;
+
+/// The embedding table.
+pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+/// The final RMSNorm's weight.
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// The output head (absent when it is tied to the embedding).
+pub const LM_HEAD: &str = "lm_head.weight";
+/// A block's norm before attention, inside the block.
+pub const INPUT_NORM: &str = "input_layernorm.weight";
+/// A block's norm before the feed-forward, inside the block.
+pub const POST_ATTENTION_NORM: &str = "post_attention_layernorm.weight";
+
+/// The module path of block `i`: `model.layers.{i}`.
+pub fn layer(i: usize) -> String {
+    format!("model.layers.{i}")
+}
+
+/// A projection of a transformer block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    /// Every projection, in the order of a block's parameters in a checkpoint.
+    pub const ALL: [Projection; 7] = [
+        Projection::Q,
+        Projection::K,
+        Projection::V,
+        Projection::O,
+        Projection::Gate,
+        Projection::Up,
+        Projection::Down,
+    ];
+
+    /// The module name Hugging Face and PEFT use: `q_proj`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::Q => "q_proj",
+            Projection::K => "k_proj",
+            Projection::V => "v_proj",
+            Projection::O => "o_proj",
+            Projection::Gate => "gate_proj",
+            Projection::Up => "up_proj",
+            Projection::Down => "down_proj",
+        }
+    }
+
+    /// The short form `lora.target_modules` also accepts: `q`.
+    pub fn short_name(self) -> &'static str {
+        self.name().trim_end_matches("_proj")
+    }
+
+    /// The projection a long or short name means.
+    pub fn from_name(name: &str) -> Option<Projection> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name || p.short_name() == name)
+    }
+
+    /// The module path inside a block: `self_attn.q_proj` or `mlp.up_proj`.
+    pub fn module(self) -> String {
+        let parent = match self {
+            Projection::Q | Projection::K | Projection::V | Projection::O => "self_attn",
+            Projection::Gate | Projection::Up | Projection::Down => "mlp",
+        };
+        format!("{parent}.{}", self.name())
+    }
+
+    /// The module path in block `i`: `model.layers.{i}.self_attn.q_proj`.
+    pub fn path(self, i: usize) -> String {
+        format!("{}.{}", layer(i), self.module())
+    }
+
+    /// The weight's `(out, in)` in a model of `cfg`.
+    pub fn shape(self, cfg: &LlamaConfig) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        let q = cfg.num_attention_heads * cfg.head_size();
+        let kv = cfg.kv_heads() * cfg.head_size();
+        let ffn = cfg.intermediate_size;
+        match self {
+            Projection::Q => (q, h),
+            Projection::K | Projection::V => (kv, h),
+            Projection::O => (h, q),
+            Projection::Gate | Projection::Up => (ffn, h),
+            Projection::Down => (h, ffn),
+        }
+    }
+
+    /// Whether the projection has a bias in a model of `cfg` (q, k and v, where the config
+    /// says so).
+    pub fn has_bias(self, cfg: &LlamaConfig) -> bool {
+        matches!(self, Projection::Q | Projection::K | Projection::V) && cfg.qkv_bias()
+    }
+}
+
+/// The HF tensor names of every parameter of a model with this config, with their shapes, in
+/// the order transformers lists them.
+pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let mut shapes = vec![(EMBED_TOKENS.to_string(), vec![cfg.vocab_size, h])];
+    for i in 0..cfg.num_hidden_layers {
+        let p = layer(i);
+        let mut add = |name: String, shape: Vec<usize>| shapes.push((format!("{p}.{name}"), shape));
+        add(INPUT_NORM.into(), vec![h]);
+        // The order random initialisation draws in: changing it changes fresh weights.
+        let weight = |p: Projection| {
+            let (out, inp) = p.shape(cfg);
+            (format!("{}.weight", p.module()), vec![out, inp])
+        };
+        let bias = |p: Projection| (format!("{}.bias", p.module()), vec![p.shape(cfg).0]);
+        let attention = [Projection::Q, Projection::K, Projection::V];
+        for (name, shape) in attention.map(weight) {
+            add(name, shape);
+        }
+        if cfg.qkv_bias() {
+            for (name, shape) in attention.map(bias) {
+                add(name, shape);
+            }
+        }
+        let (name, shape) = weight(Projection::O);
+        add(name, shape);
+        add(POST_ATTENTION_NORM.into(), vec![h]);
+        for (name, shape) in [Projection::Gate, Projection::Up, Projection::Down].map(weight) {
+            add(name, shape);
+        }
+    }
+    shapes.push((FINAL_NORM.into(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        shapes.push((LM_HEAD.into(), vec![cfg.vocab_size, h]));
+    }
+    shapes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_paths_are_hf_paths() {
+        for p in Projection::ALL {
+            assert_eq!(Projection::from_name(p.name()), Some(p));
+            assert_eq!(Projection::from_name(p.short_name()), Some(p));
+        }
+        assert_eq!(Projection::from_name("qkv_proj"), None);
+        assert_eq!(Projection::Q.path(3), "model.layers.3.self_attn.q_proj");
+        assert_eq!(Projection::Down.path(0), "model.layers.0.mlp.down_proj");
+        assert_eq!(Projection::Gate.short_name(), "gate");
+    }
+}

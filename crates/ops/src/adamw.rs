@@ -1,0 +1,295 @@
+//! Fused AdamW updates. On the CPU, one rayon pass per parameter reads the weight, gradient and
+//! both moments and writes their new values, instead of ~10 tensor ops with a fresh buffer each.
+//! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]). The sum of
+//! the squares of every gradient ([`sum_of_squares`]) is one more launch on CUDA, and one rayon
+//! pass per gradient on the CPU.
+
+use super::cpu_kernel::{f32s, with_operands, ELEMENTWISE_CHUNK};
+use super::fast_exp;
+use candle_core::{DType, Device, Result, Storage, Tensor, Var};
+use rayon::prelude::*;
+
+/// The scalars of one AdamW update, bias corrections included.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWUpdate {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the root of the second moment.
+    pub eps: f64,
+    /// `lr * weight_decay`, or 0 for parameters without decay.
+    pub decay: f64,
+    /// `1 - beta1^t`.
+    pub bias1: f64,
+    /// `1 - beta2^t`.
+    pub bias2: f64,
+    /// Factor applied to the gradient first (global-norm clipping), 1 for none.
+    pub grad_scale: f64,
+}
+
+/// Updates `param` in place from `grad` and returns the new `(m, v)`, or `None` (nothing
+/// touched) when the operands are not all f32 CPU tensors of one size.
+pub fn adamw_step(
+    param: &Var,
+    m: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    u: &AdamWUpdate,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let operands = [param.as_tensor(), m, v, grad];
+    if operands
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous())
+    {
+        return Ok(None);
+    }
+    let n = param.elem_count();
+    // Read locks on the four storages, released before `Var::set` takes the write lock.
+    let updated = with_operands(&operands, |ops| {
+        let slices = ops
+            .iter()
+            .map(|(storage, layout)| f32s(storage, layout))
+            .collect::<Result<Vec<_>>>()?;
+        let [w, m, v, g] = slices[..] else {
+            candle_core::bail!("adamw: four operands expected");
+        };
+        if [m.len(), v.len(), g.len()].iter().any(|&len| len != n) {
+            return Ok(None);
+        }
+        // Collected straight into the new buffers (no zero-filling first: three parameter-sized
+        // memsets per step otherwise).
+        let step = Step::new(u);
+        let new: (Vec<f32>, (Vec<f32>, Vec<f32>)) = w
+            .par_iter()
+            .zip(m)
+            .zip(v)
+            .zip(g)
+            .with_min_len(ELEMENTWISE_CHUNK)
+            .map(|(((&w, &m), &v), &g)| step.apply(w, m, v, g))
+            .unzip();
+        Ok(Some(new))
+    })?;
+    let Some((new_w, (new_m, new_v))) = updated else {
+        return Ok(None);
+    };
+    param.set(&Tensor::from_vec(new_w, param.shape(), param.device())?)?;
+    let shape = param.shape();
+    Ok(Some((
+        Tensor::from_vec(new_m, shape, param.device())?,
+        Tensor::from_vec(new_v, shape, param.device())?,
+    )))
+}
+
+/// The update's constants in f32.
+struct Step {
+    b1: f32,
+    b2: f32,
+    c1: f32,
+    c2: f32,
+    bias1: f32,
+    bias2: f32,
+    eps: f32,
+    lr: f32,
+    keep: f32,
+    scale: f32,
+}
+
+impl Step {
+    fn new(u: &AdamWUpdate) -> Self {
+        let (b1, b2) = (u.beta1 as f32, u.beta2 as f32);
+        Self {
+            b1,
+            b2,
+            c1: 1.0 - b1,
+            c2: 1.0 - b2,
+            bias1: u.bias1 as f32,
+            bias2: u.bias2 as f32,
+            eps: u.eps as f32,
+            lr: u.lr as f32,
+            keep: (1.0 - u.decay) as f32,
+            scale: u.grad_scale as f32,
+        }
+    }
+
+    /// The new `(w, (m, v))` of one element, in the order of operations of the composite
+    /// optimizer.
+    #[inline]
+    fn apply(&self, w: f32, m: f32, v: f32, g: f32) -> (f32, (f32, f32)) {
+        let g = g * self.scale;
+        let m = m * self.b1 + g * self.c1;
+        let v = v * self.b2 + g * g * self.c2;
+        let denom = (v / self.bias2).sqrt() + self.eps;
+        (w * self.keep - (m / self.bias1) / denom * self.lr, (m, v))
+    }
+}
+
+/// One parameter of an in-place update: the weight, its moments, its f32 gradient, and
+/// `lr * weight_decay` (0 without decay).
+pub struct InPlaceParam<'a> {
+    pub param: &'a Var,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub decay: f64,
+}
+
+/// Whether [`adamw_in_place`] can update this parameter: every operand a contiguous f32 CUDA
+/// tensor of one size, and the moments in buffers of their own (they are written in place).
+pub fn in_place_supported(param: &Var, m: &Tensor, v: &Tensor, grad: &Tensor) -> bool {
+    let operands = [param.as_tensor(), m, v, grad];
+    cfg!(feature = "cuda")
+        && operands.iter().all(|t| {
+            t.device().is_cuda()
+                && t.dtype() == DType::F32
+                && t.is_contiguous()
+                && t.elem_count() == param.elem_count()
+        })
+        && !shares_storage(m, v)
+        && !shares_storage(m, param.as_tensor())
+        && !shares_storage(v, param.as_tensor())
+}
+
+/// Whether two tensors are views of one buffer.
+fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
+    let first: *const Storage = &*a.storage_and_layout().0;
+    std::ptr::eq(first, &*b.storage_and_layout().0)
+}
+
+/// Updates every parameter (and its moments) in place with one kernel launch. The scalars
+/// come from `u` (its `decay` is ignored: each parameter has its own). All parameters must
+/// pass [`in_place_supported`].
+pub fn adamw_in_place(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
+    if params.is_empty() {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda_multi::adamw(params, u)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = u;
+        candle_core::bail!("adamw: in-place updates need the cuda feature")
+    }
+}
+
+/// The sum of squares of all `tensors` when they are all contiguous f32 tensors on the CPU (a
+/// rayon pass per tensor, in fixed chunks added in order, so the result does not depend on the
+/// number of threads) or all on CUDA (one launch); `None` otherwise (the caller takes the
+/// composite path).
+pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<Option<f64>> {
+    let all = |on: fn(&Device) -> bool| {
+        !tensors.is_empty()
+            && tensors
+                .iter()
+                .all(|t| on(t.device()) && t.dtype() == DType::F32 && t.is_contiguous())
+    };
+    if all(Device::is_cpu) {
+        return cpu_sum_of_squares(tensors).map(Some);
+    }
+    if !all(Device::is_cuda) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda_multi::sum_of_squares(tensors).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(None)
+    }
+}
+
+/// [`sum_of_squares`] of CPU tensors: f32 sums per chunk, added in f64.
+fn cpu_sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+    with_operands(tensors, |ops| {
+        let mut total = 0f64;
+        for (storage, layout) in ops {
+            let chunks: Vec<f32> = f32s(storage, layout)?
+                .par_chunks(ELEMENTWISE_CHUNK)
+                .map(fast_exp::sum_squares)
+                .collect();
+            total += chunks.iter().map(|&c| c as f64).sum::<f64>();
+        }
+        Ok(total)
+    })
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_multi {
+    use super::{AdamWUpdate, InPlaceParam};
+    use crate::cuda::{self, AdamWScalars, ParamBuffers};
+    use candle_core::{CudaDevice, Layout, Result, Storage, Tensor};
+
+    /// The device and buffer address of a contiguous CUDA tensor's first element.
+    fn locate(t: &Tensor) -> Result<(CudaDevice, u64)> {
+        let (storage, layout): (_, &Layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => {
+                let offset = layout.start_offset() * t.dtype().size_in_bytes();
+                Ok((s.device.clone(), cuda::base_address(s)? + offset as u64))
+            }
+            _ => candle_core::bail!("adamw: operand is not on a CUDA device"),
+        }
+    }
+
+    pub(super) fn adamw(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
+        let mut device = None;
+        let buffers = params
+            .iter()
+            .map(|p| {
+                let (dev, weight) = locate(p.param.as_tensor())?;
+                device.get_or_insert(dev);
+                Ok(ParamBuffers {
+                    weight,
+                    grad: locate(p.grad)?.1,
+                    m: locate(p.m)?.1,
+                    v: locate(p.v)?.1,
+                    len: p.param.elem_count(),
+                    keep: (1.0 - p.decay) as f32,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(device) = device else {
+            return Ok(());
+        };
+        let scalars = AdamWScalars {
+            lr: u.lr as f32,
+            beta1: u.beta1 as f32,
+            beta2: u.beta2 as f32,
+            eps: u.eps as f32,
+            bias1: u.bias1 as f32,
+            bias2: u.bias2 as f32,
+            grad_scale: u.grad_scale as f32,
+        };
+        cuda::adamw_multi(&device, &buffers, &scalars)
+    }
+
+    pub(super) fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
+        let mut device = None;
+        let buffers = tensors
+            .iter()
+            .map(|t| {
+                let (dev, grad) = locate(t)?;
+                device.get_or_insert(dev);
+                Ok(ParamBuffers {
+                    weight: 0,
+                    grad,
+                    m: 0,
+                    v: 0,
+                    len: t.elem_count(),
+                    keep: 1.0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(device) = device else {
+            return Ok(0.0);
+        };
+        let total = cuda::sum_squares_multi(&device, &buffers)?;
+        let host = device.clone_dtoh(total.as_cuda_slice::<f32>()?)?;
+        Ok(host.first().copied().unwrap_or(0.0) as f64)
+    }
+}

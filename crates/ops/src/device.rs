@@ -1,0 +1,244 @@
+//! Choosing the compute device. Everything device-specific stays behind candle's `Device`.
+
+use candle_core::Device;
+
+/// Errors choosing a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The name is not a device.
+    #[error("unknown device {0:?}: expected auto, cpu, cuda, cuda:N or metal")]
+    Unknown(String),
+    /// The device exists by name but this build or machine lacks it.
+    #[error("device {name} is not available: {reason}")]
+    Unavailable { name: String, reason: String },
+}
+
+/// A device as the user names it: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// Metal, then CUDA, then the CPU: the first this build and machine have.
+    Auto,
+    Cpu,
+    /// The CUDA device of this ordinal (`cuda` is `cuda:0`).
+    Cuda(usize),
+    Metal,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    fn from_str(name: &str) -> Result<Self, DeviceError> {
+        match name {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "metal" => Ok(Self::Metal),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => name
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| DeviceError::Unknown(name.into())),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
+            Self::Metal => f.write_str("metal"),
+        }
+    }
+}
+
+/// Opens the device `spec` names; `auto` falls back to the CPU, the others fail with the reason
+/// when this build or machine lacks them.
+pub fn open(spec: DeviceSpec) -> Result<Device, DeviceError> {
+    let unavailable = |e: candle_core::Error| DeviceError::Unavailable {
+        name: spec.to_string(),
+        reason: e.to_string(),
+    };
+    match spec {
+        DeviceSpec::Auto => Ok(auto()),
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        DeviceSpec::Metal => {
+            if !candle_core::utils::metal_is_available() {
+                return Err(DeviceError::Unavailable {
+                    name: spec.to_string(),
+                    reason: "this build has no Metal support (build with --features metal)".into(),
+                });
+            }
+            Device::new_metal(0).map_err(unavailable)
+        }
+        DeviceSpec::Cuda(ordinal) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(DeviceError::Unavailable {
+                    name: spec.to_string(),
+                    reason: "this build has no CUDA support (build with --features cuda)".into(),
+                });
+            }
+            open_cuda(ordinal).map_err(unavailable)
+        }
+    }
+}
+
+/// Opens CUDA device `ordinal` on a stream of its own. With the `cuda` feature the device is
+/// set up for llmtool's single-stream use (see [`cuda_setup`]).
+fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda_setup::open(ordinal)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Device::new_cuda(ordinal)
+    }
+}
+
+fn auto() -> Device {
+    if candle_core::utils::metal_is_available() {
+        if let Ok(d) = Device::new_metal(0) {
+            return d;
+        }
+    }
+    if candle_core::utils::cuda_is_available() {
+        if let Ok(d) = open_cuda(0) {
+            return d;
+        }
+    }
+    Device::Cpu
+}
+
+/// The peak of device memory in use since the last [`reset_peak_memory`], in bytes: the CUDA
+/// memory pool's high-water mark (what `torch.cuda.max_memory_allocated` reports for PyTorch).
+/// `None` on other devices.
+pub fn peak_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return cuda_setup::pool_attribute(d, cuda_setup::USED_HIGH).ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new peak for [`peak_memory`] (a no-op off CUDA).
+pub fn reset_peak_memory(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        device.synchronize()?;
+        return cuda_setup::reset_used_high(d);
+    }
+    let _ = device;
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_setup {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::{CudaDevice, Device, Result};
+
+    pub(super) const USED_HIGH: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+    fn driver(r: sys::CUresult) -> Result<()> {
+        r.result()
+            .map_err(|e| candle_core::Error::Msg(format!("CUDA driver: {e:?}")))
+    }
+
+    /// Opens the device on its own stream, turns off cudarc's per-buffer event tracking, and
+    /// makes the memory pool keep freed memory.
+    ///
+    /// llmtool issues all work for a device on that one stream, so the events cudarc records
+    /// on every allocation and launch to order multiple streams only cost time. And with the
+    /// pool's default release threshold of zero, every synchronization hands freed memory back
+    /// to the driver and the next step allocates it again; PyTorch's caching allocator keeps
+    /// it, and so does this.
+    pub(super) fn open(ordinal: usize) -> Result<Device> {
+        let device = CudaDevice::new_with_stream(ordinal)?;
+        // SAFETY: every tensor of this device is created and used on its one stream.
+        unsafe { device.disable_event_tracking() };
+        let mut threshold = u64::MAX;
+        let pool = default_pool(&device)?;
+        // SAFETY: the attribute takes a u64 and `pool` is the device's default pool.
+        driver(unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        })?;
+        Ok(Device::Cuda(device))
+    }
+
+    fn default_pool(device: &CudaDevice) -> Result<sys::CUmemoryPool> {
+        let stream = device.cuda_stream();
+        let context = stream.context();
+        context
+            .bind_to_thread()
+            .map_err(|e| candle_core::Error::Msg(format!("CUDA driver: {e:?}")))?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: writes the handle of the device's default pool into `pool`.
+        driver(unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) })?;
+        Ok(pool)
+    }
+
+    /// A u64 attribute of the device's default memory pool.
+    pub(super) fn pool_attribute(
+        device: &CudaDevice,
+        attr: sys::CUmemPool_attribute,
+    ) -> Result<u64> {
+        let pool = default_pool(device)?;
+        let mut value = 0u64;
+        // SAFETY: the pool attributes read here are u64s.
+        driver(unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut value as *mut u64).cast()) })?;
+        Ok(value)
+    }
+
+    /// Resets the pool's used-memory high-water mark to the memory in use now.
+    pub(super) fn reset_used_high(device: &CudaDevice) -> Result<()> {
+        let pool = default_pool(device)?;
+        let mut zero = 0u64;
+        // SAFETY: resetting USED_MEM_HIGH takes a u64 zero.
+        driver(unsafe {
+            sys::cuMemPoolSetAttribute(pool, USED_HIGH, (&mut zero as *mut u64).cast())
+        })
+    }
+}
+
+/// A short name for messages: `cpu`, `cuda:0`, `metal`.
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names() {
+        let parse = |name: &str| name.parse::<DeviceSpec>();
+        assert_eq!(parse("cuda").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        for name in ["auto", "cpu", "metal", "cuda:1"] {
+            assert_eq!(parse(name).unwrap().to_string(), name);
+        }
+        for bad in ["gpu", "cuda:x", "cuda:", "cuda1", ""] {
+            assert!(matches!(parse(bad), Err(DeviceError::Unknown(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn opens_the_cpu_and_names_what_is_missing() {
+        assert!(matches!(open(DeviceSpec::Cpu), Ok(Device::Cpu)));
+        if !candle_core::utils::cuda_is_available() {
+            let err = open(DeviceSpec::Cuda(0)).unwrap_err();
+            assert!(err.to_string().contains("--features cuda"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Splitting a step's packed q/k/v projection for inference: the queries come out rotated
+//! (RoPE, as [`super::rope`] does), the keys are rotated and stored with the values at their
+//! positions in the KV cache buffer. One kernel on CUDA; the unfused path splits the
+//! projection, rotates and copies into the cache with seven launches per layer.
+
+use super::cpu_kernel::f32s;
+#[cfg(feature = "cuda")]
+use super::cuda;
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Storage, Tensor};
+
+/// Head counts and positions of a [`write_kv`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayout<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_size: usize,
+    /// Where the step's keys and values go.
+    pub at: Position<'a>,
+}
+
+/// The first position a step writes in the KV cache.
+#[derive(Debug, Clone, Copy)]
+pub enum Position<'a> {
+    /// Known on the host; the RoPE tables hold the rows of the step's positions only.
+    Host(usize),
+    /// Held on the device (u32 `[1]`) for a one-position step, and read there by the kernels,
+    /// so that a step captured once (a CUDA graph) replays at whatever position the tensor
+    /// then holds; the RoPE tables are whole (`[max positions, head_size / 2]`).
+    Device(&'a Tensor),
+}
+
+impl Position<'_> {
+    /// The position as a number, read from the device where it is held there (a
+    /// synchronizing copy: the kernels that can read it in place do).
+    pub fn read(&self) -> Result<usize> {
+        match self {
+            Position::Host(start) => Ok(*start),
+            Position::Device(p) => Ok(p.flatten_all()?.to_vec1::<u32>()?[0] as usize),
+        }
+    }
+}
+
+/// A device-held position: one u32 on the device of `like`.
+fn check_position(position: &Tensor, like: &Tensor) -> Result<()> {
+    if position.dtype() != candle_core::DType::U32
+        || position.elem_count() != 1
+        || !position.device().same_device(like.device())
+    {
+        candle_core::bail!(
+            "write_kv: the position must be one u32 beside the cache, not {:?} {:?}",
+            position.dims(),
+            position.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
+/// keys (rotated by `cos`/`sin`) and the values into `cache`
+/// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
+/// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
+/// [`super::write_kv_fused`] holds. The tables are `[t, head_size / 2]` for a host position,
+/// whole for a device one ([`Position`]).
+pub fn write_kv(
+    cache: &Tensor,
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    layout: KvLayout,
+) -> Result<Tensor> {
+    let (two, b, kv_heads, max_len, d) = cache.dims5()?;
+    let (qb, t, width) = qkv.dims3()?;
+    let want = (layout.heads + 2 * layout.kv_heads) * layout.head_size;
+    let tables_fit = match layout.at {
+        Position::Host(start) => cos.dims() == [t, d / 2] && start + t <= max_len,
+        Position::Device(p) => {
+            check_position(p, cache)?;
+            // Rows for every position the kernel may write at (it writes none past the cache).
+            t == 1 && cos.rank() == 2 && cos.dim(1)? == d / 2 && cos.dim(0)? >= max_len
+        }
+    };
+    if two != 2
+        || qb != b
+        || kv_heads != layout.kv_heads
+        || d != layout.head_size
+        || width != want
+        || d % 2 != 0
+        || !tables_fit
+        || sin.dims() != cos.dims()
+    {
+        candle_core::bail!(
+            "write_kv: cache {:?}, projections {:?}, tables {:?} at position {:?}",
+            cache.dims(),
+            qkv.dims(),
+            cos.dims(),
+            layout.at
+        );
+    }
+    let (qkv, cos, sin) = (&qkv.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
+    #[cfg(feature = "cuda")]
+    if matches!(cache.device(), candle_core::Device::Cuda(_)) {
+        let mut operands = vec![cache, qkv, cos, sin];
+        if let Position::Device(p) = layout.at {
+            operands.push(p);
+        }
+        let q = cuda::with_operands(&operands, |o| {
+            cuda::write_kv(o[0], o[1], (o[2], o[3]), o.get(4).copied(), &layout)
+        })?;
+        return Ok(cuda::tensor(q, (b, layout.heads, t, d).into()));
+    }
+    let start = layout.at.read()?;
+    let (cos, sin) = match layout.at {
+        Position::Host(_) => (cos.clone(), sin.clone()),
+        Position::Device(_) => (cos.narrow(0, start, t)?, sin.narrow(0, start, t)?),
+    };
+    if start + t > max_len {
+        candle_core::bail!("write_kv: position {start} past a cache of {max_len}");
+    }
+    let op = WriteKv {
+        sin: sin.clone(),
+        heads: layout.heads,
+        kv_heads,
+        start,
+        batch: b,
+        positions: t,
+        max_len,
+    };
+    cache.inplace_op3(qkv, &cos, &op)?;
+    let q = qkv
+        .narrow(2, 0, layout.heads * d)?
+        .reshape((b, t, layout.heads, d))?;
+    super::rope::rope(&super::swap_middle(&q)?, &cos, &sin)
+}
+
+/// The CPU kernel: keys and values into the cache.
+struct WriteKv {
+    sin: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    start: usize,
+    batch: usize,
+    positions: usize,
+    max_len: usize,
+}
+
+impl InplaceOp3 for WriteKv {
+    fn name(&self) -> &'static str {
+        "write-kv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        cache: &mut CpuStorage,
+        cache_layout: &Layout,
+        qkv: &CpuStorage,
+        qkv_layout: &Layout,
+        cos: &CpuStorage,
+        cos_layout: &Layout,
+    ) -> Result<()> {
+        let (qkv, cos) = (f32s(qkv, qkv_layout)?, f32s(cos, cos_layout)?);
+        let (sin_storage, sin_layout) = self.sin.storage_and_layout();
+        let Storage::Cpu(sin) = &*sin_storage else {
+            candle_core::bail!("write_kv: tables on different devices");
+        };
+        let sin = f32s(sin, sin_layout)?;
+        let Some((offset, _)) = cache_layout.contiguous_offsets() else {
+            candle_core::bail!("write_kv: the cache is not contiguous");
+        };
+        let CpuStorage::F32(cache) = cache else {
+            candle_core::bail!("write_kv: the fused CPU kernel takes f32");
+        };
+        let cache = &mut cache[offset..];
+        let (heads, kv_heads, start) = (self.heads, self.kv_heads, self.start);
+        let d = cache_layout.dims()[4];
+        let half = d / 2;
+        let values_at = self.batch * kv_heads * self.max_len * d;
+        for b in 0..self.batch {
+            for t in 0..self.positions {
+                let row = &qkv[(b * self.positions + t) * (heads + 2 * kv_heads) * d..];
+                let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+                for h in 0..kv_heads {
+                    let k = &row[(heads + h) * d..][..d];
+                    let v = &row[(heads + kv_heads + h) * d..][..d];
+                    let slot = ((b * kv_heads + h) * self.max_len + start + t) * d;
+                    let kc = &mut cache[slot..][..d];
+                    for j in 0..half {
+                        kc[j] = k[j] * c[j] - k[half + j] * s[j];
+                        kc[half + j] = k[half + j] * c[j] + k[j] * s[j];
+                    }
+                    cache[values_at + slot..][..d].copy_from_slice(v);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parity::uniform;
+    use candle_core::{DType, Device, IndexOp};
+
+    fn layout(at: Position) -> KvLayout {
+        KvLayout {
+            heads: 2,
+            kv_heads: 1,
+            head_size: 4,
+            at,
+        }
+    }
+
+    #[test]
+    fn a_device_position_needs_one_step_and_a_table_row_per_cache_position() {
+        let cache = Tensor::zeros((2, 1, 1, 6, 4), DType::F32, &Device::Cpu).unwrap();
+        let position = Tensor::new(&[5u32], &Device::Cpu).unwrap();
+        assert_eq!(Position::Device(&position).read().unwrap(), 5);
+        let at = layout(Position::Device(&position));
+        let one = uniform(&[1, 1, 16], 1);
+        let table = |rows| uniform(&[rows, 2], 2);
+        let short = write_kv(&cache, &one, &table(5), &table(5), at);
+        assert!(short.is_err());
+        let two = uniform(&[1, 2, 16], 3);
+        assert!(write_kv(&cache, &two, &table(6), &table(6), at).is_err());
+        let q = write_kv(&cache, &one, &table(6), &table(6), at).unwrap();
+        assert_eq!(q.dims(), [1, 2, 1, 4]);
+        let written = cache.i((1, 0, 0, 5)).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            written,
+            one.i((0, 0))
+                .unwrap()
+                .narrow(0, 12, 4)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        let wide = Tensor::new(&[5u32, 1], &Device::Cpu).unwrap();
+        let at = layout(Position::Device(&wide));
+        let message = write_kv(&cache, &one, &table(6), &table(6), at).unwrap_err();
+        assert!(message.to_string().contains("one u32"), "{message}");
+    }
+}

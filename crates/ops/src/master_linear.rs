@@ -1,0 +1,137 @@
+//! A trainable linear layer whose weight is kept in a wider dtype than the layer computes in:
+//! the f32 master weight of bf16 mixed-precision training.
+//!
+//! Through candle's own ops, `x @ w.to_dtype(bf16).t()` hands the master its gradient as the
+//! transpose of `xᵀ · grad` (a strided view), which the cast's backward then widens to f32
+//! element by element through those strides. Here the weight gradient is `gradᵀ · x`, computed
+//! directly in the weight's `[out, in]` layout; on CUDA one cuBLAS GEMM reads the 16-bit
+//! operands and writes it in f32, so no cast runs at all.
+
+use super::attach::{attach2, attach3};
+use candle_core::{DType, Result, Tensor};
+
+/// `x @ weight.t()` computed in `x`'s dtype for a `weight` `[out, in]` of any float dtype, with
+/// gradients for `x` (in its dtype) and for `weight` (in the weight's dtype) where tracked.
+pub fn master_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (xd, w) = (x.detach(), super::cast(&weight.detach(), x.dtype())?);
+    let y = super::linear(&xd, &w)?;
+    let (x_grad, w_grad) = (x.track_op(), weight.track_op());
+    if !x_grad && !w_grad {
+        return Ok(y);
+    }
+    let master = weight.dtype();
+    attach2(x, weight, &y, "master-linear", move |grad| {
+        gradients(grad, (&xd, x_grad), (&w, w_grad), master)
+    })
+}
+
+/// [`master_linear`] over two weights `a` `[out_a, in]` and `b` `[out_b, in]` (one dtype)
+/// stacked along their rows: `[.., out_a + out_b]`, a's outputs first. One GEMM each way where
+/// two projections of the same input take two and sum their input gradients; each weight's
+/// gradient is its rows of one weight-gradient GEMM.
+pub(super) fn stacked_master_linear(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let cast = |w: &Tensor| super::cast(&w.detach(), x.dtype());
+    let (xd, w) = (x.detach(), Tensor::cat(&[cast(a)?, cast(b)?], 0)?);
+    let y = super::linear(&xd, &w)?;
+    let (x_grad, a_grad, b_grad) = (x.track_op(), a.track_op(), b.track_op());
+    if !(x_grad || a_grad || b_grad) {
+        return Ok(y);
+    }
+    let (master, rows_a) = (a.dtype(), a.dim(0)?);
+    attach3([x, a, b], &y, "stacked-master-linear", move |grad| {
+        let (dx, dw) = gradients(grad, (&xd, x_grad), (&w, a_grad || b_grad), master)?;
+        let rows = |wanted: bool, start: usize, len: usize| match (&dw, wanted) {
+            (Some(dw), true) => dw.narrow(0, start, len).map(Some),
+            _ => Ok(None),
+        };
+        let rows_b = w.dim(0)? - rows_a;
+        Ok((dx, rows(a_grad, 0, rows_a)?, rows(b_grad, rows_a, rows_b)?))
+    })
+}
+
+/// The gradients of `x @ w.t()` for the output gradient `grad`, each only where wanted: `x`'s
+/// in its dtype, `w`'s (`[out, in]`) in `master`.
+fn gradients(
+    grad: &Tensor,
+    (x, x_wanted): (&Tensor, bool),
+    (w, w_wanted): (&Tensor, bool),
+    master: DType,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (out, inp) = w.dims2()?;
+    let g = grad.reshape(((), out))?;
+    let dx = match x_wanted {
+        true => Some(g.matmul(w)?.reshape(x.shape())?),
+        false => None,
+    };
+    let dw = match w_wanted {
+        true => Some(weight_grad(&g, &x.reshape(((), inp))?, master)?),
+        false => None,
+    };
+    Ok((dx, dw))
+}
+
+/// `gᵀ · x` in `dtype` for `g` `[n, out]` and `x` `[n, in]`: the gradient of a weight
+/// `[out, in]` that was applied to `x` and received `g`.
+pub(super) fn weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(dw) = widening_weight_grad(g, x, dtype)? {
+        return Ok(dw);
+    }
+    g.t()?.matmul(x)?.to_dtype(dtype)
+}
+
+/// [`weight_grad`] as one GEMM with 16-bit operands and an f32 result, where that applies.
+#[cfg(feature = "cuda")]
+fn widening_weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+    let half = matches!(g.dtype(), DType::BF16 | DType::F16);
+    if !(g.device().is_cuda() && half && dtype == DType::F32 && g.dtype() == x.dtype()) {
+        return Ok(None);
+    }
+    let (g, x) = (g.contiguous()?, x.contiguous()?);
+    let (out, inp) = (g.dim(1)?, x.dim(1)?);
+    let dw = super::cuda::with_operands(&[&g, &x], |ops| {
+        super::cuda::weight_grad_f32(ops[0], ops[1])
+    })?;
+    Ok(Some(super::cuda::tensor(dw, (out, inp).into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::parity::{assert_parity, uniform};
+    use candle_core::{DType, Var};
+
+    #[test]
+    fn gradients_match_candles_matmul() {
+        assert_parity(
+            "master_linear",
+            &[uniform(&[2, 5, 8], 1), uniform(&[6, 8], 2)],
+            &[true, true],
+            |t| super::master_linear(&t[0], &t[1]),
+            |t| t[0].broadcast_matmul(&t[1].t()?),
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn a_wide_master_gets_its_gradient_in_its_own_dtype() {
+        let x = Var::from_tensor(&uniform(&[4, 8], 3).to_dtype(DType::BF16).unwrap()).unwrap();
+        let w = Var::from_tensor(&uniform(&[6, 8], 4)).unwrap();
+        let y = super::master_linear(x.as_tensor(), w.as_tensor()).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let grads = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let dw = grads.get(&w).unwrap();
+        assert_eq!(dw.dtype(), DType::F32);
+        // d(sum y)/dW = column sums of x, for every output row.
+        let col_sums = x.as_tensor().to_dtype(DType::F32).unwrap().sum(0).unwrap();
+        let want = col_sums.unsqueeze(0).unwrap().broadcast_as((6, 8)).unwrap();
+        let err = crate::parity::relative_error(dw, &want.contiguous().unwrap());
+        assert!(err < 1e-2, "{err}");
+        assert_eq!(grads.get(&x).unwrap().dtype(), DType::BF16);
+    }
+}

@@ -1,0 +1,142 @@
+//! One forward and backward pass over a batch, plain or with per-block recompute (gradient
+//! checkpointing), giving the loss and the gradients by parameter name.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Result, Tensor, Var};
+use model::Llama;
+use std::collections::HashMap;
+
+/// Token windows for one micro-batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// `[rows * seq_len]` input ids.
+    pub inputs: Vec<u32>,
+    /// `[rows * seq_len]` next-token ids.
+    pub targets: Vec<u32>,
+    /// `[rows * seq_len]` loss weights (1 scored, 0 ignored); `None` scores every token.
+    pub weights: Option<Vec<f32>>,
+    pub rows: usize,
+    pub seq_len: usize,
+}
+
+/// Gradients by parameter name.
+pub type Gradients = HashMap<String, Tensor>;
+
+struct Tensors {
+    inputs: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+}
+
+fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
+    let shape = (batch.rows, batch.seq_len);
+    let n = batch.rows * batch.seq_len;
+    let weights = match &batch.weights {
+        Some(w) => Tensor::from_slice(w, n, device)?,
+        None => Tensor::ones(n, candle_core::DType::F32, device)?,
+    };
+    Ok(Tensors {
+        inputs: Tensor::from_slice(&batch.inputs, shape, device)?,
+        targets: Tensor::from_slice(&batch.targets, n, device)?,
+        weights,
+    })
+}
+
+fn loss_from_hidden(model: &Llama, hidden: &Tensor, t: &Tensors) -> Result<Tensor> {
+    model.mean_nll(hidden, &t.targets, &t.weights)
+}
+
+/// Mean loss over `batch` without gradients (validation).
+pub fn loss_only(model: &Llama, batch: &Batch) -> Result<f64> {
+    let t = to_tensors(batch, model.device())?;
+    let hidden = forward_blocks(model, &t.inputs)?.detach();
+    scalar(&ops::weighted_mean(
+        &model.token_nll(&hidden, &t.targets)?,
+        &t.weights,
+    )?)
+}
+
+/// Adds the gradients of `vars` found in `store`, times `scale`, into `into`.
+fn collect(
+    store: &GradStore,
+    vars: &[(String, Var)],
+    scale: f64,
+    into: &mut Gradients,
+) -> Result<()> {
+    for (name, var) in vars {
+        if let Some(g) = store.get(var) {
+            let g = if scale == 1.0 {
+                g.clone()
+            } else {
+                (g * scale)?
+            };
+            let sum = match into.remove(name) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            into.insert(name.clone(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// Loss of `batch` and the gradients of `vars` (scaled by `scale`) added into `grads`.
+/// With `recompute`, only each block's input is kept during the forward pass and blocks are
+/// recomputed one at a time during backward; the gradients are the same.
+pub fn accumulate(
+    model: &Llama,
+    vars: &[(String, Var)],
+    batch: &Batch,
+    scale: f64,
+    recompute: bool,
+    grads: &mut Gradients,
+) -> Result<f64> {
+    ops::install_gradient_add();
+    let t = to_tensors(batch, model.device())?;
+    if !recompute {
+        let loss = loss_from_hidden(model, &forward_blocks(model, &t.inputs)?, &t)?;
+        collect(&loss.backward()?, vars, scale, grads)?;
+        // Read after backward is enqueued: reading first would idle the device meanwhile.
+        return scalar(&loss);
+    }
+    // Forward, keeping only detached block inputs: each block's graph is freed at once.
+    let mut inputs = vec![model.embed(&t.inputs)?.detach()];
+    for i in 0..model.layers.len() {
+        let out = model.block(i, &inputs[i], 0, None)?.detach();
+        inputs.push(out);
+    }
+    let last = Var::from_tensor(&inputs[model.layers.len()])?;
+    let loss = loss_from_hidden(model, last.as_tensor(), &t)?;
+    let store = loss.backward()?;
+    collect(&store, vars, scale, grads)?;
+    let mut grad_out = missing(store.get(&last))?.detach();
+    for i in (0..model.layers.len()).rev() {
+        let x = Var::from_tensor(&inputs[i])?;
+        let out = model.block(i, x.as_tensor(), 0, None)?;
+        let store = (out * &grad_out)?.sum_all()?.backward()?;
+        collect(&store, vars, scale, grads)?;
+        grad_out = missing(store.get(&x))?.detach();
+    }
+    let embedded = model.embed(&t.inputs)?;
+    let store = (embedded * grad_out)?.sum_all()?.backward()?;
+    collect(&store, vars, scale, grads)?;
+    scalar(&loss)
+}
+
+fn forward_blocks(model: &Llama, inputs: &Tensor) -> Result<Tensor> {
+    let mut x = model.embed(inputs)?;
+    for i in 0..model.layers.len() {
+        x = model.block(i, &x, 0, None)?;
+    }
+    Ok(x)
+}
+
+fn scalar(loss: &Tensor) -> Result<f64> {
+    loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+}
+
+fn missing(g: Option<&Tensor>) -> Result<Tensor> {
+    g.cloned().ok_or_else(|| {
+        candle_core::Error::Msg("recompute: block input received no gradient".into())
+    })
+}

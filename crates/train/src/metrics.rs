@@ -1,0 +1,142 @@
+//! `metrics.jsonl` (one JSON object per logged step or evaluation) and the `loss.svg` plot.
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Record {
+    pub step: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_ppl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    pub tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_sec: Option<f64>,
+    pub elapsed: f64,
+}
+
+/// The metrics of a run: kept in memory for the plot, appended to disk as they come.
+pub struct Metrics {
+    path: PathBuf,
+    records: Vec<Record>,
+}
+
+impl Metrics {
+    /// Opens `path`, keeping only records up to `resume_step` (a resumed run rewrites what
+    /// came after its checkpoint).
+    pub fn open(path: &Path, resume_step: Option<u64>) -> std::io::Result<Self> {
+        let records: Vec<Record> = match (resume_step, std::fs::read_to_string(path)) {
+            (Some(step), Ok(text)) => text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+                .filter(|r| r.step <= step)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut text = String::new();
+        for r in &records {
+            text.push_str(&serde_json::to_string(r).unwrap_or_default());
+            text.push('\n');
+        }
+        model::weights::write_atomic(path, text.as_bytes())?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            records,
+        })
+    }
+
+    /// Appends a record.
+    pub fn push(&mut self, record: Record) -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+        writeln!(
+            file,
+            "{}",
+            serde_json::to_string(&record).unwrap_or_default()
+        )?;
+        self.records.push(record);
+        Ok(())
+    }
+
+    /// All records so far.
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    /// Draws training and validation loss (top) and the learning rate (bottom) to `path`.
+    pub fn plot(&self, path: &Path) -> Result<(), String> {
+        let train: Vec<(f64, f64)> = self
+            .records
+            .iter()
+            .filter_map(|r| Some((r.step as f64, r.loss?)))
+            .collect();
+        let val: Vec<(f64, f64)> = self
+            .records
+            .iter()
+            .filter_map(|r| Some((r.step as f64, r.val_loss?)))
+            .collect();
+        let lr: Vec<(f64, f64)> = self
+            .records
+            .iter()
+            .filter_map(|r| Some((r.step as f64, r.lr?)))
+            .collect();
+        if train.is_empty() {
+            return Ok(());
+        }
+        let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let (top, bottom) = root.split_vertically(420);
+        let max_step = train.iter().chain(&val).map(|p| p.0).fold(1.0, f64::max);
+        let losses = train.iter().chain(&val).map(|p| p.1);
+        let (lo, hi) = losses.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let mut chart = ChartBuilder::on(&top)
+            .caption("loss", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..max_step, (lo * 0.95)..(hi * 1.05))
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .draw()
+            .map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(train, &BLUE))
+            .map_err(|e| e.to_string())?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(val, RED.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let max_lr = lr.iter().map(|p| p.1).fold(1e-12, f64::max);
+        let mut chart = ChartBuilder::on(&bottom)
+            .caption("learning rate", ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..max_step, 0f64..max_lr * 1.05)
+            .map_err(|e| e.to_string())?;
+        chart.configure_mesh().draw().map_err(|e| e.to_string())?;
+        chart
+            .draw_series(LineSeries::new(lr, &GREEN))
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,401 @@
+//! The training loop: accumulate, clip, step, log, evaluate, checkpoint, resume.
+//! It reads top to bottom like nanoGPT's, with every side effect in a named helper.
+
+use super::gradients::{self, Batch, Gradients};
+use super::metrics::{Metrics, Record};
+use super::optim::{clip_scale, global_norm, AdamW, AdamWParams};
+use super::schedule::Schedule;
+use super::state::{self, Progress, STATE_FILE};
+use candle_core::{Tensor, Var};
+use config::{Config, OnNonFinite};
+use model::{Llama, ModelError};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where training windows come from. Batches are pure functions of their cursor, so a resumed
+/// run sees exactly the data it would have seen.
+pub trait BatchSource {
+    /// `rows` training windows starting at window number `cursor`.
+    fn train_batch(&self, cursor: u64, rows: usize) -> Result<Batch, String>;
+    /// Validation batch number `index`, or `None` when there is no validation data.
+    fn val_batch(&self, index: u64, rows: usize) -> Result<Option<Batch>, String>;
+    /// Training windows in one epoch.
+    fn train_windows(&self) -> u64;
+}
+
+/// Errors that stop a run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data: {0}")]
+    Data(String),
+    #[error("cannot resume from {path}: {message}")]
+    Resume { path: PathBuf, message: String },
+    #[error("non-finite {what} at step {step}; stopped with the last checkpoint intact (set training.on_nan: skip to skip such batches)")]
+    NonFinite { what: &'static str, step: u64 },
+    #[error("stopped at step {step}; resume with `llmtool train --resume {}`", run_dir.display())]
+    Interrupted { step: u64, run_dir: PathBuf },
+}
+
+/// What a run tells its caller as it goes; presenting it (a progress bar, log lines) is the
+/// caller's business. The run's files (metrics.jsonl, loss.svg, checkpoints) are the trainer's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The run starts, or resumes, after `step` of `total` steps.
+    Started { step: u64, total: u64 },
+    /// An optimizer step finished.
+    Stepped {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_sec: f64,
+    },
+    /// A validation pass finished; `best` when it is the lowest validation loss so far.
+    Validated {
+        step: u64,
+        train_loss: f64,
+        val_loss: f64,
+        best: bool,
+    },
+    /// Something the user should read that does not stop the run (a skipped batch, a plot
+    /// that could not be drawn).
+    Note(String),
+    /// The run stops: finished, paused, or `interrupted` (after its checkpoint).
+    Stopped { interrupted: bool },
+}
+
+/// Receives a run's [`Event`]s. Any `FnMut(Event)` is one.
+pub trait Reporter {
+    fn report(&mut self, event: Event);
+}
+
+impl<F: FnMut(Event)> Reporter for F {
+    fn report(&mut self, event: Event) {
+        self(event)
+    }
+}
+
+/// Switches that do not belong in the config.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the run directory's training state.
+    pub resume: bool,
+    /// Save and return after this many steps in this invocation (time-sliced jobs).
+    pub stop_after_steps: Option<u64>,
+    /// Set (e.g. by Ctrl-C) to save a resumable checkpoint and stop.
+    pub interrupt: Arc<AtomicBool>,
+}
+
+/// What a finished (or paused) run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub total_steps: u64,
+    pub tokens: u64,
+    pub last_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub elapsed: f64,
+    pub run_dir: PathBuf,
+    /// Where the latest artifact is.
+    pub artifact: PathBuf,
+}
+
+/// Writes the trained artifact (an HF model dir, or an adapter dir) to a directory.
+pub type SaveArtifact<'a> = dyn Fn(&Path) -> Result<(), ModelError> + 'a;
+
+/// A model with its trainable parameters, ready to train on a [`BatchSource`].
+pub struct Trainer<'a> {
+    pub config: &'a Config,
+    pub model: &'a Llama,
+    /// The parameters to train, by name (full model or adapters).
+    pub vars: Vec<(String, Var)>,
+    pub run_dir: PathBuf,
+    /// Writes `run_dir/<artifact>` (latest) and `run_dir/best`.
+    pub save_artifact: &'a SaveArtifact<'a>,
+    /// Directory name of the latest artifact: `model` or `adapter`.
+    pub artifact: &'static str,
+}
+
+/// Optimizer steps the config asks for, given the epoch size of the data.
+pub fn total_steps(config: &Config, windows_per_epoch: u64) -> u64 {
+    let t = &config.training;
+    let windows_per_step = (t.batch_size * t.grad_accum) as u64;
+    if let Some(steps) = t.max_steps {
+        steps as u64
+    } else if let Some(epochs) = t.epochs {
+        ((epochs * windows_per_epoch as f64) / windows_per_step as f64)
+            .ceil()
+            .max(1.0) as u64
+    } else {
+        let tokens = t.max_tokens.unwrap_or(0);
+        tokens.div_ceil(windows_per_step * t.seq_len as u64).max(1)
+    }
+}
+
+impl Trainer<'_> {
+    fn state_path(&self) -> PathBuf {
+        self.run_dir.join(STATE_FILE)
+    }
+
+    /// Trains to the configured budget (or until interrupted), checkpointing as configured and
+    /// telling `reporter` what happens.
+    pub fn run(
+        &self,
+        data: &dyn BatchSource,
+        opts: &TrainOptions,
+        reporter: &mut dyn Reporter,
+    ) -> Result<TrainSummary, TrainError> {
+        let t = &self.config.training;
+        let total = total_steps(self.config, data.train_windows());
+        let schedule = Schedule::new(t, total as usize);
+        let mut optimizer = AdamW::new(
+            &self.vars,
+            AdamWParams {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
+        )?;
+        let mut progress = Progress {
+            step: 0,
+            cursor: 0,
+            tokens: 0,
+            best_val_loss: None,
+            elapsed: 0.0,
+        };
+        if opts.resume {
+            progress = self.restore(&mut optimizer)?;
+        }
+        let metrics_path = self.run_dir.join("metrics.jsonl");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        let mut metrics = Metrics::open(&metrics_path, opts.resume.then_some(progress.step))
+            .map_err(io(&metrics_path))?;
+        reporter.report(Event::Started {
+            step: progress.step,
+            total,
+        });
+        let started = Instant::now();
+        let elapsed_before = progress.elapsed;
+        let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
+        let mut last_loss = None;
+        let mut window_start = (Instant::now(), progress.tokens);
+        let first_step = progress.step;
+
+        while progress.step < total {
+            let step = progress.step;
+            let lr = schedule.lr_at(step as usize);
+            let mut grads = Gradients::new();
+            let mut loss = 0.0;
+            for _ in 0..t.grad_accum {
+                let batch = data
+                    .train_batch(progress.cursor, t.batch_size)
+                    .map_err(TrainError::Data)?;
+                // Adapter dropout masks are a function of the seed and the data cursor, so a
+                // resumed run draws the same masks.
+                let mask_seed = t.seed.rotate_left(32) ^ progress.cursor;
+                self.model.set_adapter_dropout_seed(Some(mask_seed));
+                progress.cursor += t.batch_size as u64;
+                let scale = 1.0 / t.grad_accum as f64;
+                loss += scale
+                    * gradients::accumulate(
+                        self.model,
+                        &self.vars,
+                        &batch,
+                        scale,
+                        t.grad_checkpoint,
+                        &mut grads,
+                    )?;
+            }
+            let grad_norm = global_norm(&grads)?;
+            progress.step += 1;
+            progress.tokens += tokens_per_step;
+            progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
+            let bad = if !loss.is_finite() {
+                Some("loss")
+            } else if !grad_norm.is_finite() {
+                Some("gradient")
+            } else {
+                None
+            };
+            if let Some(what) = bad {
+                match t.on_nan {
+                    OnNonFinite::Stop => {
+                        return Err(TrainError::NonFinite {
+                            what,
+                            step: step + 1,
+                        })
+                    }
+                    OnNonFinite::Skip => {
+                        let note = format!("step {}: non-finite {what}, batch skipped", step + 1);
+                        reporter.report(Event::Note(note));
+                        continue;
+                    }
+                }
+            }
+            optimizer.step(&grads, lr, clip_scale(grad_norm, t.grad_clip))?;
+            drop(grads);
+            last_loss = Some(loss);
+
+            let now = progress.step;
+            let rate = {
+                let secs = window_start.0.elapsed().as_secs_f64().max(1e-9);
+                (progress.tokens - window_start.1) as f64 / secs
+            };
+            reporter.report(Event::Stepped {
+                step: now,
+                loss,
+                lr,
+                tokens_per_sec: rate,
+            });
+            if now % t.log_every as u64 == 0 || now == total {
+                metrics
+                    .push(Record {
+                        step: now,
+                        loss: Some(loss),
+                        lr: Some(lr),
+                        grad_norm: Some(grad_norm),
+                        tokens: progress.tokens,
+                        tokens_per_sec: Some(rate),
+                        elapsed: progress.elapsed,
+                        ..Record::default()
+                    })
+                    .map_err(io(&metrics_path))?;
+                window_start = (Instant::now(), progress.tokens);
+            }
+            if now % t.eval_every as u64 == 0 || now == total {
+                if let Some(val) = self.validate(data)? {
+                    let improved = progress.best_val_loss.is_none_or(|b| val < b);
+                    reporter.report(Event::Validated {
+                        step: now,
+                        train_loss: loss,
+                        val_loss: val,
+                        best: improved,
+                    });
+                    metrics
+                        .push(Record {
+                            step: now,
+                            val_loss: Some(val),
+                            val_ppl: Some(val.exp()),
+                            tokens: progress.tokens,
+                            elapsed: progress.elapsed,
+                            ..Record::default()
+                        })
+                        .map_err(io(&metrics_path))?;
+                    if improved {
+                        progress.best_val_loss = Some(val);
+                        (self.save_artifact)(&self.run_dir.join("best"))?;
+                    }
+                }
+                self.plot(&metrics, reporter);
+            }
+            let interrupted = opts.interrupt.load(Ordering::SeqCst);
+            let paused = opts.stop_after_steps.is_some_and(|n| now - first_step >= n);
+            if now % t.save_every as u64 == 0 || now == total || interrupted || paused {
+                self.checkpoint(&optimizer, &progress)?;
+            }
+            if interrupted {
+                reporter.report(Event::Stopped { interrupted: true });
+                return Err(TrainError::Interrupted {
+                    step: now,
+                    run_dir: self.run_dir.clone(),
+                });
+            }
+            if paused {
+                break;
+            }
+        }
+        reporter.report(Event::Stopped { interrupted: false });
+        self.plot(&metrics, reporter);
+        Ok(TrainSummary {
+            steps: progress.step,
+            total_steps: total,
+            tokens: progress.tokens,
+            last_loss,
+            best_val_loss: progress.best_val_loss,
+            elapsed: progress.elapsed,
+            run_dir: self.run_dir.clone(),
+            artifact: self.run_dir.join(self.artifact),
+        })
+    }
+
+    /// Mean validation loss over the configured number of batches.
+    fn validate(&self, data: &dyn BatchSource) -> Result<Option<f64>, TrainError> {
+        let t = &self.config.training;
+        self.model.set_adapter_dropout_seed(None);
+        let mut total = 0.0;
+        let mut count = 0;
+        for i in 0..t.eval_batches as u64 {
+            let Some(batch) = data.val_batch(i, t.batch_size).map_err(TrainError::Data)? else {
+                break;
+            };
+            total += gradients::loss_only(self.model, &batch)?;
+            count += 1;
+        }
+        Ok((count > 0).then(|| total / count as f64))
+    }
+
+    fn plot(&self, metrics: &Metrics, reporter: &mut dyn Reporter) {
+        if self.config.output.plot {
+            if let Err(e) = metrics.plot(&self.run_dir.join("loss.svg")) {
+                reporter.report(Event::Note(format!(
+                    "warning: could not draw loss.svg: {e}"
+                )));
+            }
+        }
+    }
+
+    /// Saves the artifact and the exact training state.
+    fn checkpoint(&self, optimizer: &AdamW, progress: &Progress) -> Result<(), TrainError> {
+        (self.save_artifact)(&self.run_dir.join(self.artifact))?;
+        let params: Vec<(String, Tensor)> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        state::save(&self.state_path(), &params, optimizer.state(), progress)?;
+        Ok(())
+    }
+
+    /// Loads weights, optimizer moments and progress saved by a previous run.
+    fn restore(&self, optimizer: &mut AdamW) -> Result<Progress, TrainError> {
+        let path = self.state_path();
+        let resume_error = |message: String| TrainError::Resume {
+            path: path.clone(),
+            message,
+        };
+        let saved = state::load(&path, self.model.device())?;
+        for (name, var) in &self.vars {
+            let t = saved.params.get(name).ok_or_else(|| {
+                resume_error(format!("parameter {name} is not in the saved state"))
+            })?;
+            if t.shape() != var.shape() {
+                return Err(resume_error(format!(
+                    "parameter {name} was saved with shape {:?} but the config needs {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        optimizer
+            .load_state(&saved.optimizer, saved.progress.step)
+            .map_err(|name| {
+                resume_error(format!("optimizer state {name} is missing or mis-shaped"))
+            })?;
+        Ok(saved.progress)
+    }
+}

@@ -1,0 +1,239 @@
+//! A training session, shared by `train` and `finetune`: the config resolved against a resumed
+//! run, the run directory guarded, the device opened, the data loaded, then the trainer run with
+//! Ctrl-C handling and a one-screen summary.
+
+use crate::cli::TrainArgs;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Var};
+use config::{Config, TrainingSection};
+use data::build::{build, BuildOptions};
+use data::loader::Dataset;
+use model::Llama;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use train::dataset_source::DatasetBatches;
+use train::memory;
+use train::run::{guard_run_dir, incompatible_keys, RUN_CONFIG};
+use train::trainer::SaveArtifact;
+use train::{BatchSource, TrainError, TrainOptions, TrainSummary, Trainer};
+
+/// A run about to start: its config, device and training data (by default the built dataset).
+pub struct Session<D = Dataset> {
+    pub config: Config,
+    pub device: Device,
+    pub data: D,
+}
+
+/// Training data a session holds: it hands the trainer its batches.
+pub trait TrainData {
+    /// The batches for `training`'s window length, sampling and seed.
+    fn batches(&self, training: &TrainingSection) -> Result<Box<dyn BatchSource + '_>>;
+}
+
+impl TrainData for Dataset {
+    fn batches(&self, t: &TrainingSection) -> Result<Box<dyn BatchSource + '_>> {
+        let batches = DatasetBatches::new(self, t.seq_len, t.sampling, t.seed)?;
+        if !batches.has_validation() {
+            eprintln!("warning: the validation split is shorter than one window; no validation loss (raise data.val_fraction)");
+        }
+        Ok(Box::new(batches))
+    }
+}
+
+/// Guards the run directory, opens the device, loads the training data with `load` and
+/// records the resolved config in the run directory.
+pub fn open_session<D>(
+    config: Config,
+    args: &TrainArgs,
+    load: impl FnOnce(&Config) -> Result<D>,
+) -> Result<Session<D>> {
+    let run_dir = &config.output.dir;
+    guard_run_dir(run_dir, args.resume.is_some(), args.force)?;
+    let device = match args.device {
+        Some(spec) => spec,
+        None => config
+            .training
+            .device
+            .parse()
+            .context("training.device in the config")?,
+    };
+    let device = ops::device::open(device)?;
+    let data = load(&config)?;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    if args.resume.is_none() {
+        let yaml = serde_norway::to_string(&config)?;
+        model::weights::write_atomic(&run_dir.join(RUN_CONFIG), yaml.as_bytes())
+            .with_context(|| format!("writing {}", run_dir.join(RUN_CONFIG).display()))?;
+    }
+    Ok(Session {
+        config,
+        device,
+        data,
+    })
+}
+
+/// Builds (or reuses) the configured markdown dataset and opens it, checking its tokenizer
+/// fits a model with `vocab_size` embeddings (before the run directory gets its config).
+pub fn build_dataset(config: &Config, vocab_size: usize) -> Result<Dataset> {
+    let report = build(config, &BuildOptions::default()).context("building the dataset")?;
+    let dataset = Dataset::open(&report.dir)?;
+    eprintln!(
+        "dataset {}: {} documents, {} train / {} val tokens{}",
+        report.dir.display(),
+        report.manifest.counts.documents,
+        dataset.train.len(),
+        dataset.val.len(),
+        if report.up_to_date {
+            " (up to date)"
+        } else {
+            ""
+        }
+    );
+    check_vocab(&dataset, vocab_size)?;
+    Ok(dataset)
+}
+
+/// Fails when the dataset's tokenizer has more tokens than the model has embeddings.
+fn check_vocab(dataset: &Dataset, vocab_size: usize) -> Result<()> {
+    if dataset.vocab_size() > vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model has only {vocab_size} embeddings",
+            dataset.dir.join("tokenizer.json").display(),
+            dataset.vocab_size(),
+        );
+    }
+    Ok(())
+}
+
+/// Trains `vars` of `model` on the session's data with Ctrl-C handling, then prints the
+/// summary.
+pub fn execute<D: TrainData>(
+    session: &Session<D>,
+    args: &TrainArgs,
+    model: &Llama,
+    vars: Vec<(String, Var)>,
+    save: &SaveArtifact,
+    artifact: &'static str,
+) -> Result<()> {
+    let config = &session.config;
+    let t = &config.training;
+    let run_dir = config.output.dir.clone();
+    let batches = session.data.batches(t)?;
+    let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    eprintln!(
+        "training {} of {} parameters on {} ({:?}), batch {} x {} x {} accumulation",
+        memory::count(trainable),
+        memory::count(model.config.parameter_count()),
+        ops::device::describe(&session.device),
+        t.dtype,
+        t.batch_size,
+        t.seq_len,
+        t.grad_accum
+    );
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    // A second Ctrl-C while saving is ignored: the checkpoint must finish.
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    let trainer = Trainer {
+        config,
+        model,
+        vars,
+        run_dir: run_dir.clone(),
+        save_artifact: save,
+        artifact,
+    };
+    let opts = TrainOptions {
+        resume: args.resume.is_some(),
+        stop_after_steps: args.stop_after_steps,
+        interrupt,
+    };
+    match trainer.run(&*batches, &opts, &mut crate::report::RunProgress::new()) {
+        Ok(summary) => {
+            print_summary(&summary);
+            Ok(())
+        }
+        Err(TrainError::Interrupted { step, run_dir }) => Err(crate::Interrupted(format!(
+            "saved a checkpoint at step {step}; resume with `--resume {}`",
+            run_dir.display()
+        ))
+        .into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_summary(summary: &TrainSummary) {
+    let run_dir = &summary.run_dir;
+    let done = summary.steps >= summary.total_steps;
+    println!(
+        "{}",
+        if done {
+            "training finished"
+        } else {
+            "training paused"
+        }
+    );
+    println!("  steps        {} / {}", summary.steps, summary.total_steps);
+    println!("  tokens       {}", summary.tokens);
+    if let Some(l) = summary.last_loss {
+        println!("  last loss    {l:.4}");
+    }
+    if let Some(v) = summary.best_val_loss {
+        println!(
+            "  best val     {v:.4} (ppl {:.2}) in {}",
+            v.exp(),
+            run_dir.join("best").display()
+        );
+    }
+    println!("  time         {:.1} s", summary.elapsed);
+    if let Some(peak) = memory::peak_resident_bytes() {
+        println!("  peak memory  {}", memory::human(peak));
+    }
+    println!("  output       {}", summary.artifact.display());
+    println!("  metrics      {}", run_dir.join("metrics.jsonl").display());
+    if !done {
+        println!("  resume with  --resume {}", run_dir.display());
+    }
+}
+
+/// The config to train with: the file (plus `--set`), or the saved config of the run being
+/// resumed (plus `--set`), checked against the file when both are given.
+pub fn resolve_config(args: &TrainArgs) -> Result<Config> {
+    let Some(run_dir) = &args.resume else {
+        let Some(path) = &args.config else {
+            bail!("give a config file (llmtool train configs/small.yaml) or --resume RUN_DIR");
+        };
+        return super::config::load_file(path, &args.overrides);
+    };
+    let saved_path = run_dir.join(RUN_CONFIG);
+    if !saved_path.is_file() {
+        bail!(
+            "{}: missing; {} does not hold a run to resume",
+            saved_path.display(),
+            run_dir.display()
+        );
+    }
+    let config = match &args.config {
+        None => super::config::load_file(&saved_path, &args.overrides)?,
+        Some(path) => {
+            let saved = super::config::load_file(&saved_path, &[])?;
+            let given = super::config::load_file(path, &args.overrides)?;
+            let differences = incompatible_keys(&saved, &given);
+            if !differences.is_empty() {
+                bail!(
+                    "{} cannot resume {}: {} differ from the saved run (use a new output.dir, or drop the config to resume as saved)",
+                    path.display(),
+                    run_dir.display(),
+                    differences.join(", ")
+                );
+            }
+            given
+        }
+    };
+    Ok(Config {
+        output: config::OutputSection {
+            dir: run_dir.clone(),
+            ..config.output.clone()
+        },
+        ..config
+    })
+}
