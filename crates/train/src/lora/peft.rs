@@ -1,0 +1,215 @@
+//! PEFT's `adapter_config.json`, and the projection names `target_modules` may hold.
+
+use config::{Config, LoraSection};
+use model::names::Projection;
+use serde::{Deserialize, Serialize};
+
+/// `target_modules` in `adapter_config.json`: a list of module names, or one string (PEFT
+/// treats a string as a regular expression, except `all-linear`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Pattern(String),
+}
+
+/// `adapter_config.json` as PEFT 0.21 reads and writes it (the fields llmtool uses; PEFT fills
+/// in defaults for the rest, and older PEFT versions load it too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    pub r: usize,
+    #[serde(serialize_with = "plain_number")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default = "no_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub layers_to_transform: Option<serde_json::Value>,
+    #[serde(default)]
+    pub layers_pattern: Option<serde_json::Value>,
+    #[serde(default = "init_true")]
+    pub init_lora_weights: serde_json::Value,
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+fn no_bias() -> String {
+    "none".into()
+}
+
+fn init_true() -> serde_json::Value {
+    serde_json::Value::Bool(true)
+}
+
+/// Writes whole numbers without a fraction (`8`, as PEFT writes `lora_alpha`), others as floats.
+fn plain_number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
+impl AdapterConfig {
+    /// The config of a new adapter with these settings on the modules `targets` (long names).
+    pub fn new(lora: &LoraSection, targets: &[&str]) -> Self {
+        let mut names: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        names.sort();
+        Self {
+            base_model_name_or_path: None,
+            revision: None,
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            r: lora.r,
+            lora_alpha: lora.alpha,
+            lora_dropout: lora.dropout,
+            target_modules: TargetModules::List(names),
+            use_rslora: lora.rslora,
+            use_dora: false,
+            bias: no_bias(),
+            fan_in_fan_out: false,
+            modules_to_save: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            init_lora_weights: init_true(),
+            inference_mode: true,
+        }
+    }
+
+    /// The factor on `B A x`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        let r = self.r as f64;
+        if self.use_rslora {
+            self.lora_alpha / r.sqrt()
+        } else {
+            self.lora_alpha / r
+        }
+    }
+
+    /// Rejects PEFT features llmtool does not implement.
+    pub(super) fn check_supported(&self) -> std::result::Result<(), String> {
+        let unsupported = [
+            (self.peft_type != "LORA", "peft_type is not LORA"),
+            (self.use_dora, "use_dora (DoRA) is not supported"),
+            (
+                self.bias != "none",
+                "bias other than \"none\" is not supported",
+            ),
+            (self.fan_in_fan_out, "fan_in_fan_out is not supported"),
+            (
+                self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()),
+                "modules_to_save is not supported",
+            ),
+            (
+                !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty(),
+                "rank_pattern/alpha_pattern (per-module ranks) are not supported",
+            ),
+        ];
+        if let Some((_, why)) = unsupported.iter().find(|(bad, _)| *bad) {
+            return Err(why.to_string());
+        }
+        if self.r == 0 {
+            return Err("r is 0: the rank must be at least 1".into());
+        }
+        if let TargetModules::List(names) = &self.target_modules {
+            expand_targets(names)?;
+        }
+        Ok(())
+    }
+}
+
+/// Long projection names for `names` (long, short, or `all-linear`), without duplicates, in
+/// a block's order.
+pub fn expand_targets(names: &[String]) -> std::result::Result<Vec<&'static str>, String> {
+    let mut out = Vec::new();
+    for name in names {
+        if name == "all-linear" {
+            out.extend(Projection::ALL);
+            continue;
+        }
+        let projection = Projection::from_name(name).ok_or_else(|| {
+            format!(
+                "target_modules names {name:?}, a module Llama-family models lack; they have {} (or all-linear)",
+                known_targets()
+            )
+        })?;
+        out.push(projection);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out.into_iter().map(Projection::name).collect())
+}
+
+/// The projection names, comma-separated.
+fn known_targets() -> String {
+    Projection::ALL.map(Projection::name).join(", ")
+}
+
+/// The problems of the config's `lora.target_modules` (names the model's table lacks), for
+/// [`config::load_with`].
+pub fn config_issues(c: &Config) -> Vec<(String, String)> {
+    c.lora
+        .target_modules
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| *t != "all-linear" && Projection::from_name(t).is_none())
+        .map(|(i, target)| {
+            let message = format!(
+                "unknown module {target:?}; expected one of {}, or all-linear",
+                known_targets()
+            );
+            (format!("lora.target_modules.{i}"), message)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_expand_short_names_and_all_linear() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            expand_targets(&names(&["v", "q_proj", "q"])).unwrap(),
+            ["q_proj", "v_proj"]
+        );
+        assert_eq!(expand_targets(&names(&["all-linear"])).unwrap().len(), 7);
+        assert!(expand_targets(&names(&["c_attn"])).is_err());
+    }
+
+    #[test]
+    fn alpha_is_written_like_peft() {
+        let mut config = AdapterConfig::new(&LoraSection::default(), &["q_proj"]);
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["lora_alpha"], serde_json::json!(16));
+        config.lora_alpha = 2.5;
+        assert_eq!(serde_json::to_value(&config).unwrap()["lora_alpha"], 2.5);
+        config.use_rslora = true;
+        config.r = 4;
+        assert_eq!(config.scale(), 1.25);
+    }
+}
