@@ -1,0 +1,235 @@
+//! The walk over pulldown-cmark events that decides which spans of the source are removed
+//! or replaced.
+
+use super::front_matter::front_matter_title;
+use super::html::html_block;
+use super::parser_options;
+use super::templates::{template_directives, whole_line};
+use config::{DataSection, FrontMatter, HtmlBlocks, KeepOrDrop};
+use pulldown_cmark::{Event, Parser, Tag, TagEnd};
+use std::ops::Range;
+
+/// Applies non-overlapping replacements (sorted by start) to `source`.
+pub(super) fn apply(source: &str, mut edits: Vec<(Range<usize>, String)>) -> String {
+    edits.sort_by_key(|(range, _)| (range.start, range.end));
+    let mut out = String::with_capacity(source.len());
+    let mut at = 0;
+    for (range, replacement) in edits {
+        if range.start < at {
+            continue; // nested in an edit already applied
+        }
+        out.push_str(&source[at..range.start]);
+        out.push_str(&replacement);
+        at = range.end;
+    }
+    out.push_str(&source[at..]);
+    out
+}
+
+/// A link or image whose syntax is removed, keeping the source of its children.
+struct LinkSpan {
+    range: Range<usize>,
+    children: Option<Range<usize>>,
+}
+
+/// A fenced code block being read: its edits start at `first_edit`; it is dropped whole when
+/// nothing but template directives is inside.
+struct CodeSpan {
+    range: Range<usize>,
+    first_edit: usize,
+    has_content: bool,
+}
+
+/// Walks the events of one source and collects the edits that clean it.
+pub(super) struct Editor<'a> {
+    src: &'a str,
+    data: &'a DataSection,
+    pub(super) edits: Vec<(Range<usize>, String)>,
+    /// Events starting before this offset belong to an element already replaced whole.
+    skip_until: usize,
+    /// Adjacent text events, scanned for template directives together (the parser splits
+    /// text at characters like `_` that could start emphasis).
+    pending_text: Option<Range<usize>>,
+    links: Vec<LinkSpan>,
+    code: Option<CodeSpan>,
+    /// Start of an inline `<script>`/`<style>` element being dropped.
+    script_from: Option<usize>,
+    pub(super) had_front_matter: bool,
+}
+
+impl<'a> Editor<'a> {
+    pub(super) fn new(src: &'a str, data: &'a DataSection) -> Self {
+        Self {
+            src,
+            data,
+            edits: Vec::new(),
+            skip_until: 0,
+            pending_text: None,
+            links: Vec::new(),
+            code: None,
+            script_from: None,
+            had_front_matter: false,
+        }
+    }
+
+    fn remove(&mut self, range: Range<usize>) {
+        self.edits.push((range, String::new()));
+    }
+
+    pub(super) fn run(&mut self) {
+        let mut events = Parser::new_ext(self.src, parser_options()).into_offset_iter();
+        for (event, range) in events.by_ref() {
+            if range.start < self.skip_until {
+                continue;
+            }
+            if self.script_from.is_some() && !matches!(event, Event::InlineHtml(_)) {
+                continue;
+            }
+            self.track_link_children(&event, &range);
+            if let Event::Text(_) = event {
+                self.push_text(range);
+                continue;
+            }
+            self.flush_text();
+            self.event(event, range);
+        }
+        self.flush_text();
+        if !self.data.link_urls {
+            let spans: Vec<_> = events
+                .reference_definitions()
+                .iter()
+                .map(|(_, def)| def.span.clone())
+                .collect();
+            for span in spans {
+                self.remove(span);
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event<'_>, range: Range<usize>) {
+        match event {
+            Event::Start(Tag::MetadataBlock(_)) => {
+                self.had_front_matter = true;
+                let title = match self.data.front_matter {
+                    FrontMatter::Title => front_matter_title(&self.src[range.clone()])
+                        .map(|title| format!("# {title}\n\n")),
+                    FrontMatter::Drop => None,
+                };
+                self.skip_until = range.end;
+                self.edits.push((range, title.unwrap_or_default()));
+            }
+            Event::Start(Tag::HtmlBlock) => {
+                let replacement = html_block(&self.src[range.clone()], self.data.html);
+                self.skip_until = range.end;
+                self.edits.push((range, replacement));
+            }
+            Event::InlineHtml(html) => self.inline_html(&html, range),
+            Event::Start(Tag::CodeBlock(_)) => {
+                if self.data.code == KeepOrDrop::Drop {
+                    self.skip_until = range.end;
+                    self.remove(range);
+                } else {
+                    self.code = Some(CodeSpan {
+                        range,
+                        first_edit: self.edits.len(),
+                        has_content: false,
+                    });
+                }
+            }
+            Event::End(TagEnd::CodeBlock) => {
+                if let Some(code) = self.code.take() {
+                    if !code.has_content {
+                        self.edits.truncate(code.first_edit);
+                        self.remove(code.range);
+                    }
+                }
+            }
+            Event::Start(Tag::Link { .. } | Tag::Image { .. }) if !self.data.link_urls => {
+                self.links.push(LinkSpan {
+                    range,
+                    children: None,
+                });
+            }
+            Event::End(TagEnd::Link | TagEnd::Image) if !self.data.link_urls => {
+                if let Some(link) = self.links.pop() {
+                    match link.children {
+                        Some(children) => {
+                            self.remove(link.range.start..children.start);
+                            self.remove(children.end..link.range.end);
+                        }
+                        None => self.remove(link.range),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every event inside a link widens the span of its children (the link text).
+    fn track_link_children(&mut self, event: &Event<'_>, range: &Range<usize>) {
+        if matches!(event, Event::End(TagEnd::Link | TagEnd::Image)) {
+            return;
+        }
+        if let Some(link) = self.links.last_mut() {
+            let children = link.children.get_or_insert(range.clone());
+            children.start = children.start.min(range.start);
+            children.end = children.end.max(range.end);
+        }
+    }
+
+    /// Inline tags: comments always go; `<script>`/`<style>` go with everything up to their
+    /// closing tag (`run` ignores the events in between); other tags follow `data.html`.
+    fn inline_html(&mut self, html: &str, range: Range<usize>) {
+        let lower = html.to_ascii_lowercase();
+        let closes_hidden = lower.starts_with("</script") || lower.starts_with("</style");
+        if let Some(from) = self.script_from {
+            if closes_hidden {
+                self.script_from = None;
+                self.remove(from..range.end);
+            }
+        } else if lower.starts_with("<script") || lower.starts_with("<style") {
+            self.script_from = Some(range.start);
+        } else if lower.starts_with("<!--") || self.data.html != HtmlBlocks::Keep {
+            self.remove(range);
+        }
+    }
+
+    fn push_text(&mut self, range: Range<usize>) {
+        match &mut self.pending_text {
+            Some(pending) if pending.end == range.start => pending.end = range.end,
+            _ => {
+                self.flush_text();
+                self.pending_text = Some(range);
+            }
+        }
+    }
+
+    /// Removes template directives from the pending text run (when asked to) and notes
+    /// whether a code block has anything else in it.
+    fn flush_text(&mut self) {
+        let Some(range) = self.pending_text.take() else {
+            return;
+        };
+        let text = &self.src[range.clone()];
+        let directives = template_directives(text);
+        let mut rest = 0;
+        let mut has_content = false;
+        for directive in &directives {
+            has_content |= !text[rest..directive.start].trim().is_empty();
+            rest = directive.end;
+        }
+        has_content |= !text[rest..].trim().is_empty();
+        if let Some(code) = &mut self.code {
+            code.has_content |= has_content || self.data.templates == KeepOrDrop::Keep;
+        }
+        if self.data.templates == KeepOrDrop::Drop {
+            for directive in directives {
+                let span = whole_line(
+                    self.src,
+                    range.start + directive.start..range.start + directive.end,
+                );
+                self.remove(span);
+            }
+        }
+    }
+}
