@@ -6,7 +6,7 @@ use super::html::html_block;
 use super::parser_options;
 use super::templates::{template_directives, whole_line};
 use config::{DataSection, FrontMatter, HtmlBlocks, KeepOrDrop};
-use pulldown_cmark::{Event, Parser, Tag, TagEnd};
+use pulldown_cmark::{BrokenLink, CowStr, Event, LinkType, Parser, Tag, TagEnd};
 use std::ops::Range;
 
 /// Applies non-overlapping replacements (sorted by start) to `source`.
@@ -77,7 +77,11 @@ impl<'a> Editor<'a> {
     }
 
     pub(super) fn run(&mut self) {
-        let mut events = Parser::new_ext(self.src, parser_options()).into_offset_iter();
+        let src = self.src;
+        let undefined = move |link: BrokenLink<'a>| undefined_reference(src, &link);
+        let mut events =
+            Parser::new_with_broken_link_callback(self.src, parser_options(), Some(undefined))
+                .into_offset_iter();
         for (event, range) in events.by_ref() {
             if range.start < self.skip_until {
                 continue;
@@ -144,7 +148,17 @@ impl<'a> Editor<'a> {
                     }
                 }
             }
-            Event::Start(Tag::Link { .. } | Tag::Image { .. }) if !self.data.link_urls => {
+            Event::Start(Tag::Link { link_type, .. } | Tag::Image { link_type, .. })
+                if !self.data.link_urls =>
+            {
+                // The parser's span of a collapsed reference `[text][]` stops before the `[]`.
+                let collapsed =
+                    matches!(link_type, LinkType::Collapsed | LinkType::CollapsedUnknown);
+                let range = if collapsed && self.src[range.end..].starts_with("[]") {
+                    range.start..range.end + 2
+                } else {
+                    range
+                };
                 self.links.push(LinkSpan {
                     range,
                     children: None,
@@ -232,4 +246,16 @@ impl<'a> Editor<'a> {
             }
         }
     }
+}
+
+/// Makes a reference link whose definition is missing (site generators drop them) a link
+/// anyway when it is written as one, `[text][]` or `[text][ref]`, and not glued to a word as
+/// in `a[i][j]`. A shortcut `[text]` stays text: it may be literal brackets.
+fn undefined_reference<'s>(src: &str, link: &BrokenLink<'_>) -> Option<(CowStr<'s>, CowStr<'s>)> {
+    let written = matches!(link.link_type, LinkType::Collapsed | LinkType::Reference);
+    let glued = src[..link.span.start]
+        .chars()
+        .next_back()
+        .is_some_and(|c| c.is_alphanumeric() || matches!(c, '_' | ')' | ']'));
+    (written && !glued).then_some((CowStr::Borrowed(""), CowStr::Borrowed("")))
 }

@@ -151,3 +151,18 @@ fn long_documents_split_at_block_boundaries() {
         [40, 40, 20]
     );
 }
+
+#[test]
+fn reference_links_keep_text_with_or_without_definition() {
+    let defined = "See [word][] and [other][ref].\n\n[word]: https://x.org\n[ref]: https://y.org\n";
+    assert_eq!(clean_default(defined), "See word and other.");
+    // After a site generator the definitions are usually gone; a shortcut `[maybe]` without
+    // one may be literal text, and `a[i][j]` is indexing, not a link.
+    let undefined = "See [word][], [other][ref] and [maybe] here; a[i][j] too.\n";
+    assert_eq!(
+        clean_default(undefined),
+        "See word, other and [maybe] here; a[i][j] too."
+    );
+    let urls = clean(defined, &with(|d| d.link_urls = true)).markdown;
+    assert_eq!(urls, defined.trim());
+}
