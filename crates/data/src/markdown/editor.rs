@@ -50,6 +50,8 @@ pub(super) struct Editor<'a> {
     /// Adjacent text events, scanned for template directives together (the parser splits
     /// text at characters like `_` that could start emphasis).
     pending_text: Option<Range<usize>>,
+    /// The last template directive removed: the events inside it are ignored.
+    directive: Range<usize>,
     links: Vec<LinkSpan>,
     code: Option<CodeSpan>,
     /// Start of an inline `<script>`/`<style>` element being dropped.
@@ -65,6 +67,7 @@ impl<'a> Editor<'a> {
             edits: Vec::new(),
             skip_until: 0,
             pending_text: None,
+            directive: 0..0,
             links: Vec::new(),
             code: None,
             script_from: None,
@@ -82,11 +85,14 @@ impl<'a> Editor<'a> {
         let mut events =
             Parser::new_with_broken_link_callback(self.src, parser_options(), Some(undefined))
                 .into_offset_iter();
-        for (event, range) in events.by_ref() {
+        for (event, mut range) in events.by_ref() {
             if range.start < self.skip_until {
                 continue;
             }
             if self.script_from.is_some() && !matches!(event, Event::InlineHtml(_)) {
+                continue;
+            }
+            if self.in_directive(&event, &mut range) {
                 continue;
             }
             self.track_link_children(&event, &range);
@@ -95,6 +101,10 @@ impl<'a> Editor<'a> {
                 continue;
             }
             self.flush_text();
+            // The text just flushed may hold a directive that covers this event.
+            if self.in_directive(&event, &mut range) {
+                continue;
+            }
             self.event(event, range);
         }
         self.flush_text();
@@ -224,27 +234,46 @@ impl<'a> Editor<'a> {
         let Some(range) = self.pending_text.take() else {
             return;
         };
-        let text = &self.src[range.clone()];
-        let directives = template_directives(text);
-        let mut rest = 0;
-        let mut has_content = false;
-        for directive in &directives {
-            has_content |= !text[rest..directive.start].trim().is_empty();
-            rest = directive.end;
-        }
-        has_content |= !text[rest..].trim().is_empty();
+        let keep = self.data.templates == KeepOrDrop::Keep;
+        let limit = self
+            .code
+            .as_ref()
+            .map_or(self.src.len(), |code| code.range.end);
+        let directives = template_directives(self.src, range.clone(), limit);
         if let Some(code) = &mut self.code {
-            code.has_content |= has_content || self.data.templates == KeepOrDrop::Keep;
-        }
-        if self.data.templates == KeepOrDrop::Drop {
-            for directive in directives {
-                let span = whole_line(
-                    self.src,
-                    range.start + directive.start..range.start + directive.end,
-                );
-                self.remove(span);
+            let mut rest = range.start;
+            let mut has_content = false;
+            for directive in &directives {
+                has_content |= !self.src[rest..directive.start].trim().is_empty();
+                rest = directive.end;
             }
+            has_content |= rest < range.end && !self.src[rest..range.end].trim().is_empty();
+            code.has_content |= has_content || keep;
         }
+        if keep {
+            return;
+        }
+        for directive in directives {
+            self.remove(whole_line(self.src, directive.clone()));
+            self.directive = directive;
+        }
+    }
+
+    /// Whether an event lies inside the last directive removed, which may run on past the
+    /// text it started in (a Hugo shortcode over several lines, or holding a code span);
+    /// a text event that starts inside it and goes on is cut to the part after it.
+    fn in_directive(&self, event: &Event<'_>, range: &mut Range<usize>) -> bool {
+        let directive = &self.directive;
+        if !directive.contains(&range.start) {
+            return false;
+        }
+        if range.end <= directive.end {
+            return true;
+        }
+        if let Event::Text(_) = event {
+            range.start = directive.end;
+        }
+        false
     }
 }
 

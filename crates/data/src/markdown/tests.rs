@@ -166,3 +166,20 @@ fn reference_links_keep_text_with_or_without_definition() {
     let urls = clean(defined, &with(|d| d.link_urls = true)).markdown;
     assert_eq!(urls, defined.trim());
 }
+
+#[test]
+fn hugo_shortcodes_across_lines_with_backticks_and_quotes() {
+    let src = "Intro.\n\n{{< figure src=\"a.png\"\n    alt=\"a \\\"cat\\\"\"\n    caption=\"not the end >}} yet\"\n>}}\n\nCall {{< param `site.title` >}} and {{<figure src=\"b.png\">}} now.\n\n{{< note >}}\nKeep this **text**.\n{{< /note >}}\n\n{{% tab name=\"Go\" %}}Tabbed {{% /tab %}}\n\n```go\n{{< readfile\n    file=\"main.go\" >}}\n```\n\nWrite `{{< ref \"a\" >}}` to link. Use {{< alone.\n\nDone {{< x >}}.\n";
+    assert_eq!(
+        clean_default(src),
+        "Intro.\n\nCall  and  now.\n\nKeep this **text**.\n\nTabbed\n\nWrite `{{< ref \"a\" >}}` to link. Use {{< alone.\n\nDone ."
+    );
+    // Links inside a shortcode go with it; the links after it are cleaned as usual.
+    let linked = "Text {{< x caption=\"[a](b)\"\n>}} then [c](d).\n";
+    assert_eq!(clean_default(linked), "Text  then c.");
+    let kept = clean(src, &with(|d| d.templates = KeepOrDrop::Keep)).markdown;
+    assert!(
+        kept.contains("{{< figure src=\"a.png\"\n    alt="),
+        "{kept}"
+    );
+}
