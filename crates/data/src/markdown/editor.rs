@@ -1,7 +1,7 @@
 //! The walk over pulldown-cmark events that decides which spans of the source are removed
 //! or replaced.
 
-use super::front_matter::front_matter_title;
+use super::front_matter::{at_top, empty_front_matter, front_matter_title};
 use super::html::html_block;
 use super::parser_options;
 use super::templates::{template_directives, whole_line};
@@ -80,6 +80,10 @@ impl<'a> Editor<'a> {
     }
 
     pub(super) fn run(&mut self) {
+        if let Some(range) = empty_front_matter(self.src) {
+            self.skip_until = range.end;
+            self.front_matter(range);
+        }
         let src = self.src;
         let undefined = move |link: BrokenLink<'a>| undefined_reference(src, &link);
         let mut events =
@@ -123,14 +127,10 @@ impl<'a> Editor<'a> {
     fn event(&mut self, event: Event<'_>, range: Range<usize>) {
         match event {
             Event::Start(Tag::MetadataBlock(_)) => {
-                self.had_front_matter = true;
-                let title = match self.data.front_matter {
-                    FrontMatter::Title => front_matter_title(&self.src[range.clone()])
-                        .map(|title| format!("# {title}\n\n")),
-                    FrontMatter::Drop => None,
-                };
                 self.skip_until = range.end;
-                self.edits.push((range, title.unwrap_or_default()));
+                if at_top(self.src, range.start) {
+                    self.front_matter(range);
+                }
             }
             Event::Start(Tag::HtmlBlock) => {
                 let replacement = html_block(&self.src[range.clone()], self.data.html);
@@ -187,6 +187,18 @@ impl<'a> Editor<'a> {
             }
             _ => {}
         }
+    }
+
+    /// Front matter goes, or becomes its title as a heading.
+    fn front_matter(&mut self, range: Range<usize>) {
+        self.had_front_matter = true;
+        let title = match self.data.front_matter {
+            FrontMatter::Title => {
+                front_matter_title(&self.src[range.clone()]).map(|title| format!("# {title}\n\n"))
+            }
+            FrontMatter::Drop => None,
+        };
+        self.edits.push((range, title.unwrap_or_default()));
     }
 
     /// Every event inside a link widens the span of its children (the link text).

@@ -183,3 +183,36 @@ fn hugo_shortcodes_across_lines_with_backticks_and_quotes() {
         "{kept}"
     );
 }
+
+#[test]
+fn empty_front_matter_removed() {
+    let titled = with(|d| d.front_matter = FrontMatter::Title);
+    for src in [
+        "---\n---\nBody.\n",
+        "---\n\n  \n---\n\nBody.\n",
+        "---\n...\nBody.\n",
+        "+++\n+++\nBody.\n",
+        "+++\n \n+++\n\nBody.\n",
+    ] {
+        let cleaned = clean(src, &DataSection::default());
+        assert_eq!(cleaned.markdown, "Body.", "{src:?}");
+        assert!(cleaned.had_front_matter, "{src:?}");
+        assert_eq!(clean(src, &titled).markdown, "Body.", "{src:?}");
+    }
+    let only = clean("---\n---\n", &DataSection::default());
+    assert_eq!(only.markdown, "");
+    assert!(only.had_front_matter);
+    // Below the top, `---` lines are thematic breaks.
+    let rules = "Body.\n\n---\n---\n\nMore.\n";
+    assert_eq!(clean_default(rules), rules.trim());
+}
+
+#[test]
+fn metadata_block_below_the_top_is_markdown() {
+    // pulldown-cmark reads `---`/text/`---` anywhere as a metadata block; CommonMark (and a
+    // site generator) read a thematic break and a setext heading.
+    let src = "Intro.\n\n---\nA heading\n---\n\nMore.\n";
+    let cleaned = clean(src, &DataSection::default());
+    assert_eq!(cleaned.markdown, src.trim());
+    assert!(!cleaned.had_front_matter);
+}
