@@ -1,6 +1,7 @@
 //! The walk over pulldown-cmark events that decides which spans of the source are removed
 //! or replaced.
 
+use super::entities::entity_replacement;
 use super::front_matter::{at_top, empty_front_matter, front_matter_title};
 use super::html::html_block;
 use super::parser_options;
@@ -100,7 +101,8 @@ impl<'a> Editor<'a> {
                 continue;
             }
             self.track_link_children(&event, &range);
-            if let Event::Text(_) = event {
+            if let Event::Text(text) = &event {
+                self.entity(text, range.clone());
                 self.push_text(range);
                 continue;
             }
@@ -186,6 +188,17 @@ impl<'a> Editor<'a> {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The parser decodes an entity (`&mdash;`) into a text event of its own; outside code,
+    /// the source of that event is replaced by what it decoded.
+    fn entity(&mut self, text: &str, range: Range<usize>) {
+        if self.code.is_some() {
+            return;
+        }
+        if let Some(replacement) = entity_replacement(self.src, range.clone(), text) {
+            self.edits.push((range, replacement));
         }
     }
 

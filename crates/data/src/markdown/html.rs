@@ -1,5 +1,6 @@
 //! HTML in markdown: hidden elements, blocks, and HTML reduced to its text.
 
+use super::entities::decode_entities;
 use config::HtmlBlocks;
 
 /// Finds the first `needle` (ASCII, lowercase) in `haystack` ignoring ASCII case.
@@ -32,7 +33,7 @@ fn remove_hidden_html(html: &str) -> String {
     out
 }
 
-/// The text of an HTML fragment: tags removed, common entities decoded, blank lines dropped.
+/// The text of an HTML fragment: tags removed, entities decoded, blank lines dropped.
 pub(super) fn html_to_text(html: &str) -> String {
     let mut text = String::with_capacity(html.len());
     let mut chars = html.chars().peekable();
@@ -51,13 +52,7 @@ pub(super) fn html_to_text(html: &str) -> String {
             text.push(c);
         }
     }
-    let text = text
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#39;", "'")
-        .replace("&nbsp;", " ")
-        .replace("&amp;", "&");
+    let text = decode_entities(&text);
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())

@@ -2,12 +2,13 @@
 //! the source is (front matter, HTML, code, link syntax, text); the cleaner then copies the
 //! source minus the spans it removes, so what stays is the author's own markdown, untouched.
 //!
-//! `editor` walks the events and collects the edits; `front_matter`, `templates` and `html`
-//! know their kind of content; `normalize` handles Unicode and whitespace; `chunks` turns
+//! `editor` walks the events and collects the edits; `front_matter`, `templates`, `html` and
+//! `entities` know their kind of content; `normalize` handles Unicode and whitespace; `chunks` turns
 //! cleaned markdown into documents.
 
 mod chunks;
 mod editor;
+mod entities;
 mod front_matter;
 mod html;
 mod normalize;

@@ -216,3 +216,24 @@ fn metadata_block_below_the_top_is_markdown() {
     assert_eq!(cleaned.markdown, src.trim());
     assert!(!cleaned.had_front_matter);
 }
+
+#[test]
+fn html_entities_decoded_in_prose_not_in_code() {
+    let src = "# Tom &amp; Jerry\n\nA&mdash;b, AT&amp;T, 1&#8212;2, 3&#x2014;4, no&nbsp;break, [x &amp; y](u) &copy;.\n\nCode `a &amp;&amp; b` stays.\n\n```html\n&mdash; &amp;\n```\n";
+    assert_eq!(
+        clean_default(src),
+        "# Tom & Jerry\n\nA\u{2014}b, AT&T, 1\u{2014}2, 3\u{2014}4, no break, x & y \u{a9}.\n\nCode `a &amp;&amp; b` stays.\n\n```html\n&mdash; &amp;\n```"
+    );
+    // A character that would turn into markup is escaped instead.
+    assert_eq!(
+        clean_default("a &lt; b, &lt;div&gt;, &amp;copy; and &#42;stars&#42;.\n"),
+        "a < b, \\<div>, \\&copy; and \\*stars\\*."
+    );
+    // Escaped, or text that starts with `&` after a shortcode: not entities.
+    assert_eq!(
+        clean_default("\\&amp; and {{< x `a` >}}&T b\n"),
+        "\\&amp; and &T b"
+    );
+    let block = "<div>\n&mdash; in HTML &hellip; &amp;\n</div>\n";
+    assert_eq!(clean_default(block), "\u{2014} in HTML \u{2026} &");
+}
