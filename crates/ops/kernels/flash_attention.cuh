@@ -1,4 +1,5 @@
-// Flash-style causal attention, forward and backward, included by attention.cu. The T×T scores and probabilities never reach global memory: the
+// Flash-style causal attention, forward and backward, included by attention.cu (it uses the
+// helpers of common.cuh). The T×T scores and probabilities never reach global memory: the
 // forward keeps a running max and sum per query row (online softmax) and saves only the output
 // and one log-sum-exp per row; the backward recomputes the probabilities tile by tile from it.
 //

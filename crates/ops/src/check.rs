@@ -422,7 +422,7 @@ fn self_attention_reference(t: &[Tensor]) -> Result<Tensor> {
 
 /// The reference attention with kv heads repeated to the query heads.
 fn repeated_reference(t: &[Tensor]) -> Result<Tensor> {
-    let (k, v) = super::repeat_kv_heads(&t[0], &t[1], &t[2])?;
+    let (k, v) = super::attention::repeat_kv_heads(&t[0], &t[1], &t[2])?;
     reference::causal_attention(&t[0], &k, &v)
 }
 
