@@ -1,6 +1,7 @@
-//! With the `cuda` feature, compiles `kernels/ops.cu` to PTX with nvcc (embedded in the binary
-//! and loaded at run time through candle's `CudaDevice`). Without it, does nothing: CPU and
-//! Metal builds need no CUDA toolkit.
+//! With the `cuda` feature, compiles `kernels/ops.cu` (which includes the kernel file of each
+//! family) to one PTX module with nvcc, embedded in the binary and loaded at run time through
+//! candle's `CudaDevice` (`src/launch.rs`). Without it, does nothing: CPU and Metal builds
+//! need no CUDA toolkit.
 //!
 //! nvcc is taken from `NVCC`, else `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME` `/bin/nvcc`, else `PATH`.
 //! The PTX targets `compute_$CUDA_COMPUTE_CAP` (default 80: bf16 needs Ampere or newer); the
@@ -14,9 +15,8 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    println!("cargo:rerun-if-changed=kernels/ops.cu");
-    println!("cargo:rerun-if-changed=kernels/flash_attention.cuh");
-    println!("cargo:rerun-if-changed=kernels/flash_mma.cuh");
+    // A directory: cargo rebuilds when any file under it changes (ops.cu includes the others).
+    println!("cargo:rerun-if-changed=kernels");
     for var in [
         "NVCC",
         "CUDA_ROOT",

@@ -1,5 +1,5 @@
-// Flash-style causal attention, forward and backward, included by ops.cu (it uses the dtype
-// helpers defined there). The T×T scores and probabilities never reach global memory: the
+// Flash-style causal attention, forward and backward, included by attention.cu (it uses the
+// helpers of common.cuh). The T×T scores and probabilities never reach global memory: the
 // forward keeps a running max and sum per query row (online softmax) and saves only the output
 // and one log-sum-exp per row; the backward recomputes the probabilities tile by tile from it.
 //
@@ -15,6 +15,10 @@
 // scale * log2(e)), which is all the backward needs. The backward is two kernels, one per
 // gradient owner (keys/values, then queries), so nothing is accumulated with atomics and the
 // result is the same on every run.
+
+#pragma once
+
+#include "common.cuh"
 
 constexpr int FA_TILE = 64;
 constexpr int FA_THREADS = 256;

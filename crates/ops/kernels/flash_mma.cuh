@@ -1,7 +1,7 @@
-// Flash attention on tensor cores for the 16-bit dtypes (bf16, f16), included by ops.cu after
-// flash_attention.cuh, whose layout, tiling of the grid, parameter lists and base-2 log-sum-exp
-// it shares: the forward's lse and the backward's delta are interchangeable between the two, and
-// the launcher picks these kernels wherever the rows are 16-byte aligned.
+// Flash attention on tensor cores for the 16-bit dtypes (bf16, f16), included by attention.cu
+// after flash_attention.cuh, whose layout, tiling of the grid, parameter lists and base-2
+// log-sum-exp it shares: the forward's lse and the backward's delta are interchangeable between
+// the two, and the launcher picks these kernels wherever the rows are 16-byte aligned.
 //
 // A block is 4 warps. In the forward and the query gradients a warp owns 16·MT consecutive
 // queries and walks the key tiles of 64 (a warp's MT row tiles share every B operand it loads;
@@ -20,6 +20,10 @@
 // Fragment layout of m16n8k16 (lane = 4g + t): A holds rows g and g + 8, columns 2t, 2t + 1
 // and 2t + 8, 2t + 9; B holds rows (k) 2t, 2t + 1 and 2t + 8, 2t + 9 of column (n) g; the f32
 // accumulator holds columns 2t, 2t + 1 of rows g (elements 0, 1) and g + 8 (elements 2, 3).
+
+#pragma once
+
+#include "flash_attention.cuh"
 
 constexpr int FM_THREADS = 128;
 

@@ -2,7 +2,7 @@
 //! both moments and writes their new values, instead of ~10 tensor ops with a fresh buffer each.
 //! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]). The sum of
 //! the squares of every gradient ([`sum_of_squares`]) is one more launch on CUDA, and one rayon
-//! pass per gradient on the CPU.
+//! pass per gradient on the CPU. The CUDA kernels are in `kernels/adamw.cu`.
 
 use super::cpu_kernel::{f32s, with_operands, ELEMENTWISE_CHUNK};
 use super::fast_exp;
@@ -167,7 +167,7 @@ pub fn adamw_in_place(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     {
-        cuda_multi::adamw(params, u)
+        cuda::adamw(params, u)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -195,7 +195,7 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<Option<f64>> {
     }
     #[cfg(feature = "cuda")]
     {
-        cuda_multi::sum_of_squares(tensors).map(Some)
+        cuda::sum_of_squares(tensors).map(Some)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -218,11 +218,14 @@ fn cpu_sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
     })
 }
 
+/// The CUDA launchers (`kernels/adamw.cu`): one launch for all parameters, each described by
+/// its buffers' addresses in a table the kernel reads.
 #[cfg(feature = "cuda")]
-mod cuda_multi {
+mod cuda {
     use super::{AdamWUpdate, InPlaceParam};
-    use crate::cuda::{self, AdamWScalars, ParamBuffers};
-    use candle_core::{CudaDevice, Layout, Result, Storage, Tensor};
+    use crate::launch::{alloc, base_address, grid, int, launch, zeros_f32, Arg};
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 
     /// The device and buffer address of a contiguous CUDA tensor's first element.
     fn locate(t: &Tensor) -> Result<(CudaDevice, u64)> {
@@ -230,7 +233,7 @@ mod cuda_multi {
         match &*storage {
             Storage::Cuda(s) => {
                 let offset = layout.start_offset() * t.dtype().size_in_bytes();
-                Ok((s.device.clone(), cuda::base_address(s)? + offset as u64))
+                Ok((s.device.clone(), base_address(s)? + offset as u64))
             }
             _ => candle_core::bail!("adamw: operand is not on a CUDA device"),
         }
@@ -265,7 +268,7 @@ mod cuda_multi {
             bias2: u.bias2 as f32,
             grad_scale: u.grad_scale as f32,
         };
-        cuda::adamw_multi(&device, &buffers, &scalars)
+        adamw_multi(&device, &buffers, &scalars)
     }
 
     pub(super) fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
@@ -288,8 +291,119 @@ mod cuda_multi {
         let Some(device) = device else {
             return Ok(0.0);
         };
-        let total = cuda::sum_squares_multi(&device, &buffers)?;
+        let total = sum_squares_multi(&device, &buffers)?;
         let host = device.clone_dtoh(total.as_cuda_slice::<f32>()?)?;
         Ok(host.first().copied().unwrap_or(0.0) as f64)
+    }
+
+    /// One parameter of a multi-tensor launch: f32 buffer addresses and size.
+    struct ParamBuffers {
+        weight: u64,
+        grad: u64,
+        m: u64,
+        v: u64,
+        len: usize,
+        /// `1 − lr · weight_decay` (1 without decay).
+        keep: f32,
+    }
+
+    /// Elements per block of the multi-tensor kernels.
+    const MULTI_CHUNK: usize = 1 << 16;
+
+    /// Uploads the descriptor table of `params` (6 words each) followed by the chunk list (one word
+    /// per block: parameter index << 40 | first element). Returns it and the number of chunks.
+    fn descriptor_table(
+        device: &CudaDevice,
+        params: &[ParamBuffers],
+    ) -> Result<(
+        candle_core::cuda_backend::cudarc::driver::CudaSlice<u64>,
+        usize,
+    )> {
+        let mut words = Vec::with_capacity(6 * params.len());
+        let mut chunks = Vec::new();
+        for (i, p) in params.iter().enumerate() {
+            words.extend([
+                p.weight,
+                p.grad,
+                p.m,
+                p.v,
+                p.len as u64,
+                p.keep.to_bits() as u64,
+            ]);
+            chunks.extend(
+                (0..p.len)
+                    .step_by(MULTI_CHUNK)
+                    .map(|s| (i as u64) << 40 | s as u64),
+            );
+        }
+        let n_chunks = chunks.len();
+        words.extend(chunks);
+        Ok((device.clone_htod(&words)?, n_chunks))
+    }
+
+    /// The scalars of an AdamW step shared by all parameters.
+    struct AdamWScalars {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        bias1: f32,
+        bias2: f32,
+        grad_scale: f32,
+    }
+
+    /// One in-place AdamW update of every parameter in `params`, in one launch.
+    fn adamw_multi(device: &CudaDevice, params: &[ParamBuffers], s: &AdamWScalars) -> Result<()> {
+        if params.is_empty() {
+            return Ok(());
+        }
+        let (table, chunks) = descriptor_table(device, params)?;
+        let table_address = table.device_ptr(&device.cuda_stream()).0;
+        let args = [
+            Arg::Address(table_address),
+            Arg::Address(table_address + 8 * 6 * params.len() as u64),
+            int(MULTI_CHUNK)?,
+            Arg::Float(s.lr),
+            Arg::Float(s.beta1),
+            Arg::Float(s.beta2),
+            Arg::Float(s.eps),
+            Arg::Float(s.bias1),
+            Arg::Float(s.bias2),
+            Arg::Float(s.grad_scale),
+        ];
+        launch(device, "adamw_multi", None, grid(chunks)?, (256, 1), &args)
+    }
+
+    /// The sum of squares of the gradients in `params` (only `grad` and `len` are read), as an f32
+    /// scalar on the device. Deterministic: per-chunk partials are summed in a fixed order.
+    fn sum_squares_multi(device: &CudaDevice, params: &[ParamBuffers]) -> Result<CudaStorage> {
+        let out = zeros_f32(device, 1)?;
+        if params.is_empty() {
+            return Ok(out);
+        }
+        let (table, chunks) = descriptor_table(device, params)?;
+        let table_address = table.device_ptr(&device.cuda_stream()).0;
+        let partial = alloc(device, DType::F32, chunks)?;
+        let args = [
+            Arg::Address(table_address),
+            Arg::Address(table_address + 8 * 6 * params.len() as u64),
+            int(MULTI_CHUNK)?,
+            Arg::Address(base_address(&partial)?),
+        ];
+        launch(
+            device,
+            "sum_squares_multi",
+            None,
+            grid(chunks)?,
+            (256, 1),
+            &args,
+        )?;
+        let args = [
+            Arg::Address(base_address(&partial)?),
+            int(chunks)?,
+            Arg::Address(base_address(&out)?),
+        ];
+        launch(device, "sum_partials", None, (1, 1), (1024, 1), &args)?;
+        Ok(out)
     }
 }

@@ -5,15 +5,14 @@
 //!
 //! candle's CUDA add moves one element per thread through a strided-index kernel; in bf16 that
 //! ran at about 1.1 TB/s and was the largest non-GEMM kernel of a base training step (84 calls
-//! per step). This one moves 16 bytes per thread.
+//! per step). This one moves 16 bytes per thread (`kernels/elementwise.cu`).
 
 use super::attach::attach2;
 use super::cpu_kernel::{f32s, output, written_rows, ELEMENTWISE_CHUNK};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use super::fused_op::{CudaOutput, Operand};
+use candle_core::{DType, Result, Tensor};
 
 /// `a + b`, with a backward; the fused kernel where [`super::fused`] accepts both, they have
 /// one shape and are contiguous from a 16-byte boundary, candle's add elsewhere. The fused
@@ -71,18 +70,10 @@ fn applies(a: &Tensor, b: &Tensor) -> bool {
 
 struct Add;
 
-impl CustomOp2 for Add {
-    fn name(&self) -> &'static str {
-        "add"
-    }
+impl FusedOp<2> for Add {
+    const NAME: &'static str = "add";
 
-    fn cpu_fwd(
-        &self,
-        a: &CpuStorage,
-        a_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(a, a_layout), (b, b_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (a, b) = (f32s(a, a_layout)?, f32s(b, b_layout)?);
         if a.len() != b.len() {
             candle_core::bail!("add: operands of {} and {} elements", a.len(), b.len());
@@ -101,32 +92,19 @@ impl CustomOp2 for Add {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        a: &CudaStorage,
-        a_layout: &Layout,
-        b: &CudaStorage,
-        b_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let sum = cuda::add((a, a_layout), (b, b_layout))?;
-        Ok((sum, a_layout.shape().clone()))
+    fn cuda(&self, [a, b]: [Operand; 2]) -> CudaOutput {
+        Ok((cuda::add(a, b)?, a.1.shape().clone()))
     }
 }
 
+custom_op!(Add: 2);
+
 struct Scale;
 
-impl CustomOp2 for Scale {
-    fn name(&self) -> &'static str {
-        "scale"
-    }
+impl FusedOp<2> for Scale {
+    const NAME: &'static str = "scale";
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        factor: &CpuStorage,
-        factor_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(x, x_layout), (factor, factor_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let x = f32s(x, x_layout)?;
         let &[f] = f32s(factor, factor_layout)? else {
             candle_core::bail!("scale: the factor must have one element");
@@ -144,15 +122,53 @@ impl CustomOp2 for Scale {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        factor: &CudaStorage,
-        factor_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = cuda::scale((x, x_layout), (factor, factor_layout))?;
-        Ok((out, x_layout.shape().clone()))
+    fn cuda(&self, [x, factor]: [Operand; 2]) -> CudaOutput {
+        Ok((cuda::scale(x, factor)?, x.1.shape().clone()))
+    }
+}
+
+custom_op!(Scale: 2);
+
+/// The CUDA launchers (`kernels/elementwise.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{
+        alloc, common_dtype, per_element, run, same_count, start_aligned, Arg, Operand,
+    };
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, DType, Result};
+
+    /// `a + b` for contiguous, 16-byte aligned operands of one dtype and size.
+    pub(super) fn add(a: Operand, b: Operand) -> Result<CudaStorage> {
+        let n = same_count(a, b)?;
+        run_wide("add_vec", &[a, b], &[a, b], n)
+    }
+
+    /// `x · s` for a contiguous, 16-byte aligned `x` and a one-element f32 `s`.
+    pub(super) fn scale(x: Operand, s: Operand) -> Result<CudaStorage> {
+        if s.0.dtype() != DType::F32 || s.1.shape().elem_count() != 1 {
+            candle_core::bail!("scale: factor of {:?} {:?}", s.0.dtype(), s.1.shape());
+        }
+        run_wide("scale_vec", &[x, s], &[x], x.1.shape().elem_count())
+    }
+
+    /// Runs an elementwise kernel that moves 16 bytes per thread over `n` elements of the first
+    /// input's dtype (the tail by the last thread), after checking that `aligned` start on a
+    /// 16-byte boundary.
+    fn run_wide(
+        name: &str,
+        inputs: &[Operand],
+        aligned: &[Operand],
+        n: usize,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&inputs[..1])?;
+        if !start_aligned(aligned)? {
+            candle_core::bail!("{name}: operands must start on a 16-byte boundary");
+        }
+        let out = alloc(&inputs[0].0.device, dtype, n)?;
+        let vectors = n.div_ceil(16 / dtype.size_in_bytes());
+        let scalars = [Arg::Count(n as u64)];
+        run((name, dtype), per_element(vectors)?, inputs, out, &scalars)
     }
 }
 

@@ -4,23 +4,29 @@
 //! separate add stores it, so the result equals `rms_norm(x + delta)` exactly.
 
 use super::cpu_kernel::{f32s, for_each_row, output};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
+use super::fused_op::{CudaOutput, Operand};
 use super::rms_norm::{check_width, inverse_rms};
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape, Tensor};
 
-/// `(x + delta, rms_norm(x + delta, weight))` for contiguous operands of one shape on a backend
-/// [`super::fused`] accepts; no backward.
-pub(crate) fn add_rms_norm(
+/// `(x + delta, rms_norm(x + delta, weight))`: the residual add and the norm after it. Fused
+/// into one kernel for inference (nothing tracked, fused backend), else the two ops.
+pub fn add_rms_norm(
     x: &Tensor,
     delta: &Tensor,
     weight: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    let both = x.apply_op3_no_bwd(delta, weight, &AddRmsNorm { eps: eps as f32 })?;
-    Ok((both.get(0)?, both.get(1)?))
+    let tracked = x.track_op() || delta.track_op() || weight.track_op();
+    if !tracked && super::fused(&[x, delta, weight]) && x.shape() == delta.shape() {
+        let (x, delta, weight) = (x.contiguous()?, delta.contiguous()?, weight.contiguous()?);
+        let both = x.apply_op3_no_bwd(&delta, &weight, &AddRmsNorm { eps: eps as f32 })?;
+        return Ok((both.get(0)?, both.get(1)?));
+    }
+    let sum = super::add(x, delta)?;
+    let normed = super::rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
 }
 
 struct AddRmsNorm {
@@ -34,20 +40,13 @@ fn pair_shape(layout: &Layout) -> Shape {
     dims.into()
 }
 
-impl CustomOp3 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "add-rms-norm"
-    }
+impl FusedOp<3> for AddRmsNorm {
+    const NAME: &'static str = "add-rms-norm";
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        delta: &CpuStorage,
-        delta_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        [(x, x_layout), (delta, delta_layout), (w, w_layout)]: [CpuOperand; 3],
+    ) -> CpuOutput {
         let (x, delta, w) = (
             f32s(x, x_layout)?,
             f32s(delta, delta_layout)?,
@@ -74,21 +73,42 @@ impl CustomOp3 for AddRmsNorm {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        delta: &CudaStorage,
-        delta_layout: &Layout,
-        w: &CudaStorage,
-        w_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = cuda::add_rms_norm(
-            (x, x_layout),
-            (delta, delta_layout),
-            (w, w_layout),
-            self.eps,
-        )?;
-        Ok((out, pair_shape(x_layout)))
+    fn cuda(&self, [x, delta, w]: [Operand; 3]) -> CudaOutput {
+        let out = cuda::add_rms_norm(x, delta, w, self.eps)?;
+        Ok((out, pair_shape(x.1)))
+    }
+}
+
+custom_op!(AddRmsNorm: 3);
+
+/// The CUDA launcher (`kernels/norms.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{alloc, common_dtype, int, per_row, run, same_count, Arg, Operand};
+    use crate::rms_norm::cuda::check_weight;
+    use crate::rows_and_width;
+    use candle_core::{CudaStorage, Result};
+
+    /// Residual add and RMSNorm: `[sum; normed]` in one buffer of twice `x`'s size.
+    pub(super) fn add_rms_norm(
+        x: Operand,
+        delta: Operand,
+        w: Operand,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[x, delta, w])?;
+        let (rows, width) = rows_and_width(x.1)?;
+        check_weight(w, width)?;
+        same_count(x, delta)?;
+        let out = alloc(&x.0.device, dtype, 2 * rows * width)?;
+        let shape = per_row(rows, width, 256)?;
+        let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+        run(
+            ("add_rms_norm", dtype),
+            shape,
+            &[x, delta, w],
+            out,
+            &scalars,
+        )
     }
 }

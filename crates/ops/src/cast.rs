@@ -3,7 +3,7 @@
 //!
 //! candle's CUDA cast moves one element per thread through a strided-index kernel; the weight
 //! casts of a base bf16 training step ran at 0.4–1.3 TB/s and took about 1 ms of it. This one
-//! moves 8 elements per thread.
+//! moves 8 elements per thread (`kernels/elementwise.cu`).
 
 use super::attach::attach;
 use candle_core::{DType, Result, Tensor};
@@ -28,17 +28,46 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
-fn fused_cast(x: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
-    use super::cuda;
-    let floats = |d: DType| matches!(d, DType::F32 | DType::BF16 | DType::F16);
-    if !(x.device().is_cuda() && x.is_contiguous() && floats(x.dtype()) && floats(dtype)) {
-        return Ok(None);
+use cuda::fused_cast;
+
+/// The CUDA launcher (`kernels/elementwise.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{self, alloc, per_element, run, start_aligned, suffix, Arg, Operand};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, DType, Result, Tensor};
+
+    /// `x` in `dtype` by the vectorized kernel, where it applies: CUDA, between f32, bf16 and
+    /// f16, `x` contiguous from a 16-byte boundary.
+    pub(super) fn fused_cast(x: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+        let floats = |d: DType| matches!(d, DType::F32 | DType::BF16 | DType::F16);
+        if !(x.device().is_cuda() && x.is_contiguous() && floats(x.dtype()) && floats(dtype)) {
+            return Ok(None);
+        }
+        let y = launch::with_operands(&[x], |ops| match start_aligned(ops)? {
+            true => cast(ops[0], dtype).map(Some),
+            false => Ok(None),
+        })?;
+        Ok(y.map(|y| launch::tensor(y, x.shape().clone())))
     }
-    let y = cuda::with_operands(&[x], |ops| match cuda::start_aligned(ops)? {
-        true => cuda::cast(ops[0], dtype).map(Some),
-        false => Ok(None),
-    })?;
-    Ok(y.map(|y| cuda::tensor(y, x.shape().clone())))
+
+    /// `x` (contiguous from a 16-byte boundary) converted to `dtype`, 8 elements per thread.
+    fn cast(x: Operand, dtype: DType) -> Result<CudaStorage> {
+        if !start_aligned(&[x])? {
+            candle_core::bail!("cast: the operand must start on a 16-byte boundary");
+        }
+        let n = x.1.shape().elem_count();
+        let out = alloc(&x.0.device, dtype, n)?;
+        let name = format!("cast_to_{}", suffix(dtype)?);
+        let scalars = [Arg::Count(n as u64)];
+        run(
+            (&name, x.0.dtype()),
+            per_element(n.div_ceil(8))?,
+            &[x],
+            out,
+            &scalars,
+        )
+    }
 }
 
 /// No fused cast without CUDA: candle's CPU cast is already a plain loop.

@@ -1,47 +1,110 @@
-//! Fused cross-entropy on the CPU and on CUDA: per-row NLL (log-sum-exp and target gather in
-//! one pass over the logits, f32 out), a backward that writes `(softmax − onehot) · g` per row
-//! directly, with no log-softmax copy of the logits, and both at once for the training loss
-//! (the log-sum-exp of each row computed once). The weighted mean over rows is left to tensor
-//! ops, so nothing here synchronizes with the device.
+//! Cross-entropy: its dispatch, composite references, and fused kernels on the CPU and on CUDA
+//! (`kernels/loss.cu`): per-row NLL (log-sum-exp and target gather in one pass over the logits,
+//! f32 out), a backward that writes `(softmax − onehot) · g` per row directly, with no
+//! log-softmax copy of the logits, and both at once for the training loss (the log-sum-exp of
+//! each row computed once). The weighted mean over rows is left to tensor ops, so nothing here
+//! synchronizes with the device.
 
 use super::cpu_kernel::{
     self, f32s, output, u32s, written_rows, written_rows_with, MIN_ROWS_PER_TASK,
 };
-#[cfg(feature = "cuda")]
-use super::cuda;
 use super::fast_exp;
-use super::rows_and_width;
-use candle_core::op::BackpropOp;
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use super::fused_op::{CudaOutput, Operand};
+#[cfg(feature = "cuda")]
+use super::launch;
+use super::reference::widened;
+use super::{ids_beside, rows_and_width};
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
-/// NLL `[n]` (f32) of u32 `targets` `[n]` under `logits` `[n, vocab]`, with a backward. Same
-/// contract as [`super::reference::token_nll`]; inputs must be contiguous, on a backend
-/// [`super::fused`] accepts.
-pub(crate) fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits.apply_op2(targets, TokenNll)
+/// Negative log-likelihood of each target under `logits` (`[n, vocab]`, targets `[n]` u32),
+/// computed in at least f32. Returns `[n]`.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if super::fused(&[logits]) && ids_beside(targets, logits) {
+        return logits
+            .contiguous()?
+            .apply_op2(&targets.contiguous()?, TokenNll);
+    }
+    reference_nll(logits, targets)
 }
 
-/// `(softmax(logits) − onehot(targets)) · g[row]` in the logits' dtype, for f32 row scales `g`
-/// `[n]`: the gradient of `Σ g · nll` with respect to the logits. Same contract as
-/// [`super::reference::token_nll_grad`].
-pub(crate) fn token_nll_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
-    logits.apply_op3_no_bwd(targets, g, &TokenNllGrad)
+/// `(softmax(logits) − onehot(targets)) · g[row]` in the logits' dtype (f32 row scales `g`):
+/// the gradient of `Σ g · token_nll` with respect to the logits.
+pub fn token_nll_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+    if super::fused(&[logits]) && ids_beside(targets, logits) && g.dtype() == DType::F32 {
+        let (logits, targets) = (logits.contiguous()?, targets.contiguous()?);
+        return fused_grad(&logits, &targets, &g.contiguous()?);
+    }
+    reference_grad(logits, targets, g)
 }
 
-/// [`token_nll`] and [`token_nll_grad`] of the same logits as `(nll, gradient)`, neither
-/// recording a backward: one pass per row on the CPU, one kernel on CUDA. Same contract as the
-/// two ops; inputs must be contiguous, on a backend [`super::fused`] accepts.
-pub(crate) fn token_nll_with_grad(
+/// [`token_nll`] and [`token_nll_grad`] of the same logits together, as `(nll, gradient)`.
+/// Fused, it is one pass per row that computes the row's log-sum-exp once (a rayon kernel on the
+/// CPU, one kernel that reads the logits twice on CUDA; the two ops read them five times), and
+/// neither result records a backward; elsewhere it is the two ops.
+pub fn token_nll_with_grad(
     logits: &Tensor,
     targets: &Tensor,
     g: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    if super::fused(&[logits]) && ids_beside(targets, logits) && g.dtype() == DType::F32 {
+        let (logits, targets, g) = (logits.contiguous()?, targets.contiguous()?, g.contiguous()?);
+        return fused_with_grad(&logits, &targets, &g);
+    }
+    Ok((
+        token_nll(logits, targets)?,
+        token_nll_grad(logits, targets, g)?,
+    ))
+}
+
+/// `Σ values · weights / max(Σ weights, 1)` as a scalar, computed on the device (no host
+/// synchronization).
+pub fn weighted_mean(values: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let weights = weights.to_dtype(values.dtype())?;
+    let count = weights.sum_all()?.maximum(1.0)?;
+    (values * &weights)?.sum_all()?.div(&count)
+}
+
+/// Mean NLL over the positions where `weights` (`[n]` f32, 1 to score, 0 to skip) is set, for
+/// `logits` `[n, vocab]` and u32 `targets` `[n]`; computed in at least f32.
+pub fn masked_mean_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    weighted_mean(&token_nll(logits, targets)?, weights)
+}
+
+/// [`token_nll`] from candle's differentiable ops, any backend and dtype.
+pub fn reference_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(widened(logits.dtype()))?;
+    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    log_probs
+        .gather(&targets.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()
+}
+
+/// [`token_nll_grad`] from candle's ops, computed in f32, any backend and dtype.
+pub fn reference_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let dtype = logits.dtype();
+    let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let vocab = logits.dim(1)?;
+    let onehot = candle_nn::encoding::one_hot(targets.clone(), vocab, 1f32, 0f32)?;
+    (probs - onehot)?
+        .broadcast_mul(&g.unsqueeze(1)?)?
+        .to_dtype(dtype)
+}
+
+/// The fused [`token_nll_grad`]; inputs must be contiguous, on a backend [`super::fused`]
+/// accepts.
+fn fused_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+    logits.apply_op3_no_bwd(targets, g, &TokenNllGrad)
+}
+
+/// The fused [`token_nll_with_grad`]: one pass per row on the CPU, one kernel on CUDA. Inputs
+/// must be contiguous, on a backend [`super::fused`] accepts.
+fn fused_with_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor)> {
     let operands = [logits, targets, g];
     let (nll, d) = match logits.device() {
         Device::Cpu => {
@@ -55,7 +118,7 @@ pub(crate) fn token_nll_with_grad(
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             let (nll, d) =
-                cuda::with_operands(&operands, |o| cuda::token_nll_with_grad(o[0], o[1], o[2]))?;
+                launch::with_operands(&operands, |o| cuda::token_nll_with_grad(o[0], o[1], o[2]))?;
             (Storage::Cuda(nll), Storage::Cuda(d))
         }
         _ => candle_core::bail!("cross-entropy: no fused kernel for this device"),
@@ -69,7 +132,7 @@ pub(crate) fn token_nll_with_grad(
     ))
 }
 
-/// The CPU kernel of [`token_nll_with_grad`]: the NLLs and the gradient rows.
+/// The CPU kernel of [`fused_with_grad`]: the NLLs and the gradient rows.
 fn cpu_nll_with_grad(
     (logits, logits_layout): (&CpuStorage, &Layout),
     (targets, targets_layout): (&CpuStorage, &Layout),
@@ -142,18 +205,13 @@ fn write_grad_row(row: &[f32], t: usize, shift: f32, g: f32, d: &mut [MaybeUnini
 
 struct TokenNll;
 
-impl CustomOp2 for TokenNll {
-    fn name(&self) -> &'static str {
-        "token-nll"
-    }
+impl FusedOp<2> for TokenNll {
+    const NAME: &'static str = "token-nll";
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        logits: &CpuStorage,
-        logits_layout: &Layout,
-        targets: &CpuStorage,
-        targets_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        [(logits, logits_layout), (targets, targets_layout)]: [CpuOperand; 2],
+    ) -> CpuOutput {
         let (n, vocab, targets) = cpu_targets(logits_layout, targets, targets_layout)?;
         let logits = f32s(logits, logits_layout)?;
         let nll: Vec<f32> = logits
@@ -166,47 +224,34 @@ impl CustomOp2 for TokenNll {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        logits: &CudaStorage,
-        logits_layout: &Layout,
-        targets: &CudaStorage,
-        targets_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (n, _) = rows_and_width(logits_layout)?;
-        let nll = cuda::token_nll((logits, logits_layout), (targets, targets_layout))?;
-        Ok((nll, n.into()))
+    fn cuda(&self, [logits, targets]: [Operand; 2]) -> CudaOutput {
+        let (n, _) = rows_and_width(logits.1)?;
+        Ok((cuda::token_nll(logits, targets)?, n.into()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        logits: &Tensor,
-        targets: &Tensor,
+        [logits, targets]: [&Tensor; 2],
         _nll: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 2]> {
         let g = grad.to_dtype(DType::F32)?.contiguous()?;
-        let dlogits = token_nll_grad(&logits.detach(), targets, &g)?;
-        Ok((Some(dlogits), None))
+        let dlogits = fused_grad(&logits.detach(), targets, &g)?;
+        Ok([Some(dlogits), None])
     }
 }
 
+custom_op!(TokenNll: 2);
+
 struct TokenNllGrad;
 
-impl CustomOp3 for TokenNllGrad {
-    fn name(&self) -> &'static str {
-        "token-nll-grad"
-    }
+impl FusedOp<3> for TokenNllGrad {
+    const NAME: &'static str = "token-nll-grad";
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        logits: &CpuStorage,
-        logits_layout: &Layout,
-        targets: &CpuStorage,
-        targets_layout: &Layout,
-        g: &CpuStorage,
-        g_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        [(logits, logits_layout), (targets, targets_layout), (g, g_layout)]: [CpuOperand; 3],
+    ) -> CpuOutput {
         let (n, vocab, targets) = cpu_targets(logits_layout, targets, targets_layout)?;
         let (logits, g) = (
             f32s(logits, logits_layout)?,
@@ -225,28 +270,121 @@ impl CustomOp3 for TokenNllGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        logits: &CudaStorage,
-        logits_layout: &Layout,
-        targets: &CudaStorage,
-        targets_layout: &Layout,
-        g: &CudaStorage,
-        g_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let d = cuda::token_nll_grad(
-            (logits, logits_layout),
-            (targets, targets_layout),
-            (g, g_layout),
+    fn cuda(&self, [logits, targets, g]: [Operand; 3]) -> CudaOutput {
+        let d = cuda::token_nll_grad(logits, targets, g)?;
+        Ok((d, logits.1.shape().clone()))
+    }
+}
+
+custom_op!(TokenNllGrad: 3);
+
+/// The CUDA launchers (`kernels/loss.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{
+        address, alloc, base_address, common_dtype, int, launch, per_row, run, Arg, Operand,
+    };
+    use crate::rows_and_width;
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, DType, Result};
+
+    fn check_targets(targets: Operand, rows: usize) -> Result<()> {
+        if targets.0.dtype() != DType::U32 || targets.1.shape().elem_count() != rows {
+            candle_core::bail!(
+                "cross-entropy: {rows} rows of logits, {} {:?} targets",
+                targets.1.shape().elem_count(),
+                targets.0.dtype()
+            );
+        }
+        Ok(())
+    }
+
+    /// Per-row NLL (f32) of u32 `targets` under `logits` `[n, vocab]`.
+    pub(super) fn token_nll(logits: Operand, targets: Operand) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[logits])?;
+        let (rows, vocab) = rows_and_width(logits.1)?;
+        check_targets(targets, rows)?;
+        let nll = alloc(&logits.0.device, DType::F32, rows)?;
+        let shape = per_row(rows, vocab, 512)?;
+        run(
+            ("token_nll", dtype),
+            shape,
+            &[logits, targets],
+            nll,
+            &[int(vocab)?],
+        )
+    }
+
+    /// `(softmax(logits) − onehot(targets)) · g` per row, in the logits' dtype; `g` is f32 `[n]`.
+    pub(super) fn token_nll_grad(
+        logits: Operand,
+        targets: Operand,
+        g: Operand,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[logits])?;
+        let (rows, vocab) = rows_and_width(logits.1)?;
+        check_targets(targets, rows)?;
+        check_row_scales(g, rows)?;
+        let d = alloc(&logits.0.device, dtype, rows * vocab)?;
+        let shape = per_row(rows, vocab, 512)?;
+        run(
+            ("token_nll_grad", dtype),
+            shape,
+            &[logits, targets, g],
+            d,
+            &[int(vocab)?],
+        )
+    }
+
+    /// Per-row NLL (f32 `[n]`) and `(softmax − onehot) · g` per row (the logits' dtype) in one
+    /// kernel; `g` is f32 `[n]`.
+    pub(super) fn token_nll_with_grad(
+        logits: Operand,
+        targets: Operand,
+        g: Operand,
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let dtype = common_dtype(&[logits])?;
+        let (rows, vocab) = rows_and_width(logits.1)?;
+        check_targets(targets, rows)?;
+        check_row_scales(g, rows)?;
+        let device = &logits.0.device;
+        let nll = alloc(device, DType::F32, rows)?;
+        let d = alloc(device, dtype, rows * vocab)?;
+        let args = [
+            Arg::Address(address(logits)?),
+            Arg::Address(address(targets)?),
+            Arg::Address(address(g)?),
+            Arg::Address(base_address(&nll)?),
+            Arg::Address(base_address(&d)?),
+            int(vocab)?,
+        ];
+        let (grid, block) = per_row(rows, vocab, 512)?;
+        launch(
+            device,
+            "token_nll_with_grad",
+            Some(dtype),
+            grid,
+            block,
+            &args,
         )?;
-        Ok((d, logits_layout.shape().clone()))
+        Ok((nll, d))
+    }
+
+    /// Checks that `g` holds one f32 scale per row.
+    fn check_row_scales(g: Operand, rows: usize) -> Result<()> {
+        if g.0.dtype() != DType::F32 || g.1.shape().elem_count() != rows {
+            candle_core::bail!(
+                "cross-entropy gradient: {rows} rows, {:?} row scales",
+                g.1.shape()
+            );
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, relative_error, uniform};
-    use crate::reference;
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -259,8 +397,8 @@ mod tests {
                 "token_nll",
                 &inputs,
                 &[true, false],
-                |t| super::token_nll(&t[0], &t[1]),
-                |t| reference::token_nll(&t[0], &t[1]),
+                |t| t[0].apply_op2(&t[1], super::TokenNll),
+                |t| super::reference_nll(&t[0], &t[1]),
                 1e-5,
             );
         }
@@ -275,9 +413,9 @@ mod tests {
             let targets = Tensor::new(targets, &Device::Cpu).unwrap();
             let scales: Vec<f32> = (0..n).map(|r| (r % 3 != 0) as u8 as f32 * 0.5).collect();
             let g = Tensor::new(scales, &Device::Cpu).unwrap();
-            let (nll, d) = super::token_nll_with_grad(&logits, &targets, &g).unwrap();
-            let want_nll = reference::token_nll(&logits, &targets).unwrap();
-            let want_d = reference::token_nll_grad(&logits, &targets, &g).unwrap();
+            let (nll, d) = super::fused_with_grad(&logits, &targets, &g).unwrap();
+            let want_nll = super::reference_nll(&logits, &targets).unwrap();
+            let want_d = super::reference_grad(&logits, &targets, &g).unwrap();
             let errors = [relative_error(&nll, &want_nll), relative_error(&d, &want_d)];
             assert!(
                 errors.iter().all(|&e| e < 1e-5),
@@ -290,7 +428,7 @@ mod tests {
     fn rejects_targets_outside_the_vocabulary() {
         let logits = uniform(&[2, 4], 1);
         let targets = Tensor::new(&[1u32, 4], &Device::Cpu).unwrap();
-        let err = super::token_nll(&logits, &targets).unwrap_err();
+        let err = logits.apply_op2(&targets, super::TokenNll).unwrap_err();
         assert!(err.to_string().contains("target id 4"), "{err}");
     }
 }

@@ -1,20 +1,35 @@
 //! Token embedding with a fused backward: the lookup is candle's `index_select`; the gradient of
 //! the table is one scatter-add of the output gradient's rows (f32 accumulation) instead of
-//! candle's `index_add` backward through a zero table.
+//! candle's `index_add` backward through a zero table (`kernels/embedding.cu` on CUDA).
 
 use super::attach::attach;
 use super::cpu_kernel::{f32s, output, u32s};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
-use super::rows_and_width;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use super::fused_op::{CudaOutput, Operand};
+use super::{ids_beside, rows_and_width};
+use candle_core::{Result, Tensor};
 
-/// Rows of `table` for u32 `ids` (any shape). Same contract as
-/// [`super::reference::embedding`]; the table must be on a backend [`super::fused`] accepts.
-pub(crate) fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
-    let y = super::reference::embedding(ids, &table.detach())?;
+/// Token embedding lookup: rows of `table` for `ids` (any shape of u32 ids). The fused backward
+/// where [`super::fused`] accepts the table, else the [`reference`].
+pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    if super::fused(&[table]) && ids_beside(ids, table) {
+        return fused_embedding(ids, table);
+    }
+    reference(ids, table)
+}
+
+/// [`embedding`] from candle's differentiable ops, any backend and dtype.
+pub fn reference(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    dims.push(table.dim(1)?);
+    table.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+}
+
+/// The lookup with the fused backward; the table must be on a backend [`super::fused`]
+/// accepts.
+fn fused_embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    let y = reference(ids, &table.detach())?;
     if !table.track_op() {
         return Ok(y);
     }
@@ -33,18 +48,10 @@ struct EmbeddingGrad {
     vocab: usize,
 }
 
-impl CustomOp2 for EmbeddingGrad {
-    fn name(&self) -> &'static str {
-        "embedding-grad"
-    }
+impl FusedOp<2> for EmbeddingGrad {
+    const NAME: &'static str = "embedding-grad";
 
-    fn cpu_fwd(
-        &self,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-        ids: &CpuStorage,
-        ids_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(grad, grad_layout), (ids, ids_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (tokens, width) = rows_and_width(grad_layout)?;
         let ids = u32s(ids, ids_layout)?;
         if ids.len() != tokens {
@@ -62,23 +69,51 @@ impl CustomOp2 for EmbeddingGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        grad: &CudaStorage,
-        grad_layout: &Layout,
-        ids: &CudaStorage,
-        ids_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, width) = rows_and_width(grad_layout)?;
-        let table = cuda::embedding_grad((ids, ids_layout), (grad, grad_layout), self.vocab)?;
+    fn cuda(&self, [grad, ids]: [Operand; 2]) -> CudaOutput {
+        let (_, width) = rows_and_width(grad.1)?;
+        let table = cuda::embedding_grad(ids, grad, self.vocab)?;
         Ok((table, (self.vocab, width).into()))
+    }
+}
+
+custom_op!(EmbeddingGrad: 2);
+
+/// The CUDA launcher (`kernels/embedding.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{common_dtype, int, per_element, run, zeros_f32, Operand};
+    use crate::rows_and_width;
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, DType, Result};
+
+    /// Embedding gradient: `grad` rows `[tokens, width]` summed into an f32 `[vocab, width]` table
+    /// at the rows named by u32 `ids`.
+    pub(super) fn embedding_grad(ids: Operand, grad: Operand, vocab: usize) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[grad])?;
+        let (tokens, width) = rows_and_width(grad.1)?;
+        if ids.0.dtype() != DType::U32 || ids.1.shape().elem_count() != tokens {
+            candle_core::bail!(
+                "embedding gradient: {tokens} rows for {:?} ids",
+                ids.1.shape()
+            );
+        }
+        // Zeroed: the kernel adds into it.
+        let table = zeros_f32(&grad.0.device, vocab * width)?;
+        let scalars = [int(tokens)?, int(width)?, int(vocab)?];
+        let shape = per_element(tokens * width)?;
+        run(
+            ("embedding_grad", dtype),
+            shape,
+            &[ids, grad],
+            table,
+            &scalars,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, uniform};
-    use crate::reference;
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -90,8 +125,8 @@ mod tests {
             "embedding",
             &inputs,
             &[false, true],
-            |t| super::embedding(&t[0], &t[1]),
-            |t| reference::embedding(&t[0], &t[1]),
+            |t| super::fused_embedding(&t[0], &t[1]),
+            |t| super::reference(&t[0], &t[1]),
             1e-6,
         );
     }

@@ -1,18 +1,60 @@
-//! Matrix-vector products for decoding: `x @ w.t()` for a few rows of `x`, optionally with the
-//! SwiGLU of a stacked gate/up weight applied on the way out. On CUDA one kernel (cuBLAS runs
+//! Linear projections ([`linear`], [`swiglu_projection`]) and their matrix-vector kernels for
+//! decoding: `x @ w.t()` for a few rows of `x`, optionally with the SwiGLU of a stacked gate/up
+//! weight applied on the way out (`kernels/decode.cu`). On CUDA one kernel (cuBLAS runs
 //! these shapes as split-K GEMMs, two kernels and more host work each, and a decode step is
 //! bound by launches); on the CPU a rayon loop over the weight's rows that reads each row once
 //! (the GEMM crate packs the whole weight first, which halves the rate of a memory-bound
-//! product). Inference only: no backward, and [`super::linear`] picks it only for untracked
+//! product). Inference only: no backward, and [`linear`] picks it only for untracked
 //! operands.
 
 use super::cpu_kernel::{f32s, output};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use super::fused_op::{CudaOutput, Operand};
+use candle_core::{DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
+
+/// `x @ weight.t()` for `weight` `[out, in]` and `x` `[.., in]`, as one 2-D product over all
+/// leading dimensions: its backward then computes the weight gradient as one GEMM over every
+/// row, instead of a GEMM per batch element plus a reduction (what `broadcast_matmul` does).
+/// For a few untracked rows (a decode step) it is a matrix-vector kernel.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (out, inp) = weight.dims2()?;
+    if x.dims().last() != Some(&inp) {
+        candle_core::bail!(
+            "linear: input {:?} for a weight of [{out}, {inp}]",
+            x.dims()
+        );
+    }
+    let rows = x.reshape(((), inp))?;
+    if supported(&rows, weight) {
+        return gemv(&rows, weight)?.reshape(with_last_dim(x, out));
+    }
+    rows.matmul(&weight.t()?)?.reshape(with_last_dim(x, out))
+}
+
+/// `swiglu(x @ gate.t(), x @ up.t())` for the stacked projection `gate_up` `[2 ffn, in]` (gate
+/// rows, then up rows) and `x` `[.., in]`. One matrix-vector kernel for a few untracked rows
+/// (a decode step); elsewhere the projection, split, then [`super::swiglu`].
+pub fn swiglu_projection(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
+    let rows = x.reshape(((), gate_up.dim(1)?))?;
+    let ffn = gate_up.dim(0)? / 2;
+    if supported(&rows, gate_up) {
+        return gemv_swiglu(&rows, gate_up)?.reshape(with_last_dim(x, ffn));
+    }
+    let both = linear(x, gate_up)?;
+    let last = both.rank() - 1;
+    super::swiglu(&both.narrow(last, 0, ffn)?, &both.narrow(last, ffn, ffn)?)
+}
+
+/// `x`'s dimensions with the last one replaced by `last`.
+fn with_last_dim(x: &Tensor, last: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    dims
+}
 
 /// Rows of `x` at most: each weight row is read once per row of `x`.
 const MAX_ROWS: usize = 8;
@@ -22,7 +64,7 @@ const CPU_ROWS_PER_TASK: usize = 64;
 
 /// Whether [`gemv`] takes `x` `[rows, in]` and `weight` `[out, in]`: nothing tracked, both
 /// contiguous, at most a few rows; f32 on the CPU, or CUDA operands the kernel takes.
-pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
+fn supported(x: &Tensor, weight: &Tensor) -> bool {
     if x.track_op() || weight.track_op() || !x.is_contiguous() || !weight.is_contiguous() {
         return false;
     }
@@ -38,20 +80,20 @@ pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
         }
         #[cfg(feature = "cuda")]
         (Storage::Cuda(xs), Storage::Cuda(ws)) => {
-            cuda::gemv_supported((xs, x.layout()), (ws, weight.layout()))
+            cuda::supported((xs, x.layout()), (ws, weight.layout()))
         }
         _ => false,
     }
 }
 
 /// `x @ weight.t()` for `x` `[rows, in]`; the operands must pass [`supported`].
-pub(crate) fn gemv(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+fn gemv(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     x.apply_op2_no_bwd(weight, &Gemv { swiglu: false })
 }
 
 /// `silu(x @ gate.t()) · (x @ up.t())` for `x` `[rows, in]` and `gate_up` `[2 out, in]` (gate
 /// rows, then up rows); the operands must pass [`supported`].
-pub(crate) fn gemv_swiglu(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
+fn gemv_swiglu(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
     x.apply_op2_no_bwd(gate_up, &Gemv { swiglu: true })
 }
 
@@ -86,21 +128,17 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
-impl CustomOp2 for Gemv {
+impl FusedOp<2> for Gemv {
+    const NAME: &'static str = "gemv";
+
     fn name(&self) -> &'static str {
         match self.swiglu {
             true => "gemv-swiglu",
-            false => "gemv",
+            false => Self::NAME,
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(x, x_layout), (w, w_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
         let (rows, inp, out) = self.shape(x_layout, w_layout)?;
         let weight_row = |o: usize| &w[o * inp..][..inp];
@@ -126,15 +164,56 @@ impl CustomOp2 for Gemv {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        w: &CudaStorage,
-        w_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let y = cuda::gemv((x, x_layout), (w, w_layout), self.swiglu)?;
-        let (rows, _, out) = self.shape(x_layout, w_layout)?;
+    fn cuda(&self, [x, w]: [Operand; 2]) -> CudaOutput {
+        let y = cuda::gemv(x, w, self.swiglu)?;
+        let (rows, _, out) = self.shape(x.1, w.1)?;
         Ok((y, (rows, out).into()))
+    }
+}
+
+custom_op!(Gemv: 2);
+
+/// The CUDA launchers (`kernels/decode.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{alloc, common_dtype, int, per_warp_row, run, start_aligned, Operand};
+    use crate::rows_and_width;
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, Result};
+
+    /// Whether [`gemv`] takes `x` `[rows, in]` and `w` `[out, in]` (few rows, checked by the
+    /// caller): 16-byte aligned rows and operands, one dtype.
+    pub(super) fn supported(x: Operand, w: Operand) -> bool {
+        let (Ok((_, inp)), Ok((_, w_inp))) = (rows_and_width(x.1), rows_and_width(w.1)) else {
+            return false;
+        };
+        let size = x.0.dtype().size_in_bytes();
+        x.0.dtype() == w.0.dtype()
+            && inp == w_inp
+            && inp > 0
+            && (inp * size) % 16 == 0
+            && start_aligned(&[x, w]).unwrap_or(false)
+    }
+
+    /// `x @ w.t()` for `x` `[rows, in]` and `w` `[out, in]` that [`supported`] accepts; with
+    /// `swiglu`, `w` stacks gate and up rows and the result is `silu(gate) · up`,
+    /// `[rows, out / 2]`.
+    pub(super) fn gemv(x: Operand, w: Operand, swiglu: bool) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[x, w])?;
+        let (rows, inp) = rows_and_width(x.1)?;
+        let (w_rows, _) = rows_and_width(w.1)?;
+        let (name, out) = match swiglu {
+            true => ("gemv_swiglu", w_rows / 2),
+            false => ("gemv", w_rows),
+        };
+        let y = alloc(&x.0.device, dtype, rows * out)?;
+        // One warp per output feature.
+        run(
+            (name, dtype),
+            per_warp_row(out)?,
+            &[x, w],
+            y,
+            &[int(rows)?, int(inp)?, int(out)?],
+        )
     }
 }

@@ -1,12 +1,18 @@
 //! Splitting a step's packed q/k/v projection for inference: the queries come out rotated
 //! (RoPE, as [`super::rope`] does), the keys are rotated and stored with the values at their
-//! positions in the KV cache buffer. One kernel on CUDA; the unfused path splits the
-//! projection, rotates and copies into the cache with seven launches per layer.
+//! positions in the KV cache buffer. One kernel on CUDA (`kernels/rope_kv.cu`); the unfused
+//! path splits the projection, rotates and copies into the cache with seven launches per layer.
 
 use super::cpu_kernel::f32s;
-#[cfg(feature = "cuda")]
-use super::cuda;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Storage, Tensor};
+
+/// Whether [`write_kv`] runs fused here: inference (nothing tracked) on a backend
+/// [`super::fused`] accepts. Elsewhere the caller splits the projections and appends to the
+/// cache itself. `x` is the input of the projection (the projection's dtype and device are
+/// its).
+pub fn write_kv_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    !x.track_op() && super::fused(&[x, cos, sin])
+}
 
 /// Head counts and positions of a [`write_kv`] call.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +65,7 @@ fn check_position(position: &Tensor, like: &Tensor) -> Result<()> {
 /// keys (rotated by `cos`/`sin`) and the values into `cache`
 /// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
 /// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
-/// [`super::write_kv_fused`] holds. The tables are `[t, head_size / 2]` for a host position,
+/// [`write_kv_fused`] holds. The tables are `[t, head_size / 2]` for a host position,
 /// whole for a device one ([`Position`]).
 pub fn write_kv(
     cache: &Tensor,
@@ -103,10 +109,10 @@ pub fn write_kv(
         if let Position::Device(p) = layout.at {
             operands.push(p);
         }
-        let q = cuda::with_operands(&operands, |o| {
+        let q = crate::launch::with_operands(&operands, |o| {
             cuda::write_kv(o[0], o[1], (o[2], o[3]), o.get(4).copied(), &layout)
         })?;
-        return Ok(cuda::tensor(q, (b, layout.heads, t, d).into()));
+        return Ok(crate::launch::tensor(q, (b, layout.heads, t, d).into()));
     }
     let start = layout.at.read()?;
     let (cos, sin) = match layout.at {
@@ -129,7 +135,7 @@ pub fn write_kv(
     let q = qkv
         .narrow(2, 0, layout.heads * d)?
         .reshape((b, t, layout.heads, d))?;
-    super::rope::rope(&super::swap_middle(&q)?, &cos, &sin)
+    super::rope::fused_rope(&super::swap_middle(&q)?, &cos, &sin)
 }
 
 /// The CPU kernel: keys and values into the cache.
@@ -192,6 +198,64 @@ impl InplaceOp3 for WriteKv {
             }
         }
         Ok(())
+    }
+}
+
+/// The CUDA launcher (`kernels/rope_kv.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{KvLayout, Position};
+    use crate::launch::{
+        address, alloc, base_address, common_dtype, int, launch, optional_address, per_element,
+        Arg, Operand,
+    };
+    use candle_core::{CudaStorage, Result};
+
+    /// Rotates the queries of packed projections `qkv` `[b, t, ..]` into a new `[b, heads, t, d]`
+    /// buffer and writes the rotated keys and the values into `cache`
+    /// `[2, b, kv_heads, max_len, d]` at `n.at`: a host start, or `position`, the device-held one
+    /// (see `write_kv` in kernels/rope_kv.cu). The cache is written through its address: the
+    /// caller owns it and nothing reads it meanwhile.
+    pub(super) fn write_kv(
+        cache: Operand,
+        qkv: Operand,
+        (cos, sin): (Operand, Operand),
+        position: Option<Operand>,
+        n: &KvLayout,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[cache, qkv, cos, sin])?;
+        let (&[_, batch, _, max_len, _], &[_, positions, _]) = (cache.1.dims(), qkv.1.dims())
+        else {
+            candle_core::bail!("write_kv: cache {:?}, projections {:?}", cache.1, qkv.1);
+        };
+        let start = match n.at {
+            Position::Host(start) => start,
+            Position::Device(_) => 0,
+        };
+        let q = alloc(
+            &qkv.0.device,
+            dtype,
+            batch * n.heads * positions * n.head_size,
+        )?;
+        let args = [
+            Arg::Address(address(qkv)?),
+            Arg::Address(address(cos)?),
+            Arg::Address(address(sin)?),
+            Arg::Address(base_address(&q)?),
+            Arg::Address(address(cache)?),
+            int(batch)?,
+            int(positions)?,
+            int(n.heads)?,
+            int(n.kv_heads)?,
+            int(n.head_size)?,
+            int(max_len)?,
+            int(start)?,
+            Arg::Address(optional_address(position)?),
+        ];
+        let threads = batch * positions * (n.heads + n.kv_heads) * n.head_size / 2;
+        let (grid, block) = per_element(threads)?;
+        launch(&qkv.0.device, "write_kv", Some(dtype), grid, block, &args)?;
+        Ok(q)
     }
 }
 

@@ -74,25 +74,85 @@ fn gradients(
 /// `[out, in]` that was applied to `x` and received `g`.
 pub(super) fn weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(dw) = widening_weight_grad(g, x, dtype)? {
+    if let Some(dw) = cuda::widening_weight_grad(g, x, dtype)? {
         return Ok(dw);
     }
     g.t()?.matmul(x)?.to_dtype(dtype)
 }
 
-/// [`weight_grad`] as one GEMM with 16-bit operands and an f32 result, where that applies.
+/// The weight gradient on CUDA: one cuBLAS GEMM.
 #[cfg(feature = "cuda")]
-fn widening_weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
-    let half = matches!(g.dtype(), DType::BF16 | DType::F16);
-    if !(g.device().is_cuda() && half && dtype == DType::F32 && g.dtype() == x.dtype()) {
-        return Ok(None);
+mod cuda {
+    use crate::launch::{self, address, alloc, base_address, c_int, common_dtype, Operand};
+    use crate::rows_and_width;
+    use candle_core::{CudaStorage, DType, Result, Tensor};
+
+    /// [`weight_grad`](super::weight_grad) as one GEMM with 16-bit operands and an f32 result,
+    /// where that applies.
+    pub(super) fn widening_weight_grad(
+        g: &Tensor,
+        x: &Tensor,
+        dtype: DType,
+    ) -> Result<Option<Tensor>> {
+        let half = matches!(g.dtype(), DType::BF16 | DType::F16);
+        if !(g.device().is_cuda() && half && dtype == DType::F32 && g.dtype() == x.dtype()) {
+            return Ok(None);
+        }
+        let (g, x) = (g.contiguous()?, x.contiguous()?);
+        let (out, inp) = (g.dim(1)?, x.dim(1)?);
+        let dw = launch::with_operands(&[&g, &x], |ops| weight_grad_f32(ops[0], ops[1]))?;
+        Ok(Some(launch::tensor(dw, (out, inp).into())))
     }
-    let (g, x) = (g.contiguous()?, x.contiguous()?);
-    let (out, inp) = (g.dim(1)?, x.dim(1)?);
-    let dw = super::cuda::with_operands(&[&g, &x], |ops| {
-        super::cuda::weight_grad_f32(ops[0], ops[1])
-    })?;
-    Ok(Some(super::cuda::tensor(dw, (out, inp).into())))
+
+    /// The weight gradient `gᵀ · x` (f32 `[out, in]`) of 16-bit `g` `[n, out]` and `x` `[n, in]`,
+    /// both contiguous and of one dtype: one cuBLAS GEMM that accumulates in f32 and writes f32.
+    fn weight_grad_f32(g: Operand, x: Operand) -> Result<CudaStorage> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+        let dtype = common_dtype(&[g, x])?;
+        let element = match dtype {
+            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
+            other => candle_core::bail!("weight gradient: {other:?} operands, 16-bit expected"),
+        };
+        let (n, out) = rows_and_width(g.1)?;
+        let (n_x, inp) = rows_and_width(x.1)?;
+        if n != n_x {
+            candle_core::bail!("weight gradient: {n} gradient rows for {n_x} input rows");
+        }
+        let device = &g.0.device;
+        let dw = alloc(device, DType::F32, out * inp)?;
+        let (alpha, beta) = (1f32, 0f32);
+        let blas = device.cublas_handle();
+        // Column-major, this is `dwᵀ [in, out] = xᵀ [in, n] · g [n, out]`: x as stored (`in` by
+        // `n`, leading dimension `in`), g transposed (stored `out` by `n`).
+        // SAFETY: the addresses are of live, contiguous buffers of the sizes given, on the
+        // stream the handle is bound to; `dw` has `out * inp` f32 elements.
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                c_int(inp)?,
+                c_int(out)?,
+                c_int(n)?,
+                &alpha as *const f32 as *const _,
+                address(x)? as *const _,
+                element,
+                c_int(inp)?,
+                address(g)? as *const _,
+                element,
+                c_int(out)?,
+                &beta as *const f32 as *const _,
+                base_address(&dw)? as *mut _,
+                sys::cudaDataType_t::CUDA_R_32F,
+                c_int(inp)?,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| candle_core::Error::Msg(format!("weight gradient GEMM: {e:?}")))?;
+        Ok(dw)
+    }
 }
 
 #[cfg(test)]

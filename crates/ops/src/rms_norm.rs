@@ -1,23 +1,35 @@
-//! Fused RMSNorm: one pass per row forward, one pass per row for the input gradient and a
-//! row-parallel reduction for the weight gradient, on the CPU (rayon) and on CUDA
-//! (`kernels/ops.cu`). The per-row inverse RMS is recomputed in backward rather than stored: it
-//! costs one dot product per row (on CUDA the input gradient's kernel hands it on to the weight
-//! gradient).
+//! RMSNorm: its dispatch, composite reference, and fused kernels with their own backward. One
+//! pass per row forward, one pass per row for the input gradient and a row-parallel reduction
+//! for the weight gradient, on the CPU (rayon) and on CUDA (`kernels/norms.cu`). The per-row
+//! inverse RMS is recomputed in backward rather than stored: it costs one dot product per row
+//! (on CUDA the input gradient's kernel hands it on to the weight gradient).
 
 use super::cpu_kernel::{f32s, output, written_rows, MIN_ROWS_PER_TASK};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
+use super::fused_op::{CudaOutput, Operand};
+use super::reference::widened;
 use super::rows_and_width;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Tensor, D};
 use rayon::prelude::*;
 
-/// `x / sqrt(mean(x²) + eps) * weight` over the last dimension. Same contract as
-/// [`super::reference::rms_norm`]; inputs must be contiguous, on a backend [`super::fused`]
-/// accepts.
-pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    x.apply_op2(weight, RmsNorm { eps: eps as f32 })
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32. Fused where
+/// [`super::fused`] accepts the operands, else the [`reference`].
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::fused(&[x, weight]) {
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        return x.apply_op2(&weight, RmsNorm { eps: eps as f32 });
+    }
+    reference(x, weight, eps)
+}
+
+/// [`rms_norm`] from candle's differentiable ops, any backend and dtype.
+pub fn reference(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(widened(dtype))?;
+    let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
 pub(super) fn inverse_rms(row: &[f32], eps: f32) -> f32 {
@@ -38,18 +50,10 @@ struct RmsNorm {
     eps: f32,
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "rms-norm"
-    }
+impl FusedOp<2> for RmsNorm {
+    const NAME: &'static str = "rms-norm";
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(x, x_layout), (w, w_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
         let (_, width) = check_width(x_layout, w)?;
         // SAFETY: every element of each row is written.
@@ -66,32 +70,24 @@ impl CustomOp2 for RmsNorm {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        w: &CudaStorage,
-        w_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let y = cuda::rms_norm((x, x_layout), (w, w_layout), self.eps)?;
-        Ok((y, x_layout.shape().clone()))
+    fn cuda(&self, [x, w]: [Operand; 2]) -> CudaOutput {
+        Ok((cuda::forward(x, w, self.eps)?, x.1.shape().clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
+        [x, w]: [&Tensor; 2],
         _y: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 2]> {
         // candle stores whatever gradient is returned, so a frozen operand must get `None`
         // (which also skips its kernel).
         let grad = grad.contiguous()?;
         let (x_data, w_data) = (x.detach(), w.detach());
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.track_op() && w.track_op() {
-            let (dx, dw) = cuda_grads(&x_data, &w_data, &grad, self.eps)?;
-            return Ok((Some(dx), Some(dw)));
+            let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, self.eps)?;
+            return Ok([Some(dx), Some(dw)]);
         }
         let dx = x
             .track_op()
@@ -101,45 +97,21 @@ impl CustomOp2 for RmsNorm {
             .track_op()
             .then(|| x_data.apply_op2(&grad, RmsNormWeightGrad { eps: self.eps }))
             .transpose()?;
-        Ok((dx, dw))
+        Ok([dx, dw])
     }
 }
 
-/// Both gradients on CUDA, the input gradient's kernel writing the per-row inverse RMS that the
-/// weight gradient reads (instead of a third kernel recomputing it).
-#[cfg(feature = "cuda")]
-fn cuda_grads(x: &Tensor, w: &Tensor, grad: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    let (dx, dw) = cuda::with_operands(&[x, w, grad], |ops| {
-        let inverse = cuda::rms_norm_inverse_buffer(ops[0])?;
-        let dx = cuda::rms_norm_input_grad(ops[0], ops[1], ops[2], eps, Some(&inverse))?;
-        let dw = cuda::rms_norm_weight_grad(ops[0], ops[2], &inverse)?;
-        Ok((dx, dw))
-    })?;
-    Ok((
-        cuda::tensor(dx, x.shape().clone()),
-        cuda::tensor(dw, w.shape().clone()),
-    ))
-}
+custom_op!(RmsNorm: 2);
 
 /// `dx = r · (g⊙w − x̂ · mean(g⊙w⊙x̂))` with `x̂ = x · r`.
 struct RmsNormInputGrad {
     eps: f32,
 }
 
-impl CustomOp3 for RmsNormInputGrad {
-    fn name(&self) -> &'static str {
-        "rms-norm-input-grad"
-    }
+impl FusedOp<3> for RmsNormInputGrad {
+    const NAME: &'static str = "rms-norm-input-grad";
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        w: &CpuStorage,
-        w_layout: &Layout,
-        g: &CpuStorage,
-        g_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(x, x_layout), (w, w_layout), (g, g_layout)]: [CpuOperand; 3]) -> CpuOutput {
         let (x, w, g) = (f32s(x, x_layout)?, f32s(w, w_layout)?, f32s(g, g_layout)?);
         let (_, width) = check_width(x_layout, w)?;
         // SAFETY: every element of each row is written.
@@ -158,38 +130,23 @@ impl CustomOp3 for RmsNormInputGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        w: &CudaStorage,
-        w_layout: &Layout,
-        g: &CudaStorage,
-        g_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (x, w, g) = ((x, x_layout), (w, w_layout), (g, g_layout));
-        let dx = cuda::rms_norm_input_grad(x, w, g, self.eps, None)?;
-        Ok((dx, x_layout.shape().clone()))
+    fn cuda(&self, [x, w, g]: [Operand; 3]) -> CudaOutput {
+        let dx = cuda::input_grad(x, w, g, self.eps, None)?;
+        Ok((dx, x.1.shape().clone()))
     }
 }
+
+custom_op!(RmsNormInputGrad: 3);
 
 /// `dw = Σ_rows g ⊙ x̂`, summed per fixed chunk of rows and then across chunks in order.
 struct RmsNormWeightGrad {
     eps: f32,
 }
 
-impl CustomOp2 for RmsNormWeightGrad {
-    fn name(&self) -> &'static str {
-        "rms-norm-weight-grad"
-    }
+impl FusedOp<2> for RmsNormWeightGrad {
+    const NAME: &'static str = "rms-norm-weight-grad";
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        g: &CpuStorage,
-        g_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(x, x_layout), (g, g_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (x, g) = (f32s(x, x_layout)?, f32s(g, g_layout)?);
         let (_, width) = rows_and_width(x_layout)?;
         // Fixed chunks summed in order: the result does not depend on how rayon splits the
@@ -217,24 +174,146 @@ impl CustomOp2 for RmsNormWeightGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        g: &CudaStorage,
-        g_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, width) = rows_and_width(x_layout)?;
-        let inverse = cuda::rms_norm_inverse((x, x_layout), self.eps)?;
-        let dw = cuda::rms_norm_weight_grad((x, x_layout), (g, g_layout), &inverse)?;
-        Ok((dw, width.into()))
+    fn cuda(&self, [x, g]: [Operand; 2]) -> CudaOutput {
+        let (_, width) = rows_and_width(x.1)?;
+        let inverse = cuda::inverse(x, self.eps)?;
+        Ok((cuda::weight_grad(x, g, &inverse)?, width.into()))
+    }
+}
+
+custom_op!(RmsNormWeightGrad: 2);
+
+/// The CUDA launchers (`kernels/norms.cu`).
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use crate::launch::{
+        self, alloc, base_address, common_dtype, elementwise_kernel, grid, int, per_element,
+        per_warp_row, run, Arg, Operand,
+    };
+    use crate::rows_and_width;
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, DType, Layout, Result, Tensor};
+
+    /// Both gradients, the input gradient's kernel writing the per-row inverse RMS that the
+    /// weight gradient reads (instead of a third kernel recomputing it).
+    pub(super) fn grads(
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let (dx, dw) = launch::with_operands(&[x, w, grad], |ops| {
+            let inverse = inverse_buffer(ops[0])?;
+            let dx = input_grad(ops[0], ops[1], ops[2], eps, Some(&inverse))?;
+            let dw = weight_grad(ops[0], ops[2], &inverse)?;
+            Ok((dx, dw))
+        })?;
+        Ok((
+            launch::tensor(dx, x.shape().clone()),
+            launch::tensor(dw, w.shape().clone()),
+        ))
+    }
+
+    /// RMSNorm forward.
+    pub(super) fn forward(x: Operand, w: Operand, eps: f32) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[x, w])?;
+        let (rows, width) = rows_and_width(x.1)?;
+        check_weight(w, width)?;
+        let y = alloc(&x.0.device, dtype, rows * width)?;
+        let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+        let (name, _) = elementwise_kernel(("rms_norm_fwd", "rms_norm_fwd_wide"), &[x, w], width)?;
+        run((name, dtype), per_warp_row(rows)?, &[x, w], y, &scalars)
+    }
+
+    pub(crate) fn check_weight(w: Operand, width: usize) -> Result<()> {
+        if w.1.shape().elem_count() != width {
+            candle_core::bail!(
+                "rms_norm: weight of {} for rows of {width}",
+                w.1.shape().elem_count()
+            );
+        }
+        Ok(())
+    }
+
+    /// RMSNorm input gradient; with `inverse`, the kernel also writes each row's inverse RMS there
+    /// (f32, one per row) for [`weight_grad`].
+    pub(super) fn input_grad(
+        x: Operand,
+        w: Operand,
+        g: Operand,
+        eps: f32,
+        inverse: Option<&CudaStorage>,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[x, w, g])?;
+        let (rows, width) = rows_and_width(x.1)?;
+        check_weight(w, width)?;
+        let dx = alloc(&x.0.device, dtype, rows * width)?;
+        let inverse = inverse.map(base_address).transpose()?.unwrap_or(0);
+        let scalars = [
+            int(rows)?,
+            int(width)?,
+            Arg::Float(eps),
+            Arg::Address(inverse),
+        ];
+        let kernels = ("rms_norm_dx", "rms_norm_dx_wide");
+        let (name, _) = elementwise_kernel(kernels, &[x, w, g], width)?;
+        run((name, dtype), per_warp_row(rows)?, &[x, w, g], dx, &scalars)
+    }
+
+    /// The per-row inverse RMS of `x` (f32), for [`weight_grad`].
+    pub(super) fn inverse(x: Operand, eps: f32) -> Result<CudaStorage> {
+        let (rows, width) = rows_and_width(x.1)?;
+        let kernels = ("rms_norm_inverse", "rms_norm_inverse_wide");
+        run(
+            (elementwise_kernel(kernels, &[x], width)?.0, x.0.dtype()),
+            per_warp_row(rows)?,
+            &[x],
+            inverse_buffer(x)?,
+            &[int(rows)?, int(width)?, Arg::Float(eps)],
+        )
+    }
+
+    /// An f32 buffer for the per-row inverse RMS of `x`.
+    pub(super) fn inverse_buffer(x: Operand) -> Result<CudaStorage> {
+        let (rows, _) = rows_and_width(x.1)?;
+        alloc(&x.0.device, DType::F32, rows.max(1))
+    }
+
+    /// RMSNorm weight gradient from the per-row inverse RMS: column sums per chunk of rows, then
+    /// the sum of the chunks.
+    pub(super) fn weight_grad(
+        x: Operand,
+        g: Operand,
+        inverse: &CudaStorage,
+    ) -> Result<CudaStorage> {
+        const ROWS_PER_CHUNK: usize = 64;
+        let dtype = common_dtype(&[x, g])?;
+        let (rows, width) = rows_and_width(x.1)?;
+        let dev = &x.0.device;
+        let inverse_layout = Layout::contiguous(rows.max(1));
+        let chunks = rows.div_ceil(ROWS_PER_CHUNK).max(1);
+        // Every (chunk, column) partial sum is written by the kernel.
+        let partial = run(
+            ("rms_norm_dw_partial", dtype),
+            ((grid(width.div_ceil(32))?.0, grid(chunks)?.0), (32, 8)),
+            &[x, g, (inverse, &inverse_layout)],
+            alloc(dev, DType::F32, chunks * width)?,
+            &[int(rows)?, int(width)?, int(ROWS_PER_CHUNK)?],
+        )?;
+        let partial_layout = Layout::contiguous(chunks * width);
+        run(
+            ("rms_norm_dw_finish", dtype),
+            per_element(width)?,
+            &[(&partial, &partial_layout)],
+            alloc(dev, dtype, width)?,
+            &[int(chunks)?, int(width)?],
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, uniform};
-    use crate::reference;
     use candle_core::Var;
 
     #[test]
@@ -264,7 +343,7 @@ mod tests {
                 &inputs,
                 &[true, true],
                 |t| super::rms_norm(&t[0], &t[1], 1e-5),
-                |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+                |t| super::reference(&t[0], &t[1], 1e-5),
                 1e-5,
             );
         }

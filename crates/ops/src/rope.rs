@@ -1,13 +1,29 @@
-//! Fused rotary position embedding (Hugging Face rotate-half layout) on the CPU and on CUDA.
-//! The backward of a rotation by θ is the rotation by −θ, so one kernel does both directions.
+//! Rotary position embedding (Hugging Face rotate-half layout): its dispatch, composite
+//! reference, and fused kernels on the CPU and on CUDA (`kernels/rope_kv.cu`). The backward of a
+//! rotation by θ is the rotation by −θ, so one kernel does both directions.
 
 use super::attach::attach;
 use super::cpu_kernel::{f32s, output, written_rows};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use super::fused_op::{CudaOutput, Operand};
+use candle_core::{Result, Tensor};
+
+/// Rotary position embedding in the Hugging Face rotate-half layout. `x` is
+/// `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, head_dim / 2]` for these positions.
+/// Fused where [`super::fused`] accepts the operands and [`supports`] their shapes, else the
+/// [`reference`].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if super::fused(&[x, cos, sin]) && supports(x, cos, sin) {
+        return fused_rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
+    }
+    reference(x, cos, sin)
+}
+
+/// [`rope`] from candle's differentiable ops, any backend and dtype.
+pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_slow(x, cos, sin)
+}
 
 /// Whether the fused kernel handles these shapes: `x` `[b, h, t, d]` with even `d`, tables
 /// `[t, d / 2]`. Others (e.g. batched tables) take the composite path.
@@ -20,11 +36,10 @@ pub(crate) fn supports(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
     }
 }
 
-/// Rotates `x` by the angles whose cosines and sines are `cos`/`sin`. Same contract as
-/// [`super::reference::rope`]; inputs must be contiguous tensors that [`supports`], on a backend
+/// The fused [`rope`]: inputs must be contiguous tensors that [`supports`], on a backend
 /// [`super::fused`] accepts. The graph node keeps only the tables: its backward (the inverse
 /// rotation) does not read `x`.
-pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub(crate) fn fused_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let y = rotate(&x.detach(), cos, sin, false)?;
     if !x.track_op() {
         return Ok(y);
@@ -45,20 +60,13 @@ struct Rope {
     inverse: bool,
 }
 
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "rope"
-    }
+impl FusedOp<3> for Rope {
+    const NAME: &'static str = "rope";
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        cos: &CpuStorage,
-        cos_layout: &Layout,
-        sin: &CpuStorage,
-        sin_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        [(x, x_layout), (cos, cos_layout), (sin, sin_layout)]: [CpuOperand; 3],
+    ) -> CpuOutput {
         let x_values = f32s(x, x_layout)?;
         let (cos, sin) = (f32s(cos, cos_layout)?, f32s(sin, sin_layout)?);
         let d = *x_layout.dims().last().unwrap_or(&0);
@@ -87,26 +95,62 @@ impl CustomOp3 for Rope {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        cos: &CudaStorage,
-        cos_layout: &Layout,
-        sin: &CudaStorage,
-        sin_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
+    fn cuda(&self, [x, cos, sin]: [Operand; 3]) -> CudaOutput {
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        let tables = ((cos, cos_layout), (sin, sin_layout));
-        let y = cuda::rope((x, x_layout), tables, 1, sign)?;
-        Ok((y, x_layout.shape().clone()))
+        let y = cuda::rope(x, (cos, sin), 1, sign)?;
+        Ok((y, x.1.shape().clone()))
+    }
+}
+
+custom_op!(Rope: 3);
+
+/// The CUDA launcher (`kernels/rope_kv.cu`), also for the projections' rows of
+/// `attention/flash.rs`.
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use crate::launch::{
+        alloc, common_dtype, elementwise_kernel, int, per_element, run, Arg, Operand,
+    };
+    use crate::rows_and_width;
+    use candle_core::{CudaStorage, Result};
+
+    /// RoPE (`sign` 1) or its gradient (`sign` -1) for `x` `[.., seq, heads, d]` (`heads` 1 for
+    /// `[.., seq, d]`) and tables `[seq, d/2]`.
+    pub(crate) fn rope(
+        x: Operand,
+        (cos, sin): (Operand, Operand),
+        heads: usize,
+        sign: f32,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[x, cos, sin])?;
+        let (rows, d) = rows_and_width(x.1)?;
+        let half = d / 2;
+        let table = cos.1.shape().elem_count();
+        if half == 0 || d % 2 != 0 || table % half != 0 || sin.1.shape().elem_count() != table {
+            candle_core::bail!("rope: tables of {table} for head size {d}");
+        }
+        let y = alloc(&x.0.device, dtype, rows * d)?;
+        let scalars = [
+            int(rows)?,
+            int(d)?,
+            int(table / half)?,
+            int(heads)?,
+            Arg::Float(sign),
+        ];
+        let (name, width) = elementwise_kernel(("rope", "rope_wide"), &[x, cos, sin], half)?;
+        run(
+            (name, dtype),
+            per_element(rows * half / width)?,
+            &[x, cos, sin],
+            y,
+            &scalars,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, uniform};
-    use crate::reference;
 
     #[test]
     fn matches_the_reference_forward_and_backward() {
@@ -132,8 +176,8 @@ mod tests {
                 "rope",
                 &inputs,
                 &[true, false, false],
-                |t| super::rope(&t[0], &t[1], &t[2]),
-                |t| reference::rope(&t[0], &t[1], &t[2]),
+                |t| super::fused_rope(&t[0], &t[1], &t[2]),
+                |t| super::reference(&t[0], &t[1], &t[2]),
                 1e-5,
             );
         }

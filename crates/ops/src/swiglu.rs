@@ -1,26 +1,55 @@
-//! Fused SwiGLU on the CPU and on CUDA: `silu(gate) · up` in one elementwise pass, and both
-//! gradients in one pass that writes them side by side (the op returns one tensor, so
-//! `[2, ..]`, split by views). The packed form takes one projection `[.., 2 · width]` whose rows
-//! hold the gate, then the up half (a stacked gate/up projection), and its gradient is one
-//! tensor of the same layout, so the projection's backward gets one gradient and no sum.
+//! SwiGLU: its dispatch, composite reference, and fused kernels on the CPU and on CUDA
+//! (`kernels/swiglu.cu`): `silu(gate) · up` in one elementwise pass, and both gradients in one
+//! pass that writes them side by side (the op returns one tensor, so `[2, ..]`, split by views).
+//! The packed form takes one projection `[.., 2 · width]` whose rows hold the gate, then the up
+//! half (a stacked gate/up projection), and its gradient is one tensor of the same layout, so
+//! the projection's backward gets one gradient and no sum.
 
 use super::cpu_kernel::{f32s, output, written_row_pairs, written_rows, ELEMENTWISE_CHUNK};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use super::fused_op::{CudaOutput, Operand};
+use candle_core::{Layout, Result, Shape, Tensor};
 
-/// `silu(gate) * up`. Same contract as [`super::reference::swiglu`]; inputs must be contiguous
-/// tensors of one shape on a backend [`super::fused`] accepts.
-pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.apply_op2(up, SwiGlu)
+/// SwiGLU gate: `silu(gate) * up`. Fused where [`super::fused`] accepts both and they have one
+/// shape, else the [`reference`].
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if super::fused(&[gate, up]) && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+    }
+    reference(gate, up)
 }
 
-/// `silu(gate) · up` for the packed projection `h` `[.., 2 · width]` (each row: gate, then up),
-/// `[.., width]`; `h` contiguous on a backend [`super::fused`] accepts.
-pub(crate) fn swiglu_packed(h: &Tensor) -> Result<Tensor> {
-    h.apply_op1(SwiGluPacked)
+/// [`swiglu`] from candle's differentiable ops, any backend and dtype.
+pub fn reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+/// `silu(gate) · up` for a packed projection `h` `[.., 2 · width]` whose rows hold the gate,
+/// then the up half; its gradient comes back in the same layout.
+pub fn swiglu_packed(h: &Tensor) -> Result<Tensor> {
+    if super::fused(&[h]) {
+        return h.contiguous()?.apply_op1(SwiGluPacked);
+    }
+    let last = h.rank().max(1) - 1;
+    let half = h.dim(last)? / 2;
+    reference(&h.narrow(last, 0, half)?, &h.narrow(last, half, half)?)
+}
+
+/// `swiglu(master_linear(x, gate), master_linear(x, up))` for master weights `gate` and `up`
+/// `[ffn, in]`: a block's gated projection in training. On CUDA the two run as one stacked
+/// projection into a packed SwiGLU whose gradient comes back packed: one GEMM each way, and
+/// the input's gradient needs no sum of two (measured there; elsewhere the two projections).
+pub fn swiglu_master_projection(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let alike = gate.dims() == up.dims() && gate.dtype() == up.dtype();
+    if alike && x.device().is_cuda() && super::fused(&[x]) {
+        let packed = super::master_linear::stacked_master_linear(x, gate, up)?;
+        return swiglu_packed(&packed);
+    }
+    swiglu(
+        &super::master_linear(x, gate)?,
+        &super::master_linear(x, up)?,
+    )
 }
 
 /// The logistic function.
@@ -37,18 +66,10 @@ fn same_len(a: &[f32], b: &[f32]) -> Result<()> {
 
 struct SwiGlu;
 
-impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "swiglu"
-    }
+impl FusedOp<2> for SwiGlu {
+    const NAME: &'static str = "swiglu";
 
-    fn cpu_fwd(
-        &self,
-        gate: &CpuStorage,
-        gate_layout: &Layout,
-        up: &CpuStorage,
-        up_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(gate, gate_layout), (up, up_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (gate, up) = (f32s(gate, gate_layout)?, f32s(up, up_layout)?);
         same_len(gate, up)?;
         // SAFETY: every element of each chunk is written.
@@ -65,52 +86,39 @@ impl CustomOp2 for SwiGlu {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        gate: &CudaStorage,
-        gate_layout: &Layout,
-        up: &CudaStorage,
-        up_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let y = cuda::swiglu((gate, gate_layout), (up, up_layout))?;
-        Ok((y, gate_layout.shape().clone()))
+    fn cuda(&self, [gate, up]: [Operand; 2]) -> CudaOutput {
+        Ok((cuda::swiglu(gate, up)?, gate.1.shape().clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        gate: &Tensor,
-        up: &Tensor,
+        [gate, up]: [&Tensor; 2],
         _y: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 2]> {
         let both = gate
             .detach()
             .apply_op3(&up.detach(), &grad.contiguous()?, SwiGluGrad)?;
         // candle stores whatever gradient is returned: a frozen operand must get `None`.
         let d_gate = gate.track_op().then(|| both.get(0)).transpose()?;
         let d_up = up.track_op().then(|| both.get(1)).transpose()?;
-        Ok((d_gate, d_up))
+        Ok([d_gate, d_up])
     }
 }
+
+custom_op!(SwiGlu: 2);
 
 /// `[d gate, d up]` stacked on a new leading dimension:
 /// `d gate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))`, `d up = g · silu(gate)`.
 struct SwiGluGrad;
 
-impl CustomOp3 for SwiGluGrad {
-    fn name(&self) -> &'static str {
-        "swiglu-grad"
-    }
+impl FusedOp<3> for SwiGluGrad {
+    const NAME: &'static str = "swiglu-grad";
 
-    fn cpu_fwd(
+    fn cpu(
         &self,
-        gate: &CpuStorage,
-        gate_layout: &Layout,
-        up: &CpuStorage,
-        up_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        [(gate, gate_layout), (up, up_layout), (grad, grad_layout)]: [CpuOperand; 3],
+    ) -> CpuOutput {
         let (gate, up) = (f32s(gate, gate_layout)?, f32s(up, up_layout)?);
         let grad = f32s(grad, grad_layout)?;
         same_len(gate, up)?;
@@ -136,19 +144,13 @@ impl CustomOp3 for SwiGluGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        gate: &CudaStorage,
-        gate_layout: &Layout,
-        up: &CudaStorage,
-        up_layout: &Layout,
-        grad: &CudaStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = cuda::swiglu_grad((gate, gate_layout), (up, up_layout), (grad, grad_layout))?;
-        Ok((out, stacked_shape(gate_layout).into()))
+    fn cuda(&self, [gate, up, grad]: [Operand; 3]) -> CudaOutput {
+        let out = cuda::swiglu_grad(gate, up, grad)?;
+        Ok((out, stacked_shape(gate.1).into()))
     }
 }
+
+custom_op!(SwiGluGrad: 3);
 
 /// Rows and half width of a packed projection.
 fn packed_rows(layout: &Layout) -> Result<(usize, usize)> {
@@ -170,12 +172,10 @@ fn half_shape(layout: &Layout) -> Shape {
 
 struct SwiGluPacked;
 
-impl CustomOp1 for SwiGluPacked {
-    fn name(&self) -> &'static str {
-        "swiglu-packed"
-    }
+impl FusedOp<1> for SwiGluPacked {
+    const NAME: &'static str = "swiglu-packed";
 
-    fn cpu_fwd(&self, h: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(h, layout)]: [CpuOperand; 1]) -> CpuOutput {
         let h = f32s(h, layout)?;
         let (rows, width) = packed_rows(layout)?;
         // SAFETY: every element of each row is written.
@@ -191,33 +191,32 @@ impl CustomOp1 for SwiGluPacked {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, h: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        Ok((cuda::swiglu_packed((h, layout))?, half_shape(layout)))
+    fn cuda(&self, [h]: [Operand; 1]) -> CudaOutput {
+        Ok((cuda::swiglu_packed(h)?, half_shape(h.1)))
     }
 
-    fn bwd(&self, h: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
+    fn backward(
+        &self,
+        [h]: [&Tensor; 1],
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 1]> {
+        Ok([Some(
             h.detach()
                 .apply_op2(&grad.contiguous()?, SwiGluPackedGrad)?,
-        ))
+        )])
     }
 }
+
+custom_op!(SwiGluPacked: 1);
 
 /// The gradient of a packed SwiGLU, laid out like its input: each row d gate, then d up.
 struct SwiGluPackedGrad;
 
-impl CustomOp2 for SwiGluPackedGrad {
-    fn name(&self) -> &'static str {
-        "swiglu-packed-grad"
-    }
+impl FusedOp<2> for SwiGluPackedGrad {
+    const NAME: &'static str = "swiglu-packed-grad";
 
-    fn cpu_fwd(
-        &self,
-        h: &CpuStorage,
-        h_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(h, h_layout), (grad, grad_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (h, grad) = (f32s(h, h_layout)?, f32s(grad, grad_layout)?);
         let (rows, width) = packed_rows(h_layout)?;
         if grad.len() != rows * width {
@@ -243,17 +242,12 @@ impl CustomOp2 for SwiGluPackedGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        h: &CudaStorage,
-        h_layout: &Layout,
-        grad: &CudaStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let out = cuda::swiglu_packed_grad((h, h_layout), (grad, grad_layout))?;
-        Ok((out, h_layout.shape().clone()))
+    fn cuda(&self, [h, grad]: [Operand; 2]) -> CudaOutput {
+        Ok((cuda::swiglu_packed_grad(h, grad)?, h.1.shape().clone()))
     }
 }
+
+custom_op!(SwiGluPackedGrad: 2);
 
 /// `[2, ..gate's dims]`: the two gradients stacked.
 fn stacked_shape(gate_layout: &Layout) -> Vec<usize> {
@@ -262,10 +256,159 @@ fn stacked_shape(gate_layout: &Layout) -> Vec<usize> {
     dims
 }
 
+/// The CUDA launchers (`kernels/swiglu.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{
+        address, alloc, base_address, common_dtype, launch, per_element, same_count, Arg, Operand,
+    };
+    use crate::rows_and_width;
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaDevice, CudaStorage, DType, Result};
+
+    /// SwiGLU forward of separate `gate` and `up` of one shape.
+    pub(super) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
+        let n = same_count(gate, up)?;
+        let dtype = common_dtype(&[gate, up])?;
+        let rows = GluRows::one(n);
+        swiglu_forward([address(gate)?, address(up)?], &gate.0.device, dtype, rows)
+    }
+
+    /// SwiGLU forward of a packed projection `h` `[.., 2 · width]`: the gate half, then the up half
+    /// of each row.
+    pub(super) fn swiglu_packed(h: Operand) -> Result<CudaStorage> {
+        let (rows, halves) = GluRows::packed(h)?;
+        swiglu_forward(halves, &h.0.device, h.0.dtype(), rows)
+    }
+
+    /// SwiGLU gradients of separate `gate` and `up`, `[d gate; d up]` in one buffer of `2n`.
+    pub(super) fn swiglu_grad(gate: Operand, up: Operand, grad: Operand) -> Result<CudaStorage> {
+        let n = same_count(gate, up)?;
+        same_count(gate, grad)?;
+        let rows = GluRows::one(n);
+        swiglu_backward([address(gate)?, address(up)?], grad, rows, 2 * n, n)
+    }
+
+    /// SwiGLU gradient of a packed projection `h` `[.., 2 · width]` for the output gradient `grad`
+    /// `[.., width]`: one packed gradient like `h`.
+    pub(super) fn swiglu_packed_grad(h: Operand, grad: Operand) -> Result<CudaStorage> {
+        common_dtype(&[h, grad])?;
+        let (rows, halves) = GluRows::packed(h)?;
+        if grad.1.shape().elem_count() != rows.n {
+            candle_core::bail!(
+                "swiglu: a gradient of {:?} for {:?}",
+                grad.1.dims(),
+                h.1.dims()
+            );
+        }
+        swiglu_backward(halves, grad, rows, 2 * rows.n, rows.width)
+    }
+
+    /// Where the gate and up rows of a SwiGLU are: `n` elements in rows of `width`, row r of each
+    /// starting `r · stride` elements from its first.
+    #[derive(Clone, Copy)]
+    struct GluRows {
+        n: usize,
+        width: usize,
+        stride: usize,
+    }
+
+    impl GluRows {
+        /// Separate tensors of `n` elements: one row.
+        fn one(n: usize) -> Self {
+            Self {
+                n,
+                width: n.max(1),
+                stride: n.max(1),
+            }
+        }
+
+        /// The halves of the packed rows `[.., 2 · width]` of `h`, and the addresses of its first
+        /// gate and first up element.
+        fn packed(h: Operand) -> Result<(Self, [u64; 2])> {
+            let (rows, two_width) = rows_and_width(h.1)?;
+            if two_width % 2 != 0 {
+                candle_core::bail!("swiglu: packed rows of odd width {two_width}");
+            }
+            let width = two_width / 2;
+            let gate = address(h)?;
+            let up = gate + (width * h.0.dtype().size_in_bytes()) as u64;
+            let rows = Self {
+                n: rows * width,
+                width,
+                stride: two_width,
+            };
+            Ok((rows, [gate, up]))
+        }
+
+        /// The 16-byte kernel where every address and row boundary allows it: its name and the
+        /// elements each thread moves.
+        fn kernel(
+            &self,
+            names: (&'static str, &'static str),
+            dtype: DType,
+            addresses: &[u64],
+        ) -> (&'static str, usize) {
+            let vector = 16 / dtype.size_in_bytes();
+            let aligned = addresses.iter().all(|a| a % 16 == 0);
+            match aligned && self.width % vector == 0 && self.stride % vector == 0 {
+                true => (names.1, vector),
+                false => (names.0, 1),
+            }
+        }
+
+        fn args(&self) -> [Arg; 3] {
+            [self.n, self.width, self.stride].map(|v| Arg::Count(v as u64))
+        }
+    }
+
+    fn swiglu_forward(
+        [gate, up]: [u64; 2],
+        device: &CudaDevice,
+        dtype: DType,
+        rows: GluRows,
+    ) -> Result<CudaStorage> {
+        let y = alloc(device, dtype, rows.n)?;
+        let y_address = base_address(&y)?;
+        let names = ("swiglu_fwd", "swiglu_fwd_wide");
+        let (name, per_thread) = rows.kernel(names, dtype, &[gate, up, y_address]);
+        let args = [
+            [gate, up, y_address].map(Arg::Address).as_slice(),
+            &rows.args(),
+        ]
+        .concat();
+        let (grid, block) = per_element(rows.n / per_thread)?;
+        launch(device, name, Some(dtype), grid, block, &args)?;
+        Ok(y)
+    }
+
+    /// The gradients into a new buffer of `len` elements: d gate from its start, d up from
+    /// `up_offset` elements on, each at the places of gate and up in their rows.
+    fn swiglu_backward(
+        [gate, up]: [u64; 2],
+        grad: Operand,
+        rows: GluRows,
+        len: usize,
+        up_offset: usize,
+    ) -> Result<CudaStorage> {
+        let (device, dtype) = (&grad.0.device, grad.0.dtype());
+        let out = alloc(device, dtype, len)?;
+        let d_gate = base_address(&out)?;
+        let d_up = d_gate + (up_offset * dtype.size_in_bytes()) as u64;
+        let grad = address(grad)?;
+        let names = ("swiglu_bwd", "swiglu_bwd_wide");
+        let (name, per_thread) = rows.kernel(names, dtype, &[gate, up, grad, d_gate, d_up]);
+        let addresses = [gate, up, grad, d_gate, d_up].map(Arg::Address);
+        let args = [addresses.as_slice(), &rows.args()].concat();
+        let (grid, block) = per_element(rows.n / per_thread)?;
+        launch(device, name, Some(dtype), grid, block, &args)?;
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, uniform};
-    use crate::reference;
 
     #[test]
     fn matches_the_reference_forward_and_backward() {
@@ -276,8 +419,8 @@ mod tests {
                 "swiglu",
                 &inputs,
                 &[true, true],
-                |t| super::swiglu(&t[0], &t[1]),
-                |t| reference::swiglu(&t[0], &t[1]),
+                |t| t[0].apply_op2(&t[1], super::SwiGlu),
+                |t| super::reference(&t[0], &t[1]),
                 1e-5,
             );
         }
@@ -294,11 +437,11 @@ mod tests {
                 "swiglu_packed",
                 &[h],
                 &[true],
-                |t| super::swiglu_packed(&t[0]),
+                |t| t[0].apply_op1(super::SwiGluPacked),
                 |t| {
                     let half = t[0].dim(candle_core::D::Minus1)? / 2;
                     let last = t[0].rank() - 1;
-                    reference::swiglu(
+                    super::reference(
                         &t[0].narrow(last, 0, half)?,
                         &t[0].narrow(last, half, half)?,
                     )

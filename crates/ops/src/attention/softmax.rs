@@ -1,23 +1,22 @@
 //! Fused causal attention on the CPU and on CUDA: `softmax(scores * scale + causal mask)` in one
 //! pass per row, and its backward in one pass, with no mask tensor and no T×T temporaries
-//! besides the probabilities themselves. The QKᵀ and PV products stay candle matmuls (cuBLAS on
-//! CUDA). The whole attention is one node of the autograd graph with a hand-written backward,
-//! so candle keeps and accumulates no score-sized gradients of its own.
+//! besides the probabilities themselves (`kernels/attention.cu` on CUDA). The QKᵀ and PV
+//! products stay candle matmuls (cuBLAS on CUDA). The whole attention is one node of the
+//! autograd graph with a hand-written backward, so candle keeps and accumulates no score-sized
+//! gradients of its own.
 
-use super::attach::attach3;
-use super::cpu_kernel::{assume_written, f32s, output, written_rows};
+use crate::attach::attach3;
+use crate::cpu_kernel::{assume_written, f32s, output, written_rows};
+use crate::fast_exp;
+use crate::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
-use super::cuda;
-use super::fast_exp;
-use super::rows_and_width;
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use crate::fused_op::{CudaOutput, Operand};
+use crate::rows_and_width;
+use candle_core::{Layout, Result, Tensor};
 use std::mem::MaybeUninit;
 
-/// Causal attention with the fused softmax. Same contract as
-/// [`super::reference::causal_attention`]; inputs must be contiguous, on a backend
-/// [`super::fused`] accepts.
+/// Causal attention with the fused softmax. Same contract as [`super::causal_attention`];
+/// inputs must be contiguous, on a backend [`crate::fused`] accepts.
 pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let head_dim = q.dim(3)?;
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -88,12 +87,10 @@ impl CausalSoftmax {
     }
 }
 
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
+impl FusedOp<1> for CausalSoftmax {
+    const NAME: &'static str = "causal-softmax";
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(storage, layout)]: [CpuOperand; 1]) -> CpuOutput {
         let scores = f32s(storage, layout)?;
         let (_, q_len, kv_len) = query_and_key_lens(layout)?;
         // SAFETY: `write_row` writes every element of the row.
@@ -107,30 +104,24 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (_, q_len, _) = query_and_key_lens(layout)?;
-        let probs = cuda::causal_softmax((storage, layout), q_len, self.scale)?;
-        Ok((probs, layout.shape().clone()))
+    fn cuda(&self, [scores]: [Operand; 1]) -> CudaOutput {
+        let (_, q_len, _) = query_and_key_lens(scores.1)?;
+        let probs = cuda::causal_softmax(scores, q_len, self.scale)?;
+        Ok((probs, scores.1.shape().clone()))
     }
 }
+
+custom_op!(CausalSoftmax: 1);
 
 /// `dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale`, skipping the masked part of each row (P = 0 there).
 struct CausalSoftmaxGrad {
     scale: f32,
 }
 
-impl CustomOp2 for CausalSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "causal-softmax-grad"
-    }
+impl FusedOp<2> for CausalSoftmaxGrad {
+    const NAME: &'static str = "causal-softmax-grad";
 
-    fn cpu_fwd(
-        &self,
-        probs: &CpuStorage,
-        probs_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(probs, probs_layout), (grad, grad_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (probs, grad) = (f32s(probs, probs_layout)?, f32s(grad, grad_layout)?);
         let (_, q_len, kv_len) = query_and_key_lens(probs_layout)?;
         if grad.len() != probs.len() {
@@ -155,28 +146,67 @@ impl CustomOp2 for CausalSoftmaxGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        probs: &CudaStorage,
-        probs_layout: &Layout,
-        grad: &CudaStorage,
-        grad_layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let (_, q_len, _) = query_and_key_lens(probs_layout)?;
-        let ds = cuda::causal_softmax_grad(
-            (probs, probs_layout),
-            (grad, grad_layout),
-            q_len,
-            self.scale,
-        )?;
-        Ok((ds, probs_layout.shape().clone()))
+    fn cuda(&self, [probs, grad]: [Operand; 2]) -> CudaOutput {
+        let (_, q_len, _) = query_and_key_lens(probs.1)?;
+        let ds = cuda::causal_softmax_grad(probs, grad, q_len, self.scale)?;
+        Ok((ds, probs.1.shape().clone()))
+    }
+}
+
+custom_op!(CausalSoftmaxGrad: 2);
+
+/// The CUDA launchers (`kernels/attention.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{
+        alloc, common_dtype, elementwise_kernel, int, per_warp_row, run, Arg, Operand,
+    };
+    use crate::rows_and_width;
+    use candle_core::{CudaStorage, Result};
+
+    /// Causal softmax of attention scores `[.., q_len, kv_len]`, scaled by `scale`.
+    pub(super) fn causal_softmax(scores: Operand, q_len: usize, scale: f32) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[scores])?;
+        let (rows, kv_len) = rows_and_width(scores.1)?;
+        let probs = alloc(&scores.0.device, dtype, rows * kv_len)?;
+        let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
+        let kernels = ("causal_softmax_fwd", "causal_softmax_fwd_wide");
+        let (name, _) = elementwise_kernel(kernels, &[scores], kv_len)?;
+        run(
+            (name, dtype),
+            per_warp_row(rows)?,
+            &[scores],
+            probs,
+            &scalars,
+        )
+    }
+
+    /// Gradient of the causal softmax with respect to the raw scores.
+    pub(super) fn causal_softmax_grad(
+        probs: Operand,
+        grad: Operand,
+        q_len: usize,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[probs, grad])?;
+        let (rows, kv_len) = rows_and_width(probs.1)?;
+        let ds = alloc(&probs.0.device, dtype, rows * kv_len)?;
+        let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
+        let kernels = ("causal_softmax_bwd", "causal_softmax_bwd_wide");
+        let (name, _) = elementwise_kernel(kernels, &[probs, grad], kv_len)?;
+        run(
+            (name, dtype),
+            per_warp_row(rows)?,
+            &[probs, grad],
+            ds,
+            &scalars,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, uniform};
-    use crate::reference;
 
     #[test]
     fn matches_the_reference_forward_and_backward() {
@@ -204,7 +234,7 @@ mod tests {
                 &inputs,
                 &[true; 3],
                 |t| super::causal_attention(&t[0], &t[1], &t[2]),
-                |t| reference::causal_attention(&t[0], &t[1], &t[2]),
+                |t| super::super::reference(&t[0], &t[1], &t[2]),
                 1e-5,
             );
         }

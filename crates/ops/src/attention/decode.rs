@@ -4,12 +4,16 @@
 //! This op reads the views directly (any strides, unit stride along the head dimension), maps
 //! each query head to its kv head, and does scores, softmax and the weighted sum in one kernel.
 //! Inference only: it has no backward, and the dispatch never picks it for tracked tensors.
+//! On CUDA the kernel is in `kernels/decode.cu`.
 
-use super::cpu_kernel::{f32s, for_each_row, output};
-#[cfg(feature = "cuda")]
-use super::cuda;
 use super::GroupedDims;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::cpu_kernel::{f32s, for_each_row, output};
+use crate::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
+#[cfg(feature = "cuda")]
+use crate::fused_op::{CudaOutput, Operand};
+#[cfg(feature = "cuda")]
+use crate::launch;
+use candle_core::{Layout, Result, Tensor};
 
 /// The largest head size the kernel takes (one CUDA block holds a thread per element).
 const MAX_HEAD_SIZE: usize = 1024;
@@ -25,7 +29,7 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// `softmax(q kᵀ / √d) v` for `q` `[b, heads, 1, d]` and `k`/`v` `[b, kv_heads, kv_len, d]`;
-/// the operands must pass [`supported`] and be on a backend [`super::fused`] accepts.
+/// the operands must pass [`supported`] and be on a backend [`crate::fused`] accepts.
 pub(crate) fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(3)? as f32).sqrt();
     q.apply_op3_no_bwd(k, v, &DecodeAttention { scale })
@@ -42,10 +46,10 @@ pub(crate) fn decode_attention_at(
     position: &Tensor,
 ) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(3)? as f32).sqrt();
-    let out = cuda::with_operands(&[q, k, v, position], |o| {
+    let out = launch::with_operands(&[q, k, v, position], |o| {
         cuda::decode_attention(o[0], o[1], o[2], Some(o[3]), scale)
     })?;
-    Ok(cuda::tensor(out, q.shape().clone()))
+    Ok(launch::tensor(out, q.shape().clone()))
 }
 
 struct DecodeAttention {
@@ -66,20 +70,10 @@ fn view(layout: &Layout, len: usize) -> Result<(usize, [usize; 3])> {
     Ok((layout.start_offset(), [s0, s1, s2]))
 }
 
-impl CustomOp3 for DecodeAttention {
-    fn name(&self) -> &'static str {
-        "decode-attention"
-    }
+impl FusedOp<3> for DecodeAttention {
+    const NAME: &'static str = "decode-attention";
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_layout: &Layout,
-        k: &CpuStorage,
-        k_layout: &Layout,
-        v: &CpuStorage,
-        v_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu(&self, [(q, q_layout), (k, k_layout), (v, v_layout)]: [CpuOperand; 3]) -> CpuOutput {
         let q = f32s(q, q_layout)?;
         let (k, v) = (k.as_slice::<f32>()?, v.as_slice::<f32>()?);
         let (k_start, ks) = view(k_layout, k.len())?;
@@ -115,25 +109,79 @@ impl CustomOp3 for DecodeAttention {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        q_layout: &Layout,
-        k: &candle_core::CudaStorage,
-        k_layout: &Layout,
-        v: &candle_core::CudaStorage,
-        v_layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (q, k, v) = ((q, q_layout), (k, k_layout), (v, v_layout));
+    fn cuda(&self, [q, k, v]: [Operand; 3]) -> CudaOutput {
         let out = cuda::decode_attention(q, k, v, None, self.scale)?;
-        Ok((out, q_layout.shape().clone()))
+        Ok((out, q.1.shape().clone()))
+    }
+}
+
+custom_op!(DecodeAttention: 3);
+
+/// The CUDA launcher (`kernels/decode.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{
+        address, alloc, base_address, common_dtype, grid, int, launch_with_shared,
+        optional_address, strided4, Arg, Operand,
+    };
+    use candle_core::{CudaStorage, DType, Result};
+
+    /// One query per (batch, head), `q` `[b, heads, 1, d]`, against `k`/`v`
+    /// `[b, kv_heads, kv_len, d]` read in place (views into a cache allowed).
+    /// With `position` (the step's own, held on the device), `k`/`v` are the whole cache and the
+    /// kernel attends to the positions up to it.
+    pub(super) fn decode_attention(
+        q: Operand,
+        k: Operand,
+        v: Operand,
+        position: Option<Operand>,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[q, k, v])?;
+        let (&[b, heads, _, d], &[_, kv_heads, kv_len, _]) = (q.1.dims(), k.1.dims()) else {
+            candle_core::bail!("decode attention: expected 4-D operands");
+        };
+        let (k_address, ks) = strided4(k)?;
+        let (v_address, vs) = strided4(v)?;
+        let dev = &q.0.device;
+        let out = alloc(dev, dtype, b * heads * d)?;
+        let scores = alloc(dev, DType::F32, b * heads * kv_len)?;
+        let args = [
+            Arg::Address(address(q)?),
+            Arg::Address(k_address),
+            Arg::Address(v_address),
+            Arg::Address(base_address(&out)?),
+            Arg::Address(base_address(&scores)?),
+            int(heads)?,
+            int(heads / kv_heads.max(1))?,
+            int(kv_len)?,
+            int(d)?,
+            Arg::Count(ks[0]),
+            Arg::Count(ks[1]),
+            Arg::Count(ks[2]),
+            Arg::Count(vs[0]),
+            Arg::Count(vs[1]),
+            Arg::Count(vs[2]),
+            Arg::Float(scale),
+            Arg::Address(optional_address(position)?),
+        ];
+        // A decode step has one block per head: each gets the most threads a block can have
+        // (at least one per element of a head).
+        let threads = 1024;
+        if d > threads {
+            candle_core::bail!("decode attention: head size {d} above {threads}");
+        }
+        let shared = u32::try_from((d + threads) * 4)
+            .map_err(|_| candle_core::Error::Msg("head size".into()))?;
+        let config = (grid(b * heads)?, (threads as u32, 1), shared);
+        launch_with_shared(dev, "decode_attention", Some(dtype), config, &args)?;
+        Ok(out)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::parity::{relative_error, uniform};
-    use crate::reference;
 
     #[test]
     fn matches_repeated_heads_and_reads_cache_views_in_place() {
@@ -149,7 +197,7 @@ mod tests {
         assert!(super::supported(&q, &k, &v));
         let got = super::decode_attention(&q, &k, &v).unwrap();
         let (k_all, v_all) = super::super::repeat_kv_heads(&q, &k, &v).unwrap();
-        let want = reference::causal_attention(&q, &k_all, &v_all).unwrap();
+        let want = super::super::reference(&q, &k_all, &v_all).unwrap();
         let error = relative_error(&got, &want);
         assert!(error < 1e-6, "{error:.2e}");
     }

@@ -14,9 +14,9 @@
 //! their tiles, then key and value gradients), in f32 three (row deltas, key and value
 //! gradients, query gradients).
 
-use super::attach::attach3;
-use super::cuda::{self, Arg, Operand};
 use super::GroupedDims;
+use crate::attach::attach3;
+use crate::launch::{self, Arg, Operand};
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
@@ -86,14 +86,14 @@ impl Rows {
 impl Kernels {
     /// Tensor cores where the operands allow them; `kv` are the keys and values among them.
     fn for_operands(operands: &[Operand], kv: [Operand; 2]) -> Result<Self> {
-        let dtype = cuda::common_dtype(operands)?;
+        let dtype = launch::common_dtype(operands)?;
         if !matches!(dtype, DType::BF16 | DType::F16) {
             return Ok(Self::Simt);
         }
         // 16 bytes are 8 elements: each row of a key or value view must start on a multiple.
         let mut aligned = true;
         for operand in kv {
-            aligned &= cuda::strided4(operand)?.1.iter().all(|s| s % 8 == 0);
+            aligned &= launch::strided4(operand)?.1.iter().all(|s| s % 8 == 0);
         }
         for &operand in operands {
             aligned &= start_address(operand)? % 16 == 0;
@@ -161,8 +161,8 @@ impl Kernels {
             _ => (dims.q_len, dims.heads),
         };
         Ok((
-            cuda::int_u32(len.div_ceil(TILE))?,
-            cuda::int_u32(dims.batch * heads)?,
+            launch::int_u32(len.div_ceil(TILE))?,
+            launch::int_u32(dims.batch * heads)?,
         ))
     }
 
@@ -181,7 +181,7 @@ impl Kernels {
             self.shared_bytes(dims, stage)?,
         );
         let name = self.name(dims, stage);
-        cuda::launch_with_shared(device, &name, Some(dtype), config, args)
+        launch::launch_with_shared(device, &name, Some(dtype), config, args)
     }
 }
 
@@ -192,7 +192,7 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         return false;
     };
     matches!(q.device(), Device::Cuda(_))
-        && super::fused(&[q, k, v])
+        && crate::fused(&[q, k, v])
         && HEAD_SIZES.contains(&g.head_size)
         && g.q_len > 0
         && g.q_len <= g.kv_len
@@ -244,12 +244,12 @@ pub(crate) fn self_attention_supported(
         && sin.dims() == cos.dims()
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && matches!(q.device(), Device::Cuda(_))
-        && super::fused(&[q, k, v, cos, sin])
+        && crate::fused(&[q, k, v, cos, sin])
         && [q, k, v, cos, sin].iter().all(|x| x.is_contiguous());
     if !fits {
         return Ok(false);
     }
-    cuda::with_operands(&[q, k, v], cuda::start_aligned)
+    launch::with_operands(&[q, k, v], launch::start_aligned)
 }
 
 /// `merge(attention(rope(split(q)), rope(split(k)), split(v)))` for projections `q`
@@ -294,10 +294,10 @@ pub(crate) fn self_attention(
 fn rotate(x: &Tensor, (cos, sin): &(Tensor, Tensor), heads: usize, sign: f32) -> Result<Tensor> {
     let (b, t, width) = x.dims3()?;
     let rows = x.reshape((b, t, heads, width / heads))?;
-    let y = cuda::with_operands(&[&rows, cos, sin], |ops| {
-        cuda::rope(ops[0], (ops[1], ops[2]), heads, sign)
+    let y = launch::with_operands(&[&rows, cos, sin], |ops| {
+        crate::rope::cuda::rope(ops[0], (ops[1], ops[2]), heads, sign)
     })?;
-    Ok(cuda::tensor(y, x.shape().clone()))
+    Ok(launch::tensor(y, x.shape().clone()))
 }
 
 /// `[b, t, heads · d]` rows as a `[b, heads, t, d]` view (no copy).
@@ -332,13 +332,13 @@ impl GroupedDims {
     /// Kernel arguments shared by the three tiled kernels after their buffers: heads, group,
     /// lengths, the key and value strides, and the base-2 score scale.
     fn common_args(&self, k: Operand, v: Operand) -> Result<Vec<Arg>> {
-        let (_, ks) = cuda::strided4(k)?;
-        let (_, vs) = cuda::strided4(v)?;
+        let (_, ks) = launch::strided4(k)?;
+        let (_, vs) = launch::strided4(v)?;
         let mut args = vec![
-            cuda::int(self.heads)?,
-            cuda::int(self.heads / self.kv_heads)?,
-            cuda::int(self.q_len)?,
-            cuda::int(self.kv_len)?,
+            launch::int(self.heads)?,
+            launch::int(self.heads / self.kv_heads)?,
+            launch::int(self.q_len)?,
+            launch::int(self.kv_len)?,
         ];
         args.extend(ks.iter().chain(&vs).map(|&s| Arg::Count(s)));
         args.push(Arg::Float(self.scale() * std::f32::consts::LOG2_E));
@@ -354,8 +354,8 @@ impl GroupedDims {
 /// along the head dimension).
 fn start_address(operand: Operand) -> Result<u64> {
     match operand.1.is_contiguous() {
-        true => cuda::address(operand),
-        false => Ok(cuda::strided4(operand)?.0),
+        true => launch::address(operand),
+        false => Ok(launch::strided4(operand)?.0),
     }
 }
 
@@ -374,17 +374,17 @@ fn forward(
     rows: Rows,
 ) -> Result<(Tensor, Tensor)> {
     let n = dims.query_rows();
-    let (out, lse) = cuda::with_operands(&[q, k, v], |ops| {
+    let (out, lse) = launch::with_operands(&[q, k, v], |ops| {
         let [q, k, v] = [ops[0], ops[1], ops[2]];
         let device = &q.0.device;
-        let out = cuda::alloc(device, q.0.dtype(), n * dims.head_size)?;
-        let lse = cuda::alloc(device, DType::F32, n)?;
+        let out = launch::alloc(device, q.0.dtype(), n * dims.head_size)?;
+        let lse = launch::alloc(device, DType::F32, n)?;
         let mut args = vec![
             start(q)?,
             start(k)?,
             start(v)?,
-            Arg::Address(cuda::base_address(&out)?),
-            Arg::Address(cuda::base_address(&lse)?),
+            Arg::Address(launch::base_address(&out)?),
+            Arg::Address(launch::base_address(&lse)?),
         ];
         args.extend(dims.common_args(k, v)?);
         let kernels = rows.check(Kernels::for_operands(&[q, k, v], [k, v])?)?;
@@ -395,8 +395,8 @@ fn forward(
         Ok((out, lse))
     })?;
     Ok((
-        cuda::tensor(out, q.shape().clone()),
-        cuda::tensor(lse, n.into()),
+        launch::tensor(out, q.shape().clone()),
+        launch::tensor(lse, n.into()),
     ))
 }
 
@@ -412,29 +412,29 @@ fn backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = dims.query_rows();
     let kv_elems = dims.kv_shape().elem_count();
-    let (dq, dk, dv) = cuda::with_operands(&[q, k, v, out, dout, lse], |ops| {
+    let (dq, dk, dv) = launch::with_operands(&[q, k, v, out, dout, lse], |ops| {
         let [q, k, v, out, dout, lse] = [ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]];
         let (device, dtype) = (&q.0.device, q.0.dtype());
         let kernels = rows.check(Kernels::for_operands(&[q, k, v, out, dout], [k, v])?)?;
-        let delta = cuda::alloc(device, DType::F32, n)?;
-        let delta_arg = Arg::Address(cuda::base_address(&delta)?);
-        let dq = cuda::alloc(device, dtype, n * dims.head_size)?;
-        let dk = cuda::alloc(device, dtype, kv_elems)?;
-        let dv = cuda::alloc(device, dtype, kv_elems)?;
+        let delta = launch::alloc(device, DType::F32, n)?;
+        let delta_arg = Arg::Address(launch::base_address(&delta)?);
+        let dq = launch::alloc(device, dtype, n * dims.head_size)?;
+        let dk = launch::alloc(device, dtype, kv_elems)?;
+        let dv = launch::alloc(device, dtype, kv_elems)?;
         let inputs = [start(q)?, start(k)?, start(v)?, start(dout)?, start(lse)?];
         let tail = |mut args: Vec<Arg>| -> Result<Vec<Arg>> {
             args.extend(dims.common_args(k, v)?);
             args.push(Arg::Float(dims.scale()));
             Ok(args)
         };
-        let dq_arg = Arg::Address(cuda::base_address(&dq)?);
+        let dq_arg = Arg::Address(launch::base_address(&dq)?);
         let mut kv_args = tail(
             [
                 &inputs[..],
                 &[
                     delta_arg,
-                    Arg::Address(cuda::base_address(&dk)?),
-                    Arg::Address(cuda::base_address(&dv)?),
+                    Arg::Address(launch::base_address(&dk)?),
+                    Arg::Address(launch::base_address(&dv)?),
                 ],
             ]
             .concat(),
@@ -453,11 +453,11 @@ fn backward(
             }
             Kernels::Simt => {
                 let args = [start(out)?, start(dout)?, delta_arg];
-                let sizes = [cuda::int(n)?, cuda::int(dims.head_size)?];
-                let (grid, block) = cuda::per_warp_row(n)?;
+                let sizes = [launch::int(n)?, launch::int(dims.head_size)?];
+                let (grid, block) = launch::per_warp_row(n)?;
                 let config = (grid, block, 0);
                 let args = [&args[..], &sizes].concat();
-                cuda::launch_with_shared(
+                launch::launch_with_shared(
                     device,
                     "flash_attention_delta",
                     Some(dtype),
@@ -473,8 +473,8 @@ fn backward(
     })?;
     let (b, kvh, len, d) = (dims.batch, dims.kv_heads, dims.kv_len, dims.head_size);
     Ok((
-        cuda::tensor(dq, q.shape().clone()),
-        cuda::tensor(dk, rows.shape(b, kvh, len, d)),
-        cuda::tensor(dv, rows.shape(b, kvh, len, d)),
+        launch::tensor(dq, q.shape().clone()),
+        launch::tensor(dk, rows.shape(b, kvh, len, d)),
+        launch::tensor(dv, rows.shape(b, kvh, len, d)),
     ))
 }

@@ -1,221 +1,10 @@
-//! Checks every fused op against its composite reference on a device, per dtype: forward output
-//! and input gradients (through a fixed random projection of the output) on random inputs, as
-//! the relative error `max |fused − reference| / max |reference|`, and times both directions.
-//! The reference runs in f32 on the 16-bit inputs widened, so a 16-bit row measures the fused
-//! kernel's error against the exact result, not against another rounded one.
-//!
-//! `llmtool bench --tasks ops` prints these rows; the unit tests of each op assert on them.
+//! The cases of the op checks: every fused op at the shapes of a model ([`model_cases`], what
+//! `llmtool bench --tasks ops` runs) and at small shapes that exercise edges ([`edge_cases`],
+//! what the unit tests run), each against its composite reference.
 
-use super::reference;
-use candle_core::{DType, Device, Result, Tensor, Var};
-use rand::{Rng, SeedableRng};
-use std::time::Instant;
-
-/// An op under test: the fused dispatch or its reference, on the case's inputs.
-pub type OpFn = fn(&[Tensor]) -> Result<Tensor>;
-
-/// What one input of a case is.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// Uniform values in `[-scale, scale)` of this shape; differentiable.
-    Float(Vec<usize>, f32),
-    /// Uniform values in `[-1, 1)` of this shape that the op takes as constants (RoPE tables).
-    Table(Vec<usize>),
-    /// Token ids below the bound, of this shape; not differentiable.
-    Ids(Vec<usize>, u32),
-}
-
-/// A fused op, its reference and the inputs to compare them on.
-pub struct Case {
-    pub name: &'static str,
-    pub fused: OpFn,
-    pub reference: OpFn,
-    pub inputs: Vec<Input>,
-}
-
-impl Case {
-    /// The shapes of the inputs, for reports.
-    pub fn shapes(&self) -> Vec<Vec<usize>> {
-        self.inputs
-            .iter()
-            .map(|i| match i {
-                Input::Float(s, _) | Input::Table(s) | Input::Ids(s, _) => s.clone(),
-            })
-            .collect()
-    }
-
-    fn differentiable(&self) -> Vec<bool> {
-        self.inputs
-            .iter()
-            .map(|i| matches!(i, Input::Float(..)))
-            .collect()
-    }
-}
-
-/// The result of one case in one dtype.
-#[derive(Debug, Clone)]
-pub struct Report {
-    /// Worst relative error over the output and every gradient.
-    pub error: f32,
-    /// Forward plus backward, best of the timed runs, in milliseconds.
-    pub fused_ms: f64,
-    pub reference_ms: f64,
-}
-
-/// The error allowed for `dtype`: a few units in the last place of a 16-bit result, summed
-/// over reductions of hundreds to thousands of terms.
-pub fn tolerance(dtype: DType) -> f32 {
-    match dtype {
-        DType::BF16 => 2e-2,
-        DType::F16 => 4e-3,
-        _ => 1e-4,
-    }
-}
-
-/// Uniform values in `[-1, 1)` of `shape`, reproducible from `seed`, on the CPU in f32.
-pub fn uniform(shape: &[usize], seed: u64) -> Result<Tensor> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
-
-/// `max |a − b| / max |b|` in f32: the error relative to the reference's scale, which stays
-/// meaningful where individual reference values are near zero.
-pub fn relative_error(got: &Tensor, want: &Tensor) -> Result<f32> {
-    let got = got.to_dtype(DType::F32)?;
-    let want = want.to_dtype(DType::F32)?;
-    let diff = (got - &want)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(f32::MIN_POSITIVE))
-}
-
-/// The case's inputs on `device`, floats in `dtype`.
-fn materialize(case: &Case, seed: u64, device: &Device, dtype: DType) -> Result<Vec<Tensor>> {
-    case.inputs
-        .iter()
-        .enumerate()
-        .map(|(i, input)| match input {
-            Input::Float(shape, scale) => (uniform(shape, seed + i as u64)? * *scale as f64)?
-                .to_dtype(dtype)?
-                .to_device(device),
-            Input::Table(shape) => uniform(shape, seed + i as u64)?
-                .to_dtype(dtype)?
-                .to_device(device),
-            Input::Ids(shape, bound) => {
-                let n: usize = shape.iter().product();
-                let ids: Vec<u32> = (0..n as u64)
-                    .map(|j| ((j * 7919 + seed * 31) % *bound as u64) as u32)
-                    .collect();
-                Tensor::from_vec(ids, shape.as_slice(), device)
-            }
-        })
-        .collect()
-}
-
-/// The inputs with those marked `differentiable` as fresh variables.
-fn tracked(inputs: &[Tensor], differentiable: &[bool]) -> Result<(Vec<Option<Var>>, Vec<Tensor>)> {
-    let vars: Vec<Option<Var>> = inputs
-        .iter()
-        .zip(differentiable)
-        .map(|(t, &d)| d.then(|| Var::from_tensor(t)).transpose())
-        .collect::<Result<_>>()?;
-    let args = inputs
-        .iter()
-        .zip(&vars)
-        .map(|(t, v)| v.as_ref().map_or(t.clone(), |v| v.as_tensor().clone()))
-        .collect();
-    Ok((vars, args))
-}
-
-/// The fixed random projection `P` of an output like `y`.
-fn projection(y: &Tensor) -> Result<Tensor> {
-    uniform(y.dims(), 99)?
-        .to_dtype(y.dtype())?
-        .to_device(y.device())
-}
-
-/// Output and gradients of `op` for the inputs marked `differentiable`: the gradients are those
-/// of `Σ y ⊙ P` for a fixed random `P`.
-pub fn forward_backward<F>(
-    op: F,
-    inputs: &[Tensor],
-    differentiable: &[bool],
-) -> Result<(Tensor, Vec<Tensor>)>
-where
-    F: Fn(&[Tensor]) -> Result<Tensor>,
-{
-    let (vars, args) = tracked(inputs, differentiable)?;
-    let y = op(&args)?;
-    let grads = (&y * projection(&y)?)?.sum_all()?.backward()?;
-    let grads = vars
-        .iter()
-        .flatten()
-        .map(|v| {
-            grads
-                .get(v)
-                .cloned()
-                .ok_or_else(|| candle_core::Error::Msg("an input received no gradient".into()))
-        })
-        .collect::<Result<_>>()?;
-    Ok((y, grads))
-}
-
-/// The worst relative error of `case`'s fused op in `dtype` on `device` against its reference
-/// in f32 on the same (rounded) inputs.
-pub fn parity_error(case: &Case, seed: u64, device: &Device, dtype: DType) -> Result<f32> {
-    let inputs = materialize(case, seed, device, dtype)?;
-    let differentiable = case.differentiable();
-    let (y, grads) = forward_backward(case.fused, &inputs, &differentiable)?;
-    let wide = inputs
-        .iter()
-        .map(|t| match t.dtype() {
-            DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
-            _ => Ok(t.clone()),
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let (want_y, want_grads) = forward_backward(case.reference, &wide, &differentiable)?;
-    let mut worst = relative_error(&y, &want_y)?;
-    for (g, w) in grads.iter().zip(&want_grads) {
-        worst = worst.max(relative_error(g, w)?);
-    }
-    Ok(worst)
-}
-
-/// Best of `runs` timed forward + backward passes of `op`, after one untimed, in milliseconds.
-/// Only the op and its backward are timed, not making the inputs or the projection.
-fn millis(op: OpFn, inputs: &[Tensor], differentiable: &[bool], runs: usize) -> Result<f64> {
-    let device = inputs[0].device().clone();
-    let (_vars, args) = tracked(inputs, differentiable)?;
-    let p = projection(&op(&args)?)?;
-    let mut best = f64::INFINITY;
-    for run in 0..=runs {
-        device.synchronize()?;
-        let start = Instant::now();
-        (op(&args)? * &p)?.sum_all()?.backward()?;
-        device.synchronize()?;
-        if run > 0 {
-            best = best.min(start.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    Ok(best)
-}
-
-/// Checks and times `case` in `dtype` on `device` (both versions timed in `dtype`).
-pub fn run_case(case: &Case, device: &Device, dtype: DType, runs: usize) -> Result<Report> {
-    let error = parity_error(case, 1, device, dtype)?;
-    let inputs = materialize(case, 2, device, dtype)?;
-    let differentiable = case.differentiable();
-    Ok(Report {
-        error,
-        fused_ms: millis(case.fused, &inputs, &differentiable, runs)?,
-        reference_ms: millis(case.reference, &inputs, &differentiable, runs)?,
-    })
-}
+use super::{Case, Input};
+use crate::reference;
+use candle_core::{DType, Result, Tensor};
 
 /// The dimensions of a model that its ops run at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +29,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         self_attention_case(batch, h, shape.kv_heads, seq, d),
         Case {
             name: "rms_norm",
-            fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
+            fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
             reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
             inputs: vec![float(&[batch, seq, shape.hidden]), float(&[shape.hidden])],
         },
@@ -259,7 +48,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         decode_at_case(h, shape.kv_heads, seq, d),
         Case {
             name: "add",
-            fused: |t| super::add(&t[0], &t[1]),
+            fused: |t| crate::add(&t[0], &t[1]),
             reference: |t| &t[0] + &t[1],
             inputs: vec![
                 float(&[tokens, shape.hidden]),
@@ -268,7 +57,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         },
         Case {
             name: "swiglu",
-            fused: |t| super::swiglu(&t[0], &t[1]),
+            fused: |t| crate::swiglu(&t[0], &t[1]),
             reference: |t| reference::swiglu(&t[0], &t[1]),
             inputs: vec![
                 Input::Float(vec![batch, seq, shape.ffn], 4.0),
@@ -277,7 +66,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         },
         Case {
             name: "token_nll",
-            fused: |t| super::token_nll(&t[0], &t[1]),
+            fused: |t| crate::token_nll(&t[0], &t[1]),
             reference: |t| reference::token_nll(&t[0], &t[1]),
             inputs: vec![
                 Input::Float(vec![tokens, shape.vocab], 4.0),
@@ -287,10 +76,10 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         nll_with_grad_case(tokens, shape.vocab, Input::Table(vec![tokens])),
         Case {
             name: "head_mean_nll",
-            fused: |t| super::head_mean_nll(&t[0], &t[1], &t[2], &t[3]),
+            fused: |t| crate::head_mean_nll(&t[0], &t[1], &t[2], &t[3]),
             reference: |t| {
                 let nll = reference::token_nll(&t[0].matmul(&t[1].t()?)?, &t[2])?;
-                super::weighted_mean(&nll, &t[3])
+                crate::weighted_mean(&nll, &t[3])
             },
             inputs: vec![
                 float(&[tokens, shape.hidden]),
@@ -302,7 +91,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         },
         Case {
             name: "embedding",
-            fused: |t| super::embedding(&t[0], &t[1]),
+            fused: |t| crate::embedding(&t[0], &t[1]),
             reference: |t| reference::embedding(&t[0], &t[1]),
             inputs: vec![
                 Input::Ids(vec![batch, seq], vocab),
@@ -318,7 +107,7 @@ fn nll_with_grad_case(rows: usize, vocab: usize, scales: Input) -> Case {
         name: "token_nll_with_grad",
         fused: |t| {
             let g = t[2].to_dtype(DType::F32)?;
-            side_by_side(super::token_nll_with_grad(&t[0], &t[1], &g)?)
+            side_by_side(crate::token_nll_with_grad(&t[0], &t[1], &g)?)
         },
         reference: |t| {
             let g = t[2].to_dtype(DType::F32)?;
@@ -344,7 +133,7 @@ fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
     kv[2] = kv_len;
     Case {
         name: "causal_attention",
-        fused: |t| super::causal_attention(&t[0], &t[1], &t[2]),
+        fused: |t| crate::causal_attention(&t[0], &t[1], &t[2]),
         reference: |t| reference::causal_attention(&t[0], &t[1], &t[2]),
         inputs: vec![
             Input::Float(q, 1.0),
@@ -354,7 +143,7 @@ fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
     }
 }
 
-/// Grouped-query causal attention through [`super::flash_attention`] (the flash kernels on
+/// Grouped-query causal attention through [`crate::flash_attention`] (the flash kernels on
 /// CUDA), `q_len` queries against `kv_len` keys, with gradients.
 fn flash_case(
     batch: usize,
@@ -366,7 +155,7 @@ fn flash_case(
 ) -> Case {
     Case {
         name: "flash_attention",
-        fused: |t| super::flash_attention(&t[0], &t[1], &t[2]),
+        fused: |t| crate::flash_attention(&t[0], &t[1], &t[2]),
         reference: repeated_reference,
         inputs: vec![
             Input::Float(vec![batch, heads, q_len, d], 1.0),
@@ -377,14 +166,14 @@ fn flash_case(
 }
 
 /// A block's attention from its projections (`q` `[b, t, heads · d]`, `k`/`v`
-/// `[b, t, kv_heads · d]`, RoPE tables `[t, d / 2]`) through [`super::self_attention`].
+/// `[b, t, kv_heads · d]`, RoPE tables `[t, d / 2]`) through [`crate::self_attention`].
 fn self_attention_case(batch: usize, heads: usize, kv_heads: usize, t: usize, d: usize) -> Case {
     let table = vec![t, d / 2];
     Case {
         name: "self_attention",
         fused: |t| {
             let (heads, kv_heads) = projection_heads(t)?;
-            super::self_attention([&t[0], &t[1], &t[2]], (&t[3], &t[4]), heads, kv_heads)
+            crate::self_attention([&t[0], &t[1], &t[2]], (&t[3], &t[4]), heads, kv_heads)
         },
         reference: self_attention_reference,
         inputs: vec![
@@ -422,7 +211,7 @@ fn self_attention_reference(t: &[Tensor]) -> Result<Tensor> {
 
 /// The reference attention with kv heads repeated to the query heads.
 fn repeated_reference(t: &[Tensor]) -> Result<Tensor> {
-    let (k, v) = super::repeat_kv_heads(&t[0], &t[1], &t[2])?;
+    let (k, v) = crate::attention::repeat_kv_heads(&t[0], &t[1], &t[2])?;
     reference::causal_attention(&t[0], &k, &v)
 }
 
@@ -430,7 +219,7 @@ fn repeated_reference(t: &[Tensor]) -> Result<Tensor> {
 fn gemv_case(rows: usize, inp: usize, out: usize) -> Case {
     Case {
         name: "linear_rows",
-        fused: |t| super::linear(&t[0], &t[1]),
+        fused: |t| crate::linear(&t[0], &t[1]),
         reference: |t| t[0].matmul(&t[1].t()?),
         inputs: vec![Input::Table(vec![rows, inp]), Input::Table(vec![out, inp])],
     }
@@ -441,8 +230,8 @@ fn cast_case(shape: Vec<usize>) -> Case {
     Case {
         name: "cast",
         fused: |t| {
-            let wide = super::cast(&t[0], DType::F32)?;
-            super::cast(&(wide * 2.0)?, t[0].dtype())
+            let wide = crate::cast(&t[0], DType::F32)?;
+            crate::cast(&(wide * 2.0)?, t[0].dtype())
         },
         reference: |t| &t[0] * 2.0,
         inputs: vec![Input::Float(shape, 1.0)],
@@ -454,7 +243,7 @@ fn cast_case(shape: Vec<usize>) -> Case {
 fn master_linear_case(rows: usize, inp: usize, out: usize) -> Case {
     Case {
         name: "master_linear",
-        fused: |t| super::master_linear(&t[0], &t[1].to_dtype(DType::F32)?),
+        fused: |t| crate::master_linear(&t[0], &t[1].to_dtype(DType::F32)?),
         reference: |t| t[0].matmul(&t[1].t()?),
         inputs: vec![
             Input::Float(vec![rows, inp], 1.0),
@@ -467,7 +256,7 @@ fn master_linear_case(rows: usize, inp: usize, out: usize) -> Case {
 fn swiglu_projection_case(inp: usize, ffn: usize) -> Case {
     Case {
         name: "swiglu_projection",
-        fused: |t| super::swiglu_projection(&t[0], &t[1]),
+        fused: |t| crate::swiglu_projection(&t[0], &t[1]),
         reference: |t| {
             let ffn = t[1].dim(0)? / 2;
             let gate = t[0].matmul(&t[1].narrow(0, 0, ffn)?.t()?)?;
@@ -484,7 +273,7 @@ fn swiglu_master_case(rows: usize, inp: usize, ffn: usize) -> Case {
     let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
     Case {
         name: "swiglu_master_projection",
-        fused: |t| super::swiglu_master_projection(&t[0], &t[1], &t[2]),
+        fused: |t| crate::swiglu_master_projection(&t[0], &t[1], &t[2]),
         reference: |t| {
             let project = |w: &Tensor| t[0].matmul(&w.t()?);
             reference::swiglu(&project(&t[1])?, &project(&t[2])?)
@@ -497,7 +286,7 @@ fn swiglu_master_case(rows: usize, inp: usize, ffn: usize) -> Case {
 fn swiglu_packed_case(rows: usize, width: usize) -> Case {
     Case {
         name: "swiglu_packed",
-        fused: |t| super::swiglu_packed(&t[0]),
+        fused: |t| crate::swiglu_packed(&t[0]),
         reference: |t| {
             let half = t[0].dim(1)? / 2;
             reference::swiglu(&t[0].narrow(1, 0, half)?, &t[0].narrow(1, half, half)?)
@@ -511,7 +300,7 @@ fn add_norm_case(rows: usize, width: usize) -> Case {
     Case {
         name: "add_rms_norm",
         fused: |t| {
-            let (sum, normed) = super::add_rms_norm(&t[0], &t[1], &t[2], 1e-5)?;
+            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], 1e-5)?;
             Tensor::stack(&[sum, normed], 0)
         },
         reference: |t| {
@@ -534,11 +323,11 @@ const WRITE_KV_START: usize = 3;
 /// the number of kv heads as the length of `t[3]`.
 fn write_kv_layout<'a>(
     t: &[Tensor],
-    at: super::Position<'a>,
-) -> Result<(super::KvLayout<'a>, Vec<usize>)> {
+    at: crate::Position<'a>,
+) -> Result<(crate::KvLayout<'a>, Vec<usize>)> {
     let (b, positions, width) = t[0].dims3()?;
     let (kv_heads, head_size) = (t[3].dim(0)?, 2 * t[1].dim(1)?);
-    let layout = super::KvLayout {
+    let layout = crate::KvLayout {
         heads: width / head_size - 2 * kv_heads,
         kv_heads,
         head_size,
@@ -554,9 +343,9 @@ fn write_kv_case(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) ->
     Case {
         name: "write_kv",
         fused: |t| {
-            let (layout, shape) = write_kv_layout(t, super::Position::Host(WRITE_KV_START))?;
+            let (layout, shape) = write_kv_layout(t, crate::Position::Host(WRITE_KV_START))?;
             let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
-            let q = super::write_kv(&cache, &t[0], &t[1], &t[2], layout)?;
+            let q = crate::write_kv(&cache, &t[0], &t[1], &t[2], layout)?;
             Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
         },
         reference: |t| write_kv_reference(t, &t[1], &t[2]),
@@ -570,10 +359,10 @@ fn write_kv_at_case(b: usize, heads: usize, kv_heads: usize, d: usize) -> Case {
         name: "write_kv_at",
         fused: |t| {
             let position = Tensor::new(&[WRITE_KV_START as u32], t[0].device())?;
-            let at = super::Position::Device(&position);
+            let at = crate::Position::Device(&position);
             let (layout, shape) = write_kv_layout(t, at)?;
             let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
-            let q = super::write_kv(&cache, &t[0], &t[1], &t[2], layout)?;
+            let q = crate::write_kv(&cache, &t[0], &t[1], &t[2], layout)?;
             Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
         },
         reference: |t| {
@@ -602,7 +391,7 @@ fn write_kv_inputs(
 
 /// The composite write_kv: split, rotate by `cos`/`sin` (the step's rows), copy into a cache.
 fn write_kv_reference(t: &[Tensor], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (l, shape) = write_kv_layout(t, super::Position::Host(WRITE_KV_START))?;
+    let (l, shape) = write_kv_layout(t, crate::Position::Host(WRITE_KV_START))?;
     let (b, positions, _) = t[0].dims3()?;
     let part = |first: usize, heads: usize| -> Result<Tensor> {
         t[0].narrow(2, first * l.head_size, heads * l.head_size)?
@@ -623,7 +412,7 @@ fn write_kv_reference(t: &[Tensor], cos: &Tensor, sin: &Tensor) -> Result<Tensor
 fn decode_case(batch: usize, heads: usize, kv_heads: usize, kv_len: usize, d: usize) -> Case {
     Case {
         name: "decode_attention",
-        fused: |t| super::grouped_attention(&t[0], &t[1], &t[2]),
+        fused: |t| crate::grouped_attention(&t[0], &t[1], &t[2]),
         reference: repeated_reference,
         inputs: vec![
             Input::Table(vec![batch, heads, 1, d]),
@@ -643,7 +432,7 @@ fn decode_at_case(heads: usize, kv_heads: usize, capacity: usize, d: usize) -> C
         name: "decode_attention_at",
         fused: |t| {
             let at = Tensor::new(&[position(&t[1])? as u32], t[0].device())?;
-            super::decode_attention_at(&t[0], &t[1], &t[2], &at)
+            crate::decode_attention_at(&t[0], &t[1], &t[2], &at)
         },
         reference: |t| {
             let len = position(&t[1])? + 1;
@@ -664,7 +453,7 @@ fn decode_at_case(heads: usize, kv_heads: usize, capacity: usize, d: usize) -> C
 fn swap_case(x: Vec<usize>) -> Case {
     Case {
         name: "swap_middle",
-        fused: |t| super::swap_middle(&t[0]),
+        fused: |t| crate::swap_middle(&t[0]),
         reference: |t| t[0].transpose(1, 2)?.contiguous(),
         inputs: vec![Input::Float(x, 1.0)],
     }
@@ -674,7 +463,7 @@ fn rope_case(x: Vec<usize>) -> Case {
     let table = vec![x[2], x[3] / 2];
     Case {
         name: "rope",
-        fused: |t| super::rope(&t[0], &t[1], &t[2]),
+        fused: |t| crate::rope(&t[0], &t[1], &t[2]),
         reference: |t| reference::rope(&t[0], &t[1], &t[2]),
         inputs: vec![
             Input::Float(x, 1.0),
@@ -701,14 +490,14 @@ pub fn edge_cases() -> Vec<Case> {
         self_attention_case(1, 2, 1, 70, 128),
         Case {
             name: "rms_norm",
-            fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
+            fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
             reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
             inputs: vec![float(&[5, 17]), float(&[17])],
         },
         // Only the weight trained (the input a constant): its gradient's own kernel path.
         Case {
             name: "rms_norm",
-            fused: |t| super::rms_norm(&t[0], &t[1], 1e-5),
+            fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
             reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
             inputs: vec![Input::Table(vec![70, 40]), float(&[40])],
         },
@@ -731,13 +520,13 @@ pub fn edge_cases() -> Vec<Case> {
         decode_case(1, 3, 3, 1, 8),
         Case {
             name: "swiglu",
-            fused: |t| super::swiglu(&t[0], &t[1]),
+            fused: |t| crate::swiglu(&t[0], &t[1]),
             reference: |t| reference::swiglu(&t[0], &t[1]),
             inputs: vec![Input::Float(vec![3, 5, 7], 4.0), float(&[3, 5, 7])],
         },
         Case {
             name: "token_nll",
-            fused: |t| super::token_nll(&t[0], &t[1]),
+            fused: |t| crate::token_nll(&t[0], &t[1]),
             reference: |t| reference::token_nll(&t[0], &t[1]),
             inputs: vec![
                 Input::Float(vec![13, 1000], 4.0),
@@ -746,55 +535,11 @@ pub fn edge_cases() -> Vec<Case> {
         },
         Case {
             name: "token_nll",
-            fused: |t| super::token_nll(&t[0], &t[1]),
+            fused: |t| crate::token_nll(&t[0], &t[1]),
             reference: |t| reference::token_nll(&t[0], &t[1]),
             inputs: vec![float(&[4, 1]), Input::Ids(vec![4], 1)],
         },
         // Row scales of 0 and 1, as the loss weights give: skipped rows get zero gradients.
         nll_with_grad_case(7, 33, Input::Ids(vec![7], 2)),
     ]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_edge_case_matches_on_the_cpu() {
-        for case in edge_cases() {
-            let error = parity_error(&case, 1, &Device::Cpu, DType::F32).unwrap();
-            println!("{} {:?}: {error:.2e}", case.name, case.shapes());
-            assert!(error < tolerance(DType::F32), "{}: {error:.2e}", case.name);
-        }
-    }
-
-    #[test]
-    fn model_cases_run_and_match_at_small_shapes() {
-        let shape = ModelShape {
-            hidden: 64,
-            heads: 4,
-            kv_heads: 2,
-            head_size: 16,
-            ffn: 160,
-            vocab: 96,
-        };
-        for case in model_cases(&shape, 2, 16) {
-            let report = run_case(&case, &Device::Cpu, DType::F32, 1).unwrap();
-            assert!(report.error < 1e-4, "{}: {:.2e}", case.name, report.error);
-            assert!(report.fused_ms > 0.0 && report.reference_ms > 0.0);
-        }
-    }
-
-    #[test]
-    fn a_wrong_kernel_is_caught() {
-        // The check must be able to fail: an op that is off by 1% is reported as such.
-        let case = Case {
-            name: "swiglu, perturbed",
-            fused: |t| super::super::swiglu(&t[0], &t[1])? * 1.01,
-            reference: |t| reference::swiglu(&t[0], &t[1]),
-            inputs: vec![Input::Float(vec![4, 8], 1.0), Input::Float(vec![4, 8], 1.0)],
-        };
-        let error = parity_error(&case, 1, &Device::Cpu, DType::F32).unwrap();
-        assert!((error - 0.01).abs() < 1e-3, "{error}");
-    }
 }

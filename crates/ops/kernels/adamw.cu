@@ -1,0 +1,89 @@
+// One AdamW step over many f32 parameters in one launch. `tensors` holds 6 words per parameter:
+// weight, gradient, first and second moment addresses, element count, and the weight-decay
+// keep factor (1 - lr * wd) as f32 bits. `chunks` holds one word per block: the parameter index
+// in the high 24 bits and the first element in the low 40. Updates are in place.
+//
+// Launched from src/adamw.rs.
+
+#include "common.cuh"
+
+// One parameter element's update.
+__device__ __forceinline__ void adamw_update(float& w, float g, float& m, float& v, float keep,
+                                             float lr, float beta1, float beta2, float eps,
+                                             float bias1, float bias2, float grad_scale) {
+  g *= grad_scale;
+  m = m * beta1 + g * (1.f - beta1);
+  v = v * beta2 + g * g * (1.f - beta2);
+  w = w * keep - (m / bias1) / (sqrtf(v / bias2) + eps) * lr;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+extern "C" __global__ void adamw_multi(const uint64_t* tensors, const uint64_t* chunks,
+                                       int chunk_len, float lr, float beta1, float beta2,
+                                       float eps, float bias1, float bias2, float grad_scale) {
+  const uint64_t c = chunks[blockIdx.x];
+  const uint64_t t = c >> 40, start = c & ((1ull << 40) - 1);
+  const uint64_t* desc = tensors + 6 * t;
+  float* w = (float*)desc[0];
+  const float* g = (const float*)desc[1];
+  float* m = (float*)desc[2];
+  float* v = (float*)desc[3];
+  const uint64_t n = desc[4];
+  const float keep = __uint_as_float((uint32_t)desc[5]);
+  const uint64_t end = min(n, start + (uint64_t)chunk_len);
+  uint64_t scalar_from = start;
+  // Chunks start at multiples of chunk_len (a multiple of 4): four elements per access where
+  // all four buffers are 16-byte aligned.
+  if (aligned16(w) && aligned16(g) && aligned16(m) && aligned16(v)) {
+    const uint64_t vec_end = start + (end - start) / 4 * 4;
+    for (uint64_t i = start + 4 * threadIdx.x; i < vec_end; i += 4 * blockDim.x) {
+      float4 wi = *reinterpret_cast<float4*>(w + i), mi = *reinterpret_cast<float4*>(m + i);
+      float4 vi = *reinterpret_cast<float4*>(v + i);
+      const float4 gi = *reinterpret_cast<const float4*>(g + i);
+      adamw_update(wi.x, gi.x, mi.x, vi.x, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      adamw_update(wi.y, gi.y, mi.y, vi.y, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      adamw_update(wi.z, gi.z, mi.z, vi.z, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      adamw_update(wi.w, gi.w, mi.w, vi.w, keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+      *reinterpret_cast<float4*>(w + i) = wi;
+      *reinterpret_cast<float4*>(m + i) = mi;
+      *reinterpret_cast<float4*>(v + i) = vi;
+    }
+    scalar_from = vec_end;
+  }
+  for (uint64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x)
+    adamw_update(w[i], g[i], m[i], v[i], keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+}
+
+// Sum of squares of many f32 tensors (global gradient norm), in two deterministic passes: one
+// partial sum per chunk (same descriptor layout as adamw_multi; only the gradient address and
+// count are read), then one block sums the partials in a fixed order.
+extern "C" __global__ void sum_squares_multi(const uint64_t* tensors, const uint64_t* chunks,
+                                             int chunk_len, float* partial) {
+  const uint64_t c = chunks[blockIdx.x];
+  const uint64_t t = c >> 40, start = c & ((1ull << 40) - 1);
+  const float* g = (const float*)tensors[6 * t + 1];
+  const uint64_t end = min(tensors[6 * t + 4], start + (uint64_t)chunk_len);
+  float sum = 0.f;
+  uint64_t scalar_from = start;
+  if (aligned16(g)) {  // four elements per access, as in adamw_multi
+    const uint64_t vec_end = start + (end - start) / 4 * 4;
+    for (uint64_t i = start + 4 * threadIdx.x; i < vec_end; i += 4 * blockDim.x) {
+      const float4 x = *reinterpret_cast<const float4*>(g + i);
+      sum += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+    }
+    scalar_from = vec_end;
+  }
+  for (uint64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x) sum += g[i] * g[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) partial[blockIdx.x] = sum;
+}
+
+extern "C" __global__ void sum_partials(const float* partial, int n, float* out) {
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += partial[i];
+  sum = block_sum(sum);
+  if (threadIdx.x == 0) *out = sum;
+}

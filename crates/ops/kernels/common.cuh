@@ -1,0 +1,84 @@
+// What every kernel file shares: the dtype conversions, the vector access type `Pack` and
+// WIDE<T>, warp and block reductions, the row of a warp-per-row kernel, the logistic function,
+// and FOR_EACH_FLOAT, which instantiates a family's entry points per dtype.
+//
+// Every kernel reads and writes its tensor dtype (f32, bf16 or f16: the `_f32`/`_bf16`/`_f16`
+// suffix) and accumulates in f32, as the composite references of the ops do (src/reference.rs
+// gathers them). Row kernels run one block per row (the causal softmax, the RMSNorm training
+// kernels and gemv one warp per row); blockDim.x is a multiple of 32 and at most 1024.
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <type_traits>
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+
+// W consecutive elements of T, read and written as one memory access (16 bytes when W is
+// WIDE<T>). Elementwise kernels take W = WIDE<T> where the launcher found the operands aligned
+// and the sizes divisible, and W = 1 elsewhere.
+template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
+  T e[W];
+  __device__ __forceinline__ static Pack load(const T* p) {
+    return *reinterpret_cast<const Pack*>(p);
+  }
+  __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<Pack*>(p) = *this; }
+};
+template <typename T> constexpr int WIDE = 16 / sizeof(T);
+
+// Sum (or max) over aligned groups of W lanes of a warp (the whole warp by default); every
+// lane of a group gets its group's result.
+template <int W = 32> __device__ __forceinline__ float warp_sum(float v) {
+  for (int o = W / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+template <int W = 32> __device__ __forceinline__ float warp_max(float v) {
+  for (int o = W / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+  return v;
+}
+
+// Sum (or max) over the block; every thread gets the result.
+template <bool MAX> __device__ float block_reduce(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = MAX ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // the previous call's readers are done with `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float w = lane < warps ? partial[lane] : (MAX ? -INFINITY : 0.f);
+    w = MAX ? warp_max(w) : warp_sum(w);
+    if (lane == 0) partial[0] = w;
+  }
+  __syncthreads();
+  return partial[0];
+}
+
+// The row of this thread's warp in kernels with one warp per row (so reductions are warp
+// shuffles with no shared memory or block barriers), or -1 past the last row. blockDim.x / 32
+// rows per block.
+__device__ __forceinline__ int warp_row(int rows) {
+  const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  return row < rows ? row : -1;
+}
+
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
+
+// The logistic function (SwiGLU).
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// M(suffix, type) for each float dtype: a family's entry points, once per dtype.
+#define FOR_EACH_FLOAT(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)

@@ -1,0 +1,108 @@
+// Elementwise and copy kernels: the head split and merge (swap_middle), the 16-bytes-per-thread
+// add and scale, and the dtype casts.
+//
+// Launched from src/swap.rs (swap_middle), src/add.rs (add_vec, scale_vec) and src/cast.rs
+// (cast_to_*).
+
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// [a, b, c, d] -> [a, c, b, d], both contiguous: the attention head split and merge. One thread
+// per output element; neighbouring threads read and write neighbouring elements of a row of d.
+
+template <typename T>
+__device__ void swap_middle(const T* x, T* y, int b, int c, int d, size_t n) {
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int k = i % d;
+  size_t r = i / d;
+  const int bi = r % b;
+  r /= b;
+  const int ci = r % c;
+  const size_t ai = r / c;
+  y[i] = x[((ai * b + bi) * c + ci) * d + k];
+}
+
+// The same for rows of whole 16-byte units, moved as such (d and n counted in units).
+extern "C" __global__ void swap_middle_v16(const uint4* x, uint4* y, int b, int c, int d,
+                                           size_t n) {
+  swap_middle<uint4>(x, y, b, c, d, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise sum of two tensors of one size: 16 bytes per thread, the tail (n not a multiple
+// of the vector) by the thread past the last whole vector. The operands are 16-byte aligned.
+// 16-bit sums are rounded once from the exact f32 sum, as the native 16-bit add rounds.
+
+template <typename T> __device__ void add_vec(const T* a, const T* b, T* out, size_t n) {
+  using P = Pack<T, WIDE<T>>;
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * WIDE<T>;
+  if (i + WIDE<T> <= n) {
+    const P x = P::load(a + i), y = P::load(b + i);
+    P sum;
+#pragma unroll
+    for (int k = 0; k < WIDE<T>; ++k) sum.e[k] = from_f32<T>(to_f32(x.e[k]) + to_f32(y.e[k]));
+    sum.store(out + i);
+  } else {
+    for (size_t j = i; j < n; ++j) out[j] = from_f32<T>(to_f32(a[j]) + to_f32(b[j]));
+  }
+}
+
+// out = x converted from S to D, 8 elements per thread in two 4-element accesses per side; the
+// tail by the last thread.
+template <typename S, typename D> __device__ void cast_vec(const S* x, D* out, size_t n) {
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (i + 8 <= n) {
+#pragma unroll
+    for (int half = 0; half < 8; half += 4) {
+      const Pack<S, 4> v = Pack<S, 4>::load(x + i + half);
+      Pack<D, 4> y;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) y.e[k] = from_f32<D>(to_f32(v.e[k]));
+      y.store(out + i + half);
+    }
+  } else {
+    for (size_t j = i; j < n; ++j) out[j] = from_f32<D>(to_f32(x[j]));
+  }
+}
+
+// out = x · s[0] for a one-element f32 `s` in device memory (a gradient scaled by the incoming
+// gradient of a scalar loss, with no host round trip); the same access pattern as add_vec.
+template <typename T> __device__ void scale_vec(const T* x, const float* s, T* out, size_t n) {
+  using P = Pack<T, WIDE<T>>;
+  const float f = s[0];
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * WIDE<T>;
+  if (i + WIDE<T> <= n) {
+    const P v = P::load(x + i);
+    P y;
+#pragma unroll
+    for (int k = 0; k < WIDE<T>; ++k) y.e[k] = from_f32<T>(to_f32(v.e[k]) * f);
+    y.store(out + i);
+  } else {
+    for (size_t j = i; j < n; ++j) out[j] = from_f32<T>(to_f32(x[j]) * f);
+  }
+}
+
+// extern "C" entry points, one per dtype.
+
+#define ELEMENTWISE_ENTRY_POINTS(S, T)                                                         \
+  extern "C" __global__ void swap_middle_##S(const T* x, T* y, int b, int c, int d, size_t n) { \
+    swap_middle<T>(x, y, b, c, d, n);                                                         \
+  }                                                                                           \
+  extern "C" __global__ void add_vec_##S(const T* a, const T* b, T* out, size_t n) {          \
+    add_vec<T>(a, b, out, n);                                                                 \
+  }                                                                                           \
+  extern "C" __global__ void cast_to_f32_##S(const T* x, float* out, size_t n) {               \
+    cast_vec<T, float>(x, out, n);                                                            \
+  }                                                                                           \
+  extern "C" __global__ void cast_to_bf16_##S(const T* x, __nv_bfloat16* out, size_t n) {     \
+    cast_vec<T, __nv_bfloat16>(x, out, n);                                                    \
+  }                                                                                           \
+  extern "C" __global__ void cast_to_f16_##S(const T* x, __half* out, size_t n) {             \
+    cast_vec<T, __half>(x, out, n);                                                           \
+  }                                                                                           \
+  extern "C" __global__ void scale_vec_##S(const T* x, const float* s, T* out, size_t n) {    \
+    scale_vec<T>(x, s, out, n);                                                               \
+  }
+
+FOR_EACH_FLOAT(ELEMENTWISE_ENTRY_POINTS)

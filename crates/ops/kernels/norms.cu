@@ -1,0 +1,173 @@
+// RMSNorm: y = x * r * w with r = 1 / sqrt(mean(x^2) + eps), per row of `width`.
+//
+// Launched from src/rms_norm.rs (RMSNorm) and src/add_norm.rs (the residual add with RMSNorm).
+
+#include "common.cuh"
+
+template <typename T>
+__device__ float inverse_rms(const T* x, int width, float eps) {
+  float ss = 0.f;
+  for (int j = threadIdx.x; j < width; j += blockDim.x) {
+    const float v = to_f32(x[j]);
+    ss += v * v;
+  }
+  return rsqrtf(block_sum(ss) / width + eps);
+}
+
+// The training kernels below run one warp per row and read W elements per access (W = 1, or
+// WIDE<T> where the rows and operands are 16-byte aligned).
+template <typename T, int W>
+__device__ float warp_inverse_rms(const T* x, int width, float eps) {
+  float ss = 0.f;
+  for (int j = (threadIdx.x & 31) * W; j < width; j += 32 * W) {
+    const Pack<T, W> v = Pack<T, W>::load(x + j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) ss += to_f32(v.e[k]) * to_f32(v.e[k]);
+  }
+  return rsqrtf(warp_sum(ss) / width + eps);
+}
+
+template <typename T, int W>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int width, float eps) {
+  using P = Pack<T, W>;
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const size_t off = (size_t)row * width;
+  const float r = warp_inverse_rms<T, W>(x + off, width, eps);
+  for (int j = (threadIdx.x & 31) * W; j < width; j += 32 * W) {
+    const P xv = P::load(x + off + j), wv = P::load(w + j);
+    P out;
+#pragma unroll
+    for (int k = 0; k < W; ++k) out.e[k] = from_f32<T>(to_f32(xv.e[k]) * r * to_f32(wv.e[k]));
+    out.store(y + off + j);
+  }
+}
+
+// Residual add and RMSNorm for inference: out[0] = x + d (rounded to T, as the unfused add
+// stores it) and out[1] = RMSNorm of that sum, in one pass per row. `out` is [2, rows, width].
+template <typename T>
+__device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int rows, int width,
+                             float eps) {
+  const size_t off = (size_t)blockIdx.x * width;
+  T* sum = out + off;
+  T* y = out + (size_t)rows * width + off;
+  // Each thread reads back only the elements it wrote.
+  for (int j = threadIdx.x; j < width; j += blockDim.x)
+    sum[j] = from_f32<T>(to_f32(x[off + j]) + to_f32(d[off + j]));
+  const float r = inverse_rms(sum, width, eps);
+  for (int j = threadIdx.x; j < width; j += blockDim.x)
+    y[j] = from_f32<T>(to_f32(sum[j]) * r * to_f32(w[j]));
+}
+
+// dx = r * (g*w - x * r^2 * mean(g*w*x)).
+template <typename T, int W>
+__device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows, int width,
+                            float eps, float* r_out) {
+  using P = Pack<T, W>;
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const size_t off = (size_t)row * width;
+  const float r = warp_inverse_rms<T, W>(x + off, width, eps);
+  if (r_out != nullptr && (threadIdx.x & 31) == 0) r_out[row] = r;  // for the weight gradient
+  const int first = (threadIdx.x & 31) * W;
+  float dot = 0.f;
+  for (int j = first; j < width; j += 32 * W) {
+    const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dot += to_f32(xv.e[k]) * to_f32(gv.e[k]) * to_f32(wv.e[k]);
+  }
+  const float c = warp_sum(dot) * r * r / width;
+  for (int j = first; j < width; j += 32 * W) {
+    const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
+    P out;
+#pragma unroll
+    for (int k = 0; k < W; ++k)
+      out.e[k] = from_f32<T>(r * (to_f32(gv.e[k]) * to_f32(wv.e[k]) - to_f32(xv.e[k]) * c));
+    out.store(dx + off + j);
+  }
+}
+
+// The per-row inverse RMS, for the weight gradient.
+template <typename T, int W>
+__device__ void rms_norm_inverse(const T* x, float* r, int rows, int width, float eps) {
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const float v = warp_inverse_rms<T, W>(x + (size_t)row * width, width, eps);
+  if ((threadIdx.x & 31) == 0) r[row] = v;
+}
+
+// dw partial sums: block (32, 8) covers 32 columns of `rows_per_chunk` rows; grid (cols/32,
+// chunks). partial[chunk][col] = sum over the chunk's rows of g * x * r.
+template <typename T>
+__device__ void rms_norm_dw_partial(const T* x, const T* g, const float* r, float* partial,
+                                    int rows, int width, int rows_per_chunk) {
+  __shared__ float acc[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  const int row0 = blockIdx.y * rows_per_chunk;
+  const int row1 = min(rows, row0 + rows_per_chunk);
+  float sum = 0.f;
+  if (col < width)
+    for (int row = row0 + threadIdx.y; row < row1; row += 8) {
+      const size_t i = (size_t)row * width + col;
+      sum += to_f32(g[i]) * to_f32(x[i]) * r[row];
+    }
+  acc[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < width) {
+    float total = 0.f;
+    for (int k = 0; k < 8; ++k) total += acc[k][threadIdx.x];
+    partial[(size_t)blockIdx.y * width + col] = total;
+  }
+}
+
+template <typename T>
+__device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int width) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= width) return;
+  float total = 0.f;
+  for (int c = 0; c < chunks; ++c) total += partial[(size_t)c * width + col];
+  dw[col] = from_f32<T>(total);
+}
+
+// extern "C" entry points, one per dtype.
+
+#define NORMS_ENTRY_POINTS(S, T)                                                               \
+  extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int rows,         \
+                                              int width, float eps) {                         \
+    rms_norm_fwd<T, 1>(x, w, y, rows, width, eps);                                            \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_fwd_wide_##S(const T* x, const T* w, T* y, int rows,    \
+                                                   int width, float eps) {                    \
+    rms_norm_fwd<T, WIDE<T>>(x, w, y, rows, width, eps);                                      \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dx_##S(const T* x, const T* w, const T* g, T* dx,       \
+                                             int rows, int width, float eps, float* r) {      \
+    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps, r);                                      \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dx_wide_##S(const T* x, const T* w, const T* g, T* dx,  \
+                                                  int rows, int width, float eps, float* r) { \
+    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps, r);                                \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int rows, int width,  \
+                                                  float eps) {                                \
+    rms_norm_inverse<T, 1>(x, r, rows, width, eps);                                           \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_inverse_wide_##S(const T* x, float* r, int rows,        \
+                                                       int width, float eps) {                \
+    rms_norm_inverse<T, WIDE<T>>(x, r, rows, width, eps);                                     \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dw_partial_##S(const T* x, const T* g, const float* r,  \
+                                                     float* partial, int rows, int width,     \
+                                                     int rows_per_chunk) {                    \
+    rms_norm_dw_partial<T>(x, g, r, partial, rows, width, rows_per_chunk);                    \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dw_finish_##S(const float* partial, T* dw, int chunks,  \
+                                                    int width) {                              \
+    rms_norm_dw_finish<T>(partial, dw, chunks, width);                                        \
+  }                                                                                           \
+  extern "C" __global__ void add_rms_norm_##S(const T* x, const T* d, const T* w, T* out,     \
+                                              int rows, int width, float eps) {               \
+    add_rms_norm<T>(x, d, w, out, rows, width, eps);                                          \
+  }
+
+FOR_EACH_FLOAT(NORMS_ENTRY_POINTS)

@@ -1,0 +1,102 @@
+// Rotary position embedding, and the split of a decode step's packed q/k/v projection into
+// rotated queries and the KV cache.
+//
+// Launched from src/rope.rs (also for the self-attention of src/attention/flash.rs) and
+// src/kv_write.rs (write_kv).
+
+#include "common.cuh"
+
+// ---------------------------------------------------------------------------------------------
+// RoPE, rotate-half layout: x is [rows, d] with row = ((b * seq + pos) * heads + h) (heads
+// rows per position: [b, t, heads, d]; heads = 1 for [b, heads, t, d]); cos/sin are
+// [seq, d/2]. `sign` -1 rotates backwards (the gradient).
+
+template <typename T, int W>
+__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int seq,
+                     int heads, float sign) {
+  using P = Pack<T, W>;
+  const int half = d / 2, groups = half / W;
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)rows * groups) return;
+  const size_t row = i / groups;
+  const int j = (int)(i % groups) * W, pos = row / heads % seq;
+  const P c = P::load(cos + pos * half + j), sn = P::load(sin + pos * half + j);
+  const P a = P::load(x + row * d + j), b = P::load(x + row * d + half + j);
+  P y1, y2;
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    const float ck = to_f32(c.e[k]), sk = sign * to_f32(sn.e[k]);
+    const float x1 = to_f32(a.e[k]), x2 = to_f32(b.e[k]);
+    y1.e[k] = from_f32<T>(x1 * ck - x2 * sk);
+    y2.e[k] = from_f32<T>(x2 * ck + x1 * sk);
+  }
+  y1.store(y + row * d + j);
+  y2.store(y + row * d + half + j);
+}
+
+// Splits packed projections for inference: rotates the queries (as `rope` does) into q_out
+// [b, heads, t, d] and writes the rotated keys and the values into a KV cache. qkv is
+// [b, t, (heads + 2 kv_heads) * d] (queries, then keys, then values, as the stacked projection
+// outputs them); cos and sin are [t, d / 2]; cache is [2, b, kv_heads, max_len, d] (keys, then
+// values), written at positions start..start + t. One thread per (batch, position, query or
+// kv head, rotation pair). With `position` (a decode step replayed from a CUDA graph, t = 1)
+// the start is read from it instead, and cos and sin are the whole [max positions, d / 2]
+// tables; a position past the cache writes nothing.
+template <typename T>
+__device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* cache, int b,
+                         int t, int heads, int kv_heads, int d, int max_len, int start,
+                         const uint32_t* position) {
+  const int half = d / 2;
+  const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)b * t * (heads + kv_heads) * half) return;
+  if (position != nullptr) {
+    if (*position + t > (uint32_t)max_len) return;
+    start = *position;
+    cos += (size_t)start * half;
+    sin += (size_t)start * half;
+  }
+  const int j = i % half;
+  size_t r = i / half;
+  const int head = r % (heads + kv_heads);
+  r /= heads + kv_heads;
+  const int pos = r % t, batch = r / t;
+  const T* row = qkv + ((size_t)batch * t + pos) * (heads + 2 * kv_heads) * d;
+  const float c = to_f32(cos[pos * half + j]), s = to_f32(sin[pos * half + j]);
+  const T* x = row + (size_t)head * d;  // a query head, or (past the queries) a key head
+  const float x1 = to_f32(x[j]), x2 = to_f32(x[half + j]);
+  T* dst;
+  if (head < heads) {
+    dst = q_out + (((size_t)batch * heads + head) * t + pos) * d;
+  } else {
+    const int kv = head - heads;
+    const size_t slot = (((size_t)batch * kv_heads + kv) * max_len + start + pos) * d;
+    dst = cache + slot;
+    T* vc = cache + (size_t)b * kv_heads * max_len * d + slot;
+    const T* v = row + (size_t)(heads + kv_heads + kv) * d;
+    vc[j] = v[j];
+    vc[half + j] = v[half + j];
+  }
+  dst[j] = from_f32<T>(x1 * c - x2 * s);
+  dst[half + j] = from_f32<T>(x2 * c + x1 * s);
+}
+
+// extern "C" entry points, one per dtype.
+
+#define ROPE_KV_ENTRY_POINTS(S, T)                                                             \
+  extern "C" __global__ void write_kv_##S(const T* qkv, const T* cos, const T* sin, T* q_out, \
+                                          T* cache, int b, int t, int heads, int kv_heads,    \
+                                          int d, int max_len, int start,                      \
+                                          const uint32_t* position) {                         \
+    write_kv<T>(qkv, cos, sin, q_out, cache, b, t, heads, kv_heads, d, max_len, start,        \
+                position);                                                                    \
+  }                                                                                           \
+  extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
+                                      int d, int seq, int heads, float sign) {                \
+    rope<T, 1>(x, cos, sin, y, rows, d, seq, heads, sign);                                    \
+  }                                                                                           \
+  extern "C" __global__ void rope_wide_##S(const T* x, const T* cos, const T* sin, T* y,      \
+                                           int rows, int d, int seq, int heads, float sign) { \
+    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, seq, heads, sign);                              \
+  }
+
+FOR_EACH_FLOAT(ROPE_KV_ENTRY_POINTS)

@@ -1,0 +1,179 @@
+//! Causal attention: the dispatch of every attention entry point and the composite reference.
+//! Three fused implementations sit beside it:
+//!
+//! - [`softmax`]: QKᵀ and PV as matmuls around a fused causal softmax (CPU and CUDA), one graph
+//!   node that keeps only the probabilities;
+//! - `flash` (CUDA only): flash-style kernels for head sizes 64 and 128 that never hold the T×T
+//!   probabilities, on tensor cores in bf16 and f16;
+//! - [`decode`]: one query per head against a KV cache read in place (inference).
+
+mod decode;
+#[cfg(feature = "cuda")]
+mod flash;
+mod softmax;
+
+use super::reference::widened;
+use super::{fused, merge_heads, rope, split_heads, Position};
+use candle_core::{Device, Result, Tensor, D};
+
+/// Causal scaled dot-product attention. `q` is `[batch, heads, q_len, head_dim]`, `k`/`v` are
+/// `[batch, heads, kv_len, head_dim]` with the same number of heads (repeat kv heads first);
+/// query `i` sits at position `kv_len - q_len + i` and sees keys up to that position.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if fused(&[q, k, v]) {
+        return softmax::causal_attention(q, k, v);
+    }
+    reference(q, k, v)
+}
+
+/// [`causal_attention`] from candle's differentiable ops, any backend and dtype.
+pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (_, _, q_len, head_dim) = q.dims4()?;
+    let kv_len = k.dim(2)?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = if q_len > 1 {
+        let mask = causal_mask(q_len, kv_len, q.device())?;
+        scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?
+    } else {
+        scores
+    };
+    let dtype = scores.dtype();
+    let probs = candle_nn::ops::softmax(&scores.to_dtype(widened(dtype))?, D::Minus1)?;
+    probs.to_dtype(dtype)?.matmul(v)
+}
+
+/// `[q_len, kv_len]` additive mask: 0 where a query may attend, -inf where it may not.
+fn causal_mask(q_len: usize, kv_len: usize, device: &Device) -> Result<Tensor> {
+    let offset = kv_len - q_len;
+    let values: Vec<f32> = (0..q_len)
+        .flat_map(|i| {
+            (0..kv_len).map(move |j| {
+                if j <= offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(values, (q_len, kv_len), device)
+}
+
+/// Grouped-query causal attention: `q` `[b, heads, q_len, d]` against keys and values
+/// `[b, kv_heads, kv_len, d]` that may be views into a KV cache, `heads / kv_heads` query heads
+/// per kv head. A decode step (one query, no gradients, fused backend) reads the cache in place
+/// with one kernel; on CUDA the flash kernels run where they support the head size (see
+/// [`flash_attention`]); otherwise kv heads are repeated and [`causal_attention`] runs.
+pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if fused(&[q, k, v]) && decode::supported(q, k, v) {
+        return decode::decode_attention(q, k, v);
+    }
+    flash_attention(q, k, v)
+}
+
+/// [`grouped_attention`] of a one-query decode step whose position `position` holds (u32
+/// `[1]`, on the queries' device): `k`/`v` are the KV cache's whole buffers
+/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own. The CUDA
+/// decode kernel reads the position in place (so a captured step replays at the next
+/// position); elsewhere the position is read back and the views narrowed for
+/// [`grouped_attention`].
+pub fn decode_attention_at(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    position: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && fused(&[q, k, v]) && decode::supported(q, k, v) {
+        return decode::decode_attention_at(q, k, v, position);
+    }
+    let len = Position::Device(position).read()? + 1;
+    grouped_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?)
+}
+
+/// The attention of a block without a KV cache, from its projections to the input of its output
+/// projection: `q` `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` split into heads,
+/// queries and keys rotated by RoPE (`tables`: cos and sin `[t, d / 2]`), causal grouped-query
+/// attention, heads merged back into `[b, t, heads · d]`. On CUDA in bf16/f16 the flash kernels
+/// read and write the projections' rows in place (no split or merge copies, forward or
+/// backward); elsewhere it is [`split_heads`], [`rope`], [`grouped_attention`] and
+/// [`merge_heads`].
+pub fn self_attention(
+    [q, k, v]: [&Tensor; 3],
+    tables: (&Tensor, &Tensor),
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if flash::self_attention_supported([q, k, v], tables, heads, kv_heads)? {
+        return flash::self_attention([q, k, v], tables, heads, kv_heads);
+    }
+    let (cos, sin) = tables;
+    let q = rope(&split_heads(q, heads)?, cos, sin)?;
+    let k = rope(&split_heads(k, kv_heads)?, cos, sin)?;
+    let v = split_heads(v, kv_heads)?;
+    merge_heads(&grouped_attention(&q, &k, &v)?)
+}
+
+/// Flash-style grouped-query causal attention (same contract as [`grouped_attention`]) where
+/// the CUDA kernels support the operands (head size 64 or 128), which never hold the T×T
+/// probabilities: tensor-core kernels in bf16 and f16, f32 kernels otherwise. Elsewhere kv
+/// heads are repeated and [`causal_attention`] runs.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if flash::supported(q, k, v) {
+        return flash::flash_attention(q, k, v);
+    }
+    repeated_kv_attention(q, k, v)
+}
+
+/// Repeats kv heads to the query heads and runs [`causal_attention`].
+fn repeated_kv_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (k, v) = repeat_kv_heads(q, k, v)?;
+    causal_attention(q, &k, &v)
+}
+
+/// `k` and `v` with each kv head repeated for the query heads of `q` that read it, contiguous.
+pub(crate) fn repeat_kv_heads(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let repeat = q.dim(1)? / k.dim(1)?.max(1);
+    let k = candle_transformers::utils::repeat_kv(k.clone(), repeat)?.contiguous()?;
+    let v = candle_transformers::utils::repeat_kv(v.clone(), repeat)?.contiguous()?;
+    Ok((k, v))
+}
+
+/// The sizes of grouped-query attention operands: `q` `[batch, heads, q_len, head_size]`
+/// against `k` and `v`, both `[batch, kv_heads, kv_len, head_size]`, with `heads` a multiple
+/// of `kv_heads`. (Without the `cuda` feature only the decode check reads it, which needs
+/// only the query length and head size.)
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct GroupedDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_size: usize,
+}
+
+impl GroupedDims {
+    /// The sizes of `q`, `k` and `v`, or `None` when they do not fit together.
+    pub(crate) fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Option<Self> {
+        let (batch, heads, q_len, head_size) = q.dims4().ok()?;
+        let kd @ (kb, kv_heads, kv_len, kd_size) = k.dims4().ok()?;
+        let fits = v.dims4().ok()? == kd
+            && kb == batch
+            && kd_size == head_size
+            && kv_heads > 0
+            && heads % kv_heads == 0;
+        fits.then_some(Self {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_size,
+        })
+    }
+}
