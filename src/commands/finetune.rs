@@ -29,7 +29,12 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
     let base_dir = hub::resolve(&spec)?;
     let base_config = model::io::read_config(&base_dir)?;
     use_base_tokenizer(&mut config, &base_dir, &base_config)?;
-    let session = open_session(config, &args.run, |config| {
+    let command = if args.lora {
+        "finetune --lora"
+    } else {
+        "finetune"
+    };
+    let session = open_session(command, config, &args.run, |config| {
         FinetuneData::load(config, &base_dir, base_config.vocab_size)
     })?;
     let config = &session.config;

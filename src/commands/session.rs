@@ -13,12 +13,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use train::dataset_source::DatasetBatches;
 use train::memory;
-use train::run::{guard_run_dir, incompatible_keys, RUN_CONFIG};
+use train::run::{incompatible_keys, RunDir, RUN_CONFIG};
 use train::trainer::SaveArtifact;
 use train::{BatchSource, TrainError, TrainOptions, TrainSummary, Trainer};
 
 /// A run about to start: its config, device and training data (by default the built dataset).
 pub struct Session<D = Dataset> {
+    /// How the user continues this run: `train`, `finetune` or `finetune --lora`.
+    pub command: &'static str,
+    /// The run directory, held until the session ends.
+    pub run: RunDir,
     pub config: Config,
     pub device: Device,
     pub data: D,
@@ -43,12 +47,19 @@ impl TrainData for Dataset {
 /// Guards the run directory, opens the device, loads the training data with `load` and
 /// records the resolved config in the run directory.
 pub fn open_session<D>(
+    command: &'static str,
     config: Config,
     args: &TrainArgs,
     load: impl FnOnce(&Config) -> Result<D>,
 ) -> Result<Session<D>> {
-    let run_dir = &config.output.dir;
-    guard_run_dir(run_dir, args.resume.is_some(), args.force)?;
+    let run = RunDir::open(&config.output.dir)?;
+    run.admit(args.resume.is_some(), args.force, command)?;
+    if args.resume.is_some() && !run.has_checkpoint() {
+        eprintln!(
+            "{} has no checkpoint yet: starting the run from step 0 with its saved config",
+            run.path().display()
+        );
+    }
     let device = match args.device {
         Some(spec) => spec,
         None => config
@@ -59,13 +70,15 @@ pub fn open_session<D>(
     };
     let device = ops::device::open(device)?;
     let data = load(&config)?;
-    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     if args.resume.is_none() {
         let yaml = serde_norway::to_string(&config)?;
-        model::weights::write_atomic(&run_dir.join(RUN_CONFIG), yaml.as_bytes())
-            .with_context(|| format!("writing {}", run_dir.join(RUN_CONFIG).display()))?;
+        let path = run.path().join(RUN_CONFIG);
+        model::weights::write_atomic(&path, yaml.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(Session {
+        command,
+        run,
         config,
         device,
         data,
@@ -143,7 +156,7 @@ pub fn execute<D: TrainData>(
         artifact,
     };
     let opts = TrainOptions {
-        resume: args.resume.is_some(),
+        resume: args.resume.is_some() && session.run.has_checkpoint(),
         stop_after_steps: args.stop_after_steps,
         interrupt,
     };
@@ -153,7 +166,8 @@ pub fn execute<D: TrainData>(
             Ok(())
         }
         Err(TrainError::Interrupted { step, run_dir }) => Err(crate::Interrupted(format!(
-            "saved a checkpoint at step {step}; resume with `--resume {}`",
+            "saved a checkpoint at step {step}; resume with `llmtool {} --resume {}`",
+            session.command,
             run_dir.display()
         ))
         .into()),

@@ -14,7 +14,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let session = open_session(resolve_config(&args)?, &args, |config| {
+    let session = open_session("train", resolve_config(&args)?, &args, |config| {
         build_dataset(config, config.model.vocab_size)
     })?;
     let (config, dataset) = (&session.config, &session.data);
