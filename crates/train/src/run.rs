@@ -183,13 +183,11 @@ impl RunDir {
     /// model directory that was being replaced (`X.old`: put back where `X` is missing, which
     /// is the directory the last checkpoint goes with). Only the lock holder writes here, so
     /// nothing of a live process is touched.
-    fn remove_leftovers(&self) -> std::io::Result<usize> {
-        let mut removed = 0;
+    fn remove_leftovers(&self) -> std::io::Result<()> {
         for entry in self.own_entries()? {
             let name = entry.file_name().unwrap_or_default().to_string_lossy();
             if name.starts_with(".tmp") || name.starts_with(".model-") {
                 remove_path(&entry)?;
-                removed += 1;
             } else if let Some(base) = name
                 .strip_suffix(".old")
                 .filter(|base| ["model", "best", "adapter"].contains(base))
@@ -200,10 +198,9 @@ impl RunDir {
                 } else {
                     std::fs::rename(&entry, current)?;
                 }
-                removed += 1;
             }
         }
-        Ok(removed)
+        Ok(())
     }
 }
 
