@@ -81,6 +81,8 @@ pub struct LayerCache {
     max_len: usize,
     /// The device-held position of one-token steps, while [`Cache::set_position`] has one.
     position: Option<Tensor>,
+    /// RoPE rows for all `max_len` positions, taken at the first device-positioned step.
+    tables: Option<(Tensor, Tensor)>,
 }
 
 impl LayerCache {
@@ -90,6 +92,7 @@ impl LayerCache {
             len: 0,
             max_len,
             position: None,
+            tables: None,
         }
     }
 
@@ -170,10 +173,21 @@ impl LayerCache {
             head_size,
             at,
         };
-        if let Some(position) = &self.position {
-            let at = layout(Position::Device(position));
-            let q = ops::write_kv(&buffer, qkv, &rope.cos, &rope.sin, at)?;
-            return ops::decode_attention_at(&q, &buffer.i(0)?, &buffer.i(1)?, position);
+        if let Some(position) = self.position.clone() {
+            let at = layout(Position::Device(&position));
+            // Tables for every position the cache holds, kept here: a captured step holds
+            // their addresses, so they must live as long as the cache, whatever the model's
+            // tables do later.
+            let (cos, sin) = match self.tables.clone() {
+                Some(tables) => tables,
+                None => {
+                    let tables = rope.window(0, self.max_len)?;
+                    self.tables = Some(tables.clone());
+                    tables
+                }
+            };
+            let q = ops::write_kv(&buffer, qkv, &cos, &sin, at)?;
+            return ops::decode_attention_at(&q, &buffer.i(0)?, &buffer.i(1)?, &position);
         }
         let (cos, sin) = rope.window(self.len, t)?;
         let q = ops::write_kv(&buffer, qkv, &cos, &sin, layout(Position::Host(self.len)))?;

@@ -37,6 +37,12 @@ fn original_context() -> usize {
     8192
 }
 
+/// The smallest `vocab_size` accepted: fewer tokens cannot be a real tokenizer's.
+pub const MIN_VOCAB_SIZE: usize = 16;
+
+/// The most positions a model may have: positions are 32-bit on the device.
+pub const MAX_POSITIONS: usize = u32::MAX as usize;
+
 /// A token id field that may be a single id or a list (HF allows both for `eos_token_id`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -162,7 +168,8 @@ impl LlamaConfig {
         self.attention_bias || self.model_type == "qwen2"
     }
 
-    /// Checks the architecture and shapes; returns a message naming the offending field.
+    /// Checks the architecture, shapes and numeric settings; returns a message that starts
+    /// with the offending key. Run before anything divides by a head count or allocates.
     pub fn check(&self) -> Result<(), String> {
         if let Some(arch) = self.architectures.first() {
             if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
@@ -178,6 +185,36 @@ impl LlamaConfig {
                 self.hidden_act
             ));
         }
+        let at_least = |key: &str, value: usize, min: usize| match value < min {
+            true => Err(format!("{key}: must be at least {min}, got {value}")),
+            false => Ok(()),
+        };
+        at_least("hidden_size", self.hidden_size, 1)?;
+        at_least("intermediate_size", self.intermediate_size, 1)?;
+        at_least("num_hidden_layers", self.num_hidden_layers, 1)?;
+        at_least("num_attention_heads", self.num_attention_heads, 1)?;
+        if let Some(kv) = self.num_key_value_heads {
+            at_least("num_key_value_heads", kv, 1)?;
+        }
+        if let Some(d) = self.head_dim {
+            at_least("head_dim", d, 1)?;
+        }
+        at_least("vocab_size", self.vocab_size, MIN_VOCAB_SIZE)?;
+        at_least("max_position_embeddings", self.max_position_embeddings, 1)?;
+        if self.max_position_embeddings > MAX_POSITIONS {
+            return Err(format!(
+                "max_position_embeddings: {} is more than llmtool can address (at most \
+                 {MAX_POSITIONS}: positions are 32-bit)",
+                self.max_position_embeddings
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size ({}) is not divisible by num_attention_heads ({}); without head_dim \
+                 the head size is their quotient",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
         if self.num_attention_heads % self.kv_heads() != 0 {
             return Err(format!(
                 "num_attention_heads ({}) is not divisible by num_key_value_heads ({})",
@@ -191,15 +228,43 @@ impl LlamaConfig {
                 self.head_size()
             ));
         }
-        for s in [&self.rope_scaling, &self.rope_parameters]
-            .into_iter()
-            .flatten()
-        {
+        let positive = |key: &str, value: f64| match value.is_finite() && value > 0.0 {
+            true => Ok(()),
+            false => Err(format!(
+                "{key}: must be a positive finite number, got {value}"
+            )),
+        };
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        match self.rope_parameters.as_ref().and_then(|p| p.rope_theta) {
+            Some(theta) => positive("rope_parameters.rope_theta", theta)?,
+            None => positive("rope_theta", self.rope_theta)?,
+        }
+        for (key, s) in [
+            ("rope_scaling", &self.rope_scaling),
+            ("rope_parameters", &self.rope_parameters),
+        ] {
+            let Some(s) = s else { continue };
             if s.rope_type != "llama3" && s.rope_type != "default" {
                 return Err(format!(
-                    "rope_scaling.rope_type: {} is not supported (only llama3)",
+                    "{key}.rope_type: {} is not supported (only llama3)",
                     s.rope_type
                 ));
+            }
+            if s.rope_type == "llama3" {
+                positive(&format!("{key}.factor"), s.factor)?;
+                positive(&format!("{key}.low_freq_factor"), s.low_freq_factor)?;
+                if !(s.high_freq_factor > s.low_freq_factor && s.high_freq_factor.is_finite()) {
+                    return Err(format!(
+                        "{key}.high_freq_factor: must be finite and above low_freq_factor ({}), \
+                         got {}",
+                        s.low_freq_factor, s.high_freq_factor
+                    ));
+                }
+                at_least(
+                    &format!("{key}.original_max_position_embeddings"),
+                    s.original_max_position_embeddings,
+                    1,
+                )?;
             }
         }
         Ok(())

@@ -3,7 +3,7 @@
 
 use super::config::LlamaConfig;
 use super::llama::Llama;
-use super::weights::{save_safetensors, write_atomic, ModelError, Weights};
+use super::weights::{new_dir_builder, save_safetensors, write_atomic, ModelError, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -146,7 +146,7 @@ pub fn save(dir: &Path, files: &ModelFiles) -> Result<(), ModelError> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let staging = tempfile::Builder::new()
+    let staging = new_dir_builder()
         .prefix(".model-")
         .tempdir_in(parent)
         .map_err(io(parent))?;
@@ -173,7 +173,10 @@ pub fn save(dir: &Path, files: &ModelFiles) -> Result<(), ModelError> {
         generation.to_string().as_bytes(),
     )
     .map_err(io(dir))?;
-    std::fs::copy(files.tokenizer, tmp.join("tokenizer.json")).map_err(io(files.tokenizer))?;
+    // Read and written rather than copied: a copy would keep the source's mode.
+    let tokenizer = std::fs::read(files.tokenizer).map_err(io(files.tokenizer))?;
+    let tokenizer_path = tmp.join("tokenizer.json");
+    write_atomic(&tokenizer_path, &tokenizer).map_err(io(&tokenizer_path))?;
     replace_dir(staging.keep(), dir)
 }
 

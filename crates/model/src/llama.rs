@@ -114,6 +114,12 @@ impl Llama {
         w: &Weights,
         dtype: DType,
     ) -> std::result::Result<Self, ModelError> {
+        let shapes = names::parameter_shapes(cfg);
+        w.check_unexpected(
+            shapes.iter().map(|(n, _)| n.as_str()),
+            cfg.num_hidden_layers,
+            cfg.tie_word_embeddings,
+        )?;
         let h = cfg.hidden_size;
         let (heads, kv_heads, head_size) =
             (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
@@ -320,9 +326,9 @@ impl Llama {
     ) -> Result<Tensor> {
         let t = x.dim(1)?;
         let heads = (a.heads, a.kv_heads, a.head_size);
-        let tables = (&self.rope.cos, &self.rope.sin);
+        let (cos, sin) = self.rope.window(start, t)?;
         let y = match cache {
-            Some(c) if ops::write_kv_fused(x, tables.0, tables.1) => {
+            Some(c) if ops::write_kv_fused(x, &cos, &sin) => {
                 // The projection is split, rotated and cached in one kernel.
                 let qkv = match a.stacked() {
                     Some(qkv) => qkv.forward(x, self.dtype)?,
@@ -337,7 +343,6 @@ impl Llama {
                 c.attend_packed(&qkv, &self.rope, heads)?
             }
             None => {
-                let (cos, sin) = self.rope.window(start, t)?;
                 let q = a.q_proj.forward(x, self.dtype)?;
                 let k = a.k_proj.forward(x, self.dtype)?;
                 let v = a.v_proj.forward(x, self.dtype)?;
@@ -345,7 +350,6 @@ impl Llama {
                 return a.o_proj.forward(&y, self.dtype);
             }
             Some(c) => {
-                let (cos, sin) = self.rope.window(start, t)?;
                 let q = ops::split_heads(&a.q_proj.forward(x, self.dtype)?, a.heads)?;
                 let k = ops::split_heads(&a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
                 let v = ops::split_heads(&a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;

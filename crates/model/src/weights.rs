@@ -33,6 +33,20 @@ pub enum ModelError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    /// A tensor holds NaN or infinite values.
+    #[error("{path}: tensor {name} holds {count} NaN or infinite values")]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        count: usize,
+    },
+    /// The weights hold a tensor a model of the config does not have.
+    #[error("{source_name}: tensor {name} is not part of the model config.json describes ({why})")]
+    UnexpectedTensor {
+        source_name: String,
+        name: String,
+        why: String,
+    },
     /// A tokenizer does not fit the model.
     #[error("{path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
@@ -79,6 +93,18 @@ impl Weights {
                 path: path.clone(),
                 message,
             };
+            let parsed = safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| corrupt(e.to_string()))?;
+            for (name, view) in parsed.iter() {
+                let count = non_finite(view.dtype(), view.data());
+                if count > 0 {
+                    return Err(ModelError::NonFinite {
+                        path: path.clone(),
+                        name: name.to_string(),
+                        count,
+                    });
+                }
+            }
             let loaded = candle_core::safetensors::load_buffer(&bytes, device)
                 .map_err(|e| corrupt(e.to_string()))?;
             for (name, t) in loaded {
@@ -149,6 +175,47 @@ impl Weights {
         Ok(Self::new(tensors, self.source_name.clone()))
     }
 
+    /// Fails on the first tensor (in layer order) whose name is not in `expected`: weights
+    /// for more layers than the config has, or for modules the architecture lacks, would
+    /// otherwise be ignored and the model computed from part of its weights. Buffers that
+    /// older transformers saved (`rotary_emb.inv_freq`) and an output head that the config
+    /// ties to the embedding are left alone, as transformers does.
+    pub fn check_unexpected<'a>(
+        &self,
+        expected: impl IntoIterator<Item = &'a str>,
+        layers: usize,
+        tied: bool,
+    ) -> Result<(), ModelError> {
+        let expected: std::collections::HashSet<&str> = expected.into_iter().collect();
+        let harmless =
+            |n: &str| n.ends_with(".rotary_emb.inv_freq") || (tied && n == crate::names::LM_HEAD);
+        let layer_of = |n: &str| -> Option<usize> {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        };
+        let order = |n: &str| (layer_of(n).unwrap_or(usize::MAX), n.to_string());
+        let first = self
+            .tensors
+            .keys()
+            .filter(|n| !expected.contains(n.as_str()) && !harmless(n.as_str()))
+            .min_by(|a, b| order(a.as_str()).cmp(&order(b.as_str())));
+        let Some(name) = first else { return Ok(()) };
+        let why = match layer_of(name) {
+            Some(i) if i >= layers => {
+                format!("num_hidden_layers is {layers}, the weights have a layer {i}")
+            }
+            _ => "no such parameter in this architecture".to_string(),
+        };
+        Err(ModelError::UnexpectedTensor {
+            source_name: self.source_name.clone(),
+            name: name.clone(),
+            why,
+        })
+    }
+
     /// Names of all tensors.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
@@ -157,6 +224,31 @@ impl Weights {
     /// Where these weights came from.
     pub fn source_name(&self) -> &str {
         &self.source_name
+    }
+}
+
+/// How many elements of a tensor's little-endian `data` of `dtype` are NaN or infinite (0 for
+/// integer and 8-bit float types). One pass over the bytes, before they reach a device.
+pub fn non_finite(dtype: safetensors::Dtype, data: &[u8]) -> usize {
+    use safetensors::Dtype;
+    // A float is NaN or infinite when its exponent bits are all ones.
+    fn count<const N: usize>(data: &[u8], mask: u64, from: fn([u8; N]) -> u64) -> usize {
+        let bad = |c: &[u8]| (from(c.try_into().unwrap()) & mask) == mask;
+        // Most weights are finite: a branch-free pass first, counting only if one is not.
+        let any = data
+            .chunks(N * 4096)
+            .any(|block| block.chunks_exact(N).fold(false, |acc, c| acc | bad(c)));
+        match any {
+            true => data.chunks_exact(N).filter(|c| bad(c)).count(),
+            false => 0,
+        }
+    }
+    match dtype {
+        Dtype::F32 => count::<4>(data, 0x7f80_0000, |b| u32::from_le_bytes(b) as u64),
+        Dtype::F64 => count::<8>(data, 0x7ff0_0000_0000_0000, u64::from_le_bytes),
+        Dtype::F16 => count::<2>(data, 0x7c00, |b| u16::from_le_bytes(b) as u64),
+        Dtype::BF16 => count::<2>(data, 0x7f80, |b| u16::from_le_bytes(b) as u64),
+        _ => 0,
     }
 }
 
@@ -199,9 +291,79 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = new_file_builder().tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// A `tempfile` builder whose files are created as `open(2)` creates new files: mode 0666
+/// less the umask, where tempfile's default (0600) would survive the rename into place and
+/// keep everyone else on the machine from reading the model.
+pub fn new_file_builder<'a, 'b>() -> tempfile::Builder<'a, 'b> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder
+}
+
+/// A `tempfile` builder for directories made as `mkdir(2)` makes them: mode 0777 less the
+/// umask (tempfile's default is 0700).
+pub fn new_dir_builder<'a, 'b>() -> tempfile::Builder<'a, 'b> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o777));
+    }
+    builder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::Dtype;
+
+    fn bytes<T: Copy, const N: usize>(values: &[T], to: fn(T) -> [u8; N]) -> Vec<u8> {
+        values.iter().flat_map(|v| to(*v)).collect()
+    }
+
+    #[test]
+    fn non_finite_counts_nan_and_infinities_in_every_float_type() {
+        let mut f32s = vec![0.5f32; 10_000];
+        assert_eq!(non_finite(Dtype::F32, &bytes(&f32s, f32::to_le_bytes)), 0);
+        (f32s[0], f32s[4097], f32s[9999]) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY);
+        f32s[5] = f32::MAX;
+        assert_eq!(non_finite(Dtype::F32, &bytes(&f32s, f32::to_le_bytes)), 3);
+        let f64s = [1.0, f64::NAN, -0.0, f64::MIN_POSITIVE];
+        assert_eq!(non_finite(Dtype::F64, &bytes(&f64s, f64::to_le_bytes)), 1);
+        let halves = [
+            half::f16::MAX,
+            half::f16::INFINITY,
+            half::f16::NAN,
+            half::f16::ONE,
+        ];
+        assert_eq!(
+            non_finite(Dtype::F16, &bytes(&halves, half::f16::to_le_bytes)),
+            2
+        );
+        let brains = [
+            half::bf16::MAX,
+            half::bf16::NEG_INFINITY,
+            half::bf16::MIN_POSITIVE,
+        ];
+        assert_eq!(
+            non_finite(Dtype::BF16, &bytes(&brains, half::bf16::to_le_bytes)),
+            1
+        );
+        // Integers never count, whatever their bits.
+        assert_eq!(
+            non_finite(Dtype::U32, &bytes(&[u32::MAX; 4], u32::to_le_bytes)),
+            0
+        );
+    }
 }
