@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod report;
+pub mod signals;
 
 pub use config;
 pub use data;
@@ -20,19 +21,21 @@ pub use model;
 pub use ops;
 pub use train;
 
-/// Exit status for interrupted runs (128 + SIGINT), as shells report Ctrl-C.
-pub const EXIT_INTERRUPTED: i32 = 130;
-
-/// Raised when a run stopped because the user pressed Ctrl-C (after saving its state).
+/// Raised when a run stopped on a signal (Ctrl-C, SIGTERM, SIGHUP) after saving its state.
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted: {0}")]
-pub struct Interrupted(pub String);
+#[error("interrupted: {message}")]
+pub struct Interrupted {
+    /// The signal's number.
+    pub signal: i32,
+    /// What was saved and how to continue.
+    pub message: String,
+}
 
-/// The process exit code for an error: 130 for an interruption, 1 otherwise.
+/// The process exit code for an error: 128 + the signal's number for an interruption (130 for
+/// Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as shells report them), 1 otherwise.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
-    if e.downcast_ref::<Interrupted>().is_some() {
-        EXIT_INTERRUPTED
-    } else {
-        1
+    match e.downcast_ref::<Interrupted>() {
+        Some(interrupted) => 128 + interrupted.signal,
+        None => 1,
     }
 }

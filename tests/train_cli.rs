@@ -174,9 +174,11 @@ fn non_finite_loss_stops_with_the_step_or_is_skipped() {
         .stderr(predicate::str::contains("batch skipped"));
 }
 
+/// Starts a long run, waits for its first steps, sends `signal` and checks that the run saved
+/// a resumable checkpoint and exited with `code`, as Ctrl-C, `timeout`, Slurm and a closed
+/// terminal expect.
 #[cfg(unix)]
-#[test]
-fn ctrl_c_saves_a_resumable_checkpoint_and_exits_130() {
+fn signal_saves_a_resumable_checkpoint(signal: &str, code: i32) {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path());
     let bin = assert_cmd::cargo::cargo_bin("llmtool");
@@ -203,13 +205,16 @@ fn ctrl_c_saves_a_resumable_checkpoint_and_exits_130() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("resume with"), "{stderr}");
+    assert_eq!(out.status.code(), Some(code), "{signal}: {stderr}");
+    assert!(
+        stderr.contains("resume with `llmtool train --resume"),
+        "{stderr}"
+    );
     let run = dir.path().join("run");
     assert!(run.join("training_state.safetensors").is_file());
     llmtool()
@@ -223,4 +228,22 @@ fn ctrl_c_saves_a_resumable_checkpoint_and_exits_130() {
         .assert()
         .success()
         .stdout(predicate::str::contains("training paused"));
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_resumable_checkpoint_and_exits_130() {
+    signal_saves_a_resumable_checkpoint("INT", 130);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_saves_a_resumable_checkpoint_and_exits_143() {
+    signal_saves_a_resumable_checkpoint("TERM", 143);
+}
+
+#[cfg(unix)]
+#[test]
+fn sighup_saves_a_resumable_checkpoint_and_exits_129() {
+    signal_saves_a_resumable_checkpoint("HUP", 129);
 }

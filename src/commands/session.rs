@@ -9,8 +9,6 @@ use config::{Config, TrainingSection};
 use data::build::{build, BuildOptions};
 use data::loader::Dataset;
 use model::Llama;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use train::dataset_source::DatasetBatches;
 use train::memory;
 use train::run::{incompatible_keys, RunDir, RUN_CONFIG};
@@ -143,10 +141,7 @@ pub fn execute<D: TrainData>(
         t.seq_len,
         t.grad_accum
     );
-    let interrupt = Arc::new(AtomicBool::new(false));
-    let flag = interrupt.clone();
-    // A second Ctrl-C while saving is ignored: the checkpoint must finish.
-    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    let interrupt = crate::signals::stop_requests().context("installing the signal handlers")?;
     let trainer = Trainer {
         config,
         model,
@@ -165,11 +160,18 @@ pub fn execute<D: TrainData>(
             print_summary(&summary);
             Ok(())
         }
-        Err(TrainError::Interrupted { step, run_dir }) => Err(crate::Interrupted(format!(
-            "saved a checkpoint at step {step}; resume with `llmtool {} --resume {}`",
-            session.command,
-            run_dir.display()
-        ))
+        Err(TrainError::Interrupted {
+            step,
+            run_dir,
+            signal,
+        }) => Err(crate::Interrupted {
+            signal,
+            message: format!(
+                "saved a checkpoint at step {step}; resume with `llmtool {} --resume {}`",
+                session.command,
+                run_dir.display()
+            ),
+        }
         .into()),
         Err(e) => Err(e.into()),
     }

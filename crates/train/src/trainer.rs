@@ -10,7 +10,7 @@ use candle_core::{Tensor, Var};
 use config::{Config, OnNonFinite};
 use model::{Llama, ModelError};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,8 +43,13 @@ pub enum TrainError {
     Resume { path: PathBuf, message: String },
     #[error("non-finite {what} at step {step}; stopped with the last checkpoint intact (set training.on_nan: skip to skip such batches)")]
     NonFinite { what: &'static str, step: u64 },
-    #[error("stopped at step {step}; resume with `llmtool train --resume {}`", run_dir.display())]
-    Interrupted { step: u64, run_dir: PathBuf },
+    #[error("stopped by signal {signal} at step {step}, after saving a checkpoint in {}", run_dir.display())]
+    Interrupted {
+        step: u64,
+        run_dir: PathBuf,
+        /// The signal that asked the run to stop (2 for Ctrl-C, 15 for SIGTERM, 1 for SIGHUP).
+        signal: i32,
+    },
 }
 
 /// What a run tells its caller as it goes; presenting it (a progress bar, log lines) is the
@@ -92,8 +97,9 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Save and return after this many steps in this invocation (time-sliced jobs).
     pub stop_after_steps: Option<u64>,
-    /// Set (e.g. by Ctrl-C) to save a resumable checkpoint and stop.
-    pub interrupt: Arc<AtomicBool>,
+    /// Set to a signal's number (Ctrl-C, SIGTERM, SIGHUP) to save a resumable checkpoint and
+    /// stop; 0 while the run may go on.
+    pub interrupt: Arc<AtomicUsize>,
 }
 
 /// What a finished (or paused) run reports.
@@ -302,7 +308,8 @@ impl Trainer<'_> {
                 }
                 self.plot(&metrics, reporter);
             }
-            let interrupted = opts.interrupt.load(Ordering::SeqCst);
+            let signal = opts.interrupt.load(Ordering::SeqCst);
+            let interrupted = signal != 0;
             let paused = opts.stop_after_steps.is_some_and(|n| now - first_step >= n);
             if now % t.save_every as u64 == 0 || now == total || interrupted || paused {
                 self.checkpoint(&optimizer, &progress)?;
@@ -312,6 +319,7 @@ impl Trainer<'_> {
                 return Err(TrainError::Interrupted {
                     step: now,
                     run_dir: self.run_dir.clone(),
+                    signal: signal as i32,
                 });
             }
             if paused {
