@@ -118,6 +118,84 @@ fn paused_run_resumes_to_the_end() {
 }
 
 #[test]
+fn resume_keeps_the_runs_dataset_when_the_corpus_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    llmtool()
+        .args(["train", &config, "--stop-after-steps", "2"])
+        .assert()
+        .success();
+    let run = dir.path().join("run");
+    let tokenizer = || std::fs::read(run.join("dataset/tokenizer.json")).unwrap();
+    let (before, manifest) = (
+        tokenizer(),
+        std::fs::read(run.join("dataset/manifest.json")),
+    );
+    std::fs::write(
+        dir.path().join("notes/added.md"),
+        "# A new note\n\nZebras quietly juxtapose vexing quartz glyphs.\n",
+    )
+    .unwrap();
+    llmtool()
+        .args(["train", "--resume", run.to_str().unwrap()])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "the corpus changed since this run started",
+        ))
+        .stderr(predicate::str::contains("added.md"))
+        .stdout(predicate::str::contains("steps        4 / 4"));
+    assert_eq!(tokenizer(), before, "the run's tokenizer was retrained");
+    assert_eq!(
+        std::fs::read(run.join("dataset/manifest.json")).unwrap(),
+        manifest.unwrap()
+    );
+}
+
+#[test]
+fn resume_refuses_data_that_changed_under_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let shared = dir.path().join("shared-dataset");
+    let set_dataset = format!("data.dataset_dir={}", shared.display());
+    llmtool()
+        .args([
+            "train",
+            &config,
+            "--set",
+            &set_dataset,
+            "--stop-after-steps",
+            "2",
+        ])
+        .assert()
+        .success();
+    std::fs::write(
+        dir.path().join("notes/added.md"),
+        "# Another note\n\nMore words.\n",
+    )
+    .unwrap();
+    // Someone rebuilds the shared dataset from the changed corpus.
+    llmtool()
+        .args(["data", "build", &config, "--set", &set_dataset])
+        .assert()
+        .success();
+    let run = dir.path().join("run");
+    let state = std::fs::read(run.join("training_state.safetensors")).unwrap();
+    llmtool()
+        .args(["train", "--resume", run.to_str().unwrap()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "data.fingerprint: the training data differs",
+        ))
+        .stderr(predicate::str::contains("--force"));
+    assert_eq!(
+        std::fs::read(run.join("training_state.safetensors")).unwrap(),
+        state
+    );
+}
+
+#[test]
 fn corrupt_state_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path());

@@ -34,8 +34,8 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
     } else {
         "finetune"
     };
-    let session = open_session(command, config, &args.run, |config| {
-        FinetuneData::load(config, &base_dir, base_config.vocab_size)
+    let session = open_session(command, config, &args.run, |config, pin| {
+        FinetuneData::load(config, &base_dir, base_config.vocab_size, pin)
     })?;
     let config = &session.config;
     let t = &config.training;
@@ -104,10 +104,17 @@ enum FinetuneData {
 impl FinetuneData {
     /// Loads the examples (with the configured tokenizer and the base model's chat template)
     /// or builds the dataset, checking the tokenizer fits the model's `vocab_size`.
-    fn load(config: &Config, base_dir: &Path, vocab_size: usize) -> Result<Self> {
+    fn load(
+        config: &Config,
+        base_dir: &Path,
+        vocab_size: usize,
+        pin: Option<&str>,
+    ) -> Result<Self> {
         let files = jsonl::find_files(&config.data)?;
         if files.is_empty() {
-            return Ok(Self::Markdown(Box::new(build_dataset(config, vocab_size)?)));
+            return Ok(Self::Markdown(Box::new(build_dataset(
+                config, vocab_size, pin,
+            )?)));
         }
         let tokenizer_path = config
             .data
@@ -142,6 +149,13 @@ impl FinetuneData {
 }
 
 impl TrainData for FinetuneData {
+    fn fingerprint(&self) -> Result<String> {
+        match self {
+            Self::Markdown(dataset) => dataset.fingerprint(),
+            Self::Examples(examples) => Ok(examples.fingerprint()),
+        }
+    }
+
     fn batches(&self, t: &TrainingSection) -> Result<Box<dyn BatchSource + '_>> {
         match self {
             Self::Markdown(dataset) => dataset.batches(t),

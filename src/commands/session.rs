@@ -8,10 +8,11 @@ use candle_core::{Device, Var};
 use config::{Config, TrainingSection};
 use data::build::{build, BuildOptions};
 use data::loader::Dataset;
+use data::Manifest;
 use model::Llama;
 use train::dataset_source::DatasetBatches;
 use train::memory;
-use train::run::{incompatible_keys, RunDir, RUN_CONFIG};
+use train::run::{incompatible_keys, RunDir, DATA_PIN, RUN_CONFIG};
 use train::trainer::SaveArtifact;
 use train::{BatchSource, TrainError, TrainOptions, TrainSummary, Trainer};
 
@@ -30,9 +31,17 @@ pub struct Session<D = Dataset> {
 pub trait TrainData {
     /// The batches for `training`'s window length, sampling and seed.
     fn batches(&self, training: &TrainingSection) -> Result<Box<dyn BatchSource + '_>>;
+
+    /// What identifies this data: a resumed run must train on data with the fingerprint it
+    /// started on.
+    fn fingerprint(&self) -> Result<String>;
 }
 
 impl TrainData for Dataset {
+    fn fingerprint(&self) -> Result<String> {
+        Ok(Manifest::read(&self.dir)?.fingerprint)
+    }
+
     fn batches(&self, t: &TrainingSection) -> Result<Box<dyn BatchSource + '_>> {
         let batches = DatasetBatches::new(self, t.seq_len, t.sampling, t.seed)?;
         if !batches.has_validation() {
@@ -43,12 +52,14 @@ impl TrainData for Dataset {
 }
 
 /// Guards the run directory, opens the device, loads the training data with `load` and
-/// records the resolved config in the run directory.
-pub fn open_session<D>(
+/// records the resolved config and the data's fingerprint in the run directory. When a run
+/// with a checkpoint is resumed, `load` is given the fingerprint of the data the run started
+/// on, and data with another fingerprint is refused.
+pub fn open_session<D: TrainData>(
     command: &'static str,
     config: Config,
     args: &TrainArgs,
-    load: impl FnOnce(&Config) -> Result<D>,
+    load: impl FnOnce(&Config, Option<&str>) -> Result<D>,
 ) -> Result<Session<D>> {
     let run = RunDir::open(&config.output.dir)?;
     run.admit(args.resume.is_some(), args.force, command)?;
@@ -67,7 +78,27 @@ pub fn open_session<D>(
             .context("training.device in the config")?,
     };
     let device = ops::device::open(device)?;
-    let data = load(&config)?;
+    let continuing = args.resume.is_some() && run.has_checkpoint();
+    let pin = match continuing {
+        true => run.data_pin()?,
+        false => None,
+    };
+    let data = load(&config, pin.as_deref())?;
+    let fingerprint = data.fingerprint()?;
+    match &pin {
+        Some(pin) if *pin != fingerprint => bail!(
+            "{}: the training data differs from the data this run started on (fingerprint {} \
+             now {}); resuming would train on other tokens. Restore the data, or start over \
+             with `llmtool {command} CONFIG --force`",
+            run.path().join(DATA_PIN).display(),
+            short(pin),
+            short(&fingerprint)
+        ),
+        Some(_) => {}
+        // Runs made before the pin existed are resumed as they were.
+        None if continuing => {}
+        None => run.pin_data(&fingerprint)?,
+    }
     if args.resume.is_none() {
         let yaml = serde_norway::to_string(&config)?;
         let path = run.path().join(RUN_CONFIG);
@@ -83,9 +114,21 @@ pub fn open_session<D>(
     })
 }
 
+/// The first 12 hex digits of a fingerprint, enough to tell two apart in a message.
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..12).unwrap_or(fingerprint)
+}
+
 /// Builds (or reuses) the configured markdown dataset and opens it, checking its tokenizer
 /// fits a model with `vocab_size` embeddings (before the run directory gets its config).
-pub fn build_dataset(config: &Config, vocab_size: usize) -> Result<Dataset> {
+/// With `pin` (a resumed run's data fingerprint), a dataset already built with that
+/// fingerprint is used as it is, even where the corpus changed since: its tokenizer is the
+/// one the run's weights were trained with.
+pub fn build_dataset(config: &Config, vocab_size: usize, pin: Option<&str>) -> Result<Dataset> {
+    if let Some(dataset) = pin.and_then(|pin| pinned_dataset(config, pin)) {
+        check_vocab(&dataset, vocab_size)?;
+        return Ok(dataset);
+    }
     let report = build(config, &BuildOptions::default()).context("building the dataset")?;
     let dataset = Dataset::open(&report.dir)?;
     eprintln!(
@@ -102,6 +145,32 @@ pub fn build_dataset(config: &Config, vocab_size: usize) -> Result<Dataset> {
     );
     check_vocab(&dataset, vocab_size)?;
     Ok(dataset)
+}
+
+/// The dataset in the configured dataset directory when it is the one with fingerprint `pin`,
+/// after saying what changed in the corpus since it was built.
+fn pinned_dataset(config: &Config, pin: &str) -> Option<Dataset> {
+    let dir = config.data.dataset_dir(&config.output);
+    let manifest = Manifest::read(&dir).ok().filter(|m| m.fingerprint == pin)?;
+    let dataset = Dataset::open(&dir).ok()?;
+    match data::build::changes_since(config, &manifest) {
+        Ok(changes) if changes.is_empty() => {}
+        Ok(changes) => eprintln!(
+            "note: the corpus changed since this run started ({}); the run goes on with the \
+             dataset it started on, {}. Start a new run to train on the changed corpus",
+            changes.join("; "),
+            dir.display()
+        ),
+        Err(e) => eprintln!("note: could not compare the corpus with the run's dataset: {e}"),
+    }
+    eprintln!(
+        "dataset {}: {} documents, {} train / {} val tokens (the run's own)",
+        dir.display(),
+        manifest.counts.documents,
+        dataset.train.len(),
+        dataset.val.len(),
+    );
+    Some(dataset)
 }
 
 /// Fails when the dataset's tokenizer has more tokens than the model has embeddings.

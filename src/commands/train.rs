@@ -14,8 +14,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let session = open_session("train", resolve_config(&args)?, &args, |config| {
-        build_dataset(config, config.model.vocab_size)
+    let session = open_session("train", resolve_config(&args)?, &args, |config, pin| {
+        build_dataset(config, config.model.vocab_size, pin)
     })?;
     let (config, dataset) = (&session.config, &session.data);
     let model_config = init::scratch_config(&config.model, Some(dataset.eos_id()));

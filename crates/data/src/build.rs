@@ -40,14 +40,13 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
     let start = Instant::now();
     let data = &config.data;
     let dir = data.dataset_dir(&config.output);
-    let (files, unwalkable) = corpus::list_files(&data.roots, data)?;
-    let sources = corpus::read_sources(&files, data.lossy_utf8);
+    let Inputs {
+        unwalkable,
+        sources,
+        tokenizer_file,
+        fingerprint,
+    } = read_inputs(config)?;
     let bytes_read = sources.iter().map(|s| s.bytes).sum();
-    let tokenizer_file = match &data.tokenizer {
-        Some(path) => Some(std::fs::read(path).map_err(|e| DataError::io(path, e))?),
-        None => None,
-    };
-    let fingerprint = fingerprint(config, &sources, tokenizer_file.as_deref())?;
     let report = |manifest, up_to_date| BuildReport {
         dir: dir.clone(),
         manifest,
@@ -172,6 +171,111 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
     staging.commit()?;
     bar.finish_and_clear();
     Ok(report(manifest, false))
+}
+
+/// What a build reads before it decides whether to rebuild.
+struct Inputs {
+    /// Paths under the roots that could not be listed, as skipped files.
+    unwalkable: Vec<super::corpus::Skipped>,
+    sources: Vec<Source>,
+    /// The configured `data.tokenizer` file's bytes.
+    tokenizer_file: Option<Vec<u8>>,
+    /// What the dataset built from these inputs records as its fingerprint.
+    fingerprint: String,
+}
+
+fn read_inputs(config: &Config) -> Result<Inputs, DataError> {
+    let data = &config.data;
+    let (files, unwalkable) = corpus::list_files(&data.roots, data)?;
+    let sources = corpus::read_sources(&files, data.lossy_utf8);
+    let tokenizer_file = match &data.tokenizer {
+        Some(path) => Some(std::fs::read(path).map_err(|e| DataError::io(path, e))?),
+        None => None,
+    };
+    let fingerprint = fingerprint(config, &sources, tokenizer_file.as_deref())?;
+    Ok(Inputs {
+        unwalkable,
+        sources,
+        tokenizer_file,
+        fingerprint,
+    })
+}
+
+/// How the inputs `config` names now differ from those `manifest` was built from, one line per
+/// kind of change (files added, removed or edited; data settings); empty
+/// when a rebuild would write the same dataset. Reads and hashes every input file.
+pub fn changes_since(config: &Config, manifest: &Manifest) -> Result<Vec<String>, DataError> {
+    let inputs = read_inputs(config)?;
+    if inputs.fingerprint == manifest.fingerprint {
+        return Ok(Vec::new());
+    }
+    let before: std::collections::BTreeMap<&str, Option<&str>> = manifest
+        .inputs
+        .iter()
+        .map(|i| (i.path.as_str(), Some(i.sha256.as_str())))
+        .chain(
+            manifest
+                .skipped
+                .iter()
+                .map(|s| (s.path.as_str(), s.sha256.as_deref())),
+        )
+        .collect();
+    let now: std::collections::BTreeMap<String, Option<&str>> = inputs
+        .sources
+        .iter()
+        .map(|s| (display(&s.path), s.sha256.as_deref()))
+        .collect();
+    let added: Vec<&str> = now
+        .keys()
+        .map(String::as_str)
+        .filter(|p| !before.contains_key(p))
+        .collect();
+    let removed: Vec<&str> = before
+        .keys()
+        .copied()
+        .filter(|p| !now.contains_key(*p))
+        .collect();
+    let edited: Vec<&str> = now
+        .iter()
+        .filter(|(p, sha)| {
+            before
+                .get(p.as_str())
+                .is_some_and(|old| old.is_some() && old != *sha)
+        })
+        .map(|(p, _)| p.as_str())
+        .collect();
+    let mut changes = Vec::new();
+    for (what, paths) in [("added", added), ("removed", removed), ("edited", edited)] {
+        if let Some(first) = paths.first() {
+            let more = match paths.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            };
+            changes.push(format!("{what}: {first}{more}"));
+        }
+    }
+    let settings = settings(config)?;
+    let keys = |v: &serde_json::Value| v.as_object().cloned().unwrap_or_default();
+    let (old, new) = (keys(&manifest.settings), keys(&settings));
+    let mut differing: Vec<&str> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    differing.extend(
+        old.keys()
+            .map(String::as_str)
+            .filter(|k| !new.contains_key(*k)),
+    );
+    if !differing.is_empty() {
+        changes.push(format!("data settings changed: {}", differing.join(", ")));
+    }
+    if changes.is_empty() {
+        // Neither a listed file nor a setting: the data.tokenizer file, or a file that was
+        // skipped (whose contents the manifest does not record).
+        changes.push("data.tokenizer or a skipped file changed".to_string());
+    }
+    Ok(changes)
 }
 
 /// The documents left after deduplication, in order, and the removals.

@@ -40,6 +40,23 @@ pub struct Examples {
     pub unscored: usize,
 }
 
+impl Examples {
+    /// SHA-256 over every example's tokens and weights, train then val: equal fingerprints mean
+    /// a run sees the same examples.
+    pub fn fingerprint(&self) -> String {
+        let mut bytes = Vec::new();
+        for (split, examples) in [(b'T', &self.train), (b'V', &self.val)] {
+            bytes.push(split);
+            for e in examples {
+                bytes.extend((e.tokens.len() as u64).to_le_bytes());
+                bytes.extend(e.tokens.iter().flat_map(|t| t.to_le_bytes()));
+                bytes.extend(e.weights.iter().flat_map(|w| w.to_bits().to_le_bytes()));
+            }
+        }
+        super::sha256_hex(&bytes)
+    }
+}
+
 /// How to turn lines into examples.
 pub struct ExampleOptions<'a> {
     pub tokenizer: &'a Tokenizer,

@@ -15,6 +15,10 @@ pub const RUN_CONFIG: &str = "config.yaml";
 /// The lock file a running process holds in its run directory.
 pub const LOCK_FILE: &str = "llmtool.lock";
 
+/// The fingerprint of the training data a run started on (its dataset manifest's, or its
+/// examples'), which `--resume` must find again.
+pub const DATA_PIN: &str = "data.fingerprint";
+
 /// Where `--force` keeps the run it replaces until the new run saves its first checkpoint.
 pub const REPLACED_RUN: &str = ".replaced-run";
 
@@ -105,6 +109,24 @@ impl RunDir {
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The fingerprint of the training data this run started on, if it recorded one.
+    pub fn data_pin(&self) -> Result<Option<String>, RunError> {
+        let path = self.path.join(DATA_PIN);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(RunError::Io { path, source }),
+        }
+    }
+
+    /// Records the fingerprint of the training data a new run starts on, which a resume must
+    /// find again.
+    pub fn pin_data(&self, fingerprint: &str) -> Result<(), RunError> {
+        let path = self.path.join(DATA_PIN);
+        model::weights::write_atomic(&path, format!("{fingerprint}\n").as_bytes())
+            .map_err(|source| RunError::Io { path, source })
     }
 
     /// Whether the run has saved a checkpoint it can resume from.
