@@ -38,12 +38,20 @@ output:\n  dir: {}\n",
 fn trains_writes_a_loadable_model_and_guards_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path());
+    // Off a terminal (the test's pipe) each logged step is a plain line.
     llmtool()
         .args(["train", &config])
         .assert()
         .success()
         .stdout(predicate::str::contains("training finished"))
-        .stdout(predicate::str::contains("steps        4 / 4"));
+        .stdout(predicate::str::contains("steps        4 / 4"))
+        .stderr(
+            predicate::str::is_match(
+                r"step +1/4: loss \d+\.\d{4}, lr [0-9.e-]+, \d+ tok/s, ETA \d+s",
+            )
+            .unwrap(),
+        )
+        .stderr(predicate::str::contains("step      4/4: loss"));
     let run = dir.path().join("run");
     for f in [
         "config.yaml",
@@ -62,13 +70,13 @@ fn trains_writes_a_loadable_model_and_guards_the_run() {
     )
     .unwrap();
     assert_eq!(loaded.model.config.num_hidden_layers, 2);
+    let before = std::fs::read(run.join("training_state.safetensors")).unwrap();
     llmtool()
         .args(["train", &config])
         .assert()
         .code(1)
         .stderr(predicate::str::contains("already holds a run"))
         .stderr(predicate::str::contains("--resume"));
-    let before = std::fs::read(run.join("training_state.safetensors")).unwrap();
     assert_eq!(
         before,
         std::fs::read(run.join("training_state.safetensors")).unwrap(),

@@ -149,7 +149,9 @@ fn checkpointing_gives_identical_gradients() {
 
 #[test]
 fn resumed_run_matches_uninterrupted_run_exactly() {
-    let c = tiny_config(12);
+    let mut c = tiny_config(12);
+    // Paused at step 6, inside a logging interval: the resumed run must log the same mean.
+    c.training.log_every = 4;
     let whole = tempfile::tempdir().unwrap();
     let full = train(&c, whole.path(), &TrainOptions::default());
     let split = tempfile::tempdir().unwrap();
@@ -162,6 +164,7 @@ fn resumed_run_matches_uninterrupted_run_exactly() {
         },
     );
     assert_eq!(first.steps, 6);
+    let before = std::fs::read_to_string(split.path().join("metrics.jsonl")).unwrap();
     let resumed = train(
         &c,
         split.path(),
@@ -184,6 +187,63 @@ fn resumed_run_matches_uninterrupted_run_exactly() {
             .collect::<Vec<_>>()
     };
     assert_eq!(curve(whole.path()), curve(split.path()), "same loss curve");
+    assert_eq!(curve(whole.path()).len(), 3, "logged at steps 4, 8 and 12");
+    let after = std::fs::read_to_string(split.path().join("metrics.jsonl")).unwrap();
+    assert!(
+        after.starts_with(&before),
+        "lines before the checkpoint are kept byte for byte"
+    );
+}
+
+/// The loss logged every `log_every` steps is the mean of the steps since the last log, not
+/// the loss of the one batch that happened to be last.
+#[test]
+fn logged_loss_is_the_mean_over_the_logging_interval() {
+    let losses = |log_every: usize| {
+        let mut c = tiny_config(6);
+        c.training.log_every = log_every;
+        c.training.eval_every = 100;
+        let dir = tempfile::tempdir().unwrap();
+        let mut stepped = Vec::new();
+        let (model, vars) = fresh(&c);
+        let save = |_: &Path| -> Result<(), ModelError> { Ok(()) };
+        let trainer = Trainer {
+            config: &c,
+            model: &model,
+            vars,
+            run_dir: dir.path().to_path_buf(),
+            save_artifact: &save,
+            artifact: "model",
+        };
+        let mut reporter = |e: llmtool::train::Event| {
+            if let llmtool::train::Event::Stepped { loss, .. } = e {
+                stepped.push(loss);
+            }
+        };
+        trainer
+            .run(
+                &Repeated::new(c.training.seq_len),
+                &TrainOptions::default(),
+                &mut reporter,
+            )
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+        let logged: Vec<f64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v["loss"].as_f64())
+            .collect();
+        (stepped, logged)
+    };
+    let (each, logged_each) = losses(1);
+    assert_eq!(each, logged_each, "log_every 1: every step's own loss");
+    let (running, logged) = losses(3);
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    assert_eq!(logged, vec![mean(&each[..3]), mean(&each[3..])]);
+    // The bar shows the running mean of the interval, which is what gets logged at its end.
+    assert_eq!(running[1], mean(&each[..2]));
+    assert_eq!(running[4], mean(&each[3..5]));
+    assert_ne!(logged[0], each[2], "not the last batch's loss");
 }
 
 #[test]

@@ -33,20 +33,20 @@ pub struct Metrics {
 
 impl Metrics {
     /// Opens `path`, keeping only records up to `resume_step` (a resumed run rewrites what
-    /// came after its checkpoint).
+    /// came after its checkpoint). The lines kept are kept as they were written, byte for byte.
     pub fn open(path: &Path, resume_step: Option<u64>) -> std::io::Result<Self> {
-        let records: Vec<Record> = match (resume_step, std::fs::read_to_string(path)) {
-            (Some(step), Ok(text)) => text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Record>(l).ok())
-                .filter(|r| r.step <= step)
-                .collect(),
-            _ => Vec::new(),
-        };
-        let mut text = String::new();
-        for r in &records {
-            text.push_str(&serde_json::to_string(r).unwrap_or_default());
-            text.push('\n');
+        let (mut records, mut text) = (Vec::new(), String::new());
+        if let (Some(step), Ok(old)) = (resume_step, std::fs::read_to_string(path)) {
+            for line in old.lines() {
+                let Ok(record) = serde_json::from_str::<Record>(line) else {
+                    continue;
+                };
+                if record.step <= step {
+                    text.push_str(line);
+                    text.push('\n');
+                    records.push(record);
+                }
+            }
         }
         model::weights::write_atomic(path, text.as_bytes())?;
         Ok(Self {
@@ -138,5 +138,25 @@ impl Metrics {
             .draw_series(LineSeries::new(lr, &GREEN))
             .map_err(|e| e.to_string())?;
         root.present().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_keeps_earlier_lines_byte_for_byte_and_drops_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        // 0.1 + 0.2 prints with 17 digits; "1.50" is how another writer might spell 1.5.
+        let kept = "{\"step\":1,\"loss\":0.30000000000000004,\"tokens\":8,\"elapsed\":1.50}\n\
+                    {\"step\":2,\"loss\":2.0,\"tokens\":16,\"elapsed\":3e0}\n";
+        let dropped = "{\"step\":3,\"loss\":1.0,\"tokens\":24,\"elapsed\":4.0}\n";
+        std::fs::write(&path, format!("{kept}{dropped}")).unwrap();
+        let metrics = Metrics::open(&path, Some(2)).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), kept);
+        assert_eq!(metrics.records().len(), 2);
+        assert_eq!(metrics.records()[0].loss, Some(0.1 + 0.2));
     }
 }

@@ -24,6 +24,30 @@ pub struct Progress {
     pub best_val_loss: Option<f64>,
     /// Seconds spent training so far.
     pub elapsed: f64,
+    /// Sum of the training losses of the steps since the last logged step (their mean is what
+    /// the log shows), stored exactly so that a resumed run logs the same mean.
+    #[serde(default, with = "exact_f64")]
+    pub interval_loss: f64,
+    /// How many steps `interval_loss` sums.
+    #[serde(default)]
+    pub interval_steps: u64,
+}
+
+/// An `f64` stored as the hex digits of its bits: JSON float parsing may land one ulp off, and
+/// a resumed run must continue from exactly the same sum.
+mod exact_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{:016x}", value.to_bits()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        let hex = String::deserialize(deserializer)?;
+        u64::from_str_radix(&hex, 16)
+            .map(f64::from_bits)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// Writes parameters (`param.NAME`), optimizer state (`m.NAME`, `v.NAME`) and progress.

@@ -58,14 +58,24 @@ pub enum TrainError {
 pub enum Event {
     /// The run starts, or resumes, after `step` of `total` steps.
     Started { step: u64, total: u64 },
-    /// An optimizer step finished.
+    /// An optimizer step finished. `loss` is the mean training loss of the steps since the
+    /// last logged step (this one included), `tokens_per_sec` their throughput.
     Stepped {
         step: u64,
         loss: f64,
         lr: f64,
         tokens_per_sec: f64,
     },
+    /// A logged step (every `training.log_every` steps, and the last): the values written to
+    /// metrics.jsonl, as [`Event::Stepped`] has them.
+    Logged {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_sec: f64,
+    },
     /// A validation pass finished; `best` when it is the lowest validation loss so far.
+    /// `train_loss` is the mean training loss over the last logging interval.
     Validated {
         step: u64,
         train_loss: f64,
@@ -179,6 +189,8 @@ impl Trainer<'_> {
             tokens: 0,
             best_val_loss: None,
             elapsed: 0.0,
+            interval_loss: 0.0,
+            interval_steps: 0,
         };
         if opts.resume {
             progress = self.restore(&mut optimizer)?;
@@ -255,6 +267,9 @@ impl Trainer<'_> {
             optimizer.step(&grads, lr, clip_scale(grad_norm, t.grad_clip))?;
             drop(grads);
             last_loss = Some(loss);
+            progress.interval_loss += loss;
+            progress.interval_steps += 1;
+            let mean_loss = progress.interval_loss / progress.interval_steps as f64;
 
             let now = progress.step;
             let rate = {
@@ -263,15 +278,21 @@ impl Trainer<'_> {
             };
             reporter.report(Event::Stepped {
                 step: now,
-                loss,
+                loss: mean_loss,
                 lr,
                 tokens_per_sec: rate,
             });
             if now % t.log_every as u64 == 0 || now == total {
+                reporter.report(Event::Logged {
+                    step: now,
+                    loss: mean_loss,
+                    lr,
+                    tokens_per_sec: rate,
+                });
                 metrics
                     .push(Record {
                         step: now,
-                        loss: Some(loss),
+                        loss: Some(mean_loss),
                         lr: Some(lr),
                         grad_norm: Some(grad_norm),
                         tokens: progress.tokens,
@@ -281,13 +302,14 @@ impl Trainer<'_> {
                     })
                     .map_err(io(&metrics_path))?;
                 window_start = (Instant::now(), progress.tokens);
+                (progress.interval_loss, progress.interval_steps) = (0.0, 0);
             }
             if now % t.eval_every as u64 == 0 || now == total {
                 if let Some(val) = self.validate(data)? {
                     let improved = progress.best_val_loss.is_none_or(|b| val < b);
                     reporter.report(Event::Validated {
                         step: now,
-                        train_loss: loss,
+                        train_loss: mean_loss,
                         val_loss: val,
                         best: improved,
                     });
