@@ -15,7 +15,8 @@ fn main() -> Result<()> {
         bail!("usage: random_model CONFIG OUT_DIR");
     };
     let config = llmtool::config::load(Path::new(config), &[])?;
-    let cfg = llmtool::train::init::scratch_config(&config.model, Some(0));
+    let vocab_size = config.model.vocab_size.tokenizer_target();
+    let cfg = llmtool::train::init::scratch_config(&config.model, vocab_size, Some(0));
     let tensors = parameter_shapes(&cfg)
         .into_iter()
         .map(|(name, shape)| {

@@ -204,6 +204,29 @@ fn resume_refuses_data_that_changed_under_the_run() {
 }
 
 #[test]
+fn vocab_size_auto_sizes_the_embedding_to_the_trained_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    llmtool()
+        .args(["train", &config, "--set", "model.vocab_size=auto"])
+        .assert()
+        .success();
+    let run = dir.path().join("run");
+    let read = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join(p)).unwrap()).unwrap()
+    };
+    let tokens = read("dataset/manifest.json")["tokenizer"]["vocab_size"]
+        .as_u64()
+        .unwrap();
+    let rows = read("model/config.json")["vocab_size"].as_u64().unwrap();
+    assert!(
+        tokens < 16384,
+        "a small corpus gives a small tokenizer: {tokens}"
+    );
+    assert_eq!(rows, tokens.next_multiple_of(64), "{tokens} tokens");
+}
+
+#[test]
 fn corrupt_state_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path());

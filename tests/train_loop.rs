@@ -63,7 +63,7 @@ fn tiny_config(steps: usize) -> Config {
     c.model.num_attention_heads = 4;
     c.model.num_key_value_heads = 2;
     c.model.intermediate_size = 64;
-    c.model.vocab_size = 64;
+    c.model.vocab_size = llmtool::config::VocabSize::Tokens(64);
     c.model.max_position_embeddings = 64;
     c.training.seq_len = 16;
     c.training.batch_size = 4;
@@ -78,7 +78,7 @@ fn tiny_config(steps: usize) -> Config {
 }
 
 fn fresh(c: &Config) -> (Llama, Vec<(String, candle_core::Var)>) {
-    let cfg = llmtool::train::init::scratch_config(&c.model, Some(0));
+    let cfg = llmtool::train::init::scratch_config(&c.model, 64, Some(0));
     let weights = init::random_weights(&cfg, c.training.seed, &Device::Cpu).unwrap();
     let (weights, vars) = weights.into_trainable().unwrap();
     (Llama::new(&cfg, &weights, DType::F32).unwrap(), vars)
@@ -251,7 +251,7 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
     let mut c = tiny_config(20);
     c.training.dtype = llmtool::config::Precision::Bf16;
     c.training.lr = 1e-2;
-    let cfg = llmtool::train::init::scratch_config(&c.model, Some(0));
+    let cfg = llmtool::train::init::scratch_config(&c.model, 64, Some(0));
     let weights = init::random_weights(&cfg, c.training.seed, &Device::Cpu).unwrap();
     let (weights, vars) = weights.into_trainable().unwrap();
     let model = Llama::new(&cfg, &weights, DType::BF16).unwrap();

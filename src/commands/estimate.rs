@@ -4,12 +4,23 @@ use crate::cli::ConfigArgs;
 use anyhow::Result;
 use train::memory::{human, plan};
 
+/// The embedding rows of a model trained from scratch: with `vocab_size: auto`, sized to the
+/// dataset's tokenizer when the dataset is built, else to the most a trained tokenizer gets.
+fn vocab_size(config: &config::Config) -> usize {
+    let vocab = config.model.vocab_size;
+    let built = data::Manifest::read(&config.data.dataset_dir(&config.output));
+    match (vocab.limit(), built) {
+        (None, Ok(manifest)) => vocab.embedding_rows(manifest.tokenizer.vocab_size),
+        _ => vocab.tokenizer_target(),
+    }
+}
+
 /// Runs `llmtool estimate`.
 pub fn run(args: ConfigArgs) -> Result<()> {
     let config = super::config::load(&args)?;
     let model = match &config.model.pretrained {
         Some(spec) => model::io::read_config(std::path::Path::new(spec))?,
-        None => train::init::scratch_config(&config.model, None),
+        None => train::init::scratch_config(&config.model, vocab_size(&config), None),
     };
     let p = plan(&model, &config);
     let t = &config.training;

@@ -113,7 +113,9 @@ impl FinetuneData {
         let files = jsonl::find_files(&config.data)?;
         if files.is_empty() {
             return Ok(Self::Markdown(Box::new(build_dataset(
-                config, vocab_size, pin,
+                config,
+                Some(vocab_size),
+                pin,
             )?)));
         }
         let tokenizer_path = config
@@ -121,7 +123,7 @@ impl FinetuneData {
             .tokenizer
             .clone()
             .unwrap_or_else(|| base_dir.join("tokenizer.json"));
-        let tokenizer = data::tokenizer::load(&tokenizer_path, vocab_size)?;
+        let tokenizer = data::tokenizer::load(&tokenizer_path, Some(vocab_size))?;
         let eos_id =
             data::tokenizer::eos_id(&tokenizer, &config.data.special_tokens, &tokenizer_path)?;
         let template = ChatTemplate::load(base_dir);

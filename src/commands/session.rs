@@ -120,11 +120,16 @@ fn short(fingerprint: &str) -> &str {
 }
 
 /// Builds (or reuses) the configured markdown dataset and opens it, checking its tokenizer
-/// fits a model with `vocab_size` embeddings (before the run directory gets its config).
+/// fits a model with `vocab_size` embeddings, if the model has a fixed number (before the run
+/// directory gets its config).
 /// With `pin` (a resumed run's data fingerprint), a dataset already built with that
 /// fingerprint is used as it is, even where the corpus changed since: its tokenizer is the
 /// one the run's weights were trained with.
-pub fn build_dataset(config: &Config, vocab_size: usize, pin: Option<&str>) -> Result<Dataset> {
+pub fn build_dataset(
+    config: &Config,
+    vocab_size: Option<usize>,
+    pin: Option<&str>,
+) -> Result<Dataset> {
     if let Some(dataset) = pin.and_then(|pin| pinned_dataset(config, pin)) {
         check_vocab(&dataset, vocab_size)?;
         return Ok(dataset);
@@ -174,8 +179,8 @@ fn pinned_dataset(config: &Config, pin: &str) -> Option<Dataset> {
 }
 
 /// Fails when the dataset's tokenizer has more tokens than the model has embeddings.
-fn check_vocab(dataset: &Dataset, vocab_size: usize) -> Result<()> {
-    if dataset.vocab_size() > vocab_size {
+fn check_vocab(dataset: &Dataset, vocab_size: Option<usize>) -> Result<()> {
+    if let Some(vocab_size) = vocab_size.filter(|v| dataset.vocab_size() > *v) {
         bail!(
             "{}: the tokenizer has {} tokens but the model has only {vocab_size} embeddings",
             dataset.dir.join("tokenizer.json").display(),

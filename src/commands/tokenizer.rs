@@ -22,7 +22,11 @@ fn train(args: &TokenizerTrainArgs) -> Result<()> {
     let corpus = clean_documents(&data.roots, data)?;
     let (documents, _) = unique_documents(&corpus, data);
     let kept: Vec<&str> = documents.iter().map(|d| d.text.as_str()).collect();
-    let trained = tokenizer::train(&kept, config.model.vocab_size, &data.special_tokens)?;
+    let trained = tokenizer::train(
+        &kept,
+        config.model.vocab_size.tokenizer_target(),
+        &data.special_tokens,
+    )?;
     let json = tokenizer::to_json(&trained, &out)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)

@@ -15,10 +15,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     let session = open_session("train", resolve_config(&args)?, &args, |config, pin| {
-        build_dataset(config, config.model.vocab_size, pin)
+        build_dataset(config, config.model.vocab_size.limit(), pin)
     })?;
     let (config, dataset) = (&session.config, &session.data);
-    let model_config = init::scratch_config(&config.model, Some(dataset.eos_id()));
+    let vocab_size = config.model.vocab_size.embedding_rows(dataset.vocab_size());
+    let model_config = init::scratch_config(&config.model, vocab_size, Some(dataset.eos_id()));
     let t = &config.training;
     let weights = init::random_weights(&model_config, t.seed, &session.device)?;
     let (weights, vars) = weights.into_trainable()?;

@@ -8,6 +8,8 @@ mod locate;
 mod numbers;
 mod schema;
 mod validate;
+mod vocab;
 
 pub use load::{load, load_str, load_with, Check, ConfigError, ConfigIssue, Override};
 pub use schema::*;
+pub use vocab::VocabSize;

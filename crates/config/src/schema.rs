@@ -2,6 +2,7 @@
 //! a test checks that the two agree.
 
 use super::numbers::{count, fraction, non_negative, optional_count, positive, whole};
+use super::vocab::VocabSize;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -42,8 +43,8 @@ pub struct ModelSection {
     pub num_key_value_heads: usize,
     #[serde(deserialize_with = "count")]
     pub intermediate_size: usize,
-    #[serde(deserialize_with = "count")]
-    pub vocab_size: usize,
+    /// Token embeddings: `auto` (the trained tokenizer's size) or a number.
+    pub vocab_size: VocabSize,
     #[serde(deserialize_with = "count")]
     pub max_position_embeddings: usize,
     #[serde(deserialize_with = "positive")]
@@ -64,7 +65,7 @@ impl Default for ModelSection {
             num_attention_heads: 8,
             num_key_value_heads: 8,
             intermediate_size: 1408,
-            vocab_size: 16384,
+            vocab_size: VocabSize::Auto,
             max_position_embeddings: 1024,
             rope_theta: 10000.0,
             rms_norm_eps: 1e-5,

@@ -2,13 +2,13 @@
 //! write; or nothing at all when the existing dataset was built from the same inputs.
 
 use super::corpus::{self, display, Corpus, Document, Source};
-use super::dedup::{deduplicate, is_validation, Removal};
+use super::dedup::{deduplicate, validation_split, Removal};
 use super::shards::{
     length_histogram, Counts, Manifest, Staging, TokenDtype, TokenizerInfo, FORMAT_VERSION,
     TOKENIZER,
 };
 use super::{sha256_hex, tokenizer, DataError};
-use config::{Config, DataSection};
+use config::{Config, DataSection, VocabSize};
 use rayon::prelude::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -81,14 +81,18 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
 
     let (tokenizer, source) = match (&data.tokenizer, &tokenizer_file) {
         (Some(path), Some(_)) => (
-            tokenizer::load(path, config.model.vocab_size)?,
+            tokenizer::load(path, config.model.vocab_size.limit())?,
             display(path),
         ),
         _ => {
             bar.set_message("training tokenizer");
             let texts: Vec<&str> = kept.iter().map(|d| d.text.as_str()).collect();
             (
-                tokenizer::train(&texts, config.model.vocab_size, &data.special_tokens)?,
+                tokenizer::train(
+                    &texts,
+                    config.model.vocab_size.tokenizer_target(),
+                    &data.special_tokens,
+                )?,
                 "trained".to_owned(),
             )
         }
@@ -112,8 +116,10 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
         })?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     let (mut train_docs, mut val_docs) = (0, 0);
-    for (doc, ids) in kept.iter().zip(&encoded) {
-        let (tokens, count) = if is_validation(&doc.text, data.val_fraction) {
+    let texts: Vec<&str> = kept.iter().map(|d| d.text.as_str()).collect();
+    let validation = validation_split(&texts, data.val_fraction);
+    for (ids, validation) in encoded.iter().zip(validation) {
+        let (tokens, count) = if validation {
             (&mut val, &mut val_docs)
         } else {
             (&mut train, &mut train_docs)
@@ -305,7 +311,11 @@ fn settings(config: &Config) -> Result<serde_json::Value, DataError> {
     })?;
     if let Some(map) = value.as_object_mut() {
         map.remove("dataset_dir");
-        map.insert("vocab_size".into(), config.model.vocab_size.into());
+        let vocab_size = match config.model.vocab_size {
+            VocabSize::Auto => "auto".into(),
+            VocabSize::Tokens(n) => n.into(),
+        };
+        map.insert("vocab_size".into(), vocab_size);
     }
     Ok(value)
 }

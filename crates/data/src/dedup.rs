@@ -135,16 +135,72 @@ fn bytemuck_u32(values: &[u32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A document's place in the validation order: a hash of its text, in [0, 1].
+fn validation_score(text: &str) -> f64 {
+    xxh3_64_with_seed(text.as_bytes(), 0x5eed) as f64 / u64::MAX as f64
+}
+
 /// Whether a document belongs to the validation split: a hash of its text, compared with
 /// `val_fraction`. Depends on nothing else, so adding files never moves a document.
 pub fn is_validation(text: &str, val_fraction: f64) -> bool {
-    let hash = xxh3_64_with_seed(text.as_bytes(), 0x5eed);
-    (hash as f64 / u64::MAX as f64) < val_fraction
+    validation_score(text) < val_fraction
+}
+
+/// The fewest documents a validation split holds when the corpus has enough: one or two
+/// documents make a validation loss that swings with whichever file they are.
+pub const MIN_VALIDATION_DOCUMENTS: usize = 4;
+
+/// Which documents form the validation split: those [`is_validation`] picks, topped up (in
+/// the same hash order) to [`MIN_VALIDATION_DOCUMENTS`], or to a quarter of the corpus if that
+/// is fewer. `val_fraction: 0` means no validation split at all.
+pub fn validation_split(texts: &[&str], val_fraction: f64) -> Vec<bool> {
+    let scores: Vec<f64> = texts.iter().map(|t| validation_score(t)).collect();
+    let mut split: Vec<bool> = scores.iter().map(|s| *s < val_fraction).collect();
+    if val_fraction <= 0.0 {
+        return split;
+    }
+    let wanted = MIN_VALIDATION_DOCUMENTS.min(texts.len() / 4);
+    let mut order: Vec<usize> = (0..texts.len()).filter(|i| !split[*i]).collect();
+    order.sort_by(|a, b| scores[*a].total_cmp(&scores[*b]));
+    let missing = wanted.saturating_sub(split.iter().filter(|v| **v).count());
+    for i in order.into_iter().take(missing) {
+        split[i] = true;
+    }
+    split
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_corpus_still_gets_a_few_validation_documents() {
+        let docs: Vec<String> = (0..20).map(|i| format!("document number {i}")).collect();
+        let texts: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let by_hash = texts.iter().filter(|t| is_validation(t, 0.05)).count();
+        assert!(by_hash < MIN_VALIDATION_DOCUMENTS, "{by_hash}");
+        let split = validation_split(&texts, 0.05);
+        assert_eq!(
+            split.iter().filter(|v| **v).count(),
+            MIN_VALIDATION_DOCUMENTS
+        );
+        // The hash picks stay picked: adding the top-up never moves a document out.
+        for (t, v) in texts.iter().zip(&split) {
+            assert!(*v || !is_validation(t, 0.05));
+        }
+        // A quarter of a tiny corpus at most; none when asked for none.
+        assert_eq!(
+            validation_split(&texts[..6], 0.05)
+                .iter()
+                .filter(|v| **v)
+                .count(),
+            1
+        );
+        assert!(!validation_split(&texts, 0.0).contains(&true));
+        // A big share is left as the hash decides.
+        let half = validation_split(&texts, 0.5).iter().filter(|v| **v).count();
+        assert_eq!(half, texts.iter().filter(|t| is_validation(t, 0.5)).count());
+    }
 
     fn names(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("doc{i}")).collect()

@@ -61,11 +61,12 @@ pub fn train(
     Ok(tokenizer)
 }
 
-/// Loads a `tokenizer.json` and checks it fits the model's embedding.
-pub fn load(path: &Path, vocab_size: usize) -> Result<Tokenizer, DataError> {
+/// Loads a `tokenizer.json` and checks it fits a model with `vocab_size` embeddings (any size
+/// fits when `None`: the embedding will be sized to it).
+pub fn load(path: &Path, vocab_size: Option<usize>) -> Result<Tokenizer, DataError> {
     let tokenizer = Tokenizer::from_file(path).map_err(|e| tokenizer_error(path, e))?;
     let size = tokenizer.get_vocab_size(true);
-    if size > vocab_size {
+    if let Some(vocab_size) = vocab_size.filter(|v| size > *v) {
         return Err(tokenizer_error(
             path,
             format!("the tokenizer has {size} tokens but model.vocab_size is {vocab_size}: raise model.vocab_size to at least {size}"),

@@ -30,9 +30,14 @@ pub fn random_weights(cfg: &LlamaConfig, seed: u64, device: &Device) -> Result<W
     Ok(Weights::new(tensors, "fresh initialisation"))
 }
 
-/// The `config.json` of a model built from scratch from the `model` section, with `eos_token_id`
-/// (the dataset tokenizer's end of text) as both BOS and EOS.
-pub fn scratch_config(m: &ModelSection, eos_token_id: Option<u32>) -> LlamaConfig {
+/// The `config.json` of a model built from scratch from the `model` section, with `vocab_size`
+/// token embeddings (`model.vocab_size` resolved against the tokenizer) and `eos_token_id` (the
+/// dataset tokenizer's end of text) as both BOS and EOS.
+pub fn scratch_config(
+    m: &ModelSection,
+    vocab_size: usize,
+    eos_token_id: Option<u32>,
+) -> LlamaConfig {
     LlamaConfig {
         architectures: vec!["LlamaForCausalLM".into()],
         model_type: "llama".into(),
@@ -42,7 +47,7 @@ pub fn scratch_config(m: &ModelSection, eos_token_id: Option<u32>) -> LlamaConfi
         num_attention_heads: m.num_attention_heads,
         num_key_value_heads: Some(m.num_key_value_heads),
         head_dim: Some(m.hidden_size / m.num_attention_heads),
-        vocab_size: m.vocab_size,
+        vocab_size,
         max_position_embeddings: m.max_position_embeddings,
         rope_theta: m.rope_theta,
         rope_scaling: None,
@@ -64,14 +69,14 @@ mod tests {
 
     #[test]
     fn small_preset_has_47m_parameters() {
-        let c = scratch_config(&ModelSection::default(), Some(0));
+        let c = scratch_config(&ModelSection::default(), 16384, Some(0));
         let millions = c.parameter_count() as f64 / 1e6;
         assert!((45.0..49.0).contains(&millions), "{millions}");
     }
 
     #[test]
     fn rejects_unknown_architecture() {
-        let mut c = scratch_config(&ModelSection::default(), None);
+        let mut c = scratch_config(&ModelSection::default(), 16384, None);
         c.architectures = vec!["GPT2LMHeadModel".into()];
         let err = c.check().unwrap_err();
         assert!(err.contains("GPT2LMHeadModel") && err.contains("LlamaForCausalLM"));
