@@ -39,3 +39,34 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         None => 1,
     }
 }
+
+/// An error and its causes on one line, `: `-separated, leaving out a cause whose text the
+/// message already holds (library errors often print their source, and `{:#}` would repeat it:
+/// "No such file or directory (os error 2): No such file or directory (os error 2)").
+pub fn error_message(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone (os error 2)");
+        let e = anyhow::Error::new(io).context("x.yaml: cannot read config: gone (os error 2)");
+        assert_eq!(
+            error_message(&e),
+            "x.yaml: cannot read config: gone (os error 2)"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_message(&e), "outer: inner");
+    }
+}

@@ -22,9 +22,21 @@ fn keep_freed_memory() {
     }
 }
 
+/// Lets a command that prints end quietly when its reader goes away (`llmtool data stats DIR |
+/// head`), as Unix tools do: Rust ignores SIGPIPE, and printing to a closed pipe would panic.
+/// Training keeps ignoring it, so a closed stdout never ends a run without its checkpoint.
+fn quit_on_closed_pipe(command: &Command) {
+    #[cfg(unix)]
+    if !matches!(command, Command::Train(_) | Command::Finetune(_)) {
+        // SAFETY: called in `main` before any other thread exists; SIG_DFL is always valid.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+}
+
 fn main() {
     keep_freed_memory();
     let cli = Cli::parse();
+    quit_on_closed_pipe(&cli.command);
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),
         Command::Eval(a) => commands::eval::run(a),
@@ -38,7 +50,7 @@ fn main() {
         Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(e) = result {
-        for line in format!("{e:#}").lines() {
+        for line in llmtool::error_message(&e).lines() {
             eprintln!("error: {line}");
         }
         std::process::exit(llmtool::exit_code(&e));

@@ -236,6 +236,37 @@ fn stats_without_dataset_says_what_to_do() {
         .stderr(predicate::str::contains("llmtool data build"));
 }
 
+/// `llmtool data stats DIR | head`: a reader that goes away ends the command as it ends `cat`,
+/// not with a panic.
+#[cfg(unix)]
+#[test]
+fn stats_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    write_corpus(tmp.path());
+    let config = write_config(tmp.path(), "");
+    llmtool(tmp.path())
+        .args(["data", "build", config.to_str().unwrap()])
+        .assert()
+        .success();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("llmtool"))
+        .current_dir(tmp.path())
+        .args(["data", "stats", "ds"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "SIGPIPE: {:?} {stderr}",
+        out.status
+    );
+}
+
 #[test]
 fn trained_tokenizer_loads_back() {
     let tmp = tempfile::tempdir().unwrap();

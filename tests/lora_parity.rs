@@ -438,6 +438,36 @@ fn merge_command_reads_a_sharded_hub_checkpoint() {
 }
 
 #[test]
+fn estimate_resolves_a_hub_id_as_generate_does() {
+    let home = tempfile::tempdir().unwrap();
+    fake_hub(home.path(), false);
+    let config = home.path().join("ft.yaml");
+    std::fs::create_dir(home.path().join("notes")).unwrap();
+    let text = "model:\n  pretrained: test/tiny-llama\ndata:\n  roots: [notes]\n";
+    std::fs::write(&config, text).unwrap();
+    let estimate = |cwd: &Path| {
+        let mut cmd = llmtool();
+        cmd.env("HF_HOME", home.path())
+            .env_remove("HF_HUB_CACHE")
+            .env("HF_HUB_OFFLINE", "1")
+            .current_dir(cwd)
+            .arg("estimate")
+            .arg(&config);
+        cmd.assert()
+    };
+    estimate(home.path())
+        .success()
+        .stdout(predicates::str::contains("parameters"));
+    // Where `test/` is a local folder, `test/tiny-llama` is a mistyped path, not a hub id.
+    std::fs::create_dir(home.path().join("test")).unwrap();
+    estimate(home.path())
+        .code(1)
+        .stderr(predicates::str::contains(
+            "test/tiny-llama: no such model directory (read as a local path",
+        ));
+}
+
+#[test]
 fn offline_and_not_cached_says_what_to_download() {
     let home = tempfile::tempdir().unwrap();
     llmtool()

@@ -19,7 +19,7 @@ fn vocab_size(config: &config::Config) -> usize {
 pub fn run(args: ConfigArgs) -> Result<()> {
     let config = super::config::load(&args)?;
     let model = match &config.model.pretrained {
-        Some(spec) => model::io::read_config(std::path::Path::new(spec))?,
+        Some(spec) => model::io::read_config(&model::hub::resolve(spec)?)?,
         None => train::init::scratch_config(&config.model, vocab_size(&config), None),
     };
     let p = plan(&model, &config);

@@ -18,9 +18,13 @@ pub fn resolve(spec: &str) -> Result<PathBuf, ModelError> {
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    if !is_hub_id(spec) {
+    if !is_hub_id(spec) || looks_local(path) {
         return Err(ModelError::Hub(format!(
-            "{spec}: no such model directory (and not a Hugging Face Hub id like owner/name)"
+            "{spec}: no such model directory{}",
+            match is_hub_id(spec) {
+                true => " (read as a local path: its first folder exists here)",
+                false => " (and not a Hugging Face Hub id like owner/name)",
+            }
         )));
     }
     let cache_dir = cache_dir()?;
@@ -46,6 +50,14 @@ fn is_hub_id(spec: &str) -> bool {
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
+}
+
+/// Whether a spec that could be a hub id is a mistyped local path instead: `runs/modle` where
+/// `runs/` exists. A hub owner's name is rarely also a folder where the command runs.
+fn looks_local(path: &Path) -> bool {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .is_some_and(Path::is_dir)
 }
 
 /// Whether `HF_HUB_OFFLINE` asks for the cache only.
