@@ -337,9 +337,12 @@ pub enum TokenizerCommand {
 pub struct TokenizerTrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Where to write tokenizer.json [default: <dataset_dir>/tokenizer.json]
+    /// Where to write tokenizer.json [default: <output.dir>/tokenizer.json]
     #[arg(long, value_name = "PATH")]
     pub out: Option<PathBuf>,
+    /// Replace an existing file at the output path.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `llmtool merge` arguments.

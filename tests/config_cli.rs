@@ -110,6 +110,80 @@ fn cross_field_errors_all_reported() {
         ));
 }
 
+/// A misspelt section and a type error do not hide the cross-field problems of other sections:
+/// everything is reported in one run, not in rounds.
+#[test]
+fn unknown_keys_type_errors_and_cross_field_errors_in_one_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "modell:\n  hidden_size: 64\nmodel:\n  max_position_embeddings: 64\ntraining:\n  seq_len: 128\ndata:\n  val_fraction: lots\n  roots: [does/not/exist]\n";
+    let path = write(dir.path(), "c.yaml", text);
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("c.yaml:1:1: modell: unknown"))
+        .stderr(predicate::str::contains(
+            "c.yaml:6:3: training.seq_len: 128 exceeds model.max_position_embeddings (64)",
+        ))
+        .stderr(predicate::str::contains("c.yaml:8:3: data.val_fraction"))
+        // The data section's cross-field checks wait for its unreadable value.
+        .stderr(predicate::str::contains("does/not/exist").not());
+}
+
+#[test]
+fn a_home_relative_path_is_expanded_as_the_shell_would() {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir(home.path().join("notes")).unwrap();
+    llmtool()
+        .env("HOME", home.path())
+        .args([
+            "config",
+            "show",
+            "configs/small.yaml",
+            "--set",
+            "data.roots=[~/notes]",
+        ])
+        .args(["--set", "output.dir=~/runs/notes"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "- {}",
+            home.path().join("notes").display()
+        )))
+        .stdout(predicate::str::contains(format!(
+            "dir: {}",
+            home.path().join("runs/notes").display()
+        )));
+}
+
+#[test]
+fn a_byte_order_mark_is_read_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "bom.yaml",
+        "\u{feff}training:\n  max_steps: 500\ndata:\n  roots: [docs]\n",
+    );
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .success();
+}
+
+#[test]
+fn a_deeply_nested_document_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = format!("training: {}{}\n", "[".repeat(200_000), "]".repeat(200_000));
+    let path = write(dir.path(), "deep.yaml", &deep);
+    llmtool()
+        .args(["config", "validate", &path])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "deep.yaml:1:43: invalid YAML: nested more than 32 levels deep",
+        ));
+}
+
 #[test]
 fn yaml_syntax_error_names_line() {
     let dir = tempfile::tempdir().unwrap();

@@ -267,6 +267,48 @@ fn stats_into_a_closed_pipe_ends_quietly() {
     );
 }
 
+/// A dataset whose tokenizer.json was replaced is not up to date: its token ids belong to the
+/// tokenizer it was built with.
+#[test]
+fn a_replaced_dataset_tokenizer_makes_the_dataset_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_corpus(dir);
+    let config = write_config(dir, "");
+    llmtool(dir)
+        .args(["data", "build", config.to_str().unwrap()])
+        .assert()
+        .success();
+    let original = std::fs::read(dir.join("ds/tokenizer.json")).unwrap();
+    llmtool(dir)
+        .args([
+            "tokenizer",
+            "train",
+            "config.yaml",
+            "--set",
+            "model.vocab_size=300",
+        ])
+        .args(["--out", "ds/tokenizer.json", "--force"])
+        .assert()
+        .success();
+    llmtool(dir)
+        .args(["data", "stats", "ds"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "ds/tokenizer.json: is not the tokenizer this dataset was tokenized with",
+        ));
+    llmtool(dir)
+        .args(["data", "build", config.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("up to date").not());
+    assert_eq!(
+        std::fs::read(dir.join("ds/tokenizer.json")).unwrap(),
+        original
+    );
+}
+
 #[test]
 fn trained_tokenizer_loads_back() {
     let tmp = tempfile::tempdir().unwrap();
@@ -292,6 +334,24 @@ fn trained_tokenizer_loads_back() {
         .get_ids()
         .to_vec();
     assert_eq!(tokenizer.decode(&ids, false).unwrap(), "Notes on rivers");
+
+    // An existing file is kept unless --force.
+    let train_again = |extra: &[&str]| {
+        let mut cmd = llmtool(dir);
+        cmd.args([
+            "tokenizer",
+            "train",
+            "config.yaml",
+            "--out",
+            "tok/tokenizer.json",
+        ])
+        .args(extra);
+        cmd.assert()
+    };
+    train_again(&[]).code(1).stderr(predicate::str::contains(
+        "tok/tokenizer.json exists: pass --force",
+    ));
+    train_again(&["--force"]).success();
 
     // The dataset then uses it as is.
     write_config(dir, "  tokenizer: tok/tokenizer.json\n");

@@ -82,6 +82,8 @@ fn top_reasons(manifest: &Manifest, n: usize) -> Vec<String> {
 fn stats(args: &DataStatsArgs) -> Result<()> {
     let m = Manifest::read(&args.dir)
         .with_context(|| "run `llmtool data build CONFIG` first".to_string())?;
+    // Its shards and tokenizer must be the ones the manifest describes.
+    data::loader::Dataset::open(&args.dir)?;
     let c = &m.counts;
     println!("dataset       {}", args.dir.display());
     println!(

@@ -1,7 +1,7 @@
 //! `llmtool tokenizer train`.
 
 use crate::cli::{TokenizerCommand, TokenizerTrainArgs};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use data::{build::unique_documents, clean_documents, tokenizer};
 
 /// Runs `tokenizer train`.
@@ -14,10 +14,17 @@ pub fn run(command: TokenizerCommand) -> Result<()> {
 fn train(args: &TokenizerTrainArgs) -> Result<()> {
     let config = super::config::load(&args.config)?;
     let data = &config.data;
+    // Not inside the dataset: its tokenizer.json belongs to the token ids stored beside it.
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| data.dataset_dir(&config.output).join("tokenizer.json"));
+        .unwrap_or_else(|| config.output.dir.join("tokenizer.json"));
+    if out.exists() && !args.force {
+        bail!(
+            "{} exists: pass --force to replace it, or --out to write elsewhere",
+            out.display()
+        );
+    }
     let start = std::time::Instant::now();
     let corpus = clean_documents(&data.roots, data)?;
     let (documents, _) = unique_documents(&corpus, data);
@@ -28,13 +35,8 @@ fn train(args: &TokenizerTrainArgs) -> Result<()> {
         &data.special_tokens,
     )?;
     let json = tokenizer::to_json(&trained, &out)?;
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let tmp = out.with_extension("json.tmp");
-    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+    model::weights::write_atomic(&out, json.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
     println!(
         "{}: {} tokens trained on {} documents from {} files in {:.2} s",
         out.display(),

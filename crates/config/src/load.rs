@@ -147,6 +147,14 @@ fn load_checked(
     overrides: &[Override],
     checks: &[Check],
 ) -> Result<Config, ConfigError> {
+    // Editors on Windows save UTF-8 with a byte order mark; YAML allows one at the start.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Err(issue) = check_nesting(text) {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            issues: vec![issue],
+        });
+    }
     let positions = KeyPositions::of(text);
     let mut issues = Vec::new();
     let mut doc = match parse_document(text) {
@@ -196,16 +204,24 @@ fn load_checked(
         }
     };
 
-    let config = deserialize_all(&mut doc, &mut |key, message| {
+    let mut mistyped = Vec::new();
+    let mut config = deserialize_all(&mut doc, &mut |key, message| {
+        mistyped.push(key.to_string());
         issues.push(ConfigIssue {
             origin: origin_of(key),
             key: key.to_string(),
             message,
         })
     });
-    if issues.is_empty() {
-        let above = checks.iter().flat_map(|check| check(&config));
-        for (key, message) in cross_field_issues(&config).into_iter().chain(above) {
+    expand_home(&mut config);
+    // Cross-field problems are reported with the others, all at once, except in a section
+    // where a value was unreadable: there the default that stands in for it could make up a
+    // problem the file does not have.
+    let section = |key: &str| key.split('.').next().unwrap_or_default().to_string();
+    let unreadable: Vec<String> = mistyped.iter().map(|k| section(k)).collect();
+    let above = checks.iter().flat_map(|check| check(&config));
+    for (key, message) in cross_field_issues(&config).into_iter().chain(above) {
+        if !unreadable.contains(&section(&key)) {
             issues.push(ConfigIssue {
                 origin: origin_of(&key),
                 key,
@@ -226,6 +242,72 @@ fn load_checked(
             issues,
         })
     }
+}
+
+/// `~/notes` as the shell would expand it, for every path the config names: a `--set` value
+/// or a YAML string never passes through a shell. Left as it is without a home directory.
+fn expand_home(config: &mut Config) {
+    let home = std::env::var_os("HOME").or_else(|| std::env::var_os("USERPROFILE"));
+    let Some(home) = home.map(PathBuf::from) else {
+        return;
+    };
+    let expand = |path: &mut PathBuf| {
+        if let Ok(rest) = path.strip_prefix("~") {
+            *path = home.join(rest);
+        }
+    };
+    let data = &mut config.data;
+    data.roots.iter_mut().for_each(expand);
+    data.tokenizer.iter_mut().for_each(expand);
+    data.dataset_dir.iter_mut().for_each(expand);
+    expand(&mut config.output.dir);
+    if let Some(spec) = &mut config.model.pretrained {
+        if spec == "~" || spec.starts_with("~/") {
+            *spec = home
+                .join(&spec[1..].trim_start_matches('/'))
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+}
+
+/// The deepest nesting a config may have: the schema is three levels deep, and a parser walks
+/// a pathological document (200,000 nested brackets) for minutes.
+const MAX_NESTING: usize = 32;
+
+/// Refuses a document nested deeper than [`MAX_NESTING`] (flow brackets or block indentation
+/// levels), before any parser sees it.
+fn check_nesting(text: &str) -> Result<(), ConfigIssue> {
+    let too_deep = |line: usize, column: usize| ConfigIssue {
+        key: String::new(),
+        message: format!("invalid YAML: nested more than {MAX_NESTING} levels deep"),
+        origin: Origin::File { line, column },
+    };
+    let mut depth = 0usize;
+    for (i, line) in text.lines().enumerate() {
+        // Block nesting: each level indents by at least one column.
+        let indent = line.len() - line.trim_start_matches([' ', '-']).len();
+        if indent > 4 * MAX_NESTING && !line.trim().is_empty() {
+            return Err(too_deep(i + 1, indent + 1));
+        }
+        let mut quote = None;
+        for (column, c) in line.char_indices() {
+            match (quote, c) {
+                (None, '#') => break,
+                (None, '"' | '\'') => quote = Some(c),
+                (Some(q), c) if c == q => quote = None,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(too_deep(i + 1, column + 1));
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_document(text: &str) -> Result<Value, ConfigIssue> {

@@ -24,11 +24,22 @@ impl Dataset {
     pub fn open(dir: &Path) -> Result<Self, DataError> {
         let manifest = Manifest::read(dir)?;
         let tokenizer_path = dir.join(TOKENIZER);
-        let tokenizer =
-            Tokenizer::from_file(&tokenizer_path).map_err(|e| DataError::Tokenizer {
+        let bytes =
+            std::fs::read(&tokenizer_path).map_err(|e| DataError::io(&tokenizer_path, e))?;
+        // Another tokenizer gives the stored token ids other meanings.
+        if super::sha256_hex(&bytes) != manifest.tokenizer.sha256 {
+            return Err(DataError::Tokenizer {
                 path: tokenizer_path,
-                message: e.to_string(),
-            })?;
+                message: "is not the tokenizer this dataset was tokenized with (its sha256 \
+                          differs from manifest.json's): rebuild with `llmtool data build CONFIG \
+                          --force`"
+                    .into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+            path: tokenizer_path,
+            message: e.to_string(),
+        })?;
         let train = TokenShards::open(dir, "train", &manifest.train, manifest.token_dtype)?;
         let val = TokenShards::open(dir, "val", &manifest.val, manifest.token_dtype)?;
         Ok(Self {
