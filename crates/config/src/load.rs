@@ -264,7 +264,7 @@ fn expand_home(config: &mut Config) {
     if let Some(spec) = &mut config.model.pretrained {
         if spec == "~" || spec.starts_with("~/") {
             *spec = home
-                .join(&spec[1..].trim_start_matches('/'))
+                .join(spec[1..].trim_start_matches('/'))
                 .to_string_lossy()
                 .into_owned();
         }
