@@ -161,14 +161,10 @@ fn fewer_layers_than_the_weights_hold_is_refused_naming_the_tensor() {
     );
 }
 
-#[test]
-fn nan_weights_are_refused_naming_the_tensor() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = model_dir(tmp.path(), |_| {});
-    let file = dir.join("model.safetensors");
-    let name = "model.layers.1.self_attn.o_proj.weight";
+/// Puts one NaN into tensor `name` of the safetensors `file`.
+fn poison(file: &Path, name: &str) {
     let cpu = candle_core::Device::Cpu;
-    let mut tensors: Vec<_> = candle_core::safetensors::load(&file, &cpu)
+    let mut tensors: Vec<_> = candle_core::safetensors::load(file, &cpu)
         .unwrap()
         .into_iter()
         .collect();
@@ -176,13 +172,49 @@ fn nan_weights_are_refused_naming_the_tensor() {
     let mut values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     values[3] = f32::NAN;
     *t = candle_core::Tensor::from_vec(values, t.dims(), &cpu).unwrap();
-    llmtool::model::weights::save_safetensors(&tensors, &file).unwrap();
+    llmtool::model::weights::save_safetensors(&tensors, file).unwrap();
+}
+
+#[test]
+fn nan_weights_are_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir(tmp.path(), |_| {});
+    let file = dir.join("model.safetensors");
+    let name = "model.layers.1.self_attn.o_proj.weight";
+    poison(&file, name);
     assert_ends_with(
         &eval_error(&dir),
         &format!(
             "{}: tensor {name} holds 1 NaN or infinite values",
             file.display()
         ),
+    );
+}
+
+#[test]
+fn nan_adapter_weights_are_refused_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("tiny-llama-lora").join(file), adapter.join(file)).unwrap();
+    }
+    let file = adapter.join("adapter_model.safetensors");
+    let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    poison(&file, name);
+    let text = fixture("tiny-llama/eval.txt");
+    let line = one_error_line(&[
+        "eval",
+        "--model",
+        s(&fixture("tiny-llama")),
+        "--adapter",
+        s(&adapter),
+        "--data",
+        s(&text),
+    ]);
+    assert!(
+        line.contains(&format!("tensor {name} holds 1 NaN or infinite values")),
+        "{line}"
     );
 }
 

@@ -158,15 +158,29 @@ pub fn length_histogram(lengths: impl IntoIterator<Item = u64>) -> Vec<LengthBuc
         .collect()
 }
 
+/// The name prefix of staging folders.
+const STAGING_PREFIX: &str = ".dataset-staging-";
+
+/// The file in a staging folder that its builder holds locked while it lives.
+const OWNER_FILE: &str = ".owner";
+
+/// A staging folder without an owner file (a build killed before it made one) older than this
+/// is a leftover.
+const ORPHAN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A dataset being written in a staging folder next to its destination.
 pub struct Staging {
     dir: tempfile::TempDir,
     dest: PathBuf,
+    /// Locked while this build lives: a later build removes staging folders whose owner file
+    /// it can lock (their builder died) and leaves the others alone.
+    _owner: std::fs::File,
 }
 
 impl Staging {
     /// Starts a dataset at `dest`. An existing folder there must be a dataset (or hold only
-    /// a `tokenizer.json`): anything else is not overwritten.
+    /// a `tokenizer.json`): anything else is not overwritten. First removes what killed builds
+    /// left beside it.
     pub fn new(dest: &Path) -> Result<Self, DataError> {
         check_replaceable(dest)?;
         let parent = match dest.parent() {
@@ -174,13 +188,28 @@ impl Staging {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| DataError::io(&parent, e))?;
-        let dir = tempfile::Builder::new()
-            .prefix(".dataset-staging-")
+        remove_leftovers(&parent, dest).map_err(|e| DataError::io(&parent, e))?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(STAGING_PREFIX);
+        // As mkdir(2) makes folders (0777 less the umask), not tempfile's 0700.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o777));
+        }
+        let dir = builder
             .tempdir_in(&parent)
             .map_err(|e| DataError::io(&parent, e))?;
+        let owner_path = dir.path().join(OWNER_FILE);
+        let owner =
+            std::fs::File::create(&owner_path).map_err(|e| DataError::io(&owner_path, e))?;
+        owner
+            .try_lock()
+            .map_err(|e| DataError::io(&owner_path, std::io::Error::other(e.to_string())))?;
         Ok(Self {
             dir,
             dest: dest.to_path_buf(),
+            _owner: owner,
         })
     }
 
@@ -237,10 +266,59 @@ impl Staging {
             let _ = std::fs::remove_dir_all(&staged);
             return Err(DataError::io(dest, e));
         }
+        let owner = dest.join(OWNER_FILE);
+        std::fs::remove_file(&owner).map_err(|e| DataError::io(&owner, e))?;
         if replacing {
-            std::fs::remove_dir_all(&old).map_err(|e| DataError::io(&old, e))?;
+            remove_if_there(&old).map_err(|e| DataError::io(&old, e))?;
         }
         Ok(())
+    }
+}
+
+/// Removes what killed builds left in `parent`: staging folders whose builder is gone, and
+/// the previous dataset a build had moved aside (`.NAME.old-PID`) while `dest` exists. A
+/// build killed between moving the old dataset aside and putting the new one in place left
+/// only the old one: it is put back.
+fn remove_leftovers(parent: &Path, dest: &Path) -> std::io::Result<()> {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let old_prefix = format!(".{name}.old-");
+    for entry in std::fs::read_dir(parent)? {
+        let entry = entry?;
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if file_name.starts_with(STAGING_PREFIX) && is_abandoned(&path)? {
+            remove_if_there(&path)?;
+        } else if file_name.starts_with(&old_prefix) {
+            match dest.exists() {
+                true => remove_if_there(&path)?,
+                false => std::fs::rename(&path, dest)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a staging folder's builder is gone: its owner file can be locked, or it never made
+/// one and the folder is older than [`ORPHAN_AGE`].
+fn is_abandoned(staging: &Path) -> std::io::Result<bool> {
+    match std::fs::File::open(staging.join(OWNER_FILE)) {
+        Ok(owner) => Ok(owner.try_lock().is_ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let age = std::fs::metadata(staging)?.modified()?.elapsed();
+            Ok(age.is_ok_and(|age| age > ORPHAN_AGE))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a folder, which another process may have removed first.
+fn remove_if_there(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -267,6 +345,40 @@ fn check_replaceable(dest: &Path) -> Result<(), DataError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_of_dead_builds_are_removed_and_live_ones_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let p = parent.path();
+        let staging = |name: &str| {
+            let dir = p.join(format!("{STAGING_PREFIX}{name}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("train-00000.bin"), b"1234").unwrap();
+            std::fs::File::create(dir.join(OWNER_FILE)).unwrap()
+        };
+        drop(staging("dead"));
+        let live = staging("live");
+        live.try_lock().unwrap();
+        let fresh_orphan = p.join(format!("{STAGING_PREFIX}no-owner"));
+        std::fs::create_dir(&fresh_orphan).unwrap();
+        let dest = p.join("ds");
+        std::fs::create_dir(&dest).unwrap();
+        std::fs::create_dir(p.join(".ds.old-999")).unwrap();
+        remove_leftovers(p, &dest).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".dataset-staging-live", ".dataset-staging-no-owner", "ds"]
+        );
+        // Killed between moving the old dataset aside and putting the new one in place.
+        std::fs::rename(&dest, p.join(".ds.old-998")).unwrap();
+        remove_leftovers(p, &dest).unwrap();
+        assert!(dest.is_dir() && !p.join(".ds.old-998").exists());
+    }
 
     #[test]
     fn dtype_follows_vocab_size() {
