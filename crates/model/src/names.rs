@@ -1,8 +1,10 @@
 //! The one table of a model's parameter names: each block projection's module name, its short
-//! name, where it sits in a block, its shape and bias, and the Hugging Face tensor paths around
-//! the blocks. Loading, saving, LoRA targets, PEFT keys and config validation all read it.
+//! name, where it sits in a block, its shape and bias, each family's norms and their Hugging
+//! Face names, and the tensor paths around the blocks. Loading, saving, LoRA targets, PEFT keys
+//! and config validation all read it.
 
 use crate::config::LlamaConfig;
+use crate::family::Family;
 
 /// The embedding table.
 pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
@@ -10,10 +12,71 @@ pub const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
 /// The output head (absent when it is tied to the embedding).
 pub const LM_HEAD: &str = "lm_head.weight";
-/// A block's norm before attention, inside the block.
-pub const INPUT_NORM: &str = "input_layernorm.weight";
-/// A block's norm before the feed-forward, inside the block.
-pub const POST_ATTENTION_NORM: &str = "post_attention_layernorm.weight";
+
+/// A norm of a transformer block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    /// Before attention (every family).
+    PreAttention,
+    /// On the attention output, before the residual add (Gemma).
+    PostAttention,
+    /// Before the feed-forward (every family).
+    PreFeedForward,
+    /// On the feed-forward output, before the residual add (Gemma).
+    PostFeedForward,
+    /// Over each query head (Qwen3, Gemma 3).
+    Query,
+    /// Over each key head (Qwen3, Gemma 3).
+    Key,
+}
+
+impl Norm {
+    /// The norms of a block of `family`, in the order of a block's parameters.
+    pub fn of(family: &Family) -> Vec<Norm> {
+        let mut norms = vec![Norm::PreAttention];
+        if family.qk_norm {
+            norms.extend([Norm::Query, Norm::Key]);
+        }
+        match family.sandwich_norms {
+            true => norms.extend([
+                Norm::PostAttention,
+                Norm::PreFeedForward,
+                Norm::PostFeedForward,
+            ]),
+            false => norms.push(Norm::PreFeedForward),
+        }
+        norms
+    }
+
+    /// The weight's name inside a block. The norm before the feed-forward is
+    /// `post_attention_layernorm` in Llama-style blocks (it follows attention), and
+    /// `pre_feedforward_layernorm` where the attention output has a norm of its own.
+    pub fn name(self, family: &Family) -> &'static str {
+        match (self, family.sandwich_norms) {
+            (Norm::PreAttention, _) => "input_layernorm.weight",
+            (Norm::PreFeedForward, false) | (Norm::PostAttention, _) => {
+                "post_attention_layernorm.weight"
+            }
+            (Norm::PreFeedForward, true) => "pre_feedforward_layernorm.weight",
+            (Norm::PostFeedForward, _) => "post_feedforward_layernorm.weight",
+            (Norm::Query, _) => "self_attn.q_norm.weight",
+            (Norm::Key, _) => "self_attn.k_norm.weight",
+        }
+    }
+
+    /// Whether a checkpoint lists the norm before the attention projections.
+    pub(crate) fn before_attention(self) -> bool {
+        matches!(self, Norm::PreAttention | Norm::Query | Norm::Key)
+    }
+
+    /// The weight's size in a model of `cfg`.
+    pub fn size(self, cfg: &LlamaConfig) -> usize {
+        match self {
+            Norm::Query | Norm::Key => cfg.head_size(),
+            _ => cfg.hidden_size,
+        }
+    }
+}
 
 /// The module path of block `i`: `model.layers.{i}`.
 pub fn layer(i: usize) -> String {
@@ -109,11 +172,18 @@ impl Projection {
 /// the order transformers lists them.
 pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
+    let family = Family::of(cfg);
+    let norms = Norm::of(&family);
     let mut shapes = vec![(EMBED_TOKENS.to_string(), vec![cfg.vocab_size, h])];
     for i in 0..cfg.num_hidden_layers {
         let p = layer(i);
         let mut add = |name: String, shape: Vec<usize>| shapes.push((format!("{p}.{name}"), shape));
-        add(INPUT_NORM.into(), vec![h]);
+        let norm = |n: Norm| (n.name(&family).to_string(), vec![n.size(cfg)]);
+        let (attention_norms, mlp_norms): (Vec<Norm>, Vec<Norm>) =
+            norms.iter().partition(|n| n.before_attention());
+        for (name, shape) in attention_norms.into_iter().map(norm) {
+            add(name, shape);
+        }
         // The order random initialisation draws in: changing it changes fresh weights.
         let weight = |p: Projection| {
             let (out, inp) = p.shape(cfg);
@@ -131,7 +201,9 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         }
         let (name, shape) = weight(Projection::O);
         add(name, shape);
-        add(POST_ATTENTION_NORM.into(), vec![h]);
+        for (name, shape) in mlp_norms.into_iter().map(norm) {
+            add(name, shape);
+        }
         for (name, shape) in [Projection::Gate, Projection::Up, Projection::Down].map(weight) {
             add(name, shape);
         }

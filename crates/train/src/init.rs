@@ -55,6 +55,7 @@ pub fn scratch_config(m: &ModelSection, eos_token_id: Option<u32>) -> LlamaConfi
         hidden_act: "silu".into(),
         initializer_range: m.initializer_range,
         torch_dtype: Some("float32".into()),
+        family_options: Default::default(),
     }
 }
 
