@@ -1,4 +1,4 @@
-//! The newer families (Qwen3, Gemma 2, Gemma 3 text) against transformers and PEFT on the
+//! The newer families (Qwen3, Gemma 2, Gemma 3 text, Phi-3) against transformers and PEFT on the
 //! committed fixtures of `tests/fixtures/make_family_fixtures.py`: logits, mean NLL, greedy
 //! generation with the KV cache past the sliding window, PEFT adapters' NLL, merging, training
 //! gradients, and bad family configs and checkpoints refused naming the file and key.
@@ -14,7 +14,10 @@ use llmtool::ops;
 use llmtool::train::{lora, Adapter};
 use std::path::Path;
 
-const FAMILIES: [&str; 3] = ["qwen3", "gemma2", "gemma3"];
+const FAMILIES: [&str; 4] = ["qwen3", "gemma2", "gemma3", "phi3"];
+
+/// The families with a PEFT adapter fixture (LoRA does not adapt Phi-3's stacked weights yet).
+const LORA_FAMILIES: [&str; 3] = ["qwen3", "gemma2", "gemma3"];
 
 fn load(dir: &Path) -> LoadedModel {
     model::load(dir, DType::F32, &Device::Cpu).unwrap()
@@ -135,7 +138,7 @@ fn greedy_generation_with_the_kv_cache_matches_transformers_past_the_window() {
 
 #[test]
 fn peft_adapters_give_peft_nll_and_merge_into_the_same_model() {
-    for family in FAMILIES {
+    for family in LORA_FAMILIES {
         let name = format!("tiny-{family}-lora");
         let expected = json(&format!("{name}/expected.json"));
         let loaded = with_adapter(family);
@@ -194,6 +197,32 @@ fn training_loss_matches_and_every_parameter_gets_a_gradient() {
             assert!(grads.get(var).is_some(), "{family}: {name} got no gradient");
         }
     }
+}
+
+#[test]
+fn phi3_saves_its_stacked_weights_under_their_names_and_refuses_lora() {
+    let dir = fixture("tiny-phi3");
+    let model = load(&dir).model;
+    let stored = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu);
+    let stored = stored.unwrap();
+    let saved = model.named_parameters();
+    assert_eq!(saved.len(), stored.len());
+    for (name, tensor) in &saved {
+        let err = relative_error(tensor, &stored[name]);
+        assert!(err == 0.0, "{name}: {err}");
+    }
+    let error = Adapter::load(
+        &fixture("tiny-qwen3-lora"),
+        &model.config,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("Phi-3's qkv_proj and gate_up_proj"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -28,8 +28,11 @@ pub struct Attention {
 
 impl Attention {
     /// The attention of a model of `cfg` from its q, k, v and o projections.
+    /// `qkv` is the stacked projection the three parts are views of, where the checkpoint
+    /// stores them stacked.
     pub(crate) fn new(
         [q, k, v, o]: [std::result::Result<Linear, crate::ModelError>; 4],
+        qkv: Option<Linear>,
         cfg: &LlamaConfig,
     ) -> std::result::Result<Self, crate::ModelError> {
         Ok(Self {
@@ -37,7 +40,7 @@ impl Attention {
             k_proj: k?,
             v_proj: v?,
             o_proj: o?,
-            qkv: None,
+            qkv,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.kv_heads(),
             head_size: cfg.head_size(),
@@ -80,8 +83,8 @@ impl Llama {
         let (cos, sin) = rope.window(start, t)?;
         if !self.attention_is_plain() {
             let [q, k, v] = self.projections(block, x)?;
-            let q = ops::rope(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
-            let k = ops::rope(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
+            let q = self.rotate(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
+            let k = self.rotate(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
             let v = ops::split_heads(&v, a.kv_heads)?;
             let (k, v) = match cache {
                 Some(c) => c.append(&k, &v)?,
@@ -118,6 +121,18 @@ impl Llama {
             }
         };
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())
+    }
+
+    /// RoPE on heads `[b, heads, t, head_size]`: on the first `rotary_dim` dimensions of each
+    /// head, the rest passed through (Phi-3's partial rotary).
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (rotary, head_size) = (self.family.rotary_dim, x.dim(D::Minus1)?);
+        if rotary == head_size {
+            return ops::rope(x, cos, sin);
+        }
+        let rotated = ops::rope(&x.narrow(D::Minus1, 0, rotary)?.contiguous()?, cos, sin)?;
+        let rest = x.narrow(D::Minus1, rotary, head_size - rotary)?;
+        Tensor::cat(&[&rotated, &rest], D::Minus1)
     }
 
     /// The q, k and v projections `[b, t, heads · head_size]` of `x`, the queries and keys

@@ -1,5 +1,5 @@
 //! The Hugging Face `config.json` of a model of a supported family (Llama, Mistral, Qwen2,
-//! Qwen3, Gemma 2, Gemma 3 text; SmolLM is a Llama). What differs between the families is
+//! Qwen3, Gemma 2, Gemma 3 text, Phi-3; SmolLM is a Llama). What differs between the families is
 //! read from it by [`crate::family::Family::of`].
 
 use crate::family::{self, FamilyOptions};
@@ -7,13 +7,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Architectures whose weights and forward pass this crate implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 6] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
 ];
 
 /// transformers 5's `rope_parameters`: one set for every layer, or (Gemma 3) one per layer
@@ -42,6 +43,9 @@ pub struct RopeScaling {
     pub high_freq_factor: f64,
     #[serde(default = "original_context")]
     pub original_max_position_embeddings: usize,
+    /// The rotated share of each head (Phi-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn default_rope_type() -> String {
@@ -162,6 +166,21 @@ impl LlamaConfig {
         }
     }
 
+    /// The rotated share of each head: `rope_parameters.partial_rotary_factor`, else the
+    /// legacy top-level key, else 1.
+    pub fn partial_rotary_factor(&self) -> f64 {
+        self.rope_parameters_for(false)
+            .and_then(|p| p.partial_rotary_factor)
+            .or(self.family_options.partial_rotary_factor)
+            .unwrap_or(1.0)
+    }
+
+    /// How many leading dimensions of each head RoPE rotates (`int(head_size · factor)`, as
+    /// transformers truncates).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_size() as f64 * self.partial_rotary_factor()) as usize
+    }
+
     /// The dimensions the model's fused ops run at, for the op checks.
     pub fn op_shape(&self) -> ops::check::ModelShape {
         ops::check::ModelShape {
@@ -262,6 +281,15 @@ impl LlamaConfig {
         if self.head_size() % 2 != 0 {
             return Err(format!(
                 "head size {} must be even for RoPE",
+                self.head_size()
+            ));
+        }
+        let factor = self.partial_rotary_factor();
+        let rotary = self.rotary_dim();
+        if !(factor > 0.0 && factor <= 1.0) || rotary < 2 || rotary % 2 != 0 {
+            return Err(format!(
+                "partial_rotary_factor: {factor} of head size {} rotates {rotary} dimensions; \
+                 it must rotate an even number, at least 2",
                 self.head_size()
             ));
         }

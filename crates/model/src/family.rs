@@ -1,8 +1,8 @@
 //! Model families as options of one decoder block. [`Family::of`] reads what differs between
-//! Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text) from `config.json`: the kind of
-//! RMSNorm, per-head q/k norms, the MLP's activation, the embedding scale, the norms around
-//! attention and the feed-forward, the attention scale, logit soft-capping, and per layer the
-//! sliding window and the RoPE base. The decoder ([`crate::Llama`]) and the naming table
+//! Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 from `config.json`: the kind
+//! of RMSNorm, per-head q/k norms, the MLP's activation, the embedding scale, the norms around
+//! attention and the feed-forward, the attention scale, logit soft-capping, fused q/k/v and
+//! gate/up weights, partial rotary, and per layer the sliding window and the RoPE base. The decoder ([`crate::Llama`]) and the naming table
 //! ([`crate::names`]) read nothing else about the family.
 
 use crate::config::LlamaConfig;
@@ -55,6 +55,18 @@ pub struct FamilyOptions {
     /// Gemma 3's older spelling of the sliding layers' RoPE base (default 10000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
+    /// Kept so that a saved config reloads in transformers as it was: an absent key there is
+    /// the family's default (Phi-3's 32000, past a small vocabulary, fails to load).
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pad_token_id: Option<Option<u32>>,
+    /// Phi-3's older spelling of the rotated share of each head (transformers 5 writes it
+    /// into `rope_parameters`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 /// A key that is present (even as `null`) deserializes to `Some`; an absent one, through
@@ -74,17 +86,19 @@ pub enum Kind {
     Qwen3,
     Gemma2,
     Gemma3,
+    Phi3,
 }
 
 impl Kind {
     /// Every kind with its HF `architectures` entry and `model_type`.
-    pub const ALL: [(Kind, &'static str, &'static str); 6] = [
+    pub const ALL: [(Kind, &'static str, &'static str); 7] = [
         (Kind::Llama, "LlamaForCausalLM", "llama"),
         (Kind::Mistral, "MistralForCausalLM", "mistral"),
         (Kind::Qwen2, "Qwen2ForCausalLM", "qwen2"),
         (Kind::Qwen3, "Qwen3ForCausalLM", "qwen3"),
         (Kind::Gemma2, "Gemma2ForCausalLM", "gemma2"),
         (Kind::Gemma3, "Gemma3ForCausalLM", "gemma3_text"),
+        (Kind::Phi3, "Phi3ForCausalLM", "phi3"),
     ];
 
     /// The kind of a config: its first architecture, else its `model_type` (unknown types
@@ -146,6 +160,12 @@ pub struct Family {
     pub attention_scale: f64,
     pub attn_softcap: Option<f64>,
     pub final_softcap: Option<f64>,
+    /// q/k/v and gate/up are one weight each in a checkpoint (Phi-3's `qkv_proj`,
+    /// `gate_up_proj`).
+    pub fused_projections: bool,
+    /// How many leading dimensions of each head RoPE rotates (Phi-3's
+    /// `partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: usize,
     /// One entry per layer.
     pub layers: Vec<LayerAttention>,
 }
@@ -191,17 +211,20 @@ impl Family {
             attention_scale: 1.0 / (scalar as f64).sqrt(),
             attn_softcap: cap(o.attn_logit_softcapping, 50.0),
             final_softcap: cap(o.final_logit_softcapping, 30.0),
+            fused_projections: kind == Kind::Phi3,
+            rotary_dim: cfg.rotary_dim(),
             layers,
         }
     }
 
-    /// Whether attention is plain causal softmax attention at `1/sqrt(head_size)` in every
-    /// layer, which the fused attention kernels compute. Otherwise attention takes the
+    /// Whether attention is plain causal softmax attention at `1/sqrt(head_size)` with RoPE
+    /// over whole heads in every layer, which the fused attention kernels compute. Otherwise attention takes the
     /// composite path ([`ops::windowed_attention`]).
     pub fn plain_attention(&self, head_size: usize) -> bool {
         let default_scale = 1.0 / (head_size as f64).sqrt();
         (self.attention_scale - default_scale).abs() <= 1e-12 * default_scale
             && self.attn_softcap.is_none()
+            && self.rotary_dim == head_size
             && self
                 .layers
                 .iter()
@@ -210,9 +233,10 @@ impl Family {
 }
 
 /// The window of sliding layers, where the family has them (transformers' default for an
-/// absent key is 4096 in every family that has the option).
+/// absent key is 4096 in every family that has the option but Phi-3).
 fn sliding_window(kind: Kind, o: &FamilyOptions) -> Option<usize> {
-    let window = o.sliding_window.unwrap_or(Some(4096));
+    let default = (kind != Kind::Phi3).then_some(4096);
+    let window = o.sliding_window.unwrap_or(default);
     match kind {
         Kind::Qwen2 | Kind::Qwen3 => window.filter(|_| o.use_sliding_window == Some(true)),
         Kind::Llama => None,
@@ -220,12 +244,13 @@ fn sliding_window(kind: Kind, o: &FamilyOptions) -> Option<usize> {
     }
 }
 
-/// Per layer whether it slides: `layer_types` where the config has it (Mistral ignores it:
-/// its window applies to every layer), else the family's default pattern (as transformers
+/// Per layer whether it slides: `layer_types` where the config has it (Mistral and Phi-3
+/// ignore it: their window applies to every layer), else the family's default pattern (as transformers
 /// fills it in).
 fn layer_types(cfg: &LlamaConfig, kind: Kind) -> Vec<bool> {
     let o = &cfg.family_options;
-    if let Some(types) = o.layer_types.as_ref().filter(|_| kind != Kind::Mistral) {
+    let every_layer = matches!(kind, Kind::Mistral | Kind::Phi3);
+    if let Some(types) = o.layer_types.as_ref().filter(|_| !every_layer) {
         return types.iter().map(|t| t == "sliding_attention").collect();
     }
     let pattern = o.sliding_window_pattern.unwrap_or(6).max(1);
@@ -235,7 +260,7 @@ fn layer_types(cfg: &LlamaConfig, kind: Kind) -> Vec<bool> {
             Kind::Gemma2 => i % 2 == 0,
             Kind::Gemma3 => (i + 1) % pattern != 0,
             Kind::Qwen2 | Kind::Qwen3 => i >= window_from,
-            Kind::Mistral => true,
+            Kind::Mistral | Kind::Phi3 => true,
             Kind::Llama => false,
         })
         .collect()
@@ -401,5 +426,10 @@ mod tests {
         let full = vec!["full_attention"; 6];
         let mistral = family(serde_json::json!({"model_type": "mistral", "layer_types": full}));
         assert_eq!(windows(&mistral), [Some(4096); 6]);
+        let phi3 = family(serde_json::json!({
+            "model_type": "phi3", "partial_rotary_factor": 0.75,
+        }));
+        assert_eq!(windows(&phi3), [None; 6]);
+        assert!(phi3.fused_projections && phi3.rotary_dim == 12 && !phi3.plain_attention(16));
     }
 }

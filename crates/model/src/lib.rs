@@ -1,4 +1,4 @@
-//! Models of the supported families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text) in
+//! Models of the supported families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3) in
 //! Hugging Face format: config, family options, weights, forward pass, files.
 
 pub mod attention;

@@ -14,8 +14,9 @@ use super::rope::RopeTables;
 use super::weights::{ModelError, Weights};
 use crate::family::{Activation, Family, NormKind};
 pub use crate::linear::Linear;
-use crate::names::{self, Norm, Projection};
+use crate::names::{self, Fused, Norm, Projection};
 use candle_core::{DType, Device, Result, Tensor, D};
+use std::collections::BTreeMap;
 
 impl Mlp {
     /// The stacked gate/up projection, where one exists and no part has an adapter since.
@@ -103,6 +104,52 @@ impl Block {
     }
 }
 
+/// A block's projections by name, and its stacked q/k/v and gate/up projections if stored so.
+type BlockProjections = (BTreeMap<Projection, Linear>, [Option<Linear>; 2]);
+
+/// Block `i`'s projections, and its stacked q/k/v and gate/up projections where the
+/// checkpoint stores them stacked (the family's `fused_projections`): the parts are then views
+/// into the stacked weights, and train them when they train.
+fn load_projections(
+    cfg: &LlamaConfig,
+    family: &Family,
+    w: &Weights,
+    i: usize,
+) -> std::result::Result<BlockProjections, ModelError> {
+    let single = |p: Projection| {
+        let (out, inp) = p.shape(cfg);
+        Ok((p, Linear::load(w, &p.path(i), out, inp, p.has_bias(cfg))?))
+    };
+    if !family.fused_projections {
+        let all = Projection::ALL
+            .into_iter()
+            .map(single)
+            .collect::<std::result::Result<_, ModelError>>()?;
+        return Ok((all, [None, None]));
+    }
+    let mut linears: BTreeMap<Projection, Linear> = [Projection::O, Projection::Down]
+        .into_iter()
+        .map(single)
+        .collect::<std::result::Result<_, ModelError>>()?;
+    let stacked = [Fused::Qkv, Fused::GateUp].map(|f| {
+        let (out, inp) = f.shape(cfg);
+        let whole = Linear::load(w, &f.path(i), out, inp, false)?;
+        let rows: Vec<usize> = f.parts().iter().map(|p| p.shape(cfg).0).collect();
+        let parts = whole.split(&rows)?;
+        Ok::<_, ModelError>((
+            f.parts().iter().copied().zip(parts).collect::<Vec<_>>(),
+            whole,
+        ))
+    });
+    let mut wholes = [None, None];
+    for (slot, result) in stacked.into_iter().enumerate() {
+        let (parts, whole) = result?;
+        linears.extend(parts);
+        wholes[slot] = Some(whole);
+    }
+    Ok((linears, wholes))
+}
+
 impl Llama {
     /// Builds the model from `weights`, computing in `dtype`. Weights that are `Var`s train;
     /// plain tensors are frozen.
@@ -122,9 +169,14 @@ impl Llama {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = names::layer(i);
-            let linear = |proj: Projection| {
-                let (out, inp) = proj.shape(cfg);
-                Linear::load(w, &proj.path(i), out, inp, proj.has_bias(cfg))
+            let (mut linears, [qkv, gate_up]) = load_projections(cfg, &family, w, i)?;
+            let mut linear = |proj: Projection| {
+                linears
+                    .remove(&proj)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        source_name: w.source_name().to_string(),
+                        name: proj.path(i),
+                    })
             };
             let norms = Norm::of(&family)
                 .into_iter()
@@ -138,14 +190,15 @@ impl Llama {
             layers.push(Block {
                 norms,
                 self_attn: Attention::new(
-                    [Projection::Q, Projection::K, Projection::V, Projection::O].map(linear),
+                    [Projection::Q, Projection::K, Projection::V, Projection::O].map(&mut linear),
+                    qkv,
                     cfg,
                 )?,
                 mlp: Mlp {
                     gate_proj: linear(Projection::Gate)?,
                     up_proj: linear(Projection::Up)?,
                     down_proj: linear(Projection::Down)?,
-                    gate_up: None,
+                    gate_up,
                 },
             });
         }
@@ -177,7 +230,12 @@ impl Llama {
     /// each, for inference: a decode step is bound by kernel launches. Projections that train
     /// are left alone; one that gets an adapter later is computed on its own again.
     pub fn fuse_projections(&mut self) -> Result<()> {
-        for block in &mut self.layers {
+        // A checkpoint that stores them stacked (Phi-3) has them stacked already.
+        for block in self
+            .layers
+            .iter_mut()
+            .filter(|_| !self.family.fused_projections)
+        {
             let a = &mut block.self_attn;
             a.qkv = Linear::stack(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
             let m = &mut block.mlp;
@@ -230,7 +288,21 @@ impl Llama {
                     .map(|(n, t)| (format!("{p}.{}", n.name(&self.family)), t.clone()))
             };
             out.extend(norms(true));
-            for proj in [Projection::Q, Projection::K, Projection::V, Projection::O] {
+            let stacked = [
+                (Fused::Qkv, &b.self_attn.qkv),
+                (Fused::GateUp, &b.mlp.gate_up),
+            ];
+            let stacked = stacked.map(|(f, l)| {
+                let l = l.as_ref().filter(|_| self.family.fused_projections);
+                l.map(|l| (format!("{}.weight", f.path(i)), l.weight.clone()))
+            });
+            let [qkv, gate_up] = stacked;
+            let attention = match &qkv {
+                Some(_) => &[Projection::O][..],
+                None => &[Projection::Q, Projection::K, Projection::V, Projection::O],
+            };
+            out.extend(qkv);
+            for &proj in attention {
                 let l = b.projection(proj);
                 out.push((format!("{}.weight", proj.path(i)), l.weight.clone()));
                 if let Some(bias) = &l.bias {
@@ -238,7 +310,12 @@ impl Llama {
                 }
             }
             out.extend(norms(false));
-            for proj in [Projection::Gate, Projection::Up, Projection::Down] {
+            let mlp = match &gate_up {
+                Some(_) => &[Projection::Down][..],
+                None => &[Projection::Gate, Projection::Up, Projection::Down],
+            };
+            out.extend(gate_up);
+            for &proj in mlp {
                 let weight = b.projection(proj).weight.clone();
                 out.push((format!("{}.weight", proj.path(i)), weight));
             }

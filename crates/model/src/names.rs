@@ -168,6 +168,56 @@ impl Projection {
     }
 }
 
+/// A weight that holds several projections stacked by rows in a checkpoint (Phi-3); the model
+/// computes with views of its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fused {
+    /// `self_attn.qkv_proj`: q, k and v.
+    Qkv,
+    /// `mlp.gate_up_proj`: gate, then up.
+    GateUp,
+}
+
+impl Fused {
+    /// The projections stacked, first rows first.
+    pub fn parts(self) -> &'static [Projection] {
+        match self {
+            Fused::Qkv => &[Projection::Q, Projection::K, Projection::V],
+            Fused::GateUp => &[Projection::Gate, Projection::Up],
+        }
+    }
+
+    /// The module path inside a block: `self_attn.qkv_proj`.
+    pub fn module(self) -> &'static str {
+        match self {
+            Fused::Qkv => "self_attn.qkv_proj",
+            Fused::GateUp => "mlp.gate_up_proj",
+        }
+    }
+
+    /// The module path in block `i`.
+    pub fn path(self, i: usize) -> String {
+        format!("{}.{}", layer(i), self.module())
+    }
+
+    /// The weight's `(out, in)` in a model of `cfg`: the parts' outputs summed.
+    pub fn shape(self, cfg: &LlamaConfig) -> (usize, usize) {
+        let shapes = self.parts().iter().map(|p| p.shape(cfg));
+        let inp = shapes.clone().map(|s| s.1).next().unwrap_or(0);
+        (shapes.map(|s| s.0).sum(), inp)
+    }
+}
+
+/// Passes every `(name, shape)` of `all` to `add`.
+fn add_all<const N: usize>(
+    add: &mut impl FnMut(String, Vec<usize>),
+    all: [(String, Vec<usize>); N],
+) {
+    for (name, shape) in all {
+        add(name, shape);
+    }
+}
+
 /// The HF tensor names of every parameter of a model with this config, with their shapes, in
 /// the order transformers lists them.
 pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
@@ -190,9 +240,14 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
             (format!("{}.weight", p.module()), vec![out, inp])
         };
         let bias = |p: Projection| (format!("{}.bias", p.module()), vec![p.shape(cfg).0]);
+        let fused = |f: Fused| {
+            let (out, inp) = f.shape(cfg);
+            (format!("{}.weight", f.module()), vec![out, inp])
+        };
         let attention = [Projection::Q, Projection::K, Projection::V];
-        for (name, shape) in attention.map(weight) {
-            add(name, shape);
+        match family.fused_projections {
+            true => add_all(&mut add, [fused(Fused::Qkv)]),
+            false => add_all(&mut add, attention.map(weight)),
         }
         if cfg.qkv_bias() {
             for (name, shape) in attention.map(bias) {
@@ -204,9 +259,12 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         for (name, shape) in mlp_norms.into_iter().map(norm) {
             add(name, shape);
         }
-        for (name, shape) in [Projection::Gate, Projection::Up, Projection::Down].map(weight) {
-            add(name, shape);
+        match family.fused_projections {
+            true => add_all(&mut add, [fused(Fused::GateUp)]),
+            false => add_all(&mut add, [Projection::Gate, Projection::Up].map(weight)),
         }
+        let (name, shape) = weight(Projection::Down);
+        add(name, shape);
     }
     shapes.push((FINAL_NORM.into(), vec![h]));
     if !cfg.tie_word_embeddings {

@@ -4,7 +4,8 @@ use super::config::{LlamaConfig, RopeScaling};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::RwLock;
 
-/// Cosine and sine tables, `[rows, head_size / 2]`, for positions up to the config's
+/// Cosine and sine tables, `[rows, rotary_dim / 2]` (the head size unless the config rotates
+/// only part of each head), for positions up to the config's
 /// `max_position_embeddings`. The rows are made as positions are asked for (doubling, from
 /// [`RopeTables::MIN_ROWS`]), not for the whole context up front: a config with a long context
 /// (Llama 3.1's 131072 positions, or a mistaken 10⁹) costs nothing until a sequence is that
@@ -84,7 +85,7 @@ impl RopeTables {
     ) -> Result<Self> {
         let (theta, scaling) = (cfg.rope_theta_for(local), cfg.rope_scaling_for(local));
         Ok(Self {
-            inverse: inverse_frequencies(cfg.head_size(), theta, scaling),
+            inverse: inverse_frequencies(cfg.rotary_dim(), theta, scaling),
             max_positions: cfg.max_position_embeddings,
             dtype,
             device: device.clone(),

@@ -57,6 +57,7 @@ impl Adapter {
         seed: u64,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
+        check_family(cfg)?;
         let targets = expand_targets(&lora.target_modules).map_err(ModelError::Lora)?;
         let shapes = target_shapes(cfg, &targets);
         check_rank(lora.r, &shapes).map_err(ModelError::Lora)?;
@@ -85,6 +86,7 @@ impl Adapter {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
+        check_family(cfg)?;
         let config_path = dir.join("adapter_config.json");
         let config: AdapterConfig = read_json(&config_path, "the adapter's adapter_config.json")?;
         let bad_config = |message| ModelError::Adapter {
@@ -340,6 +342,19 @@ fn config_difference(named: &LlamaConfig, given: &LlamaConfig) -> Option<String>
         .into_iter()
         .find(|(_, a, b)| a != b)
         .map(|(key, a, b)| format!("{key} {a} there, {b} here"))
+}
+
+/// Refuses a base whose checkpoint stacks projections: adapters attach to the seven separate
+/// projections, and PEFT's adapters of a stacked weight adapt it whole.
+fn check_family(cfg: &LlamaConfig) -> std::result::Result<(), ModelError> {
+    match model::Family::of(cfg).fused_projections {
+        true => Err(ModelError::Lora(
+            "this model stores q/k/v and gate/up stacked (Phi-3's qkv_proj and gate_up_proj), \
+             which LoRA does not adapt yet; fine-tune it fully (without --lora)"
+                .into(),
+        )),
+        false => Ok(()),
+    }
 }
 
 /// Module path (`model.layers.0.self_attn.q_proj`) with its weight's `(out, in)`, for every
