@@ -16,9 +16,6 @@ use std::path::Path;
 
 const FAMILIES: [&str; 4] = ["qwen3", "gemma2", "gemma3", "phi3"];
 
-/// The families with a PEFT adapter fixture (LoRA does not adapt Phi-3's stacked weights yet).
-const LORA_FAMILIES: [&str; 3] = ["qwen3", "gemma2", "gemma3"];
-
 fn load(dir: &Path) -> LoadedModel {
     model::load(dir, DType::F32, &Device::Cpu).unwrap()
 }
@@ -138,7 +135,7 @@ fn greedy_generation_with_the_kv_cache_matches_transformers_past_the_window() {
 
 #[test]
 fn peft_adapters_give_peft_nll_and_merge_into_the_same_model() {
-    for family in LORA_FAMILIES {
+    for family in FAMILIES {
         let name = format!("tiny-{family}-lora");
         let expected = json(&format!("{name}/expected.json"));
         let loaded = with_adapter(family);
@@ -200,7 +197,7 @@ fn training_loss_matches_and_every_parameter_gets_a_gradient() {
 }
 
 #[test]
-fn phi3_saves_its_stacked_weights_under_their_names_and_refuses_lora() {
+fn phi3_saves_its_stacked_weights_under_their_names_and_adapts_them_whole() {
     let dir = fixture("tiny-phi3");
     let model = load(&dir).model;
     let stored = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu);
@@ -211,16 +208,36 @@ fn phi3_saves_its_stacked_weights_under_their_names_and_refuses_lora() {
         let err = relative_error(tensor, &stored[name]);
         assert!(err == 0.0, "{name}: {err}");
     }
-    let error = Adapter::load(
-        &fixture("tiny-qwen3-lora"),
-        &model.config,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap_err()
-    .to_string();
+    // A new adapter targets PEFT's names for Phi-3; the seven separate names are refused.
+    let lora = |targets: &[&str]| llmtool::config::LoraSection {
+        target_modules: targets.iter().map(|t| t.to_string()).collect(),
+        ..Default::default()
+    };
+    let adapter = Adapter::init(&lora(&["all-linear"]), &model.config, 0, &Device::Cpu).unwrap();
+    let modules: Vec<&String> = adapter.modules().map(|(path, _)| path).collect();
+    assert_eq!(
+        modules[..4],
+        [
+            "model.layers.0.mlp.down_proj",
+            "model.layers.0.mlp.gate_up_proj",
+            "model.layers.0.self_attn.o_proj",
+            "model.layers.0.self_attn.qkv_proj"
+        ]
+    );
+    let error = Adapter::init(&lora(&["q_proj"]), &model.config, 0, &Device::Cpu).unwrap_err();
+    assert!(error
+        .to_string()
+        .contains("it has qkv_proj, o_proj, gate_up_proj, down_proj"));
+    // An adapter of the separate projections does not fit Phi-3's modules.
+    let adapted = tempfile::tempdir().unwrap();
+    let llama_adapter = fixture("tiny-llama-lora");
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(llama_adapter.join(file), adapted.path().join(file)).unwrap();
+    }
+    let error = Adapter::load(adapted.path(), &model.config, DType::F32, &Device::Cpu);
+    let error = error.unwrap_err().to_string();
     assert!(
-        error.contains("Phi-3's qkv_proj and gate_up_proj"),
+        error.contains("the adapter was made for another model"),
         "{error}"
     );
 }

@@ -139,9 +139,19 @@ impl Llama {
     /// normed per head where the family has q/k norms.
     fn projections(&self, block: &Block, x: &Tensor) -> Result<[Tensor; 3]> {
         let a = &block.self_attn;
-        let q = a.q_proj.forward(x, self.dtype())?;
-        let k = a.k_proj.forward(x, self.dtype())?;
-        let v = a.v_proj.forward(x, self.dtype())?;
+        let [q, k, v] = match a.qkv.as_ref().filter(|l| l.adapter.is_some()) {
+            // An adapter of a weight the checkpoint stacks (Phi-3's qkv_proj) adapts it whole.
+            Some(qkv) => {
+                let y = qkv.forward(x, self.dtype())?;
+                let widths = [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.weight.dim(0));
+                let [q, k, _] = widths;
+                let (q, k) = (q?, k?);
+                let rest = y.dim(D::Minus1)? - q - k;
+                [(0, q), (q, k), (q + k, rest)].map(|(at, n)| y.narrow(D::Minus1, at, n))
+            }
+            None => [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.forward(x, self.dtype())),
+        };
+        let (q, k, v) = (q?, k?, v?);
         let per_head = |y: Tensor, n: Norm| match block.norm(n) {
             Some(weight) => {
                 let (b, t, width) = y.dims3()?;

@@ -14,7 +14,7 @@ use super::rope::RopeTables;
 use super::weights::{ModelError, Weights};
 use crate::family::{Activation, Family, NormKind};
 pub use crate::linear::Linear;
-use crate::names::{self, Fused, Norm, Projection};
+use crate::names::{self, Fused, Module, Norm, Projection};
 use candle_core::{DType, Device, Result, Tensor, D};
 use std::collections::BTreeMap;
 
@@ -249,21 +249,27 @@ impl Llama {
     /// or off with `None` (evaluation, generation).
     pub fn set_adapter_dropout_seed(&self, seed: Option<u64>) {
         for block in &self.layers {
-            for p in Projection::ALL {
-                if let Some(adapter) = &block.projection(p).adapter {
-                    adapter.set_dropout_seed(seed);
-                }
+            let stacked = [&block.self_attn.qkv, &block.mlp.gate_up];
+            let parts = Projection::ALL.map(|p| block.projection(p));
+            let linears = stacked.into_iter().flatten().chain(parts);
+            for adapter in linears.filter_map(|l| l.adapter.as_ref()) {
+                adapter.set_dropout_seed(seed);
             }
         }
     }
 
-    /// The projection at a module path such as `model.layers.3.mlp.up_proj`, where an adapter
+    /// The projection at a module path such as `model.layers.3.mlp.up_proj` (or, where the
+    /// checkpoint stores them stacked, `model.layers.3.self_attn.qkv_proj`), where an adapter
     /// attaches.
     pub fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
         let (index, module) = path.strip_prefix("model.layers.")?.split_once('.')?;
         let block = self.layers.get_mut(index.parse::<usize>().ok()?)?;
-        let projection = Projection::ALL.into_iter().find(|p| p.module() == module)?;
-        Some(block.projection_mut(projection))
+        let modules = Module::of(&self.family);
+        match modules.into_iter().find(|m| m.module() == module)? {
+            Module::One(p) => Some(block.projection_mut(p)),
+            Module::Stacked(Fused::Qkv) => block.self_attn.qkv.as_mut(),
+            Module::Stacked(Fused::GateUp) => block.mlp.gate_up.as_mut(),
+        }
     }
 
     /// The compute dtype.
@@ -413,6 +419,12 @@ impl Llama {
         // The stacked projection only pays off for a single row (a decode step): one kernel
         // there, where many rows would copy the halves out of the stacked output.
         let single_row = x.elem_count() == x.dim(D::Minus1)?;
+        if let Some(gate_up) = m.gate_up.as_ref().filter(|l| l.adapter.is_some()) {
+            // An adapter of a weight the checkpoint stacks (Phi-3's gate_up_proj) adapts it
+            // whole: gate, then up.
+            let hidden = ops::swiglu_packed(&gate_up.forward(x, self.dtype)?)?;
+            return m.down_proj.forward(&hidden, self.dtype);
+        }
         // The fused gate/up kernels compute SwiGLU only; GeGLU takes the composite.
         let hidden = match (
             self.family.activation,

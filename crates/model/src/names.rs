@@ -208,6 +208,77 @@ impl Fused {
     }
 }
 
+/// A module LoRA adapts: a projection, or a weight a checkpoint stores stacked (whose PEFT
+/// adapter adapts it whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Module {
+    One(Projection),
+    Stacked(Fused),
+}
+
+impl Module {
+    /// Every module name `lora.target_modules` knows, in any family.
+    pub const KNOWN: [Module; 9] = [
+        Module::One(Projection::Q),
+        Module::One(Projection::K),
+        Module::One(Projection::V),
+        Module::Stacked(Fused::Qkv),
+        Module::One(Projection::O),
+        Module::One(Projection::Gate),
+        Module::One(Projection::Up),
+        Module::Stacked(Fused::GateUp),
+        Module::One(Projection::Down),
+    ];
+
+    /// The adaptable modules of a block of `family`, in a block's order.
+    pub fn of(family: &Family) -> Vec<Module> {
+        let stacked = |m: &Module| matches!(m, Module::Stacked(_));
+        let keep = |m: &Module| match family.fused_projections {
+            true => stacked(m) || matches!(m, Module::One(Projection::O | Projection::Down)),
+            false => !stacked(m),
+        };
+        Self::KNOWN.into_iter().filter(keep).collect()
+    }
+
+    /// The module name Hugging Face and PEFT use: `q_proj`, `qkv_proj`.
+    pub fn name(self) -> &'static str {
+        let module = match self {
+            Module::One(p) => return p.name(),
+            Module::Stacked(f) => f.module(),
+        };
+        module.rsplit('.').next().unwrap_or(module)
+    }
+
+    /// The module a long or short name (`qkv_proj` or `qkv`) means.
+    pub fn from_name(name: &str) -> Option<Module> {
+        let short = |m: &Module| m.name().trim_end_matches("_proj").to_string();
+        Self::KNOWN
+            .into_iter()
+            .find(|m| m.name() == name || short(m) == name)
+    }
+
+    /// The module path inside a block: `self_attn.qkv_proj`.
+    pub fn module(self) -> String {
+        match self {
+            Module::One(p) => p.module(),
+            Module::Stacked(f) => f.module().to_string(),
+        }
+    }
+
+    /// The module path in block `i`.
+    pub fn path(self, i: usize) -> String {
+        format!("{}.{}", layer(i), self.module())
+    }
+
+    /// The weight's `(out, in)` in a model of `cfg`.
+    pub fn shape(self, cfg: &LlamaConfig) -> (usize, usize) {
+        match self {
+            Module::One(p) => p.shape(cfg),
+            Module::Stacked(f) => f.shape(cfg),
+        }
+    }
+}
+
 /// Passes every `(name, shape)` of `all` to `add`.
 fn add_all<const N: usize>(
     add: &mut impl FnMut(String, Vec<usize>),

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use config::LoraSection;
 use model::config::LlamaConfig;
 use model::io::{read_config, read_json};
-use model::names::Projection;
+use model::names::Module;
 use model::weights::{save_safetensors, write_atomic, ModelError, Weights};
 use model::Llama;
 use rand::{Rng, SeedableRng};
@@ -57,8 +57,8 @@ impl Adapter {
         seed: u64,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        check_family(cfg)?;
-        let targets = expand_targets(&lora.target_modules).map_err(ModelError::Lora)?;
+        let targets = expand_targets(&lora.target_modules, &model::Family::of(cfg))
+            .map_err(ModelError::Lora)?;
         let shapes = target_shapes(cfg, &targets);
         check_rank(lora.r, &shapes).map_err(ModelError::Lora)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -86,7 +86,6 @@ impl Adapter {
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        check_family(cfg)?;
         let config_path = dir.join("adapter_config.json");
         let config: AdapterConfig = read_json(&config_path, "the adapter's adapter_config.json")?;
         let bad_config = |message| ModelError::Adapter {
@@ -187,7 +186,10 @@ fn collect_modules(
     cfg: &LlamaConfig,
     r: usize,
 ) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, String> {
-    let all = Projection::ALL.map(Projection::name);
+    let all: Vec<&str> = Module::of(&model::Family::of(cfg))
+        .into_iter()
+        .map(Module::name)
+        .collect();
     let shapes: BTreeMap<String, (usize, usize)> = target_shapes(cfg, &all)
         .into_iter()
         .map(|(p, out, inp)| (p, (out, inp)))
@@ -344,30 +346,18 @@ fn config_difference(named: &LlamaConfig, given: &LlamaConfig) -> Option<String>
         .map(|(key, a, b)| format!("{key} {a} there, {b} here"))
 }
 
-/// Refuses a base whose checkpoint stacks projections: adapters attach to the seven separate
-/// projections, and PEFT's adapters of a stacked weight adapt it whole.
-fn check_family(cfg: &LlamaConfig) -> std::result::Result<(), ModelError> {
-    match model::Family::of(cfg).fused_projections {
-        true => Err(ModelError::Lora(
-            "this model stores q/k/v and gate/up stacked (Phi-3's qkv_proj and gate_up_proj), \
-             which LoRA does not adapt yet; fine-tune it fully (without --lora)"
-                .into(),
-        )),
-        false => Ok(()),
-    }
-}
-
 /// Module path (`model.layers.0.self_attn.q_proj`) with its weight's `(out, in)`, for every
 /// projection of `cfg` whose name is in `targets`, layer by layer in a block's order.
 fn target_shapes(cfg: &LlamaConfig, targets: &[&str]) -> Vec<(String, usize, usize)> {
+    let modules = Module::of(&model::Family::of(cfg));
     (0..cfg.num_hidden_layers)
         .flat_map(|i| {
-            Projection::ALL
-                .into_iter()
-                .filter(|p| targets.contains(&p.name()))
-                .map(move |p| {
-                    let (out, inp) = p.shape(cfg);
-                    (p.path(i), out, inp)
+            modules
+                .iter()
+                .filter(|m| targets.contains(&m.name()))
+                .map(move |m| {
+                    let (out, inp) = m.shape(cfg);
+                    (m.path(i), out, inp)
                 })
         })
         .collect()
