@@ -85,6 +85,23 @@ fn check_eval(what: &str, loaded: &LoadedModel, expected: &serde_json::Value) {
     assert_close(what, mean, single["nll_mean"].as_f64().unwrap());
 }
 
+/// Greedy decoding of `max_tokens` tokens, not stopping at an end of sequence.
+fn greedy(max_tokens: usize) -> GenerationSettings {
+    GenerationSettings {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: 1.0,
+            seed: 0,
+        },
+        stop: vec![],
+        eos: vec![],
+    }
+}
+
 fn u32s(v: &serde_json::Value) -> Vec<u32> {
     let values = v.as_array().unwrap().iter();
     values.map(|x| x.as_u64().unwrap() as u32).collect()
@@ -115,19 +132,7 @@ fn greedy_generation_with_the_kv_cache_matches_transformers_past_the_window() {
         let loaded = load(&fixture(&name));
         let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64).unwrap();
         let prompt = u32s(&expected["prompt_ids"]);
-        let settings = GenerationSettings {
-            max_tokens: 32,
-            sampling: SamplingParams {
-                temperature: 0.0,
-                top_k: None,
-                top_p: None,
-                min_p: None,
-                repetition_penalty: 1.0,
-                seed: 0,
-            },
-            stop: vec![],
-            eos: vec![],
-        };
+        let settings = greedy(32);
         let out = session.generate(&prompt, &settings, |_| Ok(())).unwrap();
         assert_eq!(out.tokens, u32s(&expected["new_ids"]), "{name}");
     }
@@ -349,4 +354,36 @@ fn a_checkpoint_missing_a_family_tensor_is_one_error_naming_file_and_tensor() {
         error.contains(&format!("{file}: tensor {name} is missing")),
         "{error}"
     );
+}
+
+#[test]
+fn qwen3_without_a_window_takes_the_fused_path_and_agrees_with_the_composite_one() {
+    // No window: q/k norms, then the fused attention and KV-cache kernels. A window wider
+    // than the context: the composite path, which must compute the same.
+    let fused = edited_qwen3(
+        |c| drop(c.insert("use_sliding_window".into(), false.into())),
+        |_| true,
+    );
+    let wide = edited_qwen3(
+        |c| drop(c.insert("sliding_window".into(), 4096.into())),
+        |_| true,
+    );
+    let (fused, wide) = (load(fused.path()), load(wide.path()));
+    assert!(fused.model.attention_is_plain() && !wide.model.attention_is_plain());
+    let input = input_ids("qwen3");
+    let err = relative_error(
+        &fused.model.forward(&input, None).unwrap(),
+        &wide.model.forward(&input, None).unwrap(),
+    );
+    assert!(err < 1e-5, "fused against composite: relative error {err}");
+    let prompt = u32s(&json("tiny-qwen3/expected.json")["greedy"]["prompt_ids"]);
+    let settings = greedy(40);
+    let generate = |loaded: &LoadedModel| {
+        let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64).unwrap();
+        session
+            .generate(&prompt, &settings, |_| Ok(()))
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(generate(&fused), generate(&wide));
 }
