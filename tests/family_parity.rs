@@ -175,7 +175,7 @@ fn peft_adapters_give_peft_nll_and_merge_into_the_same_model() {
 }
 
 #[test]
-fn training_loss_matches_and_every_parameter_gets_a_gradient() {
+fn training_loss_and_gradients_match_transformers() {
     for family in FAMILIES {
         let dir = fixture(&format!("tiny-{family}"));
         let cfg = io::read_config(&dir).unwrap();
@@ -198,6 +198,18 @@ fn training_loss_matches_and_every_parameter_gets_a_gradient() {
         for (name, var) in &vars {
             assert!(grads.get(var).is_some(), "{family}: {name} got no gradient");
         }
+        let expected = tensors(&format!("tiny-{family}/expected.safetensors"));
+        let mut compared = 0;
+        for (name, want) in expected
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("grad.")?, v)))
+        {
+            let var = &vars.iter().find(|(n, _)| n == name).unwrap().1;
+            let err = relative_error(grads.get(var).unwrap(), want);
+            assert!(err < 1e-4, "{family}: {name} gradient relative error {err}");
+            compared += 1;
+        }
+        assert!(compared >= 5, "{family}: {compared} gradients compared");
     }
 }
 
