@@ -369,9 +369,10 @@ fn a_checkpoint_missing_a_family_tensor_is_one_error_naming_file_and_tensor() {
 }
 
 #[test]
-fn qwen3_without_a_window_takes_the_fused_path_and_agrees_with_the_composite_one() {
-    // No window: q/k norms, then the fused attention and KV-cache kernels. A window wider
-    // than the context: the composite path, which must compute the same.
+fn qwen3_without_a_window_or_with_one_covering_the_context_computes_the_same() {
+    // No window: q/k norms, then the fused attention and KV-cache kernels in every layer. A
+    // window wider than the context masks nothing, so its layer takes the same fused path
+    // (tiny-qwen3's own window of 8 mixes both paths, checked against transformers above).
     let fused = edited_qwen3(
         |c| drop(c.insert("use_sliding_window".into(), false.into())),
         |_| true,
@@ -387,7 +388,10 @@ fn qwen3_without_a_window_takes_the_fused_path_and_agrees_with_the_composite_one
         &fused.model.forward(&input, None).unwrap(),
         &wide.model.forward(&input, None).unwrap(),
     );
-    assert!(err < 1e-5, "fused against composite: relative error {err}");
+    assert!(
+        err < 1e-5,
+        "no window against a wide one: relative error {err}"
+    );
     let prompt = u32s(&json("tiny-qwen3/expected.json")["greedy"]["prompt_ids"]);
     let settings = greedy(40);
     let generate = |loaded: &LoadedModel| {

@@ -1,8 +1,9 @@
 //! A block's grouped-query self-attention, with the options of its family: per-head q/k
 //! norms, sliding windows, a score scale of its own, soft-capped scores and a separate RoPE
-//! base for local layers. Plain attention (every family but Gemma, without windows) runs the
-//! fused paths of `ops`; with any other option the composite [`ops::windowed_attention`] runs,
-//! since no fused kernel takes those options yet.
+//! base for local layers. Plain attention (every family but Gemma and Phi-3, in layers without
+//! a window or whose window covers every position attended to) runs the fused paths of `ops`;
+//! otherwise the composite [`ops::windowed_attention`] runs, since no fused kernel takes those
+//! options yet.
 
 use super::cache::LayerCache;
 use super::config::LlamaConfig;
@@ -57,8 +58,8 @@ impl Attention {
 }
 
 impl Llama {
-    /// Whether every layer's attention is plain causal attention, which the fused kernels
-    /// (and CUDA graph replay of decode steps) compute.
+    /// Whether every layer's attention is plain causal attention at any length, which the
+    /// fused kernels (and CUDA graph replay of decode steps) compute.
     pub fn attention_is_plain(&self) -> bool {
         self.family.plain_attention(self.config.head_size())
     }
@@ -81,7 +82,10 @@ impl Llama {
         let t = x.dim(1)?;
         let heads = (a.heads, a.kv_heads, a.head_size);
         let (cos, sin) = rope.window(start, t)?;
-        if !self.attention_is_plain() {
+        // A window that covers every position attended to masks nothing.
+        let window = layer.window.filter(|&w| start + t > w);
+        let plain = self.family.plain_scores(a.head_size) && window.is_none() && !layer.local_rope;
+        if !plain {
             let [q, k, v] = self.projections(block, x)?;
             let q = self.rotate(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
             let k = self.rotate(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
@@ -93,7 +97,7 @@ impl Llama {
             let options = ops::AttentionOptions {
                 scale: self.family.attention_scale,
                 softcap: self.family.attn_softcap,
-                window: layer.window,
+                window,
             };
             let y = ops::windowed_attention(&q, &k, &v, options)?;
             return a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype());

@@ -217,14 +217,21 @@ impl Family {
         }
     }
 
-    /// Whether attention is plain causal softmax attention at `1/sqrt(head_size)` with RoPE
-    /// over whole heads in every layer, which the fused attention kernels compute. Otherwise attention takes the
-    /// composite path ([`ops::windowed_attention`]).
-    pub fn plain_attention(&self, head_size: usize) -> bool {
+    /// Whether attention scores are plain: scaled by `1/sqrt(head_size)`, not soft-capped,
+    /// after RoPE over whole heads. The fused attention kernels compute these, in a layer
+    /// whose window (if any) masks nothing.
+    pub fn plain_scores(&self, head_size: usize) -> bool {
         let default_scale = 1.0 / (head_size as f64).sqrt();
         (self.attention_scale - default_scale).abs() <= 1e-12 * default_scale
             && self.attn_softcap.is_none()
             && self.rotary_dim == head_size
+    }
+
+    /// Whether every layer's attention is plain at any length: [`Family::plain_scores`], no
+    /// window, the global RoPE tables. Otherwise a layer takes the composite path
+    /// ([`ops::windowed_attention`]) wherever its options change the result.
+    pub fn plain_attention(&self, head_size: usize) -> bool {
+        self.plain_scores(head_size)
             && self
                 .layers
                 .iter()
