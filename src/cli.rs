@@ -246,22 +246,22 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE")]
     pub prompt_file: Option<PathBuf>,
     /// New tokens per sample [default: generate.max_tokens].
-    #[arg(long, value_parser = values::count)]
+    #[arg(long)]
     pub max_tokens: Option<usize>,
     /// Softmax temperature; 0 is greedy [default: generate.temperature].
-    #[arg(long, allow_negative_numbers = true, value_parser = values::non_negative)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Sample only among the k most likely tokens.
-    #[arg(long, value_parser = values::count)]
+    #[arg(long)]
     pub top_k: Option<usize>,
     /// Nucleus sampling mass, in (0, 1].
-    #[arg(long, allow_negative_numbers = true, value_parser = values::probability_mass)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     /// Drop tokens below this fraction of the top token's probability, in [0, 1).
-    #[arg(long, allow_negative_numbers = true, value_parser = values::fraction)]
+    #[arg(long, allow_negative_numbers = true)]
     pub min_p: Option<f64>,
     /// Penalise tokens already in the context (1 disables).
-    #[arg(long, allow_negative_numbers = true, value_parser = values::positive)]
+    #[arg(long, allow_negative_numbers = true)]
     pub repetition_penalty: Option<f64>,
     /// Sampling seed: the same seed gives the same text.
     #[arg(long)]
@@ -375,61 +375,13 @@ pub enum ConfigCommand {
     Validate(ConfigArgs),
 }
 
-/// Parsers for numeric options: a value out of range is refused with its range, as clap
-/// refuses a value of the wrong type (`--temperature -1` is a value, not a flag).
+/// Parsers for options whose range clap's types do not say.
 mod values {
-    fn number(text: &str) -> Result<f64, String> {
-        let value: f64 = text
-            .parse()
-            .map_err(|_| format!("`{text}` is not a number"))?;
-        match value.is_finite() {
-            true => Ok(value),
-            false => Err(format!("`{text}` is not a finite number")),
-        }
-    }
-
     /// A whole number of at least 1.
     pub fn count(text: &str) -> Result<usize, String> {
         match text.parse::<usize>() {
             Ok(n) if n >= 1 => Ok(n),
             _ => Err(format!("must be a whole number >= 1, got `{text}`")),
         }
-    }
-
-    /// A number of at least 0.
-    pub fn non_negative(text: &str) -> Result<f64, String> {
-        number(text).and_then(|v| {
-            (v >= 0.0)
-                .then_some(v)
-                .ok_or(format!("must be >= 0, got {v}"))
-        })
-    }
-
-    /// A number above 0.
-    pub fn positive(text: &str) -> Result<f64, String> {
-        number(text).and_then(|v| {
-            (v > 0.0)
-                .then_some(v)
-                .ok_or(format!("must be > 0, got {v}"))
-        })
-    }
-
-    /// A number in (0, 1].
-    pub fn probability_mass(text: &str) -> Result<f64, String> {
-        number(text).and_then(|v| {
-            (v > 0.0 && v <= 1.0)
-                .then_some(v)
-                .ok_or(format!("must be in (0, 1], got {v}"))
-        })
-    }
-
-    /// A number in [0, 1).
-    pub fn fraction(text: &str) -> Result<f64, String> {
-        number(text).and_then(|v| {
-            (0.0..1.0)
-                .contains(&v)
-                .then_some(v)
-                .ok_or(format!("must be in [0, 1), got {v}"))
-        })
     }
 }

@@ -35,7 +35,16 @@ fn quit_on_closed_pipe(command: &Command) {
 
 fn main() {
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A value out of its range is one line, as every other bad input is.
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            let rendered = e.to_string();
+            eprintln!("{}", rendered.lines().next().unwrap_or_default());
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
     quit_on_closed_pipe(&cli.command);
     let result = match cli.command {
         Command::Config(c) => commands::config::run(c),

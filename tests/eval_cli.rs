@@ -113,6 +113,11 @@ fn bad_input_is_one_clear_line() {
     let (model, text) = (path(&model), path(&text));
     let err = one_error_line(&["--model", model, "--data", text, "--stride", "200"]);
     assert!(err.contains("stride 200"), "{err}");
+    let err = one_error_line(&["--model", model, "--data", text, "--batch-size", "0"]);
+    assert!(
+        err.contains("'--batch-size <BATCH_SIZE>': must be a whole number >= 1, got `0`"),
+        "{err}"
+    );
     let err = one_error_line(&["--model", model, "--dataset", "no/such/dataset"]);
     assert!(
         err.contains("cannot open the dataset no/such/dataset"),

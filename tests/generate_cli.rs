@@ -156,6 +156,12 @@ fn bad_input_is_one_clear_line() {
     let model = path(&fixture("tiny-llama"));
     let err = one_error_line(&["--model", &model, "--prompt", "x", "--top-p", "1.5"]);
     assert_eq!(err.trim(), "error: top-p must be in (0, 1], got 1.5");
+    // A negative value is a value, not a flag.
+    let err = one_error_line(&["--model", &model, "--prompt", "x", "--temperature", "-1"]);
+    assert_eq!(
+        err.trim(),
+        "error: temperature must be a number >= 0, got -1"
+    );
 
     let long = "the river and the hill ".repeat(40);
     let err = one_error_line(&["--model", &model, "--prompt", &long]);

@@ -1,13 +1,34 @@
-//! The Hugging Face `config.json` of a Llama-family model (Llama, Mistral, Qwen2, SmolLM).
+//! The Hugging Face `config.json` of a model of a supported family (Llama, Mistral, Qwen2,
+//! Qwen3, Gemma 2, Gemma 3 text, Phi-3; SmolLM is a Llama). What differs between the families is
+//! read from it by [`crate::family::Family::of`].
 
+use crate::family::{self, FamilyOptions};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Architectures whose weights and forward pass this crate implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 3] =
-    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+];
+
+/// transformers 5's `rope_parameters`: one set for every layer, or (Gemma 3) one per layer
+/// type (`full_attention`, `sliding_attention`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RopeParameters {
+    PerLayerType(BTreeMap<String, RopeScaling>),
+    Shared(RopeScaling),
+}
 
 /// RoPE settings: the legacy `rope_scaling` object, or transformers 5's `rope_parameters`
-/// (which also carries `rope_theta`). Only `default` and `llama3` types are implemented.
+/// (which also carries `rope_theta`). The `default`, `linear` and `llama3` types are
+/// implemented.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
     #[serde(alias = "type", default = "default_rope_type")]
@@ -22,6 +43,9 @@ pub struct RopeScaling {
     pub high_freq_factor: f64,
     #[serde(default = "original_context")]
     pub original_max_position_embeddings: usize,
+    /// The rotated share of each head (Phi-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn default_rope_type() -> String {
@@ -84,7 +108,7 @@ pub struct LlamaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<RopeScaling>,
+    pub rope_parameters: Option<RopeParameters>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
     #[serde(default)]
@@ -102,6 +126,9 @@ pub struct LlamaConfig {
     pub initializer_range: f64,
     #[serde(default)]
     pub torch_dtype: Option<String>,
+    /// The keys of the newer families (Qwen3, Gemma): norms, caps, windows.
+    #[serde(flatten)]
+    pub family_options: FamilyOptions,
 }
 
 fn llama() -> String {
@@ -129,10 +156,29 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Size of one attention head.
+    /// Size of one attention head (Gemma's default is 256).
     pub fn head_size(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        let gemma = matches!(self.model_type.as_str(), "gemma2" | "gemma3_text");
+        match (self.head_dim, gemma) {
+            (Some(d), _) => d,
+            (None, true) => 256,
+            (None, false) => self.hidden_size / self.num_attention_heads,
+        }
+    }
+
+    /// The rotated share of each head: `rope_parameters.partial_rotary_factor`, else the
+    /// legacy top-level key, else 1.
+    pub fn partial_rotary_factor(&self) -> f64 {
+        self.rope_parameters_for(false)
+            .and_then(|p| p.partial_rotary_factor)
+            .or(self.family_options.partial_rotary_factor)
+            .unwrap_or(1.0)
+    }
+
+    /// How many leading dimensions of each head RoPE rotates (`int(head_size · factor)`, as
+    /// transformers truncates).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_size() as f64 * self.partial_rotary_factor()) as usize
     }
 
     /// The dimensions the model's fused ops run at, for the op checks.
@@ -147,20 +193,43 @@ impl LlamaConfig {
         }
     }
 
-    /// RoPE base frequency (`rope_parameters.rope_theta` wins over the legacy key).
-    pub fn theta(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
-            .and_then(|p| p.rope_theta)
-            .unwrap_or(self.rope_theta)
+    /// The `rope_parameters` of layers of `local` (sliding) or global attention.
+    fn rope_parameters_for(&self, local: bool) -> Option<&RopeScaling> {
+        match self.rope_parameters.as_ref()? {
+            RopeParameters::Shared(p) => Some(p),
+            RopeParameters::PerLayerType(map) => map.get(if local {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }),
+        }
     }
 
-    /// The llama3 frequency scaling, if the config has one.
-    pub fn llama3_scaling(&self) -> Option<&RopeScaling> {
-        [&self.rope_scaling, &self.rope_parameters]
+    /// RoPE base frequency of global layers (`rope_parameters.rope_theta` wins over the
+    /// legacy key).
+    pub fn theta(&self) -> f64 {
+        self.rope_theta_for(false)
+    }
+
+    /// RoPE base frequency of `local` (sliding, Gemma 3) or global layers. Local layers
+    /// without their own parameters use `rope_local_base_freq` (default 10000).
+    pub fn rope_theta_for(&self, local: bool) -> f64 {
+        let given = self.rope_parameters_for(local).and_then(|p| p.rope_theta);
+        match (given, local) {
+            (Some(theta), _) => theta,
+            (None, false) => self.rope_theta,
+            (None, true) => self.family_options.rope_local_base_freq.unwrap_or(10000.0),
+        }
+    }
+
+    /// The frequency scaling (llama3 or linear) of `local` or global layers, if any. Legacy
+    /// `rope_scaling` applies to global layers only (as transformers reads Gemma 3's).
+    pub fn rope_scaling_for(&self, local: bool) -> Option<&RopeScaling> {
+        let legacy = self.rope_scaling.as_ref().filter(|_| !local);
+        [legacy, self.rope_parameters_for(local)]
             .into_iter()
             .flatten()
-            .find(|s| s.rope_type == "llama3")
+            .find(|s| s.rope_type == "llama3" || s.rope_type == "linear")
     }
 
     /// Whether q/k/v projections carry biases.
@@ -171,20 +240,7 @@ impl LlamaConfig {
     /// Checks the architecture, shapes and numeric settings; returns a message that starts
     /// with the offending key. Run before anything divides by a head count or allocates.
     pub fn check(&self) -> Result<(), String> {
-        if let Some(arch) = self.architectures.first() {
-            if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-                return Err(format!(
-                    "architectures: {arch} is not supported (supported: {})",
-                    SUPPORTED_ARCHITECTURES.join(", ")
-                ));
-            }
-        }
-        if self.hidden_act != "silu" {
-            return Err(format!(
-                "hidden_act: {} is not supported (only silu)",
-                self.hidden_act
-            ));
-        }
+        family::check(self)?;
         let at_least = |key: &str, value: usize, min: usize| match value < min {
             true => Err(format!("{key}: must be at least {min}, got {value}")),
             false => Ok(()),
@@ -228,6 +284,15 @@ impl LlamaConfig {
                 self.head_size()
             ));
         }
+        let factor = self.partial_rotary_factor();
+        let rotary = self.rotary_dim();
+        if !(factor > 0.0 && factor <= 1.0) || rotary < 2 || rotary % 2 != 0 {
+            return Err(format!(
+                "partial_rotary_factor: {factor} of head size {} rotates {rotary} dimensions; \
+                 it must rotate an even number, at least 2",
+                self.head_size()
+            ));
+        }
         let positive = |key: &str, value: f64| match value.is_finite() && value > 0.0 {
             true => Ok(()),
             false => Err(format!(
@@ -235,20 +300,33 @@ impl LlamaConfig {
             )),
         };
         positive("rms_norm_eps", self.rms_norm_eps)?;
-        match self.rope_parameters.as_ref().and_then(|p| p.rope_theta) {
-            Some(theta) => positive("rope_parameters.rope_theta", theta)?,
-            None => positive("rope_theta", self.rope_theta)?,
+        let mut sets = vec![("rope_scaling".to_string(), self.rope_scaling.as_ref())];
+        match &self.rope_parameters {
+            Some(RopeParameters::Shared(p)) => sets.push(("rope_parameters".into(), Some(p))),
+            Some(RopeParameters::PerLayerType(map)) => {
+                for (layer_type, p) in map {
+                    sets.push((format!("rope_parameters.{layer_type}"), Some(p)));
+                }
+            }
+            None => {}
         }
-        for (key, s) in [
-            ("rope_scaling", &self.rope_scaling),
-            ("rope_parameters", &self.rope_parameters),
-        ] {
+        let given_theta = self.rope_parameters_for(false).and_then(|p| p.rope_theta);
+        if given_theta.is_none() {
+            positive("rope_theta", self.rope_theta)?;
+        }
+        for (key, s) in sets {
             let Some(s) = s else { continue };
-            if s.rope_type != "llama3" && s.rope_type != "default" {
+            if let Some(theta) = s.rope_theta {
+                positive(&format!("{key}.rope_theta"), theta)?;
+            }
+            if !["llama3", "linear", "default"].contains(&s.rope_type.as_str()) {
                 return Err(format!(
-                    "{key}.rope_type: {} is not supported (only llama3)",
+                    "{key}.rope_type: {} is not supported (only default, linear and llama3)",
                     s.rope_type
                 ));
+            }
+            if s.rope_type == "linear" {
+                positive(&format!("{key}.factor"), s.factor)?;
             }
             if s.rope_type == "llama3" {
                 positive(&format!("{key}.factor"), s.factor)?;
@@ -272,18 +350,9 @@ impl LlamaConfig {
 
     /// Number of parameters.
     pub fn parameter_count(&self) -> usize {
-        let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_size();
-        let kv = self.kv_heads() * self.head_size();
-        let bias = if self.qkv_bias() { q + 2 * kv } else { 0 };
-        let attn = h * q + 2 * h * kv + q * h + bias;
-        let mlp = 3 * h * self.intermediate_size;
-        let layer = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * h
-        };
-        self.vocab_size * h + self.num_hidden_layers * layer + h + head
+        crate::names::parameter_shapes(self)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum()
     }
 }

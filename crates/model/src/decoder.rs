@@ -33,9 +33,14 @@ impl<'m> Decoder<'m> {
     /// An empty sequence of up to `capacity` positions for `model` (at most its context: RoPE
     /// has no rows past it).
     pub fn new(model: &'m Llama, capacity: usize) -> Result<Self> {
-        let replay = match ops::can_capture(model.device()) {
-            true => Replay::Pending,
-            false => Replay::OpByOp("the device has no CUDA graphs".into()),
+        let replay = match (ops::can_capture(model.device()), model.attention_is_plain()) {
+            (true, true) => Replay::Pending,
+            (false, _) => Replay::OpByOp("the device has no CUDA graphs".into()),
+            (true, false) => Replay::OpByOp(
+                "the family's attention (windows, soft-capping or its own scale) runs the \
+                 composite path, which takes the position from the host"
+                    .into(),
+            ),
         };
         Self::with_replay(model, capacity, replay)
     }

@@ -38,8 +38,9 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Res
 pub fn read_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
     let path = dir.join("config.json");
     let config: LlamaConfig = read_json(&path, "the model's config.json")?;
-    config
-        .check()
+    let json: serde_json::Value = read_json(&path, "the model's config.json")?;
+    crate::family::check_unsupported(&json)
+        .and_then(|()| config.check())
         .map_err(|message| ModelError::Config { path, message })?;
     Ok(config)
 }

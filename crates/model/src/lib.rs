@@ -1,8 +1,11 @@
-//! Llama-family models in Hugging Face format: config, weights, forward pass, files.
+//! Models of the supported families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3) in
+//! Hugging Face format: config, family options, weights, forward pass, files.
 
+pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod decoder;
+pub mod family;
 pub mod hub;
 pub mod io;
 pub mod linear;
@@ -13,6 +16,7 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use decoder::Decoder;
+pub use family::Family;
 pub use io::{load, LoadedModel};
 pub use linear::{Linear, LinearAdapter};
 pub use llama::{Cache, Llama};

@@ -88,6 +88,24 @@ impl Linear {
         }))
     }
 
+    /// The parts of a weight that stacks projections by rows (`rows` of each, first rows
+    /// first, no bias), as views into it that train with it when it trains.
+    pub(crate) fn split(&self, rows: &[usize]) -> Result<Vec<Linear>> {
+        let mut offset = 0;
+        rows.iter()
+            .map(|&n| {
+                let weight = self.weight.narrow(0, offset, n)?;
+                offset += n;
+                Ok(Linear {
+                    weight,
+                    bias: None,
+                    adapter: None,
+                    trainable: self.trainable,
+                })
+            })
+            .collect()
+    }
+
     /// The weight of a trained projection with nothing else to it (no adapter, no bias): what
     /// [`ops::master_linear`] alone computes.
     pub(crate) fn bare_master(&self) -> Option<&Tensor> {

@@ -1,25 +1,22 @@
-//! The Llama-family decoder: token embedding, RMSNorm, RoPE, grouped-query causal attention,
-//! SwiGLU MLP, tied or untied output head. It knows nothing about training: the trainer drives
-//! [`Llama::embed`], [`Llama::block`] and [`Llama::logits`] itself when it checkpoints.
+//! The decoder of every supported family: token embedding (scaled for Gemma), RMSNorm (`w` or
+//! `1 + w`), RoPE, grouped-query causal attention (`attention.rs`: q/k norms, sliding windows,
+//! soft-capping), a gated MLP (SwiGLU or GeGLU), norms around attention and the MLP as the
+//! family has them, tied or untied output head with optional soft-capping. What a family
+//! changes is a [`Family`] read from `config.json`. It knows nothing about training: the
+//! trainer drives [`Llama::embed`], [`Llama::block`] and [`Llama::logits`] itself when it
+//! checkpoints.
 
+pub use super::attention::Attention;
 pub use super::cache::Cache;
 use super::cache::LayerCache;
 use super::config::LlamaConfig;
 use super::rope::RopeTables;
 use super::weights::{ModelError, Weights};
+use crate::family::{Activation, Family, NormKind};
 pub use crate::linear::Linear;
-use crate::names::{self, Projection};
+use crate::names::{self, Fused, Module, Norm, Projection};
 use candle_core::{DType, Device, Result, Tensor, D};
-
-impl Attention {
-    /// The stacked q/k/v projection, where one exists and no part has an adapter since.
-    fn stacked(&self) -> Option<&Linear> {
-        let adapted = [&self.q_proj, &self.k_proj, &self.v_proj]
-            .iter()
-            .any(|l| l.adapter.is_some());
-        self.qkv.as_ref().filter(|_| !adapted)
-    }
-}
+use std::collections::BTreeMap;
 
 impl Mlp {
     /// The stacked gate/up projection, where one exists and no part has an adapter since.
@@ -29,22 +26,7 @@ impl Mlp {
     }
 }
 
-/// Grouped-query self-attention.
-#[derive(Debug, Clone)]
-pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    /// q, k and v stacked into one projection for inference ([`Llama::fuse_projections`]);
-    /// the three above are then views into it.
-    qkv: Option<Linear>,
-    heads: usize,
-    kv_heads: usize,
-    head_size: usize,
-}
-
-/// The SwiGLU feed-forward block.
+/// The gated feed-forward block (SwiGLU or GeGLU, as the family says).
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
@@ -57,26 +39,42 @@ pub struct Mlp {
 /// One transformer block.
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub input_layernorm: Tensor,
+    /// The norm weights the family has ([`Norm::of`]), in a checkpoint's order.
+    pub norms: Vec<(Norm, Tensor)>,
     pub self_attn: Attention,
-    pub post_attention_layernorm: Tensor,
     pub mlp: Mlp,
 }
 
-/// A Llama-family causal language model.
+/// A causal language model of any supported family (the name is historical: Llama was the
+/// first).
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
+    /// What the family changes, read from `config`.
+    pub family: Family,
     pub embed_tokens: Tensor,
     pub layers: Vec<Block>,
     pub norm: Tensor,
     /// `None` when the head is tied to the embedding.
     pub lm_head: Option<Tensor>,
-    rope: RopeTables,
+    pub(crate) rope: RopeTables,
+    /// The tables of sliding layers where they have their own RoPE base (Gemma 3).
+    pub(crate) rope_local: Option<RopeTables>,
     dtype: DType,
 }
 
 impl Block {
+    /// The weight of norm `n`, if the block's family has it.
+    pub fn norm(&self, n: Norm) -> Option<&Tensor> {
+        self.norms.iter().find(|(m, _)| *m == n).map(|(_, t)| t)
+    }
+
+    /// The weight of a norm every family has.
+    fn required_norm(&self, n: Norm) -> Result<&Tensor> {
+        self.norm(n)
+            .ok_or_else(|| candle_core::Error::Msg(format!("the block has no {n:?} norm")))
+    }
+
     /// The projection `p` of this block.
     pub fn projection(&self, p: Projection) -> &Linear {
         let (a, m) = (&self.self_attn, &self.mlp);
@@ -106,6 +104,52 @@ impl Block {
     }
 }
 
+/// A block's projections by name, and its stacked q/k/v and gate/up projections if stored so.
+type BlockProjections = (BTreeMap<Projection, Linear>, [Option<Linear>; 2]);
+
+/// Block `i`'s projections, and its stacked q/k/v and gate/up projections where the
+/// checkpoint stores them stacked (the family's `fused_projections`): the parts are then views
+/// into the stacked weights, and train them when they train.
+fn load_projections(
+    cfg: &LlamaConfig,
+    family: &Family,
+    w: &Weights,
+    i: usize,
+) -> std::result::Result<BlockProjections, ModelError> {
+    let single = |p: Projection| {
+        let (out, inp) = p.shape(cfg);
+        Ok((p, Linear::load(w, &p.path(i), out, inp, p.has_bias(cfg))?))
+    };
+    if !family.fused_projections {
+        let all = Projection::ALL
+            .into_iter()
+            .map(single)
+            .collect::<std::result::Result<_, ModelError>>()?;
+        return Ok((all, [None, None]));
+    }
+    let mut linears: BTreeMap<Projection, Linear> = [Projection::O, Projection::Down]
+        .into_iter()
+        .map(single)
+        .collect::<std::result::Result<_, ModelError>>()?;
+    let stacked = [Fused::Qkv, Fused::GateUp].map(|f| {
+        let (out, inp) = f.shape(cfg);
+        let whole = Linear::load(w, &f.path(i), out, inp, false)?;
+        let rows: Vec<usize> = f.parts().iter().map(|p| p.shape(cfg).0).collect();
+        let parts = whole.split(&rows)?;
+        Ok::<_, ModelError>((
+            f.parts().iter().copied().zip(parts).collect::<Vec<_>>(),
+            whole,
+        ))
+    });
+    let mut wholes = [None, None];
+    for (slot, result) in stacked.into_iter().enumerate() {
+        let (parts, whole) = result?;
+        linears.extend(parts);
+        wholes[slot] = Some(whole);
+    }
+    Ok((linears, wholes))
+}
+
 impl Llama {
     /// Builds the model from `weights`, computing in `dtype`. Weights that are `Var`s train;
     /// plain tensors are frozen.
@@ -121,34 +165,40 @@ impl Llama {
             cfg.tie_word_embeddings,
         )?;
         let h = cfg.hidden_size;
-        let (heads, kv_heads, head_size) =
-            (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_size());
+        let family = Family::of(cfg);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = names::layer(i);
-            let linear = |proj: Projection| {
-                let (out, inp) = proj.shape(cfg);
-                Linear::load(w, &proj.path(i), out, inp, proj.has_bias(cfg))
+            let (mut linears, [qkv, gate_up]) = load_projections(cfg, &family, w, i)?;
+            let mut linear = |proj: Projection| {
+                linears
+                    .remove(&proj)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        source_name: w.source_name().to_string(),
+                        name: proj.path(i),
+                    })
             };
+            let norms = Norm::of(&family)
+                .into_iter()
+                .map(|n| {
+                    Ok((
+                        n,
+                        w.get(&format!("{p}.{}", n.name(&family)), &[n.size(cfg)])?,
+                    ))
+                })
+                .collect::<std::result::Result<_, ModelError>>()?;
             layers.push(Block {
-                input_layernorm: w.get(&format!("{p}.{}", names::INPUT_NORM), &[h])?,
-                self_attn: Attention {
-                    q_proj: linear(Projection::Q)?,
-                    k_proj: linear(Projection::K)?,
-                    v_proj: linear(Projection::V)?,
-                    o_proj: linear(Projection::O)?,
-                    qkv: None,
-                    heads,
-                    kv_heads,
-                    head_size,
-                },
-                post_attention_layernorm: w
-                    .get(&format!("{p}.{}", names::POST_ATTENTION_NORM), &[h])?,
+                norms,
+                self_attn: Attention::new(
+                    [Projection::Q, Projection::K, Projection::V, Projection::O].map(&mut linear),
+                    qkv,
+                    cfg,
+                )?,
                 mlp: Mlp {
                     gate_proj: linear(Projection::Gate)?,
                     up_proj: linear(Projection::Up)?,
                     down_proj: linear(Projection::Down)?,
-                    gate_up: None,
+                    gate_up,
                 },
             });
         }
@@ -158,9 +208,16 @@ impl Llama {
         } else {
             Some(w.get(names::LM_HEAD, &[cfg.vocab_size, h])?)
         };
+        let local = family.layers.iter().any(|l| l.local_rope);
+        let device = embed_tokens.device();
         Ok(Self {
             config: cfg.clone(),
-            rope: RopeTables::new(cfg, dtype, embed_tokens.device())?,
+            rope: RopeTables::new(cfg, dtype, device)?,
+            rope_local: match local {
+                true => Some(RopeTables::for_layers(cfg, true, dtype, device)?),
+                false => None,
+            },
+            family,
             embed_tokens,
             layers,
             norm: w.get(names::FINAL_NORM, &[h])?,
@@ -173,7 +230,12 @@ impl Llama {
     /// each, for inference: a decode step is bound by kernel launches. Projections that train
     /// are left alone; one that gets an adapter later is computed on its own again.
     pub fn fuse_projections(&mut self) -> Result<()> {
-        for block in &mut self.layers {
+        // A checkpoint that stores them stacked (Phi-3) has them stacked already.
+        for block in self
+            .layers
+            .iter_mut()
+            .filter(|_| !self.family.fused_projections)
+        {
             let a = &mut block.self_attn;
             a.qkv = Linear::stack(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
             let m = &mut block.mlp;
@@ -187,21 +249,27 @@ impl Llama {
     /// or off with `None` (evaluation, generation).
     pub fn set_adapter_dropout_seed(&self, seed: Option<u64>) {
         for block in &self.layers {
-            for p in Projection::ALL {
-                if let Some(adapter) = &block.projection(p).adapter {
-                    adapter.set_dropout_seed(seed);
-                }
+            let stacked = [&block.self_attn.qkv, &block.mlp.gate_up];
+            let parts = Projection::ALL.map(|p| block.projection(p));
+            let linears = stacked.into_iter().flatten().chain(parts);
+            for adapter in linears.filter_map(|l| l.adapter.as_ref()) {
+                adapter.set_dropout_seed(seed);
             }
         }
     }
 
-    /// The projection at a module path such as `model.layers.3.mlp.up_proj`, where an adapter
+    /// The projection at a module path such as `model.layers.3.mlp.up_proj` (or, where the
+    /// checkpoint stores them stacked, `model.layers.3.self_attn.qkv_proj`), where an adapter
     /// attaches.
     pub fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
         let (index, module) = path.strip_prefix("model.layers.")?.split_once('.')?;
         let block = self.layers.get_mut(index.parse::<usize>().ok()?)?;
-        let projection = Projection::ALL.into_iter().find(|p| p.module() == module)?;
-        Some(block.projection_mut(projection))
+        let modules = Module::of(&self.family);
+        match modules.into_iter().find(|m| m.module() == module)? {
+            Module::One(p) => Some(block.projection_mut(p)),
+            Module::Stacked(Fused::Qkv) => block.self_attn.qkv.as_mut(),
+            Module::Stacked(Fused::GateUp) => block.mlp.gate_up.as_mut(),
+        }
     }
 
     /// The compute dtype.
@@ -219,20 +287,41 @@ impl Llama {
         let mut out = vec![(names::EMBED_TOKENS.to_string(), self.embed_tokens.clone())];
         for (i, b) in self.layers.iter().enumerate() {
             let p = names::layer(i);
-            let norm = |name: &str, t: &Tensor| (format!("{p}.{name}"), t.clone());
-            out.push(norm(names::INPUT_NORM, &b.input_layernorm));
-            for proj in [Projection::Q, Projection::K, Projection::V, Projection::O] {
+            let norms = |before_attention: bool| {
+                b.norms
+                    .iter()
+                    .filter(move |(n, _)| n.before_attention() == before_attention)
+                    .map(|(n, t)| (format!("{p}.{}", n.name(&self.family)), t.clone()))
+            };
+            out.extend(norms(true));
+            let stacked = [
+                (Fused::Qkv, &b.self_attn.qkv),
+                (Fused::GateUp, &b.mlp.gate_up),
+            ];
+            let stacked = stacked.map(|(f, l)| {
+                let l = l.as_ref().filter(|_| self.family.fused_projections);
+                l.map(|l| (format!("{}.weight", f.path(i)), l.weight.clone()))
+            });
+            let [qkv, gate_up] = stacked;
+            let attention = match &qkv {
+                Some(_) => &[Projection::O][..],
+                None => &[Projection::Q, Projection::K, Projection::V, Projection::O],
+            };
+            out.extend(qkv);
+            for &proj in attention {
                 let l = b.projection(proj);
                 out.push((format!("{}.weight", proj.path(i)), l.weight.clone()));
                 if let Some(bias) = &l.bias {
                     out.push((format!("{}.bias", proj.path(i)), bias.clone()));
                 }
             }
-            out.push(norm(
-                names::POST_ATTENTION_NORM,
-                &b.post_attention_layernorm,
-            ));
-            for proj in [Projection::Gate, Projection::Up, Projection::Down] {
+            out.extend(norms(false));
+            let mlp = match &gate_up {
+                Some(_) => &[Projection::Down][..],
+                None => &[Projection::Gate, Projection::Up, Projection::Down],
+            };
+            out.extend(gate_up);
+            for &proj in mlp {
                 let weight = b.projection(proj).weight.clone();
                 out.push((format!("{}.weight", proj.path(i)), weight));
             }
@@ -249,7 +338,11 @@ impl Llama {
     /// only they are cast, so the table's gradient comes out in its dtype with no cast of the
     /// whole table either way.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        ops::cast(&ops::embedding(ids, &self.embed_tokens)?, self.dtype)
+        let x = ops::cast(&ops::embedding(ids, &self.embed_tokens)?, self.dtype)?;
+        match self.family.embed_scale {
+            Some(scale) => x.affine(scale, 0.0),
+            None => Ok(x),
+        }
     }
 
     /// Runs block `i` on hidden states whose first position is `start`.
@@ -276,10 +369,36 @@ impl Llama {
         cache: Option<&mut LayerCache>,
     ) -> Result<(Tensor, Tensor)> {
         let b = &self.layers[i];
-        let (x, normed) = self.add_norm(x, pending, &b.input_layernorm)?;
-        let attention = self.attention(&b.self_attn, &normed, start, cache)?;
-        let (x, normed) = self.add_norm(&x, Some(&attention), &b.post_attention_layernorm)?;
-        Ok((x, self.mlp(&b.mlp, &normed)?))
+        let (x, normed) = self.add_norm(x, pending, b.required_norm(Norm::PreAttention)?)?;
+        let attention = self.attention(i, &normed, start, cache)?;
+        let attention = self.output_norm(b, Norm::PostAttention, attention)?;
+        let pre_mlp = b.required_norm(Norm::PreFeedForward)?;
+        let (x, normed) = self.add_norm(&x, Some(&attention), pre_mlp)?;
+        let mlp = self.mlp(&b.mlp, &normed)?;
+        Ok((x, self.output_norm(b, Norm::PostFeedForward, mlp)?))
+    }
+
+    /// `y` through the block's norm `n` where the family has one (Gemma's norms on the
+    /// attention and feed-forward outputs), else `y`.
+    fn output_norm(&self, b: &Block, n: Norm, y: Tensor) -> Result<Tensor> {
+        match b.norm(n) {
+            Some(weight) => self.rms_norm(&y, weight),
+            None => Ok(y),
+        }
+    }
+
+    /// A norm's weight as it multiplies: in the compute dtype, plus one for Gemma's norms
+    /// (added in the stored dtype, as transformers does in f32, before the cast).
+    fn norm_weight(&self, weight: &Tensor) -> Result<Tensor> {
+        match self.family.norm {
+            NormKind::Plain => ops::cast(weight, self.dtype),
+            NormKind::OnePlus => ops::cast(&weight.affine(1.0, 1.0)?, self.dtype),
+        }
+    }
+
+    /// RMSNorm of `x` over its last dimension with the norm weight `weight`.
+    pub(crate) fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.norm_weight(weight)?, self.config.rms_norm_eps)
     }
 
     /// `x + pending` (or `x`) and its RMSNorm with `weight`.
@@ -289,7 +408,7 @@ impl Llama {
         pending: Option<&Tensor>,
         weight: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (weight, eps) = (ops::cast(weight, self.dtype)?, self.config.rms_norm_eps);
+        let (weight, eps) = (self.norm_weight(weight)?, self.config.rms_norm_eps);
         match pending {
             Some(delta) => ops::add_rms_norm(x, delta, &weight, eps),
             None => Ok((x.clone(), ops::rms_norm(x, &weight, eps)?)),
@@ -300,66 +419,37 @@ impl Llama {
         // The stacked projection only pays off for a single row (a decode step): one kernel
         // there, where many rows would copy the halves out of the stacked output.
         let single_row = x.elem_count() == x.dim(D::Minus1)?;
+        if let Some(gate_up) = m.gate_up.as_ref().filter(|l| l.adapter.is_some()) {
+            // An adapter of a weight the checkpoint stacks (Phi-3's gate_up_proj) adapts it
+            // whole: gate, then up.
+            let hidden = ops::swiglu_packed(&gate_up.forward(x, self.dtype)?)?;
+            return m.down_proj.forward(&hidden, self.dtype);
+        }
+        // The fused gate/up kernels compute SwiGLU only; GeGLU takes the composite.
         let hidden = match (
+            self.family.activation,
             m.stacked(),
             m.gate_proj.bare_master(),
             m.up_proj.bare_master(),
         ) {
-            (Some(gate_up), ..) if single_row && !x.track_op() && gate_up.bias.is_none() => {
+            (Activation::SwiGlu, Some(gate_up), ..)
+                if single_row && !x.track_op() && gate_up.bias.is_none() =>
+            {
                 ops::swiglu_projection(x, &ops::cast(&gate_up.weight, self.dtype)?)?
             }
-            (_, Some(gate), Some(up)) => ops::swiglu_master_projection(x, gate, up)?,
-            _ => {
+            (Activation::SwiGlu, _, Some(gate), Some(up)) => {
+                ops::swiglu_master_projection(x, gate, up)?
+            }
+            (activation, ..) => {
                 let gate = m.gate_proj.forward(x, self.dtype)?;
-                ops::swiglu(&gate, &m.up_proj.forward(x, self.dtype)?)?
+                let up = m.up_proj.forward(x, self.dtype)?;
+                match activation {
+                    Activation::SwiGlu => ops::swiglu(&gate, &up)?,
+                    Activation::GeGluTanh => ops::geglu(&gate, &up)?,
+                }
             }
         };
         m.down_proj.forward(&hidden, self.dtype)
-    }
-
-    fn attention(
-        &self,
-        a: &Attention,
-        x: &Tensor,
-        start: usize,
-        cache: Option<&mut LayerCache>,
-    ) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        let heads = (a.heads, a.kv_heads, a.head_size);
-        let (cos, sin) = self.rope.window(start, t)?;
-        let y = match cache {
-            Some(c) if ops::write_kv_fused(x, &cos, &sin) => {
-                // The projection is split, rotated and cached in one kernel.
-                let qkv = match a.stacked() {
-                    Some(qkv) => qkv.forward(x, self.dtype)?,
-                    None => Tensor::cat(
-                        &[&a.q_proj, &a.k_proj, &a.v_proj]
-                            .map(|p| p.forward(x, self.dtype))
-                            .into_iter()
-                            .collect::<Result<Vec<_>>>()?,
-                        D::Minus1,
-                    )?,
-                };
-                c.attend_packed(&qkv, &self.rope, heads)?
-            }
-            None => {
-                let q = a.q_proj.forward(x, self.dtype)?;
-                let k = a.k_proj.forward(x, self.dtype)?;
-                let v = a.v_proj.forward(x, self.dtype)?;
-                let y = ops::self_attention([&q, &k, &v], (&cos, &sin), a.heads, a.kv_heads)?;
-                return a.o_proj.forward(&y, self.dtype);
-            }
-            Some(c) => {
-                let q = ops::split_heads(&a.q_proj.forward(x, self.dtype)?, a.heads)?;
-                let k = ops::split_heads(&a.k_proj.forward(x, self.dtype)?, a.kv_heads)?;
-                let v = ops::split_heads(&a.v_proj.forward(x, self.dtype)?, a.kv_heads)?;
-                let q = ops::rope(&q, &cos, &sin)?;
-                let k = ops::rope(&k, &cos, &sin)?;
-                let (k, v) = c.append(&k, &v)?;
-                ops::grouped_attention(&q, &k, &v)?
-            }
-        };
-        a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype)
     }
 
     /// The output head's weight in the compute dtype: `lm_head`, or the embedding when tied.
@@ -373,8 +463,7 @@ impl Llama {
     }
 
     fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        let weight = ops::cast(&self.norm, self.dtype)?;
-        ops::rms_norm(x, &weight, self.config.rms_norm_eps)
+        self.rms_norm(x, &self.norm)
     }
 
     /// Final norm and output head: hidden states to logits `[.., vocab]` in the compute dtype.
@@ -382,13 +471,17 @@ impl Llama {
         self.head_logits(&self.final_norm(x)?)
     }
 
-    /// The output head on normalized hidden states.
+    /// The output head on normalized hidden states, soft-capped where the family says so.
     fn head_logits(&self, x: &Tensor) -> Result<Tensor> {
         let head = self.head()?;
-        if head.is_variable() || head.track_op() {
-            ops::linear(x, &head)
+        let logits = if head.is_variable() || head.track_op() {
+            ops::linear(x, &head)?
         } else {
-            ops::frozen_linear(x, &head)
+            ops::frozen_linear(x, &head)?
+        };
+        match self.family.final_softcap {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
         }
     }
 
@@ -398,7 +491,11 @@ impl Llama {
     pub fn token_nll(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let x = self.final_norm(x)?;
         let x = x.reshape(((), self.config.hidden_size))?;
-        ops::head_nll(&x, &self.head()?, targets)
+        // The chunked head kernels know no soft-capping: capped logits are made whole.
+        match self.family.final_softcap {
+            Some(_) => ops::token_nll(&self.head_logits(&x.detach())?, targets),
+            None => ops::head_nll(&x, &self.head()?, targets),
+        }
     }
 
     /// The training loss: the mean NLL of u32 `targets` `[n]` over the positions `weights`
@@ -408,7 +505,10 @@ impl Llama {
     pub fn mean_nll(&self, x: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
         let x = self.final_norm(x)?;
         let x = x.reshape(((), self.config.hidden_size))?;
-        ops::head_mean_nll(&x, self.head_master(), targets, weights)
+        match self.family.final_softcap {
+            Some(_) => ops::masked_mean_nll(&self.head_logits(&x)?, targets, weights),
+            None => ops::head_mean_nll(&x, self.head_master(), targets, weights),
+        }
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` whose first position is

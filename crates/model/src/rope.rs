@@ -1,10 +1,11 @@
-//! RoPE frequency tables, with Llama 3 frequency-dependent scaling.
+//! RoPE frequency tables, with Llama 3 frequency-dependent and linear scaling.
 
 use super::config::{LlamaConfig, RopeScaling};
 use candle_core::{DType, Device, Result, Tensor};
 use std::sync::RwLock;
 
-/// Cosine and sine tables, `[rows, head_size / 2]`, for positions up to the config's
+/// Cosine and sine tables, `[rows, rotary_dim / 2]` (the head size unless the config rotates
+/// only part of each head), for positions up to the config's
 /// `max_position_embeddings`. The rows are made as positions are asked for (doubling, from
 /// [`RopeTables::MIN_ROWS`]), not for the whole context up front: a config with a long context
 /// (Llama 3.1's 131072 positions, or a mistaken 10⁹) costs nothing until a sequence is that
@@ -32,7 +33,8 @@ impl Clone for RopeTables {
     }
 }
 
-/// Inverse frequencies `1 / theta^(2i/d)`, rescaled as Llama 3 does when configured.
+/// Inverse frequencies `1 / theta^(2i/d)`, rescaled as Llama 3 (or linear scaling: divided by
+/// the factor) does when configured.
 pub fn inverse_frequencies(
     head_size: usize,
     theta: f64,
@@ -40,7 +42,11 @@ pub fn inverse_frequencies(
 ) -> Vec<f64> {
     (0..head_size / 2)
         .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_size as f64))
-        .map(|f| scaling.map_or(f, |s| llama3_scale(f, s)))
+        .map(|f| match scaling {
+            Some(s) if s.rope_type == "linear" => f / s.factor,
+            Some(s) => llama3_scale(f, s),
+            None => f,
+        })
         .collect()
 }
 
@@ -64,10 +70,22 @@ impl RopeTables {
     /// The fewest rows made at once.
     pub const MIN_ROWS: usize = 256;
 
-    /// Tables for positions up to the config's `max_position_embeddings`; no row is made yet.
+    /// Tables of the global layers for positions up to the config's
+    /// `max_position_embeddings`; no row is made yet.
     pub fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        Self::for_layers(cfg, false, dtype, device)
+    }
+
+    /// [`RopeTables::new`] for `local` (sliding, Gemma 3) or global layers.
+    pub fn for_layers(
+        cfg: &LlamaConfig,
+        local: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (theta, scaling) = (cfg.rope_theta_for(local), cfg.rope_scaling_for(local));
         Ok(Self {
-            inverse: inverse_frequencies(cfg.head_size(), cfg.theta(), cfg.llama3_scaling()),
+            inverse: inverse_frequencies(cfg.rotary_dim(), theta, scaling),
             max_positions: cfg.max_position_embeddings,
             dtype,
             device: device.clone(),

@@ -46,6 +46,7 @@ pub use add::{add, install_gradient_add};
 pub use add_norm::add_rms_norm;
 pub use attention::{
     causal_attention, decode_attention_at, flash_attention, grouped_attention, self_attention,
+    windowed_attention, AttentionOptions,
 };
 pub use cast::cast;
 pub use cross_entropy::{
@@ -61,7 +62,7 @@ pub use master_linear::master_linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swap::{merge_heads, split_heads, swap_middle};
-pub use swiglu::{swiglu, swiglu_master_projection, swiglu_packed};
+pub use swiglu::{geglu, swiglu, swiglu_master_projection, swiglu_packed};
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
 

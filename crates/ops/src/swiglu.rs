@@ -25,6 +25,12 @@ pub fn reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+/// GeGLU gate: `gelu_tanh(gate) * up` (PyTorch's tanh-approximated GELU, Gemma's MLP). The
+/// composite from candle's differentiable ops on every backend: no fused kernel yet.
+pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.gelu()? * up
+}
+
 /// `silu(gate) · up` for a packed projection `h` `[.., 2 · width]` whose rows hold the gate,
 /// then the up half; its gradient comes back in the same layout.
 pub fn swiglu_packed(h: &Tensor) -> Result<Tensor> {

@@ -33,7 +33,7 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (head_dim as f64).sqrt();
     let scores = (q.matmul(&k.t()?)? * scale)?;
     let scores = if q_len > 1 {
-        let mask = causal_mask(q_len, kv_len, q.device())?;
+        let mask = window_mask(q_len, kv_len, None, q.device())?;
         scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?
     } else {
         scores
@@ -43,17 +43,58 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     probs.to_dtype(dtype)?.matmul(v)
 }
 
-/// `[q_len, kv_len]` additive mask: 0 where a query may attend, -inf where it may not.
-fn causal_mask(q_len: usize, kv_len: usize, device: &Device) -> Result<Tensor> {
+/// What [`windowed_attention`] does beyond plain causal attention.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionOptions {
+    /// The factor on the scores `q·k` (plain attention: `1/sqrt(head_size)`).
+    pub scale: f64,
+    /// `cap · tanh(score / cap)` on the scaled scores, before the mask (Gemma 2).
+    pub softcap: Option<f64>,
+    /// How many positions a query attends to, its own included (sliding-window layers).
+    pub window: Option<usize>,
+}
+
+/// Grouped-query causal attention with [`AttentionOptions`], with the contract of
+/// [`grouped_attention`] (`k`/`v` may be views into a KV cache). The composite from candle's
+/// differentiable ops on every backend (scores and softmax in f32 for 16-bit inputs): the fused
+/// kernels take none of these options yet, so the model comes here whenever one is set.
+pub fn windowed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: AttentionOptions,
+) -> Result<Tensor> {
+    let (k, v) = repeat_kv_heads(q, k, v)?;
+    let q_len = q.dim(2)?;
+    let kv_len = k.dim(2)?;
+    let dtype = q.dtype();
+    let scores = (q.matmul(&k.t()?)? * options.scale)?.to_dtype(widened(dtype))?;
+    let scores = match options.softcap {
+        Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+        None => scores,
+    };
+    let mask = window_mask(q_len, kv_len, options.window, q.device())?;
+    let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs.to_dtype(dtype)?.matmul(&v)
+}
+
+/// `[q_len, kv_len]` additive mask: query `i` sits at position `kv_len - q_len + i` and sees
+/// the keys up to it, and with a `window` only the last `window` of them.
+fn window_mask(
+    q_len: usize,
+    kv_len: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let offset = kv_len - q_len;
+    let window = window.unwrap_or(usize::MAX);
     let values: Vec<f32> = (0..q_len)
         .flat_map(|i| {
-            (0..kv_len).map(move |j| {
-                if j <= offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
+            let position = offset + i;
+            (0..kv_len).map(move |j| match j <= position && position - j < window {
+                true => 0.0,
+                false => f32::NEG_INFINITY,
             })
         })
         .collect();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use config::LoraSection;
 use model::config::LlamaConfig;
 use model::io::{read_config, read_json};
-use model::names::Projection;
+use model::names::Module;
 use model::weights::{save_safetensors, write_atomic, ModelError, Weights};
 use model::Llama;
 use rand::{Rng, SeedableRng};
@@ -57,7 +57,8 @@ impl Adapter {
         seed: u64,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
-        let targets = expand_targets(&lora.target_modules).map_err(ModelError::Lora)?;
+        let targets = expand_targets(&lora.target_modules, &model::Family::of(cfg))
+            .map_err(ModelError::Lora)?;
         let shapes = target_shapes(cfg, &targets);
         check_rank(lora.r, &shapes).map_err(ModelError::Lora)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -185,7 +186,10 @@ fn collect_modules(
     cfg: &LlamaConfig,
     r: usize,
 ) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, String> {
-    let all = Projection::ALL.map(Projection::name);
+    let all: Vec<&str> = Module::of(&model::Family::of(cfg))
+        .into_iter()
+        .map(Module::name)
+        .collect();
     let shapes: BTreeMap<String, (usize, usize)> = target_shapes(cfg, &all)
         .into_iter()
         .map(|(p, out, inp)| (p, (out, inp)))
@@ -345,14 +349,15 @@ fn config_difference(named: &LlamaConfig, given: &LlamaConfig) -> Option<String>
 /// Module path (`model.layers.0.self_attn.q_proj`) with its weight's `(out, in)`, for every
 /// projection of `cfg` whose name is in `targets`, layer by layer in a block's order.
 fn target_shapes(cfg: &LlamaConfig, targets: &[&str]) -> Vec<(String, usize, usize)> {
+    let modules = Module::of(&model::Family::of(cfg));
     (0..cfg.num_hidden_layers)
         .flat_map(|i| {
-            Projection::ALL
-                .into_iter()
-                .filter(|p| targets.contains(&p.name()))
-                .map(move |p| {
-                    let (out, inp) = p.shape(cfg);
-                    (p.path(i), out, inp)
+            modules
+                .iter()
+                .filter(|m| targets.contains(&m.name()))
+                .map(move |m| {
+                    let (out, inp) = m.shape(cfg);
+                    (m.path(i), out, inp)
                 })
         })
         .collect()

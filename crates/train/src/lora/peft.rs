@@ -1,7 +1,8 @@
 //! PEFT's `adapter_config.json`, and the projection names `target_modules` may hold.
 
 use config::{Config, LoraSection};
-use model::names::Projection;
+use model::names::Module;
+use model::Family;
 use serde::{Deserialize, Serialize};
 
 /// `target_modules` in `adapter_config.json`: a list of module names, or one string (PEFT
@@ -135,37 +136,62 @@ impl AdapterConfig {
             return Err("r is 0: the rank must be at least 1".into());
         }
         if let TargetModules::List(names) = &self.target_modules {
-            expand_targets(names)?;
+            if let Some(name) = names.iter().find(|n| !known(n)) {
+                return Err(unknown(name));
+            }
         }
         Ok(())
     }
 }
 
-/// Long projection names for `names` (long, short, or `all-linear`), without duplicates, in
-/// a block's order.
-pub fn expand_targets(names: &[String]) -> std::result::Result<Vec<&'static str>, String> {
-    let mut out = Vec::new();
+/// Long module names for `names` (long, short, or `all-linear`) in a model of `family`,
+/// without duplicates, in a block's order. A name of a module the family stores otherwise
+/// (`q_proj` where Phi-3 stacks `qkv_proj`) is an error naming what it has.
+pub fn expand_targets(
+    names: &[String],
+    family: &Family,
+) -> std::result::Result<Vec<&'static str>, String> {
+    let modules = Module::of(family);
+    let mut wanted = Vec::new();
     for name in names {
         if name == "all-linear" {
-            out.extend(Projection::ALL);
+            wanted.extend(modules.iter().copied());
             continue;
         }
-        let projection = Projection::from_name(name).ok_or_else(|| {
-            format!(
-                "target_modules names {name:?}, a module Llama-family models lack; they have {} (or all-linear)",
-                known_targets()
-            )
-        })?;
-        out.push(projection);
+        let module = Module::from_name(name).ok_or_else(|| unknown(name))?;
+        if !modules.contains(&module) {
+            let have: Vec<&str> = modules.iter().map(|m| m.name()).collect();
+            return Err(format!(
+                "target_modules names {name:?}, which this model does not have as a module; it has {} (or all-linear)",
+                have.join(", ")
+            ));
+        }
+        wanted.push(module);
     }
-    out.sort();
-    out.dedup();
-    Ok(out.into_iter().map(Projection::name).collect())
+    Ok(modules
+        .into_iter()
+        .filter(|m| wanted.contains(m))
+        .map(Module::name)
+        .collect())
 }
 
-/// The projection names, comma-separated.
+/// Whether `name` is `all-linear` or a module name of some supported family.
+fn known(name: &str) -> bool {
+    name == "all-linear" || Module::from_name(name).is_some()
+}
+
+/// The error of a target name no supported family has.
+fn unknown(name: &str) -> String {
+    format!(
+        "target_modules names {name:?}, a module no supported model has; expected one of {}, or all-linear",
+        known_targets()
+    )
+}
+
+/// Every module name of every family, comma-separated.
 fn known_targets() -> String {
-    Projection::ALL.map(Projection::name).join(", ")
+    let names: Vec<&str> = Module::KNOWN.iter().map(|m| m.name()).collect();
+    names.join(", ")
 }
 
 /// The problems of the config's `lora.target_modules` (names the model's table lacks), for
@@ -175,7 +201,7 @@ pub fn config_issues(c: &Config) -> Vec<(String, String)> {
         .target_modules
         .iter()
         .enumerate()
-        .filter(|(_, t)| *t != "all-linear" && Projection::from_name(t).is_none())
+        .filter(|(_, t)| !known(t))
         .map(|(i, target)| {
             let message = format!(
                 "unknown module {target:?}; expected one of {}, or all-linear",
@@ -193,12 +219,33 @@ mod tests {
     #[test]
     fn targets_expand_short_names_and_all_linear() {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let family = |model_type: &str| {
+            let cfg: model::LlamaConfig = serde_json::from_value(serde_json::json!({
+                "model_type": model_type, "hidden_size": 16, "intermediate_size": 32,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32,
+            }))
+            .unwrap();
+            Family::of(&cfg)
+        };
+        let (llama, phi3) = (family("llama"), family("phi3"));
         assert_eq!(
-            expand_targets(&names(&["v", "q_proj", "q"])).unwrap(),
+            expand_targets(&names(&["v", "q_proj", "q"]), &llama).unwrap(),
             ["q_proj", "v_proj"]
         );
-        assert_eq!(expand_targets(&names(&["all-linear"])).unwrap().len(), 7);
-        assert!(expand_targets(&names(&["c_attn"])).is_err());
+        assert_eq!(
+            expand_targets(&names(&["all-linear"]), &llama)
+                .unwrap()
+                .len(),
+            7
+        );
+        assert!(expand_targets(&names(&["c_attn"]), &llama).is_err());
+        assert_eq!(
+            expand_targets(&names(&["all-linear"]), &phi3).unwrap(),
+            ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        );
+        let message = expand_targets(&names(&["q_proj"]), &phi3).unwrap_err();
+        assert!(message.contains("it has qkv_proj, o_proj"), "{message}");
+        assert!(expand_targets(&names(&["qkv"]), &llama).is_err());
     }
 
     #[test]

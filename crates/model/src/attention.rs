@@ -1,0 +1,169 @@
+//! A block's grouped-query self-attention, with the options of its family: per-head q/k
+//! norms, sliding windows, a score scale of its own, soft-capped scores and a separate RoPE
+//! base for local layers. Plain attention (every family but Gemma and Phi-3, in layers without
+//! a window or whose window covers every position attended to) runs the fused paths of `ops`;
+//! otherwise the composite [`ops::windowed_attention`] runs, since no fused kernel takes those
+//! options yet.
+
+use super::cache::LayerCache;
+use super::config::LlamaConfig;
+use super::llama::{Block, Llama};
+use crate::linear::Linear;
+use crate::names::Norm;
+use candle_core::{Result, Tensor, D};
+
+/// Grouped-query self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    /// q, k and v stacked into one projection for inference ([`Llama::fuse_projections`]);
+    /// the three above are then views into it.
+    pub(crate) qkv: Option<Linear>,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_size: usize,
+}
+
+impl Attention {
+    /// The attention of a model of `cfg` from its q, k, v and o projections.
+    /// `qkv` is the stacked projection the three parts are views of, where the checkpoint
+    /// stores them stacked.
+    pub(crate) fn new(
+        [q, k, v, o]: [std::result::Result<Linear, crate::ModelError>; 4],
+        qkv: Option<Linear>,
+        cfg: &LlamaConfig,
+    ) -> std::result::Result<Self, crate::ModelError> {
+        Ok(Self {
+            q_proj: q?,
+            k_proj: k?,
+            v_proj: v?,
+            o_proj: o?,
+            qkv,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_size: cfg.head_size(),
+        })
+    }
+
+    /// The stacked q/k/v projection, where one exists and no part has an adapter since.
+    pub(crate) fn stacked(&self) -> Option<&Linear> {
+        let adapted = [&self.q_proj, &self.k_proj, &self.v_proj]
+            .iter()
+            .any(|l| l.adapter.is_some());
+        self.qkv.as_ref().filter(|_| !adapted)
+    }
+}
+
+impl Llama {
+    /// Whether every layer's attention is plain causal attention at any length, which the
+    /// fused kernels (and CUDA graph replay of decode steps) compute.
+    pub fn attention_is_plain(&self) -> bool {
+        self.family.plain_attention(self.config.head_size())
+    }
+
+    /// The attention of block `i` on normed hidden states `x` whose first position is `start`.
+    pub(crate) fn attention(
+        &self,
+        i: usize,
+        x: &Tensor,
+        start: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let block = &self.layers[i];
+        let a = &block.self_attn;
+        let layer = self.family.layers[i];
+        let rope = match (layer.local_rope, &self.rope_local) {
+            (true, Some(local)) => local,
+            _ => &self.rope,
+        };
+        let t = x.dim(1)?;
+        let heads = (a.heads, a.kv_heads, a.head_size);
+        let (cos, sin) = rope.window(start, t)?;
+        // A window that covers every position attended to masks nothing.
+        let window = layer.window.filter(|&w| start + t > w);
+        let plain = self.family.plain_scores(a.head_size) && window.is_none() && !layer.local_rope;
+        if !plain {
+            let [q, k, v] = self.projections(block, x)?;
+            let q = self.rotate(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
+            let k = self.rotate(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
+            let v = ops::split_heads(&v, a.kv_heads)?;
+            let (k, v) = match cache {
+                Some(c) => c.append(&k, &v)?,
+                None => (k, v),
+            };
+            let options = ops::AttentionOptions {
+                scale: self.family.attention_scale,
+                softcap: self.family.attn_softcap,
+                window,
+            };
+            let y = ops::windowed_attention(&q, &k, &v, options)?;
+            return a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype());
+        }
+        let y = match cache {
+            Some(c) if ops::write_kv_fused(x, &cos, &sin) => {
+                // The projection is split, rotated and cached in one kernel.
+                let qkv = match (a.stacked(), self.family.qk_norm) {
+                    (Some(qkv), false) => qkv.forward(x, self.dtype())?,
+                    _ => Tensor::cat(&self.projections(block, x)?, D::Minus1)?,
+                };
+                c.attend_packed(&qkv, rope, heads)?
+            }
+            None => {
+                let [q, k, v] = self.projections(block, x)?;
+                let y = ops::self_attention([&q, &k, &v], (&cos, &sin), a.heads, a.kv_heads)?;
+                return a.o_proj.forward(&y, self.dtype());
+            }
+            Some(c) => {
+                let [q, k, v] = self.projections(block, x)?;
+                let q = ops::rope(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
+                let k = ops::rope(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
+                let (k, v) = c.append(&k, &ops::split_heads(&v, a.kv_heads)?)?;
+                ops::grouped_attention(&q, &k, &v)?
+            }
+        };
+        a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())
+    }
+
+    /// RoPE on heads `[b, heads, t, head_size]`: on the first `rotary_dim` dimensions of each
+    /// head, the rest passed through (Phi-3's partial rotary).
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (rotary, head_size) = (self.family.rotary_dim, x.dim(D::Minus1)?);
+        if rotary == head_size {
+            return ops::rope(x, cos, sin);
+        }
+        let rotated = ops::rope(&x.narrow(D::Minus1, 0, rotary)?.contiguous()?, cos, sin)?;
+        let rest = x.narrow(D::Minus1, rotary, head_size - rotary)?;
+        Tensor::cat(&[&rotated, &rest], D::Minus1)
+    }
+
+    /// The q, k and v projections `[b, t, heads · head_size]` of `x`, the queries and keys
+    /// normed per head where the family has q/k norms.
+    fn projections(&self, block: &Block, x: &Tensor) -> Result<[Tensor; 3]> {
+        let a = &block.self_attn;
+        let [q, k, v] = match a.qkv.as_ref().filter(|l| l.adapter.is_some()) {
+            // An adapter of a weight the checkpoint stacks (Phi-3's qkv_proj) adapts it whole.
+            Some(qkv) => {
+                let y = qkv.forward(x, self.dtype())?;
+                let widths = [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.weight.dim(0));
+                let [q, k, _] = widths;
+                let (q, k) = (q?, k?);
+                let rest = y.dim(D::Minus1)? - q - k;
+                [(0, q), (q, k), (q + k, rest)].map(|(at, n)| y.narrow(D::Minus1, at, n))
+            }
+            None => [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.forward(x, self.dtype())),
+        };
+        let (q, k, v) = (q?, k?, v?);
+        let per_head = |y: Tensor, n: Norm| match block.norm(n) {
+            Some(weight) => {
+                let (b, t, width) = y.dims3()?;
+                let heads = y.reshape((b, t, width / a.head_size, a.head_size))?;
+                self.rms_norm(&heads, weight)?.reshape((b, t, width))
+            }
+            None => Ok(y),
+        };
+        Ok([per_head(q, Norm::Query)?, per_head(k, Norm::Key)?, v])
+    }
+}
