@@ -116,6 +116,48 @@ fn finetune_needs_a_pretrained_model() {
         .stderr(predicate::str::contains("model.pretrained"));
 }
 
+#[test]
+fn a_finetune_that_fails_on_its_base_leaves_no_run_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), "");
+    let broken = dir.path().join("broken-base");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(
+        fixture("tiny-llama/config.json"),
+        broken.join("config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("tiny-llama/tokenizer.json"),
+        broken.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(broken.join("model.safetensors"), b"not safetensors").unwrap();
+    let base = format!("model.pretrained={}", broken.display());
+    llmtool()
+        .args(["finetune", &config, "--lora", "--set", &base])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("model.safetensors"));
+    assert!(
+        !dir.path().join("run").exists(),
+        "the failed run left its directory"
+    );
+    // A run stopped by the user names the command that continues it.
+    llmtool()
+        .args(["finetune", &config, "--lora", "--stop-after-steps", "1"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("llmtool finetune --lora --resume"));
+    llmtool()
+        .args(["finetune", &config, "--lora"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "continue it with `llmtool finetune --lora --resume",
+        ));
+}
+
 /// Ten JSONL examples of one format, in `dir/data/train.jsonl`.
 fn jsonl_setup(dir: &Path, line: impl Fn(usize) -> String, extra: &str) -> String {
     let data = dir.join("data");

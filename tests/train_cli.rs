@@ -226,6 +226,117 @@ fn vocab_size_auto_sizes_the_embedding_to_the_trained_tokenizer() {
     assert_eq!(rows, tokens.next_multiple_of(64), "{tokens} tokens");
 }
 
+/// Starts `train config --set training.max_steps=100000 ...` and waits until it logged two
+/// steps (so it holds the lock and has trained).
+#[cfg(unix)]
+fn long_run(dir: &Path, config: &str, extra: &[&str]) -> std::process::Child {
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("llmtool"))
+        .args(["train", config, "--set", "training.max_steps=100000"])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("run/metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}
+
+#[cfg(unix)]
+#[test]
+fn a_second_writer_is_refused_naming_the_first_ones_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let mut first = long_run(
+        dir.path(),
+        &config,
+        &["--set", "training.save_every=100000"],
+    );
+    let run = dir.path().join("run");
+    let config_before = std::fs::read(run.join("config.yaml")).unwrap();
+    for args in [
+        vec!["train", config.as_str(), "--set", "training.lr=0.1"],
+        vec!["train", "--resume", run.to_str().unwrap()],
+        vec!["train", config.as_str(), "--force"],
+    ] {
+        llmtool()
+            .args(&args)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(format!(
+                "is in use by process {}",
+                first.id()
+            )));
+    }
+    assert_eq!(
+        std::fs::read(run.join("config.yaml")).unwrap(),
+        config_before
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The lock dies with its holder, however it ended: the killed run (no checkpoint yet)
+    // resumes from step 0 with its saved config.
+    llmtool()
+        .args([
+            "train",
+            "--resume",
+            run.to_str().unwrap(),
+            "--stop-after-steps",
+            "1",
+        ])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains(
+            "has no checkpoint yet: starting the run from step 0",
+        ))
+        .stdout(predicate::str::contains("training paused"));
+}
+
+#[test]
+fn a_failed_force_run_leaves_the_old_run_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    llmtool().args(["train", &config]).assert().success();
+    let run = dir.path().join("run");
+    let snapshot = |run: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = [
+            "config.yaml",
+            "training_state.safetensors",
+            "model/model.safetensors",
+            "metrics.jsonl",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(run.join(f)).unwrap()))
+        .collect();
+        files.sort();
+        files
+    };
+    let before = snapshot(&run);
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    llmtool()
+        .args(["train", &config, "--force", "--set"])
+        .arg(format!("data.roots=[{}]", empty.display()))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no documents"));
+    assert_eq!(snapshot(&run), before, "the old run is back as it was");
+    assert!(!run.join(".replaced-run").exists());
+    // And it can still be resumed (it is finished: nothing left to do).
+    llmtool()
+        .args(["train", "--resume", run.to_str().unwrap()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("steps        4 / 4"));
+}
+
 #[test]
 fn corrupt_state_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -231,7 +231,7 @@ pub fn execute<D: TrainData>(
     };
     match trainer.run(&*batches, &opts, &mut crate::report::RunProgress::new()) {
         Ok(summary) => {
-            print_summary(&summary);
+            print_summary(&summary, session.command);
             Ok(())
         }
         Err(TrainError::Interrupted {
@@ -251,7 +251,7 @@ pub fn execute<D: TrainData>(
     }
 }
 
-fn print_summary(summary: &TrainSummary) {
+fn print_summary(summary: &TrainSummary, command: &str) {
     let run_dir = &summary.run_dir;
     let done = summary.steps >= summary.total_steps;
     println!(
@@ -281,7 +281,10 @@ fn print_summary(summary: &TrainSummary) {
     println!("  output       {}", summary.artifact.display());
     println!("  metrics      {}", run_dir.join("metrics.jsonl").display());
     if !done {
-        println!("  resume with  --resume {}", run_dir.display());
+        println!(
+            "  resume with  llmtool {command} --resume {}",
+            run_dir.display()
+        );
     }
 }
 

@@ -51,7 +51,7 @@ pub enum RunError {
 #[derive(Debug)]
 pub struct RunDir {
     path: PathBuf,
-    /// Whether opening it created it (a run that then writes nothing removes it again).
+    /// Whether opening it created it (a run that fails before its first checkpoint removes it).
     created: bool,
     /// Held (an OS lock, released when the process ends, however it ends) while this lives.
     _lock: File,
@@ -230,10 +230,10 @@ impl Drop for RunDir {
     fn drop(&mut self) {
         // Best effort: what fails here is settled again at the next start.
         let _ = self.settle_replacement();
-        // A command that failed before writing anything leaves no directory behind.
-        if self.created && self.own_entries().is_ok_and(|e| e.is_empty()) {
-            let _ = std::fs::remove_file(self.path.join(LOCK_FILE));
-            let _ = std::fs::remove_dir(&self.path);
+        // A run ends with a checkpoint, however it ends (finished, paused, interrupted); a
+        // command that failed before its first one leaves no directory it created behind.
+        if self.created && !self.has_checkpoint() {
+            let _ = std::fs::remove_dir_all(&self.path);
         }
     }
 }
