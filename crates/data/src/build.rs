@@ -104,11 +104,7 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
     bar.set_message("tokenizing");
     let encoded: Vec<Vec<u32>> = kept
         .par_iter()
-        .map(|d| {
-            tokenizer
-                .encode_fast(d.text.as_str(), false)
-                .map(|e| e.get_ids().to_vec())
-        })
+        .map(|d| tokenizer::encode_ids(&tokenizer, d.text.as_str()))
         .collect::<Result<_, _>>()
         .map_err(|e| DataError::Tokenizer {
             path: tokenizer_path.clone(),
