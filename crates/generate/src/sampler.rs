@@ -176,7 +176,7 @@ fn apply_min_p(probs: &mut [f32], min_p: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use rand::Rng;
 
     fn params() -> SamplingParams {
         SamplingParams {
@@ -205,16 +205,8 @@ mod tests {
     }
 
     #[test]
-    fn same_seed_same_tokens_and_greedy_is_argmax() {
+    fn repetition_penalty_changes_the_greedy_choice() {
         let logits = Tensor::new(&[1.0f32, 1.1, 0.9, 1.05], &Device::Cpu).unwrap();
-        let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params() });
-            (0..20)
-                .map(|_| s.sample(&logits, &[]).unwrap())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(1), run(1));
-        assert_ne!(run(1), run(2));
         let mut greedy = Sampler::new(SamplingParams {
             temperature: 0.0,
             repetition_penalty: 2.0,
@@ -222,102 +214,154 @@ mod tests {
         });
         // Token 1 is penalised below token 3.
         assert_eq!(greedy.sample(&logits, &[1]).unwrap(), 3);
+        assert_eq!(greedy.sample(&logits, &[]).unwrap(), 1);
     }
 
-    /// TEMPORARY: the old implementation, to check the draws match before it is removed.
-    fn old(params: &SamplingParams, logits: &Tensor, context: &[u32], n: usize) -> Vec<u32> {
-        use candle_transformers::generation::{LogitsProcessor, Sampling};
-        let t = params.temperature;
-        let sampling = if t <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            match (params.top_k, params.top_p.filter(|p| *p < 1.0)) {
-                (None, None) => Sampling::All { temperature: t },
-                (Some(k), None) => Sampling::TopK { k, temperature: t },
-                (None, Some(p)) => Sampling::TopP { p, temperature: t },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP {
-                    k,
-                    p,
-                    temperature: t,
-                },
-            }
-        };
-        let mut lp = LogitsProcessor::from_sampling(params.seed, sampling);
-        (0..n)
-            .map(|_| {
-                let l = if params.repetition_penalty != 1.0 {
-                    candle_transformers::utils::apply_repeat_penalty(
-                        logits,
-                        params.repetition_penalty as f32,
-                        context,
-                    )
-                    .unwrap()
-                } else {
-                    logits.clone()
-                };
-                match params.min_p.filter(|p| *p > 0.0) {
-                    Some(m) => lp.sample_f(&l, |p| apply_min_p(p, m as f32)).unwrap(),
-                    None => lp.sample(&l).unwrap(),
-                }
-            })
-            .collect()
+    /// Logits whose softmax at temperature 1 is `probs`.
+    fn logits_of(probs: &[f32]) -> Tensor {
+        let logs: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        Tensor::new(logs.as_slice(), &Device::Cpu).unwrap()
+    }
+
+    fn draws(params: SamplingParams, logits: &Tensor, n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params);
+        (0..n).map(|_| s.sample(logits, &[]).unwrap()).collect()
     }
 
     #[test]
-    fn same_draws_as_candle_transformers() {
-        use rand::Rng;
-        let mut rng = StdRng::seed_from_u64(99);
-        let mut checked = 0;
-        for vocab in [1usize, 2, 7, 50, 1000] {
-            for round in 0..6 {
-                let scale = [0.1f32, 1.0, 3.0, 8.0, 20.0, 1.0][round];
-                let mut v: Vec<f32> = (0..vocab)
-                    .map(|_| rng.random_range(-1.0..1.0) * scale)
-                    .collect();
-                if round == 5 && vocab > 3 {
-                    v[1] = v[0]; // ties
-                    v[2] = v[0];
-                }
-                let logits = Tensor::new(v.as_slice(), &Device::Cpu).unwrap();
-                let bf = logits.to_dtype(DType::BF16).unwrap();
-                let context: Vec<u32> = (0..5)
-                    .map(|_| rng.random_range(0..vocab as u32 + 2))
-                    .collect();
-                for temperature in [0.0, 0.3, 1.0, 1.7] {
-                    for top_k in [None, Some(1), Some(3), Some(40), Some(2000)] {
-                        for top_p in [None, Some(0.05), Some(0.5), Some(0.9), Some(1.0)] {
-                            for min_p in [None, Some(0.0), Some(0.1), Some(0.6)] {
-                                for repetition_penalty in [1.0, 1.3, 0.7] {
-                                    for seed in [0u64, 1, 12345] {
-                                        let p = SamplingParams {
-                                            temperature,
-                                            top_k,
-                                            top_p,
-                                            min_p,
-                                            repetition_penalty,
-                                            seed,
-                                        };
-                                        for l in [&logits, &bf] {
-                                            let want = old(&p, l, &context, 8);
-                                            let mut s = Sampler::new(p.clone());
-                                            let got: Vec<u32> = (0..8)
-                                                .map(|_| s.sample(l, &context).unwrap())
-                                                .collect();
-                                            assert_eq!(
-                                                got, want,
-                                                "{p:?} vocab {vocab} round {round}"
-                                            );
-                                            checked += 1;
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+    fn temperature_zero_is_argmax_whatever_the_other_settings() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..20 {
+            let values: Vec<f32> = (0..50).map(|_| rng.random_range(-4.0..4.0)).collect();
+            let best = (0..values.len())
+                .max_by(|&i, &j| values[i].total_cmp(&values[j]))
+                .unwrap() as u32;
+            let logits = Tensor::new(values.as_slice(), &Device::Cpu).unwrap();
+            let greedy = SamplingParams {
+                temperature: 0.0,
+                top_k: Some(3),
+                top_p: Some(0.5),
+                min_p: Some(0.2),
+                ..params()
+            };
+            assert!(draws(greedy, &logits, 5).iter().all(|&t| t == best));
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_never_pick_excluded_tokens() {
+        // Sorted probabilities 0.4, 0.3, 0.15, 0.1, 0.05 at tokens 2, 0, 4, 1, 3.
+        let logits = logits_of(&[0.3, 0.1, 0.4, 0.05, 0.15]);
+        let only = |params: SamplingParams, allowed: &[u32]| {
+            let got = draws(params, &logits, 2000);
+            assert!(got.iter().all(|t| allowed.contains(t)), "{got:?}");
+            // Every allowed token does come up.
+            assert!(allowed.iter().all(|t| got.contains(t)), "{allowed:?}");
+        };
+        only(
+            SamplingParams {
+                top_k: Some(1),
+                ..params()
+            },
+            &[2],
+        );
+        only(
+            SamplingParams {
+                top_k: Some(3),
+                ..params()
+            },
+            &[2, 0, 4],
+        );
+        // Tokens are kept until the kept mass reaches p: 0.4 < 0.6, then 0.7 >= 0.6.
+        only(
+            SamplingParams {
+                top_p: Some(0.6),
+                ..params()
+            },
+            &[2, 0],
+        );
+        only(
+            SamplingParams {
+                top_p: Some(0.75),
+                ..params()
+            },
+            &[2, 0, 4],
+        );
+        only(
+            SamplingParams {
+                top_k: Some(3),
+                top_p: Some(0.5),
+                ..params()
+            },
+            &[2, 0],
+        );
+        // min-p 0.3: below 0.3 * 0.4 = 0.12 is dropped.
+        only(
+            SamplingParams {
+                min_p: Some(0.3),
+                ..params()
+            },
+            &[2, 0, 4],
+        );
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits = logits_of(&[0.3, 0.1, 0.4, 0.05, 0.15]);
+        for p in [
+            params(),
+            SamplingParams {
+                top_k: Some(3),
+                ..params()
+            },
+            SamplingParams {
+                top_p: Some(0.8),
+                temperature: 1.5,
+                ..params()
+            },
+        ] {
+            let run = |seed| draws(SamplingParams { seed, ..p.clone() }, &logits, 40);
+            assert_eq!(run(1), run(1));
+            assert_ne!(run(1), run(2));
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_tempered_softmax() {
+        let probs = [0.5f32, 0.25, 0.15, 0.1];
+        let logits = logits_of(&probs);
+        let n = 20_000;
+        for temperature in [1.0f64, 2.0, 0.5] {
+            // softmax(log p / t) is p^(1/t), normalised.
+            let tempered: Vec<f64> = probs
+                .iter()
+                .map(|p| (*p as f64).powf(1.0 / temperature))
+                .collect();
+            let total: f64 = tempered.iter().sum();
+            let got = draws(
+                SamplingParams {
+                    temperature,
+                    ..params()
+                },
+                &logits,
+                n,
+            );
+            for (token, p) in tempered.iter().map(|p| p / total).enumerate() {
+                let seen = got.iter().filter(|&&t| t == token as u32).count() as f64 / n as f64;
+                let sigma = (p * (1.0 - p) / n as f64).sqrt();
+                assert!(
+                    (seen - p).abs() < 5.0 * sigma,
+                    "temperature {temperature}, token {token}: {seen} vs {p}"
+                );
             }
         }
-        eprintln!("checked {checked} sequences");
+    }
+
+    #[test]
+    fn repetition_penalty_scales_each_seen_token_once() {
+        let mut logits = vec![2.0f32, -2.0, 1.0, 4.0];
+        apply_repeat_penalty(&mut logits, 2.0, &[0, 1, 0, 9]);
+        assert_eq!(logits, [1.0, -4.0, 1.0, 4.0]);
     }
 
     #[test]
