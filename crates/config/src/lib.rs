@@ -3,11 +3,13 @@
 //!
 //! Loading ([`load`]) reports every problem at once, each with the file, line and key.
 
+mod device;
 mod load;
 mod locate;
 mod numbers;
 mod schema;
 mod validate;
 
+pub use device::{DeviceSpec, UnknownDevice, DEVICE_NAMES};
 pub use load::{load, load_str, load_with, Check, ConfigError, ConfigIssue, Override};
 pub use schema::*;
