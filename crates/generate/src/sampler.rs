@@ -1,7 +1,9 @@
 //! Choosing the next token: repetition penalty, temperature, min-p, top-k and top-p, drawn from
 //! a seeded `StdRng`. The draws are those candle-transformers' `LogitsProcessor` made (the same
-//! probabilities, the same `WeightedIndex` over the same candidates in the same order), so a seed
-//! gives the tokens it gave before llmtool dropped that crate.
+//! `WeightedIndex` over the same candidates in the same order, the probabilities computed on the
+//! CPU as it computed them there), so a seed gives the tokens it gave before llmtool dropped that
+//! crate. (It took the softmax of GPU logits on the GPU: there a draw decided by a probability's
+//! last bit can differ.)
 
 use candle_core::{DType, Device, Error, Result, Tensor, D};
 use rand::distr::{weighted::WeightedIndex, Distribution};
