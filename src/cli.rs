@@ -2,8 +2,8 @@
 
 use crate::bench::{LoraBase, Mode, Preset, TaskName};
 use clap::{Args, Parser, Subcommand};
+use config::DeviceSpec;
 use config::Override;
-use ops::device::DeviceSpec;
 use std::path::PathBuf;
 
 /// Train, fine-tune, evaluate and sample Llama-style language models on your own markdown.

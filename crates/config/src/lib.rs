@@ -3,6 +3,7 @@
 //!
 //! Loading ([`load`]) reports every problem at once, each with the file, line and key.
 
+mod device;
 mod load;
 mod locate;
 mod numbers;
@@ -10,6 +11,7 @@ mod schema;
 mod validate;
 mod vocab;
 
+pub use device::{DeviceSpec, UnknownDevice, DEVICE_NAMES};
 pub use load::{load, load_str, load_with, Check, ConfigError, ConfigIssue, Override};
 pub use schema::*;
 pub use vocab::VocabSize;

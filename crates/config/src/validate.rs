@@ -1,5 +1,6 @@
 //! Checks that involve more than one key, or the file system.
 
+use super::device::{DeviceSpec, DEVICE_NAMES};
 use super::schema::Config;
 
 /// Every cross-field problem as `(key, message)`.
@@ -93,13 +94,10 @@ pub fn cross_field_issues(c: &Config) -> Vec<(String, String)> {
             format!("{} is above training.lr ({})", t.min_lr, t.lr),
         );
     }
-    if !is_device(&t.device) {
+    if t.device.parse::<DeviceSpec>().is_err() {
         fail(
             "training.device",
-            format!(
-                "expected auto, cpu, cuda, cuda:N or metal, got {:?}",
-                t.device
-            ),
+            format!("expected {DEVICE_NAMES}, got {:?}", t.device),
         );
     }
 
@@ -173,11 +171,4 @@ pub fn cross_field_issues(c: &Config) -> Vec<(String, String)> {
         }
     }
     issues
-}
-
-/// Whether `s` names a device: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
-pub fn is_device(s: &str) -> bool {
-    matches!(s, "auto" | "cpu" | "cuda" | "metal")
-        || s.strip_prefix("cuda:")
-            .is_some_and(|n| n.parse::<usize>().is_ok())
 }

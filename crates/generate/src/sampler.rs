@@ -1,8 +1,14 @@
-//! Choosing the next token: repetition penalty, temperature, top-k, top-p and min-p, on top of
-//! candle-transformers' `LogitsProcessor`.
+//! Choosing the next token: repetition penalty, temperature, min-p, top-k and top-p, drawn from
+//! a seeded `StdRng`. The draws are those candle-transformers' `LogitsProcessor` made (the same
+//! `WeightedIndex` over the same candidates in the same order, the probabilities computed on the
+//! CPU as it computed them there), so a seed gives the tokens it gave before llmtool dropped that
+//! crate. (It took the softmax of GPU logits on the GPU: there a draw decided by a probability's
+//! last bit can differ.)
 
-use candle_core::{Result, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_core::{DType, Device, Error, Result, Tensor, D};
+use rand::distr::{weighted::WeightedIndex, Distribution};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 /// Sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,25 +59,11 @@ impl SamplingParams {
         }
         Ok(())
     }
-
-    fn sampling(&self) -> Sampling {
-        let temperature = self.temperature;
-        if temperature <= 0.0 {
-            return Sampling::ArgMax;
-        }
-        let p = self.top_p.filter(|p| *p < 1.0);
-        match (self.top_k, p) {
-            (None, None) => Sampling::All { temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-        }
-    }
 }
 
 /// Picks tokens from logits; the same parameters (seed included) give the same choices.
 pub struct Sampler {
-    processor: LogitsProcessor,
+    rng: StdRng,
     params: SamplingParams,
 }
 
@@ -79,24 +71,95 @@ impl Sampler {
     /// A sampler seeded with `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         Self {
-            processor: LogitsProcessor::from_sampling(params.seed, params.sampling()),
+            rng: StdRng::seed_from_u64(params.seed),
             params,
         }
     }
 
-    /// The next token for `logits` (`[vocab]`), penalising the tokens in `context`.
+    /// The next token for `logits` (`[vocab]`), penalising the tokens in `context`. The
+    /// probabilities are computed on the CPU in f32.
     pub fn sample(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
+        let mut values = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let penalty = self.params.repetition_penalty;
-        let logits = if penalty != 1.0 {
-            candle_transformers::utils::apply_repeat_penalty(logits, penalty as f32, context)?
+        if penalty != 1.0 {
+            apply_repeat_penalty(&mut values, penalty as f32, context);
+        }
+        let vocab = values.len();
+        let logits = Tensor::from_vec(values, vocab, &Device::Cpu)?;
+        let temperature = self.params.temperature;
+        if temperature <= 0.0 {
+            return logits.argmax(D::Minus1)?.to_scalar::<u32>();
+        }
+        let mut probs =
+            ops::reference::softmax(&(logits / temperature)?, D::Minus1)?.to_vec1::<f32>()?;
+        if let Some(min_p) = self.params.min_p.filter(|p| *p > 0.0) {
+            apply_min_p(&mut probs, min_p as f32);
+        }
+        // A top-p of 1 (or out of range) keeps every token.
+        let top_p = self
+            .params
+            .top_p
+            .filter(|p| *p > 0.0 && *p < 1.0)
+            .map(|p| p as f32);
+        match self.params.top_k.filter(|k| *k < vocab) {
+            None => {
+                if let Some(p) = top_p {
+                    apply_top_p(&mut probs, p);
+                }
+                self.draw(&probs)
+            }
+            Some(k) => {
+                // The k most likely tokens (in `select_nth_unstable_by`'s order), then top-p
+                // among them if it would drop any.
+                let mut order: Vec<usize> = (0..vocab).collect();
+                let (top, _, _) =
+                    order.select_nth_unstable_by(k, |&i, &j| probs[j].total_cmp(&probs[i]));
+                let mut kept: Vec<f32> = top.iter().map(|&i| probs[i]).collect();
+                if let Some(p) = top_p.filter(|p| *p < kept.iter().sum::<f32>()) {
+                    apply_top_p(&mut kept, p);
+                }
+                let index = self.draw(&kept)?;
+                Ok(top[index as usize] as u32)
+            }
+        }
+    }
+
+    /// One draw of an index with probability proportional to `weights`.
+    fn draw(&mut self, weights: &[f32]) -> Result<u32> {
+        let distribution = WeightedIndex::new(weights).map_err(Error::wrap)?;
+        Ok(distribution.sample(&mut self.rng) as u32)
+    }
+}
+
+/// Repetition penalty: each distinct token of `context` has its logit divided by `penalty` if
+/// positive, multiplied if negative (tokens past the vocabulary are ignored).
+fn apply_repeat_penalty(logits: &mut [f32], penalty: f32, context: &[u32]) {
+    let mut seen = std::collections::HashSet::new();
+    for &token in context {
+        if !seen.insert(token) {
+            continue;
+        }
+        if let Some(logit) = logits.get_mut(token as usize) {
+            if *logit >= 0.0 {
+                *logit /= penalty
+            } else {
+                *logit *= penalty
+            }
+        }
+    }
+}
+
+/// Top-p (nucleus): keeps the most likely tokens until their probabilities sum to `p`, zeroes
+/// the rest (the probabilities are not renormalised; the draw weights them).
+fn apply_top_p(probs: &mut [f32], p: f32) {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
+    let mut total = 0.0;
+    for i in order {
+        if total >= p {
+            probs[i] = 0.0;
         } else {
-            logits.clone()
-        };
-        match self.params.min_p.filter(|p| *p > 0.0) {
-            Some(min_p) => self
-                .processor
-                .sample_f(&logits, |probs| apply_min_p(probs, min_p as f32)),
-            None => self.processor.sample(&logits),
+            total += probs[i];
         }
     }
 }
@@ -115,7 +178,7 @@ fn apply_min_p(probs: &mut [f32], min_p: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use rand::Rng;
 
     fn params() -> SamplingParams {
         SamplingParams {
@@ -144,16 +207,8 @@ mod tests {
     }
 
     #[test]
-    fn same_seed_same_tokens_and_greedy_is_argmax() {
+    fn repetition_penalty_changes_the_greedy_choice() {
         let logits = Tensor::new(&[1.0f32, 1.1, 0.9, 1.05], &Device::Cpu).unwrap();
-        let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params() });
-            (0..20)
-                .map(|_| s.sample(&logits, &[]).unwrap())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(1), run(1));
-        assert_ne!(run(1), run(2));
         let mut greedy = Sampler::new(SamplingParams {
             temperature: 0.0,
             repetition_penalty: 2.0,
@@ -161,6 +216,154 @@ mod tests {
         });
         // Token 1 is penalised below token 3.
         assert_eq!(greedy.sample(&logits, &[1]).unwrap(), 3);
+        assert_eq!(greedy.sample(&logits, &[]).unwrap(), 1);
+    }
+
+    /// Logits whose softmax at temperature 1 is `probs`.
+    fn logits_of(probs: &[f32]) -> Tensor {
+        let logs: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        Tensor::new(logs.as_slice(), &Device::Cpu).unwrap()
+    }
+
+    fn draws(params: SamplingParams, logits: &Tensor, n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params);
+        (0..n).map(|_| s.sample(logits, &[]).unwrap()).collect()
+    }
+
+    #[test]
+    fn temperature_zero_is_argmax_whatever_the_other_settings() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for _ in 0..20 {
+            let values: Vec<f32> = (0..50).map(|_| rng.random_range(-4.0..4.0)).collect();
+            let best = (0..values.len())
+                .max_by(|&i, &j| values[i].total_cmp(&values[j]))
+                .unwrap() as u32;
+            let logits = Tensor::new(values.as_slice(), &Device::Cpu).unwrap();
+            let greedy = SamplingParams {
+                temperature: 0.0,
+                top_k: Some(3),
+                top_p: Some(0.5),
+                min_p: Some(0.2),
+                ..params()
+            };
+            assert!(draws(greedy, &logits, 5).iter().all(|&t| t == best));
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_never_pick_excluded_tokens() {
+        // Sorted probabilities 0.4, 0.3, 0.15, 0.1, 0.05 at tokens 2, 0, 4, 1, 3.
+        let logits = logits_of(&[0.3, 0.1, 0.4, 0.05, 0.15]);
+        let only = |params: SamplingParams, allowed: &[u32]| {
+            let got = draws(params, &logits, 2000);
+            assert!(got.iter().all(|t| allowed.contains(t)), "{got:?}");
+            // Every allowed token does come up.
+            assert!(allowed.iter().all(|t| got.contains(t)), "{allowed:?}");
+        };
+        only(
+            SamplingParams {
+                top_k: Some(1),
+                ..params()
+            },
+            &[2],
+        );
+        only(
+            SamplingParams {
+                top_k: Some(3),
+                ..params()
+            },
+            &[2, 0, 4],
+        );
+        // Tokens are kept until the kept mass reaches p: 0.4 < 0.6, then 0.7 >= 0.6.
+        only(
+            SamplingParams {
+                top_p: Some(0.6),
+                ..params()
+            },
+            &[2, 0],
+        );
+        only(
+            SamplingParams {
+                top_p: Some(0.75),
+                ..params()
+            },
+            &[2, 0, 4],
+        );
+        only(
+            SamplingParams {
+                top_k: Some(3),
+                top_p: Some(0.5),
+                ..params()
+            },
+            &[2, 0],
+        );
+        // min-p 0.3: below 0.3 * 0.4 = 0.12 is dropped.
+        only(
+            SamplingParams {
+                min_p: Some(0.3),
+                ..params()
+            },
+            &[2, 0, 4],
+        );
+    }
+
+    #[test]
+    fn same_seed_same_tokens() {
+        let logits = logits_of(&[0.3, 0.1, 0.4, 0.05, 0.15]);
+        for p in [
+            params(),
+            SamplingParams {
+                top_k: Some(3),
+                ..params()
+            },
+            SamplingParams {
+                top_p: Some(0.8),
+                temperature: 1.5,
+                ..params()
+            },
+        ] {
+            let run = |seed| draws(SamplingParams { seed, ..p.clone() }, &logits, 40);
+            assert_eq!(run(1), run(1));
+            assert_ne!(run(1), run(2));
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_tempered_softmax() {
+        let probs = [0.5f32, 0.25, 0.15, 0.1];
+        let logits = logits_of(&probs);
+        let n = 20_000;
+        for temperature in [1.0f64, 2.0, 0.5] {
+            // softmax(log p / t) is p^(1/t), normalised.
+            let tempered: Vec<f64> = probs
+                .iter()
+                .map(|p| (*p as f64).powf(1.0 / temperature))
+                .collect();
+            let total: f64 = tempered.iter().sum();
+            let got = draws(
+                SamplingParams {
+                    temperature,
+                    ..params()
+                },
+                &logits,
+                n,
+            );
+            for (token, p) in tempered.iter().map(|p| p / total).enumerate() {
+                let seen = got.iter().filter(|&&t| t == token as u32).count() as f64 / n as f64;
+                let sigma = (p * (1.0 - p) / n as f64).sqrt();
+                assert!(
+                    (seen - p).abs() < 5.0 * sigma,
+                    "temperature {temperature}, token {token}: {seen} vs {p}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_scales_each_seen_token_once() {
+        let mut logits = vec![2.0f32, -2.0, 1.0, 4.0];
+        apply_repeat_penalty(&mut logits, 2.0, &[0, 1, 0, 9]);
+        assert_eq!(logits, [1.0, -4.0, 1.0, 4.0]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 use super::fused_op::{CudaOutput, Operand};
 #[cfg(feature = "cuda")]
 use super::launch;
-use super::reference::widened;
+use super::reference::{log_softmax, one_hot, softmax, widened};
 use super::{ids_beside, rows_and_width};
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
@@ -78,7 +78,7 @@ pub fn masked_mean_nll(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> R
 /// [`token_nll`] from candle's differentiable ops, any backend and dtype.
 pub fn reference_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(widened(logits.dtype()))?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let log_probs = log_softmax(&logits, D::Minus1)?;
     log_probs
         .gather(&targets.unsqueeze(1)?, 1)?
         .squeeze(1)?
@@ -88,9 +88,9 @@ pub fn reference_nll(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// [`token_nll_grad`] from candle's ops, computed in f32, any backend and dtype.
 pub fn reference_grad(logits: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
     let dtype = logits.dtype();
-    let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let probs = softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let vocab = logits.dim(1)?;
-    let onehot = candle_nn::encoding::one_hot(targets.clone(), vocab, 1f32, 0f32)?;
+    let onehot = one_hot(targets, vocab)?;
     (probs - onehot)?
         .broadcast_mul(&g.unsqueeze(1)?)?
         .to_dtype(dtype)

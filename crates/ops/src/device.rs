@@ -1,62 +1,24 @@
-//! Choosing the compute device. Everything device-specific stays behind candle's `Device`.
+//! Opening the compute device a `config::DeviceSpec` names (the grammar of device names is
+//! config's, shared with `training.device`), and GPU memory. Everything device-specific stays
+//! behind candle's `Device`.
 
 use candle_core::Device;
+use config::DeviceSpec;
 
-/// Errors choosing a device.
+/// A device this build or machine lacks.
 #[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// The name is not a device.
-    #[error("unknown device {0:?}: expected auto, cpu, cuda, cuda:N or metal")]
-    Unknown(String),
-    /// The device exists by name but this build or machine lacks it.
-    #[error("device {name} is not available: {reason}")]
-    Unavailable { name: String, reason: String },
-}
-
-/// A device as the user names it: `auto`, `cpu`, `cuda`, `cuda:N` or `metal`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// Metal, then CUDA, then the CPU: the first this build and machine have.
-    Auto,
-    Cpu,
-    /// The CUDA device of this ordinal (`cuda` is `cuda:0`).
-    Cuda(usize),
-    Metal,
-}
-
-impl std::str::FromStr for DeviceSpec {
-    type Err = DeviceError;
-
-    fn from_str(name: &str) -> Result<Self, DeviceError> {
-        match name {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "metal" => Ok(Self::Metal),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => name
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| DeviceError::Unknown(name.into())),
-        }
-    }
-}
-
-impl std::fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
-            Self::Metal => f.write_str("metal"),
-        }
-    }
+#[error("device {name} is not available: {reason}")]
+pub struct DeviceError {
+    /// The device as the user named it.
+    pub name: String,
+    /// Why it cannot be opened.
+    pub reason: String,
 }
 
 /// Opens the device `spec` names; `auto` falls back to the CPU, the others fail with the reason
 /// when this build or machine lacks them.
 pub fn open(spec: DeviceSpec) -> Result<Device, DeviceError> {
-    let unavailable = |e: candle_core::Error| DeviceError::Unavailable {
+    let unavailable = |e: candle_core::Error| DeviceError {
         name: spec.to_string(),
         reason: e.to_string(),
     };
@@ -65,7 +27,7 @@ pub fn open(spec: DeviceSpec) -> Result<Device, DeviceError> {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         DeviceSpec::Metal => {
             if !candle_core::utils::metal_is_available() {
-                return Err(DeviceError::Unavailable {
+                return Err(DeviceError {
                     name: spec.to_string(),
                     reason: "this build has no Metal support (build with --features metal)".into(),
                 });
@@ -74,7 +36,7 @@ pub fn open(spec: DeviceSpec) -> Result<Device, DeviceError> {
         }
         DeviceSpec::Cuda(ordinal) => {
             if !candle_core::utils::cuda_is_available() {
-                return Err(DeviceError::Unavailable {
+                return Err(DeviceError {
                     name: spec.to_string(),
                     reason: "this build has no CUDA support (build with --features cuda)".into(),
                 });
@@ -219,19 +181,6 @@ pub fn describe(device: &Device) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_names() {
-        let parse = |name: &str| name.parse::<DeviceSpec>();
-        assert_eq!(parse("cuda").unwrap(), DeviceSpec::Cuda(0));
-        assert_eq!(parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
-        for name in ["auto", "cpu", "metal", "cuda:1"] {
-            assert_eq!(parse(name).unwrap().to_string(), name);
-        }
-        for bad in ["gpu", "cuda:x", "cuda:", "cuda1", ""] {
-            assert!(matches!(parse(bad), Err(DeviceError::Unknown(_))), "{bad}");
-        }
-    }
 
     #[test]
     fn opens_the_cpu_and_names_what_is_missing() {

@@ -7,7 +7,8 @@ use super::cpu_kernel::{f32s, output, written_rows};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
-use candle_core::{Result, Tensor};
+use super::reference::rotate_half;
+use candle_core::{Result, Tensor, D};
 
 /// Rotary position embedding in the Hugging Face rotate-half layout. `x` is
 /// `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, head_dim / 2]` for these positions.
@@ -22,7 +23,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// [`rope`] from candle's differentiable ops, any backend and dtype.
 pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_slow(x, cos, sin)
+    let (_, _, seq, _) = x.dims4()?;
+    let table = |half: &Tensor| -> Result<Tensor> {
+        Tensor::cat(&[half, half], D::Minus1)?
+            .narrow(0, 0, seq)?
+            .unsqueeze(0)?
+            .unsqueeze(0)
+    };
+    x.broadcast_mul(&table(cos)?)? + rotate_half(x)?.broadcast_mul(&table(sin)?)?
 }
 
 /// Whether the fused kernel handles these shapes: `x` `[b, h, t, d]` with even `d`, tables

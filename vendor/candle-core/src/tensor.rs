@@ -2382,7 +2382,10 @@ impl Tensor {
             && match self.op.as_ref() {
                 None => true,
                 Some(Op::Binary(_, _, b)) => {
-                    matches!(b, BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div)
+                    matches!(
+                        b,
+                        BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div
+                    )
                 }
                 Some(
                     Op::Matmul(..)

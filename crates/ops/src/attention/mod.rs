@@ -12,7 +12,7 @@ mod decode;
 mod flash;
 mod softmax;
 
-use super::reference::widened;
+use super::reference::{repeat_kv, softmax, widened};
 use super::{fused, merge_heads, rope, split_heads, Position};
 use candle_core::{Device, Result, Tensor, D};
 
@@ -39,7 +39,7 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         scores
     };
     let dtype = scores.dtype();
-    let probs = candle_nn::ops::softmax(&scores.to_dtype(widened(dtype))?, D::Minus1)?;
+    let probs = softmax(&scores.to_dtype(widened(dtype))?, D::Minus1)?;
     probs.to_dtype(dtype)?.matmul(v)
 }
 
@@ -75,7 +75,7 @@ pub fn windowed_attention(
     };
     let mask = window_mask(q_len, kv_len, options.window, q.device())?;
     let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = softmax(&scores, D::Minus1)?;
     probs.to_dtype(dtype)?.matmul(&v)
 }
 
@@ -178,8 +178,8 @@ fn repeated_kv_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// `k` and `v` with each kv head repeated for the query heads of `q` that read it, contiguous.
 pub(crate) fn repeat_kv_heads(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     let repeat = q.dim(1)? / k.dim(1)?.max(1);
-    let k = candle_transformers::utils::repeat_kv(k.clone(), repeat)?.contiguous()?;
-    let v = candle_transformers::utils::repeat_kv(v.clone(), repeat)?.contiguous()?;
+    let k = repeat_kv(k, repeat)?.contiguous()?;
+    let v = repeat_kv(v, repeat)?.contiguous()?;
     Ok((k, v))
 }
 

@@ -1,0 +1,196 @@
+//! One row: the task's measurement in torch_ref.py's fields, and the peak memory field.
+
+use super::generation::greedy;
+use super::rows::{Mode, Preset, Settings, Task};
+use super::timed;
+use super::training::{lora_model, random_batch, time_training};
+use candle_core::Device;
+use model::Llama;
+use serde_json::{json, Value};
+use train::gradients;
+use train::init::random_weights;
+
+/// Measures one row. The JSON has torch_ref.py's fields for the task, plus `tool`.
+pub fn measure(
+    task: Task,
+    preset: Preset,
+    mode: Mode,
+    s: &Settings,
+    device: &Device,
+) -> anyhow::Result<Value> {
+    let cfg = preset.config(s.seq);
+    let (dtype, recompute) = (mode.dtype(), mode.checkpointed());
+    // As the reference: the peak covers the model, optimizer state and the steps.
+    ops::device::reset_peak_memory(device)?;
+    let weights = random_weights(&cfg, 0, device)?;
+    let measured = match task {
+        Task::Train => {
+            let (weights, vars) = weights.into_trainable()?;
+            let model = Llama::new(&cfg, &weights, dtype)?;
+            let step_s = time_training(&model, &vars, s, recompute, device)?;
+            let params = cfg.parameter_count();
+            let tokens_per_s = (s.batch * s.seq) as f64 / step_s;
+            json!({"params": params, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
+                   "model_tflops": 6.0 * params as f64 * tokens_per_s / 1e12})
+        }
+        Task::Lora(base) => {
+            let (model, vars) = lora_model(&cfg, weights, base, dtype, device)?;
+            let step_s = time_training(&model, &vars, s, recompute, device)?;
+            let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            json!({"trainable": trainable, "step_ms": step_s * 1e3,
+                   "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
+        }
+        Task::Eval => {
+            // As `llmtool eval` loads a model: stored in the compute dtype.
+            let model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
+            let batch = random_batch(&cfg, s, 1);
+            let step_s = timed(device, s.warmup, s.steps, || {
+                gradients::loss_only(&model, &batch).map(drop)
+            })?;
+            json!({"step_ms": step_s * 1e3, "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
+        }
+        Task::Generate => {
+            // As `llmtool generate` loads a model: stored in the compute dtype, projections
+            // stacked.
+            let mut model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
+            model.fuse_projections()?;
+            let runs = (s.steps / 4).max(1);
+            let mut op_by_op_reason = None;
+            let run_s = timed(device, 1, runs, || {
+                op_by_op_reason = greedy(&model, s.gen_tokens, true)?.1;
+                Ok(())
+            })?;
+            let mut row = json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
+                                 "tokens_per_s": s.gen_tokens as f64 / run_s});
+            match op_by_op_reason {
+                Some(reason) => row["steps"] = json!(reason),
+                None => {
+                    // Whether replaying the captured step changes a token.
+                    let (replayed, _) = greedy(&model, s.gen_tokens, true)?;
+                    let (reference, _) = greedy(&model, s.gen_tokens, false)?;
+                    row["steps"] = json!("captured graph");
+                    row["same_tokens_as_op_by_op"] = json!(replayed == reference);
+                }
+            }
+            row
+        }
+    };
+    let mut row = serde_json::Map::new();
+    row.insert("tool".into(), "llmtool".into());
+    row.insert("task".into(), task.name().into());
+    row.insert("preset".into(), preset.name().into());
+    row.insert("mode".into(), mode.name().into());
+    if let Task::Lora(base) = task {
+        row.insert("lora_base".into(), base.name().into());
+    }
+    if let Value::Object(measured) = measured {
+        row.extend(measured);
+    }
+    if matches!(task, Task::Train | Task::Lora(_) | Task::Eval) {
+        row.insert("batch".into(), s.batch.into());
+        row.insert("seq".into(), s.seq.into());
+    }
+    if matches!(task, Task::Train | Task::Lora(_)) {
+        insert_peak_memory(&mut row, device);
+    }
+    Ok(Value::Object(row))
+}
+
+/// torch_ref.py's `peak_mb`: process peak RSS on the CPU (as its `ru_maxrss`), the memory
+/// pool's high-water mark since the row began on CUDA (as `torch.cuda.max_memory_allocated`).
+/// Elsewhere the field is null and `peak_note` says why.
+fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Device) {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    if device.is_cpu() {
+        let peak = train::memory::peak_resident_bytes().map(mib);
+        fields.insert("peak_mb".into(), json!(peak));
+    } else if let Some(peak) = ops::device::peak_memory(device) {
+        fields.insert("peak_mb".into(), json!(mib(peak)));
+    } else {
+        fields.insert("peak_mb".into(), Value::Null);
+        fields.insert(
+            "peak_note".into(),
+            "no allocator statistics on this device".into(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rows::LoraBase;
+    use super::*;
+    use candle_core::DType;
+    use config::LoraSection;
+    use train::Adapter;
+
+    #[test]
+    fn every_task_gives_a_row_with_the_reference_fields() {
+        let s = Settings {
+            batch: 1,
+            seq: 8,
+            steps: 1,
+            warmup: 0,
+            gen_tokens: 2,
+        };
+        for (task, fields) in [
+            (
+                Task::Train,
+                &["params", "step_ms", "model_tflops", "peak_mb"][..],
+            ),
+            (
+                Task::Lora(LoraBase::Frozen),
+                &["trainable", "step_ms", "peak_mb", "lora_base"][..],
+            ),
+            (Task::Eval, &["step_ms", "batch", "seq"][..]),
+            (Task::Generate, &["new_tokens", "ms"][..]),
+        ] {
+            let row = measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
+            assert_eq!(row["task"], task.name());
+            assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+            for f in fields {
+                assert!(row.get(*f).is_some(), "{f} missing from {row}");
+            }
+        }
+        assert_eq!(row_trainable_of_tiny_lora(), 6 * 4 * 8 * (384 + 384));
+        use clap::ValueEnum;
+        for mode in Mode::value_variants() {
+            assert_eq!(Mode::from_str(mode.name(), false), Ok(*mode));
+        }
+        assert_eq!(Mode::from_str("bf16+ckpt", false), Ok(Mode::Bf16Ckpt));
+        assert!(Mode::Bf16Ckpt.checkpointed() && !Mode::Fp16.checkpointed());
+        assert_eq!(Mode::Fp16.dtype(), DType::F16);
+        for preset in Preset::value_variants() {
+            assert_eq!(Preset::from_str(preset.name(), false), Ok(*preset));
+        }
+    }
+
+    #[test]
+    fn lora_rows_name_their_base_and_other_rows_do_not() {
+        let s = Settings {
+            batch: 1,
+            seq: 4,
+            steps: 1,
+            warmup: 0,
+            gen_tokens: 1,
+        };
+        for base in [LoraBase::Frozen, LoraBase::Plain] {
+            let row =
+                measure(Task::Lora(base), Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
+            assert_eq!(row["lora_base"], base.name(), "{row}");
+            assert_eq!(row["trainable"], 6 * 4 * 8 * (384 + 384), "{row}");
+            assert_eq!(
+                <LoraBase as clap::ValueEnum>::from_str(base.name(), false),
+                Ok(base)
+            );
+        }
+        let row = measure(Task::Eval, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
+        assert!(row.get("lora_base").is_none(), "{row}");
+    }
+
+    fn row_trainable_of_tiny_lora() -> usize {
+        let cfg = Preset::Tiny.config(8);
+        let lora = LoraSection::default();
+        let adapter = Adapter::init(&lora, &cfg, 0, &Device::Cpu).unwrap();
+        adapter.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
