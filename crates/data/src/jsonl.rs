@@ -1,7 +1,8 @@
 //! Fine-tuning examples from JSONL files, one example a line, in the formats mlx-lm reads:
 //! `{"text": ...}` (every token scored), `{"prompt": ..., "completion": ...}` (the completion
 //! and the EOS after it scored) and `{"messages": [{"role", "content"}, ...]}` (rendered with the
-//! model's chat template; the assistant turns and their end-of-turn token scored).
+//! model's chat template; each assistant turn, from the end of the generation prompt before it
+//! to the end of its content, and the one token after it, its end-of-turn token, scored).
 //!
 //! Each line becomes a text plus the byte spans of it that are scored; the tokenizer's offsets
 //! then mark which tokens are targets of the loss.
@@ -192,9 +193,20 @@ fn string(value: Option<&Value>, key: &str) -> Result<String, String> {
     }
 }
 
-/// Renders a conversation; each assistant turn's span runs from the end of the conversation
-/// before it (rendered with the generation prompt) to the end of the conversation through it
-/// (rendered without), less trailing whitespace: its content and end-of-turn token.
+/// Stands in for an assistant turn's content to find where the template writes it: a
+/// private-use character, which no template writes and no whitespace trimming removes.
+const PROBE: &str = "\u{E000}";
+
+/// Renders a conversation and finds each assistant turn's scored span: from the end of the
+/// conversation before it rendered with the generation prompt (the header the model is given,
+/// so a thinking block the model writes itself is scored) to the end of its content; the token
+/// after each span, its end-of-turn token, is scored too (see `tokenize`). The content is found
+/// by rendering the whole conversation again with the turn's content replaced by [`PROBE`]:
+/// the text that differs is the content as the template wrote it (trimmed, or without an
+/// earlier turn's thinking block). Where the conversation before the turn renders differently
+/// inside the whole one (Mistral puts the system message into the last user turn, Qwen3 with
+/// `enable_thinking=false` adds an empty thinking block only after the last prompt), the span
+/// starts at the content.
 fn render_chat(value: &Value, template: Result<&ChatTemplate, &str>) -> Result<Rendered, String> {
     let Some(list) = value.as_array() else {
         return Err("\"messages\" must be a list".into());
@@ -223,21 +235,31 @@ fn render_chat(value: &Value, template: Result<&ChatTemplate, &str>) -> Result<R
         template.render(messages, prompt).map_err(|e| e.to_string())
     };
     let text = render(&messages, false)?;
-    let mut scored = Vec::new();
+    let mut scored: Vec<Range<usize>> = Vec::new();
     for (i, _) in messages
         .iter()
         .enumerate()
         .filter(|(_, m)| m.role == "assistant")
     {
+        let unclear = || {
+            format!(
+                "the chat template does not render messages[{i}] where it can be found; cannot tell which tokens the assistant wrote"
+            )
+        };
+        let mut probe = messages.clone();
+        probe[i].content = PROBE.into();
+        let probed = render(&probe, false)?;
+        let content = differing(&text, &probed).ok_or_else(unclear)?;
         let before = render(&messages[..i], true)?;
-        let through = render(&messages[..=i], false)?;
-        if !through.starts_with(&before) || !text.starts_with(&through) {
-            return Err(format!(
-                "the chat template does not render messages[{i}] as a continuation of the turns before it; cannot tell which tokens the assistant wrote"
-            ));
+        let start = if text.starts_with(&before) && before.len() <= content.start {
+            before.len()
+        } else {
+            content.start
+        };
+        if scored.last().is_some_and(|last| start < last.end) {
+            return Err(unclear());
         }
-        let end = before.len() + through[before.len()..].trim_end().len();
-        scored.push(before.len()..end);
+        scored.push(start..content.end);
     }
     Ok(Rendered {
         text,
@@ -246,7 +268,30 @@ fn render_chat(value: &Value, template: Result<&ChatTemplate, &str>) -> Result<R
     })
 }
 
-/// Tokenizes a rendered line; a token is scored when its bytes overlap a scored span.
+/// The byte range of `a` that differs from `b`, between their longest common prefix and
+/// suffix (on character boundaries); `None` when they are equal.
+fn differing(a: &str, b: &str) -> Option<Range<usize>> {
+    if a == b {
+        return None;
+    }
+    let prefix: usize = a
+        .chars()
+        .zip(b.chars())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x.len_utf8())
+        .sum();
+    let suffix: usize = a[prefix..]
+        .chars()
+        .rev()
+        .zip(b[prefix..].chars().rev())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x.len_utf8())
+        .sum();
+    Some(prefix..a.len() - suffix)
+}
+
+/// Tokenizes a rendered line; a token is scored when its bytes overlap a scored span, and in a
+/// chat also the first token after each span (the assistant turn's end-of-turn token).
 fn tokenize(rendered: &Rendered, options: &ExampleOptions) -> Result<Example, String> {
     let encoding = options
         .tokenizer
@@ -269,6 +314,14 @@ fn tokenize(rendered: &Rendered, options: &ExampleOptions) -> Result<Example, St
             }
         })
         .collect();
+    if !rendered.plain {
+        let offsets = encoding.get_offsets();
+        for span in &rendered.scored {
+            if let Some(next) = offsets.iter().position(|&(start, _)| start >= span.end) {
+                weights[next] = 1.0;
+            }
+        }
+    }
     if rendered.plain {
         tokens.push(options.eos_id);
         weights.push(1.0);
@@ -384,6 +437,140 @@ mod tests {
             context.ends_with("Hi<|endoftext|>\n<|im_start|>assistant\n\n<|im_start|>user\nHow are you?<|endoftext|>\n<|im_start|>assistant\n\n"),
             "{context:?}"
         );
+    }
+
+    /// The special tokens each fixture template writes, added to the test tokenizer so that
+    /// each is one token as in the family's own tokenizer.
+    const FAMILY_TOKENS: [(&str, &[&str]); 5] = [
+        (
+            "qwen3",
+            &["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
+        ),
+        ("gemma3", &["<bos>", "<start_of_turn>", "<end_of_turn>"]),
+        (
+            "phi4",
+            &[
+                "<|system|>",
+                "<|user|>",
+                "<|assistant|>",
+                "<|end|>",
+                "<|endoftext|>",
+            ],
+        ),
+        (
+            "llama3",
+            &[
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ],
+        ),
+        ("mistral", &["<s>", "</s>", "[INST]", "[/INST]"]),
+    ];
+
+    #[test]
+    fn each_familys_assistant_turns_and_end_tokens_are_scored() {
+        let fixtures = crate::chat::tests::chat_fixtures();
+        let conversation = |name: &str| {
+            serde_json::json!({"messages": fixtures["conversations"][name]}).to_string()
+        };
+        let turns = "4<T>6, of course.<T>";
+        let cases: [(&str, &str, Option<bool>, String); 12] = [
+            (
+                "qwen3",
+                "system_multi_turn",
+                None,
+                "4<|im_end|><think>\n\n</think>\n\n6, of course.<|im_end|>".into(),
+            ),
+            (
+                "qwen3",
+                "system_multi_turn",
+                Some(false),
+                turns.replace("<T>", "<|im_end|>"),
+            ),
+            (
+                "qwen3",
+                "thinking",
+                None,
+                "Yes.<|im_end|><think>\n3 times 3.\n</think>\n\nNo, 9 = 3 x 3.<|im_end|>".into(),
+            ),
+            // Thinking off, yet the last turn has reasoning: its thinking block differs from
+            // the prompt's empty one from the reasoning on, which is scored.
+            (
+                "qwen3",
+                "thinking",
+                Some(false),
+                "Yes.<|im_end|>3 times 3.\n</think>\n\nNo, 9 = 3 x 3.<|im_end|>".into(),
+            ),
+            (
+                "gemma3",
+                "system_multi_turn",
+                None,
+                turns.replace("<T>", "<end_of_turn>"),
+            ),
+            (
+                "gemma3",
+                "whitespace",
+                None,
+                "Hello!<end_of_turn>See you.<end_of_turn>".into(),
+            ),
+            (
+                "phi4",
+                "system_multi_turn",
+                None,
+                turns.replace("<T>", "<|end|>"),
+            ),
+            (
+                "phi4",
+                "whitespace",
+                None,
+                "\n Hello!  \n\n<|end|> See you. <|end|>".into(),
+            ),
+            (
+                "llama3",
+                "system_multi_turn",
+                None,
+                turns.replace("<T>", "<|eot_id|>"),
+            ),
+            (
+                "llama3",
+                "whitespace",
+                None,
+                "Hello!<|eot_id|>See you.<|eot_id|>".into(),
+            ),
+            (
+                "mistral",
+                "system_multi_turn",
+                None,
+                turns.replace("<T>", "</s>"),
+            ),
+            (
+                "mistral",
+                "whitespace",
+                None,
+                "\n Hello!  \n\n</s> See you. </s>".into(),
+            ),
+        ];
+        for (family, name, thinking, expected) in cases {
+            let (_, specials) = FAMILY_TOKENS.iter().find(|(f, _)| *f == family).unwrap();
+            let mut setup = Setup::new();
+            let added: Vec<tokenizers::AddedToken> = specials
+                .iter()
+                .map(|t| tokenizers::AddedToken::from(*t, true))
+                .collect();
+            setup.tokenizer.add_special_tokens(added).unwrap();
+            setup.template = crate::chat::tests::fixture_template(&fixtures, family);
+            if let Some(on) = thinking {
+                setup.template = setup.template.with_variable("enable_thinking", on);
+            }
+            let set = setup.load(&[&conversation(name)]).unwrap();
+            let (context, scored) = setup.split_text(&set.train[0]);
+            assert_eq!(
+                scored, expected,
+                "{family} {name} {thinking:?}; context {context:?}"
+            );
+        }
     }
 
     #[test]
