@@ -13,17 +13,37 @@ fuzz_target!(|bytes: &[u8]| {
     };
     let bit = |n: u8| flags & (1 << n) != 0;
     let data = DataSection {
-        format: if bit(0) { TextFormat::Text } else { TextFormat::Markdown },
-        front_matter: if bit(1) { FrontMatter::Title } else { FrontMatter::Drop },
+        format: if bit(0) {
+            TextFormat::Text
+        } else {
+            TextFormat::Markdown
+        },
+        front_matter: if bit(1) {
+            FrontMatter::Title
+        } else {
+            FrontMatter::Drop
+        },
         html: match flags >> 6 {
             0 => HtmlBlocks::Text,
             1 => HtmlBlocks::Drop,
             _ => HtmlBlocks::Keep,
         },
-        code: if bit(2) { KeepOrDrop::Drop } else { KeepOrDrop::Keep },
-        templates: if bit(3) { KeepOrDrop::Keep } else { KeepOrDrop::Drop },
+        code: if bit(2) {
+            KeepOrDrop::Drop
+        } else {
+            KeepOrDrop::Keep
+        },
+        templates: if bit(3) {
+            KeepOrDrop::Keep
+        } else {
+            KeepOrDrop::Drop
+        },
         link_urls: bit(4),
-        chunking: if bit(5) { Chunking::Section } else { Chunking::File },
+        chunking: if bit(5) {
+            Chunking::Section
+        } else {
+            Chunking::File
+        },
         max_chars: bit(5).then_some(256),
         ..DataSection::default()
     };

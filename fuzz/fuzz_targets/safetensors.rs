@@ -28,7 +28,9 @@ fuzz_target!(|bytes: &[u8]| {
     };
     for name in weights.names() {
         let tensor = weights.maybe(name).expect("a listed tensor");
-        let _ = weights.get(name, tensor.dims()).expect("a tensor of its own shape");
+        let _ = weights
+            .get(name, tensor.dims())
+            .expect("a tensor of its own shape");
     }
     let _ = weights.to_dtype(DType::BF16);
 });
