@@ -67,6 +67,18 @@ pub const MIN_VOCAB_SIZE: usize = 16;
 /// The most positions a model may have: positions are 32-bit on the device.
 pub const MAX_POSITIONS: usize = u32::MAX as usize;
 
+/// The largest size, head count or vocabulary a `config.json` may give: far above any real
+/// model's, low enough that the products of two never overflow.
+pub const MAX_DIMENSION: usize = 1 << 24;
+
+/// The most layers a model may have: far above any real model's, low enough that listing the
+/// tensors' names and shapes cannot exhaust memory.
+pub const MAX_LAYERS: usize = 1 << 16;
+
+/// The most parameters a model may have (about 1.1 trillion, 4 TB in f32): counts above it
+/// overflow no arithmetic, but no model that large can be held.
+pub const MAX_PARAMETERS: u128 = 1 << 40;
+
 /// A token id field that may be a single id or a list (HF allows both for `eos_token_id`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -264,6 +276,23 @@ impl LlamaConfig {
                 self.max_position_embeddings
             ));
         }
+        let at_most = |key: &str, value: usize, max: usize| match value > max {
+            true => Err(format!(
+                "{key}: {value} is more than llmtool supports (at most {max})"
+            )),
+            false => Ok(()),
+        };
+        for (key, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("head_dim", self.head_dim.unwrap_or(0)),
+        ] {
+            at_most(key, value, MAX_DIMENSION)?;
+        }
+        at_most("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
         if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             return Err(format!(
                 "hidden_size ({}) is not divisible by num_attention_heads ({}); without head_dim \
@@ -345,7 +374,29 @@ impl LlamaConfig {
                 )?;
             }
         }
-        Ok(())
+        self.check_parameter_count()
+    }
+
+    /// Refuses a model of more than [`MAX_PARAMETERS`] parameters, counted without overflow.
+    /// Runs last in [`Self::check`]: listing the shapes needs every other value checked.
+    fn check_parameter_count(&self) -> Result<(), String> {
+        let count =
+            crate::names::parameter_shapes(self)
+                .iter()
+                .try_fold(0u128, |sum, (_, shape)| {
+                    let size = shape
+                        .iter()
+                        .try_fold(1u128, |p, &d| p.checked_mul(d as u128))?;
+                    sum.checked_add(size)
+                });
+        match count {
+            Some(n) if n <= MAX_PARAMETERS => Ok(()),
+            _ => Err(format!(
+                "hidden_size {}, intermediate_size {}, vocab_size {} and num_hidden_layers {} \
+                 make more than {MAX_PARAMETERS} parameters, more than llmtool can hold",
+                self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+            )),
+        }
     }
 
     /// Number of parameters.

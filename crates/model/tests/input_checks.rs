@@ -71,6 +71,32 @@ fn zero_heads_positions_sizes_and_layers_are_refused_naming_the_key() {
     }
 }
 
+/// Crashes of the `model_config` fuzz target: sizes that overflowed counting the parameters
+/// (a panic), and a layer count whose tensor list exhausted memory, both accepted by `check`.
+#[test]
+fn sizes_layers_and_parameter_counts_beyond_any_model_are_refused_naming_the_key() {
+    assert_eq!(
+        config_error("num_hidden_layers", json!(1_000_000_000_000u64)),
+        "num_hidden_layers: 1000000000000 is more than llmtool supports (at most 65536)"
+    );
+    assert_eq!(
+        config_error("vocab_size", json!(1u64 << 40)),
+        "vocab_size: 1099511627776 is more than llmtool supports (at most 16777216)"
+    );
+    let dir = model_dir(|c| {
+        c.insert("vocab_size".into(), json!(1 << 24));
+        c.insert("hidden_size".into(), json!(1 << 24));
+        c.insert("num_attention_heads".into(), json!(1));
+        c.insert("num_key_value_heads".into(), json!(1));
+        c.insert("head_dim".into(), json!(64));
+    });
+    let message = model::io::read_config(dir.path()).unwrap_err().to_string();
+    assert!(
+        message.contains("parameters, more than llmtool can hold"),
+        "{message}"
+    );
+}
+
 #[test]
 fn a_vocabulary_of_a_handful_of_tokens_is_refused() {
     for size in [0, 3] {
