@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use llmtool::model::io::{save, ModelFiles};
 use llmtool::model::names::parameter_shapes;
+use llmtool::model::tokenizer_files::TokenizerSource;
 use std::path::Path;
 
 fn main() -> Result<()> {
@@ -34,7 +35,8 @@ fn main() -> Result<()> {
         &ModelFiles {
             config: &cfg,
             tensors: &tensors,
-            tokenizer: &tokenizer,
+            tokenizer: TokenizerSource::Trained(&tokenizer),
+            dtype: config.output.dtype.resolve(None),
         },
     )
     .with_context(|| format!("writing {out}"))?;

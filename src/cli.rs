@@ -360,6 +360,9 @@ pub struct MergeArgs {
     /// Replace --out if it already exists and is not empty.
     #[arg(long)]
     pub force: bool,
+    /// The dtype of the merged weights: auto (the base's), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: config::SavedDtype,
 }
 
 /// `llmtool config ...`

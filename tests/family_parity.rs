@@ -158,11 +158,12 @@ fn peft_adapters_give_peft_nll_and_merge_into_the_same_model() {
         let merged = lora::merge(&base.named_parameters(), &adapter).unwrap();
         let out = tempfile::tempdir().unwrap();
         let merged_dir = out.path().join("merged");
-        let tokenizer = fixture(&format!("tiny-{family}/tokenizer.json"));
+        let base_dir = fixture(&format!("tiny-{family}"));
         let files = io::ModelFiles {
             config: &base.config,
             tensors: &merged,
-            tokenizer: &tokenizer,
+            tokenizer: llmtool::model::tokenizer_files::TokenizerSource::Base(&base_dir),
+            dtype: DType::F32,
         };
         io::save(&merged_dir, &files).unwrap();
         let reloaded = load(&merged_dir).model;

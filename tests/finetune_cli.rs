@@ -99,6 +99,70 @@ fn full_finetune_writes_a_model() {
     assert_eq!(loaded.model.config.vocab_size, 320);
 }
 
+/// A copy of the tiny model whose config.json says its weights are bf16, with a chat template
+/// file.
+fn bf16_base(dir: &Path) -> std::path::PathBuf {
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = base.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["dtype"] = "bfloat16".into(); // transformers 5 spelling; 4.x wrote torch_dtype
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    std::fs::write(
+        base.join("chat_template.jinja"),
+        "{{ messages[0]['content'] }}",
+    )
+    .unwrap();
+    base
+}
+
+#[test]
+fn full_finetune_keeps_the_bases_dtype_and_tokenizer_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = bf16_base(dir.path());
+    let config = setup(dir.path(), "");
+    let base_arg = format!("model.pretrained={}", base.display());
+    llmtool()
+        .args(["finetune", &config, "--set", &base_arg])
+        .assert()
+        .success();
+    let model = dir.path().join("run/model");
+    let saved = llmtool::model::io::read_config(&model).unwrap();
+    assert_eq!(saved.torch_dtype.as_deref(), Some("bfloat16"));
+    let tensors =
+        candle_core::safetensors::load(model.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(tensors
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::BF16));
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        assert_eq!(
+            std::fs::read(model.join(name)).unwrap(),
+            std::fs::read(base.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+
+    // output.dtype overrides the base's.
+    llmtool()
+        .args(["finetune", &config, "--force", "--set", &base_arg])
+        .args(["--set", "output.dtype=f16"])
+        .assert()
+        .success();
+    let saved = llmtool::model::io::read_config(&model).unwrap();
+    assert_eq!(saved.torch_dtype.as_deref(), Some("float16"));
+}
+
 #[test]
 fn finetune_needs_a_pretrained_model() {
     let dir = tempfile::tempdir().unwrap();

@@ -266,7 +266,8 @@ fn merged_weights_give_the_adapter_logits() {
         &io::ModelFiles {
             config: &base.config,
             tensors: &merged,
-            tokenizer: &fixture("tiny-llama/tokenizer.json"),
+            tokenizer: model::tokenizer_files::TokenizerSource::Base(&fixture("tiny-llama")),
+            dtype: DType::F32,
         },
     )
     .unwrap();
@@ -424,7 +425,18 @@ fn merge_from_hub(sharded: bool) {
     run(&[])
         .failure()
         .stderr(predicates::str::contains("--force"));
-    run(&["--force"]).success();
+    run(&["--force", "--dtype", "bf16"]).success();
+    let config = io::read_config(&out).unwrap();
+    assert_eq!(config.stored_dtype(), Some(DType::BF16));
+    let merged16 = model::load(&out, DType::F32, &Device::Cpu).unwrap().model;
+    let logits16 = merged16
+        .forward(&ids(&expected["input_ids"]), None)
+        .unwrap();
+    let err = relative_error(&logits16, &expected["logits"]);
+    assert!(
+        err < 2e-2,
+        "bf16 merged logits vs PEFT: relative error {err}"
+    );
 }
 
 #[test]

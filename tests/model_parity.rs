@@ -163,7 +163,8 @@ fn saved_model_reloads_with_identical_logits() {
     let files = model::io::ModelFiles {
         config: &loaded.model.config,
         tensors: &tensors_to_save,
-        tokenizer: &fixture("tiny-llama/tokenizer.json"),
+        tokenizer: model::tokenizer_files::TokenizerSource::Base(&fixture("tiny-llama")),
+        dtype: DType::F32,
     };
     model::io::save(&dir, &files).unwrap();
     // Saving again replaces the directory whole.
@@ -176,7 +177,57 @@ fn saved_model_reloads_with_identical_logits() {
         a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
         b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     );
-    assert!(dir.join("generation_config.json").is_file() && dir.join("tokenizer.json").is_file());
+    // The base's tokenizer files are carried over as they are.
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(dir.join(name)).unwrap(),
+            std::fs::read(fixture("tiny-llama").join(name)).unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_model_saved_in_bf16_says_so_and_reloads_with_its_weights_rounded() {
+    let loaded = model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("model");
+    let tensors_to_save = loaded.model.named_parameters();
+    model::io::save(
+        &dir,
+        &model::io::ModelFiles {
+            config: &loaded.model.config,
+            tensors: &tensors_to_save,
+            tokenizer: model::tokenizer_files::TokenizerSource::Base(&fixture("tiny-llama")),
+            dtype: DType::BF16,
+        },
+    )
+    .unwrap();
+    let config = model::io::read_config(&dir).unwrap();
+    assert_eq!(config.torch_dtype.as_deref(), Some("bfloat16"));
+    assert_eq!(config.stored_dtype(), Some(DType::BF16));
+    let stored =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(stored.len(), tensors_to_save.len());
+    for (name, tensor) in &tensors_to_save {
+        let saved = &stored[name];
+        assert_eq!(saved.dtype(), DType::BF16, "{name}");
+        let rounded = tensor
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let back = saved.to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            rounded.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
 }
 
 #[test]

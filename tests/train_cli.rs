@@ -59,6 +59,9 @@ fn trains_writes_a_loadable_model_and_guards_the_run() {
         "loss.svg",
         "training_state.safetensors",
         "model/model.safetensors",
+        "model/tokenizer_config.json",
+        "model/special_tokens_map.json",
+        "model/generation_config.json",
         "best/config.json",
     ] {
         assert!(run.join(f).exists(), "{f} missing");
@@ -70,6 +73,16 @@ fn trains_writes_a_loadable_model_and_guards_the_run() {
     )
     .unwrap();
     assert_eq!(loaded.model.config.num_hidden_layers, 2);
+    assert_eq!(loaded.model.config.torch_dtype.as_deref(), Some("float32"));
+    let tokenizer_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("model/tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        tokenizer_config["tokenizer_class"],
+        "PreTrainedTokenizerFast"
+    );
+    assert_eq!(tokenizer_config["eos_token"], "<|endoftext|>");
     let before = std::fs::read(run.join("training_state.safetensors")).unwrap();
     llmtool()
         .args(["train", &config])

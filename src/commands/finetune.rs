@@ -9,6 +9,7 @@ use config::{Config, TrainingSection};
 use data::jsonl::{self, ExampleOptions, Examples};
 use data::Dataset;
 use generate::ChatTemplate;
+use model::tokenizer_files::TokenizerSource;
 use model::{hub, Llama, LlamaConfig, Weights};
 use std::path::{Path, PathBuf};
 use train::example_source::ExampleBatches;
@@ -39,7 +40,6 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
     })?;
     let config = &session.config;
     let t = &config.training;
-    let tokenizer = base_dir.join("tokenizer.json");
     if args.lora {
         let loaded = model::io::load_stored(
             &base_dir,
@@ -65,7 +65,9 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         let weights = Weights::read(&files, candle_core::DType::F32, &session.device)?;
         let (weights, vars) = weights.into_trainable()?;
         let llama = Llama::new(&base_config, &weights, t.dtype.dtype())?;
-        let save = |dir: &Path| model::io::save_model(dir, &llama, &tokenizer);
+        let tokenizer = TokenizerSource::Base(&base_dir);
+        let dtype = config.output.dtype.resolve(base_config.stored_dtype());
+        let save = |dir: &Path| model::io::save_model(dir, &llama, tokenizer, dtype);
         execute(&session, &args.run, &llama, vars, &save, "model")
     }
 }

@@ -1,10 +1,11 @@
 //! `llmtool merge`: fold a LoRA adapter into its base model.
 
 use crate::cli::MergeArgs;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use model::hub;
 use model::io::{self, ModelFiles};
+use model::tokenizer_files::TokenizerSource;
 use std::path::Path;
 use train::{lora, Adapter};
 
@@ -22,10 +23,10 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         &ModelFiles {
             config,
             tensors: &merged,
-            tokenizer: &base_dir.join("tokenizer.json"),
+            tokenizer: TokenizerSource::Base(&base_dir),
+            dtype: args.dtype.resolve(config.stored_dtype()),
         },
     )?;
-    copy_tokenizer_config(&base_dir, &args.out)?;
     println!(
         "merged {} adapted projections (r = {}, scale = {}) of {} into {} -> {}",
         adapter.modules().count(),
@@ -49,16 +50,6 @@ fn refuse_to_overwrite(out: &Path, force: bool) -> Result<()> {
             "{} already exists and is not empty; pass --force to replace it",
             out.display()
         );
-    }
-    Ok(())
-}
-
-/// Copies the base's `tokenizer_config.json` (chat template, special tokens) when it has one.
-fn copy_tokenizer_config(base: &Path, out: &Path) -> Result<()> {
-    let source = base.join("tokenizer_config.json");
-    if source.is_file() {
-        std::fs::copy(&source, out.join("tokenizer_config.json"))
-            .with_context(|| format!("copying {}", source.display()))?;
     }
     Ok(())
 }

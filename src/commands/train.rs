@@ -3,6 +3,7 @@
 use super::session::{build_dataset, execute, open_session, resolve_config};
 use crate::cli::TrainArgs;
 use anyhow::Result;
+use model::tokenizer_files::TokenizerSource;
 use model::Llama;
 use std::path::Path;
 use train::init;
@@ -25,6 +26,8 @@ fn train(args: TrainArgs) -> Result<()> {
     let (weights, vars) = weights.into_trainable()?;
     let llama = Llama::new(&model_config, &weights, t.dtype.dtype())?;
     let tokenizer_path = dataset.dir.join("tokenizer.json");
-    let save = |dir: &Path| model::io::save_model(dir, &llama, &tokenizer_path);
+    let tokenizer = TokenizerSource::Trained(&tokenizer_path);
+    let dtype = config.output.dtype.resolve(None);
+    let save = |dir: &Path| model::io::save_model(dir, &llama, tokenizer, dtype);
     execute(&session, &args, &llama, vars, &save, "model")
 }

@@ -446,6 +446,48 @@ pub struct OutputSection {
     pub dir: PathBuf,
     /// Write `loss.svg` at each evaluation and at the end.
     pub plot: bool,
+    /// The dtype the saved model's weights are stored in.
+    pub dtype: SavedDtype,
+}
+
+/// The dtype a saved model's weights are stored in (`output.dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SavedDtype {
+    /// The base model's dtype when fine-tuning all weights, else f32 (the precision of the
+    /// master weights training updates).
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for SavedDtype {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            _ => Err(format!("expected auto, f32, bf16 or f16, got `{text}`")),
+        }
+    }
+}
+
+impl SavedDtype {
+    /// The dtype to store, given the base model's (`None` when training from scratch or
+    /// when the base names none).
+    pub fn resolve(self, base: Option<candle_core::DType>) -> candle_core::DType {
+        match self {
+            Self::Auto => base.unwrap_or(candle_core::DType::F32),
+            Self::F32 => candle_core::DType::F32,
+            Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
 }
 
 impl Default for OutputSection {
@@ -453,6 +495,7 @@ impl Default for OutputSection {
         Self {
             dir: PathBuf::from("runs/small"),
             plot: true,
+            dtype: SavedDtype::Auto,
         }
     }
 }

@@ -136,8 +136,13 @@ pub struct LlamaConfig {
     pub hidden_act: String,
     #[serde(default = "default_init")]
     pub initializer_range: f64,
+    /// The dtype of the stored weights, as transformers 4.x names the key
+    /// (`float32`, `bfloat16`, `float16`).
     #[serde(default)]
     pub torch_dtype: Option<String>,
+    /// The same, as transformers 5 names the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     /// The keys of the newer families (Qwen3, Gemma): norms, caps, windows.
     #[serde(flatten)]
     pub family_options: FamilyOptions,
@@ -163,6 +168,30 @@ fn default_init() -> f64 {
 }
 
 impl LlamaConfig {
+    /// The dtype the weights are stored in, from `dtype` or `torch_dtype`; `None` when
+    /// neither names one llmtool stores (`float32`, `bfloat16`, `float16`).
+    pub fn stored_dtype(&self) -> Option<candle_core::DType> {
+        let name = self.dtype.as_ref().or(self.torch_dtype.as_ref())?;
+        match name.as_str() {
+            "float32" => Some(candle_core::DType::F32),
+            "bfloat16" => Some(candle_core::DType::BF16),
+            "float16" => Some(candle_core::DType::F16),
+            _ => None,
+        }
+    }
+
+    /// Records `dtype` as the dtype the weights are stored in, under the key both
+    /// transformers 4.x and 5 read.
+    pub fn set_stored_dtype(&mut self, dtype: candle_core::DType) {
+        let name = match dtype {
+            candle_core::DType::BF16 => "bfloat16",
+            candle_core::DType::F16 => "float16",
+            _ => "float32",
+        };
+        self.torch_dtype = Some(name.into());
+        self.dtype = None;
+    }
+
     /// Key/value heads (defaults to the attention heads).
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)

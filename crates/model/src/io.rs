@@ -1,8 +1,9 @@
 //! Hugging Face model directories: `config.json`, `model.safetensors` (or shards with
-//! `model.safetensors.index.json`), `tokenizer.json`, `generation_config.json`.
+//! `model.safetensors.index.json`), and the tokenizer files of [`crate::tokenizer_files`].
 
 use super::config::LlamaConfig;
 use super::llama::Llama;
+use super::tokenizer_files::TokenizerSource;
 use super::weights::{new_dir_builder, save_safetensors, write_atomic, ModelError, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -131,8 +132,10 @@ pub fn load_stored(
 pub struct ModelFiles<'a> {
     pub config: &'a LlamaConfig,
     pub tensors: &'a [(String, Tensor)],
-    /// Copied as `tokenizer.json`.
-    pub tokenizer: &'a Path,
+    /// `tokenizer.json` and the files transformers reads beside it.
+    pub tokenizer: TokenizerSource<'a>,
+    /// The dtype the weights are stored in (`config.json` names it).
+    pub dtype: DType,
 }
 
 /// Writes a complete model directory at `dir`, replacing any previous one only once the new
@@ -152,37 +155,31 @@ pub fn save(dir: &Path, files: &ModelFiles) -> Result<(), ModelError> {
         .tempdir_in(parent)
         .map_err(io(parent))?;
     let tmp = staging.path();
-    let f32_tensors: Vec<(String, Tensor)> = files
+    let stored: Vec<(String, Tensor)> = files
         .tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?)))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(files.dtype)?)))
         .collect::<candle_core::Result<_>>()?;
-    save_safetensors(&f32_tensors, &tmp.join("model.safetensors"))?;
+    save_safetensors(&stored, &tmp.join("model.safetensors"))?;
     let mut config = files.config.clone();
-    config.torch_dtype = Some("float32".into());
+    config.set_stored_dtype(files.dtype);
     let json = serde_json::to_string_pretty(&config).map_err(|e| ModelError::Config {
         path: dir.join("config.json"),
         message: e.to_string(),
     })?;
     write_atomic(&tmp.join("config.json"), json.as_bytes()).map_err(io(dir))?;
-    let generation = serde_json::json!({
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-    });
-    write_atomic(
-        &tmp.join("generation_config.json"),
-        generation.to_string().as_bytes(),
-    )
-    .map_err(io(dir))?;
-    // Read and written rather than copied: a copy would keep the source's mode.
-    let tokenizer = std::fs::read(files.tokenizer).map_err(io(files.tokenizer))?;
-    let tokenizer_path = tmp.join("tokenizer.json");
-    write_atomic(&tokenizer_path, &tokenizer).map_err(io(&tokenizer_path))?;
+    files.tokenizer.write(tmp, &config)?;
     replace_dir(staging.keep(), dir)
 }
 
-/// Writes `model` (its config and current weights) with `tokenizer` as a model directory.
-pub fn save_model(dir: &Path, model: &Llama, tokenizer: &Path) -> Result<(), ModelError> {
+/// Writes `model` (its config and current weights, stored as `dtype`) with `tokenizer` as a
+/// model directory.
+pub fn save_model(
+    dir: &Path,
+    model: &Llama,
+    tokenizer: TokenizerSource,
+    dtype: DType,
+) -> Result<(), ModelError> {
     let tensors = model.named_parameters();
     save(
         dir,
@@ -190,6 +187,7 @@ pub fn save_model(dir: &Path, model: &Llama, tokenizer: &Path) -> Result<(), Mod
             config: &model.config,
             tensors: &tensors,
             tokenizer,
+            dtype,
         },
     )
 }

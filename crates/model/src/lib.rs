@@ -12,6 +12,7 @@ pub mod linear;
 pub mod llama;
 pub mod names;
 pub mod rope;
+pub mod tokenizer_files;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -38,7 +38,8 @@ fn written_files_and_model_directories_honour_the_umask() {
         let files = model::io::ModelFiles {
             config: &config,
             tensors: &tensors,
-            tokenizer: &fixture.join("tokenizer.json"),
+            tokenizer: model::tokenizer_files::TokenizerSource::Base(&fixture),
+            dtype: candle_core::DType::F32,
         };
         // Twice: the second save replaces the first.
         for _ in 0..2 {

@@ -60,6 +60,7 @@ pub fn scratch_config(
         hidden_act: "silu".into(),
         initializer_range: m.initializer_range,
         torch_dtype: Some("float32".into()),
+        dtype: None,
         family_options: Default::default(),
     }
 }
