@@ -231,6 +231,22 @@ fn jsonl_setup(dir: &Path, line: impl Fn(usize) -> String, extra: &str) -> Strin
     write_config(dir, &data, extra)
 }
 
+#[test]
+fn an_mlx_data_folder_holds_out_its_test_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = jsonl_setup(dir.path(), text_line, "");
+    let data = dir.path().join("data");
+    let valid: Vec<String> = (10..13).map(text_line).collect();
+    std::fs::write(data.join("valid.jsonl"), valid.join("\n")).unwrap();
+    std::fs::write(data.join("test.jsonl"), text_line(99)).unwrap();
+    llmtool()
+        .args(["finetune", &config, "--lora"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("10 train / 3 val examples"))
+        .stderr(predicate::str::contains("test.jsonl held out"));
+}
+
 fn text_line(i: usize) -> String {
     serde_json::json!({ "text": format!("The fox jumps {i} times.") }).to_string()
 }
@@ -316,7 +332,10 @@ fn prompt_completion_loss_is_the_mean_over_completion_tokens() {
     let tokenizer =
         llmtool::data::Tokenizer::from_file(fixture("tiny-llama").join("tokenizer.json")).unwrap();
     let examples = jsonl::load(
-        &[path],
+        &jsonl::JsonlFiles {
+            train: vec![path],
+            ..Default::default()
+        },
         &ExampleOptions {
             tokenizer: &tokenizer,
             eos_id: 0,

@@ -139,15 +139,30 @@ impl FinetuneData {
                 val_fraction: config.data.val_fraction,
             },
         )?;
+        let sources = if files.valid.is_empty() {
+            format!("{} JSONL files", files.train.len())
+        } else {
+            let names = |paths: &[PathBuf]| {
+                let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                names.join(", ")
+            };
+            format!("{} train, {} val", names(&files.train), names(&files.valid))
+        };
         eprintln!(
-            "examples: {} JSONL files, {} train / {} val examples, {} truncated to training.seq_len + 1 = {} tokens, {} dropped with nothing to score",
-            files.len(),
+            "examples: {sources}, {} train / {} val examples, {} truncated to training.seq_len + 1 = {} tokens, {} dropped with nothing to score",
             examples.train.len(),
             examples.val.len(),
             examples.truncated,
             config.training.seq_len + 1,
             examples.unscored,
         );
+        for test in &files.test {
+            eprintln!(
+                "examples: {} held out (not trained on); score it with `llmtool eval --data {}`",
+                test.display(),
+                test.display()
+            );
+        }
         Ok(Self::Examples(examples))
     }
 }

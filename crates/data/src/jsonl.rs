@@ -1,4 +1,5 @@
-//! Fine-tuning examples from JSONL files, one example a line, in the formats mlx-lm reads:
+//! Fine-tuning examples from JSONL files (and mlx-lm's data folders: `train.jsonl`,
+//! `valid.jsonl`, `test.jsonl`), one example a line, in the formats mlx-lm reads:
 //! `{"text": ...}` (every token scored), `{"prompt": ..., "completion": ...}` (the completion
 //! and the EOS after it scored) and `{"messages": [{"role", "content"}, ...]}` (rendered with the
 //! model's chat template; each assistant turn, from the end of the generation prompt before it
@@ -14,7 +15,7 @@ use crate::chat::{ChatTemplate, Message};
 use config::DataSection;
 use serde_json::Value;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What a line must hold.
 const FORMATS: &str = "expected \"text\", \"prompt\"/\"completion\" or \"messages\"";
@@ -91,78 +92,147 @@ impl Rendered {
     }
 }
 
+/// The `.jsonl` files a fine-tuning run reads, by role.
+#[derive(Debug, Default, PartialEq)]
+pub struct JsonlFiles {
+    /// Files whose examples train (and, without `valid`, are split by `data.val_fraction`).
+    pub train: Vec<PathBuf>,
+    /// mlx-lm's `valid.jsonl`: the validation examples, in place of a split of `train`.
+    pub valid: Vec<PathBuf>,
+    /// mlx-lm's `test.jsonl`: held out, never read by training.
+    pub test: Vec<PathBuf>,
+}
+
+impl JsonlFiles {
+    /// No examples to train on.
+    pub fn is_empty(&self) -> bool {
+        self.train.is_empty()
+    }
+}
+
 /// The `.jsonl` files of `data.roots`: `.jsonl` roots, and `.jsonl` files directly inside root
-/// folders, like mlx-lm's `data/train.jsonl` (`data.include` is not applied, `data.exclude` is).
-/// Deeper files are not picked up, so JSON lines kept among documentation (logs, benchmark
-/// results) do not turn a markdown corpus into a JSONL one. Fine-tuning reads these instead of
-/// the markdown when there are any.
-pub fn find_files(data: &DataSection) -> Result<Vec<PathBuf>, DataError> {
+/// folders (`data.include` is not applied, `data.exclude` is). Deeper files are not picked up,
+/// so JSON lines kept among documentation (logs, benchmark results) do not turn a markdown
+/// corpus into a JSONL one. Fine-tuning reads these instead of the markdown when there are any.
+///
+/// A root folder holding `train.jsonl` is an mlx-lm data folder: its `valid.jsonl` is the
+/// validation set and its `test.jsonl` is held out; the other files train.
+pub fn find_files(data: &DataSection) -> Result<JsonlFiles, DataError> {
     let jsonl_only = DataSection {
         include: vec!["**/*.jsonl".into()],
         ..data.clone()
     };
-    let (files, _) = list_files(&data.roots, &jsonl_only)?;
-    Ok(files
-        .into_iter()
-        .map(|f| f.path)
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .filter(|p| {
-            data.roots
-                .iter()
-                .any(|root| p == root || p.parent() == Some(root.as_path()))
-        })
-        .collect())
+    let (listed, _) = list_files(&data.roots, &jsonl_only)?;
+    let mut files = JsonlFiles::default();
+    for path in listed.into_iter().map(|f| f.path) {
+        if path.extension().is_none_or(|e| e != "jsonl") {
+            continue;
+        }
+        let Some(root) = data
+            .roots
+            .iter()
+            .find(|root| path == **root || path.parent() == Some(root.as_path()))
+        else {
+            continue;
+        };
+        let mlx_folder = *root != path && root.join("train.jsonl").is_file();
+        let name = path.file_name().and_then(|n| n.to_str());
+        match name {
+            Some("valid.jsonl") if mlx_folder => files.valid.push(path),
+            Some("test.jsonl") if mlx_folder => files.test.push(path),
+            _ => files.train.push(path),
+        }
+    }
+    Ok(files)
 }
 
-/// Reads, renders and tokenizes every line of `files` (blank lines are skipped), and splits
-/// the examples by a hash of their text. The first bad line fails the whole load, naming the
-/// file and line.
-pub fn load(files: &[PathBuf], options: &ExampleOptions) -> Result<Examples, DataError> {
+/// Reads, renders and tokenizes every line of `files` (blank lines are skipped). Without
+/// `valid` files the examples are split by a hash of their text (`val_fraction`); with them,
+/// `train` files train and `valid` files validate. `test` files are not read. The first bad
+/// line fails the whole load, naming the file and line.
+pub fn load(files: &JsonlFiles, options: &ExampleOptions) -> Result<Examples, DataError> {
     let mut examples = Examples::default();
-    for path in files {
-        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let at_line = |message: String| DataError::Line {
-                path: path.clone(),
-                line: i + 1,
-                message,
-            };
-            let rendered = render(
-                line,
-                options
-                    .chat_template
-                    .as_ref()
-                    .copied()
-                    .map_err(String::as_str),
-            )
-            .map_err(at_line)?;
-            let mut example = tokenize(&rendered, options).map_err(at_line)?;
-            let limit = options.seq_len + 1;
-            if example.tokens.len() > limit {
-                example.tokens.truncate(limit);
-                example.weights.truncate(limit);
-                examples.truncated += 1;
-            }
-            if example.weights.iter().skip(1).all(|&w| w == 0.0) {
-                examples.unscored += 1;
-            } else if is_validation(&rendered.text, options.val_fraction) {
-                examples.val.push(example);
-            } else {
-                examples.train.push(example);
+    let split_by_hash = files.valid.is_empty();
+    for (paths, role) in [(&files.train, Role::Train), (&files.valid, Role::Valid)] {
+        for path in paths {
+            for line in read_file(path, options)? {
+                examples.truncated += usize::from(line.truncated);
+                let Some((example, text)) = line.example else {
+                    examples.unscored += 1;
+                    continue;
+                };
+                let val = match role {
+                    Role::Valid => true,
+                    Role::Train => split_by_hash && is_validation(&text, options.val_fraction),
+                };
+                if val {
+                    examples.val.push(example);
+                } else {
+                    examples.train.push(example);
+                }
             }
         }
     }
     if examples.train.is_empty() {
         return Err(DataError::NoExamples {
-            files: files.len(),
+            files: files.train.len() + files.valid.len(),
             val: examples.val.len(),
             unscored: examples.unscored,
         });
     }
     Ok(examples)
+}
+
+/// Which set a file's examples go to.
+#[derive(Clone, Copy)]
+enum Role {
+    Train,
+    Valid,
+}
+
+/// One line of a file, tokenized.
+pub struct ReadLine {
+    /// The example and the text it was rendered to; `None` when no scored token was left
+    /// after truncation.
+    pub example: Option<(Example, String)>,
+    /// Cut to `seq_len + 1` tokens.
+    pub truncated: bool,
+}
+
+/// Renders and tokenizes every non-blank line of the JSONL file `path`, as fine-tuning reads
+/// it; the first bad line is an error naming the file and line.
+pub fn read_file(path: &Path, options: &ExampleOptions) -> Result<Vec<ReadLine>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let mut read = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at_line = |message: String| DataError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        };
+        let template = options
+            .chat_template
+            .as_ref()
+            .copied()
+            .map_err(String::as_str);
+        let rendered = render(line, template).map_err(at_line)?;
+        let mut example = tokenize(&rendered, options).map_err(at_line)?;
+        let limit = options.seq_len + 1;
+        let truncated = example.tokens.len() > limit;
+        if truncated {
+            example.tokens.truncate(limit);
+            example.weights.truncate(limit);
+        }
+        let scored = example.weights.iter().skip(1).any(|&w| w != 0.0);
+        read.push(ReadLine {
+            example: scored.then_some((example, rendered.text)),
+            truncated,
+        });
+    }
+    Ok(read)
 }
 
 /// A line's text and scored spans.
@@ -370,7 +440,10 @@ mod tests {
         }
 
         fn load(&self, lines: &[&str]) -> Result<Examples, DataError> {
-            load(&[self.write("train.jsonl", lines)], &self.options(512, 0.0))
+            load(
+                &train_only(self.write("train.jsonl", lines)),
+                &self.options(512, 0.0),
+            )
         }
 
         /// The example's (unscored, scored) targets, decoded.
@@ -614,7 +687,7 @@ mod tests {
             chat_template: Err("no chat_template".into()),
             ..setup.options(64, 0.0)
         };
-        let err = load(&[path], &options).unwrap_err().to_string();
+        let err = load(&train_only(path), &options).unwrap_err().to_string();
         assert!(
             err.contains("chat.jsonl:1: messages need a chat template"),
             "{err}"
@@ -630,7 +703,7 @@ mod tests {
             "word ".repeat(50)
         );
         let path = setup.write("t.jsonl", &[&long, &prompt_only]);
-        let set = load(&[path], &setup.options(8, 0.0)).unwrap();
+        let set = load(&train_only(path), &setup.options(8, 0.0)).unwrap();
         assert_eq!((set.train.len(), set.truncated, set.unscored), (1, 2, 1));
         assert_eq!(set.train[0].tokens.len(), 9);
     }
@@ -642,9 +715,17 @@ mod tests {
             .map(|i| format!(r#"{{"text": "example number {i}"}}"#))
             .collect();
         let mut lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-        let forward = load(&[setup.write("a.jsonl", &lines)], &setup.options(64, 0.3)).unwrap();
+        let forward = load(
+            &train_only(setup.write("a.jsonl", &lines)),
+            &setup.options(64, 0.3),
+        )
+        .unwrap();
         lines.reverse();
-        let backward = load(&[setup.write("b.jsonl", &lines)], &setup.options(64, 0.3)).unwrap();
+        let backward = load(
+            &train_only(setup.write("b.jsonl", &lines)),
+            &setup.options(64, 0.3),
+        )
+        .unwrap();
         assert!(!forward.val.is_empty() && !forward.train.is_empty());
         let sorted = |v: &[Example]| {
             let mut t: Vec<Vec<u32>> = v.iter().map(|e| e.tokens.clone()).collect();
@@ -668,13 +749,62 @@ mod tests {
             ..DataSection::default()
         };
         let found = find_files(&data(vec![dir.to_path_buf()])).unwrap();
-        assert_eq!(found, [dir.join("a.jsonl")], "sub/chat.jsonl is too deep");
+        assert_eq!(
+            found,
+            train_only(dir.join("a.jsonl")),
+            "sub/chat.jsonl is too deep"
+        );
         let found = find_files(&data(vec![dir.join("a.jsonl"), dir.join("notes.md")])).unwrap();
-        assert_eq!(found, [dir.join("a.jsonl")]);
+        assert_eq!(found, train_only(dir.join("a.jsonl")));
         std::fs::remove_file(dir.join("a.jsonl")).unwrap();
         std::fs::remove_dir_all(dir.join("sub")).unwrap();
         assert!(find_files(&data(vec![dir.to_path_buf()]))
             .unwrap()
             .is_empty());
+    }
+
+    fn train_only(path: PathBuf) -> JsonlFiles {
+        JsonlFiles {
+            train: vec![path],
+            ..JsonlFiles::default()
+        }
+    }
+
+    #[test]
+    fn an_mlx_data_folder_trains_on_train_validates_on_valid_and_never_reads_test() {
+        let setup = Setup::new();
+        let dir = setup.dir.path();
+        let line = |i: usize| format!(r#"{{"text": "Example number {i} of the set."}}"#);
+        let lines = |range: std::ops::Range<usize>| -> Vec<String> { range.map(line).collect() };
+        let write = |name: &str, lines: &[String]| {
+            std::fs::write(dir.join(name), lines.join("\n")).unwrap();
+        };
+        write("train.jsonl", &lines(0..20));
+        write("valid.jsonl", &lines(20..23));
+        // A bad test file proves it is never read.
+        std::fs::write(dir.join("test.jsonl"), "not json").unwrap();
+        let data = DataSection {
+            roots: vec![dir.to_path_buf()],
+            ..DataSection::default()
+        };
+        let files = find_files(&data).unwrap();
+        assert_eq!(
+            files,
+            JsonlFiles {
+                train: vec![dir.join("train.jsonl")],
+                valid: vec![dir.join("valid.jsonl")],
+                test: vec![dir.join("test.jsonl")],
+            }
+        );
+        // val_fraction would move some train examples to val; with valid.jsonl none move.
+        let set = load(&files, &setup.options(64, 0.5)).unwrap();
+        assert_eq!((set.train.len(), set.val.len()), (20, 3));
+
+        // Without train.jsonl the folder is not mlx-lm's: every file trains (and is split).
+        std::fs::rename(dir.join("train.jsonl"), dir.join("notes.jsonl")).unwrap();
+        std::fs::remove_file(dir.join("test.jsonl")).unwrap();
+        let files = find_files(&data).unwrap();
+        assert_eq!(files.train.len(), 2);
+        assert!(files.valid.is_empty() && files.test.is_empty());
     }
 }
