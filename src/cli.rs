@@ -202,7 +202,8 @@ pub struct EvalArgs {
     #[arg(long = "adapter", value_name = "DIR")]
     pub adapters: Vec<PathBuf>,
     /// Files or folders to score: .md/.markdown (cleaned like the data pipeline, with the
-    /// config's `data` settings) and .txt (as is).
+    /// config's `data` settings) and .txt (as is); a .jsonl file's examples are scored as
+    /// fine-tuning reads them (completions and assistant turns only).
     #[arg(long = "data", num_args = 1.., value_name = "PATH", required_unless_present = "dataset", conflicts_with = "dataset")]
     pub data: Vec<PathBuf>,
     /// A dataset built by `llmtool data build` (its tokenizer must be the model's).

@@ -315,7 +315,7 @@ fn a_bad_jsonl_line_fails_naming_file_and_line() {
 /// The loss of a prompt/completion batch is the mean NLL of the completion tokens (and EOS)
 /// alone, computed here from the logits by hand.
 #[test]
-fn prompt_completion_loss_is_the_mean_over_completion_tokens() {
+fn prompt_completion_loss_and_eval_are_the_mean_over_completion_tokens() {
     use candle_core::{DType, Device, IndexOp};
     use llmtool::config::Sampling;
     use llmtool::data::jsonl::{self, ExampleOptions};
@@ -387,6 +387,28 @@ fn prompt_completion_loss_is_the_mean_over_completion_tokens() {
     assert!(
         (loss - expected).abs() < 1e-4 * expected.abs(),
         "trainer loss {loss} vs completion-only NLL {expected}"
+    );
+
+    // `eval --data` on the file scores the same tokens, not the JSON text.
+    let out = llmtool()
+        .args(["eval", "--json", "--model"])
+        .arg(fixture("tiny-llama"))
+        .arg("--data")
+        .arg(dir.path().join("train.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let metrics = &report[0]["metrics"];
+    assert_eq!(metrics["tokens"].as_u64().unwrap() as usize, count);
+    let eval_nll = metrics["nll_mean"].as_f64().unwrap();
+    assert!(
+        (eval_nll - expected).abs() < 1e-4 * expected.abs(),
+        "eval NLL {eval_nll} vs completion-only NLL {expected}"
     );
 }
 

@@ -4,9 +4,10 @@ use super::runtime::{load_model, Runtime};
 use crate::cli::EvalArgs;
 use anyhow::{Context, Result};
 use eval::{
-    dataset_documents, read_documents, tokenize, Document, DocumentScore, Evaluator, Metrics,
-    Tally, TokenizedDocument, WindowSpec,
+    dataset_documents, jsonl_documents, read_documents, tokenize, Document, DocumentScore,
+    Evaluator, Metrics, Tally, TokenizedDocument, WindowSpec,
 };
+use generate::ChatTemplate;
 use model::LoadedModel;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -35,9 +36,16 @@ struct FileRow {
 /// Runs `llmtool eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
     let runtime = Runtime::open(&args.runtime)?;
+    let (jsonl, texts): (Vec<PathBuf>, Vec<PathBuf>) =
+        args.data.iter().cloned().partition(|p| is_jsonl_file(p));
     let documents = match &args.dataset {
         Some(_) => Vec::new(),
-        None => read_documents(&args.data, &runtime.config.data)?,
+        None if texts.is_empty() => Vec::new(),
+        None => read_documents(&texts, &runtime.config.data)?,
+    };
+    let inputs = Inputs {
+        documents: &documents,
+        jsonl: &jsonl,
     };
     let adapters: Vec<Option<&Path>> = std::iter::once(None)
         .chain(args.adapters.iter().map(|a| Some(a.as_path())))
@@ -45,7 +53,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let mut rows = Vec::new();
     for model in &args.models {
         for adapter in &adapters {
-            rows.push(score(&args, &runtime, &documents, model, *adapter)?);
+            rows.push(score(&args, &runtime, &inputs, model, *adapter)?);
         }
     }
     if args.json {
@@ -56,10 +64,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `--data` names: documents to tokenize, and JSONL files of fine-tuning examples.
+struct Inputs<'a> {
+    documents: &'a [Document],
+    jsonl: &'a [PathBuf],
+}
+
+/// A `.jsonl` file: scored as fine-tuning examples, not as text.
+fn is_jsonl_file(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "jsonl")
+}
+
 fn score(
     args: &EvalArgs,
     runtime: &Runtime,
-    documents: &[Document],
+    inputs: &Inputs,
     model: &Path,
     adapter: Option<&Path>,
 ) -> Result<Row> {
@@ -70,7 +89,7 @@ fn score(
     let stride = args.stride.or(settings.stride).unwrap_or(context / 2);
     let spec = WindowSpec::new(context, stride, max_context)
         .with_context(|| format!("--context/--stride for {}", model.display()))?;
-    let tokenized = inputs(args, &loaded, documents, model)?;
+    let tokenized = tokenized_inputs(args, &loaded, inputs, model)?;
     let evaluator = Evaluator {
         model: &loaded.model,
         spec,
@@ -105,22 +124,47 @@ fn score(
     })
 }
 
-/// The model's view of the input: the documents tokenized with its tokenizer, or the dataset.
-fn inputs(
+/// The model's view of the input: the documents tokenized with its tokenizer and the JSONL
+/// examples rendered with its chat template, or the dataset.
+fn tokenized_inputs(
     args: &EvalArgs,
     loaded: &LoadedModel,
-    documents: &[Document],
+    inputs: &Inputs,
     model: &Path,
 ) -> Result<Vec<TokenizedDocument>> {
-    Ok(match &args.dataset {
-        Some(dir) => dataset_documents(
+    if let Some(dir) = &args.dataset {
+        return Ok(dataset_documents(
             dir,
             &args.split,
             &loaded.tokenizer,
             &model.display().to_string(),
-        )?,
-        None => tokenize(&loaded.tokenizer, documents)?,
-    })
+        )?);
+    }
+    let mut tokenized = tokenize(&loaded.tokenizer, inputs.documents)?;
+    if !inputs.jsonl.is_empty() {
+        let eos_id = loaded
+            .model
+            .config
+            .eos_token_id
+            .as_ref()
+            .and_then(|ids| ids.to_vec().first().copied())
+            .with_context(|| {
+                format!(
+                    "{}: config.json has no eos_token_id, which JSONL examples end with",
+                    model.display()
+                )
+            })?;
+        let template = ChatTemplate::load(&loaded.dir);
+        for path in inputs.jsonl {
+            tokenized.extend(jsonl_documents(
+                path,
+                &loaded.tokenizer,
+                eos_id,
+                template.as_ref().map_err(|e| e.to_string()),
+            )?);
+        }
+    }
+    Ok(tokenized)
 }
 
 /// Document scores summed per source file, in input order.

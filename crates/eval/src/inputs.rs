@@ -23,6 +23,9 @@ pub enum InputError {
     /// The dataset's tokens mean nothing to this model.
     #[error("{dataset} was tokenized with a different tokenizer than {model} uses; evaluate it with --data on the source files instead")]
     TokenizerMismatch { dataset: String, model: String },
+    /// A JSONL file with a bad line.
+    #[error("{0}")]
+    Jsonl(String),
     /// A dataset split to score that does not exist.
     #[error("unknown split {0:?}: expected train or val")]
     Split(String),
@@ -144,6 +147,57 @@ pub fn dataset_documents(
             name: name.clone(),
             ids: ids.to_vec(),
             bytes,
+            scored: None,
+        });
+    }
+    Ok(documents)
+}
+
+/// The examples of the JSONL file `path` as fine-tuning reads them ([`data::jsonl::read_file`]:
+/// `text` lines scored whole, `prompt`/`completion` lines on the completion and the EOS after
+/// it, `messages` lines on the assistant turns), one document each, not truncated (long
+/// examples are scored over sliding windows). Examples with nothing scored are left out.
+pub fn jsonl_documents(
+    path: &Path,
+    tokenizer: &tokenizers::Tokenizer,
+    eos_id: u32,
+    chat_template: Result<&data::chat::ChatTemplate, String>,
+) -> Result<Vec<TokenizedDocument>, InputError> {
+    let read_error = |message: String| InputError::Read {
+        path: path.to_path_buf(),
+        message,
+    };
+    let options = data::jsonl::ExampleOptions {
+        tokenizer,
+        eos_id,
+        chat_template,
+        seq_len: usize::MAX - 1,
+        val_fraction: 0.0,
+    };
+    // DataError's message names the file and line already.
+    let lines =
+        data::jsonl::read_file(path, &options).map_err(|e| InputError::Jsonl(e.to_string()))?;
+    let name = path.display().to_string();
+    let mut documents = Vec::new();
+    for (example, _) in lines.into_iter().filter_map(|line| line.example) {
+        let scored: Vec<bool> = example.weights.iter().map(|&w| w != 0.0).collect();
+        let scored_ids: Vec<u32> = example
+            .tokens
+            .iter()
+            .zip(&scored)
+            .skip(1)
+            .filter(|(_, &s)| s)
+            .map(|(&id, _)| id)
+            .collect();
+        let bytes = tokenizer
+            .decode(&scored_ids, true)
+            .map_err(|e| read_error(format!("cannot decode an example: {e}")))?
+            .len() as u64;
+        documents.push(TokenizedDocument {
+            name: name.clone(),
+            ids: example.tokens,
+            bytes,
+            scored: Some(scored),
         });
     }
     Ok(documents)

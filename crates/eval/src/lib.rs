@@ -5,7 +5,7 @@
 mod inputs;
 mod metrics;
 
-pub use inputs::{dataset_documents, read_documents, InputError};
+pub use inputs::{dataset_documents, jsonl_documents, read_documents, InputError};
 
 pub use metrics::{Metrics, Tally};
 
@@ -114,12 +114,15 @@ pub struct DocumentScore {
     pub tally: Tally,
 }
 
-/// A document as token ids, with the UTF-8 bytes its scored tokens (all but the first) cover.
+/// A document as token ids, with the UTF-8 bytes its scored tokens cover.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizedDocument {
     pub name: String,
     pub ids: Vec<u32>,
     pub bytes: u64,
+    /// Which tokens are scored as prediction targets; `None`: all but the first (which has no
+    /// context). A fine-tuning example scores only its completion or assistant turns.
+    pub scored: Option<Vec<bool>>,
 }
 
 /// Tokenizes documents the way they are scored: no special tokens added.
@@ -145,6 +148,7 @@ pub fn tokenize(
                 name: d.name.clone(),
                 ids: encoding.get_ids().to_vec(),
                 bytes,
+                scored: None,
             })
         })
         .collect()
@@ -193,7 +197,11 @@ impl Evaluator<'_> {
                 .collect();
             let nll = self.token_nlls(&inputs)?;
             for ((d, w), row) in batch.iter().zip(&nll) {
+                let scored = documents[*d].scored.as_deref();
                 for pos in w.score_from..w.end {
+                    if scored.is_some_and(|s| !s[pos]) {
+                        continue;
+                    }
                     // Logits at offset i predict the token at begin + i + 1.
                     scores[*d].tally.add_token(row[pos - 1 - w.begin] as f64);
                 }
