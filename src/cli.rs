@@ -55,6 +55,15 @@ pub struct FinetuneArgs {
     /// directory; without it every weight is trained and an HF model directory is written.
     #[arg(long)]
     pub lora: bool,
+    /// The adapter directory's format: peft (adapter_model.safetensors, for PEFT and
+    /// llmtool) or mlx (adapters.safetensors, for mlx-lm's --adapter-path; llmtool reads both).
+    #[arg(
+        long,
+        default_value = "peft",
+        value_name = "peft|mlx",
+        requires = "lora"
+    )]
+    pub adapter_format: train::lora::AdapterFormat,
 }
 
 /// The top-level commands.
@@ -198,8 +207,9 @@ pub struct EvalArgs {
     /// A model directory (repeatable: one row each in the comparison table).
     #[arg(long = "model", required = true, value_name = "DIR")]
     pub models: Vec<PathBuf>,
-    /// A PEFT LoRA adapter (repeatable): each model is scored bare and with each adapter.
-    #[arg(long = "adapter", value_name = "DIR")]
+    /// A LoRA adapter, PEFT or mlx-lm (repeatable): each model is scored bare and with each
+    /// adapter.
+    #[arg(long = "adapter", visible_alias = "adapter-path", value_name = "DIR")]
     pub adapters: Vec<PathBuf>,
     /// Files or folders to score: .md/.markdown (cleaned like the data pipeline, with the
     /// config's `data` settings) and .txt (as is); a .jsonl file's examples are scored as
@@ -237,8 +247,8 @@ pub struct GenerateArgs {
     /// The model directory.
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// A PEFT LoRA adapter applied on top of the model.
-    #[arg(long, value_name = "DIR")]
+    /// A LoRA adapter (PEFT or mlx-lm) applied on top of the model.
+    #[arg(long, visible_alias = "adapter-path", value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// The prompt text (else --prompt-file, else stdin).
     #[arg(long, conflicts_with = "prompt_file")]
@@ -250,7 +260,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub max_tokens: Option<usize>,
     /// Softmax temperature; 0 is greedy [default: generate.temperature].
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, visible_alias = "temp", allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Sample only among the k most likely tokens.
     #[arg(long)]
@@ -352,8 +362,9 @@ pub struct MergeArgs {
     /// The base model: a Hugging Face model directory or a hub id (owner/name).
     #[arg(long, value_name = "DIR|ID")]
     pub model: String,
-    /// The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
-    #[arg(long, value_name = "DIR")]
+    /// The adapter directory: PEFT (adapter_config.json + adapter_model.safetensors) or
+    /// mlx-lm (adapter_config.json + adapters.safetensors).
+    #[arg(long, visible_alias = "adapter-path", value_name = "DIR")]
     pub adapter: PathBuf,
     /// Where to write the merged model directory.
     #[arg(long, value_name = "DIR")]

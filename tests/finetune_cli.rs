@@ -86,6 +86,39 @@ fn lora_writes_a_peft_adapter_that_learned() {
 }
 
 #[test]
+fn adapter_format_mlx_writes_an_mlx_lm_adapter_the_same_run_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), "");
+    llmtool()
+        .args(["finetune", &config, "--lora", "--adapter-format", "mlx"])
+        .assert()
+        .success();
+    let adapter = dir.path().join("run/adapter");
+    assert!(adapter.join("adapters.safetensors").is_file());
+    assert!(!adapter.join("adapter_model.safetensors").exists());
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["lora_parameters"]["rank"], 4);
+    assert_eq!(cfg["lora_parameters"]["scale"], 2.0, "alpha 8 / r 4");
+    llmtool()
+        .args(["eval", "--model"])
+        .arg(fixture("tiny-llama"))
+        .arg("--adapter-path")
+        .arg(&adapter)
+        .arg("--data")
+        .arg(dir.path().join("notes"))
+        .assert()
+        .success();
+    llmtool()
+        .args(["finetune", &config, "--adapter-format", "mlx"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--lora"));
+}
+
+#[test]
 fn full_finetune_writes_a_model() {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path(), "");

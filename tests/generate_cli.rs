@@ -64,6 +64,19 @@ fn greedy_text_matches_transformers_with_and_without_adapter() {
     let (_, want) = greedy_case("tiny-llama-lora/expected.json");
     let adapter = path(&fixture("tiny-llama-lora"));
     let (out, _) = generate(&[&greedy[..], &["--adapter", &adapter]].concat(), "");
+    assert_eq!(out, format!("{want}\n"));
+    // mlx-lm's spellings of the flags.
+    let mlx_spelling = [
+        "--temp",
+        "0",
+        "--max-tokens",
+        "24",
+        "--prompt",
+        &prompt,
+        "--adapter-path",
+        &adapter,
+    ];
+    let (out, _) = generate(&mlx_spelling, "");
     assert_eq!(out, want + "\n");
 }
 

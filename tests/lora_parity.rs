@@ -64,13 +64,102 @@ fn peft_rslora_adapter_gives_peft_logits() {
     check_peft_logits("tiny-llama-rslora");
 }
 
+/// tests/fixtures/tiny-llama-mlx was made and run by mlx-lm (make_mlx_fixtures.py).
+#[test]
+fn mlx_lm_adapter_gives_mlx_lms_logits() {
+    check_peft_logits("tiny-llama-mlx");
+    let adapter = Adapter::load(
+        &fixture("tiny-llama-mlx"),
+        &base().config,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    // mlx-lm's scale 10 at rank 4 is PEFT's alpha 40.
+    assert_eq!((adapter.config.r, adapter.config.lora_alpha), (4, 40.0));
+    assert_eq!(adapter.modules().count(), 3, "the last layer only");
+}
+
+#[test]
+fn an_adapter_saved_for_mlx_lm_has_its_names_and_config_and_reads_back_the_same() {
+    let cfg = base().config;
+    let original = fixture("tiny-llama-lora");
+    let adapter = Adapter::load(&original, &cfg, DType::F32, &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    adapter
+        .save(out.path(), lora::AdapterFormat::Mlx, cfg.num_hidden_layers)
+        .unwrap();
+    assert!(!out.path().join("adapter_model.safetensors").exists());
+    let ours =
+        candle_core::safetensors::load(out.path().join("adapters.safetensors"), &Device::Cpu)
+            .unwrap();
+    for (path, (a, b)) in adapter.modules() {
+        let mlx_a = &ours[&format!("{path}.lora_a")];
+        let mlx_b = &ours[&format!("{path}.lora_b")];
+        assert_eq!(
+            mlx_a.dims(),
+            [a.dim(1).unwrap(), a.dim(0).unwrap()],
+            "{path}"
+        );
+        assert_eq!(relative_error(&mlx_a.t().unwrap(), a), 0.0, "{path}");
+        assert_eq!(relative_error(&mlx_b.t().unwrap(), b), 0.0, "{path}");
+    }
+    assert_eq!(ours.len(), 2 * adapter.modules().count());
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let parameters = &config["lora_parameters"];
+    assert_eq!(config["fine_tune_type"], "lora");
+    assert_eq!(config["num_layers"], cfg.num_hidden_layers);
+    assert_eq!(parameters["rank"], adapter.config.r);
+    assert_eq!(parameters["scale"].as_f64().unwrap(), adapter.scale());
+    assert!(parameters["keys"].as_array().unwrap().iter().all(|k| k
+        .as_str()
+        .unwrap()
+        .starts_with("self_attn.")
+        || k.as_str().unwrap().starts_with("mlp.")));
+
+    let a = with_adapter(&original).forward(&batch(), None).unwrap();
+    let b = with_adapter(out.path()).forward(&batch(), None).unwrap();
+    assert_eq!(relative_error(&a, &b), 0.0);
+}
+
+#[test]
+fn an_mlx_adapter_that_does_not_fit_the_base_names_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["adapter_config.json", "adapters.safetensors"] {
+        std::fs::copy(fixture("tiny-llama-mlx").join(name), dir.path().join(name)).unwrap();
+    }
+    let config_path = dir.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, text.replace("\"rank\": 4", "\"rank\": 8")).unwrap();
+    let err = Adapter::load(dir.path(), &base().config, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("adapters.safetensors") && err.contains(".lora_a has shape"),
+        "{err}"
+    );
+    std::fs::write(&config_path, text.replace("\"lora\"", "\"dora\"")).unwrap();
+    let err = Adapter::load(dir.path(), &base().config, DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("adapter_config.json") && err.contains("dora"),
+        "{err}"
+    );
+}
+
 #[test]
 fn saved_adapter_has_peft_names_shapes_and_config_and_same_logits() {
     let cfg = base().config;
     let original = fixture("tiny-llama-lora");
     let adapter = Adapter::load(&original, &cfg, DType::F32, &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
-    adapter.save(out.path()).unwrap();
+    adapter
+        .save(out.path(), lora::AdapterFormat::Peft, cfg.num_hidden_layers)
+        .unwrap();
 
     let theirs = tensors("tiny-llama-lora/adapter_model.safetensors");
     let ours =

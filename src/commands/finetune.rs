@@ -51,7 +51,8 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         let mut adapter = Adapter::init(&config.lora, &llama.config, t.seed, &session.device)?;
         adapter.config.base_model_name_or_path = Some(spec.clone());
         adapter.attach(&mut llama)?;
-        let save = |dir: &Path| adapter.save(dir);
+        let layers = llama.config.num_hidden_layers;
+        let save = |dir: &Path| adapter.save(dir, args.adapter_format, layers);
         execute(
             &session,
             &args.run,

@@ -1,9 +1,9 @@
-//! A LoRA adapter: made fresh, read from and written to a PEFT directory, checked against its
-//! base, and attached to a model.
+//! A LoRA adapter: made fresh, read from and written to a PEFT or mlx-lm directory, checked
+//! against its base, and attached to a model.
 
 use super::layer::LoraLayer;
+use super::mlx::{AdapterFormat, MlxAdapterConfig};
 use super::peft::{expand_targets, AdapterConfig};
-use super::PEFT_PREFIX;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use config::LoraSection;
 use model::config::LlamaConfig;
@@ -78,49 +78,93 @@ impl Adapter {
         })
     }
 
-    /// Reads the PEFT adapter in `dir` for the base model `cfg`, as frozen `dtype` tensors.
-    /// Fails with the file and key when it does not fit the base.
+    /// Reads the adapter in `dir` (PEFT's or mlx-lm's, see [`AdapterFormat::of_dir`]) for the
+    /// base model `cfg`, as frozen `dtype` tensors. Fails with the file and key when it does
+    /// not fit the base.
     pub fn load(
         dir: &Path,
         cfg: &LlamaConfig,
         dtype: DType,
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
+        let format = AdapterFormat::of_dir(dir);
         let config_path = dir.join("adapter_config.json");
-        let config: AdapterConfig = read_json(&config_path, "the adapter's adapter_config.json")?;
         let bad_config = |message| ModelError::Adapter {
             path: config_path.clone(),
             message,
         };
-        config.check_supported().map_err(bad_config)?;
-        check_base(&config, dir, cfg).map_err(bad_config)?;
-        let path = dir.join("adapter_model.safetensors");
+        let what = "the adapter's adapter_config.json";
+        let read = match format {
+            AdapterFormat::Peft => {
+                let config: AdapterConfig = read_json(&config_path, what)?;
+                config.check_supported().map_err(bad_config)?;
+                ReadConfig::Peft(Box::new(config))
+            }
+            AdapterFormat::Mlx => {
+                let config: MlxAdapterConfig = read_json(&config_path, what)?;
+                config.check_supported().map_err(bad_config)?;
+                ReadConfig::Mlx(config)
+            }
+        };
+        let path = dir.join(format.weights_file());
         if !path.is_file() {
             return Err(ModelError::Missing {
                 path,
-                what: "the adapter weights (PEFT's adapter_model.safetensors; convert an adapter_model.bin with save_pretrained(safe_serialization=True))".into(),
+                what: "the adapter weights (PEFT's adapter_model.safetensors; convert an adapter_model.bin with save_pretrained(safe_serialization=True)), or mlx-lm's adapters.safetensors".into(),
             });
         }
         let weights = Weights::read(std::slice::from_ref(&path), dtype, device)?;
+        let r = match &read {
+            ReadConfig::Peft(config) => config.r,
+            ReadConfig::Mlx(config) => config.lora_parameters.rank,
+        };
         let modules =
-            collect_modules(&weights, cfg, config.r).map_err(|message| ModelError::Adapter {
+            collect_modules(&weights, cfg, r, format).map_err(|message| ModelError::Adapter {
                 path: path.clone(),
                 message,
             })?;
+        let config = match read {
+            ReadConfig::Peft(config) => *config,
+            ReadConfig::Mlx(config) => config.to_peft(modules.keys().map(String::as_str)),
+        };
+        check_base(&config, dir, cfg).map_err(bad_config)?;
         Ok(Self { config, modules })
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32, PEFT key names) into
-    /// `dir`, creating it; each file is replaced atomically.
-    pub fn save(&self, dir: &Path) -> std::result::Result<(), ModelError> {
+    /// Writes `adapter_config.json` and the weights (f32) into `dir` in `format`, creating
+    /// it; each file is replaced atomically. `num_hidden_layers` is the base's (mlx-lm's
+    /// config names how many blocks are adapted).
+    pub fn save(
+        &self,
+        dir: &Path,
+        format: AdapterFormat,
+        num_hidden_layers: usize,
+    ) -> std::result::Result<(), ModelError> {
         let tensors = self
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
+            .modules
+            .iter()
+            .flat_map(|(path, (a, b))| [(path, a, true), (path, b, false)])
+            .map(|(path, t, is_a)| {
+                let t = t.to_dtype(DType::F32)?;
+                let t = if format.transposed() {
+                    t.t()?.contiguous()?
+                } else {
+                    t
+                };
+                Ok((format.tensor_name(path, is_a), t))
+            })
             .collect::<Result<Vec<_>>>()?;
-        save_safetensors(&tensors, &dir.join("adapter_model.safetensors"))?;
+        save_safetensors(&tensors, &dir.join(format.weights_file()))?;
         let path = dir.join("adapter_config.json");
-        let json = serde_json::to_string_pretty(&self.config).map_err(|e| ModelError::Config {
+        let json = match format {
+            AdapterFormat::Peft => serde_json::to_string_pretty(&self.config),
+            AdapterFormat::Mlx => serde_json::to_string_pretty(&MlxAdapterConfig::from_peft(
+                &self.config,
+                self.modules.keys().map(String::as_str),
+                num_hidden_layers,
+            )),
+        }
+        .map_err(|e| ModelError::Config {
             path: path.clone(),
             message: e.to_string(),
         })?;
@@ -138,8 +182,8 @@ impl Adapter {
             .iter()
             .flat_map(|(path, (a, b))| {
                 [
-                    (format!("{PEFT_PREFIX}{path}.lora_A.weight"), a.clone()),
-                    (format!("{PEFT_PREFIX}{path}.lora_B.weight"), b.clone()),
+                    (AdapterFormat::Peft.tensor_name(path, true), a.clone()),
+                    (AdapterFormat::Peft.tensor_name(path, false), b.clone()),
                 ]
             })
             .collect()
@@ -180,11 +224,19 @@ impl Adapter {
     }
 }
 
-/// Groups the tensors of an adapter file by module and checks them against the base `cfg`.
+/// An adapter directory's `adapter_config.json`, in its format.
+enum ReadConfig {
+    Peft(Box<AdapterConfig>),
+    Mlx(MlxAdapterConfig),
+}
+
+/// Groups the tensors of an adapter file in `format` by module, checks them against the base
+/// `cfg`, and returns them as PEFT holds them (A `[r, in]`, B `[out, r]`).
 fn collect_modules(
     weights: &Weights,
     cfg: &LlamaConfig,
     r: usize,
+    format: AdapterFormat,
 ) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, String> {
     let all: Vec<&str> = Module::of(&model::Family::of(cfg))
         .into_iter()
@@ -198,11 +250,18 @@ fn collect_modules(
     names.sort();
     let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for name in names {
-        let (module, is_a) = parse_key(name)?;
+        let (module, is_a) = format.parse(name).ok_or_else(|| {
+            format!("unexpected tensor {name}: only the LoRA A/B matrices of the projections are supported")
+        })?;
         let &(out, inp) = shapes.get(module).ok_or_else(|| {
             format!("tensor {name} adapts {module}, which the base model does not have: the adapter was made for another model")
         })?;
-        let expected = if is_a { [r, inp] } else { [out, r] };
+        let expected = match (is_a, format.transposed()) {
+            (true, false) => [r, inp],
+            (false, false) => [out, r],
+            (true, true) => [inp, r],
+            (false, true) => [r, out],
+        };
         let t = weights
             .maybe(name)
             .ok_or_else(|| format!("tensor {name} is unreadable"))?;
@@ -212,6 +271,13 @@ fn collect_modules(
                 t.dims()
             ));
         }
+        let t = if format.transposed() {
+            t.t()
+                .and_then(|t| t.contiguous())
+                .map_err(|e| e.to_string())?
+        } else {
+            t
+        };
         let slot = parts.entry(module.to_string()).or_default();
         if is_a {
             slot.0 = Some(t);
@@ -219,7 +285,7 @@ fn collect_modules(
             slot.1 = Some(t);
         }
     }
-    let modules = pair_up(parts)?;
+    let modules = pair_up(parts, format)?;
     let with_shapes: Vec<_> = modules
         .keys()
         .map(|p| (p.clone(), shapes[p].0, shapes[p].1))
@@ -231,33 +297,19 @@ fn collect_modules(
 /// The `(A, B)` of each module, failing when one of the two is missing.
 fn pair_up(
     parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)>,
+    format: AdapterFormat,
 ) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, String> {
     if parts.is_empty() {
-        return Err("holds no lora_A/lora_B tensors".into());
+        return Err("holds no LoRA A/B tensors".into());
     }
     parts
         .into_iter()
         .map(|(module, pair)| match pair {
             (Some(a), Some(b)) => Ok((module, (a, b))),
-            (None, _) => Err(format!("{PEFT_PREFIX}{module}.lora_A.weight is missing")),
-            (_, None) => Err(format!("{PEFT_PREFIX}{module}.lora_B.weight is missing")),
+            (None, _) => Err(format!("{} is missing", format.tensor_name(&module, true))),
+            (_, None) => Err(format!("{} is missing", format.tensor_name(&module, false))),
         })
         .collect()
-}
-
-/// Splits a PEFT key into its module path and whether it is A (true) or B.
-fn parse_key(name: &str) -> std::result::Result<(&str, bool), String> {
-    let module_and_part = name.strip_prefix(PEFT_PREFIX);
-    let parsed = module_and_part.and_then(|rest| {
-        rest.strip_suffix(".lora_A.weight")
-            .map(|m| (m, true))
-            .or_else(|| rest.strip_suffix(".lora_B.weight").map(|m| (m, false)))
-    });
-    parsed.ok_or_else(|| {
-        format!(
-            "unexpected tensor {name}: only lora_A/lora_B weights of the projections are supported"
-        )
-    })
 }
 
 /// Checks `base_model_name_or_path` when it names a model directory that exists (as given or

@@ -75,18 +75,30 @@ fn plain_number<S: serde::Serializer>(v: &f64, s: S) -> std::result::Result<S::O
 impl AdapterConfig {
     /// The config of a new adapter with these settings on the modules `targets` (long names).
     pub fn new(lora: &LoraSection, targets: &[&str]) -> Self {
-        let mut names: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        let names = targets.iter().map(|t| t.to_string()).collect();
+        Self::with(lora.r, lora.alpha, lora.dropout, names, lora.rslora)
+    }
+
+    /// A LoRA config of rank `r` on the modules `names` (sorted here), with PEFT's defaults
+    /// for the rest.
+    pub(super) fn with(
+        r: usize,
+        lora_alpha: f64,
+        lora_dropout: f64,
+        mut names: Vec<String>,
+        use_rslora: bool,
+    ) -> Self {
         names.sort();
         Self {
             base_model_name_or_path: None,
             revision: None,
             peft_type: "LORA".into(),
             task_type: Some("CAUSAL_LM".into()),
-            r: lora.r,
-            lora_alpha: lora.alpha,
-            lora_dropout: lora.dropout,
+            r,
+            lora_alpha,
+            lora_dropout,
             target_modules: TargetModules::List(names),
-            use_rslora: lora.rslora,
+            use_rslora,
             use_dora: false,
             bias: no_bias(),
             fan_in_fan_out: false,
