@@ -1,8 +1,8 @@
-//! A PEFT adapter's `adapter_config.json` (`generate --adapter`, `merge`, `finetune --resume`):
-//! `Adapter::load` on a folder holding the input as `adapter_config.json` beside the
-//! tiny-llama-lora fixture's weights, for the tiny-llama base. Any input must give an adapter
-//! or a `ModelError`. (llmtool reads adapters in PEFT's format only; mlx-lm's own
-//! `adapter_config.json` is not a format it parses.)
+//! An adapter's `adapter_config.json` (`generate --adapter`, `merge`, `finetune --resume`), in
+//! both formats `Adapter::load` reads: the input as `adapter_config.json` beside the weights of
+//! the tiny-llama-lora fixture (PEFT) or of the tiny-llama-mlx fixture (mlx-lm), for the
+//! tiny-llama base; each input is read in both. Any input must give an adapter or a
+//! `ModelError`.
 #![no_main]
 
 use candle_core::{DType, Device};
@@ -16,31 +16,39 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")
 
 struct Setup {
     base: LlamaConfig,
-    dir: tempfile::TempDir,
+    peft: tempfile::TempDir,
+    mlx: tempfile::TempDir,
+}
+
+/// A folder holding a copy of `fixture`'s weights file `weights`.
+fn folder_with(fixture: &Path, weights: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    std::fs::copy(fixture.join(weights), dir.path().join(weights))
+        .expect("copying the fixture's adapter weights");
+    dir
 }
 
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
         let fixtures = Path::new(FIXTURES);
-        let dir = tempfile::tempdir().expect("a temporary folder");
-        std::fs::copy(
-            fixtures.join("tiny-llama-lora/adapter_model.safetensors"),
-            dir.path().join("adapter_model.safetensors"),
-        )
-        .expect("copying the fixture's adapter weights");
         Setup {
             base: model::io::read_config(&fixtures.join("tiny-llama")).expect("the base config"),
-            dir,
+            peft: folder_with(
+                &fixtures.join("tiny-llama-lora"),
+                "adapter_model.safetensors",
+            ),
+            mlx: folder_with(&fixtures.join("tiny-llama-mlx"), "adapters.safetensors"),
         }
     })
 }
 
 fuzz_target!(|bytes: &[u8]| {
     let setup = setup();
-    let dir = setup.dir.path();
-    std::fs::write(dir.join("adapter_config.json"), bytes).expect("writing the input");
-    if let Ok(adapter) = Adapter::load(dir, &setup.base, DType::F32, &Device::Cpu) {
-        let _ = adapter.scale();
+    for dir in [setup.peft.path(), setup.mlx.path()] {
+        std::fs::write(dir.join("adapter_config.json"), bytes).expect("writing the input");
+        if let Ok(adapter) = Adapter::load(dir, &setup.base, DType::F32, &Device::Cpu) {
+            let _ = adapter.scale();
+        }
     }
 });

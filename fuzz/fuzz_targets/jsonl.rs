@@ -44,7 +44,11 @@ fuzz_target!(|bytes: &[u8]| {
         seq_len: 64,
         val_fraction: 0.1,
     };
-    if let Ok(examples) = jsonl::load(std::slice::from_ref(&setup.file), &options) {
+    let files = jsonl::JsonlFiles {
+        train: vec![setup.file.clone()],
+        ..Default::default()
+    };
+    if let Ok(examples) = jsonl::load(&files, &options) {
         for e in examples.train.iter().chain(&examples.val) {
             assert_eq!(e.tokens.len(), e.weights.len());
             assert!(e.tokens.len() <= options.seq_len + 1);
