@@ -289,6 +289,11 @@ pub struct GenerateArgs {
     /// A system message for --chat and --interactive.
     #[arg(long)]
     pub system: Option<String>,
+    /// A variable of the chat template, as a keyword argument of transformers'
+    /// apply_chat_template (repeatable): KEY=VALUE, the value read as JSON when it is JSON
+    /// (false, 3, "x"), else as a string. Example: --chat-arg enable_thinking=false
+    #[arg(long = "chat-arg", value_name = "KEY=VALUE", value_parser = values::chat_arg)]
+    pub chat_args: Vec<(String, serde_json::Value)>,
     /// Chat turn by turn: each stdin line is a user message (the KV cache is kept between turns).
     #[arg(long, conflicts_with_all = ["prompt_file", "num_samples"])]
     pub interactive: bool,
@@ -392,6 +397,17 @@ pub enum ConfigCommand {
 
 /// Parsers for options whose range clap's types do not say.
 mod values {
+    /// `KEY=VALUE`, the value parsed as JSON when it is JSON, else taken as a string.
+    pub fn chat_arg(text: &str) -> Result<(String, serde_json::Value), String> {
+        let (key, value) = text
+            .split_once('=')
+            .filter(|(key, _)| !key.is_empty())
+            .ok_or_else(|| format!("expected KEY=VALUE, got `{text}`"))?;
+        let value = serde_json::from_str(value)
+            .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+        Ok((key.to_string(), value))
+    }
+
     /// A whole number of at least 1.
     pub fn count(text: &str) -> Result<usize, String> {
         match text.parse::<usize>() {

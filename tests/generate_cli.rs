@@ -156,6 +156,51 @@ fn chat_and_interactive_reuse_the_cache() {
     assert!(prompts[1] <= second_turn_alone + 6, "{err}");
 }
 
+#[test]
+fn chat_args_reach_the_template_and_a_failing_template_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
+        let from = entry.unwrap().path();
+        std::fs::copy(&from, dir.path().join(from.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}\
+         {% if enable_thinking is defined and not enable_thinking %}\
+         {{ raise_exception('thinking is off') }}{% endif %}",
+    )
+    .unwrap();
+    let model = path(dir.path());
+    let chat = [
+        "generate",
+        "--model",
+        &model,
+        "--chat",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "2",
+    ];
+    llmtool().args(chat).assert().success();
+    let out = llmtool()
+        .args(chat)
+        .args(["--chat-arg", "enable_thinking=false"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("chat_template.jinja") && err.contains("thinking is off"),
+        "{err}"
+    );
+    llmtool()
+        .args(chat)
+        .args(["--chat-arg", "enable_thinking"])
+        .assert()
+        .code(2);
+}
+
 fn one_error_line(args: &[&str]) -> String {
     let out = llmtool().arg("generate").args(args).output().unwrap();
     assert!(!out.status.success());

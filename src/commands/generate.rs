@@ -28,7 +28,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let text = read_prompt(&args)?;
     let ids = if args.chat {
-        let template = ChatTemplate::load(&loaded.dir)?;
+        let template = chat_template(&args, &loaded)?;
         let mut messages = system_messages(&args);
         messages.push(Message::new("user", &text));
         encode(&loaded, &template.render(&messages, true)?, false)?
@@ -171,6 +171,15 @@ fn report(g: &Generation, context: usize) {
     );
 }
 
+/// The model's chat template with the `--chat-arg` variables set.
+fn chat_template(args: &GenerateArgs, loaded: &LoadedModel) -> Result<ChatTemplate> {
+    let template = ChatTemplate::load(&loaded.dir)?;
+    Ok(args
+        .chat_args
+        .iter()
+        .fold(template, |t, (key, value)| t.with_variable(key, value)))
+}
+
 /// A chat on stdin: each line is a user turn; the cache carries over, so each turn only runs
 /// its new tokens.
 fn interactive(
@@ -178,7 +187,7 @@ fn interactive(
     loaded: &LoadedModel,
     settings: &GenerationSettings,
 ) -> Result<()> {
-    let template = ChatTemplate::load(&loaded.dir)?;
+    let template = chat_template(args, loaded)?;
     let context = loaded.model.config.max_position_embeddings;
     let mut session = Session::new(&loaded.model, &loaded.tokenizer, context)?;
     let mut messages = system_messages(args);
