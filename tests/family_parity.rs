@@ -279,6 +279,66 @@ fn gemma3_legacy_config_spelling_gives_the_same_logits() {
     assert!(err < 1e-4, "legacy config logits relative error {err}");
 }
 
+/// tests/fixtures/make_longrope_fixture.py: a Phi-3 with LongRoPE, its original context 16.
+#[test]
+fn longrope_switches_factors_past_the_original_context_as_transformers_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-phi3-longrope")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(
+        fixture("tiny-phi3-longrope/config.legacy.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let expected = tensors("tiny-phi3-longrope/expected.safetensors");
+    for model_dir in [fixture("tiny-phi3-longrope"), dir.path().to_path_buf()] {
+        let loaded = load(&model_dir);
+        // 12 positions: the short factors; 24: the long ones on every position.
+        for length in ["short", "long"] {
+            let input = ids(&expected[&format!("{length}_ids")]);
+            let logits = loaded.model.forward(&input, None).unwrap();
+            let err = relative_error(&logits, &expected[&format!("{length}_logits")]);
+            assert!(
+                err < 1e-4,
+                "{}: {length} logits relative error {err}",
+                model_dir.display()
+            );
+        }
+        // Decoding crosses position 16: later tokens take the long factors.
+        let greedy_case = &json("tiny-phi3-longrope/expected.json")["greedy"];
+        let mut session = Session::new(&loaded.model, &loaded.tokenizer, 64).unwrap();
+        let prompt = u32s(&greedy_case["prompt_ids"]);
+        let out = session.generate(&prompt, &greedy(24), |_| Ok(())).unwrap();
+        assert_eq!(
+            out.tokens,
+            u32s(&greedy_case["new_ids"]),
+            "{}",
+            model_dir.display()
+        );
+    }
+}
+
+#[test]
+fn longrope_factors_that_do_not_fit_the_head_are_one_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-phi3-longrope")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = eval_error(dir.path());
+    assert!(
+        err.contains("config.json") && err.contains("rope_parameters.long_factor: has 2 factors"),
+        "{err}"
+    );
+}
+
 /// A copy of the `tiny-qwen3` fixture with `edit` applied to its config.json and the
 /// tensors `keep` accepts.
 fn edited_qwen3(

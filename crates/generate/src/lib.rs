@@ -243,7 +243,27 @@ impl<'a> Session<'a> {
     }
 
     /// Runs `ids` after the cached tokens; returns the logits `[vocab]` of the last one.
+    ///
+    /// With LongRoPE, the step that first takes the sequence past the original context runs
+    /// the whole sequence again: the cached keys were rotated with the short factors, and from
+    /// there on every position uses the long ones (as transformers' Phi-3 recomputes its cache
+    /// at that step).
     fn run(&mut self, ids: &[u32]) -> Result<Tensor, GenerateError> {
+        let cached = self.cached.len();
+        let switches = self
+            .decoder
+            .model()
+            .config
+            .longrope_context()
+            .is_some_and(|original| {
+                cached > 0 && cached <= original && cached + ids.len() > original
+            });
+        if switches {
+            let all = [self.cached.as_slice(), ids].concat();
+            self.decoder.reset();
+            self.cached.clear();
+            return self.run(&all);
+        }
         let logits = self.decoder.forward(ids)?;
         self.cached.extend_from_slice(ids);
         Ok(logits)

@@ -181,7 +181,7 @@ impl LayerCache {
             let (cos, sin) = match self.tables.clone() {
                 Some(tables) => tables,
                 None => {
-                    let tables = rope.window(0, self.max_len)?;
+                    let tables = rope.decoding_rows(self.max_len)?;
                     self.tables = Some(tables.clone());
                     tables
                 }

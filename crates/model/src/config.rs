@@ -35,14 +35,26 @@ pub struct RopeScaling {
     pub rope_type: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
-    #[serde(default = "one")]
-    pub factor: f64,
+    /// The context extension (linear, llama3; LongRoPE's default is the ratio of the context
+    /// to the original one). Read through [`RopeScaling::factor`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
     #[serde(default = "one")]
     pub low_freq_factor: f64,
     #[serde(default = "four")]
     pub high_freq_factor: f64,
-    #[serde(default = "original_context")]
-    pub original_max_position_embeddings: usize,
+    /// The context before scaling. Read through [`RopeScaling::original_context`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+    /// LongRoPE: the divisor of each frequency for sequences up to the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short_factor: Option<Vec<f64>>,
+    /// LongRoPE: the divisor of each frequency for sequences past the original context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_factor: Option<Vec<f64>>,
+    /// LongRoPE: the factor on cos and sin (default `sqrt(1 + ln factor / ln original)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f64>,
     /// The rotated share of each head (Phi-3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
@@ -51,14 +63,23 @@ pub struct RopeScaling {
 fn default_rope_type() -> String {
     "default".into()
 }
+
+impl RopeScaling {
+    /// The context extension factor (1 when not given).
+    pub fn factor(&self) -> f64 {
+        self.factor.unwrap_or(1.0)
+    }
+
+    /// The context before scaling (Llama 3's default 8192 when not given).
+    pub fn original_context(&self) -> usize {
+        self.original_max_position_embeddings.unwrap_or(8192)
+    }
+}
 fn one() -> f64 {
     1.0
 }
 fn four() -> f64 {
     4.0
-}
-fn original_context() -> usize {
-    8192
 }
 
 /// The smallest `vocab_size` accepted: fewer tokens cannot be a real tokenizer's.
@@ -263,14 +284,14 @@ impl LlamaConfig {
         }
     }
 
-    /// The frequency scaling (llama3 or linear) of `local` or global layers, if any. Legacy
+    /// The frequency scaling (llama3, linear or longrope) of `local` or global layers, if any. Legacy
     /// `rope_scaling` applies to global layers only (as transformers reads Gemma 3's).
     pub fn rope_scaling_for(&self, local: bool) -> Option<&RopeScaling> {
         let legacy = self.rope_scaling.as_ref().filter(|_| !local);
         [legacy, self.rope_parameters_for(local)]
             .into_iter()
             .flatten()
-            .find(|s| s.rope_type == "llama3" || s.rope_type == "linear")
+            .find(|s| ["llama3", "linear", "longrope"].contains(&s.rope_type.as_str()))
     }
 
     /// Whether q/k/v projections carry biases.
@@ -377,17 +398,20 @@ impl LlamaConfig {
             if let Some(theta) = s.rope_theta {
                 positive(&format!("{key}.rope_theta"), theta)?;
             }
-            if !["llama3", "linear", "default"].contains(&s.rope_type.as_str()) {
+            if !["llama3", "linear", "longrope", "default"].contains(&s.rope_type.as_str()) {
                 return Err(format!(
-                    "{key}.rope_type: {} is not supported (only default, linear and llama3)",
+                    "{key}.rope_type: {} is not supported (only default, linear, llama3 and longrope)",
                     s.rope_type
                 ));
             }
             if s.rope_type == "linear" {
-                positive(&format!("{key}.factor"), s.factor)?;
+                positive(&format!("{key}.factor"), s.factor())?;
+            }
+            if s.rope_type == "longrope" {
+                self.check_longrope(&key, s)?;
             }
             if s.rope_type == "llama3" {
-                positive(&format!("{key}.factor"), s.factor)?;
+                positive(&format!("{key}.factor"), s.factor())?;
                 positive(&format!("{key}.low_freq_factor"), s.low_freq_factor)?;
                 if !(s.high_freq_factor > s.low_freq_factor && s.high_freq_factor.is_finite()) {
                     return Err(format!(
@@ -398,12 +422,68 @@ impl LlamaConfig {
                 }
                 at_least(
                     &format!("{key}.original_max_position_embeddings"),
-                    s.original_max_position_embeddings,
+                    s.original_context(),
                     1,
                 )?;
             }
         }
         self.check_parameter_count()
+    }
+
+    /// LongRoPE's factors: one positive number per rotated frequency pair, in both lists; a
+    /// positive original context and attention factor.
+    fn check_longrope(&self, key: &str, s: &RopeScaling) -> Result<(), String> {
+        let pairs = self.rotary_dim() / 2;
+        for (name, factors) in [
+            ("short_factor", &s.short_factor),
+            ("long_factor", &s.long_factor),
+        ] {
+            let factors = factors
+                .as_ref()
+                .ok_or_else(|| format!("{key}.{name}: missing (rope_type longrope needs it)"))?;
+            if factors.len() != pairs {
+                return Err(format!(
+                    "{key}.{name}: has {} factors, the rotated head dimensions need {pairs}",
+                    factors.len()
+                ));
+            }
+            if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                return Err(format!(
+                    "{key}.{name}: every factor must be a positive finite number, got {bad}"
+                ));
+            }
+        }
+        let original = self.longrope_original_context(s);
+        if original == 0 {
+            return Err(format!(
+                "{key}.original_max_position_embeddings: must be at least 1"
+            ));
+        }
+        if let Some(factor) = s.attention_factor {
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(format!(
+                    "{key}.attention_factor: must be a positive finite number, got {factor}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The original context of a model with LongRoPE on its global layers, past which its
+    /// RoPE switches to the long factors; `None` without LongRoPE.
+    pub fn longrope_context(&self) -> Option<usize> {
+        self.rope_scaling_for(false)
+            .filter(|s| s.rope_type == "longrope")
+            .map(|s| self.longrope_original_context(s))
+    }
+
+    /// LongRoPE's original context: the top-level key (Phi-3's), else the one in the RoPE
+    /// parameters, else the context itself (as transformers reads them).
+    pub fn longrope_original_context(&self, s: &RopeScaling) -> usize {
+        self.family_options
+            .original_max_position_embeddings
+            .or(s.original_max_position_embeddings)
+            .unwrap_or(self.max_position_embeddings)
     }
 
     /// Refuses a model of more than [`MAX_PARAMETERS`] parameters, counted without overflow.

@@ -67,6 +67,10 @@ pub struct FamilyOptions {
     /// into `rope_parameters`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partial_rotary_factor: Option<f64>,
+    /// Phi-3's context before LongRoPE scaling (transformers gives it priority over the one in
+    /// `rope_parameters`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
 }
 
 /// A key that is present (even as `null`) deserializes to `Some`; an absent one, through
