@@ -1,9 +1,11 @@
 //! A block's grouped-query self-attention, with the options of its family: per-head q/k
-//! norms, sliding windows, a score scale of its own, soft-capped scores and a separate RoPE
-//! base for local layers. Plain attention (every family but Gemma and Phi-3, in layers without
-//! a window or whose window covers every position attended to) runs the fused paths of `ops`;
-//! otherwise the composite [`ops::windowed_attention`] runs, since no fused kernel takes those
-//! options yet.
+//! norms, sliding windows, a score scale of its own, soft-capped scores, partial rotary and a
+//! separate RoPE base for local layers. Plain attention (every family but Gemma and Phi-3, in
+//! layers without a window or whose window covers every position attended to) runs the fused
+//! paths of `ops` that join RoPE, the cache write and the flash kernels; the others run the
+//! heads through the fused RoPE (partial where the family rotates part of each head) and
+//! [`ops::windowed_attention`], whose fused causal softmax and decode kernels take the
+//! options (the flash kernels take plain scores only).
 
 use super::cache::LayerCache;
 use super::config::LlamaConfig;
@@ -87,8 +89,8 @@ impl Llama {
         let plain = self.family.plain_scores(a.head_size) && window.is_none() && !layer.local_rope;
         if !plain {
             let [q, k, v] = self.projections(block, x)?;
-            let q = self.rotate(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
-            let k = self.rotate(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
+            let q = ops::rope(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
+            let k = ops::rope(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
             let v = ops::split_heads(&v, a.kv_heads)?;
             let (k, v) = match cache {
                 Some(c) => c.append(&k, &v)?,
@@ -125,18 +127,6 @@ impl Llama {
             }
         };
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())
-    }
-
-    /// RoPE on heads `[b, heads, t, head_size]`: on the first `rotary_dim` dimensions of each
-    /// head, the rest passed through (Phi-3's partial rotary).
-    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (rotary, head_size) = (self.family.rotary_dim, x.dim(D::Minus1)?);
-        if rotary == head_size {
-            return ops::rope(x, cos, sin);
-        }
-        let rotated = ops::rope(&x.narrow(D::Minus1, 0, rotary)?.contiguous()?, cos, sin)?;
-        let rest = x.narrow(D::Minus1, rotary, head_size - rotary)?;
-        Tensor::cat(&[&rotated, &rest], D::Minus1)
     }
 
     /// The q, k and v projections `[b, t, heads · head_size]` of `x`, the queries and keys
