@@ -183,24 +183,25 @@ pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     flash_attention(q, k, v)
 }
 
-/// [`grouped_attention`] of a one-query decode step whose position `position` holds (u32
+/// [`windowed_attention`] of a one-query decode step whose position `position` holds (u32
 /// `[1]`, on the queries' device): `k`/`v` are the KV cache's whole buffers
-/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own. The CUDA
-/// decode kernel reads the position in place (so a captured step replays at the next
-/// position); elsewhere the position is read back and the views narrowed for
-/// [`grouped_attention`].
+/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own (the last
+/// `window` of them with a window). The CUDA decode kernel reads the position in place (so a
+/// captured step replays at the next position); elsewhere the position is read back and the
+/// views narrowed for [`windowed_attention`].
 pub fn decode_attention_at(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     position: &Tensor,
+    options: AttentionOptions,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() && fused(&[q, k, v]) && decode::supported(q, k, v) {
-        return decode::decode_attention_at(q, k, v, position, Scoring::plain(q.dim(3)?));
+        return decode::decode_attention_at(q, k, v, position, Scoring::of(options));
     }
     let len = Position::Device(position).read()? + 1;
-    grouped_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?)
+    windowed_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?, options)
 }
 
 /// The attention of a block without a KV cache, from its projections to the input of its output

@@ -569,7 +569,8 @@ fn decode_at_case(heads: usize, kv_heads: usize, capacity: usize, d: usize) -> C
         name: "decode_attention_at",
         fused: |t| {
             let at = Tensor::new(&[position(&t[1])? as u32], t[0].device())?;
-            crate::decode_attention_at(&t[0], &t[1], &t[2], &at)
+            let plain = crate::AttentionOptions::plain(t[0].dim(3)?);
+            crate::decode_attention_at(&t[0], &t[1], &t[2], &at, plain)
         },
         reference: |t| {
             let len = position(&t[1])? + 1;
