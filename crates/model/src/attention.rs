@@ -1,9 +1,13 @@
 //! A block's grouped-query self-attention, with the options of its family: per-head q/k
-//! norms, sliding windows, a score scale of its own, soft-capped scores and a separate RoPE
-//! base for local layers. Plain attention (every family but Gemma and Phi-3, in layers without
-//! a window or whose window covers every position attended to) runs the fused paths of `ops`;
-//! otherwise the composite [`ops::windowed_attention`] runs, since no fused kernel takes those
-//! options yet.
+//! norms, sliding windows, a score scale of its own, soft-capped scores, partial rotary and a
+//! separate RoPE base for local layers. Plain attention (every family but Gemma and Phi-3, in
+//! layers without a window or whose window covers every position attended to) runs the fused
+//! paths of `ops` that join RoPE and the flash kernels; the others run the heads through the
+//! fused RoPE (partial where the family rotates part of each head) and
+//! [`ops::windowed_attention`], whose fused causal softmax and decode kernels take the
+//! options (the flash kernels take plain scores only). With a KV cache, every layer that
+//! rotates whole heads splits, rotates and caches its projections in one kernel and passes
+//! its options to the decode attention.
 
 use super::cache::LayerCache;
 use super::config::LlamaConfig;
@@ -58,10 +62,18 @@ impl Attention {
 }
 
 impl Llama {
-    /// Whether every layer's attention is plain causal attention at any length, which the
-    /// fused kernels (and CUDA graph replay of decode steps) compute.
+    /// Whether every layer's attention is plain causal attention at any length: the flash
+    /// kernels and the joined RoPE/flash path of training take every layer.
     pub fn attention_is_plain(&self) -> bool {
         self.family.plain_attention(self.config.head_size())
+    }
+
+    /// Whether every layer's one-token cached step runs the packed kernels (RoPE over whole
+    /// heads), whose cache write and decode attention read a device-held position: what CUDA
+    /// graph replay of decode steps needs. Windows, soft-capping and an own scale are options
+    /// of the decode kernel.
+    pub fn steps_replayable(&self) -> bool {
+        self.family.rotary_dim == self.config.head_size()
     }
 
     /// The attention of block `i` on normed hidden states `x` whose first position is `start`.
@@ -82,61 +94,51 @@ impl Llama {
         let t = x.dim(1)?;
         let heads = (a.heads, a.kv_heads, a.head_size);
         let (cos, sin) = rope.window(start, t)?;
+        let options = ops::AttentionOptions {
+            scale: self.family.attention_scale,
+            softcap: self.family.attn_softcap,
+            window: layer.window,
+        };
         // A window that covers every position attended to masks nothing.
         let window = layer.window.filter(|&w| start + t > w);
         let plain = self.family.plain_scores(a.head_size) && window.is_none() && !layer.local_rope;
-        if !plain {
-            let [q, k, v] = self.projections(block, x)?;
-            let q = self.rotate(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
-            let k = self.rotate(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
-            let v = ops::split_heads(&v, a.kv_heads)?;
-            let (k, v) = match cache {
-                Some(c) => c.append(&k, &v)?,
-                None => (k, v),
-            };
-            let options = ops::AttentionOptions {
-                scale: self.family.attention_scale,
-                softcap: self.family.attn_softcap,
-                window,
-            };
-            let y = ops::windowed_attention(&q, &k, &v, options)?;
-            return a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype());
-        }
+        let whole_heads = self.family.rotary_dim == a.head_size;
         let y = match cache {
-            Some(c) if ops::write_kv_fused(x, &cos, &sin) => {
-                // The projection is split, rotated and cached in one kernel.
+            Some(c) if whole_heads && ops::write_kv_fused(x, &cos, &sin) => {
+                // The projection is split, rotated and cached in one kernel, whatever the
+                // layer's options (the decode kernel takes them, also in a replayed step).
                 let qkv = match (a.stacked(), self.family.qk_norm) {
                     (Some(qkv), false) => qkv.forward(x, self.dtype())?,
                     _ => Tensor::cat(&self.projections(block, x)?, D::Minus1)?,
                 };
-                c.attend_packed(&qkv, rope, heads)?
+                c.attend_packed(&qkv, rope, heads, options)?
             }
-            None => {
+            None if plain => {
                 let [q, k, v] = self.projections(block, x)?;
                 let y = ops::self_attention([&q, &k, &v], (&cos, &sin), a.heads, a.kv_heads)?;
                 return a.o_proj.forward(&y, self.dtype());
             }
-            Some(c) => {
+            cache => {
                 let [q, k, v] = self.projections(block, x)?;
                 let q = ops::rope(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
                 let k = ops::rope(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
-                let (k, v) = c.append(&k, &ops::split_heads(&v, a.kv_heads)?)?;
-                ops::grouped_attention(&q, &k, &v)?
+                let v = ops::split_heads(&v, a.kv_heads)?;
+                let (k, v) = match cache {
+                    Some(c) => c.append(&k, &v)?,
+                    None => (k, v),
+                };
+                match plain {
+                    true => ops::grouped_attention(&q, &k, &v)?,
+                    false => ops::windowed_attention(
+                        &q,
+                        &k,
+                        &v,
+                        ops::AttentionOptions { window, ..options },
+                    )?,
+                }
             }
         };
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())
-    }
-
-    /// RoPE on heads `[b, heads, t, head_size]`: on the first `rotary_dim` dimensions of each
-    /// head, the rest passed through (Phi-3's partial rotary).
-    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (rotary, head_size) = (self.family.rotary_dim, x.dim(D::Minus1)?);
-        if rotary == head_size {
-            return ops::rope(x, cos, sin);
-        }
-        let rotated = ops::rope(&x.narrow(D::Minus1, 0, rotary)?.contiguous()?, cos, sin)?;
-        let rest = x.narrow(D::Minus1, rotary, head_size - rotary)?;
-        Tensor::cat(&[&rotated, &rest], D::Minus1)
     }
 
     /// The q, k and v projections `[b, t, heads · head_size]` of `x`, the queries and keys

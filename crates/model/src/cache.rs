@@ -156,13 +156,15 @@ impl LayerCache {
     /// Attention of a step over the cache from its packed projections `qkv`
     /// `[b, t, (heads + 2 kv_heads) · head_size]`: the keys (rotated by `rope`) and the
     /// values are written into the cache and the rotated queries come out of the same kernel
-    /// ([`ops::write_kv`]), then attend to every cached position up to theirs. Returns
-    /// `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds.
+    /// ([`ops::write_kv`]), then attend to every cached position up to theirs as `options`
+    /// say. Returns `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds, for
+    /// RoPE over whole heads.
     pub fn attend_packed(
         &mut self,
         qkv: &Tensor,
         rope: &RopeTables,
         (heads, kv_heads, head_size): Heads,
+        options: ops::AttentionOptions,
     ) -> Result<Tensor> {
         let (b, t, _) = qkv.dims3()?;
         self.reserve(t)?;
@@ -187,12 +189,22 @@ impl LayerCache {
                 }
             };
             let q = ops::write_kv(&buffer, qkv, &cos, &sin, at)?;
-            return ops::decode_attention_at(&q, &buffer.i(0)?, &buffer.i(1)?, &position);
+            let (k, v) = (buffer.i(0)?, buffer.i(1)?);
+            return ops::decode_attention_at(&q, &k, &v, &position, options);
         }
         let (cos, sin) = rope.window(self.len, t)?;
         let q = ops::write_kv(&buffer, qkv, &cos, &sin, layout(Position::Host(self.len)))?;
         let (k, v) = self.views(&buffer, t)?;
-        ops::grouped_attention(&q, &k, &v)
+        // A window that covers every position attended to masks nothing.
+        let len = self.len;
+        let options = ops::AttentionOptions {
+            window: options.window.filter(|&w| len > w),
+            ..options
+        };
+        match options == ops::AttentionOptions::plain(head_size) {
+            true => ops::grouped_attention(&q, &k, &v),
+            false => ops::windowed_attention(&q, &k, &v, options),
+        }
     }
 }
 

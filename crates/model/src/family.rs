@@ -139,6 +139,16 @@ pub enum Activation {
     GeGluTanh,
 }
 
+impl Activation {
+    /// The fused op's unit.
+    pub fn glu(self) -> ops::Glu {
+        match self {
+            Activation::SwiGlu => ops::Glu::SwiGlu,
+            Activation::GeGluTanh => ops::Glu::GeGlu,
+        }
+    }
+}
+
 /// What one layer's attention does differently from another's.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LayerAttention {
@@ -232,8 +242,8 @@ impl Family {
     }
 
     /// Whether every layer's attention is plain at any length: [`Family::plain_scores`], no
-    /// window, the global RoPE tables. Otherwise a layer takes the composite path
-    /// ([`ops::windowed_attention`]) wherever its options change the result.
+    /// window, the global RoPE tables. Otherwise a layer takes [`ops::windowed_attention`]
+    /// wherever its options change the result.
     pub fn plain_attention(&self, head_size: usize) -> bool {
         self.plain_scores(head_size)
             && self

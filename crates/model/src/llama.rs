@@ -12,7 +12,7 @@ use super::cache::LayerCache;
 use super::config::LlamaConfig;
 use super::rope::RopeTables;
 use super::weights::{ModelError, Weights};
-use crate::family::{Activation, Family, NormKind};
+use crate::family::{Family, NormKind};
 pub use crate::linear::Linear;
 use crate::names::{self, Fused, Module, Norm, Projection};
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -387,18 +387,20 @@ impl Llama {
         }
     }
 
-    /// A norm's weight as it multiplies: in the compute dtype, plus one for Gemma's norms
-    /// (added in the stored dtype, as transformers does in f32, before the cast).
-    fn norm_weight(&self, weight: &Tensor) -> Result<Tensor> {
-        match self.family.norm {
-            NormKind::Plain => ops::cast(weight, self.dtype),
-            NormKind::OnePlus => ops::cast(&weight.affine(1.0, 1.0)?, self.dtype),
-        }
+    /// A norm's weight in the compute dtype and the offset added to it as it multiplies: 1
+    /// for Gemma's `1 + w` (the fused kernels add it in f32, as transformers does), else 0.
+    fn norm_weight(&self, weight: &Tensor) -> Result<(Tensor, f64)> {
+        let offset = match self.family.norm {
+            NormKind::Plain => 0.0,
+            NormKind::OnePlus => 1.0,
+        };
+        Ok((ops::cast(weight, self.dtype)?, offset))
     }
 
     /// RMSNorm of `x` over its last dimension with the norm weight `weight`.
     pub(crate) fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        ops::rms_norm(x, &self.norm_weight(weight)?, self.config.rms_norm_eps)
+        let (weight, offset) = self.norm_weight(weight)?;
+        ops::rms_norm_offset(x, &weight, offset, self.config.rms_norm_eps)
     }
 
     /// `x + pending` (or `x`) and its RMSNorm with `weight`.
@@ -408,45 +410,37 @@ impl Llama {
         pending: Option<&Tensor>,
         weight: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let (weight, eps) = (self.norm_weight(weight)?, self.config.rms_norm_eps);
+        let ((weight, offset), eps) = (self.norm_weight(weight)?, self.config.rms_norm_eps);
         match pending {
-            Some(delta) => ops::add_rms_norm(x, delta, &weight, eps),
-            None => Ok((x.clone(), ops::rms_norm(x, &weight, eps)?)),
+            Some(delta) => ops::add_rms_norm(x, delta, &weight, offset, eps),
+            None => Ok((x.clone(), ops::rms_norm_offset(x, &weight, offset, eps)?)),
         }
     }
 
     fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let glu = self.family.activation.glu();
         // The stacked projection only pays off for a single row (a decode step): one kernel
         // there, where many rows would copy the halves out of the stacked output.
         let single_row = x.elem_count() == x.dim(D::Minus1)?;
         if let Some(gate_up) = m.gate_up.as_ref().filter(|l| l.adapter.is_some()) {
             // An adapter of a weight the checkpoint stacks (Phi-3's gate_up_proj) adapts it
             // whole: gate, then up.
-            let hidden = ops::swiglu_packed(&gate_up.forward(x, self.dtype)?)?;
+            let hidden = ops::glu_packed(&gate_up.forward(x, self.dtype)?, glu)?;
             return m.down_proj.forward(&hidden, self.dtype);
         }
-        // The fused gate/up kernels compute SwiGLU only; GeGLU takes the composite.
         let hidden = match (
-            self.family.activation,
             m.stacked(),
             m.gate_proj.bare_master(),
             m.up_proj.bare_master(),
         ) {
-            (Activation::SwiGlu, Some(gate_up), ..)
-                if single_row && !x.track_op() && gate_up.bias.is_none() =>
-            {
-                ops::swiglu_projection(x, &ops::cast(&gate_up.weight, self.dtype)?)?
+            (Some(gate_up), ..) if single_row && !x.track_op() && gate_up.bias.is_none() => {
+                ops::glu_projection(x, &ops::cast(&gate_up.weight, self.dtype)?, glu)?
             }
-            (Activation::SwiGlu, _, Some(gate), Some(up)) => {
-                ops::swiglu_master_projection(x, gate, up)?
-            }
-            (activation, ..) => {
+            (_, Some(gate), Some(up)) => ops::glu_master_projection(x, gate, up, glu)?,
+            _ => {
                 let gate = m.gate_proj.forward(x, self.dtype)?;
                 let up = m.up_proj.forward(x, self.dtype)?;
-                match activation {
-                    Activation::SwiGlu => ops::swiglu(&gate, &up)?,
-                    Activation::GeGluTanh => ops::geglu(&gate, &up)?,
-                }
+                ops::glu(&gate, &up, glu)?
             }
         };
         m.down_proj.forward(&hidden, self.dtype)
@@ -487,15 +481,12 @@ impl Llama {
 
     /// Final norm, output head and per-token NLL (f32 `[n]`, no gradient) of u32 `targets`
     /// `[n]` for hidden states `[.., hidden]` with `n` positions, without keeping the full
-    /// logits when they are large ([`ops::head_nll`]).
+    /// logits when they are large ([`ops::head_nll`], soft-capped chunk by chunk where the
+    /// family caps the logits).
     pub fn token_nll(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let x = self.final_norm(x)?;
         let x = x.reshape(((), self.config.hidden_size))?;
-        // The chunked head kernels know no soft-capping: capped logits are made whole.
-        match self.family.final_softcap {
-            Some(_) => ops::token_nll(&self.head_logits(&x.detach())?, targets),
-            None => ops::head_nll(&x, &self.head()?, targets),
-        }
+        ops::head_nll(&x, &self.head()?, targets, self.family.final_softcap)
     }
 
     /// The training loss: the mean NLL of u32 `targets` `[n]` over the positions `weights`
@@ -505,10 +496,8 @@ impl Llama {
     pub fn mean_nll(&self, x: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
         let x = self.final_norm(x)?;
         let x = x.reshape(((), self.config.hidden_size))?;
-        match self.family.final_softcap {
-            Some(_) => ops::masked_mean_nll(&self.head_logits(&x)?, targets, weights),
-            None => ops::head_mean_nll(&x, self.head_master(), targets, weights),
-        }
+        let cap = self.family.final_softcap;
+        ops::head_mean_nll(&x, self.head_master(), targets, weights, cap)
     }
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` whose first position is

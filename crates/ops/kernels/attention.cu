@@ -8,31 +8,45 @@
 
 // ---------------------------------------------------------------------------------------------
 // Causal softmax over attention scores [.., q_len, kv_len]: row r is query r % q_len at
-// position kv_len - q_len + r % q_len and sees keys up to it. p = softmax(s * scale), 0 beyond.
+// position kv_len - q_len + r % q_len and sees keys up to it, the last `window` of them where
+// window > 0. p = softmax(attention_logit(s)), 0 for the keys not seen; `cap` > 0 soft-caps
+// the scaled scores (common.cuh).
 
 __device__ __forceinline__ int visible_keys(int row, int q_len, int kv_len) {
   return kv_len - q_len + row % q_len + 1;
+}
+
+// The first key a row that sees keys up to n − 1 attends to.
+__device__ __forceinline__ int first_key(int n, int window) {
+  return window > 0 ? max(0, n - window) : 0;
+}
+
+// The first element of this lane's first access: accesses start at multiples of 32 · W (from
+// the block of them that holds key `first`) plus lane · W.
+template <int W> __device__ __forceinline__ int first_access(int first) {
+  return first / (32 * W) * (32 * W) + (threadIdx.x & 31) * W;
 }
 
 // W elements per access (W = WIDE<T> where rows are 16-byte aligned). The forward takes the
 // row's max and sum in one online pass and writes in a second.
 template <typename T, int W>
 __device__ void causal_softmax_fwd(const T* s, T* p, int rows, int q_len, int kv_len,
-                                   float scale) {
+                                   float scale, float cap, int window) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;  // the whole warp leaves together
   const int lane = threadIdx.x & 31;
   const size_t off = (size_t)row * kv_len;
-  const int n = visible_keys(row, q_len, kv_len);
-  // Online max and sum of exp over the scaled scores of the visible keys.
+  const int n = visible_keys(row, q_len, kv_len), first = first_key(n, window);
+  // Online max and sum of exp over the logits of the visible keys.
   float m = -INFINITY, sum = 0.f;
-  for (int j = lane * W; j < n; j += 32 * W) {
+  for (int j = first_access<W>(first); j < n; j += 32 * W) {
     const P v = P::load(s + off + j);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       if (j + k >= n) break;
-      const float x = to_f32(v.e[k]) * scale;
+      if (j + k < first) continue;
+      const float x = attention_logit(to_f32(v.e[k]), scale, cap);
       if (x > m) {
         sum = sum * __expf(m - x) + 1.f;
         m = x;
@@ -42,43 +56,55 @@ __device__ void causal_softmax_fwd(const T* s, T* p, int rows, int q_len, int kv
     }
   }
   const float row_max = warp_max(m);
-  // Key 0 is visible to every row, so row_max is finite; lanes that saw no key add nothing.
+  // Key first is visible to every row, so row_max is finite; lanes that saw no key add
+  // nothing.
   const float inv = 1.f / warp_sum(m == -INFINITY ? 0.f : sum * __expf(m - row_max));
   for (int j = lane * W; j < kv_len; j += 32 * W) {
     const P v = P::load(s + off + j);
     P out;
 #pragma unroll
-    for (int k = 0; k < W; ++k)
-      out.e[k] = from_f32<T>(j + k < n ? __expf(to_f32(v.e[k]) * scale - row_max) * inv : 0.f);
+    for (int k = 0; k < W; ++k) {
+      const bool seen = j + k < n && j + k >= first;
+      const float x = seen ? attention_logit(to_f32(v.e[k]), scale, cap) : 0.f;
+      out.e[k] = from_f32<T>(seen ? __expf(x - row_max) * inv : 0.f);
+    }
     out.store(p + off + j);
   }
 }
 
-// ds = p * (dp - sum(p * dp)) * scale.
+// ds = p * (dp - sum(p * dp)) * scale, times the soft-cap's slope 1 − tanh² of the raw score
+// s where cap > 0 (s is read only then).
 template <typename T, int W>
-__device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int rows, int q_len,
-                                   int kv_len, float scale) {
+__device__ void causal_softmax_bwd(const T* p, const T* dp, const T* s, T* ds, int rows,
+                                   int q_len, int kv_len, float scale, float cap, int window) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;
   const int lane = threadIdx.x & 31;
   const size_t off = (size_t)row * kv_len;
-  const int n = visible_keys(row, q_len, kv_len);
+  const int n = visible_keys(row, q_len, kv_len), first = first_key(n, window);
   float dot = 0.f;
-  for (int j = lane * W; j < n; j += 32 * W) {
+  for (int j = first_access<W>(first); j < n; j += 32 * W) {
     const P pv = P::load(p + off + j), dv = P::load(dp + off + j);
 #pragma unroll
     for (int k = 0; k < W; ++k)
-      if (j + k < n) dot += to_f32(pv.e[k]) * to_f32(dv.e[k]);
+      if (j + k < n && j + k >= first) dot += to_f32(pv.e[k]) * to_f32(dv.e[k]);
   }
   dot = warp_sum(dot);
   for (int j = lane * W; j < kv_len; j += 32 * W) {
     const P pv = P::load(p + off + j), dv = P::load(dp + off + j);
+    P slope;
+    if (cap > 0.f) slope = P::load(s + off + j);
     P out;
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float pk = to_f32(pv.e[k]);
-      out.e[k] = from_f32<T>(j + k < n ? pk * (to_f32(dv.e[k]) - dot) * scale : 0.f);
+      float g = pk * (to_f32(dv.e[k]) - dot) * scale;
+      if (cap > 0.f) {
+        const float t = tanhf(to_f32(slope.e[k]) * scale / cap);
+        g *= 1.f - t * t;
+      }
+      out.e[k] = from_f32<T>(j + k < n && j + k >= first ? g : 0.f);
     }
     out.store(ds + off + j);
   }
@@ -91,21 +117,24 @@ __device__ void causal_softmax_bwd(const T* p, const T* dp, T* ds, int rows, int
 
 #define ATTENTION_ENTRY_POINTS(S, T)                                                           \
   extern "C" __global__ void causal_softmax_fwd_##S(const T* s, T* p, int rows, int q_len,    \
-                                                    int kv_len, float scale) {                \
-    causal_softmax_fwd<T, 1>(s, p, rows, q_len, kv_len, scale);                               \
+                                                    int kv_len, float scale, float cap,       \
+                                                    int window) {                             \
+    causal_softmax_fwd<T, 1>(s, p, rows, q_len, kv_len, scale, cap, window);                  \
   }                                                                                           \
   extern "C" __global__ void causal_softmax_fwd_wide_##S(const T* s, T* p, int rows,          \
-                                                         int q_len, int kv_len, float scale) { \
-    causal_softmax_fwd<T, WIDE<T>>(s, p, rows, q_len, kv_len, scale);                         \
+                                                         int q_len, int kv_len, float scale,  \
+                                                         float cap, int window) {             \
+    causal_softmax_fwd<T, WIDE<T>>(s, p, rows, q_len, kv_len, scale, cap, window);            \
   }                                                                                           \
-  extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, T* ds, int rows, \
-                                                    int q_len, int kv_len, float scale) {     \
-    causal_softmax_bwd<T, 1>(p, dp, ds, rows, q_len, kv_len, scale);                          \
+  extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, const T* s,      \
+                                                    T* ds, int rows, int q_len, int kv_len,   \
+                                                    float scale, float cap, int window) {     \
+    causal_softmax_bwd<T, 1>(p, dp, s, ds, rows, q_len, kv_len, scale, cap, window);          \
   }                                                                                           \
-  extern "C" __global__ void causal_softmax_bwd_wide_##S(const T* p, const T* dp, T* ds,      \
-                                                         int rows, int q_len, int kv_len,     \
-                                                         float scale) {                       \
-    causal_softmax_bwd<T, WIDE<T>>(p, dp, ds, rows, q_len, kv_len, scale);                    \
+  extern "C" __global__ void causal_softmax_bwd_wide_##S(                                   \
+      const T* p, const T* dp, const T* s, T* ds, int rows, int q_len, int kv_len,            \
+      float scale, float cap, int window) {                                                   \
+    causal_softmax_bwd<T, WIDE<T>>(p, dp, s, ds, rows, q_len, kv_len, scale, cap, window);    \
   }
 
 FOR_EACH_FLOAT(ATTENTION_ENTRY_POINTS)

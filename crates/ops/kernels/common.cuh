@@ -1,6 +1,7 @@
 // What every kernel file shares: the dtype conversions, the vector access type `Pack` and
-// WIDE<T>, warp and block reductions, the row of a warp-per-row kernel, the logistic function,
-// and FOR_EACH_FLOAT, which instantiates a family's entry points per dtype.
+// WIDE<T>, warp and block reductions, the row of a warp-per-row kernel, the logistic function
+// and the gated units' activations, and FOR_EACH_FLOAT, which instantiates a family's entry
+// points per dtype.
 //
 // Every kernel reads and writes its tensor dtype (f32, bf16 or f16: the `_f32`/`_bf16`/`_f16`
 // suffix) and accumulates in f32, as the composite references of the ops do (src/reference.rs
@@ -77,8 +78,40 @@ __device__ __forceinline__ int warp_row(int rows) {
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
-// The logistic function (SwiGLU).
+// The logistic function.
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// The activations of the gated linear units (swiglu.cu, and gemv's in decode.cu): the value,
+// and the value with its derivative.
+struct Silu {
+  __device__ __forceinline__ static float value(float g) { return g * sigmoid(g); }
+  __device__ __forceinline__ static void with_derivative(float g, float& a, float& da) {
+    const float s = sigmoid(g);
+    a = g * s;
+    da = s * (1.f + g * (1.f - s));
+  }
+};
+
+// PyTorch's tanh-approximated GELU (`gelu_pytorch_tanh`, Gemma's GeGLU).
+struct GeluTanh {
+  static constexpr float SCALE = 0.7978845608f;  // sqrt(2 / pi)
+  static constexpr float CUBIC = 0.044715f;
+  __device__ __forceinline__ static float value(float g) {
+    return 0.5f * g * (1.f + tanhf(SCALE * g * (1.f + CUBIC * g * g)));
+  }
+  __device__ __forceinline__ static void with_derivative(float g, float& a, float& da) {
+    const float t = tanhf(SCALE * g * (1.f + CUBIC * g * g));
+    a = 0.5f * g * (1.f + t);
+    da = 0.5f * (1.f + t) + 0.5f * g * (1.f - t * t) * SCALE * (1.f + 3.f * CUBIC * g * g);
+  }
+};
+
+// The logit of an attention score: scaled, then soft-capped to (-cap, cap) where cap > 0
+// (Gemma 2's `cap · tanh(x / cap)`).
+__device__ __forceinline__ float attention_logit(float s, float scale, float cap) {
+  const float x = s * scale;
+  return cap > 0.f ? cap * tanhf(x / cap) : x;
+}
 
 // M(suffix, type) for each float dtype: a family's entry points, once per dtype.
 #define FOR_EACH_FLOAT(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)

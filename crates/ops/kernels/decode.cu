@@ -1,6 +1,6 @@
 // Decoding kernels, for steps bound by kernel launches: the attention of one query per head
-// against a KV cache read in place, and matrix-vector products (one with the SwiGLU of a
-// stacked gate/up projection).
+// against a KV cache read in place, and matrix-vector products (one with the SwiGLU or GeGLU
+// of a stacked gate/up projection).
 //
 // Launched from src/attention/decode.rs (decode attention) and src/gemv.rs.
 
@@ -14,16 +14,20 @@
 // threads (a decode step has few blocks, so each is made wide): a warp per key for the scores
 // (lanes along d, so rows are read coalesced), then blockDim / d groups of d threads that each
 // sum the values of every groups-th key, and a final sum over the groups. Dynamic shared
-// memory: the query (d floats), then blockDim partial sums.
+// memory: the query (d floats), then blockDim partial sums. Scores are attention_logit's
+// (common.cuh: scaled, soft-capped where cap > 0); with window > 0 only the last `window`
+// positions are attended to.
 
 template <typename T>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scores,
                                  int heads, int group, int kv_len, int d, long long k_sb,
                                  long long k_sh, long long k_sp, long long v_sb, long long v_sh,
-                                 long long v_sp, float scale, const uint32_t* position) {
+                                 long long v_sp, float scale, const uint32_t* position,
+                                 float cap, int window) {
   // A replayed decode step attends to the positions up to its own, read from `position`;
   // kv_len is then the cache's capacity, which bounds it.
   if (position != nullptr) kv_len = min(kv_len, (int)*position + 1);
+  const int first = window > 0 ? max(0, kv_len - window) : 0;
   extern __shared__ float shared[];
   float* query = shared;
   float* partial = shared + d;
@@ -35,17 +39,17 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
   for (int i = threadIdx.x; i < d; i += blockDim.x) query[i] = to_f32(q[(size_t)bh * d + i]);
   __syncthreads();
   float m = -INFINITY;
-  for (int j = warp; j < kv_len; j += warps) {
+  for (int j = first + warp; j < kv_len; j += warps) {
     const T* kj = kb + j * k_sp;
     float dot = 0.f;
     for (int i = lane; i < d; i += 32) dot += query[i] * to_f32(kj[i]);
-    dot = warp_sum(dot) * scale;
+    dot = attention_logit(warp_sum(dot), scale, cap);
     if (lane == 0) s[j] = dot;
     m = fmaxf(m, dot);
   }
   m = block_max(m);  // its barriers also publish the scores to the whole block
   float sum = 0.f;
-  for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+  for (int j = first + threadIdx.x; j < kv_len; j += blockDim.x) {
     const float p = __expf(s[j] - m);
     s[j] = p;
     sum += p;
@@ -55,7 +59,7 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
   float acc = 0.f;
   if (g < groups) {
 #pragma unroll 4
-    for (int j = g; j < kv_len; j += groups) acc += s[j] * to_f32(vb[j * v_sp + i]);
+    for (int j = first + g; j < kv_len; j += groups) acc += s[j] * to_f32(vb[j * v_sp + i]);
   }
   partial[threadIdx.x] = acc;
   __syncthreads();
@@ -125,11 +129,11 @@ __device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
   }
 }
 
-// The SwiGLU of a stacked gate/up projection: w is [2 out, in] (gate rows, then up rows) and
-// y[r][o] = silu(g) · u with g = w[o] · x[r] and u = w[out + o] · x[r], both rounded to T first
-// as the separate projections store them.
-template <typename T>
-__device__ void gemv_swiglu(const T* x, const T* w, T* y, int rows, int in, int out) {
+// The gated unit of a stacked gate/up projection: w is [2 out, in] (gate rows, then up rows)
+// and y[r][o] = act(g) · u with g = w[o] · x[r] and u = w[out + o] · x[r], both rounded to T
+// first as the separate projections store them; act is A (common.cuh: SwiGLU's or GeGLU's).
+template <typename A, typename T>
+__device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out) {
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;
   const T* gate_up[2] = {w + (size_t)o * in, w + (size_t)(out + o) * in};
@@ -137,7 +141,7 @@ __device__ void gemv_swiglu(const T* x, const T* w, T* y, int rows, int in, int 
     float dots[2];
     warp_dots<T, 2>(gate_up, x + (size_t)r * in, in, dots);
     const float g = to_f32(from_f32<T>(dots[0])), u = to_f32(from_f32<T>(dots[1]));
-    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(g * sigmoid(g) * u);
+    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(A::value(g) * u);
   }
 }
 
@@ -146,7 +150,11 @@ __device__ void gemv_swiglu(const T* x, const T* w, T* y, int rows, int in, int 
 #define DECODE_ENTRY_POINTS(S, T)                                                              \
   extern "C" __global__ void gemv_swiglu_##S(const T* x, const T* w, T* y, int rows, int in,  \
                                              int out) {                                       \
-    gemv_swiglu<T>(x, w, y, rows, in, out);                                                   \
+    gemv_glu<Silu, T>(x, w, y, rows, in, out);                                                \
+  }                                                                                           \
+  extern "C" __global__ void gemv_geglu_##S(const T* x, const T* w, T* y, int rows, int in,   \
+                                            int out) {                                        \
+    gemv_glu<GeluTanh, T>(x, w, y, rows, in, out);                                            \
   }                                                                                           \
   extern "C" __global__ void gemv_##S(const T* x, const T* w, T* y, int rows, int in,         \
                                       int out) {                                              \
@@ -155,9 +163,10 @@ __device__ void gemv_swiglu(const T* x, const T* w, T* y, int rows, int in, int 
   extern "C" __global__ void decode_attention_##S(                                          \
       const T* q, const T* k, const T* v, T* out, float* scores, int heads, int group,        \
       int kv_len, int d, long long k_sb, long long k_sh, long long k_sp, long long v_sb,      \
-      long long v_sh, long long v_sp, float scale, const uint32_t* position) {                \
+      long long v_sh, long long v_sp, float scale, const uint32_t* position, float cap,       \
+      int window) {                                                                           \
     decode_attention<T>(q, k, v, out, scores, heads, group, kv_len, d, k_sb, k_sh, k_sp, v_sb, \
-                        v_sh, v_sp, scale, position);                                         \
+                        v_sh, v_sp, scale, position, cap, window);                            \
   }
 
 FOR_EACH_FLOAT(DECODE_ENTRY_POINTS)

@@ -1,4 +1,5 @@
-// RMSNorm: y = x * r * w with r = 1 / sqrt(mean(x^2) + eps), per row of `width`.
+// RMSNorm: y = x * r * (offset + w) with r = 1 / sqrt(mean(x^2) + eps), per row of `width`
+// (offset 0 for plain norms, 1 for Gemma's `1 + w`).
 //
 // Launched from src/rms_norm.rs (RMSNorm) and src/add_norm.rs (the residual add with RMSNorm).
 
@@ -28,7 +29,8 @@ __device__ float warp_inverse_rms(const T* x, int width, float eps) {
 }
 
 template <typename T, int W>
-__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int width, float eps) {
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int width, float eps,
+                             float offset) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;
@@ -38,7 +40,8 @@ __device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int width, 
     const P xv = P::load(x + off + j), wv = P::load(w + j);
     P out;
 #pragma unroll
-    for (int k = 0; k < W; ++k) out.e[k] = from_f32<T>(to_f32(xv.e[k]) * r * to_f32(wv.e[k]));
+    for (int k = 0; k < W; ++k)
+      out.e[k] = from_f32<T>(to_f32(xv.e[k]) * r * (offset + to_f32(wv.e[k])));
     out.store(y + off + j);
   }
 }
@@ -47,7 +50,7 @@ __device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int width, 
 // stores it) and out[1] = RMSNorm of that sum, in one pass per row. `out` is [2, rows, width].
 template <typename T>
 __device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int rows, int width,
-                             float eps) {
+                             float eps, float offset) {
   const size_t off = (size_t)blockIdx.x * width;
   T* sum = out + off;
   T* y = out + (size_t)rows * width + off;
@@ -56,13 +59,13 @@ __device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int row
     sum[j] = from_f32<T>(to_f32(x[off + j]) + to_f32(d[off + j]));
   const float r = inverse_rms(sum, width, eps);
   for (int j = threadIdx.x; j < width; j += blockDim.x)
-    y[j] = from_f32<T>(to_f32(sum[j]) * r * to_f32(w[j]));
+    y[j] = from_f32<T>(to_f32(sum[j]) * r * (offset + to_f32(w[j])));
 }
 
-// dx = r * (g*w - x * r^2 * mean(g*w*x)).
+// dx = r * (g*w' - x * r^2 * mean(g*w'*x)) with w' = offset + w.
 template <typename T, int W>
 __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows, int width,
-                            float eps, float* r_out) {
+                            float eps, float* r_out, float offset) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;
@@ -74,7 +77,8 @@ __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows,
   for (int j = first; j < width; j += 32 * W) {
     const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
 #pragma unroll
-    for (int k = 0; k < W; ++k) dot += to_f32(xv.e[k]) * to_f32(gv.e[k]) * to_f32(wv.e[k]);
+    for (int k = 0; k < W; ++k)
+      dot += to_f32(xv.e[k]) * to_f32(gv.e[k]) * (offset + to_f32(wv.e[k]));
   }
   const float c = warp_sum(dot) * r * r / width;
   for (int j = first; j < width; j += 32 * W) {
@@ -82,7 +86,8 @@ __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows,
     P out;
 #pragma unroll
     for (int k = 0; k < W; ++k)
-      out.e[k] = from_f32<T>(r * (to_f32(gv.e[k]) * to_f32(wv.e[k]) - to_f32(xv.e[k]) * c));
+      out.e[k] = from_f32<T>(
+          r * (to_f32(gv.e[k]) * (offset + to_f32(wv.e[k])) - to_f32(xv.e[k]) * c));
     out.store(dx + off + j);
   }
 }
@@ -133,20 +138,22 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
 
 #define NORMS_ENTRY_POINTS(S, T)                                                               \
   extern "C" __global__ void rms_norm_fwd_##S(const T* x, const T* w, T* y, int rows,         \
-                                              int width, float eps) {                         \
-    rms_norm_fwd<T, 1>(x, w, y, rows, width, eps);                                            \
+                                              int width, float eps, float offset) {           \
+    rms_norm_fwd<T, 1>(x, w, y, rows, width, eps, offset);                                    \
   }                                                                                           \
   extern "C" __global__ void rms_norm_fwd_wide_##S(const T* x, const T* w, T* y, int rows,    \
-                                                   int width, float eps) {                    \
-    rms_norm_fwd<T, WIDE<T>>(x, w, y, rows, width, eps);                                      \
+                                                   int width, float eps, float offset) {      \
+    rms_norm_fwd<T, WIDE<T>>(x, w, y, rows, width, eps, offset);                              \
   }                                                                                           \
   extern "C" __global__ void rms_norm_dx_##S(const T* x, const T* w, const T* g, T* dx,       \
-                                             int rows, int width, float eps, float* r) {      \
-    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps, r);                                      \
+                                             int rows, int width, float eps, float* r,        \
+                                             float offset) {                                  \
+    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps, r, offset);                              \
   }                                                                                           \
   extern "C" __global__ void rms_norm_dx_wide_##S(const T* x, const T* w, const T* g, T* dx,  \
-                                                  int rows, int width, float eps, float* r) { \
-    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps, r);                                \
+                                                  int rows, int width, float eps, float* r,   \
+                                                  float offset) {                             \
+    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps, r, offset);                        \
   }                                                                                           \
   extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int rows, int width,  \
                                                   float eps) {                                \
@@ -166,8 +173,8 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
     rms_norm_dw_finish<T>(partial, dw, chunks, width);                                        \
   }                                                                                           \
   extern "C" __global__ void add_rms_norm_##S(const T* x, const T* d, const T* w, T* out,     \
-                                              int rows, int width, float eps) {               \
-    add_rms_norm<T>(x, d, w, out, rows, width, eps);                                          \
+                                              int rows, int width, float eps, float offset) { \
+    add_rms_norm<T>(x, d, w, out, rows, width, eps, offset);                                  \
   }
 
 FOR_EACH_FLOAT(NORMS_ENTRY_POINTS)

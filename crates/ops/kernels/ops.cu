@@ -4,13 +4,15 @@
 // The kernels live in a file per family, each beside nothing but common.cuh (shared helpers),
 // and each op's Rust launcher names the family file it launches:
 //
-//   norms.cu        RMSNorm forward and backward, the residual add with RMSNorm
-//   rope_kv.cu      RoPE, the split of packed q/k/v projections into the KV cache
-//   swiglu.cu       SwiGLU forward and backward (separate and packed halves)
+//   norms.cu        RMSNorm (weight w or offset + w) forward and backward, the residual add
+//                   with RMSNorm
+//   rope_kv.cu      RoPE (whole or partial heads), the split of packed q/k/v projections
+//                   into the KV cache
+//   swiglu.cu       SwiGLU and GeGLU forward and backward (separate and packed halves)
 //   loss.cu         cross-entropy: per-row NLL, its logits' gradient, both in one pass
 //   embedding.cu    the embedding table's gradient
 //   adamw.cu        the multi-tensor AdamW step and sum of squares
-//   attention.cu    the causal softmax, and the flash kernels of flash_attention.cuh (f32)
+//   attention.cu    the causal softmax (scale, soft-cap, window), and the flash kernels of flash_attention.cuh (f32)
 //                   and flash_mma.cuh (tensor cores)
 //   decode.cu       decode attention over a KV cache, the matrix-vector products
 //   elementwise.cu  the head split/merge copy, add, scale, dtype casts

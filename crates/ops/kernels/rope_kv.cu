@@ -9,17 +9,25 @@
 // ---------------------------------------------------------------------------------------------
 // RoPE, rotate-half layout: x is [rows, d] with row = ((b * seq + pos) * heads + h) (heads
 // rows per position: [b, t, heads, d]; heads = 1 for [b, heads, t, d]); cos/sin are
-// [seq, d/2]. `sign` -1 rotates backwards (the gradient).
+// [seq, rotary/2]. The first `rotary` elements of each row are rotated, the rest copied
+// (partial rotary; rotary = d rotates whole rows). `sign` -1 rotates backwards (the gradient).
+// Each thread takes W rotation pairs, or W copied elements past the rotated ones.
 
 template <typename T, int W>
-__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int seq,
-                     int heads, float sign) {
+__device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int rotary,
+                     int seq, int heads, float sign) {
   using P = Pack<T, W>;
-  const int half = d / 2, groups = half / W;
+  const int half = rotary / 2, groups = half / W, items = groups + (d - rotary) / W;
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (size_t)rows * groups) return;
-  const size_t row = i / groups;
-  const int j = (int)(i % groups) * W, pos = row / heads % seq;
+  if (i >= (size_t)rows * items) return;
+  const size_t row = i / items;
+  const int item = (int)(i % items);
+  if (item >= groups) {
+    const size_t at = row * d + rotary + (size_t)(item - groups) * W;
+    P::load(x + at).store(y + at);
+    return;
+  }
+  const int j = item * W, pos = row / heads % seq;
   const P c = P::load(cos + pos * half + j), sn = P::load(sin + pos * half + j);
   const P a = P::load(x + row * d + j), b = P::load(x + row * d + half + j);
   P y1, y2;
@@ -91,12 +99,13 @@ __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* 
                 position);                                                                    \
   }                                                                                           \
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
-                                      int d, int seq, int heads, float sign) {                \
-    rope<T, 1>(x, cos, sin, y, rows, d, seq, heads, sign);                                    \
+                                      int d, int rotary, int seq, int heads, float sign) {    \
+    rope<T, 1>(x, cos, sin, y, rows, d, rotary, seq, heads, sign);                            \
   }                                                                                           \
   extern "C" __global__ void rope_wide_##S(const T* x, const T* cos, const T* sin, T* y,      \
-                                           int rows, int d, int seq, int heads, float sign) { \
-    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, seq, heads, sign);                              \
+                                           int rows, int d, int rotary, int seq, int heads,   \
+                                           float sign) {                                      \
+    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, rotary, seq, heads, sign);                      \
   }
 
 FOR_EACH_FLOAT(ROPE_KV_ENTRY_POINTS)

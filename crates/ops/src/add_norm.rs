@@ -10,27 +10,34 @@ use super::fused_op::{CudaOutput, Operand};
 use super::rms_norm::{check_width, inverse_rms};
 use candle_core::{Layout, Result, Shape, Tensor};
 
-/// `(x + delta, rms_norm(x + delta, weight))`: the residual add and the norm after it. Fused
-/// into one kernel for inference (nothing tracked, fused backend), else the two ops.
+/// `(x + delta, rms_norm_offset(x + delta, weight, offset))`: the residual add and the norm
+/// after it, the norm scaled by `offset + weight` (0 for a plain norm, Gemma's 1). Fused into
+/// one kernel for inference (nothing tracked, fused backend), else the two ops.
 pub fn add_rms_norm(
     x: &Tensor,
     delta: &Tensor,
     weight: &Tensor,
+    offset: f64,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
     let tracked = x.track_op() || delta.track_op() || weight.track_op();
     if !tracked && super::fused(&[x, delta, weight]) && x.shape() == delta.shape() {
         let (x, delta, weight) = (x.contiguous()?, delta.contiguous()?, weight.contiguous()?);
-        let both = x.apply_op3_no_bwd(&delta, &weight, &AddRmsNorm { eps: eps as f32 })?;
+        let op = AddRmsNorm {
+            eps: eps as f32,
+            offset: offset as f32,
+        };
+        let both = x.apply_op3_no_bwd(&delta, &weight, &op)?;
         return Ok((both.get(0)?, both.get(1)?));
     }
     let sum = super::add(x, delta)?;
-    let normed = super::rms_norm(&sum, weight, eps)?;
+    let normed = super::rms_norm_offset(&sum, weight, offset, eps)?;
     Ok((sum, normed))
 }
 
 struct AddRmsNorm {
     eps: f32,
+    offset: f32,
 }
 
 /// `[2, ..dims]`: the sum, then the normalized sum.
@@ -66,7 +73,7 @@ impl FusedOp<3> for AddRmsNorm {
             let s = &sum[row * width..][..width];
             let r = inverse_rms(s, self.eps);
             for ((y, &s), &w) in y.iter_mut().zip(s).zip(w) {
-                *y = s * r * w;
+                *y = s * r * (self.offset + w);
             }
         });
         Ok(output(out, pair_shape(x_layout)))
@@ -74,7 +81,7 @@ impl FusedOp<3> for AddRmsNorm {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, delta, w]: [Operand; 3]) -> CudaOutput {
-        let out = cuda::add_rms_norm(x, delta, w, self.eps)?;
+        let out = cuda::add_rms_norm(x, delta, w, (self.eps, self.offset))?;
         Ok((out, pair_shape(x.1)))
     }
 }
@@ -89,12 +96,13 @@ mod cuda {
     use crate::rows_and_width;
     use candle_core::{CudaStorage, Result};
 
-    /// Residual add and RMSNorm: `[sum; normed]` in one buffer of twice `x`'s size.
+    /// Residual add and RMSNorm scaled by `offset + w`: `[sum; normed]` in one buffer of twice
+    /// `x`'s size.
     pub(super) fn add_rms_norm(
         x: Operand,
         delta: Operand,
         w: Operand,
-        eps: f32,
+        (eps, offset): (f32, f32),
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, delta, w])?;
         let (rows, width) = rows_and_width(x.1)?;
@@ -102,7 +110,7 @@ mod cuda {
         same_count(x, delta)?;
         let out = alloc(&x.0.device, dtype, 2 * rows * width)?;
         let shape = per_row(rows, width, 256)?;
-        let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+        let scalars = [int(rows)?, int(width)?, Arg::Float(eps), Arg::Float(offset)];
         run(
             ("add_rms_norm", dtype),
             shape,

@@ -1,6 +1,6 @@
-//! Linear projections ([`linear`], [`swiglu_projection`]) and their matrix-vector kernels for
-//! decoding: `x @ w.t()` for a few rows of `x`, optionally with the SwiGLU of a stacked gate/up
-//! weight applied on the way out (`kernels/decode.cu`). On CUDA one kernel (cuBLAS runs
+//! Linear projections ([`linear`], [`glu_projection`]) and their matrix-vector kernels for
+//! decoding: `x @ w.t()` for a few rows of `x`, optionally with the gated unit (SwiGLU or
+//! GeGLU) of a stacked gate/up weight applied on the way out (`kernels/decode.cu`). On CUDA one kernel (cuBLAS runs
 //! these shapes as split-K GEMMs, two kernels and more host work each, and a decode step is
 //! bound by launches); on the CPU a rayon loop over the weight's rows that reads each row once
 //! (the GEMM crate packs the whole weight first, which halves the rate of a memory-bound
@@ -11,6 +11,7 @@ use super::cpu_kernel::{f32s, output};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
+use super::swiglu::Glu;
 use candle_core::{DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -33,18 +34,25 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     rows.matmul(&weight.t()?)?.reshape(with_last_dim(x, out))
 }
 
-/// `swiglu(x @ gate.t(), x @ up.t())` for the stacked projection `gate_up` `[2 ffn, in]` (gate
+/// `glu(x @ gate.t(), x @ up.t())` for the stacked projection `gate_up` `[2 ffn, in]` (gate
 /// rows, then up rows) and `x` `[.., in]`. One matrix-vector kernel for a few untracked rows
-/// (a decode step); elsewhere the projection, split, then [`super::swiglu`].
-pub fn swiglu_projection(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
+/// (a decode step); elsewhere the projection, split, then [`super::glu`].
+pub fn glu_projection(x: &Tensor, gate_up: &Tensor, glu: Glu) -> Result<Tensor> {
     let rows = x.reshape(((), gate_up.dim(1)?))?;
     let ffn = gate_up.dim(0)? / 2;
     if supported(&rows, gate_up) {
-        return gemv_swiglu(&rows, gate_up)?.reshape(with_last_dim(x, ffn));
+        let op = Gemv { glu: Some(glu) };
+        return rows
+            .apply_op2_no_bwd(gate_up, &op)?
+            .reshape(with_last_dim(x, ffn));
     }
     let both = linear(x, gate_up)?;
     let last = both.rank() - 1;
-    super::swiglu(&both.narrow(last, 0, ffn)?, &both.narrow(last, ffn, ffn)?)
+    super::glu(
+        &both.narrow(last, 0, ffn)?,
+        &both.narrow(last, ffn, ffn)?,
+        glu,
+    )
 }
 
 /// `x`'s dimensions with the last one replaced by `last`.
@@ -88,17 +96,14 @@ fn supported(x: &Tensor, weight: &Tensor) -> bool {
 
 /// `x @ weight.t()` for `x` `[rows, in]`; the operands must pass [`supported`].
 fn gemv(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(weight, &Gemv { swiglu: false })
+    x.apply_op2_no_bwd(weight, &Gemv { glu: None })
 }
 
-/// `silu(x @ gate.t()) · (x @ up.t())` for `x` `[rows, in]` and `gate_up` `[2 out, in]` (gate
-/// rows, then up rows); the operands must pass [`supported`].
-fn gemv_swiglu(x: &Tensor, gate_up: &Tensor) -> Result<Tensor> {
-    x.apply_op2_no_bwd(gate_up, &Gemv { swiglu: true })
-}
-
+/// `x @ w.t()` for `x` `[rows, in]`; with a unit, `w` `[2 out, in]` stacks gate rows, then up
+/// rows, and the result is `act(x @ gate.t()) · (x @ up.t())`. The operands must pass
+/// [`supported`].
 struct Gemv {
-    swiglu: bool,
+    glu: Option<Glu>,
 }
 
 impl Gemv {
@@ -106,7 +111,15 @@ impl Gemv {
     fn shape(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
         let (rows, inp) = super::rows_and_width(x)?;
         let (w_rows, _) = super::rows_and_width(w)?;
-        Ok((rows, inp, if self.swiglu { w_rows / 2 } else { w_rows }))
+        Ok((
+            rows,
+            inp,
+            if self.glu.is_some() {
+                w_rows / 2
+            } else {
+                w_rows
+            },
+        ))
     }
 }
 
@@ -132,9 +145,10 @@ impl FusedOp<2> for Gemv {
     const NAME: &'static str = "gemv";
 
     fn name(&self) -> &'static str {
-        match self.swiglu {
-            true => "gemv-swiglu",
-            false => Self::NAME,
+        match self.glu {
+            Some(Glu::SwiGlu) => "gemv-swiglu",
+            Some(Glu::GeGlu) => "gemv-geglu",
+            None => Self::NAME,
         }
     }
 
@@ -150,11 +164,11 @@ impl FusedOp<2> for Gemv {
                 .for_each(|(task, y)| {
                     for (i, y) in y.iter_mut().enumerate() {
                         let o = task * CPU_ROWS_PER_TASK + i;
-                        *y = match self.swiglu {
-                            false => dot(weight_row(o), x),
-                            true => {
+                        *y = match self.glu {
+                            None => dot(weight_row(o), x),
+                            Some(glu) => {
                                 let (g, u) = (dot(weight_row(o), x), dot(weight_row(out + o), x));
-                                g * super::swiglu::sigmoid(g) * u
+                                glu.value(g) * u
                             }
                         };
                     }
@@ -165,7 +179,7 @@ impl FusedOp<2> for Gemv {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w]: [Operand; 2]) -> CudaOutput {
-        let y = cuda::gemv(x, w, self.swiglu)?;
+        let y = cuda::gemv(x, w, self.glu)?;
         let (rows, _, out) = self.shape(x.1, w.1)?;
         Ok((y, (rows, out).into()))
     }
@@ -178,6 +192,7 @@ custom_op!(Gemv: 2);
 mod cuda {
     use crate::launch::{alloc, common_dtype, int, per_warp_row, run, start_aligned, Operand};
     use crate::rows_and_width;
+    use crate::swiglu::Glu;
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Result};
 
@@ -196,15 +211,16 @@ mod cuda {
     }
 
     /// `x @ w.t()` for `x` `[rows, in]` and `w` `[out, in]` that [`supported`] accepts; with
-    /// `swiglu`, `w` stacks gate and up rows and the result is `silu(gate) · up`,
+    /// a unit, `w` stacks gate and up rows and the result is `act(gate) · up`,
     /// `[rows, out / 2]`.
-    pub(super) fn gemv(x: Operand, w: Operand, swiglu: bool) -> Result<CudaStorage> {
+    pub(super) fn gemv(x: Operand, w: Operand, glu: Option<Glu>) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w])?;
         let (rows, inp) = rows_and_width(x.1)?;
         let (w_rows, _) = rows_and_width(w.1)?;
-        let (name, out) = match swiglu {
-            true => ("gemv_swiglu", w_rows / 2),
-            false => ("gemv", w_rows),
+        let (name, out) = match glu {
+            Some(Glu::SwiGlu) => ("gemv_swiglu", w_rows / 2),
+            Some(Glu::GeGlu) => ("gemv_geglu", w_rows / 2),
+            None => ("gemv", w_rows),
         };
         let y = alloc(&x.0.device, dtype, rows * out)?;
         // One warp per output feature.

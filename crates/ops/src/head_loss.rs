@@ -6,6 +6,9 @@
 //! by chunk while each chunk's logits are at hand, and its backward only scales them by the
 //! incoming gradient: the logits are never recomputed (a recompute is a third output-head GEMM,
 //! 8% of a base fp32 training step).
+//!
+//! With a final soft-cap (Gemma 2's `cap · tanh(logit / cap)`), each chunk's logits are capped
+//! before the NLL and the chunk's logit gradient takes the cap's slope `1 − tanh²`.
 
 use super::add::scaled;
 use super::attach::attach2;
@@ -21,46 +24,67 @@ fn chunk_rows(hidden: &Tensor, vocab: usize) -> usize {
     (CHUNK_BYTES / row_bytes.max(1)).max(1)
 }
 
-/// NLL `[n]` (f32) of u32 `targets` `[n]` under `hidden @ head.t()` (`hidden` `[n, d]`, `head`
-/// `[vocab, d]`), with no gradient (validation and scoring).
-pub fn head_nll(hidden: &Tensor, head: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let rows = chunk_rows(hidden, head.dim(0)?);
-    head_nll_in_chunks(&hidden.detach(), &head.detach(), targets, rows)
+/// `cap · tanh(logits / cap)` where there is a cap.
+fn capped(logits: Tensor, softcap: Option<f64>) -> Result<Tensor> {
+    match softcap {
+        Some(cap) => (logits / cap)?.tanh()? * cap,
+        None => Ok(logits),
+    }
 }
 
-fn head_nll_in_chunks(x: &Tensor, w: &Tensor, targets: &Tensor, rows: usize) -> Result<Tensor> {
+/// NLL `[n]` (f32) of u32 `targets` `[n]` under `hidden @ head.t()` (`hidden` `[n, d]`, `head`
+/// `[vocab, d]`), soft-capped by `softcap` where given, with no gradient (validation and
+/// scoring).
+pub fn head_nll(
+    hidden: &Tensor,
+    head: &Tensor,
+    targets: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
+    let rows = chunk_rows(hidden, head.dim(0)?);
+    head_nll_in_chunks(&hidden.detach(), &head.detach(), targets, rows, softcap)
+}
+
+fn head_nll_in_chunks(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    rows: usize,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let n = x.dim(0)?;
     let targets = targets.contiguous()?;
     let mut nll = Vec::with_capacity(n.div_ceil(rows));
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
-        let logits = x.narrow(0, start, len)?.matmul(&w.t()?)?;
+        let logits = capped(x.narrow(0, start, len)?.matmul(&w.t()?)?, softcap)?;
         nll.push(super::token_nll(&logits, &targets.narrow(0, start, len)?)?);
     }
     Tensor::cat(&nll, 0)
 }
 
 /// The training loss `Σ weights · nll / max(Σ weights, 1)` (f32 scalar) of u32 `targets` `[n]`
-/// under `hidden @ head.t()`, `weights` `[n]` (1 to score a position, 0 to skip it), with
-/// gradients for `hidden` and, when it is tracked, for `head`. The logits are computed in
-/// `hidden`'s dtype; `head` may be wider (an f32 master weight) and gets its gradient in its
-/// own dtype.
+/// under `hidden @ head.t()` (soft-capped by `softcap` where given), `weights` `[n]` (1 to
+/// score a position, 0 to skip it), with gradients for `hidden` and, when it is tracked, for
+/// `head`. The logits are computed in `hidden`'s dtype; `head` may be wider (an f32 master
+/// weight) and gets its gradient in its own dtype.
 pub fn head_mean_nll(
     hidden: &Tensor,
     head: &Tensor,
     targets: &Tensor,
     weights: &Tensor,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let rows = chunk_rows(hidden, head.dim(0)?);
-    head_mean_nll_in_chunks(hidden, head, targets, weights, rows)
+    head_mean_nll_in_chunks(hidden, head, (targets, weights), rows, softcap)
 }
 
 fn head_mean_nll_in_chunks(
     hidden: &Tensor,
     head: &Tensor,
-    targets: &Tensor,
-    weights: &Tensor,
+    (targets, weights): (&Tensor, &Tensor),
     rows: usize,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (x, w) = (
         hidden.detach(),
@@ -69,7 +93,8 @@ fn head_mean_nll_in_chunks(
     let weights = weights.detach().to_dtype(DType::F32)?;
     let (want_dx, want_dw) = (hidden.track_op(), head.track_op());
     if !want_dx && !want_dw {
-        return super::weighted_mean(&head_nll_in_chunks(&x, &w, targets, rows)?, &weights);
+        let nll = head_nll_in_chunks(&x, &w, targets, rows, softcap)?;
+        return super::weighted_mean(&nll, &weights);
     }
     // The gradients are those of the weighted sum of NLLs; the division by the count happens in
     // backward, on the f32 scale factor. Divided in the kernel, a 16-bit logit gradient would
@@ -83,11 +108,15 @@ fn head_mean_nll_in_chunks(
         let len = rows.min(n - start);
         let xc = x.narrow(0, start, len)?;
         let t = targets.narrow(0, start, len)?;
-        let logits = xc.matmul(&w.t()?)?;
+        let logits = capped(xc.matmul(&w.t()?)?, softcap)?;
         let row_weights = weights.narrow(0, start, len)?;
         let (chunk_nll, dlogits) = super::token_nll_with_grad(&logits, &t, &row_weights)?;
         nll.push(chunk_nll);
-        drop(logits);
+        // The cap's slope: 1 − tanh² = 1 − (capped / cap)².
+        let dlogits = match softcap {
+            Some(cap) => (dlogits * (logits / cap)?.sqr()?.affine(-1.0, 1.0)?)?,
+            None => dlogits,
+        };
         if want_dx {
             dx.push(dlogits.matmul(&w)?);
         }
@@ -154,14 +183,32 @@ mod tests {
         )
     }
 
+    /// [`reference_loss`] with the logits soft-capped at 0.5.
+    fn capped_reference_loss(t: &[Tensor]) -> candle_core::Result<Tensor> {
+        let logits = ((t[0].matmul(&t[1].t()?)? / 0.5)?.tanh()? * 0.5)?;
+        weighted_mean(&reference::token_nll(&logits, &t[2])?, &t[3])
+    }
+
     #[test]
     fn loss_and_gradients_match_projection_then_weighted_nll() {
         assert_parity(
             "head_mean_nll",
             &inputs(6, 8, 11, 1),
             &[true, true, false, false],
-            |t| super::head_mean_nll(&t[0], &t[1], &t[2], &t[3]),
+            |t| super::head_mean_nll(&t[0], &t[1], &t[2], &t[3], None),
             reference_loss,
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn soft_capped_loss_and_gradients_match_in_chunks() {
+        assert_parity(
+            "head_mean_nll (soft-capped, chunked)",
+            &inputs(10, 8, 13, 9),
+            &[true, true, false, false],
+            |t| super::head_mean_nll_in_chunks(&t[0], &t[1], (&t[2], &t[3]), 4, Some(0.5)),
+            capped_reference_loss,
             1e-5,
         );
     }
@@ -175,7 +222,7 @@ mod tests {
                 "head_mean_nll (chunked)",
                 &inputs(10, 8, 13, seed),
                 &[true, head_trained, false, false],
-                |t| super::head_mean_nll_in_chunks(&t[0], &t[1], &t[2], &t[3], 4),
+                |t| super::head_mean_nll_in_chunks(&t[0], &t[1], (&t[2], &t[3]), 4, None),
                 reference_loss,
                 1e-5,
             );
@@ -187,8 +234,8 @@ mod tests {
         let t = inputs(10, 8, 13, 7);
         let want = reference::token_nll(&t[0].matmul(&t[1].t().unwrap()).unwrap(), &t[2]).unwrap();
         for got in [
-            super::head_nll(&t[0], &t[1], &t[2]).unwrap(),
-            super::head_nll_in_chunks(&t[0], &t[1], &t[2], 3).unwrap(),
+            super::head_nll(&t[0], &t[1], &t[2], None).unwrap(),
+            super::head_nll_in_chunks(&t[0], &t[1], &t[2], 3, None).unwrap(),
         ] {
             assert!(relative_error(&got, &want) < 1e-6);
         }

@@ -54,15 +54,15 @@ pub use cross_entropy::{
 };
 pub use embedding::embedding;
 pub use frozen::{frozen_linear, lora_linear};
-pub use gemv::{linear, swiglu_projection};
+pub use gemv::{glu_projection, linear};
 pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, write_kv_fused, KvLayout, Position};
 pub use master_linear::master_linear;
-pub use rms_norm::rms_norm;
+pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::rope;
 pub use swap::{merge_heads, split_heads, swap_middle};
-pub use swiglu::{geglu, swiglu, swiglu_master_projection, swiglu_packed};
+pub use swiglu::{glu, glu_master_projection, glu_packed, Glu};
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
 

@@ -6,11 +6,12 @@
 use candle_core::{DType, Result, Tensor, D};
 
 pub use super::attention::reference as causal_attention;
+pub use super::attention::windowed_reference as windowed_attention;
 pub use super::cross_entropy::{reference_grad as token_nll_grad, reference_nll as token_nll};
 pub use super::embedding::reference as embedding;
 pub use super::rms_norm::reference as rms_norm;
 pub use super::rope::reference as rope;
-pub use super::swiglu::reference as swiglu;
+pub use super::swiglu::reference as glu;
 
 /// The dtype reductions run in: f32 for 16-bit inputs, the input's own otherwise.
 pub(crate) fn widened(dtype: DType) -> DType {

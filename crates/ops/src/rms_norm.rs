@@ -1,4 +1,5 @@
-//! RMSNorm: its dispatch, composite reference, and fused kernels with their own backward. One
+//! RMSNorm, its weight applied as `w` or with an offset as `offset + w` (Gemma's `1 + w`): its
+//! dispatch, composite reference, and fused kernels with their own backward. One
 //! pass per row forward, one pass per row for the input gradient and a row-parallel reduction
 //! for the weight gradient, on the CPU (rayon) and on CUDA (`kernels/norms.cu`). The per-row
 //! inverse RMS is recomputed in backward rather than stored: it costs one dot product per row
@@ -16,20 +17,35 @@ use rayon::prelude::*;
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32. Fused where
 /// [`super::fused`] accepts the operands, else the [`reference`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if super::fused(&[x, weight]) {
-        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-        return x.apply_op2(&weight, RmsNorm { eps: eps as f32 });
-    }
-    reference(x, weight, eps)
+    rms_norm_offset(x, weight, 0.0, eps)
 }
 
-/// [`rms_norm`] from candle's differentiable ops, any backend and dtype.
-pub fn reference(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+/// RMSNorm scaled by `offset + weight` (Gemma's `1 + w`, whose fresh weight is 0): with an
+/// offset the product is taken in f32 and rounded once, as transformers' Gemma norms do. Fused
+/// where [`super::fused`] accepts the operands, else the [`reference`].
+pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
+    if super::fused(&[x, weight]) {
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        let op = RmsNorm {
+            eps: eps as f32,
+            offset: offset as f32,
+        };
+        return x.apply_op2(&weight, op);
+    }
+    reference(x, weight, offset, eps)
+}
+
+/// [`rms_norm_offset`] from candle's differentiable ops, any backend and dtype.
+pub fn reference(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(widened(dtype))?;
     let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    if offset == 0.0 {
+        return normed.to_dtype(dtype)?.broadcast_mul(weight);
+    }
+    let scale = weight.to_dtype(widened(dtype))?.affine(1.0, offset)?;
+    normed.broadcast_mul(&scale)?.to_dtype(dtype)
 }
 
 pub(super) fn inverse_rms(row: &[f32], eps: f32) -> f32 {
@@ -48,6 +64,7 @@ pub(super) fn check_width(x: &Layout, weight: &[f32]) -> Result<(usize, usize)> 
 
 struct RmsNorm {
     eps: f32,
+    offset: f32,
 }
 
 impl FusedOp<2> for RmsNorm {
@@ -62,7 +79,7 @@ impl FusedOp<2> for RmsNorm {
                 let x = &x[row * width..][..width];
                 let r = inverse_rms(x, self.eps);
                 for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                    y.write(x * r * w);
+                    y.write(x * r * (self.offset + w));
                 }
             })
         };
@@ -71,7 +88,10 @@ impl FusedOp<2> for RmsNorm {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w]: [Operand; 2]) -> CudaOutput {
-        Ok((cuda::forward(x, w, self.eps)?, x.1.shape().clone()))
+        Ok((
+            cuda::forward(x, w, self.eps, self.offset)?,
+            x.1.shape().clone(),
+        ))
     }
 
     fn backward(
@@ -86,12 +106,16 @@ impl FusedOp<2> for RmsNorm {
         let (x_data, w_data) = (x.detach(), w.detach());
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.track_op() && w.track_op() {
-            let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, self.eps)?;
+            let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, self.eps, self.offset)?;
             return Ok([Some(dx), Some(dw)]);
         }
+        let input_grad = RmsNormInputGrad {
+            eps: self.eps,
+            offset: self.offset,
+        };
         let dx = x
             .track_op()
-            .then(|| x_data.apply_op3(&w_data, &grad, RmsNormInputGrad { eps: self.eps }))
+            .then(|| x_data.apply_op3(&w_data, &grad, input_grad))
             .transpose()?;
         let dw = w
             .track_op()
@@ -103,9 +127,10 @@ impl FusedOp<2> for RmsNorm {
 
 custom_op!(RmsNorm: 2);
 
-/// `dx = r · (g⊙w − x̂ · mean(g⊙w⊙x̂))` with `x̂ = x · r`.
+/// `dx = r · (g⊙w' − x̂ · mean(g⊙w'⊙x̂))` with `x̂ = x · r` and `w' = offset + w`.
 struct RmsNormInputGrad {
     eps: f32,
+    offset: f32,
 }
 
 impl FusedOp<3> for RmsNormInputGrad {
@@ -119,10 +144,16 @@ impl FusedOp<3> for RmsNormInputGrad {
             written_rows(x.len(), width, |row, dx| {
                 let (x, g) = (&x[row * width..][..width], &g[row * width..][..width]);
                 let r = inverse_rms(x, self.eps);
-                let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| x * g * w).sum();
+                let o = self.offset;
+                let dot: f32 = x
+                    .iter()
+                    .zip(g)
+                    .zip(w)
+                    .map(|((x, g), w)| x * g * (o + w))
+                    .sum();
                 let k = dot * r * r / width as f32;
                 for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
-                    dx.write(r * (g * w - x * k));
+                    dx.write(r * (g * (o + w) - x * k));
                 }
             })
         };
@@ -131,7 +162,7 @@ impl FusedOp<3> for RmsNormInputGrad {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w, g]: [Operand; 3]) -> CudaOutput {
-        let dx = cuda::input_grad(x, w, g, self.eps, None)?;
+        let dx = cuda::input_grad(x, w, g, (self.eps, self.offset), None)?;
         Ok((dx, x.1.shape().clone()))
     }
 }
@@ -201,10 +232,11 @@ pub(crate) mod cuda {
         w: &Tensor,
         grad: &Tensor,
         eps: f32,
+        offset: f32,
     ) -> Result<(Tensor, Tensor)> {
         let (dx, dw) = launch::with_operands(&[x, w, grad], |ops| {
             let inverse = inverse_buffer(ops[0])?;
-            let dx = input_grad(ops[0], ops[1], ops[2], eps, Some(&inverse))?;
+            let dx = input_grad(ops[0], ops[1], ops[2], (eps, offset), Some(&inverse))?;
             let dw = weight_grad(ops[0], ops[2], &inverse)?;
             Ok((dx, dw))
         })?;
@@ -214,13 +246,13 @@ pub(crate) mod cuda {
         ))
     }
 
-    /// RMSNorm forward.
-    pub(super) fn forward(x: Operand, w: Operand, eps: f32) -> Result<CudaStorage> {
+    /// RMSNorm forward, scaled by `offset + w`.
+    pub(super) fn forward(x: Operand, w: Operand, eps: f32, offset: f32) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w])?;
         let (rows, width) = rows_and_width(x.1)?;
         check_weight(w, width)?;
         let y = alloc(&x.0.device, dtype, rows * width)?;
-        let scalars = [int(rows)?, int(width)?, Arg::Float(eps)];
+        let scalars = [int(rows)?, int(width)?, Arg::Float(eps), Arg::Float(offset)];
         let (name, _) = elementwise_kernel(("rms_norm_fwd", "rms_norm_fwd_wide"), &[x, w], width)?;
         run((name, dtype), per_warp_row(rows)?, &[x, w], y, &scalars)
     }
@@ -235,13 +267,13 @@ pub(crate) mod cuda {
         Ok(())
     }
 
-    /// RMSNorm input gradient; with `inverse`, the kernel also writes each row's inverse RMS there
-    /// (f32, one per row) for [`weight_grad`].
+    /// RMSNorm input gradient for the weight `offset + w`; with `inverse`, the kernel also
+    /// writes each row's inverse RMS there (f32, one per row) for [`weight_grad`].
     pub(super) fn input_grad(
         x: Operand,
         w: Operand,
         g: Operand,
-        eps: f32,
+        (eps, offset): (f32, f32),
         inverse: Option<&CudaStorage>,
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w, g])?;
@@ -254,6 +286,7 @@ pub(crate) mod cuda {
             int(width)?,
             Arg::Float(eps),
             Arg::Address(inverse),
+            Arg::Float(offset),
         ];
         let kernels = ("rms_norm_dx", "rms_norm_dx_wide");
         let (name, _) = elementwise_kernel(kernels, &[x, w, g], width)?;
@@ -338,14 +371,16 @@ mod tests {
             let s = 10 * i as u64;
             let width = *shape.last().unwrap();
             let inputs = [uniform(shape, s), uniform(&[width], s + 1)];
-            assert_parity(
-                "rms_norm",
-                &inputs,
-                &[true, true],
-                |t| super::rms_norm(&t[0], &t[1], 1e-5),
-                |t| super::reference(&t[0], &t[1], 1e-5),
-                1e-5,
-            );
+            for offset in [0.0, 1.0] {
+                assert_parity(
+                    &format!("rms_norm offset {offset}"),
+                    &inputs,
+                    &[true, true],
+                    |t| super::rms_norm_offset(&t[0], &t[1], offset, 1e-5),
+                    |t| super::reference(&t[0], &t[1], offset, 1e-5),
+                    1e-5,
+                );
+            }
         }
     }
 }

@@ -1,6 +1,8 @@
-//! Rotary position embedding (Hugging Face rotate-half layout): its dispatch, composite
-//! reference, and fused kernels on the CPU and on CUDA (`kernels/rope_kv.cu`). The backward of a
-//! rotation by θ is the rotation by −θ, so one kernel does both directions.
+//! Rotary position embedding (Hugging Face rotate-half layout), over whole heads or over the
+//! first `rotary` dimensions of each head with the rest passed through (partial rotary, Phi-3):
+//! its dispatch, composite reference, and fused kernels on the CPU and on CUDA
+//! (`kernels/rope_kv.cu`). The backward of a rotation by θ is the rotation by −θ, so one kernel
+//! does both directions.
 
 use super::attach::attach;
 use super::cpu_kernel::{f32s, output, written_rows};
@@ -11,9 +13,10 @@ use super::reference::rotate_half;
 use candle_core::{Result, Tensor, D};
 
 /// Rotary position embedding in the Hugging Face rotate-half layout. `x` is
-/// `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, head_dim / 2]` for these positions.
-/// Fused where [`super::fused`] accepts the operands and [`supports`] their shapes, else the
-/// [`reference`].
+/// `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, rotary / 2]` for these positions,
+/// which rotates the first `rotary` dimensions of each head (all of them, or fewer for partial
+/// rotary) and passes the rest through. Fused where [`super::fused`] accepts the operands and
+/// [`supports`] their shapes, else the [`reference`].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if super::fused(&[x, cos, sin]) && supports(x, cos, sin) {
         return fused_rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
@@ -23,7 +26,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// [`rope`] from candle's differentiable ops, any backend and dtype.
 pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, _, seq, _) = x.dims4()?;
+    let (_, _, seq, d) = x.dims4()?;
+    let rotary = 2 * cos.dim(D::Minus1)?;
+    if rotary < d {
+        let rotated = reference(&x.narrow(D::Minus1, 0, rotary)?, cos, sin)?;
+        let rest = x.narrow(D::Minus1, rotary, d - rotary)?;
+        return Tensor::cat(&[&rotated, &rest], D::Minus1);
+    }
     let table = |half: &Tensor| -> Result<Tensor> {
         Tensor::cat(&[half, half], D::Minus1)?
             .narrow(0, 0, seq)?
@@ -33,15 +42,24 @@ pub fn reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&table(cos)?)? + rotate_half(x)?.broadcast_mul(&table(sin)?)?
 }
 
-/// Whether the fused kernel handles these shapes: `x` `[b, h, t, d]` with even `d`, tables
-/// `[t, d / 2]`. Others (e.g. batched tables) take the composite path.
+/// Whether the fused kernel handles these shapes: `x` `[b, h, t, d]`, tables `[t, r / 2]`
+/// with `0 < r ≤ d`. Others (e.g. batched tables) take the composite path.
 pub(crate) fn supports(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
     match (x.dims4(), cos.dims2()) {
-        (Ok((_, _, t, d)), Ok(table)) => {
-            d % 2 == 0 && table == (t, d / 2) && sin.dims() == cos.dims()
+        (Ok((_, _, t, d)), Ok((rows, half))) => {
+            rows == t && half > 0 && 2 * half <= d && sin.dims() == cos.dims()
         }
         _ => false,
     }
+}
+
+/// The rotated share `r` of rows of `d` for tables of `table` elements `[.., r / 2]` of
+/// which `half` (`r / 2`) per row, and the table's rows.
+fn rotated_share(d: usize, half: usize, table: usize) -> Result<(usize, usize)> {
+    if half == 0 || 2 * half > d || table % half != 0 {
+        candle_core::bail!("rope: tables of {table} in rows of {half} for head size {d}");
+    }
+    Ok((2 * half, table / half))
 }
 
 /// The fused [`rope`]: inputs must be contiguous tensors that [`supports`], on a backend
@@ -78,24 +96,29 @@ impl FusedOp<3> for Rope {
         let x_values = f32s(x, x_layout)?;
         let (cos, sin) = (f32s(cos, cos_layout)?, f32s(sin, sin_layout)?);
         let d = *x_layout.dims().last().unwrap_or(&0);
-        let half = d / 2;
-        if d % 2 != 0 || half == 0 || cos.len() % half != 0 || sin.len() != cos.len() {
-            candle_core::bail!("rope: tables of {} for head size {d}", cos.len());
+        let half = *cos_layout.dims().last().unwrap_or(&0);
+        let (rotary, seq) = rotated_share(d, half, cos.len())?;
+        if sin.len() != cos.len() {
+            candle_core::bail!("rope: cos of {} and sin of {}", cos.len(), sin.len());
         }
-        let seq = cos.len() / half;
         let sign = if self.inverse { -1.0 } else { 1.0 };
-        // SAFETY: rows are d = 2 · half long, and both halves are written in full.
+        // SAFETY: rows are d long; both rotated halves and the rest are written in full.
         let y = unsafe {
             written_rows(x_values.len(), d, |row, y| {
                 let x = &x_values[row * d..][..d];
                 let pos = row % seq;
                 let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-                let (x1, x2) = x.split_at(half);
-                let (y1, y2) = y.split_at_mut(half);
+                let (rotated, rest) = x.split_at(rotary);
+                let (x1, x2) = rotated.split_at(half);
+                let (y_rotated, y_rest) = y.split_at_mut(rotary);
+                let (y1, y2) = y_rotated.split_at_mut(half);
                 for j in 0..half {
                     let s = sign * s[j];
                     y1[j].write(x1[j] * c[j] - x2[j] * s);
                     y2[j].write(x2[j] * c[j] + x1[j] * s);
+                }
+                for (y, &x) in y_rest.iter_mut().zip(rest) {
+                    y.write(x);
                 }
             })
         };
@@ -123,7 +146,8 @@ pub(crate) mod cuda {
     use candle_core::{CudaStorage, Result};
 
     /// RoPE (`sign` 1) or its gradient (`sign` -1) for `x` `[.., seq, heads, d]` (`heads` 1 for
-    /// `[.., seq, d]`) and tables `[seq, d/2]`.
+    /// `[.., seq, d]`) and tables `[seq, r / 2]`: the first `r` of each head rotated, the rest
+    /// copied.
     pub(crate) fn rope(
         x: Operand,
         (cos, sin): (Operand, Operand),
@@ -132,27 +156,42 @@ pub(crate) mod cuda {
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, cos, sin])?;
         let (rows, d) = rows_and_width(x.1)?;
-        let half = d / 2;
+        let half = *cos.1.dims().last().unwrap_or(&0);
         let table = cos.1.shape().elem_count();
-        if half == 0 || d % 2 != 0 || table % half != 0 || sin.1.shape().elem_count() != table {
-            candle_core::bail!("rope: tables of {table} for head size {d}");
+        let (rotary, seq) = super::rotated_share(d, half, table)?;
+        if sin.1.shape().elem_count() != table {
+            candle_core::bail!(
+                "rope: cos of {table} and sin of {}",
+                sin.1.shape().elem_count()
+            );
         }
         let y = alloc(&x.0.device, dtype, rows * d)?;
         let scalars = [
             int(rows)?,
             int(d)?,
-            int(table / half)?,
+            int(rotary)?,
+            int(seq)?,
             int(heads)?,
             Arg::Float(sign),
         ];
-        let (name, width) = elementwise_kernel(("rope", "rope_wide"), &[x, cos, sin], half)?;
+        // Each thread moves `width` elements of one half or of the copied rest.
+        let run_length = gcd(half, d - rotary);
+        let kernels = ("rope", "rope_wide");
+        let (name, width) = elementwise_kernel(kernels, &[x, cos, sin], run_length)?;
         run(
             (name, dtype),
-            per_element(rows * half / width)?,
+            per_element(rows * (d - half) / width)?,
             &[x, cos, sin],
             y,
             &scalars,
         )
+    }
+
+    fn gcd(a: usize, b: usize) -> usize {
+        match b {
+            0 => a,
+            _ => gcd(b, a % b),
+        }
     }
 }
 
@@ -162,18 +201,22 @@ mod tests {
 
     #[test]
     fn matches_the_reference_forward_and_backward() {
-        for (i, &(b, h, t, d)) in [
-            (1, 1, 1, 2),
-            (2, 3, 5, 8),
-            (1, 2, 7, 6),
-            (3, 1, 4, 64),
-            (2, 4, 40, 64),
+        // (b, h, t, d, rotated share r): partial rotary where r < d.
+        for (i, &(b, h, t, d, r)) in [
+            (1, 1, 1, 2, 2),
+            (2, 3, 5, 8, 8),
+            (1, 2, 7, 6, 6),
+            (3, 1, 4, 64, 64),
+            (2, 4, 40, 64, 64),
+            (2, 3, 5, 8, 4),
+            (1, 2, 7, 10, 6),
+            (2, 2, 9, 96, 64),
         ]
         .iter()
         .enumerate()
         {
             let s = 10 * i as u64;
-            let angles = (uniform(&[t, d / 2], s) * 3.0).unwrap();
+            let angles = (uniform(&[t, r / 2], s) * 3.0).unwrap();
             let inputs = [
                 uniform(&[b, h, t, d], s + 1),
                 angles.cos().unwrap(),

@@ -1,6 +1,8 @@
-//! SwiGLU: its dispatch, composite reference, and fused kernels on the CPU and on CUDA
-//! (`kernels/swiglu.cu`): `silu(gate) · up` in one elementwise pass, and both gradients in one
-//! pass that writes them side by side (the op returns one tensor, so `[2, ..]`, split by views).
+//! Gated linear units, SwiGLU and GeGLU ([`Glu`]): their dispatch, composite reference, and
+//! fused kernels on the CPU and on CUDA (`kernels/swiglu.cu`, one kernel body per direction
+//! with the activation as a parameter): `act(gate) · up` in one elementwise pass, and both
+//! gradients in one pass that writes them side by side (the op returns one tensor, so
+//! `[2, ..]`, split by views).
 //! The packed form takes one projection `[.., 2 · width]` whose rows hold the gate, then the up
 //! half (a stacked gate/up projection), and its gradient is one tensor of the same layout, so
 //! the projection's backward gets one gradient and no sum.
@@ -11,69 +13,132 @@ use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 use super::fused_op::{CudaOutput, Operand};
 use candle_core::{Layout, Result, Shape, Tensor};
 
-/// SwiGLU gate: `silu(gate) * up`. Fused where [`super::fused`] accepts both and they have one
-/// shape, else the [`reference`].
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if super::fused(&[gate, up]) && gate.shape() == up.shape() {
-        return gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu);
+/// Which gated linear unit a feed-forward computes: `act(gate) · up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Glu {
+    /// `silu(gate) · up` (Llama, Mistral, Qwen, Phi-3).
+    SwiGlu,
+    /// `gelu_tanh(gate) · up`: PyTorch's tanh-approximated GELU (Gemma).
+    GeGlu,
+}
+
+/// `√(2/π)` and the cubic coefficient of the tanh-approximated GELU.
+const GELU_SCALE: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+impl Glu {
+    /// The activation of `g` and its derivative.
+    #[inline(always)]
+    pub(super) fn activation(self, g: f32) -> (f32, f32) {
+        match self {
+            Glu::SwiGlu => {
+                let s = sigmoid(g);
+                (g * s, s * (1.0 + g * (1.0 - s)))
+            }
+            Glu::GeGlu => {
+                let t = tanh(GELU_SCALE * g * (1.0 + GELU_CUBIC * g * g));
+                let inner = GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * g * g);
+                (
+                    0.5 * g * (1.0 + t),
+                    0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * inner,
+                )
+            }
+        }
     }
-    reference(gate, up)
+
+    /// The activation of `g`.
+    #[inline(always)]
+    pub(super) fn value(self, g: f32) -> f32 {
+        match self {
+            Glu::SwiGlu => g * sigmoid(g),
+            Glu::GeGlu => 0.5 * g * (1.0 + tanh(GELU_SCALE * g * (1.0 + GELU_CUBIC * g * g))),
+        }
+    }
+
+    fn op_name(self, swiglu: &'static str, geglu: &'static str) -> &'static str {
+        match self {
+            Glu::SwiGlu => swiglu,
+            Glu::GeGlu => geglu,
+        }
+    }
 }
 
-/// [`swiglu`] from candle's differentiable ops, any backend and dtype.
-pub fn reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
+/// The gated unit `act(gate) · up` of [`Glu`]. Fused where [`super::fused`] accepts both and
+/// they have one shape, else the [`reference`].
+pub fn glu(gate: &Tensor, up: &Tensor, glu: Glu) -> Result<Tensor> {
+    if super::fused(&[gate, up]) && gate.shape() == up.shape() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, Gated { glu });
+    }
+    reference(gate, up, glu)
 }
 
-/// GeGLU gate: `gelu_tanh(gate) * up` (PyTorch's tanh-approximated GELU, Gemma's MLP). The
-/// composite from candle's differentiable ops on every backend: no fused kernel yet.
-pub fn geglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.gelu()? * up
+/// [`glu`] from candle's differentiable ops, any backend and dtype (candle's `gelu` is the
+/// tanh approximation).
+pub fn reference(gate: &Tensor, up: &Tensor, glu: Glu) -> Result<Tensor> {
+    match glu {
+        Glu::SwiGlu => gate.silu()? * up,
+        Glu::GeGlu => gate.gelu()? * up,
+    }
 }
 
-/// `silu(gate) · up` for a packed projection `h` `[.., 2 · width]` whose rows hold the gate,
+/// `act(gate) · up` for a packed projection `h` `[.., 2 · width]` whose rows hold the gate,
 /// then the up half; its gradient comes back in the same layout.
-pub fn swiglu_packed(h: &Tensor) -> Result<Tensor> {
+pub fn glu_packed(h: &Tensor, glu: Glu) -> Result<Tensor> {
     if super::fused(&[h]) {
-        return h.contiguous()?.apply_op1(SwiGluPacked);
+        return h.contiguous()?.apply_op1(GatedPacked { glu });
     }
     let last = h.rank().max(1) - 1;
     let half = h.dim(last)? / 2;
-    reference(&h.narrow(last, 0, half)?, &h.narrow(last, half, half)?)
+    reference(&h.narrow(last, 0, half)?, &h.narrow(last, half, half)?, glu)
 }
 
-/// `swiglu(master_linear(x, gate), master_linear(x, up))` for master weights `gate` and `up`
+/// `glu(master_linear(x, gate), master_linear(x, up))` for master weights `gate` and `up`
 /// `[ffn, in]`: a block's gated projection in training. On CUDA the two run as one stacked
-/// projection into a packed SwiGLU whose gradient comes back packed: one GEMM each way, and
+/// projection into a packed unit whose gradient comes back packed: one GEMM each way, and
 /// the input's gradient needs no sum of two (measured there; elsewhere the two projections).
-pub fn swiglu_master_projection(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+pub fn glu_master_projection(x: &Tensor, gate: &Tensor, up: &Tensor, kind: Glu) -> Result<Tensor> {
     let alike = gate.dims() == up.dims() && gate.dtype() == up.dtype();
     if alike && x.device().is_cuda() && super::fused(&[x]) {
         let packed = super::master_linear::stacked_master_linear(x, gate, up)?;
-        return swiglu_packed(&packed);
+        return glu_packed(&packed, kind);
     }
-    swiglu(
+    glu(
         &super::master_linear(x, gate)?,
         &super::master_linear(x, up)?,
+        kind,
     )
 }
 
 /// The logistic function.
-pub(super) fn sigmoid(x: f32) -> f32 {
+fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + super::fast_exp::exp(-x))
+}
+
+/// `tanh` from the vectorizable `exp` (±1 where `e^2x` leaves the float range).
+fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (super::fast_exp::exp(2.0 * x) + 1.0)
 }
 
 fn same_len(a: &[f32], b: &[f32]) -> Result<()> {
     if a.len() != b.len() {
-        candle_core::bail!("swiglu: gate of {} and up of {} elements", a.len(), b.len());
+        candle_core::bail!("glu: gate of {} and up of {} elements", a.len(), b.len());
     }
     Ok(())
 }
 
-struct SwiGlu;
+/// `act(gate) · up` of separate gate and up tensors of one shape.
+struct Gated {
+    glu: Glu,
+}
 
-impl FusedOp<2> for SwiGlu {
+impl FusedOp<2> for Gated {
     const NAME: &'static str = "swiglu";
+
+    fn name(&self) -> &'static str {
+        self.glu.op_name(Self::NAME, "geglu")
+    }
 
     fn cpu(&self, [(gate, gate_layout), (up, up_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (gate, up) = (f32s(gate, gate_layout)?, f32s(up, up_layout)?);
@@ -84,7 +149,7 @@ impl FusedOp<2> for SwiGlu {
                 let start = chunk * ELEMENTWISE_CHUNK;
                 let (g, u) = (&gate[start..][..y.len()], &up[start..][..y.len()]);
                 for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    y.write(g * sigmoid(g) * u);
+                    y.write(self.glu.value(g) * u);
                 }
             })
         };
@@ -93,7 +158,7 @@ impl FusedOp<2> for SwiGlu {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [gate, up]: [Operand; 2]) -> CudaOutput {
-        Ok((cuda::swiglu(gate, up)?, gate.1.shape().clone()))
+        Ok((cuda::glu(gate, up, self.glu)?, gate.1.shape().clone()))
     }
 
     fn backward(
@@ -102,9 +167,11 @@ impl FusedOp<2> for SwiGlu {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<[Option<Tensor>; 2]> {
-        let both = gate
-            .detach()
-            .apply_op3(&up.detach(), &grad.contiguous()?, SwiGluGrad)?;
+        let both = gate.detach().apply_op3(
+            &up.detach(),
+            &grad.contiguous()?,
+            GatedGrad { glu: self.glu },
+        )?;
         // candle stores whatever gradient is returned: a frozen operand must get `None`.
         let d_gate = gate.track_op().then(|| both.get(0)).transpose()?;
         let d_up = up.track_op().then(|| both.get(1)).transpose()?;
@@ -112,14 +179,20 @@ impl FusedOp<2> for SwiGlu {
     }
 }
 
-custom_op!(SwiGlu: 2);
+custom_op!(Gated: 2);
 
 /// `[d gate, d up]` stacked on a new leading dimension:
-/// `d gate = g · up · σ(gate) · (1 + gate · (1 − σ(gate)))`, `d up = g · silu(gate)`.
-struct SwiGluGrad;
+/// `d gate = g · up · act'(gate)`, `d up = g · act(gate)`.
+struct GatedGrad {
+    glu: Glu,
+}
 
-impl FusedOp<3> for SwiGluGrad {
+impl FusedOp<3> for GatedGrad {
     const NAME: &'static str = "swiglu-grad";
+
+    fn name(&self) -> &'static str {
+        self.glu.op_name(Self::NAME, "geglu-grad")
+    }
 
     fn cpu(
         &self,
@@ -140,9 +213,9 @@ impl FusedOp<3> for SwiGluGrad {
                     &grad[start..][..len],
                 );
                 for i in 0..len {
-                    let s = sigmoid(g[i]);
-                    d_up[i].write(dy[i] * g[i] * s);
-                    d_gate[i].write(dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
+                    let (a, da) = self.glu.activation(g[i]);
+                    d_up[i].write(dy[i] * a);
+                    d_gate[i].write(dy[i] * u[i] * da);
                 }
             })
         };
@@ -151,23 +224,23 @@ impl FusedOp<3> for SwiGluGrad {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [gate, up, grad]: [Operand; 3]) -> CudaOutput {
-        let out = cuda::swiglu_grad(gate, up, grad)?;
+        let out = cuda::glu_grad(gate, up, grad, self.glu)?;
         Ok((out, stacked_shape(gate.1).into()))
     }
 }
 
-custom_op!(SwiGluGrad: 3);
+custom_op!(GatedGrad: 3);
 
 /// Rows and half width of a packed projection.
 fn packed_rows(layout: &Layout) -> Result<(usize, usize)> {
     let (rows, two_width) = super::rows_and_width(layout)?;
     if two_width % 2 != 0 {
-        candle_core::bail!("swiglu: packed rows of odd width {two_width}");
+        candle_core::bail!("glu: packed rows of odd width {two_width}");
     }
     Ok((rows, two_width / 2))
 }
 
-/// `h`'s dims with the last halved: the output of a packed SwiGLU.
+/// `h`'s dims with the last halved: the output of a packed unit.
 fn half_shape(layout: &Layout) -> Shape {
     let mut dims = layout.dims().to_vec();
     if let Some(last) = dims.last_mut() {
@@ -176,10 +249,17 @@ fn half_shape(layout: &Layout) -> Shape {
     dims.into()
 }
 
-struct SwiGluPacked;
+/// `act(gate) · up` of a packed projection.
+struct GatedPacked {
+    glu: Glu,
+}
 
-impl FusedOp<1> for SwiGluPacked {
+impl FusedOp<1> for GatedPacked {
     const NAME: &'static str = "swiglu-packed";
+
+    fn name(&self) -> &'static str {
+        self.glu.op_name(Self::NAME, "geglu-packed")
+    }
 
     fn cpu(&self, [(h, layout)]: [CpuOperand; 1]) -> CpuOutput {
         let h = f32s(h, layout)?;
@@ -189,7 +269,7 @@ impl FusedOp<1> for SwiGluPacked {
             written_rows(rows * width, width.max(1), |row, y| {
                 let (gate, up) = h[row * 2 * width..][..2 * width].split_at(width);
                 for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                    y.write(g * sigmoid(g) * u);
+                    y.write(self.glu.value(g) * u);
                 }
             })
         };
@@ -198,7 +278,7 @@ impl FusedOp<1> for SwiGluPacked {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [h]: [Operand; 1]) -> CudaOutput {
-        Ok((cuda::swiglu_packed(h)?, half_shape(h.1)))
+        Ok((cuda::glu_packed(h, self.glu)?, half_shape(h.1)))
     }
 
     fn backward(
@@ -207,27 +287,31 @@ impl FusedOp<1> for SwiGluPacked {
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<[Option<Tensor>; 1]> {
-        Ok([Some(
-            h.detach()
-                .apply_op2(&grad.contiguous()?, SwiGluPackedGrad)?,
-        )])
+        let op = GatedPackedGrad { glu: self.glu };
+        Ok([Some(h.detach().apply_op2(&grad.contiguous()?, op)?)])
     }
 }
 
-custom_op!(SwiGluPacked: 1);
+custom_op!(GatedPacked: 1);
 
-/// The gradient of a packed SwiGLU, laid out like its input: each row d gate, then d up.
-struct SwiGluPackedGrad;
+/// The gradient of a packed unit, laid out like its input: each row d gate, then d up.
+struct GatedPackedGrad {
+    glu: Glu,
+}
 
-impl FusedOp<2> for SwiGluPackedGrad {
+impl FusedOp<2> for GatedPackedGrad {
     const NAME: &'static str = "swiglu-packed-grad";
+
+    fn name(&self) -> &'static str {
+        self.glu.op_name(Self::NAME, "geglu-packed-grad")
+    }
 
     fn cpu(&self, [(h, h_layout), (grad, grad_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (h, grad) = (f32s(h, h_layout)?, f32s(grad, grad_layout)?);
         let (rows, width) = packed_rows(h_layout)?;
         if grad.len() != rows * width {
             candle_core::bail!(
-                "swiglu: a gradient of {} elements for {rows} packed rows of {width}",
+                "glu: a gradient of {} elements for {rows} packed rows of {width}",
                 grad.len()
             );
         }
@@ -238,9 +322,9 @@ impl FusedOp<2> for SwiGluPackedGrad {
                 let dy = &grad[row * width..][..width];
                 let (d_gate, d_up) = out.split_at_mut(width);
                 for i in 0..width {
-                    let s = sigmoid(gate[i]);
-                    d_up[i].write(dy[i] * gate[i] * s);
-                    d_gate[i].write(dy[i] * up[i] * s * (1.0 + gate[i] * (1.0 - s)));
+                    let (a, da) = self.glu.activation(gate[i]);
+                    d_up[i].write(dy[i] * a);
+                    d_gate[i].write(dy[i] * up[i] * da);
                 }
             })
         };
@@ -249,11 +333,12 @@ impl FusedOp<2> for SwiGluPackedGrad {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [h, grad]: [Operand; 2]) -> CudaOutput {
-        Ok((cuda::swiglu_packed_grad(h, grad)?, h.1.shape().clone()))
+        let out = cuda::glu_packed_grad(h, grad, self.glu)?;
+        Ok((out, h.1.shape().clone()))
     }
 }
 
-custom_op!(SwiGluPackedGrad: 2);
+custom_op!(GatedPackedGrad: 2);
 
 /// `[2, ..gate's dims]`: the two gradients stacked.
 fn stacked_shape(gate_layout: &Layout) -> Vec<usize> {
@@ -265,6 +350,7 @@ fn stacked_shape(gate_layout: &Layout) -> Vec<usize> {
 /// The CUDA launchers (`kernels/swiglu.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::Glu;
     use crate::launch::{
         address, alloc, base_address, common_dtype, launch, per_element, same_count, Arg, Operand,
     };
@@ -272,46 +358,63 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaDevice, CudaStorage, DType, Result};
 
-    /// SwiGLU forward of separate `gate` and `up` of one shape.
-    pub(super) fn swiglu(gate: Operand, up: Operand) -> Result<CudaStorage> {
+    /// The forward (`true`) or backward kernels of a unit: the one-element and the 16-byte
+    /// kernel's names.
+    fn kernels(glu: Glu, forward: bool) -> (&'static str, &'static str) {
+        match (glu, forward) {
+            (Glu::SwiGlu, true) => ("swiglu_fwd", "swiglu_fwd_wide"),
+            (Glu::SwiGlu, false) => ("swiglu_bwd", "swiglu_bwd_wide"),
+            (Glu::GeGlu, true) => ("geglu_fwd", "geglu_fwd_wide"),
+            (Glu::GeGlu, false) => ("geglu_bwd", "geglu_bwd_wide"),
+        }
+    }
+
+    /// Forward of separate `gate` and `up` of one shape.
+    pub(super) fn glu(gate: Operand, up: Operand, glu: Glu) -> Result<CudaStorage> {
         let n = same_count(gate, up)?;
         let dtype = common_dtype(&[gate, up])?;
         let rows = GluRows::one(n);
-        swiglu_forward([address(gate)?, address(up)?], &gate.0.device, dtype, rows)
+        let halves = [address(gate)?, address(up)?];
+        forward(halves, &gate.0.device, dtype, rows, glu)
     }
 
-    /// SwiGLU forward of a packed projection `h` `[.., 2 · width]`: the gate half, then the up half
+    /// Forward of a packed projection `h` `[.., 2 · width]`: the gate half, then the up half
     /// of each row.
-    pub(super) fn swiglu_packed(h: Operand) -> Result<CudaStorage> {
+    pub(super) fn glu_packed(h: Operand, glu: Glu) -> Result<CudaStorage> {
         let (rows, halves) = GluRows::packed(h)?;
-        swiglu_forward(halves, &h.0.device, h.0.dtype(), rows)
+        forward(halves, &h.0.device, h.0.dtype(), rows, glu)
     }
 
-    /// SwiGLU gradients of separate `gate` and `up`, `[d gate; d up]` in one buffer of `2n`.
-    pub(super) fn swiglu_grad(gate: Operand, up: Operand, grad: Operand) -> Result<CudaStorage> {
+    /// Gradients of separate `gate` and `up`, `[d gate; d up]` in one buffer of `2n`.
+    pub(super) fn glu_grad(
+        gate: Operand,
+        up: Operand,
+        grad: Operand,
+        glu: Glu,
+    ) -> Result<CudaStorage> {
         let n = same_count(gate, up)?;
         same_count(gate, grad)?;
         let rows = GluRows::one(n);
-        swiglu_backward([address(gate)?, address(up)?], grad, rows, 2 * n, n)
+        backward([address(gate)?, address(up)?], grad, rows, (2 * n, n), glu)
     }
 
-    /// SwiGLU gradient of a packed projection `h` `[.., 2 · width]` for the output gradient `grad`
+    /// Gradient of a packed projection `h` `[.., 2 · width]` for the output gradient `grad`
     /// `[.., width]`: one packed gradient like `h`.
-    pub(super) fn swiglu_packed_grad(h: Operand, grad: Operand) -> Result<CudaStorage> {
+    pub(super) fn glu_packed_grad(h: Operand, grad: Operand, glu: Glu) -> Result<CudaStorage> {
         common_dtype(&[h, grad])?;
         let (rows, halves) = GluRows::packed(h)?;
         if grad.1.shape().elem_count() != rows.n {
             candle_core::bail!(
-                "swiglu: a gradient of {:?} for {:?}",
+                "glu: a gradient of {:?} for {:?}",
                 grad.1.dims(),
                 h.1.dims()
             );
         }
-        swiglu_backward(halves, grad, rows, 2 * rows.n, rows.width)
+        backward(halves, grad, rows, (2 * rows.n, rows.width), glu)
     }
 
-    /// Where the gate and up rows of a SwiGLU are: `n` elements in rows of `width`, row r of each
-    /// starting `r · stride` elements from its first.
+    /// Where the gate and up rows of a unit are: `n` elements in rows of `width`, row r of
+    /// each starting `r · stride` elements from its first.
     #[derive(Clone, Copy)]
     struct GluRows {
         n: usize,
@@ -334,7 +437,7 @@ mod cuda {
         fn packed(h: Operand) -> Result<(Self, [u64; 2])> {
             let (rows, two_width) = rows_and_width(h.1)?;
             if two_width % 2 != 0 {
-                candle_core::bail!("swiglu: packed rows of odd width {two_width}");
+                candle_core::bail!("glu: packed rows of odd width {two_width}");
             }
             let width = two_width / 2;
             let gate = address(h)?;
@@ -368,16 +471,16 @@ mod cuda {
         }
     }
 
-    fn swiglu_forward(
+    fn forward(
         [gate, up]: [u64; 2],
         device: &CudaDevice,
         dtype: DType,
         rows: GluRows,
+        glu: Glu,
     ) -> Result<CudaStorage> {
         let y = alloc(device, dtype, rows.n)?;
         let y_address = base_address(&y)?;
-        let names = ("swiglu_fwd", "swiglu_fwd_wide");
-        let (name, per_thread) = rows.kernel(names, dtype, &[gate, up, y_address]);
+        let (name, per_thread) = rows.kernel(kernels(glu, true), dtype, &[gate, up, y_address]);
         let args = [
             [gate, up, y_address].map(Arg::Address).as_slice(),
             &rows.args(),
@@ -390,22 +493,21 @@ mod cuda {
 
     /// The gradients into a new buffer of `len` elements: d gate from its start, d up from
     /// `up_offset` elements on, each at the places of gate and up in their rows.
-    fn swiglu_backward(
+    fn backward(
         [gate, up]: [u64; 2],
         grad: Operand,
         rows: GluRows,
-        len: usize,
-        up_offset: usize,
+        (len, up_offset): (usize, usize),
+        glu: Glu,
     ) -> Result<CudaStorage> {
         let (device, dtype) = (&grad.0.device, grad.0.dtype());
         let out = alloc(device, dtype, len)?;
         let d_gate = base_address(&out)?;
         let d_up = d_gate + (up_offset * dtype.size_in_bytes()) as u64;
         let grad = address(grad)?;
-        let names = ("swiglu_bwd", "swiglu_bwd_wide");
-        let (name, per_thread) = rows.kernel(names, dtype, &[gate, up, grad, d_gate, d_up]);
-        let addresses = [gate, up, grad, d_gate, d_up].map(Arg::Address);
-        let args = [addresses.as_slice(), &rows.args()].concat();
+        let addresses = [gate, up, grad, d_gate, d_up];
+        let (name, per_thread) = rows.kernel(kernels(glu, false), dtype, &addresses);
+        let args = [addresses.map(Arg::Address).as_slice(), &rows.args()].concat();
         let (grid, block) = per_element(rows.n / per_thread)?;
         launch(device, name, Some(dtype), grid, block, &args)?;
         Ok(out)
@@ -414,46 +516,52 @@ mod cuda {
 
 #[cfg(test)]
 mod tests {
+    use super::Glu;
     use crate::parity::{assert_parity, uniform};
 
     #[test]
     fn matches_the_reference_forward_and_backward() {
-        for (i, shape) in [vec![1], vec![3, 5, 7], vec![2, 20000]].iter().enumerate() {
-            let s = 10 * i as u64;
-            let inputs = [(uniform(shape, s) * 4.0).unwrap(), uniform(shape, s + 1)];
-            assert_parity(
-                "swiglu",
-                &inputs,
-                &[true, true],
-                |t| t[0].apply_op2(&t[1], super::SwiGlu),
-                |t| super::reference(&t[0], &t[1]),
-                1e-5,
-            );
+        for glu in [Glu::SwiGlu, Glu::GeGlu] {
+            for (i, shape) in [vec![1], vec![3, 5, 7], vec![2, 20000]].iter().enumerate() {
+                let s = 10 * i as u64;
+                let inputs = [(uniform(shape, s) * 4.0).unwrap(), uniform(shape, s + 1)];
+                assert_parity(
+                    &format!("{glu:?}"),
+                    &inputs,
+                    &[true, true],
+                    |t| t[0].apply_op2(&t[1], super::Gated { glu }),
+                    |t| super::reference(&t[0], &t[1], glu),
+                    1e-5,
+                );
+            }
         }
     }
 
     #[test]
     fn packed_halves_match_the_reference_forward_and_backward() {
-        for (i, shape) in [vec![1, 2], vec![3, 5, 14], vec![2, 4096]]
-            .iter()
-            .enumerate()
-        {
-            let h = (uniform(shape, 7 + i as u64) * 4.0).unwrap();
-            assert_parity(
-                "swiglu_packed",
-                &[h],
-                &[true],
-                |t| t[0].apply_op1(super::SwiGluPacked),
-                |t| {
-                    let half = t[0].dim(candle_core::D::Minus1)? / 2;
-                    let last = t[0].rank() - 1;
-                    super::reference(
-                        &t[0].narrow(last, 0, half)?,
-                        &t[0].narrow(last, half, half)?,
-                    )
-                },
-                1e-5,
-            );
+        for glu in [Glu::SwiGlu, Glu::GeGlu] {
+            for (i, shape) in [vec![1, 2], vec![3, 5, 14], vec![2, 4096]]
+                .iter()
+                .enumerate()
+            {
+                let h = (uniform(shape, 7 + i as u64) * 4.0).unwrap();
+                assert_parity(
+                    &format!("{glu:?} packed"),
+                    &[h],
+                    &[true],
+                    |t| t[0].apply_op1(super::GatedPacked { glu }),
+                    |t| {
+                        let half = t[0].dim(candle_core::D::Minus1)? / 2;
+                        let last = t[0].rank() - 1;
+                        super::reference(
+                            &t[0].narrow(last, 0, half)?,
+                            &t[0].narrow(last, half, half)?,
+                            glu,
+                        )
+                    },
+                    1e-5,
+                );
+            }
         }
     }
 }

@@ -3,10 +3,12 @@
 //! path copies both to contiguous tensors, repeats grouped kv heads, and runs three kernels.
 //! This op reads the views directly (any strides, unit stride along the head dimension), maps
 //! each query head to its kv head, and does scores, softmax and the weighted sum in one kernel.
+//! Scores are taken as a [`Scoring`] says: a scale, soft-capping, and a sliding window (only
+//! the last `window` positions attended to).
 //! Inference only: it has no backward, and the dispatch never picks it for tracked tensors.
 //! On CUDA the kernel is in `kernels/decode.cu`.
 
-use super::GroupedDims;
+use super::{GroupedDims, Scoring};
 use crate::cpu_kernel::{f32s, for_each_row, output};
 use crate::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
@@ -28,11 +30,16 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && !(q.track_op() || k.track_op() || v.track_op())
 }
 
-/// `softmax(q kᵀ / √d) v` for `q` `[b, heads, 1, d]` and `k`/`v` `[b, kv_heads, kv_len, d]`;
-/// the operands must pass [`supported`] and be on a backend [`crate::fused`] accepts.
-pub(crate) fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(3)? as f32).sqrt();
-    q.apply_op3_no_bwd(k, v, &DecodeAttention { scale })
+/// `softmax(q kᵀ · scale) v` for `q` `[b, heads, 1, d]` and `k`/`v` `[b, kv_heads, kv_len, d]`
+/// with the scores taken as `scoring` says; the operands must pass [`supported`] and be on a
+/// backend [`crate::fused`] accepts.
+pub(crate) fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scoring: Scoring,
+) -> Result<Tensor> {
+    q.apply_op3_no_bwd(k, v, &DecodeAttention { scoring })
 }
 
 /// [`decode_attention`] on CUDA of a step at the position `position` holds (u32 `[1]`):
@@ -44,16 +51,16 @@ pub(crate) fn decode_attention_at(
     k: &Tensor,
     v: &Tensor,
     position: &Tensor,
+    scoring: Scoring,
 ) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(3)? as f32).sqrt();
     let out = launch::with_operands(&[q, k, v, position], |o| {
-        cuda::decode_attention(o[0], o[1], o[2], Some(o[3]), scale)
+        cuda::decode_attention(o[0], o[1], o[2], Some(o[3]), scoring)
     })?;
     Ok(launch::tensor(out, q.shape().clone()))
 }
 
 struct DecodeAttention {
-    scale: f32,
+    scoring: Scoring,
 }
 
 /// The strides of a cache view's first three dimensions and its offset, checked against the
@@ -83,21 +90,27 @@ impl FusedOp<3> for DecodeAttention {
             candle_core::bail!("decode attention: expected 4-D operands");
         };
         let group = heads / kv_heads.max(1);
+        let Scoring { scale, softcap, .. } = self.scoring;
+        let first = self.scoring.first_key(kv_len);
         let mut out = vec![0f32; q.len()];
         for_each_row(&mut out, d, |row, o| {
             let (b, kv_head) = (row / heads, (row % heads) / group);
             let query = &q[row * d..][..d];
             let k_base = k_start + b * ks[0] + kv_head * ks[1];
             let v_base = v_start + b * vs[0] + kv_head * vs[1];
-            let scores: Vec<f32> = (0..kv_len)
+            let scores: Vec<f32> = (first..kv_len)
                 .map(|j| {
                     let key = &k[k_base + j * ks[2]..][..d];
-                    query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * self.scale
+                    let s = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    match softcap > 0.0 {
+                        true => softcap * (s / softcap).tanh(),
+                        false => s,
+                    }
                 })
                 .collect();
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
             let mut sum = 0f32;
-            for (j, s) in scores.iter().enumerate() {
+            for (j, s) in (first..).zip(&scores) {
                 let p = (s - max).exp();
                 sum += p;
                 let value = &v[v_base + j * vs[2]..][..d];
@@ -110,7 +123,7 @@ impl FusedOp<3> for DecodeAttention {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [q, k, v]: [Operand; 3]) -> CudaOutput {
-        let out = cuda::decode_attention(q, k, v, None, self.scale)?;
+        let out = cuda::decode_attention(q, k, v, None, self.scoring)?;
         Ok((out, q.1.shape().clone()))
     }
 }
@@ -120,6 +133,7 @@ custom_op!(DecodeAttention: 3);
 /// The CUDA launcher (`kernels/decode.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::Scoring;
     use crate::launch::{
         address, alloc, base_address, common_dtype, grid, int, launch_with_shared,
         optional_address, strided4, Arg, Operand,
@@ -129,13 +143,13 @@ mod cuda {
     /// One query per (batch, head), `q` `[b, heads, 1, d]`, against `k`/`v`
     /// `[b, kv_heads, kv_len, d]` read in place (views into a cache allowed).
     /// With `position` (the step's own, held on the device), `k`/`v` are the whole cache and the
-    /// kernel attends to the positions up to it.
+    /// kernel attends to the positions up to it (the last `window` of them with a window).
     pub(super) fn decode_attention(
         q: Operand,
         k: Operand,
         v: Operand,
         position: Option<Operand>,
-        scale: f32,
+        scoring: Scoring,
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[q, k, v])?;
         let (&[b, heads, _, d], &[_, kv_heads, kv_len, _]) = (q.1.dims(), k.1.dims()) else {
@@ -162,8 +176,10 @@ mod cuda {
             Arg::Count(vs[0]),
             Arg::Count(vs[1]),
             Arg::Count(vs[2]),
-            Arg::Float(scale),
+            Arg::Float(scoring.scale),
             Arg::Address(optional_address(position)?),
+            Arg::Float(scoring.softcap),
+            int(scoring.window.min(kv_len))?,
         ];
         // A decode step has one block per head: each gets the most threads a block can have
         // (at least one per element of a head).
@@ -195,11 +211,33 @@ mod tests {
         assert!(!k.is_contiguous());
         let q = uniform(&[2, 4, 1, 8], 3);
         assert!(super::supported(&q, &k, &v));
-        let got = super::decode_attention(&q, &k, &v).unwrap();
+        let got = super::decode_attention(&q, &k, &v, super::Scoring::plain(8)).unwrap();
         let (k_all, v_all) = super::super::repeat_kv_heads(&q, &k, &v).unwrap();
         let want = super::super::reference(&q, &k_all, &v_all).unwrap();
         let error = relative_error(&got, &want);
         assert!(error < 1e-6, "{error:.2e}");
+    }
+
+    #[test]
+    fn soft_capped_windowed_steps_match_the_reference() {
+        let cache_k = (uniform(&[1, 2, 9, 8], 4) * 3.0).unwrap();
+        let cache_v = uniform(&[1, 2, 9, 8], 5);
+        let (k, v) = (
+            cache_k.narrow(2, 0, 7).unwrap(),
+            cache_v.narrow(2, 0, 7).unwrap(),
+        );
+        let q = (uniform(&[1, 4, 1, 8], 6) * 3.0).unwrap();
+        for window in [Some(1), Some(3), Some(7), Some(20), None] {
+            let options = super::super::AttentionOptions {
+                scale: 0.3,
+                softcap: Some(2.0),
+                window,
+            };
+            let got = super::decode_attention(&q, &k, &v, super::Scoring::of(options)).unwrap();
+            let want = super::super::windowed_reference(&q, &k, &v, options).unwrap();
+            let error = relative_error(&got, &want);
+            assert!(error < 1e-5, "window {window:?}: {error:.2e}");
+        }
     }
 
     #[test]

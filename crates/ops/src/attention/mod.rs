@@ -2,10 +2,14 @@
 //! Three fused implementations sit beside it:
 //!
 //! - [`softmax`]: QKᵀ and PV as matmuls around a fused causal softmax (CPU and CUDA), one graph
-//!   node that keeps only the probabilities;
+//!   node that keeps only the probabilities (and the scores, with soft-capping);
 //! - `flash` (CUDA only): flash-style kernels for head sizes 64 and 128 that never hold the T×T
 //!   probabilities, on tensor cores in bf16 and f16;
 //! - [`decode`]: one query per head against a KV cache read in place (inference).
+//!
+//! The softmax and decode kernels also take [`AttentionOptions`] (a scale of its own,
+//! soft-capped scores, a sliding window: Gemma, Mistral, Qwen's sliding layers); the flash
+//! kernels take plain scores only.
 
 mod decode;
 #[cfg(feature = "cuda")]
@@ -21,7 +25,7 @@ use candle_core::{Device, Result, Tensor, D};
 /// query `i` sits at position `kv_len - q_len + i` and sees keys up to that position.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if fused(&[q, k, v]) {
-        return softmax::causal_attention(q, k, v);
+        return softmax::causal_attention(q, k, v, Scoring::plain(q.dim(3)?));
     }
     reference(q, k, v)
 }
@@ -54,11 +58,77 @@ pub struct AttentionOptions {
     pub window: Option<usize>,
 }
 
+impl AttentionOptions {
+    /// Plain causal attention for heads of `head_size`: `1/sqrt(head_size)`, no cap, no window.
+    pub fn plain(head_size: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_size as f64).sqrt(),
+            softcap: None,
+            window: None,
+        }
+    }
+}
+
+/// [`AttentionOptions`] as the kernels take them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Scoring {
+    pub scale: f32,
+    /// 0 for none.
+    pub softcap: f32,
+    /// 0 for none.
+    pub window: usize,
+}
+
+impl Scoring {
+    pub(crate) fn of(options: AttentionOptions) -> Self {
+        Self {
+            scale: options.scale as f32,
+            softcap: options.softcap.unwrap_or(0.0) as f32,
+            window: options.window.unwrap_or(0),
+        }
+    }
+
+    pub(crate) fn plain(head_size: usize) -> Self {
+        Self::of(AttentionOptions::plain(head_size))
+    }
+
+    /// The first key a query sees whose keys end (exclusive) at `end`.
+    pub(crate) fn first_key(&self, end: usize) -> usize {
+        match self.window {
+            0 => 0,
+            w => end.saturating_sub(w),
+        }
+    }
+}
+
 /// Grouped-query causal attention with [`AttentionOptions`], with the contract of
-/// [`grouped_attention`] (`k`/`v` may be views into a KV cache). The composite from candle's
-/// differentiable ops on every backend (scores and softmax in f32 for 16-bit inputs): the fused
-/// kernels take none of these options yet, so the model comes here whenever one is set.
+/// [`grouped_attention`] (`k`/`v` may be views into a KV cache). Fused where the backend is: a
+/// decode step reads the cache in place with one kernel, plain options take
+/// [`flash_attention`], others the fused causal softmax over repeated kv heads; elsewhere the
+/// composite [`windowed_reference`].
 pub fn windowed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    options: AttentionOptions,
+) -> Result<Tensor> {
+    if !fused(&[q, k, v]) {
+        return windowed_reference(q, k, v, options);
+    }
+    let scoring = Scoring::of(options);
+    if decode::supported(q, k, v) {
+        return decode::decode_attention(q, k, v, scoring);
+    }
+    if scoring == Scoring::plain(q.dim(3)?) {
+        return flash_attention(q, k, v);
+    }
+    let (k, v) = repeat_kv_heads(q, k, v)?;
+    softmax::causal_attention(&q.contiguous()?, &k, &v, scoring)
+}
+
+/// [`windowed_attention`] from candle's differentiable ops, any backend and dtype (scores and
+/// softmax in f32 for 16-bit inputs).
+pub fn windowed_reference(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -108,29 +178,30 @@ fn window_mask(
 /// [`flash_attention`]); otherwise kv heads are repeated and [`causal_attention`] runs.
 pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if fused(&[q, k, v]) && decode::supported(q, k, v) {
-        return decode::decode_attention(q, k, v);
+        return decode::decode_attention(q, k, v, Scoring::plain(q.dim(3)?));
     }
     flash_attention(q, k, v)
 }
 
-/// [`grouped_attention`] of a one-query decode step whose position `position` holds (u32
+/// [`windowed_attention`] of a one-query decode step whose position `position` holds (u32
 /// `[1]`, on the queries' device): `k`/`v` are the KV cache's whole buffers
-/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own. The CUDA
-/// decode kernel reads the position in place (so a captured step replays at the next
-/// position); elsewhere the position is read back and the views narrowed for
-/// [`grouped_attention`].
+/// `[b, kv_heads, max_len, d]`, and the step attends to the positions up to its own (the last
+/// `window` of them with a window). The CUDA decode kernel reads the position in place (so a
+/// captured step replays at the next position); elsewhere the position is read back and the
+/// views narrowed for [`windowed_attention`].
 pub fn decode_attention_at(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     position: &Tensor,
+    options: AttentionOptions,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() && fused(&[q, k, v]) && decode::supported(q, k, v) {
-        return decode::decode_attention_at(q, k, v, position);
+        return decode::decode_attention_at(q, k, v, position, Scoring::of(options));
     }
     let len = Position::Device(position).read()? + 1;
-    grouped_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?)
+    windowed_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?, options)
 }
 
 /// The attention of a block without a KV cache, from its projections to the input of its output

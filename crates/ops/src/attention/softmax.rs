@@ -1,10 +1,14 @@
 //! Fused causal attention on the CPU and on CUDA: `softmax(scores * scale + causal mask)` in one
 //! pass per row, and its backward in one pass, with no mask tensor and no T×T temporaries
-//! besides the probabilities themselves (`kernels/attention.cu` on CUDA). The QKᵀ and PV
+//! besides the probabilities themselves (`kernels/attention.cu` on CUDA). The [`Scoring`]
+//! options soft-cap the scaled scores (Gemma 2) and narrow each row to a sliding window; with
+//! soft-capping the backward also reads the raw scores (kept for it), since the probabilities
+//! do not give back the capped logits' slopes. The QKᵀ and PV
 //! products stay candle matmuls (cuBLAS on CUDA). The whole attention is one node of the
 //! autograd graph with a hand-written backward, so candle keeps and accumulates no score-sized
 //! gradients of its own.
 
+use super::Scoring;
 use crate::attach::attach3;
 use crate::cpu_kernel::{assume_written, f32s, output, written_rows};
 use crate::fast_exp;
@@ -14,42 +18,54 @@ use crate::fused_op::{CudaOutput, Operand};
 use crate::rows_and_width;
 use candle_core::{Layout, Result, Tensor};
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
-/// Causal attention with the fused softmax. Same contract as [`super::causal_attention`];
-/// inputs must be contiguous, on a backend [`crate::fused`] accepts.
-pub(crate) fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let head_dim = q.dim(3)?;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+/// Causal attention with the fused softmax, its scores taken as `scoring` says. Same contract
+/// as [`super::causal_attention`]; inputs must be contiguous, on a backend [`crate::fused`]
+/// accepts.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scoring: Scoring,
+) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let probs = qd
-        .matmul(&kd.t()?)?
-        .apply_op1_no_bwd(&CausalSoftmax { scale })?;
+    let scores = qd.matmul(&kd.t()?)?;
+    let probs = scores.apply_op1_no_bwd(&CausalSoftmax { scoring })?;
     let out = probs.matmul(&vd)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
+    // Only soft-capping's backward reads the raw scores; otherwise they are freed now.
+    let capped = match scoring.softcap > 0.0 {
+        true => scores,
+        false => probs.clone(),
+    };
     attach3([q, k, v], &out, "causal-attention", move |grad| {
         let grad = grad.contiguous()?;
         let dv = probs.t()?.matmul(&grad)?;
         let dp = grad.matmul(&vd.t()?)?;
-        let ds = probs.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { scale })?;
+        let ds = probs.apply_op3_no_bwd(&dp, &capped, &CausalSoftmaxGrad { scoring })?;
         let dq = ds.matmul(&kd)?;
         let dk = ds.t()?.matmul(&qd)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
 
-/// Row `row` of a `[.., q_len, kv_len]` score tensor may see keys `0..visible(row)`: query `i`
-/// sits at position `kv_len - q_len + i`.
-fn visible(row: usize, q_len: usize, kv_len: usize) -> usize {
-    kv_len - q_len + row % q_len + 1
+/// The keys row `row` of a `[.., q_len, kv_len]` score tensor sees: query `i` sits at position
+/// `kv_len - q_len + i` and sees the keys up to it, the last `window` of them with a window.
+fn visible(row: usize, q_len: usize, kv_len: usize, scoring: Scoring) -> Range<usize> {
+    let end = kv_len - q_len + row % q_len + 1;
+    scoring.first_key(end)..end
 }
 
-/// The first `n` (visible) elements of an output row, after writing zeros over the rest (the
-/// masked keys, whose probabilities and gradients are 0).
-fn visible_part(row: &mut [MaybeUninit<f32>], n: usize) -> &mut [MaybeUninit<f32>] {
-    let (visible, masked) = row.split_at_mut(n);
-    masked.fill(MaybeUninit::new(0.0));
+/// The visible elements of an output row, after writing zeros over the rest (the masked
+/// keys, whose probabilities and gradients are 0).
+fn visible_part(row: &mut [MaybeUninit<f32>], keys: Range<usize>) -> &mut [MaybeUninit<f32>] {
+    let (before, rest) = row.split_at_mut(keys.start);
+    let (visible, after) = rest.split_at_mut(keys.len());
+    before.fill(MaybeUninit::new(0.0));
+    after.fill(MaybeUninit::new(0.0));
     visible
 }
 
@@ -68,17 +84,31 @@ fn query_and_key_lens(layout: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 struct CausalSoftmax {
-    scale: f32,
+    scoring: Scoring,
 }
 
 impl CausalSoftmax {
-    /// Writes the probabilities of one row of `scores.len()` visible keys into the first
-    /// elements of `p`, and zeros over the rest.
-    fn write_row(&self, scores: &[f32], p: &mut [MaybeUninit<f32>]) {
-        let p = visible_part(p, scores.len());
+    /// Writes the probabilities of the visible `keys` of one row of `scores` into `p`, and
+    /// zeros over the rest.
+    fn write_row(&self, scores: &[f32], keys: Range<usize>, p: &mut [MaybeUninit<f32>]) {
+        let scores = &scores[keys.clone()];
+        let p = visible_part(p, keys);
+        let Scoring { scale, softcap, .. } = self.scoring;
+        if softcap > 0.0 {
+            for (p, &s) in p.iter_mut().zip(scores) {
+                p.write(softcap * (s * scale / softcap).tanh());
+            }
+            // SAFETY: the loop above wrote every element of `p`.
+            let p = unsafe { assume_written(p) };
+            let max = fast_exp::max(p);
+            p.iter_mut().for_each(|p| *p = fast_exp::exp(*p - max));
+            let inv = 1.0 / fast_exp::sum(p);
+            p.iter_mut().for_each(|p| *p *= inv);
+            return;
+        }
         let max = fast_exp::max(scores);
         for (p, &s) in p.iter_mut().zip(scores) {
-            p.write(fast_exp::exp((s - max) * self.scale));
+            p.write(fast_exp::exp((s - max) * scale));
         }
         // SAFETY: the loop above wrote every element of `p`.
         let p = unsafe { assume_written(p) };
@@ -96,8 +126,8 @@ impl FusedOp<1> for CausalSoftmax {
         // SAFETY: `write_row` writes every element of the row.
         let probs = unsafe {
             written_rows(scores.len(), kv_len, |row, p| {
-                let n = visible(row, q_len, kv_len);
-                self.write_row(&scores[row * kv_len..][..n], p);
+                let keys = visible(row, q_len, kv_len, self.scoring);
+                self.write_row(&scores[row * kv_len..][..kv_len], keys, p);
             })
         };
         Ok(output(probs, layout.shape().clone()))
@@ -106,39 +136,53 @@ impl FusedOp<1> for CausalSoftmax {
     #[cfg(feature = "cuda")]
     fn cuda(&self, [scores]: [Operand; 1]) -> CudaOutput {
         let (_, q_len, _) = query_and_key_lens(scores.1)?;
-        let probs = cuda::causal_softmax(scores, q_len, self.scale)?;
+        let probs = cuda::causal_softmax(scores, q_len, self.scoring)?;
         Ok((probs, scores.1.shape().clone()))
     }
 }
 
 custom_op!(CausalSoftmax: 1);
 
-/// `dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale`, skipping the masked part of each row (P = 0 there).
+/// `dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale`, times the soft-cap's slope `1 − tanh²` of each
+/// raw score (the third operand, read only with soft-capping), skipping the masked part of each
+/// row (P = 0 there).
 struct CausalSoftmaxGrad {
-    scale: f32,
+    scoring: Scoring,
 }
 
-impl FusedOp<2> for CausalSoftmaxGrad {
+impl FusedOp<3> for CausalSoftmaxGrad {
     const NAME: &'static str = "causal-softmax-grad";
 
-    fn cpu(&self, [(probs, probs_layout), (grad, grad_layout)]: [CpuOperand; 2]) -> CpuOutput {
+    fn cpu(
+        &self,
+        [(probs, probs_layout), (grad, grad_layout), (scores, scores_layout)]: [CpuOperand; 3],
+    ) -> CpuOutput {
         let (probs, grad) = (f32s(probs, probs_layout)?, f32s(grad, grad_layout)?);
+        let scores = f32s(scores, scores_layout)?;
         let (_, q_len, kv_len) = query_and_key_lens(probs_layout)?;
-        if grad.len() != probs.len() {
+        if grad.len() != probs.len() || scores.len() != probs.len() {
             candle_core::bail!(
-                "causal softmax gradient: {} probabilities, {} gradients",
+                "causal softmax gradient: {} probabilities, {} gradients, {} scores",
                 probs.len(),
-                grad.len()
+                grad.len(),
+                scores.len()
             );
         }
-        // SAFETY: `visible_part` writes the masked tail of each row, the loop the rest.
+        let Scoring { scale, softcap, .. } = self.scoring;
+        // SAFETY: `visible_part` writes the masked parts of each row, the loop the rest.
         let out = unsafe {
             written_rows(probs.len(), kv_len, |row, ds| {
-                let n = visible(row, q_len, kv_len);
-                let (p, dp) = (&probs[row * kv_len..][..n], &grad[row * kv_len..][..n]);
+                let keys = visible(row, q_len, kv_len, self.scoring);
+                let at = row * kv_len + keys.start..row * kv_len + keys.end;
+                let (p, dp, s) = (&probs[at.clone()], &grad[at.clone()], &scores[at]);
                 let dot: f32 = p.iter().zip(dp).map(|(p, d)| p * d).sum();
-                for ((ds, &p), &dp) in visible_part(ds, n).iter_mut().zip(p).zip(dp) {
-                    ds.write(p * (dp - dot) * self.scale);
+                let visible = visible_part(ds, keys);
+                for (((ds, &p), &dp), &s) in visible.iter_mut().zip(p).zip(dp).zip(s) {
+                    let slope = match softcap > 0.0 {
+                        true => 1.0 - (s * scale / softcap).tanh().powi(2),
+                        false => 1.0,
+                    };
+                    ds.write(p * (dp - dot) * scale * slope);
                 }
             })
         };
@@ -146,30 +190,46 @@ impl FusedOp<2> for CausalSoftmaxGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(&self, [probs, grad]: [Operand; 2]) -> CudaOutput {
+    fn cuda(&self, [probs, grad, scores]: [Operand; 3]) -> CudaOutput {
         let (_, q_len, _) = query_and_key_lens(probs.1)?;
-        let ds = cuda::causal_softmax_grad(probs, grad, q_len, self.scale)?;
+        let ds = cuda::causal_softmax_grad([probs, grad, scores], q_len, self.scoring)?;
         Ok((ds, probs.1.shape().clone()))
     }
 }
 
-custom_op!(CausalSoftmaxGrad: 2);
+custom_op!(CausalSoftmaxGrad: 3);
 
 /// The CUDA launchers (`kernels/attention.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::Scoring;
     use crate::launch::{
         alloc, common_dtype, elementwise_kernel, int, per_warp_row, run, Arg, Operand,
     };
     use crate::rows_and_width;
     use candle_core::{CudaStorage, Result};
 
-    /// Causal softmax of attention scores `[.., q_len, kv_len]`, scaled by `scale`.
-    pub(super) fn causal_softmax(scores: Operand, q_len: usize, scale: f32) -> Result<CudaStorage> {
+    /// The kernels' arguments after the row counts: scale, soft-cap (0 for none) and window (0
+    /// for none).
+    fn scoring_args(scoring: Scoring, kv_len: usize) -> Result<[Arg; 3]> {
+        Ok([
+            Arg::Float(scoring.scale),
+            Arg::Float(scoring.softcap),
+            int(scoring.window.min(kv_len))?,
+        ])
+    }
+
+    /// Causal softmax of attention scores `[.., q_len, kv_len]`, taken as `scoring` says.
+    pub(super) fn causal_softmax(
+        scores: Operand,
+        q_len: usize,
+        scoring: Scoring,
+    ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[scores])?;
         let (rows, kv_len) = rows_and_width(scores.1)?;
         let probs = alloc(&scores.0.device, dtype, rows * kv_len)?;
-        let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
+        let counts = [int(rows)?, int(q_len)?, int(kv_len)?];
+        let scalars = [counts.as_slice(), &scoring_args(scoring, kv_len)?].concat();
         let kernels = ("causal_softmax_fwd", "causal_softmax_fwd_wide");
         let (name, _) = elementwise_kernel(kernels, &[scores], kv_len)?;
         run(
@@ -181,23 +241,24 @@ mod cuda {
         )
     }
 
-    /// Gradient of the causal softmax with respect to the raw scores.
+    /// Gradient of the causal softmax with respect to the raw scores (read only with
+    /// soft-capping).
     pub(super) fn causal_softmax_grad(
-        probs: Operand,
-        grad: Operand,
+        [probs, grad, scores]: [Operand; 3],
         q_len: usize,
-        scale: f32,
+        scoring: Scoring,
     ) -> Result<CudaStorage> {
-        let dtype = common_dtype(&[probs, grad])?;
+        let dtype = common_dtype(&[probs, grad, scores])?;
         let (rows, kv_len) = rows_and_width(probs.1)?;
         let ds = alloc(&probs.0.device, dtype, rows * kv_len)?;
-        let scalars = [int(rows)?, int(q_len)?, int(kv_len)?, Arg::Float(scale)];
+        let counts = [int(rows)?, int(q_len)?, int(kv_len)?];
+        let scalars = [counts.as_slice(), &scoring_args(scoring, kv_len)?].concat();
         let kernels = ("causal_softmax_bwd", "causal_softmax_bwd_wide");
-        let (name, _) = elementwise_kernel(kernels, &[probs, grad], kv_len)?;
+        let (name, _) = elementwise_kernel(kernels, &[probs, grad, scores], kv_len)?;
         run(
             (name, dtype),
             per_warp_row(rows)?,
-            &[probs, grad],
+            &[probs, grad, scores],
             ds,
             &scalars,
         )
@@ -206,6 +267,7 @@ mod cuda {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{windowed_reference, AttentionOptions, Scoring};
     use crate::parity::{assert_parity, uniform};
 
     #[test]
@@ -233,8 +295,43 @@ mod tests {
                 "causal_attention",
                 &inputs,
                 &[true; 3],
-                |t| super::causal_attention(&t[0], &t[1], &t[2]),
+                |t| super::super::causal_attention(&t[0], &t[1], &t[2]),
                 |t| super::super::reference(&t[0], &t[1], &t[2]),
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn soft_capped_windowed_scores_match_the_reference() {
+        // (queries, keys, options): prompt and decode-like rows, windows inside and past them.
+        let options = |scale: f64, softcap, window| AttentionOptions {
+            scale,
+            softcap,
+            window,
+        };
+        for (i, &(q, kv, o)) in [
+            (7, 7, options(0.3, Some(2.0), Some(3))),
+            (5, 9, options(0.5, None, Some(4))),
+            (6, 6, options(0.4, Some(1.5), None)),
+            (3, 8, options(0.2, Some(50.0), Some(20))),
+            (40, 40, options(0.35, Some(3.0), Some(1))),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let s = 10 * i as u64;
+            let inputs = [
+                (uniform(&[2, 2, q, 8], s) * 3.0).unwrap(),
+                (uniform(&[2, 2, kv, 8], s + 1) * 3.0).unwrap(),
+                uniform(&[2, 2, kv, 8], s + 2),
+            ];
+            assert_parity(
+                "causal_attention with options",
+                &inputs,
+                &[true; 3],
+                |t| super::causal_attention(&t[0], &t[1], &t[2], Scoring::of(o)),
+                |t| windowed_reference(&t[0], &t[1], &t[2], o),
                 1e-5,
             );
         }

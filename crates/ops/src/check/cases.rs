@@ -4,6 +4,7 @@
 
 use super::{Case, Input};
 use crate::reference;
+use crate::Glu;
 use candle_core::{DType, Result, Tensor};
 
 /// The dimensions of a model that its ops run at.
@@ -25,24 +26,33 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
     let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
     vec![
         attention_case(vec![batch, h, seq, d], seq),
+        options_attention_case(batch, h, shape.kv_heads, seq, d),
         flash_case(batch, h, shape.kv_heads, seq, seq, d),
         self_attention_case(batch, h, shape.kv_heads, seq, d),
         Case {
             name: "rms_norm",
             fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
-            reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            reference: |t| reference::rms_norm(&t[0], &t[1], 0.0, 1e-5),
             inputs: vec![float(&[batch, seq, shape.hidden]), float(&[shape.hidden])],
         },
+        rms_norm_offset_case(vec![batch, seq, shape.hidden]),
+        qk_norm_case(vec![batch, seq, h, d]),
         rope_case(vec![batch, h, seq, d]),
+        rope_partial_case(vec![batch, h, seq, d], d / 4 * 3 / 2 * 2),
         swap_case(vec![batch, seq, h, d]),
         decode_case(1, h, shape.kv_heads, seq, d),
+        decode_window_case(1, h, shape.kv_heads, seq, d),
         add_norm_case(1, shape.hidden),
+        add_norm_offset_case(1, shape.hidden),
         gemv_case(1, shape.hidden, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
-        swiglu_projection_case(shape.hidden, shape.ffn),
-        swiglu_master_case(tokens, shape.hidden, shape.ffn),
-        swiglu_packed_case(tokens, shape.ffn),
+        glu_projection_case::<false>(shape.hidden, shape.ffn),
+        glu_master_case::<false>(tokens, shape.hidden, shape.ffn),
+        glu_packed_case::<false>(tokens, shape.ffn),
+        glu_projection_case::<true>(shape.hidden, shape.ffn),
+        glu_master_case::<true>(tokens, shape.hidden, shape.ffn),
+        glu_packed_case::<true>(tokens, shape.ffn),
         write_kv_case(1, 1, h, shape.kv_heads, d),
         write_kv_at_case(1, h, shape.kv_heads, d),
         decode_at_case(h, shape.kv_heads, seq, d),
@@ -55,15 +65,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
                 float(&[tokens, shape.hidden]),
             ],
         },
-        Case {
-            name: "swiglu",
-            fused: |t| crate::swiglu(&t[0], &t[1]),
-            reference: |t| reference::swiglu(&t[0], &t[1]),
-            inputs: vec![
-                Input::Float(vec![batch, seq, shape.ffn], 4.0),
-                float(&[batch, seq, shape.ffn]),
-            ],
-        },
+        glu_case::<false>(vec![batch, seq, shape.ffn]),
+        glu_case::<true>(vec![batch, seq, shape.ffn]),
         Case {
             name: "token_nll",
             fused: |t| crate::token_nll(&t[0], &t[1]),
@@ -76,7 +79,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         nll_with_grad_case(tokens, shape.vocab, Input::Table(vec![tokens])),
         Case {
             name: "head_mean_nll",
-            fused: |t| crate::head_mean_nll(&t[0], &t[1], &t[2], &t[3]),
+            fused: |t| crate::head_mean_nll(&t[0], &t[1], &t[2], &t[3], None),
             reference: |t| {
                 let nll = reference::token_nll(&t[0].matmul(&t[1].t()?)?, &t[2])?;
                 crate::weighted_mean(&nll, &t[3])
@@ -139,6 +142,64 @@ fn attention_case(q: Vec<usize>, kv_len: usize) -> Case {
             Input::Float(q, 1.0),
             Input::Float(kv.clone(), 1.0),
             Input::Float(kv, 1.0),
+        ],
+    }
+}
+
+/// The options the attention cases with soft-capping and a window use: scores scaled as by a
+/// `query_pre_attn_scalar` of 256, capped at 5 (Gemma 2's 50 would hardly bend random
+/// scores), and a window of a fifth of the keys (at least 5).
+fn capped_window(kv_len: usize) -> crate::AttentionOptions {
+    crate::AttentionOptions {
+        scale: 1.0 / 16.0,
+        softcap: Some(5.0),
+        window: Some(5.max(kv_len / 5)),
+    }
+}
+
+/// Grouped-query causal attention with soft-capped scores (`q` scaled up so that the cap
+/// bends them) and a sliding window, through [`crate::windowed_attention`] (the fused causal
+/// softmax), with gradients.
+fn options_attention_case(batch: usize, heads: usize, kv_heads: usize, t: usize, d: usize) -> Case {
+    Case {
+        name: "causal_attention_softcap_window",
+        fused: |t| crate::windowed_attention(&t[0], &t[1], &t[2], capped_window(t[1].dim(2)?)),
+        reference: |t| {
+            let options = capped_window(t[1].dim(2)?);
+            reference::windowed_attention(&t[0], &t[1], &t[2], options)
+        },
+        inputs: vec![
+            Input::Float(vec![batch, heads, t, d], 40.0),
+            Input::Float(vec![batch, kv_heads, t, d], 1.0),
+            Input::Float(vec![batch, kv_heads, t, d], 1.0),
+        ],
+    }
+}
+
+/// A decode step (constant inputs, one query per head) with soft-capped scores and a window
+/// over `kv_len` cached positions.
+fn decode_window_case(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    kv_len: usize,
+    d: usize,
+) -> Case {
+    Case {
+        name: "decode_window",
+        fused: |t| {
+            let q = (&t[0] * 40.0)?;
+            crate::windowed_attention(&q, &t[1], &t[2], capped_window(t[1].dim(2)?))
+        },
+        reference: |t| {
+            let q = (&t[0] * 40.0)?;
+            let options = capped_window(t[1].dim(2)?);
+            reference::windowed_attention(&q, &t[1], &t[2], options)
+        },
+        inputs: vec![
+            Input::Table(vec![batch, heads, 1, d]),
+            Input::Table(vec![batch, kv_heads, kv_len, d]),
+            Input::Table(vec![batch, kv_heads, kv_len, d]),
         ],
     }
 }
@@ -252,44 +313,76 @@ fn master_linear_case(rows: usize, inp: usize, out: usize) -> Case {
     }
 }
 
-/// The SwiGLU of a stacked gate/up projection of one untracked row (a decode step's MLP).
-fn swiglu_projection_case(inp: usize, ffn: usize) -> Case {
+/// The unit of the gated-unit cases: SwiGLU, or GeGLU where `GEGLU` (a case is a pair of
+/// plain functions, so the choice is a type parameter).
+const fn unit<const GEGLU: bool>() -> Glu {
+    match GEGLU {
+        true => Glu::GeGlu,
+        false => Glu::SwiGlu,
+    }
+}
+
+/// `swiglu` or `geglu` of separate gate `[..]` (values in ±4) and up of the same shape.
+fn glu_case<const GEGLU: bool>(shape: Vec<usize>) -> Case {
     Case {
-        name: "swiglu_projection",
-        fused: |t| crate::swiglu_projection(&t[0], &t[1]),
+        name: match GEGLU {
+            true => "geglu",
+            false => "swiglu",
+        },
+        fused: |t| crate::glu(&t[0], &t[1], unit::<GEGLU>()),
+        reference: |t| reference::glu(&t[0], &t[1], unit::<GEGLU>()),
+        inputs: vec![Input::Float(shape.clone(), 4.0), Input::Float(shape, 1.0)],
+    }
+}
+
+/// The gated unit of a stacked gate/up projection of one untracked row (a decode step's MLP).
+fn glu_projection_case<const GEGLU: bool>(inp: usize, ffn: usize) -> Case {
+    Case {
+        name: match GEGLU {
+            true => "geglu_projection",
+            false => "swiglu_projection",
+        },
+        fused: |t| crate::glu_projection(&t[0], &t[1], unit::<GEGLU>()),
         reference: |t| {
             let ffn = t[1].dim(0)? / 2;
             let gate = t[0].matmul(&t[1].narrow(0, 0, ffn)?.t()?)?;
             let up = t[0].matmul(&t[1].narrow(0, ffn, ffn)?.t()?)?;
-            reference::swiglu(&gate, &up)
+            reference::glu(&gate, &up, unit::<GEGLU>())
         },
         inputs: vec![Input::Table(vec![1, inp]), Input::Table(vec![2 * ffn, inp])],
     }
 }
 
 /// A training block's gated projection from master weights: `x` `[rows, inp]`, gate and up
-/// `[ffn, inp]`, all differentiable (on CUDA one stacked projection into a packed SwiGLU).
-fn swiglu_master_case(rows: usize, inp: usize, ffn: usize) -> Case {
+/// `[ffn, inp]`, all differentiable (on CUDA one stacked projection into a packed unit).
+fn glu_master_case<const GEGLU: bool>(rows: usize, inp: usize, ffn: usize) -> Case {
     let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
     Case {
-        name: "swiglu_master_projection",
-        fused: |t| crate::swiglu_master_projection(&t[0], &t[1], &t[2]),
+        name: match GEGLU {
+            true => "geglu_master_projection",
+            false => "swiglu_master_projection",
+        },
+        fused: |t| crate::glu_master_projection(&t[0], &t[1], &t[2], unit::<GEGLU>()),
         reference: |t| {
             let project = |w: &Tensor| t[0].matmul(&w.t()?);
-            reference::swiglu(&project(&t[1])?, &project(&t[2])?)
+            reference::glu(&project(&t[1])?, &project(&t[2])?, unit::<GEGLU>())
         },
         inputs: vec![float(&[rows, inp]), float(&[ffn, inp]), float(&[ffn, inp])],
     }
 }
 
-/// A packed projection `[rows, 2 · width]` into SwiGLU, differentiable.
-fn swiglu_packed_case(rows: usize, width: usize) -> Case {
+/// A packed projection `[rows, 2 · width]` into the unit, differentiable.
+fn glu_packed_case<const GEGLU: bool>(rows: usize, width: usize) -> Case {
     Case {
-        name: "swiglu_packed",
-        fused: |t| crate::swiglu_packed(&t[0]),
+        name: match GEGLU {
+            true => "geglu_packed",
+            false => "swiglu_packed",
+        },
+        fused: |t| crate::glu_packed(&t[0], unit::<GEGLU>()),
         reference: |t| {
             let half = t[0].dim(1)? / 2;
-            reference::swiglu(&t[0].narrow(1, 0, half)?, &t[0].narrow(1, half, half)?)
+            let (gate, up) = (t[0].narrow(1, 0, half)?, t[0].narrow(1, half, half)?);
+            reference::glu(&gate, &up, unit::<GEGLU>())
         },
         inputs: vec![Input::Float(vec![rows, 2 * width], 4.0)],
     }
@@ -300,12 +393,12 @@ fn add_norm_case(rows: usize, width: usize) -> Case {
     Case {
         name: "add_rms_norm",
         fused: |t| {
-            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], 1e-5)?;
+            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], 0.0, 1e-5)?;
             Tensor::stack(&[sum, normed], 0)
         },
         reference: |t| {
             let sum = (&t[0] + &t[1])?;
-            let normed = reference::rms_norm(&sum, &t[2], 1e-5)?;
+            let normed = reference::rms_norm(&sum, &t[2], 0.0, 1e-5)?;
             Tensor::stack(&[sum, normed], 0)
         },
         inputs: vec![
@@ -313,6 +406,50 @@ fn add_norm_case(rows: usize, width: usize) -> Case {
             Input::Table(vec![rows, width]),
             Input::Table(vec![width]),
         ],
+    }
+}
+
+/// [`add_norm_case`] with Gemma's `1 + w` norm weight.
+fn add_norm_offset_case(rows: usize, width: usize) -> Case {
+    Case {
+        name: "add_rms_norm_offset",
+        fused: |t| {
+            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], 1.0, 1e-5)?;
+            Tensor::stack(&[sum, normed], 0)
+        },
+        reference: |t| {
+            let sum = (&t[0] + &t[1])?;
+            let normed = reference::rms_norm(&sum, &t[2], 1.0, 1e-5)?;
+            Tensor::stack(&[sum, normed], 0)
+        },
+        inputs: vec![
+            Input::Table(vec![rows, width]),
+            Input::Table(vec![rows, width]),
+            Input::Table(vec![width]),
+        ],
+    }
+}
+
+/// RMSNorm scaled by `1 + w` (Gemma) over rows `x`, with gradients.
+fn rms_norm_offset_case(x: Vec<usize>) -> Case {
+    let width = x[x.len() - 1];
+    Case {
+        name: "rms_norm_offset",
+        fused: |t| crate::rms_norm_offset(&t[0], &t[1], 1.0, 1e-5),
+        reference: |t| reference::rms_norm(&t[0], &t[1], 1.0, 1e-5),
+        inputs: vec![Input::Float(x, 1.0), Input::Float(vec![width], 1.0)],
+    }
+}
+
+/// Per-head q/k norms (Qwen3, Gemma 3): RMSNorm over each head of projections
+/// `[b, t, heads, head_size]`, one weight of `head_size` shared by the heads, with gradients.
+fn qk_norm_case(x: Vec<usize>) -> Case {
+    let width = x[x.len() - 1];
+    Case {
+        name: "qk_norm",
+        fused: |t| crate::rms_norm(&t[0], &t[1], 1e-6),
+        reference: |t| reference::rms_norm(&t[0], &t[1], 0.0, 1e-6),
+        inputs: vec![Input::Float(x, 1.0), Input::Float(vec![width], 1.0)],
     }
 }
 
@@ -432,7 +569,8 @@ fn decode_at_case(heads: usize, kv_heads: usize, capacity: usize, d: usize) -> C
         name: "decode_attention_at",
         fused: |t| {
             let at = Tensor::new(&[position(&t[1])? as u32], t[0].device())?;
-            crate::decode_attention_at(&t[0], &t[1], &t[2], &at)
+            let plain = crate::AttentionOptions::plain(t[0].dim(3)?);
+            crate::decode_attention_at(&t[0], &t[1], &t[2], &at, plain)
         },
         reference: |t| {
             let len = position(&t[1])? + 1;
@@ -473,6 +611,22 @@ fn rope_case(x: Vec<usize>) -> Case {
     }
 }
 
+/// Partial rotary (Phi-3): RoPE over the first `rotary` dimensions of each head of
+/// `x` `[b, h, t, d]`, the rest passed through.
+fn rope_partial_case(x: Vec<usize>, rotary: usize) -> Case {
+    let table = vec![x[2], rotary / 2];
+    Case {
+        name: "rope_partial",
+        fused: |t| crate::rope(&t[0], &t[1], &t[2]),
+        reference: |t| reference::rope(&t[0], &t[1], &t[2]),
+        inputs: vec![
+            Input::Float(x, 1.0),
+            Input::Table(table.clone()),
+            Input::Table(table),
+        ],
+    }
+}
+
 /// Small shapes that exercise edges: one row, decode steps (fewer queries than keys), widths
 /// that are not multiples of a warp, a single-class vocabulary.
 pub fn edge_cases() -> Vec<Case> {
@@ -482,6 +636,10 @@ pub fn edge_cases() -> Vec<Case> {
         attention_case(vec![2, 3, 7, 8], 7),
         attention_case(vec![1, 2, 1, 16], 37),
         attention_case(vec![2, 2, 3, 16], 9),
+        options_attention_case(2, 4, 2, 30, 8),
+        options_attention_case(1, 2, 1, 7, 16),
+        decode_window_case(2, 4, 2, 37, 16),
+        decode_window_case(1, 2, 2, 3, 8),
         flash_case(2, 4, 2, 100, 100, 64),
         flash_case(1, 2, 1, 130, 130, 128),
         flash_case(1, 2, 2, 37, 200, 64),
@@ -491,39 +649,43 @@ pub fn edge_cases() -> Vec<Case> {
         Case {
             name: "rms_norm",
             fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
-            reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            reference: |t| reference::rms_norm(&t[0], &t[1], 0.0, 1e-5),
             inputs: vec![float(&[5, 17]), float(&[17])],
         },
         // Only the weight trained (the input a constant): its gradient's own kernel path.
         Case {
             name: "rms_norm",
             fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
-            reference: |t| reference::rms_norm(&t[0], &t[1], 1e-5),
+            reference: |t| reference::rms_norm(&t[0], &t[1], 0.0, 1e-5),
             inputs: vec![Input::Table(vec![70, 40]), float(&[40])],
         },
+        rms_norm_offset_case(vec![5, 17]),
+        qk_norm_case(vec![2, 3, 4, 8]),
         rope_case(vec![2, 3, 5, 6]),
+        rope_partial_case(vec![2, 3, 5, 10], 6),
+        rope_partial_case(vec![1, 2, 4, 96], 32),
         swap_case(vec![3, 5, 2, 7]),
         cast_case(vec![3, 13]),
         decode_case(2, 4, 2, 37, 16),
         add_norm_case(5, 17),
+        add_norm_offset_case(3, 17),
         gemv_case(3, 24, 5),
         gemv_case(1, 17, 5),
-        swiglu_projection_case(24, 7),
-        swiglu_projection_case(17, 3),
-        swiglu_master_case(5, 24, 7),
-        swiglu_packed_case(3, 9),
-        swiglu_packed_case(2, 16),
+        glu_projection_case::<false>(24, 7),
+        glu_projection_case::<false>(17, 3),
+        glu_projection_case::<true>(24, 7),
+        glu_master_case::<false>(5, 24, 7),
+        glu_master_case::<true>(5, 24, 7),
+        glu_packed_case::<false>(3, 9),
+        glu_packed_case::<false>(2, 16),
+        glu_packed_case::<true>(3, 9),
         write_kv_case(2, 3, 4, 2, 8),
         write_kv_case(1, 1, 3, 3, 6),
         write_kv_at_case(2, 4, 2, 8),
         decode_at_case(3, 1, 40, 16),
         decode_case(1, 3, 3, 1, 8),
-        Case {
-            name: "swiglu",
-            fused: |t| crate::swiglu(&t[0], &t[1]),
-            reference: |t| reference::swiglu(&t[0], &t[1]),
-            inputs: vec![Input::Float(vec![3, 5, 7], 4.0), float(&[3, 5, 7])],
-        },
+        glu_case::<false>(vec![3, 5, 7]),
+        glu_case::<true>(vec![3, 5, 7]),
         Case {
             name: "token_nll",
             fused: |t| crate::token_nll(&t[0], &t[1]),

@@ -255,8 +255,8 @@ mod tests {
         // The check must be able to fail: an op that is off by 1% is reported as such.
         let case = Case {
             name: "swiglu, perturbed",
-            fused: |t| crate::swiglu(&t[0], &t[1])? * 1.01,
-            reference: |t| crate::reference::swiglu(&t[0], &t[1]),
+            fused: |t| crate::glu(&t[0], &t[1], crate::Glu::SwiGlu)? * 1.01,
+            reference: |t| crate::reference::glu(&t[0], &t[1], crate::Glu::SwiGlu),
             inputs: vec![Input::Float(vec![4, 8], 1.0), Input::Float(vec![4, 8], 1.0)],
         };
         let error = parity_error(&case, 1, &Device::Cpu, DType::F32).unwrap();
