@@ -1,7 +1,7 @@
 //! What llama.cpp calls each family, its hyperparameter keys, its tensor names, and the
 //! changes of layout its converter makes (Q/K rows interleaved for `llama`, Gemma's norms + 1).
 
-use super::{ExportOptions, GgufError};
+use super::{GgufError, Quant};
 use crate::config::LlamaConfig;
 use crate::family::{Family, Kind};
 use candle_core::quantized::gguf_file::Value;
@@ -161,19 +161,17 @@ pub fn metadata(
     arch: Arch,
     c: &LlamaConfig,
     family: &Family,
-    options: &ExportOptions,
+    quant: Quant,
+    name: &str,
 ) -> Vec<(String, Value)> {
     let a = arch.name();
     let u32v = |v: usize| Value::U32(v as u32);
     let mut m: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),
-        ("general.name".into(), Value::String(options.name.into())),
-        (
-            "general.file_type".into(),
-            Value::U32(options.quant.file_type()),
-        ),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.file_type".into(), Value::U32(quant.file_type())),
     ];
-    if options.quant.is_quantized() {
+    if quant.is_quantized() {
         m.push(("general.quantization_version".into(), Value::U32(2)));
     }
     let mut key = |k: &str, v: Value| m.push((format!("{a}.{k}"), v));

@@ -74,9 +74,10 @@ pub fn build(
     let family = Family::of(config);
     let arch = Arch::of(&family)?;
     let vocab = Vocab::read(options.model_dir, config)?;
-    let mut metadata = arch::metadata(arch, config, &family, options);
+    let mut warnings = arch::warnings(arch, config, &family);
+    let name = safe_name(options.name, &vocab, &mut warnings);
+    let mut metadata = arch::metadata(arch, config, &family, options.quant, &name);
     metadata.extend(vocab.metadata());
-    let warnings = arch::warnings(arch, config, &family);
     let mut out = Vec::new();
     if let Some(freqs) = arch::rope_freqs(arch, config)? {
         out.push((
@@ -131,6 +132,27 @@ pub fn build(
         warnings,
         vocab,
     })
+}
+
+/// `general.name`, less a quirk of llama.cpp: a name containing `phi3` or `phi-3` makes it
+/// look up Phi-3's SentencePiece tokens (`</s>`, `<unk>`, `<s>`, `<|endoftext|>`) by text, and
+/// fail to load a vocabulary without them.
+fn safe_name(name: &str, vocab: &Vocab, warnings: &mut Vec<String>) -> String {
+    let lower = name.to_lowercase();
+    let phi3 = lower.contains("phi3") || lower.contains("phi-3");
+    let tokens: std::collections::HashSet<&str> = vocab.tokens.iter().map(String::as_str).collect();
+    let lacks = ["</s>", "<unk>", "<s>", "<|endoftext|>"]
+        .iter()
+        .any(|t| !tokens.contains(t));
+    if !(phi3 && lacks) {
+        return name.to_string();
+    }
+    let safe = lower.replace("phi-3", "phi 3").replace("phi3", "phi 3");
+    warnings.push(format!(
+        "general.name is {safe:?}, not {name:?}: llama.cpp would look up Phi-3's SentencePiece \
+         tokens in a vocabulary named phi3 and fail to load this one"
+    ));
+    safe
 }
 
 /// `t` stored as `ty`. candle's quantizer reads the tensor's whole storage, so a view (the
