@@ -416,3 +416,36 @@ fn bad_inputs_are_one_line_and_write_nothing() {
     assert!(llmtool().args(&refs).output().unwrap().status.success());
     assert!(read(&out).tensors.contains_key("token_embd.weight"));
 }
+
+#[test]
+fn a_known_chat_template_becomes_the_modelfile_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen3-chat");
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-qwen3")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let jinja = std::fs::read_to_string(fixture("chat/qwen3.jinja")).unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), &jinja).unwrap();
+    let out = tmp.path().join("out/qwen3.gguf");
+    export(&dir, &out, &["--quant", "bf16"]);
+    let g = read(&out);
+    assert_eq!(g.str("tokenizer.chat_template"), jinja);
+    assert_eq!(g.u32("general.file_type"), 32);
+    assert_eq!(g.tensors["blk.0.attn_q.weight"].0, GgmlDType::BF16);
+    let modelfile = std::fs::read_to_string(tmp.path().join("out/Modelfile")).unwrap();
+    assert!(
+        modelfile.starts_with("FROM ./qwen3.gguf\nTEMPLATE \"\"\""),
+        "{modelfile}"
+    );
+    assert!(modelfile.contains("<|im_start|>assistant"), "{modelfile}");
+    assert!(
+        modelfile.contains("PARAMETER stop \"<|im_end|>\""),
+        "{modelfile}"
+    );
+    assert!(
+        modelfile.contains("PARAMETER stop \"<|endoftext|>\""),
+        "{modelfile}"
+    );
+}
