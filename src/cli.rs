@@ -105,6 +105,15 @@ pub enum Command {
     ///
     /// Example: llmtool merge --model HuggingFaceTB/SmolLM2-135M --adapter runs/lora/adapter --out runs/merged
     Merge(MergeArgs),
+    /// Write a model (with a LoRA adapter merged on the fly) as a GGUF file for llama.cpp and
+    /// Ollama, with an Ollama Modelfile beside it.
+    ///
+    /// Tensor names, layouts, hyperparameters and the tokenizer are written as llama.cpp's
+    /// convert_hf_to_gguf.py writes them for Llama/Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and
+    /// Phi-3. The file is written beside its destination and renamed into place.
+    ///
+    /// Example: llmtool export --gguf --model runs/small/model --out runs/small.gguf --quant q8_0
+    Export(ExportArgs),
     /// Measure training, LoRA, evaluation and generation throughput on random tokens, with the
     /// shapes, rows and JSON fields of bench/torch_ref.py (PyTorch) so the two compare.
     ///
@@ -380,6 +389,41 @@ pub struct MergeArgs {
     /// The dtype of the merged weights: auto (the base's), f32, bf16 or f16.
     #[arg(long, default_value = "auto")]
     pub dtype: config::SavedDtype,
+}
+
+/// `llmtool export` arguments.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Write GGUF (llama.cpp, Ollama); the only export format so far.
+    #[arg(long, required = true)]
+    pub gguf: bool,
+    /// The model: a Hugging Face model directory or a hub id (owner/name).
+    #[arg(long, value_name = "DIR|ID")]
+    pub model: String,
+    /// A LoRA adapter directory (PEFT or mlx-lm) to merge into the model first.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// The GGUF file to write; an Ollama `Modelfile` is written in the same directory.
+    #[arg(long, value_name = "FILE.gguf")]
+    pub out: PathBuf,
+    /// Tensor types: f16, bf16, q8_0, or q4_k_m (Q4_K with Q6_K where llama.cpp's Q4_K_M
+    /// keeps more bits). Vectors stay f32.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub quant: QuantName,
+    /// Replace --out and its Modelfile if they exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `--quant` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QuantName {
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k_m")]
+    Q4KM,
 }
 
 /// `llmtool config ...`

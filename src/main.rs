@@ -56,6 +56,7 @@ fn main() {
         Command::Data(c) => commands::data::run(c),
         Command::Tokenizer(c) => commands::tokenizer::run(c),
         Command::Merge(args) => commands::merge::run(&args),
+        Command::Export(args) => commands::export::run(&args),
         Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(e) = result {

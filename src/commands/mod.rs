@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod estimate;
 pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod generate;
 pub mod merge;

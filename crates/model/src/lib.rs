@@ -6,6 +6,7 @@ pub mod cache;
 pub mod config;
 pub mod decoder;
 pub mod family;
+pub mod gguf;
 pub mod hub;
 pub mod io;
 pub mod linear;
