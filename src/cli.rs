@@ -401,7 +401,7 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DIR|ID")]
     pub model: String,
     /// A LoRA adapter directory (PEFT or mlx-lm) to merge into the model first.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, visible_alias = "adapter-path", value_name = "DIR")]
     pub adapter: Option<PathBuf>,
     /// The GGUF file to write; an Ollama `Modelfile` is written in the same directory.
     #[arg(long, value_name = "FILE.gguf")]

@@ -393,6 +393,9 @@ fn bad_inputs_are_one_line_and_write_nothing() {
         "{line}"
     );
 
+    let line = run(export_args(&fixture("tiny-phi3-longrope")));
+    assert!(line.contains("longrope"), "{line}");
+
     let mut args = export_args(&fixture("tiny-llama"));
     args.extend(["--adapter".into(), s(&fixture("tiny-qwen3-lora")).into()]);
     let line = run(args);

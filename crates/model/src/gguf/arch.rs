@@ -132,26 +132,14 @@ pub fn rope_freqs(arch: Arch, config: &LlamaConfig) -> Result<Option<Tensor>, Gg
     if arch != Arch::Llama || s.rope_type != "llama3" {
         return Ok(None);
     }
-    let dim = config.head_size();
-    let base = config.theta();
-    let old = s.original_max_position_embeddings as f64;
-    let low_wavelen = old / s.low_freq_factor;
-    let high_wavelen = old / s.high_freq_factor;
-    let factors: Vec<f32> = (0..dim / 2)
-        .map(|i| {
-            let freq = 1.0 / base.powf((2 * i) as f64 / dim as f64);
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
-            let f = if wavelen < high_wavelen {
-                1.0
-            } else if wavelen > low_wavelen {
-                s.factor
-            } else {
-                let smooth =
-                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                1.0 / ((1.0 - smooth) / s.factor + smooth)
-            };
-            f as f32
-        })
+    // Each factor is the plain frequency over the Llama 3 one that RoPE uses.
+    let (dim, base) = (config.head_size(), config.theta());
+    let plain = crate::rope::inverse_frequencies(dim, base, None);
+    let scaled = crate::rope::inverse_frequencies(dim, base, Some(s));
+    let factors: Vec<f32> = plain
+        .iter()
+        .zip(&scaled)
+        .map(|(p, s)| (p / s) as f32)
         .collect();
     Ok(Some(Tensor::new(factors, &Device::Cpu)?))
 }
@@ -195,7 +183,7 @@ pub fn metadata(
         .filter(|s| s.rope_type == "linear")
     {
         key("rope.scaling.type", Value::String("linear".into()));
-        key("rope.scaling.factor", Value::F32(s.factor as f32));
+        key("rope.scaling.factor", Value::F32(s.factor() as f32));
     }
     let window = family.layers.iter().find_map(|l| l.window);
     match arch {

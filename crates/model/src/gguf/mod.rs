@@ -73,6 +73,13 @@ pub fn build(
 ) -> Result<Gguf, GgufError> {
     let family = Family::of(config);
     let arch = Arch::of(&family)?;
+    if config.longrope_context().is_some() {
+        return Err(GgufError::Unsupported(
+            "config.json: rope_type longrope (Phi-3 128k, Phi-4-mini): GGUF export does not \
+             write LongRoPE's factors yet"
+                .into(),
+        ));
+    }
     let vocab = Vocab::read(options.model_dir, config)?;
     let mut warnings = arch::warnings(arch, config, &family);
     let name = safe_name(options.name, &vocab, &mut warnings);
