@@ -1,6 +1,7 @@
 //! The cases of the op checks: every fused op at the shapes of a model ([`model_cases`], what
 //! `llmtool bench --tasks ops` runs) and at small shapes that exercise edges ([`edge_cases`],
-//! what the unit tests run), each against its composite reference.
+//! what the unit tests run), each against its composite reference. The file is long because it
+//! is a table: one short constructor per case, some forty of them, with no logic between them.
 
 use super::{Case, Input};
 use crate::reference;
@@ -42,8 +43,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         swap_case(vec![batch, seq, h, d]),
         decode_case(1, h, shape.kv_heads, seq, d),
         decode_window_case(1, h, shape.kv_heads, seq, d),
-        add_norm_case(1, shape.hidden),
-        add_norm_offset_case(1, shape.hidden),
+        add_norm_case::<0>(1, shape.hidden),
+        add_norm_case::<1>(1, shape.hidden),
         gemv_case(1, shape.hidden, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
@@ -388,38 +389,22 @@ fn glu_packed_case<const GEGLU: bool>(rows: usize, width: usize) -> Case {
     }
 }
 
-/// The residual add and norm of inference (constant inputs): both outputs, stacked.
-fn add_norm_case(rows: usize, width: usize) -> Case {
+/// The residual add and norm of inference (constant inputs): both outputs, stacked. `OFFSET`
+/// 1 is Gemma's `1 + w` norm weight.
+fn add_norm_case<const OFFSET: u8>(rows: usize, width: usize) -> Case {
     Case {
-        name: "add_rms_norm",
+        name: if OFFSET == 0 {
+            "add_rms_norm"
+        } else {
+            "add_rms_norm_offset"
+        },
         fused: |t| {
-            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], 0.0, 1e-5)?;
+            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], OFFSET as f64, 1e-5)?;
             Tensor::stack(&[sum, normed], 0)
         },
         reference: |t| {
             let sum = (&t[0] + &t[1])?;
-            let normed = reference::rms_norm(&sum, &t[2], 0.0, 1e-5)?;
-            Tensor::stack(&[sum, normed], 0)
-        },
-        inputs: vec![
-            Input::Table(vec![rows, width]),
-            Input::Table(vec![rows, width]),
-            Input::Table(vec![width]),
-        ],
-    }
-}
-
-/// [`add_norm_case`] with Gemma's `1 + w` norm weight.
-fn add_norm_offset_case(rows: usize, width: usize) -> Case {
-    Case {
-        name: "add_rms_norm_offset",
-        fused: |t| {
-            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], 1.0, 1e-5)?;
-            Tensor::stack(&[sum, normed], 0)
-        },
-        reference: |t| {
-            let sum = (&t[0] + &t[1])?;
-            let normed = reference::rms_norm(&sum, &t[2], 1.0, 1e-5)?;
+            let normed = reference::rms_norm(&sum, &t[2], OFFSET as f64, 1e-5)?;
             Tensor::stack(&[sum, normed], 0)
         },
         inputs: vec![
@@ -667,8 +652,8 @@ pub fn edge_cases() -> Vec<Case> {
         swap_case(vec![3, 5, 2, 7]),
         cast_case(vec![3, 13]),
         decode_case(2, 4, 2, 37, 16),
-        add_norm_case(5, 17),
-        add_norm_offset_case(3, 17),
+        add_norm_case::<0>(5, 17),
+        add_norm_case::<1>(3, 17),
         gemv_case(3, 24, 5),
         gemv_case(1, 17, 5),
         glu_projection_case::<false>(24, 7),
