@@ -14,8 +14,11 @@ fn render(v: &Value) -> String {
     }
 }
 
+/// The keys of the config with their defaults; an empty mapping (a free-form one, such as
+/// `data.chat_template_args`) is a leaf whose default is `{}`.
 fn leaves(v: &Value, prefix: &str, out: &mut Vec<(String, String)>) {
     match v {
+        Value::Mapping(map) if map.is_empty() => out.push((prefix.to_string(), "{}".into())),
         Value::Mapping(map) => {
             for (k, sub) in map {
                 let key = k.as_str().unwrap();

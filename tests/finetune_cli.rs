@@ -280,6 +280,48 @@ fn an_mlx_data_folder_holds_out_its_test_set() {
         .stderr(predicate::str::contains("test.jsonl held out"));
 }
 
+#[test]
+fn chat_template_args_reach_the_template_of_jsonl_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    // The fixture's template, failing when thinking is turned off.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let template = config["chat_template"].as_str().unwrap().to_string()
+        + "{% if enable_thinking is defined and not enable_thinking %}\
+           {{ raise_exception('thinking is off') }}{% endif %}";
+    std::fs::write(base.join("chat_template.jinja"), template).unwrap();
+    let config = jsonl_setup(dir.path(), chat_line, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &fixture("tiny-llama").display().to_string(),
+        &base.display().to_string(),
+    );
+    std::fs::write(&config, &text).unwrap();
+    let long_enough = ["--set", "training.seq_len=64"];
+    llmtool()
+        .args(["finetune", &config, "--lora"])
+        .args(long_enough)
+        .assert()
+        .success();
+    let off = text.replace(
+        "data:\n",
+        "data:\n  chat_template_args: {enable_thinking: false}\n",
+    );
+    std::fs::write(&config, off).unwrap();
+    llmtool()
+        .args(["finetune", &config, "--lora", "--force"])
+        .args(long_enough)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("thinking is off"));
+}
+
 fn text_line(i: usize) -> String {
     serde_json::json!({ "text": format!("The fox jumps {i} times.") }).to_string()
 }

@@ -129,7 +129,11 @@ impl FinetuneData {
         let tokenizer = data::tokenizer::load(&tokenizer_path, Some(vocab_size))?;
         let eos_id =
             data::tokenizer::eos_id(&tokenizer, &config.data.special_tokens, &tokenizer_path)?;
-        let template = ChatTemplate::load(base_dir);
+        let template = ChatTemplate::load(base_dir).map(|template| {
+            let args = &config.data.chat_template_args;
+            args.iter()
+                .fold(template, |t, (key, value)| t.with_variable(key, value))
+        });
         let examples = jsonl::load(
             &files,
             &ExampleOptions {

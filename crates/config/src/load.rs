@@ -369,7 +369,8 @@ fn suggestion(key: &str, valid: &Mapping) -> String {
     }
 }
 
-/// Removes keys the schema does not have, reporting each with a suggestion.
+/// Removes keys the schema does not have, reporting each with a suggestion. A mapping whose
+/// default is empty (`data.chat_template_args`) is free-form: any key is kept.
 fn remove_unknown_keys(
     doc: &mut Value,
     schema: &Value,
@@ -379,6 +380,9 @@ fn remove_unknown_keys(
     let (Value::Mapping(map), Value::Mapping(valid)) = (doc, schema) else {
         return;
     };
+    if valid.is_empty() {
+        return;
+    }
     map.retain(|key, value| {
         let name = key_name(key);
         let path = join(prefix, &name);
@@ -399,14 +403,18 @@ fn remove_unknown_keys(
 fn set_key(doc: &mut Value, schema: &Value, dotted: &str, value: Value) -> Result<(), String> {
     let mut node = doc;
     let mut valid = schema;
+    let free_form = Value::Null;
     let parts: Vec<&str> = dotted.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
         let Value::Mapping(valid_map) = valid else {
             return Err(format!("`{}` has no sub-keys", parts[..i].join(".")));
         };
         let key = Value::String(part.to_string());
-        let Some(sub_schema) = valid_map.get(&key) else {
-            return Err(format!("unknown key{}", suggestion(part, valid_map)));
+        let sub_schema = match valid_map.get(&key) {
+            Some(sub) => sub,
+            // A free-form mapping (see `remove_unknown_keys`) takes any key.
+            None if valid_map.is_empty() => &free_form,
+            None => return Err(format!("unknown key{}", suggestion(part, valid_map))),
         };
         if !node.is_mapping() {
             *node = Value::Mapping(Mapping::new());
@@ -491,5 +499,31 @@ fn remove_path(doc: &mut Value, dotted: &str) -> bool {
             _ => false,
         },
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_free_form_mapping_takes_any_key_from_the_file_and_from_set() {
+        let path = Path::new("ft.yaml");
+        // Roots that exist, wherever the test runs.
+        let roots = format!("data:\n  roots: [{}]\n", env!("CARGO_MANIFEST_DIR"));
+        let text = format!("{roots}  chat_template_args: {{enable_thinking: false, name: x}}\n");
+        let config = load_str(&text, path, &[]).unwrap();
+        let args = &config.data.chat_template_args;
+        assert_eq!(args["enable_thinking"], serde_json::json!(false));
+        assert_eq!(args["name"], serde_json::json!("x"));
+        let set: Override = "data.chat_template_args.depth=3".parse().unwrap();
+        let config = load_str(&roots, path, &[set]).unwrap();
+        assert_eq!(
+            config.data.chat_template_args["depth"],
+            serde_json::json!(3)
+        );
+        // Sections keep refusing keys they do not have.
+        let err = load_str(&format!("{roots}  chat_template_arg: {{}}\n"), path, &[]).unwrap_err();
+        assert!(err.to_string().contains("chat_template_args"), "{err}");
     }
 }

@@ -171,6 +171,9 @@ pub struct DataSection {
     pub special_tokens: Vec<String>,
     /// Where the built dataset goes; defaults to `<output.dir>/dataset`.
     pub dataset_dir: Option<PathBuf>,
+    /// Variables of the chat template when JSONL `messages` are rendered, as keyword arguments
+    /// of transformers' `apply_chat_template` (`enable_thinking: false`).
+    pub chat_template_args: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl Default for DataSection {
@@ -195,6 +198,7 @@ impl Default for DataSection {
             tokenizer: None,
             special_tokens: vec!["<|endoftext|>".into()],
             dataset_dir: None,
+            chat_template_args: Default::default(),
         }
     }
 }
