@@ -8,6 +8,7 @@ use eval::{
     Evaluator, Metrics, Tally, TokenizedDocument, WindowSpec,
 };
 use generate::ChatTemplate;
+use model::config::TokenIds;
 use model::LoadedModel;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -147,7 +148,7 @@ fn tokenized_inputs(
             .config
             .eos_token_id
             .as_ref()
-            .and_then(|ids| ids.to_vec().first().copied())
+            .and_then(TokenIds::first)
             .with_context(|| {
                 format!(
                     "{}: config.json has no eos_token_id, which JSONL examples end with",

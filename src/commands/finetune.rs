@@ -9,6 +9,7 @@ use config::{Config, TrainingSection};
 use data::jsonl::{self, ExampleOptions, Examples};
 use data::Dataset;
 use generate::ChatTemplate;
+use model::config::TokenIds;
 use model::tokenizer_files::TokenizerSource;
 use model::{hub, Llama, LlamaConfig, Weights};
 use std::path::{Path, PathBuf};
@@ -83,10 +84,7 @@ fn use_base_tokenizer(
     if config.data.tokenizer.is_none() {
         config.data.tokenizer = Some(tokenizer_path.clone());
     }
-    let eos = base_config
-        .eos_token_id
-        .as_ref()
-        .and_then(|ids| ids.to_vec().first().copied());
+    let eos = base_config.eos_token_id.as_ref().and_then(TokenIds::first);
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| anyhow::anyhow!("{}: cannot load: {e}", tokenizer_path.display()))?;
     if let Some(token) = eos.and_then(|id| tokenizer.id_to_token(id)) {

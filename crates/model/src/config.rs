@@ -116,6 +116,14 @@ impl TokenIds {
             Self::Many(ids) => ids.clone(),
         }
     }
+
+    /// The first id (the one a single-id field would hold); `None` for an empty list.
+    pub fn first(&self) -> Option<u32> {
+        match self {
+            Self::One(id) => Some(*id),
+            Self::Many(ids) => ids.first().copied(),
+        }
+    }
 }
 
 /// The fields of `config.json` llmtool reads and writes.

@@ -5,7 +5,7 @@
 //! tokenizer as llmtool uses it (no token added that llmtool does not add, the right special
 //! tokens) and `generate --chat` finds the base's template.
 
-use super::config::LlamaConfig;
+use super::config::{LlamaConfig, TokenIds};
 use super::weights::{write_atomic, ModelError};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -104,10 +104,7 @@ impl TrainedSpecials {
                 message: format!("cannot load: {e}"),
             }
         })?;
-        let eos_id = config
-            .eos_token_id
-            .as_ref()
-            .and_then(|ids| ids.to_vec().first().copied());
+        let eos_id = config.eos_token_id.as_ref().and_then(TokenIds::first);
         let eos = match eos_id {
             Some(id) => Some(
                 tokenizer

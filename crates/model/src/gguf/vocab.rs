@@ -3,7 +3,7 @@
 //! recognises) and the chat template, as the converter's `_set_vocab_gpt2` writes them.
 
 use super::GgufError;
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, TokenIds};
 use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -90,9 +90,7 @@ impl Vocab {
             let text = v.as_str().or_else(|| v["content"].as_str())?;
             id_of.get(text).copied()
         };
-        let first = |ids: &Option<crate::config::TokenIds>| {
-            ids.as_ref().and_then(|i| i.to_vec().first().copied())
-        };
+        let first = |ids: &Option<TokenIds>| ids.as_ref().and_then(TokenIds::first);
         let bos = special("bos_token").or_else(|| first(&config.bos_token_id));
         let eos = special("eos_token").or_else(|| first(&config.eos_token_id));
         let processor_adds = |id: Option<u32>, at_start: bool| {
