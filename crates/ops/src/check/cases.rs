@@ -38,8 +38,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         },
         rms_norm_offset_case(vec![batch, seq, shape.hidden]),
         qk_norm_case(vec![batch, seq, h, d]),
-        rope_case(vec![batch, h, seq, d]),
-        rope_partial_case(vec![batch, h, seq, d], d / 4 * 3 / 2 * 2),
+        rope_case(vec![batch, h, seq, d], d),
+        rope_case(vec![batch, h, seq, d], d / 4 * 3 / 2 * 2),
         swap_case(vec![batch, seq, h, d]),
         decode_case(1, h, shape.kv_heads, seq, d),
         decode_window_case(1, h, shape.kv_heads, seq, d),
@@ -582,26 +582,17 @@ fn swap_case(x: Vec<usize>) -> Case {
     }
 }
 
-fn rope_case(x: Vec<usize>) -> Case {
-    let table = vec![x[2], x[3] / 2];
-    Case {
-        name: "rope",
-        fused: |t| crate::rope(&t[0], &t[1], &t[2]),
-        reference: |t| reference::rope(&t[0], &t[1], &t[2]),
-        inputs: vec![
-            Input::Float(x, 1.0),
-            Input::Table(table.clone()),
-            Input::Table(table),
-        ],
-    }
-}
-
-/// Partial rotary (Phi-3): RoPE over the first `rotary` dimensions of each head of
-/// `x` `[b, h, t, d]`, the rest passed through.
-fn rope_partial_case(x: Vec<usize>, rotary: usize) -> Case {
+/// RoPE over the first `rotary` dimensions of each head of `x` `[b, h, t, d]`: the whole head
+/// (`rope`), or part of it with the rest passed through (`rope_partial`, Phi-3).
+fn rope_case(x: Vec<usize>, rotary: usize) -> Case {
+    let name = if rotary == x[3] {
+        "rope"
+    } else {
+        "rope_partial"
+    };
     let table = vec![x[2], rotary / 2];
     Case {
-        name: "rope_partial",
+        name,
         fused: |t| crate::rope(&t[0], &t[1], &t[2]),
         reference: |t| reference::rope(&t[0], &t[1], &t[2]),
         inputs: vec![
@@ -646,9 +637,9 @@ pub fn edge_cases() -> Vec<Case> {
         },
         rms_norm_offset_case(vec![5, 17]),
         qk_norm_case(vec![2, 3, 4, 8]),
-        rope_case(vec![2, 3, 5, 6]),
-        rope_partial_case(vec![2, 3, 5, 10], 6),
-        rope_partial_case(vec![1, 2, 4, 96], 32),
+        rope_case(vec![2, 3, 5, 6], 6),
+        rope_case(vec![2, 3, 5, 10], 6),
+        rope_case(vec![1, 2, 4, 96], 32),
         swap_case(vec![3, 5, 2, 7]),
         cast_case(vec![3, 13]),
         decode_case(2, 4, 2, 37, 16),
