@@ -8,7 +8,7 @@ mod common;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, llmtool};
+use common::{copy_fixture, fixture, llmtool};
 use model::family::Family;
 use model::gguf::{gguf_tensor_name, permute_rotary};
 use std::collections::HashMap;
@@ -341,11 +341,7 @@ fn one_error_line(args: &[&str]) -> String {
 /// A copy of tiny-llama in `parent/NAME` with `edit` applied to the file `file`.
 fn edited(parent: &Path, file: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
     let dir = parent.join(file.replace('.', "-"));
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
+    copy_fixture("tiny-llama", &dir);
     let path = dir.join(file);
     let mut value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -424,11 +420,7 @@ fn bad_inputs_are_one_line_and_write_nothing() {
 fn a_known_chat_template_becomes_the_modelfile_template() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("qwen3-chat");
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-qwen3")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
+    copy_fixture("tiny-qwen3", &dir);
     let jinja = std::fs::read_to_string(fixture("chat/qwen3.jinja")).unwrap();
     std::fs::write(dir.join("chat_template.jinja"), &jinja).unwrap();
     let out = tmp.path().join("out/qwen3.gguf");

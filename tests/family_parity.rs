@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, ids, json, llmtool, relative_error, tensors};
+use common::{copy_fixture, fixture, ids, json, llmtool, relative_error, tensors};
 use llmtool::eval::{tokenize, Document, Evaluator, Tally, WindowSpec};
 use llmtool::generate::{GenerationSettings, SamplingParams, Session};
 use llmtool::model::{self, io, Llama, LoadedModel, Weights};
@@ -260,18 +260,22 @@ fn phi3_saves_its_stacked_weights_under_their_names_and_adapts_them_whole() {
     );
 }
 
-#[test]
-fn gemma3_legacy_config_spelling_gives_the_same_logits() {
+/// A copy of the fixture `name` whose config.json is its `config.legacy.json`: the
+/// transformers-4 spelling of the same config.
+fn legacy_spelling(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-gemma3")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    copy_fixture(name, dir.path());
     std::fs::copy(
-        fixture("tiny-gemma3/config.legacy.json"),
+        fixture(&format!("{name}/config.legacy.json")),
         dir.path().join("config.json"),
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn gemma3_legacy_config_spelling_gives_the_same_logits() {
+    let dir = legacy_spelling("tiny-gemma3");
     let input = input_ids("gemma3");
     let legacy = load(dir.path()).model.forward(&input, None).unwrap();
     let want = &tensors("tiny-gemma3/expected.safetensors")["logits"];
@@ -282,16 +286,7 @@ fn gemma3_legacy_config_spelling_gives_the_same_logits() {
 /// tests/fixtures/make_longrope_fixture.py: a Phi-3 with LongRoPE, its original context 16.
 #[test]
 fn longrope_switches_factors_past_the_original_context_as_transformers_does() {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-phi3-longrope")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    std::fs::copy(
-        fixture("tiny-phi3-longrope/config.legacy.json"),
-        dir.path().join("config.json"),
-    )
-    .unwrap();
+    let dir = legacy_spelling("tiny-phi3-longrope");
     let expected = tensors("tiny-phi3-longrope/expected.safetensors");
     for model_dir in [fixture("tiny-phi3-longrope"), dir.path().to_path_buf()] {
         let loaded = load(&model_dir);
@@ -323,10 +318,7 @@ fn longrope_switches_factors_past_the_original_context_as_transformers_does() {
 #[test]
 fn longrope_factors_that_do_not_fit_the_head_are_one_error_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-phi3-longrope")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    copy_fixture("tiny-phi3-longrope", dir.path());
     let path = dir.path().join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

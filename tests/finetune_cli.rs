@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, llmtool};
+use common::{copy_fixture, fixture, llmtool};
 use predicates::prelude::*;
 use std::path::Path;
 
@@ -136,11 +136,7 @@ fn full_finetune_writes_a_model() {
 /// file.
 fn bf16_base(dir: &Path) -> std::path::PathBuf {
     let base = dir.join("base");
-    std::fs::create_dir_all(&base).unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
-    }
+    copy_fixture("tiny-llama", &base);
     let config_path = base.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
@@ -284,11 +280,7 @@ fn an_mlx_data_folder_holds_out_its_test_set() {
 fn chat_template_args_reach_the_template_of_jsonl_messages() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
-    std::fs::create_dir_all(&base).unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
-    }
+    copy_fixture("tiny-llama", &base);
     // The fixture's template, failing when thinking is turned off.
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(base.join("tokenizer_config.json")).unwrap())

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{fixture, json, llmtool};
+use common::{copy_fixture, fixture, json, llmtool};
 use std::path::Path;
 
 fn path(p: &Path) -> String {
@@ -159,10 +159,7 @@ fn chat_and_interactive_reuse_the_cache() {
 #[test]
 fn chat_args_reach_the_template_and_a_failing_template_is_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
-        let from = entry.unwrap().path();
-        std::fs::copy(&from, dir.path().join(from.file_name().unwrap())).unwrap();
-    }
+    copy_fixture("tiny-llama", dir.path());
     std::fs::write(
         dir.path().join("chat_template.jinja"),
         "{% for m in messages %}{{ m['content'] }}{% endfor %}\

@@ -5,18 +5,14 @@
 
 mod common;
 
-use common::{fixture, json, llmtool};
+use common::{copy_fixture, fixture, json, llmtool};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// A copy of tiny-llama in `parent/model` with `edit` applied to its config.json.
 fn model_dir(parent: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> PathBuf {
     let dir = parent.join("model");
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
+    copy_fixture("tiny-llama", &dir);
     let path = dir.join("config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(config.as_object_mut().unwrap());
