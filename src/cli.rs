@@ -205,6 +205,11 @@ pub struct RuntimeArgs {
     /// Compute precision (weights are converted on load).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// Quantize the blocks' projections to 4-bit NF4 as the model loads, as a QLoRA fine-tune
+    /// (`lora.base_dtype: nf4`) does: its adapters then see the base they were trained on. A
+    /// checkpoint that bitsandbytes quantized loads as NF4 without it.
+    #[arg(long)]
+    pub nf4: bool,
     /// A config file whose `eval`/`generate` sections give the defaults for unset flags.
     #[arg(long)]
     pub config: Option<PathBuf>,

@@ -159,7 +159,7 @@ fn saved_model_reloads_with_identical_logits() {
     let loaded = model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("model");
-    let tensors_to_save = loaded.model.named_parameters();
+    let tensors_to_save = loaded.model.named_parameters().unwrap();
     let files = model::io::ModelFiles {
         config: &loaded.model.config,
         tensors: &tensors_to_save,
@@ -196,7 +196,7 @@ fn a_model_saved_in_bf16_says_so_and_reloads_with_its_weights_rounded() {
     let loaded = model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("model");
-    let tensors_to_save = loaded.model.named_parameters();
+    let tensors_to_save = loaded.model.named_parameters().unwrap();
     model::io::save(
         &dir,
         &model::io::ModelFiles {
@@ -292,12 +292,12 @@ fn stacked_projections_decode_like_separate_ones() {
             assert!(err < 1e-5, "{name} step {step}: {err}");
         }
         // The stacked weights are views: the separate projections still read the same values.
-        let named = stacked.model.named_parameters();
+        let named = stacked.model.named_parameters().unwrap();
         let (_, q) = named
             .iter()
             .find(|(n, _)| n.ends_with("0.self_attn.k_proj.weight"))
             .unwrap();
-        let want = separate.model.named_parameters();
+        let want = separate.model.named_parameters().unwrap();
         let (_, w) = want
             .iter()
             .find(|(n, _)| n.ends_with("0.self_attn.k_proj.weight"))

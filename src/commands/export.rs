@@ -24,7 +24,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     let device = Device::Cpu;
     let base = io::load(&dir, DType::F32, &device)?;
     let config = &base.model.config;
-    let mut tensors = base.model.named_parameters();
+    let mut tensors = base.model.named_parameters()?;
     if let Some(adapter_dir) = &args.adapter {
         let adapter = Adapter::load(adapter_dir, config, DType::F32, &device)?;
         tensors = lora::merge(&tensors, &adapter)

@@ -5,11 +5,13 @@
 use super::session::{build_dataset, execute, open_session, resolve_config, TrainData};
 use crate::cli::FinetuneArgs;
 use anyhow::{Context, Result};
+use candle_core::DType;
 use config::{Config, TrainingSection};
 use data::jsonl::{self, ExampleOptions, Examples};
 use data::Dataset;
 use generate::ChatTemplate;
 use model::config::TokenIds;
+use model::quantized::WeightStorage;
 use model::tokenizer_files::TokenizerSource;
 use model::{hub, Llama, LlamaConfig, Weights};
 use std::path::{Path, PathBuf};
@@ -42,12 +44,12 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
     let config = &session.config;
     let t = &config.training;
     if args.lora {
-        let loaded = model::io::load_stored(
-            &base_dir,
-            config.lora.base_dtype.dtype(),
-            t.dtype.dtype(),
-            &session.device,
-        )?;
+        let storage = match config.lora.base_dtype.dense() {
+            Some(dtype) => WeightStorage::Dense(dtype),
+            // Embeddings, norms and the head stay in the checkpoint's 16 (or 32) bits.
+            None => WeightStorage::Nf4(base_config.stored_dtype().unwrap_or(DType::BF16)),
+        };
+        let loaded = model::io::load_stored(&base_dir, storage, t.dtype.dtype(), &session.device)?;
         let mut llama = loaded.model;
         let mut adapter = Adapter::init(&config.lora, &llama.config, t.seed, &session.device)?;
         adapter.config.base_model_name_or_path = Some(spec.clone());

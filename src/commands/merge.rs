@@ -17,7 +17,7 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     let base = io::load(&base_dir, DType::F32, &device)?;
     let config = &base.model.config;
     let adapter = Adapter::load(&args.adapter, config, DType::F32, &device)?;
-    let merged = lora::merge(&base.model.named_parameters(), &adapter)?;
+    let merged = lora::merge(&base.model.named_parameters()?, &adapter)?;
     io::save(
         &args.out,
         &ModelFiles {

@@ -4,6 +4,7 @@ use crate::cli::RuntimeArgs;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use config::Config;
+use model::quantized::WeightStorage;
 use model::LoadedModel;
 use std::path::Path;
 use train::Adapter;
@@ -35,7 +36,11 @@ pub fn load_model(
 ) -> Result<LoadedModel> {
     let dtype = args.dtype.dtype();
     let dir = model::hub::resolve(&spec.to_string_lossy())?;
-    let mut loaded = model::load(&dir, dtype, device)
+    let storage = match args.nf4 {
+        true => WeightStorage::Nf4(dtype),
+        false => WeightStorage::Dense(dtype),
+    };
+    let mut loaded = model::io::load_as(&dir, storage, dtype, device)
         .with_context(|| format!("cannot load the model {}", spec.display()))?;
     if let Some(adapter_dir) = adapter {
         let adapter = Adapter::load(adapter_dir, &loaded.model.config, dtype, device)

@@ -246,6 +246,30 @@ impl Precision {
     }
 }
 
+/// How the frozen base weights of a LoRA fine-tune are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseDtype {
+    F32,
+    Bf16,
+    F16,
+    /// QLoRA: the blocks' projections as 4-bit NormalFloat (bitsandbytes' NF4 with double
+    /// quantization), everything else in the checkpoint's own dtype.
+    Nf4,
+}
+
+impl BaseDtype {
+    /// The candle dtype of a dense base, `None` for NF4.
+    pub fn dense(self) -> Option<candle_core::DType> {
+        match self {
+            Self::F32 => Some(candle_core::DType::F32),
+            Self::Bf16 => Some(candle_core::DType::BF16),
+            Self::F16 => Some(candle_core::DType::F16),
+            Self::Nf4 => None,
+        }
+    }
+}
+
 /// How training windows are drawn from the token stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -365,8 +389,8 @@ pub struct LoraSection {
     pub target_modules: Vec<String>,
     /// Scale by `alpha / sqrt(r)` instead of `alpha / r`.
     pub rslora: bool,
-    /// Storage type of the frozen base weights.
-    pub base_dtype: Precision,
+    /// Storage type of the frozen base weights (`nf4`: QLoRA's 4-bit base).
+    pub base_dtype: BaseDtype,
 }
 
 impl Default for LoraSection {
@@ -379,7 +403,7 @@ impl Default for LoraSection {
                 .map(String::from)
                 .to_vec(),
             rslora: false,
-            base_dtype: Precision::F32,
+            base_dtype: BaseDtype::F32,
         }
     }
 }

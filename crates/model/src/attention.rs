@@ -149,7 +149,7 @@ impl Llama {
             // An adapter of a weight the checkpoint stacks (Phi-3's qkv_proj) adapts it whole.
             Some(qkv) => {
                 let y = qkv.forward(x, self.dtype())?;
-                let widths = [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.weight.dim(0));
+                let widths = [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.dims().map(|d| d.0));
                 let [q, k, _] = widths;
                 let (q, k) = (q?, k?);
                 let rest = y.dim(D::Minus1)? - q - k;

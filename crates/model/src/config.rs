@@ -172,9 +172,36 @@ pub struct LlamaConfig {
     /// The same, as transformers 5 names the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
+    /// How the checkpoint's weights were quantized, if they were: read to refuse formats
+    /// llmtool cannot load, never written back (what llmtool saves is dense).
+    #[serde(default, skip_serializing)]
+    pub quantization_config: Option<serde_json::Value>,
     /// The keys of the newer families (Qwen3, Gemma): norms, caps, windows.
     #[serde(flatten)]
     pub family_options: FamilyOptions,
+}
+
+/// Checks `quantization_config`: bitsandbytes' 4-bit NF4 loads (as NF4), anything else is
+/// refused by name.
+fn check_quantization(q: &serde_json::Value) -> Result<(), String> {
+    let text = |key: &str| q.get(key).and_then(|v| v.as_str());
+    match text("quant_method").unwrap_or("unnamed") {
+        "bitsandbytes"
+            if q.get("load_in_4bit").and_then(|v| v.as_bool()) == Some(true)
+                && text("bnb_4bit_quant_type") == Some("nf4") =>
+        {
+            Ok(())
+        }
+        "bitsandbytes" => Err(
+            "quantization_config: bitsandbytes 8-bit or fp4 weights cannot \
+                               be loaded (4-bit nf4 only); use the unquantized model"
+                .into(),
+        ),
+        other => Err(format!(
+            "quantization_config.quant_method: {other} checkpoints cannot be loaded \
+             (bitsandbytes nf4 only); use the unquantized model"
+        )),
+    }
 }
 
 fn llama() -> String {
@@ -311,6 +338,9 @@ impl LlamaConfig {
     /// with the offending key. Run before anything divides by a head count or allocates.
     pub fn check(&self) -> Result<(), String> {
         family::check(self)?;
+        if let Some(q) = &self.quantization_config {
+            check_quantization(q)?;
+        }
         let at_least = |key: &str, value: usize, min: usize| match value < min {
             true => Err(format!("{key}: must be at least {min}, got {value}")),
             false => Ok(()),

@@ -3,6 +3,7 @@
 
 use super::config::LlamaConfig;
 use super::llama::Llama;
+use super::quantized::WeightStorage;
 use super::tokenizer_files::TokenizerSource;
 use super::weights::{new_dir_builder, save_safetensors, write_atomic, ModelError, Weights};
 use candle_core::{DType, Device, Tensor};
@@ -105,22 +106,34 @@ pub fn read_tokenizer(dir: &Path, vocab_size: usize) -> Result<tokenizers::Token
 /// Loads the model in `dir` for inference (frozen weights, q/k/v and gate/up projections
 /// stacked: [`Llama::fuse_projections`]) computing in `dtype`, with its tokenizer.
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel, ModelError> {
-    let mut loaded = load_stored(dir, dtype, dtype, device)?;
+    load_as(dir, WeightStorage::Dense(dtype), dtype, device)
+}
+
+/// [`load`] with the weights stored as `storage` (NF4 projections, for instance) and
+/// computing in `compute`.
+pub fn load_as(
+    dir: &Path,
+    storage: WeightStorage,
+    compute: DType,
+    device: &Device,
+) -> Result<LoadedModel, ModelError> {
+    let mut loaded = load_stored(dir, storage, compute, device)?;
     loaded.model.fuse_projections()?;
     Ok(loaded)
 }
 
-/// Loads the model in `dir` with its frozen weights stored as `storage` (e.g. bf16 for a LoRA
-/// base) and computing in `compute`, with its tokenizer.
+/// Loads the model in `dir` with its frozen weights stored as `storage` (e.g. bf16 or NF4 for
+/// a LoRA base) and computing in `compute`, with its tokenizer.
 pub fn load_stored(
     dir: &Path,
-    storage: DType,
+    storage: impl Into<WeightStorage>,
     compute: DType,
     device: &Device,
 ) -> Result<LoadedModel, ModelError> {
+    let storage = storage.into();
     let config = read_config(dir)?;
     let tokenizer = read_tokenizer(dir, config.vocab_size)?;
-    let weights = Weights::read(&weight_files(dir)?, storage, device)?;
+    let weights = Weights::read_stored(&weight_files(dir)?, storage, device)?;
     Ok(LoadedModel {
         model: Llama::new(&config, &weights, compute)?,
         tokenizer,
@@ -180,7 +193,7 @@ pub fn save_model(
     tokenizer: TokenizerSource,
     dtype: DType,
 ) -> Result<(), ModelError> {
-    let tensors = model.named_parameters();
+    let tensors = model.named_parameters()?;
     save(
         dir,
         &ModelFiles {

@@ -12,6 +12,7 @@ pub mod io;
 pub mod linear;
 pub mod llama;
 pub mod names;
+pub mod quantized;
 pub mod rope;
 pub mod tokenizer_files;
 pub mod weights;

@@ -3,6 +3,7 @@
 
 use crate::weights::{ModelError, Weights};
 use candle_core::{DType, Result, Tensor};
+use ops::LinearWeight;
 use std::sync::Arc;
 
 /// A trainable update attached to a projection from outside the model, as mlx-lm's
@@ -11,9 +12,14 @@ pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
     /// The update alone for input `x`, computed in `dtype`.
     fn update(&self, x: &Tensor, dtype: DType) -> Result<Tensor>;
 
-    /// `x @ weight.t()` for a frozen `weight` (already in `dtype`) plus the update, where a
-    /// fused kernel can compute both at once.
-    fn forward_with_frozen(&self, x: &Tensor, weight: &Tensor, dtype: DType) -> Result<Tensor>;
+    /// `x @ weight.t()` for a frozen `weight` (dense or 4-bit, computed in `dtype`) plus the
+    /// update, where a fused kernel can compute both at once.
+    fn forward_with_frozen(
+        &self,
+        x: &Tensor,
+        weight: &LinearWeight,
+        dtype: DType,
+    ) -> Result<Tensor>;
 
     /// Turns the adapter's dropout on with masks drawn from `seed`, or off with `None`. The
     /// same seed must replay the same masks (checkpointed recomputation relies on it).
@@ -22,10 +28,10 @@ pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
 
 /// A projection `x @ weight.t() + bias`, plus an adapter's update when one is attached.
 /// Weights that are not trainable go through [`ops::frozen_linear`], so no gradient is
-/// computed for them.
+/// computed for them; only those can be 4-bit.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     /// An update added from outside the model (a LoRA adapter), if one is attached.
     pub adapter: Option<Arc<dyn LinearAdapter>>,
@@ -40,14 +46,14 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> std::result::Result<Self, ModelError> {
-        let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+        let weight = w.linear(&format!("{name}.weight"), &[out, inp])?;
         let bias = if bias {
             Some(w.get(&format!("{name}.bias"), &[out])?)
         } else {
             None
         };
         Ok(Self {
-            trainable: weight.is_variable(),
+            trainable: weight.as_dense().is_some_and(Tensor::is_variable),
             weight,
             bias,
             adapter: None,
@@ -56,15 +62,19 @@ impl Linear {
 
     /// One projection computing `parts` side by side (their outputs concatenated along the last
     /// dimension), each part's weight and bias becoming a view into it so that nothing is
-    /// stored twice. `None` (and nothing changed) when a part trains or has an adapter.
+    /// stored twice. `None` (and nothing changed) when a part trains, has an adapter or is
+    /// 4-bit.
     pub(crate) fn stack(parts: &mut [&mut Linear]) -> Result<Option<Linear>> {
         let with_bias = parts.iter().filter(|p| p.bias.is_some()).count();
+        let weights: Option<Vec<&Tensor>> = parts.iter().map(|p| p.weight.as_dense()).collect();
+        let Some(weights) = weights else {
+            return Ok(None);
+        };
         if parts.iter().any(|p| p.trainable || p.adapter.is_some())
             || (with_bias != 0 && with_bias != parts.len())
         {
             return Ok(None);
         }
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
         let weight = Tensor::cat(&weights, 0)?;
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.is_empty() {
@@ -73,15 +83,15 @@ impl Linear {
         };
         let mut offset = 0;
         for part in parts.iter_mut() {
-            let rows = part.weight.dim(0)?;
-            part.weight = weight.narrow(0, offset, rows)?;
+            let rows = part.weight.dims2()?.0;
+            part.weight = LinearWeight::Dense(weight.narrow(0, offset, rows)?);
             if let (Some(b), Some(all)) = (&mut part.bias, &bias) {
                 *b = all.narrow(0, offset, rows)?;
             }
             offset += rows;
         }
         Ok(Some(Linear {
-            weight,
+            weight: LinearWeight::Dense(weight),
             bias,
             adapter: None,
             trainable: false,
@@ -94,7 +104,7 @@ impl Linear {
         let mut offset = 0;
         rows.iter()
             .map(|&n| {
-                let weight = self.weight.narrow(0, offset, n)?;
+                let weight = self.weight.narrow_rows(offset, n)?;
                 offset += n;
                 Ok(Linear {
                     weight,
@@ -109,20 +119,32 @@ impl Linear {
     /// The weight of a trained projection with nothing else to it (no adapter, no bias): what
     /// [`ops::master_linear`] alone computes.
     pub(crate) fn bare_master(&self) -> Option<&Tensor> {
-        (self.trainable && self.adapter.is_none() && self.bias.is_none()).then_some(&self.weight)
+        let bare = self.trainable && self.adapter.is_none() && self.bias.is_none();
+        self.weight.as_dense().filter(|_| bare)
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        self.weight.dims2()
+    }
+
+    /// The weight as stored (a 4-bit one expanded to the dtype it was quantized from).
+    pub fn stored_weight(&self) -> Result<Tensor> {
+        self.weight.dense(self.weight.dtype())
     }
 
     /// Applies the projection (and the adapter's update, if any), computing in `dtype`.
     pub fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let y = match (&self.adapter, self.trainable) {
-            (None, true) => ops::master_linear(x, &self.weight)?,
-            (Some(adapter), true) => {
-                (ops::master_linear(x, &self.weight)? + adapter.update(x, dtype)?)?
+        let y = match (
+            &self.adapter,
+            self.weight.as_dense().filter(|_| self.trainable),
+        ) {
+            (None, Some(master)) => ops::master_linear(x, master)?,
+            (Some(adapter), Some(master)) => {
+                (ops::master_linear(x, master)? + adapter.update(x, dtype)?)?
             }
-            (Some(adapter), false) => {
-                adapter.forward_with_frozen(x, &ops::cast(&self.weight, dtype)?, dtype)?
-            }
-            (None, false) => ops::frozen_linear(x, &ops::cast(&self.weight, dtype)?)?,
+            (Some(adapter), None) => adapter.forward_with_frozen(x, &self.weight, dtype)?,
+            (None, None) => ops::frozen_linear(x, &self.weight)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(&ops::cast(b, dtype)?),

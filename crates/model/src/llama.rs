@@ -282,8 +282,9 @@ impl Llama {
         self.embed_tokens.device()
     }
 
-    /// Every parameter with its HF name.
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+    /// Every parameter with its HF name, 4-bit projections expanded to the dtype they were
+    /// quantized from.
+    pub fn named_parameters(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![(names::EMBED_TOKENS.to_string(), self.embed_tokens.clone())];
         for (i, b) in self.layers.iter().enumerate() {
             let p = names::layer(i);
@@ -300,9 +301,16 @@ impl Llama {
             ];
             let stacked = stacked.map(|(f, l)| {
                 let l = l.as_ref().filter(|_| self.family.fused_projections);
-                l.map(|l| (format!("{}.weight", f.path(i)), l.weight.clone()))
+                l.map(|l| {
+                    Ok::<_, candle_core::Error>((
+                        format!("{}.weight", f.path(i)),
+                        l.stored_weight()?,
+                    ))
+                })
+                .transpose()
             });
             let [qkv, gate_up] = stacked;
+            let (qkv, gate_up) = (qkv?, gate_up?);
             let attention = match &qkv {
                 Some(_) => &[Projection::O][..],
                 None => &[Projection::Q, Projection::K, Projection::V, Projection::O],
@@ -310,7 +318,7 @@ impl Llama {
             out.extend(qkv);
             for &proj in attention {
                 let l = b.projection(proj);
-                out.push((format!("{}.weight", proj.path(i)), l.weight.clone()));
+                out.push((format!("{}.weight", proj.path(i)), l.stored_weight()?));
                 if let Some(bias) = &l.bias {
                     out.push((format!("{}.bias", proj.path(i)), bias.clone()));
                 }
@@ -322,7 +330,7 @@ impl Llama {
             };
             out.extend(gate_up);
             for &proj in mlp {
-                let weight = b.projection(proj).weight.clone();
+                let weight = b.projection(proj).stored_weight()?;
                 out.push((format!("{}.weight", proj.path(i)), weight));
             }
         }
@@ -330,7 +338,7 @@ impl Llama {
         if let Some(head) = &self.lm_head {
             out.push((names::LM_HEAD.into(), head.clone()));
         }
-        out
+        Ok(out)
     }
 
     /// Token ids `[batch, seq]` (u32) to hidden states `[batch, seq, hidden]`.
@@ -434,7 +442,7 @@ impl Llama {
             m.up_proj.bare_master(),
         ) {
             (Some(gate_up), ..) if single_row && !x.track_op() && gate_up.bias.is_none() => {
-                ops::glu_projection(x, &ops::cast(&gate_up.weight, self.dtype)?, glu)?
+                ops::glu_projection(x, &gate_up.weight.dense(self.dtype)?, glu)?
             }
             (_, Some(gate), Some(up)) => ops::glu_master_projection(x, gate, up, glu)?,
             _ => {
@@ -471,7 +479,7 @@ impl Llama {
         let logits = if head.is_variable() || head.track_op() {
             ops::linear(x, &head)?
         } else {
-            ops::frozen_linear(x, &head)?
+            ops::frozen_linear(x, &ops::LinearWeight::Dense(head))?
         };
         match self.family.final_softcap {
             Some(cap) => (logits / cap)?.tanh()? * cap,

@@ -1,8 +1,13 @@
 //! Named tensors a model is built from, with errors that name the file and the tensor.
 
+use crate::quantized::{is_projection_weight, Bnb4bit, RawTensor, WeightStorage};
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor, Var};
+use ops::nf4::Nf4Tensor;
+use ops::LinearWeight;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Errors loading or saving model files.
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +69,12 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Named tensors plus a description of where they came from (for messages).
+/// Named tensors plus a description of where they came from (for messages). Projections of a
+/// 4-bit base are held apart, as NF4.
 #[derive(Debug, Clone, Default)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    quantized: HashMap<String, Arc<Nf4Tensor>>,
     source_name: String,
 }
 
@@ -76,6 +83,7 @@ impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, source_name: impl Into<String>) -> Self {
         Self {
             tensors,
+            quantized: HashMap::new(),
             source_name: source_name.into(),
         }
     }
@@ -83,7 +91,23 @@ impl Weights {
     /// Reads every tensor of the safetensors files `paths` onto `device` as `dtype`
     /// (floating-point tensors only are converted).
     pub fn read(paths: &[PathBuf], dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        Self::read_stored(paths, WeightStorage::Dense(dtype), device)
+    }
+
+    /// Reads the safetensors files `paths` onto `device`, stored as `storage` says: with
+    /// [`WeightStorage::Nf4`], each projection is quantized as it is read, one tensor at a
+    /// time on the host, so that host memory holds one file and device memory never holds
+    /// the 16-bit model. Projections a checkpoint already stores in bitsandbytes' 4-bit format
+    /// load as NF4 whatever `storage` says.
+    pub fn read_stored(
+        paths: &[PathBuf],
+        storage: WeightStorage,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let dtype = storage.dense_dtype();
         let mut tensors = HashMap::new();
+        let mut quantized = HashMap::new();
+        let mut bnb = Bnb4bit::default();
         for path in paths {
             let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
                 path: path.clone(),
@@ -105,16 +129,46 @@ impl Weights {
                     });
                 }
             }
-            let loaded = candle_core::safetensors::load_buffer(&bytes, device)
-                .map_err(|e| corrupt(e.to_string()))?;
-            for (name, t) in loaded {
+            for (name, view) in parsed.iter() {
+                let raw = || RawTensor {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data: view.data().to_vec(),
+                };
+                if bnb.take(name, raw, path) {
+                    continue;
+                }
+                if view.dtype() == safetensors::Dtype::U8 && name.ends_with(".weight") {
+                    bnb.take_codes(name, raw(), path);
+                    continue;
+                }
+                let quantize = matches!(storage, WeightStorage::Nf4(_))
+                    && is_projection_weight(name)
+                    && matches!(
+                        view.dtype(),
+                        safetensors::Dtype::F32
+                            | safetensors::Dtype::BF16
+                            | safetensors::Dtype::F16
+                    );
+                if quantize {
+                    let host = view
+                        .load(&Device::Cpu)
+                        .map_err(|e| corrupt(e.to_string()))?;
+                    let q = Nf4Tensor::quantize(&host, device)?;
+                    quantized.insert(name.to_string(), Arc::new(q));
+                    continue;
+                }
+                let t = view.load(device).map_err(|e| corrupt(e.to_string()))?;
                 let t = if t.dtype().is_float() && t.dtype() != dtype {
                     t.to_dtype(dtype)?
                 } else {
                     t
                 };
-                tensors.insert(name, t);
+                tensors.insert(name.to_string(), t);
             }
+        }
+        for (name, t) in bnb.build(device)? {
+            quantized.insert(name, Arc::new(t));
         }
         let source_name = match paths {
             [one] => one.display().to_string(),
@@ -123,7 +177,42 @@ impl Weights {
                 .and_then(|p| p.parent())
                 .map_or_else(String::new, |d| d.display().to_string()),
         };
-        Ok(Self::new(tensors, source_name))
+        Ok(Self {
+            tensors,
+            quantized,
+            source_name,
+        })
+    }
+
+    /// The weight of a projection, `name`, checked against `shape`: dense, or NF4 where it
+    /// was quantized.
+    pub fn linear(&self, name: &str, shape: &[usize]) -> Result<LinearWeight, ModelError> {
+        let Some(q) = self.quantized.get(name) else {
+            return Ok(LinearWeight::Dense(self.get(name, shape)?));
+        };
+        self.check_shape(name, q.shape().dims(), shape)?;
+        let (out, _) = q.shape().dims2()?;
+        Ok(LinearWeight::Nf4 {
+            tensor: q.clone(),
+            rows: 0..out,
+        })
+    }
+
+    /// Whether any weight is held as NF4.
+    pub fn has_quantized(&self) -> bool {
+        !self.quantized.is_empty()
+    }
+
+    fn check_shape(&self, name: &str, got: &[usize], shape: &[usize]) -> Result<(), ModelError> {
+        match got == shape {
+            true => Ok(()),
+            false => Err(ModelError::Shape {
+                source_name: self.source_name.clone(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: got.to_vec(),
+            }),
+        }
     }
 
     /// The tensor `name`, checked against `shape`.
@@ -132,14 +221,7 @@ impl Weights {
             source_name: self.source_name.clone(),
             name: name.into(),
         })?;
-        if t.dims() != shape {
-            return Err(ModelError::Shape {
-                source_name: self.source_name.clone(),
-                name: name.into(),
-                expected: shape.to_vec(),
-                got: t.dims().to_vec(),
-            });
-        }
+        self.check_shape(name, t.dims(), shape)?;
         Ok(t)
     }
 
@@ -161,7 +243,12 @@ impl Weights {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        Ok((Self::new(tensors, self.source_name), vars))
+        let weights = Self {
+            tensors,
+            quantized: self.quantized,
+            source_name: self.source_name,
+        };
+        Ok((weights, vars))
     }
 
     /// The same weights stored as `dtype` (inference computes in the stored dtype without a
@@ -172,7 +259,11 @@ impl Weights {
             .iter()
             .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?)))
             .collect::<candle_core::Result<_>>()?;
-        Ok(Self::new(tensors, self.source_name.clone()))
+        Ok(Self {
+            tensors,
+            quantized: self.quantized.clone(),
+            source_name: self.source_name.clone(),
+        })
     }
 
     /// Fails on the first tensor (in layer order) whose name is not in `expected`: weights
@@ -198,8 +289,7 @@ impl Weights {
         };
         let order = |n: &str| (layer_of(n).unwrap_or(usize::MAX), n.to_string());
         let first = self
-            .tensors
-            .keys()
+            .names()
             .filter(|n| !expected.contains(n.as_str()) && !harmless(n.as_str()))
             .min_by(|a, b| order(a.as_str()).cmp(&order(b.as_str())));
         let Some(name) = first else { return Ok(()) };
@@ -216,9 +306,9 @@ impl Weights {
         })
     }
 
-    /// Names of all tensors.
+    /// Names of all tensors (dense and NF4).
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
+        self.tensors.keys().chain(self.quantized.keys())
     }
 
     /// Where these weights came from.

@@ -16,6 +16,7 @@
 //                   and flash_mma.cuh (tensor cores)
 //   decode.cu       decode attention over a KV cache, the matrix-vector products
 //   elementwise.cu  the head split/merge copy, add, scale, dtype casts
+//   nf4.cu          NF4 (QLoRA base) dequantization and the 4-bit matrix-vector product
 
 #include "norms.cu"
 #include "rope_kv.cu"
@@ -26,3 +27,4 @@
 #include "attention.cu"
 #include "decode.cu"
 #include "elementwise.cu"
+#include "nf4.cu"

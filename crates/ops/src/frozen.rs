@@ -1,22 +1,127 @@
-//! A linear layer over a frozen weight that computes no weight gradient.
+//! Linear layers over a frozen weight that compute no weight gradient.
 //!
 //! candle's matmul backward computes the gradient of both operands, so `x @ w.t()` with a
 //! frozen `w` still runs the weight-gradient GEMM and keeps a weight-sized tensor alive. Here
 //! the product is computed on a detached input and re-attached to `x` through a custom op whose
 //! backward returns only `grad @ w`.
+//!
+//! A frozen weight is dense or 4-bit ([`LinearWeight`]). A 4-bit one is expanded right before
+//! each product and again in the backward pass, so no layer keeps its 16-bit copy between the
+//! two: that is what holds a QLoRA step's memory near the 4-bit size of the model.
 
 use super::attach::{attach, attach3};
+use super::nf4::Nf4Tensor;
 use candle_core::{DType, Result, Tensor};
+use std::ops::Range;
+use std::sync::Arc;
 
-/// `x @ weight.t()` (weight `[out, in]`) where only `x` receives a gradient.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let y = super::linear(&x.detach(), weight)?;
+/// A projection's weight `[out, in]`: a dense tensor, or rows of an NF4 tensor (all of them
+/// unless a checkpoint stacks several projections in one weight).
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Nf4 {
+        tensor: Arc<Nf4Tensor>,
+        rows: Range<usize>,
+    },
+}
+
+impl LinearWeight {
+    /// All rows of an NF4 weight.
+    pub fn nf4(tensor: Nf4Tensor) -> Result<Self> {
+        let (out, _) = tensor.shape().dims2()?;
+        Ok(Self::Nf4 {
+            tensor: Arc::new(tensor),
+            rows: 0..out,
+        })
+    }
+
+    /// `[out, in]`.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            Self::Dense(t) => t.dims2(),
+            Self::Nf4 { tensor, rows } => Ok((rows.len(), tensor.shape().dims2()?.1)),
+        }
+    }
+
+    /// The dense tensor, when the weight is one.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(t) => Some(t),
+            Self::Nf4 { .. } => None,
+        }
+    }
+
+    /// The dtype the weight is stored in, or was quantized from.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Dense(t) => t.dtype(),
+            Self::Nf4 { tensor, .. } => tensor.dtype(),
+        }
+    }
+
+    /// The weight as a dense tensor in `dtype` (an NF4 weight is expanded; a dense one cast).
+    pub fn dense(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(t) => super::cast(t, dtype),
+            Self::Nf4 { tensor, rows } => {
+                let all = tensor.dequantize(dtype)?;
+                match rows.len() == all.dim(0)? {
+                    true => Ok(all),
+                    false => all.narrow(0, rows.start, rows.len()),
+                }
+            }
+        }
+    }
+
+    /// Rows `start..start + len` of the weight (a view; an NF4 weight narrows its row range).
+    pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Self> {
+        match self {
+            Self::Dense(t) => Ok(Self::Dense(t.narrow(0, start, len)?)),
+            Self::Nf4 { tensor, rows } => Ok(Self::Nf4 {
+                tensor: tensor.clone(),
+                rows: rows.start + start..rows.start + start + len,
+            }),
+        }
+    }
+
+    /// What a backward pass keeps to recompute `dense`: the expanded tensor `expanded` of a
+    /// dense weight (already cast, so the cast is not repeated), the 4-bit weight itself
+    /// otherwise.
+    fn kept(&self, expanded: &Tensor) -> Self {
+        match self {
+            Self::Dense(_) => Self::Dense(expanded.detach()),
+            Self::Nf4 { .. } => self.clone(),
+        }
+    }
+
+    /// `x @ self.t()` by a kernel that reads the 4-bit codes directly (a decode step on
+    /// CUDA), where one applies.
+    fn matvec(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Self::Nf4 { tensor, rows } if rows.len() == tensor.shape().dims()[0] => {
+                tensor.matvec(x)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// `x @ weight.t()` (weight `[out, in]`, computed in `x`'s dtype) where only `x` receives a
+/// gradient.
+pub fn frozen_linear(x: &Tensor, weight: &LinearWeight) -> Result<Tensor> {
+    if let Some(y) = weight.matvec(x)? {
+        return Ok(y);
+    }
+    let w = weight.dense(x.dtype())?;
+    let y = super::linear(&x.detach(), &w)?;
     if !x.track_op() {
         return Ok(y);
     }
-    let weight = weight.detach();
+    let kept = weight.kept(&w);
+    drop(w);
     attach(x, &y, "frozen-linear", move |grad| {
-        let w = weight.to_dtype(grad.dtype())?;
+        let w = kept.dense(grad.dtype())?;
         // grad @ w is `linear` with the weight's transpose.
         Ok(Some(super::linear(grad, &w.t()?)?))
     })
@@ -33,16 +138,18 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// separate products cost two skinny GEMMs and a full-size add each way. That pays when `x`
 /// has a gradient or as many rows as the weight's `in · out / (in + out)`; a few untracked rows
 /// (a decode step) take the separate products, which are smaller than the fold. In 16 bits the
-/// update stays separate, since adding it to a 16-bit weight would round most of it away.
+/// update stays separate, since adding it to a 16-bit weight would round most of it away. A
+/// 4-bit weight never folds: it is expanded for the product and again for the backward pass.
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &LinearWeight,
     a: &Tensor,
     b: &Tensor,
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (xd, w, ad) = (x.detach(), weight.detach(), a.detach());
+    let (xd, ad) = (x.detach(), a.detach());
+    let w = weight.dense(xd.dtype())?;
     let b_scaled = (b.detach() * scale)?;
     let dropped = match mask {
         Some(m) => (&xd * m)?,
@@ -52,7 +159,8 @@ pub fn lora_linear(
     let (out, inp) = w.dims2()?;
     let rows = xd.elem_count() / inp.max(1);
     let fold_pays = x.track_op() || rows * (inp + out) >= inp * out;
-    let folded = match mask.is_none() && xd.dtype() == DType::F32 && fold_pays {
+    let dense = weight.as_dense().is_some();
+    let folded = match mask.is_none() && xd.dtype() == DType::F32 && fold_pays && dense {
         true => Some((&w + b_scaled.matmul(&ad)?)?),
         false => None,
     };
@@ -63,6 +171,8 @@ pub fn lora_linear(
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(y);
     }
+    let kept = weight.kept(&w);
+    drop(w);
     let mask = mask.cloned();
     let x_grad = x.track_op();
     attach3([x, a, b], &y, "lora-linear", move |grad| {
@@ -83,6 +193,7 @@ pub fn lora_linear(
                     Some(m) => (through_update * m.reshape(((), inp))?)?,
                     None => through_update,
                 };
+                let w = kept.dense(g.dtype())?;
                 Some((g.matmul(&w)? + through_update)?.reshape(xd.dims())?)
             }
         };
@@ -111,7 +222,7 @@ mod tests {
             .unwrap()
             * 0.1)
             .unwrap();
-        let y = frozen_linear(&x, &w).unwrap();
+        let y = frozen_linear(&x, &LinearWeight::Dense(w.clone())).unwrap();
         let plain = x.broadcast_matmul(&w.t().unwrap()).unwrap();
         assert_eq!(y.to_vec3::<f32>().unwrap(), plain.to_vec3::<f32>().unwrap());
         let g1 = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
@@ -152,7 +263,10 @@ mod lora_tests {
                 "lora_linear",
                 &[x.clone(), w.clone(), a.clone(), b.clone()],
                 &[true, false, true, true],
-                move |t| super::lora_linear(&t[0], &t[1], &t[2], &t[3], 2.0, m.as_ref()),
+                move |t| {
+                    let w = super::LinearWeight::Dense(t[1].clone());
+                    super::lora_linear(&t[0], &w, &t[2], &t[3], 2.0, m.as_ref())
+                },
                 move |t| {
                     let dropped = match &m2 {
                         Some(m) => (&t[0] * m)?,
@@ -177,7 +291,8 @@ mod lora_tests {
         // One row takes the separate products, 40 rows (at least 6 · 8 / 14) the fold.
         for rows in [1, 40] {
             let x = uniform(&[rows, 8], 1);
-            let got = super::lora_linear(&x, &w, &a, &b, 2.0, None).unwrap();
+            let dense = super::LinearWeight::Dense(w.clone());
+            let got = super::lora_linear(&x, &dense, &a, &b, 2.0, None).unwrap();
             let update = (x
                 .matmul(&a.t().unwrap())
                 .unwrap()
@@ -188,6 +303,51 @@ mod lora_tests {
             let want = (x.matmul(&w.t().unwrap()).unwrap() + update).unwrap();
             let error = crate::parity::relative_error(&got, &want);
             assert!(error < 1e-6, "{rows} rows: {error:.2e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod nf4_tests {
+    use super::{frozen_linear, lora_linear, LinearWeight};
+    use crate::nf4::Nf4Tensor;
+    use crate::parity::{relative_error, uniform};
+    use candle_core::{Device, Var};
+
+    /// A 4-bit weight computes what its dequantized copy computes, forward and backward, with
+    /// and without an adapter, on whole and narrowed rows.
+    #[test]
+    fn nf4_weights_compute_as_their_dequantized_copy() {
+        let w = uniform(&[6, 128], 2);
+        let nf4 = LinearWeight::nf4(Nf4Tensor::quantize(&w, &Device::Cpu).unwrap()).unwrap();
+        let dense = LinearWeight::Dense(nf4.dense(candle_core::DType::F32).unwrap());
+        let (a, b) = (uniform(&[4, 128], 3), uniform(&[6, 4], 4));
+        for (quantized, plain) in [
+            (nf4.clone(), dense.clone()),
+            (
+                nf4.narrow_rows(2, 3).unwrap(),
+                dense.narrow_rows(2, 3).unwrap(),
+            ),
+        ] {
+            let rows = quantized.dims2().unwrap().0;
+            let b = b.narrow(0, 0, rows).unwrap();
+            let run = |w: &LinearWeight, lora: bool| {
+                let x = Var::from_tensor(&uniform(&[2, 3, 128], 1)).unwrap();
+                let y = match lora {
+                    false => frozen_linear(&x, w).unwrap(),
+                    true => lora_linear(&x, w, &a, &b, 0.5, None).unwrap(),
+                };
+                let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                (y, grads.get(&x).unwrap().clone())
+            };
+            for lora in [false, true] {
+                let ((y1, g1), (y2, g2)) = (run(&quantized, lora), run(&plain, lora));
+                assert!(relative_error(&y1, &y2) < 1e-6, "lora {lora}: forward");
+                assert!(
+                    relative_error(&g1, &g2) < 1e-6,
+                    "lora {lora}: input gradient"
+                );
+            }
         }
     }
 }

@@ -67,6 +67,7 @@ pub(crate) fn base_address(storage: &CudaStorage) -> Result<u64> {
         CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
         CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
         CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::U8(s) => s.device_ptr(&stream).0,
         _ => candle_core::bail!("fused CUDA kernel: unsupported dtype {:?}", storage.dtype()),
     };
     Ok(base)

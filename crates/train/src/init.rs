@@ -61,6 +61,7 @@ pub fn scratch_config(
         initializer_range: m.initializer_range,
         torch_dtype: Some("float32".into()),
         dtype: None,
+        quantization_config: None,
         family_options: Default::default(),
     }
 }

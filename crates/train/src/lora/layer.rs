@@ -77,7 +77,12 @@ impl LinearAdapter for LoraLayer {
 
     /// `x @ weight.t()` for a frozen `weight` plus this update, as one graph node
     /// ([`ops::lora_linear`]), computed in `dtype`.
-    fn forward_with_frozen(&self, x: &Tensor, weight: &Tensor, dtype: DType) -> Result<Tensor> {
+    fn forward_with_frozen(
+        &self,
+        x: &Tensor,
+        weight: &ops::LinearWeight,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let mask = self.mask(x)?;
         let a = ops::cast(&self.a, dtype)?;
         let b = ops::cast(&self.b, dtype)?;
