@@ -18,18 +18,17 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Exports `model` (a fixture name or a path) to `out` with extra `args`; asserts success.
-fn export(model: &Path, out: &Path, args: &[&str]) {
+/// Exports `model` (a fixture name or a path) to `out` with extra `args`; asserts success and
+/// returns what it printed on stderr (its warnings).
+fn export(model: &Path, out: &Path, args: &[&str]) -> String {
     let run = llmtool()
         .args(["export", "--gguf", "--model", s(model), "--out", s(out)])
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    stderr
 }
 
 struct Read {
@@ -389,9 +388,6 @@ fn bad_inputs_are_one_line_and_write_nothing() {
         "{line}"
     );
 
-    let line = run(export_args(&fixture("tiny-phi3-longrope")));
-    assert!(line.contains("longrope"), "{line}");
-
     let mut args = export_args(&fixture("tiny-llama"));
     args.extend(["--adapter".into(), s(&fixture("tiny-qwen3-lora")).into()]);
     let line = run(args);
@@ -443,4 +439,35 @@ fn a_known_chat_template_becomes_the_modelfile_template() {
         modelfile.contains("PARAMETER stop \"<|endoftext|>\""),
         "{modelfile}"
     );
+}
+
+#[test]
+fn longrope_writes_phi3s_factors_and_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-phi3-longrope");
+    let out = tmp.path().join("model.gguf");
+    let stderr = export(&dir, &out, &[]);
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("long factors"),
+        "{stderr}"
+    );
+    let g = read(&out);
+    let cfg = config(&dir);
+    let scaling = cfg.rope_scaling_for(false).unwrap();
+    for (tensor, factors) in [
+        ("rope_factors_long.weight", &scaling.long_factor),
+        ("rope_factors_short.weight", &scaling.short_factor),
+    ] {
+        let (ty, t) = &g.tensors[tensor];
+        assert_eq!(*ty, GgmlDType::F32);
+        let want: Vec<f32> = factors.iter().flatten().map(|&f| f as f32).collect();
+        assert_eq!(t.to_vec1::<f32>().unwrap(), want, "{tensor}");
+    }
+    assert_eq!(g.u32("phi3.context_length"), 64);
+    assert_eq!(g.u32("phi3.rope.scaling.original_context_length"), 16);
+    assert_eq!(g.u32("phi3.rope.dimension_count"), 12);
+    // sqrt(1 + ln(64 / 16) / ln 16)
+    let factor = g.f32("phi3.rope.scaling.attn_factor");
+    assert!((factor - 1.5f32.sqrt()).abs() < 1e-6, "{factor}");
+    check_values(&dir, &g, "phi3");
 }
