@@ -64,6 +64,12 @@ impl Read {
     fn str(&self, key: &str) -> &str {
         self.meta(key).to_string().unwrap()
     }
+    fn bool(&self, key: &str) -> bool {
+        self.meta(key).to_bool().unwrap()
+    }
+    fn array<T>(&self, key: &str, of: impl Fn(&Value) -> T) -> Vec<T> {
+        self.meta(key).to_vec().unwrap().iter().map(of).collect()
+    }
 }
 
 fn config(dir: &Path) -> model::LlamaConfig {
@@ -438,6 +444,78 @@ fn a_known_chat_template_becomes_the_modelfile_template() {
     assert!(
         modelfile.contains("PARAMETER stop \"<|endoftext|>\""),
         "{modelfile}"
+    );
+}
+
+/// The SentencePiece-style fixtures (make_spm_fixtures.py): llama.cpp architecture and a turn
+/// marker of the Modelfile template their chat template is recognised as.
+const SENTENCEPIECE: [(&str, &str, &str); 2] = [
+    ("tiny-llama2", "llama", "[INST]"),
+    ("tiny-gemma2-spm", "gemma2", "<start_of_turn>model"),
+];
+
+/// Against what llama.cpp's converter writes from the SentencePiece model itself
+/// (gguf_expected.json): the tokens, their types, the special ids and flags exactly; the
+/// scores exactly where the converter's are fixed (control -1000, bytes 0) and, for the
+/// pieces merges make, in SentencePiece's order, which is all llama.cpp's merging reads.
+#[test]
+fn sentencepiece_tokenizers_export_as_llama_cpps_llama_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, arch, marker) in SENTENCEPIECE {
+        let dir = fixture(name);
+        let out = tmp.path().join(name).join("model.gguf");
+        export(&dir, &out, &[]);
+        let g = read(&out);
+        let want = common::json(&format!("{name}/gguf_expected.json"));
+        assert_eq!(g.str("general.architecture"), arch);
+        assert_eq!(g.str("tokenizer.ggml.model"), "llama");
+        assert_eq!(g.str("tokenizer.ggml.pre"), "default");
+        assert!(!g.content.metadata.contains_key("tokenizer.ggml.merges"));
+        let tokens = g.array("tokenizer.ggml.tokens", |v| v.to_string().unwrap().clone());
+        assert_eq!(serde_json::json!(tokens), want["tokens"], "{name}");
+        let types = g.array("tokenizer.ggml.token_type", |v| v.to_i32().unwrap());
+        assert_eq!(serde_json::json!(types), want["token_type"], "{name}");
+        for key in ["add_space_prefix", "add_bos_token", "add_eos_token"] {
+            let key = format!("tokenizer.ggml.{key}");
+            assert_eq!(serde_json::json!(g.bool(&key)), want[&key], "{name} {key}");
+        }
+        for (id, key) in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown")] {
+            let got = g.u32(&format!("tokenizer.ggml.{key}_token_id"));
+            assert_eq!(serde_json::json!(got), want["ids"][id], "{name} {id}");
+        }
+        let scores = g.array("tokenizer.ggml.scores", |v| v.to_f32().unwrap());
+        check_scores(name, &tokens, &types, &scores, &want["scores"]);
+        check_values(&dir, &g, arch);
+        let modelfile = std::fs::read_to_string(out.with_file_name("Modelfile")).unwrap();
+        assert!(modelfile.contains("TEMPLATE \"\"\""), "{modelfile}");
+        assert!(modelfile.contains(marker), "{modelfile}");
+    }
+}
+
+/// Fixed scores equal, and the merged pieces (normal, of two characters or more) in the same
+/// order as `want`'s.
+fn check_scores(
+    name: &str,
+    tokens: &[String],
+    types: &[i32],
+    got: &[f32],
+    want: &serde_json::Value,
+) {
+    let want: Vec<f32> = serde_json::from_value(want.clone()).unwrap();
+    assert_eq!(got.len(), want.len(), "{name}");
+    let mut merged = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        if types[i] == 1 && token.chars().count() > 1 {
+            merged.push((want[i], got[i]));
+        } else if types[i] != 1 {
+            assert_eq!(got[i], want[i], "{name}: score of {token:?}");
+        }
+    }
+    assert!(merged.len() > 50, "{name}: {} merged pieces", merged.len());
+    merged.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert!(
+        merged.windows(2).all(|w| w[0].1 > w[1].1),
+        "{name}: scores not in SentencePiece's order"
     );
 }
 

@@ -12,7 +12,7 @@ mod vocab;
 pub use arch::{gguf_tensor_name, permute_rotary, Arch};
 pub use modelfile::modelfile;
 pub use quant::{tensor_type, Counters, Quant};
-pub use vocab::Vocab;
+pub use vocab::{TokenizerModel, Vocab};
 
 use crate::config::LlamaConfig;
 use crate::family::Family;
