@@ -343,10 +343,15 @@ fn one_error_line(args: &[&str]) -> String {
     stderr.trim_end().to_string()
 }
 
-/// A copy of tiny-llama in `parent/NAME` with `edit` applied to the file `file`.
-fn edited(parent: &Path, file: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+/// A copy of the fixture `name` in `parent/NAME` with `edit` applied to the file `file`.
+fn edited(
+    parent: &Path,
+    name: &str,
+    file: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
     let dir = parent.join(file.replace('.', "-"));
-    copy_fixture("tiny-llama", &dir);
+    copy_fixture(name, &dir);
     let path = dir.join(file);
     let mut value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -374,7 +379,7 @@ fn bad_inputs_are_one_line_and_write_nothing() {
         one_error_line(&refs)
     };
 
-    let neox = edited(tmp.path(), "config.json", |c| {
+    let neox = edited(tmp.path(), "tiny-llama", "config.json", |c| {
         c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
         c["model_type"] = "gpt_neox".into();
     });
@@ -384,7 +389,7 @@ fn bad_inputs_are_one_line_and_write_nothing() {
         "{line}"
     );
 
-    let metaspace = edited(tmp.path(), "tokenizer.json", |t| {
+    let metaspace = edited(tmp.path(), "tiny-llama", "tokenizer.json", |t| {
         t["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "▁",
             "prepend_scheme": "always", "split": true});
     });
@@ -490,6 +495,26 @@ fn sentencepiece_tokenizers_export_as_llama_cpps_llama_model() {
         assert!(modelfile.contains("TEMPLATE \"\"\""), "{modelfile}");
         assert!(modelfile.contains(marker), "{modelfile}");
     }
+}
+
+/// Mistral v0.3's layout (no normalizer, a `Metaspace` that prepends `▁` to the first text
+/// only) is written with `add_space_prefix`, and a warning that llama.cpp prepends one after
+/// each special token and before text that begins with a space too.
+#[test]
+fn a_first_only_space_prefix_is_written_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited(tmp.path(), "tiny-llama2", "tokenizer.json", |t| {
+        t["normalizer"] = serde_json::Value::Null;
+        t["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}",
+            "prepend_scheme": "first", "split": false});
+    });
+    let out = tmp.path().join("out/model.gguf");
+    let stderr = export(&dir, &out, &[]);
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("after each special token"),
+        "{stderr}"
+    );
+    assert!(read(&out).bool("tokenizer.ggml.add_space_prefix"));
 }
 
 /// Fixed scores equal, and the merged pieces (normal, of two characters or more) in the same

@@ -12,7 +12,7 @@ mod vocab;
 pub use arch::{gguf_tensor_name, permute_rotary, Arch};
 pub use modelfile::modelfile;
 pub use quant::{tensor_type, Counters, Quant};
-pub use vocab::{TokenizerModel, Vocab};
+pub use vocab::{SpacePrefix, TokenizerModel, Vocab};
 
 use crate::config::LlamaConfig;
 use crate::family::Family;
@@ -75,6 +75,7 @@ pub fn build(
     let arch = Arch::of(&family)?;
     let vocab = Vocab::read(options.model_dir, config)?;
     let mut warnings = arch::warnings(arch, config, &family);
+    warnings.extend(vocab.warnings());
     let name = safe_name(options.name, &vocab, &mut warnings);
     let mut metadata = arch::metadata(arch, config, &family, options.quant, &name);
     metadata.extend(vocab.metadata());

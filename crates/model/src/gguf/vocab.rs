@@ -46,10 +46,23 @@ pub enum TokenizerModel {
     Llama {
         /// `tokenizer.ggml.scores`, one per token.
         scores: Vec<f32>,
-        /// `tokenizer.ggml.add_space_prefix`: a `▁` before the text (and after each special
-        /// token).
-        add_space_prefix: bool,
+        /// Where the tokenizer puts a `▁` in front of text (`tokenizer.ggml.add_space_prefix`
+        /// unless [`SpacePrefix::None`]).
+        space_prefix: SpacePrefix,
     },
+}
+
+/// Where a SentencePiece-style tokenizer puts a `▁` in front of text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpacePrefix {
+    /// Nowhere (Gemma).
+    None,
+    /// Before each piece of text between special tokens (Llama 2's `Prepend` normalizer,
+    /// `Metaspace` with `prepend_scheme: always`): llama.cpp's `add_space_prefix`.
+    EachText,
+    /// Before the start of the input only, and not when it begins with a space (`Metaspace`
+    /// with `prepend_scheme: first`, Mistral v0.3): llama.cpp has no such mode.
+    FirstOnly,
 }
 
 /// A model directory's tokenizer, ready for GGUF.
@@ -182,13 +195,13 @@ impl Vocab {
             }
             TokenizerModel::Llama {
                 scores,
-                add_space_prefix,
+                space_prefix,
             } => {
                 let scores = scores.iter().map(|&s| Value::F32(s)).collect();
                 m.push(("tokenizer.ggml.scores".into(), Value::Array(scores)));
                 m.push((
                     "tokenizer.ggml.add_space_prefix".into(),
-                    Value::Bool(*add_space_prefix),
+                    Value::Bool(*space_prefix != SpacePrefix::None),
                 ));
             }
         }
@@ -214,6 +227,23 @@ impl Vocab {
             m.push(("tokenizer.chat_template".into(), Value::String(t.clone())));
         }
         m
+    }
+
+    /// Where llama.cpp will tokenize differently from the tokenizer, each as one sentence.
+    pub fn warnings(&self) -> Vec<String> {
+        match self.model {
+            TokenizerModel::Llama {
+                space_prefix: SpacePrefix::FirstOnly,
+                ..
+            } => vec![
+                "tokenizer.json's Metaspace puts \u{2581} before the start of the input \
+                 only, unless it begins with a space; llama.cpp puts one before the text and \
+                 after each special token whatever follows, so text that begins with a space \
+                 or follows a special token can tokenize differently there"
+                    .into(),
+            ],
+            _ => Vec::new(),
+        }
     }
 
     /// The text of token `id`.
@@ -264,7 +294,7 @@ fn byte_level_bpe(path: &Path, tok: &Json, size: usize) -> Result<Tokens, GgufEr
 
 /// A BPE with byte fallback over `▁`-spaced text as llama.cpp's `llama` model.
 fn sentencepiece_bpe(path: &Path, tok: &Json, size: usize) -> Result<Tokens, GgufError> {
-    let add_space_prefix = space_prefix(path, tok)?;
+    let space_prefix = space_prefix(path, tok)?;
     let (tokens, types) = tokens(path, tok, size, Spelling::SentencePiece)?;
     let bytes = types.iter().filter(|&&t| t == BYTE).count();
     if bytes != 256 {
@@ -283,7 +313,7 @@ fn sentencepiece_bpe(path: &Path, tok: &Json, size: usize) -> Result<Tokens, Ggu
         types,
         TokenizerModel::Llama {
             scores,
-            add_space_prefix,
+            space_prefix,
         },
     ))
 }
@@ -316,15 +346,15 @@ fn merge_scores(tokens: &[String], types: &[i32], merges: &[(String, String)]) -
     scores.into_iter().map(|s| s.unwrap_or(0.0)).collect()
 }
 
-/// Whether the tokenizer prepends `▁` to the text, once its normalizer and pre-tokenizer are
-/// checked to do no more than llama.cpp's `llama` model: write spaces as `▁` (Llama 2's and
-/// Gemma's `Replace`, or `Metaspace` without splitting) and maybe prepend one (`Prepend`, or
+/// Where the tokenizer prepends `▁`, once its normalizer and pre-tokenizer are checked to do
+/// no more than llama.cpp's `llama` model: write spaces as `▁` (Llama 2's and Gemma's
+/// `Replace`, or `Metaspace` without splitting) and maybe prepend one (`Prepend`, or
 /// Metaspace's `prepend_scheme`).
-fn space_prefix(path: &Path, tok: &Json) -> Result<bool, GgufError> {
-    let (mut prefix, mut escaped) = (false, false);
+fn space_prefix(path: &Path, tok: &Json) -> Result<SpacePrefix, GgufError> {
+    let (mut prefix, mut escaped) = (SpacePrefix::None, false);
     for n in steps(&tok["normalizer"], "normalizers") {
         match n["type"].as_str() {
-            Some("Prepend") if n["prepend"] == SPACE => prefix = true,
+            Some("Prepend") if n["prepend"] == SPACE => prefix = SpacePrefix::EachText,
             Some("Replace") if n["pattern"]["String"] == " " && n["content"] == SPACE => {
                 escaped = true
             }
@@ -337,9 +367,13 @@ fn space_prefix(path: &Path, tok: &Json) -> Result<bool, GgufError> {
             Some("Split") if escaped && p["pattern"]["String"] == " " => {}
             Some("Metaspace") if p["replacement"] == SPACE && p["split"] == false => {
                 escaped = true;
-                prefix |= match p["prepend_scheme"].as_str() {
-                    Some(scheme) => scheme != "never",
-                    None => p["add_prefix_space"].as_bool().unwrap_or(true),
+                let scheme = p["prepend_scheme"].as_str();
+                let legacy_prepends = p["add_prefix_space"].as_bool().unwrap_or(true);
+                prefix = match scheme {
+                    Some("first") => SpacePrefix::FirstOnly,
+                    Some("never") => prefix,
+                    None if !legacy_prepends => prefix,
+                    _ => SpacePrefix::EachText,
                 };
             }
             _ => return Err(not_sentencepiece(path, "pre_tokenizer", p)),
@@ -571,17 +605,29 @@ mod tests {
         let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE});
         let prepend = json!({"type": "Prepend", "prepend": SPACE});
         let llama2 = json!({"type": "Sequence", "normalizers": [prepend, replace]});
-        assert!(space_prefix(p, &spm_tokenizer(llama2, Json::Null)).unwrap());
+        let prefix = |tok: &Json| space_prefix(p, tok).unwrap();
+        assert_eq!(
+            prefix(&spm_tokenizer(llama2, Json::Null)),
+            SpacePrefix::EachText
+        );
         let gemma_split = json!({"type": "Split", "pattern": {"String": " "},
             "behavior": "MergedWithPrevious", "invert": false});
-        assert!(!space_prefix(p, &spm_tokenizer(replace.clone(), gemma_split)).unwrap());
+        let gemma = spm_tokenizer(replace.clone(), gemma_split);
+        assert_eq!(prefix(&gemma), SpacePrefix::None);
         let metaspace = |scheme: &str, split: bool| {
             json!({"type": "Metaspace", "replacement": SPACE, "prepend_scheme": scheme,
                    "split": split})
         };
         let tok = |m: Json| spm_tokenizer(Json::Null, m);
-        assert!(space_prefix(p, &tok(metaspace("first", false))).unwrap());
-        assert!(!space_prefix(p, &tok(metaspace("never", false))).unwrap());
+        assert_eq!(
+            prefix(&tok(metaspace("first", false))),
+            SpacePrefix::FirstOnly
+        );
+        assert_eq!(
+            prefix(&tok(metaspace("always", false))),
+            SpacePrefix::EachText
+        );
+        assert_eq!(prefix(&tok(metaspace("never", false))), SpacePrefix::None);
         let err = space_prefix(p, &tok(metaspace("first", true))).unwrap_err();
         assert!(err.to_string().contains("pre_tokenizer: "), "{err}");
         let nfkc = json!({"type": "Sequence", "normalizers": [{"type": "NFKC"}, replace]});
