@@ -110,22 +110,7 @@ impl Vocab {
         let path = dir.join("tokenizer.json");
         let tok =
             read_json(&path)?.ok_or_else(|| error(&path, "missing; GGUF embeds the tokenizer"))?;
-        let (tokens, token_types, model) = match tok["model"]["type"].as_str() {
-            Some("BPE") if tok["model"]["byte_fallback"] == true => {
-                sentencepiece_bpe(&path, &tok, config.vocab_size)?
-            }
-            Some("BPE") => byte_level_bpe(&path, &tok, config.vocab_size)?,
-            kind => {
-                return Err(error(
-                    &path,
-                    format!(
-                        "model.type: a {} tokenizer cannot be written to GGUF by llmtool (BPE \
-                         only: byte-level as llama.cpp's gpt2, with byte_fallback as its llama)",
-                        kind.unwrap_or("unknown")
-                    ),
-                ))
-            }
-        };
+        let (tokens, token_types, model) = tokenizer_model(&path, &tok, config.vocab_size)?;
         let tc_path = dir.join("tokenizer_config.json");
         let tc = read_json(&tc_path)?.unwrap_or(Json::Null);
         let id_of: HashMap<&str, u32> = tokens
@@ -279,7 +264,25 @@ enum Spelling {
     SentencePiece,
 }
 
+/// The tokens, their types and the tokenizer model of a `tokenizer.json`.
 type Tokens = (Vec<String>, Vec<i32>, TokenizerModel);
+
+/// The llama.cpp tokenizer model for `model.type` of `tokenizer.json`: BPE with byte fallback
+/// as `llama`, other BPE as `gpt2`; other kinds are an error.
+fn tokenizer_model(path: &Path, tok: &Json, size: usize) -> Result<Tokens, GgufError> {
+    match tok["model"]["type"].as_str() {
+        Some("BPE") if tok["model"]["byte_fallback"] == true => sentencepiece_bpe(path, tok, size),
+        Some("BPE") => byte_level_bpe(path, tok, size),
+        kind => Err(error(
+            path,
+            format!(
+                "model.type: a {} tokenizer cannot be written to GGUF by llmtool (BPE only: \
+                 byte-level as llama.cpp's gpt2, with byte_fallback as its llama)",
+                kind.unwrap_or("unknown")
+            ),
+        )),
+    }
+}
 
 /// A byte-level BPE as llama.cpp's `gpt2` model.
 fn byte_level_bpe(path: &Path, tok: &Json, size: usize) -> Result<Tokens, GgufError> {
