@@ -18,18 +18,17 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Exports `model` (a fixture name or a path) to `out` with extra `args`; asserts success.
-fn export(model: &Path, out: &Path, args: &[&str]) {
+/// Exports `model` (a fixture name or a path) to `out` with extra `args`; asserts success and
+/// returns what it printed on stderr (its warnings).
+fn export(model: &Path, out: &Path, args: &[&str]) -> String {
     let run = llmtool()
         .args(["export", "--gguf", "--model", s(model), "--out", s(out)])
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    stderr
 }
 
 struct Read {
@@ -64,6 +63,12 @@ impl Read {
     }
     fn str(&self, key: &str) -> &str {
         self.meta(key).to_string().unwrap()
+    }
+    fn bool(&self, key: &str) -> bool {
+        self.meta(key).to_bool().unwrap()
+    }
+    fn array<T>(&self, key: &str, of: impl Fn(&Value) -> T) -> Vec<T> {
+        self.meta(key).to_vec().unwrap().iter().map(of).collect()
     }
 }
 
@@ -338,10 +343,15 @@ fn one_error_line(args: &[&str]) -> String {
     stderr.trim_end().to_string()
 }
 
-/// A copy of tiny-llama in `parent/NAME` with `edit` applied to the file `file`.
-fn edited(parent: &Path, file: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+/// A copy of the fixture `name` in `parent/NAME` with `edit` applied to the file `file`.
+fn edited(
+    parent: &Path,
+    name: &str,
+    file: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
     let dir = parent.join(file.replace('.', "-"));
-    copy_fixture("tiny-llama", &dir);
+    copy_fixture(name, &dir);
     let path = dir.join(file);
     let mut value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -369,7 +379,7 @@ fn bad_inputs_are_one_line_and_write_nothing() {
         one_error_line(&refs)
     };
 
-    let neox = edited(tmp.path(), "config.json", |c| {
+    let neox = edited(tmp.path(), "tiny-llama", "config.json", |c| {
         c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
         c["model_type"] = "gpt_neox".into();
     });
@@ -379,7 +389,7 @@ fn bad_inputs_are_one_line_and_write_nothing() {
         "{line}"
     );
 
-    let metaspace = edited(tmp.path(), "tokenizer.json", |t| {
+    let metaspace = edited(tmp.path(), "tiny-llama", "tokenizer.json", |t| {
         t["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "▁",
             "prepend_scheme": "always", "split": true});
     });
@@ -388,9 +398,6 @@ fn bad_inputs_are_one_line_and_write_nothing() {
         line.contains("tokenizer.json") && line.contains("pre_tokenizer"),
         "{line}"
     );
-
-    let line = run(export_args(&fixture("tiny-phi3-longrope")));
-    assert!(line.contains("longrope"), "{line}");
 
     let mut args = export_args(&fixture("tiny-llama"));
     args.extend(["--adapter".into(), s(&fixture("tiny-qwen3-lora")).into()]);
@@ -443,4 +450,127 @@ fn a_known_chat_template_becomes_the_modelfile_template() {
         modelfile.contains("PARAMETER stop \"<|endoftext|>\""),
         "{modelfile}"
     );
+}
+
+/// The SentencePiece-style fixtures (make_spm_fixtures.py): llama.cpp architecture and a turn
+/// marker of the Modelfile template their chat template is recognised as.
+const SENTENCEPIECE: [(&str, &str, &str); 2] = [
+    ("tiny-llama2", "llama", "[INST]"),
+    ("tiny-gemma2-spm", "gemma2", "<start_of_turn>model"),
+];
+
+/// Against what llama.cpp's converter writes from the SentencePiece model itself
+/// (gguf_expected.json): the tokens, their types, the special ids and flags exactly; the
+/// scores exactly where the converter's are fixed (control -1000, bytes 0) and, for the
+/// pieces merges make, in SentencePiece's order, which is all llama.cpp's merging reads.
+#[test]
+fn sentencepiece_tokenizers_export_as_llama_cpps_llama_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, arch, marker) in SENTENCEPIECE {
+        let dir = fixture(name);
+        let out = tmp.path().join(name).join("model.gguf");
+        export(&dir, &out, &[]);
+        let g = read(&out);
+        let want = common::json(&format!("{name}/gguf_expected.json"));
+        assert_eq!(g.str("general.architecture"), arch);
+        assert_eq!(g.str("tokenizer.ggml.model"), "llama");
+        assert_eq!(g.str("tokenizer.ggml.pre"), "default");
+        assert!(!g.content.metadata.contains_key("tokenizer.ggml.merges"));
+        let tokens = g.array("tokenizer.ggml.tokens", |v| v.to_string().unwrap().clone());
+        assert_eq!(serde_json::json!(tokens), want["tokens"], "{name}");
+        let types = g.array("tokenizer.ggml.token_type", |v| v.to_i32().unwrap());
+        assert_eq!(serde_json::json!(types), want["token_type"], "{name}");
+        for key in ["add_space_prefix", "add_bos_token", "add_eos_token"] {
+            let key = format!("tokenizer.ggml.{key}");
+            assert_eq!(serde_json::json!(g.bool(&key)), want[&key], "{name} {key}");
+        }
+        for (id, key) in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown")] {
+            let got = g.u32(&format!("tokenizer.ggml.{key}_token_id"));
+            assert_eq!(serde_json::json!(got), want["ids"][id], "{name} {id}");
+        }
+        let scores = g.array("tokenizer.ggml.scores", |v| v.to_f32().unwrap());
+        check_scores(name, &tokens, &types, &scores, &want["scores"]);
+        check_values(&dir, &g, arch);
+        let modelfile = std::fs::read_to_string(out.with_file_name("Modelfile")).unwrap();
+        assert!(modelfile.contains("TEMPLATE \"\"\""), "{modelfile}");
+        assert!(modelfile.contains(marker), "{modelfile}");
+    }
+}
+
+/// Mistral v0.3's layout (no normalizer, a `Metaspace` that prepends `▁` to the first text
+/// only) is written with `add_space_prefix`, and a warning that llama.cpp prepends one after
+/// each special token and before text that begins with a space too.
+#[test]
+fn a_first_only_space_prefix_is_written_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = edited(tmp.path(), "tiny-llama2", "tokenizer.json", |t| {
+        t["normalizer"] = serde_json::Value::Null;
+        t["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "\u{2581}",
+            "prepend_scheme": "first", "split": false});
+    });
+    let out = tmp.path().join("out/model.gguf");
+    let stderr = export(&dir, &out, &[]);
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("after each special token"),
+        "{stderr}"
+    );
+    assert!(read(&out).bool("tokenizer.ggml.add_space_prefix"));
+}
+
+/// Fixed scores equal, and the merged pieces (normal, of two characters or more) in the same
+/// order as `want`'s.
+fn check_scores(
+    name: &str,
+    tokens: &[String],
+    types: &[i32],
+    got: &[f32],
+    want: &serde_json::Value,
+) {
+    let want: Vec<f32> = serde_json::from_value(want.clone()).unwrap();
+    assert_eq!(got.len(), want.len(), "{name}");
+    let mut merged = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        if types[i] == 1 && token.chars().count() > 1 {
+            merged.push((want[i], got[i]));
+        } else if types[i] != 1 {
+            assert_eq!(got[i], want[i], "{name}: score of {token:?}");
+        }
+    }
+    assert!(merged.len() > 50, "{name}: {} merged pieces", merged.len());
+    merged.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert!(
+        merged.windows(2).all(|w| w[0].1 > w[1].1),
+        "{name}: scores not in SentencePiece's order"
+    );
+}
+
+#[test]
+fn longrope_writes_phi3s_factors_and_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fixture("tiny-phi3-longrope");
+    let out = tmp.path().join("model.gguf");
+    let stderr = export(&dir, &out, &[]);
+    assert!(
+        stderr.contains("warning: ") && stderr.contains("long factors"),
+        "{stderr}"
+    );
+    let g = read(&out);
+    let cfg = config(&dir);
+    let scaling = cfg.rope_scaling_for(false).unwrap();
+    for (tensor, factors) in [
+        ("rope_factors_long.weight", &scaling.long_factor),
+        ("rope_factors_short.weight", &scaling.short_factor),
+    ] {
+        let (ty, t) = &g.tensors[tensor];
+        assert_eq!(*ty, GgmlDType::F32);
+        let want: Vec<f32> = factors.iter().flatten().map(|&f| f as f32).collect();
+        assert_eq!(t.to_vec1::<f32>().unwrap(), want, "{tensor}");
+    }
+    assert_eq!(g.u32("phi3.context_length"), 64);
+    assert_eq!(g.u32("phi3.rope.scaling.original_context_length"), 16);
+    assert_eq!(g.u32("phi3.rope.dimension_count"), 12);
+    // sqrt(1 + ln(64 / 16) / ln 16)
+    let factor = g.f32("phi3.rope.scaling.attn_factor");
+    assert!((factor - 1.5f32.sqrt()).abs() < 1e-6, "{factor}");
+    check_values(&dir, &g, "phi3");
 }

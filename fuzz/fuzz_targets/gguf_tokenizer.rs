@@ -1,7 +1,9 @@
 //! A `tokenizer.json` as `llmtool export --gguf` reads it: `model::gguf::Vocab::read` (the
-//! model type, the pre-tokenizer's llama.cpp name, tokens, merges, special ids), then the GGUF
-//! keys and the Ollama Modelfile made from it. Any input must give a vocabulary or a
-//! `GgufError`, never a panic.
+//! model type; for byte-level BPE the pre-tokenizer's llama.cpp name and merges, for
+//! SentencePiece-style BPE the normalizer and pre-tokenizer steps, byte tokens and the scores
+//! from the merges; tokens and special ids), then the GGUF keys and the Ollama Modelfile made
+//! from it. Any input must give a vocabulary or a `GgufError`, never a panic. The seeds
+//! include both kinds (vocab_size 400 holds the SentencePiece fixtures' tokens).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -19,7 +21,7 @@ fn config() -> &'static model::LlamaConfig {
     CONFIG.get_or_init(|| {
         serde_json::from_value(serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 320,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 400,
             "bos_token_id": 0, "eos_token_id": 0
         }))
         .expect("a valid config")

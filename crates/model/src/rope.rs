@@ -185,7 +185,11 @@ impl RopeTables {
 /// LongRoPE's factor on cos and sin: the configured `attention_factor`, else
 /// `sqrt(1 + ln s / ln original)` with `s` the configured `factor` or the ratio of the context
 /// to the original one (1 when `s <= 1`).
-fn longrope_attention_factor(cfg: &LlamaConfig, s: &RopeScaling, original: usize) -> f64 {
+pub(crate) fn longrope_attention_factor(
+    cfg: &LlamaConfig,
+    s: &RopeScaling,
+    original: usize,
+) -> f64 {
     if let Some(factor) = s.attention_factor {
         return factor;
     }

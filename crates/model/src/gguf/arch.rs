@@ -123,25 +123,67 @@ pub fn relayout(
     })
 }
 
-/// Llama 3.x frequency factors (`rope_freqs.weight`, one per rotated pair), as the converter
-/// computes them for `rope_type: llama3`; llama.cpp divides each frequency by its factor.
-pub fn rope_freqs(arch: Arch, config: &LlamaConfig) -> Result<Option<Tensor>, GgufError> {
+/// The RoPE factor tensors the converter adds, each one value per rotated pair: Llama 3.x's
+/// `rope_freqs.weight` (`rope_type: llama3`; llama.cpp divides each frequency by its factor),
+/// or Phi-3's LongRoPE `rope_factors_long.weight` and `rope_factors_short.weight`.
+pub fn rope_tensors(arch: Arch, config: &LlamaConfig) -> Result<Vec<(String, Tensor)>, GgufError> {
     let Some(s) = config.rope_scaling_for(false) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
-    if arch != Arch::Llama || s.rope_type != "llama3" {
-        return Ok(None);
+    let vector = |name: &str, values: Vec<f32>| -> Result<(String, Tensor), GgufError> {
+        Ok((name.to_string(), Tensor::new(values, &Device::Cpu)?))
+    };
+    match (arch, s.rope_type.as_str()) {
+        (Arch::Llama, "llama3") => Ok(vec![vector(
+            "rope_freqs.weight",
+            llama3_factors(config, s),
+        )?]),
+        (Arch::Phi3, "longrope") => {
+            let f32s = |f: &Option<Vec<f64>>| f.iter().flatten().map(|&v| v as f32).collect();
+            Ok(vec![
+                vector("rope_factors_long.weight", f32s(&s.long_factor))?,
+                vector("rope_factors_short.weight", f32s(&s.short_factor))?,
+            ])
+        }
+        (_, "longrope") => Err(GgufError::Unsupported(format!(
+            "config.json: rope_type longrope: llama.cpp reads LongRoPE factors for phi3 only, \
+             not {}",
+            arch.name()
+        ))),
+        _ => Ok(Vec::new()),
     }
-    // Each factor is the plain frequency over the Llama 3 one that RoPE uses.
+}
+
+/// Each Llama 3 factor is the plain frequency over the scaled one that RoPE uses.
+fn llama3_factors(config: &LlamaConfig, s: &crate::config::RopeScaling) -> Vec<f32> {
     let (dim, base) = (config.head_size(), config.theta());
     let plain = crate::rope::inverse_frequencies(dim, base, None);
     let scaled = crate::rope::inverse_frequencies(dim, base, Some(s));
-    let factors: Vec<f32> = plain
+    plain
         .iter()
         .zip(&scaled)
         .map(|(p, s)| (p / s) as f32)
-        .collect();
-    Ok(Some(Tensor::new(factors, &Device::Cpu)?))
+        .collect()
+}
+
+/// Phi-3 LongRoPE's keys: the context the short factors serve (llama.cpp switches to the long
+/// ones past it) and the factor on cos and sin, as the converter's `Phi3MiniModel` writes them.
+fn longrope_metadata(c: &LlamaConfig) -> Vec<(&'static str, Value)> {
+    let Some(s) = c
+        .rope_scaling_for(false)
+        .filter(|s| s.rope_type == "longrope")
+    else {
+        return Vec::new();
+    };
+    let original = c.longrope_original_context(s);
+    let attn_factor = crate::rope::longrope_attention_factor(c, s, original);
+    vec![
+        (
+            "rope.scaling.original_context_length",
+            Value::U32(original as u32),
+        ),
+        ("rope.scaling.attn_factor", Value::F32(attn_factor as f32)),
+    ]
 }
 
 /// `general.*` and `<arch>.*` keys, as the converter writes them for the family.
@@ -200,7 +242,12 @@ pub fn metadata(
         }
         // The converter writes 0 for "no window" (Phi-4) so that llama.cpp does not assume
         // Phi-3's 2047.
-        Arch::Phi3 => key("attention.sliding_window", u32v(window.unwrap_or(0))),
+        Arch::Phi3 => {
+            key("attention.sliding_window", u32v(window.unwrap_or(0)));
+            for (k, v) in longrope_metadata(c) {
+                key(k, v);
+            }
+        }
         Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {}
     }
     m
@@ -241,6 +288,14 @@ pub fn warnings(arch: Arch, c: &LlamaConfig, family: &Family) -> Vec<String> {
             "llama.cpp's phi3 expects heads x head_dim = hidden_size ({} x {head} != {}); it \
              may refuse the fused attn_qkv",
             c.num_attention_heads, c.hidden_size
+        ));
+    }
+    if let Some(original) = c.longrope_context().filter(|_| arch == Arch::Phi3) {
+        w.push(format!(
+            "llama.cpp's phi3 picks LongRoPE's long factors for every sequence once its context \
+             (-c) exceeds {original} (original_max_position_embeddings), llmtool by each \
+             sequence's length: outputs differ for sequences of at most {original} tokens run \
+             with a larger -c"
         ));
     }
     if arch == Arch::Gemma2 {
@@ -399,15 +454,56 @@ mod tests {
             "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
         }));
-        let f = rope_freqs(Arch::Llama, &c)
-            .unwrap()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let tensors = rope_tensors(Arch::Llama, &c).unwrap();
+        assert_eq!(tensors[0].0, "rope_freqs.weight");
+        let f = tensors[0].1.to_vec1::<f32>().unwrap();
         assert_eq!(f.len(), 8);
         // The highest frequencies (short wavelengths) are kept, the lowest divided by 8.
         assert_eq!(f[0], 1.0);
         assert_eq!(f[7], 8.0);
         assert!(f.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn longrope_writes_both_factor_lists_and_the_attention_factor() {
+        let config = |arch: &str| {
+            family(serde_json::json!({
+                "architectures": [arch], "hidden_size": 32, "intermediate_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32,
+                "max_position_embeddings": 64, "original_max_position_embeddings": 16,
+                "partial_rotary_factor": 0.5,
+                "rope_scaling": {"type": "longrope", "short_factor": [1.0, 2.0, 3.0, 4.0],
+                                 "long_factor": [5.0, 6.0, 7.0, 8.0]}
+            }))
+        };
+        let (c, f) = config("Phi3ForCausalLM");
+        let tensors = rope_tensors(Arch::Phi3, &c).unwrap();
+        let named = |i: usize| {
+            (
+                tensors[i].0.as_str(),
+                tensors[i].1.to_vec1::<f32>().unwrap(),
+            )
+        };
+        assert_eq!(named(0), ("rope_factors_long.weight", vec![5., 6., 7., 8.]));
+        assert_eq!(
+            named(1),
+            ("rope_factors_short.weight", vec![1., 2., 3., 4.])
+        );
+        let m = metadata(Arch::Phi3, &c, &f, Quant::F16, "m");
+        let get = |k: &str| m.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let original = get("phi3.rope.scaling.original_context_length").unwrap();
+        assert_eq!(original.to_u32().unwrap(), 16);
+        let factor = get("phi3.rope.scaling.attn_factor")
+            .unwrap()
+            .to_f32()
+            .unwrap();
+        // sqrt(1 + ln(64 / 16) / ln 16)
+        assert!((factor - 1.5f32.sqrt()).abs() < 1e-6, "{factor}");
+        assert!(warnings(Arch::Phi3, &c, &f)
+            .iter()
+            .any(|w| w.contains("long factors")));
+        let (c, _) = config("LlamaForCausalLM");
+        let err = rope_tensors(Arch::Llama, &c).unwrap_err().to_string();
+        assert!(err.contains("longrope") && err.contains("phi3"), "{err}");
     }
 }

@@ -12,7 +12,7 @@ mod vocab;
 pub use arch::{gguf_tensor_name, permute_rotary, Arch};
 pub use modelfile::modelfile;
 pub use quant::{tensor_type, Counters, Quant};
-pub use vocab::Vocab;
+pub use vocab::{SpacePrefix, TokenizerModel, Vocab};
 
 use crate::config::LlamaConfig;
 use crate::family::Family;
@@ -73,24 +73,15 @@ pub fn build(
 ) -> Result<Gguf, GgufError> {
     let family = Family::of(config);
     let arch = Arch::of(&family)?;
-    if config.longrope_context().is_some() {
-        return Err(GgufError::Unsupported(
-            "config.json: rope_type longrope (Phi-3 128k, Phi-4-mini): GGUF export does not \
-             write LongRoPE's factors yet"
-                .into(),
-        ));
-    }
     let vocab = Vocab::read(options.model_dir, config)?;
     let mut warnings = arch::warnings(arch, config, &family);
+    warnings.extend(vocab.warnings());
     let name = safe_name(options.name, &vocab, &mut warnings);
     let mut metadata = arch::metadata(arch, config, &family, options.quant, &name);
     metadata.extend(vocab.metadata());
     let mut out = Vec::new();
-    if let Some(freqs) = arch::rope_freqs(arch, config)? {
-        out.push((
-            "rope_freqs.weight".to_string(),
-            quantize(&freqs, quant::F32)?,
-        ));
+    for (name, factors) in arch::rope_tensors(arch, config)? {
+        out.push((name, quantize(&factors, quant::F32)?));
     }
     let layers = config.num_hidden_layers;
     let has_lm_head = tensors.iter().any(|(n, _)| n == crate::names::LM_HEAD);

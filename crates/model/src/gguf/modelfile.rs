@@ -113,8 +113,10 @@ mod tests {
         Vocab {
             tokens: vec!["<|endoftext|>".into(), "a".into()],
             token_types: vec![3, 1],
-            merges: vec![],
-            pre: "gpt-2".into(),
+            model: super::super::TokenizerModel::Gpt2 {
+                merges: vec![],
+                pre: "gpt-2".into(),
+            },
             bos: None,
             eos: Some(0),
             pad: None,
