@@ -9,7 +9,7 @@ join on (task, preset, mode). Needs torch, transformers and peft; downloads noth
     python bench/torch_ref.py --device cpu --sizes tiny --batch 8 --seq 256 --steps 3
     python bench/torch_ref.py --device cuda --sizes tiny,small,base --out torch.jsonl
     python bench/torch_ref.py --device cuda --sizes 1b,8b --tasks lora --modes bf16,bf16+ckpt \\
-        --batch 4 --seq 2048 --lora-targets all --rank 16 --lora-base-dtype bf16
+        --batch 4 --seq 2048 --lora-targets all --rank 16 --lora-base-dtype bf16   # or nf4
 
 Presets (hidden, layers, heads, kv heads, ffn, vocab; head dim = hidden / heads):
   tiny   384,  6,  6,  6,  1024,   8192  tied embeddings (~14M parameters)
@@ -34,7 +34,11 @@ Modes: fp32 | bf16 | fp32+ckpt | bf16+ckpt | bf16+compile | fp32+compile.
            model is converted to bfloat16.
   ckpt     gradient checkpointing (train and lora only; eval/generate rows are skipped).
   compile  torch.compile of the model (train only; other tasks' rows are skipped).
-  --lora-base-dtype bf16 stores the frozen base of lora rows in bfloat16 (adapters stay fp32).
+  --lora-base-dtype bf16 stores the frozen base of lora rows in bfloat16 (adapters stay fp32);
+  nf4 is QLoRA: the blocks' linear layers become bitsandbytes Linear4bit (NF4, double
+  quantization, bf16 compute), the rest bf16, prepared by PEFT's prepare_model_for_kbit_training
+  (needs bitsandbytes). The peak counters restart once the base is quantized, so the bf16
+  weights quantization starts from do not count.
 Default modes: fp32 on CPU; fp32,bf16,bf16+ckpt on GPUs (as llmtool bench).
 
 JSON fields of a row (one line per row on stdout, appended to --out):
@@ -181,12 +185,36 @@ def bench_train(a, preset, mode):
                 model_tflops=6 * params * tok / 1e12, **peak_fields(a.device))
 
 
-def bench_lora(a, preset, mode):
-    from peft import LoraConfig, get_peft_model
+def quantize_blocks(model):
+    """QLoRA's base: every linear layer of the blocks as a bitsandbytes NF4 Linear4bit with
+    double quantization and bf16 compute, quantized on the model's device."""
+    import bitsandbytes as bnb
 
-    base_dtype = torch.bfloat16 if a.lora_base_dtype == "bf16" else torch.float32
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, linear in list(parent.named_children()):
+                if not isinstance(linear, torch.nn.Linear):
+                    continue
+                device = linear.weight.device
+                q = bnb.nn.Linear4bit(linear.in_features, linear.out_features,
+                                      bias=linear.bias is not None, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+                setattr(parent, name, q.to(device))
+    return model
+
+
+def bench_lora(a, preset, mode):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    base_dtype = torch.float32 if a.lora_base_dtype == "fp32" else torch.bfloat16
     model = build_model(preset, a.seq, a.device, base_dtype)
-    if "ckpt" in mode:
+    if a.lora_base_dtype == "nf4":
+        model = quantize_blocks(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing="ckpt" in mode)
+        start_row(a.device)
+    elif "ckpt" in mode:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
@@ -207,7 +235,10 @@ def bench_lora(a, preset, mode):
 
     dt = timed(step, a.steps, a.warmup, a.device)
     trainable = sum(p.numel() for p in params)
-    base = sum(p.numel() for p in model.parameters()) - trainable
+    # A 4-bit parameter's numel counts packed bytes; its quant state has the real shape.
+    state = lambda p: getattr(p, "quant_state", None)
+    base = sum(state(p).shape.numel() if state(p) else p.numel()
+               for p in model.parameters()) - trainable
     tok = a.batch * a.seq / dt
     return dict(trainable=trainable, rank=a.rank, alpha=2 * a.rank,
                 lora_targets=",".join(a.lora_targets), base_dtype=a.lora_base_dtype,
@@ -316,8 +347,8 @@ def parse_args(argv=None):
                    help="comma list of projections the lora task adapts, or all (every linear "
                         "layer of the blocks)")
     p.add_argument("--rank", type=positive, default=8, help="LoRA rank (alpha is 2 x rank)")
-    p.add_argument("--lora-base-dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="storage of the lora task's frozen base")
+    p.add_argument("--lora-base-dtype", choices=("fp32", "bf16", "nf4"), default="fp32",
+                   help="storage of the lora task's frozen base (nf4: QLoRA, needs bitsandbytes)")
     p.add_argument("--out", default=None, metavar="FILE", help="also append each row to FILE")
     a = p.parse_args(argv)
     if a.modes is None:

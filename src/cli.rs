@@ -24,6 +24,17 @@ pub struct ConfigArgs {
     pub overrides: Vec<Override>,
 }
 
+/// `llmtool estimate`.
+#[derive(Debug, Args)]
+pub struct EstimateArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Plan a LoRA fine-tune of `model.pretrained` (as `finetune --lora`): the base stored as
+    /// `lora.base_dtype` (nf4: QLoRA's 4-bit projections), the adapter the only thing trained.
+    #[arg(long)]
+    pub lora: bool,
+}
+
 /// `llmtool train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -80,7 +91,7 @@ pub enum Command {
     /// Parameter count and peak training memory of a config, before loading anything.
     ///
     /// Example: llmtool estimate configs/base.yaml --set training.grad_checkpoint=true
-    Estimate(ConfigArgs),
+    Estimate(EstimateArgs),
     /// Show or check a config file.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -127,7 +138,8 @@ pub struct BenchArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
-    /// Comma-separated presets: tiny (14M), small (47M), base (110M).
+    /// Comma-separated presets: tiny (14M), small (47M), base (110M), 1b (Llama-3.2-1B's
+    /// shape), 8b (Llama-3.1-8B's); random weights.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tiny,small")]
     pub sizes: Vec<Preset>,
     /// Comma-separated tasks.
@@ -142,8 +154,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     pub modes: Vec<Mode>,
     /// Comma-separated bases of the lora task, each its own row: frozen (the base's weight
-    /// gradients are never computed) or plain (candle vars the optimizer does not get, whose
-    /// weight gradients candle computes anyway, as naive candle code does).
+    /// gradients are never computed), plain (candle vars the optimizer does not get, whose
+    /// weight gradients candle computes anyway, as naive candle code does) or nf4 (QLoRA: the
+    /// projections 4-bit, as `lora.base_dtype: nf4`).
     #[arg(
         long,
         value_enum,
@@ -152,6 +165,12 @@ pub struct BenchArgs {
         value_name = "BASES"
     )]
     pub lora_base: Vec<LoraBase>,
+    /// The lora rows' rank (alpha is twice it, as in bench/torch_ref.py).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// What the lora rows adapt: qkvo (q/k/v/o) or all (every linear layer of the blocks).
+    #[arg(long, value_enum, default_value = "qkvo")]
+    pub lora_targets: LoraTargets,
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -175,6 +194,15 @@ pub struct BenchArgs {
     /// shapes) and time both; exits non-zero if any op is over its tolerance.
     #[arg(long)]
     pub ops: bool,
+}
+
+/// The projections a benchmark's LoRA rows adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoraTargets {
+    /// q_proj, k_proj, v_proj and o_proj.
+    Qkvo,
+    /// Every linear layer of the blocks.
+    All,
 }
 
 /// Compute precision for inference.

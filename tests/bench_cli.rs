@@ -109,6 +109,8 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "head_mean_nll",
         "linear_rows",
         "master_linear",
+        "nf4_linear",
+        "nf4_linear_rows",
         "qk_norm",
         "rms_norm",
         "rms_norm_offset",

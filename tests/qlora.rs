@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_fixture, fixture, ids, llmtool, relative_error, tensors};
+use common::{copy_fixture, fixture, ids, llmtool, relative_error, stdout_of, tensors};
 use llmtool::model::{self, quantized::WeightStorage};
 use llmtool::train::Adapter;
 use predicates::prelude::*;
@@ -80,20 +80,15 @@ output:\n  dir: {}\n",
 /// The mean NLL `eval --json` reports for `model` (with `extra` flags; the adapter's row
 /// when one is given) on `data`.
 fn eval_nll(model: &Path, data: &Path, extra: &[&str]) -> f64 {
-    let out = llmtool()
-        .args(["eval", "--json", "--device", "cpu", "--model"])
-        .arg(model)
-        .arg("--data")
-        .arg(data)
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        llmtool()
+            .args(["eval", "--json", "--device", "cpu", "--model"])
+            .arg(model)
+            .arg("--data")
+            .arg(data)
+            .args(extra),
     );
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     let row = extra.contains(&"--adapter") as usize;
     rows[row]["metrics"]["nll_mean"]
         .as_f64()
@@ -177,15 +172,7 @@ fn qlora_loss_after_training_is_close_to_a_dense_base() {
         .map(|base_dtype| {
             let dir = tempfile::tempdir().unwrap();
             let config = finetune_config(dir.path(), &fixture("tiny-llama"), base_dtype);
-            let out = llmtool()
-                .args(["finetune", &config, "--lora"])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            stdout_of(llmtool().args(["finetune", &config, "--lora"]));
             let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
             let last = metrics
                 .lines()
@@ -267,6 +254,32 @@ fn quantized_checkpoints_llmtool_cannot_read_are_refused_by_name() {
     let err = load_error(&missing);
     assert!(
         err.contains("model.safetensors") && err.contains("up_proj.weight.absmax"),
+        "{err}"
+    );
+}
+
+#[test]
+fn estimate_plans_a_qlora_fine_tune() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = finetune_config(dir.path(), &fixture("tiny-llama"), "nf4");
+    let plan =
+        |extra: &[&str]| stdout_of(llmtool().args(["estimate", &config, "--lora"]).args(extra));
+    let nf4 = plan(&[]);
+    assert!(nf4.contains("base (nf4) + adapter"), "{nf4}");
+    // r 4 on the seven projections of two layers: 2 x 4 x (q 128 + k 96 + v 96 + o 128 +
+    // gate, up and down 192 each) in + out values.
+    assert!(nf4.contains("training a 8.2K adapter"), "{nf4}");
+    assert!(plan(&["--set", "lora.base_dtype=bf16"]).contains("base (bf16) + adapter"));
+    let scratch = dir.path().join("scratch.yaml");
+    std::fs::write(&scratch, "model:\n  hidden_size: 64\n").unwrap();
+    let out = llmtool()
+        .args(["estimate", scratch.to_str().unwrap(), "--lora"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("scratch.yaml") && err.contains("model.pretrained"),
         "{err}"
     );
 }

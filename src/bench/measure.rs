@@ -1,7 +1,7 @@
 //! One row: the task's measurement in torch_ref.py's fields, and the peak memory field.
 
 use super::generation::greedy;
-use super::rows::{Mode, Preset, Settings, Task};
+use super::rows::{LoraBase, Mode, Preset, Settings, Task};
 use super::timed;
 use super::training::{lora_model, random_batch, time_training};
 use candle_core::Device;
@@ -34,11 +34,21 @@ pub fn measure(
                    "model_tflops": 6.0 * params as f64 * tokens_per_s / 1e12})
         }
         Task::Lora(base) => {
-            let (model, vars) = lora_model(&cfg, weights, base, dtype, device)?;
+            let (model, vars) = lora_model(&cfg, weights, base, s.lora, dtype, device)?;
+            if base == LoraBase::Nf4 {
+                // As the reference: the f32 weights quantization started from do not count.
+                ops::device::reset_peak_memory(device)?;
+            }
             let step_s = time_training(&model, &vars, s, recompute, device)?;
             let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-            json!({"trainable": trainable, "step_ms": step_s * 1e3,
-                   "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
+            let tokens_per_s = (s.batch * s.seq) as f64 / step_s;
+            // As torch_ref.py: forward and input gradient of the base (4 x its parameters per
+            // token), forward and both gradients of the adapter (6 x).
+            let base_params = (cfg.parameter_count() - trainable) as f64;
+            let flops = 4.0 * base_params + 6.0 * trainable as f64;
+            json!({"trainable": trainable, "rank": s.lora.rank, "alpha": 2 * s.lora.rank,
+                   "lora_targets": s.lora.targets_name(), "step_ms": step_s * 1e3,
+                   "tokens_per_s": tokens_per_s, "model_tflops": flops * tokens_per_s / 1e12})
         }
         Task::Eval => {
             // As `llmtool eval` loads a model: stored in the compute dtype.
@@ -131,6 +141,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             gen_tokens: 2,
+            lora: Default::default(),
         };
         for (task, fields) in [
             (
@@ -172,6 +183,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             gen_tokens: 1,
+            lora: Default::default(),
         };
         for base in [LoraBase::Frozen, LoraBase::Plain] {
             let row =

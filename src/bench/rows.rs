@@ -5,7 +5,7 @@ use candle_core::DType;
 use model::LlamaConfig;
 use serde_json::json;
 
-/// A model size of the benchmark, as in torch_ref.py (tied embeddings).
+/// A model size of the benchmark, as in torch_ref.py.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Preset {
     /// 14M parameters.
@@ -14,6 +14,12 @@ pub enum Preset {
     Small,
     /// 110M parameters.
     Base,
+    /// Llama-3.2-1B's shape (1.24B parameters).
+    #[value(name = "1b")]
+    OneB,
+    /// Llama-3.1-8B's shape (8.03B parameters).
+    #[value(name = "8b")]
+    EightB,
 }
 
 impl Preset {
@@ -23,21 +29,26 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::Small => "small",
             Preset::Base => "base",
+            Preset::OneB => "1b",
+            Preset::EightB => "8b",
         }
     }
 
     /// The model config for sequences of `seq` tokens.
     pub fn config(self, seq: usize) -> LlamaConfig {
-        // hidden, layers, heads, kv_heads, ffn, vocab
-        let (h, layers, heads, kv, ffn, vocab) = match self {
-            Preset::Tiny => (384, 6, 6, 6, 1024, 8192),
-            Preset::Small => (512, 12, 8, 8, 1408, 16384),
-            Preset::Base => (768, 12, 12, 12, 2048, 32000),
+        // hidden, layers, heads, kv_heads, ffn, vocab, tied, rope_theta
+        let (h, layers, heads, kv, ffn, vocab, tied, theta) = match self {
+            Preset::Tiny => (384, 6, 6, 6, 1024, 8192, true, 10000.0),
+            Preset::Small => (512, 12, 8, 8, 1408, 16384, true, 10000.0),
+            Preset::Base => (768, 12, 12, 12, 2048, 32000, true, 10000.0),
+            Preset::OneB => (2048, 16, 32, 8, 8192, 128256, true, 500000.0),
+            Preset::EightB => (4096, 32, 32, 8, 14336, 128256, false, 500000.0),
         };
         serde_json::from_value(json!({
             "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
             "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": vocab,
-            "max_position_embeddings": seq.max(2048), "tie_word_embeddings": true,
+            "max_position_embeddings": seq.max(2048), "tie_word_embeddings": tied,
+            "rope_theta": theta,
         }))
         .expect("every key a preset lacks has a default in LlamaConfig")
     }
@@ -134,6 +145,9 @@ pub enum LoraBase {
     /// the plain-matmul path, and backward computes, and the grad store keeps, the gradient of
     /// every base weight.
     Plain,
+    /// QLoRA, as `lora.base_dtype: nf4` holds it: the blocks' projections 4-bit NF4, the rest
+    /// in the compute dtype.
+    Nf4,
 }
 
 impl LoraBase {
@@ -142,6 +156,7 @@ impl LoraBase {
         match self {
             LoraBase::Frozen => "frozen",
             LoraBase::Plain => "plain",
+            LoraBase::Nf4 => "nf4",
         }
     }
 }
@@ -159,4 +174,49 @@ pub struct Settings {
     pub warmup: usize,
     /// New tokens per generation run.
     pub gen_tokens: usize,
+    /// The lora rows' adapter.
+    pub lora: LoraShape,
+}
+
+/// The adapter of a `lora` row: rank (alpha twice it, as torch_ref.py) and whether it adapts
+/// every linear layer of the blocks or q/k/v/o only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraShape {
+    pub rank: usize,
+    pub all_linear: bool,
+}
+
+impl Default for LoraShape {
+    /// torch_ref.py's default: r 8 on q/k/v/o.
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            all_linear: false,
+        }
+    }
+}
+
+impl LoraShape {
+    /// The `lora` section of such an adapter, without dropout.
+    pub fn section(self) -> config::LoraSection {
+        let targets: &[&str] = match self.all_linear {
+            true => &["all-linear"],
+            false => &["q_proj", "k_proj", "v_proj", "o_proj"],
+        };
+        config::LoraSection {
+            r: self.rank,
+            alpha: 2.0 * self.rank as f64,
+            dropout: 0.0,
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            ..config::LoraSection::default()
+        }
+    }
+
+    /// torch_ref.py's `lora_targets` field.
+    pub fn targets_name(self) -> &'static str {
+        match self.all_linear {
+            true => "all",
+            false => "q_proj,k_proj,v_proj,o_proj",
+        }
+    }
 }

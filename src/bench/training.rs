@@ -1,23 +1,23 @@
 //! The training steps a `train` or `lora` row times: the LoRA model over a base held either way,
 //! a full optimizer step, and the random batch.
 
-use super::rows::{LoraBase, Settings};
+use super::rows::{LoraBase, LoraShape, Settings};
 use super::timed;
 use candle_core::{DType, Device, Var};
-use config::LoraSection;
 use model::{Llama, LlamaConfig, Weights};
 use rand::{Rng, SeedableRng};
 use train::gradients::{self, Batch, Gradients};
 use train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use train::Adapter;
 
-/// The model over `weights` held as `base` says, with a fresh adapter attached (torch_ref.py's:
-/// r 8, alpha 16, no dropout, on q/k/v/o), and the adapter's vars: the only ones the optimizer
-/// gets.
+/// The model over `weights` held as `base` says, with a fresh adapter of `shape` attached
+/// (torch_ref.py's: alpha twice the rank, no dropout), and the adapter's vars: the only ones
+/// the optimizer gets.
 pub(super) fn lora_model(
     cfg: &LlamaConfig,
     weights: Weights,
     base: LoraBase,
+    shape: LoraShape,
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<(Llama, Vec<(String, Var)>)> {
@@ -26,13 +26,10 @@ pub(super) fn lora_model(
         // The vars of the base are dropped here: the model holds their tensors, which is all
         // candle needs to compute and keep their gradients.
         LoraBase::Plain => weights.into_trainable()?.0,
+        LoraBase::Nf4 => weights.to_dtype(dtype)?.quantize_projections(device)?,
     };
     let mut model = Llama::new(cfg, &weights, dtype)?;
-    let lora = LoraSection {
-        dropout: 0.0,
-        ..LoraSection::default()
-    };
-    let adapter = Adapter::init(&lora, cfg, 0, device)?;
+    let adapter = Adapter::init(&shape.section(), cfg, 0, device)?;
     adapter.attach(&mut model)?;
     Ok((model, adapter.vars()))
 }
@@ -103,7 +100,15 @@ mod tests {
     fn small_lora(base: LoraBase) -> (Llama, Vec<(String, Var)>) {
         let cfg = small_config();
         let weights = random_weights(&cfg, 3, &Device::Cpu).unwrap();
-        let (model, vars) = lora_model(&cfg, weights, base, DType::F32, &Device::Cpu).unwrap();
+        let (model, vars) = lora_model(
+            &cfg,
+            weights,
+            base,
+            LoraShape::default(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         for (name, var) in &vars {
             if name.ends_with("lora_B.weight") {
                 let n = var.elem_count() as f32;
@@ -180,6 +185,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             gen_tokens: 1,
+            lora: Default::default(),
         };
         let batch = random_batch(&cfg, &s, 4);
         let (plain, plain_vars) = small_lora(LoraBase::Plain);

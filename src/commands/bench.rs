@@ -1,7 +1,8 @@
 //! `llmtool bench`: the rows of `bench/torch_ref.py`, as JSON lines and a table.
 
-use crate::bench::{measure, Mode, Preset, Settings, Task, TaskName};
+use crate::bench::{measure, LoraShape, Mode, Preset, Settings, Task, TaskName};
 use crate::cli::BenchArgs;
+use crate::cli::LoraTargets;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -26,8 +27,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             TaskName::Generate => vec![Task::Generate],
         })
         .collect();
-    if args.batch == 0 || args.seq == 0 || args.steps == 0 {
-        bail!("--batch, --seq and --steps must be at least 1");
+    if args.batch == 0 || args.seq == 0 || args.steps == 0 || args.rank == 0 {
+        bail!("--batch, --seq, --steps and --rank must be at least 1");
     }
     let settings = Settings {
         batch: args.batch,
@@ -35,6 +36,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         steps: args.steps,
         warmup: args.warmup,
         gen_tokens: args.gen_tokens,
+        lora: LoraShape {
+            rank: args.rank,
+            all_linear: args.lora_targets == LoraTargets::All,
+        },
     };
     let mut out = match &args.out {
         Some(path) => Some(

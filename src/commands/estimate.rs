@@ -1,8 +1,8 @@
 //! `llmtool estimate`: parameters and peak training memory, before loading anything.
 
-use crate::cli::ConfigArgs;
-use anyhow::Result;
-use train::memory::{human, plan};
+use crate::cli::EstimateArgs;
+use anyhow::{bail, Context, Result};
+use train::memory::{human, plan, plan_lora, MemoryPlan};
 
 /// The embedding rows of a model trained from scratch: with `vocab_size: auto`, sized to the
 /// dataset's tokenizer when the dataset is built, else to the most a trained tokenizer gets.
@@ -16,23 +16,58 @@ fn vocab_size(config: &config::Config) -> usize {
 }
 
 /// Runs `llmtool estimate`.
-pub fn run(args: ConfigArgs) -> Result<()> {
-    let config = super::config::load(&args)?;
-    let model = match &config.model.pretrained {
-        Some(spec) => model::io::read_config(&model::hub::resolve(spec)?)?,
-        None => train::init::scratch_config(&config.model, vocab_size(&config), None),
+pub fn run(args: EstimateArgs) -> Result<()> {
+    let path = &args.config.config;
+    let config = super::config::load(&args.config)?;
+    let pretrained = match &config.model.pretrained {
+        Some(spec) => Some(model::io::read_config(&model::hub::resolve(spec)?)?),
+        None => None,
     };
-    let p = plan(&model, &config);
     let t = &config.training;
+    let (p, labels) = match (args.lora, pretrained) {
+        (true, None) => bail!("{}: --lora needs model.pretrained", path.display()),
+        (true, Some(model)) => {
+            let stored = model.stored_dtype().unwrap_or(candle_core::DType::BF16);
+            let (p, adapter) = plan_lora(&model, &config, stored)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{}: lora", path.display()))?;
+            let base = format!("base ({:?}) + adapter", config.lora.base_dtype).to_lowercase();
+            (
+                p,
+                [base, format!("a {} adapter", train::memory::count(adapter))],
+            )
+        }
+        (false, pretrained) => {
+            let model = pretrained.unwrap_or_else(|| {
+                train::init::scratch_config(&config.model, vocab_size(&config), None)
+            });
+            (
+                plan(&model, &config),
+                ["weights (f32)".into(), "all".into()],
+            )
+        }
+    };
+    print_plan(path, &p, &labels, t);
+    Ok(())
+}
+
+/// The plan as `estimate` prints it: `labels` names the weights line and what is trained.
+fn print_plan(
+    path: &std::path::Path,
+    p: &MemoryPlan,
+    labels: &[String; 2],
+    t: &config::TrainingSection,
+) {
     println!(
-        "{}: {:.2}M parameters, batch {} x {} tokens, activations in {:?}",
-        args.config.display(),
+        "{}: {:.2}M parameters, training {}, batch {} x {} tokens, activations in {:?}",
+        path.display(),
         p.parameters as f64 / 1e6,
+        labels[1],
         t.batch_size,
         t.seq_len,
         t.dtype
     );
-    println!("  weights (f32)              {:>10}", human(p.weights));
+    println!("  {:<27}{:>10}", labels[0], human(p.weights));
     println!("  gradients (f32)            {:>10}", human(p.gradients));
     println!("  AdamW moments (f32)        {:>10}", human(p.optimizer));
     println!("  activations                {:>10}", human(p.activations));
@@ -48,5 +83,4 @@ pub fn run(args: ConfigArgs) -> Result<()> {
     println!("  peak, checkpointed         {:>10}", human(p.total(true)));
     let chosen = if t.grad_checkpoint { "on" } else { "off" };
     println!("  (training.grad_checkpoint is {chosen})");
-    Ok(())
 }

@@ -232,6 +232,16 @@ fn build_one(
         nested_absmax: f32s(part(NESTED_ABSMAX, F32)?.0),
         nested_offset,
     };
+    let elements = state
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d));
+    if state.shape.len() != 2 || elements.is_none() {
+        return Err(error(
+            state_path,
+            format!("quant_state: shape {:?} is not a matrix", state.shape),
+        ));
+    }
     let shape = Shape::from(state.shape.clone());
     parts
         .check(shape.elem_count())

@@ -144,6 +144,7 @@ impl Weights {
                 }
                 let quantize = matches!(storage, WeightStorage::Nf4(_))
                     && is_projection_weight(name)
+                    && view.shape().len() == 2
                     && matches!(
                         view.dtype(),
                         safetensors::Dtype::F32
@@ -196,6 +197,32 @@ impl Weights {
             tensor: q.clone(),
             rows: 0..out,
         })
+    }
+
+    /// The same weights with the blocks' projections quantized to NF4 on `device` (as
+    /// [`WeightStorage::Nf4`] reads them), one tensor at a time.
+    pub fn quantize_projections(mut self, device: &Device) -> Result<Self, ModelError> {
+        let names: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|n| is_projection_weight(n))
+            .cloned()
+            .collect();
+        for name in names {
+            if let Some(t) = self.tensors.remove(&name) {
+                let q = Nf4Tensor::quantize(&t, device)?;
+                self.quantized.insert(name, Arc::new(q));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The shape of tensor `name`, dense or NF4.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match self.tensors.get(name) {
+            Some(t) => Some(t.dims().to_vec()),
+            None => self.quantized.get(name).map(|q| q.shape().dims().to_vec()),
+        }
     }
 
     /// Whether any weight is held as NF4.

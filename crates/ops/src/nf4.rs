@@ -20,6 +20,7 @@ use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// Elements per block sharing one absmax.
 pub const BLOCK: usize = 64;
@@ -124,34 +125,30 @@ fn blocks(n: usize, d: usize) -> usize {
     n.div_ceil(d)
 }
 
-/// The index of the entry of the sorted `code` nearest to `x`, ties to the lower one: the
-/// number of midpoints below `x`, as bitsandbytes' `torch.bucketize` over the midpoints.
-fn nearest(code: &[f32], x: f32) -> u8 {
-    let below = code.windows(2).filter(|w| (w[0] + w[1]) / 2.0 < x).count();
-    below as u8
-}
-
 /// Each block of `values` scaled into [-1, 1] by its absmax and rounded to the nearest entry
-/// of `code`; returns the indices and the absmaxes. A full block multiplies by the absmax's
-/// reciprocal and a partial one divides, as bitsandbytes does (the two can differ in the last
-/// bit).
+/// of the sorted `code`, ties to the lower one (the number of midpoints below the value, as
+/// bitsandbytes' `torch.bucketize` over the midpoints counts them); returns the indices and the
+/// absmaxes. A full block multiplies by the absmax's reciprocal and a partial one divides, as
+/// bitsandbytes does (the two can differ in the last bit). Blocks run in parallel.
 fn quantize_blocks(values: &[f32], block: usize, code: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let mut indices = Vec::with_capacity(values.len());
-    let mut absmaxes = Vec::with_capacity(blocks(values.len(), block));
-    for chunk in values.chunks(block) {
-        let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let safe = absmax.max(1e-38);
-        let scale = |v: f32| match chunk.len() == block {
-            true => v * (1.0 / safe),
-            false => v / safe,
-        };
-        indices.extend(
-            chunk
-                .iter()
-                .map(|&v| nearest(code, scale(v).clamp(-1.0, 1.0))),
-        );
-        absmaxes.push(absmax);
-    }
+    let midpoints: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let nearest = |x: f32| midpoints.partition_point(|&m| m < x) as u8;
+    let mut indices = vec![0u8; values.len()];
+    let absmaxes = values
+        .par_chunks(block)
+        .zip(indices.par_chunks_mut(block))
+        .with_min_len(64)
+        .map(|(chunk, out)| {
+            let absmax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let safe = absmax.max(1e-38);
+            let full = chunk.len() == block;
+            for (o, &v) in out.iter_mut().zip(chunk) {
+                let scaled = if full { v * (1.0 / safe) } else { v / safe };
+                *o = nearest(scaled.clamp(-1.0, 1.0));
+            }
+            absmax
+        })
+        .collect();
     (indices, absmaxes)
 }
 
@@ -160,7 +157,7 @@ impl Nf4Parts {
     pub fn quantize(values: &[f32]) -> Self {
         let (codes, absmax) = quantize_blocks(values, BLOCK, &NF4_VALUES);
         let packed = codes
-            .chunks(2)
+            .par_chunks(2)
             .map(|pair| pair[0] << 4 | pair.get(1).copied().unwrap_or(PADDING))
             .collect();
         // The mean as torch computes it for these sizes, in f32: a pairwise sum would differ
@@ -511,11 +508,13 @@ mod cuda {
             let [xs, codes, tables] = [operands[0], operands[1], operands[2]];
             let y = alloc(&xs.0.device, xs.0.dtype(), rows * out)?;
             let packed = address(codes)?;
+            let (grid, block) = per_warp_row(out)?;
             launch(
                 &xs.0.device,
                 "nf4_gemv",
                 Some(xs.0.dtype()),
-                per_warp_row(out)?,
+                grid,
+                block,
                 &[
                     Arg::Address(address(xs)?),
                     Arg::Address(packed),

@@ -64,6 +64,47 @@ pub fn plan(model: &LlamaConfig, config: &Config) -> MemoryPlan {
     }
 }
 
+/// Bytes a weight takes stored as NF4: 4 bits, an 8-bit absmax per 64, an f32 per 256 of those.
+const NF4_BYTES_PER_WEIGHT: f64 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
+
+/// The plan for fine-tuning a LoRA adapter (the config's `lora` section) on `model`: the base
+/// stored as `lora.base_dtype` (NF4 for the projections and the checkpoint's `stored` dtype
+/// for the rest with `nf4`), f32 adapter weights, gradients and AdamW moments, activations as
+/// [`plan`]'s. A 4-bit base adds the expanded copy of the largest projection, alive while its
+/// product runs, to the workspace. `parameters` counts the base; errors name a target the
+/// model lacks.
+pub fn plan_lora(
+    model: &LlamaConfig,
+    config: &Config,
+    stored: candle_core::DType,
+) -> Result<(MemoryPlan, usize), String> {
+    let counts = crate::lora::parameter_counts(&config.lora, model)?;
+    let full = plan(model, config);
+    let p = full.parameters;
+    let (base, expanded) = match config.lora.base_dtype.dense() {
+        Some(dtype) => ((p * dtype.size_in_bytes()) as u64, 0),
+        None => {
+            let rest = (p - counts.projections.min(p)) * stored.size_in_bytes();
+            let quantized = (counts.projections as f64 * NF4_BYTES_PER_WEIGHT) as u64;
+            let compute = config.training.dtype.dtype().size_in_bytes();
+            (
+                quantized + rest as u64,
+                (counts.largest_projection * compute) as u64,
+            )
+        }
+    };
+    let adapter = counts.adapter;
+    let adapter_bytes = 4 * adapter as u64;
+    let plan = MemoryPlan {
+        weights: base + adapter_bytes,
+        gradients: adapter_bytes,
+        optimizer: 2 * adapter_bytes,
+        backward_workspace: full.backward_workspace + expanded,
+        ..full
+    };
+    Ok((plan, adapter))
+}
+
 /// Peak resident memory of this process in bytes, where the OS reports it (Linux).
 pub fn peak_resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -91,5 +132,51 @@ pub fn count(n: usize) -> String {
         format!("{:.1}M", n / 1e6)
     } else {
         format!("{:.1}K", n / 1e3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+    use config::BaseDtype;
+
+    /// Llama-3.1-8B's shape, fine-tuned with r 16 on every linear layer.
+    fn eight_b(base_dtype: BaseDtype) -> (LlamaConfig, Config) {
+        let model: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+        }))
+        .unwrap();
+        let mut config = Config::default();
+        config.lora.r = 16;
+        config.lora.target_modules = vec!["all-linear".into()];
+        config.lora.base_dtype = base_dtype;
+        (model, config)
+    }
+
+    #[test]
+    fn a_4_bit_base_plans_its_projections_at_4_13_bits_and_the_rest_in_16() {
+        let (model, config) = eight_b(BaseDtype::Nf4);
+        let (nf4, adapter) = plan_lora(&model, &config, DType::BF16).unwrap();
+        let (model, config) = eight_b(BaseDtype::Bf16);
+        let (bf16, same_adapter) = plan_lora(&model, &config, DType::BF16).unwrap();
+        // PEFT's count for this shape and adapter.
+        assert_eq!((adapter, same_adapter), (41_943_040, 41_943_040));
+        assert_eq!(
+            (nf4.gradients, nf4.optimizer),
+            (4 * 41_943_040, 8 * 41_943_040)
+        );
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let adapter_gib = gib(4 * 41_943_040);
+        // 6.98B projection weights at 0.5157 bytes, 1.05B others at 2: 5.31 GiB.
+        let base = gib(nf4.weights) - adapter_gib;
+        assert!((base - 5.31).abs() < 0.005, "{base}");
+        assert!((gib(bf16.weights) - adapter_gib - 14.96).abs() < 0.01);
+        // The expanded 14336 x 4096 projection in f32 (the compute dtype here).
+        assert_eq!(
+            nf4.backward_workspace - bf16.backward_workspace,
+            14336 * 4096 * 4
+        );
     }
 }

@@ -47,6 +47,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         add_norm_case::<1>(1, shape.hidden),
         gemv_case(1, shape.hidden, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
+        nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
+        nf4_linear_case("nf4_linear_rows", 1, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
         glu_projection_case::<false>(shape.hidden, shape.ffn),
         glu_master_case::<false>(tokens, shape.hidden, shape.ffn),
@@ -311,6 +313,30 @@ fn master_linear_case(rows: usize, inp: usize, out: usize) -> Case {
             Input::Float(vec![rows, inp], 1.0),
             Input::Float(vec![out, inp], 1.0),
         ],
+    }
+}
+
+/// A frozen projection of a 4-bit (NF4) weight quantized from the second input: many rows
+/// (dequantized, then a GEMM; with the input's gradient) or a decode step's one (the 4-bit
+/// matrix-vector kernel on CUDA). The reference is the host's dequantization and a matmul.
+fn nf4_linear_case(name: &'static str, rows: usize, inp: usize, out: usize) -> Case {
+    let x = match rows {
+        1 => Input::Table(vec![rows, inp]),
+        _ => Input::Float(vec![rows, inp], 1.0),
+    };
+    Case {
+        name,
+        fused: |t| {
+            let w = crate::nf4::Nf4Tensor::quantize(&t[1], t[1].device())?;
+            crate::frozen_linear(&t[0], &crate::LinearWeight::nf4(w)?)
+        },
+        reference: |t| {
+            let values = t[1].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let dense = crate::nf4::Nf4Parts::quantize(&values).dequantize(values.len());
+            let w = Tensor::from_vec(dense, t[1].shape(), t[1].device())?;
+            t[0].matmul(&w.to_dtype(t[0].dtype())?.t()?)
+        },
+        inputs: vec![x, Input::Table(vec![out, inp])],
     }
 }
 

@@ -400,7 +400,7 @@ fn config_difference(named: &LlamaConfig, given: &LlamaConfig) -> Option<String>
 
 /// Module path (`model.layers.0.self_attn.q_proj`) with its weight's `(out, in)`, for every
 /// projection of `cfg` whose name is in `targets`, layer by layer in a block's order.
-fn target_shapes(cfg: &LlamaConfig, targets: &[&str]) -> Vec<(String, usize, usize)> {
+pub(crate) fn target_shapes(cfg: &LlamaConfig, targets: &[&str]) -> Vec<(String, usize, usize)> {
     let modules = Module::of(&model::Family::of(cfg));
     (0..cfg.num_hidden_layers)
         .flat_map(|i| {

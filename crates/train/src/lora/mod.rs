@@ -10,6 +10,44 @@ mod mlx;
 mod peft;
 
 pub use adapter::Adapter;
+
+/// Parameter counts of a LoRA fine-tune, for its memory plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParameterCounts {
+    /// The adapter's.
+    pub adapter: usize,
+    /// Every adaptable projection of the blocks (what a 4-bit base quantizes).
+    pub projections: usize,
+    /// The largest projection's.
+    pub largest_projection: usize,
+}
+
+/// The [`ParameterCounts`] of an adapter with the settings of `lora` on a model of `cfg`; an
+/// error names a target the model lacks.
+pub fn parameter_counts(
+    lora: &config::LoraSection,
+    cfg: &model::LlamaConfig,
+) -> Result<ParameterCounts, String> {
+    let family = model::Family::of(cfg);
+    let targets = expand_targets(&lora.target_modules, &family)?;
+    let adapter = adapter::target_shapes(cfg, &targets)
+        .iter()
+        .map(|(_, out, inp)| lora.r * (out + inp))
+        .sum();
+    let all: Vec<&str> = model::names::Module::of(&family)
+        .iter()
+        .map(|m| m.name())
+        .collect();
+    let sizes: Vec<usize> = adapter::target_shapes(cfg, &all)
+        .iter()
+        .map(|(_, out, inp)| out * inp)
+        .collect();
+    Ok(ParameterCounts {
+        adapter,
+        projections: sizes.iter().sum(),
+        largest_projection: sizes.iter().copied().max().unwrap_or(0),
+    })
+}
 pub use layer::LoraLayer;
 pub use merge::merge;
 pub use mlx::{AdapterFormat, MlxAdapterConfig};
