@@ -212,7 +212,10 @@ def bench_lora(a, preset, mode):
     model = build_model(preset, a.seq, a.device, base_dtype)
     if a.lora_base_dtype == "nf4":
         model = quantize_blocks(model)
+        # What transformers' 4-bit loader sets: PEFT prepares (and checkpoints) only such models.
+        model.is_loaded_in_4bit = True
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing="ckpt" in mode)
+        assert model.is_gradient_checkpointing == ("ckpt" in mode)
         start_row(a.device)
     elif "ckpt" in mode:
         model.gradient_checkpointing_enable()
