@@ -37,8 +37,8 @@ Modes: fp32 | bf16 | fp32+ckpt | bf16+ckpt | bf16+compile | fp32+compile.
   --lora-base-dtype bf16 stores the frozen base of lora rows in bfloat16 (adapters stay fp32);
   nf4 is QLoRA: the blocks' linear layers become bitsandbytes Linear4bit (NF4, double
   quantization, bf16 compute), the rest bf16, prepared by PEFT's prepare_model_for_kbit_training
-  (needs bitsandbytes). The peak counters restart once the base is quantized, so the bf16
-  weights quantization starts from do not count.
+  (needs bitsandbytes). The base is built on the host and quantized as it moves to the device
+  (as transformers' loader does); the peak counters restart once it is there.
 Default modes: fp32 on CPU; fp32,bf16,bf16+ckpt on GPUs (as llmtool bench).
 
 JSON fields of a row (one line per row on stdout, appended to --out):
@@ -185,9 +185,10 @@ def bench_train(a, preset, mode):
                 model_tflops=6 * params * tok / 1e12, **peak_fields(a.device))
 
 
-def quantize_blocks(model):
+def quantize_blocks(model, device):
     """QLoRA's base: every linear layer of the blocks as a bitsandbytes NF4 Linear4bit with
-    double quantization and bf16 compute, quantized on the model's device."""
+    double quantization and bf16 compute, quantized as it moves to `device`; then the rest of
+    the model moves there too."""
     import bitsandbytes as bnb
 
     for block in model.model.layers:
@@ -195,23 +196,25 @@ def quantize_blocks(model):
             for name, linear in list(parent.named_children()):
                 if not isinstance(linear, torch.nn.Linear):
                     continue
-                device = linear.weight.device
                 q = bnb.nn.Linear4bit(linear.in_features, linear.out_features,
                                       bias=linear.bias is not None, compute_dtype=torch.bfloat16,
                                       compress_statistics=True, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(linear.weight.data.cpu(), requires_grad=False,
                                              compress_statistics=True, quant_type="nf4")
                 setattr(parent, name, q.to(device))
-    return model
+    return model.to(device)
 
 
 def bench_lora(a, preset, mode):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     base_dtype = torch.float32 if a.lora_base_dtype == "fp32" else torch.bfloat16
-    model = build_model(preset, a.seq, a.device, base_dtype)
-    if a.lora_base_dtype == "nf4":
-        model = quantize_blocks(model)
+    # A 4-bit base is built on the host and quantized onto the device, as transformers' loader
+    # does: the device never holds the 16-bit projections.
+    nf4 = a.lora_base_dtype == "nf4"
+    model = build_model(preset, a.seq, "cpu" if nf4 else a.device, base_dtype)
+    if nf4:
+        model = quantize_blocks(model, a.device)
         # What transformers' 4-bit loader sets: PEFT prepares (and checkpoints) only such models.
         model.is_loaded_in_4bit = True
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing="ckpt" in mode)

@@ -22,7 +22,13 @@ pub fn measure(
     let (dtype, recompute) = (mode.dtype(), mode.checkpointed());
     // As the reference: the peak covers the model, optimizer state and the steps.
     ops::device::reset_peak_memory(device)?;
-    let weights = random_weights(&cfg, 0, device)?;
+    // A 4-bit base is drawn and quantized on the host, as `finetune` quantizes a checkpoint:
+    // the device never holds its full-precision weights.
+    let drawn_on = match task {
+        Task::Lora(LoraBase::Nf4) => &Device::Cpu,
+        _ => device,
+    };
+    let weights = random_weights(&cfg, 0, drawn_on)?;
     let measured = match task {
         Task::Train => {
             let (weights, vars) = weights.into_trainable()?;
@@ -35,10 +41,6 @@ pub fn measure(
         }
         Task::Lora(base) => {
             let (model, vars) = lora_model(&cfg, weights, base, s.lora, dtype, device)?;
-            if base == LoraBase::Nf4 {
-                // As the reference: the f32 weights quantization started from do not count.
-                ops::device::reset_peak_memory(device)?;
-            }
             let step_s = time_training(&model, &vars, s, recompute, device)?;
             let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             let tokens_per_s = (s.batch * s.seq) as f64 / step_s;

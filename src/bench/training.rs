@@ -26,7 +26,11 @@ pub(super) fn lora_model(
         // The vars of the base are dropped here: the model holds their tensors, which is all
         // candle needs to compute and keep their gradients.
         LoraBase::Plain => weights.into_trainable()?.0,
-        LoraBase::Nf4 => weights.to_dtype(dtype)?.quantize_projections(device)?,
+        // Drawn on the host (see `measure`): quantized there, the rest moved over.
+        LoraBase::Nf4 => weights
+            .to_dtype(dtype)?
+            .quantize_projections(device)?
+            .to_device(device)?,
     };
     let mut model = Llama::new(cfg, &weights, dtype)?;
     let adapter = Adapter::init(&shape.section(), cfg, 0, device)?;

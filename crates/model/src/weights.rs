@@ -199,6 +199,20 @@ impl Weights {
         })
     }
 
+    /// The same weights with every dense tensor moved to `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self, ModelError> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), t.to_device(device)?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            tensors,
+            quantized: self.quantized.clone(),
+            source_name: self.source_name.clone(),
+        })
+    }
+
     /// The same weights with the blocks' projections quantized to NF4 on `device` (as
     /// [`WeightStorage::Nf4`] reads them), one tensor at a time.
     pub fn quantize_projections(mut self, device: &Device) -> Result<Self, ModelError> {
