@@ -566,8 +566,9 @@ mod tests {
     /// Quantization gives bitsandbytes' codes and statistics. Its absmax codes may differ only
     /// where the value sat within a hair of the midpoint between two codes: bitsandbytes'
     /// kernels search the 256-entry map differently (a lookup table on the CPU, a binary search
-    /// on CUDA, `bucketize` in its torch backend) and disagree there; llmtool takes the exact
-    /// nearest, ties to the lower, as the torch backend does.
+    /// on CUDA, `bucketize` in its torch backend), and its CPU kernel, which made the fixture,
+    /// can miss the nearest there; llmtool takes the exact nearest, ties to the lower, as the
+    /// torch backend does.
     #[test]
     fn quantization_equals_bitsandbytes() {
         let r = reference();
