@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_fixture, fixture, ids, json, llmtool, relative_error, tensors};
+use common::{copy_fixture, eval_error, fixture, ids, json, relative_error, tensors};
 use llmtool::eval::{tokenize, Document, Evaluator, Tally, WindowSpec};
 use llmtool::generate::{GenerationSettings, SamplingParams, Session};
 use llmtool::model::{self, io, Llama, LoadedModel, Weights};
@@ -360,21 +360,6 @@ fn edited_qwen3(
     let path = dir.path().join("model.safetensors");
     model::weights::save_safetensors(&kept, &path).unwrap();
     dir
-}
-
-/// The error of `llmtool eval` on the model in `dir`: exit 1 and one line on stderr.
-fn eval_error(dir: &Path) -> String {
-    let out = llmtool()
-        .args(["eval", "--device", "cpu", "--model"])
-        .arg(dir)
-        .args(["--data", "tests/fixtures/tiny-llama/eval.txt"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    stderr.trim_end().to_string()
 }
 
 #[test]

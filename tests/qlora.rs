@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_fixture, fixture, ids, llmtool, relative_error, stdout_of, tensors};
+use common::{copy_fixture, eval_error, fixture, ids, llmtool, relative_error, stdout_of, tensors};
 use llmtool::model::{self, quantized::WeightStorage};
 use llmtool::train::Adapter;
 use predicates::prelude::*;
@@ -208,17 +208,6 @@ fn rewrite_tensors(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
     model::weights::save_safetensors(&named, &path).unwrap();
 }
 
-fn load_error(dir: &Path) -> String {
-    let out = llmtool()
-        .args(["eval", "--device", "cpu", "--model"])
-        .arg(dir)
-        .args(["--data", "tests/fixtures/tiny-llama/eval.txt"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn quantized_checkpoints_llmtool_cannot_read_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -229,7 +218,7 @@ fn quantized_checkpoints_llmtool_cannot_read_are_refused_by_name() {
         config["quantization_config"] = serde_json::json!({"quant_method": "gptq", "bits": 4});
         std::fs::write(&path, config.to_string()).unwrap();
     });
-    let err = load_error(&gptq);
+    let err = eval_error(&gptq);
     assert!(err.contains("config.json") && err.contains("gptq"), "{err}");
 
     let q_state = "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4";
@@ -240,7 +229,7 @@ fn quantized_checkpoints_llmtool_cannot_read_are_refused_by_name() {
             }
         })
     });
-    let err = load_error(&fp4);
+    let err = eval_error(&fp4);
     assert!(
         err.contains("q_proj.weight") && err.contains("fp4"),
         "{err}"
@@ -251,7 +240,7 @@ fn quantized_checkpoints_llmtool_cannot_read_are_refused_by_name() {
             named.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight.absmax")
         })
     });
-    let err = load_error(&missing);
+    let err = eval_error(&missing);
     assert!(
         err.contains("model.safetensors") && err.contains("up_proj.weight.absmax"),
         "{err}"

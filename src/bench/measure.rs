@@ -129,7 +129,6 @@ fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Devi
 
 #[cfg(test)]
 mod tests {
-    use super::super::rows::LoraBase;
     use super::*;
     use candle_core::DType;
     use config::LoraSection;

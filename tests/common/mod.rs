@@ -72,3 +72,18 @@ pub fn stdout_of(cmd: &mut assert_cmd::Command) -> String {
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
+
+/// The error of `llmtool eval` on the model in `dir`: exit 1 and one line on stderr.
+pub fn eval_error(dir: &Path) -> String {
+    let out = llmtool()
+        .args(["eval", "--device", "cpu", "--model"])
+        .arg(dir)
+        .args(["--data", "tests/fixtures/tiny-llama/eval.txt"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr.trim_end().to_string()
+}

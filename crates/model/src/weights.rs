@@ -201,10 +201,18 @@ impl Weights {
 
     /// The same weights with every dense tensor moved to `device`.
     pub fn to_device(&self, device: &Device) -> Result<Self, ModelError> {
+        self.map_dense(|t| t.to_device(device))
+    }
+
+    /// The same weights with `f` applied to every dense tensor (NF4 ones kept as they are).
+    fn map_dense(
+        &self,
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Self, ModelError> {
         let tensors = self
             .tensors
             .iter()
-            .map(|(name, t)| Ok((name.clone(), t.to_device(device)?)))
+            .map(|(name, t)| Ok((name.clone(), f(t)?)))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
             tensors,
@@ -295,16 +303,7 @@ impl Weights {
     /// The same weights stored as `dtype` (inference computes in the stored dtype without a
     /// conversion per forward).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self, ModelError> {
-        let tensors = self
-            .tensors
-            .iter()
-            .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?)))
-            .collect::<candle_core::Result<_>>()?;
-        Ok(Self {
-            tensors,
-            quantized: self.quantized.clone(),
-            source_name: self.source_name.clone(),
-        })
+        self.map_dense(|t| t.to_dtype(dtype))
     }
 
     /// Fails on the first tensor (in layer order) whose name is not in `expected`: weights

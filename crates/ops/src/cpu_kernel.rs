@@ -147,6 +147,11 @@ pub(crate) fn u32s<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [
     slice(storage.as_slice::<u32>()?, layout)
 }
 
+/// The bytes of a contiguous CPU operand.
+pub(crate) fn u8s<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u8]> {
+    slice(storage.as_slice::<u8>()?, layout)
+}
+
 fn slice<'a, T>(all: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&all[start..end]),

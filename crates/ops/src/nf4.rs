@@ -15,11 +15,11 @@
 //! a rayon kernel on the CPU, a CUDA kernel (`kernels/nf4.cu`), and a composite of candle ops
 //! on every other backend.
 
-use super::cpu_kernel::written_rows;
+use super::cpu_kernel::{f32s, u8s, written_rows};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Elements per block sharing one absmax.
@@ -318,11 +318,9 @@ impl Nf4Tensor {
             offset: self.nested_offset,
             dtype,
         };
-        let kernel = match self.device() {
-            Device::Cpu => matches!(dtype, DType::F32 | DType::BF16 | DType::F16),
-            Device::Cuda(_) => cfg!(feature = "cuda") && launchable(dtype),
-            _ => false,
-        };
+        let device = self.device();
+        let kernel = matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+            && (device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda()));
         match kernel {
             true => self
                 .codes
@@ -380,11 +378,6 @@ impl Nf4Tensor {
     }
 }
 
-/// Whether the CUDA kernels take `dtype`.
-fn launchable(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-}
-
 /// The dequantization kernel: operands the codes (u8: packed, then absmax) and the tables (f32);
 /// output `elements` values in `dtype` (f32, bf16 or f16), computed in f32 and rounded once.
 struct Dequantize {
@@ -394,21 +387,12 @@ struct Dequantize {
     dtype: DType,
 }
 
-/// The contiguous bytes of a CPU operand.
-fn u8s<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u8]> {
-    let all = storage.as_slice::<u8>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&all[start..end]),
-        None => candle_core::bail!("nf4: operand is not contiguous"),
-    }
-}
-
 impl FusedOp<2> for Dequantize {
     const NAME: &'static str = "nf4-dequantize";
 
     fn cpu(&self, [codes, tables]: [CpuOperand; 2]) -> CpuOutput {
         let (packed, absmax) = u8s(codes.0, codes.1)?.split_at(self.packed_len);
-        let tables = super::cpu_kernel::f32s(tables.0, tables.1)?;
+        let tables = f32s(tables.0, tables.1)?;
         let (nf4, rest) = tables.split_at(16);
         let (map, nested) = rest.split_at(256);
         // SAFETY: each block's row is written whole.
