@@ -126,6 +126,8 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "token_nll_with_grad",
         "write_kv",
         "write_kv_at",
+        "write_kv_at_partial",
+        "write_kv_partial",
     ];
     assert_eq!(ops, expected);
     for row in &rows {

@@ -68,14 +68,6 @@ impl Llama {
         self.family.plain_attention(self.config.head_size())
     }
 
-    /// Whether every layer's one-token cached step runs the packed kernels (RoPE over whole
-    /// heads), whose cache write and decode attention read a device-held position: what CUDA
-    /// graph replay of decode steps needs. Windows, soft-capping and an own scale are options
-    /// of the decode kernel.
-    pub fn steps_replayable(&self) -> bool {
-        self.family.rotary_dim == self.config.head_size()
-    }
-
     /// The attention of block `i` on normed hidden states `x` whose first position is `start`.
     pub(crate) fn attention(
         &self,
@@ -102,9 +94,8 @@ impl Llama {
         // A window that covers every position attended to masks nothing.
         let window = layer.window.filter(|&w| start + t > w);
         let plain = self.family.plain_scores(a.head_size) && window.is_none() && !layer.local_rope;
-        let whole_heads = self.family.rotary_dim == a.head_size;
         let y = match cache {
-            Some(c) if whole_heads && ops::write_kv_fused(x, &cos, &sin) => {
+            Some(c) if ops::write_kv_fused(x, &cos, &sin) => {
                 // The projection is split, rotated and cached in one kernel, whatever the
                 // layer's options (the decode kernel takes them, also in a replayed step).
                 let qkv = match (a.stacked(), self.family.qk_norm) {

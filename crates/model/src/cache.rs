@@ -157,8 +157,7 @@ impl LayerCache {
     /// `[b, t, (heads + 2 kv_heads) · head_size]`: the keys (rotated by `rope`) and the
     /// values are written into the cache and the rotated queries come out of the same kernel
     /// ([`ops::write_kv`]), then attend to every cached position up to theirs as `options`
-    /// say. Returns `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds, for
-    /// RoPE over whole heads.
+    /// say. Returns `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds.
     pub fn attend_packed(
         &mut self,
         qkv: &Tensor,

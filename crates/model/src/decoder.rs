@@ -33,14 +33,9 @@ impl<'m> Decoder<'m> {
     /// An empty sequence of up to `capacity` positions for `model` (at most its context: RoPE
     /// has no rows past it).
     pub fn new(model: &'m Llama, capacity: usize) -> Result<Self> {
-        let replay = match (ops::can_capture(model.device()), model.steps_replayable()) {
-            (true, true) => Replay::Pending,
-            (false, _) => Replay::OpByOp("the device has no CUDA graphs".into()),
-            (true, false) => Replay::OpByOp(
-                "the family rotates part of each head (partial rotary), which the cache \
-                 kernel that reads the position from the device does not take"
-                    .into(),
-            ),
+        let replay = match ops::can_capture(model.device()) {
+            true => Replay::Pending,
+            false => Replay::OpByOp("the device has no CUDA graphs".into()),
         };
         Self::with_replay(model, capacity, replay)
     }

@@ -45,23 +45,25 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int
 // Splits packed projections for inference: rotates the queries (as `rope` does) into q_out
 // [b, heads, t, d] and writes the rotated keys and the values into a KV cache. qkv is
 // [b, t, (heads + 2 kv_heads) * d] (queries, then keys, then values, as the stacked projection
-// outputs them); cos and sin are [t, d / 2]; cache is [2, b, kv_heads, max_len, d] (keys, then
-// values), written at positions start..start + t. One thread per (batch, position, query or
-// kv head, rotation pair). With `position` (a decode step replayed from a CUDA graph, t = 1)
-// the start is read from it instead, and cos and sin are the whole [max positions, d / 2]
-// tables; a position past the cache writes nothing.
+// outputs them); the first `rotary` elements of each query and key head are rotated (partial
+// rotary; rotary = d rotates whole heads), the rest copied; cos and sin are [t, rotary / 2];
+// cache is [2, b, kv_heads, max_len, d] (keys, then values), written at positions
+// start..start + t. One thread per (batch, position, query or kv head, pair of elements: a
+// rotation pair, or two copied elements past the rotated ones). With `position` (a decode step
+// replayed from a CUDA graph, t = 1) the start is read from it instead, and cos and sin are the
+// whole [max positions, rotary / 2] tables; a position past the cache writes nothing.
 template <typename T>
 __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* cache, int b,
-                         int t, int heads, int kv_heads, int d, int max_len, int start,
-                         const uint32_t* position) {
-  const int half = d / 2;
+                         int t, int heads, int kv_heads, int d, int rotary, int max_len,
+                         int start, const uint32_t* position) {
+  const int half = d / 2, rhalf = rotary / 2;
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)b * t * (heads + kv_heads) * half) return;
   if (position != nullptr) {
     if (*position + t > (uint32_t)max_len) return;
     start = *position;
-    cos += (size_t)start * half;
-    sin += (size_t)start * half;
+    cos += (size_t)start * rhalf;
+    sin += (size_t)start * rhalf;
   }
   const int j = i % half;
   size_t r = i / half;
@@ -69,9 +71,7 @@ __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* 
   r /= heads + kv_heads;
   const int pos = r % t, batch = r / t;
   const T* row = qkv + ((size_t)batch * t + pos) * (heads + 2 * kv_heads) * d;
-  const float c = to_f32(cos[pos * half + j]), s = to_f32(sin[pos * half + j]);
   const T* x = row + (size_t)head * d;  // a query head, or (past the queries) a key head
-  const float x1 = to_f32(x[j]), x2 = to_f32(x[half + j]);
   T* dst;
   if (head < heads) {
     dst = q_out + (((size_t)batch * heads + head) * t + pos) * d;
@@ -84,8 +84,15 @@ __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* 
     vc[j] = v[j];
     vc[half + j] = v[half + j];
   }
-  dst[j] = from_f32<T>(x1 * c - x2 * s);
-  dst[half + j] = from_f32<T>(x2 * c + x1 * s);
+  if (j < rhalf) {
+    const float c = to_f32(cos[pos * rhalf + j]), s = to_f32(sin[pos * rhalf + j]);
+    const float x1 = to_f32(x[j]), x2 = to_f32(x[rhalf + j]);
+    dst[j] = from_f32<T>(x1 * c - x2 * s);
+    dst[rhalf + j] = from_f32<T>(x2 * c + x1 * s);
+  } else {  // past the rotated elements: 2j and 2j + 1 are in [rotary, d)
+    dst[2 * j] = x[2 * j];
+    dst[2 * j + 1] = x[2 * j + 1];
+  }
 }
 
 // extern "C" entry points, one per dtype.
@@ -93,10 +100,10 @@ __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* 
 #define ROPE_KV_ENTRY_POINTS(S, T)                                                             \
   extern "C" __global__ void write_kv_##S(const T* qkv, const T* cos, const T* sin, T* q_out, \
                                           T* cache, int b, int t, int heads, int kv_heads,    \
-                                          int d, int max_len, int start,                      \
+                                          int d, int rotary, int max_len, int start,          \
                                           const uint32_t* position) {                         \
-    write_kv<T>(qkv, cos, sin, q_out, cache, b, t, heads, kv_heads, d, max_len, start,        \
-                position);                                                                    \
+    write_kv<T>(qkv, cos, sin, q_out, cache, b, t, heads, kv_heads, d, rotary, max_len,       \
+                start, position);                                                             \
   }                                                                                           \
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
                                       int d, int rotary, int seq, int heads, float sign) {    \

@@ -65,8 +65,9 @@ fn check_position(position: &Tensor, like: &Tensor) -> Result<()> {
 /// keys (rotated by `cos`/`sin`) and the values into `cache`
 /// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
 /// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
-/// [`write_kv_fused`] holds. The tables are `[t, head_size / 2]` for a host position,
-/// whole for a device one ([`Position`]).
+/// [`write_kv_fused`] holds. The tables are `[t, rotary / 2]` for a host position, whole for a
+/// device one ([`Position`]): the first `rotary` elements of each head (twice the tables'
+/// width, at most `head_size`) are rotated, the rest kept (partial rotary).
 pub fn write_kv(
     cache: &Tensor,
     qkv: &Tensor,
@@ -77,14 +78,18 @@ pub fn write_kv(
     let (two, b, kv_heads, max_len, d) = cache.dims5()?;
     let (qb, t, width) = qkv.dims3()?;
     let want = (layout.heads + 2 * layout.kv_heads) * layout.head_size;
-    let tables_fit = match layout.at {
-        Position::Host(start) => cos.dims() == [t, d / 2] && start + t <= max_len,
-        Position::Device(p) => {
-            check_position(p, cache)?;
-            // Rows for every position the kernel may write at (it writes none past the cache).
-            t == 1 && cos.rank() == 2 && cos.dim(1)? == d / 2 && cos.dim(0)? >= max_len
-        }
-    };
+    let rotary_half = cos.dims().last().copied().unwrap_or(0);
+    let tables_fit = cos.rank() == 2
+        && (1..=d / 2).contains(&rotary_half)
+        && match layout.at {
+            Position::Host(start) => cos.dim(0)? == t && start + t <= max_len,
+            Position::Device(p) => {
+                check_position(p, cache)?;
+                // Rows for every position the kernel may write at (it writes none past the
+                // cache).
+                t == 1 && cos.dim(0)? >= max_len
+            }
+        };
     if two != 2
         || qb != b
         || kv_heads != layout.kv_heads
@@ -178,7 +183,8 @@ impl InplaceOp3 for WriteKv {
         let cache = &mut cache[offset..];
         let (heads, kv_heads, start) = (self.heads, self.kv_heads, self.start);
         let d = cache_layout.dims()[4];
-        let half = d / 2;
+        // The tables' width: half the rotated elements of each head.
+        let half = cos_layout.dims().last().copied().unwrap_or(0);
         let values_at = self.batch * kv_heads * self.max_len * d;
         for b in 0..self.batch {
             for t in 0..self.positions {
@@ -193,6 +199,7 @@ impl InplaceOp3 for WriteKv {
                         kc[j] = k[j] * c[j] - k[half + j] * s[j];
                         kc[half + j] = k[half + j] * c[j] + k[j] * s[j];
                     }
+                    kc[2 * half..].copy_from_slice(&k[2 * half..]);
                     cache[values_at + slot..][..d].copy_from_slice(v);
                 }
             }
@@ -248,6 +255,7 @@ mod cuda {
             int(n.heads)?,
             int(n.kv_heads)?,
             int(n.head_size)?,
+            int(2 * cos.1.dims().last().copied().unwrap_or(0))?,
             int(max_len)?,
             int(start)?,
             Arg::Address(optional_address(position)?),

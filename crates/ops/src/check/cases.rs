@@ -56,8 +56,10 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         glu_projection_case::<true>(shape.hidden, shape.ffn),
         glu_master_case::<true>(tokens, shape.hidden, shape.ffn),
         glu_packed_case::<true>(tokens, shape.ffn),
-        write_kv_case(1, 1, h, shape.kv_heads, d),
-        write_kv_at_case(1, h, shape.kv_heads, d),
+        write_kv_case("write_kv", (1, 1, h, shape.kv_heads), (d, d)),
+        write_kv_at_case("write_kv_at", (1, h, shape.kv_heads), (d, d)),
+        write_kv_case("write_kv_partial", (1, 1, h, shape.kv_heads), (d, d / 2)),
+        write_kv_at_case("write_kv_at_partial", (1, h, shape.kv_heads), (d, d / 2)),
         decode_at_case(h, shape.kv_heads, seq, d),
         Case {
             name: "add",
@@ -467,14 +469,14 @@ fn qk_norm_case(x: Vec<usize>) -> Case {
 /// The position the write_kv cases write at.
 const WRITE_KV_START: usize = 3;
 
-/// The heads and cache shape of a write_kv case: packed projections `t[0]`, tables `t[1]`, and
-/// the number of kv heads as the length of `t[3]`.
+/// The heads and cache shape of a write_kv case: packed projections `t[0]`, the number of kv
+/// heads as the length of `t[3]` and the head size as that of `t[4]`.
 fn write_kv_layout<'a>(
     t: &[Tensor],
     at: crate::Position<'a>,
 ) -> Result<(crate::KvLayout<'a>, Vec<usize>)> {
     let (b, positions, width) = t[0].dims3()?;
-    let (kv_heads, head_size) = (t[3].dim(0)?, 2 * t[1].dim(1)?);
+    let (kv_heads, head_size) = (t[3].dim(0)?, t[4].dim(0)?);
     let layout = crate::KvLayout {
         heads: width / head_size - 2 * kv_heads,
         kv_heads,
@@ -484,12 +486,17 @@ fn write_kv_layout<'a>(
     Ok((layout, vec![2, b, kv_heads, positions + 5, head_size]))
 }
 
-/// Packed projections `[b, t, (heads + 2 kv) · d]` split into rotated queries and a fresh cache
-/// written at position 3 (inference, constant inputs). The fourth input only carries the
-/// number of kv heads, as its length. Returns the cache and the queries, flattened.
-fn write_kv_case(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) -> Case {
+/// Packed projections `[b, t, (heads + 2 kv) · d]` split into queries and a fresh cache
+/// written at position 3, the first `rotary` elements of each head rotated (inference,
+/// constant inputs). The fourth and fifth inputs only carry the number of kv heads and the
+/// head size, as their lengths. Returns the cache and the queries, flattened.
+fn write_kv_case(
+    name: &'static str,
+    (b, t, heads, kv_heads): (usize, usize, usize, usize),
+    (d, rotary): (usize, usize),
+) -> Case {
     Case {
-        name: "write_kv",
+        name,
         fused: |t| {
             let (layout, shape) = write_kv_layout(t, crate::Position::Host(WRITE_KV_START))?;
             let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
@@ -497,14 +504,18 @@ fn write_kv_case(b: usize, t: usize, heads: usize, kv_heads: usize, d: usize) ->
             Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
         },
         reference: |t| write_kv_reference(t, &t[1], &t[2]),
-        inputs: write_kv_inputs(b, t, heads, kv_heads, d, t),
+        inputs: write_kv_inputs((b, t, heads, kv_heads), (d, rotary), t),
     }
 }
 
 /// [`write_kv_case`] for one position held on the device, with whole tables.
-fn write_kv_at_case(b: usize, heads: usize, kv_heads: usize, d: usize) -> Case {
+fn write_kv_at_case(
+    name: &'static str,
+    (b, heads, kv_heads): (usize, usize, usize),
+    (d, rotary): (usize, usize),
+) -> Case {
     Case {
-        name: "write_kv_at",
+        name,
         fused: |t| {
             let position = Tensor::new(&[WRITE_KV_START as u32], t[0].device())?;
             let at = crate::Position::Device(&position);
@@ -517,23 +528,21 @@ fn write_kv_at_case(b: usize, heads: usize, kv_heads: usize, d: usize) -> Case {
             let window = |table: &Tensor| table.narrow(0, WRITE_KV_START, 1);
             write_kv_reference(t, &window(&t[1])?, &window(&t[2])?)
         },
-        inputs: write_kv_inputs(b, 1, heads, kv_heads, d, 6),
+        inputs: write_kv_inputs((b, 1, heads, kv_heads), (d, rotary), 6),
     }
 }
 
 fn write_kv_inputs(
-    b: usize,
-    t: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
+    (b, t, heads, kv_heads): (usize, usize, usize, usize),
+    (d, rotary): (usize, usize),
     table_rows: usize,
 ) -> Vec<Input> {
     vec![
         Input::Table(vec![b, t, (heads + 2 * kv_heads) * d]),
-        Input::Table(vec![table_rows, d / 2]),
-        Input::Table(vec![table_rows, d / 2]),
+        Input::Table(vec![table_rows, rotary / 2]),
+        Input::Table(vec![table_rows, rotary / 2]),
         Input::Ids(vec![kv_heads], 1),
+        Input::Ids(vec![d], 1),
     ]
 }
 
@@ -681,9 +690,11 @@ pub fn edge_cases() -> Vec<Case> {
         glu_packed_case::<false>(3, 9),
         glu_packed_case::<false>(2, 16),
         glu_packed_case::<true>(3, 9),
-        write_kv_case(2, 3, 4, 2, 8),
-        write_kv_case(1, 1, 3, 3, 6),
-        write_kv_at_case(2, 4, 2, 8),
+        write_kv_case("write_kv", (2, 3, 4, 2), (8, 8)),
+        write_kv_case("write_kv", (1, 1, 3, 3), (6, 6)),
+        write_kv_case("write_kv_partial", (2, 3, 4, 2), (16, 12)),
+        write_kv_at_case("write_kv_at", (2, 4, 2), (8, 8)),
+        write_kv_at_case("write_kv_at_partial", (2, 4, 2), (16, 12)),
         decode_at_case(3, 1, 40, 16),
         decode_case(1, 3, 3, 1, 8),
         glu_case::<false>(vec![3, 5, 7]),
