@@ -62,12 +62,6 @@ impl Attention {
 }
 
 impl Llama {
-    /// Whether every layer's attention is plain causal attention at any length: the flash
-    /// kernels and the joined RoPE/flash path of training take every layer.
-    pub fn attention_is_plain(&self) -> bool {
-        self.family.plain_attention(self.config.head_size())
-    }
-
     /// The attention of block `i` on normed hidden states `x` whose first position is `start`.
     pub(crate) fn attention(
         &self,
@@ -91,9 +85,12 @@ impl Llama {
             softcap: self.family.attn_softcap,
             window: layer.window,
         };
-        // A window that covers every position attended to masks nothing.
-        let window = layer.window.filter(|&w| start + t > w);
-        let plain = self.family.plain_scores(a.head_size) && window.is_none() && !layer.local_rope;
+        // A window that covers every position attended to masks nothing (a packed cache's
+        // decode step keeps its window: a replayed step attends at later positions).
+        let trimmed = ops::AttentionOptions {
+            window: layer.window.filter(|&w| start + t > w),
+            ..options
+        };
         let y = match cache {
             Some(c) if ops::write_kv_fused(x, &cos, &sin) => {
                 // The projection is split, rotated and cached in one kernel, whatever the
@@ -104,29 +101,19 @@ impl Llama {
                 };
                 c.attend_packed(&qkv, rope, heads, options)?
             }
-            None if plain => {
+            None => {
                 let [q, k, v] = self.projections(block, x)?;
-                let y = ops::self_attention([&q, &k, &v], (&cos, &sin), a.heads, a.kv_heads)?;
+                let (heads, kv_heads) = (a.heads, a.kv_heads);
+                let y = ops::self_attention([&q, &k, &v], (&cos, &sin), heads, kv_heads, trimmed)?;
                 return a.o_proj.forward(&y, self.dtype());
             }
-            cache => {
+            Some(c) => {
                 let [q, k, v] = self.projections(block, x)?;
                 let q = ops::rope(&ops::split_heads(&q, a.heads)?, &cos, &sin)?;
                 let k = ops::rope(&ops::split_heads(&k, a.kv_heads)?, &cos, &sin)?;
                 let v = ops::split_heads(&v, a.kv_heads)?;
-                let (k, v) = match cache {
-                    Some(c) => c.append(&k, &v)?,
-                    None => (k, v),
-                };
-                match plain {
-                    true => ops::grouped_attention(&q, &k, &v)?,
-                    false => ops::windowed_attention(
-                        &q,
-                        &k,
-                        &v,
-                        ops::AttentionOptions { window, ..options },
-                    )?,
-                }
+                let (k, v) = c.append(&k, &v)?;
+                ops::windowed_attention(&q, &k, &v, trimmed)?
             }
         };
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())

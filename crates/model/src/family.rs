@@ -230,27 +230,6 @@ impl Family {
             layers,
         }
     }
-
-    /// Whether attention scores are plain: scaled by `1/sqrt(head_size)`, not soft-capped,
-    /// after RoPE over whole heads. The fused attention kernels compute these, in a layer
-    /// whose window (if any) masks nothing.
-    pub fn plain_scores(&self, head_size: usize) -> bool {
-        let default_scale = 1.0 / (head_size as f64).sqrt();
-        (self.attention_scale - default_scale).abs() <= 1e-12 * default_scale
-            && self.attn_softcap.is_none()
-            && self.rotary_dim == head_size
-    }
-
-    /// Whether every layer's attention is plain at any length: [`Family::plain_scores`], no
-    /// window, the global RoPE tables. Otherwise a layer takes [`ops::windowed_attention`]
-    /// wherever its options change the result.
-    pub fn plain_attention(&self, head_size: usize) -> bool {
-        self.plain_scores(head_size)
-            && self
-                .layers
-                .iter()
-                .all(|l| l.window.is_none() && !l.local_rope)
-    }
 }
 
 /// The window of sliding layers, where the family has them (transformers' default for an
@@ -418,7 +397,8 @@ mod tests {
     #[test]
     fn default_layer_patterns_are_transformers_defaults() {
         let llama = family(serde_json::json!({"sliding_window": 8}));
-        assert!(llama.plain_attention(16) && windows(&llama) == [None; 6]);
+        assert_eq!(windows(&llama), [None; 6]);
+        assert_eq!((llama.attention_scale, llama.attn_softcap), (0.25, None));
         let gemma2 = family(serde_json::json!({"model_type": "gemma2", "sliding_window": 8}));
         let w = Some(8);
         assert_eq!(windows(&gemma2), [w, None, w, None, w, None]);
@@ -437,7 +417,7 @@ mod tests {
         let qwen3 = family(serde_json::json!({
             "model_type": "qwen3", "sliding_window": 8, "max_window_layers": 4,
         }));
-        assert!(qwen3.qk_norm && qwen3.plain_attention(16));
+        assert!(qwen3.qk_norm && windows(&qwen3) == [None; 6]);
         let qwen3 = family(serde_json::json!({
             "model_type": "qwen3", "sliding_window": 8, "max_window_layers": 4,
             "use_sliding_window": true,
@@ -451,6 +431,6 @@ mod tests {
             "model_type": "phi3", "partial_rotary_factor": 0.75,
         }));
         assert_eq!(windows(&phi3), [None; 6]);
-        assert!(phi3.fused_projections && phi3.rotary_dim == 12 && !phi3.plain_attention(16));
+        assert!(phi3.fused_projections && phi3.rotary_dim == 12);
     }
 }

@@ -6,7 +6,8 @@
 // Layout: q, out, dout [batch * heads, q_len, D] contiguous; k and v [batch, kv_heads, kv_len, D]
 // with element strides (batch, kv head, position) and unit stride along D, so views into a KV
 // cache work. Query head h reads kv head h / group (grouped-query attention without repeating
-// the keys). Query i sits at position kv_len - q_len + i and sees keys up to it.
+// the keys). Query i sits at position kv_len - q_len + i and sees keys up to it, the last
+// `window` of them (FA_SCORING).
 //
 // Tiles are 64 queries × 64 keys, 256 threads as 16 × 16: thread (ty, tx) owns rows 4ty..4ty+3
 // of a tile, score columns tx + 16j and head-dimension columns 64c + 4tx..64c + 4tx + 3. Math
@@ -37,6 +38,46 @@ constexpr int FA_PAD = FA_TILE + 4;  // row stride of the 64 × 64 score tiles
 #define FA_BWD_INPUTS(T) \
   const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *delta
 #define FA_BWD_INPUT_ARGS q, k, v, dout, lse, delta
+
+// How scores become logits, every tiled kernel's last parameters before its layout: the
+// base-2 scale (scale · log2 e), the soft cap in base 2 (cap · log2 e; 0 for none: Gemma 2's
+// `cap · tanh(x / cap)` on the scaled score x), and the window, how many positions a query
+// sees, its own included (the launcher passes a huge one for none, so masks need no case).
+#define FA_SCORING float scale_log2, float cap_log2, int window
+#define FA_SCORING_ARGS scale_log2, cap_log2, window
+
+// Whether the query at position `pos` sees the key at `key` (keys past kv_len are the
+// caller's to mask).
+__device__ __forceinline__ bool fa_sees(int pos, int key, int window) {
+  return key <= pos && pos - key < window;
+}
+
+// A soft-capped raw score: s' with s' · scale_log2 = cap_log2 · tanh(s · scale_log2 / cap_log2),
+// so the kernels go on as with uncapped scores.
+__device__ __forceinline__ float fa_capped(float s, float scale_log2, float cap_log2) {
+  return cap_log2 * tanhf(s * scale_log2 / cap_log2) / scale_log2;
+}
+
+// d(capped)/d(raw) from the capped score: 1 − tanh².
+__device__ __forceinline__ float fa_cap_slope(float capped, float scale_log2, float cap_log2) {
+  const float t = capped * scale_log2 / cap_log2;
+  return 1.f - t * t;
+}
+
+// The first key (a multiple of the tile) that a query from `pos0` on can see.
+__device__ __forceinline__ int fa_key_begin(int pos0, int window) {
+  return max(0, pos0 - window + 1) / FA_TILE * FA_TILE;
+}
+
+// The queries (exclusive end) that can see a key tile from k0: positions up to
+// k0 + 63 + window − 1.
+__device__ __forceinline__ int fa_query_end(int k0, int window, int shift, int q_len) {
+  return min(q_len, k0 + FA_TILE - 1 + window - shift);
+}
+
+// exp2(x − m) and exp2(m_old − m) stay defined (0) while a row has seen no key (m = −∞):
+// with a window, rows meet tiles wholly before their window.
+__device__ __forceinline__ float fa_finite_max(float m) { return m == -INFINITY ? 0.f : m; }
 
 // The block's dynamic shared memory (16-byte aligned for float4 reads), laid out as `tiles`
 // [64][D + 4] tiles, then `scores` [64][68] score tiles, then per-row vectors of 64 floats (the
@@ -171,7 +212,7 @@ template <typename T> struct FaQueryBlock {
 // Shared memory: q tile, k-then-v tile, probabilities.
 template <typename T, int D>
 __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, float* lse,
-                                    FA_SHAPE, float scale_log2) {
+                                    FA_SHAPE, FA_SCORING) {
   const FaShared<D> shared{2, 1};
   float *qs = shared.tile(0), *kvs = shared.tile(1), *ps = shared.score(0);
   const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh);
@@ -182,9 +223,10 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
   float m[4], l[4] = {}, alpha[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) m[i] = -INFINITY;
-  // Keys past the tile's last query position are masked for every row of the tile.
+  // Keys past the tile's last query position are masked for every row of the tile, and
+  // those before its first query's window.
   const int key_end = min(kv_len, q0 + FA_TILE + shift);
-  for (int k0 = 0; k0 < key_end; k0 += FA_TILE) {
+  for (int k0 = fa_key_begin(q0 + shift, window); k0 < key_end; k0 += FA_TILE) {
     __syncthreads();  // the previous tile's readers are done with kvs and ps
     fa_load_tile<T, D>(kvs, kb, k_sp, k0, kv_len);
     __syncthreads();
@@ -197,17 +239,17 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int key = k0 + tx + 16 * j;
-        s[i][j] = key <= pos && key < kv_len ? s[i][j] * scale_log2 : -INFINITY;
+        const float x = cap_log2 > 0.f ? fa_capped(s[i][j], scale_log2, cap_log2) : s[i][j];
+        s[i][j] = fa_sees(pos, key, window) && key < kv_len ? x * scale_log2 : -INFINITY;
         row_max = fmaxf(row_max, s[i][j]);
       }
-      // Key 0 is visible to every row, so the max is finite from the first tile on.
       // The 16 threads of a row are a half-warp.
-      const float m_new = fmaxf(m[i], warp_max<16>(row_max));
-      alpha[i] = exp2f(m[i] - m_new);
+      const float m_new = fmaxf(m[i], warp_max<16>(row_max)), m_use = fa_finite_max(m_new);
+      alpha[i] = exp2f(m[i] - m_use);
       float row_sum = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        s[i][j] = exp2f(s[i][j] - m_new);
+        s[i][j] = exp2f(s[i][j] - m_use);
         row_sum += s[i][j];
       }
       l[i] = l[i] * alpha[i] + warp_sum<16>(row_sum);
@@ -258,7 +300,7 @@ __device__ __forceinline__ void fa_probabilities(float (&s)[4][4], float (&dp)[4
                                                  const float* lse_s, const float* delta_s,
                                                  bool rows_are_keys, int row0, int col0,
                                                  int q_len, int kv_len, int shift, int ty, int tx,
-                                                 float scale_log2) {
+                                                 FA_SCORING) {
   fa_dot_tiles<D>(s, tiles[0], tiles[1], ty, tx);
   fa_dot_tiles<D>(dp, tiles[2], tiles[3], ty, tx);
 #pragma unroll
@@ -269,10 +311,13 @@ __device__ __forceinline__ void fa_probabilities(float (&s)[4][4], float (&dp)[4
       const int query = rows_are_keys ? col0 + c : row0 + r;
       const int key = rows_are_keys ? row0 + r : col0 + c;
       const int local = rows_are_keys ? c : r;
-      const bool seen = query < q_len && key < kv_len && key <= query + shift;
-      const float p = seen ? exp2f(s[i][j] * scale_log2 - lse_s[local]) : 0.f;
+      const bool seen = query < q_len && key < kv_len && fa_sees(query + shift, key, window);
+      const bool capped = cap_log2 > 0.f;
+      const float x = capped ? fa_capped(s[i][j], scale_log2, cap_log2) : s[i][j];
+      const float p = seen ? exp2f(x * scale_log2 - lse_s[local]) : 0.f;
+      const float slope = capped ? fa_cap_slope(x, scale_log2, cap_log2) : 1.f;
       s[i][j] = p;
-      dp[i][j] = p * (dp[i][j] - delta_s[local]);
+      dp[i][j] = p * (dp[i][j] - delta_s[local]) * slope;
     }
 }
 
@@ -285,11 +330,11 @@ __device__ __forceinline__ void fa_put_tile(float* dst, const float (&t)[4][4], 
 }
 
 // Key and value gradients: one block per (key tile, batch × kv head); it walks every query
-// tile at or after the diagonal of each query head in its group. dk and dv are
+// tile at or after the diagonal (and before the window's end) of each query head in its group. dk and dv are
 // [batch, kv_heads, kv_len, D] contiguous. Shared memory: k, v, q, dout tiles, then the p and
 // ds tiles (keys × queries), then the queries' log-sum-exp and delta.
 template <typename T, int D>
-__device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,
+__device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SCORING,
                                        float scale) {
   const FaShared<D> shared{4, 2};
   float *ks = shared.tile(0), *vs = shared.tile(1), *qs = shared.tile(2), *dos = shared.tile(3);
@@ -303,9 +348,10 @@ __device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE,
   FaRows<D> dk_acc = {}, dv_acc = {};
   // The first query that sees key k0 is k0 - shift; start at its tile.
   const int q_begin = max(0, k0 - shift) / FA_TILE * FA_TILE;
+  const int q_end = fa_query_end(k0, window, shift, q_len);
   for (int g = 0; g < group; ++g) {
     const size_t bh = (size_t)b * heads + kv_head * group + g;
-    for (int q0 = q_begin; q0 < q_len; q0 += FA_TILE) {
+    for (int q0 = q_begin; q0 < q_end; q0 += FA_TILE) {
       __syncthreads();  // the previous tile's readers are done
       fa_load_tile<T, D>(qs, q + bh * q_len * D, D, q0, q_len);
       fa_load_tile<T, D>(dos, dout + bh * q_len * D, D, q0, q_len);
@@ -314,7 +360,7 @@ __device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE,
       __syncthreads();
       float s[4][4] = {}, dp[4][4] = {};
       fa_probabilities<D>(s, dp, {ks, qs, vs, dos}, lse_s, delta_s, true, k0, q0, q_len, kv_len,
-                          shift, ty, tx, scale_log2);
+                          shift, ty, tx, FA_SCORING_ARGS);
       fa_put_tile(ps, s, ty, tx);
       fa_put_tile(dss, dp, ty, tx);
       __syncthreads();
@@ -327,10 +373,10 @@ __device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE,
 }
 
 // Query gradients: one block per (query tile, batch × head), heaviest first, walking the key
-// tiles up to the diagonal. dq is [batch * heads, q_len, D]. Shared memory: q, dout, k, v
+// tiles from the first row's window up to the diagonal. dq is [batch * heads, q_len, D]. Shared memory: q, dout, k, v
 // tiles, the ds tile (queries × keys), the rows' log-sum-exp and delta.
 template <typename T, int D>
-__device__ void flash_attention_bwd_q(FA_BWD_INPUTS(T), T* dq, FA_SHAPE, float scale_log2,
+__device__ void flash_attention_bwd_q(FA_BWD_INPUTS(T), T* dq, FA_SHAPE, FA_SCORING,
                                       float scale) {
   const FaShared<D> shared{4, 1};
   float *qs = shared.tile(0), *dos = shared.tile(1), *ks = shared.tile(2), *vs = shared.tile(3);
@@ -344,14 +390,14 @@ __device__ void flash_attention_bwd_q(FA_BWD_INPUTS(T), T* dq, FA_SHAPE, float s
   fa_load_rows(delta_s, delta + (size_t)bh * q_len, q0, q_len);
   FaRows<D> dq_acc = {};
   const int key_end = min(kv_len, q0 + FA_TILE + shift);
-  for (int k0 = 0; k0 < key_end; k0 += FA_TILE) {
+  for (int k0 = fa_key_begin(q0 + shift, window); k0 < key_end; k0 += FA_TILE) {
     __syncthreads();
     fa_load_tile<T, D>(ks, kb, k_sp, k0, kv_len);
     fa_load_tile<T, D>(vs, vb, v_sp, k0, kv_len);
     __syncthreads();
     float s[4][4] = {}, dp[4][4] = {};
     fa_probabilities<D>(s, dp, {qs, ks, dos, vs}, lse_s, delta_s, false, q0, k0, q_len, kv_len,
-                        shift, ty, tx, scale_log2);
+                        shift, ty, tx, FA_SCORING_ARGS);
     fa_put_tile(dss, dp, ty, tx);
     __syncthreads();
     fa_weighted_rows<D>(dq_acc, dss, ks, ty, tx);
@@ -362,16 +408,17 @@ __device__ void flash_attention_bwd_q(FA_BWD_INPUTS(T), T* dq, FA_SHAPE, float s
 
 #define FLASH_ENTRY_POINTS_D(S, T, D)                                                          \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_fwd_d##D##_##S(    \
-      const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE, float scale_log2) {   \
-    flash_attention_fwd<T, D>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2);                  \
+      const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE, FA_SCORING) {          \
+    flash_attention_fwd<T, D>(q, k, v, out, lse, FA_SHAPE_ARGS, FA_SCORING_ARGS);             \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_bwd_kv_d##D##_##S( \
-      FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2, float scale) {                 \
-    flash_attention_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, scale_log2, scale); \
+      FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SCORING, float scale) {                       \
+    flash_attention_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, FA_SCORING_ARGS,    \
+                                 scale);                                                      \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attention_bwd_q_d##D##_##S(  \
-      FA_BWD_INPUTS(T), T* dq, FA_SHAPE, float scale_log2, float scale) {                        \
-    flash_attention_bwd_q<T, D>(FA_BWD_INPUT_ARGS, dq, FA_SHAPE_ARGS, scale_log2, scale);     \
+      FA_BWD_INPUTS(T), T* dq, FA_SHAPE, FA_SCORING, float scale) {                              \
+    flash_attention_bwd_q<T, D>(FA_BWD_INPUT_ARGS, dq, FA_SHAPE_ARGS, FA_SCORING_ARGS, scale); \
   }
 
 #define FLASH_ENTRY_POINTS(S, T)                                                               \

@@ -12,7 +12,9 @@
 // multiplied with mma.sync.m16n8k16 (f32 accumulate). Probabilities and score gradients go from
 // the accumulators straight into the next product's A operand (rounded to the 16-bit dtype, as
 // every flash attention does), never through memory. Warps whose rows a tile's causal mask
-// hides entirely skip its products.
+// (or window) hides entirely skip its products. The score functions are instantiated for
+// masked or whole tiles and capped or plain scores (fm_variant): a plain causal tile runs the
+// same code as without the options.
 //
 // The query gradients run first and compute each row's delta (Σ dout · out) from the tiles they
 // load anyway, for the key/value gradients after them: no separate delta kernel.
@@ -37,6 +39,23 @@ constexpr int FM_THREADS = 128;
 __device__ __forceinline__ long long fm_head_start(int bh, int heads, long long q_sb,
                                                    long long q_sh) {
   return (bh / heads) * q_sb + (bh % heads) * q_sh;
+}
+
+// Calls f(mask, cap) with std::integral_constant<bool> arguments for the two flags, so the
+// callee is instantiated for each combination and the flags are tested once per call.
+template <typename F> __device__ __forceinline__ void fm_variant(bool mask, bool cap, F f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (mask) {
+    if (cap)
+      f(Yes{}, Yes{});
+    else
+      f(Yes{}, No{});
+  } else if (cap) {
+    f(No{}, Yes{});
+  } else {
+    f(No{}, No{});
+  }
 }
 
 // Row stride (elements) of a [64][D] tile in shared memory.
@@ -237,12 +256,17 @@ struct FmLane {
 // One step of the online softmax for a warp's 16 rows against a tile of 64 keys: `s` holds raw
 // scores (rows g and g + 8 at positions pos and pos + 8, columns key + 8j (+ 1)), and becomes
 // the probabilities under the updated row maxima `m` (base 2, scaled); `l` (this thread's part
-// of each row's sum) and the output rows `o` are rescaled to the new maxima. Rows past q_len sit
-// past the last key, so every row sees key 0 and its maximum is finite from the first tile on.
-template <bool MASK, int D>
+// of each row's sum) and the output rows `o` are rescaled to the new maxima. A row that has
+// seen no key yet (a window's start lies past the tile, or a row past q_len) keeps m = −∞.
+template <bool MASK, bool CAP, int D>
 __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2], float (&l)[2],
                                                   float (&o)[D / 8][4], int pos, int key,
-                                                  int kv_len, float scale_log2) {
+                                                  int kv_len, FA_SCORING) {
+  if (CAP)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = fa_capped(s[j][e], scale_log2, cap_log2);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     // Four independent partial maxima and sums, so the reductions are not one serial chain.
@@ -254,13 +278,14 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
         float& x = s[j][2 * h + e];
         if (MASK) {
           const int col = key + 8 * j + e;
-          x = col <= pos + 8 * h && col < kv_len ? x : -INFINITY;
+          x = fa_sees(pos + 8 * h, col, window) && col < kv_len ? x : -INFINITY;
         }
         part[(j & 1) * 2 + e] = fmaxf(part[(j & 1) * 2 + e], x);
       }
     const float row_max = fmaxf(fmaxf(part[0], part[1]), fmaxf(part[2], part[3]));
     const float m_new = fmaxf(m[h], warp_max<4>(row_max) * scale_log2);
-    const float alpha = fm_exp2(m[h] - m_new);
+    const float m_use = MASK ? fa_finite_max(m_new) : m_new;
+    const float alpha = fm_exp2(m[h] - m_use);
 #pragma unroll
     for (int k = 0; k < 4; ++k) part[k] = 0.f;
 #pragma unroll
@@ -268,7 +293,7 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float& x = s[j][2 * h + e];
-        x = fm_exp2(fmaf(x, scale_log2, -m_new));
+        x = fm_exp2(fmaf(x, scale_log2, -m_use));
         part[(j & 1) * 2 + e] += x;
       }
     const float row_sum = (part[0] + part[1]) + (part[2] + part[3]);
@@ -282,17 +307,46 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
   }
 }
 
-// Runs `tile(ks, vs, k0)` on the key/value tiles k0 = 0, 64, .. below key_end of the block's
-// kv head, which two buffers (a key tile, then its value tile) hold in turns: the next tile's
-// copy is in flight while the current one is worked on. The caller has started and committed
-// the copy of the first tile into `first`. A warp whose last query position
-// (`warp_last`) precedes a tile skips it.
+// The key tiles a block of query rows from q0 (`rows` of them) walks, and which of them a
+// warp (rows r0..r0 + warp_rows − 1 of the block) masks or skips. Keys past the block's last
+// query position are hidden from all its rows, as are those before its first query's window.
+struct FmKeyRange {
+  int begin, end;       // the block's tiles: [begin, end), begin a multiple of the tile
+  int warp_first_pos;   // the warp's first query position
+  int warp_first_key;   // the first key that query sees
+  int warp_last;        // the warp's last query position (the last key it sees)
+  int warp_last_first;  // the first key the warp's last query sees
+  int kv_len;
+  __device__ FmKeyRange(int q0, int rows, int r0, int warp_rows, int shift, int kv_len,
+                        int window)
+      : begin(fa_key_begin(q0 + shift, window)),
+        end(min(kv_len, q0 + rows + shift)),
+        warp_first_pos(q0 + r0 + shift),
+        warp_first_key(warp_first_pos - window + 1),
+        warp_last(q0 + r0 + warp_rows - 1 + shift),
+        warp_last_first(warp_last - window + 1),
+        kv_len(kv_len) {}
+  // Whether the tile from k0 needs the mask for some row of the warp: it reaches past the
+  // warp's first query position (the diagonal), past the last key, or before the window of
+  // the warp's last query.
+  __device__ bool masked(int k0) const {
+    return k0 + FA_TILE - 1 > warp_first_pos || k0 + FA_TILE > kv_len || k0 < warp_last_first;
+  }
+};
+
+// Runs `tile(ks, vs, k0)` on the key/value tiles k0 = key_begin, key_begin + 64, .. below
+// key_end of the block's kv head, which two buffers (a key tile, then its value tile) hold in
+// turns: the next tile's copy is in flight while the current one is worked on. The caller has
+// started and committed the copy of the first tile into `first`. A warp skips the tiles that
+// lie wholly past its last query position (`warp_last`) or before the first key its first
+// query sees (`warp_first_key`).
 template <typename T, int D, typename F>
 __device__ __forceinline__ void fm_key_tiles(T* first, T* second, const FaQueryBlock<T>& at,
                                              long long k_sp, long long v_sp, int kv_len,
-                                             int key_end, int warp_last, F tile) {
+                                             int key_begin, int key_end, int warp_first_key,
+                                             int warp_last, F tile) {
   constexpr int LD = fm_stride<D>();
-  for (int k0 = 0, it = 0; k0 < key_end; k0 += FA_TILE, ++it) {
+  for (int k0 = key_begin, it = 0; k0 < key_end; k0 += FA_TILE, ++it) {
     const T* ks = it & 1 ? second : first;
     fm_wait<0>();
     __syncthreads();  // this tile has landed; every warp is done with the other buffer
@@ -302,7 +356,7 @@ __device__ __forceinline__ void fm_key_tiles(T* first, T* second, const FaQueryB
       fm_load_tile<T, D>(next + FA_TILE * LD, at.values, v_sp, k0 + FA_TILE, kv_len);
       fm_commit();
     }
-    if (k0 <= warp_last) tile(ks, ks + FA_TILE * LD, k0);
+    if (k0 <= warp_last && k0 + FA_TILE > warp_first_key) tile(ks, ks + FA_TILE * LD, k0);
   }
 }
 
@@ -310,7 +364,7 @@ __device__ __forceinline__ void fm_key_tiles(T* first, T* second, const FaQueryB
 // Shared memory: the query tile, then two key/value buffers.
 template <typename T, int D, int MT>
 __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float* lse, FA_SHAPE,
-                              float scale_log2, Q_LAYOUT) {
+                              FA_SCORING, Q_LAYOUT) {
   constexpr int LD = fm_stride<D>(), ROWS = fm_query_rows<MT>();
   using S = FmShared<T, D>;
   T* qs = S::tile(0);
@@ -319,33 +373,27 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
   const FmLane lane(16 * MT);
   const long long head = fm_head_start(bh, heads, q_sb, q_sh);
   fm_load_tile<T, D, ROWS>(qs, q + head, q_sp, q0, q_len);
+  const FmKeyRange keys(q0, ROWS, lane.r0, 16 * MT, shift, kv_len, window);
   // Buffer b holds keys at unit MT + 2b and values at MT + 2b + 1.
-  fm_load_tile<T, D>(S::tile(MT), at.keys, k_sp, 0, kv_len);
-  fm_load_tile<T, D>(S::tile(MT + 1), at.values, v_sp, 0, kv_len);
+  fm_load_tile<T, D>(S::tile(MT), at.keys, k_sp, keys.begin, kv_len);
+  fm_load_tile<T, D>(S::tile(MT + 1), at.values, v_sp, keys.begin, kv_len);
   fm_commit();
   float o[MT][D / 8][4] = {};
   float m[MT][2], l[MT][2] = {};
 #pragma unroll
   for (int i = 0; i < MT; ++i) m[i][0] = m[i][1] = -INFINITY;
-  // Keys past the block's last query position are masked for all its rows; those past a
-  // warp's last query for all of the warp's.
-  const int key_end = min(kv_len, q0 + ROWS + shift);
-  const int warp_last = q0 + lane.r0 + 16 * MT - 1 + shift;
-  fm_key_tiles<T, D>(S::tile(MT), S::tile(MT + 2), at, k_sp, v_sp, kv_len, key_end, warp_last,
-                     [&](const T* ks, const T* vs, int k0) {
+  fm_key_tiles<T, D>(S::tile(MT), S::tile(MT + 2), at, k_sp, v_sp, kv_len, keys.begin, keys.end,
+                     keys.warp_first_key, keys.warp_last, [&](const T* ks, const T* vs, int k0) {
       float s[MT][8][4] = {};
       fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
-      // Only tiles reaching past the warp's first query position, or past the last key, need
-      // the mask.
-      const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
       uint32_t p[MT][4][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
-        if (masked)
-          fm_online_softmax<true, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
-        else
-          fm_online_softmax<false, D>(s[i], m[i], l[i], o[i], pos, key, kv_len, scale_log2);
+        fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
+          fm_online_softmax<decltype(mask)::value, decltype(cap)::value, D>(
+              s[i], m[i], l[i], o[i], pos, key, kv_len, FA_SCORING_ARGS);
+        });
         fm_to_operand<T>(p[i], s[i]);
       }
       fm_weighted_rows<T, LD, D / 8, MT>(o, p, vs);
@@ -366,43 +414,55 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
   fm_store_rows<T, D, MT>(out + head, q_sp, o, q0 + lane.r0, q_len, 1.f);
 }
 
-// The score gradients ds = p (dp − delta) of a warp's 16 query rows (positions pos, pos + 8,
-// with their log-sum-exp and delta) against 64 keys (columns key + 8j (+ 1)), from the raw
-// scores `s`; `ds` holds dp on entry. Rows past q_len are zeros on both sides and get 0.
-template <bool MASK>
+// The gradient of a score's logit, p (dp − delta), as that of the raw score: times the cap's
+// slope where the scores are capped (`x` the capped score).
+template <bool CAP>
+__device__ __forceinline__ float fm_score_grad(float p, float dp, float delta, float x,
+                                               float scale_log2, float cap_log2) {
+  const float ds = p * (dp - delta);
+  return CAP ? ds * fa_cap_slope(x, scale_log2, cap_log2) : ds;
+}
+
+// The score gradients of a warp's 16 query rows (positions pos, pos + 8, with their
+// log-sum-exp and delta) against 64 keys (columns key + 8j (+ 1)), from the raw scores `s`;
+// `ds` holds dp on entry. Rows past q_len are zeros on both sides and get 0.
+template <bool MASK, bool CAP>
 __device__ __forceinline__ void fm_query_score_grads(const float (&s)[8][4], float (&ds)[8][4],
                                                      const float (&lse)[2],
                                                      const float (&delta)[2], int pos, int key,
-                                                     int kv_len, float scale_log2) {
+                                                     int kv_len, FA_SCORING) {
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int h = e >> 1, col = key + 8 * j + (e & 1);
-      float p = fm_exp2(fmaf(s[j][e], scale_log2, -lse[h]));
-      if (MASK) p = col <= pos + 8 * h && col < kv_len ? p : 0.f;
-      ds[j][e] = p * (ds[j][e] - delta[h]);
+      const float x = CAP ? fa_capped(s[j][e], scale_log2, cap_log2) : s[j][e];
+      float p = fm_exp2(fmaf(x, scale_log2, -lse[h]));
+      if (MASK) p = fa_sees(pos + 8 * h, col, window) && col < kv_len ? p : 0.f;
+      ds[j][e] = fm_score_grad<CAP>(p, ds[j][e], delta[h], x, scale_log2, cap_log2);
     }
 }
 
 // The same for a warp's 16 key rows (key, key + 8) against a tile of 64 queries from q0 (the
 // thread's columns col + 8j (+ 1), whose log-sum-exp and delta are in `lse_s` and `delta_s`):
 // `p` goes from raw scores to the probabilities, `ds` from dp to the score gradients.
-template <bool MASK>
+template <bool MASK, bool CAP>
 __device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)[8][4],
                                                    const float* lse_s, const float* delta_s,
                                                    int key, int q0, int col, int q_len,
-                                                   int kv_len, int shift, float scale_log2) {
+                                                   int kv_len, int shift, FA_SCORING) {
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int c = col + 8 * j + (e & 1), query = q0 + c, row_key = key + 8 * (e >> 1);
-      float pr = fm_exp2(fmaf(p[j][e], scale_log2, -lse_s[c]));
+      const float x = CAP ? fa_capped(p[j][e], scale_log2, cap_log2) : p[j][e];
+      float pr = fm_exp2(fmaf(x, scale_log2, -lse_s[c]));
       if (MASK)
-        pr = query < q_len && row_key < kv_len && row_key <= query + shift ? pr : 0.f;
+        pr = query < q_len && row_key < kv_len && fa_sees(query + shift, row_key, window) ? pr
+                                                                                          : 0.f;
       p[j][e] = pr;
-      ds[j][e] = pr * (ds[j][e] - delta_s[c]);
+      ds[j][e] = fm_score_grad<CAP>(pr, ds[j][e], delta_s[c], x, scale_log2, cap_log2);
     }
 }
 
@@ -413,7 +473,7 @@ __device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)
 template <typename T, int D, int MT>
 __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dout,
                                 const float* lse, const T* out, float* delta, T* dq, FA_SHAPE,
-                                float scale_log2, float scale, Q_LAYOUT) {
+                                FA_SCORING, float scale, Q_LAYOUT) {
   constexpr int LD = fm_stride<D>(), ROWS = fm_query_rows<MT>();
   using S = FmShared<T, D>;
   T *qs = S::tile(0), *dos = S::tile(MT), *kv0 = S::tile(2 * MT), *kv1 = S::tile(2 * MT + 2);
@@ -427,8 +487,9 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
   fm_load_tile<T, D, ROWS>(dos, dout + head, q_sp, q0, q_len);
   fm_load_tile<T, D, ROWS>(kv1, out + head, q_sp, q0, q_len);
   fm_commit();
-  fm_load_tile<T, D>(kv0, at.keys, k_sp, 0, kv_len);
-  fm_load_tile<T, D>(kv0 + FA_TILE * LD, at.values, v_sp, 0, kv_len);
+  const FmKeyRange keys(q0, ROWS, lane.r0, 16 * MT, shift, kv_len, window);
+  fm_load_tile<T, D>(kv0, at.keys, k_sp, keys.begin, kv_len);
+  fm_load_tile<T, D>(kv0 + FA_TILE * LD, at.values, v_sp, keys.begin, kv_len);
   fm_commit();
   fm_wait<1>();
   __syncthreads();
@@ -450,24 +511,19 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
       row_delta[i][h] = delta_s[r];
     }
   float dq_acc[MT][D / 8][4] = {};
-  const int key_end = min(kv_len, q0 + ROWS + shift);
-  const int warp_last = q0 + lane.r0 + 16 * MT - 1 + shift;
-  fm_key_tiles<T, D>(kv0, kv1, at, k_sp, v_sp, kv_len, key_end, warp_last,
-                     [&](const T* ks, const T* vs, int k0) {
+  fm_key_tiles<T, D>(kv0, kv1, at, k_sp, v_sp, kv_len, keys.begin, keys.end, keys.warp_first_key,
+                     keys.warp_last, [&](const T* ks, const T* vs, int k0) {
       float s[MT][8][4] = {}, ds[MT][8][4] = {};
       fm_dot_tile<T, LD, D, MT>(s, qs, lane.r0, ks);
       fm_dot_tile<T, LD, D, MT>(ds, dos, lane.r0, vs);
-      const bool masked = k0 + FA_TILE - 1 > q0 + lane.r0 + shift || k0 + FA_TILE > kv_len;
       uint32_t w[MT][4][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
-        if (masked)
-          fm_query_score_grads<true>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
-                                     scale_log2);
-        else
-          fm_query_score_grads<false>(s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len,
-                                      scale_log2);
+        fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
+          fm_query_score_grads<decltype(mask)::value, decltype(cap)::value>(
+              s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len, FA_SCORING_ARGS);
+        });
         fm_to_operand<T>(w[i], ds[i]);
       }
       fm_weighted_rows<T, LD, D / 8, MT>(dq_acc, w, ks);
@@ -476,12 +532,12 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
 }
 
 // Key and value gradients: one block per (64 keys, batch × kv head), walking the query tiles
-// of 64 at or after the diagonal of each query head in its group; dk and dv as in
+// of 64 at or after the diagonal (and before the window's end) of each query head in its group; dk and dv as in
 // flash_attention_bwd_kv. A warp's rows are keys and its columns queries (the transposed
 // scores). Shared memory: k, v tiles, two query buffers (q, dout), then two buffers of the
 // query tile's log-sum-exp and delta.
 template <typename T, int D>
-__device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,
+__device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SCORING,
                                  float scale, Q_LAYOUT, G_LAYOUT) {
   constexpr int LD = fm_stride<D>();
   using S = FmShared<T, D>;
@@ -491,10 +547,12 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
   const FmLane lane(16);
   fm_load_tile<T, D>(S::tile(0), k + b * k_sb + kv_head * k_sh, k_sp, k0, kv_len);
   fm_load_tile<T, D>(S::tile(1), v + b * v_sb + kv_head * v_sh, v_sp, k0, kv_len);
-  // The first query that sees key k0 is k0 - shift; start at its tile. Tile `it` is query tile
-  // it % tiles of query head it / tiles of the group.
+  // The first query that sees key k0 is k0 - shift; start at its tile, and end with the tile
+  // of the last query whose window holds key k0 + 63. Tile `it` is query tile it % tiles of
+  // query head it / tiles of the group.
   const int q_begin = max(0, k0 - shift) / FA_TILE * FA_TILE;
-  const int tiles = (q_len - q_begin + FA_TILE - 1) / FA_TILE, total = group * tiles;
+  const int q_end = fa_query_end(k0, window, shift, q_len);
+  const int tiles = max(0, (q_end - q_begin + FA_TILE - 1) / FA_TILE), total = group * tiles;
   // Buffer b: q at unit 2 + 2b, dout at 3 + 2b; log-sum-exp and delta at rows 2b and 2b + 1.
   auto load = [&](int it, int buffer) {
     const size_t bh = (size_t)b * heads + kv_head * group + it / tiles;
@@ -508,7 +566,9 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
   if (total > 0) load(0, 0);
   fm_commit();
   float dk_acc[1][D / 8][4] = {}, dv_acc[1][D / 8][4] = {};
-  const int key = k0 + lane.r0 + lane.g;  // and key + 8
+  // The warp's keys are warp_key..warp_key + 15 (whole-warp decisions, as mma.sync needs every
+  // lane); this thread's rows are keys `key` and key + 8.
+  const int warp_key = k0 + lane.r0, key = warp_key + lane.g;
   for (int it = 0; it < total; ++it) {
     const int buffer = it & 1, q0 = q_begin + it % tiles * FA_TILE;
     const T *qs = S::tile(2 + 2 * buffer), *dos = S::tile(3 + 2 * buffer);
@@ -520,21 +580,22 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
       load(it + 1, buffer ^ 1);
       fm_commit();
     }
-    if (key > q0 + FA_TILE - 1 + shift) continue;  // the warp's first key is past every query
+    // Skip the tile when the warp's first key is past every query, or its last key is out of
+    // every query's window.
+    if (warp_key > q0 + FA_TILE - 1 + shift || q0 + shift - (warp_key + 15) >= window) continue;
     float p[1][8][4] = {}, ds[1][8][4] = {};
     fm_dot_tile<T, LD, D, 1>(p, ks, lane.r0, qs);
     fm_dot_tile<T, LD, D, 1>(ds, vs, lane.r0, dos);
-    // Only tiles where a key of the warp's reaches past the first query's position, or that
-    // run past the last key or query, need the mask.
-    const bool masked =
-        key + 15 > q0 + shift || key + 16 > kv_len || q0 + FA_TILE > q_len;
+    // Only tiles where a key of the warp's reaches past the first query's position, that run
+    // past the last key or query, or whose last query's window misses the warp's first key
+    // need the mask.
+    const bool masked = warp_key + 15 > q0 + shift || warp_key + 16 > kv_len ||
+                        q0 + FA_TILE > q_len || q0 + FA_TILE - 1 + shift - warp_key >= window;
     const int col = 2 * lane.t;
-    if (masked)
-      fm_key_score_grads<true>(p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift,
-                               scale_log2);
-    else
-      fm_key_score_grads<false>(p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift,
-                                scale_log2);
+    fm_variant(masked, cap_log2 > 0.f, [&](auto mask, auto cap) {
+      fm_key_score_grads<decltype(mask)::value, decltype(cap)::value>(
+          p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift, FA_SCORING_ARGS);
+    });
     uint32_t w[1][4][4];
     fm_to_operand<T>(w[0], p[0]);
     fm_weighted_rows<T, LD, D / 8, 1>(dv_acc, w, dos);
@@ -556,21 +617,22 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float
 #define FLASH_MMA_ENTRY_POINTS_D(S, T, D)                                                       \
   extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_FWD_BLOCKS(D))                   \
       flash_mma_fwd_d##D##_##S(const T* q, const T* k, const T* v, T* out, float* lse,          \
-                               FA_SHAPE, float scale_log2, Q_LAYOUT) {                         \
-    flash_mma_fwd<T, D, 1>(q, k, v, out, lse, FA_SHAPE_ARGS, scale_log2, q_sb, q_sh, q_sp);    \
+                               FA_SHAPE, FA_SCORING, Q_LAYOUT) {                               \
+    flash_mma_fwd<T, D, 1>(q, k, v, out, lse, FA_SHAPE_ARGS, FA_SCORING_ARGS, q_sb, q_sh,      \
+                           q_sp);                                                              \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_BWD_BLOCKS(D))                   \
       flash_mma_bwd_q_d##D##_##S(const T* q, const T* k, const T* v, const T* dout,            \
                                  const float* lse, const T* out, float* delta, T* dq,          \
-                                 FA_SHAPE, float scale_log2, float scale, Q_LAYOUT) {          \
-    flash_mma_bwd_q<T, D, 1>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS, scale_log2,    \
-                             scale, q_sb, q_sh, q_sp);                                         \
+                                 FA_SHAPE, FA_SCORING, float scale, Q_LAYOUT) {                \
+    flash_mma_bwd_q<T, D, 1>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS,                \
+                             FA_SCORING_ARGS, scale, q_sb, q_sh, q_sp);                        \
   }                                                                                            \
   extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_BWD_BLOCKS(D))                   \
-      flash_mma_bwd_kv_d##D##_##S(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, float scale_log2,  \
+      flash_mma_bwd_kv_d##D##_##S(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SCORING,        \
                                   float scale, Q_LAYOUT, G_LAYOUT) {                           \
-    flash_mma_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, scale_log2, scale, q_sb,  \
-                           q_sh, q_sp, g_sb, g_sh, g_sp);                                      \
+    flash_mma_bwd_kv<T, D>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, FA_SCORING_ARGS, scale,   \
+                           q_sb, q_sh, q_sp, g_sb, g_sh, g_sp);                                \
   }
 
 #define FLASH_MMA_ENTRY_POINTS(S, T) \

@@ -9,12 +9,16 @@
 //! ([`Kernels`]): tensor-core kernels for bf16 and f16 (`kernels/flash_mma.cuh`) and f32 SIMT
 //! kernels for everything else (`kernels/flash_attention.cuh`).
 //!
+//! Scores may have their own scale, a soft cap and a sliding window ([`Scoring`]): the kernels
+//! skip the tiles a window hides and mask the rest, and a capped score's gradient takes the
+//! cap's slope.
+//!
 //! The whole attention is one autograd node. Its backward has no atomics, so results repeat bit
 //! for bit: on tensor cores two kernels (query gradients, which also take each row's delta from
 //! their tiles, then key and value gradients), in f32 three (row deltas, key and value
 //! gradients, query gradients).
 
-use super::GroupedDims;
+use super::{GroupedDims, Scoring};
 use crate::attach::attach3;
 use crate::launch::{self, Arg, Operand};
 use candle_core::backend::BackendStorage;
@@ -25,6 +29,10 @@ const HEAD_SIZES: [usize; 2] = [64, 128];
 
 /// Query rows (and keys) per tile, as in the kernels.
 const TILE: usize = 64;
+
+/// The window the kernels take for none: wider than any sequence, and small enough that their
+/// position arithmetic (a window added to a position) stays within `int`.
+const NO_WINDOW: usize = 1 << 30;
 
 /// The kernels' stages, one launch each (besides the row deltas of the backward).
 #[derive(Clone, Copy)]
@@ -199,8 +207,14 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// Causal attention of `q` `[b, heads, q_len, d]` against `k`/`v` `[b, kv_heads, kv_len, d]`
-/// (query `i` at position `kv_len − q_len + i`); the operands must pass [`supported`].
-pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// (query `i` at position `kv_len − q_len + i`) with `scoring`; the operands must pass
+/// [`supported`].
+pub(crate) fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scoring: Scoring,
+) -> Result<Tensor> {
     let q = q.contiguous()?;
     let (k, v) = (unit_last(k)?, unit_last(v)?);
     let dims = GroupedDims::of(&q, &k, &v).ok_or_else(|| {
@@ -208,14 +222,15 @@ pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tens
     })?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let rows = Rows::HeadMajor;
-    let (out, lse) = forward(&qd, &kd, &vd, &dims, rows)?;
+    let (out, lse) = forward(&qd, &kd, &vd, &dims, scoring, rows)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
     let saved = out.clone();
     attach3([&q, &k, &v], &out, "flash-attention", move |grad| {
         let dout = grad.contiguous()?;
-        let (dq, dk, dv) = backward([&qd, &kd, &vd], &saved, &dout, &lse, &dims, rows)?;
+        let inputs = [&qd, &kd, &vd];
+        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, scoring, rows)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
@@ -252,8 +267,8 @@ pub(crate) fn self_attention_supported(
     launch::with_operands(&[q, k, v], launch::start_aligned)
 }
 
-/// `merge(attention(rope(split(q)), rope(split(k)), split(v)))` for projections `q`
-/// `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` that pass
+/// `merge(attention(rope(split(q)), rope(split(k)), split(v)))` with `scoring` for
+/// projections `q` `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` that pass
 /// [`self_attention_supported`], as `[b, t, heads · d]`: the kernels read and write the
 /// projections' rows in place, so no head split or merge copies exist in either direction.
 pub(crate) fn self_attention(
@@ -261,6 +276,7 @@ pub(crate) fn self_attention(
     (cos, sin): (&Tensor, &Tensor),
     heads: usize,
     kv_heads: usize,
+    scoring: Scoring,
 ) -> Result<Tensor> {
     let (batch, t, width) = q.dims3()?;
     let dims = GroupedDims {
@@ -276,14 +292,15 @@ pub(crate) fn self_attention(
     let kr = heads_view(&rotate(&k.detach(), &tables, kv_heads, 1.0)?, kv_heads)?;
     let vd = heads_view(&v.detach(), kv_heads)?;
     let rows = Rows::TokenMajor;
-    let (out, lse) = forward(&qr, &kr, &vd, &dims, rows)?;
+    let (out, lse) = forward(&qr, &kr, &vd, &dims, scoring, rows)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
     let saved = out.clone();
     attach3([q, k, v], &out, "self-attention", move |grad| {
         let dout = grad.contiguous()?;
-        let (dq, dk, dv) = backward([&qr, &kr, &vd], &saved, &dout, &lse, &dims, rows)?;
+        let inputs = [&qr, &kr, &vd];
+        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, scoring, rows)?;
         let dq = rotate(&dq, &tables, heads, -1.0)?;
         let dk = rotate(&dk, &tables, kv_heads, -1.0)?;
         Ok((Some(dq), Some(dk), Some(dv)))
@@ -330,8 +347,8 @@ impl GroupedDims {
     }
 
     /// Kernel arguments shared by the three tiled kernels after their buffers: heads, group,
-    /// lengths, the key and value strides, and the base-2 score scale.
-    fn common_args(&self, k: Operand, v: Operand) -> Result<Vec<Arg>> {
+    /// lengths, the key and value strides, and the scoring (base-2 scale and cap, window).
+    fn common_args(&self, k: Operand, v: Operand, scoring: Scoring) -> Result<Vec<Arg>> {
         let (_, ks) = launch::strided4(k)?;
         let (_, vs) = launch::strided4(v)?;
         let mut args = vec![
@@ -341,12 +358,17 @@ impl GroupedDims {
             launch::int(self.kv_len)?,
         ];
         args.extend(ks.iter().chain(&vs).map(|&s| Arg::Count(s)));
-        args.push(Arg::Float(self.scale() * std::f32::consts::LOG2_E));
+        let log2_e = std::f32::consts::LOG2_E;
+        let window = match scoring.window {
+            0 => NO_WINDOW,
+            w => w.min(NO_WINDOW),
+        };
+        args.extend([
+            Arg::Float(scoring.scale * log2_e),
+            Arg::Float(scoring.softcap * log2_e),
+            launch::int(window)?,
+        ]);
         Ok(args)
-    }
-
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_size as f32).sqrt()
     }
 }
 
@@ -371,6 +393,7 @@ fn forward(
     k: &Tensor,
     v: &Tensor,
     dims: &GroupedDims,
+    scoring: Scoring,
     rows: Rows,
 ) -> Result<(Tensor, Tensor)> {
     let n = dims.query_rows();
@@ -386,7 +409,7 @@ fn forward(
             Arg::Address(launch::base_address(&out)?),
             Arg::Address(launch::base_address(&lse)?),
         ];
-        args.extend(dims.common_args(k, v)?);
+        args.extend(dims.common_args(k, v, scoring)?);
         let kernels = rows.check(Kernels::for_operands(&[q, k, v], [k, v])?)?;
         if let Kernels::TensorCores = kernels {
             args.extend(dims.query_strides(rows));
@@ -408,6 +431,7 @@ fn backward(
     dout: &Tensor,
     lse: &Tensor,
     dims: &GroupedDims,
+    scoring: Scoring,
     rows: Rows,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = dims.query_rows();
@@ -423,8 +447,8 @@ fn backward(
         let dv = launch::alloc(device, dtype, kv_elems)?;
         let inputs = [start(q)?, start(k)?, start(v)?, start(dout)?, start(lse)?];
         let tail = |mut args: Vec<Arg>| -> Result<Vec<Arg>> {
-            args.extend(dims.common_args(k, v)?);
-            args.push(Arg::Float(dims.scale()));
+            args.extend(dims.common_args(k, v, scoring)?);
+            args.push(Arg::Float(scoring.scale));
             Ok(args)
         };
         let dq_arg = Arg::Address(launch::base_address(&dq)?);

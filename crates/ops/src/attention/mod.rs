@@ -7,9 +7,8 @@
 //!   probabilities, on tensor cores in bf16 and f16;
 //! - [`decode`]: one query per head against a KV cache read in place (inference).
 //!
-//! The softmax and decode kernels also take [`AttentionOptions`] (a scale of its own,
-//! soft-capped scores, a sliding window: Gemma, Mistral, Qwen's sliding layers); the flash
-//! kernels take plain scores only.
+//! All three take [`AttentionOptions`] (a scale of its own, soft-capped scores, a sliding
+//! window: Gemma, Mistral, Qwen's sliding layers).
 
 mod decode;
 #[cfg(feature = "cuda")]
@@ -102,25 +101,30 @@ impl Scoring {
 }
 
 /// Grouped-query causal attention with [`AttentionOptions`], with the contract of
-/// [`grouped_attention`] (`k`/`v` may be views into a KV cache). Fused where the backend is: a
-/// decode step reads the cache in place with one kernel, plain options take
-/// [`flash_attention`], others the fused causal softmax over repeated kv heads; elsewhere the
-/// composite [`windowed_reference`].
+/// [`grouped_attention`] (`k`/`v` may be views into a KV cache), which plain options take.
+/// Otherwise fused where the backend is: a decode step reads the cache in place with one
+/// kernel, the flash kernels run where they support the operands (see [`flash_attention`]),
+/// others the fused causal softmax over repeated kv heads; elsewhere the composite
+/// [`windowed_reference`].
 pub fn windowed_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     options: AttentionOptions,
 ) -> Result<Tensor> {
+    let scoring = Scoring::of(options);
+    if scoring == Scoring::plain(q.dim(3)?) {
+        return grouped_attention(q, k, v);
+    }
     if !fused(&[q, k, v]) {
         return windowed_reference(q, k, v, options);
     }
-    let scoring = Scoring::of(options);
     if decode::supported(q, k, v) {
         return decode::decode_attention(q, k, v, scoring);
     }
-    if scoring == Scoring::plain(q.dim(3)?) {
-        return flash_attention(q, k, v);
+    #[cfg(feature = "cuda")]
+    if flash::supported(q, k, v) {
+        return flash::flash_attention(q, k, v, scoring);
     }
     let (k, v) = repeat_kv_heads(q, k, v)?;
     softmax::causal_attention(&q.contiguous()?, &k, &v, scoring)
@@ -206,26 +210,29 @@ pub fn decode_attention_at(
 
 /// The attention of a block without a KV cache, from its projections to the input of its output
 /// projection: `q` `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` split into heads,
-/// queries and keys rotated by RoPE (`tables`: cos and sin `[t, d / 2]`), causal grouped-query
-/// attention, heads merged back into `[b, t, heads · d]`. On CUDA in bf16/f16 the flash kernels
-/// read and write the projections' rows in place (no split or merge copies, forward or
-/// backward); elsewhere it is [`split_heads`], [`rope`], [`grouped_attention`] and
+/// queries and keys rotated by RoPE (`tables`: cos and sin `[t, rotary / 2]`, the first
+/// `rotary` elements of each head rotated), causal grouped-query attention with `options`,
+/// heads merged back into `[b, t, heads · d]`. On CUDA in bf16/f16, with RoPE over whole heads,
+/// the flash kernels read and write the projections' rows in place (no split or merge copies,
+/// forward or backward); elsewhere it is [`split_heads`], [`rope`], [`windowed_attention`] and
 /// [`merge_heads`].
 pub fn self_attention(
     [q, k, v]: [&Tensor; 3],
     tables: (&Tensor, &Tensor),
     heads: usize,
     kv_heads: usize,
+    options: AttentionOptions,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::self_attention_supported([q, k, v], tables, heads, kv_heads)? {
-        return flash::self_attention([q, k, v], tables, heads, kv_heads);
+        let scoring = Scoring::of(options);
+        return flash::self_attention([q, k, v], tables, heads, kv_heads, scoring);
     }
     let (cos, sin) = tables;
     let q = rope(&split_heads(q, heads)?, cos, sin)?;
     let k = rope(&split_heads(k, kv_heads)?, cos, sin)?;
     let v = split_heads(v, kv_heads)?;
-    merge_heads(&grouped_attention(&q, &k, &v)?)
+    merge_heads(&windowed_attention(&q, &k, &v, options)?)
 }
 
 /// Flash-style grouped-query causal attention (same contract as [`grouped_attention`]) where
@@ -235,7 +242,7 @@ pub fn self_attention(
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v);
+        return flash::flash_attention(q, k, v, Scoring::plain(q.dim(3)?));
     }
     repeated_kv_attention(q, k, v)
 }

@@ -27,9 +27,14 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
     let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
     vec![
         attention_case(vec![batch, h, seq, d], seq),
-        options_attention_case(batch, h, shape.kv_heads, seq, d),
+        options_attention_case(OPTIONS, (batch, h, shape.kv_heads), (seq, seq), d),
+        // A prefill chunk against cached keys, and a head size without flash kernels (the
+        // fused causal softmax on CUDA).
+        options_attention_case(OPTIONS_CHUNK, (batch, h, shape.kv_heads), (seq / 2, seq), d),
+        options_attention_case(OPTIONS_D96, (batch, h, shape.kv_heads), (seq, seq), 96),
         flash_case(batch, h, shape.kv_heads, seq, seq, d),
         self_attention_case(batch, h, shape.kv_heads, seq, d),
+        self_attention_options_case(batch, h, shape.kv_heads, seq, d),
         Case {
             name: "rms_norm",
             fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
@@ -162,21 +167,32 @@ fn capped_window(kv_len: usize) -> crate::AttentionOptions {
     }
 }
 
+/// The names of [`options_attention_case`]'s variants.
+const OPTIONS: &str = "causal_attention_softcap_window";
+const OPTIONS_CHUNK: &str = "causal_attention_softcap_window_chunk";
+const OPTIONS_D96: &str = "causal_attention_softcap_window_d96";
+
 /// Grouped-query causal attention with soft-capped scores (`q` scaled up so that the cap
-/// bends them) and a sliding window, through [`crate::windowed_attention`] (the fused causal
-/// softmax), with gradients.
-fn options_attention_case(batch: usize, heads: usize, kv_heads: usize, t: usize, d: usize) -> Case {
+/// bends them) and a sliding window, `q_len` queries against `kv_len` keys, through
+/// [`crate::windowed_attention`] (on CUDA the flash kernels at their head sizes, else the
+/// fused causal softmax), with gradients.
+fn options_attention_case(
+    name: &'static str,
+    (batch, heads, kv_heads): (usize, usize, usize),
+    (q_len, kv_len): (usize, usize),
+    d: usize,
+) -> Case {
     Case {
-        name: "causal_attention_softcap_window",
+        name,
         fused: |t| crate::windowed_attention(&t[0], &t[1], &t[2], capped_window(t[1].dim(2)?)),
         reference: |t| {
             let options = capped_window(t[1].dim(2)?);
             reference::windowed_attention(&t[0], &t[1], &t[2], options)
         },
         inputs: vec![
-            Input::Float(vec![batch, heads, t, d], 40.0),
-            Input::Float(vec![batch, kv_heads, t, d], 1.0),
-            Input::Float(vec![batch, kv_heads, t, d], 1.0),
+            Input::Float(vec![batch, heads, q_len, d], 40.0),
+            Input::Float(vec![batch, kv_heads, kv_len, d], 1.0),
+            Input::Float(vec![batch, kv_heads, kv_len, d], 1.0),
         ],
     }
 }
@@ -239,11 +255,55 @@ fn self_attention_case(batch: usize, heads: usize, kv_heads: usize, t: usize, d:
         name: "self_attention",
         fused: |t| {
             let (heads, kv_heads) = projection_heads(t)?;
-            crate::self_attention([&t[0], &t[1], &t[2]], (&t[3], &t[4]), heads, kv_heads)
+            let options = crate::AttentionOptions::plain(2 * t[3].dim(1)?);
+            crate::self_attention(
+                [&t[0], &t[1], &t[2]],
+                (&t[3], &t[4]),
+                heads,
+                kv_heads,
+                options,
+            )
         },
         reference: self_attention_reference,
         inputs: vec![
             Input::Float(vec![batch, t, heads * d], 1.0),
+            Input::Float(vec![batch, t, kv_heads * d], 1.0),
+            Input::Float(vec![batch, t, kv_heads * d], 1.0),
+            Input::Table(table.clone()),
+            Input::Table(table),
+        ],
+    }
+}
+
+/// [`self_attention_case`] with soft-capped scores (`q` scaled up) and a sliding window.
+fn self_attention_options_case(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    d: usize,
+) -> Case {
+    let table = vec![t, d / 2];
+    Case {
+        name: "self_attention_softcap_window",
+        fused: |t| {
+            let (heads, kv_heads) = projection_heads(t)?;
+            let options = capped_window(t[0].dim(1)?);
+            crate::self_attention(
+                [&t[0], &t[1], &t[2]],
+                (&t[3], &t[4]),
+                heads,
+                kv_heads,
+                options,
+            )
+        },
+        reference: |t| {
+            let [q, k, v] = split_rotated(t)?;
+            let y = reference::windowed_attention(&q, &k, &v, capped_window(t[0].dim(1)?))?;
+            merged(&y)
+        },
+        inputs: vec![
+            Input::Float(vec![batch, t, heads * d], 40.0),
             Input::Float(vec![batch, t, kv_heads * d], 1.0),
             Input::Float(vec![batch, t, kv_heads * d], 1.0),
             Input::Table(table.clone()),
@@ -260,6 +320,12 @@ fn projection_heads(t: &[Tensor]) -> Result<(usize, usize)> {
 
 /// [`self_attention_case`] from the composite references.
 fn self_attention_reference(t: &[Tensor]) -> Result<Tensor> {
+    merged(&repeated_reference(&split_rotated(t)?)?)
+}
+
+/// The projections of a self-attention case's inputs split into heads `[b, heads, t, d]`, the
+/// queries and keys rotated by the composite RoPE.
+fn split_rotated(t: &[Tensor]) -> Result<[Tensor; 3]> {
     let (heads, kv_heads) = projection_heads(t)?;
     let (cos, sin) = (&t[3], &t[4]);
     let split = |x: &Tensor, heads: usize| -> Result<Tensor> {
@@ -270,8 +336,12 @@ fn self_attention_reference(t: &[Tensor]) -> Result<Tensor> {
     };
     let q = reference::rope(&split(&t[0], heads)?, cos, sin)?;
     let k = reference::rope(&split(&t[1], kv_heads)?, cos, sin)?;
-    let y = repeated_reference(&[q, k, split(&t[2], kv_heads)?])?;
-    let (b, _, len, d) = y.dims4()?;
+    Ok([q, k, split(&t[2], kv_heads)?])
+}
+
+/// Heads `[b, heads, t, d]` merged back into rows `[b, t, heads · d]`.
+fn merged(y: &Tensor) -> Result<Tensor> {
+    let (b, heads, len, d) = y.dims4()?;
     y.transpose(1, 2)?.reshape((b, len, heads * d))
 }
 
@@ -647,8 +717,12 @@ pub fn edge_cases() -> Vec<Case> {
         attention_case(vec![2, 3, 7, 8], 7),
         attention_case(vec![1, 2, 1, 16], 37),
         attention_case(vec![2, 2, 3, 16], 9),
-        options_attention_case(2, 4, 2, 30, 8),
-        options_attention_case(1, 2, 1, 7, 16),
+        options_attention_case(OPTIONS, (2, 4, 2), (30, 30), 8),
+        options_attention_case(OPTIONS, (1, 2, 1), (7, 7), 16),
+        // The flash kernels' head sizes: windows of 20 and 40 keys, tiles wholly outside them.
+        options_attention_case(OPTIONS, (2, 4, 2), (100, 100), 64),
+        options_attention_case(OPTIONS_CHUNK, (1, 2, 1), (37, 200), 64),
+        options_attention_case(OPTIONS, (1, 2, 2), (130, 130), 128),
         decode_window_case(2, 4, 2, 37, 16),
         decode_window_case(1, 2, 2, 3, 8),
         flash_case(2, 4, 2, 100, 100, 64),
@@ -657,6 +731,8 @@ pub fn edge_cases() -> Vec<Case> {
         flash_case(1, 1, 1, 1, 3, 64),
         self_attention_case(2, 4, 2, 100, 64),
         self_attention_case(1, 2, 1, 70, 128),
+        self_attention_options_case(2, 4, 2, 100, 64),
+        self_attention_options_case(1, 2, 1, 150, 128),
         Case {
             name: "rms_norm",
             fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
