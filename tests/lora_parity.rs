@@ -1,6 +1,8 @@
 //! LoRA adapters against PEFT: adapters made by PEFT give PEFT's logits, adapters saved by
 //! llmtool have PEFT's names and shapes, one training step matches PEFT + torch AdamW, merging
 //! preserves the logits, and bad adapters fail with one clear error.
+//!
+//! The file is long because it is a list of tests, one per PEFT behaviour.
 
 mod common;
 

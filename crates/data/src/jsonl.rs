@@ -7,6 +7,9 @@
 //!
 //! Each line becomes a text plus the byte spans of it that are scored; the tokenizer's offsets
 //! then mark which tokens are targets of the loss.
+//!
+//! The file is long for its tests: about half of it is unit tests, one per format, masking
+//! rule and bad line.
 
 use super::corpus::list_files;
 use super::dedup::is_validation;

@@ -22,6 +22,9 @@
 // Fragment layout of m16n8k16 (lane = 4g + t): A holds rows g and g + 8, columns 2t, 2t + 1
 // and 2t + 8, 2t + 9; B holds rows (k) 2t, 2t + 1 and 2t + 8, 2t + 9 of column (n) g; the f32
 // accumulator holds columns 2t, 2t + 1 of rows g (elements 0, 1) and g + 8 (elements 2, 3).
+//
+// The file is long because the forward and both backward kernels share its fragment, copy and
+// tile-walking helpers.
 
 #pragma once
 

@@ -14,6 +14,9 @@
 //! store); [`Nf4Tensor`] holds them on a device, where [`Nf4Tensor::dequantize`] expands them:
 //! a rayon kernel on the CPU, a CUDA kernel (`kernels/nf4.cu`), and a composite of candle ops
 //! on every other backend.
+//!
+//! The file is long because it is one op in one file: the format and its host reference, the CPU
+//! kernel, the CUDA launchers and the tests against bitsandbytes' own bytes.
 
 use super::cpu_kernel::{f32s, u8s, written_rows};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};

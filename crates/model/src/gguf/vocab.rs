@@ -3,6 +3,9 @@
 //! pre-tokenizer llama.cpp recognises), as the converter's `_set_vocab_gpt2` writes it, and
 //! SentencePiece-style BPE (byte fallback, `▁` for spaces: Llama 2, Mistral, Gemma) as its
 //! `llama` model (scores and `add_space_prefix`), as `_set_vocab_sentencepiece` writes it.
+//!
+//! The file is long because both tokenizer models and their tests stay beside the one
+//! `Vocab` they fill; the tests are its last fifth.
 
 use super::GgufError;
 use crate::config::{LlamaConfig, TokenIds};
