@@ -1,11 +1,13 @@
 //! With the `cuda` feature, compiles `kernels/ops.cu` (which includes the kernel file of each
-//! family) to one PTX module with nvcc, embedded in the binary and loaded at run time through
-//! candle's `CudaDevice` (`src/launch.rs`). Without it, does nothing: CPU and Metal builds
-//! need no CUDA toolkit.
+//! family) with nvcc into one fat binary, embedded in the binary and loaded at run time
+//! (`src/launch.rs`). Without it, does nothing: CPU and Metal builds need no CUDA toolkit.
 //!
 //! nvcc is taken from `NVCC`, else `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME` `/bin/nvcc`, else `PATH`.
-//! The PTX targets `compute_$CUDA_COMPUTE_CAP` (default 80: bf16 needs Ampere or newer); the
-//! driver compiles it for the GPU it runs on.
+//! The fat binary holds machine code (SASS) for the GPU generations in `LLMTOOL_CUDA_SASS`
+//! (compute capabilities, default `80,86,89,90`: A100, RTX 30xx/A10, RTX 40xx/L4/L40, H100/H200;
+//! empty for none), which loads without compiling, and PTX for `compute_$CUDA_COMPUTE_CAP`
+//! (default 80: bf16 needs Ampere or newer), which the driver compiles for any other GPU at
+//! first use (seconds, for the whole module).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,18 +25,25 @@ fn main() {
         "CUDA_PATH",
         "CUDA_HOME",
         "CUDA_COMPUTE_CAP",
+        "LLMTOOL_CUDA_SASS",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
-    let cap = cap.trim().replace('.', "");
+    let ptx = format!("arch=compute_{0},code=compute_{0}", capability(&cap));
+    let sass = std::env::var("LLMTOOL_CUDA_SASS").unwrap_or_else(|_| "80,86,89,90".into());
+    let targets = sass
+        .split(',')
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| format!("arch=compute_{0},code=sm_{0}", capability(c)))
+        .chain([ptx]);
     let status = Command::new(nvcc())
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
+        .args(["--fatbin", "-O3", "-std=c++17", "--threads", "0"])
+        .args(targets.flat_map(|t| ["-gencode".to_string(), t]))
         .arg("kernels/ops.cu")
         .arg("-o")
-        .arg(out.join("llmtool_ops.ptx"))
+        .arg(out.join("llmtool_ops.fatbin"))
         .status();
     match status {
         Ok(s) if s.success() => {}
@@ -43,6 +52,11 @@ fn main() {
             "the cuda feature needs nvcc to compile kernels/ops.cu ({e}); set NVCC or CUDA_ROOT"
         ),
     }
+}
+
+/// A compute capability as nvcc's targets spell it (`9.0` or `90` → `90`).
+fn capability(cap: &str) -> String {
+    cap.trim().replace('.', "")
 }
 
 fn nvcc() -> PathBuf {

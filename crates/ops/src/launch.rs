@@ -1,5 +1,6 @@
-//! The launch plumbing every CUDA launcher shares (with the `cuda` feature): the PTX module of
-//! `kernels/ops.cu` (compiled by build.rs) loaded once per kernel through candle's `CudaDevice`,
+//! The launch plumbing every CUDA launcher shares (with the `cuda` feature): the module of
+//! `kernels/ops.cu` (a fat binary compiled by build.rs: machine code for the common GPUs, PTX
+//! for the others) loaded once per device, its kernels once each,
 //! kernel arguments, operand addresses, output buffers, grid shapes, and [`run`], the launch of
 //! the signature most kernels share. Each op's own launchers live beside its CPU kernel, in the
 //! op's file (a `cuda` module), and take contiguous operands (offsets allowed), allocate their
@@ -8,17 +9,19 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, DevicePtr, LaunchConfig, PushKernelArg,
 };
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::DeviceId;
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/llmtool_ops.ptx"));
-
-const MODULE: &str = "llmtool_ops";
+/// The kernels as build.rs compiled them. Loading machine code for the device takes
+/// milliseconds; PTX (for a GPU the fat binary has no code for) is compiled by the driver, whole
+/// module at once, seconds on a fresh machine.
+const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/llmtool_ops.fatbin"));
 
 /// Dynamic shared memory a kernel may use without opting in to more.
 const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
@@ -170,6 +173,25 @@ type Loaded = (CudaFunction, u32);
 /// Loaded kernels by device and dtype, then name.
 type KernelTable = HashMap<(DeviceId, Option<DType>), HashMap<String, Loaded>>;
 
+/// The module of [`FATBIN`] on `device`, loaded once per device.
+fn module(device: &CudaDevice) -> Result<Arc<CudaModule>> {
+    static MODULES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaModule>>>> = OnceLock::new();
+    let mut modules = MODULES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(module) = modules.get(&device.id()) {
+        return Ok(module.clone());
+    }
+    let stream = device.cuda_stream();
+    let module = stream
+        .context()
+        .load_module(Ptx::from_binary(FATBIN.to_vec()))
+        .w()?;
+    modules.insert(device.id(), module.clone());
+    Ok(module)
+}
+
 /// The kernel `name` (suffixed for `dtype`) on `device`, loaded once (looking it up in the
 /// module formats a name and calls the driver, which a decode step's hundred launches feel),
 /// and allowed `shared` bytes of dynamic shared memory where that is above the default limit
@@ -191,9 +213,7 @@ fn kernel(
             Some(d) => format!("{name}_{}", suffix(d)?),
             None => name.to_string(),
         };
-        let func = device
-            .get_or_load_custom_func(&full, MODULE, PTX)?
-            .into_cuda_function();
+        let func = module(device)?.load_function(&full).w()?;
         loaded.insert(name.to_string(), (func, DEFAULT_SHARED_LIMIT));
     }
     let Some((func, allowed)) = loaded.get_mut(name) else {
