@@ -109,8 +109,9 @@ pub fn measure(
 }
 
 /// torch_ref.py's `peak_mb`: process peak RSS on the CPU (as its `ru_maxrss`), the memory
-/// pool's high-water mark since the row began on CUDA (as `torch.cuda.max_memory_allocated`).
-/// Elsewhere the field is null and `peak_note` says why.
+/// pool's high-water mark since the row began on CUDA (as `torch.cuda.max_memory_allocated`),
+/// and on CUDA its `peak_smi_mb`, measured the same way (nvidia-smi's view: total − free, plus
+/// reserve released during the row). Elsewhere `peak_mb` is null and `peak_note` says why.
 fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Device) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if device.is_cpu() {
@@ -118,6 +119,9 @@ fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Devi
         fields.insert("peak_mb".into(), json!(peak));
     } else if let Some(peak) = ops::device::peak_memory(device) {
         fields.insert("peak_mb".into(), json!(mib(peak)));
+        if let Some(smi) = ops::device::peak_device_memory(device) {
+            fields.insert("peak_smi_mb".into(), json!(mib(smi)));
+        }
     } else {
         fields.insert("peak_mb".into(), Value::Null);
         fields.insert(

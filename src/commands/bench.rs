@@ -92,12 +92,12 @@ fn error_row(task: Task, preset: Preset, mode: Mode, e: &anyhow::Error) -> Value
     row
 }
 
-/// The reference's closing table: task, preset, mode, tokens/s, step ms, peak MB. A `lora` row
-/// names its base after the task (`lora/plain`).
+/// The reference's closing table: task, preset, mode, tokens/s, step ms, peak MB (the pool's,
+/// and nvidia-smi's where measured). A `lora` row names its base after the task (`lora/plain`).
 fn print_table(rows: &[Value]) {
     println!(
-        "{:11} {:6} {:14} {:>12} {:>9} {:>9}",
-        "task", "preset", "mode", "tok/s", "step_ms", "peak_MB"
+        "{:11} {:6} {:14} {:>12} {:>9} {:>9} {:>9}",
+        "task", "preset", "mode", "tok/s", "step_ms", "peak_MB", "smi_MB"
     );
     let text = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
     let number = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
@@ -115,8 +115,12 @@ fn print_table(rows: &[Value]) {
         let ms = r
             .get("step_ms")
             .map_or(number(r, "ms"), |v| v.as_f64().unwrap_or(0.0));
+        let smi = match r["peak_smi_mb"].as_f64() {
+            Some(mb) => format!("{mb:9.0}"),
+            None => format!("{:>9}", "-"),
+        };
         println!(
-            "{task:11} {preset:6} {mode:14} {:12.0} {ms:9.2} {:9.0}",
+            "{task:11} {preset:6} {mode:14} {:12.0} {ms:9.2} {:9.0} {smi}",
             number(r, "tokens_per_s"),
             number(r, "peak_mb")
         );

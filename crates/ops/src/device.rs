@@ -85,7 +85,21 @@ pub fn peak_memory(device: &Device) -> Option<u64> {
     None
 }
 
-/// Starts a new peak for [`peak_memory`] (a no-op off CUDA).
+/// The peak of device memory in use as nvidia-smi shows it since the last
+/// [`reset_peak_memory`], in bytes, measured as torch_ref.py's `peak_smi_mb` is: total minus
+/// free device memory now (CUDA context, cuBLAS workspaces and the pool's reserve included;
+/// device-wide, so other processes count too), plus what the memory pool reserved at its peak
+/// and has released since. `None` off CUDA.
+pub fn peak_device_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return cuda_setup::device_memory_peak(d).ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new peak for [`peak_memory`] and [`peak_device_memory`] (a no-op off CUDA).
 pub fn reset_peak_memory(device: &Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
@@ -103,6 +117,10 @@ mod cuda_setup {
 
     pub(super) const USED_HIGH: sys::CUmemPool_attribute =
         sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    const RESERVED_HIGH: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH;
+    const RESERVED: sys::CUmemPool_attribute =
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT;
 
     fn driver(r: sys::CUresult) -> Result<()> {
         r.result()
@@ -158,14 +176,27 @@ mod cuda_setup {
         Ok(value)
     }
 
-    /// Resets the pool's used-memory high-water mark to the memory in use now.
+    /// Resets the pool's used and reserved high-water marks to the memory in use now.
     pub(super) fn reset_used_high(device: &CudaDevice) -> Result<()> {
         let pool = default_pool(device)?;
-        let mut zero = 0u64;
-        // SAFETY: resetting USED_MEM_HIGH takes a u64 zero.
-        driver(unsafe {
-            sys::cuMemPoolSetAttribute(pool, USED_HIGH, (&mut zero as *mut u64).cast())
-        })
+        for attr in [USED_HIGH, RESERVED_HIGH] {
+            let mut zero = 0u64;
+            // SAFETY: resetting USED_MEM_HIGH or RESERVED_MEM_HIGH takes a u64 zero.
+            driver(unsafe {
+                sys::cuMemPoolSetAttribute(pool, attr, (&mut zero as *mut u64).cast())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Total minus free device memory now, plus the pool's reserve released since its peak.
+    pub(super) fn device_memory_peak(device: &CudaDevice) -> Result<u64> {
+        let released = pool_attribute(device, RESERVED_HIGH)?
+            .saturating_sub(pool_attribute(device, RESERVED)?);
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: writes two sizes; the device's context is bound by `pool_attribute`.
+        driver(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) })?;
+        Ok((total - free) as u64 + released)
     }
 }
 
