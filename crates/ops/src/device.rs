@@ -99,7 +99,9 @@ pub fn peak_device_memory(device: &Device) -> Option<u64> {
     None
 }
 
-/// Starts a new peak for [`peak_memory`] and [`peak_device_memory`] (a no-op off CUDA).
+/// Starts a new peak for [`peak_memory`] and [`peak_device_memory`], handing the memory pool's
+/// unused reserve back to the driver first (as torch_ref.py's `torch.cuda.empty_cache()` at
+/// the start of a row), so earlier work does not count (a no-op off CUDA).
 pub fn reset_peak_memory(device: &Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
@@ -176,9 +178,12 @@ mod cuda_setup {
         Ok(value)
     }
 
-    /// Resets the pool's used and reserved high-water marks to the memory in use now.
+    /// Releases the pool's unused reserve and resets its used and reserved high-water marks to
+    /// the memory in use now.
     pub(super) fn reset_used_high(device: &CudaDevice) -> Result<()> {
         let pool = default_pool(device)?;
+        // SAFETY: `pool` is the device's default pool; trimming frees only unused memory.
+        driver(unsafe { sys::cuMemPoolTrimTo(pool, 0) })?;
         for attr in [USED_HIGH, RESERVED_HIGH] {
             let mut zero = 0u64;
             // SAFETY: resetting USED_MEM_HIGH or RESERVED_MEM_HIGH takes a u64 zero.

@@ -250,28 +250,11 @@ fn flash_case(
 /// A block's attention from its projections (`q` `[b, t, heads · d]`, `k`/`v`
 /// `[b, t, kv_heads · d]`, RoPE tables `[t, d / 2]`) through [`crate::self_attention`].
 fn self_attention_case(batch: usize, heads: usize, kv_heads: usize, t: usize, d: usize) -> Case {
-    let table = vec![t, d / 2];
     Case {
         name: "self_attention",
-        fused: |t| {
-            let (heads, kv_heads) = projection_heads(t)?;
-            let options = crate::AttentionOptions::plain(2 * t[3].dim(1)?);
-            crate::self_attention(
-                [&t[0], &t[1], &t[2]],
-                (&t[3], &t[4]),
-                heads,
-                kv_heads,
-                options,
-            )
-        },
+        fused: |t| fused_self_attention(t, crate::AttentionOptions::plain(2 * t[3].dim(1)?)),
         reference: self_attention_reference,
-        inputs: vec![
-            Input::Float(vec![batch, t, heads * d], 1.0),
-            Input::Float(vec![batch, t, kv_heads * d], 1.0),
-            Input::Float(vec![batch, t, kv_heads * d], 1.0),
-            Input::Table(table.clone()),
-            Input::Table(table),
-        ],
+        inputs: projection_inputs((batch, heads, kv_heads), t, d, 1.0),
     }
 }
 
@@ -283,33 +266,46 @@ fn self_attention_options_case(
     t: usize,
     d: usize,
 ) -> Case {
-    let table = vec![t, d / 2];
     Case {
         name: "self_attention_softcap_window",
-        fused: |t| {
-            let (heads, kv_heads) = projection_heads(t)?;
-            let options = capped_window(t[0].dim(1)?);
-            crate::self_attention(
-                [&t[0], &t[1], &t[2]],
-                (&t[3], &t[4]),
-                heads,
-                kv_heads,
-                options,
-            )
-        },
+        fused: |t| fused_self_attention(t, capped_window(t[0].dim(1)?)),
         reference: |t| {
             let [q, k, v] = split_rotated(t)?;
             let y = reference::windowed_attention(&q, &k, &v, capped_window(t[0].dim(1)?))?;
             merged(&y)
         },
-        inputs: vec![
-            Input::Float(vec![batch, t, heads * d], 40.0),
-            Input::Float(vec![batch, t, kv_heads * d], 1.0),
-            Input::Float(vec![batch, t, kv_heads * d], 1.0),
-            Input::Table(table.clone()),
-            Input::Table(table),
-        ],
+        inputs: projection_inputs((batch, heads, kv_heads), t, d, 40.0),
     }
+}
+
+/// The inputs of a self-attention case: q, k and v projections of `t` positions (the queries
+/// scaled by `q_scale`), then the RoPE tables.
+fn projection_inputs(
+    (batch, heads, kv_heads): (usize, usize, usize),
+    t: usize,
+    d: usize,
+    q_scale: f32,
+) -> Vec<Input> {
+    let table = vec![t, d / 2];
+    vec![
+        Input::Float(vec![batch, t, heads * d], q_scale),
+        Input::Float(vec![batch, t, kv_heads * d], 1.0),
+        Input::Float(vec![batch, t, kv_heads * d], 1.0),
+        Input::Table(table.clone()),
+        Input::Table(table),
+    ]
+}
+
+/// [`crate::self_attention`] of a self-attention case's inputs with `options`.
+fn fused_self_attention(t: &[Tensor], options: crate::AttentionOptions) -> Result<Tensor> {
+    let (heads, kv_heads) = projection_heads(t)?;
+    crate::self_attention(
+        [&t[0], &t[1], &t[2]],
+        (&t[3], &t[4]),
+        heads,
+        kv_heads,
+        options,
+    )
 }
 
 /// The query and kv heads of [`self_attention_case`]'s inputs (head size twice the tables').
