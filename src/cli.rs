@@ -322,7 +322,10 @@ pub struct GenerateArgs {
     /// Stop when this string appears (repeatable); it is not printed.
     #[arg(long = "stop", value_name = "STR")]
     pub stop: Vec<String>,
-    /// Independent samples of the same prompt (seeds seed, seed+1, ...).
+    /// Independent samples of the same prompt (seeds seed, seed+1, ...), decoded as one
+    /// batch: the prompt runs once, each step runs a token of every sample. Sample i is the
+    /// text `--num-samples 1 --seed seed+i` prints. Each prints as a `--- sample i of N ---`
+    /// block, in order: the first unfinished one streams, later ones show when it ends.
     #[arg(long, default_value_t = 1)]
     pub num_samples: usize,
     /// Wrap the prompt as a user message in the model's chat template.

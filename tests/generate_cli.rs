@@ -23,8 +23,13 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 
 /// Runs `generate` on tiny-llama with `args`; returns (stdout, stderr).
 fn generate(args: &[&str], stdin: &str) -> (String, String) {
+    generate_with("tiny-llama", args, stdin)
+}
+
+/// Runs `generate` on the fixture model `name` with `args`; returns (stdout, stderr).
+fn generate_with(name: &str, args: &[&str], stdin: &str) -> (String, String) {
     let out = llmtool()
-        .args(["generate", "--model", &path(&fixture("tiny-llama"))])
+        .args(["generate", "--model", &path(&fixture(name))])
         .args(args)
         .write_stdin(stdin)
         .output()
@@ -105,6 +110,52 @@ fn same_seed_same_text_and_stdin_prompts() {
         "",
     );
     assert!(two.contains("--- sample 2 of 2 ---"), "{two}");
+}
+
+#[test]
+fn a_batch_of_samples_prints_the_single_samples_seeded_seed_plus_i() {
+    let settings: [&[&str]; 4] = [
+        &[
+            "--temperature",
+            "1",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.9",
+            "--min-p",
+            "0.02",
+        ],
+        &["--temperature", "0.9", "--repetition-penalty", "1.3"],
+        &["--temperature", "1", "--stop", "e"],
+        &["--temperature", "0"],
+    ];
+    // Gemma 2 slides a window shorter than the sequence; Phi-3 rotates part of each head.
+    for name in ["tiny-llama", "tiny-gemma2", "tiny-phi3"] {
+        for sampling in settings {
+            let run = |extra: &[&str]| {
+                let common = ["--prompt", "The river", "--max-tokens", "12"];
+                generate_with(name, &[&common[..], sampling, extra].concat(), "")
+            };
+            let (batch, err) = run(&["--num-samples", "3", "--seed", "7"]);
+            let singles: String = (0..3)
+                .map(|i| {
+                    let seed = (7 + i).to_string();
+                    let (text, _) = run(&["--num-samples", "1", "--seed", &seed]);
+                    format!("--- sample {} of 3 ---\n{text}", i + 1)
+                })
+                .collect();
+            assert_eq!(batch, singles, "{name} {sampling:?}");
+            assert!(
+                err.contains("sample 3: ") && err.contains("generation: 3 samples, "),
+                "{err}"
+            );
+            if sampling[1] == "0" {
+                let blocks: Vec<&str> = batch.split("--- sample").skip(1).collect();
+                let texts: Vec<&str> = blocks.iter().map(|b| &b[b.find('\n').unwrap()..]).collect();
+                assert!(texts.iter().all(|t| *t == texts[0]), "{batch}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Greedy decoding for the `generate` rows, through the same `Decoder` as `llmtool generate`.
 
+use candle_core::IndexOp;
 use model::{Decoder, Llama};
 use rand::{Rng, SeedableRng};
 
@@ -22,7 +23,8 @@ pub(super) fn greedy(
     let mut logits = decoder.forward(&prompt)?;
     let mut out = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
-        let next = logits.argmax(0)?.to_scalar::<u32>()?;
+        // The decoder holds one row: logits `[1, vocab]`.
+        let next = logits.i(0)?.argmax(0)?.to_scalar::<u32>()?;
         out.push(next);
         if out.len() < new_tokens {
             logits = decoder.forward(&[next])?;

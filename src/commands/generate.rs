@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use config::GenerateSection;
 use generate::{
     eos_ids, keep_tail, ChatTemplate, Finish, Generation, GenerationSettings, Message,
-    SamplingParams, Session,
+    SamplingParams, Session, Streamed,
 };
 use model::{Llama, LoadedModel};
 use std::io::{BufRead, Read, Write};
@@ -42,18 +42,74 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         &loaded.tokenizer,
         (ids.len() + settings.max_tokens).min(context),
     )?;
-    let seed = settings.sampling.seed;
-    for i in 0..args.num_samples {
-        if args.num_samples > 1 {
-            println!("--- sample {} of {} ---", i + 1, args.num_samples);
-        }
-        settings.sampling.seed = seed.wrapping_add(i as u64);
-        let generation = session.generate(&ids, &settings, print_piece)?;
-        println!();
-        report(&generation, context);
-    }
+    let mut blocks = SampleBlocks::new(args.num_samples)?;
+    let generations =
+        session.generate_samples(&ids, &settings, args.num_samples, |i, streamed| {
+            blocks.take(i, streamed)
+        })?;
+    report(&generations, context);
     report_op_by_op(&loaded.model, &session);
     Ok(())
+}
+
+/// Prints the samples of a batch to stdout in order, each as a `--- sample i of N ---` block
+/// (one sample as bare text), each ended by a newline. The first sample not yet printed
+/// whole streams live; later ones are held until the blocks before them are complete.
+struct SampleBlocks {
+    /// Text of each sample not yet printed.
+    held: Vec<String>,
+    ended: Vec<bool>,
+    /// The sample whose block is open.
+    live: usize,
+}
+
+impl SampleBlocks {
+    /// Blocks for `samples` samples, the first one opened.
+    fn new(samples: usize) -> std::io::Result<Self> {
+        let blocks = Self {
+            held: vec![String::new(); samples],
+            ended: vec![false; samples],
+            live: 0,
+        };
+        blocks.open()?;
+        Ok(blocks)
+    }
+
+    /// Takes what sample `i` streamed.
+    fn take(&mut self, i: usize, streamed: Streamed<'_>) -> std::io::Result<()> {
+        match streamed {
+            Streamed::Text(piece) if i == self.live => print_piece(piece),
+            Streamed::Text(piece) => {
+                self.held[i].push_str(piece);
+                Ok(())
+            }
+            Streamed::Done(_) => {
+                self.ended[i] = true;
+                self.close_ended()
+            }
+        }
+    }
+
+    /// Closes the open block while its sample has ended, opening the next with what it held.
+    fn close_ended(&mut self) -> std::io::Result<()> {
+        while self.ended.get(self.live) == Some(&true) {
+            print_piece("\n")?;
+            self.live += 1;
+            if self.live < self.held.len() {
+                self.open()?;
+                print_piece(&std::mem::take(&mut self.held[self.live]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The header of the open block, when there are several.
+    fn open(&self) -> std::io::Result<()> {
+        match self.held.len() {
+            1 => Ok(()),
+            n => print_piece(&format!("--- sample {} of {n} ---\n", self.live + 1)),
+        }
+    }
 }
 
 /// On CUDA, one-token steps replay a captured graph; says so on stderr when they could not.
@@ -153,22 +209,59 @@ fn print_piece(piece: &str) -> std::io::Result<()> {
     out.flush()
 }
 
-/// One line of speeds to stderr.
-fn report(g: &Generation, context: usize) {
-    let rate = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
-    let finish = match g.finish {
+/// Speeds to stderr: one line for a single sample; for a batch, a line per sample (its tokens
+/// and why it stopped), then the prompt's speed and the batch's (every sample's tokens over
+/// the time until the last one ended).
+fn report(generations: &[Generation], context: usize) {
+    match generations {
+        [] => {}
+        [g] => eprintln!(
+            "{}; generation: {} tokens, {:.1} tokens/s; stopped: {}",
+            prompt_speed(g),
+            g.tokens.len(),
+            rate(g.tokens.len(), g.generation_time),
+            finish_reason(g.finish, context)
+        ),
+        [first, ..] => {
+            for (i, g) in generations.iter().enumerate() {
+                let finish = finish_reason(g.finish, context);
+                eprintln!(
+                    "sample {}: {} tokens; stopped: {finish}",
+                    i + 1,
+                    g.tokens.len()
+                );
+            }
+            let tokens: usize = generations.iter().map(|g| g.tokens.len()).sum();
+            let time = generations.iter().map(|g| g.generation_time).max();
+            eprintln!(
+                "{}; generation: {} samples, {tokens} tokens, {:.1} tokens/s (all samples)",
+                prompt_speed(first),
+                generations.len(),
+                rate(tokens, time.unwrap_or_default())
+            );
+        }
+    }
+}
+
+/// The prompt's tokens and speed (the samples of a batch share them).
+fn prompt_speed(g: &Generation) -> String {
+    let speed = rate(g.prompt_tokens, g.prompt_time);
+    format!("prompt: {} tokens, {speed:.1} tokens/s", g.prompt_tokens)
+}
+
+/// Tokens per second.
+fn rate(tokens: usize, time: std::time::Duration) -> f64 {
+    tokens as f64 / time.as_secs_f64().max(1e-9)
+}
+
+/// Why a generation stopped, in words.
+fn finish_reason(finish: Finish, context: usize) -> String {
+    match finish {
         Finish::Eos => "end of sequence".to_string(),
         Finish::StopString => "stop string".into(),
         Finish::MaxTokens => "max tokens".into(),
         Finish::Context => format!("the model's context ({context} tokens) is full"),
-    };
-    eprintln!(
-        "prompt: {} tokens, {:.1} tokens/s; generation: {} tokens, {:.1} tokens/s; stopped: {finish}",
-        g.prompt_tokens,
-        rate(g.prompt_tokens, g.prompt_time),
-        g.tokens.len(),
-        rate(g.tokens.len(), g.generation_time),
-    );
+    }
 }
 
 /// The model's chat template with the `--chat-arg` variables set.
@@ -215,7 +308,7 @@ fn interactive(
         }
         let generation = session.generate(&ids, settings, print_piece)?;
         println!();
-        report(&generation, context);
+        report(std::slice::from_ref(&generation), context);
         messages.push(Message::new("assistant", &generation.text));
     }
     eprintln!();

@@ -1,6 +1,9 @@
 //! Text generation with a preallocated KV cache: the prompt runs in one forward pass, then one
-//! token per step, streamed as complete UTF-8. A [`Session`] keeps its cache between calls, so a
-//! prompt that extends the previous one (the next chat turn) only runs its new tokens.
+//! token per step, streamed as complete UTF-8. Several samples of one prompt decode as one
+//! batch: the prompt runs once, each step runs one token of every sample, and each sample draws
+//! with its own seeded sampler, so sample `i` is the text a single generation seeded `seed + i`
+//! gives. A [`Session`] keeps its cache between calls, so a prompt that extends the previous one
+//! (the next chat turn) only runs its new tokens.
 
 mod sampler;
 mod stream;
@@ -9,7 +12,7 @@ pub use data::chat::{ChatError, ChatTemplate, Message};
 pub use sampler::{InvalidSampling, Sampler, SamplingParams};
 pub use stream::{Stop, StopStrings, TextStream};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use model::{Decoder, Llama, LlamaConfig};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -27,6 +30,9 @@ pub enum GenerateError {
     /// Nothing to condition on.
     #[error("the prompt is empty and the model has no BOS token to start from")]
     EmptyPrompt,
+    /// Zero samples asked for.
+    #[error("the number of samples must be at least 1")]
+    NoSamples,
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -46,6 +52,7 @@ fn tokenizer_error(e: tokenizers::Error) -> GenerateError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationSettings {
     pub max_tokens: usize,
+    /// The sampling of the first sample; sample `i` of a batch is seeded `seed + i`.
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     /// End-of-sequence ids: generation stops when one is sampled.
@@ -62,7 +69,7 @@ pub enum Finish {
     Context,
 }
 
-/// The outcome of one generation.
+/// The outcome of one generation (one sample of a batch).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
     /// Every sampled token except a final EOS.
@@ -70,10 +77,22 @@ pub struct Generation {
     /// The text streamed out (cut before a stop string).
     pub text: String,
     pub finish: Finish,
-    /// Prompt tokens that ran through the model (those already cached did not).
+    /// Prompt tokens that ran through the model (those already cached did not); the samples
+    /// of a batch share them.
     pub prompt_tokens: usize,
     pub prompt_time: Duration,
+    /// From the end of the prompt to this sample's end (the samples of a batch decode
+    /// together, so this is the batch's time until this sample finished).
     pub generation_time: Duration,
+}
+
+/// What a generation streams out for one sample, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streamed<'t> {
+    /// More text: complete UTF-8, never part of a stop string.
+    Text(&'t str),
+    /// The sample is done, for this reason: nothing more comes for it.
+    Done(Finish),
 }
 
 /// The end-of-sequence ids of the model in `dir`: `generation_config.json`'s `eos_token_id`
@@ -95,16 +114,17 @@ pub fn keep_tail(ids: &[u32], keep: usize) -> &[u32] {
     &ids[ids.len().saturating_sub(keep)..]
 }
 
-/// A model, its tokenizer and a KV cache holding the tokens run so far.
+/// A model, its tokenizer and a KV cache holding the tokens run so far, for one sequence or a
+/// batch of them.
 pub struct Session<'a> {
     decoder: Decoder<'a>,
     tokenizer: &'a Tokenizer,
-    /// The tokens whose keys and values are in the cache, in order.
-    cached: Vec<u32>,
+    /// The tokens whose keys and values are in the cache, in order, one list per row.
+    cached: Vec<Vec<u32>>,
 }
 
 impl<'a> Session<'a> {
-    /// A session whose cache is preallocated for `capacity` positions.
+    /// A session whose cache is preallocated for `capacity` positions (per sample).
     pub fn new(
         model: &'a Llama,
         tokenizer: &'a Tokenizer,
@@ -113,7 +133,7 @@ impl<'a> Session<'a> {
         Ok(Self {
             decoder: Decoder::new(model, capacity)?,
             tokenizer,
-            cached: Vec::new(),
+            cached: vec![Vec::new()],
         })
     }
 
@@ -133,13 +153,13 @@ impl<'a> Session<'a> {
                 .get_ids()
                 .to_vec())
         };
-        if !self.cached.is_empty() {
+        if let Some(cached) = self.shared_cached().filter(|c| !c.is_empty()) {
             let cached_text = self
                 .tokenizer
-                .decode(&self.cached, false)
+                .decode(cached, false)
                 .map_err(tokenizer_error)?;
             if let Some(rest) = text.strip_prefix(&cached_text) {
-                let mut ids = self.cached.clone();
+                let mut ids = cached.to_vec();
                 ids.extend(encode(rest)?);
                 return Ok(ids);
             }
@@ -155,6 +175,81 @@ impl<'a> Session<'a> {
         settings: &GenerationSettings,
         mut emit: impl FnMut(&str) -> std::io::Result<()>,
     ) -> Result<Generation, GenerateError> {
+        let mut one = self.generate_samples(prompt, settings, 1, |_, streamed| match streamed {
+            Streamed::Text(piece) => emit(piece),
+            Streamed::Done(_) => Ok(()),
+        })?;
+        one.pop().ok_or(GenerateError::NoSamples)
+    }
+
+    /// Generates `samples` continuations of `prompt` as one batch, sample `i` drawn with the
+    /// seed `settings.sampling.seed + i`: the prompt runs once, then every step runs one token
+    /// of each sample. `emit` gets each sample's text as soon as it is complete, tagged with the
+    /// sample's index, and then its end; samples end independently (a finished one is still
+    /// stepped, its tokens ignored, until the last ends: the batch, and a captured step, keep
+    /// their shape). Cached tokens that begin `prompt` in every row are not run again.
+    pub fn generate_samples(
+        &mut self,
+        prompt: &[u32],
+        settings: &GenerationSettings,
+        samples: usize,
+        mut emit: impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
+    ) -> Result<Vec<Generation>, GenerateError> {
+        self.check_prompt(prompt)?;
+        self.use_rows(samples)?;
+        let reused = self.reusable_prefix(prompt);
+        let start = Instant::now();
+        let logits = self.run(vec![prompt[reused..].to_vec(); samples])?;
+        let prompt_time = start.elapsed();
+
+        let mut rows: Vec<Continuation> = (0..samples)
+            .map(|i| Continuation::new(self.tokenizer, settings, i, prompt))
+            .collect();
+        self.decode(&mut rows, logits, settings, &mut emit)?;
+        let prompt_tokens = prompt.len() - reused;
+        Ok(rows
+            .into_iter()
+            .map(|r| r.into_generation(prompt_tokens, prompt_time))
+            .collect())
+    }
+
+    /// Samples each unfinished row from its row of `logits`, then runs the batch one step
+    /// further, until every row has ended.
+    fn decode(
+        &mut self,
+        rows: &mut [Continuation],
+        mut logits: Tensor,
+        settings: &GenerationSettings,
+        emit: &mut impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
+    ) -> Result<(), GenerateError> {
+        let any_active = |rows: &[Continuation]| rows.iter().any(Continuation::is_active);
+        if settings.max_tokens == 0 {
+            end_active(rows, Finish::MaxTokens, emit)?;
+        }
+        while any_active(rows) {
+            let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (i, (row, logits)) in rows.iter_mut().zip(&row_logits).enumerate() {
+                if row.is_active() {
+                    row.take(logits, settings, |s| emit(i, s))?;
+                }
+            }
+            if self.decoder.len() >= self.context() {
+                end_active(rows, Finish::Context, emit)?;
+            } else if any_active(rows) {
+                logits = self.run(rows.iter().map(|r| vec![r.last_token()]).collect())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Why one-token steps run op by op rather than replaying a captured CUDA graph, if they
+    /// do ([`Decoder::op_by_op_reason`]).
+    pub fn op_by_op_reason(&self) -> Option<&str> {
+        self.decoder.op_by_op_reason()
+    }
+
+    /// Refuses a prompt that is empty or leaves no room to generate.
+    fn check_prompt(&self, prompt: &[u32]) -> Result<(), GenerateError> {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
@@ -164,115 +259,431 @@ impl<'a> Session<'a> {
                 context: self.context(),
             });
         }
-        let reused = self.reusable_prefix(prompt);
-        let start = Instant::now();
-        let mut logits = self.run(&prompt[reused..])?;
-        let prompt_time = start.elapsed();
+        Ok(())
+    }
 
-        let start = Instant::now();
-        let mut sampler = Sampler::new(settings.sampling.clone());
-        let mut stream = TextStream::new(self.tokenizer);
-        let mut stops = StopStrings::new(&settings.stop);
-        let mut context_ids = prompt.to_vec();
-        let mut tokens = Vec::new();
-        let mut text = String::new();
-        let mut finish = Finish::MaxTokens;
-        let mut emit_text = |piece: &str, text: &mut String| {
-            text.push_str(piece);
-            emit(piece)
-        };
-        while tokens.len() < settings.max_tokens {
-            let next = sampler.sample(&logits, &context_ids)?;
-            if settings.eos.contains(&next) {
-                finish = Finish::Eos;
-                break;
-            }
-            tokens.push(next);
-            context_ids.push(next);
-            let piece = stream.push(next).map_err(tokenizer_error)?;
-            match stops.feed(&piece) {
-                Stop::Continue(piece) => emit_text(&piece, &mut text)?,
-                Stop::Stopped(piece) => {
-                    emit_text(&piece, &mut text)?;
-                    finish = Finish::StopString;
-                    break;
-                }
-            }
-            if tokens.len() == settings.max_tokens {
-                break;
-            }
-            if self.cached.len() >= self.context() {
-                finish = Finish::Context;
-                break;
-            }
-            logits = self.run(&[next])?;
+    /// Decodes `rows` sequences from here on: a new decoder, with an empty cache, when that
+    /// is not how many the current one decodes.
+    fn use_rows(&mut self, rows: usize) -> Result<(), GenerateError> {
+        if rows == 0 {
+            return Err(GenerateError::NoSamples);
         }
-        if finish != Finish::StopString {
-            let rest = stream.finish().map_err(tokenizer_error)?;
-            let rest = match stops.feed(&rest) {
-                Stop::Continue(piece) => piece + &stops.finish(),
-                Stop::Stopped(piece) => piece,
-            };
-            emit_text(&rest, &mut text)?;
+        if self.decoder.rows() != rows {
+            let (model, capacity) = (self.decoder.model(), self.decoder.capacity());
+            self.decoder = Decoder::batched(model, capacity, rows)?;
+            self.cached = vec![Vec::new(); rows];
         }
-        Ok(Generation {
-            tokens,
-            text,
-            finish,
-            prompt_tokens: prompt.len() - reused,
-            prompt_time,
-            generation_time: start.elapsed(),
+        Ok(())
+    }
+
+    /// The tokens cached in every row, when all rows hold the same ones.
+    fn shared_cached(&self) -> Option<&[u32]> {
+        let first = self.cached.first()?;
+        self.cached
+            .iter()
+            .all(|row| row == first)
+            .then_some(first.as_slice())
+    }
+
+    /// How many leading tokens of `prompt` every row of the cache already holds; resets the
+    /// cache when it holds anything else. At least one token is always left to run (for its
+    /// logits).
+    fn reusable_prefix(&mut self, prompt: &[u32]) -> usize {
+        let reusable = self
+            .shared_cached()
+            .filter(|cached| cached.len() < prompt.len() && prompt.starts_with(cached))
+            .map(<[u32]>::len);
+        reusable.unwrap_or_else(|| {
+            self.reset();
+            0
         })
     }
 
-    /// Why one-token steps run op by op rather than replaying a captured CUDA graph, if they
-    /// do ([`Decoder::op_by_op_reason`]).
-    pub fn op_by_op_reason(&self) -> Option<&str> {
-        self.decoder.op_by_op_reason()
+    /// Empties the cache.
+    fn reset(&mut self) {
+        self.decoder.reset();
+        self.cached.iter_mut().for_each(Vec::clear);
     }
 
-    /// How many leading tokens of `prompt` the cache already holds; resets the cache when it
-    /// holds anything else. At least one token is always left to run (for its logits).
-    fn reusable_prefix(&mut self, prompt: &[u32]) -> usize {
-        let usable = self.cached.len() < prompt.len() && prompt.starts_with(&self.cached);
-        if !usable {
-            self.decoder.reset();
-            self.cached.clear();
-        }
-        self.cached.len()
-    }
-
-    /// Runs `ids` after the cached tokens; returns the logits `[vocab]` of the last one.
+    /// Runs `ids[r]` after row `r`'s cached tokens (as many in every row); returns the logits
+    /// `[rows, vocab]` of each row's last one.
     ///
-    /// With LongRoPE, the step that first takes the sequence past the original context runs
-    /// the whole sequence again: the cached keys were rotated with the short factors, and from
-    /// there on every position uses the long ones (as transformers' Phi-3 recomputes its cache
-    /// at that step).
-    fn run(&mut self, ids: &[u32]) -> Result<Tensor, GenerateError> {
-        let cached = self.cached.len();
+    /// With LongRoPE, the step that first takes the sequences past the original context runs
+    /// them whole again: the cached keys were rotated with the short factors, and from there
+    /// on every position uses the long ones (as transformers' Phi-3 recomputes its cache at
+    /// that step).
+    fn run(&mut self, ids: Vec<Vec<u32>>) -> Result<Tensor, GenerateError> {
+        let cached = self.decoder.len();
+        let new = ids.first().map_or(0, Vec::len);
         let switches = self
             .decoder
             .model()
             .config
             .longrope_context()
-            .is_some_and(|original| {
-                cached > 0 && cached <= original && cached + ids.len() > original
-            });
+            .is_some_and(|original| cached > 0 && cached <= original && cached + new > original);
         if switches {
-            let all = [self.cached.as_slice(), ids].concat();
-            self.decoder.reset();
-            self.cached.clear();
-            return self.run(&all);
+            let whole = self
+                .cached
+                .iter()
+                .zip(ids)
+                .map(|(cached, new)| [cached.as_slice(), &new].concat())
+                .collect();
+            self.reset();
+            return self.run(whole);
         }
-        let logits = self.decoder.forward(ids)?;
-        self.cached.extend_from_slice(ids);
+        let logits = self.decoder.forward_rows(&ids)?;
+        for (cached, new) in self.cached.iter_mut().zip(ids) {
+            cached.extend(new);
+        }
         Ok(logits)
+    }
+}
+
+/// Ends every row still active, for `finish`.
+fn end_active(
+    rows: &mut [Continuation],
+    finish: Finish,
+    emit: &mut impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
+) -> Result<(), GenerateError> {
+    for (i, row) in rows.iter_mut().enumerate() {
+        if row.is_active() {
+            row.end(finish, |s| emit(i, s))?;
+        }
+    }
+    Ok(())
+}
+
+/// One sample being generated: its sampler, what it has produced, its text stream and stop
+/// strings, and whether (and when) it ended.
+struct Continuation<'t> {
+    sampler: Sampler,
+    stream: TextStream<'t>,
+    stops: StopStrings,
+    /// The prompt and the sampled tokens: what the repetition penalty looks at.
+    context: Vec<u32>,
+    tokens: Vec<u32>,
+    text: String,
+    finish: Finish,
+    started: Instant,
+    /// Set when the sample ends: the time from `started`.
+    ended: Option<Duration>,
+}
+
+impl<'t> Continuation<'t> {
+    /// Sample `index` of `prompt`'s continuations, seeded `seed + index`.
+    fn new(
+        tokenizer: &'t Tokenizer,
+        settings: &GenerationSettings,
+        index: usize,
+        prompt: &[u32],
+    ) -> Self {
+        let mut sampling = settings.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(index as u64);
+        Self {
+            sampler: Sampler::new(sampling),
+            stream: TextStream::new(tokenizer),
+            stops: StopStrings::new(&settings.stop),
+            context: prompt.to_vec(),
+            tokens: Vec::new(),
+            text: String::new(),
+            finish: Finish::MaxTokens,
+            started: Instant::now(),
+            ended: None,
+        }
+    }
+
+    /// Whether the sample still takes tokens.
+    fn is_active(&self) -> bool {
+        self.ended.is_none()
+    }
+
+    /// The token to run for this row at the next step: the last one sampled (an ended sample
+    /// runs its last token again; its logits are ignored).
+    fn last_token(&self) -> u32 {
+        self.context.last().copied().unwrap_or_default()
+    }
+
+    /// Samples the next token from `logits` and streams the text it completes; ends the
+    /// sample at an end-of-sequence id, a stop string or `max_tokens`.
+    fn take(
+        &mut self,
+        logits: &[f32],
+        settings: &GenerationSettings,
+        mut emit: impl FnMut(Streamed<'_>) -> std::io::Result<()>,
+    ) -> Result<(), GenerateError> {
+        let next = self.sampler.sample(logits, &self.context)?;
+        if settings.eos.contains(&next) {
+            return self.end(Finish::Eos, emit);
+        }
+        self.tokens.push(next);
+        self.context.push(next);
+        let piece = self.stream.push(next).map_err(tokenizer_error)?;
+        match self.stops.feed(&piece) {
+            Stop::Continue(piece) => self.emit_text(&piece, &mut emit)?,
+            Stop::Stopped(piece) => {
+                self.emit_text(&piece, &mut emit)?;
+                return self.end(Finish::StopString, emit);
+            }
+        }
+        if self.tokens.len() == settings.max_tokens {
+            return self.end(Finish::MaxTokens, emit);
+        }
+        Ok(())
+    }
+
+    /// Ends the sample for `finish`: the text held back is released (unless a stop string cut
+    /// it), then the end is streamed.
+    fn end(
+        &mut self,
+        finish: Finish,
+        mut emit: impl FnMut(Streamed<'_>) -> std::io::Result<()>,
+    ) -> Result<(), GenerateError> {
+        if finish != Finish::StopString {
+            let rest = self.stream.finish().map_err(tokenizer_error)?;
+            let rest = match self.stops.feed(&rest) {
+                Stop::Continue(piece) => piece + &self.stops.finish(),
+                Stop::Stopped(piece) => piece,
+            };
+            self.emit_text(&rest, &mut emit)?;
+        }
+        self.finish = finish;
+        self.ended = Some(self.started.elapsed());
+        emit(Streamed::Done(finish))?;
+        Ok(())
+    }
+
+    /// Keeps `piece` as part of the text and streams it.
+    fn emit_text(
+        &mut self,
+        piece: &str,
+        emit: &mut impl FnMut(Streamed<'_>) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        self.text.push_str(piece);
+        emit(Streamed::Text(piece))
+    }
+
+    /// The outcome, with the prompt's share of the batch.
+    fn into_generation(self, prompt_tokens: usize, prompt_time: Duration) -> Generation {
+        Generation {
+            generation_time: self.ended.unwrap_or_else(|| self.started.elapsed()),
+            tokens: self.tokens,
+            text: self.text,
+            finish: self.finish,
+            prompt_tokens,
+            prompt_time,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+    use model::LoadedModel;
+
+    fn load(name: &str) -> LoadedModel {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name);
+        model::load(&dir, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    fn settings(max_tokens: usize, sampling: SamplingParams) -> GenerationSettings {
+        GenerationSettings {
+            max_tokens,
+            sampling,
+            stop: Vec::new(),
+            eos: Vec::new(),
+        }
+    }
+
+    fn sampling(temperature: f64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: 1.0,
+            seed: 11,
+        }
+    }
+
+    /// The settings the equality tests sweep: filtered draws, a repetition penalty, greedy.
+    fn sweep() -> [SamplingParams; 3] {
+        [
+            SamplingParams {
+                top_k: Some(40),
+                top_p: Some(0.9),
+                min_p: Some(0.02),
+                ..sampling(1.1)
+            },
+            SamplingParams {
+                repetition_penalty: 1.3,
+                ..sampling(0.9)
+            },
+            sampling(0.0),
+        ]
+    }
+
+    /// What a batch streamed: each sample's text and its end, and the order samples ended in.
+    #[derive(Default)]
+    struct Streams {
+        text: Vec<String>,
+        done: Vec<Option<Finish>>,
+        order: Vec<usize>,
+    }
+
+    /// `samples` samples of `prompt` as one batch, what they streamed, and each as a single
+    /// generation seeded `seed + i` in a fresh session.
+    fn batch_and_singles(
+        loaded: &LoadedModel,
+        prompt: &[u32],
+        settings: &GenerationSettings,
+        samples: usize,
+    ) -> (Vec<Generation>, Streams, Vec<Generation>) {
+        let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+        let capacity = prompt.len() + settings.max_tokens;
+        let mut session = Session::new(model, tokenizer, capacity).unwrap();
+        let mut streams = Streams {
+            text: vec![String::new(); samples],
+            done: vec![None; samples],
+            order: Vec::new(),
+        };
+        let batch = session
+            .generate_samples(prompt, settings, samples, |i, streamed| {
+                assert!(
+                    streams.done[i].is_none(),
+                    "sample {i} streamed after its end"
+                );
+                match streamed {
+                    Streamed::Text(piece) => streams.text[i].push_str(piece),
+                    Streamed::Done(finish) => {
+                        streams.done[i] = Some(finish);
+                        streams.order.push(i);
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let singles = (0..samples)
+            .map(|i| {
+                let mut one = settings.clone();
+                one.sampling.seed += i as u64;
+                let mut session = Session::new(model, tokenizer, capacity).unwrap();
+                session.generate(prompt, &one, |_| Ok(())).unwrap()
+            })
+            .collect();
+        (batch, streams, singles)
+    }
+
+    /// Tokens, text and end of each sample; times differ between runs.
+    fn outcomes(generations: &[Generation]) -> Vec<(Vec<u32>, String, Finish)> {
+        generations
+            .iter()
+            .map(|g| (g.tokens.clone(), g.text.clone(), g.finish))
+            .collect()
+    }
+
+    #[test]
+    fn samples_of_a_batch_are_single_generations_seeded_seed_plus_i() {
+        // Gemma 2 slides a window shorter than the sequence, Phi-3 rotates part of each head,
+        // and the LongRoPE fixture switches to its long factors (re-running every row) at 16.
+        for name in [
+            "tiny-llama",
+            "tiny-gemma2",
+            "tiny-phi3",
+            "tiny-phi3-longrope",
+        ] {
+            let loaded = load(name);
+            let prompt = [5u32, 71, 9, 130, 44, 2, 88, 19, 60, 7];
+            for sampling in sweep() {
+                for samples in [1, 3] {
+                    let settings = settings(14, sampling.clone());
+                    let (batch, streams, singles) =
+                        batch_and_singles(&loaded, &prompt, &settings, samples);
+                    let context = format!("{name}, {sampling:?}, {samples} samples");
+                    assert_eq!(outcomes(&batch), outcomes(&singles), "{context}");
+                    let texts: Vec<&String> = batch.iter().map(|g| &g.text).collect();
+                    assert_eq!(streams.text.iter().collect::<Vec<_>>(), texts, "{context}");
+                    let ends: Vec<_> = batch.iter().map(|g| Some(g.finish)).collect();
+                    assert_eq!(streams.done, ends, "{context}");
+                    assert!(batch.iter().all(|g| g.prompt_tokens == prompt.len()));
+                    if sampling.temperature == 0.0 {
+                        assert!(
+                            batch.iter().all(|g| g.tokens == batch[0].tokens),
+                            "{context}"
+                        );
+                    } else if samples > 1 {
+                        assert_ne!(batch[0].tokens, batch[1].tokens, "{context}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn samples_end_independently_and_stop_streaming() {
+        let loaded = load("tiny-llama");
+        let prompt = [5u32, 71, 9, 130, 44];
+        let free = settings(12, sampling(1.0));
+        let (free, _, _) = batch_and_singles(&loaded, &prompt, &free, 3);
+        // An end-of-sequence id that sample 1 draws third, and a stop string inside sample 2's
+        // text: those two end early, each at its own step.
+        let mut ending = settings(12, sampling(1.0));
+        ending.eos = vec![free[1].tokens[2]];
+        let stop_text = &free[2].text;
+        let cut = stop_text.char_indices().nth(4).map_or(0, |(at, _)| at);
+        ending.stop = vec![stop_text[cut..].chars().take(2).collect()];
+        let (batch, streams, singles) = batch_and_singles(&loaded, &prompt, &ending, 3);
+        assert_eq!(outcomes(&batch), outcomes(&singles));
+        let finishes: Vec<Finish> = batch.iter().map(|g| g.finish).collect();
+        assert_eq!(finishes[1], Finish::Eos, "{finishes:?}");
+        assert_eq!(finishes[2], Finish::StopString, "{finishes:?}");
+        assert!(batch[1].tokens.len() < 12 && batch[2].tokens.len() < 12);
+        // Samples are reported done in the order they ended, an early end before the rest.
+        let last = *streams.order.last().unwrap();
+        assert!(batch
+            .iter()
+            .all(|g| g.tokens.len() <= batch[last].tokens.len()));
+        assert_eq!(streams.order.len(), 3);
+        // No tokens asked for: every sample ends at once, with nothing.
+        let none = settings(0, sampling(1.0));
+        let (batch, streams, _) = batch_and_singles(&loaded, &prompt, &none, 2);
+        assert!(batch
+            .iter()
+            .all(|g| g.tokens.is_empty() && g.finish == Finish::MaxTokens));
+        assert_eq!(streams.order, [0, 1]);
+    }
+
+    #[test]
+    fn a_session_switches_between_batch_sizes_and_reuses_only_shared_rows() {
+        let loaded = load("tiny-llama");
+        let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+        let prompt = [5u32, 71, 9, 130, 44];
+        let settings = settings(6, sampling(1.0));
+        let mut session = Session::new(model, tokenizer, 32).unwrap();
+        let first = session.generate(&prompt, &settings, |_| Ok(())).unwrap();
+        let batch = session
+            .generate_samples(&prompt, &settings, 2, |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(
+            outcomes(&batch[..1]),
+            outcomes(std::slice::from_ref(&first))
+        );
+        assert_eq!(batch[0].prompt_tokens, prompt.len());
+        // The rows differ now: nothing cached is reused, and the ids of a continuation are
+        // tokenized whole.
+        assert_eq!(session.continuation_ids("ab").unwrap().len(), 2);
+        let again = session.generate(&prompt, &settings, |_| Ok(())).unwrap();
+        assert_eq!(outcomes(&[again]), outcomes(&[first]));
+        let message = session
+            .generate_samples(&prompt, &settings, 0, |_, _| Ok(()))
+            .unwrap_err();
+        assert!(matches!(message, GenerateError::NoSamples));
+    }
 
     #[test]
     fn eos_comes_from_generation_config_then_config() {

@@ -5,7 +5,7 @@
 //! crate. (It took the softmax of GPU logits on the GPU: there a draw decided by a probability's
 //! last bit can differ.)
 
-use candle_core::{DType, Device, Error, Result, Tensor, D};
+use candle_core::{Device, Error, Result, Tensor, D};
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -76,10 +76,11 @@ impl Sampler {
         }
     }
 
-    /// The next token for `logits` (`[vocab]`), penalising the tokens in `context`. The
-    /// probabilities are computed on the CPU in f32.
-    pub fn sample(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
-        let mut values = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    /// The next token for one position's `logits` (one per vocabulary entry, read off the
+    /// device), penalising the tokens in `context`. The probabilities are computed on the CPU
+    /// in f32.
+    pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32> {
+        let mut values = logits.to_vec();
         let penalty = self.params.repetition_penalty;
         if penalty != 1.0 {
             apply_repeat_penalty(&mut values, penalty as f32, context);
@@ -196,7 +197,7 @@ mod tests {
         let mut p = vec![0.5, 0.3, 0.1, 0.05, 0.05];
         apply_min_p(&mut p, 0.25);
         assert_eq!(p, [0.5, 0.3, 0.0, 0.0, 0.0]);
-        let logits = Tensor::new(&[3.0f32, 2.9, -5.0, -5.0], &Device::Cpu).unwrap();
+        let logits = [3.0f32, 2.9, -5.0, -5.0];
         let mut s = Sampler::new(SamplingParams {
             min_p: Some(0.5),
             ..params()
@@ -208,7 +209,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_the_greedy_choice() {
-        let logits = Tensor::new(&[1.0f32, 1.1, 0.9, 1.05], &Device::Cpu).unwrap();
+        let logits = [1.0f32, 1.1, 0.9, 1.05];
         let mut greedy = Sampler::new(SamplingParams {
             temperature: 0.0,
             repetition_penalty: 2.0,
@@ -220,12 +221,11 @@ mod tests {
     }
 
     /// Logits whose softmax at temperature 1 is `probs`.
-    fn logits_of(probs: &[f32]) -> Tensor {
-        let logs: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
-        Tensor::new(logs.as_slice(), &Device::Cpu).unwrap()
+    fn logits_of(probs: &[f32]) -> Vec<f32> {
+        probs.iter().map(|p| p.ln()).collect()
     }
 
-    fn draws(params: SamplingParams, logits: &Tensor, n: usize) -> Vec<u32> {
+    fn draws(params: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
         let mut s = Sampler::new(params);
         (0..n).map(|_| s.sample(logits, &[]).unwrap()).collect()
     }
@@ -238,7 +238,6 @@ mod tests {
             let best = (0..values.len())
                 .max_by(|&i, &j| values[i].total_cmp(&values[j]))
                 .unwrap() as u32;
-            let logits = Tensor::new(values.as_slice(), &Device::Cpu).unwrap();
             let greedy = SamplingParams {
                 temperature: 0.0,
                 top_k: Some(3),
@@ -246,7 +245,7 @@ mod tests {
                 min_p: Some(0.2),
                 ..params()
             };
-            assert!(draws(greedy, &logits, 5).iter().all(|&t| t == best));
+            assert!(draws(greedy, &values, 5).iter().all(|&t| t == best));
         }
     }
 

@@ -71,6 +71,25 @@ impl Cache {
         }
         Ok(())
     }
+
+    /// Copies what `one`, the cache of a single sequence, holds into each of `rows` rows of
+    /// this empty cache, in place (a buffer that already exists keeps its address): a prompt
+    /// that every row shares runs once.
+    pub fn fill_rows(&mut self, one: &Cache, rows: usize) -> Result<()> {
+        if !self.is_empty() || one.layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "the KV cache takes shared rows only when empty and of the same model ({} \
+                 cached, {} layers for {})",
+                self.len(),
+                one.layers.len(),
+                self.layers.len()
+            );
+        }
+        self.layers
+            .iter_mut()
+            .zip(&one.layers)
+            .try_for_each(|(c, o)| c.fill_rows(o, rows))
+    }
 }
 
 /// The keys and values of one layer.
@@ -128,6 +147,24 @@ impl LayerCache {
                 self.len
             );
         }
+        Ok(())
+    }
+
+    /// [`Cache::fill_rows`] for one layer.
+    fn fill_rows(&mut self, one: &LayerCache, rows: usize) -> Result<()> {
+        let Some(source) = &one.buffer else {
+            return Ok(());
+        };
+        let (two, batch, kv_heads, _, head_size) = source.dims5()?;
+        if batch != 1 {
+            candle_core::bail!("the KV cache fills its rows from one sequence, not {batch}");
+        }
+        self.reserve(one.len)?;
+        let buffer = self.buffer((rows, kv_heads, head_size), source.dtype(), source.device())?;
+        let shared = source.narrow(3, 0, one.len)?;
+        let every_row = shared.broadcast_as((two, rows, kv_heads, one.len, head_size))?;
+        buffer.slice_set(&every_row.contiguous()?, 3, 0)?;
+        self.len = one.len;
         Ok(())
     }
 

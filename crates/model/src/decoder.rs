@@ -1,6 +1,8 @@
-//! Incremental decoding of one sequence: a model, its KV cache, and the steps that extend it.
+//! Incremental decoding of a batch of sequences: a model, its KV cache, and the steps that
+//! extend them. Every row of the batch is at the same position; a prompt every row shares runs
+//! once and is copied into each row.
 //!
-//! Prompts run op by op. One-token steps read their token and position from a small tensor
+//! Prompts run op by op. One-token steps read their tokens and position from a small tensor
 //! on the model's device (written in place before each step), so their kernels don't depend
 //! on the position: on CUDA the first such step is captured as a graph ([`ops::Graph`]) and
 //! every later one is a single replay, where op by op the host spent more time launching the
@@ -10,11 +12,14 @@ use super::{Cache, Llama};
 use candle_core::{DType, IndexOp, Result, Tensor};
 use ops::{self, write_u32s};
 
-/// A model and the KV cache of one sequence being decoded.
+/// A model and the KV cache of a batch of sequences being decoded side by side.
 pub struct Decoder<'m> {
     model: &'m Llama,
     cache: Cache,
-    /// `[token, position]` (u32) of the next one-token step, on the model's device.
+    /// Sequences in the batch.
+    rows: usize,
+    /// The next one-token step's tokens, one per row, then its position (u32 `[rows + 1]`),
+    /// on the model's device.
     step: Tensor,
     replay: Replay,
 }
@@ -23,7 +28,7 @@ pub struct Decoder<'m> {
 enum Replay {
     /// Not captured yet: the first one-token step with the cache allocated captures.
     Pending,
-    /// The captured step, and the logits `[vocab]` each replay writes.
+    /// The captured step, and the logits `[rows, vocab]` each replay writes.
     Ready { graph: ops::Graph, logits: Tensor },
     /// Op by op: the device can't capture, or capturing failed (the reason).
     OpByOp(String),
@@ -33,27 +38,36 @@ impl<'m> Decoder<'m> {
     /// An empty sequence of up to `capacity` positions for `model` (at most its context: RoPE
     /// has no rows past it).
     pub fn new(model: &'m Llama, capacity: usize) -> Result<Self> {
+        Self::batched(model, capacity, 1)
+    }
+
+    /// `rows` empty sequences of up to `capacity` positions each, decoded as one batch.
+    pub fn batched(model: &'m Llama, capacity: usize, rows: usize) -> Result<Self> {
         let replay = match ops::can_capture(model.device()) {
             true => Replay::Pending,
             false => Replay::OpByOp("the device has no CUDA graphs".into()),
         };
-        Self::with_replay(model, capacity, replay)
+        Self::with_replay(model, capacity, rows, replay)
     }
 
     /// [`Decoder::new`] with every step op by op, as a reference for replayed ones.
     pub fn op_by_op(model: &'m Llama, capacity: usize) -> Result<Self> {
         let replay = Replay::OpByOp("asked for op by op".into());
-        Self::with_replay(model, capacity, replay)
+        Self::with_replay(model, capacity, 1, replay)
     }
 
-    fn with_replay(model: &'m Llama, capacity: usize, replay: Replay) -> Result<Self> {
+    fn with_replay(model: &'m Llama, capacity: usize, rows: usize, replay: Replay) -> Result<Self> {
+        if rows == 0 {
+            candle_core::bail!("a decoder needs at least one sequence");
+        }
         Ok(Self {
             model,
             cache: Cache::new(
                 model,
                 capacity.clamp(1, model.config.max_position_embeddings),
             ),
-            step: Tensor::zeros(2, DType::U32, model.device())?,
+            rows,
+            step: Tensor::zeros(rows + 1, DType::U32, model.device())?,
             replay,
         })
     }
@@ -63,7 +77,17 @@ impl<'m> Decoder<'m> {
         self.model
     }
 
-    /// Positions cached so far.
+    /// Sequences decoded side by side.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Positions each sequence can hold.
+    pub fn capacity(&self) -> usize {
+        self.cache.capacity()
+    }
+
+    /// Positions cached so far (the same in every row).
     pub fn len(&self) -> usize {
         self.cache.len()
     }
@@ -87,13 +111,22 @@ impl<'m> Decoder<'m> {
         }
     }
 
-    /// Runs `ids` after the cached positions and returns the logits `[vocab]` of the last one.
+    /// Runs `ids` in every row after the cached positions and returns the logits
+    /// `[rows, vocab]` of the last one.
     pub fn forward(&mut self, ids: &[u32]) -> Result<Tensor> {
-        let Some(&token) = ids.last() else {
-            candle_core::bail!("a decode step needs at least one token");
-        };
-        if ids.len() > 1 || !self.cache.is_allocated() || self.op_by_op_reason().is_some() {
-            return self.unpositioned(ids);
+        self.forward_rows(&vec![ids.to_vec(); self.rows])
+    }
+
+    /// Runs `ids[r]` in row `r` after the cached positions (as many tokens in every row) and
+    /// returns the logits `[rows, vocab]` of each row's last one. Into an empty cache, ids
+    /// that every row shares run once, for one row, and are copied into the others.
+    pub fn forward_rows(&mut self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let new = self.new_positions(ids)?;
+        if self.rows > 1 && self.is_empty() && ids.iter().all(|row| *row == ids[0]) {
+            return self.shared_prompt(&ids[0]);
+        }
+        if new > 1 || !self.cache.is_allocated() || self.op_by_op_reason().is_some() {
+            return Self::unpositioned(self.model, &mut self.cache, ids);
         }
         if self.len() >= self.cache.capacity() {
             candle_core::bail!(
@@ -103,7 +136,8 @@ impl<'m> Decoder<'m> {
         }
         let position = u32::try_from(self.len())
             .map_err(|_| candle_core::Error::Msg("position beyond u32".into()))?;
-        write_u32s(&self.step, &[token, position])?;
+        let step: Vec<u32> = ids.iter().flatten().copied().chain([position]).collect();
+        write_u32s(&self.step, &step)?;
         let logits = match &self.replay {
             Replay::Ready { graph, logits } => {
                 graph.launch()?;
@@ -116,20 +150,47 @@ impl<'m> Decoder<'m> {
         Ok(logits)
     }
 
-    /// The model on `ids`, op by op, with the cache at its host-known length.
-    fn unpositioned(&mut self, ids: &[u32]) -> Result<Tensor> {
-        let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.forward(&input, Some(&mut self.cache))?;
-        logits.i((0, ids.len() - 1))
+    /// How many tokens `ids` adds to each row: one list per row, all of one length, not empty.
+    fn new_positions(&self, ids: &[Vec<u32>]) -> Result<usize> {
+        let new = ids.first().map_or(0, Vec::len);
+        if ids.len() != self.rows || new == 0 || ids.iter().any(|row| row.len() != new) {
+            candle_core::bail!(
+                "a decode step needs the same number of tokens (at least one) for each of the \
+                 {} rows, got lengths {:?}",
+                self.rows,
+                ids.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
+        Ok(new)
+    }
+
+    /// `ids` run once into a cache of one sequence, copied into every row: logits
+    /// `[rows, vocab]` of the last one (one row of logits, broadcast).
+    fn shared_prompt(&mut self, ids: &[u32]) -> Result<Tensor> {
+        let mut one = Cache::new(self.model, ids.len());
+        let logits = Self::unpositioned(self.model, &mut one, &[ids.to_vec()])?;
+        self.cache.fill_rows(&one, self.rows)?;
+        logits.broadcast_as((self.rows, logits.dim(1)?))
+    }
+
+    /// The model on `ids` (a list per row), op by op, with `cache` at its host-known length:
+    /// logits `[rows, vocab]` of each row's last one.
+    fn unpositioned(model: &Llama, cache: &mut Cache, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let new = ids[0].len();
+        let input = Tensor::new(ids.concat(), model.device())?.reshape((ids.len(), new))?;
+        let logits = model.forward(&input, Some(cache))?;
+        logits.i((.., new - 1))
     }
 
     /// The one-token step at the position in `step`, op by op, with the cache taking its
-    /// position from there too: logits `[vocab]`.
+    /// position from there too: logits `[rows, vocab]`.
     fn positioned_step(model: &Llama, cache: &mut Cache, step: &Tensor) -> Result<Tensor> {
-        cache.set_position(Some(&step.narrow(0, 1, 1)?));
-        let logits = model.forward(&step.narrow(0, 0, 1)?.unsqueeze(0)?, Some(cache));
+        let rows = step.dim(0)? - 1;
+        cache.set_position(Some(&step.narrow(0, rows, 1)?));
+        let tokens = step.narrow(0, 0, rows)?.reshape((rows, 1))?;
+        let logits = model.forward(&tokens, Some(cache));
         cache.set_position(None);
-        logits?.i((0, 0))
+        logits?.i((.., 0))
     }
 
     /// Runs the first one-token step op by op, then captures it for the later ones. A
@@ -164,14 +225,20 @@ mod tests {
     use ops::parity::relative_error;
     use std::path::Path;
 
-    fn tiny(fused: bool) -> Llama {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+    fn load(name: &str, fused: bool) -> Llama {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name);
         let loaded = crate::io::load_stored(&dir, DType::F32, DType::F32, &Device::Cpu);
         let mut model = loaded.unwrap().model;
         if fused {
             model.fuse_projections().unwrap();
         }
         model
+    }
+
+    fn tiny(fused: bool) -> Llama {
+        load("tiny-llama", fused)
     }
 
     /// Logits of every position of `ids` in one pass without a cache.
@@ -220,7 +287,7 @@ mod tests {
             decoder.forward(&ids[..2]).unwrap();
             for (i, &token) in ids.iter().enumerate().skip(2) {
                 let got = decoder.forward(&[token]).unwrap();
-                let error = relative_error(&got, &want.get(i).unwrap());
+                let error = relative_error(&got, &want.narrow(0, i, 1).unwrap());
                 assert!(error < 1e-5, "fused {fused}, position {i}: {error:.2e}");
             }
             let message = decoder.forward(&[1]).unwrap_err().to_string();
@@ -228,5 +295,51 @@ mod tests {
             decoder.reset();
             assert!(decoder.is_empty());
         }
+    }
+
+    /// The logits of a batch equal those of each row decoded alone, bit for bit, from a
+    /// prompt the rows share (run once) through steps that differ per row; with a sliding
+    /// window shorter than the sequence (Gemma 2) and partial rotary (Phi-3) too.
+    #[test]
+    fn batched_rows_decode_as_each_row_alone() {
+        let prompt = [3u32, 8, 1, 22, 6, 40, 2, 11, 19, 7];
+        let continuations = [[4u32, 9, 1], [17, 9, 5], [2, 30, 12]];
+        let capacity = prompt.len() + 3;
+        let logits = |t: Tensor| t.to_vec2::<f32>().unwrap();
+        for name in ["tiny-llama", "tiny-gemma2", "tiny-phi3"] {
+            let model = load(name, true);
+            let mut batch = Decoder::batched(&model, capacity, 3).unwrap();
+            let mut got = vec![logits(batch.forward(&prompt).unwrap())];
+            for step in 0..3 {
+                let ids: Vec<Vec<u32>> = continuations.iter().map(|c| vec![c[step]]).collect();
+                got.push(logits(batch.forward_rows(&ids).unwrap()));
+            }
+            for (r, continuation) in continuations.iter().enumerate() {
+                let mut alone = Decoder::new(&model, capacity).unwrap();
+                let mut want = vec![logits(alone.forward(&prompt).unwrap())];
+                for &token in continuation {
+                    want.push(logits(alone.forward(&[token]).unwrap()));
+                }
+                for (step, (got, want)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(got[r], want[0], "{name}: row {r}, step {step}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_must_be_given_as_many_tokens_each() {
+        let model = tiny(true);
+        assert!(Decoder::batched(&model, 4, 0).is_err());
+        let mut decoder = Decoder::batched(&model, 4, 2).unwrap();
+        for ids in [
+            vec![vec![1]],
+            vec![vec![1], vec![2, 3]],
+            vec![vec![], vec![]],
+        ] {
+            let message = decoder.forward_rows(&ids).unwrap_err().to_string();
+            assert!(message.contains("for each of the 2 rows"), "{message}");
+        }
+        assert!(decoder.is_empty());
     }
 }

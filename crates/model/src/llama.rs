@@ -15,7 +15,7 @@ use super::weights::{ModelError, Weights};
 use crate::family::{Family, NormKind};
 pub use crate::linear::Linear;
 use crate::names::{self, Fused, Module, Norm, Projection};
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
 impl Mlp {
@@ -427,9 +427,10 @@ impl Llama {
 
     fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
         let glu = self.family.activation.glu();
-        // The stacked projection only pays off for a single row (a decode step): one kernel
-        // there, where many rows would copy the halves out of the stacked output.
-        let single_row = x.elem_count() == x.dim(D::Minus1)?;
+        // The stacked projection only pays off for a decode step (one position per
+        // sequence, a few sequences): one kernel there, where many rows would copy the halves
+        // out of the stacked output.
+        let decode_step = x.rank() == 3 && x.dim(1)? == 1;
         if let Some(gate_up) = m.gate_up.as_ref().filter(|l| l.adapter.is_some()) {
             // An adapter of a weight the checkpoint stacks (Phi-3's gate_up_proj) adapts it
             // whole: gate, then up.
@@ -441,7 +442,7 @@ impl Llama {
             m.gate_proj.bare_master(),
             m.up_proj.bare_master(),
         ) {
-            (Some(gate_up), ..) if single_row && !x.track_op() && gate_up.bias.is_none() => {
+            (Some(gate_up), ..) if decode_step && !x.track_op() && gate_up.bias.is_none() => {
                 ops::glu_projection(x, &gate_up.weight.dense(self.dtype)?, glu)?
             }
             (_, Some(gate), Some(up)) => ops::glu_master_projection(x, gate, up, glu)?,

@@ -3,9 +3,9 @@
 //! GeGLU) of a stacked gate/up weight applied on the way out (`kernels/decode.cu`). On CUDA one kernel (cuBLAS runs
 //! these shapes as split-K GEMMs, two kernels and more host work each, and a decode step is
 //! bound by launches); on the CPU a rayon loop over the weight's rows that reads each row once
-//! (the GEMM crate packs the whole weight first, which halves the rate of a memory-bound
-//! product). Inference only: no backward, and [`linear`] picks it only for untracked
-//! operands.
+//! for all rows of `x` (the GEMM crate packs the whole weight first, which halves the rate of
+//! a memory-bound product). Inference only: no backward, and [`linear`] picks it only for
+//! untracked operands.
 
 use super::cpu_kernel::{f32s, output};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
@@ -123,22 +123,46 @@ impl Gemv {
     }
 }
 
-/// `Σ a·b` with eight running sums, which the compiler keeps in vector registers.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (a, b) in a8.zip(b8) {
-        for i in 0..8 {
-            sums[i] += a[i] * b[i];
+/// `w · x` for each of the `R` rows `xs` (each as long as `w`), every one summed as eight
+/// running sums that the compiler keeps in vector registers, then the sums and the tail in
+/// order: a row's product does not depend on the rows beside it. The rows' sums are
+/// independent chains that the CPU overlaps, and `w` is read once for all of them.
+fn dots<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+    let mut sums = [[0f32; 8]; R];
+    let mut rows = xs.map(|x| x.chunks_exact(8));
+    let w8 = w.chunks_exact(8);
+    let w_tail = w8.remainder();
+    for w in w8 {
+        for (sums, x) in sums.iter_mut().zip(rows.iter_mut()) {
+            if let Some(x) = x.next() {
+                for i in 0..8 {
+                    sums[i] += w[i] * x[i];
+                }
+            }
         }
     }
-    sums.iter().sum::<f32>() + tail
+    std::array::from_fn(|r| {
+        let tail: f32 = w_tail
+            .iter()
+            .zip(rows[r].remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        sums[r].iter().sum::<f32>() + tail
+    })
+}
+
+/// `y[r] = w · xs[r]` for every row, [`dots`] over groups of up to four rows (more would
+/// spill the running sums out of registers).
+fn products(w: &[f32], xs: &[&[f32]], y: &mut [f32]) {
+    for (xs, y) in xs.chunks(4).zip(y.chunks_mut(4)) {
+        match *xs {
+            [a, b, c, d] => y.copy_from_slice(&dots(w, [a, b, c, d])),
+            [a, b, c] => y.copy_from_slice(&dots(w, [a, b, c])),
+            [a, b] => y.copy_from_slice(&dots(w, [a, b])),
+            [a] => y.copy_from_slice(&dots(w, [a])),
+            _ => {}
+        }
+    }
 }
 
 impl FusedOp<2> for Gemv {
@@ -156,24 +180,30 @@ impl FusedOp<2> for Gemv {
         let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
         let (rows, inp, out) = self.shape(x_layout, w_layout)?;
         let weight_row = |o: usize| &w[o * inp..][..inp];
-        let mut y = vec![0f32; rows * out];
-        for (r, y) in y.chunks_mut(out.max(1)).enumerate() {
-            let x = &x[r * inp..][..inp];
-            y.par_chunks_mut(CPU_ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(task, y)| {
-                    for (i, y) in y.iter_mut().enumerate() {
-                        let o = task * CPU_ROWS_PER_TASK + i;
-                        *y = match self.glu {
-                            None => dot(weight_row(o), x),
-                            Some(glu) => {
-                                let (g, u) = (dot(weight_row(o), x), dot(weight_row(out + o), x));
-                                glu.value(g) * u
-                            }
-                        };
+        let xs: Vec<&[f32]> = x.chunks_exact(inp.max(1)).collect();
+        // Tasks split the output features, and each feature's weight row serves every row of
+        // `x` at once: the weight is read from memory once, however many rows (a batch of
+        // sequences decoding). The products come out feature-major, `[out, rows]`.
+        let mut by_feature = vec![0f32; out * rows];
+        by_feature
+            .par_chunks_mut(CPU_ROWS_PER_TASK * rows.max(1))
+            .enumerate()
+            .for_each(|(task, features)| {
+                let mut up = vec![0f32; rows];
+                for (i, y) in features.chunks_mut(rows.max(1)).enumerate() {
+                    let o = task * CPU_ROWS_PER_TASK + i;
+                    products(weight_row(o), &xs, y);
+                    if let Some(glu) = self.glu {
+                        products(weight_row(out + o), &xs, &mut up);
+                        y.iter_mut()
+                            .zip(&up)
+                            .for_each(|(y, u)| *y = glu.value(*y) * u);
                     }
-                });
-        }
+                }
+            });
+        let y = (0..rows * out)
+            .map(|k| by_feature[(k % out) * rows + k / out])
+            .collect();
         Ok(output(y, (rows, out)))
     }
 
@@ -231,5 +261,42 @@ mod cuda {
             y,
             &[int(rows)?, int(inp)?, int(out)?],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parity::uniform;
+
+    /// Each row of a batch comes out bit for bit as that row alone, for every grouping of
+    /// rows and a width that leaves a tail past the eight running sums.
+    #[test]
+    fn a_row_of_a_batch_is_the_row_alone() {
+        let (inp, out) = (45, 19);
+        let w = uniform(&[2 * out, inp], 1);
+        for rows in 1..=MAX_ROWS {
+            let x = uniform(&[rows, inp], rows as u64 + 2);
+            let batch = [
+                linear(&x, &w).unwrap(),
+                glu_projection(&x, &w, Glu::SwiGlu).unwrap(),
+            ];
+            for r in 0..rows {
+                let alone = x.narrow(0, r, 1).unwrap();
+                let single = [
+                    linear(&alone, &w).unwrap(),
+                    glu_projection(&alone, &w, Glu::SwiGlu).unwrap(),
+                ];
+                for (batch, single) in batch.iter().zip(&single) {
+                    let got = batch.narrow(0, r, 1).unwrap().flatten_all().unwrap();
+                    let want = single.flatten_all().unwrap();
+                    assert_eq!(
+                        got.to_vec1::<f32>().unwrap(),
+                        want.to_vec1::<f32>().unwrap(),
+                        "row {r} of {rows}"
+                    );
+                }
+            }
+        }
     }
 }
