@@ -412,7 +412,7 @@ fn prompt_completion_loss_and_eval_are_the_mean_over_completion_tokens() {
         },
     )
     .unwrap();
-    let batch = ExampleBatches::new(&examples, 32, Sampling::Sequential, 0)
+    let batch = ExampleBatches::new(&examples, 32, Sampling::Sequential, 0, false)
         .train_batch(0, 2)
         .unwrap();
     let loss = llmtool::train::gradients::accumulate(
