@@ -191,9 +191,10 @@ pub fn windowed_attention(
     if segments.is_none() && decode::supported(q, k, v) {
         return decode::decode_attention(q, k, v, scoring);
     }
+    // The flash kernels do not take segments yet: packed rows run the fused causal softmax.
     #[cfg(feature = "cuda")]
-    if flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v, scoring, segments);
+    if segments.is_none() && flash::supported(q, k, v) {
+        return flash::flash_attention(q, k, v, scoring);
     }
     let (k, v) = repeat_kv_heads(q, k, v)?;
     softmax::causal_attention(&q.contiguous()?, &k, &v, scoring, segments)
@@ -325,9 +326,11 @@ pub fn self_attention(
     options: AttentionOptions,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if flash::self_attention_supported([q, k, v], tables, heads, kv_heads)? {
-        let (scoring, segments) = (Scoring::of(&options), options.segments.as_ref());
-        return flash::self_attention([q, k, v], tables, heads, kv_heads, scoring, segments);
+    if options.segments.is_none()
+        && flash::self_attention_supported([q, k, v], tables, heads, kv_heads)?
+    {
+        let scoring = Scoring::of(&options);
+        return flash::self_attention([q, k, v], tables, heads, kv_heads, scoring);
     }
     let (cos, sin) = tables;
     let q = rope(&split_heads(q, heads)?, cos, sin)?;
@@ -343,7 +346,7 @@ pub fn self_attention(
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v, Scoring::plain(q.dim(3)?), None);
+        return flash::flash_attention(q, k, v, Scoring::plain(q.dim(3)?));
     }
     repeated_kv_attention(q, k, v)
 }
