@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
 # Real (non-pad) tokens/s of JSONL fine-tuning, packed against padded (data.packing).
 #
-#   bench/packing.sh [BASE_MODEL_DIR] [DEVICE] [STEPS]
+#   [SEQ_LEN=2048] bench/packing.sh [BASE_MODEL_DIR] [DEVICE] [STEPS]
 #
-# Writes 400 JSONL examples of 50 to 2,000 characters of markdown from ../shared/corpus (about
-# as many tokens with the tiny fixture's byte-level tokenizer; log-uniform lengths, fixed seed),
-# then LoRA-fine-tunes BASE_MODEL_DIR (default: the tiny-llama fixture) at seq_len 2048 with
-# packing on and off, and prints the mean tokens/s of the logged steps of each run (metrics.jsonl
-# counts real tokens only).
+# Writes 400 JSONL examples of SEQ_LEN/40 to SEQ_LEN·0.98 characters of markdown from
+# ../shared/corpus (50 to 2,000 at SEQ_LEN 2048; log-uniform lengths, fixed seed), then
+# LoRA-fine-tunes BASE_MODEL_DIR (default: the tiny-llama fixture, whose 128 positions need
+# SEQ_LEN=128) at seq_len SEQ_LEN with packing on and off, and prints the mean tokens/s of the
+# logged steps of each run (metrics.jsonl counts real tokens only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:-tests/fixtures/tiny-llama}
 device=${2:-cpu}
 steps=${3:-20}
+seq_len=${SEQ_LEN:-2048}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/data"
-python3 - "$work/data/train.jsonl" <<'PY'
+python3 - "$work/data/train.jsonl" "$seq_len" <<'PY'
 import json, math, pathlib, random, sys
 random.seed(0)
+seq_len = int(sys.argv[2])
 text = "\n".join(p.read_text(errors="ignore")
                  for p in sorted(pathlib.Path("../shared/corpus").rglob("*.md"))[:400])
 with open(sys.argv[1], "w") as out:
     for _ in range(400):
-        n = int(math.exp(random.uniform(math.log(50), math.log(2000))))
+        n = int(math.exp(random.uniform(math.log(seq_len / 40), math.log(seq_len * 0.98))))
         at = random.randrange(0, len(text) - n)
         out.write(json.dumps({"text": text[at:at + n]}) + "\n")
 PY
@@ -38,7 +40,7 @@ data:
   val_fraction: 0.0
   packing: $packing
 training:
-  seq_len: 2048
+  seq_len: $seq_len
   batch_size: 4
   max_steps: $steps
   warmup_steps: 1
@@ -51,7 +53,7 @@ lora:
 output:
   dir: $work/run-$packing
 YAML
-  "$llmtool" finetune "$work/ft.yaml" --lora --device "$device" >/dev/null 2>&1
+  "$llmtool" finetune "$work/ft.yaml" --lora --device "$device" >"$work/log-$packing" 2>&1 || { cat "$work/log-$packing"; exit 1; }
   python3 - "$work/run-$packing/metrics.jsonl" "$packing" <<'PY'
 import json, sys
 rates = [r["tokens_per_sec"] for r in map(json.loads, open(sys.argv[1])) if r.get("tokens_per_sec")]

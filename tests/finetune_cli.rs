@@ -521,7 +521,9 @@ fn a_paused_jsonl_run_resumes_exactly() {
 /// The tokens `metrics.jsonl` counts by the last step of the run in `dir`.
 fn tokens_trained(dir: &Path) -> u64 {
     let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
-    let records = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    let records = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
     records.filter_map(|r| r["tokens"].as_u64()).max().unwrap()
 }
 
@@ -531,7 +533,13 @@ fn packing_fits_more_real_tokens_in_a_step_and_can_be_turned_off() {
         let dir = tempfile::tempdir().unwrap();
         let config = jsonl_setup(dir.path(), text_line, "");
         let packing = format!("data.packing={packing}");
-        let args = ["finetune", &config, "--lora", "--set", "training.seq_len=64"];
+        let args = [
+            "finetune",
+            &config,
+            "--lora",
+            "--set",
+            "training.seq_len=64",
+        ];
         llmtool()
             .args(args)
             .args(["--set", &packing])
@@ -543,5 +551,8 @@ fn packing_fits_more_real_tokens_in_a_step_and_can_be_turned_off() {
     };
     let (packed, padded) = (run(true), run(false));
     // Unpacked, a row holds one example of a few tokens; packed, all of them.
-    assert!(packed > 2 * padded, "packed {packed} vs padded {padded} real tokens");
+    assert!(
+        packed > 2 * padded,
+        "packed {packed} vs padded {padded} real tokens"
+    );
 }
