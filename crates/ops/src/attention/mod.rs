@@ -9,7 +9,8 @@
 //!
 //! All three take [`AttentionOptions`] (a scale of its own, soft-capped scores, a sliding
 //! window: Gemma, Mistral, Qwen's sliding layers); the first two also take [`Segments`], the
-//! block-diagonal mask of packed rows (several examples a row, each seeing only its own tokens).
+//! block-diagonal mask of packed rows (several examples a row, each seeing only its own tokens):
+//! the flash kernels mask every tile by each query's segment start, skipping no tile for it.
 
 mod decode;
 #[cfg(feature = "cuda")]
@@ -191,10 +192,9 @@ pub fn windowed_attention(
     if segments.is_none() && decode::supported(q, k, v) {
         return decode::decode_attention(q, k, v, scoring);
     }
-    // The flash kernels do not take segments yet: packed rows run the fused causal softmax.
     #[cfg(feature = "cuda")]
-    if segments.is_none() && flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v, scoring);
+    if flash::supported(q, k, v) {
+        return flash::flash_attention(q, k, v, scoring, segments.cloned());
     }
     let (k, v) = repeat_kv_heads(q, k, v)?;
     softmax::causal_attention(&q.contiguous()?, &k, &v, scoring, segments)
@@ -326,11 +326,16 @@ pub fn self_attention(
     options: AttentionOptions,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if options.segments.is_none()
-        && flash::self_attention_supported([q, k, v], tables, heads, kv_heads)?
-    {
+    if flash::self_attention_supported([q, k, v], tables, heads, kv_heads)? {
         let scoring = Scoring::of(&options);
-        return flash::self_attention([q, k, v], tables, heads, kv_heads, scoring);
+        return flash::self_attention(
+            [q, k, v],
+            tables,
+            heads,
+            kv_heads,
+            scoring,
+            options.segments,
+        );
     }
     let (cos, sin) = tables;
     let q = rope(&split_heads(q, heads)?, cos, sin)?;
@@ -346,7 +351,7 @@ pub fn self_attention(
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v, Scoring::plain(q.dim(3)?));
+        return flash::flash_attention(q, k, v, Scoring::plain(q.dim(3)?), None);
     }
     repeated_kv_attention(q, k, v)
 }
