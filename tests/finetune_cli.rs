@@ -412,7 +412,7 @@ fn prompt_completion_loss_and_eval_are_the_mean_over_completion_tokens() {
         },
     )
     .unwrap();
-    let batch = ExampleBatches::new(&examples, 32, Sampling::Sequential, 0)
+    let batch = ExampleBatches::new(&examples, 32, Sampling::Sequential, 0, false)
         .train_batch(0, 2)
         .unwrap();
     let loss = llmtool::train::gradients::accumulate(
@@ -515,5 +515,44 @@ fn a_paused_jsonl_run_resumes_exactly() {
     assert!(
         adapter(false) == adapter(true),
         "the resumed adapter differs"
+    );
+}
+
+/// The tokens `metrics.jsonl` counts by the last step of the run in `dir`.
+fn tokens_trained(dir: &Path) -> u64 {
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    let records = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    records.filter_map(|r| r["tokens"].as_u64()).max().unwrap()
+}
+
+#[test]
+fn packing_fits_more_real_tokens_in_a_step_and_can_be_turned_off() {
+    let run = |packing: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = jsonl_setup(dir.path(), text_line, "");
+        let packing = format!("data.packing={packing}");
+        let args = [
+            "finetune",
+            &config,
+            "--lora",
+            "--set",
+            "training.seq_len=64",
+        ];
+        llmtool()
+            .args(args)
+            .args(["--set", &packing])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("training finished"));
+        assert!(lora_b_is_nonzero(&dir.path().join("run/adapter")));
+        tokens_trained(dir.path())
+    };
+    let (packed, padded) = (run(true), run(false));
+    // Unpacked, a row holds one example of a few tokens; packed, all of them.
+    assert!(
+        packed > 2 * padded,
+        "packed {packed} vs padded {padded} real tokens"
     );
 }

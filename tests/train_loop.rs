@@ -32,13 +32,7 @@ impl Repeated {
             inputs.extend_from_slice(&self.tokens[start..start + self.seq_len]);
             targets.extend_from_slice(&self.tokens[start + 1..start + self.seq_len + 1]);
         }
-        Batch {
-            inputs,
-            targets,
-            weights: None,
-            rows,
-            seq_len: self.seq_len,
-        }
+        Batch::windows(inputs, targets, rows, self.seq_len)
     }
 }
 

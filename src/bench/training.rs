@@ -72,13 +72,7 @@ pub(super) fn random_batch(cfg: &LlamaConfig, s: &Settings, seed: u64) -> Batch 
             .map(|_| rng.random_range(0..cfg.vocab_size as u32))
             .collect()
     };
-    Batch {
-        inputs: ids(),
-        targets: ids(),
-        weights: None,
-        rows: s.batch,
-        seq_len: s.seq,
-    }
+    Batch::windows(ids(), ids(), s.batch, s.seq)
 }
 
 #[cfg(test)]

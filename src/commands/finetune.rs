@@ -101,7 +101,8 @@ fn use_base_tokenizer(
 /// markdown dataset.
 enum FinetuneData {
     Markdown(Box<Dataset>),
-    Examples(Examples),
+    /// The examples, and whether to pack them (`data.packing`).
+    Examples(Examples, bool),
 }
 
 impl FinetuneData {
@@ -168,7 +169,7 @@ impl FinetuneData {
                 test.display()
             );
         }
-        Ok(Self::Examples(examples))
+        Ok(Self::Examples(examples, config.data.packing))
     }
 }
 
@@ -176,19 +177,19 @@ impl TrainData for FinetuneData {
     fn fingerprint(&self) -> Result<String> {
         match self {
             Self::Markdown(dataset) => dataset.fingerprint(),
-            Self::Examples(examples) => Ok(examples.fingerprint()),
+            Self::Examples(examples, _) => Ok(examples.fingerprint()),
         }
     }
 
     fn batches(&self, t: &TrainingSection) -> Result<Box<dyn BatchSource + '_>> {
         match self {
             Self::Markdown(dataset) => dataset.batches(t),
-            Self::Examples(examples) => {
+            Self::Examples(examples, packing) => {
                 if examples.val.is_empty() {
                     eprintln!("warning: no validation examples; no validation loss (raise data.val_fraction)");
                 }
                 Ok(Box::new(ExampleBatches::new(
-                    examples, t.seq_len, t.sampling, t.seed,
+                    examples, t.seq_len, t.sampling, t.seed, *packing,
                 )))
             }
         }

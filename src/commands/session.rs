@@ -306,9 +306,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<Config> {
         );
     }
     let config = match &args.config {
-        None => super::config::load_file(&saved_path, &args.overrides)?,
+        None => load_saved(&saved_path, &args.overrides)?,
         Some(path) => {
-            let saved = super::config::load_file(&saved_path, &[])?;
+            let saved = load_saved(&saved_path, &[])?;
             let given = super::config::load_file(path, &args.overrides)?;
             let differences = incompatible_keys(&saved, &given);
             if !differences.is_empty() {
@@ -329,4 +329,42 @@ pub fn resolve_config(args: &TrainArgs) -> Result<Config> {
         },
         ..config
     })
+}
+
+/// A run's saved config with `overrides`. A run saved before `data.packing` existed (its file
+/// has no such key) resumes unpacked, as it ran, unless an override sets the key: its batches
+/// stay the ones it started with.
+fn load_saved(path: &std::path::Path, overrides: &[config::Override]) -> Result<Config> {
+    let mut config = super::config::load_file(path, overrides)?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let saved: serde_norway::Value =
+        serde_norway::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    let recorded = saved.get("data").and_then(|d| d.get("packing")).is_some();
+    if !recorded && !overrides.iter().any(|o| o.key == "data.packing") {
+        config.data.packing = false;
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_saved_before_packing_existed_resumes_unpacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let small =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/small.yaml"));
+        let old = dir.path().join("old.yaml");
+        std::fs::write(&old, small.unwrap()).unwrap();
+        assert!(!load_saved(&old, &[]).unwrap().data.packing);
+        let packed: config::Override = "data.packing=true".parse().unwrap();
+        assert!(load_saved(&old, &[packed]).unwrap().data.packing);
+        let mut config = load_saved(&old, &[]).unwrap();
+        config.data.packing = true;
+        let new = dir.path().join("new.yaml");
+        std::fs::write(&new, serde_norway::to_string(&config).unwrap()).unwrap();
+        assert!(load_saved(&new, &[]).unwrap().data.packing);
+    }
 }

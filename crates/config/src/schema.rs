@@ -174,6 +174,9 @@ pub struct DataSection {
     /// Variables of the chat template when JSONL `messages` are rendered, as keyword arguments
     /// of transformers' `apply_chat_template` (`enable_thinking: false`).
     pub chat_template_args: std::collections::BTreeMap<String, serde_json::Value>,
+    /// JSONL fine-tuning examples: several whole examples a row, each attending only to its own
+    /// tokens (off: one example a row, padded).
+    pub packing: bool,
 }
 
 impl Default for DataSection {
@@ -199,6 +202,7 @@ impl Default for DataSection {
             special_tokens: vec!["<|endoftext|>".into()],
             dataset_dir: None,
             chat_template_args: Default::default(),
+            packing: true,
         }
     }
 }

@@ -61,13 +61,18 @@ impl Attention {
     }
 }
 
+/// Where a block's positions are: the first one's position (after a cache's), and where each
+/// position's example starts in rows that pack several.
+pub(crate) type Placement<'a> = (usize, Option<&'a ops::Segments>);
+
 impl Llama {
-    /// The attention of block `i` on normed hidden states `x` whose first position is `start`.
+    /// The attention of block `i` on normed hidden states `x` placed at `start` (and within
+    /// `segments`).
     pub(crate) fn attention(
         &self,
         i: usize,
         x: &Tensor,
-        start: usize,
+        (start, segments): Placement,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let block = &self.layers[i];
@@ -84,12 +89,13 @@ impl Llama {
             scale: self.family.attention_scale,
             softcap: self.family.attn_softcap,
             window: layer.window,
+            segments: segments.cloned(),
         };
         // A window that covers every position attended to masks nothing (a packed cache's
         // decode step keeps its window: a replayed step attends at later positions).
         let trimmed = ops::AttentionOptions {
             window: layer.window.filter(|&w| start + t > w),
-            ..options
+            ..options.clone()
         };
         let y = match cache {
             Some(c) if ops::write_kv_fused(x, &cos, &sin) => {

@@ -7,6 +7,7 @@
 //! checkpoints.
 
 pub use super::attention::Attention;
+use super::attention::Placement;
 pub use super::cache::Cache;
 use super::cache::LayerCache;
 use super::config::LlamaConfig;
@@ -361,7 +362,22 @@ impl Llama {
         start: usize,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (x, mlp) = self.block_lazy(i, x, None, start, cache)?;
+        let (x, mlp) = self.block_lazy(i, x, None, (start, None), cache)?;
+        ops::add(&x, &mlp)
+    }
+
+    /// Runs block `i` on training rows `x` (no cache), which pack several examples each where
+    /// `segments` says where each position's example starts: attention then stays within each
+    /// example ([`ops::Segments`]). RoPE keeps the row's positions: it rotates queries and
+    /// keys by their absolute positions, and a score depends only on the difference of the
+    /// two, which within an example is the same as from the example's own start.
+    pub fn training_block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        segments: Option<&ops::Segments>,
+    ) -> Result<Tensor> {
+        let (x, mlp) = self.block_lazy(i, x, None, (0, segments), None)?;
         ops::add(&x, &mlp)
     }
 
@@ -373,12 +389,12 @@ impl Llama {
         i: usize,
         x: &Tensor,
         pending: Option<&Tensor>,
-        start: usize,
+        at: Placement,
         cache: Option<&mut LayerCache>,
     ) -> Result<(Tensor, Tensor)> {
         let b = &self.layers[i];
         let (x, normed) = self.add_norm(x, pending, b.required_norm(Norm::PreAttention)?)?;
-        let attention = self.attention(i, &normed, start, cache)?;
+        let attention = self.attention(i, &normed, at, cache)?;
         let attention = self.output_norm(b, Norm::PostAttention, attention)?;
         let pre_mlp = b.required_norm(Norm::PreFeedForward)?;
         let (x, normed) = self.add_norm(&x, Some(&attention), pre_mlp)?;
@@ -517,7 +533,8 @@ impl Llama {
         let mut pending = None;
         for i in 0..self.layers.len() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), start, layer_cache)?;
+            let at = (start, None);
+            let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), at, layer_cache)?;
             (x, pending) = (next, Some(mlp));
         }
         let (_, normed) = self.add_norm(&x, pending.as_ref(), &self.norm)?;

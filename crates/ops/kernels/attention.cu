@@ -9,17 +9,26 @@
 // ---------------------------------------------------------------------------------------------
 // Causal softmax over attention scores [.., q_len, kv_len]: row r is query r % q_len at
 // position kv_len - q_len + r % q_len and sees keys up to it, the last `window` of them where
-// window > 0. p = softmax(attention_logit(s)), 0 for the keys not seen; `cap` > 0 soft-caps
-// the scaled scores (common.cuh).
+// window > 0, and from its segment's start where `starts` is not null (packed rows: starts is
+// u32 [batch, kv_len], each position's segment start, `per_batch` score rows per batch row).
+// p = softmax(attention_logit(s)), 0 for the keys not seen; `cap` > 0 soft-caps the scaled
+// scores (common.cuh).
 
 __device__ __forceinline__ int visible_keys(int row, int q_len, int kv_len) {
   return kv_len - q_len + row % q_len + 1;
 }
 
-// The first key a row that sees keys up to n − 1 attends to.
-__device__ __forceinline__ int first_key(int n, int window) {
-  return window > 0 ? max(0, n - window) : 0;
+// The first key row `row`, which sees keys up to n − 1, attends to. The same for every lane
+// of the row's warp.
+__device__ __forceinline__ int first_key(int row, int n, int kv_len, int window,
+                                         const unsigned* starts, int per_batch) {
+  const int first = window > 0 ? max(0, n - window) : 0;
+  if (starts == nullptr) return first;
+  const int start = (int)starts[(size_t)(row / per_batch) * kv_len + n - 1];
+  return min(max(first, start), n - 1);
 }
+
+#define SEGMENT_ARGS const unsigned *starts, int per_batch
 
 // The first element of this lane's first access: accesses start at multiples of 32 · W (from
 // the block of them that holds key `first`) plus lane · W.
@@ -31,13 +40,14 @@ template <int W> __device__ __forceinline__ int first_access(int first) {
 // row's max and sum in one online pass and writes in a second.
 template <typename T, int W>
 __device__ void causal_softmax_fwd(const T* s, T* p, int rows, int q_len, int kv_len,
-                                   float scale, float cap, int window) {
+                                   float scale, float cap, int window, SEGMENT_ARGS) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;  // the whole warp leaves together
   const int lane = threadIdx.x & 31;
   const size_t off = (size_t)row * kv_len;
-  const int n = visible_keys(row, q_len, kv_len), first = first_key(n, window);
+  const int n = visible_keys(row, q_len, kv_len);
+  const int first = first_key(row, n, kv_len, window, starts, per_batch);
   // Online max and sum of exp over the logits of the visible keys.
   float m = -INFINITY, sum = 0.f;
   for (int j = first_access<W>(first); j < n; j += 32 * W) {
@@ -76,13 +86,15 @@ __device__ void causal_softmax_fwd(const T* s, T* p, int rows, int q_len, int kv
 // s where cap > 0 (s is read only then).
 template <typename T, int W>
 __device__ void causal_softmax_bwd(const T* p, const T* dp, const T* s, T* ds, int rows,
-                                   int q_len, int kv_len, float scale, float cap, int window) {
+                                   int q_len, int kv_len, float scale, float cap, int window,
+                                   SEGMENT_ARGS) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;
   const int lane = threadIdx.x & 31;
   const size_t off = (size_t)row * kv_len;
-  const int n = visible_keys(row, q_len, kv_len), first = first_key(n, window);
+  const int n = visible_keys(row, q_len, kv_len);
+  const int first = first_key(row, n, kv_len, window, starts, per_batch);
   float dot = 0.f;
   for (int j = first_access<W>(first); j < n; j += 32 * W) {
     const P pv = P::load(p + off + j), dv = P::load(dp + off + j);
@@ -118,23 +130,29 @@ __device__ void causal_softmax_bwd(const T* p, const T* dp, const T* s, T* ds, i
 #define ATTENTION_ENTRY_POINTS(S, T)                                                           \
   extern "C" __global__ void causal_softmax_fwd_##S(const T* s, T* p, int rows, int q_len,    \
                                                     int kv_len, float scale, float cap,       \
-                                                    int window) {                             \
-    causal_softmax_fwd<T, 1>(s, p, rows, q_len, kv_len, scale, cap, window);                  \
+                                                    int window, SEGMENT_ARGS) {               \
+    causal_softmax_fwd<T, 1>(s, p, rows, q_len, kv_len, scale, cap, window, starts,           \
+                             per_batch);                                                      \
   }                                                                                           \
   extern "C" __global__ void causal_softmax_fwd_wide_##S(const T* s, T* p, int rows,          \
                                                          int q_len, int kv_len, float scale,  \
-                                                         float cap, int window) {             \
-    causal_softmax_fwd<T, WIDE<T>>(s, p, rows, q_len, kv_len, scale, cap, window);            \
+                                                         float cap, int window,               \
+                                                         SEGMENT_ARGS) {                      \
+    causal_softmax_fwd<T, WIDE<T>>(s, p, rows, q_len, kv_len, scale, cap, window, starts,     \
+                                   per_batch);                                                \
   }                                                                                           \
   extern "C" __global__ void causal_softmax_bwd_##S(const T* p, const T* dp, const T* s,      \
                                                     T* ds, int rows, int q_len, int kv_len,   \
-                                                    float scale, float cap, int window) {     \
-    causal_softmax_bwd<T, 1>(p, dp, s, ds, rows, q_len, kv_len, scale, cap, window);          \
+                                                    float scale, float cap, int window,       \
+                                                    SEGMENT_ARGS) {                           \
+    causal_softmax_bwd<T, 1>(p, dp, s, ds, rows, q_len, kv_len, scale, cap, window, starts,   \
+                             per_batch);                                                      \
   }                                                                                           \
   extern "C" __global__ void causal_softmax_bwd_wide_##S(                                   \
       const T* p, const T* dp, const T* s, T* ds, int rows, int q_len, int kv_len,            \
-      float scale, float cap, int window) {                                                   \
-    causal_softmax_bwd<T, WIDE<T>>(p, dp, s, ds, rows, q_len, kv_len, scale, cap, window);    \
+      float scale, float cap, int window, SEGMENT_ARGS) {                                     \
+    causal_softmax_bwd<T, WIDE<T>>(p, dp, s, ds, rows, q_len, kv_len, scale, cap, window,     \
+                                   starts, per_batch);                                        \
   }
 
 FOR_EACH_FLOAT(ATTENTION_ENTRY_POINTS)

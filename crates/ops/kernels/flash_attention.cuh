@@ -41,15 +41,24 @@ constexpr int FA_PAD = FA_TILE + 4;  // row stride of the 64 × 64 score tiles
 
 // How scores become logits, every tiled kernel's last parameters before its layout: the
 // base-2 scale (scale · log2 e), the soft cap in base 2 (cap · log2 e; 0 for none: Gemma 2's
-// `cap · tanh(x / cap)` on the scaled score x), and the window, how many positions a query
-// sees, its own included (the launcher passes a huge one for none, so masks need no case).
-#define FA_SCORING float scale_log2, float cap_log2, int window
-#define FA_SCORING_ARGS scale_log2, cap_log2, window
+// `cap · tanh(x / cap)` on the scaled score x), the window, how many positions a query
+// sees, its own included (the launcher passes a huge one for none, so masks need no case), and
+// the segment starts of packed rows (u32 [batch, q_len]: a query sees no key before its
+// example's start; self-attention only, q_len = kv_len; null for none).
+#define FA_SCORING float scale_log2, float cap_log2, int window, const unsigned int* starts
+#define FA_SCORING_ARGS scale_log2, cap_log2, window, starts
 
 // Whether the query at position `pos` sees the key at `key` (keys past kv_len are the
 // caller's to mask).
 __device__ __forceinline__ bool fa_sees(int pos, int key, int window) {
   return key <= pos && pos - key < window;
+}
+
+// The first key the query `query` of batch row `b` may see for its segment: its start in
+// `starts` (FA_SCORING), 0 without segments or past the last query.
+__device__ __forceinline__ int fa_segment_start(const unsigned int* starts, int b, int q_len,
+                                                int query) {
+  return starts != nullptr && query < q_len ? (int)starts[(size_t)b * q_len + query] : 0;
 }
 
 // A soft-capped raw score: s' with s' · scale_log2 = cap_log2 · tanh(s · scale_log2 / cap_log2),
@@ -235,12 +244,14 @@ __device__ void flash_attention_fwd(const T* q, const T* k, const T* v, T* out, 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int pos = q0 + 4 * ty + i + shift;
+      const int first = fa_segment_start(starts, bh / heads, q_len, q0 + 4 * ty + i);
       float row_max = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int key = k0 + tx + 16 * j;
         const float x = cap_log2 > 0.f ? fa_capped(s[i][j], scale_log2, cap_log2) : s[i][j];
-        s[i][j] = fa_sees(pos, key, window) && key < kv_len ? x * scale_log2 : -INFINITY;
+        const bool seen = fa_sees(pos, key, window) && key >= first && key < kv_len;
+        s[i][j] = seen ? x * scale_log2 : -INFINITY;
         row_max = fmaxf(row_max, s[i][j]);
       }
       // The 16 threads of a row are a half-warp.
@@ -293,14 +304,14 @@ __device__ void flash_attention_delta(const T* out, const T* dout, float* delta,
 // the thread's rows 4ty + i and columns tx + 16j: the scores are the dot products of rows of
 // tiles[0] and tiles[1] (queries and keys), dp those of tiles[2] and tiles[3] (dout and values).
 // `rows_are_keys` says which side the rows are (the key/value kernel works on the transposed
-// tile and passes keys, queries, values, dout).
+// tile and passes keys, queries, values, dout); `b` is the batch row (for segment starts).
 template <int D>
 __device__ __forceinline__ void fa_probabilities(float (&s)[4][4], float (&dp)[4][4],
                                                  const float* const (&tiles)[4],
                                                  const float* lse_s, const float* delta_s,
                                                  bool rows_are_keys, int row0, int col0,
                                                  int q_len, int kv_len, int shift, int ty, int tx,
-                                                 FA_SCORING) {
+                                                 int b, FA_SCORING) {
   fa_dot_tiles<D>(s, tiles[0], tiles[1], ty, tx);
   fa_dot_tiles<D>(dp, tiles[2], tiles[3], ty, tx);
 #pragma unroll
@@ -311,7 +322,8 @@ __device__ __forceinline__ void fa_probabilities(float (&s)[4][4], float (&dp)[4
       const int query = rows_are_keys ? col0 + c : row0 + r;
       const int key = rows_are_keys ? row0 + r : col0 + c;
       const int local = rows_are_keys ? c : r;
-      const bool seen = query < q_len && key < kv_len && fa_sees(query + shift, key, window);
+      const bool seen = query < q_len && key < kv_len && fa_sees(query + shift, key, window) &&
+                        key >= fa_segment_start(starts, b, q_len, query);
       const bool capped = cap_log2 > 0.f;
       const float x = capped ? fa_capped(s[i][j], scale_log2, cap_log2) : s[i][j];
       const float p = seen ? exp2f(x * scale_log2 - lse_s[local]) : 0.f;
@@ -360,7 +372,7 @@ __device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE,
       __syncthreads();
       float s[4][4] = {}, dp[4][4] = {};
       fa_probabilities<D>(s, dp, {ks, qs, vs, dos}, lse_s, delta_s, true, k0, q0, q_len, kv_len,
-                          shift, ty, tx, FA_SCORING_ARGS);
+                          shift, ty, tx, b, FA_SCORING_ARGS);
       fa_put_tile(ps, s, ty, tx);
       fa_put_tile(dss, dp, ty, tx);
       __syncthreads();
@@ -397,7 +409,7 @@ __device__ void flash_attention_bwd_q(FA_BWD_INPUTS(T), T* dq, FA_SHAPE, FA_SCOR
     __syncthreads();
     float s[4][4] = {}, dp[4][4] = {};
     fa_probabilities<D>(s, dp, {qs, ks, dos, vs}, lse_s, delta_s, false, q0, k0, q_len, kv_len,
-                        shift, ty, tx, FA_SCORING_ARGS);
+                        shift, ty, tx, bh / heads, FA_SCORING_ARGS);
     fa_put_tile(dss, dp, ty, tx);
     __syncthreads();
     fa_weighted_rows<D>(dq_acc, dss, ks, ty, tx);

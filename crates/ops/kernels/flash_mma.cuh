@@ -264,7 +264,7 @@ struct FmLane {
 template <bool MASK, bool CAP, int D>
 __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2], float (&l)[2],
                                                   float (&o)[D / 8][4], int pos, int key,
-                                                  int kv_len, FA_SCORING) {
+                                                  const int (&first)[2], int kv_len, FA_SCORING) {
   if (CAP)
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -281,7 +281,7 @@ __device__ __forceinline__ void fm_online_softmax(float (&s)[8][4], float (&m)[2
         float& x = s[j][2 * h + e];
         if (MASK) {
           const int col = key + 8 * j + e;
-          x = fa_sees(pos + 8 * h, col, window) && col < kv_len ? x : -INFINITY;
+          x = fa_sees(pos + 8 * h, col, window) && col >= first[h] && col < kv_len ? x : -INFINITY;
         }
         part[(j & 1) * 2 + e] = fmaxf(part[(j & 1) * 2 + e], x);
       }
@@ -320,20 +320,23 @@ struct FmKeyRange {
   int warp_last;        // the warp's last query position (the last key it sees)
   int warp_last_first;  // the first key the warp's last query sees
   int kv_len;
+  bool segmented;       // packed rows: every tile takes the mask
   __device__ FmKeyRange(int q0, int rows, int r0, int warp_rows, int shift, int kv_len,
-                        int window)
+                        int window, bool segmented)
       : begin(fa_key_begin(q0 + shift, window)),
         end(min(kv_len, q0 + rows + shift)),
         warp_first_pos(q0 + r0 + shift),
         warp_first_key(warp_first_pos - window + 1),
         warp_last(q0 + r0 + warp_rows - 1 + shift),
         warp_last_first(warp_last - window + 1),
-        kv_len(kv_len) {}
+        kv_len(kv_len),
+        segmented(segmented) {}
   // Whether the tile from k0 needs the mask for some row of the warp: it reaches past the
   // warp's first query position (the diagonal), past the last key, or before the window of
-  // the warp's last query.
+  // the warp's last query, or the rows are packed.
   __device__ bool masked(int k0) const {
-    return k0 + FA_TILE - 1 > warp_first_pos || k0 + FA_TILE > kv_len || k0 < warp_last_first;
+    return segmented || k0 + FA_TILE - 1 > warp_first_pos || k0 + FA_TILE > kv_len ||
+           k0 < warp_last_first;
   }
 };
 
@@ -376,7 +379,7 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
   const FmLane lane(16 * MT);
   const long long head = fm_head_start(bh, heads, q_sb, q_sh);
   fm_load_tile<T, D, ROWS>(qs, q + head, q_sp, q0, q_len);
-  const FmKeyRange keys(q0, ROWS, lane.r0, 16 * MT, shift, kv_len, window);
+  const FmKeyRange keys(q0, ROWS, lane.r0, 16 * MT, shift, kv_len, window, starts != nullptr);
   // Buffer b holds keys at unit MT + 2b and values at MT + 2b + 1.
   fm_load_tile<T, D>(S::tile(MT), at.keys, k_sp, keys.begin, kv_len);
   fm_load_tile<T, D>(S::tile(MT + 1), at.values, v_sp, keys.begin, kv_len);
@@ -392,10 +395,12 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
       uint32_t p[MT][4][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
+        const int row = q0 + lane.r0 + 16 * i + lane.g, pos = row + shift, key = k0 + 2 * lane.t;
+        const int first[2] = {fa_segment_start(starts, bh / heads, q_len, row),
+                              fa_segment_start(starts, bh / heads, q_len, row + 8)};
         fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
           fm_online_softmax<decltype(mask)::value, decltype(cap)::value, D>(
-              s[i], m[i], l[i], o[i], pos, key, kv_len, FA_SCORING_ARGS);
+              s[i], m[i], l[i], o[i], pos, key, first, kv_len, FA_SCORING_ARGS);
         });
         fm_to_operand<T>(p[i], s[i]);
       }
@@ -433,7 +438,8 @@ template <bool MASK, bool CAP>
 __device__ __forceinline__ void fm_query_score_grads(const float (&s)[8][4], float (&ds)[8][4],
                                                      const float (&lse)[2],
                                                      const float (&delta)[2], int pos, int key,
-                                                     int kv_len, FA_SCORING) {
+                                                     const int (&first)[2], int kv_len,
+                                                     FA_SCORING) {
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -441,7 +447,7 @@ __device__ __forceinline__ void fm_query_score_grads(const float (&s)[8][4], flo
       const int h = e >> 1, col = key + 8 * j + (e & 1);
       const float x = CAP ? fa_capped(s[j][e], scale_log2, cap_log2) : s[j][e];
       float p = fm_exp2(fmaf(x, scale_log2, -lse[h]));
-      if (MASK) p = fa_sees(pos + 8 * h, col, window) && col < kv_len ? p : 0.f;
+      if (MASK) p = fa_sees(pos + 8 * h, col, window) && col >= first[h] && col < kv_len ? p : 0.f;
       ds[j][e] = fm_score_grad<CAP>(p, ds[j][e], delta[h], x, scale_log2, cap_log2);
     }
 }
@@ -453,7 +459,7 @@ template <bool MASK, bool CAP>
 __device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)[8][4],
                                                    const float* lse_s, const float* delta_s,
                                                    int key, int q0, int col, int q_len,
-                                                   int kv_len, int shift, FA_SCORING) {
+                                                   int kv_len, int shift, int b, FA_SCORING) {
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -462,8 +468,10 @@ __device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)
       const float x = CAP ? fa_capped(p[j][e], scale_log2, cap_log2) : p[j][e];
       float pr = fm_exp2(fmaf(x, scale_log2, -lse_s[c]));
       if (MASK)
-        pr = query < q_len && row_key < kv_len && fa_sees(query + shift, row_key, window) ? pr
-                                                                                          : 0.f;
+        pr = query < q_len && row_key < kv_len && fa_sees(query + shift, row_key, window) &&
+                     row_key >= fa_segment_start(starts, b, q_len, query)
+                 ? pr
+                 : 0.f;
       p[j][e] = pr;
       ds[j][e] = fm_score_grad<CAP>(pr, ds[j][e], delta_s[c], x, scale_log2, cap_log2);
     }
@@ -490,7 +498,7 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
   fm_load_tile<T, D, ROWS>(dos, dout + head, q_sp, q0, q_len);
   fm_load_tile<T, D, ROWS>(kv1, out + head, q_sp, q0, q_len);
   fm_commit();
-  const FmKeyRange keys(q0, ROWS, lane.r0, 16 * MT, shift, kv_len, window);
+  const FmKeyRange keys(q0, ROWS, lane.r0, 16 * MT, shift, kv_len, window, starts != nullptr);
   fm_load_tile<T, D>(kv0, at.keys, k_sp, keys.begin, kv_len);
   fm_load_tile<T, D>(kv0 + FA_TILE * LD, at.values, v_sp, keys.begin, kv_len);
   fm_commit();
@@ -522,10 +530,12 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
       uint32_t w[MT][4][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
+        const int row = q0 + lane.r0 + 16 * i + lane.g, pos = row + shift, key = k0 + 2 * lane.t;
+        const int first[2] = {fa_segment_start(starts, bh / heads, q_len, row),
+                              fa_segment_start(starts, bh / heads, q_len, row + 8)};
         fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
           fm_query_score_grads<decltype(mask)::value, decltype(cap)::value>(
-              s[i], ds[i], row_lse[i], row_delta[i], pos, key, kv_len, FA_SCORING_ARGS);
+              s[i], ds[i], row_lse[i], row_delta[i], pos, key, first, kv_len, FA_SCORING_ARGS);
         });
         fm_to_operand<T>(w[i], ds[i]);
       }
@@ -592,12 +602,13 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
     // Only tiles where a key of the warp's reaches past the first query's position, that run
     // past the last key or query, or whose last query's window misses the warp's first key
     // need the mask.
-    const bool masked = warp_key + 15 > q0 + shift || warp_key + 16 > kv_len ||
-                        q0 + FA_TILE > q_len || q0 + FA_TILE - 1 + shift - warp_key >= window;
+    const bool masked = starts != nullptr || warp_key + 15 > q0 + shift ||
+                        warp_key + 16 > kv_len || q0 + FA_TILE > q_len ||
+                        q0 + FA_TILE - 1 + shift - warp_key >= window;
     const int col = 2 * lane.t;
     fm_variant(masked, cap_log2 > 0.f, [&](auto mask, auto cap) {
       fm_key_score_grads<decltype(mask)::value, decltype(cap)::value>(
-          p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift, FA_SCORING_ARGS);
+          p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift, b, FA_SCORING_ARGS);
     });
     uint32_t w[1][4][4];
     fm_to_operand<T>(w[0], p[0]);

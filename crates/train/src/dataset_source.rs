@@ -34,13 +34,7 @@ impl<'a> DatasetBatches<'a> {
     }
 
     fn to_batch(&self, (inputs, targets): (Vec<u32>, Vec<u32>), rows: usize) -> Batch {
-        Batch {
-            inputs,
-            targets,
-            weights: None,
-            rows,
-            seq_len: self.seq_len,
-        }
+        Batch::windows(inputs, targets, rows, self.seq_len)
     }
 }
 

@@ -15,8 +15,33 @@ pub struct Batch {
     pub targets: Vec<u32>,
     /// `[rows * seq_len]` loss weights (1 scored, 0 ignored); `None` scores every token.
     pub weights: Option<Vec<f32>>,
+    /// `[rows * seq_len]` where each position's example starts in its row, for rows that pack
+    /// several examples (attention stays within each); `None` for one sequence a row.
+    pub segments: Option<Vec<u32>>,
+    /// How many positions are padding (not tokens of the data).
+    pub padding: usize,
     pub rows: usize,
     pub seq_len: usize,
+}
+
+impl Batch {
+    /// Rows of `seq_len` tokens of the data each (no padding, no weights, no segments).
+    pub fn windows(inputs: Vec<u32>, targets: Vec<u32>, rows: usize, seq_len: usize) -> Self {
+        Self {
+            inputs,
+            targets,
+            weights: None,
+            segments: None,
+            padding: 0,
+            rows,
+            seq_len,
+        }
+    }
+
+    /// The positions that hold tokens of the data (not padding): what tokens/s counts.
+    pub fn real_tokens(&self) -> usize {
+        self.rows * self.seq_len - self.padding
+    }
 }
 
 /// Gradients by parameter name.
@@ -26,6 +51,7 @@ struct Tensors {
     inputs: Tensor,
     targets: Tensor,
     weights: Tensor,
+    segments: Option<ops::Segments>,
 }
 
 fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
@@ -35,10 +61,17 @@ fn to_tensors(batch: &Batch, device: &Device) -> Result<Tensors> {
         Some(w) => Tensor::from_slice(w, n, device)?,
         None => Tensor::ones(n, candle_core::DType::F32, device)?,
     };
+    let segments = match &batch.segments {
+        Some(starts) => Some(ops::Segments::new(Tensor::from_slice(
+            starts, shape, device,
+        )?)?),
+        None => None,
+    };
     Ok(Tensors {
         inputs: Tensor::from_slice(&batch.inputs, shape, device)?,
         targets: Tensor::from_slice(&batch.targets, n, device)?,
         weights,
+        segments,
     })
 }
 
@@ -49,7 +82,7 @@ fn loss_from_hidden(model: &Llama, hidden: &Tensor, t: &Tensors) -> Result<Tenso
 /// Mean loss over `batch` without gradients (validation).
 pub fn loss_only(model: &Llama, batch: &Batch) -> Result<f64> {
     let t = to_tensors(batch, model.device())?;
-    let hidden = forward_blocks(model, &t.inputs)?.detach();
+    let hidden = forward_blocks(model, &t)?.detach();
     scalar(&ops::weighted_mean(
         &model.token_nll(&hidden, &t.targets)?,
         &t.weights,
@@ -94,7 +127,7 @@ pub fn accumulate(
     ops::install_gradient_add();
     let t = to_tensors(batch, model.device())?;
     if !recompute {
-        let loss = loss_from_hidden(model, &forward_blocks(model, &t.inputs)?, &t)?;
+        let loss = loss_from_hidden(model, &forward_blocks(model, &t)?, &t)?;
         collect(&loss.backward()?, vars, scale, grads)?;
         // Read after backward is enqueued: reading first would idle the device meanwhile.
         return scalar(&loss);
@@ -102,7 +135,8 @@ pub fn accumulate(
     // Forward, keeping only detached block inputs: each block's graph is freed at once.
     let mut inputs = vec![model.embed(&t.inputs)?.detach()];
     for i in 0..model.layers.len() {
-        let out = model.block(i, &inputs[i], 0, None)?.detach();
+        let out = model.training_block(i, &inputs[i], t.segments.as_ref())?;
+        let out = out.detach();
         inputs.push(out);
     }
     let last = Var::from_tensor(&inputs[model.layers.len()])?;
@@ -112,7 +146,7 @@ pub fn accumulate(
     let mut grad_out = missing(store.get(&last))?.detach();
     for i in (0..model.layers.len()).rev() {
         let x = Var::from_tensor(&inputs[i])?;
-        let out = model.block(i, x.as_tensor(), 0, None)?;
+        let out = model.training_block(i, x.as_tensor(), t.segments.as_ref())?;
         let store = (out * &grad_out)?.sum_all()?.backward()?;
         collect(&store, vars, scale, grads)?;
         grad_out = missing(store.get(&x))?.detach();
@@ -123,10 +157,10 @@ pub fn accumulate(
     scalar(&loss)
 }
 
-fn forward_blocks(model: &Llama, inputs: &Tensor) -> Result<Tensor> {
-    let mut x = model.embed(inputs)?;
+fn forward_blocks(model: &Llama, t: &Tensors) -> Result<Tensor> {
+    let mut x = model.embed(&t.inputs)?;
     for i in 0..model.layers.len() {
-        x = model.block(i, &x, 0, None)?;
+        x = model.training_block(i, &x, t.segments.as_ref())?;
     }
     Ok(x)
 }

@@ -208,7 +208,6 @@ impl Trainer<'_> {
         });
         let started = Instant::now();
         let elapsed_before = progress.elapsed;
-        let tokens_per_step = (t.batch_size * t.seq_len * t.grad_accum) as u64;
         let mut last_loss = None;
         let mut window_start = (Instant::now(), progress.tokens);
         let first_step = progress.step;
@@ -218,10 +217,12 @@ impl Trainer<'_> {
             let lr = schedule.lr_at(step as usize);
             let mut grads = Gradients::new();
             let mut loss = 0.0;
+            let mut tokens = 0;
             for _ in 0..t.grad_accum {
                 let batch = data
                     .train_batch(progress.cursor, t.batch_size)
                     .map_err(TrainError::Data)?;
+                tokens += batch.real_tokens() as u64;
                 // Adapter dropout masks are a function of the seed and the data cursor, so a
                 // resumed run draws the same masks.
                 let mask_seed = t.seed.rotate_left(32) ^ progress.cursor;
@@ -240,7 +241,7 @@ impl Trainer<'_> {
             }
             let grad_norm = global_norm(&grads)?;
             progress.step += 1;
-            progress.tokens += tokens_per_step;
+            progress.tokens += tokens;
             progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
             let bad = if !loss.is_finite() {
                 Some("loss")

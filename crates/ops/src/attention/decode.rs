@@ -232,8 +232,9 @@ mod tests {
                 scale: 0.3,
                 softcap: Some(2.0),
                 window,
+                segments: None,
             };
-            let got = super::decode_attention(&q, &k, &v, super::Scoring::of(options)).unwrap();
+            let got = super::decode_attention(&q, &k, &v, super::Scoring::of(&options)).unwrap();
             let want = super::super::windowed_reference(&q, &k, &v, options).unwrap();
             let error = relative_error(&got, &want);
             assert!(error < 1e-5, "window {window:?}: {error:.2e}");

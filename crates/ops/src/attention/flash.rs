@@ -11,14 +11,15 @@
 //!
 //! Scores may have their own scale, a soft cap and a sliding window ([`Scoring`]): the kernels
 //! skip the tiles a window hides and mask the rest, and a capped score's gradient takes the
-//! cap's slope.
+//! cap's slope. Packed rows' [`Segments`] (self-attention) mask every tile by each query's
+//! segment start.
 //!
 //! The whole attention is one autograd node. Its backward has no atomics, so results repeat bit
 //! for bit: on tensor cores two kernels (query gradients, which also take each row's delta from
 //! their tiles, then key and value gradients), in f32 three (row deltas, key and value
 //! gradients, query gradients).
 
-use super::{GroupedDims, Scoring};
+use super::{GroupedDims, Scoring, Segments};
 use crate::attach::attach3;
 use crate::launch::{self, Arg, Operand};
 use candle_core::backend::BackendStorage;
@@ -26,6 +27,9 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 
 /// Head sizes the kernels are compiled for.
 const HEAD_SIZES: [usize; 2] = [64, 128];
+
+/// How the kernels mask and score: the options' scoring, and packed rows' segments.
+type Masks = (Scoring, Option<Segments>);
 
 /// Query rows (and keys) per tile, as in the kernels.
 const TILE: usize = 64;
@@ -207,13 +211,14 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 }
 
 /// Causal attention of `q` `[b, heads, q_len, d]` against `k`/`v` `[b, kv_heads, kv_len, d]`
-/// (query `i` at position `kv_len − q_len + i`) with `scoring`; the operands must pass
-/// [`supported`].
+/// (query `i` at position `kv_len − q_len + i`) with `scoring` and `segments` (which need
+/// `q_len == kv_len`); the operands must pass [`supported`].
 pub(crate) fn flash_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scoring: Scoring,
+    segments: Option<Segments>,
 ) -> Result<Tensor> {
     let q = q.contiguous()?;
     let (k, v) = (unit_last(k)?, unit_last(v)?);
@@ -222,7 +227,8 @@ pub(crate) fn flash_attention(
     })?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let rows = Rows::HeadMajor;
-    let (out, lse) = forward(&qd, &kd, &vd, &dims, scoring, rows)?;
+    let masks = (scoring, segments);
+    let (out, lse) = forward(&qd, &kd, &vd, &dims, &masks, rows)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -230,7 +236,7 @@ pub(crate) fn flash_attention(
     attach3([&q, &k, &v], &out, "flash-attention", move |grad| {
         let dout = grad.contiguous()?;
         let inputs = [&qd, &kd, &vd];
-        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, scoring, rows)?;
+        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, &masks, rows)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
@@ -267,7 +273,7 @@ pub(crate) fn self_attention_supported(
     launch::with_operands(&[q, k, v], launch::start_aligned)
 }
 
-/// `merge(attention(rope(split(q)), rope(split(k)), split(v)))` with `scoring` for
+/// `merge(attention(rope(split(q)), rope(split(k)), split(v)))` with `scoring` and `segments` for
 /// projections `q` `[b, t, heads · d]` and `k`/`v` `[b, t, kv_heads · d]` that pass
 /// [`self_attention_supported`], as `[b, t, heads · d]`: the kernels read and write the
 /// projections' rows in place, so no head split or merge copies exist in either direction.
@@ -277,6 +283,7 @@ pub(crate) fn self_attention(
     heads: usize,
     kv_heads: usize,
     scoring: Scoring,
+    segments: Option<Segments>,
 ) -> Result<Tensor> {
     let (batch, t, width) = q.dims3()?;
     let dims = GroupedDims {
@@ -292,7 +299,8 @@ pub(crate) fn self_attention(
     let kr = heads_view(&rotate(&k.detach(), &tables, kv_heads, 1.0)?, kv_heads)?;
     let vd = heads_view(&v.detach(), kv_heads)?;
     let rows = Rows::TokenMajor;
-    let (out, lse) = forward(&qr, &kr, &vd, &dims, scoring, rows)?;
+    let masks = (scoring, segments);
+    let (out, lse) = forward(&qr, &kr, &vd, &dims, &masks, rows)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -300,7 +308,7 @@ pub(crate) fn self_attention(
     attach3([q, k, v], &out, "self-attention", move |grad| {
         let dout = grad.contiguous()?;
         let inputs = [&qr, &kr, &vd];
-        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, scoring, rows)?;
+        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, &masks, rows)?;
         let dq = rotate(&dq, &tables, heads, -1.0)?;
         let dk = rotate(&dk, &tables, kv_heads, -1.0)?;
         Ok((Some(dq), Some(dk), Some(dv)))
@@ -347,8 +355,10 @@ impl GroupedDims {
     }
 
     /// Kernel arguments shared by the three tiled kernels after their buffers: heads, group,
-    /// lengths, the key and value strides, and the scoring (base-2 scale and cap, window).
-    fn common_args(&self, k: Operand, v: Operand, scoring: Scoring) -> Result<Vec<Arg>> {
+    /// lengths, the key and value strides, and the masks (base-2 scale and cap, window, the
+    /// segment starts' address or 0).
+    fn common_args(&self, k: Operand, v: Operand, masks: &Masks) -> Result<Vec<Arg>> {
+        let (scoring, segments) = masks;
         let (_, ks) = launch::strided4(k)?;
         let (_, vs) = launch::strided4(v)?;
         let mut args = vec![
@@ -368,6 +378,11 @@ impl GroupedDims {
             Arg::Float(scoring.softcap * log2_e),
             launch::int(window)?,
         ]);
+        args.push(Arg::Address(match segments {
+            Some(segments) if self.q_len == self.kv_len => segments.address(self.q_len)?,
+            Some(_) => candle_core::bail!("flash attention: segments need q_len = kv_len"),
+            None => 0,
+        }));
         Ok(args)
     }
 }
@@ -393,7 +408,7 @@ fn forward(
     k: &Tensor,
     v: &Tensor,
     dims: &GroupedDims,
-    scoring: Scoring,
+    masks: &Masks,
     rows: Rows,
 ) -> Result<(Tensor, Tensor)> {
     let n = dims.query_rows();
@@ -409,7 +424,7 @@ fn forward(
             Arg::Address(launch::base_address(&out)?),
             Arg::Address(launch::base_address(&lse)?),
         ];
-        args.extend(dims.common_args(k, v, scoring)?);
+        args.extend(dims.common_args(k, v, masks)?);
         let kernels = rows.check(Kernels::for_operands(&[q, k, v], [k, v])?)?;
         if let Kernels::TensorCores = kernels {
             args.extend(dims.query_strides(rows));
@@ -431,7 +446,7 @@ fn backward(
     dout: &Tensor,
     lse: &Tensor,
     dims: &GroupedDims,
-    scoring: Scoring,
+    masks: &Masks,
     rows: Rows,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let n = dims.query_rows();
@@ -447,8 +462,8 @@ fn backward(
         let dv = launch::alloc(device, dtype, kv_elems)?;
         let inputs = [start(q)?, start(k)?, start(v)?, start(dout)?, start(lse)?];
         let tail = |mut args: Vec<Arg>| -> Result<Vec<Arg>> {
-            args.extend(dims.common_args(k, v, scoring)?);
-            args.push(Arg::Float(scoring.scale));
+            args.extend(dims.common_args(k, v, masks)?);
+            args.push(Arg::Float(masks.0.scale));
             Ok(args)
         };
         let dq_arg = Arg::Address(launch::base_address(&dq)?);

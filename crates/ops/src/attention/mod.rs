@@ -8,7 +8,9 @@
 //! - [`decode`]: one query per head against a KV cache read in place (inference).
 //!
 //! All three take [`AttentionOptions`] (a scale of its own, soft-capped scores, a sliding
-//! window: Gemma, Mistral, Qwen's sliding layers).
+//! window: Gemma, Mistral, Qwen's sliding layers); the first two also take [`Segments`], the
+//! block-diagonal mask of packed rows (several examples a row, each seeing only its own tokens):
+//! the flash kernels mask every tile by each query's segment start, skipping no tile for it.
 
 mod decode;
 #[cfg(feature = "cuda")]
@@ -24,7 +26,7 @@ use candle_core::{Device, Result, Tensor, D};
 /// query `i` sits at position `kv_len - q_len + i` and sees keys up to that position.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if fused(&[q, k, v]) {
-        return softmax::causal_attention(q, k, v, Scoring::plain(q.dim(3)?));
+        return softmax::causal_attention(q, k, v, Scoring::plain(q.dim(3)?), None);
     }
     reference(q, k, v)
 }
@@ -47,7 +49,7 @@ pub fn reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 }
 
 /// What [`windowed_attention`] does beyond plain causal attention.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AttentionOptions {
     /// The factor on the scores `q·k` (plain attention: `1/sqrt(head_size)`).
     pub scale: f64,
@@ -55,6 +57,8 @@ pub struct AttentionOptions {
     pub softcap: Option<f64>,
     /// How many positions a query attends to, its own included (sliding-window layers).
     pub window: Option<usize>,
+    /// Packed rows: each query sees only the keys of its own segment (example).
+    pub segments: Option<Segments>,
 }
 
 impl AttentionOptions {
@@ -64,7 +68,72 @@ impl AttentionOptions {
             scale: 1.0 / (head_size as f64).sqrt(),
             softcap: None,
             window: None,
+            segments: None,
         }
+    }
+}
+
+/// Where each position's segment starts in rows that pack several examples: u32
+/// `[batch, len]`, position `p` of row `b` belonging to the segment that starts at
+/// `starts[b, p]` (`starts[b, p] <= p`, equal along a segment). Attention then lets the query
+/// at `p` see the keys `[max(starts[b, p], p - window + 1), p]`: a block-diagonal causal mask,
+/// so no segment sees another. Only self-attention takes them (as many queries as keys).
+#[derive(Debug, Clone)]
+pub struct Segments(Tensor);
+
+impl Segments {
+    /// The segment starts `starts` (u32 `[batch, len]`), checked for shape and dtype.
+    pub fn new(starts: Tensor) -> Result<Self> {
+        if starts.dtype() != candle_core::DType::U32 || starts.rank() != 2 {
+            candle_core::bail!(
+                "segment starts must be u32 [batch, len], not {:?} {:?}",
+                starts.dtype(),
+                starts.dims()
+            );
+        }
+        Ok(Self(starts.contiguous()?))
+    }
+
+    /// Segment starts from the host, one `Vec` of `len` per row, on `device`.
+    pub fn from_rows(rows: &[Vec<u32>], device: &Device) -> Result<Self> {
+        let len = rows.first().map_or(0, Vec::len);
+        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+        Self::new(Tensor::from_vec(flat, (rows.len(), len), device)?)
+    }
+
+    /// The u32 `[batch, len]` tensor of starts.
+    pub fn starts(&self) -> &Tensor {
+        &self.0
+    }
+
+    /// The starts on the host, row-major, checked against attention over `batch` rows of
+    /// `len` positions.
+    pub(crate) fn host(&self, batch: usize, len: usize) -> Result<Vec<u32>> {
+        if self.0.dims() != [batch, len] {
+            candle_core::bail!(
+                "segment starts {:?} for attention over {batch} rows of {len} positions",
+                self.0.dims()
+            );
+        }
+        self.0.flatten_all()?.to_vec1()
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Segments {
+    /// The device address of the starts, checked to be `len` positions a row.
+    pub(crate) fn address(&self, len: usize) -> Result<u64> {
+        if self.0.dim(1)? != len {
+            candle_core::bail!("segment starts {:?} for {len} positions", self.0.dims());
+        }
+        crate::launch::with_operands(&[&self.0], |ops| crate::launch::address(ops[0]))
+    }
+}
+
+/// The same tensor (the options of one forward pass), not equal values.
+impl PartialEq for Segments {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id() == other.0.id()
     }
 }
 
@@ -79,7 +148,7 @@ pub(crate) struct Scoring {
 }
 
 impl Scoring {
-    pub(crate) fn of(options: AttentionOptions) -> Self {
+    pub(crate) fn of(options: &AttentionOptions) -> Self {
         Self {
             scale: options.scale as f32,
             softcap: options.softcap.unwrap_or(0.0) as f32,
@@ -88,7 +157,7 @@ impl Scoring {
     }
 
     pub(crate) fn plain(head_size: usize) -> Self {
-        Self::of(AttentionOptions::plain(head_size))
+        Self::of(&AttentionOptions::plain(head_size))
     }
 
     /// The first key a query sees whose keys end (exclusive) at `end`.
@@ -112,22 +181,23 @@ pub fn windowed_attention(
     v: &Tensor,
     options: AttentionOptions,
 ) -> Result<Tensor> {
-    let scoring = Scoring::of(options);
-    if scoring == Scoring::plain(q.dim(3)?) {
+    let scoring = Scoring::of(&options);
+    let segments = options.segments.as_ref();
+    if segments.is_none() && scoring == Scoring::plain(q.dim(3)?) {
         return grouped_attention(q, k, v);
     }
     if !fused(&[q, k, v]) {
         return windowed_reference(q, k, v, options);
     }
-    if decode::supported(q, k, v) {
+    if segments.is_none() && decode::supported(q, k, v) {
         return decode::decode_attention(q, k, v, scoring);
     }
     #[cfg(feature = "cuda")]
     if flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v, scoring);
+        return flash::flash_attention(q, k, v, scoring, segments.cloned());
     }
     let (k, v) = repeat_kv_heads(q, k, v)?;
-    softmax::causal_attention(&q.contiguous()?, &k, &v, scoring)
+    softmax::causal_attention(&q.contiguous()?, &k, &v, scoring, segments)
 }
 
 /// [`windowed_attention`] from candle's differentiable ops, any backend and dtype (scores and
@@ -147,10 +217,42 @@ pub fn windowed_reference(
         Some(cap) => ((scores / cap)?.tanh()? * cap)?,
         None => scores,
     };
-    let mask = window_mask(q_len, kv_len, options.window, q.device())?;
+    let mask = match &options.segments {
+        None => window_mask(q_len, kv_len, options.window, q.device())?,
+        Some(segments) => segment_mask(segments, q_len, kv_len, options.window, q.device())?,
+    };
     let scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
     let probs = softmax(&scores, D::Minus1)?;
     probs.to_dtype(dtype)?.matmul(&v)
+}
+
+/// `[batch, 1, len, len]` additive mask of [`Segments`]: [`window_mask`] with each query's
+/// keys also starting at its segment's start.
+fn segment_mask(
+    segments: &Segments,
+    q_len: usize,
+    kv_len: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    if q_len != kv_len {
+        candle_core::bail!("segments need as many queries as keys, not {q_len} and {kv_len}");
+    }
+    let batch = segments.starts().dim(0)?;
+    let starts = segments.host(batch, kv_len)?;
+    let window = window.unwrap_or(usize::MAX);
+    let values: Vec<f32> = (0..batch * q_len)
+        .flat_map(|row| {
+            let (position, start) = (row % q_len, starts[row] as usize);
+            (0..kv_len).map(
+                move |j| match j <= position && j >= start && position - j < window {
+                    true => 0.0,
+                    false => f32::NEG_INFINITY,
+                },
+            )
+        })
+        .collect();
+    Tensor::from_vec(values, (batch, 1, q_len, kv_len), device)
 }
 
 /// `[q_len, kv_len]` additive mask: query `i` sits at position `kv_len - q_len + i` and sees
@@ -202,7 +304,7 @@ pub fn decode_attention_at(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() && fused(&[q, k, v]) && decode::supported(q, k, v) {
-        return decode::decode_attention_at(q, k, v, position, Scoring::of(options));
+        return decode::decode_attention_at(q, k, v, position, Scoring::of(&options));
     }
     let len = Position::Device(position).read()? + 1;
     windowed_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?, options)
@@ -225,8 +327,15 @@ pub fn self_attention(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::self_attention_supported([q, k, v], tables, heads, kv_heads)? {
-        let scoring = Scoring::of(options);
-        return flash::self_attention([q, k, v], tables, heads, kv_heads, scoring);
+        let scoring = Scoring::of(&options);
+        return flash::self_attention(
+            [q, k, v],
+            tables,
+            heads,
+            kv_heads,
+            scoring,
+            options.segments,
+        );
     }
     let (cos, sin) = tables;
     let q = rope(&split_heads(q, heads)?, cos, sin)?;
@@ -242,7 +351,7 @@ pub fn self_attention(
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if flash::supported(q, k, v) {
-        return flash::flash_attention(q, k, v, Scoring::plain(q.dim(3)?));
+        return flash::flash_attention(q, k, v, Scoring::plain(q.dim(3)?), None);
     }
     repeated_kv_attention(q, k, v)
 }

@@ -1,14 +1,15 @@
 //! Fused causal attention on the CPU and on CUDA: `softmax(scores * scale + causal mask)` in one
 //! pass per row, and its backward in one pass, with no mask tensor and no T×T temporaries
 //! besides the probabilities themselves (`kernels/attention.cu` on CUDA). The [`Scoring`]
-//! options soft-cap the scaled scores (Gemma 2) and narrow each row to a sliding window; with
+//! options soft-cap the scaled scores (Gemma 2) and narrow each row to a sliding window (and,
+//! with [`Segments`], to its segment's keys); with
 //! soft-capping the backward also reads the raw scores (kept for it), since the probabilities
 //! do not give back the capped logits' slopes. The QKᵀ and PV
 //! products stay candle matmuls (cuBLAS on CUDA). The whole attention is one node of the
 //! autograd graph with a hand-written backward, so candle keeps and accumulates no score-sized
 //! gradients of its own.
 
-use super::Scoring;
+use super::{Scoring, Segments};
 use crate::attach::attach3;
 use crate::cpu_kernel::{assume_written, f32s, output, written_rows};
 use crate::fast_exp;
@@ -20,18 +21,25 @@ use candle_core::{Layout, Result, Tensor};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-/// Causal attention with the fused softmax, its scores taken as `scoring` says. Same contract
-/// as [`super::causal_attention`]; inputs must be contiguous, on a backend [`crate::fused`]
+/// Causal attention with the fused softmax, its scores taken as `scoring` says, each query
+/// seeing only its segment's keys with `segments`. Same contract as
+/// [`super::causal_attention`]; inputs must be contiguous, on a backend [`crate::fused`]
 /// accepts.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scoring: Scoring,
+    segments: Option<&Segments>,
 ) -> Result<Tensor> {
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let scores = qd.matmul(&kd.t()?)?;
-    let probs = scores.apply_op1_no_bwd(&CausalSoftmax { scoring })?;
+    let segments = segments.cloned();
+    let softmax = CausalSoftmax {
+        scoring,
+        segments: segments.clone(),
+    };
+    let probs = scores.apply_op1_no_bwd(&softmax)?;
     let out = probs.matmul(&vd)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
@@ -45,18 +53,61 @@ pub(crate) fn causal_attention(
         let grad = grad.contiguous()?;
         let dv = probs.t()?.matmul(&grad)?;
         let dp = grad.matmul(&vd.t()?)?;
-        let ds = probs.apply_op3_no_bwd(&dp, &capped, &CausalSoftmaxGrad { scoring })?;
+        let grad_op = CausalSoftmaxGrad {
+            scoring,
+            segments: segments.clone(),
+        };
+        let ds = probs.apply_op3_no_bwd(&dp, &capped, &grad_op)?;
         let dq = ds.matmul(&kd)?;
         let dk = ds.t()?.matmul(&qd)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
 
-/// The keys row `row` of a `[.., q_len, kv_len]` score tensor sees: query `i` sits at position
-/// `kv_len - q_len + i` and sees the keys up to it, the last `window` of them with a window.
-fn visible(row: usize, q_len: usize, kv_len: usize, scoring: Scoring) -> Range<usize> {
-    let end = kv_len - q_len + row % q_len + 1;
-    scoring.first_key(end)..end
+/// Which keys each row of a `[batch, .., q_len, kv_len]` score tensor sees: query `i` sits at
+/// position `kv_len - q_len + i` and sees the keys up to it, the last `window` of them with a
+/// window, from its segment's start with segments.
+struct RowKeys {
+    q_len: usize,
+    kv_len: usize,
+    scoring: Scoring,
+    /// The segment starts `[batch, kv_len]` and the score rows per batch row.
+    starts: Option<(Vec<u32>, usize)>,
+}
+
+impl RowKeys {
+    fn new(layout: &Layout, scoring: Scoring, segments: Option<&Segments>) -> Result<Self> {
+        let (rows, q_len, kv_len) = query_and_key_lens(layout)?;
+        let starts = match segments {
+            None => None,
+            Some(segments) => {
+                let batch = layout.dims()[0];
+                if q_len != kv_len || batch == 0 {
+                    candle_core::bail!("segments need as many queries as keys, and a batch");
+                }
+                Some((segments.host(batch, kv_len)?, rows / batch))
+            }
+        };
+        Ok(Self {
+            q_len,
+            kv_len,
+            scoring,
+            starts,
+        })
+    }
+
+    /// The keys row `row` sees.
+    fn of(&self, row: usize) -> Range<usize> {
+        let end = self.kv_len - self.q_len + row % self.q_len + 1;
+        let first = self.scoring.first_key(end);
+        match &self.starts {
+            None => first..end,
+            Some((starts, per_batch)) => {
+                let start = starts[row / per_batch * self.kv_len + end - 1] as usize;
+                first.max(start).min(end - 1)..end
+            }
+        }
+    }
 }
 
 /// The visible elements of an output row, after writing zeros over the rest (the masked
@@ -85,6 +136,7 @@ fn query_and_key_lens(layout: &Layout) -> Result<(usize, usize, usize)> {
 
 struct CausalSoftmax {
     scoring: Scoring,
+    segments: Option<Segments>,
 }
 
 impl CausalSoftmax {
@@ -122,11 +174,12 @@ impl FusedOp<1> for CausalSoftmax {
 
     fn cpu(&self, [(storage, layout)]: [CpuOperand; 1]) -> CpuOutput {
         let scores = f32s(storage, layout)?;
-        let (_, q_len, kv_len) = query_and_key_lens(layout)?;
+        let keys = RowKeys::new(layout, self.scoring, self.segments.as_ref())?;
+        let kv_len = keys.kv_len;
         // SAFETY: `write_row` writes every element of the row.
         let probs = unsafe {
             written_rows(scores.len(), kv_len, |row, p| {
-                let keys = visible(row, q_len, kv_len, self.scoring);
+                let keys = keys.of(row);
                 self.write_row(&scores[row * kv_len..][..kv_len], keys, p);
             })
         };
@@ -136,7 +189,8 @@ impl FusedOp<1> for CausalSoftmax {
     #[cfg(feature = "cuda")]
     fn cuda(&self, [scores]: [Operand; 1]) -> CudaOutput {
         let (_, q_len, _) = query_and_key_lens(scores.1)?;
-        let probs = cuda::causal_softmax(scores, q_len, self.scoring)?;
+        let segments = self.segments.as_ref();
+        let probs = cuda::causal_softmax(scores, q_len, self.scoring, segments)?;
         Ok((probs, scores.1.shape().clone()))
     }
 }
@@ -148,6 +202,7 @@ custom_op!(CausalSoftmax: 1);
 /// row (P = 0 there).
 struct CausalSoftmaxGrad {
     scoring: Scoring,
+    segments: Option<Segments>,
 }
 
 impl FusedOp<3> for CausalSoftmaxGrad {
@@ -159,7 +214,8 @@ impl FusedOp<3> for CausalSoftmaxGrad {
     ) -> CpuOutput {
         let (probs, grad) = (f32s(probs, probs_layout)?, f32s(grad, grad_layout)?);
         let scores = f32s(scores, scores_layout)?;
-        let (_, q_len, kv_len) = query_and_key_lens(probs_layout)?;
+        let keys = RowKeys::new(probs_layout, self.scoring, self.segments.as_ref())?;
+        let kv_len = keys.kv_len;
         if grad.len() != probs.len() || scores.len() != probs.len() {
             candle_core::bail!(
                 "causal softmax gradient: {} probabilities, {} gradients, {} scores",
@@ -172,7 +228,7 @@ impl FusedOp<3> for CausalSoftmaxGrad {
         // SAFETY: `visible_part` writes the masked parts of each row, the loop the rest.
         let out = unsafe {
             written_rows(probs.len(), kv_len, |row, ds| {
-                let keys = visible(row, q_len, kv_len, self.scoring);
+                let keys = keys.of(row);
                 let at = row * kv_len + keys.start..row * kv_len + keys.end;
                 let (p, dp, s) = (&probs[at.clone()], &grad[at.clone()], &scores[at]);
                 let dot: f32 = p.iter().zip(dp).map(|(p, d)| p * d).sum();
@@ -192,7 +248,8 @@ impl FusedOp<3> for CausalSoftmaxGrad {
     #[cfg(feature = "cuda")]
     fn cuda(&self, [probs, grad, scores]: [Operand; 3]) -> CudaOutput {
         let (_, q_len, _) = query_and_key_lens(probs.1)?;
-        let ds = cuda::causal_softmax_grad([probs, grad, scores], q_len, self.scoring)?;
+        let segments = self.segments.as_ref();
+        let ds = cuda::causal_softmax_grad([probs, grad, scores], q_len, self.scoring, segments)?;
         Ok((ds, probs.1.shape().clone()))
     }
 }
@@ -202,20 +259,31 @@ custom_op!(CausalSoftmaxGrad: 3);
 /// The CUDA launchers (`kernels/attention.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::Scoring;
+    use super::{Scoring, Segments};
     use crate::launch::{
         alloc, common_dtype, elementwise_kernel, int, per_warp_row, run, Arg, Operand,
     };
     use crate::rows_and_width;
     use candle_core::{CudaStorage, Result};
 
-    /// The kernels' arguments after the row counts: scale, soft-cap (0 for none) and window (0
-    /// for none).
-    fn scoring_args(scoring: Scoring, kv_len: usize) -> Result<[Arg; 3]> {
+    /// The kernels' arguments after the row counts: scale, soft-cap (0 for none), window (0
+    /// for none), the segment starts (null for none) and the score rows per batch row.
+    fn scoring_args(
+        scoring: Scoring,
+        segments: Option<&Segments>,
+        rows: usize,
+        kv_len: usize,
+    ) -> Result<[Arg; 5]> {
+        let (starts, per_batch) = match segments {
+            None => (0, rows.max(1)),
+            Some(s) => (s.address(kv_len)?, rows / s.starts().dim(0)?.max(1)),
+        };
         Ok([
             Arg::Float(scoring.scale),
             Arg::Float(scoring.softcap),
             int(scoring.window.min(kv_len))?,
+            Arg::Address(starts),
+            int(per_batch)?,
         ])
     }
 
@@ -224,12 +292,14 @@ mod cuda {
         scores: Operand,
         q_len: usize,
         scoring: Scoring,
+        segments: Option<&Segments>,
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[scores])?;
         let (rows, kv_len) = rows_and_width(scores.1)?;
         let probs = alloc(&scores.0.device, dtype, rows * kv_len)?;
         let counts = [int(rows)?, int(q_len)?, int(kv_len)?];
-        let scalars = [counts.as_slice(), &scoring_args(scoring, kv_len)?].concat();
+        let scoring = scoring_args(scoring, segments, rows, kv_len)?;
+        let scalars = [counts.as_slice(), &scoring].concat();
         let kernels = ("causal_softmax_fwd", "causal_softmax_fwd_wide");
         let (name, _) = elementwise_kernel(kernels, &[scores], kv_len)?;
         run(
@@ -247,12 +317,14 @@ mod cuda {
         [probs, grad, scores]: [Operand; 3],
         q_len: usize,
         scoring: Scoring,
+        segments: Option<&Segments>,
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[probs, grad, scores])?;
         let (rows, kv_len) = rows_and_width(probs.1)?;
         let ds = alloc(&probs.0.device, dtype, rows * kv_len)?;
         let counts = [int(rows)?, int(q_len)?, int(kv_len)?];
-        let scalars = [counts.as_slice(), &scoring_args(scoring, kv_len)?].concat();
+        let scoring = scoring_args(scoring, segments, rows, kv_len)?;
+        let scalars = [counts.as_slice(), &scoring].concat();
         let kernels = ("causal_softmax_bwd", "causal_softmax_bwd_wide");
         let (name, _) = elementwise_kernel(kernels, &[probs, grad, scores], kv_len)?;
         run(
@@ -267,7 +339,7 @@ mod cuda {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{windowed_reference, AttentionOptions, Scoring};
+    use super::super::{windowed_reference, AttentionOptions, Scoring, Segments};
     use crate::parity::{assert_parity, uniform};
 
     #[test]
@@ -309,15 +381,16 @@ mod tests {
             scale,
             softcap,
             window,
+            segments: None,
         };
-        for (i, &(q, kv, o)) in [
+        for (i, (q, kv, o)) in [
             (7, 7, options(0.3, Some(2.0), Some(3))),
             (5, 9, options(0.5, None, Some(4))),
             (6, 6, options(0.4, Some(1.5), None)),
             (3, 8, options(0.2, Some(50.0), Some(20))),
             (40, 40, options(0.35, Some(3.0), Some(1))),
         ]
-        .iter()
+        .into_iter()
         .enumerate()
         {
             let s = 10 * i as u64;
@@ -330,8 +403,40 @@ mod tests {
                 "causal_attention with options",
                 &inputs,
                 &[true; 3],
-                |t| super::causal_attention(&t[0], &t[1], &t[2], Scoring::of(o)),
-                |t| windowed_reference(&t[0], &t[1], &t[2], o),
+                |t| super::causal_attention(&t[0], &t[1], &t[2], Scoring::of(&o), None),
+                |t| windowed_reference(&t[0], &t[1], &t[2], o.clone()),
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn segmented_scores_match_the_reference() {
+        // Two rows of 13 positions: segments of 4, 1, 8 and of 13; with and without a window.
+        let starts = [[0, 0, 0, 0, 4, 5, 5, 5, 5, 5, 5, 5, 5], [0; 13]];
+        let rows: Vec<Vec<u32>> = starts.iter().map(|r| r.to_vec()).collect();
+        let device = candle_core::Device::Cpu;
+        let segments = Segments::from_rows(&rows, &device).unwrap();
+        for (i, window) in [None, Some(3)].into_iter().enumerate() {
+            let o = AttentionOptions {
+                scale: 0.3,
+                softcap: None,
+                window,
+                segments: Some(segments.clone()),
+            };
+            let s = 10 * i as u64;
+            let inputs = [
+                uniform(&[2, 3, 13, 8], s),
+                uniform(&[2, 3, 13, 8], s + 1),
+                uniform(&[2, 3, 13, 8], s + 2),
+            ];
+            let scoring = Scoring::of(&o);
+            assert_parity(
+                "segmented causal_attention",
+                &inputs,
+                &[true; 3],
+                |t| super::causal_attention(&t[0], &t[1], &t[2], scoring, Some(&segments)),
+                |t| windowed_reference(&t[0], &t[1], &t[2], o.clone()),
                 1e-5,
             );
         }

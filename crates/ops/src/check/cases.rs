@@ -35,6 +35,10 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         flash_case(batch, h, shape.kv_heads, seq, seq, d),
         self_attention_case(batch, h, shape.kv_heads, seq, d),
         self_attention_options_case(batch, h, shape.kv_heads, seq, d),
+        segments_attention_case::<false>((batch, h, shape.kv_heads), seq, d),
+        segments_attention_case::<true>((batch, h, shape.kv_heads), seq, d),
+        self_attention_segments_case::<false>(batch, h, shape.kv_heads, seq, d),
+        self_attention_segments_case::<true>(batch, h, shape.kv_heads, seq, d),
         Case {
             name: "rms_norm",
             fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
@@ -164,6 +168,118 @@ fn capped_window(kv_len: usize) -> crate::AttentionOptions {
         scale: 1.0 / 16.0,
         softcap: Some(5.0),
         window: Some(5.max(kv_len / 5)),
+        segments: None,
+    }
+}
+
+/// Segment starts for rows of `len` positions packing segments of lengths 37, 70, 1, 20, 64
+/// and 5 in turn (row `b` starting `b` lengths into the cycle): several segments a row, some
+/// crossing the flash kernels' 64-key tile boundaries, one of a single token.
+fn packed_segments(
+    batch: usize,
+    len: usize,
+    device: &candle_core::Device,
+) -> Result<crate::Segments> {
+    const LENGTHS: [usize; 6] = [37, 70, 1, 20, 64, 5];
+    let rows: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            let mut starts = Vec::with_capacity(len);
+            let mut lengths = LENGTHS.iter().cycle().skip(b);
+            while starts.len() < len {
+                let (start, n) = (starts.len() as u32, *lengths.next().unwrap_or(&1));
+                starts.extend(std::iter::repeat_n(start, n.min(len - starts.len())));
+            }
+            starts
+        })
+        .collect();
+    crate::Segments::from_rows(&rows, device)
+}
+
+/// The options of the segmented cases for queries `q` `[b, heads, t, d]`: plain scores, or
+/// [`capped_window`]'s with `WINDOW`, over [`packed_segments`].
+fn segmented<const WINDOW: bool>(q: &Tensor) -> Result<crate::AttentionOptions> {
+    let (b, _, t, d) = q.dims4()?;
+    segmented_rows::<WINDOW>((b, t, d), q.device())
+}
+
+/// [`segmented`] for `b` rows of `t` positions, heads of `d`.
+fn segmented_rows<const WINDOW: bool>(
+    (b, t, d): (usize, usize, usize),
+    device: &candle_core::Device,
+) -> Result<crate::AttentionOptions> {
+    let segments = Some(packed_segments(b, t, device)?);
+    Ok(match WINDOW {
+        true => crate::AttentionOptions {
+            segments,
+            ..capped_window(t)
+        },
+        false => crate::AttentionOptions {
+            segments,
+            ..crate::AttentionOptions::plain(d)
+        },
+    })
+}
+
+/// Grouped-query attention over packed rows ([`packed_segments`]), with soft-capped scores
+/// (`q` scaled up) and a window with `WINDOW`, through [`crate::windowed_attention`] (on CUDA
+/// the flash kernels at their head sizes, else the fused causal softmax), with gradients.
+fn segments_attention_case<const WINDOW: bool>(
+    (batch, heads, kv_heads): (usize, usize, usize),
+    t: usize,
+    d: usize,
+) -> Case {
+    Case {
+        name: match WINDOW {
+            true => "causal_attention_segments_window",
+            false => "causal_attention_segments",
+        },
+        fused: |t| crate::windowed_attention(&t[0], &t[1], &t[2], segmented::<WINDOW>(&t[0])?),
+        reference: |t| {
+            let options = segmented::<WINDOW>(&t[0])?;
+            reference::windowed_attention(&t[0], &t[1], &t[2], options)
+        },
+        inputs: vec![
+            Input::Float(vec![batch, heads, t, d], if WINDOW { 40.0 } else { 1.0 }),
+            Input::Float(vec![batch, kv_heads, t, d], 1.0),
+            Input::Float(vec![batch, kv_heads, t, d], 1.0),
+        ],
+    }
+}
+
+/// [`self_attention_case`] over packed rows ([`packed_segments`]), with [`capped_window`]'s
+/// scores and window with `WINDOW`: the flash kernels' token-major path on CUDA.
+fn self_attention_segments_case<const WINDOW: bool>(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    t: usize,
+    d: usize,
+) -> Case {
+    let table = vec![t, d / 2];
+    Case {
+        name: match WINDOW {
+            true => "self_attention_segments_window",
+            false => "self_attention_segments",
+        },
+        fused: |t| {
+            let (heads, kv_heads) = projection_heads(t)?;
+            let (b, len, _) = t[0].dims3()?;
+            let options = segmented_rows::<WINDOW>((b, len, 2 * t[3].dim(1)?), t[0].device())?;
+            let tables = (&t[3], &t[4]);
+            crate::self_attention([&t[0], &t[1], &t[2]], tables, heads, kv_heads, options)
+        },
+        reference: |t| {
+            let [q, k, v] = split_rotated(t)?;
+            let options = segmented::<WINDOW>(&q)?;
+            merged(&reference::windowed_attention(&q, &k, &v, options)?)
+        },
+        inputs: vec![
+            Input::Float(vec![batch, t, heads * d], if WINDOW { 40.0 } else { 1.0 }),
+            Input::Float(vec![batch, t, kv_heads * d], 1.0),
+            Input::Float(vec![batch, t, kv_heads * d], 1.0),
+            Input::Table(table.clone()),
+            Input::Table(table),
+        ],
     }
 }
 
@@ -729,6 +845,15 @@ pub fn edge_cases() -> Vec<Case> {
         self_attention_case(1, 2, 1, 70, 128),
         self_attention_options_case(2, 4, 2, 100, 64),
         self_attention_options_case(1, 2, 1, 150, 128),
+        // Packed rows: segments across 64-key tiles, with and without a window.
+        segments_attention_case::<false>((2, 4, 2), 30, 8),
+        segments_attention_case::<false>((2, 4, 2), 200, 64),
+        segments_attention_case::<true>((2, 4, 2), 200, 64),
+        segments_attention_case::<false>((1, 2, 1), 150, 128),
+        segments_attention_case::<true>((1, 2, 2), 130, 128),
+        self_attention_segments_case::<false>(2, 4, 2, 200, 64),
+        self_attention_segments_case::<true>(2, 4, 2, 150, 64),
+        self_attention_segments_case::<false>(1, 2, 1, 130, 128),
         Case {
             name: "rms_norm",
             fused: |t| crate::rms_norm(&t[0], &t[1], 1e-5),
