@@ -223,7 +223,8 @@ fn with_sources(e: &dyn std::error::Error) -> String {
 }
 
 /// A file download's progress bar on stderr, hidden when stderr is not a terminal. It is drawn
-/// once bytes start to move, so a file whose blob is already cached draws nothing.
+/// at hf-hub's first event with the file's size, so a file the hub says is unchanged since it
+/// was cached draws nothing.
 struct FileBar {
     file: String,
     bar: OnceLock<ProgressBar>,
