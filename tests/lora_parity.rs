@@ -1,6 +1,7 @@
 //! LoRA adapters against PEFT: adapters made by PEFT give PEFT's logits, adapters saved by
 //! llmtool have PEFT's names and shapes, one training step matches PEFT + torch AdamW, merging
-//! preserves the logits, and bad adapters fail with one clear error.
+//! preserves the logits, and bad adapters fail with one clear error. Base models named by a hub
+//! id come from the Hugging Face cache, or from a hub (a fake one on localhost) into it.
 //!
 //! The file is long because it is a list of tests, one per PEFT behaviour.
 
@@ -12,7 +13,10 @@ use llmtool::config::LoraSection;
 use llmtool::model::{self, io, Llama, LlamaConfig, ModelError};
 use llmtool::ops;
 use llmtool::train::{lora, Adapter};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 fn base() -> Llama {
     model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu)
@@ -587,6 +591,188 @@ fn offline_and_not_cached_says_what_to_download() {
             "huggingface-cli download test/absent",
         ))
         .stderr(predicates::str::contains("HF_HUB_OFFLINE"));
+}
+
+/// The commit the fake hub of [`serve_hub`] serves.
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A Hugging Face Hub on localhost holding the model `test/tiny-llama` at [`COMMIT`] with
+/// `files`, answering as huggingface.co does: the repository's info with its file list, and HEAD
+/// (ETag, X-Repo-Commit) and GET of each file. Returns its endpoint and the requests it
+/// answered, one `METHOD path authorization` line each.
+fn serve_hub(files: Vec<(&'static str, Vec<u8>)>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            answer(stream, &files, &seen);
+        }
+    });
+    (endpoint, log)
+}
+
+/// One request of [`serve_hub`]'s, answered with `Connection: close`.
+fn answer(mut stream: TcpStream, files: &[(&str, Vec<u8>)], log: &Mutex<Vec<String>>) {
+    let Ok(read) = stream.try_clone() else {
+        return;
+    };
+    let mut lines = BufReader::new(read).lines().map_while(Result::ok);
+    let request = lines.next().unwrap_or_default();
+    let auth = lines
+        .take_while(|line| !line.is_empty())
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("authorization")
+                .then(|| value.trim().to_string())
+        })
+        .unwrap_or_default();
+    let mut words = request.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    log.lock().unwrap().push(format!("{method} {path} {auth}"));
+    let file = path
+        .strip_prefix("/test/tiny-llama/resolve/main/")
+        .and_then(|name| files.iter().find(|(f, _)| *f == name));
+    let (status, headers, body) = if path == "/api/models/test/tiny-llama" {
+        let siblings: Vec<_> = files
+            .iter()
+            .map(|(f, _)| serde_json::json!({ "rfilename": f }))
+            .collect();
+        let info =
+            serde_json::json!({"id": "test/tiny-llama", "sha": COMMIT, "siblings": siblings});
+        ("200 OK", String::new(), info.to_string().into_bytes())
+    } else if let Some((name, bytes)) = file {
+        let headers = format!("ETag: \"etag-{name}\"\r\nX-Repo-Commit: {COMMIT}\r\n");
+        ("200 OK", headers, bytes.clone())
+    } else {
+        let headers = "X-Error-Code: EntryNotFound\r\n".to_string();
+        ("404 Not Found", headers, Vec::new())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes());
+    if method != "HEAD" {
+        let _ = stream.write_all(&body);
+    }
+}
+
+/// `llmtool estimate` of a fine-tuning config whose base is `test/tiny-llama`, run in `dir`
+/// with the hub's environment variables cleared.
+fn estimate_hub_model(dir: &Path) -> assert_cmd::Command {
+    let config = dir.join("ft.yaml");
+    std::fs::create_dir_all(dir.join("notes")).unwrap();
+    let text = "model:\n  pretrained: test/tiny-llama\ndata:\n  roots: [notes]\n";
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = llmtool();
+    for var in [
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "XDG_CACHE_HOME",
+        "HF_HUB_OFFLINE",
+        "HF_ENDPOINT",
+        "HF_TOKEN",
+        "HF_TOKEN_PATH",
+    ] {
+        cmd.env_remove(var);
+    }
+    // The fake hub is on localhost: no proxy in between.
+    for var in ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"] {
+        cmd.env_remove(var);
+    }
+    cmd.current_dir(dir).arg("estimate").arg(&config);
+    cmd
+}
+
+#[test]
+fn a_hub_model_missing_from_the_cache_is_downloaded_in_huggingface_hubs_layout() {
+    let model = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ];
+    let files = model
+        .into_iter()
+        .map(|f| (f, std::fs::read(fixture("tiny-llama").join(f)).unwrap()))
+        .chain([("consolidated.safetensors", b"the weights again".to_vec())])
+        .collect();
+    let (endpoint, log) = serve_hub(files);
+    let home = tempfile::tempdir().unwrap();
+    let estimate = |offline: &str| {
+        let mut cmd = estimate_hub_model(home.path());
+        cmd.env("HF_HOME", home.path())
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_TOKEN", "hf_test")
+            .env("HF_HUB_OFFLINE", offline);
+        cmd.assert()
+            .success()
+            .stdout(predicates::str::contains("parameters"));
+    };
+    estimate("0");
+    let repo = home.path().join("hub/models--test--tiny-llama");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    let blobs = repo.join("blobs").canonicalize().unwrap();
+    for file in model {
+        let cached = repo.join("snapshots").join(COMMIT).join(file);
+        assert!(cached.is_symlink(), "{file}: not a link into blobs/");
+        assert!(cached.canonicalize().unwrap().starts_with(&blobs), "{file}");
+        let want = std::fs::read(fixture("tiny-llama").join(file)).unwrap();
+        assert_eq!(std::fs::read(&cached).unwrap(), want, "{file}");
+    }
+    let requests = log.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|r| r.ends_with(" Bearer hf_test")),
+        "{requests:?}"
+    );
+    assert!(
+        !requests.iter().any(|r| r.contains("consolidated")),
+        "a file the model does not need was fetched: {requests:?}"
+    );
+    // A complete snapshot is used as it is, offline or not: the hub is not asked again.
+    estimate("1");
+    estimate("0");
+    assert_eq!(log.lock().unwrap().len(), requests.len());
+}
+
+#[test]
+fn the_hub_cache_is_found_where_huggingface_hub_looks_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let xdg = dir.path().join("xdg");
+    fake_hub(&xdg.join("huggingface"), false);
+    // A ref written by hand (`echo abc > refs/main`) ends in a newline.
+    let refs = xdg.join("huggingface/hub/models--test--tiny-llama/refs/main");
+    std::fs::write(refs, "abc\n").unwrap();
+    let run = |vars: &[(&str, &Path)]| {
+        let mut cmd = estimate_hub_model(dir.path());
+        cmd.env("HF_HUB_OFFLINE", "1");
+        for (var, value) in vars {
+            cmd.env(var, value);
+        }
+        cmd.assert()
+    };
+    let hf_home = xdg.join("huggingface");
+    run(&[("XDG_CACHE_HOME", &xdg)]).success();
+    run(&[("HF_HOME", &hf_home)]).success();
+    // HF_HUB_CACHE wins over HF_HOME, and HF_HOME over XDG_CACHE_HOME.
+    run(&[
+        ("HF_HOME", dir.path()),
+        ("HF_HUB_CACHE", &hf_home.join("hub")),
+    ])
+    .success();
+    let empty = dir.path().join("hub");
+    run(&[("XDG_CACHE_HOME", &xdg), ("HF_HOME", dir.path())])
+        .code(1)
+        .stderr(predicates::str::contains(format!(
+            "the Hugging Face cache at {} lacks its config.json",
+            empty.display()
+        )));
 }
 
 #[test]

@@ -1,14 +1,23 @@
 //! Finding a base model: a local directory, or a Hugging Face Hub id (`owner/name`) looked up
-//! in the Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
-//! `~/.cache/huggingface/hub`) and downloaded into it when missing, unless `HF_HUB_OFFLINE` is
-//! set. The cache layout is the one `huggingface-cli download` writes:
-//! `models--owner--name/snapshots/<rev>/` with the revision in `refs/main`.
+//! in the Hugging Face cache and downloaded into it when missing, unless `HF_HUB_OFFLINE` is
+//! set. The cache is where `huggingface_hub` (and hf-hub) put it: `HF_HUB_CACHE`, else
+//! `HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub` or `~/.cache/huggingface/hub`, laid out
+//! as `huggingface-cli download` writes it: `models--owner--name/snapshots/<rev>/` with the
+//! revision in `refs/main`.
+//!
+//! Downloads go through hf-hub's blocking client, which writes that layout and reads
+//! `HF_ENDPOINT`, `HF_TOKEN` and the token `huggingface-cli login` saved. Finding the cache,
+//! reading it, which files a model needs, and `HF_HUB_OFFLINE` stay here (see each function for
+//! why hf-hub's own does not serve).
 
 use super::io::weight_files;
 use super::weights::ModelError;
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::progress::{DownloadEvent, ProgressEvent, ProgressHandler};
+use hf_hub::{HFClient, HFError};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The directory holding the model `spec`: `spec` itself if it is a directory, otherwise the
 /// cached snapshot of the hub model `spec`, downloaded first (config, tokenizer, weights and
@@ -28,8 +37,8 @@ pub fn resolve(spec: &str) -> Result<PathBuf, ModelError> {
         )));
     }
     let cache_dir = cache_dir()?;
-    let cached = hf_hub::Cache::new(cache_dir.clone()).model(spec.to_string());
-    match snapshot(|file| Ok(cached.get(file))) {
+    let repo_dir = cache_dir.join(format!("models--{}", spec.replace('/', "--")));
+    match snapshot(|file| Ok(cached(&repo_dir, file))) {
         Err(ModelError::Missing { path, .. }) if offline() => Err(ModelError::Hub(format!(
             "{spec} is not a local directory, and the Hugging Face cache at {} lacks its {} while HF_HUB_OFFLINE is set: run `huggingface-cli download {spec}` where there is network access, or set HF_HUB_OFFLINE=0",
             cache_dir.display(),
@@ -60,33 +69,58 @@ fn looks_local(path: &Path) -> bool {
         .is_some_and(Path::is_dir)
 }
 
-/// Whether `HF_HUB_OFFLINE` asks for the cache only.
+/// Whether `HF_HUB_OFFLINE` asks for the cache only, read as `huggingface_hub` reads it
+/// (hf-hub does not read it).
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| ["1", "true", "yes", "on"].contains(&v.to_ascii_lowercase().as_str()))
 }
 
-/// The hub cache directory, found the way `huggingface_hub` finds it.
+/// The hub cache directory, found the way `huggingface_hub` and hf-hub 1.0 find it. Empty
+/// variables count as unset. hf-hub's `resolve_cache_dir` is hidden from its documentation (not
+/// a stable API), and `HFClient::cache_dir` needs a client, which offline use must not (see
+/// [`cached`]).
 fn cache_dir() -> Result<PathBuf, ModelError> {
     let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
-    if let Some(dir) = var("HF_HUB_CACHE") {
+    if let Some(dir) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
         return Ok(dir.into());
     }
-    if let Some(home) = var("HF_HOME") {
-        return Ok(PathBuf::from(home).join("hub"));
-    }
-    var("HOME")
-        .map(|home| PathBuf::from(home).join(".cache/huggingface/hub"))
-        .ok_or_else(|| {
-            ModelError::Hub(
-                "cannot locate the Hugging Face cache: set HF_HOME or HF_HUB_CACHE".into(),
-            )
-        })
+    let home = var("HF_HOME").map(PathBuf::from).or_else(|| {
+        let cache = var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+        Some(cache.join("huggingface"))
+    });
+    home.map(|home| home.join("hub")).ok_or_else(|| {
+        ModelError::Hub("cannot locate the Hugging Face cache: set HF_HOME or HF_HUB_CACHE".into())
+    })
+}
+
+/// The cached copy of `file` in `repo_dir` (a model's folder of the cache), at the revision in
+/// `refs/main`, as `huggingface_hub`'s `try_to_load_from_cache` finds it; `None` when the cache
+/// lacks it.
+///
+/// hf-hub 1.0 has this lookup (`download_file` with `local_files_only`), but only on a client
+/// whose HTTP stack loads the system's CA certificates as it is built, and fails where there
+/// are none (a slim container): the cache alone must do offline, as it did with hf-hub 0.4.
+fn cached(repo_dir: &Path, file: &str) -> Option<PathBuf> {
+    let commit = std::fs::read_to_string(repo_dir.join("refs/main")).ok()?;
+    let path = repo_dir
+        .join("snapshots")
+        .join(Some(commit.trim()).filter(|c| !c.is_empty())?)
+        .join(file);
+    path.exists().then_some(path)
 }
 
 /// Fetches the files of a model through `get` (which returns `None` for a file the source
 /// does not have) and returns the directory they are in. A required file that is missing
 /// gives [`ModelError::Missing`] with its name.
+///
+/// hf-hub has no equivalent: its `snapshot_download` with `local_files_only` returns a
+/// snapshot directory without checking which files it holds (an interrupted download would
+/// pass), and online it fetches the whole repository or the files matching globs, where a
+/// model needs the shards its index names and no more (Mistral repositories also hold
+/// `consolidated.safetensors`, a second copy of the weights).
 fn snapshot(
     mut get: impl FnMut(&str) -> Result<Option<PathBuf>, ModelError>,
 ) -> Result<PathBuf, ModelError> {
@@ -102,8 +136,7 @@ fn snapshot(
         let index = need(&mut get, "model.safetensors.index.json")?;
         let dir = index.parent().unwrap_or(Path::new("."));
         for shard in weight_files(dir)? {
-            let name = shard.strip_prefix(dir).unwrap_or(&shard);
-            need(&mut get, &name.to_string_lossy())?;
+            need(&mut get, &shard_name(&index, dir, &shard)?)?;
         }
     }
     for optional in ["tokenizer_config.json", "generation_config.json"] {
@@ -112,37 +145,144 @@ fn snapshot(
     Ok(config.parent().unwrap_or(Path::new(".")).to_path_buf())
 }
 
+/// The name in the repository of `shard`, a file the index at `index` (in `dir`) names. The
+/// index comes from the hub, so a name that would leave the snapshot (`../x`, `/x`) is refused
+/// rather than looked up or downloaded.
+fn shard_name(index: &Path, dir: &Path, shard: &Path) -> Result<String, ModelError> {
+    shard
+        .strip_prefix(dir)
+        .ok()
+        .filter(|name| name.components().all(|c| matches!(c, Component::Normal(_))))
+        .map(|name| name.to_string_lossy().into_owned())
+        .ok_or_else(|| ModelError::Config {
+            path: index.to_path_buf(),
+            message: format!(
+                "weight_map: {} is not a file beside the index",
+                shard.display()
+            ),
+        })
+}
+
 /// Downloads the model `spec` into the cache at `cache_dir` and returns its snapshot.
 fn download(spec: &str, cache_dir: PathBuf) -> Result<PathBuf, ModelError> {
-    let failed = |what: String, e: hf_hub::api::sync::ApiError| {
+    let failed = |what: String, e: HFError| {
         ModelError::Hub(format!(
-            "{spec} is not a local directory, and {what} from the Hugging Face Hub failed: {e}; check the id and the network (or run `huggingface-cli download {spec}`)"
+            "{spec} is not a local directory, and {what} the Hugging Face Hub failed: {}; check the id and the network (or run `huggingface-cli download {spec}`)",
+            with_sources(&e)
         ))
     };
-    let mut builder = ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir)).with_progress(true);
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-        builder = builder.with_endpoint(endpoint);
-    }
-    // Gated models (Llama) need a token: HF_TOKEN wins over the one `huggingface-cli login` saved.
-    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder
-        .build()
-        .map_err(|e| failed("connecting".into(), e))?;
-    let repo = api.model(spec.to_string());
+    let (owner, name) = hf_hub::split_id(spec);
+    let repo = HFClient::builder()
+        .cache_dir(cache_dir)
+        .build_sync()
+        .map_err(|e| failed("setting up a connection to".into(), e))?
+        .model(owner, name);
     let info = repo
         .info()
-        .map_err(|e| failed("listing its files".into(), e))?;
-    let files: HashSet<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    snapshot(|file| {
+        .send()
+        .map_err(|e| failed("listing its files on".into(), e))?;
+    let files: HashSet<String> = info
+        .siblings
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s.rfilename)
+        .collect();
+    let found = snapshot(|file| {
         if !files.contains(file) {
             return Ok(None);
         }
-        repo.get(file)
+        repo.download_file()
+            .filename(file)
+            .progress(FileBar::new(file))
+            .send()
             .map(Some)
-            .map_err(|e| failed(format!("downloading {file}"), e))
-    })
+            .map_err(|e| failed(format!("downloading {file} from"), e))
+    });
+    match found {
+        Err(ModelError::Missing { path, .. }) => Err(ModelError::Hub(format!(
+            "{spec} on the Hugging Face Hub has no {}, which the model needs (a model directory in Hugging Face format with safetensors weights)",
+            path.display()
+        ))),
+        other => other,
+    }
+}
+
+/// `e` and the errors under it: hf-hub's transport errors say what went wrong only there
+/// (`builder error` over `No CA certificates were loaded from the system`).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A file download's progress bar on stderr, hidden when stderr is not a terminal. It is drawn
+/// at hf-hub's first event with the file's size, so a file the hub says is unchanged since it
+/// was cached draws nothing.
+struct FileBar {
+    file: String,
+    bar: OnceLock<ProgressBar>,
+}
+
+impl FileBar {
+    fn new(file: &str) -> Self {
+        Self {
+            file: file.into(),
+            bar: OnceLock::new(),
+        }
+    }
+
+    fn start(&self, len: u64) -> &ProgressBar {
+        self.bar.get_or_init(|| {
+            let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+            let template =
+                "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}";
+            if let Ok(style) = ProgressStyle::with_template(template) {
+                bar.set_style(style);
+            }
+            bar.set_message(self.file.clone());
+            bar
+        })
+    }
+}
+
+impl ProgressHandler for FileBar {
+    fn on_progress(&self, event: &ProgressEvent) {
+        let ProgressEvent::Download(event) = event else {
+            return;
+        };
+        match event {
+            DownloadEvent::Start { total_bytes, .. } => {
+                self.start(*total_bytes).set_length(*total_bytes)
+            }
+            // Plain downloads report the file's bytes, Xet-stored files the batch's.
+            DownloadEvent::Progress { files } => {
+                for file in files.iter().filter(|f| f.filename == self.file) {
+                    if let Some(bar) = self.bar.get() {
+                        bar.set_position(file.bytes_completed);
+                    }
+                }
+            }
+            DownloadEvent::AggregateProgress {
+                bytes_completed, ..
+            } => {
+                if let Some(bar) = self.bar.get() {
+                    bar.set_position(*bytes_completed);
+                }
+            }
+            DownloadEvent::Complete => {
+                if let Some(bar) = self.bar.get() {
+                    bar.finish();
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -180,6 +320,25 @@ mod tests {
                 asked.iter().any(|a| a == shard),
                 "{shard} not fetched: {asked:?}"
             );
+        }
+    }
+
+    #[test]
+    fn snapshot_refuses_an_index_naming_files_outside_it() {
+        for outside in ["../model.safetensors", "/etc/passwd"] {
+            let dir = tempfile::tempdir().unwrap();
+            let index = format!(r#"{{"weight_map": {{"a": "{outside}"}}}}"#);
+            std::fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
+            let mut asked = Vec::new();
+            let got = snapshot(|file| {
+                asked.push(file.to_string());
+                Ok((file != "model.safetensors").then(|| dir.path().join(file)))
+            });
+            assert!(
+                matches!(got, Err(ModelError::Config { .. })),
+                "{outside}: {got:?}"
+            );
+            assert!(!asked.iter().any(|a| a == outside), "{outside} fetched");
         }
     }
 }
