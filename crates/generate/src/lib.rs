@@ -4,6 +4,9 @@
 //! with its own seeded sampler, so sample `i` is the text a single generation seeded `seed + i`
 //! gives. A [`Session`] keeps its cache between calls, so a prompt that extends the previous one
 //! (the next chat turn) only runs its new tokens.
+//!
+//! The file is long for its tests: the last third checks batches against single generations,
+//! per-row ends and session reuse.
 
 mod sampler;
 mod stream;
