@@ -255,31 +255,27 @@ fn self_attention_segments_case<const WINDOW: bool>(
     t: usize,
     d: usize,
 ) -> Case {
-    let table = vec![t, d / 2];
     Case {
         name: match WINDOW {
             true => "self_attention_segments_window",
             false => "self_attention_segments",
         },
         fused: |t| {
-            let (heads, kv_heads) = projection_heads(t)?;
             let (b, len, _) = t[0].dims3()?;
             let options = segmented_rows::<WINDOW>((b, len, 2 * t[3].dim(1)?), t[0].device())?;
-            let tables = (&t[3], &t[4]);
-            crate::self_attention([&t[0], &t[1], &t[2]], tables, heads, kv_heads, options)
+            fused_self_attention(t, options)
         },
         reference: |t| {
             let [q, k, v] = split_rotated(t)?;
             let options = segmented::<WINDOW>(&q)?;
             merged(&reference::windowed_attention(&q, &k, &v, options)?)
         },
-        inputs: vec![
-            Input::Float(vec![batch, t, heads * d], if WINDOW { 40.0 } else { 1.0 }),
-            Input::Float(vec![batch, t, kv_heads * d], 1.0),
-            Input::Float(vec![batch, t, kv_heads * d], 1.0),
-            Input::Table(table.clone()),
-            Input::Table(table),
-        ],
+        inputs: projection_inputs(
+            (batch, heads, kv_heads),
+            t,
+            d,
+            if WINDOW { 40.0 } else { 1.0 },
+        ),
     }
 }
 
