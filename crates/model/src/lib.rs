@@ -7,6 +7,7 @@ pub mod config;
 pub mod decoder;
 pub mod family;
 pub mod gguf;
+#[cfg(feature = "hub")]
 pub mod hub;
 pub mod io;
 pub mod linear;

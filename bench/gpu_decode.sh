@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Decoding at real scale on a GPU machine: llmtool's generate rows (batch 1, bf16) for the
+# base, 1b and 8b shapes, HF generate on the 1b in the same call, the device's read bandwidth
+# (the bound a decode step is held to), and an ncu breakdown of one decode step's kernels.
+# Run from `.device/` beside a CUDA binary built with `../shared/cuda/build.sh --bin llmtool`
+# and a copy of bench/torch_ref.py (see docs/benchmarks.md).
+cd "$(dirname "$0")"
+[ -f llmtool.gz ] && gunzip -f llmtool.gz && chmod +x llmtool
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+nvidia-smi --query-gpu=name,driver_version,clocks.max.mem --format=csv > "$OUT/decode.txt"
+timeout 60 python3 - >> "$OUT/decode.txt" 2>&1 <<'PY'
+import torch
+x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda").view(torch.bfloat16)
+y = torch.empty_like(x)
+def timed(f, n=20):
+    f(); torch.cuda.synchronize()
+    a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+    a.record()
+    for _ in range(n): f()
+    b.record(); torch.cuda.synchronize()
+    return a.elapsed_time(b) / n / 1e3
+x.normal_()
+t = timed(lambda: x.sum(dtype=torch.float32))
+print(f"read bandwidth (sum of 4 GiB bf16): {x.numel() * 2 / t / 1e9:.0f} GB/s")
+t = timed(lambda: y.copy_(x))
+print(f"copy bandwidth (read + write, 4 GiB): {2 * x.numel() * 2 / t / 1e9:.0f} GB/s")
+PY
+for size in base 1b 8b; do
+  timeout 200 ./llmtool bench --device cuda --sizes $size --tasks generate --modes bf16 --steps 8 \
+    --out "$OUT/decode-llmtool.jsonl" >> "$OUT/decode.txt" 2>&1; echo "$size rc=$?" >> "$OUT/decode.txt"
+done
+timeout 120 python3 torch_ref.py --device cuda --sizes 1b --tasks generate --modes bf16 --steps 4 \
+  --out "$OUT/decode-torch.jsonl" >> "$OUT/decode.txt" 2>&1; echo "torch rc=$?" >> "$OUT/decode.txt"
+# One decode step's kernels (each timed alone, so launch gaps are not in these durations):
+# skip the setup and the prompt, then take 600 launches from the middle of the decode loop.
+for size in 1b 8b; do
+  skip=$([ $size = 1b ] && echo 4000 || echo 8000)
+  timeout 150 "$NCU" --clock-control none --launch-skip $skip --launch-count 600 --csv \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size,launch__block_size \
+    ./llmtool bench --device cuda --sizes $size --tasks generate --modes bf16 --steps 1 \
+    > "$OUT/ncu-$size.csv" 2> "$OUT/ncu-$size.err"; echo "ncu $size rc=$?" >> "$OUT/decode.txt"
+done
