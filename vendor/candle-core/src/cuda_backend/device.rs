@@ -347,7 +347,9 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
+        // llmtool: a fat binary (machine code and PTX) where upstream loads PTX text.
+        let image = cudarc::nvrtc::Ptx::from_binary(mdl.image().to_vec());
+        let cuda_module = self.context.load_module(image).w()?;
         ms.mdls[mdl.index()] = Some(cuda_module.clone());
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
