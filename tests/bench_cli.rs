@@ -94,6 +94,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "add",
         "add_rms_norm",
         "add_rms_norm_offset",
+        "argmax",
         "cast",
         "causal_attention",
         "causal_attention_segments",

@@ -24,7 +24,7 @@ pub(super) fn greedy(
     let mut out = Vec::with_capacity(new_tokens);
     for _ in 0..new_tokens {
         // The decoder holds one row: logits `[1, vocab]`.
-        let next = logits.i(0)?.argmax(0)?.to_scalar::<u32>()?;
+        let next = ops::argmax(&logits.i(0)?)?.to_scalar::<u32>()?;
         out.push(next);
         if out.len() < new_tokens {
             logits = decoder.forward(&[next])?;

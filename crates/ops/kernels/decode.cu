@@ -6,6 +6,8 @@
 
 #include "common.cuh"
 
+#include <climits>
+
 // ---------------------------------------------------------------------------------------------
 // Decode attention: one query per (batch, head) against a KV cache read in place (a view into
 // the preallocated cache, so no copy of it per token). q is [b*h, d] contiguous; k and v have
@@ -145,6 +147,69 @@ __device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Greedy decoding's argmax over each row of x [rows, n] (src/argmax.rs): blocks of 256
+// threads each reduce a chunk of ARGMAX_CHUNK elements of a row to its largest value and that
+// value's first index (grid (chunks, rows)); argmax_finish, one block per row, reduces those.
+// Ties go to the lowest index, as candle's CPU argmax; NaN is never taken.
+constexpr int ARGMAX_CHUNK = 4096;
+
+// (v, i) becomes (v2, i2) where that is larger, or as large at a lower index.
+__device__ __forceinline__ void take_larger(float& v, int& i, float v2, int i2) {
+  if (v2 > v || (v2 == v && i2 < i)) {
+    v = v2;
+    i = i2;
+  }
+}
+
+// The block's largest (v, i) by take_larger; thread 0 gets it.
+__device__ void block_argmax(float& v, int& i) {
+  __shared__ float values[32];
+  __shared__ int indices[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1)
+    take_larger(v, i, __shfl_xor_sync(0xffffffff, v, o), __shfl_xor_sync(0xffffffff, i, o));
+  if (lane == 0) {
+    values[warp] = v;
+    indices[warp] = i;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  v = lane < warps ? values[lane] : -INFINITY;
+  i = lane < warps ? indices[lane] : INT_MAX;
+  for (int o = 16; o > 0; o >>= 1)
+    take_larger(v, i, __shfl_xor_sync(0xffffffff, v, o), __shfl_xor_sync(0xffffffff, i, o));
+}
+
+template <typename T>
+__device__ void argmax_chunks(const T* x, float* values, int* indices, int n, int chunks) {
+  const int row = blockIdx.y, chunk = blockIdx.x;
+  const T* xr = x + (size_t)row * n;
+  const int end = min(n, (chunk + 1) * ARGMAX_CHUNK);
+  float v = -INFINITY;
+  int i = INT_MAX;
+#pragma unroll 8
+  for (int j = chunk * ARGMAX_CHUNK + threadIdx.x; j < end; j += blockDim.x)
+    take_larger(v, i, to_f32(xr[j]), j);
+  block_argmax(v, i);
+  if (threadIdx.x == 0) {
+    values[(size_t)row * chunks + chunk] = v;
+    indices[(size_t)row * chunks + chunk] = i;
+  }
+}
+
+// A row with no value above NaN (all NaN) gets index 0.
+extern "C" __global__ void argmax_finish(const float* values, const int* indices, uint32_t* out,
+                                         int chunks) {
+  const size_t first = (size_t)blockIdx.x * chunks;
+  float v = -INFINITY;
+  int i = INT_MAX;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x)
+    take_larger(v, i, values[first + c], indices[first + c]);
+  block_argmax(v, i);
+  if (threadIdx.x == 0) out[blockIdx.x] = i == INT_MAX ? 0 : i;
+}
+
 // extern "C" entry points, one per dtype.
 
 #define DECODE_ENTRY_POINTS(S, T)                                                              \
@@ -159,6 +224,10 @@ __device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out
   extern "C" __global__ void gemv_##S(const T* x, const T* w, T* y, int rows, int in,         \
                                       int out) {                                              \
     gemv<T>(x, w, y, rows, in, out);                                                          \
+  }                                                                                           \
+  extern "C" __global__ void argmax_chunks_##S(const T* x, float* values, int* indices, int n, \
+                                               int chunks) {                                  \
+    argmax_chunks<T>(x, values, indices, n, chunks);                                          \
   }                                                                                           \
   extern "C" __global__ void decode_attention_##S(                                          \
       const T* q, const T* k, const T* v, T* out, float* scores, int heads, int group,        \

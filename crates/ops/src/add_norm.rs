@@ -91,7 +91,9 @@ custom_op!(AddRmsNorm: 3);
 /// The CUDA launcher (`kernels/norms.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::launch::{alloc, common_dtype, int, per_row, run, same_count, Arg, Operand};
+    use crate::launch::{
+        alloc, common_dtype, elementwise_kernel, int, per_row, run, same_count, Arg, Operand,
+    };
     use crate::rms_norm::cuda::check_weight;
     use crate::rows_and_width;
     use candle_core::{CudaStorage, Result};
@@ -109,14 +111,17 @@ mod cuda {
         check_weight(w, width)?;
         same_count(x, delta)?;
         let out = alloc(&x.0.device, dtype, 2 * rows * width)?;
-        let shape = per_row(rows, width, 256)?;
+        let kernels = ("add_rms_norm", "add_rms_norm_wide");
+        let (name, shape) = match elementwise_kernel(kernels, &[x, delta, w], width)? {
+            // A block as wide as the row's 16-byte packs, up to 512 threads (1024 would need
+            // fewer registers than the packs take: a launch error on an H200), so each thread
+            // holds at most ADD_NORM_PACKS (4) of them in registers (kernels/norms.cu).
+            (wide, per_access) if width / per_access <= 4 * 512 => {
+                (wide, per_row(rows, width / per_access, 512)?)
+            }
+            _ => (kernels.0, per_row(rows, width, 256)?),
+        };
         let scalars = [int(rows)?, int(width)?, Arg::Float(eps), Arg::Float(offset)];
-        run(
-            ("add_rms_norm", dtype),
-            shape,
-            &[x, delta, w],
-            out,
-            &scalars,
-        )
+        run((name, dtype), shape, &[x, delta, w], out, &scalars)
     }
 }

@@ -16,6 +16,7 @@
 pub mod adamw;
 mod add;
 mod add_norm;
+mod argmax;
 mod attach;
 mod attention;
 mod cast;
@@ -45,6 +46,7 @@ mod swiglu;
 pub use adamw::{adamw_step, AdamWUpdate};
 pub use add::{add, install_gradient_add};
 pub use add_norm::add_rms_norm;
+pub use argmax::argmax;
 pub use attention::{
     causal_attention, decode_attention_at, flash_attention, grouped_attention, self_attention,
     windowed_attention, AttentionOptions, Segments,

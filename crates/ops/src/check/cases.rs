@@ -55,6 +55,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         add_norm_case::<0>(1, shape.hidden),
         add_norm_case::<1>(1, shape.hidden),
         gemv_case(1, shape.hidden, shape.vocab),
+        gemv_case(1, shape.ffn, shape.hidden),
+        argmax_case(1, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear_rows", 1, shape.hidden, shape.ffn),
@@ -469,6 +471,28 @@ fn gemv_case(rows: usize, inp: usize, out: usize) -> Case {
     }
 }
 
+/// Greedy decoding's argmax over rows of logits, against candle's on the CPU (ties to the
+/// lowest index; 16-bit rows have many). Compared as one-hot rows, so that any other index
+/// is an error of 1, however close its value.
+fn argmax_case(rows: usize, width: usize) -> Case {
+    fn one_hot(indices: Tensor, width: usize) -> Result<Tensor> {
+        let columns = Tensor::arange(0u32, width as u32, indices.device())?;
+        columns
+            .unsqueeze(0)?
+            .broadcast_eq(&indices.unsqueeze(1)?)?
+            .to_dtype(DType::F32)
+    }
+    Case {
+        name: "argmax",
+        fused: |t| one_hot(crate::argmax(&t[0])?, t[0].dim(1)?),
+        reference: |t| {
+            let cpu = t[0].to_device(&candle_core::Device::Cpu)?;
+            one_hot(cpu.argmax(1)?.to_device(t[0].device())?, t[0].dim(1)?)
+        },
+        inputs: vec![Input::Table(vec![rows, width])],
+    }
+}
+
 /// The widening and narrowing casts of mixed precision (identities in f32), with gradients.
 fn cast_case(shape: Vec<usize>) -> Case {
     Case {
@@ -873,8 +897,18 @@ pub fn edge_cases() -> Vec<Case> {
         decode_case(2, 4, 2, 37, 16),
         add_norm_case::<0>(5, 17),
         add_norm_case::<1>(3, 17),
+        // 16-byte packs, two or three per thread (4104; 8200 in bf16), and rows of more
+        // packs than a block's threads hold (16400; 8200 in f32: the one-element kernel).
+        add_norm_case::<0>(3, 8200),
+        add_norm_case::<1>(2, 4104),
+        add_norm_case::<1>(2, 16400),
         gemv_case(3, 24, 5),
         gemv_case(1, 17, 5),
+        // Rows longer than a warp's round of loads, with a short last round.
+        gemv_case(3, 4104, 5),
+        glu_projection_case::<false>(4104, 7),
+        argmax_case(3, 9000),
+        argmax_case(2, 5),
         glu_projection_case::<false>(24, 7),
         glu_projection_case::<false>(17, 3),
         glu_projection_case::<true>(24, 7),
