@@ -3,7 +3,8 @@
 # base, 1b and 8b shapes, HF generate on the 1b in the same call, the device's read bandwidth
 # (the bound a decode step is held to), and an ncu breakdown of one decode step's kernels.
 # Run from `.device/` beside a CUDA binary built with `../shared/cuda/build.sh --bin llmtool`
-# and a copy of bench/torch_ref.py (see docs/benchmarks.md).
+# and copies of bench/torch_ref.py and bench/ncu_decode_step.py (docs/benchmarks.md, "Decoding
+# at real scale").
 cd "$(dirname "$0")"
 [ -f llmtool.gz ] && gunzip -f llmtool.gz && chmod +x llmtool
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
@@ -39,5 +40,6 @@ for size in 1b 8b; do
   timeout 150 "$NCU" --clock-control none --launch-skip $skip --launch-count 600 --csv \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size,launch__block_size \
     ./llmtool bench --device cuda --sizes $size --tasks generate --modes bf16 --steps 1 \
-    > "$OUT/ncu-$size.csv" 2> "$OUT/ncu-$size.err"; echo "ncu $size rc=$?" >> "$OUT/decode.txt"
+    > "ncu-$size.csv" 2> "ncu-$size.err"; echo "ncu $size rc=$?" >> "$OUT/decode.txt"
+  python3 ncu_decode_step.py "ncu-$size.csv" > "$OUT/ncu-$size.txt" 2>&1
 done
