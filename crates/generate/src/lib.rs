@@ -230,10 +230,10 @@ impl<'a> Session<'a> {
             end_active(rows, Finish::MaxTokens, emit)?;
         }
         while any_active(rows) {
-            let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            for (i, (row, logits)) in rows.iter_mut().zip(&row_logits).enumerate() {
-                if row.is_active() {
-                    row.take(logits, settings, |s| emit(i, s))?;
+            let next = next_tokens(rows, &logits, &settings.sampling)?;
+            for (i, (row, next)) in rows.iter_mut().zip(next).enumerate() {
+                if let Some(next) = next {
+                    row.take(next, settings, |s| emit(i, s))?;
                 }
             }
             if self.decoder.len() >= self.context() {
@@ -358,6 +358,34 @@ fn end_active(
 
 /// One sample being generated: its sampler, what it has produced, its text stream and stop
 /// strings, and whether (and when) it ended.
+/// The next token of each active row (`None` for an ended one) from `logits` `[rows, vocab]`.
+/// Greedy decoding with no penalty takes the argmax on the device and reads back one id per
+/// row; any other sampling reads the logits back and samples each row on the CPU.
+fn next_tokens(
+    rows: &mut [Continuation],
+    logits: &Tensor,
+    sampling: &SamplingParams,
+) -> Result<Vec<Option<u32>>, GenerateError> {
+    if sampling.is_plain_argmax() {
+        let ids = ops::argmax(logits)?.to_vec1::<u32>()?;
+        return Ok(rows
+            .iter()
+            .zip(ids)
+            .map(|(row, id)| row.is_active().then_some(id))
+            .collect());
+    }
+    let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    rows.iter_mut()
+        .zip(&row_logits)
+        .map(|(row, logits)| {
+            row.is_active()
+                .then(|| row.sampler.sample(logits, &row.context))
+                .transpose()
+        })
+        .collect::<candle_core::Result<_>>()
+        .map_err(GenerateError::from)
+}
+
 struct Continuation<'t> {
     sampler: Sampler,
     stream: TextStream<'t>,
@@ -406,15 +434,14 @@ impl<'t> Continuation<'t> {
         self.context.last().copied().unwrap_or_default()
     }
 
-    /// Samples the next token from `logits` and streams the text it completes; ends the
+    /// Takes `next` as the sample's next token and streams the text it completes; ends the
     /// sample at an end-of-sequence id, a stop string or `max_tokens`.
     fn take(
         &mut self,
-        logits: &[f32],
+        next: u32,
         settings: &GenerationSettings,
         mut emit: impl FnMut(Streamed<'_>) -> std::io::Result<()>,
     ) -> Result<(), GenerateError> {
-        let next = self.sampler.sample(logits, &self.context)?;
         if settings.eos.contains(&next) {
             return self.end(Finish::Eos, emit);
         }

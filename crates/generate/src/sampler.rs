@@ -35,6 +35,13 @@ pub struct InvalidSampling {
 }
 
 impl SamplingParams {
+    /// Whether the token is the argmax of the logits as the model gives them: greedy with no
+    /// repetition penalty. The decode loop then takes it on the device and reads back one id
+    /// per row rather than the whole vocabulary's logits.
+    pub fn is_plain_argmax(&self) -> bool {
+        self.temperature <= 0.0 && self.repetition_penalty == 1.0
+    }
+
     /// Checks every setting's range.
     pub fn validate(&self) -> std::result::Result<(), InvalidSampling> {
         let bad = |name, range, value: String| Err(InvalidSampling { name, range, value });
@@ -246,6 +253,32 @@ mod tests {
                 ..params()
             };
             assert!(draws(greedy, &values, 5).iter().all(|&t| t == best));
+        }
+    }
+
+    /// The decode loop takes `ops::argmax` of the logits where `is_plain_argmax` holds: that
+    /// must be the token the sampler picks, ties (to the lowest index) included.
+    #[test]
+    fn plain_argmax_is_the_greedy_sampler_pick() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let greedy = SamplingParams {
+            temperature: 0.0,
+            ..params()
+        };
+        assert!(greedy.is_plain_argmax());
+        let penalised = SamplingParams {
+            repetition_penalty: 1.3,
+            ..greedy.clone()
+        };
+        assert!(!penalised.is_plain_argmax() && !params().is_plain_argmax());
+        // Values on a coarse grid, so that most rows hold ties for the largest.
+        let rows: Vec<Vec<f32>> = (0..20)
+            .map(|_| (0..40).map(|_| rng.random_range(0..8) as f32).collect())
+            .collect();
+        let logits = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+        let argmax = ops::argmax(&logits).unwrap().to_vec1::<u32>().unwrap();
+        for (row, want) in rows.iter().zip(argmax) {
+            assert_eq!(draws(greedy.clone(), row, 1), vec![want]);
         }
     }
 
