@@ -205,34 +205,15 @@ pub enum LoraTargets {
     All,
 }
 
-/// Compute precision for inference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DtypeArg {
-    /// The candle dtype.
-    pub fn dtype(self) -> candle_core::DType {
-        match self {
-            Self::F32 => candle_core::DType::F32,
-            Self::Bf16 => candle_core::DType::BF16,
-            Self::F16 => candle_core::DType::F16,
-        }
-    }
-}
-
 /// Where and how a model runs.
 #[derive(Debug, Args)]
 pub struct RuntimeArgs {
     /// auto, cpu, cuda, cuda:N or metal.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSpec,
-    /// Compute precision (weights are converted on load).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    /// Compute precision (weights are converted on load): f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: config::Precision,
     /// Quantize the blocks' projections to 4-bit NF4 as the model loads, as a QLoRA fine-tune
     /// (`lora.base_dtype: nf4`) does: its adapters then see the base they were trained on. A
     /// checkpoint that bitsandbytes quantized loads as NF4 without it.

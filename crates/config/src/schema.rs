@@ -239,6 +239,20 @@ pub enum Precision {
     F16,
 }
 
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// The names the configs use (`f32`, `bf16`, `f16`), for command-line flags.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            _ => Err(format!("expected f32, bf16 or f16, got `{text}`")),
+        }
+    }
+}
+
 impl Precision {
     /// The candle dtype for this precision.
     pub fn dtype(self) -> candle_core::DType {
