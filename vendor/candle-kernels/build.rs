@@ -22,10 +22,15 @@ fn main() -> Result<()> {
     // modules and no static library, which a check never links. A build without the variable
     // runs this script again and compiles everything.
     println!("cargo::rerun-if-env-changed={CHECK_ONLY}");
-    if env::var_os(CHECK_ONLY).is_some() {
-        return empty_images(&out_dir);
+    let check_only = env::var_os(CHECK_ONLY).is_some();
+    match check_only {
+        true => empty_images(&out_dir)?,
+        false => fat_binaries(&out_dir)?,
     }
-    fat_binaries(&out_dir)?;
+    image_constants(&out_dir)?;
+    if check_only {
+        return Ok(());
+    }
 
     let mut moe_sources = vec![
         "src/moe/moe_gguf.cu",
@@ -104,8 +109,8 @@ const MODULES: [&str; 11] = [
 /// code for four generations would take longer to build than all the others together.
 const PTX_ONLY: [&str; 1] = ["quantized"];
 
-/// llmtool: compiles every module in [`MODULES`] with nvcc into `OUT_DIR/<name>.fatbin` and
-/// writes `OUT_DIR/images.rs`, one `&[u8]` constant per module. Each fat binary holds machine
+/// llmtool: compiles every module in [`MODULES`] with nvcc into `OUT_DIR/<name>.fatbin`
+/// ([`image_constants`] embeds them). Each fat binary holds machine
 /// code (SASS) for the compute capabilities in `LLMTOOL_CUDA_SASS` (default `80,86,89,90`,
 /// as llmtool-ops' kernels; empty for none) and PTX for `compute_$CUDA_COMPUTE_CAP` (else the
 /// GPU nvidia-smi finds, else 80), which the driver compiles for any other GPU at first use.
@@ -125,9 +130,7 @@ fn fat_binaries(out_dir: &std::path::Path) -> Result<()> {
         .map(|cap| cap.trim().replace('.', ""))
         .filter(|cap| !cap.is_empty())
         .collect();
-    let mut images = String::new();
     for name in MODULES {
-        images += &image_constant(name);
         let source = format!("src/{name}.cu");
         let image = out_dir.join(format!("{name}.fatbin"));
         let machine_code = match PTX_ONLY.contains(&name) {
@@ -154,25 +157,29 @@ fn fat_binaries(out_dir: &std::path::Path) -> Result<()> {
             });
         }
     }
-    std::fs::write(out_dir.join("images.rs"), images)?;
     Ok(())
 }
 
-/// llmtool: the line of `images.rs` that embeds module `name`'s fat binary.
-fn image_constant(name: &str) -> String {
-    format!(
-        "pub const {}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.fatbin\"));\n",
-        name.to_uppercase()
-    )
-}
-
-/// llmtool: `images.rs` over empty modules, for a lint ([`CHECK_ONLY`]).
+/// llmtool: an empty `OUT_DIR/<name>.fatbin` for every module, for a lint ([`CHECK_ONLY`]).
 fn empty_images(out_dir: &std::path::Path) -> Result<()> {
-    let mut images = String::new();
     for name in MODULES {
         std::fs::write(out_dir.join(format!("{name}.fatbin")), [])?;
-        images += &image_constant(name);
     }
+    Ok(())
+}
+
+/// llmtool: `OUT_DIR/images.rs`, one `&[u8]` constant per module embedding its
+/// `OUT_DIR/<name>.fatbin` (`src/lib.rs` includes it).
+fn image_constants(out_dir: &std::path::Path) -> Result<()> {
+    let images: String = MODULES
+        .iter()
+        .map(|name| {
+            format!(
+                "pub const {}: &[u8] = include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{name}.fatbin\"));\n",
+                name.to_uppercase()
+            )
+        })
+        .collect();
     std::fs::write(out_dir.join("images.rs"), images)?;
     Ok(())
 }

@@ -98,6 +98,14 @@ mod cuda {
     use crate::rows_and_width;
     use candle_core::{CudaStorage, Result};
 
+    /// 16-byte packs a thread of `add_rms_norm_wide` holds at most (`ADD_NORM_PACKS` in
+    /// kernels/norms.cu).
+    const WIDE_PACKS: usize = 4;
+
+    /// Threads of a block of `add_rms_norm_wide` at most (its `__launch_bounds__`): with 1024,
+    /// the packs' registers (64-96 a thread on sm_90) exceed a block's, a launch error.
+    const WIDE_THREADS: u32 = 512;
+
     /// Residual add and RMSNorm scaled by `offset + w`: `[sum; normed]` in one buffer of twice
     /// `x`'s size.
     pub(super) fn add_rms_norm(
@@ -113,11 +121,10 @@ mod cuda {
         let out = alloc(&x.0.device, dtype, 2 * rows * width)?;
         let kernels = ("add_rms_norm", "add_rms_norm_wide");
         let (name, shape) = match elementwise_kernel(kernels, &[x, delta, w], width)? {
-            // A block as wide as the row's 16-byte packs, up to 512 threads (1024 would need
-            // fewer registers than the packs take: a launch error on an H200), so each thread
-            // holds at most ADD_NORM_PACKS (4) of them in registers (kernels/norms.cu).
-            (wide, per_access) if width / per_access <= 4 * 512 => {
-                (wide, per_row(rows, width / per_access, 512)?)
+            // A block as wide as the row's 16-byte packs, up to WIDE_THREADS, so each thread
+            // holds at most WIDE_PACKS of them in registers.
+            (wide, per_access) if width / per_access <= WIDE_PACKS * WIDE_THREADS as usize => {
+                (wide, per_row(rows, width / per_access, WIDE_THREADS)?)
             }
             _ => (kernels.0, per_row(rows, width, 256)?),
         };

@@ -49,7 +49,6 @@ mod cuda {
         address, alloc, base_address, common_dtype, grid, int, int_u32, launch, Arg, Operand,
     };
     use crate::rows_and_width;
-    use candle_core::cuda_backend::CudaStorageSlice;
     use candle_core::{CudaStorage, DType, Result};
 
     /// Elements of a row that one block reduces (`ARGMAX_CHUNK` in kernels/decode.cu).
@@ -61,18 +60,10 @@ mod cuda {
         let (rows, width) = rows_and_width(x.1)?;
         let chunks = width.div_ceil(CHUNK).max(1);
         let device = &x.0.device;
+        // argmax_chunks writes every partial value and index, argmax_finish every output.
         let partial = alloc(device, DType::F32, rows * chunks)?;
-        // SAFETY: argmax_chunks writes every partial index, argmax_finish every output.
-        let (partial_indices, out) = unsafe {
-            (
-                device.alloc::<u32>(rows * chunks)?,
-                device.alloc::<u32>(rows)?,
-            )
-        };
-        let [partial_indices, out] = [partial_indices, out].map(|slice| CudaStorage {
-            slice: CudaStorageSlice::U32(slice),
-            device: device.clone(),
-        });
+        let partial_indices = alloc(device, DType::U32, rows * chunks)?;
+        let out = alloc(device, DType::U32, rows)?;
         let (values, indices) = (base_address(&partial)?, base_address(&partial_indices)?);
         launch(
             device,

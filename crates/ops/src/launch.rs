@@ -100,6 +100,7 @@ pub(crate) fn alloc(device: &CudaDevice, dtype: DType, n: usize) -> Result<CudaS
             DType::F32 => CudaStorageSlice::F32(device.alloc::<f32>(n)?),
             DType::BF16 => CudaStorageSlice::BF16(device.alloc::<half::bf16>(n)?),
             DType::F16 => CudaStorageSlice::F16(device.alloc::<half::f16>(n)?),
+            DType::U32 => CudaStorageSlice::U32(device.alloc::<u32>(n)?),
             other => candle_core::bail!("fused CUDA kernel: unsupported dtype {other:?}"),
         }
     };
