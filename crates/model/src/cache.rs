@@ -191,10 +191,10 @@ impl LayerCache {
     }
 
     /// Attention of a step over the cache from its packed projections `qkv`
-    /// `[b, t, (heads + 2 kv_heads) · head_size]`: the keys (rotated by `rope`) and the
-    /// values are written into the cache and the rotated queries come out of the same kernel
-    /// ([`ops::write_kv`]), then attend to every cached position up to theirs as `options`
-    /// say. Returns `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds.
+    /// `[b, t, (heads + 2 kv_heads) · head_size]`: the keys (rotated by `rope`) and the values
+    /// go into the cache and the rotated queries attend to every cached position up to theirs
+    /// as `options` say ([`ops::cached_attention`]: one kernel for a one-position step on
+    /// CUDA). Returns `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds.
     pub fn attend_packed(
         &mut self,
         qkv: &Tensor,
@@ -224,23 +224,13 @@ impl LayerCache {
                     tables
                 }
             };
-            let q = ops::write_kv(&buffer, qkv, &cos, &sin, at)?;
-            let (k, v) = (buffer.i(0)?, buffer.i(1)?);
-            return ops::decode_attention_at(&q, &k, &v, &position, options);
+            return ops::cached_attention(&buffer, qkv, (&cos, &sin), at, options);
         }
         let (cos, sin) = rope.window(self.len, t)?;
-        let q = ops::write_kv(&buffer, qkv, &cos, &sin, layout(Position::Host(self.len)))?;
-        let (k, v) = self.views(&buffer, t)?;
-        // A window that covers every position attended to masks nothing.
-        let len = self.len;
-        let options = ops::AttentionOptions {
-            window: options.window.filter(|&w| len > w),
-            ..options
-        };
-        match options == ops::AttentionOptions::plain(head_size) {
-            true => ops::grouped_attention(&q, &k, &v),
-            false => ops::windowed_attention(&q, &k, &v, options),
-        }
+        let at = layout(Position::Host(self.len));
+        let out = ops::cached_attention(&buffer, qkv, (&cos, &sin), at, options)?;
+        self.len += t;
+        Ok(out)
     }
 }
 

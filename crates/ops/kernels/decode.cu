@@ -10,66 +10,167 @@
 
 // ---------------------------------------------------------------------------------------------
 // Decode attention: one query per (batch, head) against a KV cache read in place (a view into
-// the preallocated cache, so no copy of it per token). q is [b*h, d] contiguous; k and v have
-// element strides (batch, kv head, position) and unit stride along d; query head h reads kv
-// head h / group. `scores` is [b*h, kv_len] f32 scratch. One block per (batch, head), of 1024
-// threads (a decode step has few blocks, so each is made wide): a warp per key for the scores
-// (lanes along d, so rows are read coalesced), then blockDim / d groups of d threads that each
-// sum the values of every groups-th key, and a final sum over the groups. Dynamic shared
-// memory: the query (d floats), then blockDim partial sums. Scores are attention_logit's
-// (common.cuh: scaled, soft-capped where cap > 0); with window > 0 only the last `window`
-// positions are attended to.
+// the preallocated cache, so no copy of it per token), one block per (batch, head). A decode
+// step's blocks are few, and each reads few keys, so what costs is rounds of dependent memory
+// accesses, not bytes: keys are read a thread per key (each thread's loads of its whole key
+// issued together, so the block's keys arrive in one round, not a round per key), values by
+// d / W threads per position, blockDim / (d / W) positions at a time, whose partial sums meet in
+// shared memory. W elements are read at once (WIDE<T> where the launcher found the rows 16-byte
+// aligned, else 1). Scores are attention_logit's (common.cuh: scaled, soft-capped where
+// cap > 0); with window > 0 only the last `window` positions are attended to.
 
-template <typename T>
-__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scores,
-                                 int heads, int group, int kv_len, int d, long long k_sb,
-                                 long long k_sh, long long k_sp, long long v_sb, long long v_sh,
-                                 long long v_sp, float scale, const uint32_t* position,
-                                 float cap, int window) {
-  // A replayed decode step attends to the positions up to its own, read from `position`;
-  // kv_len is then the cache's capacity, which bounds it.
-  if (position != nullptr) kv_len = min(kv_len, (int)*position + 1);
-  const int first = window > 0 ? max(0, kv_len - window) : 0;
-  extern __shared__ float shared[];
-  float* query = shared;
-  float* partial = shared + d;
-  const int bh = blockIdx.x, b = bh / heads, kv_head = (bh % heads) / group;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const T* kb = k + b * k_sb + kv_head * k_sh;
-  const T* vb = v + b * v_sb + kv_head * v_sh;
-  float* s = scores + (size_t)bh * kv_len;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) query[i] = to_f32(q[(size_t)bh * d + i]);
-  __syncthreads();
+// DECODE_THREADS threads a block; its shared memory, in floats, besides the query (and the
+// step's own key and value): blockDim * W partial sums and blockDim slice sums.
+constexpr int DECODE_THREADS = 1024;
+
+// The attention of a block's query (f32 `d` in shared memory) to the positions [first, end)
+// of keys k + j * k_sp and values v + j * v_sp and, with `fresh` (f32 [2, d] in shared memory:
+// the step's own key and value, whose cache slot another block may be writing), one more at
+// `end`. `s` is the block's f32 scratch for the scores of positions up to `end`; `work` is
+// shared memory of blockDim * (W + 1) floats. Thread i < d writes out[i].
+template <typename T, int W>
+__device__ void attend_query(const float* query, const T* k, long long k_sp, const T* v,
+                             long long v_sp, int first, int end, const float* fresh, int d,
+                             float scale, float cap, float* s, float* work, T* out) {
+  using P = Pack<T, W>;
   float m = -INFINITY;
-  for (int j = first + warp; j < kv_len; j += warps) {
-    const T* kj = kb + j * k_sp;
+  for (int j = first + threadIdx.x; j < end; j += blockDim.x) {
+    const T* kj = k + j * k_sp;
     float dot = 0.f;
-    for (int i = lane; i < d; i += 32) dot += query[i] * to_f32(kj[i]);
+#pragma unroll 8
+    for (int c = 0; c < d; c += W) {
+      const P key = P::load(kj + c);
+#pragma unroll
+      for (int e = 0; e < W; ++e) dot += query[c + e] * to_f32(key.e[e]);
+    }
+    dot = attention_logit(dot, scale, cap);
+    s[j] = dot;
+    m = fmaxf(m, dot);
+  }
+  if (fresh != nullptr && threadIdx.x < 32) {
+    float dot = 0.f;
+    for (int i = threadIdx.x; i < d; i += 32) dot += query[i] * fresh[i];
     dot = attention_logit(warp_sum(dot), scale, cap);
-    if (lane == 0) s[j] = dot;
+    if (threadIdx.x == 0) s[end] = dot;
     m = fmaxf(m, dot);
   }
   m = block_max(m);  // its barriers also publish the scores to the whole block
+  const int last = end + (fresh != nullptr ? 1 : 0);
   float sum = 0.f;
-  for (int j = first + threadIdx.x; j < kv_len; j += blockDim.x) {
+  for (int j = first + threadIdx.x; j < last; j += blockDim.x) {
     const float p = __expf(s[j] - m);
     s[j] = p;
     sum += p;
   }
   const float inv = 1.f / block_sum(sum);  // and the probabilities
-  const int groups = blockDim.x / d, g = threadIdx.x / d, i = threadIdx.x % d;
-  float acc = 0.f;
-  if (g < groups) {
+  const int chunks = d / W, rows = blockDim.x / chunks;
+  const int r = threadIdx.x / chunks, c = (threadIdx.x % chunks) * W;
+  if (r < rows) {
+    float acc[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) acc[e] = 0.f;
 #pragma unroll 4
-    for (int j = first + g; j < kv_len; j += groups) acc += s[j] * to_f32(vb[j * v_sp + i]);
+    for (int j = first + r; j < end; j += rows) {
+      const float p = s[j];
+      const P value = P::load(v + j * v_sp + c);
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] += p * to_f32(value.e[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < W; ++e) work[r * d + c + e] = acc[e];
   }
-  partial[threadIdx.x] = acc;
+  __syncthreads();
+  // blockDim / d slices of threads each sum every slices-th row of partial sums, then the
+  // first d threads sum the slices.
+  float* slice_sums = work + blockDim.x * W;
+  const int slices = blockDim.x / d, i = threadIdx.x % d, slice = threadIdx.x / d;
+  if (slice < slices) {
+    float total = 0.f;
+    for (int row = slice; row < rows; row += slices) total += work[row * d + i];
+    slice_sums[slice * d + i] = total;
+  }
   __syncthreads();
   if (threadIdx.x < d) {
     float total = 0.f;
-    for (int gg = 0; gg < groups; ++gg) total += partial[gg * d + threadIdx.x];
-    out[(size_t)bh * d + threadIdx.x] = from_f32<T>(total * inv);
+    for (int sl = 0; sl < slices; ++sl) total += slice_sums[sl * d + threadIdx.x];
+    if (fresh != nullptr) total += s[end] * fresh[d + threadIdx.x];
+    out[threadIdx.x] = from_f32<T>(total * inv);
   }
+}
+
+// q is [b*h, d] contiguous; k and v have element strides (batch, kv head, position) and unit
+// stride along d; query head h reads kv head h / group. `scores` is [b*h, kv_len] f32 scratch.
+// Dynamic shared memory: the query, then attend_query's work.
+template <typename T, int W>
+__device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scores,
+                                 int heads, int group, int kv_len, int d, long long k_sb,
+                                 long long k_sh, long long k_sp, long long v_sb, long long v_sh,
+                                 long long v_sp, float scale, const uint32_t* position,
+                                 float cap, int window) {
+  dependents_may_launch();
+  wait_for_previous();
+  const int bh = blockIdx.x, b = bh / heads, kv_head = (bh % heads) / group;
+  float* s = scores + (size_t)bh * kv_len;
+  // A replayed decode step attends to the positions up to its own, read from `position`;
+  // kv_len is then the cache's capacity, which bounds it.
+  if (position != nullptr) kv_len = min(kv_len, (int)min(*position, (uint32_t)INT_MAX - 1) + 1);
+  const int first = window > 0 ? max(0, kv_len - window) : 0;
+  extern __shared__ float shared[];
+  for (int i = threadIdx.x; i < d; i += blockDim.x) shared[i] = to_f32(q[(size_t)bh * d + i]);
+  __syncthreads();
+  attend_query<T, W>(shared, k + b * k_sb + kv_head * k_sh, k_sp, v + b * v_sb + kv_head * v_sh,
+                     v_sp, first, kv_len, nullptr, d, scale, cap, s, shared + d,
+                     out + (size_t)bh * d);
+}
+
+// A whole decode step's attention from its packed projections: qkv is [b, (heads + 2 kv_heads)
+// * d] (queries, keys, values, as the stacked projection outputs them, one position). Each
+// block rotates its query head and its kv head's key (RoPE over the first `rotary` elements,
+// as write_kv does, rounded to T as the cache holds them), the first block of each group of
+// query heads writes that key and the value into the cache [2, b, kv_heads, max_len, d] at the
+// step's position, and every block attends to the cached positions before it and to its own
+// key and value from shared memory (the cache slot may not be written yet). The position is
+// `start`, or read from `position` (a step replayed from a CUDA graph; cos and sin are then
+// the whole [max positions, rotary / 2] tables, else the step's row); a position past the cache
+// writes nothing and attends to the cache as it is. Dynamic shared memory: the query, the key
+// and the value, then attend_query's work.
+template <typename T, int W>
+__device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, T* out,
+                            float* scores, int batch, int heads, int kv_heads, int d, int rotary,
+                            int max_len, int start, const uint32_t* position, float scale,
+                            float cap, int window) {
+  dependents_may_launch();
+  wait_for_previous();
+  const int pos = position != nullptr ? (int)min(*position, (uint32_t)INT_MAX) : start;
+  const bool fresh = pos < max_len;
+  const int bh = blockIdx.x, b = bh / heads, h = bh % heads, group = heads / kv_heads;
+  const int kv = h / group, rhalf = rotary / 2;
+  if (position != nullptr && fresh) {
+    cos += (size_t)pos * rhalf;
+    sin += (size_t)pos * rhalf;
+  }
+  extern __shared__ float shared[];
+  float *query = shared, *own = shared + d;
+  const T* row = qkv + (size_t)b * (heads + 2 * kv_heads) * d;
+  T* kc = cache + ((size_t)b * kv_heads + kv) * max_len * d;
+  T* vc = kc + (size_t)batch * kv_heads * max_len * d;
+  const bool writer = fresh && h % group == 0;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    const T key = rope_element(row + (size_t)(heads + kv) * d, cos, sin, i, rhalf);
+    const T value = row[(size_t)(heads + kv_heads + kv) * d + i];
+    query[i] = to_f32(rope_element(row + (size_t)h * d, cos, sin, i, rhalf));
+    own[i] = to_f32(key);
+    own[d + i] = to_f32(value);
+    if (writer) {
+      kc[(size_t)pos * d + i] = key;
+      vc[(size_t)pos * d + i] = value;
+    }
+  }
+  __syncthreads();
+  const int end = fresh ? pos : max_len;
+  const int first = window > 0 ? max(0, end + (fresh ? 1 : 0) - window) : 0;
+  attend_query<T, W>(query, kc, d, vc, d, first, end, fresh ? own : nullptr, d, scale, cap,
+                     scores + (size_t)bh * max_len, shared + 3 * d, out + (size_t)bh * d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -98,9 +199,15 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, in
     for (int u = 0; u < U; ++u) {
       const int i = first + 32 * u;
       if (i >= units) break;
-      b[u] = xv[i];
 #pragma unroll
       for (int n = 0; n < N; ++n) a[n][u] = reinterpret_cast<const uint4*>(w[n])[i];
+    }
+    // The first weights are on their way while the kernel ahead ends (x is its output).
+    if (first == lane) wait_for_previous();
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (first + 32 * u >= units) break;
+      b[u] = xv[first + 32 * u];
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -121,6 +228,7 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, in
 // y[r][o] = w[o] · x[r].
 template <typename T>
 __device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
+  dependents_may_launch();
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;  // the whole warp leaves together
   const T* row[1] = {w + (size_t)o * in};
@@ -136,6 +244,7 @@ __device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
 // first as the separate projections store them; act is A (common.cuh: SwiGLU's or GeGLU's).
 template <typename A, typename T>
 __device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out) {
+  dependents_may_launch();
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;
   const T* gate_up[2] = {w + (size_t)o * in, w + (size_t)(out + o) * in};
@@ -183,6 +292,8 @@ __device__ void block_argmax(float& v, int& i) {
 
 template <typename T>
 __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, int chunks) {
+  dependents_may_launch();
+  wait_for_previous();
   const int row = blockIdx.y, chunk = blockIdx.x;
   const T* xr = x + (size_t)row * n;
   const int end = min(n, (chunk + 1) * ARGMAX_CHUNK);
@@ -201,6 +312,8 @@ __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, in
 // A row with no value above NaN (all NaN) gets index 0.
 extern "C" __global__ void argmax_finish(const float* values, const int* indices, uint32_t* out,
                                          int chunks) {
+  dependents_may_launch();
+  wait_for_previous();
   const size_t first = (size_t)blockIdx.x * chunks;
   float v = -INFINITY;
   int i = INT_MAX;
@@ -210,7 +323,26 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
   if (threadIdx.x == 0) out[blockIdx.x] = i == INT_MAX ? 0 : i;
 }
 
-// extern "C" entry points, one per dtype.
+// extern "C" entry points, one per dtype; the attention kernels also once per access width
+// (`_wide`: 16-byte accesses).
+
+// decode_attention##WIDTH##_##S and decode_step##WIDTH##_##S reading W elements at once.
+#define DECODE_ATTENTION_ENTRY_POINTS(S, T, WIDTH, W)                                          \
+  extern "C" __global__ void __launch_bounds__(DECODE_THREADS) decode_attention##WIDTH##_##S( \
+      const T* q, const T* k, const T* v, T* out, float* scores, int heads, int group,        \
+      int kv_len, int d, long long k_sb, long long k_sh, long long k_sp, long long v_sb,      \
+      long long v_sh, long long v_sp, float scale, const uint32_t* position, float cap,       \
+      int window) {                                                                           \
+    decode_attention<T, W>(q, k, v, out, scores, heads, group, kv_len, d, k_sb, k_sh, k_sp,   \
+                           v_sb, v_sh, v_sp, scale, position, cap, window);                   \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(DECODE_THREADS) decode_step##WIDTH##_##S(      \
+      const T* qkv, const T* cos, const T* sin, T* cache, T* out, float* scores, int batch,   \
+      int heads, int kv_heads, int d, int rotary, int max_len, int start,                     \
+      const uint32_t* position, float scale, float cap, int window) {                         \
+    decode_step<T, W>(qkv, cos, sin, cache, out, scores, batch, heads, kv_heads, d, rotary,   \
+                      max_len, start, position, scale, cap, window);                          \
+  }
 
 #define DECODE_ENTRY_POINTS(S, T)                                                              \
   extern "C" __global__ void gemv_swiglu_##S(const T* x, const T* w, T* y, int rows, int in,  \
@@ -229,13 +361,7 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
                                                int chunks) {                                  \
     argmax_chunks<T>(x, values, indices, n, chunks);                                          \
   }                                                                                           \
-  extern "C" __global__ void decode_attention_##S(                                          \
-      const T* q, const T* k, const T* v, T* out, float* scores, int heads, int group,        \
-      int kv_len, int d, long long k_sb, long long k_sh, long long k_sp, long long v_sb,      \
-      long long v_sh, long long v_sp, float scale, const uint32_t* position, float cap,       \
-      int window) {                                                                           \
-    decode_attention<T>(q, k, v, out, scores, heads, group, kv_len, d, k_sb, k_sh, k_sp, v_sb, \
-                        v_sh, v_sp, scale, position, cap, window);                            \
-  }
+  DECODE_ATTENTION_ENTRY_POINTS(S, T, , 1)                                                    \
+  DECODE_ATTENTION_ENTRY_POINTS(S, T, _wide, WIDE<T>)
 
 FOR_EACH_FLOAT(DECODE_ENTRY_POINTS)

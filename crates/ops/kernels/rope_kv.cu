@@ -85,10 +85,9 @@ __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* 
     vc[half + j] = v[half + j];
   }
   if (j < rhalf) {
-    const float c = to_f32(cos[pos * rhalf + j]), s = to_f32(sin[pos * rhalf + j]);
-    const float x1 = to_f32(x[j]), x2 = to_f32(x[rhalf + j]);
-    dst[j] = from_f32<T>(x1 * c - x2 * s);
-    dst[rhalf + j] = from_f32<T>(x2 * c + x1 * s);
+    const T *c = cos + pos * rhalf, *s = sin + pos * rhalf;
+    dst[j] = rope_element(x, c, s, j, rhalf);
+    dst[rhalf + j] = rope_element(x, c, s, rhalf + j, rhalf);
   } else {  // past the rotated elements: 2j and 2j + 1 are in [rotary, d)
     dst[2 * j] = x[2 * j];
     dst[2 * j + 1] = x[2 * j + 1];

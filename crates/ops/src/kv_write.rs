@@ -61,20 +61,16 @@ fn check_position(position: &Tensor, like: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
-/// keys (rotated by `cos`/`sin`) and the values into `cache`
-/// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
-/// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
-/// [`write_kv_fused`] holds. The tables are `[t, rotary / 2]` for a host position, whole for a
-/// device one ([`Position`]): the first `rotary` elements of each head (twice the tables'
-/// width, at most `head_size`) are rotated, the rest kept (partial rotary).
-pub fn write_kv(
+/// Checks the operands of [`write_kv`] (and of [`crate::cached_attention`]) against each
+/// other: the cache `[2, b, kv_heads, max_len, head_size]`, the projections
+/// `[b, t, (heads + 2 kv_heads) · head_size]`, the tables and the position.
+pub(crate) fn check_layout(
     cache: &Tensor,
     qkv: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    layout: KvLayout,
-) -> Result<Tensor> {
+    layout: &KvLayout,
+) -> Result<()> {
     let (two, b, kv_heads, max_len, d) = cache.dims5()?;
     let (qb, t, width) = qkv.dims3()?;
     let want = (layout.heads + 2 * layout.kv_heads) * layout.head_size;
@@ -107,6 +103,26 @@ pub fn write_kv(
             layout.at
         );
     }
+    Ok(())
+}
+
+/// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
+/// keys (rotated by `cos`/`sin`) and the values into `cache`
+/// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
+/// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
+/// [`write_kv_fused`] holds. The tables are `[t, rotary / 2]` for a host position, whole for a
+/// device one ([`Position`]): the first `rotary` elements of each head (twice the tables'
+/// width, at most `head_size`) are rotated, the rest kept (partial rotary).
+pub fn write_kv(
+    cache: &Tensor,
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    layout: KvLayout,
+) -> Result<Tensor> {
+    check_layout(cache, qkv, cos, sin, &layout)?;
+    let (_, b, kv_heads, max_len, d) = cache.dims5()?;
+    let t = qkv.dim(1)?;
     let (qkv, cos, sin) = (&qkv.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
     #[cfg(feature = "cuda")]
     if matches!(cache.device(), candle_core::Device::Cuda(_)) {

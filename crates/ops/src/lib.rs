@@ -48,8 +48,8 @@ pub use add::{add, install_gradient_add};
 pub use add_norm::add_rms_norm;
 pub use argmax::argmax;
 pub use attention::{
-    causal_attention, decode_attention_at, flash_attention, grouped_attention, self_attention,
-    windowed_attention, AttentionOptions, Segments,
+    cached_attention, causal_attention, decode_attention_at, flash_attention, grouped_attention,
+    self_attention, windowed_attention, AttentionOptions, Segments,
 };
 pub use cast::cast;
 pub use cross_entropy::{

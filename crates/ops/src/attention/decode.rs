@@ -6,7 +6,9 @@
 //! Scores are taken as a [`Scoring`] says: a scale, soft-capping, and a sliding window (only
 //! the last `window` positions attended to).
 //! Inference only: it has no backward, and the dispatch never picks it for tracked tensors.
-//! On CUDA the kernel is in `kernels/decode.cu`.
+//! On CUDA the kernel is in `kernels/decode.cu`, beside the decode step's kernel
+//! ([`decode_step`]: the rotation and cache write of the step's own key and value too, from
+//! the packed projections).
 
 use super::{GroupedDims, Scoring};
 use crate::cpu_kernel::{f32s, for_each_row, output};
@@ -17,7 +19,7 @@ use crate::fused_op::{CudaOutput, Operand};
 use crate::launch;
 use candle_core::{Layout, Result, Tensor};
 
-/// The largest head size the kernel takes (one CUDA block holds a thread per element).
+/// The largest head size the kernels take (a CUDA block holds a thread per element).
 const MAX_HEAD_SIZE: usize = 1024;
 
 /// Whether [`decode_attention`] handles these operands.
@@ -57,6 +59,40 @@ pub(crate) fn decode_attention_at(
         cuda::decode_attention(o[0], o[1], o[2], Some(o[3]), scoring)
     })?;
     Ok(launch::tensor(out, q.shape().clone()))
+}
+
+/// [`crate::cached_attention`] of a one-position step as one CUDA kernel, or `None` where that
+/// does not apply (another backend, several positions, a head above [`MAX_HEAD_SIZE`], a
+/// cache that is not contiguous); the operands are checked by the caller.
+#[cfg(feature = "cuda")]
+pub(crate) fn decode_step(
+    cache: &Tensor,
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    layout: crate::KvLayout,
+    scoring: Scoring,
+) -> Result<Option<Tensor>> {
+    let (b, t, _) = qkv.dims3()?;
+    let d = layout.head_size;
+    if t != 1 || !cache.device().is_cuda() || d > MAX_HEAD_SIZE || !cache.is_contiguous() {
+        return Ok(None);
+    }
+    let (qkv, cos, sin) = (&qkv.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
+    let mut operands = vec![cache, qkv, cos, sin];
+    if let crate::Position::Device(p) = layout.at {
+        operands.push(p);
+    }
+    let out = launch::with_operands(&operands, |o| {
+        cuda::decode_step(
+            o[0],
+            o[1],
+            (o[2], o[3]),
+            o.get(4).copied(),
+            &layout,
+            scoring,
+        )
+    })?;
+    Ok(Some(launch::tensor(out, (b, layout.heads, 1, d).into())))
 }
 
 struct DecodeAttention {
@@ -130,15 +166,49 @@ impl FusedOp<3> for DecodeAttention {
 
 custom_op!(DecodeAttention: 3);
 
-/// The CUDA launcher (`kernels/decode.cu`).
+/// The CUDA launchers (`kernels/decode.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Scoring;
     use crate::launch::{
         address, alloc, base_address, common_dtype, grid, int, launch_with_shared,
-        optional_address, strided4, Arg, Operand,
+        optional_address, start_aligned, strided4, Arg, Operand,
     };
-    use candle_core::{CudaStorage, DType, Result};
+    use crate::{KvLayout, Position};
+    use candle_core::{CudaDevice, CudaStorage, DType, Result};
+
+    /// Threads a block (`DECODE_THREADS` in kernels/decode.cu): a decode step has one block per
+    /// head, so each gets the most threads a block can have.
+    const THREADS: usize = 1024;
+
+    /// The kernel `name` (or its `_wide` variant, which reads 16 bytes at once, where `wide`)
+    /// for one block per (batch, head) on `heads` of `d` elements; `extra` floats of shared
+    /// memory before the kernel's work space.
+    fn launch_heads(
+        dev: &CudaDevice,
+        (name, dtype, wide): (&str, DType, bool),
+        (heads, d, extra): (usize, usize, usize),
+        args: &[Arg],
+    ) -> Result<()> {
+        if d > THREADS {
+            candle_core::bail!("decode attention: head size {d} above {THREADS}");
+        }
+        let (name, width) = match wide {
+            true => (format!("{name}_wide"), 16 / dtype.size_in_bytes()),
+            false => (name.to_string(), 1),
+        };
+        let shared = u32::try_from((extra + THREADS * (width + 1)) * 4)
+            .map_err(|_| candle_core::Error::Msg("head size".into()))?;
+        let config = (grid(heads)?, (THREADS as u32, 1), shared);
+        launch_with_shared(dev, &name, Some(dtype), config, args)
+    }
+
+    /// Whether rows of `d` elements of `dtype` at element offsets that are multiples of every
+    /// stride in `strides`, from 16-byte aligned addresses, can be read 16 bytes at once.
+    fn wide_rows(dtype: DType, d: usize, strides: &[u64], aligned: bool) -> bool {
+        let width = 16 / dtype.size_in_bytes();
+        aligned && d % width == 0 && strides.iter().all(|&s| s % width as u64 == 0)
+    }
 
     /// One query per (batch, head), `q` `[b, heads, 1, d]`, against `k`/`v`
     /// `[b, kv_heads, kv_len, d]` read in place (views into a cache allowed).
@@ -157,6 +227,13 @@ mod cuda {
         };
         let (k_address, ks) = strided4(k)?;
         let (v_address, vs) = strided4(v)?;
+        let aligned = k_address % 16 == 0 && v_address % 16 == 0;
+        let wide = wide_rows(
+            dtype,
+            d,
+            &[ks[0], ks[1], ks[2], vs[0], vs[1], vs[2]],
+            aligned,
+        );
         let dev = &q.0.device;
         let out = alloc(dev, dtype, b * heads * d)?;
         let scores = alloc(dev, DType::F32, b * heads * kv_len)?;
@@ -181,16 +258,61 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(kv_len))?,
         ];
-        // A decode step has one block per head: each gets the most threads a block can have
-        // (at least one per element of a head).
-        let threads = 1024;
-        if d > threads {
-            candle_core::bail!("decode attention: head size {d} above {threads}");
-        }
-        let shared = u32::try_from((d + threads) * 4)
-            .map_err(|_| candle_core::Error::Msg("head size".into()))?;
-        let config = (grid(b * heads)?, (threads as u32, 1), shared);
-        launch_with_shared(dev, "decode_attention", Some(dtype), config, &args)?;
+        let kernel = ("decode_attention", dtype, wide);
+        launch_heads(dev, kernel, (b * heads, d, d), &args)?;
+        Ok(out)
+    }
+
+    /// A one-position step from its packed projections `qkv` `[b, 1, ..]`: the rotated key and
+    /// the value of each kv head into `cache` `[2, b, kv_heads, max_len, d]` at `n.at` (a host
+    /// start, or `position`, the device-held one), and the attention of the rotated queries to
+    /// the cache up to them (see `decode_step` in kernels/decode.cu). The cache is written
+    /// through its address: the caller owns it and nothing reads it meanwhile.
+    pub(super) fn decode_step(
+        cache: Operand,
+        qkv: Operand,
+        (cos, sin): (Operand, Operand),
+        position: Option<Operand>,
+        n: &KvLayout,
+        scoring: Scoring,
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[cache, qkv, cos, sin])?;
+        let &[_, batch, kv_heads, max_len, d] = cache.1.dims() else {
+            candle_core::bail!("decode step: cache {:?}", cache.1);
+        };
+        let start = match n.at {
+            Position::Host(start) => start,
+            Position::Device(_) => 0,
+        };
+        let wide = wide_rows(dtype, d, &[], start_aligned(&[cache])?);
+        let dev = &qkv.0.device;
+        let out = alloc(dev, dtype, batch * n.heads * d)?;
+        let scores = alloc(dev, DType::F32, batch * n.heads * max_len)?;
+        let args = [
+            Arg::Address(address(qkv)?),
+            Arg::Address(address(cos)?),
+            Arg::Address(address(sin)?),
+            Arg::Address(address(cache)?),
+            Arg::Address(base_address(&out)?),
+            Arg::Address(base_address(&scores)?),
+            int(batch)?,
+            int(n.heads)?,
+            int(kv_heads)?,
+            int(d)?,
+            int(2 * cos.1.dims().last().copied().unwrap_or(0))?,
+            int(max_len)?,
+            int(start)?,
+            Arg::Address(optional_address(position)?),
+            Arg::Float(scoring.scale),
+            Arg::Float(scoring.softcap),
+            int(scoring.window.min(max_len))?,
+        ];
+        launch_heads(
+            dev,
+            ("decode_step", dtype, wide),
+            (batch * n.heads, d, 3 * d),
+            &args,
+        )?;
         Ok(out)
     }
 }

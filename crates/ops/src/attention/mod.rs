@@ -17,9 +17,10 @@ mod decode;
 mod flash;
 mod softmax;
 
+use super::kv_write::check_layout;
 use super::reference::{repeat_kv, softmax, widened};
-use super::{fused, merge_heads, rope, split_heads, Position};
-use candle_core::{Device, Result, Tensor, D};
+use super::{fused, merge_heads, rope, split_heads, write_kv, KvLayout, Position};
+use candle_core::{Device, IndexOp, Result, Tensor, D};
 
 /// Causal scaled dot-product attention. `q` is `[batch, heads, q_len, head_dim]`, `k`/`v` are
 /// `[batch, heads, kv_len, head_dim]` with the same number of heads (repeat kv heads first);
@@ -308,6 +309,42 @@ pub fn decode_attention_at(
     }
     let len = Position::Device(position).read()? + 1;
     windowed_attention(q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?, options)
+}
+
+/// The attention of a step over a KV cache from its packed projections `qkv`
+/// `[b, t, (heads + 2 kv_heads) · head_size]`: the step's keys (rotated by `cos`/`sin`) and
+/// values go into `cache` `[2, b, kv_heads, max_len, head_size]` at `layout.at`, as
+/// [`write_kv`] writes them, and its rotated queries attend to every cached position up to
+/// theirs as `options` say. Returns `[b, heads, t, head_size]`. Only where
+/// [`crate::write_kv_fused`] holds. On CUDA a one-position step is one kernel: each block
+/// rotates its query and its kv head's new key, one block a kv head writes the cache, and every
+/// block attends to the cached positions and to the new key and value it holds. Elsewhere
+/// [`write_kv`], then the attention over the cache ([`decode_attention_at`] for a position
+/// held on the device, else [`windowed_attention`] over the positions so far).
+pub fn cached_attention(
+    cache: &Tensor,
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    layout: KvLayout,
+    options: AttentionOptions,
+) -> Result<Tensor> {
+    check_layout(cache, qkv, cos, sin, &layout)?;
+    #[cfg(feature = "cuda")]
+    if let Some(out) = decode::decode_step(cache, qkv, (cos, sin), layout, Scoring::of(&options))? {
+        return Ok(out);
+    }
+    let q = write_kv(cache, qkv, cos, sin, layout)?;
+    let (k, v) = (cache.i(0)?, cache.i(1)?);
+    let len = match layout.at {
+        Position::Device(position) => return decode_attention_at(&q, &k, &v, position, options),
+        Position::Host(start) => start + qkv.dim(1)?,
+    };
+    // A window that covers every position attended to masks nothing.
+    let options = AttentionOptions {
+        window: options.window.filter(|&w| len > w),
+        ..options
+    };
+    windowed_attention(&q, &k.narrow(2, 0, len)?, &v.narrow(2, 0, len)?, options)
 }
 
 /// The attention of a block without a KV cache, from its projections to the input of its output

@@ -72,6 +72,24 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         write_kv_case("write_kv_partial", (1, 1, h, shape.kv_heads), (d, d / 2)),
         write_kv_at_case("write_kv_at_partial", (1, h, shape.kv_heads), (d, d / 2)),
         decode_at_case(h, shape.kv_heads, seq, d),
+        cached_attention_case::<false, false>(
+            "cached_attention",
+            (1, h, shape.kv_heads),
+            (d, d),
+            seq,
+        ),
+        cached_attention_case::<true, true>(
+            "cached_attention_at",
+            (1, h, shape.kv_heads),
+            (d, d),
+            seq,
+        ),
+        cached_attention_case::<false, true>(
+            "cached_attention_at_partial",
+            (1, h, shape.kv_heads),
+            (d, d / 2),
+            seq,
+        ),
         Case {
             name: "add",
             fused: |t| crate::add(&t[0], &t[1]),
@@ -751,19 +769,111 @@ fn write_kv_inputs(
 /// The composite write_kv: split, rotate by `cos`/`sin` (the step's rows), copy into a cache.
 fn write_kv_reference(t: &[Tensor], cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (l, shape) = write_kv_layout(t, crate::Position::Host(WRITE_KV_START))?;
-    let (b, positions, _) = t[0].dims3()?;
+    let (q, k, v) = rotated_heads(&t[0], &l, cos, sin)?;
+    let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
+    cache.slice_set(&Tensor::stack(&[k, v], 0)?, 3, WRITE_KV_START)?;
+    Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
+}
+
+/// Packed projections `[b, t, (heads + 2 kv_heads) · d]` split into heads
+/// `[b, heads or kv_heads, t, d]`: the queries and keys rotated by `cos`/`sin` (the positions'
+/// rows), and the values.
+fn rotated_heads(
+    qkv: &Tensor,
+    l: &crate::KvLayout,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, positions, _) = qkv.dims3()?;
     let part = |first: usize, heads: usize| -> Result<Tensor> {
-        t[0].narrow(2, first * l.head_size, heads * l.head_size)?
+        qkv.narrow(2, first * l.head_size, heads * l.head_size)?
             .reshape((b, positions, heads, l.head_size))?
             .transpose(1, 2)?
             .contiguous()
     };
-    let k = reference::rope(&part(l.heads, l.kv_heads)?, cos, sin)?;
-    let v = part(l.heads + l.kv_heads, l.kv_heads)?;
-    let cache = Tensor::zeros(shape, t[0].dtype(), t[0].device())?;
-    cache.slice_set(&Tensor::stack(&[k, v], 0)?, 3, WRITE_KV_START)?;
-    let q = reference::rope(&part(0, l.heads)?, cos, sin)?;
-    Tensor::cat(&[cache.flatten_all()?, q.flatten_all()?], 0)
+    Ok((
+        reference::rope(&part(0, l.heads)?, cos, sin)?,
+        reference::rope(&part(l.heads, l.kv_heads)?, cos, sin)?,
+        part(l.heads + l.kv_heads, l.kv_heads)?,
+    ))
+}
+
+/// The layout, the position and the options of a [`cached_attention_case`] step.
+fn cached_step<const OPTIONS: bool>(
+    t: &[Tensor],
+) -> Result<(crate::KvLayout<'static>, usize, crate::AttentionOptions)> {
+    let (kv_heads, capacity, d) = (t[3].dim(0)?, t[4].dim(3)?, t[4].dim(4)?);
+    let layout = crate::KvLayout {
+        heads: t[0].dim(2)? / d - 2 * kv_heads,
+        kv_heads,
+        head_size: d,
+        at: crate::Position::Host(0),
+    };
+    let position = capacity - 3;
+    let options = match OPTIONS {
+        true => capped_window(position + 1),
+        false => crate::AttentionOptions::plain(d),
+    };
+    Ok((layout, position, options))
+}
+
+/// A decode step's attention from its packed projections over a filled cache
+/// ([`crate::cached_attention`]: on CUDA one kernel that also writes the cache) at position
+/// `capacity - 3`; with soft-capped, windowed scores where `OPTIONS`, the position held on the
+/// device (and the whole RoPE tables passed) where `DEVICE`. Inputs: the projections
+/// `[b, 1, (heads + 2 kv_heads) · d]`, the tables `[capacity, rotary / 2]`, the number of kv
+/// heads as a length, and the cache's earlier contents `[2, b, kv_heads, capacity, d]`. Compares
+/// the cache after the step and the step's output.
+fn cached_attention_case<const OPTIONS: bool, const DEVICE: bool>(
+    name: &'static str,
+    (b, heads, kv_heads): (usize, usize, usize),
+    (d, rotary): (usize, usize),
+    capacity: usize,
+) -> Case {
+    Case {
+        name,
+        fused: |t| {
+            let (layout, position, options) = cached_step::<OPTIONS>(t)?;
+            let cache = t[4].copy()?;
+            let out = match DEVICE {
+                true => {
+                    let at = Tensor::new(&[position as u32], t[0].device())?;
+                    let layout = crate::KvLayout {
+                        at: crate::Position::Device(&at),
+                        ..layout
+                    };
+                    crate::cached_attention(&cache, &t[0], (&t[1], &t[2]), layout, options)?
+                }
+                false => {
+                    let (cos, sin) = (t[1].narrow(0, position, 1)?, t[2].narrow(0, position, 1)?);
+                    let layout = crate::KvLayout {
+                        at: crate::Position::Host(position),
+                        ..layout
+                    };
+                    crate::cached_attention(&cache, &t[0], (&cos, &sin), layout, options)?
+                }
+            };
+            Tensor::cat(&[cache.flatten_all()?, out.flatten_all()?], 0)
+        },
+        reference: |t| {
+            let (layout, position, options) = cached_step::<OPTIONS>(t)?;
+            let (cos, sin) = (t[1].narrow(0, position, 1)?, t[2].narrow(0, position, 1)?);
+            let (q, k, v) = rotated_heads(&t[0], &layout, &cos, &sin)?;
+            let cache = t[4].copy()?;
+            cache.slice_set(&Tensor::stack(&[k, v], 0)?, 3, position)?;
+            let seen = |i: usize| cache.get(i)?.narrow(2, 0, position + 1);
+            let q = q.contiguous()?;
+            let out = reference::windowed_attention(&q, &seen(0)?, &seen(1)?, options)?;
+            Tensor::cat(&[cache.flatten_all()?, out.flatten_all()?], 0)
+        },
+        inputs: vec![
+            Input::Table(vec![b, 1, (heads + 2 * kv_heads) * d]),
+            Input::Table(vec![capacity, rotary / 2]),
+            Input::Table(vec![capacity, rotary / 2]),
+            Input::Ids(vec![kv_heads], 1),
+            Input::Table(vec![2, b, kv_heads, capacity, d]),
+        ],
+    }
 }
 
 /// A decode step: one query per head against `kv_len` cached positions (forward only: the op
@@ -923,6 +1033,18 @@ pub fn edge_cases() -> Vec<Case> {
         write_kv_at_case("write_kv_at", (2, 4, 2), (8, 8)),
         write_kv_at_case("write_kv_at_partial", (2, 4, 2), (16, 12)),
         decode_at_case(3, 1, 40, 16),
+        // More keys than a decode block has threads; a head size the kernels read one element
+        // at a time.
+        decode_window_case(1, 2, 1, 1100, 6),
+        cached_attention_case::<true, false>("cached_attention", (2, 4, 2), (16, 16), 40),
+        cached_attention_case::<false, true>(
+            "cached_attention_at_partial",
+            (2, 4, 2),
+            (16, 12),
+            40,
+        ),
+        cached_attention_case::<true, true>("cached_attention_at", (1, 3, 3), (6, 6), 9),
+        cached_attention_case::<false, true>("cached_attention_at", (1, 2, 1), (64, 64), 2100),
         decode_case(1, 3, 3, 1, 8),
         glu_case::<false>(vec![3, 5, 7]),
         glu_case::<true>(vec![3, 5, 7]),
