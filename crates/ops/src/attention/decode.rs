@@ -181,26 +181,39 @@ mod cuda {
     /// head, so each gets the most threads a block can have.
     const THREADS: usize = 1024;
 
-    /// The kernel `name` (or its `_wide` variant, which reads 16 bytes at once, where `wide`)
-    /// for one block per (batch, head) on `heads` of `d` elements; `extra` floats of shared
-    /// memory before the kernel's work space.
-    fn launch_heads(
+    /// The most shared memory a block takes to keep its scores there (else they go to device
+    /// memory): within what every GPU from compute capability 8.0 lets a block opt into
+    /// (99 KiB on 8.6 and 8.9).
+    const SHARED_SCORES: usize = 96 * 1024;
+
+    /// A block's memory for the kernels of one block per (batch, head) on heads of `d`
+    /// elements read `width` at a time, with `extra` floats of shared memory before the work
+    /// space and `capacity` scores: the shared memory in bytes, and the device scratch of
+    /// `blocks · capacity` scores where they do not fit in it.
+    fn block_memory(
         dev: &CudaDevice,
-        (name, dtype, wide): (&str, DType, bool),
-        (heads, d, extra): (usize, usize, usize),
-        args: &[Arg],
-    ) -> Result<()> {
+        (blocks, d, width): (usize, usize, usize),
+        (extra, capacity): (usize, usize),
+    ) -> Result<(u32, Option<CudaStorage>)> {
         if d > THREADS {
             candle_core::bail!("decode attention: head size {d} above {THREADS}");
         }
-        let (name, width) = match wide {
+        let work = (extra + THREADS * (width + 1)) * 4;
+        let (shared, scratch) = match work + capacity * 4 <= SHARED_SCORES {
+            true => (work + capacity * 4, None),
+            false => (work, Some(alloc(dev, DType::F32, blocks * capacity)?)),
+        };
+        let shared =
+            u32::try_from(shared).map_err(|_| candle_core::Error::Msg("head size".into()))?;
+        Ok((shared, scratch))
+    }
+
+    /// The kernel `name`, or its `_wide` variant (16 bytes at once) and that width.
+    fn variant(name: &str, dtype: DType, wide: bool) -> (String, usize) {
+        match wide {
             true => (format!("{name}_wide"), 16 / dtype.size_in_bytes()),
             false => (name.to_string(), 1),
-        };
-        let shared = u32::try_from((extra + THREADS * (width + 1)) * 4)
-            .map_err(|_| candle_core::Error::Msg("head size".into()))?;
-        let config = (grid(heads)?, (THREADS as u32, 1), shared);
-        launch_with_shared(dev, &name, Some(dtype), config, args)
+        }
     }
 
     /// Whether rows of `d` elements of `dtype` at element offsets that are multiples of every
@@ -236,13 +249,14 @@ mod cuda {
         );
         let dev = &q.0.device;
         let out = alloc(dev, dtype, b * heads * d)?;
-        let scores = alloc(dev, DType::F32, b * heads * kv_len)?;
+        let (name, width) = variant("decode_attention", dtype, wide);
+        let (shared, scores) = block_memory(dev, (b * heads, d, width), (d, kv_len))?;
         let args = [
             Arg::Address(address(q)?),
             Arg::Address(k_address),
             Arg::Address(v_address),
             Arg::Address(base_address(&out)?),
-            Arg::Address(base_address(&scores)?),
+            Arg::Address(scores.as_ref().map_or(Ok(0), base_address)?),
             int(heads)?,
             int(heads / kv_heads.max(1))?,
             int(kv_len)?,
@@ -258,8 +272,8 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(kv_len))?,
         ];
-        let kernel = ("decode_attention", dtype, wide);
-        launch_heads(dev, kernel, (b * heads, d, d), &args)?;
+        let config = (grid(b * heads)?, (THREADS as u32, 1), shared);
+        launch_with_shared(dev, &name, Some(dtype), config, &args)?;
         Ok(out)
     }
 
@@ -287,14 +301,16 @@ mod cuda {
         let wide = wide_rows(dtype, d, &[], start_aligned(&[cache])?);
         let dev = &qkv.0.device;
         let out = alloc(dev, dtype, batch * n.heads * d)?;
-        let scores = alloc(dev, DType::F32, batch * n.heads * max_len)?;
+        let (name, width) = variant("decode_step", dtype, wide);
+        let blocks = batch * n.heads;
+        let (shared, scores) = block_memory(dev, (blocks, d, width), (3 * d, max_len))?;
         let args = [
             Arg::Address(address(qkv)?),
             Arg::Address(address(cos)?),
             Arg::Address(address(sin)?),
             Arg::Address(address(cache)?),
             Arg::Address(base_address(&out)?),
-            Arg::Address(base_address(&scores)?),
+            Arg::Address(scores.as_ref().map_or(Ok(0), base_address)?),
             int(batch)?,
             int(n.heads)?,
             int(kv_heads)?,
@@ -307,12 +323,8 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(max_len))?,
         ];
-        launch_heads(
-            dev,
-            ("decode_step", dtype, wide),
-            (batch * n.heads, d, 3 * d),
-            &args,
-        )?;
+        let config = (grid(blocks)?, (THREADS as u32, 1), shared);
+        launch_with_shared(dev, &name, Some(dtype), config, &args)?;
         Ok(out)
     }
 }
