@@ -20,17 +20,8 @@
 // cap > 0); with window > 0 only the last `window` positions are attended to.
 
 // DECODE_THREADS threads a block; its shared memory, in floats, besides the query (and the
-// step's own key and value): blockDim * W partial sums and blockDim slice sums, then the
-// block's scores where they fit (the launcher passes no `scores` scratch then).
+// step's own key and value): blockDim * W partial sums and blockDim slice sums.
 constexpr int DECODE_THREADS = 1024;
-
-// The block's scores: its rows of the device scratch `scores` ([blocks, capacity]), or without
-// one the shared memory past attend_query's work space `work`.
-template <int W>
-__device__ __forceinline__ float* block_scores(float* scores, int capacity, float* work) {
-  return scores != nullptr ? scores + (size_t)blockIdx.x * capacity
-                           : work + blockDim.x * (W + 1);
-}
 
 // The attention of a block's query (f32 `d` in shared memory) to the positions [first, end)
 // of keys k + j * k_sp and values v + j * v_sp and, with `fresh` (f32 [2, d] in shared memory:
@@ -108,9 +99,8 @@ __device__ void attend_query(const float* query, const T* k, long long k_sp, con
 }
 
 // q is [b*h, d] contiguous; k and v have element strides (batch, kv head, position) and unit
-// stride along d; query head h reads kv head h / group. `scores` is [b*h, kv_len] f32 scratch,
-// or null for scores in shared memory. Dynamic shared memory: the query, then attend_query's
-// work (and the scores).
+// stride along d; query head h reads kv head h / group. `scores` is [b*h, kv_len] f32 scratch.
+// Dynamic shared memory: the query, then attend_query's work.
 template <typename T, int W>
 __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, float* scores,
                                  int heads, int group, int kv_len, int d, long long k_sb,
@@ -120,12 +110,12 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
   dependents_may_launch();
   wait_for_previous();
   const int bh = blockIdx.x, b = bh / heads, kv_head = (bh % heads) / group;
-  extern __shared__ float shared[];
-  float* s = block_scores<W>(scores, kv_len, shared + d);
+  float* s = scores + (size_t)bh * kv_len;
   // A replayed decode step attends to the positions up to its own, read from `position`;
   // kv_len is then the cache's capacity, which bounds it.
   if (position != nullptr) kv_len = min(kv_len, (int)min(*position, (uint32_t)INT_MAX - 1) + 1);
   const int first = window > 0 ? max(0, kv_len - window) : 0;
+  extern __shared__ float shared[];
   for (int i = threadIdx.x; i < d; i += blockDim.x) shared[i] = to_f32(q[(size_t)bh * d + i]);
   __syncthreads();
   attend_query<T, W>(shared, k + b * k_sb + kv_head * k_sh, k_sp, v + b * v_sb + kv_head * v_sh,
@@ -142,8 +132,8 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
 // key and value from shared memory (the cache slot may not be written yet). The position is
 // `start`, or read from `position` (a step replayed from a CUDA graph; cos and sin are then
 // the whole [max positions, rotary / 2] tables, else the step's row); a position past the cache
-// writes nothing and attends to the cache as it is. `scores` as decode_attention's. Dynamic
-// shared memory: the query, the key and the value, then attend_query's work (and the scores).
+// writes nothing and attends to the cache as it is. Dynamic shared memory: the query, the key
+// and the value, then attend_query's work.
 template <typename T, int W>
 __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, T* out,
                             float* scores, int batch, int heads, int kv_heads, int d, int rotary,
@@ -180,8 +170,7 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
   const int end = fresh ? pos : max_len;
   const int first = window > 0 ? max(0, end + (fresh ? 1 : 0) - window) : 0;
   attend_query<T, W>(query, kc, d, vc, d, first, end, fresh ? own : nullptr, d, scale, cap,
-                     block_scores<W>(scores, max_len, shared + 3 * d), shared + 3 * d,
-                     out + (size_t)bh * d);
+                     scores + (size_t)bh * max_len, shared + 3 * d, out + (size_t)bh * d);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -189,10 +178,7 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
 // weight w [out, in], one warp per output feature, 16-byte loads (in must be a multiple of
 // 16 / sizeof(T) and both operands 16-byte aligned: the launcher checks); one variant applies
 // the SwiGLU of a stacked gate/up weight on the way out. cuBLAS runs these
-// shapes as split-K GEMMs of two kernels each; a decode step is bound by launches. gemv runs
-// blocks of 256 threads three to an SM (__launch_bounds__: at most 80 registers a thread, not
-// 86), so a projection of up to 3 * SMs blocks (a 1B's q/k/v: 384 on an H200's 132 SMs) is one
-// wave, not one and a half.
+// shapes as split-K GEMMs of two kernels each; a decode step is bound by launches.
 
 // The dot products of N weight rows with one row of x, summed over the warp (every lane gets
 // them). Each lane loads its next U 16-byte units of every operand before any arithmetic: a
@@ -367,8 +353,8 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
                                             int out) {                                        \
     gemv_glu<GeluTanh, T>(x, w, y, rows, in, out);                                            \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(256, 3)                                        \
-      gemv_##S(const T* x, const T* w, T* y, int rows, int in, int out) {                     \
+  extern "C" __global__ void gemv_##S(const T* x, const T* w, T* y, int rows, int in,         \
+                                      int out) {                                              \
     gemv<T>(x, w, y, rows, in, out);                                                          \
   }                                                                                           \
   extern "C" __global__ void argmax_chunks_##S(const T* x, float* values, int* indices, int n, \

@@ -181,39 +181,26 @@ mod cuda {
     /// head, so each gets the most threads a block can have.
     const THREADS: usize = 1024;
 
-    /// The most shared memory a block takes to keep its scores there (else they go to device
-    /// memory): within what every GPU from compute capability 8.0 lets a block opt into
-    /// (99 KiB on 8.6 and 8.9).
-    const SHARED_SCORES: usize = 96 * 1024;
-
-    /// A block's memory for the kernels of one block per (batch, head) on heads of `d`
-    /// elements read `width` at a time, with `extra` floats of shared memory before the work
-    /// space and `capacity` scores: the shared memory in bytes, and the device scratch of
-    /// `blocks · capacity` scores where they do not fit in it.
-    fn block_memory(
+    /// The kernel `name` (or its `_wide` variant, which reads 16 bytes at once, where `wide`)
+    /// for one block per (batch, head) on `heads` of `d` elements; `extra` floats of shared
+    /// memory before the kernel's work space.
+    fn launch_heads(
         dev: &CudaDevice,
-        (blocks, d, width): (usize, usize, usize),
-        (extra, capacity): (usize, usize),
-    ) -> Result<(u32, Option<CudaStorage>)> {
+        (name, dtype, wide): (&str, DType, bool),
+        (heads, d, extra): (usize, usize, usize),
+        args: &[Arg],
+    ) -> Result<()> {
         if d > THREADS {
             candle_core::bail!("decode attention: head size {d} above {THREADS}");
         }
-        let work = (extra + THREADS * (width + 1)) * 4;
-        let (shared, scratch) = match work + capacity * 4 <= SHARED_SCORES {
-            true => (work + capacity * 4, None),
-            false => (work, Some(alloc(dev, DType::F32, blocks * capacity)?)),
-        };
-        let shared =
-            u32::try_from(shared).map_err(|_| candle_core::Error::Msg("head size".into()))?;
-        Ok((shared, scratch))
-    }
-
-    /// The kernel `name`, or its `_wide` variant (16 bytes at once) and that width.
-    fn variant(name: &str, dtype: DType, wide: bool) -> (String, usize) {
-        match wide {
+        let (name, width) = match wide {
             true => (format!("{name}_wide"), 16 / dtype.size_in_bytes()),
             false => (name.to_string(), 1),
-        }
+        };
+        let shared = u32::try_from((extra + THREADS * (width + 1)) * 4)
+            .map_err(|_| candle_core::Error::Msg("head size".into()))?;
+        let config = (grid(heads)?, (THREADS as u32, 1), shared);
+        launch_with_shared(dev, &name, Some(dtype), config, args)
     }
 
     /// Whether rows of `d` elements of `dtype` at element offsets that are multiples of every
@@ -249,14 +236,13 @@ mod cuda {
         );
         let dev = &q.0.device;
         let out = alloc(dev, dtype, b * heads * d)?;
-        let (name, width) = variant("decode_attention", dtype, wide);
-        let (shared, scores) = block_memory(dev, (b * heads, d, width), (d, kv_len))?;
+        let scores = alloc(dev, DType::F32, b * heads * kv_len)?;
         let args = [
             Arg::Address(address(q)?),
             Arg::Address(k_address),
             Arg::Address(v_address),
             Arg::Address(base_address(&out)?),
-            Arg::Address(scores.as_ref().map_or(Ok(0), base_address)?),
+            Arg::Address(base_address(&scores)?),
             int(heads)?,
             int(heads / kv_heads.max(1))?,
             int(kv_len)?,
@@ -272,8 +258,8 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(kv_len))?,
         ];
-        let config = (grid(b * heads)?, (THREADS as u32, 1), shared);
-        launch_with_shared(dev, &name, Some(dtype), config, &args)?;
+        let kernel = ("decode_attention", dtype, wide);
+        launch_heads(dev, kernel, (b * heads, d, d), &args)?;
         Ok(out)
     }
 
@@ -301,16 +287,14 @@ mod cuda {
         let wide = wide_rows(dtype, d, &[], start_aligned(&[cache])?);
         let dev = &qkv.0.device;
         let out = alloc(dev, dtype, batch * n.heads * d)?;
-        let (name, width) = variant("decode_step", dtype, wide);
-        let blocks = batch * n.heads;
-        let (shared, scores) = block_memory(dev, (blocks, d, width), (3 * d, max_len))?;
+        let scores = alloc(dev, DType::F32, batch * n.heads * max_len)?;
         let args = [
             Arg::Address(address(qkv)?),
             Arg::Address(address(cos)?),
             Arg::Address(address(sin)?),
             Arg::Address(address(cache)?),
             Arg::Address(base_address(&out)?),
-            Arg::Address(scores.as_ref().map_or(Ok(0), base_address)?),
+            Arg::Address(base_address(&scores)?),
             int(batch)?,
             int(n.heads)?,
             int(kv_heads)?,
@@ -323,8 +307,12 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(max_len))?,
         ];
-        let config = (grid(blocks)?, (THREADS as u32, 1), shared);
-        launch_with_shared(dev, &name, Some(dtype), config, &args)?;
+        launch_heads(
+            dev,
+            ("decode_step", dtype, wide),
+            (batch * n.heads, d, 3 * d),
+            &args,
+        )?;
         Ok(out)
     }
 }
