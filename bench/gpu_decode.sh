@@ -8,8 +8,7 @@
 #   [LLMTOOL=./llmtool] [TAG=name] [TORCH=0] [PROFILE=0] [NCU_SIZES="1b 8b"] [BANDWIDTH=0] bash gpu_decode.sh
 # LLMTOOL picks the binary (two builds side by side: run once per binary, each with its own
 # TAG, which names the output files); TORCH=0, PROFILE=0 and BANDWIDTH=0 skip HF generate, the ncu
-# breakdown and the bandwidth measurement. Environment variables reach llmtool as they are
-# (LLMTOOL_CUDA_PDL=0: the decode kernels launched without programmatic dependent launch).
+# breakdown and the bandwidth measurement. Other environment variables reach llmtool as they are.
 cd "$(dirname "$0")"
 [ -f llmtool.gz ] && gunzip -f llmtool.gz && chmod +x llmtool
 LLMTOOL=${LLMTOOL:-./llmtool}

@@ -113,24 +113,6 @@ __device__ __forceinline__ float attention_logit(float s, float scale, float cap
   return cap > 0.f ? cap * tanhf(x / cap) : x;
 }
 
-// Programmatic dependent launch (compute capability 9.x; src/launch.rs launches the kernels it
-// lists in DEPENDENT_KERNELS that way): `dependents_may_launch` lets the next kernel in the
-// stream start its blocks before this one ends, and `wait_for_previous` waits until the kernel
-// ahead has ended and its writes are visible. Such a kernel reads nothing an earlier kernel
-// wrote, and writes nothing, before the wait. Launched without it, or compiled for an older
-// GPU, both do nothing.
-__device__ __forceinline__ void dependents_may_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_for_previous() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // Element i of a head x after RoPE over its first 2 * rhalf elements (rotate-half layout; cos
 // and sin are the position's rows of rhalf), rounded to T; past the rotated elements, x[i].
 // write_kv (rope_kv.cu) and decode_step (decode.cu) rotate with it.

@@ -107,8 +107,6 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
                                  long long k_sh, long long k_sp, long long v_sb, long long v_sh,
                                  long long v_sp, float scale, const uint32_t* position,
                                  float cap, int window) {
-  dependents_may_launch();
-  wait_for_previous();
   const int bh = blockIdx.x, b = bh / heads, kv_head = (bh % heads) / group;
   float* s = scores + (size_t)bh * kv_len;
   // A replayed decode step attends to the positions up to its own, read from `position`;
@@ -139,8 +137,6 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
                             float* scores, int batch, int heads, int kv_heads, int d, int rotary,
                             int max_len, int start, const uint32_t* position, float scale,
                             float cap, int window) {
-  dependents_may_launch();
-  wait_for_previous();
   const int pos = position != nullptr ? (int)min(*position, (uint32_t)INT_MAX) : start;
   const bool fresh = pos < max_len;
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads, group = heads / kv_heads;
@@ -199,15 +195,9 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, in
     for (int u = 0; u < U; ++u) {
       const int i = first + 32 * u;
       if (i >= units) break;
+      b[u] = xv[i];
 #pragma unroll
       for (int n = 0; n < N; ++n) a[n][u] = reinterpret_cast<const uint4*>(w[n])[i];
-    }
-    // The first weights are on their way while the kernel ahead ends (x is its output).
-    if (first == lane) wait_for_previous();
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (first + 32 * u >= units) break;
-      b[u] = xv[first + 32 * u];
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -228,7 +218,6 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, in
 // y[r][o] = w[o] · x[r].
 template <typename T>
 __device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
-  dependents_may_launch();
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;  // the whole warp leaves together
   const T* row[1] = {w + (size_t)o * in};
@@ -244,7 +233,6 @@ __device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
 // first as the separate projections store them; act is A (common.cuh: SwiGLU's or GeGLU's).
 template <typename A, typename T>
 __device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out) {
-  dependents_may_launch();
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;
   const T* gate_up[2] = {w + (size_t)o * in, w + (size_t)(out + o) * in};
@@ -292,8 +280,6 @@ __device__ void block_argmax(float& v, int& i) {
 
 template <typename T>
 __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, int chunks) {
-  dependents_may_launch();
-  wait_for_previous();
   const int row = blockIdx.y, chunk = blockIdx.x;
   const T* xr = x + (size_t)row * n;
   const int end = min(n, (chunk + 1) * ARGMAX_CHUNK);
@@ -312,8 +298,6 @@ __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, in
 // A row with no value above NaN (all NaN) gets index 0.
 extern "C" __global__ void argmax_finish(const float* values, const int* indices, uint32_t* out,
                                          int chunks) {
-  dependents_may_launch();
-  wait_for_previous();
   const size_t first = (size_t)blockIdx.x * chunks;
   float v = -INFINITY;
   int i = INT_MAX;

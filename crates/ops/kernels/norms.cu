@@ -81,19 +81,13 @@ __device__ void add_rms_norm_wide(const T* __restrict__ x, const T* __restrict__
   T* sum = out + off;
   T* y = out + (size_t)rows * width + off;
   P xs[ADD_NORM_PACKS], ds[ADD_NORM_PACKS], ws[ADD_NORM_PACKS];
-  dependents_may_launch();
-#pragma unroll
-  for (int i = 0; i < ADD_NORM_PACKS; ++i) {
-    const int j = (threadIdx.x + i * blockDim.x) * W;
-    if (j < width) ws[i] = P::load(w + j);  // the weight: no earlier kernel writes it
-  }
-  wait_for_previous();
 #pragma unroll
   for (int i = 0; i < ADD_NORM_PACKS; ++i) {
     const int j = (threadIdx.x + i * blockDim.x) * W;
     if (j < width) {
       xs[i] = P::load(x + off + j);
       ds[i] = P::load(d + off + j);
+      ws[i] = P::load(w + j);
     }
   }
   float ss = 0.f;
@@ -236,8 +230,6 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
   }                                                                                           \
   extern "C" __global__ void add_rms_norm_##S(const T* x, const T* d, const T* w, T* out,     \
                                               int rows, int width, float eps, float offset) { \
-    dependents_may_launch();                                                                  \
-    wait_for_previous();                                                                      \
     add_rms_norm<T>(x, d, w, out, rows, width, eps, offset);                                  \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(512)                                          \

@@ -9,7 +9,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::DeviceId;
@@ -149,9 +149,6 @@ pub(crate) fn launch_with_shared(
 ) -> Result<()> {
     let func = kernel(device, name, dtype, shared)?;
     let stream = device.cuda_stream();
-    if DEPENDENT_KERNELS.contains(&name) && programmatic_launch(device)? {
-        return launch_programmatic(&func, &stream, (grid, block, shared), args);
-    }
     let mut builder = stream.launch_builder(&func);
     for arg in args {
         match arg {
@@ -165,102 +162,13 @@ pub(crate) fn launch_with_shared(
         block_dim: (block.0, block.1, 1),
         shared_mem_bytes: shared,
     };
+    // SAFETY: the argument lists match the kernels' signatures in kernels/*.cu, and every
+    // address points at a live buffer of the size the kernel indexes.
     unsafe { builder.launch(config) }.w()?;
     Ok(())
 }
 
-/// The kernels of a decode step that may start before the kernel ahead of them in the stream
-/// has ended (programmatic dependent launch, Hopper): each lets the next kernel launch early
-/// (`dependents_may_launch`, kernels/common.cuh) and, before it reads anything an earlier
-/// kernel wrote or writes anything at all, waits for the kernel ahead to end
-/// (`wait_for_previous`); the matrix-vector products read their first weights before that.
-/// A decode step is a chain of short kernels, each waiting on the last: this hides a launch
-/// and the first round of weight reads behind the kernel ahead.
-const DEPENDENT_KERNELS: &[&str] = &[
-    "gemv",
-    "gemv_swiglu",
-    "gemv_geglu",
-    "add_rms_norm",
-    "add_rms_norm_wide",
-    "decode_attention",
-    "decode_attention_wide",
-    "decode_step",
-    "decode_step_wide",
-    "argmax_chunks",
-    "argmax_finish",
-];
-
-/// Whether [`DEPENDENT_KERNELS`] launch programmatically on `device`: compute capability 9.x,
-/// whose machine code the fat binary holds with the waits (the PTX for other GPUs targets
-/// compute 8.0, which has no such instructions), unless `LLMTOOL_CUDA_PDL=0`.
-fn programmatic_launch(device: &CudaDevice) -> Result<bool> {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    static CAPABLE: OnceLock<Mutex<HashMap<DeviceId, bool>>> = OnceLock::new();
-    if !*ENABLED.get_or_init(|| std::env::var("LLMTOOL_CUDA_PDL").map_or(true, |v| v != "0")) {
-        return Ok(false);
-    }
-    let mut capable = CAPABLE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(&yes) = capable.get(&device.id()) {
-        return Ok(yes);
-    }
-    let (major, _) = device.cuda_stream().context().compute_capability().w()?;
-    capable.insert(device.id(), major == 9);
-    Ok(major == 9)
-}
-
-/// Launches `func` on `stream` with programmatic stream serialization allowed: it may start
-/// while the kernel ahead of it runs (see [`DEPENDENT_KERNELS`]).
-fn launch_programmatic(
-    func: &CudaFunction,
-    stream: &CudaStream,
-    (grid, block, shared): ((u32, u32), (u32, u32), u32),
-    args: &[Arg],
-) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let mut params: Vec<*mut std::ffi::c_void> = args
-        .iter()
-        .map(|arg| match arg {
-            Arg::Address(a) | Arg::Count(a) => a as *const u64 as *mut std::ffi::c_void,
-            Arg::Int(i) => i as *const i32 as *mut std::ffi::c_void,
-            Arg::Float(f) => f as *const f32 as *mut std::ffi::c_void,
-        })
-        .collect();
-    // SAFETY: an all-zero launch attribute is a valid C struct; its id and value are set next.
-    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attribute.value.programmaticStreamSerializationAllowed = 1;
-    let config = sys::CUlaunchConfig {
-        gridDimX: grid.0,
-        gridDimY: grid.1,
-        gridDimZ: 1,
-        blockDimX: block.0,
-        blockDimY: block.1,
-        blockDimZ: 1,
-        sharedMemBytes: shared,
-        hStream: stream.cu_stream(),
-        attrs: &mut attribute,
-        numAttrs: 1,
-    };
-    stream.context().bind_to_thread().w()?;
-    // SAFETY: `params` points at one value per kernel parameter, typed as the kernel declares
-    // them (the same `Arg`s the launch builder pushes), alive until the call returns; the
-    // function belongs to the stream's context, bound to this thread above.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &config,
-            func.cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
-    .w()?;
-    Ok(())
-}
-
+/// A loaded kernel and the dynamic shared memory it has been allowed so far.
 type Loaded = (CudaFunction, u32);
 
 /// Loaded kernels by device and dtype, then name.
