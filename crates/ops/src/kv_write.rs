@@ -35,7 +35,18 @@ pub enum Position<'a> {
     Device(&'a Tensor),
 }
 
-impl Position<'_> {
+impl<'a> Position<'a> {
+    /// What a CUDA kernel takes for this position: the start as an argument (the host
+    /// position, or 0 where the kernel reads it from the device) and the device-held tensor,
+    /// an operand beside the others.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn kernel_arguments(&self) -> (usize, Option<&'a Tensor>) {
+        match *self {
+            Position::Host(start) => (start, None),
+            Position::Device(p) => (0, Some(p)),
+        }
+    }
+
     /// The position as a number, read from the device where it is held there (a
     /// synchronizing copy: the kernels that can read it in place do).
     pub fn read(&self) -> Result<usize> {
@@ -126,12 +137,17 @@ pub fn write_kv(
     let (qkv, cos, sin) = (&qkv.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
     #[cfg(feature = "cuda")]
     if matches!(cache.device(), candle_core::Device::Cuda(_)) {
+        let (start, held) = layout.at.kernel_arguments();
         let mut operands = vec![cache, qkv, cos, sin];
-        if let Position::Device(p) = layout.at {
-            operands.push(p);
-        }
+        operands.extend(held);
         let q = crate::launch::with_operands(&operands, |o| {
-            cuda::write_kv(o[0], o[1], (o[2], o[3]), o.get(4).copied(), &layout)
+            cuda::write_kv(
+                o[0],
+                o[1],
+                (o[2], o[3]),
+                (start, o.get(4).copied()),
+                &layout,
+            )
         })?;
         return Ok(crate::launch::tensor(q, (b, layout.heads, t, d).into()));
     }
@@ -227,7 +243,7 @@ impl InplaceOp3 for WriteKv {
 /// The CUDA launcher (`kernels/rope_kv.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{KvLayout, Position};
+    use super::KvLayout;
     use crate::launch::{
         address, alloc, base_address, common_dtype, int, launch, optional_address, per_element,
         Arg, Operand,
@@ -236,24 +252,20 @@ mod cuda {
 
     /// Rotates the queries of packed projections `qkv` `[b, t, ..]` into a new `[b, heads, t, d]`
     /// buffer and writes the rotated keys and the values into `cache`
-    /// `[2, b, kv_heads, max_len, d]` at `n.at`: a host start, or `position`, the device-held one
-    /// (see `write_kv` in kernels/rope_kv.cu). The cache is written through its address: the
+    /// `[2, b, kv_heads, max_len, d]` at `start`, or at `position`, the device-held one
+    /// ([`Position::kernel_arguments`]; see `write_kv` in kernels/rope_kv.cu). The cache is written through its address: the
     /// caller owns it and nothing reads it meanwhile.
     pub(super) fn write_kv(
         cache: Operand,
         qkv: Operand,
         (cos, sin): (Operand, Operand),
-        position: Option<Operand>,
+        (start, position): (usize, Option<Operand>),
         n: &KvLayout,
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[cache, qkv, cos, sin])?;
         let (&[_, batch, _, max_len, _], &[_, positions, _]) = (cache.1.dims(), qkv.1.dims())
         else {
             candle_core::bail!("write_kv: cache {:?}, projections {:?}", cache.1, qkv.1);
-        };
-        let start = match n.at {
-            Position::Host(start) => start,
-            Position::Device(_) => 0,
         };
         let q = alloc(
             &qkv.0.device,

@@ -63,7 +63,8 @@ pub(crate) fn decode_attention_at(
 
 /// [`crate::cached_attention`] of a one-position step as one CUDA kernel, or `None` where that
 /// does not apply (another backend, several positions, a head above [`MAX_HEAD_SIZE`], a
-/// cache that is not contiguous); the operands are checked by the caller.
+/// cache that is not contiguous: the caller then runs [`crate::write_kv`], which checks the
+/// operands itself). On CUDA the operands are checked first, whichever path runs.
 #[cfg(feature = "cuda")]
 pub(crate) fn decode_step(
     cache: &Tensor,
@@ -72,25 +73,22 @@ pub(crate) fn decode_step(
     layout: crate::KvLayout,
     scoring: Scoring,
 ) -> Result<Option<Tensor>> {
+    if !cache.device().is_cuda() {
+        return Ok(None);
+    }
+    crate::kv_write::check_layout(cache, qkv, cos, sin, &layout)?;
     let (b, t, _) = qkv.dims3()?;
     let d = layout.head_size;
-    if t != 1 || !cache.device().is_cuda() || d > MAX_HEAD_SIZE || !cache.is_contiguous() {
+    if t != 1 || d > MAX_HEAD_SIZE || !cache.is_contiguous() {
         return Ok(None);
     }
     let (qkv, cos, sin) = (&qkv.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
+    let (start, held) = layout.at.kernel_arguments();
     let mut operands = vec![cache, qkv, cos, sin];
-    if let crate::Position::Device(p) = layout.at {
-        operands.push(p);
-    }
+    operands.extend(held);
     let out = launch::with_operands(&operands, |o| {
-        cuda::decode_step(
-            o[0],
-            o[1],
-            (o[2], o[3]),
-            o.get(4).copied(),
-            &layout,
-            scoring,
-        )
+        let position = (start, o.get(4).copied());
+        cuda::decode_step(o[0], o[1], (o[2], o[3]), position, &layout, scoring)
     })?;
     Ok(Some(launch::tensor(out, (b, layout.heads, 1, d).into())))
 }
@@ -171,43 +169,32 @@ custom_op!(DecodeAttention: 3);
 mod cuda {
     use super::Scoring;
     use crate::launch::{
-        address, alloc, base_address, common_dtype, grid, int, launch_with_shared,
-        optional_address, start_aligned, strided4, Arg, Operand,
+        address, alloc, base_address, common_dtype, elementwise_kernel, grid, int,
+        launch_with_shared, optional_address, strided4, Arg, Operand,
     };
-    use crate::{KvLayout, Position};
+    use crate::KvLayout;
     use candle_core::{CudaDevice, CudaStorage, DType, Result};
 
     /// Threads a block (`DECODE_THREADS` in kernels/decode.cu): a decode step has one block per
     /// head, so each gets the most threads a block can have.
     const THREADS: usize = 1024;
 
-    /// The kernel `name` (or its `_wide` variant, which reads 16 bytes at once, where `wide`)
-    /// for one block per (batch, head) on `heads` of `d` elements; `extra` floats of shared
-    /// memory before the kernel's work space.
+    /// The kernel `name` for one block per (batch, head) on `heads` of `d` elements, reading
+    /// `width` elements at once; `extra` floats of shared memory before the kernel's work
+    /// space.
     fn launch_heads(
         dev: &CudaDevice,
-        (name, dtype, wide): (&str, DType, bool),
+        (name, dtype, width): (&str, DType, usize),
         (heads, d, extra): (usize, usize, usize),
         args: &[Arg],
     ) -> Result<()> {
         if d > THREADS {
             candle_core::bail!("decode attention: head size {d} above {THREADS}");
         }
-        let (name, width) = match wide {
-            true => (format!("{name}_wide"), 16 / dtype.size_in_bytes()),
-            false => (name.to_string(), 1),
-        };
         let shared = u32::try_from((extra + THREADS * (width + 1)) * 4)
             .map_err(|_| candle_core::Error::Msg("head size".into()))?;
         let config = (grid(heads)?, (THREADS as u32, 1), shared);
-        launch_with_shared(dev, &name, Some(dtype), config, args)
-    }
-
-    /// Whether rows of `d` elements of `dtype` at element offsets that are multiples of every
-    /// stride in `strides`, from 16-byte aligned addresses, can be read 16 bytes at once.
-    fn wide_rows(dtype: DType, d: usize, strides: &[u64], aligned: bool) -> bool {
-        let width = 16 / dtype.size_in_bytes();
-        aligned && d % width == 0 && strides.iter().all(|&s| s % width as u64 == 0)
+        launch_with_shared(dev, name, Some(dtype), config, args)
     }
 
     /// One query per (batch, head), `q` `[b, heads, 1, d]`, against `k`/`v`
@@ -227,13 +214,14 @@ mod cuda {
         };
         let (k_address, ks) = strided4(k)?;
         let (v_address, vs) = strided4(v)?;
+        // 16 bytes at once where every row of k and v starts on a 16-byte boundary.
+        let wide = 16 / dtype.size_in_bytes();
         let aligned = k_address % 16 == 0 && v_address % 16 == 0;
-        let wide = wide_rows(
-            dtype,
-            d,
-            &[ks[0], ks[1], ks[2], vs[0], vs[1], vs[2]],
-            aligned,
-        );
+        let kernel =
+            match aligned && d % wide == 0 && ks.iter().chain(&vs).all(|&s| s % wide as u64 == 0) {
+                true => ("decode_attention_wide", dtype, wide),
+                false => ("decode_attention", dtype, 1),
+            };
         let dev = &q.0.device;
         let out = alloc(dev, dtype, b * heads * d)?;
         let scores = alloc(dev, DType::F32, b * heads * kv_len)?;
@@ -258,21 +246,20 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(kv_len))?,
         ];
-        let kernel = ("decode_attention", dtype, wide);
         launch_heads(dev, kernel, (b * heads, d, d), &args)?;
         Ok(out)
     }
 
     /// A one-position step from its packed projections `qkv` `[b, 1, ..]`: the rotated key and
-    /// the value of each kv head into `cache` `[2, b, kv_heads, max_len, d]` at `n.at` (a host
-    /// start, or `position`, the device-held one), and the attention of the rotated queries to
+    /// the value of each kv head into `cache` `[2, b, kv_heads, max_len, d]` at `start`, or at
+    /// `position`, the device-held one ([`crate::Position::kernel_arguments`]), and the attention of the rotated queries to
     /// the cache up to them (see `decode_step` in kernels/decode.cu). The cache is written
     /// through its address: the caller owns it and nothing reads it meanwhile.
     pub(super) fn decode_step(
         cache: Operand,
         qkv: Operand,
         (cos, sin): (Operand, Operand),
-        position: Option<Operand>,
+        (start, position): (usize, Option<Operand>),
         n: &KvLayout,
         scoring: Scoring,
     ) -> Result<CudaStorage> {
@@ -280,11 +267,8 @@ mod cuda {
         let &[_, batch, kv_heads, max_len, d] = cache.1.dims() else {
             candle_core::bail!("decode step: cache {:?}", cache.1);
         };
-        let start = match n.at {
-            Position::Host(start) => start,
-            Position::Device(_) => 0,
-        };
-        let wide = wide_rows(dtype, d, &[], start_aligned(&[cache])?);
+        // The cache's rows (of d, from its start) are read 16 bytes at once where aligned.
+        let (name, width) = elementwise_kernel(("decode_step", "decode_step_wide"), &[cache], d)?;
         let dev = &qkv.0.device;
         let out = alloc(dev, dtype, batch * n.heads * d)?;
         let scores = alloc(dev, DType::F32, batch * n.heads * max_len)?;
@@ -307,12 +291,8 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(max_len))?,
         ];
-        launch_heads(
-            dev,
-            ("decode_step", dtype, wide),
-            (batch * n.heads, d, 3 * d),
-            &args,
-        )?;
+        let kernel = (name, dtype, width);
+        launch_heads(dev, kernel, (batch * n.heads, d, 3 * d), &args)?;
         Ok(out)
     }
 }

@@ -17,7 +17,6 @@ mod decode;
 mod flash;
 mod softmax;
 
-use super::kv_write::check_layout;
 use super::reference::{repeat_kv, softmax, widened};
 use super::{fused, merge_heads, rope, split_heads, write_kv, KvLayout, Position};
 use candle_core::{Device, IndexOp, Result, Tensor, D};
@@ -328,7 +327,6 @@ pub fn cached_attention(
     layout: KvLayout,
     options: AttentionOptions,
 ) -> Result<Tensor> {
-    check_layout(cache, qkv, cos, sin, &layout)?;
     #[cfg(feature = "cuda")]
     if let Some(out) = decode::decode_step(cache, qkv, (cos, sin), layout, Scoring::of(&options))? {
         return Ok(out);
