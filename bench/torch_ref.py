@@ -25,14 +25,16 @@ Tasks:
   lora      PEFT LoRA (rank --rank, alpha 2 x rank, no dropout, on --lora-targets) over a
             frozen base; same step without clipping, AdamW lr 1e-4 on the adapter only.
   eval      forward and loss under torch.no_grad().
+  prefill   batch 1, a --seq-token random prompt into a fresh KV cache under no_grad, the
+            last position's logits only (logits_to_keep=1), as generation starts.
   generate  batch 1, a 16-token random prompt, greedy `model.generate` of exactly
             --gen-tokens new tokens (prompt included in the time); runs steps/4 times (at
             least once) after one untimed run.
 
 Modes: fp32 | bf16 | fp32+ckpt | bf16+ckpt | bf16+compile | fp32+compile.
-  bf16     autocast to bfloat16 over fp32 weights (mixed precision), except generate, whose
-           model is converted to bfloat16.
-  ckpt     gradient checkpointing (train and lora only; eval/generate rows are skipped).
+  bf16     autocast to bfloat16 over fp32 weights (mixed precision), except prefill and
+           generate, whose model is converted to bfloat16.
+  ckpt     gradient checkpointing (train and lora only; eval/prefill/generate rows are skipped).
   compile  torch.compile of the model (train only; other tasks' rows are skipped).
   --lora-base-dtype bf16 stores the frozen base of lora rows in bfloat16 (adapters stay fp32);
   nf4 is QLoRA: the blocks' linear layers become bitsandbytes Linear4bit (NF4, double
@@ -45,11 +47,13 @@ JSON fields of a row (one line per row on stdout, appended to --out):
   tool "pytorch"; task, preset, mode; batch, seq (train, lora, eval)
   params          train: parameters (tied embedding counted once)
   trainable       lora: adapter parameters; also rank, alpha, lora_targets, base_dtype
-  step_ms         mean milliseconds per timed step (train, lora, eval)
+  step_ms         mean milliseconds per timed step (train, lora, eval, prefill)
+  prompt_tokens   prefill: the prompt's length (--seq)
   ms, new_tokens  generate: mean milliseconds per whole generate call, tokens it made
   tokens_per_s    batch x seq / step time (generate: new_tokens / ms)
   model_tflops    train: 6 x params x tokens/s; lora: (4 x base params + 6 x trainable) x
                   tokens/s (forward and input gradients of the base, all of the adapter);
+                  prefill: the FLOPs of prefill_flops() per second (head on one position);
                   recomputation under checkpointing is not counted (model FLOPs, for MFU)
   peak_mb         CUDA: torch.cuda.max_memory_allocated since the row began (what the
                   allocator handed out; llmtool's peak_mb is its pool's high-water mark).
@@ -78,7 +82,7 @@ PRESETS = {
     "1b": (2048, 16, 32, 8, 8192, 128256, True, 500000.0),
     "8b": (4096, 32, 32, 8, 14336, 128256, False, 500000.0),
 }
-TASKS = ("train", "lora", "eval", "generate")
+TASKS = ("train", "lora", "eval", "prefill", "generate")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT_TOKENS = 16
 # PEFT asks transformers a deprecated question on every lora row; the answer is still right.
@@ -281,7 +285,32 @@ def bench_generate(a, preset, mode):
     return dict(new_tokens=new, ms=dt * 1e3, tokens_per_s=new / dt, **peak_fields(a.device))
 
 
-BENCH = dict(train=bench_train, lora=bench_lora, eval=bench_eval, generate=bench_generate)
+@torch.no_grad()
+def bench_prefill(a, preset, mode):
+    dtype = torch.bfloat16 if "bf16" in mode else torch.float32
+    model = build_model(preset, a.seq, a.device, dtype).eval()
+    prompt = random_tokens(preset, (1, a.seq), a.device)
+
+    def step():
+        # A fresh cache each call, the last position's logits only, as generate's first step.
+        model(input_ids=prompt, use_cache=True, logits_to_keep=1).logits.float().sum().item()
+
+    dt = timed(step, a.steps, a.warmup, a.device)
+    return dict(prompt_tokens=a.seq, step_ms=dt * 1e3, tokens_per_s=a.seq / dt,
+                model_tflops=prefill_flops(preset, a.seq) / dt / 1e12, **peak_fields(a.device))
+
+
+def prefill_flops(preset, n):
+    """Model FLOPs of an n-token prefill: every block projection on every token, the head on
+    the last one, causal attention's two products (2 x layers x hidden x n^2)."""
+    h, layers, heads, kv, ffn, vocab, _, _ = PRESETS[preset]
+    kv_width = h // heads * kv
+    projections = layers * (h * h * 2 + 2 * h * kv_width + 3 * h * ffn)
+    return 2 * projections * n + 2 * vocab * h + 2 * layers * h * n * n
+
+
+BENCH = dict(train=bench_train, lora=bench_lora, eval=bench_eval, prefill=bench_prefill,
+             generate=bench_generate)
 
 
 # ---------------------------------------------------------------- command line
@@ -340,7 +369,8 @@ def parse_args(argv=None):
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--sizes", type=comma_list(tuple(PRESETS), "preset"), default="tiny,small",
                    help="comma list of presets: " + ", ".join(PRESETS))
-    p.add_argument("--tasks", type=comma_list(TASKS, "task"), default="train,lora,eval,generate")
+    p.add_argument("--tasks", type=comma_list(TASKS, "task"),
+                   default="train,lora,eval,prefill,generate")
     p.add_argument("--modes", type=parse_modes, default=None,
                    help="comma list [default: fp32 on CPU, fp32,bf16,bf16+ckpt on GPUs]")
     p.add_argument("--batch", type=positive, default=16, help="sequences per step")
@@ -367,7 +397,7 @@ def runs(a):
     for preset in a.sizes:
         for task in a.tasks:
             for mode in a.modes:
-                if task in ("eval", "generate") and "ckpt" in mode:
+                if task in ("eval", "prefill", "generate") and "ckpt" in mode:
                     continue
                 if task != "train" and "compile" in mode:
                     continue

@@ -147,7 +147,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "train,lora,eval,generate"
+        default_value = "train,lora,eval,prefill,generate"
     )]
     pub tasks: Vec<TaskName>,
     /// Comma-separated modes [default: fp32 on the CPU, fp32,bf16,bf16+ckpt on GPUs]

@@ -170,3 +170,32 @@ fn a_generate_row_says_how_its_steps_ran() {
     assert_eq!(row["steps"], "the device has no CUDA graphs", "{row}");
     assert!(row.get("same_tokens_as_op_by_op").is_none(), "{row}");
 }
+
+#[test]
+fn a_prefill_row_is_one_prompt_and_skips_checkpointed_modes() {
+    let (_, rows) = bench_rows(&[
+        "--device",
+        "cpu",
+        "--sizes",
+        "tiny",
+        "--tasks",
+        "prefill",
+        "--modes",
+        "fp32,fp32+ckpt",
+        "--seq",
+        "32",
+        "--steps",
+        "1",
+    ]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (&row["task"], &row["mode"]),
+        (&"prefill".into(), &"fp32".into())
+    );
+    assert_eq!(row["prompt_tokens"], 32, "{row}");
+    let step_s = row["step_ms"].as_f64().unwrap() / 1e3;
+    let tokens_per_s = row["tokens_per_s"].as_f64().unwrap();
+    assert!((tokens_per_s * step_s - 32.0).abs() < 1e-6, "{row}");
+    assert!(row["model_tflops"].as_f64().unwrap() > 0.0, "{row}");
+}

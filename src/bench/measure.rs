@@ -1,6 +1,6 @@
 //! One row: the task's measurement in torch_ref.py's fields, and the peak memory field.
 
-use super::generation::greedy;
+use super::generation::{greedy, prefill, prefill_flops};
 use super::rows::{LoraBase, Mode, Preset, Settings, Task};
 use super::timed;
 use super::training::{lora_model, random_batch, time_training};
@@ -22,6 +22,7 @@ pub fn measure(
     let (dtype, recompute) = (mode.dtype(), mode.checkpointed());
     // As the reference: the peak covers the model, optimizer state and the steps.
     ops::device::reset_peak_memory(device)?;
+    let in_use_at_start = ops::device::device_memory_in_use(device);
     // A 4-bit base is drawn and quantized on the host, as `finetune` quantizes a checkpoint:
     // the device never holds its full-precision weights.
     let drawn_on = match task {
@@ -61,11 +62,17 @@ pub fn measure(
             })?;
             json!({"step_ms": step_s * 1e3, "tokens_per_s": (s.batch * s.seq) as f64 / step_s})
         }
+        Task::Prefill => {
+            let model = generation_model(&cfg, &weights, dtype)?;
+            let step_s = timed(device, s.warmup, s.steps, || {
+                prefill(&model, s.seq, s.gen_tokens)
+            })?;
+            json!({"prompt_tokens": s.seq, "step_ms": step_s * 1e3,
+                   "tokens_per_s": s.seq as f64 / step_s,
+                   "model_tflops": prefill_flops(&cfg, s.seq) / step_s / 1e12})
+        }
         Task::Generate => {
-            // As `llmtool generate` loads a model: stored in the compute dtype, projections
-            // stacked.
-            let mut model = Llama::new(&cfg, &weights.to_dtype(dtype)?, dtype)?;
-            model.fuse_projections()?;
+            let model = generation_model(&cfg, &weights, dtype)?;
             let runs = (s.steps / 4).max(1);
             let mut op_by_op_reason = None;
             let run_s = timed(device, 1, runs, || {
@@ -103,24 +110,53 @@ pub fn measure(
         row.insert("seq".into(), s.seq.into());
     }
     if matches!(task, Task::Train | Task::Lora(_)) {
-        insert_peak_memory(&mut row, device);
+        insert_peak_memory(&mut row, device, in_use_at_start);
     }
     Ok(Value::Object(row))
+}
+
+/// A model as `llmtool generate` loads it: stored in the compute dtype, projections stacked.
+fn generation_model(
+    cfg: &model::LlamaConfig,
+    weights: &model::Weights,
+    dtype: candle_core::DType,
+) -> anyhow::Result<Llama> {
+    let mut model = Llama::new(cfg, &weights.to_dtype(dtype)?, dtype)?;
+    model.fuse_projections()?;
+    Ok(model)
 }
 
 /// torch_ref.py's `peak_mb`: process peak RSS on the CPU (as its `ru_maxrss`), the memory
 /// pool's high-water mark since the row began on CUDA (as `torch.cuda.max_memory_allocated`),
 /// and on CUDA its `peak_smi_mb`, measured the same way (nvidia-smi's view: total − free, plus
 /// reserve released during the row). Elsewhere `peak_mb` is null and `peak_note` says why.
-fn insert_peak_memory(fields: &mut serde_json::Map<String, Value>, device: &Device) {
+/// On CUDA, where `peak_smi_mb` goes besides the pool's peak: `reserved_peak_mb`, what the
+/// pool held from the driver at its peak (fragmentation included), and `in_use_at_start_mb`,
+/// device memory in use when the row began (`in_use_at_start`: the CUDA context, loaded
+/// modules and workspaces, nothing of the row's).
+fn insert_peak_memory(
+    fields: &mut serde_json::Map<String, Value>,
+    device: &Device,
+    in_use_at_start: Option<u64>,
+) {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if device.is_cpu() {
         let peak = train::memory::peak_resident_bytes().map(mib);
         fields.insert("peak_mb".into(), json!(peak));
     } else if let Some(peak) = ops::device::peak_memory(device) {
         fields.insert("peak_mb".into(), json!(mib(peak)));
-        if let Some(smi) = ops::device::peak_device_memory(device) {
-            fields.insert("peak_smi_mb".into(), json!(mib(smi)));
+        let breakdown = [
+            ("peak_smi_mb", ops::device::peak_device_memory(device)),
+            (
+                "reserved_peak_mb",
+                ops::device::peak_reserved_memory(device),
+            ),
+            ("in_use_at_start_mb", in_use_at_start),
+        ];
+        for (field, bytes) in breakdown {
+            if let Some(bytes) = bytes {
+                fields.insert(field.into(), json!(mib(bytes)));
+            }
         }
     } else {
         fields.insert("peak_mb".into(), Value::Null);
@@ -158,6 +194,10 @@ mod tests {
                 &["trainable", "step_ms", "peak_mb", "lora_base"][..],
             ),
             (Task::Eval, &["step_ms", "batch", "seq"][..]),
+            (
+                Task::Prefill,
+                &["prompt_tokens", "step_ms", "model_tflops"][..],
+            ),
             (Task::Generate, &["new_tokens", "ms"][..]),
         ] {
             let row = measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();

@@ -104,10 +104,11 @@ pub enum TaskName {
     Train,
     Lora,
     Eval,
+    Prefill,
     Generate,
 }
 
-/// What to measure: one of `train`, `lora`, `eval`, `generate`.
+/// What to measure: one of `train`, `lora`, `eval`, `prefill`, `generate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Task {
     /// Full training step of every parameter.
@@ -117,6 +118,9 @@ pub enum Task {
     Lora(LoraBase),
     /// Forward pass and loss without gradients.
     Eval,
+    /// A `--seq`-token prompt into an empty KV cache, batch 1: the cache and the last
+    /// position's logits, as generation starts.
+    Prefill,
     /// Greedy decoding with the KV cache.
     Generate,
 }
@@ -128,6 +132,7 @@ impl Task {
             Task::Train => "train",
             Task::Lora(_) => "lora",
             Task::Eval => "eval",
+            Task::Prefill => "prefill",
             Task::Generate => "generate",
         }
     }

@@ -24,6 +24,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             TaskName::Train => vec![Task::Train],
             TaskName::Lora => args.lora_base.iter().map(|&b| Task::Lora(b)).collect(),
             TaskName::Eval => vec![Task::Eval],
+            TaskName::Prefill => vec![Task::Prefill],
             TaskName::Generate => vec![Task::Generate],
         })
         .collect();
@@ -64,7 +65,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for &task in &tasks {
             for &mode in &modes {
                 // As the reference: checkpointing only applies to training.
-                if matches!(task, Task::Eval | Task::Generate) && mode.checkpointed() {
+                let inference = matches!(task, Task::Eval | Task::Prefill | Task::Generate);
+                if inference && mode.checkpointed() {
                     continue;
                 }
                 let row =

@@ -178,8 +178,7 @@ impl<'m> Decoder<'m> {
     fn unpositioned(model: &Llama, cache: &mut Cache, ids: &[Vec<u32>]) -> Result<Tensor> {
         let new = ids[0].len();
         let input = Tensor::new(ids.concat(), model.device())?.reshape((ids.len(), new))?;
-        let logits = model.forward(&input, Some(cache))?;
-        logits.i((.., new - 1))
+        model.forward_last(&input, Some(cache))
     }
 
     /// The one-token step at the position in `step`, op by op, with the cache taking its
@@ -284,7 +283,12 @@ mod tests {
             let model = tiny(fused);
             let want = full_pass(&model, &ids);
             let mut decoder = Decoder::new(&model, ids.len()).unwrap();
-            decoder.forward(&ids[..2]).unwrap();
+            let prompt = decoder.forward(&ids[..2]).unwrap();
+            let error = relative_error(&prompt, &want.narrow(0, 1, 1).unwrap());
+            assert!(
+                error < 1e-5,
+                "fused {fused}, the prompt's last position: {error:.2e}"
+            );
             for (i, &token) in ids.iter().enumerate().skip(2) {
                 let got = decoder.forward(&[token]).unwrap();
                 let error = relative_error(&got, &want.narrow(0, i, 1).unwrap());
@@ -324,6 +328,21 @@ mod tests {
                     assert_eq!(got[r], want[0], "{name}: row {r}, step {step}");
                 }
             }
+        }
+    }
+
+    /// Prompts that differ per row give each row the logits of its own last position.
+    #[test]
+    fn different_prompts_give_each_rows_last_logits() {
+        let model = tiny(true);
+        let prompts = vec![vec![3u32, 8, 1, 22], vec![9u32, 4, 4, 17]];
+        let mut decoder = Decoder::batched(&model, 4, 2).unwrap();
+        let got = decoder.forward_rows(&prompts).unwrap();
+        assert_eq!(got.dims(), [2, model.config.vocab_size]);
+        for (r, prompt) in prompts.iter().enumerate() {
+            let want = full_pass(&model, prompt).narrow(0, 3, 1).unwrap();
+            let error = relative_error(&got.narrow(0, r, 1).unwrap(), &want);
+            assert!(error < 1e-5, "row {r}: {error:.2e}");
         }
     }
 

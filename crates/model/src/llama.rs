@@ -527,7 +527,22 @@ impl Llama {
 
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` whose first position is
     /// `cache.len()` (or 0 without a cache).
-    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        self.head_logits(&self.normed_hidden(ids, cache)?)
+    }
+
+    /// [`Llama::forward`]'s logits of the last position only, `[batch, vocab]`: what a prompt
+    /// needs before decoding, without the output head's work and memory on every other
+    /// position (transformers' `logits_to_keep=1`).
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let normed = self.normed_hidden(ids, cache)?;
+        let last = normed.dim(1)? - 1;
+        self.head_logits(&normed.narrow(1, last, 1)?.squeeze(1)?.contiguous()?)
+    }
+
+    /// The blocks and the final norm on token ids `[batch, seq]` whose first position is
+    /// `cache.len()` (or 0 without a cache): normalized hidden states `[batch, seq, hidden]`.
+    fn normed_hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.embed(ids)?;
         let mut pending = None;
@@ -538,6 +553,6 @@ impl Llama {
             (x, pending) = (next, Some(mlp));
         }
         let (_, normed) = self.add_norm(&x, pending.as_ref(), &self.norm)?;
-        self.head_logits(&normed)
+        Ok(normed)
     }
 }

@@ -99,6 +99,29 @@ pub fn peak_device_memory(device: &Device) -> Option<u64> {
     None
 }
 
+/// The peak of what the memory pool reserved from the driver since the last
+/// [`reset_peak_memory`], in bytes: [`peak_memory`] plus the pool's fragmentation at its
+/// worst. `None` off CUDA.
+pub fn peak_reserved_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return cuda_setup::pool_attribute(d, cuda_setup::RESERVED_HIGH).ok();
+    }
+    let _ = device;
+    None
+}
+
+/// Device memory in use now as nvidia-smi shows it (total minus free: the CUDA context, loaded
+/// modules, cuBLAS workspaces and the pool's reserve; device-wide), in bytes. `None` off CUDA.
+pub fn device_memory_in_use(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return cuda_setup::in_use(d).ok();
+    }
+    let _ = device;
+    None
+}
+
 /// Starts a new peak for [`peak_memory`] and [`peak_device_memory`], handing the memory pool's
 /// unused reserve back to the driver first (as torch_ref.py's `torch.cuda.empty_cache()` at
 /// the start of a row), so earlier work does not count (a no-op off CUDA).
@@ -119,7 +142,7 @@ mod cuda_setup {
 
     pub(super) const USED_HIGH: sys::CUmemPool_attribute =
         sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-    const RESERVED_HIGH: sys::CUmemPool_attribute =
+    pub(super) const RESERVED_HIGH: sys::CUmemPool_attribute =
         sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH;
     const RESERVED: sys::CUmemPool_attribute =
         sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT;
@@ -198,10 +221,16 @@ mod cuda_setup {
     pub(super) fn device_memory_peak(device: &CudaDevice) -> Result<u64> {
         let released = pool_attribute(device, RESERVED_HIGH)?
             .saturating_sub(pool_attribute(device, RESERVED)?);
+        Ok(in_use(device)? + released)
+    }
+
+    /// Total minus free device memory now.
+    pub(super) fn in_use(device: &CudaDevice) -> Result<u64> {
+        default_pool(device)?; // binds the device's context to this thread
         let (mut free, mut total) = (0usize, 0usize);
-        // SAFETY: writes two sizes; the device's context is bound by `pool_attribute`.
+        // SAFETY: writes two sizes; the device's context is bound above.
         driver(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) })?;
-        Ok((total - free) as u64 + released)
+        Ok((total - free) as u64)
     }
 }
 
