@@ -109,9 +109,7 @@ pub fn measure(
         row.insert("batch".into(), s.batch.into());
         row.insert("seq".into(), s.seq.into());
     }
-    if matches!(task, Task::Train | Task::Lora(_)) {
-        insert_peak_memory(&mut row, device, in_use_at_start);
-    }
+    insert_peak_memory(&mut row, device, in_use_at_start);
     Ok(Value::Object(row))
 }
 
@@ -193,12 +191,12 @@ mod tests {
                 Task::Lora(LoraBase::Frozen),
                 &["trainable", "step_ms", "peak_mb", "lora_base"][..],
             ),
-            (Task::Eval, &["step_ms", "batch", "seq"][..]),
+            (Task::Eval, &["step_ms", "batch", "seq", "peak_mb"][..]),
             (
                 Task::Prefill,
-                &["prompt_tokens", "step_ms", "model_tflops"][..],
+                &["prompt_tokens", "step_ms", "model_tflops", "peak_mb"][..],
             ),
-            (Task::Generate, &["new_tokens", "ms"][..]),
+            (Task::Generate, &["new_tokens", "ms", "peak_mb"][..]),
         ] {
             let row = measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
             assert_eq!(row["task"], task.name());
