@@ -109,6 +109,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "decode_attention_at",
         "decode_window",
         "embedding",
+        "embedding_from_host",
         "flash_attention",
         "geglu",
         "geglu_master_projection",

@@ -259,6 +259,23 @@ fn estimate_plans_a_qlora_fine_tune() {
     // gate, up and down 192 each) in + out values.
     assert!(nf4.contains("training a 8.2K adapter"), "{nf4}");
     assert!(plan(&["--set", "lora.base_dtype=bf16"]).contains("base (bf16) + adapter"));
+    // With training.device cuda (estimate opens no device) the untied input embedding is
+    // planned in host memory, outside the peak; on the CPU it is part of the peak.
+    assert!(!nf4.contains("input embedding (host)"), "{nf4}");
+    let cuda = plan(&["--set", "training.device=cuda"]);
+    assert!(cuda.contains("input embedding (host)"), "{cuda}");
+    let bad = llmtool()
+        .args([
+            "estimate",
+            &config,
+            "--lora",
+            "--set",
+            "training.device=tpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("training.device"));
     let scratch = dir.path().join("scratch.yaml");
     std::fs::write(&scratch, "model:\n  hidden_size: 64\n").unwrap();
     let out = llmtool()

@@ -33,6 +33,10 @@ pub(super) fn lora_model(
             .to_device(device)?,
     };
     let mut model = Llama::new(cfg, &weights, dtype)?;
+    // As `finetune --lora`: a frozen untied input embedding waits on the host on CUDA (once
+    // the weights' own handle on its device copy is gone).
+    drop(weights);
+    model.keep_input_embedding_on_host()?;
     let adapter = Adapter::init(&shape.section(), cfg, 0, device)?;
     adapter.attach(&mut model)?;
     Ok((model, adapter.vars()))

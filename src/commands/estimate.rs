@@ -15,6 +15,18 @@ fn vocab_size(config: &config::Config) -> usize {
     }
 }
 
+/// Whether training on `device` computes on CUDA (`auto` does where this build has CUDA and
+/// no Metal).
+fn on_cuda(device: config::DeviceSpec) -> bool {
+    match device {
+        config::DeviceSpec::Cuda(_) => true,
+        config::DeviceSpec::Auto => {
+            candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available()
+        }
+        config::DeviceSpec::Cpu | config::DeviceSpec::Metal => false,
+    }
+}
+
 /// Runs `llmtool estimate`.
 pub fn run(args: EstimateArgs) -> Result<()> {
     let path = &args.config.config;
@@ -28,7 +40,8 @@ pub fn run(args: EstimateArgs) -> Result<()> {
         (true, None) => bail!("{}: --lora needs model.pretrained", path.display()),
         (true, Some(model)) => {
             let stored = model.stored_dtype().unwrap_or(candle_core::DType::BF16);
-            let (p, adapter) = plan_lora(&model, &config, stored)
+            let device = t.device.parse().context("training.device in the config")?;
+            let (p, adapter) = plan_lora(&model, &config, stored, on_cuda(device))
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: lora", path.display()))?;
             let base = format!("base ({:?}) + adapter", config.lora.base_dtype).to_lowercase();
@@ -79,6 +92,12 @@ fn print_plan(
         "  backward workspace         {:>10}",
         human(p.backward_workspace)
     );
+    if p.host_weights > 0 {
+        println!(
+            "  input embedding (host)     {:>10}  (not in the peak: it waits in host memory on CUDA)",
+            human(p.host_weights)
+        );
+    }
     println!("  peak                       {:>10}", human(p.total(false)));
     println!("  peak, checkpointed         {:>10}", human(p.total(true)));
     let chosen = if t.grad_checkpoint { "on" } else { "off" };

@@ -51,6 +51,7 @@ fn finetune(args: FinetuneArgs) -> Result<()> {
         };
         let loaded = model::io::load_stored(&base_dir, storage, t.dtype.dtype(), &session.device)?;
         let mut llama = loaded.model;
+        llama.keep_input_embedding_on_host()?;
         let mut adapter = Adapter::init(&config.lora, &llama.config, t.seed, &session.device)?;
         adapter.config.base_model_name_or_path = Some(spec.clone());
         adapter.attach(&mut llama)?;

@@ -210,7 +210,8 @@ impl Llama {
             Some(w.get(names::LM_HEAD, &[cfg.vocab_size, h])?)
         };
         let local = family.layers.iter().any(|l| l.local_rope);
-        let device = embed_tokens.device();
+        let norm = w.get(names::FINAL_NORM, &[h])?;
+        let device = norm.device();
         Ok(Self {
             config: cfg.clone(),
             rope: RopeTables::new(cfg, dtype, device)?,
@@ -221,7 +222,7 @@ impl Llama {
             family,
             embed_tokens,
             layers,
-            norm: w.get(names::FINAL_NORM, &[h])?,
+            norm,
             lm_head,
             dtype,
         })
@@ -278,9 +279,29 @@ impl Llama {
         self.dtype
     }
 
-    /// The device the weights live on.
+    /// The device the model computes on, where its weights live (all of them but an input
+    /// embedding kept on the host, [`Llama::keep_input_embedding_on_host`]).
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        self.norm.device()
+    }
+
+    /// Moves a frozen, untied input embedding of a model on a CUDA device into host memory and
+    /// hands its device memory back to the driver: a LoRA base's `vocab × hidden` table (1 GB
+    /// at Llama-3.1-8B's shape in 16 bits) is only ever read a row per token, so each step
+    /// gathers its rows on the host and uploads those. Returns whether it moved; a table that
+    /// trains, one tied to the output head, or one on another device stays. Training and
+    /// evaluation run as before; a decoding graph cannot be captured over such a model.
+    pub fn keep_input_embedding_on_host(&mut self) -> Result<bool> {
+        let movable = self.lm_head.is_some()
+            && !self.embed_tokens.track_op()
+            && self.embed_tokens.device().is_cuda();
+        if !movable {
+            return Ok(false);
+        }
+        let device = self.device().clone();
+        self.embed_tokens = self.embed_tokens.to_device(&Device::Cpu)?;
+        ops::device::release_unused_memory(&device)?;
+        Ok(true)
     }
 
     /// Every parameter with its HF name, 4-bit projections expanded to the dtype they were

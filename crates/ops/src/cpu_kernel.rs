@@ -152,7 +152,8 @@ pub(crate) fn u8s<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u
     slice(storage.as_slice::<u8>()?, layout)
 }
 
-fn slice<'a, T>(all: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+/// The elements of a contiguous CPU operand, of any element type.
+pub(crate) fn slice<'a, T>(all: &'a [T], layout: &Layout) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&all[start..end]),
         None => candle_core::bail!("fused CPU kernel: operand is not contiguous"),

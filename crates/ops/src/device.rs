@@ -122,6 +122,19 @@ pub fn device_memory_in_use(device: &Device) -> Option<u64> {
     None
 }
 
+/// Hands the memory pool's unused reserve back to the driver (after a large buffer is freed for
+/// good, e.g. a weight moved to the host), so that it shows as free device memory again. A
+/// no-op off CUDA.
+pub fn release_unused_memory(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        device.synchronize()?;
+        return cuda_setup::trim(d).map(drop);
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// Starts a new peak for [`peak_memory`] and [`peak_device_memory`], handing the memory pool's
 /// unused reserve back to the driver first (as torch_ref.py's `torch.cuda.empty_cache()` at
 /// the start of a row), so earlier work does not count (a no-op off CUDA).
@@ -204,9 +217,7 @@ mod cuda_setup {
     /// Releases the pool's unused reserve and resets its used and reserved high-water marks to
     /// the memory in use now.
     pub(super) fn reset_used_high(device: &CudaDevice) -> Result<()> {
-        let pool = default_pool(device)?;
-        // SAFETY: `pool` is the device's default pool; trimming frees only unused memory.
-        driver(unsafe { sys::cuMemPoolTrimTo(pool, 0) })?;
+        let pool = trim(device)?;
         for attr in [USED_HIGH, RESERVED_HIGH] {
             let mut zero = 0u64;
             // SAFETY: resetting USED_MEM_HIGH or RESERVED_MEM_HIGH takes a u64 zero.
@@ -215,6 +226,14 @@ mod cuda_setup {
             })?;
         }
         Ok(())
+    }
+
+    /// Releases the pool's unused reserve; returns the pool.
+    pub(super) fn trim(device: &CudaDevice) -> Result<sys::CUmemoryPool> {
+        let pool = default_pool(device)?;
+        // SAFETY: `pool` is the device's default pool; trimming frees only unused memory.
+        driver(unsafe { sys::cuMemPoolTrimTo(pool, 0) })?;
+        Ok(pool)
     }
 
     /// Total minus free device memory now, plus the pool's reserve released since its peak.

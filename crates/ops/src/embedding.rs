@@ -3,20 +3,82 @@
 //! candle's `index_add` backward through a zero table (`kernels/embedding.cu` on CUDA).
 
 use super::attach::attach;
-use super::cpu_kernel::{f32s, output, u32s};
+use super::cpu_kernel::{f32s, output, slice, u32s};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
 use super::{ids_beside, rows_and_width};
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, Device, Result, Storage, Tensor, WithDType};
+use rayon::prelude::*;
 
 /// Token embedding lookup: rows of `table` for `ids` (any shape of u32 ids). The fused backward
 /// where [`super::fused`] accepts the table, else the [`reference`].
+///
+/// A frozen table may live on another device than the ids (a LoRA base's input embedding kept
+/// in host memory while the model runs on a GPU): its rows are gathered where it lives and
+/// moved to the ids' device. A table that trains must be beside the ids.
 pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    if !ids.device().same_device(table.device()) {
+        if table.track_op() {
+            candle_core::bail!("embedding: a table that trains must be on the ids' device");
+        }
+        let rows = match table.device() {
+            Device::Cpu => host_rows(&ids.to_device(&Device::Cpu)?, table)?,
+            other => reference(&ids.to_device(other)?, table)?,
+        };
+        return rows.to_device(ids.device());
+    }
     if super::fused(&[table]) && ids_beside(ids, table) {
         return fused_embedding(ids, table);
     }
     reference(ids, table)
+}
+
+/// The rows of a host `table` for host `ids`, copied in parallel (no gradient): candle's
+/// `index_select` copies them one at a time, 33 ms for the 8,192 rows of 4,096 bf16 values a
+/// step of 4 × 2,048 tokens looks up on 2 cores.
+fn host_rows(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    let (vocab, width) = table.dims2()?;
+    dims.push(width);
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    let table = table.contiguous()?;
+    let (storage, layout) = table.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        candle_core::bail!("embedding: the table is not on the host");
+    };
+    let shape = (vocab, width);
+    match storage {
+        CpuStorage::BF16(all) => gather_rows(slice(all, layout)?, &ids, shape, &dims),
+        CpuStorage::F16(all) => gather_rows(slice(all, layout)?, &ids, shape, &dims),
+        CpuStorage::F32(all) => gather_rows(slice(all, layout)?, &ids, shape, &dims),
+        _ => reference(&Tensor::new(ids.as_slice(), &Device::Cpu)?, &table)?.reshape(dims),
+    }
+}
+
+/// Rows `ids` of a `[vocab, width]` row-major `table`, as a tensor of `dims`.
+fn gather_rows<T: WithDType>(
+    table: &[T],
+    ids: &[u32],
+    (vocab, width): (usize, usize),
+    dims: &[usize],
+) -> Result<Tensor> {
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        candle_core::bail!("embedding: id {id} outside the table of {vocab}");
+    }
+    let mut out: Vec<T> = Vec::with_capacity(ids.len() * width);
+    out.spare_capacity_mut()
+        .par_chunks_mut(width.max(1))
+        .zip(ids)
+        .for_each(|(dst, &id)| {
+            let src = &table[id as usize * width..(id as usize + 1) * width];
+            for (d, s) in dst.iter_mut().zip(src) {
+                d.write(*s);
+            }
+        });
+    // SAFETY: every row of the capacity was written above (one chunk of `width` per id).
+    unsafe { out.set_len(ids.len() * width) };
+    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 /// [`embedding`] from candle's differentiable ops, any backend and dtype.
@@ -114,7 +176,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, uniform};
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn matches_the_reference_forward_and_backward() {
@@ -128,6 +190,32 @@ mod tests {
             |t| super::fused_embedding(&t[0], &t[1]),
             |t| super::reference(&t[0], &t[1]),
             1e-6,
+        );
+    }
+
+    #[test]
+    fn host_rows_are_the_lookups_rows_in_every_float_dtype() {
+        let ids = Tensor::new(&[[0u32, 3, 3, 9], [1, 0, 9, 3]], &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let table = uniform(&[10, 6], 2).to_dtype(dtype).unwrap();
+            let got = super::host_rows(&ids, &table).unwrap();
+            let want = super::reference(&ids, &table).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (want.dims(), dtype));
+            let diff = (got.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{dtype:?}");
+        }
+        let outside = Tensor::new(&[10u32], &Device::Cpu).unwrap();
+        let err = super::host_rows(&outside, &uniform(&[10, 6], 2)).unwrap_err();
+        assert!(
+            err.to_string().contains("id 10 outside the table of 10"),
+            "{err}"
         );
     }
 }

@@ -17,6 +17,9 @@ pub struct MemoryPlan {
     /// Gradient temporaries alive at the peak of the backward pass: those of the output head
     /// and of one block (the same either way).
     pub backward_workspace: u64,
+    /// Frozen weights held in host memory, outside the device's peak: a LoRA base's untied
+    /// input embedding on CUDA (`Llama::keep_input_embedding_on_host`).
+    pub host_weights: u64,
 }
 
 impl MemoryPlan {
@@ -61,6 +64,7 @@ pub fn plan(model: &LlamaConfig, config: &Config) -> MemoryPlan {
         optimizer: 8 * p as u64,
         activations,
         activations_checkpointed,
+        host_weights: 0,
     }
 }
 
@@ -71,16 +75,19 @@ const NF4_BYTES_PER_WEIGHT: f64 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
 /// stored as `lora.base_dtype` (NF4 for the projections and the checkpoint's `stored` dtype
 /// for the rest with `nf4`), f32 adapter weights, gradients and AdamW moments, activations as
 /// [`plan`]'s. A 4-bit base adds the expanded copy of the largest projection, alive while its
-/// product runs, to the workspace. `parameters` counts the base; errors name a target the
-/// model lacks.
+/// product runs, to the workspace. With `on_cuda`, an untied input embedding is counted in
+/// `host_weights` instead of `weights` (it waits in host memory there). `parameters` counts
+/// the base; errors name a target the model lacks.
 pub fn plan_lora(
     model: &LlamaConfig,
     config: &Config,
     stored: candle_core::DType,
+    on_cuda: bool,
 ) -> Result<(MemoryPlan, usize), String> {
     let counts = crate::lora::parameter_counts(&config.lora, model)?;
     let full = plan(model, config);
     let p = full.parameters;
+    let dense = config.lora.base_dtype.dense().unwrap_or(stored);
     let (base, expanded) = match config.lora.base_dtype.dense() {
         Some(dtype) => ((p * dtype.size_in_bytes()) as u64, 0),
         None => {
@@ -93,10 +100,15 @@ pub fn plan_lora(
             )
         }
     };
+    let host_weights = match on_cuda && !model.tie_word_embeddings {
+        true => (model.vocab_size * model.hidden_size * dense.size_in_bytes()) as u64,
+        false => 0,
+    };
     let adapter = counts.adapter;
     let adapter_bytes = 4 * adapter as u64;
     let plan = MemoryPlan {
-        weights: base + adapter_bytes,
+        weights: base - host_weights + adapter_bytes,
+        host_weights,
         gradients: adapter_bytes,
         optimizer: 2 * adapter_bytes,
         backward_workspace: full.backward_workspace + expanded,
@@ -158,9 +170,9 @@ mod tests {
     #[test]
     fn a_4_bit_base_plans_its_projections_at_4_13_bits_and_the_rest_in_16() {
         let (model, config) = eight_b(BaseDtype::Nf4);
-        let (nf4, adapter) = plan_lora(&model, &config, DType::BF16).unwrap();
+        let (nf4, adapter) = plan_lora(&model, &config, DType::BF16, false).unwrap();
         let (model, config) = eight_b(BaseDtype::Bf16);
-        let (bf16, same_adapter) = plan_lora(&model, &config, DType::BF16).unwrap();
+        let (bf16, same_adapter) = plan_lora(&model, &config, DType::BF16, false).unwrap();
         // PEFT's count for this shape and adapter.
         assert_eq!((adapter, same_adapter), (41_943_040, 41_943_040));
         assert_eq!(
@@ -178,5 +190,20 @@ mod tests {
             nf4.backward_workspace - bf16.backward_workspace,
             14336 * 4096 * 4
         );
+    }
+
+    #[test]
+    fn on_cuda_an_untied_input_embedding_waits_on_the_host() {
+        let (mut model, config) = eight_b(BaseDtype::Nf4);
+        let (device, _) = plan_lora(&model, &config, DType::BF16, false).unwrap();
+        let (cuda, _) = plan_lora(&model, &config, DType::BF16, true).unwrap();
+        let table = 128_256 * 4096 * 2;
+        assert_eq!((device.host_weights, cuda.host_weights), (0, table));
+        assert_eq!(device.weights - cuda.weights, table);
+        assert_eq!(device.total(true) - cuda.total(true), table);
+        // Tied to the head, the table is needed on the device.
+        model.tie_word_embeddings = true;
+        let (tied, _) = plan_lora(&model, &config, DType::BF16, true).unwrap();
+        assert_eq!(tied.host_weights, 0);
     }
 }

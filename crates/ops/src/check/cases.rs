@@ -135,7 +135,22 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
                 float(&[shape.vocab, shape.hidden]),
             ],
         },
+        embedding_from_host_case(batch * seq, shape.vocab, shape.hidden),
     ]
+}
+
+/// A frozen table in host memory looked up for ids on the device (a LoRA base's input
+/// embedding on a GPU), against the lookup beside the ids.
+fn embedding_from_host_case(tokens: usize, vocab: usize, width: usize) -> Case {
+    Case {
+        name: "embedding_from_host",
+        fused: |t| crate::embedding(&t[0], &t[1].to_device(&candle_core::Device::Cpu)?),
+        reference: |t| reference::embedding(&t[0], &t[1]),
+        inputs: vec![
+            Input::Ids(vec![tokens], vocab as u32),
+            Input::Table(vec![vocab, width]),
+        ],
+    }
 }
 
 /// NLL and logits gradient together of `[rows, vocab]` logits, for row scales `scales`.
@@ -1065,5 +1080,6 @@ pub fn edge_cases() -> Vec<Case> {
         },
         // Row scales of 0 and 1, as the loss weights give: skipped rows get zero gradients.
         nll_with_grad_case(7, 33, Input::Ids(vec![7], 2)),
+        embedding_from_host_case(9, 11, 5),
     ]
 }
