@@ -35,8 +35,8 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
 }
 
 /// The rows of a host `table` for host `ids`, copied in parallel (no gradient): candle's
-/// `index_select` copies them one at a time, 33 ms for the 8,192 rows of 4,096 bf16 values a
-/// step of 4 × 2,048 tokens looks up on 2 cores.
+/// `index_select` copies them one at a time, which cost the 8b QLoRA step 5% on an H200's
+/// host (docs/benchmarks.md).
 fn host_rows(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     let mut dims = ids.dims().to_vec();
     let (vocab, width) = table.dims2()?;
