@@ -3,7 +3,7 @@
 # base, 1b and 8b shapes, HF generate on the 1b in the same call, the device's read bandwidth
 # (the bound a decode step is held to), and an ncu breakdown of one decode step's kernels.
 # Run from `.device/` beside a CUDA binary built with `../shared/cuda/build.sh --bin llmtool`
-# and copies of bench/torch_ref.py and bench/ncu_decode_step.py (docs/benchmarks.md, "Decoding
+# and copies of bench/torch_ref.py and bench/ncu_step.py (docs/benchmarks.md, "Decoding
 # at real scale").
 #   [LLMTOOL=./llmtool] [TAG=name] [TORCH=0] [PROFILE=0] [NCU_SIZES="1b 8b"] [BANDWIDTH=0] bash gpu_decode.sh
 # LLMTOOL picks the binary (two builds side by side: run once per binary, each with its own
@@ -49,5 +49,5 @@ for size in ${NCU_SIZES:-1b 8b}; do
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size,launch__block_size \
     "$LLMTOOL" bench --device cuda --sizes $size --tasks generate --modes bf16 --steps 1 \
     > "ncu-$size.csv" 2> "ncu-$size.err"; echo "ncu $size rc=$?" >> "$OUT/$TAG.txt"
-  python3 ncu_decode_step.py "ncu-$size.csv" >> "$OUT/$TAG.txt" 2>&1
+  python3 ncu_step.py "ncu-$size.csv" >> "$OUT/$TAG.txt" 2>&1
 done
