@@ -154,9 +154,10 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     pub modes: Vec<Mode>,
     /// Comma-separated bases of the lora task, each its own row: frozen (the base's weight
-    /// gradients are never computed), plain (candle vars the optimizer does not get, whose
-    /// weight gradients candle computes anyway, as naive candle code does) or nf4 (QLoRA: the
-    /// projections 4-bit, as `lora.base_dtype: nf4`).
+    /// gradients are never computed; stored in f32), frozen16 (the same, stored in the mode's
+    /// dtype, as `lora.base_dtype: bf16`), plain (candle vars the optimizer does not get,
+    /// whose weight gradients candle computes anyway, as naive candle code does) or nf4
+    /// (QLoRA: the projections 4-bit, as `lora.base_dtype: nf4`).
     #[arg(
         long,
         value_enum,

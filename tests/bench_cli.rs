@@ -117,6 +117,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "geglu_projection",
         "head_mean_nll",
         "linear_rows",
+        "lora_linear",
         "master_linear",
         "nf4_linear",
         "nf4_linear_rows",

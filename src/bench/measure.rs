@@ -228,7 +228,7 @@ mod tests {
             gen_tokens: 1,
             lora: Default::default(),
         };
-        for base in [LoraBase::Frozen, LoraBase::Plain] {
+        for base in [LoraBase::Frozen, LoraBase::Frozen16, LoraBase::Plain] {
             let row =
                 measure(Task::Lora(base), Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
             assert_eq!(row["lora_base"], base.name(), "{row}");

@@ -146,6 +146,10 @@ pub enum LoraBase {
     /// Plain tensors: every projection goes through [`ops::frozen_linear`], so no weight
     /// gradient is computed or stored (what `llmtool finetune --lora` does).
     Frozen,
+    /// As [`LoraBase::Frozen`], stored in the mode's compute dtype (bf16 or f16; f32 in fp32
+    /// modes) as `lora.base_dtype: bf16` stores it: no cast of the base at each use. The
+    /// reference's `--lora-base-dtype bf16`, issue 19's "bf16 base".
+    Frozen16,
     /// Candle `Var`s left out of the optimizer, as naive candle code does: the projections take
     /// the plain-matmul path, and backward computes, and the grad store keeps, the gradient of
     /// every base weight.
@@ -160,6 +164,7 @@ impl LoraBase {
     pub fn name(self) -> &'static str {
         match self {
             LoraBase::Frozen => "frozen",
+            LoraBase::Frozen16 => "frozen16",
             LoraBase::Plain => "plain",
             LoraBase::Nf4 => "nf4",
         }

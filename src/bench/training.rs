@@ -23,6 +23,8 @@ pub(super) fn lora_model(
 ) -> anyhow::Result<(Llama, Vec<(String, Var)>)> {
     let weights = match base {
         LoraBase::Frozen => weights,
+        // One tensor at a time, so the row's peak never holds the base in both dtypes.
+        LoraBase::Frozen16 => weights.into_dtype(dtype)?,
         // The vars of the base are dropped here: the model holds their tensors, which is all
         // candle needs to compute and keep their gradients.
         LoraBase::Plain => weights.into_trainable()?.0,

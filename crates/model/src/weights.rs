@@ -306,6 +306,21 @@ impl Weights {
         self.map_dense(|t| t.to_dtype(dtype))
     }
 
+    /// These weights stored as `dtype`, converted one tensor at a time: each old tensor is
+    /// freed as its copy is made (unless held elsewhere), so memory never holds the model in
+    /// both dtypes, as [`Weights::to_dtype`] does until its result replaces the original.
+    pub fn into_dtype(mut self, dtype: DType) -> Result<Self, ModelError> {
+        let names: Vec<String> = self.tensors.keys().cloned().collect();
+        for name in names {
+            if let Some(t) = self.tensors.remove(&name) {
+                let converted = t.to_dtype(dtype)?;
+                drop(t);
+                self.tensors.insert(name, converted);
+            }
+        }
+        Ok(self)
+    }
+
     /// Fails on the first tensor (in layer order) whose name is not in `expected`: weights
     /// for more layers than the config has, or for modules the architecture lacks, would
     /// otherwise be ignored and the model computed from part of its weights. Buffers that
@@ -460,6 +475,34 @@ mod tests {
 
     fn bytes<T: Copy, const N: usize>(values: &[T], to: fn(T) -> [u8; N]) -> Vec<u8> {
         values.iter().flat_map(|v| to(*v)).collect()
+    }
+
+    #[test]
+    fn into_dtype_converts_every_tensor_as_to_dtype_does() {
+        let dev = Device::Cpu;
+        let tensors = HashMap::from([
+            (
+                "a".to_string(),
+                Tensor::new(&[1.5f32, -2.25, 1e-3], &dev).unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::new(&[[0.1f32, 7.0]], &dev).unwrap(),
+            ),
+        ]);
+        let weights = Weights::new(tensors, "test");
+        let want = weights.to_dtype(DType::BF16).unwrap();
+        let got = weights.into_dtype(DType::BF16).unwrap();
+        for name in ["a", "b"] {
+            let (g, w) = (got.maybe(name).unwrap(), want.maybe(name).unwrap());
+            assert_eq!(g.dtype(), DType::BF16);
+            let as_f32 = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                as_f32(&g).to_vec1::<f32>().unwrap(),
+                as_f32(&w).to_vec1::<f32>().unwrap()
+            );
+        }
+        assert_eq!(got.source_name(), "test");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! freed after the forward pass instead of living until backward, as candle's own ops would
 //! keep it.
 
+use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
@@ -79,6 +80,29 @@ where
     Ok(Tensor::attach_op3(value, [a, b, c], Arc::new(Box::new(op))))
 }
 
+/// The gradients of every tracked tensor that `out` depends on, for `grad_out` as the gradient
+/// of some loss at `out`: the backward pass of a block recomputed under gradient checkpointing.
+///
+/// The pass starts from a scalar attached to `out` whose backward hands `out` exactly
+/// `grad_out`. Backward from `(out * grad_out).sum_all()` gives the same gradients but first
+/// multiplies and sums two activation-sized tensors and then broadcasts and multiplies again
+/// (a millisecond a block on a 1B model's batch), all to recover `grad_out`.
+pub fn backward_from(out: &Tensor, grad_out: &Tensor) -> Result<GradStore> {
+    if out.shape() != grad_out.shape() {
+        candle_core::bail!(
+            "backward_from: gradient {:?} for a tensor {:?}",
+            grad_out.shape(),
+            out.shape()
+        );
+    }
+    let root = Tensor::zeros((), out.dtype(), out.device())?;
+    let grad_out = grad_out.detach();
+    attach(out, &root, "backward-from", move |_| {
+        Ok(Some(grad_out.clone()))
+    })?
+    .backward()
+}
+
 /// An attach node over one, two or three sources (`B` is the backward closure's type). It is
 /// only ever recorded in the graph with its value ([`Tensor::attach_op1`] and kin), never run.
 struct Attach<B> {
@@ -142,7 +166,7 @@ impl CustomOp3 for Attach<Backward3> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     #[test]
     fn the_closure_gives_the_gradient_and_the_value_is_shared_not_copied() {
@@ -155,6 +179,20 @@ mod tests {
             grads.get(&x).unwrap().to_vec1::<f32>().unwrap(),
             [6., 6., 6.]
         );
+    }
+
+    #[test]
+    fn backward_from_gives_what_backward_of_the_dot_product_gives() {
+        let x = Var::from_slice(&[1f32, -2., 3., 0.5], (2, 2), &Device::Cpu).unwrap();
+        let out = (x.as_tensor().exp().unwrap() * x.as_tensor()).unwrap();
+        let grad_out = Tensor::new(&[[0.25f32, -1.], [2., 4.]], &Device::Cpu).unwrap();
+        let seeded = backward_from(&out, &grad_out).unwrap();
+        let dot = (&out * &grad_out).unwrap().sum_all().unwrap();
+        let plain = dot.backward().unwrap();
+        let got = seeded.get(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, plain.get(&x).unwrap().to_vec2::<f32>().unwrap());
+        let wrong = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(backward_from(&out, &wrong).is_err());
     }
 
     /// Elements in a tensor's storage.

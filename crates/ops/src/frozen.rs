@@ -166,7 +166,7 @@ pub fn lora_linear(
     };
     let y = match &folded {
         Some(merged) => super::linear(&xd, merged)?,
-        None => (super::linear(&xd, &w)? + super::linear(&xa, &b_scaled)?)?,
+        None => projection_plus_update(&xd, &w, &xa, &b_scaled)?,
     };
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(y);
@@ -188,17 +188,34 @@ pub fn lora_linear(
             (false, _) => None,
             (true, Some(merged)) => Some(g.matmul(merged)?.reshape(xd.dims())?),
             (true, None) => {
-                let through_update = g_r.matmul(&ad)?;
-                let through_update = match &mask {
-                    Some(m) => (through_update * m.reshape(((), inp))?)?,
-                    None => through_update,
-                };
                 let w = kept.dense(g.dtype())?;
-                Some((g.matmul(&w)? + through_update)?.reshape(xd.dims())?)
+                let dx = match &mask {
+                    None => super::matmul_sum((&g, &w), (&g_r, &ad))?,
+                    Some(m) => {
+                        let through_update = (g_r.matmul(&ad)? * m.reshape(((), inp))?)?;
+                        (g.matmul(&w)? + through_update)?
+                    }
+                };
+                Some(dx.reshape(xd.dims())?)
             }
         };
         Ok((dx, Some(da), Some(db)))
     })
+}
+
+/// `x @ w.t() + xa @ b.t()` for `x` `[.., in]`, `w` `[out, in]`, `xa` `[.., r]` and `b`
+/// `[out, r]`: the frozen product and the LoRA update written into one output by two GEMMs
+/// ([`super::matmul_sum`]), or, for a decode step's few rows, two matrix-vector products and
+/// an add.
+fn projection_plus_update(x: &Tensor, w: &Tensor, xa: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let rows = x.reshape(((), inp))?;
+    if super::gemv::supported(&rows, w) {
+        return super::linear(x, w)? + super::linear(xa, b)?;
+    }
+    let xa_rows = xa.reshape(((), b.dim(1)?))?;
+    let y = super::matmul_sum((&rows, &w.t()?), (&xa_rows, &b.t()?))?;
+    y.reshape(super::gemv::with_last_dim(x, out))
 }
 
 #[cfg(test)]

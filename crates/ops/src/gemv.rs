@@ -56,7 +56,7 @@ pub fn glu_projection(x: &Tensor, gate_up: &Tensor, glu: Glu) -> Result<Tensor> 
 }
 
 /// `x`'s dimensions with the last one replaced by `last`.
-fn with_last_dim(x: &Tensor, last: usize) -> Vec<usize> {
+pub(crate) fn with_last_dim(x: &Tensor, last: usize) -> Vec<usize> {
     let mut dims = x.dims().to_vec();
     if let Some(d) = dims.last_mut() {
         *d = last;
@@ -72,7 +72,7 @@ const CPU_ROWS_PER_TASK: usize = 64;
 
 /// Whether [`gemv`] takes `x` `[rows, in]` and `weight` `[out, in]`: nothing tracked, both
 /// contiguous, at most a few rows; f32 on the CPU, or CUDA operands the kernel takes.
-fn supported(x: &Tensor, weight: &Tensor) -> bool {
+pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
     if x.track_op() || weight.track_op() || !x.is_contiguous() || !weight.is_contiguous() {
         return false;
     }

@@ -255,6 +255,69 @@ pub(crate) fn int_u32(n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("fused CUDA kernel: {n} blocks")))
 }
 
+/// A matrix operand of [`gemm`]: the device address of its first element, whether cuBLAS
+/// reads it transposed, and its leading dimension as stored (column-major).
+pub(crate) struct GemmOperand {
+    pub address: u64,
+    pub transposed: bool,
+    pub leading: usize,
+}
+
+/// One cuBLAS GEMM in its column-major terms, `c = op(a) · op(b) + beta · c`, with `op(a)`
+/// `[m, k]`, `op(b)` `[k, n]` and `c` `[m, n]` (leading dimension m), accumulating in f32: `a`
+/// and `b` hold `inputs`, `c` holds `output`. Enqueued on the device's stream.
+///
+/// # Safety
+/// The addresses must be of live device buffers on `device` holding the operands at the
+/// shapes and leading dimensions given, until the stream has run the GEMM; with `beta = 0`
+/// `c` may be uninitialized.
+pub(crate) unsafe fn gemm(
+    device: &CudaDevice,
+    (a, b): (GemmOperand, GemmOperand),
+    (m, n, k): (usize, usize, usize),
+    (inputs, output): (DType, DType),
+    (c, beta): (u64, f32),
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    let element = |dtype| match dtype {
+        DType::F32 => Ok(sys::cudaDataType_t::CUDA_R_32F),
+        DType::BF16 => Ok(sys::cudaDataType_t::CUDA_R_16BF),
+        DType::F16 => Ok(sys::cudaDataType_t::CUDA_R_16F),
+        other => Err(candle_core::Error::Msg(format!("GEMM: {other:?} operands"))),
+    };
+    let op = |transposed| match transposed {
+        true => sys::cublasOperation_t::CUBLAS_OP_T,
+        false => sys::cublasOperation_t::CUBLAS_OP_N,
+    };
+    let alpha = 1f32;
+    let blas = device.cublas_handle();
+    // SAFETY: the caller's contract; alpha and beta are f32 as CUBLAS_COMPUTE_32F reads them.
+    unsafe {
+        gemm_ex(
+            *blas.handle(),
+            op(a.transposed),
+            op(b.transposed),
+            c_int(m)?,
+            c_int(n)?,
+            c_int(k)?,
+            &alpha as *const f32 as *const _,
+            a.address as *const _,
+            element(inputs)?,
+            c_int(a.leading)?,
+            b.address as *const _,
+            element(inputs)?,
+            c_int(b.leading)?,
+            &beta as *const f32 as *const _,
+            c as *mut _,
+            element(output)?,
+            c_int(m)?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| candle_core::Error::Msg(format!("GEMM: {e:?}")))
+}
+
 /// The CUDA storages and layouts of `tensors`, read-locked while `f` runs: for kernels with
 /// more operands than a candle custom op takes.
 pub(crate) fn with_operands<R>(

@@ -35,6 +35,7 @@ mod kv_write;
 #[cfg(feature = "cuda")]
 mod launch;
 mod master_linear;
+mod matmul_sum;
 pub mod nf4;
 pub mod parity;
 pub mod reference;
@@ -47,6 +48,7 @@ pub use adamw::{adamw_step, AdamWUpdate};
 pub use add::{add, install_gradient_add};
 pub use add_norm::add_rms_norm;
 pub use argmax::argmax;
+pub use attach::backward_from;
 pub use attention::{
     cached_attention, causal_attention, decode_attention_at, flash_attention, grouped_attention,
     self_attention, windowed_attention, AttentionOptions, Segments,
@@ -62,6 +64,7 @@ pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, write_kv_fused, KvLayout, Position};
 pub use master_linear::master_linear;
+pub use matmul_sum::matmul_sum;
 pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::rope;
 pub use swap::{merge_heads, split_heads, swap_middle};

@@ -83,7 +83,7 @@ pub(super) fn weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Tensor
 /// The weight gradient on CUDA: one cuBLAS GEMM.
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::launch::{self, address, alloc, base_address, c_int, common_dtype, Operand};
+    use crate::launch::{self, address, alloc, base_address, common_dtype, GemmOperand, Operand};
     use crate::rows_and_width;
     use candle_core::{CudaStorage, DType, Result, Tensor};
 
@@ -107,13 +107,10 @@ mod cuda {
     /// The weight gradient `gᵀ · x` (f32 `[out, in]`) of 16-bit `g` `[n, out]` and `x` `[n, in]`,
     /// both contiguous and of one dtype: one cuBLAS GEMM that accumulates in f32 and writes f32.
     fn weight_grad_f32(g: Operand, x: Operand) -> Result<CudaStorage> {
-        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
         let dtype = common_dtype(&[g, x])?;
-        let element = match dtype {
-            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
-            DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
-            other => candle_core::bail!("weight gradient: {other:?} operands, 16-bit expected"),
-        };
+        if !matches!(dtype, DType::BF16 | DType::F16) {
+            candle_core::bail!("weight gradient: {dtype:?} operands, 16-bit expected");
+        }
         let (n, out) = rows_and_width(g.1)?;
         let (n_x, inp) = rows_and_width(x.1)?;
         if n != n_x {
@@ -121,36 +118,29 @@ mod cuda {
         }
         let device = &g.0.device;
         let dw = alloc(device, DType::F32, out * inp)?;
-        let (alpha, beta) = (1f32, 0f32);
-        let blas = device.cublas_handle();
         // Column-major, this is `dwᵀ [in, out] = xᵀ [in, n] · g [n, out]`: x as stored (`in` by
         // `n`, leading dimension `in`), g transposed (stored `out` by `n`).
-        // SAFETY: the addresses are of live, contiguous buffers of the sizes given, on the
-        // stream the handle is bound to; `dw` has `out * inp` f32 elements.
+        let x_t = GemmOperand {
+            address: address(x)?,
+            transposed: false,
+            leading: inp,
+        };
+        let g_t = GemmOperand {
+            address: address(g)?,
+            transposed: true,
+            leading: out,
+        };
+        // SAFETY: x, g and dw are live, contiguous buffers of these shapes on `device`, whose
+        // stream runs the GEMM; dw (`out * inp` f32) is written whole (beta 0).
         unsafe {
-            gemm_ex(
-                *blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                sys::cublasOperation_t::CUBLAS_OP_T,
-                c_int(inp)?,
-                c_int(out)?,
-                c_int(n)?,
-                &alpha as *const f32 as *const _,
-                address(x)? as *const _,
-                element,
-                c_int(inp)?,
-                address(g)? as *const _,
-                element,
-                c_int(out)?,
-                &beta as *const f32 as *const _,
-                base_address(&dw)? as *mut _,
-                sys::cudaDataType_t::CUDA_R_32F,
-                c_int(inp)?,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            launch::gemm(
+                device,
+                (x_t, g_t),
+                (inp, out, n),
+                (dtype, DType::F32),
+                (base_address(&dw)?, 0.0),
             )
-        }
-        .map_err(|e| candle_core::Error::Msg(format!("weight gradient GEMM: {e:?}")))?;
+        }?;
         Ok(dw)
     }
 }

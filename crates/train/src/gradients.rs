@@ -147,12 +147,12 @@ pub fn accumulate(
     for i in (0..model.layers.len()).rev() {
         let x = Var::from_tensor(&inputs[i])?;
         let out = model.training_block(i, x.as_tensor(), t.segments.as_ref())?;
-        let store = (out * &grad_out)?.sum_all()?.backward()?;
+        let store = ops::backward_from(&out, &grad_out)?;
         collect(&store, vars, scale, grads)?;
         grad_out = missing(store.get(&x))?.detach();
     }
     let embedded = model.embed(&t.inputs)?;
-    let store = (embedded * grad_out)?.sum_all()?.backward()?;
+    let store = ops::backward_from(&embedded, &grad_out)?;
     collect(&store, vars, scale, grads)?;
     scalar(&loss)
 }

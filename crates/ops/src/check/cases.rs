@@ -58,6 +58,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         gemv_case(1, shape.ffn, shape.hidden),
         argmax_case(1, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
+        lora_linear_case(tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear_rows", 1, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
@@ -549,6 +550,30 @@ fn master_linear_case(rows: usize, inp: usize, out: usize) -> Case {
         inputs: vec![
             Input::Float(vec![rows, inp], 1.0),
             Input::Float(vec![out, inp], 1.0),
+        ],
+    }
+}
+
+/// A LoRA projection `x·wᵀ + 2·(x·aᵀ)·bᵀ` over a frozen `w` (rank 16), gradients to `x`, `a`
+/// and `b`: in 16 bits the update stays separate from the weight, and on CUDA the two
+/// products of the forward and of the input gradient each write one output
+/// ([`crate::matmul_sum`]).
+fn lora_linear_case(rows: usize, inp: usize, out: usize) -> Case {
+    Case {
+        name: "lora_linear",
+        fused: |t| {
+            let w = crate::LinearWeight::Dense(t[1].clone());
+            crate::lora_linear(&t[0], &w, &t[2], &t[3], 2.0, None)
+        },
+        reference: |t| {
+            let update = t[0].matmul(&t[2].t()?)?.matmul(&t[3].t()?)?;
+            t[0].matmul(&t[1].t()?)? + (update * 2.0)?
+        },
+        inputs: vec![
+            Input::Float(vec![rows, inp], 1.0),
+            Input::Table(vec![out, inp]),
+            Input::Float(vec![16, inp], 1.0),
+            Input::Float(vec![out, 16], 1.0),
         ],
     }
 }
