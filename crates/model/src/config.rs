@@ -224,6 +224,14 @@ fn default_init() -> f64 {
 }
 
 impl LlamaConfig {
+    /// Whether a frozen input embedding waits in host memory while the model trains on a CUDA
+    /// device (`on_cuda`): where it is untied from the output head (a tied table is the head's
+    /// weight too, read whole every step). Each step gathers its rows on the host
+    /// ([`crate::Llama::keep_input_embedding_on_host`]); `estimate` plans it outside the device.
+    pub fn frozen_embedding_on_host(&self, on_cuda: bool) -> bool {
+        on_cuda && !self.tie_word_embeddings
+    }
+
     /// The dtype the weights are stored in, from `dtype` or `torch_dtype`; `None` when
     /// neither names one llmtool stores (`float32`, `bfloat16`, `float16`).
     pub fn stored_dtype(&self) -> Option<candle_core::DType> {

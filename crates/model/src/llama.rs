@@ -294,7 +294,9 @@ impl Llama {
     pub fn keep_input_embedding_on_host(&mut self) -> Result<bool> {
         let movable = self.lm_head.is_some()
             && !self.embed_tokens.track_op()
-            && self.embed_tokens.device().is_cuda();
+            && self
+                .config
+                .frozen_embedding_on_host(self.embed_tokens.device().is_cuda());
         if !movable {
             return Ok(false);
         }

@@ -87,8 +87,8 @@ pub fn plan_lora(
     let counts = crate::lora::parameter_counts(&config.lora, model)?;
     let full = plan(model, config);
     let p = full.parameters;
-    let dense = config.lora.base_dtype.dense().unwrap_or(stored);
-    let (base, expanded) = match config.lora.base_dtype.dense() {
+    let dense = config.lora.base_dtype.dense();
+    let (base, expanded) = match dense {
         Some(dtype) => ((p * dtype.size_in_bytes()) as u64, 0),
         None => {
             let rest = (p - counts.projections.min(p)) * stored.size_in_bytes();
@@ -100,8 +100,10 @@ pub fn plan_lora(
             )
         }
     };
-    let host_weights = match on_cuda && !model.tie_word_embeddings {
-        true => (model.vocab_size * model.hidden_size * dense.size_in_bytes()) as u64,
+    // The embedding is stored as the base's dense dtype, or as the checkpoint with nf4.
+    let embedding = dense.unwrap_or(stored).size_in_bytes();
+    let host_weights = match model.frozen_embedding_on_host(on_cuda) {
+        true => (model.vocab_size * model.hidden_size * embedding) as u64,
         false => 0,
     };
     let adapter = counts.adapter;
