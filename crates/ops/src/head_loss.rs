@@ -103,7 +103,7 @@ fn head_mean_nll_in_chunks(
     let targets = targets.contiguous()?;
     let n = x.dim(0)?;
     let mut nll = Vec::with_capacity(n.div_ceil(rows));
-    let (mut dx, mut dw) = (Vec::new(), Vec::new());
+    let (mut dx, mut dw_sum) = (Vec::new(), None);
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let xc = x.narrow(0, start, len)?;
@@ -121,7 +121,8 @@ fn head_mean_nll_in_chunks(
             dx.push(dlogits.matmul(&w)?);
         }
         if want_dw {
-            dw.push(weight_grad(&dlogits, &xc, head.dtype())?);
+            let part = weight_grad(&dlogits, &xc, head.dtype())?;
+            dw_sum = Some(add_in_f32(dw_sum, &part)?);
         }
     }
     let loss = (Tensor::cat(&nll, 0)? * &weights)?.sum_all()?.div(&count)?;
@@ -130,7 +131,7 @@ fn head_mean_nll_in_chunks(
     } else {
         None
     };
-    let dw = sum_in_f32(dw, head.dtype())?;
+    let dw = dw_sum.map(|t| t.to_dtype(head.dtype())).transpose()?;
     attach2(hidden, head, &loss, "head-mean-nll", move |grad| {
         let factor = grad.to_dtype(DType::F32)?.div(&count)?;
         let scaled = |g: &Option<Tensor>| g.as_ref().map(|g| scaled(g, &factor)).transpose();
@@ -138,24 +139,15 @@ fn head_mean_nll_in_chunks(
     })
 }
 
-/// The sum of the per-chunk head gradients in `dtype`, accumulated in f32.
-fn sum_in_f32(parts: Vec<Tensor>, dtype: DType) -> Result<Option<Tensor>> {
-    if parts.len() <= 1 {
-        return parts
-            .into_iter()
-            .next()
-            .map(|p| p.to_dtype(dtype))
-            .transpose();
+/// The running sum, in f32, of the head's per-chunk weight gradients: `part` added to `total`
+/// (`None` before the first chunk). Each chunk's gradient (a whole `[vocab, d]` matrix, 1 GB in
+/// f32 at a 128K vocabulary) is freed once added, so two are alive at most, not one per chunk.
+fn add_in_f32(total: Option<Tensor>, part: &Tensor) -> Result<Tensor> {
+    let part = part.to_dtype(DType::F32)?;
+    match total {
+        Some(total) => super::add::gradient_add(&total, &part),
+        None => Ok(part),
     }
-    let mut total: Option<Tensor> = None;
-    for part in parts {
-        let part = part.to_dtype(DType::F32)?;
-        total = Some(match total {
-            Some(t) => super::add::gradient_add(&t, &part)?,
-            None => part,
-        });
-    }
-    total.map(|t| t.to_dtype(dtype)).transpose()
 }
 
 #[cfg(test)]
