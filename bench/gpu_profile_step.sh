@@ -7,7 +7,8 @@
 # e.g. `bash gpu_profile_step.sh 1b lora bf16+ckpt --rank 16 --lora-targets all --batch 4
 # --seq 2048`. Writes ncu-SIZE-TASK-MODE.csv and .txt under OUT (default: here). ncu times
 # each kernel alone, so the sum leaves out launch gaps; compare it with the row's own step time,
-# printed first (the same row without ncu).
+# printed first (the same row without ncu). NCU_STEP_END=NAME ends each step at a kernel whose name
+# contains NAME (e.g. adamw) instead of finding two equal steps.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 LLMTOOL=${LLMTOOL:-$here/llmtool}
@@ -24,4 +25,4 @@ start=$(date +%s)
   --metrics gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size,launch__block_size \
   "${bench[@]}" --steps 1 --warmup "${NCU_WARMUP:-2}" > "$OUT/$name.csv" 2> "$OUT/$name.err"
 echo "ncu rc=$? in $(($(date +%s) - start)) s" >> "$OUT/$name.txt"
-python3 "$here/ncu_step.py" --last "$OUT/$name.csv" >> "$OUT/$name.txt" 2>&1
+python3 "$here/ncu_step.py" "--last${NCU_STEP_END:+=$NCU_STEP_END}" "$OUT/$name.csv" >> "$OUT/$name.txt" 2>&1

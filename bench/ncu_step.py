@@ -3,10 +3,13 @@ kernel's duration and DRAM bytes read over that step.
 
     python3 bench/ncu_step.py ncu-1b.csv            # a decode loop (bench/gpu_decode.sh)
     python3 bench/ncu_step.py --last ncu-lora.csv   # training steps (bench/gpu_profile_step.sh)
+    python3 bench/ncu_step.py --last=adamw ncu-lora.csv
 
 A decode capture starts inside the loop: the step is the shortest period of the whole sequence.
 A training capture holds the setup and two or more identical steps: with --last the step is
-the longest tail that repeats the same number of launches before it.
+the longest tail that repeats the same number of launches before it; with --last=NAME it is
+the launches after the second-to-last kernel whose name contains NAME, through the last one
+(for steps that differ, e.g. a first step that casts more; an optimizer kernel ends a step).
 
 ncu times each kernel alone, so the sum is not the step's wall time (no launch gaps, no
 overlap), but it says where a step's time goes and how close each kernel gets to the memory
@@ -37,8 +40,13 @@ def decode_step(path, kernels):
     return kernels[100:100 + period]
 
 
-def last_step(path, kernels):
+def last_step(path, kernels, marker=None):
     names = [k["name"] for k in kernels]
+    if marker:
+        ends = [i for i, name in enumerate(names) if marker in name]
+        if len(ends) < 2:
+            sys.exit(f"{path}: fewer than two launches of a kernel named like {marker!r}")
+        return kernels[ends[-2] + 1:ends[-1] + 1]
     period = next((p for p in range(len(names) // 2, 0, -1)
                    if names[-2 * p:-p] == names[-p:]), None)
     if period is None:
@@ -47,10 +55,12 @@ def last_step(path, kernels):
 
 
 def main(argv):
-    last = "--last" in argv
-    path = [a for a in argv if a != "--last"][0]
+    flags = [a for a in argv if a.startswith("--last")]
+    path = [a for a in argv if not a.startswith("--last")][0]
+    last = bool(flags)
+    marker = flags[0].partition("=")[2] if flags else None
     kernels = read_kernels(path)
-    step = last_step(path, kernels) if last else decode_step(path, kernels)
+    step = last_step(path, kernels, marker) if last else decode_step(path, kernels)
     total_ns = sum(k["gpu__time_duration.sum"] for k in step)
     total_bytes = sum(k["dram__bytes_read.sum"] for k in step)
     print(f"{len(step)} kernels a step; durations sum to {total_ns / 1e3:.1f} us, "
