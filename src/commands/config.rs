@@ -19,6 +19,16 @@ pub fn load_file(path: &Path, overrides: &[config::Override]) -> Result<config::
     )?)
 }
 
+/// The device `training.device` names.
+pub fn training_device(config: &config::Config) -> Result<config::DeviceSpec> {
+    use anyhow::Context;
+    config
+        .training
+        .device
+        .parse()
+        .context("training.device in the config")
+}
+
 /// Runs `config show` or `config validate`.
 pub fn run(command: ConfigCommand) -> Result<()> {
     match command {

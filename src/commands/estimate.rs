@@ -15,18 +15,6 @@ fn vocab_size(config: &config::Config) -> usize {
     }
 }
 
-/// Whether training on `device` computes on CUDA (`auto` does where this build has CUDA and
-/// no Metal).
-fn on_cuda(device: config::DeviceSpec) -> bool {
-    match device {
-        config::DeviceSpec::Cuda(_) => true,
-        config::DeviceSpec::Auto => {
-            candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available()
-        }
-        config::DeviceSpec::Cpu | config::DeviceSpec::Metal => false,
-    }
-}
-
 /// Runs `llmtool estimate`.
 pub fn run(args: EstimateArgs) -> Result<()> {
     let path = &args.config.config;
@@ -40,8 +28,9 @@ pub fn run(args: EstimateArgs) -> Result<()> {
         (true, None) => bail!("{}: --lora needs model.pretrained", path.display()),
         (true, Some(model)) => {
             let stored = model.stored_dtype().unwrap_or(candle_core::DType::BF16);
-            let device = t.device.parse().context("training.device in the config")?;
-            let (p, adapter) = plan_lora(&model, &config, stored, on_cuda(device))
+            let device = super::config::training_device(&config)?;
+            let on_cuda = ops::device::computes_on_cuda(device);
+            let (p, adapter) = plan_lora(&model, &config, stored, on_cuda)
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: lora", path.display()))?;
             let base = format!("base ({:?}) + adapter", config.lora.base_dtype).to_lowercase();

@@ -71,11 +71,7 @@ pub fn open_session<D: TrainData>(
     }
     let device = match args.device {
         Some(spec) => spec,
-        None => config
-            .training
-            .device
-            .parse()
-            .context("training.device in the config")?,
+        None => super::config::training_device(&config)?,
     };
     let device = ops::device::open(device)?;
     let continuing = args.resume.is_some() && run.has_checkpoint();

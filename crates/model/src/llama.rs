@@ -292,11 +292,9 @@ impl Llama {
     /// trains, one tied to the output head, or one on another device stays. Training and
     /// evaluation run as before; a decoding graph cannot be captured over such a model.
     pub fn keep_input_embedding_on_host(&mut self) -> Result<bool> {
-        let movable = self.lm_head.is_some()
-            && !self.embed_tokens.track_op()
-            && self
-                .config
-                .frozen_embedding_on_host(self.embed_tokens.device().is_cuda());
+        let on_cuda = self.embed_tokens.device().is_cuda();
+        let movable =
+            !self.embed_tokens.track_op() && self.config.frozen_embedding_on_host(on_cuda);
         if !movable {
             return Ok(false);
         }

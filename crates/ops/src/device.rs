@@ -59,6 +59,19 @@ fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
     }
 }
 
+/// Whether `spec` would compute on CUDA, decided without opening a device (for plans): CUDA
+/// names it; `auto` takes it where this build has CUDA and no Metal, which [`auto`] tries
+/// first.
+pub fn computes_on_cuda(spec: DeviceSpec) -> bool {
+    match spec {
+        DeviceSpec::Cuda(_) => true,
+        DeviceSpec::Auto => {
+            candle_core::utils::cuda_is_available() && !candle_core::utils::metal_is_available()
+        }
+        DeviceSpec::Cpu | DeviceSpec::Metal => false,
+    }
+}
+
 fn auto() -> Device {
     if candle_core::utils::metal_is_available() {
         if let Ok(d) = Device::new_metal(0) {

@@ -43,16 +43,23 @@ fn host_rows(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     dims.push(width);
     let ids = ids.flatten_all()?.to_vec1::<u32>()?;
     let table = table.contiguous()?;
-    let (storage, layout) = table.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else {
-        candle_core::bail!("embedding: the table is not on the host");
+    let gathered = {
+        let (storage, layout) = table.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            candle_core::bail!("embedding: the table is not on the host");
+        };
+        let shape = (vocab, width);
+        match storage {
+            CpuStorage::BF16(all) => Some(gather_rows(slice(all, layout)?, &ids, shape, &dims)),
+            CpuStorage::F16(all) => Some(gather_rows(slice(all, layout)?, &ids, shape, &dims)),
+            CpuStorage::F32(all) => Some(gather_rows(slice(all, layout)?, &ids, shape, &dims)),
+            _ => None,
+        }
     };
-    let shape = (vocab, width);
-    match storage {
-        CpuStorage::BF16(all) => gather_rows(slice(all, layout)?, &ids, shape, &dims),
-        CpuStorage::F16(all) => gather_rows(slice(all, layout)?, &ids, shape, &dims),
-        CpuStorage::F32(all) => gather_rows(slice(all, layout)?, &ids, shape, &dims),
-        _ => reference(&Tensor::new(ids.as_slice(), &Device::Cpu)?, &table)?.reshape(dims),
+    // Other dtypes take the lookup, once the table's storage is no longer borrowed.
+    match gathered {
+        Some(rows) => rows,
+        None => reference(&Tensor::new(ids.as_slice(), &Device::Cpu)?, &table)?.reshape(dims),
     }
 }
 
