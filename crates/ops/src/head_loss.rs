@@ -12,7 +12,7 @@
 
 use super::add::scaled;
 use super::attach::attach2;
-use super::master_linear::weight_grad;
+use super::master_linear::add_weight_grad;
 use candle_core::{DType, Result, Tensor};
 
 /// The logits are computed in chunks of at most this size.
@@ -121,8 +121,7 @@ fn head_mean_nll_in_chunks(
             dx.push(dlogits.matmul(&w)?);
         }
         if want_dw {
-            let part = weight_grad(&dlogits, &xc, head.dtype())?;
-            dw_sum = Some(add_in_f32(dw_sum, &part)?);
+            dw_sum = Some(add_weight_grad(dw_sum, &dlogits, &xc)?);
         }
     }
     let loss = (Tensor::cat(&nll, 0)? * &weights)?.sum_all()?.div(&count)?;
@@ -137,17 +136,6 @@ fn head_mean_nll_in_chunks(
         let scaled = |g: &Option<Tensor>| g.as_ref().map(|g| scaled(g, &factor)).transpose();
         Ok((scaled(&dx)?, scaled(&dw)?))
     })
-}
-
-/// The running sum, in f32, of the head's per-chunk weight gradients: `part` added to `total`
-/// (`None` before the first chunk). Each chunk's gradient (a whole `[vocab, d]` matrix, 1 GB in
-/// f32 at a 128K vocabulary) is freed once added, so two are alive at most, not one per chunk.
-fn add_in_f32(total: Option<Tensor>, part: &Tensor) -> Result<Tensor> {
-    let part = part.to_dtype(DType::F32)?;
-    match total {
-        Some(total) => super::add::gradient_add(&total, &part),
-        None => Ok(part),
-    }
 }
 
 #[cfg(test)]

@@ -74,10 +74,26 @@ fn gradients(
 /// `[out, in]` that was applied to `x` and received `g`.
 pub(super) fn weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(dw) = cuda::widening_weight_grad(g, x, dtype)? {
+    if let Some(dw) = cuda::widening_weight_grad(None, g, x, dtype)? {
         return Ok(dw);
     }
     g.t()?.matmul(x)?.to_dtype(dtype)
+}
+
+/// `total + gᵀ · x` in f32 (`total` `None` before the first term): a weight gradient summed
+/// over chunks of rows. On CUDA with 16-bit `g` and `x` the GEMM adds its product to `total`
+/// as it writes (cuBLAS `beta = 1`), so no chunk's gradient exists on its own. `total` must be
+/// what an earlier call returned, held nowhere else: its buffer is written in place.
+pub(super) fn add_weight_grad(total: Option<Tensor>, g: &Tensor, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(sum) = cuda::widening_weight_grad(total.as_ref(), g, x, DType::F32)? {
+        return Ok(sum);
+    }
+    let part = g.t()?.matmul(x)?.to_dtype(DType::F32)?;
+    match total {
+        Some(total) => super::add::gradient_add(&total, &part),
+        None => Ok(part),
+    }
 }
 
 /// The weight gradient on CUDA: one cuBLAS GEMM.
@@ -89,7 +105,11 @@ mod cuda {
 
     /// [`weight_grad`](super::weight_grad) as one GEMM with 16-bit operands and an f32 result,
     /// where that applies.
+    /// `total + gᵀ · x` (`gᵀ · x` without a total) in f32, where that applies: 16-bit `g` and
+    /// `x` of one dtype on CUDA, `dtype` f32, and a `total` (if any) that is a contiguous f32
+    /// `[out, in]` tensor (see `add_weight_grad` for whose buffer it must be).
     pub(super) fn widening_weight_grad(
+        total: Option<&Tensor>,
         g: &Tensor,
         x: &Tensor,
         dtype: DType,
@@ -100,13 +120,28 @@ mod cuda {
         }
         let (g, x) = (g.contiguous()?, x.contiguous()?);
         let (out, inp) = (g.dim(1)?, x.dim(1)?);
-        let dw = launch::with_operands(&[&g, &x], |ops| weight_grad_f32(ops[0], ops[1]))?;
-        Ok(Some(launch::tensor(dw, (out, inp).into())))
+        let Some(total) = total else {
+            let dw = launch::with_operands(&[&g, &x], |ops| {
+                let dw = alloc(&ops[0].0.device, DType::F32, out * inp)?;
+                weight_grad_f32(ops[0], ops[1], (&dw, 0.0))?;
+                Ok(dw)
+            })?;
+            return Ok(Some(launch::tensor(dw, (out, inp).into())));
+        };
+        let fits = total.dtype() == DType::F32 && total.dims() == [out, inp];
+        if !(fits && total.is_contiguous() && total.layout().start_offset() == 0) {
+            return Ok(None);
+        }
+        launch::with_operands(&[&g, &x, total], |ops| {
+            weight_grad_f32(ops[0], ops[1], (ops[2].0, 1.0))
+        })?;
+        Ok(Some(total.clone()))
     }
 
-    /// The weight gradient `gᵀ · x` (f32 `[out, in]`) of 16-bit `g` `[n, out]` and `x` `[n, in]`,
+    /// `dw = gᵀ · x + beta · dw` (f32 `[out, in]`) of 16-bit `g` `[n, out]` and `x` `[n, in]`,
     /// both contiguous and of one dtype: one cuBLAS GEMM that accumulates in f32 and writes f32.
-    fn weight_grad_f32(g: Operand, x: Operand) -> Result<CudaStorage> {
+    /// `dw` holds `out * in` f32 values from its start, initialized unless `beta` is 0.
+    fn weight_grad_f32(g: Operand, x: Operand, (dw, beta): (&CudaStorage, f32)) -> Result<()> {
         let dtype = common_dtype(&[g, x])?;
         if !matches!(dtype, DType::BF16 | DType::F16) {
             candle_core::bail!("weight gradient: {dtype:?} operands, 16-bit expected");
@@ -117,7 +152,6 @@ mod cuda {
             candle_core::bail!("weight gradient: {n} gradient rows for {n_x} input rows");
         }
         let device = &g.0.device;
-        let dw = alloc(device, DType::F32, out * inp)?;
         // Column-major, this is `dwᵀ [in, out] = xᵀ [in, n] · g [n, out]`: x as stored (`in` by
         // `n`, leading dimension `in`), g transposed (stored `out` by `n`).
         let x_t = GemmOperand {
@@ -131,17 +165,17 @@ mod cuda {
             leading: out,
         };
         // SAFETY: x, g and dw are live, contiguous buffers of these shapes on `device`, whose
-        // stream runs the GEMM; dw (`out * inp` f32) is written whole (beta 0).
+        // stream runs the GEMM; dw holds `out * inp` f32 values, initialized where beta is not
+        // 0 (the caller's contract).
         unsafe {
             launch::gemm(
                 device,
                 (x_t, g_t),
                 (inp, out, n),
                 (dtype, DType::F32),
-                (base_address(&dw)?, 0.0),
+                (base_address(dw)?, beta),
             )
-        }?;
-        Ok(dw)
+        }
     }
 }
 
