@@ -58,7 +58,7 @@ pub use cross_entropy::{
     masked_mean_nll, token_nll, token_nll_grad, token_nll_with_grad, weighted_mean,
 };
 pub use embedding::embedding;
-pub use frozen::{frozen_linear, lora_linear, LinearWeight};
+pub use frozen::{frozen_linear, keeping_expanded_weights, lora_linear, LinearWeight};
 pub use gemv::{glu_projection, linear};
 pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};

@@ -146,7 +146,10 @@ pub fn accumulate(
     let mut grad_out = missing(store.get(&last))?.detach();
     for i in (0..model.layers.len()).rev() {
         let x = Var::from_tensor(&inputs[i])?;
-        let out = model.training_block(i, x.as_tensor(), t.segments.as_ref())?;
+        // Its backward follows at once: 4-bit weights keep their expanded copies until then.
+        let out = ops::keeping_expanded_weights(|| {
+            model.training_block(i, x.as_tensor(), t.segments.as_ref())
+        })?;
         let store = ops::backward_from(&out, &grad_out)?;
         collect(&store, vars, scale, grads)?;
         grad_out = missing(store.get(&x))?.detach();

@@ -75,7 +75,9 @@ const NF4_BYTES_PER_WEIGHT: f64 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
 /// stored as `lora.base_dtype` (NF4 for the projections and the checkpoint's `stored` dtype
 /// for the rest with `nf4`), f32 adapter weights, gradients and AdamW moments, activations as
 /// [`plan`]'s. A 4-bit base adds the expanded copy of the largest projection, alive while its
-/// product runs, to the workspace. With `on_cuda`, an untied input embedding is counted in
+/// product runs, to the workspace; with checkpointing, a recomputed block keeps every one of
+/// its projections' copies until its backward pass (`ops::keeping_expanded_weights`), which
+/// the checkpointed activations count. With `on_cuda`, an untied input embedding is counted in
 /// `host_weights` instead of `weights` (it waits in host memory there). `parameters` counts
 /// the base; errors name a target the model lacks.
 pub fn plan_lora(
@@ -88,15 +90,17 @@ pub fn plan_lora(
     let full = plan(model, config);
     let p = full.parameters;
     let dense = config.lora.base_dtype.dense();
-    let (base, expanded) = match dense {
-        Some(dtype) => ((p * dtype.size_in_bytes()) as u64, 0),
+    let (base, expanded, block_expanded) = match dense {
+        Some(dtype) => ((p * dtype.size_in_bytes()) as u64, 0, 0),
         None => {
             let rest = (p - counts.projections.min(p)) * stored.size_in_bytes();
             let quantized = (counts.projections as f64 * NF4_BYTES_PER_WEIGHT) as u64;
             let compute = config.training.dtype.dtype().size_in_bytes();
+            let block = counts.projections / model.num_hidden_layers.max(1);
             (
                 quantized + rest as u64,
                 (counts.largest_projection * compute) as u64,
+                (block * compute) as u64,
             )
         }
     };
@@ -114,6 +118,8 @@ pub fn plan_lora(
         gradients: adapter_bytes,
         optimizer: 2 * adapter_bytes,
         backward_workspace: full.backward_workspace + expanded,
+        // The recomputed block's copies include the workspace's one.
+        activations_checkpointed: full.activations_checkpointed + block_expanded - expanded,
         ..full
     };
     Ok((plan, adapter))
@@ -191,6 +197,12 @@ mod tests {
         assert_eq!(
             nf4.backward_workspace - bf16.backward_workspace,
             14336 * 4096 * 4
+        );
+        // With checkpointing, one block's seven projections (218M weights) in f32 in all.
+        let block = 4096 * (4096 + 1024 + 1024 + 4096) + 3 * 14336 * 4096;
+        assert_eq!(
+            nf4.activations_checkpointed - bf16.activations_checkpointed,
+            (block - 14336 * 4096) * 4
         );
     }
 
