@@ -10,6 +10,7 @@
 //! two: that is what holds a QLoRA step's memory near the 4-bit size of the model.
 
 use super::attach::{attach, attach3};
+use super::master_linear::scaled_weight_grad;
 use super::nf4::Nf4Tensor;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
@@ -151,10 +152,13 @@ pub fn frozen_linear(x: &Tensor, weight: &LinearWeight) -> Result<Tensor> {
 }
 
 /// `x @ weight.t() + scale · (dropout(x) @ a.t()) @ b.t()` for a frozen `weight` `[out, in]`
-/// and LoRA factors `a` `[r, in]`, `b` `[out, r]`; `mask` is the dropout mask (already scaled
-/// by `1 / (1 − p)`), `None` without dropout. One graph node: its backward gives `x`, `a` and
-/// `b` their gradients and keeps only the mask and the rank-sized `dropout(x) @ a.t()`, where
-/// separate ops would keep the base projection, the update and their sum for every layer.
+/// and LoRA factors `a` `[r, in]`, `b` `[out, r]` of any float dtype (f32 masters), computed in
+/// `x`'s dtype; `mask` is the dropout mask (already scaled by `1 / (1 − p)`), `None` without
+/// dropout. One graph node: its backward gives `x` its gradient in its dtype and `a` and `b`
+/// theirs in their own (on CUDA one GEMM each, with 16-bit operands, the scale applied and an
+/// f32 result: no cast or scaling pass), and keeps only the mask and the rank-sized
+/// `dropout(x) @ a.t()`, where separate ops would keep the base projection, the update and
+/// their sum for every layer.
 ///
 /// Without dropout in f32, the update folds into the weight first (`weight + scale · b @ a`,
 /// rank-r work): the projection and the input gradient are then one GEMM each, where the
@@ -171,9 +175,13 @@ pub fn lora_linear(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (xd, ad) = (x.detach(), a.detach());
-    let w = weight.dense(xd.dtype())?;
-    let b_scaled = (b.detach() * scale)?;
+    let xd = x.detach();
+    let dtype = xd.dtype();
+    let (ad, bd) = (
+        super::cast(&a.detach(), dtype)?,
+        super::cast(&b.detach(), dtype)?,
+    );
+    let w = weight.dense(dtype)?;
     let dropped = match mask {
         Some(m) => (&xd * m)?,
         None => xd.clone(),
@@ -183,13 +191,13 @@ pub fn lora_linear(
     let rows = xd.elem_count() / inp.max(1);
     let fold_pays = x.track_op() || rows * (inp + out) >= inp * out;
     let dense = weight.as_dense().is_some();
-    let folded = match mask.is_none() && xd.dtype() == DType::F32 && fold_pays && dense {
-        true => Some((&w + b_scaled.matmul(&ad)?)?),
+    let folded = match mask.is_none() && dtype == DType::F32 && fold_pays && dense {
+        true => Some((&w + (bd.matmul(&ad)? * scale)?)?),
         false => None,
     };
     let y = match &folded {
         Some(merged) => super::linear(&xd, merged)?,
-        None => projection_plus_update(&xd, &w, &xa, &b_scaled)?,
+        None => projection_plus_update(&xd, &w, (&xa, &bd), scale)?,
     };
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(y);
@@ -197,26 +205,26 @@ pub fn lora_linear(
     let kept = weight.kept(&w);
     drop(w);
     let mask = mask.cloned();
-    let x_grad = x.track_op();
+    let (x_grad, a_dtype, b_dtype) = (x.track_op(), a.dtype(), b.dtype());
     attach3([x, a, b], &y, "lora-linear", move |grad| {
         let inp = xd.dim(xd.rank() - 1)?;
         let g = grad.reshape(((), grad.dim(grad.rank() - 1)?))?;
         let xa2 = xa.reshape(((), xa.dim(xa.rank() - 1)?))?;
         let dropped2 = dropped.reshape(((), inp))?;
-        // g @ (scale · B): the gradient at the rank-r bottleneck.
-        let g_r = g.matmul(&b_scaled)?;
-        let db = (g.t()?.matmul(&xa2)? * scale)?;
-        let da = g_r.t()?.matmul(&dropped2)?;
+        // g @ B: the gradient at the rank-r bottleneck, before the scale.
+        let g_r = g.matmul(&bd)?;
+        let db = scaled_weight_grad(&g, &xa2, b_dtype, scale)?;
+        let da = scaled_weight_grad(&g_r, &dropped2, a_dtype, scale)?;
         let dx = match (x_grad, &folded) {
             (false, _) => None,
             (true, Some(merged)) => Some(g.matmul(merged)?.reshape(xd.dims())?),
             (true, None) => {
                 let w = kept.dense(g.dtype())?;
                 let dx = match &mask {
-                    None => super::matmul_sum((&g, &w), (&g_r, &ad))?,
+                    None => super::matmul_sum((&g, &w), (&g_r, &ad), scale)?,
                     Some(m) => {
                         let through_update = (g_r.matmul(&ad)? * m.reshape(((), inp))?)?;
-                        (g.matmul(&w)? + through_update)?
+                        (g.matmul(&w)? + (through_update * scale)?)?
                     }
                 };
                 Some(dx.reshape(xd.dims())?)
@@ -226,18 +234,23 @@ pub fn lora_linear(
     })
 }
 
-/// `x @ w.t() + xa @ b.t()` for `x` `[.., in]`, `w` `[out, in]`, `xa` `[.., r]` and `b`
+/// `x @ w.t() + scale · xa @ b.t()` for `x` `[.., in]`, `w` `[out, in]`, `xa` `[.., r]` and `b`
 /// `[out, r]`: the frozen product and the LoRA update written into one output by two GEMMs
 /// ([`super::matmul_sum`]), or, for a decode step's few rows, two matrix-vector products and
 /// an add.
-fn projection_plus_update(x: &Tensor, w: &Tensor, xa: &Tensor, b: &Tensor) -> Result<Tensor> {
+fn projection_plus_update(
+    x: &Tensor,
+    w: &Tensor,
+    (xa, b): (&Tensor, &Tensor),
+    scale: f64,
+) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let rows = x.reshape(((), inp))?;
     if super::gemv::supported(&rows, w) {
-        return super::linear(x, w)? + super::linear(xa, b)?;
+        return super::linear(x, w)? + (super::linear(xa, b)? * scale)?;
     }
     let xa_rows = xa.reshape(((), b.dim(1)?))?;
-    let y = super::matmul_sum((&rows, &w.t()?), (&xa_rows, &b.t()?))?;
+    let y = super::matmul_sum((&rows, &w.t()?), (&xa_rows, &b.t()?), scale)?;
     y.reshape(super::gemv::with_last_dim(x, out))
 }
 

@@ -263,7 +263,7 @@ pub(crate) struct GemmOperand {
     pub leading: usize,
 }
 
-/// One cuBLAS GEMM in its column-major terms, `c = op(a) · op(b) + beta · c`, with `op(a)`
+/// One cuBLAS GEMM in its column-major terms, `c = alpha · op(a) · op(b) + beta · c`, with `op(a)`
 /// `[m, k]`, `op(b)` `[k, n]` and `c` `[m, n]` (leading dimension m), accumulating in f32: `a`
 /// and `b` hold `inputs`, `c` holds `output`. Enqueued on the device's stream.
 ///
@@ -276,7 +276,7 @@ pub(crate) unsafe fn gemm(
     (a, b): (GemmOperand, GemmOperand),
     (m, n, k): (usize, usize, usize),
     (inputs, output): (DType, DType),
-    (c, beta): (u64, f32),
+    (c, alpha, beta): (u64, f32, f32),
 ) -> Result<()> {
     use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
     let element = |dtype| match dtype {
@@ -289,7 +289,6 @@ pub(crate) unsafe fn gemm(
         true => sys::cublasOperation_t::CUBLAS_OP_T,
         false => sys::cublasOperation_t::CUBLAS_OP_N,
     };
-    let alpha = 1f32;
     let blas = device.cublas_handle();
     // SAFETY: the caller's contract; alpha and beta are f32 as CUBLAS_COMPUTE_32F reads them.
     unsafe {

@@ -73,11 +73,25 @@ fn gradients(
 /// `gᵀ · x` in `dtype` for `g` `[n, out]` and `x` `[n, in]`: the gradient of a weight
 /// `[out, in]` that was applied to `x` and received `g`.
 pub(super) fn weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    scaled_weight_grad(g, x, dtype, 1.0)
+}
+
+/// `scale · gᵀ · x` in `dtype` ([`weight_grad`] with a factor): on CUDA the GEMM applies it.
+pub(super) fn scaled_weight_grad(
+    g: &Tensor,
+    x: &Tensor,
+    dtype: DType,
+    scale: f64,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(dw) = cuda::widening_weight_grad(None, g, x, dtype)? {
+    if let Some(dw) = cuda::widening_weight_grad(None, g, x, dtype, scale as f32)? {
         return Ok(dw);
     }
-    g.t()?.matmul(x)?.to_dtype(dtype)
+    let product = g.t()?.matmul(x)?;
+    match scale == 1.0 {
+        true => product.to_dtype(dtype),
+        false => (product * scale)?.to_dtype(dtype),
+    }
 }
 
 /// `total + gᵀ · x` in f32 (`total` `None` before the first term): a weight gradient summed
@@ -86,7 +100,7 @@ pub(super) fn weight_grad(g: &Tensor, x: &Tensor, dtype: DType) -> Result<Tensor
 /// what an earlier call returned, held nowhere else: its buffer is written in place.
 pub(super) fn add_weight_grad(total: Option<Tensor>, g: &Tensor, x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(sum) = cuda::widening_weight_grad(total.as_ref(), g, x, DType::F32)? {
+    if let Some(sum) = cuda::widening_weight_grad(total.as_ref(), g, x, DType::F32, 1.0)? {
         return Ok(sum);
     }
     let part = g.t()?.matmul(x)?.to_dtype(DType::F32)?;
@@ -103,16 +117,16 @@ mod cuda {
     use crate::rows_and_width;
     use candle_core::{CudaStorage, DType, Result, Tensor};
 
-    /// [`weight_grad`](super::weight_grad) as one GEMM with 16-bit operands and an f32 result,
-    /// where that applies.
-    /// `total + gᵀ · x` (`gᵀ · x` without a total) in f32, where that applies: 16-bit `g` and
-    /// `x` of one dtype on CUDA, `dtype` f32, and a `total` (if any) that is a contiguous f32
-    /// `[out, in]` tensor (see `add_weight_grad` for whose buffer it must be).
+    /// `total + scale · gᵀ · x` (without a total, `scale · gᵀ · x`) in f32 as one GEMM, where
+    /// that applies: 16-bit `g` and `x` of one dtype on CUDA, `dtype` f32, and a `total` (if
+    /// any) that is a contiguous f32 `[out, in]` tensor (see `add_weight_grad` for whose buffer
+    /// it must be).
     pub(super) fn widening_weight_grad(
         total: Option<&Tensor>,
         g: &Tensor,
         x: &Tensor,
         dtype: DType,
+        scale: f32,
     ) -> Result<Option<Tensor>> {
         let half = matches!(g.dtype(), DType::BF16 | DType::F16);
         if !(g.device().is_cuda() && half && dtype == DType::F32 && g.dtype() == x.dtype()) {
@@ -123,7 +137,7 @@ mod cuda {
         let Some(total) = total else {
             let dw = launch::with_operands(&[&g, &x], |ops| {
                 let dw = alloc(&ops[0].0.device, DType::F32, out * inp)?;
-                weight_grad_f32(ops[0], ops[1], (&dw, 0.0))?;
+                weight_grad_f32(ops[0], ops[1], (&dw, scale, 0.0))?;
                 Ok(dw)
             })?;
             return Ok(Some(launch::tensor(dw, (out, inp).into())));
@@ -133,15 +147,20 @@ mod cuda {
             return Ok(None);
         }
         launch::with_operands(&[&g, &x, total], |ops| {
-            weight_grad_f32(ops[0], ops[1], (ops[2].0, 1.0))
+            weight_grad_f32(ops[0], ops[1], (ops[2].0, scale, 1.0))
         })?;
         Ok(Some(total.clone()))
     }
 
-    /// `dw = gᵀ · x + beta · dw` (f32 `[out, in]`) of 16-bit `g` `[n, out]` and `x` `[n, in]`,
-    /// both contiguous and of one dtype: one cuBLAS GEMM that accumulates in f32 and writes f32.
-    /// `dw` holds `out * in` f32 values from its start, initialized unless `beta` is 0.
-    fn weight_grad_f32(g: Operand, x: Operand, (dw, beta): (&CudaStorage, f32)) -> Result<()> {
+    /// `dw = alpha · gᵀ · x + beta · dw` (f32 `[out, in]`) of 16-bit `g` `[n, out]` and `x`
+    /// `[n, in]`, both contiguous and of one dtype: one cuBLAS GEMM that accumulates in f32 and
+    /// writes f32. `dw` holds `out * in` f32 values from its start, initialized unless `beta`
+    /// is 0.
+    fn weight_grad_f32(
+        g: Operand,
+        x: Operand,
+        (dw, alpha, beta): (&CudaStorage, f32, f32),
+    ) -> Result<()> {
         let dtype = common_dtype(&[g, x])?;
         if !matches!(dtype, DType::BF16 | DType::F16) {
             candle_core::bail!("weight gradient: {dtype:?} operands, 16-bit expected");
@@ -173,7 +192,7 @@ mod cuda {
                 (x_t, g_t),
                 (inp, out, n),
                 (dtype, DType::F32),
-                (base_address(dw)?, beta),
+                (base_address(dw)?, alpha, beta),
             )
         }
     }

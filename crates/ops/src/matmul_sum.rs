@@ -9,17 +9,26 @@
 
 use candle_core::{Result, Tensor};
 
-/// `first.0 · first.1 + second.0 · second.1` for 2-D operands: each `a` `[n, k]` (its own `k`),
+/// `first.0 · first.1 + scale · second.0 · second.1` for 2-D operands: each `a` `[n, k]` (its own `k`),
 /// each `b` `[k, m]`. On CUDA, with one float dtype throughout and each `b` contiguous or the
 /// transpose of a contiguous matrix (a weight `[m, k]` as `w.t()`), two GEMMs write one output;
 /// elsewhere two products and an add. Pass the larger product first: it absorbs the other.
 /// No gradient history: callers attach their own backward.
-pub fn matmul_sum(first: (&Tensor, &Tensor), second: (&Tensor, &Tensor)) -> Result<Tensor> {
+pub fn matmul_sum(
+    first: (&Tensor, &Tensor),
+    second: (&Tensor, &Tensor),
+    scale: f64,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if let Some(sum) = cuda::matmul_sum(first, second)? {
+    if let Some(sum) = cuda::matmul_sum(first, second, scale as f32)? {
         return Ok(sum);
     }
-    first.0.matmul(first.1)? + second.0.matmul(second.1)?
+    let second = second.0.matmul(second.1)?;
+    let second = match scale == 1.0 {
+        true => second,
+        false => (second * scale)?,
+    };
+    first.0.matmul(first.1)? + second
 }
 
 #[cfg(feature = "cuda")]
@@ -54,6 +63,7 @@ mod cuda {
     pub(super) fn matmul_sum(
         first: (&Tensor, &Tensor),
         second: (&Tensor, &Tensor),
+        scale: f32,
     ) -> Result<Option<Tensor>> {
         let dtype = first.0.dtype();
         let operands = [first.0, first.1, second.0, second.1];
@@ -80,23 +90,23 @@ mod cuda {
         let tensors = [&a1, &b1.stored, &a2, &b2.stored];
         let sum = launch::with_operands(&tensors, |ops| {
             let y = alloc(&ops[0].0.device, dtype, n * m)?;
-            let gemm = |a: Operand, b: Operand, b_transposed: bool, k: usize, beta: f32| {
-                product_into(&y, (a, b, b_transposed), (n, k, m), beta)
+            let gemm = |a: Operand, b: Operand, b_transposed: bool, k: usize, scales| {
+                product_into(&y, (a, b, b_transposed), (n, k, m), scales)
             };
-            gemm(ops[2], ops[3], b2.transposed, k2, 0.0)?;
-            gemm(ops[0], ops[1], b1.transposed, k1, 1.0)?;
+            gemm(ops[2], ops[3], b2.transposed, k2, (scale, 0.0))?;
+            gemm(ops[0], ops[1], b1.transposed, k1, (1.0, 1.0))?;
             Ok(y)
         })?;
         Ok(Some(launch::tensor(sum, (n, m).into())))
     }
 
-    /// `y = a · b + beta · y` for row-major `a` `[n, k]`, `b` `[k, m]` (stored transposed, as
-    /// `[m, k]`, when `b_transposed`) and `y` `[n, m]`, accumulating in f32.
+    /// `y = alpha · a · b + beta · y` for row-major `a` `[n, k]`, `b` `[k, m]` (stored
+    /// transposed, as `[m, k]`, when `b_transposed`) and `y` `[n, m]`, accumulating in f32.
     fn product_into(
         y: &CudaStorage,
         (a, b, b_transposed): (Operand, Operand, bool),
         (n, k, m): (usize, usize, usize),
-        beta: f32,
+        (alpha, beta): (f32, f32),
     ) -> Result<()> {
         // Column-major, this is `yᵀ [m, n] = bᵀ [m, k] · aᵀ [k, n]`: `a` as stored is `aᵀ` with
         // leading dimension k; `b` as stored is `bᵀ` (leading dimension m), or `b` itself
@@ -120,7 +130,7 @@ mod cuda {
                 (b_t, a_t),
                 (m, n, k),
                 (dtype, dtype),
-                (base_address(y)?, beta),
+                (base_address(y)?, alpha, beta),
             )
         }
     }
@@ -131,12 +141,13 @@ mod tests {
     use crate::parity::{relative_error, uniform};
 
     #[test]
-    fn the_sum_of_two_products_with_either_layout_of_b() {
+    fn the_scaled_sum_of_two_products_with_either_layout_of_b() {
         let (a1, a2) = (uniform(&[5, 8], 1), uniform(&[5, 3], 2));
         let (w1, b2) = (uniform(&[6, 8], 3), uniform(&[3, 6], 4));
         let w1t = w1.t().unwrap();
-        let got = super::matmul_sum((&a1, &w1t), (&a2, &b2)).unwrap();
-        let want = (a1.matmul(&w1t).unwrap() + a2.matmul(&b2).unwrap()).unwrap();
+        let got = super::matmul_sum((&a1, &w1t), (&a2, &b2), 0.5).unwrap();
+        let update = (a2.matmul(&b2).unwrap() * 0.5).unwrap();
+        let want = (a1.matmul(&w1t).unwrap() + update).unwrap();
         assert!(relative_error(&got, &want) < 1e-7);
         assert_eq!(got.dims(), [5, 6]);
     }

@@ -562,8 +562,10 @@ fn lora_linear_case(rows: usize, inp: usize, out: usize) -> Case {
     Case {
         name: "lora_linear",
         fused: |t| {
+            // f32 masters, as a LoRA layer holds them.
             let w = crate::LinearWeight::Dense(t[1].clone());
-            crate::lora_linear(&t[0], &w, &t[2], &t[3], 2.0, None)
+            let (a, b) = (t[2].to_dtype(DType::F32)?, t[3].to_dtype(DType::F32)?);
+            crate::lora_linear(&t[0], &w, &a, &b, 2.0, None)
         },
         reference: |t| {
             let update = t[0].matmul(&t[2].t()?)?.matmul(&t[3].t()?)?;

@@ -76,7 +76,8 @@ impl LinearAdapter for LoraLayer {
     }
 
     /// `x @ weight.t()` for a frozen `weight` plus this update, as one graph node
-    /// ([`ops::lora_linear`]), computed in `dtype`.
+    /// ([`ops::lora_linear`], which casts the factors to `x`'s dtype and hands them their
+    /// gradients in theirs), computed in `dtype`.
     fn forward_with_frozen(
         &self,
         x: &Tensor,
@@ -84,9 +85,8 @@ impl LinearAdapter for LoraLayer {
         dtype: DType,
     ) -> Result<Tensor> {
         let mask = self.mask(x)?;
-        let a = ops::cast(&self.a, dtype)?;
-        let b = ops::cast(&self.b, dtype)?;
-        ops::lora_linear(x, weight, &a, &b, self.scale, mask.as_ref())
+        debug_assert_eq!(x.dtype(), dtype, "the projection's input arrives in its dtype");
+        ops::lora_linear(x, weight, &self.a, &self.b, self.scale, mask.as_ref())
     }
 }
 
