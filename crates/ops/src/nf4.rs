@@ -439,8 +439,11 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Device, Result, Tensor};
 
-    /// Threads per block of the dequantization: each expands one byte (two elements).
+    /// Threads per block of the dequantization.
     const THREADS: usize = 256;
+
+    /// Elements each thread of the dequantization expands (`NF4_PER_THREAD`).
+    const PER_THREAD: usize = 16;
 
     /// Most rows of `x` the matrix-vector kernel takes (`NF4_GEMV_ROWS`).
     const GEMV_ROWS: usize = 8;
@@ -452,7 +455,7 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let device = &codes.0.device;
         let y = alloc(device, op.dtype, op.elements)?;
-        let grid = u32::try_from(op.elements.div_ceil(2).div_ceil(THREADS))
+        let grid = u32::try_from(op.elements.div_ceil(PER_THREAD).div_ceil(THREADS))
             .map_err(|_| candle_core::Error::Msg("nf4: tensor too large for one launch".into()))?;
         let packed = address(codes)?;
         launch(

@@ -1108,5 +1108,8 @@ pub fn edge_cases() -> Vec<Case> {
         // Row scales of 0 and 1, as the loss weights give: skipped rows get zero gradients.
         nll_with_grad_case(7, 33, Input::Ids(vec![7], 2)),
         embedding_from_host_case(9, 11, 5),
+        // 4-bit weights whose values end past the last whole 16 a thread expands (168, 40).
+        nf4_linear_case("nf4_linear", 5, 24, 7),
+        nf4_linear_case("nf4_linear", 3, 8, 5),
     ]
 }
