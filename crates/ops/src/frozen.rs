@@ -12,6 +12,7 @@
 use super::attach::{attach, attach3};
 use super::master_linear::scaled_weight_grad;
 use super::nf4::Nf4Tensor;
+use super::step_scope;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 use std::sync::Arc;
@@ -88,10 +89,11 @@ impl LinearWeight {
 
     /// What a backward pass keeps to recompute `dense`: the expanded tensor `expanded` of a
     /// dense weight (already cast, so the cast is not repeated), the 4-bit weight itself
-    /// otherwise, unless [`keeping_expanded_weights`] asks for the expanded copy.
+    /// otherwise, unless this is a block's recomputation for its backward pass
+    /// ([`super::recomputing`]), which follows at once.
     fn kept(&self, expanded: &Tensor) -> Self {
         match self {
-            Self::Nf4 { .. } if !KEEP_EXPANDED.get() => self.clone(),
+            Self::Nf4 { .. } if !step_scope::keeps_expanded_weights() => self.clone(),
             _ => Self::Dense(expanded.detach()),
         }
     }
@@ -106,29 +108,6 @@ impl LinearWeight {
             _ => Ok(None),
         }
     }
-}
-
-thread_local! {
-    /// Whether the frozen linear ops on this thread keep a 4-bit weight's expanded copy for
-    /// their backward pass ([`keeping_expanded_weights`]).
-    static KEEP_EXPANDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with the frozen linear ops keeping each 4-bit weight's expanded 16-bit copy for
-/// their backward pass instead of expanding it again there: for a block recomputed under
-/// gradient checkpointing, whose backward pass follows at once, so the copies live for one
-/// block (a 4-bit Llama-3.1-8B block's projections are 436 MB in 16 bits) and each weight is
-/// expanded twice a step instead of three times.
-pub fn keeping_expanded_weights<R>(f: impl FnOnce() -> R) -> R {
-    /// Restores the flag as it was, also when `f` unwinds.
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            KEEP_EXPANDED.set(self.0);
-        }
-    }
-    let _restore = Restore(KEEP_EXPANDED.replace(true));
-    f()
 }
 
 /// `x @ weight.t()` (weight `[out, in]`, computed in `x`'s dtype) where only `x` receives a
@@ -178,15 +157,15 @@ pub fn lora_linear(
     let xd = x.detach();
     let dtype = xd.dtype();
     let (ad, bd) = (
-        super::cast(&a.detach(), dtype)?,
-        super::cast(&b.detach(), dtype)?,
+        step_scope::cast_once(a, dtype)?,
+        step_scope::cast_once(b, dtype)?,
     );
     let w = weight.dense(dtype)?;
     let dropped = match mask {
         Some(m) => (&xd * m)?,
         None => xd.clone(),
     };
-    let xa = super::linear(&dropped, &ad)?;
+    let xa = step_scope::bottleneck(a, || super::linear(&dropped, &ad))?;
     let (out, inp) = w.dims2()?;
     let rows = xd.elem_count() / inp.max(1);
     let fold_pays = x.track_op() || rows * (inp + out) >= inp * out;
@@ -401,11 +380,10 @@ mod nf4_tests {
                     "lora {lora}: input gradient"
                 );
                 // Keeping the expanded copy for backward changes nothing but the work.
-                let (y3, g3) = super::keeping_expanded_weights(|| run(&quantized, lora));
+                let (y3, g3) = crate::recomputing(|| run(&quantized, lora));
                 assert_eq!(y3.to_vec3::<f32>().unwrap(), y1.to_vec3::<f32>().unwrap());
                 assert_eq!(g3.to_vec3::<f32>().unwrap(), g1.to_vec3::<f32>().unwrap());
             }
-            assert!(!super::KEEP_EXPANDED.get(), "the flag is restored");
         }
     }
 }

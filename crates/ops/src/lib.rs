@@ -41,6 +41,7 @@ pub mod parity;
 pub mod reference;
 mod rms_norm;
 mod rope;
+mod step_scope;
 mod swap;
 mod swiglu;
 
@@ -58,7 +59,7 @@ pub use cross_entropy::{
     masked_mean_nll, token_nll, token_nll_grad, token_nll_with_grad, weighted_mean,
 };
 pub use embedding::embedding;
-pub use frozen::{frozen_linear, keeping_expanded_weights, lora_linear, LinearWeight};
+pub use frozen::{frozen_linear, lora_linear, LinearWeight};
 pub use gemv::{glu_projection, linear};
 pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};
@@ -67,6 +68,7 @@ pub use master_linear::master_linear;
 pub use matmul_sum::matmul_sum;
 pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::rope;
+pub use step_scope::{checkpointed_forward, recomputing, training_step};
 pub use swap::{merge_heads, split_heads, swap_middle};
 pub use swiglu::{glu, glu_master_projection, glu_packed, Glu};
 

@@ -115,7 +115,9 @@ fn collect(
 
 /// Loss of `batch` and the gradients of `vars` (scaled by `scale`) added into `grads`.
 /// With `recompute`, only each block's input is kept during the forward pass and blocks are
-/// recomputed one at a time during backward; the gradients are the same.
+/// recomputed one at a time during backward; the gradients are the same. It is one
+/// [`ops::training_step`]: the LoRA factors are cast to the compute dtype once, and a
+/// recomputed block takes its LoRA bottlenecks from the first pass.
 pub fn accumulate(
     model: &Llama,
     vars: &[(String, Var)],
@@ -125,6 +127,18 @@ pub fn accumulate(
     grads: &mut Gradients,
 ) -> Result<f64> {
     ops::install_gradient_add();
+    ops::training_step(|| step(model, vars, batch, scale, recompute, grads))
+}
+
+/// [`accumulate`]'s forward and backward passes.
+fn step(
+    model: &Llama,
+    vars: &[(String, Var)],
+    batch: &Batch,
+    scale: f64,
+    recompute: bool,
+    grads: &mut Gradients,
+) -> Result<f64> {
     let t = to_tensors(batch, model.device())?;
     if !recompute {
         let loss = loss_from_hidden(model, &forward_blocks(model, &t)?, &t)?;
@@ -132,13 +146,16 @@ pub fn accumulate(
         // Read after backward is enqueued: reading first would idle the device meanwhile.
         return scalar(&loss);
     }
-    // Forward, keeping only detached block inputs: each block's graph is freed at once.
+    // Forward, keeping only detached block inputs (and the LoRA bottlenecks): each block's
+    // graph is freed at once.
     let mut inputs = vec![model.embed(&t.inputs)?.detach()];
-    for i in 0..model.layers.len() {
-        let out = model.training_block(i, &inputs[i], t.segments.as_ref())?;
-        let out = out.detach();
-        inputs.push(out);
-    }
+    ops::checkpointed_forward(|| {
+        for i in 0..model.layers.len() {
+            let out = model.training_block(i, &inputs[i], t.segments.as_ref())?;
+            inputs.push(out.detach());
+        }
+        Ok::<_, candle_core::Error>(())
+    })?;
     let last = Var::from_tensor(&inputs[model.layers.len()])?;
     let loss = loss_from_hidden(model, last.as_tensor(), &t)?;
     let store = loss.backward()?;
@@ -147,9 +164,7 @@ pub fn accumulate(
     for i in (0..model.layers.len()).rev() {
         let x = Var::from_tensor(&inputs[i])?;
         // Its backward follows at once: 4-bit weights keep their expanded copies until then.
-        let out = ops::keeping_expanded_weights(|| {
-            model.training_block(i, x.as_tensor(), t.segments.as_ref())
-        })?;
+        let out = ops::recomputing(|| model.training_block(i, x.as_tensor(), t.segments.as_ref()))?;
         let store = ops::backward_from(&out, &grad_out)?;
         collect(&store, vars, scale, grads)?;
         grad_out = missing(store.get(&x))?.detach();

@@ -76,8 +76,9 @@ const NF4_BYTES_PER_WEIGHT: f64 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
 /// for the rest with `nf4`), f32 adapter weights, gradients and AdamW moments, activations as
 /// [`plan`]'s. A 4-bit base adds the expanded copy of the largest projection, alive while its
 /// product runs, to the workspace; with checkpointing, a recomputed block keeps every one of
-/// its projections' copies until its backward pass (`ops::keeping_expanded_weights`), which
-/// the checkpointed activations count. With `on_cuda`, an untied input embedding is counted in
+/// its projections' copies until its backward pass (`ops::recomputing`), which the
+/// checkpointed activations count, as they count the adapter's rank-sized bottlenecks that
+/// the checkpointed forward pass keeps for the recomputation (`ops::checkpointed_forward`). With `on_cuda`, an untied input embedding is counted in
 /// `host_weights` instead of `weights` (it waits in host memory there). `parameters` counts
 /// the base; errors name a target the model lacks.
 pub fn plan_lora(
@@ -112,6 +113,10 @@ pub fn plan_lora(
     };
     let adapter = counts.adapter;
     let adapter_bytes = 4 * adapter as u64;
+    let t = &config.training;
+    let bottlenecks =
+        (t.batch_size * t.seq_len * counts.bottleneck_width * t.dtype.dtype().size_in_bytes())
+            as u64;
     let plan = MemoryPlan {
         weights: base - host_weights + adapter_bytes,
         host_weights,
@@ -119,7 +124,8 @@ pub fn plan_lora(
         optimizer: 2 * adapter_bytes,
         backward_workspace: full.backward_workspace + expanded,
         // The recomputed block's copies include the workspace's one.
-        activations_checkpointed: full.activations_checkpointed + block_expanded - expanded,
+        activations_checkpointed: full.activations_checkpointed + bottlenecks + block_expanded
+            - expanded,
         ..full
     };
     Ok((plan, adapter))

@@ -85,7 +85,11 @@ impl LinearAdapter for LoraLayer {
         dtype: DType,
     ) -> Result<Tensor> {
         let mask = self.mask(x)?;
-        debug_assert_eq!(x.dtype(), dtype, "the projection's input arrives in its dtype");
+        debug_assert_eq!(
+            x.dtype(),
+            dtype,
+            "the projection's input arrives in its dtype"
+        );
         ops::lora_linear(x, weight, &self.a, &self.b, self.scale, mask.as_ref())
     }
 }

@@ -16,6 +16,9 @@ pub use adapter::Adapter;
 pub struct ParameterCounts {
     /// The adapter's.
     pub adapter: usize,
+    /// The rank summed over the adapted projections: a token's values in the bottlenecks
+    /// `dropout(x) @ aᵀ` of every projection.
+    pub bottleneck_width: usize,
     /// Every adaptable projection of the blocks (what a 4-bit base quantizes).
     pub projections: usize,
     /// The largest projection's.
@@ -30,7 +33,8 @@ pub fn parameter_counts(
 ) -> Result<ParameterCounts, String> {
     let family = model::Family::of(cfg);
     let targets = expand_targets(&lora.target_modules, &family)?;
-    let adapter = adapter::target_shapes(cfg, &targets)
+    let adapted = adapter::target_shapes(cfg, &targets);
+    let adapter = adapted
         .iter()
         .map(|(_, out, inp)| lora.r * (out + inp))
         .sum();
@@ -44,6 +48,7 @@ pub fn parameter_counts(
         .collect();
     Ok(ParameterCounts {
         adapter,
+        bottleneck_width: lora.r * adapted.len(),
         projections: sizes.iter().sum(),
         largest_projection: sizes.iter().copied().max().unwrap_or(0),
     })
