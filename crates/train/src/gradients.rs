@@ -89,28 +89,32 @@ pub fn loss_only(model: &Llama, batch: &Batch) -> Result<f64> {
     )?)
 }
 
-/// Adds the gradients of `vars` found in `store`, times `scale`, into `into`.
-fn collect(
-    store: &GradStore,
-    vars: &[(String, Var)],
+/// Where a step's gradients go: those of `vars`, times `scale`, added into `grads`.
+struct GradientSink<'a> {
+    vars: &'a [(String, Var)],
     scale: f64,
-    into: &mut Gradients,
-) -> Result<()> {
-    for (name, var) in vars {
-        if let Some(g) = store.get(var) {
-            let g = if scale == 1.0 {
-                g.clone()
-            } else {
-                (g * scale)?
-            };
-            let sum = match into.remove(name) {
-                Some(prev) => (prev + g)?,
-                None => g,
-            };
-            into.insert(name.clone(), sum);
+    grads: &'a mut Gradients,
+}
+
+impl GradientSink<'_> {
+    /// Adds the gradients of the vars found in `store`.
+    fn collect(&mut self, store: &GradStore) -> Result<()> {
+        for (name, var) in self.vars {
+            if let Some(g) = store.get(var) {
+                let g = if self.scale == 1.0 {
+                    g.clone()
+                } else {
+                    (g * self.scale)?
+                };
+                let sum = match self.grads.remove(name) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                self.grads.insert(name.clone(), sum);
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Loss of `batch` and the gradients of `vars` (scaled by `scale`) added into `grads`.
@@ -127,25 +131,25 @@ pub fn accumulate(
     grads: &mut Gradients,
 ) -> Result<f64> {
     ops::install_gradient_add();
-    ops::training_step(|| step(model, vars, batch, scale, recompute, grads))
+    let t = to_tensors(batch, model.device())?;
+    let mut sink = GradientSink { vars, scale, grads };
+    ops::training_step(|| match recompute {
+        false => plain_step(model, &t, &mut sink),
+        true => checkpointed_step(model, &t, &mut sink),
+    })
 }
 
-/// [`accumulate`]'s forward and backward passes.
-fn step(
-    model: &Llama,
-    vars: &[(String, Var)],
-    batch: &Batch,
-    scale: f64,
-    recompute: bool,
-    grads: &mut Gradients,
-) -> Result<f64> {
-    let t = to_tensors(batch, model.device())?;
-    if !recompute {
-        let loss = loss_from_hidden(model, &forward_blocks(model, &t)?, &t)?;
-        collect(&loss.backward()?, vars, scale, grads)?;
-        // Read after backward is enqueued: reading first would idle the device meanwhile.
-        return scalar(&loss);
-    }
+/// The forward pass keeping every activation, and the backward pass.
+fn plain_step(model: &Llama, t: &Tensors, sink: &mut GradientSink) -> Result<f64> {
+    let loss = loss_from_hidden(model, &forward_blocks(model, t)?, t)?;
+    sink.collect(&loss.backward()?)?;
+    // Read after backward is enqueued: reading first would idle the device meanwhile.
+    scalar(&loss)
+}
+
+/// The forward pass keeping each block's input, and the backward pass recomputing the blocks
+/// one at a time.
+fn checkpointed_step(model: &Llama, t: &Tensors, sink: &mut GradientSink) -> Result<f64> {
     // Forward, keeping only detached block inputs (and the LoRA bottlenecks): each block's
     // graph is freed at once.
     let mut inputs = vec![model.embed(&t.inputs)?.detach()];
@@ -157,21 +161,20 @@ fn step(
         Ok::<_, candle_core::Error>(())
     })?;
     let last = Var::from_tensor(&inputs[model.layers.len()])?;
-    let loss = loss_from_hidden(model, last.as_tensor(), &t)?;
+    let loss = loss_from_hidden(model, last.as_tensor(), t)?;
     let store = loss.backward()?;
-    collect(&store, vars, scale, grads)?;
+    sink.collect(&store)?;
     let mut grad_out = missing(store.get(&last))?.detach();
     for i in (0..model.layers.len()).rev() {
         let x = Var::from_tensor(&inputs[i])?;
         // Its backward follows at once: 4-bit weights keep their expanded copies until then.
         let out = ops::recomputing(|| model.training_block(i, x.as_tensor(), t.segments.as_ref()))?;
         let store = ops::backward_from(&out, &grad_out)?;
-        collect(&store, vars, scale, grads)?;
+        sink.collect(&store)?;
         grad_out = missing(store.get(&x))?.detach();
     }
     let embedded = model.embed(&t.inputs)?;
-    let store = ops::backward_from(&embedded, &grad_out)?;
-    collect(&store, vars, scale, grads)?;
+    sink.collect(&ops::backward_from(&embedded, &grad_out)?)?;
     scalar(&loss)
 }
 
