@@ -1,6 +1,7 @@
 //! `llmtool config show|validate` run as a user would: presets validate, every error class
 //! is reported with its file, line and key, and `show` round-trips through `validate`.
 
+use assert_cmd::assert::Assert;
 use assert_cmd::Command;
 use predicates::prelude::*;
 use std::path::Path;
@@ -17,6 +18,22 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// `config validate` of `text` written as `name` in a fresh directory.
+fn validate(name: &str, text: &str) -> Assert {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), name, text);
+    llmtool().args(["config", "validate", &path]).assert()
+}
+
+/// `config validate` of `text` (as `c.yaml`) exits with 1 and names each of `messages`.
+fn rejected(text: &str, messages: &[&str]) -> Assert {
+    messages
+        .iter()
+        .fold(validate("c.yaml", text).code(1), |run, message| {
+            run.stderr(predicate::str::contains(*message))
+        })
+}
+
 #[test]
 fn presets_validate() {
     for preset in ["tiny", "small", "base", "lora"] {
@@ -30,104 +47,68 @@ fn presets_validate() {
 
 #[test]
 fn unknown_key_names_line_and_suggests() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "c.yaml",
+    rejected(
         "model:\n  hidden_size: 64\ntrainig:\n  lr: 1\n",
+        &[
+            "c.yaml:3:1: trainig: unknown key",
+            "did you mean `training`?",
+        ],
     );
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("c.yaml:3:1: trainig: unknown key"))
-        .stderr(predicate::str::contains("did you mean `training`?"));
 }
 
 #[test]
 fn nested_unknown_key_suggests_sibling() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "c.yaml",
+    rejected(
         "training:\n  learning_rate: 1\n  bach_size: 4\n",
-    );
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("c.yaml:3:3: training.bach_size"))
-        .stderr(predicate::str::contains("did you mean `batch_size`?"))
-        .stderr(predicate::str::contains(
+        &[
+            "c.yaml:3:3: training.bach_size",
+            "did you mean `batch_size`?",
             "c.yaml:2:3: training.learning_rate",
-        ));
+        ],
+    );
 }
 
 #[test]
 fn type_and_range_errors_name_key_and_line_all_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = "training:\n  lr: fast\n  batch_size: -2\n  beta2: 1.5\nmodel:\n  tie_word_embeddings: maybe\n";
-    let path = write(dir.path(), "c.yaml", text);
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
+    rejected(
+        "training:\n  lr: fast\n  batch_size: -2\n  beta2: 1.5\nmodel:\n  tie_word_embeddings: maybe\n",
+        &[
             "c.yaml:2:3: training.lr: expected a positive number, got \"fast\"",
-        ))
-        .stderr(predicate::str::contains(
             "c.yaml:3:3: training.batch_size: expected a whole number >= 1, got -2",
-        ))
-        .stderr(predicate::str::contains("c.yaml:4:3: training.beta2"))
-        .stderr(predicate::str::contains(
+            "c.yaml:4:3: training.beta2",
             "c.yaml:6:3: model.tie_word_embeddings",
-        ));
+        ],
+    );
 }
 
 #[test]
 fn cross_field_errors_all_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = "model:\n  hidden_size: 100\n  num_attention_heads: 8\n  num_key_value_heads: 3\n  max_position_embeddings: 64\ntraining:\n  seq_len: 128\n  max_steps: 10\n  warmup_steps: 10\ndata:\n  roots: [does/not/exist]\n";
-    let path = write(dir.path(), "c.yaml", text);
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
+    rejected(
+        "model:\n  hidden_size: 100\n  num_attention_heads: 8\n  num_key_value_heads: 3\n  max_position_embeddings: 64\ntraining:\n  seq_len: 128\n  max_steps: 10\n  warmup_steps: 10\ndata:\n  roots: [does/not/exist]\n",
+        &[
             "c.yaml:2:3: model.hidden_size: 100 is not divisible by model.num_attention_heads (8)",
-        ))
-        .stderr(predicate::str::contains(
             "c.yaml:4:3: model.num_key_value_heads",
-        ))
-        .stderr(predicate::str::contains(
             "c.yaml:7:3: training.seq_len: 128 exceeds model.max_position_embeddings (64)",
-        ))
-        .stderr(predicate::str::contains(
             "c.yaml:9:3: training.warmup_steps: 10 must be below training.max_steps (10)",
-        ))
-        .stderr(predicate::str::contains(
             "c.yaml:11:11: data.roots.0: does/not/exist does not exist",
-        ));
+        ],
+    );
 }
 
 /// A misspelt section and a type error do not hide the cross-field problems of other sections:
 /// everything is reported in one run, not in rounds.
 #[test]
 fn unknown_keys_type_errors_and_cross_field_errors_in_one_report() {
-    let dir = tempfile::tempdir().unwrap();
-    let text = "modell:\n  hidden_size: 64\nmodel:\n  max_position_embeddings: 64\ntraining:\n  seq_len: 128\ndata:\n  val_fraction: lots\n  roots: [does/not/exist]\n";
-    let path = write(dir.path(), "c.yaml", text);
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("c.yaml:1:1: modell: unknown"))
-        .stderr(predicate::str::contains(
+    rejected(
+        "modell:\n  hidden_size: 64\nmodel:\n  max_position_embeddings: 64\ntraining:\n  seq_len: 128\ndata:\n  val_fraction: lots\n  roots: [does/not/exist]\n",
+        &[
+            "c.yaml:1:1: modell: unknown",
             "c.yaml:6:3: training.seq_len: 128 exceeds model.max_position_embeddings (64)",
-        ))
-        .stderr(predicate::str::contains("c.yaml:8:3: data.val_fraction"))
-        // The data section's cross-field checks wait for its unreadable value.
-        .stderr(predicate::str::contains("does/not/exist").not());
+            "c.yaml:8:3: data.val_fraction",
+        ],
+    )
+    // The data section's cross-field checks wait for its unreadable value.
+    .stderr(predicate::str::contains("does/not/exist").not());
 }
 
 #[test]
@@ -158,26 +139,17 @@ fn a_home_relative_path_is_expanded_as_the_shell_would() {
 
 #[test]
 fn a_byte_order_mark_is_read_past() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
+    validate(
         "bom.yaml",
         "\u{feff}training:\n  max_steps: 500\ndata:\n  roots: [docs]\n",
-    );
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
-        .success();
+    )
+    .success();
 }
 
 #[test]
 fn a_deeply_nested_document_is_refused_at_once() {
-    let dir = tempfile::tempdir().unwrap();
     let deep = format!("training: {}{}\n", "[".repeat(200_000), "]".repeat(200_000));
-    let path = write(dir.path(), "deep.yaml", &deep);
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
+    validate("deep.yaml", &deep)
         .code(1)
         .stderr(predicate::str::contains(
             "deep.yaml:1:43: invalid YAML: nested more than 32 levels deep",
@@ -186,14 +158,7 @@ fn a_deeply_nested_document_is_refused_at_once() {
 
 #[test]
 fn yaml_syntax_error_names_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "c.yaml", "training:\n  lr: [1,\n");
-    llmtool()
-        .args(["config", "validate", &path])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("c.yaml:"))
-        .stderr(predicate::str::contains("invalid YAML"));
+    rejected("training:\n  lr: [1,\n", &["c.yaml:", "invalid YAML"]);
 }
 
 #[test]
