@@ -94,6 +94,15 @@ pub fn fused(tensors: &[&Tensor]) -> bool {
         }
 }
 
+/// `x · factor`, `x` itself for a factor of 1 (no pass over it): the composite paths of ops
+/// whose CUDA GEMMs apply a scale as `alpha`.
+pub(crate) fn times(x: Tensor, factor: f64) -> Result<Tensor> {
+    match factor == 1.0 {
+        true => Ok(x),
+        false => x * factor,
+    }
+}
+
 /// The size of the last dimension and the number of rows before it.
 pub(crate) fn rows_and_width(layout: &Layout) -> Result<(usize, usize)> {
     let width = *layout

@@ -87,11 +87,7 @@ pub(super) fn scaled_weight_grad(
     if let Some(dw) = cuda::widening_weight_grad(None, g, x, dtype, scale as f32)? {
         return Ok(dw);
     }
-    let product = g.t()?.matmul(x)?;
-    match scale == 1.0 {
-        true => product.to_dtype(dtype),
-        false => (product * scale)?.to_dtype(dtype),
-    }
+    super::times(g.t()?.matmul(x)?, scale)?.to_dtype(dtype)
 }
 
 /// `total + gᵀ · x` in f32 (`total` `None` before the first term): a weight gradient summed

@@ -23,12 +23,7 @@ pub fn matmul_sum(
     if let Some(sum) = cuda::matmul_sum(first, second, scale as f32)? {
         return Ok(sum);
     }
-    let second = second.0.matmul(second.1)?;
-    let second = match scale == 1.0 {
-        true => second,
-        false => (second * scale)?,
-    };
-    first.0.matmul(first.1)? + second
+    first.0.matmul(first.1)? + super::times(second.0.matmul(second.1)?, scale)?
 }
 
 #[cfg(feature = "cuda")]

@@ -78,9 +78,10 @@ const NF4_BYTES_PER_WEIGHT: f64 = 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0);
 /// product runs, to the workspace; with checkpointing, a recomputed block keeps every one of
 /// its projections' copies until its backward pass (`ops::recomputing`), which the
 /// checkpointed activations count, as they count the adapter's rank-sized bottlenecks that
-/// the checkpointed forward pass keeps for the recomputation (`ops::checkpointed_forward`). With `on_cuda`, an untied input embedding is counted in
-/// `host_weights` instead of `weights` (it waits in host memory there). `parameters` counts
-/// the base; errors name a target the model lacks.
+/// the checkpointed forward pass keeps for the recomputation (`ops::checkpointed_forward`).
+/// With `on_cuda`, an untied input embedding is counted in `host_weights` instead of
+/// `weights` (it waits in host memory there). `parameters` counts the base; errors name a
+/// target the model lacks.
 pub fn plan_lora(
     model: &LlamaConfig,
     config: &Config,
@@ -91,12 +92,13 @@ pub fn plan_lora(
     let full = plan(model, config);
     let p = full.parameters;
     let dense = config.lora.base_dtype.dense();
+    let t = &config.training;
+    let compute = t.dtype.dtype().size_in_bytes();
     let (base, expanded, block_expanded) = match dense {
         Some(dtype) => ((p * dtype.size_in_bytes()) as u64, 0, 0),
         None => {
             let rest = (p - counts.projections.min(p)) * stored.size_in_bytes();
             let quantized = (counts.projections as f64 * NF4_BYTES_PER_WEIGHT) as u64;
-            let compute = config.training.dtype.dtype().size_in_bytes();
             let block = counts.projections / model.num_hidden_layers.max(1);
             (
                 quantized + rest as u64,
@@ -113,10 +115,7 @@ pub fn plan_lora(
     };
     let adapter = counts.adapter;
     let adapter_bytes = 4 * adapter as u64;
-    let t = &config.training;
-    let bottlenecks =
-        (t.batch_size * t.seq_len * counts.bottleneck_width * t.dtype.dtype().size_in_bytes())
-            as u64;
+    let bottlenecks = (t.batch_size * t.seq_len * counts.bottleneck_width * compute) as u64;
     let plan = MemoryPlan {
         weights: base - host_weights + adapter_bytes,
         host_weights,
@@ -210,6 +209,20 @@ mod tests {
             nf4.activations_checkpointed - bf16.activations_checkpointed,
             (block - 14336 * 4096) * 4
         );
+    }
+
+    #[test]
+    fn checkpointing_a_lora_step_keeps_every_projections_bottleneck() {
+        let (model, config) = eight_b(BaseDtype::Bf16);
+        let (lora, _) = plan_lora(&model, &config, DType::BF16, false).unwrap();
+        let full = plan(&model, &config);
+        // r 16 on 7 projections of 32 blocks, per token of the batch, in f32.
+        let tokens = (config.training.batch_size * config.training.seq_len) as u64;
+        assert_eq!(
+            lora.activations_checkpointed - full.activations_checkpointed,
+            tokens * 32 * 7 * 16 * 4
+        );
+        assert_eq!(lora.activations, full.activations);
     }
 
     #[test]
