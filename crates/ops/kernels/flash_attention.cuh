@@ -197,6 +197,19 @@ __device__ __forceinline__ void fa_store_rows(T* dst, const FaRows<D>& acc, int 
   }
 }
 
+// The work of this block in a grid of (tiles, rows) (tiles of 64 queries or keys by batch ×
+// heads): `.x` the tile's rank by work (0 the heaviest), `.y` the row. Blocks start in the order
+// of their linear index (x fastest), and the ranks follow that order across rows: every row's
+// heaviest tile first, then every row's second, and the lightest last. Under a causal mask a
+// tile's work grows with its rank's distance from the end (a key/value tile's up to 128 times
+// the lightest's at 2,048 tokens with 4 query heads a kv head), so ranks taken row by row
+// started the heaviest tiles of the last rows after most of the grid and ran them alone at the
+// end; in this order the tail is the shortest tiles.
+__device__ __forceinline__ int2 fa_block_work() {
+  const unsigned linear = blockIdx.x + gridDim.x * blockIdx.y;
+  return make_int2(linear / gridDim.y, linear % gridDim.y);
+}
+
 // What a block over one tile of `rows` queries works on (the forward and the query
 // gradients): its batch × head, first query (the heaviest tiles, the last queries, first), its
 // thread's tile coordinates (in these kernels' 16 × 16 thread layout), and the key and value
@@ -207,8 +220,8 @@ template <typename T> struct FaQueryBlock {
   const T* values;
   __device__ FaQueryBlock(const T* k, const T* v, int heads, int group, long long k_sb,
                           long long k_sh, long long v_sb, long long v_sh, int rows = FA_TILE)
-      : bh(blockIdx.y),
-        q0((gridDim.x - 1 - blockIdx.x) * rows),
+      : bh(fa_block_work().y),
+        q0((gridDim.x - 1 - fa_block_work().x) * rows),
         ty(threadIdx.x >> 4),
         tx(threadIdx.x & 15) {
     const int b = bh / heads, kv_head = (bh % heads) / group;
@@ -352,8 +365,9 @@ __device__ void flash_attention_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE,
   float *ks = shared.tile(0), *vs = shared.tile(1), *qs = shared.tile(2), *dos = shared.tile(3);
   float *ps = shared.score(0), *dss = shared.score(1);
   float *lse_s = shared.rows(0), *delta_s = shared.rows(1);
-  const int kv_heads = heads / group, bkv = blockIdx.y, b = bkv / kv_heads;
-  const int kv_head = bkv % kv_heads, k0 = blockIdx.x * FA_TILE, shift = kv_len - q_len;
+  const int2 work = fa_block_work();  // the first key tile sees the most queries
+  const int kv_heads = heads / group, bkv = work.y, b = bkv / kv_heads;
+  const int kv_head = bkv % kv_heads, k0 = work.x * FA_TILE, shift = kv_len - q_len;
   const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
   fa_load_tile<T, D>(ks, k + b * k_sb + kv_head * k_sh, k_sp, k0, kv_len);
   fa_load_tile<T, D>(vs, v + b * v_sb + kv_head * v_sh, v_sp, k0, kv_len);

@@ -555,8 +555,9 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
   constexpr int LD = fm_stride<D>();
   using S = FmShared<T, D>;
   const T *ks = S::tile(0), *vs = S::tile(1);
-  const int kv_heads = heads / group, bkv = blockIdx.y, b = bkv / kv_heads;
-  const int kv_head = bkv % kv_heads, k0 = blockIdx.x * FA_TILE, shift = kv_len - q_len;
+  const int2 work = fa_block_work();  // the first key tile sees the most queries
+  const int kv_heads = heads / group, bkv = work.y, b = bkv / kv_heads;
+  const int kv_head = bkv % kv_heads, k0 = work.x * FA_TILE, shift = kv_len - q_len;
   const FmLane lane(16);
   fm_load_tile<T, D>(S::tile(0), k + b * k_sb + kv_head * k_sh, k_sp, k0, kv_len);
   fm_load_tile<T, D>(S::tile(1), v + b * v_sb + kv_head * v_sh, v_sp, k0, kv_len);
