@@ -164,11 +164,12 @@ __device__ __forceinline__ void fm_frag_b_cols(uint32_t (&b)[4], const T* tile, 
   fm_ldmatrix<true>(b, tile + (k0 + (m & 1) * 8 + (lane & 7)) * LD + n0 + (m >> 1) * 8);
 }
 
-// acc[i] (16 × 64) += A_i · Bᵀ over K columns, for A_i rows r0 + 16i.. of tile `a` and B rows
-// 0..63 of tile `b` (both row-major [.][K]): the warp's scores against a whole tile. Each B
-// operand is loaded once for the MT row tiles.
-template <typename T, int LD, int K, int MT>
-__device__ __forceinline__ void fm_dot_tile(float (&acc)[MT][8][4], const T* a, int r0,
+// acc[i] (16 × 8NC) += A_i · Bᵀ over K columns, for A_i rows r0 + 16i.. of tile `a` and B
+// rows 0..8NC-1 of tile `b` (both row-major [.][K]): the warp's scores against a whole tile
+// (NC = 8), or against its first 32 rows (NC = 4). Each B operand is loaded once for the MT
+// row tiles.
+template <typename T, int LD, int K, int MT, int NC = 8>
+__device__ __forceinline__ void fm_dot_tile(float (&acc)[MT][NC][4], const T* a, int r0,
                                            const T* b) {
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
@@ -176,7 +177,7 @@ __device__ __forceinline__ void fm_dot_tile(float (&acc)[MT][8][4], const T* a, 
 #pragma unroll
     for (int i = 0; i < MT; ++i) fm_frag_a<LD>(af[i], a, r0 + 16 * i, k0);
 #pragma unroll
-    for (int j = 0; j < 8; j += 2) {
+    for (int j = 0; j < NC; j += 2) {
       uint32_t bf[4];
       fm_frag_b_rows<LD>(bf, b, 8 * j, k0);
 #pragma unroll
@@ -188,13 +189,13 @@ __device__ __forceinline__ void fm_dot_tile(float (&acc)[MT][8][4], const T* a, 
   }
 }
 
-// acc[i] (16 × 8NT) += W_i · M for W_i (16 × 64) held as A operands and M rows 0..63 of tile
-// `m` (row-major [64][8NT]): weighted sums of a tile's rows.
-template <typename T, int LD, int NT, int MT>
+// acc[i] (16 × 8NT) += W_i · M for W_i (16 × 16KK) held as A operands and M rows 0..16KK-1 of
+// tile `m` (row-major [.][8NT]): weighted sums of a tile's rows (KK = 4: all 64).
+template <typename T, int LD, int NT, int MT, int KK = 4>
 __device__ __forceinline__ void fm_weighted_rows(float (&acc)[MT][NT][4],
-                                                 const uint32_t (&w)[MT][4][4], const T* m) {
+                                                 const uint32_t (&w)[MT][KK][4], const T* m) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
+  for (int kk = 0; kk < KK; ++kk)
 #pragma unroll
     for (int j = 0; j < NT; j += 2) {
       uint32_t bf[4];
@@ -207,11 +208,11 @@ __device__ __forceinline__ void fm_weighted_rows(float (&acc)[MT][NT][4],
     }
 }
 
-// A 16 × 64 accumulator as the A operand of the next product (16-bit).
-template <typename T>
-__device__ __forceinline__ void fm_to_operand(uint32_t (&a)[4][4], const float (&c)[8][4]) {
+// A 16 × 16KK accumulator as the A operands of the next product (16-bit).
+template <typename T, int KK = 4>
+__device__ __forceinline__ void fm_to_operand(uint32_t (&a)[KK][4], const float (&c)[2 * KK][4]) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < KK; ++kk) {
     a[kk][0] = Mma<T>::pack(c[2 * kk][0], c[2 * kk][1]);
     a[kk][1] = Mma<T>::pack(c[2 * kk][2], c[2 * kk][3]);
     a[kk][2] = Mma<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
@@ -452,16 +453,17 @@ __device__ __forceinline__ void fm_query_score_grads(const float (&s)[8][4], flo
     }
 }
 
-// The same for a warp's 16 key rows (key, key + 8) against a tile of 64 queries from q0 (the
-// thread's columns col + 8j (+ 1), whose log-sum-exp and delta are in `lse_s` and `delta_s`):
-// `p` goes from raw scores to the probabilities, `ds` from dp to the score gradients.
-template <bool MASK, bool CAP>
-__device__ __forceinline__ void fm_key_score_grads(float (&p)[8][4], float (&ds)[8][4],
+// The same for a warp's 16 key rows (key, key + 8) against 8NC queries of a tile from q0 (the
+// thread's columns col + 8j (+ 1) of the tile, whose log-sum-exp and delta are in `lse_s` and
+// `delta_s`): `p` goes from raw scores to the probabilities, `ds` from dp to the score
+// gradients.
+template <bool MASK, bool CAP, int NC>
+__device__ __forceinline__ void fm_key_score_grads(float (&p)[NC][4], float (&ds)[NC][4],
                                                    const float* lse_s, const float* delta_s,
                                                    int key, int q0, int col, int q_len,
                                                    int kv_len, int shift, int b, FA_SCORING) {
 #pragma unroll
-  for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < NC; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int c = col + 8 * j + (e & 1), query = q0 + c, row_key = key + 8 * (e >> 1);
@@ -597,25 +599,32 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
     // Skip the tile when the warp's first key is past every query, or its last key is out of
     // every query's window.
     if (warp_key > q0 + FA_TILE - 1 + shift || q0 + shift - (warp_key + 15) >= window) continue;
-    float p[1][8][4] = {}, ds[1][8][4] = {};
-    fm_dot_tile<T, LD, D, 1>(p, ks, lane.r0, qs);
-    fm_dot_tile<T, LD, D, 1>(ds, vs, lane.r0, dos);
     // Only tiles where a key of the warp's reaches past the first query's position, that run
     // past the last key or query, or whose last query's window misses the warp's first key
     // need the mask.
     const bool masked = starts != nullptr || warp_key + 15 > q0 + shift ||
                         warp_key + 16 > kv_len || q0 + FA_TILE > q_len ||
                         q0 + FA_TILE - 1 + shift - warp_key >= window;
-    const int col = 2 * lane.t;
-    fm_variant(masked, cap_log2 > 0.f, [&](auto mask, auto cap) {
-      fm_key_score_grads<decltype(mask)::value, decltype(cap)::value>(
-          p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift, b, FA_SCORING_ARGS);
-    });
-    uint32_t w[1][4][4];
-    fm_to_operand<T>(w[0], p[0]);
-    fm_weighted_rows<T, LD, D / 8, 1>(dv_acc, w, dos);
-    fm_to_operand<T>(w[0], ds[0]);
-    fm_weighted_rows<T, LD, D / 8, 1>(dk_acc, w, qs);
+    // The tile's queries in two halves of 32: half the probabilities and score gradients are
+    // live at a time (a whole tile's took the registers past what three blocks an SM leave,
+    // and spilled).
+#pragma unroll 1
+    for (int c0 = 0; c0 < FA_TILE; c0 += FA_TILE / 2) {
+      const T *q_half = qs + c0 * LD, *dout_half = dos + c0 * LD;
+      float p[1][4][4] = {}, ds[1][4][4] = {};
+      fm_dot_tile<T, LD, D, 1, 4>(p, ks, lane.r0, q_half);
+      fm_dot_tile<T, LD, D, 1, 4>(ds, vs, lane.r0, dout_half);
+      const int col = c0 + 2 * lane.t;
+      fm_variant(masked, cap_log2 > 0.f, [&](auto mask, auto cap) {
+        fm_key_score_grads<decltype(mask)::value, decltype(cap)::value, 4>(
+            p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift, b, FA_SCORING_ARGS);
+      });
+      uint32_t w[1][2][4];
+      fm_to_operand<T, 2>(w[0], p[0]);
+      fm_weighted_rows<T, LD, D / 8, 1, 2>(dv_acc, w, dout_half);
+      fm_to_operand<T, 2>(w[0], ds[0]);
+      fm_weighted_rows<T, LD, D / 8, 1, 2>(dk_acc, w, q_half);
+    }
   }
   const long long grads = b * g_sb + kv_head * g_sh;
   fm_store_rows<T, D, 1>(dk + grads, g_sp, dk_acc, k0 + lane.r0, kv_len, scale);
