@@ -130,15 +130,22 @@ template <int MT> __host__ __device__ constexpr int fm_query_rows() {
 }
 
 // Starts copying rows row0..row0+ROWS-1 of an [n, D] matrix (row stride `stride`, 16-byte
-// aligned rows) into `dst` [ROWS][D + 8]; rows at or beyond n become zeros.
+// aligned rows) into `dst` [ROWS][D + 8]; rows at or beyond n become zeros. A thread copies the
+// same column of every (FM_THREADS / (D / 8))-th row, so its addresses are one base and fixed
+// steps: a tile's copy is a compare and a 16-byte copy a chunk, not a division and a 64-bit
+// product (ncu had the integer pipe the forward's busiest, at 51%).
 template <typename T, int D, int ROWS = FA_TILE>
 __device__ __forceinline__ void fm_load_tile(T* dst, const T* src, long long stride, int row0,
                                              int n) {
-  constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-  for (int e = threadIdx.x; e < ROWS * CHUNKS; e += FM_THREADS) {
-    const int r = e / CHUNKS, c = e % CHUNKS * 8, row = row0 + r;
-    const bool valid = row < n;
-    fm_copy16(dst + r * fm_stride<D>() + c, src + (valid ? row * stride + c : 0), valid);
+  constexpr int CHUNKS = D / 8, STEP = FM_THREADS / CHUNKS;  // 16-byte chunks a row; rows a pass
+  static_assert(FM_THREADS % CHUNKS == 0 && ROWS % STEP == 0, "whole passes over the tile");
+  const int r = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS * 8, row = row0 + r;
+  const T* from = src + row * stride + c;
+  T* to = dst + r * fm_stride<D>() + c;
+#pragma unroll
+  for (int i = 0; i < ROWS / STEP; ++i) {
+    // A row past n reads nothing (a copy of 0 bytes fills zeros), so its address may point past it.
+    fm_copy16(to + i * STEP * fm_stride<D>(), from + i * STEP * stride, row + i * STEP < n);
   }
 }
 
@@ -565,35 +572,45 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
   fm_load_tile<T, D>(S::tile(1), v + b * v_sb + kv_head * v_sh, v_sp, k0, kv_len);
   // The first query that sees key k0 is k0 - shift; start at its tile, and end with the tile
   // of the last query whose window holds key k0 + 63. Tile `it` is query tile it % tiles of
-  // query head it / tiles of the group.
+  // query head it / tiles of the group: `loading` holds that pair (head, tile) for the copy in
+  // flight and `working` for the products, each stepped a tile at a time (no division a tile).
   const int q_begin = max(0, k0 - shift) / FA_TILE * FA_TILE;
   const int q_end = fa_query_end(k0, window, shift, q_len);
   const int tiles = max(0, (q_end - q_begin + FA_TILE - 1) / FA_TILE), total = group * tiles;
+  int2 loading = make_int2(0, 0), working = make_int2(0, 0);
+  auto step = [tiles](int2& at) {
+    if (++at.y == tiles) {
+      at.y = 0;
+      ++at.x;
+    }
+  };
   // Buffer b: q at unit 2 + 2b, dout at 3 + 2b; log-sum-exp and delta at rows 2b and 2b + 1.
-  auto load = [&](int it, int buffer) {
-    const size_t bh = (size_t)b * heads + kv_head * group + it / tiles;
-    const int q0 = q_begin + it % tiles * FA_TILE;
-    const long long head = fm_head_start(bh, heads, q_sb, q_sh);
+  auto load = [&](int buffer) {
+    const int query_head = kv_head * group + loading.x, q0 = q_begin + loading.y * FA_TILE;
+    step(loading);
+    const size_t bh = (size_t)b * heads + query_head;
+    const long long head = b * q_sb + query_head * q_sh;  // fm_head_start without its division
     fm_load_tile<T, D>(S::tile(2 + 2 * buffer), q + head, q_sp, q0, q_len);
     fm_load_tile<T, D>(S::tile(3 + 2 * buffer), dout + head, q_sp, q0, q_len);
     fa_load_rows(S::floats(6) + 2 * buffer * FA_TILE, lse + bh * q_len, q0, q_len);
     fa_load_rows(S::floats(6) + (2 * buffer + 1) * FA_TILE, delta + bh * q_len, q0, q_len);
   };
-  if (total > 0) load(0, 0);
+  if (total > 0) load(0);
   fm_commit();
   float dk_acc[1][D / 8][4] = {}, dv_acc[1][D / 8][4] = {};
   // The warp's keys are warp_key..warp_key + 15 (whole-warp decisions, as mma.sync needs every
   // lane); this thread's rows are keys `key` and key + 8.
   const int warp_key = k0 + lane.r0, key = warp_key + lane.g;
   for (int it = 0; it < total; ++it) {
-    const int buffer = it & 1, q0 = q_begin + it % tiles * FA_TILE;
+    const int buffer = it & 1, q0 = q_begin + working.y * FA_TILE;
+    step(working);
     const T *qs = S::tile(2 + 2 * buffer), *dos = S::tile(3 + 2 * buffer);
     const float* lse_s = S::floats(6) + 2 * buffer * FA_TILE;
     const float* delta_s = lse_s + FA_TILE;
     fm_wait<0>();
     __syncthreads();  // this tile has landed; every warp is done with the other buffer
     if (it + 1 < total) {
-      load(it + 1, buffer ^ 1);
+      load(buffer ^ 1);
       fm_commit();
     }
     // Skip the tile when the warp's first key is past every query, or its last key is out of
