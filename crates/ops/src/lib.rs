@@ -95,8 +95,8 @@ pub fn fused(tensors: &[&Tensor]) -> bool {
 }
 
 /// `x · factor`, `x` itself for a factor of 1 (no pass over it): the composite paths of ops
-/// whose CUDA GEMMs apply a scale as `alpha`.
-pub(crate) fn times(x: Tensor, factor: f64) -> Result<Tensor> {
+/// whose CUDA GEMMs apply a scale as `alpha`, and gradients scaled for accumulation.
+pub fn times(x: Tensor, factor: f64) -> Result<Tensor> {
     match factor == 1.0 {
         true => Ok(x),
         false => x * factor,

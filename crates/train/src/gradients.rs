@@ -101,11 +101,7 @@ impl GradientSink<'_> {
     fn collect(&mut self, store: &GradStore) -> Result<()> {
         for (name, var) in self.vars {
             if let Some(g) = store.get(var) {
-                let g = if self.scale == 1.0 {
-                    g.clone()
-                } else {
-                    (g * self.scale)?
-                };
+                let g = ops::times(g.clone(), self.scale)?;
                 let sum = match self.grads.remove(name) {
                     Some(prev) => (prev + g)?,
                     None => g,
