@@ -110,6 +110,12 @@ __device__ __forceinline__ void fm_copy16(void* dst, const void* src, bool valid
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fm_shared_address(dst)),
                "l"(src), "r"(valid ? 16 : 0));
 }
+// The same for 4 bytes (per-row f32 and u32 values, whose rows need not start 16-byte
+// aligned; cp.async copies that small go through L1, `.ca`).
+__device__ __forceinline__ void fm_copy4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(fm_shared_address(dst)),
+               "l"(src), "r"(valid ? 4 : 0));
+}
 __device__ __forceinline__ void fm_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most N of this thread's committed copy groups are still in flight.
 template <int N> __device__ __forceinline__ void fm_wait() {
@@ -146,6 +152,26 @@ __device__ __forceinline__ void fm_load_tile(T* dst, const T* src, long long str
   for (int i = 0; i < ROWS / STEP; ++i) {
     // A row past n reads nothing (a copy of 0 bytes fills zeros), so its address may point past it.
     fm_copy16(to + i * STEP * fm_stride<D>(), from + i * STEP * stride, row + i * STEP < n);
+  }
+}
+
+// Starts copying a query tile's per-row values, rows row0..row0+63, into `dst` [3][64]: the
+// log-sum-exp, the delta and the segment start (u32) from `starts` (the batch row's), zeros
+// without packed rows (null), so the mask tests it unconditionally (a test in every score of
+// whether there are segments had the compiler keep each masked variant twice). Rows at or
+// beyond n become zeros; every mask tests query < q_len too, so a zero start there unmasks
+// nothing. Warps 0-1 copy the log-sum-exps and segment starts, warps 2-3 the deltas.
+__device__ __forceinline__ void fm_load_row_stats(float* dst, const float* lse, const float* delta,
+                                                  const unsigned int* starts, int row0, int n) {
+  static_assert(FM_THREADS == 2 * FA_TILE, "a thread copies one row's log-sum-exp or delta");
+  const int r = threadIdx.x % FA_TILE, row = row0 + r;
+  const bool packed = starts != nullptr;
+  if (threadIdx.x < FA_TILE) {
+    fm_copy4(dst + r, lse + row, row < n);
+    // A copy that reads nothing still takes a valid address.
+    fm_copy4(dst + 2 * FA_TILE + r, packed ? (const void*)(starts + row) : lse, packed && row < n);
+  } else {
+    fm_copy4(dst + FA_TILE + r, delta + row, row < n);
   }
 }
 
@@ -461,14 +487,15 @@ __device__ __forceinline__ void fm_query_score_grads(const float (&s)[8][4], flo
 }
 
 // The same for a warp's 16 key rows (key, key + 8) against 8NC queries of a tile from q0 (the
-// thread's columns col + 8j (+ 1) of the tile, whose log-sum-exp and delta are in `lse_s` and
-// `delta_s`): `p` goes from raw scores to the probabilities, `ds` from dp to the score
-// gradients.
+// thread's columns col + 8j (+ 1) of the tile, whose log-sum-exp, delta and segment start are
+// in `stats` as fm_load_row_stats puts them): `p` goes from raw scores to the probabilities,
+// `ds` from dp to the score gradients.
 template <bool MASK, bool CAP, int NC>
 __device__ __forceinline__ void fm_key_score_grads(float (&p)[NC][4], float (&ds)[NC][4],
-                                                   const float* lse_s, const float* delta_s,
-                                                   int key, int q0, int col, int q_len,
-                                                   int kv_len, int shift, int b, FA_SCORING) {
+                                                   const float* stats, int key, int q0, int col,
+                                                   int q_len, int kv_len, int shift, FA_SCORING) {
+  const float *lse_s = stats, *delta_s = stats + FA_TILE;
+  const unsigned int* first_s = reinterpret_cast<const unsigned int*>(stats + 2 * FA_TILE);
 #pragma unroll
   for (int j = 0; j < NC; ++j)
 #pragma unroll
@@ -478,7 +505,7 @@ __device__ __forceinline__ void fm_key_score_grads(float (&p)[NC][4], float (&ds
       float pr = fm_exp2(fmaf(x, scale_log2, -lse_s[c]));
       if (MASK)
         pr = query < q_len && row_key < kv_len && fa_sees(query + shift, row_key, window) &&
-                     row_key >= fa_segment_start(starts, b, q_len, query)
+                     row_key >= (int)first_s[c]
                  ? pr
                  : 0.f;
       p[j][e] = pr;
@@ -557,7 +584,8 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
 // of 64 at or after the diagonal (and before the window's end) of each query head in its group; dk and dv as in
 // flash_attention_bwd_kv. A warp's rows are keys and its columns queries (the transposed
 // scores). Shared memory: k, v tiles, two query buffers (q, dout), then two buffers of the
-// query tile's log-sum-exp and delta.
+// query tile's per-row values (fm_load_row_stats), copied with the tiles: no global load is
+// left in the tile loop.
 template <typename T, int D>
 __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SCORING,
                                  float scale, Q_LAYOUT, G_LAYOUT) {
@@ -584,7 +612,9 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
       ++at.x;
     }
   };
-  // Buffer b: q at unit 2 + 2b, dout at 3 + 2b; log-sum-exp and delta at rows 2b and 2b + 1.
+  // Buffer b: q at unit 2 + 2b, dout at 3 + 2b, the per-row values at vectors 3b..3b + 2.
+  auto stats = [](int buffer) { return S::floats(6) + 3 * buffer * FA_TILE; };
+  const unsigned int* row_starts = starts != nullptr ? starts + (size_t)b * q_len : nullptr;
   auto load = [&](int buffer) {
     const int query_head = kv_head * group + loading.x, q0 = q_begin + loading.y * FA_TILE;
     step(loading);
@@ -592,8 +622,8 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
     const long long head = b * q_sb + query_head * q_sh;  // fm_head_start without its division
     fm_load_tile<T, D>(S::tile(2 + 2 * buffer), q + head, q_sp, q0, q_len);
     fm_load_tile<T, D>(S::tile(3 + 2 * buffer), dout + head, q_sp, q0, q_len);
-    fa_load_rows(S::floats(6) + 2 * buffer * FA_TILE, lse + bh * q_len, q0, q_len);
-    fa_load_rows(S::floats(6) + (2 * buffer + 1) * FA_TILE, delta + bh * q_len, q0, q_len);
+    fm_load_row_stats(stats(buffer), lse + bh * q_len, delta + bh * q_len, row_starts, q0,
+                      q_len);
   };
   if (total > 0) load(0);
   fm_commit();
@@ -605,8 +635,7 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
     const int buffer = it & 1, q0 = q_begin + working.y * FA_TILE;
     step(working);
     const T *qs = S::tile(2 + 2 * buffer), *dos = S::tile(3 + 2 * buffer);
-    const float* lse_s = S::floats(6) + 2 * buffer * FA_TILE;
-    const float* delta_s = lse_s + FA_TILE;
+    const float* row_stats = stats(buffer);
     fm_wait<0>();
     __syncthreads();  // this tile has landed; every warp is done with the other buffer
     if (it + 1 < total) {
@@ -634,7 +663,7 @@ __device__ void flash_mma_bwd_kv(FA_BWD_INPUTS(T), T* dk, T* dv, FA_SHAPE, FA_SC
       const int col = c0 + 2 * lane.t;
       fm_variant(masked, cap_log2 > 0.f, [&](auto mask, auto cap) {
         fm_key_score_grads<decltype(mask)::value, decltype(cap)::value, 4>(
-            p[0], ds[0], lse_s, delta_s, key, q0, col, q_len, kv_len, shift, b, FA_SCORING_ARGS);
+            p[0], ds[0], row_stats, key, q0, col, q_len, kv_len, shift, FA_SCORING_ARGS);
       });
       uint32_t w[1][2][4];
       fm_to_operand<T, 2>(w[0], p[0]);

@@ -151,13 +151,14 @@ impl Kernels {
                 };
                 4 * (tiles * TILE * (d + 4) + scores * TILE * (TILE + 4) + rows * TILE)
             }
-            // 16-bit [64][d + 8] tiles (two key/value or query buffers among them), then f32
-            // per-row vectors.
+            // 16-bit [64][d + 8] tiles (two key/value or query buffers among them), then 32-bit
+            // per-row vectors: the query gradients' deltas; the key/value gradients' log-sum-exp,
+            // delta and segment start of each query buffer's rows.
             Self::TensorCores => {
                 let (units, floats) = match stage {
                     Stage::Forward => (5, 0),
                     Stage::QueryGrads => (6, TILE),
-                    Stage::KeyValueGrads => (6, 4 * TILE),
+                    Stage::KeyValueGrads => (6, 2 * 3 * TILE),
                 };
                 2 * units * TILE * (d + 8) + 4 * floats
             }
