@@ -290,6 +290,19 @@ struct FmLane {
       : r0(rows_per_warp * (threadIdx.x >> 5)), g((threadIdx.x & 31) >> 2), t(threadIdx.x & 3) {}
 };
 
+// The segment starts (fa_segment_start) of a thread's accumulator rows `row` + 16i and
+// `row` + 16i + 8 (FmLane's g + 8h), read once before the key tiles rather than in each.
+template <int MT>
+__device__ __forceinline__ void fm_row_segment_starts(int (&first)[MT][2],
+                                                      const unsigned int* starts, int b,
+                                                      int q_len, int row) {
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      first[i][h] = fa_segment_start(starts, b, q_len, row + 16 * i + 8 * h);
+}
+
 // One step of the online softmax for a warp's 16 rows against a tile of 64 keys: `s` holds raw
 // scores (rows g and g + 8 at positions pos and pos + 8, columns key + 8j (+ 1)), and becomes
 // the probabilities under the updated row maxima `m` (base 2, scaled); `l` (this thread's part
@@ -422,6 +435,8 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
   float m[MT][2], l[MT][2] = {};
 #pragma unroll
   for (int i = 0; i < MT; ++i) m[i][0] = m[i][1] = -INFINITY;
+  int first[MT][2];
+  fm_row_segment_starts(first, starts, bh / heads, q_len, q0 + lane.r0 + lane.g);
   fm_key_tiles<T, D>(S::tile(MT), S::tile(MT + 2), at, k_sp, v_sp, kv_len, keys.begin, keys.end,
                      keys.warp_first_key, keys.warp_last, [&](const T* ks, const T* vs, int k0) {
       float s[MT][8][4] = {};
@@ -429,12 +444,10 @@ __device__ void flash_mma_fwd(const T* q, const T* k, const T* v, T* out, float*
       uint32_t p[MT][4][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const int row = q0 + lane.r0 + 16 * i + lane.g, pos = row + shift, key = k0 + 2 * lane.t;
-        const int first[2] = {fa_segment_start(starts, bh / heads, q_len, row),
-                              fa_segment_start(starts, bh / heads, q_len, row + 8)};
+        const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
         fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
           fm_online_softmax<decltype(mask)::value, decltype(cap)::value, D>(
-              s[i], m[i], l[i], o[i], pos, key, first, kv_len, FA_SCORING_ARGS);
+              s[i], m[i], l[i], o[i], pos, key, first[i], kv_len, FA_SCORING_ARGS);
         });
         fm_to_operand<T>(p[i], s[i]);
       }
@@ -557,6 +570,8 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
       row_lse[i][h] = q0 + r < q_len ? lse[rows0 + q0 + r] : 0.f;
       row_delta[i][h] = delta_s[r];
     }
+  int first[MT][2];
+  fm_row_segment_starts(first, starts, bh / heads, q_len, q0 + lane.r0 + lane.g);
   float dq_acc[MT][D / 8][4] = {};
   fm_key_tiles<T, D>(kv0, kv1, at, k_sp, v_sp, kv_len, keys.begin, keys.end, keys.warp_first_key,
                      keys.warp_last, [&](const T* ks, const T* vs, int k0) {
@@ -566,12 +581,10 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
       uint32_t w[MT][4][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        const int row = q0 + lane.r0 + 16 * i + lane.g, pos = row + shift, key = k0 + 2 * lane.t;
-        const int first[2] = {fa_segment_start(starts, bh / heads, q_len, row),
-                              fa_segment_start(starts, bh / heads, q_len, row + 8)};
+        const int pos = q0 + lane.r0 + 16 * i + lane.g + shift, key = k0 + 2 * lane.t;
         fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
           fm_query_score_grads<decltype(mask)::value, decltype(cap)::value>(
-              s[i], ds[i], row_lse[i], row_delta[i], pos, key, first, kv_len, FA_SCORING_ARGS);
+              s[i], ds[i], row_lse[i], row_delta[i], pos, key, first[i], kv_len, FA_SCORING_ARGS);
         });
         fm_to_operand<T>(w[i], ds[i]);
       }
