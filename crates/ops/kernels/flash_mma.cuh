@@ -274,6 +274,17 @@ __device__ __forceinline__ void fm_store_rows(T* dst, long long stride,
     }
 }
 
+// Σ a[i] · b[i] over 8 16-bit values at 16-byte aligned shared addresses, one 16-byte load
+// each.
+template <typename T> __device__ __forceinline__ float fm_dot8(const T* a, const T* b) {
+  const uint4 x = *reinterpret_cast<const uint4*>(a), y = *reinterpret_cast<const uint4*>(b);
+  const T *xs = reinterpret_cast<const T*>(&x), *ys = reinterpret_cast<const T*>(&y);
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum = fmaf(to_f32(xs[i]), to_f32(ys[i]), sum);
+  return sum;
+}
+
 // The tiles of a kernel's dynamic shared memory, in units of [64][D + 8], then f32 vectors.
 template <typename T, int D> struct FmShared {
   __device__ static T* tile(int unit) {
@@ -553,12 +564,21 @@ __device__ void flash_mma_bwd_q(const T* q, const T* k, const T* v, const T* dou
   fm_commit();
   fm_wait<1>();
   __syncthreads();
-  for (int r = threadIdx.x; r < ROWS; r += FM_THREADS) {
+  // Two threads a row, 16 bytes at a time, the pair's two taking alternate 32 columns: the
+  // eight threads of a quarter-warp (one 16-byte load's phase) read four rows, whose 16-byte
+  // chunks lie D / 8 + 1 ≡ 1 (mod 8) apart, at chunks 4 apart, so they hit eight distinct
+  // groups of four banks.
+  for (int r = threadIdx.x / 2; r < ROWS; r += FM_THREADS / 2) {
     float sum = 0.f;
-#pragma unroll 8
-    for (int c = 0; c < D; ++c) sum += to_f32(dos[r * LD + c]) * to_f32(kv1[r * LD + c]);
-    delta_s[r] = sum;
-    if (q0 + r < q_len) delta[rows0 + q0 + r] = sum;
+#pragma unroll
+    for (int c = 32 * (threadIdx.x & 1); c < D; c += 64)
+#pragma unroll
+      for (int k = c; k < c + 32; k += 8) sum += fm_dot8(dos + r * LD + k, kv1 + r * LD + k);
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    if ((threadIdx.x & 1) == 0) {
+      delta_s[r] = sum;
+      if (q0 + r < q_len) delta[rows0 + q0 + r] = sum;
+    }
   }
   __syncthreads();  // the deltas are in place and the output tile's buffer is free
   float row_lse[MT][2], row_delta[MT][2];
