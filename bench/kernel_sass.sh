@@ -2,8 +2,9 @@
 # The machine code (SASS) of llmtool's CUDA kernels on one GPU architecture, counted by opcode:
 # for each kernel whose name matches, its static instructions, the tensor-core products (HMMA),
 # shared-memory matrix loads (LDSM), asynchronous copies (LDGSTS), barriers, and the most
-# frequent opcodes. Needs nvcc (`source .ci/cuda-toolkit.sh`) and cuobjdump, which it installs
-# from the Python package registry into that script's venv when missing; no GPU. Static counts say
+# frequent opcodes. Needs nvcc (`source .ci/cuda-toolkit.sh`), cuobjdump and the nvdisasm it
+# runs, which it installs from the Python package registry into that script's venv when
+# missing; no GPU. Static counts say
 # where a loop's instructions go before a profile does: the flash kernels' tile copies spent
 # about 200 integer instructions a tile on addresses, which one base address and fixed steps
 # removed (forward 6,736 -> 6,024 instructions, key/value gradients 6,456 -> 5,448).
@@ -17,10 +18,10 @@ top=${3:-12}
 here=$(cd "$(dirname "$0")/.." && pwd)
 nvcc=${NVCC:-$(command -v nvcc)}
 bin=$(dirname "$nvcc")
-if [[ ! -x $bin/cuobjdump ]]; then
-  echo "kernel_sass.sh: installing cuobjdump next to $nvcc" >&2
+if [[ ! -x $bin/cuobjdump || ! -x $bin/nvdisasm ]]; then
+  echo "kernel_sass.sh: installing cuobjdump and nvdisasm next to $nvcc" >&2
   "${LLMTOOL_CUDA_TOOLKIT:-$HOME/.cache/llmtool-cuda}/venv/bin/pip" install -q \
-    --disable-pip-version-check nvidia-cuda-cuobjdump >&2
+    --disable-pip-version-check nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm >&2
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
