@@ -19,6 +19,20 @@ pub fn load_file(path: &Path, overrides: &[config::Override]) -> Result<config::
     )?)
 }
 
+/// [`load_file`] of the text of `path`, already read.
+pub fn load_text(
+    text: &str,
+    path: &Path,
+    overrides: &[config::Override],
+) -> Result<config::Config> {
+    Ok(config::load_str_with(
+        text,
+        path,
+        overrides,
+        &[train::lora::config_issues],
+    )?)
+}
+
 /// The device `training.device` names.
 pub fn training_device(config: &config::Config) -> Result<config::DeviceSpec> {
     use anyhow::Context;

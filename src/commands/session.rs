@@ -331,9 +331,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<Config> {
 /// has no such key) resumes unpacked, as it ran, unless an override sets the key: its batches
 /// stay the ones it started with.
 fn load_saved(path: &std::path::Path, overrides: &[config::Override]) -> Result<Config> {
-    let mut config = super::config::load_file(path, overrides)?;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config = super::config::load_text(&text, path, overrides)?;
     let saved: serde_norway::Value =
         serde_norway::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
     let recorded = saved.get("data").and_then(|d| d.get("packing")).is_some();

@@ -12,6 +12,8 @@ mod validate;
 mod vocab;
 
 pub use device::{DeviceSpec, UnknownDevice, DEVICE_NAMES};
-pub use load::{load, load_str, load_with, Check, ConfigError, ConfigIssue, Override};
+pub use load::{
+    load, load_str, load_str_with, load_with, Check, ConfigError, ConfigIssue, Override,
+};
 pub use schema::*;
 pub use vocab::VocabSize;

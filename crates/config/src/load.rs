@@ -133,15 +133,16 @@ pub fn load_with(
         path: path.to_path_buf(),
         source,
     })?;
-    load_checked(&text, path, overrides, checks)
+    load_str_with(&text, path, overrides, checks)
 }
 
 /// Validate config `text` as if read from `path` (used for messages only).
 pub fn load_str(text: &str, path: &Path, overrides: &[Override]) -> Result<Config, ConfigError> {
-    load_checked(text, path, overrides, &[])
+    load_str_with(text, path, overrides, &[])
 }
 
-fn load_checked(
+/// [`load_str`] with the checks of [`load_with`]: for a caller that needs the text as well.
+pub fn load_str_with(
     text: &str,
     path: &Path,
     overrides: &[Override],

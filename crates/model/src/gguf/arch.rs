@@ -298,27 +298,16 @@ pub fn warnings(arch: Arch, c: &LlamaConfig, family: &Family) -> Vec<String> {
              with a larger -c"
         ));
     }
-    if arch == Arch::Gemma2 {
-        let expected = (0..family.layers.len()).map(|i| i % 2 == 0);
-        if !family
-            .layers
-            .iter()
-            .map(|l| l.window.is_some())
-            .eq(expected)
-            && slides
-        {
-            w.push("llama.cpp's gemma2 slides every other layer (from the first); this model's layer_types differ".into());
-        }
+    // Which layers slide is fixed in llama.cpp's Gemma architectures.
+    let slides_as = |sliding: fn(usize) -> bool| {
+        let mut layers = family.layers.iter().enumerate();
+        layers.all(|(i, l)| l.window.is_some() == sliding(i))
+    };
+    if arch == Arch::Gemma2 && slides && !slides_as(|i| i % 2 == 0) {
+        w.push("llama.cpp's gemma2 slides every other layer (from the first); this model's layer_types differ".into());
     }
     if arch == Arch::Gemma3 {
-        let expected = (0..family.layers.len()).map(|i| (i + 1) % 6 != 0);
-        if !family
-            .layers
-            .iter()
-            .map(|l| l.window.is_some())
-            .eq(expected)
-            && slides
-        {
+        if slides && !slides_as(|i| (i + 1) % 6 != 0) {
             w.push("llama.cpp's gemma3 slides five layers of every six; this model's layer_types differ".into());
         }
         if (c.rope_theta_for(true) - 10000.0).abs() > 1e-6 {
@@ -505,5 +494,31 @@ mod tests {
         let (c, _) = config("LlamaForCausalLM");
         let err = rope_tensors(Arch::Llama, &c).unwrap_err().to_string();
         assert!(err.contains("longrope") && err.contains("phi3"), "{err}");
+    }
+
+    #[test]
+    fn gemma_sliding_layers_other_than_llama_cpps_are_warned_about() {
+        let gemma = |arch: &str, model_type: &str, types: &[&str]| {
+            family(serde_json::json!({
+                "architectures": [arch], "model_type": model_type, "hidden_size": 8,
+                "intermediate_size": 16, "num_hidden_layers": types.len(),
+                "num_attention_heads": 2, "vocab_size": 32, "sliding_window": 4,
+                "layer_types": types
+            }))
+        };
+        let (s, f) = ("sliding_attention", "full_attention");
+        let warned = |arch: Arch, (c, fam): (LlamaConfig, Family)| {
+            warnings(arch, &c, &fam)
+                .iter()
+                .any(|w| w.contains("layer_types differ"))
+        };
+        let gemma2 = |types: &[&str]| gemma("Gemma2ForCausalLM", "gemma2", types);
+        assert!(!warned(Arch::Gemma2, gemma2(&[s, f, s, f])));
+        assert!(warned(Arch::Gemma2, gemma2(&[f, s, f, s])));
+        let gemma3 = |types: &[&str]| gemma("Gemma3ForCausalLM", "gemma3_text", types);
+        assert!(!warned(Arch::Gemma3, gemma3(&[s, s, s, s, s, f, s])));
+        assert!(warned(Arch::Gemma3, gemma3(&[s, s, s, s, f, s, s])));
+        // A model whose layers never slide is not a pattern llama.cpp would change.
+        assert!(!warned(Arch::Gemma3, gemma3(&[f, f, f, f, f, f, f])));
     }
 }
