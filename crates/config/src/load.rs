@@ -36,7 +36,9 @@ pub enum ConfigError {
     /// The file could not be read.
     #[error("{path}: cannot read config: {source}")]
     Read {
+        /// The config file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// A `--set` argument is not `key.path=value`.
@@ -45,7 +47,10 @@ pub enum ConfigError {
     /// The text is not valid YAML or not a valid configuration.
     #[error("{}", format_issues(.path, .issues))]
     Invalid {
+        /// The config file the problems are in.
         path: PathBuf,
+        /// Every problem found, in file order; overrides and problems without a position come
+        /// last.
         issues: Vec<ConfigIssue>,
     },
 }
@@ -84,7 +89,9 @@ fn format_issues(path: &Path, issues: &[ConfigIssue]) -> String {
 /// One `--set key.path=value` override; the value is parsed as YAML.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Override {
+    /// Dotted key path, e.g. `training.lr`.
     pub key: String,
+    /// The value, parsed as YAML (text that is not YAML stays a string).
     pub value: Value,
 }
 

@@ -33,25 +33,35 @@ pub struct ModelSection {
     /// A Hugging Face model directory or hub id to start from; its `config.json` then decides
     /// the shape and the shape keys below are ignored.
     pub pretrained: Option<String>,
+    /// Width of the residual stream; divisible by `num_attention_heads`, with an even head size.
     #[serde(deserialize_with = "count")]
     pub hidden_size: usize,
+    /// Number of transformer blocks.
     #[serde(deserialize_with = "count")]
     pub num_hidden_layers: usize,
+    /// Query heads per attention layer.
     #[serde(deserialize_with = "count")]
     pub num_attention_heads: usize,
+    /// Key/value heads; must divide `num_attention_heads` (fewer is grouped-query attention).
     #[serde(deserialize_with = "count")]
     pub num_key_value_heads: usize,
+    /// Width of the SwiGLU feed-forward layer.
     #[serde(deserialize_with = "count")]
     pub intermediate_size: usize,
     /// Token embeddings: `auto` (the trained tokenizer's size) or a number.
     pub vocab_size: VocabSize,
+    /// Longest sequence in tokens the model supports; `training.seq_len` may not exceed it.
     #[serde(deserialize_with = "count")]
     pub max_position_embeddings: usize,
+    /// RoPE base frequency.
     #[serde(deserialize_with = "positive")]
     pub rope_theta: f64,
+    /// Epsilon added to the mean square in RMSNorm.
     #[serde(deserialize_with = "positive")]
     pub rms_norm_eps: f64,
+    /// Share the output head's weights with the token embedding.
     pub tie_word_embeddings: bool,
+    /// Standard deviation of the normal initialisation of linear and embedding weights.
     #[serde(deserialize_with = "positive")]
     pub initializer_range: f64,
 }
@@ -149,25 +159,40 @@ pub struct DataSection {
     pub include: Vec<String>,
     /// Glob patterns that exclude a file.
     pub exclude: Vec<String>,
+    /// Whether documents stay cleaned markdown or are rendered as plain text.
     pub format: TextFormat,
+    /// What happens to YAML/TOML front matter.
     pub front_matter: FrontMatter,
+    /// What happens to raw HTML blocks.
     pub html: HtmlBlocks,
+    /// Whether fenced code blocks are kept.
     pub code: KeepOrDrop,
+    /// Whether template directives (`{{#include ...}}`, Hugo shortcodes) are kept.
     pub templates: KeepOrDrop,
+    /// Keep link URLs (`[text](url)`) instead of only the link text.
     pub link_urls: bool,
+    /// One document per file or per heading section.
     pub chunking: Chunking,
+    /// Documents shorter than this many characters after cleaning are skipped.
     #[serde(deserialize_with = "whole")]
     pub min_chars: usize,
+    /// Longer sections are split at paragraph boundaries; `null` for no limit.
     #[serde(deserialize_with = "optional_count")]
     pub max_chars: Option<usize>,
+    /// Which duplicate documents are removed.
     pub dedup: Dedup,
+    /// Estimated Jaccard similarity of word shingles above which a document is a near-duplicate, in
+    /// [0, 1).
     #[serde(deserialize_with = "fraction")]
     pub near_dup_threshold: f64,
+    /// Share of documents in the validation split, picked by document hash, in [0, 1).
     #[serde(deserialize_with = "fraction")]
     pub val_fraction: f64,
+    /// Decode invalid UTF-8 with replacement characters instead of skipping the file.
     pub lossy_utf8: bool,
     /// An existing `tokenizer.json`; when unset a byte-level BPE is trained on the corpus.
     pub tokenizer: Option<PathBuf>,
+    /// Special tokens of a trained tokenizer; the first one separates documents.
     pub special_tokens: Vec<String>,
     /// Where the built dataset goes; defaults to `<output.dir>/dataset`.
     pub dataset_dir: Option<PathBuf>,
@@ -234,8 +259,11 @@ pub enum ScheduleKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
+    /// 32-bit IEEE float.
     F32,
+    /// bfloat16: f32's exponent range with an 8-bit significand.
     Bf16,
+    /// 16-bit IEEE half precision.
     F16,
 }
 
@@ -268,8 +296,11 @@ impl Precision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BaseDtype {
+    /// Dense, in f32.
     F32,
+    /// Dense, in bfloat16.
     Bf16,
+    /// Dense, in IEEE half precision.
     F16,
     /// QLoRA: the blocks' projections as 4-bit NormalFloat (bitsandbytes' NF4 with double
     /// quantization), everything else in the checkpoint's own dtype.
@@ -312,48 +343,72 @@ pub enum OnNonFinite {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingSection {
+    /// Tokens per training window; at most `model.max_position_embeddings`.
     #[serde(deserialize_with = "count")]
     pub seq_len: usize,
+    /// Windows per micro-batch.
     #[serde(deserialize_with = "count")]
     pub batch_size: usize,
+    /// Micro-batches per optimizer step, their gradients summed then averaged.
     #[serde(deserialize_with = "count")]
     pub grad_accum: usize,
     /// Optimizer steps to run; exactly one of `max_steps`, `epochs`, `max_tokens` is set.
     #[serde(deserialize_with = "optional_count")]
     pub max_steps: Option<usize>,
+    /// Passes over the training split, possibly fractional; the alternative to `max_steps`.
     pub epochs: Option<f64>,
+    /// Training tokens to consume; the alternative to `max_steps`.
     pub max_tokens: Option<u64>,
+    /// Peak learning rate, reached at the end of the warm-up.
     #[serde(deserialize_with = "positive")]
     pub lr: f64,
+    /// Learning rate at the end of the decay, at most `lr`.
     #[serde(deserialize_with = "non_negative")]
     pub min_lr: f64,
+    /// Steps of linear learning-rate warm-up from 0, below `max_steps`.
     #[serde(deserialize_with = "whole")]
     pub warmup_steps: usize,
+    /// Shape of the learning rate after the warm-up.
     pub schedule: ScheduleKind,
+    /// With `wsd`: the final share of steps spent decaying, in [0, 1).
     #[serde(deserialize_with = "fraction")]
     pub decay_fraction: f64,
+    /// Decoupled AdamW weight decay, not applied to norms, biases and embeddings.
     #[serde(deserialize_with = "non_negative")]
     pub weight_decay: f64,
+    /// AdamW first-moment decay, in [0, 1).
     #[serde(deserialize_with = "fraction")]
     pub beta1: f64,
+    /// AdamW second-moment decay, in [0, 1).
     #[serde(deserialize_with = "fraction")]
     pub beta2: f64,
+    /// AdamW epsilon, added to the square root of the second moment in the update's denominator.
     #[serde(deserialize_with = "positive")]
     pub eps: f64,
+    /// Global gradient-norm clipping threshold; 0 disables clipping.
     #[serde(deserialize_with = "non_negative")]
     pub grad_clip: f64,
+    /// Compute precision; master weights and optimizer state stay f32.
     pub dtype: Precision,
+    /// Recompute each block in the backward pass instead of storing its activations.
     pub grad_checkpoint: bool,
+    /// Seeds initialisation, data order and dropout.
     pub seed: u64,
+    /// How training windows are drawn.
     pub sampling: Sampling,
+    /// Steps between validation passes; the best checkpoint is kept by validation loss.
     #[serde(deserialize_with = "count")]
     pub eval_every: usize,
+    /// Validation batches per pass.
     #[serde(deserialize_with = "count")]
     pub eval_batches: usize,
+    /// Steps between resumable checkpoints.
     #[serde(deserialize_with = "count")]
     pub save_every: usize,
+    /// Steps between lines in `metrics.jsonl`, each logging the mean loss over those steps.
     #[serde(deserialize_with = "count")]
     pub log_every: usize,
+    /// What a non-finite loss or gradient does.
     pub on_nan: OnNonFinite,
     /// `auto`, `cpu`, `cuda`, `cuda:N` or `metal`; `--device` overrides it.
     pub device: String,
@@ -396,10 +451,13 @@ impl Default for TrainingSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraSection {
+    /// Adapter rank.
     #[serde(deserialize_with = "count")]
     pub r: usize,
+    /// Scale numerator: updates are scaled by `alpha / r`, or `alpha / sqrt(r)` with `rslora`.
     #[serde(deserialize_with = "positive")]
     pub alpha: f64,
+    /// Dropout probability on the adapter input, in [0, 1).
     #[serde(deserialize_with = "fraction")]
     pub dropout: f64,
     /// Projections to adapt: `q_proj`..`down_proj` (or `q`, `k`, `v`, `o`, `gate`, `up`,
@@ -436,6 +494,7 @@ pub struct EvalSection {
     /// Tokens the window advances; `null` uses half the context.
     #[serde(deserialize_with = "optional_count")]
     pub stride: Option<usize>,
+    /// Windows per forward pass.
     #[serde(deserialize_with = "count")]
     pub batch_size: usize,
 }
@@ -454,18 +513,26 @@ impl Default for EvalSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerateSection {
+    /// New tokens to sample.
     #[serde(deserialize_with = "count")]
     pub max_tokens: usize,
     /// 0 means greedy.
     #[serde(deserialize_with = "non_negative")]
     pub temperature: f64,
+    /// Keep only the `k` most likely tokens; `null` keeps all.
     #[serde(deserialize_with = "optional_count")]
     pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set of tokens with this total probability, in (0, 1].
     pub top_p: Option<f64>,
+    /// Drop tokens below `min_p` times the top token's probability, in [0, 1); `null` drops none.
     pub min_p: Option<f64>,
+    /// Penalty on tokens already in the context: positive logits are divided by it, negative ones
+    /// multiplied; 1 disables it.
     #[serde(deserialize_with = "positive")]
     pub repetition_penalty: f64,
+    /// Sampling seed: the same seed gives the same text.
     pub seed: u64,
+    /// Strings that end generation.
     pub stop: Vec<String>,
 }
 
@@ -504,8 +571,11 @@ pub enum SavedDtype {
     /// master weights training updates).
     #[default]
     Auto,
+    /// Stored as f32.
     F32,
+    /// Stored as bfloat16.
     Bf16,
+    /// Stored as IEEE half precision.
     F16,
 }
 
