@@ -26,12 +26,15 @@ pub struct BuildOptions {
 /// What a build did.
 #[derive(Debug)]
 pub struct BuildReport {
+    /// The dataset folder.
     pub dir: PathBuf,
+    /// The dataset's manifest, as written (or as found when up to date).
     pub manifest: Manifest,
     /// True when nothing was rebuilt.
     pub up_to_date: bool,
     /// Bytes of input read.
     pub bytes_read: u64,
+    /// Wall-clock time of the build.
     pub elapsed: Duration,
 }
 

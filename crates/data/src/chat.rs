@@ -19,22 +19,42 @@ use std::path::{Path, PathBuf};
 pub enum ChatError {
     /// The model has no template.
     #[error("{path}: no chat_template; this model was not trained for chat (drop --chat)")]
-    NoTemplate { path: PathBuf },
+    NoTemplate {
+        /// The `tokenizer_config.json` without a template.
+        path: PathBuf,
+    },
     /// `tokenizer_config.json` or `chat_template.jinja` could not be read or parsed.
     #[error("{path}: {message}")]
-    Config { path: PathBuf, message: String },
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The template is not valid Jinja.
     #[error("{path}: the chat template does not compile: {message}")]
-    Template { path: PathBuf, message: String },
+    Template {
+        /// The file the template came from.
+        path: PathBuf,
+        /// The compiler's error.
+        message: String,
+    },
     /// The template failed while rendering (including its own `raise_exception`).
     #[error("{path}: the chat template failed: {message}")]
-    Render { path: PathBuf, message: String },
+    Render {
+        /// The file the template came from.
+        path: PathBuf,
+        /// The renderer's error, or the template's own message.
+        message: String,
+    },
 }
 
 /// One chat turn.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The text of the turn.
     pub content: String,
 }
 

@@ -16,33 +16,44 @@ use std::path::{Path, PathBuf};
 pub struct InputFile {
     /// The path as the user sees it: the root joined with the path below it.
     pub path: PathBuf,
+    /// File size in bytes.
     pub bytes: u64,
 }
 
 /// A file that was read (or failed to be): its hash and either its text or why it is unusable.
 #[derive(Debug)]
 pub struct Source {
+    /// The path as the user sees it.
     pub path: PathBuf,
+    /// File size in bytes.
     pub bytes: u64,
     /// `None` when the file could not be read at all.
     pub sha256: Option<String>,
+    /// The decoded text, or why the file is unusable (unreadable, empty, binary, invalid UTF-8).
     pub text: Result<String, String>,
 }
 
 /// A file that contributed documents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Input {
+    /// The path with forward slashes.
     pub path: String,
+    /// File size in bytes.
     pub bytes: u64,
+    /// SHA-256 of the file's bytes, lowercase hex.
     pub sha256: String,
+    /// Documents the file contributed, before deduplication.
     pub documents: usize,
 }
 
 /// A file left out, and why.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Skipped {
+    /// The path with forward slashes.
     pub path: String,
+    /// Why the file was left out (`empty file`, `shorter than data.min_chars (32)`).
     pub reason: String,
+    /// SHA-256 of the file's bytes; `None` when it could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }
@@ -50,9 +61,11 @@ pub struct Skipped {
 /// One cleaned document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
+    /// The file the document comes from.
     pub source: PathBuf,
     /// Position among the documents of its file (sections are numbered from 0).
     pub index: usize,
+    /// The cleaned text.
     pub text: String,
 }
 
@@ -66,8 +79,11 @@ impl Document {
 /// The cleaned documents of a set of files.
 #[derive(Debug, Default)]
 pub struct Corpus {
+    /// The files that contributed documents.
     pub inputs: Vec<Input>,
+    /// The documents kept, in file order, at least `data.min_chars` long.
     pub documents: Vec<Document>,
+    /// The files left out, each with its reason.
     pub skipped: Vec<Skipped>,
     /// Documents dropped for being shorter than `data.min_chars`.
     pub short_documents: usize,

@@ -17,17 +17,23 @@ const SHINGLE: usize = 3;
 /// A document removed as a duplicate of an earlier one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Removal {
+    /// The removed document, as `path#index`.
     pub document: String,
+    /// The earlier document it duplicates, as `path#index`.
     pub duplicate_of: String,
+    /// Whether the texts are identical or only similar.
     pub kind: DuplicateKind,
     /// Estimated Jaccard similarity of word shingles (1 for exact duplicates).
     pub similarity: f64,
 }
 
+/// How a removed document matches the one it duplicates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DuplicateKind {
+    /// Identical normalized text.
     Exact,
+    /// MinHash-estimated similarity at or above `data.near_dup_threshold`.
     Near,
 }
 

@@ -29,6 +29,7 @@ const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 /// One tokenized example.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
+    /// Token ids of the rendered example, at most `seq_len + 1`.
     pub tokens: Vec<u32>,
     /// Loss weight of each token as a prediction target: 1 scored, 0 context only.
     pub weights: Vec<f32>,
@@ -37,7 +38,9 @@ pub struct Example {
 /// The examples of a set of JSONL files, split into train and val.
 #[derive(Debug, Default)]
 pub struct Examples {
+    /// Examples to train on.
     pub train: Vec<Example>,
+    /// Examples to validate on.
     pub val: Vec<Example>,
     /// Examples cut to `seq_len + 1` tokens.
     pub truncated: usize,
@@ -64,6 +67,7 @@ impl Examples {
 
 /// How to turn lines into examples.
 pub struct ExampleOptions<'a> {
+    /// The model's tokenizer.
     pub tokenizer: &'a Tokenizer,
     /// Appended (and scored) after `text` and `completion`.
     pub eos_id: u32,
@@ -71,6 +75,8 @@ pub struct ExampleOptions<'a> {
     pub chat_template: Result<&'a ChatTemplate, String>,
     /// Examples longer than `seq_len + 1` tokens are truncated.
     pub seq_len: usize,
+    /// Share of a file's examples sent to the validation split by text hash (`data.val_fraction`),
+    /// where the files do not name the split.
     pub val_fraction: f64,
 }
 

@@ -11,10 +11,15 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// A built dataset: its manifest, tokenizer and both splits.
 pub struct Dataset {
+    /// The dataset folder.
     pub dir: PathBuf,
+    /// Its `manifest.json`.
     pub manifest: Manifest,
+    /// The tokenizer the shards were encoded with.
     pub tokenizer: Tokenizer,
+    /// The training split's tokens.
     pub train: TokenShards,
+    /// The validation split's tokens.
     pub val: TokenShards,
 }
 
@@ -113,6 +118,7 @@ impl TokenShards {
         self.len
     }
 
+    /// Whether the split holds no tokens.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

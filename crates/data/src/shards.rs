@@ -12,14 +12,18 @@ use std::path::{Path, PathBuf};
 pub const FORMAT_VERSION: u32 = 1;
 /// Tokens per shard file at most (256 MiB of u32, 128 MiB of u16).
 pub const SHARD_TOKENS: usize = 64 << 20;
+/// File name of the manifest in a dataset folder.
 pub const MANIFEST: &str = "manifest.json";
+/// File name of the dataset's tokenizer in a dataset folder.
 pub const TOKENIZER: &str = "tokenizer.json";
 
 /// How token ids are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenDtype {
+    /// Two bytes per id, little-endian: vocabularies of at most 65536 tokens.
     U16,
+    /// Four bytes per id, little-endian.
     U32,
 }
 
@@ -33,6 +37,7 @@ impl TokenDtype {
         }
     }
 
+    /// Bytes per stored token id.
     pub fn width(self) -> usize {
         match self {
             Self::U16 => 2,
@@ -54,28 +59,39 @@ impl TokenDtype {
 /// The tokenizer a dataset was built with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenizerInfo {
+    /// File name of the copy in the dataset folder (`tokenizer.json`).
     pub file: String,
+    /// SHA-256 of that file, lowercase hex.
     pub sha256: String,
     /// `trained` or the path of the `tokenizer.json` it was copied from.
     pub source: String,
+    /// Tokens in the vocabulary, added tokens included.
     pub vocab_size: usize,
+    /// The token appended after each document.
     pub eos_token: String,
+    /// Id of `eos_token`.
     pub eos_id: u32,
 }
 
 /// One shard file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardInfo {
+    /// File name in the dataset folder (`train-00000.bin`).
     pub file: String,
+    /// Token ids the file holds.
     pub tokens: u64,
+    /// SHA-256 of the file, lowercase hex.
     pub sha256: String,
 }
 
 /// One split: its documents and the shards holding their tokens, EOS after each document.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct SplitInfo {
+    /// Documents in the split.
     pub documents: usize,
+    /// Tokens in the split, EOS included.
     pub tokens: u64,
+    /// The shard files, in order.
     pub shards: Vec<ShardInfo>,
 }
 
@@ -84,23 +100,32 @@ pub struct SplitInfo {
 pub struct Counts {
     /// Files that contributed documents.
     pub files: usize,
+    /// Files left out (listed in [`Manifest::skipped`]).
     pub skipped_files: usize,
+    /// Bytes of every input file read, skipped ones included.
     pub bytes: u64,
     /// Documents kept (after deduplication).
     pub documents: usize,
+    /// Documents dropped for being shorter than `data.min_chars`.
     pub short_documents: usize,
+    /// Documents removed as duplicates.
     pub duplicates: usize,
+    /// Characters (Unicode scalar values) in the kept documents.
     pub chars: u64,
     /// Tokens in both splits, EOS included.
     pub tokens: u64,
+    /// `chars / tokens`: how much text a token holds on average.
     pub chars_per_token: f64,
 }
 
 /// Documents whose token count (EOS excluded) lies in `[min_tokens, max_tokens]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LengthBucket {
+    /// Shortest length in the bucket, in tokens.
     pub min_tokens: u64,
+    /// Longest length in the bucket, in tokens.
     pub max_tokens: u64,
+    /// Documents in the bucket.
     pub documents: usize,
 }
 
@@ -108,19 +133,30 @@ pub struct LengthBucket {
 /// rebuild would change anything.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The [`FORMAT_VERSION`] the dataset was written with.
     pub format_version: u32,
     /// SHA-256 over the inputs' hashes, the settings and the tokenizer source: equal
     /// fingerprints mean a rebuild would write the same bytes.
     pub fingerprint: String,
+    /// The `data` section that built the dataset (less `dataset_dir`), with the vocabulary size.
     pub settings: serde_json::Value,
+    /// The tokenizer the documents were encoded with.
     pub tokenizer: TokenizerInfo,
+    /// How the shards store token ids.
     pub token_dtype: TokenDtype,
+    /// Totals over the whole build.
     pub counts: Counts,
+    /// The training split.
     pub train: SplitInfo,
+    /// The validation split.
     pub val: SplitInfo,
+    /// Document lengths in power-of-two token buckets.
     pub length_histogram: Vec<LengthBucket>,
+    /// The files that contributed documents.
     pub inputs: Vec<Input>,
+    /// The files left out, each with its reason.
     pub skipped: Vec<Skipped>,
+    /// The documents removed as duplicates, each with the one it duplicates.
     pub duplicates: Vec<Removal>,
 }
 
@@ -213,6 +249,7 @@ impl Staging {
         })
     }
 
+    /// Writes `bytes` to the file `name` in the staging folder.
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), DataError> {
         let path = self.dir.path().join(name);
         std::fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))

@@ -24,6 +24,7 @@ pub use chunks::documents;
 /// A file's cleaned markdown.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cleaned {
+    /// The cleaned markdown, before chunking and any rendering to plain text.
     pub markdown: String,
     /// Whether the file started with YAML/TOML front matter (tells "front matter only" apart).
     pub had_front_matter: bool,
