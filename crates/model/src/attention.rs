@@ -19,9 +19,13 @@ use candle_core::{Result, Tensor, D};
 /// Grouped-query self-attention.
 #[derive(Debug, Clone)]
 pub struct Attention {
+    /// Query projection, `hidden → heads × head_size`.
     pub q_proj: Linear,
+    /// Key projection, `hidden → kv_heads × head_size`.
     pub k_proj: Linear,
+    /// Value projection, `hidden → kv_heads × head_size`.
     pub v_proj: Linear,
+    /// Output projection, `heads × head_size → hidden`.
     pub o_proj: Linear,
     /// q, k and v stacked into one projection for inference ([`Llama::fuse_projections`]);
     /// the three above are then views into it.

@@ -22,7 +22,9 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RopeParameters {
+    /// One set per layer type, keyed `full_attention` and `sliding_attention` (Gemma 3).
     PerLayerType(BTreeMap<String, RopeScaling>),
+    /// One set for every layer.
     Shared(RopeScaling),
 }
 
@@ -31,16 +33,21 @@ pub enum RopeParameters {
 /// implemented.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RopeScaling {
+    /// The scaling scheme (`default`, `linear`, `llama3`, `longrope`); `type` in older configs.
     #[serde(alias = "type", default = "default_rope_type")]
     pub rope_type: String,
+    /// RoPE base frequency; transformers 5 keeps it here rather than at the top level.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
     /// The context extension (linear, llama3; LongRoPE's default is the ratio of the context
     /// to the original one). Read through [`RopeScaling::factor`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<f64>,
+    /// llama3: wavelengths above `original / low_freq_factor` are scaled by the full `factor`
+    /// (default 1).
     #[serde(default = "one")]
     pub low_freq_factor: f64,
+    /// llama3: wavelengths below `original / high_freq_factor` are left unscaled (default 4).
     #[serde(default = "four")]
     pub high_freq_factor: f64,
     /// The context before scaling. Read through [`RopeScaling::original_context`].
@@ -104,7 +111,9 @@ pub const MAX_PARAMETERS: u128 = 1 << 40;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TokenIds {
+    /// A single id.
     One(u32),
+    /// A list of ids (models with several end-of-sequence tokens).
     Many(Vec<u32>),
 }
 
@@ -129,40 +138,62 @@ impl TokenIds {
 /// The fields of `config.json` llmtool reads and writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// The model class, e.g. `LlamaForCausalLM`; the first entry picks the family.
     #[serde(default)]
     pub architectures: Vec<String>,
+    /// transformers' model type (`llama`, `qwen2`, `gemma3_text`, ...); default `llama`.
     #[serde(default = "llama")]
     pub model_type: String,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the feed-forward layer.
     pub intermediate_size: usize,
+    /// Number of transformer blocks.
     pub num_hidden_layers: usize,
+    /// Query heads per attention layer.
     pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than the query heads); `None` means as
+    /// many as the query heads.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// Size of one attention head; `None` means `hidden_size / num_attention_heads` (256 for
+    /// Gemma).
     #[serde(default)]
     pub head_dim: Option<usize>,
+    /// Rows of the token embedding and of the output head.
     pub vocab_size: usize,
+    /// Longest sequence in tokens the model supports (default 2048).
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
+    /// Legacy top-level RoPE base frequency (default 10000); `rope_parameters.rope_theta` wins over
+    /// it.
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
+    /// The legacy RoPE frequency scaling, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
+    /// transformers 5's RoPE settings, if given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
+    /// Epsilon added to the mean square in RMSNorm (default 1e-6).
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
+    /// Whether the output head shares the token embedding's weights (default `false`).
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v (Llama `attention_bias`; always on for Qwen2).
     #[serde(default)]
     pub attention_bias: bool,
+    /// The beginning-of-sequence token, if the model has one.
     #[serde(default)]
     pub bos_token_id: Option<TokenIds>,
+    /// The end-of-sequence token or tokens, if any.
     #[serde(default)]
     pub eos_token_id: Option<TokenIds>,
+    /// The MLP activation; only `silu` (the default) is supported outside Gemma.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Standard deviation of the normal initialisation of a new model's weights (default 0.02).
     #[serde(default = "default_init")]
     pub initializer_range: f64,
     /// The dtype of the stored weights, as transformers 4.x names the key

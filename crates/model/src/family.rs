@@ -84,12 +84,19 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 /// The architectures llmtool implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// Llama (`LlamaForCausalLM`; SmolLM and unknown types read as one).
     Llama,
+    /// Mistral (`MistralForCausalLM`).
     Mistral,
+    /// Qwen2 (`Qwen2ForCausalLM`).
     Qwen2,
+    /// Qwen3 (`Qwen3ForCausalLM`).
     Qwen3,
+    /// Gemma 2 (`Gemma2ForCausalLM`).
     Gemma2,
+    /// Gemma 3, text only (`Gemma3ForCausalLM`).
     Gemma3,
+    /// Phi-3 (`Phi3ForCausalLM`).
     Phi3,
 }
 
@@ -161,10 +168,13 @@ pub struct LayerAttention {
 /// Everything about a model's family the decoder needs, derived from its config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Family {
+    /// The architecture.
     pub kind: Kind,
+    /// How every RMSNorm applies its weight.
     pub norm: NormKind,
     /// RMSNorm (of [`Family::norm`]'s kind) over each head's queries and keys before RoPE.
     pub qk_norm: bool,
+    /// The feed-forward's gated activation.
     pub activation: Activation,
     /// Embeddings are multiplied by this (Gemma: sqrt(hidden)).
     pub embed_scale: Option<f64>,
@@ -172,7 +182,9 @@ pub struct Family {
     pub sandwich_norms: bool,
     /// The factor on attention scores.
     pub attention_scale: f64,
+    /// Soft cap on attention scores (`cap · tanh(score / cap)`); `None` for none.
     pub attn_softcap: Option<f64>,
+    /// Soft cap on the output logits (`cap · tanh(logit / cap)`); `None` for none.
     pub final_softcap: Option<f64>,
     /// q/k/v and gate/up are one weight each in a checkpoint (Phi-3's `qkv_proj`,
     /// `gate_up_proj`).

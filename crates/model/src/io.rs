@@ -11,11 +11,16 @@ use std::path::{Path, PathBuf};
 
 /// A model loaded from a directory, with its tokenizer.
 pub struct LoadedModel {
+    /// The model, its weights on the requested device.
     pub model: Llama,
+    /// The directory's `tokenizer.json`.
     pub tokenizer: tokenizers::Tokenizer,
+    /// The directory it was loaded from.
     pub dir: PathBuf,
 }
 
+/// Reads and parses the JSON file `path`; a missing file is [`ModelError::Missing`] naming `what`
+/// it is.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T, ModelError> {
     let text = std::fs::read_to_string(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -143,7 +148,9 @@ pub fn load_stored(
 
 /// Everything written into a model directory.
 pub struct ModelFiles<'a> {
+    /// The model's config, written as `config.json`.
     pub config: &'a LlamaConfig,
+    /// The weights by Hugging Face name, written as safetensors.
     pub tensors: &'a [(String, Tensor)],
     /// `tokenizer.json` and the files transformers reads beside it.
     pub tokenizer: TokenizerSource<'a>,

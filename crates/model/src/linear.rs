@@ -31,7 +31,9 @@ pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
 /// computed for them; only those can be 4-bit.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The weight, `out × in`, dense or 4-bit.
     pub weight: LinearWeight,
+    /// The bias, `out`, where the projection has one.
     pub bias: Option<Tensor>,
     /// An update added from outside the model (a LoRA adapter), if one is attached.
     pub adapter: Option<Arc<dyn LinearAdapter>>,

@@ -30,8 +30,11 @@ impl Mlp {
 /// The gated feed-forward block (SwiGLU or GeGLU, as the family says).
 #[derive(Debug, Clone)]
 pub struct Mlp {
+    /// The gate projection, `hidden → intermediate`.
     pub gate_proj: Linear,
+    /// The up projection, `hidden → intermediate`.
     pub up_proj: Linear,
+    /// The down projection, `intermediate → hidden`.
     pub down_proj: Linear,
     /// gate and up stacked into one projection for inference ([`Llama::fuse_projections`]).
     gate_up: Option<Linear>,
@@ -42,7 +45,9 @@ pub struct Mlp {
 pub struct Block {
     /// The norm weights the family has ([`Norm::of`]), in a checkpoint's order.
     pub norms: Vec<(Norm, Tensor)>,
+    /// The self-attention.
     pub self_attn: Attention,
+    /// The gated feed-forward.
     pub mlp: Mlp,
 }
 
@@ -50,11 +55,16 @@ pub struct Block {
 /// first).
 #[derive(Debug, Clone)]
 pub struct Llama {
+    /// The model's `config.json`.
     pub config: LlamaConfig,
     /// What the family changes, read from `config`.
     pub family: Family,
+    /// Token embedding, `vocab_size × hidden_size` (on the host for a frozen, untied table after
+    /// [`Llama::keep_input_embedding_on_host`]).
     pub embed_tokens: Tensor,
+    /// The transformer blocks, first to last.
     pub layers: Vec<Block>,
+    /// Weight of the final RMSNorm, before the head.
     pub norm: Tensor,
     /// `None` when the head is tied to the embedding.
     pub lm_head: Option<Tensor>,

@@ -86,12 +86,19 @@ pub fn layer(i: usize) -> String {
 /// A projection of a transformer block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Projection {
+    /// `self_attn.q_proj`: hidden to query heads.
     Q,
+    /// `self_attn.k_proj`: hidden to key heads.
     K,
+    /// `self_attn.v_proj`: hidden to value heads.
     V,
+    /// `self_attn.o_proj`: attention output back to hidden.
     O,
+    /// `mlp.gate_proj`: hidden to the feed-forward width, through the activation.
     Gate,
+    /// `mlp.up_proj`: hidden to the feed-forward width, multiplied by the gate.
     Up,
+    /// `mlp.down_proj`: feed-forward width back to hidden.
     Down,
 }
 
@@ -212,7 +219,9 @@ impl Fused {
 /// adapter adapts it whole).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Module {
+    /// One projection with its own weight.
     One(Projection),
+    /// A stacked weight, adapted whole (Phi-3).
     Stacked(Fused),
 }
 

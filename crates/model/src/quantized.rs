@@ -69,8 +69,11 @@ const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
 /// A tensor as read from a file, on the host: its dtype, shape and little-endian bytes.
 #[derive(Debug, Clone)]
 pub struct RawTensor {
+    /// The stored element type.
     pub dtype: safetensors::Dtype,
+    /// The dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// The elements as little-endian bytes.
     pub data: Vec<u8>,
 }
 

@@ -15,49 +15,91 @@ pub enum ModelError {
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// A file is missing from a model directory.
     #[error("{path}: missing ({what})")]
-    Missing { path: PathBuf, what: String },
+    Missing {
+        /// Where the file was looked for.
+        path: PathBuf,
+        /// What the file is, and how to supply it.
+        what: String,
+    },
     /// `config.json` (or another JSON file) is malformed or unsupported.
     #[error("{path}: {message}")]
-    Config { path: PathBuf, message: String },
+    Config {
+        /// The JSON file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A safetensors file is corrupt or unreadable.
     #[error("{path}: not a valid safetensors file: {message}")]
-    Safetensors { path: PathBuf, message: String },
+    Safetensors {
+        /// The safetensors file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A tensor the model needs is not in the weights.
     #[error("{source_name}: tensor {name} is missing")]
-    MissingTensor { source_name: String, name: String },
+    MissingTensor {
+        /// Where the weights came from (a file or folder).
+        source_name: String,
+        /// The tensor's name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+        name: String,
+    },
     /// A tensor has the wrong shape for the config.
     #[error("{source_name}: tensor {name} has shape {got:?}, the config needs {expected:?}")]
     Shape {
+        /// Where the weights came from (a file or folder).
         source_name: String,
+        /// The tensor's name.
         name: String,
+        /// The shape the config implies.
         expected: Vec<usize>,
+        /// The shape stored.
         got: Vec<usize>,
     },
     /// A tensor holds NaN or infinite values.
     #[error("{path}: tensor {name} holds {count} NaN or infinite values")]
     NonFinite {
+        /// The safetensors file.
         path: PathBuf,
+        /// The tensor's name.
         name: String,
+        /// How many of its values are NaN or infinite.
         count: usize,
     },
     /// The weights hold a tensor a model of the config does not have.
     #[error("{source_name}: tensor {name} is not part of the model config.json describes ({why})")]
     UnexpectedTensor {
+        /// Where the weights came from (a file or folder).
         source_name: String,
+        /// The first such tensor, by layer, then name.
         name: String,
+        /// Why it does not belong (a layer past `num_hidden_layers`, or no such parameter).
         why: String,
     },
     /// A tokenizer does not fit the model.
     #[error("{path}: {message}")]
-    Tokenizer { path: PathBuf, message: String },
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong with it, or why it does not fit the model.
+        message: String,
+    },
     /// A LoRA adapter is malformed, unsupported, or does not fit the base model.
     #[error("{path}: {message}")]
-    Adapter { path: PathBuf, message: String },
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// LoRA settings that cannot apply to this model (unknown module, bad rank).
     #[error("lora: {0}")]
     Lora(String),

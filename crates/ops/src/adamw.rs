@@ -129,10 +129,15 @@ impl Step {
 /// One parameter of an in-place update: the weight, its moments, its f32 gradient, and
 /// `lr * weight_decay` (0 without decay).
 pub struct InPlaceParam<'a> {
+    /// The weight, updated in place.
     pub param: &'a Var,
+    /// First-moment estimate, updated in place.
     pub m: &'a Tensor,
+    /// Second-moment estimate, updated in place.
     pub v: &'a Tensor,
+    /// The f32 gradient.
     pub grad: &'a Tensor,
+    /// `lr * weight_decay`, or 0 for a parameter without decay.
     pub decay: f64,
 }
 

@@ -21,9 +21,13 @@ use std::sync::Arc;
 /// unless a checkpoint stacks several projections in one weight).
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
+    /// A dense weight of any float dtype.
     Dense(Tensor),
+    /// The rows `rows` of a 4-bit NF4 tensor.
     Nf4 {
+        /// The NF4 tensor, shared by the projections it stacks.
         tensor: Arc<Nf4Tensor>,
+        /// The rows of `tensor` that make this projection's `out` rows.
         rows: Range<usize>,
     },
 }

@@ -17,8 +17,11 @@ pub fn write_kv_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 /// Head counts and positions of a [`write_kv`] call.
 #[derive(Debug, Clone, Copy)]
 pub struct KvLayout<'a> {
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads, the ones cached.
     pub kv_heads: usize,
+    /// Size of one head.
     pub head_size: usize,
     /// Where the step's keys and values go.
     pub at: Position<'a>,

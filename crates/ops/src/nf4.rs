@@ -100,9 +100,13 @@ pub fn dynamic_map() -> [f32; 256] {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{part} holds {got} values, a tensor of {elements} elements needs {expected}")]
 pub struct PartsMismatch {
+    /// The part with the wrong length: `packed`, `absmax` or `nested_absmax`.
     pub part: &'static str,
+    /// Elements of the tensor.
     pub elements: usize,
+    /// Values the part needs for that many elements.
     pub expected: usize,
+    /// Values the part holds.
     pub got: usize,
 }
 

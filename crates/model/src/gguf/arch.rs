@@ -12,10 +12,15 @@ use candle_core::{Device, Tensor};
 pub enum Arch {
     /// Llama and Mistral (the converter's `LlamaModel` serves both).
     Llama,
+    /// `qwen2`.
     Qwen2,
+    /// `qwen3`.
     Qwen3,
+    /// `gemma2`.
     Gemma2,
+    /// `gemma3` (text only).
     Gemma3,
+    /// `phi3`.
     Phi3,
 }
 

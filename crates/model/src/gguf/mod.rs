@@ -29,19 +29,32 @@ pub enum GgufError {
     Unsupported(String),
     /// The tokenizer files cannot be carried into GGUF.
     #[error("{path}: {message}")]
-    Tokenizer { path: PathBuf, message: String },
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What cannot be carried over.
+        message: String,
+    },
     /// A tensor has no GGUF name, or cannot be converted.
     #[error("tensor {name}: {message}")]
-    Tensor { name: String, message: String },
+    Tensor {
+        /// The tensor's Hugging Face name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The output exists and `force` was not given.
     #[error("{0}: already exists; pass --force to replace it")]
     Exists(PathBuf),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// A tensor operation (conversion, quantization) failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -51,6 +64,7 @@ pub struct ExportOptions<'a> {
     /// The model directory the tokenizer files (`tokenizer.json`, `tokenizer_config.json`,
     /// `chat_template.jinja`) are read from.
     pub model_dir: &'a Path,
+    /// The type the matrices are stored in.
     pub quant: Quant,
     /// Written as `general.name`.
     pub name: &'a str,
@@ -58,10 +72,14 @@ pub struct ExportOptions<'a> {
 
 /// A GGUF file's contents before writing.
 pub struct Gguf {
+    /// The key-value metadata (`general.*`, the architecture's hyperparameters, `tokenizer.*`),
+    /// in the order written.
     pub metadata: Vec<(String, gguf_file::Value)>,
+    /// The tensors under their GGUF names, converted and quantized.
     pub tensors: Vec<(String, QTensor)>,
     /// Things llama.cpp will do differently from llmtool (printed by the command).
     pub warnings: Vec<String>,
+    /// The tokenizer as written (also used for the Ollama `Modelfile`).
     pub vocab: Vocab,
 }
 

@@ -7,8 +7,11 @@ pub(crate) const F32: GgmlDType = GgmlDType::F32;
 /// The file types `llmtool export --quant` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quant {
+    /// Matrices in f16 (`MOSTLY_F16`).
     F16,
+    /// Matrices in bf16 (`MOSTLY_BF16`).
     Bf16,
+    /// Matrices in 8-bit blocks of 32 with an f16 scale (`MOSTLY_Q8_0`).
     Q8_0,
     /// Q4_K for most matrices, Q6_K where llama.cpp's `Q4_K_M` keeps more bits.
     Q4KM,

@@ -78,12 +78,19 @@ pub struct Vocab {
     pub token_types: Vec<i32>,
     /// The tokenizer model and its own keys.
     pub model: TokenizerModel,
+    /// Id of the beginning-of-sequence token (`tokenizer.ggml.bos_token_id`), if any.
     pub bos: Option<u32>,
+    /// Id of the end-of-sequence token (`tokenizer.ggml.eos_token_id`), if any.
     pub eos: Option<u32>,
+    /// Id of the padding token (`tokenizer.ggml.padding_token_id`), if any.
     pub pad: Option<u32>,
+    /// Id of the unknown token (`tokenizer.ggml.unknown_token_id`), if any.
     pub unk: Option<u32>,
+    /// Whether encoding prepends `bos` (`tokenizer.ggml.add_bos_token`).
     pub add_bos: bool,
+    /// Whether encoding appends `eos` (`tokenizer.ggml.add_eos_token`).
     pub add_eos: bool,
+    /// The Jinja chat template (`tokenizer.chat_template`), if the model has one.
     pub chat_template: Option<String>,
 }
 

@@ -11,11 +11,17 @@ use candle_core::{DType, Result, Tensor};
 /// The dimensions of a model that its ops run at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelShape {
+    /// Width of the residual stream.
     pub hidden: usize,
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
+    /// Size of one attention head.
     pub head_size: usize,
+    /// Width of the feed-forward layer.
     pub ffn: usize,
+    /// Rows of the embedding and the output head.
     pub vocab: usize,
 }
 

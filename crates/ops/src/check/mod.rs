@@ -30,9 +30,13 @@ pub enum Input {
 
 /// A fused op, its reference and the inputs to compare them on.
 pub struct Case {
+    /// The op's name in reports (`rms_norm`, `add`, ...).
     pub name: &'static str,
+    /// The public dispatch, which runs the fused kernel where one exists.
     pub fused: OpFn,
+    /// The composite reference it is compared with.
     pub reference: OpFn,
+    /// The inputs both are run on.
     pub inputs: Vec<Input>,
 }
 
@@ -62,6 +66,7 @@ pub struct Report {
     pub error: f32,
     /// Forward plus backward, best of the timed runs, in milliseconds.
     pub fused_ms: f64,
+    /// The reference's forward plus backward, best of the timed runs, in milliseconds.
     pub reference_ms: f64,
 }
 
