@@ -12,17 +12,32 @@ use std::path::{Path, PathBuf};
 pub enum InputError {
     /// A path could not be read.
     #[error("{path}: {message}")]
-    Read { path: PathBuf, message: String },
+    Read {
+        /// The file or folder.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// Nothing to score.
     #[error("no .md, .markdown or .txt files under {0}")]
     Empty(String),
     /// The dataset could not be opened. Kept as text: `DataError`'s messages already include
     /// their source, which an error chain would print twice.
     #[error("cannot open the dataset {path}: {message}")]
-    Dataset { path: PathBuf, message: String },
+    Dataset {
+        /// The dataset folder.
+        path: PathBuf,
+        /// The data layer's error, as text.
+        message: String,
+    },
     /// The dataset's tokens mean nothing to this model.
     #[error("{dataset} was tokenized with a different tokenizer than {model} uses; evaluate it with --data on the source files instead")]
-    TokenizerMismatch { dataset: String, model: String },
+    TokenizerMismatch {
+        /// The dataset folder.
+        dataset: String,
+        /// The model, as the command names it.
+        model: String,
+    },
     /// A JSONL file with a bad line.
     #[error("{0}")]
     Jsonl(String),

@@ -20,7 +20,12 @@ pub enum EvalError {
     Window(String),
     /// The tokenizer failed on a document.
     #[error("cannot tokenize {name}: {message}")]
-    Tokenize { name: String, message: String },
+    Tokenize {
+        /// The document's name.
+        name: String,
+        /// The tokenizer's error.
+        message: String,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -29,7 +34,9 @@ pub enum EvalError {
 /// A text to score, with the name it is reported under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
+    /// The name it is reported under (its file's path).
     pub name: String,
+    /// The text to score.
     pub text: String,
 }
 
@@ -65,8 +72,11 @@ impl WindowSpec {
 /// One model input: tokens `begin..end` of a document, scoring the targets `score_from..end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
+    /// Index of the window's first token in the document.
     pub begin: usize,
+    /// Index one past the window's last token.
     pub end: usize,
+    /// Index of the first token scored as a target; the tokens before it are context only.
     pub score_from: usize,
 }
 
@@ -110,15 +120,20 @@ pub struct Progress {
 /// The scores of one document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DocumentScore {
+    /// The document's name.
     pub name: String,
+    /// Its scored tokens' negative log-likelihoods, summed, with the bytes they cover.
     pub tally: Tally,
 }
 
 /// A document as token ids, with the UTF-8 bytes its scored tokens cover.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenizedDocument {
+    /// The name it is reported under.
     pub name: String,
+    /// Token ids, no special tokens added.
     pub ids: Vec<u32>,
+    /// UTF-8 bytes of text the scored tokens cover, for bits per byte.
     pub bytes: u64,
     /// Which tokens are scored as prediction targets; `None`: all but the first (which has no
     /// context). A fine-tuning example scores only its completion or assistant turns.
@@ -156,7 +171,9 @@ pub fn tokenize(
 
 /// Scores documents with one model.
 pub struct Evaluator<'a> {
+    /// The model to score with.
     pub model: &'a Llama,
+    /// How documents are cut into windows.
     pub spec: WindowSpec,
     /// Windows per forward pass.
     pub batch_size: usize,

@@ -29,7 +29,12 @@ pub enum GenerateError {
         "the prompt is {tokens} tokens but the model's context is {context}; shorten it or pass \
          --truncate to keep its last tokens"
     )]
-    PromptTooLong { tokens: usize, context: usize },
+    PromptTooLong {
+        /// Tokens in the prompt.
+        tokens: usize,
+        /// Positions the model supports.
+        context: usize,
+    },
     /// Nothing to condition on.
     #[error("the prompt is empty and the model has no BOS token to start from")]
     EmptyPrompt,
@@ -54,9 +59,11 @@ fn tokenizer_error(e: tokenizers::Error) -> GenerateError {
 /// What ends a generation besides `max_tokens`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationSettings {
+    /// The most new tokens each sample gets.
     pub max_tokens: usize,
     /// The sampling of the first sample; sample `i` of a batch is seeded `seed + i`.
     pub sampling: SamplingParams,
+    /// Strings that end a sample when they appear in its text; they are not streamed.
     pub stop: Vec<String>,
     /// End-of-sequence ids: generation stops when one is sampled.
     pub eos: Vec<u32>,
@@ -65,8 +72,11 @@ pub struct GenerationSettings {
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finish {
+    /// An end-of-sequence token was sampled.
     Eos,
+    /// The text reached one of the stop strings.
     StopString,
+    /// `max_tokens` tokens were sampled.
     MaxTokens,
     /// The model's context is full.
     Context,
@@ -79,10 +89,12 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     /// The text streamed out (cut before a stop string).
     pub text: String,
+    /// Why the sample ended.
     pub finish: Finish,
     /// Prompt tokens that ran through the model (those already cached did not); the samples
     /// of a batch share them.
     pub prompt_tokens: usize,
+    /// Time of the prompt's forward pass, which the samples of a batch share.
     pub prompt_time: Duration,
     /// From the end of the prompt to this sample's end (the samples of a batch decode
     /// together, so this is the batch's time until this sample finished).

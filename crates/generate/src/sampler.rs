@@ -15,6 +15,7 @@ use rand::SeedableRng;
 pub struct SamplingParams {
     /// 0 is greedy (argmax).
     pub temperature: f64,
+    /// Keep only the `k` most likely tokens (at least 1); `None` keeps all.
     pub top_k: Option<usize>,
     /// In (0, 1].
     pub top_p: Option<f64>,
@@ -22,6 +23,7 @@ pub struct SamplingParams {
     pub min_p: Option<f64>,
     /// 1 disables; above 1 discourages tokens already in the context.
     pub repetition_penalty: f64,
+    /// Seed of the sampler's random draws: the same seed gives the same tokens.
     pub seed: u64,
 }
 
@@ -29,8 +31,11 @@ pub struct SamplingParams {
 #[derive(Debug, thiserror::Error)]
 #[error("{name} must be {range}, got {value}")]
 pub struct InvalidSampling {
+    /// The setting, as its command-line flag names it (`top-p`).
     pub name: &'static str,
+    /// The values it accepts, e.g. `in (0, 1]`.
     pub range: &'static str,
+    /// The value given.
     pub value: String,
 }
 

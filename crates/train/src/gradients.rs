@@ -20,7 +20,9 @@ pub struct Batch {
     pub segments: Option<Vec<u32>>,
     /// How many positions are padding (not tokens of the data).
     pub padding: usize,
+    /// Sequences in the batch.
     pub rows: usize,
+    /// Positions per sequence.
     pub seq_len: usize,
 }
 

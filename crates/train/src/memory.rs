@@ -6,9 +6,14 @@ use model::LlamaConfig;
 /// Bytes needed to train a model, split by what holds them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryPlan {
+    /// Parameters of the model (of the base, for a LoRA plan).
     pub parameters: usize,
+    /// Bytes of the weights held on the device: f32 for full training; for LoRA, the stored base
+    /// plus the f32 adapter.
     pub weights: u64,
+    /// Bytes of the f32 gradients of the trained parameters.
     pub gradients: u64,
+    /// Bytes of the AdamW moments: two f32 values per trained parameter.
     pub optimizer: u64,
     /// Activations kept for backward without checkpointing.
     pub activations: u64,

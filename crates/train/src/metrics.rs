@@ -8,20 +8,29 @@ use std::path::{Path, PathBuf};
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Record {
+    /// Optimizer steps completed.
     pub step: u64,
+    /// Mean training loss since the previous logged step (training lines only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
+    /// Mean validation loss (evaluation lines only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// Validation perplexity, `exp(val_loss)` (evaluation lines only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_ppl: Option<f64>,
+    /// Learning rate of the step (training lines only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
+    /// Global gradient norm before clipping (training lines only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,
+    /// Data tokens consumed so far (padding excluded).
     pub tokens: u64,
+    /// Data tokens per second since the previous logged step (training lines only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_sec: Option<f64>,
+    /// Seconds spent training so far, across resumes.
     pub elapsed: f64,
 }
 

@@ -14,9 +14,13 @@ pub fn decays(name: &str) -> bool {
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWParams {
+    /// Decay of the first-moment (mean) estimate, in [0, 1).
     pub beta1: f64,
+    /// Decay of the second-moment (uncentred variance) estimate, in [0, 1).
     pub beta2: f64,
+    /// Added to the square root of the second moment in the update's denominator.
     pub eps: f64,
+    /// Decoupled weight decay, scaled by the learning rate; applied only where [`decays`] says.
     pub weight_decay: f64,
 }
 

@@ -27,14 +27,26 @@ pub const REPLACED_RUN: &str = ".replaced-run";
 pub enum RunError {
     /// The directory holds a checkpoint and neither resuming nor starting over was asked for.
     #[error("{} already holds a run with a checkpoint: continue it with `llmtool {command} --resume {}`, or start over with --force", dir.display(), dir.display())]
-    Occupied { dir: PathBuf, command: String },
+    Occupied {
+        /// The run directory.
+        dir: PathBuf,
+        /// The command to resume with (`train` or `finetune`).
+        command: String,
+    },
     /// Another process is writing the run directory.
     #[error("{} is in use by process {pid} (lock file {}): wait for it to finish, or stop it", dir.display(), dir.join(LOCK_FILE).display())]
-    Locked { dir: PathBuf, pid: String },
+    Locked {
+        /// The run directory.
+        dir: PathBuf,
+        /// The id of the process holding the lock, as its lock file records it (`?` if empty).
+        pid: String,
+    },
     /// The directory could not be created, locked or tidied.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     /// The training threads could not start.

@@ -72,8 +72,11 @@ pub fn save(
 
 /// A loaded training state.
 pub struct SavedState {
+    /// The trained parameters by name.
     pub params: HashMap<String, Tensor>,
+    /// The AdamW moments, as `m.NAME` and `v.NAME`.
     pub optimizer: HashMap<String, Tensor>,
+    /// Step, data cursor and the other scalars.
     pub progress: Progress,
 }
 

@@ -28,24 +28,45 @@ pub trait BatchSource {
 /// Errors that stop a run.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    /// Building, running or saving the model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Writing `metrics.jsonl` failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The [`BatchSource`] could not produce a batch.
     #[error("data: {0}")]
     Data(String),
+    /// The saved training state does not fit this run.
     #[error("cannot resume from {path}: {message}")]
-    Resume { path: PathBuf, message: String },
+    Resume {
+        /// The training-state file.
+        path: PathBuf,
+        /// What does not fit (a missing or mis-shaped parameter).
+        message: String,
+    },
+    /// A non-finite loss or gradient with `training.on_nan: stop`.
     #[error("non-finite {what} at step {step}; stopped with the last checkpoint intact (set training.on_nan: skip to skip such batches)")]
-    NonFinite { what: &'static str, step: u64 },
+    NonFinite {
+        /// `loss` or `gradient`.
+        what: &'static str,
+        /// The step whose loss or gradient was non-finite, counted from 1.
+        step: u64,
+    },
+    /// A signal stopped the run after a resumable checkpoint.
     #[error("stopped by signal {signal} at step {step}, after saving a checkpoint in {}", run_dir.display())]
     Interrupted {
+        /// The last step completed and checkpointed.
         step: u64,
+        /// The run directory to resume from.
         run_dir: PathBuf,
         /// The signal that asked the run to stop (2 for Ctrl-C, 15 for SIGTERM, 1 for SIGHUP).
         signal: i32,
@@ -57,40 +78,61 @@ pub enum TrainError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The run starts, or resumes, after `step` of `total` steps.
-    Started { step: u64, total: u64 },
+    Started {
+        /// Steps already completed (0 for a new run).
+        step: u64,
+        /// Optimizer steps the budget asks for.
+        total: u64,
+    },
     /// An optimizer step finished. `loss` is the mean training loss of the steps since the
     /// last logged step (this one included), `tokens_per_sec` their throughput.
     Stepped {
+        /// Steps completed, this one included.
         step: u64,
+        /// Mean training loss since the last logged step.
         loss: f64,
+        /// Learning rate of this step.
         lr: f64,
+        /// Data tokens (padding excluded) per second since the last logged step.
         tokens_per_sec: f64,
     },
     /// A logged step (every `training.log_every` steps, and the last): the values written to
     /// metrics.jsonl, as [`Event::Stepped`] has them.
     Logged {
+        /// Steps completed, this one included.
         step: u64,
+        /// Mean training loss since the previous logged step.
         loss: f64,
+        /// Learning rate of this step.
         lr: f64,
+        /// Data tokens (padding excluded) per second since the previous logged step.
         tokens_per_sec: f64,
     },
     /// A validation pass finished; `best` when it is the lowest validation loss so far.
     /// `train_loss` is the mean training loss over the last logging interval.
     Validated {
+        /// Steps completed when the pass ran.
         step: u64,
+        /// Mean training loss over the last logging interval.
         train_loss: f64,
+        /// Mean validation loss over up to `training.eval_batches` batches.
         val_loss: f64,
+        /// Whether `val_loss` is the lowest so far (the run then saves `best/`).
         best: bool,
     },
     /// Something the user should read that does not stop the run (a skipped batch, a plot
     /// that could not be drawn).
     Note(String),
     /// The run stops: finished, paused, or `interrupted` (after its checkpoint).
-    Stopped { interrupted: bool },
+    Stopped {
+        /// Whether a signal stopped the run.
+        interrupted: bool,
+    },
 }
 
 /// Receives a run's [`Event`]s. Any `FnMut(Event)` is one.
 pub trait Reporter {
+    /// Handles one event.
     fn report(&mut self, event: Event);
 }
 
@@ -115,12 +157,19 @@ pub struct TrainOptions {
 /// What a finished (or paused) run reports.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
+    /// Optimizer steps completed, across resumes (skipped batches included).
     pub steps: u64,
+    /// Optimizer steps the budget asks for.
     pub total_steps: u64,
+    /// Data tokens consumed (padding excluded), across resumes.
     pub tokens: u64,
+    /// Training loss of the last step this invocation applied; `None` if it applied none.
     pub last_loss: Option<f64>,
+    /// Lowest validation loss so far; `None` without validation data.
     pub best_val_loss: Option<f64>,
+    /// Training time in seconds, across resumes.
     pub elapsed: f64,
+    /// The run directory.
     pub run_dir: PathBuf,
     /// Where the latest artifact is.
     pub artifact: PathBuf,
@@ -131,10 +180,13 @@ pub type SaveArtifact<'a> = dyn Fn(&Path) -> Result<(), ModelError> + 'a;
 
 /// A model with its trainable parameters, ready to train on a [`BatchSource`].
 pub struct Trainer<'a> {
+    /// The run's resolved configuration.
     pub config: &'a Config,
+    /// The model whose `vars` are trained.
     pub model: &'a Llama,
     /// The parameters to train, by name (full model or adapters).
     pub vars: Vec<(String, Var)>,
+    /// Where metrics, plots, checkpoints and artifacts are written.
     pub run_dir: PathBuf,
     /// Writes `run_dir/<artifact>` (latest) and `run_dir/best`.
     pub save_artifact: &'a SaveArtifact<'a>,

@@ -19,6 +19,7 @@ use std::sync::Arc;
 /// A LoRA adapter: its PEFT config and the A/B matrices of each adapted module.
 #[derive(Debug, Clone)]
 pub struct Adapter {
+    /// The adapter's `adapter_config.json`.
     pub config: AdapterConfig,
     /// Module path (`model.layers.0.self_attn.q_proj`) to `(A [r, in], B [out, r])`.
     pub(super) modules: BTreeMap<String, (Tensor, Tensor)>,

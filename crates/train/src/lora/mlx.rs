@@ -100,6 +100,7 @@ pub struct MlxAdapterConfig {
     pub fine_tune_type: String,
     /// The adapted blocks: the last `num_layers` of the model (`-1`: all).
     pub num_layers: i64,
+    /// Rank, scale, dropout and the adapted module paths.
     pub lora_parameters: LoraParameters,
     /// The base model mlx-lm was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TargetModules {
+    /// Module names (`q_proj`, `v_proj`, ...).
     List(Vec<String>),
+    /// A regular expression over module paths, or `all-linear`; loading goes by the adapter's
+    /// tensors, not this.
     Pattern(String),
 }
 
@@ -18,39 +21,59 @@ pub enum TargetModules {
 /// in defaults for the rest, and older PEFT versions load it too).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdapterConfig {
+    /// The base model's directory or hub id, checked against the base given where it is a local
+    /// directory.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// The hub revision of the base model; written as `null`.
     #[serde(default)]
     pub revision: Option<String>,
+    /// The PEFT method; only `LORA` loads.
     pub peft_type: String,
+    /// The model head PEFT wraps; llmtool writes `CAUSAL_LM`.
     #[serde(default)]
     pub task_type: Option<String>,
+    /// Adapter rank: the inner dimension of `B A`, at least 1.
     pub r: usize,
+    /// Scale numerator: updates are scaled by `lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`).
     #[serde(serialize_with = "plain_number")]
     pub lora_alpha: f64,
+    /// Dropout probability on the adapter input during training.
     #[serde(default)]
     pub lora_dropout: f64,
+    /// The projections the adapter adapts.
     pub target_modules: TargetModules,
+    /// Scale by `lora_alpha / sqrt(r)` (rank-stabilised LoRA) instead of `lora_alpha / r`.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA (weight-decomposed LoRA); not supported, so must be `false`.
     #[serde(default)]
     pub use_dora: bool,
+    /// Which biases the adapter trains (`none`, `all`, `lora_only`); only `none` is supported.
     #[serde(default = "no_bias")]
     pub bias: String,
+    /// Whether the base weights are stored `in × out` (GPT-2's `Conv1D`); not supported.
     #[serde(default)]
     pub fan_in_fan_out: bool,
+    /// Modules trained in full beside the adapter; not supported unless empty.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// Per-module ranks overriding `r`; not supported unless empty.
     #[serde(default)]
     pub rank_pattern: serde_json::Map<String, serde_json::Value>,
+    /// Per-module alphas overriding `lora_alpha`; not supported unless empty.
     #[serde(default)]
     pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
+    /// The layer indices PEFT restricts the adapter to; kept as read, the tensors decide.
     #[serde(default)]
     pub layers_to_transform: Option<serde_json::Value>,
+    /// The module-list name `layers_to_transform` refers to; kept as read.
     #[serde(default)]
     pub layers_pattern: Option<serde_json::Value>,
+    /// How PEFT initialises a new adapter (default `true`: Kaiming-uniform A, zero B).
     #[serde(default = "init_true")]
     pub init_lora_weights: serde_json::Value,
+    /// Whether PEFT loads the adapter frozen; llmtool writes `true`.
     #[serde(default)]
     pub inference_mode: bool,
 }
