@@ -10,6 +10,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "llmtool", version, about, long_about = None)]
 pub struct Cli {
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -27,6 +28,7 @@ pub struct ConfigArgs {
 /// `llmtool estimate`.
 #[derive(Debug, Args)]
 pub struct EstimateArgs {
+    /// The config file and its overrides.
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Plan a LoRA fine-tune of `model.pretrained` (as `finetune --lora`): the base stored as
@@ -60,6 +62,7 @@ pub struct TrainArgs {
 /// `llmtool finetune`.
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
+    /// The flags `train` takes (config, overrides, resume, device, force).
     #[command(flatten)]
     pub run: TrainArgs,
     /// Train LoRA adapters (lora.* keys) on the frozen base and write a PEFT adapter
@@ -261,6 +264,7 @@ pub struct EvalArgs {
     /// Add a row per input file.
     #[arg(long)]
     pub per_file: bool,
+    /// Where and how the model runs.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -327,6 +331,7 @@ pub struct GenerateArgs {
     /// Keep the end of a prompt that does not fit the context instead of failing.
     #[arg(long)]
     pub truncate: bool,
+    /// Where and how the model runs.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -348,6 +353,7 @@ pub enum DataCommand {
 /// Arguments of `data build`.
 #[derive(Debug, Args)]
 pub struct DataBuildArgs {
+    /// The config file and its overrides.
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Rebuild even if the manifest shows the same inputs, settings and tokenizer.
@@ -378,6 +384,7 @@ pub enum TokenizerCommand {
 /// Arguments of `tokenizer train`.
 #[derive(Debug, Args)]
 pub struct TokenizerTrainArgs {
+    /// The config file and its overrides.
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Where to write tokenizer.json [default: <output.dir>/tokenizer.json]
@@ -436,10 +443,14 @@ pub struct ExportArgs {
 /// `--quant` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum QuantName {
+    /// Matrices in f16.
     F16,
+    /// Matrices in bf16.
     Bf16,
+    /// Matrices in 8-bit blocks (llama.cpp's `Q8_0`).
     #[value(name = "q8_0")]
     Q8_0,
+    /// llama.cpp's `Q4_K_M`: Q4_K for most matrices, Q6_K where it keeps more bits.
     #[value(name = "q4_k_m")]
     Q4KM,
 }

@@ -59,14 +59,19 @@ impl Preset {
 /// torch_ref.py has no such rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// f32 compute.
     #[value(name = "fp32")]
     Fp32,
+    /// bf16 compute.
     #[value(name = "bf16")]
     Bf16,
+    /// f32 compute with gradient checkpointing.
     #[value(name = "fp32+ckpt")]
     Fp32Ckpt,
+    /// bf16 compute with gradient checkpointing.
     #[value(name = "bf16+ckpt")]
     Bf16Ckpt,
+    /// f16 compute; llmtool's own mode, with no torch_ref.py row.
     #[value(name = "fp16")]
     Fp16,
 }
@@ -101,10 +106,15 @@ impl Mode {
 /// The tasks `--tasks` names; `lora` runs once per `--lora-base`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TaskName {
+    /// Full training step of every parameter.
     Train,
+    /// Training step of a LoRA adapter, once per `--lora-base`.
     Lora,
+    /// Forward pass and loss without gradients.
     Eval,
+    /// A `--seq`-token prompt into an empty KV cache, batch 1.
     Prefill,
+    /// Greedy decoding with the KV cache.
     Generate,
 }
 
@@ -192,7 +202,9 @@ pub struct Settings {
 /// every linear layer of the blocks or q/k/v/o only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraShape {
+    /// The adapter's rank; alpha is twice it.
     pub rank: usize,
+    /// Adapt every linear layer of the blocks, not only q/k/v/o.
     pub all_linear: bool,
 }
 
