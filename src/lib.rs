@@ -7,6 +7,8 @@
 //! under `crates/`, re-exported here under their short names so that the tests and examples
 //! reach every layer through `llmtool::`.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod cli;
 pub mod commands;

@@ -3,6 +3,8 @@
 //!
 //! Loading ([`load`]) reports every problem at once, each with the file, line and key.
 
+#![warn(missing_docs)]
+
 mod device;
 mod load;
 mod locate;

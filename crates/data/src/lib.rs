@@ -5,6 +5,8 @@
 //! writes the dataset and `loader` reads it back for training. `jsonl` reads fine-tuning
 //! examples (text, prompt/completion, chat) instead.
 
+#![warn(missing_docs)]
+
 pub mod build;
 pub mod chat;
 pub mod corpus;

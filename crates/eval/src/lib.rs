@@ -2,6 +2,8 @@
 //! through a sliding window (the Hugging Face perplexity guide's scheme, without its
 //! off-by-one), windows batched across documents.
 
+#![warn(missing_docs)]
+
 mod inputs;
 mod metrics;
 

@@ -8,6 +8,8 @@
 //! The file is long for its tests: the last third checks batches against single generations,
 //! per-row ends and session reuse.
 
+#![warn(missing_docs)]
+
 mod sampler;
 mod stream;
 

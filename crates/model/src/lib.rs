@@ -1,6 +1,8 @@
 //! Models of the supported families (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3) in
 //! Hugging Face format: config, family options, weights, forward pass, files.
 
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod cache;
 pub mod config;

@@ -13,6 +13,8 @@
 //! ops written as a [`fused_op::FusedOp`]. The AdamW update has fused CPU and multi-tensor CUDA
 //! kernels too ([`adamw`]); its composite lives with the optimizer.
 
+#![warn(missing_docs)]
+
 pub mod adamw;
 mod add;
 mod add_norm;

@@ -1,5 +1,7 @@
 //! Training: the loop, AdamW, schedules, gradient checkpointing, resumable state, metrics.
 
+#![warn(missing_docs)]
+
 pub mod dataset_source;
 pub mod example_source;
 pub mod gradients;
