@@ -371,3 +371,27 @@ fn trained_tokenizer_loads_back() {
         .stderr(predicate::str::contains("tok/tokenizer.json"))
         .stderr(predicate::str::contains("model.vocab_size is 300"));
 }
+
+#[test]
+fn a_corpus_that_cleans_to_nothing_says_how_many_files_were_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("notes")).unwrap();
+    for name in ["a", "b", "c"] {
+        std::fs::write(
+            dir.join(format!("notes/{name}.md")),
+            "# Short\n\nToo short.\n",
+        )
+        .unwrap();
+    }
+    let config = write_config(dir, "  min_chars: 500\n");
+    llmtool(dir)
+        .args(["data", "build"])
+        .arg(&config)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "no documents left after cleaning (3 files read, 3 skipped)",
+        ));
+    assert!(!dir.join("ds").exists(), "a failed build left a dataset");
+}

@@ -67,12 +67,13 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
 
     let bar = crate::progress::bytes_bar(bytes_read);
     bar.set_message(format!("cleaning {} files", sources.len()));
+    let found = sources.len();
     let mut corpus = corpus::clean_sources(sources, data, Some(&bar));
     corpus.skipped.splice(0..0, unwalkable);
     if corpus.documents.is_empty() {
         bar.finish_and_clear();
         return Err(DataError::Empty {
-            files: corpus.inputs.len(),
+            files: found,
             skipped: corpus.skipped.len(),
         });
     }

@@ -75,9 +75,9 @@ pub enum DataError {
     /// Cleaning left no document.
     #[error("no documents left after cleaning ({files} files read, {skipped} skipped): check data.roots, data.include and data.min_chars")]
     Empty {
-        /// Files that contributed documents.
+        /// Files found under the roots and read.
         files: usize,
-        /// Files left out (unreadable, binary, no text after cleaning, too short).
+        /// Files and folders left out (unreadable, binary, no text after cleaning, too short).
         skipped: usize,
     },
     /// A split holds fewer tokens than one training window needs.
