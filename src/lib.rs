@@ -3,7 +3,7 @@
 
 //!
 //! This package is the command-line layer: argument parsing ([`cli`]), one module per command
-//! ([`commands`]) and the benchmark harness ([`bench`]). The work is done by the layer crates
+//! ([`commands`]) and the benchmark harness ([`mod@bench`]). The work is done by the layer crates
 //! under `crates/`, re-exported here under their short names so that the tests and examples
 //! reach every layer through `llmtool::`.
 

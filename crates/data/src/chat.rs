@@ -2,7 +2,7 @@
 //! with Jinja2: the template from `chat_template.jinja` or `tokenizer_config.json`, the
 //! environment's options (`trim_blocks`, `lstrip_blocks`, loop controls), Python's string and
 //! dict methods (minijinja-contrib's `pycompat`), transformers' globals and filters
-//! (`raise_exception`, `strftime_now`, `tojson`, in [`python`]), and the variables it passes:
+//! (`raise_exception`, `strftime_now`, `tojson`, in `python.rs`), and the variables it passes:
 //! `messages`, `add_generation_prompt`, `tools` and `documents` (none), the special tokens of
 //! `tokenizer_config.json` (`bos_token`, `eos_token`, `unk_token`, `pad_token`) and any extra
 //! ones set with [`ChatTemplate::with_variable`] (`enable_thinking`).

@@ -1,6 +1,6 @@
 //! Elementwise `a + b` for tensors of one shape: the residual adds of the forward pass, and the
 //! sums where two gradients meet in backward (candle's gradient store adds through
-//! [`gradient_add`] once [`install_gradient_add`] has run). Also `x · s` for a scalar tensor
+//! `gradient_add` once [`install_gradient_add`] has run). Also `x · s` for a scalar tensor
 //! `s`: gradients scaled by the incoming gradient of a scalar loss.
 //!
 //! candle's CUDA add moves one element per thread through a strided-index kernel; in bf16 that
@@ -39,7 +39,7 @@ pub fn gradient_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.apply_op2_no_bwd(b, &Add)
 }
 
-/// Makes candle's backward sum gradients with [`gradient_add`] (once per process; later calls
+/// Makes candle's backward sum gradients with `gradient_add` (once per process; later calls
 /// do nothing).
 pub fn install_gradient_add() {
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -60,7 +60,7 @@ fn open_cuda(ordinal: usize) -> candle_core::Result<Device> {
 }
 
 /// Whether `spec` would compute on CUDA, decided without opening a device (for plans): CUDA
-/// names it; `auto` takes it where this build has CUDA and no Metal, which [`auto`] tries
+/// names it; `auto` takes it where this build has CUDA and no Metal, which `auto` tries
 /// first.
 pub fn computes_on_cuda(spec: DeviceSpec) -> bool {
     match spec {

@@ -12,7 +12,7 @@ use candle_core::{CpuStorage, Device, Result, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Token embedding lookup: rows of `table` for `ids` (any shape of u32 ids). The fused backward
-/// where [`super::fused`] accepts the table, else the [`reference`].
+/// where [`super::fused`] accepts the table, else the [`fn@reference`].
 ///
 /// A frozen table may live on another device than the ids (a LoRA base's input embedding kept
 /// in host memory while the model runs on a GPU): its rows are gathered where it lives and

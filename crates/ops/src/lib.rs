@@ -4,13 +4,13 @@
 //! `rms_norm`/`rope`/`softmax_last_dim` do not: see CANDLE_NOTES).
 //!
 //! Each op is one file (the attention ops one folder) holding, side by side, its public
-//! dispatch, its composite reference (any backend, any dtype; [`reference`] gathers them under
+//! dispatch, its composite reference (any backend, any dtype; [`mod@reference`] gathers them under
 //! one path), its fused CPU kernel and, in a `cuda` module, its CUDA launcher. The dispatch runs
 //! the fused kernels with their own backward where [`fused`] says one exists: rayon kernels on
 //! the CPU in f32, and with the `cuda` feature CUDA kernels (`kernels/`, one `.cu` file per
 //! family, launched through the shared plumbing of `launch.rs`) in f32, bf16 and f16. Everything
 //! else (Metal, f64, 16-bit on the CPU) takes the reference. The fused kernels are candle custom
-//! ops written as a [`fused_op::FusedOp`]. The AdamW update has fused CPU and multi-tensor CUDA
+//! ops written as a `FusedOp` (`fused_op.rs`). The AdamW update has fused CPU and multi-tensor CUDA
 //! kernels too ([`adamw`]); its composite lives with the optimizer.
 
 #![warn(missing_docs)]

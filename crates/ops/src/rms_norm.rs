@@ -15,14 +15,14 @@ use candle_core::{Layout, Result, Tensor, D};
 use rayon::prelude::*;
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32. Fused where
-/// [`super::fused`] accepts the operands, else the [`reference`].
+/// [`super::fused`] accepts the operands, else the [`fn@reference`].
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     rms_norm_offset(x, weight, 0.0, eps)
 }
 
 /// RMSNorm scaled by `offset + weight` (Gemma's `1 + w`, whose fresh weight is 0): with an
 /// offset the product is taken in f32 and rounded once, as transformers' Gemma norms do. Fused
-/// where [`super::fused`] accepts the operands, else the [`reference`].
+/// where [`super::fused`] accepts the operands, else the [`fn@reference`].
 pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
     if super::fused(&[x, weight]) {
         let (x, weight) = (x.contiguous()?, weight.contiguous()?);

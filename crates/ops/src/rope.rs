@@ -16,7 +16,7 @@ use candle_core::{Result, Tensor, D};
 /// `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, rotary / 2]` for these positions,
 /// which rotates the first `rotary` dimensions of each head (all of them, or fewer for partial
 /// rotary) and passes the rest through. Fused where [`super::fused`] accepts the operands and
-/// [`supports`] their shapes, else the [`reference`].
+/// `supports` their shapes, else the [`fn@reference`].
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if super::fused(&[x, cos, sin]) && supports(x, cos, sin) {
         return fused_rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);

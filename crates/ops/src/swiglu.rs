@@ -64,7 +64,7 @@ impl Glu {
 }
 
 /// The gated unit `act(gate) · up` of [`Glu`]. Fused where [`super::fused`] accepts both and
-/// they have one shape, else the [`reference`].
+/// they have one shape, else the [`fn@reference`].
 pub fn glu(gate: &Tensor, up: &Tensor, glu: Glu) -> Result<Tensor> {
     if super::fused(&[gate, up]) && gate.shape() == up.shape() {
         return gate

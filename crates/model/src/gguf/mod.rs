@@ -216,7 +216,7 @@ pub fn write(gguf: &Gguf, path: &Path, force: bool) -> Result<(), GgufError> {
     Ok(())
 }
 
-/// [`build`] then [`write`].
+/// [`build`] then [`fn@write`].
 pub fn export(
     config: &LlamaConfig,
     tensors: &[(String, Tensor)],
