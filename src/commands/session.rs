@@ -331,8 +331,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<Config> {
 /// has no such key) resumes unpacked, as it ran, unless an override sets the key: its batches
 /// stay the ones it started with.
 fn load_saved(path: &std::path::Path, overrides: &[config::Override]) -> Result<Config> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = config::read_text(path)?;
     let mut config = super::config::load_text(&text, path, overrides)?;
     let saved: serde_norway::Value =
         serde_norway::from_str(&text).with_context(|| format!("reading {}", path.display()))?;

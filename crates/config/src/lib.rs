@@ -15,7 +15,7 @@ mod vocab;
 
 pub use device::{DeviceSpec, UnknownDevice, DEVICE_NAMES};
 pub use load::{
-    load, load_str, load_str_with, load_with, Check, ConfigError, ConfigIssue, Override,
+    load, load_str, load_str_with, load_with, read_text, Check, ConfigError, ConfigIssue, Override,
 };
 pub use schema::*;
 pub use vocab::VocabSize;

@@ -136,11 +136,15 @@ pub fn load_with(
     overrides: &[Override],
     checks: &[Check],
 ) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    load_str_with(&read_text(path)?, path, overrides, checks)
+}
+
+/// The text of the config file at `path`, for a caller that reads more from it than the config.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    load_str_with(&text, path, overrides, checks)
+    })
 }
 
 /// Validate config `text` as if read from `path` (used for messages only).

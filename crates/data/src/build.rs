@@ -66,8 +66,8 @@ pub fn build(config: &Config, options: &BuildOptions) -> Result<BuildReport, Dat
     }
 
     let bar = crate::progress::bytes_bar(bytes_read);
-    bar.set_message(format!("cleaning {} files", sources.len()));
     let found = sources.len();
+    bar.set_message(format!("cleaning {found} files"));
     let mut corpus = corpus::clean_sources(sources, data, Some(&bar));
     corpus.skipped.splice(0..0, unwalkable);
     if corpus.documents.is_empty() {
