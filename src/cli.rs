@@ -57,6 +57,37 @@ pub struct TrainArgs {
     /// Save a resumable checkpoint and stop after this many steps (for time-limited jobs).
     #[arg(long, value_name = "N")]
     pub stop_after_steps: Option<u64>,
+    /// Data-parallel training over several processes.
+    #[command(flatten)]
+    pub launch: LaunchArgs,
+}
+
+/// Data-parallel training: one process per GPU (or CPU share), as torchrun starts them.
+#[derive(Debug, Args, Clone)]
+pub struct LaunchArgs {
+    /// Train on N GPUs of this machine, one process each, every step's batch split between
+    /// them (a step then takes N x batch_size x grad_accum windows). With the CPU as device,
+    /// N processes share the cores.
+    #[arg(
+        long,
+        visible_alias = "nproc-per-node",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub gpus: Option<u16>,
+    /// Machines in the run: start the same command on each, with its own --node-rank.
+    #[arg(long, value_name = "M", default_value_t = 1, requires = "gpus",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub nnodes: u16,
+    /// This machine's number, from 0 (machine 0 runs rank 0, which writes the run directory).
+    #[arg(long, value_name = "K", default_value_t = 0, requires = "gpus")]
+    pub node_rank: u16,
+    /// Where rank 0 listens (default 127.0.0.1; machine 0's address with --nnodes).
+    #[arg(long, value_name = "HOST", requires = "gpus")]
+    pub master_addr: Option<String>,
+    /// Rank 0's port (default: a free one on one machine, 29500 with --nnodes).
+    #[arg(long, value_name = "PORT", requires = "gpus")]
+    pub master_port: Option<u16>,
 }
 
 /// `llmtool finetune`.

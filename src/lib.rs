@@ -33,13 +33,26 @@ pub struct Interrupted {
     pub message: String,
 }
 
+/// Raised by the launcher of a multi-process run when a rank failed; the launcher exits with
+/// the rank's code, so a scheduler sees what the rank reported.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RanksFailed {
+    /// The exit code to end with.
+    pub code: i32,
+    /// Which rank failed, and how.
+    pub message: String,
+}
+
 /// The process exit code for an error: 128 + the signal's number for an interruption (130 for
-/// Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as shells report them), 1 otherwise.
+/// Ctrl-C, 143 for SIGTERM, 129 for SIGHUP, as shells report them), a failed rank's code for
+/// its launcher, 1 otherwise.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
-    match e.downcast_ref::<Interrupted>() {
-        Some(interrupted) => 128 + interrupted.signal,
-        None => 1,
+    if let Some(interrupted) = e.downcast_ref::<Interrupted>() {
+        return 128 + interrupted.signal;
     }
+    e.downcast_ref::<RanksFailed>()
+        .map_or(1, |failed| failed.code)
 }
 
 /// An error and its causes on one line, `: `-separated, leaving out a cause whose text the

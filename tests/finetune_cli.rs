@@ -556,3 +556,42 @@ fn packing_fits_more_real_tokens_in_a_step_and_can_be_turned_off() {
         "packed {packed} vs padded {padded} real tokens"
     );
 }
+
+/// The logged training and validation losses of the run in `run`.
+fn loss_curves(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| r["loss"].as_f64().or(r["val_loss"].as_f64()))
+        .collect()
+}
+
+/// LoRA with dropout on packed prompt/completion examples, on two processes, trains the run one
+/// process trains with twice the accumulation: the same windows, the same dropout masks, only
+/// the adapters' gradients summed; the adapter rank 0 writes loads like any other.
+#[test]
+fn lora_on_two_processes_trains_the_run_of_one_with_twice_the_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = jsonl_setup(dir.path(), completion_line, "");
+    let common = ["--lora", "--device", "cpu", "--set", "training.seq_len=32"];
+    llmtool()
+        .args(["finetune", &config, "--gpus", "2"])
+        .args(common)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("training finished"));
+    let alone = dir.path().join("alone");
+    llmtool()
+        .args(["finetune", &config, "--set", "training.grad_accum=2"])
+        .args(["--set", &format!("output.dir={}", alone.display())])
+        .args(common)
+        .assert()
+        .success();
+    let (two, one) = (loss_curves(&dir.path().join("run")), loss_curves(&alone));
+    assert_eq!(two.len(), one.len(), "{two:?} vs {one:?}");
+    for (a, b) in two.iter().zip(&one) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{two:?} vs {one:?}");
+    }
+    assert!(lora_b_is_nonzero(&dir.path().join("run/adapter")));
+}

@@ -2,37 +2,9 @@
 
 mod common;
 
-use common::llmtool;
+use common::{llmtool, tiny_training_run as setup};
 use predicates::prelude::*;
 use std::path::Path;
-
-const CORPUS: &str =
-    "# Notes\n\nThe quick brown fox jumps over the lazy dog. A small model learns \
-to write markdown by reading markdown.\n\n## Lists\n\n- one item\n- two items\n- three items\n";
-
-/// A temp dir with a small corpus and a tiny config training into `run`.
-fn setup(dir: &Path) -> String {
-    let corpus = dir.join("notes");
-    std::fs::create_dir_all(&corpus).unwrap();
-    for i in 0..12 {
-        let text = format!(
-            "{CORPUS}\nNote number {i} says {}.\n",
-            "hello world ".repeat(i + 1)
-        );
-        std::fs::write(corpus.join(format!("note{i}.md")), text).unwrap();
-    }
-    let config = format!(
-        "model:\n  hidden_size: 32\n  num_hidden_layers: 2\n  num_attention_heads: 4\n  num_key_value_heads: 2\n  intermediate_size: 64\n  vocab_size: 300\n  max_position_embeddings: 64\n\
-data:\n  roots: [{}]\n  dedup: none\n  val_fraction: 0.3\n\
-training:\n  seq_len: 16\n  batch_size: 2\n  max_steps: 4\n  warmup_steps: 1\n  eval_every: 2\n  eval_batches: 2\n  save_every: 2\n  log_every: 1\n\
-output:\n  dir: {}\n",
-        corpus.display(),
-        dir.join("run").display()
-    );
-    let path = dir.join("tiny.yaml");
-    std::fs::write(&path, config).unwrap();
-    path.to_string_lossy().into_owned()
-}
 
 #[test]
 fn trains_writes_a_loadable_model_and_guards_the_run() {

@@ -4,9 +4,13 @@
 use candle_core::{DType, Device};
 use llmtool::config::Config;
 use llmtool::model::{Llama, ModelError};
+use llmtool::train::distributed::local::LocalGroup;
+use llmtool::train::distributed::{Collective, Single};
 use llmtool::train::gradients::{accumulate, Gradients};
-use llmtool::train::{init, Batch, BatchSource, TrainOptions, Trainer};
+use llmtool::train::{init, Batch, BatchSource, TrainError, TrainOptions, Trainer};
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 
 /// A repeated sentence of token ids; window k starts at a fixed pseudo-random offset.
 struct Repeated {
@@ -79,7 +83,20 @@ fn fresh(c: &Config) -> (Llama, Vec<(String, candle_core::Var)>) {
 }
 
 fn train(c: &Config, dir: &Path, opts: &TrainOptions) -> llmtool::train::TrainSummary {
-    let (model, vars) = fresh(c);
+    train_rank(c, c.training.seed, dir, opts, &Single).unwrap()
+}
+
+/// Trains on one rank of `collective`, from weights initialised with `init_seed`.
+fn train_rank(
+    c: &Config,
+    init_seed: u64,
+    dir: &Path,
+    opts: &TrainOptions,
+    collective: &dyn Collective,
+) -> Result<llmtool::train::TrainSummary, TrainError> {
+    let mut init_config = c.clone();
+    init_config.training.seed = init_seed;
+    let (model, vars) = fresh(&init_config);
     let save = |_: &Path| -> Result<(), ModelError> { Ok(()) };
     let trainer = Trainer {
         config: c,
@@ -88,10 +105,9 @@ fn train(c: &Config, dir: &Path, opts: &TrainOptions) -> llmtool::train::TrainSu
         run_dir: dir.to_path_buf(),
         save_artifact: &save,
         artifact: "model",
+        collective,
     };
-    trainer
-        .run(&Repeated::new(c.training.seq_len), opts, &mut |_| {})
-        .unwrap()
+    trainer.run(&Repeated::new(c.training.seq_len), opts, &mut |_| {})
 }
 
 #[test]
@@ -208,6 +224,7 @@ fn logged_loss_is_the_mean_over_the_logging_interval() {
             run_dir: dir.path().to_path_buf(),
             save_artifact: &save,
             artifact: "model",
+            collective: &Single,
         };
         let mut reporter = |e: llmtool::train::Event| {
             if let llmtool::train::Event::Stepped { loss, .. } = e {
@@ -265,6 +282,7 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
         run_dir: dir.path().to_path_buf(),
         save_artifact: &save,
         artifact: "model",
+        collective: &Single,
     };
     let summary = trainer
         .run(&Repeated::new(16), &TrainOptions::default(), &mut |_| {})
@@ -274,4 +292,105 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
         "bf16 run learns: {:?}",
         summary.last_loss
     );
+}
+
+/// The logged training losses and validation losses of the run in `dir`.
+fn curves(dir: &Path) -> (Vec<f64>, Vec<f64>) {
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let column = |key: &str| records.iter().filter_map(|r| r[key].as_f64()).collect();
+    (column("loss"), column("val_loss"))
+}
+
+fn close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+            "{what}: {a:?} vs {b:?}"
+        );
+    }
+}
+
+/// Runs `world` ranks of the in-process stand-in in threads, each from its own random
+/// initialisation (rank 0's is shared at the start), all given the same run directory.
+fn train_ranks(
+    c: &Config,
+    world: usize,
+    dir: &Path,
+    interrupts: &[usize],
+) -> Vec<Result<llmtool::train::TrainSummary, TrainError>> {
+    let ranks = LocalGroup::ranks(world);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| {
+                let opts = TrainOptions {
+                    interrupt: Arc::new(AtomicUsize::new(interrupts[rank.rank()])),
+                    ..TrainOptions::default()
+                };
+                s.spawn(move || {
+                    let seed = c.training.seed + 1000 * rank.rank() as u64;
+                    train_rank(c, seed, dir, &opts, &rank)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// N ranks with `grad_accum` A train the same run as one rank with `grad_accum` A × N: each
+/// rank takes its share of the step's windows, the gradients and losses are summed, and only
+/// rank 0 writes. The curves agree to f32 rounding (the sums are added in another order).
+#[test]
+fn ranks_with_the_stand_in_follow_one_rank_with_their_accumulation() {
+    let mut one = tiny_config(8);
+    one.training.grad_accum = 4;
+    one.training.batch_size = 2;
+    one.training.eval_every = 4;
+    one.training.eval_batches = 3;
+    let single = tempfile::tempdir().unwrap();
+    let alone = train(&one, single.path(), &TrainOptions::default());
+
+    let mut shared = one.clone();
+    shared.training.grad_accum = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let results = train_ranks(&shared, 2, dir.path(), &[0, 0]);
+    let summaries: Vec<_> = results.into_iter().map(Result::unwrap).collect();
+    let (loss, val) = curves(dir.path());
+    let (alone_loss, alone_val) = curves(single.path());
+    close(&loss, &alone_loss, "training loss");
+    close(&val, &alone_val, "validation loss");
+    assert_eq!(val.len(), 2, "validated at steps 4 and 8");
+    for s in &summaries {
+        assert_eq!((s.steps, s.tokens), (alone.steps, alone.tokens));
+        // The step's loss is the same sum on both ranks.
+        assert_eq!(
+            s.last_loss.unwrap().to_bits(),
+            summaries[0].last_loss.unwrap().to_bits()
+        );
+    }
+    // One writer: the metrics are rank 0's alone, not one line per rank.
+    assert_eq!(loss.len(), 8);
+}
+
+/// A signal that reaches one rank stops every rank after the same step, with rank 0's
+/// checkpoint.
+#[test]
+fn a_signal_to_one_rank_stops_all_after_the_same_step() {
+    let c = tiny_config(8);
+    let dir = tempfile::tempdir().unwrap();
+    let results = train_ranks(&c, 2, dir.path(), &[0, 15]);
+    for result in results {
+        match result {
+            Err(TrainError::Interrupted { step, signal, .. }) => {
+                assert_eq!((step, signal), (1, 15));
+            }
+            other => panic!("expected an interruption, got {:?}", other.map(|s| s.steps)),
+        }
+    }
+    assert!(dir.path().join("training_state.safetensors").is_file());
 }

@@ -20,8 +20,11 @@ use train::run::on_big_stack;
 use train::Adapter;
 use train::BatchSource;
 
-/// Runs `llmtool finetune` on a thread with a big stack.
+/// Runs `llmtool finetune` on a thread with a big stack, or starts its ranks (`--gpus N`).
 pub fn run(args: FinetuneArgs) -> Result<()> {
+    if super::launch::launched(&args.run.launch)? {
+        return Ok(());
+    }
     on_big_stack(move || finetune(args))?
 }
 

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod export;
 pub mod finetune;
 pub mod generate;
+mod launch;
 pub mod merge;
 mod runtime;
 mod session;

@@ -1,6 +1,11 @@
 //! A training session, shared by `train` and `finetune`: the config resolved against a resumed
 //! run, the run directory guarded, the device opened, the data loaded, then the trainer run with
 //! Ctrl-C handling and a one-screen summary.
+//!
+//! In a multi-process run (the environment names a world, see [`train::distributed::env`])
+//! every rank connects to rank 0 first. Rank 0 then does what a single process does; the other
+//! ranks write nothing: they wait for rank 0 to hold the run directory and to have its data,
+//! then load that same data (by its fingerprint) and train on their share of every step.
 
 use crate::cli::TrainArgs;
 use anyhow::{bail, Context, Result};
@@ -11,6 +16,8 @@ use data::loader::Dataset;
 use data::Manifest;
 use model::Llama;
 use train::dataset_source::DatasetBatches;
+use train::distributed::env::WorldEnv;
+use train::distributed::{self, Collective};
 use train::memory;
 use train::run::{incompatible_keys, RunDir, DATA_PIN, RUN_CONFIG};
 use train::trainer::SaveArtifact;
@@ -20,11 +27,27 @@ use train::{BatchSource, TrainError, TrainOptions, TrainSummary, Trainer};
 pub struct Session<D = Dataset> {
     /// How the user continues this run: `train`, `finetune` or `finetune --lora`.
     pub command: &'static str,
-    /// The run directory, held until the session ends.
-    pub run: RunDir,
+    /// The run directory, held until the session ends; only rank 0 of a multi-process run
+    /// holds it (and writes it).
+    pub _run: Option<RunDir>,
+    /// Whether the run continues from a checkpoint.
+    pub continuing: bool,
     pub config: Config,
     pub device: Device,
     pub data: D,
+    /// The ranks training together: [`Single`] for one process.
+    pub collective: Box<dyn Collective>,
+}
+
+/// What rank 0 tells the other ranks once it holds the run directory and its data.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RankZeroReady {
+    /// Whether the run continues from a checkpoint.
+    continuing: bool,
+    /// The fingerprint of the training data.
+    fingerprint: String,
+    /// The resolved config, which every rank must share.
+    config: String,
 }
 
 /// Training data a session holds: it hands the trainer its batches.
@@ -54,13 +77,33 @@ impl TrainData for Dataset {
 /// Guards the run directory, opens the device, loads the training data with `load` and
 /// records the resolved config and the data's fingerprint in the run directory. When a run
 /// with a checkpoint is resumed, `load` is given the fingerprint of the data the run started
-/// on, and data with another fingerprint is refused.
+/// on, and data with another fingerprint is refused. In a multi-process run, ranks other than 0
+/// wait for rank 0 and are given its fingerprint.
 pub fn open_session<D: TrainData>(
     command: &'static str,
     config: Config,
     args: &TrainArgs,
     load: impl FnOnce(&Config, Option<&str>) -> Result<D>,
 ) -> Result<Session<D>> {
+    let world = WorldEnv::from_process()?;
+    let mut device = match args.device {
+        Some(spec) => spec,
+        None => super::config::training_device(&config)?,
+    };
+    if let Some(env) = world
+        .as_ref()
+        .filter(|_| ops::device::computes_on_cuda(device))
+    {
+        device = config::DeviceSpec::Cuda(env.local_rank);
+    }
+    let device = ops::device::open(device)?;
+    let collective = distributed::join(world.as_ref(), &device).with_context(|| {
+        let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.rank, w.world_size));
+        format!("rank {rank} of {size} joining the run")
+    })?;
+    if collective.rank() != 0 {
+        return join_rank_zero(command, config, collective, device, load);
+    }
     let run = RunDir::open(&config.output.dir)?;
     run.admit(args.resume.is_some(), args.force, command)?;
     if args.resume.is_some() && !run.has_checkpoint() {
@@ -69,11 +112,6 @@ pub fn open_session<D: TrainData>(
             run.path().display()
         );
     }
-    let device = match args.device {
-        Some(spec) => spec,
-        None => super::config::training_device(&config)?,
-    };
-    let device = ops::device::open(device)?;
     let continuing = args.resume.is_some() && run.has_checkpoint();
     let pin = match continuing {
         true => run.data_pin()?,
@@ -95,18 +133,65 @@ pub fn open_session<D: TrainData>(
         None if continuing => {}
         None => run.pin_data(&fingerprint)?,
     }
+    let yaml = serde_norway::to_string(&config)?;
     if args.resume.is_none() {
-        let yaml = serde_norway::to_string(&config)?;
         let path = run.path().join(RUN_CONFIG);
         model::weights::write_atomic(&path, yaml.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    if collective.world_size() > 1 {
+        let ready = RankZeroReady {
+            continuing,
+            fingerprint,
+            config: yaml,
+        };
+        distributed::broadcast(&*collective, &serde_json::to_vec(&ready)?)?;
+    }
     Ok(Session {
         command,
-        run,
+        _run: Some(run),
+        continuing,
         config,
         device,
         data,
+        collective,
+    })
+}
+
+/// A rank other than 0 joins the run once rank 0 holds it: same config, the data of rank 0's
+/// fingerprint, nothing written.
+fn join_rank_zero<D: TrainData>(
+    command: &'static str,
+    config: Config,
+    collective: Box<dyn Collective>,
+    device: Device,
+    load: impl FnOnce(&Config, Option<&str>) -> Result<D>,
+) -> Result<Session<D>> {
+    let rank = collective.rank();
+    let message = distributed::broadcast(&*collective, &[])?;
+    let ready: RankZeroReady =
+        serde_json::from_slice(&message).context("rank 0's start message")?;
+    if serde_norway::to_string(&config)? != ready.config {
+        bail!("rank {rank}'s config differs from rank 0's: every rank must run the same config and --set overrides");
+    }
+    let data = load(&config, Some(&ready.fingerprint))?;
+    let fingerprint = data.fingerprint()?;
+    if fingerprint != ready.fingerprint {
+        bail!(
+            "rank {rank}'s training data differs from rank 0's (fingerprint {} where rank 0 \
+             has {}): every rank must see the same data",
+            short(&fingerprint),
+            short(&ready.fingerprint)
+        );
+    }
+    Ok(Session {
+        command,
+        _run: None,
+        continuing: ready.continuing,
+        config,
+        device,
+        data,
+        collective,
     })
 }
 
@@ -201,16 +286,23 @@ pub fn execute<D: TrainData>(
     let run_dir = config.output.dir.clone();
     let batches = session.data.batches(t)?;
     let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    eprintln!(
-        "training {} of {} parameters on {} ({:?}), batch {} x {} x {} accumulation",
-        memory::count(trainable),
-        memory::count(model.config.parameter_count()),
-        ops::device::describe(&session.device),
-        t.dtype,
-        t.batch_size,
-        t.seq_len,
-        t.grad_accum
-    );
+    let (rank, world) = (session.collective.rank(), session.collective.world_size());
+    if rank == 0 {
+        eprintln!(
+            "training {} of {} parameters on {}{} ({:?}), batch {} x {} x {} accumulation",
+            memory::count(trainable),
+            memory::count(model.config.parameter_count()),
+            match world {
+                1 => String::new(),
+                n => format!("{n} ranks, rank 0 on "),
+            },
+            ops::device::describe(&session.device),
+            t.dtype,
+            t.batch_size,
+            t.seq_len,
+            t.grad_accum
+        );
+    }
     let interrupt = crate::signals::stop_requests().context("installing the signal handlers")?;
     let trainer = Trainer {
         config,
@@ -219,28 +311,38 @@ pub fn execute<D: TrainData>(
         run_dir: run_dir.clone(),
         save_artifact: save,
         artifact,
+        collective: &*session.collective,
     };
     let opts = TrainOptions {
-        resume: args.resume.is_some() && session.run.has_checkpoint(),
+        resume: session.continuing,
         stop_after_steps: args.stop_after_steps,
         interrupt,
     };
-    match trainer.run(&*batches, &opts, &mut crate::report::RunProgress::new()) {
-        Ok(summary) => {
+    // Rank 0 tells the user how the run goes; the other ranks only fail loudly.
+    let result = match rank {
+        0 => trainer.run(&*batches, &opts, &mut crate::report::RunProgress::new()),
+        _ => trainer.run(&*batches, &opts, &mut |_| {}),
+    };
+    match result {
+        Ok(summary) if rank == 0 => {
             print_summary(&summary, session.command);
             Ok(())
         }
+        Ok(_) => Ok(()),
         Err(TrainError::Interrupted {
             step,
             run_dir,
             signal,
         }) => Err(crate::Interrupted {
             signal,
-            message: format!(
-                "saved a checkpoint at step {step}; resume with `llmtool {} --resume {}`",
-                session.command,
-                run_dir.display()
-            ),
+            message: match rank {
+                0 => format!(
+                    "saved a checkpoint at step {step}; resume with `llmtool {} --resume {}`",
+                    session.command,
+                    run_dir.display()
+                ),
+                _ => format!("stopped with the other ranks after step {step}"),
+            },
         }
         .into()),
         Err(e) => Err(e.into()),

@@ -9,8 +9,11 @@ use std::path::Path;
 use train::init;
 use train::run::on_big_stack;
 
-/// Runs `llmtool train` on a thread with a big stack.
+/// Runs `llmtool train` on a thread with a big stack, or starts its ranks (`--gpus N`).
 pub fn run(args: TrainArgs) -> Result<()> {
+    if super::launch::launched(&args.launch)? {
+        return Ok(());
+    }
     on_big_stack(move || train(args))?
 }
 

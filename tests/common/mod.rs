@@ -87,3 +87,32 @@ pub fn eval_error(dir: &Path) -> String {
     assert!(stderr.starts_with("error: "), "{stderr}");
     stderr.trim_end().to_string()
 }
+
+const TINY_CORPUS: &str =
+    "# Notes\n\nThe quick brown fox jumps over the lazy dog. A small model learns \
+to write markdown by reading markdown.\n\n## Lists\n\n- one item\n- two items\n- three items\n";
+
+/// Writes a small corpus and a tiny config training into `DIR/run` into `dir`; returns the
+/// config's path.
+pub fn tiny_training_run(dir: &Path) -> String {
+    let corpus = dir.join("notes");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for i in 0..12 {
+        let text = format!(
+            "{TINY_CORPUS}\nNote number {i} says {}.\n",
+            "hello world ".repeat(i + 1)
+        );
+        std::fs::write(corpus.join(format!("note{i}.md")), text).unwrap();
+    }
+    let config = format!(
+        "model:\n  hidden_size: 32\n  num_hidden_layers: 2\n  num_attention_heads: 4\n  num_key_value_heads: 2\n  intermediate_size: 64\n  vocab_size: 300\n  max_position_embeddings: 64\n\
+data:\n  roots: [{}]\n  dedup: none\n  val_fraction: 0.3\n\
+training:\n  seq_len: 16\n  batch_size: 2\n  max_steps: 4\n  warmup_steps: 1\n  eval_every: 2\n  eval_batches: 2\n  save_every: 2\n  log_every: 1\n\
+output:\n  dir: {}\n",
+        corpus.display(),
+        dir.join("run").display()
+    );
+    let path = dir.join("tiny.yaml");
+    std::fs::write(&path, config).unwrap();
+    path.to_string_lossy().into_owned()
+}

@@ -38,6 +38,8 @@ mod kv_write;
 mod launch;
 mod master_linear;
 mod matmul_sum;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod nf4;
 pub mod parity;
 pub mod reference;

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod dataset_source;
+pub mod distributed;
 pub mod example_source;
 pub mod gradients;
 pub mod init;

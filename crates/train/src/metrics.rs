@@ -36,7 +36,8 @@ pub struct Record {
 
 /// The metrics of a run: kept in memory for the plot, appended to disk as they come.
 pub struct Metrics {
-    path: PathBuf,
+    /// The file records are appended to; `None` keeps them in memory only.
+    path: Option<PathBuf>,
     records: Vec<Record>,
 }
 
@@ -59,19 +60,30 @@ impl Metrics {
         }
         model::weights::write_atomic(path, text.as_bytes())?;
         Ok(Self {
-            path: path.to_path_buf(),
+            path: Some(path.to_path_buf()),
             records,
         })
     }
 
+    /// Records kept in memory only (a rank of a multi-process run other than rank 0, which
+    /// writes the file).
+    pub fn in_memory() -> Self {
+        Self {
+            path: None,
+            records: Vec::new(),
+        }
+    }
+
     /// Appends a record.
     pub fn push(&mut self, record: Record) -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
-        writeln!(
-            file,
-            "{}",
-            serde_json::to_string(&record).unwrap_or_default()
-        )?;
+        if let Some(path) = &self.path {
+            let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+            writeln!(
+                file,
+                "{}",
+                serde_json::to_string(&record).unwrap_or_default()
+            )?;
+        }
         self.records.push(record);
         Ok(())
     }

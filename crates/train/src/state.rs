@@ -31,6 +31,14 @@ pub struct Progress {
     /// How many steps `interval_loss` sums.
     #[serde(default)]
     pub interval_steps: u64,
+    /// Processes that trained the run (each takes its share of every step's windows); states
+    /// saved before multi-process training existed come from one.
+    #[serde(default = "one")]
+    pub ranks: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// An `f64` stored as the hex digits of its bits: JSON float parsing may land one ulp off, and

@@ -1,12 +1,14 @@
 //! The training loop: accumulate, clip, step, log, evaluate, checkpoint, resume.
 //! It reads top to bottom like nanoGPT's, with every side effect in a named helper.
 
+use super::distributed::buckets::BucketPlan;
+use super::distributed::{self, Collective, CollectiveError, ReduceError};
 use super::gradients::{self, Batch, Gradients};
 use super::metrics::{Metrics, Record};
 use super::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use super::schedule::Schedule;
 use super::state::{self, Progress, STATE_FILE};
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use config::{Config, OnNonFinite};
 use model::{Llama, ModelError};
 use std::path::{Path, PathBuf};
@@ -61,6 +63,9 @@ pub enum TrainError {
         /// The step whose loss or gradient was non-finite, counted from 1.
         step: u64,
     },
+    /// Another rank of a multi-process run stopped, failed or fell out of step.
+    #[error(transparent)]
+    Distributed(#[from] CollectiveError),
     /// A signal stopped the run after a resumable checkpoint.
     #[error("stopped by signal {signal} at step {step}, after saving a checkpoint in {}", run_dir.display())]
     Interrupted {
@@ -192,12 +197,25 @@ pub struct Trainer<'a> {
     pub save_artifact: &'a SaveArtifact<'a>,
     /// Directory name of the latest artifact: `model` or `adapter`.
     pub artifact: &'static str,
+    /// The ranks training together ([`distributed::Single`] for one process). Each rank takes
+    /// its share of every step's windows; rank 0 writes the run directory.
+    pub collective: &'a dyn Collective,
 }
 
-/// Optimizer steps the config asks for, given the epoch size of the data.
-pub fn total_steps(config: &Config, windows_per_epoch: u64) -> u64 {
+impl From<ReduceError> for TrainError {
+    fn from(e: ReduceError) -> Self {
+        match e {
+            ReduceError::Collective(e) => Self::Distributed(e),
+            ReduceError::Candle(e) => Self::Candle(e),
+        }
+    }
+}
+
+/// Optimizer steps the config asks for, given the epoch size of the data and the number of
+/// ranks (each takes `batch_size × grad_accum` windows a step).
+pub fn total_steps(config: &Config, windows_per_epoch: u64, world_size: u64) -> u64 {
     let t = &config.training;
-    let windows_per_step = (t.batch_size * t.grad_accum) as u64;
+    let windows_per_step = (t.batch_size * t.grad_accum) as u64 * world_size;
     if let Some(steps) = t.max_steps {
         steps as u64
     } else if let Some(epochs) = t.epochs {
@@ -224,7 +242,11 @@ impl Trainer<'_> {
         reporter: &mut dyn Reporter,
     ) -> Result<TrainSummary, TrainError> {
         let t = &self.config.training;
-        let total = total_steps(self.config, data.train_windows());
+        let (rank, world) = (
+            self.collective.rank() as u64,
+            self.collective.world_size() as u64,
+        );
+        let total = total_steps(self.config, data.train_windows(), world);
         let schedule = Schedule::new(t, total as usize);
         let mut optimizer = AdamW::new(
             &self.vars,
@@ -243,17 +265,24 @@ impl Trainer<'_> {
             elapsed: 0.0,
             interval_loss: 0.0,
             interval_steps: 0,
+            ranks: world,
         };
         if opts.resume {
             progress = self.restore(&mut optimizer)?;
         }
+        self.share_parameters()?;
+        let buckets = BucketPlan::for_vars(&self.vars);
         let metrics_path = self.run_dir.join("metrics.jsonl");
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| TrainError::Io { path, source }
         };
-        let mut metrics = Metrics::open(&metrics_path, opts.resume.then_some(progress.step))
-            .map_err(io(&metrics_path))?;
+        // Rank 0 writes the run directory; the other ranks keep their metrics to themselves.
+        let mut metrics = match rank {
+            0 => Metrics::open(&metrics_path, opts.resume.then_some(progress.step))
+                .map_err(io(&metrics_path))?,
+            _ => Metrics::in_memory(),
+        };
         reporter.report(Event::Started {
             step: progress.step,
             total,
@@ -270,17 +299,19 @@ impl Trainer<'_> {
             let mut grads = Gradients::new();
             let mut loss = 0.0;
             let mut tokens = 0;
-            for _ in 0..t.grad_accum {
+            let rows = t.batch_size as u64;
+            let micro_batches = t.grad_accum as u64 * world;
+            for micro in 0..t.grad_accum as u64 {
+                let window = distributed::window_start(progress.cursor, micro, rank, world, rows);
                 let batch = data
-                    .train_batch(progress.cursor, t.batch_size)
+                    .train_batch(window, t.batch_size)
                     .map_err(TrainError::Data)?;
                 tokens += batch.real_tokens() as u64;
                 // Adapter dropout masks are a function of the seed and the data cursor, so a
                 // resumed run draws the same masks.
-                let mask_seed = t.seed.rotate_left(32) ^ progress.cursor;
+                let mask_seed = t.seed.rotate_left(32) ^ window;
                 self.model.set_adapter_dropout_seed(Some(mask_seed));
-                progress.cursor += t.batch_size as u64;
-                let scale = 1.0 / t.grad_accum as f64;
+                let scale = 1.0 / micro_batches as f64;
                 loss += scale
                     * gradients::accumulate(
                         self.model,
@@ -290,6 +321,12 @@ impl Trainer<'_> {
                         t.grad_checkpoint,
                         &mut grads,
                     )?;
+            }
+            progress.cursor += micro_batches * rows;
+            if world > 1 {
+                buckets.all_reduce(&self.vars, &mut grads, self.collective)?;
+                let sums = distributed::sum_f64(self.collective, &[loss, tokens as f64])?;
+                (loss, tokens) = (sums[0], sums[1] as u64);
             }
             let grad_norm = global_norm(&grads)?;
             progress.step += 1;
@@ -378,15 +415,18 @@ impl Trainer<'_> {
                         .map_err(io(&metrics_path))?;
                     if improved {
                         progress.best_val_loss = Some(val);
-                        (self.save_artifact)(&self.run_dir.join("best"))?;
+                        if rank == 0 {
+                            (self.save_artifact)(&self.run_dir.join("best"))?;
+                        }
                     }
                 }
                 self.plot(&metrics, reporter);
             }
-            let signal = opts.interrupt.load(Ordering::SeqCst);
+            let signal = self.agreed_signal(opts.interrupt.load(Ordering::SeqCst))?;
             let interrupted = signal != 0;
             let paused = opts.stop_after_steps.is_some_and(|n| now - first_step >= n);
-            if now % t.save_every as u64 == 0 || now == total || interrupted || paused {
+            let save = now % t.save_every as u64 == 0 || now == total || interrupted || paused;
+            if save && rank == 0 {
                 self.checkpoint(&optimizer, &progress)?;
             }
             if interrupted {
@@ -415,24 +455,62 @@ impl Trainer<'_> {
         })
     }
 
-    /// Mean validation loss over the configured number of batches.
+    /// Mean validation loss over the configured number of batches, which the ranks share.
     fn validate(&self, data: &dyn BatchSource) -> Result<Option<f64>, TrainError> {
         let t = &self.config.training;
         self.model.set_adapter_dropout_seed(None);
         let mut total = 0.0;
-        let mut count = 0;
-        for i in 0..t.eval_batches as u64 {
-            let Some(batch) = data.val_batch(i, t.batch_size).map_err(TrainError::Data)? else {
+        let mut count = 0.0;
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        for i in (rank..t.eval_batches).step_by(world) {
+            let batch = data.val_batch(i as u64, t.batch_size);
+            let Some(batch) = batch.map_err(TrainError::Data)? else {
                 break;
             };
             total += gradients::loss_only(self.model, &batch)?;
-            count += 1;
+            count += 1.0;
         }
-        Ok((count > 0).then(|| total / count as f64))
+        let sums = distributed::sum_f64(self.collective, &[total, count])?;
+        Ok((sums[1] > 0.0).then(|| sums[0] / sums[1]))
+    }
+
+    /// Gives every rank rank 0's parameters (the same initialisation or resumed state).
+    fn share_parameters(&self) -> Result<(), TrainError> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        for (_, var) in &self.vars {
+            let mut values = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?;
+            distributed::broadcast_f32(self.collective, &mut values)?;
+            let shared = Tensor::from_vec(values, var.shape(), var.device())?;
+            var.set(&shared.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The stop signal every rank acts on at the end of a step: this rank's own, else the first
+    /// any rank received (0 while none did), so that all ranks stop after the same step.
+    fn agreed_signal(&self, own: usize) -> Result<usize, TrainError> {
+        if self.collective.world_size() == 1 {
+            return Ok(own);
+        }
+        let all = self.collective.all_gather(&(own as u64).to_le_bytes())?;
+        let first = all
+            .iter()
+            .filter_map(|bytes| bytes.as_slice().try_into().ok().map(u64::from_le_bytes))
+            .find(|signal| *signal != 0);
+        Ok(match own {
+            0 => first.unwrap_or(0) as usize,
+            own => own,
+        })
     }
 
     fn plot(&self, metrics: &Metrics, reporter: &mut dyn Reporter) {
-        if self.config.output.plot {
+        if self.config.output.plot && self.collective.rank() == 0 {
             if let Err(e) = metrics.plot(&self.run_dir.join("loss.svg")) {
                 reporter.report(Event::Note(format!(
                     "warning: could not draw loss.svg: {e}"
@@ -473,6 +551,20 @@ impl Trainer<'_> {
                 )));
             }
             var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        let world = self.collective.world_size() as u64;
+        if saved.progress.ranks != world {
+            let processes = |n: u64| match n {
+                1 => "1 process".to_string(),
+                n => format!("{n} processes"),
+            };
+            return Err(resume_error(format!(
+                "the run was trained by {} and this run has {}: every step's batch would \
+                 change (resume with --gpus {})",
+                processes(saved.progress.ranks),
+                processes(world),
+                saved.progress.ranks
+            )));
         }
         optimizer
             .load_state(&saved.optimizer, saved.progress.step)

@@ -1,0 +1,183 @@
+//! `train|finetune --gpus N`: this process becomes the launcher of N copies of itself, one per
+//! GPU (or CPU share), each told its place through the environment variables torchrun sets
+//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`). It passes stop signals
+//! on, prefixes the other ranks' output with their rank, and exits as rank 0 did (or as the
+//! first rank that failed).
+
+use crate::cli::LaunchArgs;
+use crate::RanksFailed;
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use train::distributed::env::{WorldEnv, DEFAULT_PORT};
+
+/// Starts the ranks of this machine and waits for them when `args` asks for more than one
+/// process and this process is not itself a rank (its environment names no world). Returns
+/// `false` when this process should train itself.
+pub fn launched(args: &LaunchArgs) -> Result<bool> {
+    let Some(per_node) = args.gpus.map(usize::from) else {
+        return Ok(false);
+    };
+    if WorldEnv::from_process()?.is_some() {
+        return Ok(false);
+    }
+    let (nodes, node) = (usize::from(args.nnodes), usize::from(args.node_rank));
+    if node >= nodes {
+        bail!("--node-rank {node}: must be below --nnodes {nodes}");
+    }
+    let world = nodes * per_node;
+    if world == 1 {
+        return Ok(false);
+    }
+    let addr = args
+        .master_addr
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let port = match (args.master_port, nodes) {
+        (Some(port), _) => port,
+        (None, 1) => free_port(&addr)?,
+        (None, _) => DEFAULT_PORT,
+    };
+    let exe = std::env::current_exe().context("finding this program to start the ranks")?;
+    let stop = crate::signals::stop_requests().context("installing the signal handlers")?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut ranks = Vec::with_capacity(per_node);
+    for local in 0..per_node {
+        let rank = node * per_node + local;
+        let mut command = Command::new(&exe);
+        command
+            .args(std::env::args_os().skip(1))
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", local.to_string())
+            .env("LOCAL_WORLD_SIZE", per_node.to_string())
+            .env("MASTER_ADDR", &addr)
+            .env("MASTER_PORT", port.to_string());
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // The ranks of a CPU run share the cores instead of each taking all of them.
+            let share = (threads / per_node).max(1);
+            command.env("RAYON_NUM_THREADS", share.to_string());
+        }
+        if rank != 0 {
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        if rank != 0 {
+            prefix_output(&mut child, rank);
+        }
+        ranks.push((rank, child));
+    }
+    let statuses = wait_passing_signals(&mut ranks, &stop)?;
+    let failures: Vec<(i32, String)> = statuses.iter().filter_map(failure).collect();
+    match failures.first() {
+        None => Ok(true),
+        Some((code, _)) => Err(RanksFailed {
+            code: *code,
+            message: failures
+                .iter()
+                .map(|(_, what)| what.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+        .into()),
+    }
+}
+
+/// A port nobody listens on at `addr` now (the ranks start at once, so it stays free).
+fn free_port(addr: &str) -> Result<u16> {
+    let listener = std::net::TcpListener::bind((addr, 0))
+        .with_context(|| format!("finding a free port on {addr} for the ranks"))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Copies a rank's stdout and stderr to ours, a line at a time, each line prefixed
+/// `[rank R] `.
+fn prefix_output(child: &mut Child, rank: usize) {
+    fn copy(from: impl Read + Send + 'static, rank: usize, to_stdout: bool) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(from).lines().map_while(Result::ok) {
+                let line = format!("[rank {rank}] {line}\n");
+                // Our own output gone (a closed pipe) is no reason to stop a rank.
+                let _ = match to_stdout {
+                    true => std::io::stdout().write_all(line.as_bytes()),
+                    false => std::io::stderr().write_all(line.as_bytes()),
+                };
+            }
+        });
+    }
+    if let Some(out) = child.stdout.take() {
+        copy(out, rank, true);
+    }
+    if let Some(err) = child.stderr.take() {
+        copy(err, rank, false);
+    }
+}
+
+/// Waits for every rank, passing on a stop signal this process receives (Ctrl-C reaches the
+/// ranks from the terminal too; SIGTERM from a scheduler reaches only us). The ranks agree to
+/// stop after the same step, and rank 0 saves the checkpoint.
+fn wait_passing_signals(
+    ranks: &mut [(usize, Child)],
+    stop: &std::sync::atomic::AtomicUsize,
+) -> Result<Vec<(usize, ExitStatus)>> {
+    let mut statuses = Vec::new();
+    let mut passed_on = false;
+    while statuses.len() < ranks.len() {
+        let signal = stop.load(Ordering::SeqCst);
+        for (rank, child) in ranks.iter_mut() {
+            if statuses.iter().any(|(r, _)| r == rank) {
+                continue;
+            }
+            if signal != 0 && !passed_on {
+                pass_on(child, signal);
+            }
+            if let Some(status) = child
+                .try_wait()
+                .with_context(|| format!("waiting for rank {rank}"))?
+            {
+                statuses.push((*rank, status));
+            }
+        }
+        passed_on |= signal != 0;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    statuses.sort_by_key(|(rank, _)| *rank);
+    Ok(statuses)
+}
+
+#[cfg(unix)]
+fn pass_on(child: &Child, signal: usize) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) with a child's pid and one of the stop signals we registered.
+        unsafe { libc::kill(pid, signal as i32) };
+    }
+}
+
+#[cfg(not(unix))]
+fn pass_on(_child: &Child, _signal: usize) {}
+
+/// What happened to a rank that failed: the exit code to end with (its own, or 128 + the
+/// signal that ended it) and a sentence naming it.
+fn failure((rank, status): &(usize, ExitStatus)) -> Option<(i32, String)> {
+    if status.success() {
+        return None;
+    }
+    if let Some(code) = status.code() {
+        return Some((code, format!("rank {rank} exited with code {code}")));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        let signal = status.signal().unwrap_or(0);
+        Some((
+            128 + signal,
+            format!("rank {rank} was killed by signal {signal}"),
+        ))
+    }
+    #[cfg(not(unix))]
+    Some((1, format!("rank {rank} failed")))
+}
