@@ -3,27 +3,11 @@
 
 mod common;
 
-use common::{llmtool, tiny_training_run};
+use common::{
+    assert_curves_close as assert_close, llmtool, loss_curves as curves, tiny_training_run,
+};
 use predicates::prelude::*;
 use std::path::Path;
-
-/// The per-step training losses and the validation losses rank 0 logged in `run`.
-fn curves(run: &Path) -> (Vec<f64>, Vec<f64>) {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let records: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let column = |key: &str| records.iter().filter_map(|r| r[key].as_f64()).collect();
-    (column("loss"), column("val_loss"))
-}
-
-fn assert_close(a: &[f64], b: &[f64], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
-    for (x, y) in a.iter().zip(b) {
-        assert!((x - y).abs() <= 1e-5 * y.abs(), "{what}: {a:?} vs {b:?}");
-    }
-}
 
 #[test]
 fn two_processes_train_the_run_one_process_trains_with_twice_the_accumulation() {
@@ -111,24 +95,21 @@ fn a_rank_that_cannot_start_stops_the_run_with_one_clear_line() {
 /// Starts a long two-process run and waits until rank 0 logged two steps.
 #[cfg(target_os = "linux")]
 fn long_two_rank_run(dir: &Path, config: &str) -> std::process::Child {
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("llmtool"))
-        .args(["train", config, "--gpus", "2", "--device", "cpu"])
-        .args(["--set", "training.max_steps=100000"])
-        .args(["--set", "training.save_every=100000"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let metrics = dir.join("run/metrics.jsonl");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "training did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child
+    common::start_logging_run(
+        dir,
+        &[
+            "train",
+            config,
+            "--gpus",
+            "2",
+            "--device",
+            "cpu",
+            "--set",
+            "training.max_steps=100000",
+            "--set",
+            "training.save_every=100000",
+        ],
+    )
 }
 
 /// The pid of the launcher `parent`'s rank `rank`, from the ranks' environments.

@@ -215,23 +215,9 @@ fn vocab_size_auto_sizes_the_embedding_to_the_trained_tokenizer() {
 /// steps (so it holds the lock and has trained).
 #[cfg(unix)]
 fn long_run(dir: &Path, config: &str, extra: &[&str]) -> std::process::Child {
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("llmtool"))
-        .args(["train", config, "--set", "training.max_steps=100000"])
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let metrics = dir.join("run/metrics.jsonl");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "training did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child
+    let mut args = vec!["train", config, "--set", "training.max_steps=100000"];
+    args.extend(extra);
+    common::start_logging_run(dir, &args)
 }
 
 #[cfg(unix)]
@@ -386,29 +372,17 @@ fn non_finite_loss_stops_with_the_step_or_is_skipped() {
 fn signal_saves_a_resumable_checkpoint(signal: &str, code: i32) {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path());
-    let bin = assert_cmd::cargo::cargo_bin("llmtool");
-    let child = std::process::Command::new(bin)
-        .args([
+    let child = common::start_logging_run(
+        dir.path(),
+        &[
             "train",
             &config,
             "--set",
             "training.max_steps=100000",
             "--set",
             "training.save_every=100000",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let metrics = dir.path().join("run/metrics.jsonl");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "training did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+        ],
+    );
     std::process::Command::new("kill")
         .args([&format!("-{signal}"), &child.id().to_string()])
         .status()

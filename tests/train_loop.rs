@@ -1,7 +1,10 @@
 //! The training loop on an in-memory token stream: it learns, checkpointing changes no
 //! gradient, and a paused-then-resumed run ends bit-identical to an uninterrupted one.
 
+mod common;
+
 use candle_core::{DType, Device};
+use common::{assert_curves_close, loss_curves};
 use llmtool::config::Config;
 use llmtool::model::{Llama, ModelError};
 use llmtool::train::distributed::local::LocalGroup;
@@ -294,27 +297,6 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
     );
 }
 
-/// The logged training losses and validation losses of the run in `dir`.
-fn curves(dir: &Path) -> (Vec<f64>, Vec<f64>) {
-    let records: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let column = |key: &str| records.iter().filter_map(|r| r[key].as_f64()).collect();
-    (column("loss"), column("val_loss"))
-}
-
-fn close(a: &[f64], b: &[f64], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
-    for (x, y) in a.iter().zip(b) {
-        assert!(
-            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
-            "{what}: {a:?} vs {b:?}"
-        );
-    }
-}
-
 /// Runs `world` ranks of the in-process stand-in in threads, each from its own random
 /// initialisation (rank 0's is shared at the start), all given the same run directory.
 fn train_ranks(
@@ -360,10 +342,10 @@ fn ranks_with_the_stand_in_follow_one_rank_with_their_accumulation() {
     let dir = tempfile::tempdir().unwrap();
     let results = train_ranks(&shared, 2, dir.path(), &[0, 0]);
     let summaries: Vec<_> = results.into_iter().map(Result::unwrap).collect();
-    let (loss, val) = curves(dir.path());
-    let (alone_loss, alone_val) = curves(single.path());
-    close(&loss, &alone_loss, "training loss");
-    close(&val, &alone_val, "validation loss");
+    let (loss, val) = loss_curves(dir.path());
+    let (alone_loss, alone_val) = loss_curves(single.path());
+    assert_curves_close(&loss, &alone_loss, "training loss");
+    assert_curves_close(&val, &alone_val, "validation loss");
     assert_eq!(val.len(), 2, "validated at steps 4 and 8");
     for s in &summaries {
         assert_eq!((s.steps, s.tokens), (alone.steps, alone.tokens));

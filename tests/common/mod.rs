@@ -116,3 +116,44 @@ output:\n  dir: {}\n",
     std::fs::write(&path, config).unwrap();
     path.to_string_lossy().into_owned()
 }
+
+/// The training losses and the validation losses logged in `run/metrics.jsonl`, in order.
+pub fn loss_curves(run: &Path) -> (Vec<f64>, Vec<f64>) {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics.jsonl");
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a metrics record"))
+        .collect();
+    let column = |key: &str| records.iter().filter_map(|r| r[key].as_f64()).collect();
+    (column("loss"), column("val_loss"))
+}
+
+/// Asserts two loss curves agree to f32 rounding (sums added in another order).
+pub fn assert_curves_close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "{what}: {a:?} vs {b:?}");
+    }
+}
+
+/// Starts `llmtool ARGS` (stdout discarded, stderr piped) and waits until the run in
+/// `dir/run` logged two steps, so it holds its lock and has trained.
+#[cfg(unix)]
+pub fn start_logging_run(dir: &Path, args: &[&str]) -> std::process::Child {
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("llmtool"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("llmtool starts");
+    let metrics = dir.join("run/metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.lines().count() < 2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}

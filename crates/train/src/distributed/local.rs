@@ -1,7 +1,7 @@
 //! N ranks as threads of one process: the in-process stand-in for the transport, with which
 //! the tests run the real training loop on several ranks without GPUs or sockets.
 
-use super::{Collective, CollectiveError};
+use super::{encode, sum_gathered, Collective, CollectiveError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// The ranks of one in-process world; hand one to each thread.
@@ -125,21 +125,8 @@ impl Collective for LocalRank {
     }
 
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<(), CollectiveError> {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let messages = self.all_gather(&bytes)?;
-        values.fill(0.0);
-        for (rank, message) in messages.iter().enumerate() {
-            if message.len() != bytes.len() {
-                return Err(CollectiveError::OutOfStep {
-                    rank,
-                    got: format!("{} values", message.len() / 4),
-                    expected: format!("{} values", values.len()),
-                });
-            }
-            for (sum, chunk) in values.iter_mut().zip(message.chunks_exact(4)) {
-                *sum += f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-            }
-        }
+        let messages = self.all_gather(&encode(values))?;
+        values.copy_from_slice(&sum_gathered(&messages, values.len())?);
         Ok(())
     }
 }

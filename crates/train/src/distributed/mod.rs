@@ -163,20 +163,68 @@ pub fn broadcast_f32(
 /// The elementwise sums of small `f64` vectors (losses, token counts) over the ranks, added in
 /// rank order; exact for counts below 2^53.
 pub fn sum_f64(collective: &dyn Collective, values: &[f64]) -> Result<Vec<f64>, CollectiveError> {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut sums = vec![0.0; values.len()];
-    for (rank, message) in collective.all_gather(&bytes)?.iter().enumerate() {
-        if message.len() != bytes.len() {
+    sum_gathered(&collective.all_gather(&encode(values))?, values.len())
+}
+
+/// A number the ranks exchange as little-endian bytes.
+trait Wire: Copy + Default + std::ops::AddAssign {
+    const BYTES: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(bytes: &[u8]) -> Self;
+}
+
+impl Wire for f32 {
+    const BYTES: usize = 4;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> Self {
+        Self::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+    }
+}
+
+impl Wire for f64 {
+    const BYTES: usize = 8;
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend(self.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> Self {
+        let mut raw = [0; 8];
+        raw.copy_from_slice(&bytes[..8]);
+        Self::from_le_bytes(raw)
+    }
+}
+
+/// `values` as the bytes the ranks exchange.
+fn encode<T: Wire>(values: &[T]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(values.len() * T::BYTES);
+    for v in values {
+        v.put(&mut bytes);
+    }
+    bytes
+}
+
+/// Overwrites `values` with the numbers `bytes` holds.
+fn decode_into<T: Wire>(bytes: &[u8], values: &mut [T]) {
+    for (v, chunk) in values.iter_mut().zip(bytes.chunks_exact(T::BYTES)) {
+        *v = T::get(chunk);
+    }
+}
+
+/// The elementwise sums of every rank's `len` numbers (`messages` in rank order), added in rank
+/// order.
+fn sum_gathered<T: Wire>(messages: &[Vec<u8>], len: usize) -> Result<Vec<T>, CollectiveError> {
+    let mut sums = vec![T::default(); len];
+    for (rank, message) in messages.iter().enumerate() {
+        if message.len() != len * T::BYTES {
             return Err(CollectiveError::OutOfStep {
                 rank,
-                got: format!("{} values", message.len() / 8),
-                expected: format!("{} values", values.len()),
+                got: format!("{} values", message.len() / T::BYTES),
+                expected: format!("{len} values"),
             });
         }
-        for (sum, chunk) in sums.iter_mut().zip(message.chunks_exact(8)) {
-            let mut raw = [0; 8];
-            raw.copy_from_slice(chunk);
-            *sum += f64::from_le_bytes(raw);
+        for (sum, chunk) in sums.iter_mut().zip(message.chunks_exact(T::BYTES)) {
+            *sum += T::get(chunk);
         }
     }
     Ok(sums)

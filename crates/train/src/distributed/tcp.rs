@@ -5,7 +5,7 @@
 //! carries N - 1 buffers each way per reduction.
 
 use super::env::WorldEnv;
-use super::{Collective, CollectiveError};
+use super::{decode_into, encode, Collective, CollectiveError, Wire};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Mutex, MutexGuard};
@@ -279,7 +279,7 @@ impl Collective for TcpCollective {
         let mut streams = self.streams();
         if self.rank != 0 {
             let stream = &mut streams[0];
-            let bytes = to_bytes(values);
+            let bytes = encode(values);
             let send = |s: &mut TcpStream| {
                 s.write_all(&header(REDUCE, len))?;
                 s.write_all(&bytes)
@@ -290,7 +290,7 @@ impl Collective for TcpCollective {
             stream
                 .read_exact(&mut sum)
                 .map_err(|e| self.link_error(0, e))?;
-            from_bytes(&sum, values);
+            decode_into(&sum, values);
             return Ok(());
         }
         let mut piece = vec![0u8; PIECE.min(len as usize)];
@@ -303,11 +303,11 @@ impl Collective for TcpCollective {
                     .read_exact(bytes)
                     .map_err(|e| self.link_error(rank, e))?;
                 for (v, b) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *v += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    *v += f32::get(b);
                 }
             }
         }
-        let sum = to_bytes(values);
+        let sum = encode(values);
         for (i, stream) in streams.iter_mut().enumerate() {
             let send = |s: &mut TcpStream| {
                 s.write_all(&header(REDUCE, len))?;
@@ -316,16 +316,6 @@ impl Collective for TcpCollective {
             send(stream).map_err(|e| self.link_error(i + 1, e))?;
         }
         Ok(())
-    }
-}
-
-fn to_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-fn from_bytes(bytes: &[u8], values: &mut [f32]) {
-    for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
-        *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
 }
 
