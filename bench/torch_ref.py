@@ -10,6 +10,12 @@ join on (task, preset, mode). Needs torch, transformers and peft; downloads noth
     python bench/torch_ref.py --device cuda --sizes tiny,small,base --out torch.jsonl
     python bench/torch_ref.py --device cuda --sizes 1b,8b --tasks lora --modes bf16,bf16+ckpt \\
         --batch 4 --seq 2048 --lora-targets all --rank 16 --lora-base-dtype bf16   # or nf4
+    torchrun --nproc-per-node 8 bench/torch_ref.py --device cuda --sizes 1b --tasks train,lora
+
+Under torchrun (WORLD_SIZE > 1) the train and lora rows run data parallel, as `llmtool bench
+--gpus N` does: DistributedDataParallel (its default 25 MB buckets) over NCCL on GPUs (rank r
+on cuda:LOCAL_RANK) or gloo on the CPU, each rank on its own random batch of --batch
+sequences; rank 0 prints the rows, with `ranks` and the tokens of all ranks in tokens_per_s.
 
 Presets (hidden, layers, heads, kv heads, ffn, vocab; head dim = hidden / heads):
   tiny   384,  6,  6,  6,  1024,   8192  tied embeddings (~14M parameters)
@@ -68,6 +74,7 @@ JSON fields of a row (one line per row on stdout, appended to --out):
 import argparse
 import gc
 import json
+import os
 import resource
 import time
 import warnings
@@ -117,7 +124,45 @@ def build_model(preset, seq, device, dtype=torch.float32):
 
 
 def random_tokens(preset, shape, device):
+    if RANKS > 1:
+        torch.manual_seed(1 + RANK)  # each rank its own batch
     return torch.randint(0, PRESETS[preset][5], shape, device=device)
+
+
+# torchrun's world: this process's rank and the number of ranks (1 without torchrun).
+RANK = int(os.environ.get("RANK", "0"))
+RANKS = int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_ranks(a):
+    """Under torchrun: the process group (NCCL on GPUs, gloo on the CPU) and this rank's GPU."""
+    if RANKS == 1:
+        return
+    import torch.distributed as dist
+
+    if not set(a.tasks) <= {"train", "lora"}:
+        raise SystemExit("under torchrun only the train and lora rows run: --tasks train,lora")
+    if a.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        a.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if a.device.startswith("cuda") else "gloo")
+
+
+def data_parallel(model, a):
+    """`model` in DistributedDataParallel (default buckets) when there are several ranks."""
+    if RANKS == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.device(a.device).index] if a.device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def checkpointing(model):
+    """Gradient checkpointing; non-reentrant under DDP, which the reentrant kind trips up."""
+    kwargs = {"use_reentrant": False} if RANKS > 1 else None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def sync(device):
@@ -168,11 +213,12 @@ def autocast(device, mode):
 def bench_train(a, preset, mode):
     model = build_model(preset, a.seq, a.device)
     if "ckpt" in mode:
-        model.gradient_checkpointing_enable()
+        checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     x = random_tokens(preset, (a.batch, a.seq), a.device)
-    forward = torch.compile(model) if "compile" in mode else model
+    shared = data_parallel(model, a)
+    forward = torch.compile(shared) if "compile" in mode else shared
 
     def step():
         with autocast(a.device, mode):
@@ -184,7 +230,7 @@ def bench_train(a, preset, mode):
 
     dt = timed(step, a.steps, a.warmup, a.device)
     params = sum(p.numel() for p in model.parameters())
-    tok = a.batch * a.seq / dt
+    tok = RANKS * a.batch * a.seq / dt
     return dict(params=params, batch=a.batch, seq=a.seq, step_ms=dt * 1e3, tokens_per_s=tok,
                 model_tflops=6 * params * tok / 1e12, **peak_fields(a.device))
 
@@ -225,7 +271,7 @@ def bench_lora(a, preset, mode):
         assert model.is_gradient_checkpointing == ("ckpt" in mode)
         start_row(a.device)
     elif "ckpt" in mode:
-        model.gradient_checkpointing_enable()
+        checkpointing(model)
         model.enable_input_require_grads()
     cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
                      target_modules=list(a.lora_targets), task_type="CAUSAL_LM")
@@ -235,10 +281,11 @@ def bench_lora(a, preset, mode):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = random_tokens(preset, (a.batch, a.seq), a.device)
+    shared = data_parallel(model, a)
 
     def step():
         with autocast(a.device, mode):
-            loss = model(input_ids=x, labels=x).loss
+            loss = shared(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -249,7 +296,7 @@ def bench_lora(a, preset, mode):
     state = lambda p: getattr(p, "quant_state", None)
     base = sum(state(p).shape.numel() if state(p) else p.numel()
                for p in model.parameters()) - trainable
-    tok = a.batch * a.seq / dt
+    tok = RANKS * a.batch * a.seq / dt
     return dict(trainable=trainable, rank=a.rank, alpha=2 * a.rank,
                 lora_targets=",".join(a.lora_targets), base_dtype=a.lora_base_dtype,
                 batch=a.batch, seq=a.seq, step_ms=dt * 1e3, tokens_per_s=tok,
@@ -407,6 +454,8 @@ def runs(a):
 def measure(a, preset, task, mode):
     start_row(a.device)
     row = dict(tool="pytorch", task=task, preset=preset, mode=mode)
+    if RANKS > 1:
+        row["ranks"] = RANKS
     try:
         row.update(BENCH[task](a, preset, mode))
     except Exception as e:  # report it and go on with the next row
@@ -431,22 +480,31 @@ def print_table(rows):
 
 def main():
     a = parse_args()
+    join_ranks(a)
     import peft
     import transformers
 
     where = (torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda")
              else f"threads {torch.get_num_threads()}")
-    print(f"torch {torch.__version__} transformers {transformers.__version__} "
-          f"peft {peft.__version__} device {a.device} {where}", flush=True)
+    ranks = f" ranks {RANKS}" if RANKS > 1 else ""
+    report = RANK == 0  # every rank measures; rank 0 reports
+    if report:
+        print(f"torch {torch.__version__} transformers {transformers.__version__} "
+              f"peft {peft.__version__} device {a.device} {where}{ranks}", flush=True)
     rows = []
     for preset, task, mode in runs(a):
         row = measure(a, preset, task, mode)
         rows.append(row)
+        if not report:
+            continue
         print(json.dumps(row), flush=True)
         if a.out:
             with open(a.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    print_table(rows)
+    if report:
+        print_table(rows)
+    if RANKS > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

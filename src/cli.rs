@@ -224,6 +224,10 @@ pub struct BenchArgs {
     /// Also append each row as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Time the train and lora rows on several processes, as `train --gpus N` runs them
+    /// (--tasks train,lora only).
+    #[command(flatten)]
+    pub launch: LaunchArgs,
     /// Instead of throughput, check every fused op against its reference on this device
     /// (forward and gradients, per mode's dtype, at the presets' shapes and at edge-case
     /// shapes) and time both; exits non-zero if any op is over its tolerance.

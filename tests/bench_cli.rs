@@ -201,3 +201,33 @@ fn a_prefill_row_is_one_prompt_and_skips_checkpointed_modes() {
     assert!((tokens_per_s * step_s - 32.0).abs() < 1e-6, "{row}");
     assert!(row["model_tflops"].as_f64().unwrap() > 0.0, "{row}");
 }
+
+/// `--gpus 2` times the train and lora rows on two processes: one row each, written once (by
+/// rank 0), counting both ranks' tokens. Inference rows are refused.
+#[test]
+fn two_ranks_time_the_training_rows_and_report_once() {
+    let tiny = [
+        "--device", "cpu", "--sizes", "tiny", "--batch", "1", "--seq", "4", "--steps", "1",
+        "--warmup", "0", "--gpus", "2",
+    ];
+    let (run, rows) = bench_rows(&[&tiny[..], &["--tasks", "train,lora"]].concat());
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["ranks"], 2, "{row}");
+        assert!(row.get("error").is_none(), "{row}");
+        let tokens = row["tokens_per_s"].as_f64().unwrap() * row["step_ms"].as_f64().unwrap();
+        assert!(
+            (tokens / 1e3 - 8.0).abs() < 1e-6,
+            "2 ranks x 1 x 4 tokens a step: {row}"
+        );
+    }
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(stdout.matches("\"task\":\"train\"").count(), 1, "{stdout}");
+    llmtool()
+        .args(["bench"])
+        .args(tiny)
+        .args(["--tasks", "eval"])
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("--tasks train,lora"));
+}

@@ -7,17 +7,22 @@ use super::training::{lora_model, random_batch, time_training};
 use candle_core::Device;
 use model::Llama;
 use serde_json::{json, Value};
+use train::distributed::Collective;
 use train::gradients;
 use train::init::random_weights;
 
-/// Measures one row. The JSON has torch_ref.py's fields for the task, plus `tool`.
+/// Measures one row. The JSON has torch_ref.py's fields for the task, plus `tool`. The train
+/// and lora rows run on every rank of `collective` (`ranks` in the row when there are
+/// several, `tokens_per_s` counting the tokens of all of them); the other tasks on one.
 pub fn measure(
     task: Task,
     preset: Preset,
     mode: Mode,
     s: &Settings,
     device: &Device,
+    collective: &dyn Collective,
 ) -> anyhow::Result<Value> {
+    let ranks = collective.world_size();
     let cfg = preset.config(s.seq);
     let (dtype, recompute) = (mode.dtype(), mode.checkpointed());
     // As the reference: the peak covers the model, optimizer state and the steps.
@@ -34,17 +39,17 @@ pub fn measure(
         Task::Train => {
             let (weights, vars) = weights.into_trainable()?;
             let model = Llama::new(&cfg, &weights, dtype)?;
-            let step_s = time_training(&model, &vars, s, recompute, device)?;
+            let step_s = time_training(&model, &vars, s, recompute, device, collective)?;
             let params = cfg.parameter_count();
-            let tokens_per_s = (s.batch * s.seq) as f64 / step_s;
+            let tokens_per_s = (ranks * s.batch * s.seq) as f64 / step_s;
             json!({"params": params, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
                    "model_tflops": 6.0 * params as f64 * tokens_per_s / 1e12})
         }
         Task::Lora(base) => {
             let (model, vars) = lora_model(&cfg, weights, base, s.lora, dtype, device)?;
-            let step_s = time_training(&model, &vars, s, recompute, device)?;
+            let step_s = time_training(&model, &vars, s, recompute, device, collective)?;
             let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-            let tokens_per_s = (s.batch * s.seq) as f64 / step_s;
+            let tokens_per_s = (ranks * s.batch * s.seq) as f64 / step_s;
             // As torch_ref.py: forward and input gradient of the base (4 x its parameters per
             // token), forward and both gradients of the adapter (6 x).
             let base_params = (cfg.parameter_count() - trainable) as f64;
@@ -109,6 +114,9 @@ pub fn measure(
         row.insert("batch".into(), s.batch.into());
         row.insert("seq".into(), s.seq.into());
     }
+    if ranks > 1 {
+        row.insert("ranks".into(), ranks.into());
+    }
     insert_peak_memory(&mut row, device, in_use_at_start);
     Ok(Value::Object(row))
 }
@@ -170,6 +178,7 @@ mod tests {
     use super::*;
     use candle_core::DType;
     use config::LoraSection;
+    use train::distributed::Single;
     use train::Adapter;
 
     #[test]
@@ -198,7 +207,7 @@ mod tests {
             ),
             (Task::Generate, &["new_tokens", "ms", "peak_mb"][..]),
         ] {
-            let row = measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
+            let row = measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu, &Single).unwrap();
             assert_eq!(row["task"], task.name());
             assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
             for f in fields {
@@ -229,8 +238,15 @@ mod tests {
             lora: Default::default(),
         };
         for base in [LoraBase::Frozen, LoraBase::Frozen16, LoraBase::Plain] {
-            let row =
-                measure(Task::Lora(base), Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
+            let row = measure(
+                Task::Lora(base),
+                Preset::Tiny,
+                Mode::Fp32,
+                &s,
+                &Device::Cpu,
+                &Single,
+            )
+            .unwrap();
             assert_eq!(row["lora_base"], base.name(), "{row}");
             assert_eq!(row["trainable"], 6 * 4 * 8 * (384 + 384), "{row}");
             assert_eq!(
@@ -238,7 +254,15 @@ mod tests {
                 Ok(base)
             );
         }
-        let row = measure(Task::Eval, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu).unwrap();
+        let row = measure(
+            Task::Eval,
+            Preset::Tiny,
+            Mode::Fp32,
+            &s,
+            &Device::Cpu,
+            &Single,
+        )
+        .unwrap();
         assert!(row.get("lora_base").is_none(), "{row}");
     }
 

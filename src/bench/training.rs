@@ -6,6 +6,8 @@ use super::timed;
 use candle_core::{DType, Device, Var};
 use model::{Llama, LlamaConfig, Weights};
 use rand::{Rng, SeedableRng};
+use train::distributed::buckets::BucketPlan;
+use train::distributed::Collective;
 use train::gradients::{self, Batch, Gradients};
 use train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use train::Adapter;
@@ -45,13 +47,16 @@ pub(super) fn lora_model(
 }
 
 /// Seconds per full training step of `vars`: forward, backward, clipping to norm 1, AdamW
-/// (lr 3e-4, weight decay 0.1 as the reference).
+/// (lr 3e-4, weight decay 0.1 as the reference). On several ranks (`collective`), each rank
+/// steps on its own random batch and the gradients are summed in buckets before clipping, as
+/// `llmtool train --gpus N` does.
 pub(super) fn time_training(
     model: &Llama,
     vars: &[(String, Var)],
     s: &Settings,
     recompute: bool,
     device: &Device,
+    collective: &dyn Collective,
 ) -> candle_core::Result<f64> {
     let params = AdamWParams {
         beta1: 0.9,
@@ -60,10 +65,14 @@ pub(super) fn time_training(
         weight_decay: 0.1,
     };
     let mut optimizer = AdamW::new(vars, params)?;
-    let batch = random_batch(&model.config, s, 0);
+    let batch = random_batch(&model.config, s, collective.rank() as u64);
+    let buckets = BucketPlan::for_vars(vars);
     timed(device, s.warmup, s.steps, || {
         let mut grads = Gradients::new();
         gradients::accumulate(model, vars, &batch, 1.0, recompute, &mut grads)?;
+        buckets
+            .all_reduce(vars, &mut grads, collective)
+            .map_err(candle_core::Error::wrap)?;
         let norm = global_norm(&grads)?;
         optimizer.step(&grads, 3e-4, clip_scale(norm, 1.0))
     })

@@ -6,10 +6,30 @@ use crate::cli::LoraTargets;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::Write;
+use train::distributed::{self, env::WorldEnv};
 
-/// Runs `llmtool bench`.
+/// Runs `llmtool bench`, or starts its ranks (`--gpus N`).
 pub fn run(args: BenchArgs) -> Result<()> {
-    let device = ops::device::open(args.device)?;
+    let several = args.launch.gpus.is_some_and(|n| n > 1) || args.launch.nnodes > 1;
+    let inference = |t: &TaskName| !matches!(t, TaskName::Train | TaskName::Lora);
+    if several && (args.ops || args.tasks.iter().any(inference)) {
+        bail!("--gpus times the train and lora rows only: add --tasks train,lora (and no --ops)");
+    }
+    if super::launch::launched(&args.launch)? {
+        return Ok(());
+    }
+    let world = WorldEnv::from_process()?;
+    let mut device = args.device;
+    if let Some(w) = world
+        .as_ref()
+        .filter(|_| ops::device::computes_on_cuda(device))
+    {
+        device = config::DeviceSpec::Cuda(w.local_rank);
+    }
+    let device = ops::device::open(device)?;
+    let collective = distributed::join(world.as_ref(), &device)?;
+    // Every rank measures; rank 0 reports.
+    let rank = collective.rank();
     // The reference's defaults: mixed precision and checkpointing only on GPUs.
     let modes = match args.modes.as_slice() {
         [] if device.is_cpu() => vec![Mode::Fp32],
@@ -43,20 +63,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         },
     };
     let mut out = match &args.out {
-        Some(path) => Some(
+        Some(path) if rank == 0 => Some(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?,
         ),
-        None => None,
+        _ => None,
     };
-    println!(
-        "llmtool {} device {device:?} threads {}",
-        env!("CARGO_PKG_VERSION"),
-        rayon::current_num_threads()
-    );
+    if rank == 0 {
+        println!(
+            "llmtool {} device {device:?} threads {}{}",
+            env!("CARGO_PKG_VERSION"),
+            rayon::current_num_threads(),
+            match collective.world_size() {
+                1 => String::new(),
+                n => format!(" ranks {n}"),
+            }
+        );
+    }
     if args.ops {
         return run_ops(&args, &modes, &settings, &device, out.as_mut());
     }
@@ -69,9 +95,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 if inference && mode.checkpointed() {
                     continue;
                 }
-                let row =
-                    train::run::on_big_stack(|| measure(task, preset, mode, &settings, &device))?
-                        .unwrap_or_else(|e| error_row(task, preset, mode, &e));
+                let row = train::run::on_big_stack(|| {
+                    measure(task, preset, mode, &settings, &device, &*collective)
+                })?
+                .unwrap_or_else(|e| error_row(task, preset, mode, &e));
+                if rank != 0 {
+                    continue;
+                }
                 println!("{row}");
                 if let Some(file) = &mut out {
                     writeln!(file, "{row}").context("writing --out")?;
@@ -80,7 +110,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    print_table(&rows);
+    if rank == 0 {
+        print_table(&rows);
+    }
     Ok(())
 }
 
