@@ -65,6 +65,62 @@ fn two_processes_train_the_run_one_process_trains_with_twice_the_accumulation() 
     assert_eq!(curves(&split), curves(&run), "resumed bit for bit");
 }
 
+/// Two "machines" (two launchers on this one, one rank each) meet at node 0's address and
+/// train the run one process trains with twice the accumulation.
+#[test]
+fn two_nodes_meet_at_the_master_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_training_run(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let node = |rank: &str| {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("llmtool"))
+            .args(["train", &config, "--device", "cpu", "--gpus", "1"])
+            .args(["--nnodes", "2", "--node-rank", rank])
+            .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Node 1 first: its rank waits for rank 0 to listen.
+    let second = node("1");
+    let first = node("0").wait_with_output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("training finished"));
+    let alone = dir.path().join("alone");
+    llmtool()
+        .args([
+            "train",
+            &config,
+            "--device",
+            "cpu",
+            "--set",
+            "training.grad_accum=2",
+        ])
+        .args(["--set", &format!("output.dir={}", alone.display())])
+        .assert()
+        .success();
+    let (loss, val) = curves(&dir.path().join("run"));
+    let (alone_loss, alone_val) = curves(&alone);
+    assert_close(&loss, &alone_loss, "training loss");
+    assert_close(&val, &alone_val, "validation loss");
+}
+
 #[test]
 fn a_rank_that_cannot_start_stops_the_run_with_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();

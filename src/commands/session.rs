@@ -104,6 +104,12 @@ pub fn open_session<D: TrainData>(
     if collective.rank() != 0 {
         return join_rank_zero(command, config, collective, device, load);
     }
+    if collective.world_size() > 1 && device.is_cuda() && !cfg!(feature = "nccl") {
+        eprintln!(
+            "note: this build has no NCCL (build with --features nccl): the gradients travel \
+             through host memory and rank 0 over TCP"
+        );
+    }
     let run = RunDir::open(&config.output.dir)?;
     run.admit(args.resume.is_some(), args.force, command)?;
     if args.resume.is_some() && !run.has_checkpoint() {
