@@ -45,7 +45,10 @@ fn two_processes_train_the_run_one_process_trains_with_twice_the_accumulation() 
         .args(["--stop-after-steps", "3"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("training paused"));
+        .stdout(predicate::str::contains(format!(
+            "resume with  llmtool train --gpus 2 --resume {}",
+            split.display()
+        )));
     let resume = ["train", "--resume", split.to_str().unwrap()];
     llmtool()
         .args(resume)
@@ -201,7 +204,7 @@ fn sigterm_to_the_launcher_checkpoints_and_exits_143() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(143), "{stderr}");
     assert!(
-        stderr.contains("resume with `llmtool train --resume"),
+        stderr.contains("resume with `llmtool train --gpus 2 --resume"),
         "{stderr}"
     );
     assert!(

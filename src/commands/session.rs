@@ -25,8 +25,9 @@ use train::{BatchSource, TrainError, TrainOptions, TrainSummary, Trainer};
 
 /// A run about to start: its config, device and training data (by default the built dataset).
 pub struct Session<D = Dataset> {
-    /// How the user continues this run: `train`, `finetune` or `finetune --lora`.
-    pub command: &'static str,
+    /// How the user continues this run: `train`, `finetune` or `finetune --lora`, with the
+    /// `--gpus` it ran with.
+    pub command: String,
     /// The run directory, held until the session ends; only rank 0 of a multi-process run
     /// holds it (and writes it).
     pub _run: Option<RunDir>,
@@ -101,6 +102,7 @@ pub fn open_session<D: TrainData>(
         let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.rank, w.world_size));
         format!("rank {rank} of {size} joining the run")
     })?;
+    let command = continue_as(command, world.as_ref());
     if collective.rank() != 0 {
         return join_rank_zero(command, config, collective, device, load);
     }
@@ -111,7 +113,7 @@ pub fn open_session<D: TrainData>(
         );
     }
     let run = RunDir::open(&config.output.dir)?;
-    run.admit(args.resume.is_some(), args.force, command)?;
+    run.admit(args.resume.is_some(), args.force, &command)?;
     if args.resume.is_some() && !run.has_checkpoint() {
         eprintln!(
             "{} has no checkpoint yet: starting the run from step 0 with its saved config",
@@ -167,7 +169,7 @@ pub fn open_session<D: TrainData>(
 /// A rank other than 0 joins the run once rank 0 holds it: same config, the data of rank 0's
 /// fingerprint, nothing written.
 fn join_rank_zero<D: TrainData>(
-    command: &'static str,
+    command: String,
     config: Config,
     collective: Box<dyn Collective>,
     device: Device,
@@ -199,6 +201,23 @@ fn join_rank_zero<D: TrainData>(
         data,
         collective,
     })
+}
+
+/// `command` with the process counts of `world`, as the user restarts the run (a resume with
+/// other counts is refused).
+fn continue_as(command: &str, world: Option<&WorldEnv>) -> String {
+    let Some(world) = world else {
+        return command.to_string();
+    };
+    let per_machine = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n > 0 && world.world_size % n == 0)
+        .unwrap_or(world.world_size);
+    match world.world_size / per_machine {
+        1 => format!("{command} --gpus {per_machine}"),
+        machines => format!("{command} --gpus {per_machine} --nnodes {machines}"),
+    }
 }
 
 /// The first 12 hex digits of a fingerprint, enough to tell two apart in a message.
@@ -331,7 +350,7 @@ pub fn execute<D: TrainData>(
     };
     match result {
         Ok(summary) if rank == 0 => {
-            print_summary(&summary, session.command);
+            print_summary(&summary, &session.command);
             Ok(())
         }
         Ok(_) => Ok(()),
