@@ -8,7 +8,9 @@
 # Carried in .device/: llmtool.gz built with NCCL,
 #   ../shared/cuda/build.sh --bin llmtool --features nccl
 # (libnccl gets a link-time stand-in there; at run time PyTorch's own libnccl.so.2 is loaded,
-# found below), this script, torch_ref.py, tiny-50.yaml and corpus/ (copies of docs/ and data/).
+# found below; a stand-in made before any NCCL symbol was referenced lacks them: delete
+# ~/.cache/llmtool-cuda/stubs/libnccl.so and build again), this script, torch_ref.py,
+# tiny-50.yaml and corpus/ (copies of docs/ and data/).
 # GPUS="2 4" limits the counts; STEPS sets the timed steps (default 10).
 set -u
 cd "$(dirname "$0")"

@@ -206,17 +206,14 @@ fn join_rank_zero<D: TrainData>(
 /// `command` with the process counts of `world`, as the user restarts the run (a resume with
 /// other counts is refused).
 fn continue_as(command: &str, world: Option<&WorldEnv>) -> String {
-    let Some(world) = world else {
-        return command.to_string();
-    };
-    let per_machine = std::env::var("LOCAL_WORLD_SIZE")
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok())
-        .filter(|n| *n > 0 && world.world_size % n == 0)
-        .unwrap_or(world.world_size);
-    match world.world_size / per_machine {
-        1 => format!("{command} --gpus {per_machine}"),
-        machines => format!("{command} --gpus {per_machine} --nnodes {machines}"),
+    match world {
+        None => command.to_string(),
+        Some(w) if w.machines() == 1 => format!("{command} --gpus {}", w.world_size),
+        Some(w) => format!(
+            "{command} --gpus {} --nnodes {}",
+            w.local_world_size,
+            w.machines()
+        ),
     }
 }
 
@@ -472,6 +469,34 @@ fn load_saved(path: &std::path::Path, overrides: &[config::Override]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resume_hint_carries_the_process_counts() {
+        let world = |size: &str, local: &str| {
+            let vars = [
+                ("WORLD_SIZE", size),
+                ("RANK", "0"),
+                ("LOCAL_WORLD_SIZE", local),
+            ];
+            WorldEnv::from_vars(|name| {
+                vars.iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.to_string())
+            })
+            .unwrap()
+        };
+        assert_eq!(continue_as("train", None), "train");
+        let one_machine = world("4", "4");
+        assert_eq!(
+            continue_as("finetune --lora", one_machine.as_ref()),
+            "finetune --lora --gpus 4"
+        );
+        let two_machines = world("8", "4");
+        assert_eq!(
+            continue_as("train", two_machines.as_ref()),
+            "train --gpus 4 --nnodes 2"
+        );
+    }
 
     #[test]
     fn a_run_saved_before_packing_existed_resumes_unpacked() {

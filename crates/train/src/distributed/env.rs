@@ -1,6 +1,7 @@
 //! The world a process belongs to, from the environment variables torchrun sets (and
 //! `llmtool train --gpus N` sets for the processes it starts): `RANK`, `WORLD_SIZE`,
-//! `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, plus `LLMTOOL_COLLECTIVE_TIMEOUT`.
+//! `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`, plus
+//! `LLMTOOL_COLLECTIVE_TIMEOUT`.
 
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ pub struct WorldEnv {
     pub world_size: usize,
     /// This process's rank among those of its machine: the GPU it trains on.
     pub local_rank: usize,
+    /// Ranks on this machine (`LOCAL_WORLD_SIZE`; all of them when unset).
+    pub local_world_size: usize,
     /// Where rank 0 listens: `MASTER_ADDR` (default 127.0.0.1).
     pub master_addr: String,
     /// `MASTER_PORT` (default 29500).
@@ -75,6 +78,19 @@ impl WorldEnv {
             expected: format!("set to this process's rank (WORLD_SIZE is {world_size})"),
         })?;
         let local_rank = number("LOCAL_RANK", Some(world_size))?.unwrap_or(rank);
+        let local_world_size = match number("LOCAL_WORLD_SIZE", None)? {
+            None => world_size,
+            Some(n) if world_size % n == 0 && local_rank < n => n,
+            Some(n) => {
+                return Err(EnvError {
+                    name: "LOCAL_WORLD_SIZE",
+                    value: n.to_string(),
+                    expected: format!(
+                        "a divisor of WORLD_SIZE {world_size} above LOCAL_RANK {local_rank}"
+                    ),
+                })
+            }
+        };
         let master_port = match vars("MASTER_PORT") {
             None => DEFAULT_PORT,
             Some(value) => value.trim().parse().map_err(|_| EnvError {
@@ -100,6 +116,7 @@ impl WorldEnv {
             rank,
             world_size,
             local_rank,
+            local_world_size,
             master_addr: vars("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
             master_port,
             timeout,
@@ -109,6 +126,11 @@ impl WorldEnv {
     /// The world of this process's environment.
     pub fn from_process() -> Result<Option<Self>, EnvError> {
         Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Machines in the run.
+    pub fn machines(&self) -> usize {
+        self.world_size / self.local_world_size
     }
 
     /// `MASTER_ADDR:MASTER_PORT`.
@@ -142,6 +164,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((w.rank, w.world_size, w.local_rank), (3, 4, 1));
+        assert_eq!((w.local_world_size, w.machines()), (4, 1));
         assert_eq!(w.master(), "127.0.0.1:29500");
         assert_eq!(w.timeout, DEFAULT_TIMEOUT);
         let w = world(&[
@@ -155,6 +178,15 @@ mod tests {
         .unwrap();
         assert_eq!((w.local_rank, w.master()), (1, "node0:4000".to_string()));
         assert_eq!(w.timeout, Duration::from_secs(5));
+        let w = world(&[
+            ("WORLD_SIZE", "8"),
+            ("RANK", "5"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "4"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(w.machines(), 2);
     }
 
     #[test]
@@ -175,6 +207,14 @@ mod tests {
                     ("LLMTOOL_COLLECTIVE_TIMEOUT", "0"),
                 ],
                 "LLMTOOL_COLLECTIVE_TIMEOUT",
+            ),
+            (
+                vec![
+                    ("WORLD_SIZE", "6"),
+                    ("RANK", "0"),
+                    ("LOCAL_WORLD_SIZE", "4"),
+                ],
+                "LOCAL_WORLD_SIZE",
             ),
         ] {
             let err = world(&pairs).unwrap_err();

@@ -328,6 +328,7 @@ mod tests {
             rank,
             world_size: world,
             local_rank: rank,
+            local_world_size: world,
             master_addr: "127.0.0.1".into(),
             master_port: port,
             timeout: Duration::from_secs(20),
