@@ -242,3 +242,36 @@ fn a_killed_rank_stops_the_others_naming_it() {
         "{stderr}"
     );
 }
+
+/// A launcher killed outright (`kill -9`) takes its ranks with it: they get SIGTERM, stop after
+/// the same step with rank 0's checkpoint and release the run directory, which resumes.
+#[cfg(target_os = "linux")]
+#[test]
+fn killing_the_launcher_stops_its_ranks_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_training_run(dir.path());
+    let mut launcher = long_two_rank_run(dir.path(), &config);
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let run = dir.path().join("run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let resumed = llmtool()
+            .args(["train", "--resume", run.to_str().unwrap()])
+            .args(["--gpus", "2", "--device", "cpu", "--stop-after-steps", "1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&resumed.stderr);
+        if stderr.contains("is in use by process") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ranks kept running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        assert!(resumed.status.success(), "{stderr}");
+        assert!(String::from_utf8_lossy(&resumed.stdout).contains("training paused"));
+        break;
+    }
+}

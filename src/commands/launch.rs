@@ -63,6 +63,7 @@ pub fn launched(args: &LaunchArgs) -> Result<bool> {
         if rank != 0 {
             command.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
+        stop_with_launcher(&mut command);
         let mut child = command
             .spawn()
             .with_context(|| format!("starting rank {rank}"))?;
@@ -86,6 +87,33 @@ pub fn launched(args: &LaunchArgs) -> Result<bool> {
         .into()),
     }
 }
+
+/// Makes a rank get SIGTERM when this launcher dies, however it dies (`kill -9` included): the
+/// ranks then stop after the same step with rank 0's checkpoint, instead of training on as
+/// orphans that hold the run directory.
+#[cfg(target_os = "linux")]
+fn stop_with_launcher(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let launcher = std::process::id() as libc::pid_t;
+    // SAFETY: runs in the forked child before exec; prctl, getppid and raise are
+    // async-signal-safe and touch no memory of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The launcher died before the line above: no signal would come.
+            if libc::getppid() != launcher {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere a rank outlives a killed launcher (it still stops when a peer goes away).
+#[cfg(not(target_os = "linux"))]
+fn stop_with_launcher(_command: &mut Command) {}
 
 /// A port nobody listens on at `addr` now (the ranks start at once, so it stays free).
 fn free_port(addr: &str) -> Result<u16> {
