@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Kill/resume soak: interrupt train, finetune --lora and data build at random moments with
 SIGKILL or SIGTERM, resume each until it finishes, and check that every run ends bit-identical
-to its uninterrupted twin.
+to its uninterrupted twin. Train and finetune also run on two processes (`--gpus 2`): the
+signal then goes to the launcher (SIGTERM is passed on to the ranks; SIGKILL takes them down
+with SIGTERM, on Linux), and a resume waits while the ranks still hold the run directory.
 
     cargo build --release
     python3 bench/soak.py --binary target/release/llmtool --interruptions 100
+    python3 bench/soak.py --kinds "train --gpus 2,finetune --gpus 2" --interruptions 30
 
 Needs only the Python standard library. Every run works in a temporary folder; nothing in the
 repository is written. What must hold after the last resume:
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+KINDS = ("train", "finetune", "data build", "train --gpus 2", "finetune --gpus 2")
 TINY_BASE = REPO / "tests" / "fixtures" / "tiny-llama"
 
 
@@ -157,6 +161,10 @@ class Soak:
             out, err = child.communicate()
             if child.returncode == 0:
                 return out
+            if child.returncode == 1 and "is in use by process" in err:
+                # The ranks of a killed launcher are still saving their checkpoint.
+                time.sleep(0.1)
+                continue
             if child.returncode == 1 and "does not hold a run to resume" in err:
                 # Killed before it recorded its config: the run starts again.
                 attempt = first
@@ -168,10 +176,12 @@ class Soak:
             attempt = resume
 
     def training(self, kind: str, make_config, notes: Path, steps: int, max_wait: float):
+        """`kind`: train or finetune (--lora), optionally followed by launcher flags."""
         with tempfile.TemporaryDirectory() as twin_dir, tempfile.TemporaryDirectory() as dir:
             twin_dir, dir = Path(twin_dir), Path(dir)
-            command = ["train"] if kind == "train" else ["finetune"]
-            extra = ["--lora"] if kind == "finetune" else []
+            name, *launch = kind.split()
+            command = [name]
+            extra = (["--lora"] if name == "finetune" else []) + launch
             twin = make_config(twin_dir, notes, steps)
             run([self.binary, *command, twin, *extra])
             config = make_config(dir, notes, steps)
@@ -179,7 +189,7 @@ class Soak:
             first = [self.binary, *command, config, *extra]
             resume = [self.binary, *command, *extra, "--resume", run_dir]
             self.interrupted(first, resume, max_wait)
-            artifact = ("model/model.safetensors" if kind == "train"
+            artifact = ("model/model.safetensors" if name == "train"
                         else "adapter/adapter_model.safetensors")
             a = (twin_dir / "run" / artifact).read_bytes()
             b = (run_dir / artifact).read_bytes()
@@ -212,22 +222,30 @@ def main():
     parser.add_argument("--interruptions", type=int, default=100,
                         help="stop once this many interruptions landed (default 100)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="comma list of what to interrupt (default: all): " + ", ".join(KINDS))
     args = parser.parse_args()
     if not args.binary.is_file():
         sys.exit(f"soak: {args.binary} not found: cargo build --release first, or pass --binary")
     rng = random.Random(args.seed)
     soak = Soak(args.binary.resolve(), rng)
     started = time.time()
-    runs = {"train": 0, "finetune": 0, "data build": 0}
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        sys.exit(f"soak: unknown kinds {unknown}; choose from {', '.join(KINDS)}")
+    runs = {kind: 0 for kind in kinds}
     with tempfile.TemporaryDirectory() as scratch:
         small, large = Path(scratch) / "small", Path(scratch) / "large"
         corpus(small, 40)
         corpus(large, 3000)
         while soak.landed < args.interruptions:
-            soak.training("train", train_config, small, 150, 2.0)
-            soak.training("finetune", finetune_config, small, 150, 2.0)
-            soak.data_build(large, 1.0)
-            for kind in runs:
+            for kind in kinds:
+                if kind == "data build":
+                    soak.data_build(large, 1.0)
+                else:
+                    make = train_config if kind.startswith("train") else finetune_config
+                    soak.training(kind, make, small, 150, 2.0)
                 runs[kind] += 1
             print(f"soak: {soak.landed} interruptions so far ({soak.kills}), every run identical",
                   flush=True)
