@@ -72,7 +72,9 @@ pub fn launched(args: &LaunchArgs) -> Result<bool> {
         }
         ranks.push((rank, child));
     }
-    let statuses = wait_passing_signals(&mut ranks, &stop)?;
+    let mut statuses = wait_passing_signals(&mut ranks, &stop)?;
+    // The ranks that failed on their own first: the others were stopped for them.
+    statuses.sort_by_key(|(rank, status)| (!failed_on_its_own(status), *rank));
     let failures: Vec<(i32, String)> = statuses.iter().filter_map(failure).collect();
     match failures.first() {
         None => Ok(true),
@@ -147,15 +149,22 @@ fn prefix_output(child: &mut Child, rank: usize) {
 
 /// Waits for every rank, passing on a stop signal this process receives (Ctrl-C reaches the
 /// ranks from the terminal too; SIGTERM from a scheduler reaches only us). The ranks agree to
-/// stop after the same step, and rank 0 saves the checkpoint.
+/// stop after the same step, and rank 0 saves the checkpoint. A rank that fails (rather than
+/// stops on a signal) gets the others SIGTERM, as torchrun does: one still waiting at the
+/// rendezvous for it would otherwise wait out the whole timeout, and one training saves its
+/// checkpoint and stops.
 fn wait_passing_signals(
     ranks: &mut [(usize, Child)],
     stop: &std::sync::atomic::AtomicUsize,
 ) -> Result<Vec<(usize, ExitStatus)>> {
-    let mut statuses = Vec::new();
+    let mut statuses: Vec<(usize, ExitStatus)> = Vec::new();
     let mut passed_on = false;
     while statuses.len() < ranks.len() {
-        let signal = stop.load(Ordering::SeqCst);
+        let failed = statuses.iter().any(|(_, status)| failed_on_its_own(status));
+        let signal = match stop.load(Ordering::SeqCst) {
+            0 if failed => TERMINATE,
+            signal => signal,
+        };
         for (rank, child) in ranks.iter_mut() {
             if statuses.iter().any(|(r, _)| r == rank) {
                 continue;
@@ -175,6 +184,28 @@ fn wait_passing_signals(
     }
     statuses.sort_by_key(|(rank, _)| *rank);
     Ok(statuses)
+}
+
+/// SIGTERM's number, what a failed rank gets the others sent.
+#[cfg(unix)]
+const TERMINATE: usize = libc::SIGTERM as usize;
+#[cfg(not(unix))]
+const TERMINATE: usize = 15;
+
+/// Whether a rank ended in failure of its own: not done, and not stopped by a stop signal
+/// (SIGHUP, SIGINT or SIGTERM: exiting with 128 + its number after a checkpoint, or killed by
+/// it before training began), which the ranks receive together or from this launcher.
+fn failed_on_its_own(status: &ExitStatus) -> bool {
+    const STOPS: [i32; 3] = [1, 2, 15];
+    #[cfg(unix)]
+    let killed_by_stop = {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal().is_some_and(|s| STOPS.contains(&s))
+    };
+    #[cfg(not(unix))]
+    let killed_by_stop = false;
+    let stopped = status.code().is_some_and(|c| STOPS.contains(&(c - 128)));
+    !status.success() && !stopped && !killed_by_stop
 }
 
 #[cfg(unix)]
@@ -208,4 +239,43 @@ fn failure((rank, status): &(usize, ExitStatus)) -> Option<(i32, String)> {
     }
     #[cfg(not(unix))]
     Some((1, format!("rank {rank} failed")))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    fn spawn(script: &str) -> Child {
+        Command::new("sh").args(["-c", script]).spawn().unwrap()
+    }
+
+    #[test]
+    fn a_failed_rank_stops_the_others_at_once() {
+        let mut ranks = vec![(0, spawn("sleep 30")), (1, spawn("exit 3"))];
+        let started = Instant::now();
+        let statuses = wait_passing_signals(&mut ranks, &AtomicUsize::new(0)).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "rank 0 was left waiting"
+        );
+        let failures: Vec<(i32, String)> = statuses.iter().filter_map(failure).collect();
+        assert_eq!(
+            failures[0],
+            (143, "rank 0 was killed by signal 15".to_string())
+        );
+        assert_eq!(failures[1], (3, "rank 1 exited with code 3".to_string()));
+        assert!(!failed_on_its_own(&statuses[0].1) && failed_on_its_own(&statuses[1].1));
+    }
+
+    #[test]
+    fn ranks_stopping_on_a_signal_are_left_to_finish() {
+        let mut ranks = vec![(0, spawn("sleep 1; exit 0")), (1, spawn("exit 143"))];
+        let statuses = wait_passing_signals(&mut ranks, &AtomicUsize::new(0)).unwrap();
+        assert!(
+            statuses[0].1.success(),
+            "rank 0 saved its checkpoint undisturbed"
+        );
+    }
 }
