@@ -3,10 +3,12 @@
 //! optimizer step on every rank.
 //!
 //! - [`Collective`] is what the training loop needs from the ranks' transport: an all-gather of
-//!   small messages and an all-reduce (sum) of f32 buffers, with the same bits on every rank.
+//!   small messages and sums of f32 buffers and of flat tensors, with the same bits on every
+//!   rank.
 //! - [`Single`] is the one-rank world of an ordinary run; [`local::LocalGroup`] runs N ranks
 //!   as threads of one process (the stand-in the tests train with); [`tcp::TcpCollective`]
-//!   connects processes, on one machine or several, through a TCP rendezvous at rank 0.
+//!   connects processes, on one machine or several, through a TCP rendezvous at rank 0; with
+//!   the `nccl` feature, `nccl::NcclCollective` sums CUDA tensors with NCCL. [`join`] picks.
 //! - [`window_start`] is the data sharding, [`buckets::BucketPlan`] the gradient buckets, and
 //!   [`env::WorldEnv`] the torchrun environment (`RANK`, `WORLD_SIZE`, ...).
 
@@ -136,7 +138,7 @@ pub fn join(
     if device.is_cuda() {
         return Ok(Box::new(nccl::NcclCollective::connect(control, device)?));
     }
-    let _ = device;
+    let _ = device; // only NCCL needs it
     Ok(Box::new(control))
 }
 
