@@ -8,7 +8,7 @@ use super::metrics::{Metrics, Record};
 use super::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use super::schedule::Schedule;
 use super::state::{self, Progress, STATE_FILE};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use config::{Config, OnNonFinite};
 use model::{Llama, ModelError};
 use std::path::{Path, PathBuf};
@@ -480,13 +480,7 @@ impl Trainer<'_> {
             return Ok(());
         }
         for (_, var) in &self.vars {
-            let mut values = var
-                .as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
-            distributed::broadcast_f32(self.collective, &mut values)?;
-            let shared = Tensor::from_vec(values, var.shape(), var.device())?;
+            let shared = distributed::broadcast_tensor(self.collective, var.as_tensor())?;
             var.set(&shared.to_dtype(var.dtype())?)?;
         }
         Ok(())

@@ -148,18 +148,23 @@ pub fn broadcast(collective: &dyn Collective, message: &[u8]) -> Result<Vec<u8>,
     Ok(collective.all_gather(mine)?.swap_remove(0))
 }
 
-/// Rank 0's `values` on every rank: the other ranks contribute zeros to a sum.
-pub fn broadcast_f32(
+/// Rank 0's `tensor` on every rank, in f32 and `tensor`'s shape: the other ranks contribute
+/// zeros to a sum (through [`Collective::all_reduce_tensor`], so on GPUs in device memory).
+pub fn broadcast_tensor(
     collective: &dyn Collective,
-    values: &mut [f32],
-) -> Result<(), CollectiveError> {
-    if collective.world_size() == 1 {
-        return Ok(());
-    }
-    if collective.rank() != 0 {
-        values.fill(0.0);
-    }
-    collective.all_reduce_sum(values)
+    tensor: &Tensor,
+) -> Result<Tensor, ReduceError> {
+    let flat = match collective.rank() {
+        0 => tensor.to_dtype(candle_core::DType::F32)?.flatten_all()?,
+        _ => Tensor::zeros(
+            tensor.elem_count(),
+            candle_core::DType::F32,
+            tensor.device(),
+        )?,
+    };
+    Ok(collective
+        .all_reduce_tensor(&flat)?
+        .reshape(tensor.shape())?)
 }
 
 /// The elementwise sums of small `f64` vectors (losses, token counts) over the ranks, added in
@@ -275,6 +280,9 @@ mod tests {
         Single.all_reduce_sum(&mut values).unwrap();
         assert_eq!(values, [1.5, -2.0]);
         assert_eq!(broadcast(&Single, b"fp").unwrap(), b"fp");
+        let t = Tensor::new(&[[1.5f32, 2.0]], &candle_core::Device::Cpu).unwrap();
+        let shared = broadcast_tensor(&Single, &t).unwrap();
+        assert_eq!(shared.to_vec2::<f32>().unwrap(), [[1.5, 2.0]]);
         assert_eq!(sum_f64(&Single, &[0.25, 7.0]).unwrap(), [0.25, 7.0]);
     }
 }
