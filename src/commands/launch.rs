@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
 use std::time::Duration;
 use train::distributed::env::{WorldEnv, DEFAULT_PORT};
 
@@ -44,6 +45,7 @@ pub fn launched(args: &LaunchArgs) -> Result<bool> {
     let stop = crate::signals::stop_requests().context("installing the signal handlers")?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut ranks = Vec::with_capacity(per_node);
+    let mut copies = Vec::new();
     for local in 0..per_node {
         let rank = node * per_node + local;
         let mut command = Command::new(&exe);
@@ -68,11 +70,15 @@ pub fn launched(args: &LaunchArgs) -> Result<bool> {
             .spawn()
             .with_context(|| format!("starting rank {rank}"))?;
         if rank != 0 {
-            prefix_output(&mut child, rank);
+            copies.extend(prefix_output(&mut child, rank));
         }
         ranks.push((rank, child));
     }
     let mut statuses = wait_passing_signals(&mut ranks, &stop)?;
+    // The ranks' last lines (their errors) are printed before this process ends.
+    for copy in copies {
+        let _ = copy.join();
+    }
     // The ranks that failed on their own first: the others were stopped for them.
     statuses.sort_by_key(|(rank, status)| (!failed_on_its_own(status), *rank));
     let failures: Vec<(i32, String)> = statuses.iter().filter_map(failure).collect();
@@ -125,9 +131,9 @@ fn free_port(addr: &str) -> Result<u16> {
 }
 
 /// Copies a rank's stdout and stderr to ours, a line at a time, each line prefixed
-/// `[rank R] `.
-fn prefix_output(child: &mut Child, rank: usize) {
-    fn copy(from: impl Read + Send + 'static, rank: usize, to_stdout: bool) {
+/// `[rank R] `, on threads that end when the rank closes them.
+fn prefix_output(child: &mut Child, rank: usize) -> Vec<JoinHandle<()>> {
+    fn copy(from: impl Read + Send + 'static, rank: usize, to_stdout: bool) -> JoinHandle<()> {
         std::thread::spawn(move || {
             for line in BufReader::new(from).lines().map_while(Result::ok) {
                 let line = format!("[rank {rank}] {line}\n");
@@ -137,14 +143,11 @@ fn prefix_output(child: &mut Child, rank: usize) {
                     false => std::io::stderr().write_all(line.as_bytes()),
                 };
             }
-        });
+        })
     }
-    if let Some(out) = child.stdout.take() {
-        copy(out, rank, true);
-    }
-    if let Some(err) = child.stderr.take() {
-        copy(err, rank, false);
-    }
+    let out = child.stdout.take().map(|out| copy(out, rank, true));
+    let err = child.stderr.take().map(|err| copy(err, rank, false));
+    out.into_iter().chain(err).collect()
 }
 
 /// Waits for every rank, passing on a stop signal this process receives (Ctrl-C reaches the
