@@ -65,9 +65,9 @@ pub struct TrainArgs {
 /// Data-parallel training: one process per GPU (or CPU share), as torchrun starts them.
 #[derive(Debug, Args, Clone)]
 pub struct LaunchArgs {
-    /// Train on N GPUs of this machine, one process each, every step's batch split between
-    /// them (a step then takes N x batch_size x grad_accum windows). With the CPU as device,
-    /// N processes share the cores.
+    /// Train on N GPUs of this machine, one process each, each taking batch_size x grad_accum
+    /// windows of every step (a step takes N times one process's windows, as DDP's global
+    /// batch). With the CPU as device, N processes share the cores.
     #[arg(
         long,
         visible_alias = "nproc-per-node",
