@@ -237,16 +237,9 @@ mod tests {
             gen_tokens: 1,
             lora: Default::default(),
         };
+        let tiny = |task| measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu, &Single);
         for base in [LoraBase::Frozen, LoraBase::Frozen16, LoraBase::Plain] {
-            let row = measure(
-                Task::Lora(base),
-                Preset::Tiny,
-                Mode::Fp32,
-                &s,
-                &Device::Cpu,
-                &Single,
-            )
-            .unwrap();
+            let row = tiny(Task::Lora(base)).unwrap();
             assert_eq!(row["lora_base"], base.name(), "{row}");
             assert_eq!(row["trainable"], 6 * 4 * 8 * (384 + 384), "{row}");
             assert_eq!(
@@ -254,15 +247,7 @@ mod tests {
                 Ok(base)
             );
         }
-        let row = measure(
-            Task::Eval,
-            Preset::Tiny,
-            Mode::Fp32,
-            &s,
-            &Device::Cpu,
-            &Single,
-        )
-        .unwrap();
+        let row = tiny(Task::Eval).unwrap();
         assert!(row.get("lora_base").is_none(), "{row}");
     }
 
