@@ -1,8 +1,9 @@
-//! `train|finetune --gpus N`: this process becomes the launcher of N copies of itself, one per
-//! GPU (or CPU share), each told its place through the environment variables torchrun sets
-//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`). It passes stop signals
-//! on, prefixes the other ranks' output with their rank, and exits as rank 0 did (or as the
-//! first rank that failed).
+//! `train|finetune|bench --gpus N`: this process becomes the launcher of N copies of itself,
+//! one per GPU (or CPU share), each told its place through the environment variables torchrun
+//! sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`).
+//! It passes stop signals on, prefixes the other ranks' output with their rank, stops the
+//! others when one fails, takes them down with it if it is killed (Linux), and exits with the
+//! status of the rank that failed (0 when none did).
 
 use crate::cli::LaunchArgs;
 use crate::RanksFailed;
