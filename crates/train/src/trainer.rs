@@ -292,6 +292,10 @@ impl Trainer<'_> {
         let mut last_loss = None;
         let mut window_start = (Instant::now(), progress.tokens);
         let first_step = progress.step;
+        // Every step takes `grad_accum × world` micro-batches of `rows` windows, the ranks
+        // sharing them out (distributed::window_start).
+        let rows = t.batch_size as u64;
+        let micro_batches = t.grad_accum as u64 * world;
 
         while progress.step < total {
             let step = progress.step;
@@ -299,8 +303,6 @@ impl Trainer<'_> {
             let mut grads = Gradients::new();
             let mut loss = 0.0;
             let mut tokens = 0;
-            let rows = t.batch_size as u64;
-            let micro_batches = t.grad_accum as u64 * world;
             for micro in 0..t.grad_accum as u64 {
                 let window = distributed::window_start(progress.cursor, micro, rank, world, rows);
                 let batch = data
@@ -323,6 +325,7 @@ impl Trainer<'_> {
                     )?;
             }
             progress.cursor += micro_batches * rows;
+            // The sums over the ranks: every rank then clips, steps and logs the same numbers.
             if world > 1 {
                 buckets.all_reduce(&self.vars, &mut grads, self.collective)?;
                 let sums = distributed::sum_f64(self.collective, &[loss, tokens as f64])?;
