@@ -57,10 +57,12 @@ impl WorldEnv {
                     Some(limit) => format!("a whole number below {limit}"),
                     None => "a whole number of at least 1".to_string(),
                 };
+                let fits = |n: usize| match below {
+                    Some(limit) => n < limit,
+                    None => n >= 1,
+                };
                 match value.trim().parse::<usize>() {
-                    Ok(n) if below.is_none_or(|limit| n < limit) && (below.is_some() || n >= 1) => {
-                        Ok(Some(n))
-                    }
+                    Ok(n) if fits(n) => Ok(Some(n)),
                     _ => Err(EnvError {
                         name,
                         value,

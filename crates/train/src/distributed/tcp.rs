@@ -113,6 +113,35 @@ impl TcpCollective {
         }
         Ok(got)
     }
+
+    /// Writes operation `op` with `payload` to `rank`.
+    fn send(
+        &self,
+        stream: &mut TcpStream,
+        rank: usize,
+        op: u8,
+        payload: &[u8],
+    ) -> Result<(), CollectiveError> {
+        let write = |s: &mut TcpStream| {
+            s.write_all(&header(op, payload.len() as u64))?;
+            s.write_all(payload)
+        };
+        write(stream).map_err(|e| self.link_error(rank, e))
+    }
+
+    /// Reads one gathered message from `rank`.
+    fn receive_gathered(
+        &self,
+        stream: &mut TcpStream,
+        rank: usize,
+    ) -> Result<Vec<u8>, CollectiveError> {
+        let len = self.expect_header(stream, rank, GATHER, None)?;
+        let mut bytes = vec![0u8; len as usize];
+        stream
+            .read_exact(&mut bytes)
+            .map_err(|e| self.link_error(rank, e))?;
+        Ok(bytes)
+    }
 }
 
 fn describe(op: u8, len: u64) -> String {
@@ -236,39 +265,18 @@ impl Collective for TcpCollective {
         let mut streams = self.streams();
         if self.rank != 0 {
             let stream = &mut streams[0];
-            let send = |s: &mut TcpStream| {
-                s.write_all(&header(GATHER, message.len() as u64))?;
-                s.write_all(message)
-            };
-            send(stream).map_err(|e| self.link_error(0, e))?;
-            let mut all = Vec::with_capacity(self.world);
-            for _ in 0..self.world {
-                let len = self.expect_header(stream, 0, GATHER, None)?;
-                let mut bytes = vec![0u8; len as usize];
-                stream
-                    .read_exact(&mut bytes)
-                    .map_err(|e| self.link_error(0, e))?;
-                all.push(bytes);
-            }
-            return Ok(all);
+            self.send(stream, 0, GATHER, message)?;
+            return (0..self.world)
+                .map(|_| self.receive_gathered(stream, 0))
+                .collect();
         }
         let mut all = vec![message.to_vec()];
         for (i, stream) in streams.iter_mut().enumerate() {
-            let rank = i + 1;
-            let len = self.expect_header(stream, rank, GATHER, None)?;
-            let mut bytes = vec![0u8; len as usize];
-            stream
-                .read_exact(&mut bytes)
-                .map_err(|e| self.link_error(rank, e))?;
-            all.push(bytes);
+            all.push(self.receive_gathered(stream, i + 1)?);
         }
         for (i, stream) in streams.iter_mut().enumerate() {
             for bytes in &all {
-                let send = |s: &mut TcpStream| {
-                    s.write_all(&header(GATHER, bytes.len() as u64))?;
-                    s.write_all(bytes)
-                };
-                send(stream).map_err(|e| self.link_error(i + 1, e))?;
+                self.send(stream, i + 1, GATHER, bytes)?;
             }
         }
         Ok(all)
@@ -279,18 +287,13 @@ impl Collective for TcpCollective {
         let mut streams = self.streams();
         if self.rank != 0 {
             let stream = &mut streams[0];
-            let bytes = encode(values);
-            let send = |s: &mut TcpStream| {
-                s.write_all(&header(REDUCE, len))?;
-                s.write_all(&bytes)
-            };
-            send(stream).map_err(|e| self.link_error(0, e))?;
+            let mut bytes = encode(values);
+            self.send(stream, 0, REDUCE, &bytes)?;
             self.expect_header(stream, 0, REDUCE, Some(len))?;
-            let mut sum = bytes;
             stream
-                .read_exact(&mut sum)
+                .read_exact(&mut bytes)
                 .map_err(|e| self.link_error(0, e))?;
-            decode_into(&sum, values);
+            decode_into(&bytes, values);
             return Ok(());
         }
         let mut piece = vec![0u8; PIECE.min(len as usize)];
@@ -309,11 +312,7 @@ impl Collective for TcpCollective {
         }
         let sum = encode(values);
         for (i, stream) in streams.iter_mut().enumerate() {
-            let send = |s: &mut TcpStream| {
-                s.write_all(&header(REDUCE, len))?;
-                s.write_all(&sum)
-            };
-            send(stream).map_err(|e| self.link_error(i + 1, e))?;
+            self.send(stream, i + 1, REDUCE, &sum)?;
         }
         Ok(())
     }
