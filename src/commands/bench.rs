@@ -1,12 +1,12 @@
 //! `llmtool bench`: the rows of `bench/torch_ref.py`, as JSON lines and a table.
 
+use super::launch::Rank;
 use crate::bench::{measure, LoraShape, Mode, Preset, Settings, Task, TaskName};
 use crate::cli::BenchArgs;
 use crate::cli::LoraTargets;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::Write;
-use train::distributed::{self, env::WorldEnv};
 
 /// Runs `llmtool bench`, or starts its ranks (`--gpus N`).
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -18,16 +18,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if super::launch::launched(&args.launch)? {
         return Ok(());
     }
-    let world = WorldEnv::from_process()?;
-    let mut device = args.device;
-    if let Some(w) = world
-        .as_ref()
-        .filter(|_| ops::device::computes_on_cuda(device))
-    {
-        device = config::DeviceSpec::Cuda(w.local_rank);
-    }
-    let device = ops::device::open(device)?;
-    let collective = distributed::join(world.as_ref(), &device)?;
+    let Rank {
+        device, collective, ..
+    } = super::launch::join_run(args.device)?;
     // Every rank measures; rank 0 reports.
     let rank = collective.rank();
     // The reference's defaults: mixed precision and checkpointing only on GPUs.

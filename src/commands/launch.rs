@@ -8,12 +8,45 @@
 use crate::cli::LaunchArgs;
 use crate::RanksFailed;
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use config::DeviceSpec;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use train::distributed::env::{WorldEnv, DEFAULT_PORT};
+use train::distributed::{self, Collective};
+
+/// This process's place in a run: its world (`None` for a single process), the device it
+/// computes on, and its connection to the other ranks.
+pub struct Rank {
+    /// The world the environment names.
+    pub world: Option<WorldEnv>,
+    /// The opened device; a rank whose device computes on CUDA gets `cuda:LOCAL_RANK`.
+    pub device: Device,
+    /// The other ranks ([`train::distributed::Single`] for a single process).
+    pub collective: Box<dyn Collective>,
+}
+
+/// Opens the device `spec` names (a rank's own GPU) and joins the world the environment names.
+pub fn join_run(spec: DeviceSpec) -> Result<Rank> {
+    let world = WorldEnv::from_process()?;
+    let spec = match &world {
+        Some(w) if ops::device::computes_on_cuda(spec) => DeviceSpec::Cuda(w.local_rank),
+        _ => spec,
+    };
+    let device = ops::device::open(spec)?;
+    let collective = distributed::join(world.as_ref(), &device).with_context(|| {
+        let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.rank, w.world_size));
+        format!("rank {rank} of {size} joining the run")
+    })?;
+    Ok(Rank {
+        world,
+        device,
+        collective,
+    })
+}
 
 /// Starts the ranks of this machine and waits for them when `args` asks for more than one
 /// process and this process is not itself a rank (its environment names no world). Returns

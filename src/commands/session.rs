@@ -7,6 +7,7 @@
 //! ranks write nothing: they wait for rank 0 to hold the run directory and to have its data,
 //! then load that same data (by its fingerprint) and train on their share of every step.
 
+use super::launch::{join_run, Rank};
 use crate::cli::TrainArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
@@ -86,22 +87,15 @@ pub fn open_session<D: TrainData>(
     args: &TrainArgs,
     load: impl FnOnce(&Config, Option<&str>) -> Result<D>,
 ) -> Result<Session<D>> {
-    let world = WorldEnv::from_process()?;
-    let mut device = match args.device {
+    let spec = match args.device {
         Some(spec) => spec,
         None => super::config::training_device(&config)?,
     };
-    if let Some(env) = world
-        .as_ref()
-        .filter(|_| ops::device::computes_on_cuda(device))
-    {
-        device = config::DeviceSpec::Cuda(env.local_rank);
-    }
-    let device = ops::device::open(device)?;
-    let collective = distributed::join(world.as_ref(), &device).with_context(|| {
-        let (rank, size) = world.as_ref().map_or((0, 1), |w| (w.rank, w.world_size));
-        format!("rank {rank} of {size} joining the run")
-    })?;
+    let Rank {
+        world,
+        device,
+        collective,
+    } = join_run(spec)?;
     let command = continue_as(command, world.as_ref());
     if collective.rank() != 0 {
         return join_rank_zero(command, config, collective, device, load);
