@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_curves_close, copy_fixture, fixture, llmtool, loss_curves};
+use common::{assert_two_ranks_train_as_one_process, copy_fixture, fixture, llmtool};
 use predicates::prelude::*;
 use std::path::Path;
 
@@ -571,15 +571,9 @@ fn lora_on_two_processes_trains_the_run_of_one_with_twice_the_accumulation() {
         .assert()
         .success()
         .stdout(predicate::str::contains("training finished"));
-    let alone = dir.path().join("alone");
-    llmtool()
-        .args(["finetune", &config, "--set", "training.grad_accum=2"])
-        .args(["--set", &format!("output.dir={}", alone.display())])
-        .args(common)
-        .assert()
-        .success();
-    let (two, one) = (loss_curves(&dir.path().join("run")), loss_curves(&alone));
-    assert_curves_close(&two.0, &one.0, "training loss");
-    assert_curves_close(&two.1, &one.1, "validation loss");
+    assert_two_ranks_train_as_one_process(
+        dir.path(),
+        &[&["finetune", &config][..], &common].concat(),
+    );
     assert!(lora_b_is_nonzero(&dir.path().join("run/adapter")));
 }

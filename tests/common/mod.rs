@@ -136,6 +136,22 @@ pub fn assert_curves_close(a: &[f64], b: &[f64], what: &str) {
     }
 }
 
+/// Runs `llmtool ARGS` as one process with twice the accumulation into `dir/alone`, and asserts
+/// that the run in `dir/run`, trained by two ranks from the same ARGS, logged the same training
+/// and validation losses (to f32 rounding).
+pub fn assert_two_ranks_train_as_one_process(dir: &Path, args: &[&str]) {
+    let alone = dir.join("alone");
+    llmtool()
+        .args(args)
+        .args(["--set", "training.grad_accum=2"])
+        .args(["--set", &format!("output.dir={}", alone.display())])
+        .assert()
+        .success();
+    let (two, one) = (loss_curves(&dir.join("run")), loss_curves(&alone));
+    assert_curves_close(&two.0, &one.0, "training loss");
+    assert_curves_close(&two.1, &one.1, "validation loss");
+}
+
 /// Starts `llmtool ARGS` (stdout discarded, stderr piped) and waits until the run in
 /// `dir/run` logged two steps, so it holds its lock and has trained.
 #[cfg(unix)]
