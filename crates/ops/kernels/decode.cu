@@ -1,8 +1,8 @@
 // Decoding kernels, for steps bound by kernel launches: the attention of one query per head
 // against a KV cache read in place, and matrix-vector products (one with the SwiGLU or GeGLU
-// of a stacked gate/up projection).
+// of a stacked gate/up projection; the RMSNorm of their input or a residual add fused in).
 //
-// Launched from src/attention/decode.rs (decode attention) and src/gemv.rs.
+// Launched from src/attention/decode.rs (decode attention), src/gemv.rs and src/gemv_fused.rs.
 
 #include "common.cuh"
 
@@ -172,9 +172,10 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
 // ---------------------------------------------------------------------------------------------
 // Matrix-vector products for decoding: y[r] = w · x[r] for a few rows r of x [rows, in] and a
 // weight w [out, in], one warp per output feature, 16-byte loads (in must be a multiple of
-// 16 / sizeof(T) and both operands 16-byte aligned: the launcher checks); one variant applies
-// the SwiGLU of a stacked gate/up weight on the way out. cuBLAS runs these
-// shapes as split-K GEMMs of two kernels each; a decode step is bound by launches.
+// 16 / sizeof(T) and both operands 16-byte aligned: the launcher checks); variants apply the
+// SwiGLU or GeGLU of a stacked gate/up weight or add a residual on the way out, or take the
+// RMSNorm of x on the way in. cuBLAS runs these shapes as split-K GEMMs of two kernels each; a
+// decode step is bound by launches.
 
 // The dot products of N weight rows with one row of x, summed over the warp (every lane gets
 // them). Each lane loads its next U 16-byte units of every operand before any arithmetic: a
@@ -215,16 +216,21 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, in
   for (int n = 0; n < N; ++n) dots[n] = warp_sum(acc[n]);
 }
 
-// y[r][o] = w[o] · x[r].
+// y[r][o] = w[o] · x[r], plus residual[r][o] where `residual` is given (the sum rounded as
+// the separate projection and add store it: the product to T, then the sum).
 template <typename T>
-__device__ void gemv(const T* x, const T* w, T* y, int rows, int in, int out) {
+__device__ void gemv(const T* x, const T* w, const T* residual, T* y, int rows, int in,
+                     int out) {
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (o >= out) return;  // the whole warp leaves together
   const T* row[1] = {w + (size_t)o * in};
   for (int r = 0; r < rows; ++r) {
     float dot[1];
     warp_dots<T, 1>(row, x + (size_t)r * in, in, dot);
-    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(dot[0]);
+    if ((threadIdx.x & 31) != 0) continue;
+    const size_t i = (size_t)r * out + o;
+    y[i] = residual == nullptr ? from_f32<T>(dot[0])
+                               : from_f32<T>(to_f32(residual[i]) + to_f32(from_f32<T>(dot[0])));
   }
 }
 
@@ -242,6 +248,50 @@ __device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out
     const float g = to_f32(from_f32<T>(dots[0])), u = to_f32(from_f32<T>(dots[1]));
     if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(A::value(g) * u);
   }
+}
+
+// The products above on the RMSNorm of x's rows, taken on the way in (a decode step's norm
+// before its q/k/v and gate/up projections, without a kernel of its own): each block
+// normalizes the rows into shared memory as rms_norm stores them (x · r · (offset + nw) in f32,
+// rounded to T), then its warps read them from there. Every thread issues its loads of a round
+// of NORM_PACKS 16-byte packs before their first use. The launcher checks that the rows fit in
+// the default dynamic shared memory and that x and nw start on 16 bytes.
+constexpr int NORM_PACKS = 4;
+
+template <typename T>
+__device__ const T* rms_normed_rows(const T* x, const T* nw, int rows, int in, float eps,
+                                    float offset) {
+  using P = Pack<T, WIDE<T>>;
+  constexpr int V = WIDE<T>;
+  extern __shared__ uint4 normed_rows[];
+  T* xs = reinterpret_cast<T*>(normed_rows);
+  const int units = in / V, step = blockDim.x * NORM_PACKS;
+  for (int r = 0; r < rows; ++r) {
+    const T* xr = x + (size_t)r * in;
+    float ss = 0.f;
+    for (int first = threadIdx.x; first < units; first += step) {
+      P v[NORM_PACKS];
+#pragma unroll
+      for (int p = 0; p < NORM_PACKS; ++p)
+        if (first + p * blockDim.x < units) v[p] = P::load(xr + (first + p * blockDim.x) * V);
+#pragma unroll
+      for (int p = 0; p < NORM_PACKS; ++p)
+        if (first + p * blockDim.x < units)
+#pragma unroll
+          for (int k = 0; k < V; ++k) ss += to_f32(v[p].e[k]) * to_f32(v[p].e[k]);
+    }
+    const float inv = rsqrtf(block_sum(ss) / in + eps);
+    for (int i = threadIdx.x; i < units; i += blockDim.x) {
+      const P xv = P::load(xr + i * V), wv = P::load(nw + i * V);
+      P normed;
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        normed.e[k] = from_f32<T>(to_f32(xv.e[k]) * inv * (offset + to_f32(wv.e[k])));
+      normed.store(xs + (size_t)r * in + i * V);
+    }
+  }
+  __syncthreads();
+  return xs;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,18 +378,33 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
                       max_len, start, position, scale, cap, window);                          \
   }
 
+// gemv_##NAME##_##S and gemv_##NAME##_rms_##S: the gated unit A of a stacked projection, of x
+// and of x's RMSNorm.
+#define GEMV_GLU_ENTRY_POINTS(S, T, NAME, A)                                                   \
+  extern "C" __global__ void gemv_##NAME##_##S(const T* x, const T* w, T* y, int rows, int in, \
+                                               int out) {                                     \
+    gemv_glu<A, T>(x, w, y, rows, in, out);                                                   \
+  }                                                                                           \
+  extern "C" __global__ void gemv_##NAME##_rms_##S(const T* x, const T* w, const T* nw, T* y, \
+                                                   int rows, int in, int out, float eps,      \
+                                                   float offset) {                            \
+    gemv_glu<A, T>(rms_normed_rows<T>(x, nw, rows, in, eps, offset), w, y, rows, in, out);    \
+  }
+
 #define DECODE_ENTRY_POINTS(S, T)                                                              \
-  extern "C" __global__ void gemv_swiglu_##S(const T* x, const T* w, T* y, int rows, int in,  \
-                                             int out) {                                       \
-    gemv_glu<Silu, T>(x, w, y, rows, in, out);                                                \
-  }                                                                                           \
-  extern "C" __global__ void gemv_geglu_##S(const T* x, const T* w, T* y, int rows, int in,   \
-                                            int out) {                                        \
-    gemv_glu<GeluTanh, T>(x, w, y, rows, in, out);                                            \
-  }                                                                                           \
+  GEMV_GLU_ENTRY_POINTS(S, T, swiglu, Silu)                                                   \
+  GEMV_GLU_ENTRY_POINTS(S, T, geglu, GeluTanh)                                                \
   extern "C" __global__ void gemv_##S(const T* x, const T* w, T* y, int rows, int in,         \
                                       int out) {                                              \
-    gemv<T>(x, w, y, rows, in, out);                                                          \
+    gemv<T>(x, w, nullptr, y, rows, in, out);                                                 \
+  }                                                                                           \
+  extern "C" __global__ void gemv_rms_##S(const T* x, const T* w, const T* nw, T* y, int rows, \
+                                          int in, int out, float eps, float offset) {         \
+    gemv<T>(rms_normed_rows<T>(x, nw, rows, in, eps, offset), w, nullptr, y, rows, in, out);  \
+  }                                                                                           \
+  extern "C" __global__ void gemv_residual_##S(const T* x, const T* w, const T* residual,     \
+                                               T* y, int rows, int in, int out) {             \
+    gemv<T>(x, w, residual, y, rows, in, out);                                                \
   }                                                                                           \
   extern "C" __global__ void argmax_chunks_##S(const T* x, float* values, int* indices, int n, \
                                                int chunks) {                                  \

@@ -1,11 +1,12 @@
 //! Linear projections ([`linear`], [`glu_projection`]) and their matrix-vector kernels for
 //! decoding: `x @ w.t()` for a few rows of `x`, optionally with the gated unit (SwiGLU or
-//! GeGLU) of a stacked gate/up weight applied on the way out (`kernels/decode.cu`). On CUDA one kernel (cuBLAS runs
-//! these shapes as split-K GEMMs, two kernels and more host work each, and a decode step is
-//! bound by launches); on the CPU a rayon loop over the weight's rows that reads each row once
-//! for all rows of `x` (the GEMM crate packs the whole weight first, which halves the rate of
-//! a memory-bound product). Inference only: no backward, and [`linear`] picks it only for
-//! untracked operands.
+//! GeGLU) of a stacked gate/up weight applied on the way out (`kernels/decode.cu`). On CUDA one
+//! kernel (cuBLAS runs these shapes as split-K GEMMs, two kernels and more host work each, and
+//! a decode step is bound by launches); on the CPU a rayon loop over the weight's rows that
+//! reads each row once for all rows of `x` (the GEMM crate packs the whole weight first, which
+//! halves the rate of a memory-bound product). Inference only: no backward, and [`linear`]
+//! picks it only for untracked operands. `gemv_fused.rs` joins these products with the norm
+//! before them and the residual add after them.
 
 use super::cpu_kernel::{f32s, output};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
@@ -165,6 +166,41 @@ fn products(w: &[f32], xs: &[&[f32]], y: &mut [f32]) {
     }
 }
 
+/// `x @ w.t()` (`[rows, out]`) for f32 `x` `[rows, inp]` on the CPU; with a unit, `w` stacks
+/// `out` gate rows, then `out` up rows, and the result is `act(gate) · up`.
+pub(crate) fn cpu_products(
+    x: &[f32],
+    w: &[f32],
+    (rows, inp, out): (usize, usize, usize),
+    glu: Option<Glu>,
+) -> Vec<f32> {
+    let weight_row = |o: usize| &w[o * inp..][..inp];
+    let xs: Vec<&[f32]> = x.chunks_exact(inp.max(1)).collect();
+    // Tasks split the output features, and each feature's weight row serves every row of
+    // `x` at once: the weight is read from memory once, however many rows (a batch of
+    // sequences decoding). The products come out feature-major, `[out, rows]`.
+    let mut by_feature = vec![0f32; out * rows];
+    by_feature
+        .par_chunks_mut(CPU_ROWS_PER_TASK * rows.max(1))
+        .enumerate()
+        .for_each(|(task, features)| {
+            let mut up = vec![0f32; rows];
+            for (i, y) in features.chunks_mut(rows.max(1)).enumerate() {
+                let o = task * CPU_ROWS_PER_TASK + i;
+                products(weight_row(o), &xs, y);
+                if let Some(glu) = glu {
+                    products(weight_row(out + o), &xs, &mut up);
+                    y.iter_mut()
+                        .zip(&up)
+                        .for_each(|(y, u)| *y = glu.value(*y) * u);
+                }
+            }
+        });
+    (0..rows * out)
+        .map(|k| by_feature[(k % out) * rows + k / out])
+        .collect()
+}
+
 impl FusedOp<2> for Gemv {
     const NAME: &'static str = "gemv";
 
@@ -179,31 +215,7 @@ impl FusedOp<2> for Gemv {
     fn cpu(&self, [(x, x_layout), (w, w_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
         let (rows, inp, out) = self.shape(x_layout, w_layout)?;
-        let weight_row = |o: usize| &w[o * inp..][..inp];
-        let xs: Vec<&[f32]> = x.chunks_exact(inp.max(1)).collect();
-        // Tasks split the output features, and each feature's weight row serves every row of
-        // `x` at once: the weight is read from memory once, however many rows (a batch of
-        // sequences decoding). The products come out feature-major, `[out, rows]`.
-        let mut by_feature = vec![0f32; out * rows];
-        by_feature
-            .par_chunks_mut(CPU_ROWS_PER_TASK * rows.max(1))
-            .enumerate()
-            .for_each(|(task, features)| {
-                let mut up = vec![0f32; rows];
-                for (i, y) in features.chunks_mut(rows.max(1)).enumerate() {
-                    let o = task * CPU_ROWS_PER_TASK + i;
-                    products(weight_row(o), &xs, y);
-                    if let Some(glu) = self.glu {
-                        products(weight_row(out + o), &xs, &mut up);
-                        y.iter_mut()
-                            .zip(&up)
-                            .for_each(|(y, u)| *y = glu.value(*y) * u);
-                    }
-                }
-            });
-        let y = (0..rows * out)
-            .map(|k| by_feature[(k % out) * rows + k / out])
-            .collect();
+        let y = cpu_products(x, w, (rows, inp, out), self.glu);
         Ok(output(y, (rows, out)))
     }
 

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/llmtool_ops.fatbin"));
 
 /// Dynamic shared memory a kernel may use without opting in to more.
-const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
+pub(crate) const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// Threads per block of the elementwise kernels.
 const ELEMENT_THREADS: u32 = 256;

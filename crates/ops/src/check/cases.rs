@@ -62,6 +62,11 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         add_norm_case::<1>(1, shape.hidden),
         gemv_case(1, shape.hidden, shape.vocab),
         gemv_case(1, shape.ffn, shape.hidden),
+        rms_norm_linear_case::<0>(1, shape.hidden, (h + 2 * shape.kv_heads) * d),
+        rms_norm_glu_case::<false>(1, shape.hidden, shape.ffn),
+        rms_norm_glu_case::<true>(1, shape.hidden, shape.ffn),
+        linear_residual_case(1, h * d, shape.hidden),
+        linear_residual_case(1, shape.ffn, shape.hidden),
         argmax_case(1, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         lora_linear_case(tokens, shape.hidden, shape.ffn),
@@ -640,13 +645,83 @@ fn glu_projection_case<const GEGLU: bool>(inp: usize, ffn: usize) -> Case {
             false => "swiglu_projection",
         },
         fused: |t| crate::glu_projection(&t[0], &t[1], unit::<GEGLU>()),
-        reference: |t| {
-            let ffn = t[1].dim(0)? / 2;
-            let gate = t[0].matmul(&t[1].narrow(0, 0, ffn)?.t()?)?;
-            let up = t[0].matmul(&t[1].narrow(0, ffn, ffn)?.t()?)?;
-            reference::glu(&gate, &up, unit::<GEGLU>())
-        },
+        reference: |t| glu_projection_reference(&t[0], &t[1], unit::<GEGLU>()),
         inputs: vec![Input::Table(vec![1, inp]), Input::Table(vec![2 * ffn, inp])],
+    }
+}
+
+/// The unit of `x`'s projections by the stacked gate/up weight `[2 ffn, in]`, separately.
+fn glu_projection_reference(x: &Tensor, gate_up: &Tensor, glu: Glu) -> Result<Tensor> {
+    let ffn = gate_up.dim(0)? / 2;
+    let gate = x.matmul(&gate_up.narrow(0, 0, ffn)?.t()?)?;
+    let up = x.matmul(&gate_up.narrow(0, ffn, ffn)?.t()?)?;
+    reference::glu(&gate, &up, glu)
+}
+
+/// The RMSNorm a decode step's projection takes on the way in, with the norm weight `weight`:
+/// `OFFSET` 1 is Gemma's `1 + w`.
+fn input_norm<const OFFSET: u8>(weight: &Tensor) -> crate::InputNorm<'_> {
+    crate::InputNorm {
+        weight,
+        offset: OFFSET as f64,
+        eps: 1e-5,
+    }
+}
+
+/// A decode step's projection of rows `[rows, inp]` with their RMSNorm taken on the way in
+/// (the q/k/v projection's), against the norm and the product.
+fn rms_norm_linear_case<const OFFSET: u8>(rows: usize, inp: usize, out: usize) -> Case {
+    Case {
+        name: match OFFSET {
+            0 => "rms_norm_linear",
+            _ => "rms_norm_linear_offset",
+        },
+        fused: |t| crate::rms_norm_linear(&t[0], input_norm::<OFFSET>(&t[2]), &t[1]),
+        reference: |t| reference::rms_norm(&t[0], &t[2], OFFSET as f64, 1e-5)?.matmul(&t[1].t()?),
+        inputs: vec![
+            Input::Table(vec![rows, inp]),
+            Input::Table(vec![out, inp]),
+            Input::Table(vec![inp]),
+        ],
+    }
+}
+
+/// The gated unit of a stacked gate/up projection of rows `[rows, inp]` with their RMSNorm
+/// taken on the way in (a decode step's MLP up to its down projection).
+fn rms_norm_glu_case<const GEGLU: bool>(rows: usize, inp: usize, ffn: usize) -> Case {
+    Case {
+        name: match GEGLU {
+            true => "rms_norm_geglu_projection",
+            false => "rms_norm_swiglu_projection",
+        },
+        fused: |t| {
+            let norm = input_norm::<0>(&t[2]);
+            crate::rms_norm_glu_projection(&t[0], norm, &t[1], unit::<GEGLU>())
+        },
+        reference: |t| {
+            let normed = reference::rms_norm(&t[0], &t[2], 0.0, 1e-5)?;
+            glu_projection_reference(&normed, &t[1], unit::<GEGLU>())
+        },
+        inputs: vec![
+            Input::Table(vec![rows, inp]),
+            Input::Table(vec![2 * ffn, inp]),
+            Input::Table(vec![inp]),
+        ],
+    }
+}
+
+/// A decode step's projection of rows `[rows, inp]` with the residual `[rows, out]` added on
+/// the way out (its output and down projections').
+fn linear_residual_case(rows: usize, inp: usize, out: usize) -> Case {
+    Case {
+        name: "linear_residual",
+        fused: |t| crate::linear_residual(&t[0], &t[1], &t[2]),
+        reference: |t| &t[2] + t[0].matmul(&t[1].t()?)?,
+        inputs: vec![
+            Input::Table(vec![rows, inp]),
+            Input::Table(vec![out, inp]),
+            Input::Table(vec![rows, out]),
+        ],
     }
 }
 
@@ -1065,6 +1140,19 @@ pub fn edge_cases() -> Vec<Case> {
         // Rows longer than a warp's round of loads, with a short last round.
         gemv_case(3, 4104, 5),
         glu_projection_case::<false>(4104, 7),
+        // The norm-taking products: a batch of rows, Gemma's offset, rows of more 16-byte
+        // packs than a block's threads load in one round (8200: the f32 rows then take the
+        // separate ops, too long for shared memory), and a width with no 16-byte packs (the
+        // separate ops).
+        rms_norm_linear_case::<0>(3, 24, 5),
+        rms_norm_linear_case::<1>(2, 40, 9),
+        rms_norm_linear_case::<0>(2, 8200, 5),
+        rms_norm_linear_case::<1>(1, 17, 5),
+        rms_norm_glu_case::<false>(3, 24, 7),
+        rms_norm_glu_case::<true>(1, 4104, 7),
+        linear_residual_case(3, 24, 5),
+        linear_residual_case(1, 4104, 7),
+        linear_residual_case(2, 17, 3),
         argmax_case(3, 9000),
         argmax_case(2, 5),
         glu_projection_case::<false>(24, 7),

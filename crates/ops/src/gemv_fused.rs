@@ -1,0 +1,362 @@
+//! A decode step's projections fused with their neighbours: the RMSNorm before the q/k/v and
+//! gate/up projections taken on the way in ([`rms_norm_linear`], [`rms_norm_glu_projection`])
+//! and the residual add after the output and down projections on the way out
+//! ([`linear_residual`]). A decode step is bound by kernel launches, and these take a block's
+//! two norms into its projections: five kernels a block instead of seven
+//! (`kernels/decode.cu`). Each falls back to the separate ops where the matrix-vector kernel
+//! does not apply ([`super::gemv`]'s conditions, a norm weight that is not aligned, rows too
+//! long for a block's shared memory), and computes what they compute: on the CPU bit for bit.
+
+use super::cpu_kernel::{f32s, output};
+use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
+#[cfg(feature = "cuda")]
+use super::fused_op::{CudaOutput, Operand};
+use super::gemv::{cpu_products, supported, with_last_dim};
+use super::rms_norm::inverse_rms;
+use super::swiglu::Glu;
+use candle_core::{Layout, Result, Storage, Tensor};
+
+/// The RMSNorm a projection's input takes on the way in: each row `x` becomes
+/// `x · r · (offset + weight)` with `r = 1 / sqrt(mean(x²) + eps)`, as
+/// [`super::rms_norm_offset`] computes it.
+#[derive(Debug, Clone, Copy)]
+pub struct InputNorm<'a> {
+    /// `[in]`, in the input's dtype.
+    pub weight: &'a Tensor,
+    /// 0 for a plain norm, 1 for Gemma's `1 + w`.
+    pub offset: f64,
+    /// Added to the mean square before its inverse square root.
+    pub eps: f64,
+}
+
+impl InputNorm<'_> {
+    /// The norm of `x` as its own op.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        super::rms_norm_offset(x, self.weight, self.offset, self.eps)
+    }
+
+    /// Whether the fused kernels take this norm for the rows `x` `[rows, in]` (which the
+    /// matrix-vector kernel takes): an untracked contiguous weight of `[in]` in `x`'s dtype on
+    /// its device, and on CUDA starting on 16 bytes with the rows fitting in shared memory.
+    fn fits(&self, x: &Tensor) -> bool {
+        let w = self.weight;
+        let width = x.dims().last();
+        let alike = w.dtype() == x.dtype() && w.device().same_device(x.device());
+        if w.track_op() || !w.is_contiguous() || !alike || w.dims().last() != width {
+            return false;
+        }
+        let (xs, _) = x.storage_and_layout();
+        let (ws, _) = w.storage_and_layout();
+        match (&*xs, &*ws) {
+            (Storage::Cpu(_), Storage::Cpu(_)) => w.rank() == 1,
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(xs), Storage::Cuda(ws)) => {
+                w.rank() == 1 && cuda::norm_fits((xs, x.layout()), (ws, w.layout()))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `linear(rms_norm(x), weight)` for `weight` `[out, in]` and `x` `[.., in]`: one kernel for
+/// a few untracked rows (a decode step's q/k/v projection).
+pub fn rms_norm_linear(x: &Tensor, norm: InputNorm, weight: &Tensor) -> Result<Tensor> {
+    normed_projection(x, norm, weight, None)
+}
+
+/// `glu_projection(rms_norm(x), gate_up, glu)` for the stacked projection `gate_up`
+/// `[2 ffn, in]` and `x` `[.., in]`: one kernel for a few untracked rows (a decode step's MLP
+/// up to its down projection).
+pub fn rms_norm_glu_projection(
+    x: &Tensor,
+    norm: InputNorm,
+    gate_up: &Tensor,
+    glu: Glu,
+) -> Result<Tensor> {
+    normed_projection(x, norm, gate_up, Some(glu))
+}
+
+/// [`rms_norm_linear`], or with a unit [`rms_norm_glu_projection`].
+fn normed_projection(
+    x: &Tensor,
+    norm: InputNorm,
+    weight: &Tensor,
+    glu: Option<Glu>,
+) -> Result<Tensor> {
+    let (w_rows, inp) = weight.dims2()?;
+    if x.dims().last() == Some(&inp) {
+        let rows = x.reshape(((), inp))?;
+        if supported(&rows, weight) && norm.fits(&rows) {
+            let out = if glu.is_some() { w_rows / 2 } else { w_rows };
+            let op = NormedGemv {
+                glu,
+                eps: norm.eps as f32,
+                offset: norm.offset as f32,
+            };
+            return rows
+                .apply_op3_no_bwd(weight, norm.weight, &op)?
+                .reshape(with_last_dim(x, out));
+        }
+    }
+    let normed = norm.apply(x)?;
+    match glu {
+        Some(glu) => super::glu_projection(&normed, weight, glu),
+        None => super::linear(&normed, weight),
+    }
+}
+
+/// `residual + linear(x, weight)` for `weight` `[out, in]`, `x` `[.., in]` and `residual`
+/// `[.., out]`, the product rounded to the dtype before the add as the separate ops store it:
+/// one kernel for a few untracked rows (a decode step's output and down projections).
+pub fn linear_residual(x: &Tensor, weight: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let (out, inp) = weight.dims2()?;
+    let fits = x.dims().last() == Some(&inp)
+        && residual.dims() == with_last_dim(x, out).as_slice()
+        && !residual.track_op()
+        && residual.is_contiguous()
+        && super::fused(&[x, residual]);
+    if fits {
+        let rows = x.reshape(((), inp))?;
+        if supported(&rows, weight) {
+            let residual_rows = residual.reshape(((), out))?;
+            return rows
+                .apply_op3_no_bwd(weight, &residual_rows, &ResidualGemv)?
+                .reshape(residual.shape());
+        }
+    }
+    super::add(residual, &super::linear(x, weight)?)
+}
+
+/// `x @ w.t()` (through the unit where there is one) of the rows of `x` normalized by the
+/// weight `nw`: operands `x` `[rows, in]`, `w`, `nw` `[in]`.
+struct NormedGemv {
+    glu: Option<Glu>,
+    eps: f32,
+    offset: f32,
+}
+
+impl NormedGemv {
+    /// The kernel's name (`kernels/decode.cu`), without the dtype.
+    #[cfg(feature = "cuda")]
+    fn kernel(&self) -> &'static str {
+        match self.glu {
+            Some(Glu::SwiGlu) => "gemv_swiglu_rms",
+            Some(Glu::GeGlu) => "gemv_geglu_rms",
+            None => "gemv_rms",
+        }
+    }
+
+    /// `(rows, in, out)` of the product for `x` and `w` layouts.
+    fn shape(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+        let (rows, inp) = super::rows_and_width(x)?;
+        let (w_rows, _) = super::rows_and_width(w)?;
+        let out = if self.glu.is_some() {
+            w_rows / 2
+        } else {
+            w_rows
+        };
+        Ok((rows, inp, out))
+    }
+}
+
+impl FusedOp<3> for NormedGemv {
+    const NAME: &'static str = "rms-norm-gemv";
+
+    fn cpu(&self, [(x, x_layout), (w, w_layout), (nw, nw_layout)]: [CpuOperand; 3]) -> CpuOutput {
+        let (x, w, nw) = (f32s(x, x_layout)?, f32s(w, w_layout)?, f32s(nw, nw_layout)?);
+        let (rows, inp, out) = self.shape(x_layout, w_layout)?;
+        if nw.len() != inp {
+            candle_core::bail!(
+                "rms_norm_linear: norm weight of {} for rows of {inp}",
+                nw.len()
+            );
+        }
+        // Each row as the CPU's RMSNorm computes it.
+        let mut normed = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(inp.max(1)) {
+            let r = inverse_rms(row, self.eps);
+            normed.extend(row.iter().zip(nw).map(|(&x, &w)| x * r * (self.offset + w)));
+        }
+        let y = cpu_products(&normed, w, (rows, inp, out), self.glu);
+        Ok(output(y, (rows, out)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, [x, w, nw]: [Operand; 3]) -> CudaOutput {
+        let shape = self.shape(x.1, w.1)?;
+        let y = cuda::normed_gemv(self.kernel(), [x, w, nw], shape, (self.eps, self.offset))?;
+        Ok((y, (shape.0, shape.2).into()))
+    }
+}
+
+custom_op!(NormedGemv: 3);
+
+/// `residual + x @ w.t()`: operands `x` `[rows, in]`, `w` `[out, in]`, `residual`
+/// `[rows, out]`.
+struct ResidualGemv;
+
+impl FusedOp<3> for ResidualGemv {
+    const NAME: &'static str = "gemv-residual";
+
+    fn cpu(&self, [(x, x_layout), (w, w_layout), (res, res_layout)]: [CpuOperand; 3]) -> CpuOutput {
+        let (x, w, res) = (
+            f32s(x, x_layout)?,
+            f32s(w, w_layout)?,
+            f32s(res, res_layout)?,
+        );
+        let (rows, inp) = super::rows_and_width(x_layout)?;
+        let (out, _) = super::rows_and_width(w_layout)?;
+        if res.len() != rows * out {
+            candle_core::bail!(
+                "linear_residual: residual of {} for [{rows}, {out}]",
+                res.len()
+            );
+        }
+        let mut y = cpu_products(x, w, (rows, inp, out), None);
+        y.iter_mut().zip(res).for_each(|(y, r)| *y += r);
+        Ok(output(y, (rows, out)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, [x, w, res]: [Operand; 3]) -> CudaOutput {
+        let (rows, _) = super::rows_and_width(x.1)?;
+        let (out, _) = super::rows_and_width(w.1)?;
+        Ok((cuda::residual_gemv([x, w, res])?, (rows, out).into()))
+    }
+}
+
+custom_op!(ResidualGemv: 3);
+
+/// The CUDA launchers (`kernels/decode.cu`).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use crate::launch::{
+        address, alloc, base_address, common_dtype, int, launch_with_shared, per_warp_row, run,
+        start_aligned, Arg, Operand, DEFAULT_SHARED_LIMIT,
+    };
+    use crate::rows_and_width;
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, Result};
+
+    /// Bytes of shared memory the normalized rows `x` `[rows, in]` take in a block.
+    fn normed_bytes(x: Operand) -> Result<usize> {
+        let (rows, inp) = rows_and_width(x.1)?;
+        Ok(rows * inp * x.0.dtype().size_in_bytes())
+    }
+
+    /// Whether the norm-taking kernels take rows `x` (which the matrix-vector kernel takes)
+    /// normalized by `nw`: both start on 16 bytes, and the normalized rows fit in the shared
+    /// memory a kernel has without opting in to more.
+    pub(super) fn norm_fits(x: Operand, nw: Operand) -> bool {
+        let fits = normed_bytes(x).is_ok_and(|n| n <= DEFAULT_SHARED_LIMIT as usize);
+        fits && start_aligned(&[x, nw]).unwrap_or(false)
+    }
+
+    /// The norm-taking product `name` of `x` `[rows, in]`, `w` and the norm weight `nw`,
+    /// `[rows, out]`.
+    pub(super) fn normed_gemv(
+        name: &str,
+        [x, w, nw]: [Operand; 3],
+        (rows, inp, out): (usize, usize, usize),
+        (eps, offset): (f32, f32),
+    ) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[x, w, nw])?;
+        let y = alloc(&x.0.device, dtype, rows * out)?;
+        let mut args = [x, w, nw]
+            .into_iter()
+            .map(|o| address(o).map(Arg::Address))
+            .collect::<Result<Vec<_>>>()?;
+        args.push(Arg::Address(base_address(&y)?));
+        args.extend([int(rows)?, int(inp)?, int(out)?]);
+        args.extend([Arg::Float(eps), Arg::Float(offset)]);
+        // One warp per output feature, as the plain product.
+        let (grid, block) = per_warp_row(out)?;
+        let shared = u32::try_from(normed_bytes(x)?)
+            .map_err(|_| candle_core::Error::Msg("rms_norm_linear: rows too long".into()))?;
+        launch_with_shared(&x.0.device, name, Some(dtype), (grid, block, shared), &args)?;
+        Ok(y)
+    }
+
+    /// `residual + x @ w.t()` for `x` `[rows, in]`, `w` `[out, in]` and `residual`
+    /// `[rows, out]`.
+    pub(super) fn residual_gemv([x, w, residual]: [Operand; 3]) -> Result<CudaStorage> {
+        let dtype = common_dtype(&[x, w, residual])?;
+        let (rows, inp) = rows_and_width(x.1)?;
+        let (out, _) = rows_and_width(w.1)?;
+        let y = alloc(&x.0.device, dtype, rows * out)?;
+        let scalars = [int(rows)?, int(inp)?, int(out)?];
+        run(
+            ("gemv_residual", dtype),
+            per_warp_row(out)?,
+            &[x, w, residual],
+            y,
+            &scalars,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parity::uniform;
+
+    /// Each fused projection equals the separate ops bit for bit on the CPU, for one row and
+    /// a batch, with a plain and an offset norm weight.
+    #[test]
+    fn fused_projections_are_the_separate_ops() {
+        let (inp, ffn, out) = (40, 9, 13);
+        let nw = uniform(&[inp], 7);
+        let w = uniform(&[out, inp], 8);
+        let gate_up = uniform(&[2 * ffn, inp], 9);
+        let down = uniform(&[out, ffn], 10);
+        for rows in [1, 3] {
+            let x = uniform(&[rows, 1, inp], 11);
+            let residual = uniform(&[rows, 1, out], 12);
+            let hidden = uniform(&[rows, 1, ffn], 13);
+            for offset in [0.0, 1.0] {
+                let norm = InputNorm {
+                    weight: &nw,
+                    offset,
+                    eps: 1e-5,
+                };
+                let normed = crate::rms_norm_offset(&x, &nw, offset, 1e-5).unwrap();
+                let pairs = [
+                    (
+                        rms_norm_linear(&x, norm, &w).unwrap(),
+                        crate::linear(&normed, &w).unwrap(),
+                    ),
+                    (
+                        rms_norm_glu_projection(&x, norm, &gate_up, Glu::SwiGlu).unwrap(),
+                        crate::glu_projection(&normed, &gate_up, Glu::SwiGlu).unwrap(),
+                    ),
+                    (
+                        rms_norm_glu_projection(&x, norm, &gate_up, Glu::GeGlu).unwrap(),
+                        crate::glu_projection(&normed, &gate_up, Glu::GeGlu).unwrap(),
+                    ),
+                    (
+                        linear_residual(&hidden, &down, &residual).unwrap(),
+                        crate::add(&residual, &crate::linear(&hidden, &down).unwrap()).unwrap(),
+                    ),
+                ];
+                for (i, (fused, separate)) in pairs.iter().enumerate() {
+                    assert_eq!(fused.dims(), separate.dims(), "pair {i}");
+                    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert_eq!(flat(fused), flat(separate), "pair {i}, {rows} rows");
+                }
+            }
+        }
+    }
+
+    /// A norm weight of the wrong width is refused by the fused path and then by the separate
+    /// norm, not read past its end.
+    #[test]
+    fn a_norm_weight_of_another_width_is_an_error() {
+        let (x, w, nw) = (uniform(&[1, 8], 1), uniform(&[3, 8], 2), uniform(&[5], 3));
+        let norm = InputNorm {
+            weight: &nw,
+            offset: 0.0,
+            eps: 1e-5,
+        };
+        assert!(rms_norm_linear(&x, norm, &w).is_err());
+    }
+}
