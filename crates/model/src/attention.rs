@@ -12,6 +12,7 @@
 use super::cache::LayerCache;
 use super::config::LlamaConfig;
 use super::llama::{Block, Llama};
+use super::rope::RopeTables;
 use crate::linear::Linear;
 use crate::names::Norm;
 use candle_core::{Result, Tensor, D};
@@ -56,6 +57,11 @@ impl Attention {
         })
     }
 
+    /// Query heads, kv heads and the head size.
+    pub(crate) fn heads_and_size(&self) -> (usize, usize, usize) {
+        (self.heads, self.kv_heads, self.head_size)
+    }
+
     /// The stacked q/k/v projection, where one exists and no part has an adapter since.
     pub(crate) fn stacked(&self) -> Option<&Linear> {
         let adapted = [&self.q_proj, &self.k_proj, &self.v_proj]
@@ -81,24 +87,15 @@ impl Llama {
     ) -> Result<Tensor> {
         let block = &self.layers[i];
         let a = &block.self_attn;
-        let layer = self.family.layers[i];
-        let rope = match (layer.local_rope, &self.rope_local) {
-            (true, Some(local)) => local,
-            _ => &self.rope,
-        };
+        let rope = self.layer_rope(i);
         let t = x.dim(1)?;
-        let heads = (a.heads, a.kv_heads, a.head_size);
+        let heads = a.heads_and_size();
         let (cos, sin) = rope.window(start, t)?;
-        let options = ops::AttentionOptions {
-            scale: self.family.attention_scale,
-            softcap: self.family.attn_softcap,
-            window: layer.window,
-            segments: segments.cloned(),
-        };
+        let options = self.attention_options(i, segments);
         // A window that covers every position attended to masks nothing (a packed cache's
         // decode step keeps its window: a replayed step attends at later positions).
         let trimmed = ops::AttentionOptions {
-            window: layer.window.filter(|&w| start + t > w),
+            window: options.window.filter(|&w| start + t > w),
             ..options.clone()
         };
         let y = match cache {
@@ -127,6 +124,30 @@ impl Llama {
             }
         };
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())
+    }
+
+    /// The RoPE tables of block `i`: the local ones where its family gives sliding layers a
+    /// base of their own (Gemma 3).
+    pub(crate) fn layer_rope(&self, i: usize) -> &RopeTables {
+        match (self.family.layers[i].local_rope, &self.rope_local) {
+            (true, Some(local)) => local,
+            _ => &self.rope,
+        }
+    }
+
+    /// The options of block `i`'s attention (its family's scale and soft cap, its window) on
+    /// rows packed as `segments` say.
+    pub(crate) fn attention_options(
+        &self,
+        i: usize,
+        segments: Option<&ops::Segments>,
+    ) -> ops::AttentionOptions {
+        ops::AttentionOptions {
+            scale: self.family.attention_scale,
+            softcap: self.family.attn_softcap,
+            window: self.family.layers[i].window,
+            segments: segments.cloned(),
+        }
     }
 
     /// The q, k and v projections `[b, t, heads · head_size]` of `x`, the queries and keys

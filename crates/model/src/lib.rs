@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod cache;
 pub mod config;
+mod decode_block;
 pub mod decoder;
 pub mod family;
 pub mod gguf;

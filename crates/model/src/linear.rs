@@ -125,6 +125,13 @@ impl Linear {
         self.weight.as_dense().filter(|_| bare)
     }
 
+    /// The weight of a frozen dense projection with nothing else to it (no adapter, no
+    /// bias): what a decode step's fused kernels take in its place.
+    pub(crate) fn plain_weight(&self) -> Option<&Tensor> {
+        let plain = !self.trainable && self.adapter.is_none() && self.bias.is_none();
+        self.weight.as_dense().filter(|_| plain)
+    }
+
     /// `[out, in]`.
     pub fn dims(&self) -> Result<(usize, usize)> {
         self.weight.dims2()

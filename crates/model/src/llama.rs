@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 impl Mlp {
     /// The stacked gate/up projection, where one exists and no part has an adapter since.
-    fn stacked(&self) -> Option<&Linear> {
+    pub(crate) fn stacked(&self) -> Option<&Linear> {
         let adapted = self.gate_proj.adapter.is_some() || self.up_proj.adapter.is_some();
         self.gate_up.as_ref().filter(|_| !adapted)
     }
@@ -81,7 +81,7 @@ impl Block {
     }
 
     /// The weight of a norm every family has.
-    fn required_norm(&self, n: Norm) -> Result<&Tensor> {
+    pub(crate) fn required_norm(&self, n: Norm) -> Result<&Tensor> {
         self.norm(n)
             .ok_or_else(|| candle_core::Error::Msg(format!("the block has no {n:?} norm")))
     }
@@ -444,7 +444,7 @@ impl Llama {
 
     /// A norm's weight in the compute dtype and the offset added to it as it multiplies: 1
     /// for Gemma's `1 + w` (the fused kernels add it in f32, as transformers does), else 0.
-    fn norm_weight(&self, weight: &Tensor) -> Result<(Tensor, f64)> {
+    pub(crate) fn norm_weight(&self, weight: &Tensor) -> Result<(Tensor, f64)> {
         let offset = match self.family.norm {
             NormKind::Plain => 0.0,
             NormKind::OnePlus => 1.0,
@@ -573,15 +573,33 @@ impl Llama {
 
     /// The blocks and the final norm on token ids `[batch, seq]` whose first position is
     /// `cache.len()` (or 0 without a cache): normalized hidden states `[batch, seq, hidden]`.
+    /// A one-position step over a cache runs each block that allows it in five kernels
+    /// ([`Llama::decode_block`]).
     fn normed_hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.embed(ids)?;
-        let mut pending = None;
+        // What ops::write_kv_fused asks of the step's input (the RoPE tables are in the
+        // model's dtype on its device, as the input).
+        let decode_step = ids.dim(1)? == 1 && !x.track_op() && ops::fused(&[&x]);
+        let mut pending: Option<Tensor> = None;
         for i in 0..self.layers.len() {
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let at = (start, None);
-            let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), at, layer_cache)?;
-            (x, pending) = (next, Some(mlp));
+            match (
+                cache.as_mut(),
+                self.decode_weights(i).filter(|_| decode_step),
+            ) {
+                (Some(c), Some(weights)) => {
+                    if let Some(p) = pending.take() {
+                        x = ops::add(&x, &p)?;
+                    }
+                    x = self.decode_block(i, &x, weights, &mut c.layers[i])?;
+                }
+                (c, _) => {
+                    let layer_cache = c.map(|c| &mut c.layers[i]);
+                    let at = (start, None);
+                    let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), at, layer_cache)?;
+                    (x, pending) = (next, Some(mlp));
+                }
+            }
         }
         let (_, normed) = self.add_norm(&x, pending.as_ref(), &self.norm)?;
         Ok(normed)
