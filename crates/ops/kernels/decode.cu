@@ -216,21 +216,31 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, in
   for (int n = 0; n < N; ++n) dots[n] = warp_sum(acc[n]);
 }
 
+// Output features go to warps in order, one per warp of the grid, then again from the start of
+// the grid while any are left: the launcher gives a product one warp per feature, and a
+// norm-taking one (below) no more blocks than the device holds at once, so that each block
+// normalizes its input once however many features it computes.
+__device__ __forceinline__ int first_warp_row() {
+  return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+}
+__device__ __forceinline__ int warp_row_stride() { return gridDim.x * (blockDim.x >> 5); }
+
 // y[r][o] = w[o] · x[r], plus residual[r][o] where `residual` is given (the sum rounded as
 // the separate projection and add store it: the product to T, then the sum).
 template <typename T>
 __device__ void gemv(const T* x, const T* w, const T* residual, T* y, int rows, int in,
                      int out) {
-  const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (o >= out) return;  // the whole warp leaves together
-  const T* row[1] = {w + (size_t)o * in};
-  for (int r = 0; r < rows; ++r) {
-    float dot[1];
-    warp_dots<T, 1>(row, x + (size_t)r * in, in, dot);
-    if ((threadIdx.x & 31) != 0) continue;
-    const size_t i = (size_t)r * out + o;
-    y[i] = residual == nullptr ? from_f32<T>(dot[0])
-                               : from_f32<T>(to_f32(residual[i]) + to_f32(from_f32<T>(dot[0])));
+  for (int o = first_warp_row(); o < out; o += warp_row_stride()) {
+    const T* row[1] = {w + (size_t)o * in};
+    for (int r = 0; r < rows; ++r) {
+      float dot[1];
+      warp_dots<T, 1>(row, x + (size_t)r * in, in, dot);
+      if ((threadIdx.x & 31) != 0) continue;
+      const size_t i = (size_t)r * out + o;
+      y[i] = residual == nullptr
+                 ? from_f32<T>(dot[0])
+                 : from_f32<T>(to_f32(residual[i]) + to_f32(from_f32<T>(dot[0])));
+    }
   }
 }
 
@@ -239,14 +249,14 @@ __device__ void gemv(const T* x, const T* w, const T* residual, T* y, int rows, 
 // first as the separate projections store them; act is A (common.cuh: SwiGLU's or GeGLU's).
 template <typename A, typename T>
 __device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out) {
-  const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (o >= out) return;
-  const T* gate_up[2] = {w + (size_t)o * in, w + (size_t)(out + o) * in};
-  for (int r = 0; r < rows; ++r) {
-    float dots[2];
-    warp_dots<T, 2>(gate_up, x + (size_t)r * in, in, dots);
-    const float g = to_f32(from_f32<T>(dots[0])), u = to_f32(from_f32<T>(dots[1]));
-    if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(A::value(g) * u);
+  for (int o = first_warp_row(); o < out; o += warp_row_stride()) {
+    const T* gate_up[2] = {w + (size_t)o * in, w + (size_t)(out + o) * in};
+    for (int r = 0; r < rows; ++r) {
+      float dots[2];
+      warp_dots<T, 2>(gate_up, x + (size_t)r * in, in, dots);
+      const float g = to_f32(from_f32<T>(dots[0])), u = to_f32(from_f32<T>(dots[1]));
+      if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(A::value(g) * u);
+    }
   }
 }
 

@@ -231,8 +231,8 @@ custom_op!(ResidualGemv: 3);
 #[cfg(feature = "cuda")]
 mod cuda {
     use crate::launch::{
-        address, alloc, base_address, common_dtype, int, launch_with_shared, per_warp_row, run,
-        start_aligned, Arg, Operand, DEFAULT_SHARED_LIMIT,
+        address, alloc, base_address, common_dtype, int, int_u32, launch_with_shared, per_warp_row,
+        resident_blocks, run, start_aligned, Arg, Operand, DEFAULT_SHARED_LIMIT,
     };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
@@ -269,11 +269,16 @@ mod cuda {
         args.push(Arg::Address(base_address(&y)?));
         args.extend([int(rows)?, int(inp)?, int(out)?]);
         args.extend([Arg::Float(eps), Arg::Float(offset)]);
-        // One warp per output feature, as the plain product.
-        let (grid, block) = per_warp_row(out)?;
+        // One warp per output feature, as the plain product, but no more blocks than the
+        // device runs at once: each block normalizes the rows once, then its warps go on to
+        // further features.
+        let ((blocks, _), block) = per_warp_row(out)?;
         let shared = u32::try_from(normed_bytes(x)?)
             .map_err(|_| candle_core::Error::Msg("rms_norm_linear: rows too long".into()))?;
-        launch_with_shared(&x.0.device, name, Some(dtype), (grid, block, shared), &args)?;
+        let device = &x.0.device;
+        let resident = resident_blocks(device, name, Some(dtype), (block.0, shared))?;
+        let grid = (int_u32(resident.min(blocks as usize))?, 1);
+        launch_with_shared(device, name, Some(dtype), (grid, block, shared), &args)?;
         Ok(y)
     }
 

@@ -7,7 +7,7 @@
 //! outputs and enqueue their kernels on the device's stream.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -229,6 +229,40 @@ fn kernel(
         *allowed = shared;
     }
     Ok(func.clone())
+}
+
+/// How many blocks of `threads` threads and `shared` bytes of dynamic shared memory each the
+/// device runs of kernel `name` (suffixed for `dtype`) at once: its multiprocessors times the
+/// blocks one of them holds (at least one each). Asked of the driver once per kernel and shape,
+/// so a captured decode step's launches make no driver query.
+pub(crate) fn resident_blocks(
+    device: &CudaDevice,
+    name: &str,
+    dtype: Option<DType>,
+    (threads, shared): (u32, u32),
+) -> Result<usize> {
+    type Key = (DeviceId, Option<DType>, String, u32, u32);
+    static RESIDENT: OnceLock<Mutex<HashMap<Key, usize>>> = OnceLock::new();
+    let key = (device.id(), dtype, name.to_string(), threads, shared);
+    let mut known = RESIDENT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(&blocks) = known.get(&key) {
+        return Ok(blocks);
+    }
+    let func = kernel(device, name, dtype, shared)?;
+    let per_multiprocessor = func
+        .occupancy_max_active_blocks_per_multiprocessor(threads, shared as usize, None)
+        .w()?;
+    let multiprocessors = device
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let blocks = per_multiprocessor.max(1) as usize * multiprocessors.max(1) as usize;
+    known.insert(key, blocks);
+    Ok(blocks)
 }
 
 /// Threads for a row kernel over rows of `width`: a multiple of 32, at most `max`.
