@@ -27,13 +27,32 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     })
 }
 
+/// `parts` (2-D, one width, no gradient) in `dtype`, stacked along their rows: the stacked
+/// weight of two master weights in mixed precision. On CUDA, with every part contiguous from
+/// a 16-byte boundary and each part's rows starting on one in the output, one cast kernel a
+/// part writes its rows of one buffer, where casting each and concatenating the casts would
+/// copy the whole weight once more every step.
+pub fn stacked_cast(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(stacked) = cuda::stacked_cast(parts, dtype)? {
+        return Ok(stacked);
+    }
+    let casts = parts
+        .iter()
+        .map(|p| cast(&p.detach(), dtype))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&casts, 0)
+}
+
 #[cfg(feature = "cuda")]
 use cuda::fused_cast;
 
 /// The CUDA launcher (`kernels/elementwise.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::launch::{self, alloc, per_element, run, start_aligned, suffix, Arg, Operand};
+    use crate::launch::{
+        self, address, alloc, base_address, per_element, start_aligned, suffix, Arg, Operand,
+    };
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Result, Tensor};
 
@@ -53,20 +72,66 @@ mod cuda {
 
     /// `x` (contiguous from a 16-byte boundary) converted to `dtype`, 8 elements per thread.
     fn cast(x: Operand, dtype: DType) -> Result<CudaStorage> {
-        if !start_aligned(&[x])? {
-            candle_core::bail!("cast: the operand must start on a 16-byte boundary");
-        }
         let n = x.1.shape().elem_count();
         let out = alloc(&x.0.device, dtype, n)?;
+        cast_into(x, (&out, 0))?;
+        Ok(out)
+    }
+
+    /// `x` (contiguous from a 16-byte boundary) converted to `out`'s dtype into its elements
+    /// from `offset` on (a 16-byte boundary).
+    fn cast_into(x: Operand, (out, offset): (&CudaStorage, usize)) -> Result<()> {
+        let (n, dtype) = (x.1.shape().elem_count(), out.dtype());
+        let offset_bytes = offset * dtype.size_in_bytes();
+        if !start_aligned(&[x])? || offset_bytes % 16 != 0 {
+            candle_core::bail!("cast: the operand and output must start on 16-byte boundaries");
+        }
+        let args = [
+            Arg::Address(address(x)?),
+            Arg::Address(base_address(out)? + offset_bytes as u64),
+            Arg::Count(n as u64),
+        ];
+        let (grid, block) = per_element(n.div_ceil(8))?;
         let name = format!("cast_to_{}", suffix(dtype)?);
-        let scalars = [Arg::Count(n as u64)];
-        run(
-            (&name, x.0.dtype()),
-            per_element(n.div_ceil(8))?,
-            &[x],
-            out,
-            &scalars,
-        )
+        launch::launch(&out.device, &name, Some(x.0.dtype()), grid, block, &args)
+    }
+
+    /// [`super::stacked_cast`] by one kernel a part, where it applies: CUDA, float dtypes,
+    /// 2-D parts of one width, each contiguous from a 16-byte boundary and starting on one in
+    /// the output.
+    pub(super) fn stacked_cast(parts: &[&Tensor], dtype: DType) -> Result<Option<Tensor>> {
+        let floats = |d: DType| matches!(d, DType::F32 | DType::BF16 | DType::F16);
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let width = first.dim(1)?;
+        let fits = |p: &&Tensor| {
+            p.device().is_cuda()
+                && p.rank() == 2
+                && p.is_contiguous()
+                && floats(p.dtype())
+                && p.dim(1).is_ok_and(|w| w == width)
+                && (p.elem_count() * dtype.size_in_bytes()) % 16 == 0
+        };
+        if !(floats(dtype) && parts.iter().all(fits)) {
+            return Ok(None);
+        }
+        let rows: usize = parts.iter().map(|p| p.dim(0)).sum::<Result<usize>>()?;
+        let tensors: Vec<Tensor> = parts.iter().map(|p| p.detach()).collect();
+        let refs: Vec<&Tensor> = tensors.iter().collect();
+        let stacked = launch::with_operands(&refs, |ops| {
+            if !start_aligned(ops)? {
+                return Ok(None);
+            }
+            let out = alloc(&ops[0].0.device, dtype, rows * width)?;
+            let mut offset = 0;
+            for &part in ops {
+                cast_into(part, (&out, offset))?;
+                offset += part.1.shape().elem_count();
+            }
+            Ok(Some(out))
+        })?;
+        Ok(stacked.map(|out| launch::tensor(out, (rows, width).into())))
     }
 }
 

@@ -60,6 +60,7 @@ pub use attention::{
     self_attention, windowed_attention, AttentionOptions, Segments,
 };
 pub use cast::cast;
+pub(crate) use cast::stacked_cast;
 pub use cross_entropy::{
     masked_mean_nll, token_nll, token_nll_grad, token_nll_with_grad, weighted_mean,
 };

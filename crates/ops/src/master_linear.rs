@@ -30,8 +30,7 @@ pub fn master_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 /// two projections of the same input take two and sum their input gradients; each weight's
 /// gradient is its rows of one weight-gradient GEMM.
 pub(super) fn stacked_master_linear(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let cast = |w: &Tensor| super::cast(&w.detach(), x.dtype());
-    let (xd, w) = (x.detach(), Tensor::cat(&[cast(a)?, cast(b)?], 0)?);
+    let (xd, w) = (x.detach(), super::stacked_cast(&[a, b], x.dtype())?);
     let y = super::linear(&xd, &w)?;
     let (x_grad, a_grad, b_grad) = (x.track_op(), a.track_op(), b.track_op());
     if !(x_grad || a_grad || b_grad) {

@@ -725,8 +725,9 @@ fn linear_residual_case(rows: usize, inp: usize, out: usize) -> Case {
     }
 }
 
-/// A training block's gated projection from master weights: `x` `[rows, inp]`, gate and up
-/// `[ffn, inp]`, all differentiable (on CUDA one stacked projection into a packed unit).
+/// A training block's gated projection from f32 master weights: `x` `[rows, inp]`, gate and
+/// up `[ffn, inp]`, all differentiable (on CUDA the two weights cast into one stacked weight,
+/// one projection into a packed unit).
 fn glu_master_case<const GEGLU: bool>(rows: usize, inp: usize, ffn: usize) -> Case {
     let float = |shape: &[usize]| Input::Float(shape.to_vec(), 1.0);
     Case {
@@ -734,7 +735,10 @@ fn glu_master_case<const GEGLU: bool>(rows: usize, inp: usize, ffn: usize) -> Ca
             true => "geglu_master_projection",
             false => "swiglu_master_projection",
         },
-        fused: |t| crate::glu_master_projection(&t[0], &t[1], &t[2], unit::<GEGLU>()),
+        fused: |t| {
+            let master = |w: &Tensor| w.to_dtype(DType::F32);
+            crate::glu_master_projection(&t[0], &master(&t[1])?, &master(&t[2])?, unit::<GEGLU>())
+        },
         reference: |t| {
             let project = |w: &Tensor| t[0].matmul(&w.t()?);
             reference::glu(&project(&t[1])?, &project(&t[2])?, unit::<GEGLU>())
