@@ -11,8 +11,9 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// What a rank sends first: who it is and which world it belongs to.
-const HELLO: &[u8; 8] = b"llmtool1";
+/// What a rank sends first, followed by its rank and world size (little-endian u64 each), and
+/// what rank 0 answers when it takes the rank in.
+pub const HELLO: &[u8; 8] = b"llmtool1";
 /// Operation tags, checked by rank 0 so that ranks out of step fail instead of mixing data.
 const GATHER: u8 = 1;
 const REDUCE: u8 = 2;
