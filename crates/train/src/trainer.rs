@@ -277,11 +277,11 @@ impl Trainer<'_> {
             let path = path.to_path_buf();
             move |source| TrainError::Io { path, source }
         };
-        // Rank 0 writes the run directory; the other ranks keep their metrics to themselves.
-        let mut metrics = match rank {
-            0 => Metrics::open(&metrics_path, opts.resume.then_some(progress.step))
+        // The other ranks keep their metrics to themselves.
+        let mut metrics = match self.writes_run_dir() {
+            true => Metrics::open(&metrics_path, opts.resume.then_some(progress.step))
                 .map_err(io(&metrics_path))?,
-            _ => Metrics::in_memory(),
+            false => Metrics::in_memory(),
         };
         reporter.report(Event::Started {
             step: progress.step,
@@ -418,7 +418,7 @@ impl Trainer<'_> {
                         .map_err(io(&metrics_path))?;
                     if improved {
                         progress.best_val_loss = Some(val);
-                        if rank == 0 {
+                        if self.writes_run_dir() {
                             (self.save_artifact)(&self.run_dir.join("best"))?;
                         }
                     }
@@ -429,7 +429,7 @@ impl Trainer<'_> {
             let interrupted = signal != 0;
             let paused = opts.stop_after_steps.is_some_and(|n| now - first_step >= n);
             let save = now % t.save_every as u64 == 0 || now == total || interrupted || paused;
-            if save && rank == 0 {
+            if save && self.writes_run_dir() {
                 self.checkpoint(&optimizer, &progress)?;
             }
             if interrupted {
@@ -506,8 +506,14 @@ impl Trainer<'_> {
         })
     }
 
+    /// Whether this process writes the run directory (metrics, the plot, checkpoints, `best/`):
+    /// rank 0 alone, so that ranks training together never write the same file.
+    fn writes_run_dir(&self) -> bool {
+        self.collective.rank() == 0
+    }
+
     fn plot(&self, metrics: &Metrics, reporter: &mut dyn Reporter) {
-        if self.config.output.plot && self.collective.rank() == 0 {
+        if self.config.output.plot && self.writes_run_dir() {
             if let Err(e) = metrics.plot(&self.run_dir.join("loss.svg")) {
                 reporter.report(Event::Note(format!(
                     "warning: could not draw loss.svg: {e}"
