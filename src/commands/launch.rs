@@ -108,14 +108,12 @@ pub fn launched(args: &LaunchArgs) -> Result<bool> {
         }
         ranks.push((rank, child));
     }
-    let mut statuses = wait_passing_signals(&mut ranks, &stop)?;
+    let (statuses, killed) = wait_passing_signals(&mut ranks, &stop, GRACE_AFTER_FAILURE)?;
     // The ranks' last lines (their errors) are printed before this process ends.
     for copy in copies {
         let _ = copy.join();
     }
-    // The ranks that failed on their own first: the others were stopped for them.
-    statuses.sort_by_key(|(rank, status)| (!failed_on_its_own(status), *rank));
-    let failures: Vec<(i32, String)> = statuses.iter().filter_map(failure).collect();
+    let failures = failures(statuses, &killed, GRACE_AFTER_FAILURE);
     match failures.first() {
         None => Ok(true),
         Some((code, _)) => Err(RanksFailed {
@@ -184,20 +182,36 @@ fn prefix_output(child: &mut Child, rank: usize) -> Vec<JoinHandle<()>> {
     out.into_iter().chain(err).collect()
 }
 
+/// A rank and how its process ended.
+type RankStatus = (usize, ExitStatus);
+
+/// How long the other ranks get to stop after one failed and they were sent SIGTERM, before
+/// they are killed: a rank blocked in a collective with the failed one (an NCCL sum waits for
+/// it without end) never gets to act on the signal, and no rank can finish a step without the
+/// failed one. A checkpoint being written when its writer is killed is lost, not corrupted
+/// (checkpoints are replaced by a rename).
+const GRACE_AFTER_FAILURE: Duration = Duration::from_secs(60);
+
 /// Waits for every rank, passing on a stop signal this process receives (Ctrl-C reaches the
 /// ranks from the terminal too; SIGTERM from a scheduler reaches only us). The ranks agree to
 /// stop after the same step, and rank 0 saves the checkpoint. A rank that fails (rather than
 /// stops on a signal) gets the others SIGTERM, as torchrun does: one still waiting at the
 /// rendezvous for it would otherwise wait out the whole timeout, and one training saves its
-/// checkpoint and stops.
+/// checkpoint and stops. Ranks still running `grace` after a failure are killed (SIGKILL);
+/// returns every rank's status and the ranks killed so.
 fn wait_passing_signals(
     ranks: &mut [(usize, Child)],
     stop: &std::sync::atomic::AtomicUsize,
-) -> Result<Vec<(usize, ExitStatus)>> {
-    let mut statuses: Vec<(usize, ExitStatus)> = Vec::new();
-    let mut passed_on = false;
+    grace: Duration,
+) -> Result<(Vec<RankStatus>, Vec<usize>)> {
+    let mut statuses: Vec<RankStatus> = Vec::new();
+    let (mut passed_on, mut failed_at, mut killed) = (false, None, Vec::new());
     while statuses.len() < ranks.len() {
         let failed = statuses.iter().any(|(_, status)| failed_on_its_own(status));
+        if failed && failed_at.is_none() {
+            failed_at = Some(std::time::Instant::now());
+        }
+        let overdue = failed_at.is_some_and(|at| at.elapsed() >= grace);
         let signal = match stop.load(Ordering::SeqCst) {
             0 if failed => TERMINATE,
             signal => signal,
@@ -208,6 +222,11 @@ fn wait_passing_signals(
             }
             if signal != 0 && !passed_on {
                 pass_on(child, signal);
+            }
+            if overdue && !killed.contains(rank) {
+                // An error here means the rank has just ended: try_wait below collects it.
+                let _ = child.kill();
+                killed.push(*rank);
             }
             if let Some(status) = child
                 .try_wait()
@@ -220,7 +239,7 @@ fn wait_passing_signals(
         std::thread::sleep(Duration::from_millis(50));
     }
     statuses.sort_by_key(|(rank, _)| *rank);
-    Ok(statuses)
+    Ok((statuses, killed))
 }
 
 /// SIGTERM's number, what a failed rank gets the others sent.
@@ -256,9 +275,36 @@ fn pass_on(child: &Child, signal: usize) {
 #[cfg(not(unix))]
 fn pass_on(_child: &Child, _signal: usize) {}
 
+/// The ranks that ended badly, as [`failure`] describes them: those that failed on their own
+/// first (the others were stopped for them), then by rank; a rank in `killed` was killed by
+/// the launcher, `grace` after the SIGTERM.
+fn failures(
+    mut statuses: Vec<RankStatus>,
+    killed: &[usize],
+    grace: Duration,
+) -> Vec<(i32, String)> {
+    let culprit = |(rank, status): &RankStatus| failed_on_its_own(status) && !killed.contains(rank);
+    statuses.sort_by_key(|ranked| (!culprit(ranked), ranked.0));
+    statuses
+        .iter()
+        .filter_map(|ranked| {
+            let (code, what) = failure(ranked)?;
+            let what = match killed.contains(&ranked.0) {
+                true => format!(
+                    "rank {} was killed, still running {} s after the SIGTERM",
+                    ranked.0,
+                    grace.as_secs_f64()
+                ),
+                false => what,
+            };
+            Some((code, what))
+        })
+        .collect()
+}
+
 /// What happened to a rank that failed: the exit code to end with (its own, or 128 + the
 /// signal that ended it) and a sentence naming it.
-fn failure((rank, status): &(usize, ExitStatus)) -> Option<(i32, String)> {
+fn failure((rank, status): &RankStatus) -> Option<(i32, String)> {
     if status.success() {
         return None;
     }
@@ -292,11 +338,13 @@ mod tests {
     fn a_failed_rank_stops_the_others_at_once() {
         let mut ranks = vec![(0, spawn("sleep 30")), (1, spawn("exit 3"))];
         let started = Instant::now();
-        let statuses = wait_passing_signals(&mut ranks, &AtomicUsize::new(0)).unwrap();
+        let (statuses, killed) =
+            wait_passing_signals(&mut ranks, &AtomicUsize::new(0), GRACE_AFTER_FAILURE).unwrap();
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "rank 0 was left waiting"
         );
+        assert!(killed.is_empty(), "rank 0 stopped on the SIGTERM");
         let failures: Vec<(i32, String)> = statuses.iter().filter_map(failure).collect();
         assert_eq!(
             failures[0],
@@ -306,10 +354,40 @@ mod tests {
         assert!(!failed_on_its_own(&statuses[0].1) && failed_on_its_own(&statuses[1].1));
     }
 
+    /// A rank that cannot act on the SIGTERM (blocked in a collective with the failed one;
+    /// here it ignores the signal) is killed once the grace is over.
+    #[test]
+    fn a_rank_that_does_not_stop_is_killed_after_the_grace() {
+        let mut ranks = vec![
+            (0, spawn("trap '' TERM; exec sleep 30")),
+            (1, spawn("sleep 0.2; exit 3")),
+        ];
+        let started = Instant::now();
+        let grace = Duration::from_millis(500);
+        let (statuses, killed) =
+            wait_passing_signals(&mut ranks, &AtomicUsize::new(0), grace).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "rank 0 was left"
+        );
+        assert_eq!(killed, [0]);
+        assert_eq!(
+            failures(statuses, &killed, grace),
+            [
+                (3, "rank 1 exited with code 3".to_string()),
+                (
+                    137,
+                    "rank 0 was killed, still running 0.5 s after the SIGTERM".to_string()
+                ),
+            ]
+        );
+    }
+
     #[test]
     fn ranks_stopping_on_a_signal_are_left_to_finish() {
         let mut ranks = vec![(0, spawn("sleep 1; exit 0")), (1, spawn("exit 143"))];
-        let statuses = wait_passing_signals(&mut ranks, &AtomicUsize::new(0)).unwrap();
+        let (statuses, _) =
+            wait_passing_signals(&mut ranks, &AtomicUsize::new(0), GRACE_AFTER_FAILURE).unwrap();
         assert!(
             statuses[0].1.success(),
             "rank 0 saved its checkpoint undisturbed"
