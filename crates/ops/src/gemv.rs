@@ -107,20 +107,23 @@ struct Gemv {
     glu: Option<Glu>,
 }
 
-impl Gemv {
-    /// `[rows, out]` of the result for `x` and `w` layouts.
-    fn shape(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
-        let (rows, inp) = super::rows_and_width(x)?;
-        let (w_rows, _) = super::rows_and_width(w)?;
-        Ok((
-            rows,
-            inp,
-            if self.glu.is_some() {
-                w_rows / 2
-            } else {
-                w_rows
-            },
-        ))
+/// `(rows, in, out)` of the product of `x` and `w` layouts: with a unit, `w` stacks `out` gate
+/// rows and `out` up rows, so `out` is half its rows.
+pub(crate) fn product_shape(
+    x: &Layout,
+    w: &Layout,
+    glu: Option<Glu>,
+) -> Result<(usize, usize, usize)> {
+    let (rows, inp) = super::rows_and_width(x)?;
+    let (w_rows, _) = super::rows_and_width(w)?;
+    Ok((rows, inp, output_features(w_rows, glu)))
+}
+
+/// Output features of a product whose weight has `w_rows` rows: half of them with a unit.
+pub(crate) fn output_features(w_rows: usize, glu: Option<Glu>) -> usize {
+    match glu {
+        Some(_) => w_rows / 2,
+        None => w_rows,
     }
 }
 
@@ -214,7 +217,7 @@ impl FusedOp<2> for Gemv {
 
     fn cpu(&self, [(x, x_layout), (w, w_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
-        let (rows, inp, out) = self.shape(x_layout, w_layout)?;
+        let (rows, inp, out) = product_shape(x_layout, w_layout, self.glu)?;
         let y = cpu_products(x, w, (rows, inp, out), self.glu);
         Ok(output(y, (rows, out)))
     }
@@ -222,7 +225,7 @@ impl FusedOp<2> for Gemv {
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w]: [Operand; 2]) -> CudaOutput {
         let y = cuda::gemv(x, w, self.glu)?;
-        let (rows, _, out) = self.shape(x.1, w.1)?;
+        let (rows, _, out) = product_shape(x.1, w.1, self.glu)?;
         Ok((y, (rows, out).into()))
     }
 }
@@ -257,12 +260,11 @@ mod cuda {
     /// `[rows, out / 2]`.
     pub(super) fn gemv(x: Operand, w: Operand, glu: Option<Glu>) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w])?;
-        let (rows, inp) = rows_and_width(x.1)?;
-        let (w_rows, _) = rows_and_width(w.1)?;
-        let (name, out) = match glu {
-            Some(Glu::SwiGlu) => ("gemv_swiglu", w_rows / 2),
-            Some(Glu::GeGlu) => ("gemv_geglu", w_rows / 2),
-            None => ("gemv", w_rows),
+        let (rows, inp, out) = super::product_shape(x.1, w.1, glu)?;
+        let name = match glu {
+            Some(Glu::SwiGlu) => "gemv_swiglu",
+            Some(Glu::GeGlu) => "gemv_geglu",
+            None => "gemv",
         };
         let y = alloc(&x.0.device, dtype, rows * out)?;
         // One warp per output feature.

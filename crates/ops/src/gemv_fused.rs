@@ -11,10 +11,10 @@ use super::cpu_kernel::{f32s, output};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
-use super::gemv::{cpu_products, supported, with_last_dim};
+use super::gemv::{cpu_products, output_features, product_shape, supported, with_last_dim};
 use super::rms_norm::inverse_rms;
 use super::swiglu::Glu;
-use candle_core::{Layout, Result, Storage, Tensor};
+use candle_core::{Result, Storage, Tensor};
 
 /// The RMSNorm a projection's input takes on the way in: each row `x` becomes
 /// `x · r · (offset + weight)` with `r = 1 / sqrt(mean(x²) + eps)`, as
@@ -87,7 +87,7 @@ fn normed_projection(
     if x.dims().last() == Some(&inp) {
         let rows = x.reshape(((), inp))?;
         if supported(&rows, weight) && norm.fits(&rows) {
-            let out = if glu.is_some() { w_rows / 2 } else { w_rows };
+            let out = output_features(w_rows, glu);
             let op = NormedGemv {
                 glu,
                 eps: norm.eps as f32,
@@ -145,18 +145,6 @@ impl NormedGemv {
             None => "gemv_rms",
         }
     }
-
-    /// `(rows, in, out)` of the product for `x` and `w` layouts.
-    fn shape(&self, x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
-        let (rows, inp) = super::rows_and_width(x)?;
-        let (w_rows, _) = super::rows_and_width(w)?;
-        let out = if self.glu.is_some() {
-            w_rows / 2
-        } else {
-            w_rows
-        };
-        Ok((rows, inp, out))
-    }
 }
 
 impl FusedOp<3> for NormedGemv {
@@ -164,7 +152,7 @@ impl FusedOp<3> for NormedGemv {
 
     fn cpu(&self, [(x, x_layout), (w, w_layout), (nw, nw_layout)]: [CpuOperand; 3]) -> CpuOutput {
         let (x, w, nw) = (f32s(x, x_layout)?, f32s(w, w_layout)?, f32s(nw, nw_layout)?);
-        let (rows, inp, out) = self.shape(x_layout, w_layout)?;
+        let (rows, inp, out) = product_shape(x_layout, w_layout, self.glu)?;
         if nw.len() != inp {
             candle_core::bail!(
                 "rms_norm_linear: norm weight of {} for rows of {inp}",
@@ -183,7 +171,7 @@ impl FusedOp<3> for NormedGemv {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w, nw]: [Operand; 3]) -> CudaOutput {
-        let shape = self.shape(x.1, w.1)?;
+        let shape = product_shape(x.1, w.1, self.glu)?;
         let y = cuda::normed_gemv(self.kernel(), [x, w, nw], shape, (self.eps, self.offset))?;
         Ok((y, (shape.0, shape.2).into()))
     }
