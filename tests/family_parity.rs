@@ -6,11 +6,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{copy_fixture, eval_error, fixture, ids, json, relative_error, tensors};
+use common::{copy_fixture, eval_error, fixture, hf_mean_nll, ids, json, relative_error, tensors};
 use llmtool::eval::{tokenize, Document, Evaluator, Tally, WindowSpec};
 use llmtool::generate::{GenerationSettings, SamplingParams, Session};
 use llmtool::model::{self, io, Llama, LoadedModel, Weights};
-use llmtool::ops;
 use llmtool::train::{lora, Adapter};
 use std::path::Path;
 
@@ -34,20 +33,7 @@ fn input_ids(family: &str) -> Tensor {
 
 /// Mean next-token NLL over every position, as HF computes with `labels=input_ids`.
 fn loss(model: &Llama, input_ids: &Tensor) -> f64 {
-    let (b, t) = input_ids.dims2().unwrap();
-    let logits = model
-        .forward(&input_ids.narrow(1, 0, t - 1).unwrap(), None)
-        .unwrap()
-        .reshape((b * (t - 1), ()))
-        .unwrap();
-    let targets = input_ids
-        .narrow(1, 1, t - 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
-    let weights = Tensor::ones(b * (t - 1), DType::F32, &Device::Cpu).unwrap();
-    let mean = ops::masked_mean_nll(&logits, &targets, &weights).unwrap();
-    mean.to_scalar::<f32>().unwrap() as f64
+    hf_mean_nll(model, input_ids).to_scalar::<f32>().unwrap() as f64
 }
 
 /// Mean NLL and tokens scored of `eval.txt` in one window, as `llmtool eval` scores it.

@@ -8,10 +8,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, ids, json, llmtool, relative_error, tensors};
+use common::{fixture, hf_mean_nll, ids, json, llmtool, relative_error, tensors};
 use llmtool::config::LoraSection;
 use llmtool::model::{self, io, Llama, LlamaConfig, ModelError};
-use llmtool::ops;
 use llmtool::train::{lora, Adapter};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -33,23 +32,6 @@ fn with_adapter(dir: &Path) -> Llama {
 
 fn batch() -> Tensor {
     ids(&tensors("tiny-llama/expected.safetensors")["input_ids"])
-}
-
-/// Mean next-token NLL over every position, as HF computes with `labels=input_ids`.
-fn loss(model: &Llama, input_ids: &Tensor) -> Tensor {
-    let (b, t) = input_ids.dims2().unwrap();
-    let logits = model
-        .forward(&input_ids.narrow(1, 0, t - 1).unwrap(), None)
-        .unwrap()
-        .reshape((b * (t - 1), ()))
-        .unwrap();
-    let targets = input_ids
-        .narrow(1, 1, t - 1)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
-    let weights = Tensor::ones(b * (t - 1), DType::F32, &Device::Cpu).unwrap();
-    ops::masked_mean_nll(&logits, &targets, &weights).unwrap()
 }
 
 fn check_peft_logits(name: &str) {
@@ -276,7 +258,7 @@ fn one_lora_training_step_matches_peft_and_torch_adamw() {
     adapter.attach(&mut model).unwrap();
     model.set_adapter_dropout_seed(Some(0)); // lora_dropout is 0: masks must change nothing
 
-    let loss = loss(&model, &batch());
+    let loss = hf_mean_nll(&model, &batch());
     let got = loss.to_scalar::<f32>().unwrap() as f64;
     let want = step["loss_before"].as_f64().unwrap();
     assert!(((got - want) / want).abs() < 1e-5, "loss {got} vs {want}");
@@ -316,7 +298,7 @@ fn one_lora_training_step_matches_peft_and_torch_adamw() {
 }
 
 fn loss_value(model: &Llama) -> f64 {
-    loss(model, &batch()).to_scalar::<f32>().unwrap() as f64
+    hf_mean_nll(model, &batch()).to_scalar::<f32>().unwrap() as f64
 }
 
 #[test]
@@ -788,7 +770,7 @@ fn bf16_base_stays_frozen_and_adapter_still_trains() {
     let adapter = Adapter::init(&lora, &model.config, 2, &Device::Cpu).unwrap();
     adapter.attach(&mut model).unwrap();
     model.set_adapter_dropout_seed(Some(1));
-    let loss = loss(&model, &batch());
+    let loss = hf_mean_nll(&model, &batch());
     let want = json("tiny-llama/expected.json")["loss"].as_f64().unwrap();
     let got = loss.to_scalar::<f32>().unwrap() as f64;
     assert!(

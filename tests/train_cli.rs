@@ -6,6 +6,18 @@ use common::{llmtool, tiny_training_run as setup};
 use predicates::prelude::*;
 use std::path::Path;
 
+/// The tiny run of `setup` in `dir`, paused after 2 of its 4 steps: its config and run directory.
+fn paused_run(dir: &Path) -> (String, std::path::PathBuf) {
+    let config = setup(dir);
+    llmtool()
+        .args(["train", &config, "--stop-after-steps", "2"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("training paused"))
+        .stdout(predicate::str::contains("resume with"));
+    (config, dir.join("run"))
+}
+
 #[test]
 fn trains_writes_a_loadable_model_and_guards_the_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,14 +84,7 @@ fn trains_writes_a_loadable_model_and_guards_the_run() {
 #[test]
 fn paused_run_resumes_to_the_end() {
     let dir = tempfile::tempdir().unwrap();
-    let config = setup(dir.path());
-    llmtool()
-        .args(["train", &config, "--stop-after-steps", "2"])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains("training paused"))
-        .stdout(predicate::str::contains("resume with"));
-    let run = dir.path().join("run");
+    let (config, run) = paused_run(dir.path());
     llmtool()
         .args(["train", "--resume", run.to_str().unwrap()])
         .assert()
@@ -113,12 +118,7 @@ fn paused_run_resumes_to_the_end() {
 #[test]
 fn resume_keeps_the_runs_dataset_when_the_corpus_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let config = setup(dir.path());
-    llmtool()
-        .args(["train", &config, "--stop-after-steps", "2"])
-        .assert()
-        .success();
-    let run = dir.path().join("run");
+    let (_, run) = paused_run(dir.path());
     let tokenizer = || std::fs::read(run.join("dataset/tokenizer.json")).unwrap();
     let (before, manifest) = (
         tokenizer(),
@@ -311,12 +311,7 @@ fn a_failed_force_run_leaves_the_old_run_as_it_was() {
 #[test]
 fn corrupt_state_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = setup(dir.path());
-    llmtool()
-        .args(["train", &config, "--stop-after-steps", "2"])
-        .assert()
-        .success();
-    let run = dir.path().join("run");
+    let (_, run) = paused_run(dir.path());
     std::fs::write(run.join("training_state.safetensors"), b"garbage").unwrap();
     llmtool()
         .args(["train", "--resume", run.to_str().unwrap()])

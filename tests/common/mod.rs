@@ -173,3 +173,21 @@ pub fn start_logging_run(dir: &Path, args: &[&str]) -> std::process::Child {
     }
     child
 }
+
+/// Mean next-token NLL of `model` over every position of `input_ids` `[b, t]`, as transformers
+/// computes it with `labels=input_ids`.
+pub fn hf_mean_nll(model: &llmtool::model::Llama, input_ids: &Tensor) -> Tensor {
+    let (b, t) = input_ids.dims2().unwrap();
+    let logits = model
+        .forward(&input_ids.narrow(1, 0, t - 1).unwrap(), None)
+        .unwrap()
+        .reshape((b * (t - 1), ()))
+        .unwrap();
+    let targets = input_ids
+        .narrow(1, 1, t - 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let weights = Tensor::ones(b * (t - 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    llmtool::ops::masked_mean_nll(&logits, &targets, &weights).unwrap()
+}
