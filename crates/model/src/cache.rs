@@ -1,10 +1,21 @@
-//! The KV cache of incremental decoding: per layer one buffer `[2, batch, kv_heads, max_len,
+//! The KV cache of incremental decoding: per layer one buffer `[2, batch, kv_heads, slots,
 //! head_size]` (keys, then values), allocated at the first write and filled position by
 //! position. Attention reads views of the filled part in place.
 //!
+//! A layer of global attention holds a slot for every position the sequence may reach. A
+//! sliding-window layer (Gemma 2/3, Phi-3, Qwen with `use_sliding_window`) needs only the last
+//! `window - 1` positions before the one it decodes, so it holds fewer slots (that many plus
+//! half as many again, [`window_slots`]) and, when they are full, moves the positions it still
+//! needs to the front of its buffer and drops the others ([`LayerCache::compact`]); a chunk of
+//! more new positions than it has room for attends through a buffer of its own. Slot `s` then
+//! holds position `dropped + s`. Keys are cached rotated, and masks depend only on the
+//! distance between positions, so attention works in slots as it did in positions; only
+//! RoPE needs the positions themselves.
+//!
 //! A one-token step can instead take its position from a device tensor
 //! ([`Cache::set_position`]): its kernels then read the position where they run, so the step
-//! can be captured once and replayed at every later position ([`super::Decoder`]).
+//! can be captured once and replayed at every later position ([`super::Decoder`]), until a
+//! window layer drops positions again.
 
 use super::rope::RopeTables;
 use super::Llama;
@@ -20,11 +31,20 @@ pub struct Cache {
 /// The heads of a block's attention: query heads, kv heads, head size.
 pub(crate) type Heads = (usize, usize, usize);
 
+/// The slots a layer attending to `window` positions (its own included) holds for a sequence
+/// of up to `capacity` positions: the `window - 1` before the decoded one, and half as many
+/// again (at least 16), so that it moves them to the front once every so many positions.
+pub fn window_slots(window: usize, capacity: usize) -> usize {
+    let keep = window.saturating_sub(1);
+    (keep + (keep / 2).max(16)).min(capacity)
+}
+
 impl Cache {
     /// An empty cache for `model`, for up to `max_len` positions.
     pub fn new(model: &Llama, max_len: usize) -> Self {
+        let layers = model.family.layers.iter();
         Self {
-            layers: vec![LayerCache::new(max_len); model.layers.len()],
+            layers: layers.map(|l| LayerCache::new(max_len, l.window)).collect(),
         }
     }
 
@@ -40,12 +60,29 @@ impl Cache {
 
     /// Forgets everything cached (the buffers are kept for reuse).
     pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(|c| c.len = 0);
+        self.layers.iter_mut().for_each(|c| {
+            c.len = 0;
+            c.dropped = 0;
+        });
     }
 
     /// Positions the cache can hold.
     pub fn capacity(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.max_len)
+        self.layers.first().map_or(0, |c| c.capacity)
+    }
+
+    /// Positions the sliding-window layers have dropped from the front of their buffers (0
+    /// without such layers): their slot `s` holds position `dropped + s`. The model's window
+    /// layers share one window, so they drop together.
+    pub fn dropped(&self) -> usize {
+        self.layers.iter().map(|c| c.dropped).max().unwrap_or(0)
+    }
+
+    /// The positions each layer's buffer has room for (0 before its first write).
+    #[cfg(test)]
+    pub(crate) fn buffer_slots(&self) -> Vec<usize> {
+        let slots = |c: &LayerCache| c.buffer.as_ref().map_or(0, |b| b.dims()[3]);
+        self.layers.iter().map(slots).collect()
     }
 
     /// Whether every layer's buffer exists (after the first write), so that its address no
@@ -54,16 +91,29 @@ impl Cache {
         self.layers.iter().all(|c| c.buffer.is_some())
     }
 
-    /// Until set back to `None`, one-token steps write and attend at the position `position`
-    /// holds (u32 `[1]` on the model's device) instead of at [`Cache::len`], and leave the
-    /// length to the caller ([`Cache::advance`]).
-    pub fn set_position(&mut self, position: Option<&Tensor>) {
-        for c in &mut self.layers {
-            c.position = position.cloned();
-        }
+    /// Makes room for `new` more positions in every layer, window layers dropping the
+    /// positions no later one attends to where they must ([`Cache::dropped`] then grows).
+    /// Fails where a layer's capacity would be passed.
+    pub fn make_room(&mut self, new: usize) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|c| c.make_room(new))
     }
 
-    /// Counts `n` more positions as cached: those device-positioned steps wrote.
+    /// Until set back to `None`, one-token steps write and attend at the position `position`
+    /// holds instead of at [`Cache::len`], and leave the length to the caller
+    /// ([`Cache::advance`]): u32 `[2]` on the model's device, the position, then its slot in
+    /// the window layers (the position less [`Cache::dropped`]).
+    pub fn set_position(&mut self, position: Option<&Tensor>) -> Result<()> {
+        for c in &mut self.layers {
+            c.position = match position {
+                Some(p) => Some(p.narrow(0, usize::from(c.keep.is_some()), 1)?),
+                None => None,
+            };
+        }
+        Ok(())
+    }
+
+    /// Counts `n` more positions as cached: those device-positioned steps wrote (after
+    /// [`Cache::make_room`]).
     pub fn advance(&mut self, n: usize) -> Result<()> {
         for c in &mut self.layers {
             c.reserve(n)?;
@@ -96,23 +146,44 @@ impl Cache {
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     buffer: Option<Tensor>,
+    /// Positions cached (of the whole sequence, dropped ones included).
     len: usize,
-    max_len: usize,
-    /// The device-held position of one-token steps, while [`Cache::set_position`] has one.
+    /// Positions the sequence may reach.
+    capacity: usize,
+    /// Positions the buffer holds: `capacity`, or fewer for a window layer.
+    slots: usize,
+    /// A window layer's positions before the decoded one that later ones may attend to
+    /// (`window - 1`): the ones it keeps when it drops the others.
+    keep: Option<usize>,
+    /// Positions dropped from the front of the buffer: slot `s` holds position `dropped + s`.
+    dropped: usize,
+    /// The device-held slot of one-token steps, while [`Cache::set_position`] has one.
     position: Option<Tensor>,
-    /// RoPE rows for all `max_len` positions, taken at the first device-positioned step.
-    tables: Option<(Tensor, Tensor)>,
+    /// RoPE rows for the slots (those of positions `dropped..`), taken at the first
+    /// device-positioned step after the last drop, with the `dropped` they were taken at.
+    tables: Option<(usize, Tensor, Tensor)>,
 }
 
 impl LayerCache {
-    fn new(max_len: usize) -> Self {
+    fn new(capacity: usize, window: Option<usize>) -> Self {
+        let keep = window.map(|w| w.saturating_sub(1));
+        let slots = window.map_or(capacity, |w| window_slots(w, capacity));
         Self {
             buffer: None,
             len: 0,
-            max_len,
+            capacity,
+            slots,
+            // A window that covers every slot never drops a position.
+            keep: keep.filter(|_| slots < capacity),
+            dropped: 0,
             position: None,
             tables: None,
         }
+    }
+
+    /// Positions the buffer holds now.
+    fn held(&self) -> usize {
+        self.len - self.dropped
     }
 
     /// The buffer for `batch` × `kv_heads` × `head_size` entries, allocated on first use.
@@ -122,7 +193,7 @@ impl LayerCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let shape = [2, batch, kv_heads, self.max_len, head_size];
+        let shape = [2, batch, kv_heads, self.slots, head_size];
         match &self.buffer {
             Some(b) if b.dims() == shape && b.dtype() == dtype => Ok(b.clone()),
             Some(b) if self.len > 0 => candle_core::bail!(
@@ -138,15 +209,53 @@ impl LayerCache {
         }
     }
 
-    /// Checks that `new` more positions fit.
+    /// Checks that `new` more positions fit, in the sequence and in the buffer as it is.
     fn reserve(&self, new: usize) -> Result<()> {
-        if self.len + new > self.max_len {
+        self.reserve_in_sequence(new)?;
+        if self.held() + new > self.slots {
+            candle_core::bail!(
+                "the KV cache's window layer has {} slots: {} held, {new} more asked for",
+                self.slots,
+                self.held()
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks that `new` more positions fit in the sequence.
+    fn reserve_in_sequence(&self, new: usize) -> Result<()> {
+        if self.len + new > self.capacity {
             candle_core::bail!(
                 "the KV cache holds {} positions: {} cached, {new} more asked for",
-                self.max_len,
+                self.capacity,
                 self.len
             );
         }
+        Ok(())
+    }
+
+    /// Makes room for `new` more positions: a window layer whose slots would overflow drops
+    /// what no later position attends to, where that leaves room ([`LayerCache::compact`]).
+    fn make_room(&mut self, new: usize) -> Result<()> {
+        if let Some(keep) = self.keep {
+            if self.held() + new > self.slots && keep + new <= self.slots {
+                self.compact(keep)?;
+            }
+        }
+        self.reserve(new)
+    }
+
+    /// Moves the last `keep` positions held (all, if fewer) to the front of the buffer and
+    /// drops the others.
+    fn compact(&mut self, keep: usize) -> Result<()> {
+        let kept = self.held().min(keep);
+        if let Some(buffer) = self.buffer.as_ref().filter(|_| kept > 0) {
+            // A narrowed slot range is never contiguous (keys and values lie before it), so this
+            // is a copy, not a view of the buffer being written.
+            let last = buffer.narrow(3, self.held() - kept, kept)?.contiguous()?;
+            buffer.slice_set(&last, 3, 0)?;
+        }
+        self.dropped = self.len - kept;
         Ok(())
     }
 
@@ -159,34 +268,94 @@ impl LayerCache {
         if batch != 1 {
             candle_core::bail!("the KV cache fills its rows from one sequence, not {batch}");
         }
-        self.reserve(one.len)?;
+        if one.len > self.capacity || one.held() > self.slots {
+            candle_core::bail!(
+                "the KV cache holds {} positions in {} slots, not {} in {}",
+                self.capacity,
+                self.slots,
+                one.len,
+                one.held()
+            );
+        }
         let buffer = self.buffer((rows, kv_heads, head_size), source.dtype(), source.device())?;
-        let shared = source.narrow(3, 0, one.len)?;
-        let every_row = shared.broadcast_as((two, rows, kv_heads, one.len, head_size))?;
+        let held = one.held();
+        let shared = source.narrow(3, 0, held)?;
+        let every_row = shared.broadcast_as((two, rows, kv_heads, held, head_size))?;
         buffer.slice_set(&every_row.contiguous()?, 3, 0)?;
-        self.len = one.len;
+        (self.len, self.dropped) = (one.len, one.dropped);
         Ok(())
     }
 
-    /// Keys and values of every cached position, `[b, kv_heads, len, head_size]` views each.
+    /// Keys and values of every held position, `[b, kv_heads, held, head_size]` views each.
     fn views(&mut self, buffer: &Tensor, new: usize) -> Result<(Tensor, Tensor)> {
         self.len += new;
+        let held = self.held();
         Ok((
-            buffer.i(0)?.narrow(2, 0, self.len)?,
-            buffer.i(1)?.narrow(2, 0, self.len)?,
+            buffer.i(0)?.narrow(2, 0, held)?,
+            buffer.i(1)?.narrow(2, 0, held)?,
         ))
     }
 
-    /// Appends keys and values `[b, kv_heads, t, head_size]` (already rotated); returns all.
+    /// The positions a window layer keeps (at most `keep`) followed by `new` ones: a buffer
+    /// `[2, b, kv_heads, kept + new, head_size]` holding the kept ones, for a step of more new
+    /// positions than the layer has room for, and how many it kept.
+    fn widened(&self, buffer: &Tensor, keep: usize, new: usize) -> Result<(Tensor, usize)> {
+        let (two, b, kv_heads, _, d) = buffer.dims5()?;
+        let kept = self.held().min(keep);
+        let wide = Tensor::zeros(
+            (two, b, kv_heads, kept + new, d),
+            buffer.dtype(),
+            buffer.device(),
+        )?;
+        if kept > 0 {
+            let last = buffer.narrow(3, self.held() - kept, kept)?.contiguous()?;
+            wide.slice_set(&last, 3, 0)?;
+        }
+        Ok((wide, kept))
+    }
+
+    /// After a step of `new` positions through `wide` (from [`LayerCache::widened`], holding
+    /// `kept + new` positions): its last `keep` positions (all, if fewer) become the buffer's.
+    fn keep_last(&mut self, buffer: &Tensor, wide: &Tensor, keep: usize, new: usize) -> Result<()> {
+        let total = wide.dim(3)?;
+        let kept = total.min(keep);
+        if kept > 0 {
+            buffer.slice_set(&wide.narrow(3, total - kept, kept)?.contiguous()?, 3, 0)?;
+        }
+        self.len += new;
+        self.dropped = self.len - kept;
+        Ok(())
+    }
+
+    /// Whether `new` positions need a buffer of their own ([`LayerCache::widened`]): those of
+    /// a window layer that has no room for them even after dropping what it need not keep.
+    /// Otherwise makes room for them.
+    fn needs_widening(&mut self, new: usize) -> Result<Option<usize>> {
+        match self.keep {
+            Some(keep) if self.held() + new > self.slots && keep + new > self.slots => {
+                self.reserve_in_sequence(new).map(|()| Some(keep))
+            }
+            _ => self.make_room(new).map(|()| None),
+        }
+    }
+
+    /// Appends keys and values `[b, kv_heads, t, head_size]` (already rotated); returns all
+    /// the step attends to (a window layer's kept positions and the new ones).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.position.is_some() {
             candle_core::bail!("the KV cache takes a device-held position only from attend_packed");
         }
         let (b, kv_heads, t, d) = k.dims4()?;
-        self.reserve(t)?;
+        let wide = self.needs_widening(t)?;
         let buffer = self.buffer((b, kv_heads, d), k.dtype(), k.device())?;
         let both = Tensor::stack(&[k, v], 0)?;
-        buffer.slice_set(&both, 3, self.len)?;
+        if let Some(keep) = wide {
+            let (wide, kept) = self.widened(&buffer, keep, t)?;
+            wide.slice_set(&both, 3, kept)?;
+            self.keep_last(&buffer, &wide, keep, t)?;
+            return Ok((wide.i(0)?, wide.i(1)?));
+        }
+        buffer.slice_set(&both, 3, self.held())?;
         self.views(&buffer, t)
     }
 
@@ -195,6 +364,7 @@ impl LayerCache {
     /// go into the cache and the rotated queries attend to every cached position up to theirs
     /// as `options` say ([`ops::cached_attention`]: one kernel for a one-position step on
     /// CUDA). Returns `[b, heads, t, head_size]`. Only where [`ops::write_kv_fused`] holds.
+    /// A device-positioned step expects room made ([`Cache::make_room`]).
     pub fn attend_packed(
         &mut self,
         qkv: &Tensor,
@@ -203,8 +373,6 @@ impl LayerCache {
         options: ops::AttentionOptions,
     ) -> Result<Tensor> {
         let (b, t, _) = qkv.dims3()?;
-        self.reserve(t)?;
-        let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device())?;
         let layout = |at| KvLayout {
             heads,
             kv_heads,
@@ -212,25 +380,53 @@ impl LayerCache {
             at,
         };
         if let Some(position) = self.position.clone() {
+            self.reserve(t)?;
+            let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device())?;
             let at = layout(Position::Device(&position));
-            // Tables for every position the cache holds, kept here: a captured step holds
-            // their addresses, so they must live as long as the cache, whatever the model's
-            // tables do later.
-            let (cos, sin) = match self.tables.clone() {
-                Some(tables) => tables,
-                None => {
-                    let tables = rope.decoding_rows(self.max_len)?;
-                    self.tables = Some(tables.clone());
-                    tables
-                }
-            };
+            let (cos, sin) = self.slot_tables(rope)?;
             return ops::cached_attention(&buffer, qkv, (&cos, &sin), at, options);
         }
+        let wide = self.needs_widening(t)?;
+        let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device())?;
         let (cos, sin) = rope.window(self.len, t)?;
-        let at = layout(Position::Host(self.len));
+        if let Some(keep) = wide {
+            let (wide, kept) = self.widened(&buffer, keep, t)?;
+            let at = layout(Position::Host(kept));
+            let out = ops::cached_attention(&wide, qkv, (&cos, &sin), at, options)?;
+            self.keep_last(&buffer, &wide, keep, t)?;
+            return Ok(out);
+        }
+        let at = layout(Position::Host(self.held()));
         let out = ops::cached_attention(&buffer, qkv, (&cos, &sin), at, options)?;
         self.len += t;
         Ok(out)
+    }
+
+    /// RoPE rows for every slot (those of positions `dropped..dropped + slots`, zero rows
+    /// past the model's tables, which no step reaches), kept here until the layer drops
+    /// positions again: a captured step holds their addresses, so they must live as long as
+    /// it is replayed, whatever the model's tables do later.
+    fn slot_tables(&mut self, rope: &RopeTables) -> Result<(Tensor, Tensor)> {
+        if let Some((dropped, cos, sin)) = &self.tables {
+            if *dropped == self.dropped {
+                return Ok((cos.clone(), sin.clone()));
+            }
+        }
+        let (cos, sin) = rope.decoding_rows(self.capacity)?;
+        let (from, rows) = (self.dropped.min(self.capacity), self.slots);
+        let slot_rows = |table: Tensor| -> Result<Tensor> {
+            let there = (self.capacity - from).min(rows);
+            let rows_there = table.narrow(0, from, there)?;
+            if there == rows {
+                return Ok(rows_there);
+            }
+            let width = table.dim(1)?;
+            let past = Tensor::zeros((rows - there, width), table.dtype(), table.device())?;
+            Tensor::cat(&[&rows_there, &past], 0)
+        };
+        let (cos, sin) = (slot_rows(cos)?, slot_rows(sin)?);
+        self.tables = Some((self.dropped, cos.clone(), sin.clone()));
+        Ok((cos, sin))
     }
 }
 
@@ -245,7 +441,7 @@ mod tests {
 
     #[test]
     fn appends_positions_and_refuses_more_than_it_holds() {
-        let mut c = LayerCache::new(4);
+        let mut c = LayerCache::new(4, None);
         let (k, v) = c
             .append(&filled((1, 2, 3, 8), 1.0), &filled((1, 2, 3, 8), 2.0))
             .unwrap();
@@ -276,7 +472,7 @@ mod tests {
 
     #[test]
     fn reset_reuses_the_buffer_and_a_new_shape_needs_an_empty_cache() {
-        let mut c = LayerCache::new(4);
+        let mut c = LayerCache::new(4, None);
         c.append(&filled((1, 2, 2, 8), 1.0), &filled((1, 2, 2, 8), 1.0))
             .unwrap();
         let other = filled((2, 2, 1, 8), 1.0);
@@ -285,5 +481,77 @@ mod tests {
         c.len = 0;
         let (k, _) = c.append(&other, &other).unwrap();
         assert_eq!(k.dims(), [2, 2, 1, 8]);
+    }
+
+    /// Keys whose every element is its position, `[1, 1, t, 2]` from position `from`.
+    fn positions(from: usize, t: usize) -> Tensor {
+        let values: Vec<f32> = (from..from + t).flat_map(|p| [p as f32; 2]).collect();
+        Tensor::from_vec(values, (1, 1, t, 2), &Device::Cpu).unwrap()
+    }
+
+    /// The positions the keys `[1, 1, n, 2]` hold, in order.
+    fn held(keys: &Tensor) -> Vec<usize> {
+        let values = keys.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().step_by(2).map(|&v| v as usize).collect()
+    }
+
+    #[test]
+    fn a_window_layer_keeps_what_later_positions_attend_to() {
+        // A window of 4 keeps the 3 positions before the next one, in 3 + 16 slots of 40.
+        let mut c = LayerCache::new(40, Some(4));
+        assert_eq!((c.slots, c.keep), (19, Some(3)));
+        let append = |c: &mut LayerCache, from, t| {
+            let k = positions(from, t);
+            let (k, v) = c.append(&k, &k).unwrap();
+            assert_eq!(held(&k), held(&v));
+            held(&k)
+        };
+        // Room for 19; the 20th position drops all but the 3 before it.
+        assert_eq!(append(&mut c, 0, 19), (0..19).collect::<Vec<_>>());
+        assert_eq!(append(&mut c, 19, 1), vec![16, 17, 18, 19]);
+        assert_eq!((c.len, c.dropped), (20, 16));
+        // More than the slots at once: the step sees the kept positions and its own, the
+        // layer keeps the last 3.
+        assert_eq!(append(&mut c, 20, 17), (17..37).collect::<Vec<_>>());
+        assert_eq!((c.len, c.dropped, c.held()), (37, 34, 3));
+        assert_eq!(append(&mut c, 37, 3), (34..40).collect::<Vec<_>>());
+        let message = c.append(&positions(40, 1), &positions(40, 1)).unwrap_err();
+        assert!(
+            message
+                .to_string()
+                .contains("holds 40 positions: 40 cached"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_window_that_covers_the_sequence_drops_nothing() {
+        let c = LayerCache::new(12, Some(4));
+        assert_eq!((c.slots, c.keep), (12, None));
+        assert_eq!(window_slots(4097, 1 << 20), 4096 + 2048);
+        assert_eq!(window_slots(1, 100), 16);
+    }
+
+    #[test]
+    fn a_drop_moves_the_slot_tables_along_with_the_positions() {
+        let config = serde_json::from_value(serde_json::json!({
+            "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 16,
+            "max_position_embeddings": 64
+        }))
+        .unwrap();
+        let rope = RopeTables::new(&config, DType::F32, &Device::Cpu).unwrap();
+        let mut c = LayerCache::new(24, Some(4));
+        let (cos, _) = c.slot_tables(&rope).unwrap();
+        assert_eq!(cos.dims(), [19, 2]);
+        c.len = 20;
+        c.compact(3).unwrap();
+        assert_eq!(c.dropped, 17);
+        let (moved, _) = c.slot_tables(&rope).unwrap();
+        let (all, _) = rope.decoding_rows(24).unwrap();
+        let rows = |t: &Tensor, from, n| t.narrow(0, from, n).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(rows(&moved, 0, 7), rows(&all, 17, 7));
+        // Slots past the sequence's last position get zero rows.
+        assert_eq!(rows(&moved, 7, 12), vec![vec![0.0; 2]; 12]);
     }
 }

@@ -18,8 +18,9 @@ pub struct Decoder<'m> {
     cache: Cache,
     /// Sequences in the batch.
     rows: usize,
-    /// The next one-token step's tokens, one per row, then its position (u32 `[rows + 1]`),
-    /// on the model's device.
+    /// The next one-token step's tokens, one per row, then its position and that position's
+    /// slot in the window layers ([`Cache::set_position`]): u32 `[rows + 2]` on the model's
+    /// device.
     step: Tensor,
     replay: Replay,
 }
@@ -28,8 +29,14 @@ pub struct Decoder<'m> {
 enum Replay {
     /// Not captured yet: the first one-token step with the cache allocated captures.
     Pending,
-    /// The captured step, and the logits `[rows, vocab]` each replay writes.
-    Ready { graph: ops::Graph, logits: Tensor },
+    /// The captured step, the logits `[rows, vocab]` each replay writes, and the positions
+    /// the window layers had dropped when it was captured ([`Cache::dropped`]): it holds
+    /// their RoPE rows, which start there, so a later drop captures again.
+    Ready {
+        graph: ops::Graph,
+        logits: Tensor,
+        dropped: usize,
+    },
     /// Op by op: the device can't capture, or capturing failed (the reason).
     OpByOp(String),
 }
@@ -67,7 +74,7 @@ impl<'m> Decoder<'m> {
                 capacity.clamp(1, model.config.max_position_embeddings),
             ),
             rows,
-            step: Tensor::zeros(rows + 1, DType::U32, model.device())?,
+            step: Tensor::zeros(rows + 2, DType::U32, model.device())?,
             replay,
         })
     }
@@ -134,12 +141,13 @@ impl<'m> Decoder<'m> {
                 self.cache.capacity()
             );
         }
-        let position = u32::try_from(self.len())
-            .map_err(|_| candle_core::Error::Msg("position beyond u32".into()))?;
-        let step: Vec<u32> = ids.iter().flatten().copied().chain([position]).collect();
-        write_u32s(&self.step, &step)?;
+        let dropped = self.write_step(ids)?;
         let logits = match &self.replay {
-            Replay::Ready { graph, logits } => {
+            Replay::Ready {
+                graph,
+                logits,
+                dropped: captured_at,
+            } if *captured_at == dropped => {
                 graph.launch()?;
                 // The next replay overwrites the buffer; the caller gets its own copy.
                 logits.copy()?
@@ -148,6 +156,26 @@ impl<'m> Decoder<'m> {
         };
         self.cache.advance(1)?;
         Ok(logits)
+    }
+
+    /// Makes room in the cache for a one-token step of `ids` (one token a row) and writes its
+    /// tokens, position and window slot into `step`; returns the positions the window layers
+    /// have dropped ([`Cache::dropped`]).
+    fn write_step(&mut self, ids: &[Vec<u32>]) -> Result<usize> {
+        self.cache.make_room(1)?;
+        let dropped = self.cache.dropped();
+        let u32_of = |n: usize| {
+            u32::try_from(n).map_err(|_| candle_core::Error::Msg("position beyond u32".into()))
+        };
+        let (position, slot) = (u32_of(self.len())?, u32_of(self.len() - dropped)?);
+        let step: Vec<u32> = ids
+            .iter()
+            .flatten()
+            .copied()
+            .chain([position, slot])
+            .collect();
+        write_u32s(&self.step, &step)?;
+        Ok(dropped)
     }
 
     /// How many tokens `ids` adds to each row: one list per row, all of one length, not empty.
@@ -184,15 +212,16 @@ impl<'m> Decoder<'m> {
     /// The one-token step at the position in `step`, op by op, with the cache taking its
     /// position from there too: logits `[rows, vocab]`.
     fn positioned_step(model: &Llama, cache: &mut Cache, step: &Tensor) -> Result<Tensor> {
-        let rows = step.dim(0)? - 1;
-        cache.set_position(Some(&step.narrow(0, rows, 1)?));
+        let rows = step.dim(0)? - 2;
+        cache.set_position(Some(&step.narrow(0, rows, 2)?))?;
         let tokens = step.narrow(0, 0, rows)?.reshape((rows, 1))?;
         let logits = model.forward(&tokens, Some(cache));
-        cache.set_position(None);
+        cache.set_position(None)?;
         logits?.i((.., 0))
     }
 
-    /// Runs the first one-token step op by op, then captures it for the later ones. A
+    /// Runs the first one-token step op by op, then captures it for the later ones (again
+    /// after the window layers drop positions: the captured step holds their RoPE rows). A
     /// failed capture leaves the steps op by op, with the reason.
     fn first_positioned_step(&mut self) -> Result<Tensor> {
         let (model, step) = (self.model, &self.step);
@@ -210,6 +239,7 @@ impl<'m> Decoder<'m> {
             Ok(graph) => Replay::Ready {
                 graph,
                 logits: buffer,
+                dropped: self.cache.dropped(),
             },
             Err(e) => Replay::OpByOp(format!("capturing the decode step failed: {e}")),
         };
@@ -264,16 +294,82 @@ mod tests {
         positioned.forward(&prompt).unwrap();
         for token in [4u32, 17, 2, 30] {
             let want = host.forward(&[token]).unwrap();
-            let position = positioned.len() as u32;
-            write_u32s(&positioned.step, &[token, position]).unwrap();
-            let got =
-                Decoder::positioned_step(&model, &mut positioned.cache, &positioned.step).unwrap();
-            positioned.cache.advance(1).unwrap();
+            let position = positioned.len();
+            let got = positioned_step(&mut positioned, token);
             assert_eq!(got.dims(), want.dims());
             let error = relative_error(&got, &want);
             assert!(error < 1e-6, "step at {position}: {error:.2e}");
         }
         assert_eq!(positioned.len(), 7);
+    }
+
+    /// A one-token step at a device-held position, op by op, as a captured step replays it.
+    fn positioned_step(decoder: &mut Decoder, token: u32) -> Tensor {
+        decoder.write_step(&[vec![token]]).unwrap();
+        let (model, step) = (decoder.model, &decoder.step);
+        let logits = Decoder::positioned_step(model, &mut decoder.cache, step).unwrap();
+        decoder.cache.advance(1).unwrap();
+        logits
+    }
+
+    /// Sliding-window layers hold fewer slots than the sequence has positions, drop what no
+    /// later position attends to, and still give every position the logits of a full pass:
+    /// through one-token steps at host and at device-held positions, a chunk that fits after
+    /// a drop, a prompt longer than the slots, and a prompt shared by two rows (Gemma 2 and 3
+    /// with windows of 8, Phi-3's partial rotary, a Qwen 3 whose later layers slide).
+    #[test]
+    fn window_layers_drop_positions_and_decode_as_a_full_pass() {
+        let ids: Vec<u32> = (0..60).map(|i| (i * 37 + 11) % 120).collect();
+        for name in ["tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-qwen3"] {
+            let mut model = load(name, true);
+            if name == "tiny-qwen3" {
+                model.family.layers[1].window = Some(8);
+            }
+            let want = full_pass(&model, &ids);
+            let window_layers = model.family.layers.iter().filter(|l| l.window.is_some());
+            let slots = crate::cache::window_slots(8, ids.len());
+            assert!(slots < ids.len() && window_layers.count() > 0, "{name}");
+            let cases = [
+                (3, false, 1),
+                (3, true, 1),
+                (30, false, 1),
+                (30, true, 1),
+                (30, false, 2),
+            ];
+            for (prompt, positioned, rows) in cases {
+                let case = format!("{name}, prompt {prompt}, positioned {positioned}, rows {rows}");
+                let mut decoder = Decoder::batched(&model, ids.len(), rows).unwrap();
+                let mut logits = decoder.forward(&ids[..prompt]).unwrap();
+                let mut at = prompt;
+                loop {
+                    for r in 0..rows {
+                        let got = logits.narrow(0, r, 1).unwrap();
+                        let error = relative_error(&got, &want.narrow(0, at - 1, 1).unwrap());
+                        assert!(error < 1e-5, "{case}: position {}: {error:.2e}", at - 1);
+                    }
+                    if at == ids.len() {
+                        break;
+                    }
+                    // A chunk of 5 after the first 10 steps, later one token at a time.
+                    let chunk = if at == prompt + 10 { 5 } else { 1 };
+                    logits = match (chunk, positioned) {
+                        (1, true) => positioned_step(&mut decoder, ids[at]),
+                        _ => decoder.forward(&ids[at..at + chunk]).unwrap(),
+                    };
+                    at += chunk;
+                }
+                assert!(decoder.cache.dropped() >= ids.len() - slots, "{case}");
+                let held = model.family.layers.iter().map(|l| match l.window {
+                    Some(_) => slots,
+                    None => ids.len(),
+                });
+                assert_eq!(
+                    decoder.cache.buffer_slots(),
+                    held.collect::<Vec<_>>(),
+                    "{case}"
+                );
+            }
+        }
     }
 
     #[test]
