@@ -2,7 +2,10 @@
 //! head_size]` (keys, then values), allocated at the first write and filled position by
 //! position. Attention reads views of the filled part in place.
 //!
-//! A layer of global attention holds a slot for every position the sequence may reach. A
+//! A layer of global attention holds a slot for every position the sequence may reach, in a
+//! buffer that starts with [`FIRST_SLOTS`] (or as many as the first write needs) and doubles
+//! when it fills ([`LayerCache::grow`]), so a session that may reach the model's whole context
+//! (`generate --interactive`) holds only what it has reached. A
 //! sliding-window layer (Gemma 2/3, Phi-3, Qwen with `use_sliding_window`) needs only the last
 //! `window - 1` positions before the one it decodes, so it holds fewer slots (that many plus
 //! half as many again, [`window_slots`]) and, when they are full, moves the positions it still
@@ -15,7 +18,7 @@
 //! A one-token step can instead take its position from a device tensor
 //! ([`Cache::set_position`]): its kernels then read the position where they run, so the step
 //! can be captured once and replayed at every later position ([`super::Decoder`]), until a
-//! window layer drops positions again.
+//! buffer grows or a window layer drops positions ([`Cache::version`]).
 
 use super::rope::RopeTables;
 use super::Llama;
@@ -31,6 +34,10 @@ pub struct Cache {
 /// The heads of a block's attention: query heads, kv heads, head size.
 pub(crate) type Heads = (usize, usize, usize);
 
+/// The slots a buffer starts with, unless its first write needs more or the layer never holds
+/// as many: a sequence of up to this many positions allocates its cache once.
+pub const FIRST_SLOTS: usize = 4096;
+
 /// The slots a layer attending to `window` positions (its own included) holds for a sequence
 /// of up to `capacity` positions: the `window - 1` before the decoded one, and half as many
 /// again (at least 16), so that it moves them to the front once every so many positions.
@@ -42,9 +49,15 @@ pub fn window_slots(window: usize, capacity: usize) -> usize {
 impl Cache {
     /// An empty cache for `model`, for up to `max_len` positions.
     pub fn new(model: &Llama, max_len: usize) -> Self {
+        Self::with_first_slots(model, max_len, FIRST_SLOTS)
+    }
+
+    /// [`Cache::new`] whose buffers start with `first_slots` slots.
+    pub(crate) fn with_first_slots(model: &Llama, max_len: usize, first_slots: usize) -> Self {
         let layers = model.family.layers.iter();
+        let layer = |window| LayerCache::new(max_len, window, first_slots);
         Self {
-            layers: layers.map(|l| LayerCache::new(max_len, l.window)).collect(),
+            layers: layers.map(|l| layer(l.window)).collect(),
         }
     }
 
@@ -61,6 +74,9 @@ impl Cache {
     /// Forgets everything cached (the buffers are kept for reuse).
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(|c| {
+            if c.dropped > 0 {
+                c.version += 1;
+            }
             c.len = 0;
             c.dropped = 0;
         });
@@ -78,6 +94,12 @@ impl Cache {
         self.layers.iter().map(|c| c.dropped).max().unwrap_or(0)
     }
 
+    /// How many times a buffer has moved or grown or a window layer has dropped positions: a
+    /// step captured at one version reads stale addresses or RoPE rows at another.
+    pub fn version(&self) -> usize {
+        self.layers.iter().map(|c| c.version).sum()
+    }
+
     /// The positions each layer's buffer has room for (0 before its first write).
     #[cfg(test)]
     pub(crate) fn buffer_slots(&self) -> Vec<usize> {
@@ -85,15 +107,14 @@ impl Cache {
         self.layers.iter().map(slots).collect()
     }
 
-    /// Whether every layer's buffer exists (after the first write), so that its address no
-    /// longer changes.
+    /// Whether every layer's buffer exists (after the first write).
     pub fn is_allocated(&self) -> bool {
         self.layers.iter().all(|c| c.buffer.is_some())
     }
 
-    /// Makes room for `new` more positions in every layer, window layers dropping the
-    /// positions no later one attends to where they must ([`Cache::dropped`] then grows).
-    /// Fails where a layer's capacity would be passed.
+    /// Makes room for `new` more positions in every layer: buffers grow, and window layers
+    /// drop the positions no later one attends to, where they must ([`Cache::version`] then
+    /// changes). Fails where the capacity would be passed.
     pub fn make_room(&mut self, new: usize) -> Result<()> {
         self.layers.iter_mut().try_for_each(|c| c.make_room(new))
     }
@@ -123,8 +144,8 @@ impl Cache {
     }
 
     /// Copies what `one`, the cache of a single sequence, holds into each of `rows` rows of
-    /// this empty cache, in place (a buffer that already exists keeps its address): a prompt
-    /// that every row shares runs once.
+    /// this empty cache, in place (a buffer that already exists and has room keeps its
+    /// address): a prompt that every row shares runs once.
     pub fn fill_rows(&mut self, one: &Cache, rows: usize) -> Result<()> {
         if !self.is_empty() || one.layers.len() != self.layers.len() {
             candle_core::bail!(
@@ -150,8 +171,10 @@ pub struct LayerCache {
     len: usize,
     /// Positions the sequence may reach.
     capacity: usize,
-    /// Positions the buffer holds: `capacity`, or fewer for a window layer.
-    slots: usize,
+    /// The most slots the buffer grows to: `capacity`, or fewer for a window layer.
+    room: usize,
+    /// The slots the buffer starts with (at most `room`).
+    first_slots: usize,
     /// A window layer's positions before the decoded one that later ones may attend to
     /// (`window - 1`): the ones it keeps when it drops the others.
     keep: Option<usize>,
@@ -159,26 +182,35 @@ pub struct LayerCache {
     dropped: usize,
     /// The device-held slot of one-token steps, while [`Cache::set_position`] has one.
     position: Option<Tensor>,
+    /// Changes a captured step would miss: the buffer moved or grew, positions were dropped.
+    version: usize,
     /// RoPE rows for the slots (those of positions `dropped..`), taken at the first
-    /// device-positioned step after the last drop, with the `dropped` they were taken at.
+    /// device-positioned step of a version, with that version.
     tables: Option<(usize, Tensor, Tensor)>,
 }
 
 impl LayerCache {
-    fn new(capacity: usize, window: Option<usize>) -> Self {
+    fn new(capacity: usize, window: Option<usize>, first_slots: usize) -> Self {
         let keep = window.map(|w| w.saturating_sub(1));
-        let slots = window.map_or(capacity, |w| window_slots(w, capacity));
+        let room = window.map_or(capacity, |w| window_slots(w, capacity));
         Self {
             buffer: None,
             len: 0,
             capacity,
-            slots,
+            room,
+            first_slots: first_slots.clamp(1, room.max(1)),
             // A window that covers every slot never drops a position.
-            keep: keep.filter(|_| slots < capacity),
+            keep: keep.filter(|_| room < capacity),
             dropped: 0,
             position: None,
+            version: 0,
             tables: None,
         }
+    }
+
+    /// The slots of the buffer (0 before the first write).
+    fn slots(&self) -> usize {
+        self.buffer.as_ref().map_or(0, |b| b.dims()[3])
     }
 
     /// Positions the buffer holds now.
@@ -186,36 +218,73 @@ impl LayerCache {
         self.len - self.dropped
     }
 
-    /// The buffer for `batch` × `kv_heads` × `head_size` entries, allocated on first use.
+    /// The buffer for `batch` × `kv_heads` × `head_size` entries with at least `need` slots,
+    /// allocated on first use (with [`LayerCache::first_slots`], or `need` if more) and grown
+    /// where it has fewer ([`LayerCache::grow`]).
     fn buffer(
         &mut self,
         (batch, kv_heads, head_size): (usize, usize, usize),
         dtype: DType,
         device: &Device,
+        need: usize,
     ) -> Result<Tensor> {
-        let shape = [2, batch, kv_heads, self.slots, head_size];
+        let entries = [2, batch, kv_heads, head_size];
+        let fits = |b: &Tensor| {
+            let d = b.dims();
+            [d[0], d[1], d[2], d[4]] == entries && b.dtype() == dtype
+        };
         match &self.buffer {
-            Some(b) if b.dims() == shape && b.dtype() == dtype => Ok(b.clone()),
+            Some(b) if fits(b) => {
+                self.grow(need)?;
+                self.buffer
+                    .clone()
+                    .ok_or_else(|| candle_core::Error::Msg("the KV cache lost its buffer".into()))
+            }
             Some(b) if self.len > 0 => candle_core::bail!(
-                "the KV cache holds {:?} {:?} entries, not {shape:?} {dtype:?}",
+                "the KV cache holds {:?} {:?} entries, not {entries:?} {dtype:?} (keys and \
+                 values, batch, kv heads, head size)",
                 b.dims(),
                 b.dtype()
             ),
             _ => {
-                let b = Tensor::zeros(&shape[..], dtype, device)?;
+                let slots = self.first_slots.max(need).min(self.room);
+                let b = Tensor::zeros((2, batch, kv_heads, slots, head_size), dtype, device)?;
                 self.buffer = Some(b.clone());
+                self.version += 1;
                 Ok(b)
             }
         }
     }
 
+    /// Grows the buffer to at least `need` slots, to twice its slots or more (at most
+    /// [`LayerCache::room`]), the positions held copied over; nothing where it has them.
+    fn grow(&mut self, need: usize) -> Result<()> {
+        let Some(old) = self.buffer.as_ref().filter(|b| b.dims()[3] < need) else {
+            return Ok(());
+        };
+        let (two, batch, kv_heads, slots, head_size) = old.dims5()?;
+        let grown = need.max(2 * slots).min(self.room);
+        let new = Tensor::zeros(
+            (two, batch, kv_heads, grown, head_size),
+            old.dtype(),
+            old.device(),
+        )?;
+        if self.held() > 0 {
+            new.slice_set(&old.narrow(3, 0, self.held())?.contiguous()?, 3, 0)?;
+        }
+        self.buffer = Some(new);
+        self.version += 1;
+        Ok(())
+    }
+
     /// Checks that `new` more positions fit, in the sequence and in the buffer as it is.
     fn reserve(&self, new: usize) -> Result<()> {
         self.reserve_in_sequence(new)?;
-        if self.held() + new > self.slots {
+        if self.held() + new > self.slots() {
             candle_core::bail!(
-                "the KV cache's window layer has {} slots: {} held, {new} more asked for",
-                self.slots,
+                "the KV cache's buffer has {} slots: {} held, {new} more asked for (room is \
+                 made first)",
+                self.slots(),
                 self.held()
             );
         }
@@ -234,15 +303,25 @@ impl LayerCache {
         Ok(())
     }
 
-    /// Makes room for `new` more positions: a window layer whose slots would overflow drops
-    /// what no later position attends to, where that leaves room ([`LayerCache::compact`]).
+    /// Makes room for `new` more positions: a window layer that would pass its room drops
+    /// what no later position attends to, where that leaves room ([`LayerCache::compact`]),
+    /// and a buffer with too few slots grows ([`LayerCache::grow`]).
     fn make_room(&mut self, new: usize) -> Result<()> {
         if let Some(keep) = self.keep {
-            if self.held() + new > self.slots && keep + new <= self.slots {
+            if self.held() + new > self.room && keep + new <= self.room {
                 self.compact(keep)?;
             }
         }
-        self.reserve(new)
+        self.reserve_in_sequence(new)?;
+        if self.held() + new > self.room {
+            candle_core::bail!(
+                "the KV cache's window layer has room for {} positions: {} held, {new} more \
+                 asked for",
+                self.room,
+                self.held()
+            );
+        }
+        self.grow(self.held() + new)
     }
 
     /// Moves the last `keep` positions held (all, if fewer) to the front of the buffer and
@@ -256,6 +335,7 @@ impl LayerCache {
             buffer.slice_set(&last, 3, 0)?;
         }
         self.dropped = self.len - kept;
+        self.version += 1;
         Ok(())
     }
 
@@ -268,20 +348,24 @@ impl LayerCache {
         if batch != 1 {
             candle_core::bail!("the KV cache fills its rows from one sequence, not {batch}");
         }
-        if one.len > self.capacity || one.held() > self.slots {
+        if one.len > self.capacity || one.held() > self.room {
             candle_core::bail!(
                 "the KV cache holds {} positions in {} slots, not {} in {}",
                 self.capacity,
-                self.slots,
+                self.room,
                 one.len,
                 one.held()
             );
         }
-        let buffer = self.buffer((rows, kv_heads, head_size), source.dtype(), source.device())?;
         let held = one.held();
+        let (dtype, device) = (source.dtype(), source.device());
+        let buffer = self.buffer((rows, kv_heads, head_size), dtype, device, held)?;
         let shared = source.narrow(3, 0, held)?;
         let every_row = shared.broadcast_as((two, rows, kv_heads, held, head_size))?;
         buffer.slice_set(&every_row.contiguous()?, 3, 0)?;
+        if one.dropped > 0 {
+            self.version += 1;
+        }
         (self.len, self.dropped) = (one.len, one.dropped);
         Ok(())
     }
@@ -324,6 +408,7 @@ impl LayerCache {
         }
         self.len += new;
         self.dropped = self.len - kept;
+        self.version += 1;
         Ok(())
     }
 
@@ -332,7 +417,7 @@ impl LayerCache {
     /// Otherwise makes room for them.
     fn needs_widening(&mut self, new: usize) -> Result<Option<usize>> {
         match self.keep {
-            Some(keep) if self.held() + new > self.slots && keep + new > self.slots => {
+            Some(keep) if self.held() + new > self.room && keep + new > self.room => {
                 self.reserve_in_sequence(new).map(|()| Some(keep))
             }
             _ => self.make_room(new).map(|()| None),
@@ -347,7 +432,8 @@ impl LayerCache {
         }
         let (b, kv_heads, t, d) = k.dims4()?;
         let wide = self.needs_widening(t)?;
-        let buffer = self.buffer((b, kv_heads, d), k.dtype(), k.device())?;
+        let need = wide.map_or(self.held() + t, |keep| keep.min(self.held() + t));
+        let buffer = self.buffer((b, kv_heads, d), k.dtype(), k.device(), need)?;
         let both = Tensor::stack(&[k, v], 0)?;
         if let Some(keep) = wide {
             let (wide, kept) = self.widened(&buffer, keep, t)?;
@@ -380,14 +466,16 @@ impl LayerCache {
             at,
         };
         if let Some(position) = self.position.clone() {
+            let need = self.held() + t;
+            let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device(), need)?;
             self.reserve(t)?;
-            let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device())?;
             let at = layout(Position::Device(&position));
             let (cos, sin) = self.slot_tables(rope)?;
             return ops::cached_attention(&buffer, qkv, (&cos, &sin), at, options);
         }
         let wide = self.needs_widening(t)?;
-        let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device())?;
+        let need = wide.map_or(self.held() + t, |keep| keep.min(self.held() + t));
+        let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device(), need)?;
         let (cos, sin) = rope.window(self.len, t)?;
         if let Some(keep) = wide {
             let (wide, kept) = self.widened(&buffer, keep, t)?;
@@ -403,17 +491,17 @@ impl LayerCache {
     }
 
     /// RoPE rows for every slot (those of positions `dropped..dropped + slots`, zero rows
-    /// past the model's tables, which no step reaches), kept here until the layer drops
-    /// positions again: a captured step holds their addresses, so they must live as long as
-    /// it is replayed, whatever the model's tables do later.
+    /// past the model's tables, which no step reaches), kept here until the version changes:
+    /// a captured step holds their addresses, so they must live as long as it is replayed,
+    /// whatever the model's tables do later.
     fn slot_tables(&mut self, rope: &RopeTables) -> Result<(Tensor, Tensor)> {
-        if let Some((dropped, cos, sin)) = &self.tables {
-            if *dropped == self.dropped {
+        if let Some((version, cos, sin)) = &self.tables {
+            if *version == self.version {
                 return Ok((cos.clone(), sin.clone()));
             }
         }
         let (cos, sin) = rope.decoding_rows(self.capacity)?;
-        let (from, rows) = (self.dropped.min(self.capacity), self.slots);
+        let (from, rows) = (self.dropped.min(self.capacity), self.slots());
         let slot_rows = |table: Tensor| -> Result<Tensor> {
             let there = (self.capacity - from).min(rows);
             let rows_there = table.narrow(0, from, there)?;
@@ -425,7 +513,7 @@ impl LayerCache {
             Tensor::cat(&[&rows_there, &past], 0)
         };
         let (cos, sin) = (slot_rows(cos)?, slot_rows(sin)?);
-        self.tables = Some((self.dropped, cos.clone(), sin.clone()));
+        self.tables = Some((self.version, cos.clone(), sin.clone()));
         Ok((cos, sin))
     }
 }
@@ -441,7 +529,7 @@ mod tests {
 
     #[test]
     fn appends_positions_and_refuses_more_than_it_holds() {
-        let mut c = LayerCache::new(4, None);
+        let mut c = LayerCache::new(4, None, 4);
         let (k, v) = c
             .append(&filled((1, 2, 3, 8), 1.0), &filled((1, 2, 3, 8), 2.0))
             .unwrap();
@@ -472,12 +560,12 @@ mod tests {
 
     #[test]
     fn reset_reuses_the_buffer_and_a_new_shape_needs_an_empty_cache() {
-        let mut c = LayerCache::new(4, None);
+        let mut c = LayerCache::new(4, None, 4);
         c.append(&filled((1, 2, 2, 8), 1.0), &filled((1, 2, 2, 8), 1.0))
             .unwrap();
         let other = filled((2, 2, 1, 8), 1.0);
         let message = c.append(&other, &other).unwrap_err().to_string();
-        assert!(message.contains("not [2, 2, 2, 4, 8]"), "{message}");
+        assert!(message.contains("not [2, 2, 2, 8]"), "{message}");
         c.len = 0;
         let (k, _) = c.append(&other, &other).unwrap();
         assert_eq!(k.dims(), [2, 2, 1, 8]);
@@ -495,17 +583,42 @@ mod tests {
         values.iter().step_by(2).map(|&v| v as usize).collect()
     }
 
+    /// Appends `t` positions from `from` as keys and values; the positions the step sees.
+    fn append(c: &mut LayerCache, from: usize, t: usize) -> Vec<usize> {
+        let k = positions(from, t);
+        let (k, v) = c.append(&k, &k).unwrap();
+        assert_eq!(held(&k), held(&v));
+        held(&k)
+    }
+
+    #[test]
+    fn a_buffer_grows_as_the_sequence_does_and_keeps_what_it_holds() {
+        let mut c = LayerCache::new(40, None, 4);
+        let grown = |c: &LayerCache| (c.slots(), c.version);
+        assert_eq!(append(&mut c, 0, 3), (0..3).collect::<Vec<_>>());
+        assert_eq!(grown(&c), (4, 1));
+        append(&mut c, 3, 1);
+        assert_eq!(grown(&c), (4, 1));
+        // Twice the slots, or what a step needs where that is more, up to the capacity.
+        assert_eq!(append(&mut c, 4, 1), (0..5).collect::<Vec<_>>());
+        assert_eq!(grown(&c), (8, 2));
+        append(&mut c, 5, 10);
+        assert_eq!(grown(&c), (16, 3));
+        assert_eq!(append(&mut c, 15, 20), (0..35).collect::<Vec<_>>());
+        assert_eq!(grown(&c), (35, 4));
+        append(&mut c, 35, 1);
+        assert_eq!(grown(&c), (40, 5));
+        // A first write of more than the first slots allocates what it needs.
+        let mut c = LayerCache::new(4096, None, 4);
+        append(&mut c, 0, 9);
+        assert_eq!(grown(&c), (9, 1));
+    }
+
     #[test]
     fn a_window_layer_keeps_what_later_positions_attend_to() {
         // A window of 4 keeps the 3 positions before the next one, in 3 + 16 slots of 40.
-        let mut c = LayerCache::new(40, Some(4));
-        assert_eq!((c.slots, c.keep), (19, Some(3)));
-        let append = |c: &mut LayerCache, from, t| {
-            let k = positions(from, t);
-            let (k, v) = c.append(&k, &k).unwrap();
-            assert_eq!(held(&k), held(&v));
-            held(&k)
-        };
+        let mut c = LayerCache::new(40, Some(4), FIRST_SLOTS);
+        assert_eq!((c.room, c.keep), (19, Some(3)));
         // Room for 19; the 20th position drops all but the 3 before it.
         assert_eq!(append(&mut c, 0, 19), (0..19).collect::<Vec<_>>());
         assert_eq!(append(&mut c, 19, 1), vec![16, 17, 18, 19]);
@@ -526,8 +639,8 @@ mod tests {
 
     #[test]
     fn a_window_that_covers_the_sequence_drops_nothing() {
-        let c = LayerCache::new(12, Some(4));
-        assert_eq!((c.slots, c.keep), (12, None));
+        let c = LayerCache::new(12, Some(4), FIRST_SLOTS);
+        assert_eq!((c.room, c.keep), (12, None));
         assert_eq!(window_slots(4097, 1 << 20), 4096 + 2048);
         assert_eq!(window_slots(1, 100), 16);
     }
@@ -541,17 +654,17 @@ mod tests {
         }))
         .unwrap();
         let rope = RopeTables::new(&config, DType::F32, &Device::Cpu).unwrap();
-        let mut c = LayerCache::new(24, Some(4));
+        let mut c = LayerCache::new(24, Some(4), FIRST_SLOTS);
+        append(&mut c, 0, 19);
         let (cos, _) = c.slot_tables(&rope).unwrap();
         assert_eq!(cos.dims(), [19, 2]);
-        c.len = 20;
         c.compact(3).unwrap();
-        assert_eq!(c.dropped, 17);
+        assert_eq!(c.dropped, 16);
         let (moved, _) = c.slot_tables(&rope).unwrap();
         let (all, _) = rope.decoding_rows(24).unwrap();
         let rows = |t: &Tensor, from, n| t.narrow(0, from, n).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(rows(&moved, 0, 7), rows(&all, 17, 7));
+        assert_eq!(rows(&moved, 0, 8), rows(&all, 16, 8));
         // Slots past the sequence's last position get zero rows.
-        assert_eq!(rows(&moved, 7, 12), vec![vec![0.0; 2]; 12]);
+        assert_eq!(rows(&moved, 8, 11), vec![vec![0.0; 2]; 11]);
     }
 }

@@ -29,13 +29,14 @@ pub struct Decoder<'m> {
 enum Replay {
     /// Not captured yet: the first one-token step with the cache allocated captures.
     Pending,
-    /// The captured step, the logits `[rows, vocab]` each replay writes, and the positions
-    /// the window layers had dropped when it was captured ([`Cache::dropped`]): it holds
-    /// their RoPE rows, which start there, so a later drop captures again.
+    /// The captured step, the logits `[rows, vocab]` each replay writes, and the cache's
+    /// version it was captured at ([`Cache::version`]): it holds the addresses of the
+    /// buffers and of the RoPE rows of their slots, so a buffer that grows or a window layer
+    /// that drops positions has the next step captured again.
     Ready {
         graph: ops::Graph,
         logits: Tensor,
-        dropped: usize,
+        version: usize,
     },
     /// Op by op: the device can't capture, or capturing failed (the reason).
     OpByOp(String),
@@ -141,13 +142,13 @@ impl<'m> Decoder<'m> {
                 self.cache.capacity()
             );
         }
-        let dropped = self.write_step(ids)?;
+        self.write_step(ids)?;
         let logits = match &self.replay {
             Replay::Ready {
                 graph,
                 logits,
-                dropped: captured_at,
-            } if *captured_at == dropped => {
+                version,
+            } if *version == self.cache.version() => {
                 graph.launch()?;
                 // The next replay overwrites the buffer; the caller gets its own copy.
                 logits.copy()?
@@ -159,9 +160,8 @@ impl<'m> Decoder<'m> {
     }
 
     /// Makes room in the cache for a one-token step of `ids` (one token a row) and writes its
-    /// tokens, position and window slot into `step`; returns the positions the window layers
-    /// have dropped ([`Cache::dropped`]).
-    fn write_step(&mut self, ids: &[Vec<u32>]) -> Result<usize> {
+    /// tokens, position and window slot into `step`.
+    fn write_step(&mut self, ids: &[Vec<u32>]) -> Result<()> {
         self.cache.make_room(1)?;
         let dropped = self.cache.dropped();
         let u32_of = |n: usize| {
@@ -174,8 +174,7 @@ impl<'m> Decoder<'m> {
             .copied()
             .chain([position, slot])
             .collect();
-        write_u32s(&self.step, &step)?;
-        Ok(dropped)
+        write_u32s(&self.step, &step)
     }
 
     /// How many tokens `ids` adds to each row: one list per row, all of one length, not empty.
@@ -221,8 +220,8 @@ impl<'m> Decoder<'m> {
     }
 
     /// Runs the first one-token step op by op, then captures it for the later ones (again
-    /// after the window layers drop positions: the captured step holds their RoPE rows). A
-    /// failed capture leaves the steps op by op, with the reason.
+    /// at each new version of the cache). A failed capture leaves the steps op by op, with
+    /// the reason.
     fn first_positioned_step(&mut self) -> Result<Tensor> {
         let (model, step) = (self.model, &self.step);
         let device = model.device();
@@ -239,7 +238,7 @@ impl<'m> Decoder<'m> {
             Ok(graph) => Replay::Ready {
                 graph,
                 logits: buffer,
-                dropped: self.cache.dropped(),
+                version: self.cache.version(),
             },
             Err(e) => Replay::OpByOp(format!("capturing the decode step failed: {e}")),
         };
@@ -312,33 +311,49 @@ mod tests {
         logits
     }
 
-    /// Sliding-window layers hold fewer slots than the sequence has positions, drop what no
-    /// later position attends to, and still give every position the logits of a full pass:
-    /// through one-token steps at host and at device-held positions, a chunk that fits after
-    /// a drop, a prompt longer than the slots, and a prompt shared by two rows (Gemma 2 and 3
-    /// with windows of 8, Phi-3's partial rotary, a Qwen 3 whose later layers slide).
+    /// Every position gets the logits of a full pass while the buffers grow from a few slots
+    /// and sliding-window layers, holding fewer slots than the sequence has positions, drop
+    /// what no later position attends to: through one-token steps at host and at device-held
+    /// positions, a chunk that fits after a drop, a prompt longer than the window layers'
+    /// slots, and a prompt shared by two rows (Llama without windows; Gemma 2 and 3 with
+    /// windows of 8, Phi-3's partial rotary, a Qwen 3 whose later layers slide).
     #[test]
-    fn window_layers_drop_positions_and_decode_as_a_full_pass() {
+    fn growing_and_dropping_caches_decode_as_a_full_pass() {
+        use crate::cache::{window_slots, FIRST_SLOTS};
         let ids: Vec<u32> = (0..60).map(|i| (i * 37 + 11) % 120).collect();
-        for name in ["tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-qwen3"] {
+        let slots = window_slots(8, ids.len());
+        assert!(slots < ids.len());
+        let names = [
+            "tiny-llama",
+            "tiny-gemma2",
+            "tiny-gemma3",
+            "tiny-phi3",
+            "tiny-qwen3",
+        ];
+        for name in names {
             let mut model = load(name, true);
             if name == "tiny-qwen3" {
                 model.family.layers[1].window = Some(8);
             }
             let want = full_pass(&model, &ids);
-            let window_layers = model.family.layers.iter().filter(|l| l.window.is_some());
-            let slots = crate::cache::window_slots(8, ids.len());
-            assert!(slots < ids.len() && window_layers.count() > 0, "{name}");
+            let windows = model.family.layers.iter().any(|l| l.window.is_some());
+            assert_eq!(windows, name != "tiny-llama", "{name}");
             let cases = [
-                (3, false, 1),
-                (3, true, 1),
-                (30, false, 1),
-                (30, true, 1),
-                (30, false, 2),
+                (3, false, 1, FIRST_SLOTS),
+                (3, true, 1, FIRST_SLOTS),
+                (30, false, 1, FIRST_SLOTS),
+                (30, true, 1, FIRST_SLOTS),
+                (30, false, 2, FIRST_SLOTS),
+                (3, true, 1, 4),
+                (3, false, 2, 4),
             ];
-            for (prompt, positioned, rows) in cases {
-                let case = format!("{name}, prompt {prompt}, positioned {positioned}, rows {rows}");
+            for (prompt, positioned, rows, first_slots) in cases {
+                let case = format!(
+                    "{name}, prompt {prompt}, positioned {positioned}, rows {rows}, first \
+                     slots {first_slots}"
+                );
                 let mut decoder = Decoder::batched(&model, ids.len(), rows).unwrap();
+                decoder.cache = Cache::with_first_slots(&model, ids.len(), first_slots);
                 let mut logits = decoder.forward(&ids[..prompt]).unwrap();
                 let mut at = prompt;
                 loop {
@@ -358,16 +373,15 @@ mod tests {
                     };
                     at += chunk;
                 }
-                assert!(decoder.cache.dropped() >= ids.len() - slots, "{case}");
+                if windows {
+                    assert!(decoder.cache.dropped() >= ids.len() - slots, "{case}");
+                }
                 let held = model.family.layers.iter().map(|l| match l.window {
                     Some(_) => slots,
                     None => ids.len(),
                 });
-                assert_eq!(
-                    decoder.cache.buffer_slots(),
-                    held.collect::<Vec<_>>(),
-                    "{case}"
-                );
+                let held: Vec<usize> = held.collect();
+                assert_eq!(decoder.cache.buffer_slots(), held, "{case}");
             }
         }
     }
