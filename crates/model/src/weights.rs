@@ -136,10 +136,11 @@ impl Weights {
         Self::read_stored(paths, WeightStorage::Dense(dtype), device)
     }
 
-    /// Reads the safetensors files `paths` onto `device`, stored as `storage` says: with
-    /// [`WeightStorage::Nf4`], each projection is quantized as it is read, one tensor at a
-    /// time on the host, so that host memory holds one file and device memory never holds
-    /// the 16-bit model. Projections a checkpoint already stores in bitsandbytes' 4-bit format
+    /// Reads the safetensors files `paths` onto `device`, stored as `storage` says. Each file
+    /// is mapped, not read into memory, so the host holds no copy of a file beside the
+    /// tensors taken from it. With [`WeightStorage::Nf4`], each projection is quantized as it
+    /// is read, one tensor at a time on the host, so that device memory never holds the
+    /// 16-bit model. Projections a checkpoint already stores in bitsandbytes' 4-bit format
     /// load as NF4 whatever `storage` says.
     pub fn read_stored(
         paths: &[PathBuf],
@@ -151,10 +152,17 @@ impl Weights {
         let mut quantized = HashMap::new();
         let mut bnb = Bnb4bit::default();
         for path in paths {
-            let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            let io = |source| ModelError::Io {
                 path: path.clone(),
                 source,
-            })?;
+            };
+            let file = std::fs::File::open(path).map_err(io)?;
+            // SAFETY: the map lives only while this file's tensors are copied out of it. Model
+            // directories are written through temporary files renamed into place (by llmtool,
+            // transformers and the hub client alike), which leaves an open map valid; a file
+            // truncated in place by another program while it is read is the one case left
+            // (safetensors' and candle's own loaders map their files the same way).
+            let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
             let corrupt = |message: String| ModelError::Safetensors {
                 path: path.clone(),
                 message,
