@@ -4,12 +4,12 @@
 //!
 //! A layer of global attention holds a slot for every position the sequence may reach, in a
 //! buffer that starts with [`FIRST_SLOTS`] (or as many as the first write needs) and doubles
-//! when it fills ([`LayerCache::grow`]), so a session that may reach the model's whole context
+//! when it fills (`LayerCache::grow`), so a session that may reach the model's whole context
 //! (`generate --interactive`) holds only what it has reached. A
 //! sliding-window layer (Gemma 2/3, Phi-3, Qwen with `use_sliding_window`) needs only the last
 //! `window - 1` positions before the one it decodes, so it holds fewer slots (that many plus
 //! half as many again, [`window_slots`]) and, when they are full, moves the positions it still
-//! needs to the front of its buffer and drops the others ([`LayerCache::compact`]); a chunk of
+//! needs to the front of its buffer and drops the others (`LayerCache::compact`); a chunk of
 //! more new positions than it has room for attends through a buffer of its own. Slot `s` then
 //! holds position `dropped + s`. Keys are cached rotated, and masks depend only on the
 //! distance between positions, so attention works in slots as it did in positions; only
