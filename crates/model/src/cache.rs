@@ -4,7 +4,7 @@
 //!
 //! A layer of global attention holds a slot for every position the sequence may reach, in a
 //! buffer that starts with [`FIRST_SLOTS`] (or as many as the first write needs) and doubles
-//! when it fills (`LayerCache::grow`), so a session that may reach the model's whole context
+//! when it fills (`LayerCache::grown`), so a session that may reach the model's whole context
 //! (`generate --interactive`) holds only what it has reached. A
 //! sliding-window layer (Gemma 2/3, Phi-3, Qwen with `use_sliding_window`) needs only the last
 //! `window - 1` positions before the one it decodes, so it holds fewer slots (that many plus
@@ -103,8 +103,7 @@ impl Cache {
     /// The positions each layer's buffer has room for (0 before its first write).
     #[cfg(test)]
     pub(crate) fn buffer_slots(&self) -> Vec<usize> {
-        let slots = |c: &LayerCache| c.buffer.as_ref().map_or(0, |b| b.dims()[3]);
-        self.layers.iter().map(slots).collect()
+        self.layers.iter().map(LayerCache::slots).collect()
     }
 
     /// Whether every layer's buffer exists (after the first write).
@@ -218,9 +217,16 @@ impl LayerCache {
         self.len - self.dropped
     }
 
+    /// A copy of the `n` slots of `buffer` that end at slot `end`. A narrowed slot range is
+    /// never contiguous (keys and values lie before it), so this copies: the result can be
+    /// written into the buffer it came from.
+    fn slots_before(buffer: &Tensor, end: usize, n: usize) -> Result<Tensor> {
+        buffer.narrow(3, end - n, n)?.contiguous()
+    }
+
     /// The buffer for `batch` × `kv_heads` × `head_size` entries with at least `need` slots,
     /// allocated on first use (with [`LayerCache::first_slots`], or `need` if more) and grown
-    /// where it has fewer ([`LayerCache::grow`]).
+    /// where it has fewer ([`LayerCache::grown`]).
     fn buffer(
         &mut self,
         (batch, kv_heads, head_size): (usize, usize, usize),
@@ -233,13 +239,8 @@ impl LayerCache {
             let d = b.dims();
             [d[0], d[1], d[2], d[4]] == entries && b.dtype() == dtype
         };
-        match &self.buffer {
-            Some(b) if fits(b) => {
-                self.grow(need)?;
-                self.buffer
-                    .clone()
-                    .ok_or_else(|| candle_core::Error::Msg("the KV cache lost its buffer".into()))
-            }
+        match self.buffer.clone() {
+            Some(b) if fits(&b) => self.grown(b, need),
             Some(b) if self.len > 0 => candle_core::bail!(
                 "the KV cache holds {:?} {:?} entries, not {entries:?} {dtype:?} (keys and \
                  values, batch, kv heads, head size)",
@@ -256,13 +257,14 @@ impl LayerCache {
         }
     }
 
-    /// Grows the buffer to at least `need` slots, to twice its slots or more (at most
-    /// [`LayerCache::room`]), the positions held copied over; nothing where it has them.
-    fn grow(&mut self, need: usize) -> Result<()> {
-        let Some(old) = self.buffer.as_ref().filter(|b| b.dims()[3] < need) else {
-            return Ok(());
-        };
+    /// The buffer `old` (this layer's) grown to at least `need` slots, to twice its slots or
+    /// more (at most [`LayerCache::room`]), the positions held copied over; `old` itself where
+    /// it has them.
+    fn grown(&mut self, old: Tensor, need: usize) -> Result<Tensor> {
         let (two, batch, kv_heads, slots, head_size) = old.dims5()?;
+        if slots >= need {
+            return Ok(old);
+        }
         let grown = need.max(2 * slots).min(self.room);
         let new = Tensor::zeros(
             (two, batch, kv_heads, grown, head_size),
@@ -272,9 +274,9 @@ impl LayerCache {
         if self.held() > 0 {
             new.slice_set(&old.narrow(3, 0, self.held())?.contiguous()?, 3, 0)?;
         }
-        self.buffer = Some(new);
+        self.buffer = Some(new.clone());
         self.version += 1;
-        Ok(())
+        Ok(new)
     }
 
     /// Checks that `new` more positions fit, in the sequence and in the buffer as it is.
@@ -305,7 +307,7 @@ impl LayerCache {
 
     /// Makes room for `new` more positions: a window layer that would pass its room drops
     /// what no later position attends to, where that leaves room ([`LayerCache::compact`]),
-    /// and a buffer with too few slots grows ([`LayerCache::grow`]).
+    /// and a buffer with too few slots grows ([`LayerCache::grown`]).
     fn make_room(&mut self, new: usize) -> Result<()> {
         if let Some(keep) = self.keep {
             if self.held() + new > self.room && keep + new <= self.room {
@@ -321,7 +323,10 @@ impl LayerCache {
                 self.held()
             );
         }
-        self.grow(self.held() + new)
+        if let Some(buffer) = self.buffer.clone() {
+            self.grown(buffer, self.held() + new)?;
+        }
+        Ok(())
     }
 
     /// Moves the last `keep` positions held (all, if fewer) to the front of the buffer and
@@ -329,10 +334,7 @@ impl LayerCache {
     fn compact(&mut self, keep: usize) -> Result<()> {
         let kept = self.held().min(keep);
         if let Some(buffer) = self.buffer.as_ref().filter(|_| kept > 0) {
-            // A narrowed slot range is never contiguous (keys and values lie before it), so this
-            // is a copy, not a view of the buffer being written.
-            let last = buffer.narrow(3, self.held() - kept, kept)?.contiguous()?;
-            buffer.slice_set(&last, 3, 0)?;
+            buffer.slice_set(&Self::slots_before(buffer, self.held(), kept)?, 3, 0)?;
         }
         self.dropped = self.len - kept;
         self.version += 1;
@@ -392,8 +394,7 @@ impl LayerCache {
             buffer.device(),
         )?;
         if kept > 0 {
-            let last = buffer.narrow(3, self.held() - kept, kept)?.contiguous()?;
-            wide.slice_set(&last, 3, 0)?;
+            wide.slice_set(&Self::slots_before(buffer, self.held(), kept)?, 3, 0)?;
         }
         Ok((wide, kept))
     }
@@ -404,7 +405,7 @@ impl LayerCache {
         let total = wide.dim(3)?;
         let kept = total.min(keep);
         if kept > 0 {
-            buffer.slice_set(&wide.narrow(3, total - kept, kept)?.contiguous()?, 3, 0)?;
+            buffer.slice_set(&Self::slots_before(wide, total, kept)?, 3, 0)?;
         }
         self.len += new;
         self.dropped = self.len - kept;
@@ -412,15 +413,20 @@ impl LayerCache {
         Ok(())
     }
 
-    /// Whether `new` positions need a buffer of their own ([`LayerCache::widened`]): those of
-    /// a window layer that has no room for them even after dropping what it need not keep.
-    /// Otherwise makes room for them.
-    fn needs_widening(&mut self, new: usize) -> Result<Option<usize>> {
+    /// How a step of `new` positions writes: into a buffer of its own (`Some(keep)`,
+    /// [`LayerCache::widened`]) where a window layer has no room for them even after dropping
+    /// what it need not keep, else in place after making room; and the slots the layer's
+    /// buffer needs for it.
+    fn room_for(&mut self, new: usize) -> Result<(Option<usize>, usize)> {
         match self.keep {
             Some(keep) if self.held() + new > self.room && keep + new > self.room => {
-                self.reserve_in_sequence(new).map(|()| Some(keep))
+                self.reserve_in_sequence(new)?;
+                Ok((Some(keep), keep.min(self.held() + new)))
             }
-            _ => self.make_room(new).map(|()| None),
+            _ => {
+                self.make_room(new)?;
+                Ok((None, self.held() + new))
+            }
         }
     }
 
@@ -431,8 +437,7 @@ impl LayerCache {
             candle_core::bail!("the KV cache takes a device-held position only from attend_packed");
         }
         let (b, kv_heads, t, d) = k.dims4()?;
-        let wide = self.needs_widening(t)?;
-        let need = wide.map_or(self.held() + t, |keep| keep.min(self.held() + t));
+        let (wide, need) = self.room_for(t)?;
         let buffer = self.buffer((b, kv_heads, d), k.dtype(), k.device(), need)?;
         let both = Tensor::stack(&[k, v], 0)?;
         if let Some(keep) = wide {
@@ -473,8 +478,7 @@ impl LayerCache {
             let (cos, sin) = self.slot_tables(rope)?;
             return ops::cached_attention(&buffer, qkv, (&cos, &sin), at, options);
         }
-        let wide = self.needs_widening(t)?;
-        let need = wide.map_or(self.held() + t, |keep| keep.min(self.held() + t));
+        let (wide, need) = self.room_for(t)?;
         let buffer = self.buffer((b, kv_heads, head_size), qkv.dtype(), qkv.device(), need)?;
         let (cos, sin) = rope.window(self.len, t)?;
         if let Some(keep) = wide {
