@@ -22,6 +22,7 @@
 use super::{GroupedDims, Scoring, Segments};
 use crate::attach::attach3;
 use crate::launch::{self, Arg, Operand};
+use crate::step_scope;
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Device, Result, Shape, Tensor};
 
@@ -301,7 +302,12 @@ pub(crate) fn self_attention(
     let vd = heads_view(&v.detach(), kv_heads)?;
     let rows = Rows::TokenMajor;
     let masks = (scoring, segments);
-    let (out, lse) = forward(&qr, &kr, &vd, &dims, &masks, rows)?;
+    // A block recomputed for its backward pass takes the result of its first forward pass.
+    let fits = |(out, lse): &(Tensor, Tensor)| {
+        out.dims() == q.dims() && out.dtype() == q.dtype() && lse.elem_count() == batch * heads * t
+    };
+    let (out, lse) =
+        step_scope::attention_result(fits, || forward(&qr, &kr, &vd, &dims, &masks, rows))?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
