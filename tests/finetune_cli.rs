@@ -421,6 +421,7 @@ fn prompt_completion_loss_and_eval_are_the_mean_over_completion_tokens() {
         &batch,
         1.0,
         false,
+        None,
         &mut Default::default(),
     )
     .unwrap();

@@ -10,6 +10,7 @@ use llmtool::model::{Llama, ModelError};
 use llmtool::train::distributed::local::LocalGroup;
 use llmtool::train::distributed::{Collective, Single};
 use llmtool::train::gradients::{accumulate, Gradients};
+use llmtool::train::optim::{keep_model_copies, AdamW, AdamWParams};
 use llmtool::train::{init, Batch, BatchSource, TrainError, TrainOptions, Trainer};
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
@@ -138,8 +139,8 @@ fn checkpointing_gives_identical_gradients() {
     let batch = Repeated::new(16).window_batch(3, 4);
     let mut plain = Gradients::new();
     let mut recomputed = Gradients::new();
-    let a = accumulate(&model, &vars, &batch, 1.0, false, &mut plain).unwrap();
-    let b = accumulate(&model, &vars, &batch, 1.0, true, &mut recomputed).unwrap();
+    let a = accumulate(&model, &vars, &batch, 1.0, false, None, &mut plain).unwrap();
+    let b = accumulate(&model, &vars, &batch, 1.0, true, None, &mut recomputed).unwrap();
     assert_eq!(a, b);
     assert_eq!(plain.len(), vars.len(), "every parameter gets a gradient");
     for (name, g) in &plain {
@@ -271,7 +272,7 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
     let model = Llama::new(&cfg, &weights, DType::BF16).unwrap();
     let batch = Repeated::new(16).window_batch(0, 4);
     let mut grads = Gradients::new();
-    accumulate(&model, &vars, &batch, 1.0, false, &mut grads).unwrap();
+    accumulate(&model, &vars, &batch, 1.0, false, None, &mut grads).unwrap();
     for (name, var) in &vars {
         assert_eq!(var.dtype(), DType::F32, "{name} master weight");
         assert_eq!(grads[name].dtype(), DType::F32, "{name} gradient");
@@ -295,6 +296,60 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
         "bf16 run learns: {:?}",
         summary.last_loss
     );
+}
+
+/// The bf16 copies the optimizer keeps of the masters are their casts: steps that take them
+/// compute bit for bit what steps that cast every master do, and they are taken (every master
+/// has one after the first update, the gate and up pairs a stacked one too).
+#[test]
+fn bf16_steps_with_the_optimizers_copies_equal_steps_that_cast() {
+    let run = |keep: bool| {
+        let c = tiny_config(1);
+        let cfg = llmtool::train::init::scratch_config(&c.model, 64, Some(0));
+        let weights = init::random_weights(&cfg, c.training.seed, &Device::Cpu).unwrap();
+        let (weights, vars) = weights.into_trainable().unwrap();
+        let model = Llama::new(&cfg, &weights, DType::BF16).unwrap();
+        assert_eq!(model.stacked_masters().len(), c.model.num_hidden_layers);
+        let params = AdamWParams {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut optimizer = AdamW::new(&vars, params).unwrap();
+        keep_model_copies(&mut optimizer, &model, !keep).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..4u64 {
+            let copies = optimizer.compute_copies().unwrap();
+            let kept = copies.as_ref().map_or(0, |c| c.len());
+            let expected = match keep && step > 0 {
+                true => vars.len() + c.model.num_hidden_layers,
+                false => 0,
+            };
+            assert_eq!(kept, expected, "step {step}");
+            let batch = Repeated::new(16).window_batch(4 * step, 4);
+            let mut grads = Gradients::new();
+            let loss = accumulate(
+                &model,
+                &vars,
+                &batch,
+                1.0,
+                false,
+                copies.as_ref(),
+                &mut grads,
+            );
+            losses.push(loss.unwrap());
+            optimizer.step(&grads, 1e-2, 1.0).unwrap();
+        }
+        let weights: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|(_, v)| v.flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        (losses, weights)
+    };
+    let (kept, cast) = (run(true), run(false));
+    assert!(kept.0[3] < kept.0[0], "it learns: {:?}", kept.0);
+    assert_eq!(kept, cast);
 }
 
 /// Runs `world` ranks of the in-process stand-in in threads, each from its own random

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use train::distributed::buckets::BucketPlan;
 use train::distributed::Collective;
 use train::gradients::{self, Batch, Gradients};
-use train::optim::{clip_scale, global_norm, AdamW, AdamWParams};
+use train::optim::{clip_scale, global_norm, keep_model_copies, AdamW, AdamWParams};
 use train::Adapter;
 
 /// The model over `weights` held as `base` says, with a fresh adapter of `shape` attached
@@ -65,11 +65,21 @@ pub(super) fn time_training(
         weight_decay: 0.1,
     };
     let mut optimizer = AdamW::new(vars, params)?;
+    keep_model_copies(&mut optimizer, model, recompute)?;
     let batch = random_batch(&model.config, s, collective.rank() as u64);
     let buckets = BucketPlan::for_vars(vars);
     timed(device, s.warmup, s.steps, || {
         let mut grads = Gradients::new();
-        gradients::accumulate(model, vars, &batch, 1.0, recompute, &mut grads)?;
+        let copies = optimizer.compute_copies()?;
+        gradients::accumulate(
+            model,
+            vars,
+            &batch,
+            1.0,
+            recompute,
+            copies.as_ref(),
+            &mut grads,
+        )?;
         buckets
             .all_reduce(vars, &mut grads, collective)
             .map_err(candle_core::Error::wrap)?;
@@ -206,9 +216,10 @@ mod tests {
         for recompute in [false, true] {
             let (mut a, mut b) = (Gradients::new(), Gradients::new());
             let loss_a =
-                gradients::accumulate(&plain, &plain_vars, &batch, 1.0, recompute, &mut a).unwrap();
+                gradients::accumulate(&plain, &plain_vars, &batch, 1.0, recompute, None, &mut a)
+                    .unwrap();
             let loss_b =
-                gradients::accumulate(&frozen, &frozen_vars, &batch, 1.0, recompute, &mut b)
+                gradients::accumulate(&frozen, &frozen_vars, &batch, 1.0, recompute, None, &mut b)
                     .unwrap();
             assert!((loss_a - loss_b).abs() < 1e-6, "{loss_a} vs {loss_b}");
             // Every adapter tensor, and nothing else: the base's gradients are not collected.

@@ -256,6 +256,17 @@ impl Llama {
         Ok(())
     }
 
+    /// The gate and up master weights of each block whose feed-forward multiplies them as one
+    /// stacked weight in training (both train, with nothing else to them): what an optimizer
+    /// can keep one compute-dtype copy of ([`ops::ComputeCopies::add_stacked`]).
+    pub fn stacked_masters(&self) -> Vec<[Tensor; 2]> {
+        let pair = |m: &Mlp| {
+            let [gate, up] = [&m.gate_proj, &m.up_proj].map(Linear::bare_master);
+            Some([gate?.clone(), up?.clone()])
+        };
+        self.layers.iter().filter_map(|b| pair(&b.mlp)).collect()
+    }
+
     /// Turns the attached adapters' dropout on with masks drawn from `seed` (pass a new seed
     /// each step; the same seed replays the same masks, as checkpointed recomputation needs),
     /// or off with `None` (evaluation, generation).

@@ -1,7 +1,10 @@
-// One AdamW step over many f32 parameters in one launch. `tensors` holds 6 words per parameter:
-// weight, gradient, first and second moment addresses, element count, and the weight-decay
-// keep factor (1 - lr * wd) as f32 bits. `chunks` holds one word per block: the parameter index
-// in the high 24 bits and the first element in the low 40. Updates are in place.
+// One AdamW step over many f32 parameters in one launch. `tensors` holds 8 words per parameter:
+// weight, gradient, first and second moment addresses, element count, the weight-decay keep
+// factor (1 - lr * wd) as f32 bits, the address of the weight's compute-dtype copy (0: none)
+// and that copy's dtype (COPY_BF16 or COPY_F16). `chunks` holds one word per block: the
+// parameter index in the high 24 bits and the first element in the low 40. Updates are in
+// place; a copy is written as the cast of the updated weight (round to nearest even, as the
+// cast kernels), so mixed precision casts no master weight before its next step.
 //
 // Launched from src/adamw.rs.
 
@@ -21,23 +24,53 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
+// Words per parameter in the descriptor table, and the copy dtypes (src/adamw.rs: CopyKind).
+#define ADAMW_WORDS 8
+#define COPY_BF16 1
+#define COPY_F16 2
+
+// Writes elements i.. (N of them, 8-byte aligned when N is 4) of a weight's 16-bit copy.
+template <typename T, int N>
+__device__ __forceinline__ void store_copy(void* copy, uint64_t i, const float (&w)[N]) {
+  alignas(8) T out[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) out[k] = from_f32<T>(w[k]);
+  if (N == 4)
+    *reinterpret_cast<uint2*>(static_cast<T*>(copy) + i) = *reinterpret_cast<const uint2*>(out);
+  else
+#pragma unroll
+    for (int k = 0; k < N; ++k) static_cast<T*>(copy)[i + k] = out[k];
+}
+
+template <int N>
+__device__ __forceinline__ void write_copy(void* copy, uint64_t kind, uint64_t i,
+                                           const float (&w)[N]) {
+  if (kind == COPY_BF16)
+    store_copy<__nv_bfloat16, N>(copy, i, w);
+  else if (kind == COPY_F16)
+    store_copy<__half, N>(copy, i, w);
+}
+
 extern "C" __global__ void adamw_multi(const uint64_t* tensors, const uint64_t* chunks,
                                        int chunk_len, float lr, float beta1, float beta2,
                                        float eps, float bias1, float bias2, float grad_scale) {
   const uint64_t c = chunks[blockIdx.x];
   const uint64_t t = c >> 40, start = c & ((1ull << 40) - 1);
-  const uint64_t* desc = tensors + 6 * t;
+  const uint64_t* desc = tensors + ADAMW_WORDS * t;
   float* w = (float*)desc[0];
   const float* g = (const float*)desc[1];
   float* m = (float*)desc[2];
   float* v = (float*)desc[3];
   const uint64_t n = desc[4];
   const float keep = __uint_as_float((uint32_t)desc[5]);
+  void* copy = (void*)desc[6];
+  const uint64_t kind = copy ? desc[7] : 0;
   const uint64_t end = min(n, start + (uint64_t)chunk_len);
   uint64_t scalar_from = start;
   // Chunks start at multiples of chunk_len (a multiple of 4): four elements per access where
-  // all four buffers are 16-byte aligned.
-  if (aligned16(w) && aligned16(g) && aligned16(m) && aligned16(v)) {
+  // all four buffers are 16-byte aligned (and the copy 8-byte aligned).
+  const bool copy_aligned = (reinterpret_cast<uintptr_t>(copy) & 7) == 0;
+  if (aligned16(w) && aligned16(g) && aligned16(m) && aligned16(v) && copy_aligned) {
     const uint64_t vec_end = start + (end - start) / 4 * 4;
     for (uint64_t i = start + 4 * threadIdx.x; i < vec_end; i += 4 * blockDim.x) {
       float4 wi = *reinterpret_cast<float4*>(w + i), mi = *reinterpret_cast<float4*>(m + i);
@@ -50,11 +83,14 @@ extern "C" __global__ void adamw_multi(const uint64_t* tensors, const uint64_t* 
       *reinterpret_cast<float4*>(w + i) = wi;
       *reinterpret_cast<float4*>(m + i) = mi;
       *reinterpret_cast<float4*>(v + i) = vi;
+      if (kind) write_copy<4>(copy, kind, i, {wi.x, wi.y, wi.z, wi.w});
     }
     scalar_from = vec_end;
   }
-  for (uint64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x)
+  for (uint64_t i = scalar_from + threadIdx.x; i < end; i += blockDim.x) {
     adamw_update(w[i], g[i], m[i], v[i], keep, lr, beta1, beta2, eps, bias1, bias2, grad_scale);
+    if (kind) write_copy<1>(copy, kind, i, {w[i]});
+  }
 }
 
 // Sum of squares of many f32 tensors (global gradient norm), in two deterministic passes: one
@@ -64,8 +100,8 @@ extern "C" __global__ void sum_squares_multi(const uint64_t* tensors, const uint
                                              int chunk_len, float* partial) {
   const uint64_t c = chunks[blockIdx.x];
   const uint64_t t = c >> 40, start = c & ((1ull << 40) - 1);
-  const float* g = (const float*)tensors[6 * t + 1];
-  const uint64_t end = min(tensors[6 * t + 4], start + (uint64_t)chunk_len);
+  const float* g = (const float*)tensors[ADAMW_WORDS * t + 1];
+  const uint64_t end = min(tensors[ADAMW_WORDS * t + 4], start + (uint64_t)chunk_len);
   float sum = 0.f;
   uint64_t scalar_from = start;
   if (aligned16(g)) {  // four elements per access, as in adamw_multi

@@ -139,6 +139,9 @@ pub struct InPlaceParam<'a> {
     pub grad: &'a Tensor,
     /// `lr * weight_decay`, or 0 for a parameter without decay.
     pub decay: f64,
+    /// A bf16 or f16 copy of the weight (contiguous, same size, on its device) that the update
+    /// overwrites with the new weight's cast, where one is kept.
+    pub copy: Option<&'a Tensor>,
 }
 
 /// Whether [`adamw_in_place`] can update this parameter: every operand a contiguous f32 CUDA
@@ -155,6 +158,15 @@ pub fn in_place_supported(param: &Var, m: &Tensor, v: &Tensor, grad: &Tensor) ->
         && !shares_storage(m, v)
         && !shares_storage(m, param.as_tensor())
         && !shares_storage(v, param.as_tensor())
+}
+
+/// Whether `copy` can be the compute-dtype copy an in-place update writes for `param`: a
+/// contiguous bf16 or f16 tensor of its size on its device.
+pub fn copy_supported(param: &Var, copy: &Tensor) -> bool {
+    matches!(copy.dtype(), DType::BF16 | DType::F16)
+        && copy.is_contiguous()
+        && copy.elem_count() == param.elem_count()
+        && copy.device().same_device(param.device())
 }
 
 /// Whether two tensors are views of one buffer.
@@ -251,6 +263,10 @@ mod cuda {
             .map(|p| {
                 let (dev, weight) = locate(p.param.as_tensor())?;
                 device.get_or_insert(dev);
+                let copy = match p.copy {
+                    Some(copy) => (locate(copy)?.1, CopyKind::of(copy.dtype())?),
+                    None => (0, CopyKind::None),
+                };
                 Ok(ParamBuffers {
                     weight,
                     grad: locate(p.grad)?.1,
@@ -258,6 +274,7 @@ mod cuda {
                     v: locate(p.v)?.1,
                     len: p.param.elem_count(),
                     keep: (1.0 - p.decay) as f32,
+                    copy,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -290,6 +307,7 @@ mod cuda {
                     v: 0,
                     len: t.elem_count(),
                     keep: 1.0,
+                    copy: (0, CopyKind::None),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -310,13 +328,37 @@ mod cuda {
         len: usize,
         /// `1 − lr · weight_decay` (1 without decay).
         keep: f32,
+        /// The address and dtype of the weight's compute-dtype copy (0 and `None`: no copy).
+        copy: (u64, CopyKind),
     }
+
+    /// The dtype of a weight's copy as the kernel reads it (`COPY_BF16`, `COPY_F16`).
+    #[derive(Clone, Copy)]
+    enum CopyKind {
+        None = 0,
+        Bf16 = 1,
+        F16 = 2,
+    }
+
+    impl CopyKind {
+        fn of(dtype: DType) -> Result<Self> {
+            match dtype {
+                DType::BF16 => Ok(Self::Bf16),
+                DType::F16 => Ok(Self::F16),
+                other => candle_core::bail!("adamw: a weight copy in {other:?}"),
+            }
+        }
+    }
+
+    /// Words per parameter in the descriptor table (`ADAMW_WORDS`).
+    const WORDS: usize = 8;
 
     /// Elements per block of the multi-tensor kernels.
     const MULTI_CHUNK: usize = 1 << 16;
 
-    /// Uploads the descriptor table of `params` (6 words each) followed by the chunk list (one word
-    /// per block: parameter index << 40 | first element). Returns it and the number of chunks.
+    /// Uploads the descriptor table of `params` ([`WORDS`] each) followed by the chunk list (one
+    /// word per block: parameter index << 40 | first element). Returns it and the number of
+    /// chunks.
     fn descriptor_table(
         device: &CudaDevice,
         params: &[ParamBuffers],
@@ -324,7 +366,7 @@ mod cuda {
         candle_core::cuda_backend::cudarc::driver::CudaSlice<u64>,
         usize,
     )> {
-        let mut words = Vec::with_capacity(6 * params.len());
+        let mut words = Vec::with_capacity(WORDS * params.len());
         let mut chunks = Vec::new();
         for (i, p) in params.iter().enumerate() {
             words.extend([
@@ -334,6 +376,8 @@ mod cuda {
                 p.v,
                 p.len as u64,
                 p.keep.to_bits() as u64,
+                p.copy.0,
+                p.copy.1 as u64,
             ]);
             chunks.extend(
                 (0..p.len)
@@ -366,7 +410,7 @@ mod cuda {
         let table_address = table.device_ptr(&device.cuda_stream()).0;
         let args = [
             Arg::Address(table_address),
-            Arg::Address(table_address + 8 * 6 * params.len() as u64),
+            Arg::Address(table_address + (8 * WORDS * params.len()) as u64),
             int(MULTI_CHUNK)?,
             Arg::Float(s.lr),
             Arg::Float(s.beta1),
@@ -391,7 +435,7 @@ mod cuda {
         let partial = alloc(device, DType::F32, chunks)?;
         let args = [
             Arg::Address(table_address),
-            Arg::Address(table_address + 8 * 6 * params.len() as u64),
+            Arg::Address(table_address + (8 * WORDS * params.len()) as u64),
             int(MULTI_CHUNK)?,
             Arg::Address(base_address(&partial)?),
         ];

@@ -6,16 +6,19 @@
 //! moves 8 elements per thread (`kernels/elementwise.cu`).
 
 use super::attach::attach;
+use super::step_scope;
 use candle_core::{DType, Result, Tensor};
 
-/// `x` in `dtype`; the gradient flows back cast to `x`'s dtype. On CUDA, between f32, bf16 and
-/// f16 for a contiguous `x` that starts on a 16-byte boundary, one vectorized kernel; candle's
-/// `to_dtype` elsewhere.
+/// `x` in `dtype`; the gradient flows back cast to `x`'s dtype. Inside a training step that
+/// holds a copy of `x` in `dtype` (a master's [`crate::ComputeCopies`]), that copy; else on
+/// CUDA, between f32, bf16 and f16 for a contiguous `x` that starts on a 16-byte boundary, one
+/// vectorized kernel; candle's `to_dtype` elsewhere.
 pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     if x.dtype() == dtype {
         return Ok(x.clone());
     }
-    let Some(y) = fused_cast(&x.detach(), dtype)? else {
+    let kept = step_scope::kept_cast(x, dtype);
+    let Some(y) = kept.map_or_else(|| fused_cast(&x.detach(), dtype), |y| Ok(Some(y)))? else {
         return x.to_dtype(dtype);
     };
     if !x.track_op() {
@@ -28,11 +31,17 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// `parts` (2-D, one width, no gradient) in `dtype`, stacked along their rows: the stacked
-/// weight of two master weights in mixed precision. On CUDA, with every part contiguous from
-/// a 16-byte boundary and each part's rows starting on one in the output, one cast kernel a
-/// part writes its rows of one buffer, where casting each and concatenating the casts would
-/// copy the whole weight once more every step.
+/// weight of two master weights in mixed precision. Inside a training step that holds the two
+/// masters' stacked copy ([`crate::ComputeCopies::add_stacked`]), that copy. On CUDA, with
+/// every part contiguous from a 16-byte boundary and each part's rows starting on one in the
+/// output, one cast kernel a part writes its rows of one buffer, where casting each and
+/// concatenating the casts would copy the whole weight once more every step.
 pub fn stacked_cast(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
+    if let [first, second] = parts {
+        if let Some(stacked) = step_scope::kept_stack(first, second, dtype) {
+            return Ok(stacked);
+        }
+    }
     #[cfg(feature = "cuda")]
     if let Some(stacked) = cuda::stacked_cast(parts, dtype)? {
         return Ok(stacked);

@@ -88,7 +88,7 @@ fn head_mean_nll_in_chunks(
 ) -> Result<Tensor> {
     let (x, w) = (
         hidden.detach(),
-        super::cast(&head.detach(), hidden.dtype())?,
+        super::step_scope::copy_or_cast(head, hidden.dtype())?,
     );
     let weights = weights.detach().to_dtype(DType::F32)?;
     let (want_dx, want_dw) = (hidden.track_op(), head.track_op());

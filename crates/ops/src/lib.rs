@@ -59,8 +59,7 @@ pub use attention::{
     cached_attention, causal_attention, decode_attention_at, flash_attention, grouped_attention,
     self_attention, windowed_attention, AttentionOptions, Segments,
 };
-pub use cast::cast;
-pub(crate) use cast::stacked_cast;
+pub use cast::{cast, stacked_cast};
 pub use cross_entropy::{
     masked_mean_nll, token_nll, token_nll_grad, token_nll_with_grad, weighted_mean,
 };
@@ -75,7 +74,7 @@ pub use master_linear::master_linear;
 pub use matmul_sum::matmul_sum;
 pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::rope;
-pub use step_scope::{checkpointed_forward, recomputing, training_step};
+pub use step_scope::{checkpointed_forward, recomputing, training_step, ComputeCopies};
 pub use swap::{merge_heads, split_heads, swap_middle};
 pub use swiglu::{glu, glu_master_projection, glu_packed, Glu};
 

@@ -8,12 +8,13 @@
 //! operands and writes it in f32, so no cast runs at all.
 
 use super::attach::{attach2, attach3};
+use super::step_scope;
 use candle_core::{DType, Result, Tensor};
 
 /// `x @ weight.t()` computed in `x`'s dtype for a `weight` `[out, in]` of any float dtype, with
 /// gradients for `x` (in its dtype) and for `weight` (in the weight's dtype) where tracked.
 pub fn master_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (xd, w) = (x.detach(), super::cast(&weight.detach(), x.dtype())?);
+    let (xd, w) = (x.detach(), step_scope::copy_or_cast(weight, x.dtype())?);
     let y = super::linear(&xd, &w)?;
     let (x_grad, w_grad) = (x.track_op(), weight.track_op());
     if !x_grad && !w_grad {

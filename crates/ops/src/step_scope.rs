@@ -17,6 +17,10 @@
 //!   three times.
 //!
 //! Outside them (evaluation, generation, a plain backward pass) nothing is kept.
+//!
+//! A step may open with [`ComputeCopies`]: the compute-dtype copies of master weights that the
+//! optimizer wrote beside the masters at its last update (so mixed precision casts no weight
+//! at all); every cast of such a master in the step is its copy.
 
 use candle_core::{DType, Result, Tensor, TensorId};
 use std::cell::{Cell, RefCell};
@@ -33,6 +37,56 @@ struct Kept {
     /// The attention results (output, row statistics) of the checkpointed forward pass, in
     /// the order its blocks computed them.
     attention: Vec<(Tensor, Tensor)>,
+    /// Stacked copies of two masters (their rows, the first's first), from [`ComputeCopies`].
+    stacks: HashMap<(TensorId, TensorId, DType), Tensor>,
+}
+
+/// Compute-dtype copies of master weights, each equal to the master's cast (an optimizer
+/// writes them as it updates the masters), for a [`training_step`] to use instead of casting.
+/// A copy is valid only until its master changes: build a new set after every update.
+#[derive(Debug, Clone, Default)]
+pub struct ComputeCopies {
+    singles: Vec<(TensorId, Tensor)>,
+    stacks: Vec<((TensorId, TensorId), Tensor)>,
+}
+
+impl ComputeCopies {
+    /// `copy` is `master` cast to `copy`'s dtype.
+    pub fn add(&mut self, master: &Tensor, copy: Tensor) {
+        self.singles.push((master.id(), copy));
+    }
+
+    /// `stacked` is the rows of `first` then those of `second`, cast to `stacked`'s dtype: what
+    /// [`crate::cast::stacked_cast`] makes of the two.
+    pub fn add_stacked(&mut self, [first, second]: [&Tensor; 2], stacked: Tensor) {
+        self.stacks.push(((first.id(), second.id()), stacked));
+    }
+
+    /// How many copies (single or stacked) the set holds.
+    pub fn len(&self) -> usize {
+        self.singles.len() + self.stacks.len()
+    }
+
+    /// Whether the set holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What a step opened with this set keeps from its start.
+    fn kept(&self) -> Kept {
+        let casts = self
+            .singles
+            .iter()
+            .map(|(id, t)| ((*id, t.dtype()), t.clone()));
+        let stacks = self.stacks.iter();
+        Kept {
+            casts: casts.collect(),
+            stacks: stacks
+                .map(|((a, b), t)| ((*a, *b, t.dtype()), t.clone()))
+                .collect(),
+            ..Kept::default()
+        }
+    }
 }
 
 /// The pass the thread is running.
@@ -49,8 +103,9 @@ thread_local! {
 }
 
 /// Runs `f`, one training step (its forward and backward passes), with what its passes share
-/// kept until `f` returns. A step opened inside another shares the outer one's.
-pub fn training_step<R>(f: impl FnOnce() -> R) -> R {
+/// kept until `f` returns, and the masters' `copies` (if any) in place of their casts. A step
+/// opened inside another shares the outer one's (and ignores `copies`).
+pub fn training_step<R>(copies: Option<&ComputeCopies>, f: impl FnOnce() -> R) -> R {
     /// Closes the step it opened, also when `f` unwinds.
     struct Close(bool);
     impl Drop for Close {
@@ -64,7 +119,7 @@ pub fn training_step<R>(f: impl FnOnce() -> R) -> R {
         let mut kept = k.borrow_mut();
         let open = kept.is_none();
         if open {
-            *kept = Some(Kept::default());
+            *kept = Some(copies.map(ComputeCopies::kept).unwrap_or_default());
         }
         open
     });
@@ -103,17 +158,41 @@ pub(crate) fn keeps_expanded_weights() -> bool {
 /// [`training_step`], cast once per tensor and dtype. The tensor must not change in place
 /// before the step ends.
 pub(crate) fn cast_once(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    let key = (x.id(), dtype);
-    if let Some(hit) = KEPT.with(|k| k.borrow().as_ref().and_then(|k| k.casts.get(&key).cloned())) {
+    if let Some(hit) = kept_cast(x, dtype) {
         return Ok(hit);
     }
     let y = super::cast(&x.detach(), dtype)?;
     KEPT.with(|k| {
         if let Some(kept) = k.borrow_mut().as_mut() {
-            kept.casts.insert(key, y.clone());
+            kept.casts.insert((x.id(), dtype), y.clone());
         }
     });
     Ok(y)
+}
+
+/// `x` in `dtype` without a backward: the step's copy where it has one (a master's copy from
+/// [`ComputeCopies`], or a [`cast_once`]), else a fresh cast that is not kept.
+pub(crate) fn copy_or_cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    match kept_cast(x, dtype) {
+        Some(hit) => Ok(hit),
+        None => super::cast(&x.detach(), dtype),
+    }
+}
+
+/// The open step's cast of `x` to `dtype`, where it has one.
+pub(crate) fn kept_cast(x: &Tensor, dtype: DType) -> Option<Tensor> {
+    let key = (x.id(), dtype);
+    KEPT.with(|k| k.borrow().as_ref().and_then(|k| k.casts.get(&key).cloned()))
+}
+
+/// The open step's stacked copy of `first` and `second` in `dtype`, where it has one.
+pub(crate) fn kept_stack(first: &Tensor, second: &Tensor, dtype: DType) -> Option<Tensor> {
+    let key = (first.id(), second.id(), dtype);
+    KEPT.with(|k| {
+        k.borrow()
+            .as_ref()
+            .and_then(|k| k.stacks.get(&key).cloned())
+    })
 }
 
 /// The LoRA bottleneck of the projection whose `a` factor is `a`: what the checkpointed
@@ -194,7 +273,7 @@ mod tests {
             let second = cast_once(x, DType::F16).unwrap();
             (first.id() == second.id(), first)
         };
-        let (shared, inside) = training_step(|| training_step(|| twice(&x)));
+        let (shared, inside) = training_step(None, || training_step(None, || twice(&x)));
         assert!(shared, "one cast in the step, nested or not");
         let (shared, outside) = twice(&x);
         assert!(!shared, "nothing kept once the step is over");
@@ -214,7 +293,7 @@ mod tests {
         };
         let any = |_: &(Tensor, Tensor)| true;
         let output = |r: (Tensor, Tensor)| values(&r.0);
-        training_step(|| {
+        training_step(None, || {
             checkpointed_forward(|| {
                 for block in 0..3 {
                     attention_result(any, result(block as f32)).unwrap();
@@ -243,10 +322,46 @@ mod tests {
     }
 
     #[test]
+    fn a_step_opened_with_copies_takes_them_for_the_masters_casts() {
+        let (w, first, second) = (
+            candle_core::Var::from_tensor(&uniform(&[2, 3], 1)).unwrap(),
+            uniform(&[2, 3], 2),
+            uniform(&[1, 3], 3),
+        );
+        // Marked copies (not the casts), so that taking them shows.
+        let marked = |t: &Tensor| (t.to_dtype(DType::F16).unwrap() + 100.0).unwrap();
+        let mut copies = ComputeCopies::default();
+        copies.add(w.as_tensor(), marked(w.as_tensor()));
+        let stacked = Tensor::cat(&[&first, &second], 0).unwrap();
+        copies.add_stacked([&first, &second], marked(&stacked));
+        assert_eq!(copies.len(), 2);
+        let casts = || {
+            let single = crate::cast(w.as_tensor(), DType::F16).unwrap();
+            // The gradient still reaches the master, in its dtype.
+            let grads = single.sum_all().unwrap().backward().unwrap();
+            let grad = grads.get(w.as_tensor()).unwrap();
+            assert_eq!((grad.dtype(), values(grad)), (DType::F32, vec![1.0; 6]));
+            let untracked = copy_or_cast(w.as_tensor(), DType::F16).unwrap();
+            assert_eq!(values(&single), values(&untracked));
+            let stack = crate::cast::stacked_cast(&[&first, &second], DType::F16).unwrap();
+            // Another dtype has no copy.
+            let other = crate::cast(w.as_tensor(), DType::BF16).unwrap();
+            [single, stack, other].map(|t| values(&t))
+        };
+        let [single, stack, other] = training_step(Some(&copies), casts);
+        assert_eq!(single, values(&marked(w.as_tensor())));
+        assert_eq!(stack, values(&marked(&stacked)));
+        assert_eq!(other, values(&w.as_tensor().to_dtype(DType::BF16).unwrap()));
+        let [single, stack, _] = casts();
+        assert_eq!(single, values(&w.as_tensor().to_dtype(DType::F16).unwrap()));
+        assert_eq!(stack, values(&stacked.to_dtype(DType::F16).unwrap()));
+    }
+
+    #[test]
     fn the_recomputation_takes_the_checkpointed_pass_bottlenecks_in_order() {
         let (a, other) = (uniform(&[2, 3], 1), uniform(&[2, 3], 2));
         let constant = |v: f32| move || Tensor::full(v, 2, &Device::Cpu);
-        training_step(|| {
+        training_step(None, || {
             checkpointed_forward(|| {
                 bottleneck(&a, constant(1.0)).unwrap();
                 bottleneck(&a, constant(2.0)).unwrap();

@@ -118,20 +118,23 @@ impl GradientSink<'_> {
 /// Loss of `batch` and the gradients of `vars` (scaled by `scale`) added into `grads`.
 /// With `recompute`, only each block's input is kept during the forward pass and blocks are
 /// recomputed one at a time during backward; the gradients are the same. It is one
-/// [`ops::training_step`]: the LoRA factors are cast to the compute dtype once, and a
-/// recomputed block takes its LoRA bottlenecks from the first pass.
+/// [`ops::training_step`]: the masters take their `copies` (the optimizer's, see
+/// [`crate::optim::AdamW::compute_copies`]) in place of casts, the LoRA factors are cast to
+/// the compute dtype once, and a recomputed block takes its LoRA bottlenecks from the first
+/// pass.
 pub fn accumulate(
     model: &Llama,
     vars: &[(String, Var)],
     batch: &Batch,
     scale: f64,
     recompute: bool,
+    copies: Option<&ops::ComputeCopies>,
     grads: &mut Gradients,
 ) -> Result<f64> {
     ops::install_gradient_add();
     let t = to_tensors(batch, model.device())?;
     let mut sink = GradientSink { vars, scale, grads };
-    ops::training_step(|| match recompute {
+    ops::training_step(copies, || match recompute {
         false => plain_step(model, &t, &mut sink),
         true => checkpointed_step(model, &t, &mut sink),
     })

@@ -2,6 +2,7 @@
 
 #![warn(missing_docs)]
 
+pub mod compute_copies;
 pub mod dataset_source;
 pub mod distributed;
 pub mod example_source;

@@ -1,8 +1,12 @@
 //! AdamW with decoupled weight decay, f32 moments, a decay mask, global-norm clipping and
 //! state that saves and loads by parameter name.
 
+use crate::compute_copies::KeptCopies;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use ops::adamw::{adamw_in_place, in_place_supported, sum_of_squares, InPlaceParam};
+use model::Llama;
+use ops::adamw::{
+    adamw_in_place, copy_supported, in_place_supported, sum_of_squares, InPlaceParam,
+};
 use ops::{adamw_step, AdamWUpdate};
 use std::collections::HashMap;
 
@@ -37,6 +41,8 @@ pub struct AdamW {
     slots: Vec<Slot>,
     params: AdamWParams,
     steps: u64,
+    /// Compute-dtype copies of the masters, written with each update, where kept.
+    copies: Option<KeptCopies>,
 }
 
 impl AdamW {
@@ -60,7 +66,25 @@ impl AdamW {
             slots,
             params,
             steps: 0,
+            copies: None,
         })
+    }
+
+    /// From the next update on, writes a copy in `dtype` of each f32 master as it updates it
+    /// (see [`crate::compute_copies`]), the pairs in `stacked` (a stacked projection's two
+    /// masters) into one buffer; [`AdamW::compute_copies`] hands them to the next step. The
+    /// masters must then change only through [`AdamW::step`] and [`AdamW::load_state`].
+    pub fn keep_compute_copies(&mut self, dtype: DType, stacked: &[[Tensor; 2]]) -> Result<()> {
+        let vars: Vec<&Var> = self.slots.iter().map(|s| &s.var).collect();
+        self.copies = Some(KeptCopies::new(&vars, dtype, stacked)?);
+        Ok(())
+    }
+
+    /// The copies the last update wrote, for the next step's passes
+    /// ([`crate::gradients::accumulate`]); `None` when none are kept.
+    pub fn compute_copies(&self) -> Result<Option<ops::ComputeCopies>> {
+        let vars: Vec<&Var> = self.slots.iter().map(|s| &s.var).collect();
+        self.copies.as_ref().map(|c| c.published(&vars)).transpose()
     }
 
     /// Updates applied so far.
@@ -98,7 +122,10 @@ impl AdamW {
             // Detached so the moments never hold a gradient's graph across steps.
             let g = g.to_dtype(DType::F32)?.detach();
             let decay = if slot.decay { lr * p.weight_decay } else { 0.0 };
-            if in_place_supported(&slot.var, &slot.m, &slot.v, &g) {
+            let copy = self.copies.as_ref().and_then(|c| c.buffer(i));
+            if in_place_supported(&slot.var, &slot.m, &slot.v, &g)
+                && copy.is_none_or(|c| copy_supported(&slot.var, c))
+            {
                 in_place.push((i, g, decay));
                 continue;
             }
@@ -110,6 +137,9 @@ impl AdamW {
             };
             slot.m = m;
             slot.v = v;
+            if let Some(copies) = &mut self.copies {
+                copies.updated(i, &slot.var)?;
+            }
         }
         let params: Vec<InPlaceParam> = in_place
             .iter()
@@ -119,9 +149,16 @@ impl AdamW {
                 v: &self.slots[*i].v,
                 grad: g,
                 decay: *decay,
+                copy: self.copies.as_ref().and_then(|c| c.buffer(*i)),
             })
             .collect();
-        adamw_in_place(&params, &shared)
+        adamw_in_place(&params, &shared)?;
+        if let Some(copies) = &mut self.copies {
+            in_place
+                .iter()
+                .for_each(|(i, ..)| copies.written_in_place(*i));
+        }
+        Ok(())
     }
 
     /// The moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
@@ -156,8 +193,23 @@ impl AdamW {
             slot.v = get("v")?;
         }
         self.steps = steps;
+        // The masters were restored beside the moments.
+        if let Some(copies) = &mut self.copies {
+            copies.forget();
+        }
         Ok(())
     }
+}
+
+/// Has `optimizer` keep compute-dtype copies of `model`'s masters where that removes work and
+/// adds no memory: in mixed precision (f32 masters, 16-bit compute), without recomputation.
+/// Every weight's cast is alive at the end of a plain forward pass anyway; with recomputation
+/// only a block's at a time is, and copies of all of them would raise the peak.
+pub fn keep_model_copies(optimizer: &mut AdamW, model: &Llama, recompute: bool) -> Result<()> {
+    if recompute || model.dtype() == DType::F32 {
+        return Ok(());
+    }
+    optimizer.keep_compute_copies(model.dtype(), &model.stacked_masters())
 }
 
 /// The reference AdamW update from tensor ops (any device and dtype): sets `param` and returns
@@ -223,10 +275,11 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
 /// The AdamW paths of the optimizer on `device` (fused CPU or multi-tensor CUDA kernel, plus
 /// the fused gradient norm) against the composite update, over three steps on
 /// parameters of awkward sizes (one spans several kernel chunks). Returns the worst relative
-/// error of weights, moments and norm.
+/// error of weights, moments and norm, and of the bf16 copies the fused optimizer keeps (two
+/// of them stacked) against the casts of its weights, which must be equal.
 pub fn adamw_error(device: &Device) -> Result<f32> {
     use ops::check::{relative_error, uniform};
-    let sizes = [vec![3], vec![37, 129], vec![70_001]];
+    let sizes = [vec![3], vec![37, 129], vec![70_001], vec![11, 129]];
     let params = AdamWParams {
         beta1: 0.9,
         beta2: 0.95,
@@ -249,6 +302,11 @@ pub fn adamw_error(device: &Device) -> Result<f32> {
         .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
         .collect::<Result<Vec<_>>>()?;
     let mut optimizer = AdamW::new(&fused_vars, params)?;
+    let stacked = [
+        fused_vars[1].1.as_tensor().clone(),
+        fused_vars[3].1.as_tensor().clone(),
+    ];
+    optimizer.keep_compute_copies(DType::BF16, std::slice::from_ref(&stacked))?;
     let mut moments: Vec<(Tensor, Tensor)> = reference_vars
         .iter()
         .map(|(_, v)| Ok((v.zeros_like()?, v.zeros_like()?)))
@@ -284,6 +342,29 @@ pub fn adamw_error(device: &Device) -> Result<f32> {
             moments[i] = composite_step(var, m, v, &grads[name], &u)?;
         }
     }
+    // Each cast in a step opened with the copies is the copy.
+    let copies = optimizer.compute_copies()?;
+    let kept = copies.as_ref().map_or(0, ops::ComputeCopies::len);
+    if kept != sizes.len() + 1 {
+        candle_core::bail!("adamw: {kept} copies kept, not one a weight and the stack");
+    }
+    let (copied, stack) = ops::training_step(copies.as_ref(), || {
+        let copied = fused_vars
+            .iter()
+            .map(|(_, v)| ops::cast(v.as_tensor(), DType::BF16))
+            .collect::<Result<Vec<_>>>()?;
+        let stack = ops::stacked_cast(&[&stacked[0], &stacked[1]], DType::BF16)?;
+        Ok::<_, candle_core::Error>((copied, stack))
+    })?;
+    let casts = fused_vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().to_dtype(DType::BF16))
+        .collect::<Result<Vec<_>>>()?;
+    for (copy, cast) in copied.iter().zip(&casts) {
+        worst = worst.max(relative_error(copy, cast)?);
+    }
+    let stacked_casts = Tensor::cat(&[&casts[1], &casts[3]], 0)?;
+    worst = worst.max(relative_error(&stack, &stacked_casts)?);
     let state: HashMap<String, Tensor> = optimizer.state().into_iter().collect();
     for (i, ((name, fused), (_, reference))) in fused_vars.iter().zip(&reference_vars).enumerate() {
         worst = worst.max(relative_error(fused.as_tensor(), reference.as_tensor())?);

@@ -5,7 +5,7 @@ use super::distributed::buckets::BucketPlan;
 use super::distributed::{self, Collective, CollectiveError, ReduceError};
 use super::gradients::{self, Batch, Gradients};
 use super::metrics::{Metrics, Record};
-use super::optim::{clip_scale, global_norm, AdamW, AdamWParams};
+use super::optim::{self, clip_scale, global_norm, AdamW, AdamWParams};
 use super::schedule::Schedule;
 use super::state::{self, Progress, STATE_FILE};
 use candle_core::{Tensor, Var};
@@ -270,6 +270,7 @@ impl Trainer<'_> {
         if opts.resume {
             progress = self.restore(&mut optimizer)?;
         }
+        optim::keep_model_copies(&mut optimizer, self.model, t.grad_checkpoint)?;
         self.share_parameters()?;
         let buckets = BucketPlan::for_vars(&self.vars);
         let metrics_path = self.run_dir.join("metrics.jsonl");
@@ -303,6 +304,7 @@ impl Trainer<'_> {
             let mut grads = Gradients::new();
             let mut loss = 0.0;
             let mut tokens = 0;
+            let copies = optimizer.compute_copies()?;
             for micro in 0..t.grad_accum as u64 {
                 let window = distributed::window_start(progress.cursor, micro, rank, world, rows);
                 let batch = data
@@ -321,6 +323,7 @@ impl Trainer<'_> {
                         &batch,
                         scale,
                         t.grad_checkpoint,
+                        copies.as_ref(),
                         &mut grads,
                     )?;
             }
