@@ -32,14 +32,10 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // Writes elements i.. (N of them, 8-byte aligned when N is 4) of a weight's 16-bit copy.
 template <typename T, int N>
 __device__ __forceinline__ void store_copy(void* copy, uint64_t i, const float (&w)[N]) {
-  alignas(8) T out[N];
+  Pack<T, N> out;
 #pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = from_f32<T>(w[k]);
-  if (N == 4)
-    *reinterpret_cast<uint2*>(static_cast<T*>(copy) + i) = *reinterpret_cast<const uint2*>(out);
-  else
-#pragma unroll
-    for (int k = 0; k < N; ++k) static_cast<T*>(copy)[i + k] = out[k];
+  for (int k = 0; k < N; ++k) out.e[k] = from_f32<T>(w[k]);
+  out.store(static_cast<T*>(copy) + i);
 }
 
 template <int N>
