@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 /// when `preset` is `None`): the op's relative error against its reference in the compute dtype
 /// of `mode`, the tolerance, and forward + backward milliseconds of both.
 pub fn op_rows(preset: Option<Preset>, mode: Mode, s: &Settings, device: &Device) -> Vec<Value> {
-    use ops::check::{self, tolerance};
+    use ops::check;
     let dtype = mode.dtype();
     let cases = match preset {
         Some(preset) => check::model_cases(&preset.config(s.seq).op_shape(), s.batch, s.seq),
@@ -19,11 +19,11 @@ pub fn op_rows(preset: Option<Preset>, mode: Mode, s: &Settings, device: &Device
         let preset = preset.map_or("edge", Preset::name);
         let mut row = json!({"tool": "llmtool", "task": "ops", "preset": preset,
                              "mode": mode.name(), "op": case.name, "shapes": case.shapes(),
-                             "tolerance": tolerance(dtype)});
+                             "tolerance": case.tolerance(dtype)});
         match check::run_case(&case, device, dtype, s.steps.clamp(1, 5)) {
             Ok(r) => {
                 row["max_rel_error"] = json!(r.error);
-                row["ok"] = json!(r.error < tolerance(dtype));
+                row["ok"] = json!(r.error < case.tolerance(dtype));
                 row["fused_ms"] = json!(r.fused_ms);
                 row["reference_ms"] = json!(r.reference_ms);
                 row["speedup"] = json!(r.reference_ms / r.fused_ms);
