@@ -201,10 +201,12 @@ impl AdamW {
     }
 }
 
-/// Has `optimizer` keep compute-dtype copies of `model`'s masters where that removes work and
-/// adds no memory: in mixed precision (f32 masters, 16-bit compute), without recomputation.
-/// Every weight's cast is alive at the end of a plain forward pass anyway; with recomputation
-/// only a block's at a time is, and copies of all of them would raise the peak.
+/// Has `optimizer` keep compute-dtype copies of `model`'s masters where that removes work for
+/// little memory: in mixed precision (f32 masters, 16-bit compute), without recomputation.
+/// Every weight's cast is alive at the end of a plain forward pass anyway, so only the update,
+/// where the casts used to be gone, holds them beside the gradients (the 1b shape's peak rose
+/// 7% on an H200, for 1.3% more tokens/s); with recomputation only a block's casts are alive
+/// at a time, and copies of all of them would raise the peak throughout.
 pub fn keep_model_copies(optimizer: &mut AdamW, model: &Llama, recompute: bool) -> Result<()> {
     if recompute || model.dtype() == DType::F32 {
         return Ok(());
