@@ -330,7 +330,21 @@ fn estimate_splits_memory() {
         .success()
         .stdout(predicate::str::contains("parameters"))
         .stdout(predicate::str::contains("AdamW moments"))
-        .stdout(predicate::str::contains("peak, checkpointed"));
+        .stdout(predicate::str::contains("peak, checkpointed"))
+        .stdout(predicate::str::contains("weight copies").not());
+    // In bf16 AdamW keeps a bf16 copy of the small preset's 46.94M weights.
+    llmtool()
+        .args([
+            "estimate",
+            "configs/small.yaml",
+            "--set",
+            "training.dtype=bf16",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "weight copies (bf16)           90 MiB",
+        ));
 }
 
 #[test]

@@ -81,6 +81,13 @@ fn print_plan(
         "  backward workspace         {:>10}",
         human(p.backward_workspace)
     );
+    if p.compute_copies > 0 {
+        let label = format!("weight copies ({:?})", t.dtype).to_lowercase();
+        println!(
+            "  {label:<27}{:>10}  (AdamW keeps them between steps; none with checkpointing)",
+            human(p.compute_copies)
+        );
+    }
     if p.host_weights > 0 {
         println!(
             "  input embedding (host)     {:>10}  (not in the peak: it waits in host memory on CUDA)",

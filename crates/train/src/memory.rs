@@ -22,6 +22,10 @@ pub struct MemoryPlan {
     /// Gradient temporaries alive at the peak of the backward pass: those of the output head
     /// and of one block (the same either way).
     pub backward_workspace: u64,
+    /// The compute-dtype copies of the f32 masters that the optimizer keeps between steps in
+    /// mixed precision without checkpointing ([`crate::optim::keep_model_copies`]), counted
+    /// in the peak without checkpointing only.
+    pub compute_copies: u64,
     /// Frozen weights held in host memory, outside the device's peak: a LoRA base's untied
     /// input embedding on CUDA (`Llama::keep_input_embedding_on_host`).
     pub host_weights: u64,
@@ -33,7 +37,7 @@ impl MemoryPlan {
         let activations = if checkpointed {
             self.activations_checkpointed
         } else {
-            self.activations
+            self.activations + self.compute_copies
         };
         self.weights + self.gradients + self.optimizer + activations + self.backward_workspace
     }
@@ -61,10 +65,15 @@ pub fn plan(model: &LlamaConfig, config: &Config) -> MemoryPlan {
     let activations = tokens * act_bytes * (layers * per_token_layer + per_token_head);
     let activations_checkpointed =
         tokens * act_bytes * (layers * h + per_token_layer + per_token_head);
+    let compute_copies = match act_bytes {
+        4 => 0,
+        _ => act_bytes * p as u64,
+    };
     MemoryPlan {
         backward_workspace: tokens * act_bytes * (per_token_layer + per_token_head),
         parameters: p,
         weights: 4 * p as u64,
+        compute_copies,
         gradients: 4 * p as u64,
         optimizer: 8 * p as u64,
         activations,
@@ -130,6 +139,8 @@ pub fn plan_lora(
         // The recomputed block's copies include the workspace's one.
         activations_checkpointed: full.activations_checkpointed + bottlenecks + block_expanded
             - expanded,
+        // A frozen base has no masters to update.
+        compute_copies: 0,
         ..full
     };
     Ok((plan, adapter))
@@ -214,6 +225,23 @@ mod tests {
             nf4.activations_checkpointed - bf16.activations_checkpointed,
             (block - 14336 * 4096) * 4
         );
+    }
+
+    #[test]
+    fn mixed_precision_without_checkpointing_holds_a_copy_of_every_master() {
+        let (model, mut config) = eight_b(BaseDtype::Bf16);
+        config.training.dtype = config::Precision::Bf16;
+        let mixed = plan(&model, &config);
+        let copies = 2 * model.parameter_count() as u64;
+        assert_eq!(mixed.compute_copies, copies);
+        assert_eq!(
+            mixed.total(false) - mixed.total(true),
+            mixed.activations + copies - mixed.activations_checkpointed
+        );
+        config.training.dtype = config::Precision::F32;
+        assert_eq!(plan(&model, &config).compute_copies, 0);
+        let (lora, _) = plan_lora(&model, &config, DType::BF16, false).unwrap();
+        assert_eq!(lora.compute_copies, 0);
     }
 
     #[test]
