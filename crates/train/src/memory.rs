@@ -22,8 +22,8 @@ pub struct MemoryPlan {
     /// Gradient temporaries alive at the peak of the backward pass: those of the output head
     /// and of one block (the same either way).
     pub backward_workspace: u64,
-    /// The compute-dtype copies of the f32 masters that the optimizer keeps between steps in
-    /// mixed precision without checkpointing ([`crate::optim::keep_model_copies`]), counted
+    /// The compute-dtype copies of the trained f32 parameters (a LoRA plan's: the adapter's)
+    /// that the optimizer keeps between steps in mixed precision without checkpointing ([`crate::optim::keep_model_copies`]), counted
     /// in the peak without checkpointing only.
     pub compute_copies: u64,
     /// Frozen weights held in host memory, outside the device's peak: a LoRA base's untied
@@ -65,20 +65,25 @@ pub fn plan(model: &LlamaConfig, config: &Config) -> MemoryPlan {
     let activations = tokens * act_bytes * (layers * per_token_layer + per_token_head);
     let activations_checkpointed =
         tokens * act_bytes * (layers * h + per_token_layer + per_token_head);
-    let compute_copies = match act_bytes {
-        4 => 0,
-        _ => act_bytes * p as u64,
-    };
     MemoryPlan {
         backward_workspace: tokens * act_bytes * (per_token_layer + per_token_head),
         parameters: p,
         weights: 4 * p as u64,
-        compute_copies,
+        compute_copies: compute_copies(p, t.dtype.dtype()),
         gradients: 4 * p as u64,
         optimizer: 8 * p as u64,
         activations,
         activations_checkpointed,
         host_weights: 0,
+    }
+}
+
+/// Bytes of the copies in the compute dtype `compute` that AdamW keeps of `trained` f32
+/// parameters ([`crate::optim::keep_model_copies`]): none when it computes in f32.
+fn compute_copies(trained: usize, compute: candle_core::DType) -> u64 {
+    match compute {
+        candle_core::DType::F32 => 0,
+        _ => (trained * compute.size_in_bytes()) as u64,
     }
 }
 
@@ -139,8 +144,8 @@ pub fn plan_lora(
         // The recomputed block's copies include the workspace's one.
         activations_checkpointed: full.activations_checkpointed + bottlenecks + block_expanded
             - expanded,
-        // A frozen base has no masters to update.
-        compute_copies: 0,
+        // A frozen base has no masters to update: only the adapter's factors have copies.
+        compute_copies: compute_copies(adapter, t.dtype.dtype()),
         ..full
     };
     Ok((plan, adapter))
@@ -238,6 +243,9 @@ mod tests {
             mixed.total(false) - mixed.total(true),
             mixed.activations + copies - mixed.activations_checkpointed
         );
+        // A LoRA step keeps copies of the adapter's factors only.
+        let (lora, adapter) = plan_lora(&model, &config, DType::BF16, false).unwrap();
+        assert_eq!(lora.compute_copies, 2 * adapter as u64);
         config.training.dtype = config::Precision::F32;
         assert_eq!(plan(&model, &config).compute_copies, 0);
         let (lora, _) = plan_lora(&model, &config, DType::BF16, false).unwrap();
