@@ -75,16 +75,20 @@ impl AdamW {
     /// masters) into one buffer; [`AdamW::compute_copies`] hands them to the next step. The
     /// masters must then change only through [`AdamW::step`] and [`AdamW::load_state`].
     pub fn keep_compute_copies(&mut self, dtype: DType, stacked: &[[Tensor; 2]]) -> Result<()> {
-        let vars: Vec<&Var> = self.slots.iter().map(|s| &s.var).collect();
-        self.copies = Some(KeptCopies::new(&vars, dtype, stacked)?);
+        self.copies = Some(KeptCopies::new(&self.vars(), dtype, stacked)?);
         Ok(())
     }
 
     /// The copies the last update wrote, for the next step's passes
     /// ([`crate::gradients::accumulate`]); `None` when none are kept.
     pub fn compute_copies(&self) -> Result<Option<ops::ComputeCopies>> {
-        let vars: Vec<&Var> = self.slots.iter().map(|s| &s.var).collect();
+        let vars = self.vars();
         self.copies.as_ref().map(|c| c.published(&vars)).transpose()
+    }
+
+    /// The parameters, in slot order (the order [`KeptCopies`] indexes them in).
+    fn vars(&self) -> Vec<&Var> {
+        self.slots.iter().map(|s| &s.var).collect()
     }
 
     /// Updates applied so far.
