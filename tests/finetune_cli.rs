@@ -424,6 +424,7 @@ fn prompt_completion_loss_and_eval_are_the_mean_over_completion_tokens() {
         None,
         &mut Default::default(),
     )
+    .and_then(|loss| loss.read())
     .unwrap();
 
     let inputs = candle_core::Tensor::from_slice(&batch.inputs, (2, 32), &Device::Cpu).unwrap();

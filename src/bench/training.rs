@@ -71,7 +71,7 @@ pub(super) fn time_training(
     timed(device, s.warmup, s.steps, || {
         let mut grads = Gradients::new();
         let copies = optimizer.compute_copies()?;
-        gradients::accumulate(
+        let loss = gradients::accumulate(
             model,
             vars,
             &batch,
@@ -84,6 +84,8 @@ pub(super) fn time_training(
             .all_reduce(vars, &mut grads, collective)
             .map_err(candle_core::Error::wrap)?;
         let norm = global_norm(&grads)?;
+        // Read where `llmtool train` reads it (its step checks the loss before the update).
+        loss.read()?;
         optimizer.step(&grads, 3e-4, clip_scale(norm, 1.0))
     })
 }
@@ -217,9 +219,11 @@ mod tests {
             let (mut a, mut b) = (Gradients::new(), Gradients::new());
             let loss_a =
                 gradients::accumulate(&plain, &plain_vars, &batch, 1.0, recompute, None, &mut a)
+                    .and_then(|loss| loss.read())
                     .unwrap();
             let loss_b =
                 gradients::accumulate(&frozen, &frozen_vars, &batch, 1.0, recompute, None, &mut b)
+                    .and_then(|loss| loss.read())
                     .unwrap();
             assert!((loss_a - loss_b).abs() < 1e-6, "{loss_a} vs {loss_b}");
             // Every adapter tensor, and nothing else: the base's gradients are not collected.

@@ -302,7 +302,8 @@ impl Trainer<'_> {
             let step = progress.step;
             let lr = schedule.lr_at(step as usize);
             let mut grads = Gradients::new();
-            let mut loss = 0.0;
+            let scale = 1.0 / micro_batches as f64;
+            let mut losses = Vec::with_capacity(t.grad_accum);
             let mut tokens = 0;
             let copies = optimizer.compute_copies()?;
             for micro in 0..t.grad_accum as u64 {
@@ -315,26 +316,31 @@ impl Trainer<'_> {
                 // resumed run draws the same masks.
                 let mask_seed = t.seed.rotate_left(32) ^ window;
                 self.model.set_adapter_dropout_seed(Some(mask_seed));
-                let scale = 1.0 / micro_batches as f64;
-                loss += scale
-                    * gradients::accumulate(
-                        self.model,
-                        &self.vars,
-                        &batch,
-                        scale,
-                        t.grad_checkpoint,
-                        copies.as_ref(),
-                        &mut grads,
-                    )?;
+                losses.push(gradients::accumulate(
+                    self.model,
+                    &self.vars,
+                    &batch,
+                    scale,
+                    t.grad_checkpoint,
+                    copies.as_ref(),
+                    &mut grads,
+                )?);
             }
             progress.cursor += micro_batches * rows;
             // The sums over the ranks: every rank then clips, steps and logs the same numbers.
             if world > 1 {
                 buckets.all_reduce(&self.vars, &mut grads, self.collective)?;
+            }
+            let grad_norm = global_norm(&grads)?;
+            // Read once the norm has waited for the device (see `PendingLoss`).
+            let mut loss = 0.0;
+            for micro_loss in &losses {
+                loss += scale * micro_loss.read()?;
+            }
+            if world > 1 {
                 let sums = distributed::sum_f64(self.collective, &[loss, tokens as f64])?;
                 (loss, tokens) = (sums[0], sums[1] as u64);
             }
-            let grad_norm = global_norm(&grads)?;
             progress.step += 1;
             progress.tokens += tokens;
             progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
