@@ -259,6 +259,12 @@ fn estimate_plans_a_qlora_fine_tune() {
     // gate, up and down 192 each) in + out values.
     assert!(nf4.contains("training a 8.2K adapter"), "{nf4}");
     assert!(plan(&["--set", "lora.base_dtype=bf16"]).contains("base (bf16) + adapter"));
+    // In bf16 AdamW keeps bf16 copies of the adapter's factors (8.2K values, 16 KiB), and the
+    // line says so: the base's weights are not copied.
+    let bf16 = plan(&["--set", "training.dtype=bf16"]);
+    assert!(bf16.contains("adapter copies (bf16)"), "{bf16}");
+    assert!(!bf16.contains("weight copies"), "{bf16}");
+    assert!(!nf4.contains("copies"), "{nf4}");
     // With training.device cuda (estimate opens no device) the untied input embedding is
     // planned in host memory, outside the peak; on the CPU it is part of the peak.
     assert!(!nf4.contains("input embedding (host)"), "{nf4}");

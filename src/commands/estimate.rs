@@ -34,10 +34,8 @@ pub fn run(args: EstimateArgs) -> Result<()> {
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: lora", path.display()))?;
             let base = format!("base ({:?}) + adapter", config.lora.base_dtype).to_lowercase();
-            (
-                p,
-                [base, format!("a {} adapter", train::memory::count(adapter))],
-            )
+            let trained = format!("a {} adapter", train::memory::count(adapter));
+            (p, [base, trained, "adapter".into()])
         }
         (false, pretrained) => {
             let model = pretrained.unwrap_or_else(|| {
@@ -45,7 +43,7 @@ pub fn run(args: EstimateArgs) -> Result<()> {
             });
             (
                 plan(&model, &config),
-                ["weights (f32)".into(), "all".into()],
+                ["weights (f32)".into(), "all".into(), "weight".into()],
             )
         }
     };
@@ -53,11 +51,12 @@ pub fn run(args: EstimateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The plan as `estimate` prints it: `labels` names the weights line and what is trained.
+/// The plan as `estimate` prints it: `labels` names the weights line, what is trained, and
+/// what AdamW keeps compute-dtype copies of (the weights, or a LoRA plan's adapter).
 fn print_plan(
     path: &std::path::Path,
     p: &MemoryPlan,
-    labels: &[String; 2],
+    labels: &[String; 3],
     t: &config::TrainingSection,
 ) {
     println!(
@@ -82,7 +81,7 @@ fn print_plan(
         human(p.backward_workspace)
     );
     if p.compute_copies > 0 {
-        let label = format!("weight copies ({:?})", t.dtype).to_lowercase();
+        let label = format!("{} copies ({:?})", labels[2], t.dtype).to_lowercase();
         println!(
             "  {label:<27}{:>10}  (AdamW keeps them between steps; none with checkpointing)",
             human(p.compute_copies)
