@@ -128,12 +128,12 @@ impl PendingLoss {
 }
 
 /// Loss of `batch` (on the device, see [`PendingLoss`]) and the gradients of `vars` (scaled
-/// by `scale`) added into `grads`. With `recompute`, only each block's input is kept during the forward pass and blocks are
-/// recomputed one at a time during backward; the gradients are the same. It is one
-/// [`ops::training_step`]: the masters take their `copies` (the optimizer's, see
-/// [`crate::optim::AdamW::compute_copies`]) in place of casts, the LoRA factors are cast to
-/// the compute dtype once, and a recomputed block takes its LoRA bottlenecks from the first
-/// pass.
+/// by `scale`) added into `grads`. With `recompute`, only each block's input is kept during
+/// the forward pass and blocks are recomputed one at a time during backward; the gradients
+/// are the same. It is one [`ops::training_step`]: the masters take their `copies` (the
+/// optimizer's, see [`crate::optim::AdamW::compute_copies`]) in place of casts, the LoRA
+/// factors are cast to the compute dtype once, and a recomputed block takes its LoRA
+/// bottlenecks from the first pass.
 pub fn accumulate(
     model: &Llama,
     vars: &[(String, Var)],

@@ -23,8 +23,8 @@ pub struct MemoryPlan {
     /// and of one block (the same either way).
     pub backward_workspace: u64,
     /// The compute-dtype copies of the trained f32 parameters (a LoRA plan's: the adapter's)
-    /// that the optimizer keeps between steps in mixed precision without checkpointing ([`crate::optim::keep_model_copies`]), counted
-    /// in the peak without checkpointing only.
+    /// that the optimizer keeps between steps in mixed precision without checkpointing
+    /// ([`crate::optim::keep_model_copies`]), counted in the peak without checkpointing only.
     pub compute_copies: u64,
     /// Frozen weights held in host memory, outside the device's peak: a LoRA base's untied
     /// input embedding on CUDA (`Llama::keep_input_embedding_on_host`).
