@@ -98,6 +98,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "cached_attention",
         "cached_attention_at",
         "cached_attention_at_partial",
+        "cached_attention_partial",
         "cast",
         "causal_attention",
         "causal_attention_segments",

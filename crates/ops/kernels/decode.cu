@@ -169,6 +169,135 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
                      scores + (size_t)bh * max_len, shared + 3 * d, out + (size_t)bh * d);
 }
 
+// The same step in warp tiles, for head sizes D of 64 or 128 whose keys fit a lane's registers
+// (D * sizeof(T) at most 256 bytes): WARPS warps a block, one block per (batch, head). Each warp
+// takes 32 cached positions at a time, a lane per key, with an online softmax across its
+// tiles, and the warps meet once, behind one barrier; there is no scores scratch. A short
+// step's time is rounds of dependent memory accesses, so each warp requests its first tile's
+// keys and value rows before it reads the step's position (the cache's address does not depend
+// on it, only which rows count), and the rotation's tables arrive while those are in flight.
+// Rows past the attended ones are loaded but never used (their memory may hold anything).
+// Scores as decode_step's (the dot products in the same order), the softmax online. A warp's
+// later tiles each cost a round of loads, so the launcher takes this kernel only for caches of
+// at most three tiles a warp.
+template <typename T, int D, int WARPS>
+__device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* cache, T* out,
+                                  int batch, int heads, int kv_heads, int rotary, int max_len,
+                                  int start, const uint32_t* position, float scale, float cap,
+                                  int window) {
+  constexpr int V = 16 / sizeof(T), KEY_UNITS = D / V, E = D / 32;  // E: elements a lane
+  using ValuePack = Pack<T, E>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int bh = blockIdx.x, b = bh / heads, h = bh % heads, group = heads / kv_heads;
+  const int kv = h / group, rhalf = rotary / 2;
+  const T* row = qkv + (size_t)b * (heads + 2 * kv_heads) * D;
+  T* kc = cache + ((size_t)b * kv_heads + kv) * max_len * D;
+  T* vc = kc + (size_t)batch * kv_heads * max_len * D;
+  uint4 key[KEY_UNITS];
+  ValuePack value[32];
+  // Tile t0's keys (a lane's whole key) and value rows (a lane's E elements of each of the
+  // tile's 32), for the rows below `limit`.
+  auto load_tile = [&](int t0, int limit) {
+    if (t0 + lane < limit) {
+      const uint4* k = reinterpret_cast<const uint4*>(kc + (size_t)(t0 + lane) * D);
+#pragma unroll
+      for (int u = 0; u < KEY_UNITS; ++u) key[u] = k[u];
+    }
+#pragma unroll
+    for (int k = 0; k < 32; ++k)
+      if (t0 + k < limit) value[k] = ValuePack::load(vc + (size_t)(t0 + k) * D + lane * E);
+  };
+  const int first_tile = warp * 32;
+  load_tile(first_tile, max_len);
+  const int pos = position != nullptr ? (int)min(*position, (uint32_t)INT_MAX) : start;
+  const bool fresh = pos < max_len;
+  if (position != nullptr && fresh) {
+    cos += (size_t)pos * rhalf;
+    sin += (size_t)pos * rhalf;
+  }
+  __shared__ float query[D], own[2 * D];  // own: the step's key and value
+  __shared__ float warp_max_of[WARPS], warp_sum_of[WARPS], warp_out[WARPS][D];
+  const bool writer = fresh && h % group == 0;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+    const T k = rope_element(row + (size_t)(heads + kv) * D, cos, sin, i, rhalf);
+    const T v = row[(size_t)(heads + kv_heads + kv) * D + i];
+    query[i] = to_f32(rope_element(row + (size_t)h * D, cos, sin, i, rhalf));
+    own[i] = to_f32(k);
+    own[D + i] = to_f32(v);
+    if (writer) {
+      kc[(size_t)pos * D + i] = k;
+      vc[(size_t)pos * D + i] = v;
+    }
+  }
+  __syncthreads();
+  const int end = fresh ? pos : max_len;  // the cached positions attended to: [first, end)
+  const int first = window > 0 ? max(0, end + (fresh ? 1 : 0) - window) : 0;
+  float m = -INFINITY, l = 0.f, acc[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = 0.f;
+  for (int t0 = first_tile; t0 < end; t0 += WARPS * 32) {
+    if (t0 != first_tile) load_tile(t0, end);
+    const int j = t0 + lane;
+    float s = -INFINITY;
+    if (j >= first && j < end) {
+      float dot = 0.f;
+#pragma unroll
+      for (int u = 0; u < KEY_UNITS; ++u) {
+        const T* k = reinterpret_cast<const T*>(&key[u]);
+#pragma unroll
+        for (int e = 0; e < V; ++e) dot += query[u * V + e] * to_f32(k[e]);
+      }
+      s = attention_logit(dot, scale, cap);
+    }
+    const float tile_max = warp_max(s);
+    if (tile_max == -INFINITY) continue;  // the whole tile before the window
+    const float new_max = fmaxf(m, tile_max), rescale = __expf(m - new_max);
+    const float p = __expf(s - new_max);
+    l = l * rescale + warp_sum(p);
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] *= rescale;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) {
+      const float pk = __shfl_sync(0xffffffff, p, k);
+      if (t0 + k < end)
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += pk * to_f32(value[k].e[e]);
+    }
+    m = new_max;
+  }
+  if (warp == 0 && fresh) {  // the step's own key and value, from shared memory
+    float dot = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) dot += query[lane * E + e] * own[lane * E + e];
+    const float s = attention_logit(warp_sum(dot), scale, cap);
+    const float new_max = fmaxf(m, s), rescale = __expf(m - new_max), p = __expf(s - new_max);
+    l = l * rescale + p;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = acc[e] * rescale + p * own[D + lane * E + e];
+    m = new_max;
+  }
+  if (lane == 0) {
+    warp_max_of[warp] = m;
+    warp_sum_of[warp] = l;
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) warp_out[warp][lane * E + e] = acc[e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+    float all_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) all_max = fmaxf(all_max, warp_max_of[w]);
+    float sum = 0.f, total = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float c = warp_max_of[w] == -INFINITY ? 0.f : __expf(warp_max_of[w] - all_max);
+      sum += warp_sum_of[w] * c;
+      total += warp_out[w][i] * c;
+    }
+    out[(size_t)bh * D + i] = from_f32<T>(total / sum);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Matrix-vector products for decoding: y[r] = w · x[r] for a few rows r of x [rows, in] and a
 // weight w [out, in], one warp per output feature, 16-byte loads (in must be a multiple of
@@ -388,6 +517,18 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
                       max_len, start, position, scale, cap, window);                          \
   }
 
+// decode_step_tiles##D##_##S: decode_step_tiles for head size D with WARPS warps (the step's
+// arguments but the scores scratch, the head size and the access width; src/attention/decode.rs
+// launches WARPS * 32 threads a block).
+#define DECODE_STEP_TILES_ENTRY_POINT(S, T, D, WARPS)                                          \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32) decode_step_tiles##D##_##S(        \
+      const T* qkv, const T* cos, const T* sin, T* cache, T* out, int batch, int heads,       \
+      int kv_heads, int rotary, int max_len, int start, const uint32_t* position, float scale,\
+      float cap, int window) {                                                                \
+    decode_step_tiles<T, D, WARPS>(qkv, cos, sin, cache, out, batch, heads, kv_heads, rotary, \
+                                   max_len, start, position, scale, cap, window);             \
+  }
+
 // gemv_##NAME##_##S and gemv_##NAME##_rms_##S: the gated unit A of a stacked projection, of x
 // and of x's RMSNorm.
 #define GEMV_GLU_ENTRY_POINTS(S, T, NAME, A)                                                   \
@@ -424,3 +565,9 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
   DECODE_ATTENTION_ENTRY_POINTS(S, T, _wide, WIDE<T>)
 
 FOR_EACH_FLOAT(DECODE_ENTRY_POINTS)
+// Sixteen warps where a lane's tile fits 128 registers (16-bit heads of 64), else eight.
+DECODE_STEP_TILES_ENTRY_POINT(bf16, __nv_bfloat16, 64, 16)
+DECODE_STEP_TILES_ENTRY_POINT(f16, __half, 64, 16)
+DECODE_STEP_TILES_ENTRY_POINT(f32, float, 64, 8)
+DECODE_STEP_TILES_ENTRY_POINT(bf16, __nv_bfloat16, 128, 8)
+DECODE_STEP_TILES_ENTRY_POINT(f16, __half, 128, 8)

@@ -169,7 +169,7 @@ custom_op!(DecodeAttention: 3);
 mod cuda {
     use super::Scoring;
     use crate::launch::{
-        address, alloc, base_address, common_dtype, elementwise_kernel, grid, int,
+        address, alloc, base_address, common_dtype, elementwise_kernel, grid, int, int_u32,
         launch_with_shared, optional_address, strided4, Arg, Operand,
     };
     use crate::KvLayout;
@@ -178,6 +178,29 @@ mod cuda {
     /// Threads a block (`DECODE_THREADS` in kernels/decode.cu): a decode step has one block per
     /// head, so each gets the most threads a block can have.
     const THREADS: usize = 1024;
+
+    /// The tiled step kernel (`decode_step_tiles` in kernels/decode.cu) and its warps a block,
+    /// for heads of `d` elements of `dtype` whose cache rows are read `width` elements at once
+    /// and a cache of `max_len` positions, where it applies: heads of 64 or 128 elements read
+    /// 16 bytes at once, whose keys fit a lane's registers (at most 256 bytes), and a cache of
+    /// at most three tiles of 32 positions a warp (at four, an H100 timed the two kernels
+    /// alike; past that, the 1,024-thread kernel reads a long cache in fewer rounds).
+    fn tiles_kernel(
+        d: usize,
+        dtype: DType,
+        width: usize,
+        max_len: usize,
+    ) -> Option<(&'static str, usize)> {
+        let wide = width == 16 / dtype.size_in_bytes();
+        let sixteen_bits = dtype.size_in_bytes() == 2;
+        let (name, warps) = match d {
+            64 if wide && sixteen_bits => ("decode_step_tiles64", 16),
+            64 if wide => ("decode_step_tiles64", 8),
+            128 if wide && sixteen_bits => ("decode_step_tiles128", 8),
+            _ => return None,
+        };
+        (max_len <= 3 * 32 * warps).then_some((name, warps))
+    }
 
     /// The kernel `name` for one block per (batch, head) on `heads` of `d` elements, reading
     /// `width` elements at once; `extra` floats of shared memory before the kernel's work
@@ -271,19 +294,13 @@ mod cuda {
         let (name, width) = elementwise_kernel(("decode_step", "decode_step_wide"), &[cache], d)?;
         let dev = &qkv.0.device;
         let out = alloc(dev, dtype, batch * n.heads * d)?;
-        let scores = alloc(dev, DType::F32, batch * n.heads * max_len)?;
-        let args = [
-            Arg::Address(address(qkv)?),
-            Arg::Address(address(cos)?),
-            Arg::Address(address(sin)?),
-            Arg::Address(address(cache)?),
-            Arg::Address(base_address(&out)?),
-            Arg::Address(base_address(&scores)?),
-            int(batch)?,
-            int(n.heads)?,
-            int(kv_heads)?,
-            int(d)?,
-            int(2 * cos.1.dims().last().copied().unwrap_or(0))?,
+        let rotary = int(2 * cos.1.dims().last().copied().unwrap_or(0))?;
+        let addresses = [qkv, cos, sin, cache].map(|o| address(o).map(Arg::Address));
+        let mut args = addresses.into_iter().collect::<Result<Vec<_>>>()?;
+        args.push(Arg::Address(base_address(&out)?));
+        let heads = [int(batch)?, int(n.heads)?, int(kv_heads)?];
+        let rest = [
+            rotary,
             int(max_len)?,
             int(start)?,
             Arg::Address(optional_address(position)?),
@@ -291,8 +308,21 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(max_len))?,
         ];
-        let kernel = (name, dtype, width);
-        launch_heads(dev, kernel, (batch * n.heads, d, 3 * d), &args)?;
+        match tiles_kernel(d, dtype, width, max_len) {
+            Some((tiles, warps)) => {
+                args.extend(heads.into_iter().chain(rest));
+                let config = (grid(batch * n.heads)?, (int_u32(warps * 32)?, 1), 0);
+                launch_with_shared(dev, tiles, Some(dtype), config, &args)?;
+            }
+            None => {
+                // The 1,024-thread kernel also takes a scores scratch and the head size.
+                let scores = alloc(dev, DType::F32, batch * n.heads * max_len)?;
+                args.push(Arg::Address(base_address(&scores)?));
+                args.extend(heads.into_iter().chain([int(d)?]).chain(rest));
+                let kernel = (name, dtype, width);
+                launch_heads(dev, kernel, (batch * n.heads, d, 3 * d), &args)?;
+            }
+        }
         Ok(out)
     }
 }

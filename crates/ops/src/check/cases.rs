@@ -1185,6 +1185,11 @@ pub fn edge_cases() -> Vec<Case> {
         ),
         cached_attention_case::<true, true>("cached_attention_at", (1, 3, 3), (6, 6), 9),
         cached_attention_case::<false, true>("cached_attention_at", (1, 2, 1), (64, 64), 2100),
+        // CUDA's tiled step (heads of 64 and 128): several tiles a warp, a batch of grouped
+        // heads, a window that skips whole tiles, partial rotation.
+        cached_attention_case::<true, true>("cached_attention_at", (2, 4, 2), (128, 128), 700),
+        cached_attention_case::<true, false>("cached_attention", (1, 3, 1), (64, 64), 300),
+        cached_attention_case::<false, false>("cached_attention_partial", (2, 2, 2), (128, 64), 45),
         decode_case(1, 3, 3, 1, 8),
         glu_case::<false>(vec![3, 5, 7]),
         glu_case::<true>(vec![3, 5, 7]),
