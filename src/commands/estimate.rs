@@ -33,42 +33,56 @@ pub fn run(args: EstimateArgs) -> Result<()> {
             let (p, adapter) = plan_lora(&model, &config, stored, on_cuda)
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("{}: lora", path.display()))?;
-            let base = format!("base ({:?}) + adapter", config.lora.base_dtype).to_lowercase();
-            let trained = format!("a {} adapter", train::memory::count(adapter));
-            (p, [base, trained, "adapter".into()])
+            let labels = PlanLabels {
+                weights: format!("base ({:?}) + adapter", config.lora.base_dtype).to_lowercase(),
+                trained: format!("a {} adapter", train::memory::count(adapter)),
+                copied: "adapter",
+            };
+            (p, labels)
         }
         (false, pretrained) => {
             let model = pretrained.unwrap_or_else(|| {
                 train::init::scratch_config(&config.model, vocab_size(&config), None)
             });
-            (
-                plan(&model, &config),
-                ["weights (f32)".into(), "all".into(), "weight".into()],
-            )
+            let labels = PlanLabels {
+                weights: "weights (f32)".into(),
+                trained: "all".into(),
+                copied: "weight",
+            };
+            (plan(&model, &config), labels)
         }
     };
     print_plan(path, &p, &labels, t);
     Ok(())
 }
 
-/// The plan as `estimate` prints it: `labels` names the weights line, what is trained, and
-/// what AdamW keeps compute-dtype copies of (the weights, or a LoRA plan's adapter).
+/// How `estimate` names the parts of a plan.
+struct PlanLabels {
+    /// The weights line: a model's f32 weights, or a LoRA plan's base and adapter.
+    weights: String,
+    /// What is trained: all the weights, or an adapter of so many parameters.
+    trained: String,
+    /// What AdamW keeps compute-dtype copies of: the weights, or a LoRA plan's adapter.
+    copied: &'static str,
+}
+
+/// The plan as `estimate` prints it, its lines named by `labels`.
 fn print_plan(
     path: &std::path::Path,
     p: &MemoryPlan,
-    labels: &[String; 3],
+    labels: &PlanLabels,
     t: &config::TrainingSection,
 ) {
     println!(
         "{}: {:.2}M parameters, training {}, batch {} x {} tokens, activations in {:?}",
         path.display(),
         p.parameters as f64 / 1e6,
-        labels[1],
+        labels.trained,
         t.batch_size,
         t.seq_len,
         t.dtype
     );
-    println!("  {:<27}{:>10}", labels[0], human(p.weights));
+    println!("  {:<27}{:>10}", labels.weights, human(p.weights));
     println!("  gradients (f32)            {:>10}", human(p.gradients));
     println!("  AdamW moments (f32)        {:>10}", human(p.optimizer));
     println!("  activations                {:>10}", human(p.activations));
@@ -81,7 +95,7 @@ fn print_plan(
         human(p.backward_workspace)
     );
     if p.compute_copies > 0 {
-        let label = format!("{} copies ({:?})", labels[2], t.dtype).to_lowercase();
+        let label = format!("{} copies ({:?})", labels.copied, t.dtype).to_lowercase();
         println!(
             "  {label:<27}{:>10}  (AdamW keeps them between steps; none with checkpointing)",
             human(p.compute_copies)

@@ -30,6 +30,16 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     })
 }
 
+/// `x` in `dtype` by a fresh conversion, without a backward and without looking for a step's
+/// kept copy: [`cast`]'s kernel where it applies, candle's `to_dtype` elsewhere.
+pub(crate) fn fresh_cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    let x = x.detach();
+    if x.dtype() == dtype {
+        return Ok(x);
+    }
+    fused_cast(&x, dtype)?.map_or_else(|| x.to_dtype(dtype), Ok)
+}
+
 /// `parts` (2-D, one width, no gradient) in `dtype`, stacked along their rows: the stacked
 /// weight of two master weights in mixed precision. Inside a training step that holds the two
 /// masters' stacked copy ([`crate::ComputeCopies::add_stacked`]), that copy. On CUDA, with

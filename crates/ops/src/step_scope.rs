@@ -175,7 +175,7 @@ pub(crate) fn cast_once(x: &Tensor, dtype: DType) -> Result<Tensor> {
 pub(crate) fn copy_or_cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     match kept_cast(x, dtype) {
         Some(hit) => Ok(hit),
-        None => super::cast(&x.detach(), dtype),
+        None => super::cast::fresh_cast(x, dtype),
     }
 }
 
