@@ -121,22 +121,38 @@ __device__ void decode_attention(const T* q, const T* k, const T* v, T* out, flo
                      out + (size_t)bh * d);
 }
 
-// A whole decode step's attention from its packed projections: qkv is [b, (heads + 2 kv_heads)
-// * d] (queries, keys, values, as the stacked projection outputs them, one position). Each
-// block rotates its query head and its kv head's key (RoPE over the first `rotary` elements,
-// as write_kv does, rounded to T as the cache holds them), the first block of each group of
-// query heads writes that key and the value into the cache [2, b, kv_heads, max_len, d] at the
-// step's position, and every block attends to the cached positions before it and to its own
-// key and value from shared memory (the cache slot may not be written yet). The position is
-// `start`, or read from `position` (a step replayed from a CUDA graph; cos and sin are then
-// the whole [max positions, rotary / 2] tables, else the step's row); a position past the cache
-// writes nothing and attends to the cache as it is. Dynamic shared memory: the query, the key
-// and the value, then attend_query's work.
-template <typename T, int W>
-__device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, T* out,
-                            float* scores, int batch, int heads, int kv_heads, int d, int rotary,
-                            int max_len, int start, const uint32_t* position, float scale,
-                            float cap, int window) {
+// What a decode step's block (batch, query head: blockIdx.x) attends to: its kv head's rows of
+// the cache [2, b, kv_heads, max_len, d], the cached positions [first, end), and its own key and
+// value when `fresh` (a position past the cache writes nothing and attends to the cache as it
+// is).
+template <typename T>
+struct StepBlock {
+  T *keys, *values;
+  int end, first;
+  bool fresh;
+};
+
+// The block's kv head's cache rows, [max_len, d] each: StepBlock's keys and values.
+template <typename T>
+__device__ __forceinline__ StepBlock<T> cache_rows(T* cache, int batch, int heads, int kv_heads,
+                                                   int d, int max_len) {
+  const int b = blockIdx.x / heads, kv = blockIdx.x % heads / (heads / kv_heads);
+  T* keys = cache + ((size_t)b * kv_heads + kv) * max_len * d;
+  return {keys, keys + (size_t)batch * kv_heads * max_len * d, 0, 0, false};
+}
+
+// The shared start of the step kernels: reads the step's position (`start`, or from `position`:
+// a step replayed from a CUDA graph, whose cos and sin are then the whole [max positions,
+// rotary / 2] tables, else the step's row), rotates the block's query head and its kv head's
+// key from the packed projections qkv [b, (heads + 2 kv_heads) * d] (RoPE over the first
+// `rotary` elements, as write_kv does, rounded to T as the cache holds them) into `query` and
+// `own` (f32 in shared memory: d, and the key then the value, 2 d), and has the first block of
+// each group of query heads write that key and value into the cache. Ends with a barrier.
+template <typename T>
+__device__ StepBlock<T> start_step(const T* qkv, const T* cos, const T* sin, T* cache, int batch,
+                                   int heads, int kv_heads, int d, int rotary, int max_len,
+                                   int start, const uint32_t* position, int window, float* query,
+                                   float* own) {
   const int pos = position != nullptr ? (int)min(*position, (uint32_t)INT_MAX) : start;
   const bool fresh = pos < max_len;
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads, group = heads / kv_heads;
@@ -145,11 +161,9 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
     cos += (size_t)pos * rhalf;
     sin += (size_t)pos * rhalf;
   }
-  extern __shared__ float shared[];
-  float *query = shared, *own = shared + d;
   const T* row = qkv + (size_t)b * (heads + 2 * kv_heads) * d;
-  T* kc = cache + ((size_t)b * kv_heads + kv) * max_len * d;
-  T* vc = kc + (size_t)batch * kv_heads * max_len * d;
+  StepBlock<T> step = cache_rows(cache, batch, heads, kv_heads, d, max_len);
+  T *kc = step.keys, *vc = step.values;
   const bool writer = fresh && h % group == 0;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     const T key = rope_element(row + (size_t)(heads + kv) * d, cos, sin, i, rhalf);
@@ -163,10 +177,30 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
     }
   }
   __syncthreads();
-  const int end = fresh ? pos : max_len;
-  const int first = window > 0 ? max(0, end + (fresh ? 1 : 0) - window) : 0;
-  attend_query<T, W>(query, kc, d, vc, d, first, end, fresh ? own : nullptr, d, scale, cap,
-                     scores + (size_t)bh * max_len, shared + 3 * d, out + (size_t)bh * d);
+  step.end = fresh ? pos : max_len;
+  step.first = window > 0 ? max(0, step.end + (fresh ? 1 : 0) - window) : 0;
+  step.fresh = fresh;
+  return step;
+}
+
+// A whole decode step's attention from its packed projections, a block per (batch, query
+// head): start_step's rotation and cache write, then attend_query over the cached positions
+// before the step's and, from shared memory, the step's own key and value (their cache slot may
+// not be written yet when another block reads it). Dynamic shared memory: the query, the key
+// and the value, then attend_query's work.
+template <typename T, int W>
+__device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, T* out,
+                            float* scores, int batch, int heads, int kv_heads, int d, int rotary,
+                            int max_len, int start, const uint32_t* position, float scale,
+                            float cap, int window) {
+  extern __shared__ float shared[];
+  float *query = shared, *own = shared + d;
+  const StepBlock<T> step = start_step(qkv, cos, sin, cache, batch, heads, kv_heads, d, rotary,
+                                       max_len, start, position, window, query, own);
+  const size_t bh = blockIdx.x;
+  attend_query<T, W>(query, step.keys, d, step.values, d, step.first, step.end,
+                     step.fresh ? own : nullptr, d, scale, cap, scores + bh * max_len,
+                     shared + 3 * d, out + bh * d);
 }
 
 // The same step in warp tiles, for head sizes D of 64 or 128 whose keys fit a lane's registers
@@ -188,11 +222,8 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   constexpr int V = 16 / sizeof(T), KEY_UNITS = D / V, E = D / 32;  // E: elements a lane
   using ValuePack = Pack<T, E>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int bh = blockIdx.x, b = bh / heads, h = bh % heads, group = heads / kv_heads;
-  const int kv = h / group, rhalf = rotary / 2;
-  const T* row = qkv + (size_t)b * (heads + 2 * kv_heads) * D;
-  T* kc = cache + ((size_t)b * kv_heads + kv) * max_len * D;
-  T* vc = kc + (size_t)batch * kv_heads * max_len * D;
+  const StepBlock<T> rows = cache_rows(cache, batch, heads, kv_heads, D, max_len);
+  const T *kc = rows.keys, *vc = rows.values;
   uint4 key[KEY_UNITS];
   ValuePack value[32];
   // Tile t0's keys (a lane's whole key) and value rows (a lane's E elements of each of the
@@ -209,29 +240,12 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   };
   const int first_tile = warp * 32;
   load_tile(first_tile, max_len);
-  const int pos = position != nullptr ? (int)min(*position, (uint32_t)INT_MAX) : start;
-  const bool fresh = pos < max_len;
-  if (position != nullptr && fresh) {
-    cos += (size_t)pos * rhalf;
-    sin += (size_t)pos * rhalf;
-  }
-  __shared__ float query[D], own[2 * D];  // own: the step's key and value
+  __shared__ float query[D], own[2 * D];
   __shared__ float warp_max_of[WARPS], warp_sum_of[WARPS], warp_out[WARPS][D];
-  const bool writer = fresh && h % group == 0;
-  for (int i = threadIdx.x; i < D; i += blockDim.x) {
-    const T k = rope_element(row + (size_t)(heads + kv) * D, cos, sin, i, rhalf);
-    const T v = row[(size_t)(heads + kv_heads + kv) * D + i];
-    query[i] = to_f32(rope_element(row + (size_t)h * D, cos, sin, i, rhalf));
-    own[i] = to_f32(k);
-    own[D + i] = to_f32(v);
-    if (writer) {
-      kc[(size_t)pos * D + i] = k;
-      vc[(size_t)pos * D + i] = v;
-    }
-  }
-  __syncthreads();
-  const int end = fresh ? pos : max_len;  // the cached positions attended to: [first, end)
-  const int first = window > 0 ? max(0, end + (fresh ? 1 : 0) - window) : 0;
+  const StepBlock<T> step = start_step(qkv, cos, sin, cache, batch, heads, kv_heads, D, rotary,
+                                       max_len, start, position, window, query, own);
+  const int end = step.end, first = step.first;  // the cached positions attended to
+  const bool fresh = step.fresh;
   float m = -INFINITY, l = 0.f, acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
@@ -294,7 +308,7 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
       sum += warp_sum_of[w] * c;
       total += warp_out[w][i] * c;
     }
-    out[(size_t)bh * D + i] = from_f32<T>(total / sum);
+    out[(size_t)blockIdx.x * D + i] = from_f32<T>(total / sum);
   }
 }
 
