@@ -6,9 +6,9 @@
 //! Scores are taken as a [`Scoring`] says: a scale, soft-capping, and a sliding window (only
 //! the last `window` positions attended to).
 //! Inference only: it has no backward, and the dispatch never picks it for tracked tensors.
-//! On CUDA the kernel is in `kernels/decode.cu`, beside the decode step's kernel
+//! On CUDA the kernel is in `kernels/decode.cu`, beside the decode step's kernels
 //! ([`decode_step`]: the rotation and cache write of the step's own key and value too, from
-//! the packed projections).
+//! the packed projections; heads of 64 or 128 over a short cache take its warp-tiled form).
 
 use super::{GroupedDims, Scoring};
 use crate::cpu_kernel::{f32s, for_each_row, output};
@@ -275,9 +275,10 @@ mod cuda {
 
     /// A one-position step from its packed projections `qkv` `[b, 1, ..]`: the rotated key and
     /// the value of each kv head into `cache` `[2, b, kv_heads, max_len, d]` at `start`, or at
-    /// `position`, the device-held one ([`crate::Position::kernel_arguments`]), and the attention of the rotated queries to
-    /// the cache up to them (see `decode_step` in kernels/decode.cu). The cache is written
-    /// through its address: the caller owns it and nothing reads it meanwhile.
+    /// `position`, the device-held one ([`crate::Position::kernel_arguments`]), and the
+    /// attention of the rotated queries to the cache up to them (`decode_step_tiles` in
+    /// kernels/decode.cu where [`tiles_kernel`] gives one, else `decode_step`). The cache is
+    /// written through its address: the caller owns it and nothing reads it meanwhile.
     pub(super) fn decode_step(
         cache: Operand,
         qkv: Operand,
