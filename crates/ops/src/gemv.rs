@@ -8,12 +8,12 @@
 //! picks it only for untracked operands. `gemv_fused.rs` joins these products with the norm
 //! before them and the residual add after them.
 
-use super::cpu_kernel::{f32s, output};
+use super::cpu_kernel::{f32s, output, slice};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
 use super::swiglu::Glu;
-use candle_core::{DType, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// `x @ weight.t()` for `weight` `[out, in]` and `x` `[.., in]`, as one 2-D product over all
@@ -72,7 +72,8 @@ const MAX_ROWS: usize = 8;
 const CPU_ROWS_PER_TASK: usize = 64;
 
 /// Whether [`gemv`] takes `x` `[rows, in]` and `weight` `[out, in]`: nothing tracked, both
-/// contiguous, at most a few rows; f32 on the CPU, or CUDA operands the kernel takes.
+/// contiguous, at most a few rows; one float dtype on the CPU, or CUDA operands the kernel
+/// takes.
 pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
     if x.track_op() || weight.track_op() || !x.is_contiguous() || !weight.is_contiguous() {
         return false;
@@ -85,7 +86,8 @@ pub(crate) fn supported(x: &Tensor, weight: &Tensor) -> bool {
     let (ws, _) = weight.storage_and_layout();
     match (&*xs, &*ws) {
         (Storage::Cpu(_), Storage::Cpu(_)) => {
-            x.dtype() == DType::F32 && weight.dtype() == DType::F32
+            x.dtype() == weight.dtype()
+                && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
         }
         #[cfg(feature = "cuda")]
         (Storage::Cuda(xs), Storage::Cuda(ws)) => {
@@ -127,20 +129,69 @@ pub(crate) fn output_features(w_rows: usize, glu: Option<Glu>) -> usize {
     }
 }
 
+/// A weight element the CPU products read as it is stored, widened to f32 in registers (a
+/// 16-bit weight is read at half the bytes of an f32 copy, and decoding on the CPU is bound by
+/// reading the weights).
+pub(crate) trait Element: Copy + Send + Sync {
+    /// The element as f32 (exact).
+    fn f32(self) -> f32;
+    /// `x` rounded to the nearest element.
+    fn from_f32(x: f32) -> Self;
+    /// `x` rounded to the element's precision, as f32 (what storing it as one keeps).
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        Self::from_f32(x).f32()
+    }
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for half::bf16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        // The upper half of an f32's bits: a shift the compiler vectorizes.
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+impl Element for half::f16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
 /// `w · x` for each of the `R` rows `xs` (each as long as `w`), every one summed as eight
 /// running sums that the compiler keeps in vector registers, then the sums and the tail in
 /// order: a row's product does not depend on the rows beside it. The rows' sums are
 /// independent chains that the CPU overlaps, and `w` is read once for all of them.
-fn dots<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+fn dots<E: Element, const R: usize>(w: &[E], xs: [&[f32]; R]) -> [f32; R] {
     let mut sums = [[0f32; 8]; R];
     let mut rows = xs.map(|x| x.chunks_exact(8));
-    let w8 = w.chunks_exact(8);
-    let w_tail = w8.remainder();
-    for w in w8 {
+    let w_chunks = w.chunks_exact(8);
+    let w_tail = w_chunks.remainder();
+    for w in w_chunks {
         for (sums, x) in sums.iter_mut().zip(rows.iter_mut()) {
             if let Some(x) = x.next() {
                 for i in 0..8 {
-                    sums[i] += w[i] * x[i];
+                    sums[i] += w[i].f32() * x[i];
                 }
             }
         }
@@ -149,7 +200,7 @@ fn dots<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
         let tail: f32 = w_tail
             .iter()
             .zip(rows[r].remainder())
-            .map(|(a, b)| a * b)
+            .map(|(a, b)| a.f32() * b)
             .sum();
         sums[r].iter().sum::<f32>() + tail
     })
@@ -157,7 +208,7 @@ fn dots<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
 
 /// `y[r] = w · xs[r]` for every row, [`dots`] over groups of up to four rows (more would
 /// spill the running sums out of registers).
-fn products(w: &[f32], xs: &[&[f32]], y: &mut [f32]) {
+fn products<E: Element>(w: &[E], xs: &[&[f32]], y: &mut [f32]) {
     for (xs, y) in xs.chunks(4).zip(y.chunks_mut(4)) {
         match *xs {
             [a, b, c, d] => y.copy_from_slice(&dots(w, [a, b, c, d])),
@@ -170,10 +221,11 @@ fn products(w: &[f32], xs: &[&[f32]], y: &mut [f32]) {
 }
 
 /// `x @ w.t()` (`[rows, out]`) for f32 `x` `[rows, inp]` on the CPU; with a unit, `w` stacks
-/// `out` gate rows, then `out` up rows, and the result is `act(gate) · up`.
-pub(crate) fn cpu_products(
+/// `out` gate rows, then `out` up rows, and the result is `act(gate) · up`, the gate and up
+/// products rounded to `E` first (as the separate projections store them).
+pub(crate) fn cpu_products<E: Element>(
     x: &[f32],
-    w: &[f32],
+    w: &[E],
     (rows, inp, out): (usize, usize, usize),
     glu: Option<Glu>,
 ) -> Vec<f32> {
@@ -195,13 +247,23 @@ pub(crate) fn cpu_products(
                     products(weight_row(out + o), &xs, &mut up);
                     y.iter_mut()
                         .zip(&up)
-                        .for_each(|(y, u)| *y = glu.value(*y) * u);
+                        .for_each(|(y, u)| *y = glu.value(E::round(*y)) * E::round(*u));
                 }
             }
         });
     (0..rows * out)
         .map(|k| by_feature[(k % out) * rows + k / out])
         .collect()
+}
+
+impl Gemv {
+    /// The product of 16-bit `x` and `w` on the CPU: `x` widened to f32 (a few rows), `w` read
+    /// as stored, the sums in f32, the result rounded to the dtype.
+    fn cpu_16_bit<E: Element>(&self, x: &[E], w: &[E], shape: (usize, usize, usize)) -> Vec<E> {
+        let x: Vec<f32> = x.iter().map(|v| v.f32()).collect();
+        let y = cpu_products(&x, w, shape, self.glu);
+        y.into_iter().map(E::from_f32).collect()
+    }
 }
 
 impl FusedOp<2> for Gemv {
@@ -216,10 +278,24 @@ impl FusedOp<2> for Gemv {
     }
 
     fn cpu(&self, [(x, x_layout), (w, w_layout)]: [CpuOperand; 2]) -> CpuOutput {
-        let (x, w) = (f32s(x, x_layout)?, f32s(w, w_layout)?);
-        let (rows, inp, out) = product_shape(x_layout, w_layout, self.glu)?;
-        let y = cpu_products(x, w, (rows, inp, out), self.glu);
-        Ok(output(y, (rows, out)))
+        let shape = product_shape(x_layout, w_layout, self.glu)?;
+        let (rows, _, out) = shape;
+        let (x, w) = (&x, &w);
+        match (x, w) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let y = cpu_products(f32s(x, x_layout)?, f32s(w, w_layout)?, shape, self.glu);
+                Ok(output(y, (rows, out)))
+            }
+            (CpuStorage::BF16(xs), CpuStorage::BF16(ws)) => {
+                let y = self.cpu_16_bit(slice(xs, x_layout)?, slice(ws, w_layout)?, shape);
+                Ok((CpuStorage::BF16(y), (rows, out).into()))
+            }
+            (CpuStorage::F16(xs), CpuStorage::F16(ws)) => {
+                let y = self.cpu_16_bit(slice(xs, x_layout)?, slice(ws, w_layout)?, shape);
+                Ok((CpuStorage::F16(y), (rows, out).into()))
+            }
+            _ => candle_core::bail!("gemv: CPU operands of one float dtype expected"),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -311,6 +387,38 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The CPU reads 16-bit weights as stored: a product is the f32 product of the widened
+    /// operands rounded to the dtype, and a gated unit takes the gate and up products rounded
+    /// first, as the separate projections and `glu` store them, bit for bit; rows with a tail
+    /// past the eight running sums; a row of a batch comes out as the row alone.
+    #[test]
+    fn sixteen_bit_cpu_products_are_the_widened_ones_rounded() {
+        let (inp, ffn) = (77, 7);
+        for dtype in [DType::BF16, DType::F16] {
+            let round = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let values = |t: &Tensor| widen(t).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rounded = |got: &Tensor, want: &Tensor| {
+                assert_eq!(got.dtype(), dtype);
+                assert_eq!(values(got), values(&round(want)), "{dtype:?}");
+            };
+            let x = round(&uniform(&[3, inp], 1));
+            let w = round(&uniform(&[2 * ffn, inp], 2));
+            assert!(supported(&x, &w));
+            let product = linear(&widen(&x), &widen(&w)).unwrap();
+            let got = linear(&x, &w).unwrap();
+            rounded(&got, &product);
+            let alone = linear(&x.narrow(0, 1, 1).unwrap(), &w).unwrap();
+            assert_eq!(values(&alone), values(&got.narrow(0, 1, 1).unwrap()));
+            let (gate, up) = (
+                product.narrow(1, 0, ffn).unwrap(),
+                product.narrow(1, ffn, ffn).unwrap(),
+            );
+            let unit = crate::glu(&widen(&round(&gate)), &widen(&round(&up)), Glu::SwiGlu).unwrap();
+            rounded(&glu_projection(&x, &w, Glu::SwiGlu).unwrap(), &unit);
         }
     }
 }

@@ -14,7 +14,7 @@ use super::fused_op::{CudaOutput, Operand};
 use super::gemv::{cpu_products, output_features, product_shape, supported, with_last_dim};
 use super::rms_norm::inverse_rms;
 use super::swiglu::Glu;
-use candle_core::{Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor};
 
 /// The RMSNorm a projection's input takes on the way in: each row `x` becomes
 /// `x · r · (offset + weight)` with `r = 1 / sqrt(mean(x²) + eps)`, as
@@ -37,7 +37,8 @@ impl InputNorm<'_> {
 
     /// Whether the fused kernels take this norm for the rows `x` `[rows, in]` (which the
     /// matrix-vector kernel takes): an untracked contiguous weight of `[in]` in `x`'s dtype on
-    /// its device, and on CUDA starting on 16 bytes with the rows fitting in shared memory.
+    /// its device; f32 on the CPU, and on CUDA starting on 16 bytes with the rows fitting in
+    /// shared memory.
     fn fits(&self, x: &Tensor) -> bool {
         let w = self.weight;
         let width = x.dims().last();
@@ -48,7 +49,8 @@ impl InputNorm<'_> {
         let (xs, _) = x.storage_and_layout();
         let (ws, _) = w.storage_and_layout();
         match (&*xs, &*ws) {
-            (Storage::Cpu(_), Storage::Cpu(_)) => w.rank() == 1,
+            // The CPU's norm-taking products are f32 ones.
+            (Storage::Cpu(_), Storage::Cpu(_)) => w.rank() == 1 && x.dtype() == DType::F32,
             #[cfg(feature = "cuda")]
             (Storage::Cuda(xs), Storage::Cuda(ws)) => {
                 w.rank() == 1 && cuda::norm_fits((xs, x.layout()), (ws, w.layout()))
