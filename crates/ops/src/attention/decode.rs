@@ -17,7 +17,7 @@ use crate::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 use crate::fused_op::{CudaOutput, Operand};
 #[cfg(feature = "cuda")]
 use crate::launch;
-use candle_core::{Layout, Result, Tensor};
+use candle_core::{DType, Layout, Result, Tensor};
 
 /// The largest head size the kernels take (a CUDA block holds a thread per element).
 const MAX_HEAD_SIZE: usize = 1024;
@@ -91,6 +91,31 @@ pub(crate) fn decode_step(
         cuda::decode_step(o[0], o[1], (o[2], o[3]), position, &layout, scoring)
     })?;
     Ok(Some(launch::tensor(out, (b, layout.heads, 1, d).into())))
+}
+
+/// The tiled step kernel (`decode_step_tiles` in kernels/decode.cu) and its warps a block, for
+/// heads of `d` elements of `dtype` whose cache rows are read `width` elements at once and a
+/// cache of `max_len` positions, where it applies: heads of 64 or 128 elements read 16 bytes at
+/// once, whose keys fit a lane's registers (at most 256 bytes; 16 warps where a lane's tile
+/// fits 128 registers), and a cache of at most three tiles of 32 positions a warp (at four, an
+/// H100 timed the two kernels alike; past that, the 1,024-thread kernel reads a long cache in
+/// fewer rounds).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn tiles_kernel(
+    d: usize,
+    dtype: DType,
+    width: usize,
+    max_len: usize,
+) -> Option<(&'static str, usize)> {
+    let wide = width == 16 / dtype.size_in_bytes();
+    let (name, warps) = match (d, dtype) {
+        _ if !wide => return None,
+        (64, DType::BF16 | DType::F16) => ("decode_step_tiles64", 16),
+        (64, DType::F32) => ("decode_step_tiles64", 8),
+        (128, DType::BF16 | DType::F16) => ("decode_step_tiles128", 8),
+        _ => return None,
+    };
+    (max_len <= 3 * 32 * warps).then_some((name, warps))
 }
 
 struct DecodeAttention {
@@ -167,7 +192,7 @@ custom_op!(DecodeAttention: 3);
 /// The CUDA launchers (`kernels/decode.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::Scoring;
+    use super::{tiles_kernel, Scoring};
     use crate::launch::{
         address, alloc, base_address, common_dtype, elementwise_kernel, grid, int, int_u32,
         launch_with_shared, optional_address, strided4, Arg, Operand,
@@ -178,29 +203,6 @@ mod cuda {
     /// Threads a block (`DECODE_THREADS` in kernels/decode.cu): a decode step has one block per
     /// head, so each gets the most threads a block can have.
     const THREADS: usize = 1024;
-
-    /// The tiled step kernel (`decode_step_tiles` in kernels/decode.cu) and its warps a block,
-    /// for heads of `d` elements of `dtype` whose cache rows are read `width` elements at once
-    /// and a cache of `max_len` positions, where it applies: heads of 64 or 128 elements read
-    /// 16 bytes at once, whose keys fit a lane's registers (at most 256 bytes), and a cache of
-    /// at most three tiles of 32 positions a warp (at four, an H100 timed the two kernels
-    /// alike; past that, the 1,024-thread kernel reads a long cache in fewer rounds).
-    fn tiles_kernel(
-        d: usize,
-        dtype: DType,
-        width: usize,
-        max_len: usize,
-    ) -> Option<(&'static str, usize)> {
-        let wide = width == 16 / dtype.size_in_bytes();
-        let sixteen_bits = dtype.size_in_bytes() == 2;
-        let (name, warps) = match d {
-            64 if wide && sixteen_bits => ("decode_step_tiles64", 16),
-            64 if wide => ("decode_step_tiles64", 8),
-            128 if wide && sixteen_bits => ("decode_step_tiles128", 8),
-            _ => return None,
-        };
-        (max_len <= 3 * 32 * warps).then_some((name, warps))
-    }
 
     /// The kernel `name` for one block per (batch, head) on `heads` of `d` elements, reading
     /// `width` elements at once; `extra` floats of shared memory before the kernel's work
@@ -331,6 +333,36 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use crate::parity::{relative_error, uniform};
+    use candle_core::DType;
+
+    /// The tiles take heads of 64 (16 warps in 16 bits, 8 in f32) and 16-bit heads of 128 (8
+    /// warps) read 16 bytes at once, over caches of at most three 32-position tiles a warp.
+    #[test]
+    fn tiles_take_short_caches_of_heads_whose_keys_fit_a_lane() {
+        let tiles = |d, dtype: DType, max_len| {
+            super::tiles_kernel(d, dtype, 16 / dtype.size_in_bytes(), max_len)
+        };
+        assert_eq!(
+            tiles(64, DType::BF16, 1536),
+            Some(("decode_step_tiles64", 16))
+        );
+        assert_eq!(
+            tiles(64, DType::F16, 272),
+            Some(("decode_step_tiles64", 16))
+        );
+        assert_eq!(tiles(64, DType::BF16, 1537), None);
+        assert_eq!(tiles(64, DType::F32, 768), Some(("decode_step_tiles64", 8)));
+        assert_eq!(tiles(64, DType::F32, 769), None);
+        assert_eq!(
+            tiles(128, DType::BF16, 768),
+            Some(("decode_step_tiles128", 8))
+        );
+        assert_eq!(tiles(128, DType::F32, 16), None);
+        for d in [16, 96, 256] {
+            assert_eq!(tiles(d, DType::BF16, 16), None, "{d}");
+        }
+        assert_eq!(super::tiles_kernel(64, DType::BF16, 1, 16), None);
+    }
 
     #[test]
     fn matches_repeated_heads_and_reads_cache_views_in_place() {
