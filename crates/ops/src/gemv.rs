@@ -280,7 +280,6 @@ impl FusedOp<2> for Gemv {
     fn cpu(&self, [(x, x_layout), (w, w_layout)]: [CpuOperand; 2]) -> CpuOutput {
         let shape = product_shape(x_layout, w_layout, self.glu)?;
         let (rows, _, out) = shape;
-        let (x, w) = (&x, &w);
         match (x, w) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 let y = cpu_products(f32s(x, x_layout)?, f32s(w, w_layout)?, shape, self.glu);
