@@ -419,6 +419,33 @@ __device__ const T* rms_normed_rows(const T* x, const T* nw, int rows, int in, f
   extern __shared__ uint4 normed_rows[];
   T* xs = reinterpret_cast<T*>(normed_rows);
   const int units = in / V, step = blockDim.x * NORM_PACKS;
+  auto store = [&](const P& xv, const P& wv, float inv, int r, int i) {
+    P normed;
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      normed.e[k] = from_f32<T>(to_f32(xv.e[k]) * inv * (offset + to_f32(wv.e[k])));
+    normed.store(xs + (size_t)r * in + i * V);
+  };
+  if (units <= (int)blockDim.x) {
+    // Rows of at most a pack a thread (widths up to 2,048 in 16 bits): the thread's packs of x
+    // and of the norm weight are loaded once, before the block's sum, and normalized from
+    // registers.
+    const bool mine = (int)threadIdx.x < units;
+    for (int r = 0; r < rows; ++r) {
+      P xv, wv;
+      float ss = 0.f;
+      if (mine) {
+        xv = P::load(x + (size_t)r * in + threadIdx.x * V);
+        wv = P::load(nw + threadIdx.x * V);
+#pragma unroll
+        for (int k = 0; k < V; ++k) ss += to_f32(xv.e[k]) * to_f32(xv.e[k]);
+      }
+      const float inv = rsqrtf(block_sum(ss) / in + eps);
+      if (mine) store(xv, wv, inv, r, threadIdx.x);
+    }
+    __syncthreads();
+    return xs;
+  }
   for (int r = 0; r < rows; ++r) {
     const T* xr = x + (size_t)r * in;
     float ss = 0.f;
@@ -434,14 +461,8 @@ __device__ const T* rms_normed_rows(const T* x, const T* nw, int rows, int in, f
           for (int k = 0; k < V; ++k) ss += to_f32(v[p].e[k]) * to_f32(v[p].e[k]);
     }
     const float inv = rsqrtf(block_sum(ss) / in + eps);
-    for (int i = threadIdx.x; i < units; i += blockDim.x) {
-      const P xv = P::load(xr + i * V), wv = P::load(nw + i * V);
-      P normed;
-#pragma unroll
-      for (int k = 0; k < V; ++k)
-        normed.e[k] = from_f32<T>(to_f32(xv.e[k]) * inv * (offset + to_f32(wv.e[k])));
-      normed.store(xs + (size_t)r * in + i * V);
-    }
+    for (int i = threadIdx.x; i < units; i += blockDim.x)
+      store(P::load(xr + i * V), P::load(nw + i * V), inv, r, i);
   }
   __syncthreads();
   return xs;
