@@ -2,9 +2,11 @@
 
     python3 bench/gpu_gaps.py trace.tsv adamw_multi       # the last 2 steps, each ending
     python3 bench/gpu_gaps.py trace.tsv adamw_multi 3     # with a kernel named like adamw_multi
+    python3 bench/gpu_gaps.py trace.tsv argmax_finish 6 266   # ending 266 markers before the last
 
 The window runs from the end of the (N+1)-th last kernel named like the marker to the end of
-the last one. Its wall time splits into GPU work (the union of kernels, copies and memsets)
+the last one; with a fourth argument, the window ends that many markers before the last (to
+read a run that an op-by-op run follows). Its wall time splits into GPU work (the union of kernels, copies and memsets)
 and idle gaps. A gap whose next kernel was launched by the host only after the GPU had gone
 idle is the host's (host-bound: the GPU waited for the launch); the driver calls the host
 made during it are summed by name, and the rest of its time is the program's own host code.
@@ -35,8 +37,9 @@ def read(path):
     return gpu, calls, syncs
 
 
-def window(gpu, marker, steps):
+def window(gpu, marker, steps, skip=0):
     ends = [a[1] for a in gpu if marker in a[3]]
+    ends = ends[: len(ends) - skip]
     if len(ends) < steps + 1:
         sys.exit(f"fewer than {steps + 1} activities named like {marker!r}")
     return ends[-steps - 1], ends[-1]
@@ -49,8 +52,9 @@ def short(name, width=60):
 def main(argv):
     path, marker = argv[0], argv[1]
     steps = int(argv[2]) if len(argv) > 2 else 2
+    skip = int(argv[3]) if len(argv) > 3 else 0
     gpu, calls, syncs = read(path)
-    begin, end = window(gpu, marker, steps)
+    begin, end = window(gpu, marker, steps, skip)
     launches = {c[2]: c for c in calls if "Launch" in c[3] or "Memcpy" in c[3] or "Memset" in c[3]}
     call_starts = [c[0] for c in calls]
     busy = idle = 0

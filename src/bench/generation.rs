@@ -37,9 +37,11 @@ pub(super) fn prefill_flops(cfg: &LlamaConfig, tokens: usize) -> f64 {
         + 2.0 * (cfg.num_hidden_layers * q_width) as f64 * n * n
 }
 
-/// Greedy decoding of `new_tokens` tokens after a random 16-token prompt, with a KV cache,
-/// replaying captured steps where the device can (`replay`) or op by op. Returns the tokens
-/// and, where one-token steps ran op by op, why.
+/// Greedy decoding of `new_tokens` tokens after a random 16-token prompt, with a KV cache: as
+/// `llmtool generate` decodes (`replay`: greedy steps replayed from a captured graph where the
+/// device can, the next enqueued before the host reads this one's token), or op by op, one
+/// step's logits at a time, as the reference. Returns the tokens and, where one-token steps
+/// ran op by op, why.
 pub(super) fn greedy(
     model: &Llama,
     new_tokens: usize,
@@ -51,16 +53,26 @@ pub(super) fn greedy(
         true => Decoder::new(model, PROMPT + new_tokens)?,
         false => Decoder::op_by_op(model, PROMPT + new_tokens)?,
     };
-    let mut logits = decoder.forward(&prompt)?;
-    let mut out = Vec::with_capacity(new_tokens);
-    for _ in 0..new_tokens {
-        // The decoder holds one row: logits `[1, vocab]`.
-        let next = ops::argmax(&logits.i(0)?)?.to_scalar::<u32>()?;
-        out.push(next);
-        if out.len() < new_tokens {
-            logits = decoder.forward(&[next])?;
+    // The decoder holds one row: logits `[1, vocab]`.
+    let logits = decoder.forward(&prompt)?;
+    let mut out = vec![ops::argmax(&logits.i(0)?)?.to_scalar::<u32>()?];
+    let ahead = if decoder.runs_ahead() { 2 } else { 1 };
+    let mut enqueued = 0;
+    while out.len() < new_tokens {
+        if !replay {
+            let logits = decoder.forward(&out[out.len() - 1..])?;
+            out.push(ops::argmax(&logits.i(0)?)?.to_scalar::<u32>()?);
+            continue;
         }
+        while enqueued < ahead && out.len() + enqueued < new_tokens {
+            let last = (enqueued == 0).then(|| &out[out.len() - 1..]);
+            decoder.enqueue_greedy(last)?;
+            enqueued += 1;
+        }
+        out.extend(decoder.greedy_picks()?);
+        enqueued -= 1;
     }
+    out.truncate(new_tokens);
     Ok((out, decoder.op_by_op_reason().map(str::to_owned)))
 }
 

@@ -138,6 +138,9 @@ pub struct Session<'a> {
     tokenizer: &'a Tokenizer,
     /// The tokens whose keys and values are in the cache, in order, one list per row.
     cached: Vec<Vec<u32>>,
+    /// Greedy steps that may be enqueued before the host reads the oldest's picks, where not
+    /// the decoder's choice (2 where it runs ahead, else 1): tests run ahead on the CPU.
+    steps_ahead: Option<usize>,
 }
 
 impl<'a> Session<'a> {
@@ -151,6 +154,7 @@ impl<'a> Session<'a> {
             decoder: Decoder::new(model, capacity)?,
             tokenizer,
             cached: vec![Vec::new()],
+            steps_ahead: None,
         })
     }
 
@@ -239,9 +243,12 @@ impl<'a> Session<'a> {
         settings: &GenerationSettings,
         emit: &mut impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
     ) -> Result<(), GenerateError> {
-        let any_active = |rows: &[Continuation]| rows.iter().any(Continuation::is_active);
         if settings.max_tokens == 0 {
             end_active(rows, Finish::MaxTokens, emit)?;
+        }
+        let longrope = self.decoder.model().config.longrope_context().is_some();
+        if settings.sampling.is_plain_argmax() && !longrope {
+            return self.decode_greedy(rows, &logits, settings, emit);
         }
         while any_active(rows) {
             let next = next_tokens(rows, &logits, &settings.sampling)?;
@@ -257,6 +264,66 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+
+    /// [`Session::decode`] for greedy decoding with no penalty: each step's picks stay on the
+    /// device for the next step ([`Decoder::enqueue_greedy`]), and where the decoder runs
+    /// ahead of the host, the next step is enqueued before this one's picks are read, so the
+    /// device does not wait for the host to stream text between steps. A step run ahead that
+    /// turns out not to be wanted (every row ended) is taken back out of the cache. (Not
+    /// with LongRoPE, whose switch to the long factors reruns the sequence: [`Session::run`].)
+    fn decode_greedy(
+        &mut self,
+        rows: &mut [Continuation],
+        logits: &Tensor,
+        settings: &GenerationSettings,
+        emit: &mut impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
+    ) -> Result<(), GenerateError> {
+        let ahead = (self.steps_ahead).unwrap_or(if self.decoder.runs_ahead() { 2 } else { 1 });
+        let mut picks = ops::argmax(logits)?.to_vec1::<u32>()?;
+        take_picks(rows, &picks, settings, emit)?;
+        // The tokens each enqueued step runs, oldest first: `None` for the picks of the step
+        // before it, read when that step's are.
+        let mut enqueued: std::collections::VecDeque<Option<Vec<u32>>> = Default::default();
+        loop {
+            while enqueued.len() < ahead && self.another_step(rows, enqueued.len(), settings) {
+                let tokens = enqueued.is_empty().then(|| picks.clone());
+                self.decoder.enqueue_greedy(tokens.as_deref())?;
+                enqueued.push_back(tokens);
+            }
+            let Some(tokens) = enqueued.pop_front() else {
+                break;
+            };
+            let ran = tokens.unwrap_or_else(|| picks.clone());
+            picks = self.decoder.greedy_picks()?;
+            for (cached, token) in self.cached.iter_mut().zip(ran) {
+                cached.push(token);
+            }
+            take_picks(rows, &picks, settings, emit)?;
+            if !any_active(rows) {
+                break;
+            }
+        }
+        if !enqueued.is_empty() {
+            self.decoder.drop_unread()?;
+        }
+        // What else ends a sample here was seen as its tokens were taken.
+        end_active(rows, Finish::Context, emit)
+    }
+
+    /// Whether a step that runs the picks of the step `ahead` steps after the last one read
+    /// can be wanted: some row is still active, will be after taking those picks as far as
+    /// `max_tokens` goes, and the cache is not at the model's context.
+    fn another_step(
+        &self,
+        rows: &[Continuation],
+        ahead: usize,
+        settings: &GenerationSettings,
+    ) -> bool {
+        self.decoder.len() < self.context()
+            && rows
+                .iter()
+                .any(|r| r.is_active() && r.tokens.len() + ahead < settings.max_tokens)
     }
 
     /// Why one-token steps run op by op rather than replaying a captured CUDA graph, if they
@@ -354,6 +421,26 @@ impl<'a> Session<'a> {
         }
         Ok(logits)
     }
+}
+
+/// Whether any row still takes tokens.
+fn any_active(rows: &[Continuation]) -> bool {
+    rows.iter().any(Continuation::is_active)
+}
+
+/// Each active row takes its pick.
+fn take_picks(
+    rows: &mut [Continuation],
+    picks: &[u32],
+    settings: &GenerationSettings,
+    emit: &mut impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
+) -> Result<(), GenerateError> {
+    for (i, (row, &next)) in rows.iter_mut().zip(picks).enumerate() {
+        if row.is_active() {
+            row.take(next, settings, |s| emit(i, s))?;
+        }
+    }
+    Ok(())
 }
 
 /// Ends every row still active, for `finish`.
@@ -700,6 +787,69 @@ mod tests {
             .iter()
             .all(|g| g.tokens.is_empty() && g.finish == Finish::MaxTokens));
         assert_eq!(streams.order, [0, 1]);
+    }
+
+    /// Greedy steps enqueued two ahead of the host (as on CUDA) end samples, stream and leave
+    /// the cache as steps one at a time do: at an end-of-sequence id (the step run ahead is
+    /// taken back out), a stop string, `max_tokens` and a full context; the next turn then
+    /// reuses the same cached tokens.
+    #[test]
+    fn greedy_steps_run_ahead_end_and_cache_as_steps_one_at_a_time() {
+        let loaded = load("tiny-llama");
+        let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
+        let prompt = [5u32, 71, 9, 130, 44];
+        let free = settings(20, sampling(0.0));
+        let mut session = Session::new(model, tokenizer, 64).unwrap();
+        let free = session.generate(&prompt, &free, |_| Ok(())).unwrap();
+        let mut eos = settings(20, sampling(0.0));
+        eos.eos = vec![free.tokens[6]];
+        let mut stop = settings(20, sampling(0.0));
+        let cut = free.text.char_indices().nth(5).map_or(0, |(at, _)| at);
+        stop.stop = vec![free.text[cut..].chars().take(2).collect()];
+        let context = model.config.max_position_embeddings;
+        let max = settings(9, sampling(0.0));
+        for (case, settings, finish) in [
+            ("eos", eos, Finish::Eos),
+            ("stop", stop, Finish::StopString),
+            ("max", max, Finish::MaxTokens),
+        ] {
+            let [one, ahead] = [1, 2].map(|ahead| {
+                let mut session = Session::new(model, tokenizer, context).unwrap();
+                session.steps_ahead = Some(ahead);
+                let mut streamed = String::new();
+                let first = session
+                    .generate(&prompt, &settings, |piece| {
+                        streamed.push_str(piece);
+                        Ok(())
+                    })
+                    .unwrap();
+                assert_eq!(streamed, first.text, "{case}, {ahead} ahead");
+                let cached = (session.cached.clone(), session.decoder.len());
+                let mut turn = session.cached[0].clone();
+                turn.extend([12, 40]);
+                let second = session.generate(&turn, &settings, |_| Ok(())).unwrap();
+                (
+                    outcomes(&[first, second.clone()]),
+                    cached,
+                    second.prompt_tokens,
+                )
+            });
+            assert_eq!(ahead, one, "{case}");
+            assert_eq!(one.0[0].2, finish, "{case}");
+            assert_eq!(ahead.2, 2, "{case}: the second turn reran cached tokens");
+            assert_eq!(ahead.1 .0[0].len(), ahead.1 .1, "{case}");
+        }
+        assert_eq!(free.finish, Finish::MaxTokens);
+        // A context that fills: the tiny Llama holds 128 positions.
+        let long = settings(200, sampling(0.0));
+        let runs = [1, 2].map(|ahead| {
+            let mut session = Session::new(model, tokenizer, context).unwrap();
+            session.steps_ahead = Some(ahead);
+            let g = session.generate(&prompt, &long, |_| Ok(())).unwrap();
+            (outcomes(&[g]), session.decoder.len())
+        });
+        assert_eq!(runs[0], runs[1]);
+        assert_eq!(runs[1].0[0].2, Finish::Context);
     }
 
     #[test]

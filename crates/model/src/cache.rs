@@ -142,6 +142,20 @@ impl Cache {
         Ok(())
     }
 
+    /// Takes the last `n` cached positions back out (steps whose tokens were not wanted):
+    /// the steps that follow write their slots again. A window layer keeps what the next
+    /// step attends to, as it did for the positions taken out.
+    pub fn retract(&mut self, n: usize) -> Result<()> {
+        if let Some(c) = self.layers.iter().find(|c| c.len - c.dropped < n) {
+            candle_core::bail!(
+                "the KV cache holds {} positions here, not the {n} to take back",
+                c.len - c.dropped
+            );
+        }
+        self.layers.iter_mut().for_each(|c| c.len -= n);
+        Ok(())
+    }
+
     /// Copies what `one`, the cache of a single sequence, holds into each of `rows` rows of
     /// this empty cache, in place (a buffer that already exists and has room keeps its
     /// address): a prompt that every row shares runs once.

@@ -7,10 +7,17 @@
 //! on the position: on CUDA the first such step is captured as a graph ([`ops::Graph`]) and
 //! every later one is a single replay, where op by op the host spent more time launching the
 //! step's hundred-odd kernels than the GPU spent running them.
+//!
+//! Greedy decoding goes further ([`Decoder::enqueue_greedy`]): a step's argmax is written over
+//! the step tensor's tokens and its position moved on, on the device (`ops::greedy_step`), so
+//! the next step can be enqueued before the host has read this one's tokens, which come back
+//! through a copy the host waits for only when it reads them (`ops::Readback`). The device
+//! then never waits for the host between steps.
 
 use super::{Cache, Llama};
 use candle_core::{DType, IndexOp, Result, Tensor};
-use ops::{self, write_u32s};
+use ops::{self, write_u32s, Readback};
+use std::collections::VecDeque;
 
 /// A model and the KV cache of a batch of sequences being decoded side by side.
 pub struct Decoder<'m> {
@@ -23,19 +30,29 @@ pub struct Decoder<'m> {
     /// device.
     step: Tensor,
     replay: Replay,
+    /// The greedy steps enqueued whose picks the host has not read, oldest first.
+    unread: VecDeque<Readback>,
+    /// Readbacks of steps already read, for later ones.
+    spare: Vec<Readback>,
+    /// The picks the host read last.
+    last_picks: Option<Vec<u32>>,
+    /// Set by a positioned greedy step, which leaves its picks and the next position in
+    /// `step`: the cache's version then, after which the position is still right.
+    picks_in_step: Option<usize>,
 }
 
 /// How one-token steps run.
 enum Replay {
     /// Not captured yet: the first one-token step with the cache allocated captures.
     Pending,
-    /// The captured step, the logits `[rows, vocab]` each replay writes, and the cache's
-    /// version it was captured at ([`Cache::version`]): it holds the addresses of the
-    /// buffers and of the RoPE rows of their slots, so a buffer that grows or a window layer
-    /// that drops positions has the next step captured again.
+    /// The captured step, the logits `[rows, vocab]` each replay writes (none for a greedy
+    /// step, which leaves its picks in the step tensor instead), and the cache's version it was
+    /// captured at ([`Cache::version`]): it holds the addresses of the buffers and of the RoPE
+    /// rows of their slots, so a buffer that grows or a window layer that drops positions has
+    /// the next step captured again.
     Ready {
         graph: ops::Graph,
-        logits: Tensor,
+        logits: Option<Tensor>,
         version: usize,
     },
     /// Op by op: the device can't capture, or capturing failed (the reason).
@@ -77,6 +94,10 @@ impl<'m> Decoder<'m> {
             rows,
             step: Tensor::zeros(rows + 2, DType::U32, model.device())?,
             replay,
+            unread: VecDeque::new(),
+            spare: Vec::new(),
+            last_picks: None,
+            picks_in_step: None,
         })
     }
 
@@ -108,6 +129,9 @@ impl<'m> Decoder<'m> {
     /// Drops the cached positions (the buffers, and a captured step, stay for reuse).
     pub fn reset(&mut self) {
         self.cache.reset();
+        self.spare.extend(self.unread.drain(..));
+        self.last_picks = None;
+        self.picks_in_step = None;
     }
 
     /// Why one-token steps run op by op, or `None` while they replay a captured graph (or
@@ -142,39 +166,135 @@ impl<'m> Decoder<'m> {
                 self.cache.capacity()
             );
         }
-        self.write_step(ids)?;
+        self.cache.make_room(1)?;
+        self.write_step(Some(&ids.concat()))?;
         let logits = match &self.replay {
             Replay::Ready {
                 graph,
-                logits,
+                logits: Some(logits),
                 version,
             } if *version == self.cache.version() => {
                 graph.launch()?;
                 // The next replay overwrites the buffer; the caller gets its own copy.
                 logits.copy()?
             }
-            _ => self.first_positioned_step()?,
+            _ => self.first_positioned_step(false)?,
         };
         self.cache.advance(1)?;
         Ok(logits)
     }
 
-    /// Makes room in the cache for a one-token step of `ids` (one token a row) and writes its
-    /// tokens, position and window slot into `step`.
-    fn write_step(&mut self, ids: &[Vec<u32>]) -> Result<()> {
+    /// Whether greedy steps ([`Decoder::enqueue_greedy`]) run on the device while the host
+    /// goes on: replayed steps on CUDA. Elsewhere each runs, and its picks are read, before
+    /// `enqueue_greedy` returns.
+    pub fn runs_ahead(&self) -> bool {
+        self.op_by_op_reason().is_none() && ops::reads_back_later(self.model.device())
+    }
+
+    /// Enqueues a one-token greedy step of every row: its tokens are `tokens` (one a row), or
+    /// with `None` the picks of the greedy step enqueued just before, and its own picks, the
+    /// argmax of each row's logits, are read with [`Decoder::greedy_picks`] in the order the
+    /// steps were enqueued. Where the decoder [runs ahead](Decoder::runs_ahead), a step that
+    /// follows the one before on the device is replayed without the host writing anything,
+    /// and the host reads the picks only when asked for them.
+    pub fn enqueue_greedy(&mut self, tokens: Option<&[u32]>) -> Result<()> {
+        if tokens.is_some_and(|t| t.len() != self.rows) {
+            candle_core::bail!(
+                "a greedy step takes one token for each of the {} rows",
+                self.rows
+            );
+        }
+        if !self.cache.is_allocated() || self.op_by_op_reason().is_some() {
+            // Op by op at the host position: the tokens are needed here.
+            let tokens = match tokens {
+                Some(t) => t.to_vec(),
+                None => self.newest_picks()?,
+            };
+            let ids: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
+            let picks = ops::argmax(&self.forward_rows(&ids)?)?;
+            return self.read_back(&picks);
+        }
+        if self.len() >= self.cache.capacity() {
+            candle_core::bail!(
+                "the KV cache holds {} positions, all cached",
+                self.cache.capacity()
+            );
+        }
         self.cache.make_room(1)?;
+        let tokens = match tokens {
+            Some(t) => Some(t.to_vec()),
+            None if self.picks_in_step.is_some() => None,
+            None => Some(self.newest_picks()?),
+        };
+        match (&tokens, self.picks_in_step) {
+            // The step tensor holds the last step's picks and the position after it.
+            (None, Some(version)) if version == self.cache.version() => {}
+            _ => self.write_step(tokens.as_deref())?,
+        }
+        match &self.replay {
+            Replay::Ready {
+                graph,
+                logits: None,
+                version,
+            } if *version == self.cache.version() => graph.launch()?,
+            _ => drop(self.first_positioned_step(true)?),
+        }
+        self.cache.advance(1)?;
+        self.picks_in_step = Some(self.cache.version());
+        let picks = self.step.narrow(0, 0, self.rows)?;
+        self.read_back(&picks)
+    }
+
+    /// The picks `[rows]` of the oldest greedy step enqueued and not yet read; waits for them.
+    pub fn greedy_picks(&mut self) -> Result<Vec<u32>> {
+        let Some(readback) = self.unread.pop_front() else {
+            candle_core::bail!("no greedy step is enqueued");
+        };
+        let picks = readback.wait()?;
+        self.spare.push(readback);
+        self.last_picks = Some(picks.clone());
+        Ok(picks)
+    }
+
+    /// Takes the greedy steps enqueued and not yet read back out of the cache: steps run
+    /// ahead whose tokens turned out not to be wanted. The next step follows the last one read.
+    pub fn drop_unread(&mut self) -> Result<()> {
+        self.cache.retract(self.unread.len())?;
+        self.spare.extend(self.unread.drain(..));
+        self.picks_in_step = None;
+        Ok(())
+    }
+
+    /// Starts reading `picks` back for [`Decoder::greedy_picks`].
+    fn read_back(&mut self, picks: &Tensor) -> Result<()> {
+        let mut readback = self.spare.pop().unwrap_or_default();
+        readback.start(picks)?;
+        self.unread.push_back(readback);
+        Ok(())
+    }
+
+    /// The picks of the newest greedy step (waiting for them if it is still running).
+    fn newest_picks(&self) -> Result<Vec<u32>> {
+        match (self.unread.back(), &self.last_picks) {
+            (Some(readback), _) => readback.wait(),
+            (None, Some(picks)) => Ok(picks.clone()),
+            (None, None) => candle_core::bail!("no greedy step ran before to continue from"),
+        }
+    }
+
+    /// Writes a one-token step's tokens (when given: one a row) and position and window slot
+    /// into `step`, after [`Cache::make_room`].
+    fn write_step(&mut self, tokens: Option<&[u32]>) -> Result<()> {
         let dropped = self.cache.dropped();
         let u32_of = |n: usize| {
             u32::try_from(n).map_err(|_| candle_core::Error::Msg("position beyond u32".into()))
         };
-        let (position, slot) = (u32_of(self.len())?, u32_of(self.len() - dropped)?);
-        let step: Vec<u32> = ids
-            .iter()
-            .flatten()
-            .copied()
-            .chain([position, slot])
-            .collect();
-        write_u32s(&self.step, &step)
+        let position = [u32_of(self.len())?, u32_of(self.len() - dropped)?];
+        self.picks_in_step = None;
+        match tokens {
+            Some(tokens) => write_u32s(&self.step, &[tokens, &position].concat()),
+            None => write_u32s(&self.step.narrow(0, self.rows, 2)?, &position),
+        }
     }
 
     /// How many tokens `ids` adds to each row: one list per row, all of one length, not empty.
@@ -219,20 +339,38 @@ impl<'m> Decoder<'m> {
         logits?.i((.., 0))
     }
 
+    /// [`Decoder::positioned_step`], and for a `greedy` one [`ops::greedy_step`] after it:
+    /// its picks over the step's tokens, the position moved on.
+    fn positioned_greedy_step(
+        model: &Llama,
+        cache: &mut Cache,
+        step: &Tensor,
+        greedy: bool,
+    ) -> Result<Tensor> {
+        let logits = Self::positioned_step(model, cache, step)?;
+        if greedy {
+            ops::greedy_step(&logits, step)?;
+        }
+        Ok(logits)
+    }
+
     /// Runs the first one-token step op by op, then captures it for the later ones (again
-    /// at each new version of the cache). A failed capture leaves the steps op by op, with
-    /// the reason.
-    fn first_positioned_step(&mut self) -> Result<Tensor> {
+    /// at each new version of the cache, or for the other kind of step: `greedy` or not). A
+    /// failed capture leaves the steps op by op, with the reason.
+    fn first_positioned_step(&mut self, greedy: bool) -> Result<Tensor> {
         let (model, step) = (self.model, &self.step);
         let device = model.device();
         let logits = ops::with_capture_cache(device, || {
-            Self::positioned_step(model, &mut self.cache, step)
+            Self::positioned_greedy_step(model, &mut self.cache, step, greedy)
         })?;
-        let buffer = logits.zeros_like()?;
+        let buffer = (!greedy).then(|| logits.zeros_like()).transpose()?;
         let cache = &mut self.cache;
         let captured = ops::Graph::capture(device, || {
-            let step_logits = Self::positioned_step(model, cache, step)?;
-            buffer.slice_set(&step_logits, 0, 0)
+            let step_logits = Self::positioned_greedy_step(model, cache, step, greedy)?;
+            match &buffer {
+                Some(buffer) => buffer.slice_set(&step_logits, 0, 0),
+                None => Ok(()),
+            }
         });
         self.replay = match captured {
             Ok(graph) => Replay::Ready {
@@ -304,7 +442,8 @@ mod tests {
 
     /// A one-token step at a device-held position, op by op, as a captured step replays it.
     fn positioned_step(decoder: &mut Decoder, token: u32) -> Tensor {
-        decoder.write_step(&[vec![token]]).unwrap();
+        decoder.cache.make_room(1).unwrap();
+        decoder.write_step(Some(&[token])).unwrap();
         let (model, step) = (decoder.model, &decoder.step);
         let logits = Decoder::positioned_step(model, &mut decoder.cache, step).unwrap();
         decoder.cache.advance(1).unwrap();
@@ -453,6 +592,73 @@ mod tests {
             let want = full_pass(&model, prompt).narrow(0, 3, 1).unwrap();
             let error = relative_error(&got.narrow(0, r, 1).unwrap(), &want);
             assert!(error < 1e-5, "row {r}: {error:.2e}");
+        }
+    }
+
+    /// Greedy picks from `prompt` through `steps` one-token steps op by op at host positions,
+    /// each row from its own prompt: the reference for greedy steps.
+    fn greedy_reference(model: &Llama, prompts: &[Vec<u32>], steps: usize) -> Vec<Vec<u32>> {
+        let mut decoder = Decoder::op_by_op(model, prompts[0].len() + steps + 1).unwrap();
+        decoder.rows = prompts.len();
+        decoder.step = Tensor::zeros(prompts.len() + 2, DType::U32, model.device()).unwrap();
+        let mut logits = decoder.forward_rows(prompts).unwrap();
+        let mut picks = vec![];
+        for _ in 0..=steps {
+            let next = ops::argmax(&logits).unwrap().to_vec1::<u32>().unwrap();
+            let ids: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            picks.push(next);
+            logits = decoder.forward_rows(&ids).unwrap();
+        }
+        picks
+    }
+
+    /// Greedy steps enqueued two ahead of the host, each continuing from the picks the one
+    /// before left in the step tensor, pick what op-by-op steps at host positions pick: at
+    /// host positions (the CPU's steps), and positioned as a captured step replays them (a
+    /// capture is tried before every step, and fails on the CPU), with window layers that drop
+    /// positions on the way (a new cache version, where the host writes the position again).
+    /// Steps run ahead and dropped unread leave the cache as it was.
+    #[test]
+    fn greedy_steps_ahead_pick_what_op_by_op_steps_pick() {
+        for name in ["tiny-llama", "tiny-gemma2"] {
+            let model = load(name, true);
+            let prompts = vec![vec![3u32, 8, 1], vec![9u32, 4, 17]];
+            let steps = 40;
+            let want = greedy_reference(&model, &prompts, steps);
+            for positioned in [false, true] {
+                let case = format!("{name}, positioned {positioned}");
+                let mut decoder = Decoder::batched(&model, 3 + steps + 1, 2).unwrap();
+                assert!(!decoder.runs_ahead());
+                let logits = decoder.forward_rows(&prompts).unwrap();
+                let first = ops::argmax(&logits).unwrap().to_vec1::<u32>().unwrap();
+                assert_eq!(first, want[0], "{case}");
+                let mut got = vec![first];
+                let enqueue = |decoder: &mut Decoder, tokens: Option<&[u32]>| {
+                    if positioned {
+                        decoder.replay = Replay::Pending;
+                    }
+                    decoder.enqueue_greedy(tokens).unwrap();
+                };
+                enqueue(&mut decoder, Some(&got[0]));
+                for step in 1..=steps {
+                    if step < steps {
+                        enqueue(&mut decoder, None);
+                    }
+                    got.push(decoder.greedy_picks().unwrap());
+                    assert_eq!(got[step], want[step], "{case}: step {step}");
+                    if step == 20 {
+                        // Two ahead, both dropped unread; the host goes on from its picks.
+                        enqueue(&mut decoder, None);
+                        decoder.drop_unread().unwrap();
+                        assert_eq!(decoder.len(), 3 + step, "{case}");
+                        enqueue(&mut decoder, Some(&got[step]));
+                    }
+                }
+                assert!(decoder.greedy_picks().is_err(), "{case}");
+                if name == "tiny-gemma2" && positioned {
+                    assert!(decoder.cache.dropped() > 0, "{case}: no window dropped");
+                }
+            }
         }
     }
 

@@ -519,16 +519,24 @@ __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, in
   }
 }
 
-// A row with no value above NaN (all NaN) gets index 0.
+// A row with no value above NaN (all NaN) gets index 0. With `advance` (greedy decoding's
+// hand-off between captured steps, src/argmax.rs's greedy_step), the first block also adds one
+// to advance[0] and advance[1]: the next step's position and window slot.
 extern "C" __global__ void argmax_finish(const float* values, const int* indices, uint32_t* out,
-                                         int chunks) {
+                                         int chunks, uint32_t* advance) {
   const size_t first = (size_t)blockIdx.x * chunks;
   float v = -INFINITY;
   int i = INT_MAX;
   for (int c = threadIdx.x; c < chunks; c += blockDim.x)
     take_larger(v, i, values[first + c], indices[first + c]);
   block_argmax(v, i);
-  if (threadIdx.x == 0) out[blockIdx.x] = i == INT_MAX ? 0 : i;
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = i == INT_MAX ? 0 : i;
+    if (advance != nullptr && blockIdx.x == 0) {
+      advance[0] += 1;
+      advance[1] += 1;
+    }
+  }
 }
 
 // extern "C" entry points, one per dtype; the attention kernels also once per access width

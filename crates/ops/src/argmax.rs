@@ -6,7 +6,7 @@
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
-use candle_core::{Result, Tensor, D};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, D};
 
 /// The index of the largest value along the last dimension of `x`, as `u32` with that
 /// dimension removed. Ties go to the lowest index, as candle's CPU argmax, so the CPU and
@@ -20,6 +20,58 @@ pub fn argmax(x: &Tensor) -> Result<Tensor> {
         return rows.apply_op1_no_bwd(&Argmax)?.reshape(dims);
     }
     x.argmax(D::Minus1)
+}
+
+/// Greedy decoding's hand-off from one one-token step to the next on the device: writes the
+/// [`argmax`] of each row of `logits` `[rows, vocab]` into `step[..rows]` and adds one to
+/// `step[rows]` and `step[rows + 1]`, where `step` (u32 `[rows + 2]`) holds a step's tokens,
+/// its position and the position's slot in the window layers (as `model::Decoder` keeps them).
+/// A captured step that ends with it leaves the next step's input in place, so the host can
+/// replay the next step before it has read this one's tokens.
+pub fn greedy_step(logits: &Tensor, step: &Tensor) -> Result<()> {
+    let (rows, _) = logits.dims2()?;
+    if step.dtype() != DType::U32 || step.dims() != [rows + 2] || !step.is_contiguous() {
+        candle_core::bail!(
+            "greedy_step: the step tensor must be u32 [{}] and contiguous, not {:?} {:?}",
+            rows + 2,
+            step.dtype(),
+            step.dims()
+        );
+    }
+    if logits.device().is_cuda() && super::fused(&[logits]) {
+        return step.inplace_op2(&logits.contiguous()?, &GreedyStep);
+    }
+    let picks = argmax(logits)?;
+    let one = Tensor::ones(2, DType::U32, step.device())?;
+    let next = step.narrow(0, rows, 2)?.broadcast_add(&one)?;
+    step.slice_set(&Tensor::cat(&[picks, next], 0)?, 0, 0)
+}
+
+/// [`greedy_step`]'s CUDA kernels, in place on the step tensor.
+struct GreedyStep;
+
+impl InplaceOp2 for GreedyStep {
+    fn name(&self) -> &'static str {
+        "greedy-step"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("greedy_step: the in-place kernel is CUDA only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        step: &mut candle_core::CudaStorage,
+        step_layout: &Layout,
+        logits: &candle_core::CudaStorage,
+        logits_layout: &Layout,
+    ) -> Result<()> {
+        let (rows, _) = super::rows_and_width(logits_layout)?;
+        let out = crate::launch::address((step, step_layout))?;
+        // The position and slot follow the tokens: u32s, four bytes each.
+        cuda::argmax_into((logits, logits_layout), out, out + 4 * rows as u64)
+    }
 }
 
 /// The argmax of each row of a `[rows, width]` tensor, on CUDA only ([`argmax`] sends every
@@ -36,7 +88,9 @@ impl FusedOp<1> for Argmax {
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x]: [Operand; 1]) -> CudaOutput {
         let (rows, _) = super::rows_and_width(x.1)?;
-        Ok((cuda::argmax(x)?, rows.into()))
+        let out = crate::launch::alloc(&x.0.device, DType::U32, rows)?;
+        cuda::argmax_into(x, crate::launch::base_address(&out)?, 0)?;
+        Ok((out, rows.into()))
     }
 }
 
@@ -49,13 +103,14 @@ mod cuda {
         address, alloc, base_address, common_dtype, grid, int, int_u32, launch, Arg, Operand,
     };
     use crate::rows_and_width;
-    use candle_core::{CudaStorage, DType, Result};
+    use candle_core::{DType, Result};
 
     /// Elements of a row that one block reduces (`ARGMAX_CHUNK` in kernels/decode.cu).
     const CHUNK: usize = 4096;
 
-    /// `u32` indices of the largest value of each row of `x` `[rows, width]`.
-    pub(super) fn argmax(x: Operand) -> Result<CudaStorage> {
+    /// Writes the `u32` index of the largest value of each row of `x` `[rows, width]` at the
+    /// device address `out`; with `advance` (not 0), also adds one to the two `u32`s there.
+    pub(super) fn argmax_into(x: Operand, out: u64, advance: u64) -> Result<()> {
         let dtype = common_dtype(&[x])?;
         let (rows, width) = rows_and_width(x.1)?;
         let chunks = width.div_ceil(CHUNK).max(1);
@@ -63,7 +118,6 @@ mod cuda {
         // argmax_chunks writes every partial value and index, argmax_finish every output.
         let partial = alloc(device, DType::F32, rows * chunks)?;
         let partial_indices = alloc(device, DType::U32, rows * chunks)?;
-        let out = alloc(device, DType::U32, rows)?;
         let (values, indices) = (base_address(&partial)?, base_address(&partial_indices)?);
         launch(
             device,
@@ -88,10 +142,29 @@ mod cuda {
             &[
                 Arg::Address(values),
                 Arg::Address(indices),
-                Arg::Address(base_address(&out)?),
+                Arg::Address(out),
                 int(chunks)?,
+                Arg::Address(advance),
             ],
-        )?;
-        Ok(out)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn greedy_step_writes_the_picks_and_moves_the_position_on() {
+        let logits = [[0.1f32, 3.0, -1.0, 2.0], [5.0, 1.0, 5.0, 0.0]];
+        let logits = Tensor::new(&logits, &Device::Cpu).unwrap();
+        let step = Tensor::new(&[7u32, 7, 40, 12], &Device::Cpu).unwrap();
+        greedy_step(&logits, &step).unwrap();
+        // Ties go to the lowest index, as `argmax`.
+        assert_eq!(step.to_vec1::<u32>().unwrap(), [1, 0, 41, 13]);
+        let short = Tensor::new(&[0u32, 0, 0], &Device::Cpu).unwrap();
+        let message = greedy_step(&logits, &short).unwrap_err().to_string();
+        assert!(message.contains("u32 [4]"), "{message}");
     }
 }

@@ -43,6 +43,7 @@ mod matmul_sum;
 pub mod nccl;
 pub mod nf4;
 pub mod parity;
+mod readback;
 pub mod reference;
 mod rms_norm;
 mod rope;
@@ -53,7 +54,7 @@ mod swiglu;
 pub use adamw::{adamw_step, AdamWUpdate};
 pub use add::{add, install_gradient_add};
 pub use add_norm::add_rms_norm;
-pub use argmax::argmax;
+pub use argmax::{argmax, greedy_step};
 pub use attach::backward_from;
 pub use attention::{
     cached_attention, causal_attention, decode_attention_at, flash_attention, grouped_attention,
@@ -72,6 +73,7 @@ pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, write_kv_fused, KvLayout, Position};
 pub use master_linear::master_linear;
 pub use matmul_sum::matmul_sum;
+pub use readback::{reads_back_later, Readback};
 pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::rope;
 pub use step_scope::{checkpointed_forward, recomputing, training_step, ComputeCopies};

@@ -68,6 +68,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         linear_residual_case(1, h * d, shape.hidden),
         linear_residual_case(1, shape.ffn, shape.hidden),
         argmax_case(1, shape.vocab),
+        greedy_step_case(1, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         lora_linear_case(tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
@@ -520,19 +521,53 @@ fn gemv_case(rows: usize, inp: usize, out: usize) -> Case {
 /// lowest index; 16-bit rows have many). Compared as one-hot rows, so that any other index
 /// is an error of 1, however close its value.
 fn argmax_case(rows: usize, width: usize) -> Case {
-    fn one_hot(indices: Tensor, width: usize) -> Result<Tensor> {
-        let columns = Tensor::arange(0u32, width as u32, indices.device())?;
-        columns
-            .unsqueeze(0)?
-            .broadcast_eq(&indices.unsqueeze(1)?)?
-            .to_dtype(DType::F32)
-    }
     Case {
         name: "argmax",
         fused: |t| one_hot(crate::argmax(&t[0])?, t[0].dim(1)?),
         reference: |t| {
             let cpu = t[0].to_device(&candle_core::Device::Cpu)?;
             one_hot(cpu.argmax(1)?.to_device(t[0].device())?, t[0].dim(1)?)
+        },
+        inputs: vec![Input::Table(vec![rows, width])],
+    }
+}
+
+/// Indices `[rows]` as one-hot rows `[rows, width]` of f32.
+fn one_hot(indices: Tensor, width: usize) -> Result<Tensor> {
+    let columns = Tensor::arange(0u32, width as u32, indices.device())?;
+    columns
+        .unsqueeze(0)?
+        .broadcast_eq(&indices.unsqueeze(1)?)?
+        .to_dtype(DType::F32)
+}
+
+/// Greedy decoding's hand-off between captured steps: the argmax of each row written over a
+/// step's tokens, its position and slot (40 and 12 here) one further. Compared as the picks
+/// one-hot, then the two counters.
+fn greedy_step_case(rows: usize, width: usize) -> Case {
+    fn picks_and_counters(step: &Tensor, rows: usize, width: usize) -> Result<Tensor> {
+        let picks = one_hot(step.narrow(0, 0, rows)?, width)?.flatten_all()?;
+        let counters = step.narrow(0, rows, 2)?.to_dtype(DType::F32)?;
+        Tensor::cat(&[picks, counters], 0)
+    }
+    fn start(rows: usize, device: &candle_core::Device) -> Result<Tensor> {
+        let step: Vec<u32> = std::iter::repeat_n(7, rows).chain([40, 12]).collect();
+        Tensor::new(step, device)
+    }
+    Case {
+        name: "greedy_step",
+        fused: |t| {
+            let (rows, width) = t[0].dims2()?;
+            let step = start(rows, t[0].device())?;
+            crate::greedy_step(&t[0], &step)?;
+            picks_and_counters(&step, rows, width)
+        },
+        reference: |t| {
+            let (rows, width) = t[0].dims2()?;
+            let picks = t[0].to_device(&candle_core::Device::Cpu)?.argmax(1)?;
+            let counters = Tensor::new(&[41u32, 13], &candle_core::Device::Cpu)?;
+            let step = Tensor::cat(&[picks, counters], 0)?.to_device(t[0].device())?;
+            picks_and_counters(&step, rows, width)
         },
         inputs: vec![Input::Table(vec![rows, width])],
     }
@@ -1159,6 +1194,7 @@ pub fn edge_cases() -> Vec<Case> {
         linear_residual_case(2, 17, 3),
         argmax_case(3, 9000),
         argmax_case(2, 5),
+        greedy_step_case(3, 9000),
         glu_projection_case::<false>(24, 7),
         glu_projection_case::<false>(17, 3),
         glu_projection_case::<true>(24, 7),
