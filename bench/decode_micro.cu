@@ -275,7 +275,7 @@ static void products(cudaStream_t stream) {
          [&](const bf16*) {
            argmax_chunks_bf16<<<dim3(chunks, 1), 256, 0, stream>>>(y, values, indices, m.vocab,
                                                                   chunks);
-           argmax_finish<<<1, 256, 0, stream>>>(values, indices, token, chunks, nullptr);
+           argmax_finish<<<1, 256, 0, stream>>>(values, indices, token, chunks, 1, nullptr, nullptr, 1);
          }},
     };
     printf("%s products (hidden %d, ffn %d, vocab %d):\n", m.name, m.hidden, m.ffn, m.vocab);

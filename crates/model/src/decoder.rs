@@ -10,13 +10,14 @@
 //!
 //! Greedy decoding goes further ([`Decoder::enqueue_greedy`]): a step's argmax is written over
 //! the step tensor's tokens and its position moved on, on the device (`ops::greedy_step`), so
-//! the next step can be enqueued before the host has read this one's tokens, which come back
-//! through a copy the host waits for only when it reads them (`ops::Readback`). The device
-//! then never waits for the host between steps.
+//! the next step can be enqueued before the host has read this one's tokens, which the argmax
+//! also writes into page-locked host memory the host reads once the step has run
+//! (`ops::PicksLog`). The device then never waits for the host between steps, and no copy
+//! stands between two steps on the stream.
 
 use super::{Cache, Llama};
 use candle_core::{DType, IndexOp, Result, Tensor};
-use ops::{self, write_u32s, Readback};
+use ops::{self, write_u32s, PicksLog, PICKS_LOG_SLOTS};
 use std::collections::VecDeque;
 
 /// A model and the KV cache of a batch of sequences being decoded side by side.
@@ -31,14 +32,23 @@ pub struct Decoder<'m> {
     step: Tensor,
     replay: Replay,
     /// The greedy steps enqueued whose picks the host has not read, oldest first.
-    unread: VecDeque<Readback>,
-    /// Readbacks of steps already read, for later ones.
-    spare: Vec<Readback>,
+    unread: VecDeque<Picks>,
+    /// Where positioned greedy steps leave their picks (made at the first one: a captured
+    /// step holds its address).
+    log: Option<PicksLog>,
     /// The picks the host read last.
     last_picks: Option<Vec<u32>>,
     /// Set by a positioned greedy step, which leaves its picks and the next position in
     /// `step`: the cache's version then, after which the position is still right.
     picks_in_step: Option<usize>,
+}
+
+/// The picks of a greedy step not yet read.
+enum Picks {
+    /// Known on the host (a step at the host position).
+    Known(Vec<u32>),
+    /// In the picks log, at the step's position.
+    Logged(usize),
 }
 
 /// How one-token steps run.
@@ -95,7 +105,7 @@ impl<'m> Decoder<'m> {
             step: Tensor::zeros(rows + 2, DType::U32, model.device())?,
             replay,
             unread: VecDeque::new(),
-            spare: Vec::new(),
+            log: None,
             last_picks: None,
             picks_in_step: None,
         })
@@ -129,7 +139,7 @@ impl<'m> Decoder<'m> {
     /// Drops the cached positions (the buffers, and a captured step, stay for reuse).
     pub fn reset(&mut self) {
         self.cache.reset();
-        self.spare.extend(self.unread.drain(..));
+        self.unread.clear();
         self.last_picks = None;
         self.picks_in_step = None;
     }
@@ -188,7 +198,7 @@ impl<'m> Decoder<'m> {
     /// goes on: replayed steps on CUDA. Elsewhere each runs, and its picks are read, before
     /// `enqueue_greedy` returns.
     pub fn runs_ahead(&self) -> bool {
-        self.op_by_op_reason().is_none() && ops::reads_back_later(self.model.device())
+        self.op_by_op_reason().is_none() && ops::can_capture(self.model.device())
     }
 
     /// Enqueues a one-token greedy step of every row: its tokens are `tokens` (one a row), or
@@ -211,8 +221,12 @@ impl<'m> Decoder<'m> {
                 None => self.newest_picks()?,
             };
             let ids: Vec<Vec<u32>> = tokens.iter().map(|&t| vec![t]).collect();
-            let picks = ops::argmax(&self.forward_rows(&ids)?)?;
-            return self.read_back(&picks);
+            let picks = ops::argmax(&self.forward_rows(&ids)?)?.to_vec1::<u32>()?;
+            self.unread.push_back(Picks::Known(picks));
+            return Ok(());
+        }
+        if self.unread.len() >= PICKS_LOG_SLOTS {
+            candle_core::bail!("at most {PICKS_LOG_SLOTS} greedy steps may be enqueued unread");
         }
         if self.len() >= self.cache.capacity() {
             candle_core::bail!(
@@ -231,6 +245,9 @@ impl<'m> Decoder<'m> {
             (None, Some(version)) if version == self.cache.version() => {}
             _ => self.write_step(tokens.as_deref())?,
         }
+        if self.log.is_none() {
+            self.log = Some(PicksLog::new(self.model.device(), self.rows)?);
+        }
         match &self.replay {
             Replay::Ready {
                 graph,
@@ -239,19 +256,20 @@ impl<'m> Decoder<'m> {
             } if *version == self.cache.version() => graph.launch()?,
             _ => drop(self.first_positioned_step(true)?),
         }
+        let position = self.len();
+        self.log_mut()?.enqueued(position)?;
+        self.unread.push_back(Picks::Logged(position));
         self.cache.advance(1)?;
         self.picks_in_step = Some(self.cache.version());
-        let picks = self.step.narrow(0, 0, self.rows)?;
-        self.read_back(&picks)
+        Ok(())
     }
 
     /// The picks `[rows]` of the oldest greedy step enqueued and not yet read; waits for them.
     pub fn greedy_picks(&mut self) -> Result<Vec<u32>> {
-        let Some(readback) = self.unread.pop_front() else {
+        let Some(picks) = self.unread.pop_front() else {
             candle_core::bail!("no greedy step is enqueued");
         };
-        let picks = readback.wait()?;
-        self.spare.push(readback);
+        let picks = self.read(&picks)?;
         self.last_picks = Some(picks.clone());
         Ok(picks)
     }
@@ -260,23 +278,31 @@ impl<'m> Decoder<'m> {
     /// ahead whose tokens turned out not to be wanted. The next step follows the last one read.
     pub fn drop_unread(&mut self) -> Result<()> {
         self.cache.retract(self.unread.len())?;
-        self.spare.extend(self.unread.drain(..));
+        self.unread.clear();
         self.picks_in_step = None;
         Ok(())
     }
 
-    /// Starts reading `picks` back for [`Decoder::greedy_picks`].
-    fn read_back(&mut self, picks: &Tensor) -> Result<()> {
-        let mut readback = self.spare.pop().unwrap_or_default();
-        readback.start(picks)?;
-        self.unread.push_back(readback);
-        Ok(())
+    /// The picks log, once a positioned greedy step has made it.
+    fn log_mut(&mut self) -> Result<&mut PicksLog> {
+        self.log
+            .as_mut()
+            .ok_or_else(|| candle_core::Error::Msg("no greedy step has logged picks".into()))
+    }
+
+    /// The values of `picks`, waiting for its step to run.
+    fn read(&self, picks: &Picks) -> Result<Vec<u32>> {
+        match (picks, &self.log) {
+            (Picks::Known(picks), _) => Ok(picks.clone()),
+            (Picks::Logged(position), Some(log)) => log.read(*position),
+            (Picks::Logged(_), None) => candle_core::bail!("no greedy step has logged picks"),
+        }
     }
 
     /// The picks of the newest greedy step (waiting for them if it is still running).
     fn newest_picks(&self) -> Result<Vec<u32>> {
         match (self.unread.back(), &self.last_picks) {
-            (Some(readback), _) => readback.wait(),
+            (Some(picks), _) => self.read(picks),
             (None, Some(picks)) => Ok(picks.clone()),
             (None, None) => candle_core::bail!("no greedy step ran before to continue from"),
         }
@@ -339,17 +365,18 @@ impl<'m> Decoder<'m> {
         logits?.i((.., 0))
     }
 
-    /// [`Decoder::positioned_step`], and for a `greedy` one [`ops::greedy_step`] after it:
-    /// its picks over the step's tokens, the position moved on.
+    /// [`Decoder::positioned_step`], and for a greedy one (with the picks `log`)
+    /// [`ops::greedy_step`] after it: its picks over the step's tokens and into the log, the
+    /// position moved on.
     fn positioned_greedy_step(
         model: &Llama,
         cache: &mut Cache,
         step: &Tensor,
-        greedy: bool,
+        log: Option<&PicksLog>,
     ) -> Result<Tensor> {
         let logits = Self::positioned_step(model, cache, step)?;
-        if greedy {
-            ops::greedy_step(&logits, step)?;
+        if let Some(log) = log {
+            ops::greedy_step(&logits, step, log)?;
         }
         Ok(logits)
     }
@@ -359,14 +386,20 @@ impl<'m> Decoder<'m> {
     /// failed capture leaves the steps op by op, with the reason.
     fn first_positioned_step(&mut self, greedy: bool) -> Result<Tensor> {
         let (model, step) = (self.model, &self.step);
+        let log = match greedy {
+            true => Some(self.log.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg("a greedy step needs its picks log".into())
+            })?),
+            false => None,
+        };
         let device = model.device();
         let logits = ops::with_capture_cache(device, || {
-            Self::positioned_greedy_step(model, &mut self.cache, step, greedy)
+            Self::positioned_greedy_step(model, &mut self.cache, step, log)
         })?;
         let buffer = (!greedy).then(|| logits.zeros_like()).transpose()?;
         let cache = &mut self.cache;
         let captured = ops::Graph::capture(device, || {
-            let step_logits = Self::positioned_greedy_step(model, cache, step, greedy)?;
+            let step_logits = Self::positioned_greedy_step(model, cache, step, log)?;
             match &buffer {
                 Some(buffer) => buffer.slice_set(&step_logits, 0, 0),
                 None => Ok(()),

@@ -519,23 +519,34 @@ __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, in
   }
 }
 
-// A row with no value above NaN (all NaN) gets index 0. With `advance` (greedy decoding's
-// hand-off between captured steps, src/argmax.rs's greedy_step), the first block also adds one
-// to advance[0] and advance[1]: the next step's position and window slot.
+// A row with no value above NaN (all NaN) gets index 0. Blocks take rows in turn. With
+// `advance` (greedy decoding's hand-off between captured steps, src/argmax.rs's greedy_step; one
+// block), each pick also goes to `log` (page-locked host memory, a ring of `log_slots` steps of
+// `rows` picks, the step at position advance[0] in slot advance[0] % log_slots), and then
+// advance[0] and advance[1], the next step's position and window slot, go up by one.
 extern "C" __global__ void argmax_finish(const float* values, const int* indices, uint32_t* out,
-                                         int chunks, uint32_t* advance) {
-  const size_t first = (size_t)blockIdx.x * chunks;
-  float v = -INFINITY;
-  int i = INT_MAX;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x)
-    take_larger(v, i, values[first + c], indices[first + c]);
-  block_argmax(v, i);
-  if (threadIdx.x == 0) {
-    out[blockIdx.x] = i == INT_MAX ? 0 : i;
-    if (advance != nullptr && blockIdx.x == 0) {
-      advance[0] += 1;
-      advance[1] += 1;
+                                         int chunks, int rows, uint32_t* advance, uint32_t* log,
+                                         int log_slots) {
+  uint32_t* logged = advance != nullptr ? log + (size_t)(advance[0] % log_slots) * rows : nullptr;
+  for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+    const size_t first = (size_t)row * chunks;
+    float v = -INFINITY;
+    int i = INT_MAX;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x)
+      take_larger(v, i, values[first + c], indices[first + c]);
+    block_argmax(v, i);
+    if (threadIdx.x == 0) {
+      const uint32_t pick = i == INT_MAX ? 0 : i;
+      out[row] = pick;
+      if (logged != nullptr) logged[row] = pick;
     }
+    // block_argmax's shared memory is reused by the next row.
+    __syncthreads();
+  }
+  if (advance != nullptr && threadIdx.x == 0) {
+    __threadfence_system();
+    advance[0] += 1;
+    advance[1] += 1;
   }
 }
 

@@ -6,7 +6,10 @@
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
-use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor, D};
+use super::PicksLog;
+#[cfg(feature = "cuda")]
+use candle_core::{CpuStorage, InplaceOp2, Layout};
+use candle_core::{DType, Result, Tensor, D};
 
 /// The index of the largest value along the last dimension of `x`, as `u32` with that
 /// dimension removed. Ties go to the lowest index, as candle's CPU argmax, so the CPU and
@@ -23,13 +26,17 @@ pub fn argmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Greedy decoding's hand-off from one one-token step to the next on the device: writes the
-/// [`argmax`] of each row of `logits` `[rows, vocab]` into `step[..rows]` and adds one to
-/// `step[rows]` and `step[rows + 1]`, where `step` (u32 `[rows + 2]`) holds a step's tokens,
-/// its position and the position's slot in the window layers (as `model::Decoder` keeps them).
-/// A captured step that ends with it leaves the next step's input in place, so the host can
-/// replay the next step before it has read this one's tokens.
-pub fn greedy_step(logits: &Tensor, step: &Tensor) -> Result<()> {
+/// [`argmax`] of each row of `logits` `[rows, vocab]` into `step[..rows]` and into `log` at the
+/// step's position, then adds one to `step[rows]` and `step[rows + 1]`, where `step` (u32
+/// `[rows + 2]`) holds a step's tokens, its position and the position's slot in the window
+/// layers (as `model::Decoder` keeps them). A captured step that ends with it leaves the next
+/// step's input in place, so the host can replay the next step before it has read this one's
+/// tokens, which it reads from the log ([`PicksLog::read`]).
+pub fn greedy_step(logits: &Tensor, step: &Tensor, log: &PicksLog) -> Result<()> {
     let (rows, _) = logits.dims2()?;
+    if log.rows() != rows {
+        candle_core::bail!("greedy_step: a log of {} rows for {rows}", log.rows());
+    }
     if step.dtype() != DType::U32 || step.dims() != [rows + 2] || !step.is_contiguous() {
         candle_core::bail!(
             "greedy_step: the step tensor must be u32 [{}] and contiguous, not {:?} {:?}",
@@ -38,18 +45,27 @@ pub fn greedy_step(logits: &Tensor, step: &Tensor) -> Result<()> {
             step.dims()
         );
     }
+    #[cfg(feature = "cuda")]
     if logits.device().is_cuda() && super::fused(&[logits]) {
-        return step.inplace_op2(&logits.contiguous()?, &GreedyStep);
+        let log = log.device_address()?;
+        return step.inplace_op2(&logits.contiguous()?, &GreedyStep { log });
     }
     let picks = argmax(logits)?;
+    let position = step.narrow(0, rows, 1)?.to_vec1::<u32>()?[0];
+    log.write(position as usize, &picks.to_vec1::<u32>()?)?;
     let one = Tensor::ones(2, DType::U32, step.device())?;
     let next = step.narrow(0, rows, 2)?.broadcast_add(&one)?;
     step.slice_set(&Tensor::cat(&[picks, next], 0)?, 0, 0)
 }
 
-/// [`greedy_step`]'s CUDA kernels, in place on the step tensor.
-struct GreedyStep;
+/// [`greedy_step`]'s CUDA kernels, in place on the step tensor, and the device address of
+/// the picks log they write.
+#[cfg(feature = "cuda")]
+struct GreedyStep {
+    log: u64,
+}
 
+#[cfg(feature = "cuda")]
 impl InplaceOp2 for GreedyStep {
     fn name(&self) -> &'static str {
         "greedy-step"
@@ -70,7 +86,11 @@ impl InplaceOp2 for GreedyStep {
         let (rows, _) = super::rows_and_width(logits_layout)?;
         let out = crate::launch::address((step, step_layout))?;
         // The position and slot follow the tokens: u32s, four bytes each.
-        cuda::argmax_into((logits, logits_layout), out, out + 4 * rows as u64)
+        let log = cuda::Log {
+            advance: out + 4 * rows as u64,
+            address: self.log,
+        };
+        cuda::argmax_into((logits, logits_layout), out, Some(log))
     }
 }
 
@@ -89,7 +109,7 @@ impl FusedOp<1> for Argmax {
     fn cuda(&self, [x]: [Operand; 1]) -> CudaOutput {
         let (rows, _) = super::rows_and_width(x.1)?;
         let out = crate::launch::alloc(&x.0.device, DType::U32, rows)?;
-        cuda::argmax_into(x, crate::launch::base_address(&out)?, 0)?;
+        cuda::argmax_into(x, crate::launch::base_address(&out)?, None)?;
         Ok((out, rows.into()))
     }
 }
@@ -108,9 +128,18 @@ mod cuda {
     /// Elements of a row that one block reduces (`ARGMAX_CHUNK` in kernels/decode.cu).
     const CHUNK: usize = 4096;
 
+    /// Where greedy steps log their picks ([`super::greedy_step`]).
+    pub(super) struct Log {
+        /// The address of the two `u32`s that go up by one (position and slot); the first is
+        /// the step's position in the log.
+        pub(super) advance: u64,
+        /// The log's device address.
+        pub(super) address: u64,
+    }
+
     /// Writes the `u32` index of the largest value of each row of `x` `[rows, width]` at the
-    /// device address `out`; with `advance` (not 0), also adds one to the two `u32`s there.
-    pub(super) fn argmax_into(x: Operand, out: u64, advance: u64) -> Result<()> {
+    /// device address `out`, and with a `log`, into it too, and moves its position on.
+    pub(super) fn argmax_into(x: Operand, out: u64, log: Option<Log>) -> Result<()> {
         let dtype = common_dtype(&[x])?;
         let (rows, width) = rows_and_width(x.1)?;
         let chunks = width.div_ceil(CHUNK).max(1);
@@ -133,18 +162,26 @@ mod cuda {
                 int(chunks)?,
             ],
         )?;
+        // A logged step is one block: it reads the position before it moves it on.
+        let (blocks, advance, address) = match log {
+            Some(log) => (1, log.advance, log.address),
+            None => (rows, 0, 0),
+        };
         launch(
             device,
             "argmax_finish",
             None,
-            grid(rows)?,
+            grid(blocks)?,
             (256, 1),
             &[
                 Arg::Address(values),
                 Arg::Address(indices),
                 Arg::Address(out),
                 int(chunks)?,
+                int(rows)?,
                 Arg::Address(advance),
+                Arg::Address(address),
+                int(crate::PICKS_LOG_SLOTS)?,
             ],
         )
     }
@@ -160,11 +197,18 @@ mod tests {
         let logits = [[0.1f32, 3.0, -1.0, 2.0], [5.0, 1.0, 5.0, 0.0]];
         let logits = Tensor::new(&logits, &Device::Cpu).unwrap();
         let step = Tensor::new(&[7u32, 7, 40, 12], &Device::Cpu).unwrap();
-        greedy_step(&logits, &step).unwrap();
+        let log = PicksLog::new(&Device::Cpu, 2).unwrap();
+        greedy_step(&logits, &step, &log).unwrap();
         // Ties go to the lowest index, as `argmax`.
         assert_eq!(step.to_vec1::<u32>().unwrap(), [1, 0, 41, 13]);
+        assert_eq!(log.read(40).unwrap(), [1, 0]);
         let short = Tensor::new(&[0u32, 0, 0], &Device::Cpu).unwrap();
-        let message = greedy_step(&logits, &short).unwrap_err().to_string();
+        let message = greedy_step(&logits, &short, &log).unwrap_err().to_string();
         assert!(message.contains("u32 [4]"), "{message}");
+        let one_row = PicksLog::new(&Device::Cpu, 1).unwrap();
+        let message = greedy_step(&logits, &step, &one_row)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("a log of 1 rows for 2"), "{message}");
     }
 }

@@ -542,32 +542,35 @@ fn one_hot(indices: Tensor, width: usize) -> Result<Tensor> {
 }
 
 /// Greedy decoding's hand-off between captured steps: the argmax of each row written over a
-/// step's tokens, its position and slot (40 and 12 here) one further. Compared as the picks
-/// one-hot, then the two counters.
+/// step's tokens and into the picks log at its position (40 here), the position and slot (40
+/// and 12) one further. Compared as the picks one-hot, the logged picks one-hot, then the two
+/// counters.
 fn greedy_step_case(rows: usize, width: usize) -> Case {
-    fn picks_and_counters(step: &Tensor, rows: usize, width: usize) -> Result<Tensor> {
+    fn picks_and_counters(step: &Tensor, logged: &[u32], width: usize) -> Result<Tensor> {
+        let rows = logged.len();
         let picks = one_hot(step.narrow(0, 0, rows)?, width)?.flatten_all()?;
+        let logged = Tensor::new(logged, step.device())?;
+        let logged = one_hot(logged, width)?.flatten_all()?;
         let counters = step.narrow(0, rows, 2)?.to_dtype(DType::F32)?;
-        Tensor::cat(&[picks, counters], 0)
-    }
-    fn start(rows: usize, device: &candle_core::Device) -> Result<Tensor> {
-        let step: Vec<u32> = std::iter::repeat_n(7, rows).chain([40, 12]).collect();
-        Tensor::new(step, device)
+        Tensor::cat(&[picks, logged, counters], 0)
     }
     Case {
         name: "greedy_step",
         fused: |t| {
             let (rows, width) = t[0].dims2()?;
-            let step = start(rows, t[0].device())?;
-            crate::greedy_step(&t[0], &step)?;
-            picks_and_counters(&step, rows, width)
+            let step: Vec<u32> = std::iter::repeat_n(7, rows).chain([40, 12]).collect();
+            let step = Tensor::new(step, t[0].device())?;
+            let mut log = crate::PicksLog::new(t[0].device(), rows)?;
+            crate::greedy_step(&t[0], &step, &log)?;
+            log.enqueued(40)?;
+            picks_and_counters(&step, &log.read(40)?, width)
         },
         reference: |t| {
-            let (rows, width) = t[0].dims2()?;
+            let (_, width) = t[0].dims2()?;
             let picks = t[0].to_device(&candle_core::Device::Cpu)?.argmax(1)?;
             let counters = Tensor::new(&[41u32, 13], &candle_core::Device::Cpu)?;
-            let step = Tensor::cat(&[picks, counters], 0)?.to_device(t[0].device())?;
-            picks_and_counters(&step, rows, width)
+            let step = Tensor::cat(&[&picks, &counters], 0)?.to_device(t[0].device())?;
+            picks_and_counters(&step, &picks.to_vec1::<u32>()?, width)
         },
         inputs: vec![Input::Table(vec![rows, width])],
     }
