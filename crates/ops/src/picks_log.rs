@@ -122,6 +122,15 @@ mod cuda {
         device: CudaDevice,
     }
 
+    impl Drop for Mapped {
+        /// Steps still running write the memory: they finish before it is freed.
+        fn drop(&mut self) {
+            for mark in &self.marks {
+                let _ = mark.synchronize();
+            }
+        }
+    }
+
     impl Mapped {
         pub(super) fn new(device: &CudaDevice, len: usize) -> Result<Self> {
             let context = device.cuda_stream().context().clone();
