@@ -116,6 +116,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "geglu_master_projection",
         "geglu_packed",
         "geglu_projection",
+        "greedy_step",
         "head_mean_nll",
         "linear_residual",
         "linear_rows",
