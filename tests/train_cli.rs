@@ -324,8 +324,12 @@ fn corrupt_state_is_one_clear_error() {
 
 #[test]
 fn estimate_splits_memory() {
+    // An empty output directory: the preset's own (runs/small) holds a built dataset once the
+    // README's first command has run, and its tokenizer would size the embedding.
+    let dir = tempfile::tempdir().unwrap();
+    let output = format!("output.dir={}", dir.path().display());
     llmtool()
-        .args(["estimate", "configs/small.yaml"])
+        .args(["estimate", "configs/small.yaml", "--set", &output])
         .assert()
         .success()
         .stdout(predicate::str::contains("parameters"))
@@ -339,6 +343,8 @@ fn estimate_splits_memory() {
             "configs/small.yaml",
             "--set",
             "training.dtype=bf16",
+            "--set",
+            &output,
         ])
         .assert()
         .success()
