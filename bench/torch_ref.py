@@ -35,7 +35,8 @@ Tasks:
             last position's logits only (logits_to_keep=1), as generation starts.
   generate  batch 1, a 16-token random prompt, greedy `model.generate` of exactly
             --gen-tokens new tokens (prompt included in the time); runs steps/4 times (at
-            least once) after one untimed run.
+            least once) after one untimed run. With --temperature T (and --top-p P) it
+            samples (`do_sample=True`), as llmtool bench's generate rows with the same flags.
 
 Modes: fp32 | bf16 | fp32+ckpt | bf16+ckpt | bf16+compile | fp32+compile.
   bf16     autocast to bfloat16 over fp32 weights (mixed precision), except prefill and
@@ -324,12 +325,19 @@ def bench_generate(a, preset, mode):
     prompt = random_tokens(preset, (1, PROMPT_TOKENS), a.device)
     new = a.gen_tokens
 
+    sampling = dict(do_sample=False)
+    if a.temperature > 0:
+        sampling = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p or 1.0, top_k=0)
+
     def run():
-        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                       pad_token_id=0)
+        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                       **sampling)
 
     dt = timed(run, max(1, a.steps // 4), 1, a.device)
-    return dict(new_tokens=new, ms=dt * 1e3, tokens_per_s=new / dt, **peak_fields(a.device))
+    row = dict(new_tokens=new, ms=dt * 1e3, tokens_per_s=new / dt, **peak_fields(a.device))
+    if a.temperature > 0:
+        row.update(temperature=a.temperature, top_p=a.top_p)
+    return row
 
 
 @torch.no_grad()
@@ -426,6 +434,9 @@ def parse_args(argv=None):
                    help="timed steps per row (generate: steps/4 runs, at least one)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--gen-tokens", type=positive, default=256, help="new tokens per generate run")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="generate rows sample at this temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus mass")
     p.add_argument("--lora-targets", type=parse_targets, default="q_proj,k_proj,v_proj,o_proj",
                    help="comma list of projections the lora task adapts, or all (every linear "
                         "layer of the blocks)")

@@ -221,6 +221,13 @@ pub struct BenchArgs {
     /// Tokens to generate per generation run.
     #[arg(long, default_value_t = 256)]
     pub gen_tokens: usize,
+    /// The generate rows sample at this temperature, each step's logits read back and drawn
+    /// from on the CPU as `llmtool generate` does (0: greedy, the argmax on the device).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// With --temperature: nucleus sampling mass, in (0, 1].
+    #[arg(long, requires = "temperature")]
+    pub top_p: Option<f64>,
     /// Also append each row as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,

@@ -1,9 +1,10 @@
 //! `llmtool bench` run as a binary: `--lora-base` rows and its validation, `--ops` checks, the
-//! generate row.
+//! generate rows, greedy and sampled.
 
 mod common;
 
 use common::llmtool;
+use predicates::prelude::*;
 use std::process::Output;
 
 /// Runs `llmtool bench ARGS --out FILE` and returns the process output and the JSON rows.
@@ -178,6 +179,43 @@ fn a_generate_row_says_how_its_steps_ran() {
     // No CUDA graph on the CPU: the row says so, and has no replay comparison.
     assert_eq!(row["steps"], "the device has no CUDA graphs", "{row}");
     assert!(row.get("same_tokens_as_op_by_op").is_none(), "{row}");
+}
+
+#[test]
+fn a_sampled_generate_row_names_its_sampling_and_bad_sampling_is_refused() {
+    let (_, rows) = bench_rows(&[
+        "--device",
+        "cpu",
+        "--sizes",
+        "tiny",
+        "--tasks",
+        "generate",
+        "--gen-tokens",
+        "3",
+        "--steps",
+        "1",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.95",
+    ]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (row["temperature"].as_f64(), row["top_p"].as_f64()),
+        (Some(0.8), Some(0.95))
+    );
+    assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row.get("same_tokens_as_op_by_op").is_none(), "{row}");
+    let bench = |flags: &[&str]| {
+        let mut args = vec![
+            "bench", "--device", "cpu", "--sizes", "tiny", "--tasks", "generate",
+        ];
+        args.extend(flags);
+        llmtool().args(args).assert().failure()
+    };
+    bench(&["--top-p", "0.9"]).stderr(predicate::str::contains("--temperature"));
+    bench(&["--temperature", "0.8", "--top-p", "1.5"]).stderr(predicate::str::contains("top-p"));
 }
 
 #[test]

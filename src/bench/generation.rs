@@ -1,9 +1,13 @@
 //! Decoding for the `generate` rows (greedy, prompt included) and the `prefill` rows (a prompt
 //! into an empty KV cache), through the same `Decoder` as `llmtool generate`.
 
-use candle_core::IndexOp;
+use super::Sampling;
+use candle_core::{DType, IndexOp};
 use model::{Decoder, Llama, LlamaConfig};
 use rand::{Rng, SeedableRng};
+
+/// The prompt of the generate rows, in tokens.
+const PROMPT: usize = 16;
 
 /// `n` random token ids of `model`'s vocabulary (the same ones for the same `n`).
 fn random_prompt(model: &Llama, n: usize) -> Vec<u32> {
@@ -47,7 +51,6 @@ pub(super) fn greedy(
     new_tokens: usize,
     replay: bool,
 ) -> candle_core::Result<(Vec<u32>, Option<String>)> {
-    const PROMPT: usize = 16;
     let prompt = random_prompt(model, PROMPT);
     let mut decoder = match replay {
         true => Decoder::new(model, PROMPT + new_tokens)?,
@@ -74,6 +77,38 @@ pub(super) fn greedy(
     }
     out.truncate(new_tokens);
     Ok((out, decoder.op_by_op_reason().map(str::to_owned)))
+}
+
+/// Sampled decoding of `new_tokens` tokens after the generate rows' prompt, as `llmtool
+/// generate` samples: each step's logits read back and drawn from on the CPU
+/// ([`generate::Sampler`], seed 0), the next step replayed where the device can.
+pub(super) fn sampled(
+    model: &Llama,
+    new_tokens: usize,
+    sampling: Sampling,
+) -> candle_core::Result<Vec<u32>> {
+    let prompt = random_prompt(model, PROMPT);
+    let mut decoder = Decoder::new(model, PROMPT + new_tokens)?;
+    let mut sampler = generate::Sampler::new(generate::SamplingParams {
+        temperature: sampling.temperature,
+        top_k: None,
+        top_p: sampling.top_p,
+        min_p: None,
+        repetition_penalty: 1.0,
+        seed: 0,
+    });
+    let mut logits = decoder.forward(&prompt)?;
+    let mut out = Vec::with_capacity(new_tokens);
+    while out.len() < new_tokens {
+        // The decoder holds one row: logits `[1, vocab]`.
+        let row = logits.i(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let next = sampler.sample(&row, &prompt)?;
+        out.push(next);
+        if out.len() < new_tokens {
+            logits = decoder.forward(&[next])?;
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

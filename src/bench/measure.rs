@@ -1,6 +1,6 @@
 //! One row: the task's measurement in torch_ref.py's fields, and the peak memory field.
 
-use super::generation::{greedy, prefill, prefill_flops};
+use super::generation::{greedy, prefill, prefill_flops, sampled};
 use super::rows::{LoraBase, Mode, Preset, Settings, Task};
 use super::timed;
 use super::training::{lora_model, random_batch, time_training};
@@ -79,24 +79,36 @@ pub fn measure(
         Task::Generate => {
             let model = generation_model(&cfg, &weights, dtype)?;
             let runs = (s.steps / 4).max(1);
-            let mut op_by_op_reason = None;
-            let run_s = timed(device, 1, runs, || {
-                op_by_op_reason = greedy(&model, s.gen_tokens, true)?.1;
-                Ok(())
-            })?;
-            let mut row = json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
-                                 "tokens_per_s": s.gen_tokens as f64 / run_s});
-            match op_by_op_reason {
-                Some(reason) => row["steps"] = json!(reason),
+            match s.sampling {
+                Some(sampling) => {
+                    let run_s = timed(device, 1, runs, || {
+                        sampled(&model, s.gen_tokens, sampling).map(drop)
+                    })?;
+                    json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
+                           "tokens_per_s": s.gen_tokens as f64 / run_s,
+                           "temperature": sampling.temperature, "top_p": sampling.top_p})
+                }
                 None => {
-                    // Whether replaying the captured step changes a token.
-                    let (replayed, _) = greedy(&model, s.gen_tokens, true)?;
-                    let (reference, _) = greedy(&model, s.gen_tokens, false)?;
-                    row["steps"] = json!("captured graph");
-                    row["same_tokens_as_op_by_op"] = json!(replayed == reference);
+                    let mut op_by_op_reason = None;
+                    let run_s = timed(device, 1, runs, || {
+                        op_by_op_reason = greedy(&model, s.gen_tokens, true)?.1;
+                        Ok(())
+                    })?;
+                    let mut row = json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
+                                         "tokens_per_s": s.gen_tokens as f64 / run_s});
+                    match op_by_op_reason {
+                        Some(reason) => row["steps"] = json!(reason),
+                        None => {
+                            // Whether replaying the captured step changes a token.
+                            let (replayed, _) = greedy(&model, s.gen_tokens, true)?;
+                            let (reference, _) = greedy(&model, s.gen_tokens, false)?;
+                            row["steps"] = json!("captured graph");
+                            row["same_tokens_as_op_by_op"] = json!(replayed == reference);
+                        }
+                    }
+                    row
                 }
             }
-            row
         }
     };
     let mut row = serde_json::Map::new();
@@ -189,6 +201,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             gen_tokens: 2,
+            sampling: None,
             lora: Default::default(),
         };
         for (task, fields) in [
@@ -235,6 +248,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             gen_tokens: 1,
+            sampling: None,
             lora: Default::default(),
         };
         let tiny = |task| measure(task, Preset::Tiny, Mode::Fp32, &s, &Device::Cpu, &Single);

@@ -16,7 +16,7 @@ mod training;
 
 pub use measure::measure;
 pub use op_check::{adamw_row, op_rows};
-pub use rows::{LoraBase, LoraShape, Mode, Preset, Settings, Task, TaskName};
+pub use rows::{LoraBase, LoraShape, Mode, Preset, Sampling, Settings, Task, TaskName};
 
 use candle_core::Device;
 use std::time::Instant;

@@ -194,8 +194,19 @@ pub struct Settings {
     pub warmup: usize,
     /// New tokens per generation run.
     pub gen_tokens: usize,
+    /// How the generate rows sample: `None` is greedy.
+    pub sampling: Option<Sampling>,
     /// The lora rows' adapter.
     pub lora: LoraShape,
+}
+
+/// The sampling of sampled generate rows, as `llmtool generate --temperature T --top-p P`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature, above 0.
+    pub temperature: f64,
+    /// Nucleus mass.
+    pub top_p: Option<f64>,
 }
 
 /// The adapter of a `lora` row: rank (alpha twice it, as torch_ref.py) and whether it adapts

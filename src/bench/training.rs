@@ -210,6 +210,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             gen_tokens: 1,
+            sampling: None,
             lora: Default::default(),
         };
         let batch = random_batch(&cfg, &s, 4);

@@ -1,7 +1,7 @@
 //! `llmtool bench`: the rows of `bench/torch_ref.py`, as JSON lines and a table.
 
 use super::launch::Rank;
-use crate::bench::{measure, LoraShape, Mode, Preset, Settings, Task, TaskName};
+use crate::bench::{measure, LoraShape, Mode, Preset, Sampling, Settings, Task, TaskName};
 use crate::cli::BenchArgs;
 use crate::cli::LoraTargets;
 use anyhow::{bail, Context, Result};
@@ -50,6 +50,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         steps: args.steps,
         warmup: args.warmup,
         gen_tokens: args.gen_tokens,
+        sampling: sampling(&args)?,
         lora: LoraShape {
             rank: args.rank,
             all_linear: args.lora_targets == LoraTargets::All,
@@ -203,4 +204,25 @@ fn run_ops(
         bail!("{failed} of {} op checks failed", rows.len());
     }
     Ok(())
+}
+
+/// The generate rows' sampling from `--temperature` and `--top-p`, checked as `llmtool
+/// generate` checks them: `None` for greedy (a temperature of 0).
+fn sampling(args: &BenchArgs) -> Result<Option<Sampling>> {
+    if args.temperature == 0.0 {
+        return Ok(None);
+    }
+    let params = generate::SamplingParams {
+        temperature: args.temperature,
+        top_k: None,
+        top_p: args.top_p,
+        min_p: None,
+        repetition_penalty: 1.0,
+        seed: 0,
+    };
+    params.validate().context("bench")?;
+    Ok(Some(Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+    }))
 }
