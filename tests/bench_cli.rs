@@ -158,9 +158,9 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
     }
 }
 
-#[test]
-fn a_generate_row_says_how_its_steps_ran() {
-    let (_, rows) = bench_rows(&[
+/// The tiny preset's generate row of 3 tokens on the CPU with `flags` added.
+fn tiny_generate_row(flags: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "--device",
         "cpu",
         "--sizes",
@@ -171,11 +171,19 @@ fn a_generate_row_says_how_its_steps_ran() {
         "3",
         "--steps",
         "1",
-    ]);
+    ];
+    args.extend(flags);
+    let (_, mut rows) = bench_rows(&args);
     assert_eq!(rows.len(), 1, "{rows:?}");
-    let row = &rows[0];
+    let row = rows.remove(0);
     assert_eq!(row["new_tokens"], 3, "{row}");
     assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    row
+}
+
+#[test]
+fn a_generate_row_says_how_its_steps_ran() {
+    let row = tiny_generate_row(&[]);
     // No CUDA graph on the CPU: the row says so, and has no replay comparison.
     assert_eq!(row["steps"], "the device has no CUDA graphs", "{row}");
     assert!(row.get("same_tokens_as_op_by_op").is_none(), "{row}");
@@ -183,39 +191,18 @@ fn a_generate_row_says_how_its_steps_ran() {
 
 #[test]
 fn a_sampled_generate_row_names_its_sampling_and_bad_sampling_is_refused() {
-    let (_, rows) = bench_rows(&[
-        "--device",
-        "cpu",
-        "--sizes",
-        "tiny",
-        "--tasks",
-        "generate",
-        "--gen-tokens",
-        "3",
-        "--steps",
-        "1",
-        "--temperature",
-        "0.8",
-        "--top-p",
-        "0.95",
-    ]);
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    let row = &rows[0];
-    assert_eq!(
-        (row["temperature"].as_f64(), row["top_p"].as_f64()),
-        (Some(0.8), Some(0.95))
-    );
-    assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    let row = tiny_generate_row(&["--temperature", "0.8", "--top-p", "0.95"]);
+    let sampling = (row["temperature"].as_f64(), row["top_p"].as_f64());
+    assert_eq!(sampling, (Some(0.8), Some(0.95)), "{row}");
     assert!(row.get("same_tokens_as_op_by_op").is_none(), "{row}");
-    let bench = |flags: &[&str]| {
-        let mut args = vec![
-            "bench", "--device", "cpu", "--sizes", "tiny", "--tasks", "generate",
-        ];
+    let refused = |flags: &[&str], message: &str| {
+        let mut args = vec!["bench", "--device", "cpu", "--tasks", "generate"];
         args.extend(flags);
-        llmtool().args(args).assert().failure()
+        let assert = llmtool().args(args).assert().failure();
+        assert.stderr(predicate::str::contains(message.to_owned()));
     };
-    bench(&["--top-p", "0.9"]).stderr(predicate::str::contains("--temperature"));
-    bench(&["--temperature", "0.8", "--top-p", "1.5"]).stderr(predicate::str::contains("top-p"));
+    refused(&["--top-p", "0.9"], "--temperature");
+    refused(&["--temperature", "0.8", "--top-p", "1.5"], "top-p");
 }
 
 #[test]
