@@ -89,14 +89,7 @@ pub(super) fn sampled(
 ) -> candle_core::Result<Vec<u32>> {
     let prompt = random_prompt(model, PROMPT);
     let mut decoder = Decoder::new(model, PROMPT + new_tokens)?;
-    let mut sampler = generate::Sampler::new(generate::SamplingParams {
-        temperature: sampling.temperature,
-        top_k: None,
-        top_p: sampling.top_p,
-        min_p: None,
-        repetition_penalty: 1.0,
-        seed: 0,
-    });
+    let mut sampler = generate::Sampler::new(sampling.params());
     let mut logits = decoder.forward(&prompt)?;
     let mut out = Vec::with_capacity(new_tokens);
     while out.len() < new_tokens {

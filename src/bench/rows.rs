@@ -209,6 +209,20 @@ pub struct Sampling {
     pub top_p: Option<f64>,
 }
 
+impl Sampling {
+    /// The sampler's parameters: no other filter, no penalty, seed 0.
+    pub fn params(&self) -> generate::SamplingParams {
+        generate::SamplingParams {
+            temperature: self.temperature,
+            top_k: None,
+            top_p: self.top_p,
+            min_p: None,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
 /// The adapter of a `lora` row: rank (alpha twice it, as torch_ref.py) and whether it adapts
 /// every linear layer of the blocks or q/k/v/o only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

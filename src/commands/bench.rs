@@ -212,17 +212,10 @@ fn sampling(args: &BenchArgs) -> Result<Option<Sampling>> {
     if args.temperature == 0.0 {
         return Ok(None);
     }
-    let params = generate::SamplingParams {
+    let sampling = Sampling {
         temperature: args.temperature,
-        top_k: None,
         top_p: args.top_p,
-        min_p: None,
-        repetition_penalty: 1.0,
-        seed: 0,
     };
-    params.validate().context("bench")?;
-    Ok(Some(Sampling {
-        temperature: args.temperature,
-        top_p: args.top_p,
-    }))
+    sampling.params().validate().context("bench")?;
+    Ok(Some(sampling))
 }

@@ -170,13 +170,7 @@ impl<'m> Decoder<'m> {
         if new > 1 || !self.cache.is_allocated() || self.op_by_op_reason().is_some() {
             return Self::unpositioned(self.model, &mut self.cache, ids);
         }
-        if self.len() >= self.cache.capacity() {
-            candle_core::bail!(
-                "the KV cache holds {} positions, all cached",
-                self.cache.capacity()
-            );
-        }
-        self.cache.make_room(1)?;
+        self.make_room_for_step()?;
         self.write_step(Some(&ids.concat()))?;
         let logits = match &self.replay {
             Replay::Ready {
@@ -228,13 +222,7 @@ impl<'m> Decoder<'m> {
         if self.unread.len() >= PICKS_LOG_SLOTS {
             candle_core::bail!("at most {PICKS_LOG_SLOTS} greedy steps may be enqueued unread");
         }
-        if self.len() >= self.cache.capacity() {
-            candle_core::bail!(
-                "the KV cache holds {} positions, all cached",
-                self.cache.capacity()
-            );
-        }
-        self.cache.make_room(1)?;
+        self.make_room_for_step()?;
         let tokens = match tokens {
             Some(t) => Some(t.to_vec()),
             None if self.picks_in_step.is_some() => None,
@@ -306,6 +294,17 @@ impl<'m> Decoder<'m> {
             (None, Some(picks)) => Ok(picks.clone()),
             (None, None) => candle_core::bail!("no greedy step ran before to continue from"),
         }
+    }
+
+    /// Makes room in the cache for a one-token step; fails when every position is cached.
+    fn make_room_for_step(&mut self) -> Result<()> {
+        if self.len() >= self.cache.capacity() {
+            candle_core::bail!(
+                "the KV cache holds {} positions, all cached",
+                self.cache.capacity()
+            );
+        }
+        self.cache.make_room(1)
     }
 
     /// Writes a one-token step's tokens (when given: one a row) and position and window slot

@@ -527,7 +527,8 @@ __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, in
 extern "C" __global__ void argmax_finish(const float* values, const int* indices, uint32_t* out,
                                          int chunks, int rows, uint32_t* advance, uint32_t* log,
                                          int log_slots) {
-  uint32_t* logged = advance != nullptr ? log + (size_t)(advance[0] % log_slots) * rows : nullptr;
+  uint32_t* logged =
+      advance != nullptr && log != nullptr ? log + (size_t)(advance[0] % log_slots) * rows : nullptr;
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const size_t first = (size_t)row * chunks;
     float v = -INFINITY;
