@@ -9,6 +9,7 @@ use candle_core::{Device, Error, Result, Tensor, D};
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use std::borrow::Cow;
 
 /// Sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,13 +93,16 @@ impl Sampler {
     /// device), penalising the tokens in `context`. The probabilities are computed on the CPU
     /// in f32.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32> {
-        let mut values = logits.to_vec();
         let penalty = self.params.repetition_penalty;
-        if penalty != 1.0 {
+        let logits = if penalty != 1.0 {
+            let mut values = logits.to_vec();
             apply_repeat_penalty(&mut values, penalty as f32, context);
-        }
-        let vocab = values.len();
-        let logits = Tensor::from_vec(values, vocab, &Device::Cpu)?;
+            Cow::Owned(values)
+        } else {
+            Cow::Borrowed(logits)
+        };
+        let vocab = logits.len();
+        let logits = Tensor::from_slice(&logits, vocab, &Device::Cpu)?;
         let temperature = self.params.temperature;
         if temperature <= 0.0 {
             return logits.argmax(D::Minus1)?.to_scalar::<u32>();
@@ -116,10 +120,8 @@ impl Sampler {
             .map(|p| p as f32);
         match self.params.top_k.filter(|k| *k < vocab) {
             None => {
-                if let Some(p) = top_p {
-                    apply_top_p(&mut probs, p);
-                }
-                self.draw(&probs)
+                let nucleus = top_p.and_then(|p| apply_top_p(&mut probs, p));
+                Ok(self.draw(&probs, nucleus.as_deref())? as u32)
             }
             Some(k) => {
                 // The k most likely tokens (in `select_nth_unstable_by`'s order), then top-p
@@ -128,19 +130,28 @@ impl Sampler {
                 let (top, _, _) =
                     order.select_nth_unstable_by(k, |&i, &j| probs[j].total_cmp(&probs[i]));
                 let mut kept: Vec<f32> = top.iter().map(|&i| probs[i]).collect();
-                if let Some(p) = top_p.filter(|p| *p < kept.iter().sum::<f32>()) {
-                    apply_top_p(&mut kept, p);
-                }
-                let index = self.draw(&kept)?;
-                Ok(top[index as usize] as u32)
+                let top_p = top_p.filter(|p| *p < kept.iter().sum::<f32>());
+                let nucleus = top_p.and_then(|p| apply_top_p(&mut kept, p));
+                let index = self.draw(&kept, nucleus.as_deref())?;
+                Ok(top[index] as u32)
             }
         }
     }
 
-    /// One draw of an index with probability proportional to `weights`.
-    fn draw(&mut self, weights: &[f32]) -> Result<u32> {
-        let distribution = WeightedIndex::new(weights).map_err(Error::wrap)?;
-        Ok(distribution.sample(&mut self.rng) as u32)
+    /// One draw of an index with probability proportional to `weights`, among the indices
+    /// `among` (ascending) where every other weight counts as zero. `WeightedIndex` is built
+    /// over those alone: a zero weight is never drawn and adds nothing to the running sums it
+    /// builds, so the sums at the other indices, their total, the random number drawn and the
+    /// index it lands on are those of a draw over all of `weights` with the others zeroed
+    /// (what the sampler drew before; a nucleus is often a few tokens of 128K).
+    fn draw(&mut self, weights: &[f32], among: Option<&[usize]>) -> Result<usize> {
+        let Some(among) = among else {
+            let distribution = WeightedIndex::new(weights).map_err(Error::wrap)?;
+            return Ok(distribution.sample(&mut self.rng));
+        };
+        let distribution =
+            WeightedIndex::new(among.iter().map(|&i| weights[i])).map_err(Error::wrap)?;
+        Ok(among[distribution.sample(&mut self.rng)])
     }
 }
 
@@ -162,20 +173,22 @@ fn apply_repeat_penalty(logits: &mut [f32], penalty: f32, context: &[u32]) {
     }
 }
 
-/// Top-p (nucleus): keeps the most likely tokens until their probabilities sum to `p`, zeroes
-/// the rest (the probabilities are not renormalised; the draw weights them). Ties in
-/// probability go to the lower id. Only the likeliest tokens are sorted: one pass sums the
-/// probabilities by binary exponent and mantissa's top bits, and the tokens of the buckets that
-/// hold `p` (with room for rounding) come first in the full order, so they are the ones sorted
-/// (sorting a 128K vocabulary took 5 ms a token). Should their sum in order fall short after
-/// all, every token is sorted.
-fn apply_top_p(probs: &mut [f32], p: f32) {
+/// Top-p (nucleus): keeps the most likely tokens until their probabilities sum to `p` (not
+/// renormalised; the draw weighs them). Ties in probability go to the lower id. Only the
+/// likeliest tokens are sorted: one pass sums the probabilities by binary exponent and
+/// mantissa's top bits, and the tokens of the buckets that hold `p` (with room for rounding)
+/// come first in the full order, so they are the ones sorted (sorting a 128K vocabulary took 5
+/// ms a token); the nucleus is then returned as ids, ascending, for the draw to weigh alone.
+/// Where that is most of the vocabulary (a flat distribution), or should the candidates' sum in
+/// order fall short after all, every token is sorted, the others are zeroed in `probs` and
+/// `None` is returned: the draw weighs every token.
+fn apply_top_p(probs: &mut [f32], p: f32) -> Option<Vec<usize>> {
     let n = probs.len();
-    // The nucleus holds at least p / max tokens: where that is a good part of the vocabulary
-    // (a flat distribution), every token is sorted at once.
+    // The nucleus holds at least p / max tokens.
     let max = probs.iter().copied().fold(0.0f32, f32::max);
     if (p / max) as usize > n / 4 {
-        return keep_nucleus(probs, p, (0..n).collect());
+        zero_outside_sorted_nucleus(probs, p);
+        return None;
     }
     // Probabilities are not negative: their bits order as their values do.
     const SHIFT: u32 = 19;
@@ -193,37 +206,40 @@ fn apply_top_p(probs: &mut [f32], p: f32) {
         })
         .unwrap_or(0);
     let candidates: Vec<usize> = (0..n).filter(|&i| bucket(probs[i]) >= from).collect();
-    keep_nucleus(probs, p, candidates)
+    let mut order = candidates.clone();
+    let Some(kept) = sorted_prefix(probs, p, &mut order) else {
+        zero_outside_sorted_nucleus(probs, p);
+        return None;
+    };
+    // The nucleus in id order: the candidates no less likely than the last one kept.
+    let last = order[kept - 1];
+    let likelier = |i: usize| probs[last].total_cmp(&probs[i]).then(i.cmp(&last));
+    Some(
+        candidates
+            .into_iter()
+            .filter(|&i| likelier(i).is_le())
+            .collect(),
+    )
 }
 
-/// [`apply_top_p`] over `candidates`, ids in order that come first in the full order (the
-/// likeliest): sorted stably (ties keep the id order), then kept until they sum to `p`; every
-/// token is sorted if they fall short.
-fn keep_nucleus(probs: &mut [f32], p: f32, mut order: Vec<usize>) {
-    let n = probs.len();
-    let kept = loop {
-        order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
-        let mut total = 0.0;
-        let reached = order.iter().position(|&i| {
-            let past = total >= p;
-            total += probs[i];
-            past
-        });
-        match reached {
-            Some(kept) => break kept,
-            None if order.len() == n => break n,
-            None => order = (0..n).collect(),
-        }
-    };
-    if order.len() == n {
-        order[kept..].iter().for_each(|&i| probs[i] = 0.0);
-        return;
-    }
-    let keep: Vec<(usize, f32)> = order[..kept].iter().map(|&i| (i, probs[i])).collect();
-    probs.fill(0.0);
-    for (i, prob) in keep {
-        probs[i] = prob;
-    }
+/// Sorts `order` (ids, ascending) stably by descending probability (ties keep the id order)
+/// and gives how many of them the nucleus keeps: the tokens until their sum reaches `p`, or
+/// `None` if they all fall short.
+fn sorted_prefix(probs: &[f32], p: f32, order: &mut [usize]) -> Option<usize> {
+    order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
+    let mut total = 0.0;
+    order.iter().position(|&i| {
+        let past = total >= p;
+        total += probs[i];
+        past
+    })
+}
+
+/// [`apply_top_p`] by sorting every token: those outside the nucleus zeroed.
+fn zero_outside_sorted_nucleus(probs: &mut [f32], p: f32) {
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    let kept = sorted_prefix(probs, p, &mut order).unwrap_or(order.len());
+    order[kept..].iter().for_each(|&i| probs[i] = 0.0);
 }
 
 /// Min-p: drops tokens whose probability is below `min_p` times the most likely token's.
@@ -393,7 +409,17 @@ mod tests {
         );
     }
 
-    /// Top-p by sorting every token, as `apply_top_p` did before it sorted only the likeliest.
+    /// The probabilities with every token outside [`apply_top_p`]'s nucleus zeroed.
+    fn zero_outside_nucleus(probs: &mut [f32], p: f32) {
+        if let Some(nucleus) = apply_top_p(probs, p) {
+            let kept: Vec<(usize, f32)> = nucleus.iter().map(|&i| (i, probs[i])).collect();
+            probs.fill(0.0);
+            kept.into_iter().for_each(|(i, prob)| probs[i] = prob);
+        }
+    }
+
+    /// Top-p by sorting every token stably, as the sampler did before it sorted only the
+    /// likeliest: every token outside the nucleus zeroed.
     fn full_sort(probs: &mut [f32], p: f32) {
         let mut order: Vec<usize> = (0..probs.len()).collect();
         order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
@@ -435,9 +461,9 @@ mod tests {
                 }
                 start.elapsed().as_secs_f64() * 1e3 / 20.0
             };
-            let (full, kept) = (time(full_sort), time(apply_top_p));
+            let (full, kept) = (time(full_sort), time(zero_outside_nucleus));
             let mut nucleus = probs.clone();
-            apply_top_p(&mut nucleus, 0.95);
+            zero_outside_nucleus(&mut nucleus, 0.95);
             let size = nucleus.iter().filter(|p| **p > 0.0).count();
             println!(
                 "spread {spread:>5}: nucleus {size:>6} tokens; every token sorted {full:.3} ms, \
@@ -446,7 +472,7 @@ mod tests {
         }
     }
 
-    /// `apply_top_p` keeps what sorting every token gives: probabilities flat and peaked, with
+    /// [`apply_top_p`] keeps what sorting every token gives: probabilities flat and peaked, with
     /// ties, zeros, a nucleus of one token and of all, vocabularies of one token to 128K.
     #[test]
     fn top_p_keeps_the_nucleus_of_the_full_sort() {
@@ -478,7 +504,7 @@ mod tests {
             probs[vocab / 2] = 0.0;
             for p in [0.05f32, 0.5, 0.9, 0.95, 0.999, 1.0] {
                 let (mut got, mut want) = (probs.clone(), probs.clone());
-                apply_top_p(&mut got, p);
+                zero_outside_nucleus(&mut got, p);
                 full_sort(&mut want, p);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
@@ -487,6 +513,172 @@ mod tests {
                     "vocab {vocab}, spread {spread}, p {p}"
                 );
             }
+        }
+    }
+
+    /// The sampler as it drew before its draws took only the nucleus: top-p by a stable sort
+    /// of every token, which zeroes the others, and `WeightedIndex` over every weight.
+    struct OpByOpSampler {
+        rng: StdRng,
+        params: SamplingParams,
+        /// Zeroes the tokens outside the nucleus.
+        top_p: fn(&mut [f32], f32),
+    }
+
+    impl OpByOpSampler {
+        fn new(params: SamplingParams, top_p: fn(&mut [f32], f32)) -> Self {
+            let rng = StdRng::seed_from_u64(params.seed);
+            Self { rng, params, top_p }
+        }
+    }
+
+    impl OpByOpSampler {
+        fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
+            let mut values = logits.to_vec();
+            if self.params.repetition_penalty != 1.0 {
+                let penalty = self.params.repetition_penalty as f32;
+                apply_repeat_penalty(&mut values, penalty, context);
+            }
+            let vocab = values.len();
+            let logits = Tensor::from_vec(values, vocab, &Device::Cpu).unwrap();
+            let tempered = (logits / self.params.temperature).unwrap();
+            let softmax = ops::reference::softmax(&tempered, D::Minus1).unwrap();
+            let mut probs = softmax.to_vec1::<f32>().unwrap();
+            if let Some(min_p) = self.params.min_p {
+                apply_min_p(&mut probs, min_p as f32);
+            }
+            let top_p = self.params.top_p.filter(|p| *p < 1.0).map(|p| p as f32);
+            let mut draw = |weights: &[f32]| {
+                let distribution = WeightedIndex::new(weights).unwrap();
+                distribution.sample(&mut self.rng)
+            };
+            match self.params.top_k.filter(|k| *k < vocab) {
+                None => {
+                    if let Some(p) = top_p {
+                        (self.top_p)(&mut probs, p);
+                    }
+                    draw(&probs) as u32
+                }
+                Some(k) => {
+                    let mut order: Vec<usize> = (0..vocab).collect();
+                    let (top, _, _) =
+                        order.select_nth_unstable_by(k, |&i, &j| probs[j].total_cmp(&probs[i]));
+                    let mut kept: Vec<f32> = top.iter().map(|&i| probs[i]).collect();
+                    if let Some(p) = top_p.filter(|p| *p < kept.iter().sum::<f32>()) {
+                        (self.top_p)(&mut kept, p);
+                    }
+                    top[draw(&kept)] as u32
+                }
+            }
+        }
+    }
+
+    /// The sampler draws what it drew with every token sorted for top-p and `WeightedIndex`
+    /// over every weight: vocabularies of one token to 128K, flat to peaked bf16-like logits,
+    /// an infinite one, every setting, ten seeds of 30 draws each (two for 128K).
+    #[test]
+    fn draws_equal_the_op_by_op_samplers() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for (vocab, spread) in [
+            (1, 1.0),
+            (5, 3.0),
+            (1000, 0.5),
+            (3000, 30.0),
+            (128_256, 20.0),
+        ] {
+            let mut logits: Vec<f32> = (0..vocab)
+                .map(|_| {
+                    let x = (rng.random::<f32>() - 0.3) * spread;
+                    f32::from_bits(x.to_bits() & 0xffff_0000)
+                })
+                .collect();
+            if vocab > 5 {
+                logits[vocab / 2] = f32::NEG_INFINITY;
+            }
+            let context: Vec<u32> = (0..vocab.min(40) as u32).step_by(3).collect();
+            for params in [
+                SamplingParams {
+                    temperature: 0.8,
+                    top_p: Some(0.95),
+                    ..params()
+                },
+                SamplingParams {
+                    top_k: Some(40),
+                    top_p: Some(0.9),
+                    ..params()
+                },
+                SamplingParams {
+                    temperature: 1.3,
+                    min_p: Some(0.05),
+                    repetition_penalty: 1.2,
+                    ..params()
+                },
+                SamplingParams {
+                    temperature: 0.7,
+                    top_p: Some(0.5),
+                    top_k: Some(vocab.div_ceil(2)),
+                    ..params()
+                },
+            ] {
+                // Each draw of the reference sorts the whole vocabulary.
+                let seeds = if vocab > 10_000 { 2 } else { 10 };
+                for seed in 0..seeds {
+                    let params = SamplingParams {
+                        seed,
+                        ..params.clone()
+                    };
+                    let mut sampler = Sampler::new(params.clone());
+                    let mut op_by_op = OpByOpSampler::new(params, full_sort);
+                    for _ in 0..30 {
+                        let want = op_by_op.sample(&logits, &context);
+                        assert_eq!(sampler.sample(&logits, &context).unwrap(), want);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What a token's draw costs with a 128K vocabulary at `generate`'s defaults (temperature
+    /// 0.8, top-p 0.95), from flat to peaked logits, against a draw weighing every token (top-p
+    /// zeroing the others): `cargo test
+    /// --release -p llmtool-generate sample_cost -- --ignored --nocapture` (a measurement,
+    /// printed; nothing is asserted of the times).
+    #[test]
+    #[ignore]
+    fn sample_cost() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_p: Some(0.95),
+            ..params()
+        };
+        for spread in [0.5f32, 5.0, 20.0, 60.0, 150.0] {
+            let logits: Vec<f32> = (0..128_256)
+                .map(|_| f32::from_bits((rng.random::<f32>() * spread).to_bits() & 0xffff_0000))
+                .collect();
+            let mut sampler = Sampler::new(params.clone());
+            // As the sampler drew before it weighed the nucleus alone.
+            let mut op_by_op = OpByOpSampler::new(params.clone(), zero_outside_nucleus);
+            let runs = 40;
+            let start = std::time::Instant::now();
+            (0..runs).for_each(|_| {
+                std::hint::black_box(op_by_op.sample(&logits, &[]));
+            });
+            let before = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            let start = std::time::Instant::now();
+            (0..runs).for_each(|_| {
+                std::hint::black_box(sampler.sample(&logits, &[]).unwrap());
+            });
+            let after = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            let scaled = (Tensor::new(logits.as_slice(), &Device::Cpu).unwrap() / 0.8).unwrap();
+            let softmax = ops::reference::softmax(&scaled, D::Minus1).unwrap();
+            let mut nucleus = softmax.to_vec1::<f32>().unwrap();
+            zero_outside_nucleus(&mut nucleus, 0.95);
+            let size = nucleus.iter().filter(|p| **p > 0.0).count();
+            println!(
+                "spread {spread:>5}: nucleus {size:>6} tokens; every token weighed {before:.3} ms \
+                 a token, the nucleus {after:.3} ms"
+            );
         }
     }
 
