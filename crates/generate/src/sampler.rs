@@ -120,7 +120,7 @@ impl Sampler {
             .map(|p| p as f32);
         match self.params.top_k.filter(|k| *k < vocab) {
             None => {
-                let nucleus = top_p.and_then(|p| apply_top_p(&mut probs, p));
+                let nucleus = top_p.map(|p| apply_top_p(&probs, p));
                 Ok(self.draw(&probs, nucleus.as_deref())? as u32)
             }
             Some(k) => {
@@ -129,9 +129,9 @@ impl Sampler {
                 let mut order: Vec<usize> = (0..vocab).collect();
                 let (top, _, _) =
                     order.select_nth_unstable_by(k, |&i, &j| probs[j].total_cmp(&probs[i]));
-                let mut kept: Vec<f32> = top.iter().map(|&i| probs[i]).collect();
+                let kept: Vec<f32> = top.iter().map(|&i| probs[i]).collect();
                 let top_p = top_p.filter(|p| *p < kept.iter().sum::<f32>());
-                let nucleus = top_p.and_then(|p| apply_top_p(&mut kept, p));
+                let nucleus = top_p.map(|p| apply_top_p(&kept, p));
                 let index = self.draw(&kept, nucleus.as_deref())?;
                 Ok(top[index] as u32)
             }
@@ -173,73 +173,104 @@ fn apply_repeat_penalty(logits: &mut [f32], penalty: f32, context: &[u32]) {
     }
 }
 
-/// Top-p (nucleus): keeps the most likely tokens until their probabilities sum to `p` (not
-/// renormalised; the draw weighs them). Ties in probability go to the lower id. Only the
-/// likeliest tokens are sorted: one pass sums the probabilities by binary exponent and
-/// mantissa's top bits, and the tokens of the buckets that hold `p` (with room for rounding)
-/// come first in the full order, so they are the ones sorted (sorting a 128K vocabulary took 5
-/// ms a token); the nucleus is then returned as ids, ascending, for the draw to weigh alone.
-/// Where that is most of the vocabulary (a flat distribution), or should the candidates' sum in
-/// order fall short after all, every token is sorted, the others are zeroed in `probs` and
-/// `None` is returned: the draw weighs every token.
-fn apply_top_p(probs: &mut [f32], p: f32) -> Option<Vec<usize>> {
+/// Top-p (nucleus): the ids, ascending, of the most likely tokens until their probabilities
+/// sum to `p` (not renormalised; the draw weighs them), ties in probability going to the lower
+/// id: what a stable sort of every id by descending probability keeps, bit for bit. Only the
+/// likeliest tokens' probabilities are sorted, and only the values: one pass sums the
+/// probabilities by binary exponent and mantissa's top bits, and the tokens of the buckets that
+/// hold `p` (with room for rounding) come first in the full order, so their values are the ones
+/// sorted (sorting a 128K vocabulary's ids took 5 ms a token). Where that is most of the
+/// vocabulary (a flat distribution), or should the candidates' sum fall short after all,
+/// every token's value is sorted.
+fn apply_top_p(probs: &[f32], p: f32) -> Vec<usize> {
     let n = probs.len();
     // The nucleus holds at least p / max tokens.
     let max = probs.iter().copied().fold(0.0f32, f32::max);
-    if (p / max) as usize > n / 4 {
-        zero_outside_sorted_nucleus(probs, p);
-        return None;
-    }
-    // Probabilities are not negative: their bits order as their values do.
-    const SHIFT: u32 = 19;
-    let bucket = |x: f32| (x.to_bits() >> SHIFT) as usize;
-    let mut mass = vec![0f64; (u32::MAX >> SHIFT) as usize + 1];
-    for &x in probs.iter() {
-        mass[bucket(x)] += f64::from(x);
-    }
-    let mut total = 0.0;
-    let from = (0..mass.len())
-        .rev()
-        .find(|&b| {
-            total += mass[b];
-            total >= f64::from(p) + 1e-3
-        })
-        .unwrap_or(0);
-    let candidates: Vec<usize> = (0..n).filter(|&i| bucket(probs[i]) >= from).collect();
-    let mut order = candidates.clone();
-    let Some(kept) = sorted_prefix(probs, p, &mut order) else {
-        zero_outside_sorted_nucleus(probs, p);
-        return None;
+    let mut ids: Vec<usize> = if (p / max) as usize > n / 4 {
+        (0..n).collect()
+    } else {
+        // Probabilities are not negative: their bits order as their values do.
+        const SHIFT: u32 = 19;
+        let bucket = |x: f32| (x.to_bits() >> SHIFT) as usize;
+        let mut mass = vec![0f64; (u32::MAX >> SHIFT) as usize + 1];
+        for &x in probs.iter() {
+            mass[bucket(x)] += f64::from(x);
+        }
+        let mut total = 0.0;
+        let from = (0..mass.len())
+            .rev()
+            .find(|&b| {
+                total += mass[b];
+                total >= f64::from(p) + 1e-3
+            })
+            .unwrap_or(0);
+        (0..n).filter(|&i| bucket(probs[i]) >= from).collect()
     };
-    // The nucleus in id order: the candidates no less likely than the last one kept.
-    let last = order[kept - 1];
-    let likelier = |i: usize| probs[last].total_cmp(&probs[i]).then(i.cmp(&last));
-    Some(
-        candidates
-            .into_iter()
-            .filter(|&i| likelier(i).is_le())
-            .collect(),
-    )
+    loop {
+        match nucleus_end(probs, &ids, p) {
+            Some(end) => return nucleus_ids(probs, ids, end),
+            // Every token together falls short of p: all are kept.
+            None if ids.len() == n => return ids,
+            None => ids = (0..n).collect(),
+        }
+    }
 }
 
-/// Sorts `order` (ids, ascending) stably by descending probability (ties keep the id order)
-/// and gives how many of them the nucleus keeps: the tokens until their sum reaches `p`, or
-/// `None` if they all fall short.
-fn sorted_prefix(probs: &[f32], p: f32, order: &mut [usize]) -> Option<usize> {
-    order.sort_by(|&i, &j| probs[j].total_cmp(&probs[i]));
+/// `x`'s place in `f32::total_cmp`'s order, as an unsigned integer (negatives' bits
+/// inverted, the sign bit set on the others).
+fn total_order(x: f32) -> u32 {
+    let bits = x.to_bits();
+    match bits >> 31 {
+        1 => !bits,
+        _ => bits | 1 << 31,
+    }
+}
+
+/// Where the nucleus ends among the tokens `ids` (every token, or candidates that come first
+/// in the full order): the last kept probability's [`total_order`] and how many of the tokens
+/// with exactly that probability are kept (the lowest ids), or `None` if their sum never
+/// reaches `p`. The running sum adds the probabilities in descending order, as a stable sort of
+/// the ids gives them, and tied values add alike in any order: the values alone are sorted.
+fn nucleus_end(probs: &[f32], ids: &[usize], p: f32) -> Option<(u32, usize)> {
+    let mut keys: Vec<u32> = ids.iter().map(|&i| total_order(probs[i])).collect();
+    keys.sort_unstable_by(|a, b| b.cmp(a));
     let mut total = 0.0;
-    order.iter().position(|&i| {
+    let kept = keys.iter().position(|&key| {
         let past = total >= p;
-        total += probs[i];
+        total += from_total_order(key);
         past
+    })?;
+    let last = keys[kept - 1];
+    let tied = keys[..kept]
+        .iter()
+        .rev()
+        .take_while(|&&key| key == last)
+        .count();
+    Some((last, tied))
+}
+
+/// The f32 whose [`total_order`] is `key`.
+fn from_total_order(key: u32) -> f32 {
+    f32::from_bits(match key >> 31 {
+        1 => key & !(1 << 31),
+        _ => !key,
     })
 }
 
-/// [`apply_top_p`] by sorting every token: those outside the nucleus zeroed.
-fn zero_outside_sorted_nucleus(probs: &mut [f32], p: f32) {
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    let kept = sorted_prefix(probs, p, &mut order).unwrap_or(order.len());
-    order[kept..].iter().for_each(|&i| probs[i] = 0.0);
+/// The nucleus's ids among `ids` (ascending), given where it ends ([`nucleus_end`]): the more
+/// likely tokens, and the first `tied` of those as likely as the last one kept.
+fn nucleus_ids(probs: &[f32], ids: Vec<usize>, (last, tied): (u32, usize)) -> Vec<usize> {
+    let mut ties = 0;
+    ids.into_iter()
+        .filter(|&i| match total_order(probs[i]).cmp(&last) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Equal => {
+                ties += 1;
+                ties <= tied
+            }
+            std::cmp::Ordering::Less => false,
+        })
+        .collect()
 }
 
 /// Min-p: drops tokens whose probability is below `min_p` times the most likely token's.
@@ -411,11 +442,12 @@ mod tests {
 
     /// The probabilities with every token outside [`apply_top_p`]'s nucleus zeroed.
     fn zero_outside_nucleus(probs: &mut [f32], p: f32) {
-        if let Some(nucleus) = apply_top_p(probs, p) {
-            let kept: Vec<(usize, f32)> = nucleus.iter().map(|&i| (i, probs[i])).collect();
-            probs.fill(0.0);
-            kept.into_iter().for_each(|(i, prob)| probs[i] = prob);
-        }
+        let kept: Vec<(usize, f32)> = apply_top_p(probs, p)
+            .into_iter()
+            .map(|i| (i, probs[i]))
+            .collect();
+        probs.fill(0.0);
+        kept.into_iter().for_each(|(i, prob)| probs[i] = prob);
     }
 
     /// Top-p by sorting every token stably, as the sampler did before it sorted only the
@@ -469,6 +501,33 @@ mod tests {
                 "spread {spread:>5}: nucleus {size:>6} tokens; every token sorted {full:.3} ms, \
                  the likeliest {kept:.3} ms"
             );
+        }
+    }
+
+    /// `total_order` orders as `f32::total_cmp` and `from_total_order` inverts it.
+    #[test]
+    fn total_order_is_total_cmp_as_integers() {
+        let values = [
+            f32::NEG_INFINITY,
+            -1.5,
+            -0.0,
+            0.0,
+            f32::from_bits(1),
+            1e-30,
+            0.25,
+            1.0,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for a in values {
+            assert_eq!(from_total_order(total_order(a)).to_bits(), a.to_bits());
+            for b in values {
+                assert_eq!(
+                    total_order(a).cmp(&total_order(b)),
+                    a.total_cmp(&b),
+                    "{a} {b}"
+                );
+            }
         }
     }
 
