@@ -457,8 +457,6 @@ fn end_active(
     Ok(())
 }
 
-/// One sample being generated: its sampler, what it has produced, its text stream and stop
-/// strings, and whether (and when) it ended.
 /// The next token of each active row (`None` for an ended one) from `logits` `[rows, vocab]`.
 /// Greedy decoding with no penalty takes the argmax on the device and reads back one id per
 /// row; any other sampling reads the logits back and samples each row on the CPU.
@@ -487,6 +485,8 @@ fn next_tokens(
         .map_err(GenerateError::from)
 }
 
+/// One sample being generated: its sampler, what it has produced, its text stream and stop
+/// strings, and whether (and when) it ended.
 struct Continuation<'t> {
     sampler: Sampler,
     stream: TextStream<'t>,
