@@ -9,7 +9,6 @@ use candle_core::{Device, Error, Result, Tensor, D};
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::borrow::Cow;
 
 /// Sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,16 +92,13 @@ impl Sampler {
     /// device), penalising the tokens in `context`. The probabilities are computed on the CPU
     /// in f32.
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32> {
+        let mut values = logits.to_vec();
         let penalty = self.params.repetition_penalty;
-        let logits = if penalty != 1.0 {
-            let mut values = logits.to_vec();
+        if penalty != 1.0 {
             apply_repeat_penalty(&mut values, penalty as f32, context);
-            Cow::Owned(values)
-        } else {
-            Cow::Borrowed(logits)
-        };
-        let vocab = logits.len();
-        let logits = Tensor::from_slice(&logits, vocab, &Device::Cpu)?;
+        }
+        let vocab = values.len();
+        let logits = Tensor::from_vec(values, vocab, &Device::Cpu)?;
         let temperature = self.params.temperature;
         if temperature <= 0.0 {
             return logits.argmax(D::Minus1)?.to_scalar::<u32>();
@@ -471,6 +467,11 @@ mod tests {
         let logits: Vec<f32> = (0..vocab)
             .map(|_| f32::from_bits((rng.random::<f32>() * spread).to_bits() & 0xffff_0000))
             .collect();
+        softmax(&logits)
+    }
+
+    /// The softmax of `logits`, computed plainly.
+    fn softmax(logits: &[f32]) -> Vec<f32> {
         let max = logits.iter().copied().fold(f32::MIN, f32::max);
         let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
         let sum: f32 = exps.iter().sum();
@@ -556,10 +557,7 @@ mod tests {
                     }
                 })
                 .collect();
-            let max = logits.iter().copied().fold(f32::MIN, f32::max);
-            let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-            let sum: f32 = exps.iter().sum();
-            let mut probs: Vec<f32> = exps.iter().map(|e| e / sum).collect();
+            let mut probs = softmax(&logits);
             probs[vocab / 2] = 0.0;
             for p in [0.05f32, 0.5, 0.9, 0.95, 0.999, 1.0] {
                 let (mut got, mut want) = (probs.clone(), probs.clone());
@@ -589,9 +587,7 @@ mod tests {
             let rng = StdRng::seed_from_u64(params.seed);
             Self { rng, params, top_p }
         }
-    }
 
-    impl OpByOpSampler {
         fn sample(&mut self, logits: &[f32], context: &[u32]) -> u32 {
             let mut values = logits.to_vec();
             if self.params.repetition_penalty != 1.0 {
