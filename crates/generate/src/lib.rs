@@ -3,13 +3,15 @@
 //! batch: the prompt runs once, each step runs one token of every sample, and each sample draws
 //! with its own seeded sampler, so sample `i` is the text a single generation seeded `seed + i`
 //! gives. A [`Session`] keeps its cache between calls, so a prompt that extends the previous one
-//! (the next chat turn) only runs its new tokens.
+//! (the next chat turn) only runs its new tokens. Each sample's own state (its sampler, text
+//! stream, stop strings and end) is a `Continuation` (continuation.rs).
 //!
-//! The file is long for its tests: the last third checks batches against single generations,
+//! Below the session, its tests check batches against single generations,
 //! per-row ends and session reuse.
 
 #![warn(missing_docs)]
 
+mod continuation;
 mod sampler;
 mod stream;
 
@@ -17,7 +19,8 @@ pub use data::chat::{ChatError, ChatTemplate, Message};
 pub use sampler::{InvalidSampling, Sampler, SamplingParams};
 pub use stream::{Stop, StopStrings, TextStream};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
+use continuation::{any_active, end_active, next_tokens, take_tokens, Continuation};
 use model::{Decoder, Llama, LlamaConfig};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -252,11 +255,7 @@ impl<'a> Session<'a> {
         }
         while any_active(rows) {
             let next = next_tokens(rows, &logits, &settings.sampling)?;
-            for (i, (row, next)) in rows.iter_mut().zip(next).enumerate() {
-                if let Some(next) = next {
-                    row.take(next, settings, |s| emit(i, s))?;
-                }
-            }
+            take_tokens(rows, next, settings, emit)?;
             if self.decoder.len() >= self.context() {
                 end_active(rows, Finish::Context, emit)?;
             } else if any_active(rows) {
@@ -281,7 +280,7 @@ impl<'a> Session<'a> {
     ) -> Result<(), GenerateError> {
         let ahead = (self.steps_ahead).unwrap_or(if self.decoder.runs_ahead() { 2 } else { 1 });
         let mut picks = ops::argmax(logits)?.to_vec1::<u32>()?;
-        take_picks(rows, &picks, settings, emit)?;
+        take_tokens(rows, picks.iter().copied().map(Some), settings, emit)?;
         // The tokens each enqueued step runs, oldest first: `None` for the picks of the step
         // before it, read when that step's are.
         let mut enqueued: std::collections::VecDeque<Option<Vec<u32>>> = Default::default();
@@ -299,7 +298,7 @@ impl<'a> Session<'a> {
             for (cached, token) in self.cached.iter_mut().zip(ran) {
                 cached.push(token);
             }
-            take_picks(rows, &picks, settings, emit)?;
+            take_tokens(rows, picks.iter().copied().map(Some), settings, emit)?;
             if !any_active(rows) {
                 break;
             }
@@ -323,7 +322,7 @@ impl<'a> Session<'a> {
         self.decoder.len() < self.context()
             && rows
                 .iter()
-                .any(|r| r.is_active() && r.tokens.len() + ahead < settings.max_tokens)
+                .any(|r| r.is_active() && r.produced() + ahead < settings.max_tokens)
     }
 
     /// Why one-token steps run op by op rather than replaying a captured CUDA graph, if they
@@ -423,196 +422,10 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Whether any row still takes tokens.
-fn any_active(rows: &[Continuation]) -> bool {
-    rows.iter().any(Continuation::is_active)
-}
-
-/// Each active row takes its pick.
-fn take_picks(
-    rows: &mut [Continuation],
-    picks: &[u32],
-    settings: &GenerationSettings,
-    emit: &mut impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
-) -> Result<(), GenerateError> {
-    for (i, (row, &next)) in rows.iter_mut().zip(picks).enumerate() {
-        if row.is_active() {
-            row.take(next, settings, |s| emit(i, s))?;
-        }
-    }
-    Ok(())
-}
-
-/// Ends every row still active, for `finish`.
-fn end_active(
-    rows: &mut [Continuation],
-    finish: Finish,
-    emit: &mut impl FnMut(usize, Streamed<'_>) -> std::io::Result<()>,
-) -> Result<(), GenerateError> {
-    for (i, row) in rows.iter_mut().enumerate() {
-        if row.is_active() {
-            row.end(finish, |s| emit(i, s))?;
-        }
-    }
-    Ok(())
-}
-
-/// The next token of each active row (`None` for an ended one) from `logits` `[rows, vocab]`.
-/// Greedy decoding with no penalty takes the argmax on the device and reads back one id per
-/// row; any other sampling reads the logits back and samples each row on the CPU.
-fn next_tokens(
-    rows: &mut [Continuation],
-    logits: &Tensor,
-    sampling: &SamplingParams,
-) -> Result<Vec<Option<u32>>, GenerateError> {
-    if sampling.is_plain_argmax() {
-        let ids = ops::argmax(logits)?.to_vec1::<u32>()?;
-        return Ok(rows
-            .iter()
-            .zip(ids)
-            .map(|(row, id)| row.is_active().then_some(id))
-            .collect());
-    }
-    let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    rows.iter_mut()
-        .zip(&row_logits)
-        .map(|(row, logits)| {
-            row.is_active()
-                .then(|| row.sampler.sample(logits, &row.context))
-                .transpose()
-        })
-        .collect::<candle_core::Result<_>>()
-        .map_err(GenerateError::from)
-}
-
-/// One sample being generated: its sampler, what it has produced, its text stream and stop
-/// strings, and whether (and when) it ended.
-struct Continuation<'t> {
-    sampler: Sampler,
-    stream: TextStream<'t>,
-    stops: StopStrings,
-    /// The prompt and the sampled tokens: what the repetition penalty looks at.
-    context: Vec<u32>,
-    tokens: Vec<u32>,
-    text: String,
-    finish: Finish,
-    started: Instant,
-    /// Set when the sample ends: the time from `started`.
-    ended: Option<Duration>,
-}
-
-impl<'t> Continuation<'t> {
-    /// Sample `index` of `prompt`'s continuations, seeded `seed + index`.
-    fn new(
-        tokenizer: &'t Tokenizer,
-        settings: &GenerationSettings,
-        index: usize,
-        prompt: &[u32],
-    ) -> Self {
-        let mut sampling = settings.sampling.clone();
-        sampling.seed = sampling.seed.wrapping_add(index as u64);
-        Self {
-            sampler: Sampler::new(sampling),
-            stream: TextStream::new(tokenizer),
-            stops: StopStrings::new(&settings.stop),
-            context: prompt.to_vec(),
-            tokens: Vec::new(),
-            text: String::new(),
-            finish: Finish::MaxTokens,
-            started: Instant::now(),
-            ended: None,
-        }
-    }
-
-    /// Whether the sample still takes tokens.
-    fn is_active(&self) -> bool {
-        self.ended.is_none()
-    }
-
-    /// The token to run for this row at the next step: the last one sampled (an ended sample
-    /// runs its last token again; its logits are ignored).
-    fn last_token(&self) -> u32 {
-        self.context.last().copied().unwrap_or_default()
-    }
-
-    /// Takes `next` as the sample's next token and streams the text it completes; ends the
-    /// sample at an end-of-sequence id, a stop string or `max_tokens`.
-    fn take(
-        &mut self,
-        next: u32,
-        settings: &GenerationSettings,
-        mut emit: impl FnMut(Streamed<'_>) -> std::io::Result<()>,
-    ) -> Result<(), GenerateError> {
-        if settings.eos.contains(&next) {
-            return self.end(Finish::Eos, emit);
-        }
-        self.tokens.push(next);
-        self.context.push(next);
-        let piece = self.stream.push(next).map_err(tokenizer_error)?;
-        match self.stops.feed(&piece) {
-            Stop::Continue(piece) => self.emit_text(&piece, &mut emit)?,
-            Stop::Stopped(piece) => {
-                self.emit_text(&piece, &mut emit)?;
-                return self.end(Finish::StopString, emit);
-            }
-        }
-        if self.tokens.len() == settings.max_tokens {
-            return self.end(Finish::MaxTokens, emit);
-        }
-        Ok(())
-    }
-
-    /// Ends the sample for `finish`: the text held back is released (unless a stop string cut
-    /// it), then the end is streamed.
-    fn end(
-        &mut self,
-        finish: Finish,
-        mut emit: impl FnMut(Streamed<'_>) -> std::io::Result<()>,
-    ) -> Result<(), GenerateError> {
-        if finish != Finish::StopString {
-            let rest = self.stream.finish().map_err(tokenizer_error)?;
-            let rest = match self.stops.feed(&rest) {
-                Stop::Continue(piece) => piece + &self.stops.finish(),
-                Stop::Stopped(piece) => piece,
-            };
-            self.emit_text(&rest, &mut emit)?;
-        }
-        self.finish = finish;
-        self.ended = Some(self.started.elapsed());
-        emit(Streamed::Done(finish))?;
-        Ok(())
-    }
-
-    /// Keeps `piece` as part of the text and streams it.
-    fn emit_text(
-        &mut self,
-        piece: &str,
-        emit: &mut impl FnMut(Streamed<'_>) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        if piece.is_empty() {
-            return Ok(());
-        }
-        self.text.push_str(piece);
-        emit(Streamed::Text(piece))
-    }
-
-    /// The outcome, with the prompt's share of the batch.
-    fn into_generation(self, prompt_tokens: usize, prompt_time: Duration) -> Generation {
-        Generation {
-            generation_time: self.ended.unwrap_or_else(|| self.started.elapsed()),
-            tokens: self.tokens,
-            text: self.text,
-            finish: self.finish,
-            prompt_tokens,
-            prompt_time,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
     use model::LoadedModel;
 
     fn load(name: &str) -> LoadedModel {
