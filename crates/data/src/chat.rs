@@ -374,6 +374,20 @@ pub(crate) mod tests {
             );
         }
         assert!(python::strftime(seconds, "%Q").is_err());
+        let indented = |indent: &str| {
+            ChatTemplate::from_source(
+                Path::new("t"),
+                format!("{{{{ [1] | tojson(indent={indent}) }}}}"),
+                &[],
+            )
+            .unwrap()
+            .render(&[], false)
+        };
+        assert_eq!(indented("256").unwrap().len(), "[\n1\n]".len() + 256);
+        for too_long in ["257", "10**12", "' ' * 257"] {
+            let error = indented(too_long).unwrap_err().to_string();
+            assert!(error.contains("indent longer than 256"), "{error}");
+        }
         for case in fixtures["tojson"].as_array().unwrap() {
             let source = case["template"].as_str().unwrap().to_string();
             let template = ChatTemplate::from_source(Path::new("t"), source, &[])

@@ -149,6 +149,10 @@ pub fn strftime(seconds: i64, format: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// The longest indent `tojson` takes, where Python takes any (and runs out of memory on a
+/// huge one, repeated at every level of every line).
+const MAX_INDENT: usize = 256;
+
 /// How `json.dumps` lays a value out.
 struct JsonStyle {
     ensure_ascii: bool,
@@ -168,11 +172,17 @@ pub fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         None => None,
         Some(v) if v.is_none() => None,
         Some(v) => Some(match (v.as_i64(), v.as_str()) {
-            (Some(n), _) => " ".repeat(n.max(0) as usize),
+            // Python indents by nothing below zero; a count past the limit is refused below.
+            (Some(n), _) => " ".repeat(n.clamp(0, MAX_INDENT as i64 + 1) as usize),
             (None, Some(s)) => s.to_string(),
             _ => return Err(invalid("tojson: indent must be an integer or a string")),
         }),
     };
+    if indent.as_ref().is_some_and(|unit| unit.len() > MAX_INDENT) {
+        return Err(invalid(&format!(
+            "tojson: indent longer than {MAX_INDENT} characters"
+        )));
+    }
     let (item_separator, key_separator) = match kwargs.get::<Option<Vec<String>>>("separators")? {
         Some(pair) => match <[String; 2]>::try_from(pair) {
             Ok([item, key]) => (item, key),
