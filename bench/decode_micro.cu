@@ -9,8 +9,10 @@
 //
 // The products of a base and a 1b step: the q/k/v and gate/up products taking their norm
 // (`gemv_rms`, `gemv_swiglu_rms`, grids of the blocks the device holds at once), the output
-// and down products adding the residual (`gemv_residual`), the head (`gemv`) and the greedy
-// argmax (`argmax_chunks` + `argmax_finish`), each with the bandwidth its bytes imply.
+// and down products adding the residual (`gemv_residual`), the head (`gemv`, and `gemv_rms`
+// taking the final norm, as a decode step runs it; `gemv_rms_maxima` + `argmax_finish`, a
+// greedy step's head with its argmax) and the greedy argmax (`argmax_chunks` +
+// `argmax_finish`), each with the bandwidth its bytes imply.
 //
 // To time another version of the kernels, point -I at a copy of its crates/ops/kernels. On a
 // GPU machine, from the repository root:
@@ -231,8 +233,10 @@ static void products(cudaStream_t stream) {
     uint32_t* token;
     CHECK(cudaMalloc(&y, std::max((size_t)m.vocab, 2 * (size_t)m.ffn) * sizeof(bf16)));
     const int chunks = (m.vocab + 4095) / 4096;
-    CHECK(cudaMalloc(&values, chunks * sizeof(float)));
-    CHECK(cudaMalloc(&indices, chunks * sizeof(int)));
+    // Room for argmax_chunks' partial maxima or for a head's blocks'.
+    const int partials = 4096;
+    CHECK(cudaMalloc(&values, partials * sizeof(float)));
+    CHECK(cudaMalloc(&indices, partials * sizeof(int)));
     CHECK(cudaMalloc(&token, sizeof(uint32_t)));
     const size_t shared = m.hidden * sizeof(bf16);
     auto normed_grid = [&](auto kernel, int out) {
@@ -240,6 +244,8 @@ static void products(cudaStream_t stream) {
     };
     const int qkv_grid = normed_grid(gemv_rms_bf16, qkv);
     const int glu_grid = normed_grid(gemv_swiglu_rms_bf16, m.ffn);
+    const int head_grid = normed_grid(gemv_rms_bf16, m.vocab);
+    const int maxima_grid = normed_grid(gemv_rms_maxima_bf16, m.vocab);
     struct Product {
       const char* name;
       size_t elements;  // of the weight
@@ -270,6 +276,18 @@ static void products(cudaStream_t stream) {
          [&](const bf16* w) {
            gemv_bf16<<<(m.vocab + warps - 1) / warps, threads, 0, stream>>>(x, w, y, 1, m.hidden,
                                                                             m.vocab);
+         }},
+        {"head with the final norm (gemv_rms)", (size_t)m.vocab * m.hidden,
+         [&](const bf16* w) {
+           gemv_rms_bf16<<<head_grid, threads, shared, stream>>>(x, w, norm, y, 1, m.hidden,
+                                                                 m.vocab, 1e-5f, 0.f);
+         }},
+        {"head, norm and argmax (gemv_rms_maxima + finish)", (size_t)m.vocab * m.hidden,
+         [&](const bf16* w) {
+           gemv_rms_maxima_bf16<<<maxima_grid, threads, shared, stream>>>(
+               x, w, norm, values, indices, m.hidden, m.vocab, 1e-5f, 0.f);
+           argmax_finish<<<1, 256, 0, stream>>>(values, indices, token, maxima_grid, 1, nullptr,
+                                                nullptr, 1);
          }},
         {"argmax (chunks + finish)", 0,
          [&](const bf16*) {

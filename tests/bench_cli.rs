@@ -128,6 +128,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "qk_norm",
         "rms_norm",
         "rms_norm_geglu_projection",
+        "rms_norm_head_greedy_step",
         "rms_norm_linear",
         "rms_norm_linear_offset",
         "rms_norm_offset",

@@ -182,7 +182,9 @@ impl<'m> Decoder<'m> {
                 // The next replay overwrites the buffer; the caller gets its own copy.
                 logits.copy()?
             }
-            _ => self.first_positioned_step(false)?,
+            _ => self.first_positioned_step(false)?.ok_or_else(|| {
+                candle_core::Error::Msg("a step that is not greedy gave no logits".into())
+            })?,
         };
         self.cache.advance(1)?;
         Ok(logits)
@@ -356,34 +358,47 @@ impl<'m> Decoder<'m> {
     /// The one-token step at the position in `step`, op by op, with the cache taking its
     /// position from there too: logits `[rows, vocab]`.
     fn positioned_step(model: &Llama, cache: &mut Cache, step: &Tensor) -> Result<Tensor> {
-        let rows = step.dim(0)? - 2;
-        cache.set_position(Some(&step.narrow(0, rows, 2)?))?;
-        let tokens = step.narrow(0, 0, rows)?.reshape((rows, 1))?;
-        let logits = model.forward(&tokens, Some(cache));
-        cache.set_position(None)?;
-        logits?.i((.., 0))
+        Self::at_step_position(cache, step, |tokens, cache| {
+            model.forward(tokens, Some(cache))?.i((.., 0))
+        })
     }
 
-    /// [`Decoder::positioned_step`], and for a greedy one (with the picks `log`)
-    /// [`ops::greedy_step`] after it: its picks over the step's tokens and into the log, the
+    /// [`Decoder::positioned_step`]'s logits, or for a greedy one (with the picks `log`) none:
+    /// [`Llama::greedy_step`], its picks over the step's tokens and into the log, the
     /// position moved on.
     fn positioned_greedy_step(
         model: &Llama,
         cache: &mut Cache,
         step: &Tensor,
         log: Option<&PicksLog>,
-    ) -> Result<Tensor> {
-        let logits = Self::positioned_step(model, cache, step)?;
-        if let Some(log) = log {
-            ops::greedy_step(&logits, step, log)?;
-        }
-        Ok(logits)
+    ) -> Result<Option<Tensor>> {
+        let Some(log) = log else {
+            return Self::positioned_step(model, cache, step).map(Some);
+        };
+        Self::at_step_position(cache, step, |tokens, cache| {
+            model.greedy_step(tokens, cache, step, log)
+        })?;
+        Ok(None)
+    }
+
+    /// `run` on the step's tokens `[rows, 1]` with `cache` taking its position from `step`.
+    fn at_step_position<T>(
+        cache: &mut Cache,
+        step: &Tensor,
+        run: impl FnOnce(&Tensor, &mut Cache) -> Result<T>,
+    ) -> Result<T> {
+        let rows = step.dim(0)? - 2;
+        cache.set_position(Some(&step.narrow(0, rows, 2)?))?;
+        let tokens = step.narrow(0, 0, rows)?.reshape((rows, 1))?;
+        let out = run(&tokens, cache);
+        cache.set_position(None)?;
+        out
     }
 
     /// Runs the first one-token step op by op, then captures it for the later ones (again
     /// at each new version of the cache, or for the other kind of step: `greedy` or not). A
     /// failed capture leaves the steps op by op, with the reason.
-    fn first_positioned_step(&mut self, greedy: bool) -> Result<Tensor> {
+    fn first_positioned_step(&mut self, greedy: bool) -> Result<Option<Tensor>> {
         let (model, step) = (self.model, &self.step);
         let log = match greedy {
             true => Some(self.log.as_ref().ok_or_else(|| {
@@ -395,13 +410,13 @@ impl<'m> Decoder<'m> {
         let logits = ops::with_capture_cache(device, || {
             Self::positioned_greedy_step(model, &mut self.cache, step, log)
         })?;
-        let buffer = (!greedy).then(|| logits.zeros_like()).transpose()?;
+        let buffer = logits.as_ref().map(Tensor::zeros_like).transpose()?;
         let cache = &mut self.cache;
         let captured = ops::Graph::capture(device, || {
             let step_logits = Self::positioned_greedy_step(model, cache, step, log)?;
-            match &buffer {
-                Some(buffer) => buffer.slice_set(&step_logits, 0, 0),
-                None => Ok(()),
+            match (&buffer, step_logits) {
+                (Some(buffer), Some(step_logits)) => buffer.slice_set(&step_logits, 0, 0),
+                _ => Ok(()),
             }
         });
         self.replay = match captured {

@@ -16,7 +16,7 @@ use super::weights::{ModelError, Weights};
 use crate::family::{Family, NormKind};
 pub use crate::linear::Linear;
 use crate::names::{self, Fused, Module, Norm, Projection};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
 use std::collections::BTreeMap;
 
 impl Mlp {
@@ -540,6 +540,11 @@ impl Llama {
         } else {
             ops::frozen_linear(x, &ops::LinearWeight::Dense(head))?
         };
+        self.softcapped(logits)
+    }
+
+    /// Logits soft-capped where the family says so.
+    fn softcapped(&self, logits: Tensor) -> Result<Tensor> {
         match self.family.final_softcap {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
@@ -570,23 +575,90 @@ impl Llama {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` whose first position is
     /// `cache.len()` (or 0 without a cache).
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        self.head_logits(&self.normed_hidden(ids, cache)?)
+        let (x, pending) = self.residual_stream(ids, cache)?;
+        self.final_logits(&x, pending.as_ref())
     }
 
     /// [`Llama::forward`]'s logits of the last position only, `[batch, vocab]`: what a prompt
     /// needs before decoding, without the output head's work and memory on every other
     /// position (transformers' `logits_to_keep=1`).
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        let normed = self.normed_hidden(ids, cache)?;
-        let last = normed.dim(1)? - 1;
-        self.head_logits(&normed.narrow(1, last, 1)?.squeeze(1)?.contiguous()?)
+        let (x, pending) = self.residual_stream(ids, cache)?;
+        let last = x.dim(1)? - 1;
+        // The norm and the head work row by row: the last position's alone are the same.
+        let last_of = |t: &Tensor| t.narrow(1, last, 1)?.squeeze(1)?.contiguous();
+        let pending = pending.as_ref().map(last_of).transpose()?;
+        self.final_logits(&last_of(&x)?, pending.as_ref())
     }
 
-    /// The blocks and the final norm on token ids `[batch, seq]` whose first position is
-    /// `cache.len()` (or 0 without a cache): normalized hidden states `[batch, seq, hidden]`.
-    /// A one-position step over a cache runs each block that allows it in five kernels
-    /// ([`Llama::decode_block`]).
-    fn normed_hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+    /// The final norm and the output head on the residual stream `x` `[.., hidden]` with the
+    /// last block's MLP output `pending` not yet added (none after a decode step's blocks).
+    /// Without one, for an untracked head, the norm is taken on the way into the head's
+    /// product ([`ops::rms_norm_linear`]): a decode step's head is one kernel, not two.
+    fn final_logits(&self, x: &Tensor, pending: Option<&Tensor>) -> Result<Tensor> {
+        let Some((weight, offset, head)) = self.normed_head(pending)? else {
+            let (_, normed) = self.add_norm(x, pending, &self.norm)?;
+            return self.head_logits(&normed);
+        };
+        let norm = self.final_input_norm(&weight, offset);
+        self.softcapped(ops::rms_norm_linear(x, norm, &head)?)
+    }
+
+    /// The final norm's weight and offset and the head's weight, where the final norm is taken
+    /// on the way into the head's product: nothing `pending` and an untracked head.
+    fn normed_head(&self, pending: Option<&Tensor>) -> Result<Option<(Tensor, f64, Tensor)>> {
+        if pending.is_some() {
+            return Ok(None);
+        }
+        let head = self.head()?;
+        if head.is_variable() || head.track_op() {
+            return Ok(None);
+        }
+        let (weight, offset) = self.norm_weight(&self.norm)?;
+        Ok(Some((weight, offset, head)))
+    }
+
+    /// The final norm as a product takes it on the way in, with its weight `weight`.
+    fn final_input_norm<'w>(&self, weight: &'w Tensor, offset: f64) -> ops::InputNorm<'w> {
+        ops::InputNorm {
+            weight,
+            offset,
+            eps: self.config.rms_norm_eps,
+        }
+    }
+
+    /// A greedy one-position step over `cache` on token ids `[rows, 1]`:
+    /// [`ops::greedy_step`] on [`Llama::forward`]'s logits with the step tensor `step` and the
+    /// picks `log`. For one row whose final norm goes into the head (and logits that are not
+    /// soft-capped), the head's product also gives the argmax's first pass
+    /// ([`ops::rms_norm_head_greedy_step`]): the logits are not kept.
+    pub fn greedy_step(
+        &self,
+        ids: &Tensor,
+        cache: &mut Cache,
+        step: &Tensor,
+        log: &ops::PicksLog,
+    ) -> Result<()> {
+        let (x, pending) = self.residual_stream(ids, Some(cache))?;
+        let fused = self.family.final_softcap.is_none() && ids.dim(0)? == 1;
+        if let Some((weight, offset, head)) = self.normed_head(pending.as_ref())?.filter(|_| fused)
+        {
+            let norm = self.final_input_norm(&weight, offset);
+            return ops::rms_norm_head_greedy_step(&x, norm, &head, step, log);
+        }
+        let logits = self.final_logits(&x, pending.as_ref())?;
+        ops::greedy_step(&logits.i((.., 0))?, step, log)
+    }
+
+    /// The blocks on token ids `[batch, seq]` whose first position is `cache.len()` (or 0
+    /// without a cache): the residual stream `[batch, seq, hidden]` and the last block's MLP
+    /// output not yet added to it, if any. A one-position step over a cache runs each block
+    /// that allows it in five kernels ([`Llama::decode_block`]), each adding its MLP output.
+    fn residual_stream(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut Cache>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.embed(ids)?;
         // What ops::write_kv_fused asks of the step's input (the RoPE tables are in the
@@ -612,7 +684,6 @@ impl Llama {
                 }
             }
         }
-        let (_, normed) = self.add_norm(&x, pending.as_ref(), &self.norm)?;
-        Ok(normed)
+        Ok((x, pending))
     }
 }

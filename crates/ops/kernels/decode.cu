@@ -519,6 +519,29 @@ __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, in
   }
 }
 
+// Greedy decoding's head (src/gemv_fused.rs' rms_norm_head_greedy_step): the product of one
+// row x with w [out, in], whose outputs are not stored; each block writes the largest of the
+// outputs it computed, rounded to T as stored logits would hold them, and that output's index
+// (take_larger's order) to values[blockIdx.x] and indices[blockIdx.x]: argmax_chunks' pass,
+// without the logits written and read again. argmax_finish then reduces the blocks'.
+template <typename T>
+__device__ void gemv_maxima(const T* x, const T* w, float* values, int* indices, int in,
+                            int out) {
+  float v = -INFINITY;
+  int i = INT_MAX;
+  for (int o = first_warp_row(); o < out; o += warp_row_stride()) {
+    const T* row[1] = {w + (size_t)o * in};
+    float dot[1];
+    warp_dots<T, 1>(row, x, in, dot);
+    take_larger(v, i, to_f32(from_f32<T>(dot[0])), o);
+  }
+  block_argmax(v, i);
+  if (threadIdx.x == 0) {
+    values[blockIdx.x] = v;
+    indices[blockIdx.x] = i;
+  }
+}
+
 // A row with no value above NaN (all NaN) gets index 0. Blocks take rows in turn. With
 // `advance` (greedy decoding's hand-off between captured steps, src/argmax.rs's greedy_step; one
 // block), each pick also goes to `log` (page-locked host memory, a ring of `log_slots` steps of
@@ -607,6 +630,11 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
   extern "C" __global__ void gemv_rms_##S(const T* x, const T* w, const T* nw, T* y, int rows, \
                                           int in, int out, float eps, float offset) {         \
     gemv<T>(rms_normed_rows<T>(x, nw, rows, in, eps, offset), w, nullptr, y, rows, in, out);  \
+  }                                                                                           \
+  extern "C" __global__ void gemv_rms_maxima_##S(const T* x, const T* w, const T* nw,         \
+                                                 float* values, int* indices, int in, int out, \
+                                                 float eps, float offset) {                   \
+    gemv_maxima<T>(rms_normed_rows<T>(x, nw, 1, in, eps, offset), w, values, indices, in, out); \
   }                                                                                           \
   extern "C" __global__ void gemv_residual_##S(const T* x, const T* w, const T* residual,     \
                                                T* y, int rows, int in, int out) {             \

@@ -34,6 +34,23 @@ pub fn argmax(x: &Tensor) -> Result<Tensor> {
 /// tokens, which it reads from the log ([`PicksLog::read`]).
 pub fn greedy_step(logits: &Tensor, step: &Tensor, log: &PicksLog) -> Result<()> {
     let (rows, _) = logits.dims2()?;
+    check_step(rows, step, log)?;
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && super::fused(&[logits]) {
+        let log = log.device_address()?;
+        let op = GreedyStep { log, maxima: false };
+        return step.inplace_op2(&logits.contiguous()?, &op);
+    }
+    let picks = argmax(logits)?;
+    let position = step.narrow(0, rows, 1)?.to_vec1::<u32>()?[0];
+    log.write(position as usize, &picks.to_vec1::<u32>()?)?;
+    let one = Tensor::ones(2, DType::U32, step.device())?;
+    let next = step.narrow(0, rows, 2)?.broadcast_add(&one)?;
+    step.slice_set(&Tensor::cat(&[picks, next], 0)?, 0, 0)
+}
+
+/// Checks that `step` is a step tensor and `log` a picks log for `rows` rows.
+fn check_step(rows: usize, step: &Tensor, log: &PicksLog) -> Result<()> {
     if log.rows() != rows {
         candle_core::bail!("greedy_step: a log of {} rows for {rows}", log.rows());
     }
@@ -45,24 +62,31 @@ pub fn greedy_step(logits: &Tensor, step: &Tensor, log: &PicksLog) -> Result<()>
             step.dims()
         );
     }
-    #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() && super::fused(&[logits]) {
-        let log = log.device_address()?;
-        return step.inplace_op2(&logits.contiguous()?, &GreedyStep { log });
-    }
-    let picks = argmax(logits)?;
-    let position = step.narrow(0, rows, 1)?.to_vec1::<u32>()?[0];
-    log.write(position as usize, &picks.to_vec1::<u32>()?)?;
-    let one = Tensor::ones(2, DType::U32, step.device())?;
-    let next = step.narrow(0, rows, 2)?.broadcast_add(&one)?;
-    step.slice_set(&Tensor::cat(&[picks, next], 0)?, 0, 0)
+    Ok(())
+}
+
+/// [`greedy_step`] for one row from the largest value of each block of a head's product and
+/// its index, `maxima` (u32 `[2, blocks]`: the values' f32 bits, then the indices; what
+/// `gemv_rms_maxima` writes, see [`super::rms_norm_head_greedy_step`]): the last of argmax's
+/// two kernels alone.
+#[cfg(feature = "cuda")]
+pub(crate) fn greedy_step_from_maxima(
+    maxima: &Tensor,
+    step: &Tensor,
+    log: &PicksLog,
+) -> Result<()> {
+    check_step(1, step, log)?;
+    let log = log.device_address()?;
+    step.inplace_op2(maxima, &GreedyStep { log, maxima: true })
 }
 
 /// [`greedy_step`]'s CUDA kernels, in place on the step tensor, and the device address of
-/// the picks log they write.
+/// the picks log they write; with `maxima`, from blocks' maxima of one row
+/// ([`greedy_step_from_maxima`]) rather than from logits.
 #[cfg(feature = "cuda")]
 struct GreedyStep {
     log: u64,
+    maxima: bool,
 }
 
 #[cfg(feature = "cuda")]
@@ -80,17 +104,23 @@ impl InplaceOp2 for GreedyStep {
         &self,
         step: &mut candle_core::CudaStorage,
         step_layout: &Layout,
-        logits: &candle_core::CudaStorage,
-        logits_layout: &Layout,
+        input: &candle_core::CudaStorage,
+        input_layout: &Layout,
     ) -> Result<()> {
-        let (rows, _) = super::rows_and_width(logits_layout)?;
+        let rows = step_layout.shape().elem_count() - 2;
         let out = crate::launch::address((step, step_layout))?;
         // The position and slot follow the tokens: u32s, four bytes each.
         let log = cuda::Log {
             advance: out + 4 * rows as u64,
             address: self.log,
         };
-        cuda::argmax_into((logits, logits_layout), out, Some(log))
+        if !self.maxima {
+            return cuda::argmax_into((input, input_layout), out, Some(log));
+        }
+        let (_, blocks) = super::rows_and_width(input_layout)?;
+        let values = crate::launch::address((input, input_layout))?;
+        let partial = (values, values + 4 * blocks as u64);
+        cuda::finish(&input.device, partial, (blocks, 1), out, Some(log))
     }
 }
 
@@ -162,6 +192,19 @@ mod cuda {
                 int(chunks)?,
             ],
         )?;
+        finish(device, (values, indices), (chunks, rows), out, log)
+    }
+
+    /// `argmax_finish`: the index of the largest of each row's `chunks` partial maxima (the
+    /// device addresses of their values and indices, `[rows, chunks]` each) written at `out`,
+    /// and with a `log`, into it too, its position moved on.
+    pub(super) fn finish(
+        device: &candle_core::CudaDevice,
+        (values, indices): (u64, u64),
+        (chunks, rows): (usize, usize),
+        out: u64,
+        log: Option<Log>,
+    ) -> Result<()> {
         // A logged step is one block: it reads the position before it moves it on.
         let (blocks, advance, address) = match log {
             Some(log) => (1, log.advance, log.address),

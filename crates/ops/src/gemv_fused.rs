@@ -107,6 +107,37 @@ fn normed_projection(
     }
 }
 
+/// [`super::greedy_step`] on `rms_norm_linear(x, norm, head)` for one row `x` `[1, in]` and
+/// the output head `[vocab, in]` (a greedy decode step's last kernels). On CUDA the head's
+/// product keeps, in each block, the largest logit it computed and its index, and the step's
+/// pick comes from those: the logits are neither stored nor read again, and argmax's first
+/// kernel is not run. The pick is the separate ops' (the same rounded logits compared in the
+/// same order). Elsewhere, and for more rows, the separate ops.
+pub fn rms_norm_head_greedy_step(
+    x: &Tensor,
+    norm: InputNorm,
+    head: &Tensor,
+    step: &Tensor,
+    log: &super::PicksLog,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let (_, inp) = head.dims2()?;
+        let row = x.reshape(((), inp))?;
+        if row.dim(0)? == 1 && supported(&row, head) && norm.fits(&row) {
+            let op = NormedHeadMaxima {
+                eps: norm.eps as f32,
+                offset: norm.offset as f32,
+            };
+            let maxima = row.apply_op3_no_bwd(head, norm.weight, &op)?;
+            return super::argmax::greedy_step_from_maxima(&maxima, step, log);
+        }
+    }
+    let logits = rms_norm_linear(x, norm, head)?;
+    let vocab = logits.dim(candle_core::D::Minus1)?;
+    super::greedy_step(&logits.reshape(((), vocab))?, step, log)
+}
+
 /// `residual + linear(x, weight)` for `weight` `[out, in]`, `x` `[.., in]` and `residual`
 /// `[.., out]`, the product rounded to the dtype before the add as the separate ops store it:
 /// one kernel for a few untracked rows (a decode step's output and down projections).
@@ -181,6 +212,34 @@ impl FusedOp<3> for NormedGemv {
 
 custom_op!(NormedGemv: 3);
 
+/// The largest output of each block of the product `x @ w.t()` of one row `x` normalized by
+/// the weight `nw`, and its index: operands `x` `[1, in]`, `w` `[out, in]`, `nw` `[in]`; u32
+/// `[2, blocks]` (the values' f32 bits, then the indices). CUDA only
+/// ([`rms_norm_head_greedy_step`]).
+#[cfg(feature = "cuda")]
+struct NormedHeadMaxima {
+    eps: f32,
+    offset: f32,
+}
+
+#[cfg(feature = "cuda")]
+impl FusedOp<3> for NormedHeadMaxima {
+    const NAME: &'static str = "rms-norm-head-maxima";
+
+    fn cpu(&self, _: [CpuOperand; 3]) -> CpuOutput {
+        candle_core::bail!("rms_norm_head_greedy_step: the fused kernel is CUDA only")
+    }
+
+    fn cuda(&self, [x, w, nw]: [Operand; 3]) -> CudaOutput {
+        let shape = product_shape(x.1, w.1, None)?;
+        let (maxima, blocks) = cuda::head_maxima([x, w, nw], shape, (self.eps, self.offset))?;
+        Ok((maxima, (2, blocks).into()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+custom_op!(NormedHeadMaxima: 3);
+
 /// `residual + x @ w.t()`: operands `x` `[rows, in]`, `w` `[out, in]`, `residual`
 /// `[rows, out]`.
 struct ResidualGemv;
@@ -226,7 +285,7 @@ mod cuda {
     };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
-    use candle_core::{CudaStorage, Result};
+    use candle_core::{CudaStorage, DType, Result};
 
     /// Bytes of shared memory the normalized rows `x` `[rows, in]` take in a block.
     fn normed_bytes(x: Operand) -> Result<usize> {
@@ -252,24 +311,73 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w, nw])?;
         let y = alloc(&x.0.device, dtype, rows * out)?;
+        let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
+        launch_normed(name, [x, w, nw], &outputs, (inp, out), (eps, offset))?;
+        Ok(y)
+    }
+
+    /// `gemv_rms_maxima` on one row `x` `[1, in]`, `w` `[out, in]` and the norm weight `nw`:
+    /// u32 `[2, blocks]`, each block's largest output's f32 bits, then its index; and the
+    /// blocks.
+    pub(super) fn head_maxima(
+        [x, w, nw]: [Operand; 3],
+        (_, inp, out): (usize, usize, usize),
+        (eps, offset): (f32, f32),
+    ) -> Result<(CudaStorage, usize)> {
+        let name = "gemv_rms_maxima";
+        let dtype = common_dtype(&[x, w, nw])?;
+        let blocks = normed_grid(name, x, dtype, out)?;
+        let maxima = alloc(&x.0.device, DType::U32, 2 * blocks)?;
+        let values = base_address(&maxima)?;
+        let outputs = [
+            Arg::Address(values),
+            Arg::Address(values + 4 * blocks as u64),
+        ];
+        launch_normed(name, [x, w, nw], &outputs, (inp, out), (eps, offset))?;
+        Ok((maxima, blocks))
+    }
+
+    /// Blocks of a norm-taking product `name` of `x` with `out` output features: one warp
+    /// per feature, as the plain product, but no more blocks than the device runs at once:
+    /// each block normalizes the rows once, then its warps go on to further features.
+    fn normed_grid(name: &str, x: Operand, dtype: DType, out: usize) -> Result<usize> {
+        let ((blocks, _), block) = per_warp_row(out)?;
+        let resident = resident_blocks(&x.0.device, name, Some(dtype), (block.0, shared(x)?))?;
+        Ok(resident.min(blocks as usize))
+    }
+
+    /// The shared memory a norm-taking product's block needs for the normalized rows `x`.
+    fn shared(x: Operand) -> Result<u32> {
+        u32::try_from(normed_bytes(x)?)
+            .map_err(|_| candle_core::Error::Msg("rms_norm_linear: rows too long".into()))
+    }
+
+    /// Launches the norm-taking product `name` with the arguments `x`, `w`, `nw`, `outputs`
+    /// (its output addresses and anything between them and the sizes), `in`, `out`, `eps`
+    /// and `offset`, on [`normed_grid`]'s blocks.
+    fn launch_normed(
+        name: &str,
+        [x, w, nw]: [Operand; 3],
+        outputs: &[Arg],
+        (inp, out): (usize, usize),
+        (eps, offset): (f32, f32),
+    ) -> Result<()> {
+        let dtype = common_dtype(&[x, w, nw])?;
         let mut args = [x, w, nw]
             .into_iter()
             .map(|o| address(o).map(Arg::Address))
             .collect::<Result<Vec<_>>>()?;
-        args.push(Arg::Address(base_address(&y)?));
-        args.extend([int(rows)?, int(inp)?, int(out)?]);
-        args.extend([Arg::Float(eps), Arg::Float(offset)]);
-        // One warp per output feature, as the plain product, but no more blocks than the
-        // device runs at once: each block normalizes the rows once, then its warps go on to
-        // further features.
-        let ((blocks, _), block) = per_warp_row(out)?;
-        let shared = u32::try_from(normed_bytes(x)?)
-            .map_err(|_| candle_core::Error::Msg("rms_norm_linear: rows too long".into()))?;
-        let device = &x.0.device;
-        let resident = resident_blocks(device, name, Some(dtype), (block.0, shared))?;
-        let grid = (int_u32(resident.min(blocks as usize))?, 1);
-        launch_with_shared(device, name, Some(dtype), (grid, block, shared), &args)?;
-        Ok(y)
+        args.extend_from_slice(outputs);
+        args.extend([int(inp)?, int(out)?, Arg::Float(eps), Arg::Float(offset)]);
+        let (_, block) = per_warp_row(out)?;
+        let grid = (int_u32(normed_grid(name, x, dtype, out)?)?, 1);
+        launch_with_shared(
+            &x.0.device,
+            name,
+            Some(dtype),
+            (grid, block, shared(x)?),
+            &args,
+        )
     }
 
     /// `residual + x @ w.t()` for `x` `[rows, in]`, `w` `[out, in]` and `residual`

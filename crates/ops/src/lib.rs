@@ -67,7 +67,9 @@ pub use cross_entropy::{
 pub use embedding::embedding;
 pub use frozen::{frozen_linear, lora_linear, LinearWeight};
 pub use gemv::{glu_projection, linear};
-pub use gemv_fused::{linear_residual, rms_norm_glu_projection, rms_norm_linear, InputNorm};
+pub use gemv_fused::{
+    linear_residual, rms_norm_glu_projection, rms_norm_head_greedy_step, rms_norm_linear, InputNorm,
+};
 pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, write_kv_fused, KvLayout, Position};

@@ -69,6 +69,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         linear_residual_case(1, shape.ffn, shape.hidden),
         argmax_case(1, shape.vocab),
         greedy_step_case(1, shape.vocab),
+        head_greedy_step_case(shape.hidden, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         lora_linear_case(tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
@@ -573,6 +574,45 @@ fn greedy_step_case(rows: usize, width: usize) -> Case {
             picks_and_counters(&step, &picks.to_vec1::<u32>()?, width)
         },
         inputs: vec![Input::Table(vec![rows, width])],
+    }
+}
+
+/// A greedy step's head: the final norm taken into the head's product of one row, with the
+/// argmax's first pass (on CUDA), against the norm-taking product, then [`greedy_step_case`]'s
+/// op, on the same device (the same rounded logits: the pick must be the same, however close
+/// the runner-up). Compared as that case compares.
+fn head_greedy_step_case(inp: usize, vocab: usize) -> Case {
+    fn step_and_log(t: &[Tensor]) -> Result<(Tensor, crate::PicksLog)> {
+        let step = Tensor::new(&[7u32, 40, 12], t[0].device())?;
+        Ok((step, crate::PicksLog::new(t[0].device(), 1)?))
+    }
+    fn compared(step: &Tensor, mut log: crate::PicksLog, vocab: usize) -> Result<Tensor> {
+        log.enqueued(40)?;
+        let logged = Tensor::new(log.read(40)?, step.device())?;
+        let picks = one_hot(step.narrow(0, 0, 1)?, vocab)?.flatten_all()?;
+        let logged = one_hot(logged, vocab)?.flatten_all()?;
+        let counters = step.narrow(0, 1, 2)?.to_dtype(DType::F32)?;
+        Tensor::cat(&[picks, logged, counters], 0)
+    }
+    Case {
+        name: "rms_norm_head_greedy_step",
+        fused: |t| {
+            let (step, log) = step_and_log(t)?;
+            let norm = input_norm::<0>(&t[2]);
+            crate::rms_norm_head_greedy_step(&t[0], norm, &t[1], &step, &log)?;
+            compared(&step, log, t[1].dim(0)?)
+        },
+        reference: |t| {
+            let (step, log) = step_and_log(t)?;
+            let logits = crate::rms_norm_linear(&t[0], input_norm::<0>(&t[2]), &t[1])?;
+            crate::greedy_step(&logits, &step, &log)?;
+            compared(&step, log, t[1].dim(0)?)
+        },
+        inputs: vec![
+            Input::Table(vec![1, inp]),
+            Input::Table(vec![vocab, inp]),
+            Input::Table(vec![inp]),
+        ],
     }
 }
 
@@ -1198,6 +1238,9 @@ pub fn edge_cases() -> Vec<Case> {
         argmax_case(3, 9000),
         argmax_case(2, 5),
         greedy_step_case(3, 9000),
+        // A vocabulary of fewer features than a block's warps, and rows the separate ops take.
+        head_greedy_step_case(24, 5),
+        head_greedy_step_case(17, 9000),
         glu_projection_case::<false>(24, 7),
         glu_projection_case::<false>(17, 3),
         glu_projection_case::<true>(24, 7),
