@@ -629,9 +629,9 @@ impl Llama {
 
     /// A greedy one-position step over `cache` on token ids `[rows, 1]`:
     /// [`ops::greedy_step`] on [`Llama::forward`]'s logits with the step tensor `step` and the
-    /// picks `log`. For one row whose final norm goes into the head (and logits that are not
-    /// soft-capped), the head's product also gives the argmax's first pass
-    /// ([`ops::rms_norm_head_greedy_step`]): the logits are not kept.
+    /// picks `log`. Where the final norm goes into the head and the logits are not
+    /// soft-capped, [`ops::rms_norm_head_greedy_step`], whose head's product also gives the
+    /// argmax's first pass for one row on CUDA: the logits are not kept.
     pub fn greedy_step(
         &self,
         ids: &Tensor,
@@ -640,8 +640,9 @@ impl Llama {
         log: &ops::PicksLog,
     ) -> Result<()> {
         let (x, pending) = self.residual_stream(ids, Some(cache))?;
-        let fused = self.family.final_softcap.is_none() && ids.dim(0)? == 1;
-        if let Some((weight, offset, head)) = self.normed_head(pending.as_ref())?.filter(|_| fused)
+        let uncapped = self.family.final_softcap.is_none();
+        if let Some((weight, offset, head)) =
+            self.normed_head(pending.as_ref())?.filter(|_| uncapped)
         {
             let norm = self.final_input_norm(&weight, offset);
             return ops::rms_norm_head_greedy_step(&x, norm, &head, step, log);

@@ -312,7 +312,8 @@ mod cuda {
         let dtype = common_dtype(&[x, w, nw])?;
         let y = alloc(&x.0.device, dtype, rows * out)?;
         let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
-        launch_normed(name, [x, w, nw], &outputs, (inp, out), (eps, offset))?;
+        let grid = (dtype, normed_grid(name, x, dtype, out)?);
+        launch_normed(name, [x, w, nw], grid, &outputs, (inp, out), (eps, offset))?;
         Ok(y)
     }
 
@@ -333,7 +334,8 @@ mod cuda {
             Arg::Address(values),
             Arg::Address(values + 4 * blocks as u64),
         ];
-        launch_normed(name, [x, w, nw], &outputs, (inp, out), (eps, offset))?;
+        let grid = (dtype, blocks);
+        launch_normed(name, [x, w, nw], grid, &outputs, (inp, out), (eps, offset))?;
         Ok((maxima, blocks))
     }
 
@@ -352,17 +354,17 @@ mod cuda {
             .map_err(|_| candle_core::Error::Msg("rms_norm_linear: rows too long".into()))
     }
 
-    /// Launches the norm-taking product `name` with the arguments `x`, `w`, `nw`, `outputs`
-    /// (its output addresses and anything between them and the sizes), `in`, `out`, `eps`
-    /// and `offset`, on [`normed_grid`]'s blocks.
+    /// Launches the norm-taking product `name` in `dtype` on `blocks` blocks (its
+    /// [`normed_grid`]) with the arguments `x`, `w`, `nw`, `outputs` (its output addresses and
+    /// anything between them and the sizes), `in`, `out`, `eps` and `offset`.
     fn launch_normed(
         name: &str,
         [x, w, nw]: [Operand; 3],
+        (dtype, blocks): (DType, usize),
         outputs: &[Arg],
         (inp, out): (usize, usize),
         (eps, offset): (f32, f32),
     ) -> Result<()> {
-        let dtype = common_dtype(&[x, w, nw])?;
         let mut args = [x, w, nw]
             .into_iter()
             .map(|o| address(o).map(Arg::Address))
@@ -370,7 +372,7 @@ mod cuda {
         args.extend_from_slice(outputs);
         args.extend([int(inp)?, int(out)?, Arg::Float(eps), Arg::Float(offset)]);
         let (_, block) = per_warp_row(out)?;
-        let grid = (int_u32(normed_grid(name, x, dtype, out)?)?, 1);
+        let grid = (int_u32(blocks)?, 1);
         launch_with_shared(
             &x.0.device,
             name,
