@@ -640,12 +640,13 @@ impl Llama {
         log: &ops::PicksLog,
     ) -> Result<()> {
         let (x, pending) = self.residual_stream(ids, Some(cache))?;
-        let uncapped = self.family.final_softcap.is_none();
-        if let Some((weight, offset, head)) =
-            self.normed_head(pending.as_ref())?.filter(|_| uncapped)
-        {
-            let norm = self.final_input_norm(&weight, offset);
-            return ops::rms_norm_head_greedy_step(&x, norm, &head, step, log);
+        // Soft-capped logits keep the separate argmax (asked first: looking up the normed
+        // head casts the head, which final_logits would then do again).
+        if self.family.final_softcap.is_none() {
+            if let Some((weight, offset, head)) = self.normed_head(pending.as_ref())? {
+                let norm = self.final_input_norm(&weight, offset);
+                return ops::rms_norm_head_greedy_step(&x, norm, &head, step, log);
+            }
         }
         let logits = self.final_logits(&x, pending.as_ref())?;
         ops::greedy_step(&logits.i((.., 0))?, step, log)
