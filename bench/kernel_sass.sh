@@ -13,6 +13,8 @@
 # listing there (DIR/NAME.sass).
 set -euo pipefail
 cap=${1:-90}
+# build.rs compiles capability 9.0 as sm_90a (the Hopper flash kernels' warpgroup instructions).
+[ "$cap" = 90 ] && cap=90a
 filter=${2:-.}
 top=${3:-12}
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -7,13 +7,17 @@
 //! (compute capabilities, default `80,86,89,90`: A100, RTX 30xx/A10, RTX 40xx/L4/L40, H100/H200;
 //! empty for none), which loads without compiling, and PTX for `compute_$CUDA_COMPUTE_CAP`
 //! (default 80: bf16 needs Ampere or newer), which the driver compiles for any other GPU at
-//! first use (seconds, for the whole module).
+//! first use (seconds, for the whole module). Compute capability 9.0's machine code is built
+//! for `sm_90a`, whose warpgroup instructions the Hopper flash kernels use
+//! (`kernels/flash_wgmma.cuh`); the build then sets the `llmtool_wgmma` cfg, and the launcher
+//! picks those kernels on such GPUs.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-check-cfg=cfg(llmtool_wgmma)");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -33,10 +37,18 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let ptx = format!("arch=compute_{0},code=compute_{0}", capability(&cap));
     let sass = std::env::var("LLMTOOL_CUDA_SASS").unwrap_or_else(|_| "80,86,89,90".into());
-    let targets = sass
+    let capabilities: Vec<String> = sass
         .split(',')
         .filter(|c| !c.trim().is_empty())
-        .map(|c| format!("arch=compute_{0},code=sm_{0}", capability(c)))
+        .map(capability)
+        .collect();
+    let hopper = capabilities.iter().any(|c| c == "90");
+    let targets = capabilities
+        .iter()
+        .map(|c| match c.as_str() {
+            "90" => "arch=compute_90a,code=sm_90a".to_string(),
+            c => format!("arch=compute_{c},code=sm_{c}"),
+        })
         .chain([ptx]);
     let status = Command::new(nvcc())
         .args(["--fatbin", "-O3", "-std=c++17", "--threads", "0"])
@@ -46,7 +58,11 @@ fn main() {
         .arg(out.join("llmtool_ops.fatbin"))
         .status();
     match status {
-        Ok(s) if s.success() => {}
+        Ok(s) if s.success() => {
+            if hopper {
+                println!("cargo:rustc-cfg=llmtool_wgmma");
+            }
+        }
         Ok(s) => panic!("nvcc failed on kernels/ops.cu ({s})"),
         Err(e) => panic!(
             "the cuda feature needs nvcc to compile kernels/ops.cu ({e}); set NVCC or CUDA_ROOT"

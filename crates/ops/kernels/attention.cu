@@ -1,6 +1,6 @@
 // Attention kernels: the causal softmax of the matmul path (one warp per row, below), and the
 // flash kernels, which never hold the T×T probabilities: f32 SIMT (flash_attention.cuh) and
-// tensor cores for bf16 and f16 (flash_mma.cuh).
+// tensor cores for bf16 and f16 (flash_mma.cuh), and on Hopper for bf16 (flash_wgmma.cuh).
 //
 // Launched from src/attention/softmax.rs (the causal softmax) and src/attention/flash.rs.
 
@@ -124,6 +124,7 @@ __device__ void causal_softmax_bwd(const T* p, const T* dp, const T* s, T* ds, i
 
 #include "flash_attention.cuh"
 #include "flash_mma.cuh"
+#include "flash_wgmma.cuh"
 
 // extern "C" entry points, one per dtype.
 

@@ -231,6 +231,21 @@ fn kernel(
     Ok(func.clone())
 }
 
+/// The compute capability (major, minor) of `device`, asked of the driver once per device.
+pub(crate) fn compute_capability(device: &CudaDevice) -> Result<(i32, i32)> {
+    static CAPABILITIES: OnceLock<Mutex<HashMap<DeviceId, (i32, i32)>>> = OnceLock::new();
+    let mut known = CAPABILITIES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(&capability) = known.get(&device.id()) {
+        return Ok(capability);
+    }
+    let capability = device.cuda_stream().context().compute_capability().w()?;
+    known.insert(device.id(), capability);
+    Ok(capability)
+}
+
 /// How many blocks of `threads` threads and `shared` bytes of dynamic shared memory each the
 /// device runs of kernel `name` (suffixed for `dtype`) at once: its multiprocessors times the
 /// blocks one of them holds (at least one each). Asked of the driver once per kernel and shape,

@@ -6,7 +6,8 @@
 //! cache.
 //!
 //! Two implementations share the grid, the arguments and the saved log-sum-exp
-//! ([`Kernels`]): tensor-core kernels for bf16 and f16 (`kernels/flash_mma.cuh`) and f32 SIMT
+//! ([`Kernels`]): tensor-core kernels for bf16 and f16 (`kernels/flash_mma.cuh`; on Hopper, for
+//! bf16, those of `kernels/flash_wgmma.cuh` where compiled: [`hopper_kernels`]) and f32 SIMT
 //! kernels for everything else (`kernels/flash_attention.cuh`).
 //!
 //! Scores may have their own scale, a soft cap and a sliding window ([`Scoring`]): the kernels
@@ -118,11 +119,13 @@ impl Kernels {
         })
     }
 
-    /// The kernel of `stage` for these dims (the dtype suffix is added at launch).
-    fn name(self, dims: &GroupedDims, stage: Stage) -> String {
-        let family = match self {
-            Self::Simt => "flash_attention",
-            Self::TensorCores => "flash_mma",
+    /// The kernel of `stage` for these dims (the dtype suffix is added at launch); `hopper`:
+    /// the tensor-core kernels of `kernels/flash_wgmma.cuh`.
+    fn name(self, dims: &GroupedDims, stage: Stage, hopper: bool) -> String {
+        let family = match (self, hopper) {
+            (Self::Simt, _) => "flash_attention",
+            (Self::TensorCores, false) => "flash_mma",
+            (Self::TensorCores, true) => "flash_wgmma",
         };
         let stage = match stage {
             Stage::Forward => "fwd",
@@ -139,10 +142,22 @@ impl Kernels {
         }
     }
 
-    /// Dynamic shared memory of `stage`, laid out as in the kernels.
-    fn shared_bytes(self, dims: &GroupedDims, stage: Stage) -> Result<u32> {
+    /// Dynamic shared memory of `stage`, laid out as in the kernels (`hopper` as in
+    /// [`Kernels::name`]).
+    fn shared_bytes(self, dims: &GroupedDims, stage: Stage, hopper: bool) -> Result<u32> {
         let d = dims.head_size;
         let bytes = match self {
+            // 1,024 bytes to align the swizzled [64][d] 16-bit tiles (queries or keys and values,
+            // two key/value or query buffers among them), then the 32-bit per-row vectors as
+            // flash_mma's.
+            Self::TensorCores if hopper => {
+                let (tiles, floats) = match stage {
+                    Stage::Forward => (5, 0),
+                    Stage::QueryGrads => (7, TILE),
+                    Stage::KeyValueGrads => (6, 2 * 3 * TILE),
+                };
+                1024 + 2 * tiles * TILE * d + 4 * floats
+            }
             // f32 [64][d + 4] tiles, [64][68] score tiles and per-row vectors of 64.
             Self::Simt => {
                 let (tiles, scores, rows) = match stage {
@@ -189,12 +204,14 @@ impl Kernels {
         stage: Stage,
         args: &[Arg],
     ) -> Result<()> {
+        let hopper =
+            matches!(self, Self::TensorCores) && hopper_kernels(device, dtype, dims, stage)?;
         let config = (
             Self::grid(dims, stage)?,
             (self.threads(), 1),
-            self.shared_bytes(dims, stage)?,
+            self.shared_bytes(dims, stage, hopper)?,
         );
-        let name = self.name(dims, stage);
+        let name = self.name(dims, stage, hopper);
         launch::launch_with_shared(device, &name, Some(dtype), config, args)
     }
 }
@@ -392,6 +409,27 @@ impl GroupedDims {
         }));
         Ok(args)
     }
+}
+
+/// Whether a tensor-core launch of `stage` takes the Hopper kernels (`kernels/flash_wgmma.cuh`,
+/// 1.3–1.5x flash_mma's on an H100: docs/benchmarks.md): a build with their machine code
+/// (build.rs's `llmtool_wgmma`: compute capability 9.0 among `LLMTOOL_CUDA_SASS`), a device
+/// of compute capability 9.0, bf16, and a head size and stage they are compiled for (heads of
+/// 64, and the forward at 128), unless `LLMTOOL_FLASH_WGMMA=0`.
+fn hopper_kernels(
+    device: &candle_core::CudaDevice,
+    dtype: DType,
+    dims: &GroupedDims,
+    stage: Stage,
+) -> Result<bool> {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled =
+        *ENABLED.get_or_init(|| std::env::var("LLMTOOL_FLASH_WGMMA").as_deref() != Ok("0"));
+    let compiled = matches!((dims.head_size, stage), (64, _) | (128, Stage::Forward));
+    if !(cfg!(llmtool_wgmma) && enabled && dtype == DType::BF16 && compiled) {
+        return Ok(false);
+    }
+    Ok(launch::compute_capability(device)? == (9, 0))
 }
 
 /// The address of an operand's first element (contiguous, or keys and values with unit stride
