@@ -18,18 +18,29 @@
 
 #pragma once
 
+using wg_bf16 = __nv_bfloat16;
+
 // The kernels' code exists for sm_90a (and for the host pass, which declares the entry points);
 // other GPUs' code gets entry points that trap, which the launcher never picks.
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+
+// The accumulator rows j..j+7 of d as read-write asm operands (four registers a row).
+#define WG_ACC_ROW(d, j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define WG_ACC_ROWS8(d, j)                                                                     \
+  WG_ACC_ROW(d, j), WG_ACC_ROW(d, j + 1), WG_ACC_ROW(d, j + 2), WG_ACC_ROW(d, j + 3),          \
+      WG_ACC_ROW(d, j + 4), WG_ACC_ROW(d, j + 5), WG_ACC_ROW(d, j + 6), WG_ACC_ROW(d, j + 7)
 
 // d (64 × 64, f32) = (accumulate ? d : 0) + A · B, A and B from shared memory, both K-major.
 __device__ __forceinline__ void wgmma_ss_n64(float (&d)[8][4], uint64_t a, uint64_t b,
                                              int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : WG_ACC_ROWS8(d, 0)
       : "l"(a), "l"(b), "r"(accumulate));
 }
 // d (64 × 64, f32) += A · B, A (64 × 16) from registers, B from shared memory, MN-major.
@@ -37,23 +48,34 @@ __device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const uint32_t (&
                                              uint64_t b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : WG_ACC_ROWS8(d, 0)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 // d (64 × 128, f32) += A · B, A (64 × 16) from registers, B from shared memory, MN-major.
 __device__ __forceinline__ void wgmma_rs_n128(float (&d)[16][4], const uint32_t (&a)[4],
-                                             uint64_t b) {
+                                              uint64_t b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : WG_ACC_ROWS8(d, 0),
+        WG_ACC_ROWS8(d, 8)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// A warpgroup's products: fence (before the first, after its registers were written),
+// commit (the products issued so far become a group) and wait (until at most N groups run).
+__device__ __forceinline__ void wg_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void wg_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -98,8 +120,8 @@ template <int R> __device__ __forceinline__ uint32_t wg_swizzled(int r, int c) {
 // Starts copying rows row0..row0+R-1 of an [n, D] matrix into the swizzled tile `dst`; rows at
 // or beyond n become zeros.
 template <int D, int R, int THREADS>
-__device__ __forceinline__ void wg_load_tile(uint8_t* dst, const __nv_bfloat16* src, long long stride,
-                                             int row0, int n) {
+__device__ __forceinline__ void wg_load_tile(uint8_t* dst, const wg_bf16* src,
+                                             long long stride, int row0, int n) {
   constexpr int CHUNKS = D / 8, STEP = THREADS / CHUNKS;
   static_assert(THREADS % CHUNKS == 0, "whole rows a pass");
   const int r = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS * 8;
@@ -112,6 +134,7 @@ __device__ __forceinline__ void wg_load_tile(uint8_t* dst, const __nv_bfloat16* 
   }
 }
 
+// acc += A · B for a 16-wide slice of A in registers and B at the descriptor, N = D.
 template <int D> struct WgOut;
 template <> struct WgOut<64> {
   static __device__ __forceinline__ void run(float (&o)[8][4], const uint32_t (&a)[4], uint64_t b) {
@@ -125,10 +148,9 @@ template <> struct WgOut<128> {
   }
 };
 
-
 // The warpgroup's score-shaped products against a 64-row tile: acc (64 × 64) = A · Bᵀ over D
 // columns, A the 64 rows at a_addr of a swizzled [A_ROWS][D] tile, B the rows of a swizzled
-// [64][D] tile at b_addr (both K-major). Issued and committed; the caller waits.
+// [64][D] tile at b_addr (both K-major). Issued; the caller commits and waits.
 template <int D, int A_ROWS>
 __device__ __forceinline__ void wg_scores(float (&acc)[8][4], uint32_t a_addr, uint32_t b_addr) {
 #pragma unroll
@@ -141,7 +163,7 @@ __device__ __forceinline__ void wg_scores(float (&acc)[8][4], uint32_t a_addr, u
 }
 
 // acc (64 × D) += W · M for W (64 × 64) held as A operands and M the swizzled [64][D] tile at
-// m_addr (its rows the reduced dimension: MN-major). Issued and committed.
+// m_addr (its rows the reduced dimension: MN-major). Issued; the caller commits and waits.
 template <int D>
 __device__ __forceinline__ void wg_weighted_rows(float (&acc)[D / 8][4], const uint32_t (&w)[4][4],
                                                  uint32_t m_addr) {
@@ -151,9 +173,9 @@ __device__ __forceinline__ void wg_weighted_rows(float (&acc)[D / 8][4], const u
 }
 
 template <int D, int WG>
-__device__ void wgmma_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,
-                          FA_SHAPE, FA_SCORING, Q_LAYOUT) {
-  using T = __nv_bfloat16;
+__device__ void wgmma_fwd(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v, wg_bf16* out,
+                          float* lse, FA_SHAPE, FA_SCORING, Q_LAYOUT) {
+  using T = wg_bf16;
   constexpr int THREADS = 128 * WG, ROWS = 64 * WG, BN = FA_TILE;
   constexpr int Q_BYTES = ROWS * D * 2, KV_BYTES = BN * D * 2;
   extern __shared__ uint8_t wg_raw[];
@@ -226,10 +248,11 @@ __device__ void wgmma_fwd(const __nv_bfloat16* q, const __nv_bfloat16* k, const 
 
 // Query gradients and deltas as flash_mma_bwd_q, a warpgroup's 64 queries at a time.
 template <int D, int WG>
-__device__ void wgmma_bwd_q(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, const __nv_bfloat16* dout,
-                            const float* lse, const __nv_bfloat16* out, float* delta, __nv_bfloat16* dq, FA_SHAPE,
-                            FA_SCORING, float scale, Q_LAYOUT) {
-  using T = __nv_bfloat16;
+__device__ void wgmma_bwd_q(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v,
+                            const wg_bf16* dout, const float* lse, const wg_bf16* out,
+                            float* delta, wg_bf16* dq, FA_SHAPE, FA_SCORING, float scale,
+                            Q_LAYOUT) {
+  using T = wg_bf16;
   constexpr int THREADS = 128 * WG, ROWS = 64 * WG, BN = FA_TILE;
   constexpr int Q_BYTES = ROWS * D * 2, KV_BYTES = BN * D * 2;
   extern __shared__ uint8_t wg_raw[];
@@ -322,9 +345,9 @@ __device__ void wgmma_bwd_q(const __nv_bfloat16* q, const __nv_bfloat16* k, cons
 // Key and value gradients as flash_mma_bwd_kv, a warpgroup's 64 keys at a time (a block's
 // 64·WG), walking the query tiles of each query head of the group.
 template <int D, int WG>
-__device__ void wgmma_bwd_kv(FA_BWD_INPUTS(__nv_bfloat16), __nv_bfloat16* dk, __nv_bfloat16* dv, FA_SHAPE, FA_SCORING,
-                             float scale, Q_LAYOUT, G_LAYOUT) {
-  using T = __nv_bfloat16;
+__device__ void wgmma_bwd_kv(FA_BWD_INPUTS(wg_bf16), wg_bf16* dk, wg_bf16* dv, FA_SHAPE,
+                             FA_SCORING, float scale, Q_LAYOUT, G_LAYOUT) {
+  using T = wg_bf16;
   constexpr int THREADS = 128 * WG, KEYS = 64 * WG, BQ = FA_TILE;
   constexpr int K_BYTES = KEYS * D * 2, Q_BYTES = BQ * D * 2;
   extern __shared__ uint8_t wg_raw[];
@@ -430,28 +453,27 @@ __device__ void wgmma_bwd_kv(FA_BWD_INPUTS(__nv_bfloat16), __nv_bfloat16* dk, __
 // Dynamic shared memory (see src/attention/flash.rs): 1,024 bytes of room to align the tiles,
 // then the kernels' tiles and per-row vectors.
 #define FLASH_WGMMA_ENTRY_POINTS_D(D, BWD)                                                      \
-  extern "C" __global__ void __launch_bounds__(FM_THREADS)                                    \
-      flash_wgmma_fwd_d##D##_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,             \
-                                  const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,     \
-                                  FA_SHAPE, FA_SCORING, Q_LAYOUT) {                           \
-    WGMMA_ONLY(wgmma_fwd<D, 1>(q, k, v, out, lse, FA_SHAPE_ARGS, FA_SCORING_ARGS, q_sb, q_sh, \
-                               q_sp));                                                        \
-  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_wgmma_fwd_d##D##_bf16(         \
+      const wg_bf16* q, const wg_bf16* k, const wg_bf16* v, wg_bf16* out, float* lse, FA_SHAPE, \
+      FA_SCORING, Q_LAYOUT) {                                                                   \
+    WGMMA_ONLY(wgmma_fwd<D, 1>(q, k, v, out, lse, FA_SHAPE_ARGS, FA_SCORING_ARGS, q_sb, q_sh,   \
+                               q_sp));                                                          \
+  }                                                                                             \
   BWD(D)
 
-#define FLASH_WGMMA_BWD_ENTRY_POINTS(D)                                                        \
-  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_wgmma_bwd_q_d##D##_bf16(     \
-      const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,                \
-      const __nv_bfloat16* dout, const float* lse, const __nv_bfloat16* out, float* delta,    \
-      __nv_bfloat16* dq, FA_SHAPE, FA_SCORING, float scale, Q_LAYOUT) {                       \
-    WGMMA_ONLY(wgmma_bwd_q<D, 1>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS,          \
-                                 FA_SCORING_ARGS, scale, q_sb, q_sh, q_sp));                  \
-  }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_wgmma_bwd_kv_d##D##_bf16(    \
-      FA_BWD_INPUTS(__nv_bfloat16), __nv_bfloat16* dk, __nv_bfloat16* dv, FA_SHAPE,           \
-      FA_SCORING, float scale, Q_LAYOUT, G_LAYOUT) {                                          \
-    WGMMA_ONLY(wgmma_bwd_kv<D, 1>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, FA_SCORING_ARGS,  \
-                                  scale, q_sb, q_sh, q_sp, g_sb, g_sh, g_sp));                \
+#define FLASH_WGMMA_BWD_ENTRY_POINTS(D)                                                         \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_wgmma_bwd_q_d##D##_bf16(       \
+      const wg_bf16* q, const wg_bf16* k, const wg_bf16* v, const wg_bf16* dout,                \
+      const float* lse, const wg_bf16* out, float* delta, wg_bf16* dq, FA_SHAPE, FA_SCORING,    \
+      float scale, Q_LAYOUT) {                                                                  \
+    WGMMA_ONLY(wgmma_bwd_q<D, 1>(q, k, v, dout, lse, out, delta, dq, FA_SHAPE_ARGS,             \
+                                 FA_SCORING_ARGS, scale, q_sb, q_sh, q_sp));                    \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) flash_wgmma_bwd_kv_d##D##_bf16(      \
+      FA_BWD_INPUTS(wg_bf16), wg_bf16* dk, wg_bf16* dv, FA_SHAPE, FA_SCORING, float scale,      \
+      Q_LAYOUT, G_LAYOUT) {                                                                     \
+    WGMMA_ONLY(wgmma_bwd_kv<D, 1>(FA_BWD_INPUT_ARGS, dk, dv, FA_SHAPE_ARGS, FA_SCORING_ARGS,    \
+                                  scale, q_sb, q_sh, q_sp, g_sb, g_sh, g_sp));                  \
   }
 #define FLASH_WGMMA_NO_BWD(D)
 
