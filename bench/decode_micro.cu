@@ -29,14 +29,7 @@
 #include <functional>
 #include <vector>
 
-#define CHECK(x)                                                                  \
-  do {                                                                            \
-    cudaError_t e = (x);                                                          \
-    if (e != cudaSuccess) {                                                       \
-      printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e));            \
-      exit(1);                                                                    \
-    }                                                                             \
-  } while (0)
+#include "cuda_check.h"
 
 typedef __nv_bfloat16 bf16;
 

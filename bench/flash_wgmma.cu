@@ -18,14 +18,7 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x)                                                                  \
-  do {                                                                            \
-    cudaError_t e = (x);                                                          \
-    if (e != cudaSuccess) {                                                       \
-      printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e));            \
-      exit(1);                                                                    \
-    }                                                                             \
-  } while (0)
+#include "cuda_check.h"
 
 typedef __nv_bfloat16 bf16;
 
@@ -74,31 +67,27 @@ template <typename Launch> static float time_us(Launch launch, int reps = 20) {
 
 
 
-// Largest |x - y| over n bf16 values (infinite where either is NaN).
-static float max_diff_bf16(const bf16* x, const bf16* y, size_t n) {
-  std::vector<bf16> a(n), b(n);
-  CHECK(cudaMemcpy(a.data(), x, n * 2, cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(b.data(), y, n * 2, cudaMemcpyDeviceToHost));
+static float to_float(bf16 x) { return __bfloat162float(x); }
+static float to_float(float x) { return x; }
+
+// Largest |x - y| over n values on the device (infinite where either is NaN).
+template <typename T> static float max_diff(const T* x, const T* y, size_t n) {
+  std::vector<T> a(n), b(n);
+  CHECK(cudaMemcpy(a.data(), x, n * sizeof(T), cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(b.data(), y, n * sizeof(T), cudaMemcpyDeviceToHost));
   float d = 0.f;
   for (size_t i = 0; i < n; ++i) {
-    const float e = fabsf(__bfloat162float(a[i]) - __bfloat162float(b[i]));
+    const float e = fabsf(to_float(a[i]) - to_float(b[i]));
     d = std::isnan(e) ? INFINITY : fmaxf(d, e);
   }
   return d;
 }
 
-static float max_diff_f32(const float* x, const float* y, size_t n) {
-  std::vector<float> a(n), b(n);
-  CHECK(cudaMemcpy(a.data(), x, n * 4, cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(b.data(), y, n * 4, cudaMemcpyDeviceToHost));
-  float d = 0.f;
-  for (size_t i = 0; i < n; ++i) {
-    const float e = fabsf(a[i] - b[i]);
-    d = std::isnan(e) ? INFINITY : fmaxf(d, e);
-  }
-  return d;
+// One line: both kernels' times and rates, and wgmma's speedup.
+static void report(const char* what, double flops, float ref_us, float us) {
+  printf("  %-20s mma.sync %8.1f us (%5.1f TFLOP/s), wgmma %8.1f us (%5.1f TFLOP/s): %.2fx\n",
+         what, ref_us, flops / ref_us * 1e-6, us, flops / us * 1e-6, ref_us / us);
 }
-
 
 // Random q, k, v of shape `s` (head size D), and the arguments a forward takes.
 template <int D> static Args inputs(const Shape& s) {
@@ -156,11 +145,9 @@ template <int D> static void run_forward(const Shape& s) {
   const double flops = 4.0 * s.batch * s.heads * (double)s.len * s.len * D / 2;
   printf("%s forward (batch %d, %d heads, %d kv heads, %d positions, head size %d):\n", s.name,
          s.batch, s.heads, s.kv_heads, s.len, D);
-  printf("  max |out diff| %.3g, max |lse diff| %.3g\n", max_diff_bf16(w.out, a.out, n_out),
-         max_diff_f32(w.lse, a.lse, n_lse));
-  const float ref_us = time_us(run_ref), us = time_us(run);
-  printf("  mma.sync %8.1f us (%5.1f TFLOP/s), wgmma %8.1f us (%5.1f TFLOP/s): %.2fx\n", ref_us,
-         flops / ref_us * 1e-6, us, flops / us * 1e-6, ref_us / us);
+  printf("  max |out diff| %.3g, max |lse diff| %.3g\n", max_diff(w.out, a.out, n_out),
+         max_diff(w.lse, a.lse, n_lse));
+  report("forward", flops, time_us(run_ref), time_us(run));
   for (const void* x : {(const void*)a.q, (const void*)a.k, (const void*)a.v, (const void*)a.out,
                         (const void*)a.lse, (const void*)w.out, (const void*)w.lse})
     CHECK(cudaFree(const_cast<void*>(x)));
@@ -224,14 +211,12 @@ static void run_backward(const Shape& s) {
                flops_kv = 4 * 2.0 * s.batch * s.heads * (double)s.len * s.len * D / 2;
   printf("%s backward, head size %d:\n", s.name, D);
   printf("  max |dq diff| %.3g, max |delta diff| %.3g, max |dk diff| %.3g, max |dv diff| %.3g\n",
-         max_diff_bf16(dq_w, dq_ref, nq), max_diff_f32(delta_w, delta_ref, n_rows),
-         max_diff_bf16(dk_w, dk_ref, nkv), max_diff_bf16(dv_w, dv_ref, nkv));
+         max_diff(dq_w, dq_ref, nq), max_diff(delta_w, delta_ref, n_rows),
+         max_diff(dk_w, dk_ref, nkv), max_diff(dv_w, dv_ref, nkv));
   const float rq = time_us(ref_q), rkv = time_us(ref_kv), wq = time_us(hopper_q),
               wkv = time_us(hopper_kv);
-  printf("  query gradients:     mma.sync %8.1f us (%5.1f TFLOP/s), wgmma %8.1f us (%5.1f): %.2fx\n",
-         rq, flops_q / rq * 1e-6, wq, flops_q / wq * 1e-6, rq / wq);
-  printf("  key/value gradients: mma.sync %8.1f us (%5.1f TFLOP/s), wgmma %8.1f us (%5.1f): %.2fx\n",
-         rkv, flops_kv / rkv * 1e-6, wkv, flops_kv / wkv * 1e-6, rkv / wkv);
+  report("query gradients", flops_q, rq, wq);
+  report("key/value gradients", flops_kv, rkv, wkv);
   for (const void* x : {(const void*)a.q, (const void*)a.k, (const void*)a.v,
                         (const void*)a.out, (const void*)a.lse, (const void*)dout,
                         (const void*)delta_ref, (const void*)delta_w, (const void*)dq_ref,

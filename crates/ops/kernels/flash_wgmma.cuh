@@ -89,6 +89,17 @@ template <int J> __device__ __forceinline__ void wg_hold(float (&d)[J][4]) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
 }
+// Runs the warpgroup products that `issue` enqueues to completion, the accumulators `acc` they
+// write held in place across them.
+template <typename F, typename... Acc>
+__device__ __forceinline__ void wg_complete(F issue, Acc&... acc) {
+  (wg_hold(acc), ...);
+  wg_fence();
+  issue();
+  wg_commit();
+  wg_wait<0>();
+  (wg_hold(acc), ...);
+}
 // Shared memory written through the generic proxy (cp.async) and read next by the tensor cores.
 __device__ __forceinline__ void async_proxy_fence() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -172,15 +183,51 @@ __device__ __forceinline__ void wg_weighted_rows(float (&acc)[D / 8][4], const u
     WgOut<D>::run(acc, w[kk], wg_mn_major(m_addr + kk * 16 * 128));
 }
 
+// Starts copying the key and value rows k0..k0+63 of the block's kv head into `buffer` (the
+// keys' swizzled [64][D] tile, then the values').
+template <int D, int THREADS>
+__device__ __forceinline__ void wg_load_key_tile(uint8_t* buffer, const FaQueryBlock<wg_bf16>& at,
+                                                 long long k_sp, long long v_sp, int k0,
+                                                 int kv_len) {
+  wg_load_tile<D, FA_TILE, THREADS>(buffer, at.keys, k_sp, k0, kv_len);
+  wg_load_tile<D, FA_TILE, THREADS>(buffer + FA_TILE * D * 2, at.values, v_sp, k0, kv_len);
+}
+
+// Runs `tile(k_addr, v_addr, k0)` (the shared addresses of the key and value tiles from key k0)
+// on the block's key/value tiles from keys.begin below keys.end, which two buffers at `kv` hold
+// in turns: the next tile's copy is in flight while the current one is worked on. The caller
+// has started and committed the copy of the first tile into the first buffer. The warpgroup
+// skips the tiles wholly past its last query or before its first query's window (`group`).
+template <int D, int THREADS, typename F>
+__device__ __forceinline__ void wg_key_tiles(uint8_t* kv, const FaQueryBlock<wg_bf16>& at,
+                                             long long k_sp, long long v_sp, int kv_len,
+                                             const FmKeyRange& keys, const FmKeyRange& group,
+                                             F tile) {
+  constexpr int KV_BYTES = FA_TILE * D * 2;
+  for (int k0 = keys.begin, it = 0; k0 < keys.end; k0 += FA_TILE, ++it) {
+    const uint8_t* ks = kv + (it & 1) * 2 * KV_BYTES;
+    fm_wait<0>();
+    async_proxy_fence();
+    __syncthreads();  // this tile has landed; every warpgroup is done with the other buffer
+    if (k0 + FA_TILE < keys.end) {
+      wg_load_key_tile<D, THREADS>(kv + (~it & 1) * 2 * KV_BYTES, at, k_sp, v_sp, k0 + FA_TILE,
+                                   kv_len);
+      fm_commit();
+    }
+    if (k0 > group.warp_last || k0 + FA_TILE <= group.warp_first_key) continue;
+    const uint32_t k_addr = fm_shared_address(ks);
+    tile(k_addr, k_addr + KV_BYTES, k0);
+  }
+}
+
 template <int D, int WG>
 __device__ void wgmma_fwd(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v, wg_bf16* out,
                           float* lse, FA_SHAPE, FA_SCORING, Q_LAYOUT) {
   using T = wg_bf16;
-  constexpr int THREADS = 128 * WG, ROWS = 64 * WG, BN = FA_TILE;
-  constexpr int Q_BYTES = ROWS * D * 2, KV_BYTES = BN * D * 2;
+  constexpr int THREADS = 128 * WG, ROWS = 64 * WG, Q_BYTES = ROWS * D * 2;
   extern __shared__ uint8_t wg_raw[];
   uint8_t* qs = wg_raw + ((1024 - (fm_shared_address(wg_raw) & 1023)) & 1023);
-  uint8_t* kv = qs + Q_BYTES;  // buffer b: keys at kv + 2b · KV_BYTES, values after them
+  uint8_t* kv = qs + Q_BYTES;  // two key/value buffers (wg_key_tiles)
   const FaQueryBlock<T> at(k, v, heads, group, k_sb, k_sh, v_sb, v_sh, ROWS);
   const int bh = at.bh, q0 = at.q0, shift = kv_len - q_len;
   const int wg = threadIdx.x >> 7;
@@ -190,34 +237,17 @@ __device__ void wgmma_fwd(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v, 
   const bool segmented = starts != nullptr;
   const FmKeyRange keys(q0, ROWS, lane.r0, 16, shift, kv_len, window, segmented);
   const FmKeyRange group_keys(q0, ROWS, 64 * wg, 64, shift, kv_len, window, segmented);
-  wg_load_tile<D, BN, THREADS>(kv, at.keys, k_sp, keys.begin, kv_len);
-  wg_load_tile<D, BN, THREADS>(kv + KV_BYTES, at.values, v_sp, keys.begin, kv_len);
+  wg_load_key_tile<D, THREADS>(kv, at, k_sp, v_sp, keys.begin, kv_len);
   fm_commit();
   float o[1][D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {};
   int first[1][2];
   fm_row_segment_starts<1>(first, starts, bh / heads, q_len, q0 + lane.r0 + lane.g);
   const uint32_t q_addr = fm_shared_address(qs) + wg * 64 * 128;
-  for (int k0 = keys.begin, it = 0; k0 < keys.end; k0 += BN, ++it) {
-    uint8_t* ks = kv + (it & 1) * 2 * KV_BYTES;
-    fm_wait<0>();
-    async_proxy_fence();
-    __syncthreads();  // this tile has landed; every warpgroup is done with the other buffer
-    if (k0 + BN < keys.end) {
-      uint8_t* next = kv + (~it & 1) * 2 * KV_BYTES;
-      wg_load_tile<D, BN, THREADS>(next, at.keys, k_sp, k0 + BN, kv_len);
-      wg_load_tile<D, BN, THREADS>(next + KV_BYTES, at.values, v_sp, k0 + BN, kv_len);
-      fm_commit();
-    }
-    if (k0 > group_keys.warp_last || k0 + BN <= group_keys.warp_first_key) continue;
-    const uint32_t k_addr = fm_shared_address(ks), v_addr = k_addr + KV_BYTES;
+  wg_key_tiles<D, THREADS>(kv, at, k_sp, v_sp, kv_len, keys, group_keys,
+                           [&](uint32_t k_addr, uint32_t v_addr, int k0) {
     float s[8][4] = {};
-    wg_hold(s);
-    wg_fence();
-    wg_scores<D, ROWS>(s, q_addr, k_addr);
-    wg_commit();
-    wg_wait<0>();
-    wg_hold(s);
+    wg_complete([&] { wg_scores<D, ROWS>(s, q_addr, k_addr); }, s);
     const int pos = q0 + lane.r0 + lane.g + shift, key = k0 + 2 * lane.t;
     fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
       fm_online_softmax<decltype(mask)::value, decltype(cap)::value, D>(
@@ -225,13 +255,8 @@ __device__ void wgmma_fwd(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v, 
     });
     uint32_t p[4][4];
     fm_to_operand<T>(p, s);
-    wg_hold(o[0]);
-    wg_fence();
-    wg_weighted_rows<D>(o[0], p, v_addr);
-    wg_commit();
-    wg_wait<0>();
-    wg_hold(o[0]);
-  }
+    wg_complete([&] { wg_weighted_rows<D>(o[0], p, v_addr); }, o[0]);
+  });
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float total = warp_sum<4>(l[h]), inv = 1.f / total;
@@ -253,8 +278,8 @@ __device__ void wgmma_bwd_q(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v
                             float* delta, wg_bf16* dq, FA_SHAPE, FA_SCORING, float scale,
                             Q_LAYOUT) {
   using T = wg_bf16;
-  constexpr int THREADS = 128 * WG, ROWS = 64 * WG, BN = FA_TILE;
-  constexpr int Q_BYTES = ROWS * D * 2, KV_BYTES = BN * D * 2;
+  constexpr int THREADS = 128 * WG, ROWS = 64 * WG, Q_BYTES = ROWS * D * 2;
+  constexpr int KV_BYTES = FA_TILE * D * 2;
   extern __shared__ uint8_t wg_raw[];
   uint8_t* qs = wg_raw + ((1024 - (fm_shared_address(wg_raw) & 1023)) & 1023);
   uint8_t *dos = qs + Q_BYTES, *os = dos + Q_BYTES, *kv = os + Q_BYTES;
@@ -271,8 +296,7 @@ __device__ void wgmma_bwd_q(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v
   const bool segmented = starts != nullptr;
   const FmKeyRange keys(q0, ROWS, lane.r0, 16, shift, kv_len, window, segmented);
   const FmKeyRange group_keys(q0, ROWS, 64 * wg, 64, shift, kv_len, window, segmented);
-  wg_load_tile<D, BN, THREADS>(kv, at.keys, k_sp, keys.begin, kv_len);
-  wg_load_tile<D, BN, THREADS>(kv + KV_BYTES, at.values, v_sp, keys.begin, kv_len);
+  wg_load_key_tile<D, THREADS>(kv, at, k_sp, v_sp, keys.begin, kv_len);
   fm_commit();
   fm_wait<1>();
   __syncthreads();
@@ -302,29 +326,15 @@ __device__ void wgmma_bwd_q(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v
   float dq_acc[1][D / 8][4] = {};
   const uint32_t q_addr = fm_shared_address(qs) + wg * 64 * 128,
                  do_addr = fm_shared_address(dos) + wg * 64 * 128;
-  for (int k0 = keys.begin, it = 0; k0 < keys.end; k0 += BN, ++it) {
-    uint8_t* ks = kv + (it & 1) * 2 * KV_BYTES;
-    fm_wait<0>();
-    async_proxy_fence();
-    __syncthreads();
-    if (k0 + BN < keys.end) {
-      uint8_t* next = kv + (~it & 1) * 2 * KV_BYTES;
-      wg_load_tile<D, BN, THREADS>(next, at.keys, k_sp, k0 + BN, kv_len);
-      wg_load_tile<D, BN, THREADS>(next + KV_BYTES, at.values, v_sp, k0 + BN, kv_len);
-      fm_commit();
-    }
-    if (k0 > group_keys.warp_last || k0 + BN <= group_keys.warp_first_key) continue;
-    const uint32_t k_addr = fm_shared_address(ks), v_addr = k_addr + KV_BYTES;
+  wg_key_tiles<D, THREADS>(kv, at, k_sp, v_sp, kv_len, keys, group_keys,
+                           [&](uint32_t k_addr, uint32_t v_addr, int k0) {
     float s[8][4] = {}, ds[8][4] = {};
-    wg_hold(s);
-    wg_hold(ds);
-    wg_fence();
-    wg_scores<D, ROWS>(s, q_addr, k_addr);
-    wg_scores<D, ROWS>(ds, do_addr, v_addr);
-    wg_commit();
-    wg_wait<0>();
-    wg_hold(s);
-    wg_hold(ds);
+    wg_complete(
+        [&] {
+          wg_scores<D, ROWS>(s, q_addr, k_addr);
+          wg_scores<D, ROWS>(ds, do_addr, v_addr);
+        },
+        s, ds);
     const int pos = q0 + lane.r0 + lane.g + shift, key = k0 + 2 * lane.t;
     fm_variant(keys.masked(k0), cap_log2 > 0.f, [&](auto mask, auto cap) {
       fm_query_score_grads<decltype(mask)::value, decltype(cap)::value>(
@@ -332,13 +342,8 @@ __device__ void wgmma_bwd_q(const wg_bf16* q, const wg_bf16* k, const wg_bf16* v
     });
     uint32_t w[4][4];
     fm_to_operand<T>(w, ds);
-    wg_hold(dq_acc[0]);
-    wg_fence();
-    wg_weighted_rows<D>(dq_acc[0], w, k_addr);
-    wg_commit();
-    wg_wait<0>();
-    wg_hold(dq_acc[0]);
-  }
+    wg_complete([&] { wg_weighted_rows<D>(dq_acc[0], w, k_addr); }, dq_acc[0]);
+  });
   fm_store_rows<T, D, 1>(dq + head, q_sp, dq_acc, q0 + lane.r0, q_len, scale);
 }
 
@@ -409,15 +414,12 @@ __device__ void wgmma_bwd_kv(FA_BWD_INPUTS(wg_bf16), wg_bf16* dk, wg_bf16* dv, F
                         warp_key + 16 > kv_len || q0 + BQ > q_len ||
                         q0 + BQ - 1 + shift - warp_key >= window;
     float p[8][4] = {}, ds[8][4] = {};
-    wg_hold(p);
-    wg_hold(ds);
-    wg_fence();
-    wg_scores<D, KEYS>(p, k_addr, q_addr);
-    wg_scores<D, KEYS>(ds, v_addr, do_addr);
-    wg_commit();
-    wg_wait<0>();
-    wg_hold(p);
-    wg_hold(ds);
+    wg_complete(
+        [&] {
+          wg_scores<D, KEYS>(p, k_addr, q_addr);
+          wg_scores<D, KEYS>(ds, v_addr, do_addr);
+        },
+        p, ds);
     fm_variant(masked, cap_log2 > 0.f, [&](auto mask, auto cap) {
       fm_key_score_grads<decltype(mask)::value, decltype(cap)::value, 8>(
           p, ds, row_stats, key, q0, 2 * lane.t, q_len, kv_len, shift, FA_SCORING_ARGS);
@@ -425,15 +427,12 @@ __device__ void wgmma_bwd_kv(FA_BWD_INPUTS(wg_bf16), wg_bf16* dk, wg_bf16* dv, F
     uint32_t wp[4][4], wds[4][4];
     fm_to_operand<T>(wp, p);
     fm_to_operand<T>(wds, ds);
-    wg_hold(dv_acc[0]);
-    wg_hold(dk_acc[0]);
-    wg_fence();
-    wg_weighted_rows<D>(dv_acc[0], wp, do_addr);
-    wg_weighted_rows<D>(dk_acc[0], wds, q_addr);
-    wg_commit();
-    wg_wait<0>();
-    wg_hold(dv_acc[0]);
-    wg_hold(dk_acc[0]);
+    wg_complete(
+        [&] {
+          wg_weighted_rows<D>(dv_acc[0], wp, do_addr);
+          wg_weighted_rows<D>(dk_acc[0], wds, q_addr);
+        },
+        dv_acc[0], dk_acc[0]);
   }
   const long long grads = b * g_sb + kv_head * g_sh;
   fm_store_rows<T, D, 1>(dk + grads, g_sp, dk_acc, k0 + lane.r0, kv_len, scale);
