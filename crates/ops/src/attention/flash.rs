@@ -412,7 +412,7 @@ impl GroupedDims {
 }
 
 /// Whether a tensor-core launch of `stage` takes the Hopper kernels (`kernels/flash_wgmma.cuh`,
-/// 1.3–1.5x flash_mma's on an H100: docs/benchmarks.md): a build with their machine code
+/// 1.1–1.5x flash_mma's on an H100: docs/benchmarks.md): a build with their machine code
 /// (build.rs's `llmtool_wgmma`: compute capability 9.0 among `LLMTOOL_CUDA_SASS`), a device
 /// of compute capability 9.0, bf16, and a head size and stage they are compiled for (heads of
 /// 64, and the forward at 128), unless `LLMTOOL_FLASH_WGMMA=0`.
