@@ -380,6 +380,13 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // Asked once: without a CPU mask the count comes from parsing /proc/cpuinfo, and every CPU
+    // matmul asks (`get_num_threads`).
+    static THREADS: OnceLock<usize> = OnceLock::new();
+    *THREADS.get_or_init(physical_core_count)
+}
+
+fn physical_core_count() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
