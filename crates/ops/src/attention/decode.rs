@@ -11,13 +11,14 @@
 //! the packed projections; heads of 64 or 128 over a short cache take its warp-tiled form).
 
 use super::{GroupedDims, Scoring};
-use crate::cpu_kernel::{f32s, for_each_row, output};
+use crate::cpu_kernel::{for_each_row, output, slice};
 use crate::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use crate::fused_op::{CudaOutput, Operand};
+use crate::gemv::Element;
 #[cfg(feature = "cuda")]
 use crate::launch;
-use candle_core::{DType, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
 
 /// The largest head size the kernels take (a CUDA block holds a thread per element).
 const MAX_HEAD_SIZE: usize = 1024;
@@ -32,9 +33,20 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && !(q.track_op() || k.track_op() || v.track_op())
 }
 
+/// Whether [`decode_attention`] runs on `q`, `k`, `v`: they pass [`supported`] on a backend
+/// [`crate::fused`] accepts, or they are 16-bit on the CPU (read as stored and widened to f32,
+/// as `ops::gemv` reads its weights).
+pub(crate) fn runs(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let cpu_16_bit = matches!(q.device(), Device::Cpu)
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && [k, v]
+            .iter()
+            .all(|t| t.dtype() == q.dtype() && t.device().is_cpu());
+    supported(q, k, v) && (crate::fused(&[q, k, v]) || cpu_16_bit)
+}
+
 /// `softmax(q kᵀ · scale) v` for `q` `[b, heads, 1, d]` and `k`/`v` `[b, kv_heads, kv_len, d]`
-/// with the scores taken as `scoring` says; the operands must pass [`supported`] and be on a
-/// backend [`crate::fused`] accepts.
+/// with the scores taken as `scoring` says; the operands must pass [`runs`].
 pub(crate) fn decode_attention(
     q: &Tensor,
     k: &Tensor,
@@ -136,12 +148,15 @@ fn view(layout: &Layout, len: usize) -> Result<(usize, [usize; 3])> {
     Ok((layout.start_offset(), [s0, s1, s2]))
 }
 
-impl FusedOp<3> for DecodeAttention {
-    const NAME: &'static str = "decode-attention";
-
-    fn cpu(&self, [(q, q_layout), (k, k_layout), (v, v_layout)]: [CpuOperand; 3]) -> CpuOutput {
-        let q = f32s(q, q_layout)?;
-        let (k, v) = (k.as_slice::<f32>()?, v.as_slice::<f32>()?);
+impl DecodeAttention {
+    /// The attention on the CPU over `q`, `k`, `v` as stored (16-bit elements widened to f32 as
+    /// they are read), the scores, softmax and weighted sums in f32: `[b, heads, 1, d]` in f32.
+    fn cpu_attention<E: Element>(
+        &self,
+        [q, k, v]: [&[E]; 3],
+        [q_layout, k_layout, v_layout]: [&Layout; 3],
+    ) -> Result<Vec<f32>> {
+        let q: Vec<f32> = slice(q, q_layout)?.iter().map(|x| x.f32()).collect();
         let (k_start, ks) = view(k_layout, k.len())?;
         let (v_start, vs) = view(v_layout, v.len())?;
         let (&[_, heads, _, d], &[_, kv_heads, kv_len, _]) = (q_layout.dims(), k_layout.dims())
@@ -160,7 +175,7 @@ impl FusedOp<3> for DecodeAttention {
             let scores: Vec<f32> = (first..kv_len)
                 .map(|j| {
                     let key = &k[k_base + j * ks[2]..][..d];
-                    let s = query.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    let s = query.iter().zip(key).map(|(a, b)| a * b.f32()).sum::<f32>() * scale;
                     match softcap > 0.0 {
                         true => softcap * (s / softcap).tanh(),
                         false => s,
@@ -173,11 +188,40 @@ impl FusedOp<3> for DecodeAttention {
                 let p = (s - max).exp();
                 sum += p;
                 let value = &v[v_base + j * vs[2]..][..d];
-                o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v);
+                o.iter_mut().zip(value).for_each(|(o, v)| *o += p * v.f32());
             }
             o.iter_mut().for_each(|o| *o /= sum);
         });
-        Ok(output(out, q_layout.shape().clone()))
+        Ok(out)
+    }
+}
+
+/// `values` rounded to the element type `E`.
+fn rounded<E: Element>(values: Vec<f32>) -> Vec<E> {
+    values.into_iter().map(E::from_f32).collect()
+}
+
+impl FusedOp<3> for DecodeAttention {
+    const NAME: &'static str = "decode-attention";
+
+    fn cpu(&self, [(q, q_layout), (k, k_layout), (v, v_layout)]: [CpuOperand; 3]) -> CpuOutput {
+        let shape = q_layout.shape().clone();
+        let layouts = [q_layout, k_layout, v_layout];
+        match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let out = self.cpu_attention([q, k, v], layouts)?;
+                Ok(output(out, shape))
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                let out = self.cpu_attention([q, k, v], layouts)?;
+                Ok((CpuStorage::BF16(rounded(out)), shape))
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                let out = self.cpu_attention([q, k, v], layouts)?;
+                Ok((CpuStorage::F16(rounded(out)), shape))
+            }
+            _ => candle_core::bail!("decode attention: CPU operands of one float dtype expected"),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -333,7 +377,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use crate::parity::{relative_error, uniform};
-    use candle_core::DType;
+    use candle_core::{DType, Tensor};
 
     /// The tiles take heads of 64 (16 warps in 16 bits, 8 in f32) and 16-bit heads of 128 (8
     /// warps) read 16 bytes at once, over caches of at most three 32-position tiles a warp.
@@ -403,6 +447,43 @@ mod tests {
             let want = super::super::windowed_reference(&q, &k, &v, options).unwrap();
             let error = relative_error(&got, &want);
             assert!(error < 1e-5, "window {window:?}: {error:.2e}");
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_steps_on_the_cpu_are_the_f32_kernel_on_widened_operands() {
+        let cache_k = (uniform(&[2, 2, 9, 8], 7) * 2.0).unwrap();
+        let cache_v = uniform(&[2, 2, 9, 8], 8);
+        let q = (uniform(&[2, 4, 1, 8], 9) * 2.0).unwrap();
+        let options = super::super::AttentionOptions {
+            scale: 0.4,
+            softcap: Some(3.0),
+            window: Some(4),
+            segments: None,
+        };
+        for dtype in [DType::BF16, DType::F16] {
+            let [q, cache_k, cache_v] =
+                [&q, &cache_k, &cache_v].map(|t| t.to_dtype(dtype).unwrap());
+            let (k, v) = (
+                cache_k.narrow(2, 0, 6).unwrap(),
+                cache_v.narrow(2, 0, 6).unwrap(),
+            );
+            assert!(super::runs(&q, &k, &v), "{dtype:?}");
+            // Through the dispatch, as a decode step asks.
+            let got = super::super::windowed_attention(&q, &k, &v, options.clone()).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let [q32, k32, v32] = [&q, &k, &v].map(|t| t.to_dtype(DType::F32).unwrap());
+            let scoring = super::Scoring::of(&options);
+            let want = super::decode_attention(&q32, &k32, &v32, scoring).unwrap();
+            let want = want.to_dtype(dtype).unwrap();
+            let bits = |t: &Tensor| {
+                let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                t.to_vec1::<f32>().unwrap()
+            };
+            assert_eq!(bits(&got), bits(&want), "{dtype:?}");
+            let reference = super::super::windowed_reference(&q, &k, &v, options.clone()).unwrap();
+            let error = relative_error(&got, &reference.to_dtype(DType::F32).unwrap());
+            assert!(error < 1e-2, "{dtype:?}: {error:.2e}");
         }
     }
 
