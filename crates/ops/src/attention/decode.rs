@@ -18,7 +18,7 @@ use crate::fused_op::{CudaOutput, Operand};
 use crate::gemv::Element;
 #[cfg(feature = "cuda")]
 use crate::launch;
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 
 /// The largest head size the kernels take (a CUDA block holds a thread per element).
 const MAX_HEAD_SIZE: usize = 1024;
@@ -37,9 +37,8 @@ pub(crate) fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 /// [`crate::fused`] accepts, or they are 16-bit on the CPU (read as stored and widened to f32,
 /// as `ops::gemv` reads its weights).
 pub(crate) fn runs(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    let cpu_16_bit = matches!(q.device(), Device::Cpu)
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
-        && [k, v]
+    let cpu_16_bit = matches!(q.dtype(), DType::BF16 | DType::F16)
+        && [q, k, v]
             .iter()
             .all(|t| t.dtype() == q.dtype() && t.device().is_cpu());
     supported(q, k, v) && (crate::fused(&[q, k, v]) || cpu_16_bit)

@@ -280,8 +280,9 @@ fn window_mask(
 /// Grouped-query causal attention: `q` `[b, heads, q_len, d]` against keys and values
 /// `[b, kv_heads, kv_len, d]` that may be views into a KV cache, `heads / kv_heads` query heads
 /// per kv head. A decode step (one query, no gradients, a fused backend or 16 bits on the CPU)
-/// reads the cache in place with one kernel; on CUDA the flash kernels run where they support the head size (see
-/// [`flash_attention`]); otherwise kv heads are repeated and [`causal_attention`] runs.
+/// reads the cache in place with one kernel; on CUDA the flash kernels run where they support
+/// the head size (see [`flash_attention`]); otherwise kv heads are repeated and
+/// [`causal_attention`] runs.
 pub fn grouped_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     if decode::runs(q, k, v) {
         return decode::decode_attention(q, k, v, Scoring::plain(q.dim(3)?));
