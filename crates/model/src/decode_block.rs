@@ -63,14 +63,19 @@ impl Llama {
             offset,
             eps: self.config.rms_norm_eps,
         };
-        let qkv = ops::rms_norm_linear(x, norm(&pre_attention), &ops::cast(w.qkv, dtype)?)?;
+        let held = |weight| ops::WeightSource::cast(weight, dtype);
+        let (qkv_weight, qkv_source) = held(w.qkv)?;
+        let qkv = ops::rms_norm_linear(x, norm(&pre_attention), &qkv_weight, qkv_source)?;
         let heads = b.self_attn.heads_and_size();
         let options = self.attention_options(i, None);
         let y = cache.attend_packed(&qkv, self.layer_rope(i), heads, options)?;
-        let x = ops::linear_residual(&ops::merge_heads(&y)?, &ops::cast(w.o, dtype)?, x)?;
+        let (o, o_source) = held(w.o)?;
+        let x = ops::linear_residual(&ops::merge_heads(&y)?, (&o, o_source), x)?;
         let glu = self.family.activation.glu();
-        let gate_up = ops::cast(w.gate_up, dtype)?;
-        let hidden = ops::rms_norm_glu_projection(&x, norm(&pre_mlp), &gate_up, glu)?;
-        ops::linear_residual(&hidden, &ops::cast(w.down, dtype)?, &x)
+        let (gate_up, gate_up_source) = held(w.gate_up)?;
+        let hidden =
+            ops::rms_norm_glu_projection(&x, norm(&pre_mlp), &gate_up, gate_up_source, glu)?;
+        let (down, down_source) = held(w.down)?;
+        ops::linear_residual(&hidden, (&down, down_source), &x)
     }
 }

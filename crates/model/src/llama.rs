@@ -161,6 +161,26 @@ fn load_projections(
     Ok((linears, wholes))
 }
 
+/// The final norm's weight and offset and the head, for a head product that takes the norm on
+/// the way in ([`Llama::normed_head`]).
+struct NormedHead {
+    weight: Tensor,
+    offset: f64,
+    head: Tensor,
+    source: ops::WeightSource,
+}
+
+impl NormedHead {
+    /// The final norm as the head's product takes it on the way in.
+    fn input_norm(&self, eps: f64) -> ops::InputNorm<'_> {
+        ops::InputNorm {
+            weight: &self.weight,
+            offset: self.offset,
+            eps,
+        }
+    }
+}
+
 impl Llama {
     /// Builds the model from `weights`, computing in `dtype`. Weights that are `Var`s train;
     /// plain tensors are frozen.
@@ -596,35 +616,31 @@ impl Llama {
     /// Without one, for an untracked head, the norm is taken on the way into the head's
     /// product ([`ops::rms_norm_linear`]): a decode step's head is one kernel, not two.
     fn final_logits(&self, x: &Tensor, pending: Option<&Tensor>) -> Result<Tensor> {
-        let Some((weight, offset, head)) = self.normed_head(pending)? else {
+        let Some(normed) = self.normed_head(pending)? else {
             let (_, normed) = self.add_norm(x, pending, &self.norm)?;
             return self.head_logits(&normed);
         };
-        let norm = self.final_input_norm(&weight, offset);
-        self.softcapped(ops::rms_norm_linear(x, norm, &head)?)
+        let norm = normed.input_norm(self.config.rms_norm_eps);
+        self.softcapped(ops::rms_norm_linear(x, norm, &normed.head, normed.source)?)
     }
 
-    /// The final norm's weight and offset and the head's weight, where the final norm is taken
-    /// on the way into the head's product: nothing `pending` and an untracked head.
-    fn normed_head(&self, pending: Option<&Tensor>) -> Result<Option<(Tensor, f64, Tensor)>> {
+    /// The final norm and the head, where the final norm is taken on the way into the head's
+    /// product: nothing `pending` and an untracked head.
+    fn normed_head(&self, pending: Option<&Tensor>) -> Result<Option<NormedHead>> {
         if pending.is_some() {
             return Ok(None);
         }
-        let head = self.head()?;
+        let (head, source) = ops::WeightSource::cast(self.head_master(), self.dtype)?;
         if head.is_variable() || head.track_op() {
             return Ok(None);
         }
         let (weight, offset) = self.norm_weight(&self.norm)?;
-        Ok(Some((weight, offset, head)))
-    }
-
-    /// The final norm as a product takes it on the way in, with its weight `weight`.
-    fn final_input_norm<'w>(&self, weight: &'w Tensor, offset: f64) -> ops::InputNorm<'w> {
-        ops::InputNorm {
+        Ok(Some(NormedHead {
             weight,
             offset,
-            eps: self.config.rms_norm_eps,
-        }
+            head,
+            source,
+        }))
     }
 
     /// A greedy one-position step over `cache` on token ids `[rows, 1]`:
@@ -643,9 +659,10 @@ impl Llama {
         // Soft-capped logits keep the separate argmax (asked first: looking up the normed
         // head casts the head, which final_logits would then do again).
         if self.family.final_softcap.is_none() {
-            if let Some((weight, offset, head)) = self.normed_head(pending.as_ref())? {
-                let norm = self.final_input_norm(&weight, offset);
-                return ops::rms_norm_head_greedy_step(&x, norm, &head, step, log);
+            if let Some(normed) = self.normed_head(pending.as_ref())? {
+                let norm = normed.input_norm(self.config.rms_norm_eps);
+                let head = (&normed.head, normed.source);
+                return ops::rms_norm_head_greedy_step(&x, norm, head, step, log);
             }
         }
         let logits = self.final_logits(&x, pending.as_ref())?;

@@ -126,5 +126,24 @@ __device__ __forceinline__ T rope_element(const T* x, const T* cos, const T* sin
   return from_f32<T>(i < rhalf ? x1 * c - x2 * s : x2 * c + x1 * s);
 }
 
+// Programmatic dependent launch (compute capability 9.x; src/programmatic.rs says which
+// launches use it). `dependents_may_launch` lets the next kernel in the stream start its
+// blocks once every block of this one has run it; `wait_for_previous` waits until the kernel
+// ahead has ended and its writes are visible. A kernel launched that way reads before its wait
+// only what no kernel ahead of it may be writing (the kernel just ahead may itself have
+// started before the one ahead of it ended), and writes nothing. Launched in stream order, or
+// compiled for an older GPU, both do nothing.
+__device__ __forceinline__ void dependents_may_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // M(suffix, type) for each float dtype: a family's entry points, once per dtype.
 #define FOR_EACH_FLOAT(M) M(f32, float) M(bf16, __nv_bfloat16) M(f16, __half)

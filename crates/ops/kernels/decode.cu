@@ -239,6 +239,9 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
       if (t0 + k < limit) value[k] = ValuePack::load(vc + (size_t)(t0 + k) * D + lane * E);
   };
   const int first_tile = warp * 32;
+  // The output projection after this kernel may launch now: it loads its first weights and
+  // waits (start_product).
+  dependents_may_launch();
   load_tile(first_tile, max_len);
   __shared__ float query[D], own[2 * D];
   __shared__ float warp_max_of[WARPS], warp_sum_of[WARPS], warp_out[WARPS][D];
@@ -320,29 +323,45 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
 // RMSNorm of x on the way in. cuBLAS runs these shapes as split-K GEMMs of two kernels each; a
 // decode step is bound by launches.
 
+// Elements per 16-byte unit, and units of each operand a lane loads per round (below).
+template <typename T> constexpr int DOT_WIDTH = 16 / sizeof(T);
+constexpr int DOT_UNITS = 8;
+
+// Loads a lane's units of the round from unit `first` of the N weight rows into `a`.
+template <typename T, int N>
+__device__ __forceinline__ void load_weight_round(uint4 (&a)[N][DOT_UNITS], const T* const (&w)[N],
+                                                  int first, int units) {
+#pragma unroll
+  for (int u = 0; u < DOT_UNITS; ++u) {
+    const int i = first + 32 * u;
+    if (i >= units) break;
+#pragma unroll
+    for (int n = 0; n < N; ++n) a[n][u] = reinterpret_cast<const uint4*>(w[n])[i];
+  }
+}
+
 // The dot products of N weight rows with one row of x, summed over the warp (every lane gets
-// them). Each lane loads its next U 16-byte units of every operand before any arithmetic: a
-// decode step's products are too small to hide memory latency behind other warps, so the
-// rounds of dependent loads are a warp's time. Each lane sums its units in ascending order.
+// them). Each lane loads its next DOT_UNITS 16-byte units of every operand before any
+// arithmetic: a decode step's products are too small to hide memory latency behind other
+// warps, so the rounds of dependent loads are a warp's time. Each lane sums its units in
+// ascending order. `a` is the weight rounds' registers; where `preloaded`, it already holds the
+// first round (start_product).
 template <typename T, int N>
 __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, int in,
-                                          float (&dots)[N]) {
-  constexpr int V = 16 / sizeof(T), U = 8;  // elements per 16-byte unit, units per round
+                                          float (&dots)[N], uint4 (&a)[N][DOT_UNITS],
+                                          bool preloaded) {
+  constexpr int V = DOT_WIDTH<T>, U = DOT_UNITS;
   const int lane = threadIdx.x & 31, units = in / V;
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   float acc[N];
 #pragma unroll
   for (int n = 0; n < N; ++n) acc[n] = 0.f;
   for (int first = lane; first < units; first += 32 * U) {
-    uint4 b[U], a[N][U];
+    uint4 b[U];
+    if (first != lane || !preloaded) load_weight_round<T, N>(a, w, first, units);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int i = first + 32 * u;
-      if (i >= units) break;
-      b[u] = xv[i];
-#pragma unroll
-      for (int n = 0; n < N; ++n) a[n][u] = reinterpret_cast<const uint4*>(w[n])[i];
-    }
+    for (int u = 0; u < U; ++u)
+      if (first + 32 * u < units) b[u] = xv[first + 32 * u];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (first + 32 * u >= units) break;
@@ -361,23 +380,48 @@ __device__ __forceinline__ void warp_dots(const T* const (&w)[N], const T* x, in
 
 // Output features go to warps in order, one per warp of the grid, then again from the start of
 // the grid while any are left: the launcher gives a product one warp per feature, and a
-// norm-taking one (below) no more blocks than the device holds at once, so that each block
-// normalizes its input once however many features it computes.
+// norm-taking one (below) launched in stream order no more blocks than the device holds at
+// once, so that each block normalizes its input once however many features it computes.
 __device__ __forceinline__ int first_warp_row() {
   return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
 }
 __device__ __forceinline__ int warp_row_stride() { return gridDim.x * (blockDim.x >> 5); }
 
+// Every product's start: loads the first round of its warp's first feature's weight rows into
+// `a` (w's row o, and for a gated unit also row out + o: N of them), lets the next kernel in
+// the stream launch, then waits for the kernel ahead (common.cuh). Launched programmatically
+// (src/programmatic.rs: only where nothing in the step writes the weight), the weights' first
+// round is on its way while the kernel ahead ends, and the next kernel's blocks are resident
+// when this one ends; launched in stream order, the wait is nothing. Nothing but the weight is
+// read before the wait. Returns whether `a` holds the round (the warp has a feature).
+template <typename T, int N>
+__device__ __forceinline__ bool start_product(uint4 (&a)[N][DOT_UNITS], const T* w, int in,
+                                              int out) {
+  const int o = first_warp_row(), lane = threadIdx.x & 31;
+  const bool has_row = o < out;
+  if (has_row) {
+    const T* rows[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) rows[n] = w + (size_t)(o + n * out) * in;
+    load_weight_round<T, N>(a, rows, lane, in / DOT_WIDTH<T>);
+  }
+  dependents_may_launch();
+  wait_for_previous();
+  return has_row;
+}
+
 // y[r][o] = w[o] · x[r], plus residual[r][o] where `residual` is given (the sum rounded as
-// the separate projection and add store it: the product to T, then the sum).
+// the separate projection and add store it: the product to T, then the sum). `a` and
+// `preloaded` are start_product's.
 template <typename T>
-__device__ void gemv(const T* x, const T* w, const T* residual, T* y, int rows, int in,
-                     int out) {
+__device__ void gemv(const T* x, const T* w, const T* residual, T* y, int rows, int in, int out,
+                     uint4 (&a)[1][DOT_UNITS], bool preloaded) {
   for (int o = first_warp_row(); o < out; o += warp_row_stride()) {
     const T* row[1] = {w + (size_t)o * in};
     for (int r = 0; r < rows; ++r) {
       float dot[1];
-      warp_dots<T, 1>(row, x + (size_t)r * in, in, dot);
+      warp_dots<T, 1>(row, x + (size_t)r * in, in, dot, a, preloaded);
+      preloaded = false;
       if ((threadIdx.x & 31) != 0) continue;
       const size_t i = (size_t)r * out + o;
       y[i] = residual == nullptr
@@ -391,12 +435,14 @@ __device__ void gemv(const T* x, const T* w, const T* residual, T* y, int rows, 
 // and y[r][o] = act(g) · u with g = w[o] · x[r] and u = w[out + o] · x[r], both rounded to T
 // first as the separate projections store them; act is A (common.cuh: SwiGLU's or GeGLU's).
 template <typename A, typename T>
-__device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out) {
+__device__ void gemv_glu(const T* x, const T* w, T* y, int rows, int in, int out,
+                         uint4 (&a)[2][DOT_UNITS], bool preloaded) {
   for (int o = first_warp_row(); o < out; o += warp_row_stride()) {
     const T* gate_up[2] = {w + (size_t)o * in, w + (size_t)(out + o) * in};
     for (int r = 0; r < rows; ++r) {
       float dots[2];
-      warp_dots<T, 2>(gate_up, x + (size_t)r * in, in, dots);
+      warp_dots<T, 2>(gate_up, x + (size_t)r * in, in, dots, a, preloaded);
+      preloaded = false;
       const float g = to_f32(from_f32<T>(dots[0])), u = to_f32(from_f32<T>(dots[1]));
       if ((threadIdx.x & 31) == 0) y[(size_t)r * out + o] = from_f32<T>(A::value(g) * u);
     }
@@ -525,14 +571,15 @@ __device__ void argmax_chunks(const T* x, float* values, int* indices, int n, in
 // (take_larger's order) to values[blockIdx.x] and indices[blockIdx.x]: argmax_chunks' pass,
 // without the logits written and read again. argmax_finish then reduces the blocks'.
 template <typename T>
-__device__ void gemv_maxima(const T* x, const T* w, float* values, int* indices, int in,
-                            int out) {
+__device__ void gemv_maxima(const T* x, const T* w, float* values, int* indices, int in, int out,
+                            uint4 (&a)[1][DOT_UNITS], bool preloaded) {
   float v = -INFINITY;
   int i = INT_MAX;
   for (int o = first_warp_row(); o < out; o += warp_row_stride()) {
     const T* row[1] = {w + (size_t)o * in};
     float dot[1];
-    warp_dots<T, 1>(row, x, in, dot);
+    warp_dots<T, 1>(row, x, in, dot, a, preloaded);
+    preloaded = false;
     take_larger(v, i, to_f32(from_f32<T>(dot[0])), o);
   }
   block_argmax(v, i);
@@ -612,12 +659,17 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
 #define GEMV_GLU_ENTRY_POINTS(S, T, NAME, A)                                                   \
   extern "C" __global__ void gemv_##NAME##_##S(const T* x, const T* w, T* y, int rows, int in, \
                                                int out) {                                     \
-    gemv_glu<A, T>(x, w, y, rows, in, out);                                                   \
+    uint4 a[2][DOT_UNITS];                                                                    \
+    const bool preloaded = start_product<T, 2>(a, w, in, out);                                \
+    gemv_glu<A, T>(x, w, y, rows, in, out, a, preloaded);                                     \
   }                                                                                           \
   extern "C" __global__ void gemv_##NAME##_rms_##S(const T* x, const T* w, const T* nw, T* y, \
                                                    int rows, int in, int out, float eps,      \
                                                    float offset) {                            \
-    gemv_glu<A, T>(rms_normed_rows<T>(x, nw, rows, in, eps, offset), w, y, rows, in, out);    \
+    uint4 a[2][DOT_UNITS];                                                                    \
+    const bool preloaded = start_product<T, 2>(a, w, in, out);                                \
+    gemv_glu<A, T>(rms_normed_rows<T>(x, nw, rows, in, eps, offset), w, y, rows, in, out, a,  \
+                   preloaded);                                                                \
   }
 
 #define DECODE_ENTRY_POINTS(S, T)                                                              \
@@ -625,20 +677,30 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
   GEMV_GLU_ENTRY_POINTS(S, T, geglu, GeluTanh)                                                \
   extern "C" __global__ void gemv_##S(const T* x, const T* w, T* y, int rows, int in,         \
                                       int out) {                                              \
-    gemv<T>(x, w, nullptr, y, rows, in, out);                                                 \
+    uint4 a[1][DOT_UNITS];                                                                    \
+    const bool preloaded = start_product<T, 1>(a, w, in, out);                                \
+    gemv<T>(x, w, nullptr, y, rows, in, out, a, preloaded);                                   \
   }                                                                                           \
   extern "C" __global__ void gemv_rms_##S(const T* x, const T* w, const T* nw, T* y, int rows, \
                                           int in, int out, float eps, float offset) {         \
-    gemv<T>(rms_normed_rows<T>(x, nw, rows, in, eps, offset), w, nullptr, y, rows, in, out);  \
+    uint4 a[1][DOT_UNITS];                                                                    \
+    const bool preloaded = start_product<T, 1>(a, w, in, out);                                \
+    gemv<T>(rms_normed_rows<T>(x, nw, rows, in, eps, offset), w, nullptr, y, rows, in, out,   \
+            a, preloaded);                                                                    \
   }                                                                                           \
   extern "C" __global__ void gemv_rms_maxima_##S(const T* x, const T* w, const T* nw,         \
                                                  float* values, int* indices, int in, int out, \
                                                  float eps, float offset) {                   \
-    gemv_maxima<T>(rms_normed_rows<T>(x, nw, 1, in, eps, offset), w, values, indices, in, out); \
+    uint4 a[1][DOT_UNITS];                                                                    \
+    const bool preloaded = start_product<T, 1>(a, w, in, out);                                \
+    gemv_maxima<T>(rms_normed_rows<T>(x, nw, 1, in, eps, offset), w, values, indices, in, out, \
+                   a, preloaded);                                                             \
   }                                                                                           \
   extern "C" __global__ void gemv_residual_##S(const T* x, const T* w, const T* residual,     \
                                                T* y, int rows, int in, int out) {             \
-    gemv<T>(x, w, residual, y, rows, in, out);                                                \
+    uint4 a[1][DOT_UNITS];                                                                    \
+    const bool preloaded = start_product<T, 1>(a, w, in, out);                                \
+    gemv<T>(x, w, residual, y, rows, in, out, a, preloaded);                                  \
   }                                                                                           \
   extern "C" __global__ void argmax_chunks_##S(const T* x, float* values, int* indices, int n, \
                                                int chunks) {                                  \

@@ -6,6 +6,10 @@
 //! (`kernels/decode.cu`). Each falls back to the separate ops where the matrix-vector kernel
 //! does not apply ([`super::gemv`]'s conditions, a norm weight that is not aligned, rows too
 //! long for a block's shared memory), and computes what they compute: on the CPU bit for bit.
+//!
+//! Each takes the [`WeightSource`] of its weight: on Hopper a product whose weight no kernel of
+//! the step writes starts loading it while the kernel ahead of it still runs
+//! ([`crate::programmatic`]).
 
 use super::cpu_kernel::{f32s, output};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
@@ -60,10 +64,39 @@ impl InputNorm<'_> {
     }
 }
 
+/// Where a product's weight comes from, which decides whether its kernel may start reading it
+/// while the kernel ahead of it in the stream still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightSource {
+    /// A tensor the model holds as the product takes it: no kernel of the step writes it.
+    Held,
+    /// A tensor a kernel of the step may just have written (a cast, an expanded 4-bit weight).
+    Computed,
+}
+
+impl WeightSource {
+    /// A weight the model holds, in `dtype` ([`super::cast`]), and its source:
+    /// [`WeightSource::Held`] where it is the held tensor itself (already in `dtype`), else
+    /// [`WeightSource::Computed`] (a cast made it).
+    pub fn cast(held: &Tensor, dtype: DType) -> Result<(Tensor, Self)> {
+        let used = super::cast(held, dtype)?;
+        let source = match used.id() == held.id() {
+            true => Self::Held,
+            false => Self::Computed,
+        };
+        Ok((used, source))
+    }
+}
+
 /// `linear(rms_norm(x), weight)` for `weight` `[out, in]` and `x` `[.., in]`: one kernel for
 /// a few untracked rows (a decode step's q/k/v projection).
-pub fn rms_norm_linear(x: &Tensor, norm: InputNorm, weight: &Tensor) -> Result<Tensor> {
-    normed_projection(x, norm, weight, None)
+pub fn rms_norm_linear(
+    x: &Tensor,
+    norm: InputNorm,
+    weight: &Tensor,
+    source: WeightSource,
+) -> Result<Tensor> {
+    normed_projection(x, norm, (weight, source), None)
 }
 
 /// `glu_projection(rms_norm(x), gate_up, glu)` for the stacked projection `gate_up`
@@ -73,16 +106,17 @@ pub fn rms_norm_glu_projection(
     x: &Tensor,
     norm: InputNorm,
     gate_up: &Tensor,
+    source: WeightSource,
     glu: Glu,
 ) -> Result<Tensor> {
-    normed_projection(x, norm, gate_up, Some(glu))
+    normed_projection(x, norm, (gate_up, source), Some(glu))
 }
 
 /// [`rms_norm_linear`], or with a unit [`rms_norm_glu_projection`].
 fn normed_projection(
     x: &Tensor,
     norm: InputNorm,
-    weight: &Tensor,
+    (weight, source): (&Tensor, WeightSource),
     glu: Option<Glu>,
 ) -> Result<Tensor> {
     let (w_rows, inp) = weight.dims2()?;
@@ -94,6 +128,7 @@ fn normed_projection(
                 glu,
                 eps: norm.eps as f32,
                 offset: norm.offset as f32,
+                source,
             };
             return rows
                 .apply_op3_no_bwd(weight, norm.weight, &op)?
@@ -116,7 +151,7 @@ fn normed_projection(
 pub fn rms_norm_head_greedy_step(
     x: &Tensor,
     norm: InputNorm,
-    head: &Tensor,
+    (head, source): (&Tensor, WeightSource),
     step: &Tensor,
     log: &super::PicksLog,
 ) -> Result<()> {
@@ -128,12 +163,13 @@ pub fn rms_norm_head_greedy_step(
             let op = NormedHeadMaxima {
                 eps: norm.eps as f32,
                 offset: norm.offset as f32,
+                source,
             };
             let maxima = row.apply_op3_no_bwd(head, norm.weight, &op)?;
             return super::argmax::greedy_step_from_maxima(&maxima, step, log);
         }
     }
-    let logits = rms_norm_linear(x, norm, head)?;
+    let logits = rms_norm_linear(x, norm, head, source)?;
     let vocab = logits.dim(candle_core::D::Minus1)?;
     super::greedy_step(&logits.reshape(((), vocab))?, step, log)
 }
@@ -141,7 +177,11 @@ pub fn rms_norm_head_greedy_step(
 /// `residual + linear(x, weight)` for `weight` `[out, in]`, `x` `[.., in]` and `residual`
 /// `[.., out]`, the product rounded to the dtype before the add as the separate ops store it:
 /// one kernel for a few untracked rows (a decode step's output and down projections).
-pub fn linear_residual(x: &Tensor, weight: &Tensor, residual: &Tensor) -> Result<Tensor> {
+pub fn linear_residual(
+    x: &Tensor,
+    (weight, source): (&Tensor, WeightSource),
+    residual: &Tensor,
+) -> Result<Tensor> {
     let (out, inp) = weight.dims2()?;
     let fits = x.dims().last() == Some(&inp)
         && residual.dims() == with_last_dim(x, out).as_slice()
@@ -153,7 +193,7 @@ pub fn linear_residual(x: &Tensor, weight: &Tensor, residual: &Tensor) -> Result
         if supported(&rows, weight) {
             let residual_rows = residual.reshape(((), out))?;
             return rows
-                .apply_op3_no_bwd(weight, &residual_rows, &ResidualGemv)?
+                .apply_op3_no_bwd(weight, &residual_rows, &ResidualGemv { source })?
                 .reshape(residual.shape());
         }
     }
@@ -166,6 +206,9 @@ struct NormedGemv {
     glu: Option<Glu>,
     eps: f32,
     offset: f32,
+    /// Read by the CUDA launchers only.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    source: WeightSource,
 }
 
 impl NormedGemv {
@@ -205,7 +248,8 @@ impl FusedOp<3> for NormedGemv {
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w, nw]: [Operand; 3]) -> CudaOutput {
         let shape = product_shape(x.1, w.1, self.glu)?;
-        let y = cuda::normed_gemv(self.kernel(), [x, w, nw], shape, (self.eps, self.offset))?;
+        let norm = (self.eps, self.offset);
+        let y = cuda::normed_gemv(self.kernel(), [x, w, nw], shape, norm, self.source)?;
         Ok((y, (shape.0, shape.2).into()))
     }
 }
@@ -220,6 +264,7 @@ custom_op!(NormedGemv: 3);
 struct NormedHeadMaxima {
     eps: f32,
     offset: f32,
+    source: WeightSource,
 }
 
 #[cfg(feature = "cuda")]
@@ -232,7 +277,8 @@ impl FusedOp<3> for NormedHeadMaxima {
 
     fn cuda(&self, [x, w, nw]: [Operand; 3]) -> CudaOutput {
         let shape = product_shape(x.1, w.1, None)?;
-        let (maxima, blocks) = cuda::head_maxima([x, w, nw], shape, (self.eps, self.offset))?;
+        let norm = (self.eps, self.offset);
+        let (maxima, blocks) = cuda::head_maxima([x, w, nw], shape, norm, self.source)?;
         Ok((maxima, (2, blocks).into()))
     }
 }
@@ -242,7 +288,11 @@ custom_op!(NormedHeadMaxima: 3);
 
 /// `residual + x @ w.t()`: operands `x` `[rows, in]`, `w` `[out, in]`, `residual`
 /// `[rows, out]`.
-struct ResidualGemv;
+struct ResidualGemv {
+    /// Read by the CUDA launchers only.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    source: WeightSource,
+}
 
 impl FusedOp<3> for ResidualGemv {
     const NAME: &'static str = "gemv-residual";
@@ -270,7 +320,10 @@ impl FusedOp<3> for ResidualGemv {
     fn cuda(&self, [x, w, res]: [Operand; 3]) -> CudaOutput {
         let (rows, _) = super::rows_and_width(x.1)?;
         let (out, _) = super::rows_and_width(w.1)?;
-        Ok((cuda::residual_gemv([x, w, res])?, (rows, out).into()))
+        Ok((
+            cuda::residual_gemv([x, w, res], self.source)?,
+            (rows, out).into(),
+        ))
     }
 }
 
@@ -279,13 +332,24 @@ custom_op!(ResidualGemv: 3);
 /// The CUDA launchers (`kernels/decode.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::WeightSource;
     use crate::launch::{
-        address, alloc, base_address, common_dtype, int, int_u32, launch_with_shared, per_warp_row,
-        resident_blocks, run, start_aligned, Arg, Operand, DEFAULT_SHARED_LIMIT,
+        address, alloc, base_address, common_dtype, int, int_u32, launch_ordered, per_warp_row,
+        resident_blocks, start_aligned, Arg, Operand, Order, DEFAULT_SHARED_LIMIT,
     };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
-    use candle_core::{CudaStorage, DType, Result};
+    use candle_core::{CudaDevice, CudaStorage, DType, Result};
+
+    /// How a product of a weight from `source` is launched on `device`: programmatically
+    /// where no kernel of the step writes the weight and the device can.
+    fn order(device: &CudaDevice, source: WeightSource) -> Result<Order> {
+        let programmatic = source == WeightSource::Held && crate::programmatic::available(device)?;
+        Ok(match programmatic {
+            true => Order::Programmatic,
+            false => Order::Stream,
+        })
+    }
 
     /// Bytes of shared memory the normalized rows `x` `[rows, in]` take in a block.
     fn normed_bytes(x: Operand) -> Result<usize> {
@@ -308,13 +372,34 @@ mod cuda {
         [x, w, nw]: [Operand; 3],
         (rows, inp, out): (usize, usize, usize),
         (eps, offset): (f32, f32),
+        source: WeightSource,
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w, nw])?;
         let y = alloc(&x.0.device, dtype, rows * out)?;
         let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
-        let grid = (dtype, normed_grid(name, x, dtype, out)?);
-        launch_normed(name, [x, w, nw], grid, &outputs, (inp, out), (eps, offset))?;
+        let order = order(&x.0.device, source)?;
+        let blocks = match order {
+            // One warp a feature, as the plain product: the grid leaves room on the device for
+            // the next kernel's blocks, which launch while this one runs.
+            Order::Programmatic => out.div_ceil(warps_per_block(out)?),
+            Order::Stream => normed_grid(name, x, dtype, out)?,
+        };
+        let launch = (dtype, blocks, order);
+        launch_normed(
+            name,
+            [x, w, nw],
+            launch,
+            &outputs,
+            (inp, out),
+            (eps, offset),
+        )?;
         Ok(y)
+    }
+
+    /// The warps in a block of a product with `out` features.
+    fn warps_per_block(out: usize) -> Result<usize> {
+        let (_, (threads, _)) = per_warp_row(out)?;
+        Ok(threads as usize / 32)
     }
 
     /// `gemv_rms_maxima` on one row `x` `[1, in]`, `w` `[out, in]` and the norm weight `nw`:
@@ -324,6 +409,7 @@ mod cuda {
         [x, w, nw]: [Operand; 3],
         (_, inp, out): (usize, usize, usize),
         (eps, offset): (f32, f32),
+        source: WeightSource,
     ) -> Result<(CudaStorage, usize)> {
         let name = "gemv_rms_maxima";
         let dtype = common_dtype(&[x, w, nw])?;
@@ -334,13 +420,21 @@ mod cuda {
             Arg::Address(values),
             Arg::Address(values + 4 * blocks as u64),
         ];
-        let grid = (dtype, blocks);
-        launch_normed(name, [x, w, nw], grid, &outputs, (inp, out), (eps, offset))?;
+        let launch = (dtype, blocks, order(&x.0.device, source)?);
+        launch_normed(
+            name,
+            [x, w, nw],
+            launch,
+            &outputs,
+            (inp, out),
+            (eps, offset),
+        )?;
         Ok((maxima, blocks))
     }
 
-    /// Blocks of a norm-taking product `name` of `x` with `out` output features: one warp
-    /// per feature, as the plain product, but no more blocks than the device runs at once:
+    /// Blocks of a norm-taking product `name` of `x` with `out` output features launched in
+    /// stream order: one warp per feature, as the plain product, but no more blocks than the
+    /// device runs at once:
     /// each block normalizes the rows once, then its warps go on to further features.
     fn normed_grid(name: &str, x: Operand, dtype: DType, out: usize) -> Result<usize> {
         let ((blocks, _), block) = per_warp_row(out)?;
@@ -354,13 +448,13 @@ mod cuda {
             .map_err(|_| candle_core::Error::Msg("rms_norm_linear: rows too long".into()))
     }
 
-    /// Launches the norm-taking product `name` in `dtype` on `blocks` blocks (its
-    /// [`normed_grid`]) with the arguments `x`, `w`, `nw`, `outputs` (its output addresses and
-    /// anything between them and the sizes), `in`, `out`, `eps` and `offset`.
+    /// Launches the norm-taking product `name` in `dtype` on `blocks` blocks in `order` with
+    /// the arguments `x`, `w`, `nw`, `outputs` (its output addresses and anything between
+    /// them and the sizes), `in`, `out`, `eps` and `offset`.
     fn launch_normed(
         name: &str,
         [x, w, nw]: [Operand; 3],
-        (dtype, blocks): (DType, usize),
+        (dtype, blocks, order): (DType, usize, Order),
         outputs: &[Arg],
         (inp, out): (usize, usize),
         (eps, offset): (f32, f32),
@@ -373,30 +467,38 @@ mod cuda {
         args.extend([int(inp)?, int(out)?, Arg::Float(eps), Arg::Float(offset)]);
         let (_, block) = per_warp_row(out)?;
         let grid = (int_u32(blocks)?, 1);
-        launch_with_shared(
-            &x.0.device,
-            name,
-            Some(dtype),
-            (grid, block, shared(x)?),
-            &args,
-        )
+        let config = (grid, block, shared(x)?);
+        launch_ordered(&x.0.device, name, Some(dtype), config, &args, order)
     }
 
     /// `residual + x @ w.t()` for `x` `[rows, in]`, `w` `[out, in]` and `residual`
     /// `[rows, out]`.
-    pub(super) fn residual_gemv([x, w, residual]: [Operand; 3]) -> Result<CudaStorage> {
+    pub(super) fn residual_gemv(
+        [x, w, residual]: [Operand; 3],
+        source: WeightSource,
+    ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w, residual])?;
         let (rows, inp) = rows_and_width(x.1)?;
         let (out, _) = rows_and_width(w.1)?;
         let y = alloc(&x.0.device, dtype, rows * out)?;
-        let scalars = [int(rows)?, int(inp)?, int(out)?];
-        run(
-            ("gemv_residual", dtype),
-            per_warp_row(out)?,
-            &[x, w, residual],
-            y,
-            &scalars,
-        )
+        let mut args = [x, w, residual]
+            .into_iter()
+            .map(|o| address(o).map(Arg::Address))
+            .collect::<Result<Vec<_>>>()?;
+        args.extend([Arg::Address(base_address(&y)?), int(rows)?]);
+        args.extend([int(inp)?, int(out)?]);
+        let (grid, block) = per_warp_row(out)?;
+        let order = order(&x.0.device, source)?;
+        let name = "gemv_residual";
+        launch_ordered(
+            &x.0.device,
+            name,
+            Some(dtype),
+            (grid, block, 0),
+            &args,
+            order,
+        )?;
+        Ok(y)
     }
 }
 
@@ -404,6 +506,21 @@ mod cuda {
 mod tests {
     use super::*;
     use crate::parity::uniform;
+    use WeightSource::Held;
+
+    /// A weight already in the step's dtype is the held tensor itself; a cast one is made in
+    /// the step.
+    #[test]
+    fn weight_source_says_whether_a_cast_made_the_weight() {
+        let w = uniform(&[4, 8], 1);
+        let (same, source) = WeightSource::cast(&w, DType::F32).unwrap();
+        assert_eq!((source, same.id()), (Held, w.id()));
+        let (cast, source) = WeightSource::cast(&w, DType::BF16).unwrap();
+        assert_eq!(
+            (source, cast.dtype()),
+            (WeightSource::Computed, DType::BF16)
+        );
+    }
 
     /// Each fused projection equals the separate ops bit for bit on the CPU, for one row and
     /// a batch, with a plain and an offset norm weight.
@@ -427,19 +544,19 @@ mod tests {
                 let normed = crate::rms_norm_offset(&x, &nw, offset, 1e-5).unwrap();
                 let pairs = [
                     (
-                        rms_norm_linear(&x, norm, &w).unwrap(),
+                        rms_norm_linear(&x, norm, &w, Held).unwrap(),
                         crate::linear(&normed, &w).unwrap(),
                     ),
                     (
-                        rms_norm_glu_projection(&x, norm, &gate_up, Glu::SwiGlu).unwrap(),
+                        rms_norm_glu_projection(&x, norm, &gate_up, Held, Glu::SwiGlu).unwrap(),
                         crate::glu_projection(&normed, &gate_up, Glu::SwiGlu).unwrap(),
                     ),
                     (
-                        rms_norm_glu_projection(&x, norm, &gate_up, Glu::GeGlu).unwrap(),
+                        rms_norm_glu_projection(&x, norm, &gate_up, Held, Glu::GeGlu).unwrap(),
                         crate::glu_projection(&normed, &gate_up, Glu::GeGlu).unwrap(),
                     ),
                     (
-                        linear_residual(&hidden, &down, &residual).unwrap(),
+                        linear_residual(&hidden, (&down, Held), &residual).unwrap(),
                         crate::add(&residual, &crate::linear(&hidden, &down).unwrap()).unwrap(),
                     ),
                 ];
@@ -462,6 +579,6 @@ mod tests {
             offset: 0.0,
             eps: 1e-5,
         };
-        assert!(rms_norm_linear(&x, norm, &w).is_err());
+        assert!(rms_norm_linear(&x, norm, &w, Held).is_err());
     }
 }

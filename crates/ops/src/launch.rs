@@ -144,11 +144,34 @@ pub(crate) fn launch_with_shared(
     device: &CudaDevice,
     name: &str,
     dtype: Option<DType>,
+    config: ((u32, u32), (u32, u32), u32),
+    args: &[Arg],
+) -> Result<()> {
+    launch_ordered(device, name, dtype, config, args, Order::Stream)
+}
+
+/// When a launched kernel may start: after the kernel ahead of it in the stream has ended, or
+/// while it still runs ([`crate::programmatic`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    Stream,
+    Programmatic,
+}
+
+/// [`launch_with_shared`] in `order`.
+pub(crate) fn launch_ordered(
+    device: &CudaDevice,
+    name: &str,
+    dtype: Option<DType>,
     (grid, block, shared): ((u32, u32), (u32, u32), u32),
     args: &[Arg],
+    order: Order,
 ) -> Result<()> {
     let func = kernel(device, name, dtype, shared)?;
     let stream = device.cuda_stream();
+    if order == Order::Programmatic {
+        return crate::programmatic::launch(&func, &stream, (grid, block, shared), args);
+    }
     let mut builder = stream.launch_builder(&func);
     for arg in args {
         match arg {

@@ -44,6 +44,8 @@ pub mod nccl;
 pub mod nf4;
 pub mod parity;
 mod picks_log;
+#[cfg(feature = "cuda")]
+mod programmatic;
 pub mod reference;
 mod rms_norm;
 mod rope;
@@ -68,7 +70,8 @@ pub use embedding::embedding;
 pub use frozen::{frozen_linear, lora_linear, LinearWeight};
 pub use gemv::{glu_projection, linear};
 pub use gemv_fused::{
-    linear_residual, rms_norm_glu_projection, rms_norm_head_greedy_step, rms_norm_linear, InputNorm,
+    linear_residual, rms_norm_glu_projection, rms_norm_head_greedy_step, rms_norm_linear,
+    InputNorm, WeightSource,
 };
 pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};

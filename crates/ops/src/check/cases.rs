@@ -599,12 +599,12 @@ fn head_greedy_step_case(inp: usize, vocab: usize) -> Case {
         fused: |t| {
             let (step, log) = step_and_log(t)?;
             let norm = input_norm::<0>(&t[2]);
-            crate::rms_norm_head_greedy_step(&t[0], norm, &t[1], &step, &log)?;
+            crate::rms_norm_head_greedy_step(&t[0], norm, (&t[1], HELD), &step, &log)?;
             compared(&step, log, t[1].dim(0)?)
         },
         reference: |t| {
             let (step, log) = step_and_log(t)?;
-            let logits = crate::rms_norm_linear(&t[0], input_norm::<0>(&t[2]), &t[1])?;
+            let logits = crate::rms_norm_linear(&t[0], input_norm::<0>(&t[2]), &t[1], HELD)?;
             crate::greedy_step(&logits, &step, &log)?;
             compared(&step, log, t[1].dim(0)?)
         },
@@ -746,6 +746,11 @@ fn input_norm<const OFFSET: u8>(weight: &Tensor) -> crate::InputNorm<'_> {
     }
 }
 
+/// The source of the decode products' weights in their cases: the inputs are made before the
+/// op runs, the weight before the norm weight or residual after it, so no kernel still running
+/// when the product starts writes it, and on Hopper the cases check the programmatic launch.
+const HELD: crate::WeightSource = crate::WeightSource::Held;
+
 /// A decode step's projection of rows `[rows, inp]` with their RMSNorm taken on the way in
 /// (the q/k/v projection's), against the norm and the product.
 fn rms_norm_linear_case<const OFFSET: u8>(rows: usize, inp: usize, out: usize) -> Case {
@@ -754,7 +759,7 @@ fn rms_norm_linear_case<const OFFSET: u8>(rows: usize, inp: usize, out: usize) -
             0 => "rms_norm_linear",
             _ => "rms_norm_linear_offset",
         },
-        fused: |t| crate::rms_norm_linear(&t[0], input_norm::<OFFSET>(&t[2]), &t[1]),
+        fused: |t| crate::rms_norm_linear(&t[0], input_norm::<OFFSET>(&t[2]), &t[1], HELD),
         reference: |t| reference::rms_norm(&t[0], &t[2], OFFSET as f64, 1e-5)?.matmul(&t[1].t()?),
         inputs: vec![
             Input::Table(vec![rows, inp]),
@@ -774,7 +779,7 @@ fn rms_norm_glu_case<const GEGLU: bool>(rows: usize, inp: usize, ffn: usize) -> 
         },
         fused: |t| {
             let norm = input_norm::<0>(&t[2]);
-            crate::rms_norm_glu_projection(&t[0], norm, &t[1], unit::<GEGLU>())
+            crate::rms_norm_glu_projection(&t[0], norm, &t[1], HELD, unit::<GEGLU>())
         },
         reference: |t| {
             let normed = reference::rms_norm(&t[0], &t[2], 0.0, 1e-5)?;
@@ -793,7 +798,7 @@ fn rms_norm_glu_case<const GEGLU: bool>(rows: usize, inp: usize, ffn: usize) -> 
 fn linear_residual_case(rows: usize, inp: usize, out: usize) -> Case {
     Case {
         name: "linear_residual",
-        fused: |t| crate::linear_residual(&t[0], &t[1], &t[2]),
+        fused: |t| crate::linear_residual(&t[0], (&t[1], HELD), &t[2]),
         reference: |t| &t[2] + t[0].matmul(&t[1].t()?)?,
         inputs: vec![
             Input::Table(vec![rows, inp]),
