@@ -351,6 +351,15 @@ mod cuda {
         })
     }
 
+    /// The `n`-element output of a product launched in `order`: for a programmatic launch,
+    /// allocated where it does not hold the launch back ([`crate::programmatic::alloc_at_root`]).
+    fn output(device: &CudaDevice, dtype: DType, n: usize, order: Order) -> Result<CudaStorage> {
+        match order {
+            Order::Programmatic => crate::programmatic::alloc_at_root(device, dtype, n),
+            Order::Stream => alloc(device, dtype, n),
+        }
+    }
+
     /// Bytes of shared memory the normalized rows `x` `[rows, in]` take in a block.
     fn normed_bytes(x: Operand) -> Result<usize> {
         let (rows, inp) = rows_and_width(x.1)?;
@@ -375,9 +384,9 @@ mod cuda {
         source: WeightSource,
     ) -> Result<CudaStorage> {
         let dtype = common_dtype(&[x, w, nw])?;
-        let y = alloc(&x.0.device, dtype, rows * out)?;
-        let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
         let order = order(&x.0.device, source)?;
+        let y = output(&x.0.device, dtype, rows * out, order)?;
+        let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
         let blocks = match order {
             // One warp a feature, as the plain product: the grid leaves room on the device for
             // the next kernel's blocks, which launch while this one runs.
@@ -414,13 +423,14 @@ mod cuda {
         let name = "gemv_rms_maxima";
         let dtype = common_dtype(&[x, w, nw])?;
         let blocks = normed_grid(name, x, dtype, out)?;
-        let maxima = alloc(&x.0.device, DType::U32, 2 * blocks)?;
+        let order = order(&x.0.device, source)?;
+        let maxima = output(&x.0.device, DType::U32, 2 * blocks, order)?;
         let values = base_address(&maxima)?;
         let outputs = [
             Arg::Address(values),
             Arg::Address(values + 4 * blocks as u64),
         ];
-        let launch = (dtype, blocks, order(&x.0.device, source)?);
+        let launch = (dtype, blocks, order);
         launch_normed(
             name,
             [x, w, nw],
@@ -480,7 +490,8 @@ mod cuda {
         let dtype = common_dtype(&[x, w, residual])?;
         let (rows, inp) = rows_and_width(x.1)?;
         let (out, _) = rows_and_width(w.1)?;
-        let y = alloc(&x.0.device, dtype, rows * out)?;
+        let order = order(&x.0.device, source)?;
+        let y = output(&x.0.device, dtype, rows * out, order)?;
         let mut args = [x, w, residual]
             .into_iter()
             .map(|o| address(o).map(Arg::Address))
@@ -488,7 +499,6 @@ mod cuda {
         args.extend([Arg::Address(base_address(&y)?), int(rows)?]);
         args.extend([int(inp)?, int(out)?]);
         let (grid, block) = per_warp_row(out)?;
-        let order = order(&x.0.device, source)?;
         let name = "gemv_residual";
         launch_ordered(
             &x.0.device,

@@ -70,7 +70,10 @@ fn capture_cuda(dev: &candle_core::CudaDevice, work: impl FnOnce() -> Result<()>
     // The capture ends whatever happened, so that the stream runs work again.
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
     let error = match (worked, graph) {
-        (Ok(()), Ok(Some(inner))) => return Ok(Graph { inner }),
+        (Ok(()), Ok(Some(inner))) => {
+            write_dot(&inner)?;
+            return Ok(Graph { inner });
+        }
         (Err(e), _) => e,
         (Ok(()), Err(e)) => candle_core::Error::wrap(e),
         (Ok(()), Ok(None)) => candle_core::Error::Msg("the capture recorded nothing".into()),
@@ -79,6 +82,29 @@ fn capture_cuda(dev: &candle_core::CudaDevice, work: impl FnOnce() -> Result<()>
     // next call would report it; the work runs uncaptured from here on.
     let _ = stream.context().check_err();
     Err(error.context("capturing a CUDA graph"))
+}
+
+/// Writes the captured graph's nodes and edges, as the driver describes them (Graphviz), to
+/// the file `LLMTOOL_CUDA_GRAPH_DOT` names, when it names one: each capture overwrites it.
+#[cfg(feature = "cuda")]
+fn write_dot(graph: &candle_core::cuda_backend::cudarc::driver::CudaGraph) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::WrapErr;
+    let Some(path) = std::env::var_os("LLMTOOL_CUDA_GRAPH_DOT") else {
+        return Ok(());
+    };
+    let path = std::ffi::CString::new(path.as_encoded_bytes())
+        .map_err(|_| candle_core::Error::Msg("LLMTOOL_CUDA_GRAPH_DOT holds a NUL byte".into()))?;
+    let verbose = sys::CUgraphDebugDot_flags::CU_GRAPH_DEBUG_DOT_FLAGS_VERBOSE as u32;
+    // SAFETY: the graph is alive, and the path a NUL-terminated string that outlives the call.
+    unsafe { sys::cuGraphDebugDotPrint(graph.cu_graph(), path.as_ptr(), verbose) }
+        .result()
+        .w()
+        .map_err(|e| {
+            e.context(format!(
+                "writing the graph to {path:?} (LLMTOOL_CUDA_GRAPH_DOT)"
+            ))
+        })
 }
 
 /// Runs `work` with candle's capture cache of host uploads on, so that a later [`Graph::capture`]

@@ -12,32 +12,18 @@
 //! way. `LLMTOOL_CUDA_PDL=0` launches every kernel in stream order.
 
 use crate::launch::Arg;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream};
-use candle_core::cuda_backend::{DeviceId, WrapErr};
-use candle_core::{CudaDevice, Result};
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaStream};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, DType, Result};
+use std::sync::OnceLock;
 
 /// Whether `device` launches kernels programmatically: compute capability 9.x (the fat
 /// binary's machine code for it holds the waits; the PTX for other GPUs targets compute 8.0,
-/// which has none), unless `LLMTOOL_CUDA_PDL=0`. Asked of the driver once per device.
+/// which has none), unless `LLMTOOL_CUDA_PDL=0`.
 pub(crate) fn available(device: &CudaDevice) -> Result<bool> {
     static ENABLED: OnceLock<bool> = OnceLock::new();
-    static CAPABLE: OnceLock<Mutex<HashMap<DeviceId, bool>>> = OnceLock::new();
     let enabled = *ENABLED.get_or_init(|| std::env::var("LLMTOOL_CUDA_PDL").as_deref() != Ok("0"));
-    if !enabled {
-        return Ok(false);
-    }
-    let mut capable = CAPABLE
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(&yes) = capable.get(&device.id()) {
-        return Ok(yes);
-    }
-    let (major, _) = device.cuda_stream().context().compute_capability().w()?;
-    capable.insert(device.id(), major == 9);
-    Ok(major == 9)
+    Ok(enabled && crate::launch::compute_capability(device)?.0 == 9)
 }
 
 /// Launches `func` on `stream` with programmatic stream serialization allowed: it may start
@@ -48,7 +34,7 @@ pub(crate) fn launch(
     (grid, block, shared): ((u32, u32), (u32, u32), u32),
     args: &[Arg],
 ) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
+    step_past_frees(stream)?;
     let mut values: Vec<Arg> = args.to_vec();
     let mut params: Vec<*mut std::ffi::c_void> = values
         .iter_mut()
@@ -89,4 +75,147 @@ pub(crate) fn launch(
     .result()
     .w()?;
     Ok(())
+}
+
+/// A node of the graph a capturing stream records, with the data of the edge it would give.
+type Dependency = (sys::CUgraphNode, sys::CUgraphEdgeData);
+
+/// The nodes the next node captured on `stream` would depend on, with their edges' data;
+/// `None` where the stream is not capturing.
+fn capture_dependencies(stream: &CudaStream) -> Result<Option<Vec<Dependency>>> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    let mut nodes: *const sys::CUgraphNode = std::ptr::null();
+    let mut edges: *const sys::CUgraphEdgeData = std::ptr::null();
+    let mut count = 0usize;
+    // SAFETY: every out-pointer points at a local of the type the call writes; the id and the
+    // graph are not asked for (null).
+    unsafe {
+        sys::cuStreamGetCaptureInfo_v3(
+            stream.cu_stream(),
+            &mut status,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut nodes,
+            &mut edges,
+            &mut count,
+        )
+    }
+    .result()
+    .w()?;
+    if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE {
+        return Ok(None);
+    }
+    Ok(Some(
+        (0..count)
+            // SAFETY: the driver returned `count` nodes, and as many edges' data where the
+            // pointer is not null (null: every edge is a default one); both arrays stay valid
+            // until the stream's next capture call.
+            .map(|i| unsafe {
+                let edge = if edges.is_null() {
+                    std::mem::zeroed()
+                } else {
+                    *edges.add(i)
+                };
+                (*nodes.add(i), edge)
+            })
+            .collect(),
+    ))
+}
+
+/// Makes `dependencies` the nodes the next node captured on `stream` depends on.
+fn set_capture_dependencies(stream: &CudaStream, dependencies: &[Dependency]) -> Result<()> {
+    let (mut nodes, edges): (Vec<_>, Vec<_>) = dependencies.iter().copied().unzip();
+    let set = sys::CUstreamUpdateCaptureDependencies_flags::CU_STREAM_SET_CAPTURE_DEPENDENCIES;
+    // SAFETY: both arrays hold `dependencies.len()` elements and outlive the call.
+    unsafe {
+        sys::cuStreamUpdateCaptureDependencies_v2(
+            stream.cu_stream(),
+            nodes.as_mut_ptr(),
+            edges.as_ptr(),
+            nodes.len(),
+            set as u32,
+        )
+    }
+    .result()
+    .w()
+}
+
+/// The nodes `node` depends on, with their edges' data.
+fn node_dependencies(node: sys::CUgraphNode) -> Result<Vec<Dependency>> {
+    let mut count = 0usize;
+    // SAFETY: with null arrays the call only writes the count.
+    unsafe {
+        sys::cuGraphNodeGetDependencies_v2(
+            node,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut count,
+        )
+    }
+    .result()
+    .w()?;
+    let mut nodes = vec![std::ptr::null_mut(); count];
+    // SAFETY: an all-zero edge's data is a valid C struct (the default edge).
+    let mut edges = vec![unsafe { std::mem::zeroed::<sys::CUgraphEdgeData>() }; count];
+    // SAFETY: both arrays hold `count` elements, the number the driver reported.
+    unsafe {
+        sys::cuGraphNodeGetDependencies_v2(node, nodes.as_mut_ptr(), edges.as_mut_ptr(), &mut count)
+    }
+    .result()
+    .w()?;
+    Ok(nodes.into_iter().zip(edges).take(count).collect())
+}
+
+/// Whether `node` frees memory.
+fn frees_memory(node: sys::CUgraphNode) -> Result<bool> {
+    let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+    // SAFETY: `kind` is a local the call writes.
+    unsafe { sys::cuGraphNodeGetType(node, &mut kind) }
+        .result()
+        .w()?;
+    Ok(kind == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_FREE)
+}
+
+/// In a capturing stream, lets the next node depend on what the memory frees at the end of
+/// the stream's chain depended on instead of on those frees: the frees stay in the graph,
+/// ordered after the work that used their memory, and no node captured later is ordered after
+/// them (so no later allocation reuses their memory). A kernel launched programmatically then
+/// depends on the kernel ahead itself, the only dependency the graph makes programmatic; behind
+/// the frees a captured step puts between two kernels (each tensor dropped once used), it
+/// would wait for that kernel's end.
+fn step_past_frees(stream: &CudaStream) -> Result<()> {
+    let Some(dependencies) = capture_dependencies(stream)? else {
+        return Ok(());
+    };
+    let mut kept: Vec<Dependency> = Vec::with_capacity(dependencies.len());
+    let mut pending = dependencies.clone();
+    while let Some(dependency) = pending.pop() {
+        if frees_memory(dependency.0)? {
+            pending.extend(node_dependencies(dependency.0)?);
+        } else if !kept.iter().any(|k| k.0 == dependency.0) {
+            kept.push(dependency);
+        }
+    }
+    if kept.len() != dependencies.len() || kept.iter().any(|k| !dependencies.contains(k)) {
+        set_capture_dependencies(stream, &kept)?;
+    }
+    Ok(())
+}
+
+/// Allocates `n` elements of `dtype` on `device` for a kernel launched programmatically: in a
+/// capturing stream, the allocation's node goes in at the root of the graph instead of after
+/// the kernel ahead, which the kernel's dependency on its output would otherwise make it
+/// wait for. A root allocation shares memory with no other of the graph's (none is ordered
+/// before it), a few kilobytes a product in a decode step.
+pub(crate) fn alloc_at_root(device: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
+    let stream = device.cuda_stream();
+    let Some(dependencies) = capture_dependencies(&stream)? else {
+        return crate::launch::alloc(device, dtype, n);
+    };
+    set_capture_dependencies(&stream, &[])?;
+    let allocated = crate::launch::alloc(device, dtype, n);
+    let allocation = capture_dependencies(&stream)?.unwrap_or_default();
+    let restored = [dependencies, allocation].concat();
+    set_capture_dependencies(&stream, &restored)?;
+    allocated
 }
