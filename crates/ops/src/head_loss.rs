@@ -18,10 +18,32 @@ use candle_core::{DType, Result, Tensor};
 /// The logits are computed in chunks of at most this size.
 const CHUNK_BYTES: usize = 256 << 20;
 
-/// Rows of `hidden` per chunk of logits against a head of `vocab` rows.
-fn chunk_rows(hidden: &Tensor, vocab: usize) -> usize {
+/// Rows of `hidden` per chunk of at most `chunk_bytes` of logits against a head of `vocab` rows.
+fn chunk_rows(hidden: &Tensor, vocab: usize, chunk_bytes: usize) -> usize {
     let row_bytes = vocab * hidden.dtype().size_in_bytes();
-    (CHUNK_BYTES / row_bytes.max(1)).max(1)
+    (chunk_bytes / row_bytes.max(1)).max(1)
+}
+
+/// [`chunk_rows`] for the training loss. Where `head` is trained, each chunk adds its share of
+/// the head's gradient to an f32 sum, reading and writing all of it (1 GB for a
+/// 128K-vocabulary head of width 2,048), so a chunk holds at least half as many bytes of
+/// logits as that gradient has: a 1B model's in four chunks of a 4 × 2,048 batch, not eight
+/// (its training step 2–2.5% faster on an H100 at the same peak). A small head's chunks stay
+/// at [`CHUNK_BYTES`], as do a frozen head's, which sum no gradient: larger ones would only
+/// raise the peak (the base preset's by 9% at 512 MiB, a 1B LoRA step's by 1.5 GB at 1 GiB;
+/// docs/benchmarks.md, session 35).
+fn training_chunk_rows(hidden: &Tensor, head: &Tensor) -> Result<usize> {
+    let (vocab, width) = head.dims2()?;
+    let chunk_bytes = match head.track_op() {
+        true => trained_head_chunk_bytes(vocab * width * DType::F32.size_in_bytes()),
+        false => CHUNK_BYTES,
+    };
+    Ok(chunk_rows(hidden, vocab, chunk_bytes))
+}
+
+/// The chunk size for a trained head whose f32 gradient has `gradient_bytes`.
+fn trained_head_chunk_bytes(gradient_bytes: usize) -> usize {
+    CHUNK_BYTES.max(gradient_bytes / 2)
 }
 
 /// `cap · tanh(logits / cap)` where there is a cap.
@@ -41,7 +63,7 @@ pub fn head_nll(
     targets: &Tensor,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let rows = chunk_rows(hidden, head.dim(0)?);
+    let rows = chunk_rows(hidden, head.dim(0)?, CHUNK_BYTES);
     head_nll_in_chunks(&hidden.detach(), &head.detach(), targets, rows, softcap)
 }
 
@@ -75,7 +97,7 @@ pub fn head_mean_nll(
     weights: &Tensor,
     softcap: Option<f64>,
 ) -> Result<Tensor> {
-    let rows = chunk_rows(hidden, head.dim(0)?);
+    let rows = training_chunk_rows(hidden, head)?;
     head_mean_nll_in_chunks(hidden, head, (targets, weights), rows, softcap)
 }
 
@@ -142,7 +164,7 @@ fn head_mean_nll_in_chunks(
 mod tests {
     use crate::parity::{assert_parity, relative_error, uniform};
     use crate::{reference, weighted_mean};
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     /// Hidden states, head, targets and loss weights (every third position skipped).
     fn inputs(n: usize, d: usize, vocab: usize, seed: u64) -> [Tensor; 4] {
@@ -207,6 +229,20 @@ mod tests {
                 1e-5,
             );
         }
+    }
+
+    #[test]
+    fn a_large_trained_head_takes_chunks_of_half_its_gradient() {
+        let hidden = Tensor::zeros((4, 8), DType::BF16, &Device::Cpu).unwrap();
+        let rows = |vocab: usize, width: usize| {
+            let bytes = super::trained_head_chunk_bytes(vocab * width * 4);
+            super::chunk_rows(&hidden, vocab, bytes)
+        };
+        // A Llama-3.2-1B head: a 1 GB f32 gradient, so 2,048 rows of 256.5 KB of bf16 logits
+        // (256 MiB would be 1,046).
+        assert_eq!(rows(128_256, 2048), 2048);
+        // The base preset's: a 98 MB gradient, so 256 MiB chunks (8,388 rows).
+        assert_eq!(rows(32_000, 768), (256 << 20) / (32_000 * 2));
     }
 
     #[test]
