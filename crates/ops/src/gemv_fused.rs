@@ -378,12 +378,13 @@ mod cuda {
     /// `[rows, out]`.
     pub(super) fn normed_gemv(
         name: &str,
-        [x, w, nw]: [Operand; 3],
-        (rows, inp, out): (usize, usize, usize),
-        (eps, offset): (f32, f32),
+        operands: [Operand; 3],
+        sizes: (usize, usize, usize),
+        norm: (f32, f32),
         source: WeightSource,
     ) -> Result<CudaStorage> {
-        let dtype = common_dtype(&[x, w, nw])?;
+        let ((rows, _, out), [x, ..]) = (sizes, operands);
+        let dtype = common_dtype(&operands)?;
         let order = order(&x.0.device, source)?;
         let y = output(&x.0.device, dtype, rows * out, order)?;
         let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
@@ -394,14 +395,7 @@ mod cuda {
             Order::Stream => normed_grid(name, x, dtype, out)?,
         };
         let launch = (dtype, blocks, order);
-        launch_normed(
-            name,
-            [x, w, nw],
-            launch,
-            &outputs,
-            (inp, out),
-            (eps, offset),
-        )?;
+        launch_normed(name, operands, sizes, norm, launch, &outputs)?;
         Ok(y)
     }
 
@@ -415,13 +409,14 @@ mod cuda {
     /// u32 `[2, blocks]`, each block's largest output's f32 bits, then its index; and the
     /// blocks.
     pub(super) fn head_maxima(
-        [x, w, nw]: [Operand; 3],
-        (_, inp, out): (usize, usize, usize),
-        (eps, offset): (f32, f32),
+        operands: [Operand; 3],
+        sizes: (usize, usize, usize),
+        norm: (f32, f32),
         source: WeightSource,
     ) -> Result<(CudaStorage, usize)> {
+        let ((_, _, out), [x, ..]) = (sizes, operands);
         let name = "gemv_rms_maxima";
-        let dtype = common_dtype(&[x, w, nw])?;
+        let dtype = common_dtype(&operands)?;
         let blocks = normed_grid(name, x, dtype, out)?;
         let order = order(&x.0.device, source)?;
         let maxima = output(&x.0.device, DType::U32, 2 * blocks, order)?;
@@ -431,14 +426,7 @@ mod cuda {
             Arg::Address(values + 4 * blocks as u64),
         ];
         let launch = (dtype, blocks, order);
-        launch_normed(
-            name,
-            [x, w, nw],
-            launch,
-            &outputs,
-            (inp, out),
-            (eps, offset),
-        )?;
+        launch_normed(name, operands, sizes, norm, launch, &outputs)?;
         Ok((maxima, blocks))
     }
 
@@ -458,16 +446,17 @@ mod cuda {
             .map_err(|_| candle_core::Error::Msg("rms_norm_linear: rows too long".into()))
     }
 
-    /// Launches the norm-taking product `name` in `dtype` on `blocks` blocks in `order` with
-    /// the arguments `x`, `w`, `nw`, `outputs` (its output addresses and anything between
-    /// them and the sizes), `in`, `out`, `eps` and `offset`.
+    /// Launches the norm-taking product `name` of `x` `[rows, in]`, `w` and the norm weight
+    /// `nw` (`sizes`: rows, in, out; `norm`: eps, offset) in `dtype` on `blocks` blocks in
+    /// `order`, with `outputs` (its output addresses and anything between them and the sizes)
+    /// as arguments after the operands.
     fn launch_normed(
         name: &str,
         [x, w, nw]: [Operand; 3],
+        (_, inp, out): (usize, usize, usize),
+        (eps, offset): (f32, f32),
         (dtype, blocks, order): (DType, usize, Order),
         outputs: &[Arg],
-        (inp, out): (usize, usize),
-        (eps, offset): (f32, f32),
     ) -> Result<()> {
         let mut args = [x, w, nw]
             .into_iter()
