@@ -65,7 +65,7 @@ impl Llama {
         };
         let held = |weight| ops::WeightSource::cast(weight, dtype);
         let (qkv_weight, qkv_source) = held(w.qkv)?;
-        let qkv = ops::rms_norm_linear(x, norm(&pre_attention), &qkv_weight, qkv_source)?;
+        let qkv = ops::rms_norm_linear(x, norm(&pre_attention), (&qkv_weight, qkv_source))?;
         let heads = b.self_attn.heads_and_size();
         let options = self.attention_options(i, None);
         let y = cache.attend_packed(&qkv, self.layer_rope(i), heads, options)?;
@@ -73,8 +73,8 @@ impl Llama {
         let x = ops::linear_residual(&ops::merge_heads(&y)?, (&o, o_source), x)?;
         let glu = self.family.activation.glu();
         let (gate_up, gate_up_source) = held(w.gate_up)?;
-        let hidden =
-            ops::rms_norm_glu_projection(&x, norm(&pre_mlp), &gate_up, gate_up_source, glu)?;
+        let gate_up = (&gate_up, gate_up_source);
+        let hidden = ops::rms_norm_glu_projection(&x, norm(&pre_mlp), gate_up, glu)?;
         let (down, down_source) = held(w.down)?;
         ops::linear_residual(&hidden, (&down, down_source), &x)
     }

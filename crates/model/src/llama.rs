@@ -621,7 +621,11 @@ impl Llama {
             return self.head_logits(&normed);
         };
         let norm = normed.input_norm(self.config.rms_norm_eps);
-        self.softcapped(ops::rms_norm_linear(x, norm, &normed.head, normed.source)?)
+        self.softcapped(ops::rms_norm_linear(
+            x,
+            norm,
+            (&normed.head, normed.source),
+        )?)
     }
 
     /// The final norm and the head, where the final norm is taken on the way into the head's

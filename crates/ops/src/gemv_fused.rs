@@ -93,10 +93,9 @@ impl WeightSource {
 pub fn rms_norm_linear(
     x: &Tensor,
     norm: InputNorm,
-    weight: &Tensor,
-    source: WeightSource,
+    weight: (&Tensor, WeightSource),
 ) -> Result<Tensor> {
-    normed_projection(x, norm, (weight, source), None)
+    normed_projection(x, norm, weight, None)
 }
 
 /// `glu_projection(rms_norm(x), gate_up, glu)` for the stacked projection `gate_up`
@@ -105,11 +104,10 @@ pub fn rms_norm_linear(
 pub fn rms_norm_glu_projection(
     x: &Tensor,
     norm: InputNorm,
-    gate_up: &Tensor,
-    source: WeightSource,
+    gate_up: (&Tensor, WeightSource),
     glu: Glu,
 ) -> Result<Tensor> {
-    normed_projection(x, norm, (gate_up, source), Some(glu))
+    normed_projection(x, norm, gate_up, Some(glu))
 }
 
 /// [`rms_norm_linear`], or with a unit [`rms_norm_glu_projection`].
@@ -169,7 +167,7 @@ pub fn rms_norm_head_greedy_step(
             return super::argmax::greedy_step_from_maxima(&maxima, step, log);
         }
     }
-    let logits = rms_norm_linear(x, norm, head, source)?;
+    let logits = rms_norm_linear(x, norm, (head, source))?;
     let vocab = logits.dim(candle_core::D::Minus1)?;
     super::greedy_step(&logits.reshape(((), vocab))?, step, log)
 }
@@ -335,7 +333,7 @@ mod cuda {
     use super::WeightSource;
     use crate::launch::{
         address, alloc, base_address, common_dtype, int, int_u32, launch_ordered, per_warp_row,
-        resident_blocks, start_aligned, Arg, Operand, Order, DEFAULT_SHARED_LIMIT,
+        resident_blocks, run_ordered, start_aligned, Arg, Operand, Order, DEFAULT_SHARED_LIMIT,
     };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
@@ -481,23 +479,16 @@ mod cuda {
         let (out, _) = rows_and_width(w.1)?;
         let order = order(&x.0.device, source)?;
         let y = output(&x.0.device, dtype, rows * out, order)?;
-        let mut args = [x, w, residual]
-            .into_iter()
-            .map(|o| address(o).map(Arg::Address))
-            .collect::<Result<Vec<_>>>()?;
-        args.extend([Arg::Address(base_address(&y)?), int(rows)?]);
-        args.extend([int(inp)?, int(out)?]);
-        let (grid, block) = per_warp_row(out)?;
-        let name = "gemv_residual";
-        launch_ordered(
-            &x.0.device,
-            name,
-            Some(dtype),
-            (grid, block, 0),
-            &args,
+        let scalars = [int(rows)?, int(inp)?, int(out)?];
+        let kernel = ("gemv_residual", dtype);
+        run_ordered(
+            kernel,
+            per_warp_row(out)?,
+            &[x, w, residual],
+            y,
+            &scalars,
             order,
-        )?;
-        Ok(y)
+        )
     }
 }
 
@@ -543,15 +534,15 @@ mod tests {
                 let normed = crate::rms_norm_offset(&x, &nw, offset, 1e-5).unwrap();
                 let pairs = [
                     (
-                        rms_norm_linear(&x, norm, &w, Held).unwrap(),
+                        rms_norm_linear(&x, norm, (&w, Held)).unwrap(),
                         crate::linear(&normed, &w).unwrap(),
                     ),
                     (
-                        rms_norm_glu_projection(&x, norm, &gate_up, Held, Glu::SwiGlu).unwrap(),
+                        rms_norm_glu_projection(&x, norm, (&gate_up, Held), Glu::SwiGlu).unwrap(),
                         crate::glu_projection(&normed, &gate_up, Glu::SwiGlu).unwrap(),
                     ),
                     (
-                        rms_norm_glu_projection(&x, norm, &gate_up, Held, Glu::GeGlu).unwrap(),
+                        rms_norm_glu_projection(&x, norm, (&gate_up, Held), Glu::GeGlu).unwrap(),
                         crate::glu_projection(&normed, &gate_up, Glu::GeGlu).unwrap(),
                     ),
                     (
@@ -578,6 +569,6 @@ mod tests {
             offset: 0.0,
             eps: 1e-5,
         };
-        assert!(rms_norm_linear(&x, norm, &w, Held).is_err());
+        assert!(rms_norm_linear(&x, norm, (&w, Held)).is_err());
     }
 }

@@ -468,11 +468,23 @@ pub(crate) fn per_warp_row(rows: usize) -> Result<Shape2> {
 /// share: the addresses of the contiguous `inputs`, then of `out`, then `scalars`.
 /// Returns `out`.
 pub(crate) fn run(
-    (name, dtype): (&str, DType),
+    kernel: (&str, DType),
     shape: Shape2,
     inputs: &[Operand],
     out: CudaStorage,
     scalars: &[Arg],
+) -> Result<CudaStorage> {
+    run_ordered(kernel, shape, inputs, out, scalars, Order::Stream)
+}
+
+/// [`run`] in `order`.
+pub(crate) fn run_ordered(
+    (name, dtype): (&str, DType),
+    (grid, block): Shape2,
+    inputs: &[Operand],
+    out: CudaStorage,
+    scalars: &[Arg],
+    order: Order,
 ) -> Result<CudaStorage> {
     let mut args = inputs
         .iter()
@@ -480,7 +492,14 @@ pub(crate) fn run(
         .collect::<Result<Vec<_>>>()?;
     args.push(Arg::Address(base_address(&out)?));
     args.extend_from_slice(scalars);
-    launch(&out.device, name, Some(dtype), shape.0, shape.1, &args)?;
+    launch_ordered(
+        &out.device,
+        name,
+        Some(dtype),
+        (grid, block, 0),
+        &args,
+        order,
+    )?;
     Ok(out)
 }
 

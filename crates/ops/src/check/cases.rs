@@ -604,7 +604,7 @@ fn head_greedy_step_case(inp: usize, vocab: usize) -> Case {
         },
         reference: |t| {
             let (step, log) = step_and_log(t)?;
-            let logits = crate::rms_norm_linear(&t[0], input_norm::<0>(&t[2]), &t[1], HELD)?;
+            let logits = crate::rms_norm_linear(&t[0], input_norm::<0>(&t[2]), (&t[1], HELD))?;
             crate::greedy_step(&logits, &step, &log)?;
             compared(&step, log, t[1].dim(0)?)
         },
@@ -759,7 +759,7 @@ fn rms_norm_linear_case<const OFFSET: u8>(rows: usize, inp: usize, out: usize) -
             0 => "rms_norm_linear",
             _ => "rms_norm_linear_offset",
         },
-        fused: |t| crate::rms_norm_linear(&t[0], input_norm::<OFFSET>(&t[2]), &t[1], HELD),
+        fused: |t| crate::rms_norm_linear(&t[0], input_norm::<OFFSET>(&t[2]), (&t[1], HELD)),
         reference: |t| reference::rms_norm(&t[0], &t[2], OFFSET as f64, 1e-5)?.matmul(&t[1].t()?),
         inputs: vec![
             Input::Table(vec![rows, inp]),
@@ -779,7 +779,7 @@ fn rms_norm_glu_case<const GEGLU: bool>(rows: usize, inp: usize, ffn: usize) -> 
         },
         fused: |t| {
             let norm = input_norm::<0>(&t[2]);
-            crate::rms_norm_glu_projection(&t[0], norm, &t[1], HELD, unit::<GEGLU>())
+            crate::rms_norm_glu_projection(&t[0], norm, (&t[1], HELD), unit::<GEGLU>())
         },
         reference: |t| {
             let normed = reference::rms_norm(&t[0], &t[2], 0.0, 1e-5)?;
