@@ -125,6 +125,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "master_linear",
         "nf4_linear",
         "nf4_linear_rows",
+        "packed_self_attention",
         "qk_norm",
         "rms_norm",
         "rms_norm_geglu_projection",

@@ -301,7 +301,8 @@ fn bf16_compute_keeps_f32_master_weights_and_learns() {
 
 /// The bf16 copies the optimizer keeps of the masters are their casts: steps that take them
 /// compute bit for bit what steps that cast every master do, and they are taken (every master
-/// has one after the first update, the gate and up pairs a stacked one too).
+/// has one after the first update; each block's gate and up, and its q, k and v, a stacked one
+/// too).
 #[test]
 fn bf16_steps_with_the_optimizers_copies_equal_steps_that_cast() {
     let run = |keep: bool| {
@@ -310,7 +311,7 @@ fn bf16_steps_with_the_optimizers_copies_equal_steps_that_cast() {
         let weights = init::random_weights(&cfg, c.training.seed, &Device::Cpu).unwrap();
         let (weights, vars) = weights.into_trainable().unwrap();
         let model = Llama::new(&cfg, &weights, DType::BF16).unwrap();
-        assert_eq!(model.stacked_masters().len(), c.model.num_hidden_layers);
+        assert_eq!(model.stacked_masters().len(), 2 * c.model.num_hidden_layers);
         let params = AdamWParams {
             beta1: 0.9,
             beta2: 0.95,
@@ -324,7 +325,7 @@ fn bf16_steps_with_the_optimizers_copies_equal_steps_that_cast() {
             let copies = optimizer.compute_copies().unwrap();
             let kept = copies.as_ref().map_or(0, |c| c.len());
             let expected = match keep && step > 0 {
-                true => vars.len() + c.model.num_hidden_layers,
+                true => vars.len() + 2 * c.model.num_hidden_layers,
                 false => 0,
             };
             assert_eq!(kept, expected, "step {step}");

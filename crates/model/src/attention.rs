@@ -109,9 +109,19 @@ impl Llama {
                 c.attend_packed(&qkv, rope, heads, options)?
             }
             None => {
-                let [q, k, v] = self.projections(block, x)?;
                 let (heads, kv_heads) = (a.heads, a.kv_heads);
-                let y = ops::self_attention([&q, &k, &v], (&cos, &sin), heads, kv_heads, trimmed)?;
+                let y = match self.packed_masters(block, x, (&cos, &sin)) {
+                    Some(parts) => {
+                        let qkv = ops::stacked_master_linear(x, &parts)?;
+                        let heads = (heads, kv_heads);
+                        ops::packed_self_attention(&qkv, (&cos, &sin), heads, trimmed)?
+                    }
+                    None => {
+                        let [q, k, v] = self.projections(block, x)?;
+                        let tables = (&cos, &sin);
+                        ops::self_attention([&q, &k, &v], tables, heads, kv_heads, trimmed)?
+                    }
+                };
                 return a.o_proj.forward(&y, self.dtype());
             }
             Some(c) => {
@@ -124,6 +134,28 @@ impl Llama {
             }
         };
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())
+    }
+
+    /// The q, k and v master weights of `block` where its attention on `x` takes them as one
+    /// stacked projection and the packed self-attention's kernels (training on CUDA in 16
+    /// bits): the three train with nothing else to them, the family norms no queries or keys,
+    /// and the checkpoint does not stack them itself. One GEMM each way then replaces three,
+    /// and the input's gradient is no sum of three.
+    fn packed_masters<'b>(
+        &self,
+        block: &'b Block,
+        x: &Tensor,
+        tables: (&Tensor, &Tensor),
+    ) -> Option<[&'b Tensor; 3]> {
+        let a = &block.self_attn;
+        let [q, k, v] = [&a.q_proj, &a.k_proj, &a.v_proj].map(Linear::bare_master);
+        let parts = [q?, k?, v?];
+        let heads = (a.heads, a.kv_heads);
+        let packs = !self.family.qk_norm
+            && a.qkv.is_none()
+            && parts.iter().all(|p| p.dtype() == parts[0].dtype())
+            && ops::packed_self_attention_fuses(x, tables, heads, a.head_size);
+        packs.then_some(parts)
     }
 
     /// The RoPE tables of block `i`: the local ones where its family gives sliding layers a

@@ -276,15 +276,24 @@ impl Llama {
         Ok(())
     }
 
-    /// The gate and up master weights of each block whose feed-forward multiplies them as one
-    /// stacked weight in training (both train, with nothing else to them): what an optimizer
-    /// can keep one compute-dtype copy of ([`ops::ComputeCopies::add_stacked`]).
-    pub fn stacked_masters(&self) -> Vec<[Tensor; 2]> {
-        let pair = |m: &Mlp| {
-            let [gate, up] = [&m.gate_proj, &m.up_proj].map(Linear::bare_master);
-            Some([gate?.clone(), up?.clone()])
+    /// The master weights each block may multiply as one stacked weight in training, each
+    /// stack's parts in order: gate and up where both train with nothing else to them, and q,
+    /// k and v where the attention may pack them (as `packed_masters` asks, but for the
+    /// device and dtype): what an optimizer can keep one compute-dtype copy of
+    /// ([`ops::ComputeCopies::add_stacked`]).
+    pub fn stacked_masters(&self) -> Vec<Vec<Tensor>> {
+        let stack = |parts: &[&Linear]| -> Option<Vec<Tensor>> {
+            parts.iter().map(|l| l.bare_master().cloned()).collect()
         };
-        self.layers.iter().filter_map(|b| pair(&b.mlp)).collect()
+        let mut out = Vec::new();
+        for block in &self.layers {
+            let (a, m) = (&block.self_attn, &block.mlp);
+            out.extend(stack(&[&m.gate_proj, &m.up_proj]));
+            if !self.family.qk_norm && a.qkv.is_none() {
+                out.extend(stack(&[&a.q_proj, &a.k_proj, &a.v_proj]));
+            }
+        }
+        out
     }
 
     /// Turns the attached adapters' dropout on with masks drawn from `seed` (pass a new seed

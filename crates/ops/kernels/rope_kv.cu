@@ -7,29 +7,42 @@
 #include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
-// RoPE, rotate-half layout: x is [rows, d] with row = ((b * seq + pos) * heads + h) (heads
-// rows per position: [b, t, heads, d]; heads = 1 for [b, heads, t, d]); cos/sin are
-// [seq, rotary/2]. The first `rotary` elements of each row are rotated, the rest copied
-// (partial rotary; rotary = d rotates whole rows). `sign` -1 rotates backwards (the gradient).
-// Each thread takes W rotation pairs, or W copied elements past the rotated ones.
+// RoPE, rotate-half layout: x is rows of d with row = ((b * seq + pos) * heads + h) (heads
+// rows per position: [b, t, heads, d]; heads = 1 for [b, heads, t, d]), a position's rows
+// x_tok elements after the last one's (heads * d where contiguous; wider in the columns of a
+// packed q/k/v projection), and y likewise with y_tok; cos/sin are [seq, rotary/2]. The first
+// `rotary` elements of each row are rotated, the rest copied (partial rotary; rotary = d
+// rotates whole rows). Only the first `rotated` heads of a position rotate; the rest are copied
+// whole (a packed projection's values beside its keys). `sign` -1 rotates backwards (the
+// gradient). Each thread takes W rotation pairs (copied as they are in a copied head), or W
+// copied elements past the rotated ones; each reads only what it writes, so y may be x.
 
 template <typename T, int W>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int rotary,
-                     int seq, int heads, float sign) {
+                     int seq, int heads, int rotated, long long x_tok, long long y_tok,
+                     float sign) {
   using P = Pack<T, W>;
   const int half = rotary / 2, groups = half / W, items = groups + (d - rotary) / W;
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (size_t)rows * items) return;
   const size_t row = i / items;
   const int item = (int)(i % items);
+  const size_t position = row / heads, head = row % heads;
+  x += position * x_tok + head * d;
+  y += position * y_tok + head * d;
   if (item >= groups) {
-    const size_t at = row * d + rotary + (size_t)(item - groups) * W;
+    const size_t at = rotary + (size_t)(item - groups) * W;
     P::load(x + at).store(y + at);
     return;
   }
-  const int j = item * W, pos = row / heads % seq;
+  const int j = item * W, pos = position % seq;
+  const P a = P::load(x + j), b = P::load(x + half + j);
+  if (head >= (size_t)rotated) {
+    a.store(y + j);
+    b.store(y + half + j);
+    return;
+  }
   const P c = P::load(cos + pos * half + j), sn = P::load(sin + pos * half + j);
-  const P a = P::load(x + row * d + j), b = P::load(x + row * d + half + j);
   P y1, y2;
 #pragma unroll
   for (int k = 0; k < W; ++k) {
@@ -38,8 +51,8 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int
     y1.e[k] = from_f32<T>(x1 * ck - x2 * sk);
     y2.e[k] = from_f32<T>(x2 * ck + x1 * sk);
   }
-  y1.store(y + row * d + j);
-  y2.store(y + row * d + half + j);
+  y1.store(y + j);
+  y2.store(y + half + j);
 }
 
 // Splits packed projections for inference: rotates the queries (as `rope` does) into q_out
@@ -105,13 +118,16 @@ __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* 
                 start, position);                                                             \
   }                                                                                           \
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
-                                      int d, int rotary, int seq, int heads, float sign) {    \
-    rope<T, 1>(x, cos, sin, y, rows, d, rotary, seq, heads, sign);                            \
+                                      int d, int rotary, int seq, int heads, int rotated,     \
+                                      long long x_tok, long long y_tok, float sign) {         \
+    rope<T, 1>(x, cos, sin, y, rows, d, rotary, seq, heads, rotated, x_tok, y_tok, sign);     \
   }                                                                                           \
   extern "C" __global__ void rope_wide_##S(const T* x, const T* cos, const T* sin, T* y,      \
                                            int rows, int d, int rotary, int seq, int heads,   \
+                                           int rotated, long long x_tok, long long y_tok,     \
                                            float sign) {                                      \
-    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, rotary, seq, heads, sign);                      \
+    rope<T, WIDE<T>>(x, cos, sin, y, rows, d, rotary, seq, heads, rotated, x_tok, y_tok,      \
+                     sign);                                                                   \
   }
 
 FOR_EACH_FLOAT(ROPE_KV_ENTRY_POINTS)

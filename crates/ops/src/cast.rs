@@ -41,16 +41,14 @@ pub(crate) fn fresh_cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 /// `parts` (2-D, one width, no gradient) in `dtype`, stacked along their rows: the stacked
-/// weight of two master weights in mixed precision. Inside a training step that holds the two
+/// weight of master weights in mixed precision. Inside a training step that holds the
 /// masters' stacked copy ([`crate::ComputeCopies::add_stacked`]), that copy. On CUDA, with
 /// every part contiguous from a 16-byte boundary and each part's rows starting on one in the
 /// output, one cast kernel a part writes its rows of one buffer, where casting each and
 /// concatenating the casts would copy the whole weight once more every step.
 pub fn stacked_cast(parts: &[&Tensor], dtype: DType) -> Result<Tensor> {
-    if let [first, second] = parts {
-        if let Some(stacked) = step_scope::kept_stack(first, second, dtype) {
-            return Ok(stacked);
-        }
+    if let Some(stacked) = step_scope::kept_stack(parts, dtype) {
+        return Ok(stacked);
     }
     #[cfg(feature = "cuda")]
     if let Some(stacked) = cuda::stacked_cast(parts, dtype)? {

@@ -60,7 +60,8 @@ pub use argmax::{argmax, greedy_step};
 pub use attach::backward_from;
 pub use attention::{
     cached_attention, causal_attention, decode_attention_at, flash_attention, grouped_attention,
-    self_attention, windowed_attention, AttentionOptions, Segments,
+    packed_self_attention, packed_self_attention_fuses, self_attention, windowed_attention,
+    AttentionOptions, Segments,
 };
 pub use cast::{cast, stacked_cast};
 pub use cross_entropy::{
@@ -76,7 +77,7 @@ pub use gemv_fused::{
 pub use graph::{can_capture, with_capture_cache, write_u32s, Graph};
 pub use head_loss::{head_mean_nll, head_nll};
 pub use kv_write::{write_kv, write_kv_fused, KvLayout, Position};
-pub use master_linear::master_linear;
+pub use master_linear::{master_linear, stacked_master_linear};
 pub use matmul_sum::matmul_sum;
 pub use picks_log::{PicksLog, PICKS_LOG_SLOTS};
 pub use rms_norm::{rms_norm, rms_norm_offset};

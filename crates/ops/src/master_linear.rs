@@ -26,27 +26,57 @@ pub fn master_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// [`master_linear`] over two weights `a` `[out_a, in]` and `b` `[out_b, in]` (one dtype)
-/// stacked along their rows: `[.., out_a + out_b]`, a's outputs first. One GEMM each way where
-/// two projections of the same input take two and sum their input gradients; each weight's
-/// gradient is its rows of one weight-gradient GEMM.
-pub(super) fn stacked_master_linear(x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (xd, w) = (x.detach(), super::stacked_cast(&[a, b], x.dtype())?);
+/// [`master_linear`] over weights `parts` (two or three, `[out_i, in]`, one dtype) stacked
+/// along their rows: `[.., Σ out_i]`, the parts' outputs in order (a block's gate and up, or
+/// its q, k and v). One GEMM each way where separate projections of the same input take one
+/// each and sum their input gradients; each weight's gradient is its rows of one
+/// weight-gradient GEMM.
+pub fn stacked_master_linear(x: &Tensor, parts: &[&Tensor]) -> Result<Tensor> {
+    let (xd, w) = (x.detach(), super::stacked_cast(parts, x.dtype())?);
     let y = super::linear(&xd, &w)?;
-    let (x_grad, a_grad, b_grad) = (x.track_op(), a.track_op(), b.track_op());
-    if !(x_grad || a_grad || b_grad) {
+    let (x_grad, w_grad) = (x.track_op(), parts.iter().any(|p| p.track_op()));
+    if !x_grad && !w_grad {
         return Ok(y);
     }
-    let (master, rows_a) = (a.dtype(), a.dim(0)?);
-    attach3([x, a, b], &y, "stacked-master-linear", move |grad| {
-        let (dx, dw) = gradients(grad, (&xd, x_grad), (&w, a_grad || b_grad), master)?;
-        let rows = |wanted: bool, start: usize, len: usize| match (&dw, wanted) {
-            (Some(dw), true) => dw.narrow(0, start, len).map(Some),
-            _ => Ok(None),
-        };
-        let rows_b = w.dim(0)? - rows_a;
-        Ok((dx, rows(a_grad, 0, rows_a)?, rows(b_grad, rows_a, rows_b)?))
+    let master = parts.first().map_or(DType::F32, |p| p.dtype());
+    let stacked = stacked_masters(parts, &w)?;
+    attach2(x, &stacked, &y, "stacked-master-linear", move |grad| {
+        gradients(grad, (&xd, x_grad), (&w, w_grad), master)
     })
+}
+
+/// `stacked` (the rows of `parts`, in the compute dtype) as a graph node whose gradient (the
+/// stacked weight's, in the parts' dtype) reaches each tracked part as its rows.
+fn stacked_masters(parts: &[&Tensor], stacked: &Tensor) -> Result<Tensor> {
+    let rows = parts.iter().map(|p| p.dim(0)).collect::<Result<Vec<_>>>()?;
+    let tracked: Vec<bool> = parts.iter().map(|p| p.track_op()).collect();
+    let split = move |grad: &Tensor| -> Result<Vec<Option<Tensor>>> {
+        let mut start = 0;
+        let mut out = Vec::with_capacity(rows.len());
+        for (&n, &wanted) in rows.iter().zip(&tracked) {
+            out.push(wanted.then(|| grad.narrow(0, start, n)).transpose()?);
+            start += n;
+        }
+        Ok(out)
+    };
+    match parts {
+        [a, b] => attach2(a, b, stacked, "stacked-masters", move |grad| {
+            let mut parts = split(grad)?.into_iter();
+            Ok((parts.next().flatten(), parts.next().flatten()))
+        }),
+        [a, b, c] => attach3([a, b, c], stacked, "stacked-masters", move |grad| {
+            let mut parts = split(grad)?.into_iter();
+            Ok((
+                parts.next().flatten(),
+                parts.next().flatten(),
+                parts.next().flatten(),
+            ))
+        }),
+        _ => candle_core::bail!(
+            "stacked_master_linear: {} weights, not two or three",
+            parts.len()
+        ),
+    }
 }
 
 /// The gradients of `x @ w.t()` for the output gradient `grad`, each only where wanted: `x`'s
@@ -197,7 +227,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use crate::parity::{assert_parity, uniform};
-    use candle_core::{DType, Var};
+    use candle_core::{DType, Tensor, Var};
 
     #[test]
     fn gradients_match_candles_matmul() {
@@ -209,6 +239,41 @@ mod tests {
             |t| t[0].broadcast_matmul(&t[1].t()?),
             1e-6,
         );
+    }
+
+    #[test]
+    fn stacked_gradients_match_separate_products() {
+        // q, k and v of a block (6, 2 and 2 rows), then gate and up; the last case with k
+        // frozen, which gets no gradient while the others get theirs.
+        for (rows, wanted) in [
+            (&[6, 2, 2][..], &[true, true, true, true][..]),
+            (&[6, 6][..], &[true, true, true][..]),
+            (&[6, 2, 2][..], &[true, true, false, true][..]),
+        ] {
+            let mut inputs = vec![uniform(&[2, 5, 8], 1)];
+            inputs.extend(
+                rows.iter()
+                    .enumerate()
+                    .map(|(i, &r)| uniform(&[r, 8], 2 + i as u64)),
+            );
+            assert_parity(
+                "stacked_master_linear",
+                &inputs,
+                wanted,
+                |t| {
+                    let parts: Vec<&Tensor> = t[1..].iter().collect();
+                    super::stacked_master_linear(&t[0], &parts)
+                },
+                |t| {
+                    let products = t[1..]
+                        .iter()
+                        .map(|w| t[0].broadcast_matmul(&w.t()?))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::cat(&products, 2)
+                },
+                1e-6,
+            );
+        }
     }
 
     #[test]

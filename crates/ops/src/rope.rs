@@ -140,22 +140,62 @@ custom_op!(Rope: 3);
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use crate::launch::{
-        alloc, common_dtype, elementwise_kernel, int, per_element, run, Arg, Operand,
+        address, alloc, base_address, common_dtype, elementwise_kernel, int, launch, per_element,
+        Arg, Operand,
     };
     use crate::rows_and_width;
-    use candle_core::{CudaStorage, Result};
+    use candle_core::{CudaDevice, CudaStorage, DType, Result};
 
     /// RoPE (`sign` 1) or its gradient (`sign` -1) for `x` `[.., seq, heads, d]` (`heads` 1 for
     /// `[.., seq, d]`) and tables `[seq, r / 2]`: the first `r` of each head rotated, the rest
     /// copied.
     pub(crate) fn rope(
         x: Operand,
-        (cos, sin): (Operand, Operand),
+        tables: (Operand, Operand),
         heads: usize,
         sign: f32,
     ) -> Result<CudaStorage> {
-        let dtype = common_dtype(&[x, cos, sin])?;
+        let dtype = common_dtype(&[x, tables.0, tables.1])?;
         let (rows, d) = rows_and_width(x.1)?;
+        let y = alloc(&x.0.device, dtype, rows * d)?;
+        let contiguous = |address| HeadRows {
+            address,
+            token_stride: heads * d,
+        };
+        let (from, to) = (contiguous(address(x)?), contiguous(base_address(&y)?));
+        rope_rows(
+            &x.0.device,
+            dtype,
+            (from, to),
+            (rows, d),
+            tables,
+            (heads, heads),
+            sign,
+        )?;
+        Ok(y)
+    }
+
+    /// Where rows of heads lie: from `address`, `heads` rows of `d` elements a position,
+    /// `token_stride` elements from one position's first to the next one's (`heads · d` where
+    /// contiguous; the width of a packed q/k/v projection's rows in one of its column blocks).
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct HeadRows {
+        pub address: u64,
+        pub token_stride: usize,
+    }
+
+    /// [`rope`] from the rows at `from` into those at `to` (which may be `from`: each thread
+    /// reads only what it writes), `rows` rows of `d` in all, `heads` a position, for `dtype`
+    /// tables: the first `rotated` heads of each position rotated, the rest copied whole.
+    pub(crate) fn rope_rows(
+        device: &CudaDevice,
+        dtype: DType,
+        (from, to): (HeadRows, HeadRows),
+        (rows, d): (usize, usize),
+        (cos, sin): (Operand, Operand),
+        (heads, rotated): (usize, usize),
+        sign: f32,
+    ) -> Result<()> {
         let half = *cos.1.dims().last().unwrap_or(&0);
         let table = cos.1.shape().elem_count();
         let (rotary, seq) = super::rotated_share(d, half, table)?;
@@ -165,26 +205,35 @@ pub(crate) mod cuda {
                 sin.1.shape().elem_count()
             );
         }
-        let y = alloc(&x.0.device, dtype, rows * d)?;
-        let scalars = [
+        // Each thread moves `width` elements of one half or of the copied rest: 16 bytes where
+        // every row of both sides starts on a 16-byte boundary.
+        let run_length = gcd(half, d - rotary);
+        let (name, width) = elementwise_kernel(("rope", "rope_wide"), &[cos, sin], run_length)?;
+        let bytes = dtype.size_in_bytes();
+        let aligned = [from, to].iter().all(|rows| {
+            rows.address % 16 == 0 && (rows.token_stride * bytes) % 16 == 0 && (d * bytes) % 16 == 0
+        });
+        let (name, width) = match aligned {
+            true => (name, width),
+            false => ("rope", 1),
+        };
+        let args = [
+            Arg::Address(from.address),
+            Arg::Address(address(cos)?),
+            Arg::Address(address(sin)?),
+            Arg::Address(to.address),
             int(rows)?,
             int(d)?,
             int(rotary)?,
             int(seq)?,
             int(heads)?,
+            int(rotated)?,
+            Arg::Count(from.token_stride as u64),
+            Arg::Count(to.token_stride as u64),
             Arg::Float(sign),
         ];
-        // Each thread moves `width` elements of one half or of the copied rest.
-        let run_length = gcd(half, d - rotary);
-        let kernels = ("rope", "rope_wide");
-        let (name, width) = elementwise_kernel(kernels, &[x, cos, sin], run_length)?;
-        run(
-            (name, dtype),
-            per_element(rows * (d - half) / width)?,
-            &[x, cos, sin],
-            y,
-            &scalars,
-        )
+        let (grid, block) = per_element(rows * (d - half) / width)?;
+        launch(device, name, Some(dtype), grid, block, &args)
     }
 
     fn gcd(a: usize, b: usize) -> usize {

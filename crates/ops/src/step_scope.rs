@@ -37,8 +37,8 @@ struct Kept {
     /// The attention results (output, row statistics) of the checkpointed forward pass, in
     /// the order its blocks computed them.
     attention: Vec<(Tensor, Tensor)>,
-    /// Stacked copies of two masters (their rows, the first's first), from [`ComputeCopies`].
-    stacks: HashMap<(TensorId, TensorId, DType), Tensor>,
+    /// Stacked copies of masters (their rows, in order), from [`ComputeCopies`].
+    stacks: HashMap<(Vec<TensorId>, DType), Tensor>,
 }
 
 /// Compute-dtype copies of master weights, each equal to the master's cast (an optimizer
@@ -47,7 +47,7 @@ struct Kept {
 #[derive(Debug, Clone, Default)]
 pub struct ComputeCopies {
     singles: Vec<(TensorId, Tensor)>,
-    stacks: Vec<((TensorId, TensorId), Tensor)>,
+    stacks: Vec<(Vec<TensorId>, Tensor)>,
 }
 
 impl ComputeCopies {
@@ -56,10 +56,11 @@ impl ComputeCopies {
         self.singles.push((master.id(), copy));
     }
 
-    /// `stacked` is the rows of `first` then those of `second`, cast to `stacked`'s dtype: what
-    /// [`crate::cast::stacked_cast`] makes of the two.
-    pub fn add_stacked(&mut self, [first, second]: [&Tensor; 2], stacked: Tensor) {
-        self.stacks.push(((first.id(), second.id()), stacked));
+    /// `stacked` is the rows of `parts` in order, cast to `stacked`'s dtype: what
+    /// [`crate::cast::stacked_cast`] makes of them.
+    pub fn add_stacked(&mut self, parts: &[&Tensor], stacked: Tensor) {
+        let ids = parts.iter().map(|p| p.id()).collect();
+        self.stacks.push((ids, stacked));
     }
 
     /// How many copies (single or stacked) the set holds.
@@ -82,7 +83,7 @@ impl ComputeCopies {
         Kept {
             casts: casts.collect(),
             stacks: stacks
-                .map(|((a, b), t)| ((*a, *b, t.dtype()), t.clone()))
+                .map(|(ids, t)| ((ids.clone(), t.dtype()), t.clone()))
                 .collect(),
             ..Kept::default()
         }
@@ -185,9 +186,9 @@ pub(crate) fn kept_cast(x: &Tensor, dtype: DType) -> Option<Tensor> {
     KEPT.with(|k| k.borrow().as_ref().and_then(|k| k.casts.get(&key).cloned()))
 }
 
-/// The open step's stacked copy of `first` and `second` in `dtype`, where it has one.
-pub(crate) fn kept_stack(first: &Tensor, second: &Tensor, dtype: DType) -> Option<Tensor> {
-    let key = (first.id(), second.id(), dtype);
+/// The open step's stacked copy of `parts` in `dtype`, where it has one.
+pub(crate) fn kept_stack(parts: &[&Tensor], dtype: DType) -> Option<Tensor> {
+    let key = (parts.iter().map(|p| p.id()).collect(), dtype);
     KEPT.with(|k| {
         k.borrow()
             .as_ref()
@@ -333,7 +334,7 @@ mod tests {
         let mut copies = ComputeCopies::default();
         copies.add(w.as_tensor(), marked(w.as_tensor()));
         let stacked = Tensor::cat(&[&first, &second], 0).unwrap();
-        copies.add_stacked([&first, &second], marked(&stacked));
+        copies.add_stacked(&[&first, &second], marked(&stacked));
         assert_eq!(copies.len(), 2);
         let casts = || {
             let single = crate::cast(w.as_tensor(), DType::F16).unwrap();

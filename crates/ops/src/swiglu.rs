@@ -101,7 +101,7 @@ pub fn glu_packed(h: &Tensor, glu: Glu) -> Result<Tensor> {
 pub fn glu_master_projection(x: &Tensor, gate: &Tensor, up: &Tensor, kind: Glu) -> Result<Tensor> {
     let alike = gate.dims() == up.dims() && gate.dtype() == up.dtype();
     if alike && x.device().is_cuda() && super::fused(&[x]) {
-        let packed = super::master_linear::stacked_master_linear(x, gate, up)?;
+        let packed = super::stacked_master_linear(x, &[gate, up])?;
         return glu_packed(&packed, kind);
     }
     glu(

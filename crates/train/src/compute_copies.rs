@@ -7,20 +7,20 @@
 //! the cast exactly (the same rounding), so training computes what it did.
 //!
 //! On CUDA the multi-tensor update writes each copy in place, into buffers allocated once; the
-//! gate and up projections, which a block multiplies as one stacked weight, share one buffer,
-//! rows of the gate first. Elsewhere the copies are cast after the update (what the forward
+//! projections a block multiplies as one stacked weight (gate and up; q, k and v) share one
+//! buffer, their rows in order. Elsewhere the copies are cast after the update (what the forward
 //! pass would have done), so the two paths are tested alike.
 
 use candle_core::{DType, Result, Tensor, Var};
 
 /// The copies of one optimizer's masters: one buffer per master that has one, or a view of
-/// its pair's stacked buffer.
+/// its stack's buffer.
 pub(crate) struct KeptCopies {
     dtype: DType,
     /// By slot: the buffer the in-place update writes, and where the copy stands.
     slots: Vec<Option<(Tensor, State)>>,
-    /// Two slots whose copies are rows of one buffer (first, then second), and that buffer.
-    stacks: Vec<([usize; 2], Tensor)>,
+    /// Slots whose copies are rows of one buffer (in order), and that buffer.
+    stacks: Vec<(Vec<usize>, Tensor)>,
 }
 
 /// Where a master's copy stands.
@@ -36,29 +36,43 @@ enum State {
 
 impl KeptCopies {
     /// Copies in `dtype` of every f32 master in `vars` (the optimizer's slots, in order), with
-    /// the pairs in `stacked` (master tensors, each pair one slot's rows then the other's)
-    /// sharing a buffer. A pair whose tensors are not both slots, or not of one width, gets a
-    /// buffer each.
-    pub(crate) fn new(vars: &[&Var], dtype: DType, stacked: &[[Tensor; 2]]) -> Result<Self> {
+    /// the masters of each stack in `stacked` (its parts' rows in order) sharing a buffer. A
+    /// stack whose tensors are not all distinct slots without a stack, or not of one width,
+    /// gets a buffer each.
+    pub(crate) fn new(vars: &[&Var], dtype: DType, stacked: &[Vec<Tensor>]) -> Result<Self> {
         let mut slots: Vec<Option<(Tensor, State)>> = vec![None; vars.len()];
         let slot_of = |t: &Tensor| vars.iter().position(|v| v.as_tensor().id() == t.id());
         let wants_copy = |v: &Var| v.dtype() == DType::F32 && dtype != DType::F32;
         let mut stacks = Vec::new();
-        for [first, second] in stacked {
-            let (Some(i), Some(j)) = (slot_of(first), slot_of(second)) else {
+        for parts in stacked {
+            let Some(indices) = parts.iter().map(slot_of).collect::<Option<Vec<usize>>>() else {
                 continue;
             };
-            let (Ok((rows_i, width)), Ok((rows_j, width_j))) = (first.dims2(), second.dims2())
-            else {
+            let Ok(shapes) = parts.iter().map(|p| p.dims2()).collect::<Result<Vec<_>>>() else {
                 continue;
             };
-            if i == j || width != width_j || !wants_copy(vars[i]) || !wants_copy(vars[j]) {
+            let width = shapes.first().map(|s| s.1);
+            let distinct = indices
+                .iter()
+                .enumerate()
+                .all(|(n, i)| !indices[..n].contains(i) && slots[*i].is_none());
+            let alike = shapes.iter().all(|s| Some(s.1) == width);
+            if parts.len() < 2
+                || !distinct
+                || !alike
+                || !indices.iter().all(|&i| wants_copy(vars[i]))
+            {
                 continue;
             }
-            let buffer = Tensor::zeros((rows_i + rows_j, width), dtype, first.device())?;
-            slots[i] = Some((buffer.narrow(0, 0, rows_i)?, State::Unwritten));
-            slots[j] = Some((buffer.narrow(0, rows_i, rows_j)?, State::Unwritten));
-            stacks.push(([i, j], buffer));
+            let rows: usize = shapes.iter().map(|s| s.0).sum();
+            let width = width.unwrap_or(0);
+            let buffer = Tensor::zeros((rows, width), dtype, parts[0].device())?;
+            let mut start = 0;
+            for (&i, &(part_rows, _)) in indices.iter().zip(&shapes) {
+                slots[i] = Some((buffer.narrow(0, start, part_rows)?, State::Unwritten));
+                start += part_rows;
+            }
+            stacks.push((indices, buffer));
         }
         for (slot, var) in slots.iter_mut().zip(vars) {
             if slot.is_none() && wants_copy(var) {
@@ -113,14 +127,26 @@ impl KeptCopies {
                 out.add(var.as_tensor(), t);
             }
         }
-        for ([i, j], buffer) in &self.stacks {
-            let states = [i, j].map(|&k| self.slots[k].as_ref().map(|(_, s)| s.clone()));
-            let stacked = match states {
-                [Some(State::InBuffer), Some(State::InBuffer)] => buffer.clone(),
-                [Some(State::Cast(a)), Some(State::Cast(b))] => Tensor::cat(&[a, b], 0)?,
-                _ => continue,
+        for (indices, buffer) in &self.stacks {
+            let states: Vec<_> = indices
+                .iter()
+                .map(|&k| self.slots[k].as_ref().map(|(_, s)| s))
+                .collect();
+            let in_buffer = states.iter().all(|s| matches!(s, Some(State::InBuffer)));
+            let casts: Option<Vec<&Tensor>> = states
+                .iter()
+                .map(|s| match s {
+                    Some(State::Cast(t)) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            let stacked = match (in_buffer, casts) {
+                (true, _) => buffer.clone(),
+                (false, Some(casts)) => Tensor::cat(&casts, 0)?,
+                (false, None) => continue,
             };
-            out.add_stacked([vars[*i].as_tensor(), vars[*j].as_tensor()], stacked);
+            let masters: Vec<&Tensor> = indices.iter().map(|&k| vars[k].as_tensor()).collect();
+            out.add_stacked(&masters, stacked);
         }
         Ok(out)
     }
@@ -159,7 +185,7 @@ mod tests {
         let vars = [uniform(&[3, 4], 1), uniform(&[5], 2), uniform(&[2, 4], 3)]
             .map(|t| Var::from_tensor(&t).unwrap());
         let refs: Vec<&Var> = vars.iter().collect();
-        let stacked = [vars[0].as_tensor().clone(), vars[2].as_tensor().clone()];
+        let stacked = vec![vars[0].as_tensor().clone(), vars[2].as_tensor().clone()];
         let mut copies = KeptCopies::new(&refs, DType::BF16, &[stacked]).unwrap();
         // The pair's buffers are rows of one.
         assert_eq!(copies.buffer(0).unwrap().dims(), [3, 4]);
@@ -188,11 +214,42 @@ mod tests {
     }
 
     #[test]
+    fn a_stack_of_three_holds_their_rows_in_order() {
+        // q, k and v of a block: a master in a second stack keeps the first stack's rows.
+        let vars = [
+            uniform(&[4, 2], 1),
+            uniform(&[1, 2], 2),
+            uniform(&[1, 2], 3),
+        ]
+        .map(|t| Var::from_tensor(&t).unwrap());
+        let refs: Vec<&Var> = vars.iter().collect();
+        let parts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let again = vec![parts[2].clone(), parts[0].clone()];
+        let mut copies = KeptCopies::new(&refs, DType::BF16, &[parts, again]).unwrap();
+        assert_eq!(copies.stacks.len(), 1);
+        assert_eq!(copies.stacks[0].1.dims(), [6, 2]);
+        assert_eq!(copies.buffer(2).unwrap().dims(), [1, 2]);
+        for (i, var) in vars.iter().enumerate() {
+            copies.updated(i, var).unwrap();
+        }
+        let published = copies.published(&refs).unwrap();
+        let masters: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let stack = ops::training_step(Some(&published), || {
+            ops::stacked_cast(&masters, DType::BF16).unwrap()
+        });
+        let all = Tensor::cat(&masters, 0)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(values(&stack), values(&all));
+    }
+
+    #[test]
     fn the_in_place_state_publishes_the_buffers() {
         let vars =
             [uniform(&[3, 4], 1), uniform(&[2, 4], 3)].map(|t| Var::from_tensor(&t).unwrap());
         let refs: Vec<&Var> = vars.iter().collect();
-        let stacked = [vars[0].as_tensor().clone(), vars[1].as_tensor().clone()];
+        let stacked = vec![vars[0].as_tensor().clone(), vars[1].as_tensor().clone()];
         let mut copies = KeptCopies::new(&refs, DType::BF16, &[stacked]).unwrap();
         copies.written_in_place(0);
         let published = copies.published(&refs).unwrap();
@@ -212,7 +269,7 @@ mod tests {
         let vars =
             [uniform(&[3, 4], 1), uniform(&[2, 5], 3)].map(|t| Var::from_tensor(&t).unwrap());
         let refs: Vec<&Var> = vars.iter().collect();
-        let pair = [vars[0].as_tensor().clone(), vars[1].as_tensor().clone()];
+        let pair = vec![vars[0].as_tensor().clone(), vars[1].as_tensor().clone()];
         let f32_copies = KeptCopies::new(&refs, DType::F32, std::slice::from_ref(&pair)).unwrap();
         assert!(f32_copies.buffer(0).is_none() && f32_copies.stacks.is_empty());
         let copies = KeptCopies::new(&refs, DType::F16, &[pair]).unwrap();

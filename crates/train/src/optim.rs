@@ -74,7 +74,7 @@ impl AdamW {
     /// (see [`crate::compute_copies`]), the pairs in `stacked` (a stacked projection's two
     /// masters) into one buffer; [`AdamW::compute_copies`] hands them to the next step. The
     /// masters must then change only through [`AdamW::step`] and [`AdamW::load_state`].
-    pub fn keep_compute_copies(&mut self, dtype: DType, stacked: &[[Tensor; 2]]) -> Result<()> {
+    pub fn keep_compute_copies(&mut self, dtype: DType, stacked: &[Vec<Tensor>]) -> Result<()> {
         self.copies = Some(KeptCopies::new(&self.vars(), dtype, stacked)?);
         Ok(())
     }
@@ -308,7 +308,7 @@ pub fn adamw_error(device: &Device) -> Result<f32> {
         .map(|(n, v)| Ok((n.clone(), Var::from_tensor(&v.as_tensor().copy()?)?)))
         .collect::<Result<Vec<_>>>()?;
     let mut optimizer = AdamW::new(&fused_vars, params)?;
-    let stacked = [
+    let stacked = vec![
         fused_vars[1].1.as_tensor().clone(),
         fused_vars[3].1.as_tensor().clone(),
     ];

@@ -21,8 +21,9 @@
 //! gradients, query gradients).
 
 use super::{GroupedDims, Scoring, Segments};
-use crate::attach::attach3;
+use crate::attach::{attach, attach3};
 use crate::launch::{self, Arg, Operand};
+use crate::rope::cuda::{rope_rows, HeadRows};
 use crate::step_scope;
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Device, Result, Shape, Tensor};
@@ -255,7 +256,9 @@ pub(crate) fn flash_attention(
     attach3([&q, &k, &v], &out, "flash-attention", move |grad| {
         let dout = grad.contiguous()?;
         let inputs = [&qd, &kd, &vd];
-        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, &masks, rows)?;
+        let layout = (rows, KvGradLayout::Apart);
+        let (dq, kv) = backward(inputs, &saved, &dout, &lse, &dims, &masks, layout)?;
+        let (dk, dv) = kv.apart()?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
@@ -265,27 +268,20 @@ pub(crate) fn flash_attention(
 /// size the kernels are compiled for, RoPE tables `[t, d / 2]`.
 pub(crate) fn self_attention_supported(
     [q, k, v]: [&Tensor; 3],
-    (cos, sin): (&Tensor, &Tensor),
+    tables: (&Tensor, &Tensor),
     heads: usize,
     kv_heads: usize,
 ) -> Result<bool> {
-    let (Ok((b, t, width)), Ok(kd), Ok(table)) = (q.dims3(), k.dims3(), cos.dims2()) else {
+    let (Ok((b, t, width)), Ok(kd)) = (q.dims3(), k.dims3()) else {
         return Ok(false);
     };
     let d = width / heads.max(1);
-    let fits = heads > 0
-        && kv_heads > 0
-        && heads % kv_heads == 0
-        && width == heads * d
-        && HEAD_SIZES.contains(&d)
+    let fits = width == heads * d
         && kd == (b, t, kv_heads * d)
         && v.dims() == k.dims()
-        && table == (t, d / 2)
-        && sin.dims() == cos.dims()
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
-        && matches!(q.device(), Device::Cuda(_))
-        && crate::fused(&[q, k, v, cos, sin])
-        && [q, k, v, cos, sin].iter().all(|x| x.is_contiguous());
+        && projection_fits(q, tables, (heads, kv_heads), d)
+        && crate::fused(&[k, v])
+        && [q, k, v].iter().all(|x| x.is_contiguous());
     if !fits {
         return Ok(false);
     }
@@ -305,26 +301,13 @@ pub(crate) fn self_attention(
     segments: Option<Segments>,
 ) -> Result<Tensor> {
     let (batch, t, width) = q.dims3()?;
-    let dims = GroupedDims {
-        batch,
-        heads,
-        kv_heads,
-        q_len: t,
-        kv_len: t,
-        head_size: width / heads,
-    };
+    let dims = GroupedDims::self_attention(batch, t, (heads, kv_heads), width / heads);
     let tables = (cos.detach(), sin.detach());
     let qr = rotate(&q.detach(), &tables, heads, 1.0)?;
     let kr = heads_view(&rotate(&k.detach(), &tables, kv_heads, 1.0)?, kv_heads)?;
     let vd = heads_view(&v.detach(), kv_heads)?;
-    let rows = Rows::TokenMajor;
     let masks = (scoring, segments);
-    // A block recomputed for its backward pass takes the result of its first forward pass.
-    let fits = |(out, lse): &(Tensor, Tensor)| {
-        out.dims() == q.dims() && out.dtype() == q.dtype() && lse.elem_count() == batch * heads * t
-    };
-    let (out, lse) =
-        step_scope::attention_result(fits, || forward(&qr, &kr, &vd, &dims, &masks, rows))?;
+    let (out, lse) = rotated_attention([&qr, &kr, &vd], &dims, &masks)?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -332,11 +315,192 @@ pub(crate) fn self_attention(
     attach3([q, k, v], &out, "self-attention", move |grad| {
         let dout = grad.contiguous()?;
         let inputs = [&qr, &kr, &vd];
-        let (dq, dk, dv) = backward(inputs, &saved, &dout, &lse, &dims, &masks, rows)?;
+        let rows = Rows::TokenMajor;
+        let layout = (rows, KvGradLayout::Apart);
+        let (dq, kv) = backward(inputs, &saved, &dout, &lse, &dims, &masks, layout)?;
+        let (dk, dv) = kv.apart()?;
         let dq = rotate(&dq, &tables, heads, -1.0)?;
         let dk = rotate(&dk, &tables, kv_heads, -1.0)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     })
+}
+
+/// The forward pass of [`self_attention`] on rotated queries `qr` `[b, t, heads · d]` and keys
+/// and values `[b, kv_heads, t, d]` views: the output in `qr`'s layout and the rows' base-2
+/// log-sum-exps. A block recomputed for its backward pass takes its first forward pass's.
+fn rotated_attention(
+    [qr, kr, vd]: [&Tensor; 3],
+    dims: &GroupedDims,
+    masks: &Masks,
+) -> Result<(Tensor, Tensor)> {
+    let fits = |(out, lse): &(Tensor, Tensor)| {
+        out.dims() == qr.dims()
+            && out.dtype() == qr.dtype()
+            && lse.elem_count() == dims.query_rows()
+    };
+    step_scope::attention_result(fits, || forward(qr, kr, vd, dims, masks, Rows::TokenMajor))
+}
+
+/// Whether the self-attention kernels take projections of `x` (its dtype and device,
+/// `[b, t, ..]`) into `heads` query and `kv_heads` key/value heads of `d`, with tables
+/// `cos`/`sin` `[t, d / 2]` (RoPE over whole heads): the conditions [`self_attention`] and
+/// [`self_attention_packed`] share.
+pub(crate) fn projection_fits(
+    x: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    d: usize,
+) -> bool {
+    let (Ok(t), Ok(table)) = (x.dim(1), cos.dims2()) else {
+        return false;
+    };
+    heads > 0
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && HEAD_SIZES.contains(&d)
+        && table == (t, d / 2)
+        && sin.dims() == cos.dims()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && matches!(x.device(), Device::Cuda(_))
+        && crate::fused(&[x, cos, sin])
+        && [cos, sin].iter().all(|x| x.is_contiguous())
+}
+
+/// Whether [`self_attention_packed`] takes `qkv`, the packed q/k/v projection
+/// `[b, t, (heads + 2 · kv_heads) · d]`, with tables `cos`/`sin` `[t, d / 2]`.
+pub(crate) fn self_attention_packed_supported(
+    qkv: &Tensor,
+    tables: (&Tensor, &Tensor),
+    heads: (usize, usize),
+) -> Result<bool> {
+    let Ok((_, _, width)) = qkv.dims3() else {
+        return Ok(false);
+    };
+    let parts = heads.0 + 2 * heads.1;
+    let d = width / parts.max(1);
+    if width != parts * d || !qkv.is_contiguous() || !projection_fits(qkv, tables, heads, d) {
+        return Ok(false);
+    }
+    launch::with_operands(&[qkv], launch::start_aligned)
+}
+
+/// [`self_attention`] of the packed projection `qkv` `[b, t, (heads + 2 · kv_heads) · d]`
+/// (each row's queries, then keys, then values, as a stacked q/k/v projection writes them)
+/// that passes [`self_attention_packed_supported`], as `[b, t, heads · d]`. RoPE reads the
+/// queries and keys in place; the gradient comes back as one packed tensor (the rotated-back
+/// query and key gradients and the value gradients written into its columns), so the stacked
+/// projection's backward is one product each way.
+pub(crate) fn self_attention_packed(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    scoring: Scoring,
+    segments: Option<Segments>,
+) -> Result<Tensor> {
+    let (batch, t, width) = qkv.dims3()?;
+    let parts = heads + 2 * kv_heads;
+    let d = width / parts;
+    let dims = GroupedDims::self_attention(batch, t, (heads, kv_heads), d);
+    let tables = (cos.detach(), sin.detach());
+    let packed = qkv.detach();
+    let qr = rotate_packed(&packed, &tables, (0, heads), heads, parts)?;
+    // The keys rotated and the values copied beside them by one launch (a 1b layer's: 16 MB),
+    // so the backward pass keeps those and not the whole projection.
+    let kv = rotate_packed(&packed, &tables, (heads, 2 * kv_heads), kv_heads, parts)?;
+    let kv = kv.reshape((batch, t, 2 * kv_heads, d))?;
+    let kr = kv.narrow(2, 0, kv_heads)?.transpose(1, 2)?;
+    let vd = kv.narrow(2, kv_heads, kv_heads)?.transpose(1, 2)?;
+    let masks = (scoring, segments);
+    let (out, lse) = rotated_attention([&qr, &kr, &vd], &dims, &masks)?;
+    if !qkv.track_op() {
+        return Ok(out);
+    }
+    let saved = out.clone();
+    attach(qkv, &out, "packed-self-attention", move |grad| {
+        let dout = grad.contiguous()?;
+        let inputs = [&qr, &kr, &vd];
+        let rows = Rows::TokenMajor;
+        let layout = (rows, KvGradLayout::Packed);
+        let (dq, kv) = backward(inputs, &saved, &dout, &lse, &dims, &masks, layout)?;
+        Ok(Some(packed_gradient(&dq, kv.packed()?, &tables, &dims)?))
+    })
+}
+
+/// Heads `first..first + count` of each row of the packed projection `packed` (rows of `parts`
+/// heads), the first `rotated` of them rotated by RoPE and the rest copied, as
+/// `[b, t, count · d]`.
+fn rotate_packed(
+    packed: &Tensor,
+    (cos, sin): &(Tensor, Tensor),
+    (first, count): (usize, usize),
+    rotated: usize,
+    parts: usize,
+) -> Result<Tensor> {
+    let (b, t, width) = packed.dims3()?;
+    let d = width / parts;
+    let y = launch::with_operands(&[packed, cos, sin], |ops| {
+        let [x, cos, sin] = [ops[0], ops[1], ops[2]];
+        let dtype = x.0.dtype();
+        let y = launch::alloc(&x.0.device, dtype, b * t * count * d)?;
+        let from = HeadRows {
+            address: start_address(x)? + (first * d * dtype.size_in_bytes()) as u64,
+            token_stride: width,
+        };
+        let to = HeadRows {
+            address: launch::base_address(&y)?,
+            token_stride: count * d,
+        };
+        let rows = (b * t * count, d);
+        let heads = (count, rotated);
+        rope_rows(&x.0.device, dtype, (from, to), rows, (cos, sin), heads, 1.0)?;
+        Ok(y)
+    })?;
+    Ok(launch::tensor(y, (b, t, count * d).into()))
+}
+
+/// The packed projection's gradient `[b, t, (heads + 2 · kv_heads) · d]` from `packed`, whose
+/// key and value columns hold the gradients of the rotated keys and of the values, and the
+/// rotated queries' gradient `dq` `[b, t, heads · d]`: the keys' rotated back in place, the
+/// queries' rotated back into their columns.
+fn packed_gradient(
+    dq: &Tensor,
+    packed: Tensor,
+    (cos, sin): &(Tensor, Tensor),
+    dims: &GroupedDims,
+) -> Result<Tensor> {
+    let (b, t, d) = (dims.batch, dims.q_len, dims.head_size);
+    let (heads, kv_heads) = (dims.heads, dims.kv_heads);
+    let width = (heads + 2 * kv_heads) * d;
+    launch::with_operands(&[dq, &packed, cos, sin], |ops| {
+        let [dq, packed, cos, sin] = [ops[0], ops[1], ops[2], ops[3]];
+        let (device, dtype) = (&dq.0.device, dq.0.dtype());
+        let keys = launch::address(packed)? + (heads * d * dtype.size_in_bytes()) as u64;
+        let packed_rows = |address| HeadRows {
+            address,
+            token_stride: width,
+        };
+        let queries = HeadRows {
+            address: launch::address(dq)?,
+            token_stride: heads * d,
+        };
+        for (from, to, count) in [
+            (queries, packed_rows(launch::address(packed)?), heads),
+            (packed_rows(keys), packed_rows(keys), kv_heads),
+        ] {
+            let rows = (b * t * count, d);
+            rope_rows(
+                device,
+                dtype,
+                (from, to),
+                rows,
+                (cos, sin),
+                (count, count),
+                -1.0,
+            )?;
+        }
+        Ok(())
+    })?;
+    Ok(packed)
 }
 
 /// Rows `[b, t, heads · d]` rotated by RoPE (`sign` 1) or back (`sign` −1), same layout.
@@ -365,6 +529,18 @@ fn unit_last(t: &Tensor) -> Result<Tensor> {
 }
 
 impl GroupedDims {
+    /// The dims of a self-attention over `t` positions: queries and keys alike.
+    fn self_attention(batch: usize, t: usize, (heads, kv_heads): (usize, usize), d: usize) -> Self {
+        Self {
+            batch,
+            heads,
+            kv_heads,
+            q_len: t,
+            kv_len: t,
+            head_size: d,
+        }
+    }
+
     fn kv_shape(&self) -> Shape {
         (self.batch, self.kv_heads, self.kv_len, self.head_size).into()
     }
@@ -483,8 +659,44 @@ fn forward(
     ))
 }
 
-/// `dq` (like `q`), `dk` and `dv` (in `rows`' layout) for the output gradient `dout` (laid out
-/// like `out` and `q`).
+/// Where [`backward`] writes the key and value gradients.
+#[derive(Clone, Copy, PartialEq)]
+enum KvGradLayout {
+    /// Tensors of their own, in the query side's rows' layout.
+    Apart,
+    /// The key and value columns of one packed q/k/v gradient
+    /// `[b, t, (heads + 2 · kv_heads) · d]` (token-major rows of a self-attention), its query
+    /// columns left to the caller.
+    Packed,
+}
+
+/// The key and value gradients of [`backward`] (tensors, or their buffers inside it), as its
+/// [`KvGradLayout`] asked.
+enum KvGrads<T = Tensor> {
+    Apart(T, T),
+    Packed(T),
+}
+
+impl KvGrads {
+    /// The key and value gradients of [`KvGradLayout::Apart`].
+    fn apart(self) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Apart(dk, dv) => Ok((dk, dv)),
+            Self::Packed(_) => candle_core::bail!("flash attention: packed key/value gradients"),
+        }
+    }
+
+    /// The packed gradient of [`KvGradLayout::Packed`].
+    fn packed(self) -> Result<Tensor> {
+        match self {
+            Self::Packed(packed) => Ok(packed),
+            Self::Apart(..) => candle_core::bail!("flash attention: key/value gradients apart"),
+        }
+    }
+}
+
+/// `dq` (like `q`) and the key and value gradients (in `rows`' layout, or packed as `kv_layout`
+/// says) for the output gradient `dout` (laid out like `out` and `q`).
 fn backward(
     [q, k, v]: [&Tensor; 3],
     out: &Tensor,
@@ -492,19 +704,39 @@ fn backward(
     lse: &Tensor,
     dims: &GroupedDims,
     masks: &Masks,
-    rows: Rows,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    (rows, kv_layout): (Rows, KvGradLayout),
+) -> Result<(Tensor, KvGrads)> {
     let n = dims.query_rows();
-    let kv_elems = dims.kv_shape().elem_count();
-    let (dq, dk, dv) = launch::with_operands(&[q, k, v, out, dout, lse], |ops| {
+    let (b, kvh, len, d) = (dims.batch, dims.kv_heads, dims.kv_len, dims.head_size);
+    let packed_width = (dims.heads + 2 * kvh) * d;
+    let (dq, kv) = launch::with_operands(&[q, k, v, out, dout, lse], |ops| {
         let [q, k, v, out, dout, lse] = [ops[0], ops[1], ops[2], ops[3], ops[4], ops[5]];
         let (device, dtype) = (&q.0.device, q.0.dtype());
         let kernels = rows.check(Kernels::for_operands(&[q, k, v, out, dout], [k, v])?)?;
         let delta = launch::alloc(device, DType::F32, n)?;
         let delta_arg = Arg::Address(launch::base_address(&delta)?);
         let dq = launch::alloc(device, dtype, n * dims.head_size)?;
-        let dk = launch::alloc(device, dtype, kv_elems)?;
-        let dv = launch::alloc(device, dtype, kv_elems)?;
+        // The key and value gradients' buffers, their first elements and their strides.
+        let (kv, [dk_at, dv_at], kv_strides) = match kv_layout {
+            KvGradLayout::Apart => {
+                let elems = dims.kv_shape().elem_count();
+                let dk = launch::alloc(device, dtype, elems)?;
+                let dv = launch::alloc(device, dtype, elems)?;
+                let starts = [launch::base_address(&dk)?, launch::base_address(&dv)?];
+                (KvGrads::Apart(dk, dv), starts, rows.strides(kvh, len, d))
+            }
+            KvGradLayout::Packed => {
+                if rows != Rows::TokenMajor || !matches!(kernels, Kernels::TensorCores) {
+                    candle_core::bail!("flash attention: packed gradients need token-major rows");
+                }
+                let packed = launch::alloc(device, dtype, b * len * packed_width)?;
+                let keys = launch::base_address(&packed)?
+                    + (dims.heads * d * dtype.size_in_bytes()) as u64;
+                let values = keys + (kvh * d * dtype.size_in_bytes()) as u64;
+                let strides = [len * packed_width, d, packed_width].map(|s| Arg::Count(s as u64));
+                (KvGrads::Packed(packed), [keys, values], strides)
+            }
+        };
         let inputs = [start(q)?, start(k)?, start(v)?, start(dout)?, start(lse)?];
         let tail = |mut args: Vec<Arg>| -> Result<Vec<Arg>> {
             args.extend(dims.common_args(k, v, masks)?);
@@ -512,17 +744,8 @@ fn backward(
             Ok(args)
         };
         let dq_arg = Arg::Address(launch::base_address(&dq)?);
-        let mut kv_args = tail(
-            [
-                &inputs[..],
-                &[
-                    delta_arg,
-                    Arg::Address(launch::base_address(&dk)?),
-                    Arg::Address(launch::base_address(&dv)?),
-                ],
-            ]
-            .concat(),
-        )?;
+        let kv_outputs = [delta_arg, Arg::Address(dk_at), Arg::Address(dv_at)];
+        let mut kv_args = tail([&inputs[..], &kv_outputs].concat())?;
         match kernels {
             // The query gradients take the deltas from their own tiles, for the key/value
             // gradients after them.
@@ -532,7 +755,7 @@ fn backward(
                 q_args.extend(dims.query_strides(rows));
                 kernels.launch(device, dtype, dims, Stage::QueryGrads, &q_args)?;
                 kv_args.extend(dims.query_strides(rows));
-                kv_args.extend(rows.strides(dims.kv_heads, dims.kv_len, dims.head_size));
+                kv_args.extend(kv_strides);
                 kernels.launch(device, dtype, dims, Stage::KeyValueGrads, &kv_args)?;
             }
             Kernels::Simt => {
@@ -553,12 +776,16 @@ fn backward(
                 kernels.launch(device, dtype, dims, Stage::QueryGrads, &q_args)?;
             }
         }
-        Ok((dq, dk, dv))
+        Ok((dq, kv))
     })?;
-    let (b, kvh, len, d) = (dims.batch, dims.kv_heads, dims.kv_len, dims.head_size);
-    Ok((
-        launch::tensor(dq, q.shape().clone()),
-        launch::tensor(dk, rows.shape(b, kvh, len, d)),
-        launch::tensor(dv, rows.shape(b, kvh, len, d)),
-    ))
+    let kv = match kv {
+        KvGrads::Apart(dk, dv) => {
+            let shape = rows.shape(b, kvh, len, d);
+            KvGrads::Apart(launch::tensor(dk, shape.clone()), launch::tensor(dv, shape))
+        }
+        KvGrads::Packed(packed) => {
+            KvGrads::Packed(launch::tensor(packed, (b, len, packed_width).into()))
+        }
+    };
+    Ok((launch::tensor(dq, q.shape().clone()), kv))
 }

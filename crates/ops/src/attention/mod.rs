@@ -380,6 +380,60 @@ pub fn self_attention(
     merge_heads(&windowed_attention(&q, &k, &v, options)?)
 }
 
+/// [`self_attention`] of a packed q/k/v projection `qkv` `[b, t, (heads + 2 · kv_heads) · d]`
+/// (each row's queries, then keys, then values, as a stacked projection writes them), as
+/// `[b, t, heads · d]`. On CUDA in bf16/f16 with RoPE over whole heads, the flash kernels and
+/// RoPE read the projection in place and its gradient comes back as one packed tensor (so the
+/// stacked projection's backward is one product each way, with no sum of three input
+/// gradients); elsewhere its three column blocks go through [`self_attention`].
+pub fn packed_self_attention(
+    qkv: &Tensor,
+    tables: (&Tensor, &Tensor),
+    (heads, kv_heads): (usize, usize),
+    options: AttentionOptions,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if flash::self_attention_packed_supported(qkv, tables, (heads, kv_heads))? {
+        let scoring = Scoring::of(&options);
+        let heads = (heads, kv_heads);
+        return flash::self_attention_packed(qkv, tables, heads, scoring, options.segments);
+    }
+    let width = qkv.dim(D::Minus1)?;
+    let parts = heads + 2 * kv_heads;
+    if parts == 0 || width % parts != 0 {
+        candle_core::bail!(
+            "packed_self_attention: rows of {width} for {heads} + 2 x {kv_heads} heads"
+        );
+    }
+    let d = width / parts;
+    let part = |first: usize, count: usize| qkv.narrow(D::Minus1, first * d, count * d);
+    let (q, k, v) = (
+        part(0, heads)?,
+        part(heads, kv_heads)?,
+        part(heads + kv_heads, kv_heads)?,
+    );
+    self_attention([&q, &k, &v], tables, heads, kv_heads, options)
+}
+
+/// Whether [`packed_self_attention`] runs its fused kernels for a projection of `x` (the
+/// hidden states `[b, t, ..]` in the compute dtype) into `heads` and `kv_heads` heads of
+/// `head_size`, with RoPE tables `cos`/`sin`: where it does not, a stacked projection gains
+/// nothing, and the three projections should go to [`self_attention`] as they are.
+pub fn packed_self_attention_fuses(
+    x: &Tensor,
+    tables: (&Tensor, &Tensor),
+    heads: (usize, usize),
+    head_size: usize,
+) -> bool {
+    #[cfg(feature = "cuda")]
+    return flash::projection_fits(x, tables, heads, head_size);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, tables, heads, head_size);
+        false
+    }
+}
+
 /// Flash-style grouped-query causal attention (same contract as [`grouped_attention`]) where
 /// the CUDA kernels support the operands (head size 64 or 128), which never hold the T×T
 /// probabilities: tensor-core kernels in bf16 and f16, f32 kernels otherwise. Elsewhere kv

@@ -6,7 +6,7 @@
 use super::{Case, Input};
 use crate::reference;
 use crate::Glu;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 
 /// The dimensions of a model that its ops run at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +40,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         options_attention_case(OPTIONS_D96, (batch, h, shape.kv_heads), (seq, seq), 96),
         flash_case(batch, h, shape.kv_heads, seq, seq, d),
         self_attention_case(batch, h, shape.kv_heads, seq, d),
+        packed_self_attention_case((batch, h, shape.kv_heads), seq, d),
         self_attention_options_case(batch, h, shape.kv_heads, seq, d),
         segments_attention_case::<false>((batch, h, shape.kv_heads), seq, d),
         segments_attention_case::<true>((batch, h, shape.kv_heads), seq, d),
@@ -416,6 +417,40 @@ fn self_attention_case(batch: usize, heads: usize, kv_heads: usize, t: usize, d:
         fused: |t| fused_self_attention(t, crate::AttentionOptions::plain(2 * t[3].dim(1)?)),
         reference: self_attention_reference,
         inputs: projection_inputs((batch, heads, kv_heads), t, d, 1.0),
+    }
+}
+
+/// [`self_attention_case`] from one packed projection `[b, t, (heads + 2 · kv_heads) · d]`
+/// through [`crate::packed_self_attention`]; the last input only carries the head counts in
+/// its shape `[heads, kv_heads]`.
+fn packed_self_attention_case(
+    (batch, heads, kv_heads): (usize, usize, usize),
+    t: usize,
+    d: usize,
+) -> Case {
+    Case {
+        name: "packed_self_attention",
+        fused: |t| {
+            let heads = t[3].dims2()?;
+            let options = crate::AttentionOptions::plain(2 * t[1].dim(1)?);
+            crate::packed_self_attention(&t[0], (&t[1], &t[2]), heads, options)
+        },
+        reference: |t| {
+            let (heads, kv_heads) = t[3].dims2()?;
+            let d = 2 * t[1].dim(1)?;
+            let part = |first: usize, count: usize| {
+                t[0].narrow(D::Minus1, first * d, count * d)?.contiguous()
+            };
+            let (q, k) = (part(0, heads)?, part(heads, kv_heads)?);
+            let v = part(heads + kv_heads, kv_heads)?;
+            self_attention_reference(&[q, k, v, t[1].clone(), t[2].clone()])
+        },
+        inputs: vec![
+            Input::Float(vec![batch, t, (heads + 2 * kv_heads) * d], 1.0),
+            Input::Table(vec![t, d / 2]),
+            Input::Table(vec![t, d / 2]),
+            Input::Ids(vec![heads, kv_heads], 1),
+        ],
     }
 }
 
