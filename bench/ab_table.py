@@ -7,8 +7,10 @@ Rows are the JSON lines of `llmtool bench` tagged with "build" ("A" or "B") and 
 Rows are the same row when every field but the measured ones is equal (task, preset, mode,
 batch, seq, rank, targets, ...). For each it prints both builds' rate in every round
 (tokens/s; for `--tasks ops` rows the fused kernel's ms), the medians, B's speed relative to
-A (above 1: B is faster) and both builds' median peak MB. Failed op checks, replayed decodes
-that differ from op by op, and rows only one build produced are listed after the table.
+A (above 1: B is faster), both builds' median peak MB and, for training rows, their median
+last-step loss (same seed and batch: builds that compute alike agree to rounding). Failed op
+checks, replayed decodes that differ from op by op, and rows only one build produced are
+listed after the table.
 """
 
 import json
@@ -20,7 +22,7 @@ MEASURED = {
     "binary", "build", "round", "tool", "tokens_per_s", "step_ms", "ms", "model_tflops",
     "peak_mb", "peak_smi_mb", "reserved_peak_mb", "in_use_at_start_mb", "peak_note",
     "fused_ms", "reference_ms", "speedup", "max_rel_error", "ok", "error",
-    "same_tokens_as_op_by_op", "steps", "params", "trainable", "tolerance",
+    "same_tokens_as_op_by_op", "steps", "params", "trainable", "tolerance", "loss",
 }
 NAME_ORDER = ["task", "preset", "mode", "op", "shapes", "batch", "seq", "rank", "lora_targets",
               "lora_base", "new_tokens", "prompt_tokens", "ranks"]
@@ -72,13 +74,14 @@ def main(path):
             problems.append(f"build {build}, round {row.get('round')}: {name} replayed other "
                             "tokens than op by op")
     width = max([len(name) for name in groups] + [3])
-    print(f"{'row':<{width}} {'A (rounds)':>24} {'B (rounds)':>24} {'B/A':>7} {'peak MB A / B':>17}")
+    print(f"{'row':<{width}} {'A (rounds)':>24} {'B (rounds)':>24} {'B/A':>7} {'peak MB A / B':>17}"
+          f" {'loss A / B':>17}")
     for name, builds in groups.items():
         if not builds["A"] or not builds["B"]:
             only = "A" if builds["A"] else "B"
             problems.append(f"{name}: only build {only} produced this row")
             continue
-        cells, medians, peaks, higher = [], [], [], True
+        cells, medians, peaks, losses, higher = [], [], [], [], True
         for build in ("A", "B"):
             values = [rate(r)[0] for r in sorted(builds[build], key=lambda r: r.get("round", 0))]
             higher = rate(builds[build][0])[1]
@@ -87,9 +90,12 @@ def main(path):
             cells.append(" / ".join(fmt(v) for v in values))
             peak = [r["peak_mb"] for r in builds[build] if r.get("peak_mb") is not None]
             peaks.append(fmt(statistics.median(peak)) if peak else "-")
+            loss = [r["loss"] for r in builds[build] if r.get("loss") is not None]
+            losses.append(f"{statistics.median(loss):.4f}" if loss else "-")
         a, b = medians
         ratio = "-" if not a or not b else f"{(b / a if higher else a / b):.3f}"
-        print(f"{name:<{width}} {cells[0]:>24} {cells[1]:>24} {ratio:>7} {peaks[0] + ' / ' + peaks[1]:>17}")
+        print(f"{name:<{width}} {cells[0]:>24} {cells[1]:>24} {ratio:>7} {peaks[0] + ' / ' + peaks[1]:>17}"
+              f" {losses[0] + ' / ' + losses[1]:>17}")
     for problem in problems:
         print("!", problem)
 

@@ -140,6 +140,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "self_attention_segments",
         "self_attention_segments_window",
         "self_attention_softcap_window",
+        "stacked_lora_linear",
         "swap_middle",
         "swiglu",
         "swiglu_master_projection",

@@ -39,15 +39,15 @@ pub fn measure(
         Task::Train => {
             let (weights, vars) = weights.into_trainable()?;
             let model = Llama::new(&cfg, &weights, dtype)?;
-            let step_s = time_training(&model, &vars, s, recompute, device, collective)?;
+            let (step_s, loss) = time_training(&model, &vars, s, recompute, device, collective)?;
             let params = cfg.parameter_count();
             let tokens_per_s = (ranks * s.batch * s.seq) as f64 / step_s;
             json!({"params": params, "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
-                   "model_tflops": 6.0 * params as f64 * tokens_per_s / 1e12})
+                   "model_tflops": 6.0 * params as f64 * tokens_per_s / 1e12, "loss": loss})
         }
         Task::Lora(base) => {
             let (model, vars) = lora_model(&cfg, weights, base, s.lora, dtype, device)?;
-            let step_s = time_training(&model, &vars, s, recompute, device, collective)?;
+            let (step_s, loss) = time_training(&model, &vars, s, recompute, device, collective)?;
             let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             let tokens_per_s = (ranks * s.batch * s.seq) as f64 / step_s;
             // As torch_ref.py: forward and input gradient of the base (4 x its parameters per
@@ -56,7 +56,8 @@ pub fn measure(
             let flops = 4.0 * base_params + 6.0 * trainable as f64;
             json!({"trainable": trainable, "rank": s.lora.rank, "alpha": 2 * s.lora.rank,
                    "lora_targets": s.lora.targets_name(), "step_ms": step_s * 1e3,
-                   "tokens_per_s": tokens_per_s, "model_tflops": flops * tokens_per_s / 1e12})
+                   "tokens_per_s": tokens_per_s, "model_tflops": flops * tokens_per_s / 1e12,
+                   "loss": loss})
         }
         Task::Eval => {
             // As `llmtool eval` loads a model: stored in the compute dtype.

@@ -46,7 +46,8 @@ pub(super) fn lora_model(
     Ok((model, adapter.vars()))
 }
 
-/// Seconds per full training step of `vars`: forward, backward, clipping to norm 1, AdamW
+/// Seconds per full training step of `vars` and the last step's loss (two builds' rows agree
+/// on it where their numerics do): forward, backward, clipping to norm 1, AdamW
 /// (lr 3e-4, weight decay 0.1 as the reference). On several ranks (`collective`), each rank
 /// steps on its own random batch and the gradients are summed in buckets before clipping, as
 /// `llmtool train --gpus N` does.
@@ -57,7 +58,7 @@ pub(super) fn time_training(
     recompute: bool,
     device: &Device,
     collective: &dyn Collective,
-) -> candle_core::Result<f64> {
+) -> candle_core::Result<(f64, f64)> {
     let params = AdamWParams {
         beta1: 0.9,
         beta2: 0.999,
@@ -68,7 +69,8 @@ pub(super) fn time_training(
     keep_model_copies(&mut optimizer, model, recompute)?;
     let batch = random_batch(&model.config, s, collective.rank() as u64);
     let buckets = BucketPlan::for_vars(vars);
-    timed(device, s.warmup, s.steps, || {
+    let mut last_loss = f64::NAN;
+    let step_s = timed(device, s.warmup, s.steps, || {
         let mut grads = Gradients::new();
         let copies = optimizer.compute_copies()?;
         let loss = gradients::accumulate(
@@ -85,9 +87,10 @@ pub(super) fn time_training(
             .map_err(candle_core::Error::wrap)?;
         let norm = global_norm(&grads)?;
         // Read where `llmtool train` reads it (its step checks the loss before the update).
-        loss.read()?;
+        last_loss = loss.read()?;
         optimizer.step(&grads, 3e-4, clip_scale(norm, 1.0))
-    })
+    })?;
+    Ok((step_s, last_loss))
 }
 
 /// `batch × seq` uniformly random inputs and targets, every position scored.

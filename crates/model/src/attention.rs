@@ -13,7 +13,7 @@ use super::cache::LayerCache;
 use super::config::LlamaConfig;
 use super::llama::{Block, Llama};
 use super::rope::RopeTables;
-use crate::linear::Linear;
+use crate::linear::{stacked_low_rank, Linear};
 use crate::names::Norm;
 use candle_core::{Result, Tensor, D};
 
@@ -110,9 +110,8 @@ impl Llama {
             }
             None => {
                 let (heads, kv_heads) = (a.heads, a.kv_heads);
-                let y = match self.packed_masters(block, x, (&cos, &sin)) {
-                    Some(parts) => {
-                        let qkv = ops::stacked_master_linear(x, &parts)?;
+                let y = match self.packed_projection(block, x, (&cos, &sin))? {
+                    Some(qkv) => {
                         let heads = (heads, kv_heads);
                         ops::packed_self_attention(&qkv, (&cos, &sin), heads, trimmed)?
                     }
@@ -136,26 +135,34 @@ impl Llama {
         a.o_proj.forward(&ops::merge_heads(&y)?, self.dtype())
     }
 
-    /// The q, k and v master weights of `block` where its attention on `x` takes them as one
-    /// stacked projection and the packed self-attention's kernels (training on CUDA in 16
-    /// bits): the three train with nothing else to them, the family norms no queries or keys,
-    /// and the checkpoint does not stack them itself. One GEMM each way then replaces three,
-    /// and the input's gradient is no sum of three.
-    fn packed_masters<'b>(
+    /// The packed q/k/v projection `[b, t, (heads + 2 · kv_heads) · d]` of `x` where `block`'s
+    /// attention takes one, for the packed self-attention's kernels (training on CUDA in 16
+    /// bits; no q/k norms): one GEMM over the three master weights where they train with
+    /// nothing else to them and the checkpoint does not stack them itself, or the frozen
+    /// stacked weight with the three parts' low-rank updates as one product (LoRA). One
+    /// product each way then replaces three, and the input's gradient is no sum of three.
+    /// `None` where the three projections go their own ways.
+    fn packed_projection(
         &self,
-        block: &'b Block,
+        block: &Block,
         x: &Tensor,
         tables: (&Tensor, &Tensor),
-    ) -> Option<[&'b Tensor; 3]> {
+    ) -> Result<Option<Tensor>> {
         let a = &block.self_attn;
-        let [q, k, v] = [&a.q_proj, &a.k_proj, &a.v_proj].map(Linear::bare_master);
-        let parts = [q?, k?, v?];
         let heads = (a.heads, a.kv_heads);
-        let packs = !self.family.qk_norm
-            && a.qkv.is_none()
-            && parts.iter().all(|p| p.dtype() == parts[0].dtype())
-            && ops::packed_self_attention_fuses(x, tables, heads, a.head_size);
-        packs.then_some(parts)
+        if self.family.qk_norm || !ops::packed_self_attention_fuses(x, tables, heads, a.head_size) {
+            return Ok(None);
+        }
+        let parts = [&a.q_proj, &a.k_proj, &a.v_proj];
+        if a.qkv.is_some() {
+            return stacked_low_rank(a.qkv.as_ref(), &parts, x);
+        }
+        match parts.map(Linear::bare_master) {
+            [Some(q), Some(k), Some(v)] if q.dtype() == k.dtype() && k.dtype() == v.dtype() => {
+                ops::stacked_master_linear(x, &[q, k, v]).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The RoPE tables of block `i`: the local ones where its family gives sliding layers a

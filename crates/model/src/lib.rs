@@ -25,6 +25,6 @@ pub use config::LlamaConfig;
 pub use decoder::Decoder;
 pub use family::Family;
 pub use io::{load, LoadedModel};
-pub use linear::{Linear, LinearAdapter};
+pub use linear::{Linear, LinearAdapter, LowRank};
 pub use llama::{Cache, Llama};
 pub use weights::{ModelError, Weights};

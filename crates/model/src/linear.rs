@@ -24,6 +24,53 @@ pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
     /// Turns the adapter's dropout on with masks drawn from `seed`, or off with `None`. The
     /// same seed must replay the same masks (checkpointed recomputation relies on it).
     fn set_dropout_seed(&self, seed: Option<u64>);
+
+    /// Where the update is `scale · x @ a.t() @ b.t()` as it stands (no dropout mask): its
+    /// factors `a` `[r, in]` and `b` `[out, r]` (whose gradients train it) and `scale`. What
+    /// lets the model compute the updates of projections it stacks as one product
+    /// ([`ops::stacked_lora_linear`]); `None` (the default) keeps each update its own.
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        None
+    }
+}
+
+/// An update `scale · x @ a.t() @ b.t()` ([`LinearAdapter::low_rank`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LowRank<'a> {
+    /// `[r, in]`.
+    pub a: &'a Tensor,
+    /// `[out, r]`.
+    pub b: &'a Tensor,
+    /// The factor the product is scaled by.
+    pub scale: f64,
+}
+
+/// `x` through the frozen `stack` (the weights of `parts`, stacked by rows) and the parts'
+/// low-rank updates as one product ([`ops::stacked_lora_linear`]), where the stack has nothing
+/// else to it and every part has such an update, one scale for all and no bias: `[.., Σ out]`,
+/// the parts' outputs in order. `None` elsewhere (each part then computes on its own).
+pub(crate) fn stacked_low_rank(
+    stack: Option<&Linear>,
+    parts: &[&Linear],
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    let Some(stack) = stack.filter(|s| s.adapter.is_none() && s.bias.is_none() && !s.trainable)
+    else {
+        return Ok(None);
+    };
+    let updates: Option<Vec<LowRank>> = parts
+        .iter()
+        .map(|p| p.adapter.as_ref().filter(|_| p.bias.is_none())?.low_rank())
+        .collect();
+    let Some(updates) = updates else {
+        return Ok(None);
+    };
+    let scale = updates.first().map_or(1.0, |u| u.scale);
+    if updates.iter().any(|u| u.scale != scale) {
+        return Ok(None);
+    }
+    let factors: Vec<(&Tensor, &Tensor)> = updates.iter().map(|u| (u.a, u.b)).collect();
+    ops::stacked_lora_linear(x, &stack.weight, &factors, scale).map(Some)
 }
 
 /// A projection `x @ weight.t() + bias`, plus an adapter's update when one is attached.

@@ -14,6 +14,7 @@ use super::config::LlamaConfig;
 use super::rope::RopeTables;
 use super::weights::{ModelError, Weights};
 use crate::family::{Family, NormKind};
+use crate::linear::stacked_low_rank;
 pub use crate::linear::Linear;
 use crate::names::{self, Fused, Module, Norm, Projection};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
@@ -258,9 +259,11 @@ impl Llama {
         })
     }
 
-    /// Stacks each block's q/k/v projections, and its gate/up projections, into one matmul
-    /// each, for inference: a decode step is bound by kernel launches. Projections that train
-    /// are left alone; one that gets an adapter later is computed on its own again.
+    /// Stacks each block's frozen q/k/v projections, and its gate/up projections, into one
+    /// weight each (the parts become views into it): for inference, where a decode step is
+    /// bound by kernel launches, and for LoRA, whose updates of a stack's parts then run as one
+    /// product with it. Projections that train are left alone, and so are stacks made before;
+    /// a part that gets an adapter later is computed on its own again outside LoRA's product.
     pub fn fuse_projections(&mut self) -> Result<()> {
         // A checkpoint that stores them stacked (Phi-3) has them stacked already.
         for block in self
@@ -269,16 +272,20 @@ impl Llama {
             .filter(|_| !self.family.fused_projections)
         {
             let a = &mut block.self_attn;
-            a.qkv = Linear::stack(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            if a.qkv.is_none() {
+                a.qkv = Linear::stack(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+            }
             let m = &mut block.mlp;
-            m.gate_up = Linear::stack(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+            if m.gate_up.is_none() {
+                m.gate_up = Linear::stack(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+            }
         }
         Ok(())
     }
 
     /// The master weights each block may multiply as one stacked weight in training, each
     /// stack's parts in order: gate and up where both train with nothing else to them, and q,
-    /// k and v where the attention may pack them (as `packed_masters` asks, but for the
+    /// k and v where the attention may pack them (as `packed_projection` asks, but for the
     /// device and dtype): what an optimizer can keep one compute-dtype copy of
     /// ([`ops::ComputeCopies::add_stacked`]).
     pub fn stacked_masters(&self) -> Vec<Vec<Tensor>> {
@@ -523,6 +530,16 @@ impl Llama {
             // whole: gate, then up.
             let hidden = ops::glu_packed(&gate_up.forward(x, self.dtype)?, glu)?;
             return m.down_proj.forward(&hidden, self.dtype);
+        }
+        // LoRA on both halves of a frozen stacked weight: one product into the packed kernels
+        // (a decode step's rows keep each half's own matrix-vector products).
+        let parts = [&m.gate_proj, &m.up_proj];
+        if !decode_step && ops::glu_packed_fuses(x) {
+            if let Some(packed) = stacked_low_rank(m.gate_up.as_ref(), &parts, x)? {
+                return m
+                    .down_proj
+                    .forward(&ops::glu_packed(&packed, glu)?, self.dtype);
+            }
         }
         let hidden = match (
             m.stacked(),

@@ -12,6 +12,7 @@
 use super::attach::{attach, attach3};
 use super::master_linear::scaled_weight_grad;
 use super::nf4::Nf4Tensor;
+use super::stack::{block_diagonal, stacked_node, Blocks};
 use super::step_scope;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
@@ -191,13 +192,9 @@ pub fn lora_linear(
     let (x_grad, a_dtype, b_dtype) = (x.track_op(), a.dtype(), b.dtype());
     attach3([x, a, b], &y, "lora-linear", move |grad| {
         let inp = xd.dim(xd.rank() - 1)?;
-        let g = grad.reshape(((), grad.dim(grad.rank() - 1)?))?;
-        let xa2 = xa.reshape(((), xa.dim(xa.rank() - 1)?))?;
-        let dropped2 = dropped.reshape(((), inp))?;
-        // g @ B: the gradient at the rank-r bottleneck, before the scale.
-        let g_r = g.matmul(&bd)?;
-        let db = scaled_weight_grad(&g, &xa2, b_dtype, scale)?;
-        let da = scaled_weight_grad(&g_r, &dropped2, a_dtype, scale)?;
+        let g = as_rows(grad)?;
+        let dtypes = (a_dtype, b_dtype);
+        let (g_r, da, db) = factor_grads(&g, (&xa, &dropped), &bd, dtypes, scale)?;
         let dx = match (x_grad, &folded) {
             (false, _) => None,
             (true, Some(merged)) => Some(g.matmul(merged)?.reshape(xd.dims())?),
@@ -215,6 +212,86 @@ pub fn lora_linear(
         };
         Ok((dx, Some(da), Some(db)))
     })
+}
+
+/// [`lora_linear`] without dropout over projections of one input stacked along their rows:
+/// the frozen `weight` `[Σ out_i, in]` (the parts' weights, stacked) and each part's factors
+/// `(a_i [r_i, in], b_i [out_i, r_i])`, one `scale` for all, as `[.., Σ out_i]`, the parts'
+/// outputs in order. The factors multiply as the stack of the `a_i` `[Σ r_i, in]` and the
+/// block-diagonal matrix of the `b_i` `[Σ out_i, Σ r_i]`, so each product of the input's rows is
+/// one GEMM where separate adapters take one a part, and the input's gradient is no sum of
+/// the parts'. The factors get their gradients in their own dtypes, as each part's block of
+/// the stacks' gradients.
+pub fn stacked_lora_linear(
+    x: &Tensor,
+    weight: &LinearWeight,
+    factors: &[(&Tensor, &Tensor)],
+    scale: f64,
+) -> Result<Tensor> {
+    let xd = x.detach();
+    let dtype = xd.dtype();
+    let (a_parts, b_parts): (Vec<&Tensor>, Vec<&Tensor>) = factors.iter().copied().unzip();
+    let (Some(first_a), Some(first_b)) = (a_parts.first(), b_parts.first()) else {
+        candle_core::bail!("stacked_lora_linear: no factors");
+    };
+    let ad = super::stacked_cast(&a_parts, dtype)?;
+    let b_casts = b_parts
+        .iter()
+        .map(|b| step_scope::cast_once(b, dtype))
+        .collect::<Result<Vec<_>>>()?;
+    let bd = block_diagonal(&b_casts)?;
+    let xa = step_scope::bottleneck(first_a, || super::linear(&xd, &ad))?;
+    let w = weight.dense(dtype)?;
+    let y = projection_plus_update(&xd, &w, (&xa, &bd), scale)?;
+    let factors_tracked = factors.iter().any(|(a, b)| a.track_op() || b.track_op());
+    if !(x.track_op() || factors_tracked) {
+        return Ok(y);
+    }
+    let kept = weight.kept(&w);
+    drop(w);
+    let a_stack = stacked_node(&a_parts, &ad, Blocks::Rows)?;
+    let b_stack = stacked_node(&b_parts, &bd, Blocks::Diagonal)?;
+    let (x_grad, dtypes) = (x.track_op(), (first_a.dtype(), first_b.dtype()));
+    attach3(
+        [x, &a_stack, &b_stack],
+        &y,
+        "stacked-lora-linear",
+        move |grad| {
+            let g = as_rows(grad)?;
+            let (g_r, da, db) = factor_grads(&g, (&xa, &xd), &bd, dtypes, scale)?;
+            let dx = match x_grad {
+                true => {
+                    let w = kept.dense(g.dtype())?;
+                    let dx = super::matmul_sum((&g, &w), (&g_r, &ad), scale)?;
+                    Some(dx.reshape(xd.dims())?)
+                }
+                false => None,
+            };
+            Ok((dx, Some(da), Some(db)))
+        },
+    )
+}
+
+/// `x` `[.., k]` as rows `[n, k]`.
+fn as_rows(x: &Tensor) -> Result<Tensor> {
+    x.reshape(((), x.dim(x.rank() - 1)?))
+}
+
+/// For the output gradient rows `g` `[n, out]` of a LoRA update `scale · xa @ b.t()` with
+/// `xa = dropped @ a.t()` (`xa` `[.., r]`, `dropped` `[.., in]`, `b` `[out, r]` in `g`'s
+/// dtype): the gradient at the bottleneck before the scale, `g @ b` `[n, r]`, and the factors'
+/// gradients, `a`'s `[r, in]` and `b`'s `[out, r]` in `dtypes`.
+fn factor_grads(
+    g: &Tensor,
+    (xa, dropped): (&Tensor, &Tensor),
+    b: &Tensor,
+    (a_dtype, b_dtype): (DType, DType),
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g_r = g.matmul(b)?;
+    let db = scaled_weight_grad(g, &as_rows(xa)?, b_dtype, scale)?;
+    let da = scaled_weight_grad(&g_r, &as_rows(dropped)?, a_dtype, scale)?;
+    Ok((g_r, da, db))
 }
 
 /// `x @ w.t() + scale · xa @ b.t()` for `x` `[.., in]`, `w` `[out, in]`, `xa` `[.., r]` and `b`
@@ -311,6 +388,44 @@ mod lora_tests {
                     let update = dropped.broadcast_matmul(&t[2].t()?)?;
                     let update = (update.broadcast_matmul(&t[3].t()?)? * 2.0)?;
                     t[0].broadcast_matmul(&t[1].t()?)? + update
+                },
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn stacked_lora_linear_matches_each_parts_own_update() {
+        // q, k and v of a block (6, 2 and 2 rows, ranks 4), then gate and up with ranks 3 and
+        // 2: inputs x, the stacked weight, then each part's a and b.
+        for (outs, ranks) in [(&[6, 2, 2][..], &[4, 4, 4][..]), (&[5, 5][..], &[3, 2][..])] {
+            let total: usize = outs.iter().sum();
+            let mut inputs = vec![uniform(&[2, 3, 8], 1), uniform(&[total, 8], 2)];
+            for (i, (&out, &r)) in outs.iter().zip(ranks).enumerate() {
+                inputs.push(uniform(&[r, 8], 3 + 2 * i as u64));
+                inputs.push(uniform(&[out, r], 4 + 2 * i as u64));
+            }
+            let mut tracked = vec![true, false];
+            tracked.extend(std::iter::repeat_n(true, 2 * outs.len()));
+            assert_parity(
+                "stacked_lora_linear",
+                &inputs,
+                &tracked,
+                |t| {
+                    let w = super::LinearWeight::Dense(t[1].clone());
+                    let factors: Vec<_> = t[2..].chunks(2).map(|f| (&f[0], &f[1])).collect();
+                    super::stacked_lora_linear(&t[0], &w, &factors, 0.5)
+                },
+                |t| {
+                    let mut row = 0;
+                    let mut outputs = Vec::new();
+                    for f in t[2..].chunks(2) {
+                        let out = f[1].dim(0)?;
+                        let w = super::LinearWeight::Dense(t[1].narrow(0, row, out)?);
+                        outputs.push(super::lora_linear(&t[0], &w, &f[0], &f[1], 0.5, None)?);
+                        row += out;
+                    }
+                    candle_core::Tensor::cat(&outputs, 2)
                 },
                 1e-5,
             );

@@ -49,6 +49,7 @@ mod programmatic;
 pub mod reference;
 mod rms_norm;
 mod rope;
+mod stack;
 mod step_scope;
 mod swap;
 mod swiglu;
@@ -68,7 +69,7 @@ pub use cross_entropy::{
     masked_mean_nll, token_nll, token_nll_grad, token_nll_with_grad, weighted_mean,
 };
 pub use embedding::embedding;
-pub use frozen::{frozen_linear, lora_linear, LinearWeight};
+pub use frozen::{frozen_linear, lora_linear, stacked_lora_linear, LinearWeight};
 pub use gemv::{glu_projection, linear};
 pub use gemv_fused::{
     linear_residual, rms_norm_glu_projection, rms_norm_head_greedy_step, rms_norm_linear,
@@ -84,7 +85,7 @@ pub use rms_norm::{rms_norm, rms_norm_offset};
 pub use rope::rope;
 pub use step_scope::{checkpointed_forward, recomputing, training_step, ComputeCopies};
 pub use swap::{merge_heads, split_heads, swap_middle};
-pub use swiglu::{glu, glu_master_projection, glu_packed, Glu};
+pub use swiglu::{glu, glu_master_projection, glu_packed, glu_packed_fuses, Glu};
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
 

@@ -7,7 +7,8 @@
 //! directly in the weight's `[out, in]` layout; on CUDA one cuBLAS GEMM reads the 16-bit
 //! operands and writes it in f32, so no cast runs at all.
 
-use super::attach::{attach2, attach3};
+use super::attach::attach2;
+use super::stack::{stacked_node, Blocks};
 use super::step_scope;
 use candle_core::{DType, Result, Tensor};
 
@@ -39,44 +40,10 @@ pub fn stacked_master_linear(x: &Tensor, parts: &[&Tensor]) -> Result<Tensor> {
         return Ok(y);
     }
     let master = parts.first().map_or(DType::F32, |p| p.dtype());
-    let stacked = stacked_masters(parts, &w)?;
+    let stacked = stacked_node(parts, &w, Blocks::Rows)?;
     attach2(x, &stacked, &y, "stacked-master-linear", move |grad| {
         gradients(grad, (&xd, x_grad), (&w, w_grad), master)
     })
-}
-
-/// `stacked` (the rows of `parts`, in the compute dtype) as a graph node whose gradient (the
-/// stacked weight's, in the parts' dtype) reaches each tracked part as its rows.
-fn stacked_masters(parts: &[&Tensor], stacked: &Tensor) -> Result<Tensor> {
-    let rows = parts.iter().map(|p| p.dim(0)).collect::<Result<Vec<_>>>()?;
-    let tracked: Vec<bool> = parts.iter().map(|p| p.track_op()).collect();
-    let split = move |grad: &Tensor| -> Result<Vec<Option<Tensor>>> {
-        let mut start = 0;
-        let mut out = Vec::with_capacity(rows.len());
-        for (&n, &wanted) in rows.iter().zip(&tracked) {
-            out.push(wanted.then(|| grad.narrow(0, start, n)).transpose()?);
-            start += n;
-        }
-        Ok(out)
-    };
-    match parts {
-        [a, b] => attach2(a, b, stacked, "stacked-masters", move |grad| {
-            let mut parts = split(grad)?.into_iter();
-            Ok((parts.next().flatten(), parts.next().flatten()))
-        }),
-        [a, b, c] => attach3([a, b, c], stacked, "stacked-masters", move |grad| {
-            let mut parts = split(grad)?.into_iter();
-            Ok((
-                parts.next().flatten(),
-                parts.next().flatten(),
-                parts.next().flatten(),
-            ))
-        }),
-        _ => candle_core::bail!(
-            "stacked_master_linear: {} weights, not two or three",
-            parts.len()
-        ),
-    }
 }
 
 /// The gradients of `x @ w.t()` for the output gradient `grad`, each only where wanted: `x`'s

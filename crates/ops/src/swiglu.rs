@@ -100,7 +100,7 @@ pub fn glu_packed(h: &Tensor, glu: Glu) -> Result<Tensor> {
 /// the input's gradient needs no sum of two (measured there; elsewhere the two projections).
 pub fn glu_master_projection(x: &Tensor, gate: &Tensor, up: &Tensor, kind: Glu) -> Result<Tensor> {
     let alike = gate.dims() == up.dims() && gate.dtype() == up.dtype();
-    if alike && x.device().is_cuda() && super::fused(&[x]) {
+    if alike && glu_packed_fuses(x) {
         let packed = super::stacked_master_linear(x, &[gate, up])?;
         return glu_packed(&packed, kind);
     }
@@ -109,6 +109,12 @@ pub fn glu_master_projection(x: &Tensor, gate: &Tensor, up: &Tensor, kind: Glu) 
         &super::master_linear(x, up)?,
         kind,
     )
+}
+
+/// Whether a stacked gate/up projection of `x` into [`glu_packed`] pays over two projections:
+/// on CUDA, where the fused kernels take `x` (measured there).
+pub fn glu_packed_fuses(x: &Tensor) -> bool {
+    x.device().is_cuda() && super::fused(&[x])
 }
 
 /// The logistic function.

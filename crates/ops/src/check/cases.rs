@@ -73,6 +73,11 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         head_greedy_step_case(shape.hidden, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         lora_linear_case(tokens, shape.hidden, shape.ffn),
+        stacked_lora_linear_case(
+            tokens,
+            shape.hidden,
+            [h * d, shape.kv_heads * d, shape.kv_heads * d],
+        ),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear_rows", 1, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
@@ -701,6 +706,47 @@ fn lora_linear_case(rows: usize, inp: usize, out: usize) -> Case {
             Input::Float(vec![16, inp], 1.0),
             Input::Float(vec![out, 16], 1.0),
         ],
+    }
+}
+
+/// A block's q, k and v (`outs` rows each) as one LoRA projection of rank 16 a part
+/// ([`crate::stacked_lora_linear`]: the stacked frozen weight, the parts' `a` stacked and
+/// their `b` block-diagonal), gradients to `x` and every factor, against each part's own
+/// `x·w_iᵀ + 2·(x·a_iᵀ)·b_iᵀ` side by side.
+fn stacked_lora_linear_case(rows: usize, inp: usize, outs: [usize; 3]) -> Case {
+    let mut inputs = vec![
+        Input::Float(vec![rows, inp], 1.0),
+        Input::Table(vec![outs.iter().sum(), inp]),
+    ];
+    for out in outs {
+        inputs.push(Input::Float(vec![16, inp], 1.0));
+        inputs.push(Input::Float(vec![out, 16], 1.0));
+    }
+    Case {
+        name: "stacked_lora_linear",
+        fused: |t| {
+            // f32 masters, as LoRA layers hold them.
+            let w = crate::LinearWeight::Dense(t[1].clone());
+            let masters = t[2..]
+                .iter()
+                .map(|f| f.to_dtype(DType::F32))
+                .collect::<Result<Vec<_>>>()?;
+            let factors: Vec<_> = masters.chunks(2).map(|f| (&f[0], &f[1])).collect();
+            crate::stacked_lora_linear(&t[0], &w, &factors, 2.0)
+        },
+        reference: |t| {
+            let mut row = 0;
+            let mut parts = Vec::new();
+            for f in t[2..].chunks(2) {
+                let out = f[1].dim(0)?;
+                let update = t[0].matmul(&f[0].t()?)?.matmul(&f[1].t()?)?;
+                let w = t[1].narrow(0, row, out)?;
+                parts.push((t[0].matmul(&w.t()?)? + (update * 2.0)?)?);
+                row += out;
+            }
+            Tensor::cat(&parts, 1)
+        },
+        inputs,
     }
 }
 

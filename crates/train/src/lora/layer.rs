@@ -2,7 +2,7 @@
 //! [`LinearAdapter`].
 
 use candle_core::{DType, Device, Result, Tensor};
-use model::LinearAdapter;
+use model::{LinearAdapter, LowRank};
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -91,6 +91,17 @@ impl LinearAdapter for LoraLayer {
             "the projection's input arrives in its dtype"
         );
         ops::lora_linear(x, weight, &self.a, &self.b, self.scale, mask.as_ref())
+    }
+
+    /// The factors and scale while dropout is off (or zero): the update is then the plain
+    /// low-rank product.
+    fn low_rank(&self) -> Option<LowRank<'_>> {
+        let off = self.mask_seed.load(Ordering::Relaxed) == NO_DROPOUT || self.dropout <= 0.0;
+        off.then_some(LowRank {
+            a: &self.a,
+            b: &self.b,
+            scale: self.scale,
+        })
     }
 }
 
