@@ -208,3 +208,97 @@ impl Linear {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ops::parity::{relative_error, uniform};
+
+    /// `scale · x @ a.t() @ b.t()`, offered for stacking only where `plain` (an adapter with
+    /// dropout on declines).
+    #[derive(Debug)]
+    struct Update {
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+        plain: bool,
+    }
+
+    impl LinearAdapter for Update {
+        fn update(&self, x: &Tensor, _: DType) -> Result<Tensor> {
+            let xa = x.broadcast_matmul(&self.a.t()?)?;
+            xa.broadcast_matmul(&self.b.t()?)? * self.scale
+        }
+
+        fn forward_with_frozen(
+            &self,
+            x: &Tensor,
+            weight: &LinearWeight,
+            dtype: DType,
+        ) -> Result<Tensor> {
+            ops::frozen_linear(x, weight)? + self.update(x, dtype)?
+        }
+
+        fn set_dropout_seed(&self, _: Option<u64>) {}
+
+        fn low_rank(&self) -> Option<LowRank<'_>> {
+            self.plain.then_some(LowRank {
+                a: &self.a,
+                b: &self.b,
+                scale: self.scale,
+            })
+        }
+    }
+
+    fn frozen(rows: usize, seed: u64) -> Linear {
+        Linear {
+            weight: LinearWeight::Dense(uniform(&[rows, 8], seed)),
+            bias: None,
+            adapter: None,
+            trainable: false,
+        }
+    }
+
+    fn adapt(part: &mut Linear, seed: u64, scale: f64, plain: bool) {
+        let rows = part.dims().unwrap().0;
+        part.adapter = Some(Arc::new(Update {
+            a: uniform(&[4, 8], seed),
+            b: uniform(&[rows, 4], seed + 1),
+            scale,
+            plain,
+        }));
+    }
+
+    #[test]
+    fn a_stack_whose_parts_all_have_plain_updates_computes_them_as_one_product() {
+        // q, k and v of 6, 2 and 2 rows, stacked before their adapters are attached.
+        let (mut q, mut k, mut v) = (frozen(6, 1), frozen(2, 2), frozen(2, 3));
+        let stack = Linear::stack(&mut [&mut q, &mut k, &mut v]).unwrap();
+        for (i, part) in [&mut q, &mut k, &mut v].into_iter().enumerate() {
+            adapt(part, 10 + 2 * i as u64, 0.5, true);
+        }
+        let x = uniform(&[2, 3, 8], 4);
+        let each = |parts: [&Linear; 3]| {
+            let outputs = parts.map(|p| p.forward(&x, DType::F32).unwrap());
+            Tensor::cat(&outputs, 2).unwrap()
+        };
+        let stacked = stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x).unwrap();
+        let error = relative_error(&stacked.unwrap(), &each([&q, &k, &v]));
+        assert!(error < 1e-5, "{error:.2e}");
+
+        // A part whose update declines, or scales otherwise, leaves each part to itself.
+        adapt(&mut v, 20, 0.5, false);
+        assert!(stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x)
+            .unwrap()
+            .is_none());
+        adapt(&mut v, 20, 0.25, true);
+        assert!(stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x)
+            .unwrap()
+            .is_none());
+        // So does a part without one.
+        v.adapter = None;
+        assert!(stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x)
+            .unwrap()
+            .is_none());
+    }
+}

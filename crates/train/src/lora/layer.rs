@@ -156,4 +156,24 @@ mod tests {
             again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
     }
+
+    #[test]
+    fn the_update_is_a_plain_low_rank_product_only_while_no_mask_is_drawn() {
+        let zeros = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+        let (a, b) = (zeros((4, 8)).unwrap(), zeros((6, 4)).unwrap());
+        let with_dropout = LoraLayer::new(a.clone(), b.clone(), 2.0, 0.1, 0);
+        let low_rank = with_dropout.low_rank().expect("dropout starts off");
+        assert_eq!(
+            (low_rank.a.id(), low_rank.b.id(), low_rank.scale),
+            (a.id(), b.id(), 2.0)
+        );
+        with_dropout.set_dropout_seed(Some(7));
+        assert!(with_dropout.low_rank().is_none(), "masks are drawn");
+        with_dropout.set_dropout_seed(None);
+        assert!(with_dropout.low_rank().is_some());
+        // Dropout 0 draws no mask whatever the seed.
+        let without = LoraLayer::new(a, b, 2.0, 0.0, 1);
+        without.set_dropout_seed(Some(7));
+        assert!(without.low_rank().is_some());
+    }
 }
