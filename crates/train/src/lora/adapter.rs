@@ -30,9 +30,12 @@ impl Adapter {
     /// before). The model then computes `W x + scale * B A dropout(x)` there; the adapter's
     /// tensors are shared, so gradients land on [`Adapter::vars`].
     pub fn attach(&self, model: &mut Llama) -> std::result::Result<(), ModelError> {
-        // The frozen projections stacked first (as for inference), so that the updates of a
-        // stack's parts compute as one product with it (`ops::stacked_lora_linear`).
-        model.fuse_projections()?;
+        // On CUDA the frozen projections are stacked first (as for inference), so that the
+        // updates of a stack's parts compute as one product with it (`ops::stacked_lora_linear`,
+        // which runs there only: elsewhere the stack would go unused).
+        if model.device().is_cuda() {
+            model.fuse_projections()?;
+        }
         let (scale, dropout) = (self.scale(), self.config.lora_dropout);
         for (id, (path, (a, b))) in self.modules().enumerate() {
             let linear = model.linear_mut(path).ok_or_else(|| {
