@@ -127,6 +127,8 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "nf4_linear_rows",
         "packed_self_attention",
         "qk_norm",
+        "residual_rms_norm",
+        "residual_rms_norm_frozen",
         "rms_norm",
         "rms_norm_geglu_projection",
         "rms_norm_head_greedy_step",

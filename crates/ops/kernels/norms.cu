@@ -118,10 +118,11 @@ __device__ void add_rms_norm_wide(const T* __restrict__ x, const T* __restrict__
   }
 }
 
-// dx = r * (g*w' - x * r^2 * mean(g*w'*x)) with w' = offset + w.
+// dx = r * (g*w' - x * r^2 * mean(g*w'*x)) with w' = offset + w, written as held + dx where
+// `held` (the gradient x already has, x's shape) is not null: summed in f32, rounded once.
 template <typename T, int W>
 __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows, int width,
-                            float eps, float* r_out, float offset) {
+                            float eps, float* r_out, float offset, const T* held) {
   using P = Pack<T, W>;
   const int row = warp_row(rows);
   if (row < 0) return;
@@ -139,11 +140,14 @@ __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows,
   const float c = warp_sum(dot) * r * r / width;
   for (int j = first; j < width; j += 32 * W) {
     const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
-    P out;
+    P hv, out;
+    if (held != nullptr) hv = P::load(held + off + j);
 #pragma unroll
-    for (int k = 0; k < W; ++k)
-      out.e[k] = from_f32<T>(
-          r * (to_f32(gv.e[k]) * (offset + to_f32(wv.e[k])) - to_f32(xv.e[k]) * c));
+    for (int k = 0; k < W; ++k) {
+      float d = r * (to_f32(gv.e[k]) * (offset + to_f32(wv.e[k])) - to_f32(xv.e[k]) * c);
+      if (held != nullptr) d += to_f32(hv.e[k]);
+      out.e[k] = from_f32<T>(d);
+    }
     out.store(dx + off + j);
   }
 }
@@ -203,13 +207,13 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
   }                                                                                           \
   extern "C" __global__ void rms_norm_dx_##S(const T* x, const T* w, const T* g, T* dx,       \
                                              int rows, int width, float eps, float* r,        \
-                                             float offset) {                                  \
-    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps, r, offset);                              \
+                                             float offset, const T* held) {                   \
+    rms_norm_dx<T, 1>(x, w, g, dx, rows, width, eps, r, offset, held);                        \
   }                                                                                           \
   extern "C" __global__ void rms_norm_dx_wide_##S(const T* x, const T* w, const T* g, T* dx,  \
                                                   int rows, int width, float eps, float* r,   \
-                                                  float offset) {                             \
-    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps, r, offset);                        \
+                                                  float offset, const T* held) {              \
+    rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps, r, offset, held);                  \
   }                                                                                           \
   extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int rows, int width,  \
                                                   float eps) {                                \

@@ -53,12 +53,31 @@ pub(crate) trait FusedOp<const N: usize> {
         let _ = (inputs, output, grad);
         Err(candle_core::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// The gradients of the inputs given the gradient each already holds in the store (`held`,
+    /// `None` where none has arrived): `Some` gradients include the held ones and replace them
+    /// (an op that writes `held + its gradient` in one pass saves the add that would sum them).
+    /// By default `None`: [`Self::backward`] runs and the store adds. Offered to ops of two
+    /// operands, the arity whose candle trait has `bwd_onto` (vendor/README.md).
+    fn backward_onto(
+        &self,
+        inputs: [&Tensor; N],
+        output: &Tensor,
+        grad: &Tensor,
+        held: [Option<&Tensor>; N],
+    ) -> Result<Option<[Option<Tensor>; N]>> {
+        let _ = (inputs, output, grad, held);
+        Ok(None)
+    }
 }
 
 /// `custom_op!(Op: N)` implements candle's `CustomOpN` for a type that implements
 /// [`FusedOp<N>`](FusedOp), forwarding each method.
 macro_rules! custom_op {
-    (@impl $op:ty, $n:literal, $custom:ident, $tuple:ident, [$($s:ident $l:ident $a:ident),+]) => {
+    (
+        @impl $op:ty, $n:literal, $custom:ident, $tuple:ident, [$($s:ident $l:ident $a:ident),+]
+        $($more:tt)*
+    ) => {
         impl candle_core::$custom for $op {
             fn name(&self) -> &'static str {
                 $crate::fused_op::FusedOp::<$n>::name(self)
@@ -89,13 +108,30 @@ macro_rules! custom_op {
                 let grads = $crate::fused_op::FusedOp::<$n>::backward(self, inputs, output, grad)?;
                 Ok($crate::fused_op::Tuple::tuple(grads))
             }
+
+            $($more)*
         }
     };
     ($op:ty: 1) => {
         $crate::fused_op::custom_op!(@impl $op, 1, CustomOp1, Grads1, [s1 l1 a1]);
     };
     ($op:ty: 2) => {
-        $crate::fused_op::custom_op!(@impl $op, 2, CustomOp2, Grads2, [s1 l1 a1, s2 l2 a2]);
+        $crate::fused_op::custom_op!(
+            @impl $op, 2, CustomOp2, Grads2, [s1 l1 a1, s2 l2 a2]
+            fn bwd_onto(
+                &self,
+                a1: &candle_core::Tensor,
+                a2: &candle_core::Tensor,
+                output: &candle_core::Tensor,
+                grad: &candle_core::Tensor,
+                held: [Option<&candle_core::Tensor>; 2],
+            ) -> candle_core::Result<Option<$crate::fused_op::Grads2>> {
+                let grads = $crate::fused_op::FusedOp::<2>::backward_onto(
+                    self, [a1, a2], output, grad, held
+                )?;
+                Ok(grads.map($crate::fused_op::Tuple::tuple))
+            }
+        );
     };
     ($op:ty: 3) => {
         $crate::fused_op::custom_op!(
@@ -162,6 +198,80 @@ mod tests {
     }
 
     custom_op!(Double: 1);
+
+    /// `a ⊙ b` on the CPU, whose backward writes `a`'s gradient onto a held one and counts
+    /// the calls that were offered one.
+    struct Product;
+
+    static OFFERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    impl FusedOp<2> for Product {
+        const NAME: &'static str = "product";
+
+        fn cpu(&self, [(a, la), (b, lb)]: [CpuOperand; 2]) -> CpuOutput {
+            let (a, b) = (
+                crate::cpu_kernel::f32s(a, la)?,
+                crate::cpu_kernel::f32s(b, lb)?,
+            );
+            let y = a.iter().zip(b).map(|(a, b)| a * b).collect();
+            Ok(crate::cpu_kernel::output(y, la.shape().clone()))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda(&self, _: [Operand; 2]) -> CudaOutput {
+            candle_core::bail!("product: CPU only")
+        }
+
+        fn backward(
+            &self,
+            [a, b]: [&Tensor; 2],
+            _: &Tensor,
+            g: &Tensor,
+        ) -> Result<[Option<Tensor>; 2]> {
+            Ok([Some((g * b.detach())?), Some((g * a.detach())?)])
+        }
+
+        fn backward_onto(
+            &self,
+            [a, b]: [&Tensor; 2],
+            _: &Tensor,
+            g: &Tensor,
+            held: [Option<&Tensor>; 2],
+        ) -> Result<Option<[Option<Tensor>; 2]>> {
+            let [Some(held_a), None] = held else {
+                return Ok(None);
+            };
+            OFFERED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let da = (held_a + (g * b.detach())?)?;
+            Ok(Some([Some(da), Some((g * a.detach())?)]))
+        }
+    }
+
+    custom_op!(Product: 2);
+
+    #[test]
+    fn a_gradient_written_onto_the_held_one_replaces_it() {
+        let dev = &Device::Cpu;
+        let x = candle_core::Var::new(&[1f32, -2.0, 3.0], dev).unwrap();
+        let w = candle_core::Var::new(&[0.5f32, 4.0, -1.0], dev).unwrap();
+        // y = x + x ⊙ w: the residual path's gradient (ones) reaches x before the product's.
+        let before = OFFERED.load(std::sync::atomic::Ordering::SeqCst);
+        let y = (x.as_tensor() + x.apply_op2(&w, Product).unwrap()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            OFFERED.load(std::sync::atomic::Ordering::SeqCst),
+            before + 1
+        );
+        let dx = grads.get(&x).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dx, [1.5, 5.0, 0.0]);
+        let dw = grads.get(&w).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dw, [1.0, -2.0, 3.0]);
+        // One tensor as both operands is offered nothing: y = x ⊙ x + x, dy/dx = 2x + 1.
+        let y = (x.apply_op2(x.as_tensor(), Product).unwrap() + x.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(&x).unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(dx, [3.0, -3.0, 7.0]);
+    }
 
     #[test]
     fn forwards_to_the_kernel_and_has_no_backward_by_default() {

@@ -35,6 +35,22 @@ pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Re
     reference(x, weight, offset, eps)
 }
 
+/// `normed`, computed outside the graph as [`rms_norm_offset`] of `x`, as that norm's graph
+/// node: the norm's own backward, which reads `x`.
+pub(crate) fn attach(
+    normed: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    offset: f64,
+    eps: f64,
+) -> Tensor {
+    let op = RmsNorm {
+        eps: eps as f32,
+        offset: offset as f32,
+    };
+    Tensor::attach_op2(normed, [x, weight], std::sync::Arc::new(Box::new(op)))
+}
+
 /// [`rms_norm_offset`] from candle's differentiable ops, any backend and dtype.
 pub fn reference(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -106,8 +122,8 @@ impl FusedOp<2> for RmsNorm {
         let (x_data, w_data) = (x.detach(), w.detach());
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.track_op() && w.track_op() {
-            let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, self.eps, self.offset)?;
-            return Ok([Some(dx), Some(dw)]);
+            let (dx, dw) = self.cuda_grads([x, w], &grad, None)?;
+            return Ok([Some(dx), dw]);
         }
         let input_grad = RmsNormInputGrad {
             eps: self.eps,
@@ -122,6 +138,47 @@ impl FusedOp<2> for RmsNorm {
             .then(|| x_data.apply_op2(&grad, RmsNormWeightGrad { eps: self.eps }))
             .transpose()?;
         Ok([dx, dw])
+    }
+
+    /// On CUDA, the input gradient written onto the one the input already holds (in a pre-norm
+    /// block, the residual stream's, which arrives before the norm's): the sum in the kernel's
+    /// pass instead of an add reading both gradients again.
+    fn backward_onto(
+        &self,
+        [x, w]: [&Tensor; 2],
+        _y: &Tensor,
+        grad: &Tensor,
+        held: [Option<&Tensor>; 2],
+    ) -> Result<Option<[Option<Tensor>; 2]>> {
+        #[cfg(feature = "cuda")]
+        if let [Some(held_x), None] = held {
+            let summable = held_x.is_contiguous()
+                && held_x.dims() == x.dims()
+                && held_x.dtype() == x.dtype()
+                && held_x.device().same_device(x.device());
+            if x.device().is_cuda() && x.track_op() && summable {
+                let (dx, dw) = self.cuda_grads([x, w], &grad.contiguous()?, Some(held_x))?;
+                return Ok(Some([Some(dx), dw]));
+            }
+        }
+        let _ = (x, w, grad, held);
+        Ok(None)
+    }
+}
+
+impl RmsNorm {
+    /// The CUDA input gradient (plus `held`, where given) and, where the weight is tracked, the
+    /// weight gradient.
+    #[cfg(feature = "cuda")]
+    fn cuda_grads(
+        &self,
+        [x, w]: [&Tensor; 2],
+        grad: &Tensor,
+        held: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (x_data, w_data) = (x.detach(), w.detach());
+        let norm = (self.eps, self.offset);
+        cuda::grads(&x_data, &w_data, grad, held, norm, w.track_op())
     }
 }
 
@@ -162,7 +219,7 @@ impl FusedOp<3> for RmsNormInputGrad {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w, g]: [Operand; 3]) -> CudaOutput {
-        let dx = cuda::input_grad(x, w, g, (self.eps, self.offset), None)?;
+        let dx = cuda::input_grad([x, w, g], None, (self.eps, self.offset), None)?;
         Ok((dx, x.1.shape().clone()))
     }
 }
@@ -225,24 +282,30 @@ pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Layout, Result, Tensor};
 
-    /// Both gradients, the input gradient's kernel writing the per-row inverse RMS that the
-    /// weight gradient reads (instead of a third kernel recomputing it).
+    /// The input gradient, `held + dx` where `held` is given, and with `weight`, the weight
+    /// gradient: the input gradient's kernel writes the per-row inverse RMS that the weight
+    /// gradient reads (instead of a third kernel recomputing it).
     pub(super) fn grads(
         x: &Tensor,
         w: &Tensor,
         grad: &Tensor,
-        eps: f32,
-        offset: f32,
-    ) -> Result<(Tensor, Tensor)> {
-        let (dx, dw) = launch::with_operands(&[x, w, grad], |ops| {
-            let inverse = inverse_buffer(ops[0])?;
-            let dx = input_grad(ops[0], ops[1], ops[2], (eps, offset), Some(&inverse))?;
-            let dw = weight_grad(ops[0], ops[2], &inverse)?;
+        held: Option<&Tensor>,
+        norm: (f32, f32),
+        weight: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let operands: Vec<&Tensor> = [x, w, grad].into_iter().chain(held).collect();
+        let (dx, dw) = launch::with_operands(&operands, |ops| {
+            let inverse = weight.then(|| inverse_buffer(ops[0])).transpose()?;
+            let held = ops.get(3).copied();
+            let dx = input_grad([ops[0], ops[1], ops[2]], held, norm, inverse.as_ref())?;
+            let dw = inverse
+                .map(|inverse| weight_grad(ops[0], ops[2], &inverse))
+                .transpose()?;
             Ok((dx, dw))
         })?;
         Ok((
             launch::tensor(dx, x.shape().clone()),
-            launch::tensor(dw, w.shape().clone()),
+            dw.map(|dw| launch::tensor(dw, w.shape().clone())),
         ))
     }
 
@@ -267,18 +330,24 @@ pub(crate) mod cuda {
         Ok(())
     }
 
-    /// RMSNorm input gradient for the weight `offset + w`; with `inverse`, the kernel also
-    /// writes each row's inverse RMS there (f32, one per row) for [`weight_grad`].
+    /// RMSNorm input gradient for the weight `offset + w`, written as `held + dx` where `held`
+    /// (contiguous, x's shape) is given; with `inverse`, the kernel also writes each row's
+    /// inverse RMS there (f32, one per row) for [`weight_grad`].
     pub(super) fn input_grad(
-        x: Operand,
-        w: Operand,
-        g: Operand,
+        [x, w, g]: [Operand; 3],
+        held: Option<Operand>,
         (eps, offset): (f32, f32),
         inverse: Option<&CudaStorage>,
     ) -> Result<CudaStorage> {
-        let dtype = common_dtype(&[x, w, g])?;
+        let operands: Vec<Operand> = [x, w, g].into_iter().chain(held).collect();
+        let dtype = common_dtype(&operands)?;
         let (rows, width) = rows_and_width(x.1)?;
         check_weight(w, width)?;
+        if let Some(held) = held {
+            if !held.1.is_contiguous() || held.1.shape() != x.1.shape() {
+                candle_core::bail!("rms_norm: a held gradient of {:?}", held.1.shape());
+            }
+        }
         let dx = alloc(&x.0.device, dtype, rows * width)?;
         let inverse = inverse.map(base_address).transpose()?.unwrap_or(0);
         let scalars = [
@@ -287,9 +356,10 @@ pub(crate) mod cuda {
             Arg::Float(eps),
             Arg::Address(inverse),
             Arg::Float(offset),
+            Arg::Address(launch::optional_address(held)?),
         ];
         let kernels = ("rms_norm_dx", "rms_norm_dx_wide");
-        let (name, _) = elementwise_kernel(kernels, &[x, w, g], width)?;
+        let (name, _) = elementwise_kernel(kernels, &operands, width)?;
         run((name, dtype), per_warp_row(rows)?, &[x, w, g], dx, &scalars)
     }
 

@@ -635,12 +635,26 @@ impl Tensor {
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {
-                        let (arg_grad1, arg_grad2) = c.bwd(arg1, arg2, node, &grad)?;
-                        if let Some(arg_grad1) = arg_grad1 {
-                            grads.accumulate(arg1, &arg_grad1)?
-                        }
-                        if let Some(arg_grad2) = arg_grad2 {
-                            grads.accumulate(arg2, &arg_grad2)?
+                        // llmtool patch: the op is first offered the gradients already held
+                        // (`bwd_onto`); one it returns for an argument with a held gradient
+                        // includes that gradient and replaces it.
+                        let held = match arg1.id() == arg2.id() {
+                            true => [None, None],
+                            false => [grads.get(arg1).cloned(), grads.get(arg2).cloned()],
+                        };
+                        let offered = [held[0].as_ref(), held[1].as_ref()];
+                        let ((arg_grad1, arg_grad2), replaces) =
+                            match c.bwd_onto(arg1, arg2, node, &grad, offered)? {
+                                Some(arg_grads) => (arg_grads, offered.map(|h| h.is_some())),
+                                None => (c.bwd(arg1, arg2, node, &grad)?, [false, false]),
+                            };
+                        let arg_grads = [(arg1, arg_grad1), (arg2, arg_grad2)];
+                        for ((arg, arg_grad), replaces) in arg_grads.into_iter().zip(replaces) {
+                            match (arg_grad, replaces) {
+                                (Some(arg_grad), true) => _ = grads.insert(arg, arg_grad),
+                                (Some(arg_grad), false) => grads.accumulate(arg, &arg_grad)?,
+                                (None, _) => {}
+                            }
                         }
                     }
                     Op::CustomOp3(arg1, arg2, arg3, c) => {

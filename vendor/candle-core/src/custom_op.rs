@@ -91,6 +91,23 @@ pub trait CustomOp2 {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// llmtool patch: the backward given the gradient the store already holds for each argument
+    /// (`held`: `None` where none has arrived, or where both arguments are one tensor), so that
+    /// an op can write `held + its gradient` in the pass that computes it instead of leaving the
+    /// sum to a separate add. Returning `Some`, a gradient for an argument whose held gradient
+    /// was offered includes it and replaces it; any other is added as `bwd`'s are. The default,
+    /// `None`, runs `bwd`.
+    fn bwd_onto(
+        &self,
+        _arg1: &Tensor,
+        _arg2: &Tensor,
+        _res: &Tensor,
+        _grad_res: &Tensor,
+        _held: [Option<&Tensor>; 2],
+    ) -> Result<Option<(Option<Tensor>, Option<Tensor>)>> {
+        Ok(None)
+    }
 }
 
 pub trait CustomOp3 {

@@ -53,6 +53,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
             inputs: vec![float(&[batch, seq, shape.hidden]), float(&[shape.hidden])],
         },
         rms_norm_offset_case(vec![batch, seq, shape.hidden]),
+        residual_norm_case::<false>(vec![batch, seq, shape.hidden]),
+        residual_norm_case::<true>(vec![batch, seq, shape.hidden]),
         qk_norm_case(vec![batch, seq, h, d]),
         rope_case(vec![batch, h, seq, d], d),
         rope_case(vec![batch, h, seq, d], d / 4 * 3 / 2 * 2),
@@ -965,6 +967,28 @@ fn rms_norm_offset_case(x: Vec<usize>) -> Case {
     }
 }
 
+/// A pre-norm block's residual stream: `x + rms_norm(x)`, whose input gradient the residual
+/// path holds before the norm's backward runs (the norm writes its gradient onto it), with the
+/// weight trained or, with `FROZEN` (a LoRA base), a constant.
+fn residual_norm_case<const FROZEN: bool>(x: Vec<usize>) -> Case {
+    let width = x[x.len() - 1];
+    Case {
+        name: match FROZEN {
+            false => "residual_rms_norm",
+            true => "residual_rms_norm_frozen",
+        },
+        fused: |t| crate::add(&t[0], &crate::rms_norm(&t[0], &t[1], 1e-5)?),
+        reference: |t| &t[0] + reference::rms_norm(&t[0], &t[1], 0.0, 1e-5)?,
+        inputs: vec![
+            Input::Float(x, 1.0),
+            match FROZEN {
+                false => Input::Float(vec![width], 1.0),
+                true => Input::Table(vec![width]),
+            },
+        ],
+    }
+}
+
 /// Per-head q/k norms (Qwen3, Gemma 3): RMSNorm over each head of projections
 /// `[b, t, heads, head_size]`, one weight of `head_size` shared by the heads, with gradients.
 fn qk_norm_case(x: Vec<usize>) -> Case {
@@ -1289,6 +1313,8 @@ pub fn edge_cases() -> Vec<Case> {
             inputs: vec![Input::Table(vec![70, 40]), float(&[40])],
         },
         rms_norm_offset_case(vec![5, 17]),
+        residual_norm_case::<false>(vec![5, 17]),
+        residual_norm_case::<true>(vec![3, 5, 16]),
         qk_norm_case(vec![2, 3, 4, 8]),
         rope_case(vec![2, 3, 5, 6], 6),
         rope_case(vec![2, 3, 5, 10], 6),
