@@ -26,13 +26,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !(a.track_op() || b.track_op()) {
         return Ok(sum);
     }
-    attach_sum(a, b, &sum)
-}
-
-/// `sum`, computed as `a + b` outside the graph, as their sum's graph node: the gradient of
-/// `sum` flows to both unchanged.
-pub(crate) fn attach_sum(a: &Tensor, b: &Tensor, sum: &Tensor) -> Result<Tensor> {
-    attach2(a, b, sum, "add", |grad| {
+    attach2(a, b, &sum, "add", |grad| {
         Ok((Some(grad.clone()), Some(grad.clone())))
     })
 }

@@ -1,8 +1,7 @@
-//! The residual add and the RMSNorm that follows it, in one pass per row: a decode step is
-//! bound by kernel launches, and this joins two of them at each of the two norms of every
-//! block; in training it saves the norm's second read of the sum. The sum is rounded to the
-//! tensor dtype before it is normalized, as the separate add stores it, so the result equals
-//! `rms_norm(x + delta)` exactly.
+//! The residual add and the RMSNorm that follows it, in one pass per row, for inference: a
+//! decode step is bound by kernel launches, and this joins two of them at each of the two norms
+//! of every block. The sum is rounded to the tensor dtype before it is normalized, as the
+//! separate add stores it, so the result equals `rms_norm(x + delta)` exactly.
 
 use super::cpu_kernel::{f32s, for_each_row, output};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
@@ -12,9 +11,8 @@ use super::rms_norm::{check_width, inverse_rms};
 use candle_core::{Layout, Result, Shape, Tensor};
 
 /// `(x + delta, rms_norm_offset(x + delta, weight, offset))`: the residual add and the norm
-/// after it, the norm scaled by `offset + weight` (0 for a plain norm, Gemma's 1). One kernel
-/// on a fused backend (the two results in one buffer); tracked, the sum and the norm are then
-/// graph nodes with the add's and the norm's own backward. Elsewhere the two ops.
+/// after it, the norm scaled by `offset + weight` (0 for a plain norm, Gemma's 1). Fused into
+/// one kernel for inference (nothing tracked, fused backend), else the two ops.
 pub fn add_rms_norm(
     x: &Tensor,
     delta: &Tensor,
@@ -22,23 +20,18 @@ pub fn add_rms_norm(
     offset: f64,
     eps: f64,
 ) -> Result<(Tensor, Tensor)> {
-    if !(super::fused(&[x, delta, weight]) && x.shape() == delta.shape()) {
-        let sum = super::add(x, delta)?;
-        let normed = super::rms_norm_offset(&sum, weight, offset, eps)?;
-        return Ok((sum, normed));
+    let tracked = x.track_op() || delta.track_op() || weight.track_op();
+    if !tracked && super::fused(&[x, delta, weight]) && x.shape() == delta.shape() {
+        let (x, delta, weight) = (x.contiguous()?, delta.contiguous()?, weight.contiguous()?);
+        let op = AddRmsNorm {
+            eps: eps as f32,
+            offset: offset as f32,
+        };
+        let both = x.apply_op3_no_bwd(&delta, &weight, &op)?;
+        return Ok((both.get(0)?, both.get(1)?));
     }
-    let (x_value, delta_value) = (x.detach().contiguous()?, delta.detach().contiguous()?);
-    let op = AddRmsNorm {
-        eps: eps as f32,
-        offset: offset as f32,
-    };
-    let both = x_value.apply_op3_no_bwd(&delta_value, &weight.detach().contiguous()?, &op)?;
-    let (sum, normed) = (both.get(0)?, both.get(1)?);
-    if !(x.track_op() || delta.track_op() || weight.track_op()) {
-        return Ok((sum, normed));
-    }
-    let sum = super::add::attach_sum(x, delta, &sum)?;
-    let normed = super::rms_norm::attach(&normed, &sum, &weight.contiguous()?, offset, eps);
+    let sum = super::add(x, delta)?;
+    let normed = super::rms_norm_offset(&sum, weight, offset, eps)?;
     Ok((sum, normed))
 }
 

@@ -35,22 +35,6 @@ pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Re
     reference(x, weight, offset, eps)
 }
 
-/// `normed`, computed outside the graph as [`rms_norm_offset`] of `x`, as that norm's graph
-/// node: the norm's own backward, which reads `x`.
-pub(crate) fn attach(
-    normed: &Tensor,
-    x: &Tensor,
-    weight: &Tensor,
-    offset: f64,
-    eps: f64,
-) -> Tensor {
-    let op = RmsNorm {
-        eps: eps as f32,
-        offset: offset as f32,
-    };
-    Tensor::attach_op2(normed, [x, weight], std::sync::Arc::new(Box::new(op)))
-}
-
 /// [`rms_norm_offset`] from candle's differentiable ops, any backend and dtype.
 pub fn reference(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
