@@ -28,7 +28,8 @@ Presets (hidden, layers, heads, kv heads, ffn, vocab; head dim = hidden / heads)
 Tasks:
   train     full training step: forward, loss, backward, clip to norm 1, AdamW (lr 3e-4,
             weight decay 0.1), zero grads.
-  lora      PEFT LoRA (rank --rank, alpha 2 x rank, no dropout, on --lora-targets) over a
+  lora      PEFT LoRA (rank --rank, alpha 2 x rank, dropout --lora-dropout, default none, on
+            --lora-targets) over a
             frozen base; same step without clipping, AdamW lr 1e-4 on the adapter only.
   eval      forward and loss under torch.no_grad().
   prefill   batch 1, a --seq-token random prompt into a fresh KV cache under no_grad, the
@@ -274,7 +275,7 @@ def bench_lora(a, preset, mode):
     elif "ckpt" in mode:
         checkpointing(model)
         model.enable_input_require_grads()
-    cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+    cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=a.lora_dropout,
                      target_modules=list(a.lora_targets), task_type="CAUSAL_LM")
     # PEFT freezes the base and keeps the adapter in fp32 over a bf16 base.
     model = get_peft_model(model, cfg)
@@ -298,10 +299,13 @@ def bench_lora(a, preset, mode):
     base = sum(state(p).shape.numel() if state(p) else p.numel()
                for p in model.parameters()) - trainable
     tok = RANKS * a.batch * a.seq / dt
+    # lora_dropout is named only where drawn, as llmtool bench's rows.
+    dropout = dict(lora_dropout=a.lora_dropout) if a.lora_dropout > 0 else {}
     return dict(trainable=trainable, rank=a.rank, alpha=2 * a.rank,
                 lora_targets=",".join(a.lora_targets), base_dtype=a.lora_base_dtype,
                 batch=a.batch, seq=a.seq, step_ms=dt * 1e3, tokens_per_s=tok,
-                model_tflops=(4 * base + 6 * trainable) * tok / 1e12, **peak_fields(a.device))
+                model_tflops=(4 * base + 6 * trainable) * tok / 1e12, **dropout,
+                **peak_fields(a.device))
 
 
 @torch.no_grad()
@@ -441,6 +445,8 @@ def parse_args(argv=None):
                    help="comma list of projections the lora task adapts, or all (every linear "
                         "layer of the blocks)")
     p.add_argument("--rank", type=positive, default=8, help="LoRA rank (alpha is 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="lora rows: dropout on the adapter input (PEFT's lora_dropout)")
     p.add_argument("--lora-base-dtype", choices=("fp32", "bf16", "nf4"), default="fp32",
                    help="storage of the lora task's frozen base (nf4: QLoRA, needs bitsandbytes)")
     p.add_argument("--out", default=None, metavar="FILE", help="also append each row to FILE")

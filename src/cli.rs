@@ -206,6 +206,10 @@ pub struct BenchArgs {
     /// What the lora rows adapt: qkvo (q/k/v/o) or all (every linear layer of the blocks).
     #[arg(long, value_enum, default_value = "qkvo")]
     pub lora_targets: LoraTargets,
+    /// The lora rows' dropout on the adapter input (lora.dropout; bench/torch_ref.py's
+    /// --lora-dropout), a mask drawn for every step.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub lora_dropout: f64,
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,

@@ -1,5 +1,5 @@
-//! `llmtool bench` run as a binary: `--lora-base` rows and its validation, `--ops` checks, the
-//! generate rows, greedy and sampled.
+//! `llmtool bench` run as a binary: `--lora-base` and `--lora-dropout` rows and their
+//! validation, `--ops` checks, the generate rows, greedy and sampled.
 
 mod common;
 
@@ -61,6 +61,46 @@ fn each_lora_base_is_its_own_row() {
         .all(|r| r["task"] == "lora" && r.get("error").is_none()));
     let table = String::from_utf8_lossy(&run.stdout);
     assert!(table.contains("lora/plain"), "{table}");
+}
+
+#[test]
+fn a_lora_row_with_dropout_draws_masks_and_names_its_dropout() {
+    // Two steps: the first update makes B nonzero, so the second step's loss sees the masks.
+    let row = |dropout: &str| {
+        let args = [
+            "--device",
+            "cpu",
+            "--sizes",
+            "tiny",
+            "--tasks",
+            "lora",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--lora-dropout",
+            dropout,
+        ];
+        bench_rows(&args).1.remove(0)
+    };
+    let (plain, dropped) = (row("0"), row("0.5"));
+    assert!(plain.get("lora_dropout").is_none(), "{plain}");
+    assert_eq!(dropped["lora_dropout"], 0.5, "{dropped}");
+    assert_ne!(plain["loss"], dropped["loss"], "no mask was drawn");
+    let run = llmtool()
+        .args([
+            "bench", "--device", "cpu", "--sizes", "tiny", "--tasks", "lora",
+        ])
+        .args(["--lora-dropout", "1"])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("--lora-dropout 1"), "{stderr}");
 }
 
 #[test]

@@ -54,10 +54,15 @@ pub fn measure(
             // token), forward and both gradients of the adapter (6 x).
             let base_params = (cfg.parameter_count() - trainable) as f64;
             let flops = 4.0 * base_params + 6.0 * trainable as f64;
-            json!({"trainable": trainable, "rank": s.lora.rank, "alpha": 2 * s.lora.rank,
-                   "lora_targets": s.lora.targets_name(), "step_ms": step_s * 1e3,
-                   "tokens_per_s": tokens_per_s, "model_tflops": flops * tokens_per_s / 1e12,
-                   "loss": loss})
+            let mut row = json!({"trainable": trainable, "rank": s.lora.rank,
+                   "alpha": 2 * s.lora.rank, "lora_targets": s.lora.targets_name(),
+                   "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_s,
+                   "model_tflops": flops * tokens_per_s / 1e12, "loss": loss});
+            // Named only where drawn, so rows without dropout read as they always have.
+            if s.lora.dropout > 0.0 {
+                row["lora_dropout"] = json!(s.lora.dropout);
+            }
+            row
         }
         Task::Eval => {
             // As `llmtool eval` loads a model: stored in the compute dtype.

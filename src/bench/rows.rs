@@ -223,14 +223,17 @@ impl Sampling {
     }
 }
 
-/// The adapter of a `lora` row: rank (alpha twice it, as torch_ref.py) and whether it adapts
-/// every linear layer of the blocks or q/k/v/o only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The adapter of a `lora` row: rank (alpha twice it, as torch_ref.py), whether it adapts
+/// every linear layer of the blocks or q/k/v/o only, and its dropout.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoraShape {
     /// The adapter's rank; alpha is twice it.
     pub rank: usize,
     /// Adapt every linear layer of the blocks, not only q/k/v/o.
     pub all_linear: bool,
+    /// Dropout on the adapter's input (`lora.dropout`); 0, torch_ref.py's default, draws no
+    /// masks.
+    pub dropout: f64,
 }
 
 impl Default for LoraShape {
@@ -239,12 +242,13 @@ impl Default for LoraShape {
         Self {
             rank: 8,
             all_linear: false,
+            dropout: 0.0,
         }
     }
 }
 
 impl LoraShape {
-    /// The `lora` section of such an adapter, without dropout.
+    /// The `lora` section of such an adapter.
     pub fn section(self) -> config::LoraSection {
         let targets: &[&str] = match self.all_linear {
             true => &["all-linear"],
@@ -253,7 +257,7 @@ impl LoraShape {
         config::LoraSection {
             r: self.rank,
             alpha: 2.0 * self.rank as f64,
-            dropout: 0.0,
+            dropout: self.dropout,
             target_modules: targets.iter().map(|t| t.to_string()).collect(),
             ..config::LoraSection::default()
         }

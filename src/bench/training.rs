@@ -13,8 +13,8 @@ use train::optim::{clip_scale, global_norm, keep_model_copies, AdamW, AdamWParam
 use train::Adapter;
 
 /// The model over `weights` held as `base` says, with a fresh adapter of `shape` attached
-/// (torch_ref.py's: alpha twice the rank, no dropout), and the adapter's vars: the only ones
-/// the optimizer gets.
+/// (torch_ref.py's: alpha twice the rank), and the adapter's vars: the only ones the optimizer
+/// gets.
 pub(super) fn lora_model(
     cfg: &LlamaConfig,
     weights: Weights,
@@ -70,7 +70,12 @@ pub(super) fn time_training(
     let batch = random_batch(&model.config, s, collective.rank() as u64);
     let buckets = BucketPlan::for_vars(vars);
     let mut last_loss = f64::NAN;
+    let mut step = 0;
     let step_s = timed(device, s.warmup, s.steps, || {
+        // Adapter dropout (none without adapters or at 0) draws new masks every step, as
+        // `finetune` does.
+        step += 1;
+        model.set_adapter_dropout_seed(Some(step));
         let mut grads = Gradients::new();
         let copies = optimizer.compute_copies()?;
         let loss = gradients::accumulate(
@@ -90,6 +95,7 @@ pub(super) fn time_training(
         last_loss = loss.read()?;
         optimizer.step(&grads, 3e-4, clip_scale(norm, 1.0))
     })?;
+    model.set_adapter_dropout_seed(None);
     Ok((step_s, last_loss))
 }
 

@@ -44,6 +44,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.batch == 0 || args.seq == 0 || args.steps == 0 || args.rank == 0 {
         bail!("--batch, --seq, --steps and --rank must be at least 1");
     }
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        bail!(
+            "--lora-dropout {}: give a probability from 0 up to 1",
+            args.lora_dropout
+        );
+    }
     let settings = Settings {
         batch: args.batch,
         seq: args.seq,
@@ -54,6 +60,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         lora: LoraShape {
             rank: args.rank,
             all_linear: args.lora_targets == LoraTargets::All,
+            dropout: args.lora_dropout,
         },
     };
     let mut out = match &args.out {
