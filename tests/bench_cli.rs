@@ -31,26 +31,14 @@ fn bench_rows(args: &[&str]) -> (Output, Vec<serde_json::Value>) {
     (run, rows)
 }
 
+/// A tiny preset's lora rows on the CPU; each test adds its own flags.
+const TINY_LORA: [&str; 6] = ["--device", "cpu", "--sizes", "tiny", "--tasks", "lora"];
+
 #[test]
 fn each_lora_base_is_its_own_row() {
-    let (run, rows) = bench_rows(&[
-        "--device",
-        "cpu",
-        "--sizes",
-        "tiny",
-        "--tasks",
-        "lora",
-        "--lora-base",
-        "frozen,plain",
-        "--batch",
-        "1",
-        "--seq",
-        "4",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-    ]);
+    let flags = ["--lora-base", "frozen,plain", "--batch", "1", "--seq", "4"];
+    let (run, rows) =
+        bench_rows(&[&TINY_LORA[..], &flags, &["--steps", "1", "--warmup", "0"]].concat());
     let bases: Vec<&str> = rows
         .iter()
         .filter_map(|r| r["lora_base"].as_str())
@@ -67,34 +55,20 @@ fn each_lora_base_is_its_own_row() {
 fn a_lora_row_with_dropout_draws_masks_and_names_its_dropout() {
     // Two steps: the first update makes B nonzero, so the second step's loss sees the masks.
     let row = |dropout: &str| {
-        let args = [
-            "--device",
-            "cpu",
-            "--sizes",
-            "tiny",
-            "--tasks",
-            "lora",
-            "--batch",
-            "1",
-            "--seq",
-            "8",
-            "--steps",
-            "2",
-            "--warmup",
-            "0",
-            "--lora-dropout",
-            dropout,
+        let flags = [
+            "--batch", "1", "--seq", "8", "--steps", "2", "--warmup", "0",
         ];
-        bench_rows(&args).1.remove(0)
+        bench_rows(&[&TINY_LORA[..], &flags, &["--lora-dropout", dropout]].concat())
+            .1
+            .remove(0)
     };
     let (plain, dropped) = (row("0"), row("0.5"));
     assert!(plain.get("lora_dropout").is_none(), "{plain}");
     assert_eq!(dropped["lora_dropout"], 0.5, "{dropped}");
     assert_ne!(plain["loss"], dropped["loss"], "no mask was drawn");
     let run = llmtool()
-        .args([
-            "bench", "--device", "cpu", "--sizes", "tiny", "--tasks", "lora",
-        ])
+        .arg("bench")
+        .args(TINY_LORA)
         .args(["--lora-dropout", "1"])
         .output()
         .unwrap();
