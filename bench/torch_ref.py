@@ -29,8 +29,8 @@ Tasks:
   train     full training step: forward, loss, backward, clip to norm 1, AdamW (lr 3e-4,
             weight decay 0.1), zero grads.
   lora      PEFT LoRA (rank --rank, alpha 2 x rank, dropout --lora-dropout, default none, on
-            --lora-targets) over a
-            frozen base; same step without clipping, AdamW lr 1e-4 on the adapter only.
+            --lora-targets) over a frozen base; same step without clipping, AdamW lr 1e-4 on
+            the adapter only.
   eval      forward and loss under torch.no_grad().
   prefill   batch 1, a --seq-token random prompt into a fresh KV cache under no_grad, the
             last position's logits only (logits_to_keep=1), as generation starts.

@@ -106,7 +106,8 @@ impl FusedOp<2> for RmsNorm {
         let (x_data, w_data) = (x.detach(), w.detach());
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.track_op() && w.track_op() {
-            let (dx, dw) = self.cuda_grads([x, w], &grad, None)?;
+            let norm = (self.eps, self.offset);
+            let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, None, norm, true)?;
             return Ok([Some(dx), dw]);
         }
         let input_grad = RmsNormInputGrad {
@@ -141,28 +142,15 @@ impl FusedOp<2> for RmsNorm {
                 && held_x.dtype() == x.dtype()
                 && held_x.device().same_device(x.device());
             if x.device().is_cuda() && x.track_op() && summable {
-                let (dx, dw) = self.cuda_grads([x, w], &grad.contiguous()?, Some(held_x))?;
+                let (x_data, w_data, grad) = (x.detach(), w.detach(), grad.contiguous()?);
+                let norm = (self.eps, self.offset);
+                let weight = w.track_op();
+                let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, Some(held_x), norm, weight)?;
                 return Ok(Some([Some(dx), dw]));
             }
         }
         let _ = (x, w, grad, held);
         Ok(None)
-    }
-}
-
-impl RmsNorm {
-    /// The CUDA input gradient (plus `held`, where given) and, where the weight is tracked, the
-    /// weight gradient.
-    #[cfg(feature = "cuda")]
-    fn cuda_grads(
-        &self,
-        [x, w]: [&Tensor; 2],
-        grad: &Tensor,
-        held: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let (x_data, w_data) = (x.detach(), w.detach());
-        let norm = (self.eps, self.offset);
-        cuda::grads(&x_data, &w_data, grad, held, norm, w.track_op())
     }
 }
 
