@@ -25,16 +25,17 @@ pub trait LinearAdapter: std::fmt::Debug + Send + Sync {
     /// same seed must replay the same masks (checkpointed recomputation relies on it).
     fn set_dropout_seed(&self, seed: Option<u64>);
 
-    /// Where the update is `scale · x @ a.t() @ b.t()` as it stands (no dropout mask): its
-    /// factors `a` `[r, in]` and `b` `[out, r]` (whose gradients train it) and `scale`. What
-    /// lets the model compute the updates of projections it stacks as one product
-    /// ([`ops::stacked_lora_linear`]); `None` (the default) keeps each update its own.
-    fn low_rank(&self) -> Option<LowRank<'_>> {
-        None
+    /// Where the update is `scale · dropout(x) @ a.t() @ b.t()`: its factors `a` `[r, in]`
+    /// and `b` `[out, r]` (whose gradients train it), `scale` and this step's dropout mask
+    /// (`None` while dropout is off). What lets the model compute the updates of projections
+    /// it stacks as one product ([`ops::stacked_lora_linear`]); `None` (the default) keeps
+    /// each update its own.
+    fn low_rank(&self) -> Result<Option<LowRank<'_>>> {
+        Ok(None)
     }
 }
 
-/// An update `scale · x @ a.t() @ b.t()` ([`LinearAdapter::low_rank`]).
+/// An update `scale · dropout(x) @ a.t() @ b.t()` ([`LinearAdapter::low_rank`]).
 #[derive(Debug, Clone, Copy)]
 pub struct LowRank<'a> {
     /// `[r, in]`.
@@ -43,12 +44,15 @@ pub struct LowRank<'a> {
     pub b: &'a Tensor,
     /// The factor the product is scaled by.
     pub scale: f64,
+    /// This step's dropout mask of the input, if any.
+    pub dropout: Option<ops::Dropout>,
 }
 
 /// `x` through the frozen `stack` (the weights of `parts`, stacked by rows) and the parts'
 /// low-rank updates as one product ([`ops::stacked_lora_linear`]), where the stack has nothing
-/// else to it and every part has such an update, one scale for all and no bias: `[.., Σ out]`,
-/// the parts' outputs in order. `None` elsewhere (each part then computes on its own).
+/// else to it and every part has such an update, one scale for all, no bias, and a dropout
+/// mask each or none: `[.., Σ out]`, the parts' outputs in order. `None` elsewhere (each part
+/// then computes on its own).
 pub(crate) fn stacked_low_rank(
     stack: Option<&Linear>,
     parts: &[&Linear],
@@ -58,19 +62,24 @@ pub(crate) fn stacked_low_rank(
     else {
         return Ok(None);
     };
-    let updates: Option<Vec<LowRank>> = parts
-        .iter()
-        .map(|p| p.adapter.as_ref().filter(|_| p.bias.is_none())?.low_rank())
-        .collect();
-    let Some(updates) = updates else {
-        return Ok(None);
-    };
+    let mut updates = Vec::with_capacity(parts.len());
+    for part in parts {
+        let adapter = part.adapter.as_ref().filter(|_| part.bias.is_none());
+        match adapter.map(|a| a.low_rank()).transpose()?.flatten() {
+            Some(update) => updates.push(update),
+            None => return Ok(None),
+        }
+    }
     let scale = updates.first().map_or(1.0, |u| u.scale);
     if updates.iter().any(|u| u.scale != scale) {
         return Ok(None);
     }
+    let dropouts: Option<Vec<ops::Dropout>> = updates.iter().map(|u| u.dropout).collect();
+    if dropouts.is_none() && updates.iter().any(|u| u.dropout.is_some()) {
+        return Ok(None);
+    }
     let factors: Vec<(&Tensor, &Tensor)> = updates.iter().map(|u| (u.a, u.b)).collect();
-    ops::stacked_lora_linear(x, &stack.weight, &factors, scale).map(Some)
+    ops::stacked_lora_linear(x, &stack.weight, &factors, scale, dropouts.as_deref()).map(Some)
 }
 
 /// A projection `x @ weight.t() + bias`, plus an adapter's update when one is attached.
@@ -214,18 +223,22 @@ mod tests {
     use super::*;
     use ops::parity::{relative_error, uniform};
 
-    /// `scale · x @ a.t() @ b.t()`, offered for stacking only where `plain` (an adapter with
-    /// dropout on declines).
+    /// `scale · dropout(x) @ a.t() @ b.t()`, offered for stacking unless it `declines`.
     #[derive(Debug)]
     struct Update {
         a: Tensor,
         b: Tensor,
         scale: f64,
-        plain: bool,
+        dropout: Option<ops::Dropout>,
+        declines: bool,
     }
 
     impl LinearAdapter for Update {
         fn update(&self, x: &Tensor, _: DType) -> Result<Tensor> {
+            let x = match self.dropout {
+                Some(d) => (x * d.mask(x.dims(), x.device())?)?,
+                None => x.clone(),
+            };
             let xa = x.broadcast_matmul(&self.a.t()?)?;
             xa.broadcast_matmul(&self.b.t()?)? * self.scale
         }
@@ -241,12 +254,13 @@ mod tests {
 
         fn set_dropout_seed(&self, _: Option<u64>) {}
 
-        fn low_rank(&self) -> Option<LowRank<'_>> {
-            self.plain.then_some(LowRank {
+        fn low_rank(&self) -> Result<Option<LowRank<'_>>> {
+            Ok((!self.declines).then_some(LowRank {
                 a: &self.a,
                 b: &self.b,
                 scale: self.scale,
-            })
+                dropout: self.dropout,
+            }))
         }
     }
 
@@ -259,46 +273,54 @@ mod tests {
         }
     }
 
-    fn adapt(part: &mut Linear, seed: u64, scale: f64, plain: bool) {
+    /// An update of `scale` (declining to be stacked where `declines`), with a dropout mask
+    /// where `dropout`.
+    fn adapt(part: &mut Linear, seed: u64, scale: f64, declines: bool, dropout: bool) {
         let rows = part.dims().unwrap().0;
         part.adapter = Some(Arc::new(Update {
             a: uniform(&[4, 8], seed),
             b: uniform(&[rows, 4], seed + 1),
             scale,
-            plain,
+            dropout: dropout.then(|| ops::Dropout::new(0.25, seed).unwrap()),
+            declines,
         }));
     }
 
     #[test]
-    fn a_stack_whose_parts_all_have_plain_updates_computes_them_as_one_product() {
+    fn a_stack_whose_parts_all_have_low_rank_updates_computes_them_as_one_product() {
         // q, k and v of 6, 2 and 2 rows, stacked before their adapters are attached.
         let (mut q, mut k, mut v) = (frozen(6, 1), frozen(2, 2), frozen(2, 3));
         let stack = Linear::stack(&mut [&mut q, &mut k, &mut v]).unwrap();
-        for (i, part) in [&mut q, &mut k, &mut v].into_iter().enumerate() {
-            adapt(part, 10 + 2 * i as u64, 0.5, true);
-        }
         let x = uniform(&[2, 3, 8], 4);
         let each = |parts: [&Linear; 3]| {
             let outputs = parts.map(|p| p.forward(&x, DType::F32).unwrap());
             Tensor::cat(&outputs, 2).unwrap()
         };
-        let stacked = stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x).unwrap();
-        let error = relative_error(&stacked.unwrap(), &each([&q, &k, &v]));
-        assert!(error < 1e-5, "{error:.2e}");
+        // Without dropout, and with a mask of its own for each part.
+        for dropout in [false, true] {
+            for (i, part) in [&mut q, &mut k, &mut v].into_iter().enumerate() {
+                adapt(part, 10 + 2 * i as u64, 0.5, false, dropout);
+            }
+            let stacked = stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x).unwrap();
+            let error = relative_error(&stacked.unwrap(), &each([&q, &k, &v]));
+            assert!(error < 1e-5, "{error:.2e}");
+        }
 
-        // A part whose update declines, or scales otherwise, leaves each part to itself.
-        adapt(&mut v, 20, 0.5, false);
-        assert!(stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x)
-            .unwrap()
-            .is_none());
-        adapt(&mut v, 20, 0.25, true);
-        assert!(stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x)
-            .unwrap()
-            .is_none());
+        let alone = |v: &Linear| {
+            stacked_low_rank(stack.as_ref(), &[&q, &k, v], &x)
+                .unwrap()
+                .is_none()
+        };
+        // A part whose update declines, scales otherwise, or alone has no mask leaves each
+        // part to itself.
+        adapt(&mut v, 20, 0.5, true, true);
+        assert!(alone(&v));
+        adapt(&mut v, 20, 0.25, false, true);
+        assert!(alone(&v));
+        adapt(&mut v, 20, 0.5, false, false);
+        assert!(alone(&v));
         // So does a part without one.
         v.adapter = None;
-        assert!(stacked_low_rank(stack.as_ref(), &[&q, &k, &v], &x)
-            .unwrap()
-            .is_none());
+        assert!(alone(&v));
     }
 }

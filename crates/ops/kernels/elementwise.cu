@@ -1,8 +1,8 @@
 // Elementwise and copy kernels: the head split and merge (swap_middle), the 16-bytes-per-thread
-// add and scale, and the dtype casts.
+// add and scale, the dtype casts and inverted dropout by a counter-based mask.
 //
-// Launched from src/swap.rs (swap_middle), src/add.rs (add_vec, scale_vec) and src/cast.rs
-// (cast_to_*).
+// Launched from src/swap.rs (swap_middle), src/add.rs (add_vec, scale_vec), src/cast.rs
+// (cast_to_*) and src/dropout.rs (dropout_vec).
 
 #include "common.cuh"
 
@@ -83,6 +83,47 @@ template <typename T> __device__ void scale_vec(const T* x, const float* s, T* o
   }
 }
 
+// Inverted dropout whose mask is a function of a seed and each element's index, so that a
+// backward pass draws the same mask again instead of keeping it: element i is kept when its
+// 32-bit half of SplitMix64's output number i / 2 for `seed` (the low half for even i) is at
+// least `threshold` (p · 2^32). out = base + (kept ? x · scale : 0), base optional (null);
+// `scale` is 1 / (1 − p) times the caller's factor. src/dropout.rs draws the same mask on the
+// host. 16 bytes per thread; the tail by the thread past the last whole vector.
+
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, size_t i,
+                                              unsigned long long threshold) {
+  unsigned long long z = seed + (i / 2 + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const unsigned long long half = (i & 1) ? (z >> 32) : (z & 0xffffffffull);
+  return half >= threshold;
+}
+
+template <typename T>
+__device__ void dropout_vec(const T* x, const T* base, T* out, size_t n, unsigned long long seed,
+                            unsigned long long threshold, float scale) {
+  using P = Pack<T, WIDE<T>>;
+  const size_t i = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * WIDE<T>;
+  if (i + WIDE<T> <= n) {
+    const P v = P::load(x + i);
+    P b;
+    if (base) b = P::load(base + i);
+    P y;
+#pragma unroll
+    for (int k = 0; k < WIDE<T>; ++k) {
+      const float kept = dropout_keeps(seed, i + k, threshold) ? to_f32(v.e[k]) * scale : 0.f;
+      y.e[k] = from_f32<T>(base ? to_f32(b.e[k]) + kept : kept);
+    }
+    y.store(out + i);
+  } else {
+    for (size_t j = i; j < n; ++j) {
+      const float kept = dropout_keeps(seed, j, threshold) ? to_f32(x[j]) * scale : 0.f;
+      out[j] = from_f32<T>(base ? to_f32(base[j]) + kept : kept);
+    }
+  }
+}
+
 // extern "C" entry points, one per dtype.
 
 #define ELEMENTWISE_ENTRY_POINTS(S, T)                                                         \
@@ -103,6 +144,11 @@ template <typename T> __device__ void scale_vec(const T* x, const float* s, T* o
   }                                                                                           \
   extern "C" __global__ void scale_vec_##S(const T* x, const float* s, T* out, size_t n) {    \
     scale_vec<T>(x, s, out, n);                                                               \
+  }                                                                                           \
+  extern "C" __global__ void dropout_vec_##S(const T* x, const T* base, T* out, size_t n,     \
+                                             unsigned long long seed,                         \
+                                             unsigned long long threshold, float scale) {     \
+    dropout_vec<T>(x, base, out, n, seed, threshold, scale);                                  \
   }
 
 FOR_EACH_FLOAT(ELEMENTWISE_ENTRY_POINTS)

@@ -14,6 +14,7 @@ use super::master_linear::scaled_weight_grad;
 use super::nf4::Nf4Tensor;
 use super::stack::{block_diagonal, stacked_node, Blocks};
 use super::step_scope;
+use super::Dropout;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 use std::sync::Arc;
@@ -137,12 +138,13 @@ pub fn frozen_linear(x: &Tensor, weight: &LinearWeight) -> Result<Tensor> {
 
 /// `x @ weight.t() + scale · (dropout(x) @ a.t()) @ b.t()` for a frozen `weight` `[out, in]`
 /// and LoRA factors `a` `[r, in]`, `b` `[out, r]` of any float dtype (f32 masters), computed in
-/// `x`'s dtype; `mask` is the dropout mask (already scaled by `1 / (1 − p)`), `None` without
-/// dropout. One graph node: its backward gives `x` its gradient in its dtype and `a` and `b`
-/// theirs in their own (on CUDA one GEMM each, with 16-bit operands, the scale applied and an
-/// f32 result: no cast or scaling pass), and keeps only the mask and the rank-sized
-/// `dropout(x) @ a.t()`, where separate ops would keep the base projection, the update and
-/// their sum for every layer.
+/// `x`'s dtype; `dropout` is the mask of the update's input, `None` without dropout. One graph
+/// node: its backward gives `x` its gradient in its dtype and `a` and `b` theirs in their own
+/// (on CUDA one GEMM each, with 16-bit operands, the scale applied and an f32 result: no cast
+/// or scaling pass), and keeps only the rank-sized `dropout(x) @ a.t()` besides `x`, where
+/// separate ops would keep the base projection, the update and their sum for every layer. The
+/// dropped input is drawn again from `x` for `a`'s gradient rather than kept, and the update's
+/// share of `x`'s gradient is masked in the pass that adds it.
 ///
 /// Without dropout in f32, the update folds into the weight first (`weight + scale · b @ a`,
 /// rank-r work): the projection and the input gradient are then one GEMM each, where the
@@ -157,7 +159,7 @@ pub fn lora_linear(
     a: &Tensor,
     b: &Tensor,
     scale: f64,
-    mask: Option<&Tensor>,
+    dropout: Option<Dropout>,
 ) -> Result<Tensor> {
     let xd = x.detach();
     let dtype = xd.dtype();
@@ -166,16 +168,17 @@ pub fn lora_linear(
         step_scope::cast_once(b, dtype)?,
     );
     let w = weight.dense(dtype)?;
-    let dropped = match mask {
-        Some(m) => (&xd * m)?,
+    let dropped = match dropout {
+        Some(d) => d.apply(&xd)?,
         None => xd.clone(),
     };
     let xa = step_scope::bottleneck(a, || super::linear(&dropped, &ad))?;
+    drop(dropped);
     let (out, inp) = w.dims2()?;
     let rows = xd.elem_count() / inp.max(1);
     let fold_pays = x.track_op() || rows * (inp + out) >= inp * out;
     let dense = weight.as_dense().is_some();
-    let folded = match mask.is_none() && dtype == DType::F32 && fold_pays && dense {
+    let folded = match dropout.is_none() && dtype == DType::F32 && fold_pays && dense {
         true => Some((&w + (bd.matmul(&ad)? * scale)?)?),
         false => None,
     };
@@ -188,24 +191,25 @@ pub fn lora_linear(
     }
     let kept = weight.kept(&w);
     drop(w);
-    let mask = mask.cloned();
     let (x_grad, a_dtype, b_dtype) = (x.track_op(), a.dtype(), b.dtype());
     attach3([x, a, b], &y, "lora-linear", move |grad| {
-        let inp = xd.dim(xd.rank() - 1)?;
         let g = as_rows(grad)?;
         let dtypes = (a_dtype, b_dtype);
+        let dropped = match dropout {
+            Some(d) => d.apply(&xd)?,
+            None => xd.clone(),
+        };
         let (g_r, da, db) = factor_grads(&g, (&xa, &dropped), &bd, dtypes, scale)?;
+        drop(dropped);
         let dx = match (x_grad, &folded) {
             (false, _) => None,
             (true, Some(merged)) => Some(g.matmul(merged)?.reshape(xd.dims())?),
             (true, None) => {
                 let w = kept.dense(g.dtype())?;
-                let dx = match &mask {
+                let dx = match dropout {
                     None => super::matmul_sum((&g, &w), (&g_r, &ad), scale)?,
-                    Some(m) => {
-                        let through_update = (g_r.matmul(&ad)? * m.reshape(((), inp))?)?;
-                        (g.matmul(&w)? + (through_update * scale)?)?
-                    }
+                    // The update's share, masked, added to the frozen product's in one pass.
+                    Some(d) => d.add_applied(&g.matmul(&w)?, &g_r.matmul(&ad)?, scale)?,
                 };
                 Some(dx.reshape(xd.dims())?)
             }
@@ -214,19 +218,23 @@ pub fn lora_linear(
     })
 }
 
-/// [`lora_linear`] without dropout over projections of one input stacked along their rows:
-/// the frozen `weight` `[Σ out_i, in]` (the parts' weights, stacked) and each part's factors
+/// [`lora_linear`] over projections of one input stacked along their rows: the frozen
+/// `weight` `[Σ out_i, in]` (the parts' weights, stacked) and each part's factors
 /// `(a_i [r_i, in], b_i [out_i, r_i])`, one `scale` for all, as `[.., Σ out_i]`, the parts'
 /// outputs in order. The factors multiply as the stack of the `a_i` `[Σ r_i, in]` and the
 /// block-diagonal matrix of the `b_i` `[Σ out_i, Σ r_i]`, so each product of the input's rows is
 /// one GEMM where separate adapters take one a part, and the input's gradient is no sum of
-/// the parts'. The factors get their gradients in their own dtypes, as each part's block of
-/// the stacks' gradients.
+/// the parts'. With dropout, `dropouts` holds each part's mask: each `a_i` then multiplies its
+/// own dropped input (drawn again for its gradient) and its share of the input's gradient is
+/// masked as it is added, while the frozen products and the `b` product stay one each. The
+/// factors get their gradients in their own dtypes, as each part's block of the stacks'
+/// gradients.
 pub fn stacked_lora_linear(
     x: &Tensor,
     weight: &LinearWeight,
     factors: &[(&Tensor, &Tensor)],
     scale: f64,
+    dropouts: Option<&[Dropout]>,
 ) -> Result<Tensor> {
     let xd = x.detach();
     let dtype = xd.dtype();
@@ -240,7 +248,23 @@ pub fn stacked_lora_linear(
         .map(|b| step_scope::cast_once(b, dtype))
         .collect::<Result<Vec<_>>>()?;
     let bd = block_diagonal(&b_casts)?;
-    let xa = step_scope::bottleneck(first_a, || super::linear(&xd, &ad))?;
+    if dropouts.is_some_and(|d| d.len() != factors.len()) {
+        candle_core::bail!("stacked_lora_linear: one dropout mask a part");
+    }
+    let dropouts = dropouts.map(<[Dropout]>::to_vec);
+    let ranks: Vec<usize> = a_parts.iter().map(|a| a.dim(0)).collect::<Result<_>>()?;
+    let xa = step_scope::bottleneck(first_a, || match &dropouts {
+        None => super::linear(&xd, &ad),
+        Some(dropouts) => {
+            let mut row = 0;
+            let mut parts = Vec::with_capacity(ranks.len());
+            for (&r, d) in ranks.iter().zip(dropouts) {
+                parts.push(super::linear(&d.apply(&xd)?, &ad.narrow(0, row, r)?)?);
+                row += r;
+            }
+            Tensor::cat(&parts, candle_core::D::Minus1)
+        }
+    })?;
     let w = weight.dense(dtype)?;
     let y = projection_plus_update(&xd, &w, (&xa, &bd), scale)?;
     let factors_tracked = factors.iter().any(|(a, b)| a.track_op() || b.track_op());
@@ -258,16 +282,45 @@ pub fn stacked_lora_linear(
         "stacked-lora-linear",
         move |grad| {
             let g = as_rows(grad)?;
-            let (g_r, da, db) = factor_grads(&g, (&xa, &xd), &bd, dtypes, scale)?;
-            let dx = match x_grad {
-                true => {
-                    let w = kept.dense(g.dtype())?;
-                    let dx = super::matmul_sum((&g, &w), (&g_r, &ad), scale)?;
-                    Some(dx.reshape(xd.dims())?)
-                }
+            let Some(dropouts) = &dropouts else {
+                let (g_r, da, db) = factor_grads(&g, (&xa, &xd), &bd, dtypes, scale)?;
+                let dx = match x_grad {
+                    true => {
+                        let w = kept.dense(g.dtype())?;
+                        let dx = super::matmul_sum((&g, &w), (&g_r, &ad), scale)?;
+                        Some(dx.reshape(xd.dims())?)
+                    }
+                    false => None,
+                };
+                return Ok((dx, Some(da), Some(db)));
+            };
+            // Each part's a-gradient from its own dropped input; its share of the input's
+            // gradient masked as it is added to the frozen products'.
+            let g_r = g.matmul(&bd)?;
+            let db = scaled_weight_grad(&g, &as_rows(&xa)?, dtypes.1, scale)?;
+            let x_rows = as_rows(&xd)?;
+            let mut dx = match x_grad {
+                true => Some(g.matmul(&kept.dense(g.dtype())?)?),
                 false => None,
             };
-            Ok((dx, Some(da), Some(db)))
+            let mut da = Vec::with_capacity(ranks.len());
+            let mut row = 0;
+            for (&r, d) in ranks.iter().zip(dropouts) {
+                let g_part = g_r.narrow(1, row, r)?.contiguous()?;
+                da.push(scaled_weight_grad(
+                    &g_part,
+                    &d.apply(&x_rows)?,
+                    dtypes.0,
+                    scale,
+                )?);
+                if let Some(sum) = &dx {
+                    let share = g_part.matmul(&ad.narrow(0, row, r)?)?;
+                    dx = Some(d.add_applied(sum, &share, scale)?);
+                }
+                row += r;
+            }
+            let dx = dx.map(|dx| dx.reshape(xd.dims())).transpose()?;
+            Ok((dx, Some(Tensor::cat(&da, 0)?), Some(db)))
         },
     )
 }
@@ -362,27 +415,18 @@ mod lora_tests {
             uniform(&[4, 8], 3),
             uniform(&[6, 4], 4),
         );
-        let mask = (uniform(&[2, 3, 8], 5)
-            .ge(-0.5)
-            .unwrap()
-            .to_dtype(candle_core::DType::F32))
-        .unwrap()
-            * 1.25;
-        let mask = mask.unwrap();
-        for with_mask in [false, true] {
-            let m = with_mask.then(|| mask.clone());
-            let m2 = m.clone();
+        for dropout in [None, Some(crate::Dropout::new(0.2, 5).unwrap())] {
             assert_parity(
                 "lora_linear",
                 &[x.clone(), w.clone(), a.clone(), b.clone()],
                 &[true, false, true, true],
                 move |t| {
                     let w = super::LinearWeight::Dense(t[1].clone());
-                    super::lora_linear(&t[0], &w, &t[2], &t[3], 2.0, m.as_ref())
+                    super::lora_linear(&t[0], &w, &t[2], &t[3], 2.0, dropout)
                 },
                 move |t| {
-                    let dropped = match &m2 {
-                        Some(m) => (&t[0] * m)?,
+                    let dropped = match dropout {
+                        Some(d) => (&t[0] * d.mask(t[0].dims(), t[0].device())?)?,
                         None => t[0].clone(),
                     };
                     let update = dropped.broadcast_matmul(&t[2].t()?)?;
@@ -397,32 +441,40 @@ mod lora_tests {
     #[test]
     fn stacked_lora_linear_matches_each_parts_own_update() {
         // q, k and v of a block (6, 2 and 2 rows, ranks 4), then gate and up with ranks 3 and
-        // 2: inputs x, the stacked weight, then each part's a and b.
-        for (outs, ranks) in [(&[6, 2, 2][..], &[4, 4, 4][..]), (&[5, 5][..], &[3, 2][..])] {
+        // 2: inputs x, the stacked weight, then each part's a and b; without dropout and with
+        // a mask of its own for each part.
+        let cases = [(&[6, 2, 2][..], &[4, 4, 4][..]), (&[5, 5][..], &[3, 2][..])];
+        for ((outs, ranks), dropout) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let total: usize = outs.iter().sum();
             let mut inputs = vec![uniform(&[2, 3, 8], 1), uniform(&[total, 8], 2)];
             for (i, (&out, &r)) in outs.iter().zip(ranks).enumerate() {
                 inputs.push(uniform(&[r, 8], 3 + 2 * i as u64));
                 inputs.push(uniform(&[out, r], 4 + 2 * i as u64));
             }
+            let dropouts: Option<Vec<_>> = dropout.then(|| {
+                let mask = |i| crate::Dropout::new(0.3, 40 + i).unwrap();
+                (0..outs.len() as u64).map(mask).collect()
+            });
+            let each_dropouts = dropouts.clone();
             let mut tracked = vec![true, false];
             tracked.extend(std::iter::repeat_n(true, 2 * outs.len()));
             assert_parity(
                 "stacked_lora_linear",
                 &inputs,
                 &tracked,
-                |t| {
+                move |t| {
                     let w = super::LinearWeight::Dense(t[1].clone());
                     let factors: Vec<_> = t[2..].chunks(2).map(|f| (&f[0], &f[1])).collect();
-                    super::stacked_lora_linear(&t[0], &w, &factors, 0.5)
+                    super::stacked_lora_linear(&t[0], &w, &factors, 0.5, dropouts.as_deref())
                 },
-                |t| {
+                move |t| {
                     let mut row = 0;
                     let mut outputs = Vec::new();
-                    for f in t[2..].chunks(2) {
+                    for (i, f) in t[2..].chunks(2).enumerate() {
                         let out = f[1].dim(0)?;
                         let w = super::LinearWeight::Dense(t[1].narrow(0, row, out)?);
-                        outputs.push(super::lora_linear(&t[0], &w, &f[0], &f[1], 0.5, None)?);
+                        let d = each_dropouts.as_ref().map(|d| d[i]);
+                        outputs.push(super::lora_linear(&t[0], &w, &f[0], &f[1], 0.5, d)?);
                         row += out;
                     }
                     candle_core::Tensor::cat(&outputs, 2)

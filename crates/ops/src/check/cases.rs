@@ -75,11 +75,14 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         head_greedy_step_case(shape.hidden, shape.vocab),
         master_linear_case(tokens, shape.hidden, shape.ffn),
         lora_linear_case(tokens, shape.hidden, shape.ffn),
+        lora_linear_dropout_case(tokens, shape.hidden, shape.ffn),
         stacked_lora_linear_case(
             tokens,
             shape.hidden,
             [h * d, shape.kv_heads * d, shape.kv_heads * d],
         ),
+        stacked_lora_linear_dropout_case(tokens, shape.hidden, [shape.ffn, shape.ffn]),
+        dropout_case(vec![tokens, shape.hidden]),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear_rows", 1, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
@@ -711,6 +714,100 @@ fn lora_linear_case(rows: usize, inp: usize, out: usize) -> Case {
     }
 }
 
+/// The dropout masks of the op checks: one a part, from fixed seeds.
+fn dropout_masks<const N: usize>() -> [crate::Dropout; N] {
+    std::array::from_fn(|i| crate::Dropout::new(0.1, 1234 + i as u64).expect("a probability"))
+}
+
+/// `x` through its mask (from the host's bits, [`crate::Dropout::mask`]).
+fn reference_dropped(x: &Tensor, dropout: crate::Dropout) -> Result<Tensor> {
+    x * dropout.mask(x.dims(), x.device())?.to_dtype(x.dtype())?
+}
+
+/// [`lora_linear_case`] with dropout of the update's input (p 0.1): the dropped input drawn
+/// by the kernel in the forward pass and again in the backward's, the masked share of the
+/// input's gradient added in one pass; the reference multiplies by the host's mask.
+fn lora_linear_dropout_case(rows: usize, inp: usize, out: usize) -> Case {
+    Case {
+        name: "lora_linear_dropout",
+        fused: |t| {
+            let w = crate::LinearWeight::Dense(t[1].clone());
+            let (a, b) = (t[2].to_dtype(DType::F32)?, t[3].to_dtype(DType::F32)?);
+            let [dropout] = dropout_masks();
+            crate::lora_linear(&t[0], &w, &a, &b, 2.0, Some(dropout))
+        },
+        reference: |t| {
+            let [dropout] = dropout_masks();
+            let dropped = reference_dropped(&t[0], dropout)?;
+            let update = dropped.matmul(&t[2].t()?)?.matmul(&t[3].t()?)?;
+            t[0].matmul(&t[1].t()?)? + (update * 2.0)?
+        },
+        inputs: vec![
+            Input::Float(vec![rows, inp], 1.0),
+            Input::Table(vec![out, inp]),
+            Input::Float(vec![16, inp], 1.0),
+            Input::Float(vec![out, 16], 1.0),
+        ],
+    }
+}
+
+/// A block's gate and up (`outs` rows each) as one LoRA projection with a dropout mask each
+/// ([`crate::stacked_lora_linear`]), against each part's own update of its own dropped input.
+fn stacked_lora_linear_dropout_case(rows: usize, inp: usize, outs: [usize; 2]) -> Case {
+    let mut inputs = vec![
+        Input::Float(vec![rows, inp], 1.0),
+        Input::Table(vec![outs.iter().sum(), inp]),
+    ];
+    for out in outs {
+        inputs.push(Input::Float(vec![16, inp], 1.0));
+        inputs.push(Input::Float(vec![out, 16], 1.0));
+    }
+    Case {
+        name: "stacked_lora_linear_dropout",
+        fused: |t| {
+            let w = crate::LinearWeight::Dense(t[1].clone());
+            let masters = t[2..]
+                .iter()
+                .map(|f| f.to_dtype(DType::F32))
+                .collect::<Result<Vec<_>>>()?;
+            let factors: Vec<_> = masters.chunks(2).map(|f| (&f[0], &f[1])).collect();
+            let dropouts = dropout_masks::<2>();
+            crate::stacked_lora_linear(&t[0], &w, &factors, 2.0, Some(&dropouts))
+        },
+        reference: |t| {
+            let mut row = 0;
+            let mut parts = Vec::new();
+            for (f, dropout) in t[2..].chunks(2).zip(dropout_masks::<2>()) {
+                let out = f[1].dim(0)?;
+                let dropped = reference_dropped(&t[0], dropout)?;
+                let update = dropped.matmul(&f[0].t()?)?.matmul(&f[1].t()?)?;
+                let w = t[1].narrow(0, row, out)?;
+                parts.push((t[0].matmul(&w.t()?)? + (update * 2.0)?)?);
+                row += out;
+            }
+            Tensor::cat(&parts, 1)
+        },
+        inputs,
+    }
+}
+
+/// Inverted dropout with its backward ([`crate::Dropout::forward`]: the kernel's mask, drawn
+/// again for the gradient) against the input times the host's mask.
+fn dropout_case(shape: Vec<usize>) -> Case {
+    Case {
+        name: "dropout",
+        fused: |t| {
+            let [dropout] = dropout_masks();
+            dropout.forward(&t[0])
+        },
+        reference: |t| {
+            let [dropout] = dropout_masks();
+            reference_dropped(&t[0], dropout)
+        },
+        inputs: vec![Input::Float(shape, 1.0)],
+    }
+}
+
 /// A block's q, k and v (`outs` rows each) as one LoRA projection of rank 16 a part
 /// ([`crate::stacked_lora_linear`]: the stacked frozen weight, the parts' `a` stacked and
 /// their `b` block-diagonal), gradients to `x` and every factor, against each part's own
@@ -734,7 +831,7 @@ fn stacked_lora_linear_case(rows: usize, inp: usize, outs: [usize; 3]) -> Case {
                 .map(|f| f.to_dtype(DType::F32))
                 .collect::<Result<Vec<_>>>()?;
             let factors: Vec<_> = masters.chunks(2).map(|f| (&f[0], &f[1])).collect();
-            crate::stacked_lora_linear(&t[0], &w, &factors, 2.0)
+            crate::stacked_lora_linear(&t[0], &w, &factors, 2.0, None)
         },
         reference: |t| {
             let mut row = 0;

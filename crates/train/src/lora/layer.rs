@@ -1,9 +1,8 @@
 //! The LoRA update of one projection, with its dropout, as the model calls it through
 //! [`LinearAdapter`].
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use model::{LinearAdapter, LowRank};
-use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -41,12 +40,11 @@ impl LoraLayer {
         }
     }
 
-    /// This step's dropout mask for `x` (in `x`'s dtype), or `None` when dropout is off.
-    fn mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// This step's dropout mask, or `None` when dropout is off.
+    fn dropout(&self) -> Result<Option<ops::Dropout>> {
         match self.mask_seed.load(Ordering::Relaxed) {
             seed if seed != NO_DROPOUT && self.dropout > 0.0 => {
-                let mask = dropout_mask(x.dims(), self.dropout, seed, x.device())?;
-                Ok(Some(mask.to_dtype(x.dtype())?))
+                ops::Dropout::new(self.dropout, seed).map(Some)
             }
             _ => Ok(None),
         }
@@ -65,8 +63,8 @@ impl LinearAdapter for LoraLayer {
 
     /// The update `scale * dropout(x) @ A^T @ B^T`, computed in `dtype`.
     fn update(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let x = match self.mask(x)? {
-            Some(mask) => x.mul(&mask)?,
+        let x = match self.dropout()? {
+            Some(dropout) => dropout.forward(x)?,
             None => x.clone(),
         };
         let a = ops::cast(&self.a, dtype)?;
@@ -84,50 +82,24 @@ impl LinearAdapter for LoraLayer {
         weight: &ops::LinearWeight,
         dtype: DType,
     ) -> Result<Tensor> {
-        let mask = self.mask(x)?;
+        let dropout = self.dropout()?;
         debug_assert_eq!(
             x.dtype(),
             dtype,
             "the projection's input arrives in its dtype"
         );
-        ops::lora_linear(x, weight, &self.a, &self.b, self.scale, mask.as_ref())
+        ops::lora_linear(x, weight, &self.a, &self.b, self.scale, dropout)
     }
 
-    /// The factors and scale while dropout is off (or zero): the update is then the plain
-    /// low-rank product.
-    fn low_rank(&self) -> Option<LowRank<'_>> {
-        let off = self.mask_seed.load(Ordering::Relaxed) == NO_DROPOUT || self.dropout <= 0.0;
-        off.then_some(LowRank {
+    /// The factors, scale and this step's dropout mask.
+    fn low_rank(&self) -> Result<Option<LowRank<'_>>> {
+        Ok(Some(LowRank {
             a: &self.a,
             b: &self.b,
             scale: self.scale,
-        })
+            dropout: self.dropout()?,
+        }))
     }
-}
-
-/// An inverted-dropout mask of `shape`: 0 with probability `p`, else `1 / (1 - p)`, the same
-/// for the same seed. On the CPU it is drawn from a seeded host generator; on a GPU from the
-/// device generator reseeded with `seed` (drawing activation-sized masks on the host and
-/// copying them over would cost more than the step itself). Masks differ between backends.
-fn dropout_mask(shape: &[usize], p: f64, seed: u64, device: &Device) -> Result<Tensor> {
-    let keep = 1.0 / (1.0 - p);
-    if !device.is_cpu() {
-        device.set_seed(seed)?;
-        let uniform = Tensor::rand(0f32, 1f32, shape, device)?;
-        return uniform.ge(p)?.to_dtype(DType::F32)? * keep;
-    }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = shape.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.random::<f64>() < p {
-                0.0
-            } else {
-                keep as f32
-            }
-        })
-        .collect();
-    Tensor::from_vec(values, shape, device)
 }
 
 /// A 64-bit mixing function (SplitMix64's finaliser).
@@ -141,39 +113,53 @@ fn splitmix64(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
-    fn dropout_mask_drops_about_p_and_keeps_the_mean() {
-        let mask = dropout_mask(&[100, 100], 0.25, 9, &Device::Cpu).unwrap();
-        let values = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let dropped = values.iter().filter(|v| **v == 0.0).count() as f64 / 1e4;
-        let mean = values.iter().map(|v| *v as f64).sum::<f64>() / 1e4;
-        assert!((dropped - 0.25).abs() < 0.02, "dropped {dropped}");
-        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
-        let again = dropout_mask(&[100, 100], 0.25, 9, &Device::Cpu).unwrap();
+    fn each_layer_draws_its_own_mask_and_the_same_one_again() {
+        let zeros = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &Device::Cpu);
+        let layer =
+            |id| LoraLayer::new(zeros((4, 8)).unwrap(), zeros((6, 4)).unwrap(), 1.0, 0.1, id);
+        let (first, second) = (layer(0), layer(1));
+        first.set_dropout_seed(Some(7));
+        second.set_dropout_seed(Some(7));
+        let drawn = first.dropout().unwrap().expect("dropout is on");
+        assert_ne!(Some(drawn), second.dropout().unwrap());
+        first.set_dropout_seed(Some(8));
+        assert_ne!(Some(drawn), first.dropout().unwrap());
+        first.set_dropout_seed(Some(7));
         assert_eq!(
-            values,
-            again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            Some(drawn),
+            first.dropout().unwrap(),
+            "a recomputed forward's mask"
         );
+        first.set_dropout_seed(None);
+        assert_eq!(first.dropout().unwrap(), None);
     }
 
     #[test]
-    fn the_update_is_a_plain_low_rank_product_only_while_no_mask_is_drawn() {
+    fn the_low_rank_update_carries_this_steps_mask() {
         let zeros = |shape: (usize, usize)| Tensor::zeros(shape, DType::F32, &Device::Cpu);
         let (a, b) = (zeros((4, 8)).unwrap(), zeros((6, 4)).unwrap());
         let with_dropout = LoraLayer::new(a.clone(), b.clone(), 2.0, 0.1, 0);
-        let low_rank = with_dropout.low_rank().expect("dropout starts off");
+        let low_rank = with_dropout.low_rank().unwrap().expect("always offered");
         assert_eq!(
-            (low_rank.a.id(), low_rank.b.id(), low_rank.scale),
-            (a.id(), b.id(), 2.0)
+            (
+                low_rank.a.id(),
+                low_rank.b.id(),
+                low_rank.scale,
+                low_rank.dropout
+            ),
+            (a.id(), b.id(), 2.0, None),
+            "dropout starts off"
         );
         with_dropout.set_dropout_seed(Some(7));
-        assert!(with_dropout.low_rank().is_none(), "masks are drawn");
-        with_dropout.set_dropout_seed(None);
-        assert!(with_dropout.low_rank().is_some());
+        let drawn = with_dropout.low_rank().unwrap().unwrap().dropout;
+        assert_eq!(drawn, with_dropout.dropout().unwrap());
+        assert!(drawn.is_some());
         // Dropout 0 draws no mask whatever the seed.
         let without = LoraLayer::new(a, b, 2.0, 0.0, 1);
         without.set_dropout_seed(Some(7));
-        assert!(without.low_rank().is_some());
+        assert_eq!(without.low_rank().unwrap().unwrap().dropout, None);
     }
 }
