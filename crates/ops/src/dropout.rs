@@ -6,15 +6,19 @@
 //! generator for each mask cost more than the step's products. Here element `i` of a tensor
 //! (in its logical, row-major order) is kept when its 32-bit half of SplitMix64's output
 //! number `i / 2` for the seed is at least `p · 2³²`, so the same mask is drawn again wherever
-//! it is needed, on any device, by one elementwise pass (`kernels/elementwise.cu`,
-//! `dropout_vec`; the host computes the same bits).
+//! it is needed by one elementwise pass, with the same bits on the CPU and CUDA
+//! (`kernels/elementwise.cu`, `dropout_vec`). Metal, which has no such kernel, draws its masks
+//! with its own generator reseeded with the mask's seed: the same mask again for the same seed,
+//! other bits than the CPU's.
 
 use super::attach::attach;
-use super::cpu_kernel::{f32s, output, written_rows, ELEMENTWISE_CHUNK};
+use super::cpu_kernel::{slice, ELEMENTWISE_CHUNK};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
-use candle_core::{Device, Result, Tensor};
+use super::gemv::Element;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// One dropout mask: zero with probability `p`, else `1 / (1 − p)`, the same for the same seed
@@ -64,6 +68,19 @@ impl Dropout {
         Tensor::from_vec(values, shape, device)
     }
 
+    /// The mask where no kernel applies: [`Self::mask`], except on Metal, whose generator,
+    /// reseeded with the mask's seed, draws its own mask on the GPU (a host mask copied over
+    /// for every projection, forward and backward, would cost more than the products).
+    fn device_mask(&self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        if !device.is_metal() {
+            return self.mask(shape, device);
+        }
+        device.set_seed(self.seed)?;
+        let p = self.threshold as f64 / 2f64.powi(32);
+        let uniform = Tensor::rand(0f32, 1f32, shape, device)?;
+        uniform.ge(p)?.to_dtype(DType::F32)? * self.keep_scale
+    }
+
     /// `x` with the dropped elements zeroed and the kept ones scaled by `1 / (1 − p)`, in
     /// `x`'s dtype. No backward ([`Self::forward`] has one).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
@@ -103,13 +120,21 @@ impl Dropout {
             dropout: *self,
             scale: (self.keep_scale * factor) as f32,
         };
-        if super::fused(&operands) && operands.iter().all(|t| aligned(t)) {
+        let kernel = match x.device() {
+            Device::Cpu => operands.iter().all(|t| {
+                t.dtype() == x.dtype() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+            }),
+            _ => super::fused(&operands) && operands.iter().all(|t| aligned(t)),
+        };
+        if kernel {
             return match &base {
                 None => x.apply_op1_no_bwd(&op),
                 Some(base) => x.apply_op2_no_bwd(base, &op),
             };
         }
-        let mask = self.mask(x.dims(), x.device())?.to_dtype(x.dtype())?;
+        let mask = self
+            .device_mask(x.dims(), x.device())?
+            .to_dtype(x.dtype())?;
         let kept = (x * mask)?;
         let kept = if factor == 1.0 {
             kept
@@ -143,31 +168,50 @@ struct Masked {
 }
 
 impl Masked {
-    /// The CPU kernel over f32 values.
-    fn cpu_values(&self, x: &[f32], base: Option<&[f32]>) -> Vec<f32> {
-        // SAFETY: every element of each chunk is written.
-        unsafe {
-            written_rows(x.len(), ELEMENTWISE_CHUNK, |chunk, out| {
-                let start = chunk * ELEMENTWISE_CHUNK;
-                for (j, o) in out.iter_mut().enumerate() {
-                    let i = start + j;
-                    let kept = match self.dropout.keeps(i) {
-                        true => x[i] * self.scale,
-                        false => 0.0,
-                    };
-                    o.write(base.map_or(kept, |b| b[i] + kept));
-                }
-            })
+    /// The CPU kernel over a contiguous `x` (and `base`) of a float dtype, in f32.
+    fn cpu_kernel(&self, x: CpuOperand, base: Option<CpuOperand>) -> CpuOutput {
+        let shape = x.1.shape().clone();
+        let storage = match x.0 {
+            CpuStorage::F32(_) => CpuStorage::F32(self.values::<f32>(x, base)?),
+            CpuStorage::BF16(_) => CpuStorage::BF16(self.values::<half::bf16>(x, base)?),
+            CpuStorage::F16(_) => CpuStorage::F16(self.values::<half::f16>(x, base)?),
+            other => candle_core::bail!("dropout: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((storage, shape))
+    }
+
+    /// `base + scale · mask · x` element by element, in parallel.
+    fn values<E: Element + WithDType>(
+        &self,
+        (x, x_layout): CpuOperand,
+        base: Option<CpuOperand>,
+    ) -> Result<Vec<E>> {
+        let x = slice(x.as_slice::<E>()?, x_layout)?;
+        let base = base
+            .map(|(b, layout)| slice(b.as_slice::<E>()?, layout))
+            .transpose()?;
+        if base.is_some_and(|b| b.len() != x.len()) {
+            candle_core::bail!("dropout: base and input sizes differ");
         }
+        Ok((0..x.len())
+            .into_par_iter()
+            .with_min_len(ELEMENTWISE_CHUNK)
+            .map(|i| {
+                let kept = match self.dropout.keeps(i) {
+                    true => x[i].f32() * self.scale,
+                    false => 0.0,
+                };
+                E::from_f32(base.map_or(kept, |b| b[i].f32() + kept))
+            })
+            .collect())
     }
 }
 
 impl FusedOp<1> for Masked {
     const NAME: &'static str = "dropout";
 
-    fn cpu(&self, [(x, layout)]: [CpuOperand; 1]) -> CpuOutput {
-        let values = self.cpu_values(f32s(x, layout)?, None);
-        Ok(output(values, layout.shape().clone()))
+    fn cpu(&self, [x]: [CpuOperand; 1]) -> CpuOutput {
+        self.cpu_kernel(x, None)
     }
 
     #[cfg(feature = "cuda")]
@@ -179,13 +223,8 @@ impl FusedOp<1> for Masked {
 impl FusedOp<2> for Masked {
     const NAME: &'static str = "dropout-add";
 
-    fn cpu(&self, [(x, x_layout), (base, base_layout)]: [CpuOperand; 2]) -> CpuOutput {
-        let (x, base) = (f32s(x, x_layout)?, f32s(base, base_layout)?);
-        if x.len() != base.len() {
-            candle_core::bail!("dropout: {} and {} elements", x.len(), base.len());
-        }
-        let values = self.cpu_values(x, Some(base));
-        Ok(output(values, x_layout.shape().clone()))
+    fn cpu(&self, [x, base]: [CpuOperand; 2]) -> CpuOutput {
+        self.cpu_kernel(x, Some(base))
     }
 
     #[cfg(feature = "cuda")]
@@ -237,44 +276,26 @@ mod cuda {
 mod tests {
     use super::*;
     use crate::parity::{relative_error, uniform};
-    use candle_core::DType;
+
+    /// The values of the mask of `p` and `seed` for 100 × 100 elements, on the host.
+    fn mask_values(p: f64, seed: u64) -> Vec<f32> {
+        let mask = Dropout::new(p, seed)
+            .unwrap()
+            .mask(&[100, 100], &Device::Cpu);
+        mask.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
 
     #[test]
     fn drops_about_p_and_keeps_the_mean() {
-        let d = Dropout::new(0.25, 9).unwrap();
-        let mask = d.mask(&[100, 100], &Device::Cpu).unwrap();
-        let values = mask.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let values = mask_values(0.25, 9);
         let dropped = values.iter().filter(|&&v| v == 0.0).count() as f64 / 1e4;
         assert!((dropped - 0.25).abs() < 0.02, "dropped {dropped}");
         let mean = values.iter().sum::<f32>() / 1e4;
         assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
-        assert!(values
-            .iter()
-            .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
-        let again = Dropout::new(0.25, 9)
-            .unwrap()
-            .mask(&[100, 100], &Device::Cpu);
-        assert_eq!(
-            again
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            values
-        );
-        let other = Dropout::new(0.25, 10)
-            .unwrap()
-            .mask(&[100, 100], &Device::Cpu);
-        assert_ne!(
-            other
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            values
-        );
+        let kept = |v: &f32| *v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6;
+        assert!(values.iter().all(kept));
+        assert_eq!(mask_values(0.25, 9), values, "the same seed, the same mask");
+        assert_ne!(mask_values(0.25, 10), values);
     }
 
     #[test]
@@ -307,11 +328,20 @@ mod tests {
             relative_error(&d.apply(&strided).unwrap(), &want.unwrap()),
             0.0
         );
-        // bf16 on the CPU takes the mask tensor.
+        // bf16 on the CPU: the kernel computes in f32 and rounds once.
         let half = x.to_dtype(DType::BF16).unwrap();
         let got = d.apply(&half).unwrap().to_dtype(DType::F32).unwrap();
         let want = (half.to_dtype(DType::F32).unwrap() * &mask).unwrap();
-        assert!(relative_error(&got, &want) < 1e-2);
+        let want = want
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(relative_error(&got, &want), 0.0);
+        // f64 has no kernel: the mask tensor.
+        let wide = x.to_dtype(DType::F64).unwrap();
+        let want = (&wide * mask.to_dtype(DType::F64).unwrap()).unwrap();
+        assert_eq!(relative_error(&d.apply(&wide).unwrap(), &want), 0.0);
     }
 
     #[test]

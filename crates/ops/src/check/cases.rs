@@ -695,23 +695,94 @@ fn master_linear_case(rows: usize, inp: usize, out: usize) -> Case {
 fn lora_linear_case(rows: usize, inp: usize, out: usize) -> Case {
     Case {
         name: "lora_linear",
-        fused: |t| {
-            // f32 masters, as a LoRA layer holds them.
-            let w = crate::LinearWeight::Dense(t[1].clone());
-            let (a, b) = (t[2].to_dtype(DType::F32)?, t[3].to_dtype(DType::F32)?);
-            crate::lora_linear(&t[0], &w, &a, &b, 2.0, None)
-        },
-        reference: |t| {
-            let update = t[0].matmul(&t[2].t()?)?.matmul(&t[3].t()?)?;
-            t[0].matmul(&t[1].t()?)? + (update * 2.0)?
-        },
-        inputs: vec![
-            Input::Float(vec![rows, inp], 1.0),
-            Input::Table(vec![out, inp]),
-            Input::Float(vec![16, inp], 1.0),
-            Input::Float(vec![out, 16], 1.0),
-        ],
+        fused: |t| lora_projections(t, None),
+        reference: |t| lora_references(t, None),
+        inputs: lora_inputs(rows, inp, &[out]),
     }
+}
+
+/// [`lora_linear_case`] with dropout of the update's input (p 0.1): the dropped input drawn
+/// by the kernel in the forward pass and again in the backward's, the masked share of the
+/// input's gradient added in one pass; the reference multiplies by the host's mask.
+fn lora_linear_dropout_case(rows: usize, inp: usize, out: usize) -> Case {
+    Case {
+        name: "lora_linear_dropout",
+        fused: |t| lora_projections(t, Some(&dropout_masks::<1>())),
+        reference: |t| lora_references(t, Some(&dropout_masks::<1>())),
+        inputs: lora_inputs(rows, inp, &[out]),
+    }
+}
+
+/// A block's q, k and v (`outs` rows each) as one LoRA projection of rank 16 a part
+/// ([`crate::stacked_lora_linear`]: the stacked frozen weight, the parts' `a` stacked and
+/// their `b` block-diagonal), gradients to `x` and every factor, against each part's own
+/// `x·w_iᵀ + 2·(x·a_iᵀ)·b_iᵀ` side by side.
+fn stacked_lora_linear_case(rows: usize, inp: usize, outs: [usize; 3]) -> Case {
+    Case {
+        name: "stacked_lora_linear",
+        fused: |t| lora_projections(t, None),
+        reference: |t| lora_references(t, None),
+        inputs: lora_inputs(rows, inp, &outs),
+    }
+}
+
+/// A block's gate and up (`outs` rows each) as one LoRA projection with a dropout mask each
+/// ([`crate::stacked_lora_linear`]), against each part's own update of its own dropped input.
+fn stacked_lora_linear_dropout_case(rows: usize, inp: usize, outs: [usize; 2]) -> Case {
+    Case {
+        name: "stacked_lora_linear_dropout",
+        fused: |t| lora_projections(t, Some(&dropout_masks::<2>())),
+        reference: |t| lora_references(t, Some(&dropout_masks::<2>())),
+        inputs: lora_inputs(rows, inp, &outs),
+    }
+}
+
+/// The inputs of a LoRA case: `x` `[rows, inp]`, the frozen weight of all parts stacked
+/// `[Σ outs, inp]`, then each part's `a` `[16, inp]` and `b` `[out, 16]`.
+fn lora_inputs(rows: usize, inp: usize, outs: &[usize]) -> Vec<Input> {
+    let mut inputs = vec![
+        Input::Float(vec![rows, inp], 1.0),
+        Input::Table(vec![outs.iter().sum(), inp]),
+    ];
+    for &out in outs {
+        inputs.push(Input::Float(vec![16, inp], 1.0));
+        inputs.push(Input::Float(vec![out, 16], 1.0));
+    }
+    inputs
+}
+
+/// [`lora_inputs`] through [`crate::lora_linear`] (one part) or [`crate::stacked_lora_linear`]
+/// (several), scale 2, the factors as f32 masters as LoRA layers hold them.
+fn lora_projections(t: &[Tensor], dropouts: Option<&[crate::Dropout]>) -> Result<Tensor> {
+    let w = crate::LinearWeight::Dense(t[1].clone());
+    let masters = t[2..]
+        .iter()
+        .map(|f| f.to_dtype(DType::F32))
+        .collect::<Result<Vec<_>>>()?;
+    let factors: Vec<_> = masters.chunks(2).map(|f| (&f[0], &f[1])).collect();
+    match factors[..] {
+        [(a, b)] => crate::lora_linear(&t[0], &w, a, b, 2.0, dropouts.map(|d| d[0])),
+        _ => crate::stacked_lora_linear(&t[0], &w, &factors, 2.0, dropouts),
+    }
+}
+
+/// Each part's `x·w_iᵀ + 2·(dropout_i(x)·a_iᵀ)·b_iᵀ` by candle's ops (the host's masks), side by
+/// side.
+fn lora_references(t: &[Tensor], dropouts: Option<&[crate::Dropout]>) -> Result<Tensor> {
+    let mut row = 0;
+    let mut parts = Vec::new();
+    for (i, f) in t[2..].chunks(2).enumerate() {
+        let out = f[1].dim(0)?;
+        let dropped = match dropouts {
+            Some(d) => reference_dropped(&t[0], d[i])?,
+            None => t[0].clone(),
+        };
+        let update = dropped.matmul(&f[0].t()?)?.matmul(&f[1].t()?)?;
+        let w = t[1].narrow(0, row, out)?;
+        parts.push((t[0].matmul(&w.t()?)? + (update * 2.0)?)?);
+        row += out;
+    }
+    Tensor::cat(&parts, 1)
 }
 
 /// The dropout masks of the op checks: one a part, from fixed seeds.
@@ -722,73 +793,6 @@ fn dropout_masks<const N: usize>() -> [crate::Dropout; N] {
 /// `x` through its mask (from the host's bits, [`crate::Dropout::mask`]).
 fn reference_dropped(x: &Tensor, dropout: crate::Dropout) -> Result<Tensor> {
     x * dropout.mask(x.dims(), x.device())?.to_dtype(x.dtype())?
-}
-
-/// [`lora_linear_case`] with dropout of the update's input (p 0.1): the dropped input drawn
-/// by the kernel in the forward pass and again in the backward's, the masked share of the
-/// input's gradient added in one pass; the reference multiplies by the host's mask.
-fn lora_linear_dropout_case(rows: usize, inp: usize, out: usize) -> Case {
-    Case {
-        name: "lora_linear_dropout",
-        fused: |t| {
-            let w = crate::LinearWeight::Dense(t[1].clone());
-            let (a, b) = (t[2].to_dtype(DType::F32)?, t[3].to_dtype(DType::F32)?);
-            let [dropout] = dropout_masks();
-            crate::lora_linear(&t[0], &w, &a, &b, 2.0, Some(dropout))
-        },
-        reference: |t| {
-            let [dropout] = dropout_masks();
-            let dropped = reference_dropped(&t[0], dropout)?;
-            let update = dropped.matmul(&t[2].t()?)?.matmul(&t[3].t()?)?;
-            t[0].matmul(&t[1].t()?)? + (update * 2.0)?
-        },
-        inputs: vec![
-            Input::Float(vec![rows, inp], 1.0),
-            Input::Table(vec![out, inp]),
-            Input::Float(vec![16, inp], 1.0),
-            Input::Float(vec![out, 16], 1.0),
-        ],
-    }
-}
-
-/// A block's gate and up (`outs` rows each) as one LoRA projection with a dropout mask each
-/// ([`crate::stacked_lora_linear`]), against each part's own update of its own dropped input.
-fn stacked_lora_linear_dropout_case(rows: usize, inp: usize, outs: [usize; 2]) -> Case {
-    let mut inputs = vec![
-        Input::Float(vec![rows, inp], 1.0),
-        Input::Table(vec![outs.iter().sum(), inp]),
-    ];
-    for out in outs {
-        inputs.push(Input::Float(vec![16, inp], 1.0));
-        inputs.push(Input::Float(vec![out, 16], 1.0));
-    }
-    Case {
-        name: "stacked_lora_linear_dropout",
-        fused: |t| {
-            let w = crate::LinearWeight::Dense(t[1].clone());
-            let masters = t[2..]
-                .iter()
-                .map(|f| f.to_dtype(DType::F32))
-                .collect::<Result<Vec<_>>>()?;
-            let factors: Vec<_> = masters.chunks(2).map(|f| (&f[0], &f[1])).collect();
-            let dropouts = dropout_masks::<2>();
-            crate::stacked_lora_linear(&t[0], &w, &factors, 2.0, Some(&dropouts))
-        },
-        reference: |t| {
-            let mut row = 0;
-            let mut parts = Vec::new();
-            for (f, dropout) in t[2..].chunks(2).zip(dropout_masks::<2>()) {
-                let out = f[1].dim(0)?;
-                let dropped = reference_dropped(&t[0], dropout)?;
-                let update = dropped.matmul(&f[0].t()?)?.matmul(&f[1].t()?)?;
-                let w = t[1].narrow(0, row, out)?;
-                parts.push((t[0].matmul(&w.t()?)? + (update * 2.0)?)?);
-                row += out;
-            }
-            Tensor::cat(&parts, 1)
-        },
-        inputs,
-    }
 }
 
 /// Inverted dropout with its backward ([`crate::Dropout::forward`]: the kernel's mask, drawn
@@ -805,47 +809,6 @@ fn dropout_case(shape: Vec<usize>) -> Case {
             reference_dropped(&t[0], dropout)
         },
         inputs: vec![Input::Float(shape, 1.0)],
-    }
-}
-
-/// A block's q, k and v (`outs` rows each) as one LoRA projection of rank 16 a part
-/// ([`crate::stacked_lora_linear`]: the stacked frozen weight, the parts' `a` stacked and
-/// their `b` block-diagonal), gradients to `x` and every factor, against each part's own
-/// `x·w_iᵀ + 2·(x·a_iᵀ)·b_iᵀ` side by side.
-fn stacked_lora_linear_case(rows: usize, inp: usize, outs: [usize; 3]) -> Case {
-    let mut inputs = vec![
-        Input::Float(vec![rows, inp], 1.0),
-        Input::Table(vec![outs.iter().sum(), inp]),
-    ];
-    for out in outs {
-        inputs.push(Input::Float(vec![16, inp], 1.0));
-        inputs.push(Input::Float(vec![out, 16], 1.0));
-    }
-    Case {
-        name: "stacked_lora_linear",
-        fused: |t| {
-            // f32 masters, as LoRA layers hold them.
-            let w = crate::LinearWeight::Dense(t[1].clone());
-            let masters = t[2..]
-                .iter()
-                .map(|f| f.to_dtype(DType::F32))
-                .collect::<Result<Vec<_>>>()?;
-            let factors: Vec<_> = masters.chunks(2).map(|f| (&f[0], &f[1])).collect();
-            crate::stacked_lora_linear(&t[0], &w, &factors, 2.0, None)
-        },
-        reference: |t| {
-            let mut row = 0;
-            let mut parts = Vec::new();
-            for f in t[2..].chunks(2) {
-                let out = f[1].dim(0)?;
-                let update = t[0].matmul(&f[0].t()?)?.matmul(&f[1].t()?)?;
-                let w = t[1].narrow(0, row, out)?;
-                parts.push((t[0].matmul(&w.t()?)? + (update * 2.0)?)?);
-                row += out;
-            }
-            Tensor::cat(&parts, 1)
-        },
-        inputs,
     }
 }
 
