@@ -60,7 +60,8 @@ pub fn scaled(x: &Tensor, factor: &Tensor) -> Result<Tensor> {
     x.apply_op2_no_bwd(&factor.contiguous()?, &Scale)
 }
 
-fn aligned(t: &Tensor) -> bool {
+/// Contiguous from a 16-byte boundary, as the 16-bytes-a-thread kernels read their operands.
+pub(crate) fn aligned(t: &Tensor) -> bool {
     t.is_contiguous() && (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0
 }
 

@@ -11,6 +11,7 @@
 //! with its own generator reseeded with the mask's seed: the same mask again for the same seed,
 //! other bits than the CPU's.
 
+use super::add::aligned;
 use super::attach::attach;
 use super::cpu_kernel::{slice, ELEMENTWISE_CHUNK};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
@@ -47,7 +48,7 @@ impl Dropout {
 
     /// Whether element `index` (row-major) is kept.
     pub fn keeps(&self, index: usize) -> bool {
-        let bits = splitmix64_output(self.seed, (index / 2) as u64);
+        let bits = splitmix64(self.seed, (index / 2) as u64);
         let half = match index % 2 {
             0 => bits as u32,
             _ => (bits >> 32) as u32,
@@ -148,16 +149,12 @@ impl Dropout {
     }
 }
 
-/// Output number `index` of SplitMix64 seeded with `seed`.
-fn splitmix64_output(seed: u64, index: u64) -> u64 {
+/// Output number `index` of SplitMix64 seeded with `seed` (a 64-bit mix of both).
+pub fn splitmix64(seed: u64, index: u64) -> u64 {
     let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-fn aligned(t: &Tensor) -> bool {
-    (t.layout().start_offset() * t.dtype().size_in_bytes()) % 16 == 0
 }
 
 /// `base + scale · mask · x` (`base` the second operand when there is one), `scale` already

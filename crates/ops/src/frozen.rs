@@ -168,12 +168,7 @@ pub fn lora_linear(
         step_scope::cast_once(b, dtype)?,
     );
     let w = weight.dense(dtype)?;
-    let dropped = match dropout {
-        Some(d) => d.apply(&xd)?,
-        None => xd.clone(),
-    };
-    let xa = step_scope::bottleneck(a, || super::linear(&dropped, &ad))?;
-    drop(dropped);
+    let xa = step_scope::bottleneck(a, || super::linear(&dropped(&xd, dropout)?, &ad))?;
     let (out, inp) = w.dims2()?;
     let rows = xd.elem_count() / inp.max(1);
     let fold_pays = x.track_op() || rows * (inp + out) >= inp * out;
@@ -195,12 +190,9 @@ pub fn lora_linear(
     attach3([x, a, b], &y, "lora-linear", move |grad| {
         let g = as_rows(grad)?;
         let dtypes = (a_dtype, b_dtype);
-        let dropped = match dropout {
-            Some(d) => d.apply(&xd)?,
-            None => xd.clone(),
-        };
-        let (g_r, da, db) = factor_grads(&g, (&xa, &dropped), &bd, dtypes, scale)?;
-        drop(dropped);
+        let input = dropped(&xd, dropout)?;
+        let (g_r, da, db) = factor_grads(&g, (&xa, &input), &bd, dtypes, scale)?;
+        drop(input);
         let dx = match (x_grad, &folded) {
             (false, _) => None,
             (true, Some(merged)) => Some(g.matmul(merged)?.reshape(xd.dims())?),
@@ -296,8 +288,7 @@ pub fn stacked_lora_linear(
             };
             // Each part's a-gradient from its own dropped input; its share of the input's
             // gradient masked as it is added to the frozen products'.
-            let g_r = g.matmul(&bd)?;
-            let db = scaled_weight_grad(&g, &as_rows(&xa)?, dtypes.1, scale)?;
+            let (g_r, db) = bottleneck_grads(&g, &xa, &bd, dtypes.1, scale)?;
             let x_rows = as_rows(&xd)?;
             let mut dx = match x_grad {
                 true => Some(g.matmul(&kept.dense(g.dtype())?)?),
@@ -341,10 +332,31 @@ fn factor_grads(
     (a_dtype, b_dtype): (DType, DType),
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let g_r = g.matmul(b)?;
-    let db = scaled_weight_grad(g, &as_rows(xa)?, b_dtype, scale)?;
+    let (g_r, db) = bottleneck_grads(g, xa, b, b_dtype, scale)?;
     let da = scaled_weight_grad(&g_r, &as_rows(dropped)?, a_dtype, scale)?;
     Ok((g_r, da, db))
+}
+
+/// [`factor_grads`] but `a`'s: the gradient at the bottleneck before the scale, `g @ b`, and
+/// `b`'s gradient in `b_dtype`.
+fn bottleneck_grads(
+    g: &Tensor,
+    xa: &Tensor,
+    b: &Tensor,
+    b_dtype: DType,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let g_r = g.matmul(b)?;
+    let db = scaled_weight_grad(g, &as_rows(xa)?, b_dtype, scale)?;
+    Ok((g_r, db))
+}
+
+/// `x` through `dropout`'s mask, or `x` itself without dropout.
+fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.apply(x),
+        None => Ok(x.clone()),
+    }
 }
 
 /// `x @ w.t() + scale · xa @ b.t()` for `x` `[.., in]`, `w` `[out, in]`, `xa` `[.., r]` and `b`

@@ -69,7 +69,7 @@ pub use cast::{cast, stacked_cast};
 pub use cross_entropy::{
     masked_mean_nll, token_nll, token_nll_grad, token_nll_with_grad, weighted_mean,
 };
-pub use dropout::Dropout;
+pub use dropout::{splitmix64, Dropout};
 pub use embedding::embedding;
 pub use frozen::{frozen_linear, lora_linear, stacked_lora_linear, LinearWeight};
 pub use gemv::{glu_projection, linear};

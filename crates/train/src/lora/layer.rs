@@ -56,7 +56,7 @@ impl LinearAdapter for LoraLayer {
     /// The same seed gives the same mask, so a recomputed forward (checkpointing) matches.
     fn set_dropout_seed(&self, seed: Option<u64>) {
         let mixed = seed.map_or(NO_DROPOUT, |s| {
-            splitmix64(s ^ splitmix64(self.id)).min(NO_DROPOUT - 1)
+            ops::splitmix64(s ^ ops::splitmix64(self.id, 0), 0).min(NO_DROPOUT - 1)
         });
         self.mask_seed.store(mixed, Ordering::Relaxed);
     }
@@ -100,14 +100,6 @@ impl LinearAdapter for LoraLayer {
             dropout: self.dropout()?,
         }))
     }
-}
-
-/// A 64-bit mixing function (SplitMix64's finaliser).
-fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
