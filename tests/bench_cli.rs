@@ -138,6 +138,8 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "linear_rows",
         "lora_linear",
         "lora_linear_dropout",
+        "masked_lora_bottleneck",
+        "masked_lora_factor_grad",
         "master_linear",
         "nf4_linear",
         "nf4_linear_rows",

@@ -90,12 +90,18 @@ template <typename T> __device__ void scale_vec(const T* x, const float* s, T* o
 // `scale` is 1 / (1 − p) times the caller's factor. src/dropout.rs draws the same mask on the
 // host. 16 bytes per thread; the tail by the thread past the last whole vector.
 
-__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, size_t i,
-                                              unsigned long long threshold) {
-  unsigned long long z = seed + (i / 2 + 1) * 0x9E3779B97F4A7C15ull;
+// SplitMix64's output number `pair` for `seed`: the bits of elements 2·pair and 2·pair + 1.
+__device__ __forceinline__ unsigned long long dropout_bits(unsigned long long seed,
+                                                           size_t pair) {
+  unsigned long long z = seed + (pair + 1) * 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
+  return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, size_t i,
+                                              unsigned long long threshold) {
+  const unsigned long long z = dropout_bits(seed, i / 2);
   const unsigned long long half = (i & 1) ? (z >> 32) : (z & 0xffffffffull);
   return half >= threshold;
 }
@@ -110,10 +116,16 @@ __device__ void dropout_vec(const T* x, const T* base, T* out, size_t n, unsigne
     P b;
     if (base) b = P::load(base + i);
     P y;
+    // i is even (a multiple of WIDE<T>): one draw gives a pair of elements their bits.
 #pragma unroll
-    for (int k = 0; k < WIDE<T>; ++k) {
-      const float kept = dropout_keeps(seed, i + k, threshold) ? to_f32(v.e[k]) * scale : 0.f;
-      y.e[k] = from_f32<T>(base ? to_f32(b.e[k]) + kept : kept);
+    for (int k = 0; k < WIDE<T>; k += 2) {
+      const unsigned long long z = dropout_bits(seed, (i + k) / 2);
+      const bool keep[2] = {(z & 0xffffffffull) >= threshold, (z >> 32) >= threshold};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float kept = keep[h] ? to_f32(v.e[k + h]) * scale : 0.f;
+        y.e[k + h] = from_f32<T>(base ? to_f32(b.e[k + h]) + kept : kept);
+      }
     }
     y.store(out + i);
   } else {

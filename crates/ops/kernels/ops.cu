@@ -17,6 +17,7 @@
 //   decode.cu       decode attention over a KV cache, the matrix-vector products
 //   elementwise.cu  the head split/merge copy, add, scale, dtype casts
 //   nf4.cu          NF4 (QLoRA base) dequantization and the 4-bit matrix-vector product
+//   lora.cu         LoRA's products that read a dropped input, the masks drawn inside
 
 #include "norms.cu"
 #include "rope_kv.cu"
@@ -28,3 +29,4 @@
 #include "decode.cu"
 #include "elementwise.cu"
 #include "nf4.cu"
+#include "lora.cu"

@@ -149,6 +149,30 @@ impl Dropout {
     }
 }
 
+/// What the CUDA kernels that draw masks themselves take (`masked_shares.rs`).
+#[cfg(feature = "cuda")]
+impl Dropout {
+    /// The seed the mask is drawn from.
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// `p · 2³²`: an element whose 32 bits are below it is dropped.
+    pub(crate) fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    /// `1 / (1 − p)`, the kept elements' factor.
+    pub(crate) fn keep_scale(&self) -> f64 {
+        self.keep_scale
+    }
+
+    /// Whether `other` drops with the same probability (whatever its seed).
+    pub(crate) fn same_probability(&self, other: &Self) -> bool {
+        self.threshold == other.threshold && self.keep_scale == other.keep_scale
+    }
+}
+
 /// Output number `index` of SplitMix64 seeded with `seed` (a 64-bit mix of both).
 pub fn splitmix64(seed: u64, index: u64) -> u64 {
     let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));

@@ -10,6 +10,7 @@
 //! two: that is what holds a QLoRA step's memory near the 4-bit size of the model.
 
 use super::attach::{attach, attach3};
+use super::masked_lora::{masked_bottleneck, masked_factor_grad, MaskedParts};
 use super::master_linear::scaled_weight_grad;
 use super::nf4::Nf4Tensor;
 use super::stack::{block_diagonal, stacked_node, Blocks};
@@ -143,8 +144,9 @@ pub fn frozen_linear(x: &Tensor, weight: &LinearWeight) -> Result<Tensor> {
 /// (on CUDA one GEMM each, with 16-bit operands, the scale applied and an f32 result: no cast
 /// or scaling pass), and keeps only the rank-sized `dropout(x) @ a.t()` besides `x`, where
 /// separate ops would keep the base projection, the update and their sum for every layer. The
-/// dropped input is drawn again from `x` for `a`'s gradient rather than kept, and the update's
-/// share of `x`'s gradient is masked in the pass that adds it.
+/// mask is never kept: it is drawn again wherever the dropped input is read (the bottleneck,
+/// `a`'s gradient; on CUDA inside one kernel each, `masked_lora.rs`) and where the update's
+/// share of `x`'s gradient is masked, in the pass that adds it.
 ///
 /// Without dropout in f32, the update folds into the weight first (`weight + scale · b @ a`,
 /// rank-r work): the projection and the input gradient are then one GEMM each, where the
@@ -168,7 +170,9 @@ pub fn lora_linear(
         step_scope::cast_once(b, dtype)?,
     );
     let w = weight.dense(dtype)?;
-    let xa = step_scope::bottleneck(a, || super::linear(&dropped(&xd, dropout)?, &ad))?;
+    let rank = ad.dim(0)?;
+    let masks = dropout.map(|d| vec![(rank, d)]);
+    let xa = step_scope::bottleneck(a, || bottleneck(&xd, &ad, masks.as_deref()))?;
     let (out, inp) = w.dims2()?;
     let rows = xd.elem_count() / inp.max(1);
     let fold_pays = x.track_op() || rows * (inp + out) >= inp * out;
@@ -186,23 +190,16 @@ pub fn lora_linear(
     }
     let kept = weight.kept(&w);
     drop(w);
-    let (x_grad, a_dtype, b_dtype) = (x.track_op(), a.dtype(), b.dtype());
+    let (x_grad, dtypes) = (x.track_op(), (a.dtype(), b.dtype()));
     attach3([x, a, b], &y, "lora-linear", move |grad| {
         let g = as_rows(grad)?;
-        let dtypes = (a_dtype, b_dtype);
-        let input = dropped(&xd, dropout)?;
-        let (g_r, da, db) = factor_grads(&g, (&xa, &input), &bd, dtypes, scale)?;
-        drop(input);
+        let (g_r, da, db) = factor_grads(&g, (&xa, &xd), &bd, masks.as_deref(), dtypes, scale)?;
         let dx = match (x_grad, &folded) {
             (false, _) => None,
             (true, Some(merged)) => Some(g.matmul(merged)?.reshape(xd.dims())?),
             (true, None) => {
                 let w = kept.dense(g.dtype())?;
-                let dx = match dropout {
-                    None => super::matmul_sum((&g, &w), (&g_r, &ad), scale)?,
-                    // The update's share, masked, added to the frozen product's in one pass.
-                    Some(d) => d.add_applied(&g.matmul(&w)?, &g_r.matmul(&ad)?, scale)?,
-                };
+                let dx = input_grad(&g, &w, (&g_r, &ad), masks.as_deref(), scale)?;
                 Some(dx.reshape(xd.dims())?)
             }
         };
@@ -243,20 +240,10 @@ pub fn stacked_lora_linear(
     if dropouts.is_some_and(|d| d.len() != factors.len()) {
         candle_core::bail!("stacked_lora_linear: one dropout mask a part");
     }
-    let dropouts = dropouts.map(<[Dropout]>::to_vec);
     let ranks: Vec<usize> = a_parts.iter().map(|a| a.dim(0)).collect::<Result<_>>()?;
-    let xa = step_scope::bottleneck(first_a, || match &dropouts {
-        None => super::linear(&xd, &ad),
-        Some(dropouts) => {
-            let mut row = 0;
-            let mut parts = Vec::with_capacity(ranks.len());
-            for (&r, d) in ranks.iter().zip(dropouts) {
-                parts.push(super::linear(&d.apply(&xd)?, &ad.narrow(0, row, r)?)?);
-                row += r;
-            }
-            Tensor::cat(&parts, candle_core::D::Minus1)
-        }
-    })?;
+    let masks: Option<Vec<_>> =
+        dropouts.map(|d| ranks.iter().copied().zip(d.iter().copied()).collect());
+    let xa = step_scope::bottleneck(first_a, || bottleneck(&xd, &ad, masks.as_deref()))?;
     let w = weight.dense(dtype)?;
     let y = projection_plus_update(&xd, &w, (&xa, &bd), scale)?;
     let factors_tracked = factors.iter().any(|(a, b)| a.track_op() || b.track_op());
@@ -274,44 +261,17 @@ pub fn stacked_lora_linear(
         "stacked-lora-linear",
         move |grad| {
             let g = as_rows(grad)?;
-            let Some(dropouts) = &dropouts else {
-                let (g_r, da, db) = factor_grads(&g, (&xa, &xd), &bd, dtypes, scale)?;
-                let dx = match x_grad {
-                    true => {
-                        let w = kept.dense(g.dtype())?;
-                        let dx = super::matmul_sum((&g, &w), (&g_r, &ad), scale)?;
-                        Some(dx.reshape(xd.dims())?)
-                    }
-                    false => None,
-                };
-                return Ok((dx, Some(da), Some(db)));
-            };
-            // Each part's a-gradient from its own dropped input; its share of the input's
-            // gradient masked as it is added to the frozen products'.
-            let (g_r, db) = bottleneck_grads(&g, &xa, &bd, dtypes.1, scale)?;
-            let x_rows = as_rows(&xd)?;
-            let mut dx = match x_grad {
-                true => Some(g.matmul(&kept.dense(g.dtype())?)?),
+            let masks = masks.as_deref();
+            let (g_r, da, db) = factor_grads(&g, (&xa, &xd), &bd, masks, dtypes, scale)?;
+            let dx = match x_grad {
+                true => {
+                    let w = kept.dense(g.dtype())?;
+                    let dx = input_grad(&g, &w, (&g_r, &ad), masks, scale)?;
+                    Some(dx.reshape(xd.dims())?)
+                }
                 false => None,
             };
-            let mut da = Vec::with_capacity(ranks.len());
-            let mut row = 0;
-            for (&r, d) in ranks.iter().zip(dropouts) {
-                let g_part = g_r.narrow(1, row, r)?.contiguous()?;
-                da.push(scaled_weight_grad(
-                    &g_part,
-                    &d.apply(&x_rows)?,
-                    dtypes.0,
-                    scale,
-                )?);
-                if let Some(sum) = &dx {
-                    let share = g_part.matmul(&ad.narrow(0, row, r)?)?;
-                    dx = Some(d.add_applied(sum, &share, scale)?);
-                }
-                row += r;
-            }
-            let dx = dx.map(|dx| dx.reshape(xd.dims())).transpose()?;
-            Ok((dx, Some(Tensor::cat(&da, 0)?), Some(db)))
+            Ok((dx, Some(da), Some(db)))
         },
     )
 }
@@ -321,42 +281,64 @@ fn as_rows(x: &Tensor) -> Result<Tensor> {
     x.reshape(((), x.dim(x.rank() - 1)?))
 }
 
-/// For the output gradient rows `g` `[n, out]` of a LoRA update `scale · xa @ b.t()` with
-/// `xa = dropped @ a.t()` (`xa` `[.., r]`, `dropped` `[.., in]`, `b` `[out, r]` in `g`'s
-/// dtype): the gradient at the bottleneck before the scale, `g @ b` `[n, r]`, and the factors'
-/// gradients, `a`'s `[r, in]` and `b`'s `[out, r]` in `dtypes`.
+/// The bottleneck `x @ a.t()` `[.., r]` of the input `x` `[.., in]` and the (stacked) factor
+/// `a` `[r, in]`, each part's rows of `a` multiplying its own dropped input where there are
+/// masks.
+fn bottleneck(x: &Tensor, a: &Tensor, masks: Option<MaskedParts>) -> Result<Tensor> {
+    match masks {
+        None => super::linear(x, a),
+        Some(parts) => {
+            let xa = masked_bottleneck(&as_rows(x)?, a, parts)?;
+            xa.reshape(super::gemv::with_last_dim(x, a.dim(0)?))
+        }
+    }
+}
+
+/// For the output gradient rows `g` `[n, out]` of a LoRA update `scale · xa @ b.t()` with `xa`
+/// the bottleneck of the input `x` `[.., in]` (`xa` `[.., r]`, `b` `[out, r]` in `g`'s dtype),
+/// through `masks` where there are: the gradient at the bottleneck before the scale, `g @ b`
+/// `[n, r]`, and the factors' gradients, `a`'s `[r, in]` and `b`'s `[out, r]` in `dtypes`.
 fn factor_grads(
     g: &Tensor,
-    (xa, dropped): (&Tensor, &Tensor),
+    (xa, x): (&Tensor, &Tensor),
     b: &Tensor,
+    masks: Option<MaskedParts>,
     (a_dtype, b_dtype): (DType, DType),
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (g_r, db) = bottleneck_grads(g, xa, b, b_dtype, scale)?;
-    let da = scaled_weight_grad(&g_r, &as_rows(dropped)?, a_dtype, scale)?;
+    let g_r = g.matmul(b)?;
+    let db = scaled_weight_grad(g, &as_rows(xa)?, b_dtype, scale)?;
+    let x = as_rows(x)?;
+    let da = match masks {
+        None => scaled_weight_grad(&g_r, &x, a_dtype, scale)?,
+        Some(parts) => masked_factor_grad(&g_r, &x, parts, a_dtype, scale)?,
+    };
     Ok((g_r, da, db))
 }
 
-/// [`factor_grads`] but `a`'s: the gradient at the bottleneck before the scale, `g @ b`, and
-/// `b`'s gradient in `b_dtype`.
-fn bottleneck_grads(
+/// The input's gradient rows `g @ w + scale · g_r @ a` for the output gradient rows `g`, the
+/// frozen weight `w` `[out, in]`, the gradient at the bottleneck `g_r` and the (stacked) factor
+/// `a`, each part's share through its mask where there are masks.
+fn input_grad(
     g: &Tensor,
-    xa: &Tensor,
-    b: &Tensor,
-    b_dtype: DType,
+    w: &Tensor,
+    (g_r, a): (&Tensor, &Tensor),
+    masks: Option<MaskedParts>,
     scale: f64,
-) -> Result<(Tensor, Tensor)> {
-    let g_r = g.matmul(b)?;
-    let db = scaled_weight_grad(g, &as_rows(xa)?, b_dtype, scale)?;
-    Ok((g_r, db))
-}
-
-/// `x` through `dropout`'s mask, or `x` itself without dropout.
-fn dropped(x: &Tensor, dropout: Option<Dropout>) -> Result<Tensor> {
-    match dropout {
-        Some(d) => d.apply(x),
-        None => Ok(x.clone()),
+) -> Result<Tensor> {
+    let Some(parts) = masks else {
+        return super::matmul_sum((g, w), (g_r, a), scale);
+    };
+    // Each part's share masked as it is added to the running sum.
+    let mut sum = g.matmul(w)?;
+    let mut row = 0;
+    for &(rank, dropout) in parts {
+        let g_part = g_r.narrow(1, row, rank)?.contiguous()?;
+        let share = g_part.matmul(&a.narrow(0, row, rank)?)?;
+        sum = dropout.add_applied(&sum, &share, scale)?;
+        row += rank;
     }
+    Ok(sum)
 }
 
 /// `x @ w.t() + scale · xa @ b.t()` for `x` `[.., in]`, `w` `[out, in]`, `xa` `[.., r]` and `b`

@@ -38,6 +38,7 @@ mod head_loss;
 mod kv_write;
 #[cfg(feature = "cuda")]
 mod launch;
+mod masked_lora;
 mod master_linear;
 mod matmul_sum;
 #[cfg(feature = "nccl")]

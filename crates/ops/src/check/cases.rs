@@ -83,6 +83,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         ),
         stacked_lora_linear_dropout_case(tokens, shape.hidden, [shape.ffn, shape.ffn]),
         dropout_case(vec![tokens, shape.hidden]),
+        masked_lora_case::<BOTTLENECK, 16, 16, 16>(tokens, shape.hidden),
+        masked_lora_case::<FACTOR_GRAD, 16, 16, 16>(tokens, shape.hidden),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear_rows", 1, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
@@ -812,6 +814,65 @@ fn dropout_case(shape: Vec<usize>) -> Case {
     }
 }
 
+/// [`masked_lora_case`]'s product: the bottleneck of a dropped input, or the factor's gradient.
+const BOTTLENECK: bool = true;
+const FACTOR_GRAD: bool = false;
+
+/// One of LoRA's products that read a dropped input ([`crate::masked_lora`]: a kernel each on
+/// CUDA) for three parts of ranks `R0`, `R1`, `R2` with a mask each, against each part's
+/// product by candle's ops with the host's masks: [`BOTTLENECK`] of the input `[rows, cols]`
+/// and the stacked `a` `[R, cols]`, or [`FACTOR_GRAD`] of the bottleneck's gradient `[rows, R]`
+/// and the input (scale 0.5).
+fn masked_lora_case<const KERNEL: bool, const R0: usize, const R1: usize, const R2: usize>(
+    rows: usize,
+    cols: usize,
+) -> Case {
+    const SCALE: f64 = 0.5;
+    fn parts<const R0: usize, const R1: usize, const R2: usize>() -> Vec<(usize, crate::Dropout)> {
+        [R0, R1, R2].into_iter().zip(dropout_masks::<3>()).collect()
+    }
+    let total = R0 + R1 + R2;
+    let (name, inputs) = match KERNEL {
+        BOTTLENECK => ("masked_lora_bottleneck", [[rows, cols], [total, cols]]),
+        FACTOR_GRAD => ("masked_lora_factor_grad", [[rows, total], [rows, cols]]),
+    };
+    Case {
+        name,
+        fused: |t| {
+            let parts = parts::<R0, R1, R2>();
+            match KERNEL {
+                BOTTLENECK => crate::masked_lora::masked_bottleneck(&t[0], &t[1], &parts),
+                FACTOR_GRAD => {
+                    let dtype = t[1].dtype();
+                    crate::masked_lora::masked_factor_grad(&t[0], &t[1], &parts, dtype, SCALE)
+                }
+            }
+        },
+        reference: |t| {
+            let mut row = 0;
+            let mut products = Vec::new();
+            for (rank, dropout) in parts::<R0, R1, R2>() {
+                products.push(match KERNEL {
+                    BOTTLENECK => {
+                        let a = t[1].narrow(0, row, rank)?;
+                        reference_dropped(&t[0], dropout)?.matmul(&a.t()?)?
+                    }
+                    FACTOR_GRAD => {
+                        let g = t[0].narrow(1, row, rank)?.contiguous()?.t()?;
+                        (g.matmul(&reference_dropped(&t[1], dropout)?)? * SCALE)?
+                    }
+                });
+                row += rank;
+            }
+            Tensor::cat(&products, if KERNEL == BOTTLENECK { 1 } else { 0 })
+        },
+        inputs: inputs
+            .into_iter()
+            .map(|s| Input::Table(s.to_vec()))
+            .collect(),
+    }
+}
+
 /// A frozen projection of a 4-bit (NF4) weight quantized from the second input: many rows
 /// (dequantized, then a GEMM; with the input's gradient) or a decode step's one (the 4-bit
 /// matrix-vector kernel on CUDA). The reference is the host's dequantization and a matmul.
@@ -1381,6 +1442,13 @@ pub fn edge_cases() -> Vec<Case> {
         rope_case(vec![1, 2, 4, 96], 32),
         swap_case(vec![3, 5, 2, 7]),
         cast_case(vec![3, 13]),
+        // Rows past whole 64-row tiles, 16-rank tiles holding two parts' ranks, columns whole
+        // 64-wide tiles (the kernels on CUDA); then columns that are not (the separate ops
+        // everywhere).
+        masked_lora_case::<BOTTLENECK, 8, 40, 16>(77, 192),
+        masked_lora_case::<FACTOR_GRAD, 8, 40, 16>(77, 192),
+        masked_lora_case::<BOTTLENECK, 8, 8, 8>(70, 200),
+        masked_lora_case::<FACTOR_GRAD, 8, 8, 8>(70, 200),
         decode_case(2, 4, 2, 37, 16),
         add_norm_case::<0>(5, 17),
         add_norm_case::<1>(3, 17),

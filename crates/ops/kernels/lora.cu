@@ -1,0 +1,231 @@
+// LoRA's products that read a dropped input, each part's dropout mask drawn as the kernel reads
+// the input (dropout_bits in elementwise.cu, the same bits as src/dropout.rs), for up to
+// LORA_PARTS parts stacked along the ranks:
+//
+//   bottleneck   xa[row, off_p + j] += scale · Σ_k mask_p(row, k) · x[row, k] · a[off_p + j, k]
+//   factor grad  da[off_p + j, col] += scale · Σ_row g[row, off_p + j] · mask_p(row, col) · x[row, col]
+//
+// for the input x [rows, cols], the stacked factors a [R, cols] and the bottleneck's gradient g
+// [rows, R] (R = Σ r_p ≤ 64). Both run on the tensor cores (mma.sync, 16-bit operands, f32
+// sums) in blocks of 4 warps (FM_THREADS), tiles staged in shared memory by cp.async, and sum
+// over an activation-sized dimension: a block sums a slice of it (blockIdx.y) and adds its sums
+// atomically into f32 outputs the launcher zeroed. Ranks are multiples of 8 and cols a
+// multiple of 64 (the launchers' checks), so each 8-wide tile of ranks is one part's, each
+// 64-wide tile of columns whole, and every pair of columns a thread holds starts at an even
+// index (one draw a pair).
+
+constexpr int LORA_PARTS = 4;
+
+constexpr int LORA_LD = fm_stride<64>();
+
+// The parts' first 8-rank tiles, and the summed rank, from their ranks.
+__device__ __forceinline__ int lora_tile_starts(int (&start)[LORA_PARTS + 1], int parts,
+                                                const int (&ranks)[LORA_PARTS]) {
+  start[0] = 0;
+#pragma unroll
+  for (int p = 0; p < LORA_PARTS; ++p) start[p + 1] = start[p] + (p < parts ? ranks[p] / 8 : 0);
+  return 8 * start[LORA_PARTS];
+}
+
+// Bits of `value`'s two 16-bit halves kept by the two 32-bit halves of `bits` (low by low).
+__device__ __forceinline__ uint32_t lora_kept_halves(uint32_t value, unsigned long long bits,
+                                                     unsigned long long threshold) {
+  const uint32_t lo = (bits & 0xffffffffull) >= threshold ? 0x0000ffffu : 0u;
+  const uint32_t hi = (bits >> 32) >= threshold ? 0xffff0000u : 0u;
+  return value & (lo | hi);
+}
+
+// Runs body(buf, start) for the 64-wide steps start = begin, begin + 64, .. below end, each
+// step's tiles in buffer buf, copied by load(buf, start) while the step before computes.
+template <typename Load, typename Body>
+__device__ __forceinline__ void lora_steps(int begin, int end, Load load, Body body) {
+  load(0, begin);
+  for (int start = begin, buf = 0; start < end; start += 64, buf ^= 1) {
+    if (start + 64 < end) {
+      load(buf ^ 1, start + 64);
+      fm_wait<1>();
+    } else {
+      fm_wait<0>();
+    }
+    __syncthreads();
+    body(buf, start);
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__device__ void masked_lora_bottleneck(const T* x, const T* a, float* out, int rows, int cols,
+                                       int parts, const unsigned long long (&seeds)[LORA_PARTS],
+                                       const int (&ranks)[LORA_PARTS],
+                                       unsigned long long threshold, float scale,
+                                       int k_per_block) {
+  __shared__ __align__(16) T xs[2][64 * LORA_LD];
+  __shared__ __align__(16) T as[2][64 * LORA_LD];
+  int start[LORA_PARTS + 1];
+  const int total_rank = lora_tile_starts(start, parts, ranks), tiles = total_rank / 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 64;
+  const int k_begin = blockIdx.y * k_per_block, k_end = min(cols, k_begin + k_per_block);
+  auto load = [&](int buf, int k0) {
+    fm_load_tile<T, 64, 64>(xs[buf], x + k0, cols, row0, rows);
+    fm_load_tile<T, 64, 64>(as[buf], a + k0, cols, 0, total_rank);
+    fm_commit();
+  };
+  float acc[8][4] = {};
+  lora_steps(k_begin, k_end, load, [&](int buf, int k0) {
+#pragma unroll
+    for (int kk = 0; kk < 64; kk += 16) {
+      uint32_t af[4], bf[4][4];
+      fm_frag_a<LORA_LD>(af, xs[buf], warp * 16, kk);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (2 * q < tiles) fm_frag_b_rows<LORA_LD>(bf[q], as[buf], 16 * q, kk);
+#pragma unroll
+      for (int p = 0; p < LORA_PARTS; ++p) {
+        if (p == parts) break;
+        // Registers 0-3 of the A operand: rows g, g + 8, g, g + 8; columns 2t and 2t + 8.
+        uint32_t m[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const size_t index = (size_t)(row0 + warp * 16 + g + 8 * (i & 1)) * cols + k0 + kk +
+                               2 * t + 8 * (i >> 1);
+          m[i] = lora_kept_halves(af[i], dropout_bits(seeds[p], index / 2), threshold);
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+          if (n >= start[p] && n < start[p + 1])
+            Mma<T>::run(acc[n], m, bf[n / 2][2 * (n & 1)], bf[n / 2][2 * (n & 1) + 1]);
+      }
+    }
+  });
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    if (n >= tiles) break;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + warp * 16 + g + 8 * h;
+      if (row >= rows) continue;
+      float* to = out + (size_t)row * total_rank + 8 * n + 2 * t;
+      atomicAdd(to, scale * acc[n][2 * h]);
+      atomicAdd(to + 1, scale * acc[n][2 * h + 1]);
+    }
+  }
+}
+
+// The A operand (16 × 16) at rows m0.., columns k0.. of the transpose of a row-major tile
+// (the tile's rows are the reduced dimension).
+template <int LD, typename T>
+__device__ __forceinline__ void lora_frag_a_cols(uint32_t (&a)[4], const T* tile, int m0, int k0) {
+  const int lane = threadIdx.x & 31;
+  fm_ldmatrix<true>(a, tile + (k0 + (lane >> 4) * 8 + (lane & 7)) * LD + m0 + ((lane >> 3) & 1) * 8);
+}
+
+template <typename T>
+__device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int rows, int cols,
+                                        int parts, const unsigned long long (&seeds)[LORA_PARTS],
+                                        const int (&ranks)[LORA_PARTS],
+                                        unsigned long long threshold, float scale,
+                                        int rows_per_block) {
+  __shared__ __align__(16) T xs[2][64 * LORA_LD];
+  __shared__ __align__(16) T gs[2][64 * LORA_LD];
+  __shared__ __align__(16) T xm[64 * LORA_LD];
+  int start[LORA_PARTS + 1];
+  const int total_rank = lora_tile_starts(start, parts, ranks);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, lg = lane >> 2, t = lane & 3;
+  const int col0 = blockIdx.x * 64;
+  const int r_begin = blockIdx.y * rows_per_block, r_end = min(rows, r_begin + rows_per_block);
+  // Ranks past the last part's are read by its 16-rank tile: zeros, never copied over.
+  for (int i = threadIdx.x; i < 64 * LORA_LD; i += FM_THREADS)
+    gs[0][i] = gs[1][i] = from_f32<T>(0.f);
+  __syncthreads();
+  const int chunks = total_rank / 8;  // 16-byte chunks of a row of g
+  auto load = [&](int buf, int r0) {
+    fm_load_tile<T, 64, 64>(xs[buf], x + col0, cols, r0, r_end);
+    for (int i = threadIdx.x; i < 64 * chunks; i += FM_THREADS) {
+      const int r = i / chunks, c = i % chunks * 8;
+      fm_copy16(gs[buf] + r * LORA_LD + c, g + (size_t)(r0 + r) * total_rank + c, r0 + r < r_end);
+    }
+    fm_commit();
+  };
+  float acc[4][2][4] = {};
+  lora_steps(r_begin, r_end, load, [&](int buf, int r0) {
+#pragma unroll
+    for (int p = 0; p < LORA_PARTS; ++p) {
+      if (p == parts) break;
+      // The tile through part p's mask: 8 columns (a 16-byte pack) a thread and pass.
+      for (int i = threadIdx.x; i < 64 * 8; i += FM_THREADS) {
+        const int r = i / 8, c = i % 8 * 8;
+        const uint4 v = *reinterpret_cast<const uint4*>(xs[buf] + r * LORA_LD + c);
+        const uint32_t in[4] = {v.x, v.y, v.z, v.w};
+        uint32_t kept[4];
+        const size_t first = (size_t)(r0 + r) * cols + col0 + c;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          kept[j] = lora_kept_halves(in[j], dropout_bits(seeds[p], first / 2 + j), threshold);
+        *reinterpret_cast<uint4*>(xm + r * LORA_LD + c) = make_uint4(kept[0], kept[1], kept[2], kept[3]);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < 64; kk += 16) {
+        uint32_t bf[4];
+        fm_frag_b_cols<LORA_LD>(bf, xm, kk, warp * 16);
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          // The 16-rank tile mt holds 8-rank tiles 2mt and 2mt + 1; rows of other parts are
+          // zeroed (registers 0 and 2 hold rank lg of the tile, 1 and 3 rank lg + 8).
+          const bool low = 2 * mt >= start[p] && 2 * mt < start[p + 1];
+          const bool high = 2 * mt + 1 >= start[p] && 2 * mt + 1 < start[p + 1];
+          if (!low && !high) continue;
+          uint32_t af[4];
+          lora_frag_a_cols<LORA_LD>(af, gs[buf], 16 * mt, kk);
+          if (!low) af[0] = af[2] = 0;
+          if (!high) af[1] = af[3] = 0;
+          Mma<T>::run(acc[mt][0], af, bf[0], bf[1]);
+          Mma<T>::run(acc[mt][1], af, bf[2], bf[3]);
+        }
+      }
+      __syncthreads();
+    }
+  });
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int rank = 16 * mt + lg + 8 * h;
+      if (rank >= total_rank) continue;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        float* to = out + (size_t)rank * cols + col0 + warp * 16 + 8 * n + 2 * t;
+        atomicAdd(to, scale * acc[mt][n][2 * h]);
+        atomicAdd(to + 1, scale * acc[mt][n][2 * h + 1]);
+      }
+    }
+}
+
+// The parts' seeds and ranks as separate arguments (unused ones 0), and as the arrays the
+// kernels take.
+#define LORA_PART_PARAMS                                                                      \
+  unsigned long long seed0, unsigned long long seed1, unsigned long long seed2,               \
+      unsigned long long seed3, int rank0, int rank1, int rank2, int rank3
+#define LORA_PART_ARRAYS                                                                      \
+  const unsigned long long seeds[LORA_PARTS] = {seed0, seed1, seed2, seed3};                  \
+  const int ranks[LORA_PARTS] = {rank0, rank1, rank2, rank3}
+
+#define LORA_ENTRY_POINTS(S, T)                                                                \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) masked_lora_bottleneck_##S(        \
+      const T* x, const T* a, float* out, int rows, int cols, int parts, LORA_PART_PARAMS,     \
+      unsigned long long threshold, float scale, int k_per_block) {                           \
+    LORA_PART_ARRAYS;                                                                         \
+    masked_lora_bottleneck<T>(x, a, out, rows, cols, parts, seeds, ranks, threshold, scale,    \
+                              k_per_block);                                                   \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) masked_lora_factor_grad_##S(       \
+      const T* g, const T* x, float* out, int rows, int cols, int parts, LORA_PART_PARAMS,     \
+      unsigned long long threshold, float scale, int rows_per_block) {                        \
+    LORA_PART_ARRAYS;                                                                         \
+    masked_lora_factor_grad<T>(g, x, out, rows, cols, parts, seeds, ranks, threshold, scale,   \
+                               rows_per_block);                                               \
+  }
+
+LORA_ENTRY_POINTS(bf16, __nv_bfloat16)
+LORA_ENTRY_POINTS(f16, __half)
