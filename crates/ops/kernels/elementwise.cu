@@ -99,11 +99,15 @@ __device__ __forceinline__ unsigned long long dropout_bits(unsigned long long se
   return z ^ (z >> 31);
 }
 
+// Whether the element of a pair whose bits are half `h` (0 low, 1 high) of `bits` is kept.
+__device__ __forceinline__ bool dropout_half_kept(unsigned long long bits, int h,
+                                                  unsigned long long threshold) {
+  return ((bits >> (32 * h)) & 0xffffffffull) >= threshold;
+}
+
 __device__ __forceinline__ bool dropout_keeps(unsigned long long seed, size_t i,
                                               unsigned long long threshold) {
-  const unsigned long long z = dropout_bits(seed, i / 2);
-  const unsigned long long half = (i & 1) ? (z >> 32) : (z & 0xffffffffull);
-  return half >= threshold;
+  return dropout_half_kept(dropout_bits(seed, i / 2), i & 1, threshold);
 }
 
 template <typename T>
@@ -120,10 +124,9 @@ __device__ void dropout_vec(const T* x, const T* base, T* out, size_t n, unsigne
 #pragma unroll
     for (int k = 0; k < WIDE<T>; k += 2) {
       const unsigned long long z = dropout_bits(seed, (i + k) / 2);
-      const bool keep[2] = {(z & 0xffffffffull) >= threshold, (z >> 32) >= threshold};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float kept = keep[h] ? to_f32(v.e[k + h]) * scale : 0.f;
+        const float kept = dropout_half_kept(z, h, threshold) ? to_f32(v.e[k + h]) * scale : 0.f;
         y.e[k + h] = from_f32<T>(base ? to_f32(b.e[k + h]) + kept : kept);
       }
     }

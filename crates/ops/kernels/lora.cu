@@ -30,8 +30,8 @@ __device__ __forceinline__ int lora_tile_starts(int (&start)[LORA_PARTS + 1], in
 // Bits of `value`'s two 16-bit halves kept by the two 32-bit halves of `bits` (low by low).
 __device__ __forceinline__ uint32_t lora_kept_halves(uint32_t value, unsigned long long bits,
                                                      unsigned long long threshold) {
-  const uint32_t lo = (bits & 0xffffffffull) >= threshold ? 0x0000ffffu : 0u;
-  const uint32_t hi = (bits >> 32) >= threshold ? 0xffff0000u : 0u;
+  const uint32_t lo = dropout_half_kept(bits, 0, threshold) ? 0x0000ffffu : 0u;
+  const uint32_t hi = dropout_half_kept(bits, 1, threshold) ? 0xffff0000u : 0u;
   return value & (lo | hi);
 }
 

@@ -149,7 +149,7 @@ impl Dropout {
     }
 }
 
-/// What the CUDA kernels that draw masks themselves take (`masked_shares.rs`).
+/// What the CUDA kernels that draw masks themselves take (`masked_lora.rs`).
 #[cfg(feature = "cuda")]
 impl Dropout {
     /// The seed the mask is drawn from.

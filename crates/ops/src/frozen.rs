@@ -10,7 +10,7 @@
 //! two: that is what holds a QLoRA step's memory near the 4-bit size of the model.
 
 use super::attach::{attach, attach3};
-use super::masked_lora::{masked_bottleneck, masked_factor_grad, MaskedParts};
+use super::masked_lora::{masked_bottleneck, masked_factor_grad, part_rows, MaskedParts};
 use super::master_linear::scaled_weight_grad;
 use super::nf4::Nf4Tensor;
 use super::stack::{block_diagonal, stacked_node, Blocks};
@@ -331,12 +331,10 @@ fn input_grad(
     };
     // Each part's share masked as it is added to the running sum.
     let mut sum = g.matmul(w)?;
-    let mut row = 0;
-    for &(rank, dropout) in parts {
+    for (row, rank, dropout) in part_rows(parts) {
         let g_part = g_r.narrow(1, row, rank)?.contiguous()?;
         let share = g_part.matmul(&a.narrow(0, row, rank)?)?;
         sum = dropout.add_applied(&sum, &share, scale)?;
-        row += rank;
     }
     Ok(sum)
 }

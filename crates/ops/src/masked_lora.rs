@@ -31,15 +31,13 @@ pub(crate) fn masked_bottleneck(x: &Tensor, a: &Tensor, parts: MaskedParts) -> R
     )?;
     #[cfg(feature = "cuda")]
     if let Some(kernel) = Kernel::fitting(&[x, a], width, parts)? {
-        let f32_sums = x.apply_op2_no_bwd(a, &Bottleneck(kernel))?;
+        let product = Product::Bottleneck;
+        let f32_sums = x.apply_op2_no_bwd(a, &MaskedProduct { kernel, product })?;
         return super::cast(&f32_sums, x.dtype());
     }
-    let mut row = 0;
-    let mut products = Vec::with_capacity(parts.len());
-    for &(rank, dropout) in parts {
-        products.push(super::linear(&dropout.apply(x)?, &a.narrow(0, row, rank)?)?);
-        row += rank;
-    }
+    let products = part_rows(parts)
+        .map(|(row, rank, dropout)| super::linear(&dropout.apply(x)?, &a.narrow(0, row, rank)?))
+        .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&products, 1)
 }
 
@@ -52,31 +50,33 @@ pub(crate) fn masked_factor_grad(
     dtype: DType,
     scale: f64,
 ) -> Result<Tensor> {
-    let (n, width) = x.dims2()?;
-    check_dims(
-        "masked_factor_grad",
-        parts,
-        [(g, (n, total_rank(parts))), (x, (n, width))],
-    )?;
+    let (n, _) = x.dims2()?;
+    check_dims("masked_factor_grad", parts, [(g, (n, total_rank(parts)))])?;
     #[cfg(feature = "cuda")]
-    if let Some(mut kernel) = Kernel::fitting(&[g, x], width, parts)? {
+    if let Some(mut kernel) = Kernel::fitting(&[g, x], x.dim(1)?, parts)? {
         kernel.scale *= scale as f32;
-        let f32_grad = g.apply_op2_no_bwd(x, &FactorGrad(kernel))?;
+        let product = Product::FactorGrad;
+        let f32_grad = g.apply_op2_no_bwd(x, &MaskedProduct { kernel, product })?;
         return super::cast(&f32_grad, dtype);
     }
-    let mut row = 0;
-    let mut grads = Vec::with_capacity(parts.len());
-    for &(rank, dropout) in parts {
-        let g_part = g.narrow(1, row, rank)?.contiguous()?;
-        grads.push(scaled_weight_grad(
-            &g_part,
-            &dropout.apply(x)?,
-            dtype,
-            scale,
-        )?);
-        row += rank;
-    }
+    let grads = part_rows(parts)
+        .map(|(row, rank, dropout)| {
+            let g_part = g.narrow(1, row, rank)?.contiguous()?;
+            scaled_weight_grad(&g_part, &dropout.apply(x)?, dtype, scale)
+        })
+        .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&grads, 0)
+}
+
+/// Each part's first row of the stacked ranks, its rank and its mask.
+pub(crate) fn part_rows(
+    parts: MaskedParts<'_>,
+) -> impl Iterator<Item = (usize, usize, Dropout)> + '_ {
+    parts.iter().scan(0, |row, &(rank, dropout)| {
+        let first = *row;
+        *row += rank;
+        Some((first, rank, dropout))
+    })
 }
 
 /// The parts' summed rank.
@@ -105,7 +105,6 @@ fn check_dims<const N: usize>(
 /// The parameters every kernel of `kernels/lora.cu` takes: each part's rank and seed, the
 /// parts' shared threshold, and the scale (`1 / (1 − p)` times the caller's).
 #[cfg(feature = "cuda")]
-#[derive(Debug, Clone)]
 struct Kernel {
     ranks: Vec<usize>,
     seeds: Vec<u64>,
@@ -148,64 +147,64 @@ impl Kernel {
     }
 }
 
-/// [`masked_bottleneck`]'s kernel: f32 sums `[n, Σ r_p]` of operands `x`, `a`.
+/// Which product a launch computes, by the dimension of the input `x` `[rows, cols]` it sums
+/// over.
 #[cfg(feature = "cuda")]
-struct Bottleneck(Kernel);
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    /// [`masked_bottleneck`] over `[x, a]`, into f32 sums `[rows, Σ r_p]`: the columns.
+    Bottleneck,
+    /// [`masked_factor_grad`] over `[g, x]`, into f32 sums `[Σ r_p, cols]`: the rows.
+    FactorGrad,
+}
 
-/// [`masked_factor_grad`]'s kernel: f32 sums `[Σ r_p, in]` of operands `g`, `x`.
+/// One launch of a `kernels/lora.cu` kernel.
 #[cfg(feature = "cuda")]
-struct FactorGrad(Kernel);
+struct MaskedProduct {
+    kernel: Kernel,
+    product: Product,
+}
 
 #[cfg(feature = "cuda")]
-impl FusedOp<2> for Bottleneck {
-    const NAME: &'static str = "masked-lora-bottleneck";
+impl FusedOp<2> for MaskedProduct {
+    const NAME: &'static str = "masked-lora-product";
 
-    fn cpu(&self, _: [CpuOperand; 2]) -> CpuOutput {
-        candle_core::bail!("masked_bottleneck: the fused kernel is CUDA only")
+    fn name(&self) -> &'static str {
+        match self.product {
+            Product::Bottleneck => "masked-lora-bottleneck",
+            Product::FactorGrad => "masked-lora-factor-grad",
+        }
     }
 
-    fn cuda(&self, [x, a]: [Operand; 2]) -> CudaOutput {
-        let (rows, _) = x.1.shape().dims2()?;
-        let total = self.0.ranks.iter().sum::<usize>();
-        let out = cuda::reduced(&self.0, cuda::Reduced::Bottleneck, [x, a], (rows, total))?;
-        Ok((out, (rows, total).into()))
+    fn cpu(&self, _: [CpuOperand; 2]) -> CpuOutput {
+        candle_core::bail!("{}: the fused kernel is CUDA only", self.name())
+    }
+
+    fn cuda(&self, operands: [Operand; 2]) -> CudaOutput {
+        cuda::masked_product(self, operands)
     }
 }
 
 #[cfg(feature = "cuda")]
-impl FusedOp<2> for FactorGrad {
-    const NAME: &'static str = "masked-lora-factor-grad";
-
-    fn cpu(&self, _: [CpuOperand; 2]) -> CpuOutput {
-        candle_core::bail!("masked_factor_grad: the fused kernel is CUDA only")
-    }
-
-    fn cuda(&self, [g, x]: [Operand; 2]) -> CudaOutput {
-        let (_, cols) = x.1.shape().dims2()?;
-        let total = self.0.ranks.iter().sum::<usize>();
-        let out = cuda::reduced(&self.0, cuda::Reduced::FactorGrad, [g, x], (total, cols))?;
-        Ok((out, (total, cols).into()))
-    }
-}
-
-#[cfg(feature = "cuda")]
-custom_op!(Bottleneck: 2);
-#[cfg(feature = "cuda")]
-custom_op!(FactorGrad: 2);
+custom_op!(MaskedProduct: 2);
 
 /// The CUDA launchers (`kernels/lora.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::Kernel;
+    use super::{Kernel, MaskedProduct, Product};
+    use crate::fused_op::{CudaOutput, FusedOp};
     use crate::launch::{self, address, base_address, common_dtype, int, int_u32, Arg};
     use crate::launch::{start_aligned, zeros_f32, Operand};
-    use candle_core::{CudaStorage, Result};
+    use candle_core::Result;
 
     /// Blocks a launch aims for: enough for four on each of an H100's or H200's 132
     /// multiprocessors, so the reduced dimension is split until the grid has as many.
     const BLOCKS: usize = 4 * 132;
 
-    /// The parts' arguments every kernel takes after its operands and sizes: the count,
+    /// Threads a block: 4 warps (`FM_THREADS`).
+    const THREADS: u32 = 128;
+
+    /// The parts' arguments both kernels take after their operands and sizes: the count,
     /// four seeds, four ranks (unused parts' 0), the threshold and the scale.
     fn part_args(kernel: &Kernel) -> Result<Vec<Arg>> {
         let mut args = vec![int(kernel.ranks.len())?];
@@ -220,36 +219,23 @@ mod cuda {
         Ok(args)
     }
 
-    /// The tensor-core kernels, by the dimension of the input `x` `[rows, cols]` they reduce.
-    #[derive(Clone, Copy)]
-    pub(super) enum Reduced {
-        /// `masked_lora_bottleneck` over `[x, a]`: the columns.
-        Bottleneck,
-        /// `masked_lora_factor_grad` over `[g, x]`: the rows.
-        FactorGrad,
-    }
-
-    /// A tensor-core kernel over its operands into f32 sums of `out_dims`, zeroed first: a
-    /// block a 64-wide tile of the kept dimension and a slice of the reduced one, split
-    /// until the grid has [`BLOCKS`] blocks.
-    pub(super) fn reduced(
-        kernel: &Kernel,
-        which: Reduced,
-        operands: [Operand; 2],
-        out_dims: (usize, usize),
-    ) -> Result<CudaStorage> {
+    /// The kernel of `op.product` over its operands into f32 sums, zeroed first: a block a
+    /// 64-wide tile of the kept dimension and a slice of the reduced one, split until the grid
+    /// has [`BLOCKS`] blocks.
+    pub(super) fn masked_product(op: &MaskedProduct, operands: [Operand; 2]) -> CudaOutput {
         let dtype = common_dtype(&operands)?;
         if !start_aligned(&operands)? {
-            candle_core::bail!("masked LoRA products: operands must start on a 16-byte boundary");
+            candle_core::bail!("{}: operands must start on a 16-byte boundary", op.name());
         }
-        let (name, x) = match which {
-            Reduced::Bottleneck => ("masked_lora_bottleneck", operands[0]),
-            Reduced::FactorGrad => ("masked_lora_factor_grad", operands[1]),
+        let total = op.kernel.ranks.iter().sum::<usize>();
+        let (name, x) = match op.product {
+            Product::Bottleneck => ("masked_lora_bottleneck", operands[0]),
+            Product::FactorGrad => ("masked_lora_factor_grad", operands[1]),
         };
         let (rows, cols) = x.1.shape().dims2()?;
-        let (kept, reduced) = match which {
-            Reduced::Bottleneck => (rows, cols),
-            Reduced::FactorGrad => (cols, rows),
+        let (kept, reduced, out_dims) = match op.product {
+            Product::Bottleneck => (rows, cols, (rows, total)),
+            Product::FactorGrad => (cols, rows, (total, cols)),
         };
         let tiles = kept.div_ceil(Kernel::TILE);
         let slices = BLOCKS
@@ -264,10 +250,10 @@ mod cuda {
             int(rows)?,
             int(cols)?,
         ];
-        args.extend(part_args(kernel)?);
+        args.extend(part_args(&op.kernel)?);
         args.push(int(per_slice)?);
         let grid = (int_u32(tiles)?, int_u32(reduced.div_ceil(per_slice))?);
-        launch::launch(&out.device, name, Some(dtype), grid, (128, 1), &args)?;
-        Ok(out)
+        launch::launch(&out.device, name, Some(dtype), grid, (THREADS, 1), &args)?;
+        Ok((out, out_dims.into()))
     }
 }
