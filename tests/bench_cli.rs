@@ -140,6 +140,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "lora_linear_dropout",
         "masked_lora_bottleneck",
         "masked_lora_factor_grad",
+        "masked_lora_shares",
         "master_linear",
         "nf4_linear",
         "nf4_linear_rows",

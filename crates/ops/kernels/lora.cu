@@ -1,18 +1,19 @@
-// LoRA's products that read a dropped input, each part's dropout mask drawn as the kernel reads
-// the input (dropout_bits in elementwise.cu, the same bits as src/dropout.rs), for up to
-// LORA_PARTS parts stacked along the ranks:
+// LoRA's products with a dropped input, each part's dropout mask drawn where the kernel reads
+// or writes the masked values (dropout_bits in elementwise.cu, the same bits as
+// src/dropout.rs), for up to LORA_PARTS parts stacked along the ranks:
 //
 //   bottleneck   xa[row, off_p + j] += scale · Σ_k mask_p(row, k) · x[row, k] · a[off_p + j, k]
 //   factor grad  da[off_p + j, col] += scale · Σ_row g[row, off_p + j] · mask_p(row, col) · x[row, col]
+//   input grad   out = base + scale · Σ_p mask_p ⊙ (g[:, part p] @ a[part p, :])
 //
-// for the input x [rows, cols], the stacked factors a [R, cols] and the bottleneck's gradient g
-// [rows, R] (R = Σ r_p ≤ 64). Both run on the tensor cores (mma.sync, 16-bit operands, f32
-// sums) in blocks of 4 warps (FM_THREADS), tiles staged in shared memory by cp.async, and sum
-// over an activation-sized dimension: a block sums a slice of it (blockIdx.y) and adds its sums
-// atomically into f32 outputs the launcher zeroed. Ranks are multiples of 8 and cols a
-// multiple of 64 (the launchers' checks), so each 8-wide tile of ranks is one part's, each
-// 64-wide tile of columns whole, and every pair of columns a thread holds starts at an even
-// index (one draw a pair).
+// for the input x [rows, cols], the stacked factors a [R, cols], the bottleneck's gradient g
+// [rows, R] (R = Σ r_p ≤ 64) and the frozen product's gradient base [rows, cols]. All run on
+// the tensor cores (mma.sync, 16-bit operands, f32 sums) in blocks of 4 warps (FM_THREADS),
+// tiles staged in shared memory by cp.async. The first two sum over an activation-sized
+// dimension: a block sums a slice of it (blockIdx.y) and adds its sums atomically into f32
+// outputs the launcher zeroed. Ranks are multiples of 8 and cols a multiple of 64 (the
+// launchers' checks), so each 8-wide tile of ranks is one part's, each 64-wide tile of columns
+// whole, and every pair of columns a thread holds starts at an even index (one draw a pair).
 
 constexpr int LORA_PARTS = 4;
 
@@ -202,6 +203,93 @@ __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int 
     }
 }
 
+// out = base + scale · Σ_p mask_p ⊙ (g_p @ a_p): a block the 64 × 64 tile of rows row0.. and
+// columns col0.., warp w its rows 16w.. (8 column tiles). Each part's product is summed over
+// its 16-rank steps (ranks of other parts zeroed in the A operand, as above), masked where the
+// accumulator holds it (registers 0-1: row lg, columns 2t and 2t + 1; 2-3: row lg + 8), and
+// added to the tile's total, which goes through shared memory so that base is read and out
+// written 16 bytes a thread.
+template <typename T>
+__device__ void masked_lora_input_grad(const T* base, const T* g, const T* a, T* out, int rows,
+                                       int cols, int parts,
+                                       const unsigned long long (&seeds)[LORA_PARTS],
+                                       const int (&ranks)[LORA_PARTS],
+                                       unsigned long long threshold, float scale) {
+  constexpr int TOTAL_LD = 64 + 4;
+  __shared__ __align__(16) T gs[64 * LORA_LD];
+  __shared__ __align__(16) T as[64 * LORA_LD];
+  __shared__ __align__(16) float total_tile[64 * TOTAL_LD];
+  int start[LORA_PARTS + 1];
+  const int total_rank = lora_tile_starts(start, parts, ranks);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, lg = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.y * 64, col0 = blockIdx.x * 64;
+  const int chunks = total_rank / 8;  // 16-byte chunks of a row of g
+  for (int i = threadIdx.x; i < 64 * chunks; i += FM_THREADS) {
+    const int r = i / chunks, c = i % chunks * 8;
+    fm_copy16(gs + r * LORA_LD + c, g + (size_t)(row0 + r) * total_rank + c, row0 + r < rows);
+  }
+  fm_load_tile<T, 64, 64>(as, a + col0, cols, 0, total_rank);
+  fm_commit();
+  fm_wait<0>();
+  __syncthreads();
+  float total[8][4] = {};
+#pragma unroll
+  for (int p = 0; p < LORA_PARTS; ++p) {
+    if (p == parts) break;
+    float acc[8][4] = {};
+#pragma unroll
+    for (int k0 = 0; k0 < 64; k0 += 16) {
+      // The 16-rank step k0 holds 8-rank tiles k0 / 8 and k0 / 8 + 1 (registers 0-1 and 2-3
+      // of the A operand hold ranks 2t.. and 2t + 8.., of the first and the second).
+      const bool low = k0 / 8 >= start[p] && k0 / 8 < start[p + 1];
+      const bool high = k0 / 8 + 1 >= start[p] && k0 / 8 + 1 < start[p + 1];
+      if (!low && !high) continue;
+      uint32_t af[4];
+      fm_frag_a<LORA_LD>(af, gs, warp * 16, k0);
+      if (!low) af[0] = af[1] = 0;
+      if (!high) af[2] = af[3] = 0;
+#pragma unroll
+      for (int n = 0; n < 8; n += 2) {
+        uint32_t bf[4];
+        fm_frag_b_cols<LORA_LD>(bf, as, k0, 8 * n);
+        Mma<T>::run(acc[n], af, bf[0], bf[1]);
+        Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const size_t index = (size_t)(row0 + warp * 16 + lg + 8 * h) * cols + col0 + 8 * n + 2 * t;
+        const unsigned long long bits = dropout_bits(seeds[p], index / 2);
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (dropout_half_kept(bits, e, threshold)) total[n][2 * h + e] += acc[n][2 * h + e];
+      }
+  }
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float* to = total_tile + (warp * 16 + lg + 8 * h) * TOTAL_LD + 8 * n + 2 * t;
+      to[0] = total[n][2 * h];
+      to[1] = total[n][2 * h + 1];
+    }
+  __syncthreads();
+  using P = Pack<T, WIDE<T>>;
+  for (int i = threadIdx.x; i < 64 * 64 / WIDE<T>; i += FM_THREADS) {
+    const int r = i / (64 / WIDE<T>), c = i % (64 / WIDE<T>) * WIDE<T>;
+    if (row0 + r >= rows) continue;
+    const size_t first = (size_t)(row0 + r) * cols + col0 + c;
+    const P b = P::load(base + first);
+    P y;
+#pragma unroll
+    for (int k = 0; k < WIDE<T>; ++k)
+      y.e[k] = from_f32<T>(to_f32(b.e[k]) + scale * total_tile[r * TOTAL_LD + c + k]);
+    y.store(out + first);
+  }
+}
+
 // The parts' seeds and ranks as separate arguments (unused ones 0), and as the arrays the
 // kernels take.
 #define LORA_PART_PARAMS                                                                      \
@@ -225,6 +313,13 @@ __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int 
     LORA_PART_ARRAYS;                                                                         \
     masked_lora_factor_grad<T>(g, x, out, rows, cols, parts, seeds, ranks, threshold, scale,   \
                                rows_per_block);                                               \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(FM_THREADS) masked_lora_input_grad_##S(        \
+      const T* base, const T* g, const T* a, T* out, int rows, int cols, int parts,            \
+      LORA_PART_PARAMS, unsigned long long threshold, float scale) {                           \
+    LORA_PART_ARRAYS;                                                                         \
+    masked_lora_input_grad<T>(base, g, a, out, rows, cols, parts, seeds, ranks, threshold,     \
+                              scale);                                                         \
   }
 
 LORA_ENTRY_POINTS(bf16, __nv_bfloat16)

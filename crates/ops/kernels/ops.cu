@@ -17,7 +17,7 @@
 //   decode.cu       decode attention over a KV cache, the matrix-vector products
 //   elementwise.cu  the head split/merge copy, add, scale, dtype casts
 //   nf4.cu          NF4 (QLoRA base) dequantization and the 4-bit matrix-vector product
-//   lora.cu         LoRA's products that read a dropped input, the masks drawn inside
+//   lora.cu         LoRA's products with a dropped input, the masks drawn inside
 
 #include "norms.cu"
 #include "rope_kv.cu"

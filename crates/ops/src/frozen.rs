@@ -10,7 +10,7 @@
 //! two: that is what holds a QLoRA step's memory near the 4-bit size of the model.
 
 use super::attach::{attach, attach3};
-use super::masked_lora::{masked_bottleneck, masked_factor_grad, part_rows, MaskedParts};
+use super::masked_lora::{add_masked_shares, masked_bottleneck, masked_factor_grad, MaskedParts};
 use super::master_linear::scaled_weight_grad;
 use super::nf4::Nf4Tensor;
 use super::stack::{block_diagonal, stacked_node, Blocks};
@@ -145,8 +145,8 @@ pub fn frozen_linear(x: &Tensor, weight: &LinearWeight) -> Result<Tensor> {
 /// or scaling pass), and keeps only the rank-sized `dropout(x) @ a.t()` besides `x`, where
 /// separate ops would keep the base projection, the update and their sum for every layer. The
 /// mask is never kept: it is drawn again wherever the dropped input is read (the bottleneck,
-/// `a`'s gradient; on CUDA inside one kernel each, `masked_lora.rs`) and where the update's
-/// share of `x`'s gradient is masked, in the pass that adds it.
+/// `a`'s gradient) and where the update's share of `x`'s gradient is masked, on CUDA inside
+/// one kernel each (`masked_lora.rs`).
 ///
 /// Without dropout in f32, the update folds into the weight first (`weight + scale · b @ a`,
 /// rank-r work): the projection and the input gradient are then one GEMM each, where the
@@ -326,17 +326,10 @@ fn input_grad(
     masks: Option<MaskedParts>,
     scale: f64,
 ) -> Result<Tensor> {
-    let Some(parts) = masks else {
-        return super::matmul_sum((g, w), (g_r, a), scale);
-    };
-    // Each part's share masked as it is added to the running sum.
-    let mut sum = g.matmul(w)?;
-    for (row, rank, dropout) in part_rows(parts) {
-        let g_part = g_r.narrow(1, row, rank)?.contiguous()?;
-        let share = g_part.matmul(&a.narrow(0, row, rank)?)?;
-        sum = dropout.add_applied(&sum, &share, scale)?;
+    match masks {
+        None => super::matmul_sum((g, w), (g_r, a), scale),
+        Some(parts) => add_masked_shares(&g.matmul(w)?, g_r, a, parts, scale),
     }
-    Ok(sum)
 }
 
 /// `x @ w.t() + scale · xa @ b.t()` for `x` `[.., in]`, `w` `[out, in]`, `xa` `[.., r]` and `b`

@@ -1,14 +1,16 @@
-//! LoRA's products that read a dropped input, the dropout masks drawn inside the products.
+//! LoRA's products with a dropped input, the dropout masks drawn inside the products.
 //!
 //! With dropout, each adapted part multiplies its own masked copy of the projection's input:
-//! forward `(mask_p ⊙ x) @ a_pᵀ`, and for the factor's gradient `g_pᵀ @ (mask_p ⊙ x)`. Done as
-//! separate ops, each part writes an activation-sized masked copy and reads it back (three
-//! passes over an activation a part, where the products themselves are rank-sized), and the
-//! masks, drawn by a compute-bound hash, cost more than the products. On CUDA each of the two is
-//! one tensor-core kernel for all the parts of a projection (`kernels/lora.cu`) that draws each
-//! element's bit as it reads the input ([`Dropout`]'s bits, the same as the host's), so the
-//! input is read once and nothing activation-sized is written. Elsewhere (the CPU, Metal, f32,
-//! shapes the kernels do not take) the separate ops compute the same values.
+//! the forward product `(mask_p ⊙ x) @ a_pᵀ`, the factor's gradient `g_pᵀ @ (mask_p ⊙ x)` and
+//! the input gradient's share `mask_p ⊙ (g_p @ a_p)`. Done as separate ops, each part writes an
+//! activation-sized masked copy or share and reads it back (three or four passes over an
+//! activation a part, where the products themselves are rank-sized), and the masks, drawn by a
+//! compute-bound hash, cost more than the products. On CUDA each of the three is one
+//! tensor-core kernel for all the parts of a projection (`kernels/lora.cu`) that draws each
+//! element's bit where it reads or writes it ([`Dropout`]'s bits, the same as the host's), so
+//! the input or the frozen product's gradient is read once and nothing activation-sized is
+//! written but the input gradient itself. Elsewhere (the CPU, Metal, f32, shapes the kernels do
+//! not take) the separate ops compute the same values.
 
 #[cfg(feature = "cuda")]
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, CudaOutput, FusedOp, Operand};
@@ -68,10 +70,38 @@ pub(crate) fn masked_factor_grad(
     Tensor::cat(&grads, 0)
 }
 
+/// `base + scale · Σ_p mask_p ⊙ (g_p @ a_p)` for the frozen product's gradient rows `base`
+/// `[n, in]`, the gradient at the bottleneck `g` `[n, Σ r_p]` and the stacked factors `a`
+/// `[Σ r_p, in]`, all of one dtype: the input's gradient.
+pub(crate) fn add_masked_shares(
+    base: &Tensor,
+    g: &Tensor,
+    a: &Tensor,
+    parts: MaskedParts,
+    scale: f64,
+) -> Result<Tensor> {
+    let (n, width) = base.dims2()?;
+    let total = total_rank(parts);
+    let dims = [(g, (n, total)), (a, (total, width))];
+    check_dims("add_masked_shares", parts, dims)?;
+    #[cfg(feature = "cuda")]
+    if let Some(mut kernel) = Kernel::fitting(&[base, g, a], width, parts)? {
+        kernel.scale *= scale as f32;
+        return base.apply_op3_no_bwd(g, a, &MaskedShares(kernel));
+    }
+    let mut sum = base.clone();
+    for (row, rank, dropout) in part_rows(parts) {
+        let share = g
+            .narrow(1, row, rank)?
+            .contiguous()?
+            .matmul(&a.narrow(0, row, rank)?)?;
+        sum = dropout.add_applied(&sum, &share, scale)?;
+    }
+    Ok(sum)
+}
+
 /// Each part's first row of the stacked ranks, its rank and its mask.
-pub(crate) fn part_rows(
-    parts: MaskedParts<'_>,
-) -> impl Iterator<Item = (usize, usize, Dropout)> + '_ {
+fn part_rows(parts: MaskedParts<'_>) -> impl Iterator<Item = (usize, usize, Dropout)> + '_ {
     parts.iter().scan(0, |row, &(rank, dropout)| {
         let first = *row;
         *row += rank;
@@ -124,12 +154,14 @@ impl Kernel {
     /// The parameters where the kernels take `operands` whose activation is `width` wide,
     /// and `parts`: 16-bit CUDA operands of one dtype from 16-byte boundaries, whole 64-wide
     /// column tiles, ranks multiples of 8, at most [`Self::PARTS`] parts of one dropout
-    /// probability and [`Self::RANK`] summed rank.
+    /// probability and [`Self::RANK`] summed rank, no more row tiles than a grid's second
+    /// dimension holds.
     fn fitting(operands: &[&Tensor], width: usize, parts: MaskedParts) -> Result<Option<Self>> {
         let (Some(first), Some((_, dropout))) = (operands.first(), parts.first()) else {
             return Ok(None);
         };
         let fits = first.device().is_cuda()
+            && first.dim(0)?.div_ceil(Self::TILE) <= u16::MAX as usize
             && super::fused(operands)
             && matches!(first.dtype(), DType::BF16 | DType::F16)
             && width % Self::TILE == 0
@@ -188,12 +220,32 @@ impl FusedOp<2> for MaskedProduct {
 #[cfg(feature = "cuda")]
 custom_op!(MaskedProduct: 2);
 
+/// [`add_masked_shares`]'s kernel over `base`, `g` and `a`: the input gradient.
+#[cfg(feature = "cuda")]
+struct MaskedShares(Kernel);
+
+#[cfg(feature = "cuda")]
+impl FusedOp<3> for MaskedShares {
+    const NAME: &'static str = "masked-lora-shares";
+
+    fn cpu(&self, _: [CpuOperand; 3]) -> CpuOutput {
+        candle_core::bail!("{}: the fused kernel is CUDA only", Self::NAME)
+    }
+
+    fn cuda(&self, operands: [Operand; 3]) -> CudaOutput {
+        cuda::masked_shares(&self.0, operands)
+    }
+}
+
+#[cfg(feature = "cuda")]
+custom_op!(MaskedShares: 3);
+
 /// The CUDA launchers (`kernels/lora.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{Kernel, MaskedProduct, Product};
     use crate::fused_op::{CudaOutput, FusedOp};
-    use crate::launch::{self, address, base_address, common_dtype, int, int_u32, Arg};
+    use crate::launch::{self, address, alloc, base_address, common_dtype, int, int_u32, Arg};
     use crate::launch::{start_aligned, zeros_f32, Operand};
     use candle_core::Result;
 
@@ -204,7 +256,7 @@ mod cuda {
     /// Threads a block: 4 warps (`FM_THREADS`).
     const THREADS: u32 = 128;
 
-    /// The parts' arguments both kernels take after their operands and sizes: the count,
+    /// The parts' arguments every kernel takes after their operands and sizes: the count,
     /// four seeds, four ranks (unused parts' 0), the threshold and the scale.
     fn part_args(kernel: &Kernel) -> Result<Vec<Arg>> {
         let mut args = vec![int(kernel.ranks.len())?];
@@ -255,5 +307,37 @@ mod cuda {
         let grid = (int_u32(tiles)?, int_u32(reduced.div_ceil(per_slice))?);
         launch::launch(&out.device, name, Some(dtype), grid, (THREADS, 1), &args)?;
         Ok((out, out_dims.into()))
+    }
+
+    /// `masked_lora_input_grad` over `[base, g, a]` into a new tensor of `base`'s shape and
+    /// dtype: a block of 4 warps a 64 × 64 tile of it.
+    pub(super) fn masked_shares(kernel: &Kernel, operands: [Operand; 3]) -> CudaOutput {
+        let dtype = common_dtype(&operands)?;
+        if !start_aligned(&operands)? {
+            candle_core::bail!("masked-lora-shares: operands must start on a 16-byte boundary");
+        }
+        let [base, g, a] = operands;
+        let (rows, cols) = base.1.shape().dims2()?;
+        let out = alloc(&base.0.device, dtype, rows * cols)?;
+        let mut args = vec![
+            Arg::Address(address(base)?),
+            Arg::Address(address(g)?),
+            Arg::Address(address(a)?),
+            Arg::Address(base_address(&out)?),
+            int(rows)?,
+            int(cols)?,
+        ];
+        args.extend(part_args(kernel)?);
+        let tiles = |n: usize| int_u32(n.div_ceil(Kernel::TILE));
+        let name = "masked_lora_input_grad";
+        launch::launch(
+            &out.device,
+            name,
+            Some(dtype),
+            (tiles(cols)?, tiles(rows)?),
+            (THREADS, 1),
+            &args,
+        )?;
+        Ok((out, base.1.shape().clone()))
     }
 }

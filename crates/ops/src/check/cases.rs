@@ -85,6 +85,7 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         dropout_case(vec![tokens, shape.hidden]),
         masked_lora_case::<BOTTLENECK, 16, 16, 16>(tokens, shape.hidden),
         masked_lora_case::<FACTOR_GRAD, 16, 16, 16>(tokens, shape.hidden),
+        masked_lora_case::<SHARES, 16, 16, 16>(tokens, shape.hidden),
         nf4_linear_case("nf4_linear", tokens, shape.hidden, shape.ffn),
         nf4_linear_case("nf4_linear_rows", 1, shape.hidden, shape.ffn),
         cast_case(vec![shape.ffn, shape.hidden]),
@@ -814,16 +815,18 @@ fn dropout_case(shape: Vec<usize>) -> Case {
     }
 }
 
-/// [`masked_lora_case`]'s product: the bottleneck of a dropped input, or the factor's gradient.
-const BOTTLENECK: bool = true;
-const FACTOR_GRAD: bool = false;
+/// Which of LoRA's products with a dropped input a [`masked_lora_case`] checks.
+const BOTTLENECK: u8 = 0;
+const FACTOR_GRAD: u8 = 1;
+const SHARES: u8 = 2;
 
-/// One of LoRA's products that read a dropped input ([`crate::masked_lora`]: a kernel each on
+/// One of LoRA's products with a dropped input ([`crate::masked_lora`]: a kernel each on
 /// CUDA) for three parts of ranks `R0`, `R1`, `R2` with a mask each, against each part's
-/// product by candle's ops with the host's masks: [`BOTTLENECK`] of the input `[rows, cols]`
-/// and the stacked `a` `[R, cols]`, or [`FACTOR_GRAD`] of the bottleneck's gradient `[rows, R]`
-/// and the input (scale 0.5).
-fn masked_lora_case<const KERNEL: bool, const R0: usize, const R1: usize, const R2: usize>(
+/// product by candle's ops with the host's masks. `KERNEL` picks the product and its inputs:
+/// [`BOTTLENECK`] the input `[rows, cols]` and the stacked `a` `[R, cols]`; [`FACTOR_GRAD`] the
+/// bottleneck's gradient `[rows, R]` and the input (scale 0.5); [`SHARES`] the frozen
+/// product's gradient `[rows, cols]`, the bottleneck's and `a` (scale 0.5).
+fn masked_lora_case<const KERNEL: u8, const R0: usize, const R1: usize, const R2: usize>(
     rows: usize,
     cols: usize,
 ) -> Case {
@@ -833,8 +836,18 @@ fn masked_lora_case<const KERNEL: bool, const R0: usize, const R1: usize, const 
     }
     let total = R0 + R1 + R2;
     let (name, inputs) = match KERNEL {
-        BOTTLENECK => ("masked_lora_bottleneck", [[rows, cols], [total, cols]]),
-        FACTOR_GRAD => ("masked_lora_factor_grad", [[rows, total], [rows, cols]]),
+        BOTTLENECK => (
+            "masked_lora_bottleneck",
+            vec![vec![rows, cols], vec![total, cols]],
+        ),
+        FACTOR_GRAD => (
+            "masked_lora_factor_grad",
+            vec![vec![rows, total], vec![rows, cols]],
+        ),
+        _ => (
+            "masked_lora_shares",
+            vec![vec![rows, cols], vec![rows, total], vec![total, cols]],
+        ),
     };
     Case {
         name,
@@ -846,30 +859,39 @@ fn masked_lora_case<const KERNEL: bool, const R0: usize, const R1: usize, const 
                     let dtype = t[1].dtype();
                     crate::masked_lora::masked_factor_grad(&t[0], &t[1], &parts, dtype, SCALE)
                 }
+                _ => crate::masked_lora::add_masked_shares(&t[0], &t[1], &t[2], &parts, SCALE),
             }
         },
         reference: |t| {
             let mut row = 0;
             let mut products = Vec::new();
+            let mut sum = t[0].clone();
             for (rank, dropout) in parts::<R0, R1, R2>() {
-                products.push(match KERNEL {
+                match KERNEL {
                     BOTTLENECK => {
                         let a = t[1].narrow(0, row, rank)?;
-                        reference_dropped(&t[0], dropout)?.matmul(&a.t()?)?
+                        products.push(reference_dropped(&t[0], dropout)?.matmul(&a.t()?)?);
                     }
                     FACTOR_GRAD => {
                         let g = t[0].narrow(1, row, rank)?.contiguous()?.t()?;
-                        (g.matmul(&reference_dropped(&t[1], dropout)?)? * SCALE)?
+                        let product = g.matmul(&reference_dropped(&t[1], dropout)?)?;
+                        products.push((product * SCALE)?);
                     }
-                });
+                    _ => {
+                        let g = t[1].narrow(1, row, rank)?.contiguous()?;
+                        let share = g.matmul(&t[2].narrow(0, row, rank)?)?;
+                        sum = (sum + (reference_dropped(&share, dropout)? * SCALE)?)?;
+                    }
+                }
                 row += rank;
             }
-            Tensor::cat(&products, if KERNEL == BOTTLENECK { 1 } else { 0 })
+            match KERNEL {
+                BOTTLENECK => Tensor::cat(&products, 1),
+                FACTOR_GRAD => Tensor::cat(&products, 0),
+                _ => Ok(sum),
+            }
         },
-        inputs: inputs
-            .into_iter()
-            .map(|s| Input::Table(s.to_vec()))
-            .collect(),
+        inputs: inputs.into_iter().map(Input::Table).collect(),
     }
 }
 
@@ -1443,12 +1465,14 @@ pub fn edge_cases() -> Vec<Case> {
         swap_case(vec![3, 5, 2, 7]),
         cast_case(vec![3, 13]),
         // Rows past whole 64-row tiles, 16-rank tiles holding two parts' ranks, columns whole
-        // 64-wide tiles (the kernels on CUDA); then columns that are not (the separate ops
-        // everywhere).
+        // 64-wide tiles (the kernels on CUDA); then columns that are not, and ranks not
+        // multiples of 8 (the separate ops everywhere).
         masked_lora_case::<BOTTLENECK, 8, 40, 16>(77, 192),
         masked_lora_case::<FACTOR_GRAD, 8, 40, 16>(77, 192),
+        masked_lora_case::<SHARES, 8, 40, 16>(77, 192),
         masked_lora_case::<BOTTLENECK, 8, 8, 8>(70, 200),
         masked_lora_case::<FACTOR_GRAD, 8, 8, 8>(70, 200),
+        masked_lora_case::<SHARES, 4, 4, 4>(5, 13),
         decode_case(2, 4, 2, 37, 16),
         add_norm_case::<0>(5, 17),
         add_norm_case::<1>(3, 17),
