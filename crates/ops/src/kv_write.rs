@@ -3,8 +3,10 @@
 //! positions in the KV cache buffer. One kernel on CUDA (`kernels/rope_kv.cu`); the unfused
 //! path splits the projection, rotates and copies into the cache with seven launches per layer.
 
-use super::cpu_kernel::f32s;
-use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Storage, Tensor};
+use super::cpu_kernel::slice;
+use super::gemv::Element;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Storage, Tensor, WithDType};
 
 /// Whether [`write_kv`] runs fused here: inference (nothing tracked) on a backend
 /// [`super::fused`] accepts. Elsewhere the caller splits the projections and appends to the
@@ -123,8 +125,9 @@ pub(crate) fn check_layout(
 /// Splits the packed projections `qkv` `[b, t, (heads + 2 kv_heads) · head_size]`: writes the
 /// keys (rotated by `cos`/`sin`) and the values into `cache`
 /// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
-/// place, and returns the rotated queries `[b, heads, t, head_size]`; only where
-/// [`write_kv_fused`] holds. The tables are `[t, rotary / 2]` for a host position, whole for a
+/// place, and returns the rotated queries `[b, heads, t, head_size]`. The model calls it where
+/// [`write_kv_fused`] holds; on the CPU it also takes 16-bit operands (rotated in f32, rounded
+/// once), as `bench --ops` checks it. The tables are `[t, rotary / 2]` for a host position, whole for a
 /// device one ([`Position`]): the first `rotary` elements of each head (twice the tables'
 /// width, at most `head_size`) are rotated, the rest kept (partial rotary).
 pub fn write_kv(
@@ -175,7 +178,8 @@ pub fn write_kv(
     let q = qkv
         .narrow(2, 0, layout.heads * d)?
         .reshape((b, t, layout.heads, d))?;
-    super::rope::fused_rope(&super::swap_middle(&q)?, &cos, &sin)
+    // The queries by the fused rotation where it takes them (f32 on the CPU), else the composite.
+    super::rope(&super::swap_middle(&q)?.contiguous()?, &cos, &sin)
 }
 
 /// The CPU kernel: keys and values into the cache.
@@ -203,23 +207,43 @@ impl InplaceOp3 for WriteKv {
         cos: &CpuStorage,
         cos_layout: &Layout,
     ) -> Result<()> {
-        let (qkv, cos) = (f32s(qkv, qkv_layout)?, f32s(cos, cos_layout)?);
         let (sin_storage, sin_layout) = self.sin.storage_and_layout();
         let Storage::Cpu(sin) = &*sin_storage else {
             candle_core::bail!("write_kv: tables on different devices");
         };
-        let sin = f32s(sin, sin_layout)?;
         let Some((offset, _)) = cache_layout.contiguous_offsets() else {
             candle_core::bail!("write_kv: the cache is not contiguous");
         };
-        let CpuStorage::F32(cache) = cache else {
-            candle_core::bail!("write_kv: the fused CPU kernel takes f32");
-        };
-        let cache = &mut cache[offset..];
-        let (heads, kv_heads, start) = (self.heads, self.kv_heads, self.start);
+        // The head size, and the tables' width: half the rotated elements of each head.
         let d = cache_layout.dims()[4];
-        // The tables' width: half the rotated elements of each head.
         let half = cos_layout.dims().last().copied().unwrap_or(0);
+        let sizes = (d, half);
+        let operands = [(qkv, qkv_layout), (cos, cos_layout), (sin, sin_layout)];
+        match cache {
+            CpuStorage::F32(cache) => self.write::<f32>(&mut cache[offset..], sizes, operands),
+            CpuStorage::BF16(c) => self.write::<half::bf16>(&mut c[offset..], sizes, operands),
+            CpuStorage::F16(c) => self.write::<half::f16>(&mut c[offset..], sizes, operands),
+            other => candle_core::bail!("write_kv: unsupported dtype {:?}", other.dtype()),
+        }
+    }
+}
+
+impl WriteKv {
+    /// The keys, rotated in f32 and rounded once, and the values into `cache` (from the
+    /// cache's first element) of head size `d`, from the projections and tables (`half` wide)
+    /// of its dtype.
+    fn write<E: Element + WithDType>(
+        &self,
+        cache: &mut [E],
+        (d, half): (usize, usize),
+        [qkv, cos, sin]: [(&CpuStorage, &Layout); 3],
+    ) -> Result<()> {
+        let qkv = slice(qkv.0.as_slice::<E>()?, qkv.1)?;
+        let (cos, sin) = (
+            slice(cos.0.as_slice::<E>()?, cos.1)?,
+            slice(sin.0.as_slice::<E>()?, sin.1)?,
+        );
+        let (heads, kv_heads, start) = (self.heads, self.kv_heads, self.start);
         let values_at = self.batch * kv_heads * self.max_len * d;
         for b in 0..self.batch {
             for t in 0..self.positions {
@@ -231,8 +255,10 @@ impl InplaceOp3 for WriteKv {
                     let slot = ((b * kv_heads + h) * self.max_len + start + t) * d;
                     let kc = &mut cache[slot..][..d];
                     for j in 0..half {
-                        kc[j] = k[j] * c[j] - k[half + j] * s[j];
-                        kc[half + j] = k[half + j] * c[j] + k[j] * s[j];
+                        let (k0, k1, c, s) =
+                            (k[j].f32(), k[half + j].f32(), c[j].f32(), s[j].f32());
+                        kc[j] = E::from_f32(k0 * c - k1 * s);
+                        kc[half + j] = E::from_f32(k1 * c + k0 * s);
                     }
                     kc[2 * half..].copy_from_slice(&k[2 * half..]);
                     cache[values_at + slot..][..d].copy_from_slice(v);

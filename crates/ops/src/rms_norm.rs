@@ -41,10 +41,15 @@ pub fn reference(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<T
     let x32 = x.to_dtype(widened(dtype))?;
     let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+    let wide_weight = weight.to_dtype(widened(dtype))?;
     if offset == 0.0 {
-        return normed.to_dtype(dtype)?.broadcast_mul(weight);
+        // Rounded to the dtype before the weight multiplies it, as transformers' Llama norm
+        // does; the product taken in f32 and rounded once, as a 16-bit multiply rounds it (the
+        // same values), so that the weight's gradient, a sum over every row, is summed in f32.
+        let rounded = normed.to_dtype(dtype)?.to_dtype(widened(dtype))?;
+        return rounded.broadcast_mul(&wide_weight)?.to_dtype(dtype);
     }
-    let scale = weight.to_dtype(widened(dtype))?.affine(1.0, offset)?;
+    let scale = wide_weight.affine(1.0, offset)?;
     normed.broadcast_mul(&scale)?.to_dtype(dtype)
 }
 
@@ -390,6 +395,37 @@ pub(crate) mod cuda {
 mod tests {
     use crate::parity::{assert_parity, uniform};
     use candle_core::Var;
+
+    #[test]
+    fn a_16_bit_norm_rounds_as_transformers_and_sums_its_weight_gradient_in_f32() {
+        use crate::parity::relative_error;
+        use candle_core::DType;
+        // 4,096 rows: a weight gradient summed in bf16 would lose most of its digits.
+        let x32 = uniform(&[4096, 64], 3);
+        let w32 = uniform(&[64], 4);
+        let (x, w) = (
+            x32.to_dtype(DType::BF16).unwrap(),
+            w32.to_dtype(DType::BF16).unwrap(),
+        );
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let y = super::rms_norm(&xv, &wv, 1e-6).unwrap();
+        // The forward: the normed rows rounded to bf16, then a bf16 multiply.
+        let x_wide = x.to_dtype(DType::F32).unwrap();
+        let rms = x_wide.sqr().unwrap().mean_keepdim(1).unwrap();
+        let normed = x_wide.broadcast_div(&(rms + 1e-6).unwrap().sqrt().unwrap());
+        let want = normed.unwrap().to_dtype(DType::BF16).unwrap();
+        let want = want.broadcast_mul(&w).unwrap();
+        assert_eq!(relative_error(&y, &want), 0.0);
+        // The weight's gradient against the same norm in f32 on the same (rounded) inputs.
+        let dw = y.sum_all().unwrap().backward().unwrap();
+        let dw = dw.get(&wv).unwrap().clone();
+        let (x_f32, w_f32) = (Var::from_tensor(&x_wide).unwrap(), w.to_dtype(DType::F32));
+        let w_f32 = Var::from_tensor(&w_f32.unwrap()).unwrap();
+        let y_f32 = super::rms_norm(&x_f32, &w_f32, 1e-6).unwrap();
+        let want_dw = y_f32.sum_all().unwrap().backward().unwrap();
+        let error = relative_error(&dw, want_dw.get(&w_f32).unwrap());
+        assert!(error < 1e-2, "weight gradient off by {error:.2e}");
+    }
 
     #[test]
     fn gradients_of_vars_hold_no_graph() {

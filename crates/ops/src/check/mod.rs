@@ -261,10 +261,18 @@ mod tests {
 
     #[test]
     fn every_edge_case_matches_on_the_cpu() {
-        for case in edge_cases() {
-            let error = parity_error(&case, 1, &Device::Cpu, DType::F32).unwrap();
-            println!("{} {:?}: {error:.2e}", case.name, case.shapes());
-            assert!(error < tolerance(DType::F32), "{}: {error:.2e}", case.name);
+        // 16-bit on the CPU runs the ops that take it there (the composites where no kernel
+        // does), as `bench --ops --modes bf16,fp16` checks them.
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for case in edge_cases() {
+                let error = parity_error(&case, 1, &Device::Cpu, dtype).unwrap();
+                println!("{} {dtype:?} {:?}: {error:.2e}", case.name, case.shapes());
+                assert!(
+                    error < case.tolerance(dtype),
+                    "{} {dtype:?}: {error:.2e}",
+                    case.name
+                );
+            }
         }
     }
 
