@@ -127,9 +127,9 @@ pub(crate) fn check_layout(
 /// `[2, b, kv_heads, max_len, head_size]` (contiguous) at the positions `layout.at` names, in
 /// place, and returns the rotated queries `[b, heads, t, head_size]`. The model calls it where
 /// [`write_kv_fused`] holds; on the CPU it also takes 16-bit operands (rotated in f32, rounded
-/// once), as `bench --ops` checks it. The tables are `[t, rotary / 2]` for a host position, whole for a
-/// device one ([`Position`]): the first `rotary` elements of each head (twice the tables'
-/// width, at most `head_size`) are rotated, the rest kept (partial rotary).
+/// once), as `bench --ops` checks it. The tables are `[t, rotary / 2]` for a host position,
+/// whole for a device one ([`Position`]): the first `rotary` elements of each head (twice the
+/// tables' width, at most `head_size`) are rotated, the rest kept (partial rotary).
 pub fn write_kv(
     cache: &Tensor,
     qkv: &Tensor,
@@ -179,7 +179,7 @@ pub fn write_kv(
         .narrow(2, 0, layout.heads * d)?
         .reshape((b, t, layout.heads, d))?;
     // The queries by the fused rotation where it takes them (f32 on the CPU), else the composite.
-    super::rope(&super::swap_middle(&q)?.contiguous()?, &cos, &sin)
+    super::rope(&super::swap_middle(&q)?, &cos, &sin)
 }
 
 /// The CPU kernel: keys and values into the cache.
