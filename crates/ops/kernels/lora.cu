@@ -19,22 +19,39 @@ constexpr int LORA_PARTS = 4;
 
 constexpr int LORA_LD = fm_stride<64>();
 
-// The parts' first 8-rank tiles, and the summed rank, from their ranks.
-__device__ __forceinline__ int lora_tile_starts(int (&start)[LORA_PARTS + 1], int parts,
-                                                const int (&ranks)[LORA_PARTS]) {
-  start[0] = 0;
-#pragma unroll
-  for (int p = 0; p < LORA_PARTS; ++p) start[p + 1] = start[p] + (p < parts ? ranks[p] / 8 : 0);
-  return 8 * start[LORA_PARTS];
-}
+// The parts of one launch: how many, each one's seed and rank (unused ones 0), the threshold
+// their 32-bit draws are kept at or above, and the scale of the sums.
+struct LoraParts {
+  int count;
+  unsigned long long seeds[LORA_PARTS];
+  int ranks[LORA_PARTS];
+  unsigned long long threshold;
+  float scale;
 
-// Bits of `value`'s two 16-bit halves kept by the two 32-bit halves of `bits` (low by low).
-__device__ __forceinline__ uint32_t lora_kept_halves(uint32_t value, unsigned long long bits,
-                                                     unsigned long long threshold) {
-  const uint32_t lo = dropout_half_kept(bits, 0, threshold) ? 0x0000ffffu : 0u;
-  const uint32_t hi = dropout_half_kept(bits, 1, threshold) ? 0xffff0000u : 0u;
-  return value & (lo | hi);
-}
+  // The parts' first 8-rank tiles (start[count] and past: the summed rank's tiles), and the
+  // summed rank.
+  __device__ __forceinline__ int tile_starts(int (&start)[LORA_PARTS + 1]) const {
+    start[0] = 0;
+#pragma unroll
+    for (int p = 0; p < LORA_PARTS; ++p) start[p + 1] = start[p] + (p < count ? ranks[p] / 8 : 0);
+    return 8 * start[LORA_PARTS];
+  }
+
+  // Part p's draw `draw`.
+  __device__ __forceinline__ unsigned long long bits(int p, size_t draw) const {
+    return dropout_bits(seeds[p], draw);
+  }
+
+  // Whether the element whose bits are 32-bit half h of `bits` is kept.
+  __device__ __forceinline__ bool kept(unsigned long long bits, int h) const {
+    return dropout_half_kept(bits, h, threshold);
+  }
+
+  // Bits of `value`'s two 16-bit halves kept by the two 32-bit halves of `bits` (low by low).
+  __device__ __forceinline__ uint32_t kept_halves(uint32_t value, unsigned long long bits) const {
+    return value & ((kept(bits, 0) ? 0x0000ffffu : 0u) | (kept(bits, 1) ? 0xffff0000u : 0u));
+  }
+};
 
 // Runs body(buf, start) for the 64-wide steps start = begin, begin + 64, .. below end, each
 // step's tiles in buffer buf, copied by load(buf, start) while the step before computes.
@@ -56,14 +73,11 @@ __device__ __forceinline__ void lora_steps(int begin, int end, Load load, Body b
 
 template <typename T>
 __device__ void masked_lora_bottleneck(const T* x, const T* a, float* out, int rows, int cols,
-                                       int parts, const unsigned long long (&seeds)[LORA_PARTS],
-                                       const int (&ranks)[LORA_PARTS],
-                                       unsigned long long threshold, float scale,
-                                       int k_per_block) {
+                                       const LoraParts& parts, int k_per_block) {
   __shared__ __align__(16) T xs[2][64 * LORA_LD];
   __shared__ __align__(16) T as[2][64 * LORA_LD];
   int start[LORA_PARTS + 1];
-  const int total_rank = lora_tile_starts(start, parts, ranks), tiles = total_rank / 8;
+  const int total_rank = parts.tile_starts(start), tiles = total_rank / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * 64;
   const int k_begin = blockIdx.y * k_per_block, k_end = min(cols, k_begin + k_per_block);
@@ -83,14 +97,14 @@ __device__ void masked_lora_bottleneck(const T* x, const T* a, float* out, int r
         if (2 * q < tiles) fm_frag_b_rows<LORA_LD>(bf[q], as[buf], 16 * q, kk);
 #pragma unroll
       for (int p = 0; p < LORA_PARTS; ++p) {
-        if (p == parts) break;
+        if (p == parts.count) break;
         // Registers 0-3 of the A operand: rows g, g + 8, g, g + 8; columns 2t and 2t + 8.
         uint32_t m[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const size_t index = (size_t)(row0 + warp * 16 + g + 8 * (i & 1)) * cols + k0 + kk +
                                2 * t + 8 * (i >> 1);
-          m[i] = lora_kept_halves(af[i], dropout_bits(seeds[p], index / 2), threshold);
+          m[i] = parts.kept_halves(af[i], parts.bits(p, index / 2));
         }
 #pragma unroll
         for (int n = 0; n < 8; ++n)
@@ -107,8 +121,8 @@ __device__ void masked_lora_bottleneck(const T* x, const T* a, float* out, int r
       const int row = row0 + warp * 16 + g + 8 * h;
       if (row >= rows) continue;
       float* to = out + (size_t)row * total_rank + 8 * n + 2 * t;
-      atomicAdd(to, scale * acc[n][2 * h]);
-      atomicAdd(to + 1, scale * acc[n][2 * h + 1]);
+      atomicAdd(to, parts.scale * acc[n][2 * h]);
+      atomicAdd(to + 1, parts.scale * acc[n][2 * h + 1]);
     }
   }
 }
@@ -123,15 +137,12 @@ __device__ __forceinline__ void lora_frag_a_cols(uint32_t (&a)[4], const T* tile
 
 template <typename T>
 __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int rows, int cols,
-                                        int parts, const unsigned long long (&seeds)[LORA_PARTS],
-                                        const int (&ranks)[LORA_PARTS],
-                                        unsigned long long threshold, float scale,
-                                        int rows_per_block) {
+                                        const LoraParts& parts, int rows_per_block) {
   __shared__ __align__(16) T xs[2][64 * LORA_LD];
   __shared__ __align__(16) T gs[2][64 * LORA_LD];
   __shared__ __align__(16) T xm[64 * LORA_LD];
   int start[LORA_PARTS + 1];
-  const int total_rank = lora_tile_starts(start, parts, ranks);
+  const int total_rank = parts.tile_starts(start);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, lg = lane >> 2, t = lane & 3;
   const int col0 = blockIdx.x * 64;
   const int r_begin = blockIdx.y * rows_per_block, r_end = min(rows, r_begin + rows_per_block);
@@ -152,7 +163,7 @@ __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int 
   lora_steps(r_begin, r_end, load, [&](int buf, int r0) {
 #pragma unroll
     for (int p = 0; p < LORA_PARTS; ++p) {
-      if (p == parts) break;
+      if (p == parts.count) break;
       // The tile through part p's mask: 8 columns (a 16-byte pack) a thread and pass.
       for (int i = threadIdx.x; i < 64 * 8; i += FM_THREADS) {
         const int r = i / 8, c = i % 8 * 8;
@@ -162,7 +173,7 @@ __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int 
         const size_t first = (size_t)(r0 + r) * cols + col0 + c;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          kept[j] = lora_kept_halves(in[j], dropout_bits(seeds[p], first / 2 + j), threshold);
+          kept[j] = parts.kept_halves(in[j], parts.bits(p, first / 2 + j));
         *reinterpret_cast<uint4*>(xm + r * LORA_LD + c) = make_uint4(kept[0], kept[1], kept[2], kept[3]);
       }
       __syncthreads();
@@ -197,8 +208,8 @@ __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int 
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         float* to = out + (size_t)rank * cols + col0 + warp * 16 + 8 * n + 2 * t;
-        atomicAdd(to, scale * acc[mt][n][2 * h]);
-        atomicAdd(to + 1, scale * acc[mt][n][2 * h + 1]);
+        atomicAdd(to, parts.scale * acc[mt][n][2 * h]);
+        atomicAdd(to + 1, parts.scale * acc[mt][n][2 * h + 1]);
       }
     }
 }
@@ -211,16 +222,13 @@ __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int 
 // written 16 bytes a thread.
 template <typename T>
 __device__ void masked_lora_input_grad(const T* base, const T* g, const T* a, T* out, int rows,
-                                       int cols, int parts,
-                                       const unsigned long long (&seeds)[LORA_PARTS],
-                                       const int (&ranks)[LORA_PARTS],
-                                       unsigned long long threshold, float scale) {
+                                       int cols, const LoraParts& parts) {
   constexpr int TOTAL_LD = 64 + 4;
   __shared__ __align__(16) T gs[64 * LORA_LD];
   __shared__ __align__(16) T as[64 * LORA_LD];
   __shared__ __align__(16) float total_tile[64 * TOTAL_LD];
   int start[LORA_PARTS + 1];
-  const int total_rank = lora_tile_starts(start, parts, ranks);
+  const int total_rank = parts.tile_starts(start);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, lg = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.y * 64, col0 = blockIdx.x * 64;
   const int chunks = total_rank / 8;  // 16-byte chunks of a row of g
@@ -235,7 +243,7 @@ __device__ void masked_lora_input_grad(const T* base, const T* g, const T* a, T*
   float total[8][4] = {};
 #pragma unroll
   for (int p = 0; p < LORA_PARTS; ++p) {
-    if (p == parts) break;
+    if (p == parts.count) break;
     float acc[8][4] = {};
 #pragma unroll
     for (int k0 = 0; k0 < 64; k0 += 16) {
@@ -261,10 +269,10 @@ __device__ void masked_lora_input_grad(const T* base, const T* g, const T* a, T*
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const size_t index = (size_t)(row0 + warp * 16 + lg + 8 * h) * cols + col0 + 8 * n + 2 * t;
-        const unsigned long long bits = dropout_bits(seeds[p], index / 2);
+        const unsigned long long bits = parts.bits(p, index / 2);
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          if (dropout_half_kept(bits, e, threshold)) total[n][2 * h + e] += acc[n][2 * h + e];
+          if (parts.kept(bits, e)) total[n][2 * h + e] += acc[n][2 * h + e];
       }
   }
 #pragma unroll
@@ -285,41 +293,39 @@ __device__ void masked_lora_input_grad(const T* base, const T* g, const T* a, T*
     P y;
 #pragma unroll
     for (int k = 0; k < WIDE<T>; ++k)
-      y.e[k] = from_f32<T>(to_f32(b.e[k]) + scale * total_tile[r * TOTAL_LD + c + k]);
+      y.e[k] = from_f32<T>(to_f32(b.e[k]) + parts.scale * total_tile[r * TOTAL_LD + c + k]);
     y.store(out + first);
   }
 }
 
-// The parts' seeds and ranks as separate arguments (unused ones 0), and as the arrays the
+// The parts as separate arguments (unused ones' seeds and ranks 0), and as the struct the
 // kernels take.
 #define LORA_PART_PARAMS                                                                      \
-  unsigned long long seed0, unsigned long long seed1, unsigned long long seed2,               \
-      unsigned long long seed3, int rank0, int rank1, int rank2, int rank3
-#define LORA_PART_ARRAYS                                                                      \
-  const unsigned long long seeds[LORA_PARTS] = {seed0, seed1, seed2, seed3};                  \
-  const int ranks[LORA_PARTS] = {rank0, rank1, rank2, rank3}
+  int count, unsigned long long seed0, unsigned long long seed1, unsigned long long seed2,    \
+      unsigned long long seed3, int rank0, int rank1, int rank2, int rank3,                   \
+      unsigned long long threshold, float scale
+#define LORA_PARTS_STRUCT                                                                     \
+  const LoraParts parts {                                                                     \
+    count, {seed0, seed1, seed2, seed3}, {rank0, rank1, rank2, rank3}, threshold, scale       \
+  }
 
 #define LORA_ENTRY_POINTS(S, T)                                                                \
   extern "C" __global__ void __launch_bounds__(FM_THREADS) masked_lora_bottleneck_##S(        \
-      const T* x, const T* a, float* out, int rows, int cols, int parts, LORA_PART_PARAMS,     \
-      unsigned long long threshold, float scale, int k_per_block) {                           \
-    LORA_PART_ARRAYS;                                                                         \
-    masked_lora_bottleneck<T>(x, a, out, rows, cols, parts, seeds, ranks, threshold, scale,    \
-                              k_per_block);                                                   \
+      const T* x, const T* a, float* out, int rows, int cols, LORA_PART_PARAMS,                \
+      int k_per_block) {                                                                      \
+    LORA_PARTS_STRUCT;                                                                        \
+    masked_lora_bottleneck<T>(x, a, out, rows, cols, parts, k_per_block);                     \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(FM_THREADS) masked_lora_factor_grad_##S(       \
-      const T* g, const T* x, float* out, int rows, int cols, int parts, LORA_PART_PARAMS,     \
-      unsigned long long threshold, float scale, int rows_per_block) {                        \
-    LORA_PART_ARRAYS;                                                                         \
-    masked_lora_factor_grad<T>(g, x, out, rows, cols, parts, seeds, ranks, threshold, scale,   \
-                               rows_per_block);                                               \
+      const T* g, const T* x, float* out, int rows, int cols, LORA_PART_PARAMS,                \
+      int rows_per_block) {                                                                   \
+    LORA_PARTS_STRUCT;                                                                        \
+    masked_lora_factor_grad<T>(g, x, out, rows, cols, parts, rows_per_block);                 \
   }                                                                                           \
   extern "C" __global__ void __launch_bounds__(FM_THREADS) masked_lora_input_grad_##S(        \
-      const T* base, const T* g, const T* a, T* out, int rows, int cols, int parts,            \
-      LORA_PART_PARAMS, unsigned long long threshold, float scale) {                           \
-    LORA_PART_ARRAYS;                                                                         \
-    masked_lora_input_grad<T>(base, g, a, out, rows, cols, parts, seeds, ranks, threshold,     \
-                              scale);                                                         \
+      const T* base, const T* g, const T* a, T* out, int rows, int cols, LORA_PART_PARAMS) {   \
+    LORA_PARTS_STRUCT;                                                                        \
+    masked_lora_input_grad<T>(base, g, a, out, rows, cols, parts);                            \
   }
 
 LORA_ENTRY_POINTS(bf16, __nv_bfloat16)
