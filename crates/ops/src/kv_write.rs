@@ -5,6 +5,7 @@
 
 use super::cpu_kernel::slice;
 use super::gemv::Element;
+use super::rope::rotated_pair;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Storage, Tensor, WithDType};
 
@@ -255,10 +256,10 @@ impl WriteKv {
                     let slot = ((b * kv_heads + h) * self.max_len + start + t) * d;
                     let kc = &mut cache[slot..][..d];
                     for j in 0..half {
-                        let (k0, k1, c, s) =
-                            (k[j].f32(), k[half + j].f32(), c[j].f32(), s[j].f32());
-                        kc[j] = E::from_f32(k0 * c - k1 * s);
-                        kc[half + j] = E::from_f32(k1 * c + k0 * s);
+                        let (first, second) =
+                            rotated_pair(k[j].f32(), k[half + j].f32(), c[j].f32(), s[j].f32());
+                        kc[j] = E::from_f32(first);
+                        kc[half + j] = E::from_f32(second);
                     }
                     kc[2 * half..].copy_from_slice(&k[2 * half..]);
                     cache[values_at + slot..][..d].copy_from_slice(v);

@@ -113,9 +113,9 @@ impl FusedOp<3> for Rope {
                 let (y_rotated, y_rest) = y.split_at_mut(rotary);
                 let (y1, y2) = y_rotated.split_at_mut(half);
                 for j in 0..half {
-                    let s = sign * s[j];
-                    y1[j].write(x1[j] * c[j] - x2[j] * s);
-                    y2[j].write(x2[j] * c[j] + x1[j] * s);
+                    let (first, second) = rotated_pair(x1[j], x2[j], c[j], sign * s[j]);
+                    y1[j].write(first);
+                    y2[j].write(second);
                 }
                 for (y, &x) in y_rest.iter_mut().zip(rest) {
                     y.write(x);
@@ -134,6 +134,11 @@ impl FusedOp<3> for Rope {
 }
 
 custom_op!(Rope: 3);
+
+/// One rotated pair of a row: `(x1 cos - x2 sin, x2 cos + x1 sin)`, the pair `half` apart.
+pub(crate) fn rotated_pair(x1: f32, x2: f32, cos: f32, sin: f32) -> (f32, f32) {
+    (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+}
 
 /// The CUDA launcher (`kernels/rope_kv.cu`), also for the projections' rows of
 /// `attention/flash.rs`.
