@@ -30,6 +30,28 @@ fn with_adapter(dir: &Path) -> Llama {
     model
 }
 
+/// The PEFT fixture adapter `tiny-llama-lora` loaded and saved again in `format` into a
+/// fresh directory, with the base's config.
+fn fixture_adapter_saved_as(
+    format: lora::AdapterFormat,
+) -> (LlamaConfig, Adapter, tempfile::TempDir) {
+    let cfg = base().config;
+    let adapter =
+        Adapter::load(&fixture("tiny-llama-lora"), &cfg, DType::F32, &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    adapter
+        .save(out.path(), format, cfg.num_hidden_layers)
+        .unwrap();
+    (cfg, adapter, out)
+}
+
+/// The base with the adapter in `a` and with the one in `b` give bit-equal logits.
+fn assert_same_logits(a: &Path, b: &Path) {
+    let a = with_adapter(a).forward(&batch(), None).unwrap();
+    let b = with_adapter(b).forward(&batch(), None).unwrap();
+    assert_eq!(relative_error(&a, &b), 0.0);
+}
+
 fn batch() -> Tensor {
     ids(&tensors("tiny-llama/expected.safetensors")["input_ids"])
 }
@@ -70,13 +92,7 @@ fn mlx_lm_adapter_gives_mlx_lms_logits() {
 
 #[test]
 fn an_adapter_saved_for_mlx_lm_has_its_names_and_config_and_reads_back_the_same() {
-    let cfg = base().config;
-    let original = fixture("tiny-llama-lora");
-    let adapter = Adapter::load(&original, &cfg, DType::F32, &Device::Cpu).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    adapter
-        .save(out.path(), lora::AdapterFormat::Mlx, cfg.num_hidden_layers)
-        .unwrap();
+    let (cfg, adapter, out) = fixture_adapter_saved_as(lora::AdapterFormat::Mlx);
     assert!(!out.path().join("adapter_model.safetensors").exists());
     let ours =
         candle_core::safetensors::load(out.path().join("adapters.safetensors"), &Device::Cpu)
@@ -108,9 +124,7 @@ fn an_adapter_saved_for_mlx_lm_has_its_names_and_config_and_reads_back_the_same(
         .starts_with("self_attn.")
         || k.as_str().unwrap().starts_with("mlp.")));
 
-    let a = with_adapter(&original).forward(&batch(), None).unwrap();
-    let b = with_adapter(out.path()).forward(&batch(), None).unwrap();
-    assert_eq!(relative_error(&a, &b), 0.0);
+    assert_same_logits(&fixture("tiny-llama-lora"), out.path());
 }
 
 #[test]
@@ -141,13 +155,7 @@ fn an_mlx_adapter_that_does_not_fit_the_base_names_the_tensor() {
 
 #[test]
 fn saved_adapter_has_peft_names_shapes_and_config_and_same_logits() {
-    let cfg = base().config;
-    let original = fixture("tiny-llama-lora");
-    let adapter = Adapter::load(&original, &cfg, DType::F32, &Device::Cpu).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    adapter
-        .save(out.path(), lora::AdapterFormat::Peft, cfg.num_hidden_layers)
-        .unwrap();
+    let (_, _, out) = fixture_adapter_saved_as(lora::AdapterFormat::Peft);
 
     let theirs = tensors("tiny-llama-lora/adapter_model.safetensors");
     let ours =
@@ -184,9 +192,7 @@ fn saved_adapter_has_peft_names_shapes_and_config_and_same_logits() {
         assert_eq!(config[key], peft[key], "adapter_config.json {key}");
     }
 
-    let a = with_adapter(&original).forward(&batch(), None).unwrap();
-    let b = with_adapter(out.path()).forward(&batch(), None).unwrap();
-    assert_eq!(relative_error(&a, &b), 0.0);
+    assert_same_logits(&fixture("tiny-llama-lora"), out.path());
 }
 
 #[test]
