@@ -85,29 +85,36 @@ template <typename T> __device__ void scale_vec(const T* x, const float* s, T* o
 
 // Inverted dropout whose mask is a function of a seed and each element's index, so that a
 // backward pass draws the same mask again instead of keeping it: element i is kept when its
-// 32-bit half of SplitMix64's output number i / 2 for `seed` (the low half for even i) is at
-// least `threshold` (p · 2^32). out = base + (kept ? x · scale : 0), base optional (null);
-// `scale` is 1 / (1 − p) times the caller's factor. src/dropout.rs draws the same mask on the
-// host. 16 bytes per thread; the tail by the thread past the last whole vector.
+// 16 bits of one of SplitMix64's outputs for `seed` are at least `threshold` (p · 2^16). In
+// each run of 16 elements output j (0-3) holds elements 2j, 2j + 1 (quarters 0, 1 from the
+// low end) and 2j + 8, 2j + 9 (quarters 2, 3): the elements one thread holds in a tensor-core
+// fragment, one draw for four (kernels/lora.cu). out = base + (kept ? x · scale : 0), base
+// optional (null); `scale` is 1 / (1 − p) times the caller's factor. src/dropout.rs draws the
+// same mask on the host. 16 bytes per thread; the tail by the thread past the last whole
+// vector.
 
-// SplitMix64's output number `pair` for `seed`: the bits of elements 2·pair and 2·pair + 1.
+// SplitMix64's output number `draw` for `seed`.
 __device__ __forceinline__ unsigned long long dropout_bits(unsigned long long seed,
-                                                           size_t pair) {
-  unsigned long long z = seed + (pair + 1) * 0x9E3779B97F4A7C15ull;
+                                                           size_t draw) {
+  unsigned long long z = seed + (draw + 1) * 0x9E3779B97F4A7C15ull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
 
-// Whether the element of a pair whose bits are half `h` (0 low, 1 high) of `bits` is kept.
-__device__ __forceinline__ bool dropout_half_kept(unsigned long long bits, int h,
-                                                  unsigned long long threshold) {
-  return ((bits >> (32 * h)) & 0xffffffffull) >= threshold;
+// The output that holds element i's bits, and their quarter of it.
+__device__ __forceinline__ size_t dropout_draw(size_t i) { return i / 16 * 4 + i % 16 / 2 % 4; }
+__device__ __forceinline__ int dropout_quarter(size_t i) { return (int)(i % 16 / 8 * 2 + i % 2); }
+
+// Whether the element whose bits are quarter `q` of `bits` is kept.
+__device__ __forceinline__ bool dropout_quarter_kept(unsigned long long bits, int q,
+                                                     unsigned long long threshold) {
+  return ((bits >> (16 * q)) & 0xffffull) >= threshold;
 }
 
 __device__ __forceinline__ bool dropout_keeps(unsigned long long seed, size_t i,
                                               unsigned long long threshold) {
-  return dropout_half_kept(dropout_bits(seed, i / 2), i & 1, threshold);
+  return dropout_quarter_kept(dropout_bits(seed, dropout_draw(i)), dropout_quarter(i), threshold);
 }
 
 template <typename T>
@@ -120,13 +127,14 @@ __device__ void dropout_vec(const T* x, const T* base, T* out, size_t n, unsigne
     P b;
     if (base) b = P::load(base + i);
     P y;
-    // i is even (a multiple of WIDE<T>): one draw gives a pair of elements their bits.
+    // i is even (a multiple of WIDE<T>): a pair of elements takes one draw's quarters q, q + 1.
 #pragma unroll
     for (int k = 0; k < WIDE<T>; k += 2) {
-      const unsigned long long z = dropout_bits(seed, (i + k) / 2);
+      const unsigned long long z = dropout_bits(seed, dropout_draw(i + k));
+      const int q = dropout_quarter(i + k);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float kept = dropout_half_kept(z, h, threshold) ? to_f32(v.e[k + h]) * scale : 0.f;
+        const float kept = dropout_quarter_kept(z, q + h, threshold) ? to_f32(v.e[k + h]) * scale : 0.f;
         y.e[k + h] = from_f32<T>(base ? to_f32(b.e[k + h]) + kept : kept);
       }
     }

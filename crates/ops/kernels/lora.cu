@@ -13,14 +13,15 @@
 // dimension: a block sums a slice of it (blockIdx.y) and adds its sums atomically into f32
 // outputs the launcher zeroed. Ranks are multiples of 8 and cols a multiple of 64 (the
 // launchers' checks), so each 8-wide tile of ranks is one part's, each 64-wide tile of columns
-// whole, and every pair of columns a thread holds starts at an even index (one draw a pair).
+// whole, and the columns 2t, 2t + 1, 2t + 8, 2t + 9 of a 16-wide step that a thread holds in a
+// fragment take one draw's four quarters (dropout_draw).
 
 constexpr int LORA_PARTS = 4;
 
 constexpr int LORA_LD = fm_stride<64>();
 
 // The parts of one launch: how many, each one's seed and rank (unused ones 0), the threshold
-// their 32-bit draws are kept at or above, and the scale of the sums.
+// their 16-bit draws are kept at or above, and the scale of the sums.
 struct LoraParts {
   int count;
   unsigned long long seeds[LORA_PARTS];
@@ -42,14 +43,15 @@ struct LoraParts {
     return dropout_bits(seeds[p], draw);
   }
 
-  // Whether the element whose bits are 32-bit half h of `bits` is kept.
-  __device__ __forceinline__ bool kept(unsigned long long bits, int h) const {
-    return dropout_half_kept(bits, h, threshold);
+  // Whether the element whose bits are 16-bit quarter q of `bits` is kept.
+  __device__ __forceinline__ bool kept(unsigned long long bits, int q) const {
+    return dropout_quarter_kept(bits, q, threshold);
   }
 
-  // Bits of `value`'s two 16-bit halves kept by the two 32-bit halves of `bits` (low by low).
-  __device__ __forceinline__ uint32_t kept_halves(uint32_t value, unsigned long long bits) const {
-    return value & ((kept(bits, 0) ? 0x0000ffffu : 0u) | (kept(bits, 1) ? 0xffff0000u : 0u));
+  // Bits of `value`'s two 16-bit halves kept by quarters q (low) and q + 1 (high) of `bits`.
+  __device__ __forceinline__ uint32_t kept_pair(uint32_t value, unsigned long long bits,
+                                                int q) const {
+    return value & ((kept(bits, q) ? 0x0000ffffu : 0u) | (kept(bits, q + 1) ? 0xffff0000u : 0u));
   }
 };
 
@@ -98,13 +100,15 @@ __device__ void masked_lora_bottleneck(const T* x, const T* a, float* out, int r
 #pragma unroll
       for (int p = 0; p < LORA_PARTS; ++p) {
         if (p == parts.count) break;
-        // Registers 0-3 of the A operand: rows g, g + 8, g, g + 8; columns 2t and 2t + 8.
+        // Registers 0-3 of the A operand: rows g, g + 8, g, g + 8; columns 2t and 2t + 8, so
+        // registers h and h + 2 take one draw.
         uint32_t m[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const size_t index = (size_t)(row0 + warp * 16 + g + 8 * (i & 1)) * cols + k0 + kk +
-                               2 * t + 8 * (i >> 1);
-          m[i] = parts.kept_halves(af[i], parts.bits(p, index / 2));
+        for (int h = 0; h < 2; ++h) {
+          const size_t index = (size_t)(row0 + warp * 16 + g + 8 * h) * cols + k0 + kk + 2 * t;
+          const unsigned long long bits = parts.bits(p, dropout_draw(index));
+          m[h] = parts.kept_pair(af[h], bits, 0);
+          m[h + 2] = parts.kept_pair(af[h + 2], bits, 2);
         }
 #pragma unroll
         for (int n = 0; n < 8; ++n)
@@ -164,17 +168,23 @@ __device__ void masked_lora_factor_grad(const T* g, const T* x, float* out, int 
 #pragma unroll
     for (int p = 0; p < LORA_PARTS; ++p) {
       if (p == parts.count) break;
-      // The tile through part p's mask: 8 columns (a 16-byte pack) a thread and pass.
-      for (int i = threadIdx.x; i < 64 * 8; i += FM_THREADS) {
-        const int r = i / 8, c = i % 8 * 8;
-        const uint4 v = *reinterpret_cast<const uint4*>(xs[buf] + r * LORA_LD + c);
-        const uint32_t in[4] = {v.x, v.y, v.z, v.w};
-        uint32_t kept[4];
-        const size_t first = (size_t)(r0 + r) * cols + col0 + c;
+      // The tile through part p's mask: 16 columns (two 16-byte packs, four draws) a thread
+      // and pass; pair j of the first pack takes draw j's quarters 0-1, of the second 2-3.
+      for (int i = threadIdx.x; i < 64 * 4; i += FM_THREADS) {
+        const int r = i / 4, c = i % 4 * 16;
+        uint4* packs = reinterpret_cast<uint4*>(xs[buf] + r * LORA_LD + c);
+        uint32_t in[2][4] = {{packs[0].x, packs[0].y, packs[0].z, packs[0].w},
+                             {packs[1].x, packs[1].y, packs[1].z, packs[1].w}};
+        const size_t draw = dropout_draw((size_t)(r0 + r) * cols + col0 + c);
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          kept[j] = parts.kept_halves(in[j], parts.bits(p, first / 2 + j));
-        *reinterpret_cast<uint4*>(xm + r * LORA_LD + c) = make_uint4(kept[0], kept[1], kept[2], kept[3]);
+        for (int j = 0; j < 4; ++j) {
+          const unsigned long long bits = parts.bits(p, draw + j);
+          in[0][j] = parts.kept_pair(in[0][j], bits, 0);
+          in[1][j] = parts.kept_pair(in[1][j], bits, 2);
+        }
+        uint4* to = reinterpret_cast<uint4*>(xm + r * LORA_LD + c);
+        to[0] = make_uint4(in[0][0], in[0][1], in[0][2], in[0][3]);
+        to[1] = make_uint4(in[1][0], in[1][1], in[1][2], in[1][3]);
       }
       __syncthreads();
 #pragma unroll
@@ -264,15 +274,20 @@ __device__ void masked_lora_input_grad(const T* base, const T* g, const T* a, T*
         Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
       }
     }
+    // Column tiles n and n + 1 (n even) hold columns 2t.. and 2t + 8.. of a 16-wide run: one
+    // draw for the four a row.
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int n = 0; n < 8; n += 2)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const size_t index = (size_t)(row0 + warp * 16 + lg + 8 * h) * cols + col0 + 8 * n + 2 * t;
-        const unsigned long long bits = parts.bits(p, index / 2);
+        const unsigned long long bits = parts.bits(p, dropout_draw(index));
 #pragma unroll
-        for (int e = 0; e < 2; ++e)
+        for (int e = 0; e < 2; ++e) {
           if (parts.kept(bits, e)) total[n][2 * h + e] += acc[n][2 * h + e];
+          if (parts.kept(bits, 2 + e))
+            total[n + 1][2 * h + e] += acc[n + 1][2 * h + e];
+        }
       }
   }
 #pragma unroll

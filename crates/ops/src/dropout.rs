@@ -3,13 +3,16 @@
 //!
 //! A mask drawn from a generator has to be kept from the forward pass to the backward pass
 //! (an activation-sized tensor per adapted projection), and on CUDA reseeding candle's
-//! generator for each mask cost more than the step's products. Here element `i` of a tensor
-//! (in its logical, row-major order) is kept when its 32-bit half of SplitMix64's output
-//! number `i / 2` for the seed is at least `p · 2³²`, so the same mask is drawn again wherever
-//! it is needed by one elementwise pass, with the same bits on the CPU and CUDA
-//! (`kernels/elementwise.cu`, `dropout_vec`). Metal, which has no such kernel, draws its masks
-//! with its own generator reseeded with the mask's seed: the same mask again for the same seed,
-//! other bits than the CPU's.
+//! generator for each mask cost more than the step's products. Here each element of a tensor
+//! (in its logical, row-major order) has 16 bits of one of SplitMix64's outputs for the seed,
+//! and is kept when they are at least `p · 2¹⁶`, so the same mask is drawn again wherever it is
+//! needed by one elementwise pass, with the same bits on the CPU and CUDA
+//! (`kernels/elementwise.cu`, `dropout_vec`). One output gives four elements their bits: in
+//! each run of 16 elements, output `j` (0–3) holds elements `2j`, `2j + 1` (its low 32 bits)
+//! and `2j + 8`, `2j + 9` (its high 32), the elements one thread holds in a tensor-core
+//! fragment (`kernels/lora.cu`), so a kernel draws once for four elements (`draw_of`).
+//! Metal, which has no such kernel, draws its masks with its own generator reseeded with the
+//! mask's seed: the same mask again for the same seed, other bits than the CPU's.
 
 use super::add::aligned;
 use super::attach::attach;
@@ -27,33 +30,35 @@ use rayon::prelude::*;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
     seed: u64,
-    /// `p · 2³²`: an element whose 32 bits are below it is dropped.
+    /// `p · 2¹⁶`: an element whose 16 bits are below it is dropped.
     threshold: u32,
     /// `1 / (1 − p)`.
     keep_scale: f64,
 }
 
 impl Dropout {
-    /// The mask of probability `p` (from 0 up to 1, 1 excluded) drawn from `seed`.
+    /// The mask of probability `p` (from 0 up to 1, 1 excluded; applied in steps of 2⁻¹⁶)
+    /// drawn from `seed`.
     pub fn new(p: f64, seed: u64) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
             candle_core::bail!("dropout probability {p} is not in [0, 1)");
         }
         Ok(Self {
             seed,
-            threshold: (p * 2f64.powi(32)).round().min(u32::MAX as f64) as u32,
+            threshold: (p * DRAW_RANGE).round().min(DRAW_RANGE - 1.0) as u32,
             keep_scale: 1.0 / (1.0 - p),
         })
     }
 
     /// Whether element `index` (row-major) is kept.
     pub fn keeps(&self, index: usize) -> bool {
-        let bits = splitmix64(self.seed, (index / 2) as u64);
-        let half = match index % 2 {
-            0 => bits as u32,
-            _ => (bits >> 32) as u32,
-        };
-        half >= self.threshold
+        let (draw, quarter) = draw_of(index);
+        self.kept(splitmix64(self.seed, draw), quarter)
+    }
+
+    /// Whether the element whose bits are 16-bit `quarter` of `bits` is kept.
+    fn kept(&self, bits: u64, quarter: usize) -> bool {
+        (bits >> (16 * quarter)) as u16 as u32 >= self.threshold
     }
 
     /// The mask for `shape` on `device`, as f32 values 0 and `1 / (1 − p)`: the reference the
@@ -77,7 +82,7 @@ impl Dropout {
             return self.mask(shape, device);
         }
         device.set_seed(self.seed)?;
-        let p = self.threshold as f64 / 2f64.powi(32);
+        let p = self.threshold as f64 / DRAW_RANGE;
         let uniform = Tensor::rand(0f32, 1f32, shape, device)?;
         uniform.ge(p)?.to_dtype(DType::F32)? * self.keep_scale
     }
@@ -157,7 +162,7 @@ impl Dropout {
         self.seed
     }
 
-    /// `p · 2³²`: an element whose 32 bits are below it is dropped.
+    /// `p · 2¹⁶`: an element whose 16 bits are below it is dropped.
     pub(crate) fn threshold(&self) -> u32 {
         self.threshold
     }
@@ -171,6 +176,20 @@ impl Dropout {
     pub(crate) fn same_probability(&self, other: &Self) -> bool {
         self.threshold == other.threshold && self.keep_scale == other.keep_scale
     }
+}
+
+/// The values an element's 16 bits take.
+const DRAW_RANGE: f64 = 65536.0;
+
+/// Which SplitMix64 output holds element `index`'s bits, and which 16-bit quarter of it: in
+/// each run of 16 elements, output `j` holds elements `2j`, `2j + 1` (quarters 0, 1) and
+/// `2j + 8`, `2j + 9` (quarters 2, 3).
+fn draw_of(index: usize) -> (u64, usize) {
+    let within = index % 16;
+    (
+        (index / 16 * 4 + within / 2 % 4) as u64,
+        within / 8 * 2 + within % 2,
+    )
 }
 
 /// Output number `index` of SplitMix64 seeded with `seed` (a 64-bit mix of both).
@@ -214,17 +233,26 @@ impl Masked {
         if base.is_some_and(|b| b.len() != x.len()) {
             candle_core::bail!("dropout: base and input sizes differ");
         }
-        Ok((0..x.len())
+        // A run of 16 elements (16-aligned in the tensor) takes four draws.
+        let runs = x.len().div_ceil(16);
+        let values = (0..runs)
             .into_par_iter()
-            .with_min_len(ELEMENTWISE_CHUNK)
-            .map(|i| {
-                let kept = match self.dropout.keeps(i) {
-                    true => x[i].f32() * self.scale,
-                    false => 0.0,
-                };
-                E::from_f32(base.map_or(kept, |b| b[i].f32() + kept))
+            .with_min_len(ELEMENTWISE_CHUNK / 16)
+            .flat_map_iter(|run| {
+                let draws: [u64; 4] =
+                    std::array::from_fn(|j| splitmix64(self.dropout.seed, (run * 4 + j) as u64));
+                let first = run * 16;
+                (first..x.len().min(first + 16)).map(move |i| {
+                    let (draw, quarter) = draw_of(i);
+                    let kept = match self.dropout.kept(draws[draw as usize % 4], quarter) {
+                        true => x[i].f32() * self.scale,
+                        false => 0.0,
+                    };
+                    E::from_f32(base.map_or(kept, |b| b[i].f32() + kept))
+                })
             })
-            .collect())
+            .collect();
+        Ok(values)
     }
 }
 
@@ -321,14 +349,20 @@ mod tests {
 
     #[test]
     fn neighbouring_elements_are_independent() {
-        // Both halves of one 64-bit draw are used: pairs must not be dropped together.
+        // Four quarters of one 64-bit draw are used: elements sharing a draw, and neighbours
+        // that do not, must not be dropped together.
         let d = Dropout::new(0.5, 3).unwrap();
         let n = 20_000;
-        let both = (0..n)
-            .filter(|i| !d.keeps(2 * i) && !d.keeps(2 * i + 1))
-            .count();
-        let fraction = both as f64 / n as f64;
-        assert!((fraction - 0.25).abs() < 0.02, "both dropped {fraction}");
+        for offset in [1, 2, 8, 9] {
+            let both = (0..n)
+                .filter(|i| !d.keeps(16 * i) && !d.keeps(16 * i + offset))
+                .count();
+            let fraction = both as f64 / n as f64;
+            assert!(
+                (fraction - 0.25).abs() < 0.02,
+                "+{offset}: both dropped {fraction}"
+            );
+        }
     }
 
     #[test]
@@ -376,6 +410,29 @@ mod tests {
         let got = grads.get(x.as_tensor()).unwrap();
         let want = (weights * d.mask(&[4, 33], &Device::Cpu).unwrap()).unwrap();
         assert_eq!(relative_error(got, &want), 0.0);
+    }
+
+    #[test]
+    fn each_draw_serves_four_elements_of_a_run_of_16() {
+        let mut seen = std::collections::HashMap::new();
+        for index in 0..64 {
+            let (draw, quarter) = draw_of(index);
+            assert!(quarter < 4);
+            assert!(
+                seen.insert((draw, quarter), index).is_none(),
+                "{index} shares bits"
+            );
+        }
+        assert_eq!(seen.len(), 64, "64 elements take 16 draws' 64 quarters");
+        assert_eq!(draw_of(16 + 3), (4 + 1, 1));
+        assert_eq!(draw_of(16 + 11), (4 + 1, 3));
+        let d = Dropout::new(0.5, 11).unwrap();
+        let bits = splitmix64(11, 5);
+        let kept = |quarter: usize| (bits >> (16 * quarter)) as u16 >= 32768;
+        assert_eq!(d.keeps(16 + 2), kept(0));
+        assert_eq!(d.keeps(16 + 3), kept(1));
+        assert_eq!(d.keeps(16 + 10), kept(2));
+        assert_eq!(d.keeps(16 + 11), kept(3));
     }
 
     #[test]
