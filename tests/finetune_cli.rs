@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{assert_two_ranks_train_as_one_process, copy_fixture, fixture, llmtool};
+use common::{
+    assert_fails_naming, assert_two_ranks_train_as_one_process, copy_fixture, fixture, llmtool,
+};
 use predicates::prelude::*;
 use std::path::Path;
 
@@ -196,17 +198,16 @@ fn full_finetune_keeps_the_bases_dtype_and_tokenizer_files() {
 fn finetune_needs_a_pretrained_model() {
     let dir = tempfile::tempdir().unwrap();
     let config = setup(dir.path(), "");
-    llmtool()
-        .args([
+    assert_fails_naming(
+        &[
             "finetune",
             &config,
             "--lora",
             "--set",
             "model.pretrained=null",
-        ])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("model.pretrained"));
+        ],
+        "model.pretrained",
+    );
 }
 
 #[test]
@@ -227,11 +228,10 @@ fn a_finetune_that_fails_on_its_base_leaves_no_run_behind() {
     .unwrap();
     std::fs::write(broken.join("model.safetensors"), b"not safetensors").unwrap();
     let base = format!("model.pretrained={}", broken.display());
-    llmtool()
-        .args(["finetune", &config, "--lora", "--set", &base])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("model.safetensors"));
+    assert_fails_naming(
+        &["finetune", &config, "--lora", "--set", &base],
+        "model.safetensors",
+    );
     assert!(
         !dir.path().join("run").exists(),
         "the failed run left its directory"
@@ -242,13 +242,10 @@ fn a_finetune_that_fails_on_its_base_leaves_no_run_behind() {
         .assert()
         .success()
         .stdout(predicate::str::contains("llmtool finetune --lora --resume"));
-    llmtool()
-        .args(["finetune", &config, "--lora"])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "continue it with `llmtool finetune --lora --resume",
-        ));
+    assert_fails_naming(
+        &["finetune", &config, "--lora"],
+        "continue it with `llmtool finetune --lora --resume",
+    );
 }
 
 /// Ten JSONL examples of one format, in `dir/data/train.jsonl`.
@@ -369,13 +366,10 @@ fn a_bad_jsonl_line_fails_naming_file_and_line() {
         _ => text_line(i),
     };
     let config = jsonl_setup(dir.path(), line, "");
-    llmtool()
-        .args(["finetune", &config, "--lora"])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "train.jsonl:4: expected \"text\", \"prompt\"/\"completion\" or \"messages\"",
-        ));
+    assert_fails_naming(
+        &["finetune", &config, "--lora"],
+        "train.jsonl:4: expected \"text\", \"prompt\"/\"completion\" or \"messages\"",
+    );
     assert!(!dir.path().join("run/config.yaml").exists());
 }
 

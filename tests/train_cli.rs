@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{llmtool, tiny_training_run as setup};
+use common::{assert_fails_naming, llmtool, tiny_training_run as setup};
 use predicates::prelude::*;
 use std::path::Path;
 
@@ -91,28 +91,26 @@ fn paused_run_resumes_to_the_end() {
         .success()
         .stdout(predicate::str::contains("steps        4 / 4"));
     // A config that changes the model cannot resume this run.
-    llmtool()
-        .args([
+    assert_fails_naming(
+        &[
             "train",
             &config,
             "--resume",
             run.to_str().unwrap(),
             "--set",
             "model.hidden_size=64",
-        ])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("model.*"));
+        ],
+        "model.*",
+    );
     // Nothing to resume.
-    llmtool()
-        .args([
+    assert_fails_naming(
+        &[
             "train",
             "--resume",
             dir.path().join("nowhere").to_str().unwrap(),
-        ])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("does not hold a run to resume"));
+        ],
+        "does not hold a run to resume",
+    );
 }
 
 #[test]
@@ -313,13 +311,10 @@ fn corrupt_state_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (_, run) = paused_run(dir.path());
     std::fs::write(run.join("training_state.safetensors"), b"garbage").unwrap();
-    llmtool()
-        .args(["train", "--resume", run.to_str().unwrap()])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "training_state.safetensors: not a valid safetensors file",
-        ));
+    assert_fails_naming(
+        &["train", "--resume", run.to_str().unwrap()],
+        "training_state.safetensors: not a valid safetensors file",
+    );
 }
 
 #[test]

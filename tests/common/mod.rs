@@ -22,6 +22,15 @@ pub fn copy_fixture(name: &str, to: &Path) {
     }
 }
 
+/// Runs `llmtool args` and asserts that it exits with status 1, `message` on its stderr.
+pub fn assert_fails_naming(args: &[&str], message: &str) {
+    llmtool()
+        .args(args)
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains(message));
+}
+
 /// Every tensor of a fixture safetensors file.
 pub fn tensors(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name), &Device::Cpu).expect("fixture tensors")
