@@ -127,6 +127,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "dropout",
         "embedding",
         "embedding_from_host",
+        "embedding_tied",
         "flash_attention",
         "geglu",
         "geglu_master_projection",

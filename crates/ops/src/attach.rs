@@ -16,7 +16,14 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use std::sync::Arc;
 
-type Backward1 = Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>;
+/// A one-source node's backward: the source's gradient from the value's, and optionally the
+/// same given the gradient the source already holds ([`attach_onto`]).
+struct Backward1 {
+    gradient: Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>,
+    onto: Option<Onto>,
+}
+/// `onto(grad of value, held)`: the source's gradient including `held`, or `None` to decline.
+type Onto = Box<dyn Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 /// Gradients for three sources.
 pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
@@ -32,9 +39,43 @@ pub(crate) fn attach<F>(
 where
     F: Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,
 {
+    attach_with(source, value, name, Box::new(backward), None)
+}
+
+/// [`attach`], whose backward is first offered the gradient `source` already holds (out of the
+/// gradient store for the call: [`Tensor::is_sole_handle`] says whether it may be written in
+/// place): `onto(grad of value, held)` returns the source's whole gradient, `held` included,
+/// or `None`, and then `backward`'s is added to `held` as [`attach`]'s would be.
+pub(crate) fn attach_onto<F, G>(
+    source: &Tensor,
+    value: &Tensor,
+    name: &'static str,
+    backward: F,
+    onto: G,
+) -> Result<Tensor>
+where
+    F: Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,
+    G: Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,
+{
+    attach_with(
+        source,
+        value,
+        name,
+        Box::new(backward),
+        Some(Box::new(onto)),
+    )
+}
+
+fn attach_with(
+    source: &Tensor,
+    value: &Tensor,
+    name: &'static str,
+    gradient: Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>,
+    onto: Option<Onto>,
+) -> Result<Tensor> {
     let op = Attach {
         name,
-        backward: Box::new(backward) as Backward1,
+        backward: Backward1 { gradient, onto },
     };
     let source = source.graph_handle()?;
     Ok(Tensor::attach_op1(value, &source, Arc::new(Box::new(op))))
@@ -129,7 +170,20 @@ impl CustomOp1 for Attach<Backward1> {
     no_forward!(s1 l1);
 
     fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        (self.backward)(grad)
+        (self.backward.gradient)(grad)
+    }
+
+    fn bwd_onto(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+        held: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        match &self.backward.onto {
+            Some(onto) => onto(grad, held),
+            None => Ok(None),
+        }
     }
 }
 
@@ -179,6 +233,36 @@ mod tests {
             grads.get(&x).unwrap().to_vec1::<f32>().unwrap(),
             [6., 6., 6.]
         );
+    }
+
+    #[test]
+    fn onto_is_offered_the_held_gradient_and_a_decline_adds_as_attach_does() {
+        let x = Var::from_slice(&[1f32, 2., 3.], 3, &Device::Cpu).unwrap();
+        for accept in [true, false] {
+            let value = x.as_tensor().detach();
+            let y = attach_onto(
+                x.as_tensor(),
+                &value,
+                "test",
+                |g| Ok(Some((g * 2.0)?)),
+                move |g, held| {
+                    assert_eq!(held.to_vec1::<f32>()?, [3., 3., 3.]);
+                    assert!(held.is_sole_handle());
+                    // A sum unlike `held + backward` shows which path gave the gradient.
+                    Ok(accept.then(|| held + (g * 10.0)?).transpose()?)
+                },
+            )
+            .unwrap();
+            // A node over y and x, as a tied head is over the lookup's rows and the table:
+            // x's gradient from it (3 each) is held before y's node runs.
+            let head = attach2(&y, x.as_tensor(), &y.detach(), "head", |g| {
+                Ok((Some(g.clone()), Some((g.ones_like()? * 3.0)?)))
+            })
+            .unwrap();
+            let grads = head.sum_all().unwrap().backward().unwrap();
+            let want = if accept { [13f32; 3] } else { [5f32; 3] };
+            assert_eq!(grads.get(&x).unwrap().to_vec1::<f32>().unwrap(), want);
+        }
     }
 
     #[test]

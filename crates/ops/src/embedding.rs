@@ -1,14 +1,19 @@
 //! Token embedding with a fused backward: the lookup is candle's `index_select`; the gradient of
 //! the table is one scatter-add of the output gradient's rows (f32 accumulation) instead of
-//! candle's `index_add` backward through a zero table (`kernels/embedding.cu` on CUDA).
+//! candle's `index_add` backward through a zero table (`kernels/embedding.cu` on CUDA). Where
+//! the table already holds an f32 gradient (a tied output head's, which reaches it first), the
+//! rows are added into that one instead of into a zero table that the gradient store would then
+//! add to it.
 
-use super::attach::attach;
+use super::attach::attach_onto;
 use super::cpu_kernel::{f32s, output, slice, u32s};
 use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 #[cfg(feature = "cuda")]
 use super::fused_op::{CudaOutput, Operand};
 use super::{ids_beside, rows_and_width};
-use candle_core::{CpuStorage, Device, Result, Storage, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, DType, Device, InplaceOp3, Layout, Result, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 /// Token embedding lookup: rows of `table` for `ids` (any shape of u32 ids). The fused backward
@@ -105,11 +110,65 @@ fn fused_embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     let (vocab, width) = table.dims2()?;
     let dtype = table.dtype();
     let ids = ids.flatten_all()?.contiguous()?;
-    attach(table, &y, "embedding", move |grad| {
-        let rows = grad.reshape(((), width))?.contiguous()?;
-        let d_table = rows.apply_op2_no_bwd(&ids, &EmbeddingGrad { vocab })?;
-        Ok(Some(d_table.to_dtype(dtype)?))
-    })
+    let onto_ids = ids.clone();
+    let rows = move |grad: &Tensor| grad.reshape(((), width))?.contiguous();
+    attach_onto(
+        table,
+        &y,
+        "embedding",
+        move |grad| {
+            let d_table = rows(grad)?.apply_op2_no_bwd(&ids, &EmbeddingGrad { vocab })?;
+            Ok(Some(d_table.to_dtype(dtype)?))
+        },
+        move |grad, held| add_rows_onto(held, &rows(grad)?, &onto_ids),
+    )
+}
+
+/// `held` with `rows[i]` added at row `ids[i]`, where `held` is a contiguous f32 table beside
+/// the rows (in place where nothing else holds it, else into a copy); `None` otherwise.
+fn add_rows_onto(held: &Tensor, rows: &Tensor, ids: &Tensor) -> Result<Option<Tensor>> {
+    let (Ok((_, width)), Ok((_, rows_width))) = (held.dims2(), rows.dims2()) else {
+        return Ok(None);
+    };
+    let fits = held.dtype() == DType::F32
+        && width == rows_width
+        && held.is_contiguous()
+        && held.device().same_device(rows.device());
+    if !fits {
+        return Ok(None);
+    }
+    let table = match held.is_sole_handle() {
+        true => held.clone(),
+        false => held.copy()?,
+    };
+    #[cfg(feature = "cuda")]
+    if matches!(table.device(), Device::Cuda(_)) {
+        crate::launch::with_operands(&[&table, ids, rows], |o| {
+            cuda::add_rows(o[0], o[1], o[2], held.dim(0)?)
+        })?;
+        return Ok(Some(table));
+    }
+    table.inplace_op3(ids, &rows.to_dtype(DType::F32)?, &AddRows)?;
+    Ok(Some(table))
+}
+
+/// `table[ids[i]] += rows[i]` over f32 rows of `table`'s width.
+fn add_rows(table: &mut [f32], width: usize, rows: &[f32], ids: &[u32]) -> Result<()> {
+    let vocab = table.len() / width.max(1);
+    if ids.len() * width != rows.len() {
+        candle_core::bail!(
+            "embedding gradient: {} rows for {} ids",
+            rows.len() / width.max(1),
+            ids.len()
+        );
+    }
+    for (row, &id) in rows.chunks(width.max(1)).zip(ids) {
+        let Some(dst) = table.get_mut(id as usize * width..(id as usize + 1) * width) else {
+            candle_core::bail!("embedding: id {id} outside the table of {vocab}");
+        };
+        dst.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+    }
+    Ok(())
 }
 
 /// `d_table[ids[i]] += grad[i]`, an f32 `[vocab, width]` table.
@@ -121,19 +180,14 @@ impl FusedOp<2> for EmbeddingGrad {
     const NAME: &'static str = "embedding-grad";
 
     fn cpu(&self, [(grad, grad_layout), (ids, ids_layout)]: [CpuOperand; 2]) -> CpuOutput {
-        let (tokens, width) = rows_and_width(grad_layout)?;
-        let ids = u32s(ids, ids_layout)?;
-        if ids.len() != tokens {
-            candle_core::bail!("embedding gradient: {tokens} rows for {} ids", ids.len());
-        }
-        let grad = f32s(grad, grad_layout)?;
+        let (_, width) = rows_and_width(grad_layout)?;
         let mut table = vec![0f32; self.vocab * width];
-        for (row, &id) in grad.chunks(width.max(1)).zip(ids) {
-            let Some(dst) = table.get_mut(id as usize * width..(id as usize + 1) * width) else {
-                candle_core::bail!("embedding: id {id} outside the table of {}", self.vocab);
-            };
-            dst.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-        }
+        add_rows(
+            &mut table,
+            width,
+            f32s(grad, grad_layout)?,
+            u32s(ids, ids_layout)?,
+        )?;
         Ok(output(table, (self.vocab, width)))
     }
 
@@ -147,10 +201,41 @@ impl FusedOp<2> for EmbeddingGrad {
 
 custom_op!(EmbeddingGrad: 2);
 
+/// [`add_rows`] in place on the CPU: the table, then the ids and the f32 rows.
+struct AddRows;
+
+impl InplaceOp3 for AddRows {
+    fn name(&self) -> &'static str {
+        "embedding-add-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        table: &mut CpuStorage,
+        table_layout: &Layout,
+        ids: &CpuStorage,
+        ids_layout: &Layout,
+        rows: &CpuStorage,
+        rows_layout: &Layout,
+    ) -> Result<()> {
+        let (start, end) = table_layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("embedding gradient: the table is not contiguous".into())
+        })?;
+        let CpuStorage::F32(table) = table else {
+            candle_core::bail!("embedding gradient: the table is not f32");
+        };
+        let width = rows_layout.dims().last().copied().unwrap_or(0);
+        let (ids, rows) = (u32s(ids, ids_layout)?, f32s(rows, rows_layout)?);
+        add_rows(&mut table[start..end], width, rows, ids)
+    }
+}
+
 /// The CUDA launcher (`kernels/embedding.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
-    use crate::launch::{common_dtype, int, per_element, run, zeros_f32, Operand};
+    use crate::launch::{
+        address, base_address, common_dtype, int, launch, per_element, zeros_f32, Arg, Operand,
+    };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Result};
@@ -158,6 +243,33 @@ mod cuda {
     /// Embedding gradient: `grad` rows `[tokens, width]` summed into an f32 `[vocab, width]` table
     /// at the rows named by u32 `ids`.
     pub(super) fn embedding_grad(ids: Operand, grad: Operand, vocab: usize) -> Result<CudaStorage> {
+        let (_, width) = rows_and_width(grad.1)?;
+        // Zeroed: the kernel adds into it.
+        let table = zeros_f32(&grad.0.device, vocab * width)?;
+        scatter(ids, grad, (base_address(&table)?, vocab))?;
+        Ok(table)
+    }
+
+    /// `grad` rows added in place into the contiguous f32 `[vocab, width]` `table` at `ids`.
+    pub(super) fn add_rows(
+        table: Operand,
+        ids: Operand,
+        grad: Operand,
+        vocab: usize,
+    ) -> Result<()> {
+        let (_, width) = rows_and_width(grad.1)?;
+        if table.0.dtype() != DType::F32 || table.1.shape().elem_count() != vocab * width {
+            candle_core::bail!(
+                "embedding gradient: a table {:?} of {:?} for rows of {width}",
+                table.1.shape(),
+                table.0.dtype()
+            );
+        }
+        scatter(ids, grad, (address(table)?, vocab))
+    }
+
+    /// Launches the kernel adding `grad`'s rows into the f32 table at `table` (`vocab` rows).
+    fn scatter(ids: Operand, grad: Operand, (table, vocab): (u64, usize)) -> Result<()> {
         let dtype = common_dtype(&[grad])?;
         let (tokens, width) = rows_and_width(grad.1)?;
         if ids.0.dtype() != DType::U32 || ids.1.shape().elem_count() != tokens {
@@ -166,16 +278,22 @@ mod cuda {
                 ids.1.shape()
             );
         }
-        // Zeroed: the kernel adds into it.
-        let table = zeros_f32(&grad.0.device, vocab * width)?;
-        let scalars = [int(tokens)?, int(width)?, int(vocab)?];
-        let shape = per_element(tokens * width)?;
-        run(
-            ("embedding_grad", dtype),
-            shape,
-            &[ids, grad],
-            table,
-            &scalars,
+        let args = [
+            Arg::Address(address(ids)?),
+            Arg::Address(address(grad)?),
+            Arg::Address(table),
+            int(tokens)?,
+            int(width)?,
+            int(vocab)?,
+        ];
+        let (grid, block) = per_element(tokens * width)?;
+        launch(
+            &grad.0.device,
+            "embedding_grad",
+            Some(dtype),
+            grid,
+            block,
+            &args,
         )
     }
 }
@@ -197,6 +315,54 @@ mod tests {
             |t| super::fused_embedding(&t[0], &t[1]),
             |t| super::reference(&t[0], &t[1]),
             1e-6,
+        );
+    }
+
+    #[test]
+    fn a_tied_tables_rows_are_added_into_the_heads_gradient() {
+        // The lookup's rows feed a head over the same table, whose gradient reaches it first.
+        let ids = Tensor::new(&[[0u32, 3, 3, 9], [1, 0, 9, 3]], &Device::Cpu).unwrap();
+        let inputs = [ids, uniform(&[10, 6], 3)];
+        let head = |rows: candle_core::Result<Tensor>, table: &Tensor| {
+            let logits = rows?.broadcast_matmul(&table.t()?)?;
+            (logits.sqr()? * 0.5)?.sum_all()
+        };
+        assert_parity(
+            "tied embedding",
+            &inputs,
+            &[false, true],
+            |t| head(super::fused_embedding(&t[0], &t[1]), &t[1]),
+            |t| head(super::reference(&t[0], &t[1]), &t[1]),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn rows_go_into_a_held_gradient_in_place_only_where_nothing_else_holds_it() {
+        let ids = Tensor::new(&[2u32, 0, 2], &Device::Cpu).unwrap();
+        let rows = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu).unwrap();
+        let want = [[4f32, 5.], [1., 1.], [7., 9.]];
+        let held = Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap();
+        let shared = held.clone();
+        let sum = super::add_rows_onto(&held, &rows, &ids).unwrap().unwrap();
+        assert_eq!(sum.to_vec2::<f32>().unwrap(), want);
+        assert_eq!(shared.to_vec2::<f32>().unwrap(), [[1f32; 2]; 3]);
+        drop(shared);
+        let sum = super::add_rows_onto(&held, &rows, &ids).unwrap().unwrap();
+        assert_eq!(held.to_vec2::<f32>().unwrap(), want, "written in place");
+        assert_eq!(sum.to_vec2::<f32>().unwrap(), want);
+        // A gradient the rows cannot go into (another dtype or width) is declined.
+        for other in [
+            held.to_dtype(DType::BF16).unwrap(),
+            held.narrow(1, 0, 1).unwrap(),
+        ] {
+            assert!(super::add_rows_onto(&other, &rows, &ids).unwrap().is_none());
+        }
+        let outside = Tensor::new(&[2u32, 0, 3], &Device::Cpu).unwrap();
+        let err = super::add_rows_onto(&held, &rows, &outside).unwrap_err();
+        assert!(
+            err.to_string().contains("id 3 outside the table of 3"),
+            "{err}"
         );
     }
 

@@ -630,8 +630,24 @@ impl Tensor {
                         grads.accumulate(arg, &arg_grad)?
                     }
                     Op::CustomOp1(arg, c) => {
-                        if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
-                            grads.accumulate(arg, &arg_grad)?
+                        // llmtool patch: the op is first offered the gradient already held,
+                        // out of the store for the call (`bwd_onto`); one it returns includes
+                        // that gradient and replaces it.
+                        let held = grads.remove(arg);
+                        let onto = match &held {
+                            Some(held) => c.bwd_onto(arg, node, &grad, held)?,
+                            None => None,
+                        };
+                        match (onto, held) {
+                            (Some(sum), _) => _ = grads.insert(arg, sum),
+                            (None, held) => {
+                                if let Some(held) = held {
+                                    grads.insert(arg, held);
+                                }
+                                if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
+                                    grads.accumulate(arg, &arg_grad)?
+                                }
+                            }
                         }
                     }
                     Op::CustomOp2(arg1, arg2, c) => {

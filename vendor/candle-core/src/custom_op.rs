@@ -39,6 +39,20 @@ pub trait CustomOp1 {
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
         Err(crate::Error::BackwardNotSupported { op: self.name() })
     }
+
+    /// llmtool patch: the backward given the gradient the store already holds for the argument,
+    /// taken out of the store for the call (so that where nothing else holds it,
+    /// `held.is_sole_handle()`, the op may add into it in place). Returning `Some`, the gradient
+    /// includes `held` and replaces it; `None` (the default) puts `held` back and runs `bwd`.
+    fn bwd_onto(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        _grad_res: &Tensor,
+        _held: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 pub trait CustomOp2 {

@@ -2371,6 +2371,13 @@ impl Tensor {
         Ok(Tensor(Arc::new(tensor_)))
     }
 
+    /// llmtool patch: whether this handle is the only one to the tensor and to its storage (no
+    /// clone, view or variable shares either), so that writing into it in place can change
+    /// nothing another holder sees.
+    pub fn is_sole_handle(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.storage) == 1
+    }
+
     /// llmtool patch: a stand-in for this tensor in the autograd graph that holds no data (the
     /// same id, op, shape and dtype over a one-element buffer). An op that keeps an input only so
     /// that backward can reach it, and whose backward never reads that input's values, can keep

@@ -155,6 +155,26 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
             ],
         },
         Case {
+            // A tied table: the lookup's rows are the head's input, so the lookup's backward
+            // adds its rows into the head's gradient of the table, which arrives first.
+            name: "embedding_tied",
+            fused: |t| {
+                let rows = crate::embedding(&t[0], &t[1])?;
+                crate::head_mean_nll(&rows, &t[1], &t[2], &t[3], None)
+            },
+            reference: |t| {
+                let rows = reference::embedding(&t[0], &t[1])?;
+                let nll = reference::token_nll(&rows.matmul(&t[1].t()?)?, &t[2])?;
+                crate::weighted_mean(&nll, &t[3])
+            },
+            inputs: vec![
+                Input::Ids(vec![tokens], vocab),
+                Input::Float(vec![shape.vocab, shape.hidden], 0.1),
+                Input::Ids(vec![tokens], vocab),
+                Input::Ids(vec![tokens], 2),
+            ],
+        },
+        Case {
             name: "embedding",
             fused: |t| crate::embedding(&t[0], &t[1]),
             reference: |t| reference::embedding(&t[0], &t[1]),
