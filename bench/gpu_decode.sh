@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Decoding at real scale on a GPU machine: llmtool's generate rows (batch 1, bf16) for the
-# base, 1b and 8b shapes, HF generate on the 1b in the same call, the device's read bandwidth
-# (the bound a decode step is held to), and an ncu breakdown of one decode step's kernels.
-# Run from `.device/` beside a CUDA binary built with `../shared/cuda/build.sh --bin llmtool`
-# and copies of bench/torch_ref.py and bench/ncu_step.py (docs/benchmarks.md, "Decoding
-# at real scale").
+# base, 1b and 8b shapes, HF generate on the 1b in the same call, the device's bandwidth and
+# matrix rate (bench/gpu_rates.py: the read bandwidth is the bound a decode step is held to),
+# and an ncu breakdown of one decode step's kernels. Run from `.device/` beside a CUDA binary
+# built with `../shared/cuda/build.sh --bin llmtool` and copies of bench/torch_ref.py,
+# bench/gpu_rates.py and bench/ncu_step.py (docs/benchmarks.md, "Decoding at real scale").
 #   [LLMTOOL=./llmtool] [TAG=name] [TORCH=0] [PROFILE=0] [NCU_SIZES="1b 8b"] [BANDWIDTH=0] bash gpu_decode.sh
 # LLMTOOL picks the binary (two builds side by side: run once per binary, each with its own
-# TAG, which names the output files); TORCH=0, PROFILE=0 and BANDWIDTH=0 skip HF generate, the ncu
-# breakdown and the bandwidth measurement. Other environment variables reach llmtool as they are.
+# TAG, which names the output files); TORCH=0, PROFILE=0 and BANDWIDTH=0 skip HF generate, the
+# ncu breakdown and the rates. Other environment variables reach llmtool as they are.
 cd "$(dirname "$0")"
 [ -f llmtool.gz ] && gunzip -f llmtool.gz && chmod +x llmtool
 LLMTOOL=${LLMTOOL:-./llmtool}
@@ -16,23 +16,7 @@ TAG=${TAG:-decode}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 nvidia-smi --query-gpu=name,driver_version,clocks.max.mem --format=csv >> "$OUT/$TAG.txt"
-[ "${BANDWIDTH:-1}" = 1 ] && timeout 60 python3 - >> "$OUT/$TAG.txt" 2>&1 <<'PY'
-import torch
-x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda").view(torch.bfloat16)
-y = torch.empty_like(x)
-def timed(f, n=20):
-    f(); torch.cuda.synchronize()
-    a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-    a.record()
-    for _ in range(n): f()
-    b.record(); torch.cuda.synchronize()
-    return a.elapsed_time(b) / n / 1e3
-x.normal_()
-t = timed(lambda: x.sum(dtype=torch.float32))
-print(f"read bandwidth (sum of 4 GiB bf16): {x.numel() * 2 / t / 1e9:.0f} GB/s")
-t = timed(lambda: y.copy_(x))
-print(f"copy bandwidth (read + write, 4 GiB): {2 * x.numel() * 2 / t / 1e9:.0f} GB/s")
-PY
+[ "${BANDWIDTH:-1}" = 1 ] && timeout 90 python3 gpu_rates.py >> "$OUT/$TAG.txt" 2>&1
 for size in base 1b 8b; do
   timeout 200 "$LLMTOOL" bench --device cuda --sizes $size --tasks generate --modes bf16 --steps 8 \
     --out "$OUT/$TAG-llmtool.jsonl" >> "$OUT/$TAG.txt" 2>&1; echo "$size rc=$?" >> "$OUT/$TAG.txt"
