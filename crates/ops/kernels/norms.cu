@@ -118,18 +118,32 @@ __device__ void add_rms_norm_wide(const T* __restrict__ x, const T* __restrict__
   }
 }
 
-// dx = r * (g*w' - x * r^2 * mean(g*w'*x)) with w' = offset + w, written as held + dx where
-// `held` (the gradient x already has, x's shape) is not null: summed in f32, rounded once.
+// The weight gradient's per-warp sums in shared memory: a warp's slice holds a float for each
+// column (padded to whole rounds of 32 lanes), column col = it * 32W + lane * W + k at
+// (it * W + k) * 32 + lane, so each lane touches only its own columns' floats and a warp's
+// accesses fall on 32 distinct banks.
+template <int W>
+__device__ __forceinline__ int dw_slot(int col) {
+  const int it = col / (32 * W), lane = (col / W) & 31, k = col % W;
+  return (it * W + k) * 32 + lane;
+}
+
+template <int W>
+__device__ __forceinline__ int dw_slice_floats(int width) {
+  return (width + 32 * W - 1) / (32 * W) * 32 * W;
+}
+
+// dx = r * (g*w' - x * r^2 * mean(g*w'*x)) with w' = offset + w for one row (a warp's), written
+// as held + dx where `held` (the gradient x already has, x's shape) is not null: summed in f32,
+// rounded once. Where `acc` (the warp's slice, above) is not null, the row's g * x * r is added
+// to it. Returns the row's inverse RMS r.
 template <typename T, int W>
-__device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows, int width,
-                            float eps, float* r_out, float offset, const T* held) {
+__device__ float rms_norm_dx_row(const T* x, const T* w, const T* g, T* dx, int row, int width,
+                                 float eps, float offset, const T* held, float* acc) {
   using P = Pack<T, W>;
-  const int row = warp_row(rows);
-  if (row < 0) return;
   const size_t off = (size_t)row * width;
   const float r = warp_inverse_rms<T, W>(x + off, width, eps);
-  if (r_out != nullptr && (threadIdx.x & 31) == 0) r_out[row] = r;  // for the weight gradient
-  const int first = (threadIdx.x & 31) * W;
+  const int lane = threadIdx.x & 31, first = lane * W;
   float dot = 0.f;
   for (int j = first; j < width; j += 32 * W) {
     const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
@@ -138,7 +152,7 @@ __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows,
       dot += to_f32(xv.e[k]) * to_f32(gv.e[k]) * (offset + to_f32(wv.e[k]));
   }
   const float c = warp_sum(dot) * r * r / width;
-  for (int j = first; j < width; j += 32 * W) {
+  for (int j = first, it = 0; j < width; j += 32 * W, ++it) {
     const P xv = P::load(x + off + j), wv = P::load(w + j), gv = P::load(g + off + j);
     P hv, out;
     if (held != nullptr) hv = P::load(held + off + j);
@@ -147,8 +161,46 @@ __device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows,
       float d = r * (to_f32(gv.e[k]) * (offset + to_f32(wv.e[k])) - to_f32(xv.e[k]) * c);
       if (held != nullptr) d += to_f32(hv.e[k]);
       out.e[k] = from_f32<T>(d);
+      if (acc != nullptr)
+        acc[(it * W + k) * 32 + lane] += to_f32(gv.e[k]) * to_f32(xv.e[k]) * r;
     }
     out.store(dx + off + j);
+  }
+  return r;
+}
+
+// The input gradient, a warp per row; with `r_out`, each row's inverse RMS is written there for
+// the weight gradient's kernels.
+template <typename T, int W>
+__device__ void rms_norm_dx(const T* x, const T* w, const T* g, T* dx, int rows, int width,
+                            float eps, float* r_out, float offset, const T* held) {
+  const int row = warp_row(rows);
+  if (row < 0) return;
+  const float r = rms_norm_dx_row<T, W>(x, w, g, dx, row, width, eps, offset, held, nullptr);
+  if (r_out != nullptr && (threadIdx.x & 31) == 0) r_out[row] = r;
+}
+
+// The input gradient and the weight gradient's partial sums in one pass: each warp takes
+// `rows_per_warp` consecutive rows (a block's warps consecutive runs), sums their g * x * r in
+// its slice of shared memory, and the block writes the sum of its warps' slices, in warp order,
+// as partial[block][col]: the order depends on the shapes only, so a run repeats its sums.
+template <typename T, int W>
+__device__ void rms_norm_dx_dw(const T* x, const T* w, const T* g, T* dx, float* partial,
+                               int rows, int width, float eps, float offset, const T* held,
+                               int rows_per_warp) {
+  extern __shared__ float slices[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int floats = dw_slice_floats<W>(width);
+  float* acc = slices + (size_t)warp * floats;
+  for (int i = lane; i < floats; i += 32) acc[i] = 0.f;
+  const int first = (blockIdx.x * warps + warp) * rows_per_warp;
+  for (int row = first; row < min(rows, first + rows_per_warp); ++row)
+    rms_norm_dx_row<T, W>(x, w, g, dx, row, width, eps, offset, held, acc);
+  __syncthreads();
+  for (int col = threadIdx.x; col < width; col += blockDim.x) {
+    float total = 0.f;
+    for (int k = 0; k < warps; ++k) total += slices[(size_t)k * floats + dw_slot<W>(col)];
+    partial[(size_t)blockIdx.x * width + col] = total;
   }
 }
 
@@ -185,13 +237,22 @@ __device__ void rms_norm_dw_partial(const T* x, const T* g, const float* r, floa
   }
 }
 
+// dw = the sum of the `chunks` partial rows: block (32, 8) sums 32 columns, its eight thread
+// rows taking every eighth chunk, then the eight sums in order.
 template <typename T>
 __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int width) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= width) return;
-  float total = 0.f;
-  for (int c = 0; c < chunks; ++c) total += partial[(size_t)c * width + col];
-  dw[col] = from_f32<T>(total);
+  __shared__ float acc[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float sum = 0.f;
+  if (col < width)
+    for (int c = threadIdx.y; c < chunks; c += 8) sum += partial[(size_t)c * width + col];
+  acc[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < width) {
+    float total = 0.f;
+    for (int k = 0; k < 8; ++k) total += acc[k][threadIdx.x];
+    dw[col] = from_f32<T>(total);
+  }
 }
 
 // extern "C" entry points, one per dtype.
@@ -214,6 +275,19 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
                                                   int rows, int width, float eps, float* r,   \
                                                   float offset, const T* held) {              \
     rms_norm_dx<T, WIDE<T>>(x, w, g, dx, rows, width, eps, r, offset, held);                  \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dx_dw_##S(const T* x, const T* w, const T* g, T* dx,    \
+                                                float* partial, int rows, int width,          \
+                                                float eps, float offset, const T* held,       \
+                                                int rows_per_warp) {                          \
+    rms_norm_dx_dw<T, 1>(x, w, g, dx, partial, rows, width, eps, offset, held, rows_per_warp); \
+  }                                                                                           \
+  extern "C" __global__ void rms_norm_dx_dw_wide_##S(const T* x, const T* w, const T* g,      \
+                                                     T* dx, float* partial, int rows,         \
+                                                     int width, float eps, float offset,      \
+                                                     const T* held, int rows_per_warp) {      \
+    rms_norm_dx_dw<T, WIDE<T>>(x, w, g, dx, partial, rows, width, eps, offset, held,          \
+                               rows_per_warp);                                                \
   }                                                                                           \
   extern "C" __global__ void rms_norm_inverse_##S(const T* x, float* r, int rows, int width,  \
                                                   float eps) {                                \

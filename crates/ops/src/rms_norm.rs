@@ -252,16 +252,22 @@ custom_op!(RmsNormWeightGrad: 2);
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use crate::launch::{
-        self, alloc, base_address, common_dtype, elementwise_kernel, grid, int, per_element,
-        per_warp_row, run, Arg, Operand,
+        self, alloc, base_address, common_dtype, elementwise_kernel, grid, int, per_warp_row, run,
+        Arg, Operand,
     };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Layout, Result, Tensor};
 
+    /// Shared memory a block of the fused gradients' kernel gives its warps' column sums.
+    const SLICES_BYTES: usize = 32 << 10;
+    /// Consecutive rows each warp of the fused gradients' kernel takes.
+    const ROWS_PER_WARP: usize = 2;
+
     /// The input gradient, `held + dx` where `held` is given, and with `weight`, the weight
-    /// gradient: the input gradient's kernel writes the per-row inverse RMS that the weight
-    /// gradient reads (instead of a third kernel recomputing it).
+    /// gradient: both from one kernel where a warp's column sums fit its share of
+    /// [`SLICES_BYTES`] ([`input_and_weight_grads`]), else the input gradient's kernel writes
+    /// the per-row inverse RMS that the weight gradient's kernel reads.
     pub(super) fn grads(
         x: &Tensor,
         w: &Tensor,
@@ -272,8 +278,14 @@ pub(crate) mod cuda {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let operands: Vec<&Tensor> = [x, w, grad].into_iter().chain(held).collect();
         let (dx, dw) = launch::with_operands(&operands, |ops| {
-            let inverse = weight.then(|| inverse_buffer(ops[0])).transpose()?;
             let held = ops.get(3).copied();
+            if weight {
+                let fused = input_and_weight_grads([ops[0], ops[1], ops[2]], held, norm)?;
+                if let Some((dx, dw)) = fused {
+                    return Ok((dx, Some(dw)));
+                }
+            }
+            let inverse = weight.then(|| inverse_buffer(ops[0])).transpose()?;
             let dx = input_grad([ops[0], ops[1], ops[2]], held, norm, inverse.as_ref())?;
             let dw = inverse
                 .map(|inverse| weight_grad(ops[0], ops[2], &inverse))
@@ -307,15 +319,56 @@ pub(crate) mod cuda {
         Ok(())
     }
 
-    /// RMSNorm input gradient for the weight `offset + w`, written as `held + dx` where `held`
-    /// (contiguous, x's shape) is given; with `inverse`, the kernel also writes each row's
-    /// inverse RMS there (f32, one per row) for [`weight_grad`].
-    pub(super) fn input_grad(
+    /// The input gradient (as [`input_grad`] writes it) and the weight gradient from one pass
+    /// over the rows: each warp sums its rows' share of the weight gradient in shared memory,
+    /// each block writes its warps' sums as one partial row, and [`weight_grad_sum`] adds the
+    /// blocks' rows. `None` where a warp's sums would not fit (rows wider than
+    /// [`SLICES_BYTES`] / 4 floats).
+    fn input_and_weight_grads(
         [x, w, g]: [Operand; 3],
         held: Option<Operand>,
         (eps, offset): (f32, f32),
-        inverse: Option<&CudaStorage>,
-    ) -> Result<CudaStorage> {
+    ) -> Result<Option<(CudaStorage, CudaStorage)>> {
+        let (operands, dtype, (rows, width)) = input_grad_operands([x, w, g], held)?;
+        let kernels = ("rms_norm_dx_dw", "rms_norm_dx_dw_wide");
+        let (name, per_access) = elementwise_kernel(kernels, &operands, width)?;
+        let slice_bytes = width.div_ceil(32 * per_access) * 32 * per_access * 4;
+        let warps = (SLICES_BYTES / slice_bytes.max(1)).min(8);
+        if warps == 0 {
+            return Ok(None);
+        }
+        let blocks = rows.div_ceil(warps * ROWS_PER_WARP).max(1);
+        let dev = &x.0.device;
+        let dx = alloc(dev, dtype, rows * width)?;
+        // Every (block, column) partial sum is written by the kernel.
+        let partial = alloc(dev, DType::F32, blocks * width)?;
+        let args = [
+            Arg::Address(launch::address(x)?),
+            Arg::Address(launch::address(w)?),
+            Arg::Address(launch::address(g)?),
+            Arg::Address(base_address(&dx)?),
+            Arg::Address(base_address(&partial)?),
+            int(rows)?,
+            int(width)?,
+            Arg::Float(eps),
+            Arg::Float(offset),
+            Arg::Address(launch::optional_address(held)?),
+            int(ROWS_PER_WARP)?,
+        ];
+        let threads = launch::int_u32(warps * 32)?;
+        let shared = launch::int_u32(warps * slice_bytes)?;
+        let config = (grid(blocks)?, (threads, 1), shared);
+        launch::launch_with_shared(dev, name, Some(dtype), config, &args)?;
+        let dw = weight_grad_sum(&partial, blocks, width, dtype)?;
+        Ok(Some((dx, dw)))
+    }
+
+    /// The operands of an input gradient (`held` last, where given), their dtype and the rows'
+    /// count and width, checked: the weight as wide as a row, `held` contiguous in x's shape.
+    fn input_grad_operands<'a>(
+        [x, w, g]: [Operand<'a>; 3],
+        held: Option<Operand<'a>>,
+    ) -> Result<(Vec<Operand<'a>>, DType, (usize, usize))> {
         let operands: Vec<Operand> = [x, w, g].into_iter().chain(held).collect();
         let dtype = common_dtype(&operands)?;
         let (rows, width) = rows_and_width(x.1)?;
@@ -325,6 +378,19 @@ pub(crate) mod cuda {
                 candle_core::bail!("rms_norm: a held gradient of {:?}", held.1.shape());
             }
         }
+        Ok((operands, dtype, (rows, width)))
+    }
+
+    /// RMSNorm input gradient for the weight `offset + w`, written as `held + dx` where `held`
+    /// (contiguous, x's shape) is given; with `inverse`, the kernel also writes each row's
+    /// inverse RMS there (f32, one per row) for [`weight_grad`].
+    pub(super) fn input_grad(
+        [x, w, g]: [Operand; 3],
+        held: Option<Operand>,
+        (eps, offset): (f32, f32),
+        inverse: Option<&CudaStorage>,
+    ) -> Result<CudaStorage> {
+        let (operands, dtype, (rows, width)) = input_grad_operands([x, w, g], held)?;
         let dx = alloc(&x.0.device, dtype, rows * width)?;
         let inverse = inverse.map(base_address).transpose()?.unwrap_or(0);
         let scalars = [
@@ -380,12 +446,23 @@ pub(crate) mod cuda {
             alloc(dev, DType::F32, chunks * width)?,
             &[int(rows)?, int(width)?, int(ROWS_PER_CHUNK)?],
         )?;
+        weight_grad_sum(&partial, chunks, width, dtype)
+    }
+
+    /// The weight gradient in `dtype`: the column sums of the f32 `[chunks, width]` partial
+    /// sums, in chunk order within each of eight interleaved runs.
+    fn weight_grad_sum(
+        partial: &CudaStorage,
+        chunks: usize,
+        width: usize,
+        dtype: DType,
+    ) -> Result<CudaStorage> {
         let partial_layout = Layout::contiguous(chunks * width);
         run(
             ("rms_norm_dw_finish", dtype),
-            per_element(width)?,
-            &[(&partial, &partial_layout)],
-            alloc(dev, dtype, width)?,
+            (grid(width.div_ceil(32))?, (32, 8)),
+            &[(partial, &partial_layout)],
+            alloc(&partial.device, dtype, width)?,
             &[int(chunks)?, int(width)?],
         )
     }
