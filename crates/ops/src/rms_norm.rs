@@ -259,13 +259,19 @@ pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Layout, Result, Tensor};
 
-    /// Shared memory a block of the fused gradients' kernel gives its warps' column sums.
-    const SLICES_BYTES: usize = 32 << 10;
+    /// Warps a block of the fused gradients' kernel runs.
+    const FUSED_WARPS: usize = 8;
+    /// Shared memory a block of the fused gradients' kernel may give its warps' column sums: at
+    /// most 24 KiB, so that eight such blocks (64 warps) fit a multiprocessor. On an H100 the
+    /// fused kernel paid at rows of 768 (24 KiB; base training 1.2% faster) and lost at rows of
+    /// 2,048 with half the warps a block (the 1b 0.4% slower): with fewer warps in flight the
+    /// pass reads more slowly than the two kernels it replaces (docs/benchmarks.md).
+    const SLICES_BYTES: usize = 24 << 10;
     /// Consecutive rows each warp of the fused gradients' kernel takes.
     const ROWS_PER_WARP: usize = 2;
 
     /// The input gradient, `held + dx` where `held` is given, and with `weight`, the weight
-    /// gradient: both from one kernel where a warp's column sums fit its share of
+    /// gradient: both from one kernel where [`FUSED_WARPS`] warps' column sums fit
     /// [`SLICES_BYTES`] ([`input_and_weight_grads`]), else the input gradient's kernel writes
     /// the per-row inverse RMS that the weight gradient's kernel reads.
     pub(super) fn grads(
@@ -322,8 +328,8 @@ pub(crate) mod cuda {
     /// The input gradient (as [`input_grad`] writes it) and the weight gradient from one pass
     /// over the rows: each warp sums its rows' share of the weight gradient in shared memory,
     /// each block writes its warps' sums as one partial row, and [`weight_grad_sum`] adds the
-    /// blocks' rows. `None` where a warp's sums would not fit (rows wider than
-    /// [`SLICES_BYTES`] / 4 floats).
+    /// blocks' rows. `None` where [`FUSED_WARPS`] warps' sums would not fit [`SLICES_BYTES`]
+    /// (rows wider than 768 elements).
     fn input_and_weight_grads(
         [x, w, g]: [Operand; 3],
         held: Option<Operand>,
@@ -333,8 +339,8 @@ pub(crate) mod cuda {
         let kernels = ("rms_norm_dx_dw", "rms_norm_dx_dw_wide");
         let (name, per_access) = elementwise_kernel(kernels, &operands, width)?;
         let slice_bytes = width.div_ceil(32 * per_access) * 32 * per_access * 4;
-        let warps = (SLICES_BYTES / slice_bytes.max(1)).min(8);
-        if warps == 0 {
+        let warps = FUSED_WARPS;
+        if warps * slice_bytes > SLICES_BYTES {
             return Ok(None);
         }
         let blocks = rows.div_ceil(warps * ROWS_PER_WARP).max(1);
