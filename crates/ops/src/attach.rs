@@ -19,9 +19,11 @@ use std::sync::Arc;
 /// A one-source node's backward: the source's gradient from the value's, and optionally the
 /// same given the gradient the source already holds ([`attach_onto`]).
 struct Backward1 {
-    gradient: Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>,
+    gradient: Gradient,
     onto: Option<Onto>,
 }
+/// `gradient(grad of value)`: the source's gradient.
+type Gradient = Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 /// `onto(grad of value, held)`: the source's gradient including `held`, or `None` to decline.
 type Onto = Box<dyn Fn(&Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 type Backward2 = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
@@ -70,7 +72,7 @@ fn attach_with(
     source: &Tensor,
     value: &Tensor,
     name: &'static str,
-    gradient: Box<dyn Fn(&Tensor) -> Result<Option<Tensor>> + Send + Sync>,
+    gradient: Gradient,
     onto: Option<Onto>,
 ) -> Result<Tensor> {
     let op = Attach {
@@ -249,7 +251,7 @@ mod tests {
                     assert_eq!(held.to_vec1::<f32>()?, [3., 3., 3.]);
                     assert!(held.is_sole_handle());
                     // A sum unlike `held + backward` shows which path gave the gradient.
-                    Ok(accept.then(|| held + (g * 10.0)?).transpose()?)
+                    accept.then(|| held + (g * 10.0)?).transpose()
                 },
             )
             .unwrap();
