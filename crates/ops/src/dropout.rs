@@ -25,14 +25,15 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
-/// One dropout mask: zero with probability `p`, else `1 / (1 − p)`, the same for the same seed
-/// and shape on every device.
+/// One dropout mask: zero with probability `p` (`p` rounded to a multiple of 2⁻¹⁶), else
+/// `1 / (1 − p)` of that rounded `p`, so the mask's mean is 1; the same for the same seed and
+/// shape on every device.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
     seed: u64,
-    /// `p · 2¹⁶`: an element whose 16 bits are below it is dropped.
+    /// `p · 2¹⁶`, rounded: an element whose 16 bits are below it is dropped.
     threshold: u32,
-    /// `1 / (1 − p)`.
+    /// `1 / (1 − threshold / 2¹⁶)`.
     keep_scale: f64,
 }
 
@@ -43,10 +44,11 @@ impl Dropout {
         if !(0.0..1.0).contains(&p) {
             candle_core::bail!("dropout probability {p} is not in [0, 1)");
         }
+        let threshold = (p * DRAW_RANGE).round().min(DRAW_RANGE - 1.0) as u32;
         Ok(Self {
             seed,
-            threshold: (p * DRAW_RANGE).round().min(DRAW_RANGE - 1.0) as u32,
-            keep_scale: 1.0 / (1.0 - p),
+            threshold,
+            keep_scale: 1.0 / (1.0 - threshold as f64 / DRAW_RANGE),
         })
     }
 
@@ -162,12 +164,12 @@ impl Dropout {
         self.seed
     }
 
-    /// `p · 2¹⁶`: an element whose 16 bits are below it is dropped.
+    /// `p · 2¹⁶`, rounded: an element whose 16 bits are below it is dropped.
     pub(crate) fn threshold(&self) -> u32 {
         self.threshold
     }
 
-    /// `1 / (1 − p)`, the kept elements' factor.
+    /// `1 / (1 − threshold / 2¹⁶)`, the kept elements' factor.
     pub(crate) fn keep_scale(&self) -> f64 {
         self.keep_scale
     }
@@ -345,6 +347,16 @@ mod tests {
         assert!(values.iter().all(kept));
         assert_eq!(mask_values(0.25, 9), values, "the same seed, the same mask");
         assert_ne!(mask_values(0.25, 10), values);
+    }
+
+    #[test]
+    fn kept_values_are_scaled_for_the_probability_the_mask_drops_at() {
+        // 0.05 is drawn as 3,277 / 65,536: the kept values' scale is that probability's, so the
+        // mask's expectation is 1 exactly.
+        let d = Dropout::new(0.05, 1).unwrap();
+        assert_eq!(d.threshold, 3_277);
+        assert_eq!(d.keep_scale, 65_536.0 / 62_259.0);
+        assert_eq!(d.keep_scale * (1.0 - 3_277.0 / 65_536.0), 1.0);
     }
 
     #[test]
