@@ -1,16 +1,12 @@
 //! `llmtool config show|validate` run as a user would: presets validate, every error class
 //! is reported with its file, line and key, and `show` round-trips through `validate`.
 
+mod common;
+
 use assert_cmd::assert::Assert;
-use assert_cmd::Command;
+use common::llmtool;
 use predicates::prelude::*;
 use std::path::Path;
-
-fn llmtool() -> Command {
-    let mut cmd = Command::cargo_bin("llmtool").expect("binary built by cargo");
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    cmd
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);

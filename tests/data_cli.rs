@@ -2,17 +2,13 @@
 //! temp folders: counts in the manifest, byte-identical rebuilds, and every kind of bad input
 //! listed in the manifest without aborting the build.
 
-use assert_cmd::Command;
+mod common;
+
+use common::llmtool_in;
 use predicates::prelude::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-fn llmtool(dir: &Path) -> Command {
-    let mut cmd = Command::cargo_bin("llmtool").expect("binary built by cargo");
-    cmd.current_dir(dir);
-    cmd
-}
 
 /// Several distinct markdown files under `dir/notes`.
 fn write_corpus(dir: &Path) {
@@ -74,7 +70,7 @@ fn build_counts_then_up_to_date_then_byte_identical() {
     let dir = tmp.path();
     write_corpus(dir);
     write_config(dir, "");
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", "config.yaml"])
         .assert()
         .success()
@@ -93,18 +89,18 @@ fn build_counts_then_up_to_date_then_byte_identical() {
     let first = dataset_bytes(dir);
     assert!(first.contains_key("train-00000.bin") && first.contains_key("tokenizer.json"));
 
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", "config.yaml"])
         .assert()
         .success()
         .stdout(predicate::str::contains("up to date"));
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", "config.yaml", "--force"])
         .assert()
         .success();
     assert_eq!(first, dataset_bytes(dir), "rebuild is not byte-identical");
 
-    llmtool(dir)
+    llmtool_in(dir)
         .args([
             "data",
             "build",
@@ -116,7 +112,7 @@ fn build_counts_then_up_to_date_then_byte_identical() {
         .success()
         .stdout(predicate::str::contains("up to date").not());
 
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "stats", "ds"])
         .assert()
         .success()
@@ -154,7 +150,7 @@ fn bad_inputs_are_listed_and_none_aborts_the_build() {
     }
     let locked_readable = can_read_anyway(&locked);
     write_config(dir, "");
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", "config.yaml"])
         .assert()
         .success();
@@ -194,7 +190,7 @@ fn bad_inputs_are_listed_and_none_aborts_the_build() {
         .collect();
     assert!(inputs.contains(&"notes/oneline.md"));
 
-    llmtool(dir)
+    llmtool_in(dir)
         .args([
             "data",
             "build",
@@ -218,7 +214,7 @@ fn bad_inputs_are_listed_and_none_aborts_the_build() {
 fn missing_root_is_an_error_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
     write_config(tmp.path(), "");
-    llmtool(tmp.path())
+    llmtool_in(tmp.path())
         .args(["data", "build", "config.yaml"])
         .assert()
         .code(1)
@@ -228,7 +224,7 @@ fn missing_root_is_an_error_naming_it() {
 #[test]
 fn stats_without_dataset_says_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();
-    llmtool(tmp.path())
+    llmtool_in(tmp.path())
         .args(["data", "stats", "nowhere"])
         .assert()
         .code(1)
@@ -245,7 +241,7 @@ fn stats_into_a_closed_pipe_ends_quietly() {
     let tmp = tempfile::tempdir().unwrap();
     write_corpus(tmp.path());
     let config = write_config(tmp.path(), "");
-    llmtool(tmp.path())
+    llmtool_in(tmp.path())
         .args(["data", "build", config.to_str().unwrap()])
         .assert()
         .success();
@@ -275,12 +271,12 @@ fn a_replaced_dataset_tokenizer_makes_the_dataset_stale() {
     let dir = tmp.path();
     write_corpus(dir);
     let config = write_config(dir, "");
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", config.to_str().unwrap()])
         .assert()
         .success();
     let original = std::fs::read(dir.join("ds/tokenizer.json")).unwrap();
-    llmtool(dir)
+    llmtool_in(dir)
         .args([
             "tokenizer",
             "train",
@@ -291,14 +287,14 @@ fn a_replaced_dataset_tokenizer_makes_the_dataset_stale() {
         .args(["--out", "ds/tokenizer.json", "--force"])
         .assert()
         .success();
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "stats", "ds"])
         .assert()
         .code(1)
         .stderr(predicate::str::contains(
             "ds/tokenizer.json: is not the tokenizer this dataset was tokenized with",
         ));
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", config.to_str().unwrap()])
         .assert()
         .success()
@@ -315,7 +311,7 @@ fn trained_tokenizer_loads_back() {
     let dir = tmp.path();
     write_corpus(dir);
     write_config(dir, "  special_tokens: [\"<|endoftext|>\", \"<|pad|>\"]\n");
-    llmtool(dir)
+    llmtool_in(dir)
         .args([
             "tokenizer",
             "train",
@@ -337,7 +333,7 @@ fn trained_tokenizer_loads_back() {
 
     // An existing file is kept unless --force.
     let train_again = |extra: &[&str]| {
-        let mut cmd = llmtool(dir);
+        let mut cmd = llmtool_in(dir);
         cmd.args([
             "tokenizer",
             "train",
@@ -355,7 +351,7 @@ fn trained_tokenizer_loads_back() {
 
     // The dataset then uses it as is.
     write_config(dir, "  tokenizer: tok/tokenizer.json\n");
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", "config.yaml"])
         .assert()
         .success();
@@ -364,7 +360,7 @@ fn trained_tokenizer_loads_back() {
     // A tokenizer larger than the model's embedding is refused, naming the file.
     let small = "model:\n  vocab_size: 300\ndata:\n  roots: [notes]\n  tokenizer: tok/tokenizer.json\n  dataset_dir: ds2\n";
     std::fs::write(dir.join("small.yaml"), small).unwrap();
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build", "small.yaml"])
         .assert()
         .code(1)
@@ -385,7 +381,7 @@ fn a_corpus_that_cleans_to_nothing_says_how_many_files_were_read() {
         .unwrap();
     }
     let config = write_config(dir, "  min_chars: 500\n");
-    llmtool(dir)
+    llmtool_in(dir)
         .args(["data", "build"])
         .arg(&config)
         .assert()

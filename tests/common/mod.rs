@@ -66,8 +66,13 @@ pub fn ids(t: &Tensor) -> Tensor {
 
 /// The llmtool binary, run from the repository root.
 pub fn llmtool() -> assert_cmd::Command {
+    llmtool_in(Path::new(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The llmtool binary, run from `dir`.
+pub fn llmtool_in(dir: &Path) -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("llmtool").expect("binary built by cargo");
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd.current_dir(dir);
     cmd
 }
 
