@@ -4,7 +4,7 @@
 mod common;
 
 use assert_cmd::assert::Assert;
-use common::llmtool;
+use common::{assert_fails_naming, llmtool};
 use predicates::prelude::*;
 use std::path::Path;
 
@@ -159,13 +159,10 @@ fn yaml_syntax_error_names_line() {
 
 #[test]
 fn missing_file_is_one_clear_line() {
-    llmtool()
-        .args(["config", "validate", "configs/nope.yaml"])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "configs/nope.yaml: cannot read config",
-        ));
+    assert_fails_naming(
+        &["config", "validate", "configs/nope.yaml"],
+        "configs/nope.yaml: cannot read config",
+    );
 }
 
 #[test]
@@ -184,19 +181,16 @@ fn set_overrides_and_type_checks() {
         .success()
         .stdout(predicate::str::contains("lr: 0.0003"))
         .stdout(predicate::str::contains("r: 4"));
-    llmtool()
-        .args([
+    assert_fails_naming(
+        &[
             "config",
             "validate",
             "configs/small.yaml",
             "--set",
             "training.lr=fast",
-        ])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(
-            "--set training.lr: expected a positive number, got \"fast\"",
-        ));
+        ],
+        "--set training.lr: expected a positive number, got \"fast\"",
+    );
 }
 
 #[test]
