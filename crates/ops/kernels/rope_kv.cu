@@ -16,11 +16,15 @@
 // whole (a packed projection's values beside its keys). `sign` -1 rotates backwards (the
 // gradient). Each thread takes W rotation pairs (copied as they are in a copied head), or W
 // copied elements past the rotated ones; each reads only what it writes, so y may be x.
+// Heads from `split` on are read from rest_x and written to rest_y instead (their own first
+// head at head `split`, positions rest_x_tok and rest_y_tok apart): one launch for two runs of heads that lie
+// apart, as a packed projection's queries and keys do from their gradients.
 
 template <typename T, int W>
 __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int d, int rotary,
                      int seq, int heads, int rotated, long long x_tok, long long y_tok,
-                     float sign) {
+                     float sign, int split, const T* rest_x, T* rest_y,
+                     long long rest_x_tok, long long rest_y_tok) {
   using P = Pack<T, W>;
   const int half = rotary / 2, groups = half / W, items = groups + (d - rotary) / W;
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -28,8 +32,13 @@ __device__ void rope(const T* x, const T* cos, const T* sin, T* y, int rows, int
   const size_t row = i / items;
   const int item = (int)(i % items);
   const size_t position = row / heads, head = row % heads;
-  x += position * x_tok + head * d;
-  y += position * y_tok + head * d;
+  if (head < (size_t)split) {
+    x += position * x_tok + head * d;
+    y += position * y_tok + head * d;
+  } else {
+    x = rest_x + position * rest_x_tok + (head - split) * d;
+    y = rest_y + position * rest_y_tok + (head - split) * d;
+  }
   if (item >= groups) {
     const size_t at = rotary + (size_t)(item - groups) * W;
     P::load(x + at).store(y + at);
@@ -119,15 +128,20 @@ __device__ void write_kv(const T* qkv, const T* cos, const T* sin, T* q_out, T* 
   }                                                                                           \
   extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* y, int rows, \
                                       int d, int rotary, int seq, int heads, int rotated,     \
-                                      long long x_tok, long long y_tok, float sign) {         \
-    rope<T, 1>(x, cos, sin, y, rows, d, rotary, seq, heads, rotated, x_tok, y_tok, sign);     \
+                                      long long x_tok, long long y_tok, float sign,           \
+                                      int split, const T* rest_x, T* rest_y,                  \
+                                      long long rest_x_tok, long long rest_y_tok) {           \
+    rope<T, 1>(x, cos, sin, y, rows, d, rotary, seq, heads, rotated, x_tok, y_tok, sign,      \
+               split, rest_x, rest_y, rest_x_tok, rest_y_tok);                                \
   }                                                                                           \
   extern "C" __global__ void rope_wide_##S(const T* x, const T* cos, const T* sin, T* y,      \
                                            int rows, int d, int rotary, int seq, int heads,   \
                                            int rotated, long long x_tok, long long y_tok,     \
-                                           float sign) {                                      \
+                                           float sign, int split, const T* rest_x,            \
+                                           T* rest_y, long long rest_x_tok,                   \
+                                           long long rest_y_tok) {                            \
     rope<T, WIDE<T>>(x, cos, sin, y, rows, d, rotary, seq, heads, rotated, x_tok, y_tok,      \
-                     sign);                                                                   \
+                     sign, split, rest_x, rest_y, rest_x_tok, rest_y_tok);                    \
   }
 
 FOR_EACH_FLOAT(ROPE_KV_ENTRY_POINTS)

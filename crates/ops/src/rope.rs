@@ -167,14 +167,19 @@ pub(crate) mod cuda {
             address,
             token_stride: heads * d,
         };
-        let (from, to) = (contiguous(address(x)?), contiguous(base_address(&y)?));
+        let run = HeadRun {
+            from: contiguous(address(x)?),
+            to: contiguous(base_address(&y)?),
+            heads,
+        };
+        let positions = rows / heads.max(1);
         rope_rows(
             &x.0.device,
             dtype,
-            (from, to),
-            (rows, d),
+            &[run],
+            (positions, d),
             tables,
-            (heads, heads),
+            heads,
             sign,
         )?;
         Ok(y)
@@ -189,18 +194,34 @@ pub(crate) mod cuda {
         pub token_stride: usize,
     }
 
-    /// [`rope`] from the rows at `from` into those at `to` (which may be `from`: each thread
-    /// reads only what it writes), `rows` rows of `d` in all, `heads` a position, for `dtype`
-    /// tables: the first `rotated` heads of each position rotated, the rest copied whole.
+    /// A run of `heads` heads of each position that a launch of [`rope_rows`] reads at `from`
+    /// and writes at `to` (which may be `from`: each thread reads only what it writes).
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct HeadRun {
+        pub from: HeadRows,
+        pub to: HeadRows,
+        pub heads: usize,
+    }
+
+    /// [`rope`] over `positions` positions of the heads of `runs` (one or two, a position's
+    /// heads in their order), each of `d` elements, for `dtype` tables: the first `rotated`
+    /// heads of each position rotated, the rest copied whole. One launch for all of them.
     pub(crate) fn rope_rows(
         device: &CudaDevice,
         dtype: DType,
-        (from, to): (HeadRows, HeadRows),
-        (rows, d): (usize, usize),
+        runs: &[HeadRun],
+        (positions, d): (usize, usize),
         (cos, sin): (Operand, Operand),
-        (heads, rotated): (usize, usize),
+        rotated: usize,
         sign: f32,
     ) -> Result<()> {
+        let (first, second) = match runs {
+            [only] => (*only, *only),
+            [first, second] => (*first, *second),
+            _ => candle_core::bail!("rope: {} runs of heads in one launch", runs.len()),
+        };
+        let heads: usize = runs.iter().map(|run| run.heads).sum();
+        let rows = positions * heads;
         let half = *cos.1.dims().last().unwrap_or(&0);
         let table = cos.1.shape().elem_count();
         let (rotary, seq) = super::rotated_share(d, half, table)?;
@@ -215,7 +236,8 @@ pub(crate) mod cuda {
         let run_length = gcd(half, d - rotary);
         let (name, width) = elementwise_kernel(("rope", "rope_wide"), &[cos, sin], run_length)?;
         let bytes = dtype.size_in_bytes();
-        let aligned = [from, to].iter().all(|rows| {
+        let ends = runs.iter().flat_map(|run| [run.from, run.to]);
+        let aligned = ends.into_iter().all(|rows| {
             rows.address % 16 == 0 && (rows.token_stride * bytes) % 16 == 0 && (d * bytes) % 16 == 0
         });
         let (name, width) = match aligned {
@@ -223,19 +245,25 @@ pub(crate) mod cuda {
             false => ("rope", 1),
         };
         let args = [
-            Arg::Address(from.address),
+            Arg::Address(first.from.address),
             Arg::Address(address(cos)?),
             Arg::Address(address(sin)?),
-            Arg::Address(to.address),
+            Arg::Address(first.to.address),
             int(rows)?,
             int(d)?,
             int(rotary)?,
             int(seq)?,
             int(heads)?,
             int(rotated)?,
-            Arg::Count(from.token_stride as u64),
-            Arg::Count(to.token_stride as u64),
+            Arg::Count(first.from.token_stride as u64),
+            Arg::Count(first.to.token_stride as u64),
             Arg::Float(sign),
+            // With one run, `split` is past every head and the second run is never read.
+            int(first.heads.min(heads))?,
+            Arg::Address(second.from.address),
+            Arg::Address(second.to.address),
+            Arg::Count(second.from.token_stride as u64),
+            Arg::Count(second.to.token_stride as u64),
         ];
         let (grid, block) = per_element(rows * (d - half) / width)?;
         launch(device, name, Some(dtype), grid, block, &args)

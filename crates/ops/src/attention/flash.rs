@@ -23,10 +23,10 @@
 use super::{GroupedDims, Scoring, Segments};
 use crate::attach::{attach, attach3};
 use crate::launch::{self, Arg, Operand};
-use crate::rope::cuda::{rope_rows, HeadRows};
+use crate::rope::cuda::{rope_rows, HeadRows, HeadRun};
 use crate::step_scope;
 use candle_core::backend::BackendStorage;
-use candle_core::{DType, Device, Result, Shape, Tensor};
+use candle_core::{CudaStorage, DType, Device, Result, Shape, Tensor};
 
 /// Head sizes the kernels are compiled for.
 const HEAD_SIZES: [usize; 2] = [64, 128];
@@ -398,15 +398,12 @@ pub(crate) fn self_attention_packed(
     segments: Option<Segments>,
 ) -> Result<Tensor> {
     let (batch, t, width) = qkv.dims3()?;
-    let parts = heads + 2 * kv_heads;
-    let d = width / parts;
+    let d = width / (heads + 2 * kv_heads);
     let dims = GroupedDims::self_attention(batch, t, (heads, kv_heads), d);
     let tables = (cos.detach(), sin.detach());
-    let packed = qkv.detach();
-    let qr = rotate_packed(&packed, &tables, (0, heads), heads, parts)?;
-    // The keys rotated and the values copied beside them by one launch (a 1b layer's: 16 MB),
-    // so the backward pass keeps those and not the whole projection.
-    let kv = rotate_packed(&packed, &tables, (heads, 2 * kv_heads), kv_heads, parts)?;
+    // The keys rotated with the values copied beside them (a 1b layer's: 16 MB), so the
+    // backward pass keeps those and not the whole projection.
+    let (qr, kv) = rotate_packed(&qkv.detach(), &tables, (heads, kv_heads))?;
     let kv = kv.reshape((batch, t, 2 * kv_heads, d))?;
     let kr = kv.narrow(2, 0, kv_heads)?.transpose(1, 2)?;
     let vd = kv.narrow(2, kv_heads, kv_heads)?.transpose(1, 2)?;
@@ -426,36 +423,62 @@ pub(crate) fn self_attention_packed(
     })
 }
 
-/// Heads `first..first + count` of each row of the packed projection `packed` (rows of `parts`
-/// heads), the first `rotated` of them rotated by RoPE and the rest copied, as
-/// `[b, t, count · d]`.
+/// The packed projection `packed` `[b, t, (heads + 2 · kv_heads) · d]` split by one launch into
+/// the rotated queries `[b, t, heads · d]` and the rotated keys with the values copied beside
+/// them `[b, t, 2 · kv_heads · d]`.
 fn rotate_packed(
     packed: &Tensor,
     (cos, sin): &(Tensor, Tensor),
-    (first, count): (usize, usize),
-    rotated: usize,
-    parts: usize,
-) -> Result<Tensor> {
+    (heads, kv_heads): (usize, usize),
+) -> Result<(Tensor, Tensor)> {
     let (b, t, width) = packed.dims3()?;
-    let d = width / parts;
-    let y = launch::with_operands(&[packed, cos, sin], |ops| {
+    let d = width / (heads + 2 * kv_heads);
+    let (q, kv) = launch::with_operands(&[packed, cos, sin], |ops| {
         let [x, cos, sin] = [ops[0], ops[1], ops[2]];
         let dtype = x.0.dtype();
-        let y = launch::alloc(&x.0.device, dtype, b * t * count * d)?;
-        let from = HeadRows {
-            address: start_address(x)? + (first * d * dtype.size_in_bytes()) as u64,
-            token_stride: width,
+        let q = launch::alloc(&x.0.device, dtype, b * t * heads * d)?;
+        let kv = launch::alloc(&x.0.device, dtype, b * t * 2 * kv_heads * d)?;
+        let packed_rows = |head: usize| -> Result<HeadRows> {
+            let offset = (head * d * dtype.size_in_bytes()) as u64;
+            Ok(HeadRows {
+                address: start_address(x)? + offset,
+                token_stride: width,
+            })
         };
-        let to = HeadRows {
-            address: launch::base_address(&y)?,
-            token_stride: count * d,
+        let rows_of = |buffer: &CudaStorage, count: usize| -> Result<HeadRows> {
+            Ok(HeadRows {
+                address: launch::base_address(buffer)?,
+                token_stride: count * d,
+            })
         };
-        let rows = (b * t * count, d);
-        let heads = (count, rotated);
-        rope_rows(&x.0.device, dtype, (from, to), rows, (cos, sin), heads, 1.0)?;
-        Ok(y)
+        let runs = [
+            HeadRun {
+                from: packed_rows(0)?,
+                to: rows_of(&q, heads)?,
+                heads,
+            },
+            HeadRun {
+                from: packed_rows(heads)?,
+                to: rows_of(&kv, 2 * kv_heads)?,
+                heads: 2 * kv_heads,
+            },
+        ];
+        let rotated = heads + kv_heads;
+        rope_rows(
+            &x.0.device,
+            dtype,
+            &runs,
+            (b * t, d),
+            (cos, sin),
+            rotated,
+            1.0,
+        )?;
+        Ok((q, kv))
     })?;
-    Ok(launch::tensor(y, (b, t, count * d).into()))
+    Ok((
+        launch::tensor(q, (b, t, heads * d).into()),
+        launch::tensor(kv, (b, t, 2 * kv_heads * d).into()),
+    ))
 }
 
 /// The packed projection's gradient `[b, t, (heads + 2 · kv_heads) · d]` from `packed`, whose
@@ -483,22 +506,22 @@ fn packed_gradient(
             address: launch::address(dq)?,
             token_stride: heads * d,
         };
-        for (from, to, count) in [
-            (queries, packed_rows(launch::address(packed)?), heads),
-            (packed_rows(keys), packed_rows(keys), kv_heads),
-        ] {
-            let rows = (b * t * count, d);
-            rope_rows(
-                device,
-                dtype,
-                (from, to),
-                rows,
-                (cos, sin),
-                (count, count),
-                -1.0,
-            )?;
-        }
-        Ok(())
+        // The queries' gradient rotated back into its columns and the keys' in place, by one
+        // launch.
+        let runs = [
+            HeadRun {
+                from: queries,
+                to: packed_rows(launch::address(packed)?),
+                heads,
+            },
+            HeadRun {
+                from: packed_rows(keys),
+                to: packed_rows(keys),
+                heads: kv_heads,
+            },
+        ];
+        let rotated = heads + kv_heads;
+        rope_rows(device, dtype, &runs, (b * t, d), (cos, sin), rotated, -1.0)
     })?;
     Ok(packed)
 }
