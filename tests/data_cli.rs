@@ -46,6 +46,14 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// A fresh temp folder holding the corpus and its `config.yaml` (with `extra` appended).
+fn corpus_with_config(extra: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    write_corpus(tmp.path());
+    write_config(tmp.path(), extra);
+    tmp
+}
+
 fn manifest(dir: &Path) -> Value {
     let text = std::fs::read_to_string(dir.join("ds/manifest.json")).unwrap();
     serde_json::from_str(&text).unwrap()
@@ -66,10 +74,8 @@ fn dataset_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn build_counts_then_up_to_date_then_byte_identical() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = corpus_with_config("");
     let dir = tmp.path();
-    write_corpus(dir);
-    write_config(dir, "");
     llmtool_in(dir)
         .args(["data", "build", "config.yaml"])
         .assert()
@@ -238,9 +244,8 @@ fn stats_without_dataset_says_what_to_do() {
 #[test]
 fn stats_into_a_closed_pipe_ends_quietly() {
     use std::os::unix::process::ExitStatusExt;
-    let tmp = tempfile::tempdir().unwrap();
-    write_corpus(tmp.path());
-    let config = write_config(tmp.path(), "");
+    let tmp = corpus_with_config("");
+    let config = tmp.path().join("config.yaml");
     llmtool_in(tmp.path())
         .args(["data", "build", config.to_str().unwrap()])
         .assert()
@@ -267,10 +272,9 @@ fn stats_into_a_closed_pipe_ends_quietly() {
 /// tokenizer it was built with.
 #[test]
 fn a_replaced_dataset_tokenizer_makes_the_dataset_stale() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = corpus_with_config("");
     let dir = tmp.path();
-    write_corpus(dir);
-    let config = write_config(dir, "");
+    let config = dir.join("config.yaml");
     llmtool_in(dir)
         .args(["data", "build", config.to_str().unwrap()])
         .assert()
@@ -307,10 +311,8 @@ fn a_replaced_dataset_tokenizer_makes_the_dataset_stale() {
 
 #[test]
 fn trained_tokenizer_loads_back() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = corpus_with_config("  special_tokens: [\"<|endoftext|>\", \"<|pad|>\"]\n");
     let dir = tmp.path();
-    write_corpus(dir);
-    write_config(dir, "  special_tokens: [\"<|endoftext|>\", \"<|pad|>\"]\n");
     llmtool_in(dir)
         .args([
             "tokenizer",
