@@ -339,11 +339,10 @@ pub(crate) mod cuda {
         let kernels = ("rms_norm_dx_dw", "rms_norm_dx_dw_wide");
         let (name, per_access) = elementwise_kernel(kernels, &operands, width)?;
         let slice_bytes = width.div_ceil(32 * per_access) * 32 * per_access * 4;
-        let warps = FUSED_WARPS;
-        if warps * slice_bytes > SLICES_BYTES {
+        if FUSED_WARPS * slice_bytes > SLICES_BYTES {
             return Ok(None);
         }
-        let blocks = rows.div_ceil(warps * ROWS_PER_WARP).max(1);
+        let blocks = rows.div_ceil(FUSED_WARPS * ROWS_PER_WARP).max(1);
         let dev = &x.0.device;
         let dx = alloc(dev, dtype, rows * width)?;
         // Every (block, column) partial sum is written by the kernel.
@@ -361,8 +360,8 @@ pub(crate) mod cuda {
             Arg::Address(launch::optional_address(held)?),
             int(ROWS_PER_WARP)?,
         ];
-        let threads = launch::int_u32(warps * 32)?;
-        let shared = launch::int_u32(warps * slice_bytes)?;
+        let threads = launch::int_u32(FUSED_WARPS * 32)?;
+        let shared = launch::int_u32(FUSED_WARPS * slice_bytes)?;
         let config = (grid(blocks)?, (threads, 1), shared);
         launch::launch_with_shared(dev, name, Some(dtype), config, &args)?;
         let dw = weight_grad_sum(&partial, blocks, width, dtype)?;

@@ -638,15 +638,14 @@ impl Tensor {
                             Some(held) => c.bwd_onto(arg, node, &grad, held)?,
                             None => None,
                         };
-                        match (onto, held) {
-                            (Some(sum), _) => _ = grads.insert(arg, sum),
-                            (None, held) => {
-                                if let Some(held) = held {
-                                    grads.insert(arg, held);
-                                }
-                                if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
-                                    grads.accumulate(arg, &arg_grad)?
-                                }
+                        if let Some(sum) = onto {
+                            grads.insert(arg, sum);
+                        } else {
+                            if let Some(held) = held {
+                                grads.insert(arg, held);
+                            }
+                            if let Some(arg_grad) = c.bwd(arg, node, &grad)? {
+                                grads.accumulate(arg, &arg_grad)?
                             }
                         }
                     }
