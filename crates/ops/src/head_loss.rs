@@ -5,15 +5,18 @@
 //! The training loss ([`head_mean_nll`]) computes its gradients during the forward pass, chunk
 //! by chunk while each chunk's logits are at hand, and its backward only scales them by the
 //! incoming gradient: the logits are never recomputed (a recompute is a third output-head GEMM,
-//! 8% of a base fp32 training step).
+//! 8% of a base fp32 training step). From a training step's backward pass
+//! ([`super::backward_from_loss`]), whose incoming gradient is the seed 1, it hands them over
+//! as they are.
 //!
 //! With a final soft-cap (Gemma 2's `cap · tanh(logit / cap)`), each chunk's logits are capped
 //! before the NLL and the chunk's logit gradient takes the cap's slope `1 − tanh²`.
 
 use super::add::scaled;
-use super::attach::attach2;
+use super::attach::{attach2, receives_unit_seed};
 use super::master_linear::add_weight_grad;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, TensorId};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The logits are computed in chunks of at most this size.
 const CHUNK_BYTES: usize = 256 << 20;
@@ -118,10 +121,16 @@ fn head_mean_nll_in_chunks(
         let nll = head_nll_in_chunks(&x, &w, targets, rows, softcap)?;
         return super::weighted_mean(&nll, &weights);
     }
-    // The gradients are those of the weighted sum of NLLs; the division by the count happens in
-    // backward, on the f32 scale factor. Divided in the kernel, a 16-bit logit gradient would
-    // underflow in f16: a probability of 1/32,000 over 8,192 counted tokens is 4e-9.
+    // The logits' gradient takes each row's weight over the count, so the gradients come out
+    // of the chunks as the mean's. In f16 they are those of the weighted sum and the division
+    // happens in backward, on the f32 scale factor: divided in the kernel, a probability of
+    // 1/32,000 over 8,192 counted tokens (4e-9) would underflow.
     let count = weights.sum_all()?.maximum(1.0)?;
+    let divided = x.dtype() != DType::F16;
+    let row_scales = match divided {
+        true => weights.broadcast_div(&count)?,
+        false => weights.clone(),
+    };
     let targets = targets.contiguous()?;
     let n = x.dim(0)?;
     let mut nll = Vec::with_capacity(n.div_ceil(rows));
@@ -131,8 +140,8 @@ fn head_mean_nll_in_chunks(
         let xc = x.narrow(0, start, len)?;
         let t = targets.narrow(0, start, len)?;
         let logits = capped(xc.matmul(&w.t()?)?, softcap)?;
-        let row_weights = weights.narrow(0, start, len)?;
-        let (chunk_nll, dlogits) = super::token_nll_with_grad(&logits, &t, &row_weights)?;
+        let (chunk_nll, dlogits) =
+            super::token_nll_with_grad(&logits, &t, &row_scales.narrow(0, start, len)?)?;
         nll.push(chunk_nll);
         // The cap's slope: 1 − tanh² = 1 − (capped / cap)².
         let dlogits = match softcap {
@@ -153,11 +162,63 @@ fn head_mean_nll_in_chunks(
         None
     };
     let dw = dw_sum.map(|t| t.to_dtype(head.dtype())).transpose()?;
-    attach2(hidden, head, &loss, "head-mean-nll", move |grad| {
-        let factor = grad.to_dtype(DType::F32)?.div(&count)?;
+    let gradients = ChunkGradients {
+        computed: Mutex::new(Some((dx, dw))),
+        count,
+        divided,
+        loss: Arc::new(OnceLock::new()),
+    };
+    let loss_id = gradients.loss.clone();
+    let loss = attach2(hidden, head, &loss, "head-mean-nll", move |grad| {
+        gradients.for_loss_gradient(grad)
+    })?;
+    loss_id
+        .set(loss.id())
+        .map_err(|_| candle_core::Error::Msg("head-mean-nll: the loss attached twice".into()))?;
+    Ok(loss)
+}
+
+/// The gradients [`head_mean_nll`]'s chunks computed (for the hidden states and the head, each
+/// where it is tracked), and what they still need to be the loss's.
+struct ChunkGradients {
+    /// Taken by a pass from [`super::attach::backward_from_loss`], which hands them over
+    /// unscaled: so its gradient store holds their only handle, and the tied table's lookup
+    /// may add its rows into the head's in place.
+    computed: Mutex<Option<(Option<Tensor>, Option<Tensor>)>>,
+    /// The scored positions (at least 1), an f32 scalar.
+    count: Tensor,
+    /// Whether the chunks' gradients are already divided by `count` (all but f16).
+    divided: bool,
+    /// The loss the gradients are attached to.
+    loss: Arc<OnceLock<TensorId>>,
+}
+
+impl ChunkGradients {
+    /// The gradients of the hidden states and the head for `grad`, the loss's gradient.
+    fn for_loss_gradient(&self, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let unit = self.loss.get().is_some_and(|&id| receives_unit_seed(id));
+        let mut computed = self
+            .computed
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("head-mean-nll: poisoned gradients".into()))?;
+        let factor = match (unit, self.divided) {
+            (true, true) => {
+                return computed.take().ok_or_else(|| {
+                    candle_core::Error::Msg(
+                        "head-mean-nll: the gradients went to an earlier backward pass".into(),
+                    )
+                })
+            }
+            (true, false) => self.count.recip()?,
+            (false, true) => grad.to_dtype(DType::F32)?,
+            (false, false) => grad.to_dtype(DType::F32)?.div(&self.count)?,
+        };
+        let Some((dx, dw)) = computed.as_ref() else {
+            candle_core::bail!("head-mean-nll: the gradients went to an earlier backward pass")
+        };
         let scaled = |g: &Option<Tensor>| g.as_ref().map(|g| scaled(g, &factor)).transpose();
-        Ok((scaled(&dx)?, scaled(&dw)?))
-    })
+        Ok((scaled(dx)?, scaled(dw)?))
+    }
 }
 
 #[cfg(test)]
@@ -228,6 +289,38 @@ mod tests {
                 reference_loss,
                 1e-5,
             );
+        }
+    }
+
+    #[test]
+    fn a_training_backward_pass_takes_the_chunks_gradients_as_they_are() {
+        // From `backward_from_loss` the gradients are handed over unscaled (taken, so the
+        // store holds the head's only handle); in f16 they are divided by the count then.
+        let t = inputs(10, 8, 13, 11);
+        let [x, w] = [&t[0], &t[1]].map(|v| candle_core::Var::from_tensor(v).unwrap());
+        let want = reference_loss(&[
+            x.as_tensor().clone(),
+            w.as_tensor().clone(),
+            t[2].clone(),
+            t[3].clone(),
+        ])
+        .unwrap()
+        .backward()
+        .unwrap();
+        for dtype in [DType::F32, DType::F16] {
+            let [xd, wd] = [&x, &w].map(|v| v.as_tensor().to_dtype(dtype).unwrap());
+            let loss = super::head_mean_nll_in_chunks(&xd, &wd, (&t[2], &t[3]), 4, None).unwrap();
+            let grads = crate::backward_from_loss(&loss).unwrap();
+            for v in [&x, &w] {
+                let got = grads.get(v).unwrap().to_dtype(DType::F32).unwrap();
+                let error = relative_error(&got, want.get(v).unwrap());
+                assert!(error < 2e-3, "{dtype:?}: relative error {error:.2e}");
+            }
+            if dtype == DType::F32 {
+                assert!(grads.get(&w).unwrap().is_sole_handle());
+                let again = crate::backward_from_loss(&loss).unwrap_err().to_string();
+                assert!(again.contains("earlier backward pass"), "{again}");
+            }
         }
     }
 

@@ -60,7 +60,7 @@ pub use adamw::{adamw_step, AdamWUpdate};
 pub use add::{add, install_gradient_add};
 pub use add_norm::add_rms_norm;
 pub use argmax::{argmax, greedy_step};
-pub use attach::backward_from;
+pub use attach::{backward_from, backward_from_loss};
 pub use attention::{
     cached_attention, causal_attention, decode_attention_at, flash_attention, grouped_attention,
     packed_self_attention, packed_self_attention_fuses, self_attention, windowed_attention,

@@ -156,7 +156,7 @@ pub fn accumulate(
 /// The forward pass keeping every activation, and the backward pass.
 fn plain_step(model: &Llama, t: &Tensors, sink: &mut GradientSink) -> Result<Tensor> {
     let loss = loss_from_hidden(model, &forward_blocks(model, t)?, t)?;
-    sink.collect(&loss.backward()?)?;
+    sink.collect(&ops::backward_from_loss(&loss)?)?;
     Ok(loss.detach())
 }
 
@@ -175,7 +175,7 @@ fn checkpointed_step(model: &Llama, t: &Tensors, sink: &mut GradientSink) -> Res
     })?;
     let last = Var::from_tensor(&inputs[model.layers.len()])?;
     let loss = loss_from_hidden(model, last.as_tensor(), t)?;
-    let store = loss.backward()?;
+    let store = ops::backward_from_loss(&loss)?;
     sink.collect(&store)?;
     let mut grad_out = missing(store.get(&last))?.detach();
     for i in (0..model.layers.len()).rev() {
