@@ -112,6 +112,157 @@ __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, co
   }
 }
 
+// The NLL and gradient of a row whose logits are read once: each thread holds its share of the
+// row in registers (HELD_WORDS 16-byte words) from the online max and sum to the gradient, and
+// a row wider than a block's HELD_SPAN 16-byte words is spread over a cluster of C blocks
+// (Hopper), which exchange their maxima and sums through distributed shared memory. The kernel
+// above reads each row twice (a 1B model's 128K-vocabulary logits: 0.5 GB a chunk more).
+// Needs rows of whole, 16-byte aligned words; C > 1 needs compute capability 9.0.
+constexpr int HELD_THREADS = 512, HELD_WORDS = 8, HELD_SPAN = HELD_THREADS * HELD_WORDS;
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define HELD_CLUSTERS 1
+#endif
+
+// (max, sum of exp(x − max)) of a row from each part's (max, sum).
+__device__ __forceinline__ float2 merge_max_sum(float2 a, float2 b) {
+  const float m = fmaxf(a.x, b.x);
+  if (m == -INFINITY) return make_float2(m, 0.f);
+  return make_float2(m, a.y * __expf(a.x - m) + b.y * __expf(b.x - m));
+}
+
+// The (max, sum) of the row over the C blocks of its cluster, from this block's.
+template <int C> __device__ __forceinline__ float2 cluster_max_sum(float2 own) {
+  if constexpr (C == 1) {
+    return own;
+  } else {
+#ifdef HELD_CLUSTERS
+    __shared__ float2 shared_stats;
+    if (threadIdx.x == 0) shared_stats = own;
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
+                 ::: "memory");
+    float2 row = make_float2(-INFINITY, 0.f);
+    const uint32_t local = (uint32_t)__cvta_generic_to_shared(&shared_stats);
+#pragma unroll
+    for (int r = 0; r < C; ++r) {
+      uint32_t remote;
+      float2 part;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(r));
+      asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];"
+                   : "=f"(part.x), "=f"(part.y)
+                   : "r"(remote)
+                   : "memory");
+      row = merge_max_sum(row, part);
+    }
+    // No block of the cluster leaves (and frees its `shared_stats`) before all have read them:
+    // the matching wait ends the kernel.
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+    return row;
+#else
+    __trap();
+    return own;
+#endif
+  }
+}
+
+template <int C> __device__ __forceinline__ void cluster_exit() {
+#ifdef HELD_CLUSTERS
+  if constexpr (C > 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// Element k of a held 16-byte word as f32. A bf16 element is unpacked where it is used (an
+// opaque shift or mask): left to itself, the compiler keeps all of a thread's unpacked values
+// between the three passes over them, 64 registers more than the packed words.
+template <typename T> __device__ __forceinline__ float held_f32(const uint4& word, int k) {
+  return to_f32(reinterpret_cast<const T*>(&word)[k]);
+}
+template <> __device__ __forceinline__ float held_f32<__nv_bfloat16>(const uint4& word, int k) {
+  const uint32_t pair = reinterpret_cast<const uint32_t*>(&word)[k / 2];
+  uint32_t bits;
+  if (k % 2 == 0)
+    asm volatile("shl.b32 %0, %1, 16;" : "=r"(bits) : "r"(pair));
+  else
+    asm volatile("and.b32 %0, %1, 0xffff0000;" : "=r"(bits) : "r"(pair));
+  return __uint_as_float(bits);
+}
+
+template <typename T, int C>
+__device__ void token_nll_with_grad_held(const T* logits, const uint32_t* targets, const float* g,
+                                         float* nll, T* d, int vocab) {
+  constexpr int V = 16 / sizeof(T);
+  const int row = blockIdx.x / C, part = blockIdx.x % C;
+  const size_t off = (size_t)row * vocab;
+  const T* x = logits + off;
+  // Element index of this thread's word i (words of a block interleaved by thread), and how
+  // many of its words are in the row.
+  const int start = (part * HELD_SPAN + (int)threadIdx.x) * V;
+  auto first = [&](int i) { return start + i * HELD_THREADS * V; };
+  const int words = max(0, (vocab - start + HELD_THREADS * V - 1) / (HELD_THREADS * V));
+  uint4 held[HELD_WORDS];
+#pragma unroll
+  for (int i = 0; i < HELD_WORDS; ++i)
+    if (i < words) held[i] = *reinterpret_cast<const uint4*>(x + first(i));
+  // The values are at hand: the maximum, then the sum of exponentials, each over registers.
+  float m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < HELD_WORDS; ++i) {
+    if (i >= words) break;
+#pragma unroll
+    for (int k = 0; k < V; ++k) m = fmaxf(m, held_f32<T>(held[i], k));
+  }
+  const float block_m = block_max(m);
+  float sum = 0.f;
+  if (block_m != -INFINITY) {
+#pragma unroll
+    for (int i = 0; i < HELD_WORDS; ++i) {
+      if (i >= words) break;
+#pragma unroll
+      for (int k = 0; k < V; ++k) sum += __expf(held_f32<T>(held[i], k) - block_m);
+    }
+  }
+  const float block_s = block_sum(sum);
+  const float2 stats = cluster_max_sum<C>(make_float2(block_m, block_s));
+  const float lse = stats.x + logf(stats.y);
+  const uint32_t t = targets[row];
+  if (part == 0 && threadIdx.x == 0) nll[row] = t < (uint32_t)vocab ? lse - to_f32(x[t]) : NAN;
+  const float scale = g[row];
+#pragma unroll
+  for (int i = 0; i < HELD_WORDS; ++i) {
+    if (i >= words) break;
+    const int j = first(i);
+    uint4 out;
+    T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float p = scale == 0.f ? 0.f : __expf(held_f32<T>(held[i], k) - lse);
+      o[k] = from_f32<T>((p - (j + k == (int)t ? 1.f : 0.f)) * scale);
+    }
+    *reinterpret_cast<uint4*>(d + off + j) = out;
+  }
+  cluster_exit<C>();
+}
+
+// Cluster dimensions exist on compute capability 9.0 (and in the host pass, which declares the
+// entry points); elsewhere the clustered entry points trap, and the launcher never picks them.
+#if defined(HELD_CLUSTERS) || !defined(__CUDA_ARCH__)
+#define HELD_CLUSTER_DIMS(C) __cluster_dims__(C, 1, 1)
+#else
+#define HELD_CLUSTER_DIMS(C)
+#endif
+
+#define HELD_ENTRY_POINT(S, T, C, DIMS)                                                        \
+  extern "C" __global__ void DIMS __launch_bounds__(HELD_THREADS, 2)                           \
+      token_nll_with_grad_held##C##_##S(const T* logits, const uint32_t* targets,              \
+                                        const float* g, float* nll, T* d, int vocab) {         \
+    token_nll_with_grad_held<T, C>(logits, targets, g, nll, d, vocab);                         \
+  }
+#define HELD_ENTRY_POINTS(S, T)                                                                \
+  HELD_ENTRY_POINT(S, T, 1, )                                                                  \
+  HELD_ENTRY_POINT(S, T, 2, HELD_CLUSTER_DIMS(2))                                              \
+  HELD_ENTRY_POINT(S, T, 4, HELD_CLUSTER_DIMS(4))                                              \
+  HELD_ENTRY_POINT(S, T, 8, HELD_CLUSTER_DIMS(8))
+
 // extern "C" entry points, one per dtype.
 
 #define LOSS_ENTRY_POINTS(S, T)                                                                \
@@ -130,3 +281,4 @@ __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, co
   }
 
 FOR_EACH_FLOAT(LOSS_ENTRY_POINTS)
+FOR_EACH_FLOAT(HELD_ENTRY_POINTS)

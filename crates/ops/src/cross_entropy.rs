@@ -282,7 +282,8 @@ custom_op!(TokenNllGrad: 3);
 #[cfg(feature = "cuda")]
 mod cuda {
     use crate::launch::{
-        address, alloc, base_address, common_dtype, int, launch, per_row, run, Arg, Operand,
+        address, alloc, base_address, common_dtype, compute_capability, grid, int, launch, per_row,
+        run, Arg, Operand,
     };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
@@ -337,7 +338,7 @@ mod cuda {
     }
 
     /// Per-row NLL (f32 `[n]`) and `(softmax − onehot) · g` per row (the logits' dtype) in one
-    /// kernel; `g` is f32 `[n]`.
+    /// kernel; `g` is f32 `[n]`. Rows that fit [`held_cluster`] are read once, others twice.
     pub(super) fn token_nll_with_grad(
         logits: Operand,
         targets: Operand,
@@ -358,16 +359,48 @@ mod cuda {
             Arg::Address(base_address(&d)?),
             int(vocab)?,
         ];
-        let (grid, block) = per_row(rows, vocab, 512)?;
-        launch(
-            device,
-            "token_nll_with_grad",
-            Some(dtype),
-            grid,
-            block,
-            &args,
-        )?;
+        let aligned = address(logits)? % 16 == 0;
+        let (name, grid, block) = match held_cluster(device, dtype, vocab, aligned)? {
+            Some(cluster) => (
+                format!("token_nll_with_grad_held{cluster}"),
+                grid(rows * cluster)?,
+                (HELD_THREADS, 1),
+            ),
+            None => {
+                let (grid, block) = per_row(rows, vocab, 512)?;
+                ("token_nll_with_grad".to_string(), grid, block)
+            }
+        };
+        launch(device, &name, Some(dtype), grid, block, &args)?;
         Ok((nll, d))
+    }
+
+    /// The held kernel's threads a block, and the 16-byte words each holds (`kernels/loss.cu`).
+    const HELD_THREADS: u32 = 512;
+    const HELD_WORDS: usize = 8;
+
+    /// The blocks (1, 2, 4 or 8: a cluster) over which `kernels/loss.cu`'s held kernel spreads
+    /// a row of `vocab` logits of `dtype`, each thread holding its share in registers so the
+    /// row is read once; `None` where it does not apply: rows not of whole 16-byte words from
+    /// an `aligned` start, rows wider than 8 blocks hold (262,144 16-bit logits), and rows of
+    /// several blocks on a GPU or build without clusters (compute capability 9.0, and its
+    /// machine code in the build: build.rs's `llmtool_wgmma`).
+    fn held_cluster(
+        device: &candle_core::CudaDevice,
+        dtype: DType,
+        vocab: usize,
+        aligned: bool,
+    ) -> Result<Option<usize>> {
+        let per_word = 16 / dtype.size_in_bytes();
+        if !aligned || vocab % per_word != 0 {
+            return Ok(None);
+        }
+        let per_block = HELD_THREADS as usize * HELD_WORDS * per_word;
+        let Some(cluster) = [1, 2, 4, 8].into_iter().find(|&c| c * per_block >= vocab) else {
+            return Ok(None);
+        };
+        let clusters = cfg!(llmtool_wgmma) && compute_capability(device)? == (9, 0);
+        Ok((cluster == 1 || clusters).then_some(cluster))
     }
 
     /// Checks that `g` holds one f32 scale per row.

@@ -1576,6 +1576,13 @@ pub fn edge_cases() -> Vec<Case> {
         },
         // Row scales of 0 and 1, as the loss weights give: skipped rows get zero gradients.
         nll_with_grad_case(7, 33, Input::Ids(vec![7], 2)),
+        // CUDA's rows read once (held in registers): a block a row with threads holding
+        // nothing (40), a cluster with a block past the row's end (70,000), the 1b's rows
+        // (128,256), and rows wider than a cluster holds, read twice (300,000).
+        nll_with_grad_case(3, 40, Input::Ids(vec![3], 2)),
+        nll_with_grad_case(3, 70_000, Input::Table(vec![3])),
+        nll_with_grad_case(2, 128_256, Input::Table(vec![2])),
+        nll_with_grad_case(2, 300_000, Input::Table(vec![2])),
         embedding_from_host_case(9, 11, 5),
         // 4-bit weights whose values end past the last whole 16 a thread expands (168, 40).
         nf4_linear_case("nf4_linear", 5, 24, 7),
