@@ -38,6 +38,30 @@ template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
 };
 template <typename T> constexpr int WIDE = 16 / sizeof(T);
 
+// Element k of a 16-byte word of T held in registers, as f32. A bf16 element is unpacked where
+// it is used (an opaque shift or mask, an f16 one by an opaque conversion): left to itself, the compiler keeps a thread's unpacked
+// values between its passes over the words it holds, twice the registers of the packed ones
+// (loss.cu's held rows, norms.cu's held gradients).
+template <typename T> __device__ __forceinline__ float held_f32(const uint4& word, int k) {
+  return to_f32(reinterpret_cast<const T*>(&word)[k]);
+}
+template <> __device__ __forceinline__ float held_f32<__nv_bfloat16>(const uint4& word, int k) {
+  const uint32_t pair = reinterpret_cast<const uint32_t*>(&word)[k / 2];
+  uint32_t bits;
+  if (k % 2 == 0)
+    asm volatile("shl.b32 %0, %1, 16;" : "=r"(bits) : "r"(pair));
+  else
+    asm volatile("and.b32 %0, %1, 0xffff0000;" : "=r"(bits) : "r"(pair));
+  return __uint_as_float(bits);
+}
+template <> __device__ __forceinline__ float held_f32<__half>(const uint4& word, int k) {
+  const uint32_t pair = reinterpret_cast<const uint32_t*>(&word)[k / 2];
+  const unsigned short half = k % 2 == 0 ? pair & 0xffff : pair >> 16;
+  float value;
+  asm volatile("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(half));
+  return value;
+}
+
 // Sum (or max) over aligned groups of W lanes of a warp (the whole warp by default); every
 // lane of a group gets its group's result.
 template <int W = 32> __device__ __forceinline__ float warp_sum(float v) {

@@ -171,22 +171,6 @@ template <int C> __device__ __forceinline__ void cluster_exit() {
 #endif
 }
 
-// Element k of a held 16-byte word as f32. A bf16 element is unpacked where it is used (an
-// opaque shift or mask): left to itself, the compiler keeps all of a thread's unpacked values
-// between the three passes over them, 64 registers more than the packed words.
-template <typename T> __device__ __forceinline__ float held_f32(const uint4& word, int k) {
-  return to_f32(reinterpret_cast<const T*>(&word)[k]);
-}
-template <> __device__ __forceinline__ float held_f32<__nv_bfloat16>(const uint4& word, int k) {
-  const uint32_t pair = reinterpret_cast<const uint32_t*>(&word)[k / 2];
-  uint32_t bits;
-  if (k % 2 == 0)
-    asm volatile("shl.b32 %0, %1, 16;" : "=r"(bits) : "r"(pair));
-  else
-    asm volatile("and.b32 %0, %1, 0xffff0000;" : "=r"(bits) : "r"(pair));
-  return __uint_as_float(bits);
-}
-
 template <typename T, int C>
 __device__ void token_nll_with_grad_held(const T* logits, const uint32_t* targets, const float* g,
                                          float* nll, T* d, int vocab) {

@@ -204,6 +204,74 @@ __device__ void rms_norm_dx_dw(const T* x, const T* w, const T* g, T* dx, float*
   }
 }
 
+// The input gradient and the weight gradient's partial sums in one pass, for rows of exactly
+// WIDTH = 32 · WIDE<T> · PACKS elements (a lane's PACKS 16-byte words), too wide for the kernel
+// above to keep its warps' slices within 24 KiB a block: each warp loads a row's x, g and held
+// gradient into registers at once (so x is read once, not for its RMS, its dot product and the
+// gradient in turn, and a warp has a whole row in flight), and adds its g · x · r into its
+// slice of shared memory (laid out as dw_slot's). A block's warps take interleaved rows of the
+// block's run of `rows_per_block` (the launcher gives each multiprocessor one run), and the
+// block writes the sum of its warps' slices, in warp order, as partial[block][col].
+constexpr int HELD_NORM_WARPS = 12;
+
+template <typename T, int PACKS>
+__device__ void rms_norm_dx_dw_held(const T* x, const T* w, const T* g, T* dx, float* partial,
+                                    int rows, float eps, float offset, const T* held,
+                                    int rows_per_block) {
+  constexpr int W = WIDE<T>, WIDTH = 32 * W * PACKS;
+  using P = Pack<T, W>;
+  extern __shared__ float slices[];  // [HELD_NORM_WARPS][WIDTH]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* acc = slices + warp * WIDTH + lane;  // float (p, k) of this lane at (p * W + k) * 32
+  for (int i = 0; i < PACKS * W; ++i) acc[i * 32] = 0.f;
+  const int begin = blockIdx.x * rows_per_block, end = min(rows, begin + rows_per_block);
+  for (int row = begin + warp; row < end; row += HELD_NORM_WARPS) {
+    const size_t off = (size_t)row * WIDTH;
+    uint4 xs[PACKS], gs[PACKS];
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+      const int j = (p * 32 + lane) * W;
+      xs[p] = *reinterpret_cast<const uint4*>(x + off + j);
+      gs[p] = *reinterpret_cast<const uint4*>(g + off + j);
+    }
+    float ss = 0.f, dot = 0.f;
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+      const P wv = P::load(w + (p * 32 + lane) * W);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float xf = held_f32<T>(xs[p], k);
+        ss += xf * xf;
+        dot += xf * held_f32<T>(gs[p], k) * (offset + to_f32(wv.e[k]));
+      }
+    }
+    const float r = rsqrtf(warp_sum(ss) / WIDTH + eps);
+    const float c = warp_sum(dot) * r * r / WIDTH;
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p) {
+      const int j = (p * 32 + lane) * W;
+      const P wv = P::load(w + j);
+      P hv, out;
+      if (held != nullptr) hv = P::load(held + off + j);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float xf = held_f32<T>(xs[p], k), gf = held_f32<T>(gs[p], k);
+        float d = r * (gf * (offset + to_f32(wv.e[k])) - xf * c);
+        if (held != nullptr) d += to_f32(hv.e[k]);
+        out.e[k] = from_f32<T>(d);
+        acc[(p * W + k) * 32] += gf * xf * r;
+      }
+      out.store(dx + off + j);
+    }
+  }
+  __syncthreads();
+  for (int col = threadIdx.x; col < WIDTH; col += blockDim.x) {
+    float total = 0.f;
+    for (int v = 0; v < HELD_NORM_WARPS; ++v) total += slices[v * WIDTH + dw_slot<W>(col)];
+    partial[(size_t)blockIdx.x * WIDTH + col] = total;
+  }
+}
+
 // The per-row inverse RMS, for the weight gradient.
 template <typename T, int W>
 __device__ void rms_norm_inverse(const T* x, float* r, int rows, int width, float eps) {
@@ -317,3 +385,17 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
   }
 
 FOR_EACH_FLOAT(NORMS_ENTRY_POINTS)
+// The held gradients' kernels: 16-bit rows of 1,024, 1,536 and 2,048 elements.
+#define HELD_NORM_ENTRY_POINT(S, T, PACKS)                                                      \
+  extern "C" __global__ void __launch_bounds__(HELD_NORM_WARPS * 32, 1)                         \
+      rms_norm_dx_dw_held##PACKS##_##S(const T* x, const T* w, const T* g, T* dx,               \
+                                       float* partial, int rows, float eps, float offset,       \
+                                       const T* held, int rows_per_block) {                     \
+    rms_norm_dx_dw_held<T, PACKS>(x, w, g, dx, partial, rows, eps, offset, held,                \
+                                  rows_per_block);                                              \
+  }
+#define HELD_NORM_ENTRY_POINTS(S, T)                                                            \
+  HELD_NORM_ENTRY_POINT(S, T, 4) HELD_NORM_ENTRY_POINT(S, T, 6) HELD_NORM_ENTRY_POINT(S, T, 8)
+HELD_NORM_ENTRY_POINTS(bf16, __nv_bfloat16)
+HELD_NORM_ENTRY_POINTS(f16, __half)
+

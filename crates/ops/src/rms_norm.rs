@@ -272,8 +272,9 @@ pub(crate) mod cuda {
 
     /// The input gradient, `held + dx` where `held` is given, and with `weight`, the weight
     /// gradient: both from one kernel where [`FUSED_WARPS`] warps' column sums fit
-    /// [`SLICES_BYTES`] ([`input_and_weight_grads`]), else the input gradient's kernel writes
-    /// the per-row inverse RMS that the weight gradient's kernel reads.
+    /// [`SLICES_BYTES`] or a 16-bit row fits a warp's registers ([`input_and_weight_grads`]),
+    /// else the input gradient's kernel writes the per-row inverse RMS that the weight
+    /// gradient's kernel reads.
     pub(super) fn grads(
         x: &Tensor,
         w: &Tensor,
@@ -328,8 +329,8 @@ pub(crate) mod cuda {
     /// The input gradient (as [`input_grad`] writes it) and the weight gradient from one pass
     /// over the rows: each warp sums its rows' share of the weight gradient in shared memory,
     /// each block writes its warps' sums as one partial row, and [`weight_grad_sum`] adds the
-    /// blocks' rows. `None` where [`FUSED_WARPS`] warps' sums would not fit [`SLICES_BYTES`]
-    /// (rows wider than 768 elements).
+    /// blocks' rows. Where [`FUSED_WARPS`] warps' sums would not fit [`SLICES_BYTES`] (rows
+    /// wider than 768 elements), [`held_input_and_weight_grads`], or `None`.
     fn input_and_weight_grads(
         [x, w, g]: [Operand; 3],
         held: Option<Operand>,
@@ -340,7 +341,7 @@ pub(crate) mod cuda {
         let (name, per_access) = elementwise_kernel(kernels, &operands, width)?;
         let slice_bytes = width.div_ceil(32 * per_access) * 32 * per_access * 4;
         if FUSED_WARPS * slice_bytes > SLICES_BYTES {
-            return Ok(None);
+            return held_input_and_weight_grads([x, w, g], held, (eps, offset), per_access);
         }
         let blocks = rows.div_ceil(FUSED_WARPS * ROWS_PER_WARP).max(1);
         let dev = &x.0.device;
@@ -364,6 +365,53 @@ pub(crate) mod cuda {
         let shared = launch::int_u32(FUSED_WARPS * slice_bytes)?;
         let config = (grid(blocks)?, (threads, 1), shared);
         launch::launch_with_shared(dev, name, Some(dtype), config, &args)?;
+        let dw = weight_grad_sum(&partial, blocks, width, dtype)?;
+        Ok(Some((dx, dw)))
+    }
+
+    /// Warps a block of the held gradients' kernel runs (`kernels/norms.cu`).
+    const HELD_NORM_WARPS: usize = 12;
+
+    /// [`input_and_weight_grads`] for 16-bit rows of 1,024, 1,536 or 2,048 elements read 16
+    /// bytes at a time (`per_access`), too wide for its shared-memory slices: each warp holds a
+    /// row's x and g in registers and its share of the weight gradient in its slice, and each
+    /// multiprocessor takes one block and one run of rows. `None` for other rows.
+    fn held_input_and_weight_grads(
+        [x, w, g]: [Operand; 3],
+        held: Option<Operand>,
+        (eps, offset): (f32, f32),
+        per_access: usize,
+    ) -> Result<Option<(CudaStorage, CudaStorage)>> {
+        let (_, dtype, (rows, width)) = input_grad_operands([x, w, g], held)?;
+        let packs = width / (32 * per_access);
+        let sixteen_bit = matches!(dtype, DType::BF16 | DType::F16);
+        if !(sixteen_bit && per_access == 8 && width % 256 == 0 && matches!(packs, 4 | 6 | 8)) {
+            return Ok(None);
+        }
+        let dev = &x.0.device;
+        let name = format!("rms_norm_dx_dw_held{packs}");
+        let threads = launch::int_u32(HELD_NORM_WARPS * 32)?;
+        let shared = launch::int_u32(HELD_NORM_WARPS * width * 4)?;
+        let resident = launch::resident_blocks(dev, &name, Some(dtype), (threads, shared))?;
+        let rows_per_block = rows.div_ceil(resident.min(rows.div_ceil(HELD_NORM_WARPS)).max(1));
+        let blocks = rows.div_ceil(rows_per_block.max(1)).max(1);
+        let dx = alloc(dev, dtype, rows * width)?;
+        // Every (block, column) partial sum is written by the kernel.
+        let partial = alloc(dev, DType::F32, blocks * width)?;
+        let args = [
+            Arg::Address(launch::address(x)?),
+            Arg::Address(launch::address(w)?),
+            Arg::Address(launch::address(g)?),
+            Arg::Address(base_address(&dx)?),
+            Arg::Address(base_address(&partial)?),
+            int(rows)?,
+            Arg::Float(eps),
+            Arg::Float(offset),
+            Arg::Address(launch::optional_address(held)?),
+            int(rows_per_block)?,
+        ];
+        let config = (grid(blocks)?, (threads, 1), shared);
+        launch::launch_with_shared(dev, &name, Some(dtype), config, &args)?;
         let dw = weight_grad_sum(&partial, blocks, width, dtype)?;
         Ok(Some((dx, dw)))
     }

@@ -1476,6 +1476,11 @@ pub fn edge_cases() -> Vec<Case> {
             inputs: vec![Input::Table(vec![70, 40]), float(&[40])],
         },
         rms_norm_offset_case(vec![5, 17]),
+        // CUDA's held norm gradients (16-bit rows of 1,024, 1,536 and 2,048 elements): a
+        // residual's held gradient, Gemma's offset with none, fewer rows than a block's warps.
+        residual_norm_case::<false>(vec![3, 100, 2048]),
+        rms_norm_offset_case(vec![2, 50, 1536]),
+        residual_norm_case::<false>(vec![7, 1024]),
         residual_norm_case::<false>(vec![5, 17]),
         residual_norm_case::<true>(vec![3, 5, 16]),
         qk_norm_case(vec![2, 3, 4, 8]),
