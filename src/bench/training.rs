@@ -90,10 +90,11 @@ pub(super) fn time_training(
         buckets
             .all_reduce(vars, &mut grads, collective)
             .map_err(candle_core::Error::wrap)?;
+        // Prepared, the norm and the loss read, and applied as `llmtool train` does.
+        let update = optimizer.prepare(&grads, 3e-4)?;
         let norm = global_norm(&grads)?;
-        // Read where `llmtool train` reads it (its step checks the loss before the update).
         last_loss = loss.read()?;
-        optimizer.step(&grads, 3e-4, clip_scale(norm, 1.0))
+        optimizer.step_prepared(update, clip_scale(norm, 1.0))
     })?;
     model.set_adapter_dropout_seed(None);
     Ok((step_s, last_loss))

@@ -175,21 +175,44 @@ fn shares_storage(a: &Tensor, b: &Tensor) -> bool {
     std::ptr::eq(first, &*b.storage_and_layout().0)
 }
 
-/// Updates every parameter (and its moments) in place with one kernel launch. The scalars
-/// come from `u` (its `decay` is ignored: each parameter has its own). All parameters must
-/// pass [`in_place_supported`].
-pub fn adamw_in_place(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
+/// An in-place update of parameters that pass [`in_place_supported`], ready to launch: its
+/// table of the parameters' buffers built and on its way to the device ([`prepare_in_place`]),
+/// so a step can prepare it while the device still runs the step's passes and launch it
+/// ([`PreparedUpdate::run`]) as soon as the gradient norm is known, with no host work between.
+pub struct PreparedUpdate {
+    #[cfg(feature = "cuda")]
+    launch: cuda::PreparedLaunch,
+}
+
+/// Prepares the in-place update of every parameter (and its moments) in `params`, each with
+/// its own decay; `None` for no parameters. All must pass [`in_place_supported`].
+pub fn prepare_in_place(params: &[InPlaceParam]) -> Result<Option<PreparedUpdate>> {
     if params.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     #[cfg(feature = "cuda")]
     {
-        cuda::adamw(params, u)
+        Ok(cuda::prepare(params)?.map(|launch| PreparedUpdate { launch }))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = u;
         candle_core::bail!("adamw: in-place updates need the cuda feature")
+    }
+}
+
+impl PreparedUpdate {
+    /// Launches the update, one kernel for all its parameters, with the scalars of `u` (its
+    /// `decay` is ignored: each parameter has its own).
+    pub fn run(&self, u: &AdamWUpdate) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            self.launch.run(u)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = u;
+            Ok(())
+        }
     }
 }
 
@@ -256,7 +279,9 @@ mod cuda {
         }
     }
 
-    pub(super) fn adamw(params: &[InPlaceParam], u: &AdamWUpdate) -> Result<()> {
+    /// The table of `params`' buffers uploaded for one `adamw_multi` launch; `None` when none
+    /// is on a CUDA device.
+    pub(super) fn prepare(params: &[InPlaceParam]) -> Result<Option<PreparedLaunch>> {
         let mut device = None;
         let buffers = params
             .iter()
@@ -279,18 +304,62 @@ mod cuda {
             })
             .collect::<Result<Vec<_>>>()?;
         let Some(device) = device else {
-            return Ok(());
+            return Ok(None);
         };
-        let scalars = AdamWScalars {
-            lr: u.lr as f32,
-            beta1: u.beta1 as f32,
-            beta2: u.beta2 as f32,
-            eps: u.eps as f32,
-            bias1: u.bias1 as f32,
-            bias2: u.bias2 as f32,
-            grad_scale: u.grad_scale as f32,
-        };
-        adamw_multi(&device, &buffers, &scalars)
+        let (table, chunks) = descriptor_table(&device, &buffers)?;
+        // Every buffer the table points at, held until the launch has been enqueued.
+        let operands = params
+            .iter()
+            .flat_map(|p| {
+                [p.param.as_tensor(), p.grad, p.m, p.v]
+                    .into_iter()
+                    .chain(p.copy)
+            })
+            .cloned()
+            .collect();
+        Ok(Some(PreparedLaunch {
+            device,
+            table,
+            params: buffers.len(),
+            chunks,
+            _operands: operands,
+        }))
+    }
+
+    /// An `adamw_multi` launch whose descriptor table is on the device.
+    pub(super) struct PreparedLaunch {
+        device: CudaDevice,
+        table: candle_core::cuda_backend::cudarc::driver::CudaSlice<u64>,
+        params: usize,
+        chunks: usize,
+        _operands: Vec<Tensor>,
+    }
+
+    impl PreparedLaunch {
+        /// One in-place AdamW update of every parameter of the table, in one launch.
+        pub(super) fn run(&self, u: &AdamWUpdate) -> Result<()> {
+            let table_address = self.table.device_ptr(&self.device.cuda_stream()).0;
+            let args = [
+                Arg::Address(table_address),
+                Arg::Address(table_address + (8 * WORDS * self.params) as u64),
+                int(MULTI_CHUNK)?,
+                Arg::Float(u.lr as f32),
+                Arg::Float(u.beta1 as f32),
+                Arg::Float(u.beta2 as f32),
+                Arg::Float(u.eps as f32),
+                Arg::Float(u.bias1 as f32),
+                Arg::Float(u.bias2 as f32),
+                Arg::Float(u.grad_scale as f32),
+            ];
+            launch(
+                &self.device,
+                "adamw_multi",
+                None,
+                grid(self.chunks)?,
+                (256, 1),
+                &args,
+            )
+        }
     }
 
     pub(super) fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
@@ -388,39 +457,6 @@ mod cuda {
         let n_chunks = chunks.len();
         words.extend(chunks);
         Ok((device.clone_htod(&words)?, n_chunks))
-    }
-
-    /// The scalars of an AdamW step shared by all parameters.
-    struct AdamWScalars {
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        bias1: f32,
-        bias2: f32,
-        grad_scale: f32,
-    }
-
-    /// One in-place AdamW update of every parameter in `params`, in one launch.
-    fn adamw_multi(device: &CudaDevice, params: &[ParamBuffers], s: &AdamWScalars) -> Result<()> {
-        if params.is_empty() {
-            return Ok(());
-        }
-        let (table, chunks) = descriptor_table(device, params)?;
-        let table_address = table.device_ptr(&device.cuda_stream()).0;
-        let args = [
-            Arg::Address(table_address),
-            Arg::Address(table_address + (8 * WORDS * params.len()) as u64),
-            int(MULTI_CHUNK)?,
-            Arg::Float(s.lr),
-            Arg::Float(s.beta1),
-            Arg::Float(s.beta2),
-            Arg::Float(s.eps),
-            Arg::Float(s.bias1),
-            Arg::Float(s.bias2),
-            Arg::Float(s.grad_scale),
-        ];
-        launch(device, "adamw_multi", None, grid(chunks)?, (256, 1), &args)
     }
 
     /// The sum of squares of the gradients in `params` (only `grad` and `len` are read), as an f32

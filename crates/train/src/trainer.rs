@@ -331,6 +331,9 @@ impl Trainer<'_> {
             if world > 1 {
                 buckets.all_reduce(&self.vars, &mut grads, self.collective)?;
             }
+            // Prepared while the device still runs the passes: only the norm's read between
+            // the passes and the update.
+            let update = optimizer.prepare(&grads, lr)?;
             let grad_norm = global_norm(&grads)?;
             // Read once the norm has waited for the device (see `PendingLoss`).
             let mut loss = 0.0;
@@ -366,7 +369,7 @@ impl Trainer<'_> {
                     }
                 }
             }
-            optimizer.step(&grads, lr, clip_scale(grad_norm, t.grad_clip))?;
+            optimizer.step_prepared(update, clip_scale(grad_norm, t.grad_clip))?;
             drop(grads);
             last_loss = Some(loss);
             progress.interval_loss += loss;
