@@ -121,9 +121,13 @@ impl GradientSink<'_> {
 pub struct PendingLoss(Tensor);
 
 impl PendingLoss {
-    /// The loss, read from the device.
+    /// The loss, read from the device: an f32 loss as it is (no conversion kernel to launch
+    /// and wait for), any other converted to f64 first.
     pub fn read(&self) -> Result<f64> {
-        self.0.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
+        match self.0.dtype() {
+            candle_core::DType::F32 => Ok(self.0.to_scalar::<f32>()? as f64),
+            _ => self.0.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>(),
+        }
     }
 }
 
