@@ -344,29 +344,47 @@ pub(crate) mod cuda {
             return held_input_and_weight_grads([x, w, g], held, (eps, offset), per_access);
         }
         let blocks = rows.div_ceil(FUSED_WARPS * ROWS_PER_WARP).max(1);
-        let dev = &x.0.device;
-        let dx = alloc(dev, dtype, rows * width)?;
-        // Every (block, column) partial sum is written by the kernel.
-        let partial = alloc(dev, DType::F32, blocks * width)?;
-        let args = [
-            Arg::Address(launch::address(x)?),
-            Arg::Address(launch::address(w)?),
-            Arg::Address(launch::address(g)?),
-            Arg::Address(base_address(&dx)?),
-            Arg::Address(base_address(&partial)?),
-            int(rows)?,
+        let scalars = [
             int(width)?,
             Arg::Float(eps),
             Arg::Float(offset),
             Arg::Address(launch::optional_address(held)?),
             int(ROWS_PER_WARP)?,
         ];
-        let threads = launch::int_u32(FUSED_WARPS * 32)?;
-        let shared = launch::int_u32(FUSED_WARPS * slice_bytes)?;
-        let config = (grid(blocks)?, (threads, 1), shared);
+        let block = (FUSED_WARPS * 32, FUSED_WARPS * slice_bytes);
+        let (name, shape) = ((name, dtype), (rows, width));
+        grads_with_partials(name, [x, w, g], shape, (blocks, block), &scalars).map(Some)
+    }
+
+    /// Launches `name`, a kernel that writes the input gradient of rows `x` (`[rows, width]`)
+    /// and one partial row of the weight gradient a block, on `blocks` blocks of `threads` and
+    /// `shared` bytes, its arguments `x, w, g, dx, partial, rows` then `scalars`; then sums the
+    /// partial rows ([`weight_grad_sum`]).
+    fn grads_with_partials(
+        (name, dtype): (&str, DType),
+        [x, w, g]: [Operand; 3],
+        (rows, width): (usize, usize),
+        (blocks, (threads, shared)): (usize, (usize, usize)),
+        scalars: &[Arg],
+    ) -> Result<(CudaStorage, CudaStorage)> {
+        let dev = &x.0.device;
+        let dx = alloc(dev, dtype, rows * width)?;
+        // Every (block, column) partial sum is written by the kernel.
+        let partial = alloc(dev, DType::F32, blocks * width)?;
+        let mut args = vec![
+            Arg::Address(launch::address(x)?),
+            Arg::Address(launch::address(w)?),
+            Arg::Address(launch::address(g)?),
+            Arg::Address(base_address(&dx)?),
+            Arg::Address(base_address(&partial)?),
+            int(rows)?,
+        ];
+        args.extend_from_slice(scalars);
+        let block = (launch::int_u32(threads)?, 1);
+        let config = (grid(blocks)?, block, launch::int_u32(shared)?);
         launch::launch_with_shared(dev, name, Some(dtype), config, &args)?;
         let dw = weight_grad_sum(&partial, blocks, width, dtype)?;
-        Ok(Some((dx, dw)))
+        Ok((dx, dw))
     }
 
     /// Warps a block of the held gradients' kernel runs (`kernels/norms.cu`).
@@ -390,30 +408,19 @@ pub(crate) mod cuda {
         }
         let dev = &x.0.device;
         let name = format!("rms_norm_dx_dw_held{packs}");
-        let threads = launch::int_u32(HELD_NORM_WARPS * 32)?;
-        let shared = launch::int_u32(HELD_NORM_WARPS * width * 4)?;
+        let block = (HELD_NORM_WARPS * 32, HELD_NORM_WARPS * width * 4);
+        let (threads, shared) = (launch::int_u32(block.0)?, launch::int_u32(block.1)?);
         let resident = launch::resident_blocks(dev, &name, Some(dtype), (threads, shared))?;
         let rows_per_block = rows.div_ceil(resident.min(rows.div_ceil(HELD_NORM_WARPS)).max(1));
         let blocks = rows.div_ceil(rows_per_block.max(1)).max(1);
-        let dx = alloc(dev, dtype, rows * width)?;
-        // Every (block, column) partial sum is written by the kernel.
-        let partial = alloc(dev, DType::F32, blocks * width)?;
-        let args = [
-            Arg::Address(launch::address(x)?),
-            Arg::Address(launch::address(w)?),
-            Arg::Address(launch::address(g)?),
-            Arg::Address(base_address(&dx)?),
-            Arg::Address(base_address(&partial)?),
-            int(rows)?,
+        let scalars = [
             Arg::Float(eps),
             Arg::Float(offset),
             Arg::Address(launch::optional_address(held)?),
             int(rows_per_block)?,
         ];
-        let config = (grid(blocks)?, (threads, 1), shared);
-        launch::launch_with_shared(dev, &name, Some(dtype), config, &args)?;
-        let dw = weight_grad_sum(&partial, blocks, width, dtype)?;
-        Ok(Some((dx, dw)))
+        let (name, shape) = ((name.as_str(), dtype), (rows, width));
+        grads_with_partials(name, [x, w, g], shape, (blocks, block), &scalars).map(Some)
     }
 
     /// The operands of an input gradient (`held` last, where given), their dtype and the rows'
