@@ -449,17 +449,22 @@ mod tests {
     }
     use candle_core::Device;
 
+    /// β1 0.9, eps 1e-8 and the given β2 and weight decay.
+    fn params(beta2: f64, weight_decay: f64) -> AdamWParams {
+        AdamWParams {
+            beta1: 0.9,
+            beta2,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+
     #[test]
     fn one_step_matches_the_adamw_formula() {
         let dev = Device::Cpu;
         let w = Var::from_slice(&[1.0f32, -2.0], 2, &dev).unwrap();
         let vars = vec![("layer.weight".to_string(), w.clone())];
-        let p = AdamWParams {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
+        let p = params(0.999, 0.1);
         let mut opt = AdamW::new(&vars, p).unwrap();
         let grads = HashMap::from([(
             "layer.weight".to_string(),
@@ -479,12 +484,7 @@ mod tests {
     #[test]
     fn a_prepared_update_applies_as_a_step_and_only_before_the_next() {
         let dev = Device::Cpu;
-        let p = AdamWParams {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
+        let p = params(0.999, 0.1);
         let fresh = || {
             let w = Var::from_slice(&[1.0f32, -2.0, 0.5], 3, &dev).unwrap();
             let opt = AdamW::new(&[("layer.weight".to_string(), w.clone())], p).unwrap();
@@ -575,12 +575,7 @@ mod tests {
     fn gradient_scale_equals_scaling_the_gradient() {
         // Clipping is applied inside the update: scale 0.5 on g equals an unscaled step on g/2.
         let dev = Device::Cpu;
-        let p = AdamWParams {
-            beta1: 0.9,
-            beta2: 0.99,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        };
+        let p = params(0.99, 0.0);
         let g = Tensor::new(&[0.4f32, -1.0, 3.0], &dev).unwrap();
         let run = |g: &Tensor, scale: f64| {
             let w = Var::from_slice(&[1.0f32, 2.0, 3.0], 3, &dev).unwrap();
