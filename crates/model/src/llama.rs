@@ -492,17 +492,26 @@ impl Llama {
     /// A norm's weight in the compute dtype and the offset added to it as it multiplies: 1
     /// for Gemma's `1 + w` (the fused kernels add it in f32, as transformers does), else 0.
     pub(crate) fn norm_weight(&self, weight: &Tensor) -> Result<(Tensor, f64)> {
-        let offset = match self.family.norm {
-            NormKind::Plain => 0.0,
-            NormKind::OnePlus => 1.0,
-        };
-        Ok((ops::cast(weight, self.dtype)?, offset))
+        Ok((ops::cast(weight, self.dtype)?, self.norm_offset()))
     }
 
-    /// RMSNorm of `x` over its last dimension with the norm weight `weight`.
+    /// The offset a norm's weight takes as it multiplies (see [`Llama::norm_weight`]).
+    fn norm_offset(&self) -> f64 {
+        match self.family.norm {
+            NormKind::Plain => 0.0,
+            NormKind::OnePlus => 1.0,
+        }
+    }
+
+    /// RMSNorm of `x` over its last dimension with the norm weight `weight`. A trained weight
+    /// goes to the op as it is (an f32 master in mixed precision: on CUDA the op reads the
+    /// step's compute copy and sums the gradient in f32, `ops::rms_norm_offset`).
     pub(crate) fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let (weight, offset) = self.norm_weight(weight)?;
-        ops::rms_norm_offset(x, &weight, offset, self.config.rms_norm_eps)
+        let weight = match weight.track_op() {
+            true => weight.clone(),
+            false => ops::cast(weight, self.dtype)?,
+        };
+        ops::rms_norm_offset(x, &weight, self.norm_offset(), self.config.rms_norm_eps)
     }
 
     /// `x + pending` (or `x`) and its RMSNorm with `weight`.

@@ -11,7 +11,7 @@ use super::fused_op::{custom_op, CpuOperand, CpuOutput, FusedOp};
 use super::fused_op::{CudaOutput, Operand};
 use super::reference::widened;
 use super::rows_and_width;
-use candle_core::{Layout, Result, Tensor, D};
+use candle_core::{DType, Layout, Result, Tensor, D};
 use rayon::prelude::*;
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32. Fused where
@@ -23,14 +23,30 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// RMSNorm scaled by `offset + weight` (Gemma's `1 + w`, whose fresh weight is 0): with an
 /// offset the product is taken in f32 and rounded once, as transformers' Gemma norms do. Fused
 /// where [`super::fused`] accepts the operands, else the [`fn@reference`].
+///
+/// A weight of another dtype than `x` is cast to it first, except a trained f32 master weight
+/// over 16-bit rows on CUDA: the kernels take its compute-dtype copy (the step's kept copy,
+/// [`super::step_scope`]) and its gradient is summed straight into f32, where a gradient of the
+/// copy would be rounded to 16 bits and then cast back by another kernel (25 a base training
+/// step).
 pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
+    let op = |compute_weight| RmsNorm {
+        eps: eps as f32,
+        offset: offset as f32,
+        compute_weight,
+    };
+    if weight.dtype() != x.dtype() {
+        let master = weight.dtype() == DType::F32 && weight.track_op() && x.device().is_cuda();
+        if master && super::fused(&[x]) && x.dtype() != DType::F32 {
+            let copy = super::step_scope::copy_or_cast(weight, x.dtype())?;
+            let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+            return x.apply_op2(&weight, op(Some(copy.contiguous()?)));
+        }
+        return rms_norm_offset(x, &super::cast(weight, x.dtype())?, offset, eps);
+    }
     if super::fused(&[x, weight]) {
         let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-        let op = RmsNorm {
-            eps: eps as f32,
-            offset: offset as f32,
-        };
-        return x.apply_op2(&weight, op);
+        return x.apply_op2(&weight, op(None));
     }
     reference(x, weight, offset, eps)
 }
@@ -70,6 +86,9 @@ pub(super) fn check_width(x: &Layout, weight: &[f32]) -> Result<(usize, usize)> 
 struct RmsNorm {
     eps: f32,
     offset: f32,
+    /// The weight the kernels read where the op's weight operand is an f32 master over 16-bit
+    /// rows (its copy in their dtype); the master then gets an f32 gradient.
+    compute_weight: Option<Tensor>,
 }
 
 impl FusedOp<2> for RmsNorm {
@@ -93,10 +112,13 @@ impl FusedOp<2> for RmsNorm {
 
     #[cfg(feature = "cuda")]
     fn cuda(&self, [x, w]: [Operand; 2]) -> CudaOutput {
-        Ok((
-            cuda::forward(x, w, self.eps, self.offset)?,
-            x.1.shape().clone(),
-        ))
+        let y = match &self.compute_weight {
+            Some(copy) => super::launch::with_operands(&[copy], |c| {
+                cuda::forward(x, c[0], self.eps, self.offset)
+            })?,
+            None => cuda::forward(x, w, self.eps, self.offset)?,
+        };
+        Ok((y, x.1.shape().clone()))
     }
 
     fn backward(
@@ -108,11 +130,12 @@ impl FusedOp<2> for RmsNorm {
         // candle stores whatever gradient is returned, so a frozen operand must get `None`
         // (which also skips its kernel).
         let grad = grad.contiguous()?;
-        let (x_data, w_data) = (x.detach(), w.detach());
+        let (x_data, w_data) = (x.detach(), self.kernel_weight(w));
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.track_op() && w.track_op() {
             let norm = (self.eps, self.offset);
-            let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, None, norm, true)?;
+            let dw = Some(w.dtype());
+            let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, None, norm, dw)?;
             return Ok([Some(dx), dw]);
         }
         let input_grad = RmsNormInputGrad {
@@ -125,7 +148,10 @@ impl FusedOp<2> for RmsNorm {
             .transpose()?;
         let dw = w
             .track_op()
-            .then(|| x_data.apply_op2(&grad, RmsNormWeightGrad { eps: self.eps }))
+            .then(|| {
+                let dw = x_data.apply_op2(&grad, RmsNormWeightGrad { eps: self.eps })?;
+                dw.to_dtype(w.dtype())
+            })
             .transpose()?;
         Ok([dx, dw])
     }
@@ -147,15 +173,22 @@ impl FusedOp<2> for RmsNorm {
                 && held_x.dtype() == x.dtype()
                 && held_x.device().same_device(x.device());
             if x.device().is_cuda() && x.track_op() && summable {
-                let (x_data, w_data, grad) = (x.detach(), w.detach(), grad.contiguous()?);
-                let norm = (self.eps, self.offset);
-                let weight = w.track_op();
-                let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, Some(held_x), norm, weight)?;
+                let (x_data, w_data) = (x.detach(), self.kernel_weight(w));
+                let (norm, grad) = ((self.eps, self.offset), grad.contiguous()?);
+                let dw = w.track_op().then(|| w.dtype());
+                let (dx, dw) = cuda::grads(&x_data, &w_data, &grad, Some(held_x), norm, dw)?;
                 return Ok(Some([Some(dx), dw]));
             }
         }
         let _ = (x, w, grad, held);
         Ok(None)
+    }
+}
+
+impl RmsNorm {
+    /// The weight the kernels read: the compute copy of a master weight, else `w` itself.
+    fn kernel_weight(&self, w: &Tensor) -> Tensor {
+        self.compute_weight.clone().unwrap_or_else(|| w.detach())
     }
 }
 
@@ -242,7 +275,8 @@ impl FusedOp<2> for RmsNormWeightGrad {
     fn cuda(&self, [x, g]: [Operand; 2]) -> CudaOutput {
         let (_, width) = rows_and_width(x.1)?;
         let inverse = cuda::inverse(x, self.eps)?;
-        Ok((cuda::weight_grad(x, g, &inverse)?, width.into()))
+        let dtype = candle_core::backend::BackendStorage::dtype(x.0);
+        Ok((cuda::weight_grad(x, g, &inverse, dtype)?, width.into()))
     }
 }
 
@@ -270,8 +304,8 @@ pub(crate) mod cuda {
     /// Consecutive rows each warp of the fused gradients' kernel takes.
     const ROWS_PER_WARP: usize = 2;
 
-    /// The input gradient, `held + dx` where `held` is given, and with `weight`, the weight
-    /// gradient: both from one kernel where [`FUSED_WARPS`] warps' column sums fit
+    /// The input gradient, `held + dx` where `held` is given, and with `weight` (its dtype:
+    /// `w`'s, or f32 for an f32 master's), the weight gradient: both from one kernel where [`FUSED_WARPS`] warps' column sums fit
     /// [`SLICES_BYTES`] or a 16-bit row fits a warp's registers ([`input_and_weight_grads`]),
     /// else the input gradient's kernel writes the per-row inverse RMS that the weight
     /// gradient's kernel reads.
@@ -281,22 +315,23 @@ pub(crate) mod cuda {
         grad: &Tensor,
         held: Option<&Tensor>,
         norm: (f32, f32),
-        weight: bool,
+        weight: Option<DType>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let operands: Vec<&Tensor> = [x, w, grad].into_iter().chain(held).collect();
         let (dx, dw) = launch::with_operands(&operands, |ops| {
             let held = ops.get(3).copied();
-            if weight {
-                let fused = input_and_weight_grads([ops[0], ops[1], ops[2]], held, norm)?;
+            if let Some(dw_dtype) = weight {
+                let fused = input_and_weight_grads([ops[0], ops[1], ops[2]], held, norm, dw_dtype)?;
                 if let Some((dx, dw)) = fused {
                     return Ok((dx, Some(dw)));
                 }
             }
-            let inverse = weight.then(|| inverse_buffer(ops[0])).transpose()?;
+            let inverse = weight.map(|_| inverse_buffer(ops[0])).transpose()?;
             let dx = input_grad([ops[0], ops[1], ops[2]], held, norm, inverse.as_ref())?;
-            let dw = inverse
-                .map(|inverse| weight_grad(ops[0], ops[2], &inverse))
-                .transpose()?;
+            let dw = match (inverse, weight) {
+                (Some(inverse), Some(dtype)) => Some(weight_grad(ops[0], ops[2], &inverse, dtype)?),
+                _ => None,
+            };
             Ok((dx, dw))
         })?;
         Ok((
@@ -335,13 +370,15 @@ pub(crate) mod cuda {
         [x, w, g]: [Operand; 3],
         held: Option<Operand>,
         (eps, offset): (f32, f32),
+        dw_dtype: DType,
     ) -> Result<Option<(CudaStorage, CudaStorage)>> {
         let (operands, dtype, (rows, width)) = input_grad_operands([x, w, g], held)?;
         let kernels = ("rms_norm_dx_dw", "rms_norm_dx_dw_wide");
         let (name, per_access) = elementwise_kernel(kernels, &operands, width)?;
         let slice_bytes = width.div_ceil(32 * per_access) * 32 * per_access * 4;
         if FUSED_WARPS * slice_bytes > SLICES_BYTES {
-            return held_input_and_weight_grads([x, w, g], held, (eps, offset), per_access);
+            let norm = (eps, offset);
+            return held_input_and_weight_grads([x, w, g], held, norm, (per_access, dw_dtype));
         }
         let blocks = rows.div_ceil(FUSED_WARPS * ROWS_PER_WARP).max(1);
         let scalars = [
@@ -352,16 +389,16 @@ pub(crate) mod cuda {
             int(ROWS_PER_WARP)?,
         ];
         let block = (FUSED_WARPS * 32, FUSED_WARPS * slice_bytes);
-        let (name, shape) = ((name, dtype), (rows, width));
+        let (name, shape) = ((name, dtype, dw_dtype), (rows, width));
         grads_with_partials(name, [x, w, g], shape, (blocks, block), &scalars).map(Some)
     }
 
     /// Launches `name`, a kernel that writes the input gradient of rows `x` (`[rows, width]`)
     /// and one partial row of the weight gradient a block, on `blocks` blocks of `threads` and
     /// `shared` bytes, its arguments `x, w, g, dx, partial, rows` then `scalars`; then sums the
-    /// partial rows ([`weight_grad_sum`]).
+    /// partial rows into a weight gradient of `dw_dtype` ([`weight_grad_sum`]).
     fn grads_with_partials(
-        (name, dtype): (&str, DType),
+        (name, dtype, dw_dtype): (&str, DType, DType),
         [x, w, g]: [Operand; 3],
         (rows, width): (usize, usize),
         (blocks, (threads, shared)): (usize, (usize, usize)),
@@ -383,7 +420,7 @@ pub(crate) mod cuda {
         let block = (launch::int_u32(threads)?, 1);
         let config = (grid(blocks)?, block, launch::int_u32(shared)?);
         launch::launch_with_shared(dev, name, Some(dtype), config, &args)?;
-        let dw = weight_grad_sum(&partial, blocks, width, dtype)?;
+        let dw = weight_grad_sum(&partial, blocks, width, dw_dtype)?;
         Ok((dx, dw))
     }
 
@@ -398,7 +435,7 @@ pub(crate) mod cuda {
         [x, w, g]: [Operand; 3],
         held: Option<Operand>,
         (eps, offset): (f32, f32),
-        per_access: usize,
+        (per_access, dw_dtype): (usize, DType),
     ) -> Result<Option<(CudaStorage, CudaStorage)>> {
         let (_, dtype, (rows, width)) = input_grad_operands([x, w, g], held)?;
         let packs = width / (32 * per_access);
@@ -419,7 +456,7 @@ pub(crate) mod cuda {
             Arg::Address(launch::optional_address(held)?),
             int(rows_per_block)?,
         ];
-        let (name, shape) = ((name.as_str(), dtype), (rows, width));
+        let (name, shape) = ((name.as_str(), dtype, dw_dtype), (rows, width));
         grads_with_partials(name, [x, w, g], shape, (blocks, block), &scalars).map(Some)
     }
 
@@ -485,12 +522,13 @@ pub(crate) mod cuda {
         alloc(&x.0.device, DType::F32, rows.max(1))
     }
 
-    /// RMSNorm weight gradient from the per-row inverse RMS: column sums per chunk of rows, then
-    /// the sum of the chunks.
+    /// RMSNorm weight gradient in `dw_dtype` from the per-row inverse RMS: column sums per
+    /// chunk of rows, then the sum of the chunks.
     pub(super) fn weight_grad(
         x: Operand,
         g: Operand,
         inverse: &CudaStorage,
+        dw_dtype: DType,
     ) -> Result<CudaStorage> {
         const ROWS_PER_CHUNK: usize = 64;
         let dtype = common_dtype(&[x, g])?;
@@ -506,7 +544,7 @@ pub(crate) mod cuda {
             alloc(dev, DType::F32, chunks * width)?,
             &[int(rows)?, int(width)?, int(ROWS_PER_CHUNK)?],
         )?;
-        weight_grad_sum(&partial, chunks, width, dtype)
+        weight_grad_sum(&partial, chunks, width, dw_dtype)
     }
 
     /// The weight gradient in `dtype`: the column sums of the f32 `[chunks, width]` partial

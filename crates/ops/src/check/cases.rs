@@ -1152,6 +1152,21 @@ fn residual_norm_case<const FROZEN: bool>(x: Vec<usize>) -> Case {
     }
 }
 
+/// A residual stream's norm (as [`residual_norm_case`]) whose weight is an f32 master, as in
+/// mixed-precision training.
+fn master_norm_case(x: Vec<usize>) -> Case {
+    let width = x[x.len() - 1];
+    Case {
+        name: "rms_norm_master",
+        fused: |t| {
+            let master = t[1].to_dtype(DType::F32)?;
+            crate::add(&t[0], &crate::rms_norm(&t[0], &master, 1e-5)?)
+        },
+        reference: |t| &t[0] + reference::rms_norm(&t[0], &t[1], 0.0, 1e-5)?,
+        inputs: vec![Input::Float(x, 1.0), Input::Float(vec![width], 1.0)],
+    }
+}
+
 /// Per-head q/k norms (Qwen3, Gemma 3): RMSNorm over each head of projections
 /// `[b, t, heads, head_size]`, one weight of `head_size` shared by the heads, with gradients.
 fn qk_norm_case(x: Vec<usize>) -> Case {
@@ -1481,6 +1496,11 @@ pub fn edge_cases() -> Vec<Case> {
         residual_norm_case::<false>(vec![3, 100, 2048]),
         rms_norm_offset_case(vec![2, 50, 1536]),
         residual_norm_case::<false>(vec![7, 1024]),
+        // An f32 master weight over 16-bit rows: CUDA's kernels read its compute copy and sum
+        // its gradient in f32 (each of the three weight-gradient paths).
+        master_norm_case(vec![70, 40]),
+        master_norm_case(vec![3, 100, 2048]),
+        master_norm_case(vec![3, 10, 4096]),
         residual_norm_case::<false>(vec![5, 17]),
         residual_norm_case::<true>(vec![3, 5, 16]),
         qk_norm_case(vec![2, 3, 4, 8]),
