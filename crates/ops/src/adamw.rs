@@ -1,8 +1,8 @@
 //! Fused AdamW updates. On the CPU, one rayon pass per parameter reads the weight, gradient and
 //! both moments and writes their new values, instead of ~10 tensor ops with a fresh buffer each.
-//! On CUDA, one kernel launch updates every parameter in place ([`adamw_in_place`]). The sum of
-//! the squares of every gradient ([`sum_of_squares`]) is one more launch on CUDA, and one rayon
-//! pass per gradient on the CPU. The CUDA kernels are in `kernels/adamw.cu`.
+//! On CUDA, one kernel launch updates every parameter in place ([`prepare_in_place`],
+//! [`PreparedUpdate::run`]). The sum of the squares of every gradient ([`sum_of_squares`]) is
+//! one more launch on CUDA, and one rayon pass per gradient on the CPU. The CUDA kernels are in `kernels/adamw.cu`.
 
 use super::cpu_kernel::{f32s, with_operands, ELEMENTWISE_CHUNK};
 use super::fast_exp;
@@ -144,7 +144,7 @@ pub struct InPlaceParam<'a> {
     pub copy: Option<&'a Tensor>,
 }
 
-/// Whether [`adamw_in_place`] can update this parameter: every operand a contiguous f32 CUDA
+/// Whether [`prepare_in_place`] can take this parameter: every operand a contiguous f32 CUDA
 /// tensor of one size, and the moments in buffers of their own (they are written in place).
 pub fn in_place_supported(param: &Var, m: &Tensor, v: &Tensor, grad: &Tensor) -> bool {
     let operands = [param.as_tensor(), m, v, grad];

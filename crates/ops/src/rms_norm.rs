@@ -26,7 +26,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 ///
 /// A weight of another dtype than `x` is cast to it first, except a trained f32 master weight
 /// over 16-bit rows on CUDA: the kernels take its compute-dtype copy (the step's kept copy,
-/// [`super::step_scope`]) and its gradient is summed straight into f32, where a gradient of the
+/// `ops::training_step`) and its gradient is summed straight into f32, where a gradient of the
 /// copy would be rounded to 16 bits and then cast back by another kernel.
 pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
     let op = |compute_weight| RmsNorm {
