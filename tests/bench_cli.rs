@@ -154,6 +154,7 @@ fn op_checks_cover_every_op_and_pass_on_the_cpu() {
         "rms_norm_head_greedy_step",
         "rms_norm_linear",
         "rms_norm_linear_offset",
+        "rms_norm_master",
         "rms_norm_offset",
         "rms_norm_swiglu_projection",
         "rope",
