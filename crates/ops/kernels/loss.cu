@@ -113,7 +113,7 @@ __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, co
 }
 
 // The NLL and gradient of a row whose logits are read once: each thread holds its share of the
-// row in registers (HELD_WORDS 16-byte words) from the online max and sum to the gradient, and
+// row in registers (HELD_WORDS 16-byte words) from the max and sum to the gradient, and
 // a row wider than a block's HELD_SPAN 16-byte words is spread over a cluster of C blocks
 // (Hopper), which exchange their maxima and sums through distributed shared memory. The kernel
 // above reads each row twice (a 1B model's 128K-vocabulary logits: 0.5 GB a chunk more).

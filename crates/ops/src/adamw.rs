@@ -2,7 +2,8 @@
 //! both moments and writes their new values, instead of ~10 tensor ops with a fresh buffer each.
 //! On CUDA, one kernel launch updates every parameter in place ([`prepare_in_place`],
 //! [`PreparedUpdate::run`]). The sum of the squares of every gradient ([`sum_of_squares`]) is
-//! one more launch on CUDA, and one rayon pass per gradient on the CPU. The CUDA kernels are in `kernels/adamw.cu`.
+//! one more launch on CUDA, and one rayon pass per gradient on the CPU. The CUDA kernels are in
+//! `kernels/adamw.cu`.
 
 use super::cpu_kernel::{f32s, with_operands, ELEMENTWISE_CHUNK};
 use super::fast_exp;

@@ -351,15 +351,16 @@ mod cuda {
         let device = &logits.0.device;
         let nll = alloc(device, DType::F32, rows)?;
         let d = alloc(device, dtype, rows * vocab)?;
+        let logits_address = address(logits)?;
         let args = [
-            Arg::Address(address(logits)?),
+            Arg::Address(logits_address),
             Arg::Address(address(targets)?),
             Arg::Address(address(g)?),
             Arg::Address(base_address(&nll)?),
             Arg::Address(base_address(&d)?),
             int(vocab)?,
         ];
-        let aligned = address(logits)? % 16 == 0;
+        let aligned = logits_address % 16 == 0;
         let (name, grid, block) = match held_cluster(device, dtype, vocab, aligned)? {
             Some(cluster) => (
                 format!("token_nll_with_grad_held{cluster}"),

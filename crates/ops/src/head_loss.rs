@@ -201,21 +201,18 @@ impl ChunkGradients {
             .computed
             .lock()
             .map_err(|_| candle_core::Error::Msg("head-mean-nll: poisoned gradients".into()))?;
+        let gone = || {
+            candle_core::Error::Msg(
+                "head-mean-nll: the gradients went to an earlier backward pass".into(),
+            )
+        };
         let factor = match (unit, self.divided) {
-            (true, true) => {
-                return computed.take().ok_or_else(|| {
-                    candle_core::Error::Msg(
-                        "head-mean-nll: the gradients went to an earlier backward pass".into(),
-                    )
-                })
-            }
+            (true, true) => return computed.take().ok_or_else(gone),
             (true, false) => self.count.recip()?,
             (false, true) => grad.to_dtype(DType::F32)?,
             (false, false) => grad.to_dtype(DType::F32)?.div(&self.count)?,
         };
-        let Some((dx, dw)) = computed.as_ref() else {
-            candle_core::bail!("head-mean-nll: the gradients went to an earlier backward pass")
-        };
+        let (dx, dw) = computed.as_ref().ok_or_else(gone)?;
         let scaled = |g: &Option<Tensor>| g.as_ref().map(|g| scaled(g, &factor)).transpose();
         Ok((scaled(dx)?, scaled(dw)?))
     }

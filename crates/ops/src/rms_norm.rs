@@ -304,10 +304,10 @@ pub(crate) mod cuda {
     const ROWS_PER_WARP: usize = 2;
 
     /// The input gradient, `held + dx` where `held` is given, and with `weight` (its dtype:
-    /// `w`'s, or f32 for an f32 master's), the weight gradient: both from one kernel where [`FUSED_WARPS`] warps' column sums fit
-    /// [`SLICES_BYTES`] or a 16-bit row fits a warp's registers ([`input_and_weight_grads`]),
-    /// else the input gradient's kernel writes the per-row inverse RMS that the weight
-    /// gradient's kernel reads.
+    /// `w`'s, or f32 for an f32 master's), the weight gradient: both from one kernel where
+    /// [`FUSED_WARPS`] warps' column sums fit [`SLICES_BYTES`] or a 16-bit row fits a warp's
+    /// registers ([`input_and_weight_grads`]), else the input gradient's kernel writes the
+    /// per-row inverse RMS that the weight gradient's kernel reads.
     pub(super) fn grads(
         x: &Tensor,
         w: &Tensor,
@@ -325,12 +325,14 @@ pub(crate) mod cuda {
                     return Ok((dx, Some(dw)));
                 }
             }
-            let inverse = weight.map(|_| inverse_buffer(ops[0])).transpose()?;
-            let dx = input_grad([ops[0], ops[1], ops[2]], held, norm, inverse.as_ref())?;
-            let dw = match (inverse, weight) {
-                (Some(inverse), Some(dtype)) => Some(weight_grad(ops[0], ops[2], &inverse, dtype)?),
-                _ => None,
-            };
+            let inverse = weight
+                .map(|dtype| inverse_buffer(ops[0]).map(|inverse| (inverse, dtype)))
+                .transpose()?;
+            let rows_inverse = inverse.as_ref().map(|(inverse, _)| inverse);
+            let dx = input_grad([ops[0], ops[1], ops[2]], held, norm, rows_inverse)?;
+            let dw = inverse
+                .map(|(inverse, dtype)| weight_grad(ops[0], ops[2], &inverse, dtype))
+                .transpose()?;
             Ok((dx, dw))
         })?;
         Ok((
@@ -377,7 +379,8 @@ pub(crate) mod cuda {
         let slice_bytes = width.div_ceil(32 * per_access) * 32 * per_access * 4;
         if FUSED_WARPS * slice_bytes > SLICES_BYTES {
             let norm = (eps, offset);
-            return held_input_and_weight_grads([x, w, g], held, norm, (per_access, dw_dtype));
+            let shape = (dtype, rows, width, per_access);
+            return held_input_and_weight_grads([x, w, g], held, norm, (shape, dw_dtype));
         }
         let blocks = rows.div_ceil(FUSED_WARPS * ROWS_PER_WARP).max(1);
         let scalars = [
@@ -429,14 +432,14 @@ pub(crate) mod cuda {
     /// [`input_and_weight_grads`] for 16-bit rows of 1,024, 1,536 or 2,048 elements read 16
     /// bytes at a time (`per_access`), too wide for its shared-memory slices: each warp holds a
     /// row's x and g in registers and its share of the weight gradient in its slice, and each
-    /// multiprocessor takes one block and one run of rows. `None` for other rows.
+    /// multiprocessor takes one block and one run of rows. `None` for other rows. The operands
+    /// are those [`input_grad_operands`] checked, of `dtype` and `[rows, width]`.
     fn held_input_and_weight_grads(
         [x, w, g]: [Operand; 3],
         held: Option<Operand>,
         (eps, offset): (f32, f32),
-        (per_access, dw_dtype): (usize, DType),
+        ((dtype, rows, width, per_access), dw_dtype): ((DType, usize, usize, usize), DType),
     ) -> Result<Option<(CudaStorage, CudaStorage)>> {
-        let (_, dtype, (rows, width)) = input_grad_operands([x, w, g], held)?;
         let packs = width / (32 * per_access);
         let sixteen_bit = matches!(dtype, DType::BF16 | DType::F16);
         if !(sixteen_bit && per_access == 8 && width % 256 == 0 && matches!(packs, 4 | 6 | 8)) {
