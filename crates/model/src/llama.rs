@@ -503,14 +503,19 @@ impl Llama {
         }
     }
 
-    /// RMSNorm of `x` over its last dimension with the norm weight `weight`. A trained weight
-    /// goes to the op as it is (an f32 master in mixed precision: on CUDA the op reads the
-    /// step's compute copy and sums the gradient in f32, `ops::rms_norm_offset`).
+    /// A norm's weight as the norm ops take it: a trained weight as it is (an f32 master in
+    /// mixed precision: on CUDA the op reads the step's compute copy and sums the gradient in
+    /// f32, `ops::rms_norm_offset`), any other in the compute dtype.
+    fn norm_operand(&self, weight: &Tensor) -> Result<Tensor> {
+        match weight.track_op() {
+            true => Ok(weight.clone()),
+            false => ops::cast(weight, self.dtype),
+        }
+    }
+
+    /// RMSNorm of `x` over its last dimension with the norm weight `weight`.
     pub(crate) fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let weight = match weight.track_op() {
-            true => weight.clone(),
-            false => ops::cast(weight, self.dtype)?,
-        };
+        let weight = self.norm_operand(weight)?;
         ops::rms_norm_offset(x, &weight, self.norm_offset(), self.config.rms_norm_eps)
     }
 
@@ -521,7 +526,8 @@ impl Llama {
         pending: Option<&Tensor>,
         weight: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let ((weight, offset), eps) = (self.norm_weight(weight)?, self.config.rms_norm_eps);
+        let (weight, offset) = (self.norm_operand(weight)?, self.norm_offset());
+        let eps = self.config.rms_norm_eps;
         match pending {
             Some(delta) => ops::add_rms_norm(x, delta, &weight, offset, eps),
             None => Ok((x.clone(), ops::rms_norm_offset(x, &weight, offset, eps)?)),
