@@ -459,6 +459,21 @@ impl Llama {
         ops::add(&x, &mlp)
     }
 
+    /// Every block on training rows `x` (as [`Llama::training_block`] one after another), each
+    /// block's closing residual add joined with the next block's first norm
+    /// ([`ops::add_rms_norm`]). Returns the last block's output.
+    pub fn training_blocks(&self, x: &Tensor, segments: Option<&ops::Segments>) -> Result<Tensor> {
+        let (mut x, mut pending) = (x.clone(), None);
+        for i in 0..self.layers.len() {
+            let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), (0, segments), None)?;
+            (x, pending) = (next, Some(mlp));
+        }
+        match pending {
+            Some(mlp) => ops::add(&x, &mlp),
+            None => Ok(x),
+        }
+    }
+
     /// Block `i` on the residual stream `x` plus `pending`, the previous block's MLP output
     /// not yet added to it. Returns the new stream and this block's MLP output, again not
     /// added: each add then joins the norm after it ([`ops::add_rms_norm`]).

@@ -62,7 +62,34 @@ __device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int row
     y[j] = from_f32<T>(to_f32(sum[j]) * r * (offset + to_f32(w[j])));
 }
 
-// The 16-byte form of add_rms_norm (operands aligned, width a multiple of W = WIDE<T>), for a
+// x + d for a 16-byte word of each held in registers, every sum rounded to T as the unfused add
+// stores it, written over x's word; returns the sum of the rounded sums' squares.
+template <typename T>
+__device__ __forceinline__ float add_word(uint4& x, const uint4& d) {
+  Pack<T, WIDE<T>> sum;
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < WIDE<T>; ++k) {
+    sum.e[k] = from_f32<T>(held_f32<T>(x, k) + held_f32<T>(d, k));
+    const float v = to_f32(sum.e[k]);
+    ss += v * v;
+  }
+  x = *reinterpret_cast<const uint4*>(&sum);
+  return ss;
+}
+
+// A 16-byte word of the normalized row from the sum's word s and the weight's w:
+// s * r * (offset + w).
+template <typename T>
+__device__ __forceinline__ uint4 norm_word(const uint4& s, const uint4& w, float r, float offset) {
+  Pack<T, WIDE<T>> out;
+#pragma unroll
+  for (int k = 0; k < WIDE<T>; ++k)
+    out.e[k] = from_f32<T>(held_f32<T>(s, k) * r * (offset + held_f32<T>(w, k)));
+  return *reinterpret_cast<const uint4*>(&out);
+}
+
+// The 16-byte form of add_rms_norm (operands aligned, width a multiple of WIDE<T>), for a
 // decode step's single row: the old one-element loops waited for memory once per element
 // of a thread, three times over (8.8 us a call for a 2048-wide bf16 row on an H200, a fifth of
 // a step). Here every thread issues all its loads (x, d and w, at most ADD_NORM_PACKS packs of
@@ -72,22 +99,22 @@ __device__ void add_rms_norm(const T* x, const T* d, const T* w, T* out, int row
 // many for 1024.
 constexpr int ADD_NORM_PACKS = 4;
 
-template <typename T, int W>
+template <typename T>
 __device__ void add_rms_norm_wide(const T* __restrict__ x, const T* __restrict__ d,
                                   const T* __restrict__ w, T* __restrict__ out, int rows,
                                   int width, float eps, float offset) {
-  using P = Pack<T, W>;
+  constexpr int W = WIDE<T>;
   const size_t off = (size_t)blockIdx.x * width;
   T* sum = out + off;
   T* y = out + (size_t)rows * width + off;
-  P xs[ADD_NORM_PACKS], ds[ADD_NORM_PACKS], ws[ADD_NORM_PACKS];
+  uint4 xs[ADD_NORM_PACKS], ds[ADD_NORM_PACKS], ws[ADD_NORM_PACKS];
 #pragma unroll
   for (int i = 0; i < ADD_NORM_PACKS; ++i) {
     const int j = (threadIdx.x + i * blockDim.x) * W;
     if (j < width) {
-      xs[i] = P::load(x + off + j);
-      ds[i] = P::load(d + off + j);
-      ws[i] = P::load(w + j);
+      xs[i] = *reinterpret_cast<const uint4*>(x + off + j);
+      ds[i] = *reinterpret_cast<const uint4*>(d + off + j);
+      ws[i] = *reinterpret_cast<const uint4*>(w + j);
     }
   }
   float ss = 0.f;
@@ -95,25 +122,57 @@ __device__ void add_rms_norm_wide(const T* __restrict__ x, const T* __restrict__
   for (int i = 0; i < ADD_NORM_PACKS; ++i) {
     const int j = (threadIdx.x + i * blockDim.x) * W;
     if (j < width) {
-#pragma unroll
-      for (int k = 0; k < W; ++k) {
-        xs[i].e[k] = from_f32<T>(to_f32(xs[i].e[k]) + to_f32(ds[i].e[k]));
-        const float v = to_f32(xs[i].e[k]);
-        ss += v * v;
-      }
-      xs[i].store(sum + j);
+      ss += add_word<T>(xs[i], ds[i]);
+      *reinterpret_cast<uint4*>(sum + j) = xs[i];
     }
   }
   const float r = rsqrtf(block_sum(ss) / width + eps);
 #pragma unroll
   for (int i = 0; i < ADD_NORM_PACKS; ++i) {
     const int j = (threadIdx.x + i * blockDim.x) * W;
-    if (j < width) {
-      P o;
+    if (j < width) *reinterpret_cast<uint4*>(y + j) = norm_word<T>(xs[i], ws[i], r, offset);
+  }
+}
+
+// The residual add and RMSNorm of many rows (a training step's blocks): a warp a row, each
+// lane loading its at most PACKS 16-byte words of x and of d at once, so the row is read once
+// and a warp has all of it in flight; the rounded sum goes to `sum` and its norm to `y` (two
+// buffers, each [rows, width]). Rows of at most 32 · WIDE<T> · PACKS elements, a multiple of
+// WIDE<T>, every operand 16-byte aligned.
+template <typename T, int PACKS>
+__device__ void add_rms_norm_rows(const T* __restrict__ x, const T* __restrict__ d,
+                                  const T* __restrict__ w, T* __restrict__ sum,
+                                  T* __restrict__ y, int rows, int width, float eps,
+                                  float offset) {
+  constexpr int W = WIDE<T>;
+  const int row = warp_row(rows), lane = threadIdx.x & 31;
+  if (row < 0) return;
+  const size_t off = (size_t)row * width;
+  uint4 xs[PACKS], ds[PACKS];
 #pragma unroll
-      for (int k = 0; k < W; ++k)
-        o.e[k] = from_f32<T>(to_f32(xs[i].e[k]) * r * (offset + to_f32(ws[i].e[k])));
-      o.store(y + j);
+  for (int p = 0; p < PACKS; ++p) {
+    const int j = (p * 32 + lane) * W;
+    if (j < width) {
+      xs[p] = *reinterpret_cast<const uint4*>(x + off + j);
+      ds[p] = *reinterpret_cast<const uint4*>(d + off + j);
+    }
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    const int j = (p * 32 + lane) * W;
+    if (j < width) {
+      ss += add_word<T>(xs[p], ds[p]);
+      *reinterpret_cast<uint4*>(sum + off + j) = xs[p];
+    }
+  }
+  const float r = rsqrtf(warp_sum(ss) / width + eps);
+#pragma unroll
+  for (int p = 0; p < PACKS; ++p) {
+    const int j = (p * 32 + lane) * W;
+    if (j < width) {
+      const uint4 wv = *reinterpret_cast<const uint4*>(w + j);
+      *reinterpret_cast<uint4*>(y + off + j) = norm_word<T>(xs[p], wv, r, offset);
     }
   }
 }
@@ -381,10 +440,21 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
   extern "C" __global__ void __launch_bounds__(512)                                          \
       add_rms_norm_wide_##S(const T* x, const T* d, const T* w, T* out, int rows, int width,   \
                             float eps, float offset) {                                        \
-    add_rms_norm_wide<T, WIDE<T>>(x, d, w, out, rows, width, eps, offset);                    \
+    add_rms_norm_wide<T>(x, d, w, out, rows, width, eps, offset);                    \
   }
 
 FOR_EACH_FLOAT(NORMS_ENTRY_POINTS)
+// The many-row residual add and norm: rows of at most 2, 4 or 8 16-byte words a lane.
+#define ADD_NORM_ROWS_ENTRY_POINT(S, T, PACKS)                                                  \
+  extern "C" __global__ void __launch_bounds__(256, 3) add_rms_norm_rows##PACKS##_##S(         \
+      const T* x, const T* d, const T* w, T* sum, T* y, int rows, int width, float eps,        \
+      float offset) {                                                                           \
+    add_rms_norm_rows<T, PACKS>(x, d, w, sum, y, rows, width, eps, offset);                     \
+  }
+#define ADD_NORM_ROWS_ENTRY_POINTS(S, T)                                                        \
+  ADD_NORM_ROWS_ENTRY_POINT(S, T, 2) ADD_NORM_ROWS_ENTRY_POINT(S, T, 4)                         \
+  ADD_NORM_ROWS_ENTRY_POINT(S, T, 8)
+FOR_EACH_FLOAT(ADD_NORM_ROWS_ENTRY_POINTS)
 // The held gradients' kernels: 16-bit rows of 1,024, 1,536 and 2,048 elements.
 #define HELD_NORM_ENTRY_POINT(S, T, PACKS)                                                      \
   extern "C" __global__ void __launch_bounds__(HELD_NORM_WARPS * 32, 1)                         \

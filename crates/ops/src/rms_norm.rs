@@ -13,6 +13,8 @@ use super::reference::widened;
 use super::rows_and_width;
 use candle_core::{DType, Layout, Result, Tensor, D};
 use rayon::prelude::*;
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight`, computed in at least f32. Fused where
 /// [`super::fused`] accepts the operands, else the [`fn@reference`].
@@ -35,11 +37,9 @@ pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Re
         compute_weight,
     };
     if weight.dtype() != x.dtype() {
-        let master = weight.dtype() == DType::F32 && weight.track_op() && x.device().is_cuda();
-        if master && super::fused(&[x]) && x.dtype() != DType::F32 {
-            let copy = super::step_scope::copy_or_cast(weight, x.dtype())?;
+        if let Some(copy) = master_copy(x, weight)? {
             let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-            return x.apply_op2(&weight, op(Some(copy.contiguous()?)));
+            return x.apply_op2(&weight, op(Some(copy)));
         }
         return rms_norm_offset(x, &super::cast(weight, x.dtype())?, offset, eps);
     }
@@ -48,6 +48,37 @@ pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Re
         return x.apply_op2(&weight, op(None));
     }
     reference(x, weight, offset, eps)
+}
+
+/// The weight the fused kernels read for a trained f32 master `weight` over 16-bit CUDA rows
+/// `x`: the step's compute copy in `x`'s dtype (the op then sums the master's gradient in f32).
+/// `None` for any other pair.
+pub(crate) fn master_copy(x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+    let master = weight.dtype() == DType::F32 && weight.track_op() && x.device().is_cuda();
+    if !(master && super::fused(&[x]) && x.dtype() != DType::F32) {
+        return Ok(None);
+    }
+    Ok(Some(
+        super::step_scope::copy_or_cast(weight, x.dtype())?.contiguous()?,
+    ))
+}
+
+/// `normed`, the norm of rows `x` with `weight` that a fused kernel already wrote (reading
+/// `compute_weight` where `weight` is a master, [`master_copy`]), entered in the graph as
+/// [`rms_norm_offset`]'s output with its backward.
+#[cfg(feature = "cuda")]
+pub(crate) fn attach_normed(
+    normed: &Tensor,
+    [x, weight]: [&Tensor; 2],
+    compute_weight: Option<Tensor>,
+    (offset, eps): (f64, f64),
+) -> Tensor {
+    let op = RmsNorm {
+        eps: eps as f32,
+        offset: offset as f32,
+        compute_weight,
+    };
+    Tensor::attach_op2(normed, [x, weight], Arc::new(Box::new(op)))
 }
 
 /// [`rms_norm_offset`] from candle's differentiable ops, any backend and dtype.

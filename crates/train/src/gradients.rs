@@ -196,11 +196,7 @@ fn checkpointed_step(model: &Llama, t: &Tensors, sink: &mut GradientSink) -> Res
 }
 
 fn forward_blocks(model: &Llama, t: &Tensors) -> Result<Tensor> {
-    let mut x = model.embed(&t.inputs)?;
-    for i in 0..model.layers.len() {
-        x = model.training_block(i, &x, t.segments.as_ref())?;
-    }
-    Ok(x)
+    model.training_blocks(&model.embed(&t.inputs)?, t.segments.as_ref())
 }
 
 fn missing(g: Option<&Tensor>) -> Result<Tensor> {

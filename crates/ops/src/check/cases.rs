@@ -55,6 +55,8 @@ pub fn model_cases(shape: &ModelShape, batch: usize, seq: usize) -> Vec<Case> {
         rms_norm_offset_case(vec![batch, seq, shape.hidden]),
         residual_norm_case::<false>(vec![batch, seq, shape.hidden]),
         residual_norm_case::<true>(vec![batch, seq, shape.hidden]),
+        add_norm_train_case::<false, 0>(vec![batch, seq, shape.hidden]),
+        add_norm_train_case::<true, 0>(vec![batch, seq, shape.hidden]),
         qk_norm_case(vec![batch, seq, h, d]),
         rope_case(vec![batch, h, seq, d], d),
         rope_case(vec![batch, h, seq, d], d / 4 * 3 / 2 * 2),
@@ -1119,6 +1121,39 @@ fn add_norm_case<const OFFSET: u8>(rows: usize, width: usize) -> Case {
     }
 }
 
+/// The residual add and the norm after it in training: both outputs, stacked, with gradients
+/// to both addends and the weight; with `MASTER` the weight an f32 master (mixed precision),
+/// with `OFFSET` 1 Gemma's `1 + w`. The norm's backward finds the sum's gradient from the
+/// stack already held, as a block's residual stream's.
+fn add_norm_train_case<const MASTER: bool, const OFFSET: u8>(x: Vec<usize>) -> Case {
+    let width = x[x.len() - 1];
+    Case {
+        name: match (MASTER, OFFSET) {
+            (true, _) => "add_rms_norm_master",
+            (false, 0) => "add_rms_norm_train",
+            (false, _) => "add_rms_norm_train_offset",
+        },
+        fused: |t| {
+            let weight = match MASTER {
+                true => t[2].to_dtype(DType::F32)?,
+                false => t[2].clone(),
+            };
+            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &weight, OFFSET as f64, 1e-5)?;
+            Tensor::stack(&[sum, normed], 0)
+        },
+        reference: |t| {
+            let sum = (&t[0] + &t[1])?;
+            let normed = reference::rms_norm(&sum, &t[2], OFFSET as f64, 1e-5)?;
+            Tensor::stack(&[sum, normed], 0)
+        },
+        inputs: vec![
+            Input::Float(x.clone(), 1.0),
+            Input::Float(x, 1.0),
+            Input::Float(vec![width], 1.0),
+        ],
+    }
+}
+
 /// RMSNorm scaled by `1 + w` (Gemma) over rows `x`, with gradients.
 fn rms_norm_offset_case(x: Vec<usize>) -> Case {
     let width = x[x.len() - 1];
@@ -1503,6 +1538,15 @@ pub fn edge_cases() -> Vec<Case> {
         master_norm_case(vec![3, 10, 4096]),
         residual_norm_case::<false>(vec![5, 17]),
         residual_norm_case::<true>(vec![3, 5, 16]),
+        // Training's residual add and norm: on CUDA a warp a row of at most 2, 4 or 8 16-byte
+        // words a lane (40: part of a lane's words; 768; 2,048, the most in 16 bits and past
+        // it in f32), else (17: not whole words; 2,056) the two ops; Gemma's offset.
+        add_norm_train_case::<false, 0>(vec![3, 7, 40]),
+        add_norm_train_case::<false, 1>(vec![70, 768]),
+        add_norm_train_case::<true, 0>(vec![2, 50, 2048]),
+        add_norm_train_case::<true, 1>(vec![9, 1024]),
+        add_norm_train_case::<false, 0>(vec![5, 17]),
+        add_norm_train_case::<true, 0>(vec![3, 2056]),
         qk_norm_case(vec![2, 3, 4, 8]),
         rope_case(vec![2, 3, 5, 6], 6),
         rope_case(vec![2, 3, 5, 10], 6),
