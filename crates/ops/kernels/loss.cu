@@ -28,6 +28,13 @@ __device__ void token_nll(const T* logits, const uint32_t* targets, float* nll, 
   }
 }
 
+// A logit's gradient (softmax - onehot(target)) * scale from the logit x less its row's
+// log-sum-exp; a row of scale 0 (a masked token) gets 0 without the exponential.
+__device__ __forceinline__ float logit_grad(float x_less_lse, bool target, float scale) {
+  const float p = scale == 0.f ? 0.f : __expf(x_less_lse);
+  return (p - (target ? 1.f : 0.f)) * scale;
+}
+
 // d logits = (softmax - onehot(target)) * g[row]; rows with g = 0 get zeros without a pass.
 template <typename T>
 __device__ void token_nll_grad(const T* logits, const uint32_t* targets, const float* g, T* d,
@@ -41,10 +48,8 @@ __device__ void token_nll_grad(const T* logits, const uint32_t* targets, const f
   float m, lse;
   row_log_sum_exp(logits + off, vocab, &m, &lse);
   const uint32_t t = targets[blockIdx.x];
-  for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-    const float p = __expf(to_f32(logits[off + j]) - m - lse);
-    d[off + j] = from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
-  }
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x)
+    d[off + j] = from_f32<T>(logit_grad(to_f32(logits[off + j]) - m - lse, j == (int)t, scale));
 }
 
 // The NLL of each row and its logits' gradient in one pass pair: an online max and sum over the
@@ -98,17 +103,13 @@ __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, co
       uint4 out;
       T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float p = scale == 0.f ? 0.f : __expf(to_f32(e[k]) - lse);
-        o[k] = from_f32<T>((p - (j + k == (int)t ? 1.f : 0.f)) * scale);
-      }
+      for (int k = 0; k < V; ++k)
+        o[k] = from_f32<T>(logit_grad(to_f32(e[k]) - lse, j + k == (int)t, scale));
       *reinterpret_cast<uint4*>(dx + j) = out;
     }
   } else {
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-      const float p = scale == 0.f ? 0.f : __expf(to_f32(x[j]) - lse);
-      dx[j] = from_f32<T>((p - (j == (int)t ? 1.f : 0.f)) * scale);
-    }
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x)
+      dx[j] = from_f32<T>(logit_grad(to_f32(x[j]) - lse, j == (int)t, scale));
   }
 }
 
@@ -218,10 +219,8 @@ __device__ void token_nll_with_grad_held(const T* logits, const uint32_t* target
     uint4 out;
     T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const float p = scale == 0.f ? 0.f : __expf(held_f32<T>(held[i], k) - lse);
-      o[k] = from_f32<T>((p - (j + k == (int)t ? 1.f : 0.f)) * scale);
-    }
+    for (int k = 0; k < V; ++k)
+      o[k] = from_f32<T>(logit_grad(held_f32<T>(held[i], k) - lse, j + k == (int)t, scale));
     *reinterpret_cast<uint4*>(d + off + j) = out;
   }
   cluster_exit<C>();

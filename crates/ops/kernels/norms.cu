@@ -228,6 +228,20 @@ __device__ float rms_norm_dx_row(const T* x, const T* w, const T* g, T* dx, int 
   return r;
 }
 
+// A block's partial row of the weight gradient, after its warps have summed their rows into
+// their slices (`warps` of `floats` floats each, laid out as dw_slot's): each column's sum over
+// the slices in warp order, written as partial[block][col], so a run repeats its sums.
+template <int W>
+__device__ __forceinline__ void write_block_partial(const float* slices, int warps, int floats,
+                                                    float* partial, int width) {
+  __syncthreads();
+  for (int col = threadIdx.x; col < width; col += blockDim.x) {
+    float total = 0.f;
+    for (int k = 0; k < warps; ++k) total += slices[(size_t)k * floats + dw_slot<W>(col)];
+    partial[(size_t)blockIdx.x * width + col] = total;
+  }
+}
+
 // The input gradient, a warp per row; with `r_out`, each row's inverse RMS is written there for
 // the weight gradient's kernels.
 template <typename T, int W>
@@ -255,12 +269,7 @@ __device__ void rms_norm_dx_dw(const T* x, const T* w, const T* g, T* dx, float*
   const int first = (blockIdx.x * warps + warp) * rows_per_warp;
   for (int row = first; row < min(rows, first + rows_per_warp); ++row)
     rms_norm_dx_row<T, W>(x, w, g, dx, row, width, eps, offset, held, acc);
-  __syncthreads();
-  for (int col = threadIdx.x; col < width; col += blockDim.x) {
-    float total = 0.f;
-    for (int k = 0; k < warps; ++k) total += slices[(size_t)k * floats + dw_slot<W>(col)];
-    partial[(size_t)blockIdx.x * width + col] = total;
-  }
+  write_block_partial<W>(slices, warps, floats, partial, width);
 }
 
 // The input gradient and the weight gradient's partial sums in one pass, for rows of exactly
@@ -323,12 +332,7 @@ __device__ void rms_norm_dx_dw_held(const T* x, const T* w, const T* g, T* dx, f
       out.store(dx + off + j);
     }
   }
-  __syncthreads();
-  for (int col = threadIdx.x; col < WIDTH; col += blockDim.x) {
-    float total = 0.f;
-    for (int v = 0; v < HELD_NORM_WARPS; ++v) total += slices[v * WIDTH + dw_slot<W>(col)];
-    partial[(size_t)blockIdx.x * WIDTH + col] = total;
-  }
+  write_block_partial<W>(slices, HELD_NORM_WARPS, WIDTH, partial, WIDTH);
 }
 
 // The per-row inverse RMS, for the weight gradient.
