@@ -1095,6 +1095,20 @@ fn glu_packed_case<const GEGLU: bool>(rows: usize, width: usize) -> Case {
     }
 }
 
+/// Both results of [`crate::add_rms_norm`] of `t[0] + t[1]` with `weight` (and `offset`),
+/// stacked.
+fn stacked_add_norm(t: &[Tensor], weight: &Tensor, offset: u8) -> Result<Tensor> {
+    let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], weight, offset as f64, 1e-5)?;
+    Tensor::stack(&[sum, normed], 0)
+}
+
+/// [`stacked_add_norm`] from the composite add and norm, with the weight `t[2]`.
+fn stacked_add_norm_reference<const OFFSET: u8>(t: &[Tensor]) -> Result<Tensor> {
+    let sum = (&t[0] + &t[1])?;
+    let normed = reference::rms_norm(&sum, &t[2], OFFSET as f64, 1e-5)?;
+    Tensor::stack(&[sum, normed], 0)
+}
+
 /// The residual add and norm of inference (constant inputs): both outputs, stacked. `OFFSET`
 /// 1 is Gemma's `1 + w` norm weight.
 fn add_norm_case<const OFFSET: u8>(rows: usize, width: usize) -> Case {
@@ -1104,15 +1118,8 @@ fn add_norm_case<const OFFSET: u8>(rows: usize, width: usize) -> Case {
         } else {
             "add_rms_norm_offset"
         },
-        fused: |t| {
-            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &t[2], OFFSET as f64, 1e-5)?;
-            Tensor::stack(&[sum, normed], 0)
-        },
-        reference: |t| {
-            let sum = (&t[0] + &t[1])?;
-            let normed = reference::rms_norm(&sum, &t[2], OFFSET as f64, 1e-5)?;
-            Tensor::stack(&[sum, normed], 0)
-        },
+        fused: |t| stacked_add_norm(t, &t[2], OFFSET),
+        reference: stacked_add_norm_reference::<OFFSET>,
         inputs: vec![
             Input::Table(vec![rows, width]),
             Input::Table(vec![rows, width]),
@@ -1138,14 +1145,9 @@ fn add_norm_train_case<const MASTER: bool, const OFFSET: u8>(x: Vec<usize>) -> C
                 true => t[2].to_dtype(DType::F32)?,
                 false => t[2].clone(),
             };
-            let (sum, normed) = crate::add_rms_norm(&t[0], &t[1], &weight, OFFSET as f64, 1e-5)?;
-            Tensor::stack(&[sum, normed], 0)
+            stacked_add_norm(t, &weight, OFFSET)
         },
-        reference: |t| {
-            let sum = (&t[0] + &t[1])?;
-            let normed = reference::rms_norm(&sum, &t[2], OFFSET as f64, 1e-5)?;
-            Tensor::stack(&[sum, normed], 0)
-        },
+        reference: stacked_add_norm_reference::<OFFSET>,
         inputs: vec![
             Input::Float(x.clone(), 1.0),
             Input::Float(x, 1.0),
