@@ -243,6 +243,10 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   // waits (start_product).
   dependents_may_launch();
   load_tile(first_tile, max_len);
+  // Launched programmatically (src/attention/decode.rs), the kernel has loaded its first tile
+  // while the projections ahead of it ran: no kernel of the step writes the cached rows it
+  // attends to (earlier steps wrote them; this step's row is written below, after the wait).
+  wait_for_previous();
   __shared__ float query[D], own[2 * D];
   __shared__ float warp_max_of[WARPS], warp_sum_of[WARPS], warp_out[WARPS][D];
   const StepBlock<T> step = start_step(qkv, cos, sin, cache, batch, heads, kv_heads, D, rotary,

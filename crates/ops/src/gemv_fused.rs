@@ -332,7 +332,7 @@ custom_op!(ResidualGemv: 3);
 mod cuda {
     use super::WeightSource;
     use crate::launch::{
-        address, alloc, base_address, common_dtype, int, int_u32, launch_ordered, per_warp_row,
+        address, alloc_for, base_address, common_dtype, int, int_u32, launch_ordered, per_warp_row,
         resident_blocks, run_ordered, start_aligned, Arg, Operand, Order, DEFAULT_SHARED_LIMIT,
     };
     use crate::rows_and_width;
@@ -342,20 +342,7 @@ mod cuda {
     /// How a product of a weight from `source` is launched on `device`: programmatically
     /// where no kernel of the step writes the weight and the device can.
     fn order(device: &CudaDevice, source: WeightSource) -> Result<Order> {
-        let programmatic = source == WeightSource::Held && crate::programmatic::available(device)?;
-        Ok(match programmatic {
-            true => Order::Programmatic,
-            false => Order::Stream,
-        })
-    }
-
-    /// The `n`-element output of a product launched in `order`: for a programmatic launch,
-    /// allocated where it does not hold the launch back ([`crate::programmatic::alloc_at_root`]).
-    fn output(device: &CudaDevice, dtype: DType, n: usize, order: Order) -> Result<CudaStorage> {
-        match order {
-            Order::Programmatic => crate::programmatic::alloc_at_root(device, dtype, n),
-            Order::Stream => alloc(device, dtype, n),
-        }
+        Order::when(device, source == WeightSource::Held)
     }
 
     /// Bytes of shared memory the normalized rows `x` `[rows, in]` take in a block.
@@ -384,7 +371,7 @@ mod cuda {
         let ((rows, _, out), [x, ..]) = (sizes, operands);
         let dtype = common_dtype(&operands)?;
         let order = order(&x.0.device, source)?;
-        let y = output(&x.0.device, dtype, rows * out, order)?;
+        let y = alloc_for(&x.0.device, dtype, rows * out, order)?;
         let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
         let blocks = match order {
             // One warp a feature, as the plain product: the grid leaves room on the device for
@@ -417,7 +404,7 @@ mod cuda {
         let dtype = common_dtype(&operands)?;
         let blocks = normed_grid(name, x, dtype, out)?;
         let order = order(&x.0.device, source)?;
-        let maxima = output(&x.0.device, DType::U32, 2 * blocks, order)?;
+        let maxima = alloc_for(&x.0.device, DType::U32, 2 * blocks, order)?;
         let values = base_address(&maxima)?;
         let outputs = [
             Arg::Address(values),
@@ -478,7 +465,7 @@ mod cuda {
         let (rows, inp) = rows_and_width(x.1)?;
         let (out, _) = rows_and_width(w.1)?;
         let order = order(&x.0.device, source)?;
-        let y = output(&x.0.device, dtype, rows * out, order)?;
+        let y = alloc_for(&x.0.device, dtype, rows * out, order)?;
         let scalars = [int(rows)?, int(inp)?, int(out)?];
         let kernel = ("gemv_residual", dtype);
         run_ordered(

@@ -158,6 +158,32 @@ pub(crate) enum Order {
     Programmatic,
 }
 
+impl Order {
+    /// Programmatic where `allowed` (nothing the kernel reads before its wait is written by a
+    /// kernel of the step) and `device` launches that way ([`crate::programmatic::available`]),
+    /// else in stream order.
+    pub(crate) fn when(device: &CudaDevice, allowed: bool) -> Result<Order> {
+        Ok(match allowed && crate::programmatic::available(device)? {
+            true => Order::Programmatic,
+            false => Order::Stream,
+        })
+    }
+}
+
+/// The `n`-element output of a kernel launched in `order`: for a programmatic launch,
+/// allocated where it does not hold the launch back ([`crate::programmatic::alloc_at_root`]).
+pub(crate) fn alloc_for(
+    device: &CudaDevice,
+    dtype: DType,
+    n: usize,
+    order: Order,
+) -> Result<CudaStorage> {
+    match order {
+        Order::Programmatic => crate::programmatic::alloc_at_root(device, dtype, n),
+        Order::Stream => alloc(device, dtype, n),
+    }
+}
+
 /// [`launch_with_shared`] in `order`.
 pub(crate) fn launch_ordered(
     device: &CudaDevice,

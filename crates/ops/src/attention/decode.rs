@@ -237,8 +237,9 @@ custom_op!(DecodeAttention: 3);
 mod cuda {
     use super::{tiles_kernel, Scoring};
     use crate::launch::{
-        address, alloc, base_address, common_dtype, elementwise_kernel, grid, int, int_u32,
-        launch_with_shared, optional_address, strided4, Arg, Operand,
+        address, alloc, alloc_for, base_address, common_dtype, elementwise_kernel, grid, int,
+        int_u32, launch_ordered, launch_with_shared, optional_address, strided4, Arg, Operand,
+        Order,
     };
     use crate::KvLayout;
     use candle_core::{CudaDevice, CudaStorage, DType, Result};
@@ -339,7 +340,11 @@ mod cuda {
         // The cache's rows (of d, from its start) are read 16 bytes at once where aligned.
         let (name, width) = elementwise_kernel(("decode_step", "decode_step_wide"), &[cache], d)?;
         let dev = &qkv.0.device;
-        let out = alloc(dev, dtype, batch * n.heads * d)?;
+        let tiles = tiles_kernel(d, dtype, width, max_len);
+        // The tiled kernel loads its first tile of the cache (rows no kernel of the step
+        // writes before it) and then waits for the kernel ahead, the projections.
+        let order = Order::when(dev, tiles.is_some())?;
+        let out = alloc_for(dev, dtype, batch * n.heads * d, order)?;
         let rotary = int(2 * cos.1.dims().last().copied().unwrap_or(0))?;
         let addresses = [qkv, cos, sin, cache].map(|o| address(o).map(Arg::Address));
         let mut args = addresses.into_iter().collect::<Result<Vec<_>>>()?;
@@ -354,11 +359,11 @@ mod cuda {
             Arg::Float(scoring.softcap),
             int(scoring.window.min(max_len))?,
         ];
-        match tiles_kernel(d, dtype, width, max_len) {
+        match tiles {
             Some((tiles, warps)) => {
                 args.extend(heads.into_iter().chain(rest));
                 let config = (grid(batch * n.heads)?, (int_u32(warps * 32)?, 1), 0);
-                launch_with_shared(dev, tiles, Some(dtype), config, &args)?;
+                launch_ordered(dev, tiles, Some(dtype), config, &args, order)?;
             }
             None => {
                 // The 1,024-thread kernel also takes a scores scratch and the head size.
