@@ -5,7 +5,7 @@
 # machine beside a CUDA build of llmtool:
 #   [LLMTOOL=./llmtool] [OUT=dir] bash gpu_trace.sh TAG MARKER [bench flags]
 # e.g. `bash gpu_trace.sh 1b-train adamw_multi --sizes 1b --tasks train --modes bf16`
-# (MARKER: a kernel that ends each step; fast_argmax ends a greedy decode step; GAPS_STEPS,
+# (MARKER: a kernel that ends each step; argmax_finish ends a greedy decode step; GAPS_STEPS,
 # default 2, how many of the last steps to read; TRACE_STEPS, default 4, the row's). Writes
 # TAG.txt under OUT (default: here): the plain row, then both readings. The traced runs are
 # slower than the plain one (CUPTI's own work, more so with driver calls): compare idle time
