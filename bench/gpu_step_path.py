@@ -1,7 +1,11 @@
 """What each kernel adds to a step's time, from a bench/gpu_trace.c timeline.
 
-    python3 bench/gpu_step_path.py trace.tsv[.xz] argmax_finish       # the last 200 steps
-    python3 bench/gpu_step_path.py trace.tsv[.xz] argmax_finish 50    # the last 50
+    python3 bench/gpu_step_path.py trace.tsv[.xz] gemv_rms_maxima       # the last 200 steps
+    python3 bench/gpu_step_path.py trace.tsv[.xz] gemv_rms_maxima 50    # the last 50
+
+(For a greedy decode row, gemv_rms_maxima, the head's product, ends each step of the captured
+graph; the op-by-op run the bench compares it with afterwards takes other kernels, so its
+steps are not counted. argmax_finish ends the steps of both.)
 
 Steps are the kernels between consecutive kernels named like the marker (each step ends with
 one). Under programmatic launches a kernel starts before the one ahead of it ends and waits,
