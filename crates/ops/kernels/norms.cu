@@ -444,7 +444,7 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
   extern "C" __global__ void __launch_bounds__(512)                                          \
       add_rms_norm_wide_##S(const T* x, const T* d, const T* w, T* out, int rows, int width,   \
                             float eps, float offset) {                                        \
-    add_rms_norm_wide<T>(x, d, w, out, rows, width, eps, offset);                    \
+    add_rms_norm_wide<T>(x, d, w, out, rows, width, eps, offset);                             \
   }
 
 FOR_EACH_FLOAT(NORMS_ENTRY_POINTS)

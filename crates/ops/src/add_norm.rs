@@ -45,8 +45,8 @@ pub fn add_rms_norm(
 
 /// [`add_rms_norm`] of tracked CUDA rows in one kernel ([`cuda::add_rms_norm_rows`]), the sum
 /// entered in the graph as the add (its gradient passed to `x` and `delta` as it is) and the
-/// norm as [`super::rms_norm_offset`]'s node over it; `None` where the kernel does not take the rows
-/// or the weight would need a cast first.
+/// norm as [`super::rms_norm_offset`]'s node over it; `None` where the kernel does not take the
+/// rows or the weight would need a cast first.
 #[cfg(feature = "cuda")]
 fn tracked_rows(
     x: &Tensor,
