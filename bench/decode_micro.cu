@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "graph_replay.h"
 
 typedef __nv_bfloat16 bf16;
 
@@ -65,26 +66,10 @@ struct Shape {
 // times.
 template <typename Body>
 static float graph_us(cudaStream_t stream, Body body) {
-  const int n = 100, replays = 20;
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < n; ++i) body(i);
-  CHECK(cudaStreamEndCapture(stream, &graph));
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  for (int i = 0; i < 3; ++i) CHECK(cudaGraphLaunch(exec, stream));
-  cudaEvent_t begin, end;
-  CHECK(cudaEventCreate(&begin));
-  CHECK(cudaEventCreate(&end));
-  CHECK(cudaEventRecord(begin, stream));
-  for (int i = 0; i < replays; ++i) CHECK(cudaGraphLaunch(exec, stream));
-  CHECK(cudaEventRecord(end, stream));
-  CHECK(cudaEventSynchronize(end));
-  float ms;
-  CHECK(cudaEventElapsedTime(&ms, begin, end));
-  CHECK(cudaGraphExecDestroy(exec));
-  CHECK(cudaGraphDestroy(graph));
-  return ms * 1e3f / (replays * n);
+  const int n = 100;
+  return replay_us(stream, [&] {
+    for (int i = 0; i < n; ++i) body(i);
+  }, 20, 3) / n;
 }
 
 static void attention(cudaStream_t stream) {
