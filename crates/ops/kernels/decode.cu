@@ -208,22 +208,24 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
 // takes 32 cached positions at a time, a lane per key, with an online softmax across its
 // tiles, and the warps meet once, behind one barrier; there is no scores scratch. A short
 // step's time is rounds of dependent memory accesses, so each warp requests its first tile's
-// keys and value rows before it reads the step's position (the cache's address does not depend
-// on it, only which rows count), and the rotation's tables arrive while those are in flight.
-// Rows past the attended ones are loaded but never used (their memory may hold anything).
-// Scores as decode_step's (the dot products in the same order), the softmax online. A warp's
-// later tiles each cost a round of loads, so the launcher takes this kernel only for caches of
-// at most three tiles a warp.
+// keys and value rows first (the cache's address does not depend on the step's position, only
+// which rows count). Rows past the attended ones are loaded but never used (their memory may
+// hold anything). Scores as decode_step's (the dot products in the same order), the softmax
+// online. A warp's later tiles each cost a round of loads, so the launcher takes this kernel
+// only for caches of at most three tiles a warp.
 template <typename T, int D, int WARPS>
 __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* cache, T* out,
                                   int batch, int heads, int kv_heads, int rotary, int max_len,
                                   int start, const uint32_t* position, float scale, float cap,
                                   int window) {
   constexpr int V = 16 / sizeof(T), KEY_UNITS = D / V, E = D / 32;  // E: elements a lane
+  constexpr int THREADS = WARPS * 32, R = (D + THREADS - 1) / THREADS;  // R: rotated a thread
   using ValuePack = Pack<T, E>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int b = blockIdx.x / heads, h = blockIdx.x % heads, group = heads / kv_heads;
+  const int kv = h / group, rhalf = rotary / 2;
   const StepBlock<T> rows = cache_rows(cache, batch, heads, kv_heads, D, max_len);
-  const T *kc = rows.keys, *vc = rows.values;
+  T *kc = rows.keys, *vc = rows.values;
   uint4 key[KEY_UNITS];
   ValuePack value[32];
   // Tile t0's keys (a lane's whole key) and value rows (a lane's E elements of each of the
@@ -247,19 +249,62 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   // while the projections ahead of it ran: no kernel of the step writes the cached rows it
   // attends to (earlier steps wrote them; this step's row is written below, after the wait).
   wait_for_previous();
+  // The step's position (`start`, or from `position`: a step replayed from a CUDA graph, whose
+  // cos and sin are then the whole [max positions, rotary / 2] tables, else the step's row) and
+  // the rotation's factors for this thread's elements (1 and 0 past the rotated ones).
+  const int pos = position != nullptr ? (int)min(*position, (uint32_t)INT_MAX) : start;
+  const bool fresh = pos < max_len;  // a position past the cache writes nothing
+  if (position != nullptr && fresh) {
+    cos += (size_t)pos * rhalf;
+    sin += (size_t)pos * rhalf;
+  }
+  float c[R], s[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = threadIdx.x + r * THREADS, j = i < rhalf ? i : i - rhalf;
+    const bool rotated = i < D && i < 2 * rhalf;
+    c[r] = rotated ? to_f32(cos[j]) : 1.f;
+    s[r] = rotated ? to_f32(sin[j]) : 0.f;
+  }
+  // Element i of head x of the packed projections [b, (heads + 2 kv_heads) * D], rotated with
+  // the thread's factors r as rope_element rotates it.
+  const T* row = qkv + (size_t)b * (heads + 2 * kv_heads) * D;
+  auto rotated = [&](int x, int r, int i) {
+    const T* head = row + (size_t)x * D;
+    if (i >= 2 * rhalf) return head[i];
+    const int j = i < rhalf ? i : i - rhalf;
+    const float x1 = to_f32(head[j]), x2 = to_f32(head[rhalf + j]);
+    return from_f32<T>(i < rhalf ? x1 * c[r] - x2 * s[r] : x2 * c[r] + x1 * s[r]);
+  };
+  // The rotated query, and the step's own key and value (f32, for the fresh position: their
+  // cache slot may not be written yet when another block of the group reads it), which the
+  // group's first block writes into the cache.
   __shared__ float query[D], own[2 * D];
   __shared__ float warp_max_of[WARPS], warp_sum_of[WARPS], warp_out[WARPS][D];
-  const StepBlock<T> step = start_step(qkv, cos, sin, cache, batch, heads, kv_heads, D, rotary,
-                                       max_len, start, position, window, query, own);
-  const int end = step.end, first = step.first;  // the cached positions attended to
-  const bool fresh = step.fresh;
+  const bool writer = fresh && h % group == 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = threadIdx.x + r * THREADS;
+    if (i >= D) break;
+    const T k = rotated(heads + kv, r, i), v = row[(size_t)(heads + kv_heads + kv) * D + i];
+    query[i] = to_f32(rotated(h, r, i));
+    own[i] = to_f32(k);
+    own[D + i] = to_f32(v);
+    if (writer) {
+      kc[(size_t)pos * D + i] = k;
+      vc[(size_t)pos * D + i] = v;
+    }
+  }
+  __syncthreads();
+  const int end = fresh ? pos : max_len;  // the cached positions attended to: [first, end)
+  const int first = window > 0 ? max(0, end + (fresh ? 1 : 0) - window) : 0;
   float m = -INFINITY, l = 0.f, acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
-  for (int t0 = first_tile; t0 < end; t0 += WARPS * 32) {
+  for (int t0 = first_tile; t0 < end; t0 += THREADS) {
     if (t0 != first_tile) load_tile(t0, end);
     const int j = t0 + lane;
-    float s = -INFINITY;
+    float score = -INFINITY;
     if (j >= first && j < end) {
       float dot = 0.f;
 #pragma unroll
@@ -268,12 +313,12 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
 #pragma unroll
         for (int e = 0; e < V; ++e) dot += query[u * V + e] * to_f32(k[e]);
       }
-      s = attention_logit(dot, scale, cap);
+      score = attention_logit(dot, scale, cap);
     }
-    const float tile_max = warp_max(s);
+    const float tile_max = warp_max(score);
     if (tile_max == -INFINITY) continue;  // the whole tile before the window
     const float new_max = fmaxf(m, tile_max), rescale = __expf(m - new_max);
-    const float p = __expf(s - new_max);
+    const float p = __expf(score - new_max);
     l = l * rescale + warp_sum(p);
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[e] *= rescale;
@@ -290,8 +335,9 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
     float dot = 0.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) dot += query[lane * E + e] * own[lane * E + e];
-    const float s = attention_logit(warp_sum(dot), scale, cap);
-    const float new_max = fmaxf(m, s), rescale = __expf(m - new_max), p = __expf(s - new_max);
+    const float score = attention_logit(warp_sum(dot), scale, cap);
+    const float new_max = fmaxf(m, score), rescale = __expf(m - new_max);
+    const float p = __expf(score - new_max);
     l = l * rescale + p;
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[e] = acc[e] * rescale + p * own[D + lane * E + e];
@@ -304,16 +350,24 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
 #pragma unroll
   for (int e = 0; e < E; ++e) warp_out[warp][lane * E + e] = acc[e];
   __syncthreads();
-  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+  // The warps' parts, each read once, then merged at their common maximum.
+  for (int i = threadIdx.x; i < D; i += THREADS) {
+    float maxima[WARPS], sums[WARPS], outs[WARPS];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      maxima[w] = warp_max_of[w];
+      sums[w] = warp_sum_of[w];
+      outs[w] = warp_out[w][i];
+    }
     float all_max = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) all_max = fmaxf(all_max, warp_max_of[w]);
+    for (int w = 0; w < WARPS; ++w) all_max = fmaxf(all_max, maxima[w]);
     float sum = 0.f, total = 0.f;
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-      const float c = warp_max_of[w] == -INFINITY ? 0.f : __expf(warp_max_of[w] - all_max);
-      sum += warp_sum_of[w] * c;
-      total += warp_out[w][i] * c;
+      const float f = maxima[w] == -INFINITY ? 0.f : __expf(maxima[w] - all_max);
+      sum += sums[w] * f;
+      total += outs[w] * f;
     }
     out[(size_t)blockIdx.x * D + i] = from_f32<T>(total / sum);
   }

@@ -374,14 +374,29 @@ mod cuda {
         let y = alloc_for(&x.0.device, dtype, rows * out, order)?;
         let outputs = [Arg::Address(base_address(&y)?), int(rows)?];
         let blocks = match order {
-            // One warp a feature, as the plain product: the grid leaves room on the device for
-            // the next kernel's blocks, which launch while this one runs.
-            Order::Programmatic => out.div_ceil(warps_per_block(out)?),
+            Order::Programmatic => programmatic_grid(name, x, dtype, out)?,
             Order::Stream => normed_grid(name, x, dtype, out)?,
         };
         let launch = (dtype, blocks, order);
         launch_normed(name, operands, sizes, norm, launch, &outputs)?;
         Ok(y)
+    }
+
+    /// Blocks of a norm-taking product launched programmatically: [`normed_grid`]'s where that
+    /// leaves a warp at most two features, else one warp a feature. A kernel lets the next one
+    /// launch once every block of it has started, so on the capped grid the kernel after it (a
+    /// decode step's attention after its q/k/v product) launches as the product starts, not
+    /// when the product's last blocks find room after its first ones end; but a warp's later
+    /// features load their weights only after the wait. On an H100 (bench/decode_chain.cu) the
+    /// cap took 31 µs a step off the 1b's q/k/v products (two features a warp at most) and
+    /// added 8.5 µs to its gate/up products (four).
+    fn programmatic_grid(name: &str, x: Operand, dtype: DType, out: usize) -> Result<usize> {
+        let capped = normed_grid(name, x, dtype, out)?;
+        let one_a_feature = out.div_ceil(warps_per_block(out)?);
+        Ok(match one_a_feature <= 2 * capped {
+            true => capped,
+            false => one_a_feature,
+        })
     }
 
     /// The warps in a block of a product with `out` features.
@@ -415,10 +430,9 @@ mod cuda {
         Ok((maxima, blocks))
     }
 
-    /// Blocks of a norm-taking product `name` of `x` with `out` output features launched in
-    /// stream order: one warp per feature, as the plain product, but no more blocks than the
-    /// device runs at once:
-    /// each block normalizes the rows once, then its warps go on to further features.
+    /// Blocks of a norm-taking product `name` of `x` with `out` output features: one warp per
+    /// feature, as the plain product, but no more blocks than the device runs at once; each
+    /// block normalizes the rows once, then its warps go on to further features.
     fn normed_grid(name: &str, x: Operand, dtype: DType, out: usize) -> Result<usize> {
         let ((blocks, _), block) = per_warp_row(out)?;
         let resident = resident_blocks(&x.0.device, name, Some(dtype), (block.0, shared(x)?))?;
