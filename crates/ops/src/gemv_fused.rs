@@ -392,17 +392,12 @@ mod cuda {
     /// added 8.5 µs to its gate/up products (four).
     fn programmatic_grid(name: &str, x: Operand, dtype: DType, out: usize) -> Result<usize> {
         let capped = normed_grid(name, x, dtype, out)?;
-        let one_a_feature = out.div_ceil(warps_per_block(out)?);
+        let ((one_a_feature, _), _) = per_warp_row(out)?;
+        let one_a_feature = one_a_feature as usize;
         Ok(match one_a_feature <= 2 * capped {
             true => capped,
             false => one_a_feature,
         })
-    }
-
-    /// The warps in a block of a product with `out` features.
-    fn warps_per_block(out: usize) -> Result<usize> {
-        let (_, (threads, _)) = per_warp_row(out)?;
-        Ok(threads as usize / 32)
     }
 
     /// `gemv_rms_maxima` on one row `x` `[1, in]`, `w` `[out, in]` and the norm weight `nw`:

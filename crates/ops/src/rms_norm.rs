@@ -31,11 +31,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// `ops::training_step`) and its gradient is summed straight into f32, where a gradient of the
 /// copy would be rounded to 16 bits and then cast back by another kernel.
 pub fn rms_norm_offset(x: &Tensor, weight: &Tensor, offset: f64, eps: f64) -> Result<Tensor> {
-    let op = |compute_weight| RmsNorm {
-        eps: eps as f32,
-        offset: offset as f32,
-        compute_weight,
-    };
+    let op = |compute_weight| RmsNorm::new((offset, eps), compute_weight);
     if weight.dtype() != x.dtype() {
         if let Some(copy) = master_copy(x, weight)? {
             let (x, weight) = (x.contiguous()?, weight.contiguous()?);
@@ -73,11 +69,7 @@ pub(crate) fn attach_normed(
     compute_weight: Option<Tensor>,
     (offset, eps): (f64, f64),
 ) -> Tensor {
-    let op = RmsNorm {
-        eps: eps as f32,
-        offset: offset as f32,
-        compute_weight,
-    };
+    let op = RmsNorm::new((offset, eps), compute_weight);
     Tensor::attach_op2(normed, [x, weight], Arc::new(Box::new(op)))
 }
 
@@ -216,6 +208,16 @@ impl FusedOp<2> for RmsNorm {
 }
 
 impl RmsNorm {
+    /// The op for a norm scaled by `offset + weight` with `eps`, reading `compute_weight`
+    /// where the weight operand is an f32 master.
+    fn new((offset, eps): (f64, f64), compute_weight: Option<Tensor>) -> RmsNorm {
+        RmsNorm {
+            eps: eps as f32,
+            offset: offset as f32,
+            compute_weight,
+        }
+    }
+
     /// The weight the kernels read: the compute copy of a master weight, else `w` itself.
     fn kernel_weight(&self, w: &Tensor) -> Tensor {
         self.compute_weight.clone().unwrap_or_else(|| w.detach())
