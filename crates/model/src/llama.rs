@@ -463,14 +463,9 @@ impl Llama {
     /// block's closing residual add joined with the next block's first norm
     /// ([`ops::add_rms_norm`]). Returns the last block's output.
     pub fn training_blocks(&self, x: &Tensor, segments: Option<&ops::Segments>) -> Result<Tensor> {
-        let (mut x, mut pending) = (x.clone(), None);
-        for i in 0..self.layers.len() {
-            let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), (0, segments), None)?;
-            (x, pending) = (next, Some(mlp));
-        }
-        match pending {
-            Some(mlp) => ops::add(&x, &mlp),
-            None => Ok(x),
+        match self.blocks(x.clone(), segments, None)? {
+            (x, Some(mlp)) => ops::add(&x, &mlp),
+            (x, None) => Ok(x),
         }
     }
 
@@ -731,18 +726,30 @@ impl Llama {
 
     /// The blocks on token ids `[batch, seq]` whose first position is `cache.len()` (or 0
     /// without a cache): the residual stream `[batch, seq, hidden]` and the last block's MLP
-    /// output not yet added to it, if any. A one-position step over a cache runs each block
-    /// that allows it in five kernels ([`Llama::decode_block`]), each adding its MLP output.
+    /// output not yet added to it, if any (see [`Llama::blocks`]).
     fn residual_stream(
         &self,
         ids: &Tensor,
+        cache: Option<&mut Cache>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.blocks(self.embed(ids)?, None, cache)
+    }
+
+    /// Every block on the residual stream `x` `[batch, seq, hidden]`, whose first position is
+    /// `cache.len()` (or 0 without a cache) and whose rows pack examples where `segments` says
+    /// so: the new stream and the last block's MLP output not yet added to it, if any. A
+    /// one-position step over a cache runs each block that allows it in five kernels
+    /// ([`Llama::decode_block`]), each adding its MLP output.
+    fn blocks(
+        &self,
+        mut x: Tensor,
+        segments: Option<&ops::Segments>,
         mut cache: Option<&mut Cache>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let mut x = self.embed(ids)?;
         // What ops::write_kv_fused asks of the step's input (the RoPE tables are in the
         // model's dtype on its device, as the input).
-        let decode_step = ids.dim(1)? == 1 && !x.track_op() && ops::fused(&[&x]);
+        let decode_step = x.dim(1)? == 1 && !x.track_op() && ops::fused(&[&x]);
         let mut pending: Option<Tensor> = None;
         for i in 0..self.layers.len() {
             match (
@@ -757,7 +764,7 @@ impl Llama {
                 }
                 (c, _) => {
                     let layer_cache = c.map(|c| &mut c.layers[i]);
-                    let at = (start, None);
+                    let at = (start, segments);
                     let (next, mlp) = self.block_lazy(i, &x, pending.as_ref(), at, layer_cache)?;
                     (x, pending) = (next, Some(mlp));
                 }
