@@ -11,6 +11,9 @@
 //! for `sm_90a`, whose warpgroup instructions the Hopper flash kernels use
 //! (`kernels/flash_wgmma.cuh`); the build then sets the `llmtool_wgmma` cfg, and the launcher
 //! picks those kernels on such GPUs.
+//!
+//! It also writes `OUT_DIR/launch_constants.rs` from `kernels/launch_constants.h`, the sizes a
+//! kernel and its launcher share (`launch::constants`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -34,6 +37,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    write_launch_constants(&out.join("launch_constants.rs"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let ptx = format!("arch=compute_{0},code=compute_{0}", capability(&cap));
     let sass = std::env::var("LLMTOOL_CUDA_SASS").unwrap_or_else(|_| "80,86,89,90".into());
@@ -68,6 +72,46 @@ fn main() {
             "the cuda feature needs nvcc to compile kernels/ops.cu ({e}); set NVCC or CUDA_ROOT"
         ),
     }
+}
+
+/// Writes `kernels/launch_constants.h`'s `constexpr int NAME = VALUE;` lines to `path` as
+/// `pub(crate) const NAME: usize = VALUE;`, each with the `//` lines right above it as its doc
+/// comment. Stops the build on a `constexpr` line of any other form.
+fn write_launch_constants(path: &std::path::Path) {
+    const HEADER: &str = "kernels/launch_constants.h";
+    let text = std::fs::read_to_string(HEADER).unwrap_or_else(|e| panic!("{HEADER}: {e}"));
+    let mut rust = format!("// Written by build.rs from {HEADER}.\n");
+    let mut doc: Vec<&str> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            doc.clear();
+        } else if let Some(comment) = line.strip_prefix("//") {
+            doc.push(comment.trim());
+        } else if line.starts_with("constexpr") {
+            let constant = line
+                .strip_prefix("constexpr int ")
+                .and_then(|rest| rest.strip_suffix(';'))
+                .and_then(|rest| rest.split_once(" = "))
+                .filter(|(name, value)| {
+                    name.chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                        && value.parse::<usize>().is_ok()
+                });
+            let Some((name, value)) = constant else {
+                panic!(
+                    "{HEADER}:{}: not `constexpr int NAME = INTEGER;`",
+                    number + 1
+                );
+            };
+            for comment in &doc {
+                rust += &format!("/// {comment}\n");
+            }
+            rust += &format!("pub(crate) const {name}: usize = {value};\n");
+            doc.clear();
+        }
+    }
+    std::fs::write(path, rust).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
 /// A compute capability as nvcc's targets spell it (`9.0` or `90` → `90`).

@@ -24,8 +24,8 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
-// Words per parameter in the descriptor table, and the copy dtypes (src/adamw.rs: CopyKind).
-#define ADAMW_WORDS 8
+// The copy dtypes (src/adamw.rs: CopyKind); ADAMW_WORDS, the words per parameter in the
+// descriptor table, is in launch_constants.h.
 #define COPY_BF16 1
 #define COPY_F16 2
 

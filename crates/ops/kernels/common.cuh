@@ -1,7 +1,7 @@
 // What every kernel file shares: the dtype conversions, the vector access type `Pack` and
 // WIDE<T>, warp and block reductions, the row of a warp-per-row kernel, the logistic function
 // and the gated units' activations, and FOR_EACH_FLOAT, which instantiates a family's entry
-// points per dtype.
+// points per dtype. launch_constants.h holds the sizes a kernel's launcher reads too.
 //
 // Every kernel reads and writes its tensor dtype (f32, bf16 or f16: the `_f32`/`_bf16`/`_f16`
 // suffix) and accumulates in f32, as the composite references of the ops do (src/reference.rs
@@ -14,6 +14,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <type_traits>
+
+#include "launch_constants.h"
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

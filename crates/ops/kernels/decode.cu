@@ -19,9 +19,9 @@
 // aligned, else 1). Scores are attention_logit's (common.cuh: scaled, soft-capped where
 // cap > 0); with window > 0 only the last `window` positions are attended to.
 
-// DECODE_THREADS threads a block; its shared memory, in floats, besides the query (and the
-// step's own key and value): blockDim * W partial sums and blockDim slice sums.
-constexpr int DECODE_THREADS = 1024;
+// DECODE_THREADS threads a block (launch_constants.h); its shared memory, in floats, besides
+// the query (and the step's own key and value): blockDim * W partial sums and blockDim slice
+// sums.
 
 // The attention of a block's query (f32 `d` in shared memory) to the positions [first, end)
 // of keys k + j * k_sp and values v + j * v_sp and, with `fresh` (f32 [2, d] in shared memory:
@@ -576,8 +576,8 @@ __device__ const T* rms_normed_rows(const T* x, const T* nw, int rows, int in, f
 // Greedy decoding's argmax over each row of x [rows, n] (src/argmax.rs): blocks of 256
 // threads each reduce a chunk of ARGMAX_CHUNK elements of a row to its largest value and that
 // value's first index (grid (chunks, rows)); argmax_finish, one block per row, reduces those.
-// Ties go to the lowest index, as candle's CPU argmax; NaN is never taken.
-constexpr int ARGMAX_CHUNK = 4096;
+// Ties go to the lowest index, as candle's CPU argmax; NaN is never taken. ARGMAX_CHUNK is in
+// launch_constants.h.
 
 // (v, i) becomes (v2, i2) where that is larger, or as large at a lower index.
 __device__ __forceinline__ void take_larger(float& v, int& i, float v2, int i2) {

@@ -21,7 +21,6 @@
 
 #include "common.cuh"
 
-constexpr int FA_TILE = 64;
 constexpr int FA_THREADS = 256;
 
 // Row stride (in floats) of a [64][D] tile in shared memory: padded by 4 so that rows stay

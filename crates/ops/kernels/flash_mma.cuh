@@ -30,8 +30,6 @@
 
 #include "flash_attention.cuh"
 
-constexpr int FM_THREADS = 128;
-
 // Element strides (batch, head, position; unit along D) of the query side: q, out, dout and dq
 // share them, so the kernels read and write [b, heads, t, D] tensors and the [b, t, heads, D]
 // rows of projections alike. The key/value gradients have their own (G_LAYOUT).

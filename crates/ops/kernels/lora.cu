@@ -16,8 +16,6 @@
 // whole, and the columns 2t, 2t + 1, 2t + 8, 2t + 9 of a 16-wide step that a thread holds in a
 // fragment take one draw's four quarters (dropout_draw).
 
-constexpr int LORA_PARTS = 4;
-
 constexpr int LORA_LD = fm_stride<64>();
 
 // The parts of one launch: how many, each one's seed and rank (unused ones 0), the threshold

@@ -119,7 +119,8 @@ __device__ void token_nll_with_grad(const T* logits, const uint32_t* targets, co
 // (Hopper), which exchange their maxima and sums through distributed shared memory. The kernel
 // above reads each row twice (a 1B model's 128K-vocabulary logits: 0.5 GB a chunk more).
 // Needs rows of whole, 16-byte aligned words; C > 1 needs compute capability 9.0.
-constexpr int HELD_THREADS = 512, HELD_WORDS = 8, HELD_SPAN = HELD_THREADS * HELD_WORDS;
+// HELD_THREADS and HELD_WORDS are in launch_constants.h.
+constexpr int HELD_SPAN = HELD_THREADS * HELD_WORDS;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define HELD_CLUSTERS 1

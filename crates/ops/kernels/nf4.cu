@@ -18,8 +18,7 @@ __device__ __forceinline__ float nf4_block_absmax(const uint8_t* absmax, const f
 // Sixteen elements (eight bytes of codes, a quarter of a block of 64) per thread: the codes read
 // as one 8-byte word and the values written 16 bytes at a time where the codes are 8-byte
 // aligned and the sixteen lie inside the tensor; element by element elsewhere (the tail, and
-// codes at an odd offset).
-#define NF4_PER_THREAD 16
+// codes at an odd offset). NF4_PER_THREAD is in launch_constants.h.
 template <typename T>
 __device__ void nf4_dequantize(const uint8_t* packed, const uint8_t* absmax, const float* tables,
                                T* out, float offset, size_t n) {
@@ -50,8 +49,7 @@ __device__ void nf4_dequantize(const uint8_t* packed, const uint8_t* absmax, con
 // y[r, o] = sum_k x[r, k] w[o, k] for a weight [out, in] stored as NF4, `in` a multiple of 64
 // (so every row starts a block and 8 codes never straddle one). One warp per output feature;
 // each lane reads 4 bytes (8 codes) at a time, and the row is read once for all `rows` inputs
-// (at most NF4_GEMV_ROWS, the launcher's limit).
-#define NF4_GEMV_ROWS 8
+// (at most NF4_GEMV_ROWS, the launcher's limit: launch_constants.h).
 template <typename T>
 __device__ void nf4_gemv(const T* x, const uint8_t* packed, const uint8_t* absmax,
                          const float* tables, T* y, float offset, int rows, int in, int out) {

@@ -96,8 +96,7 @@ __device__ __forceinline__ uint4 norm_word(const uint4& s, const uint4& w, float
 // each: the launcher sizes the block for it) before the first use, keeps its sums in
 // registers across the block's reduction, and writes both outputs from there. Blocks of at
 // most 512 threads (__launch_bounds__): the packs take 64-96 registers a thread on sm_90, too
-// many for 1024.
-constexpr int ADD_NORM_PACKS = 4;
+// many for 1024 (ADD_NORM_PACKS and ADD_NORM_WIDE_THREADS: launch_constants.h).
 
 template <typename T>
 __device__ void add_rms_norm_wide(const T* __restrict__ x, const T* __restrict__ d,
@@ -280,7 +279,7 @@ __device__ void rms_norm_dx_dw(const T* x, const T* w, const T* g, T* dx, float*
 // slice of shared memory (laid out as dw_slot's). A block's warps take interleaved rows of the
 // block's run of `rows_per_block` (the launcher gives each multiprocessor one run), and the
 // block writes the sum of its warps' slices, in warp order, as partial[block][col].
-constexpr int HELD_NORM_WARPS = 12;
+// HELD_NORM_WARPS warps a block (launch_constants.h).
 
 template <typename T, int PACKS>
 __device__ void rms_norm_dx_dw_held(const T* x, const T* w, const T* g, T* dx, float* partial,
@@ -441,7 +440,7 @@ __device__ void rms_norm_dw_finish(const float* partial, T* dw, int chunks, int 
                                               int rows, int width, float eps, float offset) { \
     add_rms_norm<T>(x, d, w, out, rows, width, eps, offset);                                  \
   }                                                                                           \
-  extern "C" __global__ void __launch_bounds__(512)                                          \
+  extern "C" __global__ void __launch_bounds__(ADD_NORM_WIDE_THREADS)                        \
       add_rms_norm_wide_##S(const T* x, const T* d, const T* w, T* out, int rows, int width,   \
                             float eps, float offset) {                                        \
     add_rms_norm_wide<T>(x, d, w, out, rows, width, eps, offset);                             \

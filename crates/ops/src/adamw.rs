@@ -420,8 +420,7 @@ mod cuda {
         }
     }
 
-    /// Words per parameter in the descriptor table (`ADAMW_WORDS`).
-    const WORDS: usize = 8;
+    use crate::launch::constants::ADAMW_WORDS as WORDS;
 
     /// Elements per block of the multi-tensor kernels.
     const MULTI_CHUNK: usize = 1 << 16;

@@ -146,13 +146,9 @@ mod cuda {
     use crate::rows_and_width;
     use candle_core::{CudaStorage, Result};
 
-    /// 16-byte packs a thread of `add_rms_norm_wide` holds at most (`ADD_NORM_PACKS` in
-    /// kernels/norms.cu).
-    const WIDE_PACKS: usize = 4;
-
-    /// Threads of a block of `add_rms_norm_wide` at most (its `__launch_bounds__`): with 1024,
-    /// the packs' registers (64-96 a thread on sm_90) exceed a block's, a launch error.
-    const WIDE_THREADS: u32 = 512;
+    use crate::launch::constants::{
+        ADD_NORM_PACKS as WIDE_PACKS, ADD_NORM_WIDE_THREADS as WIDE_THREADS,
+    };
 
     /// Residual add and RMSNorm scaled by `offset + w`: `[sum; normed]` in one buffer of twice
     /// `x`'s size.
@@ -171,9 +167,10 @@ mod cuda {
         let (name, shape) = match elementwise_kernel(kernels, &[x, delta, w], width)? {
             // A block as wide as the row's 16-byte packs, up to WIDE_THREADS, so each thread
             // holds at most WIDE_PACKS of them in registers.
-            (wide, per_access) if width / per_access <= WIDE_PACKS * WIDE_THREADS as usize => {
-                (wide, per_row(rows, width / per_access, WIDE_THREADS)?)
-            }
+            (wide, per_access) if width / per_access <= WIDE_PACKS * WIDE_THREADS => (
+                wide,
+                per_row(rows, width / per_access, WIDE_THREADS as u32)?,
+            ),
             _ => (kernels.0, per_row(rows, width, 256)?),
         };
         let scalars = [int(rows)?, int(width)?, Arg::Float(eps), Arg::Float(offset)];

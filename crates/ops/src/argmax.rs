@@ -155,8 +155,7 @@ mod cuda {
     use crate::rows_and_width;
     use candle_core::{DType, Result};
 
-    /// Elements of a row that one block reduces (`ARGMAX_CHUNK` in kernels/decode.cu).
-    const CHUNK: usize = 4096;
+    use crate::launch::constants::ARGMAX_CHUNK as CHUNK;
 
     /// Where greedy steps log their picks ([`super::greedy_step`]).
     pub(super) struct Log {

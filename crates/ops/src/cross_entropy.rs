@@ -365,7 +365,7 @@ mod cuda {
             Some(cluster) => (
                 format!("token_nll_with_grad_held{cluster}"),
                 grid(rows * cluster)?,
-                (HELD_THREADS, 1),
+                (HELD_THREADS as u32, 1),
             ),
             None => {
                 let (grid, block) = per_row(rows, vocab, 512)?;
@@ -376,9 +376,7 @@ mod cuda {
         Ok((nll, d))
     }
 
-    /// The held kernel's threads a block, and the 16-byte words each holds (`kernels/loss.cu`).
-    const HELD_THREADS: u32 = 512;
-    const HELD_WORDS: usize = 8;
+    use crate::launch::constants::{HELD_THREADS, HELD_WORDS};
 
     /// The blocks (1, 2, 4 or 8: a cluster) over which `kernels/loss.cu`'s held kernel spreads
     /// a row of `vocab` logits of `dtype`, each thread holding its share in registers so the
@@ -396,7 +394,7 @@ mod cuda {
         if !aligned || vocab % per_word != 0 {
             return Ok(None);
         }
-        let per_block = HELD_THREADS as usize * HELD_WORDS * per_word;
+        let per_block = HELD_THREADS * HELD_WORDS * per_word;
         let Some(cluster) = [1, 2, 4, 8].into_iter().find(|&c| c * per_block >= vocab) else {
             return Ok(None);
         };

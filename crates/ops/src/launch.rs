@@ -23,6 +23,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// module at once, seconds on a fresh machine.
 const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/llmtool_ops.fatbin"));
 
+/// The sizes a kernel and its launcher agree on, written once in `kernels/launch_constants.h`
+/// (build.rs turns them into these constants).
+pub(crate) mod constants {
+    include!(concat!(env!("OUT_DIR"), "/launch_constants.rs"));
+}
+
 /// Dynamic shared memory a kernel may use without opting in to more.
 pub(crate) const DEFAULT_SHARED_LIMIT: u32 = 48 * 1024;
 

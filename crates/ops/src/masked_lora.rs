@@ -144,8 +144,8 @@ struct Kernel {
 
 #[cfg(feature = "cuda")]
 impl Kernel {
-    /// The most parts one launch takes (`LORA_PARTS`).
-    const PARTS: usize = 4;
+    /// The most parts one launch takes.
+    const PARTS: usize = crate::launch::constants::LORA_PARTS;
     /// The largest summed rank: the kernels hold the ranks as one 64-wide tile.
     const RANK: usize = 64;
     /// The kernels' tiles: 64 rows or columns a block.
@@ -253,8 +253,8 @@ mod cuda {
     /// multiprocessors, so the reduced dimension is split until the grid has as many.
     const BLOCKS: usize = 4 * 132;
 
-    /// Threads a block: 4 warps (`FM_THREADS`).
-    const THREADS: u32 = 128;
+    /// Threads a block: 4 warps.
+    const THREADS: u32 = crate::launch::constants::FM_THREADS as u32;
 
     /// The parts' arguments every kernel takes after their operands and sizes: the count,
     /// four seeds, four ranks (unused parts' 0), the threshold and the scale.

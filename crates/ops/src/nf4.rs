@@ -446,11 +446,7 @@ mod cuda {
     /// Threads per block of the dequantization.
     const THREADS: usize = 256;
 
-    /// Elements each thread of the dequantization expands (`NF4_PER_THREAD`).
-    const PER_THREAD: usize = 16;
-
-    /// Most rows of `x` the matrix-vector kernel takes (`NF4_GEMV_ROWS`).
-    const GEMV_ROWS: usize = 8;
+    use crate::launch::constants::{NF4_GEMV_ROWS as GEMV_ROWS, NF4_PER_THREAD as PER_THREAD};
 
     pub(super) fn dequantize(
         codes: Operand,

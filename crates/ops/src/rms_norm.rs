@@ -459,8 +459,7 @@ pub(crate) mod cuda {
         Ok((dx, dw))
     }
 
-    /// Warps a block of the held gradients' kernel runs (`kernels/norms.cu`).
-    const HELD_NORM_WARPS: usize = 12;
+    use crate::launch::constants::HELD_NORM_WARPS;
 
     /// [`input_and_weight_grads`] for 16-bit rows of 1,024, 1,536 or 2,048 elements read 16
     /// bytes at a time (`per_access`), too wide for its shared-memory slices: each warp holds a

@@ -244,9 +244,7 @@ mod cuda {
     use crate::KvLayout;
     use candle_core::{CudaDevice, CudaStorage, DType, Result};
 
-    /// Threads a block (`DECODE_THREADS` in kernels/decode.cu): a decode step has one block per
-    /// head, so each gets the most threads a block can have.
-    const THREADS: usize = 1024;
+    use crate::launch::constants::DECODE_THREADS as THREADS;
 
     /// The kernel `name` for one block per (batch, head) on `heads` of `d` elements, reading
     /// `width` elements at once; `extra` floats of shared memory before the kernel's work

@@ -34,8 +34,7 @@ const HEAD_SIZES: [usize; 2] = [64, 128];
 /// How the kernels mask and score: the options' scoring, and packed rows' segments.
 type Masks = (Scoring, Option<Segments>);
 
-/// Query rows (and keys) per tile, as in the kernels.
-const TILE: usize = 64;
+use crate::launch::constants::FA_TILE as TILE;
 
 /// The window the kernels take for none: wider than any sequence, and small enough that their
 /// position arithmetic (a window added to a position) stays within `int`.
