@@ -264,6 +264,7 @@ fn cpu_sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{AdamWUpdate, InPlaceParam};
+    use crate::launch::constants::ADAMW_WORDS as WORDS;
     use crate::launch::{alloc, base_address, grid, int, launch, zeros_f32, Arg};
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
@@ -419,8 +420,6 @@ mod cuda {
             }
         }
     }
-
-    use crate::launch::constants::ADAMW_WORDS as WORDS;
 
     /// Elements per block of the multi-tensor kernels.
     const MULTI_CHUNK: usize = 1 << 16;

@@ -138,6 +138,9 @@ custom_op!(AddRmsNorm: 3);
 /// The CUDA launcher (`kernels/norms.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
+    use crate::launch::constants::{
+        ADD_NORM_PACKS as WIDE_PACKS, ADD_NORM_WIDE_THREADS as WIDE_THREADS,
+    };
     use crate::launch::{
         self, address, alloc, base_address, common_dtype, elementwise_kernel, int, per_row,
         per_warp_row, run, same_count, Arg, Operand,
@@ -145,10 +148,6 @@ mod cuda {
     use crate::rms_norm::cuda::check_weight;
     use crate::rows_and_width;
     use candle_core::{CudaStorage, Result};
-
-    use crate::launch::constants::{
-        ADD_NORM_PACKS as WIDE_PACKS, ADD_NORM_WIDE_THREADS as WIDE_THREADS,
-    };
 
     /// Residual add and RMSNorm scaled by `offset + w`: `[sum; normed]` in one buffer of twice
     /// `x`'s size.

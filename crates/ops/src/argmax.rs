@@ -149,13 +149,12 @@ custom_op!(Argmax: 1);
 /// The CUDA launchers (`kernels/decode.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
+    use crate::launch::constants::ARGMAX_CHUNK as CHUNK;
     use crate::launch::{
         address, alloc, base_address, common_dtype, grid, int, int_u32, launch, Arg, Operand,
     };
     use crate::rows_and_width;
     use candle_core::{DType, Result};
-
-    use crate::launch::constants::ARGMAX_CHUNK as CHUNK;
 
     /// Where greedy steps log their picks ([`super::greedy_step`]).
     pub(super) struct Log {

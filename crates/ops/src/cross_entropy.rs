@@ -281,6 +281,7 @@ custom_op!(TokenNllGrad: 3);
 /// The CUDA launchers (`kernels/loss.cu`).
 #[cfg(feature = "cuda")]
 mod cuda {
+    use crate::launch::constants::{HELD_THREADS, HELD_WORDS};
     use crate::launch::{
         address, alloc, base_address, common_dtype, compute_capability, grid, int, launch, per_row,
         run, Arg, Operand,
@@ -375,8 +376,6 @@ mod cuda {
         launch(device, &name, Some(dtype), grid, block, &args)?;
         Ok((nll, d))
     }
-
-    use crate::launch::constants::{HELD_THREADS, HELD_WORDS};
 
     /// The blocks (1, 2, 4 or 8: a cluster) over which `kernels/loss.cu`'s held kernel spreads
     /// a row of `vocab` logits of `dtype`, each thread holding its share in registers so the

@@ -436,6 +436,7 @@ custom_op!(Dequantize: 2);
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{Dequantize, Nf4Tensor};
+    use crate::launch::constants::{NF4_GEMV_ROWS as GEMV_ROWS, NF4_PER_THREAD as PER_THREAD};
     use crate::launch::{
         address, alloc, base_address, int, launch, per_warp_row, tensor, with_operands, Arg,
         Operand,
@@ -445,8 +446,6 @@ mod cuda {
 
     /// Threads per block of the dequantization.
     const THREADS: usize = 256;
-
-    use crate::launch::constants::{NF4_GEMV_ROWS as GEMV_ROWS, NF4_PER_THREAD as PER_THREAD};
 
     pub(super) fn dequantize(
         codes: Operand,

@@ -317,6 +317,7 @@ custom_op!(RmsNormWeightGrad: 2);
 /// The CUDA launchers (`kernels/norms.cu`).
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
+    use crate::launch::constants::HELD_NORM_WARPS;
     use crate::launch::{
         self, alloc, base_address, common_dtype, elementwise_kernel, grid, int, per_warp_row, run,
         Arg, Operand,
@@ -458,8 +459,6 @@ pub(crate) mod cuda {
         let dw = weight_grad_sum(&partial, blocks, width, dw_dtype)?;
         Ok((dx, dw))
     }
-
-    use crate::launch::constants::HELD_NORM_WARPS;
 
     /// [`input_and_weight_grads`] for 16-bit rows of 1,024, 1,536 or 2,048 elements read 16
     /// bytes at a time (`per_access`), too wide for its shared-memory slices: each warp holds a

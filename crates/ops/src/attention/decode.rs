@@ -236,6 +236,7 @@ custom_op!(DecodeAttention: 3);
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::{tiles_kernel, Scoring};
+    use crate::launch::constants::DECODE_THREADS as THREADS;
     use crate::launch::{
         address, alloc, alloc_for, base_address, common_dtype, elementwise_kernel, grid, int,
         int_u32, launch_ordered, launch_with_shared, optional_address, strided4, Arg, Operand,
@@ -243,8 +244,6 @@ mod cuda {
     };
     use crate::KvLayout;
     use candle_core::{CudaDevice, CudaStorage, DType, Result};
-
-    use crate::launch::constants::DECODE_THREADS as THREADS;
 
     /// The kernel `name` for one block per (batch, head) on `heads` of `d` elements, reading
     /// `width` elements at once; `extra` floats of shared memory before the kernel's work

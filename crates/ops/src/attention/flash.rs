@@ -22,6 +22,7 @@
 
 use super::{GroupedDims, Scoring, Segments};
 use crate::attach::{attach, attach3};
+use crate::launch::constants::FA_TILE as TILE;
 use crate::launch::{self, Arg, Operand};
 use crate::rope::cuda::{rope_rows, HeadRows, HeadRun};
 use crate::step_scope;
@@ -33,8 +34,6 @@ const HEAD_SIZES: [usize; 2] = [64, 128];
 
 /// How the kernels mask and score: the options' scoring, and packed rows' segments.
 type Masks = (Scoring, Option<Segments>);
-
-use crate::launch::constants::FA_TILE as TILE;
 
 /// The window the kernels take for none: wider than any sequence, and small enough that their
 /// position arithmetic (a window added to a position) stays within `int`.
