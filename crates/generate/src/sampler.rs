@@ -90,21 +90,20 @@ impl Sampler {
 
     /// The next token for one position's `logits` (one per vocabulary entry, read off the
     /// device), penalising the tokens in `context`. The probabilities are computed on the CPU
-    /// in f32.
+    /// in f32, in one buffer ([`ops::softmax_in_place`]).
     pub fn sample(&mut self, logits: &[f32], context: &[u32]) -> Result<u32> {
-        let mut values = logits.to_vec();
+        let mut probs = logits.to_vec();
         let penalty = self.params.repetition_penalty;
         if penalty != 1.0 {
-            apply_repeat_penalty(&mut values, penalty as f32, context);
+            apply_repeat_penalty(&mut probs, penalty as f32, context);
         }
-        let vocab = values.len();
-        let logits = Tensor::from_vec(values, vocab, &Device::Cpu)?;
+        let vocab = probs.len();
         let temperature = self.params.temperature;
         if temperature <= 0.0 {
+            let logits = Tensor::from_vec(probs, vocab, &Device::Cpu)?;
             return logits.argmax(D::Minus1)?.to_scalar::<u32>();
         }
-        let mut probs =
-            ops::reference::softmax(&(logits / temperature)?, D::Minus1)?.to_vec1::<f32>()?;
+        ops::softmax_in_place(&mut probs, (1.0 / temperature) as f32);
         if let Some(min_p) = self.params.min_p.filter(|p| *p > 0.0) {
             apply_min_p(&mut probs, min_p as f32);
         }
@@ -574,7 +573,8 @@ mod tests {
     }
 
     /// The sampler as it drew before its draws took only the nucleus: top-p by a stable sort
-    /// of every token, which zeroes the others, and `WeightedIndex` over every weight.
+    /// of every token, which zeroes the others, and `WeightedIndex` over every weight (its
+    /// probabilities from the same softmax, [`ops::softmax_in_place`]).
     struct OpByOpSampler {
         rng: StdRng,
         params: SamplingParams,
@@ -594,11 +594,8 @@ mod tests {
                 let penalty = self.params.repetition_penalty as f32;
                 apply_repeat_penalty(&mut values, penalty, context);
             }
-            let vocab = values.len();
-            let logits = Tensor::from_vec(values, vocab, &Device::Cpu).unwrap();
-            let tempered = (logits / self.params.temperature).unwrap();
-            let softmax = ops::reference::softmax(&tempered, D::Minus1).unwrap();
-            let mut probs = softmax.to_vec1::<f32>().unwrap();
+            let (vocab, mut probs) = (values.len(), values);
+            ops::softmax_in_place(&mut probs, (1.0 / self.params.temperature) as f32);
             if let Some(min_p) = self.params.min_p {
                 apply_min_p(&mut probs, min_p as f32);
             }
@@ -725,9 +722,8 @@ mod tests {
                 std::hint::black_box(sampler.sample(&logits, &[]).unwrap());
             });
             let after = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
-            let scaled = (Tensor::new(logits.as_slice(), &Device::Cpu).unwrap() / 0.8).unwrap();
-            let softmax = ops::reference::softmax(&scaled, D::Minus1).unwrap();
-            let mut nucleus = softmax.to_vec1::<f32>().unwrap();
+            let mut nucleus = logits.clone();
+            ops::softmax_in_place(&mut nucleus, (1.0 / 0.8f64) as f32);
             zero_outside_nucleus(&mut nucleus, 0.95);
             let size = nucleus.iter().filter(|p| **p > 0.0).count();
             println!(

@@ -87,6 +87,18 @@ pub(crate) fn max(values: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
+/// The softmax of `row · scale` in place, for `scale` > 0: each element becomes
+/// `e^(x · scale − max · scale)` (the largest of the products is the product of the largest)
+/// times the reciprocal of their sum (added as [`sum`] adds). A row with a NaN, or with no
+/// finite maximum, becomes NaN. The sampler's probabilities (`scale` = 1 / temperature) and
+/// the CPU attention's soft-capped scores take it.
+pub fn softmax_in_place(row: &mut [f32], scale: f32) {
+    let shift = max(row) * scale;
+    row.iter_mut().for_each(|x| *x = exp(*x * scale - shift));
+    let inv = 1.0 / sum(row);
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// `Σ e^(x − shift)` over `row`.
 #[inline]
 pub(crate) fn sum_exp(row: &[f32], shift: f32) -> f32 {
@@ -149,5 +161,74 @@ mod tests {
                 "{got} vs {plain}"
             );
         }
+    }
+
+    /// The softmax against the composite reference (candle's scaling, max, exp, sum and
+    /// division) at a sampler's vocabulary and temperatures, flat to peaked rows. The two
+    /// normalize by sums added in other orders: their ratio, read at the largest logit (whose
+    /// exponential is 1 on both sides), is within 1e-5 of 1. Each probability, that ratio
+    /// taken out, is within 4 units of f32's epsilon relative to the reference's where that is
+    /// a normal float (the exponentials are within 2 ulp, the products and the division round
+    /// once each) plus one for each unit of the exponent's magnitude (the scaled logit, rounded
+    /// by each side its own way, moves e^a by a's absolute error); elsewhere within 1e-37.
+    #[test]
+    fn softmax_in_place_matches_the_reference() {
+        use candle_core::{Device, Tensor, D};
+        for (len, spread) in [
+            (1, 1.0),
+            (17, 3.0),
+            (1000, 0.5),
+            (128_256, 20.0),
+            (128_256, 150.0),
+        ] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * spread)
+                .collect();
+            for temperature in [0.3f64, 0.8, 1.0, 2.0] {
+                let scale = (1.0 / temperature) as f32;
+                let shift = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
+                let mut got = row.clone();
+                softmax_in_place(&mut got, scale);
+                let tempered =
+                    (Tensor::new(row.as_slice(), &Device::Cpu).unwrap() / temperature).unwrap();
+                let want = crate::reference::softmax(&tempered, D::Minus1)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let top = (0..len).find(|&i| row[i] * scale == shift).unwrap();
+                let sums = got[top] / want[top];
+                assert!(
+                    (sums - 1.0).abs() <= 1e-5,
+                    "len {len}, t {temperature}: {sums}"
+                );
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    let exponent = (row[i] * scale - shift).abs();
+                    let close = if w.is_normal() {
+                        (g / sums - w).abs() <= w * f32::EPSILON * (4.0 + exponent)
+                    } else {
+                        (g - w).abs() <= 1e-37
+                    };
+                    assert!(
+                        close,
+                        "len {len}, spread {spread}, t {temperature}, {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_in_place_of_a_row_without_a_finite_maximum_is_nan() {
+        for row in [
+            vec![f32::NEG_INFINITY; 3],
+            vec![0.0, f32::NAN, 1.0],
+            vec![0.0, f32::INFINITY],
+        ] {
+            let mut row = row;
+            softmax_in_place(&mut row, 1.0);
+            assert!(row.iter().all(|p| p.is_nan()), "{row:?}");
+        }
+        let mut empty: [f32; 0] = [];
+        softmax_in_place(&mut empty, 1.0);
     }
 }

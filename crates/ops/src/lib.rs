@@ -72,6 +72,7 @@ pub use cross_entropy::{
 };
 pub use dropout::{splitmix64, Dropout};
 pub use embedding::embedding;
+pub use fast_exp::softmax_in_place;
 pub use frozen::{frozen_linear, lora_linear, stacked_lora_linear, LinearWeight};
 pub use gemv::{glu_projection, linear};
 pub use gemv_fused::{

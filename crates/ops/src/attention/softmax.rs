@@ -152,10 +152,7 @@ impl CausalSoftmax {
             }
             // SAFETY: the loop above wrote every element of `p`.
             let p = unsafe { assume_written(p) };
-            let max = fast_exp::max(p);
-            p.iter_mut().for_each(|p| *p = fast_exp::exp(*p - max));
-            let inv = 1.0 / fast_exp::sum(p);
-            p.iter_mut().for_each(|p| *p *= inv);
+            fast_exp::softmax_in_place(p, 1.0);
             return;
         }
         let max = fast_exp::max(scores);
