@@ -17,7 +17,11 @@ pub(crate) fn exp(x: f32) -> f32 {
     // 1.5 · 2²³: adding it rounds a float of magnitude below 2²² to an integer, which then sits
     // in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(MIN, MAX);
+    // Below MIN the result is 0, and e is computed from 0 there: from x itself the scaling
+    // below would underflow into subnormals, a microcode assist per element (a 128K-token
+    // softmax with half its exponents below MIN took five times as long).
+    let below = x < MIN;
+    let xc = if below { 0.0 } else { x.clamp(MIN, MAX) };
     let t = xc * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
@@ -35,12 +39,12 @@ pub(crate) fn exp(x: f32) -> f32 {
     let half = ni >> 1;
     let scale = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     let e = y * scale(half) * scale(ni - half);
-    if x < MIN {
-        0.0
-    } else if x > MAX {
+    if x > MAX {
         f32::INFINITY
     } else {
-        e
+        // 0 below MIN as a product rather than a choice: with a choice the compiler drops
+        // xc's 0 (the lane's e is unused) and computes e from x.
+        e * if below { 0.0 } else { 1.0 }
     }
 }
 
@@ -89,14 +93,21 @@ pub(crate) fn max(values: &[f32]) -> f32 {
 
 /// The softmax of `row · scale` in place, for `scale` > 0: each element becomes
 /// `e^(x · scale − max · scale)` (the largest of the products is the product of the largest)
-/// times the reciprocal of their sum (added as [`sum`] adds). A row with a NaN, or with no
-/// finite maximum, becomes NaN. The sampler's probabilities (`scale` = 1 / temperature) and
-/// the CPU attention's soft-capped scores take it.
+/// times the reciprocal of their sum (added as [`sum`] adds), or 0 where that would be below
+/// the least normal float: a product into the subnormal range costs the CPU a microcode
+/// assist (a peaked 128K vocabulary's row took twice as long), and no draw can land on so
+/// small a weight. A row with a NaN, or with no finite maximum, becomes NaN. The sampler's
+/// probabilities (`scale` = 1 / temperature) and the CPU attention's soft-capped scores take
+/// it.
 pub fn softmax_in_place(row: &mut [f32], scale: f32) {
     let shift = max(row) * scale;
     row.iter_mut().for_each(|x| *x = exp(*x * scale - shift));
-    let inv = 1.0 / sum(row);
-    row.iter_mut().for_each(|x| *x *= inv);
+    let sum = sum(row);
+    let (inv, least) = (1.0 / sum, f32::MIN_POSITIVE * sum);
+    row.iter_mut().for_each(|x| {
+        let kept = if *x < least { 0.0 } else { *x };
+        *x = kept * inv;
+    });
 }
 
 /// `Σ e^(x − shift)` over `row`.
@@ -168,9 +179,10 @@ mod tests {
     /// normalize by sums added in other orders: their ratio, read at the largest logit (whose
     /// exponential is 1 on both sides), is within 1e-5 of 1. Each probability, that ratio
     /// taken out, is within 4 units of f32's epsilon relative to the reference's where that is
-    /// a normal float (the exponentials are within 2 ulp, the products and the division round
+    /// at least 1e-37 (the exponentials are within 2 ulp, the products and the division round
     /// once each) plus one for each unit of the exponent's magnitude (the scaled logit, rounded
-    /// by each side its own way, moves e^a by a's absolute error); elsewhere within 1e-37.
+    /// by each side its own way, moves e^a by a's absolute error); elsewhere within 1e-37
+    /// (probabilities below the least normal float are 0).
     #[test]
     fn softmax_in_place_matches_the_reference() {
         use candle_core::{Device, Tensor, D};
@@ -203,7 +215,7 @@ mod tests {
                 );
                 for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                     let exponent = (row[i] * scale - shift).abs();
-                    let close = if w.is_normal() {
+                    let close = if w >= 1e-37 {
                         (g / sums - w).abs() <= w * f32::EPSILON * (4.0 + exponent)
                     } else {
                         (g - w).abs() <= 1e-37
