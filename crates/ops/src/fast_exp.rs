@@ -93,10 +93,10 @@ pub(crate) fn max(values: &[f32]) -> f32 {
 
 /// The softmax of `row · scale` in place, for `scale` > 0: each element becomes
 /// `e^(x · scale − max · scale)` (the largest of the products is the product of the largest)
-/// times the reciprocal of their sum (added as [`sum`] adds), or 0 where that would be below
-/// the least normal float: a product into the subnormal range costs the CPU a microcode
-/// assist (a peaked 128K vocabulary's row took twice as long), and no draw can land on so
-/// small a weight. A row with a NaN, or with no finite maximum, becomes NaN. The sampler's
+/// times the reciprocal of their sum (added in 16 interleaved partial sums), or 0 where that
+/// would be below the least normal float: a product into the subnormal range costs the CPU a
+/// microcode assist (a peaked 128K vocabulary's row took twice as long), and no draw can land
+/// on so small a weight. A row with a NaN, or with no finite maximum, becomes NaN. The sampler's
 /// probabilities (`scale` = 1 / temperature) and the CPU attention's soft-capped scores take
 /// it.
 pub fn softmax_in_place(row: &mut [f32], scale: f32) {
