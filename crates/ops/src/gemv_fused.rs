@@ -394,9 +394,10 @@ mod cuda {
         let capped = normed_grid(name, x, dtype, out)?;
         let ((one_a_feature, _), _) = per_warp_row(out)?;
         let one_a_feature = one_a_feature as usize;
-        Ok(match one_a_feature <= 2 * capped {
-            true => capped,
-            false => one_a_feature,
+        Ok(if one_a_feature <= 2 * capped {
+            capped
+        } else {
+            one_a_feature
         })
     }
 
