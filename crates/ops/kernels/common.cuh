@@ -152,6 +152,45 @@ __device__ __forceinline__ T rope_element(const T* x, const T* cos, const T* sin
   return from_f32<T>(i < rhalf ? x1 * c - x2 * s : x2 * c + x1 * s);
 }
 
+// Thread block clusters (compute capability 9.0). cluster_sync<C>() is a barrier of the C
+// blocks of the cluster (the block's own where C is 1): shared memory written before it is
+// visible to the others after it. cluster_load<C>(local, rank) reads the float at `local` in
+// the shared memory of the cluster's block `rank` (the block's own where C is 1). Compiled for
+// an older GPU, a cluster of several blocks traps: launchers take clustered kernels on 9.x only.
+template <int C>
+__device__ __forceinline__ void cluster_sync() {
+  if constexpr (C == 1) {
+    __syncthreads();
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
+                 ::: "memory");
+#else
+    __trap();
+#endif
+  }
+}
+
+template <int C>
+__device__ __forceinline__ float cluster_load(const float* local, int rank) {
+  if constexpr (C == 1) {
+    return *local;
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    uint32_t remote;
+    float value;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(remote)
+                 : "r"((uint32_t)__cvta_generic_to_shared(local)), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(value) : "r"(remote) : "memory");
+    return value;
+#else
+    __trap();
+    return 0.f;
+#endif
+  }
+}
+
 // Programmatic dependent launch (compute capability 9.x; src/programmatic.rs says which
 // launches use it). `dependents_may_launch` lets the next kernel in the stream start its
 // blocks once every block of this one has run it; `wait_for_previous` waits until the kernel

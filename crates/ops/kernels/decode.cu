@@ -132,11 +132,12 @@ struct StepBlock {
   bool fresh;
 };
 
-// The block's kv head's cache rows, [max_len, d] each: StepBlock's keys and values.
+// The cache rows of (batch, query head) bh's kv head, [max_len, d] each: StepBlock's keys and
+// values.
 template <typename T>
-__device__ __forceinline__ StepBlock<T> cache_rows(T* cache, int batch, int heads, int kv_heads,
-                                                   int d, int max_len) {
-  const int b = blockIdx.x / heads, kv = blockIdx.x % heads / (heads / kv_heads);
+__device__ __forceinline__ StepBlock<T> cache_rows(T* cache, int bh, int batch, int heads,
+                                                   int kv_heads, int d, int max_len) {
+  const int b = bh / heads, kv = bh % heads / (heads / kv_heads);
   T* keys = cache + ((size_t)b * kv_heads + kv) * max_len * d;
   return {keys, keys + (size_t)batch * kv_heads * max_len * d, 0, 0, false};
 }
@@ -162,7 +163,7 @@ __device__ StepBlock<T> start_step(const T* qkv, const T* cos, const T* sin, T* 
     sin += (size_t)pos * rhalf;
   }
   const T* row = qkv + (size_t)b * (heads + 2 * kv_heads) * d;
-  StepBlock<T> step = cache_rows(cache, batch, heads, kv_heads, d, max_len);
+  StepBlock<T> step = cache_rows(cache, bh, batch, heads, kv_heads, d, max_len);
   T *kc = step.keys, *vc = step.values;
   const bool writer = fresh && h % group == 0;
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
@@ -213,7 +214,13 @@ __device__ void decode_step(const T* qkv, const T* cos, const T* sin, T* cache, 
 // hold anything). Scores as decode_step's (the dot products in the same order), the softmax
 // online. A warp's later tiles each cost a round of loads, so the launcher takes this kernel
 // only for caches of at most three tiles a warp.
-template <typename T, int D, int WARPS>
+//
+// With CLUSTER > 1 (Hopper), a (batch, head) is a cluster of CLUSTER blocks (blockIdx.x / CLUSTER;
+// rank blockIdx.x % CLUSTER), whose warps take the tiles in turn: blocks small enough to be
+// resident beside the q/k/v product's, so that they load their first tiles while it runs. The
+// warps' parts then meet in rank 0's block through distributed shared memory, and rank 0 alone
+// attends to the step's own key and value and writes them into the cache.
+template <typename T, int D, int WARPS, int CLUSTER>
 __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* cache, T* out,
                                   int batch, int heads, int kv_heads, int rotary, int max_len,
                                   int start, const uint32_t* position, float scale, float cap,
@@ -222,9 +229,10 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   constexpr int THREADS = WARPS * 32, R = (D + THREADS - 1) / THREADS;  // R: rotated a thread
   using ValuePack = Pack<T, E>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int b = blockIdx.x / heads, h = blockIdx.x % heads, group = heads / kv_heads;
+  const int rank = blockIdx.x % CLUSTER, bh = blockIdx.x / CLUSTER;
+  const int b = bh / heads, h = bh % heads, group = heads / kv_heads;
   const int kv = h / group, rhalf = rotary / 2;
-  const StepBlock<T> rows = cache_rows(cache, batch, heads, kv_heads, D, max_len);
+  const StepBlock<T> rows = cache_rows(cache, bh, batch, heads, kv_heads, D, max_len);
   T *kc = rows.keys, *vc = rows.values;
   uint4 key[KEY_UNITS];
   ValuePack value[32];
@@ -240,7 +248,7 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
     for (int k = 0; k < 32; ++k)
       if (t0 + k < limit) value[k] = ValuePack::load(vc + (size_t)(t0 + k) * D + lane * E);
   };
-  const int first_tile = warp * 32;
+  const int first_tile = (rank * WARPS + warp) * 32;
   // The output projection after this kernel may launch now: it loads its first weights and
   // waits (start_product).
   dependents_may_launch();
@@ -281,7 +289,7 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   // group's first block writes into the cache.
   __shared__ float query[D], own[2 * D];
   __shared__ float warp_max_of[WARPS], warp_sum_of[WARPS], warp_out[WARPS][D];
-  const bool writer = fresh && h % group == 0;
+  const bool writer = rank == 0 && fresh && h % group == 0;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int i = threadIdx.x + r * THREADS;
@@ -301,7 +309,7 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   float m = -INFINITY, l = 0.f, acc[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) acc[e] = 0.f;
-  for (int t0 = first_tile; t0 < end; t0 += THREADS) {
+  for (int t0 = first_tile; t0 < end; t0 += CLUSTER * THREADS) {
     if (t0 != first_tile) load_tile(t0, end);
     const int j = t0 + lane;
     float score = -INFINITY;
@@ -331,7 +339,7 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
     }
     m = new_max;
   }
-  if (warp == 0 && fresh) {  // the step's own key and value, from shared memory
+  if (rank == 0 && warp == 0 && fresh) {  // the step's own key and value, from shared memory
     float dot = 0.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) dot += query[lane * E + e] * own[lane * E + e];
@@ -349,28 +357,35 @@ __device__ void decode_step_tiles(const T* qkv, const T* cos, const T* sin, T* c
   }
 #pragma unroll
   for (int e = 0; e < E; ++e) warp_out[warp][lane * E + e] = acc[e];
-  __syncthreads();
-  // The warps' parts, each read once, then merged at their common maximum.
-  for (int i = threadIdx.x; i < D; i += THREADS) {
-    float maxima[WARPS], sums[WARPS], outs[WARPS];
+  cluster_sync<CLUSTER>();
+  // The parts of the cluster's warps, each read once, then merged at their common maximum.
+  if (rank == 0) {
+    for (int i = threadIdx.x; i < D; i += THREADS) {
+      constexpr int PARTS = CLUSTER * WARPS;
+      float maxima[PARTS], sums[PARTS], outs[PARTS];
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      maxima[w] = warp_max_of[w];
-      sums[w] = warp_sum_of[w];
-      outs[w] = warp_out[w][i];
+      for (int r = 0; r < CLUSTER; ++r)
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+          maxima[r * WARPS + w] = cluster_load<CLUSTER>(&warp_max_of[w], r);
+          sums[r * WARPS + w] = cluster_load<CLUSTER>(&warp_sum_of[w], r);
+          outs[r * WARPS + w] = cluster_load<CLUSTER>(&warp_out[w][i], r);
+        }
+      float all_max = -INFINITY;
+#pragma unroll
+      for (int p = 0; p < PARTS; ++p) all_max = fmaxf(all_max, maxima[p]);
+      float sum = 0.f, total = 0.f;
+#pragma unroll
+      for (int p = 0; p < PARTS; ++p) {
+        const float f = maxima[p] == -INFINITY ? 0.f : __expf(maxima[p] - all_max);
+        sum += sums[p] * f;
+        total += outs[p] * f;
+      }
+      out[(size_t)bh * D + i] = from_f32<T>(total / sum);
     }
-    float all_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) all_max = fmaxf(all_max, maxima[w]);
-    float sum = 0.f, total = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      const float f = maxima[w] == -INFINITY ? 0.f : __expf(maxima[w] - all_max);
-      sum += sums[w] * f;
-      total += outs[w] * f;
-    }
-    out[(size_t)blockIdx.x * D + i] = from_f32<T>(total / sum);
   }
+  // No block of the cluster leaves (and frees its parts) before rank 0 has read them.
+  if constexpr (CLUSTER > 1) cluster_sync<CLUSTER>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -700,17 +715,27 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
                       max_len, start, position, scale, cap, window);                          \
   }
 
-// decode_step_tiles##D##_##S: decode_step_tiles for head size D with WARPS warps (the step's
-// arguments but the scores scratch, the head size and the access width; src/attention/decode.rs
-// launches WARPS * 32 threads a block).
-#define DECODE_STEP_TILES_ENTRY_POINT(S, T, D, WARPS)                                          \
-  extern "C" __global__ void __launch_bounds__(WARPS * 32) decode_step_tiles##D##_##S(        \
+// NAME##_##S: decode_step_tiles for head size D with WARPS warps a block and CLUSTER blocks a
+// (batch, head) (the step's arguments but the scores scratch, the head size and the access
+// width; src/attention/decode.rs launches WARPS * 32 threads a block), DIMS its cluster's
+// dimensions where CLUSTER > 1, BOUNDS its launch bounds' arguments in parentheses.
+#define DECODE_STEP_TILES_ENTRY_POINT(S, T, D, WARPS, CLUSTER, BOUNDS, NAME, DIMS)              \
+  extern "C" __global__ void DIMS __launch_bounds__ BOUNDS NAME##_##S(                         \
       const T* qkv, const T* cos, const T* sin, T* cache, T* out, int batch, int heads,       \
       int kv_heads, int rotary, int max_len, int start, const uint32_t* position, float scale,\
       float cap, int window) {                                                                \
-    decode_step_tiles<T, D, WARPS>(qkv, cos, sin, cache, out, batch, heads, kv_heads, rotary, \
-                                   max_len, start, position, scale, cap, window);             \
+    decode_step_tiles<T, D, WARPS, CLUSTER>(qkv, cos, sin, cache, out, batch, heads,          \
+                                            kv_heads, rotary, max_len, start, position,       \
+                                            scale, cap, window);                              \
   }
+
+// Cluster dimensions exist on compute capability 9.0 (and in the host pass, which declares the
+// entry points); elsewhere the clustered entry points trap, and the launcher never picks them.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || !defined(__CUDA_ARCH__)
+#define STEP_CLUSTER_DIMS(C) __cluster_dims__(C, 1, 1)
+#else
+#define STEP_CLUSTER_DIMS(C)
+#endif
 
 // gemv_##NAME##_##S and gemv_##NAME##_rms_##S: the gated unit A of a stacked projection, of x
 // and of x's RMSNorm.
@@ -769,8 +794,15 @@ extern "C" __global__ void argmax_finish(const float* values, const int* indices
 
 FOR_EACH_FLOAT(DECODE_ENTRY_POINTS)
 // Sixteen warps where a lane's tile fits 128 registers (16-bit heads of 64), else eight.
-DECODE_STEP_TILES_ENTRY_POINT(bf16, __nv_bfloat16, 64, 16)
-DECODE_STEP_TILES_ENTRY_POINT(f16, __half, 64, 16)
-DECODE_STEP_TILES_ENTRY_POINT(f32, float, 64, 8)
-DECODE_STEP_TILES_ENTRY_POINT(bf16, __nv_bfloat16, 128, 8)
-DECODE_STEP_TILES_ENTRY_POINT(f16, __half, 128, 8)
+DECODE_STEP_TILES_ENTRY_POINT(bf16, __nv_bfloat16, 64, 16, 1, (512), decode_step_tiles64, )
+DECODE_STEP_TILES_ENTRY_POINT(f16, __half, 64, 16, 1, (512), decode_step_tiles64, )
+DECODE_STEP_TILES_ENTRY_POINT(f32, float, 64, 8, 1, (256), decode_step_tiles64, )
+DECODE_STEP_TILES_ENTRY_POINT(bf16, __nv_bfloat16, 128, 8, 1, (256), decode_step_tiles128, )
+DECODE_STEP_TILES_ENTRY_POINT(f16, __half, 128, 8, 1, (256), decode_step_tiles128, )
+// 16-bit heads of 64 over few (batch, head)s: clusters of four blocks of four warps, each block
+// held to 128 registers a thread (16K a block), so that it fits beside two of the q/k/v
+// product's blocks.
+DECODE_STEP_TILES_ENTRY_POINT(bf16, __nv_bfloat16, 64, 4, 4, (128, 4), decode_step_tiles64c4,
+                              STEP_CLUSTER_DIMS(4))
+DECODE_STEP_TILES_ENTRY_POINT(f16, __half, 64, 4, 4, (128, 4), decode_step_tiles64c4,
+                              STEP_CLUSTER_DIMS(4))

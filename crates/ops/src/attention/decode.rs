@@ -104,29 +104,55 @@ pub(crate) fn decode_step(
     Ok(Some(launch::tensor(out, (b, layout.heads, 1, d).into())))
 }
 
-/// The tiled step kernel (`decode_step_tiles` in kernels/decode.cu) and its warps a block, for
-/// heads of `d` elements of `dtype` whose cache rows are read `width` elements at once and a
-/// cache of `max_len` positions, where it applies: heads of 64 or 128 elements read 16 bytes at
-/// once, whose keys fit a lane's registers (at most 256 bytes; 16 warps where a lane's tile
-/// fits 128 registers), and a cache of at most three tiles of 32 positions a warp (at four, an
-/// H100 timed the two kernels alike; past that, the 1,024-thread kernel reads a long cache in
-/// fewer rounds).
+/// A tiled step kernel (`decode_step_tiles` in kernels/decode.cu) as it is launched.
+#[derive(Debug, PartialEq)]
+struct Tiles {
+    /// The entry point, without the dtype.
+    name: &'static str,
+    /// Warps a block.
+    warps: usize,
+    /// Blocks a (batch, head): a thread block cluster where more than one.
+    cluster: usize,
+}
+
+/// The most (batch, head)s of a step that the clustered tiles take. On an H100
+/// (bench/decode_chain.cu, session 46) clusters of four blocks of four warps took 0.7 µs a
+/// layer off base's 12 heads and added 0.7 to the 1b's 32; base's generate row then decoded
+/// 1.3% faster (session 48, docs/benchmarks.md); counts between are not measured.
+const CLUSTERED_HEADS: usize = 16;
+
+/// The tiled step kernel for heads of `d` elements of `dtype` whose cache rows are read `width`
+/// elements at once, `heads` (batch, head)s and a cache of `max_len` positions, where it
+/// applies: heads of 64 or 128 elements read 16 bytes at once, whose keys fit a lane's
+/// registers (at most 256 bytes; 16 warps where a lane's tile fits 128 registers), and a cache
+/// of at most three tiles of 32 positions a warp (at four, an H100 timed the two kernels alike;
+/// past that, the 1,024-thread kernel reads a long cache in fewer rounds). With `clusters`
+/// (Hopper), 16-bit heads of 64 over at most [`CLUSTERED_HEADS`] (batch, head)s take clusters
+/// of four blocks of four warps, small enough to be resident beside the q/k/v product's blocks.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn tiles_kernel(
-    d: usize,
-    dtype: DType,
-    width: usize,
+    (d, dtype, width): (usize, DType, usize),
     max_len: usize,
-) -> Option<(&'static str, usize)> {
+    heads: usize,
+    clusters: bool,
+) -> Option<Tiles> {
     let wide = width == 16 / dtype.size_in_bytes();
-    let (name, warps) = match (d, dtype) {
+    let sixteen_bit = matches!(dtype, DType::BF16 | DType::F16);
+    let (name, warps, cluster) = match (d, dtype) {
         _ if !wide => return None,
-        (64, DType::BF16 | DType::F16) => ("decode_step_tiles64", 16),
-        (64, DType::F32) => ("decode_step_tiles64", 8),
-        (128, DType::BF16 | DType::F16) => ("decode_step_tiles128", 8),
+        (64, _) if sixteen_bit && clusters && heads <= CLUSTERED_HEADS => {
+            ("decode_step_tiles64c4", 4, 4)
+        }
+        (64, _) if sixteen_bit => ("decode_step_tiles64", 16, 1),
+        (64, DType::F32) => ("decode_step_tiles64", 8, 1),
+        (128, _) if sixteen_bit => ("decode_step_tiles128", 8, 1),
         _ => return None,
     };
-    (max_len <= 3 * 32 * warps).then_some((name, warps))
+    (max_len <= 3 * 32 * warps * cluster).then_some(Tiles {
+        name,
+        warps,
+        cluster,
+    })
 }
 
 struct DecodeAttention {
@@ -337,7 +363,8 @@ mod cuda {
         // The cache's rows (of d, from its start) are read 16 bytes at once where aligned.
         let (name, width) = elementwise_kernel(("decode_step", "decode_step_wide"), &[cache], d)?;
         let dev = &qkv.0.device;
-        let tiles = tiles_kernel(d, dtype, width, max_len);
+        let clusters = crate::launch::compute_capability(dev)?.0 == 9;
+        let tiles = tiles_kernel((d, dtype, width), max_len, batch * n.heads, clusters);
         // The tiled kernel loads its first tile of the cache (rows no kernel of the step
         // writes before it) and then waits for the kernel ahead, the projections.
         let order = Order::when(dev, tiles.is_some())?;
@@ -357,10 +384,11 @@ mod cuda {
             int(scoring.window.min(max_len))?,
         ];
         match tiles {
-            Some((tiles, warps)) => {
+            Some(tiles) => {
                 args.extend(heads.into_iter().chain(rest));
-                let config = (grid(batch * n.heads)?, (int_u32(warps * 32)?, 1), 0);
-                launch_ordered(dev, tiles, Some(dtype), config, &args, order)?;
+                let blocks = grid(batch * n.heads * tiles.cluster)?;
+                let config = (blocks, (int_u32(tiles.warps * 32)?, 1), 0);
+                launch_ordered(dev, tiles.name, Some(dtype), config, &args, order)?;
             }
             None => {
                 // The 1,024-thread kernel also takes a scores scratch and the head size.
@@ -381,32 +409,35 @@ mod tests {
     use candle_core::{DType, Tensor};
 
     /// The tiles take heads of 64 (16 warps in 16 bits, 8 in f32) and 16-bit heads of 128 (8
-    /// warps) read 16 bytes at once, over caches of at most three 32-position tiles a warp.
+    /// warps) read 16 bytes at once, over caches of at most three 32-position tiles a warp;
+    /// with clusters, 16-bit heads of 64 over at most 16 (batch, head)s take clusters of four
+    /// blocks of four warps, over as many positions.
     #[test]
     fn tiles_take_short_caches_of_heads_whose_keys_fit_a_lane() {
-        let tiles = |d, dtype: DType, max_len| {
-            super::tiles_kernel(d, dtype, 16 / dtype.size_in_bytes(), max_len)
+        let tiles = |d, dtype: DType, max_len, heads, clusters| {
+            let width = 16 / dtype.size_in_bytes();
+            super::tiles_kernel((d, dtype, width), max_len, heads, clusters)
+                .map(|t| (t.name, t.warps, t.cluster))
         };
-        assert_eq!(
-            tiles(64, DType::BF16, 1536),
-            Some(("decode_step_tiles64", 16))
-        );
-        assert_eq!(
-            tiles(64, DType::F16, 272),
-            Some(("decode_step_tiles64", 16))
-        );
-        assert_eq!(tiles(64, DType::BF16, 1537), None);
-        assert_eq!(tiles(64, DType::F32, 768), Some(("decode_step_tiles64", 8)));
-        assert_eq!(tiles(64, DType::F32, 769), None);
-        assert_eq!(
-            tiles(128, DType::BF16, 768),
-            Some(("decode_step_tiles128", 8))
-        );
-        assert_eq!(tiles(128, DType::F32, 16), None);
+        let plain64 = Some(("decode_step_tiles64", 16, 1));
+        assert_eq!(tiles(64, DType::BF16, 1536, 32, true), plain64);
+        assert_eq!(tiles(64, DType::F16, 272, 12, false), plain64);
+        assert_eq!(tiles(64, DType::BF16, 1537, 32, true), None);
+        let clustered = Some(("decode_step_tiles64c4", 4, 4));
+        assert_eq!(tiles(64, DType::BF16, 272, 12, true), clustered);
+        assert_eq!(tiles(64, DType::F16, 1536, 16, true), clustered);
+        assert_eq!(tiles(64, DType::BF16, 1537, 16, true), None);
+        assert_eq!(tiles(64, DType::BF16, 272, 17, true), plain64);
+        let f32_64 = Some(("decode_step_tiles64", 8, 1));
+        assert_eq!(tiles(64, DType::F32, 768, 12, true), f32_64);
+        assert_eq!(tiles(64, DType::F32, 769, 12, true), None);
+        let plain128 = Some(("decode_step_tiles128", 8, 1));
+        assert_eq!(tiles(128, DType::BF16, 768, 8, true), plain128);
+        assert_eq!(tiles(128, DType::F32, 16, 8, true), None);
         for d in [16, 96, 256] {
-            assert_eq!(tiles(d, DType::BF16, 16), None, "{d}");
+            assert_eq!(tiles(d, DType::BF16, 16, 8, true), None, "{d}");
         }
-        assert_eq!(super::tiles_kernel(64, DType::BF16, 1, 16), None);
+        assert_eq!(super::tiles_kernel((64, DType::BF16, 1), 16, 8, true), None);
     }
 
     #[test]
