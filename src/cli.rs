@@ -232,6 +232,10 @@ pub struct BenchArgs {
     /// With --temperature: nucleus sampling mass, in (0, 1].
     #[arg(long, requires = "temperature")]
     pub top_p: Option<f64>,
+    /// With --temperature: the generate rows decode N samples of the prompt as one batch, as
+    /// `llmtool generate --num-samples N` does (tokens/s counts every sample's tokens).
+    #[arg(long, default_value_t = 1, requires = "temperature")]
+    pub samples: usize,
     /// Also append each row as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,

@@ -225,6 +225,10 @@ fn a_sampled_generate_row_names_its_sampling_and_bad_sampling_is_refused() {
     let sampling = (row["temperature"].as_f64(), row["top_p"].as_f64());
     assert_eq!(sampling, (Some(0.8), Some(0.95)), "{row}");
     assert!(row.get("same_tokens_as_op_by_op").is_none(), "{row}");
+    assert!(row.get("samples").is_none(), "a single sample's row: {row}");
+    // A batch of samples names its count.
+    let batch = tiny_generate_row(&["--temperature", "0.8", "--samples", "3"]);
+    assert_eq!(batch["samples"], 3, "{batch}");
     let refused = |flags: &[&str], message: &str| {
         let mut args = vec!["bench", "--device", "cpu", "--tasks", "generate"];
         args.extend(flags);
@@ -233,6 +237,8 @@ fn a_sampled_generate_row_names_its_sampling_and_bad_sampling_is_refused() {
     };
     refused(&["--top-p", "0.9"], "--temperature");
     refused(&["--temperature", "0.8", "--top-p", "1.5"], "top-p");
+    refused(&["--samples", "2"], "--temperature");
+    refused(&["--temperature", "0.8", "--samples", "0"], "--samples");
 }
 
 #[test]

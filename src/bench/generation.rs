@@ -79,26 +79,41 @@ pub(super) fn greedy(
     Ok((out, decoder.op_by_op_reason().map(str::to_owned)))
 }
 
-/// Sampled decoding of `new_tokens` tokens after the generate rows' prompt, as `llmtool
-/// generate` samples: each step's logits read back and drawn from on the CPU
-/// ([`generate::Sampler`], seed 0), the next step replayed where the device can.
+/// Sampled decoding of `new_tokens` tokens in each of `sampling.samples` rows after the
+/// generate rows' prompt, as `llmtool generate --num-samples N` samples: the prompt run into
+/// every row, each step's logits read back and the rows drawn from on the CPU in parallel
+/// ([`generate::sample_rows`], row i's sampler seeded i), the next step replayed where the
+/// device can. Returns each row's tokens.
 pub(super) fn sampled(
     model: &Llama,
     new_tokens: usize,
     sampling: Sampling,
-) -> candle_core::Result<Vec<u32>> {
+) -> candle_core::Result<Vec<Vec<u32>>> {
     let prompt = random_prompt(model, PROMPT);
-    let mut decoder = Decoder::new(model, PROMPT + new_tokens)?;
-    let mut sampler = generate::Sampler::new(sampling.params());
+    let rows = sampling.samples;
+    let mut decoder = Decoder::batched(model, PROMPT + new_tokens, rows)?;
+    let mut samplers: Vec<_> = (0..rows)
+        .map(|i| generate::Sampler::new(sampling.params(i)))
+        .collect();
     let mut logits = decoder.forward(&prompt)?;
-    let mut out = Vec::with_capacity(new_tokens);
-    while out.len() < new_tokens {
-        // The decoder holds one row: logits `[1, vocab]`.
-        let row = logits.i(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let next = sampler.sample(&row, &prompt)?;
-        out.push(next);
-        if out.len() < new_tokens {
-            logits = decoder.forward(&[next])?;
+    let mut out = vec![Vec::with_capacity(new_tokens); rows];
+    for step in 0..new_tokens {
+        // Logits `[rows, vocab]`, one row a sample.
+        let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let draws = samplers
+            .iter_mut()
+            .zip(&row_logits)
+            .map(|(sampler, logits)| Some((sampler, logits.as_slice(), prompt.as_slice())))
+            .collect();
+        let next: Vec<Vec<u32>> = generate::sample_rows(draws)?
+            .into_iter()
+            .map(|token| token.into_iter().collect())
+            .collect();
+        for (row, token) in out.iter_mut().zip(&next) {
+            row.extend(token);
+        }
+        if step + 1 < new_tokens {
+            logits = decoder.forward_rows(&next)?;
         }
     }
     Ok(out)

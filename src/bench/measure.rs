@@ -90,9 +90,16 @@ pub fn measure(
                     let run_s = timed(device, 1, runs, || {
                         sampled(&model, s.gen_tokens, sampling).map(drop)
                     })?;
-                    json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
-                           "tokens_per_s": s.gen_tokens as f64 / run_s,
-                           "temperature": sampling.temperature, "top_p": sampling.top_p})
+                    let tokens = s.gen_tokens * sampling.samples;
+                    let mut row = json!({"new_tokens": s.gen_tokens, "ms": run_s * 1e3,
+                                         "tokens_per_s": tokens as f64 / run_s,
+                                         "temperature": sampling.temperature,
+                                         "top_p": sampling.top_p});
+                    // Named only for a batch, so single-sample rows read as they always have.
+                    if sampling.samples > 1 {
+                        row["samples"] = json!(sampling.samples);
+                    }
+                    row
                 }
                 None => {
                     let mut op_by_op_reason = None;

@@ -207,18 +207,20 @@ pub struct Sampling {
     pub temperature: f64,
     /// Nucleus mass.
     pub top_p: Option<f64>,
+    /// Samples of the prompt decoded as one batch (seeds 0, 1, ..), at least 1.
+    pub samples: usize,
 }
 
 impl Sampling {
-    /// The sampler's parameters: no other filter, no penalty, seed 0.
-    pub fn params(&self) -> generate::SamplingParams {
+    /// The parameters of sample `i`'s sampler: no other filter, no penalty, seed `i`.
+    pub fn params(&self, i: usize) -> generate::SamplingParams {
         generate::SamplingParams {
             temperature: self.temperature,
             top_k: None,
             top_p: self.top_p,
             min_p: None,
             repetition_penalty: 1.0,
-            seed: 0,
+            seed: i as u64,
         }
     }
 }

@@ -213,16 +213,20 @@ fn run_ops(
     Ok(())
 }
 
-/// The generate rows' sampling from `--temperature` and `--top-p`, checked as `llmtool
-/// generate` checks them: `None` for greedy (a temperature of 0).
+/// The generate rows' sampling from `--temperature`, `--top-p` and `--samples`, checked as
+/// `llmtool generate` checks them: `None` for greedy (a temperature of 0).
 fn sampling(args: &BenchArgs) -> Result<Option<Sampling>> {
     if args.temperature == 0.0 {
         return Ok(None);
     }
+    if args.samples == 0 {
+        bail!("bench: --samples must be at least 1");
+    }
     let sampling = Sampling {
         temperature: args.temperature,
         top_p: args.top_p,
+        samples: args.samples,
     };
-    sampling.params().validate().context("bench")?;
+    sampling.params(0).validate().context("bench")?;
     Ok(Some(sampling))
 }

@@ -47,7 +47,8 @@ pub(crate) fn end_active(
 
 /// The next token of each active row (`None` for an ended one) from `logits` `[rows, vocab]`.
 /// Greedy decoding with no penalty takes the argmax on the device and reads back one id per
-/// row; any other sampling reads the logits back and samples each row on the CPU.
+/// row; any other sampling reads the logits back and samples the rows on the CPU, in parallel
+/// ([`crate::sample_rows`]).
 pub(crate) fn next_tokens(
     rows: &mut [Continuation],
     logits: &Tensor,
@@ -62,15 +63,15 @@ pub(crate) fn next_tokens(
             .collect());
     }
     let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    rows.iter_mut()
+    let draws = rows
+        .iter_mut()
         .zip(&row_logits)
         .map(|(row, logits)| {
-            row.is_active()
-                .then(|| row.sampler.sample(logits, &row.context))
-                .transpose()
+            let active = row.is_active();
+            active.then_some((&mut row.sampler, logits.as_slice(), row.context.as_slice()))
         })
-        .collect::<candle_core::Result<_>>()
-        .map_err(GenerateError::from)
+        .collect();
+    Ok(crate::sample_rows(draws)?)
 }
 
 /// One sample being generated: its sampler, what it has produced, its text stream and stop
