@@ -37,7 +37,9 @@ Tasks:
   generate  batch 1, a 16-token random prompt, greedy `model.generate` of exactly
             --gen-tokens new tokens (prompt included in the time); runs steps/4 times (at
             least once) after one untimed run. With --temperature T (and --top-p P) it
-            samples (`do_sample=True`), as llmtool bench's generate rows with the same flags.
+            samples (`do_sample=True`), as llmtool bench's generate rows with the same flags;
+            --samples N then draws N samples of the prompt as one batch
+            (`num_return_sequences=N`; tokens/s counts every sample's tokens).
 
 Modes: fp32 | bf16 | fp32+ckpt | bf16+ckpt | bf16+compile | fp32+compile.
   bf16     autocast to bfloat16 over fp32 weights (mixed precision), except prefill and
@@ -331,16 +333,21 @@ def bench_generate(a, preset, mode):
 
     sampling = dict(do_sample=False)
     if a.temperature > 0:
-        sampling = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p or 1.0, top_k=0)
+        sampling = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p or 1.0, top_k=0,
+                        num_return_sequences=a.samples)
 
     def run():
         model.generate(prompt, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
                        **sampling)
 
     dt = timed(run, max(1, a.steps // 4), 1, a.device)
-    row = dict(new_tokens=new, ms=dt * 1e3, tokens_per_s=new / dt, **peak_fields(a.device))
+    samples = a.samples if a.temperature > 0 else 1
+    row = dict(new_tokens=new, ms=dt * 1e3, tokens_per_s=samples * new / dt,
+               **peak_fields(a.device))
     if a.temperature > 0:
         row.update(temperature=a.temperature, top_p=a.top_p)
+    if samples > 1:
+        row.update(samples=samples)
     return row
 
 
@@ -441,6 +448,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.0,
                    help="generate rows sample at this temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus mass")
+    p.add_argument("--samples", type=positive, default=1,
+                   help="with --temperature: generate rows draw this many samples as one batch")
     p.add_argument("--lora-targets", type=parse_targets, default="q_proj,k_proj,v_proj,o_proj",
                    help="comma list of projections the lora task adapts, or all (every linear "
                         "layer of the blocks)")
@@ -451,6 +460,8 @@ def parse_args(argv=None):
                    help="storage of the lora task's frozen base (nf4: QLoRA, needs bitsandbytes)")
     p.add_argument("--out", default=None, metavar="FILE", help="also append each row to FILE")
     a = p.parse_args(argv)
+    if a.samples > 1 and a.temperature <= 0:
+        p.error("--samples needs --temperature (llmtool bench refuses it the same way)")
     if a.modes is None:
         a.modes = ["fp32"] if a.device == "cpu" else ["fp32", "bf16", "bf16+ckpt"]
     return a
