@@ -481,13 +481,26 @@ mod tests {
         }
     }
 
-    /// The softmax of `vocab` logits drawn uniformly from `[0, spread)` and rounded to bf16
-    /// (as a bf16 model's are: many ties).
-    fn bf16_softmax(rng: &mut StdRng, vocab: usize, spread: f32) -> Vec<f32> {
-        let logits: Vec<f32> = (0..vocab)
+    /// `vocab` logits drawn uniformly from `[0, spread)` and rounded to bf16 (as a bf16
+    /// model's are: many ties).
+    fn bf16_logits(rng: &mut StdRng, vocab: usize, spread: f32) -> Vec<f32> {
+        (0..vocab)
             .map(|_| f32::from_bits((rng.random::<f32>() * spread).to_bits() & 0xffff_0000))
-            .collect();
-        softmax(&logits)
+            .collect()
+    }
+
+    /// The softmax of [`bf16_logits`].
+    fn bf16_softmax(rng: &mut StdRng, vocab: usize, spread: f32) -> Vec<f32> {
+        softmax(&bf16_logits(rng, vocab, spread))
+    }
+
+    /// `llmtool generate`'s default sampling: temperature 0.8, top-p 0.95.
+    fn generate_defaults() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.8,
+            top_p: Some(0.95),
+            ..params()
+        }
     }
 
     /// The softmax of `logits`, computed plainly.
@@ -670,11 +683,7 @@ mod tests {
             }
             let context: Vec<u32> = (0..vocab.min(40) as u32).step_by(3).collect();
             for params in [
-                SamplingParams {
-                    temperature: 0.8,
-                    top_p: Some(0.95),
-                    ..params()
-                },
+                generate_defaults(),
                 SamplingParams {
                     top_k: Some(40),
                     top_p: Some(0.9),
@@ -720,15 +729,9 @@ mod tests {
     #[ignore]
     fn sample_cost() {
         let mut rng = StdRng::seed_from_u64(1);
-        let params = SamplingParams {
-            temperature: 0.8,
-            top_p: Some(0.95),
-            ..params()
-        };
+        let params = generate_defaults();
         for spread in [0.5f32, 5.0, 20.0, 60.0, 150.0] {
-            let logits: Vec<f32> = (0..128_256)
-                .map(|_| f32::from_bits((rng.random::<f32>() * spread).to_bits() & 0xffff_0000))
-                .collect();
+            let logits = bf16_logits(&mut rng, 128_256, spread);
             let mut sampler = Sampler::new(params.clone());
             // As the sampler drew before it weighed the nucleus alone.
             let mut op_by_op = OpByOpSampler::new(params.clone(), zero_outside_nucleus);
@@ -805,21 +808,10 @@ mod tests {
     #[ignore]
     fn sample_rows_cost() {
         let mut rng = StdRng::seed_from_u64(1);
-        let params = SamplingParams {
-            temperature: 0.8,
-            top_p: Some(0.95),
-            ..params()
-        };
+        let params = generate_defaults();
         for spread in [0.5f32, 20.0, 150.0] {
             let logits: Vec<Vec<f32>> = (0..8)
-                .map(|_| {
-                    (0..128_256)
-                        .map(|_| {
-                            let x = rng.random::<f32>() * spread;
-                            f32::from_bits(x.to_bits() & 0xffff_0000)
-                        })
-                        .collect()
-                })
+                .map(|_| bf16_logits(&mut rng, 128_256, spread))
                 .collect();
             let mut samplers: Vec<Sampler> = (0..8).map(|_| Sampler::new(params.clone())).collect();
             let runs = 10;
