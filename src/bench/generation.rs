@@ -2,7 +2,7 @@
 //! into an empty KV cache), through the same `Decoder` as `llmtool generate`.
 
 use super::Sampling;
-use candle_core::{DType, IndexOp};
+use candle_core::IndexOp;
 use model::{Decoder, Llama, LlamaConfig};
 use rand::{Rng, SeedableRng};
 
@@ -82,7 +82,7 @@ pub(super) fn greedy(
 /// Sampled decoding of `new_tokens` tokens in each of `sampling.samples` rows after the
 /// generate rows' prompt, as `llmtool generate --num-samples N` samples: the prompt run into
 /// every row, each step's logits read back and the rows drawn from on the CPU in parallel
-/// ([`generate::sample_rows`], row i's sampler seeded i), the next step replayed where the
+/// ([`generate::sample_logits`], row i's sampler seeded i), the next step replayed where the
 /// device can. Returns each row's tokens.
 pub(super) fn sampled(
     model: &Llama,
@@ -98,16 +98,15 @@ pub(super) fn sampled(
     let mut logits = decoder.forward(&prompt)?;
     let mut out = vec![Vec::with_capacity(new_tokens); rows];
     for step in 0..new_tokens {
-        // Logits `[rows, vocab]`, one row a sample.
-        let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        // Logits `[rows, vocab]`, one row a sample; every row draws, and its token is the
+        // row's next step.
         let draws = samplers
             .iter_mut()
-            .zip(&row_logits)
-            .map(|(sampler, logits)| Some((sampler, logits.as_slice(), prompt.as_slice())))
+            .map(|sampler| Some((sampler, prompt.as_slice())))
             .collect();
-        let next: Vec<Vec<u32>> = generate::sample_rows(draws)?
+        let next: Vec<Vec<u32>> = generate::sample_logits(&logits, draws)?
             .into_iter()
-            .map(|token| token.into_iter().collect())
+            .map(Vec::from_iter)
             .collect();
         for (row, token) in out.iter_mut().zip(&next) {
             row.extend(token);

@@ -7,7 +7,7 @@ use crate::{
     tokenizer_error, Finish, GenerateError, Generation, GenerationSettings, Sampler, Stop,
     StopStrings, Streamed, TextStream,
 };
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 
@@ -48,7 +48,7 @@ pub(crate) fn end_active(
 /// The next token of each active row (`None` for an ended one) from `logits` `[rows, vocab]`.
 /// Greedy decoding with no penalty takes the argmax on the device and reads back one id per
 /// row; any other sampling reads the logits back and samples the rows on the CPU, in parallel
-/// ([`crate::sample_rows`]).
+/// ([`crate::sample_logits`]).
 pub(crate) fn next_tokens(
     rows: &mut [Continuation],
     logits: &Tensor,
@@ -62,16 +62,14 @@ pub(crate) fn next_tokens(
             .map(|(row, id)| row.is_active().then_some(id))
             .collect());
     }
-    let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let draws = rows
         .iter_mut()
-        .zip(&row_logits)
-        .map(|(row, logits)| {
+        .map(|row| {
             let active = row.is_active();
-            active.then_some((&mut row.sampler, logits.as_slice(), row.context.as_slice()))
+            active.then_some((&mut row.sampler, row.context.as_slice()))
         })
         .collect();
-    Ok(crate::sample_rows(draws)?)
+    Ok(crate::sample_logits(logits, draws)?)
 }
 
 /// One sample being generated: its sampler, what it has produced, its text stream and stop

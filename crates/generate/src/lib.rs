@@ -16,7 +16,7 @@ mod sampler;
 mod stream;
 
 pub use data::chat::{ChatError, ChatTemplate, Message};
-pub use sampler::{sample_rows, InvalidSampling, RowDraw, Sampler, SamplingParams};
+pub use sampler::{sample_logits, sample_rows, InvalidSampling, RowDraw, Sampler, SamplingParams};
 pub use stream::{Stop, StopStrings, TextStream};
 
 use candle_core::Tensor;

@@ -5,7 +5,7 @@
 //! crate. (It took the softmax of GPU logits on the GPU: there a draw decided by a probability's
 //! last bit can differ.)
 
-use candle_core::{Device, Error, Result, Tensor, D};
+use candle_core::{DType, Device, Error, Result, Tensor, D};
 use rand::distr::{weighted::WeightedIndex, Distribution};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -169,6 +169,22 @@ pub fn sample_rows(rows: Vec<Option<RowDraw<'_>>>) -> Result<Vec<Option<u32>>> {
         None => rows.into_iter().map(draw).collect(),
         Some(_) => rows.into_par_iter().map(draw).collect(),
     }
+}
+
+/// [`sample_rows`] over `logits` `[rows, vocab]` as a decoder gives them (any dtype, any
+/// device: read back once, in f32), each row with its sampler and the context its repetition
+/// penalty looks at (`None` where the row draws nothing).
+pub fn sample_logits(
+    logits: &Tensor,
+    rows: Vec<Option<(&mut Sampler, &[u32])>>,
+) -> Result<Vec<Option<u32>>> {
+    let row_logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let draws = rows
+        .into_iter()
+        .zip(&row_logits)
+        .map(|(row, logits)| row.map(|(sampler, context)| (sampler, logits.as_slice(), context)))
+        .collect();
+    sample_rows(draws)
 }
 
 /// Repetition penalty: each distinct token of `context` has its logit divided by `penalty` if
