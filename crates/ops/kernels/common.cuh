@@ -156,7 +156,8 @@ __device__ __forceinline__ T rope_element(const T* x, const T* cos, const T* sin
 // blocks of the cluster (the block's own where C is 1): shared memory written before it is
 // visible to the others after it. cluster_load<C>(local, rank) reads the float at `local` in
 // the shared memory of the cluster's block `rank` (the block's own where C is 1). Compiled for
-// an older GPU, a cluster of several blocks traps: launchers take clustered kernels on 9.x only.
+// an older GPU, a cluster of several blocks traps: launchers take clustered kernels only where
+// the device runs this build's 9.0 machine code (src/launch.rs's runs_hopper_code).
 template <int C>
 __device__ __forceinline__ void cluster_sync() {
   if constexpr (C == 1) {

@@ -283,8 +283,7 @@ custom_op!(TokenNllGrad: 3);
 mod cuda {
     use crate::launch::constants::{HELD_THREADS, HELD_WORDS};
     use crate::launch::{
-        address, alloc, base_address, common_dtype, compute_capability, grid, int, launch, per_row,
-        run, Arg, Operand,
+        address, alloc, base_address, common_dtype, grid, int, launch, per_row, run, Arg, Operand,
     };
     use crate::rows_and_width;
     use candle_core::backend::BackendStorage;
@@ -397,8 +396,7 @@ mod cuda {
         let Some(cluster) = [1, 2, 4, 8].into_iter().find(|&c| c * per_block >= vocab) else {
             return Ok(None);
         };
-        let clusters = cfg!(llmtool_wgmma) && compute_capability(device)? == (9, 0);
-        Ok((cluster == 1 || clusters).then_some(cluster))
+        Ok((cluster == 1 || crate::launch::runs_hopper_code(device)?).then_some(cluster))
     }
 
     /// Checks that `g` holds one f32 scale per row.

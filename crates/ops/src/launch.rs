@@ -301,6 +301,14 @@ pub(crate) fn compute_capability(device: &CudaDevice) -> Result<(i32, i32)> {
     Ok(capability)
 }
 
+/// Whether the kernels `device` runs are this build's machine code for compute capability 9.0
+/// (`sm_90a`, built where `LLMTOOL_CUDA_SASS` names 90: build.rs's `llmtool_wgmma`), which
+/// thread block clusters and the warpgroup instructions need. On a 9.0 GPU without it the
+/// driver compiles the PTX of an older target, where those kernels trap.
+pub(crate) fn runs_hopper_code(device: &CudaDevice) -> Result<bool> {
+    Ok(cfg!(llmtool_wgmma) && compute_capability(device)? == (9, 0))
+}
+
 /// How many blocks of `threads` threads and `shared` bytes of dynamic shared memory each the
 /// device runs of kernel `name` (suffixed for `dtype`) at once: its multiprocessors times the
 /// blocks one of them holds (at least one each). Asked of the driver once per kernel and shape,

@@ -127,8 +127,9 @@ const CLUSTERED_HEADS: usize = 16;
 /// registers (at most 256 bytes; 16 warps where a lane's tile fits 128 registers), and a cache
 /// of at most three tiles of 32 positions a warp (at four, an H100 timed the two kernels alike;
 /// past that, the 1,024-thread kernel reads a long cache in fewer rounds). With `clusters`
-/// (Hopper), 16-bit heads of 64 over at most [`CLUSTERED_HEADS`] (batch, head)s take clusters
-/// of four blocks of four warps, small enough to be resident beside the q/k/v product's blocks.
+/// (the device runs Hopper's machine code: `launch::runs_hopper_code`), 16-bit heads of 64
+/// over at most [`CLUSTERED_HEADS`] (batch, head)s take clusters of four blocks of four warps,
+/// small enough to be resident beside the q/k/v product's blocks.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn tiles_kernel(
     (d, dtype, width): (usize, DType, usize),
@@ -363,7 +364,7 @@ mod cuda {
         // The cache's rows (of d, from its start) are read 16 bytes at once where aligned.
         let (name, width) = elementwise_kernel(("decode_step", "decode_step_wide"), &[cache], d)?;
         let dev = &qkv.0.device;
-        let clusters = crate::launch::compute_capability(dev)?.0 == 9;
+        let clusters = crate::launch::runs_hopper_code(dev)?;
         let tiles = tiles_kernel((d, dtype, width), max_len, batch * n.heads, clusters);
         // The tiled kernel loads its first tile of the cache (rows no kernel of the step
         // writes before it) and then waits for the kernel ahead, the projections.

@@ -623,10 +623,10 @@ fn hopper_kernels(
     let enabled =
         *ENABLED.get_or_init(|| std::env::var("LLMTOOL_FLASH_WGMMA").as_deref() != Ok("0"));
     let compiled = matches!((dims.head_size, stage), (64, _) | (128, Stage::Forward));
-    if !(cfg!(llmtool_wgmma) && enabled && dtype == DType::BF16 && compiled) {
+    if !(enabled && dtype == DType::BF16 && compiled) {
         return Ok(false);
     }
-    Ok(launch::compute_capability(device)? == (9, 0))
+    launch::runs_hopper_code(device)
 }
 
 /// The address of an operand's first element (contiguous, or keys and values with unit stride
