@@ -155,7 +155,8 @@ __device__ __forceinline__ T rope_element(const T* x, const T* cos, const T* sin
 // Thread block clusters (compute capability 9.0). cluster_sync<C>() is a barrier of the C
 // blocks of the cluster (the block's own where C is 1): shared memory written before it is
 // visible to the others after it. cluster_load<C>(local, rank) reads the float at `local` in
-// the shared memory of the cluster's block `rank` (the block's own where C is 1). Compiled for
+// the shared memory of the cluster's block `rank` (the block's own where C is 1), through
+// cluster_address. Compiled for
 // an older GPU, a cluster of several blocks traps: launchers take clustered kernels only where
 // the device runs this build's 9.0 machine code (src/launch.rs's runs_hopper_code).
 template <int C>
@@ -172,18 +173,31 @@ __device__ __forceinline__ void cluster_sync() {
   }
 }
 
+// The address, in the cluster's shared memory window, of `local` in block `rank`'s shared
+// memory (for an ld.shared::cluster).
+__device__ __forceinline__ uint32_t cluster_address(const void* local, int rank) {
+  uint32_t remote = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+               : "=r"(remote)
+               : "r"((uint32_t)__cvta_generic_to_shared(local)), "r"(rank));
+#else
+  __trap();
+#endif
+  return remote;
+}
+
 template <int C>
 __device__ __forceinline__ float cluster_load(const float* local, int rank) {
   if constexpr (C == 1) {
     return *local;
   } else {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    uint32_t remote;
     float value;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-                 : "=r"(remote)
-                 : "r"((uint32_t)__cvta_generic_to_shared(local)), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(value) : "r"(remote) : "memory");
+    asm volatile("ld.shared::cluster.f32 %0, [%1];"
+                 : "=f"(value)
+                 : "r"(cluster_address(local, rank))
+                 : "memory");
     return value;
 #else
     __trap();

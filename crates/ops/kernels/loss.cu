@@ -141,18 +141,14 @@ template <int C> __device__ __forceinline__ float2 cluster_max_sum(float2 own) {
 #ifdef HELD_CLUSTERS
     __shared__ float2 shared_stats;
     if (threadIdx.x == 0) shared_stats = own;
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
-                 ::: "memory");
+    cluster_sync<C>();
     float2 row = make_float2(-INFINITY, 0.f);
-    const uint32_t local = (uint32_t)__cvta_generic_to_shared(&shared_stats);
 #pragma unroll
     for (int r = 0; r < C; ++r) {
-      uint32_t remote;
       float2 part;
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(r));
       asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];"
                    : "=f"(part.x), "=f"(part.y)
-                   : "r"(remote)
+                   : "r"(cluster_address(&shared_stats, r))
                    : "memory");
       row = merge_max_sum(row, part);
     }
